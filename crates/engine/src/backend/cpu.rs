@@ -1,0 +1,375 @@
+//! The CPU backend: f32 everywhere, GEMMs through the `gemm` crate, attention and the small kernels
+//! written plainly. It is the reference the GPU backend is checked against and the path CI runs.
+
+use rayon::prelude::*;
+
+use super::{AttnMeta, Backend};
+use crate::error::{EngineError, Result};
+use crate::weights::HostTensor;
+
+/// A row-major f32 tensor in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    /// Shape (2-D for everything the model uses).
+    pub shape: Vec<usize>,
+    /// Elements.
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    fn rows_cols(&self) -> (usize, usize) {
+        match self.shape.as_slice() {
+            [] => (1, 1),
+            [c] => (1, *c),
+            [r @ .., c] => (r.iter().product(), *c),
+        }
+    }
+}
+
+/// The CPU backend.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+fn shape_err(what: &str, a: &[usize], b: &[usize]) -> EngineError {
+    EngineError::Backend(format!("{what}: incompatible shapes {a:?} and {b:?}"))
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ`.
+fn matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    if k == 0 {
+        return out;
+    }
+    let par = if m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let (k_i, n_i) = (k as isize, n as isize);
+    // SAFETY: the pointers cover m*k, n*k and m*n elements with the strides given (checked by the
+    // callers' shape checks); dst does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n_i,
+            false,
+            x.as_ptr(),
+            1,
+            k_i,
+            w.as_ptr(),
+            k_i,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    out
+}
+
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let var = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let r = 1.0 / (var + eps).sqrt();
+    for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
+        *o = g * (v * r);
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn weight(&self, t: &HostTensor<'_>) -> Result<CpuTensor> {
+        Ok(CpuTensor {
+            shape: t.shape.clone(),
+            data: t.to_f32(),
+        })
+    }
+
+    fn from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(EngineError::Backend(format!("{} values for shape {shape:?}", data.len())));
+        }
+        Ok(CpuTensor {
+            shape: shape.to_vec(),
+            data: data.to_vec(),
+        })
+    }
+
+    fn to_f32(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<CpuTensor> {
+        Ok(CpuTensor {
+            shape: shape.to_vec(),
+            data: vec![0.0; shape.iter().product()],
+        })
+    }
+
+    fn shape<'a>(&self, t: &'a CpuTensor) -> &'a [usize] {
+        &t.shape
+    }
+
+    fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {
+        let (vocab, hidden) = table.rows_cols();
+        let mut data = Vec::with_capacity(ids.len() * hidden);
+        for &id in ids {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(EngineError::InvalidBatch(format!("token id {id} is outside the vocabulary ({vocab})")));
+            }
+            data.extend_from_slice(&table.data[id * hidden..(id + 1) * hidden]);
+        }
+        Ok(CpuTensor {
+            shape: vec![ids.len(), hidden],
+            data,
+        })
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
+        let (m, k) = x.rows_cols();
+        let (n, k2) = w.rows_cols();
+        if k != k2 {
+            return Err(shape_err("linear", &x.shape, &w.shape));
+        }
+        let mut data = matmul_t(&x.data, &w.data, m, k, n);
+        if let Some(b) = bias {
+            if b.data.len() != n {
+                return Err(shape_err("linear bias", &w.shape, &b.shape));
+            }
+            for row in data.chunks_exact_mut(n) {
+                for (o, bb) in row.iter_mut().zip(&b.data) {
+                    *o += bb;
+                }
+            }
+        }
+        Ok(CpuTensor { shape: vec![m, n], data })
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let (m, h) = x.rows_cols();
+        if w.data.len() != h {
+            return Err(shape_err("rms_norm", &x.shape, &w.shape));
+        }
+        let mut data = vec![0f32; m * h];
+        for (o, r) in data.chunks_exact_mut(h).zip(x.data.chunks_exact(h)) {
+            rms_norm_row(r, &w.data, eps, o);
+        }
+        Ok(CpuTensor { shape: vec![m, h], data })
+    }
+
+    fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        self.add_assign(residual, x)?;
+        self.rms_norm(residual, w, eps)
+    }
+
+    fn add_assign(&self, dst: &mut CpuTensor, src: &CpuTensor) -> Result<()> {
+        if dst.data.len() != src.data.len() {
+            return Err(shape_err("add", &dst.shape, &src.shape));
+        }
+        for (d, s) in dst.data.iter_mut().zip(&src.data) {
+            *d += s;
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut CpuTensor, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
+        let (n, width) = x.rows_cols();
+        let half = head_dim / 2;
+        if n != positions.len() || width % head_dim != 0 || inv_freq.len() != half {
+            return Err(EngineError::Backend(format!(
+                "rope: {n} rows, {} positions, width {width}, head_dim {head_dim}",
+                positions.len()
+            )));
+        }
+        let mut cos = vec![0f32; half];
+        let mut sin = vec![0f32; half];
+        for (row, &pos) in x.data.chunks_exact_mut(width).zip(positions) {
+            for i in 0..half {
+                // As transformers: the angle is formed in f32, then cos/sin of it.
+                let angle = inv_freq[i] * pos as f32;
+                cos[i] = angle.cos();
+                sin[i] = angle.sin();
+            }
+            for head in row.chunks_exact_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * cos[i] - b * sin[i];
+                    head[i + half] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+        if gate.shape != up.shape {
+            return Err(shape_err("silu_mul", &gate.shape, &up.shape));
+        }
+        let data = gate
+            .data
+            .iter()
+            .zip(&up.data)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        Ok(CpuTensor {
+            shape: gate.shape.clone(),
+            data,
+        })
+    }
+
+    fn kv_write(
+        &self,
+        k_cache: &mut CpuTensor,
+        v_cache: &mut CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        slots: &[u32],
+    ) -> Result<()> {
+        let (slots_total, dim) = k_cache.rows_cols();
+        let (n, kdim) = k.rows_cols();
+        if kdim != dim || k.shape != v.shape || n != slots.len() || v_cache.shape != k_cache.shape {
+            return Err(shape_err("kv_write", &k_cache.shape, &k.shape));
+        }
+        for (i, &slot) in slots.iter().enumerate() {
+            let s = slot as usize;
+            if s >= slots_total {
+                return Err(EngineError::InvalidBatch(format!("cache slot {s} is outside the cache ({slots_total})")));
+            }
+            k_cache.data[s * dim..(s + 1) * dim].copy_from_slice(&k.data[i * dim..(i + 1) * dim]);
+            v_cache.data[s * dim..(s + 1) * dim].copy_from_slice(&v.data[i * dim..(i + 1) * dim]);
+        }
+        Ok(())
+    }
+
+    fn attention(&self, q: &CpuTensor, k_cache: &CpuTensor, v_cache: &CpuTensor, meta: &AttnMeta) -> Result<CpuTensor> {
+        let (n, qw) = q.rows_cols();
+        let (slots_total, kvw) = k_cache.rows_cols();
+        let hd = meta.head_dim;
+        if qw != meta.num_heads * hd || kvw != meta.num_kv_heads * hd || meta.num_heads % meta.num_kv_heads != 0 {
+            return Err(shape_err("attention", &q.shape, &k_cache.shape));
+        }
+        let group = meta.num_heads / meta.num_kv_heads;
+        let bs = meta.block_size;
+        // Validate the whole batch before computing anything.
+        for s in &meta.seqs {
+            let ctx = s.ctx_before + s.q_len;
+            if s.q_start + s.q_len > n || ctx.div_ceil(bs) > s.block_table.len() {
+                return Err(EngineError::InvalidBatch(format!(
+                    "sequence needs {ctx} cached tokens but has {} blocks of {bs}",
+                    s.block_table.len()
+                )));
+            }
+            if s.block_table.iter().any(|&b| (b as usize + 1) * bs > slots_total) {
+                return Err(EngineError::InvalidBatch("block id outside the cache".into()));
+            }
+        }
+        // One work item per (sequence, new token): each writes its own output row.
+        let mut out = vec![0f32; n * qw];
+        let mut rows: Vec<(usize, &mut [f32])> = out.chunks_exact_mut(qw).enumerate().collect();
+        let row_seq: Vec<usize> = {
+            let mut v = vec![usize::MAX; n];
+            for (si, s) in meta.seqs.iter().enumerate() {
+                for r in s.q_start..s.q_start + s.q_len {
+                    v[r] = si;
+                }
+            }
+            v
+        };
+        rows.par_iter_mut().for_each(|(r, orow)| {
+            let si = row_seq[*r];
+            if si == usize::MAX {
+                return;
+            }
+            let s = &meta.seqs[si];
+            let pos = s.ctx_before + (*r - s.q_start);
+            let first = match meta.sliding_window {
+                Some(w) if pos + 1 > w => pos + 1 - w,
+                _ => 0,
+            };
+            let slot = |p: usize| s.block_table[p / bs] as usize * bs + p % bs;
+            let mut scores = vec![0f32; pos + 1 - first];
+            for h in 0..meta.num_heads {
+                let kvh = h / group;
+                let qv = &q.data[*r * qw + h * hd..*r * qw + (h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, p) in (first..=pos).enumerate() {
+                    let ko = slot(p) * kvw + kvh * hd;
+                    let kv = &k_cache.data[ko..ko + hd];
+                    let d: f32 = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * meta.scale;
+                    scores[j] = d;
+                    max = max.max(d);
+                }
+                let mut sum = 0f32;
+                for sc in &mut scores {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let o = &mut orow[h * hd..(h + 1) * hd];
+                for (j, p) in (first..=pos).enumerate() {
+                    let wgt = scores[j] / sum;
+                    let vo = slot(p) * kvw + kvh * hd;
+                    for (oo, vv) in o.iter_mut().zip(&v_cache.data[vo..vo + hd]) {
+                        *oo += wgt * vv;
+                    }
+                }
+            }
+        });
+        Ok(CpuTensor {
+            shape: vec![n, qw],
+            data: out,
+        })
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+        let (m, c) = x.rows_cols();
+        let mut data = Vec::with_capacity(rows.len() * c);
+        for &r in rows {
+            if r >= m {
+                return Err(EngineError::Backend(format!("row {r} of {m}")));
+            }
+            data.extend_from_slice(&x.data[r * c..(r + 1) * c]);
+        }
+        Ok(CpuTensor {
+            shape: vec![rows.len(), c],
+            data,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn linear_matches_naive() {
+        let (m, k, n) = (5, 7, 3);
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        let b = CpuBackend;
+        let y = b
+            .linear(&b.from_f32(&[m, k], &x).unwrap(), &b.from_f32(&[n, k], &w).unwrap(), None)
+            .unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let r: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+                assert!((y.data[i * n + j] - r).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The device seam. The model is written once against [`Backend`]; each backend owns its tensor type
+//! and implements the handful of operations a Llama-family decoder needs. CPU today (f32, the reference
+//! and CI path); CUDA implements the same trait.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::weights::HostTensor;
+
+/// One sequence's slice of a flattened batch, as attention sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttnSeq {
+    /// Row of this sequence's first new token in the flattened batch.
+    pub q_start: usize,
+    /// Number of new tokens (prompt length at prefill, 1 at decode).
+    pub q_len: usize,
+    /// Tokens already in the cache before this call (the new tokens follow them).
+    pub ctx_before: usize,
+    /// Cache blocks of this sequence, in order.
+    pub block_table: Vec<u32>,
+}
+
+/// Everything attention needs besides tensors; built once per forward pass.
+#[derive(Clone, Debug)]
+pub struct AttnMeta {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Tokens per cache block.
+    pub block_size: usize,
+    /// Softmax scale (head_dim^-0.5).
+    pub scale: f32,
+    /// Keys further back than this are not attended (Mistral's sliding window).
+    pub sliding_window: Option<usize>,
+    /// The sequences of the batch, in row order.
+    pub seqs: Vec<AttnSeq>,
+}
+
+/// Operations of a decoder forward pass on one device. Tensors are row-major, 2-D `[rows, cols]` unless
+/// said otherwise; weights are `[out, in]` as in Hugging Face checkpoints.
+pub trait Backend: Send + Sync + 'static {
+    /// The backend's tensor (device memory on accelerators).
+    type Tensor: Send + Sync + std::fmt::Debug;
+
+    /// Human-readable device name, for logs and /info.
+    fn name(&self) -> String;
+    /// Upload a weight from its checkpoint bytes (any supported storage dtype).
+    fn weight(&self, t: &HostTensor<'_>) -> Result<Self::Tensor>;
+    /// A tensor from f32 host values.
+    fn from_f32(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
+    /// Copy a tensor back to the host as f32.
+    fn to_f32(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// A zero-filled tensor (KV cache allocation).
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+    /// Shape of a tensor.
+    fn shape<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];
+
+    /// Rows of `table` `[vocab, hidden]` selected by `ids`.
+    fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+    /// `x · wᵀ (+ bias)`: `x` `[n, in]`, `w` `[out, in]` → `[n, out]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+    /// RMSNorm of each row, times `w`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// Fused residual add and RMSNorm: `residual += x`, returns `rms_norm(residual)`.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+    /// `dst += src`.
+    fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
+    /// Rotary embedding in place (Hugging Face's rotate-half layout) on `x` `[n, heads * head_dim]`;
+    /// row `i` is at position `positions[i]`.
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()>;
+    /// `silu(gate) * up`, elementwise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Write rows of `k`, `v` `[n, kv_dim]` into cache slots (`block * block_size + offset`) of
+    /// `k_cache`, `v_cache` `[num_blocks * block_size, kv_dim]`.
+    fn kv_write(
+        &self,
+        k_cache: &mut Self::Tensor,
+        v_cache: &mut Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        slots: &[u32],
+    ) -> Result<()>;
+    /// Causal attention of the new tokens `q` `[n, heads * head_dim]` over each sequence's cached keys and
+    /// values (which already include the new tokens). Returns `[n, heads * head_dim]`.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k_cache: &Self::Tensor,
+        v_cache: &Self::Tensor,
+        meta: &AttnMeta,
+    ) -> Result<Self::Tensor>;
+    /// The given rows of `x`, in order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+}

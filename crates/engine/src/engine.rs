@@ -1,0 +1,215 @@
+//! Batches of sequences over a model: prefill adds sequences, decode advances all of them, filter drops
+//! finished ones. The caller owns block allocation and passes each sequence's block table (sized for
+//! its whole life: prompt plus every token it may generate).
+
+use std::path::Path;
+
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::model::{ForwardInput, Model};
+use crate::sampling::{log_softmax, Choice, Sampler, SamplingParams};
+use crate::weights::Weights;
+
+/// A sequence to add to a batch.
+#[derive(Clone, Debug)]
+pub struct NewSequence {
+    /// Caller's id, unique within the batch.
+    pub id: u64,
+    /// Prompt token ids.
+    pub input_ids: Vec<u32>,
+    /// Cache blocks covering the prompt and every token that may be generated.
+    pub block_table: Vec<u32>,
+    /// Next-token parameters.
+    pub params: SamplingParams,
+    /// Also return the log-probability of each prompt token.
+    pub prefill_logprobs: bool,
+}
+
+/// A prompt token with its log-probability under the model (none for the first token).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptToken {
+    /// Token id.
+    pub id: u32,
+    /// log p(token | previous tokens).
+    pub logprob: Option<f32>,
+}
+
+/// One step's output for one sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Sequence id.
+    pub id: u64,
+    /// The token chosen, its logprob and alternatives.
+    pub choice: Choice,
+    /// Prompt tokens with logprobs (prefill, when asked).
+    pub prefill: Option<Vec<PromptToken>>,
+}
+
+/// A sequence in a running batch.
+pub struct Sequence {
+    /// Caller's id.
+    pub id: u64,
+    /// Prompt and generated tokens.
+    pub tokens: Vec<u32>,
+    /// How many of `tokens` are in the KV cache.
+    pub cached: usize,
+    /// Cache blocks.
+    pub block_table: Vec<u32>,
+    sampler: Sampler,
+}
+
+/// The sequences being decoded together.
+#[derive(Default)]
+pub struct Batch {
+    /// Sequences, in the order they were added.
+    pub seqs: Vec<Sequence>,
+}
+
+impl Batch {
+    /// Keep only the sequences whose ids are listed.
+    pub fn filter(&mut self, keep: &[u64]) {
+        self.seqs.retain(|s| keep.contains(&s.id));
+    }
+
+    /// Ids of the sequences, in order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.seqs.iter().map(|s| s.id).collect()
+    }
+
+    /// Number of sequences.
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// No sequences.
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+}
+
+/// Sizes of the KV cache.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheConfig {
+    /// Number of blocks.
+    pub num_blocks: usize,
+    /// Token slots per block.
+    pub block_size: usize,
+}
+
+/// A model, its KV cache and its backend.
+pub struct Engine<B: Backend> {
+    /// The device.
+    pub backend: B,
+    /// The decoder.
+    pub model: Model<B>,
+    /// The paged cache.
+    pub cache: KvCache<B>,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Load the checkpoint in `dir` (config.json + safetensors) onto `backend`.
+    pub fn load(backend: B, dir: &Path, cache: CacheConfig) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = Weights::from_dir(dir)?;
+        let model = Model::load(&backend, &weights, &cfg, 0, 1)?;
+        let cache = KvCache::new(&backend, &cfg, model.local_kv_heads(), cache.num_blocks, cache.block_size)?;
+        Ok(Self { backend, model, cache })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+
+    /// Logits (as host f32 rows) for raw sequences given as (new tokens, cached count, block table);
+    /// `all_logits[i]` asks for every new token's logits of sequence `i`, else only the last.
+    pub fn logits(&mut self, seqs: &[(&[u32], usize, &[u32])], all_logits: &[bool]) -> Result<Vec<Vec<f32>>> {
+        let input = ForwardInput::build(&self.cache, seqs, all_logits)?;
+        let out = self.model.forward(&self.backend, &mut self.cache, &input)?;
+        let v = self.model.cfg.vocab_size;
+        Ok(self.backend.to_f32(&out)?.chunks_exact(v).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Add sequences to `batch`: run their prompts and choose each one's first token.
+    pub fn prefill(&mut self, batch: &mut Batch, new: Vec<NewSequence>) -> Result<Vec<Generation>> {
+        for (i, s) in new.iter().enumerate() {
+            if s.input_ids.is_empty() {
+                return Err(EngineError::InvalidBatch(format!("sequence {} has an empty prompt", s.id)));
+            }
+            if batch.seqs.iter().any(|b| b.id == s.id) || new[..i].iter().any(|o| o.id == s.id) {
+                return Err(EngineError::InvalidBatch(format!("sequence id {} is already in the batch", s.id)));
+            }
+        }
+        let raw: Vec<(&[u32], usize, &[u32])> = new
+            .iter()
+            .map(|s| (s.input_ids.as_slice(), 0, s.block_table.as_slice()))
+            .collect();
+        let all: Vec<bool> = new.iter().map(|s| s.prefill_logprobs).collect();
+        let rows = self.logits(&raw, &all)?;
+        let mut rows = rows.into_iter();
+        let mut out = Vec::with_capacity(new.len());
+        for s in new {
+            let mut prefill = None;
+            if s.prefill_logprobs {
+                let mut toks = vec![PromptToken {
+                    id: s.input_ids[0],
+                    logprob: None,
+                }];
+                for &id in &s.input_ids[1..] {
+                    let row = rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
+                    toks.push(PromptToken {
+                        id,
+                        logprob: Some(log_softmax(&row)[id as usize]),
+                    });
+                }
+                prefill = Some(toks);
+            }
+            let mut last = rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
+            let mut sampler = Sampler::new(s.params, &s.input_ids);
+            let choice = sampler.choose(&mut last);
+            let mut tokens = s.input_ids;
+            let cached = tokens.len();
+            tokens.push(choice.token);
+            out.push(Generation {
+                id: s.id,
+                choice,
+                prefill,
+            });
+            batch.seqs.push(Sequence {
+                id: s.id,
+                tokens,
+                cached,
+                block_table: s.block_table,
+                sampler,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Advance every sequence of `batch` by one token.
+    pub fn decode(&mut self, batch: &mut Batch) -> Result<Vec<Generation>> {
+        if batch.is_empty() {
+            return Ok(vec![]);
+        }
+        let raw: Vec<(&[u32], usize, &[u32])> = batch
+            .seqs
+            .iter()
+            .map(|s| (&s.tokens[s.cached..], s.cached, s.block_table.as_slice()))
+            .collect();
+        let rows = self.logits(&raw, &[])?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (s, mut row) in batch.seqs.iter_mut().zip(rows) {
+            let choice = s.sampler.choose(&mut row);
+            s.cached = s.tokens.len();
+            s.tokens.push(choice.token);
+            out.push(Generation {
+                id: s.id,
+                choice,
+                prefill: None,
+            });
+        }
+        Ok(out)
+    }
+}

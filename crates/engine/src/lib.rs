@@ -1,0 +1,21 @@
+//! lorax-engine: everything a shard computes, with no networking.
+//!
+//! Model configuration (`config`), safetensors weights with tensor-parallel slicing (`weights`), the
+//! backend seam (`backend`, CPU now), the one Llama-family decoder (`model`), the paged KV cache
+//! (`kv_cache`), batches of sequences (`batch`) and next-token choice (`sampling`).
+
+pub mod sampling;
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod model;
+pub mod weights;
+
+pub use backend::cpu::{CpuBackend, CpuTensor};
+pub use backend::Backend;
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use engine::{Batch, CacheConfig, Engine, Generation, NewSequence, PromptToken};
+pub use error::{EngineError, Result};
+pub use sampling::{Choice, Sampler, SamplingParams};

@@ -1,0 +1,222 @@
+//! The one Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2), written once against [`Backend`].
+//!
+//! A forward pass takes a flattened batch: the new tokens of every sequence one after another (no
+//! padding), their positions, their cache slots, and per-sequence attention metadata. It writes the new
+//! keys/values into the paged cache, attends over each sequence's whole cached context, and returns
+//! logits only for the rows asked for (usually the last new token of each sequence).
+
+use crate::backend::{AttnMeta, AttnSeq, Backend};
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::weights::{shard, Weights};
+
+/// A linear layer `y = x·Wᵀ + b`.
+pub struct Linear<B: Backend> {
+    /// `[out, in]`.
+    pub w: B::Tensor,
+    /// `[out]`, when the checkpoint has one.
+    pub b: Option<B::Tensor>,
+}
+
+impl<B: Backend> Linear<B> {
+    fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        backend.linear(x, &self.w, self.b.as_ref())
+    }
+}
+
+struct Layer<B: Backend> {
+    input_norm: B::Tensor,
+    q: Linear<B>,
+    k: Linear<B>,
+    v: Linear<B>,
+    o: Linear<B>,
+    post_norm: B::Tensor,
+    gate: Linear<B>,
+    up: Linear<B>,
+    down: Linear<B>,
+}
+
+/// One forward pass's input: new tokens of several sequences, flattened.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardInput {
+    /// Token ids, sequence after sequence.
+    pub tokens: Vec<u32>,
+    /// Position of each token in its sequence.
+    pub positions: Vec<u32>,
+    /// Cache slot of each token.
+    pub slots: Vec<u32>,
+    /// Per-sequence layout (rows, cached context, block table).
+    pub seqs: Vec<AttnSeq>,
+    /// Rows whose logits are returned, in this order.
+    pub logit_rows: Vec<usize>,
+}
+
+impl ForwardInput {
+    /// Build the input for sequences given as (new tokens, tokens already cached, block table), asking
+    /// for the logits of every new token (`all_logits`) or only of each sequence's last one.
+    pub fn build<B: Backend>(
+        cache: &KvCache<B>,
+        seqs: &[(&[u32], usize, &[u32])],
+        all_logits: &[bool],
+    ) -> Result<Self> {
+        let mut input = Self::default();
+        for (i, (tokens, ctx_before, table)) in seqs.iter().enumerate() {
+            if tokens.is_empty() {
+                return Err(EngineError::InvalidBatch("a sequence with no new tokens".into()));
+            }
+            let q_start = input.tokens.len();
+            for (j, &t) in tokens.iter().enumerate() {
+                let pos = ctx_before + j;
+                input.tokens.push(t);
+                input.positions.push(u32::try_from(pos).map_err(|_| EngineError::InvalidBatch("position overflows u32".into()))?);
+                input.slots.push(cache.slot(table, pos)?);
+            }
+            if all_logits.get(i).copied().unwrap_or(false) {
+                input.logit_rows.extend(q_start..q_start + tokens.len());
+            } else {
+                input.logit_rows.push(q_start + tokens.len() - 1);
+            }
+            input.seqs.push(AttnSeq {
+                q_start,
+                q_len: tokens.len(),
+                ctx_before: *ctx_before,
+                block_table: table.to_vec(),
+            });
+        }
+        Ok(input)
+    }
+}
+
+/// A loaded decoder.
+pub struct Model<B: Backend> {
+    /// The checkpoint's configuration.
+    pub cfg: ModelConfig,
+    embed: B::Tensor,
+    layers: Vec<Layer<B>>,
+    norm: B::Tensor,
+    lm_head: Option<B::Tensor>,
+    inv_freq: Vec<f32>,
+    local_heads: usize,
+    local_kv_heads: usize,
+}
+
+impl<B: Backend> Model<B> {
+    /// Load the weights of shard `rank` of `world_size` (only 1 is supported by the forward pass
+    /// until tensor parallelism lands; the slicing itself is in place).
+    pub fn load(backend: &B, weights: &Weights, cfg: &ModelConfig, rank: usize, world_size: usize) -> Result<Self> {
+        if world_size != 1 {
+            return Err(EngineError::InvalidBatch(format!(
+                "world_size {world_size}: tensor-parallel forward is not implemented yet (the loader can slice)"
+            )));
+        }
+        let h = cfg.hidden_size;
+        let (qd, kvd, ffn) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let up = |t| backend.weight(&t);
+        let tensor = |name: &str, shape: &[usize], dim: Option<usize>| -> Result<B::Tensor> {
+            let t = weights.get_checked(name, shape)?;
+            match dim {
+                Some(d) => up(shard(t, d, rank, world_size)?),
+                None => up(t),
+            }
+        };
+        let linear = |prefix: &str, out: usize, inp: usize, dim: usize, bias: bool| -> Result<Linear<B>> {
+            let w = tensor(&format!("{prefix}.weight"), &[out, inp], Some(dim))?;
+            let b = if bias {
+                // A row-parallel bias is added once, after the all-reduce: only rank 0 keeps it.
+                Some(tensor(&format!("{prefix}.bias"), &[out], if dim == 0 { Some(0) } else { None })?)
+            } else {
+                None
+            };
+            Ok(Linear { w, b })
+        };
+        let embed = tensor("model.embed_tokens.weight", &[cfg.vocab_size, h], None)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_norm: tensor(&format!("{p}.input_layernorm.weight"), &[h], None)?,
+                q: linear(&format!("{p}.self_attn.q_proj"), qd, h, 0, cfg.qkv_bias)?,
+                k: linear(&format!("{p}.self_attn.k_proj"), kvd, h, 0, cfg.qkv_bias)?,
+                v: linear(&format!("{p}.self_attn.v_proj"), kvd, h, 0, cfg.qkv_bias)?,
+                o: linear(&format!("{p}.self_attn.o_proj"), h, qd, 1, cfg.o_bias)?,
+                post_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[h], None)?,
+                gate: linear(&format!("{p}.mlp.gate_proj"), ffn, h, 0, cfg.mlp_bias)?,
+                up: linear(&format!("{p}.mlp.up_proj"), ffn, h, 0, cfg.mlp_bias)?,
+                down: linear(&format!("{p}.mlp.down_proj"), h, ffn, 1, cfg.mlp_bias)?,
+            });
+        }
+        let norm = tensor("model.norm.weight", &[h], None)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(tensor("lm_head.weight", &[cfg.vocab_size, h], None)?)
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: cfg.inv_freq(),
+            local_heads: cfg.num_heads / world_size,
+            local_kv_heads: cfg.num_kv_heads / world_size,
+        })
+    }
+
+    /// Key/value heads held by this shard (what the KV cache must be sized for).
+    pub fn local_kv_heads(&self) -> usize {
+        self.local_kv_heads
+    }
+
+    /// Run the decoder over `input`, writing keys/values into `cache`; returns logits
+    /// `[input.logit_rows.len(), vocab]`.
+    pub fn forward(&self, backend: &B, cache: &mut KvCache<B>, input: &ForwardInput) -> Result<B::Tensor> {
+        let cfg = &self.cfg;
+        let n = input.tokens.len();
+        if input.positions.len() != n || input.slots.len() != n {
+            return Err(EngineError::InvalidBatch("tokens, positions and slots differ in length".into()));
+        }
+        if let Some(&t) = input.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(EngineError::InvalidBatch(format!("token id {t} is outside the vocabulary ({})", cfg.vocab_size)));
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let meta = AttnMeta {
+            num_heads: self.local_heads,
+            num_kv_heads: self.local_kv_heads,
+            head_dim: cfg.head_dim,
+            block_size: cache.block_size,
+            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            sliding_window: cfg.sliding_window,
+            seqs: input.seqs.clone(),
+        };
+        let eps = cfg.rms_norm_eps;
+        let mut residual = backend.embedding(&self.embed, &input.tokens)?;
+        let mut pending: Option<B::Tensor> = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = match pending.take() {
+                None => backend.rms_norm(&residual, &layer.input_norm, eps)?,
+                Some(out) => backend.add_rms_norm(&mut residual, &out, &layer.input_norm, eps)?,
+            };
+            let mut q = layer.q.forward(backend, &h)?;
+            let mut k = layer.k.forward(backend, &h)?;
+            let v = layer.v.forward(backend, &h)?;
+            backend.rope(&mut q, cfg.head_dim, &input.positions, &self.inv_freq)?;
+            backend.rope(&mut k, cfg.head_dim, &input.positions, &self.inv_freq)?;
+            backend.kv_write(&mut cache.k[i], &mut cache.v[i], &k, &v, &input.slots)?;
+            let attn = backend.attention(&q, &cache.k[i], &cache.v[i], &meta)?;
+            let attn_out = layer.o.forward(backend, &attn)?;
+            let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
+            let gate = layer.gate.forward(backend, &h2)?;
+            let up = layer.up.forward(backend, &h2)?;
+            let act = backend.silu_mul(&gate, &up)?;
+            pending = Some(layer.down.forward(backend, &act)?);
+        }
+        if let Some(out) = pending {
+            backend.add_assign(&mut residual, &out)?;
+        }
+        let last = backend.gather_rows(&residual, &input.logit_rows)?;
+        let normed = backend.rms_norm(&last, &self.norm, eps)?;
+        backend.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed), None)
+    }
+}

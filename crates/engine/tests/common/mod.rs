@@ -1,0 +1,72 @@
+//! Shared helpers for the golden tests: fixture paths, reading golden tensors, error metrics.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use safetensors::{Dtype, SafeTensors};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
+}
+
+/// A golden file's tensors: f32 ones as f32, i64 ones as i64, with shapes.
+pub struct Golden {
+    pub f32s: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub i64s: HashMap<String, Vec<i64>>,
+}
+
+impl Golden {
+    pub fn open(path: PathBuf) -> Self {
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut f32s = HashMap::new();
+        let mut i64s = HashMap::new();
+        for (name, view) in st.tensors() {
+            match view.dtype() {
+                Dtype::F32 => {
+                    let v = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    f32s.insert(name, (view.shape().to_vec(), v));
+                }
+                Dtype::I64 => {
+                    let v = view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+                    i64s.insert(name, v);
+                }
+                d => panic!("unexpected dtype {d:?} for {name}"),
+            }
+        }
+        Self { f32s, i64s }
+    }
+
+    pub fn f(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
+        self.f32s.get(name).unwrap_or_else(|| panic!("golden tensor {name} missing"))
+    }
+
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        self.i64s
+            .get(name)
+            .unwrap_or_else(|| panic!("golden tensor {name} missing"))
+            .iter()
+            .map(|&v| u32::try_from(v).unwrap())
+            .collect()
+    }
+
+    /// Row `r` of a 2-D f32 tensor.
+    pub fn row(&self, name: &str, r: usize) -> &[f32] {
+        let (shape, v) = self.f(name);
+        &v[r * shape[1]..(r + 1) * shape[1]]
+    }
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// `row` restricted to the vocabulary subset.
+pub fn subset(row: &[f32], sub: &[u32]) -> Vec<f32> {
+    sub.iter().map(|&i| row[i as usize]).collect()
+}
