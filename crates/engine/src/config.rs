@@ -154,17 +154,19 @@ impl ModelConfig {
             }
         }
         if raw.num_attention_heads == 0 || raw.hidden_size == 0 || raw.num_hidden_layers == 0 {
-            return Err(bad("hidden_size, num_attention_heads and num_hidden_layers must be > 0".into()));
+            return Err(bad(
+                "hidden_size, num_attention_heads and num_hidden_layers must be > 0".into(),
+            ));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
                 raw.num_attention_heads
             )));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {head_dim} must be even and > 0")));
         }
         let (rope_theta, rope_scaling) = parse_rope(&raw).map_err(bad)?;
@@ -174,10 +176,17 @@ impl ModelConfig {
         };
         let eos_token_ids = match &raw.eos_token_id {
             None | Some(Value::Null) => vec![],
-            Some(Value::Number(n)) => vec![n.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or_else(|| bad("eos_token_id".into()))?],
+            Some(Value::Number(n)) => vec![n
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| bad("eos_token_id".into()))?],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or_else(|| bad("eos_token_id".into())))
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| bad("eos_token_id".into()))
+                })
                 .collect::<Result<_>>()?,
             Some(other) => return Err(bad(format!("eos_token_id {other} is not a token id"))),
         };
@@ -252,7 +261,11 @@ impl ModelConfig {
 
 fn parse_rope(raw: &Raw) -> std::result::Result<(f32, RopeScaling), String> {
     // transformers >= 5: everything in rope_parameters; older: rope_theta + rope_scaling.
-    let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref()).filter(|v| !v.is_null());
+    let params = raw
+        .rope_parameters
+        .as_ref()
+        .or(raw.rope_scaling.as_ref())
+        .filter(|v| !v.is_null());
     let theta = params
         .and_then(|p| p.get("rope_theta"))
         .and_then(Value::as_f64)
@@ -282,7 +295,11 @@ fn parse_rope(raw: &Raw) -> std::result::Result<(f32, RopeScaling), String> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
-        other => return Err(format!("rope scaling type {other:?} is not supported (default, linear, llama3)")),
+        other => {
+            return Err(format!(
+                "rope scaling type {other:?} is not supported (default, linear, llama3)"
+            ))
+        }
     };
     Ok((theta, scaling))
 }
@@ -337,7 +354,10 @@ mod tests {
             "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2}"#,
         )
         .unwrap_err();
-        assert!(matches!(e, EngineError::UnsupportedArchitecture(ref a) if a == "GPT2LMHeadModel"), "{e}");
+        assert!(
+            matches!(e, EngineError::UnsupportedArchitecture(ref a) if a == "GPT2LMHeadModel"),
+            "{e}"
+        );
         let e = ModelConfig::from_json(
             r#"{"model_type":"llama","vocab_size":1,"hidden_size":8,"intermediate_size":8,
             "num_hidden_layers":1,"num_attention_heads":3,"num_key_value_heads":2}"#,

@@ -114,7 +114,13 @@ impl<B: Backend> Engine<B> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::from_dir(dir)?;
         let model = Model::load(&backend, &weights, &cfg, 0, 1)?;
-        let cache = KvCache::new(&backend, &cfg, model.local_kv_heads(), cache.num_blocks, cache.block_size)?;
+        let cache = KvCache::new(
+            &backend,
+            &cfg,
+            model.local_kv_heads(),
+            cache.num_blocks,
+            cache.block_size,
+        )?;
         Ok(Self { backend, model, cache })
     }
 
@@ -129,17 +135,28 @@ impl<B: Backend> Engine<B> {
         let input = ForwardInput::build(&self.cache, seqs, all_logits)?;
         let out = self.model.forward(&self.backend, &mut self.cache, &input)?;
         let v = self.model.cfg.vocab_size;
-        Ok(self.backend.to_f32(&out)?.chunks_exact(v).map(<[f32]>::to_vec).collect())
+        Ok(self
+            .backend
+            .to_f32(&out)?
+            .chunks_exact(v)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     /// Add sequences to `batch`: run their prompts and choose each one's first token.
     pub fn prefill(&mut self, batch: &mut Batch, new: Vec<NewSequence>) -> Result<Vec<Generation>> {
         for (i, s) in new.iter().enumerate() {
             if s.input_ids.is_empty() {
-                return Err(EngineError::InvalidBatch(format!("sequence {} has an empty prompt", s.id)));
+                return Err(EngineError::InvalidBatch(format!(
+                    "sequence {} has an empty prompt",
+                    s.id
+                )));
             }
             if batch.seqs.iter().any(|b| b.id == s.id) || new[..i].iter().any(|o| o.id == s.id) {
-                return Err(EngineError::InvalidBatch(format!("sequence id {} is already in the batch", s.id)));
+                return Err(EngineError::InvalidBatch(format!(
+                    "sequence id {} is already in the batch",
+                    s.id
+                )));
             }
         }
         let raw: Vec<(&[u32], usize, &[u32])> = new
@@ -158,7 +175,9 @@ impl<B: Backend> Engine<B> {
                     logprob: None,
                 }];
                 for &id in &s.input_ids[1..] {
-                    let row = rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
+                    let row = rows
+                        .next()
+                        .ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
                     toks.push(PromptToken {
                         id,
                         logprob: Some(log_softmax(&row)[id as usize]),
@@ -166,7 +185,9 @@ impl<B: Backend> Engine<B> {
                 }
                 prefill = Some(toks);
             }
-            let mut last = rows.next().ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
+            let mut last = rows
+                .next()
+                .ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
             let mut sampler = Sampler::new(s.params, &s.input_ids);
             let choice = sampler.choose(&mut last);
             let mut tokens = s.input_ids;

@@ -25,7 +25,9 @@ impl<B: Backend> KvCache<B> {
     /// `kv_heads` is the number this shard holds).
     pub fn new(backend: &B, cfg: &ModelConfig, kv_heads: usize, num_blocks: usize, block_size: usize) -> Result<Self> {
         if block_size == 0 || num_blocks == 0 {
-            return Err(EngineError::InvalidBatch("the KV cache needs at least one block of one slot".into()));
+            return Err(EngineError::InvalidBatch(
+                "the KV cache needs at least one block of one slot".into(),
+            ));
         }
         let shape = [num_blocks * block_size, kv_heads * cfg.head_dim];
         let mut k = Vec::with_capacity(cfg.num_layers);

@@ -4,13 +4,13 @@
 //! backend seam (`backend`, CPU now), the one Llama-family decoder (`model`), the paged KV cache
 //! (`kv_cache`), batches of sequences (`batch`) and next-token choice (`sampling`).
 
-pub mod sampling;
 pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod model;
+pub mod sampling;
 pub mod weights;
 
 pub use backend::cpu::{CpuBackend, CpuTensor};

@@ -69,7 +69,9 @@ impl ForwardInput {
             for (j, &t) in tokens.iter().enumerate() {
                 let pos = ctx_before + j;
                 input.tokens.push(t);
-                input.positions.push(u32::try_from(pos).map_err(|_| EngineError::InvalidBatch("position overflows u32".into()))?);
+                input
+                    .positions
+                    .push(u32::try_from(pos).map_err(|_| EngineError::InvalidBatch("position overflows u32".into()))?);
                 input.slots.push(cache.slot(table, pos)?);
             }
             if all_logits.get(i).copied().unwrap_or(false) {
@@ -124,7 +126,11 @@ impl<B: Backend> Model<B> {
             let w = tensor(&format!("{prefix}.weight"), &[out, inp], Some(dim))?;
             let b = if bias {
                 // A row-parallel bias is added once, after the all-reduce: only rank 0 keeps it.
-                Some(tensor(&format!("{prefix}.bias"), &[out], if dim == 0 { Some(0) } else { None })?)
+                Some(tensor(
+                    &format!("{prefix}.bias"),
+                    &[out],
+                    if dim == 0 { Some(0) } else { None },
+                )?)
             } else {
                 None
             };
@@ -175,10 +181,15 @@ impl<B: Backend> Model<B> {
         let cfg = &self.cfg;
         let n = input.tokens.len();
         if input.positions.len() != n || input.slots.len() != n {
-            return Err(EngineError::InvalidBatch("tokens, positions and slots differ in length".into()));
+            return Err(EngineError::InvalidBatch(
+                "tokens, positions and slots differ in length".into(),
+            ));
         }
         if let Some(&t) = input.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(EngineError::InvalidBatch(format!("token id {t} is outside the vocabulary ({})", cfg.vocab_size)));
+            return Err(EngineError::InvalidBatch(format!(
+                "token id {t} is outside the vocabulary ({})",
+                cfg.vocab_size
+            )));
         }
         #[allow(clippy::cast_precision_loss)]
         let meta = AttnMeta {

@@ -8,10 +8,13 @@
 //! from the softmax of the processed scores, and reports the token's log-probability and the top-n
 //! alternatives from the log-softmax of the processed scores.
 //!
-//! The boundary decisions of top-p and typical-p follow torch's CPU arithmetic: softmax in f32
-//! (subtract the max, `exp`, sum, multiply by the reciprocal of the sum), cumulative sums accumulated
-//! in f64 and rounded to f32 per element (torch's CPU `cumsum` accumulates in double), and thresholds
-//! compared in f32.
+//! The boundary decisions of top-p and typical-p follow torch's CPU arithmetic: softmax and
+//! log-softmax element-wise in f32 (subtract the max, `exp`, scale by the sum), cumulative sums
+//! accumulated in f64 and rounded to f32 per element (torch's CPU `cumsum` accumulates in double),
+//! and thresholds compared in f32. Row sums (softmax denominators, the typical-p entropy) are
+//! accumulated in f64 and rounded to f32: torch sums lane-parallel / cascaded, which is far more
+//! accurate than a sequential f32 sum over 32k entries, and the sequential f32 sum flips typical-p
+//! boundary tokens against the transformers fixtures while the f64 sum matches them exactly.
 
 use std::collections::BTreeMap;
 
@@ -67,11 +70,7 @@ impl SamplingParams {
     /// Whether the next token is drawn rather than argmax'd (the TGI/LoRAX rule): `do_sample`, or any
     /// warper switched on (temperature != 1, top_k != 0, top_p < 1, typical_p < 1).
     pub fn is_sampling(&self) -> bool {
-        self.do_sample
-            || self.temperature != 1.0
-            || self.top_k != 0
-            || self.top_p < 1.0
-            || self.typical_p < 1.0
+        self.do_sample || self.temperature != 1.0 || self.top_k != 0 || self.top_p < 1.0 || self.typical_p < 1.0
     }
 }
 
@@ -197,11 +196,7 @@ impl Sampler {
         let logprob = lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
         let top = top_n(&lp, self.params.top_n_tokens as usize);
         self.record(token);
-        Choice {
-            token,
-            logprob,
-            top,
-        }
+        Choice { token, logprob, top }
     }
 }
 
@@ -289,12 +284,17 @@ fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i as u32, logprobs[i])).collect()
 }
 
-/// torch-style CPU softmax in f32: subtract the max, `exp`, sum in order, multiply by 1/sum.
+/// Sum of f32 values accumulated in f64, rounded to f32 (stands in for torch's accurate
+/// lane-parallel / cascade f32 sums).
+fn sum_f32(x: &[f32]) -> f32 {
+    x.iter().map(|&v| v as f64).sum::<f64>() as f32
+}
+
+/// torch-style CPU softmax in f32: subtract the max, `exp`, sum, multiply by 1/sum.
 fn softmax_f32(x: &[f32]) -> Vec<f32> {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut out: Vec<f32> = x.iter().map(|&v| (v - max).exp()).collect();
-    let sum: f32 = out.iter().sum();
-    let inv = 1.0 / sum;
+    let inv = 1.0 / sum_f32(&out);
     for v in &mut out {
         *v *= inv;
     }
@@ -360,13 +360,6 @@ fn apply_top_p_threshold(logits: &mut [f32], threshold: f32) {
     }
 }
 
-/// TopPLogitsWarper(top_p), for callers outside a [`Sampler`]. No-op when `top_p >= 1`.
-pub fn apply_top_p(logits: &mut [f32], top_p: f32) {
-    if top_p < 1.0 {
-        apply_top_p_threshold(logits, (1.0 - decimal_f64(top_p)) as f32);
-    }
-}
-
 /// TypicalLogitsWarper(mass): keep the tokens whose surprisal is closest to the entropy until their
 /// mass reaches `mass` (the first sorted entry is always kept).
 fn apply_typical(logits: &mut [f32], mass: f32) {
@@ -379,8 +372,8 @@ fn apply_typical(logits: &mut [f32], mass: f32) {
     if !max.is_finite() {
         return;
     }
-    let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
-    let lse = sum.ln();
+    let exps: Vec<f32> = logits.iter().map(|&v| (v - max).exp()).collect();
+    let lse = sum_f32(&exps).ln();
     let normalized: Vec<f32> = logits.iter().map(|&v| (v - max) - lse).collect();
     // ent = -nansum(normalized * exp(normalized)); -inf entries give NaN (-inf * 0) and are skipped.
     let mut ent_acc = 0.0f64;
@@ -421,12 +414,32 @@ mod tests {
     fn default_is_greedy() {
         let p = SamplingParams::default();
         assert!(!p.is_sampling());
-        assert!(SamplingParams { temperature: 0.5, ..p.clone() }.is_sampling());
+        assert!(SamplingParams {
+            temperature: 0.5,
+            ..p.clone()
+        }
+        .is_sampling());
         assert!(SamplingParams { top_k: 3, ..p.clone() }.is_sampling());
-        assert!(SamplingParams { top_p: 0.9, ..p.clone() }.is_sampling());
-        assert!(SamplingParams { typical_p: 0.9, ..p.clone() }.is_sampling());
-        assert!(SamplingParams { do_sample: true, ..p.clone() }.is_sampling());
-        assert!(!SamplingParams { repetition_penalty: 1.5, ..p }.is_sampling());
+        assert!(SamplingParams {
+            top_p: 0.9,
+            ..p.clone()
+        }
+        .is_sampling());
+        assert!(SamplingParams {
+            typical_p: 0.9,
+            ..p.clone()
+        }
+        .is_sampling());
+        assert!(SamplingParams {
+            do_sample: true,
+            ..p.clone()
+        }
+        .is_sampling());
+        assert!(!SamplingParams {
+            repetition_penalty: 1.5,
+            ..p
+        }
+        .is_sampling());
     }
 
     #[test]

@@ -122,10 +122,13 @@ impl Weights {
                 path: index_path.clone(),
                 reason: e.to_string(),
             })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| EngineError::CorruptWeights {
-                path: index_path.clone(),
-                reason: "no weight_map object".into(),
-            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| EngineError::CorruptWeights {
+                    path: index_path.clone(),
+                    reason: "no weight_map object".into(),
+                })?;
             let mut files: Vec<String> = Vec::new();
             for f in map.values() {
                 let f = f.as_str().ok_or_else(|| EngineError::CorruptWeights {
@@ -253,7 +256,9 @@ impl Weights {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.index.get(name).ok_or_else(|| EngineError::MissingTensor(name.to_string()))
+        self.index
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))
     }
 
     /// A whole tensor, borrowed from the mapping.
@@ -345,6 +350,13 @@ mod tests {
         assert_eq!(cols.shape, vec![4, 2]);
         assert_eq!(cols.to_f32(), vec![4., 5., 10., 11., 16., 17., 22., 23.]);
         let e = shard(HostTensor::from_f32("w", vec![4, 6], &v), 1, 0, 4).unwrap_err();
-        assert!(matches!(e, EngineError::Unshardable { size: 6, world_size: 4, .. }));
+        assert!(matches!(
+            e,
+            EngineError::Unshardable {
+                size: 6,
+                world_size: 4,
+                ..
+            }
+        ));
     }
 }

@@ -99,9 +99,12 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {
+    fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {
         if shape.iter().product::<usize>() != data.len() {
-            return Err(EngineError::Backend(format!("{} values for shape {shape:?}", data.len())));
+            return Err(EngineError::Backend(format!(
+                "{} values for shape {shape:?}",
+                data.len()
+            )));
         }
         Ok(CpuTensor {
             shape: shape.to_vec(),
@@ -130,7 +133,9 @@ impl Backend for CpuBackend {
         for &id in ids {
             let id = id as usize;
             if id >= vocab {
-                return Err(EngineError::InvalidBatch(format!("token id {id} is outside the vocabulary ({vocab})")));
+                return Err(EngineError::InvalidBatch(format!(
+                    "token id {id} is outside the vocabulary ({vocab})"
+                )));
             }
             data.extend_from_slice(&table.data[id * hidden..(id + 1) * hidden]);
         }
@@ -157,7 +162,10 @@ impl Backend for CpuBackend {
                 }
             }
         }
-        Ok(CpuTensor { shape: vec![m, n], data })
+        Ok(CpuTensor {
+            shape: vec![m, n],
+            data,
+        })
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
@@ -169,7 +177,10 @@ impl Backend for CpuBackend {
         for (o, r) in data.chunks_exact_mut(h).zip(x.data.chunks_exact(h)) {
             rms_norm_row(r, &w.data, eps, o);
         }
-        Ok(CpuTensor { shape: vec![m, h], data })
+        Ok(CpuTensor {
+            shape: vec![m, h],
+            data,
+        })
     }
 
     fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
@@ -248,7 +259,9 @@ impl Backend for CpuBackend {
         for (i, &slot) in slots.iter().enumerate() {
             let s = slot as usize;
             if s >= slots_total {
-                return Err(EngineError::InvalidBatch(format!("cache slot {s} is outside the cache ({slots_total})")));
+                return Err(EngineError::InvalidBatch(format!(
+                    "cache slot {s} is outside the cache ({slots_total})"
+                )));
             }
             k_cache.data[s * dim..(s + 1) * dim].copy_from_slice(&k.data[i * dim..(i + 1) * dim]);
             v_cache.data[s * dim..(s + 1) * dim].copy_from_slice(&v.data[i * dim..(i + 1) * dim]);
@@ -260,7 +273,10 @@ impl Backend for CpuBackend {
         let (n, qw) = q.rows_cols();
         let (slots_total, kvw) = k_cache.rows_cols();
         let hd = meta.head_dim;
-        if qw != meta.num_heads * hd || kvw != meta.num_kv_heads * hd || meta.num_heads % meta.num_kv_heads != 0 {
+        if qw != meta.num_heads * hd
+            || kvw != meta.num_kv_heads * hd
+            || !meta.num_heads.is_multiple_of(meta.num_kv_heads)
+        {
             return Err(shape_err("attention", &q.shape, &k_cache.shape));
         }
         let group = meta.num_heads / meta.num_kv_heads;
@@ -284,9 +300,7 @@ impl Backend for CpuBackend {
         let row_seq: Vec<usize> = {
             let mut v = vec![usize::MAX; n];
             for (si, s) in meta.seqs.iter().enumerate() {
-                for r in s.q_start..s.q_start + s.q_len {
-                    v[r] = si;
-                }
+                v[s.q_start..s.q_start + s.q_len].fill(si);
             }
             v
         };
@@ -363,7 +377,11 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
         let b = CpuBackend;
         let y = b
-            .linear(&b.from_f32(&[m, k], &x).unwrap(), &b.from_f32(&[n, k], &w).unwrap(), None)
+            .linear(
+                &b.tensor_from_f32(&[m, k], &x).unwrap(),
+                &b.tensor_from_f32(&[n, k], &w).unwrap(),
+                None,
+            )
             .unwrap();
         for i in 0..m {
             for j in 0..n {

@@ -50,7 +50,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Upload a weight from its checkpoint bytes (any supported storage dtype).
     fn weight(&self, t: &HostTensor<'_>) -> Result<Self::Tensor>;
     /// A tensor from f32 host values.
-    fn from_f32(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
+    fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
     /// Copy a tensor back to the host as f32.
     fn to_f32(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     /// A zero-filled tensor (KV cache allocation).

@@ -25,11 +25,19 @@ impl Golden {
         for (name, view) in st.tensors() {
             match view.dtype() {
                 Dtype::F32 => {
-                    let v = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    let v = view
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
                     f32s.insert(name, (view.shape().to_vec(), v));
                 }
                 Dtype::I64 => {
-                    let v = view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+                    let v = view
+                        .data()
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
                     i64s.insert(name, v);
                 }
                 d => panic!("unexpected dtype {d:?} for {name}"),
@@ -39,7 +47,9 @@ impl Golden {
     }
 
     pub fn f(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
-        self.f32s.get(name).unwrap_or_else(|| panic!("golden tensor {name} missing"))
+        self.f32s
+            .get(name)
+            .unwrap_or_else(|| panic!("golden tensor {name} missing"))
     }
 
     pub fn ids(&self, name: &str) -> Vec<u32> {
