@@ -1,0 +1,109 @@
+//! A local HTTP server that speaks the Hugging Face Hub's file API (`/{repo}/resolve/{rev}/{file}`,
+//! with the `etag`, `x-repo-commit` and `Content-Range` headers hf-hub relies on) from a folder, so
+//! the real download path is tested without a network. Test-only.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A running server; it stops when the test process ends.
+pub struct HubServer {
+    /// `http://127.0.0.1:port`.
+    pub endpoint: String,
+    /// Requests served so far.
+    pub requests: Arc<AtomicUsize>,
+}
+
+/// Serve `repos` (repo id → folder) with the given required bearer token (if any).
+pub fn start(repos: Vec<(String, PathBuf)>, token: Option<String>) -> std::io::Result<HubServer> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let requests = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&requests);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            let repos = repos.clone();
+            let token = token.clone();
+            std::thread::spawn(move || {
+                let _ = handle(stream, &repos, token.as_deref());
+            });
+        }
+    });
+    Ok(HubServer { endpoint, requests })
+}
+
+fn handle(mut stream: TcpStream, repos: &[(String, PathBuf)], token: Option<&str>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut range: Option<(usize, Option<usize>)> = None;
+    let mut auth: Option<String> = None;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
+            break;
+        }
+        let lower = h.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("range: bytes=") {
+            let v = v.trim();
+            let (a, b) = v.split_once('-').unwrap_or((v, ""));
+            range = a.parse().ok().map(|a| (a, b.parse().ok()));
+        }
+        if lower.starts_with("authorization:") {
+            auth = Some(h["authorization:".len()..].trim().to_string());
+        }
+    }
+    if let Some(t) = token {
+        if auth.as_deref() != Some(&format!("Bearer {t}")) {
+            return respond(&mut stream, "401 Unauthorized", &[], b"unauthorized");
+        }
+    }
+    // /{org}/{name}/resolve/{rev}/{file}
+    let found = repos.iter().find_map(|(id, dir)| {
+        let rest = path.strip_prefix(&format!("/{id}/resolve/"))?;
+        let (_rev, file) = rest.split_once('/')?;
+        if file.contains("..") {
+            return None;
+        }
+        let p = dir.join(file);
+        p.is_file().then_some(p)
+    });
+    let Some(file) = found else {
+        return respond(&mut stream, "404 Not Found", &[("x-error-code", "EntryNotFound".into())], b"not found");
+    };
+    let data = std::fs::read(&file)?;
+    let etag = format!("\"{:x}-{}\"", data.len(), file.file_name().map(|n| n.len()).unwrap_or(0));
+    let commit = "0123456789abcdef0123456789abcdef01234567".to_string();
+    let (status, body, cr) = match range {
+        Some((a, b)) if a < data.len() => {
+            let end = b.unwrap_or(data.len() - 1).min(data.len() - 1);
+            ("206 Partial Content", &data[a..=end], Some(format!("bytes {a}-{end}/{}", data.len())))
+        }
+        _ => ("200 OK", &data[..], None),
+    };
+    let mut headers = vec![("etag", etag), ("x-repo-commit", commit)];
+    if let Some(cr) = cr {
+        headers.push(("content-range", cr));
+    }
+    if method == "HEAD" {
+        return respond(&mut stream, status, &headers, b"");
+    }
+    respond(&mut stream, status, &headers, body)
+}
+
+fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()
+}

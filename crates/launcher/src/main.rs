@@ -1,0 +1,139 @@
+//! `lorax-launcher`: the one command. Resolves the model (embedded default, local directory or hub),
+//! spawns the shard processes, waits until each answers Health, spawns the router, and supervises them:
+//! SIGINT/SIGTERM stop everything gracefully; any child dying ends the deployment with a non-zero code.
+
+mod embedded;
+#[cfg(test)]
+mod hub_test_server;
+mod model;
+mod supervisor;
+
+use std::path::PathBuf;
+
+use clap::{Args as ClapArgs, Parser};
+
+/// Serve a Llama-family model (and, later, its LoRA adapters) over HTTP.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "lorax-launcher", version)]
+pub struct Args {
+    /// Hugging Face Hub repo id or local directory of the model. Without it, an embedded tiny random
+    /// model is served (no network, no GPU).
+    #[arg(long, env = "MODEL_ID")]
+    pub model_id: Option<String>,
+    /// Hub revision (branch, tag or commit) of the model.
+    #[arg(long, env = "REVISION")]
+    pub revision: Option<String>,
+    /// Number of shard processes (tensor-parallel ranks).
+    #[arg(long, env = "NUM_SHARD", default_value_t = 1)]
+    pub num_shard: u32,
+    /// Device for the shards: `cpu` (CUDA lands with the GPU backend).
+    #[arg(long, env = "DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// HTTP port of the router.
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+    /// Address the router listens on.
+    #[arg(long, env = "HOSTNAME", default_value = "0.0.0.0")]
+    pub hostname: String,
+    /// Directory for the shards' Unix sockets (default: a fresh one under the temp dir).
+    #[arg(long, env = "SHARD_UDS_DIR")]
+    pub shard_uds_dir: Option<PathBuf>,
+    /// Where the embedded default model is written on first use.
+    #[arg(long, env = "LORAX_EMBEDDED_DIR")]
+    pub embedded_dir: Option<PathBuf>,
+    /// KV-cache blocks per shard.
+    #[arg(long, env = "NUM_BLOCKS", default_value_t = 2048)]
+    pub num_blocks: u32,
+    /// Token slots per KV-cache block.
+    #[arg(long, env = "BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: u32,
+    /// Seconds to wait for every shard to load and answer Health.
+    #[arg(long, env = "SHARD_STARTUP_TIMEOUT_S", default_value_t = 600)]
+    pub shard_startup_timeout_s: u64,
+    /// Seconds children get to stop after SIGTERM before they are killed.
+    #[arg(long, env = "SHUTDOWN_GRACE_S", default_value_t = 10)]
+    pub shutdown_grace_s: u64,
+    /// Log as JSON lines (launcher, shards and router).
+    #[arg(long, env = "JSON_OUTPUT")]
+    pub json_output: bool,
+    /// Limits passed to the router.
+    #[command(flatten)]
+    pub limits: RouterLimits,
+}
+
+/// Router limits, forwarded flag for flag.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct RouterLimits {
+    /// Requests in flight beyond this are refused with 429.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 128)]
+    pub max_concurrent_requests: usize,
+    /// Longest prompt, in tokens.
+    #[arg(long, env = "MAX_INPUT_LENGTH", default_value_t = 1024)]
+    pub max_input_length: usize,
+    /// Longest prompt + generation, in tokens.
+    #[arg(long, env = "MAX_TOTAL_TOKENS", default_value_t = 2048)]
+    pub max_total_tokens: usize,
+    /// Most prompt tokens in one prefill.
+    #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096)]
+    pub max_batch_prefill_tokens: usize,
+    /// Most tokens (prompt + generation) in the running batch; default: the KV cache's capacity.
+    #[arg(long, env = "MAX_BATCH_TOTAL_TOKENS")]
+    pub max_batch_total_tokens: Option<usize>,
+    /// Decode steps after which waiting requests are prefilled even if few are waiting.
+    #[arg(long, env = "MAX_WAITING_TOKENS", default_value_t = 20)]
+    pub max_waiting_tokens: usize,
+    /// Prefill new requests when waiting ≥ this ratio × running.
+    #[arg(long, env = "WAITING_SERVED_RATIO", default_value_t = 1.2)]
+    pub waiting_served_ratio: f32,
+    /// Most stop sequences per request.
+    #[arg(long, env = "MAX_STOP_SEQUENCES", default_value_t = 4)]
+    pub max_stop_sequences: usize,
+}
+
+impl RouterLimits {
+    fn to_flags(&self) -> Vec<String> {
+        let mut v = vec![
+            format!("--max-concurrent-requests={}", self.max_concurrent_requests),
+            format!("--max-input-length={}", self.max_input_length),
+            format!("--max-total-tokens={}", self.max_total_tokens),
+            format!("--max-batch-prefill-tokens={}", self.max_batch_prefill_tokens),
+            format!("--max-waiting-tokens={}", self.max_waiting_tokens),
+            format!("--waiting-served-ratio={}", self.waiting_served_ratio),
+            format!("--max-stop-sequences={}", self.max_stop_sequences),
+        ];
+        if let Some(t) = self.max_batch_total_tokens {
+            v.push(format!("--max-batch-total-tokens={t}"));
+        }
+        v
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(args.json_output);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(supervisor::run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

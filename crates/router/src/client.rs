@@ -1,0 +1,224 @@
+//! gRPC client of the shard processes. [`ShardClients`] connects over Unix sockets to every shard named
+//! by rank 0's ServiceDiscovery and sends each call to all of them at once: shards hold replicas of the
+//! running batch (tensor parallelism), so they must see the same calls in the same order. Rank 0's
+//! answer is returned; any shard failing fails the call.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use futures::future::join_all;
+use hyper_util::rt::TokioIo;
+use lorax_proto::shard::v1::shard_service_client::ShardServiceClient;
+use lorax_proto::shard::v1::{
+    ClearCacheRequest, DecodeRequest, DecodeResponse, FilterBatchRequest, HealthRequest, InfoRequest, InfoResponse,
+    PrefillRequest, PrefillResponse, Request, ServiceDiscoveryRequest, WarmupRequest,
+};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Errors of the shard client layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The Unix socket could not be connected.
+    #[error("cannot connect to shard at {path}: {message}")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// Transport error text.
+        message: String,
+    },
+    /// A shard answered with a gRPC error (or the connection broke mid-call).
+    #[error("{0}")]
+    Status(String),
+    /// Rank 0's ServiceDiscovery listed no shard.
+    #[error("service discovery returned no shard")]
+    NoShards,
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        let message = status.message();
+        if message.is_empty() {
+            ClientError::Status(format!("shard call failed: {:?}", status.code()))
+        } else {
+            ClientError::Status(message.to_string())
+        }
+    }
+}
+
+type Client = ShardServiceClient<Channel>;
+
+/// Connects a tonic channel to a Unix socket. The URI is a placeholder required by the HTTP/2 layer;
+/// every connection goes to `path`.
+async fn connect_uds(path: &Path) -> Result<Client, ClientError> {
+    let socket = path.to_path_buf();
+    let endpoint = Endpoint::from_static("http://[::]:50051");
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .map_err(|e| ClientError::Connect {
+            path: path.to_path_buf(),
+            message: error_chain(&e),
+        })?;
+    Ok(ShardServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+/// `e` followed by its sources, so "transport error" says what the transport error was.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let cause = s.to_string();
+        // Layers often repeat their source's text; keep each cause once.
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// A shard address from ServiceDiscovery: a socket path, optionally written as `unix://path` or `unix:path`.
+fn socket_path(url: &str) -> PathBuf {
+    let path = url
+        .strip_prefix("unix://")
+        .or_else(|| url.strip_prefix("unix:"))
+        .unwrap_or(url);
+    PathBuf::from(path)
+}
+
+/// Clients of every shard, rank 0 first. Cheap to clone (channels are shared).
+#[derive(Clone, Debug)]
+pub struct ShardClients {
+    clients: Vec<Client>,
+}
+
+impl ShardClients {
+    /// Connects to rank 0 at `master`, asks it for every shard's socket and connects to each.
+    pub async fn connect(master: &Path) -> Result<Self, ClientError> {
+        let mut master_client = connect_uds(master).await?;
+        let urls = master_client
+            .service_discovery(ServiceDiscoveryRequest {})
+            .await?
+            .into_inner()
+            .urls;
+        if urls.is_empty() {
+            return Err(ClientError::NoShards);
+        }
+        let mut clients = Vec::with_capacity(urls.len());
+        for url in &urls {
+            clients.push(connect_uds(&socket_path(url)).await?);
+        }
+        tracing::info!(shards = clients.len(), "connected to shards");
+        Ok(Self { clients })
+    }
+
+    /// Number of shards.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Whether there is no shard (never true for a connected set).
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    /// Runs `call` on every shard concurrently; the first error (in rank order) wins, else rank 0's answer.
+    async fn broadcast<R, F, Fut>(&self, call: F) -> Result<R, ClientError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let results = join_all(self.clients.iter().cloned().map(call)).await;
+        let mut first = None;
+        for result in results {
+            let answer = result?.into_inner();
+            if first.is_none() {
+                first = Some(answer);
+            }
+        }
+        first.ok_or(ClientError::NoShards)
+    }
+
+    /// Static facts about the model and rank 0's shard.
+    pub async fn info(&self) -> Result<InfoResponse, ClientError> {
+        self.broadcast(|mut c| async move { c.info(InfoRequest {}).await })
+            .await
+    }
+
+    /// Liveness of every shard.
+    pub async fn health(&self) -> Result<(), ClientError> {
+        self.broadcast(|mut c| async move { c.health(HealthRequest {}).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Drops every shard's running batch.
+    pub async fn clear_cache(&self) -> Result<(), ClientError> {
+        self.broadcast(|mut c| async move { c.clear_cache(ClearCacheRequest {}).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs the worst-case prefill once; returns the prefill tokens rank 0 ran.
+    pub async fn warmup(&self, max_prefill_tokens: u32, max_total_tokens: u32) -> Result<u32, ClientError> {
+        let request = WarmupRequest {
+            max_prefill_tokens,
+            max_total_tokens,
+        };
+        self.broadcast(|mut c| async move { c.warmup(request).await })
+            .await
+            .map(|r| r.prefill_tokens)
+    }
+
+    /// Adds `requests` to the running batch and returns their first tokens.
+    pub async fn prefill(&self, requests: Vec<Request>) -> Result<PrefillResponse, ClientError> {
+        let request = PrefillRequest { requests };
+        self.broadcast(|mut c| {
+            let request = request.clone();
+            async move { c.prefill(request).await }
+        })
+        .await
+    }
+
+    /// Advances every sequence of the running batch by one token.
+    pub async fn decode(&self) -> Result<DecodeResponse, ClientError> {
+        self.broadcast(|mut c| async move { c.decode(DecodeRequest {}).await })
+            .await
+    }
+
+    /// Keeps only `keep_ids` in the running batch; returns how many sequences remain.
+    pub async fn filter_batch(&self, keep_ids: Vec<u64>) -> Result<u32, ClientError> {
+        let request = FilterBatchRequest { keep_ids };
+        self.broadcast(|mut c| {
+            let request = request.clone();
+            async move { c.filter_batch(request).await }
+        })
+        .await
+        .map(|r| r.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths() {
+        assert_eq!(socket_path("/tmp/a"), PathBuf::from("/tmp/a"));
+        assert_eq!(socket_path("unix:///tmp/a"), PathBuf::from("/tmp/a"));
+        assert_eq!(socket_path("unix:/tmp/a"), PathBuf::from("/tmp/a"));
+    }
+
+    #[test]
+    fn status_message_is_kept() {
+        let err = ClientError::from(tonic::Status::internal("CUDA out of memory"));
+        assert_eq!(err.to_string(), "CUDA out of memory");
+    }
+}

@@ -1,0 +1,278 @@
+//! Incremental detokenization: turning one sequence's generated ids into text chunks as they arrive,
+//! correctly across multi-byte characters split over several byte-fallback tokens (`<0xE6>` ...).
+//!
+//! This is text-generation-inference's prefix/read-offset method: keep a window of already-emitted
+//! tokens (`ids[prefix..read]`) in front of the new ones, decode the window with and without the new
+//! tokens and emit the difference, but only once it does not end in U+FFFD (an incomplete character).
+//! Decoding a window rather than single tokens keeps word-boundary spaces that decoders such as
+//! SentencePiece's strip from the first token of a string.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+
+/// Prompt tokens kept in front of the generated ones as decoding context (as TGI does).
+pub const CONTEXT_TOKENS: usize = 5;
+
+/// The tokenizer with what the batching loop needs to turn ids into text.
+#[derive(Clone)]
+pub struct TokenDecoder {
+    tokenizer: Arc<Tokenizer>,
+    special: Arc<HashSet<u32>>,
+}
+
+impl std::fmt::Debug for TokenDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenDecoder")
+            .field("special", &self.special.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenDecoder {
+    /// Wraps `tokenizer`; its special added tokens (`<s>`, `</s>`, ...) are marked `special` in responses.
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
+        let special = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| id)
+            .collect();
+        Self {
+            tokenizer,
+            special: Arc::new(special),
+        }
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Whether `id` is a special token.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.contains(&id)
+    }
+
+    /// Decodes `ids`; a tokenizer error (not expected for in-vocabulary ids) gives an empty string.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
+        self.tokenizer.decode(ids, skip_special_tokens).unwrap_or_else(|e| {
+            tracing::warn!("cannot decode {ids:?}: {e}");
+            String::new()
+        })
+    }
+
+    /// The text of a single token on its own (prefill tokens and alternatives), special tokens included.
+    pub fn token_text(&self, id: u32) -> String {
+        self.decode(&[id], false)
+    }
+}
+
+/// One sequence's incremental decoding state.
+#[derive(Debug, Clone)]
+pub struct IncrementalDecoder {
+    /// Context tokens followed by every generated token.
+    ids: Vec<u32>,
+    /// Number of context tokens at the front of `ids`.
+    context: usize,
+    /// Start of the decoding window.
+    prefix_offset: usize,
+    /// End of what has been emitted.
+    read_offset: usize,
+    /// Emitted text of the non-special tokens: the generated text.
+    text: String,
+}
+
+impl IncrementalDecoder {
+    /// A decoder whose output continues `prompt` (only its last [`CONTEXT_TOKENS`] ids are kept).
+    pub fn new(prompt: &[u32]) -> Self {
+        let ids: Vec<u32> = prompt[prompt.len().saturating_sub(CONTEXT_TOKENS)..].to_vec();
+        let context = ids.len();
+        Self {
+            ids,
+            context,
+            prefix_offset: 0,
+            read_offset: context,
+            text: String::new(),
+        }
+    }
+
+    /// Generated ids so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.ids[self.context..]
+    }
+
+    /// Appends `id` and returns the newly completed text (empty while a character is incomplete).
+    /// Special tokens are rendered (`</s>`), as in TGI's per-token text, but left out of [`Self::text`].
+    pub fn push(&mut self, decoder: &TokenDecoder, id: u32) -> String {
+        self.ids.push(id);
+        let prefix_text = decoder.decode(&self.ids[self.prefix_offset..self.read_offset], false);
+        let new_text = decoder.decode(&self.ids[self.prefix_offset..], false);
+        if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
+            let chunk = suffix_after(&new_text, &prefix_text);
+            if !decoder.is_special(id) {
+                self.text.push_str(&chunk);
+            }
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            chunk
+        } else {
+            String::new()
+        }
+    }
+
+    /// The generated text: every emitted non-special chunk, then whatever is still pending (an
+    /// incomplete character at the end decodes to U+FFFD, as a one-shot decode would give).
+    pub fn text(&self, decoder: &TokenDecoder) -> String {
+        let pending = &self.ids[self.read_offset..];
+        if pending.is_empty() || pending.iter().all(|&id| decoder.is_special(id)) {
+            return self.text.clone();
+        }
+        let prefix_text = decoder.decode(&self.ids[self.prefix_offset..self.read_offset], false);
+        let new_text = decoder.decode(&self.ids[self.prefix_offset..], false);
+        format!("{}{}", self.text, suffix_after(&new_text, &prefix_text))
+    }
+}
+
+/// `text` without its leading `prefix`; when decoding changed the prefix (normalisation at the seam),
+/// everything after the prefix's length (on a character boundary).
+fn suffix_after(text: &str, prefix: &str) -> String {
+    if let Some(rest) = text.strip_prefix(prefix) {
+        return rest.to_string();
+    }
+    let mut start = prefix.len().min(text.len());
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_string()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn fixture_tokenizer() -> Arc<Tokenizer> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/tokenizer/tokenizer.json"
+        );
+        Arc::new(Tokenizer::from_file(path).expect("fixture tokenizer"))
+    }
+
+    fn stream(decoder: &TokenDecoder, prompt: &[u32], ids: &[u32]) -> (Vec<String>, IncrementalDecoder) {
+        let mut inc = IncrementalDecoder::new(prompt);
+        let chunks = ids.iter().map(|&id| inc.push(decoder, id)).collect();
+        (chunks, inc)
+    }
+
+    #[test]
+    fn multibyte_stream_reassembles_exactly() {
+        let decoder = TokenDecoder::new(fixture_tokenizer());
+        let text = "こんにちは、世界！🦀🎉 日本語のテキストと絵文字 😀👍🏽 終わり";
+        let ids = decoder
+            .tokenizer()
+            .encode(text, false)
+            .expect("encode")
+            .get_ids()
+            .to_vec();
+        let byte_tokens = ids
+            .iter()
+            .filter(|&&id| {
+                decoder
+                    .tokenizer()
+                    .id_to_token(id)
+                    .is_some_and(|t| t.starts_with("<0x"))
+            })
+            .count();
+        assert!(
+            byte_tokens >= 4,
+            "the text must exercise byte fallback, got {byte_tokens}"
+        );
+
+        let (chunks, inc) = stream(&decoder, &[], &ids);
+        for chunk in &chunks {
+            assert!(
+                !chunk.contains('\u{FFFD}'),
+                "chunk {chunk:?} has a replacement character"
+            );
+        }
+        let all = decoder.decode(&ids, false);
+        assert_eq!(chunks.concat(), all);
+        assert!(!all.contains('\u{FFFD}'));
+        assert_eq!(inc.text(&decoder), all);
+        // Some tokens completed no character on their own.
+        assert!(chunks.iter().any(String::is_empty));
+    }
+
+    #[test]
+    fn continuation_keeps_leading_spaces() {
+        let decoder = TokenDecoder::new(fixture_tokenizer());
+        let prompt = decoder
+            .tokenizer()
+            .encode("Say hello in Japanese:", true)
+            .expect("encode");
+        let prompt = prompt.get_ids();
+        let full = decoder
+            .tokenizer()
+            .encode("Say hello in Japanese: こんにちは 🦀 done", true)
+            .expect("encode");
+        let full = full.get_ids();
+        assert_eq!(
+            &full[..prompt.len()],
+            prompt,
+            "prompt is a token prefix of the full text"
+        );
+        let generated = &full[prompt.len()..];
+
+        let (chunks, inc) = stream(&decoder, prompt, generated);
+        assert_eq!(chunks.concat(), " こんにちは 🦀 done");
+        assert!(chunks.iter().all(|c| !c.contains('\u{FFFD}')));
+        assert_eq!(inc.text(&decoder), " こんにちは 🦀 done");
+        assert_eq!(inc.generated(), generated);
+    }
+
+    #[test]
+    fn special_tokens_render_but_can_be_skipped() {
+        let decoder = TokenDecoder::new(fixture_tokenizer());
+        assert!(decoder.is_special(1) && decoder.is_special(2));
+        let hello = decoder
+            .tokenizer()
+            .encode("Hello", false)
+            .expect("encode")
+            .get_ids()
+            .to_vec();
+        let mut ids = hello.clone();
+        ids.push(2);
+        let (chunks, inc) = stream(&decoder, &[1], &ids);
+        assert_eq!(chunks.last().map(String::as_str), Some("</s>"));
+        assert_eq!(inc.text(&decoder), " Hello");
+        assert_eq!(decoder.token_text(2), "</s>");
+    }
+
+    #[test]
+    fn incomplete_character_at_the_end_is_flushed() {
+        let decoder = TokenDecoder::new(fixture_tokenizer());
+        let ids = decoder
+            .tokenizer()
+            .encode("ok 🦀", false)
+            .expect("encode")
+            .get_ids()
+            .to_vec();
+        assert!(ids.len() >= 3, "{ids:?}");
+        // Stop one byte short of the crab: its bytes are pending, nothing of it was streamed.
+        let cut = &ids[..ids.len() - 1];
+        let (chunks, inc) = stream(&decoder, &[], cut);
+        assert!(chunks.iter().all(|c| !c.contains('\u{FFFD}')));
+        assert_eq!(chunks.concat(), "ok ");
+        let text = inc.text(&decoder);
+        assert!(text.starts_with("ok ") && text.ends_with('\u{FFFD}'), "{text:?}");
+    }
+
+    #[test]
+    fn suffix_after_handles_changed_prefix() {
+        assert_eq!(suffix_after("abcdef", "abc"), "def");
+        assert_eq!(suffix_after("xbcdef", "abc"), "def");
+        assert_eq!(suffix_after("é!", "a"), "!");
+    }
+}

@@ -1,0 +1,186 @@
+//! The inference handle used by the HTTP layer. [`Infer`] is cheap to clone: it limits the requests in
+//! flight (a semaphore, refusing at once when full) and hands validated requests to the batching task
+//! (`scheduler`) over a channel. Each request gets back a stream of [`InferStreamResponse`]s; dropping
+//! that stream (the client went away) cancels the request at the batching task's next step.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::stopping::FinishReason;
+use crate::validation::{ValidRequest, ValidationError};
+
+/// Errors of the inference layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferError {
+    /// Too many requests in flight (429).
+    #[error("Model is overloaded")]
+    Overloaded,
+    /// The request is invalid (422).
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    /// A shard failed while this request was in its batch (424).
+    #[error("Request failed during generation: {0}")]
+    Generation(String),
+    /// The batching task is gone (503).
+    #[error("the batching task has stopped")]
+    Unavailable,
+    /// The stream ended without a final token (500).
+    #[error("Incomplete generation")]
+    IncompleteGeneration,
+}
+
+/// A token with its text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    /// Token id.
+    pub id: u32,
+    /// Text (for generated tokens: the text this token completed).
+    pub text: String,
+    /// Log-probability (NaN when undefined).
+    pub logprob: f32,
+    /// Whether it is a special token.
+    pub special: bool,
+}
+
+/// The final answer of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedText {
+    /// The whole generated text (without the prompt).
+    pub text: String,
+    /// Tokens generated.
+    pub generated_tokens: u32,
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
+    /// The sampler's seed, when sampling.
+    pub seed: Option<u64>,
+}
+
+/// One message of a request's response stream.
+#[derive(Debug, Clone)]
+pub enum InferStreamResponse {
+    /// Prompt tokens with log-probabilities (only with `decoder_input_details`), before any token.
+    Prefill(Vec<TokenInfo>),
+    /// A generated token that did not end the sequence.
+    Intermediate {
+        /// The token.
+        token: TokenInfo,
+        /// Its alternatives.
+        top_tokens: Vec<TokenInfo>,
+    },
+    /// The last token, with the final text.
+    End {
+        /// The token.
+        token: TokenInfo,
+        /// Its alternatives.
+        top_tokens: Vec<TokenInfo>,
+        /// The final text and why it stopped.
+        generated_text: GeneratedText,
+        /// When the request was queued.
+        queued: Instant,
+        /// When it joined the batch.
+        start: Instant,
+    },
+}
+
+/// A request's stream of responses (ends after `End` or an error).
+pub type ResponseReceiver = mpsc::UnboundedReceiver<Result<InferStreamResponse, InferError>>;
+/// The batching task's side of a request's stream.
+pub type ResponseSender = mpsc::UnboundedSender<Result<InferStreamResponse, InferError>>;
+
+/// A queued request.
+#[derive(Debug)]
+pub struct Entry {
+    /// The validated request.
+    pub request: ValidRequest,
+    /// Where its responses go; closed when the client is gone.
+    pub response_tx: ResponseSender,
+    /// When it was queued.
+    pub queued: Instant,
+    /// The request's tracing span.
+    pub span: tracing::Span,
+}
+
+/// A whole generation, collected from the stream.
+#[derive(Debug, Clone)]
+pub struct InferResponse {
+    /// Prompt tokens (with `decoder_input_details`).
+    pub prefill: Vec<TokenInfo>,
+    /// Generated tokens with their alternatives.
+    pub tokens: Vec<(TokenInfo, Vec<TokenInfo>)>,
+    /// The final text.
+    pub generated_text: GeneratedText,
+    /// When the request was queued.
+    pub queued: Instant,
+    /// When it joined the batch.
+    pub start: Instant,
+}
+
+/// Handle to the batching task.
+#[derive(Debug, Clone)]
+pub struct Infer {
+    entries: mpsc::UnboundedSender<Entry>,
+    limit: Arc<Semaphore>,
+}
+
+impl Infer {
+    /// A handle sending to `entries` and allowing `max_concurrent_requests` requests in flight.
+    pub fn new(entries: mpsc::UnboundedSender<Entry>, max_concurrent_requests: usize) -> Self {
+        Self {
+            entries,
+            limit: Arc::new(Semaphore::new(max_concurrent_requests)),
+        }
+    }
+
+    /// Takes a slot for one request, or fails at once with `Overloaded`. Hold the permit until the
+    /// response is complete.
+    pub fn acquire(&self) -> Result<OwnedSemaphorePermit, InferError> {
+        Arc::clone(&self.limit)
+            .try_acquire_owned()
+            .map_err(|_| InferError::Overloaded)
+    }
+
+    /// Queues `request` and returns its response stream.
+    pub fn generate_stream(&self, request: ValidRequest) -> Result<ResponseReceiver, InferError> {
+        let (response_tx, response_rx) = mpsc::unbounded_channel();
+        let entry = Entry {
+            request,
+            response_tx,
+            queued: Instant::now(),
+            span: tracing::Span::current(),
+        };
+        self.entries.send(entry).map_err(|_| InferError::Unavailable)?;
+        Ok(response_rx)
+    }
+
+    /// Queues `request` and waits for the whole generation.
+    pub async fn generate(&self, request: ValidRequest) -> Result<InferResponse, InferError> {
+        let mut stream = self.generate_stream(request)?;
+        let mut prefill = Vec::new();
+        let mut tokens = Vec::new();
+        while let Some(message) = stream.recv().await {
+            match message? {
+                InferStreamResponse::Prefill(p) => prefill = p,
+                InferStreamResponse::Intermediate { token, top_tokens } => tokens.push((token, top_tokens)),
+                InferStreamResponse::End {
+                    token,
+                    top_tokens,
+                    generated_text,
+                    queued,
+                    start,
+                } => {
+                    tokens.push((token, top_tokens));
+                    return Ok(InferResponse {
+                        prefill,
+                        tokens,
+                        generated_text,
+                        queued,
+                        start,
+                    });
+                }
+            }
+        }
+        Err(InferError::IncompleteGeneration)
+    }
+}

@@ -1,0 +1,291 @@
+//! The LoRAX router: the HTTP front of a deployment. It validates and tokenizes requests, queues them,
+//! runs the continuous-batching loop against the shard processes over gRPC (Unix sockets), allocates
+//! KV-cache blocks, detokenizes incrementally, applies stop sequences, and serves LoRAX's REST API and
+//! Prometheus metrics. No GPU code lives here.
+//!
+//! Modules by concern: [`args`] (CLI), [`client`] (shard gRPC), [`validation`] and [`schema`] (requests),
+//! [`infer`] (handle + queue entries), [`scheduler`] (the batching task), [`policy`] (batching rules),
+//! [`blocks`] (KV blocks), [`detokenize`], [`stopping`], [`server`] (routes), [`errors`] (HTTP mapping),
+//! [`metrics`].
+
+pub mod args;
+pub mod blocks;
+pub mod client;
+pub mod detokenize;
+pub mod errors;
+pub mod infer;
+pub mod metrics;
+pub mod policy;
+pub mod scheduler;
+pub mod schema;
+pub mod server;
+pub mod stopping;
+pub mod validation;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use args::Args;
+use tokenizers::Tokenizer;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::blocks::blocks_for;
+use crate::client::{ClientError, ShardClients};
+use crate::detokenize::TokenDecoder;
+use crate::infer::Infer;
+use crate::policy::BatchingPolicy;
+use crate::scheduler::Scheduler;
+use crate::schema::Info;
+use crate::validation::{Validation, ValidationLimits};
+
+/// Why the router could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// Inconsistent flags or shard facts.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The tokenizer could not be loaded.
+    #[error("cannot load tokenizer from {path}: {message}")]
+    Tokenizer {
+        /// The file tried.
+        path: PathBuf,
+        /// The loader's error.
+        message: String,
+    },
+    /// A shard call failed during start-up.
+    #[error("shard: {0}")]
+    Shard(#[from] ClientError),
+    /// Binding or serving the HTTP port failed.
+    #[error("http server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Binds `--hostname:--port`, builds the application and serves until SIGINT or SIGTERM.
+pub async fn run(args: Args) -> Result<(), RouterError> {
+    let app = build_app(&args).await?;
+    let listener = TcpListener::bind((args.server.hostname.as_str(), args.server.port)).await?;
+    tracing::info!(address = %listener.local_addr()?, "router ready");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+/// Resolves when the process gets SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Loads `tokenizer.json` from `path` (a directory, or the file itself), with truncation and padding off
+/// (the router truncates itself).
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, RouterError> {
+    let file = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    };
+    let mut tokenizer = Tokenizer::from_file(&file).map_err(|e| RouterError::Tokenizer {
+        path: file.clone(),
+        message: e.to_string(),
+    })?;
+    tokenizer.with_padding(None);
+    tokenizer.with_truncation(None).map_err(|e| RouterError::Tokenizer {
+        path: file,
+        message: e.to_string(),
+    })?;
+    Ok(tokenizer)
+}
+
+/// Connects to the shards, checks the configuration against them, warms them up, starts the batching
+/// task and returns the HTTP application (not yet bound to a port).
+pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
+    let limits = &args.limits;
+    let batching = &args.batching;
+    if limits.max_input_length >= limits.max_total_tokens {
+        return Err(RouterError::Config(format!(
+            "--max-input-length ({}) must be < --max-total-tokens ({})",
+            limits.max_input_length, limits.max_total_tokens
+        )));
+    }
+    if batching.max_batch_prefill_tokens < limits.max_input_length {
+        return Err(RouterError::Config(format!(
+            "--max-batch-prefill-tokens ({}) must be >= --max-input-length ({})",
+            batching.max_batch_prefill_tokens, limits.max_input_length
+        )));
+    }
+    if args.server.max_concurrent_requests == 0 {
+        return Err(RouterError::Config("--max-concurrent-requests must be > 0".into()));
+    }
+    if !(batching.waiting_served_ratio >= 0.0 && batching.waiting_served_ratio.is_finite()) {
+        return Err(RouterError::Config(
+            "--waiting-served-ratio must be a finite number >= 0".into(),
+        ));
+    }
+
+    let tokenizer = Arc::new(load_tokenizer(&args.model.tokenizer_path)?);
+    let clients = ShardClients::connect(&args.model.master_shard_uds_path).await?;
+    let shard = clients.info().await?;
+    if shard.block_size == 0 {
+        return Err(RouterError::Config("the shard reports a KV block size of 0".into()));
+    }
+    let capacity = shard.num_blocks.saturating_mul(shard.block_size);
+    let max_batch_total_tokens = match batching.max_batch_total_tokens {
+        Some(requested) if requested > capacity => {
+            tracing::warn!(
+                requested,
+                capacity,
+                "--max-batch-total-tokens exceeds the shard's KV cache; using the cache capacity"
+            );
+            capacity
+        }
+        Some(requested) => requested,
+        None => capacity,
+    };
+    let total_blocks = max_batch_total_tokens / shard.block_size;
+    let largest_request = blocks_for(limits.max_total_tokens, shard.block_size);
+    if largest_request > total_blocks {
+        return Err(RouterError::Config(format!(
+            "--max-total-tokens ({}) needs {largest_request} KV blocks of {} tokens but only {total_blocks} are \
+             available (--max-batch-total-tokens {max_batch_total_tokens}, shard cache {} blocks)",
+            limits.max_total_tokens, shard.block_size, shard.num_blocks
+        )));
+    }
+
+    clients.clear_cache().await?;
+    let warmed = clients
+        .warmup(batching.max_batch_prefill_tokens, limits.max_total_tokens)
+        .await?;
+    tracing::info!(
+        model = %shard.model_id,
+        device = %shard.device,
+        dtype = %shard.dtype,
+        shards = clients.len(),
+        block_size = shard.block_size,
+        total_blocks,
+        warmup_prefill_tokens = warmed,
+        "shards ready"
+    );
+
+    let metrics = metrics::install(limits.max_total_tokens);
+    let (entries_tx, entries_rx) = mpsc::unbounded_channel();
+    let policy = BatchingPolicy {
+        max_batch_prefill_tokens: batching.max_batch_prefill_tokens,
+        max_waiting_tokens: batching.max_waiting_tokens,
+        waiting_served_ratio: batching.waiting_served_ratio,
+        block_size: shard.block_size,
+    };
+    let scheduler = Scheduler::new(
+        clients.clone(),
+        TokenDecoder::new(Arc::clone(&tokenizer)),
+        policy,
+        shard.eos_token_ids.clone(),
+        total_blocks,
+        entries_rx,
+    );
+    tokio::spawn(scheduler.run());
+
+    let info = Info {
+        model_id: args.model.model_id.clone(),
+        model_sha: None,
+        model_dtype: shard.dtype.clone(),
+        model_device_type: device_type(&shard.device).to_string(),
+        model_pipeline_tag: None,
+        architecture: shard.architecture.clone(),
+        num_shards: u32::try_from(clients.len()).unwrap_or(u32::MAX),
+        supports_adapters: shard.supports_adapters,
+        max_concurrent_requests: args.server.max_concurrent_requests,
+        max_best_of: 1,
+        max_stop_sequences: limits.max_stop_sequences,
+        max_input_length: limits.max_input_length,
+        max_total_tokens: limits.max_total_tokens,
+        waiting_served_ratio: batching.waiting_served_ratio,
+        max_batch_total_tokens: total_blocks * shard.block_size,
+        max_batch_prefill_tokens: batching.max_batch_prefill_tokens,
+        max_waiting_tokens: batching.max_waiting_tokens,
+        max_client_batch_size: args.server.max_client_batch_size,
+        validation_workers: args.server.validation_workers,
+        block_size: shard.block_size,
+        num_blocks: shard.num_blocks,
+        eos_token_ids: shard.eos_token_ids.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        sha: option_env!("LORAX_GIT_SHA"),
+        docker_label: option_env!("LORAX_DOCKER_LABEL"),
+        request_logger_url: None,
+    };
+    let state = server::AppState {
+        infer: Infer::new(entries_tx, args.server.max_concurrent_requests),
+        validation: Validation::new(
+            tokenizer,
+            args.server.validation_workers,
+            ValidationLimits {
+                max_input_length: limits.max_input_length,
+                max_total_tokens: limits.max_total_tokens,
+                max_stop_sequences: limits.max_stop_sequences,
+                max_new_tokens_default: limits.max_new_tokens_default,
+            },
+        ),
+        clients,
+        info: Arc::new(info),
+        metrics,
+    };
+    Ok(server::router(state, args.server.body_limit_bytes))
+}
+
+/// "cuda" or "cpu" from the shard's device description ("cuda:0 NVIDIA H200", "cpu (2 threads)").
+fn device_type(device: &str) -> &str {
+    if device.starts_with("cuda") {
+        "cuda"
+    } else if device.starts_with("cpu") {
+        "cpu"
+    } else {
+        device.split([':', ' ']).next().unwrap_or(device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_types() {
+        assert_eq!(device_type("cuda:0 NVIDIA H200"), "cuda");
+        assert_eq!(device_type("cpu (2 threads)"), "cpu");
+        assert_eq!(device_type("metal:0"), "metal");
+    }
+
+    #[test]
+    fn tokenizer_from_dir_or_file() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tokenizer"));
+        assert!(load_tokenizer(dir).is_ok());
+        assert!(load_tokenizer(&dir.join("tokenizer.json")).is_ok());
+        assert!(matches!(
+            load_tokenizer(&dir.join("missing")),
+            Err(RouterError::Tokenizer { .. })
+        ));
+    }
+}

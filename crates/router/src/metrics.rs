@@ -1,0 +1,118 @@
+//! Prometheus metrics: the names (LoRAX's), their descriptions and histogram buckets, and the one
+//! process-wide recorder whose [`PrometheusHandle`] renders `GET /metrics`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Requests received (counter).
+pub const REQUEST_COUNT: &str = "lorax_request_count";
+/// Requests answered successfully (counter).
+pub const REQUEST_SUCCESS: &str = "lorax_request_success";
+/// Requests that failed (counter, label `err` = the error_type).
+pub const REQUEST_FAILURE: &str = "lorax_request_failure";
+/// End-to-end request duration in seconds (histogram).
+pub const REQUEST_DURATION: &str = "lorax_request_duration";
+/// Time from enqueue to admission into the batch, seconds (histogram).
+pub const REQUEST_QUEUE_DURATION: &str = "lorax_request_queue_duration";
+/// Time from admission to the last token, seconds (histogram).
+pub const REQUEST_INFERENCE_DURATION: &str = "lorax_request_inference_duration";
+/// Mean time per generated token, seconds (histogram).
+pub const REQUEST_MEAN_TIME_PER_TOKEN: &str = "lorax_request_mean_time_per_token_duration";
+/// Prompt tokens per request (histogram).
+pub const REQUEST_INPUT_LENGTH: &str = "lorax_request_input_length";
+/// Generated tokens per request (histogram).
+pub const REQUEST_GENERATED_TOKENS: &str = "lorax_request_generated_tokens";
+/// `max_new_tokens` per request after defaults (histogram).
+pub const REQUEST_MAX_NEW_TOKENS: &str = "lorax_request_max_new_tokens";
+/// Shard forward time per call, seconds (histogram, label `method` = prefill|decode).
+pub const BATCH_FORWARD_DURATION: &str = "lorax_batch_forward_duration";
+/// Shard calls made (counter, label `method`).
+pub const BATCH_INFERENCE_COUNT: &str = "lorax_batch_inference_count";
+/// Shard calls that failed (counter, label `method`).
+pub const BATCH_INFERENCE_FAILURE: &str = "lorax_batch_inference_failure";
+/// Requests waiting for admission (gauge).
+pub const QUEUE_SIZE: &str = "lorax_queue_size";
+/// Requests in the running batch (gauge).
+pub const BATCH_CURRENT_SIZE: &str = "lorax_batch_current_size";
+/// Tokens reserved by the running batch: sum of prompt + max_new_tokens (gauge).
+pub const BATCH_CURRENT_MAX_TOKENS: &str = "lorax_batch_current_max_tokens";
+/// KV blocks granted to requests (gauge).
+pub const KV_BLOCKS_USED: &str = "lorax_kv_blocks_used";
+/// KV blocks the router may grant (gauge).
+pub const KV_BLOCKS_TOTAL: &str = "lorax_kv_blocks_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder on first use and returns its handle; later calls (a second router
+/// in the same process, as in tests) share it. `max_total_tokens` shapes the token-count buckets.
+pub fn install(max_total_tokens: u32) -> PrometheusHandle {
+    HANDLE.get_or_init(|| build(max_total_tokens)).clone()
+}
+
+fn build(max_total_tokens: u32) -> PrometheusHandle {
+    let durations = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    ];
+    let mut tokens = Vec::new();
+    let mut t = 1.0_f64;
+    while t < f64::from(max_total_tokens.max(2)) {
+        tokens.push(t);
+        t *= 2.0;
+    }
+    tokens.push(f64::from(max_total_tokens.max(2)));
+
+    let mut builder = PrometheusBuilder::new();
+    for name in [
+        REQUEST_DURATION,
+        REQUEST_QUEUE_DURATION,
+        REQUEST_INFERENCE_DURATION,
+        REQUEST_MEAN_TIME_PER_TOKEN,
+        BATCH_FORWARD_DURATION,
+    ] {
+        builder = set_buckets(builder, name, &durations);
+    }
+    for name in [REQUEST_INPUT_LENGTH, REQUEST_GENERATED_TOKENS, REQUEST_MAX_NEW_TOKENS] {
+        builder = set_buckets(builder, name, &tokens);
+    }
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    if let Err(e) = metrics::set_global_recorder(recorder) {
+        tracing::warn!("another metrics recorder is installed; /metrics will stay empty: {e}");
+    }
+    describe();
+    handle
+}
+
+fn set_buckets(builder: PrometheusBuilder, name: &str, buckets: &[f64]) -> PrometheusBuilder {
+    // Only fails on empty buckets, which the callers never pass.
+    builder
+        .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+        .expect("buckets are non-empty")
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(REQUEST_COUNT, "Requests received");
+    describe_counter!(REQUEST_SUCCESS, "Requests answered successfully");
+    describe_counter!(REQUEST_FAILURE, "Requests failed, by error_type");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "End-to-end request duration");
+    describe_histogram!(REQUEST_QUEUE_DURATION, Unit::Seconds, "Time spent queued");
+    describe_histogram!(REQUEST_INFERENCE_DURATION, Unit::Seconds, "Time spent in the batch");
+    describe_histogram!(
+        REQUEST_MEAN_TIME_PER_TOKEN,
+        Unit::Seconds,
+        "Mean time per generated token"
+    );
+    describe_histogram!(REQUEST_INPUT_LENGTH, Unit::Count, "Prompt tokens per request");
+    describe_histogram!(REQUEST_GENERATED_TOKENS, Unit::Count, "Generated tokens per request");
+    describe_histogram!(REQUEST_MAX_NEW_TOKENS, Unit::Count, "max_new_tokens per request");
+    describe_histogram!(BATCH_FORWARD_DURATION, Unit::Seconds, "Shard forward time per call");
+    describe_counter!(BATCH_INFERENCE_COUNT, "Shard calls");
+    describe_counter!(BATCH_INFERENCE_FAILURE, "Failed shard calls");
+    describe_gauge!(QUEUE_SIZE, "Requests waiting for admission");
+    describe_gauge!(BATCH_CURRENT_SIZE, "Requests in the running batch");
+    describe_gauge!(BATCH_CURRENT_MAX_TOKENS, "Tokens reserved by the running batch");
+    describe_gauge!(KV_BLOCKS_USED, "KV-cache blocks granted to requests");
+    describe_gauge!(KV_BLOCKS_TOTAL, "KV-cache blocks the router may grant");
+}

@@ -1,0 +1,156 @@
+//! The continuous-batching policy as pure functions (TGI's rules): which queued requests to prefill,
+//! and whether they are worth interrupting the running batch's decoding for.
+
+use crate::blocks::blocks_for;
+
+/// Batching knobs, from the command line and the shard's KV-cache geometry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchingPolicy {
+    /// Most prompt tokens in one Prefill call.
+    pub max_batch_prefill_tokens: u32,
+    /// Decode steps after which waiting requests are prefilled regardless of the ratio.
+    pub max_waiting_tokens: u32,
+    /// A prefill while a batch runs must add at least `floor(ratio * running)` requests.
+    pub waiting_served_ratio: f32,
+    /// Tokens per KV block.
+    pub block_size: u32,
+}
+
+/// What the policy needs to know about a queued request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// Prompt tokens.
+    pub input_length: u32,
+    /// Prompt + max_new_tokens.
+    pub max_total_tokens: u32,
+}
+
+impl BatchingPolicy {
+    /// KV blocks a request needs for its prompt and all its new tokens.
+    pub fn blocks_needed(&self, candidate: Candidate) -> u32 {
+        blocks_for(candidate.max_total_tokens, self.block_size)
+    }
+
+    /// Smallest number of new requests a prefill must add now; `None` when any number will do (nothing
+    /// is running, or the waiters have waited `max_waiting_tokens` decode steps).
+    pub fn min_new_requests(&self, running: usize, steps_since_prefill: u32) -> Option<usize> {
+        if running == 0 || steps_since_prefill >= self.max_waiting_tokens {
+            None
+        } else {
+            // Truncation is the rule (TGI floors the product).
+            Some((running as f32 * self.waiting_served_ratio).floor() as usize)
+        }
+    }
+
+    /// How many requests from the head of the queue (in order) to prefill: stop at the first whose
+    /// prompt would overflow the prefill token budget or whose blocks are not free. FIFO, so a large
+    /// request at the head is not starved by smaller ones behind it.
+    pub fn select(&self, queue: impl IntoIterator<Item = Candidate>, free_blocks: u32) -> usize {
+        let mut prefill_tokens = 0u32;
+        let mut blocks = 0u32;
+        let mut taken = 0;
+        for candidate in queue {
+            let next_tokens = prefill_tokens.saturating_add(candidate.input_length);
+            let next_blocks = blocks.saturating_add(self.blocks_needed(candidate));
+            if next_tokens > self.max_batch_prefill_tokens || next_blocks > free_blocks {
+                break;
+            }
+            prefill_tokens = next_tokens;
+            blocks = next_blocks;
+            taken += 1;
+        }
+        taken
+    }
+
+    /// Number of requests to prefill now, or 0 to keep decoding: `select`, then the ratio rule.
+    pub fn admit(
+        &self,
+        queue: impl IntoIterator<Item = Candidate>,
+        free_blocks: u32,
+        running: usize,
+        steps_since_prefill: u32,
+    ) -> usize {
+        let selected = self.select(queue, free_blocks);
+        match self.min_new_requests(running, steps_since_prefill) {
+            Some(min) if selected < min.max(1) => 0,
+            _ => selected,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> BatchingPolicy {
+        BatchingPolicy {
+            max_batch_prefill_tokens: 100,
+            max_waiting_tokens: 20,
+            waiting_served_ratio: 1.2,
+            block_size: 16,
+        }
+    }
+
+    fn c(input_length: u32, max_total_tokens: u32) -> Candidate {
+        Candidate {
+            input_length,
+            max_total_tokens,
+        }
+    }
+
+    #[test]
+    fn select_respects_prefill_budget() {
+        let p = policy();
+        assert_eq!(p.select([c(40, 50), c(40, 50), c(40, 50)], 1000), 2);
+        assert_eq!(p.select([c(100, 110)], 1000), 1);
+        assert_eq!(p.select([c(101, 110)], 1000), 0);
+    }
+
+    #[test]
+    fn select_respects_free_blocks_in_order() {
+        let p = policy();
+        // 50 tokens = 4 blocks; 16 tokens = 1 block.
+        assert_eq!(p.select([c(10, 50), c(10, 50)], 7), 1);
+        // FIFO: the small one behind a large one that does not fit waits too.
+        assert_eq!(p.select([c(10, 200), c(10, 16)], 5), 0);
+        assert_eq!(p.select([c(10, 16), c(10, 16)], 2), 2);
+        assert_eq!(p.select(std::iter::empty(), 10), 0);
+    }
+
+    #[test]
+    fn ratio_rule() {
+        let p = policy();
+        assert_eq!(p.min_new_requests(0, 0), None);
+        assert_eq!(p.min_new_requests(1, 0), Some(1));
+        assert_eq!(p.min_new_requests(10, 5), Some(12));
+        assert_eq!(p.min_new_requests(10, 20), None, "waited max_waiting_tokens steps");
+    }
+
+    #[test]
+    fn admit_combines_selection_and_ratio() {
+        let p = policy();
+        let small = c(5, 16);
+        // Empty batch: anything that fits.
+        assert_eq!(p.admit([small], 100, 0, 0), 1);
+        // One running: a single waiter may join at once (floor(1.2) = 1).
+        assert_eq!(p.admit([small], 100, 1, 0), 1);
+        // Ten running: 3 waiters are not enough (need 12) ...
+        assert_eq!(p.admit([small; 3], 100, 10, 3), 0);
+        // ... unless they waited long enough ...
+        assert_eq!(p.admit([small; 3], 100, 10, 20), 3);
+        // ... or enough of them are waiting.
+        assert_eq!(p.admit([small; 12], 100, 10, 3), 12);
+        // Nothing fits: nothing to do.
+        assert_eq!(p.admit([small], 0, 0, 100), 0);
+    }
+
+    #[test]
+    fn zero_ratio_still_needs_one_request() {
+        let p = BatchingPolicy {
+            waiting_served_ratio: 0.0,
+            ..policy()
+        };
+        assert_eq!(p.admit(std::iter::empty(), 100, 3, 0), 0);
+        assert_eq!(p.admit([c(5, 16)], 100, 3, 0), 1);
+    }
+}

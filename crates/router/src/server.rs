@@ -1,0 +1,399 @@
+//! HTTP routes (axum): LoRAX's REST API (`/generate`, `/generate_stream`, `/`), `/health`, `/info`,
+//! `/tokenize` and `/metrics`. Handlers validate, take a concurrency slot, hand the request to
+//! [`Infer`] and shape the answer; a dropped handler or SSE body drops the request's response stream,
+//! which cancels the request in the batching task.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::client::ShardClients;
+use crate::errors::ApiError;
+use crate::infer::{GeneratedText, Infer, InferError, InferStreamResponse, ResponseReceiver, TokenInfo};
+use crate::metrics as m;
+use crate::schema::{
+    AlternativeToken, CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, Info, PrefillToken,
+    SimpleToken, StreamDetails, StreamResponse, Token, TokenizeRequest,
+};
+use crate::validation::{ValidRequest, Validation};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// Handle to the batching task.
+    pub infer: Infer,
+    /// Request validation and tokenization.
+    pub validation: Validation,
+    /// Shard clients (health checks).
+    pub clients: ShardClients,
+    /// The /info answer.
+    pub info: Arc<Info>,
+    /// Renders /metrics.
+    pub metrics: PrometheusHandle,
+}
+
+/// The application: every route, with request bodies limited to `body_limit_bytes`.
+pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
+    Router::new()
+        .route("/", post(compat_generate))
+        .route("/generate", post(generate))
+        .route("/generate_stream", post(generate_stream))
+        .route("/health", get(health))
+        .route("/info", get(info))
+        .route("/tokenize", post(tokenize))
+        .route("/metrics", get(render_metrics))
+        .layer(DefaultBodyLimit::max(body_limit_bytes))
+        .with_state(state)
+}
+
+/// `Json<T>` whose rejections (bad JSON, wrong shape, wrong content type, too large) are [`ApiError`]s.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(rejection.into()),
+        }
+    }
+}
+
+/// Counts a request and, when it failed, its error.
+fn counted<T>(result: Result<T, ApiError>) -> Result<T, ApiError> {
+    if let Err(e) = &result {
+        e.record();
+    }
+    result
+}
+
+/// `POST /generate`: the whole generation as one JSON object.
+#[tracing::instrument(skip_all)]
+async fn generate(
+    State(state): State<AppState>,
+    payload: Result<ApiJson<GenerateRequest>, ApiError>,
+) -> Result<(HeaderMap, Json<GenerateResponse>), ApiError> {
+    let start = Instant::now();
+    metrics::counter!(m::REQUEST_COUNT).increment(1);
+    counted(async { generate_inner(&state, payload?.0, start).await }.await)
+}
+
+async fn generate_inner(
+    state: &AppState,
+    request: GenerateRequest,
+    start: Instant,
+) -> Result<(HeaderMap, Json<GenerateResponse>), ApiError> {
+    let _permit = state.infer.acquire()?;
+    let valid = state.validation.validate(request, false).await?;
+    let validation_time = start.elapsed();
+    let shape = ResponseShape::of(&valid);
+    let response = state.infer.generate(valid).await?;
+
+    let timings = Timings::finish(start, response.queued, response.start, &response.generated_text);
+    let mut headers = timings.headers(validation_time);
+    insert_header(&mut headers, "x-prompt-tokens", shape.prompt_tokens);
+    insert_header(
+        &mut headers,
+        "x-generated-tokens",
+        response.generated_text.generated_tokens,
+    );
+
+    let details = shape.details.then(|| Details {
+        finish_reason: response.generated_text.finish_reason,
+        prompt_tokens: shape.prompt_tokens,
+        generated_tokens: response.generated_text.generated_tokens,
+        skipped_tokens: 0,
+        seed: response.generated_text.seed,
+        prefill: response
+            .prefill
+            .into_iter()
+            .map(|t| PrefillToken {
+                id: t.id,
+                text: t.text,
+                logprob: (!t.logprob.is_nan()).then_some(t.logprob),
+            })
+            .collect(),
+        tokens: response
+            .tokens
+            .into_iter()
+            .map(|(token, top)| api_token(token, top, shape.alternatives))
+            .collect(),
+    });
+    tracing::info!(
+        tokens = response.generated_text.generated_tokens,
+        total_ms = timings.total.as_millis() as u64,
+        "generated"
+    );
+    Ok((
+        headers,
+        Json(GenerateResponse {
+            generated_text: shape.full_text(response.generated_text.text),
+            details,
+        }),
+    ))
+}
+
+/// What the answer should contain, taken from the request before it is handed over.
+struct ResponseShape {
+    details: bool,
+    alternatives: bool,
+    prompt_tokens: u32,
+    prompt: Option<String>,
+}
+
+impl ResponseShape {
+    fn of(request: &ValidRequest) -> Self {
+        Self {
+            details: request.details,
+            alternatives: request.top_n_tokens > 0,
+            prompt_tokens: request.input_length(),
+            prompt: request.return_full_text.then(|| request.inputs.clone()),
+        }
+    }
+
+    fn full_text(&self, generated: String) -> String {
+        match &self.prompt {
+            Some(prompt) => format!("{prompt}{generated}"),
+            None => generated,
+        }
+    }
+}
+
+/// Per-request durations; recording them into the histograms happens once, in `finish`.
+struct Timings {
+    total: Duration,
+    queue: Duration,
+    inference: Duration,
+    per_token: Duration,
+}
+
+impl Timings {
+    fn finish(start: Instant, queued: Instant, admitted: Instant, generated: &GeneratedText) -> Self {
+        let now = Instant::now();
+        let inference = now.saturating_duration_since(admitted);
+        let timings = Self {
+            total: now.saturating_duration_since(start),
+            queue: admitted.saturating_duration_since(queued),
+            inference,
+            per_token: inference / generated.generated_tokens.max(1),
+        };
+        metrics::histogram!(m::REQUEST_DURATION).record(timings.total.as_secs_f64());
+        metrics::histogram!(m::REQUEST_INFERENCE_DURATION).record(timings.inference.as_secs_f64());
+        metrics::histogram!(m::REQUEST_MEAN_TIME_PER_TOKEN).record(timings.per_token.as_secs_f64());
+        metrics::histogram!(m::REQUEST_GENERATED_TOKENS).record(f64::from(generated.generated_tokens));
+        metrics::counter!(m::REQUEST_SUCCESS).increment(1);
+        timings
+    }
+
+    fn headers(&self, validation: Duration) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        insert_header(&mut headers, "x-total-time", self.total.as_millis());
+        insert_header(&mut headers, "x-validation-time", validation.as_millis());
+        insert_header(&mut headers, "x-queue-time", self.queue.as_millis());
+        insert_header(&mut headers, "x-inference-time", self.inference.as_millis());
+        insert_header(&mut headers, "x-time-per-token", self.per_token.as_millis());
+        headers
+    }
+}
+
+fn insert_header(headers: &mut HeaderMap, name: &'static str, value: impl std::fmt::Display) {
+    if let Ok(value) = HeaderValue::from_str(&value.to_string()) {
+        headers.insert(name, value);
+    }
+}
+
+fn api_token(token: TokenInfo, top: Vec<TokenInfo>, alternatives: bool) -> Token {
+    Token {
+        id: token.id,
+        text: token.text,
+        logprob: token.logprob,
+        special: token.special,
+        alternative_tokens: alternatives.then(|| {
+            top.into_iter()
+                .map(|t| AlternativeToken {
+                    id: t.id,
+                    text: t.text,
+                    logprob: t.logprob,
+                })
+                .collect()
+        }),
+        skipped: false,
+    }
+}
+
+/// `POST /generate_stream`: one server-sent event per token; the last carries the text and details.
+/// Errors before the first event are plain HTTP errors; later ones are an `{"error", "error_type"}` event.
+#[tracing::instrument(skip_all)]
+async fn generate_stream(
+    State(state): State<AppState>,
+    payload: Result<ApiJson<GenerateRequest>, ApiError>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let start = Instant::now();
+    metrics::counter!(m::REQUEST_COUNT).increment(1);
+    let (receiver, permit, shape) = counted(
+        async {
+            let request = payload?.0;
+            let permit = state.infer.acquire()?;
+            let valid = state.validation.validate(request, true).await?;
+            let shape = ResponseShape::of(&valid);
+            let receiver = state.infer.generate_stream(valid)?;
+            Ok::<_, ApiError>((receiver, permit, shape))
+        }
+        .await,
+    )?;
+    let stream = StreamState {
+        receiver,
+        _permit: permit,
+        shape,
+        start,
+    };
+    Ok(Sse::new(futures::stream::unfold(Some(stream), next_event)).keep_alive(KeepAlive::default()))
+}
+
+/// The SSE body's state; dropping it (client gone) drops the receiver and the concurrency permit.
+struct StreamState {
+    receiver: ResponseReceiver,
+    _permit: OwnedSemaphorePermit,
+    shape: ResponseShape,
+    start: Instant,
+}
+
+async fn next_event(state: Option<StreamState>) -> Option<(Result<Event, Infallible>, Option<StreamState>)> {
+    let mut state = state?;
+    loop {
+        let event = match state.receiver.recv().await {
+            Some(Ok(InferStreamResponse::Prefill(_))) => continue,
+            Some(Ok(InferStreamResponse::Intermediate { token, top_tokens })) => {
+                let event = json_event(&StreamResponse {
+                    token: api_token(token, top_tokens, state.shape.alternatives),
+                    generated_text: None,
+                    details: None,
+                });
+                return Some((Ok(event), Some(state)));
+            }
+            Some(Ok(InferStreamResponse::End {
+                token,
+                top_tokens,
+                generated_text,
+                queued,
+                start,
+            })) => {
+                Timings::finish(state.start, queued, start, &generated_text);
+                json_event(&StreamResponse {
+                    token: api_token(token, top_tokens, state.shape.alternatives),
+                    details: Some(StreamDetails {
+                        finish_reason: generated_text.finish_reason,
+                        prompt_tokens: state.shape.prompt_tokens,
+                        generated_tokens: generated_text.generated_tokens,
+                        seed: generated_text.seed,
+                    }),
+                    generated_text: Some(state.shape.full_text(generated_text.text)),
+                })
+            }
+            Some(Err(e)) => error_event(e.into()),
+            None => error_event(InferError::IncompleteGeneration.into()),
+        };
+        // The last event: the state (receiver, permit) is dropped here.
+        return Some((Ok(event), None));
+    }
+}
+
+fn error_event(error: ApiError) -> Event {
+    error.record();
+    tracing::error!("generation failed: {}", error.message);
+    json_event(&error.body())
+}
+
+fn json_event<T: Serialize>(value: &T) -> Event {
+    Event::default().json_data(value).unwrap_or_else(|e| {
+        Event::default().data(format!(
+            r#"{{"error":"cannot serialize event: {e}","error_type":"incomplete_generation"}}"#
+        ))
+    })
+}
+
+/// `POST /`: `{"inputs", "parameters", "stream"}`; streams, or answers a one-element JSON array.
+async fn compat_generate(
+    State(state): State<AppState>,
+    payload: Result<ApiJson<CompatGenerateRequest>, ApiError>,
+) -> Response {
+    match payload {
+        Err(e) => {
+            metrics::counter!(m::REQUEST_COUNT).increment(1);
+            e.record();
+            e.into_response()
+        }
+        Ok(ApiJson(request)) if request.stream => generate_stream(State(state), Ok(ApiJson(request.into())))
+            .await
+            .into_response(),
+        Ok(ApiJson(request)) => match generate(State(state), Ok(ApiJson(request.into()))).await {
+            Ok((headers, Json(response))) => (headers, Json(vec![response])).into_response(),
+            Err(e) => e.into_response(),
+        },
+    }
+}
+
+/// `GET /health`: 200 when every shard answers Health, else 503.
+async fn health(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
+    state
+        .clients
+        .health()
+        .await
+        .map(|()| StatusCode::OK)
+        .map_err(|e| ApiError::unhealthy(&e))
+}
+
+/// `GET /info`: model and router configuration.
+async fn info(State(state): State<AppState>) -> Json<Info> {
+    Json((*state.info).clone())
+}
+
+/// `POST /tokenize`: the prompt's tokens with their byte spans.
+async fn tokenize(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<TokenizeRequest>,
+) -> Result<Json<Vec<SimpleToken>>, ApiError> {
+    let inputs = request.inputs;
+    let encoding = state
+        .validation
+        .tokenize(inputs.clone(), request.add_special_tokens.unwrap_or(true))
+        .await?;
+    let tokens = encoding
+        .get_ids()
+        .iter()
+        .zip(encoding.get_offsets())
+        .map(|(&id, &(start, stop))| SimpleToken {
+            id,
+            text: inputs.get(start..stop).unwrap_or_default().to_string(),
+            start,
+            stop,
+        })
+        .collect();
+    Ok(Json(tokens))
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state.metrics.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

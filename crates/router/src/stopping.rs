@@ -1,0 +1,178 @@
+//! When a sequence stops, decided by the router after every token: `max_new_tokens` reached
+//! (`length`), an end-of-sequence token (`eos_token`, unless `ignore_eos_token`), or a stop sequence
+//! appearing in the generated text (`stop_sequence`). The checks run in that order, as in TGI.
+
+use serde::Serialize;
+
+/// Why a sequence stopped. Serialized as LoRAX's `finish_reason` strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum FinishReason {
+    /// `max_new_tokens` tokens were generated.
+    #[serde(rename = "length")]
+    Length,
+    /// The model produced an end-of-sequence token.
+    #[serde(rename = "eos_token")]
+    EndOfSequenceToken,
+    /// The generated text contains one of the stop sequences.
+    #[serde(rename = "stop_sequence")]
+    StopSequence,
+}
+
+/// What the router needs to decide when a request stops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoppingParameters {
+    /// Most tokens to generate (at least 1).
+    pub max_new_tokens: u32,
+    /// Stop as soon as the generated text contains one of these (non-empty strings).
+    pub stop_sequences: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    pub ignore_eos_token: bool,
+}
+
+/// One sequence's stopping state: the token count and the text seen so far.
+#[derive(Debug, Clone)]
+pub struct StoppingCriteria {
+    params: StoppingParameters,
+    eos_token_ids: Vec<u32>,
+    generated: u32,
+    /// Text of the non-special tokens so far (for stop sequences).
+    text: String,
+    /// Byte length of `text` up to the end of the first stop-sequence match.
+    stop_end: Option<usize>,
+}
+
+impl StoppingCriteria {
+    /// Criteria for one request; `eos_token_ids` come from the shard's model info.
+    pub fn new(params: StoppingParameters, eos_token_ids: Vec<u32>) -> Self {
+        Self {
+            params,
+            eos_token_ids,
+            generated: 0,
+            text: String::new(),
+            stop_end: None,
+        }
+    }
+
+    /// Tokens generated so far.
+    pub fn generated_tokens(&self) -> u32 {
+        self.generated
+    }
+
+    /// Records token `id` whose newly completed text is `chunk` (empty for special tokens or an
+    /// incomplete character) and says whether the sequence is finished.
+    pub fn step(&mut self, id: u32, chunk: &str) -> Option<FinishReason> {
+        self.generated += 1;
+        let before = self.text.len();
+        self.text.push_str(chunk);
+        if self.generated >= self.params.max_new_tokens {
+            return Some(FinishReason::Length);
+        }
+        if !self.params.ignore_eos_token && self.eos_token_ids.contains(&id) {
+            return Some(FinishReason::EndOfSequenceToken);
+        }
+        if !chunk.is_empty() {
+            if let Some(end) = find_stop(&self.text, before, &self.params.stop_sequences) {
+                self.stop_end = Some(end);
+                return Some(FinishReason::StopSequence);
+            }
+        }
+        None
+    }
+
+    /// The generated text up to and including the stop sequence that ended it, when one did.
+    pub fn text_through_stop(&self) -> Option<&str> {
+        self.stop_end.map(|end| &self.text[..end])
+    }
+}
+
+/// Earliest end of a stop sequence in `text` among matches that include text appended after byte
+/// `new_from` (older text was searched on earlier steps). Returns the byte index just past the match.
+pub fn find_stop(text: &str, new_from: usize, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|stop| {
+            // A match ending in the new text starts at most len-1 bytes before it.
+            let mut start = new_from.saturating_sub(stop.len().saturating_sub(1));
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            text[start..].find(stop.as_str()).map(|i| start + i + stop.len())
+        })
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn criteria(max_new_tokens: u32, stops: &[&str], ignore_eos_token: bool) -> StoppingCriteria {
+        StoppingCriteria::new(
+            StoppingParameters {
+                max_new_tokens,
+                stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
+                ignore_eos_token,
+            },
+            vec![2, 32000],
+        )
+    }
+
+    #[test]
+    fn length() {
+        let mut c = criteria(3, &[], false);
+        assert_eq!(c.step(10, "a"), None);
+        assert_eq!(c.step(11, "b"), None);
+        assert_eq!(c.step(12, "c"), Some(FinishReason::Length));
+        assert_eq!(c.generated_tokens(), 3);
+    }
+
+    #[test]
+    fn eos_unless_ignored() {
+        let mut c = criteria(10, &[], false);
+        assert_eq!(c.step(10, "a"), None);
+        assert_eq!(c.step(32000, ""), Some(FinishReason::EndOfSequenceToken));
+        let mut c = criteria(10, &[], true);
+        assert_eq!(c.step(2, "</s>"), None);
+        assert_eq!(c.step(2, "</s>"), None);
+    }
+
+    #[test]
+    fn length_wins_over_eos() {
+        let mut c = criteria(1, &[], false);
+        assert_eq!(c.step(2, ""), Some(FinishReason::Length));
+    }
+
+    #[test]
+    fn stop_sequence_spanning_tokens() {
+        let mut c = criteria(100, &["END"], false);
+        assert_eq!(c.step(5, "The E"), None);
+        assert_eq!(c.step(6, "N"), None);
+        assert_eq!(c.step(7, "Dgame"), Some(FinishReason::StopSequence));
+        assert_eq!(c.text_through_stop(), Some("The END"));
+    }
+
+    #[test]
+    fn stop_sequence_inside_one_token_and_earliest_wins() {
+        let mut c = criteria(100, &["cd", "b"], false);
+        assert_eq!(c.step(5, "x"), None);
+        assert_eq!(c.step(6, "abcde"), Some(FinishReason::StopSequence));
+        assert_eq!(c.text_through_stop(), Some("xab"));
+    }
+
+    #[test]
+    fn stop_sequence_with_multibyte_text() {
+        let mut c = criteria(100, &["世界"], false);
+        assert_eq!(c.step(5, "こんにちは"), None);
+        assert_eq!(c.step(6, "、世"), None);
+        assert_eq!(c.step(7, "界！"), Some(FinishReason::StopSequence));
+        assert_eq!(c.text_through_stop(), Some("こんにちは、世界"));
+    }
+
+    #[test]
+    fn old_text_is_not_searched_again() {
+        // Only matches touching the new chunk count (earlier text was checked on earlier steps).
+        assert_eq!(find_stop("abXab", 3, &["X".into()]), None);
+        assert_eq!(find_stop("abXab", 2, &["X".into()]), Some(3));
+        assert_eq!(find_stop("abc", 0, &[String::new()]), None);
+    }
+}

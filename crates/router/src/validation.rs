@@ -1,0 +1,630 @@
+//! Request validation: parameter ranges (LoRAX's rules and messages), tokenization on blocking
+//! threads, truncation and the token limits. The result, a [`ValidRequest`], is all the batching loop
+//! needs.
+
+use std::sync::Arc;
+
+use lorax_proto::shard::v1::SamplingParameters;
+use tokenizers::{Encoding, Tokenizer, TruncationDirection};
+use tokio::sync::Semaphore;
+
+use crate::metrics as m;
+use crate::schema::{GenerateParameters, GenerateRequest};
+use crate::stopping::StoppingParameters;
+
+/// Largest `return_k_alternatives`.
+pub const MAX_ALTERNATIVES: i64 = 10;
+
+/// Why a request is invalid (422, error_type "validation").
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    /// Adapters are not supported by this build.
+    #[error("adapters are not supported by this build yet (got `{0}`); send requests to the base model")]
+    AdaptersUnsupported(String),
+    /// A parameter this build does not implement.
+    #[error("`{0}` is not supported by this build yet")]
+    Unsupported(&'static str),
+    /// `best_of` other than 1.
+    #[error("`best_of` != 1 is not supported. Given: {0}")]
+    BestOf(i64),
+    /// `watermark` true.
+    #[error("`watermark` is not supported")]
+    Watermark,
+    /// `temperature` <= 0.
+    #[error("`temperature` must be strictly positive")]
+    Temperature,
+    /// `repetition_penalty` <= 0.
+    #[error("`repetition_penalty` must be strictly positive")]
+    RepetitionPenalty,
+    /// `frequency_penalty` outside [-2, 2].
+    #[error("`frequency_penalty` must be >= -2.0 and <= 2.0")]
+    FrequencyPenalty,
+    /// `presence_penalty` outside [-2, 2].
+    #[error("`presence_penalty` must be >= -2.0 and <= 2.0")]
+    PresencePenalty,
+    /// `top_p` outside (0, 1).
+    #[error("`top_p` must be > 0.0 and < 1.0")]
+    TopP,
+    /// `typical_p` outside (0, 1).
+    #[error("`typical_p` must be > 0.0 and < 1.0")]
+    TypicalP,
+    /// `top_k` <= 0.
+    #[error("`top_k` must be strictly positive")]
+    TopK,
+    /// `return_k_alternatives` outside 1..=10.
+    #[error("`return_k_alternatives` must be > 0 and <= {MAX_ALTERNATIVES}. Given: {0}")]
+    ReturnKAlternatives(i64),
+    /// `max_new_tokens` <= 0.
+    #[error("`max_new_tokens` must be strictly positive")]
+    NegativeMaxNewTokens,
+    /// Too many stop sequences.
+    #[error("`stop` supports up to {0} stop sequences. Given: {1}")]
+    StopSequence(usize, usize),
+    /// An empty stop sequence.
+    #[error("`stop` sequences must not be empty")]
+    EmptyStopSequence,
+    /// `truncate` outside 1..=max_input_length.
+    #[error("`truncate` must be strictly positive and less than {0}. Given: {1}")]
+    Truncate(u32, i64),
+    /// `decoder_input_details` on a stream.
+    #[error("`decoder_input_details` == true is not supported when streaming tokens")]
+    PrefillDetailsStream,
+    /// Empty `inputs`.
+    #[error("`inputs` cannot be empty")]
+    EmptyInput,
+    /// Prompt too long.
+    #[error("`inputs` must have less than {0} tokens. Given: {1}")]
+    InputLength(u32, usize),
+    /// Prompt + max_new_tokens too long.
+    #[error("`inputs` tokens + `max_new_tokens` must be <= {0}. Given: {1} `inputs` tokens and {2} `max_new_tokens`")]
+    MaxTotalTokens(u32, usize, i64),
+    /// The tokenizer failed.
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+}
+
+/// Limits from the command line.
+#[derive(Debug, Clone)]
+pub struct ValidationLimits {
+    /// Longest prompt in tokens.
+    pub max_input_length: u32,
+    /// Longest prompt + new tokens.
+    pub max_total_tokens: u32,
+    /// Most stop sequences.
+    pub max_stop_sequences: usize,
+    /// Upper bound of the default `max_new_tokens`.
+    pub max_new_tokens_default: u32,
+}
+
+/// A request that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    /// The prompt as sent (for `return_full_text`).
+    pub inputs: String,
+    /// Prompt token ids after truncation.
+    pub input_ids: Vec<u32>,
+    /// Next-token parameters for the shard (seed resolved).
+    pub sampling: SamplingParameters,
+    /// Whether tokens are drawn rather than argmax'd (then the seed is reported).
+    pub is_sampling: bool,
+    /// Alternatives per generated token.
+    pub top_n_tokens: u32,
+    /// Return prompt tokens with log-probabilities.
+    pub decoder_input_details: bool,
+    /// When to stop.
+    pub stopping: StoppingParameters,
+    /// Return details.
+    pub details: bool,
+    /// Prepend the prompt to the answer.
+    pub return_full_text: bool,
+}
+
+impl ValidRequest {
+    /// Prompt length in tokens.
+    pub fn input_length(&self) -> u32 {
+        u32::try_from(self.input_ids.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Tokens this request may occupy: prompt + max_new_tokens.
+    pub fn max_total_tokens(&self) -> u32 {
+        self.input_length().saturating_add(self.stopping.max_new_tokens)
+    }
+}
+
+/// Parameters checked before tokenization (everything but the token limits).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedParameters {
+    /// Next-token parameters (seed resolved).
+    pub sampling: SamplingParameters,
+    /// Whether tokens are drawn.
+    pub is_sampling: bool,
+    /// Alternatives per token.
+    pub top_n_tokens: u32,
+    /// Requested `max_new_tokens`, if any (> 0).
+    pub max_new_tokens: Option<i64>,
+    /// Left truncation, if any.
+    pub truncate: Option<usize>,
+    /// Stop sequences.
+    pub stop_sequences: Vec<String>,
+    /// Keep going past EOS.
+    pub ignore_eos_token: bool,
+    /// Return details.
+    pub details: bool,
+    /// Return prompt log-probabilities.
+    pub decoder_input_details: bool,
+    /// Prepend the prompt.
+    pub return_full_text: bool,
+}
+
+/// The TGI/LoRAX sampling rule the shard applies: any warper switched on implies sampling.
+fn is_sampling(p: &SamplingParameters) -> bool {
+    p.do_sample || p.temperature != 1.0 || p.top_k != 0 || p.top_p < 1.0 || p.typical_p < 1.0
+}
+
+/// Validates everything that does not need the tokenizer. `random_seed` supplies the seed of a
+/// sampling request that gives none.
+pub fn check_parameters(
+    p: &GenerateParameters,
+    limits: &ValidationLimits,
+    stream: bool,
+    random_seed: impl FnOnce() -> u64,
+) -> Result<CheckedParameters, ValidationError> {
+    if let Some(id) = p.adapter_id.as_deref().filter(|id| !id.is_empty()) {
+        return Err(ValidationError::AdaptersUnsupported(id.to_string()));
+    }
+    if p.merged_adapters.is_some() {
+        return Err(ValidationError::AdaptersUnsupported("merged_adapters".into()));
+    }
+    if p.response_format.is_some() {
+        return Err(ValidationError::Unsupported("response_format"));
+    }
+    if p.grammar.is_some() {
+        return Err(ValidationError::Unsupported("grammar"));
+    }
+    if p.apply_chat_template == Some(true) {
+        return Err(ValidationError::Unsupported("apply_chat_template"));
+    }
+    if let Some(best_of) = p.best_of.filter(|&b| b != 1) {
+        return Err(ValidationError::BestOf(best_of));
+    }
+    if p.watermark == Some(true) {
+        return Err(ValidationError::Watermark);
+    }
+    let temperature = p.temperature.unwrap_or(1.0);
+    if temperature <= 0.0 {
+        return Err(ValidationError::Temperature);
+    }
+    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+    if repetition_penalty <= 0.0 {
+        return Err(ValidationError::RepetitionPenalty);
+    }
+    let frequency_penalty = p.frequency_penalty.unwrap_or(0.0);
+    if !(-2.0..=2.0).contains(&frequency_penalty) {
+        return Err(ValidationError::FrequencyPenalty);
+    }
+    let presence_penalty = p.presence_penalty.unwrap_or(0.0);
+    if !(-2.0..=2.0).contains(&presence_penalty) {
+        return Err(ValidationError::PresencePenalty);
+    }
+    let top_p = match p.top_p {
+        Some(v) if v <= 0.0 || v >= 1.0 => return Err(ValidationError::TopP),
+        Some(v) => v,
+        None => 1.0,
+    };
+    let typical_p = match p.typical_p {
+        Some(v) if v <= 0.0 || v >= 1.0 => return Err(ValidationError::TypicalP),
+        Some(v) => v,
+        None => 1.0,
+    };
+    let top_k = match p.top_k {
+        Some(v) if v <= 0 => return Err(ValidationError::TopK),
+        Some(v) => u32::try_from(v).unwrap_or(u32::MAX),
+        None => 0,
+    };
+    let top_n_tokens = match p.return_k_alternatives.or(p.top_n_tokens) {
+        Some(v) if !(1..=MAX_ALTERNATIVES).contains(&v) => return Err(ValidationError::ReturnKAlternatives(v)),
+        Some(v) => u32::try_from(v).unwrap_or(0),
+        None => 0,
+    };
+    if let Some(v) = p.max_new_tokens {
+        if v <= 0 {
+            return Err(ValidationError::NegativeMaxNewTokens);
+        }
+    }
+    let stop_sequences = p.stop.clone().unwrap_or_default();
+    if stop_sequences.len() > limits.max_stop_sequences {
+        return Err(ValidationError::StopSequence(
+            limits.max_stop_sequences,
+            stop_sequences.len(),
+        ));
+    }
+    if stop_sequences.iter().any(String::is_empty) {
+        return Err(ValidationError::EmptyStopSequence);
+    }
+    let truncate = match p.truncate {
+        Some(v) if v <= 0 || v > i64::from(limits.max_input_length) => {
+            return Err(ValidationError::Truncate(limits.max_input_length, v))
+        }
+        Some(v) => Some(usize::try_from(v).unwrap_or(usize::MAX)),
+        None => None,
+    };
+    let decoder_input_details = p.decoder_input_details.unwrap_or(false);
+    if stream && decoder_input_details {
+        return Err(ValidationError::PrefillDetailsStream);
+    }
+
+    let mut sampling = SamplingParameters {
+        temperature,
+        top_k,
+        top_p,
+        typical_p,
+        do_sample: p.do_sample.unwrap_or(false),
+        seed: 0,
+        repetition_penalty,
+        frequency_penalty,
+        presence_penalty,
+    };
+    let sampling_on = is_sampling(&sampling);
+    sampling.seed = match p.seed {
+        Some(seed) => seed,
+        None if sampling_on => random_seed(),
+        None => 0,
+    };
+    Ok(CheckedParameters {
+        sampling,
+        is_sampling: sampling_on,
+        top_n_tokens,
+        max_new_tokens: p.max_new_tokens,
+        truncate,
+        stop_sequences,
+        ignore_eos_token: p.ignore_eos_token.unwrap_or(false),
+        details: p.details.unwrap_or(false),
+        decoder_input_details,
+        return_full_text: p.return_full_text.unwrap_or(false),
+    })
+}
+
+/// Applies truncation and the token limits to a tokenized prompt; returns the prompt ids and the
+/// effective `max_new_tokens`.
+pub fn check_lengths(
+    mut encoding: Encoding,
+    checked: &CheckedParameters,
+    limits: &ValidationLimits,
+) -> Result<(Vec<u32>, u32), ValidationError> {
+    if let Some(truncate) = checked.truncate {
+        if truncate < encoding.len() {
+            encoding.truncate(truncate, 0, TruncationDirection::Left);
+        }
+    }
+    let input_ids = encoding.get_ids().to_vec();
+    let input_length = input_ids.len();
+    if input_length == 0 {
+        return Err(ValidationError::EmptyInput);
+    }
+    if input_length > limits.max_input_length as usize {
+        return Err(ValidationError::InputLength(limits.max_input_length, input_length));
+    }
+    let room = limits.max_total_tokens as usize - input_length.min(limits.max_total_tokens as usize);
+    let max_new_tokens = match checked.max_new_tokens {
+        Some(n) => {
+            if input_length as u64 + n.unsigned_abs() > u64::from(limits.max_total_tokens) {
+                return Err(ValidationError::MaxTotalTokens(
+                    limits.max_total_tokens,
+                    input_length,
+                    n,
+                ));
+            }
+            u32::try_from(n).unwrap_or(u32::MAX)
+        }
+        None => limits
+            .max_new_tokens_default
+            .min(u32::try_from(room).unwrap_or(u32::MAX)),
+    };
+    if max_new_tokens == 0 {
+        // Only reachable when max_input_length >= max_total_tokens, which startup refuses.
+        return Err(ValidationError::MaxTotalTokens(
+            limits.max_total_tokens,
+            input_length,
+            0,
+        ));
+    }
+    Ok((input_ids, max_new_tokens))
+}
+
+/// Validates requests; tokenization runs on at most `workers` blocking threads at a time.
+#[derive(Clone)]
+pub struct Validation {
+    tokenizer: Arc<Tokenizer>,
+    workers: Arc<Semaphore>,
+    limits: ValidationLimits,
+}
+
+impl std::fmt::Debug for Validation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Validation")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Validation {
+    /// Validation with `tokenizer`, `workers` concurrent tokenizations and `limits`.
+    pub fn new(tokenizer: Arc<Tokenizer>, workers: usize, limits: ValidationLimits) -> Self {
+        Self {
+            tokenizer,
+            workers: Arc::new(Semaphore::new(workers.max(1))),
+            limits,
+        }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &ValidationLimits {
+        &self.limits
+    }
+
+    /// Tokenizes `inputs` on a blocking thread.
+    pub async fn tokenize(&self, inputs: String, add_special_tokens: bool) -> Result<Encoding, ValidationError> {
+        let _permit = self
+            .workers
+            .acquire()
+            .await
+            .map_err(|_| ValidationError::Tokenizer("tokenizer workers are shut down".into()))?;
+        let tokenizer = Arc::clone(&self.tokenizer);
+        tokio::task::spawn_blocking(move || tokenizer.encode(inputs, add_special_tokens))
+            .await
+            .map_err(|e| ValidationError::Tokenizer(e.to_string()))?
+            .map_err(|e| ValidationError::Tokenizer(e.to_string()))
+    }
+
+    /// Validates a generate request (`stream`: for /generate_stream).
+    pub async fn validate(&self, request: GenerateRequest, stream: bool) -> Result<ValidRequest, ValidationError> {
+        let parameters = request.parameters.unwrap_or_default();
+        let checked = check_parameters(&parameters, &self.limits, stream, random_seed)?;
+        if request.inputs.is_empty() {
+            return Err(ValidationError::EmptyInput);
+        }
+        let encoding = self.tokenize(request.inputs.clone(), true).await?;
+        let (input_ids, max_new_tokens) = check_lengths(encoding, &checked, &self.limits)?;
+        metrics::histogram!(m::REQUEST_INPUT_LENGTH).record(input_ids.len() as f64);
+        metrics::histogram!(m::REQUEST_MAX_NEW_TOKENS).record(f64::from(max_new_tokens));
+        Ok(ValidRequest {
+            inputs: request.inputs,
+            input_ids,
+            sampling: checked.sampling,
+            is_sampling: checked.is_sampling,
+            top_n_tokens: checked.top_n_tokens,
+            decoder_input_details: checked.decoder_input_details,
+            stopping: StoppingParameters {
+                max_new_tokens,
+                stop_sequences: checked.stop_sequences,
+                ignore_eos_token: checked.ignore_eos_token,
+            },
+            details: checked.details,
+            return_full_text: checked.return_full_text,
+        })
+    }
+}
+
+/// A seed from the operating system's generator (a fixed fallback if it is unavailable).
+fn random_seed() -> u64 {
+    getrandom::u64().unwrap_or(0x9E37_79B9_7F4A_7C15)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detokenize::tests::fixture_tokenizer;
+
+    fn limits() -> ValidationLimits {
+        ValidationLimits {
+            max_input_length: 10,
+            max_total_tokens: 16,
+            max_stop_sequences: 2,
+            max_new_tokens_default: 100,
+        }
+    }
+
+    fn params(json: serde_json::Value) -> GenerateParameters {
+        serde_json::from_value(json).expect("parameters")
+    }
+
+    fn check(json: serde_json::Value) -> Result<CheckedParameters, ValidationError> {
+        check_parameters(&params(json), &limits(), false, || 42)
+    }
+
+    #[test]
+    fn defaults_are_greedy() {
+        let c = check(serde_json::json!({})).expect("valid");
+        assert!(!c.is_sampling);
+        assert_eq!(c.sampling.seed, 0);
+        assert_eq!(c.sampling.temperature, 1.0);
+        assert_eq!(c.sampling.top_p, 1.0);
+        assert_eq!(c.sampling.typical_p, 1.0);
+        assert_eq!(c.sampling.top_k, 0);
+        assert_eq!(c.sampling.repetition_penalty, 1.0);
+        assert_eq!(c.top_n_tokens, 0);
+        assert!(!c.details && !c.decoder_input_details && !c.return_full_text && !c.ignore_eos_token);
+    }
+
+    #[test]
+    fn sampling_gets_a_seed() {
+        let c = check(serde_json::json!({"temperature": 0.5})).expect("valid");
+        assert!(c.is_sampling);
+        assert_eq!(c.sampling.seed, 42);
+        let c = check(serde_json::json!({"do_sample": true, "seed": 7})).expect("valid");
+        assert!(c.is_sampling);
+        assert_eq!(c.sampling.seed, 7);
+        let c = check(serde_json::json!({"top_k": 5})).expect("valid");
+        assert!(c.is_sampling);
+    }
+
+    #[test]
+    fn lorax_client_payload_is_accepted() {
+        // What lorax-client's `Parameters(...).dict()` sends for a plain generate call.
+        let c = check(serde_json::json!({
+            "adapter_id": null, "adapter_source": null, "merged_adapters": null, "api_token": null,
+            "do_sample": false, "max_new_tokens": 20, "ignore_eos_token": false, "repetition_penalty": null,
+            "return_full_text": false, "stop": [], "seed": null, "temperature": null, "top_k": null,
+            "top_p": null, "truncate": null, "typical_p": null, "best_of": null, "watermark": false,
+            "details": true, "decoder_input_details": false, "return_k_alternatives": null,
+            "response_format": null
+        }))
+        .expect("valid");
+        assert_eq!(c.max_new_tokens, Some(20));
+        assert!(c.details);
+    }
+
+    #[test]
+    fn each_bad_parameter_has_its_error() {
+        use serde_json::json;
+        use ValidationError as E;
+        let cases: Vec<(serde_json::Value, ValidationError)> = vec![
+            (
+                json!({"adapter_id": "some/adapter"}),
+                E::AdaptersUnsupported("some/adapter".into()),
+            ),
+            (
+                json!({"merged_adapters": {"ids": ["a"]}}),
+                E::AdaptersUnsupported("merged_adapters".into()),
+            ),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                E::Unsupported("response_format"),
+            ),
+            (json!({"grammar": {"type": "json"}}), E::Unsupported("grammar")),
+            (
+                json!({"apply_chat_template": true}),
+                E::Unsupported("apply_chat_template"),
+            ),
+            (json!({"best_of": 2}), E::BestOf(2)),
+            (json!({"best_of": 0}), E::BestOf(0)),
+            (json!({"watermark": true}), E::Watermark),
+            (json!({"temperature": 0.0}), E::Temperature),
+            (json!({"temperature": -1.0}), E::Temperature),
+            (json!({"repetition_penalty": 0.0}), E::RepetitionPenalty),
+            (json!({"frequency_penalty": 2.5}), E::FrequencyPenalty),
+            (json!({"presence_penalty": -2.5}), E::PresencePenalty),
+            (json!({"top_p": 0.0}), E::TopP),
+            (json!({"top_p": 1.0}), E::TopP),
+            (json!({"typical_p": 1.0}), E::TypicalP),
+            (json!({"typical_p": -0.1}), E::TypicalP),
+            (json!({"top_k": 0}), E::TopK),
+            (json!({"top_k": -3}), E::TopK),
+            (json!({"return_k_alternatives": 0}), E::ReturnKAlternatives(0)),
+            (json!({"return_k_alternatives": 11}), E::ReturnKAlternatives(11)),
+            (json!({"top_n_tokens": 11}), E::ReturnKAlternatives(11)),
+            (json!({"max_new_tokens": 0}), E::NegativeMaxNewTokens),
+            (json!({"max_new_tokens": -5}), E::NegativeMaxNewTokens),
+            (json!({"stop": ["a", "b", "c"]}), E::StopSequence(2, 3)),
+            (json!({"stop": [""]}), E::EmptyStopSequence),
+            (json!({"truncate": 0}), E::Truncate(10, 0)),
+            (json!({"truncate": 11}), E::Truncate(10, 11)),
+        ];
+        for (json, expected) in cases {
+            assert_eq!(check(json.clone()), Err(expected), "{json}");
+        }
+        let p = params(json!({"decoder_input_details": true}));
+        assert_eq!(
+            check_parameters(&p, &limits(), true, || 0),
+            Err(E::PrefillDetailsStream)
+        );
+        assert!(check_parameters(&p, &limits(), false, || 0).is_ok());
+    }
+
+    #[test]
+    fn empty_adapter_id_means_base_model() {
+        assert!(check(serde_json::json!({"adapter_id": "", "adapter_source": "hub"})).is_ok());
+    }
+
+    #[test]
+    fn adapter_message_says_not_supported() {
+        let e = check(serde_json::json!({"adapter_id": "x/y"})).expect_err("refused");
+        assert!(
+            e.to_string().contains("adapters are not supported by this build"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let r: Result<GenerateParameters, _> = serde_json::from_value(serde_json::json!({"max_tokens": 3}));
+        assert!(r.is_err());
+        let r: Result<GenerateRequest, _> = serde_json::from_value(serde_json::json!({"inputs": "a", "extra": 1}));
+        assert!(r.is_err());
+    }
+
+    fn validation(max_input_length: u32, max_total_tokens: u32) -> Validation {
+        Validation::new(
+            fixture_tokenizer(),
+            1,
+            ValidationLimits {
+                max_input_length,
+                max_total_tokens,
+                max_stop_sequences: 4,
+                max_new_tokens_default: 100,
+            },
+        )
+    }
+
+    fn request(inputs: &str, parameters: serde_json::Value) -> GenerateRequest {
+        serde_json::from_value(serde_json::json!({"inputs": inputs, "parameters": parameters})).expect("request")
+    }
+
+    #[tokio::test]
+    async fn token_limits() {
+        let v = validation(8, 20);
+        // "Hello world" = <s> ▁Hello ▁world: 3 tokens.
+        let ok = v
+            .validate(request("Hello world", serde_json::json!({})), false)
+            .await
+            .expect("valid");
+        assert_eq!(ok.input_ids, vec![1, 22557, 1526]);
+        assert_eq!(ok.stopping.max_new_tokens, 17, "default = min(100, 20 - 3)");
+
+        let e = v
+            .validate(request("Hello world", serde_json::json!({"max_new_tokens": 18})), false)
+            .await
+            .expect_err("too long");
+        assert_eq!(e, ValidationError::MaxTotalTokens(20, 3, 18));
+        assert!(v
+            .validate(request("Hello world", serde_json::json!({"max_new_tokens": 17})), false)
+            .await
+            .is_ok());
+
+        let long = "one two three four five six seven eight nine ten";
+        let e = v
+            .validate(request(long, serde_json::json!({})), false)
+            .await
+            .expect_err("long");
+        assert!(matches!(e, ValidationError::InputLength(8, n) if n > 8), "{e:?}");
+
+        let e = v
+            .validate(request("", serde_json::json!({})), false)
+            .await
+            .expect_err("empty");
+        assert_eq!(e, ValidationError::EmptyInput);
+    }
+
+    #[tokio::test]
+    async fn truncate_keeps_the_last_tokens() {
+        let v = validation(8, 20);
+        let long = "one two three four five six seven eight nine ten";
+        let full = v.tokenize(long.to_string(), true).await.expect("tokenize");
+        let ok = v
+            .validate(request(long, serde_json::json!({"truncate": 4})), false)
+            .await
+            .expect("valid after truncation");
+        assert_eq!(ok.input_ids.as_slice(), &full.get_ids()[full.len() - 4..]);
+        assert_eq!(ok.inputs, long, "the original text is kept for return_full_text");
+    }
+
+    #[tokio::test]
+    async fn default_max_new_tokens_is_capped_by_the_flag() {
+        let v = validation(8, 2048);
+        let ok = v
+            .validate(request("Hello", serde_json::json!({})), false)
+            .await
+            .expect("valid");
+        assert_eq!(ok.stopping.max_new_tokens, 100);
+    }
+}

@@ -1,0 +1,110 @@
+//! `lorax-shard`: one shard process. Loads the model onto its device and serves the internal gRPC
+//! service (proto/lorax/shard/v1) on a Unix socket until SIGINT/SIGTERM.
+
+mod service;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// Serve one shard of a model over the internal gRPC service.
+#[derive(Parser, Debug)]
+#[command(name = "lorax-shard", version)]
+struct Args {
+    /// Local directory with config.json and safetensors weights.
+    #[arg(long, env = "LORAX_MODEL_DIR")]
+    model_dir: PathBuf,
+    /// Model id shown in Info (hub id or path as the user gave it).
+    #[arg(long, env = "LORAX_MODEL_ID")]
+    model_id: Option<String>,
+    /// Socket paths are `<prefix>-<rank>`; this shard listens on its own.
+    #[arg(long, env = "LORAX_UDS_PREFIX", default_value = "/tmp/lorax-shard")]
+    uds_prefix: String,
+    /// This shard's tensor-parallel rank.
+    #[arg(long, env = "LORAX_RANK", default_value_t = 0)]
+    rank: u32,
+    /// Number of shards.
+    #[arg(long, env = "LORAX_WORLD_SIZE", default_value_t = 1)]
+    world_size: u32,
+    /// Device: `cpu` (the CUDA backend is not part of this build yet).
+    #[arg(long, env = "LORAX_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Number of KV-cache blocks.
+    #[arg(long, env = "LORAX_NUM_BLOCKS", default_value_t = 2048)]
+    num_blocks: u32,
+    /// Token slots per KV-cache block.
+    #[arg(long, env = "LORAX_BLOCK_SIZE", default_value_t = 16)]
+    block_size: u32,
+    /// Log as JSON lines.
+    #[arg(long, env = "LORAX_JSON_OUTPUT")]
+    json_output: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.json_output);
+    if args.device != "cpu" {
+        anyhow::bail!(
+            "device {:?} is not available in this build: only `cpu` is implemented so far",
+            args.device
+        );
+    }
+    if args.world_size != 1 {
+        anyhow::bail!("--world-size {}: tensor parallelism is not implemented yet", args.world_size);
+    }
+    let model_id = args.model_id.clone().unwrap_or_else(|| args.model_dir.display().to_string());
+    tracing::info!(rank = args.rank, model = %model_id, "loading model");
+    let svc = service::ShardServer::load(service::ShardConfig {
+        model_dir: args.model_dir.clone(),
+        model_id,
+        rank: args.rank,
+        world_size: args.world_size,
+        num_blocks: args.num_blocks,
+        block_size: args.block_size,
+        urls: (0..args.world_size).map(|r| format!("{}-{r}", args.uds_prefix)).collect(),
+    })
+    .await?;
+    let path = PathBuf::from(format!("{}-{}", args.uds_prefix, args.rank));
+    if path.exists() {
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path)?;
+    tracing::info!(socket = %path.display(), "shard ready");
+    let result = tonic::transport::Server::builder()
+        .add_service(lorax_proto::shard::v1::shard_service_server::ShardServiceServer::new(svc))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+    let _ = std::fs::remove_file(&path);
+    tracing::info!("shard stopped");
+    result?;
+    Ok(())
+}
