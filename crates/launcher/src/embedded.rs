@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 
 const FILES: &[(&str, &[u8])] = &[
-    ("config.json", include_bytes!("../../../tests/fixtures/models/llama/config.json")),
+    (
+        "config.json",
+        include_bytes!("../../../tests/fixtures/models/llama/config.json"),
+    ),
     (
         "model.safetensors.index.json",
         include_bytes!("../../../tests/fixtures/models/llama/model.safetensors.index.json"),
@@ -23,8 +26,14 @@ const FILES: &[(&str, &[u8])] = &[
         "model-00003-of-00003.safetensors",
         include_bytes!("../../../tests/fixtures/models/llama/model-00003-of-00003.safetensors"),
     ),
-    ("tokenizer.json", include_bytes!("../../../tests/fixtures/tokenizer/tokenizer.json")),
-    ("tokenizer_config.json", include_bytes!("../../../tests/fixtures/tokenizer/tokenizer_config.json")),
+    (
+        "tokenizer.json",
+        include_bytes!("../../../tests/fixtures/tokenizer/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../../tests/fixtures/tokenizer/tokenizer_config.json"),
+    ),
 ];
 
 /// The id the embedded model is shown under.

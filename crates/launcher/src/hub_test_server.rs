@@ -2,7 +2,7 @@
 //! with the `etag`, `x-repo-commit` and `Content-Range` headers hf-hub relies on) from a folder, so
 //! the real download path is tested without a network. Test-only.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -75,15 +75,28 @@ fn handle(mut stream: TcpStream, repos: &[(String, PathBuf)], token: Option<&str
         p.is_file().then_some(p)
     });
     let Some(file) = found else {
-        return respond(&mut stream, "404 Not Found", &[("x-error-code", "EntryNotFound".into())], b"not found");
+        return respond(
+            &mut stream,
+            "404 Not Found",
+            &[("x-error-code", "EntryNotFound".into())],
+            b"not found",
+        );
     };
     let data = std::fs::read(&file)?;
-    let etag = format!("\"{:x}-{}\"", data.len(), file.file_name().map(|n| n.len()).unwrap_or(0));
+    let etag = format!(
+        "\"{:x}-{}\"",
+        data.len(),
+        file.file_name().map(|n| n.len()).unwrap_or(0)
+    );
     let commit = "0123456789abcdef0123456789abcdef01234567".to_string();
     let (status, body, cr) = match range {
         Some((a, b)) if a < data.len() => {
             let end = b.unwrap_or(data.len() - 1).min(data.len() - 1);
-            ("206 Partial Content", &data[a..=end], Some(format!("bytes {a}-{end}/{}", data.len())))
+            (
+                "206 Partial Content",
+                &data[a..=end],
+                Some(format!("bytes {a}-{end}/{}", data.len())),
+            )
         }
         _ => ("200 OK", &data[..], None),
     };
@@ -98,7 +111,10 @@ fn handle(mut stream: TcpStream, repos: &[(String, PathBuf)], token: Option<&str
 }
 
 fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) -> std::io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n", body.len());
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }

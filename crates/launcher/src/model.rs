@@ -88,7 +88,10 @@ fn download(id: &str, revision: Option<&str>) -> anyhow::Result<ResolvedModel> {
             )?;
         }
     }
-    let dir = config.parent().context("config.json has no parent directory")?.to_path_buf();
+    let dir = config
+        .parent()
+        .context("config.json has no parent directory")?
+        .to_path_buf();
     Ok(ResolvedModel {
         dir,
         model_id: id.to_string(),
@@ -137,7 +140,12 @@ mod tests {
         unsafe { std::env::set_var("HF_TOKEN", "s3cret") };
         let m = resolve(Some("acme/tiny"), Some("main"), &tmp).unwrap();
         assert!(m.dir.starts_with(&home), "{} not under HF_HOME", m.dir.display());
-        for f in ["config.json", "tokenizer.json", "model.safetensors.index.json", "model-00003-of-00003.safetensors"] {
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "model.safetensors.index.json",
+            "model-00003-of-00003.safetensors",
+        ] {
             let got = std::fs::read(m.dir.join(f)).unwrap();
             assert_eq!(got, std::fs::read(folder.join(f)).unwrap(), "{f} differs");
         }

@@ -190,7 +190,9 @@ async fn start_and_watch(
 
     // Wait for every shard's Health, watching for deaths and signals meanwhile.
     let deadline = Instant::now() + Duration::from_secs(args.shard_startup_timeout_s);
-    let sockets: Vec<PathBuf> = (0..args.num_shard).map(|r| PathBuf::from(format!("{prefix}-{r}"))).collect();
+    let sockets: Vec<PathBuf> = (0..args.num_shard)
+        .map(|r| PathBuf::from(format!("{prefix}-{r}")))
+        .collect();
     let mut ready = vec![false; sockets.len()];
     let sig = termination();
     tokio::pin!(sig);
@@ -204,7 +206,11 @@ async fn start_and_watch(
         if ready.iter().all(|r| *r) {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "shards did not become healthy within {}s", args.shard_startup_timeout_s);
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "shards did not become healthy within {}s",
+            args.shard_startup_timeout_s
+        );
         tokio::select! {
             (i, status) = any_exit(procs) => {
                 anyhow::bail!("{} exited during startup ({}); see its log above", procs[i].name, describe(status));

@@ -45,7 +45,9 @@ struct Args {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -79,9 +81,15 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if args.world_size != 1 {
-        anyhow::bail!("--world-size {}: tensor parallelism is not implemented yet", args.world_size);
+        anyhow::bail!(
+            "--world-size {}: tensor parallelism is not implemented yet",
+            args.world_size
+        );
     }
-    let model_id = args.model_id.clone().unwrap_or_else(|| args.model_dir.display().to_string());
+    let model_id = args
+        .model_id
+        .clone()
+        .unwrap_or_else(|| args.model_dir.display().to_string());
     tracing::info!(rank = args.rank, model = %model_id, "loading model");
     let svc = service::ShardServer::load(service::ShardConfig {
         model_dir: args.model_dir.clone(),
@@ -90,7 +98,9 @@ async fn main() -> anyhow::Result<()> {
         world_size: args.world_size,
         num_blocks: args.num_blocks,
         block_size: args.block_size,
-        urls: (0..args.world_size).map(|r| format!("{}-{r}", args.uds_prefix)).collect(),
+        urls: (0..args.world_size)
+            .map(|r| format!("{}-{r}", args.uds_prefix))
+            .collect(),
     })
     .await?;
     let path = PathBuf::from(format!("{}-{}", args.uds_prefix, args.rank));
@@ -100,7 +110,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = UnixListener::bind(&path)?;
     tracing::info!(socket = %path.display(), "shard ready");
     let result = tonic::transport::Server::builder()
-        .add_service(lorax_proto::shard::v1::shard_service_server::ShardServiceServer::new(svc))
+        .add_service(lorax_proto::shard::v1::shard_service_server::ShardServiceServer::new(
+            svc,
+        ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&path);

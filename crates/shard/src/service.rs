@@ -262,17 +262,26 @@ impl ShardService for ShardServer {
         &self,
         _: Request<pb::DownloadAdapterRequest>,
     ) -> Result<Response<pb::DownloadAdapterResponse>, Status> {
-        Err(Status::unimplemented("LoRA adapters are not supported by this build yet"))
+        Err(Status::unimplemented(
+            "LoRA adapters are not supported by this build yet",
+        ))
     }
 
-    async fn load_adapter(&self, _: Request<pb::LoadAdapterRequest>) -> Result<Response<pb::LoadAdapterResponse>, Status> {
-        Err(Status::unimplemented("LoRA adapters are not supported by this build yet"))
+    async fn load_adapter(
+        &self,
+        _: Request<pb::LoadAdapterRequest>,
+    ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+        Err(Status::unimplemented(
+            "LoRA adapters are not supported by this build yet",
+        ))
     }
 
     async fn offload_adapter(
         &self,
         _: Request<pb::OffloadAdapterRequest>,
     ) -> Result<Response<pb::OffloadAdapterResponse>, Status> {
-        Err(Status::unimplemented("LoRA adapters are not supported by this build yet"))
+        Err(Status::unimplemented(
+            "LoRA adapters are not supported by this build yet",
+        ))
     }
 }
