@@ -125,7 +125,8 @@ impl<B: Backend> Model<B> {
         let linear = |prefix: &str, out: usize, inp: usize, dim: usize, bias: bool| -> Result<Linear<B>> {
             let w = tensor(&format!("{prefix}.weight"), &[out, inp], Some(dim))?;
             let b = if bias {
-                // A row-parallel bias is added once, after the all-reduce: only rank 0 keeps it.
+                // Column-parallel biases split with their rows; a row-parallel bias stays whole (the TP
+                // forward must add it once, after the all-reduce).
                 Some(tensor(
                     &format!("{prefix}.bias"),
                     &[out],

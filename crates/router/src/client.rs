@@ -7,14 +7,12 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use futures::future::join_all;
-use hyper_util::rt::TokioIo;
 use lorax_proto::shard::v1::shard_service_client::ShardServiceClient;
 use lorax_proto::shard::v1::{
     ClearCacheRequest, DecodeRequest, DecodeResponse, FilterBatchRequest, HealthRequest, InfoRequest, InfoResponse,
     PrefillRequest, PrefillResponse, Request, ServiceDiscoveryRequest, WarmupRequest,
 };
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// Errors of the shard client layer.
 #[derive(Debug, thiserror::Error)]
@@ -51,13 +49,7 @@ type Client = ShardServiceClient<Channel>;
 /// Connects a tonic channel to a Unix socket. The URI is a placeholder required by the HTTP/2 layer;
 /// every connection goes to `path`.
 async fn connect_uds(path: &Path) -> Result<Client, ClientError> {
-    let socket = path.to_path_buf();
-    let endpoint = Endpoint::from_static("http://[::]:50051");
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
+    let channel = lorax_proto::uds::connect(path.to_path_buf())
         .await
         .map_err(|e| ClientError::Connect {
             path: path.to_path_buf(),
