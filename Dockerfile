@@ -23,7 +23,6 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # For GPU hosts pass e.g. --build-arg RUNTIME_BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04 (CUDA runtime,
 # cuBLAS, NVRTC and NCCL libraries; glibc 2.39 runs these bookworm-built binaries).
-ARG RUNTIME_BASE=debian:bookworm-slim
 FROM ${RUNTIME_BASE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
