@@ -9,7 +9,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{ForwardInput, Model};
-use crate::sampling::{log_softmax, Choice, Sampler, SamplingParams};
+use crate::sampling::{log_sum_exp, Choice, Sampler, SamplingParams};
 use crate::weights::Weights;
 
 /// A sequence to add to a batch.
@@ -132,15 +132,19 @@ impl<B: Backend> Engine<B> {
     /// Logits (as host f32 rows) for raw sequences given as (new tokens, cached count, block table);
     /// `all_logits[i]` asks for every new token's logits of sequence `i`, else only the last.
     pub fn logits(&mut self, seqs: &[(&[u32], usize, &[u32])], all_logits: &[bool]) -> Result<Vec<Vec<f32>>> {
-        let input = ForwardInput::build(&self.cache, seqs, all_logits)?;
-        let out = self.model.forward(&self.backend, &mut self.cache, &input)?;
         let v = self.model.cfg.vocab_size;
         Ok(self
-            .backend
-            .to_f32(&out)?
+            .logits_flat(seqs, all_logits)?
             .chunks_exact(v)
             .map(<[f32]>::to_vec)
             .collect())
+    }
+
+    /// The same logits as one host buffer, `vocab_size` values per row (one copy off the device).
+    fn logits_flat(&mut self, seqs: &[(&[u32], usize, &[u32])], all_logits: &[bool]) -> Result<Vec<f32>> {
+        let input = ForwardInput::build(&self.cache, seqs, all_logits)?;
+        let out = self.model.forward(&self.backend, &mut self.cache, &input)?;
+        self.backend.to_f32(&out)
     }
 
     /// Add sequences to `batch`: run their prompts and choose each one's first token.
@@ -164,8 +168,8 @@ impl<B: Backend> Engine<B> {
             .map(|s| (s.input_ids.as_slice(), 0, s.block_table.as_slice()))
             .collect();
         let all: Vec<bool> = new.iter().map(|s| s.prefill_logprobs).collect();
-        let rows = self.logits(&raw, &all)?;
-        let mut rows = rows.into_iter();
+        let mut flat = self.logits_flat(&raw, &all)?;
+        let mut rows = flat.chunks_exact_mut(self.model.cfg.vocab_size);
         let mut out = Vec::with_capacity(new.len());
         for s in new {
             let mut prefill = None;
@@ -180,16 +184,16 @@ impl<B: Backend> Engine<B> {
                         .ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
                     toks.push(PromptToken {
                         id,
-                        logprob: Some(log_softmax(&row)[id as usize]),
+                        logprob: Some((f64::from(row[id as usize]) - log_sum_exp(row)) as f32),
                     });
                 }
                 prefill = Some(toks);
             }
-            let mut last = rows
+            let last = rows
                 .next()
                 .ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
             let mut sampler = Sampler::new(s.params, &s.input_ids);
-            let choice = sampler.choose(&mut last);
+            let choice = sampler.choose(last);
             let mut tokens = s.input_ids;
             let cached = tokens.len();
             tokens.push(choice.token);
@@ -219,10 +223,11 @@ impl<B: Backend> Engine<B> {
             .iter()
             .map(|s| (&s.tokens[s.cached..], s.cached, s.block_table.as_slice()))
             .collect();
-        let rows = self.logits(&raw, &[])?;
-        let mut out = Vec::with_capacity(rows.len());
-        for (s, mut row) in batch.seqs.iter_mut().zip(rows) {
-            let choice = s.sampler.choose(&mut row);
+        let mut flat = self.logits_flat(&raw, &[])?;
+        let rows = flat.chunks_exact_mut(self.model.cfg.vocab_size);
+        let mut out = Vec::with_capacity(batch.len());
+        for (s, row) in batch.seqs.iter_mut().zip(rows) {
+            let choice = s.sampler.choose(row);
             s.cached = s.tokens.len();
             s.tokens.push(choice.token);
             out.push(Generation {

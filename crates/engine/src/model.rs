@@ -39,7 +39,7 @@ struct Layer<B: Backend> {
 
 /// One forward pass's input: new tokens of several sequences, flattened.
 #[derive(Clone, Debug, Default)]
-pub struct ForwardInput {
+pub struct ForwardInput<'a> {
     /// Token ids, sequence after sequence.
     pub tokens: Vec<u32>,
     /// Position of each token in its sequence.
@@ -47,17 +47,17 @@ pub struct ForwardInput {
     /// Cache slot of each token.
     pub slots: Vec<u32>,
     /// Per-sequence layout (rows, cached context, block table).
-    pub seqs: Vec<AttnSeq>,
+    pub seqs: Vec<AttnSeq<'a>>,
     /// Rows whose logits are returned, in this order.
     pub logit_rows: Vec<usize>,
 }
 
-impl ForwardInput {
+impl<'a> ForwardInput<'a> {
     /// Build the input for sequences given as (new tokens, tokens already cached, block table), asking
     /// for the logits of every new token (`all_logits`) or only of each sequence's last one.
     pub fn build<B: Backend>(
         cache: &KvCache<B>,
-        seqs: &[(&[u32], usize, &[u32])],
+        seqs: &[(&[u32], usize, &'a [u32])],
         all_logits: &[bool],
     ) -> Result<Self> {
         let mut input = Self::default();
@@ -83,7 +83,7 @@ impl ForwardInput {
                 q_start,
                 q_len: tokens.len(),
                 ctx_before: *ctx_before,
-                block_table: table.to_vec(),
+                block_table: table,
             });
         }
         Ok(input)
@@ -178,7 +178,7 @@ impl<B: Backend> Model<B> {
 
     /// Run the decoder over `input`, writing keys/values into `cache`; returns logits
     /// `[input.logit_rows.len(), vocab]`.
-    pub fn forward(&self, backend: &B, cache: &mut KvCache<B>, input: &ForwardInput) -> Result<B::Tensor> {
+    pub fn forward(&self, backend: &B, cache: &mut KvCache<B>, input: &ForwardInput<'_>) -> Result<B::Tensor> {
         let cfg = &self.cfg;
         let n = input.tokens.len();
         if input.positions.len() != n || input.slots.len() != n {
@@ -200,7 +200,7 @@ impl<B: Backend> Model<B> {
             block_size: cache.block_size,
             scale: 1.0 / (cfg.head_dim as f32).sqrt(),
             sliding_window: cfg.sliding_window,
-            seqs: input.seqs.clone(),
+            seqs: &input.seqs,
         };
         let eps = cfg.rms_norm_eps;
         let mut residual = backend.embedding(&self.embed, &input.tokens)?;

@@ -192,9 +192,16 @@ impl Sampler {
         } else {
             argmax(logits)
         };
-        let lp = log_softmax(logits);
-        let logprob = lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
-        let top = top_n(&lp, self.params.top_n_tokens as usize);
+        // log_softmax of one entry is `x - logsumexp(x)`: no vocabulary-sized buffer per token.
+        let lse = log_sum_exp(logits);
+        let logprob = match logits.get(token as usize) {
+            Some(&v) if lse.is_finite() => (f64::from(v) - lse) as f32,
+            _ => f32::NEG_INFINITY,
+        };
+        let top = top_n(logits, self.params.top_n_tokens as usize)
+            .into_iter()
+            .map(|(t, v)| (t, (f64::from(v) - lse) as f32))
+            .collect();
         self.record(token);
         Choice { token, logprob, top }
     }
@@ -203,14 +210,22 @@ impl Sampler {
 /// Numerically stable log-softmax (max subtracted, sum of exponentials accumulated in f64).
 /// `-inf` entries stay `-inf`; a row with no finite maximum (all `-inf`) comes back all `-inf`.
 pub fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let lse = log_sum_exp(x);
+    if lse == f64::NEG_INFINITY {
+        return vec![f32::NEG_INFINITY; x.len()];
+    }
+    x.iter().map(|&v| (v as f64 - lse) as f32).collect()
+}
+
+/// `log(sum(exp(x)))`, max subtracted, accumulated in f64; `-inf` when nothing is finite.
+pub fn log_sum_exp(x: &[f32]) -> f64 {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
-        return vec![f32::NEG_INFINITY; x.len()];
+        return f64::NEG_INFINITY;
     }
     let max64 = max as f64;
     let sum: f64 = x.iter().map(|&v| (v as f64 - max64).exp()).sum();
-    let lse = max64 + sum.ln();
-    x.iter().map(|&v| (v as f64 - lse) as f32).collect()
+    max64 + sum.ln()
 }
 
 /// Index of the first maximum (torch.argmax on ties: the first). NaN counts as the maximum, as in
@@ -249,12 +264,13 @@ fn draw(scores: &[f32], u: f64) -> u32 {
         return argmax(scores);
     }
     let max64 = max as f64;
-    let weights: Vec<f64> = scores.iter().map(|&v| (v as f64 - max64).exp()).collect();
-    let total: f64 = weights.iter().sum();
+    // Two passes recomputing exp rather than a vocabulary-sized buffer per token.
+    let weight = |v: f32| (v as f64 - max64).exp();
+    let total: f64 = scores.iter().map(|&v| weight(v)).sum();
     let target = u * total;
     let mut cum = 0.0f64;
     let mut last_positive = None;
-    for (i, &w) in weights.iter().enumerate() {
+    for (i, w) in scores.iter().map(|&v| weight(v)).enumerate() {
         if w > 0.0 {
             cum += w;
             last_positive = Some(i);
@@ -267,7 +283,8 @@ fn draw(scores: &[f32], u: f64) -> u32 {
     last_positive.map_or_else(|| argmax(scores), |i| i as u32)
 }
 
-/// The `n` most likely finite entries of `logprobs`, most likely first, ties by lower index.
+/// The `n` largest finite entries of `logprobs` (or of the scores: the order is the same), largest
+/// first, ties by lower index.
 fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
     if n == 0 {
         return Vec::new();

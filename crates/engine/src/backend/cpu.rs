@@ -269,7 +269,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention(&self, q: &CpuTensor, k_cache: &CpuTensor, v_cache: &CpuTensor, meta: &AttnMeta) -> Result<CpuTensor> {
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k_cache: &CpuTensor,
+        v_cache: &CpuTensor,
+        meta: &AttnMeta<'_>,
+    ) -> Result<CpuTensor> {
         let (n, qw) = q.rows_cols();
         let (slots_total, kvw) = k_cache.rows_cols();
         let hd = meta.head_dim;
@@ -282,7 +288,7 @@ impl Backend for CpuBackend {
         let group = meta.num_heads / meta.num_kv_heads;
         let bs = meta.block_size;
         // Validate the whole batch before computing anything.
-        for s in &meta.seqs {
+        for s in meta.seqs {
             let ctx = s.ctx_before + s.q_len;
             if s.q_start + s.q_len > n || ctx.div_ceil(bs) > s.block_table.len() {
                 return Err(EngineError::InvalidBatch(format!(

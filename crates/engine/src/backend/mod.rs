@@ -7,9 +7,9 @@ pub mod cpu;
 use crate::error::Result;
 use crate::weights::HostTensor;
 
-/// One sequence's slice of a flattened batch, as attention sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AttnSeq {
+/// One sequence's slice of a flattened batch, as attention sees it (borrowing the caller's block table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnSeq<'a> {
     /// Row of this sequence's first new token in the flattened batch.
     pub q_start: usize,
     /// Number of new tokens (prompt length at prefill, 1 at decode).
@@ -17,12 +17,12 @@ pub struct AttnSeq {
     /// Tokens already in the cache before this call (the new tokens follow them).
     pub ctx_before: usize,
     /// Cache blocks of this sequence, in order.
-    pub block_table: Vec<u32>,
+    pub block_table: &'a [u32],
 }
 
 /// Everything attention needs besides tensors; built once per forward pass.
-#[derive(Clone, Debug)]
-pub struct AttnMeta {
+#[derive(Clone, Copy, Debug)]
+pub struct AttnMeta<'a> {
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -36,7 +36,7 @@ pub struct AttnMeta {
     /// Keys further back than this are not attended (Mistral's sliding window).
     pub sliding_window: Option<usize>,
     /// The sequences of the batch, in row order.
-    pub seqs: Vec<AttnSeq>,
+    pub seqs: &'a [AttnSeq<'a>],
 }
 
 /// Operations of a decoder forward pass on one device. Tensors are row-major, 2-D `[rows, cols]` unless
@@ -96,7 +96,7 @@ pub trait Backend: Send + Sync + 'static {
         q: &Self::Tensor,
         k_cache: &Self::Tensor,
         v_cache: &Self::Tensor,
-        meta: &AttnMeta,
+        meta: &AttnMeta<'_>,
     ) -> Result<Self::Tensor>;
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
