@@ -89,26 +89,8 @@ async fn termination() -> &'static str {
 
 /// Wait until any child exits; returns its index and status.
 async fn any_exit(procs: &mut [Proc]) -> (usize, std::io::Result<std::process::ExitStatus>) {
-    let futs = procs.iter_mut().map(|p| Box::pin(p.child.wait()));
-    let (status, idx, _) = futures_select_all(futs).await;
+    let (status, idx, _) = futures::future::select_all(procs.iter_mut().map(|p| Box::pin(p.child.wait()))).await;
     (idx, status)
-}
-
-/// `select_all` without pulling in the futures crate: polls each wait future in turn.
-async fn futures_select_all<F>(futs: impl Iterator<Item = std::pin::Pin<Box<F>>>) -> (F::Output, usize, ())
-where
-    F: std::future::Future + ?Sized,
-{
-    let mut futs: Vec<_> = futs.collect();
-    std::future::poll_fn(move |cx| {
-        for (i, f) in futs.iter_mut().enumerate() {
-            if let std::task::Poll::Ready(out) = f.as_mut().poll(cx) {
-                return std::task::Poll::Ready((out, i, ()));
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
 }
 
 /// Stop every child still running: SIGTERM to each (router first), then SIGKILL after the grace period.

@@ -144,6 +144,17 @@ async fn metric(client: &reqwest::Client, base: &str, name: &str) -> Option<f64>
         .and_then(|v| v.parse().ok())
 }
 
+/// The count of a histogram bucket (`le` as rendered) in Prometheus text.
+fn bucket(text: &str, name: &str, le: &str) -> f64 {
+    let prefix = format!("{name}{{le=\"{le}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("{prefix} missing from /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 fn pid_of_shard(uds_dir: &Path) -> Option<i32> {
     let needle = uds_dir.display().to_string();
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -193,14 +204,46 @@ async fn serves_transformers_tokens_batches_validates_and_stops_on_sigterm() {
         assert_eq!(&generate(&client, &base, p, 32).await, want, "{p:?} alone");
     }
 
-    // Concurrent requests of different lengths overlap in one running batch; same tokens.
+    // Continuous batching: a long stream is running; the four prompts (different lengths) arrive
+    // concurrently, join its batch, and still give transformers' tokens.
+    let long = client
+        .post(format!("{base}/generate_stream"))
+        .json(&json!({"inputs": g.prompts[2], "parameters": {"max_new_tokens": 400, "ignore_eos_token": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 200);
+    let mut long = long.bytes_stream();
+    long.next().await.unwrap().unwrap();
     let futs = g.prompts.iter().map(|p| generate(&client, &base, p, 32));
     let all = futures::future::join_all(futs).await;
     for ((p, want), got) in g.prompts.iter().zip(&g.greedy).zip(&all) {
-        assert_eq!(got, want, "{p:?} in a concurrent batch");
+        assert_eq!(got, want, "{p:?} joining a running batch");
     }
-    let max_batch = metric(&client, &base, "lorax_batch_current_size").await;
-    assert!(max_batch.is_some(), "batch size gauge missing from /metrics");
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let single = bucket(&text, "lorax_batch_decode_size_bucket", "1");
+    let total = bucket(&text, "lorax_batch_decode_size_bucket", "+Inf");
+    assert!(
+        total - single >= 31.0,
+        "decode steps shared by 2+ requests: {} of {total}",
+        total - single
+    );
+
+    // The long stream's client disconnects: its KV blocks are freed (visible in /metrics).
+    assert!(metric(&client, &base, "lorax_kv_blocks_used").await.unwrap() > 0.0);
+    drop(long);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&client, &base, "lorax_kv_blocks_used").await != Some(0.0) {
+        assert!(Instant::now() < deadline, "blocks were not freed after the disconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Streaming gives the same tokens, one event each, the last carrying generated_text.
     let r = client
@@ -255,22 +298,6 @@ async fn serves_transformers_tokens_batches_validates_and_stops_on_sigterm() {
         .unwrap();
     assert!(r.status().is_client_error());
 
-    // A client that disconnects mid-stream frees its KV blocks (visible in /metrics).
-    let r = client
-        .post(format!("{base}/generate_stream"))
-        .json(&json!({"inputs": g.prompts[2], "parameters": {"max_new_tokens": 400, "ignore_eos_token": true}}))
-        .send()
-        .await
-        .unwrap();
-    let mut stream = r.bytes_stream();
-    stream.next().await.unwrap().unwrap();
-    assert!(metric(&client, &base, "lorax_kv_blocks_used").await.unwrap() > 0.0);
-    drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&client, &base, "lorax_kv_blocks_used").await != Some(0.0) {
-        assert!(Instant::now() < deadline, "blocks were not freed after the disconnect");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert_eq!(generate(&client, &base, &g.prompts[0], 32).await, g.greedy[0]);
 
     // SIGTERM: everything stops, exit code 0, shard gone.

@@ -27,6 +27,8 @@ pub const REQUEST_GENERATED_TOKENS: &str = "lorax_request_generated_tokens";
 pub const REQUEST_MAX_NEW_TOKENS: &str = "lorax_request_max_new_tokens";
 /// Shard forward time per call, seconds (histogram, label `method` = prefill|decode).
 pub const BATCH_FORWARD_DURATION: &str = "lorax_batch_forward_duration";
+/// Sequences advanced by each decode step (how many requests share a step).
+pub const BATCH_DECODE_SIZE: &str = "lorax_batch_decode_size";
 /// Shard calls made (counter, label `method`).
 pub const BATCH_INFERENCE_COUNT: &str = "lorax_batch_inference_count";
 /// Shard calls that failed (counter, label `method`).
@@ -72,7 +74,12 @@ fn build(max_total_tokens: u32) -> PrometheusHandle {
     ] {
         builder = set_buckets(builder, name, &durations);
     }
-    for name in [REQUEST_INPUT_LENGTH, REQUEST_GENERATED_TOKENS, REQUEST_MAX_NEW_TOKENS] {
+    for name in [
+        REQUEST_INPUT_LENGTH,
+        REQUEST_GENERATED_TOKENS,
+        REQUEST_MAX_NEW_TOKENS,
+        BATCH_DECODE_SIZE,
+    ] {
         builder = set_buckets(builder, name, &tokens);
     }
     let recorder = builder.build_recorder();
@@ -108,6 +115,7 @@ fn describe() {
     describe_histogram!(REQUEST_GENERATED_TOKENS, Unit::Count, "Generated tokens per request");
     describe_histogram!(REQUEST_MAX_NEW_TOKENS, Unit::Count, "max_new_tokens per request");
     describe_histogram!(BATCH_FORWARD_DURATION, Unit::Seconds, "Shard forward time per call");
+    describe_histogram!(BATCH_DECODE_SIZE, Unit::Count, "Sequences advanced per decode step");
     describe_counter!(BATCH_INFERENCE_COUNT, "Shard calls");
     describe_counter!(BATCH_INFERENCE_FAILURE, "Failed shard calls");
     describe_gauge!(QUEUE_SIZE, "Requests waiting for admission");

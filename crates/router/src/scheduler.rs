@@ -206,6 +206,7 @@ impl Scheduler {
             return;
         }
         metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => "decode").increment(1);
+        metrics::histogram!(m::BATCH_DECODE_SIZE).record(self.running.len() as f64);
         let started = Instant::now();
         match self.clients.decode().await {
             Ok(response) => {
