@@ -6,6 +6,28 @@ pub mod shard {
     pub mod v1 {
         #![allow(clippy::all, clippy::pedantic, missing_docs)]
         tonic::include_proto!("lorax.shard.v1");
+
+        impl SamplingParameters {
+            /// proto3 cannot tell "unset" from 0: a zero temperature, top_p, typical_p or
+            /// repetition_penalty means "off" (1.0), the value the router always sends explicitly.
+            #[must_use]
+            pub fn normalized(self) -> Self {
+                let one_if_zero = |v: f32| if v == 0.0 { 1.0 } else { v };
+                Self {
+                    temperature: one_if_zero(self.temperature),
+                    top_p: one_if_zero(self.top_p),
+                    typical_p: one_if_zero(self.typical_p),
+                    repetition_penalty: one_if_zero(self.repetition_penalty),
+                    ..self
+                }
+            }
+
+            /// The TGI/LoRAX rule: tokens are drawn when `do_sample` is set or any warper is on.
+            pub fn is_sampling(&self) -> bool {
+                let p = self.normalized();
+                p.do_sample || p.temperature != 1.0 || p.top_k != 0 || p.top_p < 1.0 || p.typical_p < 1.0
+            }
+        }
     }
 }
 

@@ -44,8 +44,8 @@ pub struct ServerArgs {
     /// Largest accepted request body in bytes; larger bodies get 413.
     #[arg(long, env, default_value_t = 2 * 1024 * 1024)]
     pub body_limit_bytes: usize,
-    /// Number of requests tokenized concurrently (on blocking threads).
-    #[arg(long, env, default_value_t = 2)]
+    /// Number of requests tokenized concurrently (on blocking threads); at least 1.
+    #[arg(long, env, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub validation_workers: usize,
     /// Log as JSON lines instead of human-readable text (the variable takes true/false, 1/0, yes/no).
     #[arg(long, env, value_parser = clap::builder::BoolishValueParser::new())]
@@ -59,7 +59,7 @@ pub struct ModelArgs {
     /// connects to all of them.
     #[arg(long, env)]
     pub master_shard_uds_path: PathBuf,
-    /// Directory containing `tokenizer.json` (and optionally `tokenizer_config.json`).
+    /// Directory containing `tokenizer.json` (or the file itself).
     #[arg(long, env)]
     pub tokenizer_path: PathBuf,
     /// Model id shown by /info.

@@ -18,7 +18,7 @@ pub fn blocks_for(tokens: u32, block_size: u32) -> u32 {
 /// Free-list allocator of the block ids `0..total`.
 #[derive(Debug)]
 pub struct BlockAllocator {
-    /// Free ids, popped from the end (lowest ids are handed out first).
+    /// Free ids, a stack: granted from the end, returned ids pushed back on it.
     free: Vec<u32>,
     total: u32,
     returns_tx: mpsc::UnboundedSender<Vec<u32>>,
@@ -38,11 +38,6 @@ impl BlockAllocator {
         metrics::gauge!(m::KV_BLOCKS_TOTAL).set(f64::from(total));
         allocator.publish();
         allocator
-    }
-
-    /// Total number of blocks.
-    pub fn total(&self) -> u32 {
-        self.total
     }
 
     /// Free blocks, counting those returned since the last reclaim.

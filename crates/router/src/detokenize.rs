@@ -122,6 +122,11 @@ impl IncrementalDecoder {
         }
     }
 
+    /// Every emitted non-special chunk so far (what stop sequences are searched in).
+    pub fn emitted(&self) -> &str {
+        &self.text
+    }
+
     /// The generated text: every emitted non-special chunk, then whatever is still pending (an
     /// incomplete character at the end decodes to U+FFFD, as a one-shot decode would give).
     pub fn text(&self, decoder: &TokenDecoder) -> String {

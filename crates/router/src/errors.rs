@@ -76,7 +76,6 @@ impl From<ValidationError> for ApiError {
 impl From<InferError> for ApiError {
     fn from(e: InferError) -> Self {
         match e {
-            InferError::Validation(v) => v.into(),
             InferError::Overloaded => Self::new(StatusCode::TOO_MANY_REQUESTS, OVERLOADED, e.to_string()),
             InferError::Generation(_) => Self::new(StatusCode::FAILED_DEPENDENCY, GENERATION, e.to_string()),
             InferError::Unavailable => Self::new(StatusCode::SERVICE_UNAVAILABLE, UNHEALTHY, e.to_string()),
@@ -134,7 +133,6 @@ mod tests {
             (InferError::Generation("boom".into()), 424, GENERATION),
             (InferError::Unavailable, 503, UNHEALTHY),
             (InferError::IncompleteGeneration, 500, INCOMPLETE_GENERATION),
-            (InferError::Validation(ValidationError::TopK), 422, VALIDATION),
         ];
         for (e, status, error_type) in cases {
             let api = ApiError::from(e);

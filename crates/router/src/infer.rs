@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::stopping::FinishReason;
-use crate::validation::{ValidRequest, ValidationError};
+use crate::validation::ValidRequest;
 
 /// Errors of the inference layer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -17,9 +17,6 @@ pub enum InferError {
     /// Too many requests in flight (429).
     #[error("Model is overloaded")]
     Overloaded,
-    /// The request is invalid (422).
-    #[error(transparent)]
-    Validation(#[from] ValidationError),
     /// A shard failed while this request was in its batch (424).
     #[error("Request failed during generation: {0}")]
     Generation(String),

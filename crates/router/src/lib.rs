@@ -258,13 +258,7 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
 
 /// "cuda" or "cpu" from the shard's device description ("cuda:0 NVIDIA H200", "cpu (2 threads)").
 fn device_type(device: &str) -> &str {
-    if device.starts_with("cuda") {
-        "cuda"
-    } else if device.starts_with("cpu") {
-        "cpu"
-    } else {
-        device.split([':', ' ']).next().unwrap_or(device)
-    }
+    device.split([':', ' ']).next().unwrap_or(device)
 }
 
 #[cfg(test)]

@@ -72,7 +72,7 @@ impl BatchingPolicy {
     ) -> usize {
         let selected = self.select(queue, free_blocks);
         match self.min_new_requests(running, steps_since_prefill) {
-            Some(min) if selected < min.max(1) => 0,
+            Some(min) if selected < min => 0,
             _ => selected,
         }
     }
@@ -142,15 +142,5 @@ mod tests {
         assert_eq!(p.admit([small; 12], 100, 10, 3), 12);
         // Nothing fits: nothing to do.
         assert_eq!(p.admit([small], 0, 0, 100), 0);
-    }
-
-    #[test]
-    fn zero_ratio_still_needs_one_request() {
-        let p = BatchingPolicy {
-            waiting_served_ratio: 0.0,
-            ..policy()
-        };
-        assert_eq!(p.admit(std::iter::empty(), 100, 3, 0), 0);
-        assert_eq!(p.admit([c(5, 16)], 100, 3, 0), 1);
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
-use lorax_proto::shard::v1::{Generation, Request};
+use lorax_proto::shard::v1::{Generation, Request, Token};
 use tokio::sync::mpsc;
 
 use crate::blocks::{BlockAllocation, BlockAllocator};
@@ -89,7 +89,6 @@ impl Scheduler {
         }
         self.queue.retain(|e| !e.response_tx.is_closed());
         if self.running.is_empty() && self.queue.is_empty() {
-            self.allocator.reclaim();
             self.publish();
             match self.entries.recv().await {
                 Some(entry) => self.queue.push_back(entry),
@@ -113,10 +112,7 @@ impl Scheduler {
 
     /// Prefills as many queued requests as the policy admits.
     async fn prefill(&mut self) {
-        let candidates = self.queue.iter().map(|e| Candidate {
-            input_length: e.request.input_length(),
-            max_total_tokens: e.request.max_total_tokens(),
-        });
+        let candidates = self.queue.iter().map(|e| candidate(&e.request));
         let free = self.allocator.free_blocks();
         let admit = self
             .policy
@@ -138,13 +134,16 @@ impl Scheduler {
         let mut requests = Vec::with_capacity(admit);
         for _ in 0..admit {
             let Some(entry) = self.queue.pop_front() else { break };
-            let candidate = Candidate {
-                input_length: entry.request.input_length(),
-                max_total_tokens: entry.request.max_total_tokens(),
-            };
-            let Some(blocks) = self.allocator.allocate(self.policy.blocks_needed(candidate)) else {
-                // `admit` counted free blocks just now, so this does not happen; requeue to be safe.
-                self.queue.push_front(entry);
+            let Some(blocks) = self
+                .allocator
+                .allocate(self.policy.blocks_needed(candidate(&entry.request)))
+            else {
+                // `admit` counted free blocks just now, so this is a bug: fail the request rather than
+                // requeue it (which could spin forever on an empty batch).
+                tracing::error!(parent: &entry.span, "admitted request found no free blocks");
+                let _ = entry.response_tx.send(Err(InferError::Generation(
+                    "internal error: no KV-cache blocks for an admitted request".into(),
+                )));
                 break;
             };
             let id = self.next_id;
@@ -180,12 +179,13 @@ impl Scheduler {
         self.publish();
         metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => "prefill").increment(1);
         let started = Instant::now();
+        let expected: Vec<u64> = requests.iter().map(|r| r.id).collect();
         match self.clients.prefill(requests).await {
             Ok(response) => {
                 metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => "prefill")
                     .record(started.elapsed().as_secs_f64());
                 self.steps_since_prefill = 0;
-                self.handle(response.generations, true).await;
+                self.handle(response.generations, true, &expected).await;
             }
             Err(e) => {
                 metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => "prefill").increment(1);
@@ -208,12 +208,13 @@ impl Scheduler {
         metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => "decode").increment(1);
         metrics::histogram!(m::BATCH_DECODE_SIZE).record(self.running.len() as f64);
         let started = Instant::now();
+        let expected: Vec<u64> = self.running.keys().copied().collect();
         match self.clients.decode().await {
             Ok(response) => {
                 metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => "decode")
                     .record(started.elapsed().as_secs_f64());
                 self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
-                self.handle(response.generations, false).await;
+                self.handle(response.generations, false, &expected).await;
             }
             Err(e) => {
                 metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => "decode").increment(1);
@@ -223,17 +224,31 @@ impl Scheduler {
     }
 
     /// Turns one step's generations into stream messages and retires finished or cancelled requests.
-    async fn handle(&mut self, generations: Vec<Generation>, prefill: bool) {
+    /// Every request the step should have advanced gets an answer: one the shard left out is failed
+    /// (never left waiting with its blocks), one the shard has but the router does not is filtered out.
+    async fn handle(&mut self, generations: Vec<Generation>, prefill: bool, expected: &[u64]) {
         let mut retired = false;
+        let mut answered = std::collections::HashSet::with_capacity(generations.len());
         for generation in generations {
             let id = generation.request_id;
+            answered.insert(id);
             let Some(running) = self.running.get_mut(&id) else {
                 tracing::warn!(id, "shard returned a generation for an unknown request");
+                retired = true;
                 continue;
             };
             let keep = Self::step(&self.decoder, running, generation, prefill);
             if !keep {
                 self.running.remove(&id);
+                retired = true;
+            }
+        }
+        for id in expected.iter().filter(|id| !answered.contains(id)) {
+            if let Some(running) = self.running.remove(id) {
+                tracing::error!(id, "shard returned no token for a request in the batch");
+                let _ = running.entry.response_tx.send(Err(InferError::Generation(
+                    "the shard returned no token for this request".into(),
+                )));
                 retired = true;
             }
         }
@@ -256,43 +271,33 @@ impl Scheduler {
             let prompt = generation
                 .prefill_tokens
                 .iter()
-                .map(|t| TokenInfo {
-                    id: t.id,
-                    text: decoder.token_text(t.id),
-                    logprob: t.logprob,
-                    special: decoder.is_special(t.id),
-                })
+                .map(|t| token_info(decoder, t))
                 .collect();
             if tx.send(Ok(InferStreamResponse::Prefill(prompt))).is_err() {
                 return false;
             }
         }
+        let before = running.decoder.emitted().len();
         let text = running.decoder.push(decoder, token.id);
         let special = decoder.is_special(token.id);
-        let finish = running.stopping.step(token.id, if special { "" } else { &text });
-        let token_info = TokenInfo {
+        let finish = running.stopping.step(token.id, running.decoder.emitted(), before);
+        let generated = TokenInfo {
             id: token.id,
             text,
             logprob: token.logprob,
             special,
         };
-        let top_tokens = generation
-            .top_tokens
-            .iter()
-            .map(|t| TokenInfo {
-                id: t.id,
-                text: decoder.token_text(t.id),
-                logprob: t.logprob,
-                special: decoder.is_special(t.id),
-            })
-            .collect();
+        let top_tokens = generation.top_tokens.iter().map(|t| token_info(decoder, t)).collect();
         let message = match finish {
             None => InferStreamResponse::Intermediate {
-                token: token_info,
+                token: generated,
                 top_tokens,
             },
             Some(finish_reason) => {
-                let text = match (finish_reason, running.stopping.text_through_stop()) {
+                let text = match (
+                    finish_reason,
+                    running.stopping.text_through_stop(running.decoder.emitted()),
+                ) {
                     (FinishReason::StopSequence, Some(text)) => text.to_string(),
                     _ => running.decoder.text(decoder),
                 };
@@ -301,11 +306,11 @@ impl Scheduler {
                     text,
                     generated_tokens: running.stopping.generated_tokens(),
                     finish_reason,
-                    seed: request.is_sampling.then_some(request.sampling.seed),
+                    seed: request.sampling.is_sampling().then_some(request.sampling.seed),
                 };
                 tracing::debug!(parent: &running.entry.span, ?finish_reason, tokens = generated_text.generated_tokens, "finished");
                 InferStreamResponse::End {
-                    token: token_info,
+                    token: generated,
                     top_tokens,
                     generated_text,
                     queued: running.entry.queued,
@@ -335,6 +340,10 @@ impl Scheduler {
     async fn fail_all(&mut self, error: ClientError) {
         let message = error.to_string();
         tracing::error!(requests = self.running.len(), "shard call failed: {message}");
+        // Shards drop their batch before anyone hears of the failure or the blocks are reused.
+        if let Err(e) = self.clients.clear_cache().await {
+            tracing::error!("clearing the shards' cache after a failure also failed: {e}");
+        }
         for (_, running) in std::mem::take(&mut self.running) {
             let _ = running
                 .entry
@@ -342,10 +351,25 @@ impl Scheduler {
                 .send(Err(InferError::Generation(message.clone())));
         }
         self.steps_since_prefill = 0;
-        self.allocator.reclaim();
-        if let Err(e) = self.clients.clear_cache().await {
-            tracing::error!("clearing the shards' cache after a failure also failed: {e}");
-        }
         self.publish();
+    }
+}
+
+/// A token decoded on its own (prompt tokens and alternatives; generated tokens go through the
+/// sequence's incremental decoder instead).
+fn token_info(decoder: &TokenDecoder, t: &Token) -> TokenInfo {
+    TokenInfo {
+        id: t.id,
+        text: decoder.token_text(t.id),
+        logprob: t.logprob,
+        special: decoder.is_special(t.id),
+    }
+}
+
+/// What the batching policy needs to know of a request.
+fn candidate(r: &crate::validation::ValidRequest) -> Candidate {
+    Candidate {
+        input_length: r.input_length(),
+        max_total_tokens: r.max_total_tokens(),
     }
 }

@@ -17,8 +17,8 @@ pub struct GenerateParameters {
     pub adapter_source: Option<String>,
     /// Adapters to merge; not supported yet.
     pub merged_adapters: Option<serde_json::Value>,
-    /// Token for private adapters; never logged.
-    pub api_token: Option<String>,
+    /// Token for private adapters; its Debug form is redacted, so it is never logged.
+    pub api_token: Option<Secret>,
     /// Sequences to sample and pick the best of; only 1 is supported.
     pub best_of: Option<i64>,
     /// Softmax temperature (> 0).
@@ -285,4 +285,15 @@ pub struct Info {
     pub docker_label: Option<&'static str>,
     /// Request logger endpoint (not supported).
     pub request_logger_url: Option<String>,
+}
+
+/// A credential from a request: deserialized like a string, shown as `***` by Debug.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }

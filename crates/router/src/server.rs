@@ -1,6 +1,7 @@
 //! HTTP routes (axum): LoRAX's REST API (`/generate`, `/generate_stream`, `/`), `/health`, `/info`,
-//! `/tokenize` and `/metrics`. Handlers validate, take a concurrency slot, hand the request to
-//! [`Infer`] and shape the answer; a dropped handler or SSE body drops the request's response stream,
+//! `/tokenize` and `/metrics`. Handlers take a concurrency slot first (so an overloaded server answers
+//! 429 at once, before spending tokenization on the request, as LoRAX does), validate, hand the request
+//! to [`Infer`] and shape the answer; a dropped handler or SSE body drops the request's response stream,
 //! which cancels the request in the batching task.
 
 use std::convert::Infallible;

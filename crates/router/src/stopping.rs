@@ -29,15 +29,14 @@ pub struct StoppingParameters {
     pub ignore_eos_token: bool,
 }
 
-/// One sequence's stopping state: the token count and the text seen so far.
+/// One sequence's stopping state: the token count and where a stop sequence ended (the text itself
+/// is the incremental decoder's, passed in on every step).
 #[derive(Debug, Clone)]
 pub struct StoppingCriteria {
     params: StoppingParameters,
     eos_token_ids: Vec<u32>,
     generated: u32,
-    /// Text of the non-special tokens so far (for stop sequences).
-    text: String,
-    /// Byte length of `text` up to the end of the first stop-sequence match.
+    /// Byte length of the generated text up to the end of the first stop-sequence match.
     stop_end: Option<usize>,
 }
 
@@ -48,7 +47,6 @@ impl StoppingCriteria {
             params,
             eos_token_ids,
             generated: 0,
-            text: String::new(),
             stop_end: None,
         }
     }
@@ -58,20 +56,18 @@ impl StoppingCriteria {
         self.generated
     }
 
-    /// Records token `id` whose newly completed text is `chunk` (empty for special tokens or an
-    /// incomplete character) and says whether the sequence is finished.
-    pub fn step(&mut self, id: u32, chunk: &str) -> Option<FinishReason> {
+    /// Records token `id`, after which the generated text (non-special tokens) is `text`, of which
+    /// bytes from `new_from` on are new, and says whether the sequence is finished.
+    pub fn step(&mut self, id: u32, text: &str, new_from: usize) -> Option<FinishReason> {
         self.generated += 1;
-        let before = self.text.len();
-        self.text.push_str(chunk);
         if self.generated >= self.params.max_new_tokens {
             return Some(FinishReason::Length);
         }
         if !self.params.ignore_eos_token && self.eos_token_ids.contains(&id) {
             return Some(FinishReason::EndOfSequenceToken);
         }
-        if !chunk.is_empty() {
-            if let Some(end) = find_stop(&self.text, before, &self.params.stop_sequences) {
+        if text.len() > new_from {
+            if let Some(end) = find_stop(text, new_from, &self.params.stop_sequences) {
                 self.stop_end = Some(end);
                 return Some(FinishReason::StopSequence);
             }
@@ -79,9 +75,9 @@ impl StoppingCriteria {
         None
     }
 
-    /// The generated text up to and including the stop sequence that ended it, when one did.
-    pub fn text_through_stop(&self) -> Option<&str> {
-        self.stop_end.map(|end| &self.text[..end])
+    /// The generated `text` up to and including the stop sequence that ended it, when one did.
+    pub fn text_through_stop<'a>(&self, text: &'a str) -> Option<&'a str> {
+        self.stop_end.and_then(|end| text.get(..end))
     }
 }
 
@@ -106,15 +102,40 @@ pub fn find_stop(text: &str, new_from: usize, stops: &[String]) -> Option<usize>
 mod tests {
     use super::*;
 
-    fn criteria(max_new_tokens: u32, stops: &[&str], ignore_eos_token: bool) -> StoppingCriteria {
-        StoppingCriteria::new(
-            StoppingParameters {
-                max_new_tokens,
-                stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
-                ignore_eos_token,
-            },
-            vec![2, 32000],
-        )
+    /// Criteria plus the text buffer the decoder keeps in production.
+    struct Run {
+        c: StoppingCriteria,
+        text: String,
+    }
+
+    impl Run {
+        fn step(&mut self, id: u32, chunk: &str) -> Option<FinishReason> {
+            let from = self.text.len();
+            self.text.push_str(chunk);
+            self.c.step(id, &self.text, from)
+        }
+
+        fn generated_tokens(&self) -> u32 {
+            self.c.generated_tokens()
+        }
+
+        fn text_through_stop(&self) -> Option<&str> {
+            self.c.text_through_stop(&self.text)
+        }
+    }
+
+    fn criteria(max_new_tokens: u32, stops: &[&str], ignore_eos_token: bool) -> Run {
+        Run {
+            c: StoppingCriteria::new(
+                StoppingParameters {
+                    max_new_tokens,
+                    stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
+                    ignore_eos_token,
+                },
+                vec![2, 32000],
+            ),
+            text: String::new(),
+        }
     }
 
     #[test]

@@ -105,8 +105,6 @@ pub struct ValidRequest {
     pub input_ids: Vec<u32>,
     /// Next-token parameters for the shard (seed resolved).
     pub sampling: SamplingParameters,
-    /// Whether tokens are drawn rather than argmax'd (then the seed is reported).
-    pub is_sampling: bool,
     /// Alternatives per generated token.
     pub top_n_tokens: u32,
     /// Return prompt tokens with log-probabilities.
@@ -136,8 +134,6 @@ impl ValidRequest {
 pub struct CheckedParameters {
     /// Next-token parameters (seed resolved).
     pub sampling: SamplingParameters,
-    /// Whether tokens are drawn.
-    pub is_sampling: bool,
     /// Alternatives per token.
     pub top_n_tokens: u32,
     /// Requested `max_new_tokens`, if any (> 0).
@@ -154,11 +150,6 @@ pub struct CheckedParameters {
     pub decoder_input_details: bool,
     /// Prepend the prompt.
     pub return_full_text: bool,
-}
-
-/// The TGI/LoRAX sampling rule the shard applies: any warper switched on implies sampling.
-fn is_sampling(p: &SamplingParameters) -> bool {
-    p.do_sample || p.temperature != 1.0 || p.top_k != 0 || p.top_p < 1.0 || p.typical_p < 1.0
 }
 
 /// Validates everything that does not need the tokenizer. `random_seed` supplies the seed of a
@@ -264,15 +255,13 @@ pub fn check_parameters(
         frequency_penalty,
         presence_penalty,
     };
-    let sampling_on = is_sampling(&sampling);
     sampling.seed = match p.seed {
         Some(seed) => seed,
-        None if sampling_on => random_seed(),
+        None if sampling.is_sampling() => random_seed(),
         None => 0,
     };
     Ok(CheckedParameters {
         sampling,
-        is_sampling: sampling_on,
         top_n_tokens,
         max_new_tokens: p.max_new_tokens,
         truncate,
@@ -352,14 +341,9 @@ impl Validation {
     pub fn new(tokenizer: Arc<Tokenizer>, workers: usize, limits: ValidationLimits) -> Self {
         Self {
             tokenizer,
-            workers: Arc::new(Semaphore::new(workers.max(1))),
+            workers: Arc::new(Semaphore::new(workers)),
             limits,
         }
-    }
-
-    /// The limits.
-    pub fn limits(&self) -> &ValidationLimits {
-        &self.limits
     }
 
     /// Tokenizes `inputs` on a blocking thread.
@@ -391,7 +375,6 @@ impl Validation {
             inputs: request.inputs,
             input_ids,
             sampling: checked.sampling,
-            is_sampling: checked.is_sampling,
             top_n_tokens: checked.top_n_tokens,
             decoder_input_details: checked.decoder_input_details,
             stopping: StoppingParameters {
@@ -435,7 +418,7 @@ mod tests {
     #[test]
     fn defaults_are_greedy() {
         let c = check(serde_json::json!({})).expect("valid");
-        assert!(!c.is_sampling);
+        assert!(!c.sampling.is_sampling());
         assert_eq!(c.sampling.seed, 0);
         assert_eq!(c.sampling.temperature, 1.0);
         assert_eq!(c.sampling.top_p, 1.0);
@@ -449,13 +432,13 @@ mod tests {
     #[test]
     fn sampling_gets_a_seed() {
         let c = check(serde_json::json!({"temperature": 0.5})).expect("valid");
-        assert!(c.is_sampling);
+        assert!(c.sampling.is_sampling());
         assert_eq!(c.sampling.seed, 42);
         let c = check(serde_json::json!({"do_sample": true, "seed": 7})).expect("valid");
-        assert!(c.is_sampling);
+        assert!(c.sampling.is_sampling());
         assert_eq!(c.sampling.seed, 7);
         let c = check(serde_json::json!({"top_k": 5})).expect("valid");
-        assert!(c.is_sampling);
+        assert!(c.sampling.is_sampling());
     }
 
     #[test]

@@ -595,3 +595,38 @@ async fn health_info_tokenize_metrics() {
         assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
     }
 }
+
+/// A shard that leaves a sequence out of its answer must not leave that request hanging with its
+/// blocks: it fails with 424 and the batch is cleaned up.
+#[tokio::test]
+async fn a_missing_generation_fails_the_request_instead_of_hanging() {
+    let d = Deployment::start(Setup::default()).await;
+    for shard in &d.shards {
+        shard.drop_next_generation.store(true, Ordering::SeqCst);
+    }
+    let (status, error) = error_of(
+        d.post(
+            "/generate",
+            json!({"inputs": "Hello", "parameters": {"max_new_tokens": 5}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 424, "{error}");
+    assert!(
+        error["error"].as_str().expect("message").contains("no token"),
+        "{error}"
+    );
+    common::eventually("the shards' batch is empty", Duration::from_secs(10), || async {
+        d.shards.iter().all(|s| s.live().is_empty())
+    })
+    .await;
+    // The server keeps serving.
+    let ok = d
+        .post(
+            "/generate",
+            json!({"inputs": "Hello", "parameters": {"max_new_tokens": 3}}),
+        )
+        .await;
+    assert_eq!(ok.status(), 200);
+}

@@ -119,16 +119,14 @@ fn to_pb(g: Generation) -> pb::Generation {
 }
 
 fn sampling(p: Option<pb::SamplingParameters>, top_n: u32) -> SamplingParams {
-    let p = p.unwrap_or_default();
-    // proto3 zero defaults mean "unset" for the multiplicative parameters.
-    let one_if_zero = |v: f32| if v == 0.0 { 1.0 } else { v };
+    let p = p.unwrap_or_default().normalized();
     SamplingParams {
-        temperature: one_if_zero(p.temperature),
+        temperature: p.temperature,
         top_k: p.top_k,
-        top_p: one_if_zero(p.top_p),
-        typical_p: one_if_zero(p.typical_p),
+        top_p: p.top_p,
+        typical_p: p.typical_p,
         do_sample: p.do_sample,
-        repetition_penalty: one_if_zero(p.repetition_penalty),
+        repetition_penalty: p.repetition_penalty,
         frequency_penalty: p.frequency_penalty,
         presence_penalty: p.presence_penalty,
         seed: p.seed,

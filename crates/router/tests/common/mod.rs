@@ -45,6 +45,8 @@ pub struct FakeState {
     batch: Mutex<BTreeMap<u64, Seq>>,
     /// Fail the next Prefill or Decode with "injected failure".
     pub fail_next: AtomicBool,
+    /// Leave the first sequence out of the next Decode response (a misbehaving shard).
+    pub drop_next_generation: AtomicBool,
     /// Answer Health with an error.
     pub unhealthy: AtomicBool,
     /// Prefill calls seen.
@@ -214,7 +216,11 @@ impl ShardService for FakeShard {
         self.check_failure()?;
         let mut batch = self.state.batch.lock().expect("lock");
         let mut generations = Vec::new();
+        let mut drop_one = self.state.drop_next_generation.swap(false, Ordering::SeqCst);
         for (&id, seq) in batch.iter_mut() {
+            if std::mem::take(&mut drop_one) {
+                continue;
+            }
             generations.push(Self::generation(id, seq, None));
             seq.last = next_token(seq.last, 0);
         }
