@@ -157,6 +157,7 @@ impl Scheduler {
                 prefill_logprobs: request.decoder_input_details,
                 top_n_tokens: request.top_n_tokens,
                 adapter_id: String::new(),
+                adapter_source: String::new(),
             });
             metrics::histogram!(m::REQUEST_QUEUE_DURATION).record(now.duration_since(entry.queued).as_secs_f64());
             let decoder = IncrementalDecoder::new(&request.input_ids);
