@@ -2,13 +2,15 @@
 //! finished ones. The caller owns block allocation and passes each sequence's block table (sized for
 //! its whole life: prompt plus every token it may generate).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
-use crate::model::{ForwardInput, Model};
+use crate::lora::{DeviceAdapter, HostAdapter};
+use crate::model::{ForwardInput, Model, SeqInput};
 use crate::sampling::{log_sum_exp, Choice, Sampler, SamplingParams};
 use crate::weights::Weights;
 
@@ -25,6 +27,8 @@ pub struct NewSequence {
     pub params: SamplingParams,
     /// Also return the log-probability of each prompt token.
     pub prefill_logprobs: bool,
+    /// Key of a loaded adapter ([`Engine::load_adapter`]) applied to this sequence; `None` for the base model.
+    pub adapter: Option<String>,
 }
 
 /// A prompt token with its log-probability under the model (none for the first token).
@@ -57,6 +61,8 @@ pub struct Sequence {
     pub cached: usize,
     /// Cache blocks.
     pub block_table: Vec<u32>,
+    /// Adapter key, `None` for the base model.
+    pub adapter: Option<String>,
     sampler: Sampler,
 }
 
@@ -76,6 +82,11 @@ impl Batch {
     /// Ids of the sequences, in order.
     pub fn ids(&self) -> Vec<u64> {
         self.seqs.iter().map(|s| s.id).collect()
+    }
+
+    /// Whether a sequence of the batch uses the adapter `key`.
+    pub fn uses_adapter(&self, key: &str) -> bool {
+        self.seqs.iter().any(|s| s.adapter.as_deref() == Some(key))
     }
 
     /// Number of sequences.
@@ -106,6 +117,10 @@ pub struct Engine<B: Backend> {
     pub model: Model<B>,
     /// The paged cache.
     pub cache: KvCache<B>,
+    /// Adapters on the device, by key.
+    adapters: HashMap<String, DeviceAdapter<B>>,
+    rank: usize,
+    world_size: usize,
 }
 
 impl<B: Backend> Engine<B> {
@@ -121,7 +136,42 @@ impl<B: Backend> Engine<B> {
             cache.num_blocks,
             cache.block_size,
         )?;
-        Ok(Self { backend, model, cache })
+        Ok(Self {
+            backend,
+            model,
+            cache,
+            adapters: HashMap::new(),
+            rank: 0,
+            world_size: 1,
+        })
+    }
+
+    /// Uploads `adapter` under `key` (replacing an adapter of the same key); returns its device bytes.
+    pub fn load_adapter(&mut self, key: &str, adapter: &HostAdapter) -> Result<usize> {
+        let device = DeviceAdapter::upload(&self.backend, adapter, self.rank, self.world_size)?;
+        let bytes = device.bytes;
+        self.adapters.insert(key.to_string(), device);
+        Ok(bytes)
+    }
+
+    /// Releases the adapter `key`; refused while a sequence of `batch` uses it. `false` if it was not loaded.
+    pub fn offload_adapter(&mut self, key: &str, batch: &Batch) -> Result<bool> {
+        if batch.uses_adapter(key) {
+            return Err(EngineError::InvalidBatch(format!(
+                "adapter {key:?} is used by a running sequence"
+            )));
+        }
+        Ok(self.adapters.remove(key).is_some())
+    }
+
+    /// Whether the adapter `key` is loaded.
+    pub fn has_adapter(&self, key: &str) -> bool {
+        self.adapters.contains_key(key)
+    }
+
+    /// Keys of the loaded adapters.
+    pub fn adapter_keys(&self) -> Vec<String> {
+        self.adapters.keys().cloned().collect()
     }
 
     /// The model's configuration.
@@ -129,9 +179,19 @@ impl<B: Backend> Engine<B> {
         &self.model.cfg
     }
 
-    /// Logits (as host f32 rows) for raw sequences given as (new tokens, cached count, block table);
-    /// `all_logits[i]` asks for every new token's logits of sequence `i`, else only the last.
+    /// Logits (as host f32 rows) for raw sequences of the base model given as (new tokens, cached count,
+    /// block table); `all_logits[i]` asks for every new token's logits of sequence `i`, else only the last.
     pub fn logits(&mut self, seqs: &[(&[u32], usize, &[u32])], all_logits: &[bool]) -> Result<Vec<Vec<f32>>> {
+        let with: Vec<(&[u32], usize, &[u32], Option<&str>)> = seqs.iter().map(|&(t, c, b)| (t, c, b, None)).collect();
+        self.logits_with_adapters(&with, all_logits)
+    }
+
+    /// [`Engine::logits`] with an adapter key (or `None`) per sequence.
+    pub fn logits_with_adapters(
+        &mut self,
+        seqs: &[(&[u32], usize, &[u32], Option<&str>)],
+        all_logits: &[bool],
+    ) -> Result<Vec<Vec<f32>>> {
         let v = self.model.cfg.vocab_size;
         Ok(self
             .logits_flat(seqs, all_logits)?
@@ -141,9 +201,35 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The same logits as one host buffer, `vocab_size` values per row (one copy off the device).
-    fn logits_flat(&mut self, seqs: &[(&[u32], usize, &[u32])], all_logits: &[bool]) -> Result<Vec<f32>> {
-        let input = ForwardInput::build(&self.cache, seqs, all_logits)?;
-        let out = self.model.forward(&self.backend, &mut self.cache, &input)?;
+    fn logits_flat(&mut self, seqs: &[(&[u32], usize, &[u32], Option<&str>)], all_logits: &[bool]) -> Result<Vec<f32>> {
+        // Each distinct adapter once, in first-use order; sequences refer to it by index.
+        let mut keys: Vec<&str> = Vec::new();
+        let mut inputs = Vec::with_capacity(seqs.len());
+        for &(tokens, ctx_before, block_table, key) in seqs {
+            let adapter = match key {
+                None => None,
+                Some(k) => Some(keys.iter().position(|x| *x == k).unwrap_or_else(|| {
+                    keys.push(k);
+                    keys.len() - 1
+                })),
+            };
+            inputs.push(SeqInput {
+                tokens,
+                ctx_before,
+                block_table,
+                adapter,
+            });
+        }
+        let adapters = keys
+            .iter()
+            .map(|k| {
+                self.adapters
+                    .get(*k)
+                    .ok_or_else(|| EngineError::AdapterNotLoaded((*k).to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
+        let out = self.model.forward(&self.backend, &mut self.cache, &input, &adapters)?;
         self.backend.to_f32(&out)
     }
 
@@ -163,9 +249,16 @@ impl<B: Backend> Engine<B> {
                 )));
             }
         }
-        let raw: Vec<(&[u32], usize, &[u32])> = new
+        let raw: Vec<(&[u32], usize, &[u32], Option<&str>)> = new
             .iter()
-            .map(|s| (s.input_ids.as_slice(), 0, s.block_table.as_slice()))
+            .map(|s| {
+                (
+                    s.input_ids.as_slice(),
+                    0,
+                    s.block_table.as_slice(),
+                    s.adapter.as_deref(),
+                )
+            })
             .collect();
         let all: Vec<bool> = new.iter().map(|s| s.prefill_logprobs).collect();
         let mut flat = self.logits_flat(&raw, &all)?;
@@ -207,6 +300,7 @@ impl<B: Backend> Engine<B> {
                 tokens,
                 cached,
                 block_table: s.block_table,
+                adapter: s.adapter,
                 sampler,
             });
         }
@@ -218,10 +312,17 @@ impl<B: Backend> Engine<B> {
         if batch.is_empty() {
             return Ok(vec![]);
         }
-        let raw: Vec<(&[u32], usize, &[u32])> = batch
+        let raw: Vec<(&[u32], usize, &[u32], Option<&str>)> = batch
             .seqs
             .iter()
-            .map(|s| (&s.tokens[s.cached..], s.cached, s.block_table.as_slice()))
+            .map(|s| {
+                (
+                    &s.tokens[s.cached..],
+                    s.cached,
+                    s.block_table.as_slice(),
+                    s.adapter.as_deref(),
+                )
+            })
             .collect();
         let mut flat = self.logits_flat(&raw, &[])?;
         let rows = flat.chunks_exact_mut(self.model.cfg.vocab_size);

@@ -69,6 +69,13 @@ pub enum EngineError {
     /// A request or batch is inconsistent (unknown sequence, block table too short, token out of vocab...).
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// A LoRA adapter that cannot be served: unsupported format or feature, pickle-only weights, a rank
+    /// above the maximum, tensors that do not belong to the base model.
+    #[error("invalid adapter {0}")]
+    InvalidAdapter(String),
+    /// A sequence names an adapter that is not loaded on this device.
+    #[error("adapter {0:?} is not loaded")]
+    AdapterNotLoaded(String),
     /// The backend failed (device errors, out of memory).
     #[error("backend error: {0}")]
     Backend(String),

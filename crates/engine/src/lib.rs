@@ -2,13 +2,14 @@
 //!
 //! Model configuration (`config`), safetensors weights with tensor-parallel slicing (`weights`), the
 //! backend seam (`backend`, CPU now), the one Llama-family decoder (`model`), the paged KV cache
-//! (`kv_cache`), batches of sequences (`batch`) and next-token choice (`sampling`).
+//! (`kv_cache`), PEFT LoRA adapters (`lora`), batches of sequences (`batch`) and next-token choice (`sampling`).
 
 pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;
+pub mod lora;
 pub mod model;
 pub mod sampling;
 pub mod weights;

@@ -5,10 +5,11 @@
 //! keys/values into the paged cache, attends over each sequence's whole cached context, and returns
 //! logits only for the rows asked for (usually the last new token of each sequence).
 
-use crate::backend::{AttnMeta, AttnSeq, Backend};
+use crate::backend::{AttnMeta, AttnSeq, Backend, LoraSegment};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
+use crate::lora::{DeviceAdapter, Target};
 use crate::weights::{shard, Weights};
 
 /// A linear layer `y = x·Wᵀ + b`.
@@ -37,6 +38,30 @@ struct Layer<B: Backend> {
     down: Linear<B>,
 }
 
+/// One sequence of a forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqInput<'a> {
+    /// New tokens (the prompt at prefill, one token at decode).
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in the cache.
+    pub ctx_before: usize,
+    /// The sequence's cache blocks.
+    pub block_table: &'a [u32],
+    /// Index of its adapter in the adapters given to [`Model::forward`]; `None` for the base model.
+    pub adapter: Option<usize>,
+}
+
+/// Consecutive rows of a forward pass that share an adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdapterSegment {
+    /// First row.
+    pub start: usize,
+    /// Number of rows.
+    pub len: usize,
+    /// Index of the adapter in the adapters given to [`Model::forward`].
+    pub adapter: usize,
+}
+
 /// One forward pass's input: new tokens of several sequences, flattened.
 #[derive(Clone, Debug, Default)]
 pub struct ForwardInput<'a> {
@@ -50,41 +75,58 @@ pub struct ForwardInput<'a> {
     pub seqs: Vec<AttnSeq<'a>>,
     /// Rows whose logits are returned, in this order.
     pub logit_rows: Vec<usize>,
+    /// Rows that take an adapter, grouped by adapter (base-model rows are in no segment).
+    pub segments: Vec<AdapterSegment>,
 }
 
 impl<'a> ForwardInput<'a> {
-    /// Build the input for sequences given as (new tokens, tokens already cached, block table), asking
-    /// for the logits of every new token (`all_logits`) or only of each sequence's last one.
-    pub fn build<B: Backend>(
-        cache: &KvCache<B>,
-        seqs: &[(&[u32], usize, &'a [u32])],
-        all_logits: &[bool],
-    ) -> Result<Self> {
+    /// Build the input for `seqs`, asking for the logits of every new token of sequence `i` when
+    /// `all_logits[i]`, else only of its last one. Rows are laid out sorted by adapter (base first), so
+    /// each adapter's rows form one segment; logits still come back in the order of `seqs`.
+    pub fn build<B: Backend>(cache: &KvCache<B>, seqs: &[SeqInput<'a>], all_logits: &[bool]) -> Result<Self> {
         let mut input = Self::default();
-        for (i, (tokens, ctx_before, table)) in seqs.iter().enumerate() {
-            if tokens.is_empty() {
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].adapter.map_or(0, |a| a + 1));
+        let mut starts = vec![0; seqs.len()];
+        for &i in &order {
+            let s = &seqs[i];
+            if s.tokens.is_empty() {
                 return Err(EngineError::InvalidBatch("a sequence with no new tokens".into()));
             }
             let q_start = input.tokens.len();
-            for (j, &t) in tokens.iter().enumerate() {
-                let pos = ctx_before + j;
+            starts[i] = q_start;
+            for (j, &t) in s.tokens.iter().enumerate() {
+                let pos = s.ctx_before + j;
                 input.tokens.push(t);
                 input
                     .positions
                     .push(u32::try_from(pos).map_err(|_| EngineError::InvalidBatch("position overflows u32".into()))?);
-                input.slots.push(cache.slot(table, pos)?);
-            }
-            if all_logits.get(i).copied().unwrap_or(false) {
-                input.logit_rows.extend(q_start..q_start + tokens.len());
-            } else {
-                input.logit_rows.push(q_start + tokens.len() - 1);
+                input.slots.push(cache.slot(s.block_table, pos)?);
             }
             input.seqs.push(AttnSeq {
                 q_start,
-                q_len: tokens.len(),
-                ctx_before: *ctx_before,
-                block_table: table,
+                q_len: s.tokens.len(),
+                ctx_before: s.ctx_before,
+                block_table: s.block_table,
             });
+            if let Some(adapter) = s.adapter {
+                match input.segments.last_mut() {
+                    Some(seg) if seg.adapter == adapter => seg.len += s.tokens.len(),
+                    _ => input.segments.push(AdapterSegment {
+                        start: q_start,
+                        len: s.tokens.len(),
+                        adapter,
+                    }),
+                }
+            }
+        }
+        for (i, s) in seqs.iter().enumerate() {
+            let q_start = starts[i];
+            if all_logits.get(i).copied().unwrap_or(false) {
+                input.logit_rows.extend(q_start..q_start + s.tokens.len());
+            } else {
+                input.logit_rows.push(q_start + s.tokens.len() - 1);
+            }
         }
         Ok(input)
     }
@@ -176,9 +218,15 @@ impl<B: Backend> Model<B> {
         self.local_kv_heads
     }
 
-    /// Run the decoder over `input`, writing keys/values into `cache`; returns logits
-    /// `[input.logit_rows.len(), vocab]`.
-    pub fn forward(&self, backend: &B, cache: &mut KvCache<B>, input: &ForwardInput<'_>) -> Result<B::Tensor> {
+    /// Run the decoder over `input`, writing keys/values into `cache`, applying `adapters[s.adapter]` to
+    /// the rows of each segment; returns logits `[input.logit_rows.len(), vocab]`.
+    pub fn forward(
+        &self,
+        backend: &B,
+        cache: &mut KvCache<B>,
+        input: &ForwardInput<'_>,
+        adapters: &[&DeviceAdapter<B>],
+    ) -> Result<B::Tensor> {
         let cfg = &self.cfg;
         let n = input.tokens.len();
         if input.positions.len() != n || input.slots.len() != n {
@@ -202,7 +250,39 @@ impl<B: Backend> Model<B> {
             sliding_window: cfg.sliding_window,
             seqs: &input.seqs,
         };
+        if let Some(seg) = input.segments.iter().find(|s| s.adapter >= adapters.len()) {
+            return Err(EngineError::InvalidBatch(format!(
+                "segment names adapter {} of {}",
+                seg.adapter,
+                adapters.len()
+            )));
+        }
         let eps = cfg.rms_norm_eps;
+        // Runs a projection, then adds each segment's LoRA term for it.
+        let project = |linear: &Linear<B>, x: &B::Tensor, layer: usize, target: Target| -> Result<B::Tensor> {
+            let mut y = linear.forward(backend, x)?;
+            let segs: Vec<LoraSegment<'_, B::Tensor>> = input
+                .segments
+                .iter()
+                .filter_map(|s| {
+                    adapters[s.adapter]
+                        .layers
+                        .get(layer)
+                        .and_then(|l| l[target.index()].as_ref())
+                        .map(|w| LoraSegment {
+                            start: s.start,
+                            len: s.len,
+                            a: &w.a,
+                            b: &w.b,
+                            scale: w.scale,
+                        })
+                })
+                .collect();
+            if !segs.is_empty() {
+                backend.lora(&mut y, x, &segs)?;
+            }
+            Ok(y)
+        };
         let mut residual = backend.embedding(&self.embed, &input.tokens)?;
         let mut pending: Option<B::Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -210,19 +290,19 @@ impl<B: Backend> Model<B> {
                 None => backend.rms_norm(&residual, &layer.input_norm, eps)?,
                 Some(out) => backend.add_rms_norm(&mut residual, &out, &layer.input_norm, eps)?,
             };
-            let mut q = layer.q.forward(backend, &h)?;
-            let mut k = layer.k.forward(backend, &h)?;
-            let v = layer.v.forward(backend, &h)?;
+            let mut q = project(&layer.q, &h, i, Target::Q)?;
+            let mut k = project(&layer.k, &h, i, Target::K)?;
+            let v = project(&layer.v, &h, i, Target::V)?;
             backend.rope(&mut q, cfg.head_dim, &input.positions, &self.inv_freq)?;
             backend.rope(&mut k, cfg.head_dim, &input.positions, &self.inv_freq)?;
             backend.kv_write(&mut cache.k[i], &mut cache.v[i], &k, &v, &input.slots)?;
             let attn = backend.attention(&q, &cache.k[i], &cache.v[i], &meta)?;
-            let attn_out = layer.o.forward(backend, &attn)?;
+            let attn_out = project(&layer.o, &attn, i, Target::O)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
-            let gate = layer.gate.forward(backend, &h2)?;
-            let up = layer.up.forward(backend, &h2)?;
+            let gate = project(&layer.gate, &h2, i, Target::Gate)?;
+            let up = project(&layer.up, &h2, i, Target::Up)?;
             let act = backend.silu_mul(&gate, &up)?;
-            pending = Some(layer.down.forward(backend, &act)?);
+            pending = Some(project(&layer.down, &act, i, Target::Down)?);
         }
         if let Some(out) = pending {
             backend.add_assign(&mut residual, &out)?;

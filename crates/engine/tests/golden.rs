@@ -88,6 +88,7 @@ fn greedy_alone_and_batched_match_transformers() {
             block_table: scattered_blocks(alloc, prompts[p].len() + N_NEW),
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            adapter: None,
         };
 
         // Alone.
@@ -191,6 +192,7 @@ fn prefill_logprobs_use_the_previous_position() {
                     ..SamplingParams::default()
                 },
                 prefill_logprobs: true,
+                adapter: None,
             }],
         )
         .unwrap();

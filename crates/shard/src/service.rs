@@ -188,6 +188,7 @@ impl ShardService for ShardServer {
                             block_table: blocks,
                             params: SamplingParams::default(),
                             prefill_logprobs: false,
+                            adapter: None,
                         }],
                     )
                     .map_err(status)?;
@@ -213,6 +214,7 @@ impl ShardService for ShardServer {
                 block_table: r.blocks,
                 params: sampling(r.parameters, r.top_n_tokens),
                 prefill_logprobs: r.prefill_logprobs,
+                adapter: None,
             })
             .collect();
         let (gens, ns) = self

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{AttnMeta, Backend};
+use super::{AttnMeta, Backend, LoraSegment};
 use crate::error::{EngineError, Result};
 use crate::weights::HostTensor;
 
@@ -186,6 +186,39 @@ impl Backend for CpuBackend {
     fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         self.add_assign(residual, x)?;
         self.rms_norm(residual, w, eps)
+    }
+
+    fn lora(&self, y: &mut CpuTensor, x: &CpuTensor, segments: &[LoraSegment<'_, CpuTensor>]) -> Result<()> {
+        let (n, k) = x.rows_cols();
+        let (ny, out) = y.rows_cols();
+        if n != ny {
+            return Err(shape_err("lora", &x.shape, &y.shape));
+        }
+        for seg in segments {
+            let (r, ka) = seg.a.rows_cols();
+            let (ob, rb) = seg.b.rows_cols();
+            if ka != k || ob != out || rb != r || seg.start + seg.len > n {
+                return Err(EngineError::Backend(format!(
+                    "lora: segment rows {}..{} of {n}, x {:?}, y {:?}, a {:?}, b {:?}",
+                    seg.start,
+                    seg.start + seg.len,
+                    x.shape,
+                    y.shape,
+                    seg.a.shape,
+                    seg.b.shape
+                )));
+            }
+            let xs = &x.data[seg.start * k..(seg.start + seg.len) * k];
+            let shrunk = matmul_t(xs, &seg.a.data, seg.len, k, r);
+            let expanded = matmul_t(&shrunk, &seg.b.data, seg.len, r, out);
+            for (d, e) in y.data[seg.start * out..(seg.start + seg.len) * out]
+                .iter_mut()
+                .zip(&expanded)
+            {
+                *d += seg.scale * e;
+            }
+        }
+        Ok(())
     }
 
     fn add_assign(&self, dst: &mut CpuTensor, src: &CpuTensor) -> Result<()> {

@@ -39,6 +39,21 @@ pub struct AttnMeta<'a> {
     pub seqs: &'a [AttnSeq<'a>],
 }
 
+/// One segment of a batched LoRA product (SGMV): consecutive rows of the batch that share an adapter.
+#[derive(Debug)]
+pub struct LoraSegment<'a, T> {
+    /// First row.
+    pub start: usize,
+    /// Number of rows.
+    pub len: usize,
+    /// `lora_A` `[r, in]`.
+    pub a: &'a T,
+    /// `lora_B` `[out, r]`.
+    pub b: &'a T,
+    /// Multiplier of the product.
+    pub scale: f32,
+}
+
 /// Operations of a decoder forward pass on one device. Tensors are row-major, 2-D `[rows, cols]` unless
 /// said otherwise; weights are `[out, in]` as in Hugging Face checkpoints.
 pub trait Backend: Send + Sync + 'static {
@@ -98,6 +113,10 @@ pub trait Backend: Send + Sync + 'static {
         v_cache: &Self::Tensor,
         meta: &AttnMeta<'_>,
     ) -> Result<Self::Tensor>;
+    /// Batched LoRA (SGMV shrink then expand): for each segment, `y[rows] += scale · (x[rows] · aᵀ) · bᵀ`.
+    /// `x` `[n, in]`, `y` `[n, out]`; rows outside every segment (base-model rows) are untouched and
+    /// segments may have different ranks. Each segment's adapter weights are read once.
+    fn lora(&self, y: &mut Self::Tensor, x: &Self::Tensor, segments: &[LoraSegment<'_, Self::Tensor>]) -> Result<()>;
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
 }

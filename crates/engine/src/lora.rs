@@ -1,0 +1,488 @@
+//! PEFT LoRA adapters: parsing `adapter_config.json` and `adapter_model.safetensors`, checking them
+//! against the base model, and the two tiers a shard keeps them in.
+//!
+//! A [`HostAdapter`] is the parsed, validated adapter in host memory (weights in their file dtype); a
+//! [`DeviceAdapter`] is the same adapter uploaded to a backend, sliced for this tensor-parallel rank.
+//! The forward pass applies an adapter to the seven projections of each layer as
+//! `y += scale · (x · Aᵀ) · Bᵀ` (see [`crate::backend::Backend::lora`]), with peft's scale:
+//! `alpha / r`, or `alpha / √r` with rsLoRA, after `rank_pattern` / `alpha_pattern` overrides.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::weights::{shard, HostTensor, Weights};
+
+/// The projections an adapter may target, in layer order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    /// `self_attn.q_proj`.
+    Q,
+    /// `self_attn.k_proj`.
+    K,
+    /// `self_attn.v_proj`.
+    V,
+    /// `self_attn.o_proj`.
+    O,
+    /// `mlp.gate_proj`.
+    Gate,
+    /// `mlp.up_proj`.
+    Up,
+    /// `mlp.down_proj`.
+    Down,
+}
+
+/// Number of [`Target`]s.
+pub const NUM_TARGETS: usize = 7;
+
+impl Target {
+    /// Every target, in index order.
+    pub const ALL: [Target; NUM_TARGETS] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    /// Index into per-layer arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Module path inside a decoder layer, as Hugging Face names it.
+    pub fn module(self) -> &'static str {
+        match self {
+            Target::Q => "self_attn.q_proj",
+            Target::K => "self_attn.k_proj",
+            Target::V => "self_attn.v_proj",
+            Target::O => "self_attn.o_proj",
+            Target::Gate => "mlp.gate_proj",
+            Target::Up => "mlp.up_proj",
+            Target::Down => "mlp.down_proj",
+        }
+    }
+
+    /// `(out, in)` of the base projection.
+    pub fn shape(self, cfg: &ModelConfig) -> (usize, usize) {
+        let h = cfg.hidden_size;
+        match self {
+            Target::Q => (cfg.q_dim(), h),
+            Target::K | Target::V => (cfg.kv_dim(), h),
+            Target::O => (h, cfg.q_dim()),
+            Target::Gate | Target::Up => (cfg.intermediate_size, h),
+            Target::Down => (h, cfg.intermediate_size),
+        }
+    }
+
+    /// Row-parallel projections (o, down) split their input under tensor parallelism; the others
+    /// split their output.
+    pub fn row_parallel(self) -> bool {
+        matches!(self, Target::O | Target::Down)
+    }
+
+    fn from_module(module: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.module() == module)
+    }
+}
+
+/// `target_modules`: a list of module-name suffixes, or one regular expression over full names.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum TargetModules {
+    List(Vec<String>),
+    Regex(String),
+}
+
+/// The fields of a PEFT `adapter_config.json` this engine reads; others are ignored.
+#[derive(Clone, Debug, Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    peft_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    target_modules: Option<TargetModules>,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    alpha_pattern: BTreeMap<String, f64>,
+    #[serde(default)]
+    modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    layers_to_transform: Option<serde_json::Value>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+}
+
+fn invalid(dir: &Path, reason: impl std::fmt::Display) -> EngineError {
+    EngineError::InvalidAdapter(format!("{}: {reason}", dir.display()))
+}
+
+/// A pattern key (`rank_pattern`, `alpha_pattern`) matches a module when it matches a dot-separated
+/// suffix of the module's name as a regular expression (peft's rule); the longest key wins.
+struct Patterns<T> {
+    keys: Vec<(Regex, usize, T)>,
+}
+
+impl<T: Copy> Patterns<T> {
+    fn new(dir: &Path, map: &BTreeMap<String, T>) -> Result<Self> {
+        let mut keys = Vec::with_capacity(map.len());
+        for (key, &value) in map {
+            let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+                .map_err(|e| invalid(dir, format!("pattern {key:?} is not a valid regular expression: {e}")))?;
+            keys.push((re, key.len(), value));
+        }
+        Ok(Self { keys })
+    }
+
+    fn get(&self, module: &str) -> Option<T> {
+        self.keys
+            .iter()
+            .filter(|(re, _, _)| re.is_match(module))
+            .max_by_key(|(_, len, _)| *len)
+            .map(|(_, _, v)| *v)
+    }
+}
+
+/// One projection's LoRA pair in host memory.
+#[derive(Debug)]
+pub struct HostLora {
+    /// `lora_A.weight`, `[r, in]`.
+    pub a: HostTensor<'static>,
+    /// `lora_B.weight`, `[out, r]`.
+    pub b: HostTensor<'static>,
+    /// Multiplier of `B·A` (peft's `scaling`).
+    pub scale: f32,
+}
+
+/// A parsed, validated adapter in host memory.
+#[derive(Debug)]
+pub struct HostAdapter {
+    /// Per layer, per [`Target`] index: the LoRA pair, if the adapter targets it.
+    pub layers: Vec<[Option<HostLora>; NUM_TARGETS]>,
+    /// Largest rank over all projections.
+    pub max_rank: usize,
+    /// Bytes of weights held.
+    pub bytes: usize,
+    /// The base model the adapter was trained on, as its config says.
+    pub base_model: Option<String>,
+}
+
+impl HostAdapter {
+    /// Reads and checks the PEFT adapter in `dir` against the base model `cfg`, refusing ranks above
+    /// `max_rank`. Pickle-only adapters, unsupported PEFT features, unknown target modules, missing
+    /// pairs and shapes that do not fit the base model are errors naming the problem.
+    pub fn load(dir: &Path, cfg: &ModelConfig, max_rank: usize) -> Result<Self> {
+        let config_path = dir.join("adapter_config.json");
+        let weights_path = dir.join("adapter_model.safetensors");
+        if !config_path.is_file() {
+            return Err(EngineError::Io {
+                path: config_path,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter_config.json"),
+            });
+        }
+        if !weights_path.is_file() {
+            if dir.join("adapter_model.bin").is_file() {
+                return Err(invalid(
+                    dir,
+                    "only pickle weights (adapter_model.bin) are present, and pickle files are never loaded; \
+                     convert them with peft: `PeftModel.from_pretrained(base, path).save_pretrained(out, \
+                     safe_serialization=True)` to get adapter_model.safetensors",
+                ));
+            }
+            return Err(EngineError::Io {
+                path: weights_path,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter_model.safetensors"),
+            });
+        }
+        let text = std::fs::read_to_string(&config_path).map_err(|source| EngineError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let raw: RawConfig = serde_json::from_str(&text)
+            .map_err(|e| invalid(dir, format!("adapter_config.json is not a PEFT LoRA config: {e}")))?;
+        check_features(dir, &raw)?;
+        let weights = Weights::from_files(&[weights_path])?;
+        build(dir, cfg, &raw, &weights, max_rank)
+    }
+}
+
+fn check_features(dir: &Path, raw: &RawConfig) -> Result<()> {
+    if let Some(t) = raw.peft_type.as_deref().filter(|t| *t != "LORA") {
+        return Err(invalid(dir, format!("peft_type {t} is not supported (only LORA)")));
+    }
+    if raw.use_dora {
+        return Err(invalid(dir, "DoRA adapters (use_dora) are not supported"));
+    }
+    if raw.fan_in_fan_out {
+        return Err(invalid(dir, "fan_in_fan_out adapters are not supported"));
+    }
+    if let Some(b) = raw.bias.as_deref().filter(|b| *b != "none") {
+        return Err(invalid(dir, format!("bias {b:?} is not supported (only \"none\")")));
+    }
+    if raw.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(invalid(
+            dir,
+            "modules_to_save (fully trained extra modules) is not supported",
+        ));
+    }
+    if raw.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(invalid(dir, "layers_to_transform is not supported"));
+    }
+    if raw.r == 0 {
+        return Err(invalid(dir, "r must be positive"));
+    }
+    Ok(())
+}
+
+/// Whether peft would wrap `module` (e.g. `model.layers.3.mlp.up_proj`) given `target_modules`.
+fn targeted(targets: Option<&TargetModules>, regex: Option<&Regex>, module: &str) -> bool {
+    match (targets, regex) {
+        (Some(TargetModules::Regex(_)), Some(re)) => re.is_match(module),
+        (Some(TargetModules::List(list)), _) => list.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
+        _ => true,
+    }
+}
+
+fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, weights: &Weights, max_rank: usize) -> Result<HostAdapter> {
+    let ranks = Patterns::new(dir, &raw.rank_pattern)?;
+    let alphas = Patterns::new(dir, &raw.alpha_pattern)?;
+    let regex = match &raw.target_modules {
+        Some(TargetModules::Regex(r)) => Some(Regex::new(&format!("^(?:{r})$")).map_err(|e| {
+            invalid(
+                dir,
+                format!("target_modules {r:?} is not a valid regular expression: {e}"),
+            )
+        })?),
+        _ => None,
+    };
+    let mut layers: Vec<[Option<HostLora>; NUM_TARGETS]> = (0..cfg.num_layers).map(|_| Default::default()).collect();
+    let mut seen_a = std::collections::HashSet::new();
+    for name in weights.names() {
+        let (module, which) = parse_name(name).ok_or_else(|| {
+            invalid(
+                dir,
+                format!(
+                    "tensor {name:?} is not a LoRA weight of a q/k/v/o/gate/up/down projection (unsupported target)"
+                ),
+            )
+        })?;
+        if which == 'B' {
+            continue;
+        }
+        seen_a.insert(module.clone());
+        let (layer, target) = locate(dir, cfg, &module)?;
+        if !targeted(raw.target_modules.as_ref(), regex.as_ref(), &module) {
+            return Err(invalid(
+                dir,
+                format!("weights for {module} are present but target_modules does not name it"),
+            ));
+        }
+        let r = ranks.get(&module).unwrap_or(raw.r);
+        let alpha = alphas.get(&module).unwrap_or(raw.lora_alpha);
+        if r > max_rank {
+            return Err(invalid(
+                dir,
+                format!("rank {r} of {module} is above this server's maximum LoRA rank {max_rank}"),
+            ));
+        }
+        let (out, inp) = target.shape(cfg);
+        let a_name = format!("base_model.model.{module}.lora_A.weight");
+        let b_name = format!("base_model.model.{module}.lora_B.weight");
+        if !weights.contains(&b_name) {
+            return Err(invalid(dir, format!("{a_name} has no matching lora_B")));
+        }
+        let a = owned(weights.get(&a_name)?);
+        let b = owned(weights.get(&b_name)?);
+        if a.shape != [r, inp] || b.shape != [out, r] {
+            return Err(EngineError::ShapeMismatch {
+                name: format!("{module} (lora_A, lora_B) of adapter {}", dir.display()),
+                actual: [a.shape.as_slice(), b.shape.as_slice()].concat(),
+                expected: vec![r, inp, out, r],
+            });
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let scale = if raw.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        #[allow(clippy::cast_possible_truncation)]
+        let scale = scale as f32;
+        layers[layer][target.index()] = Some(HostLora { a, b, scale });
+    }
+    for name in weights.names() {
+        if let Some((module, 'B')) = parse_name(name) {
+            if !seen_a.contains(&module) {
+                return Err(invalid(dir, format!("{name} has no matching lora_A")));
+            }
+        }
+    }
+    let pairs: Vec<&HostLora> = layers.iter().flatten().flatten().collect();
+    if pairs.is_empty() {
+        return Err(invalid(dir, "adapter_model.safetensors holds no LoRA weights"));
+    }
+    Ok(HostAdapter {
+        max_rank: pairs.iter().map(|p| p.a.shape[0]).max().unwrap_or(0),
+        bytes: pairs.iter().map(|p| p.a.data.len() + p.b.data.len()).sum(),
+        layers,
+        base_model: raw.base_model_name_or_path.clone(),
+    })
+}
+
+fn owned(t: HostTensor<'_>) -> HostTensor<'static> {
+    HostTensor {
+        name: t.name,
+        dtype: t.dtype,
+        shape: t.shape,
+        data: std::borrow::Cow::Owned(t.data.into_owned()),
+    }
+}
+
+/// `base_model.model.<module>.lora_{A,B}.weight` → (module, 'A' | 'B').
+fn parse_name(name: &str) -> Option<(String, char)> {
+    let rest = name.strip_prefix("base_model.model.")?;
+    let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        (m, 'A')
+    } else {
+        (rest.strip_suffix(".lora_B.weight")?, 'B')
+    };
+    Some((module.to_string(), which))
+}
+
+/// `model.layers.<i>.<target module>` → (i, target).
+fn locate(dir: &Path, cfg: &ModelConfig, module: &str) -> Result<(usize, Target)> {
+    let unsupported = || {
+        invalid(
+            dir,
+            format!("LoRA on {module} is not supported (only the projections of decoder layers)"),
+        )
+    };
+    let rest = module.strip_prefix("model.layers.").ok_or_else(unsupported)?;
+    let (layer, target) = rest.split_once('.').ok_or_else(unsupported)?;
+    let layer: usize = layer.parse().map_err(|_| unsupported())?;
+    let target = Target::from_module(target).ok_or_else(unsupported)?;
+    if layer >= cfg.num_layers {
+        return Err(invalid(
+            dir,
+            format!(
+                "{module}: layer {layer} does not exist (the base model has {})",
+                cfg.num_layers
+            ),
+        ));
+    }
+    Ok((layer, target))
+}
+
+/// One projection's LoRA pair on a backend (this rank's slice).
+#[derive(Debug)]
+pub struct LoraWeights<B: Backend> {
+    /// `[r, in]` (the input slice for row-parallel projections).
+    pub a: B::Tensor,
+    /// `[out, r]` (the output slice for column-parallel projections).
+    pub b: B::Tensor,
+    /// Multiplier of `B·A`.
+    pub scale: f32,
+}
+
+/// An adapter uploaded to a backend.
+#[derive(Debug)]
+pub struct DeviceAdapter<B: Backend> {
+    /// Per layer, per [`Target`] index.
+    pub layers: Vec<[Option<LoraWeights<B>>; NUM_TARGETS]>,
+    /// Bytes of weights uploaded (as stored on the host).
+    pub bytes: usize,
+}
+
+impl<B: Backend> DeviceAdapter<B> {
+    /// Uploads `host` for shard `rank` of `world_size`, sliced as S-LoRA does: column-parallel
+    /// projections split B's rows (A whole); row-parallel ones split A's columns (B whole), so each
+    /// rank's partial `x·Aᵀ·Bᵀ` joins the base output's partial sum before the all-reduce.
+    pub fn upload(backend: &B, host: &HostAdapter, rank: usize, world_size: usize) -> Result<Self> {
+        let mut layers = Vec::with_capacity(host.layers.len());
+        let mut bytes = 0;
+        for layer in &host.layers {
+            let mut out: [Option<LoraWeights<B>>; NUM_TARGETS] = Default::default();
+            for target in Target::ALL {
+                let Some(pair) = &layer[target.index()] else { continue };
+                let (a, b) = if target.row_parallel() {
+                    (shard(borrowed(&pair.a), 1, rank, world_size)?, borrowed(&pair.b))
+                } else {
+                    (borrowed(&pair.a), shard(borrowed(&pair.b), 0, rank, world_size)?)
+                };
+                bytes += a.data.len() + b.data.len();
+                out[target.index()] = Some(LoraWeights {
+                    a: backend.weight(&a)?,
+                    b: backend.weight(&b)?,
+                    scale: pair.scale,
+                });
+            }
+            layers.push(out);
+        }
+        Ok(Self { layers, bytes })
+    }
+}
+
+fn borrowed<'a>(t: &'a HostTensor<'static>) -> HostTensor<'a> {
+    HostTensor {
+        name: t.name.clone(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+        data: std::borrow::Cow::Borrowed(&t.data),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn names_parse() {
+        assert_eq!(
+            parse_name("base_model.model.model.layers.3.mlp.up_proj.lora_B.weight"),
+            Some(("model.layers.3.mlp.up_proj".into(), 'B'))
+        );
+        assert_eq!(parse_name("model.layers.3.mlp.up_proj.weight"), None);
+    }
+
+    #[test]
+    fn pattern_keys_match_dot_suffixes_longest_first() {
+        let map = BTreeMap::from([("up_proj".to_string(), 4usize), ("layers.1.mlp.up_proj".to_string(), 8)]);
+        let p = Patterns::new(Path::new("x"), &map).unwrap();
+        assert_eq!(p.get("model.layers.1.mlp.up_proj"), Some(8));
+        assert_eq!(p.get("model.layers.11.mlp.up_proj"), Some(4));
+        assert_eq!(p.get("model.layers.1.mlp.gate_proj"), None);
+        // A suffix must start at a dot: "p_proj" is not a suffix key of "up_proj".
+        let q = Patterns::new(Path::new("x"), &BTreeMap::from([("p_proj".to_string(), 2usize)])).unwrap();
+        assert_eq!(q.get("model.layers.1.mlp.up_proj"), None);
+    }
+
+    #[test]
+    fn target_lists_and_regexes() {
+        let list = TargetModules::List(vec!["q_proj".into(), "mlp.up_proj".into()]);
+        assert!(targeted(Some(&list), None, "model.layers.0.self_attn.q_proj"));
+        assert!(targeted(Some(&list), None, "model.layers.0.mlp.up_proj"));
+        assert!(!targeted(Some(&list), None, "model.layers.0.self_attn.k_proj"));
+        let re = Regex::new(r"^(?:.*\.(o_proj|down_proj))$").unwrap();
+        let r = TargetModules::Regex(String::new());
+        assert!(targeted(Some(&r), Some(&re), "model.layers.1.mlp.down_proj"));
+        assert!(!targeted(Some(&r), Some(&re), "model.layers.1.mlp.up_proj"));
+    }
+}
