@@ -14,6 +14,10 @@ use crate::model::{ForwardInput, Model, SeqInput};
 use crate::sampling::{log_sum_exp, Choice, Sampler, SamplingParams};
 use crate::weights::Weights;
 
+/// A raw sequence for [`Engine::logits_with_adapters`]: (new tokens, tokens already cached, block
+/// table, adapter key or `None` for the base model).
+pub type RawSeq<'a> = (&'a [u32], usize, &'a [u32], Option<&'a str>);
+
 /// A sequence to add to a batch.
 #[derive(Clone, Debug)]
 pub struct NewSequence {
@@ -182,16 +186,12 @@ impl<B: Backend> Engine<B> {
     /// Logits (as host f32 rows) for raw sequences of the base model given as (new tokens, cached count,
     /// block table); `all_logits[i]` asks for every new token's logits of sequence `i`, else only the last.
     pub fn logits(&mut self, seqs: &[(&[u32], usize, &[u32])], all_logits: &[bool]) -> Result<Vec<Vec<f32>>> {
-        let with: Vec<(&[u32], usize, &[u32], Option<&str>)> = seqs.iter().map(|&(t, c, b)| (t, c, b, None)).collect();
+        let with: Vec<RawSeq<'_>> = seqs.iter().map(|&(t, c, b)| (t, c, b, None)).collect();
         self.logits_with_adapters(&with, all_logits)
     }
 
     /// [`Engine::logits`] with an adapter key (or `None`) per sequence.
-    pub fn logits_with_adapters(
-        &mut self,
-        seqs: &[(&[u32], usize, &[u32], Option<&str>)],
-        all_logits: &[bool],
-    ) -> Result<Vec<Vec<f32>>> {
+    pub fn logits_with_adapters(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool]) -> Result<Vec<Vec<f32>>> {
         let v = self.model.cfg.vocab_size;
         Ok(self
             .logits_flat(seqs, all_logits)?
@@ -201,18 +201,17 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The same logits as one host buffer, `vocab_size` values per row (one copy off the device).
-    fn logits_flat(&mut self, seqs: &[(&[u32], usize, &[u32], Option<&str>)], all_logits: &[bool]) -> Result<Vec<f32>> {
+    fn logits_flat(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool]) -> Result<Vec<f32>> {
         // Each distinct adapter once, in first-use order; sequences refer to it by index.
         let mut keys: Vec<&str> = Vec::new();
         let mut inputs = Vec::with_capacity(seqs.len());
         for &(tokens, ctx_before, block_table, key) in seqs {
-            let adapter = match key {
-                None => None,
-                Some(k) => Some(keys.iter().position(|x| *x == k).unwrap_or_else(|| {
+            let adapter = key.map(|k| {
+                keys.iter().position(|x| *x == k).unwrap_or_else(|| {
                     keys.push(k);
                     keys.len() - 1
-                })),
-            };
+                })
+            });
             inputs.push(SeqInput {
                 tokens,
                 ctx_before,
@@ -249,7 +248,7 @@ impl<B: Backend> Engine<B> {
                 )));
             }
         }
-        let raw: Vec<(&[u32], usize, &[u32], Option<&str>)> = new
+        let raw: Vec<RawSeq<'_>> = new
             .iter()
             .map(|s| {
                 (
@@ -312,7 +311,7 @@ impl<B: Backend> Engine<B> {
         if batch.is_empty() {
             return Ok(vec![]);
         }
-        let raw: Vec<(&[u32], usize, &[u32], Option<&str>)> = batch
+        let raw: Vec<RawSeq<'_>> = batch
             .seqs
             .iter()
             .map(|s| {

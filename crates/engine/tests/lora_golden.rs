@@ -10,6 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{fixtures, rel_err, subset, Golden};
+use lorax_engine::engine::RawSeq;
 use lorax_engine::kv_cache::BlockAllocator;
 use lorax_engine::lora::HostAdapter;
 use lorax_engine::{Batch, CacheConfig, CpuBackend, Engine, EngineError, NewSequence, SamplingParams};
@@ -128,7 +129,7 @@ fn mixed_batch_matches_peft_adapter_names() {
         .collect();
 
     // Logits of the whole mixed batch in one forward pass (a throwaway copy of the block tables).
-    let raw: Vec<(&[u32], usize, &[u32], Option<&str>)> = news
+    let raw: Vec<RawSeq<'_>> = news
         .iter()
         .map(|s| {
             (
