@@ -59,6 +59,81 @@ pub struct Args {
     /// Limits passed to the router.
     #[command(flatten)]
     pub limits: RouterLimits,
+    /// LoRA adapter settings.
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+}
+
+/// LoRA adapters: sources, how many are active, and the shards' caches.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct AdapterArgs {
+    /// Source of requests that name an adapter without `adapter_source`: `hub` or `local`.
+    #[arg(long, env = "ADAPTER_SOURCE", default_value = "hub")]
+    pub adapter_source: String,
+    /// Directories `local` adapters must be under, comma-separated. Empty (the default) disables the
+    /// local source; paths leading outside (`..`, symlinks, absolute paths) are refused.
+    #[arg(long, env = "ADAPTER_LOCAL_ROOTS", value_delimiter = ',')]
+    pub adapter_local_roots: Vec<PathBuf>,
+    /// Most adapters loaded on the shards at once; others wait in their queue for a slot.
+    #[arg(long, env = "MAX_ACTIVE_ADAPTERS", default_value_t = 128)]
+    pub max_active_adapters: usize,
+    /// Seconds an adapter stays active while others wait before it stops taking new requests and is
+    /// offloaded once its running requests finish.
+    #[arg(long, env = "ADAPTER_CYCLE_TIME_S", default_value_t = 2.0)]
+    pub adapter_cycle_time_s: f64,
+    /// Adapters downloaded and loaded at startup, comma-separated.
+    #[arg(long, env = "PRELOADED_ADAPTER_IDS", value_delimiter = ',')]
+    pub preloaded_adapter_ids: Vec<String>,
+    /// Source of the preloaded adapters (default: `--adapter-source`).
+    #[arg(long, env = "PRELOADED_ADAPTER_SOURCE")]
+    pub preloaded_adapter_source: Option<String>,
+    /// Largest LoRA rank accepted.
+    #[arg(long, env = "MAX_LORA_RANK", default_value_t = 128)]
+    pub max_lora_rank: usize,
+    /// Megabytes of parsed adapters each shard keeps in host memory (least recently used evicted).
+    #[arg(long, env = "ADAPTER_HOST_CACHE_MB", default_value_t = 1024)]
+    pub adapter_host_cache_mb: usize,
+    /// Seconds a hub download may take before the adapter's requests fail.
+    #[arg(long, env = "ADAPTER_DOWNLOAD_TIMEOUT_S", default_value_t = 300)]
+    pub adapter_download_timeout_s: u64,
+}
+
+impl AdapterArgs {
+    fn shard_flags(&self) -> Vec<String> {
+        let roots: Vec<String> = self
+            .adapter_local_roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect();
+        let mut v = vec![
+            format!("--max-lora-rank={}", self.max_lora_rank),
+            format!("--adapter-host-cache-mb={}", self.adapter_host_cache_mb),
+            format!("--max-active-adapters={}", self.max_active_adapters),
+            format!("--adapter-download-timeout-s={}", self.adapter_download_timeout_s),
+        ];
+        if !roots.is_empty() {
+            v.push(format!("--adapter-local-roots={}", roots.join(",")));
+        }
+        v
+    }
+
+    fn router_flags(&self) -> Vec<String> {
+        let mut v = vec![
+            format!("--default-adapter-source={}", self.adapter_source),
+            format!("--max-active-adapters={}", self.max_active_adapters),
+            format!("--adapter-cycle-time-s={}", self.adapter_cycle_time_s),
+        ];
+        if !self.preloaded_adapter_ids.is_empty() {
+            v.push(format!(
+                "--preloaded-adapter-ids={}",
+                self.preloaded_adapter_ids.join(",")
+            ));
+        }
+        if let Some(s) = &self.preloaded_adapter_source {
+            v.push(format!("--preloaded-adapter-source={s}"));
+        }
+        v
+    }
 }
 
 /// Router limits, forwarded flag for flag.

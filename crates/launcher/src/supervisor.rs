@@ -166,6 +166,7 @@ async fn start_and_watch(
             format!("--num-blocks={}", args.num_blocks),
             format!("--block-size={}", args.block_size),
         ];
+        a.extend(args.adapters.shard_flags());
         a.extend(json.iter().cloned());
         procs.push(spawn(&format!("shard {rank}"), &sibling("lorax-shard"), &a)?);
     }
@@ -213,6 +214,7 @@ async fn start_and_watch(
         format!("--model-id={}", resolved.model_id),
     ];
     a.extend(args.limits.to_flags());
+    a.extend(args.adapters.router_flags());
     a.extend(json);
     procs.push(spawn("router", &sibling("lorax-router"), &a)?);
 

@@ -1,6 +1,7 @@
 //! `lorax-shard`: one shard process. Loads the model onto its device and serves the internal gRPC
 //! service (proto/lorax/shard/v1) on a Unix socket until SIGINT/SIGTERM.
 
+mod adapters;
 mod service;
 
 use std::path::PathBuf;
@@ -37,6 +38,22 @@ struct Args {
     /// Token slots per KV-cache block.
     #[arg(long, env = "LORAX_BLOCK_SIZE", default_value_t = 16)]
     block_size: u32,
+    /// Directories local adapters (`adapter_source: "local"`) must be under, comma-separated; empty
+    /// disables the local source. Paths leading outside (`..`, symlinks, absolute paths) are refused.
+    #[arg(long, env = "LORAX_ADAPTER_LOCAL_ROOTS", value_delimiter = ',')]
+    adapter_local_roots: Vec<PathBuf>,
+    /// Largest LoRA rank accepted; adapters above it are refused.
+    #[arg(long, env = "LORAX_MAX_LORA_RANK", default_value_t = 128)]
+    max_lora_rank: usize,
+    /// Megabytes of parsed adapters kept in host memory (least recently used evicted first).
+    #[arg(long, env = "LORAX_ADAPTER_HOST_CACHE_MB", default_value_t = 1024)]
+    adapter_host_cache_mb: usize,
+    /// Most adapters loaded on the device at once (the router keeps within it).
+    #[arg(long, env = "LORAX_MAX_ACTIVE_ADAPTERS", default_value_t = 128)]
+    max_active_adapters: usize,
+    /// Seconds a hub download may take before its requests fail.
+    #[arg(long, env = "LORAX_ADAPTER_DOWNLOAD_TIMEOUT_S", default_value_t = 300)]
+    adapter_download_timeout_s: u64,
     /// Log as JSON lines.
     #[arg(long, env = "LORAX_JSON_OUTPUT")]
     json_output: bool,
@@ -101,6 +118,13 @@ async fn main() -> anyhow::Result<()> {
         urls: (0..args.world_size)
             .map(|r| format!("{}-{r}", args.uds_prefix))
             .collect(),
+        adapters: adapters::AdapterSettings {
+            local_roots: adapters::canonical_roots(&args.adapter_local_roots)?,
+            max_rank: args.max_lora_rank,
+            host_cache_bytes: args.adapter_host_cache_mb.saturating_mul(1 << 20),
+            device_slots: args.max_active_adapters.max(1),
+        },
+        download_timeout: std::time::Duration::from_secs(args.adapter_download_timeout_s),
     })
     .await?;
     let path = PathBuf::from(format!("{}-{}", args.uds_prefix, args.rank));

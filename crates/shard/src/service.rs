@@ -3,12 +3,16 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use lorax_engine::{Batch, CacheConfig, CpuBackend, Engine, EngineError, Generation, NewSequence, SamplingParams};
+use lorax_engine::{
+    Batch, CacheConfig, CpuBackend, Engine, EngineError, Generation, ModelConfig, NewSequence, SamplingParams,
+};
 use lorax_proto::shard::v1 as pb;
 use pb::shard_service_server::ShardService;
 use tonic::{Request, Response, Status};
+
+use crate::adapters::{self, AdapterSettings, HostTier, Located};
 
 /// What a shard is started with.
 pub struct ShardConfig {
@@ -19,6 +23,9 @@ pub struct ShardConfig {
     pub num_blocks: u32,
     pub block_size: u32,
     pub urls: Vec<String>,
+    pub adapters: AdapterSettings,
+    /// Longest a hub download may take before its requests fail (the hub may be slow or hang).
+    pub download_timeout: Duration,
 }
 
 struct State {
@@ -31,11 +38,16 @@ pub struct ShardServer {
     state: Arc<Mutex<State>>,
     info: pb::InfoResponse,
     urls: Vec<String>,
+    cfg: ModelConfig,
+    settings: AdapterSettings,
+    download_timeout: Duration,
+    host_tier: Arc<HostTier>,
 }
 
 fn status(e: EngineError) -> Status {
     match e {
         EngineError::InvalidBatch(m) => Status::invalid_argument(m),
+        e @ EngineError::AdapterNotLoaded(_) => Status::failed_precondition(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
@@ -67,9 +79,13 @@ impl ShardServer {
             num_blocks: cfg.num_blocks,
             rank: cfg.rank,
             world_size: cfg.world_size,
-            supports_adapters: false,
+            supports_adapters: true,
         };
         Ok(Self {
+            cfg: c,
+            host_tier: Arc::new(HostTier::new(cfg.adapters.host_cache_bytes)),
+            settings: cfg.adapters,
+            download_timeout: cfg.download_timeout,
             state: Arc::new(Mutex::new(State {
                 engine,
                 batch: Batch::default(),
@@ -77,6 +93,52 @@ impl ShardServer {
             info,
             urls: cfg.urls,
         })
+    }
+
+    /// Finds an adapter's files: local under the allowed roots, hub by downloading (`download`) or
+    /// from the cache only.
+    async fn locate(&self, source: &str, id: &str, token: Option<String>, download: bool) -> Result<Located, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("adapter_id is empty"));
+        }
+        match source {
+            "local" => adapters::resolve_local(&self.settings.local_roots, id),
+            "hub" if download => {
+                let owned = id.to_string();
+                let task = tokio::task::spawn_blocking(move || adapters::download_hub(&owned, token));
+                match tokio::time::timeout(self.download_timeout, task).await {
+                    Ok(joined) => joined.map_err(|e| Status::internal(format!("download task failed: {e}")))?,
+                    Err(_) => Err(Status::unavailable(format!(
+                        "downloading adapter {id:?} from the hub timed out after {} s",
+                        self.download_timeout.as_secs()
+                    ))),
+                }
+            }
+            "hub" => adapters::cached_hub(id).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "adapter {id:?} was not downloaded (call DownloadAdapter first)"
+                ))
+            }),
+            other => Err(Status::invalid_argument(format!(
+                "adapter_source {other:?} is not supported: use \"hub\" or \"local\""
+            ))),
+        }
+    }
+
+    /// Parses located files on a blocking thread and keeps the result in the host tier.
+    async fn parse_into_host_tier(
+        &self,
+        key: &str,
+        located: Located,
+    ) -> Result<Arc<lorax_engine::lora::HostAdapter>, Status> {
+        let cfg = self.cfg.clone();
+        let max_rank = self.settings.max_rank;
+        let host = tokio::task::spawn_blocking(move || adapters::parse(&located, &cfg, max_rank))
+            .await
+            .map_err(|e| Status::internal(format!("parse task failed: {e}")))??;
+        let host = Arc::new(host);
+        self.host_tier.insert(key, Arc::clone(&host));
+        Ok(host)
     }
 
     async fn with_state<T: Send + 'static>(
@@ -200,12 +262,6 @@ impl ShardService for ShardServer {
 
     async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<pb::PrefillResponse>, Status> {
         let reqs = req.into_inner().requests;
-        if let Some(r) = reqs.iter().find(|r| !r.adapter_id.is_empty()) {
-            return Err(Status::unimplemented(format!(
-                "adapter {:?}: LoRA adapters are not supported by this build yet",
-                r.adapter_id
-            )));
-        }
         let news: Vec<NewSequence> = reqs
             .into_iter()
             .map(|r| NewSequence {
@@ -214,7 +270,7 @@ impl ShardService for ShardServer {
                 block_table: r.blocks,
                 params: sampling(r.parameters, r.top_n_tokens),
                 prefill_logprobs: r.prefill_logprobs,
-                adapter: None,
+                adapter: (!r.adapter_id.is_empty()).then(|| adapters::key(&r.adapter_source, &r.adapter_id)),
             })
             .collect();
         let (gens, ns) = self
@@ -260,28 +316,92 @@ impl ShardService for ShardServer {
 
     async fn download_adapter(
         &self,
-        _: Request<pb::DownloadAdapterRequest>,
+        req: Request<pb::DownloadAdapterRequest>,
     ) -> Result<Response<pb::DownloadAdapterResponse>, Status> {
-        Err(Status::unimplemented(
-            "LoRA adapters are not supported by this build yet",
-        ))
+        let r = req.into_inner();
+        let key = adapters::key(&r.adapter_source, &r.adapter_id);
+        let started = Instant::now();
+        let located = self.locate(&r.adapter_source, &r.adapter_id, r.api_token, true).await?;
+        let host = self.parse_into_host_tier(&key, located).await?;
+        let mut warnings = Vec::new();
+        if let Some(base) = host.base_model.as_deref().filter(|b| *b != self.info.model_id) {
+            warnings.push(format!(
+                "adapter {:?} was trained on {base:?}, not on the served model {:?}; its shapes fit, so it is served",
+                r.adapter_id, self.info.model_id
+            ));
+        }
+        let (held, entries) = self.host_tier.usage();
+        tracing::info!(
+            adapter = %key,
+            bytes = host.bytes,
+            rank = host.max_rank,
+            host_tier_bytes = held,
+            host_tier_entries = entries,
+            ms = started.elapsed().as_millis() as u64,
+            "adapter downloaded"
+        );
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(Response::new(pb::DownloadAdapterResponse {
+            size_bytes: host.bytes as u64,
+            warnings,
+            rank: u32::try_from(host.max_rank).unwrap_or(u32::MAX),
+        }))
     }
 
     async fn load_adapter(
         &self,
-        _: Request<pb::LoadAdapterRequest>,
+        req: Request<pb::LoadAdapterRequest>,
     ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
-        Err(Status::unimplemented(
-            "LoRA adapters are not supported by this build yet",
-        ))
+        let r = req.into_inner();
+        let key = adapters::key(&r.adapter_source, &r.adapter_id);
+        let host = match self.host_tier.get(&key) {
+            Some(h) => h,
+            None => {
+                // Evicted from the host tier (or downloaded by another rank): read it again from disk.
+                let located = self.locate(&r.adapter_source, &r.adapter_id, None, false).await?;
+                self.parse_into_host_tier(&key, located).await?
+            }
+        };
+        let slots = self.settings.device_slots;
+        let bytes = self
+            .with_state(move |s| {
+                if s.engine.has_adapter(&key) {
+                    return Ok(0);
+                }
+                let loaded = s.engine.adapter_keys().len();
+                if loaded >= slots {
+                    return Err(Status::resource_exhausted(format!(
+                        "{loaded} adapters are loaded, the most this shard holds (--max-active-adapters {slots}); \
+                         offload one first"
+                    )));
+                }
+                let bytes = s.engine.load_adapter(&key, &host).map_err(status)?;
+                tracing::info!(adapter = %key, bytes, loaded = loaded + 1, "adapter loaded");
+                Ok(bytes)
+            })
+            .await?;
+        Ok(Response::new(pb::LoadAdapterResponse {
+            device_bytes: bytes as u64,
+        }))
     }
 
     async fn offload_adapter(
         &self,
-        _: Request<pb::OffloadAdapterRequest>,
+        req: Request<pb::OffloadAdapterRequest>,
     ) -> Result<Response<pb::OffloadAdapterResponse>, Status> {
-        Err(Status::unimplemented(
-            "LoRA adapters are not supported by this build yet",
-        ))
+        let r = req.into_inner();
+        let key = adapters::key(&r.adapter_source, &r.adapter_id);
+        self.with_state(move |s| {
+            let removed = s
+                .engine
+                .offload_adapter(&key, &s.batch)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            tracing::info!(adapter = %key, removed, "adapter offloaded");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(pb::OffloadAdapterResponse {}))
     }
 }

@@ -1,0 +1,326 @@
+//! Where adapters come from and the host tier that keeps them parsed.
+//!
+//! Sources: `local` (a directory under one of the roots the launcher allows; `..`, symlinks and
+//! absolute paths that lead outside are refused) and `hub` (hf-hub into the usual cache, honouring
+//! HF_ENDPOINT and HF_HOME, with the request's token or HF_TOKEN; tokens are never logged). Errors are
+//! gRPC statuses with the codes the proto documents, so the router can tell a missing adapter from a
+//! forbidden path, a broken file or an unreachable hub.
+//!
+//! The host tier is an LRU of parsed [`HostAdapter`]s bounded in bytes. The device tier lives in the
+//! engine; its size (adapter slots) is checked by the service.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use hf_hub::api::sync::{ApiBuilder, ApiError};
+use hf_hub::{Cache, Repo, RepoType};
+use lorax_engine::lora::HostAdapter;
+use lorax_engine::{EngineError, ModelConfig};
+use tonic::Status;
+
+/// How adapters are found and checked.
+#[derive(Clone, Debug)]
+pub struct AdapterSettings {
+    /// Canonical directories local adapters must be under; empty = local source disabled.
+    pub local_roots: Vec<PathBuf>,
+    /// Largest LoRA rank accepted.
+    pub max_rank: usize,
+    /// Bytes of parsed adapters kept in host memory.
+    pub host_cache_bytes: usize,
+    /// Most adapters on the device at once.
+    pub device_slots: usize,
+}
+
+/// Adapter files on this machine, ready to parse.
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// Directory with adapter_config.json and adapter_model.safetensors.
+    pub dir: PathBuf,
+}
+
+/// The cache key of an adapter.
+pub fn key(source: &str, id: &str) -> String {
+    format!("{source}:{id}")
+}
+
+/// Canonicalizes the configured roots; a root that does not exist is a startup error.
+pub fn canonical_roots(roots: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    roots
+        .iter()
+        .map(|r| {
+            std::fs::canonicalize(r).map_err(|e| anyhow::anyhow!("adapter root {} cannot be used: {e}", r.display()))
+        })
+        .collect()
+}
+
+/// Resolves a `local` adapter id to a directory under one of `roots`. Relative ids are taken relative
+/// to each root in turn. The path is canonicalized (symlinks and `..` resolved) before the check, so
+/// no spelling leads outside the roots.
+pub fn resolve_local(roots: &[PathBuf], id: &str) -> Result<Located, Status> {
+    if roots.is_empty() {
+        return Err(Status::permission_denied(
+            "local adapters are disabled on this server (the launcher's --adapter-local-roots is empty)",
+        ));
+    }
+    let candidates: Vec<PathBuf> = if Path::new(id).is_absolute() {
+        vec![PathBuf::from(id)]
+    } else {
+        roots.iter().map(|r| r.join(id)).collect()
+    };
+    let mut outside = false;
+    for candidate in &candidates {
+        match std::fs::canonicalize(candidate) {
+            Ok(real) => {
+                if roots.iter().any(|r| real.starts_with(r)) {
+                    if !real.is_dir() {
+                        return Err(Status::not_found(format!("local adapter {id:?} is not a directory")));
+                    }
+                    return Ok(Located { dir: real });
+                }
+                outside = true;
+            }
+            Err(_) => {
+                if !lexically_under(candidate, roots) {
+                    outside = true;
+                }
+            }
+        }
+    }
+    if outside {
+        Err(Status::permission_denied(format!(
+            "local adapter path {id:?} is outside the allowed adapter roots"
+        )))
+    } else {
+        Err(Status::not_found(format!("local adapter {id:?} does not exist")))
+    }
+}
+
+/// Whether `p`, with `.` and `..` applied to its text, is under one of `roots` (for paths that do not
+/// exist, so the answer cannot come from the file system).
+fn lexically_under(p: &Path, roots: &[PathBuf]) -> bool {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                if !out.pop() {
+                    return false;
+                }
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    roots.iter().any(|r| out.starts_with(r))
+}
+
+/// A hub repo id: `name` or `org/name` of letters, digits, `-`, `_`, `.` (no `..`).
+fn valid_repo_id(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('/').collect();
+    !id.contains("..")
+        && (1..=2).contains(&parts.len())
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 96
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+}
+
+fn hub_status(id: &str, file: &str, e: &ApiError) -> Status {
+    if let ApiError::RequestError(err) = e {
+        if let ureq::Error::Status(code, _) = err.as_ref() {
+            return match code {
+                401 | 403 => Status::permission_denied(format!(
+                    "the hub refused access to adapter {id:?} (HTTP {code}): check api_token"
+                )),
+                404 => Status::not_found(format!("adapter {id:?} has no {file} on the hub (HTTP 404)")),
+                _ => Status::unavailable(format!("the hub answered HTTP {code} for {file} of adapter {id:?}")),
+            };
+        }
+        return Status::unavailable(format!("the hub could not be reached for adapter {id:?}: {err}"));
+    }
+    Status::unavailable(format!("downloading {file} of adapter {id:?} failed: {e}"))
+}
+
+/// Downloads a hub adapter's two files into the hub cache (blocking). `token` is the request's or
+/// HF_TOKEN's; it goes only into the Authorization header.
+pub fn download_hub(id: &str, token: Option<String>) -> Result<Located, Status> {
+    if !valid_repo_id(id) {
+        return Err(Status::invalid_argument(format!(
+            "{id:?} is not a hub repository id (expected `name` or `org/name`)"
+        )));
+    }
+    let token = token
+        .or_else(|| std::env::var("HF_TOKEN").ok())
+        .filter(|t| !t.is_empty());
+    let api = ApiBuilder::from_env()
+        .with_progress(false)
+        .with_token(token)
+        .build()
+        .map_err(|e| Status::unavailable(format!("setting up the hub client failed: {e}")))?;
+    let repo = api.repo(Repo::new(id.to_string(), RepoType::Model));
+    let config = repo
+        .get("adapter_config.json")
+        .map_err(|e| hub_status(id, "adapter_config.json", &e))?;
+    repo.get("adapter_model.safetensors").map_err(|e| {
+        let s = hub_status(id, "adapter_model.safetensors", &e);
+        if s.code() == tonic::Code::NotFound {
+            Status::not_found(format!(
+                "{} (pickle adapter_model.bin files are never loaded: convert the adapter with peft's \
+                 save_pretrained(..., safe_serialization=True))",
+                s.message()
+            ))
+        } else {
+            s
+        }
+    })?;
+    let dir = config
+        .parent()
+        .ok_or_else(|| Status::internal("hub cache path has no parent"))?
+        .to_path_buf();
+    Ok(Located { dir })
+}
+
+/// A hub adapter already in the cache (no network), for a Load after the host tier dropped it.
+pub fn cached_hub(id: &str) -> Option<Located> {
+    let repo = Cache::from_env().repo(Repo::new(id.to_string(), RepoType::Model));
+    let config = repo.get("adapter_config.json")?;
+    repo.get("adapter_model.safetensors")?;
+    Some(Located {
+        dir: config.parent()?.to_path_buf(),
+    })
+}
+
+/// Parses and checks an adapter against the base model, as a status on failure.
+pub fn parse(located: &Located, cfg: &ModelConfig, max_rank: usize) -> Result<HostAdapter, Status> {
+    HostAdapter::load(&located.dir, cfg, max_rank).map_err(|e| match e {
+        EngineError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
+            let file = path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Status::not_found(format!("the adapter has no {file}"))
+        }
+        // Messages name files by their path on this machine; keep only the adapter-relative part.
+        other => Status::invalid_argument(strip_dir(&other.to_string(), &located.dir)),
+    })
+}
+
+fn strip_dir(message: &str, dir: &Path) -> String {
+    let d = dir.display().to_string();
+    message.replace(&format!("{d}/"), "").replace(&d, "the adapter")
+}
+
+struct HostEntry {
+    adapter: Arc<HostAdapter>,
+    last_used: u64,
+}
+
+/// Parsed adapters in host memory, least recently used evicted first once over budget.
+pub struct HostTier {
+    budget: usize,
+    inner: Mutex<(HashMap<String, HostEntry>, u64)>,
+}
+
+impl HostTier {
+    /// An empty tier holding at most `budget` bytes (one adapter larger than that is still kept alone).
+    pub fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            inner: Mutex::new((HashMap::new(), 0)),
+        }
+    }
+
+    /// The adapter `key`, marking it used.
+    pub fn get(&self, key: &str) -> Option<Arc<HostAdapter>> {
+        let mut g = self.inner.lock().ok()?;
+        let (map, clock) = &mut *g;
+        *clock += 1;
+        let now = *clock;
+        map.get_mut(key).map(|e| {
+            e.last_used = now;
+            Arc::clone(&e.adapter)
+        })
+    }
+
+    /// Inserts `adapter` under `key`, evicting the least recently used others beyond the budget.
+    pub fn insert(&self, key: &str, adapter: Arc<HostAdapter>) {
+        let Ok(mut g) = self.inner.lock() else { return };
+        let (map, clock) = &mut *g;
+        *clock += 1;
+        map.insert(
+            key.to_string(),
+            HostEntry {
+                adapter,
+                last_used: *clock,
+            },
+        );
+        loop {
+            let total: usize = map.values().map(|e| e.adapter.bytes).sum();
+            if total <= self.budget || map.len() <= 1 {
+                break;
+            }
+            let Some(oldest) = map
+                .iter()
+                .filter(|(k, _)| k.as_str() != key)
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            tracing::debug!(adapter = %oldest, "evicted from the host tier");
+            map.remove(&oldest);
+        }
+    }
+
+    /// Bytes and entries held.
+    pub fn usage(&self) -> (usize, usize) {
+        self.inner
+            .lock()
+            .map(|g| (g.0.values().map(|e| e.adapter.bytes).sum(), g.0.len()))
+            .unwrap_or((0, 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn repo_ids() {
+        assert!(valid_repo_id("org/name-1.2_x"));
+        assert!(valid_repo_id("name"));
+        for bad in [
+            "", "a/b/c", "../x", "a/..", "a/b c", "a/b?x=1", "/abs", "a//b", "a/b%2e",
+        ] {
+            assert!(!valid_repo_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn local_paths_stay_under_roots() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(root.join("good")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        let roots = canonical_roots(std::slice::from_ref(&root)).unwrap();
+        let ok = resolve_local(&roots, "good").unwrap();
+        assert_eq!(ok.dir, roots[0].join("good"));
+        assert!(resolve_local(&roots, &root.join("good").display().to_string()).is_ok());
+        let code = |id: &str| resolve_local(&roots, id).unwrap_err().code();
+        assert_eq!(code("../outside"), tonic::Code::PermissionDenied);
+        assert_eq!(code("link"), tonic::Code::PermissionDenied, "symlink out of the root");
+        assert_eq!(code(&outside.display().to_string()), tonic::Code::PermissionDenied);
+        assert_eq!(code("good/../../outside"), tonic::Code::PermissionDenied);
+        assert_eq!(code("../nonexistent"), tonic::Code::PermissionDenied);
+        assert_eq!(code("missing"), tonic::Code::NotFound);
+        assert_eq!(
+            resolve_local(&[], "good").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+}
