@@ -1,12 +1,46 @@
 //! A local HTTP server that speaks the Hugging Face Hub's file API (`/{repo}/resolve/{rev}/{file}`,
 //! with the `etag`, `x-repo-commit` and `Content-Range` headers hf-hub relies on) from a folder, so
-//! the real download path is tested without a network. Test-only.
+//! the real download path is tested without a network. Test-only (the unit tests include it as a
+//! module, the process tests by path).
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// A closed gate holds requests for chosen repos until [`Gate::open`] (a hub that hangs), without sleeps.
+#[derive(Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+    /// Requests now waiting at the gate.
+    pub waiting: AtomicUsize,
+}
+
+impl Gate {
+    /// Lets every held and future request through.
+    pub fn open(&self) {
+        if let Ok(mut g) = self.open.lock() {
+            *g = true;
+        }
+        self.cv.notify_all();
+    }
+
+    fn pass(&self) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut g) = self.open.lock() {
+            while !*g {
+                match self.cv.wait(g) {
+                    Ok(next) => g = next,
+                    Err(_) => break,
+                }
+            }
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// A running server; it stops when the test process ends.
 pub struct HubServer {
@@ -14,28 +48,53 @@ pub struct HubServer {
     pub endpoint: String,
     /// Requests served so far.
     pub requests: Arc<AtomicUsize>,
+    /// Holds requests for the repos given to [`start_gated`].
+    pub gate: Arc<Gate>,
 }
 
 /// Serve `repos` (repo id → folder) with the given required bearer token (if any).
 pub fn start(repos: Vec<(String, PathBuf)>, token: Option<String>) -> std::io::Result<HubServer> {
+    start_gated(repos, token, Vec::new())
+}
+
+/// [`start`], holding every request for a repo in `gated` at the server's closed [`Gate`].
+pub fn start_gated(
+    repos: Vec<(String, PathBuf)>,
+    token: Option<String>,
+    gated: Vec<String>,
+) -> std::io::Result<HubServer> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let requests = Arc::new(AtomicUsize::new(0));
     let count = Arc::clone(&requests);
+    let gate = Arc::new(Gate::default());
+    let held = Arc::clone(&gate);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             count.fetch_add(1, Ordering::SeqCst);
             let repos = repos.clone();
             let token = token.clone();
+            let gated = gated.clone();
+            let gate = Arc::clone(&held);
             std::thread::spawn(move || {
-                let _ = handle(stream, &repos, token.as_deref());
+                let _ = handle(stream, &repos, token.as_deref(), &gated, &gate);
             });
         }
     });
-    Ok(HubServer { endpoint, requests })
+    Ok(HubServer {
+        endpoint,
+        requests,
+        gate,
+    })
 }
 
-fn handle(mut stream: TcpStream, repos: &[(String, PathBuf)], token: Option<&str>) -> std::io::Result<()> {
+fn handle(
+    mut stream: TcpStream,
+    repos: &[(String, PathBuf)],
+    token: Option<&str>,
+    gated: &[String],
+    gate: &Gate,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -58,6 +117,9 @@ fn handle(mut stream: TcpStream, repos: &[(String, PathBuf)], token: Option<&str
         if lower.starts_with("authorization:") {
             auth = Some(h["authorization:".len()..].trim().to_string());
         }
+    }
+    if gated.iter().any(|g| path.starts_with(&format!("/{g}/"))) {
+        gate.pass();
     }
     if let Some(t) = token {
         if auth.as_deref() != Some(&format!("Bearer {t}")) {

@@ -1,0 +1,199 @@
+//! Shared harness of the process tests: start the real launcher on a free port (embedded model),
+//! wait for health with a deadline, read golden fixtures and metrics.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+#[path = "../../src/hub_test_server.rs"]
+pub mod hub_test_server;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
+}
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub uds_dir: PathBuf,
+    pub tmp: tempfile::TempDir,
+    /// The launcher's stderr (its own and its children's logs).
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Everything logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("---- last server log lines ----");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start the launcher on the embedded model and wait (with a deadline, polling) until /health is 200.
+pub async fn start(extra: &[&str]) -> Server {
+    start_with_env(extra, &[]).await
+}
+
+/// [`start`] with extra environment variables for the launcher (and so its children).
+pub async fn start_with_env(extra: &[&str], envs: &[(&str, String)]) -> Server {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let uds_dir = tmp.path().join("uds");
+    let log = tmp.path().join("server.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_lorax-launcher"))
+        .args(["--port", &port.to_string(), "--hostname", "127.0.0.1"])
+        .arg(format!("--shard-uds-dir={}", uds_dir.display()))
+        .arg(format!("--embedded-dir={}", tmp.path().display()))
+        .args([
+            "--max-input-length",
+            "256",
+            "--max-total-tokens",
+            "512",
+            "--max-batch-prefill-tokens",
+            "512",
+        ])
+        .args(["--num-blocks", "256", "--block-size", "16", "--shutdown-grace-s", "5"])
+        .args(extra)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = Server {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        uds_dir,
+        tmp,
+        log,
+    };
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = client.get(format!("{}/health", server.base)).send().await {
+            if r.status() == 200 {
+                return server;
+            }
+        }
+        if let Some(status) = server.child.try_wait().unwrap() {
+            panic!("launcher exited during startup: {status}");
+        }
+        assert!(Instant::now() < deadline, "server did not become healthy in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub struct Golden {
+    pub prompts: Vec<String>,
+    pub prompt_ids: Vec<Vec<u32>>,
+    pub greedy: Vec<Vec<u32>>,
+}
+
+pub fn golden() -> Golden {
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap()).unwrap();
+    let prompts: Vec<String> = serde_json::from_value(manifest["prompts"].clone()).unwrap();
+    let prompt_ids: Vec<Vec<u32>> = serde_json::from_value(manifest["prompt_ids"].clone()).unwrap();
+    let bytes = std::fs::read(fixtures().join("models/llama/golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let greedy = (0..prompts.len())
+        .map(|i| {
+            let t = st.tensor(&format!("p{i}.greedy")).unwrap();
+            t.data()
+                .chunks_exact(8)
+                .map(|c| u32::try_from(i64::from_le_bytes(c.try_into().unwrap())).unwrap())
+                .collect()
+        })
+        .collect();
+    Golden {
+        prompts,
+        prompt_ids,
+        greedy,
+    }
+}
+
+pub async fn generate(client: &reqwest::Client, base: &str, inputs: &str, n: usize) -> Vec<u32> {
+    let r = client
+        .post(format!("{base}/generate"))
+        .json(
+            &json!({"inputs": inputs, "parameters": {"max_new_tokens": n, "details": true, "ignore_eos_token": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    v["details"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub async fn metric(client: &reqwest::Client, base: &str, name: &str) -> Option<f64> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The count of a histogram bucket (`le` as rendered) in Prometheus text.
+pub fn bucket(text: &str, name: &str, le: &str) -> f64 {
+    let prefix = format!("{name}{{le=\"{le}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("{prefix} missing from /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+pub fn pid_of_shard(uds_dir: &Path) -> Option<i32> {
+    let needle = uds_dir.display().to_string();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("lorax-shard") && cmd.contains(&needle) {
+            return Some(pid);
+        }
+    }
+    None
+}
