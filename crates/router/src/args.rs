@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser};
 
+use crate::adapters::AdapterSource;
+
 /// The router: HTTP API, validation, tokenization, queueing, continuous batching and KV block allocation
 /// in front of the shard processes.
 #[derive(Parser, Debug, Clone)]
@@ -23,6 +25,9 @@ pub struct Args {
     /// Continuous-batching policy.
     #[command(flatten)]
     pub batching: BatchingArgs,
+    /// LoRA adapter scheduling.
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
 }
 
 /// HTTP server settings.
@@ -103,22 +108,52 @@ pub struct BatchingArgs {
     pub waiting_served_ratio: f32,
 }
 
+/// LoRA adapter scheduling: which adapters sit on the shards' device tier, and for how long.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct AdapterArgs {
+    /// Most adapters loaded on the shards' device at once (counting those being loaded or offloaded).
+    /// When requests wait for an adapter and no slot is free, an idle adapter (no running or queued
+    /// request) is offloaded, least recently used first. At least 1.
+    #[arg(long, env, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_active_adapters: usize,
+    /// Seconds an adapter may stay loaded while requests for other adapters wait for a slot. Past it the
+    /// adapter takes no new prefills, and it is offloaded once its running requests have finished, so
+    /// busy adapters take turns instead of starving the others.
+    #[arg(long, env, default_value_t = 2.0)]
+    pub adapter_cycle_time_s: f64,
+    /// Adapters downloaded and loaded at startup, comma-separated; the router does not start if one of
+    /// them cannot be loaded. They count against `--max-active-adapters`.
+    #[arg(long, env, value_delimiter = ',')]
+    pub preloaded_adapter_ids: Vec<String>,
+    /// Source of `--preloaded-adapter-ids` (default: `--default-adapter-source`).
+    #[arg(long, env, value_enum)]
+    pub preloaded_adapter_source: Option<AdapterSource>,
+    /// Source of a request's adapter when the request gives no `adapter_source`.
+    #[arg(long, env, value_enum, default_value_t = AdapterSource::Hub)]
+    pub default_adapter_source: AdapterSource,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const REQUIRED: [&str; 7] = [
+        "lorax-router",
+        "--master-shard-uds-path",
+        "/tmp/s0",
+        "--tokenizer-path",
+        "/tmp/tok",
+        "--model-id",
+        "m",
+    ];
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(REQUIRED.iter().chain(extra))
+    }
+
     #[test]
     fn defaults_and_names() {
-        let args = Args::try_parse_from([
-            "lorax-router",
-            "--master-shard-uds-path",
-            "/tmp/s0",
-            "--tokenizer-path",
-            "/tmp/tok",
-            "--model-id",
-            "m",
-        ])
-        .expect("parse");
+        let args = parse(&[]).expect("parse");
         assert_eq!(args.server.port, 3000);
         assert_eq!(args.server.hostname, "0.0.0.0");
         assert_eq!(args.server.max_concurrent_requests, 128);
@@ -133,6 +168,39 @@ mod tests {
         assert_eq!(args.batching.max_batch_total_tokens, None);
         assert_eq!(args.batching.max_waiting_tokens, 20);
         assert!((args.batching.waiting_served_ratio - 1.2).abs() < 1e-6);
+        assert_eq!(args.adapters.max_active_adapters, 128);
+        assert!((args.adapters.adapter_cycle_time_s - 2.0).abs() < 1e-9);
+        assert!(args.adapters.preloaded_adapter_ids.is_empty());
+        assert_eq!(args.adapters.preloaded_adapter_source, None);
+        assert_eq!(args.adapters.default_adapter_source, AdapterSource::Hub);
+    }
+
+    #[test]
+    fn adapter_flags() {
+        let args = parse(&[
+            "--max-active-adapters",
+            "3",
+            "--adapter-cycle-time-s",
+            "0.5",
+            "--preloaded-adapter-ids",
+            "org/a,org/b",
+            "--preloaded-adapter-ids",
+            "org/c",
+            "--preloaded-adapter-source",
+            "local",
+            "--default-adapter-source",
+            "local",
+        ])
+        .expect("parse");
+        assert_eq!(args.adapters.max_active_adapters, 3);
+        assert!((args.adapters.adapter_cycle_time_s - 0.5).abs() < 1e-9);
+        assert_eq!(args.adapters.preloaded_adapter_ids, ["org/a", "org/b", "org/c"]);
+        assert_eq!(args.adapters.preloaded_adapter_source, Some(AdapterSource::Local));
+        assert_eq!(args.adapters.default_adapter_source, AdapterSource::Local);
+
+        assert!(parse(&["--max-active-adapters", "0"]).is_err(), "at least one slot");
+        let error = parse(&["--default-adapter-source", "s3"]).expect_err("unknown source");
+        assert!(error.to_string().contains("hub"), "{error}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! gRPC client of the shard processes. [`ShardClients`] connects over Unix sockets to every shard named
 //! by rank 0's ServiceDiscovery and sends each call to all of them at once: shards hold replicas of the
 //! running batch (tensor parallelism), so they must see the same calls in the same order. Rank 0's
-//! answer is returned; any shard failing fails the call.
+//! answer is returned; any shard failing fails the call. Adapter downloads are the exception: they go
+//! to rank 0 only, because the files land in a cache every rank reads.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -9,10 +10,13 @@ use std::path::{Path, PathBuf};
 use futures::future::join_all;
 use lorax_proto::shard::v1::shard_service_client::ShardServiceClient;
 use lorax_proto::shard::v1::{
-    ClearCacheRequest, DecodeRequest, DecodeResponse, FilterBatchRequest, HealthRequest, InfoRequest, InfoResponse,
+    ClearCacheRequest, DecodeRequest, DecodeResponse, DownloadAdapterRequest, DownloadAdapterResponse,
+    FilterBatchRequest, HealthRequest, InfoRequest, InfoResponse, LoadAdapterRequest, OffloadAdapterRequest,
     PrefillRequest, PrefillResponse, Request, ServiceDiscoveryRequest, WarmupRequest,
 };
 use tonic::transport::Channel;
+
+use crate::adapters::AdapterKey;
 
 /// Errors of the shard client layer.
 #[derive(Debug, thiserror::Error)]
@@ -26,20 +30,37 @@ pub enum ClientError {
         message: String,
     },
     /// A shard answered with a gRPC error (or the connection broke mid-call).
-    #[error("{0}")]
-    Status(String),
+    #[error("{message}")]
+    Status {
+        /// The gRPC code; the adapter calls' codes decide the HTTP status of the adapter's requests.
+        code: tonic::Code,
+        /// The shard's message (or the code's description when the shard gave none).
+        message: String,
+    },
     /// Rank 0's ServiceDiscovery listed no shard.
     #[error("service discovery returned no shard")]
     NoShards,
 }
 
+impl ClientError {
+    /// The shard's gRPC code, when a shard answered.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Self::Status { code, .. } => Some(*code),
+            Self::Connect { .. } | Self::NoShards => None,
+        }
+    }
+}
+
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
-        let message = status.message();
-        if message.is_empty() {
-            ClientError::Status(format!("shard call failed: {:?}", status.code()))
-        } else {
-            ClientError::Status(message.to_string())
+        let message = match status.message() {
+            "" => format!("shard call failed: {:?}", status.code()),
+            message => message.to_string(),
+        };
+        ClientError::Status {
+            code: status.code(),
+            message,
         }
     }
 }
@@ -121,16 +142,28 @@ impl ShardClients {
         self.clients.is_empty()
     }
 
+    /// Runs `call` on every shard concurrently; each shard's result, in rank order.
+    async fn call_all<R, F, Fut>(&self, call: F) -> Vec<Result<R, tonic::Status>>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        join_all(self.clients.iter().cloned().map(call))
+            .await
+            .into_iter()
+            .map(|result| result.map(tonic::Response::into_inner))
+            .collect()
+    }
+
     /// Runs `call` on every shard concurrently; the first error (in rank order) wins, else rank 0's answer.
     async fn broadcast<R, F, Fut>(&self, call: F) -> Result<R, ClientError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
-        let results = join_all(self.clients.iter().cloned().map(call)).await;
         let mut first = None;
-        for result in results {
-            let answer = result?.into_inner();
+        for result in self.call_all(call).await {
+            let answer = result?;
             if first.is_none() {
                 first = Some(answer);
             }
@@ -195,6 +228,64 @@ impl ShardClients {
         .await
         .map(|r| r.remaining)
     }
+
+    /// Fetches an adapter into the shards' host cache. Only rank 0 is asked: the cache is shared.
+    pub async fn download_adapter(
+        &self,
+        adapter: &AdapterKey,
+        api_token: Option<String>,
+    ) -> Result<DownloadAdapterResponse, ClientError> {
+        let mut rank0 = self.clients.first().cloned().ok_or(ClientError::NoShards)?;
+        let request = DownloadAdapterRequest {
+            adapter_id: adapter.id.clone(),
+            adapter_source: adapter.source.as_str().to_string(),
+            api_token,
+        };
+        Ok(rank0.download_adapter(request).await?.into_inner())
+    }
+
+    /// Loads a downloaded adapter on every shard. If some shards fail, it is offloaded again from those
+    /// that loaded it (best effort), so no rank keeps an adapter the router counts as not loaded.
+    pub async fn load_adapter(&self, adapter: &AdapterKey) -> Result<(), ClientError> {
+        let request = LoadAdapterRequest {
+            adapter_id: adapter.id.clone(),
+            adapter_source: adapter.source.as_str().to_string(),
+        };
+        let results = self
+            .call_all(|mut c| {
+                let request = request.clone();
+                async move { c.load_adapter(request).await }
+            })
+            .await;
+        let Some(failure) = results.iter().find_map(|r| r.as_ref().err()).cloned() else {
+            return Ok(());
+        };
+        let offload = offload_request(adapter);
+        for (client, _) in self.clients.iter().zip(&results).filter(|(_, r)| r.is_ok()) {
+            if let Err(e) = client.clone().offload_adapter(offload.clone()).await {
+                tracing::warn!(adapter = %adapter, "undoing a partial load failed: {}", e.message());
+            }
+        }
+        Err(failure.into())
+    }
+
+    /// Releases an adapter's device memory on every shard.
+    pub async fn offload_adapter(&self, adapter: &AdapterKey) -> Result<(), ClientError> {
+        let request = offload_request(adapter);
+        self.broadcast(|mut c| {
+            let request = request.clone();
+            async move { c.offload_adapter(request).await }
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+fn offload_request(adapter: &AdapterKey) -> OffloadAdapterRequest {
+    OffloadAdapterRequest {
+        adapter_id: adapter.id.clone(),
+        adapter_source: adapter.source.as_str().to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -212,5 +303,10 @@ mod tests {
     fn status_message_is_kept() {
         let err = ClientError::from(tonic::Status::internal("CUDA out of memory"));
         assert_eq!(err.to_string(), "CUDA out of memory");
+        assert_eq!(err.code(), Some(tonic::Code::Internal));
+        let err = ClientError::from(tonic::Status::not_found(""));
+        assert_eq!(err.to_string(), "shard call failed: NotFound");
+        assert_eq!(err.code(), Some(tonic::Code::NotFound));
+        assert_eq!(ClientError::NoShards.code(), None);
     }
 }

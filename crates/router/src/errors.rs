@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::adapters::AdapterFailure;
 use crate::client::ClientError;
 use crate::infer::InferError;
 use crate::metrics as m;
@@ -34,6 +35,26 @@ pub const GENERATION: &str = "generation";
 pub const UNHEALTHY: &str = "unhealthy";
 /// `error_type` of a generation that ended without its final token (500).
 pub const INCOMPLETE_GENERATION: &str = "incomplete_generation";
+/// `error_type` of a request whose adapter does not exist (404).
+pub const ADAPTER_NOT_FOUND: &str = "adapter_not_found";
+/// `error_type` of a request whose adapter may not be fetched: token refused, path not allowed (403).
+pub const ADAPTER_FORBIDDEN: &str = "adapter_forbidden";
+/// `error_type` of a request whose adapter cannot be used with this model (422).
+pub const ADAPTER_INVALID: &str = "adapter_invalid";
+/// `error_type` of a request whose adapter could not be made ready for another reason; a retry may
+/// work (424).
+pub const ADAPTER_UNAVAILABLE: &str = "adapter_unavailable";
+
+/// Status and `error_type` of an adapter failure; `error_type` is also the `err` label of
+/// `lorax_adapter_load_failures`.
+pub fn adapter_status(kind: AdapterFailure) -> (StatusCode, &'static str) {
+    match kind {
+        AdapterFailure::NotFound => (StatusCode::NOT_FOUND, ADAPTER_NOT_FOUND),
+        AdapterFailure::Forbidden => (StatusCode::FORBIDDEN, ADAPTER_FORBIDDEN),
+        AdapterFailure::Invalid => (StatusCode::UNPROCESSABLE_ENTITY, ADAPTER_INVALID),
+        AdapterFailure::Unavailable => (StatusCode::FAILED_DEPENDENCY, ADAPTER_UNAVAILABLE),
+    }
+}
 
 impl ApiError {
     fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
@@ -78,6 +99,10 @@ impl From<InferError> for ApiError {
         match e {
             InferError::Overloaded => Self::new(StatusCode::TOO_MANY_REQUESTS, OVERLOADED, e.to_string()),
             InferError::Generation(_) => Self::new(StatusCode::FAILED_DEPENDENCY, GENERATION, e.to_string()),
+            InferError::Adapter(ref adapter) => {
+                let (status, error_type) = adapter_status(adapter.kind);
+                Self::new(status, error_type, e.to_string())
+            }
             InferError::Unavailable => Self::new(StatusCode::SERVICE_UNAVAILABLE, UNHEALTHY, e.to_string()),
             InferError::IncompleteGeneration => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, INCOMPLETE_GENERATION, e.to_string())
@@ -141,5 +166,29 @@ mod tests {
         }
         let api = ApiError::from(InferError::Generation("CUDA out of memory".into()));
         assert!(api.message.contains("CUDA out of memory"));
+    }
+
+    #[test]
+    fn adapter_failures() {
+        use crate::adapters::{AdapterError, AdapterKey, AdapterSource};
+        let cases = [
+            (AdapterFailure::NotFound, 404, ADAPTER_NOT_FOUND),
+            (AdapterFailure::Forbidden, 403, ADAPTER_FORBIDDEN),
+            (AdapterFailure::Invalid, 422, ADAPTER_INVALID),
+            (AdapterFailure::Unavailable, 424, ADAPTER_UNAVAILABLE),
+        ];
+        for (kind, status, error_type) in cases {
+            let api = ApiError::from(InferError::Adapter(AdapterError {
+                kind,
+                adapter: AdapterKey::new(AdapterSource::Hub, "org/a"),
+                stage: "downloaded",
+                message: "repo org/a: 404 Not Found".into(),
+            }));
+            assert_eq!((api.status.as_u16(), api.error_type), (status, error_type));
+            assert_eq!(
+                api.message,
+                "adapter `org/a` (hub) could not be downloaded: repo org/a: 404 Not Found"
+            );
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::adapters::AdapterError;
 use crate::stopping::FinishReason;
 use crate::validation::ValidRequest;
 
@@ -20,6 +21,9 @@ pub enum InferError {
     /// A shard failed while this request was in its batch (424).
     #[error("Request failed during generation: {0}")]
     Generation(String),
+    /// The request's adapter could not be downloaded or loaded (4xx by the shard's code).
+    #[error("{0}")]
+    Adapter(AdapterError),
     /// The batching task is gone (503).
     #[error("the batching task has stopped")]
     Unavailable,

@@ -5,9 +5,10 @@
 //!
 //! Modules by concern: [`args`] (CLI), [`client`] (shard gRPC), [`validation`] and [`schema`] (requests),
 //! [`infer`] (handle + queue entries), [`scheduler`] (the batching task), [`policy`] (batching rules),
-//! [`blocks`] (KV blocks), [`detokenize`], [`stopping`], [`server`] (routes), [`errors`] (HTTP mapping),
-//! [`metrics`].
+//! [`adapters`] (adapter states, queues and shard calls), [`blocks`] (KV blocks), [`detokenize`],
+//! [`stopping`], [`server`] (routes), [`errors`] (HTTP mapping), [`metrics`].
 
+pub mod adapters;
 pub mod args;
 pub mod blocks;
 pub mod client;
@@ -24,18 +25,21 @@ pub mod validation;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use args::Args;
 use tokenizers::Tokenizer;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::adapters::{AdapterError, AdapterKey};
+use crate::args::AdapterArgs;
 use crate::blocks::blocks_for;
 use crate::client::{ClientError, ShardClients};
 use crate::detokenize::TokenDecoder;
 use crate::infer::Infer;
 use crate::policy::BatchingPolicy;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::schema::Info;
 use crate::validation::{Validation, ValidationLimits};
 
@@ -56,6 +60,9 @@ pub enum RouterError {
     /// A shard call failed during start-up.
     #[error("shard: {0}")]
     Shard(#[from] ClientError),
+    /// A `--preloaded-adapter-ids` adapter could not be downloaded or loaded.
+    #[error("cannot preload adapters (--preloaded-adapter-ids): {0}")]
+    Preload(#[from] AdapterError),
     /// Binding or serving the HTTP port failed.
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
@@ -146,6 +153,9 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
             "--waiting-served-ratio must be a finite number >= 0".into(),
         ));
     }
+    let adapter_cycle_time = Duration::try_from_secs_f64(args.adapters.adapter_cycle_time_s)
+        .map_err(|_| RouterError::Config("--adapter-cycle-time-s must be a finite number >= 0".into()))?;
+    let preloaded = preloaded_adapters(&args.adapters)?;
 
     let tokenizer = Arc::new(load_tokenizer(&args.model.tokenizer_path)?);
     let clients = ShardClients::connect(&args.model.master_shard_uds_path).await?;
@@ -190,6 +200,12 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
         warmup_prefill_tokens = warmed,
         "shards ready"
     );
+    if !preloaded.is_empty() && !shard.supports_adapters {
+        return Err(RouterError::Config(
+            "--preloaded-adapter-ids was given but the shards do not support adapters".into(),
+        ));
+    }
+    adapters::tasks::preload(&clients, &preloaded).await?;
 
     let metrics = metrics::install(limits.max_total_tokens);
     let (entries_tx, entries_rx) = mpsc::unbounded_channel();
@@ -202,9 +218,14 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
     let scheduler = Scheduler::new(
         clients.clone(),
         TokenDecoder::new(Arc::clone(&tokenizer)),
-        policy,
-        shard.eos_token_ids.clone(),
-        total_blocks,
+        SchedulerConfig {
+            policy,
+            eos_token_ids: shard.eos_token_ids.clone(),
+            total_blocks,
+            max_active_adapters: args.adapters.max_active_adapters,
+            adapter_cycle_time,
+            preloaded_adapters: preloaded,
+        },
         entries_rx,
     );
     tokio::spawn(scheduler.run());
@@ -218,6 +239,7 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
         architecture: shard.architecture.clone(),
         num_shards: u32::try_from(clients.len()).unwrap_or(u32::MAX),
         supports_adapters: shard.supports_adapters,
+        max_active_adapters: args.adapters.max_active_adapters,
         max_concurrent_requests: args.server.max_concurrent_requests,
         max_best_of: 1,
         max_stop_sequences: limits.max_stop_sequences,
@@ -247,6 +269,8 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
                 max_total_tokens: limits.max_total_tokens,
                 max_stop_sequences: limits.max_stop_sequences,
                 max_new_tokens_default: limits.max_new_tokens_default,
+                default_adapter_source: args.adapters.default_adapter_source,
+                adapters_supported: shard.supports_adapters,
             },
         ),
         clients,
@@ -254,6 +278,32 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
         metrics,
     };
     Ok(server::router(state, args.server.body_limit_bytes))
+}
+
+/// The adapters of `--preloaded-adapter-ids` (blank entries and repeats left out), checked against
+/// `--max-active-adapters`.
+fn preloaded_adapters(args: &AdapterArgs) -> Result<Vec<AdapterKey>, RouterError> {
+    let source = args.preloaded_adapter_source.unwrap_or(args.default_adapter_source);
+    let mut adapters: Vec<AdapterKey> = Vec::new();
+    for id in args
+        .preloaded_adapter_ids
+        .iter()
+        .map(|id| id.trim())
+        .filter(|id| !id.is_empty())
+    {
+        let adapter = AdapterKey::new(source, id);
+        if !adapters.contains(&adapter) {
+            adapters.push(adapter);
+        }
+    }
+    if adapters.len() > args.max_active_adapters {
+        return Err(RouterError::Config(format!(
+            "--preloaded-adapter-ids names {} adapters but --max-active-adapters is {}",
+            adapters.len(),
+            args.max_active_adapters
+        )));
+    }
+    Ok(adapters)
 }
 
 /// "cuda" or "cpu" from the shard's device description ("cuda:0 NVIDIA H200", "cpu (2 threads)").
@@ -264,6 +314,43 @@ fn device_type(device: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preloaded_adapter_list() {
+        use crate::adapters::AdapterSource;
+        use clap::Parser;
+        let args = |extra: &[&str]| {
+            let base = [
+                "r",
+                "--master-shard-uds-path",
+                "s",
+                "--tokenizer-path",
+                "t",
+                "--model-id",
+                "m",
+            ];
+            Args::try_parse_from(base.iter().chain(extra)).expect("flags").adapters
+        };
+        let list = preloaded_adapters(&args(&["--preloaded-adapter-ids", "org/a, org/b,,org/a"])).expect("valid");
+        assert_eq!(
+            list,
+            [
+                AdapterKey::new(AdapterSource::Hub, "org/a"),
+                AdapterKey::new(AdapterSource::Hub, "org/b")
+            ]
+        );
+        let list = preloaded_adapters(&args(&[
+            "--preloaded-adapter-ids",
+            "/data/a",
+            "--default-adapter-source",
+            "local",
+        ]))
+        .expect("valid");
+        assert_eq!(list, [AdapterKey::new(AdapterSource::Local, "/data/a")]);
+        let error = preloaded_adapters(&args(&["--preloaded-adapter-ids", "a,b", "--max-active-adapters", "1"]))
+            .expect_err("too many");
+        assert!(error.to_string().contains("--max-active-adapters is 1"), "{error}");
+    }
 
     #[test]
     fn device_types() {

@@ -1,5 +1,6 @@
-//! Prometheus metrics: the names (LoRAX's), their descriptions and histogram buckets, and the one
-//! process-wide recorder whose [`PrometheusHandle`] renders `GET /metrics`.
+//! Prometheus metrics: the names (LoRAX's, plus `lorax_adapter_*` and `lorax_active_adapters`), their
+//! descriptions and histogram buckets, and the one process-wide recorder whose [`PrometheusHandle`]
+//! renders `GET /metrics`.
 
 use std::sync::OnceLock;
 
@@ -43,6 +44,20 @@ pub const BATCH_CURRENT_MAX_TOKENS: &str = "lorax_batch_current_max_tokens";
 pub const KV_BLOCKS_USED: &str = "lorax_kv_blocks_used";
 /// KV blocks the router may grant (gauge).
 pub const KV_BLOCKS_TOTAL: &str = "lorax_kv_blocks_total";
+/// Requests admitted into the batch (counter, label `adapter` = adapter id, or
+/// [`crate::adapters::BASE_MODEL_LABEL`] for the base model). Counted at admission, so only adapters
+/// that loaded get a series: ids that fail cannot grow the label set.
+pub const ADAPTER_REQUEST_COUNT: &str = "lorax_adapter_request_count";
+/// Tokens generated (counter, label `adapter` as above).
+pub const ADAPTER_GENERATED_TOKENS: &str = "lorax_adapter_generated_tokens";
+/// Seconds from the start of an adapter's download (or of its reload after an offload) until every
+/// shard has loaded it (histogram).
+pub const ADAPTER_LOAD_DURATION: &str = "lorax_adapter_load_duration";
+/// Adapter downloads or loads that failed (counter, label `err` = the error_type given to its requests;
+/// no adapter label, since any client can name adapters that do not exist).
+pub const ADAPTER_LOAD_FAILURES: &str = "lorax_adapter_load_failures";
+/// Adapters loaded on the shards and usable by requests (gauge).
+pub const ACTIVE_ADAPTERS: &str = "lorax_active_adapters";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -71,6 +86,7 @@ fn build(max_total_tokens: u32) -> PrometheusHandle {
         REQUEST_INFERENCE_DURATION,
         REQUEST_MEAN_TIME_PER_TOKEN,
         BATCH_FORWARD_DURATION,
+        ADAPTER_LOAD_DURATION,
     ] {
         builder = set_buckets(builder, name, &durations);
     }
@@ -123,4 +139,16 @@ fn describe() {
     describe_gauge!(BATCH_CURRENT_MAX_TOKENS, "Tokens reserved by the running batch");
     describe_gauge!(KV_BLOCKS_USED, "KV-cache blocks granted to requests");
     describe_gauge!(KV_BLOCKS_TOTAL, "KV-cache blocks the router may grant");
+    describe_counter!(ADAPTER_REQUEST_COUNT, "Requests admitted into the batch, by adapter");
+    describe_counter!(ADAPTER_GENERATED_TOKENS, "Tokens generated, by adapter");
+    describe_histogram!(
+        ADAPTER_LOAD_DURATION,
+        Unit::Seconds,
+        "Adapter download (or reload) until loaded on every shard"
+    );
+    describe_counter!(
+        ADAPTER_LOAD_FAILURES,
+        "Adapter downloads or loads that failed, by error_type"
+    );
+    describe_gauge!(ACTIVE_ADAPTERS, "Adapters loaded on the shards");
 }

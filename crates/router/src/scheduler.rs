@@ -1,18 +1,24 @@
-//! The batching task: the single owner of the queue, the running batch and the KV block allocator.
+//! The batching task: the single owner of the queues, the adapters' states, the running batch and the
+//! KV block allocator.
 //!
-//! Each turn it takes new requests from the [`crate::infer::Infer`] channel, prefills waiting requests
-//! when the policy allows (the shard appends them to its running batch), then decodes one step for the
-//! whole batch. After every step it turns tokens into text, checks stopping, answers each request's
-//! stream, and removes finished and cancelled requests with FilterBatch, which drops their block
-//! allocations. A shard failure fails every request of the batch (424), clears the shards' cache and
-//! the task carries on with new requests.
+//! Each turn it takes new requests from the [`crate::infer::Infer`] channel and adapter results from
+//! the adapter tasks, starts the adapter downloads, loads and offloads they call for (in spawned tasks,
+//! see [`crate::adapters`]), prefills waiting requests of the base model and of active adapters when
+//! the policy allows (the shard appends them to its running batch), then decodes one step for the whole
+//! batch. After every step it turns tokens into text, checks stopping, answers each request's stream,
+//! and removes finished and cancelled requests with FilterBatch, which drops their block allocations and
+//! adapter leases. A shard failure fails every request of the batch (424), clears the shards' cache
+//! (adapters stay loaded) and the task carries on with new requests.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use lorax_proto::shard::v1::{Generation, Request, Token};
 use tokio::sync::mpsc;
 
+use crate::adapters::registry::{AdapterLease, Registry};
+use crate::adapters::tasks::{log_download, AdapterEvent, AdapterTasks};
+use crate::adapters::{metric_label, AdapterKey};
 use crate::blocks::{BlockAllocation, BlockAllocator};
 use crate::client::{ClientError, ShardClients};
 use crate::detokenize::{IncrementalDecoder, TokenDecoder};
@@ -26,9 +32,30 @@ struct Running {
     entry: Entry,
     /// Returned to the allocator when this entry is dropped.
     _blocks: BlockAllocation,
+    /// Keeps the adapter loaded while the request runs; released when this entry is dropped.
+    _adapter: Option<AdapterLease>,
+    /// `lorax_adapter_generated_tokens` of the request's adapter.
+    tokens_counter: metrics::Counter,
     decoder: IncrementalDecoder,
     stopping: StoppingCriteria,
     start: Instant,
+}
+
+/// What the batching task is configured with.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Batching rules.
+    pub policy: BatchingPolicy,
+    /// End-of-sequence tokens of the model.
+    pub eos_token_ids: Vec<u32>,
+    /// KV blocks the router may grant.
+    pub total_blocks: u32,
+    /// Most adapters loading, loaded or offloading at once (`--max-active-adapters`).
+    pub max_active_adapters: usize,
+    /// `--adapter-cycle-time-s`.
+    pub adapter_cycle_time: Duration,
+    /// Adapters already loaded on every shard (`--preloaded-adapter-ids`).
+    pub preloaded_adapters: Vec<AdapterKey>,
 }
 
 /// The batching task's state.
@@ -38,7 +65,11 @@ pub struct Scheduler {
     policy: BatchingPolicy,
     eos_token_ids: Vec<u32>,
     entries: mpsc::UnboundedReceiver<Entry>,
-    queue: VecDeque<Entry>,
+    /// False once every [`crate::infer::Infer`] handle is gone.
+    entries_open: bool,
+    queues: Registry<Entry>,
+    adapter_tasks: AdapterTasks,
+    adapter_events: mpsc::UnboundedReceiver<AdapterEvent>,
     running: BTreeMap<u64, Running>,
     allocator: BlockAllocator,
     next_id: u64,
@@ -46,24 +77,31 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// A scheduler fed by `entries`, granting `total_blocks` KV blocks.
+    /// A scheduler fed by `entries`.
     pub fn new(
         clients: ShardClients,
         decoder: TokenDecoder,
-        policy: BatchingPolicy,
-        eos_token_ids: Vec<u32>,
-        total_blocks: u32,
+        config: SchedulerConfig,
         entries: mpsc::UnboundedReceiver<Entry>,
     ) -> Self {
+        let (adapter_tasks, adapter_events) = AdapterTasks::new(clients.clone());
+        let mut queues = Registry::new(config.max_active_adapters, config.adapter_cycle_time);
+        let now = Instant::now();
+        for adapter in config.preloaded_adapters {
+            queues.insert_active(adapter, now);
+        }
         Self {
             clients,
             decoder,
-            policy,
-            eos_token_ids,
+            policy: config.policy,
+            eos_token_ids: config.eos_token_ids,
             entries,
-            queue: VecDeque::new(),
+            entries_open: true,
+            queues,
+            adapter_tasks,
+            adapter_events,
             running: BTreeMap::new(),
-            allocator: BlockAllocator::new(total_blocks),
+            allocator: BlockAllocator::new(config.total_blocks),
             next_id: 0,
             steps_since_prefill: 0,
         }
@@ -81,26 +119,95 @@ impl Scheduler {
         tracing::info!("batching task stopped");
     }
 
-    /// Moves new requests into the queue and drops queued requests whose client is gone. Waits when
-    /// there is nothing to do; `false` once no more requests can arrive and nothing is left.
+    /// Takes in new requests and adapter results, drops queued requests whose client is gone and
+    /// starts the adapter calls the queues call for. Waits (on both channels) while nothing can be
+    /// prefilled or decoded; `false` once no more requests can arrive and none is left.
     async fn receive(&mut self) -> bool {
-        while let Ok(entry) = self.entries.try_recv() {
-            self.queue.push_back(entry);
-        }
-        self.queue.retain(|e| !e.response_tx.is_closed());
-        if self.running.is_empty() && self.queue.is_empty() {
+        loop {
+            loop {
+                match self.entries.try_recv() {
+                    Ok(entry) => self.enqueue(entry),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        self.entries_open = false;
+                        break;
+                    }
+                }
+            }
+            while let Ok(event) = self.adapter_events.try_recv() {
+                self.on_adapter_event(event);
+            }
+            self.queues.retain(|e| !e.response_tx.is_closed());
+            for action in self.queues.plan(Instant::now()) {
+                self.adapter_tasks.start(action);
+            }
+            if !self.running.is_empty() || self.queues.has_prefill_candidates() {
+                return true;
+            }
+            if !self.entries_open && self.queues.queued() == 0 {
+                return false;
+            }
             self.publish();
-            match self.entries.recv().await {
-                Some(entry) => self.queue.push_back(entry),
-                None => return false,
+            tokio::select! {
+                entry = self.entries.recv(), if self.entries_open => match entry {
+                    Some(entry) => self.enqueue(entry),
+                    None => self.entries_open = false,
+                },
+                Some(event) = self.adapter_events.recv() => self.on_adapter_event(event),
+                else => return false,
             }
         }
-        true
+    }
+
+    /// Queues a new request; the first request for an unknown adapter starts its download.
+    fn enqueue(&mut self, entry: Entry) {
+        let adapter = entry.request.adapter.clone();
+        let api_token = entry.request.api_token.clone();
+        if self.queues.push(adapter.as_ref(), entry, Instant::now()) {
+            if let Some(adapter) = adapter {
+                tracing::info!(adapter = %adapter, "downloading adapter");
+                self.adapter_tasks.download(adapter, api_token);
+            }
+        }
+    }
+
+    /// Applies the result of an adapter call to the adapter's state; a failure fails (only) the
+    /// requests waiting for that adapter.
+    fn on_adapter_event(&mut self, event: AdapterEvent) {
+        match event {
+            AdapterEvent::Downloaded { adapter, response } => {
+                log_download(&adapter, &response);
+                self.queues.downloaded(&adapter);
+            }
+            AdapterEvent::Loaded { adapter } => {
+                if let Some(took) = self.queues.loaded(&adapter, Instant::now()) {
+                    metrics::histogram!(m::ADAPTER_LOAD_DURATION).record(took.as_secs_f64());
+                    tracing::info!(adapter = %adapter, seconds = took.as_secs_f64(), "adapter loaded");
+                }
+            }
+            AdapterEvent::Offloaded { adapter, error } => {
+                match error {
+                    None => tracing::info!(adapter = %adapter, "adapter offloaded"),
+                    Some(e) => tracing::error!(adapter = %adapter, "offloading failed, counted as offloaded: {e}"),
+                }
+                self.queues.offloaded(&adapter);
+            }
+            AdapterEvent::Failed(error) => {
+                let (_, error_type) = crate::errors::adapter_status(error.kind);
+                metrics::counter!(m::ADAPTER_LOAD_FAILURES, "err" => error_type).increment(1);
+                let waiting = self.queues.fail(&error.adapter);
+                tracing::warn!(requests = waiting.len(), "{error}");
+                for entry in waiting {
+                    let _ = entry.response_tx.send(Err(InferError::Adapter(error.clone())));
+                }
+            }
+        }
     }
 
     fn publish(&mut self) {
         self.allocator.reclaim();
-        metrics::gauge!(m::QUEUE_SIZE).set(self.queue.len() as f64);
+        metrics::gauge!(m::QUEUE_SIZE).set(self.queues.queued() as f64);
+        metrics::gauge!(m::ACTIVE_ADAPTERS).set(self.queues.active() as f64);
         metrics::gauge!(m::BATCH_CURRENT_SIZE).set(self.running.len() as f64);
         let reserved: u64 = self
             .running
@@ -110,17 +217,19 @@ impl Scheduler {
         metrics::gauge!(m::BATCH_CURRENT_MAX_TOKENS).set(reserved as f64);
     }
 
-    /// Prefills as many queued requests as the policy admits.
+    /// Prefills as many queued requests (base model and active adapters, oldest first) as the policy
+    /// admits.
     async fn prefill(&mut self) {
-        let candidates = self.queue.iter().map(|e| candidate(&e.request));
         let free = self.allocator.free_blocks();
+        let candidates = self.queues.prefill_candidates().map(|e| candidate(&e.request));
         let admit = self
             .policy
             .admit(candidates, free, self.running.len(), self.steps_since_prefill);
+        let now = Instant::now();
         if admit == 0 {
             if self.running.is_empty() {
                 // Every valid request fits an empty cache (checked at startup), so this is a bug.
-                if let Some(entry) = self.queue.pop_front() {
+                if let Some((entry, _)) = self.queues.pop_candidate(now) {
                     tracing::error!(parent: &entry.span, "request does not fit in an empty batch");
                     let _ = entry.response_tx.send(Err(InferError::Generation(
                         "request does not fit in the KV cache".into(),
@@ -130,10 +239,11 @@ impl Scheduler {
             return;
         }
 
-        let now = Instant::now();
         let mut requests = Vec::with_capacity(admit);
         for _ in 0..admit {
-            let Some(entry) = self.queue.pop_front() else { break };
+            let Some((entry, lease)) = self.queues.pop_candidate(now) else {
+                break;
+            };
             let Some(blocks) = self
                 .allocator
                 .allocate(self.policy.blocks_needed(candidate(&entry.request)))
@@ -149,6 +259,10 @@ impl Scheduler {
             let id = self.next_id;
             self.next_id += 1;
             let request = &entry.request;
+            let (adapter_id, adapter_source) = match &request.adapter {
+                Some(adapter) => (adapter.id.clone(), adapter.source.as_str().to_string()),
+                None => (String::new(), String::new()),
+            };
             requests.push(Request {
                 id,
                 input_ids: request.input_ids.clone(),
@@ -156,10 +270,13 @@ impl Scheduler {
                 parameters: Some(request.sampling),
                 prefill_logprobs: request.decoder_input_details,
                 top_n_tokens: request.top_n_tokens,
-                adapter_id: String::new(),
-                adapter_source: String::new(),
+                adapter_id,
+                adapter_source,
             });
             metrics::histogram!(m::REQUEST_QUEUE_DURATION).record(now.duration_since(entry.queued).as_secs_f64());
+            let label = metric_label(request.adapter.as_ref());
+            metrics::counter!(m::ADAPTER_REQUEST_COUNT, "adapter" => label.clone()).increment(1);
+            let tokens_counter = metrics::counter!(m::ADAPTER_GENERATED_TOKENS, "adapter" => label);
             let decoder = IncrementalDecoder::new(&request.input_ids);
             let stopping = StoppingCriteria::new(request.stopping.clone(), self.eos_token_ids.clone());
             self.running.insert(
@@ -167,6 +284,8 @@ impl Scheduler {
                 Running {
                     entry,
                     _blocks: blocks,
+                    _adapter: lease,
+                    tokens_counter,
                     decoder,
                     stopping,
                     start: now,
@@ -278,6 +397,7 @@ impl Scheduler {
                 return false;
             }
         }
+        running.tokens_counter.increment(1);
         let before = running.decoder.emitted().len();
         let text = running.decoder.push(decoder, token.id);
         let special = decoder.is_special(token.id);

@@ -1,6 +1,6 @@
 //! JSON bodies of the REST API, LoRAX-compatible. Request types reject unknown fields; fields that
-//! LoRAX clients send but this build does not support yet (adapters, merged adapters, response_format,
-//! grammar, chat templates) are accepted by the schema and refused by validation with a clear message.
+//! LoRAX clients send but this build does not support yet (merged adapters, response_format, grammar,
+//! chat templates) are accepted by the schema and refused by validation with a clear message.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,13 +11,14 @@ use crate::stopping::FinishReason;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateParameters {
-    /// LoRA adapter to apply; not supported yet (any non-empty value is refused).
+    /// LoRA adapter to apply: a hub repo id or a local path; empty or absent for the base model.
     pub adapter_id: Option<String>,
-    /// Where the adapter comes from ("hub", "local", ...).
+    /// Where the adapter comes from: "hub" or "local" (absent: `--default-adapter-source`).
     pub adapter_source: Option<String>,
     /// Adapters to merge; not supported yet.
     pub merged_adapters: Option<serde_json::Value>,
-    /// Token for private adapters; its Debug form is redacted, so it is never logged.
+    /// Token for private hub adapters (else the `Authorization: Bearer` header's); its Debug form is
+    /// redacted, so it is never logged.
     pub api_token: Option<Secret>,
     /// Sequences to sample and pick the best of; only 1 is supported.
     pub best_of: Option<i64>,
@@ -181,6 +182,8 @@ pub struct Details {
     pub skipped_tokens: u32,
     /// The sampler's seed, when sampling.
     pub seed: Option<u64>,
+    /// The adapter that served the request; `null` for the base model.
+    pub adapter_id: Option<String>,
     /// Prompt tokens with log-probabilities (`decoder_input_details`), else empty.
     pub prefill: Vec<PrefillToken>,
     /// Generated tokens.
@@ -208,6 +211,8 @@ pub struct StreamDetails {
     pub generated_tokens: u32,
     /// The sampler's seed, when sampling.
     pub seed: Option<u64>,
+    /// The adapter that served the request; `null` for the base model.
+    pub adapter_id: Option<String>,
 }
 
 /// One server-sent event of `POST /generate_stream`.
@@ -249,6 +254,8 @@ pub struct Info {
     pub num_shards: u32,
     /// Whether adapters can be loaded by the shards.
     pub supports_adapters: bool,
+    /// `--max-active-adapters`: most adapters loaded on the shards' device at once.
+    pub max_active_adapters: usize,
     /// `--max-concurrent-requests`.
     pub max_concurrent_requests: usize,
     /// Largest `best_of` accepted (always 1).

@@ -2,7 +2,8 @@
 //! `/tokenize` and `/metrics`. Handlers take a concurrency slot first (so an overloaded server answers
 //! 429 at once, before spending tokenization on the request, as LoRAX does), validate, hand the request
 //! to [`Infer`] and shape the answer; a dropped handler or SSE body drops the request's response stream,
-//! which cancels the request in the batching task.
+//! which cancels the request in the batching task. Generate answers name the adapter that served them
+//! (`x-adapter-id`, `x-adapter-source`, `details.adapter_id`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,12 +21,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::adapters::AdapterKey;
 use crate::client::ShardClients;
 use crate::errors::ApiError;
 use crate::infer::{GeneratedText, Infer, InferError, InferStreamResponse, ResponseReceiver, TokenInfo};
 use crate::metrics as m;
 use crate::schema::{
-    AlternativeToken, CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, Info, PrefillToken,
+    AlternativeToken, CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, Info, PrefillToken, Secret,
     SimpleToken, StreamDetails, StreamResponse, Token, TokenizeRequest,
 };
 use crate::validation::{ValidRequest, Validation};
@@ -85,15 +87,33 @@ fn counted<T>(result: Result<T, ApiError>) -> Result<T, ApiError> {
     result
 }
 
+/// The request with its `api_token`, or else the token of an `Authorization: Bearer <token>` header
+/// (LoRAX clients send the hub token either way).
+fn with_bearer_token(mut request: GenerateRequest, headers: &HeaderMap) -> GenerateRequest {
+    let parameters = request.parameters.get_or_insert_with(Default::default);
+    if parameters.api_token.is_none() {
+        parameters.api_token = bearer_token(headers);
+    }
+    request
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<Secret> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Secret(token.to_string()))
+}
+
 /// `POST /generate`: the whole generation as one JSON object.
 #[tracing::instrument(skip_all)]
 async fn generate(
     State(state): State<AppState>,
+    headers: HeaderMap,
     payload: Result<ApiJson<GenerateRequest>, ApiError>,
 ) -> Result<(HeaderMap, Json<GenerateResponse>), ApiError> {
     let start = Instant::now();
     metrics::counter!(m::REQUEST_COUNT).increment(1);
-    counted(async { generate_inner(&state, payload?.0, start).await }.await)
+    counted(async { generate_inner(&state, with_bearer_token(payload?.0, &headers), start).await }.await)
 }
 
 async fn generate_inner(
@@ -115,6 +135,7 @@ async fn generate_inner(
         "x-generated-tokens",
         response.generated_text.generated_tokens,
     );
+    shape.adapter_headers(&mut headers);
 
     let details = shape.details.then(|| Details {
         finish_reason: response.generated_text.finish_reason,
@@ -122,6 +143,7 @@ async fn generate_inner(
         generated_tokens: response.generated_text.generated_tokens,
         skipped_tokens: 0,
         seed: response.generated_text.seed,
+        adapter_id: shape.adapter_id(),
         prefill: response
             .prefill
             .into_iter()
@@ -157,6 +179,7 @@ struct ResponseShape {
     alternatives: bool,
     prompt_tokens: u32,
     prompt: Option<String>,
+    adapter: Option<AdapterKey>,
 }
 
 impl ResponseShape {
@@ -166,7 +189,22 @@ impl ResponseShape {
             alternatives: request.top_n_tokens > 0,
             prompt_tokens: request.input_length(),
             prompt: request.return_full_text.then(|| request.inputs.clone()),
+            adapter: request.adapter.clone(),
         }
+    }
+
+    /// `x-adapter-id` and `x-adapter-source` naming the adapter that serves the request (none for the
+    /// base model).
+    fn adapter_headers(&self, headers: &mut HeaderMap) {
+        if let Some(adapter) = &self.adapter {
+            insert_header(headers, "x-adapter-id", &adapter.id);
+            insert_header(headers, "x-adapter-source", adapter.source);
+        }
+    }
+
+    /// `details.adapter_id`.
+    fn adapter_id(&self) -> Option<String> {
+        self.adapter.as_ref().map(|a| a.id.clone())
     }
 
     fn full_text(&self, generated: String) -> String {
@@ -244,13 +282,14 @@ fn api_token(token: TokenInfo, top: Vec<TokenInfo>, alternatives: bool) -> Token
 #[tracing::instrument(skip_all)]
 async fn generate_stream(
     State(state): State<AppState>,
+    headers: HeaderMap,
     payload: Result<ApiJson<GenerateRequest>, ApiError>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+) -> Result<(HeaderMap, Sse<impl Stream<Item = Result<Event, Infallible>>>), ApiError> {
     let start = Instant::now();
     metrics::counter!(m::REQUEST_COUNT).increment(1);
     let (receiver, permit, shape) = counted(
         async {
-            let request = payload?.0;
+            let request = with_bearer_token(payload?.0, &headers);
             let permit = state.infer.acquire()?;
             let valid = state.validation.validate(request, true).await?;
             let shape = ResponseShape::of(&valid);
@@ -259,13 +298,16 @@ async fn generate_stream(
         }
         .await,
     )?;
+    let mut response_headers = HeaderMap::new();
+    shape.adapter_headers(&mut response_headers);
     let stream = StreamState {
         receiver,
         _permit: permit,
         shape,
         start,
     };
-    Ok(Sse::new(futures::stream::unfold(Some(stream), next_event)).keep_alive(KeepAlive::default()))
+    let sse = Sse::new(futures::stream::unfold(Some(stream), next_event)).keep_alive(KeepAlive::default());
+    Ok((response_headers, sse))
 }
 
 /// The SSE body's state; dropping it (client gone) drops the receiver and the concurrency permit.
@@ -304,6 +346,7 @@ async fn next_event(state: Option<StreamState>) -> Option<(Result<Event, Infalli
                         prompt_tokens: state.shape.prompt_tokens,
                         generated_tokens: generated_text.generated_tokens,
                         seed: generated_text.seed,
+                        adapter_id: state.shape.adapter_id(),
                     }),
                     generated_text: Some(state.shape.full_text(generated_text.text)),
                 })
@@ -333,6 +376,7 @@ fn json_event<T: Serialize>(value: &T) -> Event {
 /// `POST /`: `{"inputs", "parameters", "stream"}`; streams, or answers a one-element JSON array.
 async fn compat_generate(
     State(state): State<AppState>,
+    headers: HeaderMap,
     payload: Result<ApiJson<CompatGenerateRequest>, ApiError>,
 ) -> Response {
     match payload {
@@ -341,10 +385,10 @@ async fn compat_generate(
             e.record();
             e.into_response()
         }
-        Ok(ApiJson(request)) if request.stream => generate_stream(State(state), Ok(ApiJson(request.into())))
+        Ok(ApiJson(request)) if request.stream => generate_stream(State(state), headers, Ok(ApiJson(request.into())))
             .await
             .into_response(),
-        Ok(ApiJson(request)) => match generate(State(state), Ok(ApiJson(request.into()))).await {
+        Ok(ApiJson(request)) => match generate(State(state), headers, Ok(ApiJson(request.into()))).await {
             Ok((headers, Json(response))) => (headers, Json(vec![response])).into_response(),
             Err(e) => e.into_response(),
         },
@@ -397,4 +441,42 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(authorization: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(authorization).expect("header"),
+        );
+        headers
+    }
+
+    fn token_of(request: &GenerateRequest) -> Option<String> {
+        request.parameters.as_ref()?.api_token.as_ref().map(|t| t.0.clone())
+    }
+
+    #[test]
+    fn bearer_header_supplies_a_missing_api_token() {
+        let bare: GenerateRequest = serde_json::from_value(serde_json::json!({"inputs": "x"})).expect("request");
+        let with = with_bearer_token(bare.clone(), &headers("Bearer hf_abc"));
+        assert_eq!(token_of(&with).as_deref(), Some("hf_abc"));
+        let with = with_bearer_token(bare.clone(), &headers("bearer  hf_abc "));
+        assert_eq!(token_of(&with).as_deref(), Some("hf_abc"));
+        for ignored in ["Basic dXNlcjpwYXNz", "Bearer", "Bearer  ", "hf_abc"] {
+            let without = with_bearer_token(bare.clone(), &headers(ignored));
+            assert_eq!(token_of(&without), None, "{ignored:?}");
+        }
+        assert_eq!(token_of(&with_bearer_token(bare, &HeaderMap::new())), None);
+
+        let own: GenerateRequest =
+            serde_json::from_value(serde_json::json!({"inputs": "x", "parameters": {"api_token": "mine"}}))
+                .expect("request");
+        let kept = with_bearer_token(own, &headers("Bearer other"));
+        assert_eq!(token_of(&kept).as_deref(), Some("mine"), "the body's token wins");
+    }
 }

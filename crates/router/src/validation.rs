@@ -8,19 +8,36 @@ use lorax_proto::shard::v1::SamplingParameters;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 use tokio::sync::Semaphore;
 
+use crate::adapters::{AdapterKey, AdapterSource};
 use crate::metrics as m;
-use crate::schema::{GenerateParameters, GenerateRequest};
+use crate::schema::{GenerateParameters, GenerateRequest, Secret};
 use crate::stopping::StoppingParameters;
 
 /// Largest `return_k_alternatives`.
 pub const MAX_ALTERNATIVES: i64 = 10;
+/// Longest accepted `adapter_id`, in bytes (hub ids are far shorter; paths rarely come close).
+pub const MAX_ADAPTER_ID_BYTES: usize = 256;
+/// Longest part of a rejected value repeated in an error message, in characters.
+const ECHO_CHARS: usize = 64;
 
 /// Why a request is invalid (422, error_type "validation").
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ValidationError {
-    /// Adapters are not supported by this build.
-    #[error("adapters are not supported by this build yet (got `{0}`); send requests to the base model")]
+    /// An adapter was requested but the shards cannot load adapters.
+    #[error("the shards of this deployment do not support adapters (got `{0}`); send requests to the base model")]
     AdaptersUnsupported(String),
+    /// `merged_adapters` was given.
+    #[error("`merged_adapters` is not supported by this build; name one adapter with `adapter_id`")]
+    MergedAdapters,
+    /// `adapter_source` is not one of the accepted values.
+    #[error("`adapter_source` must be one of {accepted}. Given: {0:?}", accepted = AdapterSource::ACCEPTED)]
+    AdapterSource(String),
+    /// `adapter_id` longer than [`MAX_ADAPTER_ID_BYTES`].
+    #[error("`adapter_id` must be at most {MAX_ADAPTER_ID_BYTES} bytes. Given: {0} bytes")]
+    AdapterIdLength(usize),
+    /// `adapter_id` with a control character (NUL, newline, ...).
+    #[error("`adapter_id` must not contain control characters")]
+    AdapterIdControl,
     /// A parameter this build does not implement.
     #[error("`{0}` is not supported by this build yet")]
     Unsupported(&'static str),
@@ -83,7 +100,7 @@ pub enum ValidationError {
     Tokenizer(String),
 }
 
-/// Limits from the command line.
+/// Limits and defaults from the command line and the shards.
 #[derive(Debug, Clone)]
 pub struct ValidationLimits {
     /// Longest prompt in tokens.
@@ -94,6 +111,10 @@ pub struct ValidationLimits {
     pub max_stop_sequences: usize,
     /// Upper bound of the default `max_new_tokens`.
     pub max_new_tokens_default: u32,
+    /// Source of an adapter whose request gives no `adapter_source`.
+    pub default_adapter_source: AdapterSource,
+    /// Whether the shards can load adapters (else requests naming one are refused).
+    pub adapters_supported: bool,
 }
 
 /// A request that passed validation.
@@ -115,6 +136,10 @@ pub struct ValidRequest {
     pub details: bool,
     /// Prepend the prompt to the answer.
     pub return_full_text: bool,
+    /// The adapter to apply; `None` for the base model.
+    pub adapter: Option<AdapterKey>,
+    /// Token for downloading a private adapter (redacted in Debug).
+    pub api_token: Option<Secret>,
 }
 
 impl ValidRequest {
@@ -150,6 +175,8 @@ pub struct CheckedParameters {
     pub decoder_input_details: bool,
     /// Prepend the prompt.
     pub return_full_text: bool,
+    /// The adapter; `None` for the base model.
+    pub adapter: Option<AdapterKey>,
 }
 
 /// Validates everything that does not need the tokenizer. `random_seed` supplies the seed of a
@@ -160,12 +187,7 @@ pub fn check_parameters(
     stream: bool,
     random_seed: impl FnOnce() -> u64,
 ) -> Result<CheckedParameters, ValidationError> {
-    if let Some(id) = p.adapter_id.as_deref().filter(|id| !id.is_empty()) {
-        return Err(ValidationError::AdaptersUnsupported(id.to_string()));
-    }
-    if p.merged_adapters.is_some() {
-        return Err(ValidationError::AdaptersUnsupported("merged_adapters".into()));
-    }
+    let adapter = check_adapter(p, limits)?;
     if p.response_format.is_some() {
         return Err(ValidationError::Unsupported("response_format"));
     }
@@ -270,7 +292,34 @@ pub fn check_parameters(
         details: p.details.unwrap_or(false),
         decoder_input_details,
         return_full_text: p.return_full_text.unwrap_or(false),
+        adapter,
     })
+}
+
+/// The adapter a request names: `None` for the base model (`adapter_id` absent or empty).
+/// `adapter_source` is checked even without an adapter, so a typo is never silently ignored.
+fn check_adapter(p: &GenerateParameters, limits: &ValidationLimits) -> Result<Option<AdapterKey>, ValidationError> {
+    if p.merged_adapters.is_some() {
+        return Err(ValidationError::MergedAdapters);
+    }
+    let source = match p.adapter_source.as_deref() {
+        None | Some("") => limits.default_adapter_source,
+        Some(given) => AdapterSource::parse(given)
+            .ok_or_else(|| ValidationError::AdapterSource(given.chars().take(ECHO_CHARS).collect()))?,
+    };
+    let Some(id) = p.adapter_id.as_deref().filter(|id| !id.is_empty()) else {
+        return Ok(None);
+    };
+    if id.len() > MAX_ADAPTER_ID_BYTES {
+        return Err(ValidationError::AdapterIdLength(id.len()));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(ValidationError::AdapterIdControl);
+    }
+    if !limits.adapters_supported {
+        return Err(ValidationError::AdaptersUnsupported(id.to_string()));
+    }
+    Ok(Some(AdapterKey::new(source, id)))
 }
 
 /// Applies truncation and the token limits to a tokenized prompt; returns the prompt ids and the
@@ -362,8 +411,9 @@ impl Validation {
 
     /// Validates a generate request (`stream`: for /generate_stream).
     pub async fn validate(&self, request: GenerateRequest, stream: bool) -> Result<ValidRequest, ValidationError> {
-        let parameters = request.parameters.unwrap_or_default();
+        let mut parameters = request.parameters.unwrap_or_default();
         let checked = check_parameters(&parameters, &self.limits, stream, random_seed)?;
+        let api_token = checked.adapter.as_ref().and(parameters.api_token.take());
         if request.inputs.is_empty() {
             return Err(ValidationError::EmptyInput);
         }
@@ -384,6 +434,8 @@ impl Validation {
             },
             details: checked.details,
             return_full_text: checked.return_full_text,
+            adapter: checked.adapter,
+            api_token,
         })
     }
 }
@@ -404,6 +456,8 @@ mod tests {
             max_total_tokens: 16,
             max_stop_sequences: 2,
             max_new_tokens_default: 100,
+            default_adapter_source: AdapterSource::Hub,
+            adapters_supported: true,
         }
     }
 
@@ -462,14 +516,15 @@ mod tests {
         use serde_json::json;
         use ValidationError as E;
         let cases: Vec<(serde_json::Value, ValidationError)> = vec![
+            (json!({"merged_adapters": {"ids": ["a"]}}), E::MergedAdapters),
             (
-                json!({"adapter_id": "some/adapter"}),
-                E::AdaptersUnsupported("some/adapter".into()),
+                json!({"adapter_id": "a/b", "adapter_source": "s3"}),
+                E::AdapterSource("s3".into()),
             ),
-            (
-                json!({"merged_adapters": {"ids": ["a"]}}),
-                E::AdaptersUnsupported("merged_adapters".into()),
-            ),
+            (json!({"adapter_source": "HUB"}), E::AdapterSource("HUB".into())),
+            (json!({"adapter_id": "a".repeat(257)}), E::AdapterIdLength(257)),
+            (json!({"adapter_id": "org/a\u{0}b"}), E::AdapterIdControl),
+            (json!({"adapter_id": "org/a\nb"}), E::AdapterIdControl),
             (
                 json!({"response_format": {"type": "json_object"}}),
                 E::Unsupported("response_format"),
@@ -516,16 +571,83 @@ mod tests {
 
     #[test]
     fn empty_adapter_id_means_base_model() {
-        assert!(check(serde_json::json!({"adapter_id": "", "adapter_source": "hub"})).is_ok());
+        let c = check(serde_json::json!({"adapter_id": "", "adapter_source": "hub"})).expect("valid");
+        assert_eq!(c.adapter, None);
+        assert_eq!(check(serde_json::json!({})).expect("valid").adapter, None);
     }
 
     #[test]
-    fn adapter_message_says_not_supported() {
-        let e = check(serde_json::json!({"adapter_id": "x/y"})).expect_err("refused");
-        assert!(
-            e.to_string().contains("adapters are not supported by this build"),
-            "{e}"
+    fn adapters_with_and_without_source() {
+        let c = check(serde_json::json!({"adapter_id": "org/a"})).expect("valid");
+        assert_eq!(c.adapter, Some(AdapterKey::new(AdapterSource::Hub, "org/a")));
+        let c = check(serde_json::json!({"adapter_id": "/data/a", "adapter_source": "local"})).expect("valid");
+        assert_eq!(c.adapter, Some(AdapterKey::new(AdapterSource::Local, "/data/a")));
+        let c = check(serde_json::json!({"adapter_id": "x", "adapter_source": ""})).expect("valid");
+        assert_eq!(c.adapter, Some(AdapterKey::new(AdapterSource::Hub, "x")));
+        let longest = "a".repeat(MAX_ADAPTER_ID_BYTES);
+        assert!(check(serde_json::json!({ "adapter_id": longest })).is_ok());
+
+        let local_default = ValidationLimits {
+            default_adapter_source: AdapterSource::Local,
+            ..limits()
+        };
+        let c = check_parameters(
+            &params(serde_json::json!({"adapter_id": "x"})),
+            &local_default,
+            false,
+            || 0,
+        )
+        .expect("valid");
+        assert_eq!(c.adapter, Some(AdapterKey::new(AdapterSource::Local, "x")));
+    }
+
+    #[test]
+    fn adapter_messages_are_clear() {
+        let e = check(serde_json::json!({"adapter_id": "x", "adapter_source": "pbase"})).expect_err("bad source");
+        assert_eq!(
+            e.to_string(),
+            "`adapter_source` must be one of \"hub\", \"local\". Given: \"pbase\""
         );
+        let e = check(serde_json::json!({"adapter_source": "s".repeat(1000)})).expect_err("bad source");
+        assert!(e.to_string().len() < 200, "the echo is cut short: {e}");
+        let e = check(serde_json::json!({"merged_adapters": {}})).expect_err("refused");
+        assert!(e.to_string().contains("`merged_adapters` is not supported"), "{e}");
+        let unsupported = ValidationLimits {
+            adapters_supported: false,
+            ..limits()
+        };
+        let e = check_parameters(
+            &params(serde_json::json!({"adapter_id": "x/y"})),
+            &unsupported,
+            false,
+            || 0,
+        )
+        .expect_err("refused");
+        assert!(e.to_string().contains("do not support adapters"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn api_token_is_kept_for_adapters_only_and_never_shown() {
+        let v = validation(8, 20);
+        let with_adapter = v
+            .validate(
+                request(
+                    "Hello",
+                    serde_json::json!({"adapter_id": "org/private", "api_token": "hf_SECRET"}),
+                ),
+                false,
+            )
+            .await
+            .expect("valid");
+        assert_eq!(with_adapter.api_token, Some(Secret("hf_SECRET".into())));
+        let debug = format!("{with_adapter:?}");
+        assert!(!debug.contains("hf_SECRET"), "{debug}");
+        assert!(debug.contains("org/private"), "{debug}");
+        let base = v
+            .validate(request("Hello", serde_json::json!({"api_token": "hf_SECRET"})), false)
+            .await
+            .expect("valid");
+        assert_eq!(base.api_token, None, "the base model needs no token");
     }
 
     #[test]
@@ -545,6 +667,8 @@ mod tests {
                 max_total_tokens,
                 max_stop_sequences: 4,
                 max_new_tokens_default: 100,
+                default_adapter_source: AdapterSource::Hub,
+                adapters_supported: true,
             },
         )
     }

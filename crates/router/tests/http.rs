@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Deployment, Setup, SseReader, EOS};
+use common::{error_of, Deployment, Setup, SseReader, EOS};
 use serde_json::{json, Value};
 
 /// Expected continuation text of `prompt_ids` followed by `generated` (decoded in context).
@@ -25,11 +25,6 @@ fn fake_tokens(last: u32, n: u32) -> Vec<u32> {
 }
 
 const HELLO: [u32; 2] = [1, 22557];
-
-async fn error_of(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("JSON error body"))
-}
 
 #[tokio::test]
 async fn generate_with_details() {
@@ -296,9 +291,24 @@ async fn validation_and_body_errors() {
     .await;
     let cases = [
         (
-            json!({"inputs": "Hello", "parameters": {"adapter_id": "org/adapter"}}),
+            json!({"inputs": "Hello", "parameters": {"adapter_id": "org/adapter", "adapter_source": "s3"}}),
             422,
-            "adapters are not supported",
+            "`adapter_source` must be one of \"hub\", \"local\"",
+        ),
+        (
+            json!({"inputs": "Hello", "parameters": {"adapter_id": "org/a\u{1b}[31m"}}),
+            422,
+            "control characters",
+        ),
+        (
+            json!({"inputs": "Hello", "parameters": {"adapter_id": "x".repeat(300)}}),
+            422,
+            "at most 256 bytes",
+        ),
+        (
+            json!({"inputs": "Hello", "parameters": {"merged_adapters": {"ids": ["a", "b"]}}}),
+            422,
+            "`merged_adapters` is not supported",
         ),
         (
             json!({"inputs": "Hello", "parameters": {"max_tokens": 3}}),
@@ -345,7 +355,7 @@ async fn validation_and_body_errors() {
     let (status, error) = error_of(
         d.post(
             "/generate_stream",
-            json!({"inputs": "Hello", "parameters": {"adapter_id": "a/b"}}),
+            json!({"inputs": "Hello", "parameters": {"adapter_id": "a/b", "adapter_source": "pbase"}}),
         )
         .await,
     )

@@ -1,9 +1,16 @@
 //! Test harness: in-process fake shards (tonic servers on temporary Unix sockets, deterministic tokens:
-//! next = (last + 1) % vocab) and the real router application served on 127.0.0.1:0, spoken to over
-//! HTTP with reqwest. Waiting is done by polling with a deadline, never by sleeping.
+//! next = (last + 1 + adapter offset) % vocab, offset 0 for the base model) and the real router
+//! application served on 127.0.0.1:0, spoken to over HTTP with reqwest. Waiting is done by polling with
+//! a deadline, never by sleeping.
+//!
+//! The fakes implement the adapter calls with the real shard's contract, strictly enough to catch router
+//! bugs: a [`FakeHub`] shared by all ranks (the shared host cache) counts downloads and can fail or hold
+//! them; each rank has its own loaded set, bounded by a device capacity. Prefill with an adapter not
+//! loaded, Offload of an adapter a running sequence uses, Load beyond capacity or before download are
+//! refused with the contract's codes and counted in [`FakeState::adapter_errors`].
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,8 +28,9 @@ use lorax_proto::shard::v1::{
     WarmupResponse,
 };
 use tokio::net::UnixListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 /// Vocabulary of the fixture tokenizer.
 pub const VOCAB: u32 = 32000;
@@ -30,6 +38,36 @@ pub const VOCAB: u32 = 32000;
 pub const EOS: u32 = 2;
 /// KV block size the fakes report.
 pub const BLOCK_SIZE: u32 = 16;
+/// Last prompt token of "Hello" (`<s> ▁Hello`).
+pub const HELLO_LAST: u32 = 22557;
+
+/// An adapter as the fakes key it: (source, id).
+type AdapterKey = (String, String);
+
+/// Token offset of an adapter's sequences: 0 for the base model (id ""), else 1..=997 from the id, so
+/// tests can tell which adapter produced a token.
+pub fn adapter_offset(id: &str) -> u32 {
+    if id.is_empty() {
+        return 0;
+    }
+    // FNV-1a: stable across runs, unlike the std hasher.
+    let hash = id
+        .bytes()
+        .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    1 + hash % 997
+}
+
+/// The `n` tokens the fakes generate for `adapter` ("" = base) after a prompt ending in `last`.
+pub fn fake_tokens_for(adapter: &str, last: u32, n: u32) -> Vec<u32> {
+    let offset = adapter_offset(adapter);
+    let mut token = last;
+    (0..n)
+        .map(|_| {
+            token = next_token(token, offset);
+            token
+        })
+        .collect()
+}
 
 /// One sequence in a fake shard's batch.
 #[derive(Debug, Clone)]
@@ -37,6 +75,114 @@ struct Seq {
     last: u32,
     blocks: Vec<u32>,
     top_n: u32,
+    adapter: Option<AdapterKey>,
+    offset: u32,
+}
+
+/// The adapter files all fake shards share (the real shards' host cache), with knobs to fail or hold
+/// downloads.
+#[derive(Debug, Default)]
+pub struct FakeHub {
+    state: Mutex<HubState>,
+}
+
+#[derive(Debug, Default)]
+struct HubState {
+    /// DownloadAdapter calls by adapter id (failed ones included).
+    downloads: HashMap<String, usize>,
+    /// Downloaded adapters.
+    cached: HashSet<AdapterKey>,
+    /// Download failures to inject, by id: code and message (`{token}` is replaced by the token sent).
+    failures: HashMap<String, (Code, String)>,
+    /// Held downloads, by id: they finish when the value turns true.
+    gates: HashMap<String, watch::Sender<bool>>,
+    /// api_token of each download, by id.
+    tokens: HashMap<String, Vec<Option<String>>>,
+    /// DownloadAdapter calls that reached a rank other than 0.
+    misrouted: usize,
+}
+
+impl FakeHub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().expect("hub lock")
+    }
+
+    /// DownloadAdapter calls for `id` so far (started, finished or failed).
+    pub fn downloads(&self, id: &str) -> usize {
+        self.lock().downloads.get(id).copied().unwrap_or(0)
+    }
+
+    /// DownloadAdapter calls over all adapters.
+    pub fn total_downloads(&self) -> usize {
+        self.lock().downloads.values().sum()
+    }
+
+    /// DownloadAdapter calls that went to a rank other than 0.
+    pub fn misrouted(&self) -> usize {
+        self.lock().misrouted
+    }
+
+    /// The api_token of each download of `id`.
+    pub fn tokens(&self, id: &str) -> Vec<Option<String>> {
+        self.lock().tokens.get(id).cloned().unwrap_or_default()
+    }
+
+    /// Makes downloads of `id` fail with `code`; `{token}` in `message` becomes the token sent.
+    pub fn fail(&self, id: &str, code: Code, message: &str) {
+        self.lock().failures.insert(id.to_string(), (code, message.to_string()));
+    }
+
+    /// Lets downloads of `id` succeed again.
+    pub fn clear_failure(&self, id: &str) {
+        self.lock().failures.remove(id);
+    }
+
+    /// Holds downloads of `id` until [`Self::release`] (a slow hub).
+    pub fn hold(&self, id: &str) {
+        self.lock().gates.insert(id.to_string(), watch::channel(false).0);
+    }
+
+    /// Finishes the held downloads of `id`.
+    pub fn release(&self, id: &str) {
+        if let Some(gate) = self.lock().gates.remove(id) {
+            gate.send_replace(true);
+        }
+    }
+
+    async fn download(&self, rank: u32, request: DownloadAdapterRequest) -> Result<DownloadAdapterResponse, Status> {
+        let id = request.adapter_id.clone();
+        let gate = {
+            let mut hub = self.lock();
+            if rank != 0 {
+                hub.misrouted += 1;
+            }
+            *hub.downloads.entry(id.clone()).or_default() += 1;
+            hub.tokens
+                .entry(id.clone())
+                .or_default()
+                .push(request.api_token.clone());
+            hub.gates.get(&id).map(watch::Sender::subscribe)
+        };
+        if let Some(mut gate) = gate {
+            // Err means the gate was dropped by `release`, which set it first.
+            let _ = gate.wait_for(|open| *open).await;
+        }
+        let mut hub = self.lock();
+        if let Some((code, message)) = hub.failures.get(&id) {
+            let token = request.api_token.as_deref().unwrap_or("");
+            return Err(Status::new(*code, message.replace("{token}", token)));
+        }
+        hub.cached.insert((request.adapter_source, id));
+        Ok(DownloadAdapterResponse {
+            size_bytes: 1024,
+            warnings: vec![],
+            rank: 8,
+        })
+    }
+
+    fn is_cached(&self, key: &AdapterKey) -> bool {
+        self.lock().cached.contains(key)
+    }
 }
 
 /// Observable state of one fake shard.
@@ -59,12 +205,51 @@ pub struct FakeState {
     pub max_batch: AtomicUsize,
     /// Block-table errors detected (double allocation, too few blocks).
     pub block_errors: AtomicUsize,
+    /// Adapters loaded on this rank.
+    loaded: Mutex<HashSet<AdapterKey>>,
+    /// Load failures to inject on this rank, by adapter id.
+    load_failures: Mutex<HashMap<String, (Code, String)>>,
+    /// Adapter ids ("" for the base model) of the requests of each Prefill call, in call order.
+    prefill_adapters: Mutex<Vec<Vec<String>>>,
+    /// Most adapters ever loaded at once.
+    pub max_loaded: AtomicUsize,
+    /// LoadAdapter calls that succeeded.
+    pub loads: AtomicUsize,
+    /// OffloadAdapter calls that succeeded.
+    pub offloads: AtomicUsize,
+    /// Adapter contract violations by the router (see the module docs).
+    pub adapter_errors: AtomicUsize,
 }
 
 impl FakeState {
     /// Ids of the sequences in the batch.
     pub fn live(&self) -> Vec<u64> {
         self.batch.lock().expect("lock").keys().copied().collect()
+    }
+
+    /// Ids of the adapters loaded on this rank, sorted.
+    pub fn loaded(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.loaded.lock().expect("lock").iter().map(|k| k.1.clone()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Adapter ids of each Prefill call's requests ("" for the base model).
+    pub fn prefill_adapters(&self) -> Vec<Vec<String>> {
+        self.prefill_adapters.lock().expect("lock").clone()
+    }
+
+    /// Makes LoadAdapter of `id` fail on this rank.
+    pub fn fail_load(&self, id: &str, code: Code, message: &str) {
+        self.load_failures
+            .lock()
+            .expect("lock")
+            .insert(id.to_string(), (code, message.to_string()));
+    }
+
+    fn violation(&self, status: Status) -> Status {
+        self.adapter_errors.fetch_add(1, Ordering::SeqCst);
+        status
     }
 }
 
@@ -76,6 +261,9 @@ struct FakeShard {
     urls: Vec<String>,
     num_blocks: u32,
     step_delay: Duration,
+    hub: Arc<FakeHub>,
+    adapter_capacity: usize,
+    supports_adapters: bool,
 }
 
 fn next_token(last: u32, offset: u32) -> u32 {
@@ -84,7 +272,7 @@ fn next_token(last: u32, offset: u32) -> u32 {
 
 impl FakeShard {
     fn generation(id: u64, seq: &Seq, prefill: Option<&[u32]>) -> Generation {
-        let token = next_token(seq.last, 0);
+        let token = next_token(seq.last, seq.offset);
         Generation {
             request_id: id,
             token: Some(Token {
@@ -93,7 +281,7 @@ impl FakeShard {
             }),
             top_tokens: (0..seq.top_n)
                 .map(|i| Token {
-                    id: next_token(seq.last, i),
+                    id: next_token(seq.last, seq.offset + i),
                     logprob: -0.25 - i as f32,
                 })
                 .collect(),
@@ -135,7 +323,7 @@ impl ShardService for FakeShard {
             num_blocks: self.num_blocks,
             rank: self.rank,
             world_size: self.urls.len() as u32,
-            supports_adapters: false,
+            supports_adapters: self.supports_adapters,
         }))
     }
 
@@ -169,10 +357,27 @@ impl ShardService for FakeShard {
     async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
         self.state.prefills.fetch_add(1, Ordering::SeqCst);
         self.check_failure()?;
+        let requests = request.into_inner().requests;
+        self.state
+            .prefill_adapters
+            .lock()
+            .expect("lock")
+            .push(requests.iter().map(|r| r.adapter_id.clone()).collect());
+        {
+            let loaded = self.state.loaded.lock().expect("lock");
+            for r in requests.iter().filter(|r| !r.adapter_id.is_empty()) {
+                if !loaded.contains(&(r.adapter_source.clone(), r.adapter_id.clone())) {
+                    return Err(self.state.violation(Status::failed_precondition(format!(
+                        "adapter {} ({}) is not loaded",
+                        r.adapter_id, r.adapter_source
+                    ))));
+                }
+            }
+        }
         let mut batch = self.state.batch.lock().expect("lock");
         let mut used: HashSet<u32> = batch.values().flat_map(|s| s.blocks.iter().copied()).collect();
         let mut generations = Vec::new();
-        for r in request.into_inner().requests {
+        for r in requests {
             let needed = (r.input_ids.len() as u32 + 1).div_ceil(BLOCK_SIZE) as usize;
             if r.blocks.len() < needed
                 || r.blocks.iter().any(|b| !used.insert(*b) || *b >= self.num_blocks)
@@ -188,13 +393,15 @@ impl ShardService for FakeShard {
                 last: *r.input_ids.last().expect("non-empty prompt"),
                 blocks: r.blocks.clone(),
                 top_n: r.top_n_tokens,
+                adapter: (!r.adapter_id.is_empty()).then(|| (r.adapter_source.clone(), r.adapter_id.clone())),
+                offset: adapter_offset(&r.adapter_id),
             };
             let prompt = r.prefill_logprobs.then_some(r.input_ids.as_slice());
             generations.push(Self::generation(r.id, &seq, prompt));
             batch.insert(
                 r.id,
                 Seq {
-                    last: next_token(seq.last, 0),
+                    last: next_token(seq.last, seq.offset),
                     ..seq
                 },
             );
@@ -222,7 +429,7 @@ impl ShardService for FakeShard {
                 continue;
             }
             generations.push(Self::generation(id, seq, None));
-            seq.last = next_token(seq.last, 0);
+            seq.last = next_token(seq.last, seq.offset);
         }
         Ok(Response::new(DecodeResponse {
             generations,
@@ -244,20 +451,67 @@ impl ShardService for FakeShard {
 
     async fn download_adapter(
         &self,
-        _: Request<DownloadAdapterRequest>,
+        request: Request<DownloadAdapterRequest>,
     ) -> Result<Response<DownloadAdapterResponse>, Status> {
-        Err(Status::unimplemented("adapters"))
+        self.hub
+            .download(self.rank, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
-    async fn load_adapter(&self, _: Request<LoadAdapterRequest>) -> Result<Response<LoadAdapterResponse>, Status> {
-        Err(Status::unimplemented("adapters"))
+    async fn load_adapter(
+        &self,
+        request: Request<LoadAdapterRequest>,
+    ) -> Result<Response<LoadAdapterResponse>, Status> {
+        let r = request.into_inner();
+        let key = (r.adapter_source, r.adapter_id);
+        if let Some((code, message)) = self.state.load_failures.lock().expect("lock").get(&key.1) {
+            return Err(Status::new(*code, message.clone()));
+        }
+        if !self.hub.is_cached(&key) {
+            return Err(self.state.violation(Status::failed_precondition(format!(
+                "adapter {} was not downloaded",
+                key.1
+            ))));
+        }
+        let mut loaded = self.state.loaded.lock().expect("lock");
+        if loaded.contains(&key) {
+            return Err(self.state.violation(Status::failed_precondition(format!(
+                "adapter {} is already loaded",
+                key.1
+            ))));
+        }
+        if loaded.len() >= self.adapter_capacity {
+            return Err(self
+                .state
+                .violation(Status::resource_exhausted("the adapter device tier is full")));
+        }
+        loaded.insert(key);
+        self.state.max_loaded.fetch_max(loaded.len(), Ordering::SeqCst);
+        self.state.loads.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(LoadAdapterResponse { device_bytes: 4096 }))
     }
 
     async fn offload_adapter(
         &self,
-        _: Request<OffloadAdapterRequest>,
+        request: Request<OffloadAdapterRequest>,
     ) -> Result<Response<OffloadAdapterResponse>, Status> {
-        Err(Status::unimplemented("adapters"))
+        let r = request.into_inner();
+        let key = (r.adapter_source, r.adapter_id);
+        let batch = self.state.batch.lock().expect("lock");
+        if batch.values().any(|s| s.adapter.as_ref() == Some(&key)) {
+            return Err(self.state.violation(Status::failed_precondition(format!(
+                "adapter {} is used by a running sequence",
+                key.1
+            ))));
+        }
+        if !self.state.loaded.lock().expect("lock").remove(&key) {
+            return Err(self
+                .state
+                .violation(Status::failed_precondition(format!("adapter {} is not loaded", key.1))));
+        }
+        self.state.offloads.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(OffloadAdapterResponse {}))
     }
 }
 
@@ -272,6 +526,12 @@ pub struct Setup {
     pub step_delay: Duration,
     /// Extra router flags.
     pub flags: Vec<String>,
+    /// The adapter files every shard shares.
+    pub hub: Arc<FakeHub>,
+    /// Most adapters each shard can hold loaded.
+    pub adapter_capacity: usize,
+    /// What the shards' Info says about adapters.
+    pub supports_adapters: bool,
 }
 
 impl Default for Setup {
@@ -281,6 +541,9 @@ impl Default for Setup {
             num_blocks: 1024,
             step_delay: Duration::ZERO,
             flags: Vec::new(),
+            hub: Arc::default(),
+            adapter_capacity: 1000,
+            supports_adapters: true,
         }
     }
 }
@@ -293,6 +556,8 @@ pub struct Deployment {
     pub http: reqwest::Client,
     /// The fakes' states, rank order.
     pub shards: Vec<Arc<FakeState>>,
+    /// The fakes' shared adapter files.
+    pub hub: Arc<FakeHub>,
     _dir: tempfile::TempDir,
 }
 
@@ -304,6 +569,14 @@ pub fn tokenizer_dir() -> PathBuf {
 impl Deployment {
     /// Starts `setup.shards` fake shards and the router.
     pub async fn start(setup: Setup) -> Self {
+        match Self::try_start(setup).await {
+            Ok(deployment) => deployment,
+            Err(e) => panic!("router did not start: {e}"),
+        }
+    }
+
+    /// Starts `setup.shards` fake shards and the router; the router's start-up error if it fails.
+    pub async fn try_start(setup: Setup) -> Result<Self, lorax_router::RouterError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let paths: Vec<PathBuf> = (0..setup.shards)
             .map(|r| dir.path().join(format!("shard-{r}")))
@@ -318,6 +591,9 @@ impl Deployment {
                 urls: urls.clone(),
                 num_blocks: setup.num_blocks,
                 step_delay: setup.step_delay,
+                hub: Arc::clone(&setup.hub),
+                adapter_capacity: setup.adapter_capacity,
+                supports_adapters: setup.supports_adapters,
             };
             let listener = UnixListener::bind(path).expect("bind fake shard socket");
             tokio::spawn(
@@ -339,16 +615,17 @@ impl Deployment {
         ];
         argv.extend(setup.flags.iter().cloned());
         let args = lorax_router::Args::try_parse_from(argv).expect("router flags");
-        let app = lorax_router::build_app(&args).await.expect("router starts");
+        let app = lorax_router::build_app(&args).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Self {
+        Ok(Self {
             base,
             http: reqwest::Client::new(),
             shards,
+            hub: setup.hub,
             _dir: dir,
-        }
+        })
     }
 
     /// `POST path` with a JSON body.
@@ -370,12 +647,83 @@ impl Deployment {
             .expect("request sent")
     }
 
+    /// `/generate` of "Hello" with details for `adapter` ("" = the base model): the status and the JSON
+    /// body.
+    pub async fn generate_with(&self, adapter: &str, max_new_tokens: u32) -> (u16, serde_json::Value) {
+        self.spawn_generate(adapter, max_new_tokens)
+            .await
+            .expect("request task")
+    }
+
+    /// [`Self::generate_with`] in a spawned task, so the test can go on while it waits.
+    pub fn spawn_generate(
+        &self,
+        adapter: &str,
+        max_new_tokens: u32,
+    ) -> tokio::task::JoinHandle<(u16, serde_json::Value)> {
+        let http = self.http.clone();
+        let url = format!("{}/generate", self.base);
+        let body = serde_json::json!({"inputs": "Hello", "parameters": {
+            "adapter_id": adapter, "max_new_tokens": max_new_tokens, "details": true
+        }});
+        tokio::spawn(async move {
+            let response = http.post(url).json(&body).send().await.expect("request sent");
+            let status = response.status().as_u16();
+            (status, response.json().await.expect("JSON body"))
+        })
+    }
+
+    /// Fails the test if any shard saw an adapter contract violation or a bad block table, or a
+    /// download went to a rank other than 0.
+    pub fn assert_no_violations(&self) {
+        for (rank, shard) in self.shards.iter().enumerate() {
+            assert_eq!(
+                shard.adapter_errors.load(Ordering::SeqCst),
+                0,
+                "adapter violations on rank {rank}"
+            );
+            assert_eq!(
+                shard.block_errors.load(Ordering::SeqCst),
+                0,
+                "block errors on rank {rank}"
+            );
+        }
+        assert_eq!(self.hub.misrouted(), 0, "downloads sent to ranks other than 0");
+    }
+
     /// The value of an unlabelled metric in /metrics, if present.
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let text = self.get("/metrics").await.text().await.expect("metrics body");
         text.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
+}
+
+/// The status and JSON body of an error answer.
+pub async fn error_of(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON error body"))
+}
+
+/// Fails the test unless `body` is a generation of `n` tokens by `adapter` ("" = base) after "Hello".
+pub fn assert_generated_by(body: &serde_json::Value, adapter: &str, n: u32) {
+    let ids: Vec<u32> = body["details"]["tokens"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tokens in {body}"))
+        .iter()
+        .map(|t| t["id"].as_u64().expect("token id") as u32)
+        .collect();
+    assert_eq!(
+        ids,
+        fake_tokens_for(adapter, HELLO_LAST, n),
+        "tokens of {adapter:?}: {body}"
+    );
+    let expected = if adapter.is_empty() {
+        serde_json::Value::Null
+    } else {
+        adapter.into()
+    };
+    assert_eq!(body["details"]["adapter_id"], expected, "{body}");
 }
 
 /// Polls `check` until it returns true, failing after `deadline`.

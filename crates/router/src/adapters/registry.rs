@@ -1,0 +1,591 @@
+//! The adapter scheduler's state, owned by the batching task (no locks): the base model's FIFO queue,
+//! and per adapter its state and FIFO queue. The rules are plain functions of that state, with no I/O:
+//! which adapters to load and offload ([`Registry::plan`]) and which queued requests may be prefilled
+//! ([`Registry::prefill_candidates`], oldest first across the base queue and the active adapters).
+//!
+//! States of an adapter (key = source + id):
+//!
+//! ```text
+//! Downloading ──ok──► Downloaded ──slot free──► Loading ──ok──► Active ──idle or cycled out──► Offloading
+//!      │                  ▲                        │                                              │
+//!      └──failed──► (errored: its queue fails, the entry is forgotten) ◄──failed──┘               │
+//!                         └───────────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Loading, Active and Offloading adapters hold a device slot; there are `max_active` slots. A request
+//! in the running batch holds an [`AdapterLease`]; an adapter with a live lease is never offloaded.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::AdapterKey;
+
+/// Where an adapter is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// DownloadAdapter is in flight.
+    Downloading,
+    /// The files are in the shards' host cache; it can be loaded when a slot is free.
+    Downloaded,
+    /// LoadAdapter is in flight (holds a slot).
+    Loading,
+    /// Usable by Prefill (holds a slot).
+    Active {
+        /// When it became active.
+        since: Instant,
+        /// Cycled out: it takes no new prefills so that it can be offloaded once its requests finish.
+        draining: bool,
+    },
+    /// OffloadAdapter is in flight (still holds its slot).
+    Offloading,
+}
+
+/// A shard call the batching task should start for an adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Load it on every shard.
+    Load(AdapterKey),
+    /// Offload it from every shard.
+    Offload(AdapterKey),
+}
+
+/// A running request's hold on its adapter; dropping it (the request finished, failed or was cancelled)
+/// releases the hold.
+#[derive(Debug)]
+pub struct AdapterLease {
+    _hold: Arc<()>,
+}
+
+/// A queued item with its arrival number (the order across queues).
+#[derive(Debug)]
+struct Queued<T> {
+    seq: u64,
+    item: T,
+}
+
+#[derive(Debug)]
+struct Adapter<T> {
+    state: State,
+    queue: VecDeque<Queued<T>>,
+    /// One clone per lease: `strong_count - 1` requests of the running batch use the adapter.
+    users: Arc<()>,
+    last_used: Instant,
+    /// When the download (or, for a reload, the load) began; taken when it becomes active.
+    readying_since: Option<Instant>,
+    /// Whether a request was prefilled since it became active: only then may it be cycled out, so an
+    /// adapter loaded for waiting requests serves them before it can lose its slot.
+    served: bool,
+    /// Arrival number of its last move to Downloaded: it waits for a slot from then or from its oldest
+    /// queued request, whichever is later, so an adapter just cycled out queues behind those waiting.
+    downloaded_at: u64,
+}
+
+impl<T> Adapter<T> {
+    fn new(state: State, now: Instant) -> Self {
+        Self {
+            state,
+            queue: VecDeque::new(),
+            users: Arc::new(()),
+            last_used: now,
+            readying_since: Some(now),
+            served: false,
+            downloaded_at: 0,
+        }
+    }
+
+    fn running(&self) -> usize {
+        Arc::strong_count(&self.users) - 1
+    }
+
+    fn holds_slot(&self) -> bool {
+        matches!(self.state, State::Loading | State::Active { .. } | State::Offloading)
+    }
+
+    fn prefillable(&self) -> bool {
+        matches!(self.state, State::Active { draining: false, .. })
+    }
+}
+
+/// Queues and adapter states; `T` is a queued request.
+#[derive(Debug)]
+pub struct Registry<T> {
+    base: VecDeque<Queued<T>>,
+    adapters: HashMap<AdapterKey, Adapter<T>>,
+    next_seq: u64,
+    max_active: usize,
+    cycle_time: Duration,
+}
+
+impl<T> Registry<T> {
+    /// Empty queues; at most `max_active` adapters hold a device slot; an adapter active for
+    /// `cycle_time` while others wait for a slot stops taking prefills.
+    pub fn new(max_active: usize, cycle_time: Duration) -> Self {
+        Self {
+            base: VecDeque::new(),
+            adapters: HashMap::new(),
+            next_seq: 0,
+            max_active,
+            cycle_time,
+        }
+    }
+
+    /// Records an adapter loaded before serving (`--preloaded-adapter-ids`).
+    pub fn insert_active(&mut self, key: AdapterKey, now: Instant) {
+        let mut adapter = Adapter::new(
+            State::Active {
+                since: now,
+                draining: false,
+            },
+            now,
+        );
+        adapter.readying_since = None;
+        self.adapters.insert(key, adapter);
+    }
+
+    /// Queues `item` for `adapter` (`None`: the base model). `true` when the adapter was unknown: it is
+    /// now Downloading and the caller starts its one download.
+    pub fn push(&mut self, adapter: Option<&AdapterKey>, item: T, now: Instant) -> bool {
+        let queued = Queued {
+            seq: self.next_seq,
+            item,
+        };
+        self.next_seq += 1;
+        let Some(key) = adapter else {
+            self.base.push_back(queued);
+            return false;
+        };
+        match self.adapters.get_mut(key) {
+            Some(adapter) => {
+                adapter.queue.push_back(queued);
+                false
+            }
+            None => {
+                let mut adapter = Adapter::new(State::Downloading, now);
+                adapter.queue.push_back(queued);
+                self.adapters.insert(key.clone(), adapter);
+                true
+            }
+        }
+    }
+
+    /// Keeps only the queued items for which `keep` is true (drops cancelled requests).
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.base.retain(|q| keep(&q.item));
+        for adapter in self.adapters.values_mut() {
+            adapter.queue.retain(|q| keep(&q.item));
+        }
+    }
+
+    /// Items waiting in every queue.
+    pub fn queued(&self) -> usize {
+        self.base.len() + self.adapters.values().map(|a| a.queue.len()).sum::<usize>()
+    }
+
+    /// Adapters usable by Prefill now (Active, draining or not).
+    pub fn active(&self) -> usize {
+        self.adapters
+            .values()
+            .filter(|a| matches!(a.state, State::Active { .. }))
+            .count()
+    }
+
+    /// The state of `key`, if known.
+    pub fn state(&self, key: &AdapterKey) -> Option<State> {
+        self.adapters.get(key).map(|a| a.state)
+    }
+
+    /// Whether any queued item could be prefilled now.
+    pub fn has_prefill_candidates(&self) -> bool {
+        self.prefill_candidates().next().is_some()
+    }
+
+    /// The items that may be prefilled now, oldest first: the base queue and the queues of the active
+    /// adapters that are not draining, merged by arrival.
+    pub fn prefill_candidates(&self) -> impl Iterator<Item = &T> {
+        let mut queues: Vec<_> = self.prefillable_queues().map(|q| q.iter().peekable()).collect();
+        std::iter::from_fn(move || {
+            let (index, _) = queues
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, q)| Some((i, q.peek()?.seq)))
+                .min_by_key(|&(_, seq)| seq)?;
+            queues[index].next().map(|q| &q.item)
+        })
+    }
+
+    fn prefillable_queues(&self) -> impl Iterator<Item = &VecDeque<Queued<T>>> {
+        std::iter::once(&self.base).chain(self.adapters.values().filter(|a| a.prefillable()).map(|a| &a.queue))
+    }
+
+    /// Removes the first of [`Self::prefill_candidates`], with a lease on its adapter (none for the base
+    /// model). The adapter counts as used now.
+    pub fn pop_candidate(&mut self, now: Instant) -> Option<(T, Option<AdapterLease>)> {
+        let base_seq = self.base.front().map(|q| q.seq);
+        let adapter = self
+            .adapters
+            .values_mut()
+            .filter(|a| a.prefillable())
+            .filter_map(|a| Some((a.queue.front()?.seq, a)))
+            .min_by_key(|(seq, _)| *seq);
+        match (base_seq, adapter) {
+            (Some(base), Some((seq, _))) if base < seq => self.base.pop_front().map(|q| (q.item, None)),
+            (_, Some((_, adapter))) => {
+                adapter.last_used = now;
+                adapter.served = true;
+                let lease = AdapterLease {
+                    _hold: Arc::clone(&adapter.users),
+                };
+                adapter.queue.pop_front().map(|q| (q.item, Some(lease)))
+            }
+            (_, None) => self.base.pop_front().map(|q| (q.item, None)),
+        }
+    }
+
+    /// Decides the adapter calls to start now and updates the states they lead to:
+    ///
+    /// 1. Downloaded adapters with queued requests get the free slots, oldest waiting request first.
+    /// 2. For those still waiting, idle active adapters (nothing running, nothing queued) are offloaded,
+    ///    least recently used first.
+    /// 3. If that is not enough, adapters active for at least the cycle time that have served a request
+    ///    stop taking prefills (longest active first); each is offloaded once none of its requests is
+    ///    running.
+    pub fn plan(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut waiting: Vec<(u64, AdapterKey)> = self
+            .adapters
+            .iter()
+            .filter(|(_, a)| a.state == State::Downloaded)
+            .filter_map(|(key, a)| Some((a.queue.front()?.seq.max(a.downloaded_at), key.clone())))
+            .collect();
+        waiting.sort_unstable();
+        let held = self.adapters.values().filter(|a| a.holds_slot()).count();
+        let free = self.max_active.saturating_sub(held);
+        for (_, key) in waiting.iter().take(free) {
+            self.set_loading(key, now);
+            actions.push(Action::Load(key.clone()));
+        }
+
+        let mut offloading = 0;
+        for adapter in self.adapters.values_mut() {
+            match &mut adapter.state {
+                State::Active { draining, .. } => *draining = false,
+                State::Offloading => offloading += 1,
+                _ => {}
+            }
+        }
+        let mut needed = waiting.len().saturating_sub(free).saturating_sub(offloading);
+        if needed == 0 {
+            return actions;
+        }
+
+        let mut idle: Vec<(Instant, AdapterKey)> = self
+            .adapters
+            .iter()
+            .filter(|(_, a)| matches!(a.state, State::Active { .. }) && a.running() == 0 && a.queue.is_empty())
+            .map(|(key, a)| (a.last_used, key.clone()))
+            .collect();
+        idle.sort_unstable();
+        for (_, key) in idle.into_iter().take(needed) {
+            self.set_offloading(&key);
+            actions.push(Action::Offload(key));
+            needed -= 1;
+        }
+
+        let mut overdue: Vec<(Instant, AdapterKey)> = self
+            .adapters
+            .iter()
+            .filter_map(|(key, a)| match a.state {
+                State::Active { since, .. } if a.served && now.saturating_duration_since(since) >= self.cycle_time => {
+                    Some((since, key.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        overdue.sort_unstable();
+        for (_, key) in overdue.into_iter().take(needed) {
+            let Some(adapter) = self.adapters.get_mut(&key) else {
+                continue;
+            };
+            if adapter.running() == 0 {
+                adapter.state = State::Offloading;
+                actions.push(Action::Offload(key));
+            } else if let State::Active { draining, .. } = &mut adapter.state {
+                *draining = true;
+            }
+        }
+        actions
+    }
+
+    fn set_loading(&mut self, key: &AdapterKey, now: Instant) {
+        if let Some(adapter) = self.adapters.get_mut(key) {
+            adapter.state = State::Loading;
+            adapter.readying_since.get_or_insert(now);
+        }
+    }
+
+    fn set_offloading(&mut self, key: &AdapterKey) {
+        if let Some(adapter) = self.adapters.get_mut(key) {
+            adapter.state = State::Offloading;
+        }
+    }
+
+    /// Downloading → Downloaded. `false` if `key` was not downloading.
+    pub fn downloaded(&mut self, key: &AdapterKey) -> bool {
+        self.mark_downloaded(key, State::Downloading)
+    }
+
+    /// Loading → Active; returns the time since its download (or reload) began. `None` if `key` was not
+    /// loading.
+    pub fn loaded(&mut self, key: &AdapterKey, now: Instant) -> Option<Duration> {
+        let adapter = self.adapters.get_mut(key).filter(|a| a.state == State::Loading)?;
+        adapter.state = State::Active {
+            since: now,
+            draining: false,
+        };
+        adapter.last_used = now;
+        adapter.served = false;
+        let began = adapter.readying_since.take().unwrap_or(now);
+        Some(now.saturating_duration_since(began))
+    }
+
+    /// Offloading → Downloaded (its queued requests, if any, wait for a slot again). `false` if `key`
+    /// was not offloading.
+    pub fn offloaded(&mut self, key: &AdapterKey) -> bool {
+        self.mark_downloaded(key, State::Offloading)
+    }
+
+    /// `from` → Downloaded, stamped with the next arrival number.
+    fn mark_downloaded(&mut self, key: &AdapterKey, from: State) -> bool {
+        match self.adapters.get_mut(key) {
+            Some(adapter) if adapter.state == from => {
+                adapter.state = State::Downloaded;
+                adapter.downloaded_at = self.next_seq;
+                self.next_seq += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A download or load failed: forgets the adapter (the next request for it downloads it again) and
+    /// returns the items that were waiting for it.
+    pub fn fail(&mut self, key: &AdapterKey) -> Vec<T> {
+        self.adapters
+            .remove(key)
+            .map(|a| a.queue.into_iter().map(|q| q.item).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::AdapterSource;
+
+    fn key(id: &str) -> AdapterKey {
+        AdapterKey::new(AdapterSource::Hub, id)
+    }
+
+    fn registry(max_active: usize, cycle_ms: u64) -> Registry<&'static str> {
+        Registry::new(max_active, Duration::from_millis(cycle_ms))
+    }
+
+    /// Pushes `item` for `id`, downloads and loads it.
+    fn activate(r: &mut Registry<&'static str>, id: &str, item: &'static str, now: Instant) {
+        r.push(Some(&key(id)), item, now);
+        assert!(r.downloaded(&key(id)));
+        assert_eq!(r.plan(now), vec![Action::Load(key(id))]);
+        assert!(r.loaded(&key(id), now).is_some());
+    }
+
+    fn drain(r: &mut Registry<&'static str>, now: Instant) -> Vec<(&'static str, Option<AdapterLease>)> {
+        std::iter::from_fn(|| r.pop_candidate(now)).collect()
+    }
+
+    #[test]
+    fn one_download_per_adapter() {
+        let now = Instant::now();
+        let mut r = registry(2, 1000);
+        assert!(r.push(Some(&key("a")), "a1", now), "first request starts the download");
+        assert!(!r.push(Some(&key("a")), "a2", now), "later ones wait for it");
+        assert!(!r.push(None, "base", now));
+        assert!(r.push(Some(&AdapterKey::new(AdapterSource::Local, "a")), "local", now));
+        assert_eq!(r.state(&key("a")), Some(State::Downloading));
+        assert_eq!(r.queued(), 4);
+        assert_eq!(r.plan(now), vec![], "nothing to load before the download finished");
+        assert_eq!(r.prefill_candidates().copied().collect::<Vec<_>>(), vec!["base"]);
+    }
+
+    #[test]
+    fn candidates_merge_by_arrival_and_pop_in_that_order() {
+        let now = Instant::now();
+        let mut r = registry(4, 1000);
+        r.push(None, "b0", now);
+        activate(&mut r, "x", "x1", now);
+        r.push(None, "b2", now);
+        r.push(Some(&key("x")), "x3", now);
+        r.push(Some(&key("waiting")), "w4", now);
+        activate(&mut r, "y", "y5", now);
+        r.push(None, "b6", now);
+        let order: Vec<_> = r.prefill_candidates().copied().collect();
+        assert_eq!(order, vec!["b0", "x1", "b2", "x3", "y5", "b6"]);
+        let popped: Vec<_> = drain(&mut r, now)
+            .into_iter()
+            .map(|(item, lease)| (item, lease.is_some()))
+            .collect();
+        assert_eq!(
+            popped,
+            vec![
+                ("b0", false),
+                ("x1", true),
+                ("b2", false),
+                ("x3", true),
+                ("y5", true),
+                ("b6", false)
+            ]
+        );
+        assert_eq!(r.queued(), 1, "the request for the downloading adapter still waits");
+    }
+
+    #[test]
+    fn slots_bound_loading_and_active_adapters() {
+        let now = Instant::now();
+        let mut r = registry(2, 1000);
+        for id in ["a", "b", "c"] {
+            r.push(Some(&key(id)), "req", now);
+            assert!(r.downloaded(&key(id)));
+        }
+        assert_eq!(r.plan(now), vec![Action::Load(key("a")), Action::Load(key("b"))]);
+        assert_eq!(r.plan(now), vec![], "no slot, and nothing to offload yet");
+        assert_eq!(r.state(&key("c")), Some(State::Downloaded));
+    }
+
+    #[test]
+    fn idle_adapters_are_offloaded_least_recently_used_first() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(10);
+        let mut r = registry(2, 1_000_000);
+        activate(&mut r, "old", "o", t0);
+        let mut leases = drain(&mut r, t0);
+        activate(&mut r, "new", "n", t1);
+        leases.extend(drain(&mut r, t1));
+        assert_eq!(leases.len(), 2);
+        r.push(Some(&key("c")), "c", t1);
+        assert!(r.downloaded(&key("c")));
+        assert_eq!(r.plan(t1), vec![], "both adapters have running requests");
+        drop(leases);
+        assert_eq!(r.plan(t1), vec![Action::Offload(key("old"))]);
+        assert_eq!(r.plan(t1), vec![], "the slot being freed is already counted");
+        assert!(r.offloaded(&key("old")));
+        assert_eq!(r.plan(t1), vec![Action::Load(key("c"))]);
+        assert_eq!(r.state(&key("old")), Some(State::Downloaded));
+    }
+
+    #[test]
+    fn an_adapter_with_queued_requests_is_not_idle() {
+        let now = Instant::now();
+        let mut r = registry(1, 1_000_000);
+        activate(&mut r, "busy", "b1", now);
+        r.push(Some(&key("c")), "c", now);
+        assert!(r.downloaded(&key("c")));
+        assert_eq!(r.plan(now), vec![], "busy still has a queued request");
+        assert_eq!(r.prefill_candidates().copied().collect::<Vec<_>>(), vec!["b1"]);
+    }
+
+    #[test]
+    fn cycle_time_drains_then_offloads() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_millis(50);
+        let mut r = registry(1, 20);
+        activate(&mut r, "a", "a1", t0);
+        let lease = r.pop_candidate(t0).expect("a1").1;
+        r.push(Some(&key("a")), "a2", t0);
+        r.push(Some(&key("b")), "b1", t0);
+        assert!(r.downloaded(&key("b")));
+        assert_eq!(r.plan(t0), vec![], "a is within its cycle time");
+        assert_eq!(r.prefill_candidates().copied().collect::<Vec<_>>(), vec!["a2"]);
+
+        assert_eq!(r.plan(later), vec![], "a has a running request");
+        assert!(matches!(r.state(&key("a")), Some(State::Active { draining: true, .. })));
+        assert!(!r.has_prefill_candidates(), "a draining adapter takes no prefills");
+
+        drop(lease);
+        assert_eq!(r.plan(later), vec![Action::Offload(key("a"))]);
+        assert!(r.offloaded(&key("a")));
+        assert_eq!(r.plan(later), vec![Action::Load(key("b"))], "b waited longest");
+        assert!(r.loaded(&key("b"), later).is_some());
+        assert_eq!(r.prefill_candidates().copied().collect::<Vec<_>>(), vec!["b1"]);
+        let _b = r.pop_candidate(later);
+        assert_eq!(
+            r.plan(later),
+            vec![],
+            "b is running and within its cycle time; a2 waits"
+        );
+        assert_eq!(r.state(&key("a")), Some(State::Downloaded));
+    }
+
+    #[test]
+    fn a_new_adapter_serves_before_it_can_be_cycled_out() {
+        let now = Instant::now();
+        let mut r = registry(1, 0);
+        activate(&mut r, "a", "a1", now);
+        r.push(Some(&key("b")), "b1", now);
+        assert!(r.downloaded(&key("b")));
+        assert_eq!(r.plan(now), vec![], "a has not served a1 yet");
+        assert_eq!(r.prefill_candidates().copied().collect::<Vec<_>>(), vec!["a1"]);
+        let lease = r.pop_candidate(now);
+        r.push(Some(&key("a")), "a2", now);
+        assert_eq!(r.plan(now), vec![]);
+        assert!(!r.has_prefill_candidates(), "a served once and drains now");
+        drop(lease);
+        assert_eq!(r.plan(now), vec![Action::Offload(key("a"))]);
+    }
+
+    #[test]
+    fn draining_stops_when_nobody_waits() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_millis(50);
+        let mut r = registry(1, 20);
+        activate(&mut r, "a", "a1", t0);
+        let _lease = r.pop_candidate(t0);
+        r.push(Some(&key("b")), "b1", t0);
+        assert!(r.downloaded(&key("b")));
+        r.push(Some(&key("a")), "a2", t0);
+        assert_eq!(r.plan(later), vec![]);
+        assert!(!r.has_prefill_candidates());
+        r.retain(|item| *item != "b1");
+        assert_eq!(r.plan(later), vec![]);
+        assert_eq!(r.prefill_candidates().copied().collect::<Vec<_>>(), vec!["a2"]);
+    }
+
+    #[test]
+    fn failure_returns_the_queue_and_forgets_the_adapter() {
+        let now = Instant::now();
+        let mut r = registry(1, 1000);
+        r.push(Some(&key("bad")), "x1", now);
+        r.push(Some(&key("bad")), "x2", now);
+        r.push(None, "base", now);
+        assert_eq!(r.fail(&key("bad")), vec!["x1", "x2"]);
+        assert_eq!(r.state(&key("bad")), None);
+        assert!(r.push(Some(&key("bad")), "x3", now), "the next request downloads again");
+    }
+
+    #[test]
+    fn load_duration_covers_download_and_load() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(30);
+        let mut r = registry(1, 1000);
+        r.push(Some(&key("a")), "a", t0);
+        assert!(r.downloaded(&key("a")));
+        assert_eq!(r.plan(t0), vec![Action::Load(key("a"))]);
+        assert_eq!(r.loaded(&key("a"), t1), Some(Duration::from_millis(30)));
+        assert_eq!(r.loaded(&key("a"), t1), None, "only a loading adapter becomes active");
+        assert!(
+            !r.downloaded(&key("a")),
+            "only a downloading adapter becomes downloaded"
+        );
+        assert!(!r.offloaded(&key("a")));
+        assert_eq!(r.active(), 1);
+    }
+}

@@ -1,0 +1,177 @@
+//! The adapter shard calls. Each runs in its own spawned task, so a slow hub or a long load never blocks
+//! the batching loop, the base model or other adapters; the result comes back to the batching task as
+//! an [`AdapterEvent`] on a channel it selects on. The same calls, awaited in place, preload adapters
+//! at startup.
+
+use lorax_proto::shard::v1::DownloadAdapterResponse;
+use tokio::sync::mpsc;
+
+use super::registry::Action;
+use super::{AdapterError, AdapterFailure, AdapterKey};
+use crate::client::{ClientError, ShardClients};
+use crate::schema::Secret;
+
+/// The outcome of an adapter call, for the batching task.
+#[derive(Debug)]
+pub enum AdapterEvent {
+    /// The files are in the shards' host cache.
+    Downloaded {
+        /// The adapter.
+        adapter: AdapterKey,
+        /// Rank 0's answer (size, rank, warnings).
+        response: DownloadAdapterResponse,
+    },
+    /// Every shard loaded it.
+    Loaded {
+        /// The adapter.
+        adapter: AdapterKey,
+    },
+    /// The offload finished (`error`: it failed; the adapter is treated as offloaded anyway).
+    Offloaded {
+        /// The adapter.
+        adapter: AdapterKey,
+        /// The shard's error, if any.
+        error: Option<ClientError>,
+    },
+    /// The download or the load failed: the adapter's queued requests fail with this error.
+    Failed(AdapterError),
+}
+
+/// Starts adapter calls in spawned tasks; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AdapterTasks {
+    clients: ShardClients,
+    events: mpsc::UnboundedSender<AdapterEvent>,
+}
+
+impl AdapterTasks {
+    /// Tasks calling `clients`, and the receiver of their events.
+    pub fn new(clients: ShardClients) -> (Self, mpsc::UnboundedReceiver<AdapterEvent>) {
+        let (events, receiver) = mpsc::unbounded_channel();
+        (Self { clients, events }, receiver)
+    }
+
+    /// Downloads `adapter` with the token of the request that asked for it first.
+    pub fn download(&self, adapter: AdapterKey, api_token: Option<Secret>) {
+        self.spawn(|clients| async move {
+            match download(&clients, &adapter, api_token.as_ref()).await {
+                Ok(response) => AdapterEvent::Downloaded { adapter, response },
+                Err(e) => AdapterEvent::Failed(e),
+            }
+        });
+    }
+
+    /// Starts what the registry planned.
+    pub fn start(&self, action: Action) {
+        match action {
+            Action::Load(adapter) => self.spawn(|clients| async move {
+                match load(&clients, &adapter).await {
+                    Ok(()) => AdapterEvent::Loaded { adapter },
+                    Err(e) => AdapterEvent::Failed(e),
+                }
+            }),
+            Action::Offload(adapter) => self.spawn(|clients| async move {
+                let error = clients.offload_adapter(&adapter).await.err();
+                AdapterEvent::Offloaded { adapter, error }
+            }),
+        }
+    }
+
+    fn spawn<F, Fut>(&self, call: F)
+    where
+        F: FnOnce(ShardClients) -> Fut,
+        Fut: std::future::Future<Output = AdapterEvent> + Send + 'static,
+    {
+        let events = self.events.clone();
+        let call = call(self.clients.clone());
+        tokio::spawn(async move {
+            // Fails only when the batching task is gone, and then nobody waits for the result.
+            let _ = events.send(call.await);
+        });
+    }
+}
+
+/// Fetches `adapter` into the host cache (rank 0).
+pub async fn download(
+    clients: &ShardClients,
+    adapter: &AdapterKey,
+    api_token: Option<&Secret>,
+) -> Result<DownloadAdapterResponse, AdapterError> {
+    clients
+        .download_adapter(adapter, api_token.map(|t| t.0.clone()))
+        .await
+        .map_err(|e| adapter_error(adapter, "downloaded", &e, api_token))
+}
+
+/// Loads a downloaded `adapter` on every shard.
+pub async fn load(clients: &ShardClients, adapter: &AdapterKey) -> Result<(), AdapterError> {
+    clients
+        .load_adapter(adapter)
+        .await
+        .map_err(|e| adapter_error(adapter, "loaded", &e, None))
+}
+
+/// Downloads and loads each of `adapters` in turn (startup: `--preloaded-adapter-ids`).
+pub async fn preload(clients: &ShardClients, adapters: &[AdapterKey]) -> Result<(), AdapterError> {
+    for adapter in adapters {
+        let response = download(clients, adapter, None).await?;
+        log_download(adapter, &response);
+        load(clients, adapter).await?;
+        tracing::info!(adapter = %adapter, "adapter preloaded");
+    }
+    Ok(())
+}
+
+/// Logs a finished download and the shard's warnings about it.
+pub fn log_download(adapter: &AdapterKey, response: &DownloadAdapterResponse) {
+    for warning in &response.warnings {
+        tracing::warn!(adapter = %adapter, "{warning}");
+    }
+    tracing::info!(
+        adapter = %adapter,
+        bytes = response.size_bytes,
+        rank = response.rank,
+        "adapter downloaded"
+    );
+}
+
+/// The typed failure of an adapter call. A shard that echoes the request's token (in a URL, say) does
+/// not get it into the message, which reaches clients and logs.
+fn adapter_error(
+    adapter: &AdapterKey,
+    stage: &'static str,
+    error: &ClientError,
+    api_token: Option<&Secret>,
+) -> AdapterError {
+    let mut message = error.to_string();
+    if let Some(token) = api_token.filter(|t| !t.0.is_empty()) {
+        message = message.replace(&token.0, "***");
+    }
+    AdapterError {
+        kind: AdapterFailure::from_code(error.code()),
+        adapter: adapter.clone(),
+        stage,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::AdapterSource;
+
+    #[test]
+    fn errors_keep_the_kind_and_hide_the_token() {
+        let adapter = AdapterKey::new(AdapterSource::Hub, "org/private");
+        let token = Secret("hf_secret".into());
+        let error = ClientError::from(tonic::Status::permission_denied(
+            "401 from https://hub/api?token=hf_secret",
+        ));
+        let e = adapter_error(&adapter, "downloaded", &error, Some(&token));
+        assert_eq!(e.kind, AdapterFailure::Forbidden);
+        assert_eq!(e.message, "401 from https://hub/api?token=***");
+        let text = e.to_string();
+        assert!(!text.contains("hf_secret"), "{text}");
+        assert!(text.contains("`org/private` (hub) could not be downloaded"), "{text}");
+    }
+}
