@@ -244,7 +244,8 @@ impl<T> Registry<T> {
 
     /// Decides the adapter calls to start now and updates the states they lead to:
     ///
-    /// 1. Downloaded adapters with queued requests get the free slots, oldest waiting request first.
+    /// 1. Downloaded adapters with queued requests get the free slots, in the order they started waiting
+    ///    for one (the later of their download, or offload, and their oldest queued request).
     /// 2. For those still waiting, idle active adapters (nothing running, nothing queued) are offloaded,
     ///    least recently used first.
     /// 3. If that is not enough, adapters active for at least the cycle time that have served a request
