@@ -118,7 +118,7 @@ async fn serves_transformers_tokens_batches_validates_and_stops_on_sigterm() {
         json!({"typical_p": 0}),
         json!({"stop": ["a", "b", "c", "d", "e"]}),
         json!({"no_such_parameter": 1}),
-        json!({"adapter_id": "some/adapter"}),
+        json!({"adapter_id": "some/adapter", "adapter_source": "s3"}),
     ] {
         let r = client
             .post(format!("{base}/generate"))
