@@ -1,7 +1,7 @@
 //! lorax-engine: everything a shard computes, with no networking.
 //!
 //! Model configuration (`config`), safetensors weights with tensor-parallel slicing (`weights`), the
-//! backend seam (`backend`, CPU now), the one Llama-family decoder (`model`), the paged KV cache
+//! backend seam (`backend`: CPU and CUDA), the one Llama-family decoder (`model`), the paged KV cache
 //! (`kv_cache`), PEFT LoRA adapters (`lora`), batches of sequences (`batch`) and next-token choice (`sampling`).
 
 pub mod backend;
@@ -15,6 +15,7 @@ pub mod sampling;
 pub mod weights;
 
 pub use backend::cpu::{CpuBackend, CpuTensor};
+pub use backend::cuda::{CudaBackend, CudaTensor};
 pub use backend::Backend;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use engine::{Batch, CacheConfig, Engine, Generation, NewSequence, PromptToken};

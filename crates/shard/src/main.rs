@@ -7,6 +7,8 @@ mod service;
 use std::path::PathBuf;
 
 use clap::Parser;
+use lorax_engine::weights::DType;
+use lorax_engine::{Backend, CpuBackend, CudaBackend};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -29,9 +31,14 @@ struct Args {
     /// Number of shards.
     #[arg(long, env = "LORAX_WORLD_SIZE", default_value_t = 1)]
     world_size: u32,
-    /// Device: `cpu` (the CUDA backend is not part of this build yet).
-    #[arg(long, env = "LORAX_DEVICE", default_value = "cpu")]
-    device: String,
+    /// Device: `cpu`, `cuda` (device 0) or `cuda:N`. Default: CUDA when a device is present, else the
+    /// CPU (the choice and the reason are logged).
+    #[arg(long, env = "LORAX_DEVICE")]
+    device: Option<String>,
+    /// Storage type of weights, activations and the KV cache on CUDA: `bfloat16` or `float16`
+    /// (`float32` for checks). The CPU backend always computes in float32.
+    #[arg(long, env = "LORAX_DTYPE", default_value = "bfloat16")]
+    dtype: String,
     /// Number of KV-cache blocks.
     #[arg(long, env = "LORAX_NUM_BLOCKS", default_value_t = 2048)]
     num_blocks: u32,
@@ -87,45 +94,98 @@ async fn shutdown_signal() {
     }
 }
 
+/// The device a shard runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+/// `--device`: an explicit choice, or CUDA device 0 when one is present (probed without panicking).
+fn resolve_device(arg: Option<&str>) -> anyhow::Result<Device> {
+    match arg.map(str::trim) {
+        None | Some("" | "auto") => match CudaBackend::probe() {
+            Ok(n) => {
+                tracing::info!(devices = n, "CUDA is present: using cuda:0 (--device cpu to override)");
+                Ok(Device::Cuda(0))
+            }
+            Err(why) => {
+                tracing::info!(reason = %why, "no CUDA device: using the CPU backend");
+                Ok(Device::Cpu)
+            }
+        },
+        Some("cpu") => Ok(Device::Cpu),
+        Some("cuda") => Ok(Device::Cuda(0)),
+        Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(Device::Cuda(i)),
+            _ => anyhow::bail!("--device {other:?}: expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// `--dtype`: the storage type and the name reported in Info.
+fn parse_dtype(arg: &str) -> anyhow::Result<(DType, &'static str)> {
+    match arg.trim().to_ascii_lowercase().as_str() {
+        "bfloat16" | "bf16" => Ok((DType::BF16, "bfloat16")),
+        "float16" | "fp16" | "f16" | "half" => Ok((DType::F16, "float16")),
+        "float32" | "fp32" | "f32" => Ok((DType::F32, "float32")),
+        other => anyhow::bail!("--dtype {other:?}: expected bfloat16 or float16 (or float32)"),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.json_output);
-    if args.device != "cpu" {
-        anyhow::bail!(
-            "device {:?} is not available in this build: only `cpu` is implemented so far",
-            args.device
-        );
-    }
     if args.world_size != 1 {
         anyhow::bail!(
             "--world-size {}: tensor parallelism is not implemented yet",
             args.world_size
         );
     }
+    let (dtype, dtype_name) = parse_dtype(&args.dtype)?;
+    match resolve_device(args.device.as_deref())? {
+        Device::Cpu => serve(args, || Ok(CpuBackend), "float32").await,
+        Device::Cuda(ordinal) => {
+            tracing::info!(ordinal, dtype = dtype_name, "starting the CUDA backend");
+            serve(args, move || CudaBackend::new(ordinal, dtype), dtype_name).await
+        }
+    }
+}
+
+/// Loads the model on the backend `make` creates and serves until SIGINT/SIGTERM.
+async fn serve<B: Backend>(
+    args: Args,
+    make: impl FnOnce() -> lorax_engine::Result<B> + Send + 'static,
+    dtype: &str,
+) -> anyhow::Result<()> {
     let model_id = args
         .model_id
         .clone()
         .unwrap_or_else(|| args.model_dir.display().to_string());
     tracing::info!(rank = args.rank, model = %model_id, "loading model");
-    let svc = service::ShardServer::load(service::ShardConfig {
-        model_dir: args.model_dir.clone(),
-        model_id,
-        rank: args.rank,
-        world_size: args.world_size,
-        num_blocks: args.num_blocks,
-        block_size: args.block_size,
-        urls: (0..args.world_size)
-            .map(|r| format!("{}-{r}", args.uds_prefix))
-            .collect(),
-        adapters: adapters::AdapterSettings {
-            local_roots: adapters::canonical_roots(&args.adapter_local_roots)?,
-            max_rank: args.max_lora_rank,
-            host_cache_bytes: args.adapter_host_cache_mb.saturating_mul(1 << 20),
-            device_slots: args.max_active_adapters.max(1),
+    let svc = service::ShardServer::load(
+        service::ShardConfig {
+            model_dir: args.model_dir.clone(),
+            model_id,
+            rank: args.rank,
+            world_size: args.world_size,
+            num_blocks: args.num_blocks,
+            block_size: args.block_size,
+            urls: (0..args.world_size)
+                .map(|r| format!("{}-{r}", args.uds_prefix))
+                .collect(),
+            adapters: adapters::AdapterSettings {
+                local_roots: adapters::canonical_roots(&args.adapter_local_roots)?,
+                max_rank: args.max_lora_rank,
+                host_cache_bytes: args.adapter_host_cache_mb.saturating_mul(1 << 20),
+                device_slots: args.max_active_adapters.max(1),
+            },
+            download_timeout: std::time::Duration::from_secs(args.adapter_download_timeout_s),
+            dtype: dtype.to_string(),
         },
-        download_timeout: std::time::Duration::from_secs(args.adapter_download_timeout_s),
-    })
+        make,
+    )
     .await?;
     let path = PathBuf::from(format!("{}-{}", args.uds_prefix, args.rank));
     if path.exists() {
@@ -143,4 +203,24 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("shard stopped");
     result?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_and_dtype_flags_parse() {
+        assert_eq!(resolve_device(Some("cpu")).ok(), Some(Device::Cpu));
+        assert_eq!(resolve_device(Some("cuda")).ok(), Some(Device::Cuda(0)));
+        assert_eq!(resolve_device(Some("cuda:3")).ok(), Some(Device::Cuda(3)));
+        assert!(resolve_device(Some("tpu")).is_err());
+        assert!(resolve_device(Some("cuda:x")).is_err());
+        // Auto never panics: CUDA when present, else the CPU.
+        let auto = resolve_device(None).ok();
+        assert_eq!(auto.is_some_and(|d| d == Device::Cpu), CudaBackend::probe().is_err());
+        assert_eq!(parse_dtype("bfloat16").ok().map(|d| d.0), Some(DType::BF16));
+        assert_eq!(parse_dtype("float16").ok().map(|d| d.0), Some(DType::F16));
+        assert!(parse_dtype("int8").is_err());
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lorax_engine::{
-    Batch, CacheConfig, CpuBackend, Engine, EngineError, Generation, ModelConfig, NewSequence, SamplingParams,
+    Backend, Batch, CacheConfig, Engine, EngineError, Generation, ModelConfig, NewSequence, SamplingParams,
 };
 use lorax_proto::shard::v1 as pb;
 use pb::shard_service_server::ShardService;
@@ -26,16 +26,18 @@ pub struct ShardConfig {
     pub adapters: AdapterSettings,
     /// Longest a hub download may take before its requests fail (the hub may be slow or hang).
     pub download_timeout: Duration,
+    /// Storage type reported in Info (`float32` on the CPU backend).
+    pub dtype: String,
 }
 
-struct State {
-    engine: Engine<CpuBackend>,
+struct State<B: Backend> {
+    engine: Engine<B>,
     batch: Batch,
 }
 
-/// The service: the engine and its running batch behind one lock.
-pub struct ShardServer {
-    state: Arc<Mutex<State>>,
+/// The service: the engine (on any backend) and its running batch behind one lock.
+pub struct ShardServer<B: Backend> {
+    state: Arc<Mutex<State<B>>>,
     info: pb::InfoResponse,
     urls: Vec<String>,
     cfg: ModelConfig,
@@ -56,15 +58,19 @@ fn poisoned() -> Status {
     Status::internal("the shard's engine state was poisoned by an earlier panic")
 }
 
-impl ShardServer {
-    /// Load the model (on a blocking thread) and build the service.
-    pub async fn load(cfg: ShardConfig) -> anyhow::Result<Self> {
+impl<B: Backend> ShardServer<B> {
+    /// Create the backend with `make` and load the model onto it (both on a blocking thread: a CUDA
+    /// backend compiles or loads its kernels), then build the service.
+    pub async fn load(
+        cfg: ShardConfig,
+        make: impl FnOnce() -> Result<B, EngineError> + Send + 'static,
+    ) -> anyhow::Result<Self> {
         let dir = cfg.model_dir.clone();
         let cache = CacheConfig {
             num_blocks: cfg.num_blocks as usize,
             block_size: cfg.block_size as usize,
         };
-        let engine = tokio::task::spawn_blocking(move || Engine::load(CpuBackend, &dir, cache)).await??;
+        let engine = tokio::task::spawn_blocking(move || Engine::load(make()?, &dir, cache)).await??;
         let c = engine.config().clone();
         let info = pb::InfoResponse {
             model_id: cfg.model_id,
@@ -73,8 +79,8 @@ impl ShardServer {
             max_position_embeddings: u32::try_from(c.max_position_embeddings).unwrap_or(u32::MAX),
             eos_token_ids: c.eos_token_ids.clone(),
             bos_token_id: c.bos_token_id,
-            device: lorax_engine::Backend::name(&engine.backend),
-            dtype: "float32".into(),
+            device: engine.backend.name(),
+            dtype: cfg.dtype,
             block_size: cfg.block_size,
             num_blocks: cfg.num_blocks,
             rank: cfg.rank,
@@ -143,7 +149,7 @@ impl ShardServer {
 
     async fn with_state<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut State) -> Result<T, Status> + Send + 'static,
+        f: impl FnOnce(&mut State<B>) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let state = Arc::clone(&self.state);
         tokio::task::spawn_blocking(move || {
@@ -197,7 +203,7 @@ fn sampling(p: Option<pb::SamplingParameters>, top_n: u32) -> SamplingParams {
 }
 
 #[tonic::async_trait]
-impl ShardService for ShardServer {
+impl<B: Backend> ShardService for ShardServer<B> {
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         Ok(Response::new(self.info.clone()))
     }

@@ -1,8 +1,10 @@
 //! The device seam. The model is written once against [`Backend`]; each backend owns its tensor type
-//! and implements the handful of operations a Llama-family decoder needs. CPU today (f32, the reference
-//! and CI path); CUDA implements the same trait.
+//! and implements the handful of operations a Llama-family decoder needs: `cpu` (f32, the reference and
+//! CI path) and `cuda` (bf16/f16/f32 storage, cuBLAS and NVRTC kernels; built everywhere, since the CUDA
+//! libraries are loaded at run time, and usable where a driver and a GPU are present).
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::weights::HostTensor;

@@ -1,0 +1,214 @@
+//! Paged attention on the device (kernels/attention.cu): the host checks the batch, lays out one
+//! `RowInfo` per query row and the flattened block tables, chooses how many splits each row's context
+//! gets, and launches the attention kernel (plus the reduction of splits when there is more than one).
+//!
+//! Planning (checks, uploads, allocations) and running (launches only) are separate, so a run can be
+//! captured in a CUDA graph and replayed (the benchmarks time kernels that way).
+
+use std::marker::PhantomData;
+
+use super::{cfg, int, shape_err, uint, CudaBackend, CudaTensor, ATTN_CHUNK, ATTN_HEAD_DIMS, ATTN_MAXG, ATTN_THREADS};
+use crate::backend::AttnMeta;
+use crate::error::{EngineError, Result};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+/// An attention call ready to launch: metadata uploaded, output and split buffers allocated.
+pub struct AttnPlan<'a> {
+    out: CudaTensor,
+    kernel: &'static str,
+    grid: LaunchConfig,
+    reduce_grid: Option<LaunchConfig>,
+    _rows: CudaSlice<i32>,
+    _tables: CudaSlice<u32>,
+    _part_o: Option<CudaSlice<u8>>,
+    _part_ml: Option<CudaSlice<u8>>,
+    ptrs: [u64; 8],
+    ints: [i32; 7],
+    scale: f32,
+    /// Bytes of keys and values the kernel reads (for bandwidth figures).
+    pub kv_bytes: usize,
+    /// Splits per row (1: no reduction).
+    pub splits: usize,
+    _inputs: PhantomData<&'a CudaTensor>,
+}
+
+impl AttnPlan<'_> {
+    /// The output `[rows, heads * head_dim]` (valid after [`CudaBackend::attention_run`]).
+    pub fn output(self) -> CudaTensor {
+        self.out
+    }
+}
+
+impl CudaBackend {
+    /// Checks and lays out an attention call (see [`crate::backend::Backend::attention`]).
+    pub fn attention_plan<'a>(
+        &self,
+        q: &'a CudaTensor,
+        k_cache: &'a CudaTensor,
+        v_cache: &'a CudaTensor,
+        meta: &AttnMeta<'_>,
+    ) -> Result<AttnPlan<'a>> {
+        let (n, qw) = q.rows_cols();
+        let (slots_total, kvw) = k_cache.rows_cols();
+        let hd = meta.head_dim;
+        if meta.num_kv_heads == 0
+            || qw != meta.num_heads * hd
+            || kvw != meta.num_kv_heads * hd
+            || v_cache.shape != k_cache.shape
+            || !meta.num_heads.is_multiple_of(meta.num_kv_heads)
+        {
+            return Err(shape_err("attention", &q.shape, &k_cache.shape));
+        }
+        let kernel = match hd {
+            8 => "paged_attention_8",
+            16 => "paged_attention_16",
+            32 => "paged_attention_32",
+            64 => "paged_attention_64",
+            80 => "paged_attention_80",
+            96 => "paged_attention_96",
+            128 => "paged_attention_128",
+            256 => "paged_attention_256",
+            _ => {
+                return Err(EngineError::Backend(format!(
+                    "head_dim {hd} has no CUDA attention kernel (supported: {ATTN_HEAD_DIMS:?})"
+                )))
+            }
+        };
+        let bs = meta.block_size;
+        // Validate the whole batch before computing anything (as the CPU backend does).
+        let mut rows = vec![-1i32; 2 * n];
+        let mut tables: Vec<u32> = Vec::new();
+        let (mut max_len, mut kv_tokens) = (1usize, 0usize);
+        for s in meta.seqs {
+            let ctx = s.ctx_before + s.q_len;
+            if s.q_start + s.q_len > n || ctx.div_ceil(bs) > s.block_table.len() {
+                return Err(EngineError::InvalidBatch(format!(
+                    "sequence needs {ctx} cached tokens but has {} blocks of {bs}",
+                    s.block_table.len()
+                )));
+            }
+            if s.block_table.iter().any(|&b| (b as usize + 1) * bs > slots_total) {
+                return Err(EngineError::InvalidBatch("block id outside the cache".into()));
+            }
+            let off = int("block table offset", tables.len())?;
+            tables.extend_from_slice(s.block_table);
+            for i in 0..s.q_len {
+                let pos = s.ctx_before + i;
+                let first = match meta.sliding_window {
+                    Some(w) if pos + 1 > w => pos + 1 - w,
+                    _ => 0,
+                };
+                max_len = max_len.max(pos + 1 - first);
+                kv_tokens += pos + 1 - first;
+                rows[2 * (s.q_start + i)] = int("position", pos)?;
+                rows[2 * (s.q_start + i) + 1] = off;
+            }
+        }
+        let out = self.alloc(&[n, qw])?;
+        // Split the contexts when the rows alone cannot fill the GPU: aim at 8 blocks per multiprocessor.
+        let group = meta.num_heads / meta.num_kv_heads;
+        let hchunks = group.div_ceil(ATTN_MAXG);
+        let blocks = (n * meta.num_kv_heads * hchunks).max(1);
+        let max_chunks = max_len.div_ceil(ATTN_CHUNK);
+        let wanted = (8 * self.num_sms).div_ceil(blocks).clamp(1, max_chunks);
+        let chunks_per_split = max_chunks.div_ceil(wanted);
+        let splits = max_chunks.div_ceil(chunks_per_split);
+        let (part_o, part_ml) = if splits > 1 {
+            (
+                Some(self.bytes(n * meta.num_heads * splits * hd * 4)?),
+                Some(self.bytes(n * meta.num_heads * splits * 2 * 4)?),
+            )
+        } else {
+            (None, None)
+        };
+        let d_rows = self.upload(&rows)?;
+        let d_tables = self.upload(&tables)?;
+        let ptrs = [
+            self.ptr(&out.buf),
+            part_o.as_ref().map_or(0, |b| self.ptr(b)),
+            part_ml.as_ref().map_or(0, |b| self.ptr(b)),
+            self.ptr(&q.buf),
+            self.ptr(&k_cache.buf),
+            self.ptr(&v_cache.buf),
+            self.ptr(&d_rows),
+            self.ptr(&d_tables),
+        ];
+        let ints = [
+            int("heads", meta.num_heads)?,
+            int("kv heads", meta.num_kv_heads)?,
+            int("block size", bs)?,
+            meta.sliding_window.map_or(Ok(0), |w| int("sliding window", w))?,
+            int("chunks", chunks_per_split)?,
+            int("splits", splits)?,
+            int("head_dim", hd)?,
+        ];
+        let rows_dim = uint("rows", n.max(1))?;
+        let grid = cfg(
+            (
+                rows_dim,
+                uint("heads", meta.num_kv_heads * hchunks)?,
+                uint("splits", splits)?,
+            ),
+            ATTN_THREADS,
+            0,
+        );
+        let reduce_grid = (splits > 1)
+            .then(|| -> Result<LaunchConfig> {
+                Ok(cfg(
+                    (rows_dim, uint("heads", meta.num_heads)?, 1),
+                    super::row_threads(hd),
+                    0,
+                ))
+            })
+            .transpose()?;
+        Ok(AttnPlan {
+            out,
+            kernel,
+            grid,
+            reduce_grid,
+            _rows: d_rows,
+            _tables: d_tables,
+            _part_o: part_o,
+            _part_ml: part_ml,
+            ptrs,
+            ints,
+            scale: meta.scale,
+            kv_bytes: kv_tokens * meta.num_kv_heads * hd * 2 * self.dtype.size(),
+            splits,
+            _inputs: PhantomData,
+        })
+    }
+
+    /// Launches a planned attention call (kernel launches only: capturable in a CUDA graph).
+    pub fn attention_run(&self, plan: &AttnPlan<'_>) -> Result<()> {
+        if plan.out.shape[0] == 0 {
+            return Ok(());
+        }
+        let [op, po, pm, qp, kp, vp, rp, tp] = &plan.ptrs;
+        let [nh, nkv, bs, window, cps, ns, hd] = &plan.ints;
+        launch!(
+            self,
+            plan.kernel,
+            plan.grid,
+            op,
+            po,
+            pm,
+            qp,
+            kp,
+            vp,
+            rp,
+            tp,
+            nh,
+            nkv,
+            bs,
+            window,
+            &plan.scale,
+            cps,
+            ns
+        );
+        if let Some(grid) = plan.reduce_grid {
+            launch!(self, "attn_reduce", grid, op, po, pm, rp, nh, hd, window, cps, ns);
+        }
+        Ok(())
+    }
+}

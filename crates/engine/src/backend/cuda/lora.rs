@@ -1,0 +1,143 @@
+//! SGMV LoRA on the device (kernels/lora.cu): the host checks the segments, writes one `LoraSeg` record
+//! per non-empty segment (A and B device pointers, rows, rank, scale), sizes the tiles to the largest rank
+//! and launches shrink then expand. Rows outside every segment are never touched.
+//!
+//! Planning (checks, uploads, allocations) and running (a memset and two launches) are separate, so a
+//! run can be captured in a CUDA graph and replayed (the benchmarks time kernels that way).
+
+use std::marker::PhantomData;
+
+use cudarc::driver::{result as drv_result, CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{cfg, drv, int, shape_err, uint, CudaBackend, CudaTensor, LORA_ROWS, SMEM_LIMIT};
+use crate::backend::LoraSegment;
+use crate::error::{EngineError, Result};
+
+/// Bytes of one `struct LoraSeg` in kernels/lora.cu: a, b (u64), start, len, rank (i32), scale (f32).
+const SEG_BYTES: usize = 32;
+
+/// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
+pub struct LoraPlan<'a> {
+    _table: CudaSlice<u8>,
+    tmp: CudaSlice<f32>,
+    tmp_bytes: usize,
+    shrink: LaunchConfig,
+    expand: LaunchConfig,
+    ptrs: [u64; 4],
+    ints: [i32; 7],
+    /// Bytes of adapter weights the kernels read (each segment's A and B once).
+    pub weight_bytes: usize,
+    _io: PhantomData<&'a mut CudaTensor>,
+}
+
+impl CudaBackend {
+    /// Checks and lays out `y[rows] += scale · (x[rows] · aᵀ) · bᵀ` for each segment (see
+    /// [`crate::backend::Backend::lora`]); `None` when there is nothing to do.
+    pub fn lora_plan<'a>(
+        &self,
+        y: &'a mut CudaTensor,
+        x: &'a CudaTensor,
+        segments: &[LoraSegment<'a, CudaTensor>],
+    ) -> Result<Option<LoraPlan<'a>>> {
+        let (n, k) = x.rows_cols();
+        let (ny, out) = y.rows_cols();
+        if n != ny {
+            return Err(shape_err("lora", &x.shape, &y.shape));
+        }
+        let mut table: Vec<u8> = Vec::with_capacity(segments.len() * SEG_BYTES);
+        let (mut rmax, mut max_len, mut weight_bytes) = (0usize, 0usize, 0usize);
+        for seg in segments {
+            let (r, ka) = seg.a.rows_cols();
+            let (ob, rb) = seg.b.rows_cols();
+            if ka != k || ob != out || rb != r || seg.start + seg.len > n || r == 0 {
+                return Err(EngineError::Backend(format!(
+                    "lora: segment rows {}..{} of {n}, x {:?}, y {:?}, a {:?}, b {:?}",
+                    seg.start,
+                    seg.start + seg.len,
+                    x.shape,
+                    y.shape,
+                    seg.a.shape,
+                    seg.b.shape
+                )));
+            }
+            if seg.len == 0 {
+                continue;
+            }
+            rmax = rmax.max(r);
+            max_len = max_len.max(seg.len);
+            weight_bytes += (seg.a.numel() + seg.b.numel()) * self.dtype.size();
+            table.extend_from_slice(&self.ptr(&seg.a.buf).to_le_bytes());
+            table.extend_from_slice(&self.ptr(&seg.b.buf).to_le_bytes());
+            table.extend_from_slice(&int("segment start", seg.start)?.to_le_bytes());
+            table.extend_from_slice(&int("segment length", seg.len)?.to_le_bytes());
+            table.extend_from_slice(&int("rank", r)?.to_le_bytes());
+            table.extend_from_slice(&seg.scale.to_le_bytes());
+        }
+        let nseg = table.len() / SEG_BYTES;
+        if nseg == 0 || k == 0 || out == 0 {
+            return Ok(None);
+        }
+        let rt = LORA_ROWS;
+        let too_large = || EngineError::Backend(format!("LoRA rank {rmax} is too large for the SGMV kernels"));
+        // The largest k-chunk (a multiple of 32) whose A chunk and x tile fit in shared memory, and the
+        // widest column tile whose B tile and intermediate rows fit.
+        let kc = [512usize, 256, 128, 64, 32]
+            .into_iter()
+            .find(|kc| (rmax + rt) * (kc + 1) * 4 <= SMEM_LIMIT)
+            .ok_or_else(too_large)?;
+        let ot = [256usize, 128, 64, 32]
+            .into_iter()
+            .find(|ot| ot * (rmax + 1) * 4 + rt * rmax * 4 <= SMEM_LIMIT)
+            .ok_or_else(too_large)?;
+        // Lanes per shrink output: enough that a block's 256 threads all work on small problems.
+        let outs = rt.min(max_len) * rmax;
+        let ksub = (256 / outs.max(1)).clamp(1, 32);
+        let ksub = 1usize << (usize::BITS - 1 - ksub.leading_zeros());
+        let tmp = self
+            .stream
+            .alloc_zeros::<f32>(n * rmax)
+            .map_err(|e| drv("allocating the LoRA intermediate", e))?;
+        let d_table = self.upload(&table)?;
+        let tiles = uint("row tiles", max_len.div_ceil(rt))?;
+        let segs = uint("segments", nseg)?;
+        Ok(Some(LoraPlan {
+            ptrs: [self.ptr(&tmp), self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&d_table)],
+            ints: [
+                int("in features", k)?,
+                int("out features", out)?,
+                int("rank", rmax)?,
+                int("k chunk", kc)?,
+                int("column tile", ot)?,
+                int("row tile", rt)?,
+                int("lanes", ksub)?,
+            ],
+            shrink: cfg(
+                (segs, uint("k chunks", k.div_ceil(kc))?, tiles),
+                256,
+                (rmax + rt) * (kc + 1) * 4,
+            ),
+            expand: cfg(
+                (segs, uint("column tiles", out.div_ceil(ot))?, tiles),
+                256,
+                ot * (rmax + 1) * 4 + rt * rmax * 4,
+            ),
+            tmp_bytes: n * rmax * 4,
+            tmp,
+            _table: d_table,
+            weight_bytes,
+            _io: PhantomData,
+        }))
+    }
+
+    /// Launches a planned LoRA product: zero the intermediate, shrink, expand (capturable in a graph).
+    pub fn lora_run(&self, plan: &LoraPlan<'_>) -> Result<()> {
+        let [tp, xp, yp, sp] = &plan.ptrs;
+        let [ki, oi, ri, kci, oti, rti, ksi] = &plan.ints;
+        // SAFETY: `tmp` holds tmp_bytes bytes.
+        unsafe { drv_result::memset_d8_async(self.ptr(&plan.tmp), 0, plan.tmp_bytes, self.stream.cu_stream()) }
+            .map_err(|e| drv("memset", e))?;
+        launch!(self, "sgmv_shrink", plan.shrink, tp, xp, sp, ki, ri, kci, rti, ksi);
+        launch!(self, "sgmv_expand", plan.expand, yp, tp, sp, oi, ri, oti, rti);
+        Ok(())
+    }
+}

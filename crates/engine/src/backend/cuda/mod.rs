@@ -1,0 +1,799 @@
+//! The CUDA backend: tensors in device memory in bf16, f16 or f32 (f32 accumulation everywhere),
+//! cuBLAS for the GEMMs of `linear`, and NVRTC-compiled kernels from `kernels/*.cu` for the rest
+//! (RMSNorm fused with the residual add, rotary embedding, SiLU-and-multiply, the paged KV write,
+//! paged attention with GQA and split contexts, SGMV LoRA shrink/expand, gathers).
+//!
+//! cudarc loads the CUDA libraries at run time, so this compiles and links with no CUDA installed;
+//! [`CudaBackend::probe`] looks for the driver and a device without panicking (cudarc panics on first use
+//! of a missing library), and [`CudaBackend::new`] reports what is missing as an error.
+//!
+//! One stream per backend; all work is issued on it in order, so no event tracking is needed (cudarc's is
+//! turned off: it would create events per allocation and launch). Metadata (ids, positions, slots, block
+//! tables, LoRA segment tables) is validated on the host, then uploaded with each call.
+//!
+//! Debugging switches (environment): `LORAX_CUDA_POISON=1` fills every new tensor with NaN bytes so
+//! unwritten outputs show; `LORAX_CUDA_SYNC=1` synchronises after every launch so a fault names its kernel.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    result as drv_result, sys as drv_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::{AttnMeta, Backend, LoraSegment};
+use crate::error::{EngineError, Result};
+use crate::weights::{DType, HostTensor};
+use compile::{Compiler, SOURCES};
+
+/// Tokens per attention chunk (ATTN_CHUNK in kernels/attention.cu).
+const ATTN_CHUNK: usize = 256;
+/// Query heads one attention block serves (ATTN_MAXG in kernels/attention.cu).
+const ATTN_MAXG: usize = 8;
+/// Threads of an attention block (ATTN_THREADS in kernels/attention.cu).
+const ATTN_THREADS: u32 = 128;
+/// Head sizes the attention kernel is instantiated for.
+pub const ATTN_HEAD_DIMS: [usize; 8] = [8, 16, 32, 64, 80, 96, 128, 256];
+/// Shared memory a LoRA block may use without opting in to more.
+const SMEM_LIMIT: usize = 48 * 1024;
+/// Rows of a LoRA row tile.
+const LORA_ROWS: usize = 16;
+
+/// Kernel names of each module, loaded once per backend.
+pub const KERNELS: [(&str, &[&str]); 3] = [
+    (
+        "elementwise",
+        &[
+            "embedding",
+            "rms_norm",
+            "add_rms_norm",
+            "rope",
+            "silu_mul",
+            "add_assign",
+            "add_bias",
+            "kv_write",
+            "gather_rows",
+            "fill_uniform",
+        ],
+    ),
+    (
+        "attention",
+        &[
+            "paged_attention_8",
+            "paged_attention_16",
+            "paged_attention_32",
+            "paged_attention_64",
+            "paged_attention_80",
+            "paged_attention_96",
+            "paged_attention_128",
+            "paged_attention_256",
+            "attn_reduce",
+        ],
+    ),
+    ("lora", &["sgmv_shrink", "sgmv_expand"]),
+];
+
+/// A row-major tensor in device memory, in the backend's storage type.
+pub struct CudaTensor {
+    shape: Vec<usize>,
+    buf: CudaSlice<u8>,
+}
+
+impl std::fmt::Debug for CudaTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaTensor")
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaTensor {
+    /// The device memory (storage-type elements, row-major): for benchmarks and interop.
+    pub fn device_slice(&self) -> &CudaSlice<u8> {
+        &self.buf
+    }
+
+    /// The device memory, writable.
+    pub fn device_slice_mut(&mut self) -> &mut CudaSlice<u8> {
+        &mut self.buf
+    }
+
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn rows_cols(&self) -> (usize, usize) {
+        match self.shape.as_slice() {
+            [] => (1, 1),
+            [c] => (1, *c),
+            [r @ .., c] => (r.iter().product(), *c),
+        }
+    }
+}
+
+/// The CUDA backend (one device, one stream).
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<&'static str, CudaFunction>,
+    dtype: DType,
+    name: String,
+    num_sms: usize,
+    poison: bool,
+    sync_each: bool,
+}
+
+pub(crate) fn drv(what: &str, e: drv_result::DriverError) -> EngineError {
+    EngineError::Backend(format!("CUDA {what}: {e:?}"))
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+fn shape_err(what: &str, a: &[usize], b: &[usize]) -> EngineError {
+    EngineError::Backend(format!("{what}: incompatible shapes {a:?} and {b:?}"))
+}
+
+fn int(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| EngineError::Backend(format!("{what} {v} does not fit a 32-bit kernel argument")))
+}
+
+fn uint(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| EngineError::Backend(format!("{what} {v} does not fit a 32-bit launch dimension")))
+}
+
+/// Threads for a row kernel over `cols` columns: whole warps, at most 512.
+fn row_threads(cols: usize) -> u32 {
+    #[allow(clippy::cast_possible_truncation)]
+    let t = cols.div_ceil(32).clamp(1, 16) as u32;
+    t * 32
+}
+
+/// Grid for a grid-stride element-wise kernel over `n` elements with 256 threads.
+fn flat_grid(n: usize) -> u32 {
+    #[allow(clippy::cast_possible_truncation)]
+    let b = n.div_ceil(256).clamp(1, 65_536) as u32;
+    b
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, smem: usize) -> LaunchConfig {
+    #[allow(clippy::cast_possible_truncation)]
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+/// f32 values to little-endian bytes of `dtype` (round to nearest even).
+fn encode(dtype: DType, data: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => data
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::F16 => data
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+    }
+}
+
+fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}
+
+/// Launches kernel `$name` with the given arguments (each a reference to a live local) and checks it.
+macro_rules! launch {
+    ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let func = $self.func($name)?;
+        let mut builder = $self.stream.launch_builder(func);
+        $( builder.arg($arg); )+
+        // SAFETY: every argument matches the kernel's parameter list in kernels/*.cu (device pointers as
+        // u64, ints as i32/u32/u64, floats as f32), and every buffer the kernel touches was allocated with
+        // the sizes the host-side checks of the calling op established.
+        unsafe { builder.launch($cfg) }.map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
+        $self.after_launch($name)?;
+    }};
+}
+
+pub mod attention;
+pub mod compile;
+pub mod lora;
+
+impl CudaBackend {
+    /// Number of CUDA devices, or why CUDA cannot be used here (no driver library, no device, driver
+    /// error). Never panics.
+    pub fn probe() -> std::result::Result<usize, String> {
+        // SAFETY: only tries to open the library; no symbol is called.
+        if !unsafe { drv_sys::is_culib_present() } {
+            return Err("the CUDA driver library (libcuda.so) is not installed".into());
+        }
+        drv_result::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
+        let n = drv_result::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))?;
+        if n <= 0 {
+            return Err("the CUDA driver reports no device".into());
+        }
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    /// A backend on device `ordinal` storing tensors as `dtype`: checks the driver, NVRTC and cuBLAS
+    /// libraries, creates the stream and cuBLAS handle, and compiles (or loads from the cache) the kernels
+    /// for the device's architecture.
+    pub fn new(ordinal: usize, dtype: DType) -> Result<Self> {
+        let count = Self::probe().map_err(EngineError::Backend)?;
+        if ordinal >= count {
+            return Err(EngineError::Backend(format!(
+                "CUDA device {ordinal} does not exist ({count} found)"
+            )));
+        }
+        if !compile::nvrtc_present() {
+            return Err(EngineError::Backend(
+                "the NVRTC library (libnvrtc.so) is not installed: add the CUDA toolkit's lib64 to LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        // SAFETY: only tries to open the library.
+        if !unsafe { blas_sys::is_culib_present() } {
+            return Err(EngineError::Backend(
+                "the cuBLAS library (libcublas.so) is not installed: add the CUDA toolkit's lib64 to LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| drv("context", e))?;
+        // SAFETY: this backend issues everything on one stream, in order; no tensor is used on another.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| drv("stream", e))?;
+        let cc = ctx.compute_capability().map_err(|e| drv("compute capability", e))?;
+        let device_name = ctx.name().map_err(|e| drv("device name", e))?;
+        let num_sms = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| drv("attribute", e))?;
+        let compiler = Compiler::new(cc, dtype)?;
+        let mut funcs = HashMap::new();
+        for src in SOURCES {
+            let compiled = compiler.compile(&src)?;
+            let module = ctx
+                .load_module(Ptx::from_binary(compiled.cubin))
+                .map_err(|e| drv(&format!("loading module {}", src.name), e))?;
+            let names = KERNELS
+                .iter()
+                .find(|(m, _)| *m == src.name)
+                .map(|(_, n)| *n)
+                .unwrap_or_default();
+            for &name in names {
+                let f = module
+                    .load_function(name)
+                    .map_err(|e| drv(&format!("kernel {name} of {}", src.name), e))?;
+                funcs.insert(name, f);
+            }
+            tracing::debug!(module = src.name, cached = compiled.cached, arch = %compiler.arch, "kernels loaded");
+        }
+        let blas =
+            CudaBlas::new(Arc::clone(&stream)).map_err(|e| EngineError::Backend(format!("cuBLAS handle: {e:?}")))?;
+        let dt = match dtype {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::F32 => "f32",
+        };
+        Ok(Self {
+            name: format!("cuda:{ordinal} {device_name} ({}, {dt})", compiler.arch),
+            ctx,
+            stream,
+            blas,
+            funcs,
+            dtype,
+            num_sms: usize::try_from(num_sms).unwrap_or(1).max(1),
+            poison: env_flag("LORAX_CUDA_POISON"),
+            sync_each: env_flag("LORAX_CUDA_SYNC"),
+        })
+    }
+
+    /// Fill every new tensor with NaN bytes (as `LORAX_CUDA_POISON=1` does), so outputs a kernel leaves
+    /// unwritten show up as NaN.
+    pub fn set_poison(&mut self, on: bool) {
+        self.poison = on;
+    }
+
+    /// The storage type of tensors.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The stream all work runs on (for timing with events).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Multiprocessors of the device.
+    pub fn num_sms(&self) -> usize {
+        self.num_sms
+    }
+
+    /// Waits for all issued work; reports asynchronous faults.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| drv("synchronize", e))
+    }
+
+    /// A tensor of values uniform in `[lo, hi)`, made on the device from `seed` (benchmark data).
+    pub fn random_uniform(&self, shape: &[usize], seed: u32, lo: f32, hi: f32) -> Result<CudaTensor> {
+        let t = self.alloc(shape)?;
+        let n = t.numel() as u64;
+        if n > 0 {
+            let p = self.ptr(&t.buf);
+            launch!(
+                self,
+                "fill_uniform",
+                cfg((flat_grid(t.numel()), 1, 1), 256, 0),
+                &p,
+                &n,
+                &seed,
+                &lo,
+                &hi
+            );
+        }
+        Ok(t)
+    }
+
+    fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| EngineError::Backend(format!("kernel {name} is not loaded")))
+    }
+
+    fn after_launch(&self, name: &str) -> Result<()> {
+        if self.sync_each {
+            self.stream
+                .synchronize()
+                .map_err(|e| drv(&format!("kernel {name} (LORAX_CUDA_SYNC)"), e))?;
+        }
+        Ok(())
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (p, _sync) = s.device_ptr(&self.stream);
+        p
+    }
+
+    fn bytes(&self, n: usize) -> Result<CudaSlice<u8>> {
+        // At least one byte: a zero-sized allocation is not a valid pointer to hand a kernel.
+        let n = n.max(1);
+        // SAFETY: the memory is uninitialised; every op writes what it reads (checked by the tests with
+        // LORAX_CUDA_POISON, which fills it with NaN bytes here).
+        let buf = unsafe { self.stream.alloc::<u8>(n) }.map_err(|e| drv(&format!("allocating {n} bytes"), e))?;
+        if self.poison {
+            let p = self.ptr(&buf);
+            // SAFETY: `buf` holds n bytes.
+            unsafe { drv_result::memset_d8_async(p, 0xff, n, self.stream.cu_stream()) }
+                .map_err(|e| drv("memset", e))?;
+        }
+        Ok(buf)
+    }
+
+    fn alloc(&self, shape: &[usize]) -> Result<CudaTensor> {
+        let n: usize = shape.iter().product();
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            buf: self.bytes(n * self.dtype.size())?,
+        })
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr + Copy + Default>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        if data.is_empty() {
+            return self.stream.clone_htod(&[T::default()]).map_err(|e| drv("upload", e));
+        }
+        self.stream.clone_htod(data).map_err(|e| drv("upload", e))
+    }
+
+    fn check_dtype_bytes(&self, t: &CudaTensor) -> Result<()> {
+        if t.buf.len() < t.numel() * self.dtype.size() {
+            return Err(EngineError::Backend(format!(
+                "tensor {:?} is smaller than its shape",
+                t.shape
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn weight(&self, t: &HostTensor<'_>) -> Result<CudaTensor> {
+        let bytes = if t.dtype == self.dtype {
+            t.data.to_vec()
+        } else {
+            encode(self.dtype, &t.to_f32())
+        };
+        if bytes.len() != t.numel() * self.dtype.size() {
+            return Err(EngineError::Backend(format!(
+                "tensor {} has {} bytes for shape {:?}",
+                t.name,
+                t.data.len(),
+                t.shape
+            )));
+        }
+        Ok(CudaTensor {
+            shape: t.shape.clone(),
+            buf: self.upload(&bytes)?,
+        })
+    }
+
+    fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CudaTensor> {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(EngineError::Backend(format!(
+                "{} values for shape {shape:?}",
+                data.len()
+            )));
+        }
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            buf: self.upload(&encode(self.dtype, data))?,
+        })
+    }
+
+    fn to_f32(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        self.check_dtype_bytes(t)?;
+        let n = t.numel() * self.dtype.size();
+        if n == 0 {
+            return Ok(vec![]);
+        }
+        let bytes = self
+            .stream
+            .clone_dtoh(&t.buf.slice(..n))
+            .map_err(|e| drv("download", e))?;
+        self.synchronize()?;
+        Ok(decode(self.dtype, &bytes))
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {
+        let n: usize = shape.iter().product();
+        let buf = self
+            .stream
+            .alloc_zeros::<u8>((n * self.dtype.size()).max(1))
+            .map_err(|e| drv("allocating zeros", e))?;
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            buf,
+        })
+    }
+
+    fn shape<'a>(&self, t: &'a CudaTensor) -> &'a [usize] {
+        &t.shape
+    }
+
+    fn embedding(&self, table: &CudaTensor, ids: &[u32]) -> Result<CudaTensor> {
+        let (vocab, hidden) = table.rows_cols();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EngineError::InvalidBatch(format!(
+                "token id {id} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let out = self.alloc(&[ids.len(), hidden])?;
+        if ids.is_empty() || hidden == 0 {
+            return Ok(out);
+        }
+        let d_ids = self.upload(ids)?;
+        let (o, t, i, h) = (
+            self.ptr(&out.buf),
+            self.ptr(&table.buf),
+            self.ptr(&d_ids),
+            int("hidden", hidden)?,
+        );
+        let grid = (uint("rows", ids.len())?, 1, 1);
+        launch!(self, "embedding", cfg(grid, row_threads(hidden), 0), &o, &t, &i, &h);
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaTensor, bias: Option<&CudaTensor>) -> Result<CudaTensor> {
+        let (m, k) = x.rows_cols();
+        let (n, k2) = w.rows_cols();
+        if k != k2 {
+            return Err(shape_err("linear", &x.shape, &w.shape));
+        }
+        if let Some(b) = bias {
+            if b.numel() != n {
+                return Err(shape_err("linear bias", &w.shape, &b.shape));
+            }
+        }
+        if m == 0 || n == 0 {
+            return self.alloc(&[m, n]);
+        }
+        if k == 0 {
+            return self.zeros(&[m, n]);
+        }
+        let y = self.alloc(&[m, n])?;
+        let (mi, ni, ki) = (int("rows", m)?, int("out features", n)?, int("in features", k)?);
+        let dt = match self.dtype {
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        let (yp, xp, wp) = (self.ptr(&y.buf), self.ptr(&x.buf), self.ptr(&w.buf));
+        self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))?;
+        // Row-major y[m, n] = x[m, k] · w[n, k]ᵀ is column-major yᵀ[n, m] = (w as col-major [k, n])ᵀ · (x as
+        // col-major [k, m]): transa = T, transb = N.
+        // SAFETY: the pointers cover w (n·k), x (m·k) and y (m·n) elements of `dt`, as checked above;
+        // alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
+        unsafe {
+            blas_result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&raw const alpha).cast::<c_void>(),
+                wp as *const c_void,
+                dt,
+                ki,
+                xp as *const c_void,
+                dt,
+                ki,
+                (&raw const beta).cast::<c_void>(),
+                yp as *mut c_void,
+                dt,
+                ni,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| EngineError::Backend(format!("cuBLAS GEMM {m}x{k} · ({n}x{k})ᵀ: {e:?}")))?;
+        self.after_launch("gemm")?;
+        if let Some(b) = bias {
+            let bp = self.ptr(&b.buf);
+            launch!(
+                self,
+                "add_bias",
+                cfg((uint("rows", m)?, 1, 1), row_threads(n), 0),
+                &yp,
+                &bp,
+                &ni
+            );
+        }
+        Ok(y)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        let (m, h) = x.rows_cols();
+        if w.numel() != h {
+            return Err(shape_err("rms_norm", &x.shape, &w.shape));
+        }
+        let out = self.alloc(&[m, h])?;
+        if m == 0 || h == 0 {
+            return Ok(out);
+        }
+        let (o, xp, wp, hi) = (
+            self.ptr(&out.buf),
+            self.ptr(&x.buf),
+            self.ptr(&w.buf),
+            int("hidden", h)?,
+        );
+        launch!(
+            self,
+            "rms_norm",
+            cfg((uint("rows", m)?, 1, 1), row_threads(h), 0),
+            &o,
+            &xp,
+            &wp,
+            &hi,
+            &eps
+        );
+        Ok(out)
+    }
+
+    fn add_rms_norm(&self, residual: &mut CudaTensor, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        let (m, h) = residual.rows_cols();
+        if x.shape != residual.shape || w.numel() != h {
+            return Err(shape_err("add_rms_norm", &residual.shape, &x.shape));
+        }
+        let out = self.alloc(&[m, h])?;
+        if m == 0 || h == 0 {
+            return Ok(out);
+        }
+        let (o, r, xp, wp, hi) = (
+            self.ptr(&out.buf),
+            self.ptr(&residual.buf),
+            self.ptr(&x.buf),
+            self.ptr(&w.buf),
+            int("hidden", h)?,
+        );
+        launch!(
+            self,
+            "add_rms_norm",
+            cfg((uint("rows", m)?, 1, 1), row_threads(h), 0),
+            &o,
+            &r,
+            &xp,
+            &wp,
+            &hi,
+            &eps
+        );
+        Ok(out)
+    }
+
+    fn add_assign(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
+        if dst.numel() != src.numel() {
+            return Err(shape_err("add", &dst.shape, &src.shape));
+        }
+        let n = dst.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let (d, s, nn) = (self.ptr(&dst.buf), self.ptr(&src.buf), n as u64);
+        launch!(self, "add_assign", cfg((flat_grid(n), 1, 1), 256, 0), &d, &s, &nn);
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut CudaTensor, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
+        let (n, width) = x.rows_cols();
+        let half = head_dim / 2;
+        if head_dim == 0 || n != positions.len() || width % head_dim != 0 || inv_freq.len() != half {
+            return Err(EngineError::Backend(format!(
+                "rope: {n} rows, {} positions, width {width}, head_dim {head_dim}",
+                positions.len()
+            )));
+        }
+        if n == 0 || half == 0 {
+            return Ok(());
+        }
+        let (d_pos, d_freq) = (self.upload(positions)?, self.upload(inv_freq)?);
+        let (xp, pp, fp, wi, hd) = (
+            self.ptr(&x.buf),
+            self.ptr(&d_pos),
+            self.ptr(&d_freq),
+            int("width", width)?,
+            int("head_dim", head_dim)?,
+        );
+        launch!(
+            self,
+            "rope",
+            cfg((uint("rows", n)?, 1, 1), row_threads(width / 2), 0),
+            &xp,
+            &pp,
+            &fp,
+            &wi,
+            &hd
+        );
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        if gate.shape != up.shape {
+            return Err(shape_err("silu_mul", &gate.shape, &up.shape));
+        }
+        let out = self.alloc(&gate.shape)?;
+        let n = gate.numel();
+        if n == 0 {
+            return Ok(out);
+        }
+        let (o, g, u, nn) = (self.ptr(&out.buf), self.ptr(&gate.buf), self.ptr(&up.buf), n as u64);
+        launch!(self, "silu_mul", cfg((flat_grid(n), 1, 1), 256, 0), &o, &g, &u, &nn);
+        Ok(out)
+    }
+
+    fn kv_write(
+        &self,
+        k_cache: &mut CudaTensor,
+        v_cache: &mut CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        slots: &[u32],
+    ) -> Result<()> {
+        let (slots_total, dim) = k_cache.rows_cols();
+        let (n, kdim) = k.rows_cols();
+        if kdim != dim || k.shape != v.shape || n != slots.len() || v_cache.shape != k_cache.shape {
+            return Err(shape_err("kv_write", &k_cache.shape, &k.shape));
+        }
+        if let Some(&s) = slots.iter().find(|&&s| s as usize >= slots_total) {
+            return Err(EngineError::InvalidBatch(format!(
+                "cache slot {s} is outside the cache ({slots_total})"
+            )));
+        }
+        if n == 0 || dim == 0 {
+            return Ok(());
+        }
+        let d_slots = self.upload(slots)?;
+        let (kc, vc, kp, vp, sp, di) = (
+            self.ptr(&k_cache.buf),
+            self.ptr(&v_cache.buf),
+            self.ptr(&k.buf),
+            self.ptr(&v.buf),
+            self.ptr(&d_slots),
+            int("kv width", dim)?,
+        );
+        launch!(
+            self,
+            "kv_write",
+            cfg((uint("rows", n)?, 1, 1), row_threads(dim), 0),
+            &kc,
+            &vc,
+            &kp,
+            &vp,
+            &sp,
+            &di
+        );
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k_cache: &CudaTensor,
+        v_cache: &CudaTensor,
+        meta: &AttnMeta<'_>,
+    ) -> Result<CudaTensor> {
+        let plan = self.attention_plan(q, k_cache, v_cache, meta)?;
+        self.attention_run(&plan)?;
+        Ok(plan.output())
+    }
+
+    fn lora(&self, y: &mut CudaTensor, x: &CudaTensor, segments: &[LoraSegment<'_, CudaTensor>]) -> Result<()> {
+        match self.lora_plan(y, x, segments)? {
+            Some(plan) => self.lora_run(&plan),
+            None => Ok(()),
+        }
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        let (m, c) = x.rows_cols();
+        if let Some(&r) = rows.iter().find(|&&r| r >= m) {
+            return Err(EngineError::Backend(format!("row {r} of {m}")));
+        }
+        let out = self.alloc(&[rows.len(), c])?;
+        if rows.is_empty() || c == 0 {
+            return Ok(out);
+        }
+        let idx = rows
+            .iter()
+            .map(|&r| u32::try_from(r).map_err(|_| EngineError::Backend(format!("row {r} overflows u32"))))
+            .collect::<Result<Vec<u32>>>()?;
+        let d_idx = self.upload(&idx)?;
+        let (o, xp, ip, ci) = (
+            self.ptr(&out.buf),
+            self.ptr(&x.buf),
+            self.ptr(&d_idx),
+            int("columns", c)?,
+        );
+        launch!(
+            self,
+            "gather_rows",
+            cfg((uint("rows", rows.len())?, 1, 1), row_threads(c), 0),
+            &o,
+            &xp,
+            &ip,
+            &ci
+        );
+        Ok(out)
+    }
+}

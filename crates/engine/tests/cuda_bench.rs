@@ -1,0 +1,277 @@
+//! Kernel benchmarks on the GPU, ignored by default (scripts/gpu/run.sh runs them with `--ignored`).
+//!
+//! Ceilings measured in the same run: a device-to-device copy (bytes read + written) and a bf16 cuBLAS
+//! GEMM. Then SGMV shrink+expand at h=4096, r=16, batch 64 (all-distinct and identical adapters; Punica
+//! reports 116 µs and 40 µs on an A100) and paged decode attention as a fraction of the copy bandwidth.
+//! Kernels are timed from CUDA-graph replays (launch gaps excluded) with CUDA events after warm-up;
+//! medians. Inputs are random (made on the device), and where one problem fits in the 60 MB L2, several
+//! input sets rotate. Each result is one `BENCH` line: name | value | unit | detail.
+#![allow(clippy::unwrap_used)]
+
+mod cuda_common;
+
+use cuda_common::{backend, say, Rng};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::CudaEvent;
+use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
+use lorax_engine::weights::DType;
+use lorax_engine::{Backend, CudaBackend, CudaTensor, Result};
+
+fn event(g: &CudaBackend) -> CudaEvent {
+    g.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench(name: &str, value: f64, unit: &str, detail: &str) {
+    say(&format!("BENCH {name} | {value:.3} | {unit} | {detail}"));
+}
+
+/// Median milliseconds per call of `f(i)`, i in 0..inner, captured once in a CUDA graph and replayed
+/// `reps` times after 3 warm-up replays.
+fn graph_ms(g: &CudaBackend, inner: usize, reps: usize, f: &dyn Fn(usize) -> Result<()>) -> f64 {
+    let s = g.stream();
+    g.synchronize().unwrap();
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    for i in 0..inner {
+        f(i).unwrap();
+    }
+    let graph = s.end_capture(CUgraphInstantiate_flags(0)).unwrap().unwrap();
+    for _ in 0..3 {
+        graph.launch().unwrap();
+    }
+    g.synchronize().unwrap();
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let (a, b) = (event(g), event(g));
+        a.record(s).unwrap();
+        graph.launch().unwrap();
+        b.record(s).unwrap();
+        v.push(f64::from(a.elapsed_ms(&b).unwrap()) / inner as f64);
+    }
+    median(v)
+}
+
+/// Median milliseconds of `f()` issued directly (host work between launches included), events per call.
+fn direct_ms(g: &CudaBackend, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> f64 {
+    for _ in 0..3 {
+        f().unwrap();
+    }
+    g.synchronize().unwrap();
+    let s = g.stream();
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let (a, b) = (event(g), event(g));
+        a.record(s).unwrap();
+        f().unwrap();
+        b.record(s).unwrap();
+        v.push(f64::from(a.elapsed_ms(&b).unwrap()));
+    }
+    median(v)
+}
+
+fn rand(g: &CudaBackend, shape: &[usize], seed: u32, range: f32) -> CudaTensor {
+    g.random_uniform(shape, seed, -range, range).unwrap()
+}
+
+/// Copy bandwidth (GB/s, read + written) of a 2 GiB device-to-device copy.
+fn copy_bandwidth(g: &CudaBackend) -> f64 {
+    let n = 1usize << 30; // bf16 elements: 2 GiB
+    let src = rand(g, &[n], 1, 1.0);
+    let mut dst = g.zeros(&[n]).unwrap();
+    let ms = direct_ms(g, 10, &mut || {
+        g.stream()
+            .memcpy_dtod(src.device_slice(), dst.device_slice_mut())
+            .map_err(|e| lorax_engine::EngineError::Backend(format!("{e:?}")))
+    });
+    let gbs = (4 * n) as f64 / (ms * 1e-3) / 1e9;
+    bench(
+        "copy_bandwidth",
+        gbs,
+        "GB/s",
+        "2 GiB device-to-device, bytes read + written",
+    );
+    gbs
+}
+
+fn gemm_rate(g: &CudaBackend) {
+    let n = 8192;
+    let x = rand(g, &[n, n], 2, 1.0);
+    let w = rand(g, &[n, n], 3, 0.02);
+    let ms = direct_ms(g, 10, &mut || g.linear(&x, &w, None).map(|_| ()));
+    let tflops = 2.0 * (n as f64).powi(3) / (ms * 1e-3) / 1e12;
+    bench(
+        "gemm_bf16_8192",
+        tflops,
+        "TFLOP/s",
+        &format!("cuBLAS via linear, {ms:.3} ms"),
+    );
+}
+
+/// SGMV shrink+expand, `batch` rows of width h, rank r, `distinct` adapters (one per row) or one shared.
+fn sgmv(g: &CudaBackend, h: usize, r: usize, batch: usize, distinct: bool, copy_gbs: f64) {
+    const SETS: usize = 8;
+    let n_ad = if distinct { batch } else { 1 };
+    let mut seed = 100;
+    let mut next = || {
+        seed += 1;
+        seed
+    };
+    let xs: Vec<CudaTensor> = (0..SETS).map(|_| rand(g, &[batch, h], next(), 1.0)).collect();
+    let mut ys: Vec<CudaTensor> = (0..SETS).map(|_| rand(g, &[batch, h], next(), 1.0)).collect();
+    let ads: Vec<Vec<(CudaTensor, CudaTensor)>> = (0..SETS)
+        .map(|_| {
+            (0..n_ad)
+                .map(|_| (rand(g, &[r, h], next(), 0.02), rand(g, &[h, r], next(), 0.2)))
+                .collect()
+        })
+        .collect();
+    let segs: Vec<Vec<LoraSegment<'_, CudaTensor>>> = ads
+        .iter()
+        .map(|set| {
+            set.iter()
+                .enumerate()
+                .map(|(i, (a, b))| LoraSegment {
+                    start: if distinct { i } else { 0 },
+                    len: if distinct { 1 } else { batch },
+                    a,
+                    b,
+                    scale: 2.0,
+                })
+                .collect()
+        })
+        .collect();
+    let what = if distinct { "distinct" } else { "identical" };
+    // The whole op as the model calls it (host checks, segment table upload, memset, two launches).
+    let mut k = 0;
+    let op_ms = direct_ms(g, 50, &mut || {
+        k = (k + 1) % SETS;
+        g.lora(&mut ys[k], &xs[k], &segs[k])
+    });
+    let mut plans = Vec::new();
+    let mut weight_bytes = 0;
+    for ((y, x), s) in ys.iter_mut().zip(&xs).zip(&segs) {
+        let p = g.lora_plan(y, x, s).unwrap().unwrap();
+        weight_bytes = p.weight_bytes;
+        plans.push(p);
+    }
+    let ms = graph_ms(g, SETS, 100, &|i| g.lora_run(&plans[i]));
+    let bytes = weight_bytes + 3 * batch * h * 2;
+    let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
+    bench(
+        &format!("sgmv_{what}_h{h}_r{r}_b{batch}"),
+        ms * 1e3,
+        "us",
+        &format!(
+            "kernels from graph replay, {SETS} rotating input sets; {:.0} GB/s = {:.0}% of copy; whole op incl. host: {:.1} us",
+            gbs,
+            100.0 * gbs / copy_gbs,
+            op_ms * 1e3
+        ),
+    );
+}
+
+/// Decode attention: `batch` sequences of `ctx` tokens, one query row each, paged in blocks of 16
+/// scattered through the cache.
+fn decode_attention(g: &CudaBackend, batch: usize, ctx: usize, heads: usize, kv_heads: usize, copy_gbs: f64) {
+    let (hd, bs) = (128, 16);
+    let per_seq = ctx.div_ceil(bs);
+    let num_blocks = batch * per_seq;
+    let kvw = kv_heads * hd;
+    let k = rand(g, &[num_blocks * bs, kvw], 11, 1.0);
+    let v = rand(g, &[num_blocks * bs, kvw], 12, 1.0);
+    let q = rand(g, &[batch, heads * hd], 13, 1.0);
+    let mut rng = Rng(7);
+    let perm = rng.perm(num_blocks);
+    let tables: Vec<&[u32]> = perm.chunks(per_seq).collect();
+    let seqs: Vec<AttnSeq<'_>> = tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| AttnSeq {
+            q_start: i,
+            q_len: 1,
+            ctx_before: ctx - 1,
+            block_table: t,
+        })
+        .collect();
+    let meta = AttnMeta {
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: hd,
+        block_size: bs,
+        scale: 1.0 / (hd as f32).sqrt(),
+        sliding_window: None,
+        seqs: &seqs,
+    };
+    let plan = g.attention_plan(&q, &k, &v, &meta).unwrap();
+    let ms = graph_ms(g, 1, 20, &|_| g.attention_run(&plan));
+    let gbs = plan.kv_bytes as f64 / (ms * 1e-3) / 1e9;
+    bench(
+        &format!("decode_attention_b{batch}_ctx{ctx}_h{heads}kv{kv_heads}"),
+        100.0 * gbs / copy_gbs,
+        "% of copy bw",
+        &format!(
+            "{ms:.3} ms, {gbs:.0} GB/s over {:.2} GB of K+V, hd {hd}, block {bs}, {} split(s)",
+            plan.kv_bytes as f64 / 1e9,
+            plan.splits
+        ),
+    );
+}
+
+/// Causal prefill of one sequence with the same kernel (one block per query row and KV head).
+fn prefill_attention(g: &CudaBackend, len: usize, heads: usize, kv_heads: usize) {
+    let (hd, bs) = (128, 16);
+    let nb = len.div_ceil(bs);
+    let k = rand(g, &[nb * bs, kv_heads * hd], 21, 1.0);
+    let v = rand(g, &[nb * bs, kv_heads * hd], 22, 1.0);
+    let q = rand(g, &[len, heads * hd], 23, 1.0);
+    let table: Vec<u32> = (0..nb as u32).collect();
+    let seqs = [AttnSeq {
+        q_start: 0,
+        q_len: len,
+        ctx_before: 0,
+        block_table: &table,
+    }];
+    let meta = AttnMeta {
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: hd,
+        block_size: bs,
+        scale: 1.0 / (hd as f32).sqrt(),
+        sliding_window: None,
+        seqs: &seqs,
+    };
+    let plan = g.attention_plan(&q, &k, &v, &meta).unwrap();
+    let ms = graph_ms(g, 1, 10, &|_| g.attention_run(&plan));
+    // QKᵀ and PV over the causal triangle: 2 · 2 · len²/2 · heads · hd flops.
+    let tflops = 2.0 * (len * len) as f64 * (heads * hd) as f64 / (ms * 1e-3) / 1e12;
+    bench(
+        &format!("prefill_attention_len{len}_h{heads}kv{kv_heads}"),
+        ms,
+        "ms",
+        &format!("{tflops:.1} TFLOP/s (simple kernel: no tensor cores yet)"),
+    );
+}
+
+#[test]
+#[ignore = "GPU benchmark: run by scripts/gpu/run.sh"]
+fn kernel_benchmarks() {
+    let Some(g) = backend(DType::BF16) else { return };
+    say(&format!("backend: {}, {} SMs", g.name(), g.num_sms()));
+    let copy = copy_bandwidth(&g);
+    gemm_rate(&g);
+    sgmv(&g, 4096, 16, 64, true, copy);
+    sgmv(&g, 4096, 16, 64, false, copy);
+    sgmv(&g, 4096, 64, 64, true, copy);
+    decode_attention(&g, 64, 4096, 32, 8, copy);
+    decode_attention(&g, 64, 4096, 32, 32, copy);
+    decode_attention(&g, 64, 4096, 64, 8, copy);
+    decode_attention(&g, 256, 1024, 32, 8, copy);
+    decode_attention(&g, 8, 32768, 32, 8, copy);
+    decode_attention(&g, 1, 131_072, 32, 8, copy);
+    prefill_attention(&g, 4096, 32, 8);
+}

@@ -1,0 +1,117 @@
+//! Shared helpers of the CUDA tests: a backend or a visible skip, random data, rounding to a storage
+//! type, relative errors, and a line per check on stderr (libtest does not capture direct writes, so
+//! the numbers show in the GPU run's logs).
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::Write;
+
+use lorax_engine::weights::DType;
+use lorax_engine::CudaBackend;
+
+/// Prints to stderr past libtest's capture.
+pub fn say(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+/// A CUDA backend storing `dtype`, or `None` after printing why the test is skipped. A machine with a
+/// device on which the backend cannot be created fails the test.
+pub fn backend(dtype: DType) -> Option<CudaBackend> {
+    match CudaBackend::probe() {
+        Err(why) => {
+            say(&format!("SKIPPED: no CUDA device ({why})"));
+            None
+        }
+        Ok(_) => Some(CudaBackend::new(0, dtype).unwrap_or_else(|e| panic!("a CUDA device is present but: {e}"))),
+    }
+}
+
+/// SplitMix64: small, seedable, good enough for test data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// A random permutation of 0..n.
+    pub fn perm(&mut self, n: usize) -> Vec<u32> {
+        let mut v: Vec<u32> = (0..n as u32).collect();
+        for i in (1..n).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+        v
+    }
+}
+
+/// A fresh seed per call (time-based), printed so a failure can be replayed with LORAX_TEST_SEED.
+pub fn seed(name: &str) -> u64 {
+    let s = std::env::var("LORAX_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    say(&format!("{name}: seed {s}"));
+    s
+}
+
+/// The values as `dtype` stores them.
+pub fn round(dtype: DType, v: &[f32]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => v.to_vec(),
+        DType::BF16 => v.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect(),
+        DType::F16 => v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect(),
+    }
+}
+
+/// Relative-error tolerance of a kernel against the f32 CPU backend on the same (rounded) inputs:
+/// one output rounding plus accumulation-order differences.
+pub fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        DType::F32 => 2e-5,
+    }
+}
+
+/// ‖a − b‖ / ‖b‖, NaN (never passes) when `a` has a non-finite value.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    if a.iter().any(|x| !x.is_finite()) {
+        return f64::NAN;
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    if den == 0.0 {
+        return num.sqrt();
+    }
+    (num / den).sqrt()
+}
+
+/// Asserts `got` is within `tol` of `want` and prints the check.
+pub fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(got, want);
+    say(&format!("  {what}: rel err {e:.2e} (tol {tol:.0e})"));
+    assert!(e <= tol, "{what}: rel err {e:e} > {tol:e}");
+}

@@ -1,0 +1,509 @@
+//! Every CUDA kernel against its CPU twin on fresh random inputs (seed printed; LORAX_TEST_SEED replays),
+//! across edge shapes: GQA ratios 1/4/8/16, head sizes 8..256, block boundaries, long contexts that take
+//! the split path, prefill over variable-length sequences with cached prefixes, sliding windows; LoRA
+//! ranks 8..128 mixed in one batch, one-token segments, base rows left untouched bit for bit. Inputs are
+//! rounded to the storage type before the CPU sees them, so the tolerance covers only output rounding and
+//! summation order (see `cuda_common::tol`). Outputs are poisoned with NaN bytes before every kernel.
+//! Without a CUDA device each test prints `SKIPPED: no CUDA device (...)` and returns.
+#![allow(clippy::unwrap_used)]
+
+mod cuda_common;
+
+use cuda_common::{backend, check, round, say, seed, tol, Rng};
+use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
+use lorax_engine::weights::DType;
+use lorax_engine::{Backend, CpuBackend, CudaBackend, EngineError};
+
+const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
+
+fn gpu(dtype: DType) -> Option<CudaBackend> {
+    let mut b = backend(dtype)?;
+    b.set_poison(true);
+    say(&format!("backend: {}", b.name()));
+    Some(b)
+}
+
+/// Random values as stored in `dtype`, uploaded to both backends.
+struct Pair {
+    host: Vec<f32>,
+    cpu: lorax_engine::CpuTensor,
+    gpu: lorax_engine::CudaTensor,
+}
+
+fn pair(g: &CudaBackend, rng: &mut Rng, shape: &[usize], lo: f32, hi: f32) -> Pair {
+    let n = shape.iter().product();
+    let host = round(g.dtype(), &rng.vec(n, lo, hi));
+    Pair {
+        cpu: CpuBackend.tensor_from_f32(shape, &host).unwrap(),
+        gpu: g.tensor_from_f32(shape, &host).unwrap(),
+        host,
+    }
+}
+
+#[test]
+fn linear_matches_cpu() {
+    let mut rng = Rng(seed("linear"));
+    for dt in DTYPES {
+        let Some(g) = gpu(dt) else { return };
+        for (m, k, n, bias) in [
+            (1, 32, 48, false),
+            (7, 4096, 1024, true),
+            (64, 4096, 512, false),
+            (300, 1024, 768, true),
+            (3, 100, 75, true),
+        ] {
+            let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
+            let w = pair(&g, &mut rng, &[n, k], -0.05, 0.05);
+            let b = pair(&g, &mut rng, &[n], -1.0, 1.0);
+            let want = CpuBackend.linear(&x.cpu, &w.cpu, bias.then_some(&b.cpu)).unwrap();
+            let got = g.linear(&x.gpu, &w.gpu, bias.then_some(&b.gpu)).unwrap();
+            assert_eq!(g.shape(&got), &[m, n]);
+            check(
+                &format!("{dt:?} linear {m}x{k}x{n} bias={bias}"),
+                &g.to_f32(&got).unwrap(),
+                &want.data,
+                tol(dt),
+            );
+        }
+    }
+}
+
+#[test]
+fn norms_match_cpu() {
+    let mut rng = Rng(seed("norms"));
+    for dt in DTYPES {
+        let Some(g) = gpu(dt) else { return };
+        for (rows, h) in [(1, 32), (5, 4096), (3, 5000), (17, 100), (2, 8192)] {
+            let x = pair(&g, &mut rng, &[rows, h], -2.0, 2.0);
+            let w = pair(&g, &mut rng, &[h], 0.5, 1.5);
+            let want = CpuBackend.rms_norm(&x.cpu, &w.cpu, 1e-5).unwrap();
+            let got = g.rms_norm(&x.gpu, &w.gpu, 1e-5).unwrap();
+            check(
+                &format!("{dt:?} rms_norm {rows}x{h}"),
+                &g.to_f32(&got).unwrap(),
+                &want.data,
+                tol(dt),
+            );
+
+            let mut res = pair(&g, &mut rng, &[rows, h], -2.0, 2.0);
+            let want = CpuBackend.add_rms_norm(&mut res.cpu, &x.cpu, &w.cpu, 1e-6).unwrap();
+            let got = g.add_rms_norm(&mut res.gpu, &x.gpu, &w.gpu, 1e-6).unwrap();
+            check(
+                &format!("{dt:?} add_rms_norm {rows}x{h} (out)"),
+                &g.to_f32(&got).unwrap(),
+                &want.data,
+                tol(dt),
+            );
+            check(
+                &format!("{dt:?} add_rms_norm {rows}x{h} (residual)"),
+                &g.to_f32(&res.gpu).unwrap(),
+                &res.cpu.data,
+                tol(dt),
+            );
+        }
+    }
+}
+
+#[test]
+fn rope_matches_cpu() {
+    let mut rng = Rng(seed("rope"));
+    for dt in DTYPES {
+        let Some(g) = gpu(dt) else { return };
+        for (rows, heads, hd) in [(1, 4, 8), (9, 4, 16), (33, 32, 128), (5, 8, 64), (4, 2, 256)] {
+            let half = hd / 2;
+            let inv_freq: Vec<f32> = (0..half)
+                .map(|i| 1.0 / 500_000f32.powf(2.0 * i as f32 / hd as f32))
+                .collect();
+            let positions: Vec<u32> = (0..rows).map(|_| rng.below(131_072) as u32).collect();
+            let mut x = pair(&g, &mut rng, &[rows, heads * hd], -1.0, 1.0);
+            CpuBackend.rope(&mut x.cpu, hd, &positions, &inv_freq).unwrap();
+            g.rope(&mut x.gpu, hd, &positions, &inv_freq).unwrap();
+            check(
+                &format!("{dt:?} rope {rows}x{heads}x{hd}"),
+                &g.to_f32(&x.gpu).unwrap(),
+                &x.cpu.data,
+                tol(dt),
+            );
+        }
+    }
+}
+
+#[test]
+fn elementwise_ops_match_cpu() {
+    let mut rng = Rng(seed("elementwise"));
+    for dt in DTYPES {
+        let Some(g) = gpu(dt) else { return };
+        for (rows, cols) in [(1, 1), (3, 80), (64, 14336), (1000, 33)] {
+            let a = pair(&g, &mut rng, &[rows, cols], -6.0, 6.0);
+            let b = pair(&g, &mut rng, &[rows, cols], -2.0, 2.0);
+            let want = CpuBackend.silu_mul(&a.cpu, &b.cpu).unwrap();
+            let got = g.silu_mul(&a.gpu, &b.gpu).unwrap();
+            check(
+                &format!("{dt:?} silu_mul {rows}x{cols}"),
+                &g.to_f32(&got).unwrap(),
+                &want.data,
+                tol(dt),
+            );
+            let mut d = pair(&g, &mut rng, &[rows, cols], -2.0, 2.0);
+            CpuBackend.add_assign(&mut d.cpu, &a.cpu).unwrap();
+            g.add_assign(&mut d.gpu, &a.gpu).unwrap();
+            check(
+                &format!("{dt:?} add_assign {rows}x{cols}"),
+                &g.to_f32(&d.gpu).unwrap(),
+                &d.cpu.data,
+                tol(dt),
+            );
+            let picks: Vec<usize> = (0..rows.max(3)).map(|_| rng.below(rows)).collect();
+            let want = CpuBackend.gather_rows(&a.cpu, &picks).unwrap();
+            let got = g.gather_rows(&a.gpu, &picks).unwrap();
+            assert_eq!(g.to_f32(&got).unwrap(), want.data, "{dt:?} gather_rows is a copy");
+        }
+        // Embedding: a copy of rows, and out-of-vocabulary ids refused.
+        let table = pair(&g, &mut rng, &[1000, 64], -1.0, 1.0);
+        let mut ids: Vec<u32> = (0..50).map(|_| rng.below(1000) as u32).collect();
+        ids.extend([0, 999]);
+        let want = CpuBackend.embedding(&table.cpu, &ids).unwrap();
+        let got = g.embedding(&table.gpu, &ids).unwrap();
+        assert_eq!(g.to_f32(&got).unwrap(), want.data, "{dt:?} embedding is a copy");
+        assert!(matches!(
+            g.embedding(&table.gpu, &[1000]),
+            Err(EngineError::InvalidBatch(_))
+        ));
+        // KV write: scattered slots, the rest of the cache untouched.
+        let (slots_total, dim) = (512, 96);
+        let mut kc = pair(&g, &mut rng, &[slots_total, dim], -1.0, 1.0);
+        let mut vc = pair(&g, &mut rng, &[slots_total, dim], -1.0, 1.0);
+        let k = pair(&g, &mut rng, &[40, dim], -1.0, 1.0);
+        let v = pair(&g, &mut rng, &[40, dim], -1.0, 1.0);
+        let slots: Vec<u32> = rng.perm(slots_total)[..40].to_vec();
+        CpuBackend
+            .kv_write(&mut kc.cpu, &mut vc.cpu, &k.cpu, &v.cpu, &slots)
+            .unwrap();
+        g.kv_write(&mut kc.gpu, &mut vc.gpu, &k.gpu, &v.gpu, &slots).unwrap();
+        assert_eq!(g.to_f32(&kc.gpu).unwrap(), kc.cpu.data, "{dt:?} kv_write keys");
+        assert_eq!(g.to_f32(&vc.gpu).unwrap(), vc.cpu.data, "{dt:?} kv_write values");
+        assert!(matches!(
+            g.kv_write(&mut kc.gpu, &mut vc.gpu, &k.gpu, &v.gpu, &[slots_total as u32; 40]),
+            Err(EngineError::InvalidBatch(_))
+        ));
+        // Device-made random data: in range, not constant.
+        let r = g.to_f32(&g.random_uniform(&[4096], 7, -1.0, 1.0).unwrap()).unwrap();
+        assert!(r.iter().all(|v| (-1.0..=1.0).contains(v)));
+        let mean = r.iter().sum::<f32>() / r.len() as f32;
+        assert!(mean.abs() < 0.1, "mean {mean}");
+    }
+}
+
+/// An attention case: heads, KV heads, head size, block size, window, and per sequence (new tokens,
+/// tokens already cached).
+struct AttnCase {
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    bs: usize,
+    window: Option<usize>,
+    seqs: Vec<(usize, usize)>,
+    q_range: f32,
+}
+
+fn run_attention(g: &CudaBackend, rng: &mut Rng, c: &AttnCase) {
+    let dt = g.dtype();
+    let blocks_needed: usize = c.seqs.iter().map(|&(q, b)| (q + b).div_ceil(c.bs)).sum();
+    let num_blocks = blocks_needed + 3;
+    let kvw = c.kv_heads * c.hd;
+    let k = pair(g, rng, &[num_blocks * c.bs, kvw], -1.0, 1.0);
+    let v = pair(g, rng, &[num_blocks * c.bs, kvw], -1.0, 1.0);
+    let n: usize = c.seqs.iter().map(|s| s.0).sum();
+    let q = pair(g, rng, &[n, c.heads * c.hd], -c.q_range, c.q_range);
+    // Scattered block tables: a random permutation of the cache's blocks, dealt out in order.
+    let perm = rng.perm(num_blocks);
+    let mut tables = Vec::new();
+    let mut next = 0;
+    for &(ql, before) in &c.seqs {
+        let nb = (ql + before).div_ceil(c.bs);
+        tables.push(perm[next..next + nb].to_vec());
+        next += nb;
+    }
+    let mut seqs = Vec::new();
+    let mut row = 0;
+    for (i, &(ql, before)) in c.seqs.iter().enumerate() {
+        seqs.push(AttnSeq {
+            q_start: row,
+            q_len: ql,
+            ctx_before: before,
+            block_table: &tables[i],
+        });
+        row += ql;
+    }
+    let meta = AttnMeta {
+        num_heads: c.heads,
+        num_kv_heads: c.kv_heads,
+        head_dim: c.hd,
+        block_size: c.bs,
+        scale: 1.0 / (c.hd as f32).sqrt(),
+        sliding_window: c.window,
+        seqs: &seqs,
+    };
+    let want = CpuBackend.attention(&q.cpu, &k.cpu, &v.cpu, &meta).unwrap();
+    let got = g.attention(&q.gpu, &k.gpu, &v.gpu, &meta).unwrap();
+    let lens: Vec<usize> = c.seqs.iter().map(|s| s.0 + s.1).collect();
+    check(
+        &format!(
+            "{dt:?} attention heads {}/{} hd {} bs {} window {:?} ctx {:?}",
+            c.heads, c.kv_heads, c.hd, c.bs, c.window, lens
+        ),
+        &g.to_f32(&got).unwrap(),
+        &want.data,
+        tol(dt),
+    );
+}
+
+fn decode(lens: &[usize]) -> Vec<(usize, usize)> {
+    lens.iter().map(|&l| (1, l - 1)).collect()
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let mut rng = Rng(seed("attention"));
+    let edges = decode(&[1, 15, 16, 17, 255, 256, 257, 513]);
+    let mut cases = vec![];
+    // GQA ratios 1, 4, 8 and 16 (two head chunks per KV head), block boundaries around 16 and 256.
+    for (heads, kv) in [(8, 8), (32, 8), (32, 4), (32, 2)] {
+        cases.push(AttnCase {
+            heads,
+            kv_heads: kv,
+            hd: 128,
+            bs: 16,
+            window: None,
+            seqs: edges.clone(),
+            q_range: 1.0,
+        });
+    }
+    // Every head size the kernel is built for.
+    for hd in [8, 16, 32, 64, 80, 96, 256] {
+        cases.push(AttnCase {
+            heads: 4,
+            kv_heads: 2,
+            hd,
+            bs: 16,
+            window: None,
+            seqs: decode(&[1, 40, 300]),
+            q_range: 1.0,
+        });
+    }
+    // Long contexts: one sequence (many splits), and a mixed batch.
+    cases.push(AttnCase {
+        heads: 8,
+        kv_heads: 1,
+        hd: 128,
+        bs: 16,
+        window: None,
+        seqs: decode(&[20_000]),
+        q_range: 2.0,
+    });
+    cases.push(AttnCase {
+        heads: 32,
+        kv_heads: 8,
+        hd: 128,
+        bs: 16,
+        window: None,
+        seqs: decode(&[4096, 33, 9000]),
+        q_range: 1.0,
+    });
+    // Prefill of variable-length sequences, some reading a cached prefix, with decode rows mixed in.
+    for (heads, kv, hd, bs) in [(4, 2, 16, 4), (32, 8, 128, 16), (4, 1, 8, 1), (16, 2, 64, 32)] {
+        cases.push(AttnCase {
+            heads,
+            kv_heads: kv,
+            hd,
+            bs,
+            window: None,
+            seqs: vec![(37, 0), (5, 300), (1, 0), (300, 17), (1, 99)],
+            q_range: 2.0,
+        });
+    }
+    // Sliding window (Mistral): decode and prefill past the window.
+    cases.push(AttnCase {
+        heads: 4,
+        kv_heads: 1,
+        hd: 64,
+        bs: 16,
+        window: Some(100),
+        seqs: vec![(1, 999), (250, 0), (3, 97)],
+        q_range: 2.0,
+    });
+    for dt in DTYPES {
+        let Some(g) = gpu(dt) else { return };
+        for c in &cases {
+            run_attention(&g, &mut rng, c);
+        }
+    }
+}
+
+#[test]
+fn attention_refuses_bad_tables() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    let q = g.tensor_from_f32(&[1, 16], &[0.5; 16]).unwrap();
+    let kv = g.zeros(&[8, 16]).unwrap();
+    let table = [5u32];
+    let seqs = [AttnSeq {
+        q_start: 0,
+        q_len: 1,
+        ctx_before: 0,
+        block_table: &table,
+    }];
+    let meta = AttnMeta {
+        num_heads: 1,
+        num_kv_heads: 1,
+        head_dim: 16,
+        block_size: 4,
+        scale: 0.25,
+        sliding_window: None,
+        seqs: &seqs,
+    };
+    assert!(matches!(
+        g.attention(&q, &kv, &kv, &meta),
+        Err(EngineError::InvalidBatch(_))
+    ));
+}
+
+/// A LoRA segment description: rows, rank, scale.
+struct Seg {
+    start: usize,
+    len: usize,
+    rank: usize,
+    scale: f32,
+}
+
+fn run_lora(g: &CudaBackend, rng: &mut Rng, n: usize, k: usize, out: usize, segs: &[Seg], what: &str) {
+    let dt = g.dtype();
+    let x = pair(g, rng, &[n, k], -1.0, 1.0);
+    // y starts small, so the LoRA term dominates the output and its rounding.
+    let mut y = pair(g, rng, &[n, out], -0.01, 0.01);
+    let ab: Vec<(Pair, Pair)> = segs
+        .iter()
+        .map(|s| {
+            let (ra, rb) = (1.0 / (k as f32).sqrt(), 1.0 / (s.rank as f32).sqrt());
+            (
+                pair(g, rng, &[s.rank, k], -ra, ra),
+                pair(g, rng, &[out, s.rank], -rb, rb),
+            )
+        })
+        .collect();
+    let cpu_segs: Vec<LoraSegment<'_, _>> = segs
+        .iter()
+        .zip(&ab)
+        .map(|(s, (a, b))| LoraSegment {
+            start: s.start,
+            len: s.len,
+            a: &a.cpu,
+            b: &b.cpu,
+            scale: s.scale,
+        })
+        .collect();
+    let gpu_segs: Vec<LoraSegment<'_, _>> = segs
+        .iter()
+        .zip(&ab)
+        .map(|(s, (a, b))| LoraSegment {
+            start: s.start,
+            len: s.len,
+            a: &a.gpu,
+            b: &b.gpu,
+            scale: s.scale,
+        })
+        .collect();
+    let before = y.host.clone();
+    CpuBackend.lora(&mut y.cpu, &x.cpu, &cpu_segs).unwrap();
+    g.lora(&mut y.gpu, &x.gpu, &gpu_segs).unwrap();
+    let got = g.to_f32(&y.gpu).unwrap();
+    // Only the change is compared, so the tolerance measures the LoRA term and not the base output.
+    let d_got: Vec<f32> = got.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let d_want: Vec<f32> = y.cpu.data.iter().zip(&before).map(|(a, b)| a - b).collect();
+    check(&format!("{dt:?} lora {what} {n}x{k}->{out}"), &d_got, &d_want, tol(dt));
+    let covered = |r: usize| segs.iter().any(|s| (s.start..s.start + s.len).contains(&r));
+    for r in (0..n).filter(|&r| !covered(r)) {
+        assert_eq!(
+            &got[r * out..(r + 1) * out],
+            &before[r * out..(r + 1) * out],
+            "{dt:?} {what}: base row {r} was touched"
+        );
+    }
+}
+
+#[test]
+fn lora_sgmv_matches_cpu() {
+    let mut rng = Rng(seed("lora"));
+    for dt in DTYPES {
+        let Some(g) = gpu(dt) else { return };
+        // Mixed ranks 8..128, one-token segments, a segment longer than a row tile, base rows between.
+        let mixed = [
+            Seg {
+                start: 0,
+                len: 1,
+                rank: 8,
+                scale: 2.0,
+            },
+            Seg {
+                start: 3,
+                len: 1,
+                rank: 16,
+                scale: 0.5,
+            },
+            Seg {
+                start: 5,
+                len: 37,
+                rank: 64,
+                scale: 1.0,
+            },
+            Seg {
+                start: 50,
+                len: 14,
+                rank: 128,
+                scale: 0.25,
+            },
+        ];
+        run_lora(&g, &mut rng, 64, 4096, 4096, &mixed, "mixed ranks");
+        run_lora(&g, &mut rng, 64, 4096, 1024, &mixed, "mixed ranks, narrow out");
+        run_lora(&g, &mut rng, 64, 1024, 14336, &mixed, "mixed ranks, wide out");
+        // Decode: 64 one-token segments of distinct adapters; and one adapter for all rows.
+        let distinct: Vec<Seg> = (0..64)
+            .map(|i| Seg {
+                start: i,
+                len: 1,
+                rank: 16,
+                scale: 2.0,
+            })
+            .collect();
+        run_lora(&g, &mut rng, 64, 4096, 4096, &distinct, "64 distinct r16");
+        let same = [Seg {
+            start: 0,
+            len: 64,
+            rank: 16,
+            scale: 2.0,
+        }];
+        run_lora(&g, &mut rng, 64, 4096, 4096, &same, "one r16 for 64 rows");
+        // Prefill-sized segment; odd sizes that take the scalar loads; ranks 4 and 12.
+        let long = [Seg {
+            start: 10,
+            len: 500,
+            rank: 32,
+            scale: 1.0,
+        }];
+        run_lora(&g, &mut rng, 512, 2048, 2048, &long, "500-row segment");
+        let odd = [
+            Seg {
+                start: 1,
+                len: 3,
+                rank: 4,
+                scale: 1.5,
+            },
+            Seg {
+                start: 6,
+                len: 2,
+                rank: 12,
+                scale: 1.0,
+            },
+        ];
+        run_lora(&g, &mut rng, 9, 100, 75, &odd, "odd sizes");
+    }
+}

@@ -1,0 +1,77 @@
+//! Compiles every kernel module with NVRTC for `sm_90` in each storage type. Needs only the NVRTC library
+//! (no driver, no GPU), so it also runs on development machines that have `libnvrtc.so` on their library
+//! path; elsewhere it is skipped, visibly. Prints ptxas's resource report (registers, spills) per kernel.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+
+use lorax_engine::backend::cuda::compile::{nvrtc_present, Compiler, SOURCES};
+use lorax_engine::backend::cuda::KERNELS;
+use lorax_engine::weights::DType;
+
+#[test]
+fn kernels_compile_for_hopper_in_every_dtype() {
+    if !nvrtc_present() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: NVRTC (libnvrtc.so) is not on the library path; kernels not compiled"
+        );
+        return;
+    }
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        let mut c = Compiler::new((9, 0), dtype).unwrap().with_cache(None);
+        c.verbose = true;
+        for src in SOURCES {
+            let out = c
+                .compile(&src)
+                .unwrap_or_else(|e| panic!("{dtype:?} {}: {e}", src.name));
+            assert!(!out.cubin.is_empty());
+            let names = KERNELS.iter().find(|(m, _)| *m == src.name).unwrap().1;
+            for name in names {
+                assert!(
+                    out.cubin.windows(name.len()).any(|w| w == name.as_bytes()),
+                    "{dtype:?}: kernel {name} missing from {}",
+                    src.name
+                );
+            }
+            let _ = writeln!(std::io::stderr(), "== {dtype:?} {} ==\n{}", src.name, out.log.trim());
+            // A few bytes of spill are ptxas trading registers for occupancy; a register array demoted to
+            // local memory (a run-time index) shows as hundreds.
+            for line in out.log.lines().filter(|l| l.contains("bytes spill stores")) {
+                let spilled: usize = line
+                    .split(',')
+                    .find(|p| p.contains("spill stores"))
+                    .and_then(|p| p.split_whitespace().next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap();
+                assert!(spilled <= 64, "{dtype:?} {}: {line}", src.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn compiled_modules_are_cached_on_disk() {
+    if !nvrtc_present() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: NVRTC (libnvrtc.so) is not on the library path"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = Compiler::new((9, 0), DType::BF16)
+        .unwrap()
+        .with_cache(Some(dir.path().to_path_buf()));
+    let first = c.compile(&SOURCES[0]).unwrap();
+    assert!(!first.cached);
+    let second = c.compile(&SOURCES[0]).unwrap();
+    assert!(second.cached);
+    assert_eq!(first.cubin, second.cubin);
+    // Another architecture is another entry.
+    let other = Compiler::new((8, 0), DType::BF16)
+        .unwrap()
+        .with_cache(Some(dir.path().to_path_buf()));
+    assert!(!other.compile(&SOURCES[0]).unwrap().cached);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+}

@@ -1,0 +1,125 @@
+// Row-wise and element-wise kernels of the decoder: embedding lookup, RMSNorm (plain and fused with the
+// residual add), rotary embedding, SiLU-and-multiply, additions, the paged KV-cache write and row gathers.
+// Rows are one block each (grid.x = rows); element-wise kernels use a grid-stride loop.
+// Rounding follows transformers in reduced precision where it is cheap to do so (noted per kernel).
+
+// out[r, :] = table[ids[r], :]. The ids were checked against the vocabulary on the host.
+extern "C" __global__ void embedding(T* __restrict__ out, const T* __restrict__ table, const u32* __restrict__ ids,
+                                     int hidden) {
+    const u64 r = blockIdx.x;
+    const T* src = table + (u64)ids[r] * hidden;
+    T* dst = out + r * hidden;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = src[c];
+}
+
+// transformers' LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) in f32, rounded to the storage type, then
+// times the weight.
+__device__ __forceinline__ void rms_norm_row(T* __restrict__ dst, const T* __restrict__ src, const T* __restrict__ w,
+                                             int h, float eps) {
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < h; c += blockDim.x) {
+        const float v = to_f(src[c]);
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    const float r = 1.0f / sqrtf(ss / (float)h + eps);
+    for (int c = threadIdx.x; c < h; c += blockDim.x) {
+        const float n = to_f(from_f(to_f(src[c]) * r));
+        dst[c] = from_f(to_f(w[c]) * n);
+    }
+}
+
+extern "C" __global__ void rms_norm(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int h,
+                                    float eps) {
+    const u64 r = blockIdx.x;
+    rms_norm_row(out + r * h, x + r * h, w, h, eps);
+}
+
+// residual += x (rounded to the storage type, as the residual stream is stored), then out = RMSNorm(residual).
+// Each thread re-reads only the residual elements it wrote itself, so no barrier is needed between the
+// passes besides the reduction's.
+extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
+                                        const T* __restrict__ w, int h, float eps) {
+    const u64 r = blockIdx.x;
+    T* res = residual + r * h;
+    const T* xr = x + r * h;
+    for (int c = threadIdx.x; c < h; c += blockDim.x) res[c] = from_f(to_f(res[c]) + to_f(xr[c]));
+    rms_norm_row(out + r * h, res, w, h, eps);
+}
+
+// Rotary embedding in place, Hugging Face's rotate-half layout: for each head, element i pairs with
+// i + head_dim/2. The angle is inv_freq[i] * position formed in f32 (as transformers does); any rope
+// scaling (linear, llama3) is already folded into inv_freq.
+extern "C" __global__ void rope(T* __restrict__ x, const u32* __restrict__ positions, const float* __restrict__ inv_freq,
+                                int width, int head_dim) {
+    const u64 r = blockIdx.x;
+    const int half = head_dim / 2;
+    const int heads = width / head_dim;
+    const float pos = (float)positions[r];
+    T* row = x + r * width;
+    for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
+        const int head = idx / half, i = idx % half;
+        float s, c;
+        sincosf(inv_freq[i] * pos, &s, &c);
+        T* hp = row + head * head_dim;
+        const float a = to_f(hp[i]), b = to_f(hp[i + half]);
+        hp[i] = from_f(a * c - b * s);
+        hp[i + half] = from_f(b * c + a * s);
+    }
+}
+
+// out = silu(gate) * up; silu's result is rounded to the storage type first, as transformers computes
+// act_fn(gate_proj(x)) * up_proj(x) in that type.
+extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ up, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float g = to_f(gate[i]);
+        const float s = to_f(from_f(g / (1.0f + expf(-g))));
+        out[i] = from_f(s * to_f(up[i]));
+    }
+}
+
+// dst += src.
+extern "C" __global__ void add_assign(T* __restrict__ dst, const T* __restrict__ src, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        dst[i] = from_f(to_f(dst[i]) + to_f(src[i]));
+}
+
+// y[r, c] += bias[c] for a [rows, cols] y.
+extern "C" __global__ void add_bias(T* __restrict__ y, const T* __restrict__ bias, int cols) {
+    const u64 r = blockIdx.x;
+    T* row = y + r * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = from_f(to_f(row[c]) + to_f(bias[c]));
+}
+
+// k_cache[slots[r], :] = k[r, :] and the same for v. Slots were checked against the cache on the host.
+extern "C" __global__ void kv_write(T* __restrict__ k_cache, T* __restrict__ v_cache, const T* __restrict__ k,
+                                    const T* __restrict__ v, const u32* __restrict__ slots, int dim) {
+    const u64 r = blockIdx.x;
+    const u64 s = slots[r];
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        k_cache[s * dim + c] = k[r * dim + c];
+        v_cache[s * dim + c] = v[r * dim + c];
+    }
+}
+
+// out[i, :] = x[rows[i], :].
+extern "C" __global__ void gather_rows(T* __restrict__ out, const T* __restrict__ x, const u32* __restrict__ rows,
+                                       int cols) {
+    const u64 i = blockIdx.x;
+    const T* src = x + (u64)rows[i] * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
+}
+
+// Fills out with values uniform in [lo, hi) from a hash of (seed, index): random data made on the device,
+// for benchmarks (never zeros, which hide unwritten outputs and can run faster than real data).
+extern "C" __global__ void fill_uniform(T* __restrict__ out, u64 n, u32 seed, float lo, float hi) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u32 h = ((u32)i * 0x9E3779B1u) ^ ((u32)(i >> 32) * 0x85EBCA77u) ^ (seed * 0xC2B2AE3Du);
+        h ^= h >> 16;
+        h *= 0x7feb352du;
+        h ^= h >> 15;
+        h *= 0x846ca68bu;
+        h ^= h >> 16;
+        out[i] = from_f(lo + (hi - lo) * (float)(h >> 8) * (1.0f / 16777216.0f));
+    }
+}
