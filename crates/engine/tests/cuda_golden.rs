@@ -17,8 +17,8 @@
 mod common;
 mod cuda_common;
 
-use common::{fixtures, subset, Golden};
-use cuda_common::{backend, rel_err, say};
+use common::{subset, Golden};
+use cuda_common::{backend, fixtures, rel_err, say};
 use lorax_engine::engine::RawSeq;
 use lorax_engine::kv_cache::BlockAllocator;
 use lorax_engine::lora::HostAdapter;

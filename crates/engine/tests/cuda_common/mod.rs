@@ -4,9 +4,19 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use lorax_engine::weights::DType;
 use lorax_engine::CudaBackend;
+
+/// The fixtures: `LORAX_FIXTURES`, else this checkout's `tests/fixtures` (test binaries built on one
+/// machine run on the GPU machine from another path).
+pub fn fixtures() -> PathBuf {
+    std::env::var_os("LORAX_FIXTURES").map_or_else(
+        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")),
+        PathBuf::from,
+    )
+}
 
 /// Prints to stderr past libtest's capture.
 pub fn say(msg: &str) {

@@ -171,6 +171,31 @@ fn cfg(grid: (u32, u32, u32), block: u32, smem: usize) -> LaunchConfig {
     }
 }
 
+/// Tensors come from the device's default memory pool (stream-ordered allocation). By default the pool
+/// hands freed memory back to the driver at every synchronisation, so each forward pass would map its
+/// temporaries again; keeping it (release threshold: unlimited) makes allocation after warm-up cheap.
+fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: valid out-pointer and device handle; the attribute takes a u64.
+    unsafe {
+        drv_sys::cuDeviceGetDefaultMemPool(&raw mut pool, ctx.cu_device())
+            .result()
+            .map_err(|e| drv("default memory pool", e))?;
+        drv_sys::cuMemPoolSetAttribute(
+            pool,
+            drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&raw mut threshold).cast::<c_void>(),
+        )
+        .result()
+        .map_err(|e| drv("memory pool threshold", e))?;
+    }
+    Ok(())
+}
+
 /// f32 values to little-endian bytes of `dtype` (round to nearest even).
 fn encode(dtype: DType, data: &[f32]) -> Vec<u8> {
     match dtype {
@@ -264,6 +289,7 @@ impl CudaBackend {
         // SAFETY: this backend issues everything on one stream, in order; no tensor is used on another.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| drv("stream", e))?;
+        keep_pool_memory(&ctx)?;
         let cc = ctx.compute_capability().map_err(|e| drv("compute capability", e))?;
         let device_name = ctx.name().map_err(|e| drv("device name", e))?;
         let num_sms = ctx

@@ -1,0 +1,90 @@
+"""End-to-end on the CUDA backend: the real launcher (embedded llama fixture) spawns a CUDA shard and the
+router; greedy generations over HTTP, for the base model and a local LoRA adapter, are compared with the
+transformers/peft references in tests/fixtures. float32 storage must reproduce the reference tokens
+exactly; bfloat16 is reported (see docs/gpu.md).
+
+    python3 scripts/gpu/e2e.py BIN_DIR LOG_DIR
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from safetensors.numpy import load_file
+
+BIN, LOGS = sys.argv[1], sys.argv[2]
+FX = os.path.abspath("tests/fixtures")
+BASE = load_file(f"{FX}/models/llama/golden.safetensors")
+LORA = load_file(f"{FX}/adapters/golden_lora.safetensors")
+PROMPTS = json.load(open(f"{FX}/manifest.json"))["prompts"]
+N = 32
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def call(url, body=None, timeout=120):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, json.loads(r.read() or b"null")
+
+
+failures = 0
+for dtype in ["float32", "bfloat16"]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(f"{LOGS}/e2e-server-{dtype}.log", "w")
+    env = dict(os.environ, LORAX_DTYPE=dtype)
+    proc = subprocess.Popen(
+        [f"{BIN}/lorax-launcher", "--device", "cuda", "--port", str(port), "--hostname", "127.0.0.1",
+         "--adapter-local-roots", f"{FX}/adapters"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if call(f"{base}/health", timeout=5)[0] == 200:
+                    break
+            except Exception:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server did not become healthy (exit {proc.poll()}), see e2e-server-{dtype}.log")
+            time.sleep(0.5)
+        info = call(f"{base}/info")[1]
+        print(f"E2E {dtype}: /info {json.dumps(info)[:300]}", flush=True)
+        for adapter in [None, "lora-r8"]:
+            for p in [1, 2]:
+                params = {"max_new_tokens": N, "details": True, "ignore_eos_token": True}
+                if adapter:
+                    params["adapter_id"] = f"{FX}/adapters/{adapter}"
+                    params["adapter_source"] = "local"
+                status, out = call(f"{base}/generate", {"inputs": PROMPTS[p], "parameters": params})
+                ids = [t["id"] for t in out["details"]["tokens"]]
+                ref = (LORA[f"{adapter}.p{p}.greedy"] if adapter else BASE[f"p{p}.greedy"]).tolist()
+                same = 0
+                while same < min(len(ids), len(ref)) and ids[same] == ref[same]:
+                    same += 1
+                ok = dtype != "float32" or same == N
+                failures += 0 if ok else 1
+                print(f"E2E {dtype} {adapter or 'base'} p{p}: HTTP {status}, {same}/{N} greedy tokens equal the "
+                      f"reference{'' if ok else '  FAIL'}", flush=True)
+    except Exception as e:
+        failures += 1
+        print(f"E2E {dtype}: FAIL {e}", flush=True)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+sys.exit(1 if failures else 0)
