@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds, on a machine without CUDA, everything a GPU run needs, into one folder ignored by git
-# (default .gpu-bin/): the CUDA test binaries of lorax-engine (release, stripped; from the working
+# (default .gpu-bin/, as one bin.tgz): the CUDA test binaries of lorax-engine (release, stripped; from the working
 # tree) and the release launcher, shard and router (from the committed HEAD, in a temporary worktree,
 # so other people's uncommitted work in progress cannot break the build). The GPU machine has no Rust
 # toolchain; name the folder in the device tool's `carry` and run scripts/gpu/run.sh there.
@@ -37,4 +37,9 @@ cp "$CARGO_TARGET_DIR"/release/lorax-launcher "$CARGO_TARGET_DIR"/release/lorax-
     "$CARGO_TARGET_DIR"/release/lorax-router "$out/"
 strip "$out"/*
 ls -la "$out"
+# One gzip archive: the working tree and carried files travel within 64 MiB together.
+tar -C "$out" -czf "$out.tgz" .
+rm -rf "$out"
+mkdir -p "$out"
+mv "$out.tgz" "$out/bin.tgz"
 du -sh "$out"

@@ -46,7 +46,7 @@ for dtype in ["float32", "bfloat16"]:
     log = open(f"{LOGS}/e2e-server-{dtype}.log", "w")
     env = dict(os.environ, LORAX_DTYPE=dtype)
     proc = subprocess.Popen(
-        [f"{BIN}/lorax-launcher", "--device", "cuda", "--port", str(port), "--hostname", "127.0.0.1",
+        [f"{BIN}/lorax-launcher", "--device", os.environ.get("E2E_DEVICE", "cuda"), "--port", str(port), "--hostname", "127.0.0.1",
          "--adapter-local-roots", f"{FX}/adapters"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -61,7 +61,8 @@ for dtype in ["float32", "bfloat16"]:
                 raise RuntimeError(f"server did not become healthy (exit {proc.poll()}), see e2e-server-{dtype}.log")
             time.sleep(0.5)
         info = call(f"{base}/info")[1]
-        print(f"E2E {dtype}: /info {json.dumps(info)[:300]}", flush=True)
+        print(f"E2E {dtype}: /info device {info.get('model_device_type')!r}, dtype {info.get('model_dtype')!r}",
+              flush=True)
         for adapter in [None, "lora-r8"]:
             for p in [1, 2]:
                 params = {"max_new_tokens": N, "details": True, "ignore_eos_token": True}

@@ -12,6 +12,11 @@ logs=${1:?usage: scripts/gpu/run.sh LOG_DIR [BIN_DIR]}
 bin=${2:-.gpu-bin}
 cd "$(dirname "$0")/../.."
 mkdir -p "$logs"
+if [ -f "$bin/bin.tgz" ]; then
+    unpacked=$(mktemp -d)
+    tar -xzf "$bin/bin.tgz" -C "$unpacked"
+    bin=$unpacked
+fi
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export LORAX_FIXTURES=$PWD/tests/fixtures
 export LORAX_KERNEL_CACHE=${LORAX_KERNEL_CACHE:-/tmp/lorax-kernel-cache}
@@ -30,7 +35,7 @@ step() {
     local counts
     counts=$(grep -E "^test result:" "$logs/$name.log" | awk '{p+=$4; f+=$6; i+=$8} END {if (NR) printf "%d passed, %d failed, %d ignored", p, f, i}')
     local skipped
-    skipped=$(grep -c "^SKIPPED" "$logs/$name.log")
+    skipped=$(grep -c "SKIPPED" "$logs/$name.log")
     [ "$rc" -ne 0 ] && failed=1
     summary+=("$(printf '%-8s %-4s %4ss  %s%s' "$name" "$([ "$rc" -eq 0 ] && echo ok || echo FAIL)" "$((SECONDS - t0))" "${counts:-}" "$([ "$skipped" -gt 0 ] && echo ", $skipped SKIPPED")")")
 }
