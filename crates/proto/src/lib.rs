@@ -1,4 +1,5 @@
-//! Generated gRPC code. `shard::v1` is the internal router ↔ shard service (proto/lorax/shard/v1).
+//! Generated gRPC code. `shard::v1` is the internal router ↔ shard service (proto/lorax/shard/v1);
+//! `generate::v1` is the public API the router serves to clients (proto/lorax/generate/v1).
 
 /// The internal shard service.
 pub mod shard {
@@ -28,6 +29,15 @@ pub mod shard {
                 p.do_sample || p.temperature != 1.0 || p.top_k != 0 || p.top_p < 1.0 || p.typical_p < 1.0
             }
         }
+    }
+}
+
+/// The public client API (`LoraxService`: Generate, GenerateStream, Tokenize, Health, ListAdapters).
+pub mod generate {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        tonic::include_proto!("lorax.generate.v1");
     }
 }
 
