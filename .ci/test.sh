@@ -17,4 +17,24 @@ fi
 # The process tests start the real lorax-shard and lorax-router binaries next to the launcher.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
+
+# Real PyPI clients (lorax-client, text-generation, openai) against a launched server. The virtual
+# environment (target/pyenv, packages pinned in tests/requirements.txt) is made on first use.
+# pyenv.sh exits 3 when python3 has no venv module: those tests are then skipped, visibly; any other
+# failure (a package that cannot be installed) fails the run.
+py_status=0
+PY=$(bash scripts/ci/pyenv.sh) || py_status=$?
+if [ "$py_status" -eq 0 ]; then
+  scripts/ci/with_server.sh "$PY" -m pytest -q tests/clients
+  # The public gRPC API through grpcio, with stubs generated from proto/ by grpcio-tools at test time.
+  scripts/ci/with_server.sh "$PY" -m pytest -q tests/grpc
+elif [ "$py_status" -eq 3 ]; then
+  echo "SKIPPED: Python client tests (python3 with venv is not available)"
+else
+  exit "$py_status"
+fi
+# The OpenAPI document validates and matches the served routes; a real Prometheus server scrapes
+# /metrics. Each skips visibly when its tool (python3 venv, prometheus) is missing.
+bash tests/openapi/run.sh
+bash tests/prometheus/run.sh
 echo "GPU tests: SKIPPED (no CUDA backend in this build; nothing runs on a GPU yet)"

@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # Runs a command against a freshly launched server: starts target/debug/lorax-launcher (or $LAUNCHER) on
 # the embedded model with the fixture adapters under an allowed local root, waits for /health, exports
-# LORAX_URL (http://127.0.0.1:PORT) and LORAX_LOG (the server's log file), runs "$@", then stops the
-# server (SIGTERM) and returns the command's status. Extra launcher flags: $LAUNCHER_ARGS.
+# LORAX_URL (http://127.0.0.1:PORT), LORAX_GRPC_ADDR (127.0.0.1:PORT of the public gRPC API) and
+# LORAX_LOG (the server's log file), runs "$@", then stops the server (SIGTERM) and returns the
+# command's status. Extra launcher flags: $LAUNCHER_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 launcher=${LAUNCHER:-target/debug/lorax-launcher}
 [ -x "$launcher" ] || { echo "$launcher not built (cargo build --workspace --bins)" >&2; exit 1; }
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+grpc_port=$(free_port)
 export LORAX_URL="http://127.0.0.1:$port"
+export LORAX_GRPC_ADDR="127.0.0.1:$grpc_port"
 export LORAX_LOG="$work/server.log"
+# GRPC_PORT (the router's --grpc-port) reaches the router through the launcher's environment.
 # shellcheck disable=SC2086
-"$launcher" --port "$port" --hostname 127.0.0.1 --embedded-dir "$work" --shard-uds-dir "$work/uds" \
+GRPC_PORT="$grpc_port" "$launcher" --port "$port" --hostname 127.0.0.1 --embedded-dir "$work" --shard-uds-dir "$work/uds" \
   --adapter-local-roots "$PWD/tests/fixtures/adapters" --num-blocks 512 --max-input-length 256 \
   --max-total-tokens 512 --max-batch-prefill-tokens 1024 ${LAUNCHER_ARGS:-} >"$LORAX_LOG" 2>&1 &
 pid=$!

@@ -62,6 +62,68 @@ pub struct Args {
     /// LoRA adapter settings.
     #[command(flatten)]
     pub adapters: AdapterArgs,
+    /// Browser access (CORS) and trace export of the router.
+    #[command(flatten)]
+    pub router_http: RouterHttpArgs,
+}
+
+/// The router's CORS rules and OpenTelemetry trace export (LoRAX's flag names), forwarded unchanged.
+/// List flags take comma-separated values.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct RouterHttpArgs {
+    /// Origins allowed to call the API from a browser, or `*`. CORS is off (no CORS headers) without it.
+    #[arg(long, env = "CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
+    /// Methods allowed in cross-origin calls, or `*` (router default: GET, POST).
+    #[arg(long, env = "CORS_ALLOW_METHOD", value_delimiter = ',')]
+    pub cors_allow_method: Vec<String>,
+    /// Request headers allowed in cross-origin calls, or `*` (router default: content-type, authorization).
+    #[arg(long, env = "CORS_ALLOW_HEADER", value_delimiter = ',')]
+    pub cors_allow_header: Vec<String>,
+    /// Response headers a browser page may read (e.g. x-generated-tokens), or `*`.
+    #[arg(long, env = "CORS_EXPOSE_HEADER", value_delimiter = ',')]
+    pub cors_expose_header: Vec<String>,
+    /// Allow credentials in cross-origin calls (`--cors-allow-credentials` alone means true).
+    #[arg(long, env = "CORS_ALLOW_CREDENTIALS", action = clap::ArgAction::Set, num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub cors_allow_credentials: bool,
+    /// Seconds a browser may cache a preflight answer.
+    #[arg(long, env = "CORS_MAX_AGE")]
+    pub cors_max_age: Option<u64>,
+    /// OpenTelemetry collector receiving the router's traces over OTLP/gRPC, e.g. `http://127.0.0.1:4317`.
+    #[arg(long, env = "OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the router's traces.
+    #[arg(long, env = "OTLP_SERVICE_NAME", default_value = "lorax-router")]
+    pub otlp_service_name: String,
+}
+
+impl RouterHttpArgs {
+    fn to_flags(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for (flag, values) in [
+            ("cors-allow-origin", &self.cors_allow_origin),
+            ("cors-allow-method", &self.cors_allow_method),
+            ("cors-allow-header", &self.cors_allow_header),
+            ("cors-expose-header", &self.cors_expose_header),
+        ] {
+            if !values.is_empty() {
+                v.push(format!("--{flag}={}", values.join(",")));
+            }
+        }
+        if self.cors_allow_credentials {
+            v.push("--cors-allow-credentials=true".into());
+        }
+        if let Some(seconds) = self.cors_max_age {
+            v.push(format!("--cors-max-age={seconds}"));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            v.push(format!("--otlp-endpoint={endpoint}"));
+        }
+        v.push(format!("--otlp-service-name={}", self.otlp_service_name));
+        v
+    }
 }
 
 /// LoRA adapters: sources, how many are active, and the shards' caches.
@@ -212,5 +274,46 @@ fn main() -> std::process::ExitCode {
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn router_http_flags_are_forwarded() {
+        let args = Args::try_parse_from(["lorax-launcher"]).expect("defaults");
+        assert_eq!(args.router_http.to_flags(), ["--otlp-service-name=lorax-router"]);
+        let args = Args::try_parse_from([
+            "lorax-launcher",
+            "--cors-allow-origin",
+            "https://a.example,https://b.example",
+            "--cors-allow-method",
+            "GET",
+            "--cors-allow-header",
+            "content-type",
+            "--cors-expose-header",
+            "x-generated-tokens",
+            "--cors-allow-credentials",
+            "--cors-max-age",
+            "60",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+        ])
+        .expect("flags");
+        assert_eq!(
+            args.router_http.to_flags(),
+            [
+                "--cors-allow-origin=https://a.example,https://b.example",
+                "--cors-allow-method=GET",
+                "--cors-allow-header=content-type",
+                "--cors-expose-header=x-generated-tokens",
+                "--cors-allow-credentials=true",
+                "--cors-max-age=60",
+                "--otlp-endpoint=http://127.0.0.1:4317",
+                "--otlp-service-name=lorax-router",
+            ]
+        );
     }
 }

@@ -215,6 +215,7 @@ async fn start_and_watch(
     ];
     a.extend(args.limits.to_flags());
     a.extend(args.adapters.router_flags());
+    a.extend(args.router_http.to_flags());
     a.extend(json);
     procs.push(spawn("router", &sibling("lorax-router"), &a)?);
 

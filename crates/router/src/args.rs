@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args as ClapArgs, Parser};
 
 use crate::adapters::AdapterSource;
+use crate::auth::ApiKey;
 
 /// The router: HTTP API, validation, tokenization, queueing, continuous batching and KV block allocation
 /// in front of the shard processes.
@@ -28,6 +29,15 @@ pub struct Args {
     /// LoRA adapter scheduling.
     #[command(flatten)]
     pub adapters: AdapterArgs,
+    /// Cross-origin (CORS) rules for browser clients.
+    #[command(flatten)]
+    pub cors: CorsArgs,
+    /// Trace export.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// API keys guarding the routes.
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 /// HTTP server settings.
@@ -36,9 +46,13 @@ pub struct ServerArgs {
     /// TCP port of the HTTP server.
     #[arg(long, env, default_value_t = 3000)]
     pub port: u16,
-    /// Address the HTTP server binds to.
+    /// Address the HTTP server (and the gRPC server) binds to.
     #[arg(long, env, default_value = "0.0.0.0")]
     pub hostname: String,
+    /// TCP port of the public gRPC API (`lorax.generate.v1.LoraxService`), served next to HTTP on
+    /// `--hostname`. Unset: no gRPC server. 0: a free port, logged at startup.
+    #[arg(long, env)]
+    pub grpc_port: Option<u16>,
     /// Requests in flight (queued or generating) beyond this many are refused at once with 429.
     #[arg(long, env, default_value_t = 128)]
     pub max_concurrent_requests: usize,
@@ -133,6 +147,63 @@ pub struct AdapterArgs {
     pub default_adapter_source: AdapterSource,
 }
 
+/// Cross-origin resource sharing (LoRAX's flag names): which browser origins may call the API. Off
+/// unless `--cors-allow-origin` is given: the router then sends no CORS headers, so browsers refuse
+/// cross-origin calls (LoRAX allows every origin by default; `--cors-allow-origin '*'` does that here).
+/// List flags take comma-separated values and may be repeated.
+#[derive(ClapArgs, Debug, Clone, Default)]
+pub struct CorsArgs {
+    /// Origins allowed to call the API from a browser (`https://app.example.com`), or `*` for any.
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
+    /// Methods allowed in cross-origin calls, or `*` (default: GET, POST).
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_allow_method: Vec<String>,
+    /// Request headers allowed in cross-origin calls, or `*` (default: content-type, authorization).
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_allow_header: Vec<String>,
+    /// Response headers a browser page may read besides the CORS-safelisted ones (e.g. x-generated-tokens),
+    /// or `*` (default: none).
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_expose_header: Vec<String>,
+    /// Allow credentials (cookies, HTTP authentication) in cross-origin calls; `*` is then refused for
+    /// origins, methods and headers. `--cors-allow-credentials` alone means true.
+    #[arg(long, env, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub cors_allow_credentials: bool,
+    /// Seconds a browser may cache a preflight answer (`Access-Control-Max-Age`); absent: not sent.
+    #[arg(long, env)]
+    pub cors_max_age: Option<u64>,
+}
+
+/// Optional API keys. With at least one, every route except `/health`, `/metrics` and the API
+/// documentation (`/docs`, `/api-doc/openapi.json`) needs a key, sent as `Authorization: Bearer <key>` or
+/// `X-API-Key: <key>`; others get 401 (`unauthorized`). See docs/reliability.md.
+#[derive(ClapArgs, Debug, Clone, Default)]
+pub struct AuthArgs {
+    /// An API key clients must send. Prefer the `API_KEY` variable or `--api-key-file`: a command-line
+    /// value is visible to every local user in the process list.
+    #[arg(long, env, hide_env_values = true)]
+    pub api_key: Option<ApiKey>,
+    /// A file of API keys, one per line (blank lines and lines starting with `#` are skipped); any of
+    /// them is accepted (key rotation). Combined with `--api-key`.
+    #[arg(long, env)]
+    pub api_key_file: Option<PathBuf>,
+}
+
+/// Trace export. Logs always go to stderr (`--json-output` for JSON lines, `RUST_LOG` filters them); with
+/// `--otlp-endpoint` the same spans are also exported as OpenTelemetry traces.
+#[derive(ClapArgs, Debug, Clone)]
+pub struct TelemetryArgs {
+    /// OpenTelemetry collector receiving traces over OTLP/gRPC, e.g. `http://127.0.0.1:4317`. No export
+    /// when absent. Incoming W3C `traceparent` headers make the request's spans part of the caller's trace.
+    #[arg(long, env)]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported traces.
+    #[arg(long, env, default_value = "lorax-router")]
+    pub otlp_service_name: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +227,8 @@ mod tests {
         let args = parse(&[]).expect("parse");
         assert_eq!(args.server.port, 3000);
         assert_eq!(args.server.hostname, "0.0.0.0");
+        assert_eq!(args.server.grpc_port, None, "gRPC is off unless asked for");
+        assert_eq!(parse(&["--grpc-port", "50051"]).expect("parse").server.grpc_port, Some(50051));
         assert_eq!(args.server.max_concurrent_requests, 128);
         assert_eq!(args.server.max_client_batch_size, 4);
         assert_eq!(args.server.body_limit_bytes, 2 * 1024 * 1024);
@@ -173,6 +246,62 @@ mod tests {
         assert!(args.adapters.preloaded_adapter_ids.is_empty());
         assert_eq!(args.adapters.preloaded_adapter_source, None);
         assert_eq!(args.adapters.default_adapter_source, AdapterSource::Hub);
+        assert!(args.cors.cors_allow_origin.is_empty());
+        assert!(!args.cors.cors_allow_credentials);
+        assert_eq!(args.cors.cors_max_age, None);
+        assert_eq!(args.telemetry.otlp_endpoint, None);
+        assert_eq!(args.telemetry.otlp_service_name, "lorax-router");
+        assert_eq!(args.auth.api_key, None, "no key needed unless one is given");
+        assert_eq!(args.auth.api_key_file, None);
+    }
+
+    #[test]
+    fn api_key_flags() {
+        let args = parse(&["--api-key", "k-1", "--api-key-file", "/etc/lorax/keys"]).expect("parse");
+        assert_eq!(args.auth.api_key, Some("k-1".parse().expect("key")));
+        assert_eq!(args.auth.api_key_file, Some(PathBuf::from("/etc/lorax/keys")));
+        assert!(!format!("{args:?}").contains("k-1"), "the key is redacted in Debug");
+        assert!(parse(&["--api-key", "two words"]).is_err());
+    }
+
+    #[test]
+    fn cors_and_telemetry_flags() {
+        let args = parse(&[
+            "--cors-allow-origin",
+            "https://a.example,https://b.example",
+            "--cors-allow-origin",
+            "https://c.example",
+            "--cors-allow-method",
+            "GET,POST,OPTIONS",
+            "--cors-allow-header",
+            "content-type",
+            "--cors-expose-header",
+            "x-generated-tokens",
+            "--cors-allow-credentials",
+            "--cors-max-age",
+            "600",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--otlp-service-name",
+            "svc",
+        ])
+        .expect("parse");
+        assert_eq!(
+            args.cors.cors_allow_origin,
+            ["https://a.example", "https://b.example", "https://c.example"]
+        );
+        assert_eq!(args.cors.cors_allow_method, ["GET", "POST", "OPTIONS"]);
+        assert_eq!(args.cors.cors_allow_header, ["content-type"]);
+        assert_eq!(args.cors.cors_expose_header, ["x-generated-tokens"]);
+        assert!(args.cors.cors_allow_credentials, "the bare flag means true");
+        assert_eq!(args.cors.cors_max_age, Some(600));
+        assert_eq!(args.telemetry.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(args.telemetry.otlp_service_name, "svc");
+        // LoRAX's form with an explicit value.
+        let args = parse(&["--cors-allow-credentials", "false"]).expect("parse");
+        assert!(!args.cors.cors_allow_credentials);
+        let args = parse(&["--cors-allow-credentials=true"]).expect("parse");
+        assert!(args.cors.cors_allow_credentials);
     }
 
     #[test]

@@ -35,6 +35,12 @@ pub const GENERATION: &str = "generation";
 pub const UNHEALTHY: &str = "unhealthy";
 /// `error_type` of a generation that ended without its final token (500).
 pub const INCOMPLETE_GENERATION: &str = "incomplete_generation";
+/// `error_type` of a request without a valid API key, when `--api-key` is set (401).
+pub const UNAUTHORIZED: &str = "unauthorized";
+/// `error_type` of a path the router does not serve (404).
+pub const NOT_FOUND: &str = "not_found";
+/// `error_type` of a method a route does not take, e.g. `GET /generate` (405).
+pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
 /// `error_type` of a request whose adapter does not exist (404).
 pub const ADAPTER_NOT_FOUND: &str = "adapter_not_found";
 /// `error_type` of a request whose adapter may not be fetched: token refused, path not allowed (403).
@@ -57,7 +63,8 @@ pub fn adapter_status(kind: AdapterFailure) -> (StatusCode, &'static str) {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
+    /// An error with its status, `error_type` and message.
+    pub fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),

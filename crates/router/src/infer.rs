@@ -157,7 +157,13 @@ impl Infer {
 
     /// Queues `request` and waits for the whole generation.
     pub async fn generate(&self, request: ValidRequest) -> Result<InferResponse, InferError> {
-        let mut stream = self.generate_stream(request)?;
+        collect(self.generate_stream(request)?).await
+    }
+}
+
+/// Collects a whole generation from a response stream.
+pub async fn collect(mut stream: ResponseReceiver) -> Result<InferResponse, InferError> {
+    {
         let mut prefill = Vec::new();
         let mut tokens = Vec::new();
         while let Some(message) = stream.recv().await {

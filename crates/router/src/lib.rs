@@ -1,26 +1,36 @@
 //! The LoRAX router: the HTTP front of a deployment. It validates and tokenizes requests, queues them,
 //! runs the continuous-batching loop against the shard processes over gRPC (Unix sockets), allocates
-//! KV-cache blocks, detokenizes incrementally, applies stop sequences, and serves LoRAX's REST API and
-//! Prometheus metrics. No GPU code lives here.
+//! KV-cache blocks, detokenizes incrementally, applies stop sequences, and serves LoRAX's REST API,
+//! Prometheus metrics and the public gRPC API. No GPU code lives here.
 //!
 //! Modules by concern: [`args`] (CLI), [`client`] (shard gRPC), [`validation`] and [`schema`] (requests),
 //! [`infer`] (handle + queue entries), [`scheduler`] (the batching task), [`policy`] (batching rules),
 //! [`adapters`] (adapter states, queues and shard calls), [`blocks`] (KV blocks), [`detokenize`],
-//! [`stopping`], [`server`] (routes), [`errors`] (HTTP mapping), [`metrics`].
+//! [`stopping`], [`server`] (routes), [`errors`] (HTTP mapping), [`grpc`] (the public gRPC service),
+//! [`metrics`] and [`metrics_json`] (`/metrics?format=json`), [`api_doc`] (OpenAPI document, Swagger UI,
+//! the route table), [`cors`], [`telemetry`] (logs, OpenTelemetry traces), [`auth`] (optional API keys).
 
 pub mod adapters;
+pub mod api_doc;
 pub mod args;
+pub mod auth;
 pub mod blocks;
+pub mod chat;
 pub mod client;
+pub mod cors;
 pub mod detokenize;
 pub mod errors;
+pub mod grpc;
 pub mod infer;
 pub mod metrics;
+pub mod metrics_json;
+pub mod openai;
 pub mod policy;
 pub mod scheduler;
 pub mod schema;
 pub mod server;
 pub mod stopping;
+pub mod telemetry;
 pub mod validation;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +38,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use args::Args;
+
+/// This router's version (`/info`, OpenAI `system_fingerprint`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 use tokenizers::Tokenizer;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -66,16 +79,63 @@ pub enum RouterError {
     /// Binding or serving the HTTP port failed.
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
+    /// Serving the gRPC port failed.
+    #[error("grpc server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
 }
 
-/// Binds `--hostname:--port`, builds the application and serves until SIGINT or SIGTERM.
+/// The router's two front ends over one shared state (one batching task, one validation, one set of
+/// metrics), not yet bound to ports.
+pub struct App {
+    /// The REST API, `/health`, `/info` and `/metrics`.
+    pub http: axum::Router,
+    /// The public gRPC API (`lorax.generate.v1.LoraxService`).
+    pub grpc: lorax_proto::generate::v1::lorax_service_server::LoraxServiceServer<grpc::GrpcService>,
+}
+
+/// Binds `--hostname:--port` (and `--grpc-port` when given), builds the application and serves until
+/// SIGINT or SIGTERM; both servers then finish their calls in flight.
 pub async fn run(args: Args) -> Result<(), RouterError> {
-    let app = build_app(&args).await?;
-    let listener = TcpListener::bind((args.server.hostname.as_str(), args.server.port)).await?;
+    let app = build(&args).await?;
+    let hostname = args.server.hostname.as_str();
+    let listener = TcpListener::bind((hostname, args.server.port)).await?;
+    let grpc_listener = match args.server.grpc_port {
+        Some(port) => Some(TcpListener::bind((hostname, port)).await?),
+        None => None,
+    };
+    // Dropping the sender (on a signal) tells both servers to stop.
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        drop(stop);
+    });
+    let on_stop = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            // Err: the sender is gone, which is the signal (nothing is ever sent).
+            let _ = stopped.changed().await;
+        }
+    };
     tracing::info!(address = %listener.local_addr()?, "router ready");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let http = async {
+        axum::serve(listener, app.http)
+            .with_graceful_shutdown(on_stop())
+            .await
+            .map_err(RouterError::from)
+    };
+    match grpc_listener {
+        Some(grpc_listener) => {
+            tracing::info!(address = %grpc_listener.local_addr()?, "grpc ready");
+            let grpc = async {
+                grpc::serve(app.grpc, grpc_listener, on_stop())
+                    .await
+                    .map_err(RouterError::from)
+            };
+            // Either server failing stops the router (the launcher then stops the deployment).
+            tokio::try_join!(http, grpc)?;
+        }
+        None => http.await?,
+    }
     Ok(())
 }
 
@@ -128,9 +188,14 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, RouterError> {
     Ok(tokenizer)
 }
 
-/// Connects to the shards, checks the configuration against them, warms them up, starts the batching
-/// task and returns the HTTP application (not yet bound to a port).
+/// [`build`]'s HTTP application alone.
 pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
+    Ok(build(args).await?.http)
+}
+
+/// Connects to the shards, checks the configuration against them, warms them up, starts the batching
+/// task and returns the HTTP and gRPC applications (not yet bound to ports).
+pub async fn build(args: &Args) -> Result<App, RouterError> {
     let limits = &args.limits;
     let batching = &args.batching;
     if limits.max_input_length >= limits.max_total_tokens {
@@ -156,6 +221,14 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
     let adapter_cycle_time = Duration::try_from_secs_f64(args.adapters.adapter_cycle_time_s)
         .map_err(|_| RouterError::Config("--adapter-cycle-time-s must be a finite number >= 0".into()))?;
     let preloaded = preloaded_adapters(&args.adapters)?;
+    let cors = cors::layer(&args.cors).map_err(RouterError::Config)?;
+    let api_keys = auth::ApiKeys::from_flags(args.auth.api_key.as_ref(), args.auth.api_key_file.as_deref())
+        .map_err(RouterError::Config)?;
+    if api_keys.is_some() && args.server.grpc_port.is_some() {
+        return Err(RouterError::Config(
+            "--api-key/--api-key-file do not guard the gRPC API yet: leave --grpc-port unset".into(),
+        ));
+    }
 
     let tokenizer = Arc::new(load_tokenizer(&args.model.tokenizer_path)?);
     let clients = ShardClients::connect(&args.model.master_shard_uds_path).await?;
@@ -215,6 +288,13 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
         waiting_served_ratio: batching.waiting_served_ratio,
         block_size: shard.block_size,
     };
+    let catalog = adapters::catalog::AdapterCatalog::default();
+    let chat_template = chat::ChatTemplate::from_dir(&args.model.tokenizer_path).map_err(|e| {
+        RouterError::Config(format!("the model's chat template cannot be used: {e}"))
+    })?;
+    if chat_template.is_none() {
+        tracing::info!("the model has no chat template: /v1/chat/completions will answer 422");
+    }
     let scheduler = Scheduler::new(
         clients.clone(),
         TokenDecoder::new(Arc::clone(&tokenizer)),
@@ -225,6 +305,7 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
             max_active_adapters: args.adapters.max_active_adapters,
             adapter_cycle_time,
             preloaded_adapters: preloaded,
+            catalog: catalog.clone(),
         },
         entries_rx,
     );
@@ -260,6 +341,8 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
         request_logger_url: None,
     };
     let state = server::AppState {
+        catalog,
+        chat_template,
         infer: Infer::new(entries_tx, args.server.max_concurrent_requests),
         validation: Validation::new(
             tokenizer,
@@ -277,7 +360,19 @@ pub async fn build_app(args: &Args) -> Result<axum::Router, RouterError> {
         info: Arc::new(info),
         metrics,
     };
-    Ok(server::router(state, args.server.body_limit_bytes))
+    let mut http = server::router(state.clone(), args.server.body_limit_bytes);
+    if let Some(keys) = api_keys {
+        tracing::info!(keys = keys.len(), "API keys required (except /health, /metrics, /docs)");
+        // Inside CORS, so browsers' preflight requests (which carry no key) are answered.
+        http = http.layer(axum::middleware::from_fn_with_state(keys, auth::guard));
+    }
+    Ok(App {
+        grpc: grpc::service(state, args.server.body_limit_bytes),
+        http: match cors {
+            Some(cors) => http.layer(cors),
+            None => http,
+        },
+    })
 }
 
 /// The adapters of `--preloaded-adapter-ids` (blank entries and repeats left out), checked against

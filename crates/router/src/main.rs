@@ -1,25 +1,27 @@
-//! `lorax-router`: parses the flags, sets up logging (`--json-output` for JSON lines; `RUST_LOG` filters,
-//! default `info`) and runs the router until SIGINT/SIGTERM.
+//! `lorax-router`: parses the flags, sets up logging and trace export ([`lorax_router::telemetry`]:
+//! `--json-output` for JSON lines, `RUST_LOG` filters (default `info`), `--otlp-endpoint` exports traces)
+//! and runs the router until SIGINT/SIGTERM.
 
 use clap::Parser;
 use lorax_router::Args;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if args.server.json_output {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
-    match lorax_router::run(args).await {
+    let telemetry = match lorax_router::telemetry::init(args.server.json_output, &args.telemetry) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("lorax-router: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = match lorax_router::run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

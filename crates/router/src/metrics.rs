@@ -1,6 +1,7 @@
-//! Prometheus metrics: the names (LoRAX's, plus `lorax_adapter_*` and `lorax_active_adapters`), their
-//! descriptions and histogram buckets, and the one process-wide recorder whose [`PrometheusHandle`]
-//! renders `GET /metrics`.
+//! Prometheus metrics: the names (LoRAX's, plus `lorax_adapter_*`, `lorax_active_adapters`,
+//! `lorax_kv_blocks_*`, `lorax_batch_forward_duration` and `lorax_batch_decode_size`), their descriptions
+//! and histogram buckets, and the one process-wide recorder whose [`PrometheusHandle`] renders
+//! `GET /metrics` (and, through [`crate::metrics_json`], `GET /metrics?format=json`).
 
 use std::sync::OnceLock;
 
@@ -14,6 +15,8 @@ pub const REQUEST_SUCCESS: &str = "lorax_request_success";
 pub const REQUEST_FAILURE: &str = "lorax_request_failure";
 /// End-to-end request duration in seconds (histogram).
 pub const REQUEST_DURATION: &str = "lorax_request_duration";
+/// Time from arrival until the request is validated and tokenized, seconds (histogram).
+pub const REQUEST_VALIDATION_DURATION: &str = "lorax_request_validation_duration";
 /// Time from enqueue to admission into the batch, seconds (histogram).
 pub const REQUEST_QUEUE_DURATION: &str = "lorax_request_queue_duration";
 /// Time from admission to the last token, seconds (histogram).
@@ -28,10 +31,17 @@ pub const REQUEST_GENERATED_TOKENS: &str = "lorax_request_generated_tokens";
 pub const REQUEST_MAX_NEW_TOKENS: &str = "lorax_request_max_new_tokens";
 /// Shard forward time per call, seconds (histogram, label `method` = prefill|decode).
 pub const BATCH_FORWARD_DURATION: &str = "lorax_batch_forward_duration";
+/// A shard call and the handling of its answer (tokens sent, finished requests retired), seconds
+/// (histogram, label `method` = prefill|decode).
+pub const BATCH_INFERENCE_DURATION: &str = "lorax_batch_inference_duration";
+/// Requests prefilled by each Prefill call (histogram).
+pub const BATCH_NEXT_SIZE: &str = "lorax_batch_next_size";
 /// Sequences advanced by each decode step (how many requests share a step).
 pub const BATCH_DECODE_SIZE: &str = "lorax_batch_decode_size";
 /// Shard calls made (counter, label `method`).
 pub const BATCH_INFERENCE_COUNT: &str = "lorax_batch_inference_count";
+/// Shard calls that succeeded (counter, label `method`).
+pub const BATCH_INFERENCE_SUCCESS: &str = "lorax_batch_inference_success";
 /// Shard calls that failed (counter, label `method`).
 pub const BATCH_INFERENCE_FAILURE: &str = "lorax_batch_inference_failure";
 /// Requests waiting for admission (gauge).
@@ -67,36 +77,32 @@ pub fn install(max_total_tokens: u32) -> PrometheusHandle {
     HANDLE.get_or_init(|| build(max_total_tokens)).clone()
 }
 
-fn build(max_total_tokens: u32) -> PrometheusHandle {
-    let durations = [
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-    ];
-    let mut tokens = Vec::new();
+/// Buckets of per-step durations (shard calls, time per token, validation): 100 µs to 10 s.
+const STEP_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets of per-request durations (end to end, queue, inference, adapter loads): 5 ms to 5 min.
+const REQUEST_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Powers of two up to `max`, then `max` itself: buckets of token and sequence counts.
+fn count_buckets(max: u32) -> Vec<f64> {
+    let max = f64::from(max.max(2));
+    let mut buckets = Vec::new();
     let mut t = 1.0_f64;
-    while t < f64::from(max_total_tokens.max(2)) {
-        tokens.push(t);
+    while t < max {
+        buckets.push(t);
         t *= 2.0;
     }
-    tokens.push(f64::from(max_total_tokens.max(2)));
+    buckets.push(max);
+    buckets
+}
 
+fn build(max_total_tokens: u32) -> PrometheusHandle {
     let mut builder = PrometheusBuilder::new();
-    for name in [
-        REQUEST_DURATION,
-        REQUEST_QUEUE_DURATION,
-        REQUEST_INFERENCE_DURATION,
-        REQUEST_MEAN_TIME_PER_TOKEN,
-        BATCH_FORWARD_DURATION,
-        ADAPTER_LOAD_DURATION,
-    ] {
-        builder = set_buckets(builder, name, &durations);
-    }
-    for name in [
-        REQUEST_INPUT_LENGTH,
-        REQUEST_GENERATED_TOKENS,
-        REQUEST_MAX_NEW_TOKENS,
-        BATCH_DECODE_SIZE,
-    ] {
-        builder = set_buckets(builder, name, &tokens);
+    for (name, buckets) in histogram_buckets(max_total_tokens) {
+        builder = set_buckets(builder, name, &buckets);
     }
     let recorder = builder.build_recorder();
     let handle = recorder.handle();
@@ -105,6 +111,38 @@ fn build(max_total_tokens: u32) -> PrometheusHandle {
     }
     describe();
     handle
+}
+
+/// Every histogram with its buckets (a histogram missing here would be rendered as a summary).
+fn histogram_buckets(max_total_tokens: u32) -> Vec<(&'static str, Vec<f64>)> {
+    let tokens = count_buckets(max_total_tokens);
+    let mut all: Vec<(&'static str, Vec<f64>)> = Vec::new();
+    for name in [
+        REQUEST_VALIDATION_DURATION,
+        REQUEST_MEAN_TIME_PER_TOKEN,
+        BATCH_FORWARD_DURATION,
+        BATCH_INFERENCE_DURATION,
+    ] {
+        all.push((name, STEP_BUCKETS.to_vec()));
+    }
+    for name in [
+        REQUEST_DURATION,
+        REQUEST_QUEUE_DURATION,
+        REQUEST_INFERENCE_DURATION,
+        ADAPTER_LOAD_DURATION,
+    ] {
+        all.push((name, REQUEST_BUCKETS.to_vec()));
+    }
+    for name in [
+        REQUEST_INPUT_LENGTH,
+        REQUEST_GENERATED_TOKENS,
+        REQUEST_MAX_NEW_TOKENS,
+        BATCH_DECODE_SIZE,
+        BATCH_NEXT_SIZE,
+    ] {
+        all.push((name, tokens.clone()));
+    }
+    all
 }
 
 fn set_buckets(builder: PrometheusBuilder, name: &str, buckets: &[f64]) -> PrometheusBuilder {
@@ -120,6 +158,11 @@ fn describe() {
     describe_counter!(REQUEST_SUCCESS, "Requests answered successfully");
     describe_counter!(REQUEST_FAILURE, "Requests failed, by error_type");
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "End-to-end request duration");
+    describe_histogram!(
+        REQUEST_VALIDATION_DURATION,
+        Unit::Seconds,
+        "Time until the request was validated and tokenized"
+    );
     describe_histogram!(REQUEST_QUEUE_DURATION, Unit::Seconds, "Time spent queued");
     describe_histogram!(REQUEST_INFERENCE_DURATION, Unit::Seconds, "Time spent in the batch");
     describe_histogram!(
@@ -132,7 +175,14 @@ fn describe() {
     describe_histogram!(REQUEST_MAX_NEW_TOKENS, Unit::Count, "max_new_tokens per request");
     describe_histogram!(BATCH_FORWARD_DURATION, Unit::Seconds, "Shard forward time per call");
     describe_histogram!(BATCH_DECODE_SIZE, Unit::Count, "Sequences advanced per decode step");
+    describe_histogram!(
+        BATCH_INFERENCE_DURATION,
+        Unit::Seconds,
+        "Shard call and handling of its answer"
+    );
+    describe_histogram!(BATCH_NEXT_SIZE, Unit::Count, "Requests prefilled per Prefill call");
     describe_counter!(BATCH_INFERENCE_COUNT, "Shard calls");
+    describe_counter!(BATCH_INFERENCE_SUCCESS, "Successful shard calls");
     describe_counter!(BATCH_INFERENCE_FAILURE, "Failed shard calls");
     describe_gauge!(QUEUE_SIZE, "Requests waiting for admission");
     describe_gauge!(BATCH_CURRENT_SIZE, "Requests in the running batch");
@@ -151,4 +201,24 @@ fn describe() {
         "Adapter downloads or loads that failed, by error_type"
     );
     describe_gauge!(ACTIVE_ADAPTERS, "Adapters loaded on the shards");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_sorted_and_cover_the_limits() {
+        assert_eq!(count_buckets(100), [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0]);
+        assert_eq!(count_buckets(64), [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        assert_eq!(count_buckets(0), [1.0, 2.0]);
+        let all = histogram_buckets(2048);
+        for (name, buckets) in &all {
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]), "{name}: {buckets:?}");
+        }
+        let mut names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len(), "a histogram is listed twice");
+    }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use lorax_proto::shard::v1::{Generation, Request, Token};
 use tokio::sync::mpsc;
 
+use crate::adapters::catalog::AdapterCatalog;
 use crate::adapters::registry::{AdapterLease, Registry};
 use crate::adapters::tasks::{log_download, AdapterEvent, AdapterTasks};
 use crate::adapters::{metric_label, AdapterKey};
@@ -56,6 +57,8 @@ pub struct SchedulerConfig {
     pub adapter_cycle_time: Duration,
     /// Adapters already loaded on every shard (`--preloaded-adapter-ids`).
     pub preloaded_adapters: Vec<AdapterKey>,
+    /// Where the known adapters are published for readers (`/v1/models`, gRPC `ListAdapters`).
+    pub catalog: AdapterCatalog,
 }
 
 /// The batching task's state.
@@ -68,6 +71,7 @@ pub struct Scheduler {
     /// False once every [`crate::infer::Infer`] handle is gone.
     entries_open: bool,
     queues: Registry<Entry>,
+    catalog: AdapterCatalog,
     adapter_tasks: AdapterTasks,
     adapter_events: mpsc::UnboundedReceiver<AdapterEvent>,
     running: BTreeMap<u64, Running>,
@@ -98,6 +102,7 @@ impl Scheduler {
             entries,
             entries_open: true,
             queues,
+            catalog: config.catalog,
             adapter_tasks,
             adapter_events,
             running: BTreeMap::new(),
@@ -208,6 +213,7 @@ impl Scheduler {
         self.allocator.reclaim();
         metrics::gauge!(m::QUEUE_SIZE).set(self.queues.queued() as f64);
         metrics::gauge!(m::ACTIVE_ADAPTERS).set(self.queues.active() as f64);
+        self.catalog.refresh(self.queues.list());
         metrics::gauge!(m::BATCH_CURRENT_SIZE).set(self.running.len() as f64);
         let reserved: u64 = self
             .running
@@ -298,6 +304,7 @@ impl Scheduler {
         tracing::debug!(new = requests.len(), running = self.running.len(), "prefill");
         self.publish();
         metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => "prefill").increment(1);
+        metrics::histogram!(m::BATCH_NEXT_SIZE).record(requests.len() as f64);
         let started = Instant::now();
         let expected: Vec<u64> = requests.iter().map(|r| r.id).collect();
         match self.clients.prefill(requests).await {
@@ -306,6 +313,9 @@ impl Scheduler {
                     .record(started.elapsed().as_secs_f64());
                 self.steps_since_prefill = 0;
                 self.handle(response.generations, true, &expected).await;
+                metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => "prefill")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => "prefill").increment(1);
             }
             Err(e) => {
                 metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => "prefill").increment(1);
@@ -335,6 +345,9 @@ impl Scheduler {
                     .record(started.elapsed().as_secs_f64());
                 self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
                 self.handle(response.generations, false, &expected).await;
+                metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => "decode")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => "decode").increment(1);
             }
             Err(e) => {
                 metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => "decode").increment(1);

@@ -3,12 +3,13 @@
 //! chat templates) are accepted by the schema and refused by validation with a clear message.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::stopping::FinishReason;
 
 /// Generation parameters (`"parameters"` of a generate request). Every field is optional; `null`
 /// means absent.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateParameters {
     /// LoRA adapter to apply: a hub repo id or a local path; empty or absent for the base model.
@@ -19,6 +20,7 @@ pub struct GenerateParameters {
     pub merged_adapters: Option<serde_json::Value>,
     /// Token for private hub adapters (else the `Authorization: Bearer` header's); its Debug form is
     /// redacted, so it is never logged.
+    #[schema(value_type = Option<String>, format = Password)]
     pub api_token: Option<Secret>,
     /// Sequences to sample and pick the best of; only 1 is supported.
     pub best_of: Option<i64>,
@@ -69,10 +71,11 @@ pub struct GenerateParameters {
 }
 
 /// Body of `POST /generate` and `POST /generate_stream`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     /// The prompt.
+    #[schema(example = "What is Deep Learning?")]
     pub inputs: String,
     /// Generation parameters.
     #[serde(default)]
@@ -80,10 +83,11 @@ pub struct GenerateRequest {
 }
 
 /// Body of `POST /`: a generate request with a `stream` switch.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompatGenerateRequest {
     /// The prompt.
+    #[schema(example = "What is Deep Learning?")]
     pub inputs: String,
     /// Generation parameters.
     #[serde(default)]
@@ -103,7 +107,7 @@ impl From<CompatGenerateRequest> for GenerateRequest {
 }
 
 /// Body of `POST /tokenize`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeRequest {
     /// Text to tokenize.
@@ -117,7 +121,7 @@ pub struct TokenizeRequest {
 }
 
 /// One token of `POST /tokenize`'s answer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct SimpleToken {
     /// Token id.
     pub id: u32,
@@ -130,7 +134,7 @@ pub struct SimpleToken {
 }
 
 /// A prompt token (`details.prefill`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PrefillToken {
     /// Token id.
     pub id: u32,
@@ -141,7 +145,7 @@ pub struct PrefillToken {
 }
 
 /// An alternative to a generated token.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AlternativeToken {
     /// Token id.
     pub id: u32,
@@ -152,7 +156,7 @@ pub struct AlternativeToken {
 }
 
 /// A generated token.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Token {
     /// Token id.
     pub id: u32,
@@ -170,7 +174,7 @@ pub struct Token {
 }
 
 /// `details` of a non-streamed answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Details {
     /// Why generation stopped.
     pub finish_reason: FinishReason,
@@ -188,10 +192,14 @@ pub struct Details {
     pub prefill: Vec<PrefillToken>,
     /// Generated tokens.
     pub tokens: Vec<Token>,
+    /// TGI's form of the alternatives: per generated token, its most likely alternatives (when
+    /// `return_k_alternatives`/`top_n_tokens` was set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_tokens: Option<Vec<Vec<Token>>>,
 }
 
 /// Answer of `POST /generate`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct GenerateResponse {
     /// The generated text (prompt first with `return_full_text`).
     pub generated_text: String,
@@ -201,7 +209,7 @@ pub struct GenerateResponse {
 }
 
 /// `details` of the last streamed event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct StreamDetails {
     /// Why generation stopped.
     pub finish_reason: FinishReason,
@@ -216,7 +224,7 @@ pub struct StreamDetails {
 }
 
 /// One server-sent event of `POST /generate_stream`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct StreamResponse {
     /// The token of this event.
     pub token: Token,
@@ -224,10 +232,13 @@ pub struct StreamResponse {
     pub generated_text: Option<String>,
     /// Details, on the last event only.
     pub details: Option<StreamDetails>,
+    /// TGI's form of this token's alternatives (when requested).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_tokens: Option<Vec<Token>>,
 }
 
 /// Body of every error answer (and of a streamed error event).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ErrorResponse {
     /// Human-readable message.
     pub error: String,
@@ -236,7 +247,7 @@ pub struct ErrorResponse {
 }
 
 /// Answer of `GET /info`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Info {
     /// Model id as given to the launcher.
     pub model_id: String,

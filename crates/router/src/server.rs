@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::Stream;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -22,13 +21,14 @@ use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::adapters::AdapterKey;
+use crate::api_doc::{self, BodyErrors, GenerateErrors, Routes};
 use crate::client::ShardClients;
 use crate::errors::ApiError;
 use crate::infer::{GeneratedText, Infer, InferError, InferStreamResponse, ResponseReceiver, TokenInfo};
 use crate::metrics as m;
 use crate::schema::{
-    AlternativeToken, CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, Info, PrefillToken, Secret,
-    SimpleToken, StreamDetails, StreamResponse, Token, TokenizeRequest,
+    AlternativeToken, CompatGenerateRequest, Details, ErrorResponse, GenerateRequest, GenerateResponse, Info,
+    PrefillToken, Secret, SimpleToken, StreamDetails, StreamResponse, Token, TokenizeRequest,
 };
 use crate::validation::{ValidRequest, Validation};
 
@@ -45,20 +45,68 @@ pub struct AppState {
     pub info: Arc<Info>,
     /// Renders /metrics.
     pub metrics: PrometheusHandle,
+    /// The model's chat template, if its tokenizer_config.json has one.
+    pub chat_template: Option<crate::chat::ChatTemplate>,
+    /// The adapters the router knows (refreshed by the batching task).
+    pub catalog: crate::adapters::catalog::AdapterCatalog,
 }
 
-/// The application: every route, with request bodies limited to `body_limit_bytes`.
+impl AppState {
+    /// Ids of the adapters the router knows, as OpenAI model names.
+    pub fn known_adapters(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.catalog.snapshot().into_iter().map(|a| a.key.id).collect();
+        ids.dedup();
+        ids
+    }
+}
+
+/// Every route the application serves. Register routes here only: `api_doc`'s test holds the OpenAPI
+/// document (the handlers' `#[utoipa::path]` attributes) to this list.
+pub fn routes() -> Routes<AppState> {
+    Routes::default()
+        .post("/", compat_generate)
+        .post("/generate", generate)
+        .post("/generate_stream", generate_stream)
+        .get("/health", health)
+        .get("/info", info)
+        .post("/tokenize", tokenize)
+        .get("/metrics", render_metrics)
+        .post("/v1/completions", crate::openai::completions)
+        .post("/v1/chat/completions", crate::openai::chat_completions)
+        .get("/v1/models", crate::openai::models)
+        .get("/api-doc/openapi.json", api_doc::openapi_json)
+        .get("/docs", api_doc::swagger_ui)
+        .get("/docs/{file}", api_doc::swagger_asset)
+}
+
+/// The application: [`routes`], each request in an `http_request` span ([`crate::telemetry::http_span`]),
+/// request bodies limited to `body_limit_bytes`.
 pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
-    Router::new()
-        .route("/", post(compat_generate))
-        .route("/generate", post(generate))
-        .route("/generate_stream", post(generate_stream))
-        .route("/health", get(health))
-        .route("/info", get(info))
-        .route("/tokenize", post(tokenize))
-        .route("/metrics", get(render_metrics))
+    routes()
+        .into_router()
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit_bytes))
+        .layer(axum::middleware::from_fn(crate::telemetry::http_span))
         .with_state(state)
+}
+
+/// Any path the router does not serve: 404 `not_found`, in the API's error shape.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        crate::errors::NOT_FOUND,
+        format!("no route {}", uri.path().chars().take(128).collect::<String>()),
+    )
+}
+
+/// A served path with a method it does not take: 405 `method_not_allowed`.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        crate::errors::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 /// `Json<T>` whose rejections (bad JSON, wrong shape, wrong content type, too large) are [`ApiError`]s.
@@ -97,7 +145,8 @@ fn with_bearer_token(mut request: GenerateRequest, headers: &HeaderMap) -> Gener
     request
 }
 
-fn bearer_token(headers: &HeaderMap) -> Option<Secret> {
+/// The token of an `Authorization: Bearer <token>` header.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<Secret> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();
@@ -105,6 +154,16 @@ fn bearer_token(headers: &HeaderMap) -> Option<Secret> {
 }
 
 /// `POST /generate`: the whole generation as one JSON object.
+#[utoipa::path(
+    post,
+    path = "/generate",
+    tag = "LoRAX",
+    request_body = GenerateRequest,
+    responses(
+        (status = 200, description = "The generation", body = GenerateResponse),
+        GenerateErrors
+    )
+)]
 #[tracing::instrument(skip_all)]
 async fn generate(
     State(state): State<AppState>,
@@ -124,6 +183,7 @@ async fn generate_inner(
     let _permit = state.infer.acquire()?;
     let valid = state.validation.validate(request, false).await?;
     let validation_time = start.elapsed();
+    metrics::histogram!(m::REQUEST_VALIDATION_DURATION).record(validation_time.as_secs_f64());
     let shape = ResponseShape::of(&valid);
     let response = state.infer.generate(valid).await?;
 
@@ -153,6 +213,9 @@ async fn generate_inner(
                 logprob: (!t.logprob.is_nan()).then_some(t.logprob),
             })
             .collect(),
+        top_tokens: shape
+            .alternatives
+            .then(|| response.tokens.iter().map(|(_, top)| top_token_list(top)).collect()),
         tokens: response
             .tokens
             .into_iter()
@@ -173,17 +236,20 @@ async fn generate_inner(
     ))
 }
 
-/// What the answer should contain, taken from the request before it is handed over.
-struct ResponseShape {
-    details: bool,
-    alternatives: bool,
-    prompt_tokens: u32,
+/// What the answer should contain, taken from the request before it is handed over (REST and gRPC).
+pub(crate) struct ResponseShape {
+    /// Whether `details` were asked for.
+    pub(crate) details: bool,
+    /// Whether tokens carry their alternatives.
+    pub(crate) alternatives: bool,
+    /// Prompt tokens after truncation.
+    pub(crate) prompt_tokens: u32,
     prompt: Option<String>,
     adapter: Option<AdapterKey>,
 }
 
 impl ResponseShape {
-    fn of(request: &ValidRequest) -> Self {
+    pub(crate) fn of(request: &ValidRequest) -> Self {
         Self {
             details: request.details,
             alternatives: request.top_n_tokens > 0,
@@ -203,11 +269,12 @@ impl ResponseShape {
     }
 
     /// `details.adapter_id`.
-    fn adapter_id(&self) -> Option<String> {
+    pub(crate) fn adapter_id(&self) -> Option<String> {
         self.adapter.as_ref().map(|a| a.id.clone())
     }
 
-    fn full_text(&self, generated: String) -> String {
+    /// `generated_text`, after the prompt with `return_full_text`.
+    pub(crate) fn full_text(&self, generated: String) -> String {
         match &self.prompt {
             Some(prompt) => format!("{prompt}{generated}"),
             None => generated,
@@ -216,7 +283,7 @@ impl ResponseShape {
 }
 
 /// Per-request durations; recording them into the histograms happens once, in `finish`.
-struct Timings {
+pub(crate) struct Timings {
     total: Duration,
     queue: Duration,
     inference: Duration,
@@ -224,7 +291,7 @@ struct Timings {
 }
 
 impl Timings {
-    fn finish(start: Instant, queued: Instant, admitted: Instant, generated: &GeneratedText) -> Self {
+    pub(crate) fn finish(start: Instant, queued: Instant, admitted: Instant, generated: &GeneratedText) -> Self {
         let now = Instant::now();
         let inference = now.saturating_duration_since(admitted);
         let timings = Self {
@@ -258,6 +325,11 @@ fn insert_header(headers: &mut HeaderMap, name: &'static str, value: impl std::f
     }
 }
 
+/// Alternatives as TGI lists them (`top_tokens`): full tokens, best first.
+fn top_token_list(top: &[TokenInfo]) -> Vec<Token> {
+    top.iter().map(|t| api_token(t.clone(), Vec::new(), false)).collect()
+}
+
 fn api_token(token: TokenInfo, top: Vec<TokenInfo>, alternatives: bool) -> Token {
     Token {
         id: token.id,
@@ -279,6 +351,17 @@ fn api_token(token: TokenInfo, top: Vec<TokenInfo>, alternatives: bool) -> Token
 
 /// `POST /generate_stream`: one server-sent event per token; the last carries the text and details.
 /// Errors before the first event are plain HTTP errors; later ones are an `{"error", "error_type"}` event.
+#[utoipa::path(
+    post,
+    path = "/generate_stream",
+    tag = "LoRAX",
+    request_body = GenerateRequest,
+    responses(
+        (status = 200, description = "Server-sent events, one per token; a failure after the first event is an \
+            `ErrorResponse` event", content_type = "text/event-stream", body = StreamResponse),
+        GenerateErrors
+    )
+)]
 #[tracing::instrument(skip_all)]
 async fn generate_stream(
     State(state): State<AppState>,
@@ -292,6 +375,7 @@ async fn generate_stream(
             let request = with_bearer_token(payload?.0, &headers);
             let permit = state.infer.acquire()?;
             let valid = state.validation.validate(request, true).await?;
+            metrics::histogram!(m::REQUEST_VALIDATION_DURATION).record(start.elapsed().as_secs_f64());
             let shape = ResponseShape::of(&valid);
             let receiver = state.infer.generate_stream(valid)?;
             Ok::<_, ApiError>((receiver, permit, shape))
@@ -325,6 +409,7 @@ async fn next_event(state: Option<StreamState>) -> Option<(Result<Event, Infalli
             Some(Ok(InferStreamResponse::Prefill(_))) => continue,
             Some(Ok(InferStreamResponse::Intermediate { token, top_tokens })) => {
                 let event = json_event(&StreamResponse {
+                    top_tokens: state.shape.alternatives.then(|| top_token_list(&top_tokens)),
                     token: api_token(token, top_tokens, state.shape.alternatives),
                     generated_text: None,
                     details: None,
@@ -340,6 +425,7 @@ async fn next_event(state: Option<StreamState>) -> Option<(Result<Event, Infalli
             })) => {
                 Timings::finish(state.start, queued, start, &generated_text);
                 json_event(&StreamResponse {
+                    top_tokens: state.shape.alternatives.then(|| top_token_list(&top_tokens)),
                     token: api_token(token, top_tokens, state.shape.alternatives),
                     details: Some(StreamDetails {
                         finish_reason: generated_text.finish_reason,
@@ -374,6 +460,20 @@ fn json_event<T: Serialize>(value: &T) -> Event {
 }
 
 /// `POST /`: `{"inputs", "parameters", "stream"}`; streams, or answers a one-element JSON array.
+#[utoipa::path(
+    post,
+    path = "/",
+    tag = "LoRAX",
+    request_body = CompatGenerateRequest,
+    responses(
+        (status = 200, description = "A one-element array of the generation, or server-sent events with \
+            `\"stream\": true`", content(
+            (Vec<GenerateResponse> = "application/json"),
+            (StreamResponse = "text/event-stream")
+        )),
+        GenerateErrors
+    )
+)]
 async fn compat_generate(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -396,6 +496,15 @@ async fn compat_generate(
 }
 
 /// `GET /health`: 200 when every shard answers Health, else 503.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "Observability",
+    responses(
+        (status = 200, description = "Every shard answers"),
+        (status = 503, description = "A shard does not answer (`unhealthy`)", body = ErrorResponse)
+    )
+)]
 async fn health(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
     state
         .clients
@@ -406,20 +515,39 @@ async fn health(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
 }
 
 /// `GET /info`: model and router configuration.
+#[utoipa::path(
+    get,
+    path = "/info",
+    tag = "Observability",
+    responses((status = 200, description = "Model and router configuration", body = Info))
+)]
 async fn info(State(state): State<AppState>) -> Json<Info> {
     Json((*state.info).clone())
 }
 
 /// `POST /tokenize`: the prompt's tokens with their byte spans.
+#[utoipa::path(
+    post,
+    path = "/tokenize",
+    tag = "Tokenization",
+    request_body = TokenizeRequest,
+    responses((status = 200, description = "The tokens", body = Vec<SimpleToken>), BodyErrors)
+)]
 async fn tokenize(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Vec<SimpleToken>>, ApiError> {
-    let inputs = request.inputs;
-    let encoding = state
-        .validation
-        .tokenize(inputs.clone(), request.add_special_tokens.unwrap_or(true))
-        .await?;
+    let add_special_tokens = request.add_special_tokens.unwrap_or(true);
+    Ok(Json(tokens_of(&state.validation, request.inputs, add_special_tokens).await?))
+}
+
+/// The tokens of `inputs` with their byte spans (REST and gRPC tokenize).
+pub(crate) async fn tokens_of(
+    validation: &Validation,
+    inputs: String,
+    add_special_tokens: bool,
+) -> Result<Vec<SimpleToken>, ApiError> {
+    let encoding = validation.tokenize(inputs.clone(), add_special_tokens).await?;
     let tokens = encoding
         .get_ids()
         .iter()
@@ -431,16 +559,58 @@ async fn tokenize(
             stop,
         })
         .collect();
-    Ok(Json(tokens))
+    Ok(tokens)
 }
 
-/// `GET /metrics`: Prometheus text format.
-async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    state.metrics.run_upkeep();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+/// `GET /metrics`: Prometheus text format, or with `?format=json` the same samples as JSON.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "Observability",
+    params(("format" = Option<String>, Query, description = "`text` (default: Prometheus text format) or `json`")),
+    responses(
+        (status = 200, description = "The metrics", content(
+            (String = "text/plain"),
+            (crate::metrics_json::MetricsJson = "application/json")
+        )),
+        (status = 422, description = "Unknown `format` (`validation`)", body = ErrorResponse)
     )
+)]
+async fn render_metrics(
+    State(state): State<AppState>,
+    query: Result<Query<MetricsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => {
+            return ApiError::new(rejection.status(), crate::errors::VALIDATION, rejection.body_text()).into_response()
+        }
+    };
+    let json = match query.format.as_deref() {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            return ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message: format!("`format` must be `text` or `json`. Given: `{other}`"),
+                error_type: crate::errors::VALIDATION,
+            }
+            .into_response()
+        }
+    };
+    state.metrics.run_upkeep();
+    let text = state.metrics.render();
+    if json {
+        return Json(crate::metrics_json::parse(&text)).into_response();
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Query of `GET /metrics`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct MetricsQuery {
+    /// `text` or `json`.
+    format: Option<String>,
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 /// Why a sequence stopped. Serialized as LoRAX's `finish_reason` strings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub enum FinishReason {
     /// `max_new_tokens` tokens were generated.
     #[serde(rename = "length")]

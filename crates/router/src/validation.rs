@@ -47,11 +47,11 @@ pub enum ValidationError {
     /// `watermark` true.
     #[error("`watermark` is not supported")]
     Watermark,
-    /// `temperature` <= 0.
-    #[error("`temperature` must be strictly positive")]
+    /// `temperature` <= 0, or infinite.
+    #[error("`temperature` must be strictly positive and finite")]
     Temperature,
-    /// `repetition_penalty` <= 0.
-    #[error("`repetition_penalty` must be strictly positive")]
+    /// `repetition_penalty` <= 0, or infinite.
+    #[error("`repetition_penalty` must be strictly positive and finite")]
     RepetitionPenalty,
     /// `frequency_penalty` outside [-2, 2].
     #[error("`frequency_penalty` must be >= -2.0 and <= 2.0")]
@@ -204,11 +204,12 @@ pub fn check_parameters(
         return Err(ValidationError::Watermark);
     }
     let temperature = p.temperature.unwrap_or(1.0);
-    if temperature <= 0.0 {
+    // Floats beyond f32's range arrive as infinities: refused like zero.
+    if temperature <= 0.0 || !temperature.is_finite() {
         return Err(ValidationError::Temperature);
     }
     let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
-    if repetition_penalty <= 0.0 {
+    if repetition_penalty <= 0.0 || !repetition_penalty.is_finite() {
         return Err(ValidationError::RepetitionPenalty);
     }
     let frequency_penalty = p.frequency_penalty.unwrap_or(0.0);
@@ -411,13 +412,24 @@ impl Validation {
 
     /// Validates a generate request (`stream`: for /generate_stream).
     pub async fn validate(&self, request: GenerateRequest, stream: bool) -> Result<ValidRequest, ValidationError> {
+        self.validate_prompt(request, stream, true).await
+    }
+
+    /// [`Validation::validate`], tokenizing the prompt with or without the tokenizer's special tokens
+    /// (a prompt rendered by a chat template already has them).
+    pub async fn validate_prompt(
+        &self,
+        request: GenerateRequest,
+        stream: bool,
+        add_special_tokens: bool,
+    ) -> Result<ValidRequest, ValidationError> {
         let mut parameters = request.parameters.unwrap_or_default();
         let checked = check_parameters(&parameters, &self.limits, stream, random_seed)?;
         let api_token = checked.adapter.as_ref().and(parameters.api_token.take());
         if request.inputs.is_empty() {
             return Err(ValidationError::EmptyInput);
         }
-        let encoding = self.tokenize(request.inputs.clone(), true).await?;
+        let encoding = self.tokenize(request.inputs.clone(), add_special_tokens).await?;
         let (input_ids, max_new_tokens) = check_lengths(encoding, &checked, &self.limits)?;
         metrics::histogram!(m::REQUEST_INPUT_LENGTH).record(input_ids.len() as f64);
         metrics::histogram!(m::REQUEST_MAX_NEW_TOKENS).record(f64::from(max_new_tokens));
@@ -540,6 +552,8 @@ mod tests {
             (json!({"temperature": 0.0}), E::Temperature),
             (json!({"temperature": -1.0}), E::Temperature),
             (json!({"repetition_penalty": 0.0}), E::RepetitionPenalty),
+            (json!({"temperature": 1e39}), E::Temperature),
+            (json!({"repetition_penalty": 1e39}), E::RepetitionPenalty),
             (json!({"frequency_penalty": 2.5}), E::FrequencyPenalty),
             (json!({"presence_penalty": -2.5}), E::PresencePenalty),
             (json!({"top_p": 0.0}), E::TopP),

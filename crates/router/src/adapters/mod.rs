@@ -7,6 +7,7 @@
 //! router decides which adapters are on the device (at most `--max-active-adapters`) from the requests
 //! waiting for them; see docs/architecture.md, "Adapter scheduler".
 
+pub mod catalog;
 pub mod registry;
 pub mod tasks;
 

@@ -190,6 +190,19 @@ impl<T> Registry<T> {
             .count()
     }
 
+    /// Every known adapter with its state, queued requests and running users.
+    pub fn list(&self) -> Vec<super::catalog::AdapterInfo> {
+        self.adapters
+            .iter()
+            .map(|(key, a)| super::catalog::AdapterInfo {
+                key: key.clone(),
+                state: super::catalog::state_name(a.state),
+                queued: a.queue.len(),
+                running: Arc::strong_count(&a.users) - 1,
+            })
+            .collect()
+    }
+
     /// The state of `key`, if known.
     pub fn state(&self, key: &AdapterKey) -> Option<State> {
         self.adapters.get(key).map(|a| a.state)

@@ -1,6 +1,7 @@
 //! Test harness: in-process fake shards (tonic servers on temporary Unix sockets, deterministic tokens:
 //! next = (last + 1 + adapter offset) % vocab, offset 0 for the base model) and the real router
-//! application served on 127.0.0.1:0, spoken to over HTTP with reqwest. Waiting is done by polling with
+//! application served on 127.0.0.1:0, spoken to over HTTP with reqwest (and its gRPC API on another
+//! port). Waiting is done by polling with
 //! a deadline, never by sleeping.
 //!
 //! The fakes implement the adapter calls with the real shard's contract, strictly enough to catch router
@@ -552,6 +553,8 @@ impl Default for Setup {
 pub struct Deployment {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// `http://127.0.0.1:PORT` of the public gRPC API.
+    pub grpc: String,
     /// HTTP client.
     pub http: reqwest::Client,
     /// The fakes' states, rank order.
@@ -615,12 +618,20 @@ impl Deployment {
         ];
         argv.extend(setup.flags.iter().cloned());
         let args = lorax_router::Args::try_parse_from(argv).expect("router flags");
-        let app = lorax_router::build_app(&args).await?;
+        let app = lorax_router::build(&args).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::spawn(async move { axum::serve(listener, app.http).await });
+        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let grpc = format!("http://{}", grpc_listener.local_addr().expect("addr"));
+        tokio::spawn(lorax_router::grpc::serve(
+            app.grpc,
+            grpc_listener,
+            std::future::pending(),
+        ));
         Ok(Self {
             base,
+            grpc,
             http: reqwest::Client::new(),
             shards,
             hub: setup.hub,
@@ -771,6 +782,10 @@ impl SseReader {
                     .collect();
                 if data.is_empty() {
                     continue; // keep-alive comment
+                }
+                if data == "[DONE]" {
+                    // OpenAI streams end with this non-JSON marker.
+                    return Some(serde_json::Value::String(data));
                 }
                 return Some(serde_json::from_str(&data).expect("event is JSON"));
             }

@@ -1,0 +1,208 @@
+//! Chat templates: the Jinja template of a model's `tokenizer_config.json` (or an adapter's own),
+//! rendered with `minijinja` as transformers' `apply_chat_template` does: `messages`, `bos_token`,
+//! `eos_token`, `add_generation_prompt`, `raise_exception`, `tools`, Python string methods (pycompat)
+//! and the `tojson` filter.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use minijinja::{Environment, ErrorKind};
+use serde::Serialize;
+
+/// Why a conversation could not be turned into a prompt (422).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChatError {
+    /// The model has no chat template.
+    #[error("this model has no chat template (tokenizer_config.json has no `chat_template`); use /generate or /v1/completions")]
+    NoTemplate,
+    /// The template refused the conversation (`raise_exception`) or failed to render.
+    #[error("chat template error: {0}")]
+    Render(String),
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// Text of the message.
+    pub content: String,
+}
+
+/// A compiled chat template with the special tokens it is rendered with.
+#[derive(Clone)]
+pub struct ChatTemplate {
+    env: Arc<Environment<'static>>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A special token in tokenizer_config.json: a string or an AddedToken object with `content`.
+fn token_text(v: Option<&serde_json::Value>) -> String {
+    match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+fn raise_exception(message: String) -> Result<String, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+}
+
+impl ChatTemplate {
+    /// Compiles `source` with the given special tokens.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ChatError> {
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| ChatError::Render(e.to_string()))?;
+        Ok(Self {
+            env: Arc::new(env),
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
+    }
+
+    /// Reads the template and special tokens of a `tokenizer_config.json` value. `None` when it has no
+    /// `chat_template`. A list of named templates picks `default`, else the first.
+    pub fn from_tokenizer_config(config: &serde_json::Value) -> Result<Option<Self>, ChatError> {
+        let source = match config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Array(list)) => {
+                let pick = list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .or_else(|| list.first());
+                match pick.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
+                    Some(s) => s.to_string(),
+                    None => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        };
+        Self::new(
+            &source,
+            &token_text(config.get("bos_token")),
+            &token_text(config.get("eos_token")),
+        )
+        .map(Some)
+    }
+
+    /// The template of the `tokenizer_config.json` in `dir` (or next to the file `dir`), if any.
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>, ChatError> {
+        let dir = if dir.is_file() {
+            dir.parent().unwrap_or(dir)
+        } else {
+            dir
+        };
+        let path = dir.join("tokenizer_config.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ChatError::Render(format!("{} is not JSON: {e}", path.display())))?;
+        Self::from_tokenizer_config(&config)
+    }
+
+    /// Renders `messages` into a prompt; `add_generation_prompt` opens the assistant's turn.
+    pub fn apply(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ChatError> {
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ChatError::Render(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+                bos_token => self.bos_token.clone(),
+                eos_token => self.eos_token.clone(),
+                add_generation_prompt => add_generation_prompt,
+                tools => minijinja::Value::from(()),
+            })
+            .map_err(|e| {
+                // raise_exception's message is the template's own words: pass it on unadorned.
+                let text = match e.kind() {
+                    ErrorKind::InvalidOperation => e.detail().unwrap_or_default().to_string(),
+                    _ => e.to_string(),
+                };
+                ChatError::Render(text)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    const MISTRAL: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'].strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}";
+
+    fn m(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn chatml_with_generation_prompt() {
+        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
+        let out = t
+            .apply(&[m("system", "Be brief."), m("user", "Hi")], true)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let closed = t.apply(&[m("user", "Hi")], false).unwrap();
+        assert!(!closed.ends_with("assistant\n"));
+    }
+
+    #[test]
+    fn special_tokens_python_methods_and_raise_exception() {
+        let config = serde_json::json!({
+            "chat_template": MISTRAL,
+            "bos_token": {"content": "<s>", "lstrip": false},
+            "eos_token": "</s>",
+        });
+        let t = ChatTemplate::from_tokenizer_config(&config).unwrap().unwrap();
+        let out = t
+            .apply(&[m("user", "  Hi  "), m("assistant", "Hello"), m("user", "Bye")], true)
+            .unwrap();
+        assert_eq!(out, "<s>[INST] Hi [/INST]Hello</s>[INST] Bye [/INST]");
+        let e = t.apply(&[m("assistant", "x")], true).unwrap_err();
+        assert_eq!(
+            e,
+            ChatError::Render("Conversation roles must alternate user/assistant/user/assistant/...".into())
+        );
+    }
+
+    #[test]
+    fn named_template_lists_and_missing_templates() {
+        let config = serde_json::json!({
+            "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages|length }}"}],
+        });
+        let t = ChatTemplate::from_tokenizer_config(&config).unwrap().unwrap();
+        assert_eq!(t.apply(&[m("user", "a")], false).unwrap(), "D1");
+        assert!(ChatTemplate::from_tokenizer_config(&serde_json::json!({}))
+            .unwrap()
+            .is_none());
+        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(ChatError::Render(_))));
+    }
+}

@@ -1,0 +1,763 @@
+//! OpenAI-compatible routes: `POST /v1/completions`, `POST /v1/chat/completions` (both streamed as
+//! server-sent events ending with `data: [DONE]`, or answered whole) and `GET /v1/models`.
+//!
+//! A request is translated into the native [`GenerateRequest`] and runs through the same validation,
+//! queue and adapter scheduler as `/generate`. `model` picks the adapter: empty, absent or the base
+//! model's id means the base model; anything else is an adapter id (source from the LoRAX extension
+//! field `adapter_source`, else the router's default). Chat messages become a prompt through the
+//! model's chat template ([`crate::chat`]), tokenized without adding special tokens again, as
+//! transformers' `apply_chat_template` does. Errors have OpenAI's shape:
+//! `{"error": {"message", "type", "param", "code"}}`, with the same status codes as the native API.
+
+use std::convert::Infallible;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::chat::Message;
+use crate::errors::{ApiError, VALIDATION};
+use crate::infer::{InferError, InferResponse, InferStreamResponse, ResponseReceiver, TokenInfo};
+use crate::metrics as m;
+use crate::schema::{GenerateParameters, GenerateRequest, Secret};
+use crate::server::{bearer_token, AppState, ApiJson, Timings};
+use crate::stopping::FinishReason;
+use crate::validation::ValidRequest;
+
+/// Most choices (`n`) one request may ask for.
+pub const MAX_N: u32 = 8;
+/// Most alternatives per token (`logprobs` of completions, `top_logprobs` of chat).
+pub const MAX_LOGPROBS: u32 = 5;
+
+/// An error in OpenAI's shape (same status and `type` = the native `error_type`).
+pub struct OpenAiError(pub ApiError);
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        (self.0.status, Json(openai_error_body(&self.0))).into_response()
+    }
+}
+
+fn openai_error_body(e: &ApiError) -> Value {
+    json!({"error": {"message": e.message, "type": e.error_type, "param": null, "code": e.status.as_u16().to_string()}})
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, VALIDATION, message)
+}
+
+/// A string or a list of strings (`prompt`, `stop`).
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` (and no choices) before `[DONE]`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Fields both OpenAI requests share, plus LoRAX's extensions.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+pub struct CommonParameters {
+    /// Base model (empty, absent or its id) or an adapter id.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Most tokens to generate.
+    pub max_tokens: Option<i64>,
+    /// Softmax temperature; 0 means greedy.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass; 1 means off.
+    pub top_p: Option<f32>,
+    /// Number of choices (1..=8).
+    pub n: Option<u32>,
+    /// Stop sequences.
+    pub stop: Option<OneOrMany>,
+    /// Answer as server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// Sampler seed (choice `i` uses `seed + i`).
+    pub seed: Option<u64>,
+    /// OpenAI presence penalty.
+    pub presence_penalty: Option<f32>,
+    /// OpenAI frequency penalty.
+    pub frequency_penalty: Option<f32>,
+    /// End-user id; accepted and ignored.
+    pub user: Option<String>,
+    /// Token biases: not supported (refused when non-empty).
+    #[schema(value_type = Option<Object>)]
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    /// LoRAX extension: source of the adapter named by `model`.
+    pub adapter_source: Option<String>,
+    /// LoRAX extension: hub token for a private adapter.
+    #[schema(value_type = Option<String>, format = Password)]
+    pub api_token: Option<Secret>,
+    /// LoRAX extension: top-k sampling.
+    pub top_k: Option<i64>,
+    /// LoRAX extension: repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// LoRAX extension: keep generating past end-of-sequence tokens.
+    pub ignore_eos_token: Option<bool>,
+}
+
+/// Body of `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct CompletionRequest {
+    /// The prompt (one string; a list of one string is accepted too).
+    pub prompt: OneOrMany,
+    /// Alternatives per token to return (0..=5), with each token's log-probability.
+    pub logprobs: Option<u32>,
+    /// Prepend the prompt to the text.
+    #[serde(default)]
+    pub echo: bool,
+    /// Must be absent or equal to `n`.
+    pub best_of: Option<u32>,
+    /// Text after the completion: not supported.
+    pub suffix: Option<String>,
+    /// The shared fields.
+    #[serde(flatten)]
+    pub common: CommonParameters,
+}
+
+/// Content of a chat message: a string or a list of text parts.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum ChatContent {
+    /// Plain text.
+    Text(String),
+    /// Parts; only `{"type": "text", "text": ...}` parts are supported.
+    Parts(Vec<Value>),
+}
+
+/// A message of a chat request.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// Text.
+    #[serde(default)]
+    pub content: Option<ChatContent>,
+}
+
+/// Body of `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct ChatCompletionRequest {
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Return each token's log-probability.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// Alternatives per token (0..=5); needs `logprobs`.
+    pub top_logprobs: Option<u32>,
+    /// Newer name of `max_tokens`.
+    pub max_completion_tokens: Option<i64>,
+    /// Only `{"type": "text"}` is supported.
+    pub response_format: Option<Value>,
+    /// Tool calling: not supported.
+    pub tools: Option<Value>,
+    /// Tool choice: only "none" is accepted.
+    pub tool_choice: Option<Value>,
+    /// The shared fields.
+    #[serde(flatten)]
+    pub common: CommonParameters,
+}
+
+/// What an answer needs to know besides the generations.
+struct Plan {
+    id: String,
+    created: u64,
+    model: String,
+    requests: Vec<GenerateRequest>,
+    add_special_tokens: bool,
+    stream: bool,
+    include_usage: bool,
+    alternatives: u32,
+    logprobs: bool,
+    echo: Option<String>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", getrandom::u64().unwrap_or(0))
+}
+
+/// The native requests for `n` choices of one prompt, and the model name to answer with.
+fn native(
+    state: &AppState,
+    common: CommonParameters,
+    prompt: String,
+    alternatives: u32,
+    headers: &HeaderMap,
+) -> Result<(String, Vec<GenerateRequest>), ApiError> {
+    let n = common.n.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(invalid(format!("`n` must be between 1 and {MAX_N}. Given: {n}")));
+    }
+    if common.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(invalid("`logit_bias` is not supported"));
+    }
+    let base = &state.info.model_id;
+    let (model, adapter_id) = match common.model.as_deref().map(str::trim) {
+        None | Some("") => (base.clone(), None),
+        Some(m) if m == base => (base.clone(), None),
+        Some(m) => (m.to_string(), Some(m.to_string())),
+    };
+    if common.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(invalid("`temperature` must be >= 0.0 and <= 2.0"));
+    }
+    if common.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(invalid("`top_p` must be > 0.0 and <= 1.0"));
+    }
+    // OpenAI's temperature 0 is greedy decoding; top_p 1 is no nucleus filter.
+    let temperature = common.temperature.filter(|t| *t > 0.0);
+    let top_p = common.top_p.filter(|p| *p < 1.0);
+    let do_sample = temperature.is_some() || top_p.is_some() || common.top_k.is_some();
+    let api_token = common.api_token.or_else(|| bearer_token(headers));
+    let stop = common.stop.map(OneOrMany::into_vec);
+    let requests = (0..u64::from(n))
+        .map(|i| GenerateRequest {
+            inputs: prompt.clone(),
+            parameters: Some(GenerateParameters {
+                adapter_id: adapter_id.clone(),
+                adapter_source: common.adapter_source.clone(),
+                api_token: api_token.clone(),
+                temperature,
+                top_p,
+                top_k: common.top_k,
+                do_sample: Some(do_sample),
+                repetition_penalty: common.repetition_penalty,
+                frequency_penalty: common.frequency_penalty,
+                presence_penalty: common.presence_penalty,
+                max_new_tokens: common.max_tokens,
+                ignore_eos_token: common.ignore_eos_token,
+                stop: stop.clone(),
+                seed: common.seed.map(|s| s.wrapping_add(i)),
+                details: Some(true),
+                top_n_tokens: (alternatives > 0).then_some(i64::from(alternatives)),
+                ..GenerateParameters::default()
+            }),
+        })
+        .collect();
+    Ok((model, requests))
+}
+
+fn check_alternatives(k: u32) -> Result<u32, ApiError> {
+    if k > MAX_LOGPROBS {
+        return Err(invalid(format!(
+            "at most {MAX_LOGPROBS} log-probabilities per token may be requested. Given: {k}"
+        )));
+    }
+    Ok(k)
+}
+
+fn completion_plan(state: &AppState, req: CompletionRequest, headers: &HeaderMap) -> Result<Plan, ApiError> {
+    let prompts = req.prompt.into_vec();
+    let [prompt] = <[String; 1]>::try_from(prompts)
+        .map_err(|p| invalid(format!("`prompt` must be one string (got a list of {})", p.len())))?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(invalid("`suffix` is not supported"));
+    }
+    if req.best_of.is_some_and(|b| b != req.common.n.unwrap_or(1)) {
+        return Err(invalid("`best_of` other than `n` is not supported"));
+    }
+    let alternatives = check_alternatives(req.logprobs.unwrap_or(0))?;
+    let stream = req.common.stream;
+    let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let echo = req.echo.then(|| prompt.clone());
+    let (model, requests) = native(state, req.common, prompt, alternatives, headers)?;
+    Ok(Plan {
+        id: request_id("cmpl"),
+        created: now_secs(),
+        model,
+        requests,
+        add_special_tokens: true,
+        stream,
+        include_usage,
+        alternatives,
+        logprobs: req.logprobs.is_some(),
+        echo,
+    })
+}
+
+fn message_text(m: &ChatMessage) -> Result<String, ApiError> {
+    match &m.content {
+        None => Ok(String::new()),
+        Some(ChatContent::Text(t)) => Ok(t.clone()),
+        Some(ChatContent::Parts(parts)) => {
+            let mut text = String::new();
+            for p in parts {
+                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    _ => return Err(invalid("only text content parts are supported")),
+                }
+            }
+            Ok(text)
+        }
+    }
+}
+
+fn chat_plan(state: &AppState, mut req: ChatCompletionRequest, headers: &HeaderMap) -> Result<Plan, ApiError> {
+    if req.messages.is_empty() {
+        return Err(invalid("`messages` must not be empty"));
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(invalid("tool calling (`tools`) is not supported"));
+    }
+    if req.tool_choice.as_ref().is_some_and(|c| c != "none" && !c.is_null()) {
+        return Err(invalid("`tool_choice` other than \"none\" is not supported"));
+    }
+    if let Some(f) = &req.response_format {
+        if f.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(invalid("`response_format` other than {\"type\": \"text\"} is not supported"));
+        }
+    }
+    if req.top_logprobs.is_some_and(|k| k > 0) && !req.logprobs {
+        return Err(invalid("`top_logprobs` needs `logprobs: true`"));
+    }
+    let alternatives = check_alternatives(req.top_logprobs.unwrap_or(0))?;
+    let template = state
+        .chat_template
+        .as_ref()
+        .ok_or_else(|| invalid(crate::chat::ChatError::NoTemplate.to_string()))?;
+    let messages = req
+        .messages
+        .iter()
+        .map(|m| {
+            Ok(Message {
+                role: m.role.clone(),
+                content: message_text(m)?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let prompt = template.apply(&messages, true).map_err(|e| invalid(e.to_string()))?;
+    if req.common.max_tokens.is_none() {
+        req.common.max_tokens = req.max_completion_tokens;
+    }
+    let stream = req.common.stream;
+    let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let (model, requests) = native(state, req.common, prompt, alternatives, headers)?;
+    Ok(Plan {
+        id: request_id("chatcmpl"),
+        created: now_secs(),
+        model,
+        requests,
+        add_special_tokens: false,
+        stream,
+        include_usage,
+        alternatives,
+        logprobs: req.logprobs,
+        echo: None,
+    })
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        FinishReason::EndOfSequenceToken | FinishReason::StopSequence => "stop",
+    }
+}
+
+/// Validates every choice's request and queues them; each holds a concurrency slot.
+async fn start(
+    state: &AppState,
+    plan: &Plan,
+) -> Result<Vec<(ValidRequest, ResponseReceiver, OwnedSemaphorePermit)>, ApiError> {
+    let mut out = Vec::with_capacity(plan.requests.len());
+    for request in &plan.requests {
+        let permit = state.infer.acquire()?;
+        let valid = state
+            .validation
+            .validate_prompt(request.clone(), plan.stream, plan.add_special_tokens)
+            .await?;
+        let receiver = state.infer.generate_stream(valid.clone())?;
+        out.push((valid, receiver, permit));
+    }
+    Ok(out)
+}
+
+/// `POST /v1/completions`.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "OpenAI Compatible",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "OpenAI `text_completion` object, or `text_completion` chunks as server-sent \
+            events ending with `data: [DONE]` with `\"stream\": true`", content(
+            (Object = "application/json"),
+            (Object = "text/event-stream")
+        )),
+        crate::api_doc::OpenAiErrors
+    )
+)]
+#[tracing::instrument(skip_all)]
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    payload: Result<ApiJson<CompletionRequest>, ApiError>,
+) -> Response {
+    let plan = payload.and_then(|ApiJson(req)| completion_plan(&state, req, &headers));
+    respond(state, plan, Kind::Completion).await
+}
+
+/// `POST /v1/chat/completions`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "OpenAI Compatible",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "OpenAI `chat.completion` object, or `chat.completion.chunk` objects as \
+            server-sent events ending with `data: [DONE]` with `\"stream\": true`", content(
+            (Object = "application/json"),
+            (Object = "text/event-stream")
+        )),
+        crate::api_doc::OpenAiErrors
+    )
+)]
+#[tracing::instrument(skip_all)]
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    payload: Result<ApiJson<ChatCompletionRequest>, ApiError>,
+) -> Response {
+    let plan = payload.and_then(|ApiJson(req)| chat_plan(&state, req, &headers));
+    respond(state, plan, Kind::Chat).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+async fn respond(state: AppState, plan: Result<Plan, ApiError>, kind: Kind) -> Response {
+    let start_time = Instant::now();
+    metrics::counter!(m::REQUEST_COUNT).increment(1);
+    let result = async {
+        let plan = plan?;
+        let started = start(&state, &plan).await?;
+        Ok::<_, ApiError>((plan, started))
+    }
+    .await;
+    let (plan, started) = match result {
+        Ok(ok) => ok,
+        Err(e) => {
+            e.record();
+            return OpenAiError(e).into_response();
+        }
+    };
+    if plan.stream {
+        return stream_response(plan, started, kind, start_time).into_response();
+    }
+    let prompt_tokens = started.first().map_or(0, |(v, _, _)| v.input_length());
+    let mut choices = Vec::with_capacity(started.len());
+    let mut completion_tokens = 0;
+    for (index, (_, receiver, permit)) in started.into_iter().enumerate() {
+        let response = match crate::infer::collect(receiver).await {
+            Ok(r) => r,
+            Err(e) => {
+                let e = ApiError::from(e);
+                e.record();
+                return OpenAiError(e).into_response();
+            }
+        };
+        drop(permit);
+        Timings::finish(start_time, response.queued, response.start, &response.generated_text);
+        completion_tokens += response.generated_text.generated_tokens;
+        choices.push(whole_choice(&plan, kind, index, response));
+    }
+    let object = match kind {
+        Kind::Completion => "text_completion",
+        Kind::Chat => "chat.completion",
+    };
+    Json(json!({
+        "id": plan.id,
+        "object": object,
+        "created": plan.created,
+        "model": plan.model,
+        "system_fingerprint": crate::VERSION,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }))
+    .into_response()
+}
+
+fn usage(prompt: u32, completion: u32) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn whole_choice(plan: &Plan, kind: Kind, index: usize, r: InferResponse) -> Value {
+    let finish = finish_reason(r.generated_text.finish_reason);
+    match kind {
+        Kind::Completion => {
+            let text = match &plan.echo {
+                Some(prompt) => format!("{prompt}{}", r.generated_text.text),
+                None => r.generated_text.text,
+            };
+            let logprobs = plan.logprobs.then(|| completion_logprobs(&r.tokens, plan.alternatives, 0));
+            json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        }
+        Kind::Chat => {
+            let logprobs = plan
+                .logprobs
+                .then(|| json!({"content": chat_logprobs(&r.tokens, plan.alternatives)}));
+            json!({
+                "index": index,
+                "message": {"role": "assistant", "content": r.generated_text.text},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            })
+        }
+    }
+}
+
+/// Completions' `logprobs` object for `tokens`, whose text starts at byte `offset`.
+fn completion_logprobs(tokens: &[(TokenInfo, Vec<TokenInfo>)], alternatives: u32, mut offset: usize) -> Value {
+    let mut text = Vec::new();
+    let mut lps = Vec::new();
+    let mut tops = Vec::new();
+    let mut offsets = Vec::new();
+    for (t, top) in tokens {
+        offsets.push(offset);
+        offset += t.text.len();
+        text.push(t.text.clone());
+        lps.push(t.logprob);
+        let map: serde_json::Map<String, Value> = top
+            .iter()
+            .take(alternatives as usize)
+            .map(|a| (a.text.clone(), json!(a.logprob)))
+            .collect();
+        tops.push(Value::Object(map));
+    }
+    json!({"tokens": text, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+fn chat_logprobs(tokens: &[(TokenInfo, Vec<TokenInfo>)], alternatives: u32) -> Vec<Value> {
+    tokens
+        .iter()
+        .map(|(t, top)| {
+            let tops: Vec<Value> = top
+                .iter()
+                .take(alternatives as usize)
+                .map(|a| json!({"token": a.text, "logprob": a.logprob, "bytes": a.text.as_bytes()}))
+                .collect();
+            json!({"token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes(), "top_logprobs": tops})
+        })
+        .collect()
+}
+
+/// One choice's stream of chunks (`None` item = that choice is done).
+struct ChoiceStream {
+    index: usize,
+    receiver: ResponseReceiver,
+    _permit: OwnedSemaphorePermit,
+    first: bool,
+    offset: usize,
+}
+
+/// A chunk or the end of one choice.
+enum Piece {
+    Chunk(Value),
+    Done { generated: u32 },
+    Failed(ApiError),
+}
+
+fn stream_response(
+    plan: Plan,
+    started: Vec<(ValidRequest, ResponseReceiver, OwnedSemaphorePermit)>,
+    kind: Kind,
+    start_time: Instant,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let prompt_tokens = started.first().map_or(0, |(v, _, _)| v.input_length());
+    let n = started.len();
+    let plan = std::sync::Arc::new(plan);
+    let choices = started.into_iter().enumerate().map(|(index, (_, receiver, permit))| {
+        let plan = std::sync::Arc::clone(&plan);
+        futures::stream::unfold(
+            Some(Step::Run(ChoiceStream {
+                index,
+                receiver,
+                _permit: permit,
+                first: true,
+                offset: 0,
+            })),
+            move |s| next_piece(std::sync::Arc::clone(&plan), kind, s, start_time),
+        )
+        .boxed()
+    });
+    let merged = futures::stream::select_all(choices);
+    let tail_plan = std::sync::Arc::clone(&plan);
+    let events = merged
+        .scan((0usize, 0u32, false), move |(done, generated, failed), piece| {
+            let out = match piece {
+                Piece::Chunk(v) => vec![json_event(&v)],
+                Piece::Failed(e) => {
+                    *failed = true;
+                    e.record();
+                    vec![json_event(&openai_error_body(&e))]
+                }
+                Piece::Done { generated: g } => {
+                    *done += 1;
+                    *generated += g;
+                    let mut out = Vec::new();
+                    if *done == n && !*failed && tail_plan.include_usage {
+                        let object = chunk_object(kind);
+                        out.push(json_event(&json!({
+                            "id": tail_plan.id, "object": object, "created": tail_plan.created,
+                            "model": tail_plan.model, "choices": [], "usage": usage(prompt_tokens, *generated),
+                        })));
+                    }
+                    out
+                }
+            };
+            futures::future::ready(Some(futures::stream::iter(out)))
+        })
+        .flatten()
+        .chain(futures::stream::once(async { Event::default().data("[DONE]") }))
+        .map(Ok);
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+fn chunk_object(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Completion => "text_completion",
+        Kind::Chat => "chat.completion.chunk",
+    }
+}
+
+fn json_event(v: &Value) -> Event {
+    Event::default().data(v.to_string())
+}
+
+/// Where one choice's stream is.
+enum Step {
+    /// Tokens are still coming.
+    Run(ChoiceStream),
+    /// The last chunk was sent; the end marker (with the generated count) is next.
+    Ending(u32),
+}
+
+async fn next_piece(
+    plan: std::sync::Arc<Plan>,
+    kind: Kind,
+    step: Option<Step>,
+    start_time: Instant,
+) -> Option<(Piece, Option<Step>)> {
+    let mut s = match step? {
+        Step::Ending(generated) => return Some((Piece::Done { generated }, None)),
+        Step::Run(s) => s,
+    };
+    loop {
+        let (token, top, end) = match s.receiver.recv().await {
+            Some(Ok(InferStreamResponse::Prefill(_))) => continue,
+            Some(Ok(InferStreamResponse::Intermediate { token, top_tokens })) => (token, top_tokens, None),
+            Some(Ok(InferStreamResponse::End {
+                token,
+                top_tokens,
+                generated_text,
+                queued,
+                start,
+            })) => {
+                Timings::finish(start_time, queued, start, &generated_text);
+                (token, top_tokens, Some(generated_text))
+            }
+            Some(Err(e)) => return Some((Piece::Failed(e.into()), None)),
+            None => return Some((Piece::Failed(InferError::IncompleteGeneration.into()), None)),
+        };
+        let finish = end.as_ref().map(|g| finish_reason(g.finish_reason));
+        // A stop sequence may end inside this token: send only what the final text keeps.
+        let text = match &end {
+            Some(g) if g.finish_reason == FinishReason::StopSequence => {
+                g.text.get(s.offset..).unwrap_or_default().to_string()
+            }
+            _ => token.text.clone(),
+        };
+        let pair = [(TokenInfo { text: text.clone(), ..token }, top)];
+        let choice = match kind {
+            Kind::Completion => {
+                let prefix = if s.first { plan.echo.clone().unwrap_or_default() } else { String::new() };
+                let logprobs = plan
+                    .logprobs
+                    .then(|| completion_logprobs(&pair, plan.alternatives, s.offset));
+                json!({"index": s.index, "text": format!("{prefix}{text}"), "logprobs": logprobs, "finish_reason": finish})
+            }
+            Kind::Chat => {
+                let mut delta = json!({"content": text});
+                if s.first {
+                    delta["role"] = json!("assistant");
+                }
+                let logprobs = plan
+                    .logprobs
+                    .then(|| json!({"content": chat_logprobs(&pair, plan.alternatives)}));
+                json!({"index": s.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            }
+        };
+        s.first = false;
+        s.offset += text.len();
+        let chunk = json!({
+            "id": plan.id, "object": chunk_object(kind), "created": plan.created, "model": plan.model,
+            "system_fingerprint": crate::VERSION, "choices": [choice],
+        });
+        let next = match end {
+            None => Step::Run(s),
+            Some(g) => Step::Ending(g.generated_tokens),
+        };
+        return Some((Piece::Chunk(chunk), Some(next)));
+    }
+}
+
+/// `GET /v1/models`: the base model and the adapters the router knows.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "OpenAI Compatible",
+    responses((status = 200, description = "OpenAI `list` of `model` objects: the base model, then the adapters",
+        body = Object,
+        example = json!({"object": "list", "data": [{"id": "org/model", "object": "model", "created": 0, "owned_by": "lorax"}]})))
+)]
+pub async fn models(State(state): State<AppState>) -> Json<Value> {
+    let created = now_secs();
+    let mut data = vec![json!({"id": state.info.model_id, "object": "model", "created": created, "owned_by": "lorax"})];
+    for adapter in state.known_adapters() {
+        data.push(json!({"id": adapter, "object": "model", "created": created, "owned_by": "lorax", "parent": state.info.model_id}));
+    }
+    Json(json!({"object": "list", "data": data}))
+}

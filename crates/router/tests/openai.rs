@@ -1,0 +1,248 @@
+//! The OpenAI-compatible routes over real HTTP against in-process fake shards (deterministic tokens that
+//! depend on the adapter): completions and chat, whole and streamed, `n`, logprobs, stop, usage,
+//! adapters as `model`, the chat template, `/v1/models`, and errors in OpenAI's shape.
+
+mod common;
+
+use common::{error_of, fake_tokens_for, Deployment, Setup, SseReader, HELLO_LAST};
+use serde_json::{json, Value};
+
+fn tokenizer() -> tokenizers::Tokenizer {
+    lorax_router::load_tokenizer(&common::tokenizer_dir()).expect("tokenizer")
+}
+
+/// Text the fake shard's `tokens` add after `prompt_ids` (decoded in context, as the router does).
+fn continuation(prompt_ids: &[u32], tokens: &[u32]) -> String {
+    let t = tokenizer();
+    let prefix = t.decode(prompt_ids, false).expect("decode");
+    let all: Vec<u32> = prompt_ids.iter().chain(tokens).copied().collect();
+    t.decode(&all, false).expect("decode")[prefix.len()..].to_string()
+}
+
+const HELLO: [u32; 2] = [1, HELLO_LAST];
+
+async fn events(d: &Deployment, path: &str, body: Value) -> Vec<Value> {
+    let response = d.post(path, body).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .expect("header")
+        .starts_with("text/event-stream"));
+    SseReader::new(response).collect().await
+}
+
+#[tokio::test]
+async fn completions_whole_with_logprobs_usage_and_adapter_model() {
+    let d = Deployment::start(Setup::default()).await;
+    let body = json!({"model": "", "prompt": "Hello", "max_tokens": 5, "logprobs": 2, "temperature": 0});
+    let r = d.post("/v1/completions", body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["object"], "text_completion");
+    let info: Value = d.get("/info").await.json().await.expect("info");
+    assert_eq!(v["model"], info["model_id"], "empty model means the base model");
+    let tokens = fake_tokens_for("", HELLO_LAST, 5);
+    let choice = &v["choices"][0];
+    assert_eq!(choice["text"], continuation(&HELLO, &tokens));
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(v["usage"], json!({"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}));
+    let lp = &choice["logprobs"];
+    assert_eq!(lp["tokens"].as_array().expect("tokens").len(), 5);
+    assert_eq!(lp["token_logprobs"].as_array().expect("logprobs").len(), 5);
+    for top in lp["top_logprobs"].as_array().expect("top") {
+        assert_eq!(top.as_object().expect("map").len(), 2, "{top}");
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .expect("offsets")
+        .iter()
+        .map(|o| o.as_u64().expect("offset"))
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+
+    // An adapter as `model`.
+    let body = json!({"model": "org/adapter-a", "prompt": "Hello", "max_tokens": 4, "temperature": 0});
+    let v: Value = d.post("/v1/completions", body).await.json().await.expect("json");
+    assert_eq!(v["model"], "org/adapter-a");
+    let adapter_tokens = fake_tokens_for("org/adapter-a", HELLO_LAST, 4);
+    assert_eq!(v["choices"][0]["text"], continuation(&HELLO, &adapter_tokens));
+    assert_ne!(adapter_tokens, tokens[..4].to_vec());
+
+    // The adapter is now known to /v1/models, next to the base model.
+    let models: Value = d.get("/v1/models").await.json().await.expect("models");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids.first().copied(), info["model_id"].as_str());
+    assert!(ids.contains(&"org/adapter-a"), "{models}");
+    d.assert_no_violations();
+}
+
+#[tokio::test]
+async fn completions_stream_equals_whole_and_ends_with_usage_and_done() {
+    let d = Deployment::start(Setup::default()).await;
+    let whole: Value = d
+        .post("/v1/completions", json!({"prompt": "Hello", "max_tokens": 6}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let events = events(
+        &d,
+        "/v1/completions",
+        json!({"prompt": "Hello", "max_tokens": 6, "stream": true, "stream_options": {"include_usage": true}}),
+    )
+    .await;
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+    let usage = &events[events.len() - 2];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 6);
+    let chunks = &events[..events.len() - 2];
+    assert_eq!(chunks.len(), 6, "one chunk per token");
+    let text: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().expect("text"))
+        .collect();
+    assert_eq!(text, whole["choices"][0]["text"].as_str().expect("text"));
+    assert!(chunks[..5]
+        .iter()
+        .all(|c| c["choices"][0]["finish_reason"].is_null()));
+    assert_eq!(chunks[5]["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test]
+async fn n_choices_and_stop_sequences() {
+    let d = Deployment::start(Setup::default()).await;
+    let v: Value = d
+        .post("/v1/completions", json!({"prompt": "Hello", "max_tokens": 3, "n": 3}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["text"], choices[0]["text"], "greedy choices agree");
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 9);
+
+    // Streamed n=2: each choice's chunks carry its index.
+    let events = events(&d, "/v1/completions", json!({"prompt": "Hello", "max_tokens": 3, "n": 2, "stream": true})).await;
+    for index in 0..2 {
+        let text: String = events
+            .iter()
+            .filter(|e| e["choices"][0]["index"] == index)
+            .map(|e| e["choices"][0]["text"].as_str().expect("text"))
+            .collect();
+        assert_eq!(text, choices[0]["text"].as_str().expect("text"), "choice {index}");
+    }
+
+    // A stop sequence inside the text: finish_reason "stop", text cut at the match.
+    let full = choices[0]["text"].as_str().expect("text").to_string();
+    let stop: String = full.chars().skip(2).take(2).collect();
+    let v: Value = d
+        .post("/v1/completions", json!({"prompt": "Hello", "max_tokens": 3, "stop": stop}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{v}");
+    let text = c["text"].as_str().expect("text");
+    assert!(text.ends_with(&stop) && full.starts_with(text), "{text:?} vs {full:?} / {stop:?}");
+}
+
+#[tokio::test]
+async fn chat_uses_the_template_without_a_second_bos() {
+    let d = Deployment::start(Setup::default()).await;
+    let messages = json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+    ]);
+    let rendered = "<s>[INST] Be brief.\n\nHi there [/INST]";
+    let prompt_ids: Vec<u32> = tokenizer()
+        .encode(rendered, false)
+        .expect("encode")
+        .get_ids()
+        .to_vec();
+    assert_eq!(prompt_ids[0], 1, "the template's <s> is the BOS token");
+    assert_ne!(prompt_ids[1], 1);
+    let last = *prompt_ids.last().expect("ids");
+
+    let body = json!({"model": "", "messages": messages, "max_tokens": 4, "logprobs": true, "top_logprobs": 2});
+    let v: Value = d.post("/v1/chat/completions", body).await.json().await.expect("json");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["usage"]["prompt_tokens"], prompt_ids.len(), "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["message"]["role"], "assistant");
+    let tokens = fake_tokens_for("", last, 4);
+    assert_eq!(c["message"]["content"], continuation(&prompt_ids, &tokens));
+    let content = c["logprobs"]["content"].as_array().expect("logprobs");
+    assert_eq!(content.len(), 4);
+    assert!(content.iter().all(|t| t["top_logprobs"].as_array().expect("top").len() == 2));
+
+    // Streamed, with an adapter: the role comes first, the text adds up.
+    let body = json!({"model": "org/chat-adapter", "messages": messages, "max_tokens": 4, "stream": true});
+    let events = events(&d, "/v1/chat/completions", body).await;
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+    let chunks = &events[..events.len() - 1];
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    let text: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().expect("content"))
+        .collect();
+    let adapter_tokens = fake_tokens_for("org/chat-adapter", last, 4);
+    assert_eq!(text, continuation(&prompt_ids, &adapter_tokens));
+    d.assert_no_violations();
+}
+
+#[tokio::test]
+async fn errors_have_openai_shape() {
+    let d = Deployment::start(Setup::default()).await;
+    let cases = [
+        ("/v1/completions", json!({"prompt": "Hello", "temperature": -1.0}), 422, "temperature"),
+        ("/v1/completions", json!({"prompt": ["a", "b"]}), 422, "one string"),
+        ("/v1/completions", json!({"prompt": "Hello", "n": 9}), 422, "`n`"),
+        ("/v1/completions", json!({"prompt": "Hello", "logprobs": 6}), 422, "at most 5"),
+        ("/v1/completions", json!({"prompt": "Hello", "model": "x", "adapter_source": "s3"}), 422, "adapter_source"),
+        ("/v1/completions", json!({"prompt": 7}), 422, ""),
+        ("/v1/chat/completions", json!({"messages": []}), 422, "must not be empty"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "assistant", "content": "x"}]}),
+            422,
+            "Conversation roles must alternate",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
+            422,
+            "tools",
+        ),
+    ];
+    for (path, body, status, needle) in cases {
+        let (got, v) = error_of(d.post(path, body.clone()).await).await;
+        assert_eq!(got, status, "{path} {body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_else(|| panic!("not OpenAI's shape: {v}"));
+        assert!(message.contains(needle), "{path} {body}: {message}");
+        assert!(v["error"]["type"].is_string(), "{v}");
+    }
+    // Malformed JSON is a 4xx in the same shape.
+    let r = d
+        .http
+        .post(format!("{}/v1/completions", d.base))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("sent");
+    let (got, v) = error_of(r).await;
+    assert!((400..500).contains(&got), "{got}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+}
