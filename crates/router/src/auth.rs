@@ -196,7 +196,10 @@ mod tests {
             Ok(Credential::Bearer)
         );
         assert_eq!(
-            k.authorize(&headers(&[("x-api-key", "s3cret-key"), ("authorization", "Bearer hf_hub")])),
+            k.authorize(&headers(&[
+                ("x-api-key", "s3cret-key"),
+                ("authorization", "Bearer hf_hub")
+            ])),
             Ok(Credential::Header),
             "the hub token stays in Authorization"
         );
@@ -220,7 +223,9 @@ mod tests {
         let file = dir.path().join("keys");
         std::fs::write(&file, "# rotation: old key first\nold-key\n\n  new-key  \n").expect("write");
         let flag: ApiKey = "flag-key".parse().expect("key");
-        let k = ApiKeys::from_flags(Some(&flag), Some(&file)).expect("read").expect("keys");
+        let k = ApiKeys::from_flags(Some(&flag), Some(&file))
+            .expect("read")
+            .expect("keys");
         assert_eq!(k.len(), 3);
         for key in ["old-key", "new-key", "flag-key"] {
             assert!(k.accepts(key.as_bytes()), "{key}");
@@ -243,10 +248,25 @@ mod tests {
 
     #[test]
     fn public_routes() {
-        for path in ["/health", "/metrics", "/docs", "/docs/swagger-ui.css", "/api-doc/openapi.json"] {
+        for path in [
+            "/health",
+            "/metrics",
+            "/docs",
+            "/docs/swagger-ui.css",
+            "/api-doc/openapi.json",
+        ] {
             assert!(is_public(path), "{path}");
         }
-        for path in ["/", "/generate", "/generate_stream", "/info", "/tokenize", "/v1/models", "/healthz", "/docsx"] {
+        for path in [
+            "/",
+            "/generate",
+            "/generate_stream",
+            "/info",
+            "/tokenize",
+            "/v1/models",
+            "/healthz",
+            "/docsx",
+        ] {
             assert!(!is_public(path), "{path}");
         }
     }
