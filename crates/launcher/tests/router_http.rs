@@ -30,8 +30,16 @@ async fn cors_and_otlp_flags_reach_the_router() {
         .await
         .expect("preflight");
     assert_eq!(preflight.status(), 200);
-    let header = |name: &str| preflight.headers().get(name).map(|v| v.to_str().expect("ascii").to_string());
-    assert_eq!(header("access-control-allow-origin").as_deref(), Some("https://app.example"));
+    let header = |name: &str| {
+        preflight
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().expect("ascii").to_string())
+    };
+    assert_eq!(
+        header("access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
     assert_eq!(header("access-control-max-age").as_deref(), Some("60"));
 
     let response = client

@@ -176,10 +176,7 @@ fn error_responses(
         .map(|(status, description)| {
             let response = ResponseBuilder::new()
                 .description(*description)
-                .content(
-                    "application/json",
-                    Content::new(Some(Ref::from_schema_name(schema))),
-                )
+                .content("application/json", Content::new(Some(Ref::from_schema_name(schema))))
                 .build();
             (status.to_string(), RefOr::T(response))
         })
@@ -191,7 +188,10 @@ const BODY_ERRORS: [(u16, &str); 4] = [
     (400, "Malformed JSON (`validation`)"),
     (413, "Body larger than --body-limit-bytes (`validation`)"),
     (415, "No `Content-Type: application/json` (`validation`)"),
-    (422, "Unknown, missing or mistyped field, or a value out of range (`validation`)"),
+    (
+        422,
+        "Unknown, missing or mistyped field, or a value out of range (`validation`)",
+    ),
 ];
 
 /// Errors of the generation routes (`error_type` in parentheses).
@@ -199,10 +199,19 @@ fn generate_errors() -> Vec<(u16, &'static str)> {
     let mut statuses = BODY_ERRORS.to_vec();
     statuses.extend([
         (403, "The adapter may not be fetched (`adapter_forbidden`)"),
-        (404, "No such adapter (`adapter_not_found`); 422 `adapter_invalid` when unusable"),
-        (424, "A shard call failed (`generation`) or the adapter could not be made ready (`adapter_unavailable`)"),
+        (
+            404,
+            "No such adapter (`adapter_not_found`); 422 `adapter_invalid` when unusable",
+        ),
+        (
+            424,
+            "A shard call failed (`generation`) or the adapter could not be made ready (`adapter_unavailable`)",
+        ),
         (429, "More than --max-concurrent-requests in flight (`overloaded`)"),
-        (500, "The generation ended without its last token (`incomplete_generation`)"),
+        (
+            500,
+            "The generation ended without its last token (`incomplete_generation`)",
+        ),
         (503, "The batching task has stopped (`unhealthy`)"),
     ]);
     statuses
@@ -321,7 +330,14 @@ mod tests {
         assert_eq!(json["info"]["title"], "LoRAX");
         assert_eq!(json["info"]["version"], env!("CARGO_PKG_VERSION"));
         let schemas = json["components"]["schemas"].as_object().expect("schemas");
-        for name in ["GenerateRequest", "GenerateParameters", "GenerateResponse", "StreamResponse", "ErrorResponse", "Info"] {
+        for name in [
+            "GenerateRequest",
+            "GenerateParameters",
+            "GenerateResponse",
+            "StreamResponse",
+            "ErrorResponse",
+            "Info",
+        ] {
             assert!(schemas.contains_key(name), "schema {name} missing");
         }
         let error = &json["paths"]["/generate"]["post"]["responses"]["429"]["content"]["application/json"]["schema"];

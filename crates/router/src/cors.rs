@@ -98,9 +98,8 @@ fn cleaned(values: &[String]) -> Vec<&str> {
 
 /// An origin exactly as browsers send it: `scheme://host[:port]`, no path, no trailing slash.
 fn origin(value: &str) -> Result<HeaderValue, String> {
-    let invalid = || {
-        format!("--cors-allow-origin: `{value}` is not an origin (scheme://host[:port], no path or trailing slash)")
-    };
+    let invalid =
+        || format!("--cors-allow-origin: `{value}` is not an origin (scheme://host[:port], no path or trailing slash)");
     let (scheme, host) = value.split_once("://").ok_or_else(invalid)?;
     let scheme_ok = !scheme.is_empty()
         && scheme
@@ -157,7 +156,13 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_the_flag() {
-        for bad in ["app.example.com", "https://app.example.com/", "https://a.example/x", "://x", "https://"] {
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://a.example/x",
+            "://x",
+            "https://",
+        ] {
             assert!(error(&args(&[bad])).contains("is not an origin"), "{bad}");
         }
         assert!(error(&args(&["*", "https://a.example"])).contains("cannot be combined"));

@@ -295,7 +295,10 @@ stray_metric 1 1700000000000
             ]
         );
         let count = &json.metrics[0];
-        assert_eq!((count.kind.as_str(), count.help.as_deref()), ("counter", Some("Requests received")));
+        assert_eq!(
+            (count.kind.as_str(), count.help.as_deref()),
+            ("counter", Some("Requests received"))
+        );
         assert_eq!(count.samples[0].value, Some(3.0));
         assert!(count.samples[0].labels.is_empty());
 
@@ -317,12 +320,21 @@ stray_metric 1 1700000000000
             prefill.buckets.as_deref(),
             Some(&[Bucket { le: 0.001, count: 0.0 }, Bucket { le: 0.01, count: 2.0 }][..])
         );
-        assert_eq!((prefill.sum, prefill.count, prefill.value), (Some(0.5), Some(3.0), None));
+        assert_eq!(
+            (prefill.sum, prefill.count, prefill.value),
+            (Some(0.5), Some(3.0), None)
+        );
         assert_eq!(histogram.samples[1].count, Some(7.0));
 
         let summary = &json.metrics[4];
         let quantiles = summary.samples[0].quantiles.as_deref().expect("quantiles");
-        assert_eq!(quantiles[0], Quantile { quantile: 0.5, value: 1.5 });
+        assert_eq!(
+            quantiles[0],
+            Quantile {
+                quantile: 0.5,
+                value: 1.5
+            }
+        );
         assert!(quantiles[1].value.is_nan());
         assert_eq!(summary.samples[0].count, Some(2.0));
 

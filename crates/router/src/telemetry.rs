@@ -196,7 +196,12 @@ mod tests {
     #[test]
     fn header_extractor() {
         let mut headers = HeaderMap::new();
-        headers.insert("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".parse().expect("value"));
+        headers.insert(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .expect("value"),
+        );
         let extractor = Headers(&headers);
         assert_eq!(
             extractor.get("traceparent"),

@@ -8,8 +8,8 @@ use common::{error_of, Deployment, Setup};
 use lorax_router::api_doc;
 use reqwest::header::{
     ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
-    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE,
-    ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, CONTENT_TYPE, ORIGIN,
+    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS,
+    ACCESS_CONTROL_REQUEST_METHOD, CONTENT_TYPE, ORIGIN,
 };
 use serde_json::{json, Value};
 
@@ -30,7 +30,15 @@ async fn openapi_document_and_swagger_ui() {
     assert_eq!(served, serde_json::to_value(api_doc::document()).expect("json"));
     let problems = api_doc::undocumented_routes(lorax_router::server::routes().registered(), api_doc::document());
     assert!(problems.is_empty(), "{problems:#?}");
-    for path in ["/generate", "/generate_stream", "/", "/health", "/info", "/tokenize", "/metrics"] {
+    for path in [
+        "/generate",
+        "/generate_stream",
+        "/",
+        "/health",
+        "/info",
+        "/tokenize",
+        "/metrics",
+    ] {
         assert!(served["paths"].get(path).is_some(), "{path} not documented");
     }
 
@@ -38,16 +46,25 @@ async fn openapi_document_and_swagger_ui() {
     assert_eq!(page.status(), 200);
     assert!(header(&page, CONTENT_TYPE).expect("type").starts_with("text/html"));
     let page = page.text().await.expect("html");
-    assert!(page.contains("api-doc/openapi.json") && page.contains("SwaggerUIBundle"), "{page}");
+    assert!(
+        page.contains("api-doc/openapi.json") && page.contains("SwaggerUIBundle"),
+        "{page}"
+    );
     for (asset, content_type, marker) in [
         ("swagger-ui-bundle.js", "text/javascript", "SwaggerUIBundle"),
         ("swagger-ui.css", "text/css", ".swagger-ui"),
         ("swagger-ui-bundle.js.LICENSE.txt", "text/plain", "license"),
     ] {
-        assert!(asset.contains("LICENSE") || page.contains(&format!("docs/{asset}")), "{asset} not loaded");
+        assert!(
+            asset.contains("LICENSE") || page.contains(&format!("docs/{asset}")),
+            "{asset} not loaded"
+        );
         let response = d.get(&format!("/docs/{asset}")).await;
         assert_eq!(response.status(), 200, "{asset}");
-        assert!(header(&response, CONTENT_TYPE).expect("type").starts_with(content_type), "{asset}");
+        assert!(
+            header(&response, CONTENT_TYPE).expect("type").starts_with(content_type),
+            "{asset}"
+        );
         assert!(response.text().await.expect("body").contains(marker), "{asset}");
     }
     assert_eq!(d.get("/docs/swagger-ui-bundle.js.map").await.status(), 404);
@@ -59,7 +76,10 @@ async fn metrics_json_matches_the_text_format() {
     let d = Deployment::start(Setup::default()).await;
     for _ in 0..3 {
         let response = d
-            .post("/generate", json!({"inputs": "Hello", "parameters": {"max_new_tokens": 2}}))
+            .post(
+                "/generate",
+                json!({"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
+            )
             .await;
         assert_eq!(response.status(), 200);
     }
@@ -127,14 +147,25 @@ async fn metrics_json_matches_the_text_format() {
         .iter()
         .map(|s| s["labels"]["method"].as_str().expect("method"))
         .collect();
-    assert!(methods.contains(&"prefill") && methods.contains(&"decode"), "{methods:?}");
-    for gauge in ["lorax_queue_size", "lorax_batch_current_size", "lorax_batch_current_max_tokens"] {
+    assert!(
+        methods.contains(&"prefill") && methods.contains(&"decode"),
+        "{methods:?}"
+    );
+    for gauge in [
+        "lorax_queue_size",
+        "lorax_batch_current_size",
+        "lorax_batch_current_max_tokens",
+    ] {
         assert_eq!(family(gauge)["type"], "gauge");
     }
     assert!(text.contains("lorax_batch_inference_count{method=\"decode\"}"));
 
     let (status, error) = error_of(d.get("/metrics?format=xml").await).await;
-    assert_eq!((status, error["error_type"].as_str()), (422, Some("validation")), "{error}");
+    assert_eq!(
+        (status, error["error_type"].as_str()),
+        (422, Some("validation")),
+        "{error}"
+    );
     let text_again = d.get("/metrics?format=text").await;
     assert_eq!(
         header(&text_again, CONTENT_TYPE).as_deref(),
@@ -190,16 +221,28 @@ async fn cors_flags() {
     for path in ["/generate", "/v1/chat/completions", "/tokenize"] {
         let response = preflight(&d, path, "https://app.example", "POST").await;
         assert_eq!(response.status(), 200, "{path}");
-        assert_eq!(header(&response, ACCESS_CONTROL_ALLOW_ORIGIN).as_deref(), Some("https://app.example"));
+        assert_eq!(
+            header(&response, ACCESS_CONTROL_ALLOW_ORIGIN).as_deref(),
+            Some("https://app.example")
+        );
         let methods = header(&response, ACCESS_CONTROL_ALLOW_METHODS).expect("methods");
         assert!(methods.contains("POST") && methods.contains("GET"), "{methods}");
         let headers = header(&response, ACCESS_CONTROL_ALLOW_HEADERS).expect("headers");
-        assert!(headers.contains("content-type") && headers.contains("authorization"), "{headers}");
-        assert_eq!(header(&response, ACCESS_CONTROL_ALLOW_CREDENTIALS).as_deref(), Some("true"));
+        assert!(
+            headers.contains("content-type") && headers.contains("authorization"),
+            "{headers}"
+        );
+        assert_eq!(
+            header(&response, ACCESS_CONTROL_ALLOW_CREDENTIALS).as_deref(),
+            Some("true")
+        );
         assert_eq!(header(&response, ACCESS_CONTROL_MAX_AGE).as_deref(), Some("600"));
     }
     let response = preflight(&d, "/generate", "http://localhost:8080", "POST").await;
-    assert_eq!(header(&response, ACCESS_CONTROL_ALLOW_ORIGIN).as_deref(), Some("http://localhost:8080"));
+    assert_eq!(
+        header(&response, ACCESS_CONTROL_ALLOW_ORIGIN).as_deref(),
+        Some("http://localhost:8080")
+    );
 
     // Another origin gets no permission.
     let response = preflight(&d, "/generate", "https://evil.example", "POST").await;
@@ -215,17 +258,29 @@ async fn cors_flags() {
         .await
         .expect("sent");
     assert_eq!(response.status(), 200);
-    assert_eq!(header(&response, ACCESS_CONTROL_ALLOW_ORIGIN).as_deref(), Some("https://app.example"));
+    assert_eq!(
+        header(&response, ACCESS_CONTROL_ALLOW_ORIGIN).as_deref(),
+        Some("https://app.example")
+    );
     let exposed = header(&response, ACCESS_CONTROL_EXPOSE_HEADERS).expect("expose");
-    assert!(exposed.contains("x-generated-tokens") && exposed.contains("x-adapter-id"), "{exposed}");
-    assert_eq!(header(&response, ACCESS_CONTROL_ALLOW_CREDENTIALS).as_deref(), Some("true"));
+    assert!(
+        exposed.contains("x-generated-tokens") && exposed.contains("x-adapter-id"),
+        "{exposed}"
+    );
+    assert_eq!(
+        header(&response, ACCESS_CONTROL_ALLOW_CREDENTIALS).as_deref(),
+        Some("true")
+    );
 }
 
 #[tokio::test]
 async fn bad_cors_flags_stop_the_router() {
     for (flags, message) in [
         (vec!["--cors-allow-origin", "https://app.example/"], "is not an origin"),
-        (vec!["--cors-allow-origin", "*", "--cors-allow-credentials"], "cannot be used with"),
+        (
+            vec!["--cors-allow-origin", "*", "--cors-allow-credentials"],
+            "cannot be used with",
+        ),
         (vec!["--cors-allow-method", "GET"], "need --cors-allow-origin"),
     ] {
         let setup = Setup {

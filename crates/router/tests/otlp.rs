@@ -143,7 +143,11 @@ async fn spans_are_exported_over_otlp() {
         .unwrap_or_else(|| panic!("no POST /generate span in {names:?}"));
     assert_eq!(server.kind, SpanKind::Server as i32);
     assert_eq!(hex(&server.trace_id), caller_trace, "the caller's trace is continued");
-    assert_eq!(hex(&server.parent_span_id), caller_span, "the caller's span is the parent");
+    assert_eq!(
+        hex(&server.parent_span_id),
+        caller_span,
+        "the caller's span is the parent"
+    );
     assert_eq!(server.attribute("http.route").as_deref(), Some("/generate"));
     assert_eq!(server.attribute("http.request.method").as_deref(), Some("POST"));
     assert_eq!(server.attribute("http.response.status_code").as_deref(), Some("200"));
@@ -152,12 +156,19 @@ async fn spans_are_exported_over_otlp() {
         .iter()
         .find(|s| s.name == "generate" && s.trace_id == server.trace_id)
         .unwrap_or_else(|| panic!("no generate span in the request's trace: {names:?}"));
-    assert_eq!(handler.parent_span_id, server.span_id, "the handler's span is the server span's child");
+    assert_eq!(
+        handler.parent_span_id, server.span_id,
+        "the handler's span is the server span's child"
+    );
 
     let tokenize = spans
         .iter()
         .find(|s| s.name == "POST /tokenize")
         .unwrap_or_else(|| panic!("no POST /tokenize span in {names:?}"));
-    assert_ne!(hex(&tokenize.trace_id), caller_trace, "a request without traceparent starts a new trace");
+    assert_ne!(
+        hex(&tokenize.trace_id),
+        caller_trace,
+        "a request without traceparent starts a new trace"
+    );
     assert!(tokenize.parent_span_id.is_empty(), "a root span");
 }
