@@ -77,7 +77,8 @@ pub struct RouterHttpArgs {
     /// Methods allowed in cross-origin calls, or `*` (router default: GET, POST).
     #[arg(long, env = "CORS_ALLOW_METHOD", value_delimiter = ',')]
     pub cors_allow_method: Vec<String>,
-    /// Request headers allowed in cross-origin calls, or `*` (router default: content-type, authorization).
+    /// Request headers allowed in cross-origin calls, or `*` (router default: content-type,
+    /// authorization, x-api-key).
     #[arg(long, env = "CORS_ALLOW_HEADER", value_delimiter = ',')]
     pub cors_allow_header: Vec<String>,
     /// Response headers a browser page may read (e.g. x-generated-tokens), or `*`.

@@ -159,7 +159,8 @@ pub struct CorsArgs {
     /// Methods allowed in cross-origin calls, or `*` (default: GET, POST).
     #[arg(long, env, value_delimiter = ',')]
     pub cors_allow_method: Vec<String>,
-    /// Request headers allowed in cross-origin calls, or `*` (default: content-type, authorization).
+    /// Request headers allowed in cross-origin calls, or `*` (default: content-type, authorization,
+    /// x-api-key).
     #[arg(long, env, value_delimiter = ',')]
     pub cors_allow_header: Vec<String>,
     /// Response headers a browser page may read besides the CORS-safelisted ones (e.g. x-generated-tokens),

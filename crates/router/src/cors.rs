@@ -63,7 +63,11 @@ pub fn layer(args: &CorsArgs) -> Result<Option<CorsLayer>, String> {
 
     let headers = cleaned(&args.cors_allow_header);
     let headers = if headers.is_empty() {
-        AllowHeaders::list([header::CONTENT_TYPE, header::AUTHORIZATION])
+        AllowHeaders::list([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            HeaderName::from_static(crate::auth::API_KEY_HEADER),
+        ])
     } else if wildcard("cors-allow-header", &headers)? {
         AllowHeaders::any()
     } else {

@@ -229,7 +229,7 @@ async fn cors_flags() {
         assert!(methods.contains("POST") && methods.contains("GET"), "{methods}");
         let headers = header(&response, ACCESS_CONTROL_ALLOW_HEADERS).expect("headers");
         assert!(
-            headers.contains("content-type") && headers.contains("authorization"),
+            headers.contains("content-type") && headers.contains("authorization") && headers.contains("x-api-key"),
             "{headers}"
         );
         assert_eq!(
