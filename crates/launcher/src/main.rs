@@ -62,6 +62,9 @@ pub struct Args {
     /// LoRA adapter settings.
     #[command(flatten)]
     pub adapters: AdapterArgs,
+    /// API keys the router requires.
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// Browser access (CORS) and trace export of the router.
     #[command(flatten)]
     pub router_http: RouterHttpArgs,
@@ -124,6 +127,41 @@ impl RouterHttpArgs {
         }
         v.push(format!("--otlp-service-name={}", self.otlp_service_name));
         v
+    }
+}
+
+/// Optional API keys the router requires on every route but /health, /metrics and /docs (sent as
+/// `Authorization: Bearer <key>` or `X-API-Key: <key>`; see docs/reliability.md).
+#[derive(ClapArgs, Clone, Default)]
+pub struct AuthArgs {
+    /// An API key clients must send. It reaches the router through its environment (`API_KEY`), never
+    /// its command line; prefer setting `API_KEY` or `--api-key-file` here too.
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A file of API keys, one per line (blank lines and `#` comments skipped), any of them accepted.
+    #[arg(long, env = "API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AuthArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthArgs")
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("api_key_file", &self.api_key_file)
+            .finish()
+    }
+}
+
+impl AuthArgs {
+    /// The router's flags (the file's path) and environment (the key).
+    fn router_flags_and_env(&self) -> (Vec<String>, Vec<(&'static str, String)>) {
+        let flags = self
+            .api_key_file
+            .iter()
+            .map(|f| format!("--api-key-file={}", f.display()))
+            .collect();
+        let env = self.api_key.iter().map(|k| ("API_KEY", k.clone())).collect();
+        (flags, env)
     }
 }
 
@@ -316,5 +354,23 @@ mod tests {
                 "--otlp-service-name=lorax-router",
             ]
         );
+    }
+
+    #[test]
+    fn api_key_reaches_the_router_by_environment_only() {
+        let args = Args::try_parse_from(["lorax-launcher"]).expect("defaults");
+        assert_eq!(args.auth.router_flags_and_env(), (vec![], vec![]));
+        let args = Args::try_parse_from([
+            "lorax-launcher",
+            "--api-key",
+            "k-secret",
+            "--api-key-file",
+            "/etc/lorax/keys",
+        ])
+        .expect("flags");
+        let (flags, env) = args.auth.router_flags_and_env();
+        assert_eq!(flags, ["--api-key-file=/etc/lorax/keys"]);
+        assert_eq!(env, [("API_KEY", "k-secret".to_string())]);
+        assert!(!format!("{args:?}").contains("k-secret"), "redacted in Debug");
     }
 }

@@ -39,9 +39,16 @@ fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn spawn(name: &str, program: &Path, args: &[String]) -> anyhow::Result<Proc> {
+/// Starts `program` with `args`; `env` is added to the launcher's environment, without its `API_KEY`
+/// (only the router gets the key, through `env`).
+fn spawn(name: &str, program: &Path, args: &[String], env: &[(&'static str, String)]) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).kill_on_drop(true).process_group(0);
+    cmd.args(args)
+        .env_remove("API_KEY")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .process_group(0);
     // SAFETY: pre_exec runs in the forked child before exec; prctl is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -168,7 +175,7 @@ async fn start_and_watch(
         ];
         a.extend(args.adapters.shard_flags());
         a.extend(json.iter().cloned());
-        procs.push(spawn(&format!("shard {rank}"), &sibling("lorax-shard"), &a)?);
+        procs.push(spawn(&format!("shard {rank}"), &sibling("lorax-shard"), &a, &[])?);
     }
 
     // Wait for every shard's Health, watching for deaths and signals meanwhile.
@@ -215,9 +222,11 @@ async fn start_and_watch(
     ];
     a.extend(args.limits.to_flags());
     a.extend(args.adapters.router_flags());
+    let (auth_flags, auth_env) = args.auth.router_flags_and_env();
+    a.extend(auth_flags);
     a.extend(args.router_http.to_flags());
     a.extend(json);
-    procs.push(spawn("router", &sibling("lorax-router"), &a)?);
+    procs.push(spawn("router", &sibling("lorax-router"), &a, &auth_env)?);
 
     tokio::select! {
         (i, status) = any_exit(procs) => {
