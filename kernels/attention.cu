@@ -1,20 +1,19 @@
 // Paged attention over the KV cache, for decode rows and prefill rows alike (flash-decoding style).
 //
-// One block handles one query row, one KV head (all of its query heads, up to ATTN_MAXG at a time: GQA
-// reads each key and value once for the whole group) and one split of the row's context. The context
-// [first, pos] of a row is cut into chunks of ATTN_CHUNK tokens; a block walks its chunks with an online
-// softmax (scores of a chunk in shared memory, then a rescale of the running sums), so any context length
-// works with fixed shared memory. When the batch alone cannot fill the GPU (decode of few, long
-// sequences) the host gives each row several splits; they write unnormalised partial results and
-// attn_reduce combines them. A row that needs a single split writes its output directly.
+// One block handles one query row, one KV head (all of its query heads, up to MAXG at a time: GQA reads
+// each key and value once for the whole group) and one split of the row's context [first, pos], in
+// units of ATTN_CHUNK tokens. Lane groups walk the tokens with an online softmax of their own and are
+// combined at the end, so any context length works with fixed registers and shared memory. When the batch
+// alone cannot fill the GPU (decode of few, long sequences) the host gives each row several splits; they
+// write unnormalised partial results and attn_reduce combines them. A row that needs a single split
+// writes its output directly.
 //
 // Grid: x = rows, y = KV heads x head chunks, z = splits. 128 threads. Keys and values are read with
 // 16-byte loads where the head size allows: G lanes share one token (each lane owns NPL elements of the
-// head), so a warp works on 32/G tokens at once, two tokens per lane group in flight.
+// head), so a warp works on 32/G tokens at once, with U tokens' keys and values per lane group in flight.
 
 #define ATTN_THREADS 128
 #define ATTN_CHUNK 256
-#define ATTN_MAXG 8
 
 // Per query row: its position (pos < 0: the row belongs to no sequence) and the offset of its sequence's
 // block table in the flattened tables.
@@ -35,10 +34,12 @@ __host__ __device__ constexpr int lane_elems(int hd, int vw) {
     return hd % vw != 0 ? (1 << 30) : (hd / vw / pow2_divisor(hd / vw)) * vw;
 }
 
-// The widest load (at most 16 bytes) that keeps a lane's share of the head at 8 elements or fewer.
+// The widest load (at most 16 bytes) that keeps a lane's share of the head at 8 elements or fewer (4 for
+// heads of 32 or fewer, which otherwise leave most lanes of a warp idle and the registers to one lane).
 __host__ __device__ constexpr int pick_vw(int hd) {
+    const int most = hd <= 32 ? 4 : 8;
     int vw = VEC;
-    while (vw > 1 && lane_elems(hd, vw) > 8) vw /= 2;
+    while (vw > 1 && lane_elems(hd, vw) > most) vw /= 2;
     return vw;
 }
 
@@ -58,7 +59,28 @@ __device__ __forceinline__ void load_lane(const T* __restrict__ base, const u32*
     for (int j = 0; j < NPV; ++j) load_n<VW>(row + (gl + j * G) * VW, out + j * VW);
 }
 
-template <int HD>
+// Loads n (a multiple of 4 when aligned) floats from shared memory, 16 bytes at a time when n % 4 == 0.
+template <int N>
+__device__ __forceinline__ void load_smem(const float* p, float* out) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N; i += 4) {
+            const f32x4 v = *reinterpret_cast<const f32x4*>(p + i);
+            out[i] = v.x;
+            out[i + 1] = v.y;
+            out[i + 2] = v.z;
+            out[i + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = p[i];
+    }
+}
+
+// One pass over the keys and values of the block's token range: each lane group keeps its own running
+// maximum, sum and output for every query head (online softmax, rescaled once per U tokens), so the loop
+// needs no barrier; the groups are combined once at the end.
+template <int HD, int MAXG>
 __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __restrict__ part_o,
                                                 float* __restrict__ part_ml, const T* __restrict__ q,
                                                 const T* __restrict__ k_cache, const T* __restrict__ v_cache,
@@ -71,22 +93,20 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
     constexpr int NPV = NV / G;
     constexpr int NPL = NPV * VW;
     constexpr int GROUPS = ATTN_THREADS / G;
+    constexpr int U = 2;  // tokens per lane group and step: keys and values of all of them in flight
 
-    __shared__ float q_s[ATTN_MAXG * HD];
-    __shared__ float s_s[ATTN_MAXG * ATTN_CHUNK];
-    __shared__ float red_s[GROUPS * HD];
-    __shared__ float m_s[ATTN_MAXG];
-    __shared__ float l_s[ATTN_MAXG];
-    __shared__ float a_s[ATTN_MAXG];
+    __shared__ alignas(16) float q_s[MAXG * HD];
+    __shared__ alignas(16) float red_s[GROUPS * HD];
+    __shared__ float ml_s[GROUPS][MAXG][2];
 
     const int tid = threadIdx.x;
     const u64 row = blockIdx.x;
     const int group = num_heads / num_kv_heads;
-    const int hchunks = (group + ATTN_MAXG - 1) / ATTN_MAXG;
+    const int hchunks = (group + MAXG - 1) / MAXG;
     const int kvh = blockIdx.y / hchunks;
     const int hc = blockIdx.y % hchunks;
-    const int h0 = kvh * group + hc * ATTN_MAXG;
-    const int nh = min(ATTN_MAXG, group - hc * ATTN_MAXG);
+    const int h0 = kvh * group + hc * MAXG;
+    const int nh = min(MAXG, group - hc * MAXG);
     const int split = blockIdx.z;
     const u64 qw = (u64)num_heads * HD;
     const RowInfo ri = rows[row];
@@ -100,13 +120,10 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
     const int nchunks = (len + ATTN_CHUNK - 1) / ATTN_CHUNK;
     const int splits_row = (nchunks + chunks_per_split - 1) / chunks_per_split;
     if (split >= splits_row) return;
-    const int c_end = min(nchunks, (split + 1) * chunks_per_split);
+    const int t_begin = split * chunks_per_split * ATTN_CHUNK;
+    const int t_end = min(len, t_begin + chunks_per_split * ATTN_CHUNK);
 
     for (int i = tid; i < nh * HD; i += ATTN_THREADS) q_s[i] = to_f(q[row * qw + h0 * HD + i]) * scale;
-    if (tid < ATTN_MAXG) {
-        m_s[tid] = NEG_INF;
-        l_s[tid] = 0.f;
-    }
     __syncthreads();
 
     const int gid = tid / G, gl = tid % G;
@@ -115,157 +132,148 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
     const T* vb = v_cache + kvh * HD;
     const u32* table = tables + ri.table;
 
-    float acc[ATTN_MAXG][NPL];
+    float m[MAXG], l[MAXG], acc[MAXG][NPL];
 #pragma unroll
-    for (int g = 0; g < ATTN_MAXG; ++g)
+    for (int g = 0; g < MAXG; ++g) {
+        m[g] = NEG_INF;
+        l[g] = 0.f;
 #pragma unroll
         for (int e = 0; e < NPL; ++e) acc[g][e] = 0.f;
-
-    for (int c = split * chunks_per_split; c < c_end; ++c) {
-        const int t0 = first + c * ATTN_CHUNK;
-        const int clen = min(ATTN_CHUNK, len - c * ATTN_CHUNK);
-
-        // Phase 1: scores of the chunk's tokens for every query head of the group. The loop bound is the
-        // same for all threads, so every lane reaches the shuffles.
-        for (int base = 0; base < clen; base += 2 * GROUPS) {
-            float kr[2][NPL];
-            bool valid[2];
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int tl = base + u * GROUPS + gid;
-                valid[u] = tl < clen;
-                if (valid[u]) {
-                    load_lane<VW, G, NPV>(kb, table, t0 + tl, block_size, kv_stride, gl, kr[u]);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < NPL; ++e) kr[u][e] = 0.f;
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int tl = base + u * GROUPS + gid;
-#pragma unroll
-                for (int g = 0; g < ATTN_MAXG; ++g) {
-                    if (g < nh) {
-                        float d = 0.f;
-#pragma unroll
-                        for (int j = 0; j < NPV; ++j)
-#pragma unroll
-                            for (int e = 0; e < VW; ++e) d += kr[u][j * VW + e] * q_s[g * HD + (gl + j * G) * VW + e];
-#pragma unroll
-                        for (int o = G / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                        if (gl == 0 && valid[u]) s_s[g * ATTN_CHUNK + tl] = d;
-                    }
-                }
-            }
-        }
-        __syncthreads();
-
-        // Online softmax: the chunk's maximum joins the running one; scores become weights.
-        for (int g = 0; g < nh; ++g) {
-            float mx = NEG_INF;
-            for (int i = tid; i < clen; i += ATTN_THREADS) mx = fmaxf(mx, s_s[g * ATTN_CHUNK + i]);
-            mx = block_max(mx);
-            const float m_old = m_s[g];
-            const float m_new = fmaxf(m_old, mx);
-            float sum = 0.f;
-            for (int i = tid; i < clen; i += ATTN_THREADS) {
-                const float e = __expf(s_s[g * ATTN_CHUNK + i] - m_new);
-                s_s[g * ATTN_CHUNK + i] = e;
-                sum += e;
-            }
-            sum = block_sum(sum);
-            if (tid == 0) {
-                const float a = __expf(m_old - m_new);
-                a_s[g] = a;
-                l_s[g] = l_s[g] * a + sum;
-                m_s[g] = m_new;
-            }
-        }
-        __syncthreads();
-
-        // Phase 2: rescale the running outputs, then add the chunk's weighted values.
-#pragma unroll
-        for (int g = 0; g < ATTN_MAXG; ++g) {
-            if (g < nh) {
-                const float a = a_s[g];
-#pragma unroll
-                for (int e = 0; e < NPL; ++e) acc[g][e] *= a;
-            }
-        }
-        for (int base = 0; base < clen; base += 2 * GROUPS) {
-            float vr[2][NPL];
-            bool valid[2];
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int tl = base + u * GROUPS + gid;
-                valid[u] = tl < clen;
-                if (valid[u]) load_lane<VW, G, NPV>(vb, table, t0 + tl, block_size, kv_stride, gl, vr[u]);
-            }
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                if (valid[u]) {
-                    const int tl = base + u * GROUPS + gid;
-#pragma unroll
-                    for (int g = 0; g < ATTN_MAXG; ++g) {
-                        if (g < nh) {
-                            const float w = s_s[g * ATTN_CHUNK + tl];
-#pragma unroll
-                            for (int e = 0; e < NPL; ++e) acc[g][e] += w * vr[u][e];
-                        }
-                    }
-                }
-            }
-        }
-        __syncthreads();
     }
 
-    // Each lane group holds a partial output over its tokens: sum the groups through shared memory.
+    // The step bound is the same for the whole block, so every lane reaches the shuffles.
+    for (int base = t_begin; base < t_end; base += GROUPS * U) {
+        float kr[U][NPL], vr[U][NPL];
+        bool valid[U];
 #pragma unroll
-    for (int g = 0; g < ATTN_MAXG; ++g) {
+        for (int u = 0; u < U; ++u) {
+            const int t = base + gid * U + u;
+            valid[u] = t < t_end;
+            if (valid[u]) {
+                load_lane<VW, G, NPV>(kb, table, first + t, block_size, kv_stride, gl, kr[u]);
+                load_lane<VW, G, NPV>(vb, table, first + t, block_size, kv_stride, gl, vr[u]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < NPL; ++e) kr[u][e] = vr[u][e] = 0.f;
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < MAXG; ++g) {
+            if (g < nh) {
+                float qv[NPL];
+#pragma unroll
+                for (int j = 0; j < NPV; ++j) load_smem<VW>(q_s + g * HD + (gl + j * G) * VW, qv + j * VW);
+                float sc[U];
+                float mx = m[g];
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    float d = 0.f;
+#pragma unroll
+                    for (int e = 0; e < NPL; ++e) d += kr[u][e] * qv[e];
+#pragma unroll
+                    for (int o = G / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                    sc[u] = valid[u] ? d : NEG_INF;
+                    mx = fmaxf(mx, sc[u]);
+                }
+                // mx is -inf only while this group has seen no valid token: nothing to add yet.
+                const float a = mx == NEG_INF ? 1.f : __expf(m[g] - mx);
+                float ls = l[g] * a;
+#pragma unroll
+                for (int e = 0; e < NPL; ++e) acc[g][e] *= a;
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const float p = valid[u] ? __expf(sc[u] - mx) : 0.f;
+                    ls += p;
+#pragma unroll
+                    for (int e = 0; e < NPL; ++e) acc[g][e] += p * vr[u][e];
+                }
+                l[g] = ls;
+                m[g] = mx;
+            }
+        }
+    }
+
+    // Combine the lane groups: rescale each group's sums to the block's maximum, add through shared memory.
+    if (gl == 0) {
+#pragma unroll
+        for (int g = 0; g < MAXG; ++g) {
+            ml_s[gid][g][0] = m[g];
+            ml_s[gid][g][1] = l[g];
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g) {
         if (g < nh) {
+            float mb = NEG_INF;
+            for (int x = 0; x < GROUPS; ++x) mb = fmaxf(mb, ml_s[x][g][0]);
+            const float f = m[g] == NEG_INF ? 0.f : __expf(m[g] - mb);
 #pragma unroll
             for (int j = 0; j < NPV; ++j)
 #pragma unroll
-                for (int e = 0; e < VW; ++e) red_s[gid * HD + (gl + j * G) * VW + e] = acc[g][j * VW + e];
+                for (int e = 0; e < VW; ++e) red_s[gid * HD + (gl + j * G) * VW + e] = acc[g][j * VW + e] * f;
             __syncthreads();
+            float lb = 0.f;
+            if (tid < HD) {
+                for (int x = 0; x < GROUPS; ++x) {
+                    const float mx = ml_s[x][g][0];
+                    if (mx != NEG_INF) lb += __expf(mx - mb) * ml_s[x][g][1];
+                }
+            }
             const int h = h0 + g;
             const u64 pidx = (row * num_heads + h) * num_splits + split;
             for (int d = tid; d < HD; d += ATTN_THREADS) {
                 float o = 0.f;
                 for (int x = 0; x < GROUPS; ++x) o += red_s[x * HD + d];
                 if (splits_row == 1)
-                    out[row * qw + h * HD + d] = from_f(o / l_s[g]);
+                    out[row * qw + h * HD + d] = from_f(o / lb);
                 else
                     part_o[pidx * HD + d] = o;
             }
             if (tid == 0 && splits_row > 1) {
-                part_ml[2 * pidx] = m_s[g];
-                part_ml[2 * pidx + 1] = l_s[g];
+                part_ml[2 * pidx] = mb;
+                part_ml[2 * pidx + 1] = lb;
             }
             __syncthreads();
         }
     }
 }
 
-#define PAGED_ATTENTION(HD)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) paged_attention_##HD(                             \
+#define PAGED_ATTENTION(HD, MAXG)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MAXG >= 8 ? 3 : 4)                                \
+        paged_attention_##HD##_##MAXG(                                                                             \
         T* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml, const T* __restrict__ q,     \
         const T* __restrict__ k_cache, const T* __restrict__ v_cache, const RowInfo* __restrict__ rows,           \
         const u32* __restrict__ tables, int num_heads, int num_kv_heads, int block_size, int window, float scale, \
         int chunks_per_split, int num_splits) {                                                                    \
-        paged_attention<HD>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads, num_kv_heads,     \
-                            block_size, window, scale, chunks_per_split, num_splits);                             \
+        paged_attention<HD, MAXG>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads,             \
+                                  num_kv_heads, block_size, window, scale, chunks_per_split, num_splits);         \
     }
 
-PAGED_ATTENTION(8)
-PAGED_ATTENTION(16)
-PAGED_ATTENTION(32)
-PAGED_ATTENTION(64)
-PAGED_ATTENTION(80)
-PAGED_ATTENTION(96)
-PAGED_ATTENTION(128)
-PAGED_ATTENTION(256)
+// Kernels per head size for 1, 2, 4 or 8 query heads per block (the host picks the smallest that holds
+// the GQA group: fewer registers; larger groups go 8 heads at a time). Blocks of 8 heads get more registers
+// (3 blocks per multiprocessor instead of 4) so their running sums stay out of local memory.
+PAGED_ATTENTION(8, 2)
+PAGED_ATTENTION(8, 4)
+PAGED_ATTENTION(8, 8)
+PAGED_ATTENTION(16, 2)
+PAGED_ATTENTION(16, 4)
+PAGED_ATTENTION(16, 8)
+PAGED_ATTENTION(32, 8)
+PAGED_ATTENTION(64, 1)
+PAGED_ATTENTION(64, 2)
+PAGED_ATTENTION(64, 4)
+PAGED_ATTENTION(64, 8)
+PAGED_ATTENTION(80, 8)
+PAGED_ATTENTION(96, 8)
+PAGED_ATTENTION(128, 1)
+PAGED_ATTENTION(128, 2)
+PAGED_ATTENTION(128, 4)
+PAGED_ATTENTION(128, 8)
+PAGED_ATTENTION(256, 1)
+PAGED_ATTENTION(256, 2)
+PAGED_ATTENTION(256, 4)
+PAGED_ATTENTION(256, 8)
 
 // Combines the splits of rows that had more than one: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s.
 // Grid: x = rows, y = query heads.

@@ -43,6 +43,7 @@ __device__ __forceinline__ T from_f(float f) { return f; }
 
 struct alignas(16) u32x4 { u32 x, y, z, w; };
 struct alignas(8) u32x2 { u32 x, y; };
+struct alignas(16) f32x4 { float x, y, z, w; };
 
 // Loads N consecutive elements (N * sizeof(T) bytes, aligned to that size) as f32.
 template <int N>

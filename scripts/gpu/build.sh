@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Builds, on a machine without CUDA, everything a GPU run needs, into one folder ignored by git
-# (default .gpu-bin/, as one bin.tgz): the CUDA test binaries of lorax-engine (release, stripped; from the working
-# tree) and the release launcher, shard and router (from the committed HEAD, in a temporary worktree,
-# so other people's uncommitted work in progress cannot break the build). The GPU machine has no Rust
-# toolchain; name the folder in the device tool's `carry` and run scripts/gpu/run.sh there.
+# (default .gpu-bin/, as one bin.tgz): the CUDA test binaries of lorax-engine (release, stripped) and the
+# release launcher, shard and router, all from the committed HEAD in a temporary worktree (so
+# uncommitted work in progress in the checkout cannot break the build, and what runs is what is
+# committed). The GPU machine has no Rust toolchain; name the folder in the device tool's `carry` and
+# run scripts/gpu/run.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
 out=${1:-.gpu-bin}
 export CARGO_PROFILE_RELEASE_DEBUG=false
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+wt=$(mktemp -d)
+git worktree add --detach "$wt" HEAD >/dev/null
+trap 'git worktree remove --force "$wt"' EXIT
 json=$(mktemp)
-cargo test --release -p lorax-engine --no-run --message-format=json >"$json"
+(cd "$wt" && cargo test --release -p lorax-engine --no-run --message-format=json) >"$json"
 rm -rf "$out"
 mkdir -p "$out"
 python3 - "$json" "$out" <<'PY'
@@ -29,9 +33,6 @@ for line in open(src):
         print("test binary", name)
 PY
 rm -f "$json"
-wt=$(mktemp -d)
-git worktree add --detach "$wt" HEAD >/dev/null
-trap 'git worktree remove --force "$wt"' EXIT
 (cd "$wt" && cargo build --release -p lorax-launcher -p lorax-shard -p lorax-router)
 cp "$CARGO_TARGET_DIR"/release/lorax-launcher "$CARGO_TARGET_DIR"/release/lorax-shard \
     "$CARGO_TARGET_DIR"/release/lorax-router "$out/"

@@ -22,8 +22,8 @@ use cuda_common::{backend, fixtures, rel_err, say};
 use lorax_engine::engine::RawSeq;
 use lorax_engine::kv_cache::BlockAllocator;
 use lorax_engine::lora::HostAdapter;
-use lorax_engine::weights::DType;
-use lorax_engine::{Batch, CacheConfig, CudaBackend, Engine, NewSequence, SamplingParams};
+use lorax_engine::weights::{DType, HostTensor};
+use lorax_engine::{Batch, CacheConfig, CpuBackend, CudaBackend, Engine, NewSequence, SamplingParams};
 
 const MODELS: [&str; 3] = ["llama", "mistral", "qwen2"];
 const ADAPTERS: [&str; 4] = ["lora-r8", "lora-r16-all", "lora-r64-regex", "rslora-r16-patterns"];
@@ -36,11 +36,15 @@ const NUM_BLOCKS: usize = 1024;
 const TOL_F32: f64 = 1e-4;
 
 /// Bounds for reduced-precision storage: (max logits rel err, min teacher-forced argmax agreement).
-fn bounds(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::BF16 => (5e-2, 0.9),
-        DType::F16 => (1e-2, 0.95),
-        DType::F32 => (TOL_F32, 1.0),
+/// LoRA in bf16 gets a wider error bound: rounding the adapter's own weights to bf16 already costs up to
+/// 5e-2 on the CPU in f32 (`bf16_adapter_weights_alone_explain_the_lora_bound`), on top of the base
+/// model's bf16 error (measured up to 3e-2).
+fn bounds(dtype: DType, lora: bool) -> (f64, f64) {
+    match (dtype, lora) {
+        (DType::BF16, false) => (5e-2, 0.9),
+        (DType::BF16, true) => (1e-1, 0.9),
+        (DType::F16, _) => (1e-2, 0.95),
+        (DType::F32, _) => (TOL_F32, 1.0),
     }
 }
 
@@ -110,8 +114,8 @@ impl Stats {
         );
     }
 
-    fn finish(&self, what: &str, dtype: DType) {
-        let (max_rel, min_agree) = bounds(dtype);
+    fn finish(&self, what: &str, dtype: DType, lora: bool) {
+        let (max_rel, min_agree) = bounds(dtype, lora);
         let agree = self.agree as f64 / self.positions.max(1) as f64;
         say(&format!(
             "{what} {dtype:?}: worst logits rel err {:.3e} (bound {max_rel:.0e}), teacher-forced argmax agreement \
@@ -157,7 +161,7 @@ fn logits_at_every_position(dtype: DType) {
             }
             alloc.free(&table);
         }
-        stats.finish(&format!("{name} logits"), dtype);
+        stats.finish(&format!("{name} logits"), dtype, false);
     }
 }
 
@@ -311,7 +315,7 @@ fn lora(dtype: DType) {
             }
             alloc.free(&table);
         }
-        stats.finish(&format!("adapter {name}"), dtype);
+        stats.finish(&format!("adapter {name}"), dtype, true);
     }
 
     let rows: serde_json::Value =
@@ -361,7 +365,7 @@ fn lora(dtype: DType) {
             g.row("mixed.last_logits", r),
         );
     }
-    stats.finish("peft mixed batch, last logits", dtype);
+    stats.finish("peft mixed batch, last logits", dtype, true);
     let mut batch = Batch::default();
     let mut got: Vec<Vec<u32>> = vec![vec![]; rows.len()];
     for gen in e.prefill(&mut batch, news).unwrap() {
@@ -395,4 +399,67 @@ fn f32_lora_matches_peft_alone_and_mixed() {
 #[test]
 fn bf16_lora_matches_peft_within_bf16_tolerance() {
     lora(DType::BF16);
+}
+
+/// Runs everywhere (CPU only): the CPU engine in f32 with only the adapters' A and B rounded to bf16 (as
+/// the CUDA backend stores them in bf16) against peft. This error is the floor under the bf16 LoRA bound:
+/// large scales (rsLoRA with alpha patterns: up to 16x) amplify the rounding of the adapter's weights.
+#[test]
+fn bf16_adapter_weights_alone_explain_the_lora_bound() {
+    let mut e = Engine::load(
+        CpuBackend,
+        &fixtures().join("models/llama"),
+        CacheConfig {
+            num_blocks: NUM_BLOCKS,
+            block_size: BLOCK,
+        },
+    )
+    .unwrap();
+    let g = Golden::open(fixtures().join("adapters/golden_lora.safetensors"));
+    let sub = g.ids("vocab_subset");
+    let mut alloc = BlockAllocator::new(NUM_BLOCKS as u32, BLOCK);
+    let mut worst_all = 0f64;
+    for name in ADAPTERS {
+        let mut host = HostAdapter::load(&fixtures().join("adapters").join(name), e.config(), 128).unwrap();
+        for pair in host.layers.iter_mut().flatten().flatten() {
+            for t in [&mut pair.a, &mut pair.b] {
+                let bytes: Vec<u8> = t
+                    .to_f32()
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_f32().to_le_bytes())
+                    .collect();
+                *t = HostTensor {
+                    name: t.name.clone(),
+                    dtype: DType::F32,
+                    shape: t.shape.clone(),
+                    data: bytes.into(),
+                };
+            }
+        }
+        e.load_adapter(name, &host).unwrap();
+        let mut worst = 0f64;
+        for p in 0..N_PROMPTS {
+            let ids = g.ids(&format!("{name}.p{p}.ids"));
+            let table = alloc.allocate(ids.len()).unwrap();
+            let rows = e
+                .logits_with_adapters(&[(&ids, 0, &table, Some(name))], &[true])
+                .unwrap();
+            for (pos, row) in rows.iter().enumerate() {
+                worst = worst.max(rel_err(
+                    &subset(row, &sub),
+                    g.row(&format!("{name}.p{p}.logits_sub"), pos),
+                ));
+            }
+            alloc.free(&table);
+        }
+        say(&format!(
+            "{name}: CPU f32 with the adapter rounded to bf16: worst logits rel err {worst:.3e}"
+        ));
+        worst_all = worst_all.max(worst);
+    }
+    let (bound, _) = bounds(DType::BF16, true);
+    assert!(
+        worst_all > 2e-2 && worst_all < bound,
+        "adapter rounding alone: {worst_all:e} (the bf16 LoRA bound {bound:e} assumes 2e-2 < it < bound)"
+    );
 }

@@ -7,7 +7,7 @@
 
 use std::marker::PhantomData;
 
-use super::{cfg, int, shape_err, uint, CudaBackend, CudaTensor, ATTN_CHUNK, ATTN_HEAD_DIMS, ATTN_MAXG, ATTN_THREADS};
+use super::{cfg, int, shape_err, uint, CudaBackend, CudaTensor, ATTN_CHUNK, ATTN_KERNELS, ATTN_THREADS};
 use crate::backend::AttnMeta;
 use crate::error::{EngineError, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -15,7 +15,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 /// An attention call ready to launch: metadata uploaded, output and split buffers allocated.
 pub struct AttnPlan<'a> {
     out: CudaTensor,
-    kernel: &'static str,
+    kernel: String,
     grid: LaunchConfig,
     reduce_grid: Option<LaunchConfig>,
     _rows: CudaSlice<i32>,
@@ -59,21 +59,22 @@ impl CudaBackend {
         {
             return Err(shape_err("attention", &q.shape, &k_cache.shape));
         }
-        let kernel = match hd {
-            8 => "paged_attention_8",
-            16 => "paged_attention_16",
-            32 => "paged_attention_32",
-            64 => "paged_attention_64",
-            80 => "paged_attention_80",
-            96 => "paged_attention_96",
-            128 => "paged_attention_128",
-            256 => "paged_attention_256",
-            _ => {
-                return Err(EngineError::Backend(format!(
-                    "head_dim {hd} has no CUDA attention kernel (supported: {ATTN_HEAD_DIMS:?})"
-                )))
-            }
-        };
+        // The smallest block of query heads that holds the GQA group (fewer registers), else 8 at a time.
+        let group = meta.num_heads / meta.num_kv_heads;
+        let maxg = ATTN_KERNELS
+            .iter()
+            .filter(|(d, _)| *d == hd)
+            .map(|(_, g)| *g)
+            .filter(|g| *g >= group)
+            .min()
+            .or_else(|| ATTN_KERNELS.iter().filter(|(d, _)| *d == hd).map(|(_, g)| *g).max())
+            .ok_or_else(|| {
+                let dims: Vec<usize> = ATTN_KERNELS.iter().map(|(d, _)| *d).collect();
+                EngineError::Backend(format!(
+                    "head_dim {hd} has no CUDA attention kernel (supported: {dims:?})"
+                ))
+            })?;
+        let kernel = format!("paged_attention_{hd}_{maxg}");
         let bs = meta.block_size;
         // Validate the whole batch before computing anything (as the CPU backend does).
         let mut rows = vec![-1i32; 2 * n];
@@ -106,8 +107,7 @@ impl CudaBackend {
         }
         let out = self.alloc(&[n, qw])?;
         // Split the contexts when the rows alone cannot fill the GPU: aim at 8 blocks per multiprocessor.
-        let group = meta.num_heads / meta.num_kv_heads;
-        let hchunks = group.div_ceil(ATTN_MAXG);
+        let hchunks = group.div_ceil(maxg);
         let blocks = (n * meta.num_kv_heads * hchunks).max(1);
         let max_chunks = max_len.div_ceil(ATTN_CHUNK);
         let wanted = (8 * self.num_sms).div_ceil(blocks).clamp(1, max_chunks);
@@ -188,7 +188,7 @@ impl CudaBackend {
         let [nh, nkv, bs, window, cps, ns, hd] = &plan.ints;
         launch!(
             self,
-            plan.kernel,
+            &plan.kernel,
             plan.grid,
             op,
             po,

@@ -79,26 +79,36 @@ impl CudaBackend {
         }
         let rt = LORA_ROWS;
         let too_large = || EngineError::Backend(format!("LoRA rank {rmax} is too large for the SGMV kernels"));
+        let tiles = max_len.div_ceil(rt);
         // The largest k-chunk (a multiple of 32) whose A chunk and x tile fit in shared memory, and the
-        // widest column tile whose B tile and intermediate rows fit.
-        let kc = [512usize, 256, 128, 64, 32]
+        // widest column tile whose B tile and intermediate rows fit; both then shrink until the grid has
+        // two blocks per multiprocessor (few segments, e.g. one adapter for the whole batch, would leave
+        // most of the GPU idle). Smaller tiles cut the same weights finer: each element is still read once.
+        let enough = 2 * self.num_sms;
+        let mut kc = [512usize, 256, 128, 64, 32]
             .into_iter()
             .find(|kc| (rmax + rt) * (kc + 1) * 4 <= SMEM_LIMIT)
             .ok_or_else(too_large)?;
-        let ot = [256usize, 128, 64, 32]
+        while kc > 32 && nseg * k.div_ceil(kc) * tiles < enough {
+            kc /= 2;
+        }
+        let mut ot = [256usize, 128, 64, 32]
             .into_iter()
             .find(|ot| ot * (rmax + 1) * 4 + rt * rmax * 4 <= SMEM_LIMIT)
             .ok_or_else(too_large)?;
+        while ot > 32 && nseg * out.div_ceil(ot) * tiles < enough {
+            ot /= 2;
+        }
         // Lanes per shrink output: enough that a block's 256 threads all work on small problems.
         let outs = rt.min(max_len) * rmax;
         let ksub = (256 / outs.max(1)).clamp(1, 32);
         let ksub = 1usize << (usize::BITS - 1 - ksub.leading_zeros());
-        let tmp = self
-            .stream
-            .alloc_zeros::<f32>(n * rmax)
-            .map_err(|e| drv("allocating the LoRA intermediate", e))?;
+        // Zeroed by each run (the shrink accumulates into it with atomics).
+        // SAFETY: uninitialised until lora_run's memset, which precedes every kernel that reads it.
+        let tmp =
+            unsafe { self.stream.alloc::<f32>(n * rmax) }.map_err(|e| drv("allocating the LoRA intermediate", e))?;
         let d_table = self.upload(&table)?;
-        let tiles = uint("row tiles", max_len.div_ceil(rt))?;
+        let tiles = uint("row tiles", tiles)?;
         let segs = uint("segments", nseg)?;
         Ok(Some(LoraPlan {
             ptrs: [self.ptr(&tmp), self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&d_table)],

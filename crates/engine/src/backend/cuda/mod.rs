@@ -32,12 +32,32 @@ use compile::{Compiler, SOURCES};
 
 /// Tokens per attention chunk (ATTN_CHUNK in kernels/attention.cu).
 const ATTN_CHUNK: usize = 256;
-/// Query heads one attention block serves (ATTN_MAXG in kernels/attention.cu).
-const ATTN_MAXG: usize = 8;
 /// Threads of an attention block (ATTN_THREADS in kernels/attention.cu).
 const ATTN_THREADS: u32 = 128;
-/// Head sizes the attention kernel is instantiated for.
-pub const ATTN_HEAD_DIMS: [usize; 8] = [8, 16, 32, 64, 80, 96, 128, 256];
+/// Attention kernels: (head size, query heads per block) as instantiated in kernels/attention.cu.
+pub const ATTN_KERNELS: [(usize, usize); 21] = [
+    (8, 2),
+    (8, 4),
+    (8, 8),
+    (16, 2),
+    (16, 4),
+    (16, 8),
+    (32, 8),
+    (64, 1),
+    (64, 2),
+    (64, 4),
+    (64, 8),
+    (80, 8),
+    (96, 8),
+    (128, 1),
+    (128, 2),
+    (128, 4),
+    (128, 8),
+    (256, 1),
+    (256, 2),
+    (256, 4),
+    (256, 8),
+];
 /// Shared memory a LoRA block may use without opting in to more.
 const SMEM_LIMIT: usize = 48 * 1024;
 /// Rows of a LoRA row tile.
@@ -63,14 +83,27 @@ pub const KERNELS: [(&str, &[&str]); 3] = [
     (
         "attention",
         &[
-            "paged_attention_8",
-            "paged_attention_16",
-            "paged_attention_32",
-            "paged_attention_64",
-            "paged_attention_80",
-            "paged_attention_96",
-            "paged_attention_128",
-            "paged_attention_256",
+            "paged_attention_8_2",
+            "paged_attention_8_4",
+            "paged_attention_8_8",
+            "paged_attention_16_2",
+            "paged_attention_16_4",
+            "paged_attention_16_8",
+            "paged_attention_32_8",
+            "paged_attention_64_1",
+            "paged_attention_64_2",
+            "paged_attention_64_4",
+            "paged_attention_64_8",
+            "paged_attention_80_8",
+            "paged_attention_96_8",
+            "paged_attention_128_1",
+            "paged_attention_128_2",
+            "paged_attention_128_4",
+            "paged_attention_128_8",
+            "paged_attention_256_1",
+            "paged_attention_256_2",
+            "paged_attention_256_4",
+            "paged_attention_256_8",
             "attn_reduce",
         ],
     ),
