@@ -150,7 +150,9 @@ impl Sampler {
             let pen = p.repetition_penalty;
             for &t in self.counts.keys() {
                 if let Some(s) = logits.get_mut(t as usize) {
-                    *s = if *s < 0.0 { *s * pen } else { *s / pen };
+                    // A tiny penalty can push a score past f32's range: clamp, so no +inf (and then NaN)
+                    // reaches the softmax.
+                    *s = if *s < 0.0 { *s * pen } else { (*s / pen).min(f32::MAX) };
                 }
             }
         }
@@ -336,8 +338,17 @@ fn argsort_ascending(x: &[f32]) -> Vec<usize> {
     idx
 }
 
-/// TemperatureLogitsWarper: `scores / t`.
+/// TemperatureLogitsWarper: `scores / t`. A temperature so small that the largest score leaves f32's
+/// range (where the reference would produce NaN probabilities) is taken at its limit, greedy: the
+/// maximal entries are kept (as 0) and every other becomes `-inf`.
 fn apply_temperature(logits: &mut [f32], t: f32) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max.is_finite() && !(max / t).is_finite() {
+        for v in logits {
+            *v = if *v == max { 0.0 } else { f32::NEG_INFINITY };
+        }
+        return;
+    }
     for v in logits {
         *v /= t;
     }
@@ -538,6 +549,31 @@ mod tests {
                 assert_eq!(c.logprob, 0.0);
             }
         }
+    }
+
+    /// Temperatures and repetition penalties at the edge of f32 give the limit's token with a finite
+    /// log-probability, never NaN or an arbitrary token.
+    #[test]
+    fn extreme_temperature_and_penalty_stay_finite() {
+        for (t, logits) in [(1e-40_f32, vec![1.0_f32, 3.0, 2.0]), (1e-45, vec![-5.0, -1.0, -3.0])] {
+            let mut s = Sampler::new(sampling(|p| p.temperature = t), &[]);
+            let mut x = logits.clone();
+            let c = s.choose(&mut x);
+            assert_eq!(c.token, 1, "temperature {t}: the limit is greedy");
+            assert!(c.logprob.is_finite(), "temperature {t}: {}", c.logprob);
+        }
+        let mut s = Sampler::new(
+            sampling(|p| {
+                p.repetition_penalty = 1e-38;
+                p.temperature = 0.5;
+            }),
+            &[0, 2],
+        );
+        let mut x = vec![20.0_f32, 3.0, 10.0];
+        let c = s.choose(&mut x);
+        assert!(x.iter().all(|v| !v.is_nan()), "{x:?}");
+        assert!(c.token == 0 || c.token == 2, "a repeated token wins: {}", c.token);
+        assert!(c.logprob.is_finite(), "{}", c.logprob);
     }
 
     #[test]
