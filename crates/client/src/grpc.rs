@@ -4,15 +4,20 @@
 use futures::StreamExt;
 use lorax_proto::generate::v1 as pb;
 use lorax_proto::generate::v1::lorax_service_client::LoraxServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::types::{GenerateResponse, Parameters, SimpleToken, StreamResponse, TokenStream};
 use crate::Error;
 
+/// Metadata key of the API key (the REST header `X-API-Key`).
+const API_KEY_METADATA: &str = "x-api-key";
+
 /// A client of the router's gRPC API. Cheap to clone (the channel is shared).
 #[derive(Debug, Clone)]
 pub struct GrpcClient {
     inner: LoraxServiceClient<Channel>,
+    api_key: Option<MetadataValue<Ascii>>,
 }
 
 impl GrpcClient {
@@ -29,7 +34,29 @@ impl GrpcClient {
     pub fn new(channel: Channel) -> Self {
         Self {
             inner: LoraxServiceClient::new(channel).max_decoding_message_size(usize::MAX),
+            api_key: None,
         }
+    }
+
+    /// Sends `key` (as `x-api-key` metadata) with every call, for a server started with `--api-key`.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] when `key` cannot be sent as metadata (not visible ASCII).
+    pub fn with_api_key(mut self, key: &str) -> Result<Self, Error> {
+        let value = key
+            .parse()
+            .map_err(|_| Error::Protocol("an API key must be visible ASCII".into()))?;
+        self.api_key = Some(value);
+        Ok(self)
+    }
+
+    /// `message` with the API key, if any.
+    fn call<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(key) = &self.api_key {
+            request.metadata_mut().insert(API_KEY_METADATA, key.clone());
+        }
+        request
     }
 
     /// The generated tonic client, for calls with metadata or raw messages.
@@ -37,11 +64,11 @@ impl GrpcClient {
         &mut self.inner
     }
 
-    fn request(inputs: &str, parameters: &Parameters) -> pb::GenerateRequest {
-        pb::GenerateRequest {
+    fn request(&self, inputs: &str, parameters: &Parameters) -> tonic::Request<pb::GenerateRequest> {
+        self.call(pb::GenerateRequest {
             inputs: inputs.to_string(),
             parameters: Some(parameters.into()),
-        }
+        })
     }
 
     /// The whole generation of `inputs`.
@@ -49,7 +76,8 @@ impl GrpcClient {
     /// # Errors
     /// [`Error::Api`] when the server refuses or fails the request.
     pub async fn generate(&mut self, inputs: &str, parameters: &Parameters) -> Result<GenerateResponse, Error> {
-        let response = self.inner.generate(Self::request(inputs, parameters)).await?;
+        let request = self.request(inputs, parameters);
+        let response = self.inner.generate(request).await?;
         GenerateResponse::try_from(response.into_inner())
     }
 
@@ -60,11 +88,8 @@ impl GrpcClient {
     /// # Errors
     /// [`Error::Api`] when the server refuses the request.
     pub async fn generate_stream(&mut self, inputs: &str, parameters: &Parameters) -> Result<TokenStream, Error> {
-        let stream = self
-            .inner
-            .generate_stream(Self::request(inputs, parameters))
-            .await?
-            .into_inner();
+        let request = self.request(inputs, parameters);
+        let stream = self.inner.generate_stream(request).await?.into_inner();
         Ok(Box::pin(stream.map(|message| StreamResponse::try_from(message?))))
     }
 
@@ -73,10 +98,10 @@ impl GrpcClient {
     /// # Errors
     /// When the server cannot be reached or answers with an error.
     pub async fn tokenize(&mut self, inputs: &str, add_special_tokens: bool) -> Result<Vec<SimpleToken>, Error> {
-        let request = pb::TokenizeRequest {
+        let request = self.call(pb::TokenizeRequest {
             inputs: inputs.to_string(),
             add_special_tokens: Some(add_special_tokens),
-        };
+        });
         let tokens = self.inner.tokenize(request).await?.into_inner().tokens;
         tokens
             .into_iter()
@@ -97,7 +122,8 @@ impl GrpcClient {
     /// # Errors
     /// [`Error::Api`] (`UNAVAILABLE`, `unhealthy`) when a shard does not answer.
     pub async fn health(&mut self) -> Result<(), Error> {
-        self.inner.health(pb::HealthRequest {}).await?;
+        let request = self.call(pb::HealthRequest {});
+        self.inner.health(request).await?;
         Ok(())
     }
 
@@ -106,11 +132,7 @@ impl GrpcClient {
     /// # Errors
     /// When the server cannot be reached or answers with an error.
     pub async fn list_adapters(&mut self) -> Result<Vec<pb::Adapter>, Error> {
-        Ok(self
-            .inner
-            .list_adapters(pb::ListAdaptersRequest {})
-            .await?
-            .into_inner()
-            .adapters)
+        let request = self.call(pb::ListAdaptersRequest {});
+        Ok(self.inner.list_adapters(request).await?.into_inner().adapters)
     }
 }

@@ -13,6 +13,7 @@ use crate::{ApiError, Error};
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    api_key: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -54,11 +55,34 @@ impl Client {
     /// A client of the server at `base_url` that sends through `http` (for timeouts, proxies, headers).
     pub fn with_http_client(base_url: impl Into<String>, http: reqwest::Client) -> Self {
         let base = base_url.into().trim_end_matches('/').to_string();
-        Self { http, base }
+        Self {
+            http,
+            base,
+            api_key: None,
+        }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+    /// Sends `key` (as `X-API-Key`) with every request, for a server started with `--api-key`. The
+    /// `Authorization` header stays free for hub tokens.
+    #[must_use]
+    pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.with_key(self.http.get(format!("{}{path}", self.base)))
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.with_key(self.http.post(format!("{}{path}", self.base)))
+    }
+
+    fn with_key(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(key) => request.header("x-api-key", key),
+            None => request,
+        }
     }
 
     /// The whole generation of `inputs`.
@@ -67,7 +91,7 @@ impl Client {
     /// [`Error::Api`] when the server refuses or fails the request.
     pub async fn generate(&self, inputs: &str, parameters: &Parameters) -> Result<GenerateResponse, Error> {
         let request = GenerateRequest { inputs, parameters };
-        let response = checked(self.http.post(self.url("/generate")).json(&request).send().await?).await?;
+        let response = checked(self.post("/generate").json(&request).send().await?).await?;
         Ok(response.json().await?)
     }
 
@@ -79,14 +103,7 @@ impl Client {
     /// [`Error::Api`] when the server refuses the request.
     pub async fn generate_stream(&self, inputs: &str, parameters: &Parameters) -> Result<TokenStream, Error> {
         let request = GenerateRequest { inputs, parameters };
-        let response = checked(
-            self.http
-                .post(self.url("/generate_stream"))
-                .json(&request)
-                .send()
-                .await?,
-        )
-        .await?;
+        let response = checked(self.post("/generate_stream").json(&request).send().await?).await?;
         let state = StreamState {
             bytes: response.bytes_stream().map(|chunk| chunk.map(|c| c.to_vec())).boxed(),
             parser: SseParser::default(),
@@ -99,7 +116,7 @@ impl Client {
     /// # Errors
     /// [`Error::Api`] (503, `unhealthy`) when a shard does not answer.
     pub async fn health(&self) -> Result<(), Error> {
-        checked(self.http.get(self.url("/health")).send().await?).await?;
+        checked(self.get("/health").send().await?).await?;
         Ok(())
     }
 
@@ -108,7 +125,7 @@ impl Client {
     /// # Errors
     /// When the server cannot be reached or answers with an error.
     pub async fn info(&self) -> Result<Info, Error> {
-        let response = checked(self.http.get(self.url("/info")).send().await?).await?;
+        let response = checked(self.get("/info").send().await?).await?;
         Ok(response.json().await?)
     }
 
@@ -121,7 +138,7 @@ impl Client {
             inputs,
             add_special_tokens,
         };
-        let response = checked(self.http.post(self.url("/tokenize")).json(&request).send().await?).await?;
+        let response = checked(self.post("/tokenize").json(&request).send().await?).await?;
         Ok(response.json().await?)
     }
 }

@@ -2,8 +2,10 @@
 //! served next to the REST API on `--grpc-port`. A gRPC request becomes the REST [`GenerateRequest`] it
 //! stands for and takes the REST path: a concurrency slot, the same validation, the batching task and
 //! the same metrics. Errors are the REST [`ApiError`]s, sent with the gRPC code of their HTTP status
-//! ([`status`]) and their `error_type` in the [`ERROR_TYPE_METADATA`] trailer. Dropping a call (the
-//! client cancelled or went away) drops its response stream, which cancels the request.
+//! ([`status`]) and their `error_type` in the [`ERROR_TYPE_METADATA`] trailer. With API keys
+//! (`--api-key`), every call but `Health` needs one, in the metadata the REST API reads them from
+//! ([`crate::auth`]). Dropping a call (the client cancelled or went away) drops its response stream,
+//! which cancels the request.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
 
 use crate::adapters::catalog::AdapterInfo;
+use crate::auth::{ApiKeys, Credential};
 use crate::errors::{ApiError, GENERATION};
 use crate::infer::{InferError, InferResponse, InferStreamResponse, ResponseReceiver, TokenInfo};
 use crate::metrics as m;
@@ -34,11 +37,34 @@ pub const ERROR_TYPE_METADATA: &str = "x-error-type";
 #[derive(Clone)]
 pub struct GrpcService {
     state: AppState,
+    keys: Option<ApiKeys>,
 }
 
-/// The tonic service to serve; messages up to `max_message_bytes` are accepted (the REST body limit).
-pub fn service(state: AppState, max_message_bytes: usize) -> LoraxServiceServer<GrpcService> {
-    LoraxServiceServer::new(GrpcService { state }).max_decoding_message_size(max_message_bytes)
+impl GrpcService {
+    /// With API keys, lets a call through only with a key (`x-api-key`, or `authorization: Bearer`,
+    /// which is then removed so that it is not taken for a hub token), as the REST guard does.
+    fn authorize<T>(&self, request: &mut Request<T>) -> Result<(), Status> {
+        let Some(keys) = &self.keys else {
+            return Ok(());
+        };
+        match keys.authorize(&request.metadata().clone().into_headers()) {
+            Ok(Credential::Bearer) => {
+                request.metadata_mut().remove("authorization");
+                Ok(())
+            }
+            Ok(Credential::Header) => Ok(()),
+            Err(error) => {
+                tracing::debug!("gRPC call without a valid API key");
+                Err(status(&error))
+            }
+        }
+    }
+}
+
+/// The tonic service to serve; messages up to `max_message_bytes` are accepted (the REST body limit),
+/// and with `keys` every call but `Health` needs one of them.
+pub fn service(state: AppState, max_message_bytes: usize, keys: Option<ApiKeys>) -> LoraxServiceServer<GrpcService> {
+    LoraxServiceServer::new(GrpcService { state, keys }).max_decoding_message_size(max_message_bytes)
 }
 
 /// Serves `service` on `listener` until `shutdown` resolves (in-flight calls finish first).
@@ -64,6 +90,7 @@ pub async fn serve(
 /// | HTTP | gRPC |
 /// |---|---|
 /// | 400, 413, 415, 422 (`validation`, `adapter_invalid`) | `INVALID_ARGUMENT` |
+/// | 401 (`unauthorized`: no valid API key) | `UNAUTHENTICATED` |
 /// | 403 (`adapter_forbidden`) | `PERMISSION_DENIED` |
 /// | 404 (`adapter_not_found`) | `NOT_FOUND` |
 /// | 424 `generation` (a shard failed mid-generation) | `ABORTED` |
@@ -74,6 +101,7 @@ pub fn status(error: &ApiError) -> Status {
     let code = match (error.status.as_u16(), error.error_type) {
         (424, GENERATION) => Code::Aborted,
         (400 | 413 | 415 | 422, _) => Code::InvalidArgument,
+        (401, _) => Code::Unauthenticated,
         (403, _) => Code::PermissionDenied,
         (404, _) => Code::NotFound,
         (424 | 503, _) => Code::Unavailable,
@@ -276,7 +304,11 @@ type TokenStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, 
 #[tonic::async_trait]
 impl LoraxService for GrpcService {
     #[tracing::instrument(skip_all)]
-    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+    async fn generate(
+        &self,
+        mut request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        self.authorize(&mut request)?;
         let start = Instant::now();
         metrics::counter!(m::REQUEST_COUNT).increment(1);
         let request = rest_request(request);
@@ -297,8 +329,9 @@ impl LoraxService for GrpcService {
     #[tracing::instrument(skip_all)]
     async fn generate_stream(
         &self,
-        request: Request<pb::GenerateRequest>,
+        mut request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        self.authorize(&mut request)?;
         let start = Instant::now();
         metrics::counter!(m::REQUEST_COUNT).increment(1);
         let request = rest_request(request);
@@ -321,7 +354,11 @@ impl LoraxService for GrpcService {
         Ok(Response::new(stream))
     }
 
-    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+    async fn tokenize(
+        &self,
+        mut request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        self.authorize(&mut request)?;
         let request = request.into_inner();
         let add_special_tokens = request.add_special_tokens.unwrap_or(true);
         let tokens = tokens_of(&self.state.validation, request.inputs, add_special_tokens)
@@ -339,6 +376,7 @@ impl LoraxService for GrpcService {
         Ok(Response::new(pb::TokenizeResponse { tokens }))
     }
 
+    /// Public, as REST `/health`: no API key needed.
     async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
         self.state
             .clients
@@ -350,8 +388,9 @@ impl LoraxService for GrpcService {
 
     async fn list_adapters(
         &self,
-        _: Request<pb::ListAdaptersRequest>,
+        mut request: Request<pb::ListAdaptersRequest>,
     ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
+        self.authorize(&mut request)?;
         let adapters = self.state.catalog.snapshot().into_iter().map(adapter).collect();
         Ok(Response::new(pb::ListAdaptersResponse { adapters }))
     }
@@ -388,6 +427,11 @@ mod tests {
                 InferError::IncompleteGeneration.into(),
                 Code::Internal,
                 "incomplete_generation",
+            ),
+            (
+                ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthorized", "no key"),
+                Code::Unauthenticated,
+                "unauthorized",
             ),
             (
                 adapter(AdapterFailure::NotFound).into(),

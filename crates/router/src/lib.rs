@@ -224,11 +224,6 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
     let cors = cors::layer(&args.cors).map_err(RouterError::Config)?;
     let api_keys = auth::ApiKeys::from_flags(args.auth.api_key.as_ref(), args.auth.api_key_file.as_deref())
         .map_err(RouterError::Config)?;
-    if api_keys.is_some() && args.server.grpc_port.is_some() {
-        return Err(RouterError::Config(
-            "--api-key/--api-key-file do not guard the gRPC API yet: leave --grpc-port unset".into(),
-        ));
-    }
 
     let tokenizer = Arc::new(load_tokenizer(&args.model.tokenizer_path)?);
     let clients = ShardClients::connect(&args.model.master_shard_uds_path).await?;
@@ -361,13 +356,13 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
         metrics,
     };
     let mut http = server::router(state.clone(), args.server.body_limit_bytes);
-    if let Some(keys) = api_keys {
-        tracing::info!(keys = keys.len(), "API keys required (except /health, /metrics, /docs)");
+    if let Some(keys) = api_keys.clone() {
+        tracing::info!(keys = keys.len(), "API keys required (except /health, /metrics, /docs, gRPC Health)");
         // Inside CORS, so browsers' preflight requests (which carry no key) are answered.
         http = http.layer(axum::middleware::from_fn_with_state(keys, auth::guard));
     }
     Ok(App {
-        grpc: grpc::service(state, args.server.body_limit_bytes),
+        grpc: grpc::service(state, args.server.body_limit_bytes, api_keys),
         http: match cors {
             Some(cors) => http.layer(cors),
             None => http,

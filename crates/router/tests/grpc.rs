@@ -241,7 +241,10 @@ async fn validation_errors_are_invalid_argument_with_the_rest_message() {
         }
     }
     raw.parameters = None;
-    assert!(grpc.raw().generate(raw.clone()).await.is_ok(), "no parameters: all defaults");
+    assert!(
+        grpc.raw().generate(raw.clone()).await.is_ok(),
+        "no parameters: all defaults"
+    );
     // Messages beyond --body-limit-bytes (2 MiB) are refused before any work.
     raw.inputs = "a".repeat(3 << 20);
     let refused = grpc.raw().generate(raw).await.expect_err("too large");
@@ -427,4 +430,82 @@ async fn overload_shard_failure_and_cancellation() {
     })
     .await;
     d.assert_no_violations();
+}
+
+#[tokio::test]
+async fn api_keys_guard_every_call_but_health() {
+    const KEY: &str = "grpc-test-key-0123";
+    let d = Deployment::start(Setup {
+        flags: vec!["--api-key".into(), KEY.into()],
+        ..Setup::default()
+    })
+    .await;
+    let (rest, mut anonymous) = clients(&d).await;
+    anonymous.health().await.expect("Health is public, as REST /health");
+    // The REST client sends its key as `X-API-Key`.
+    let refused = rest.generate("Hello", &greedy(1)).await.expect_err("no key");
+    assert_eq!(refused.error_type(), Some("unauthorized"));
+    let rest = rest.with_api_key(KEY);
+    rest.generate("Hello", &greedy(1)).await.expect("REST with the key");
+    let unauthorized = |error: Error| {
+        let (code, error_type, message) = grpc_error(error);
+        assert_eq!(
+            (code, error_type.as_deref()),
+            (Code::Unauthenticated, Some("unauthorized"))
+        );
+        assert!(!message.contains(KEY), "{message}");
+    };
+    unauthorized(anonymous.generate("Hello", &greedy(1)).await.expect_err("no key"));
+    unauthorized(
+        anonymous
+            .generate_stream("Hello", &greedy(1))
+            .await
+            .err()
+            .expect("no key"),
+    );
+    unauthorized(anonymous.tokenize("Hello", true).await.expect_err("no key"));
+    unauthorized(anonymous.list_adapters().await.expect_err("no key"));
+    let mut wrong = anonymous.clone().with_api_key("not-the-key").expect("ascii");
+    unauthorized(wrong.generate("Hello", &greedy(1)).await.expect_err("wrong key"));
+
+    let mut keyed = anonymous.clone().with_api_key(KEY).expect("ascii");
+    keyed.generate("Hello", &greedy(1)).await.expect("x-api-key accepted");
+    assert_eq!(
+        collect(keyed.generate_stream("Hello", &greedy(2)).await.expect("stream"))
+            .await
+            .len(),
+        2
+    );
+    keyed.tokenize("Hello", true).await.expect("tokenize");
+    keyed.list_adapters().await.expect("list");
+
+    // As on REST: a key in `authorization: Bearer` is not a hub token; with the key in `x-api-key`,
+    // `authorization: Bearer` is the hub token.
+    for (id, metadata, hub_token) in [
+        ("org/bearer-key", vec![("authorization", format!("Bearer {KEY}"))], None),
+        (
+            "org/key-and-token",
+            vec![
+                ("x-api-key", KEY.to_string()),
+                ("authorization", "Bearer hf_hub".to_string()),
+            ],
+            Some("hf_hub".to_string()),
+        ),
+    ] {
+        let mut request = tonic::Request::new(pb::GenerateRequest {
+            inputs: "Hello".into(),
+            parameters: Some(pb::GenerateParameters {
+                adapter_id: Some(id.into()),
+                max_new_tokens: Some(1),
+                ..Default::default()
+            }),
+        });
+        for (name, value) in metadata {
+            request
+                .metadata_mut()
+                .insert(name, value.parse().expect("metadata value"));
+        }
+        anonymous.raw().generate(request).await.expect(id);
+        assert_eq!(d.hub.tokens(id), [hub_token], "{id}: the token the hub saw");
+    }
 }
