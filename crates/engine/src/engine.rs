@@ -4,8 +4,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::backend::Backend;
+use crate::comm::{Communicator, SingleRank};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
@@ -123,16 +125,21 @@ pub struct Engine<B: Backend> {
     pub cache: KvCache<B>,
     /// Adapters on the device, by key.
     adapters: HashMap<String, DeviceAdapter<B>>,
-    rank: usize,
-    world_size: usize,
+    comm: Arc<dyn Communicator>,
 }
 
 impl<B: Backend> Engine<B> {
     /// Load the checkpoint in `dir` (config.json + safetensors) onto `backend`.
     pub fn load(backend: B, dir: &Path, cache: CacheConfig) -> Result<Self> {
+        Self::load_sharded(backend, dir, cache, Arc::new(SingleRank))
+    }
+
+    /// Load this rank's slice of the checkpoint in `dir`; forward passes sum partial results across the
+    /// ranks of `comm`, which must all run the same calls in the same order.
+    pub fn load_sharded(backend: B, dir: &Path, cache: CacheConfig, comm: Arc<dyn Communicator>) -> Result<Self> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let weights = Weights::from_dir(dir)?;
-        let model = Model::load(&backend, &weights, &cfg, 0, 1)?;
+        let model = Model::load(&backend, &weights, &cfg, comm.rank(), comm.world_size())?;
         let cache = KvCache::new(
             &backend,
             &cfg,
@@ -145,14 +152,19 @@ impl<B: Backend> Engine<B> {
             model,
             cache,
             adapters: HashMap::new(),
-            rank: 0,
-            world_size: 1,
+            comm,
         })
     }
 
     /// Uploads `adapter` under `key` (replacing an adapter of the same key); returns its device bytes.
     pub fn load_adapter(&mut self, key: &str, adapter: &HostAdapter) -> Result<usize> {
-        let device = DeviceAdapter::upload(&self.backend, adapter, self.rank, self.world_size)?;
+        let device = DeviceAdapter::upload(
+            &self.backend,
+            adapter,
+            self.comm.rank(),
+            self.comm.world_size(),
+            self.model.kv_slice(),
+        )?;
         let bytes = device.bytes;
         self.adapters.insert(key.to_string(), device);
         Ok(bytes)
@@ -228,7 +240,9 @@ impl<B: Backend> Engine<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
-        let out = self.model.forward(&self.backend, &mut self.cache, &input, &adapters)?;
+        let out = self
+            .model
+            .forward(&self.backend, &mut self.cache, &input, &adapters, &*self.comm)?;
         self.backend.to_f32(&out)
     }
 

@@ -5,6 +5,7 @@
 //! (`kv_cache`), PEFT LoRA adapters (`lora`), batches of sequences (`batch`) and next-token choice (`sampling`).
 
 pub mod backend;
+pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod error;

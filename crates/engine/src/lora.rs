@@ -414,17 +414,18 @@ impl<B: Backend> DeviceAdapter<B> {
     /// Uploads `host` for shard `rank` of `world_size`, sliced as S-LoRA does: column-parallel
     /// projections split B's rows (A whole); row-parallel ones split A's columns (B whole), so each
     /// rank's partial `x·Aᵀ·Bᵀ` joins the base output's partial sum before the all-reduce.
-    pub fn upload(backend: &B, host: &HostAdapter, rank: usize, world_size: usize) -> Result<Self> {
+    /// `kv` is (part, parts) of the key/value heads this rank holds (see [`crate::model::Model::load`]).
+    pub fn upload(backend: &B, host: &HostAdapter, rank: usize, world_size: usize, kv: (usize, usize)) -> Result<Self> {
         let mut layers = Vec::with_capacity(host.layers.len());
         let mut bytes = 0;
         for layer in &host.layers {
             let mut out: [Option<LoraWeights<B>>; NUM_TARGETS] = Default::default();
             for target in Target::ALL {
                 let Some(pair) = &layer[target.index()] else { continue };
-                let (a, b) = if target.row_parallel() {
-                    (shard(borrowed(&pair.a), 1, rank, world_size)?, borrowed(&pair.b))
-                } else {
-                    (borrowed(&pair.a), shard(borrowed(&pair.b), 0, rank, world_size)?)
+                let (a, b) = match target {
+                    Target::O | Target::Down => (shard(borrowed(&pair.a), 1, rank, world_size)?, borrowed(&pair.b)),
+                    Target::K | Target::V => (borrowed(&pair.a), shard(borrowed(&pair.b), 0, kv.0, kv.1)?),
+                    _ => (borrowed(&pair.a), shard(borrowed(&pair.b), 0, rank, world_size)?),
                 };
                 bytes += a.data.len() + b.data.len();
                 out[target.index()] = Some(LoraWeights {

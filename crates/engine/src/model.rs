@@ -6,6 +6,7 @@
 //! logits only for the rows asked for (usually the last new token of each sequence).
 
 use crate::backend::{AttnMeta, AttnSeq, Backend, LoraSegment};
+use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
@@ -143,56 +144,77 @@ pub struct Model<B: Backend> {
     inv_freq: Vec<f32>,
     local_heads: usize,
     local_kv_heads: usize,
+    kv_slice: (usize, usize),
 }
 
 impl<B: Backend> Model<B> {
-    /// Load the weights of shard `rank` of `world_size` (only 1 is supported by the forward pass
-    /// until tensor parallelism lands; the slicing itself is in place).
+    /// Load the weights of shard `rank` of `world_size` (Megatron-style tensor parallelism):
+    /// q/k/v/gate/up split by output rows (column parallel), o/down by input columns (row parallel, summed
+    /// across ranks in the forward pass), embeddings, norms and lm_head whole on every rank. Query heads
+    /// split evenly; key/value heads split too, or, when there are fewer of them than ranks, each rank
+    /// keeps the one its query heads use (replicated).
     pub fn load(backend: &B, weights: &Weights, cfg: &ModelConfig, rank: usize, world_size: usize) -> Result<Self> {
-        if world_size != 1 {
-            return Err(EngineError::InvalidBatch(format!(
-                "world_size {world_size}: tensor-parallel forward is not implemented yet (the loader can slice)"
-            )));
+        let world = world_size.max(1);
+        let kv_parts = cfg.num_kv_heads.min(world);
+        let fits = cfg.num_heads.is_multiple_of(world)
+            && cfg.intermediate_size.is_multiple_of(world)
+            && cfg.num_kv_heads.is_multiple_of(kv_parts)
+            && world.is_multiple_of(kv_parts)
+            && rank < world;
+        if !fits {
+            return Err(EngineError::Unshardable {
+                name: format!(
+                    "model ({} heads, {} key/value heads, FFN {})",
+                    cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+                ),
+                dim: 0,
+                size: cfg.num_heads,
+                world_size: world,
+            });
         }
+        // Which slice of the key/value heads this rank holds.
+        let kv_index = rank * kv_parts / world;
         let h = cfg.hidden_size;
         let (qd, kvd, ffn) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
         let up = |t| backend.weight(&t);
-        let tensor = |name: &str, shape: &[usize], dim: Option<usize>| -> Result<B::Tensor> {
+        // (dim, part, parts): split along `dim` into `parts` and keep `part`.
+        let tensor = |name: &str, shape: &[usize], split: Option<(usize, usize, usize)>| -> Result<B::Tensor> {
             let t = weights.get_checked(name, shape)?;
-            match dim {
-                Some(d) => up(shard(t, d, rank, world_size)?),
+            match split {
+                Some((d, part, parts)) => up(shard(t, d, part, parts)?),
                 None => up(t),
             }
         };
-        let linear = |prefix: &str, out: usize, inp: usize, dim: usize, bias: bool| -> Result<Linear<B>> {
-            let w = tensor(&format!("{prefix}.weight"), &[out, inp], Some(dim))?;
-            let b = if bias {
-                // Column-parallel biases split with their rows; a row-parallel bias stays whole (the TP
-                // forward must add it once, after the all-reduce).
-                Some(tensor(
-                    &format!("{prefix}.bias"),
-                    &[out],
-                    if dim == 0 { Some(0) } else { None },
-                )?)
-            } else {
-                None
+        let linear =
+            |prefix: &str, out: usize, inp: usize, split: (usize, usize, usize), bias: bool| -> Result<Linear<B>> {
+                let w = tensor(&format!("{prefix}.weight"), &[out, inp], Some(split))?;
+                let b = match (bias, split.0) {
+                    (false, _) => None,
+                    // Column-parallel biases split with their rows.
+                    (true, 0) => Some(tensor(&format!("{prefix}.bias"), &[out], Some((0, split.1, split.2)))?),
+                    // A row-parallel bias is added once: rank 0 keeps it, and the all-reduce sums it in.
+                    (true, _) if rank == 0 => Some(tensor(&format!("{prefix}.bias"), &[out], None)?),
+                    (true, _) => None,
+                };
+                Ok(Linear { w, b })
             };
-            Ok(Linear { w, b })
-        };
+        let col = (0, rank, world);
+        let kv = (0, kv_index, kv_parts);
+        let row = (1, rank, world);
         let embed = tensor("model.embed_tokens.weight", &[cfg.vocab_size, h], None)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
                 input_norm: tensor(&format!("{p}.input_layernorm.weight"), &[h], None)?,
-                q: linear(&format!("{p}.self_attn.q_proj"), qd, h, 0, cfg.qkv_bias)?,
-                k: linear(&format!("{p}.self_attn.k_proj"), kvd, h, 0, cfg.qkv_bias)?,
-                v: linear(&format!("{p}.self_attn.v_proj"), kvd, h, 0, cfg.qkv_bias)?,
-                o: linear(&format!("{p}.self_attn.o_proj"), h, qd, 1, cfg.o_bias)?,
+                q: linear(&format!("{p}.self_attn.q_proj"), qd, h, col, cfg.qkv_bias)?,
+                k: linear(&format!("{p}.self_attn.k_proj"), kvd, h, kv, cfg.qkv_bias)?,
+                v: linear(&format!("{p}.self_attn.v_proj"), kvd, h, kv, cfg.qkv_bias)?,
+                o: linear(&format!("{p}.self_attn.o_proj"), h, qd, row, cfg.o_bias)?,
                 post_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[h], None)?,
-                gate: linear(&format!("{p}.mlp.gate_proj"), ffn, h, 0, cfg.mlp_bias)?,
-                up: linear(&format!("{p}.mlp.up_proj"), ffn, h, 0, cfg.mlp_bias)?,
-                down: linear(&format!("{p}.mlp.down_proj"), h, ffn, 1, cfg.mlp_bias)?,
+                gate: linear(&format!("{p}.mlp.gate_proj"), ffn, h, col, cfg.mlp_bias)?,
+                up: linear(&format!("{p}.mlp.up_proj"), ffn, h, col, cfg.mlp_bias)?,
+                down: linear(&format!("{p}.mlp.down_proj"), h, ffn, row, cfg.mlp_bias)?,
             });
         }
         let norm = tensor("model.norm.weight", &[h], None)?;
@@ -208,9 +230,15 @@ impl<B: Backend> Model<B> {
             norm,
             lm_head,
             inv_freq: cfg.inv_freq(),
-            local_heads: cfg.num_heads / world_size,
-            local_kv_heads: cfg.num_kv_heads / world_size,
+            local_heads: cfg.num_heads / world,
+            local_kv_heads: cfg.num_kv_heads / kv_parts,
+            kv_slice: (kv_index, kv_parts),
         })
+    }
+
+    /// The key/value-head slice this rank holds: (part, parts).
+    pub fn kv_slice(&self) -> (usize, usize) {
+        self.kv_slice
     }
 
     /// Key/value heads held by this shard (what the KV cache must be sized for).
@@ -226,6 +254,7 @@ impl<B: Backend> Model<B> {
         cache: &mut KvCache<B>,
         input: &ForwardInput<'_>,
         adapters: &[&DeviceAdapter<B>],
+        comm: &dyn Communicator,
     ) -> Result<B::Tensor> {
         let cfg = &self.cfg;
         let n = input.tokens.len();
@@ -297,12 +326,15 @@ impl<B: Backend> Model<B> {
             backend.rope(&mut k, cfg.head_dim, &input.positions, &self.inv_freq)?;
             backend.kv_write(&mut cache.k[i], &mut cache.v[i], &k, &v, &input.slots)?;
             let attn = backend.attention(&q, &cache.k[i], &cache.v[i], &meta)?;
-            let attn_out = project(&layer.o, &attn, i, Target::O)?;
+            let mut attn_out = project(&layer.o, &attn, i, Target::O)?;
+            backend.all_reduce_sum(&mut attn_out, comm)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
             let gate = project(&layer.gate, &h2, i, Target::Gate)?;
             let up = project(&layer.up, &h2, i, Target::Up)?;
             let act = backend.silu_mul(&gate, &up)?;
-            pending = Some(project(&layer.down, &act, i, Target::Down)?);
+            let mut down = project(&layer.down, &act, i, Target::Down)?;
+            backend.all_reduce_sum(&mut down, comm)?;
+            pending = Some(down);
         }
         if let Some(out) = pending {
             backend.add_assign(&mut residual, &out)?;

@@ -221,6 +221,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn all_reduce_sum(&self, t: &mut CpuTensor, comm: &dyn crate::comm::Communicator) -> Result<()> {
+        comm.all_reduce_sum(&mut t.data)
+    }
+
     fn add_assign(&self, dst: &mut CpuTensor, src: &CpuTensor) -> Result<()> {
         if dst.data.len() != src.data.len() {
             return Err(shape_err("add", &dst.shape, &src.shape));

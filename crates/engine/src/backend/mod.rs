@@ -119,6 +119,18 @@ pub trait Backend: Send + Sync + 'static {
     /// `x` `[n, in]`, `y` `[n, out]`; rows outside every segment (base-model rows) are untouched and
     /// segments may have different ranks. Each segment's adapter weights are read once.
     fn lora(&self, y: &mut Self::Tensor, x: &Self::Tensor, segments: &[LoraSegment<'_, Self::Tensor>]) -> Result<()>;
+    /// Sum of `t` across the tensor-parallel ranks of `comm`, in place. The default copies through the
+    /// host; a backend with a device collective (NCCL) overrides it.
+    fn all_reduce_sum(&self, t: &mut Self::Tensor, comm: &dyn crate::comm::Communicator) -> Result<()> {
+        if comm.world_size() == 1 {
+            return Ok(());
+        }
+        let mut host = self.to_f32(t)?;
+        comm.all_reduce_sum(&mut host)?;
+        let shape = self.shape(t).to_vec();
+        *t = self.tensor_from_f32(&shape, &host)?;
+        Ok(())
+    }
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
 }
