@@ -229,7 +229,10 @@ mod tests {
         assert_eq!(args.server.port, 3000);
         assert_eq!(args.server.hostname, "0.0.0.0");
         assert_eq!(args.server.grpc_port, None, "gRPC is off unless asked for");
-        assert_eq!(parse(&["--grpc-port", "50051"]).expect("parse").server.grpc_port, Some(50051));
+        assert_eq!(
+            parse(&["--grpc-port", "50051"]).expect("parse").server.grpc_port,
+            Some(50051)
+        );
         assert_eq!(args.server.max_concurrent_requests, 128);
         assert_eq!(args.server.max_client_batch_size, 4);
         assert_eq!(args.server.body_limit_bytes, 2 * 1024 * 1024);

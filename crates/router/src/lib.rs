@@ -284,9 +284,8 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
         block_size: shard.block_size,
     };
     let catalog = adapters::catalog::AdapterCatalog::default();
-    let chat_template = chat::ChatTemplate::from_dir(&args.model.tokenizer_path).map_err(|e| {
-        RouterError::Config(format!("the model's chat template cannot be used: {e}"))
-    })?;
+    let chat_template = chat::ChatTemplate::from_dir(&args.model.tokenizer_path)
+        .map_err(|e| RouterError::Config(format!("the model's chat template cannot be used: {e}")))?;
     if chat_template.is_none() {
         tracing::info!("the model has no chat template: /v1/chat/completions will answer 422");
     }
@@ -357,7 +356,10 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
     };
     let mut http = server::router(state.clone(), args.server.body_limit_bytes);
     if let Some(keys) = api_keys.clone() {
-        tracing::info!(keys = keys.len(), "API keys required (except /health, /metrics, /docs, gRPC Health)");
+        tracing::info!(
+            keys = keys.len(),
+            "API keys required (except /health, /metrics, /docs, gRPC Health)"
+        );
         // Inside CORS, so browsers' preflight requests (which carry no key) are answered.
         http = http.layer(axum::middleware::from_fn_with_state(keys, auth::guard));
     }

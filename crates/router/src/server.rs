@@ -538,7 +538,9 @@ async fn tokenize(
     ApiJson(request): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Vec<SimpleToken>>, ApiError> {
     let add_special_tokens = request.add_special_tokens.unwrap_or(true);
-    Ok(Json(tokens_of(&state.validation, request.inputs, add_special_tokens).await?))
+    Ok(Json(
+        tokens_of(&state.validation, request.inputs, add_special_tokens).await?,
+    ))
 }
 
 /// The tokens of `inputs` with their byte spans (REST and gRPC tokenize).
