@@ -15,8 +15,8 @@
 #define ATTN_THREADS 128
 #define ATTN_CHUNK 256
 
-// Per query row: its position (pos < 0: the row belongs to no sequence) and the offset of its sequence's
-// block table in the flattened tables.
+// Per query row: its position (-1: the row belongs to no sequence; -2: prefill_attention handles it) and
+// the offset of its sequence's block table in the flattened tables.
 struct RowInfo {
     int pos;
     int table;
@@ -111,7 +111,8 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
     const u64 qw = (u64)num_heads * HD;
     const RowInfo ri = rows[row];
     if (ri.pos < 0) {
-        if (split == 0)
+        // -1: a row of no sequence (zeros); -2: a row another kernel (prefill_attention) writes.
+        if (ri.pos == -1 && split == 0)
             for (int i = tid; i < nh * HD; i += ATTN_THREADS) out[row * qw + h0 * HD + i] = from_f(0.f);
         return;
     }

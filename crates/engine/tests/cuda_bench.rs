@@ -222,8 +222,11 @@ fn decode_attention(g: &CudaBackend, batch: usize, ctx: usize, heads: usize, kv_
     );
 }
 
-/// Causal prefill of one sequence with the same kernel (one block per query row and KV head).
-fn prefill_attention(g: &CudaBackend, len: usize, heads: usize, kv_heads: usize) {
+/// Causal prefill of one sequence: the tensor-core kernel, or (`tc` false) the paged kernel with one block
+/// per query row and KV head.
+fn prefill_attention(g: &mut CudaBackend, tc: bool, len: usize, heads: usize, kv_heads: usize) {
+    g.set_tensor_core_prefill(tc);
+    let g = &*g;
     let (hd, bs) = (128, 16);
     let nb = len.div_ceil(bs);
     let k = rand(g, &[nb * bs, kv_heads * hd], 21, 1.0);
@@ -250,17 +253,20 @@ fn prefill_attention(g: &CudaBackend, len: usize, heads: usize, kv_heads: usize)
     // QKᵀ and PV over the causal triangle: 2 · 2 · len²/2 · heads · hd flops.
     let tflops = 2.0 * (len * len) as f64 * (heads * hd) as f64 / (ms * 1e-3) / 1e12;
     bench(
-        &format!("prefill_attention_len{len}_h{heads}kv{kv_heads}"),
+        &format!(
+            "prefill_attention_{}_len{len}_h{heads}kv{kv_heads}",
+            if tc { "tc" } else { "paged" }
+        ),
         ms,
         "ms",
-        &format!("{tflops:.1} TFLOP/s (simple kernel: no tensor cores yet)"),
+        &format!("{tflops:.1} TFLOP/s over the causal triangle"),
     );
 }
 
 #[test]
 #[ignore = "GPU benchmark: run by scripts/gpu/run.sh"]
 fn kernel_benchmarks() {
-    let Some(g) = backend(DType::BF16) else { return };
+    let Some(mut g) = backend(DType::BF16) else { return };
     say(&format!("backend: {}, {} SMs", g.name(), g.num_sms()));
     let copy = copy_bandwidth(&g);
     gemm_rate(&g);
@@ -273,5 +279,7 @@ fn kernel_benchmarks() {
     decode_attention(&g, 256, 1024, 32, 8, copy);
     decode_attention(&g, 8, 32768, 32, 8, copy);
     decode_attention(&g, 1, 131_072, 32, 8, copy);
-    prefill_attention(&g, 4096, 32, 8);
+    prefill_attention(&mut g, true, 4096, 32, 8);
+    prefill_attention(&mut g, false, 4096, 32, 8);
+    prefill_attention(&mut g, true, 16384, 32, 8);
 }

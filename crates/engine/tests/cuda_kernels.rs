@@ -322,6 +322,25 @@ fn attention_matches_cpu() {
             q_range: 2.0,
         });
     }
+    // Tensor-core prefill tiles (64 rows): sizes around the tile, a long prompt after a cached prefix.
+    cases.push(AttnCase {
+        heads: 8,
+        kv_heads: 2,
+        hd: 128,
+        bs: 16,
+        window: None,
+        seqs: vec![(16, 0), (64, 3), (65, 0), (1000, 500), (129, 0), (1, 40)],
+        q_range: 2.0,
+    });
+    cases.push(AttnCase {
+        heads: 4,
+        kv_heads: 4,
+        hd: 64,
+        bs: 16,
+        window: Some(100),
+        seqs: vec![(40, 10), (17, 0), (1, 150)],
+        q_range: 2.0,
+    });
     // Sliding window (Mistral): decode and prefill past the window.
     cases.push(AttnCase {
         heads: 4,
@@ -333,9 +352,17 @@ fn attention_matches_cpu() {
         q_range: 2.0,
     });
     for dt in DTYPES {
-        let Some(g) = gpu(dt) else { return };
-        for c in &cases {
-            run_attention(&g, &mut rng, c);
+        let Some(mut g) = gpu(dt) else { return };
+        // bf16/f16: prefill rows on the tensor-core kernel (the default), then everything on the paged one.
+        for tc in [true, false] {
+            if !tc && dt == DType::F32 {
+                continue;
+            }
+            g.set_tensor_core_prefill(tc);
+            say(&format!("{dt:?}: tensor-core prefill {tc}"));
+            for c in &cases {
+                run_attention(&g, &mut rng, c);
+            }
         }
     }
 }

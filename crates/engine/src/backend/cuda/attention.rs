@@ -10,12 +10,29 @@ use std::marker::PhantomData;
 use super::{cfg, int, shape_err, uint, CudaBackend, CudaTensor, ATTN_CHUNK, ATTN_KERNELS, ATTN_THREADS};
 use crate::backend::AttnMeta;
 use crate::error::{EngineError, Result};
+use crate::weights::DType;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+/// Sequences with at least this many new tokens go to the tensor-core prefill kernel (when it applies).
+const TC_PREFILL_MIN_ROWS: usize = 16;
+/// Query rows per prefill tile (PF_BM in kernels/prefill.cu).
+const PF_BM: usize = 64;
+
+/// The tensor-core prefill part of an attention call.
+struct PrefillLaunch {
+    kernel: String,
+    grid: LaunchConfig,
+    _tiles: CudaSlice<i32>,
+    tiles_ptr: u64,
+}
 
 /// An attention call ready to launch: metadata uploaded, output and split buffers allocated.
 pub struct AttnPlan<'a> {
     out: CudaTensor,
     kernel: String,
+    /// Whether any row is left to the paged kernel.
+    paged_rows: bool,
+    prefill: Option<PrefillLaunch>,
     grid: LaunchConfig,
     reduce_grid: Option<LaunchConfig>,
     _rows: CudaSlice<i32>,
@@ -76,9 +93,13 @@ impl CudaBackend {
             })?;
         let kernel = format!("paged_attention_{hd}_{maxg}");
         let bs = meta.block_size;
+        let tc_kernel = (self.tc_prefill && self.dtype != DType::F32 && (hd == 64 || hd == 128))
+            .then(|| format!("prefill_attention_{hd}"));
         // Validate the whole batch before computing anything (as the CPU backend does).
         let mut rows = vec![-1i32; 2 * n];
         let mut tables: Vec<u32> = Vec::new();
+        let mut pf_tiles: Vec<i32> = Vec::new();
+        let mut paged_rows = false;
         let (mut max_len, mut kv_tokens) = (1usize, 0usize);
         for s in meta.seqs {
             let ctx = s.ctx_before + s.q_len;
@@ -93,6 +114,24 @@ impl CudaBackend {
             }
             let off = int("block table offset", tables.len())?;
             tables.extend_from_slice(s.block_table);
+            // Prefill-sized sequences whose context no sliding window cuts go to the tensor cores.
+            let uncut = meta.sliding_window.is_none_or(|w| ctx <= w);
+            if tc_kernel.is_some() && s.q_len >= TC_PREFILL_MIN_ROWS && uncut {
+                for t in (0..s.q_len).step_by(PF_BM) {
+                    pf_tiles.extend_from_slice(&[
+                        int("row", s.q_start + t)?,
+                        int("tile rows", PF_BM.min(s.q_len - t))?,
+                        int("position", s.ctx_before + t)?,
+                        off,
+                    ]);
+                }
+                for i in 0..s.q_len {
+                    rows[2 * (s.q_start + i)] = -2;
+                    kv_tokens += s.ctx_before + i + 1;
+                }
+                continue;
+            }
+            paged_rows = paged_rows || s.q_len > 0;
             for i in 0..s.q_len {
                 let pos = s.ctx_before + i;
                 let first = match meta.sliding_window {
@@ -123,6 +162,26 @@ impl CudaBackend {
         };
         let d_rows = self.upload(&rows)?;
         let d_tables = self.upload(&tables)?;
+        let prefill = match tc_kernel {
+            Some(kernel) if !pf_tiles.is_empty() => {
+                let d_tiles = self.upload(&pf_tiles)?;
+                Some(PrefillLaunch {
+                    kernel,
+                    grid: cfg(
+                        (
+                            uint("prefill tiles", pf_tiles.len() / 4)?,
+                            uint("heads", meta.num_heads)?,
+                            1,
+                        ),
+                        128,
+                        0,
+                    ),
+                    tiles_ptr: self.ptr(&d_tiles),
+                    _tiles: d_tiles,
+                })
+            }
+            _ => None,
+        };
         let ptrs = [
             self.ptr(&out.buf),
             part_o.as_ref().map_or(0, |b| self.ptr(b)),
@@ -164,6 +223,8 @@ impl CudaBackend {
         Ok(AttnPlan {
             out,
             kernel,
+            paged_rows,
+            prefill,
             grid,
             reduce_grid,
             _rows: d_rows,
@@ -186,6 +247,26 @@ impl CudaBackend {
         }
         let [op, po, pm, qp, kp, vp, rp, tp] = &plan.ptrs;
         let [nh, nkv, bs, window, cps, ns, hd] = &plan.ints;
+        if let Some(pf) = &plan.prefill {
+            launch!(
+                self,
+                &pf.kernel,
+                pf.grid,
+                op,
+                qp,
+                kp,
+                vp,
+                &pf.tiles_ptr,
+                tp,
+                nh,
+                nkv,
+                bs,
+                &plan.scale
+            );
+        }
+        if !plan.paged_rows {
+            return Ok(());
+        }
         launch!(
             self,
             &plan.kernel,

@@ -23,7 +23,7 @@ pub struct Source {
 }
 
 /// Every kernel module of the backend.
-pub const SOURCES: [Source; 3] = [
+pub const SOURCES: [Source; 4] = [
     Source {
         name: "elementwise",
         text: include_str!("../../../../../kernels/elementwise.cu"),
@@ -35,6 +35,10 @@ pub const SOURCES: [Source; 3] = [
     Source {
         name: "lora",
         text: include_str!("../../../../../kernels/lora.cu"),
+    },
+    Source {
+        name: "prefill",
+        text: include_str!("../../../../../kernels/prefill.cu"),
     },
 ];
 

@@ -11,8 +11,9 @@
 //! turned off: it would create events per allocation and launch). Metadata (ids, positions, slots, block
 //! tables, LoRA segment tables) is validated on the host, then uploaded with each call.
 //!
-//! Debugging switches (environment): `LORAX_CUDA_POISON=1` fills every new tensor with NaN bytes so
-//! unwritten outputs show; `LORAX_CUDA_SYNC=1` synchronises after every launch so a fault names its kernel.
+//! Switches (environment): `LORAX_CUDA_POISON=1` fills every new tensor with NaN bytes so unwritten
+//! outputs show; `LORAX_CUDA_SYNC=1` synchronises after every launch so a fault names its kernel;
+//! `LORAX_CUDA_PREFILL=simple` keeps prefill off the tensor-core kernel.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -64,7 +65,7 @@ const SMEM_LIMIT: usize = 48 * 1024;
 const LORA_ROWS: usize = 16;
 
 /// Kernel names of each module, loaded once per backend.
-pub const KERNELS: [(&str, &[&str]); 3] = [
+pub const KERNELS: [(&str, &[&str]); 4] = [
     (
         "elementwise",
         &[
@@ -108,6 +109,7 @@ pub const KERNELS: [(&str, &[&str]); 3] = [
         ],
     ),
     ("lora", &["sgmv_shrink", "sgmv_expand"]),
+    ("prefill", &["prefill_attention_64", "prefill_attention_128"]),
 ];
 
 /// A row-major tensor in device memory, in the backend's storage type.
@@ -159,6 +161,7 @@ pub struct CudaBackend {
     num_sms: usize,
     poison: bool,
     sync_each: bool,
+    tc_prefill: bool,
 }
 
 pub(crate) fn drv(what: &str, e: drv_result::DriverError) -> EngineError {
@@ -365,6 +368,7 @@ impl CudaBackend {
             num_sms: usize::try_from(num_sms).unwrap_or(1).max(1),
             poison: env_flag("LORAX_CUDA_POISON"),
             sync_each: env_flag("LORAX_CUDA_SYNC"),
+            tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
         })
     }
 
@@ -372,6 +376,12 @@ impl CudaBackend {
     /// unwritten show up as NaN.
     pub fn set_poison(&mut self, on: bool) {
         self.poison = on;
+    }
+
+    /// Run prefill sequences (16 or more new tokens, head size 64 or 128, bf16/f16) on the tensor-core
+    /// kernel (default; `LORAX_CUDA_PREFILL=simple` turns it off) rather than the paged kernel.
+    pub fn set_tensor_core_prefill(&mut self, on: bool) {
+        self.tc_prefill = on;
     }
 
     /// The storage type of tensors.
