@@ -163,9 +163,7 @@ mod tests {
     #[test]
     fn chatml_with_generation_prompt() {
         let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
-        let out = t
-            .apply(&[m("system", "Be brief."), m("user", "Hi")], true)
-            .unwrap();
+        let out = t.apply(&[m("system", "Be brief."), m("user", "Hi")], true).unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -203,6 +201,9 @@ mod tests {
         assert!(ChatTemplate::from_tokenizer_config(&serde_json::json!({}))
             .unwrap()
             .is_none());
-        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(ChatError::Render(_))));
+        assert!(matches!(
+            ChatTemplate::new("{% for %}", "", ""),
+            Err(ChatError::Render(_))
+        ));
     }
 }

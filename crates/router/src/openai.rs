@@ -27,7 +27,7 @@ use crate::errors::{ApiError, VALIDATION};
 use crate::infer::{InferError, InferResponse, InferStreamResponse, ResponseReceiver, TokenInfo};
 use crate::metrics as m;
 use crate::schema::{GenerateParameters, GenerateRequest, Secret};
-use crate::server::{bearer_token, AppState, ApiJson, Timings};
+use crate::server::{bearer_token, ApiJson, AppState, Timings};
 use crate::stopping::FinishReason;
 use crate::validation::ValidRequest;
 
@@ -323,7 +323,10 @@ fn message_text(m: &ChatMessage) -> Result<String, ApiError> {
         Some(ChatContent::Parts(parts)) => {
             let mut text = String::new();
             for p in parts {
-                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
                     (Some("text"), Some(t)) => text.push_str(t),
                     _ => return Err(invalid("only text content parts are supported")),
                 }
@@ -345,7 +348,9 @@ fn chat_plan(state: &AppState, mut req: ChatCompletionRequest, headers: &HeaderM
     }
     if let Some(f) = &req.response_format {
         if f.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(invalid("`response_format` other than {\"type\": \"text\"} is not supported"));
+            return Err(invalid(
+                "`response_format` other than {\"type\": \"text\"} is not supported",
+            ));
         }
     }
     if req.top_logprobs.is_some_and(|k| k > 0) && !req.logprobs {
@@ -532,7 +537,9 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, r: InferResponse) -> Valu
                 Some(prompt) => format!("{prompt}{}", r.generated_text.text),
                 None => r.generated_text.text,
             };
-            let logprobs = plan.logprobs.then(|| completion_logprobs(&r.tokens, plan.alternatives, 0));
+            let logprobs = plan
+                .logprobs
+                .then(|| completion_logprobs(&r.tokens, plan.alternatives, 0));
             json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
         }
         Kind::Chat => {
@@ -710,10 +717,20 @@ async fn next_piece(
             }
             _ => token.text.clone(),
         };
-        let pair = [(TokenInfo { text: text.clone(), ..token }, top)];
+        let pair = [(
+            TokenInfo {
+                text: text.clone(),
+                ..token
+            },
+            top,
+        )];
         let choice = match kind {
             Kind::Completion => {
-                let prefix = if s.first { plan.echo.clone().unwrap_or_default() } else { String::new() };
+                let prefix = if s.first {
+                    plan.echo.clone().unwrap_or_default()
+                } else {
+                    String::new()
+                };
                 let logprobs = plan
                     .logprobs
                     .then(|| completion_logprobs(&pair, plan.alternatives, s.offset));

@@ -45,7 +45,10 @@ async fn completions_whole_with_logprobs_usage_and_adapter_model() {
     let choice = &v["choices"][0];
     assert_eq!(choice["text"], continuation(&HELLO, &tokens));
     assert_eq!(choice["finish_reason"], "length");
-    assert_eq!(v["usage"], json!({"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}));
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7})
+    );
     let lp = &choice["logprobs"];
     assert_eq!(lp["tokens"].as_array().expect("tokens").len(), 5);
     assert_eq!(lp["token_logprobs"].as_array().expect("logprobs").len(), 5);
@@ -108,9 +111,7 @@ async fn completions_stream_equals_whole_and_ends_with_usage_and_done() {
         .map(|c| c["choices"][0]["text"].as_str().expect("text"))
         .collect();
     assert_eq!(text, whole["choices"][0]["text"].as_str().expect("text"));
-    assert!(chunks[..5]
-        .iter()
-        .all(|c| c["choices"][0]["finish_reason"].is_null()));
+    assert!(chunks[..5].iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
     assert_eq!(chunks[5]["choices"][0]["finish_reason"], "length");
 }
 
@@ -132,7 +133,12 @@ async fn n_choices_and_stop_sequences() {
     assert_eq!(v["usage"]["completion_tokens"], 9);
 
     // Streamed n=2: each choice's chunks carry its index.
-    let events = events(&d, "/v1/completions", json!({"prompt": "Hello", "max_tokens": 3, "n": 2, "stream": true})).await;
+    let events = events(
+        &d,
+        "/v1/completions",
+        json!({"prompt": "Hello", "max_tokens": 3, "n": 2, "stream": true}),
+    )
+    .await;
     for index in 0..2 {
         let text: String = events
             .iter()
@@ -146,7 +152,10 @@ async fn n_choices_and_stop_sequences() {
     let full = choices[0]["text"].as_str().expect("text").to_string();
     let stop: String = full.chars().skip(2).take(2).collect();
     let v: Value = d
-        .post("/v1/completions", json!({"prompt": "Hello", "max_tokens": 3, "stop": stop}))
+        .post(
+            "/v1/completions",
+            json!({"prompt": "Hello", "max_tokens": 3, "stop": stop}),
+        )
         .await
         .json()
         .await
@@ -154,7 +163,10 @@ async fn n_choices_and_stop_sequences() {
     let c = &v["choices"][0];
     assert_eq!(c["finish_reason"], "stop", "{v}");
     let text = c["text"].as_str().expect("text");
-    assert!(text.ends_with(&stop) && full.starts_with(text), "{text:?} vs {full:?} / {stop:?}");
+    assert!(
+        text.ends_with(&stop) && full.starts_with(text),
+        "{text:?} vs {full:?} / {stop:?}"
+    );
 }
 
 #[tokio::test]
@@ -165,11 +177,7 @@ async fn chat_uses_the_template_without_a_second_bos() {
         {"role": "user", "content": "Hi there"},
     ]);
     let rendered = "<s>[INST] Be brief.\n\nHi there [/INST]";
-    let prompt_ids: Vec<u32> = tokenizer()
-        .encode(rendered, false)
-        .expect("encode")
-        .get_ids()
-        .to_vec();
+    let prompt_ids: Vec<u32> = tokenizer().encode(rendered, false).expect("encode").get_ids().to_vec();
     assert_eq!(prompt_ids[0], 1, "the template's <s> is the BOS token");
     assert_ne!(prompt_ids[1], 1);
     let last = *prompt_ids.last().expect("ids");
@@ -184,7 +192,9 @@ async fn chat_uses_the_template_without_a_second_bos() {
     assert_eq!(c["message"]["content"], continuation(&prompt_ids, &tokens));
     let content = c["logprobs"]["content"].as_array().expect("logprobs");
     assert_eq!(content.len(), 4);
-    assert!(content.iter().all(|t| t["top_logprobs"].as_array().expect("top").len() == 2));
+    assert!(content
+        .iter()
+        .all(|t| t["top_logprobs"].as_array().expect("top").len() == 2));
 
     // Streamed, with an adapter: the role comes first, the text adds up.
     let body = json!({"model": "org/chat-adapter", "messages": messages, "max_tokens": 4, "stream": true});
@@ -206,13 +216,33 @@ async fn chat_uses_the_template_without_a_second_bos() {
 async fn errors_have_openai_shape() {
     let d = Deployment::start(Setup::default()).await;
     let cases = [
-        ("/v1/completions", json!({"prompt": "Hello", "temperature": -1.0}), 422, "temperature"),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hello", "temperature": -1.0}),
+            422,
+            "temperature",
+        ),
         ("/v1/completions", json!({"prompt": ["a", "b"]}), 422, "one string"),
         ("/v1/completions", json!({"prompt": "Hello", "n": 9}), 422, "`n`"),
-        ("/v1/completions", json!({"prompt": "Hello", "logprobs": 6}), 422, "at most 5"),
-        ("/v1/completions", json!({"prompt": "Hello", "model": "x", "adapter_source": "s3"}), 422, "adapter_source"),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hello", "logprobs": 6}),
+            422,
+            "at most 5",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hello", "model": "x", "adapter_source": "s3"}),
+            422,
+            "adapter_source",
+        ),
         ("/v1/completions", json!({"prompt": 7}), 422, ""),
-        ("/v1/chat/completions", json!({"messages": []}), 422, "must not be empty"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": []}),
+            422,
+            "must not be empty",
+        ),
         (
             "/v1/chat/completions",
             json!({"messages": [{"role": "assistant", "content": "x"}]}),
@@ -229,7 +259,9 @@ async fn errors_have_openai_shape() {
     for (path, body, status, needle) in cases {
         let (got, v) = error_of(d.post(path, body.clone()).await).await;
         assert_eq!(got, status, "{path} {body}: {v}");
-        let message = v["error"]["message"].as_str().unwrap_or_else(|| panic!("not OpenAI's shape: {v}"));
+        let message = v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not OpenAI's shape: {v}"));
         assert!(message.contains(needle), "{path} {body}: {message}");
         assert!(v["error"]["type"].is_string(), "{v}");
     }

@@ -2,6 +2,7 @@
 //! service (proto/lorax/shard/v1) on a Unix socket until SIGINT/SIGTERM.
 
 mod adapters;
+mod comm;
 mod service;
 
 use std::path::PathBuf;
@@ -137,12 +138,12 @@ fn parse_dtype(arg: &str) -> anyhow::Result<(DType, &'static str)> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.json_output);
-    if args.world_size != 1 {
-        anyhow::bail!(
-            "--world-size {}: tensor parallelism is not implemented yet",
-            args.world_size
-        );
-    }
+    anyhow::ensure!(
+        args.world_size >= 1 && args.rank < args.world_size,
+        "--rank {} must be below --world-size {}",
+        args.rank,
+        args.world_size
+    );
     let (dtype, dtype_name) = parse_dtype(&args.dtype)?;
     match resolve_device(args.device.as_deref())? {
         Device::Cpu => serve(args, || Ok(CpuBackend), "float32").await,
@@ -151,6 +152,22 @@ async fn main() -> anyhow::Result<()> {
             serve(args, move || CudaBackend::new(ordinal, dtype), dtype_name).await
         }
     }
+}
+
+/// The tensor-parallel group of this shard: itself alone, or every rank of `--world-size` over the
+/// Unix-socket all-reduce (rank 0 listens at `<uds-prefix>-comm`).
+async fn join_group(args: &Args) -> anyhow::Result<std::sync::Arc<dyn lorax_engine::comm::Communicator>> {
+    if args.world_size == 1 {
+        return Ok(std::sync::Arc::new(lorax_engine::comm::SingleRank));
+    }
+    let path = comm::socket_path(&args.uds_prefix);
+    let (rank, world) = (args.rank as usize, args.world_size as usize);
+    tracing::info!(rank, world, socket = %path.display(), "joining the tensor-parallel group");
+    let group = tokio::task::spawn_blocking(move || {
+        comm::UdsComm::join(&path, rank, world, std::time::Duration::from_secs(600))
+    })
+    .await??;
+    Ok(std::sync::Arc::new(group))
 }
 
 /// Loads the model on the backend `make` creates and serves until SIGINT/SIGTERM.
@@ -183,6 +200,7 @@ async fn serve<B: Backend>(
             },
             download_timeout: std::time::Duration::from_secs(args.adapter_download_timeout_s),
             dtype: dtype.to_string(),
+            comm: join_group(&args).await?,
         },
         make,
     )

@@ -1,0 +1,73 @@
+//! Tensor parallelism through the real processes: `--num-shard 2` starts two CPU shard processes that
+//! each hold half of the model and sum their partial results over the Unix-socket all-reduce. Answers
+//! equal transformers' (base model) and peft's (adapters), in one mixed batch.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{fixtures, golden, start};
+use serde_json::{json, Value};
+
+fn peft_greedy(adapter: &str, p: usize) -> Vec<u32> {
+    let bytes = std::fs::read(fixtures().join("adapters/golden_lora.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(&format!("{adapter}.p{p}.greedy")).unwrap();
+    t.data()
+        .chunks_exact(8)
+        .map(|c| u32::try_from(i64::from_le_bytes(c.try_into().unwrap())).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cpu_shards_match_transformers_and_peft() {
+    let roots = format!("--adapter-local-roots={}", fixtures().join("adapters").display());
+    let server = start(&["--num-shard", "2", &roots]).await;
+    let client = reqwest::Client::new();
+    let info: Value = client
+        .get(format!("{}/info", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["num_shards"], 2, "{info}");
+    let g = golden();
+    let mut handles = Vec::new();
+    for p in 0..g.prompts.len() {
+        for adapter in [None, Some("lora-r16-all"), Some("rslora-r16-patterns")] {
+            let (client, base, inputs) = (client.clone(), server.base.clone(), g.prompts[p].clone());
+            handles.push(tokio::spawn(async move {
+                let mut params = json!({"max_new_tokens": 32, "details": true, "ignore_eos_token": true});
+                if let Some(a) = adapter {
+                    params["adapter_id"] = json!(a);
+                    params["adapter_source"] = json!("local");
+                }
+                let r = client
+                    .post(format!("{base}/generate"))
+                    .json(&json!({"inputs": inputs, "parameters": params}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let v: Value = r.json().await.unwrap();
+                (p, adapter, status, v)
+            }));
+        }
+    }
+    for h in handles {
+        let (p, adapter, status, v) = h.await.unwrap();
+        assert_eq!(status, 200, "p{p} {adapter:?}: {v}");
+        let ids: Vec<u32> = v["details"]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap() as u32)
+            .collect();
+        let expect = match adapter {
+            Some(a) => peft_greedy(a, p),
+            None => g.greedy[p].clone(),
+        };
+        assert_eq!(ids, expect, "p{p} {adapter:?} with two shards");
+    }
+}
