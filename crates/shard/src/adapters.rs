@@ -192,6 +192,21 @@ pub fn cached_hub(id: &str) -> Option<Located> {
     })
 }
 
+/// Removes a hub adapter's files from the hub cache (the snapshot entries and the blobs they point to),
+/// after they failed to parse: hf-hub serves cached files without asking the hub, so a corrupt or
+/// truncated download would otherwise fail every retry, even once the hub serves good files again.
+pub fn evict_hub(id: &str) {
+    let repo = Cache::from_env().repo(Repo::new(id.to_string(), RepoType::Model));
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        if let Some(entry) = repo.get(file) {
+            if let Ok(blob) = std::fs::canonicalize(&entry) {
+                let _ = std::fs::remove_file(blob);
+            }
+            let _ = std::fs::remove_file(&entry);
+        }
+    }
+}
+
 /// Parses and checks an adapter against the base model, as a status on failure.
 pub fn parse(located: &Located, cfg: &ModelConfig, max_rank: usize) -> Result<HostAdapter, Status> {
     HostAdapter::load(&located.dir, cfg, max_rank).map_err(|e| match e {

@@ -28,6 +28,8 @@ pub struct ShardConfig {
     pub download_timeout: Duration,
     /// Storage type reported in Info (`float32` on the CPU backend).
     pub dtype: String,
+    /// The tensor-parallel group (a single rank when world_size is 1).
+    pub comm: std::sync::Arc<dyn lorax_engine::comm::Communicator>,
 }
 
 struct State<B: Backend> {
@@ -70,7 +72,9 @@ impl<B: Backend> ShardServer<B> {
             num_blocks: cfg.num_blocks as usize,
             block_size: cfg.block_size as usize,
         };
-        let engine = tokio::task::spawn_blocking(move || Engine::load(make()?, &dir, cache)).await??;
+        let comm = std::sync::Arc::clone(&cfg.comm);
+        let engine =
+            tokio::task::spawn_blocking(move || Engine::load_sharded(make()?, &dir, cache, comm)).await??;
         let c = engine.config().clone();
         let info = pb::InfoResponse {
             model_id: cfg.model_id,
@@ -328,7 +332,17 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let key = adapters::key(&r.adapter_source, &r.adapter_id);
         let started = Instant::now();
         let located = self.locate(&r.adapter_source, &r.adapter_id, r.api_token, true).await?;
-        let host = self.parse_into_host_tier(&key, located).await?;
+        let host = match self.parse_into_host_tier(&key, located).await {
+            Ok(host) => host,
+            Err(status) => {
+                if r.adapter_source == "hub" {
+                    // The next DownloadAdapter (the router's retry) then fetches the files again.
+                    let id = r.adapter_id.clone();
+                    let _ = tokio::task::spawn_blocking(move || adapters::evict_hub(&id)).await;
+                }
+                return Err(status);
+            }
+        };
         let mut warnings = Vec::new();
         if let Some(base) = host.base_model.as_deref().filter(|b| *b != self.info.model_id) {
             warnings.push(format!(
