@@ -15,9 +15,8 @@ grpc_port=$(free_port)
 export LORAX_URL="http://127.0.0.1:$port"
 export LORAX_GRPC_ADDR="127.0.0.1:$grpc_port"
 export LORAX_LOG="$work/server.log"
-# GRPC_PORT (the router's --grpc-port) reaches the router through the launcher's environment.
 # shellcheck disable=SC2086
-GRPC_PORT="$grpc_port" "$launcher" --port "$port" --hostname 127.0.0.1 --embedded-dir "$work" --shard-uds-dir "$work/uds" \
+"$launcher" --port "$port" --grpc-port "$grpc_port" --hostname 127.0.0.1 --embedded-dir "$work" --shard-uds-dir "$work/uds" \
   --adapter-local-roots "$PWD/tests/fixtures/adapters" --num-blocks 512 --max-input-length 256 \
   --max-total-tokens 512 --max-batch-prefill-tokens 1024 ${LAUNCHER_ARGS:-} >"$LORAX_LOG" 2>&1 &
 pid=$!

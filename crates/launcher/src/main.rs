@@ -101,6 +101,10 @@ pub struct RouterHttpArgs {
     /// `service.name` of the router's traces.
     #[arg(long, env = "OTLP_SERVICE_NAME", default_value = "lorax-router")]
     pub otlp_service_name: String,
+    /// TCP port of the public gRPC API (`lorax.generate.v1.LoraxService`, on `--hostname`); off without
+    /// it; 0 picks a free port (logged).
+    #[arg(long, env = "GRPC_PORT")]
+    pub grpc_port: Option<u16>,
 }
 
 impl RouterHttpArgs {
@@ -126,6 +130,9 @@ impl RouterHttpArgs {
             v.push(format!("--otlp-endpoint={endpoint}"));
         }
         v.push(format!("--otlp-service-name={}", self.otlp_service_name));
+        if let Some(port) = self.grpc_port {
+            v.push(format!("--grpc-port={port}"));
+        }
         v
     }
 }

@@ -17,8 +17,8 @@ use nix::unistd::Pid;
 async fn grpc_generations_equal_the_golden_tokens_and_rest() {
     let g = golden();
     let grpc_port = free_port();
-    // GRPC_PORT is the router's --grpc-port; it reaches the router through the launcher's environment.
-    let mut server = start_with_env(&[], &[("GRPC_PORT", grpc_port.to_string())]).await;
+    let port = grpc_port.to_string();
+    let mut server = start_with_env(&["--grpc-port", &port], &[]).await;
     let rest = Client::new(server.base.clone()).expect("REST client");
     let mut grpc = GrpcClient::connect(format!("http://127.0.0.1:{grpc_port}"))
         .await
