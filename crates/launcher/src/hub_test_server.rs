@@ -4,6 +4,7 @@
 //! module, the process tests by path).
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -42,6 +43,42 @@ impl Gate {
     }
 }
 
+/// A broken hub for one repo, until [`Faults::clear`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Every request for the repo gets this HTTP status (e.g. 500, 503).
+    Status(u16),
+    /// `.safetensors` files are served as bytes that are not safetensors (with their own etag).
+    Corrupt,
+}
+
+/// Faults injected per repo.
+#[derive(Default)]
+pub struct Faults(Mutex<HashMap<String, Fault>>);
+
+impl Faults {
+    /// Breaks `repo` with `fault`.
+    pub fn set(&self, repo: &str, fault: Fault) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(repo.to_string(), fault);
+        }
+    }
+
+    /// Serves `repo` correctly again.
+    pub fn clear(&self, repo: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(repo);
+        }
+    }
+
+    fn of(&self, path: &str) -> Option<Fault> {
+        let m = self.0.lock().ok()?;
+        m.iter()
+            .find(|(repo, _)| path.starts_with(&format!("/{repo}/")))
+            .map(|(_, f)| *f)
+    }
+}
+
 /// A running server; it stops when the test process ends.
 pub struct HubServer {
     /// `http://127.0.0.1:port`.
@@ -50,6 +87,8 @@ pub struct HubServer {
     pub requests: Arc<AtomicUsize>,
     /// Holds requests for the repos given to [`start_gated`].
     pub gate: Arc<Gate>,
+    /// Faults injected per repo.
+    pub faults: Arc<Faults>,
 }
 
 /// Serve `repos` (repo id → folder) with the given required bearer token (if any).
@@ -69,6 +108,8 @@ pub fn start_gated(
     let count = Arc::clone(&requests);
     let gate = Arc::new(Gate::default());
     let held = Arc::clone(&gate);
+    let faults = Arc::new(Faults::default());
+    let injected = Arc::clone(&faults);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             count.fetch_add(1, Ordering::SeqCst);
@@ -76,8 +117,9 @@ pub fn start_gated(
             let token = token.clone();
             let gated = gated.clone();
             let gate = Arc::clone(&held);
+            let faults = Arc::clone(&injected);
             std::thread::spawn(move || {
-                let _ = handle(stream, &repos, token.as_deref(), &gated, &gate);
+                let _ = handle(stream, &repos, token.as_deref(), &gated, &gate, &faults);
             });
         }
     });
@@ -85,6 +127,7 @@ pub fn start_gated(
         endpoint,
         requests,
         gate,
+        faults,
     })
 }
 
@@ -94,6 +137,7 @@ fn handle(
     token: Option<&str>,
     gated: &[String],
     gate: &Gate,
+    faults: &Faults,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
@@ -121,6 +165,10 @@ fn handle(
     if gated.iter().any(|g| path.starts_with(&format!("/{g}/"))) {
         gate.pass();
     }
+    let fault = faults.of(&path);
+    if let Some(Fault::Status(code)) = fault {
+        return respond(&mut stream, &format!("{code} Injected Fault"), &[], b"injected fault");
+    }
     if let Some(t) = token {
         if auth.as_deref() != Some(&format!("Bearer {t}")) {
             return respond(&mut stream, "401 Unauthorized", &[], b"unauthorized");
@@ -144,7 +192,10 @@ fn handle(
             b"not found",
         );
     };
-    let data = std::fs::read(&file)?;
+    let mut data = std::fs::read(&file)?;
+    if fault == Some(Fault::Corrupt) && file.extension().is_some_and(|e| e == "safetensors") {
+        data = b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors, corrupted by the test hub}".to_vec();
+    }
     let etag = format!(
         "\"{:x}-{}\"",
         data.len(),

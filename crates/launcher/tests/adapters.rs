@@ -9,22 +9,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::hub_test_server;
-use common::{fixtures, golden, metric, pid_of_shard, start, start_with_env};
+use common::{fixtures, golden, metric, peft_greedy, pid_of_shard, rss_kib, start, start_with_env};
 use serde_json::{json, Value};
 
 const ADAPTERS: [&str; 4] = ["lora-r8", "lora-r16-all", "lora-r64-regex", "rslora-r16-patterns"];
 const N_NEW: usize = 32;
-
-/// peft's greedy tokens of `adapter` on prompt `p`.
-fn peft_greedy(adapter: &str, p: usize) -> Vec<u32> {
-    let bytes = std::fs::read(fixtures().join("adapters/golden_lora.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(&format!("{adapter}.p{p}.greedy")).unwrap();
-    t.data()
-        .chunks_exact(8)
-        .map(|c| u32::try_from(i64::from_le_bytes(c.try_into().unwrap())).unwrap())
-        .collect()
-}
 
 /// POST /generate; returns (status, headers, body).
 async fn post(
@@ -97,15 +86,6 @@ fn rewrite(dir: &Path, f: impl Fn(&str, &mut Vec<usize>, &mut Vec<f32>)) {
         })
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// The four peft adapters and the base model in one server with two adapter slots, requested all at

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -65,6 +65,7 @@ pub async fn start_with_env(extra: &[&str], envs: &[(&str, String)]) -> Server {
     let port = free_port();
     let uds_dir = tmp.path().join("uds");
     let log = tmp.path().join("server.log");
+    let log_file = std::fs::File::create(&log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_lorax-launcher"))
         .args(["--port", &port.to_string(), "--hostname", "127.0.0.1"])
         .arg(format!("--shard-uds-dir={}", uds_dir.display()))
@@ -80,8 +81,9 @@ pub async fn start_with_env(extra: &[&str], envs: &[(&str, String)]) -> Server {
         .args(["--num-blocks", "256", "--block-size", "16", "--shutdown-grace-s", "5"])
         .args(extra)
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
+        // The router logs to stdout, the launcher and shards to stderr: one file gets both.
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
         .spawn()
         .unwrap();
     let mut server = Server {
@@ -182,7 +184,17 @@ pub fn bucket(text: &str, name: &str, le: &str) -> f64 {
 }
 
 pub fn pid_of_shard(uds_dir: &Path) -> Option<i32> {
-    let needle = uds_dir.display().to_string();
+    pid_of("lorax-shard", &uds_dir.display().to_string())
+}
+
+/// The router of the server listening on `base` (`http://127.0.0.1:PORT`).
+pub fn pid_of_router(base: &str) -> Option<i32> {
+    let port = base.rsplit(':').next()?;
+    pid_of("lorax-router", &format!("--port={port}"))
+}
+
+/// A process whose command line names `binary` and contains `needle`.
+pub fn pid_of(binary: &str, needle: &str) -> Option<i32> {
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -191,9 +203,30 @@ pub fn pid_of_shard(uds_dir: &Path) -> Option<i32> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("lorax-shard") && cmd.contains(&needle) {
+        if cmd.contains(binary) && cmd.contains(needle) {
             return Some(pid);
         }
     }
     None
+}
+
+/// Resident memory of `pid` in KiB (0 if it is gone).
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// peft's greedy tokens of fixture adapter `adapter` on golden prompt `p`.
+pub fn peft_greedy(adapter: &str, p: usize) -> Vec<u32> {
+    let bytes = std::fs::read(fixtures().join("adapters/golden_lora.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(&format!("{adapter}.p{p}.greedy")).unwrap();
+    t.data()
+        .chunks_exact(8)
+        .map(|c| u32::try_from(i64::from_le_bytes(c.try_into().unwrap())).unwrap())
+        .collect()
 }
