@@ -156,7 +156,48 @@ async fn serves_transformers_tokens_batches_validates_and_stops_on_sigterm() {
 async fn a_killed_shard_ends_the_launcher_with_failure() {
     let mut server = start(&[]).await;
     let shard = pid_of_shard(&server.uds_dir).expect("shard process not found");
+    // Requests in flight when the shard dies: a stream that has started and a plain request.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let long = json!({"inputs": "Hello", "parameters": {"max_new_tokens": 500, "ignore_eos_token": true}});
+    let stream = client
+        .post(format!("{}/generate_stream", server.base))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = stream.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let plain = tokio::spawn({
+        let (client, url, body) = (client.clone(), format!("{}/generate", server.base), long.clone());
+        async move {
+            let r = client.post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&client, &server.base, "lorax_batch_current_size").await != Some(2.0) {
+        assert!(Instant::now() < deadline, "the plain request never joined the batch");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     nix_kill(shard, "KILL");
+    // Each gets a clear error (424 generation), not a hang or a silent cut.
+    let (status, body) = plain.await.unwrap();
+    assert_eq!(
+        (status, body["error_type"].as_str()),
+        (424, Some("generation")),
+        "{body}"
+    );
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    let rest = String::from_utf8_lossy(&rest);
+    let last = rest.lines().filter_map(|l| l.strip_prefix("data:")).last().unwrap();
+    let last: Value = serde_json::from_str(last.trim()).unwrap();
+    assert_eq!(last["error_type"], "generation", "{last}");
     let status = wait_exit(&mut server.child, Duration::from_secs(30));
     assert!(
         !status.success(),
