@@ -73,8 +73,7 @@ impl<B: Backend> ShardServer<B> {
             block_size: cfg.block_size as usize,
         };
         let comm = std::sync::Arc::clone(&cfg.comm);
-        let engine =
-            tokio::task::spawn_blocking(move || Engine::load_sharded(make()?, &dir, cache, comm)).await??;
+        let engine = tokio::task::spawn_blocking(move || Engine::load_sharded(make()?, &dir, cache, comm)).await??;
         let c = engine.config().clone();
         let info = pb::InfoResponse {
             model_id: cfg.model_id,
