@@ -153,7 +153,9 @@ async fn api_keys_guard_every_route_but_health_metrics_and_docs() {
         }
         json!({"inputs": "Hello", "parameters": parameters})
     };
-    let cases: [(&str, Value, Vec<(&str, String)>, Option<&str>); 3] = [
+    // (adapter, body, headers, the token the hub must see)
+    type Case<'a> = (&'a str, Value, Vec<(&'a str, String)>, Option<&'a str>);
+    let cases: [Case; 3] = [
         (
             "org/key-in-authorization",
             adapter("org/key-in-authorization", None),
