@@ -26,6 +26,14 @@ pub struct Args {
     /// Number of shard processes (tensor-parallel ranks).
     #[arg(long, env = "NUM_SHARD", default_value_t = 1)]
     pub num_shard: u32,
+    /// Host of shard rank 0 for the tensor-parallel all-reduce over TCP, for ranks on several hosts
+    /// (start the other ranks' `lorax-shard` processes there with the same flags). Without it the
+    /// shards of this host meet on a Unix socket.
+    #[arg(long, env = "MASTER_ADDR")]
+    pub master_addr: Option<String>,
+    /// TCP port of rank 0's all-reduce listener with `--master-addr`.
+    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    pub master_port: u16,
     /// Device for the shards: `cpu` (CUDA lands with the GPU backend).
     #[arg(long, env = "DEVICE", default_value = "cpu")]
     pub device: String,

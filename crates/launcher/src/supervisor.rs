@@ -174,6 +174,10 @@ async fn start_and_watch(
             format!("--block-size={}", args.block_size),
         ];
         a.extend(args.adapters.shard_flags());
+        if let Some(addr) = &args.master_addr {
+            a.push(format!("--master-addr={addr}"));
+            a.push(format!("--master-port={}", args.master_port));
+        }
         a.extend(json.iter().cloned());
         procs.push(spawn(&format!("shard {rank}"), &sibling("lorax-shard"), &a, &[])?);
     }

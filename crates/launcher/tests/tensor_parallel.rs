@@ -71,3 +71,17 @@ async fn two_cpu_shards_match_transformers_and_peft() {
         assert_eq!(ids, expect, "p{p} {adapter:?} with two shards");
     }
 }
+
+/// The same group meeting over TCP (`--master-addr`/`--master-port`, the multi-host rendezvous).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cpu_shards_meet_over_tcp() {
+    let port = common::free_port().to_string();
+    let server = start(&["--num-shard", "2", "--master-addr", "127.0.0.1", "--master-port", &port]).await;
+    let g = golden();
+    let ids = common::generate(&reqwest::Client::new(), &server.base, &g.prompts[2], 32).await;
+    assert_eq!(ids, g.greedy[2], "two shards over TCP");
+    assert!(
+        server.log_text().contains("Tcp(\"127.0.0.1:"),
+        "the shards should have met over TCP"
+    );
+}

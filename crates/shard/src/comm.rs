@@ -1,29 +1,57 @@
 //! The all-reduce between CPU shard processes of one model (tensor parallelism without GPUs): a star
-//! over Unix sockets. Rank 0 listens on `<uds-prefix>-comm`; every other rank connects and says its
-//! rank. To sum a buffer, ranks 1.. send theirs to rank 0, which adds them in rank order and sends the
+//! over Unix sockets (one host) or TCP (`--master-addr`/`--master-port`, shards on several hosts).
+//! Rank 0 listens; every other rank connects and says its rank. To sum a buffer, ranks 1.. send theirs to rank 0, which adds them in rank order and sends the
 //! sum back, so every rank gets the same bits. GPU shards would use NCCL through the same
 //! [`Communicator`] seam.
 
 use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lorax_engine::comm::Communicator;
 use lorax_engine::{EngineError, Result};
 
+/// A connection between two ranks.
+pub trait Link: Read + Write + Send {}
+impl<T: Read + Write + Send> Link for T {}
+
+/// Where the ranks meet: rank 0 listens there, the others connect.
+#[derive(Debug, Clone)]
+pub enum Rendezvous {
+    /// A Unix socket path (all ranks on one host).
+    Unix(PathBuf),
+    /// `host:port` over TCP (ranks on several hosts; rank 0 binds it, the others connect to it).
+    Tcp(String),
+}
+
 /// A rank's connections: rank 0 holds one per peer (index = rank - 1), the others one to rank 0.
-pub struct UdsComm {
+pub struct SocketComm {
     rank: usize,
     world: usize,
-    streams: Mutex<Vec<UnixStream>>,
+    streams: Mutex<Vec<Box<dyn Link>>>,
+}
+
+/// Sets both timeouts of a socket and boxes it.
+fn link_unix(s: UnixStream) -> std::io::Result<Box<dyn Link>> {
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(Box::new(s))
+}
+
+fn link_tcp(s: TcpStream) -> std::io::Result<Box<dyn Link>> {
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_nodelay(true)?;
+    Ok(Box::new(s))
 }
 
 /// How long one all-reduce may wait for a peer before failing the forward pass.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The rendezvous socket of a deployment.
+/// The rendezvous socket of a one-host deployment.
 pub fn socket_path(uds_prefix: &str) -> PathBuf {
     PathBuf::from(format!("{uds_prefix}-comm"))
 }
@@ -32,19 +60,28 @@ fn io_err(what: &str, e: std::io::Error) -> EngineError {
     EngineError::Backend(format!("tensor-parallel all-reduce: {what}: {e}"))
 }
 
-impl UdsComm {
+impl SocketComm {
     /// Joins the group: rank 0 accepts `world - 1` peers, the others connect (retrying until
     /// `timeout`, since rank 0 may still be starting). Blocking.
-    pub fn join(path: &Path, rank: usize, world: usize, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn join(at: &Rendezvous, rank: usize, world: usize, timeout: Duration) -> anyhow::Result<Self> {
         anyhow::ensure!(world >= 2 && rank < world, "rank {rank} of world {world}");
         let streams = if rank == 0 {
-            if path.exists() {
-                std::fs::remove_file(path)?;
-            }
-            let listener = UnixListener::bind(path)?;
-            let mut peers: Vec<Option<UnixStream>> = (1..world).map(|_| None).collect();
+            let mut accept: Box<dyn FnMut() -> std::io::Result<Box<dyn Link>>> = match at {
+                Rendezvous::Unix(path) => {
+                    if path.exists() {
+                        std::fs::remove_file(path)?;
+                    }
+                    let listener = UnixListener::bind(path)?;
+                    Box::new(move || link_unix(listener.accept()?.0))
+                }
+                Rendezvous::Tcp(addr) => {
+                    let listener = TcpListener::bind(addr.as_str())?;
+                    Box::new(move || link_tcp(listener.accept()?.0))
+                }
+            };
+            let mut peers: Vec<Option<Box<dyn Link>>> = (1..world).map(|_| None).collect();
             for _ in 1..world {
-                let (mut stream, _) = listener.accept()?;
+                let mut stream = accept()?;
                 let mut buf = [0u8; 4];
                 stream.read_exact(&mut buf)?;
                 let peer = u32::from_le_bytes(buf) as usize;
@@ -54,28 +91,30 @@ impl UdsComm {
                 );
                 peers[peer - 1] = Some(stream);
             }
-            let _ = std::fs::remove_file(path);
+            if let Rendezvous::Unix(path) = at {
+                let _ = std::fs::remove_file(path);
+            }
             peers.into_iter().flatten().collect()
         } else {
             let deadline = Instant::now() + timeout;
             let mut stream = loop {
-                match UnixStream::connect(path) {
+                let attempt = match at {
+                    Rendezvous::Unix(path) => UnixStream::connect(path).and_then(link_unix),
+                    Rendezvous::Tcp(addr) => TcpStream::connect(addr.as_str()).and_then(link_tcp),
+                };
+                match attempt {
                     Ok(s) => break s,
                     Err(e) if Instant::now() < deadline => {
-                        tracing::debug!("waiting for rank 0's rendezvous socket: {e}");
+                        tracing::debug!("waiting for rank 0 at {at:?}: {e}");
                         std::thread::sleep(Duration::from_millis(50));
                     }
-                    Err(e) => anyhow::bail!("rank 0 never opened {}: {e}", path.display()),
+                    Err(e) => anyhow::bail!("rank 0 never listened at {at:?}: {e}"),
                 }
             };
             stream.write_all(&u32::try_from(rank)?.to_le_bytes())?;
             vec![stream]
         };
-        for s in &streams {
-            s.set_read_timeout(Some(IO_TIMEOUT))?;
-            s.set_write_timeout(Some(IO_TIMEOUT))?;
-        }
-        tracing::info!(rank, world, "tensor-parallel group joined");
+        tracing::info!(rank, world, ?at, "tensor-parallel group joined");
         Ok(Self {
             rank,
             world,
@@ -84,7 +123,7 @@ impl UdsComm {
     }
 }
 
-fn send(stream: &mut UnixStream, data: &[f32]) -> Result<()> {
+fn send(stream: &mut dyn Link, data: &[f32]) -> Result<()> {
     let mut bytes = Vec::with_capacity(8 + data.len() * 4);
     bytes.extend_from_slice(&(data.len() as u64).to_le_bytes());
     for v in data {
@@ -93,7 +132,7 @@ fn send(stream: &mut UnixStream, data: &[f32]) -> Result<()> {
     stream.write_all(&bytes).map_err(|e| io_err("send", e))
 }
 
-fn receive(stream: &mut UnixStream, out: &mut [f32], add: bool) -> Result<()> {
+fn receive(stream: &mut dyn Link, out: &mut [f32], add: bool) -> Result<()> {
     let mut len = [0u8; 8];
     stream.read_exact(&mut len).map_err(|e| io_err("receive", e))?;
     if u64::from_le_bytes(len) != out.len() as u64 {
@@ -116,7 +155,7 @@ fn receive(stream: &mut UnixStream, out: &mut [f32], add: bool) -> Result<()> {
     Ok(())
 }
 
-impl Communicator for UdsComm {
+impl Communicator for SocketComm {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -132,13 +171,13 @@ impl Communicator for UdsComm {
             .map_err(|_| EngineError::Backend("tensor-parallel connections poisoned".into()))?;
         if self.rank == 0 {
             for s in streams.iter_mut() {
-                receive(s, data, true)?;
+                receive(s.as_mut(), data, true)?;
             }
             for s in streams.iter_mut() {
-                send(s, data)?;
+                send(s.as_mut(), data)?;
             }
         } else {
-            let s = &mut streams[0];
+            let s = streams[0].as_mut();
             send(s, data)?;
             receive(s, data, false)?;
         }
@@ -151,15 +190,12 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn three_ranks_sum_over_sockets() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t-comm");
+    fn sum_over(at: Rendezvous) {
         let handles: Vec<_> = (0..3)
             .map(|rank| {
-                let path = path.clone();
+                let at = at.clone();
                 std::thread::spawn(move || {
-                    let comm = UdsComm::join(&path, rank, 3, Duration::from_secs(30)).unwrap();
+                    let comm = SocketComm::join(&at, rank, 3, Duration::from_secs(30)).unwrap();
                     let mut results = Vec::new();
                     for round in 0..20 {
                         let mut v = vec![rank as f32, round as f32, 0.5];
@@ -175,5 +211,21 @@ mod tests {
                 assert_eq!(v, vec![3.0, 3.0 * round as f32, 1.5]);
             }
         }
+    }
+
+    #[test]
+    fn three_ranks_sum_over_unix_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        sum_over(Rendezvous::Unix(dir.path().join("t-comm")));
+    }
+
+    #[test]
+    fn three_ranks_sum_over_tcp() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        sum_over(Rendezvous::Tcp(format!("127.0.0.1:{port}")));
     }
 }

@@ -50,6 +50,13 @@ struct Args {
     /// disables the local source. Paths leading outside (`..`, symlinks, absolute paths) are refused.
     #[arg(long, env = "LORAX_ADAPTER_LOCAL_ROOTS", value_delimiter = ',')]
     adapter_local_roots: Vec<PathBuf>,
+    /// Host of rank 0 for the tensor-parallel all-reduce over TCP (ranks on several hosts); without it
+    /// the ranks meet on the Unix socket `<uds-prefix>-comm` (one host).
+    #[arg(long, env = "LORAX_MASTER_ADDR")]
+    master_addr: Option<String>,
+    /// TCP port rank 0 listens on with `--master-addr`.
+    #[arg(long, env = "LORAX_MASTER_PORT", default_value_t = 29500)]
+    master_port: u16,
     /// Largest LoRA rank accepted; adapters above it are refused.
     #[arg(long, env = "LORAX_MAX_LORA_RANK", default_value_t = 128)]
     max_lora_rank: usize,
@@ -160,11 +167,14 @@ async fn join_group(args: &Args) -> anyhow::Result<std::sync::Arc<dyn lorax_engi
     if args.world_size == 1 {
         return Ok(std::sync::Arc::new(lorax_engine::comm::SingleRank));
     }
-    let path = comm::socket_path(&args.uds_prefix);
+    let at = match &args.master_addr {
+        Some(addr) => comm::Rendezvous::Tcp(format!("{addr}:{}", args.master_port)),
+        None => comm::Rendezvous::Unix(comm::socket_path(&args.uds_prefix)),
+    };
     let (rank, world) = (args.rank as usize, args.world_size as usize);
-    tracing::info!(rank, world, socket = %path.display(), "joining the tensor-parallel group");
+    tracing::info!(rank, world, ?at, "joining the tensor-parallel group");
     let group = tokio::task::spawn_blocking(move || {
-        comm::UdsComm::join(&path, rank, world, std::time::Duration::from_secs(600))
+        comm::SocketComm::join(&at, rank, world, std::time::Duration::from_secs(600))
     })
     .await??;
     Ok(std::sync::Arc::new(group))
