@@ -211,7 +211,10 @@ fn decode_attention(g: &CudaBackend, batch: usize, ctx: usize, heads: usize, kv_
     let ms = graph_ms(g, 1, 20, &|_| g.attention_run(&plan));
     let gbs = plan.kv_bytes as f64 / (ms * 1e-3) / 1e9;
     bench(
-        &format!("decode_attention_b{batch}_ctx{ctx}_h{heads}kv{kv_heads}"),
+        &format!(
+            "decode_attention_b{batch}_ctx{ctx}_h{heads}kv{kv_heads}_{}",
+            plan.kernel_name()
+        ),
         100.0 * gbs / copy_gbs,
         "% of copy bw",
         &format!(
@@ -276,6 +279,10 @@ fn kernel_benchmarks() {
     decode_attention(&g, 64, 4096, 32, 8, copy);
     decode_attention(&g, 64, 4096, 32, 32, copy);
     decode_attention(&g, 64, 4096, 64, 8, copy);
+    // GQA 8 as two blocks of 4 heads per KV head (keys and values read twice, the second time mostly from L2).
+    g.set_attention_max_heads(4);
+    decode_attention(&g, 64, 4096, 64, 8, copy);
+    g.set_attention_max_heads(8);
     decode_attention(&g, 256, 1024, 32, 8, copy);
     decode_attention(&g, 8, 32768, 32, 8, copy);
     decode_attention(&g, 1, 131_072, 32, 8, copy);

@@ -50,6 +50,11 @@ pub struct AttnPlan<'a> {
 }
 
 impl AttnPlan<'_> {
+    /// The paged kernel this call uses (`paged_attention_<head size>_<heads per block>`).
+    pub fn kernel_name(&self) -> &str {
+        &self.kernel
+    }
+
     /// The output `[rows, heads * head_dim]` (valid after [`CudaBackend::attention_run`]).
     pub fn output(self) -> CudaTensor {
         self.out
@@ -78,13 +83,17 @@ impl CudaBackend {
         }
         // The smallest block of query heads that holds the GQA group (fewer registers), else 8 at a time.
         let group = meta.num_heads / meta.num_kv_heads;
-        let maxg = ATTN_KERNELS
-            .iter()
-            .filter(|(d, _)| *d == hd)
-            .map(|(_, g)| *g)
+        let sizes = || {
+            ATTN_KERNELS
+                .iter()
+                .filter(|(d, g)| *d == hd && *g <= self.attn_max_heads)
+                .map(|(_, g)| *g)
+        };
+        let maxg = sizes()
             .filter(|g| *g >= group)
             .min()
-            .or_else(|| ATTN_KERNELS.iter().filter(|(d, _)| *d == hd).map(|(_, g)| *g).max())
+            .or_else(|| sizes().max())
+            .or_else(|| ATTN_KERNELS.iter().filter(|(d, _)| *d == hd).map(|(_, g)| *g).min())
             .ok_or_else(|| {
                 let dims: Vec<usize> = ATTN_KERNELS.iter().map(|(d, _)| *d).collect();
                 EngineError::Backend(format!(

@@ -77,7 +77,8 @@ impl CudaBackend {
         if nseg == 0 || k == 0 || out == 0 {
             return Ok(None);
         }
-        let rt = LORA_ROWS;
+        // Row tiles no taller than the longest segment: decode (one row per segment) stages one x row.
+        let rt = LORA_ROWS.min(max_len);
         let too_large = || EngineError::Backend(format!("LoRA rank {rmax} is too large for the SGMV kernels"));
         let tiles = max_len.div_ceil(rt);
         // The largest k-chunk (a multiple of 32) whose A chunk and x tile fit in shared memory, and the

@@ -162,6 +162,7 @@ pub struct CudaBackend {
     poison: bool,
     sync_each: bool,
     tc_prefill: bool,
+    attn_max_heads: usize,
 }
 
 pub(crate) fn drv(what: &str, e: drv_result::DriverError) -> EngineError {
@@ -369,6 +370,7 @@ impl CudaBackend {
             poison: env_flag("LORAX_CUDA_POISON"),
             sync_each: env_flag("LORAX_CUDA_SYNC"),
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
+            attn_max_heads: 8,
         })
     }
 
@@ -382,6 +384,13 @@ impl CudaBackend {
     /// kernel (default; `LORAX_CUDA_PREFILL=simple` turns it off) rather than the paged kernel.
     pub fn set_tensor_core_prefill(&mut self, on: bool) {
         self.tc_prefill = on;
+    }
+
+    /// At most this many query heads per attention block (1, 2, 4 or 8; default 8). Fewer heads per block
+    /// means less arithmetic per key and value read, at the price of reading them once per block of heads
+    /// (mostly from L2, as those blocks run side by side). For benchmarks.
+    pub fn set_attention_max_heads(&mut self, heads: usize) {
+        self.attn_max_heads = heads.clamp(1, 8);
     }
 
     /// The storage type of tensors.
