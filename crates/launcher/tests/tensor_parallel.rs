@@ -5,18 +5,8 @@
 
 mod common;
 
-use common::{fixtures, golden, start};
+use common::{fixtures, golden, peft_greedy, start};
 use serde_json::{json, Value};
-
-fn peft_greedy(adapter: &str, p: usize) -> Vec<u32> {
-    let bytes = std::fs::read(fixtures().join("adapters/golden_lora.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(&format!("{adapter}.p{p}.greedy")).unwrap();
-    t.data()
-        .chunks_exact(8)
-        .map(|c| u32::try_from(i64::from_le_bytes(c.try_into().unwrap())).unwrap())
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_cpu_shards_match_transformers_and_peft() {
