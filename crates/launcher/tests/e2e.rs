@@ -195,7 +195,11 @@ async fn a_killed_shard_ends_the_launcher_with_failure() {
         rest.extend_from_slice(&chunk.unwrap());
     }
     let rest = String::from_utf8_lossy(&rest);
-    let last = rest.lines().filter_map(|l| l.strip_prefix("data:")).next_back().unwrap();
+    let last = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .next_back()
+        .unwrap();
     let last: Value = serde_json::from_str(last.trim()).unwrap();
     assert_eq!(last["error_type"], "generation", "{last}");
     let status = wait_exit(&mut server.child, Duration::from_secs(30));
