@@ -93,9 +93,7 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
     constexpr int NPV = NV / G;
     constexpr int NPL = NPV * VW;
     constexpr int GROUPS = ATTN_THREADS / G;
-    // Tokens per lane group and step (their keys and values are in flight together; 8-head blocks keep
-    // one, for registers).
-    constexpr int U = MAXG >= 8 ? 1 : 2;
+    constexpr int U = 2;  // tokens per lane group and step: keys and values of all of them in flight
 
     __shared__ alignas(16) float q_s[MAXG * HD];
     __shared__ alignas(16) float red_s[GROUPS * HD];
@@ -144,30 +142,22 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
         for (int e = 0; e < NPL; ++e) acc[g][e] = 0.f;
     }
 
-    // Keys and values of U tokens per lane group for the step at `step` (zeros past the range).
-    float kr[U][NPL], vr[U][NPL];
-    bool valid[U];
-    auto load_step = [&](int step, float (*ks)[NPL], float (*vs)[NPL], bool* ok) {
+    // The step bound is the same for the whole block, so every lane reaches the shuffles.
+    for (int base = t_begin; base < t_end; base += GROUPS * U) {
+        float kr[U][NPL], vr[U][NPL];
+        bool valid[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int t = step + gid * U + u;
-            ok[u] = t < t_end;
-            if (ok[u]) {
-                load_lane<VW, G, NPV>(kb, table, first + t, block_size, kv_stride, gl, ks[u]);
-                load_lane<VW, G, NPV>(vb, table, first + t, block_size, kv_stride, gl, vs[u]);
+            const int t = base + gid * U + u;
+            valid[u] = t < t_end;
+            if (valid[u]) {
+                load_lane<VW, G, NPV>(kb, table, first + t, block_size, kv_stride, gl, kr[u]);
+                load_lane<VW, G, NPV>(vb, table, first + t, block_size, kv_stride, gl, vr[u]);
             } else {
 #pragma unroll
-                for (int e = 0; e < NPL; ++e) ks[u][e] = vs[u][e] = 0.f;
+                for (int e = 0; e < NPL; ++e) kr[u][e] = vr[u][e] = 0.f;
             }
         }
-    };
-    load_step(t_begin, kr, vr, valid);
-    // The step bound is the same for the whole block, so every lane reaches the shuffles. The next step's
-    // keys and values are requested before this step's arithmetic, so memory stays busy meanwhile.
-    for (int base = t_begin; base < t_end; base += GROUPS * U) {
-        float kn[U][NPL], vn[U][NPL];
-        bool valid_n[U];
-        load_step(base + GROUPS * U, kn, vn, valid_n);
 #pragma unroll
         for (int g = 0; g < MAXG; ++g) {
             if (g < nh) {
@@ -200,15 +190,6 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
                 }
                 l[g] = ls;
                 m[g] = mx;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            valid[u] = valid_n[u];
-#pragma unroll
-            for (int e = 0; e < NPL; ++e) {
-                kr[u][e] = kn[u][e];
-                vr[u][e] = vn[u][e];
             }
         }
     }
@@ -260,7 +241,7 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
 }
 
 #define PAGED_ATTENTION(HD, MAXG)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MAXG <= 2 ? 4 : 3)                                \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MAXG >= 8 ? 3 : 4)                                \
         paged_attention_##HD##_##MAXG(                                                                             \
         T* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml, const T* __restrict__ q,     \
         const T* __restrict__ k_cache, const T* __restrict__ v_cache, const RowInfo* __restrict__ rows,           \
@@ -271,8 +252,8 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
     }
 
 // Kernels per head size for 1, 2, 4 or 8 query heads per block (the host picks the smallest that holds
-// the GQA group: fewer registers; larger groups go 8 heads at a time). Blocks of 4 or 8 heads get more
-// registers (3 blocks per multiprocessor instead of 4) so their running sums stay out of local memory.
+// the GQA group: fewer registers; larger groups go 8 heads at a time). Blocks of 8 heads get more registers
+// (3 blocks per multiprocessor instead of 4) so their running sums stay out of local memory.
 PAGED_ATTENTION(8, 2)
 PAGED_ATTENTION(8, 4)
 PAGED_ATTENTION(8, 8)
