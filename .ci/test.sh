@@ -40,4 +40,4 @@ bash tests/openapi/run.sh
 # LORAX_FUZZ_EXAMPLES=10 (the default). Skips visibly without a python3 venv.
 bash tests/fuzz/run.sh
 bash tests/prometheus/run.sh
-echo "GPU tests: SKIPPED (no CUDA backend in this build; nothing runs on a GPU yet)"
+echo "GPU tests: the CUDA tests above print SKIPPED without a GPU; run them on a GPU machine with scripts/gpu/ (docs/gpu.md)"

@@ -34,9 +34,13 @@ pub struct Args {
     /// TCP port of rank 0's all-reduce listener with `--master-addr`.
     #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
     pub master_port: u16,
-    /// Device for the shards: `cpu` (CUDA lands with the GPU backend).
-    #[arg(long, env = "DEVICE", default_value = "cpu")]
+    /// Device for the shards: `auto` (a GPU per rank when CUDA is present, else the CPU), `cpu`, `cuda`
+    /// or `cuda:N`.
+    #[arg(long, env = "DEVICE", default_value = "auto")]
     pub device: String,
+    /// Storage type on CUDA: `bfloat16` or `float16` (`float32` for checks); the CPU computes in float32.
+    #[arg(long, env = "DTYPE", default_value = "bfloat16")]
+    pub dtype: String,
     /// HTTP port of the router.
     #[arg(long, env = "PORT", default_value_t = 3000)]
     pub port: u16,

@@ -170,6 +170,7 @@ async fn start_and_watch(
             format!("--rank={rank}"),
             format!("--world-size={}", args.num_shard),
             format!("--device={}", args.device),
+            format!("--dtype={}", args.dtype),
             format!("--num-blocks={}", args.num_blocks),
             format!("--block-size={}", args.block_size),
         ];

@@ -109,13 +109,18 @@ enum Device {
     Cuda(usize),
 }
 
-/// `--device`: an explicit choice, or CUDA device 0 when one is present (probed without panicking).
-fn resolve_device(arg: Option<&str>) -> anyhow::Result<Device> {
+/// `--device`: an explicit choice, or, when CUDA is present (probed without panicking), the device of
+/// this rank (`cuda:<rank mod devices>`, one GPU per tensor-parallel rank).
+fn resolve_device(arg: Option<&str>, rank: usize) -> anyhow::Result<Device> {
     match arg.map(str::trim) {
         None | Some("" | "auto") => match CudaBackend::probe() {
             Ok(n) => {
-                tracing::info!(devices = n, "CUDA is present: using cuda:0 (--device cpu to override)");
-                Ok(Device::Cuda(0))
+                let ordinal = rank % n.max(1);
+                tracing::info!(
+                    devices = n,
+                    "CUDA is present: using cuda:{ordinal} (--device cpu to override)"
+                );
+                Ok(Device::Cuda(ordinal))
             }
             Err(why) => {
                 tracing::info!(reason = %why, "no CUDA device: using the CPU backend");
@@ -152,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
         args.world_size
     );
     let (dtype, dtype_name) = parse_dtype(&args.dtype)?;
-    match resolve_device(args.device.as_deref())? {
+    match resolve_device(args.device.as_deref(), args.rank as usize)? {
         Device::Cpu => serve(args, || Ok(CpuBackend), "float32").await,
         Device::Cuda(ordinal) => {
             tracing::info!(ordinal, dtype = dtype_name, "starting the CUDA backend");
@@ -239,13 +244,13 @@ mod tests {
 
     #[test]
     fn device_and_dtype_flags_parse() {
-        assert_eq!(resolve_device(Some("cpu")).ok(), Some(Device::Cpu));
-        assert_eq!(resolve_device(Some("cuda")).ok(), Some(Device::Cuda(0)));
-        assert_eq!(resolve_device(Some("cuda:3")).ok(), Some(Device::Cuda(3)));
-        assert!(resolve_device(Some("tpu")).is_err());
-        assert!(resolve_device(Some("cuda:x")).is_err());
+        assert_eq!(resolve_device(Some("cpu"), 0).ok(), Some(Device::Cpu));
+        assert_eq!(resolve_device(Some("cuda"), 0).ok(), Some(Device::Cuda(0)));
+        assert_eq!(resolve_device(Some("cuda:3"), 0).ok(), Some(Device::Cuda(3)));
+        assert!(resolve_device(Some("tpu"), 0).is_err());
+        assert!(resolve_device(Some("cuda:x"), 0).is_err());
         // Auto never panics: CUDA when present, else the CPU.
-        let auto = resolve_device(None).ok();
+        let auto = resolve_device(None, 0).ok();
         assert_eq!(auto.is_some_and(|d| d == Device::Cpu), CudaBackend::probe().is_err());
         assert_eq!(parse_dtype("bfloat16").ok().map(|d| d.0), Some(DType::BF16));
         assert_eq!(parse_dtype("float16").ok().map(|d| d.0), Some(DType::F16));
