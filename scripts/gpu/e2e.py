@@ -40,14 +40,18 @@ def call(url, body=None, timeout=120):
 
 
 failures = 0
-for dtype in ["float32", "bfloat16"]:
+# E2E_SHARDS: tensor-parallel sizes to run, e.g. "1,2" (a GPU per rank with --device auto).
+SHARDS = [int(n) for n in os.environ.get("E2E_SHARDS", "1").split(",")]
+tokens = {}
+for shards, dtype in [(n, d) for n in SHARDS for d in ["float32", "bfloat16"]]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log = open(f"{LOGS}/e2e-server-{dtype}.log", "w")
+    log = open(f"{LOGS}/e2e-server-{dtype}-tp{shards}.log", "w")
     env = dict(os.environ, LORAX_DTYPE=dtype)
+    device = os.environ.get("E2E_DEVICE", "cuda" if shards == 1 else "auto")
     proc = subprocess.Popen(
-        [f"{BIN}/lorax-launcher", "--device", os.environ.get("E2E_DEVICE", "cuda"), "--port", str(port), "--hostname", "127.0.0.1",
-         "--adapter-local-roots", f"{FX}/adapters"],
+        [f"{BIN}/lorax-launcher", "--device", device, "--dtype", dtype, "--num-shard", str(shards),
+         "--port", str(port), "--hostname", "127.0.0.1", "--adapter-local-roots", f"{FX}/adapters"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 180
@@ -61,8 +65,8 @@ for dtype in ["float32", "bfloat16"]:
                 raise RuntimeError(f"server did not become healthy (exit {proc.poll()}), see e2e-server-{dtype}.log")
             time.sleep(0.5)
         info = call(f"{base}/info")[1]
-        print(f"E2E {dtype}: /info device {info.get('model_device_type')!r}, dtype {info.get('model_dtype')!r}",
-              flush=True)
+        print(f"E2E {dtype} TP={shards}: /info device {info.get('model_device_type')!r}, dtype "
+              f"{info.get('model_dtype')!r}, shards {info.get('num_shards')}", flush=True)
         for adapter in [None, "lora-r8"]:
             for p in [1, 2]:
                 params = {"max_new_tokens": N, "details": True, "ignore_eos_token": True}
@@ -77,11 +81,19 @@ for dtype in ["float32", "bfloat16"]:
                     same += 1
                 ok = dtype != "float32" or same == N
                 failures += 0 if ok else 1
-                print(f"E2E {dtype} {adapter or 'base'} p{p}: HTTP {status}, {same}/{N} greedy tokens equal the "
-                      f"reference{'' if ok else '  FAIL'}", flush=True)
+                tokens[(shards, dtype, adapter, p)] = ids
+                one = tokens.get((1, dtype, adapter, p))
+                vs_one = ""
+                if shards > 1 and one is not None:
+                    agree = 0
+                    while agree < min(len(ids), len(one)) and ids[agree] == one[agree]:
+                        agree += 1
+                    vs_one = f", {agree}/{N} equal TP=1's"
+                print(f"E2E {dtype} TP={shards} {adapter or 'base'} p{p}: HTTP {status}, {same}/{N} greedy tokens "
+                      f"equal the reference{vs_one}{'' if ok else '  FAIL'}", flush=True)
     except Exception as e:
         failures += 1
-        print(f"E2E {dtype}: FAIL {e}", flush=True)
+        print(f"E2E {dtype} TP={shards}: FAIL {e}", flush=True)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
