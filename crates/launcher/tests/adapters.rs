@@ -205,7 +205,7 @@ async fn local_adapters_match_peft_in_mixed_batches_and_failures_stay_local() {
             ),
         }
     }
-    // The adapters really shared batches with each other and the base model.
+    // The two adapter slots were never exceeded.
     let text = client
         .get(format!("{}/metrics", server.base))
         .send()
