@@ -10,7 +10,9 @@ cd "$(dirname "$0")/../.."
 root=$PWD
 out=${1:-.gpu-bin}
 export CARGO_PROFILE_RELEASE_DEBUG=false
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+# Its own target dir: build scripts compiled inside the temporary worktree bake its path into their
+# outputs, which would break later builds in the checkout if they shared one.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/gpu-build}
 wt=$(mktemp -d)
 git worktree add --detach "$wt" HEAD >/dev/null
 trap 'git worktree remove --force "$wt"' EXIT
