@@ -444,3 +444,53 @@ async fn hub_adapters_tokens_missing_and_slow() {
         .unwrap();
     assert!(!metrics.contains(TOKEN), "the hub token appears in /metrics");
 }
+
+/// A local adapter that ships a `tokenizer_config.json` with its own chat template: chat requests to it
+/// are rendered with that template (the prompt's token count shows it), others with the model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_chat_template_is_used_for_its_chat_requests() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("templated");
+    copy_adapter(&fixtures().join("adapters/lora-r8"), &dir);
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        json!({"chat_template": "ADAPTER TEMPLATE {{ messages[0]['content'] }} ->"}).to_string(),
+    )
+    .unwrap();
+    let roots = format!("--adapter-local-roots={}", root.path().display());
+    let server = start(&[&roots]).await;
+    let client = reqwest::Client::new();
+    let count = |text: &'static str| {
+        let (client, base) = (client.clone(), server.base.clone());
+        async move {
+            let v: Value = client
+                .post(format!("{base}/tokenize"))
+                .json(&json!({"inputs": text, "add_special_tokens": false}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v.as_array().unwrap().len()
+        }
+    };
+    let chat = |model: &'static str| {
+        let (client, base) = (client.clone(), server.base.clone());
+        async move {
+            let body = json!({"model": model, "adapter_source": "local", "max_tokens": 2,
+                              "messages": [{"role": "user", "content": "Hi"}]});
+            let r = client
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let v: Value = r.json().await.unwrap();
+            v["usage"]["prompt_tokens"].as_u64().unwrap() as usize
+        }
+    };
+    assert_eq!(chat("templated").await, count("ADAPTER TEMPLATE Hi ->").await);
+    assert_eq!(chat("").await, count("<s>[INST] Hi [/INST]").await);
+}

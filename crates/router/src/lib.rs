@@ -336,6 +336,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
     };
     let state = server::AppState {
         catalog,
+        adapter_templates: adapters::templates::AdapterTemplates::default(),
         chat_template,
         infer: Infer::new(entries_tx, args.server.max_concurrent_requests),
         validation: Validation::new(

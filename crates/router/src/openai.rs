@@ -336,7 +336,39 @@ fn message_text(m: &ChatMessage) -> Result<String, ApiError> {
     }
 }
 
-fn chat_plan(state: &AppState, mut req: ChatCompletionRequest, headers: &HeaderMap) -> Result<Plan, ApiError> {
+/// The chat template of the adapter a chat request names (`model`), when it ships one; `None` for the
+/// base model, an adapter without a template, or an invalid adapter name (validation reports that).
+async fn adapter_template(
+    state: &AppState,
+    req: &ChatCompletionRequest,
+    headers: &HeaderMap,
+) -> Result<Option<crate::chat::ChatTemplate>, ApiError> {
+    let model = req.common.model.as_deref().map(str::trim).unwrap_or_default();
+    if model.is_empty() || model == state.info.model_id {
+        return Ok(None);
+    }
+    let parameters = GenerateParameters {
+        adapter_id: Some(model.to_string()),
+        adapter_source: req.common.adapter_source.clone(),
+        ..GenerateParameters::default()
+    };
+    let Ok(Some(adapter)) = state.validation.adapter_of(&parameters) else {
+        return Ok(None);
+    };
+    let token = req.common.api_token.clone().or_else(|| bearer_token(headers));
+    state
+        .adapter_templates
+        .get(&state.clients, &adapter, token.as_ref())
+        .await
+        .map_err(|e| ApiError::from(InferError::Adapter(e)))
+}
+
+fn chat_plan(
+    state: &AppState,
+    mut req: ChatCompletionRequest,
+    headers: &HeaderMap,
+    adapter_template: Option<crate::chat::ChatTemplate>,
+) -> Result<Plan, ApiError> {
     if req.messages.is_empty() {
         return Err(invalid("`messages` must not be empty"));
     }
@@ -357,9 +389,9 @@ fn chat_plan(state: &AppState, mut req: ChatCompletionRequest, headers: &HeaderM
         return Err(invalid("`top_logprobs` needs `logprobs: true`"));
     }
     let alternatives = check_alternatives(req.top_logprobs.unwrap_or(0))?;
-    let template = state
-        .chat_template
+    let template = adapter_template
         .as_ref()
+        .or(state.chat_template.as_ref())
         .ok_or_else(|| invalid(crate::chat::ChatError::NoTemplate.to_string()))?;
     let messages = req
         .messages
@@ -463,7 +495,13 @@ pub async fn chat_completions(
     headers: HeaderMap,
     payload: Result<ApiJson<ChatCompletionRequest>, ApiError>,
 ) -> Response {
-    let plan = payload.and_then(|ApiJson(req)| chat_plan(&state, req, &headers));
+    let plan = match payload {
+        Ok(ApiJson(req)) => match adapter_template(&state, &req, &headers).await {
+            Ok(template) => chat_plan(&state, req, &headers, template),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     respond(state, plan, Kind::Chat).await
 }
 

@@ -49,6 +49,8 @@ pub struct AppState {
     pub chat_template: Option<crate::chat::ChatTemplate>,
     /// The adapters the router knows (refreshed by the batching task).
     pub catalog: crate::adapters::catalog::AdapterCatalog,
+    /// Chat templates shipped by adapters, fetched on first use.
+    pub adapter_templates: crate::adapters::templates::AdapterTemplates,
 }
 
 impl AppState {

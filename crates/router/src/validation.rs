@@ -410,6 +410,11 @@ impl Validation {
             .map_err(|e| ValidationError::Tokenizer(e.to_string()))
     }
 
+    /// The adapter `parameters` name (with the default source applied), checked as validation checks it.
+    pub fn adapter_of(&self, parameters: &GenerateParameters) -> Result<Option<AdapterKey>, ValidationError> {
+        check_adapter(parameters, &self.limits)
+    }
+
     /// Validates a generate request (`stream`: for /generate_stream).
     pub async fn validate(&self, request: GenerateRequest, stream: bool) -> Result<ValidRequest, ValidationError> {
         self.validate_prompt(request, stream, true).await

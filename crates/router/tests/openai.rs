@@ -278,3 +278,75 @@ async fn errors_have_openai_shape() {
     assert!((400..500).contains(&got), "{got}");
     assert!(v["error"]["message"].is_string(), "{v}");
 }
+
+#[tokio::test]
+async fn chat_uses_the_template_an_adapter_ships() {
+    let d = Deployment::start(Setup::default()).await;
+    let messages = json!([{"role": "user", "content": "Hi there"}]);
+    let rendered = "ADAPTER user: Hi there =>";
+    let ids: Vec<u32> = tokenizer().encode(rendered, false).expect("encode").get_ids().to_vec();
+    let last = *ids.last().expect("ids");
+
+    // Concurrent first requests for the adapter share one template fetch.
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let (http, url) = (d.http.clone(), format!("{}/v1/chat/completions", d.base));
+        let body = json!({"model": "org/templated-adapter", "messages": messages, "max_tokens": 3});
+        handles.push(tokio::spawn(async move {
+            http.post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("sent")
+                .json::<Value>()
+                .await
+                .expect("json")
+        }));
+    }
+    for h in handles {
+        let v = h.await.expect("task");
+        assert_eq!(v["usage"]["prompt_tokens"], ids.len(), "the adapter's template: {v}");
+        let tokens = fake_tokens_for("org/templated-adapter", last, 3);
+        assert_eq!(v["choices"][0]["message"]["content"], continuation(&ids, &tokens));
+    }
+    // One fetch for the template, one by the batching task: never one per request.
+    assert!(
+        d.hub.downloads("org/templated-adapter") <= 2,
+        "{}",
+        d.hub.downloads("org/templated-adapter")
+    );
+
+    // An adapter without its own template, and the base model, use the model's.
+    let base_ids = tokenizer()
+        .encode("<s>[INST] Hi there [/INST]", false)
+        .expect("encode")
+        .get_ids()
+        .to_vec();
+    for model in ["", "org/plain-adapter"] {
+        let v: Value = d
+            .post(
+                "/v1/chat/completions",
+                json!({"model": model, "messages": messages, "max_tokens": 2}),
+            )
+            .await
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(v["usage"]["prompt_tokens"], base_ids.len(), "{model:?}: {v}");
+    }
+
+    // A template fetch that fails fails the request like any adapter failure.
+    d.hub
+        .fail("org/templated-missing", tonic::Code::NotFound, "no such adapter");
+    let (status, v) = error_of(
+        d.post(
+            "/v1/chat/completions",
+            json!({"model": "org/templated-missing", "messages": messages}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(v["error"]["type"], "adapter_not_found");
+    d.assert_no_violations();
+}

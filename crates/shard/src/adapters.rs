@@ -175,11 +175,26 @@ pub fn download_hub(id: &str, token: Option<String>) -> Result<Located, Status> 
             s
         }
     })?;
+    // Optional: an adapter may ship its own chat template.
+    if let Err(e) = repo.get("tokenizer_config.json") {
+        tracing::debug!(adapter = id, "no tokenizer_config.json on the hub: {e}");
+    }
     let dir = config
         .parent()
         .ok_or_else(|| Status::internal("hub cache path has no parent"))?
         .to_path_buf();
     Ok(Located { dir })
+}
+
+/// The adapter's own `tokenizer_config.json` (for its chat template), if it has one of at most 1 MiB.
+pub fn tokenizer_config(located: &Located) -> Option<String> {
+    let path = located.dir.join("tokenizer_config.json");
+    let size = std::fs::metadata(&path).ok()?.len();
+    if size > 1 << 20 {
+        tracing::warn!(path = %path.display(), size, "tokenizer_config.json over 1 MiB is ignored");
+        return None;
+    }
+    std::fs::read_to_string(path).ok()
 }
 
 /// A hub adapter already in the cache (no network), for a Load after the host tier dropped it.

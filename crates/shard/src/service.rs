@@ -331,6 +331,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let key = adapters::key(&r.adapter_source, &r.adapter_id);
         let started = Instant::now();
         let located = self.locate(&r.adapter_source, &r.adapter_id, r.api_token, true).await?;
+        let tokenizer_config = adapters::tokenizer_config(&located);
         let host = match self.parse_into_host_tier(&key, located).await {
             Ok(host) => host,
             Err(status) => {
@@ -366,6 +367,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
             size_bytes: host.bytes as u64,
             warnings,
             rank: u32::try_from(host.max_rank).unwrap_or(u32::MAX),
+            tokenizer_config,
         }))
     }
 

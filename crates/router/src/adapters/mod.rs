@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod registry;
 pub mod tasks;
+pub mod templates;
 
 use std::fmt;
 

@@ -37,6 +37,10 @@ use tonic::{Code, Request, Response, Status};
 pub const VOCAB: u32 = 32000;
 /// `</s>` of the fixture tokenizer.
 pub const EOS: u32 = 2;
+/// The chat template of the fake adapters whose id contains "templated".
+pub const ADAPTER_CHAT_TEMPLATE: &str =
+    "ADAPTER{% for m in messages %} {{ m['role'] }}: {{ m['content'] }}{% endfor %} =>";
+
 /// KV block size the fakes report.
 pub const BLOCK_SIZE: u32 = 16;
 /// Last prompt token of "Hello" (`<s> ▁Hello`).
@@ -173,11 +177,16 @@ impl FakeHub {
             let token = request.api_token.as_deref().unwrap_or("");
             return Err(Status::new(*code, message.replace("{token}", token)));
         }
+        // Adapters whose id contains "templated" ship their own chat template.
+        let tokenizer_config = id
+            .contains("templated")
+            .then(|| serde_json::json!({"chat_template": ADAPTER_CHAT_TEMPLATE, "bos_token": "<s>"}).to_string());
         hub.cached.insert((request.adapter_source, id));
         Ok(DownloadAdapterResponse {
             size_bytes: 1024,
             warnings: vec![],
             rank: 8,
+            tokenizer_config,
         })
     }
 
