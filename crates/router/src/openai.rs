@@ -350,17 +350,71 @@ async fn adapter_template(
     let parameters = GenerateParameters {
         adapter_id: Some(model.to_string()),
         adapter_source: req.common.adapter_source.clone(),
+        api_token: req.common.api_token.clone(),
         ..GenerateParameters::default()
     };
-    let Ok(Some(adapter)) = state.validation.adapter_of(&parameters) else {
+    template_of_adapter(state, &parameters, headers).await
+}
+
+/// The chat template shipped by the adapter `parameters` name, if any (see [`adapter_template`]).
+pub(crate) async fn template_of_adapter(
+    state: &AppState,
+    parameters: &GenerateParameters,
+    headers: &HeaderMap,
+) -> Result<Option<crate::chat::ChatTemplate>, ApiError> {
+    let Ok(Some(adapter)) = state.validation.adapter_of(parameters) else {
         return Ok(None);
     };
-    let token = req.common.api_token.clone().or_else(|| bearer_token(headers));
+    let token = parameters.api_token.clone().or_else(|| bearer_token(headers));
     state
         .adapter_templates
         .get(&state.clients, &adapter, token.as_ref())
         .await
         .map_err(|e| ApiError::from(InferError::Adapter(e)))
+}
+
+/// LoRAX's `apply_chat_template: true` on the native routes: `inputs` is a JSON list of messages,
+/// rendered with the adapter's or the model's chat template. Returns the request with the rendered
+/// prompt and whether special tokens must still be added (false for a rendered prompt).
+pub(crate) async fn apply_chat_template(
+    state: &AppState,
+    mut request: GenerateRequest,
+    headers: &HeaderMap,
+) -> Result<(GenerateRequest, bool), ApiError> {
+    let Some(parameters) = request
+        .parameters
+        .as_mut()
+        .filter(|p| p.apply_chat_template == Some(true))
+    else {
+        return Ok((request, true));
+    };
+    parameters.apply_chat_template = None;
+    let messages: Vec<ChatMessage> = serde_json::from_str(&request.inputs).map_err(|e| {
+        invalid(format!(
+            "with `apply_chat_template`, `inputs` must be a JSON list of {{\"role\", \"content\"}} messages: {e}"
+        ))
+    })?;
+    if messages.is_empty() {
+        return Err(invalid(
+            "with `apply_chat_template`, `inputs` must hold at least one message",
+        ));
+    }
+    let own = template_of_adapter(state, parameters, headers).await?;
+    let template = own
+        .as_ref()
+        .or(state.chat_template.as_ref())
+        .ok_or_else(|| invalid(crate::chat::ChatError::NoTemplate.to_string()))?;
+    let messages = messages
+        .iter()
+        .map(|m| {
+            Ok(Message {
+                role: m.role.clone(),
+                content: message_text(m)?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    request.inputs = template.apply(&messages, true).map_err(|e| invalid(e.to_string()))?;
+    Ok((request, false))
 }
 
 fn chat_plan(

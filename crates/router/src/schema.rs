@@ -60,7 +60,7 @@ pub struct GenerateParameters {
     pub return_k_alternatives: Option<i64>,
     /// TGI's name for `return_k_alternatives`.
     pub top_n_tokens: Option<i64>,
-    /// Apply the model's chat template to `inputs`; not supported yet.
+    /// `inputs` is a JSON list of messages to render with the chat template (REST routes only).
     pub apply_chat_template: Option<bool>,
     /// Seed of the sampler's random generator.
     pub seed: Option<u64>,

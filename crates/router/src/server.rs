@@ -183,7 +183,12 @@ async fn generate_inner(
     start: Instant,
 ) -> Result<(HeaderMap, Json<GenerateResponse>), ApiError> {
     let _permit = state.infer.acquire()?;
-    let valid = state.validation.validate(request, false).await?;
+    // The Authorization header's token is already in `api_token` (with_bearer_token).
+    let (request, add_special_tokens) = crate::openai::apply_chat_template(state, request, &HeaderMap::new()).await?;
+    let valid = state
+        .validation
+        .validate_prompt(request, false, add_special_tokens)
+        .await?;
     let validation_time = start.elapsed();
     metrics::histogram!(m::REQUEST_VALIDATION_DURATION).record(validation_time.as_secs_f64());
     let shape = ResponseShape::of(&valid);
@@ -376,7 +381,11 @@ async fn generate_stream(
         async {
             let request = with_bearer_token(payload?.0, &headers);
             let permit = state.infer.acquire()?;
-            let valid = state.validation.validate(request, true).await?;
+            let (request, add_special_tokens) = crate::openai::apply_chat_template(&state, request, &headers).await?;
+            let valid = state
+                .validation
+                .validate_prompt(request, true, add_special_tokens)
+                .await?;
             metrics::histogram!(m::REQUEST_VALIDATION_DURATION).record(start.elapsed().as_secs_f64());
             let shape = ResponseShape::of(&valid);
             let receiver = state.infer.generate_stream(valid)?;

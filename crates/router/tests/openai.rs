@@ -350,3 +350,52 @@ async fn chat_uses_the_template_an_adapter_ships() {
     assert_eq!(v["error"]["type"], "adapter_not_found");
     d.assert_no_violations();
 }
+
+/// LoRAX's `apply_chat_template: true` on /generate and /generate_stream: `inputs` is a JSON list of
+/// messages rendered with the chat template (the adapter's own when it ships one).
+#[tokio::test]
+async fn native_routes_apply_the_chat_template() {
+    let d = Deployment::start(Setup::default()).await;
+    let inputs = json!([{"role": "user", "content": "Hi there"}]).to_string();
+    let ids: Vec<u32> = tokenizer()
+        .encode("<s>[INST] Hi there [/INST]", false)
+        .expect("encode")
+        .get_ids()
+        .to_vec();
+    let body = json!({"inputs": inputs, "parameters": {"apply_chat_template": true, "max_new_tokens": 3}});
+    let r = d.post("/generate", body.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-prompt-tokens"], ids.len().to_string().as_str());
+    let v: Value = r.json().await.expect("json");
+    let tokens = fake_tokens_for("", *ids.last().expect("ids"), 3);
+    assert_eq!(v["generated_text"], continuation(&ids, &tokens));
+    // Streamed: the same text.
+    let events = events(&d, "/generate_stream", body).await;
+    assert_eq!(events.last().expect("events")["generated_text"], v["generated_text"]);
+
+    // With an adapter that ships a template, that one renders the prompt.
+    let own: Vec<u32> = tokenizer()
+        .encode("ADAPTER user: Hi there =>", false)
+        .expect("encode")
+        .get_ids()
+        .to_vec();
+    let body = json!({"inputs": inputs, "parameters": {
+        "apply_chat_template": true, "max_new_tokens": 2, "adapter_id": "org/templated-native"
+    }});
+    let r = d.post("/generate", body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-prompt-tokens"], own.len().to_string().as_str());
+
+    // Inputs that are not a message list are a 422.
+    let (status, v) = error_of(
+        d.post(
+            "/generate",
+            json!({"inputs": "plain text", "parameters": {"apply_chat_template": true}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 422, "{v}");
+    assert!(v["error"].as_str().expect("message").contains("JSON list"), "{v}");
+    d.assert_no_violations();
+}
