@@ -1,6 +1,6 @@
 //! JSON bodies of the REST API, LoRAX-compatible. Request types reject unknown fields; fields that
-//! LoRAX clients send but this build does not support yet (merged adapters, response_format, grammar,
-//! chat templates) are accepted by the schema and refused by validation with a clear message.
+//! LoRAX clients send but this build does not support yet (merged adapters, response_format, grammar)
+//! are accepted by the schema and refused by validation with a clear message.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
