@@ -5,10 +5,10 @@
 #   docker run -p 8080:80 -v ~/data:/data -e HF_TOKEN lorax-rs:latest \
 #       --model-id <hub id or /data/dir> --port 80 --hostname 0.0.0.0
 #
-# The runtime base is debian:bookworm-slim because the only backend today is the CPU one. When the CUDA
-# backend lands, an nvidia/cuda runtime image (with cuBLAS and NVRTC) replaces this base. That backend
-# loads libcuda, cuBLAS and NVRTC dynamically at run time (nothing links against CUDA at build time), so
-# this same build stage serves both bases. Needs BuildKit (the default builder since Docker 23) for the
+# The default runtime base, debian:bookworm-slim, runs the CPU backend. For GPUs, build on an nvidia/cuda
+# image (RUNTIME_BASE below): the CUDA backend loads libcuda, cuBLAS and NVRTC dynamically at run time
+# (nothing links against CUDA at build time), so this same build stage serves both bases, and the shard
+# logs which library is missing if the base lacks one. Needs BuildKit (the default builder since Docker 23) for the
 # cache mounts.
 
 ARG RUNTIME_BASE=debian:bookworm-slim
