@@ -400,8 +400,17 @@ pub(crate) async fn apply_chat_template(
         ));
     }
     let own = template_of_adapter(state, parameters, headers).await?;
+    request.inputs = render(state, own.as_ref(), &messages)?;
+    Ok((request, false))
+}
+
+/// `messages` rendered with `own` (an adapter's template) or else the model's, opening the assistant's turn.
+fn render(
+    state: &AppState,
+    own: Option<&crate::chat::ChatTemplate>,
+    messages: &[ChatMessage],
+) -> Result<String, ApiError> {
     let template = own
-        .as_ref()
         .or(state.chat_template.as_ref())
         .ok_or_else(|| invalid(crate::chat::ChatError::NoTemplate.to_string()))?;
     let messages = messages
@@ -413,8 +422,7 @@ pub(crate) async fn apply_chat_template(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    request.inputs = template.apply(&messages, true).map_err(|e| invalid(e.to_string()))?;
-    Ok((request, false))
+    template.apply(&messages, true).map_err(|e| invalid(e.to_string()))
 }
 
 fn chat_plan(
@@ -443,21 +451,7 @@ fn chat_plan(
         return Err(invalid("`top_logprobs` needs `logprobs: true`"));
     }
     let alternatives = check_alternatives(req.top_logprobs.unwrap_or(0))?;
-    let template = adapter_template
-        .as_ref()
-        .or(state.chat_template.as_ref())
-        .ok_or_else(|| invalid(crate::chat::ChatError::NoTemplate.to_string()))?;
-    let messages = req
-        .messages
-        .iter()
-        .map(|m| {
-            Ok(Message {
-                role: m.role.clone(),
-                content: message_text(m)?,
-            })
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    let prompt = template.apply(&messages, true).map_err(|e| invalid(e.to_string()))?;
+    let prompt = render(state, adapter_template.as_ref(), &req.messages)?;
     if req.common.max_tokens.is_none() {
         req.common.max_tokens = req.max_completion_tokens;
     }

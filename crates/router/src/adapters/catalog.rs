@@ -42,14 +42,34 @@ impl AdapterCatalog {
         self.0.read().map(|v| v.clone()).unwrap_or_default()
     }
 
-    /// Replaces the snapshot (batching task only); skips the write when nothing changed.
-    pub(crate) fn refresh(&self, mut adapters: Vec<AdapterInfo>) {
-        adapters.sort_by(|a, b| a.key.cmp(&b.key));
-        let unchanged = self.0.read().map(|current| *current == adapters).unwrap_or(false);
-        if !unchanged {
-            if let Ok(mut current) = self.0.write() {
-                *current = adapters;
-            }
+    /// Brings the snapshot up to date with `adapters` (in key order; the batching task calls this every
+    /// turn). Compared in place: nothing is allocated or written unless something changed.
+    pub(crate) fn refresh<'a>(
+        &self,
+        adapters: impl ExactSizeIterator<Item = (&'a AdapterKey, &'static str, usize, usize)> + Clone,
+    ) {
+        let same = |current: &Vec<AdapterInfo>| {
+            current.len() == adapters.len()
+                && current
+                    .iter()
+                    .zip(adapters.clone())
+                    .all(|(c, (key, state, queued, running))| {
+                        c.key == *key && c.state == state && c.queued == queued && c.running == running
+                    })
+        };
+        if self.0.read().map(|current| same(&current)).unwrap_or(false) {
+            return;
+        }
+        let fresh = adapters
+            .map(|(key, state, queued, running)| AdapterInfo {
+                key: key.clone(),
+                state,
+                queued,
+                running,
+            })
+            .collect();
+        if let Ok(mut current) = self.0.write() {
+            *current = fresh;
         }
     }
 }

@@ -15,7 +15,7 @@
 //! Loading, Active and Offloading adapters hold a device slot; there are `max_active` slots. A request
 //! in the running batch holds an [`AdapterLease`]; an adapter with a live lease is never offloaded.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,7 +111,8 @@ impl<T> Adapter<T> {
 #[derive(Debug)]
 pub struct Registry<T> {
     base: VecDeque<Queued<T>>,
-    adapters: HashMap<AdapterKey, Adapter<T>>,
+    /// Ordered by key, so the catalog can be compared with it in place (no allocation per step).
+    adapters: BTreeMap<AdapterKey, Adapter<T>>,
     next_seq: u64,
     max_active: usize,
     cycle_time: Duration,
@@ -123,7 +124,7 @@ impl<T> Registry<T> {
     pub fn new(max_active: usize, cycle_time: Duration) -> Self {
         Self {
             base: VecDeque::new(),
-            adapters: HashMap::new(),
+            adapters: BTreeMap::new(),
             next_seq: 0,
             max_active,
             cycle_time,
@@ -191,16 +192,16 @@ impl<T> Registry<T> {
     }
 
     /// Every known adapter with its state, queued requests and running users.
-    pub fn list(&self) -> Vec<super::catalog::AdapterInfo> {
-        self.adapters
-            .iter()
-            .map(|(key, a)| super::catalog::AdapterInfo {
-                key: key.clone(),
-                state: super::catalog::state_name(a.state),
-                queued: a.queue.len(),
-                running: Arc::strong_count(&a.users) - 1,
-            })
-            .collect()
+    /// In key order: (key, state name, queued, running).
+    pub fn list(&self) -> impl ExactSizeIterator<Item = (&AdapterKey, &'static str, usize, usize)> + Clone {
+        self.adapters.iter().map(|(key, a)| {
+            (
+                key,
+                super::catalog::state_name(a.state),
+                a.queue.len(),
+                Arc::strong_count(&a.users) - 1,
+            )
+        })
     }
 
     /// The state of `key`, if known.
