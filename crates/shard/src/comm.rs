@@ -27,11 +27,15 @@ pub enum Rendezvous {
     Tcp(String),
 }
 
+/// The connections (rank 0: one per peer; the others: one to rank 0) and a reusable byte buffer.
+type Links = (Vec<Box<dyn Link>>, Vec<u8>);
+
 /// A rank's connections: rank 0 holds one per peer (index = rank - 1), the others one to rank 0.
 pub struct SocketComm {
     rank: usize,
     world: usize,
-    streams: Mutex<Vec<Box<dyn Link>>>,
+    /// The connections and one byte buffer reused by every all-reduce (two per layer per step).
+    links: Mutex<Links>,
 }
 
 /// Sets both timeouts of a socket and boxes it.
@@ -118,21 +122,26 @@ impl SocketComm {
         Ok(Self {
             rank,
             world,
-            streams: Mutex::new(streams),
+            links: Mutex::new((streams, Vec::new())),
         })
     }
 }
 
-fn send(stream: &mut dyn Link, data: &[f32]) -> Result<()> {
-    let mut bytes = Vec::with_capacity(8 + data.len() * 4);
-    bytes.extend_from_slice(&(data.len() as u64).to_le_bytes());
+/// `data` as a message (length, then little-endian values) in `buf`.
+fn encode(data: &[f32], buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
     for v in data {
-        bytes.extend_from_slice(&v.to_le_bytes());
+        buf.extend_from_slice(&v.to_le_bytes());
     }
-    stream.write_all(&bytes).map_err(|e| io_err("send", e))
 }
 
-fn receive(stream: &mut dyn Link, out: &mut [f32], add: bool) -> Result<()> {
+fn send(stream: &mut dyn Link, message: &[u8]) -> Result<()> {
+    stream.write_all(message).map_err(|e| io_err("send", e))
+}
+
+/// Reads one message into `out` (added to it with `add`), using `buf` as the byte buffer.
+fn receive(stream: &mut dyn Link, out: &mut [f32], add: bool, buf: &mut Vec<u8>) -> Result<()> {
     let mut len = [0u8; 8];
     stream.read_exact(&mut len).map_err(|e| io_err("receive", e))?;
     if u64::from_le_bytes(len) != out.len() as u64 {
@@ -142,9 +151,9 @@ fn receive(stream: &mut dyn Link, out: &mut [f32], add: bool) -> Result<()> {
             out.len()
         )));
     }
-    let mut bytes = vec![0u8; out.len() * 4];
-    stream.read_exact(&mut bytes).map_err(|e| io_err("receive", e))?;
-    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+    buf.resize(out.len() * 4, 0);
+    stream.read_exact(buf).map_err(|e| io_err("receive", e))?;
+    for (o, c) in out.iter_mut().zip(buf.chunks_exact(4)) {
         let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
         if add {
             *o += v;
@@ -165,21 +174,25 @@ impl Communicator for SocketComm {
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
-        let mut streams = self
-            .streams
+        let mut guard = self
+            .links
             .lock()
             .map_err(|_| EngineError::Backend("tensor-parallel connections poisoned".into()))?;
+        let (streams, buf) = &mut *guard;
         if self.rank == 0 {
             for s in streams.iter_mut() {
-                receive(s.as_mut(), data, true)?;
+                receive(s.as_mut(), data, true, buf)?;
             }
+            // The sum is encoded once for every peer.
+            encode(data, buf);
             for s in streams.iter_mut() {
-                send(s.as_mut(), data)?;
+                send(s.as_mut(), buf)?;
             }
         } else {
             let s = streams[0].as_mut();
-            send(s, data)?;
-            receive(s, data, false)?;
+            encode(data, buf);
+            send(s, buf)?;
+            receive(s, data, false, buf)?;
         }
         Ok(())
     }
