@@ -42,6 +42,8 @@ pub enum RopeScaling {
         /// Context length the model was pretrained with.
         original_max_position_embeddings: f32,
     },
+    /// One divisor per frequency (GGUF files store Llama 3.1's scaling this way, as `rope_freqs.weight`).
+    Factors(Vec<f32>),
 }
 
 /// Everything the engine needs to know about a checkpoint's shape.
@@ -231,10 +233,11 @@ impl ModelConfig {
         let base: Vec<f32> = (0..dim / 2)
             .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / dim as f32))
             .collect();
-        match self.rope_scaling {
+        match &self.rope_scaling {
             RopeScaling::None => base,
-            RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
+            RopeScaling::Factors(factors) => base.iter().zip(factors).map(|(f, d)| f / d).collect(),
+            &RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+            &RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,

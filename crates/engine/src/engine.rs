@@ -129,7 +129,7 @@ pub struct Engine<B: Backend> {
 }
 
 impl<B: Backend> Engine<B> {
-    /// Load the checkpoint in `dir` (config.json + safetensors) onto `backend`.
+    /// Load the checkpoint in `dir` (config.json + safetensors, or `dir` is a `.gguf` file) onto `backend`.
     pub fn load(backend: B, dir: &Path, cache: CacheConfig) -> Result<Self> {
         Self::load_sharded(backend, dir, cache, Arc::new(SingleRank))
     }
@@ -137,8 +137,14 @@ impl<B: Backend> Engine<B> {
     /// Load this rank's slice of the checkpoint in `dir`; forward passes sum partial results across the
     /// ranks of `comm`, which must all run the same calls in the same order.
     pub fn load_sharded(backend: B, dir: &Path, cache: CacheConfig, comm: Arc<dyn Communicator>) -> Result<Self> {
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let weights = Weights::from_dir(dir)?;
+        let (cfg, weights) = if crate::gguf::is_gguf(dir) {
+            let file = lorax_gguf::GgufFile::open(dir).map_err(crate::gguf::engine_error)?;
+            let cfg = crate::gguf::config(&file)?;
+            let weights = Weights::from_gguf(file, &cfg);
+            (cfg, weights)
+        } else {
+            (ModelConfig::from_file(&dir.join("config.json"))?, Weights::from_dir(dir)?)
+        };
         let model = Model::load(&backend, &weights, &cfg, comm.rank(), comm.world_size())?;
         let cache = KvCache::new(
             &backend,

@@ -9,6 +9,7 @@ pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod kv_cache;
 pub mod lora;
 pub mod model;

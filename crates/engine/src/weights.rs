@@ -97,6 +97,13 @@ struct Entry {
 pub struct Weights {
     files: Vec<(PathBuf, Mmap)>,
     index: HashMap<String, Entry>,
+    gguf: Option<GgufWeights>,
+}
+
+/// A GGUF file's tensors under their transformers names (dequantized to f32 when read).
+struct GgufWeights {
+    file: lorax_gguf::GgufFile,
+    map: HashMap<String, (crate::gguf::Source, Vec<usize>)>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -104,6 +111,7 @@ impl std::fmt::Debug for Weights {
         f.debug_struct("Weights")
             .field("files", &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>())
             .field("tensors", &self.index.len())
+            .field("gguf", &self.gguf.as_ref().map(|g| g.file.path()))
             .finish()
     }
 }
@@ -235,23 +243,57 @@ impl Weights {
             }
             files.push((path.clone(), mmap));
         }
-        Ok(Self { files, index })
+        Ok(Self {
+            files,
+            index,
+            gguf: None,
+        })
+    }
+
+    /// The tensors of a GGUF file, named as transformers names them for the model `cfg` describes.
+    /// Tensors the model does not use are left out.
+    pub fn from_gguf(file: lorax_gguf::GgufFile, cfg: &crate::config::ModelConfig) -> Self {
+        let mut map = HashMap::new();
+        for t in file.tensors() {
+            if let Some((hf, unpermute_heads)) = crate::gguf::hf_name(&t.name, cfg) {
+                let source = crate::gguf::Source {
+                    gguf_name: t.name.clone(),
+                    unpermute_heads,
+                };
+                map.insert(hf, (source, t.shape()));
+            }
+        }
+        Self {
+            files: Vec::new(),
+            index: HashMap::new(),
+            gguf: Some(GgufWeights { file, map }),
+        }
+    }
+
+    fn gguf_source(&self, name: &str) -> Option<&(crate::gguf::Source, Vec<usize>)> {
+        self.gguf.as_ref().and_then(|g| g.map.get(name))
     }
 
     /// Whether the checkpoint has a tensor of this name.
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.index.contains_key(name) || self.gguf_source(name).is_some()
     }
 
     /// Every tensor name, sorted.
     pub fn names(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        if let Some(g) = &self.gguf {
+            v.extend(g.map.keys().map(String::as_str));
+        }
         v.sort_unstable();
         v
     }
 
     /// Shape of a tensor, without reading it.
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        if let Some((_, shape)) = self.gguf_source(name) {
+            return Ok(shape);
+        }
         Ok(&self.entry(name)?.shape)
     }
 
@@ -263,6 +305,21 @@ impl Weights {
 
     /// A whole tensor, borrowed from the mapping.
     pub fn get(&self, name: &str) -> Result<HostTensor<'_>> {
+        if let (Some(g), Some((source, shape))) = (&self.gguf, self.gguf_source(name)) {
+            let mut values = g
+                .file
+                .tensor_f32(&source.gguf_name)
+                .map_err(crate::gguf::engine_error)?;
+            if let Some(heads) = source.unpermute_heads {
+                values = crate::gguf::unpermute(&values, shape[0], heads)?;
+            }
+            return Ok(HostTensor {
+                name: name.to_string(),
+                dtype: DType::F32,
+                shape: shape.clone(),
+                data: values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into(),
+            });
+        }
         let e = self.entry(name)?;
         let dtype = e.dtype.ok_or_else(|| EngineError::UnsupportedDtype {
             name: name.to_string(),
