@@ -13,7 +13,7 @@ use crate::embedded;
 /// A model ready to load: where its files are and what to call it.
 #[derive(Debug, Clone)]
 pub struct ResolvedModel {
-    /// Directory with config.json, tokenizer.json and safetensors weights.
+    /// Directory with config.json, tokenizer.json and safetensors weights, or a `.gguf` file.
     pub dir: PathBuf,
     /// Id to show in /info.
     pub model_id: String,
@@ -30,6 +30,14 @@ pub fn resolve(model_id: Option<&str>, revision: Option<&str>, embedded_root: &P
         });
     };
     let local = Path::new(id);
+    if local.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        // One file holds the weights, the configuration, the tokenizer and the chat template.
+        anyhow::ensure!(local.is_file(), "GGUF model file {} does not exist", local.display());
+        return Ok(ResolvedModel {
+            dir: local.to_path_buf(),
+            model_id: id.to_string(),
+        });
+    }
     if local.is_dir() {
         for needed in ["config.json", "tokenizer.json"] {
             anyhow::ensure!(

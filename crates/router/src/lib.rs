@@ -20,6 +20,7 @@ pub mod client;
 pub mod cors;
 pub mod detokenize;
 pub mod errors;
+pub mod gguf_tokenizer;
 pub mod grpc;
 pub mod infer;
 pub mod metrics;
@@ -168,18 +169,29 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// Loads `tokenizer.json` from `path` (a directory, or the file itself), with truncation and padding off
-/// (the router truncates itself).
+/// Whether `path` is a GGUF model file (the tokenizer then comes from its metadata).
+fn is_gguf(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Loads `tokenizer.json` from `path` (a directory, or the file itself; or the tokenizer in a `.gguf`
+/// file's metadata), with truncation and padding off (the router truncates itself).
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, RouterError> {
     let file = if path.is_dir() {
         path.join("tokenizer.json")
     } else {
         path.to_path_buf()
     };
-    let mut tokenizer = Tokenizer::from_file(&file).map_err(|e| RouterError::Tokenizer {
+    let error = |message: String| RouterError::Tokenizer {
         path: file.clone(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    let mut tokenizer = if is_gguf(&file) {
+        let g = lorax_gguf::GgufFile::open(&file).map_err(|e| error(e.to_string()))?;
+        gguf_tokenizer::tokenizer(&g).map_err(error)?
+    } else {
+        Tokenizer::from_file(&file).map_err(|e| error(e.to_string()))?
+    };
     tokenizer.with_padding(None);
     tokenizer.with_truncation(None).map_err(|e| RouterError::Tokenizer {
         path: file,
@@ -284,8 +296,17 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
         block_size: shard.block_size,
     };
     let catalog = adapters::catalog::AdapterCatalog::default();
-    let chat_template = chat::ChatTemplate::from_dir(&args.model.tokenizer_path)
-        .map_err(|e| RouterError::Config(format!("the model's chat template cannot be used: {e}")))?;
+    let chat_template = if is_gguf(&args.model.tokenizer_path) {
+        let g =
+            lorax_gguf::GgufFile::open(&args.model.tokenizer_path).map_err(|e| RouterError::Config(e.to_string()))?;
+        match gguf_tokenizer::tokenizer_config(&g) {
+            Some(config) => chat::ChatTemplate::from_tokenizer_config(&config),
+            None => Ok(None),
+        }
+    } else {
+        chat::ChatTemplate::from_dir(&args.model.tokenizer_path)
+    }
+    .map_err(|e| RouterError::Config(format!("the model's chat template cannot be used: {e}")))?;
     if chat_template.is_none() {
         tracing::info!("the model has no chat template: /v1/chat/completions will answer 422");
     }
