@@ -74,7 +74,7 @@ pub(crate) fn hf_name(gguf_name: &str, cfg: &ModelConfig) -> Option<(String, Opt
 /// Undoes llama.cpp's permutation of q/k rows: stored row `h·d + 2i + p` is row `h·d + p·d/2 + i` of the
 /// transformers weight (head `h` of `heads`, `d` rows per head). Works on weights and biases alike.
 pub(crate) fn unpermute(values: &[f32], rows: usize, heads: usize) -> Result<Vec<f32>> {
-    if heads == 0 || rows % (2 * heads) != 0 || values.len() % rows != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) || !values.len().is_multiple_of(rows) {
         return Err(EngineError::CorruptWeights {
             path: "gguf".into(),
             reason: format!("{rows} q/k rows cannot be split into {heads} rotary heads"),
