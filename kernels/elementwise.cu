@@ -110,16 +110,36 @@ extern "C" __global__ void gather_rows(T* __restrict__ out, const T* __restrict_
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
 }
 
+// A 32-bit hash of (index, key): the index's halves and the key mixed, then an integer finaliser.
+// crates/engine/src/dummy.rs has the same function on the host.
+__device__ __forceinline__ u32 index_hash(u64 i, u32 key) {
+    u32 h = ((u32)i * 0x9E3779B1u) ^ ((u32)(i >> 32) * 0x85EBCA77u) ^ (key * 0xC2B2AE3Du);
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    return h;
+}
+
 // Fills out with values uniform in [lo, hi) from a hash of (seed, index): random data made on the device,
 // for benchmarks (never zeros, which hide unwritten outputs and can run faster than real data).
 extern "C" __global__ void fill_uniform(T* __restrict__ out, u64 n, u32 seed, float lo, float hi) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        u32 h = ((u32)i * 0x9E3779B1u) ^ ((u32)(i >> 32) * 0x85EBCA77u) ^ (seed * 0xC2B2AE3Du);
-        h ^= h >> 16;
-        h *= 0x7feb352du;
-        h ^= h >> 15;
-        h *= 0x846ca68bu;
-        h ^= h >> 16;
+        const u32 h = index_hash(i, seed);
         out[i] = from_f(lo + (hi - lo) * (float)(h >> 8) * (1.0f / 16777216.0f));
+    }
+}
+
+// Dummy weights (`--load-format dummy`, crates/engine/src/dummy.rs computes the same f32 values): element
+// (r, c) of this rank's [n / cols, cols] slice is element (row_off + r, col_off + c) of the whole
+// [*, full_cols] tensor, hashed with the tensor's key to a multiple of 2^-23 in [-1, 1) (exact), times scale.
+extern "C" __global__ void fill_dummy(T* __restrict__ out, u64 n, u64 cols, u64 full_cols, u64 row_off, u64 col_off,
+                                      u32 key, float scale) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / cols;
+        const u32 h = index_hash((row_off + r) * full_cols + col_off + (i - r * cols), key);
+        const float t = (float)((int)(h >> 8) - 8388608) * (1.0f / 8388608.0f);
+        out[i] = from_f(scale * t);
     }
 }

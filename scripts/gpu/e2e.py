@@ -8,13 +8,14 @@ exactly; bfloat16 is reported (see docs/gpu.md).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 from safetensors.numpy import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving import call, free_port  # noqa: E402
 
 BIN, LOGS = sys.argv[1], sys.argv[2]
 FX = os.path.abspath("tests/fixtures")
@@ -22,21 +23,6 @@ BASE = load_file(f"{FX}/models/llama/golden.safetensors")
 LORA = load_file(f"{FX}/adapters/golden_lora.safetensors")
 PROMPTS = json.load(open(f"{FX}/manifest.json"))["prompts"]
 N = 32
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def call(url, body=None, timeout=120):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.status, json.loads(r.read() or b"null")
 
 
 failures = 0

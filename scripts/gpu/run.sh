@@ -12,15 +12,7 @@ logs=${1:?usage: scripts/gpu/run.sh LOG_DIR [BIN_DIR]}
 bin=${2:-.gpu-bin}
 cd "$(dirname "$0")/../.."
 mkdir -p "$logs"
-if [ -f "$bin/bin.tgz" ]; then
-    unpacked=$(mktemp -d)
-    tar -xzf "$bin/bin.tgz" -C "$unpacked"
-    bin=$unpacked
-fi
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export LORAX_FIXTURES=$PWD/tests/fixtures
-export LORAX_KERNEL_CACHE=${LORAX_KERNEL_CACHE:-/tmp/lorax-kernel-cache}
-export NCCL_NVLS_ENABLE=0
+. scripts/gpu/env.sh
 
 { nvidia-smi; nvidia-smi -q -d CLOCK; } >"$logs/nvidia-smi.txt" 2>&1
 

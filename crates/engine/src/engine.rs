@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::lora::{DeviceAdapter, HostAdapter};
-use crate::model::{ForwardInput, Model, SeqInput};
+use crate::model::{ForwardInput, Model, SeqInput, WeightSource};
 use crate::sampling::{log_sum_exp, Choice, Sampler, SamplingParams};
 use crate::weights::Weights;
 
@@ -128,6 +128,19 @@ pub struct Engine<B: Backend> {
     comm: Arc<dyn Communicator>,
 }
 
+/// Where [`Engine::load_with_format`] takes the weights from (`--load-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadFormat {
+    /// The safetensors checkpoint of the model directory.
+    #[default]
+    Safetensors,
+    /// Deterministic random weights from `config.json` alone ([`crate::dummy`]).
+    Dummy {
+        /// Seed of every tensor.
+        seed: u64,
+    },
+}
+
 impl<B: Backend> Engine<B> {
     /// Load the checkpoint in `dir` (config.json + safetensors, or `dir` is a `.gguf` file) onto `backend`.
     pub fn load(backend: B, dir: &Path, cache: CacheConfig) -> Result<Self> {
@@ -137,15 +150,37 @@ impl<B: Backend> Engine<B> {
     /// Load this rank's slice of the checkpoint in `dir`; forward passes sum partial results across the
     /// ranks of `comm`, which must all run the same calls in the same order.
     pub fn load_sharded(backend: B, dir: &Path, cache: CacheConfig, comm: Arc<dyn Communicator>) -> Result<Self> {
-        let (cfg, weights) = if crate::gguf::is_gguf(dir) {
-            let file = lorax_gguf::GgufFile::open(dir).map_err(crate::gguf::engine_error)?;
-            let cfg = crate::gguf::config(&file)?;
-            let weights = Weights::from_gguf(file, &cfg);
-            (cfg, weights)
-        } else {
-            (ModelConfig::from_file(&dir.join("config.json"))?, Weights::from_dir(dir)?)
+        Self::load_with_format(backend, dir, cache, comm, LoadFormat::Safetensors)
+    }
+
+    /// [`Engine::load_sharded`] with the weights `format` says: the safetensors in `dir`, or dummy
+    /// weights made from `dir/config.json` alone.
+    pub fn load_with_format(
+        backend: B,
+        dir: &Path,
+        cache: CacheConfig,
+        comm: Arc<dyn Communicator>,
+        format: LoadFormat,
+    ) -> Result<Self> {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let (cfg, model) = match format {
+            LoadFormat::Safetensors if crate::gguf::is_gguf(dir) => {
+                let file = lorax_gguf::GgufFile::open(dir).map_err(crate::gguf::engine_error)?;
+                let cfg = crate::gguf::config(&file)?;
+                let model = Model::load(&backend, &Weights::from_gguf(file, &cfg), &cfg, rank, world)?;
+                (cfg, model)
+            }
+            LoadFormat::Safetensors => {
+                let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+                let model = Model::load(&backend, &Weights::from_dir(dir)?, &cfg, rank, world)?;
+                (cfg, model)
+            }
+            LoadFormat::Dummy { seed } => {
+                let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+                let model = Model::load_from(&backend, WeightSource::Dummy { seed }, &cfg, rank, world)?;
+                (cfg, model)
+            }
         };
-        let model = Model::load(&backend, &weights, &cfg, comm.rank(), comm.world_size())?;
         let cache = KvCache::new(
             &backend,
             &cfg,

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod comm;
 pub mod config;
+pub mod dummy;
 pub mod engine;
 pub mod error;
 pub mod gguf;
@@ -20,6 +21,6 @@ pub use backend::cpu::{CpuBackend, CpuTensor};
 pub use backend::cuda::{CudaBackend, CudaTensor};
 pub use backend::Backend;
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use engine::{Batch, CacheConfig, Engine, Generation, NewSequence, PromptToken};
+pub use engine::{Batch, CacheConfig, Engine, Generation, LoadFormat, NewSequence, PromptToken};
 pub use error::{EngineError, Result};
 pub use sampling::{Choice, Sampler, SamplingParams};

@@ -13,6 +13,19 @@ use crate::kv_cache::KvCache;
 use crate::lora::{DeviceAdapter, Target};
 use crate::weights::{shard, Weights};
 
+/// Where a model's weights come from.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightSource<'a> {
+    /// A safetensors checkpoint.
+    Checkpoint(&'a Weights),
+    /// Deterministic random weights of the configuration's shapes ([`crate::dummy`]), from this seed;
+    /// each rank makes only its slice, on its device.
+    Dummy {
+        /// Seed of every tensor.
+        seed: u64,
+    },
+}
+
 /// A linear layer `y = x·Wᵀ + b`.
 pub struct Linear<B: Backend> {
     /// `[out, in]`.
@@ -154,6 +167,17 @@ impl<B: Backend> Model<B> {
     /// split evenly; key/value heads split too, or, when there are fewer of them than ranks, each rank
     /// keeps the one its query heads use (replicated).
     pub fn load(backend: &B, weights: &Weights, cfg: &ModelConfig, rank: usize, world_size: usize) -> Result<Self> {
+        Self::load_from(backend, WeightSource::Checkpoint(weights), cfg, rank, world_size)
+    }
+
+    /// [`Model::load`] from a checkpoint or from dummy weights.
+    pub fn load_from(
+        backend: &B,
+        source: WeightSource<'_>,
+        cfg: &ModelConfig,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self> {
         let world = world_size.max(1);
         let kv_parts = cfg.num_kv_heads.min(world);
         let fits = cfg.num_heads.is_multiple_of(world)
@@ -179,10 +203,19 @@ impl<B: Backend> Model<B> {
         let up = |t| backend.weight(&t);
         // (dim, part, parts): split along `dim` into `parts` and keep `part`.
         let tensor = |name: &str, shape: &[usize], split: Option<(usize, usize, usize)>| -> Result<B::Tensor> {
-            let t = weights.get_checked(name, shape)?;
-            match split {
-                Some((d, part, parts)) => up(shard(t, d, part, parts)?),
-                None => up(t),
+            match source {
+                WeightSource::Checkpoint(weights) => {
+                    let t = weights.get_checked(name, shape)?;
+                    match split {
+                        Some((d, part, parts)) => up(shard(t, d, part, parts)?),
+                        None => up(t),
+                    }
+                }
+                WeightSource::Dummy { seed } => {
+                    let fan_in = shape.get(1).or(shape.first()).copied().unwrap_or(1);
+                    let fill = crate::dummy::fill_for(seed, name, fan_in);
+                    backend.dummy_weight(&crate::dummy::DummySpec::new(name, shape, split, fill)?)
+                }
             }
         };
         let linear =

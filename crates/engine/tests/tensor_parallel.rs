@@ -61,28 +61,7 @@ fn logits_and_greedy(e: &mut Engine<CpuBackend>, prompts: &[Vec<u32>]) -> (Vec<V
         logits.push(e.logits(&[(ids, 0, &table)], &[true]).unwrap());
         alloc.free(&table);
     }
-    let mut batch = Batch::default();
-    let news = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, ids)| NewSequence {
-            id: i as u64,
-            input_ids: ids.clone(),
-            block_table: alloc.allocate(ids.len() + N_NEW).unwrap(),
-            params: SamplingParams::default(),
-            prefill_logprobs: false,
-            adapter: None,
-        })
-        .collect();
-    let mut greedy = vec![Vec::new(); prompts.len()];
-    for g in e.prefill(&mut batch, news).unwrap() {
-        greedy[g.id as usize].push(g.choice.token);
-    }
-    while greedy[0].len() < N_NEW {
-        for g in e.decode(&mut batch).unwrap() {
-            greedy[g.id as usize].push(g.choice.token);
-        }
-    }
+    let greedy = common::greedy_batch(e, &mut alloc, prompts, N_NEW);
     (logits, greedy)
 }
 

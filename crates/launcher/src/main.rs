@@ -41,6 +41,11 @@ pub struct Args {
     /// Storage type on CUDA: `bfloat16` or `float16` (`float32` for checks); the CPU computes in float32.
     #[arg(long, env = "DTYPE", default_value = "bfloat16")]
     pub dtype: String,
+    /// Where the shards take the weights from: `auto`/`safetensors` (the checkpoint), or `dummy`
+    /// (deterministic random weights from config.json alone, made on each shard's device; for
+    /// benchmarks: a hub model's checkpoint is then not downloaded).
+    #[arg(long, env = "LOAD_FORMAT", default_value = "auto")]
+    pub load_format: String,
     /// HTTP port of the router.
     #[arg(long, env = "PORT", default_value_t = 3000)]
     pub port: u16,

@@ -19,8 +19,20 @@ pub struct ResolvedModel {
     pub model_id: String,
 }
 
-/// Where the model comes from.
+/// Where the model comes from (with its checkpoint).
+#[cfg(test)]
 pub fn resolve(model_id: Option<&str>, revision: Option<&str>, embedded_root: &Path) -> anyhow::Result<ResolvedModel> {
+    resolve_with(model_id, revision, embedded_root, true)
+}
+
+/// [`resolve`]; without `weights` (`--load-format dummy`) a hub model's checkpoint is not downloaded,
+/// only its config and tokenizer.
+pub fn resolve_with(
+    model_id: Option<&str>,
+    revision: Option<&str>,
+    embedded_root: &Path,
+    weights: bool,
+) -> anyhow::Result<ResolvedModel> {
     let Some(id) = model_id else {
         let dir = embedded::materialize(embedded_root)
             .with_context(|| format!("writing the embedded model under {}", embedded_root.display()))?;
@@ -51,10 +63,10 @@ pub fn resolve(model_id: Option<&str>, revision: Option<&str>, embedded_root: &P
             model_id: id.to_string(),
         });
     }
-    download(id, revision)
+    download(id, revision, weights)
 }
 
-fn download(id: &str, revision: Option<&str>) -> anyhow::Result<ResolvedModel> {
+fn download(id: &str, revision: Option<&str>, weights: bool) -> anyhow::Result<ResolvedModel> {
     let mut builder = ApiBuilder::from_env().with_progress(true);
     if let Ok(token) = std::env::var("HF_TOKEN") {
         if !token.is_empty() {
@@ -74,8 +86,9 @@ fn download(id: &str, revision: Option<&str>) -> anyhow::Result<ResolvedModel> {
     if let Err(e) = fetch("tokenizer_config.json") {
         tracing::info!("no tokenizer_config.json ({e:#}); continuing without it");
     }
-    match fetch("model.safetensors.index.json") {
-        Ok(index) => {
+    match weights.then(|| fetch("model.safetensors.index.json")) {
+        None => tracing::info!("--load-format dummy: the checkpoint is not downloaded"),
+        Some(Ok(index)) => {
             let text = std::fs::read_to_string(&index)?;
             let v: serde_json::Value = serde_json::from_str(&text).context("parsing model.safetensors.index.json")?;
             let map = v
@@ -89,7 +102,7 @@ fn download(id: &str, revision: Option<&str>) -> anyhow::Result<ResolvedModel> {
                 fetch(f)?;
             }
         }
-        Err(_) => {
+        Some(Err(_)) => {
             fetch("model.safetensors").context(
                 "the repository has neither model.safetensors nor model.safetensors.index.json \
                  (pickle .bin weights are never loaded: convert them to safetensors)",

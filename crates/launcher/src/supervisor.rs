@@ -128,9 +128,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&uds_dir).with_context(|| format!("creating {}", uds_dir.display()))?;
     let embedded_root = args.embedded_dir.clone().unwrap_or_else(std::env::temp_dir);
     let (id, rev) = (args.model_id.clone(), args.revision.clone());
-    let resolved = tokio::task::spawn_blocking(move || model::resolve(id.as_deref(), rev.as_deref(), &embedded_root))
-        .await
-        .context("model resolution task failed")??;
+    let weights = !args.load_format.trim().eq_ignore_ascii_case("dummy");
+    let resolved = tokio::task::spawn_blocking(move || {
+        model::resolve_with(id.as_deref(), rev.as_deref(), &embedded_root, weights)
+    })
+    .await
+    .context("model resolution task failed")??;
     tracing::info!(model = %resolved.model_id, dir = %resolved.dir.display(), "model resolved");
 
     let prefix = uds_dir.join("shard");
@@ -171,6 +174,7 @@ async fn start_and_watch(
             format!("--world-size={}", args.num_shard),
             format!("--device={}", args.device),
             format!("--dtype={}", args.dtype),
+            format!("--load-format={}", args.load_format),
             format!("--num-blocks={}", args.num_blocks),
             format!("--block-size={}", args.block_size),
         ];

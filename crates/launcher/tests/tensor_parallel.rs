@@ -75,3 +75,40 @@ async fn two_cpu_shards_meet_over_tcp() {
         "the shards should have met over TCP"
     );
 }
+
+/// `--load-format dummy`: a model directory with only config.json and tokenizer.json serves (random
+/// weights made from the config), and two CPU shards, each generating only its own slices, answer with
+/// the one-shard model's greedy tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dummy_weights_serve_and_two_shards_match_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("models/llama/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures().join("tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let model = dir.path().to_str().unwrap();
+    let g = golden();
+    let client = reqwest::Client::new();
+    let mut tokens = Vec::new();
+    for shards in ["1", "2"] {
+        let server = start(&["--model-id", model, "--load-format", "dummy", "--num-shard", shards]).await;
+        let mut answers = Vec::new();
+        for p in [0, 2] {
+            answers.push(common::generate(&client, &server.base, &g.prompts[p], 24).await);
+        }
+        assert!(answers.iter().all(|a| a.len() == 24));
+        tokens.push(answers);
+    }
+    assert_eq!(tokens[0], tokens[1], "two dummy shards vs one");
+    assert_ne!(
+        tokens[0][0],
+        g.greedy[0][..24],
+        "dummy weights are not the checkpoint's"
+    );
+}

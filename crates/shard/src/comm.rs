@@ -1,8 +1,8 @@
 //! The all-reduce between CPU shard processes of one model (tensor parallelism without GPUs): a star
 //! over Unix sockets (one host) or TCP (`--master-addr`/`--master-port`, shards on several hosts).
 //! Rank 0 listens; every other rank connects and says its rank. To sum a buffer, ranks 1.. send theirs to rank 0, which adds them in rank order and sends the
-//! sum back, so every rank gets the same bits. GPU shards would use NCCL through the same
-//! [`Communicator`] seam.
+//! sum back, so every rank gets the same bits. CUDA shards sum on the device over NCCL instead
+//! (`--comm`); this group then only carries rank 0's NCCL unique id to the others ([`SocketComm::broadcast`]).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -127,6 +127,44 @@ impl SocketComm {
     }
 }
 
+/// Largest message [`SocketComm::broadcast`] accepts.
+const MAX_BROADCAST: u64 = 1 << 20;
+
+impl SocketComm {
+    fn links(&self) -> Result<std::sync::MutexGuard<'_, Links>> {
+        self.links
+            .lock()
+            .map_err(|_| EngineError::Backend("tensor-parallel connections poisoned".into()))
+    }
+
+    /// Rank 0's `bytes` to every rank (at startup: the NCCL unique id). On rank 0 `bytes` is sent; on
+    /// the others it is replaced by what rank 0 sent. Every rank must call it at the same point.
+    pub fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()> {
+        let mut guard = self.links()?;
+        let (streams, _) = &mut *guard;
+        if self.rank == 0 {
+            let mut message = (bytes.len() as u64).to_le_bytes().to_vec();
+            message.extend_from_slice(bytes);
+            for s in streams.iter_mut() {
+                send(s.as_mut(), &message)?;
+            }
+        } else {
+            let s = streams[0].as_mut();
+            let mut len = [0u8; 8];
+            s.read_exact(&mut len).map_err(|e| io_err("receive", e))?;
+            let len = u64::from_le_bytes(len);
+            if len > MAX_BROADCAST {
+                return Err(EngineError::Backend(format!(
+                    "tensor-parallel broadcast of {len} bytes from rank 0 (the ranks ran different calls)"
+                )));
+            }
+            bytes.resize(usize::try_from(len).unwrap_or(0), 0);
+            s.read_exact(bytes).map_err(|e| io_err("receive", e))?;
+        }
+        Ok(())
+    }
+}
+
 /// `data` as a message (length, then little-endian values) in `buf`.
 fn encode(data: &[f32], buf: &mut Vec<u8>) {
     buf.clear();
@@ -174,10 +212,7 @@ impl Communicator for SocketComm {
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
-        let mut guard = self
-            .links
-            .lock()
-            .map_err(|_| EngineError::Backend("tensor-parallel connections poisoned".into()))?;
+        let mut guard = self.links()?;
         let (streams, buf) = &mut *guard;
         if self.rank == 0 {
             for s in streams.iter_mut() {
@@ -223,6 +258,30 @@ mod tests {
             for (round, v) in h.join().unwrap().into_iter().enumerate() {
                 assert_eq!(v, vec![3.0, 3.0 * round as f32, 1.5]);
             }
+        }
+    }
+
+    #[test]
+    fn rank_zero_broadcasts_bytes_then_sums_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = Rendezvous::Unix(dir.path().join("b-comm"));
+        let handles: Vec<_> = (0..3)
+            .map(|rank| {
+                let at = at.clone();
+                std::thread::spawn(move || {
+                    let comm = SocketComm::join(&at, rank, 3, Duration::from_secs(30)).unwrap();
+                    let mut id = if rank == 0 { (0..=255u8).collect() } else { vec![7u8; 3] };
+                    comm.broadcast(&mut id).unwrap();
+                    let mut v = vec![1.0f32];
+                    comm.all_reduce_sum(&mut v).unwrap();
+                    (id, v)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (id, v) = h.join().unwrap();
+            assert_eq!(id, (0..=255u8).collect::<Vec<_>>());
+            assert_eq!(v, vec![3.0]);
         }
     }
 

@@ -8,8 +8,9 @@ mod service;
 use std::path::PathBuf;
 
 use clap::Parser;
+use lorax_engine::backend::cuda::nccl;
 use lorax_engine::weights::DType;
-use lorax_engine::{Backend, CpuBackend, CudaBackend};
+use lorax_engine::{Backend, CpuBackend, CudaBackend, LoadFormat};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -72,6 +73,50 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "LORAX_JSON_OUTPUT")]
     json_output: bool,
+    /// Where the weights come from: `auto` or `safetensors` (the model directory's checkpoint), or
+    /// `dummy` (deterministic random weights from config.json alone, made on the device; benchmarks).
+    #[arg(long, env = "LORAX_LOAD_FORMAT", default_value = "auto")]
+    load_format: String,
+    /// Tensor-parallel all-reduce: `auto` (NCCL on the device when this shard runs on CUDA and there are
+    /// several shards, else the socket group), `nccl` or `socket` (through the host). Rank 0 decides
+    /// for the group.
+    #[arg(long, env = "LORAX_COMM", default_value = "auto")]
+    comm: String,
+}
+
+/// `--load-format`.
+fn parse_load_format(arg: &str) -> anyhow::Result<LoadFormat> {
+    match arg.trim().to_ascii_lowercase().as_str() {
+        "" | "auto" | "safetensors" => Ok(LoadFormat::Safetensors),
+        "dummy" => Ok(LoadFormat::Dummy {
+            seed: lorax_engine::dummy::DEFAULT_SEED,
+        }),
+        other => anyhow::bail!("--load-format {other:?}: expected auto, safetensors or dummy"),
+    }
+}
+
+/// `--comm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CommMode {
+    Auto,
+    Nccl,
+    Socket,
+}
+
+fn parse_comm(arg: &str) -> anyhow::Result<CommMode> {
+    match arg.trim().to_ascii_lowercase().as_str() {
+        "" | "auto" => Ok(CommMode::Auto),
+        "nccl" => Ok(CommMode::Nccl),
+        "socket" => Ok(CommMode::Socket),
+        other => anyhow::bail!("--comm {other:?}: expected auto, nccl or socket"),
+    }
+}
+
+/// What a CUDA shard needs to join the group's NCCL communicator.
+struct NcclJoin {
+    id: [u8; nccl::ID_BYTES],
+    rank: usize,
+    world: usize,
 }
 
 fn init_logging(json: bool) {
@@ -157,40 +202,127 @@ async fn main() -> anyhow::Result<()> {
         args.world_size
     );
     let (dtype, dtype_name) = parse_dtype(&args.dtype)?;
+    parse_load_format(&args.load_format)?;
+    parse_comm(&args.comm)?;
     match resolve_device(args.device.as_deref(), args.rank as usize)? {
-        Device::Cpu => serve(args, || Ok(CpuBackend), "float32").await,
+        Device::Cpu => serve(args, |_| Ok(CpuBackend), "float32", false).await,
         Device::Cuda(ordinal) => {
             tracing::info!(ordinal, dtype = dtype_name, "starting the CUDA backend");
-            serve(args, move || CudaBackend::new(ordinal, dtype), dtype_name).await
+            let make = move |group: Option<NcclJoin>| {
+                let mut backend = CudaBackend::new(ordinal, dtype)?;
+                if let Some(g) = group {
+                    backend.attach_nccl(&g.id, g.rank, g.world)?;
+                }
+                Ok(backend)
+            };
+            serve(args, make, dtype_name, true).await
         }
     }
 }
 
-/// The tensor-parallel group of this shard: itself alone, or every rank of `--world-size` over the
-/// Unix-socket all-reduce (rank 0 listens at `<uds-prefix>-comm`).
-async fn join_group(args: &Args) -> anyhow::Result<std::sync::Arc<dyn lorax_engine::comm::Communicator>> {
-    if args.world_size == 1 {
-        return Ok(std::sync::Arc::new(lorax_engine::comm::SingleRank));
+/// Rank 0's choice of all-reduce, sent to every rank: `[0]` socket, `[1] + id` NCCL, `[2] + message`
+/// rank 0 could not set up the group (so the others fail with its reason instead of a closed socket).
+fn nccl_offer(mode: CommMode, cuda: bool) -> Vec<u8> {
+    let wants = match mode {
+        CommMode::Socket => false,
+        CommMode::Auto => cuda,
+        CommMode::Nccl => true,
+    };
+    if !wants {
+        return vec![0];
     }
+    let fail = |why: String| {
+        tracing::error!("{why}");
+        let mut m = vec![2];
+        m.extend_from_slice(why.as_bytes());
+        m
+    };
+    if !cuda {
+        return fail("--comm nccl needs the CUDA backend (this shard runs on the CPU)".into());
+    }
+    if !nccl::nccl_present() {
+        if mode == CommMode::Auto {
+            tracing::warn!("NCCL (libnccl.so) was not found: the GPU shards sum through the host over sockets");
+            return vec![0];
+        }
+        return fail("--comm nccl: the NCCL library (libnccl.so) is not installed or not on LD_LIBRARY_PATH".into());
+    }
+    match nccl::unique_id() {
+        Ok(id) => {
+            let mut m = vec![1];
+            m.extend_from_slice(&id);
+            m
+        }
+        Err(e) => fail(format!("creating the NCCL unique id: {e}")),
+    }
+}
+
+/// The tensor-parallel group of this shard: itself alone, or every rank of `--world-size` over the
+/// socket group (rank 0 listens at `<uds-prefix>-comm`, or on TCP with `--master-addr`), plus, when
+/// rank 0 chose NCCL, the unique id every rank joins the device group with.
+async fn join_group(
+    args: &Args,
+    cuda: bool,
+) -> anyhow::Result<(std::sync::Arc<dyn lorax_engine::comm::Communicator>, Option<NcclJoin>)> {
+    if args.world_size == 1 {
+        return Ok((std::sync::Arc::new(lorax_engine::comm::SingleRank), None));
+    }
+    let mode = parse_comm(&args.comm)?;
     let at = match &args.master_addr {
         Some(addr) => comm::Rendezvous::Tcp(format!("{addr}:{}", args.master_port)),
         None => comm::Rendezvous::Unix(comm::socket_path(&args.uds_prefix)),
     };
     let (rank, world) = (args.rank as usize, args.world_size as usize);
     tracing::info!(rank, world, ?at, "joining the tensor-parallel group");
-    let group = tokio::task::spawn_blocking(move || {
-        comm::SocketComm::join(&at, rank, world, std::time::Duration::from_secs(600))
+    let (group, offer) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let group = comm::SocketComm::join(&at, rank, world, std::time::Duration::from_secs(600))?;
+        let mut offer = if rank == 0 { nccl_offer(mode, cuda) } else { Vec::new() };
+        group.broadcast(&mut offer)?;
+        Ok((group, offer))
     })
     .await??;
-    Ok(std::sync::Arc::new(group))
+    let join = match offer.split_first() {
+        Some((0, _)) => {
+            anyhow::ensure!(
+                mode != CommMode::Nccl,
+                "--comm nccl on rank {rank}, but rank 0 chose the socket all-reduce"
+            );
+            tracing::info!(
+                rank,
+                world,
+                "tensor-parallel sums go through the host (socket all-reduce)"
+            );
+            None
+        }
+        Some((1, id)) => {
+            anyhow::ensure!(
+                cuda,
+                "rank 0 chose NCCL, but rank {rank} runs on the CPU (give every rank a GPU, or --comm socket)"
+            );
+            anyhow::ensure!(
+                nccl::nccl_present(),
+                "rank 0 chose NCCL, but the NCCL library (libnccl.so) is not found on rank {rank}"
+            );
+            let id = <[u8; nccl::ID_BYTES]>::try_from(id)
+                .map_err(|_| anyhow::anyhow!("rank 0 sent an NCCL id of {} bytes", id.len()))?;
+            tracing::info!(rank, world, "tensor-parallel sums go over NCCL on the device");
+            Some(NcclJoin { id, rank, world })
+        }
+        Some((2, why)) if rank == 0 => anyhow::bail!("{}", String::from_utf8_lossy(why)),
+        Some((2, why)) => anyhow::bail!("rank 0 could not set up the group: {}", String::from_utf8_lossy(why)),
+        _ => anyhow::bail!("rank 0 sent an unknown group setup"),
+    };
+    Ok((std::sync::Arc::new(group), join))
 }
 
 /// Loads the model on the backend `make` creates and serves until SIGINT/SIGTERM.
 async fn serve<B: Backend>(
     args: Args,
-    make: impl FnOnce() -> lorax_engine::Result<B> + Send + 'static,
+    make: impl FnOnce(Option<NcclJoin>) -> lorax_engine::Result<B> + Send + 'static,
     dtype: &str,
+    cuda: bool,
 ) -> anyhow::Result<()> {
+    let (group, nccl_join) = join_group(&args, cuda).await?;
     let model_id = args
         .model_id
         .clone()
@@ -215,9 +347,10 @@ async fn serve<B: Backend>(
             },
             download_timeout: std::time::Duration::from_secs(args.adapter_download_timeout_s),
             dtype: dtype.to_string(),
-            comm: join_group(&args).await?,
+            comm: group,
+            load_format: parse_load_format(&args.load_format)?,
         },
-        make,
+        move || make(nccl_join),
     )
     .await?;
     let path = PathBuf::from(format!("{}-{}", args.uds_prefix, args.rank));
@@ -255,5 +388,25 @@ mod tests {
         assert_eq!(parse_dtype("bfloat16").ok().map(|d| d.0), Some(DType::BF16));
         assert_eq!(parse_dtype("float16").ok().map(|d| d.0), Some(DType::F16));
         assert!(parse_dtype("int8").is_err());
+    }
+
+    #[test]
+    fn load_format_and_comm_flags_parse_and_rank_zero_offers_a_group() {
+        assert_eq!(parse_load_format("auto").ok(), Some(LoadFormat::Safetensors));
+        assert!(matches!(parse_load_format("dummy"), Ok(LoadFormat::Dummy { .. })));
+        assert!(parse_load_format("pt").is_err());
+        assert_eq!(parse_comm("NCCL").ok(), Some(CommMode::Nccl));
+        assert!(parse_comm("mpi").is_err());
+        // CPU shards use the socket group; asking for NCCL on the CPU is an error the peers are told.
+        assert_eq!(nccl_offer(CommMode::Auto, false), vec![0]);
+        assert_eq!(nccl_offer(CommMode::Socket, true), vec![0]);
+        let refused = nccl_offer(CommMode::Nccl, false);
+        assert_eq!(refused[0], 2);
+        assert!(String::from_utf8_lossy(&refused[1..]).contains("CUDA backend"));
+        // Without libnccl.so, auto falls back to sockets and an explicit nccl is refused: never a panic.
+        if !nccl::nccl_present() {
+            assert_eq!(nccl_offer(CommMode::Auto, true), vec![0]);
+            assert_eq!(nccl_offer(CommMode::Nccl, true)[0], 2);
+        }
     }
 }

@@ -30,6 +30,8 @@ pub struct ShardConfig {
     pub dtype: String,
     /// The tensor-parallel group (a single rank when world_size is 1).
     pub comm: std::sync::Arc<dyn lorax_engine::comm::Communicator>,
+    /// Checkpoint or dummy weights.
+    pub load_format: lorax_engine::LoadFormat,
 }
 
 struct State<B: Backend> {
@@ -73,7 +75,9 @@ impl<B: Backend> ShardServer<B> {
             block_size: cfg.block_size as usize,
         };
         let comm = std::sync::Arc::clone(&cfg.comm);
-        let engine = tokio::task::spawn_blocking(move || Engine::load_sharded(make()?, &dir, cache, comm)).await??;
+        let format = cfg.load_format;
+        let engine =
+            tokio::task::spawn_blocking(move || Engine::load_with_format(make()?, &dir, cache, comm, format)).await??;
         let c = engine.config().clone();
         let info = pb::InfoResponse {
             model_id: cfg.model_id,

@@ -133,4 +133,9 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// A dummy weight (`--load-format dummy`): this rank's slice of a deterministic random tensor. The
+    /// default generates it on the host; a device backend makes it in place.
+    fn dummy_weight(&self, spec: &crate::dummy::DummySpec) -> Result<Self::Tensor> {
+        self.tensor_from_f32(&spec.shape, &spec.host_values())
+    }
 }

@@ -80,3 +80,55 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 pub fn subset(row: &[f32], sub: &[u32]) -> Vec<f32> {
     sub.iter().map(|&i| row[i as usize]).collect()
 }
+
+/// `n_new` greedy tokens for each prompt, all prompts in one batch (prefill, then decode steps), base
+/// model, cache blocks from `alloc`.
+pub fn greedy_batch<B: lorax_engine::Backend>(
+    e: &mut lorax_engine::Engine<B>,
+    alloc: &mut lorax_engine::kv_cache::BlockAllocator,
+    prompts: &[Vec<u32>],
+    n_new: usize,
+) -> Vec<Vec<u32>> {
+    use lorax_engine::{Batch, NewSequence, SamplingParams};
+    let news = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, ids)| NewSequence {
+            id: i as u64,
+            input_ids: ids.clone(),
+            block_table: alloc.allocate(ids.len() + n_new).unwrap(),
+            params: SamplingParams::default(),
+            prefill_logprobs: false,
+            adapter: None,
+        })
+        .collect();
+    let mut batch = Batch::default();
+    let mut greedy = vec![Vec::new(); prompts.len()];
+    for g in e.prefill(&mut batch, news).unwrap() {
+        greedy[g.id as usize].push(g.choice.token);
+    }
+    while greedy[0].len() < n_new {
+        for g in e.decode(&mut batch).unwrap() {
+            greedy[g.id as usize].push(g.choice.token);
+        }
+    }
+    greedy
+}
+
+/// Each prompt's last-position logits (a forward pass each), then [`greedy_batch`].
+pub fn last_logits_and_greedy<B: lorax_engine::Backend>(
+    e: &mut lorax_engine::Engine<B>,
+    cache: lorax_engine::CacheConfig,
+    prompts: &[Vec<u32>],
+    n_new: usize,
+) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
+    let mut alloc = lorax_engine::kv_cache::BlockAllocator::new(cache.num_blocks as u32, cache.block_size);
+    let mut last = Vec::new();
+    for ids in prompts {
+        let table = alloc.allocate(ids.len()).unwrap();
+        last.push(e.logits(&[(ids, 0, &table)], &[false]).unwrap().remove(0));
+        alloc.free(&table);
+    }
+    let greedy = greedy_batch(e, &mut alloc, prompts, n_new);
+    (last, greedy)
+}

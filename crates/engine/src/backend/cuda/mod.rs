@@ -79,6 +79,7 @@ pub const KERNELS: [(&str, &[&str]); 4] = [
             "kv_write",
             "gather_rows",
             "fill_uniform",
+            "fill_dummy",
         ],
     ),
     (
@@ -163,6 +164,8 @@ pub struct CudaBackend {
     sync_each: bool,
     tc_prefill: bool,
     attn_max_heads: usize,
+    /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
+    nccl: Option<nccl::NcclComm>,
 }
 
 pub(crate) fn drv(what: &str, e: drv_result::DriverError) -> EngineError {
@@ -282,6 +285,7 @@ macro_rules! launch {
 pub mod attention;
 pub mod compile;
 pub mod lora;
+pub mod nccl;
 
 impl CudaBackend {
     /// Number of CUDA devices, or why CUDA cannot be used here (no driver library, no device, driver
@@ -371,6 +375,7 @@ impl CudaBackend {
             sync_each: env_flag("LORAX_CUDA_SYNC"),
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
             attn_max_heads: 8,
+            nccl: None,
         })
     }
 
@@ -873,5 +878,53 @@ impl Backend for CudaBackend {
             &ci
         );
         Ok(out)
+    }
+
+    /// Over NCCL on the device once the group is attached; otherwise through the host (the trait's way).
+    fn all_reduce_sum(&self, t: &mut CudaTensor, comm: &dyn crate::comm::Communicator) -> Result<()> {
+        if comm.world_size() == 1 {
+            return Ok(());
+        }
+        if let Some(group) = &self.nccl {
+            return self.nccl_all_reduce(group, t, comm);
+        }
+        let mut host = self.to_f32(t)?;
+        comm.all_reduce_sum(&mut host)?;
+        *t = self.tensor_from_f32(&t.shape, &host)?;
+        Ok(())
+    }
+
+    fn dummy_weight(&self, spec: &crate::dummy::DummySpec) -> Result<CudaTensor> {
+        let crate::dummy::Fill::Uniform { key, scale } = spec.fill else {
+            // Constants are norms and biases: one row each.
+            return self.tensor_from_f32(&spec.shape, &spec.host_values());
+        };
+        let t = self.alloc(&spec.shape)?;
+        let n = spec.numel();
+        if n == 0 {
+            return Ok(t);
+        }
+        let (p, nn, cols, full, r0, c0) = (
+            self.ptr(&t.buf),
+            n as u64,
+            spec.cols().max(1) as u64,
+            spec.full_cols as u64,
+            spec.row_off as u64,
+            spec.col_off as u64,
+        );
+        launch!(
+            self,
+            "fill_dummy",
+            cfg((flat_grid(n), 1, 1), 256, 0),
+            &p,
+            &nn,
+            &cols,
+            &full,
+            &r0,
+            &c0,
+            &key,
+            &scale
+        );
+        Ok(t)
     }
 }
