@@ -88,11 +88,11 @@ class Server:
         args = [f"{BIN}/lorax-launcher", "--model-id", model_dir, "--load-format", "dummy",
                 "--num-shard", str(shards), "--device", DEVICE, "--dtype", dtype, "--port", str(port),
                 "--hostname", "127.0.0.1", "--adapter-local-roots", f"{WORK}/adapters",
-                "--max-input-length", "512", "--max-total-tokens", "1024", "--shard-startup-timeout-s", "400",
+                "--max-input-length", "512", "--max-total-tokens", "1024", "--shard-startup-timeout-s", "240",
                 *extra]
         t0 = time.time()
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 420
+        deadline = time.time() + 240
         while True:
             try:
                 if call(f"{self.base}/health", timeout=5)[0] == 200:

@@ -162,7 +162,8 @@ fn dummy_model_over_nccl_on_two_gpus_matches_one_gpu() {
             "TP=2 (NCCL) vs TP=1 dummy model {dtype:?}: logits rel err {worst:.2e}, greedy {same}/{} leading tokens equal",
             32 * greedy.len()
         ));
-        let bound = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
+        // bf16: both sides round every activation to 8 bits (the goldens' bf16 bound vs f32 is 5e-2).
+        let bound = if dtype == DType::F32 { 1e-4 } else { 1e-1 };
         assert!(worst < bound, "{dtype:?}: logits rel err {worst:e} vs one GPU");
         if dtype == DType::F32 {
             assert_eq!(greedy, &one_greedy, "f32: greedy tokens differ from one GPU");
