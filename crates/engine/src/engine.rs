@@ -13,7 +13,7 @@ use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::lora::{DeviceAdapter, HostAdapter};
 use crate::model::{ForwardInput, Model, SeqInput, WeightSource};
-use crate::sampling::{log_sum_exp, Choice, Sampler, SamplingParams};
+use crate::sampling::{Choice, SampleTask, Sampled, Sampler, SamplingParams};
 use crate::weights::Weights;
 
 /// A raw sequence for [`Engine::logits_with_adapters`]: (new tokens, tokens already cached, block
@@ -246,15 +246,17 @@ impl<B: Backend> Engine<B> {
     /// [`Engine::logits`] with an adapter key (or `None`) per sequence.
     pub fn logits_with_adapters(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool]) -> Result<Vec<Vec<f32>>> {
         let v = self.model.cfg.vocab_size;
+        let logits = self.forward_logits(seqs, all_logits)?;
         Ok(self
-            .logits_flat(seqs, all_logits)?
+            .backend
+            .to_f32(&logits)?
             .chunks_exact(v)
             .map(<[f32]>::to_vec)
             .collect())
     }
 
-    /// The same logits as one host buffer, `vocab_size` values per row (one copy off the device).
-    fn logits_flat(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool]) -> Result<Vec<f32>> {
+    /// The logits of a forward pass over `seqs`, on the device: `[rows, vocab_size]`.
+    fn forward_logits(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool]) -> Result<B::Tensor> {
         // Each distinct adapter once, in first-use order; sequences refer to it by index.
         let mut keys: Vec<&str> = Vec::new();
         let mut inputs = Vec::with_capacity(seqs.len());
@@ -281,10 +283,8 @@ impl<B: Backend> Engine<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
-        let out = self
-            .model
-            .forward(&self.backend, &mut self.cache, &input, &adapters, &*self.comm)?;
-        self.backend.to_f32(&out)
+        self.model
+            .forward(&self.backend, &mut self.cache, &input, &adapters, &*self.comm)
     }
 
     /// Add sequences to `batch`: run their prompts and choose each one's first token.
@@ -315,10 +315,25 @@ impl<B: Backend> Engine<B> {
             })
             .collect();
         let all: Vec<bool> = new.iter().map(|s| s.prefill_logprobs).collect();
-        let mut flat = self.logits_flat(&raw, &all)?;
-        let mut rows = flat.chunks_exact_mut(self.model.cfg.vocab_size);
+        let logits = self.forward_logits(&raw, &all)?;
+        // Rows in order: each prompt's token rows (when asked for), then its last row.
+        let mut samplers: Vec<Sampler> = new
+            .iter()
+            .map(|s| Sampler::new(s.params.clone(), &s.input_ids))
+            .collect();
+        let mut tasks = Vec::new();
+        for (s, sampler) in new.iter().zip(samplers.iter_mut()) {
+            if s.prefill_logprobs {
+                tasks.extend(s.input_ids[1..].iter().map(|&id| SampleTask::Logprob(id)));
+            }
+            tasks.push(SampleTask::Choose(sampler));
+        }
+        let mut tasks: Vec<(usize, SampleTask<'_>)> = tasks.into_iter().enumerate().collect();
+        let mut answers = self.backend.sample(&logits, &mut tasks)?.into_iter();
+        drop(tasks);
+        let missing = || EngineError::Backend("missing sampling result".into());
         let mut out = Vec::with_capacity(new.len());
-        for s in new {
+        for (s, sampler) in new.into_iter().zip(samplers) {
             let mut prefill = None;
             if s.prefill_logprobs {
                 let mut toks = vec![PromptToken {
@@ -326,21 +341,16 @@ impl<B: Backend> Engine<B> {
                     logprob: None,
                 }];
                 for &id in &s.input_ids[1..] {
-                    let row = rows
-                        .next()
-                        .ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
-                    toks.push(PromptToken {
-                        id,
-                        logprob: Some((f64::from(row[id as usize]) - log_sum_exp(row)) as f32),
-                    });
+                    let Some(Sampled::Logprob(lp)) = answers.next() else {
+                        return Err(missing());
+                    };
+                    toks.push(PromptToken { id, logprob: Some(lp) });
                 }
                 prefill = Some(toks);
             }
-            let last = rows
-                .next()
-                .ok_or_else(|| EngineError::Backend("missing logits row".into()))?;
-            let mut sampler = Sampler::new(s.params, &s.input_ids);
-            let choice = sampler.choose(last);
+            let Some(Sampled::Choice(choice)) = answers.next() else {
+                return Err(missing());
+            };
             let mut tokens = s.input_ids;
             let cached = tokens.len();
             tokens.push(choice.token);
@@ -378,11 +388,20 @@ impl<B: Backend> Engine<B> {
                 )
             })
             .collect();
-        let mut flat = self.logits_flat(&raw, &[])?;
-        let rows = flat.chunks_exact_mut(self.model.cfg.vocab_size);
+        let logits = self.forward_logits(&raw, &[])?;
+        let mut tasks: Vec<(usize, SampleTask<'_>)> = batch
+            .seqs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| (i, SampleTask::Choose(&mut s.sampler)))
+            .collect();
+        let answers = self.backend.sample(&logits, &mut tasks)?;
+        drop(tasks);
         let mut out = Vec::with_capacity(batch.len());
-        for (s, row) in batch.seqs.iter_mut().zip(rows) {
-            let choice = s.sampler.choose(row);
+        for (s, answer) in batch.seqs.iter_mut().zip(answers) {
+            let Sampled::Choice(choice) = answer else {
+                return Err(EngineError::Backend("missing sampling result".into()));
+            };
             s.cached = s.tokens.len();
             s.tokens.push(choice.token);
             out.push(Generation {

@@ -87,7 +87,8 @@ pub struct Choice {
 }
 
 /// Per-sequence sampling state: params, a seeded ChaCha20 RNG and the token counts of the history
-/// (prompt + generated).
+/// (prompt + generated). A clone continues the same random stream (tests compare backends that way).
+#[derive(Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha20Rng,
@@ -139,6 +140,38 @@ impl Sampler {
     /// tokens that enter the sequence some other way).
     pub fn record(&mut self, token: u32) {
         *self.counts.entry(token).or_insert(0) += 1;
+    }
+
+    /// What a device kernel needs to reproduce [`Sampler::choose`] on a row of `vocab` logits, or
+    /// `None` when the row needs the host (typical-p, or more than `max_top_n` alternatives). When the
+    /// row is sampled, this draws its uniform from the sequence's RNG, exactly as `choose` would; the
+    /// caller then records the token the device chose with [`Sampler::record`].
+    pub fn device_row(&mut self, vocab: usize, max_top_n: u32) -> Option<DeviceRow> {
+        let p = &self.params;
+        let draw = p.is_sampling();
+        if (draw && p.typical_p < 1.0) || p.top_n_tokens > max_top_n {
+            return None;
+        }
+        // apply_top_k's clamps: k at least 1, and off when it keeps the whole row.
+        let top_k = match p.top_k as usize {
+            0 => 0,
+            k if k.max(1) >= vocab => 0,
+            k => k.max(1) as u32,
+        };
+        let row = DeviceRow {
+            draw,
+            temperature: (draw && p.temperature != 1.0).then_some(p.temperature),
+            top_k: if draw { top_k } else { 0 },
+            top_p_threshold: (draw && p.top_p < 1.0).then_some(self.top_p_threshold),
+            repetition_penalty: p.repetition_penalty,
+            frequency_penalty: p.frequency_penalty,
+            presence_penalty: p.presence_penalty,
+            history: self.counts.iter().map(|(&t, &c)| (t, c)).collect(),
+            top_n: p.top_n_tokens,
+            uniform: 0.0,
+        };
+        let uniform = if draw { uniform01(&mut self.rng) } else { 0.0 };
+        Some(DeviceRow { uniform, ..row })
     }
 
     /// Applies, in place and in LoRAX's order: repetition penalty, frequency + presence penalty, then
@@ -207,6 +240,84 @@ impl Sampler {
         self.record(token);
         Choice { token, logprob, top }
     }
+}
+
+/// One row's sampling as a device kernel sees it ([`Sampler::device_row`]): every decision of
+/// [`Sampler::choose`] already taken on the host (which warpers apply, the clamped top-k, the top-p
+/// threshold, the uniform of a draw), so the kernel only does arithmetic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceRow {
+    /// Draw from the softmax (else argmax).
+    pub draw: bool,
+    /// Divide by this (sampling with `temperature != 1` only).
+    pub temperature: Option<f32>,
+    /// Keep the `top_k` largest values and their ties; 0 = off (clamped as `apply_top_k` does).
+    pub top_k: u32,
+    /// `1 - top_p` as f32: remove the ascending prefix whose cumulative probability is at most this.
+    pub top_p_threshold: Option<f32>,
+    /// Repetition penalty (1 = off).
+    pub repetition_penalty: f32,
+    /// Frequency penalty (0 = off).
+    pub frequency_penalty: f32,
+    /// Presence penalty (0 = off).
+    pub presence_penalty: f32,
+    /// The history's (token, count) pairs, ascending by token.
+    pub history: Vec<(u32, u32)>,
+    /// Alternatives to return.
+    pub top_n: u32,
+    /// The draw's uniform in [0, 1) from the sequence's RNG (0 when not drawing).
+    pub uniform: f64,
+}
+
+/// What to compute from one logits row ([`crate::Backend::sample`]).
+#[derive(Debug)]
+pub enum SampleTask<'a> {
+    /// The next token, chosen by this sequence's sampler as [`Sampler::choose`] does (and recorded in
+    /// its history).
+    Choose(&'a mut Sampler),
+    /// The log-probability of this token under the raw logits (a prompt token's logprob).
+    Logprob(u32),
+}
+
+/// The answer to one [`SampleTask`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Sampled {
+    /// The chosen token, its logprob and alternatives.
+    Choice(Choice),
+    /// The asked token's log-probability.
+    Logprob(f32),
+}
+
+/// `log_softmax(row)[token]` as the prompt logprobs compute it: `row[token] - log_sum_exp(row)`.
+pub fn token_logprob(row: &[f32], token: u32) -> Option<f32> {
+    row.get(token as usize)
+        .map(|&v| (f64::from(v) - log_sum_exp(row)) as f32)
+}
+
+/// The host path of [`crate::Backend::sample`]: runs each `(row, task)` on row `row` of `logits`
+/// (`vocab` values per row), in order. A `Choose` rewrites its row in place, so each row serves one task.
+pub fn sample_host(
+    logits: &mut [f32],
+    vocab: usize,
+    tasks: &mut [(usize, SampleTask<'_>)],
+) -> crate::error::Result<Vec<Sampled>> {
+    let bad = |what: String| crate::error::EngineError::Backend(what);
+    tasks
+        .iter_mut()
+        .map(|(row, task)| {
+            let rows = logits.len() / vocab.max(1);
+            let r = logits
+                .get_mut(*row * vocab..(*row + 1) * vocab)
+                .ok_or_else(|| bad(format!("sampling row {row} of {rows}")))?;
+            Ok(match task {
+                SampleTask::Choose(s) => Sampled::Choice(s.choose(r)),
+                SampleTask::Logprob(t) => Sampled::Logprob(
+                    token_logprob(r, *t)
+                        .ok_or_else(|| bad(format!("token {t} is outside the vocabulary ({vocab})")))?,
+                ),
+            })
+        })
+        .collect()
 }
 
 /// Numerically stable log-softmax (max subtracted, sum of exponentials accumulated in f64).

@@ -10,51 +10,10 @@
 
 mod cuda_common;
 
-use cuda_common::{backend, say, Rng};
-use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::CudaEvent;
+use cuda_common::{backend, bench, event, graph_ms, median, say, Rng};
 use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
 use lorax_engine::weights::DType;
 use lorax_engine::{Backend, CudaBackend, CudaTensor, Result};
-
-fn event(g: &CudaBackend) -> CudaEvent {
-    g.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn bench(name: &str, value: f64, unit: &str, detail: &str) {
-    say(&format!("BENCH {name} | {value:.3} | {unit} | {detail}"));
-}
-
-/// Median milliseconds per call of `f(i)`, i in 0..inner, captured once in a CUDA graph and replayed
-/// `reps` times after 3 warm-up replays.
-fn graph_ms(g: &CudaBackend, inner: usize, reps: usize, f: &dyn Fn(usize) -> Result<()>) -> f64 {
-    let s = g.stream();
-    g.synchronize().unwrap();
-    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .unwrap();
-    for i in 0..inner {
-        f(i).unwrap();
-    }
-    let graph = s.end_capture(CUgraphInstantiate_flags(0)).unwrap().unwrap();
-    for _ in 0..3 {
-        graph.launch().unwrap();
-    }
-    g.synchronize().unwrap();
-    let mut v = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let (a, b) = (event(g), event(g));
-        a.record(s).unwrap();
-        graph.launch().unwrap();
-        b.record(s).unwrap();
-        v.push(f64::from(a.elapsed_ms(&b).unwrap()) / inner as f64);
-    }
-    median(v)
-}
 
 /// Median milliseconds of `f()` issued directly (host work between launches included), events per call.
 fn direct_ms(g: &CudaBackend, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> f64 {

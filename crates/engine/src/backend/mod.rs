@@ -119,6 +119,20 @@ pub trait Backend: Send + Sync + 'static {
     /// `x` `[n, in]`, `y` `[n, out]`; rows outside every segment (base-model rows) are untouched and
     /// segments may have different ranks. Each segment's adapter weights are read once.
     fn lora(&self, y: &mut Self::Tensor, x: &Self::Tensor, segments: &[LoraSegment<'_, Self::Tensor>]) -> Result<()>;
+    /// For each `(row, task)`, from row `row` of `logits` `[rows, vocab]`: the next token chosen by the
+    /// task's sampler (exactly as [`crate::Sampler::choose`], recorded in its history), or a given
+    /// token's log-probability under the raw logits. Each row serves one task. The default copies the
+    /// logits to the host and samples there; a backend that samples on the device overrides it, so
+    /// only a few bytes per row come back.
+    fn sample(
+        &self,
+        logits: &Self::Tensor,
+        tasks: &mut [(usize, crate::sampling::SampleTask<'_>)],
+    ) -> Result<Vec<crate::sampling::Sampled>> {
+        let vocab = self.shape(logits).last().copied().unwrap_or(0);
+        let mut host = self.to_f32(logits)?;
+        crate::sampling::sample_host(&mut host, vocab, tasks)
+    }
     /// Sum of `t` across the tensor-parallel ranks of `comm`, in place. The default copies through the
     /// host; a backend with a device collective (NCCL) overrides it.
     fn all_reduce_sum(&self, t: &mut Self::Tensor, comm: &dyn crate::comm::Communicator) -> Result<()> {

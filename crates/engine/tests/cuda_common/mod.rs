@@ -6,8 +6,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::CudaEvent;
 use lorax_engine::weights::DType;
-use lorax_engine::CudaBackend;
+use lorax_engine::{CudaBackend, Result};
 
 /// The fixtures: `LORAX_FIXTURES`, else this checkout's `tests/fixtures` (test binaries built on one
 /// machine run on the GPU machine from another path).
@@ -124,4 +126,46 @@ pub fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let e = rel_err(got, want);
     say(&format!("  {what}: rel err {e:.2e} (tol {tol:.0e})"));
     assert!(e <= tol, "{what}: rel err {e:e} > {tol:e}");
+}
+
+/// A CUDA event on the backend's context (for timing).
+pub fn event(g: &CudaBackend) -> CudaEvent {
+    g.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap()
+}
+
+/// The median (upper middle) of `v`.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One benchmark line: `BENCH name | value | unit | detail`.
+pub fn bench(name: &str, value: f64, unit: &str, detail: &str) {
+    say(&format!("BENCH {name} | {value:.3} | {unit} | {detail}"));
+}
+
+/// Median milliseconds per call of `f(i)`, i in 0..inner, captured once in a CUDA graph and replayed
+/// `reps` times after 3 warm-up replays.
+pub fn graph_ms(g: &CudaBackend, inner: usize, reps: usize, f: &dyn Fn(usize) -> Result<()>) -> f64 {
+    let s = g.stream();
+    g.synchronize().unwrap();
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    for i in 0..inner {
+        f(i).unwrap();
+    }
+    let graph = s.end_capture(CUgraphInstantiate_flags(0)).unwrap().unwrap();
+    for _ in 0..3 {
+        graph.launch().unwrap();
+    }
+    g.synchronize().unwrap();
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let (a, b) = (event(g), event(g));
+        a.record(s).unwrap();
+        graph.launch().unwrap();
+        b.record(s).unwrap();
+        v.push(f64::from(a.elapsed_ms(&b).unwrap()) / inner as f64);
+    }
+    median(v)
 }

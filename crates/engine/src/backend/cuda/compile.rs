@@ -23,7 +23,7 @@ pub struct Source {
 }
 
 /// Every kernel module of the backend.
-pub const SOURCES: [Source; 4] = [
+pub const SOURCES: [Source; 5] = [
     Source {
         name: "elementwise",
         text: include_str!("../../../../../kernels/elementwise.cu"),
@@ -39,6 +39,10 @@ pub const SOURCES: [Source; 4] = [
     Source {
         name: "prefill",
         text: include_str!("../../../../../kernels/prefill.cu"),
+    },
+    Source {
+        name: "sampling",
+        text: include_str!("../../../../../kernels/sampling.cu"),
     },
 ];
 

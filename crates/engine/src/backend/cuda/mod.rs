@@ -1,7 +1,7 @@
 //! The CUDA backend: tensors in device memory in bf16, f16 or f32 (f32 accumulation everywhere),
 //! cuBLAS for the GEMMs of `linear`, and NVRTC-compiled kernels from `kernels/*.cu` for the rest
 //! (RMSNorm fused with the residual add, rotary embedding, SiLU-and-multiply, the paged KV write,
-//! paged attention with GQA and split contexts, SGMV LoRA shrink/expand, gathers).
+//! paged attention with GQA and split contexts, SGMV LoRA shrink/expand, gathers, and sampling).
 //!
 //! cudarc loads the CUDA libraries at run time, so this compiles and links with no CUDA installed;
 //! [`CudaBackend::probe`] looks for the driver and a device without panicking (cudarc panics on first use
@@ -65,7 +65,7 @@ const SMEM_LIMIT: usize = 48 * 1024;
 const LORA_ROWS: usize = 16;
 
 /// Kernel names of each module, loaded once per backend.
-pub const KERNELS: [(&str, &[&str]); 4] = [
+pub const KERNELS: [(&str, &[&str]); 5] = [
     (
         "elementwise",
         &[
@@ -111,6 +111,7 @@ pub const KERNELS: [(&str, &[&str]); 4] = [
     ),
     ("lora", &["sgmv_shrink", "sgmv_expand"]),
     ("prefill", &["prefill_attention_64", "prefill_attention_128"]),
+    ("sampling", &["sample_rows"]),
 ];
 
 /// A row-major tensor in device memory, in the backend's storage type.
@@ -286,6 +287,7 @@ pub mod attention;
 pub mod compile;
 pub mod lora;
 pub mod nccl;
+pub mod sampling;
 
 impl CudaBackend {
     /// Number of CUDA devices, or why CUDA cannot be used here (no driver library, no device, driver
@@ -846,6 +848,16 @@ impl Backend for CudaBackend {
             Some(plan) => self.lora_run(&plan),
             None => Ok(()),
         }
+    }
+
+    /// On the device (kernels/sampling.cu); typical-p rows and rows asking for more than 32
+    /// alternatives take the host path.
+    fn sample(
+        &self,
+        logits: &CudaTensor,
+        tasks: &mut [(usize, crate::sampling::SampleTask<'_>)],
+    ) -> Result<Vec<crate::sampling::Sampled>> {
+        self.sample_on_device(logits, tasks)
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {

@@ -1,0 +1,443 @@
+//! Sampling on the device (kernels/sampling.cu): [`crate::Backend::sample`] without copying logits to
+//! the host. Each row's decisions are taken on the host by [`Sampler::device_row`] (which warpers apply,
+//! the clamped top-k, top-p's threshold, the draw's uniform from the sequence's own ChaCha stream); the
+//! kernel runs one block per row and returns the token, its log-probability and the alternatives, a few
+//! words per row. The chosen token is then recorded in the sampler's history, as `choose` does.
+//!
+//! Rows the kernel does not cover go through the host path (their rows alone are copied back):
+//! typical-p (its sort by distance to the entropy is not done on the device) and more than
+//! [`MAX_DEVICE_TOP_N`] alternatives. `LORAX_CUDA_SAMPLING=host` sends every row to the host path.
+
+use std::marker::PhantomData;
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::{cfg, drv, int, uint, CudaBackend, CudaTensor};
+use crate::error::{EngineError, Result};
+use crate::sampling::{sample_host, Choice, DeviceRow, SampleTask, Sampled};
+
+/// The most alternatives a row may ask for on the device (MAX_TOP_N in kernels/sampling.cu).
+pub const MAX_DEVICE_TOP_N: u32 = 32;
+/// Threads of a sampling block (SAMPLE_THREADS in kernels/sampling.cu).
+const SAMPLE_THREADS: u32 = 512;
+/// Words of one `struct SampleRow` in kernels/sampling.cu.
+const ROW_WORDS: usize = 12;
+
+const FLAG_DRAW: u32 = 1;
+const FLAG_FORCED: u32 = 2;
+const FLAG_TEMPERATURE: u32 = 4;
+const FLAG_TOP_P: u32 = 8;
+
+/// The kernel's inputs for a batch of rows: one `SampleRow` record per row, the histories as (token,
+/// count) lists, the uniforms. Plain host data, so tests can build and read it without a device.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplePack {
+    /// `ROW_WORDS` words per row (`struct SampleRow`).
+    pub rows: Vec<u32>,
+    /// History tokens of all rows, each row's slice named by its record.
+    pub pen_tok: Vec<u32>,
+    /// The counts of `pen_tok`.
+    pub pen_cnt: Vec<u32>,
+    /// One uniform per row (0 for rows that do not draw).
+    pub uniforms: Vec<f64>,
+    /// Whether some row applies top-p (the kernel then needs a second scratch row).
+    pub top_p: bool,
+    /// The largest `top_n` of the rows.
+    pub max_top_n: u32,
+}
+
+/// One row's answer: token, log-probability, alternatives.
+pub type RowOut = (u32, f32, Vec<(u32, f32)>);
+
+impl SamplePack {
+    /// Rows so far.
+    pub fn len(&self) -> usize {
+        self.uniforms.len()
+    }
+
+    /// No rows.
+    pub fn is_empty(&self) -> bool {
+        self.uniforms.is_empty()
+    }
+
+    /// Output words per row: token, logprob, count, then (token, logprob) per alternative.
+    pub fn stride(&self) -> usize {
+        3 + 2 * self.max_top_n as usize
+    }
+
+    /// A row choosing its token from logits row `row` as `r` says.
+    pub fn push_choose(&mut self, row: u32, r: &DeviceRow) -> Result<()> {
+        let start = u32::try_from(self.pen_tok.len()).map_err(|_| EngineError::Backend("history too long".into()))?;
+        let pen = r.repetition_penalty != 1.0 || r.frequency_penalty != 0.0 || r.presence_penalty != 0.0;
+        if pen {
+            for &(t, c) in &r.history {
+                self.pen_tok.push(t);
+                self.pen_cnt.push(c);
+            }
+        }
+        let end = u32::try_from(self.pen_tok.len()).map_err(|_| EngineError::Backend("history too long".into()))?;
+        if r.top_n > MAX_DEVICE_TOP_N {
+            return Err(EngineError::Backend(format!(
+                "{} alternatives on the device (at most {MAX_DEVICE_TOP_N})",
+                r.top_n
+            )));
+        }
+        let mut flags = 0;
+        if r.draw {
+            flags |= FLAG_DRAW;
+        }
+        if r.temperature.is_some() {
+            flags |= FLAG_TEMPERATURE;
+        }
+        if r.top_p_threshold.is_some() {
+            flags |= FLAG_TOP_P;
+            self.top_p = true;
+        }
+        self.rows.extend_from_slice(&[
+            row,
+            flags,
+            0,
+            r.top_k,
+            r.temperature.unwrap_or(1.0).to_bits(),
+            r.top_p_threshold.unwrap_or(0.0).to_bits(),
+            r.repetition_penalty.to_bits(),
+            r.frequency_penalty.to_bits(),
+            r.presence_penalty.to_bits(),
+            start,
+            end,
+            r.top_n,
+        ]);
+        self.uniforms.push(r.uniform);
+        self.max_top_n = self.max_top_n.max(r.top_n);
+        Ok(())
+    }
+
+    /// A row asking for `token`'s log-probability under the raw logits row `row`.
+    pub fn push_logprob(&mut self, row: u32, token: u32) {
+        let at = u32::try_from(self.pen_tok.len()).unwrap_or(u32::MAX);
+        self.rows.extend_from_slice(&[
+            row,
+            FLAG_FORCED,
+            token,
+            0,
+            1f32.to_bits(),
+            0,
+            1f32.to_bits(),
+            0,
+            0,
+            at,
+            at,
+            0,
+        ]);
+        self.uniforms.push(0.0);
+    }
+
+    /// Row `k`'s answer from the kernel's output words.
+    pub fn read(&self, out: &[u32], k: usize) -> Result<RowOut> {
+        let s = self.stride();
+        let w = out
+            .get(k * s..(k + 1) * s)
+            .ok_or_else(|| EngineError::Backend(format!("sampling output row {k} missing")))?;
+        let count = (w[2] as usize).min(self.max_top_n as usize);
+        let top = (0..count)
+            .map(|j| (w[3 + 2 * j], f32::from_bits(w[4 + 2 * j])))
+            .collect();
+        Ok((w[0], f32::from_bits(w[1]), top))
+    }
+}
+
+/// A sampling launch ready to run: inputs uploaded, scratch and output allocated.
+pub struct SamplePlan<'a> {
+    out: CudaSlice<u8>,
+    _scratch: CudaSlice<u8>,
+    _exps: CudaSlice<u8>,
+    _inputs: (CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>, CudaSlice<f64>),
+    ptrs: [u64; 8],
+    ints: [i32; 2],
+    rows: u32,
+    words: usize,
+    _logits: PhantomData<&'a CudaTensor>,
+}
+
+fn host_only() -> bool {
+    std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host")
+}
+
+impl CudaBackend {
+    /// Uploads `pack` and allocates what the kernel writes, for rows of `logits` `[rows, vocab]`.
+    pub fn sample_plan<'a>(&self, logits: &'a CudaTensor, pack: &SamplePack) -> Result<SamplePlan<'a>> {
+        let (rows, vocab) = logits.rows_cols();
+        self.check_dtype_bytes(logits)?;
+        for r in pack.rows.chunks_exact(ROW_WORDS) {
+            let bad_token = r[1] & FLAG_FORCED != 0 && r[2] as usize >= vocab;
+            if r[0] as usize >= rows || bad_token || r[10] as usize > pack.pen_tok.len() || r[9] > r[10] {
+                return Err(EngineError::Backend(format!(
+                    "sampling: record {r:?} for logits [{rows}, {vocab}]"
+                )));
+            }
+        }
+        let n = pack.len();
+        let scratch = self.bytes(n * vocab * 4)?;
+        let exps = self.bytes(if pack.top_p { n * vocab * 4 } else { 4 })?;
+        let words = n * pack.stride();
+        let out = self.bytes(words * 4)?;
+        let inputs = (
+            self.upload(&pack.rows)?,
+            self.upload(&pack.pen_tok)?,
+            self.upload(&pack.pen_cnt)?,
+            self.upload(&pack.uniforms)?,
+        );
+        Ok(SamplePlan {
+            ptrs: [
+                self.ptr(&out),
+                self.ptr(&scratch),
+                self.ptr(&exps),
+                self.ptr(&logits.buf),
+                self.ptr(&inputs.0),
+                self.ptr(&inputs.1),
+                self.ptr(&inputs.2),
+                self.ptr(&inputs.3),
+            ],
+            ints: [int("vocabulary", vocab)?, int("output stride", pack.stride())?],
+            rows: uint("sampling rows", n)?,
+            out,
+            _scratch: scratch,
+            _exps: exps,
+            _inputs: inputs,
+            words,
+            _logits: PhantomData,
+        })
+    }
+
+    /// Launches a planned sampling (capturable in a CUDA graph).
+    pub fn sample_run(&self, plan: &SamplePlan<'_>) -> Result<()> {
+        if plan.rows == 0 {
+            return Ok(());
+        }
+        let [op, xp, ep, lp, rp, tp, cp, up] = &plan.ptrs;
+        let [ni, si] = &plan.ints;
+        launch!(
+            self,
+            "sample_rows",
+            cfg((plan.rows, 1, 1), SAMPLE_THREADS, 0),
+            op,
+            xp,
+            ep,
+            lp,
+            rp,
+            tp,
+            cp,
+            up,
+            ni,
+            si
+        );
+        Ok(())
+    }
+
+    /// The output words of a run (waits for it).
+    pub fn sample_fetch(&self, plan: &SamplePlan<'_>) -> Result<Vec<u32>> {
+        if plan.words == 0 {
+            return Ok(vec![]);
+        }
+        let bytes = self
+            .stream
+            .clone_dtoh(&plan.out.slice(..plan.words * 4))
+            .map_err(|e| drv("download", e))?;
+        self.synchronize()?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// [`crate::Backend::sample`] on the device, with the host path for the rows the kernel does not
+    /// cover (see the module docs).
+    pub fn sample_on_device(&self, logits: &CudaTensor, tasks: &mut [(usize, SampleTask<'_>)]) -> Result<Vec<Sampled>> {
+        let (rows, vocab) = logits.rows_cols();
+        if host_only() {
+            let mut host = crate::Backend::to_f32(self, logits)?;
+            return sample_host(&mut host, vocab, tasks);
+        }
+        split_tasks(
+            rows,
+            vocab,
+            tasks,
+            &mut |pack| {
+                let plan = self.sample_plan(logits, pack)?;
+                self.sample_run(&plan)?;
+                self.sample_fetch(&plan)
+            },
+            &mut |picked| {
+                let gathered = crate::Backend::gather_rows(self, logits, picked)?;
+                crate::Backend::to_f32(self, &gathered)
+            },
+        )
+    }
+}
+
+/// The device's share of [`crate::Backend::sample`], for logits `[rows, vocab]`: rows the kernel
+/// covers are packed and given to `device` (which returns the kernel's output words); the others'
+/// rows are fetched as f32 by `host_rows` (in the order asked) and sampled on the host. Answers come in
+/// task order; chosen tokens are recorded in their samplers.
+pub fn split_tasks(
+    rows: usize,
+    vocab: usize,
+    tasks: &mut [(usize, SampleTask<'_>)],
+    device: &mut dyn FnMut(&SamplePack) -> Result<Vec<u32>>,
+    host_rows: &mut dyn FnMut(&[usize]) -> Result<Vec<f32>>,
+) -> Result<Vec<Sampled>> {
+    let mut pack = SamplePack::default();
+    let mut on_device = Vec::new();
+    let mut on_host = Vec::new();
+    for (i, (row, task)) in tasks.iter_mut().enumerate() {
+        if *row >= rows {
+            return Err(EngineError::Backend(format!("sampling row {row} of {rows}")));
+        }
+        let r = u32::try_from(*row).map_err(|_| EngineError::Backend(format!("row {row} overflows u32")))?;
+        match task {
+            SampleTask::Logprob(t) => {
+                if *t as usize >= vocab {
+                    return Err(EngineError::Backend(format!(
+                        "token {t} is outside the vocabulary ({vocab})"
+                    )));
+                }
+                pack.push_logprob(r, *t);
+                on_device.push(i);
+            }
+            SampleTask::Choose(s) => match s.device_row(vocab, MAX_DEVICE_TOP_N) {
+                Some(d) => {
+                    pack.push_choose(r, &d)?;
+                    on_device.push(i);
+                }
+                None => on_host.push(i),
+            },
+        }
+    }
+    let mut results: Vec<Option<Sampled>> = vec![None; tasks.len()];
+    if !on_device.is_empty() {
+        let out = device(&pack)?;
+        for (k, &i) in on_device.iter().enumerate() {
+            let (token, logprob, top) = pack.read(&out, k)?;
+            results[i] = Some(match &mut tasks[i].1 {
+                SampleTask::Choose(s) => {
+                    s.record(token);
+                    Sampled::Choice(Choice { token, logprob, top })
+                }
+                SampleTask::Logprob(_) => Sampled::Logprob(logprob),
+            });
+        }
+    }
+    if !on_host.is_empty() {
+        let picked: Vec<usize> = on_host.iter().map(|&i| tasks[i].0).collect();
+        let mut host = host_rows(&picked)?;
+        for (k, &i) in on_host.iter().enumerate() {
+            if let SampleTask::Choose(s) = &mut tasks[i].1 {
+                let row = host
+                    .get_mut(k * vocab..(k + 1) * vocab)
+                    .ok_or_else(|| EngineError::Backend("gathered logits are short".into()))?;
+                results[i] = Some(Sampled::Choice(s.choose(row)));
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.ok_or_else(|| EngineError::Backend("a sampling task got no answer".into())))
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::sampling::{Sampler, SamplingParams};
+
+    #[test]
+    fn pack_records_and_reads_rows() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 0.5,
+                top_p: 0.9,
+                top_k: 5,
+                repetition_penalty: 1.2,
+                top_n_tokens: 2,
+                seed: 7,
+                ..SamplingParams::default()
+            },
+            &[3, 3, 9],
+        );
+        let mut pack = SamplePack::default();
+        let d = s.device_row(100, MAX_DEVICE_TOP_N).unwrap();
+        assert!(d.draw && d.uniform > 0.0 && d.uniform < 1.0);
+        pack.push_choose(4, &d).unwrap();
+        pack.push_logprob(1, 42);
+        assert_eq!(pack.len(), 2);
+        assert!(pack.top_p);
+        assert_eq!(pack.stride(), 7);
+        assert_eq!(&pack.rows[..4], &[4, FLAG_DRAW | FLAG_TEMPERATURE | FLAG_TOP_P, 0, 5]);
+        assert_eq!(pack.pen_tok, vec![3, 9]);
+        assert_eq!(pack.pen_cnt, vec![2, 1]);
+        assert_eq!(&pack.rows[ROW_WORDS..ROW_WORDS + 3], &[1, FLAG_FORCED, 42]);
+        let out = [
+            7,
+            0.5f32.to_bits(),
+            2,
+            7,
+            0.5f32.to_bits(),
+            8,
+            0.25f32.to_bits(),
+            42,
+            1f32.to_bits(),
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        assert_eq!(pack.read(&out, 0).unwrap(), (7, 0.5, vec![(7, 0.5), (8, 0.25)]));
+        assert_eq!(pack.read(&out, 1).unwrap(), (42, 1.0, vec![]));
+        assert!(pack.read(&out, 2).is_err());
+    }
+
+    #[test]
+    fn device_rows_draw_the_same_uniform_as_choose() {
+        let params = SamplingParams {
+            do_sample: true,
+            seed: 11,
+            ..SamplingParams::default()
+        };
+        let mut a = Sampler::new(params.clone(), &[]);
+        let b = a.clone();
+        let u = a.device_row(4, MAX_DEVICE_TOP_N).unwrap().uniform;
+        // The draw walks the cumulative softmax: with equal weights, token floor(4u).
+        let mut b = b;
+        let c = b.choose(&mut [0.0; 4]);
+        assert_eq!(c.token, (u * 4.0) as u32);
+        // Typical-p and too many alternatives stay on the host, and draw nothing.
+        let mut t = Sampler::new(
+            SamplingParams {
+                typical_p: 0.5,
+                ..params.clone()
+            },
+            &[],
+        );
+        assert!(t.device_row(4, MAX_DEVICE_TOP_N).is_none());
+        let mut t = Sampler::new(
+            SamplingParams {
+                top_n_tokens: 33,
+                ..params
+            },
+            &[],
+        );
+        assert!(t.device_row(4, MAX_DEVICE_TOP_N).is_none());
+        // Greedy rows keep top-k off and draw no uniform.
+        let mut g = Sampler::new(
+            SamplingParams {
+                top_k: 0,
+                ..SamplingParams::default()
+            },
+            &[],
+        );
+        let d = g.device_row(4, MAX_DEVICE_TOP_N).unwrap();
+        assert!(!d.draw && d.uniform == 0.0 && d.top_k == 0);
+    }
+}
