@@ -11,7 +11,8 @@
 
     python3 scripts/gpu/tp.py BIN_DIR LOG_DIR
 
-Environment: TP_PARTS (default "agree,70b"), TP_DEVICE (launcher --device, default auto), TP_TINY=1
+Environment: TP_PARTS (default "agree,70b"), TP_SAMPLING (70B runs: "device", "host" or both,
+comma-separated; host sets LORAX_CUDA_SAMPLING=host), TP_DEVICE (launcher --device, default auto), TP_TINY=1
 (tiny shapes: checks this script on a CPU machine), TP_WORK (scratch, default /tmp/lorax-tp).
 """
 import json
@@ -80,7 +81,7 @@ def write_model(name):
 
 
 class Server:
-    def __init__(self, model_dir, shards, dtype, tag, extra=()):
+    def __init__(self, model_dir, shards, dtype, tag, extra=(), env=None):
         self.tag = tag
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
@@ -91,7 +92,8 @@ class Server:
                 "--max-input-length", "512", "--max-total-tokens", "1024", "--shard-startup-timeout-s", "240",
                 *extra]
         t0 = time.time()
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=dict(os.environ, **(env or {})))
         deadline = time.time() + 240
         while True:
             try:
@@ -223,11 +225,19 @@ def kv_bytes_per_gpu(s, world, contexts, dtype_bytes=2):
 
 
 def throughput():
+    # TP_SAMPLING: where the shards sample, "device" (the CUDA kernel) and/or "host" (LORAX_CUDA_SAMPLING=host).
+    for mode in os.environ.get("TP_SAMPLING", "device").split(","):
+        throughput_with(mode)
+    return 0
+
+
+def throughput_with(mode):
     d, cfg = write_model("llama-3-70b")
     s = SHAPES["llama-3-70b"]
-    srv = Server(d, 2, "bfloat16", "70b-bf16-tp2", extra=["--max-batch-prefill-tokens", "4096"])
+    env = {"LORAX_CUDA_SAMPLING": "host"} if mode == "host" else {}
+    srv = Server(d, 2, "bfloat16", f"70b-bf16-tp2-{mode}", extra=["--max-batch-prefill-tokens", "4096"], env=env)
     try:
-        say(f"TP 70B: up in {srv.startup_s:.0f} s, {srv.info.get('num_shards')} shards, "
+        say(f"TP 70B ({mode} sampling): up in {srv.startup_s:.0f} s, {srv.info.get('num_shards')} shards, "
             f"{srv.info.get('model_device_type')} {srv.info.get('model_dtype')}")
         try:
             mem = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader"],
@@ -261,7 +271,7 @@ def throughput():
                 window = f"{inside} tokens in the {end - start:.2f} s all {batch} decode together"
             ctx = prompt_len + n // 2  # mean context over the generation
             need = weight_bytes_per_gpu(s, 2) + kv_bytes_per_gpu(s, 2, [ctx] * batch)
-            line = (f"TP 70B batch {batch}: {tok_s:.1f} tok/s, {step * 1e3:.2f} ms per decode step ({window}; "
+            line = (f"TP 70B batch {batch} ({mode} sampling): {tok_s:.1f} tok/s, {step * 1e3:.2f} ms per decode step ({window}; "
                     f"wall {wall:.1f} s for {batch}x{n} tokens); each GPU reads {need / 1e9:.2f} GB per step")
             if COPY_GBS > 0:
                 floor = need / (COPY_GBS * 1e9)
@@ -270,7 +280,6 @@ def throughput():
             say(line)
     finally:
         srv.stop()
-    return 0
 
 
 def main():

@@ -43,10 +43,10 @@ PY
 cat "$logs/copy-bandwidth.log"
 copy=$(grep -oE 'COPY cuda:[0-9]+ [0-9]+' "$logs/copy-bandwidth.log" | awk '{print $3}' | sort -n | head -1)
 
-timeout 180 "$bin/cuda_tp" --test-threads=1 >"$logs/cuda_tp.log" 2>&1 || failed=1
+timeout 150 "$bin/cuda_tp" --test-threads=1 >"$logs/cuda_tp.log" 2>&1 || failed=1
 grep -hE "SKIPPED|dummy weights|nccl all-reduce|TP=2 \(NCCL\)|test result|panicked" "$logs/cuda_tp.log"
 
-TP_COPY_GBS=${copy:-0} timeout 480 python3 scripts/gpu/tp.py "$bin" "$logs" >"$logs/tp.log" 2>&1 || failed=1
+TP_SAMPLING=${TP_SAMPLING:-device,host} TP_COPY_GBS=${copy:-0} timeout 400 python3 scripts/gpu/tp.py "$bin" "$logs" >"$logs/tp.log" 2>&1 || failed=1
 echo
 echo "== tp.py (full log $logs/tp.log) =="
 grep -E "^TP .*(SUMMARY|FAIL|up in|memory|batch)" "$logs/tp.log" || tail -20 "$logs/tp.log"
