@@ -175,21 +175,62 @@ __device__ __forceinline__ void row_pass(const float* x, int n, F f) {
     for (; i < n; i += SAMPLE_THREADS) f(i, x[i]);
 }
 
-// row_pass over two rows at once: f(i, x[i], y[i]).
+// row_pass over x and y with the lanes of every warp in step: f(i, x[i], y[i], in) is called the same number of
+// times by every thread (in = false, values 0, past the row's end), so f may use warp-wide intrinsics.
+// y may be null (its values are then 0).
 template <typename F>
-__device__ __forceinline__ void row_pass2(const float* x, const float* y, int n, F f) {
-    int i = threadIdx.x;
-    for (; i + (ROW_UNROLL - 1) * SAMPLE_THREADS < n; i += ROW_UNROLL * SAMPLE_THREADS) {
+__device__ __forceinline__ void row_pass_sync(const float* x, const float* y, int n, F f) {
+    const int steps = (n + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    int s = 0;
+    for (; s + ROW_UNROLL <= steps; s += ROW_UNROLL) {
         float v[ROW_UNROLL], w[ROW_UNROLL];
 #pragma unroll
         for (int u = 0; u < ROW_UNROLL; ++u) {
-            v[u] = x[i + u * SAMPLE_THREADS];
-            w[u] = y[i + u * SAMPLE_THREADS];
+            const int i = (s + u) * SAMPLE_THREADS + threadIdx.x;
+            v[u] = i < n ? x[i] : 0.f;
+            w[u] = (y != nullptr && i < n) ? y[i] : 0.f;
         }
 #pragma unroll
-        for (int u = 0; u < ROW_UNROLL; ++u) f(i + u * SAMPLE_THREADS, v[u], w[u]);
+        for (int u = 0; u < ROW_UNROLL; ++u) {
+            const int i = (s + u) * SAMPLE_THREADS + threadIdx.x;
+            f(i, v[u], w[u], i < n);
+        }
     }
-    for (; i < n; i += SAMPLE_THREADS) f(i, x[i], y[i]);
+    for (; s < steps; ++s) {
+        const int i = s * SAMPLE_THREADS + threadIdx.x;
+        f(i, i < n ? x[i] : 0.f, (y != nullptr && i < n) ? y[i] : 0.f, i < n);
+    }
+}
+
+// For every active lane: cnt[d] += 1 and (when mass is not null) mass[d] += w. Lanes are combined per
+// distinct digit first (a row's top digits are few, and lanes adding to one counter would serialise);
+// the sums are integers, so the result does not depend on the grouping. Called by whole warps.
+__device__ __forceinline__ void hist_add(bool active, u32 d, u64 w, u32* cnt, u64* mass) {
+    if (__ballot_sync(FULL_MASK, active) == 0) return;
+    const int lane = threadIdx.x & 31;
+    const unsigned grp = __match_any_sync(FULL_MASK, active ? d : 256u + (u32)lane);
+    const bool lead = active && lane == __ffs((int)grp) - 1;
+    if (mass == nullptr) {
+        if (lead) atomicAdd(&cnt[d], (u32)__popc(grp));
+        return;
+    }
+    const unsigned leads = __ballot_sync(FULL_MASK, lead);
+    if (__popc(leads) <= 4) {
+        unsigned todo = leads;
+        while (todo) {
+            const int l = __ffs((int)todo) - 1;
+            todo &= todo - 1;
+            const u32 dl = __shfl_sync(FULL_MASK, d, l);
+            const u64 sum = warp_add<u64>(active && d == dl ? w : 0ull);
+            if (lane == l) {
+                atomicAdd(&mass[dl], sum);
+                atomicAdd(&cnt[dl], (u32)__popc(grp));
+            }
+        }
+    } else if (active) {
+        atomicAdd(&mass[d], w);
+        atomicAdd(&cnt[d], 1u);
+    }
 }
 
 // The first index i (in index order) with w(i) > 0 whose running sum of w over 0..=i exceeds `target`,
@@ -272,26 +313,17 @@ __device__ int first_crossing(int n, V target, W w, V* seg, V* base_slot, Sample
 }
 
 // cnt[d] = how many elements accepted by item(i, x[i], key) have (key & mask) == prefix and digit d at
-// `shift`. Each thread adds runs of equal digits at once (the top digits of a row's values are few).
+// `shift`.
 template <typename F>
 __device__ void count_hist(const float* x, int n, u32 prefix, u32 mask, int shift, F item,
                            SampleSmem& sm) {
     for (int b = threadIdx.x; b < 256; b += SAMPLE_THREADS) sm.cnt[b] = 0;
     __syncthreads();
-    int cur = -1;
-    u32 acc = 0;
-    row_pass(x, n, [&](int i, float v) {
-        u32 key;
-        if (!item(i, v, key) || (key & mask) != prefix) return;
-        const int d = (key >> shift) & 255;
-        if (d != cur) {
-            if (acc) atomicAdd(&sm.cnt[cur], acc);
-            cur = d;
-            acc = 0;
-        }
-        ++acc;
+    row_pass_sync(x, nullptr, n, [&](int i, float v, float, bool in) {
+        u32 key = 0;
+        const bool active = in && item(i, v, key) && (key & mask) == prefix;
+        hist_add(active, (key >> shift) & 255u, 0ull, sm.cnt, nullptr);
     });
-    if (acc) atomicAdd(&sm.cnt[cur], acc);
     __syncthreads();
 }
 
@@ -459,30 +491,12 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
                     sm.cnt[b] = 0;
                 }
                 __syncthreads();
-                int cur = -1;
-                u64 acc = 0;
-                u32 cacc = 0;
-                row_pass2(x, e, n, [&](int, float v, float ev) {
+                row_pass_sync(x, e, n, [&](int, float v, float ev, bool in) {
                     const bool a = alive_k(v);
                     const u32 key = fkey(a ? v : NEG_INF);
-                    if ((key & mask) != prefix) return;
-                    const int d = (key >> shift) & 255;
-                    if (d != cur) {
-                        if (cacc) {
-                            atomicAdd(&sm.mass[cur], acc);
-                            atomicAdd(&sm.cnt[cur], cacc);
-                        }
-                        cur = d;
-                        acc = 0;
-                        cacc = 0;
-                    }
-                    acc += a ? to_fixed(__fmul_rn(ev, inv)) : 0ull;
-                    ++cacc;
+                    const bool active = in && (key & mask) == prefix;
+                    hist_add(active, (key >> shift) & 255u, a ? to_fixed(__fmul_rn(ev, inv)) : 0ull, sm.cnt, sm.mass);
                 });
-                if (cacc) {
-                    atomicAdd(&sm.mass[cur], acc);
-                    atomicAdd(&sm.cnt[cur], cacc);
-                }
                 __syncthreads();
                 // The first digit (ascending) whose cumulative mass, rounded to f32, exceeds the threshold.
                 if (tid < 32) {

@@ -151,7 +151,7 @@ pub struct SamplePlan<'a> {
     out: CudaSlice<u8>,
     _scratch: CudaSlice<u8>,
     _exps: CudaSlice<u8>,
-    _inputs: (CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>, CudaSlice<f64>),
+    _inputs: CudaSlice<u8>,
     ptrs: [u64; 8],
     ints: [i32; 2],
     rows: u32,
@@ -181,22 +181,31 @@ impl CudaBackend {
         let exps = self.bytes(if pack.top_p { n * vocab * 4 } else { 4 })?;
         let words = n * pack.stride();
         let out = self.bytes(words * 4)?;
-        let inputs = (
-            self.upload(&pack.rows)?,
-            self.upload(&pack.pen_tok)?,
-            self.upload(&pack.pen_cnt)?,
-            self.upload(&pack.uniforms)?,
-        );
+        // One upload: the uniforms (8-byte aligned at the start), the records, the history tokens and
+        // their counts.
+        let mut bytes = Vec::with_capacity(8 * n + 4 * (pack.rows.len() + 2 * pack.pen_tok.len()));
+        for u in &pack.uniforms {
+            bytes.extend_from_slice(&u.to_le_bytes());
+        }
+        let mut offsets = [0u64; 3];
+        for (k, list) in [&pack.rows, &pack.pen_tok, &pack.pen_cnt].into_iter().enumerate() {
+            offsets[k] = bytes.len() as u64;
+            for w in list {
+                bytes.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        let inputs = self.upload(&bytes)?;
+        let base = self.ptr(&inputs);
         Ok(SamplePlan {
             ptrs: [
                 self.ptr(&out),
                 self.ptr(&scratch),
                 self.ptr(&exps),
                 self.ptr(&logits.buf),
-                self.ptr(&inputs.0),
-                self.ptr(&inputs.1),
-                self.ptr(&inputs.2),
-                self.ptr(&inputs.3),
+                base + offsets[0],
+                base + offsets[1],
+                base + offsets[2],
+                base,
             ],
             ints: [int("vocabulary", vocab)?, int("output stride", pack.stride())?],
             rows: uint("sampling rows", n)?,
