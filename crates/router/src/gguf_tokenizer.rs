@@ -3,8 +3,10 @@
 //! llama.cpp stores a byte-level BPE vocabulary (`tokenizer.ggml.model = "gpt2"`) as the token list, the
 //! token types and the merges, and names the pre-tokenizer (`tokenizer.ggml.pre`) rather than storing it;
 //! this module maps the names it knows to the pre-tokenizers the original `tokenizer.json` files use and
-//! assembles a `tokenizer.json` document for the `tokenizers` crate. Control and user-defined tokens
-//! become added tokens, so `<|im_start|>` and friends are matched whole.
+//! assembles a `tokenizer.json` document for the `tokenizers` crate. SentencePiece vocabularies
+//! (`"llama"`: Llama 2, Mistral) store scores instead of merges; the merges are derived from them and the
+//! usual "▁" normalizer and byte-fallback decoder are added. Control and user-defined tokens become added
+//! tokens, so `<|im_start|>` and friends are matched whole.
 
 use lorax_gguf::{GgufFile, Value};
 use serde_json::{json, Value as Json};
@@ -69,32 +71,33 @@ fn token_id(g: &GgufFile, key: &str, n: usize) -> Result<Option<u32>, String> {
 /// The `tokenizer.json` document equivalent to the GGUF metadata of `g`.
 pub fn tokenizer_json(g: &GgufFile) -> Result<Json, String> {
     let model = g.get_str("tokenizer.ggml.model").unwrap_or("none");
-    if model != "gpt2" {
-        return Err(format!(
-            "GGUF tokenizer model {model:?} is not supported (byte-level BPE, \"gpt2\", is); serve the model from a directory with its tokenizer.json instead"
-        ));
-    }
+    let spm = match model {
+        "gpt2" => false,
+        "llama" => true,
+        other => {
+            return Err(format!(
+                "GGUF tokenizer model {other:?} is not supported (byte-level BPE \"gpt2\" and SentencePiece \"llama\" are); serve the model from a directory with its tokenizer.json instead"
+            ))
+        }
+    };
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
-    let merges = strings(g, "tokenizer.ggml.merges")?;
     let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
         Some(a) if a.len() == tokens.len() => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
         Some(a) => return Err(format!("{} token types for {} tokens", a.len(), tokens.len())),
         None => vec![1; tokens.len()],
     };
-    let add_prefix_space = g
-        .get("tokenizer.ggml.add_space_prefix")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let pre = pre_tokenizer(g.get_str("tokenizer.ggml.pre").unwrap_or("default"), add_prefix_space)?;
+    let flag = |key: &str, default: bool| g.get(key).and_then(Value::as_bool).unwrap_or(default);
+    // SentencePiece models mark word starts with "▁" and put one before the text; GPT-2 ones do not.
+    let add_space_prefix = flag("tokenizer.ggml.add_space_prefix", spm);
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     let mut added = Vec::new();
     for (id, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
         vocab.insert((*tok).to_string(), json!(id));
-        // 3 = control (special), 4 = user-defined: matched whole, before the model sees the text.
-        if *ty == 3 || *ty == 4 {
+        // 2 = unknown, 3 = control (special), 4 = user-defined: matched whole, before the model sees the text.
+        if *ty == 3 || *ty == 4 || (spm && *ty == 2) {
             added.push(
                 json!({"id": id, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
-                               "normalized": false, "special": *ty == 3}),
+                               "normalized": false, "special": *ty != 4}),
             );
         }
     }
@@ -103,11 +106,7 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Json, String> {
     }
     let n = tokens.len();
     let bos = token_id(g, "tokenizer.ggml.bos_token_id", n)?;
-    let add_bos = g
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let post = match (add_bos, bos) {
+    let post = match (flag("tokenizer.ggml.add_bos_token", spm), bos) {
         (true, Some(bos)) => {
             let text = tokens[bos as usize];
             json!({"type": "TemplateProcessing",
@@ -118,6 +117,46 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Json, String> {
         }
         _ => Json::Null,
     };
+    if spm {
+        let scores: Vec<f64> = g
+            .get("tokenizer.ggml.scores")
+            .and_then(Value::as_array)
+            .filter(|a| a.len() == n)
+            .ok_or("a SentencePiece vocabulary needs tokenizer.ggml.scores, one per token")?
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(0.0))
+            .collect();
+        let unk = token_id(g, "tokenizer.ggml.unknown_token_id", n)?.map_or("<unk>", |id| tokens[id as usize]);
+        let replace_space = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        let normalizer = if add_space_prefix {
+            json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace_space]})
+        } else {
+            replace_space
+        };
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if add_space_prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        return Ok(json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": added,
+            "normalizer": normalizer,
+            "pre_tokenizer": null,
+            "post_processor": post,
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                "vocab": vocab, "merges": spm_merges(&tokens, &scores),
+            }
+        }));
+    }
+    let merges = strings(g, "tokenizer.ggml.merges")?;
+    let pre = pre_tokenizer(g.get_str("tokenizer.ggml.pre").unwrap_or("default"), add_space_prefix)?;
     let ignore_merges = matches!(
         g.get_str("tokenizer.ggml.pre"),
         Some("llama-bpe" | "llama3" | "smaug-bpe")
@@ -137,6 +176,34 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Json, String> {
             "vocab": vocab, "merges": merges,
         }
     }))
+}
+
+/// BPE merges equivalent to a SentencePiece vocabulary (which stores scores, not merges): every split
+/// of a piece into two pieces of the vocabulary is a merge, ranked by the merged piece's score, then by
+/// the scores of its halves (transformers' `GGUFTokenizerSkeleton` does the same).
+fn spm_merges(tokens: &[&str], scores: &[f64]) -> Vec<[String; 2]> {
+    let score: std::collections::HashMap<&str, f64> = tokens.iter().copied().zip(scores.iter().copied()).collect();
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for (piece, &s) in tokens.iter().zip(scores) {
+        let mut local: Vec<(&str, &str, f64)> = piece
+            .char_indices()
+            .skip(1)
+            .map(|(i, _)| piece.split_at(i))
+            .filter(|(l, r)| score.contains_key(l) && score.contains_key(r))
+            .map(|(l, r)| (l, r, s))
+            .collect();
+        local.sort_by(|a, b| {
+            (score[b.0], score[b.1])
+                .partial_cmp(&(score[a.0], score[a.1]))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        merges.extend(local);
+    }
+    merges.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap_or(std::cmp::Ordering::Equal));
+    merges
+        .into_iter()
+        .map(|(l, r, _)| [l.to_string(), r.to_string()])
+        .collect()
 }
 
 /// The tokenizer of the GGUF model `g`.
@@ -167,6 +234,53 @@ pub fn tokenizer_config(g: &GgufFile) -> Option<Json> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(name)
+    }
+
+    /// A SentencePiece vocabulary (Mistral 7B v0.1's, with its scores, as llama.cpp stores it) rebuilt into
+    /// a BPE tokenizer encodes like Mistral's own tokenizer.json.
+    #[test]
+    fn sentencepiece_vocabulary_encodes_like_the_original_tokenizer() {
+        let g = GgufFile::open(&fixture("gguf/spm-tokenizer.gguf")).expect("fixture");
+        let ours = tokenizer(&g).expect("tokenizer");
+        let theirs = Tokenizer::from_file(fixture("tokenizer/tokenizer.json")).expect("reference");
+        let readme = std::fs::read_to_string(fixture("../../README.md")).expect("README");
+        let mut texts: Vec<String> = readme.lines().map(str::to_string).collect();
+        texts.extend(
+            [
+                "Hello world",
+                " leading space",
+                "two  spaces",
+                "",
+                "ünïcödé ✓ 🦀 中文 日本語",
+                "tabs\tand\nnewlines\n\n",
+                "<s>[INST] What is 12 + 34? [/INST]</s>",
+                "don't stop-believing!",
+                "\u{7}\u{0}control",
+                "    indented code();",
+            ]
+            .map(str::to_string),
+        );
+        let mut tokens = 0;
+        for text in &texts {
+            for special in [true, false] {
+                let a = ours.encode(text.as_str(), special).expect("ours");
+                let b = theirs.encode(text.as_str(), special).expect("theirs");
+                assert_eq!(a.get_ids(), b.get_ids(), "{text:?} (add_special_tokens {special})");
+                tokens += a.get_ids().len();
+            }
+            let ids = theirs.encode(text.as_str(), false).expect("theirs");
+            assert_eq!(
+                ours.decode(ids.get_ids(), true).expect("decode"),
+                theirs.decode(ids.get_ids(), true).expect("decode")
+            );
+        }
+        assert!(tokens > 5000, "{tokens}");
+    }
 
     fn tiny() -> GgufFile {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/tiny-llama.gguf");
