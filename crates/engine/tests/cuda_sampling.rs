@@ -7,7 +7,7 @@
 //! -inf, flat or very wide (see `sampling_cases`). Both sides draw the same uniforms (cloned samplers).
 //!
 //! `sampling_benchmark` (ignored; scripts/gpu/run.sh runs it) times a batch of 64 rows at vocab 128256
-//! in bf16: the device path against copying the logits to the host and sampling there.
+//! in bf16 (and one row of it): the device path against copying the logits to the host and sampling there.
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device (...)` and returns.
 #![allow(clippy::unwrap_used)]
 
@@ -20,7 +20,7 @@ use cuda_common::{backend, bench, graph_ms, median, say, seed, Rng};
 use lorax_engine::backend::cuda::sampling::{SamplePack, MAX_DEVICE_TOP_N};
 use lorax_engine::sampling::{sample_host, SampleTask, Sampled, Sampler, SamplingParams};
 use lorax_engine::weights::DType;
-use lorax_engine::{Backend, CudaBackend};
+use lorax_engine::{Backend, CudaBackend, CudaTensor};
 use sampling_cases::{case, compare, fixed_case, reference, run, samplers, Case, Tally, Task};
 
 fn gpu(dtype: DType) -> Option<CudaBackend> {
@@ -185,62 +185,74 @@ fn sampling_benchmark() {
         ),
     );
     for (name, params) in &configs {
-        let fresh = || -> Vec<Sampler> {
-            (0..batch)
-                .map(|i| {
-                    Sampler::new(
-                        SamplingParams {
-                            seed: i as u64,
-                            ..params.clone()
-                        },
-                        &history,
-                    )
-                })
-                .collect()
-        };
-        // Wall time of one call on fresh samplers (made outside the timing).
-        let time = |f: &mut dyn FnMut(&mut [Task<'_>])| -> f64 {
-            let mut s = fresh();
-            let mut tasks: Vec<(usize, SampleTask<'_>)> = s
-                .iter_mut()
-                .enumerate()
-                .map(|(i, s)| (i, SampleTask::Choose(s)))
-                .collect();
-            let t0 = Instant::now();
-            f(&mut tasks);
-            t0.elapsed().as_secs_f64() * 1e3
-        };
-        let dev_ms = median(
-            (0..20)
-                .map(|_| time(&mut |t| drop(g.sample(&logits, t).unwrap())))
-                .collect(),
-        );
-        let host_ms = median(
-            (0..3)
-                .map(|_| {
-                    time(&mut |t| {
-                        let mut h = g.to_f32(&logits).unwrap();
-                        sample_host(&mut h, vocab, t).unwrap();
-                    })
-                })
-                .collect(),
-        );
-        let mut pack = SamplePack::default();
-        for (i, s) in fresh().iter_mut().enumerate() {
-            pack.push_choose(i as u32, &s.device_row(vocab, MAX_DEVICE_TOP_N).unwrap())
-                .unwrap();
-        }
-        let plan = g.sample_plan(&logits, &pack).unwrap();
-        let k_ms = graph_ms(&g, 1, 30, &|_| g.sample_run(&plan));
-        bench(
-            &format!("sampling_{name}_b{batch}_v{vocab}"),
-            dev_ms,
-            "ms",
-            &format!(
-                "device path {dev_ms:.3} ms (kernel {:.1} us) vs logits to host + host sampling {host_ms:.1} ms: {:.0}x",
-                k_ms * 1e3,
-                host_ms / dev_ms
-            ),
-        );
+        time_config(&g, &logits, name, params, &history);
     }
+    // One row (single-stream decode): the first row of the same logits.
+    let one = g.gather_rows(&logits, &[0]).unwrap();
+    for (name, params) in [&configs[0], &configs[3]] {
+        time_config(&g, &one, name, params, &history);
+    }
+}
+
+/// Times one parameter set on every row of `logits`: the device path (`Backend::sample`, wall time, 20
+/// calls), its kernel alone (graph replay) and the host path (logits to the host, then `sample_host`).
+fn time_config(g: &CudaBackend, logits: &CudaTensor, name: &str, params: &SamplingParams, history: &[u32]) {
+    let (batch, vocab) = (g.shape(logits)[0], g.shape(logits)[1]);
+    let fresh = || -> Vec<Sampler> {
+        (0..batch)
+            .map(|i| {
+                Sampler::new(
+                    SamplingParams {
+                        seed: i as u64,
+                        ..params.clone()
+                    },
+                    history,
+                )
+            })
+            .collect()
+    };
+    // Wall time of one call on fresh samplers (made outside the timing).
+    let time = |f: &mut dyn FnMut(&mut [Task<'_>])| -> f64 {
+        let mut s = fresh();
+        let mut tasks: Vec<(usize, SampleTask<'_>)> = s
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| (i, SampleTask::Choose(s)))
+            .collect();
+        let t0 = Instant::now();
+        f(&mut tasks);
+        t0.elapsed().as_secs_f64() * 1e3
+    };
+    let dev_ms = median(
+        (0..20)
+            .map(|_| time(&mut |t| drop(g.sample(logits, t).unwrap())))
+            .collect(),
+    );
+    let host_ms = median(
+        (0..3)
+            .map(|_| {
+                time(&mut |t| {
+                    let mut h = g.to_f32(logits).unwrap();
+                    sample_host(&mut h, vocab, t).unwrap();
+                })
+            })
+            .collect(),
+    );
+    let mut pack = SamplePack::default();
+    for (i, s) in fresh().iter_mut().enumerate() {
+        pack.push_choose(i as u32, &s.device_row(vocab, MAX_DEVICE_TOP_N).unwrap())
+            .unwrap();
+    }
+    let plan = g.sample_plan(logits, &pack).unwrap();
+    let k_ms = graph_ms(g, 1, 30, &|_| g.sample_run(&plan));
+    bench(
+        &format!("sampling_{name}_b{batch}_v{vocab}"),
+        dev_ms,
+        "ms",
+        &format!(
+            "device path {dev_ms:.3} ms (kernel {:.1} us) vs logits to host + host sampling {host_ms:.1} ms: {:.0}x",
+            k_ms * 1e3,
+            host_ms / dev_ms
+        ),
+    );
 }
