@@ -34,81 +34,6 @@ fn shape_err(what: &str, a: &[usize], b: &[usize]) -> EngineError {
     EngineError::Backend(format!("{what}: incompatible shapes {a:?} and {b:?}"))
 }
 
-/// Rows of `x` up to which [`matmul_t`] streams the weight once with dot products (decode steps) instead
-/// of calling the blocked GEMM, which is built for larger `m` and reads a weight at half the memory
-/// bandwidth when `m` is 1.
-const GEMV_MAX_ROWS: usize = 4;
-
-/// Weight rows per parallel task of the streaming path.
-const GEMV_ROWS_PER_TASK: usize = 64;
-
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    // Sixteen independent partial sums: the compiler keeps them in vector registers.
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    let mut width = 16;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-    }
-    acc[0] + tail
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes(a, b)
-}
-
-/// `a · b` (same length), vectorised for the CPU it runs on.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot_lanes(a, b)
-}
-
-/// [`matmul_t`] for a few rows: each task streams its block of weight rows once and dots it with every
-/// row of `x`.
-fn gemv_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut out_t = vec![0f32; n * m];
-    out_t
-        .par_chunks_mut(GEMV_ROWS_PER_TASK * m)
-        .zip(w.par_chunks(GEMV_ROWS_PER_TASK * k))
-        .for_each(|(o, wb)| {
-            for (oj, wj) in o.chunks_exact_mut(m).zip(wb.chunks_exact(k)) {
-                for (i, oij) in oj.iter_mut().enumerate() {
-                    *oij = dot(&x[i * k..(i + 1) * k], wj);
-                }
-            }
-        });
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            out[i * n + j] = out_t[j * m + i];
-        }
-    }
-    out
-}
-
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`.
 fn matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
@@ -117,9 +42,6 @@ fn matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     }
     if k == 0 {
         return out;
-    }
-    if m <= GEMV_MAX_ROWS && n * k >= 1 << 14 {
-        return gemv_t(x, w, m, k, n);
     }
     let par = if m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(0)
@@ -490,24 +412,6 @@ impl Backend for CpuBackend {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn streaming_path_matches_naive() {
-        // Few rows of x (the streaming path), odd k (a remainder after the 16-lane chunks), n across
-        // several tasks.
-        for (m, k, n) in [(1, 203, 300), (3, 577, 130), (4, 64, 1000)] {
-            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
-            assert!(m <= GEMV_MAX_ROWS && n * k >= 1 << 14);
-            let y = matmul_t(&x, &w, m, k, n);
-            for i in 0..m {
-                for j in 0..n {
-                    let r: f64 = (0..k).map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t])).sum();
-                    assert!((f64::from(y[i * n + j]) - r).abs() < 1e-4, "{m}x{k}x{n} at ({i}, {j})");
-                }
-            }
-        }
-    }
 
     #[test]
     fn linear_matches_naive() {
