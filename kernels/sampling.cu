@@ -61,7 +61,8 @@ struct SampleRow {
 };
 
 struct SampleSmem {
-    u64 mass[256];
+    u32 mass_lo[256];  // top-p masses (fixed point) as two 32-bit halves: see mass_add
+    u32 mass_hi[256];
     u32 cnt[256];
     u64 red_u[SAMPLE_WARPS];
     double red_d[SAMPLE_WARPS];
@@ -117,6 +118,20 @@ __device__ __forceinline__ V warp_incl_scan(V v) {
         if (lane >= o) v += t;
     }
     return v;
+}
+
+// mass[d] += w, kept as two 32-bit halves: a 64-bit add on shared memory compiles to a compare-and-swap
+// loop (ATOMS.CAST.SPIN.64), which spins when lanes contend for one bin. Each wrap of the low half adds
+// its carry to the high half, so hi * 2^32 + lo is the exact sum.
+__device__ __forceinline__ void mass_add(SampleSmem& sm, int d, u64 w) {
+    const u32 lo = (u32)w;
+    const u32 old = atomicAdd(&sm.mass_lo[d], lo);
+    const u32 hi = (u32)(w >> 32) + (old + lo < old ? 1u : 0u);
+    if (hi) atomicAdd(&sm.mass_hi[d], hi);
+}
+
+__device__ __forceinline__ u64 mass_get(const SampleSmem& sm, int d) {
+    return ((u64)sm.mass_hi[d] << 32) + sm.mass_lo[d];
 }
 
 // Block-wide reductions in a fixed order (deterministic); every thread gets the result.
@@ -175,62 +190,21 @@ __device__ __forceinline__ void row_pass(const float* x, int n, F f) {
     for (; i < n; i += SAMPLE_THREADS) f(i, x[i]);
 }
 
-// row_pass over x and y with the lanes of every warp in step: f(i, x[i], y[i], in) is called the same number of
-// times by every thread (in = false, values 0, past the row's end), so f may use warp-wide intrinsics.
-// y may be null (its values are then 0).
+// row_pass over two rows at once: f(i, x[i], y[i]).
 template <typename F>
-__device__ __forceinline__ void row_pass_sync(const float* x, const float* y, int n, F f) {
-    const int steps = (n + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
-    int s = 0;
-    for (; s + ROW_UNROLL <= steps; s += ROW_UNROLL) {
+__device__ __forceinline__ void row_pass2(const float* x, const float* y, int n, F f) {
+    int i = threadIdx.x;
+    for (; i + (ROW_UNROLL - 1) * SAMPLE_THREADS < n; i += ROW_UNROLL * SAMPLE_THREADS) {
         float v[ROW_UNROLL], w[ROW_UNROLL];
 #pragma unroll
         for (int u = 0; u < ROW_UNROLL; ++u) {
-            const int i = (s + u) * SAMPLE_THREADS + threadIdx.x;
-            v[u] = i < n ? x[i] : 0.f;
-            w[u] = (y != nullptr && i < n) ? y[i] : 0.f;
+            v[u] = x[i + u * SAMPLE_THREADS];
+            w[u] = y[i + u * SAMPLE_THREADS];
         }
 #pragma unroll
-        for (int u = 0; u < ROW_UNROLL; ++u) {
-            const int i = (s + u) * SAMPLE_THREADS + threadIdx.x;
-            f(i, v[u], w[u], i < n);
-        }
+        for (int u = 0; u < ROW_UNROLL; ++u) f(i + u * SAMPLE_THREADS, v[u], w[u]);
     }
-    for (; s < steps; ++s) {
-        const int i = s * SAMPLE_THREADS + threadIdx.x;
-        f(i, i < n ? x[i] : 0.f, (y != nullptr && i < n) ? y[i] : 0.f, i < n);
-    }
-}
-
-// For every active lane: cnt[d] += 1 and (when mass is not null) mass[d] += w. Lanes are combined per
-// distinct digit first (a row's top digits are few, and lanes adding to one counter would serialise);
-// the sums are integers, so the result does not depend on the grouping. Called by whole warps.
-__device__ __forceinline__ void hist_add(bool active, u32 d, u64 w, u32* cnt, u64* mass) {
-    if (__ballot_sync(FULL_MASK, active) == 0) return;
-    const int lane = threadIdx.x & 31;
-    const unsigned grp = __match_any_sync(FULL_MASK, active ? d : 256u + (u32)lane);
-    const bool lead = active && lane == __ffs((int)grp) - 1;
-    if (mass == nullptr) {
-        if (lead) atomicAdd(&cnt[d], (u32)__popc(grp));
-        return;
-    }
-    const unsigned leads = __ballot_sync(FULL_MASK, lead);
-    if (__popc(leads) <= 4) {
-        unsigned todo = leads;
-        while (todo) {
-            const int l = __ffs((int)todo) - 1;
-            todo &= todo - 1;
-            const u32 dl = __shfl_sync(FULL_MASK, d, l);
-            const u64 sum = warp_add<u64>(active && d == dl ? w : 0ull);
-            if (lane == l) {
-                atomicAdd(&mass[dl], sum);
-                atomicAdd(&cnt[dl], (u32)__popc(grp));
-            }
-        }
-    } else if (active) {
-        atomicAdd(&mass[d], w);
-        atomicAdd(&cnt[d], 1u);
-    }
+    for (; i < n; i += SAMPLE_THREADS) f(i, x[i], y[i]);
 }
 
 // The first index i (in index order) with w(i) > 0 whose running sum of w over 0..=i exceeds `target`,
@@ -313,17 +287,26 @@ __device__ int first_crossing(int n, V target, W w, V* seg, V* base_slot, Sample
 }
 
 // cnt[d] = how many elements accepted by item(i, x[i], key) have (key & mask) == prefix and digit d at
-// `shift`.
+// `shift`. Each thread adds runs of equal digits at once (the top digits of a row's values are few).
 template <typename F>
 __device__ void count_hist(const float* x, int n, u32 prefix, u32 mask, int shift, F item,
                            SampleSmem& sm) {
     for (int b = threadIdx.x; b < 256; b += SAMPLE_THREADS) sm.cnt[b] = 0;
     __syncthreads();
-    row_pass_sync(x, nullptr, n, [&](int i, float v, float, bool in) {
-        u32 key = 0;
-        const bool active = in && item(i, v, key) && (key & mask) == prefix;
-        hist_add(active, (key >> shift) & 255u, 0ull, sm.cnt, nullptr);
+    int cur = -1;
+    u32 acc = 0;
+    row_pass(x, n, [&](int i, float v) {
+        u32 key;
+        if (!item(i, v, key) || (key & mask) != prefix) return;
+        const int d = (key >> shift) & 255;
+        if (d != cur) {
+            if (acc) atomicAdd(&sm.cnt[cur], acc);
+            cur = d;
+            acc = 0;
+        }
+        ++acc;
     });
+    if (acc) atomicAdd(&sm.cnt[cur], acc);
     __syncthreads();
 }
 
@@ -487,23 +470,42 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
             u32 group = 0;
             for (int shift = 24; shift >= 0; shift -= 8) {
                 for (int b = tid; b < 256; b += SAMPLE_THREADS) {
-                    sm.mass[b] = 0;
+                    sm.mass_lo[b] = 0;
+                    sm.mass_hi[b] = 0;
                     sm.cnt[b] = 0;
                 }
                 __syncthreads();
-                row_pass_sync(x, e, n, [&](int, float v, float ev, bool in) {
+                int cur = -1;
+                u64 acc = 0;
+                u32 cacc = 0;
+                row_pass2(x, e, n, [&](int, float v, float ev) {
                     const bool a = alive_k(v);
                     const u32 key = fkey(a ? v : NEG_INF);
-                    const bool active = in && (key & mask) == prefix;
-                    hist_add(active, (key >> shift) & 255u, a ? to_fixed(__fmul_rn(ev, inv)) : 0ull, sm.cnt, sm.mass);
+                    if ((key & mask) != prefix) return;
+                    const int d = (key >> shift) & 255;
+                    if (d != cur) {
+                        if (cacc) {
+                            mass_add(sm, cur, acc);
+                            atomicAdd(&sm.cnt[cur], cacc);
+                        }
+                        cur = d;
+                        acc = 0;
+                        cacc = 0;
+                    }
+                    acc += a ? to_fixed(__fmul_rn(ev, inv)) : 0ull;
+                    ++cacc;
                 });
+                if (cacc) {
+                    mass_add(sm, cur, acc);
+                    atomicAdd(&sm.cnt[cur], cacc);
+                }
                 __syncthreads();
                 // The first digit (ascending) whose cumulative mass, rounded to f32, exceeds the threshold.
                 if (tid < 32) {
                     const int lane = tid;
                     u64 own = 0;
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) own += sm.mass[8 * lane + j];
+                    for (int j = 0; j < 8; ++j) own += mass_get(sm, 8 * lane + j);
                     const u64 incl = warp_incl_scan(own);
                     const u64 excl = incl - own;
                     const unsigned hit = __ballot_sync(FULL_MASK, fixed_f32(below + incl) > thr);
@@ -512,7 +514,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
                     } else if (lane == __ffs((int)hit) - 1) {
                         u64 a = below + excl;
                         for (int j = 0; j < 8; ++j) {
-                            const u64 h = sm.mass[8 * lane + j];
+                            const u64 h = mass_get(sm, 8 * lane + j);
                             if (fixed_f32(a + h) > thr) {
                                 sm.pick[0] = (u32)(8 * lane + j);
                                 sm.pick[1] = sm.cnt[8 * lane + j];
