@@ -27,4 +27,4 @@ print(f"{2 * a.numel() / sorted(times)[10] / 1e6:.0f}")
 PY
 )
 echo "copy bandwidth: ${copy} GB/s (2 GiB, read + written, median of 20)" | tee "$logs/bench-summary.txt"
-BENCH_COPY_GBS=${copy:-4200} timeout 560 python3 scripts/gpu/bench.py "$bin" "$logs"
+BENCH_COPY_GBS=${copy:-4200} timeout "${BENCH_TIMEOUT:-560}" python3 scripts/gpu/bench.py "$bin" "$logs"
