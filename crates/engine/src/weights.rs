@@ -53,30 +53,23 @@ impl HostTensor<'_> {
         self.shape.iter().product()
     }
 
-    /// The elements as f32 (converted in parallel for large tensors).
+    /// The elements as f32.
     pub fn to_f32(&self) -> Vec<f32> {
-        const CHUNK: usize = 1 << 15;
-        let size = self.dtype.size();
-        let dtype = self.dtype;
-        let mut out = vec![0f32; self.data.len() / size];
-        let one = |o: &mut [f32], b: &[u8]| {
-            for (o, c) in o.iter_mut().zip(b.chunks_exact(size)) {
-                *o = match dtype {
-                    DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-                    DType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-                    DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-                };
-            }
-        };
-        if out.len() <= CHUNK {
-            one(&mut out, &self.data);
-        } else {
-            use rayon::prelude::*;
-            out.par_chunks_mut(CHUNK)
-                .zip(self.data.par_chunks(CHUNK * size))
-                .for_each(|(o, b)| one(o, b));
+        let b = &self.data;
+        match self.dtype {
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
         }
-        out
     }
 
     /// An owned tensor from f32 values (tests, generated weights).

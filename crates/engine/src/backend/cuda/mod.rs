@@ -15,7 +15,6 @@
 //! outputs show; `LORAX_CUDA_SYNC=1` synchronises after every launch so a fault names its kernel;
 //! `LORAX_CUDA_PREFILL=simple` keeps prefill off the tensor-core kernel.
 
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -239,31 +238,18 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
 }
 
 /// f32 values to little-endian bytes of `dtype` (round to nearest even).
-/// Elements per parallel task of [`encode`].
-const ENCODE_CHUNK: usize = 1 << 15;
-
-/// `data` in the storage type, little-endian. Written in place over a preallocated buffer, in parallel
-/// for large tensors (adapter uploads convert every A/B matrix here).
 fn encode(dtype: DType, data: &[f32]) -> Vec<u8> {
-    let size = dtype.size();
-    let mut out = vec![0u8; data.len() * size];
-    let one = |o: &mut [u8], d: &[f32]| {
-        for (o, v) in o.chunks_exact_mut(size).zip(d) {
-            match dtype {
-                DType::F32 => o.copy_from_slice(&v.to_le_bytes()),
-                DType::BF16 => o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes()),
-                DType::F16 => o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes()),
-            }
-        }
-    };
-    if data.len() <= ENCODE_CHUNK {
-        one(&mut out, data);
-    } else {
-        out.par_chunks_mut(ENCODE_CHUNK * size)
-            .zip(data.par_chunks(ENCODE_CHUNK))
-            .for_each(|(o, d)| one(o, d));
+    match dtype {
+        DType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => data
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::F16 => data
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
     }
-    out
 }
 
 fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
@@ -952,48 +938,5 @@ impl Backend for CudaBackend {
             &scale
         );
         Ok(t)
-    }
-}
-
-#[cfg(test)]
-mod encode_tests {
-    use super::*;
-
-    /// The parallel conversion equals the element-by-element one across the chunk boundary, special
-    /// values included, and round-trips through `decode` (no GPU needed).
-    #[test]
-    fn encode_matches_elementwise_conversion() {
-        for n in [0, 1, 7, ENCODE_CHUNK, ENCODE_CHUNK + 3, 3 * ENCODE_CHUNK + 1] {
-            let mut data: Vec<f32> = (0..n).map(|i| (i as f32 * 0.731).sin() * 1e3).collect();
-            for (i, v) in [f32::NAN, f32::INFINITY, -0.0, 1e-40, 65504.0, 3e38]
-                .into_iter()
-                .enumerate()
-            {
-                if i < n {
-                    data[i * n / 6] = v;
-                }
-            }
-            for dtype in [DType::F32, DType::BF16, DType::F16] {
-                let fast = encode(dtype, &data);
-                let slow: Vec<u8> = data
-                    .iter()
-                    .flat_map(|v| match dtype {
-                        DType::F32 => v.to_le_bytes().to_vec(),
-                        DType::BF16 => half::bf16::from_f32(*v).to_le_bytes().to_vec(),
-                        DType::F16 => half::f16::from_f32(*v).to_le_bytes().to_vec(),
-                    })
-                    .collect();
-                assert_eq!(fast, slow, "{dtype:?} n={n}");
-                let back = decode(dtype, &fast);
-                let t = HostTensor {
-                    name: "t".into(),
-                    dtype,
-                    shape: vec![n],
-                    data: fast.into(),
-                };
-                let via_host: Vec<u32> = t.to_f32().iter().map(|v| v.to_bits()).collect();
-                assert_eq!(via_host, back.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-            }
-        }
     }
 }
