@@ -164,7 +164,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<Self> {
         let (rank, world) = (comm.rank(), comm.world_size());
         let (cfg, model) = match format {
-            LoadFormat::Safetensors if crate::gguf::is_gguf(dir) => {
+            LoadFormat::Safetensors if lorax_gguf::is_gguf_file(dir) => {
                 let file = lorax_gguf::GgufFile::open(dir).map_err(crate::gguf::engine_error)?;
                 let cfg = crate::gguf::config(&file)?;
                 let model = Model::load(&backend, &Weights::from_gguf(file, &cfg), &cfg, rank, world)?;

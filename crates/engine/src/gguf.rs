@@ -6,17 +6,10 @@
 //! transformers' own GGUF loader does. Architectures: `llama` (Llama, Mistral and their fine-tunes) and
 //! `qwen2` (no permutation, q/k/v biases).
 
-use std::path::Path;
-
 use lorax_gguf::{GgufError, GgufFile, Value};
 
 use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{EngineError, Result};
-
-/// Whether `path` names a GGUF file (by its extension).
-pub fn is_gguf(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) && path.is_file()
-}
 
 pub(crate) fn engine_error(e: GgufError) -> EngineError {
     match e {

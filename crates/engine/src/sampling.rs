@@ -158,6 +158,8 @@ impl Sampler {
             k if k.max(1) >= vocab => 0,
             k => k.max(1) as u32,
         };
+        // The kernel reads the history only for penalties: do not copy it every step otherwise.
+        let penalties = p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
         let row = DeviceRow {
             draw,
             temperature: (draw && p.temperature != 1.0).then_some(p.temperature),
@@ -166,7 +168,11 @@ impl Sampler {
             repetition_penalty: p.repetition_penalty,
             frequency_penalty: p.frequency_penalty,
             presence_penalty: p.presence_penalty,
-            history: self.counts.iter().map(|(&t, &c)| (t, c)).collect(),
+            history: if penalties {
+                self.counts.iter().map(|(&t, &c)| (t, c)).collect()
+            } else {
+                Vec::new()
+            },
             top_n: p.top_n_tokens,
             uniform: 0.0,
         };
@@ -261,7 +267,7 @@ pub struct DeviceRow {
     pub frequency_penalty: f32,
     /// Presence penalty (0 = off).
     pub presence_penalty: f32,
-    /// The history's (token, count) pairs, ascending by token.
+    /// The history's (token, count) pairs, ascending by token; empty when no penalty is on.
     pub history: Vec<(u32, u32)>,
     /// Alternatives to return.
     pub top_n: u32,

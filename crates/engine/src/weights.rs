@@ -78,7 +78,13 @@ impl HostTensor<'_> {
             name: name.to_string(),
             dtype: DType::F32,
             shape,
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into(),
+            data: {
+                let mut bytes = Vec::with_capacity(values.len() * 4);
+                for v in values {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+                bytes.into()
+            },
         }
     }
 }
@@ -313,12 +319,7 @@ impl Weights {
             if let Some(heads) = source.unpermute_heads {
                 values = crate::gguf::unpermute(&values, shape[0], heads)?;
             }
-            return Ok(HostTensor {
-                name: name.to_string(),
-                dtype: DType::F32,
-                shape: shape.clone(),
-                data: values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into(),
-            });
+            return Ok(HostTensor::from_f32(name, shape.clone(), &values));
         }
         let e = self.entry(name)?;
         let dtype = e.dtype.ok_or_else(|| EngineError::UnsupportedDtype {

@@ -57,6 +57,11 @@ pub enum GgufError {
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, GgufError>;
 
+/// Whether `path` names a GGUF file: an existing file with the `.gguf` extension (any case).
+pub fn is_gguf_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) && path.is_file()
+}
+
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {

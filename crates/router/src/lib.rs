@@ -177,11 +177,6 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// Whether `path` is a GGUF model file (the tokenizer then comes from its metadata).
-fn is_gguf(path: &Path) -> bool {
-    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-}
-
 /// Loads `tokenizer.json` from `path` (a directory, or the file itself; or the tokenizer in a `.gguf`
 /// file's metadata), with truncation and padding off (the router truncates itself).
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, RouterError> {
@@ -194,7 +189,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, RouterError> {
         path: file.clone(),
         message,
     };
-    let mut tokenizer = if is_gguf(&file) {
+    let mut tokenizer = if lorax_gguf::is_gguf_file(&file) {
         let g = lorax_gguf::GgufFile::open(&file).map_err(|e| error(e.to_string()))?;
         gguf_tokenizer::tokenizer(&g).map_err(error)?
     } else {
@@ -304,7 +299,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
         block_size: shard.block_size,
     };
     let catalog = adapters::catalog::AdapterCatalog::default();
-    let chat_template = if is_gguf(&args.model.tokenizer_path) {
+    let chat_template = if lorax_gguf::is_gguf_file(&args.model.tokenizer_path) {
         let g =
             lorax_gguf::GgufFile::open(&args.model.tokenizer_path).map_err(|e| RouterError::Config(e.to_string()))?;
         match gguf_tokenizer::tokenizer_config(&g) {

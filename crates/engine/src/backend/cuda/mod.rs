@@ -164,6 +164,8 @@ pub struct CudaBackend {
     poison: bool,
     sync_each: bool,
     tc_prefill: bool,
+    /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
+    host_sampling: bool,
     attn_max_heads: usize,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
@@ -376,6 +378,7 @@ impl CudaBackend {
             poison: env_flag("LORAX_CUDA_POISON"),
             sync_each: env_flag("LORAX_CUDA_SYNC"),
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
+            host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             nccl: None,
         })

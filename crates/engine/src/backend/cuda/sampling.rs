@@ -159,10 +159,6 @@ pub struct SamplePlan<'a> {
     _logits: PhantomData<&'a CudaTensor>,
 }
 
-fn host_only() -> bool {
-    std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host")
-}
-
 impl CudaBackend {
     /// Uploads `pack` and allocates what the kernel writes, for rows of `logits` `[rows, vocab]`.
     pub fn sample_plan<'a>(&self, logits: &'a CudaTensor, pack: &SamplePack) -> Result<SamplePlan<'a>> {
@@ -263,7 +259,7 @@ impl CudaBackend {
     /// cover (see the module docs).
     pub fn sample_on_device(&self, logits: &CudaTensor, tasks: &mut [(usize, SampleTask<'_>)]) -> Result<Vec<Sampled>> {
         let (rows, vocab) = logits.rows_cols();
-        if host_only() {
+        if self.host_sampling {
             let mut host = crate::Backend::to_f32(self, logits)?;
             return sample_host(&mut host, vocab, tasks);
         }
