@@ -23,17 +23,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serving import call, free_port  # noqa: E402
+from serving import MISTRAL_7B_SHAPE, dummy_server_args, start_launcher, stop_launcher, write_dummy_model  # noqa: E402
 
 BIN, LOGS = sys.argv[1], sys.argv[2]
 WORK = "/tmp/lorax-bench"
 COPY_GBS = float(os.environ.get("BENCH_COPY_GBS", "4200"))
 # cuBLAS bf16 GEMM rate measured on this GPU before (bench/NOTES.md: 772-804 TFLOP/s).
 GEMM_TFLOPS = float(os.environ.get("BENCH_GEMM_TFLOPS", "790"))
-CFG = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096,
-       "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-       "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": False,
-       "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+CFG = dict(MISTRAL_7B_SHAPE)
 PROMPT, OUT, STREAMS, N_ADAPTERS, RANK = 512, 256, 128, 1000, 16
 if os.environ.get("BENCH_TINY") == "1":  # a dry run of the script on a CPU: tiny shape, small counts
     CFG.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -90,9 +87,7 @@ def main():
     os.makedirs(LOGS, exist_ok=True)
     shutil.rmtree(WORK, ignore_errors=True)
     model = f"{WORK}/mistral-7b-shape"
-    os.makedirs(model)
-    json.dump(CFG, open(f"{model}/config.json", "w"))
-    shutil.copy("tests/fixtures/tokenizer/tokenizer.json", model)
+    write_dummy_model(model, CFG)
     t = time.time()
     subprocess.run([f"{BIN}/lorax-bench", "make-adapters", "--config", f"{model}/config.json", "--count",
                     str(N_ADAPTERS), "--rank", str(RANK), "--out", f"{WORK}/adapters"], check=True)
@@ -101,28 +96,14 @@ def main():
                    check=True)
     say(f"BENCH adapters: {N_ADAPTERS} rank-{RANK} q/k/v/o written in {time.time() - t:.1f}s, "
         f"{adapter_bytes() / 1e6:.1f} MB each; weights {weight_bytes() / 1e9:.2f} GB; copy {COPY_GBS:.0f} GB/s")
-    port = free_port()
     global BASE
-    BASE = f"http://127.0.0.1:{port}"
-    log = open(f"{LOGS}/bench-server.log", "w")
-    srv = subprocess.Popen([f"{BIN}/lorax-launcher", "--model-id", model, "--load-format", "dummy", "--dtype",
-                            "bfloat16", "--port", str(port), "--hostname", "127.0.0.1", "--adapter-local-roots",
-                            f"{WORK}/adapters", "--adapter-source", "local", "--max-input-length", "1100",
-                            "--max-total-tokens", "1400", "--max-batch-prefill-tokens", "8192", "--num-blocks",
-                            "16384", "--max-active-adapters", "128", "--max-concurrent-requests", "1024",
-                            "--shard-startup-timeout-s", "240"], stdout=log, stderr=log)
+    t = time.time()
     try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                if call(f"{BASE}/health", timeout=5)[0] == 200:
-                    break
-            except Exception:
-                pass
-            if srv.poll() is not None or time.time() > deadline:
-                say("BENCH server did not start")
-                return 1
-            time.sleep(1)
+        srv, BASE = start_launcher(BIN, dummy_server_args(model, f"{WORK}/adapters"), f"{LOGS}/bench-server.log")
+    except RuntimeError as e:
+        say(f"BENCH {e}")
+        return 1
+    try:
         say(f"BENCH server up in {time.time() - t:.0f}s")
         lens = ["--prompt-tokens", str(PROMPT), "--output-tokens", str(OUT)]
         # Cold adapter loads, one at a time, against the base model's TTFT.
@@ -177,11 +158,7 @@ def main():
                 if rep and not name.startswith("base"):
                     say(f"BENCH {name}: {rep['output_tok_s'] / base_c['output_tok_s']:.0%} of base-only throughput")
     finally:
-        srv.terminate()
-        try:
-            srv.wait(30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
+        stop_launcher(srv)
     return 0
 
 

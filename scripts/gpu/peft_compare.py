@@ -24,16 +24,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serving import call, free_port  # noqa: E402
+from serving import MISTRAL_7B_SHAPE, dummy_server_args, start_launcher, stop_launcher, write_dummy_model  # noqa: E402
 
 BIN, LOGS = sys.argv[1], sys.argv[2]
 WORK = "/tmp/lorax-peft-compare"
 STREAMS, PROMPT, N_ADAPTERS = 128, 512, 8
 OUT = int(os.environ.get("BENCH_OUT", "64"))
-CFG = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096,
-       "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-       "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": False,
-       "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+CFG = dict(MISTRAL_7B_SHAPE)
 
 
 def say(line):
@@ -43,26 +40,8 @@ def say(line):
 
 
 def ours(model):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(f"{LOGS}/peft-compare-server.log", "w")
-    srv = subprocess.Popen([f"{BIN}/lorax-launcher", "--model-id", model, "--load-format", "dummy", "--dtype",
-                            "bfloat16", "--port", str(port), "--hostname", "127.0.0.1", "--adapter-local-roots",
-                            f"{WORK}/adapters", "--adapter-source", "local", "--max-input-length", "1100",
-                            "--max-total-tokens", "1400", "--max-batch-prefill-tokens", "8192", "--num-blocks",
-                            "16384", "--max-active-adapters", "128", "--max-concurrent-requests", "1024",
-                            "--shard-startup-timeout-s", "240"], stdout=log, stderr=log)
+    srv, base = start_launcher(BIN, dummy_server_args(model, f"{WORK}/adapters"), f"{LOGS}/peft-compare-server.log")
     try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                if call(f"{base}/health", timeout=5)[0] == 200:
-                    break
-            except Exception:
-                pass
-            if srv.poll() is not None or time.time() > deadline:
-                raise RuntimeError("our server did not start")
-            time.sleep(1)
         out = f"{LOGS}/peft-compare-ours.json"
         r = subprocess.run([f"{BIN}/lorax-bench", "run", "--url", base, "--label", "ours", "--out", out,
                             "--concurrency", str(STREAMS), "--requests", str(STREAMS), "--warmup", "16",
@@ -74,12 +53,7 @@ def ours(model):
             raise RuntimeError(r.stderr[-500:])
         return json.load(open(out))["report"]
     finally:
-        srv.terminate()
-        try:
-            srv.wait(60)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        stop_launcher(srv)
 
 
 def theirs(model):
@@ -125,9 +99,7 @@ def main():
     os.makedirs(LOGS, exist_ok=True)
     shutil.rmtree(WORK, ignore_errors=True)
     model = f"{WORK}/mistral-7b-shape"
-    os.makedirs(model)
-    json.dump(CFG, open(f"{model}/config.json", "w"))
-    shutil.copy("tests/fixtures/tokenizer/tokenizer.json", model)
+    write_dummy_model(model, CFG)
     subprocess.run([f"{BIN}/lorax-bench", "make-adapters", "--config", f"{model}/config.json", "--count",
                     str(N_ADAPTERS), "--rank", "16", "--out", f"{WORK}/adapters"], check=True)
     a = ours(model)

@@ -1,4 +1,5 @@
-"""HTTP helpers of the GPU scripts (e2e.py, tp.py): a free local port and a JSON call."""
+"""Helpers of the GPU scripts: a free local port, a JSON call, starting and stopping the launcher, and the
+dummy Mistral-7B-shaped model of the benchmarks (bench.py, peft_compare.py)."""
 import json
 import socket
 import urllib.request
@@ -18,3 +19,72 @@ def call(url, body=None, timeout=120):
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.status, json.loads(r.read() or b"null")
+
+
+def start_launcher(bin_dir, args, log_path, timeout=240, env=None):
+    """Starts `lorax-launcher ARGS` on a free local port (its own process group, output to log_path) and
+    waits until /health answers 200. Returns (process, base URL); stop it with `stop_launcher`."""
+    import os
+    import subprocess
+    import time
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([f"{bin_dir}/lorax-launcher", "--port", str(port), "--hostname", "127.0.0.1", *args],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, **(env or {})))
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if call(f"{base}/health", timeout=5)[0] == 200:
+                return proc, base
+        except Exception:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            stop_launcher(proc)
+            raise RuntimeError(f"server not healthy (exit {proc.poll()}); see {log_path}")
+        time.sleep(0.5)
+
+
+def stop_launcher(proc, timeout=60):
+    """SIGTERM to the launcher's process group (it stops its shards), SIGKILL after `timeout` seconds."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def write_dummy_model(directory, config):
+    """A model folder for `--load-format dummy`: config.json plus the repo's Mistral tokenizer."""
+    import json
+    import os
+    import shutil
+
+    os.makedirs(directory, exist_ok=True)
+    with open(f"{directory}/config.json", "w") as f:
+        json.dump(config, f)
+    shutil.copy("tests/fixtures/tokenizer/tokenizer.json", directory)
+
+
+MISTRAL_7B_SHAPE = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+    "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+
+
+def dummy_server_args(model, adapters):
+    """Launcher flags of the benchmarks: dummy bf16 weights, local adapters, room for 128+ streams."""
+    return ["--model-id", model, "--load-format", "dummy", "--dtype", "bfloat16", "--adapter-local-roots", adapters,
+            "--adapter-source", "local", "--max-input-length", "1100", "--max-total-tokens", "1400",
+            "--max-batch-prefill-tokens", "8192", "--num-blocks", "16384", "--max-active-adapters", "128",
+            "--max-concurrent-requests", "1024", "--shard-startup-timeout-s", "240"]
