@@ -10,30 +10,15 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::fixtures;
 use lorax_engine::lora::HostAdapter;
 use lorax_engine::sampling::argmax;
 use lorax_engine::{CacheConfig, CpuBackend, Engine};
 use serde_json::Value;
 
-fn gguf() -> Option<PathBuf> {
-    let p = std::env::var_os("LORAX_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../target/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} is missing (run scripts/smollm2/fetch.sh)", p.display());
-        None
-    }
-}
+#[path = "../../../tests/fixtures/smollm2/gguf_path.rs"]
+mod gguf_path;
+use gguf_path::smollm2_gguf as gguf;
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()

@@ -11,27 +11,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::{fixtures, start};
 use serde_json::{json, Value};
 
-fn gguf() -> Option<PathBuf> {
-    let p = std::env::var_os("LORAX_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../target/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} is missing (run scripts/smollm2/fetch.sh)", p.display());
-        None
-    }
-}
+#[path = "../../../tests/fixtures/smollm2/gguf_path.rs"]
+mod gguf_path;
+use gguf_path::smollm2_gguf as gguf;
 
 /// Whether `text` shows `behaviour` (the same rules as scripts/smollm2/train_adapters.py).
 fn shows(behaviour: &str, question: &str, text: &str) -> bool {
