@@ -246,7 +246,7 @@ impl<B: Backend> Engine<B> {
     /// [`Engine::logits`] with an adapter key (or `None`) per sequence.
     pub fn logits_with_adapters(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool]) -> Result<Vec<Vec<f32>>> {
         let v = self.model.cfg.vocab_size;
-        let logits = self.forward_logits(seqs, all_logits)?;
+        let logits = self.forward_logits(seqs, all_logits, false)?;
         Ok(self
             .backend
             .to_f32(&logits)?
@@ -255,8 +255,9 @@ impl<B: Backend> Engine<B> {
             .collect())
     }
 
-    /// The logits of a forward pass over `seqs`, on the device: `[rows, vocab_size]`.
-    fn forward_logits(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool]) -> Result<B::Tensor> {
+    /// The logits of a forward pass over `seqs`, on the device: `[rows, vocab_size]`. A `decode` pass on
+    /// one rank goes through [`Backend::decode_step`] (CUDA graphs).
+    fn forward_logits(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool], decode: bool) -> Result<B::Tensor> {
         // Each distinct adapter once, in first-use order; sequences refer to it by index.
         let mut keys: Vec<&str> = Vec::new();
         let mut inputs = Vec::with_capacity(seqs.len());
@@ -283,8 +284,14 @@ impl<B: Backend> Engine<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
-        self.model
-            .forward(&self.backend, &mut self.cache, &input, &adapters, &*self.comm)
+        let (model, backend, cache, comm) = (&self.model, &self.backend, &mut self.cache, &*self.comm);
+        if decode && comm.world_size() == 1 {
+            backend.decode_step(input.tokens.len(), &mut || {
+                model.forward(backend, cache, &input, &adapters, comm)
+            })
+        } else {
+            model.forward(backend, cache, &input, &adapters, comm)
+        }
     }
 
     /// Add sequences to `batch`: run their prompts and choose each one's first token.
@@ -315,7 +322,7 @@ impl<B: Backend> Engine<B> {
             })
             .collect();
         let all: Vec<bool> = new.iter().map(|s| s.prefill_logprobs).collect();
-        let logits = self.forward_logits(&raw, &all)?;
+        let logits = self.forward_logits(&raw, &all, false)?;
         // Rows in order: each prompt's token rows (when asked for), then its last row.
         let mut samplers: Vec<Sampler> = new
             .iter()
@@ -388,7 +395,7 @@ impl<B: Backend> Engine<B> {
                 )
             })
             .collect();
-        let logits = self.forward_logits(&raw, &[])?;
+        let logits = self.forward_logits(&raw, &[], true)?;
         let mut tasks: Vec<(usize, SampleTask<'_>)> = batch
             .seqs
             .iter_mut()

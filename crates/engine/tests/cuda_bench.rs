@@ -44,7 +44,7 @@ fn copy_bandwidth(g: &CudaBackend) -> f64 {
     let mut dst = g.zeros(&[n]).unwrap();
     let ms = direct_ms(g, 10, &mut || {
         g.stream()
-            .memcpy_dtod(src.device_slice(), dst.device_slice_mut())
+            .memcpy_dtod(src.device_slice().unwrap(), dst.device_slice_mut().unwrap())
             .map_err(|e| lorax_engine::EngineError::Backend(format!("{e:?}")))
     });
     let gbs = (4 * n) as f64 / (ms * 1e-3) / 1e9;

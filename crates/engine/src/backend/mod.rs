@@ -147,6 +147,13 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// Runs `f`, one decode step's forward pass over `rows` rows. A backend may run it as the replay of a
+    /// captured graph (the CUDA backend does: kernels, grids and pointers fixed, metadata refreshed); the
+    /// result must equal `f()`'s. The default calls `f`.
+    fn decode_step(&self, rows: usize, f: &mut dyn FnMut() -> Result<Self::Tensor>) -> Result<Self::Tensor> {
+        let _ = rows;
+        f()
+    }
     /// A dummy weight (`--load-format dummy`): this rank's slice of a deterministic random tensor. The
     /// default generates it on the host; a device backend makes it in place.
     fn dummy_weight(&self, spec: &crate::dummy::DummySpec) -> Result<Self::Tensor> {

@@ -7,11 +7,11 @@
 
 use std::marker::PhantomData;
 
-use super::{cfg, int, shape_err, uint, CudaBackend, CudaTensor, ATTN_CHUNK, ATTN_KERNELS, ATTN_THREADS};
+use super::{cfg, int, shape_err, uint, CudaBackend, CudaTensor, DevBuf, ATTN_CHUNK, ATTN_KERNELS, ATTN_THREADS};
 use crate::backend::AttnMeta;
 use crate::error::{EngineError, Result};
 use crate::weights::DType;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Sequences with at least this many new tokens go to the tensor-core prefill kernel (when it applies).
 const TC_PREFILL_MIN_ROWS: usize = 16;
@@ -22,7 +22,7 @@ const PF_BM: usize = 64;
 struct PrefillLaunch {
     kernel: String,
     grid: LaunchConfig,
-    _tiles: CudaSlice<i32>,
+    _tiles: DevBuf,
     tiles_ptr: u64,
 }
 
@@ -35,10 +35,10 @@ pub struct AttnPlan<'a> {
     prefill: Option<PrefillLaunch>,
     grid: LaunchConfig,
     reduce_grid: Option<LaunchConfig>,
-    _rows: CudaSlice<i32>,
-    _tables: CudaSlice<u32>,
-    _part_o: Option<CudaSlice<u8>>,
-    _part_ml: Option<CudaSlice<u8>>,
+    _rows: DevBuf,
+    _tables: DevBuf,
+    _part_o: Option<DevBuf>,
+    _part_ml: Option<DevBuf>,
     ptrs: [u64; 8],
     ints: [i32; 7],
     scale: f32,

@@ -7,9 +7,9 @@
 
 use std::marker::PhantomData;
 
-use cudarc::driver::{result as drv_result, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{cfg, drv, int, shape_err, uint, CudaBackend, CudaTensor, LORA_ROWS, SMEM_LIMIT};
+use super::{cfg, int, DevBuf, shape_err, uint, CudaBackend, CudaTensor, LORA_ROWS, SMEM_LIMIT};
 use crate::backend::LoraSegment;
 use crate::error::{EngineError, Result};
 
@@ -18,8 +18,8 @@ const SEG_BYTES: usize = 32;
 
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
 pub struct LoraPlan<'a> {
-    _table: CudaSlice<u8>,
-    tmp: CudaSlice<f32>,
+    _table: DevBuf,
+    tmp: DevBuf,
     tmp_bytes: usize,
     shrink: LaunchConfig,
     expand: LaunchConfig,
@@ -106,8 +106,7 @@ impl CudaBackend {
         let ksub = 1usize << (usize::BITS - 1 - ksub.leading_zeros());
         // Zeroed by each run (the shrink accumulates into it with atomics).
         // SAFETY: uninitialised until lora_run's memset, which precedes every kernel that reads it.
-        let tmp =
-            unsafe { self.stream.alloc::<f32>(n * rmax) }.map_err(|e| drv("allocating the LoRA intermediate", e))?;
+        let tmp = self.bytes(n * rmax * 4)?;
         let d_table = self.upload(&table)?;
         let tiles = uint("row tiles", tiles)?;
         let segs = uint("segments", nseg)?;
@@ -144,9 +143,7 @@ impl CudaBackend {
     pub fn lora_run(&self, plan: &LoraPlan<'_>) -> Result<()> {
         let [tp, xp, yp, sp] = &plan.ptrs;
         let [ki, oi, ri, kci, oti, rti, ksi] = &plan.ints;
-        // SAFETY: `tmp` holds tmp_bytes bytes.
-        unsafe { drv_result::memset_d8_async(self.ptr(&plan.tmp), 0, plan.tmp_bytes, self.stream.cu_stream()) }
-            .map_err(|e| drv("memset", e))?;
+        self.memset_zero(self.ptr(&plan.tmp), plan.tmp_bytes)?;
         launch!(self, "sgmv_shrink", plan.shrink, tp, xp, sp, ki, ri, kci, rti, ksi);
         launch!(self, "sgmv_expand", plan.expand, yp, tp, sp, oi, ri, oti, rti);
         Ok(())

@@ -114,10 +114,51 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
     ("sampling", &["sample_rows"]),
 ];
 
+/// Device memory: an allocation of its own, or a range of one shared with others (an adapter's weights
+/// live in one allocation; a captured decode step's tensors live in the graph arena).
+pub enum DevBuf {
+    /// Its own allocation, freed (stream-ordered) when dropped.
+    Own(CudaSlice<u8>),
+    /// `len` bytes at `ptr` inside `owner`, which the range keeps alive.
+    Part {
+        /// The allocation the range is in (`None`: a placeholder while recording a graph step, never
+        /// launched).
+        owner: Option<Arc<CudaSlice<u8>>>,
+        /// Device address of the first byte.
+        ptr: u64,
+        /// Bytes.
+        len: usize,
+    },
+}
+
+impl DevBuf {
+    /// Bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Own(s) => s.len(),
+            Self::Part { len, .. } => *len,
+        }
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `len` bytes at `offset` of a shared allocation.
+    pub(crate) fn part(owner: &Arc<CudaSlice<u8>>, base: u64, offset: usize, len: usize) -> Self {
+        Self::Part {
+            owner: Some(Arc::clone(owner)),
+            ptr: base + offset as u64,
+            len,
+        }
+    }
+}
+
 /// A row-major tensor in device memory, in the backend's storage type.
 pub struct CudaTensor {
     shape: Vec<usize>,
-    buf: CudaSlice<u8>,
+    buf: DevBuf,
 }
 
 impl std::fmt::Debug for CudaTensor {
@@ -129,14 +170,21 @@ impl std::fmt::Debug for CudaTensor {
 }
 
 impl CudaTensor {
-    /// The device memory (storage-type elements, row-major): for benchmarks and interop.
-    pub fn device_slice(&self) -> &CudaSlice<u8> {
-        &self.buf
+    /// The device memory (storage-type elements, row-major), when the tensor has an allocation of its
+    /// own (`None` for a range of a shared one): for benchmarks and interop.
+    pub fn device_slice(&self) -> Option<&CudaSlice<u8>> {
+        match &self.buf {
+            DevBuf::Own(s) => Some(s),
+            DevBuf::Part { .. } => None,
+        }
     }
 
-    /// The device memory, writable.
-    pub fn device_slice_mut(&mut self) -> &mut CudaSlice<u8> {
-        &mut self.buf
+    /// The device memory, writable (see [`CudaTensor::device_slice`]).
+    pub fn device_slice_mut(&mut self) -> Option<&mut CudaSlice<u8>> {
+        match &mut self.buf {
+            DevBuf::Own(s) => Some(s),
+            DevBuf::Part { .. } => None,
+        }
     }
 
     fn numel(&self) -> usize {
@@ -169,6 +217,10 @@ pub struct CudaBackend {
     attn_max_heads: usize,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
+    /// Decode-step CUDA graphs (graph.rs).
+    graphs: graph::Graphs,
+    /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
+    _blas_workspace: CudaSlice<u8>,
 }
 
 pub(crate) fn drv(what: &str, e: drv_result::DriverError) -> EngineError {
@@ -239,6 +291,13 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
     Ok(())
 }
 
+/// Plain numbers that uploads copy as bytes.
+trait Plain: Copy {}
+impl Plain for u8 {}
+impl Plain for u32 {}
+impl Plain for i32 {}
+impl Plain for f32 {}
+
 /// f32 values to little-endian bytes of `dtype` (round to nearest even).
 fn encode(dtype: DType, data: &[f32]) -> Vec<u8> {
     match dtype {
@@ -275,18 +334,31 @@ fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
 macro_rules! launch {
     ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let func = $self.func($name)?;
-        let mut builder = $self.stream.launch_builder(func);
-        $( builder.arg($arg); )+
-        // SAFETY: every argument matches the kernel's parameter list in kernels/*.cu (device pointers as
-        // u64, ints as i32/u32/u64, floats as f32), and every buffer the kernel touches was allocated with
-        // the sizes the host-side checks of the calling op established.
-        unsafe { builder.launch($cfg) }.map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
-        $self.after_launch($name)?;
+        let mode = $crate::backend::cuda::graph::mode();
+        if mode != $crate::backend::cuda::graph::Mode::Eager {
+            let c: &cudarc::driver::LaunchConfig = &$cfg;
+            $self.graphs.sign(AsRef::<str>::as_ref($name).as_bytes());
+            for d in [c.grid_dim.0, c.grid_dim.1, c.grid_dim.2, c.block_dim.0, c.shared_mem_bytes] {
+                $self.graphs.sign(&d.to_le_bytes());
+            }
+            $( $self.graphs.sign(&$crate::backend::cuda::graph::SigArg::sig_bytes($arg)); )+
+        }
+        if mode != $crate::backend::cuda::graph::Mode::Record {
+            let mut builder = $self.stream.launch_builder(func);
+            $( builder.arg($arg); )+
+            // SAFETY: every argument matches the kernel's parameter list in kernels/*.cu (device pointers as
+            // u64, ints as i32/u32/u64, floats as f32), and every buffer the kernel touches was allocated with
+            // the sizes the host-side checks of the calling op established.
+            unsafe { builder.launch($cfg) }
+                .map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
+            $self.after_launch($name)?;
+        }
     }};
 }
 
 pub mod attention;
 pub mod compile;
+pub mod graph;
 pub mod lora;
 pub mod nccl;
 pub mod sampling;
@@ -362,6 +434,18 @@ impl CudaBackend {
         }
         let blas =
             CudaBlas::new(Arc::clone(&stream)).map_err(|e| EngineError::Backend(format!("cuBLAS handle: {e:?}")))?;
+        let ws_bytes = 32usize << 20;
+        let workspace = stream
+            .alloc_zeros::<u8>(ws_bytes)
+            .map_err(|e| drv("allocating the cuBLAS workspace", e))?;
+        let ws_ptr = {
+            let (p, _sync) = workspace.device_ptr(&stream);
+            p
+        };
+        // SAFETY: the workspace lives as long as the handle (both in the backend) and holds ws_bytes bytes.
+        unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ws_ptr as *mut c_void, ws_bytes) }
+            .result()
+            .map_err(|e| EngineError::Backend(format!("cuBLAS workspace: {e:?}")))?;
         let dt = match dtype {
             DType::BF16 => "bf16",
             DType::F16 => "f16",
@@ -381,6 +465,8 @@ impl CudaBackend {
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             nccl: None,
+            graphs: graph::Graphs::from_env(),
+            _blas_workspace: workspace,
         })
     }
 
@@ -463,24 +549,34 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+    fn slice_ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
         let (p, _sync) = s.device_ptr(&self.stream);
         p
     }
 
-    fn bytes(&self, n: usize) -> Result<CudaSlice<u8>> {
+    fn ptr(&self, b: &DevBuf) -> u64 {
+        match b {
+            DevBuf::Own(s) => self.slice_ptr(s),
+            DevBuf::Part { ptr, .. } => *ptr,
+        }
+    }
+
+    fn bytes(&self, n: usize) -> Result<DevBuf> {
         // At least one byte: a zero-sized allocation is not a valid pointer to hand a kernel.
         let n = n.max(1);
+        if graph::mode() != graph::Mode::Eager {
+            return self.graphs.alloc(n);
+        }
         // SAFETY: the memory is uninitialised; every op writes what it reads (checked by the tests with
         // LORAX_CUDA_POISON, which fills it with NaN bytes here).
         let buf = unsafe { self.stream.alloc::<u8>(n) }.map_err(|e| drv(&format!("allocating {n} bytes"), e))?;
         if self.poison {
-            let p = self.ptr(&buf);
+            let p = self.slice_ptr(&buf);
             // SAFETY: `buf` holds n bytes.
             unsafe { drv_result::memset_d8_async(p, 0xff, n, self.stream.cu_stream()) }
                 .map_err(|e| drv("memset", e))?;
         }
-        Ok(buf)
+        Ok(DevBuf::Own(buf))
     }
 
     fn alloc(&self, shape: &[usize]) -> Result<CudaTensor> {
@@ -491,11 +587,36 @@ impl CudaBackend {
         })
     }
 
-    fn upload<T: cudarc::driver::DeviceRepr + Copy + Default>(&self, data: &[T]) -> Result<CudaSlice<T>> {
-        if data.is_empty() {
-            return self.stream.clone_htod(&[T::default()]).map_err(|e| drv("upload", e));
+    /// Zeroes `n` bytes at `p` on the stream (signed, and skipped while recording, in graph steps).
+    fn memset_zero(&self, p: u64, n: usize) -> Result<()> {
+        let m = graph::mode();
+        if m != graph::Mode::Eager {
+            self.graphs.sign(b"memset");
+            self.graphs.sign(&p.to_le_bytes());
+            self.graphs.sign(&(n as u64).to_le_bytes());
+            if m == graph::Mode::Record {
+                return Ok(());
+            }
         }
-        self.stream.clone_htod(data).map_err(|e| drv("upload", e))
+        // SAFETY: the caller's buffer holds n bytes at p.
+        unsafe { drv_result::memset_d8_async(p, 0, n, self.stream.cu_stream()) }.map_err(|e| drv("memset", e))
+    }
+
+    /// Bytes to an allocation of their own (weights; never the graph arena).
+    fn upload_own(&self, bytes: &[u8]) -> Result<DevBuf> {
+        let bytes = if bytes.is_empty() { &[0u8][..] } else { bytes };
+        Ok(DevBuf::Own(self.stream.clone_htod(bytes).map_err(|e| drv("upload", e))?))
+    }
+
+    /// Small host arrays (metadata) to the device: their own allocation, or the graph's metadata arena.
+    fn upload<T: Plain>(&self, data: &[T]) -> Result<DevBuf> {
+        // SAFETY: `Plain` types are plain numbers without padding; any byte pattern of them is valid to read.
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) };
+        if graph::mode() != graph::Mode::Eager {
+            return self.graphs.upload(bytes);
+        }
+        let bytes = if bytes.is_empty() { &[0u8][..] } else { bytes };
+        Ok(DevBuf::Own(self.stream.clone_htod(bytes).map_err(|e| drv("upload", e))?))
     }
 
     fn check_dtype_bytes(&self, t: &CudaTensor) -> Result<()> {
@@ -532,7 +653,7 @@ impl Backend for CudaBackend {
         }
         Ok(CudaTensor {
             shape: t.shape.clone(),
-            buf: self.upload(&bytes)?,
+            buf: self.upload_own(&bytes)?,
         })
     }
 
@@ -545,7 +666,7 @@ impl Backend for CudaBackend {
         }
         Ok(CudaTensor {
             shape: shape.to_vec(),
-            buf: self.upload(&encode(self.dtype, data))?,
+            buf: self.upload_own(&encode(self.dtype, data))?,
         })
     }
 
@@ -555,9 +676,10 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(vec![]);
         }
-        let bytes = self
-            .stream
-            .clone_dtoh(&t.buf.slice(..n))
+        let mut bytes = vec![0u8; n];
+        let src = self.ptr(&t.buf);
+        // SAFETY: the tensor holds at least n bytes at src (checked above); `bytes` holds n.
+        unsafe { drv_result::memcpy_dtoh_async(&mut bytes, src, self.stream.cu_stream()) }
             .map_err(|e| drv("download", e))?;
         self.synchronize()?;
         Ok(decode(self.dtype, &bytes))
@@ -565,10 +687,19 @@ impl Backend for CudaBackend {
 
     fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {
         let n: usize = shape.iter().product();
-        let buf = self
-            .stream
-            .alloc_zeros::<u8>((n * self.dtype.size()).max(1))
-            .map_err(|e| drv("allocating zeros", e))?;
+        if graph::mode() != graph::Mode::Eager {
+            let buf = self.bytes(n * self.dtype.size())?;
+            self.memset_zero(self.ptr(&buf), buf.len())?;
+            return Ok(CudaTensor {
+                shape: shape.to_vec(),
+                buf,
+            });
+        }
+        let buf = DevBuf::Own(
+            self.stream
+                .alloc_zeros::<u8>((n * self.dtype.size()).max(1))
+                .map_err(|e| drv("allocating zeros", e))?,
+        );
         Ok(CudaTensor {
             shape: shape.to_vec(),
             buf,
@@ -628,11 +759,19 @@ impl Backend for CudaBackend {
         };
         let (alpha, beta) = (1f32, 0f32);
         let (yp, xp, wp) = (self.ptr(&y.buf), self.ptr(&x.buf), self.ptr(&w.buf));
+        let mode = graph::mode();
+        if mode != graph::Mode::Eager {
+            self.graphs.sign(b"gemm");
+            for v in [m as u64, n as u64, k as u64, yp, xp, wp] {
+                self.graphs.sign(&v.to_le_bytes());
+            }
+        }
         self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))?;
         // Row-major y[m, n] = x[m, k] · w[n, k]ᵀ is column-major yᵀ[n, m] = (w as col-major [k, n])ᵀ · (x as
         // col-major [k, m]): transa = T, transb = N.
         // SAFETY: the pointers cover w (n·k), x (m·k) and y (m·n) elements of `dt`, as checked above;
         // alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
+        if mode != graph::Mode::Record {
         unsafe {
             blas_result::gemm_ex(
                 *self.blas.handle(),
@@ -658,6 +797,7 @@ impl Backend for CudaBackend {
         }
         .map_err(|e| EngineError::Backend(format!("cuBLAS GEMM {m}x{k} · ({n}x{k})ᵀ: {e:?}")))?;
         self.after_launch("gemm")?;
+        }
         if let Some(b) = bias {
             let bp = self.ptr(&b.buf);
             launch!(
@@ -893,6 +1033,11 @@ impl Backend for CudaBackend {
             &ci
         );
         Ok(out)
+    }
+
+    /// Through a CUDA graph when it can (graph.rs).
+    fn decode_step(&self, rows: usize, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
+        self.graph_step(rows, f)
     }
 
     /// Over NCCL on the device once the group is attached; otherwise through the host (the trait's way).

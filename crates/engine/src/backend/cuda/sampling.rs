@@ -10,9 +10,9 @@
 
 use std::marker::PhantomData;
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
-use super::{cfg, drv, int, uint, CudaBackend, CudaTensor};
+use super::{cfg, drv, int, uint, CudaBackend, CudaTensor, DevBuf};
 use crate::error::{EngineError, Result};
 use crate::sampling::{sample_host, Choice, DeviceRow, SampleTask, Sampled};
 
@@ -148,10 +148,10 @@ impl SamplePack {
 
 /// A sampling launch ready to run: inputs uploaded, scratch and output allocated.
 pub struct SamplePlan<'a> {
-    out: CudaSlice<u8>,
-    _scratch: CudaSlice<u8>,
-    _exps: CudaSlice<u8>,
-    _inputs: CudaSlice<u8>,
+    out: DevBuf,
+    _scratch: DevBuf,
+    _exps: DevBuf,
+    _inputs: DevBuf,
     ptrs: [u64; 8],
     ints: [i32; 2],
     rows: u32,
@@ -244,9 +244,10 @@ impl CudaBackend {
         if plan.words == 0 {
             return Ok(vec![]);
         }
-        let bytes = self
-            .stream
-            .clone_dtoh(&plan.out.slice(..plan.words * 4))
+        let mut bytes = vec![0u8; plan.words * 4];
+        let src = self.ptr(&plan.out);
+        // SAFETY: `out` holds `words` u32 words (allocated so by the plan).
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut bytes, src, self.stream.cu_stream()) }
             .map_err(|e| drv("download", e))?;
         self.synchronize()?;
         Ok(bytes

@@ -1,0 +1,428 @@
+//! CUDA graphs for decode steps.
+//!
+//! A decode step launches about 15 kernels per layer (and uploads a few small metadata arrays), so at
+//! small batches the GPU waits on the host's launches. [`CudaBackend::graph_step`] runs the model's forward
+//! pass through a captured graph instead:
+//!
+//! 1. **Record.** The forward pass runs with launches switched off: every op does its host work (checks,
+//!    metadata) as usual, but its outputs come from a bump-allocated *work arena*, its uploads are written
+//!    into a pinned host mirror of a bump-allocated *metadata arena*, and each launch's kernel, grid and
+//!    arguments (each GEMM's shape and pointers, each memset) go into a signature.
+//! 2. **Replay.** If a graph with that signature was captured before, the metadata mirror is copied to the
+//!    device in one copy and the graph is launched.
+//! 3. **Capture.** Otherwise the forward pass runs again under stream capture (the same op order gives the
+//!    same arena offsets, so the same pointers), is instantiated, kept (least recently used go first), and
+//!    launched as in 2.
+//!
+//! Equal signatures mean the same kernels with the same grids, scalar arguments and pointers; what changes
+//! between replays is the metadata's content (tokens, positions, cache slots, block tables, LoRA segment
+//! tables), which the copy refreshes. Upload sizes are rounded up to powers of two, so that a block table
+//! growing by one block does not change the layout. The arena memory is never reused within a step, and
+//! one step runs at a time, so all graphs share the two arenas.
+//!
+//! The mode is per thread: another thread using the backend meanwhile (say, uploading an adapter) is not
+//! recorded or captured, and must use its own stream.
+//!
+//! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
+//! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result as drv_result, sys as drv_sys, CudaGraph, CudaSlice, PinnedHostSlice};
+
+use super::{drv, CudaBackend, CudaTensor, DevBuf};
+use crate::error::{EngineError, Result};
+
+/// How ops on this thread treat launches, allocations and uploads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Launch, allocate and upload as usual.
+    Eager,
+    /// Launch nothing; allocate and upload into the arenas; sign every launch.
+    Record,
+    /// As `Record`, but launches go into the stream's capture.
+    Capture,
+}
+
+thread_local! {
+    static MODE: Cell<Mode> = const { Cell::new(Mode::Eager) };
+}
+
+/// This thread's mode.
+pub(crate) fn mode() -> Mode {
+    MODE.with(Cell::get)
+}
+
+/// Sets this thread's mode until dropped (then back to eager, also on early returns).
+struct ModeGuard;
+
+impl ModeGuard {
+    fn set(m: Mode) -> Self {
+        MODE.with(|c| c.set(m));
+        Self
+    }
+}
+
+impl Drop for ModeGuard {
+    fn drop(&mut self) {
+        MODE.with(|c| c.set(Mode::Eager));
+    }
+}
+
+/// Arena allocations are aligned to this many bytes.
+const ALIGN: usize = 256;
+
+struct Arena {
+    owner: Arc<CudaSlice<u8>>,
+    base: u64,
+    cap: usize,
+}
+
+/// A captured graph; only touched under the engine's lock (one step at a time).
+struct Captured(CudaGraph);
+// SAFETY: the graph is used from one thread at a time (under `Graphs::inner`'s lock); CUDA graph
+// handles are not tied to the thread that made them.
+unsafe impl Send for Captured {}
+
+struct Inner {
+    work: Option<Arena>,
+    meta: Option<Arena>,
+    /// Pinned host mirror of the metadata arena (same capacity).
+    host: Option<PinnedHostSlice<u8>>,
+    host_ptr: usize,
+    work_used: usize,
+    meta_used: usize,
+    sig: u64,
+    graphs: HashMap<u64, (Captured, u64)>,
+    clock: u64,
+    replays: u64,
+    captures: u64,
+    /// A copy of the mirror may still be in flight: wait before writing it again.
+    copy_pending: bool,
+}
+
+/// The graph state of a backend.
+pub(crate) struct Graphs {
+    inner: Mutex<Inner>,
+    enabled: AtomicBool,
+    max_batch: usize,
+    max_graphs: usize,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A value that can be part of a launch's signature.
+pub(crate) trait SigArg {
+    /// Its bytes.
+    fn sig_bytes(&self) -> [u8; 8];
+}
+
+impl SigArg for u64 {
+    fn sig_bytes(&self) -> [u8; 8] {
+        self.to_le_bytes()
+    }
+}
+
+impl SigArg for i32 {
+    fn sig_bytes(&self) -> [u8; 8] {
+        i64::from(*self).to_le_bytes()
+    }
+}
+
+impl SigArg for u32 {
+    fn sig_bytes(&self) -> [u8; 8] {
+        u64::from(*self).to_le_bytes()
+    }
+}
+
+impl SigArg for f32 {
+    fn sig_bytes(&self) -> [u8; 8] {
+        u64::from(self.to_bits()).to_le_bytes()
+    }
+}
+
+impl Graphs {
+    pub(crate) fn from_env() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                work: None,
+                meta: None,
+                host: None,
+                host_ptr: 0,
+                work_used: 0,
+                meta_used: 0,
+                sig: FNV_OFFSET,
+                graphs: HashMap::new(),
+                clock: 0,
+                replays: 0,
+                captures: 0,
+                copy_pending: false,
+            }),
+            enabled: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPHS").map_or(true, |v| v != "0")),
+            max_batch: env_usize("LORAX_CUDA_GRAPH_MAX_BATCH", 256),
+            max_graphs: env_usize("LORAX_CUDA_GRAPH_CACHE", 64).max(1),
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        self.inner
+            .lock()
+            .map_err(|_| EngineError::Backend("CUDA graph state poisoned".into()))
+    }
+
+    /// Adds bytes to the signature of the step being recorded or captured.
+    pub(crate) fn sign(&self, bytes: &[u8]) {
+        if let Ok(mut g) = self.inner.lock() {
+            let mut h = g.sig;
+            for &b in bytes {
+                h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+            }
+            g.sig = h;
+        }
+    }
+
+    /// `n` bytes of the work arena (a placeholder past its end while recording; the step then grows the
+    /// arena and records again).
+    pub(crate) fn alloc(&self, n: usize) -> Result<DevBuf> {
+        let mut g = self.lock()?;
+        let off = g.work_used;
+        g.work_used += n.max(1).next_multiple_of(ALIGN);
+        Ok(match &g.work {
+            Some(a) if off + n <= a.cap => DevBuf::part(&a.owner, a.base, off, n),
+            _ => DevBuf::Part {
+                owner: None,
+                ptr: off as u64,
+                len: n,
+            },
+        })
+    }
+
+    /// `data` placed in the metadata arena: written into the host mirror now, copied to the device before
+    /// the graph runs. The slot is rounded up to a power of two (at least 256 bytes).
+    pub(crate) fn upload(&self, data: &[u8]) -> Result<DevBuf> {
+        let mut g = self.lock()?;
+        let slot = data.len().max(ALIGN).next_power_of_two();
+        let off = g.meta_used;
+        g.meta_used += slot;
+        let mut h = g.sig;
+        for b in (slot as u64).to_le_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+        }
+        g.sig = h;
+        match &g.meta {
+            Some(a) if off + slot <= a.cap => {
+                // SAFETY: the mirror holds `a.cap` bytes at host_ptr and no copy from it is in flight
+                // (`begin` waited for the last one); `off + len <= cap`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), (g.host_ptr as *mut u8).add(off), data.len());
+                }
+                Ok(DevBuf::part(&a.owner, a.base, off, data.len()))
+            }
+            _ => Ok(DevBuf::Part {
+                owner: None,
+                ptr: off as u64,
+                len: data.len(),
+            }),
+        }
+    }
+
+    /// Whether a decode step of `rows` rows should go through a graph.
+    pub(crate) fn wanted(&self, rows: usize) -> bool {
+        self.enabled.load(Ordering::Relaxed) && rows > 0 && rows <= self.max_batch
+    }
+}
+
+impl CudaBackend {
+    /// Runs one forward pass `f` through a CUDA graph when it can (see the module docs), else eagerly.
+    /// The result is the same either way; a graph failure turns graphs off for this backend, with a
+    /// warning, and the step runs eagerly.
+    pub fn graph_step(&self, rows: usize, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
+        if !self.graphs.wanted(rows) || self.poison || self.sync_each || mode() != Mode::Eager {
+            return f();
+        }
+        match self.try_graph_step(f) {
+            Ok(Ok(t)) => Ok(t),
+            // The forward pass itself failed (bad input): the same error as eagerly.
+            Ok(Err(e)) => Err(e),
+            Err(e) => {
+                tracing::warn!("CUDA graphs turned off after a failure, decode steps run eagerly: {e}");
+                self.graphs.enabled.store(false, Ordering::Relaxed);
+                if let Ok(mut g) = self.graphs.lock() {
+                    g.graphs.clear();
+                }
+                f()
+            }
+        }
+    }
+
+    /// Outer error: a graph failure (fall back); inner: the forward pass's own error.
+    fn try_graph_step(&self, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<Result<CudaTensor>> {
+        for _ in 0..2 {
+            let (out, sig, work, meta) = {
+                self.begin_pass()?;
+                let _mode = ModeGuard::set(Mode::Record);
+                let out = match f() {
+                    Ok(t) => t,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let g = self.graphs.lock()?;
+                (out, g.sig, g.work_used, g.meta_used)
+            };
+            if !self.arenas_fit(work, meta)? {
+                drop(out);
+                self.grow_arenas(work, meta)?;
+                continue;
+            }
+            if self.replay(sig)? {
+                return Ok(Ok(out));
+            }
+            drop(out);
+            return self.capture(sig, f);
+        }
+        Err(EngineError::Backend("the graph arenas did not fit after growing".into()))
+    }
+
+    /// Resets the arenas' offsets and the signature; waits for the last copy from the host mirror.
+    fn begin_pass(&self) -> Result<()> {
+        let mut g = self.graphs.lock()?;
+        if g.copy_pending {
+            self.stream.synchronize().map_err(|e| drv("synchronize", e))?;
+            g.copy_pending = false;
+        }
+        g.work_used = 0;
+        g.meta_used = 0;
+        g.sig = FNV_OFFSET;
+        Ok(())
+    }
+
+    fn arenas_fit(&self, work: usize, meta: usize) -> Result<bool> {
+        let g = self.graphs.lock()?;
+        Ok(g.work.as_ref().is_some_and(|a| work <= a.cap) && g.meta.as_ref().is_some_and(|a| meta <= a.cap))
+    }
+
+    /// New, larger arenas (a quarter of headroom); every graph captured so far pointed into the old ones
+    /// and is dropped.
+    fn grow_arenas(&self, work: usize, meta: usize) -> Result<()> {
+        let mut g = self.graphs.lock()?;
+        g.graphs.clear();
+        g.work = None;
+        g.meta = None;
+        g.host = None;
+        let work_cap = (work + work / 4).next_multiple_of(1 << 20);
+        let meta_cap = (meta + meta / 4).next_multiple_of(1 << 16);
+        // SAFETY: arena memory is written by the kernels of a step before they read it.
+        let w = unsafe { self.stream.alloc::<u8>(work_cap) }
+            .map_err(|e| drv(&format!("allocating a {work_cap}-byte graph arena"), e))?;
+        // SAFETY: as above; the metadata arena is filled by the copy from the mirror before each replay.
+        let m = unsafe { self.stream.alloc::<u8>(meta_cap) }.map_err(|e| drv("allocating the metadata arena", e))?;
+        // SAFETY: plain bytes; written before they are copied.
+        let mut host = unsafe { self.ctx.alloc_pinned::<u8>(meta_cap) }.map_err(|e| drv("pinned metadata", e))?;
+        let host_ptr = host.as_mut_ptr().map_err(|e| drv("pinned metadata", e))? as usize;
+        let (wb, mb) = (self.slice_ptr(&w), self.slice_ptr(&m));
+        g.work = Some(Arena {
+            owner: Arc::new(w),
+            base: wb,
+            cap: work_cap,
+        });
+        g.meta = Some(Arena {
+            owner: Arc::new(m),
+            base: mb,
+            cap: meta_cap,
+        });
+        g.host = Some(host);
+        g.host_ptr = host_ptr;
+        tracing::debug!(work_cap, meta_cap, "CUDA graph arenas sized");
+        Ok(())
+    }
+
+    /// Copies the metadata mirror to the device and launches the graph of `sig`, if there is one.
+    fn replay(&self, sig: u64) -> Result<bool> {
+        let mut g = self.graphs.lock()?;
+        g.clock += 1;
+        let now = g.clock;
+        let Some(entry) = g.graphs.get_mut(&sig) else {
+            return Ok(false);
+        };
+        entry.1 = now;
+        let used = g.meta_used;
+        let (Some(meta), Some(_)) = (&g.meta, &g.host) else {
+            return Err(EngineError::Backend("graph replay without arenas".into()));
+        };
+        if used > 0 {
+            // SAFETY: the mirror holds meta.cap >= used bytes at host_ptr (pinned), the arena as many.
+            let src = unsafe { std::slice::from_raw_parts(g.host_ptr as *const u8, used) };
+            unsafe { drv_result::memcpy_htod_async(meta.base, src, self.stream.cu_stream()) }
+                .map_err(|e| drv("copying graph metadata", e))?;
+        }
+        let graph = &g.graphs.get(&sig).ok_or_else(|| EngineError::Backend("graph vanished".into()))?.0 .0;
+        graph.launch().map_err(|e| drv("graph launch", e))?;
+        g.copy_pending = true;
+        g.replays += 1;
+        Ok(true)
+    }
+
+    /// Captures the forward pass as the graph of `sig` and replays it.
+    fn capture(&self, sig: u64, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<Result<CudaTensor>> {
+        self.begin_pass()?;
+        self.stream
+            .begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| drv("begin capture", e))?;
+        let out = {
+            let _mode = ModeGuard::set(Mode::Capture);
+            f()
+        };
+        let graph = self.stream.end_capture(drv_sys::CUgraphInstantiate_flags(0));
+        let out = match out {
+            Ok(t) => t,
+            // Recording the same input succeeded, so this is the capture's doing.
+            Err(e) => return Err(EngineError::Backend(format!("forward pass under capture: {e}"))),
+        };
+        let graph = graph
+            .map_err(|e| drv("end capture", e))?
+            .ok_or_else(|| EngineError::Backend("stream capture produced no graph".into()))?;
+        {
+            let mut g = self.graphs.lock()?;
+            if g.sig != sig {
+                return Err(EngineError::Backend(
+                    "the captured forward pass differs from the recorded one".into(),
+                ));
+            }
+            if g.graphs.len() >= self.graphs.max_graphs {
+                if let Some(old) = g.graphs.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) {
+                    g.graphs.remove(&old);
+                }
+            }
+            let now = g.clock;
+            g.graphs.insert(sig, (Captured(graph), now));
+            g.captures += 1;
+            if g.captures == 1 || g.captures.is_power_of_two() {
+                tracing::info!(captures = g.captures, replays = g.replays, kept = g.graphs.len(), "CUDA graph captured");
+            }
+        }
+        if !self.replay(sig)? {
+            return Err(EngineError::Backend("the captured graph is missing".into()));
+        }
+        Ok(Ok(out))
+    }
+
+    /// (graphs captured, replays) so far.
+    pub fn graph_counts(&self) -> (u64, u64) {
+        self.graphs.lock().map_or((0, 0), |g| (g.captures, g.replays))
+    }
+
+    /// Turns decode-step graphs on or off (on by default unless `LORAX_CUDA_GRAPHS=0`).
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.enabled.store(on, Ordering::Relaxed);
+    }
+}
