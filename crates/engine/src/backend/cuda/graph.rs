@@ -116,10 +116,7 @@ const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// A value that can be part of a launch's signature.
@@ -290,7 +287,9 @@ impl CudaBackend {
             drop(out);
             return self.capture(sig, f);
         }
-        Err(EngineError::Backend("the graph arenas did not fit after growing".into()))
+        Err(EngineError::Backend(
+            "the graph arenas did not fit after growing".into(),
+        ))
     }
 
     /// Resets the arenas' offsets and the signature; waits for the last copy from the host mirror.
@@ -365,7 +364,12 @@ impl CudaBackend {
             unsafe { drv_result::memcpy_htod_async(meta.base, src, self.stream.cu_stream()) }
                 .map_err(|e| drv("copying graph metadata", e))?;
         }
-        let graph = &g.graphs.get(&sig).ok_or_else(|| EngineError::Backend("graph vanished".into()))?.0 .0;
+        let graph = &g
+            .graphs
+            .get(&sig)
+            .ok_or_else(|| EngineError::Backend("graph vanished".into()))?
+            .0
+             .0;
         graph.launch().map_err(|e| drv("graph launch", e))?;
         g.copy_pending = true;
         g.replays += 1;
@@ -407,7 +411,12 @@ impl CudaBackend {
             g.graphs.insert(sig, (Captured(graph), now));
             g.captures += 1;
             if g.captures == 1 || g.captures.is_power_of_two() {
-                tracing::info!(captures = g.captures, replays = g.replays, kept = g.graphs.len(), "CUDA graph captured");
+                tracing::info!(
+                    captures = g.captures,
+                    replays = g.replays,
+                    kept = g.graphs.len(),
+                    "CUDA graph captured"
+                );
             }
         }
         if !self.replay(sig)? {

@@ -9,7 +9,7 @@ use std::marker::PhantomData;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{cfg, int, DevBuf, shape_err, uint, CudaBackend, CudaTensor, LORA_ROWS, SMEM_LIMIT};
+use super::{cfg, int, shape_err, uint, CudaBackend, CudaTensor, DevBuf, LORA_ROWS, SMEM_LIMIT};
 use crate::backend::LoraSegment;
 use crate::error::{EngineError, Result};
 

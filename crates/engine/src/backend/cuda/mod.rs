@@ -605,7 +605,9 @@ impl CudaBackend {
     /// Bytes to an allocation of their own (weights; never the graph arena).
     fn upload_own(&self, bytes: &[u8]) -> Result<DevBuf> {
         let bytes = if bytes.is_empty() { &[0u8][..] } else { bytes };
-        Ok(DevBuf::Own(self.stream.clone_htod(bytes).map_err(|e| drv("upload", e))?))
+        Ok(DevBuf::Own(
+            self.stream.clone_htod(bytes).map_err(|e| drv("upload", e))?,
+        ))
     }
 
     /// Small host arrays (metadata) to the device: their own allocation, or the graph's metadata arena.
@@ -616,7 +618,9 @@ impl CudaBackend {
             return self.graphs.upload(bytes);
         }
         let bytes = if bytes.is_empty() { &[0u8][..] } else { bytes };
-        Ok(DevBuf::Own(self.stream.clone_htod(bytes).map_err(|e| drv("upload", e))?))
+        Ok(DevBuf::Own(
+            self.stream.clone_htod(bytes).map_err(|e| drv("upload", e))?,
+        ))
     }
 
     fn check_dtype_bytes(&self, t: &CudaTensor) -> Result<()> {
@@ -772,31 +776,31 @@ impl Backend for CudaBackend {
         // SAFETY: the pointers cover w (n·k), x (m·k) and y (m·n) elements of `dt`, as checked above;
         // alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
         if mode != graph::Mode::Record {
-        unsafe {
-            blas_result::gemm_ex(
-                *self.blas.handle(),
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                ni,
-                mi,
-                ki,
-                (&raw const alpha).cast::<c_void>(),
-                wp as *const c_void,
-                dt,
-                ki,
-                xp as *const c_void,
-                dt,
-                ki,
-                (&raw const beta).cast::<c_void>(),
-                yp as *mut c_void,
-                dt,
-                ni,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| EngineError::Backend(format!("cuBLAS GEMM {m}x{k} · ({n}x{k})ᵀ: {e:?}")))?;
-        self.after_launch("gemm")?;
+            unsafe {
+                blas_result::gemm_ex(
+                    *self.blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    ni,
+                    mi,
+                    ki,
+                    (&raw const alpha).cast::<c_void>(),
+                    wp as *const c_void,
+                    dt,
+                    ki,
+                    xp as *const c_void,
+                    dt,
+                    ki,
+                    (&raw const beta).cast::<c_void>(),
+                    yp as *mut c_void,
+                    dt,
+                    ni,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| EngineError::Backend(format!("cuBLAS GEMM {m}x{k} · ({n}x{k})ᵀ: {e:?}")))?;
+            self.after_launch("gemm")?;
         }
         if let Some(b) = bias {
             let bp = self.ptr(&b.buf);

@@ -1,0 +1,234 @@
+//! CUDA graphs for decode steps (backend/cuda/graph.rs): decode steps replayed from captured graphs give
+//! bit-identical tokens and log-probabilities to eager steps, through batches that grow, shrink, mix
+//! adapters and cross context-split boundaries; and (ignored, a benchmark) the time of a decode step of a
+//! Mistral-7B-shaped model with and without graphs. Without a device each test prints `SKIPPED: ...`.
+#![allow(clippy::unwrap_used)]
+
+mod cuda_common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cuda_common::{backend, say};
+use lorax_engine::comm::SingleRank;
+use lorax_engine::kv_cache::BlockAllocator;
+use lorax_engine::lora::HostAdapter;
+use lorax_engine::weights::DType;
+use lorax_engine::{Batch, CacheConfig, CudaBackend, Engine, LoadFormat, ModelConfig, NewSequence, SamplingParams};
+
+const CACHE: CacheConfig = CacheConfig {
+    num_blocks: 512,
+    block_size: 16,
+};
+
+fn write_config(dir: &Path, hidden: usize, ffn: usize, layers: usize, heads: usize, kv_heads: usize, vocab: usize) {
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+}
+
+/// A random rank-`r` q/k/v/o adapter (f32, `lora_B` non-zero) for `cfg`, in PEFT's layout.
+fn write_adapter(dir: &Path, cfg: &ModelConfig, r: usize, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+    };
+    let (h, q, kv) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for l in 0..cfg.num_layers {
+        for (m, inp, out) in [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h)] {
+            let p = format!("base_model.model.model.layers.{l}.self_attn.{m}");
+            for (ab, shape) in [("lora_A", vec![r, inp]), ("lora_B", vec![out, r])] {
+                let n: usize = shape.iter().product();
+                let bytes = (0..n).flat_map(|_| next().to_le_bytes()).collect();
+                tensors.push((format!("{p}.{ab}.weight"), shape, bytes));
+            }
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "bias": "none"
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+}
+
+fn engine(dir: &Path, dtype: DType, graphs: bool) -> Engine<CudaBackend> {
+    let b = CudaBackend::new(0, dtype).unwrap();
+    b.set_graphs(graphs);
+    Engine::load_with_format(b, dir, CACHE, Arc::new(SingleRank), LoadFormat::Dummy { seed: 5 }).unwrap()
+}
+
+type Trace = Vec<(u64, u32, u32)>;
+
+/// Every generated (sequence, token, logprob bits) of a schedule that grows, shrinks and mixes the batch.
+fn schedule(e: &mut Engine<CudaBackend>, adapters: &[String]) -> Trace {
+    let mut alloc = BlockAllocator::new(CACHE.num_blocks as u32, CACHE.block_size);
+    let mut batch = Batch::default();
+    let mut trace = Trace::new();
+    let seq = |id: u64, len: usize, adapter: Option<&String>, alloc: &mut BlockAllocator| NewSequence {
+        id,
+        input_ids: (0..len as u32).map(|i| (i * 37 + id as u32 * 11) % 4000 + 3).collect(),
+        block_table: alloc.allocate(len + 200).unwrap(),
+        params: SamplingParams::default(),
+        prefill_logprobs: false,
+        adapter: adapter.cloned(),
+    };
+    let record = |gens: Vec<lorax_engine::Generation>, trace: &mut Trace| {
+        for g in gens {
+            trace.push((g.id, g.choice.token, g.choice.logprob.to_bits()));
+        }
+    };
+    // One base sequence alone (batch 1), long enough to cross a 256-token attention chunk.
+    let first = vec![seq(0, 230, None, &mut alloc)];
+    record(e.prefill(&mut batch, first).unwrap(), &mut trace);
+    for _ in 0..40 {
+        record(e.decode(&mut batch).unwrap(), &mut trace);
+    }
+    // Three more, with adapters: batch 4 with three segments.
+    let more = vec![
+        seq(1, 5, Some(&adapters[0]), &mut alloc),
+        seq(2, 17, Some(&adapters[1]), &mut alloc),
+        seq(3, 64, Some(&adapters[0]), &mut alloc),
+    ];
+    record(e.prefill(&mut batch, more).unwrap(), &mut trace);
+    for _ in 0..30 {
+        record(e.decode(&mut batch).unwrap(), &mut trace);
+    }
+    // One leaves, two join (one base, one on the third adapter): batch 5.
+    batch.filter(&[0, 2, 3]);
+    let late = vec![seq(4, 3, None, &mut alloc), seq(5, 40, Some(&adapters[2]), &mut alloc)];
+    record(e.prefill(&mut batch, late).unwrap(), &mut trace);
+    for _ in 0..30 {
+        record(e.decode(&mut batch).unwrap(), &mut trace);
+    }
+    trace
+}
+
+#[test]
+fn decode_steps_through_graphs_equal_eager_steps() {
+    if backend(DType::BF16).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), 512, 1024, 3, 8, 2, 4096);
+    let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let keys: Vec<String> = (0..3).map(|i| format!("a{i}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        write_adapter(&dir.path().join(k), &cfg, [8, 16, 4][i], i as u64 + 1);
+    }
+    for dtype in [DType::BF16, DType::F32] {
+        let mut traces = Vec::new();
+        for graphs in [false, true] {
+            let mut e = engine(dir.path(), dtype, graphs);
+            for k in &keys {
+                let host = HostAdapter::load(&dir.path().join(k), &cfg, 64).unwrap();
+                e.load_adapter(k, &host).unwrap();
+            }
+            let t = schedule(&mut e, &keys);
+            let (captures, replays) = e.backend.graph_counts();
+            say(&format!(
+                "{dtype:?} graphs {graphs}: {} tokens, {captures} graphs captured, {replays} replays",
+                t.len()
+            ));
+            if graphs {
+                assert!(captures >= 3, "expected graphs for batches 1, 4 and 5, got {captures}");
+                assert!(replays >= 90, "only {replays} of 100 decode steps replayed a graph");
+            } else {
+                assert_eq!((captures, replays), (0, 0));
+            }
+            traces.push(t);
+        }
+        assert_eq!(traces[0].len(), traces[1].len());
+        let same = traces[0].iter().zip(&traces[1]).filter(|(a, b)| a == b).count();
+        assert_eq!(
+            same,
+            traces[0].len(),
+            "{dtype:?}: graph steps differ from eager steps at {} of {} tokens",
+            traces[0].len() - same,
+            traces[0].len()
+        );
+    }
+}
+
+/// Milliseconds per decode step of a Mistral-7B-shaped bf16 dummy model at several batch sizes, eager and
+/// through graphs, against the weight + KV bytes over 4.2 TB/s (run with `--ignored --nocapture`).
+#[test]
+#[ignore = "benchmark: needs a GPU with 20 GB free; run with --ignored --nocapture"]
+fn decode_step_time_with_and_without_graphs() {
+    if backend(DType::BF16).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), 4096, 14336, 32, 32, 8, 32000);
+    let cache = CacheConfig {
+        num_blocks: 8192,
+        block_size: 16,
+    };
+    let weight_bytes = 2.0
+        * (2.0 * 32000.0 * 4096.0 + 32.0 * (2.0 * 4096.0 * 4096.0 + 2.0 * 4096.0 * 1024.0 + 3.0 * 4096.0 * 14336.0));
+    for graphs in [false, true] {
+        let b = CudaBackend::new(0, DType::BF16).unwrap();
+        b.set_graphs(graphs);
+        let mut e = Engine::load_with_format(
+            b,
+            dir.path(),
+            cache,
+            Arc::new(SingleRank),
+            LoadFormat::Dummy { seed: 1 },
+        )
+        .unwrap();
+        for batch_size in [1usize, 8, 32, 128] {
+            let mut alloc = BlockAllocator::new(cache.num_blocks as u32, cache.block_size);
+            let mut batch = Batch::default();
+            let news = (0..batch_size)
+                .map(|i| NewSequence {
+                    id: i as u64,
+                    input_ids: vec![1; 512],
+                    block_table: alloc.allocate(512 + 64).unwrap(),
+                    params: SamplingParams::default(),
+                    prefill_logprobs: false,
+                    adapter: None,
+                })
+                .collect();
+            e.prefill(&mut batch, news).unwrap();
+            for _ in 0..4 {
+                e.decode(&mut batch).unwrap();
+            }
+            let steps = 48;
+            let t = Instant::now();
+            for _ in 0..steps {
+                e.decode(&mut batch).unwrap();
+            }
+            let ms = t.elapsed().as_secs_f64() * 1e3 / f64::from(steps);
+            let kv = batch_size as f64 * 540.0 * 32.0 * 2.0 * 1024.0 * 2.0;
+            let roof_ms = (weight_bytes + kv) / 4.2e12 * 1e3;
+            say(&format!(
+                "BENCH decode_step graphs={graphs} batch={batch_size}: {ms:.3} ms/step ({:.0} tok/s), roofline {roof_ms:.3} ms ({:.0}%)",
+                batch_size as f64 / ms * 1e3,
+                roof_ms / ms * 100.0
+            ));
+        }
+        let (c, r) = e.backend.graph_counts();
+        say(&format!("graphs={graphs}: {c} captured, {r} replays"));
+    }
+}
