@@ -127,3 +127,110 @@ extern "C" __global__ void sgmv_expand(T* __restrict__ y, const float* __restric
         *yp = from_f(to_f(*yp) + sg.scale * acc);
     }
 }
+
+// BGMV: the decode shape (every segment at most BG_ROWS rows, rank at most BG_RANK). Each adapter's A and
+// B are read once, with every thread's loads of a block issued together, and no atomics or zeroing:
+// bgmv_shrink: grid (segment, j < rmax), 128 threads: tmp[row, j] = x[row] . A[j, :] for the segment's
+//   rows (each (row, j) written by exactly one block; j >= the segment's rank is left unwritten and never
+//   read).
+// bgmv_expand: grid (segment, column tile of 256), thread per column c: y[row, c] += scale * tmp[row, :r] .
+//   B[c, :r].
+// Sums run in a fixed order, so results do not depend on scheduling.
+#define BG_ROWS 4
+#define BG_RANK 64
+#define BG_SHRINK_THREADS 128
+
+extern "C" __global__ void bgmv_shrink(float* __restrict__ tmp, const T* __restrict__ x,
+                                       const LoraSeg* __restrict__ segs, int in_dim, int rmax) {
+    const LoraSeg sg = segs[blockIdx.x];
+    const int j = blockIdx.y;
+    if (j >= sg.rank || sg.len <= 0) return;
+    const int rows = min(sg.len, BG_ROWS);
+    const T* a = reinterpret_cast<const T*>(sg.a) + (u64)j * in_dim;
+    const T* xs = x + (u64)sg.start * in_dim;
+    float acc[BG_ROWS];
+#pragma unroll
+    for (int i = 0; i < BG_ROWS; ++i) acc[i] = 0.f;
+    if (in_dim % VEC == 0) {
+#pragma unroll 4
+        for (int k = threadIdx.x * VEC; k < in_dim; k += BG_SHRINK_THREADS * VEC) {
+            float av[VEC];
+            load_n<VEC>(a + k, av);
+#pragma unroll
+            for (int i = 0; i < BG_ROWS; ++i) {
+                if (i < rows) {
+                    float xv[VEC];
+                    load_n<VEC>(xs + (u64)i * in_dim + k, xv);
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[i] += av[e] * xv[e];
+                }
+            }
+        }
+    } else {
+        for (int k = threadIdx.x; k < in_dim; k += BG_SHRINK_THREADS) {
+            const float av = to_f(a[k]);
+#pragma unroll
+            for (int i = 0; i < BG_ROWS; ++i)
+                if (i < rows) acc[i] += av * to_f(xs[(u64)i * in_dim + k]);
+        }
+    }
+    __shared__ float red[BG_ROWS][BG_SHRINK_THREADS / 32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+    for (int i = 0; i < BG_ROWS; ++i) {
+        float v = acc[i];
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0) red[i][warp] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < rows) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < BG_SHRINK_THREADS / 32; ++w) s += red[threadIdx.x][w];
+        tmp[(u64)(sg.start + threadIdx.x) * rmax + j] = s;
+    }
+}
+
+extern "C" __global__ void bgmv_expand(T* __restrict__ y, const float* __restrict__ tmp,
+                                       const LoraSeg* __restrict__ segs, int out_dim, int rmax) {
+    const LoraSeg sg = segs[blockIdx.x];
+    if (sg.len <= 0) return;
+    const int r = sg.rank;
+    const int rows = min(sg.len, BG_ROWS);
+    __shared__ float t_s[BG_ROWS * BG_RANK];
+    for (int f = threadIdx.x; f < rows * r; f += blockDim.x) t_s[f] = tmp[(u64)(sg.start + f / r) * rmax + f % r];
+    __syncthreads();
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= out_dim) return;
+    const T* b = reinterpret_cast<const T*>(sg.b) + (u64)c * r;
+    float acc[BG_ROWS];
+#pragma unroll
+    for (int i = 0; i < BG_ROWS; ++i) acc[i] = 0.f;
+    if (r % VEC == 0) {
+        for (int j0 = 0; j0 < r; j0 += VEC) {
+            float bv[VEC];
+            load_n<VEC>(b + j0, bv);
+#pragma unroll
+            for (int i = 0; i < BG_ROWS; ++i) {
+                if (i < rows) {
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[i] += t_s[i * r + j0 + e] * bv[e];
+                }
+            }
+        }
+    } else {
+        for (int jj = 0; jj < r; ++jj) {
+            const float bv = to_f(b[jj]);
+#pragma unroll
+            for (int i = 0; i < BG_ROWS; ++i)
+                if (i < rows) acc[i] += t_s[i * r + jj] * bv;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < BG_ROWS; ++i) {
+        if (i < rows) {
+            T* yp = y + (u64)(sg.start + i) * out_dim + c;
+            *yp = from_f(to_f(*yp) + sg.scale * acc[i]);
+        }
+    }
+}

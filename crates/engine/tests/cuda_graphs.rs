@@ -104,11 +104,13 @@ fn schedule(e: &mut Engine<CudaBackend>, adapters: &[String]) -> Trace {
     for _ in 0..40 {
         record(e.decode(&mut batch).unwrap(), &mut trace);
     }
-    // Three more, with adapters: batch 4 with three segments.
+    // Three more, two with adapters: batch 4 with two segments. Adapter prompts stay within 4 tokens per
+    // adapter and prefill, so their LoRA runs on the BGMV kernels (a fixed summation order) at prefill too:
+    // SGMV's atomics could round differently in the two runs and part them for reasons unrelated to graphs.
     let more = vec![
-        seq(1, 5, Some(&adapters[0]), &mut alloc),
-        seq(2, 17, Some(&adapters[1]), &mut alloc),
-        seq(3, 64, Some(&adapters[0]), &mut alloc),
+        seq(1, 3, Some(&adapters[0]), &mut alloc),
+        seq(2, 4, Some(&adapters[1]), &mut alloc),
+        seq(3, 64, None, &mut alloc),
     ];
     record(e.prefill(&mut batch, more).unwrap(), &mut trace);
     for _ in 0..30 {
@@ -116,7 +118,7 @@ fn schedule(e: &mut Engine<CudaBackend>, adapters: &[String]) -> Trace {
     }
     // One leaves, two join (one base, one on the third adapter): batch 5.
     batch.filter(&[0, 2, 3]);
-    let late = vec![seq(4, 3, None, &mut alloc), seq(5, 40, Some(&adapters[2]), &mut alloc)];
+    let late = vec![seq(4, 40, None, &mut alloc), seq(5, 2, Some(&adapters[2]), &mut alloc)];
     record(e.prefill(&mut batch, late).unwrap(), &mut trace);
     for _ in 0..30 {
         record(e.decode(&mut batch).unwrap(), &mut trace);

@@ -532,5 +532,17 @@ fn lora_sgmv_matches_cpu() {
             },
         ];
         run_lora(&g, &mut rng, 9, 100, 75, &odd, "odd sizes");
+        // The BGMV shape (segments of at most 4 rows, ranks at most 64) with mixed ranks and base rows.
+        let small: Vec<Seg> = [(0, 1, 8), (2, 4, 64), (6, 2, 16), (9, 3, 32)]
+            .into_iter()
+            .map(|(start, len, rank)| Seg {
+                start,
+                len,
+                rank,
+                scale: 0.75,
+            })
+            .collect();
+        run_lora(&g, &mut rng, 14, 4096, 1024, &small, "BGMV mixed ranks");
+        run_lora(&g, &mut rng, 14, 1024, 14336, &small, "BGMV mixed ranks, wide out");
     }
 }

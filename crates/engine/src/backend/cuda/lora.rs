@@ -1,6 +1,8 @@
 //! SGMV LoRA on the device (kernels/lora.cu): the host checks the segments, writes one `LoraSeg` record
 //! per non-empty segment (A and B device pointers, rows, rank, scale), sizes the tiles to the largest rank
-//! and launches shrink then expand. Rows outside every segment are never touched.
+//! and launches shrink then expand. Rows outside every segment are never touched. When every segment has
+//! at most 4 rows and ranks are at most 64 (decode), the BGMV pair runs instead: a block per (segment,
+//! rank index) for the shrink and a thread per output column for the expand, no atomics.
 //!
 //! Planning (checks, uploads, allocations) and running (a memset and two launches) are separate, so a
 //! run can be captured in a CUDA graph and replayed (the benchmarks time kernels that way).
@@ -15,6 +17,11 @@ use crate::error::{EngineError, Result};
 
 /// Bytes of one `struct LoraSeg` in kernels/lora.cu: a, b (u64), start, len, rank (i32), scale (f32).
 const SEG_BYTES: usize = 32;
+/// BGMV limits and block sizes (BG_ROWS, BG_RANK, BG_SHRINK_THREADS in kernels/lora.cu).
+const BG_ROWS: usize = 4;
+const BG_RANK: usize = 64;
+const BG_SHRINK_THREADS: u32 = 128;
+const BG_EXPAND_THREADS: u32 = 256;
 
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
 pub struct LoraPlan<'a> {
@@ -27,6 +34,8 @@ pub struct LoraPlan<'a> {
     ints: [i32; 7],
     /// Bytes of adapter weights the kernels read (each segment's A and B once).
     pub weight_bytes: usize,
+    /// The decode-shaped kernels (bgmv_*) rather than SGMV.
+    pub bgmv: bool,
     _io: PhantomData<&'a mut CudaTensor>,
 }
 
@@ -76,6 +85,36 @@ impl CudaBackend {
         let nseg = table.len() / SEG_BYTES;
         if nseg == 0 || k == 0 || out == 0 {
             return Ok(None);
+        }
+        if max_len <= BG_ROWS && rmax <= BG_RANK {
+            // The decode shape: BGMV (each weight read once, no atomics, no zeroing).
+            let tmp = self.bytes(n * rmax * 4)?;
+            let d_table = self.upload(&table)?;
+            let segs = uint("segments", nseg)?;
+            return Ok(Some(LoraPlan {
+                ptrs: [self.ptr(&tmp), self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&d_table)],
+                ints: [
+                    int("in features", k)?,
+                    int("out features", out)?,
+                    int("rank", rmax)?,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+                shrink: cfg((segs, uint("rank", rmax)?, 1), BG_SHRINK_THREADS, 0),
+                expand: cfg(
+                    (segs, uint("column tiles", out.div_ceil(BG_EXPAND_THREADS as usize))?, 1),
+                    BG_EXPAND_THREADS,
+                    0,
+                ),
+                tmp_bytes: 0,
+                tmp,
+                _table: d_table,
+                weight_bytes,
+                bgmv: true,
+                _io: PhantomData,
+            }));
         }
         // Row tiles no taller than the longest segment: decode (one row per segment) stages one x row.
         let rt = LORA_ROWS.min(max_len);
@@ -135,6 +174,7 @@ impl CudaBackend {
             tmp,
             _table: d_table,
             weight_bytes,
+            bgmv: false,
             _io: PhantomData,
         }))
     }
@@ -143,6 +183,11 @@ impl CudaBackend {
     pub fn lora_run(&self, plan: &LoraPlan<'_>) -> Result<()> {
         let [tp, xp, yp, sp] = &plan.ptrs;
         let [ki, oi, ri, kci, oti, rti, ksi] = &plan.ints;
+        if plan.bgmv {
+            launch!(self, "bgmv_shrink", plan.shrink, tp, xp, sp, ki, ri);
+            launch!(self, "bgmv_expand", plan.expand, yp, tp, sp, oi, ri);
+            return Ok(());
+        }
         self.memset_zero(self.ptr(&plan.tmp), plan.tmp_bytes)?;
         launch!(self, "sgmv_shrink", plan.shrink, tp, xp, sp, ki, ri, kci, rti, ksi);
         launch!(self, "sgmv_expand", plan.expand, yp, tp, sp, oi, ri, oti, rti);

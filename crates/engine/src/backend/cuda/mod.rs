@@ -109,7 +109,7 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "attn_reduce",
         ],
     ),
-    ("lora", &["sgmv_shrink", "sgmv_expand"]),
+    ("lora", &["sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand"]),
     ("prefill", &["prefill_attention_64", "prefill_attention_128"]),
     ("sampling", &["sample_rows"]),
 ];
