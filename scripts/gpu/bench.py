@@ -1,171 +1,610 @@
-"""First serving benchmark on one GPU (the benchmark issue's workload, without the transformers + peft
-baseline yet): a Mistral-7B-shaped bf16 model on dummy weights (`--load-format dummy`), 1000 random rank-16
-q/k/v/o adapters made by `lorax-bench make-adapters`, and `lorax-bench run` for
+"""Serving benchmark on one GPU (the benchmark issue's workload): a Mistral-7B-shaped bf16 model on dummy
+weights (`--load-format dummy`), 1000 random rank-16 q/k/v/o adapters made by `lorax-bench make-adapters`,
+and `lorax-bench run` for
 
-  - base-model decode at 1, 32 and 128 concurrent streams (512-token prompts, 256 new tokens);
+  - TTFT of a 512-token prompt for the base model and for 8 never-seen adapters (cold loads from local
+    disk, one at a time), with the router's lorax_adapter_load_duration and the server log's read and
+    upload times of each of them; TTFT of a 1000-token prompt against its compute roofline;
+  - cold loads under load: 32 base-model streams decode steadily (one `lorax-bench run` in the
+    background) while 8 more never-seen adapters are asked for one at a time, each after a request for
+    the base model (the control: a prefill of the same prompt with no load); the background streams'
+    inter-token gaps during each request against a window before any of them;
+  - base-model decode at 1, 32, 128 and 256 concurrent streams (512-token prompts, 256 new tokens);
   - the four popularity regimes (identical, uniform, Zipf(1), all distinct) over the 1000 adapters at 128
-    streams;
-  - cold adapter loads: 8 never-seen adapters one at a time (TTFT against the base model's, and the
-    shard's own load-duration histogram);
-  - TTFT of a 1000-token prompt.
+    streams.
 
-Each throughput is compared with its memory roofline: per decode step, the weights + the KV cache read +
-the distinct adapters' weights, over the copy bandwidth measured in the same run (BENCH_COPY_GBS).
+Every throughput is given twice: end to end (generated tokens over the run's wall time, prefill
+included) and decode only (streams / TPOT p50: tokens per second while the streams decode). Each is
+compared with the decode-step memory roofline: per step, the weights + the KV cache at the mean context
++ the adapters in flight, over the copy bandwidth measured in the same run (BENCH_COPY_GBS).
 
-    python3 scripts/gpu/bench.py BIN_DIR LOG_DIR
+    python3 scripts/gpu/bench.py BIN_DIR LOG_DIR      the runs; LOG_DIR/bench-results.json after each
+    python3 scripts/gpu/bench.py --summary LOG_DIR    the issue's targets table, from bench-results.json
+                                                       and peft-compare.json (scripts/gpu/peft_compare.py)
+
+BENCH_TINY=1: a dry run on the CPU (tiny shape, small counts). BENCH_DEADLINE (Unix seconds): runs that
+would end after it are skipped or cut, so that the server is stopped in time (bench.sh sets it).
 """
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serving import MISTRAL_7B_SHAPE, dummy_server_args, start_launcher, stop_launcher, write_dummy_model  # noqa: E402
+from serving import MISTRAL_7B_SHAPE, call, dummy_server_args, start_launcher, stop_launcher, write_dummy_model  # noqa: E402
 
-BIN, LOGS = sys.argv[1], sys.argv[2]
+TINY = os.environ.get("BENCH_TINY") == "1"
 WORK = "/tmp/lorax-bench"
 COPY_GBS = float(os.environ.get("BENCH_COPY_GBS", "4200"))
 # cuBLAS bf16 GEMM rate measured on this GPU before (bench/NOTES.md: 772-804 TFLOP/s).
 GEMM_TFLOPS = float(os.environ.get("BENCH_GEMM_TFLOPS", "790"))
 CFG = dict(MISTRAL_7B_SHAPE)
-PROMPT, OUT, STREAMS, N_ADAPTERS, RANK = 512, 256, 128, 1000, 16
-if os.environ.get("BENCH_TINY") == "1":  # a dry run of the script on a CPU: tiny shape, small counts
+PROMPT, OUT, STREAMS, N_ADAPTERS, RANK, MAX_ACTIVE = 512, 256, 128, 1000, 16, 128
+SWEEP = (1, 32, 128, 256)
+LONG_PROMPT = 1000
+N_COLD = 8  # never-seen adapters: cold-0..7 alone, cold-8..15 under load
+# Cold loads under load: background streams, their prompt and output (long enough to outlast the probes).
+LOAD_STREAMS, LOAD_PROMPT, LOAD_OUT, SETTLE_S, BASELINE_S, PROBE_GAP_S = 32, 64, 1300, 1.0, 1.5, 0.15
+PROBE_TEXT = "Write one short sentence about the sea, the wind and the old lighthouse keeper."
+if TINY:  # a dry run of the script on a CPU: tiny shape, small counts
     CFG.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)
     PROMPT, OUT, STREAMS, N_ADAPTERS = 64, 8, 8, 20
+    SWEEP = (1, 4, 8, 16)
+    LOAD_STREAMS, SETTLE_S, BASELINE_S, PROBE_GAP_S = 4, 0.5, 0.5, 0.05
+DEADLINE = float(os.environ.get("BENCH_DEADLINE", time.time() + 540))
+RESERVE_S = 20  # left at the deadline to stop the server and write the tables
+T_START = time.time()
+LOGS = BIN = BASE = None
+RESULTS = {"copy_gbs": COPY_GBS, "gemm_tflops": GEMM_TFLOPS, "tiny": TINY, "sweep": SWEEP, "streams": STREAMS,
+           "prompt": PROMPT, "out": OUT, "long_prompt": LONG_PROMPT, "sections": {}, "runs": {}}
 
 
-def say(line):
+def say(line, file="bench-summary.txt"):
     print(line, flush=True)
-    with open(f"{LOGS}/bench-summary.txt", "a") as f:
+    with open(f"{LOGS}/{file}", "a") as f:
         f.write(line + "\n")
 
 
+def save():
+    with open(f"{LOGS}/bench-results.json", "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+class Section:
+    """Prints and records the seconds a part of the run took."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.t = time.time()
+        say(f"== {self.name}")
+
+    def __exit__(self, *exc):
+        secs = time.time() - self.t
+        RESULTS["sections"][self.name] = round(secs, 1)
+        say(f"SECTION {self.name}: {secs:.0f}s (bench.py at {time.time() - T_START:.0f}s)")
+        save()
+
+
+def pct(values, p):
+    """Nearest-rank percentile (as lorax-bench's)."""
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v), max(1, -(-len(v) * p // 100))) - 1]
+
+
+def num(v, digits=2):
+    return "?" if v is None else f"{v:.{digits}f}"
+
+
+def gap_stats(gaps_ms):
+    return {"count": len(gaps_ms), "p50": pct(gaps_ms, 50), "p99": pct(gaps_ms, 99),
+            "max": max(gaps_ms) if gaps_ms else float("nan")}
+
+
+# ---- rooflines ----
+
+def kv_width():
+    return CFG["num_key_value_heads"] * (CFG["hidden_size"] // CFG["num_attention_heads"])
+
+
+def layer_params():
+    h, f = CFG["hidden_size"], CFG["intermediate_size"]
+    return 2 * h * h + 2 * h * kv_width() + 3 * h * f + 2 * h
+
+
 def weight_bytes():
-    h, f, v, L = CFG["hidden_size"], CFG["intermediate_size"], CFG["vocab_size"], CFG["num_hidden_layers"]
-    kv = CFG["num_key_value_heads"] * (h // CFG["num_attention_heads"])
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
-    return 2 * (2 * v * h + L * per_layer + h)
+    h, v, L = CFG["hidden_size"], CFG["vocab_size"], CFG["num_hidden_layers"]
+    return 2 * (2 * v * h + L * layer_params() + h)
 
 
 def kv_bytes_per_token():
-    h, L = CFG["hidden_size"], CFG["num_hidden_layers"]
-    kv = CFG["num_key_value_heads"] * (h // CFG["num_attention_heads"])
-    return 2 * L * kv * 2
+    return 2 * CFG["num_hidden_layers"] * kv_width() * 2
 
 
 def adapter_bytes():
     h = CFG["hidden_size"]
-    kv = CFG["num_key_value_heads"] * (h // CFG["num_attention_heads"])
-    per_layer = RANK * (h + h) + 2 * RANK * (h + kv) + RANK * (h + h)
+    per_layer = RANK * (h + h) + 2 * RANK * (h + kv_width()) + RANK * (h + h)
     return 2 * CFG["num_hidden_layers"] * per_layer
 
 
-def roofline_tok_s(batch, distinct_adapters):
-    """Tokens/s if each decode step only read its bytes at the copy bandwidth (mean context PROMPT + OUT/2)."""
-    step_bytes = weight_bytes() + batch * (PROMPT + OUT / 2) * kv_bytes_per_token() + distinct_adapters * adapter_bytes()
+def roofline_tok_s(batch, adapters, context):
+    """Tokens/s if each decode step only read its bytes at the copy bandwidth: the weights, `batch`
+    sequences' KV cache at `context` tokens, and `adapters` distinct adapters."""
+    step_bytes = weight_bytes() + batch * context * kv_bytes_per_token() + adapters * adapter_bytes()
     return batch / (step_bytes / (COPY_GBS * 1e9))
 
 
-def bench(name, *args):
+def prefill_roofline_ms(tokens):
+    """A prompt's prefill at the GEMM rate: every linear layer for each token, causal attention, and the
+    LM head for the last token only (the embedding is a lookup)."""
+    h, L = CFG["hidden_size"], CFG["num_hidden_layers"]
+    flops = 2 * L * layer_params() * tokens + 2 * L * h * tokens * tokens + 2 * CFG["vocab_size"] * h
+    return flops / (GEMM_TFLOPS * 1e12) * 1e3
+
+
+# ---- runs ----
+
+def budget_s():
+    return DEADLINE - time.time() - RESERVE_S
+
+
+def bench(name, *args, need=10):
+    """One `lorax-bench run`; returns its JSON (report and requests), or None when it failed or was
+    skipped for lack of time."""
+    left = budget_s()
+    if left < need:
+        say(f"BENCH {name} SKIPPED: {left:.0f}s left before the deadline, needs ~{need}s")
+        return None
     out = f"{LOGS}/{name}.json"
     cmd = [f"{BIN}/lorax-bench", "run", "--url", BASE, "--label", name, "--out", out, *args]
     t = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=min(300, left))
+    except subprocess.TimeoutExpired:
+        say(f"BENCH {name} CUT after {time.time() - t:.0f}s (deadline)")
+        return None
     if r.returncode != 0:
         say(f"BENCH {name} FAILED: {r.stderr.strip()[-400:]}")
         return None
-    rep = json.load(open(out))["report"]
+    doc = json.load(open(out))
     say(f"BENCH {name} ({time.time() - t:.0f}s) {r.stdout.strip().splitlines()[-1]}")
-    return rep
+    return doc
+
+
+def in_flight(requests, streams):
+    """Mean distinct adapters among the requests in flight, over the times when at least 90% of
+    `streams` are in flight (the steady part of a closed loop)."""
+    spans = [(r["sent_at"], r["sent_at"] + r["e2e"], r["adapter"]) for r in requests if not r.get("error")]
+    if not spans:
+        return 0.0
+    end = max(e for _, e, _ in spans)
+    counts = []
+    for k in range(400):
+        t = end * (k + 0.5) / 400
+        live = [a for s, e, a in spans if s <= t < e]
+        if len(live) >= 0.9 * streams:
+            counts.append(len({a for a in live if a is not None}))
+    return sum(counts) / len(counts) if counts else 0.0
+
+
+def throughput(name, doc, streams):
+    """A throughput run's figures: end to end and decode only, each against the roofline."""
+    if not doc:
+        RESULTS["runs"][name] = {"streams": streams, "failed": True}
+        return
+    rep = doc["report"]
+    adapters = min(MAX_ACTIVE, in_flight(doc["requests"], streams))
+    roof = roofline_tok_s(streams, adapters, PROMPT + OUT / 2)
+    tpot = rep["tpot_ms"]["p50"]
+    decode = streams / (tpot / 1e3) if tpot > 0 else 0.0
+    RESULTS["runs"][name] = {
+        "streams": streams, "adapters_in_flight": round(adapters, 1), "roofline_tok_s": roof,
+        "e2e_tok_s": rep["output_tok_s"], "e2e_share": rep["output_tok_s"] / roof,
+        "decode_tok_s": decode, "decode_share": decode / roof,
+        "ttft_p50_ms": rep["ttft_ms"]["p50"], "tpot_p50_ms": tpot, "itl_p50_ms": rep["itl_ms"]["p50"],
+        "itl_p99_ms": rep["itl_ms"]["p99"], "errors": sum(rep["errors"].values()),
+        "completed": rep["completed"], "requests": rep["requests"], "duration_s": rep["duration_s"]}
+    save()
+
+
+def load_metric():
+    """The router's lorax_adapter_load_duration histogram: {bucket: count, "sum": s, "count": n}."""
+    out = {}
+    try:
+        with __import__("urllib.request").request.urlopen(f"{BASE}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except Exception as e:  # noqa: BLE001
+        say(f"BENCH metrics unavailable: {e}")
+        return out
+    for line in text.splitlines():
+        m = re.match(r'lorax_adapter_load_duration(?:_bucket\{le="([^"]+)"\}|_(sum|count))\s+(\S+)', line)
+        if m:
+            out[m.group(1) or m.group(2)] = float(m.group(3))
+    return out
+
+
+def say_load_metric(before, after, what):
+    n = after.get("count", 0) - before.get("count", 0)
+    if n <= 0:
+        say(f"BENCH lorax_adapter_load_duration ({what}): no loads counted")
+        return None
+    mean = (after["sum"] - before.get("sum", 0)) / n * 1e3
+    buckets = [(b, after[b] - before.get(b, 0)) for b in after if b not in ("sum", "count")]
+    median_le = next((b for b, c in buckets if c >= n / 2), "+Inf")
+    say(f"BENCH lorax_adapter_load_duration ({what}): {n:.0f} loads, mean {mean:.1f} ms, p50 <= {median_le} s; "
+        + ", ".join(f"le {b}: {c:.0f}" for b, c in buckets if 0 < c < n or b == median_le))
+    return {"loads": n, "mean_ms": mean, "p50_le_s": median_le}
+
+
+def log_times(names):
+    """Per adapter, from the server log: the shard's read + parse (`adapter downloaded ... ms=`), the
+    load RPC (router's `adapter downloaded` to the shard's `adapter loaded`: the upload to the GPU), and
+    the router's whole load (`adapter loaded ... seconds=`)."""
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+    stamp = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:(\d\d\.\d+))Z?")
+    events = {n: {} for n in names}
+    try:
+        lines = open(f"{LOGS}/bench-server.log", errors="replace").read().splitlines()
+    except OSError:
+        return {}
+    for raw in lines:
+        line = ansi.sub("", raw)
+        m = stamp.match(line)
+        if not m or "adapter" not in line:
+            continue
+        for n in names:
+            if not re.search(rf"[`:]{re.escape(n)}[`\s]", line + " "):
+                continue
+            t = m.group(1)
+            secs = (int(t[11:13]) * 60 + int(t[14:16])) * 60 + float(t[17:])
+            e = events[n]
+            if "lorax_shard" in line and "adapter downloaded" in line:
+                ms = re.search(r"\bms=(\d+)", line)
+                e["read_ms"] = float(ms.group(1)) if ms else None
+            elif "lorax_router" in line and "adapter downloaded" in line:
+                e["rpc_start"] = secs
+            elif "lorax_shard" in line and "adapter loaded" in line:
+                e["loaded"] = secs
+            elif "lorax_router" in line and "adapter loaded" in line:
+                s = re.search(r"seconds=([\d.e-]+)", line)
+                e["total_ms"] = float(s.group(1)) * 1e3 if s else None
+    out = {}
+    for n, e in events.items():
+        if "rpc_start" in e and "loaded" in e:
+            e["upload_ms"] = (e["loaded"] - e["rpc_start"]) * 1e3
+        out[n] = {k: e.get(k) for k in ("read_ms", "upload_ms", "total_ms")}
+    return out
+
+
+def say_log_times(times, what):
+    fmt = lambda v: num(v, 1)  # noqa: E731
+    for n, t in times.items():
+        say(f"BENCH log {n}: read+parse {fmt(t['read_ms'])} ms, upload (load RPC) {fmt(t['upload_ms'])} ms, "
+            f"router load {fmt(t['total_ms'])} ms")
+    summary = {}
+    for k in ("read_ms", "upload_ms", "total_ms"):
+        vals = [t[k] for t in times.values() if t.get(k) is not None]
+        summary[k + "_p50"] = pct(vals, 50) if vals else None
+    say(f"BENCH log ({what}) p50: read+parse {fmt(summary['read_ms_p50'])} ms, upload {fmt(summary['upload_ms_p50'])} ms, "
+        f"router load {fmt(summary['total_ms_p50'])} ms")
+    return summary
+
+
+def ttft_and_cold():
+    base1 = bench("ttft-base-512", "--concurrency", "1", "--requests", "8", "--warmup", "2",
+                  "--prompt-tokens", "512", "--output-tokens", "1")
+    before = load_metric()
+    cold = bench("ttft-cold-adapter-512", "--concurrency", "1", "--requests", str(N_COLD), "--prompt-tokens", "512",
+                 "--output-tokens", "1", "--popularity", "distinct", "--num-adapters", str(N_COLD),
+                 "--adapter-id-template", "cold-{i}")
+    res = {}
+    if base1 and cold:
+        b, c = base1["report"]["ttft_ms"]["p50"], cold["report"]["ttft_ms"]["p50"]
+        extra = sorted(r["ttft"] * 1e3 - b for r in cold["requests"] if r.get("ttft") is not None)
+        res = {"base_ttft_p50_ms": b, "cold_ttft_p50_ms": c, "load_p50_ms": c - b,
+               "load_max_ms": extra[-1] if extra else None}
+        say(f"BENCH cold adapter load (alone): TTFT p50 {c:.1f} ms vs base {b:.1f} ms: load p50 +{c - b:.1f} ms "
+            f"(slowest +{num(res['load_max_ms'], 1)} ms)")
+    res["metric"] = say_load_metric(before, load_metric(), f"cold-0..{N_COLD - 1}")
+    res["log"] = say_log_times(log_times([f"cold-{i}" for i in range(N_COLD)]), f"cold-0..{N_COLD - 1}")
+    RESULTS["cold"] = res
+    long = bench("ttft-1000", "--concurrency", "1", "--requests", "8", "--warmup", "1",
+                 "--prompt-tokens", str(LONG_PROMPT), "--output-tokens", "1")
+    if long:
+        roof = prefill_roofline_ms(LONG_PROMPT)
+        t = long["report"]["ttft_ms"]
+        RESULTS["ttft_1000"] = {"p50_ms": t["p50"], "p90_ms": t["p90"], "roofline_ms": roof, "ratio": t["p50"] / roof}
+        say(f"BENCH TTFT of a {LONG_PROMPT}-token prompt: p50 {t['p50']:.1f} ms (p90 {t['p90']:.1f}), compute roofline "
+            f"{roof:.1f} ms ({GEMM_TFLOPS:.0f} TFLOP/s), ratio {t['p50'] / roof:.2f}")
+    save()
+
+
+def cold_under_load():
+    """Background base-model streams from `lorax-bench run`; base-model and cold-adapter requests one at a
+    time meanwhile; the background's inter-token gaps during each, against a window before any."""
+    need = SETTLE_S + BASELINE_S + 2 * N_COLD * (PROBE_GAP_S + 0.5) + 10
+    if budget_s() < need:
+        say(f"BENCH cold-under-load SKIPPED: {budget_s():.0f}s left, needs ~{need:.0f}s")
+        return
+    out = f"{LOGS}/load-itl-background.json"
+    cmd = [f"{BIN}/lorax-bench", "run", "--url", BASE, "--label", "load-itl-background", "--out", out,
+           "--concurrency", str(LOAD_STREAMS), "--requests", str(LOAD_STREAMS), "--prompt-tokens", str(LOAD_PROMPT),
+           "--output-tokens", str(LOAD_OUT)]
+    popen_t = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(SETTLE_S + BASELINE_S)
+    probes = []
+    for i in range(N_COLD):
+        for kind, adapter in (("base", None), ("cold", f"cold-{N_COLD + i}")):
+            if proc.poll() is not None:
+                break
+            params = {"max_new_tokens": 1}
+            if adapter:
+                params.update(adapter_id=adapter, adapter_source="local")
+            t = time.time()
+            try:
+                status = call(f"{BASE}/generate", {"inputs": PROBE_TEXT, "parameters": params}, timeout=60)[0]
+            except Exception as e:  # noqa: BLE001
+                status = f"{e}"[:80]
+            probes.append({"kind": kind, "adapter": adapter, "sent": t, "done": time.time(), "status": status})
+            time.sleep(PROBE_GAP_S)
+    try:
+        stdout, stderr = proc.communicate(timeout=max(5, budget_s()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        say("BENCH cold-under-load: background run CUT (deadline)")
+        return
+    if proc.returncode != 0:
+        say(f"BENCH cold-under-load: background run FAILED: {stderr.strip()[-400:]}")
+        return
+    say(f"BENCH load-itl-background {stdout.strip().splitlines()[-1]}")
+    doc = json.load(open(out))
+    # The run's start on this clock: lorax-bench writes the JSON right after its last response, so the
+    # file's mtime less the run's duration (a few ms late at most); it cannot precede the process's start.
+    t0 = max(popen_t, os.stat(out).st_mtime - doc["report"]["duration_s"])
+    reqs = [r for r in doc["requests"] if not r.get("error") and r.get("ttft") is not None]
+    if not reqs:
+        say("BENCH cold-under-load: no background request completed")
+        return
+    gaps = []
+    for r in reqs:
+        t = t0 + r["sent_at"] + r["ttft"]
+        for g in r["itl"]:
+            gaps.append((t, t + g))
+            t += g
+    lo = max(t0 + r["sent_at"] + r["ttft"] for r in reqs) + 0.2
+    hi = min(t0 + r["sent_at"] + r["e2e"] for r in reqs) - 0.05
+    steady = [g for g in gaps if g[0] >= lo and g[1] <= hi]
+    first = min((p["sent"] for p in probes), default=hi)
+    baseline = [(b - a) * 1e3 for a, b in steady if b < first - 0.05]
+    res = {"streams": LOAD_STREAMS, "t0_after_popen_s": t0 - popen_t, "baseline": gap_stats(baseline),
+           "probes": []}
+    step = res["baseline"]["p50"]
+    say(f"BENCH background: {LOAD_STREAMS} base streams, {LOAD_PROMPT}-token prompts, {LOAD_OUT} new tokens; "
+        f"steady for {hi - lo:.1f}s; run start placed {t0 - popen_t:.3f}s after the process started (file mtime "
+        f"less duration)")
+    say(f"BENCH baseline window ({first - 0.05 - lo:.1f}s, no requests): ITL p50 {step:.2f} ms, "
+        f"p99 {res['baseline']['p99']:.2f} ms, max {res['baseline']['max']:.2f} ms over {len(baseline)} gaps")
+    pooled = {"base": [], "cold": []}
+    for p in probes:
+        inside = p["sent"] >= lo and p["done"] <= hi
+        during = [(b - a) * 1e3 for a, b in steady if b > p["sent"] and a < p["done"]]
+        row = {**p, "ttft_ms": (p["done"] - p["sent"]) * 1e3, "in_steady": inside,
+               "max_gap_ms": max(during) if during else None}
+        res["probes"].append(row)
+        if inside and p["status"] == 200:
+            pooled[p["kind"]] += during
+        say(f"BENCH probe {p['adapter'] or 'base model'}: HTTP {p['status']}, {row['ttft_ms']:.1f} ms; "
+            f"background gaps during it: {len(during)}, max {num(row['max_gap_ms'])} ms"
+            f"{'' if inside else ' (outside the steady window: not counted)'}")
+    for kind in ("base", "cold"):
+        s = gap_stats(pooled[kind])
+        ttfts = [r["ttft_ms"] for r in res["probes"] if r["kind"] == kind and r["in_steady"] and r["status"] == 200]
+        s["ttft_p50_ms"] = pct(ttfts, 50) if ttfts else None
+        s["rise_steps"] = (s["max"] - step) / step if pooled[kind] and step == step and step > 0 else None
+        res[kind] = s
+        say(f"BENCH during {'base-model' if kind == 'base' else 'cold-adapter'} requests ({len(ttfts)} counted): "
+            f"ITL p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms, max {s['max']:.2f} ms = baseline step + "
+            f"{num(s['rise_steps'])} steps; their TTFT p50 {num(s['ttft_p50_ms'], 1)} ms")
+    if res["cold"]["ttft_p50_ms"] is not None and res["base"]["ttft_p50_ms"] is not None:
+        res["load_under_load_p50_ms"] = res["cold"]["ttft_p50_ms"] - res["base"]["ttft_p50_ms"]
+        say(f"BENCH cold load under load: TTFT p50 +{res['load_under_load_p50_ms']:.1f} ms over the base-model request")
+    res["log"] = say_log_times(log_times([f"cold-{N_COLD + i}" for i in range(N_COLD)]), "under load")
+    RESULTS["cold_under_load"] = res
+    save()
+
+
+def sweep_and_regimes():
+    lens = ["--prompt-tokens", str(PROMPT), "--output-tokens", str(OUT)]
+    for c in SWEEP:
+        n, warm = (3, 1) if c == 1 else (2 * c, 8)
+        name = f"base-c{c}"
+        throughput(name, bench(name, "--concurrency", str(c), "--requests", str(n), "--warmup", str(warm), *lens,
+                               need=15 + c // 8), c)
+    for regime in ("identical", "uniform", "zipf:1", "distinct"):
+        name = f"{regime.replace(':', '')}-c{STREAMS}"
+        throughput(name, bench(name, "--concurrency", str(STREAMS), "--requests", str(2 * STREAMS), "--warmup", "16",
+                               "--popularity", regime, "--num-adapters", str(N_ADAPTERS), *lens, need=30), STREAMS)
+
+
+def runs_table():
+    say("")
+    say(f"Throughput: e2e = generated tokens / wall time (prefill included); decode = streams / TPOT p50 (while "
+        f"decoding). Roofline = decode-step bytes (weights + KV at {PROMPT + OUT // 2} tokens + adapters in flight) "
+        f"/ {COPY_GBS:.0f} GB/s. {PROMPT}-token prompts, {OUT} new tokens.")
+    say("")
+    say("| run | streams | adapters in flight | roofline tok/s | e2e tok/s | e2e / roofline | decode tok/s | "
+        "decode / roofline | e2e vs base | decode vs base | TTFT p50 ms | TPOT p50 ms | ITL p50 / p99 ms | errors |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    runs = RESULTS["runs"]
+    for name, r in runs.items():
+        if r.get("failed"):
+            say(f"| {name} | {r['streams']} | failed or skipped | | | | | | | | | | | |")
+            continue
+        base = runs.get(f"base-c{r['streams']}", {})
+        vs = lambda k: f"{r[k] / base[k]:.0%}" if base.get(k) and not name.startswith("base") else ""  # noqa: E731
+        say(f"| {name} | {r['streams']} | {r['adapters_in_flight']:.0f} | {r['roofline_tok_s']:.0f} | "
+            f"{r['e2e_tok_s']:.0f} | {r['e2e_share']:.0%} | {r['decode_tok_s']:.0f} | {r['decode_share']:.0%} | "
+            f"{vs('e2e_tok_s')} | {vs('decode_tok_s')} | {r['ttft_p50_ms']:.0f} | {r['tpot_p50_ms']:.2f} | "
+            f"{r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.1f} | {r['errors']} |")
+
+
+def summary(logs):
+    """The issue's targets, each as measured in this run (bench-results.json, peft-compare.json)."""
+    global LOGS
+    LOGS = logs
+    try:
+        res = json.load(open(f"{logs}/bench-results.json"))
+    except (OSError, ValueError):
+        res = {"runs": {}}
+    try:
+        peft = json.load(open(f"{logs}/peft-compare.json"))
+    except (OSError, ValueError):
+        peft = {}
+    runs = res.get("runs", {})
+    streams, long_prompt = res.get("streams", STREAMS), res.get("long_prompt", LONG_PROMPT)
+    rows = []
+
+    def row(target, measured, value, goal, ok):
+        rows.append((target, measured, value, goal, "n/a" if ok is None else ("yes" if ok else "NO")))
+
+    def run(name):
+        r = runs.get(name)
+        return r if r and not r.get("failed") else None
+
+    for c in res.get("sweep", SWEEP):
+        goal = 0.80 if c == 1 else 0.75 if c == streams else None
+        r = run(f"base-c{c}")
+        g = f">= {goal:.0%}" if goal else "(sweep point)"
+        if r:
+            row(f"base decode, batch {c}: decode tok/s / roofline", f"{r['decode_tok_s']:.0f} of {r['roofline_tok_s']:.0f} "
+                f"tok/s (e2e {r['e2e_tok_s']:.0f}, {r['e2e_share']:.0%})", f"{r['decode_share']:.0%}", g,
+                r["decode_share"] >= goal if goal else None)
+        else:
+            row(f"base decode, batch {c}", "not measured", "", g, False if goal else None)
+    base = run(f"base-c{streams}")
+    for regime, goal in (("identical", None), ("uniform", None), ("zipf1", 0.85), ("distinct", 0.80)):
+        r = run(f"{regime}-c{streams}")
+        if not r:
+            row(f"{regime} at {streams}", "not measured", "", ">= 75% of roofline", False)
+            continue
+        row(f"{regime} at {streams}: decode tok/s / own roofline ({r['adapters_in_flight']:.0f} adapter(s) in flight)",
+            f"{r['decode_tok_s']:.0f} of {r['roofline_tok_s']:.0f} tok/s (e2e {r['e2e_share']:.0%})",
+            f"{r['decode_share']:.0%}", ">= 75%", r["decode_share"] >= 0.75)
+        if goal and base:
+            e, d = r["e2e_tok_s"] / base["e2e_tok_s"], r["decode_tok_s"] / base["decode_tok_s"]
+            row(f"{regime} at {streams}: e2e tok/s / base e2e tok/s", f"{r['e2e_tok_s']:.0f} vs {base['e2e_tok_s']:.0f} "
+                f"(decode: {d:.0%} of base)", f"{e:.0%}", f">= {goal:.0%}", e >= goal)
+    if peft.get("ours") and peft.get("theirs"):
+        ratio = peft["ours"]["e2e_tok_s"] / peft["theirs"]["e2e_tok_s"]
+        dec = peft.get("decode_ratio")
+        row(f"vs transformers + peft ({peft['streams']} streams, {peft['adapters']} adapters, {peft['prompt']}/"
+            f"{peft['out']}): e2e tok/s ratio", f"{peft['ours']['e2e_tok_s']:.0f} vs {peft['theirs']['e2e_tok_s']:.0f} "
+            f"tok/s" + (f" (decode only: {dec:.1f}x)" if dec else ""), f"{ratio:.1f}x", ">= 20x", ratio >= 20)
+    else:
+        row("vs transformers + peft", peft.get("error", "not measured"), "", ">= 20x", False)
+    t = res.get("ttft_1000")
+    if t:
+        row(f"TTFT, {long_prompt}-token prompt: p50 / compute roofline", f"{t['p50_ms']:.1f} ms vs {t['roofline_ms']:.1f} ms",
+            f"{t['ratio']:.2f}x", "<= 1.3x", t["ratio"] <= 1.3)
+    else:
+        row(f"TTFT, {long_prompt}-token prompt", "not measured", "", "<= 1.3x", False)
+    cold = res.get("cold", {})
+    if cold.get("load_p50_ms") is not None:
+        m, lg = cold.get("metric") or {}, cold.get("log") or {}
+        extra = (f"; router histogram mean {m['mean_ms']:.1f} ms" if m.get("mean_ms") is not None else "") + (
+            f"; log p50 read {lg['read_ms_p50']:.1f} + upload {lg['upload_ms_p50']:.1f} ms"
+            if lg.get("read_ms_p50") is not None and lg.get("upload_ms_p50") is not None else "")
+        row("cold adapter load (local disk, alone): TTFT p50 - base TTFT p50", f"{cold['cold_ttft_p50_ms']:.1f} vs "
+            f"{cold['base_ttft_p50_ms']:.1f} ms{extra}", f"{cold['load_p50_ms']:.1f} ms", "<= 20 ms",
+            cold["load_p50_ms"] <= 20)
+    else:
+        row("cold adapter load p50", "not measured", "", "<= 20 ms", False)
+    load = res.get("cold_under_load", {})
+    if load.get("cold", {}).get("rise_steps") is not None:
+        b, c, w = load["baseline"], load["cold"], load.get("base", {})
+        row(f"ITL of {load['streams']} streams while cold adapters load: max gap - baseline step",
+            f"baseline p50/p99/max {b['p50']:.1f}/{b['p99']:.1f}/{b['max']:.1f} ms; during loads {c['p50']:.1f}/"
+            f"{c['p99']:.1f}/{c['max']:.1f} ms; during base-model requests max {w.get('max', float('nan')):.1f} ms",
+            f"{c['rise_steps']:.2f} steps", "<= 1 step", c["rise_steps"] <= 1)
+    else:
+        row("ITL while cold adapters load", "not measured", "", "<= 1 step", False)
+    say("")
+    say("| target | measured | value | goal | met |")
+    say("|---|---|---|---|---|")
+    for r in rows:
+        say("| " + " | ".join(r) + " |")
+    secs = dict(res.get("sections", {}), **{f"peft: {k}": v for k, v in peft.get("sections", {}).items()})
+    if secs:
+        say("")
+        say("Seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
+    return 0
+
+
+def on_term(*_):
+    raise SystemExit(f"SIGTERM at {time.time() - T_START:.0f}s")
 
 
 def main():
+    global LOGS, BIN, BASE
+    if sys.argv[1] == "--summary":
+        return summary(sys.argv[2])
+    BIN, LOGS = sys.argv[1], sys.argv[2]
+    signal.signal(signal.SIGTERM, on_term)  # `timeout` stops us: stop the server on the way out
     os.makedirs(LOGS, exist_ok=True)
     shutil.rmtree(WORK, ignore_errors=True)
     model = f"{WORK}/mistral-7b-shape"
     write_dummy_model(model, CFG)
-    t = time.time()
-    subprocess.run([f"{BIN}/lorax-bench", "make-adapters", "--config", f"{model}/config.json", "--count",
-                    str(N_ADAPTERS), "--rank", str(RANK), "--out", f"{WORK}/adapters"], check=True)
-    subprocess.run([f"{BIN}/lorax-bench", "make-adapters", "--config", f"{model}/config.json", "--count", "8",
-                    "--rank", str(RANK), "--seed", "99", "--name-template", "cold-{i}", "--out", f"{WORK}/adapters"],
-                   check=True)
-    say(f"BENCH adapters: {N_ADAPTERS} rank-{RANK} q/k/v/o written in {time.time() - t:.1f}s, "
-        f"{adapter_bytes() / 1e6:.1f} MB each; weights {weight_bytes() / 1e9:.2f} GB; copy {COPY_GBS:.0f} GB/s")
-    global BASE
-    t = time.time()
+    with Section("adapters"):
+        t = time.time()
+        subprocess.run([f"{BIN}/lorax-bench", "make-adapters", "--config", f"{model}/config.json", "--count",
+                        str(N_ADAPTERS), "--rank", str(RANK), "--out", f"{WORK}/adapters"], check=True)
+        subprocess.run([f"{BIN}/lorax-bench", "make-adapters", "--config", f"{model}/config.json", "--count",
+                        str(2 * N_COLD), "--rank", str(RANK), "--seed", "99", "--name-template", "cold-{i}", "--out",
+                        f"{WORK}/adapters"], check=True)
+        say(f"BENCH adapters: {N_ADAPTERS} + {2 * N_COLD} rank-{RANK} q/k/v/o written in {time.time() - t:.1f}s, "
+            f"{adapter_bytes() / 1e6:.1f} MB each; weights {weight_bytes() / 1e9:.2f} GB; copy {COPY_GBS:.0f} GB/s")
+    srv = None
     try:
-        srv, BASE = start_launcher(BIN, dummy_server_args(model, f"{WORK}/adapters"), f"{LOGS}/bench-server.log")
-    except RuntimeError as e:
-        say(f"BENCH {e}")
-        return 1
-    try:
-        say(f"BENCH server up in {time.time() - t:.0f}s")
-        lens = ["--prompt-tokens", str(PROMPT), "--output-tokens", str(OUT)]
-        # Cold adapter loads, one at a time, against the base model's TTFT.
-        base1 = bench("ttft-base-512", "--concurrency", "1", "--requests", "8", "--warmup", "2",
-                      "--prompt-tokens", "512", "--output-tokens", "1")
-        cold = bench("ttft-cold-adapter-512", "--concurrency", "1", "--requests", "8", "--prompt-tokens", "512",
-                     "--output-tokens", "1", "--popularity", "distinct", "--num-adapters", "8",
-                     "--adapter-id-template", "cold-{i}")
-        if base1 and cold:
-            say(f"BENCH cold adapter load: TTFT p50 {cold['ttft_ms']['p50']:.1f} ms vs base {base1['ttft_ms']['p50']:.1f} ms "
-                f"(+{cold['ttft_ms']['p50'] - base1['ttft_ms']['p50']:.1f} ms)")
-        long = bench("ttft-1000", "--concurrency", "1", "--requests", "8", "--prompt-tokens", "1000",
-                     "--output-tokens", "1")
-        if long:
-            flops = 2 * (weight_bytes() / 2) * 1000 + 4 * CFG["num_hidden_layers"] * CFG["hidden_size"] * 1000 * 1000 / 2
-            roof_ms = flops / (GEMM_TFLOPS * 1e12) * 1e3
-            say(f"BENCH TTFT of a 1000-token prompt: p50 {long['ttft_ms']['p50']:.1f} ms, compute roofline "
-                f"{roof_ms:.1f} ms ({GEMM_TFLOPS:.0f} TFLOP/s), ratio {long['ttft_ms']['p50'] / roof_ms:.2f}")
-        results = {}
-        for c in sorted({1, 32, STREAMS}):
-            n = max(4, 2 * c)
-            results[f"base-c{c}"] = (bench(f"base-c{c}", "--concurrency", str(c), "--requests", str(n),
-                                           "--warmup", str(min(c, 8)), *lens), c, 0)
-        for regime in ("identical", "uniform", "zipf:1", "distinct"):
-            name = f"{regime.replace(':', '')}-c{STREAMS}"
-            rep = bench(name, "--concurrency", str(STREAMS), "--requests", str(2 * STREAMS), "--warmup", "16",
-                        "--popularity", regime, "--num-adapters", str(N_ADAPTERS), *lens)
-            distinct = 1 if regime == "identical" else min(STREAMS, rep["distinct_adapters"]) if rep else STREAMS
-            results[name] = (rep, STREAMS, distinct)
-        try:
-            metrics = urllib_get(f"{BASE}/metrics")
-            for line in metrics.splitlines():
-                if line.startswith("lorax_adapter_load_duration_sum") or line.startswith("lorax_adapter_load_duration_count"):
-                    say(f"BENCH {line}")
-                if line.startswith("lorax_adapter_load_duration{") or line.startswith("lorax_adapter_load_duration_bucket"):
-                    say(f"BENCH {line}")
-        except Exception as e:  # noqa: BLE001
-            say(f"BENCH metrics unavailable: {e}")
+        with Section("server start"):
+            srv, BASE = start_launcher(BIN, dummy_server_args(model, f"{WORK}/adapters"), f"{LOGS}/bench-server.log")
+            with open(f"{WORK}/launcher.pid", "w") as f:
+                f.write(str(srv.pid))
+        with Section("TTFT and cold loads"):
+            ttft_and_cold()
+        with Section("cold loads under load"):
+            cold_under_load()
+        with Section("base sweep and popularity regimes"):
+            sweep_and_regimes()
+        m = load_metric()
+        if m:
+            say(f"BENCH lorax_adapter_load_duration (whole run): {m.get('count', 0):.0f} loads, "
+                f"sum {m.get('sum', 0):.1f} s; " + ", ".join(f"le {b}: {c:.0f}" for b, c in m.items() if b not in ("sum", "count")))
+        runs_table()
         say("")
-        say("| run | streams | tok/s | roofline tok/s | share | TTFT p50 ms | TPOT p50 ms | errors |")
-        say("|---|---|---|---|---|---|---|---|")
-        base_c = results.get(f"base-c{STREAMS}", (None,))[0]
-        for name, (rep, c, distinct) in results.items():
-            if not rep:
-                say(f"| {name} | {c} | failed | | | | | |")
-                continue
-            roof = roofline_tok_s(c, distinct)
-            say(f"| {name} | {c} | {rep['output_tok_s']:.0f} | {roof:.0f} | {rep['output_tok_s'] / roof:.0%} | "
-                f"{rep['ttft_ms']['p50']:.0f} | {rep['tpot_ms']['p50']:.2f} | {sum(rep['errors'].values())} |")
-        if base_c:
-            for name, (rep, c, _) in results.items():
-                if rep and not name.startswith("base"):
-                    say(f"BENCH {name}: {rep['output_tok_s'] / base_c['output_tok_s']:.0%} of base-only throughput")
+        say("Targets so far (bench.sh adds transformers + peft next):")
+        summary(LOGS)
+    except (RuntimeError, SystemExit) as e:
+        say(f"BENCH stopped: {e}")
+        save()
+        return 1
     finally:
-        stop_launcher(srv)
+        if srv:
+            t = time.time()
+            stop_launcher(srv, timeout=15)
+            os.remove(f"{WORK}/launcher.pid")
+            say(f"SECTION server stop: {time.time() - t:.0f}s (bench.py at {time.time() - T_START:.0f}s)")
     return 0
-
-
-def urllib_get(url):
-    import urllib.request
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return r.read().decode()
 
 
 if __name__ == "__main__":

@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
-# The serving benchmark on one GPU, in one call: copy bandwidth (PyTorch, 2 GiB device-to-device), then
-# scripts/gpu/bench.py (Mistral-7B-shaped dummy model, 1000 random adapters, lorax-bench runs, rooflines).
-# Binaries come from scripts/gpu/build.sh.
+# The serving benchmark on one GPU, in one call of under 10 minutes: copy bandwidth (PyTorch, 2 GiB
+# device-to-device), scripts/gpu/bench.py (Mistral-7B-shaped dummy model, 1000 random adapters, TTFT, cold
+# loads alone and under load, base sweep, popularity regimes, rooflines), then scripts/gpu/peft_compare.py
+# (the same server against transformers + peft: 128 streams, 8 adapters, 512-token prompts, 256 new
+# tokens), then the issue's targets table. Binaries come from scripts/gpu/build.sh.
 #
 #   scripts/gpu/bench.sh LOG_DIR [BIN_DIR]        (BIN_DIR defaults to .gpu-bin)
+#
+# Everything is appended to LOG_DIR/bench-summary.txt as it is measured (a killed call keeps what it got);
+# JSON reports go to LOG_DIR. BENCH_TIMEOUT (default 570) is the seconds the whole script may take (the
+# device command is killed at 600); BENCH_PEFT_BUDGET (default 190) of them are kept for peft_compare.py.
+# BENCH_TINY=1: a dry run on the CPU (no copy measurement; BIN_DIR e.g. target/release).
 set -uo pipefail
 logs=${1:?usage: scripts/gpu/bench.sh LOG_DIR [BIN_DIR]}
 bin=${2:-.gpu-bin}
 cd "$(dirname "$0")/../.."
 mkdir -p "$logs"
 logs=$(cd "$logs" && pwd)
+summary=$logs/bench-summary.txt
+budget=${BENCH_TIMEOUT:-570}
+peft_budget=${BENCH_PEFT_BUDGET:-190}
+start=$(date +%s)
+elapsed() { echo $(($(date +%s) - start)); }
+section() { echo "SECTION $1: $(($(date +%s) - $2))s (bench.sh at $(elapsed)s)" | tee -a "$summary"; }
+
+t=$(date +%s)
 . scripts/gpu/env.sh
 nvidia-smi >"$logs/nvidia-smi.txt" 2>&1
-copy=$(python3 - <<'PY'
+copy=
+if [ "${BENCH_TINY:-}" != 1 ]; then
+    copy=$(python3 - <<'PY'
 import torch
 a = torch.empty(2 << 30, dtype=torch.uint8, device=0)
 b = torch.empty_like(a)
@@ -26,5 +43,41 @@ for _ in range(20):
 print(f"{2 * a.numel() / sorted(times)[10] / 1e6:.0f}")
 PY
 )
-echo "copy bandwidth: ${copy} GB/s (2 GiB, read + written, median of 20)" | tee "$logs/bench-summary.txt"
-BENCH_COPY_GBS=${copy:-4200} timeout "${BENCH_TIMEOUT:-560}" python3 scripts/gpu/bench.py "$bin" "$logs"
+fi
+echo "copy bandwidth: ${copy:-not measured, 4200 assumed} GB/s (2 GiB, read + written, median of 20)" | tee -a "$summary"
+section "setup and copy bandwidth" "$t"
+
+# bench.py skips or cuts runs so as to have stopped its server by BENCH_DEADLINE; `timeout` is the
+# backstop (on SIGTERM bench.py still stops the server; SIGKILL 20 s later).
+t=$(date +%s)
+bench_s=$((budget - peft_budget - $(elapsed)))
+BENCH_COPY_GBS=${copy:-4200} BENCH_DEADLINE=$((start + budget - peft_budget)) \
+    timeout -k 20 "$((bench_s + 10))" python3 scripts/gpu/bench.py "$bin" "$logs"
+echo "bench.py exit status $?" | tee -a "$summary"
+# A server left behind (bench.py killed) would hold the GPU memory peft needs.
+if [ -f /tmp/lorax-bench/launcher.pid ]; then
+    pid=$(cat /tmp/lorax-bench/launcher.pid)
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "stopping the server bench.py left (pid $pid)" | tee -a "$summary"
+        kill -TERM -- "-$pid" 2>/dev/null
+        sleep 10
+        kill -KILL -- "-$pid" 2>/dev/null
+    fi
+    rm -f /tmp/lorax-bench/launcher.pid
+fi
+section "bench.py" "$t"
+
+t=$(date +%s)
+peft_s=$((budget - $(elapsed) - 10))
+if [ "$peft_s" -gt 60 ]; then
+    timeout -k 10 "$peft_s" python3 scripts/gpu/peft_compare.py "$bin" "$logs" 2>&1 | tee -a "$summary"
+    echo "peft_compare.py exit status ${PIPESTATUS[0]}" | tee -a "$summary"
+else
+    echo "peft_compare.py SKIPPED: ${peft_s}s left" | tee -a "$summary"
+fi
+section "peft_compare.py" "$t"
+
+echo | tee -a "$summary"
+echo "== the benchmark issue's targets, measured in this run" | tee -a "$summary"
+python3 scripts/gpu/bench.py --summary "$logs"
+section "total" "$start"
