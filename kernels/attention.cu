@@ -80,7 +80,7 @@ __device__ __forceinline__ void load_smem(const float* p, float* out) {
 // One pass over the keys and values of the block's token range: each lane group keeps its own running
 // maximum, sum and output for every query head (online softmax, rescaled once per U tokens), so the loop
 // needs no barrier; the groups are combined once at the end.
-template <int HD, int MAXG>
+template <int HD, int MAXG, int GCAP>
 __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __restrict__ part_o,
                                                 float* __restrict__ part_ml, const T* __restrict__ q,
                                                 const T* __restrict__ k_cache, const T* __restrict__ v_cache,
@@ -89,7 +89,9 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
                                                 float scale, int chunks_per_split, int num_splits) {
     constexpr int VW = pick_vw(HD);
     constexpr int NV = HD / VW;
-    constexpr int G = pow2_divisor(NV);
+    // Lanes per token (at most GCAP). Each token's dot product costs log2(G) shuffles per query head and its
+    // softmax weights are computed G times over; fewer lanes per token mean more elements per lane.
+    constexpr int G = pow2_divisor(NV) > GCAP ? GCAP : pow2_divisor(NV);
     constexpr int NPV = NV / G;
     constexpr int NPL = NPV * VW;
     constexpr int GROUPS = ATTN_THREADS / G;
@@ -240,16 +242,23 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
     }
 }
 
-#define PAGED_ATTENTION(HD, MAXG)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MAXG >= 8 ? 3 : 4)                                \
-        paged_attention_##HD##_##MAXG(                                                                             \
+#define PAGED_ATTENTION_G(HD, MAXG, GCAP, NAME, MINB)                                                              \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(                                         \
         T* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml, const T* __restrict__ q,     \
         const T* __restrict__ k_cache, const T* __restrict__ v_cache, const RowInfo* __restrict__ rows,           \
         const u32* __restrict__ tables, int num_heads, int num_kv_heads, int block_size, int window, float scale, \
         int chunks_per_split, int num_splits) {                                                                    \
-        paged_attention<HD, MAXG>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads,             \
-                                  num_kv_heads, block_size, window, scale, chunks_per_split, num_splits);         \
+        paged_attention<HD, MAXG, GCAP>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads,       \
+                                        num_kv_heads, block_size, window, scale, chunks_per_split, num_splits);   \
     }
+#define PAGED_ATTENTION(HD, MAXG) \
+    PAGED_ATTENTION_G(HD, MAXG, 32, paged_attention_##HD##_##MAXG, MAXG >= 8 ? 3 : 4)
+
+// GQA variants for head size 128 with at most 8 lanes per token (16 elements per lane): a third of the
+// shuffles and half the softmax exponentials per token of the 16-lane split; more registers, so fewer blocks.
+PAGED_ATTENTION_G(128, 2, 8, paged_attention_128_2_l8, 4)
+PAGED_ATTENTION_G(128, 4, 8, paged_attention_128_4_l8, 3)
+PAGED_ATTENTION_G(128, 8, 8, paged_attention_128_8_l8, 2)
 
 // Kernels per head size for 1, 2, 4 or 8 query heads per block (the host picks the smallest that holds
 // the GQA group: fewer registers; larger groups go 8 heads at a time). Blocks of 8 heads get more registers

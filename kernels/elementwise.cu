@@ -143,3 +143,56 @@ extern "C" __global__ void fill_dummy(T* __restrict__ out, u64 n, u64 cols, u64 
         out[i] = from_f(scale * t);
     }
 }
+
+// Small-batch linear layer: y[m, n] = x[m, k] . w[n, k]^T for m <= GV_M (decode at batch 1-4), where a GEMM
+// library's tiles would leave most of each weight read in flight unused. A warp per output feature; each lane
+// keeps GV_UNROLL 16-byte loads of its weight row in flight, and the m rows of x (small, cached) are read
+// alongside. f32 accumulation; one warp reduction per (row, feature) at the end. Needs k a multiple of VEC
+// and 16-byte aligned rows (the host checks k).
+#define GV_M 4
+#define GV_THREADS 128
+#define GV_UNROLL 4
+extern "C" __global__ void gemv_small(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int m,
+                                      int n, int k) {
+    const int f = blockIdx.x * (GV_THREADS / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (f >= n) return;
+    const T* wr = w + (u64)f * k;
+    float acc[GV_M];
+#pragma unroll
+    for (int i = 0; i < GV_M; ++i) acc[i] = 0.f;
+    const int step = 32 * VEC;
+    for (int k0 = lane * VEC; k0 < k; k0 += GV_UNROLL * step) {
+        float wv[GV_UNROLL][VEC];
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; ++u) {
+            if (k0 + u * step < k) {
+                load_n<VEC>(wr + k0 + u * step, wv[u]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) wv[u][e] = 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; ++u) {
+            const int kk = k0 + u * step;
+            if (kk < k) {
+#pragma unroll
+                for (int i = 0; i < GV_M; ++i) {
+                    if (i < m) {
+                        float xv[VEC];
+                        load_n<VEC>(x + (u64)i * k + kk, xv);
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) acc[i] += wv[u][e] * xv[e];
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < GV_M; ++i) {
+        float v = acc[i];
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0 && i < m) y[(u64)i * n + f] = from_f(v);
+    }
+}

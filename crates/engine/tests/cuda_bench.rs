@@ -235,16 +235,22 @@ fn kernel_benchmarks() {
     sgmv(&g, 4096, 16, 64, true, copy);
     sgmv(&g, 4096, 16, 64, false, copy);
     sgmv(&g, 4096, 64, 64, true, copy);
-    decode_attention(&g, 64, 4096, 32, 8, copy);
     decode_attention(&g, 64, 4096, 32, 32, copy);
-    decode_attention(&g, 64, 4096, 64, 8, copy);
-    // GQA 8 as two blocks of 4 heads per KV head (keys and values read twice, the second time mostly from L2).
-    g.set_attention_max_heads(4);
-    decode_attention(&g, 64, 4096, 64, 8, copy);
-    g.set_attention_max_heads(8);
-    decode_attention(&g, 256, 1024, 32, 8, copy);
-    decode_attention(&g, 8, 32768, 32, 8, copy);
-    decode_attention(&g, 1, 131_072, 32, 8, copy);
+    // GQA on the 16-lanes-per-token kernels, then on the 8-lane ones (`_l8`, the default).
+    for lanes8 in [false, true] {
+        g.set_attention_lanes8(lanes8);
+        decode_attention(&g, 64, 4096, 32, 8, copy);
+        decode_attention(&g, 64, 4096, 64, 8, copy);
+        // GQA 8 as two blocks of 4 heads per KV head (keys and values read twice, the second time mostly
+        // from L2).
+        g.set_attention_max_heads(4);
+        decode_attention(&g, 64, 4096, 64, 8, copy);
+        g.set_attention_max_heads(8);
+        decode_attention(&g, 128, 640, 32, 8, copy);
+        decode_attention(&g, 256, 1024, 32, 8, copy);
+        decode_attention(&g, 8, 32768, 32, 8, copy);
+        decode_attention(&g, 1, 131_072, 32, 8, copy);
+    }
     prefill_attention(&mut g, true, 4096, 32, 8);
     prefill_attention(&mut g, false, 4096, 32, 8);
     prefill_attention(&mut g, true, 16384, 32, 8);

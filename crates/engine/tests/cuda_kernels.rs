@@ -51,6 +51,11 @@ fn linear_matches_cpu() {
             (64, 4096, 512, false),
             (300, 1024, 768, true),
             (3, 100, 75, true),
+            // gemv_small's shapes (1-4 rows, k a whole number of 16-byte vectors), partial unroll tails.
+            (1, 4096, 1000, false),
+            (2, 14336, 256, true),
+            (4, 1032, 77, false),
+            (3, 4096, 4096, false),
         ] {
             let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
             let w = pair(&g, &mut rng, &[n, k], -0.05, 0.05);

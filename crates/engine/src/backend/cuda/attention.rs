@@ -100,7 +100,12 @@ impl CudaBackend {
                     "head_dim {hd} has no CUDA attention kernel (supported: {dims:?})"
                 ))
             })?;
-        let kernel = format!("paged_attention_{hd}_{maxg}");
+        let lanes8 = if self.attn_lanes8 && hd == 128 && maxg >= 2 {
+            "_l8"
+        } else {
+            ""
+        };
+        let kernel = format!("paged_attention_{hd}_{maxg}{lanes8}");
         let bs = meta.block_size;
         let tc_kernel = (self.tc_prefill && self.dtype != DType::F32 && (hd == 64 || hd == 128))
             .then(|| format!("prefill_attention_{hd}"));

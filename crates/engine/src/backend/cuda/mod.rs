@@ -13,7 +13,9 @@
 //!
 //! Switches (environment): `LORAX_CUDA_POISON=1` fills every new tensor with NaN bytes so unwritten
 //! outputs show; `LORAX_CUDA_SYNC=1` synchronises after every launch so a fault names its kernel;
-//! `LORAX_CUDA_PREFILL=simple` keeps prefill off the tensor-core kernel.
+//! `LORAX_CUDA_PREFILL=simple` keeps prefill off the tensor-core kernel; `LORAX_CUDA_GEMV=0` runs linear
+//! layers of 1-4 rows on cuBLAS too (default: the weight-streaming `gemv_small`); `LORAX_CUDA_GRAPHS=0`
+//! turns decode-step CUDA graphs off (graph.rs).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -61,6 +63,8 @@ pub const ATTN_KERNELS: [(usize, usize); 21] = [
 ];
 /// Shared memory a LoRA block may use without opting in to more.
 const SMEM_LIMIT: usize = 48 * 1024;
+/// Linear layers with at most this many rows run on `gemv_small` (GV_M in kernels/elementwise.cu).
+const GEMV_MAX_ROWS: usize = 4;
 /// Rows of a LoRA row tile.
 const LORA_ROWS: usize = 16;
 
@@ -82,6 +86,7 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "fill_dummy",
         ],
     ),
+            "gemv_small",
     (
         "attention",
         &[
@@ -108,6 +113,9 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "paged_attention_256_8",
             "attn_reduce",
         ],
+            "paged_attention_128_2_l8",
+            "paged_attention_128_4_l8",
+            "paged_attention_128_8_l8",
     ),
     ("lora", &["sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand"]),
     ("prefill", &["prefill_attention_64", "prefill_attention_128"]),
@@ -217,10 +225,14 @@ pub struct CudaBackend {
     attn_max_heads: usize,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
+    /// GQA attention at head size 128 on the 8-lanes-per-token kernels (`LORAX_CUDA_ATTN_L8=0`: 16 lanes).
+    attn_lanes8: bool,
     /// Decode-step CUDA graphs (graph.rs).
     graphs: graph::Graphs,
     /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
     _blas_workspace: CudaSlice<u8>,
+    /// Linear layers of 1-4 rows on `gemv_small` (`LORAX_CUDA_GEMV=0`: cuBLAS for all).
+    gemv: bool,
 }
 
 pub(crate) fn drv(what: &str, e: drv_result::DriverError) -> EngineError {
@@ -493,8 +505,10 @@ impl CudaBackend {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+            attn_lanes8: std::env::var("LORAX_CUDA_ATTN_L8").map_or(true, |v| v != "0"),
 
     /// The stream all work runs on (for timing with events).
+            gemv: std::env::var("LORAX_CUDA_GEMV").map_or(true, |v| v != "0"),
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -520,6 +534,11 @@ impl CudaBackend {
         let n = t.numel() as u64;
         if n > 0 {
             let p = self.ptr(&t.buf);
+    /// GQA attention at head size 128 with 8 lanes per token (default) or 16 (for benchmarks).
+    pub fn set_attention_lanes8(&mut self, on: bool) {
+        self.attn_lanes8 = on;
+    }
+
             launch!(
                 self,
                 "fill_uniform",
@@ -663,6 +682,63 @@ impl Backend for CudaBackend {
 
     fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CudaTensor> {
         if shape.iter().product::<usize>() != data.len() {
+
+    /// `y = x · wᵀ` through cuBLAS (pointers and sizes checked by `linear`).
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        (yp, xp, wp): (u64, u64, u64),
+        (mi, ni, ki): (i32, i32, i32),
+    ) -> Result<()> {
+        let dt = match self.dtype {
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        let mode = graph::mode();
+        if mode != graph::Mode::Eager {
+            self.graphs.sign(b"gemm");
+            for v in [m as u64, n as u64, k as u64, yp, xp, wp] {
+                self.graphs.sign(&v.to_le_bytes());
+            }
+        }
+        self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))?;
+        // Row-major y[m, n] = x[m, k] · w[n, k]ᵀ is column-major yᵀ[n, m] = (w as col-major [k, n])ᵀ · (x as
+        // col-major [k, m]): transa = T, transb = N.
+        // SAFETY: the pointers cover w (n·k), x (m·k) and y (m·n) elements of `dt`, as checked above;
+        // alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
+        if mode != graph::Mode::Record {
+            unsafe {
+                blas_result::gemm_ex(
+                    *self.blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    ni,
+                    mi,
+                    ki,
+                    (&raw const alpha).cast::<c_void>(),
+                    wp as *const c_void,
+                    dt,
+                    ki,
+                    xp as *const c_void,
+                    dt,
+                    ki,
+                    (&raw const beta).cast::<c_void>(),
+                    yp as *mut c_void,
+                    dt,
+                    ni,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| EngineError::Backend(format!("cuBLAS GEMM {m}x{k} · ({n}x{k})ᵀ: {e:?}")))?;
+            self.after_launch("gemm")?;
+        }
+        Ok(())
+    }
             return Err(EngineError::Backend(format!(
                 "{} values for shape {shape:?}",
                 data.len()
@@ -756,51 +832,13 @@ impl Backend for CudaBackend {
         }
         let y = self.alloc(&[m, n])?;
         let (mi, ni, ki) = (int("rows", m)?, int("out features", n)?, int("in features", k)?);
-        let dt = match self.dtype {
-            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
-            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-        };
-        let (alpha, beta) = (1f32, 0f32);
         let (yp, xp, wp) = (self.ptr(&y.buf), self.ptr(&x.buf), self.ptr(&w.buf));
-        let mode = graph::mode();
-        if mode != graph::Mode::Eager {
-            self.graphs.sign(b"gemm");
-            for v in [m as u64, n as u64, k as u64, yp, xp, wp] {
-                self.graphs.sign(&v.to_le_bytes());
-            }
-        }
-        self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))?;
-        // Row-major y[m, n] = x[m, k] · w[n, k]ᵀ is column-major yᵀ[n, m] = (w as col-major [k, n])ᵀ · (x as
-        // col-major [k, m]): transa = T, transb = N.
-        // SAFETY: the pointers cover w (n·k), x (m·k) and y (m·n) elements of `dt`, as checked above;
-        // alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
-        if mode != graph::Mode::Record {
-            unsafe {
-                blas_result::gemm_ex(
-                    *self.blas.handle(),
-                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    ni,
-                    mi,
-                    ki,
-                    (&raw const alpha).cast::<c_void>(),
-                    wp as *const c_void,
-                    dt,
-                    ki,
-                    xp as *const c_void,
-                    dt,
-                    ki,
-                    (&raw const beta).cast::<c_void>(),
-                    yp as *mut c_void,
-                    dt,
-                    ni,
-                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| EngineError::Backend(format!("cuBLAS GEMM {m}x{k} · ({n}x{k})ᵀ: {e:?}")))?;
-            self.after_launch("gemm")?;
+        if self.gemv && m <= GEMV_MAX_ROWS && k.is_multiple_of(16 / self.dtype.size()) {
+            // Decode at batch 1-4: the weight-streaming kernel (kernels/elementwise.cu) instead of cuBLAS.
+            let grid = (uint("out features / 4", n.div_ceil(4))?, 1, 1);
+            launch!(self, "gemv_small", cfg(grid, 128, 0), &yp, &xp, &wp, &mi, &ni, &ki);
+        } else {
+            self.gemm(m, n, k, (yp, xp, wp), (mi, ni, ki))?;
         }
         if let Some(b) = bias {
             let bp = self.ptr(&b.buf);
