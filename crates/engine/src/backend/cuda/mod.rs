@@ -61,10 +61,10 @@ pub const ATTN_KERNELS: [(usize, usize); 21] = [
     (256, 4),
     (256, 8),
 ];
-/// Shared memory a LoRA block may use without opting in to more.
-const SMEM_LIMIT: usize = 48 * 1024;
 /// Linear layers with at most this many rows run on `gemv_small` (GV_M in kernels/elementwise.cu).
 const GEMV_MAX_ROWS: usize = 4;
+/// Shared memory a LoRA block may use without opting in to more.
+const SMEM_LIMIT: usize = 48 * 1024;
 /// Rows of a LoRA row tile.
 const LORA_ROWS: usize = 16;
 
@@ -84,9 +84,9 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "gather_rows",
             "fill_uniform",
             "fill_dummy",
+            "gemv_small",
         ],
     ),
-            "gemv_small",
     (
         "attention",
         &[
@@ -111,11 +111,11 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "paged_attention_256_2",
             "paged_attention_256_4",
             "paged_attention_256_8",
-            "attn_reduce",
-        ],
             "paged_attention_128_2_l8",
             "paged_attention_128_4_l8",
             "paged_attention_128_8_l8",
+            "attn_reduce",
+        ],
     ),
     ("lora", &["sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand"]),
     ("prefill", &["prefill_attention_64", "prefill_attention_128"]),
@@ -223,16 +223,16 @@ pub struct CudaBackend {
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
-    /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
-    nccl: Option<nccl::NcclComm>,
     /// GQA attention at head size 128 on the 8-lanes-per-token kernels (`LORAX_CUDA_ATTN_L8=0`: 16 lanes).
     attn_lanes8: bool,
+    /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
+    nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
     graphs: graph::Graphs,
-    /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
-    _blas_workspace: CudaSlice<u8>,
     /// Linear layers of 1-4 rows on `gemv_small` (`LORAX_CUDA_GEMV=0`: cuBLAS for all).
     gemv: bool,
+    /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
+    _blas_workspace: CudaSlice<u8>,
 }
 
 pub(crate) fn drv(what: &str, e: drv_result::DriverError) -> EngineError {
@@ -476,8 +476,10 @@ impl CudaBackend {
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
+            attn_lanes8: std::env::var("LORAX_CUDA_ATTN_L8").map_or(true, |v| v != "0"),
             nccl: None,
             graphs: graph::Graphs::from_env(),
+            gemv: std::env::var("LORAX_CUDA_GEMV").map_or(true, |v| v != "0"),
             _blas_workspace: workspace,
         })
     }
@@ -501,14 +503,17 @@ impl CudaBackend {
         self.attn_max_heads = heads.clamp(1, 8);
     }
 
+    /// GQA attention at head size 128 with 8 lanes per token (default) or 16 (for benchmarks).
+    pub fn set_attention_lanes8(&mut self, on: bool) {
+        self.attn_lanes8 = on;
+    }
+
     /// The storage type of tensors.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
-            attn_lanes8: std::env::var("LORAX_CUDA_ATTN_L8").map_or(true, |v| v != "0"),
 
     /// The stream all work runs on (for timing with events).
-            gemv: std::env::var("LORAX_CUDA_GEMV").map_or(true, |v| v != "0"),
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -534,11 +539,6 @@ impl CudaBackend {
         let n = t.numel() as u64;
         if n > 0 {
             let p = self.ptr(&t.buf);
-    /// GQA attention at head size 128 with 8 lanes per token (default) or 16 (for benchmarks).
-    pub fn set_attention_lanes8(&mut self, on: bool) {
-        self.attn_lanes8 = on;
-    }
-
             launch!(
                 self,
                 "fill_uniform",
@@ -651,37 +651,6 @@ impl CudaBackend {
         }
         Ok(())
     }
-}
-
-impl Backend for CudaBackend {
-    type Tensor = CudaTensor;
-
-    fn name(&self) -> String {
-        self.name.clone()
-    }
-
-    fn weight(&self, t: &HostTensor<'_>) -> Result<CudaTensor> {
-        let bytes = if t.dtype == self.dtype {
-            t.data.to_vec()
-        } else {
-            encode(self.dtype, &t.to_f32())
-        };
-        if bytes.len() != t.numel() * self.dtype.size() {
-            return Err(EngineError::Backend(format!(
-                "tensor {} has {} bytes for shape {:?}",
-                t.name,
-                t.data.len(),
-                t.shape
-            )));
-        }
-        Ok(CudaTensor {
-            shape: t.shape.clone(),
-            buf: self.upload_own(&bytes)?,
-        })
-    }
-
-    fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CudaTensor> {
-        if shape.iter().product::<usize>() != data.len() {
 
     /// `y = x · wᵀ` through cuBLAS (pointers and sizes checked by `linear`).
     fn gemm(
@@ -739,6 +708,37 @@ impl Backend for CudaBackend {
         }
         Ok(())
     }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn weight(&self, t: &HostTensor<'_>) -> Result<CudaTensor> {
+        let bytes = if t.dtype == self.dtype {
+            t.data.to_vec()
+        } else {
+            encode(self.dtype, &t.to_f32())
+        };
+        if bytes.len() != t.numel() * self.dtype.size() {
+            return Err(EngineError::Backend(format!(
+                "tensor {} has {} bytes for shape {:?}",
+                t.name,
+                t.data.len(),
+                t.shape
+            )));
+        }
+        Ok(CudaTensor {
+            shape: t.shape.clone(),
+            buf: self.upload_own(&bytes)?,
+        })
+    }
+
+    fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CudaTensor> {
+        if shape.iter().product::<usize>() != data.len() {
             return Err(EngineError::Backend(format!(
                 "{} values for shape {shape:?}",
                 data.len()
