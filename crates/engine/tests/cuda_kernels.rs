@@ -51,7 +51,7 @@ fn linear_matches_cpu() {
             (64, 4096, 512, false),
             (300, 1024, 768, true),
             (3, 100, 75, true),
-            // gemv_small's shapes (1-4 rows, k a whole number of 16-byte vectors), partial unroll tails.
+            // Decode shapes: 1-4 rows.
             (1, 4096, 1000, false),
             (2, 14336, 256, true),
             (4, 1032, 77, false),

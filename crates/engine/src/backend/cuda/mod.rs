@@ -13,9 +13,9 @@
 //!
 //! Switches (environment): `LORAX_CUDA_POISON=1` fills every new tensor with NaN bytes so unwritten
 //! outputs show; `LORAX_CUDA_SYNC=1` synchronises after every launch so a fault names its kernel;
-//! `LORAX_CUDA_PREFILL=simple` keeps prefill off the tensor-core kernel; `LORAX_CUDA_GEMV=0` runs linear
-//! layers of 1-4 rows on cuBLAS too (default: the weight-streaming `gemv_small`); `LORAX_CUDA_GRAPHS=0`
-//! turns decode-step CUDA graphs off (graph.rs).
+//! `LORAX_CUDA_PREFILL=simple` keeps prefill off the tensor-core kernel; `LORAX_CUDA_GRAPHS=0` turns
+//! decode-step CUDA graphs off (graph.rs); `LORAX_CUDA_ATTN_L8=0` puts GQA attention at head size 128 back
+//! on 16 lanes per token.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -61,8 +61,6 @@ pub const ATTN_KERNELS: [(usize, usize); 21] = [
     (256, 4),
     (256, 8),
 ];
-/// Linear layers with at most this many rows run on `gemv_small` (GV_M in kernels/elementwise.cu).
-const GEMV_MAX_ROWS: usize = 4;
 /// Shared memory a LoRA block may use without opting in to more.
 const SMEM_LIMIT: usize = 48 * 1024;
 /// Rows of a LoRA row tile.
@@ -84,7 +82,6 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "gather_rows",
             "fill_uniform",
             "fill_dummy",
-            "gemv_small",
         ],
     ),
     (
@@ -229,8 +226,6 @@ pub struct CudaBackend {
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
     graphs: graph::Graphs,
-    /// Linear layers of 1-4 rows on `gemv_small` (`LORAX_CUDA_GEMV=0`: cuBLAS for all).
-    gemv: bool,
     /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
     _blas_workspace: CudaSlice<u8>,
 }
@@ -479,7 +474,6 @@ impl CudaBackend {
             attn_lanes8: std::env::var("LORAX_CUDA_ATTN_L8").map_or(true, |v| v != "0"),
             nccl: None,
             graphs: graph::Graphs::from_env(),
-            gemv: std::env::var("LORAX_CUDA_GEMV").map_or(true, |v| v != "0"),
             _blas_workspace: workspace,
         })
     }
@@ -833,13 +827,7 @@ impl Backend for CudaBackend {
         let y = self.alloc(&[m, n])?;
         let (mi, ni, ki) = (int("rows", m)?, int("out features", n)?, int("in features", k)?);
         let (yp, xp, wp) = (self.ptr(&y.buf), self.ptr(&x.buf), self.ptr(&w.buf));
-        if self.gemv && m <= GEMV_MAX_ROWS && k.is_multiple_of(16 / self.dtype.size()) {
-            // Decode at batch 1-4: the weight-streaming kernel (kernels/elementwise.cu) instead of cuBLAS.
-            let grid = (uint("out features / 4", n.div_ceil(4))?, 1, 1);
-            launch!(self, "gemv_small", cfg(grid, 128, 0), &yp, &xp, &wp, &mi, &ni, &ki);
-        } else {
-            self.gemm(m, n, k, (yp, xp, wp), (mi, ni, ki))?;
-        }
+        self.gemm(m, n, k, (yp, xp, wp), (mi, ni, ki))?;
         if let Some(b) = bias {
             let bp = self.ptr(&b.buf);
             launch!(
