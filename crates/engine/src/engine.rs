@@ -117,8 +117,8 @@ pub struct CacheConfig {
 
 /// A model, its KV cache and its backend.
 pub struct Engine<B: Backend> {
-    /// The device.
-    pub backend: B,
+    /// The device (shared with the [`AdapterUploader`]s of the engine).
+    pub backend: Arc<B>,
     /// The decoder.
     pub model: Model<B>,
     /// The paged cache.
@@ -139,6 +139,34 @@ pub enum LoadFormat {
         /// Seed of every tensor.
         seed: u64,
     },
+}
+
+/// Uploads adapters for one engine ([`Engine::adapter_uploader`]) apart from it: the shard uploads with
+/// it outside its engine lock, then [`Engine::insert_adapter`]s the result under the lock.
+pub struct AdapterUploader<B: Backend> {
+    backend: Arc<B>,
+    rank: usize,
+    world_size: usize,
+    kv: (usize, usize),
+}
+
+impl<B: Backend> Clone for AdapterUploader<B> {
+    fn clone(&self) -> Self {
+        Self {
+            backend: Arc::clone(&self.backend),
+            rank: self.rank,
+            world_size: self.world_size,
+            kv: self.kv,
+        }
+    }
+}
+
+impl<B: Backend> AdapterUploader<B> {
+    /// This rank's slice of `adapter` on the device ([`DeviceAdapter::upload`], one
+    /// [`Backend::upload_many`]).
+    pub fn upload(&self, adapter: &HostAdapter) -> Result<DeviceAdapter<B>> {
+        DeviceAdapter::upload(&*self.backend, adapter, self.rank, self.world_size, self.kv)
+    }
 }
 
 impl<B: Backend> Engine<B> {
@@ -189,7 +217,7 @@ impl<B: Backend> Engine<B> {
             cache.block_size,
         )?;
         Ok(Self {
-            backend,
+            backend: Arc::new(backend),
             model,
             cache,
             adapters: HashMap::new(),
@@ -198,17 +226,29 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Uploads `adapter` under `key` (replacing an adapter of the same key); returns its device bytes.
+    /// The same as [`AdapterUploader::upload`] then [`Engine::insert_adapter`].
     pub fn load_adapter(&mut self, key: &str, adapter: &HostAdapter) -> Result<usize> {
-        let device = DeviceAdapter::upload(
-            &self.backend,
-            adapter,
-            self.comm.rank(),
-            self.comm.world_size(),
-            self.model.kv_slice(),
-        )?;
+        let device = self.adapter_uploader().upload(adapter)?;
+        Ok(self.insert_adapter(key, device))
+    }
+
+    /// Something that uploads adapters for this engine (its backend, rank and key/value slice) without
+    /// borrowing it, so that an upload can run while the engine runs forward passes.
+    pub fn adapter_uploader(&self) -> AdapterUploader<B> {
+        AdapterUploader {
+            backend: Arc::clone(&self.backend),
+            rank: self.comm.rank(),
+            world_size: self.comm.world_size(),
+            kv: self.model.kv_slice(),
+        }
+    }
+
+    /// Makes an adapter uploaded by this engine's [`AdapterUploader`] usable under `key` (replacing an
+    /// adapter of the same key); returns its device bytes.
+    pub fn insert_adapter(&mut self, key: &str, device: DeviceAdapter<B>) -> usize {
         let bytes = device.bytes;
         self.adapters.insert(key.to_string(), device);
-        Ok(bytes)
+        bytes
     }
 
     /// Releases the adapter `key`; refused while a sequence of `batch` uses it. `false` if it was not loaded.
@@ -284,7 +324,7 @@ impl<B: Backend> Engine<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
-        let (model, backend, cache, comm) = (&self.model, &self.backend, &mut self.cache, &*self.comm);
+        let (model, backend, cache, comm) = (&self.model, &*self.backend, &mut self.cache, &*self.comm);
         if decode && comm.world_size() == 1 {
             backend.decode_step(input.tokens.len(), &mut || {
                 model.forward(backend, cache, &input, &adapters, comm)

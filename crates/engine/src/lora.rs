@@ -1,22 +1,28 @@
 //! PEFT LoRA adapters: parsing `adapter_config.json` and `adapter_model.safetensors`, checking them
 //! against the base model, and the two tiers a shard keeps them in.
 //!
-//! A [`HostAdapter`] is the parsed, validated adapter in host memory (weights in their file dtype); a
-//! [`DeviceAdapter`] is the same adapter uploaded to a backend, sliced for this tensor-parallel rank.
+//! A [`HostAdapter`] is the parsed, validated adapter in host memory (weights in their file dtype, all
+//! in one buffer: the safetensors file read at once); a [`DeviceAdapter`] is the same adapter uploaded to
+//! a backend (with one [`Backend::upload_many`]), sliced for this tensor-parallel rank.
 //! The forward pass applies an adapter to the seven projections of each layer as
 //! `y += scale · (x · Aᵀ) · Bᵀ` (see [`crate::backend::Backend::lora`]), with peft's scale:
 //! `alpha / r`, or `alpha / √r` with rsLoRA, after `rank_pattern` / `alpha_pattern` overrides.
 
 use std::collections::BTreeMap;
+use std::io::Read;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
+use memmap2::{Mmap, MmapMut};
 use regex::Regex;
+use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::weights::{shard, HostTensor, Weights};
+use crate::weights::{shard, DType, HostTensor};
 
 /// The projections an adapter may target, in layer order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -160,13 +166,76 @@ impl<T: Copy> Patterns<T> {
     }
 }
 
+/// A tensor of a parsed adapter: a range of the adapter's one buffer, or bytes of its own (made from a
+/// [`HostTensor`], e.g. by a test that rewrites an adapter).
+pub struct AdapterTensor {
+    /// Name in the adapter file.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    bytes: TensorBytes,
+}
+
+enum TensorBytes {
+    Shared(Arc<Mmap>, Range<usize>),
+    Owned(Vec<u8>),
+}
+
+impl AdapterTensor {
+    /// Little-endian element bytes.
+    pub fn data(&self) -> &[u8] {
+        match &self.bytes {
+            TensorBytes::Shared(buf, range) => &buf[range.clone()],
+            TensorBytes::Owned(v) => v,
+        }
+    }
+
+    /// The tensor as a [`HostTensor`] borrowing its bytes (what backends upload).
+    pub fn view(&self) -> HostTensor<'_> {
+        HostTensor {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            data: std::borrow::Cow::Borrowed(self.data()),
+        }
+    }
+
+    /// The elements as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.view().to_f32()
+    }
+}
+
+impl From<HostTensor<'_>> for AdapterTensor {
+    fn from(t: HostTensor<'_>) -> Self {
+        Self {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            bytes: TensorBytes::Owned(t.data.into_owned()),
+        }
+    }
+}
+
+impl std::fmt::Debug for AdapterTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdapterTensor")
+            .field("name", &self.name)
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One projection's LoRA pair in host memory.
 #[derive(Debug)]
 pub struct HostLora {
     /// `lora_A.weight`, `[r, in]`.
-    pub a: HostTensor<'static>,
+    pub a: AdapterTensor,
     /// `lora_B.weight`, `[out, r]`.
-    pub b: HostTensor<'static>,
+    pub b: AdapterTensor,
     /// Multiplier of `B·A` (peft's `scaling`).
     pub scale: f32,
 }
@@ -218,8 +287,93 @@ impl HostAdapter {
         let raw: RawConfig = serde_json::from_str(&text)
             .map_err(|e| invalid(dir, format!("adapter_config.json is not a PEFT LoRA config: {e}")))?;
         check_features(dir, &raw)?;
-        let weights = Weights::from_files(&[weights_path])?;
-        build(dir, cfg, &raw, &weights, max_rank)
+        let file = AdapterFile::read(&weights_path)?;
+        build(dir, cfg, &raw, &file, max_rank)
+    }
+}
+
+/// Where a tensor lies in an [`AdapterFile`].
+struct Entry {
+    /// The dtype, or its safetensors name when the engine does not support it.
+    dtype: std::result::Result<DType, String>,
+    shape: Vec<usize>,
+    range: Range<usize>,
+}
+
+/// `adapter_model.safetensors` read whole into one buffer, and where each tensor lies in it.
+struct AdapterFile {
+    buf: Arc<Mmap>,
+    index: BTreeMap<String, Entry>,
+}
+
+impl AdapterFile {
+    /// Reads the file with one read into a fresh anonymous mapping, asking the kernel for 2 MiB pages.
+    /// Faulting in fresh memory 4 KiB at a time is most of a parse's cost: on the H200 host, copying each
+    /// tensor out of a file mapping into a `Vec` of its own took 15-21 ms for a 27 MB adapter, this read
+    /// 15-17 ms with 4 KiB pages and 7-9 ms with huge pages (bench_parse_mistral_adapter in
+    /// tests/lora_upload.rs, the parses kept as a host tier keeps them). Nothing stays mapped from the
+    /// file, so a file rewritten later cannot fault a parsed adapter.
+    fn read(path: &Path) -> Result<Self> {
+        let io = |source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let corrupt = |reason: String| EngineError::CorruptWeights {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let len = usize::try_from(file.metadata().map_err(io)?.len())
+            .map_err(|_| corrupt("the file does not fit in memory".into()))?;
+        let mut buf = MmapMut::map_anon(len.max(1)).map_err(io)?;
+        // A hint: kernels without transparent huge pages refuse it, and 4 KiB pages work the same.
+        #[cfg(target_os = "linux")]
+        let _ = buf.advise(memmap2::Advice::HugePage);
+        file.read_exact(&mut buf[..len]).map_err(io)?;
+        let buf = Arc::new(buf.make_read_only().map_err(io)?);
+        // read_metadata validates the header and that the tensors tile the data exactly.
+        let (header_len, meta) = SafeTensors::read_metadata(&buf[..len]).map_err(|e| corrupt(e.to_string()))?;
+        let base = 8 + header_len;
+        let mut index = BTreeMap::new();
+        for (name, info) in meta.tensors() {
+            let dtype = match info.dtype {
+                Dtype::BF16 => Ok(DType::BF16),
+                Dtype::F16 => Ok(DType::F16),
+                Dtype::F32 => Ok(DType::F32),
+                other => Err(format!("{other:?}")),
+            };
+            let (s, e) = info.data_offsets;
+            if base + e > len || s > e {
+                return Err(corrupt(format!("tensor {name:?} lies outside the file")));
+            }
+            index.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: info.shape.clone(),
+                    range: base + s..base + e,
+                },
+            );
+        }
+        Ok(Self { buf, index })
+    }
+
+    /// The tensor `name`, sharing the buffer.
+    fn tensor(&self, name: &str) -> Result<AdapterTensor> {
+        let e = self
+            .index
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+        let dtype = e.dtype.clone().map_err(|dtype| EngineError::UnsupportedDtype {
+            name: name.to_string(),
+            dtype,
+        })?;
+        Ok(AdapterTensor {
+            name: name.to_string(),
+            dtype,
+            shape: e.shape.clone(),
+            bytes: TensorBytes::Shared(Arc::clone(&self.buf), e.range.clone()),
+        })
     }
 }
 
@@ -260,7 +414,7 @@ fn targeted(targets: Option<&TargetModules>, regex: Option<&Regex>, module: &str
     }
 }
 
-fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, weights: &Weights, max_rank: usize) -> Result<HostAdapter> {
+fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max_rank: usize) -> Result<HostAdapter> {
     let ranks = Patterns::new(dir, &raw.rank_pattern)?;
     let alphas = Patterns::new(dir, &raw.alpha_pattern)?;
     let regex = match &raw.target_modules {
@@ -274,7 +428,7 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, weights: &Weights, max_
     };
     let mut layers: Vec<[Option<HostLora>; NUM_TARGETS]> = (0..cfg.num_layers).map(|_| Default::default()).collect();
     let mut seen_a = std::collections::HashSet::new();
-    for name in weights.names() {
+    for name in file.index.keys() {
         let (module, which) = parse_name(name).ok_or_else(|| {
             invalid(
                 dir,
@@ -305,11 +459,11 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, weights: &Weights, max_
         let (out, inp) = target.shape(cfg);
         let a_name = format!("base_model.model.{module}.lora_A.weight");
         let b_name = format!("base_model.model.{module}.lora_B.weight");
-        if !weights.contains(&b_name) {
+        if !file.index.contains_key(&b_name) {
             return Err(invalid(dir, format!("{a_name} has no matching lora_B")));
         }
-        let a = owned(weights.get(&a_name)?);
-        let b = owned(weights.get(&b_name)?);
+        let a = file.tensor(&a_name)?;
+        let b = file.tensor(&b_name)?;
         if a.shape != [r, inp] || b.shape != [out, r] {
             return Err(EngineError::ShapeMismatch {
                 name: format!("{module} (lora_A, lora_B) of adapter {}", dir.display()),
@@ -327,7 +481,7 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, weights: &Weights, max_
         let scale = scale as f32;
         layers[layer][target.index()] = Some(HostLora { a, b, scale });
     }
-    for name in weights.names() {
+    for name in file.index.keys() {
         if let Some((module, 'B')) = parse_name(name) {
             if !seen_a.contains(&module) {
                 return Err(invalid(dir, format!("{name} has no matching lora_A")));
@@ -340,19 +494,10 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, weights: &Weights, max_
     }
     Ok(HostAdapter {
         max_rank: pairs.iter().map(|p| p.a.shape[0]).max().unwrap_or(0),
-        bytes: pairs.iter().map(|p| p.a.data.len() + p.b.data.len()).sum(),
+        bytes: pairs.iter().map(|p| p.a.data().len() + p.b.data().len()).sum(),
         layers,
         base_model: raw.base_model_name_or_path.clone(),
     })
-}
-
-fn owned(t: HostTensor<'_>) -> HostTensor<'static> {
-    HostTensor {
-        name: t.name,
-        dtype: t.dtype,
-        shape: t.shape,
-        data: std::borrow::Cow::Owned(t.data.into_owned()),
-    }
 }
 
 /// `base_model.model.<module>.lora_{A,B}.weight` → (module, 'A' | 'B').
@@ -415,37 +560,43 @@ impl<B: Backend> DeviceAdapter<B> {
     /// projections split B's rows (A whole); row-parallel ones split A's columns (B whole), so each
     /// rank's partial `x·Aᵀ·Bᵀ` joins the base output's partial sum before the all-reduce.
     /// `kv` is (part, parts) of the key/value heads this rank holds (see [`crate::model::Model::load`]).
+    ///
+    /// Every tensor goes up in one [`Backend::upload_many`] call, which needs neither the engine nor its
+    /// lock (see [`crate::engine::AdapterUploader`]).
     pub fn upload(backend: &B, host: &HostAdapter, rank: usize, world_size: usize, kv: (usize, usize)) -> Result<Self> {
-        let mut layers = Vec::with_capacity(host.layers.len());
-        let mut bytes = 0;
-        for layer in &host.layers {
-            let mut out: [Option<LoraWeights<B>>; NUM_TARGETS] = Default::default();
+        // This rank's slices, A then B of each pair, in layer and target order.
+        let mut slices = Vec::new();
+        let mut placed = Vec::new();
+        for (l, layer) in host.layers.iter().enumerate() {
             for target in Target::ALL {
                 let Some(pair) = &layer[target.index()] else { continue };
                 let (a, b) = match target {
-                    Target::O | Target::Down => (shard(borrowed(&pair.a), 1, rank, world_size)?, borrowed(&pair.b)),
-                    Target::K | Target::V => (borrowed(&pair.a), shard(borrowed(&pair.b), 0, kv.0, kv.1)?),
-                    _ => (borrowed(&pair.a), shard(borrowed(&pair.b), 0, rank, world_size)?),
+                    Target::O | Target::Down => (shard(pair.a.view(), 1, rank, world_size)?, pair.b.view()),
+                    Target::K | Target::V => (pair.a.view(), shard(pair.b.view(), 0, kv.0, kv.1)?),
+                    _ => (pair.a.view(), shard(pair.b.view(), 0, rank, world_size)?),
                 };
-                bytes += a.data.len() + b.data.len();
-                out[target.index()] = Some(LoraWeights {
-                    a: backend.weight(&a)?,
-                    b: backend.weight(&b)?,
-                    scale: pair.scale,
-                });
+                slices.push(a);
+                slices.push(b);
+                placed.push((l, target, pair.scale));
             }
-            layers.push(out);
+        }
+        let bytes = slices.iter().map(|t| t.data.len()).sum();
+        let mut tensors = backend.upload_many(&slices)?.into_iter();
+        if tensors.len() != slices.len() {
+            return Err(EngineError::Backend(format!(
+                "upload_many returned {} tensors for {}",
+                tensors.len(),
+                slices.len()
+            )));
+        }
+        let mut layers: Vec<[Option<LoraWeights<B>>; NUM_TARGETS]> =
+            (0..host.layers.len()).map(|_| Default::default()).collect();
+        for (l, target, scale) in placed {
+            if let (Some(a), Some(b)) = (tensors.next(), tensors.next()) {
+                layers[l][target.index()] = Some(LoraWeights { a, b, scale });
+            }
         }
         Ok(Self { layers, bytes })
-    }
-}
-
-fn borrowed<'a>(t: &'a HostTensor<'static>) -> HostTensor<'a> {
-    HostTensor {
-        name: t.name.clone(),
-        dtype: t.dtype,
-        shape: t.shape.clone(),
-        data: std::borrow::Cow::Borrowed(&t.data),
     }
 }
 

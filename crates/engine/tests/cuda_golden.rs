@@ -433,7 +433,8 @@ fn bf16_adapter_weights_alone_explain_the_lora_bound() {
                     dtype: DType::F32,
                     shape: t.shape.clone(),
                     data: bytes.into(),
-                };
+                }
+                .into();
             }
         }
         e.load_adapter(name, &host).unwrap();

@@ -4,6 +4,7 @@
 //! Mistral-7B-shaped model with and without graphs. Without a device each test prints `SKIPPED: ...`.
 #![allow(clippy::unwrap_used)]
 
+mod common;
 mod cuda_common;
 
 use std::path::Path;
@@ -35,41 +36,7 @@ fn write_config(dir: &Path, hidden: usize, ffn: usize, layers: usize, heads: usi
 
 /// A random rank-`r` q/k/v/o adapter (f32, `lora_B` non-zero) for `cfg`, in PEFT's layout.
 fn write_adapter(dir: &Path, cfg: &ModelConfig, r: usize, seed: u64) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-    };
-    let (h, q, kv) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for l in 0..cfg.num_layers {
-        for (m, inp, out) in [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h)] {
-            let p = format!("base_model.model.model.layers.{l}.self_attn.{m}");
-            for (ab, shape) in [("lora_A", vec![r, inp]), ("lora_B", vec![out, r])] {
-                let n: usize = shape.iter().product();
-                let bytes = (0..n).flat_map(|_| next().to_le_bytes()).collect();
-                tensors.push((format!("{p}.{ab}.weight"), shape, bytes));
-            }
-        }
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
-    let config = serde_json::json!({
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "bias": "none"
-    });
-    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    common::write_qkvo_adapter(dir, cfg, r, DType::F32, seed);
 }
 
 fn engine(dir: &Path, dtype: DType, graphs: bool) -> Engine<CudaBackend> {

@@ -1,10 +1,13 @@
 //! The internal gRPC service around one engine. The engine is single-owner state: calls take a mutex
-//! and run the forward pass on a blocking thread so the async runtime stays responsive.
+//! and run the forward pass on a blocking thread so the async runtime stays responsive. Loading an
+//! adapter parses and uploads it outside that mutex (an [`AdapterUploader`]) and takes it only to insert
+//! the result, so decoding streams do not wait for an upload.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lorax_engine::engine::AdapterUploader;
 use lorax_engine::{
     Backend, Batch, CacheConfig, Engine, EngineError, Generation, ModelConfig, NewSequence, SamplingParams,
 };
@@ -42,6 +45,8 @@ struct State<B: Backend> {
 /// The service: the engine (on any backend) and its running batch behind one lock.
 pub struct ShardServer<B: Backend> {
     state: Arc<Mutex<State<B>>>,
+    /// Uploads adapters for the engine without its lock.
+    uploader: AdapterUploader<B>,
     info: pb::InfoResponse,
     urls: Vec<String>,
     cfg: ModelConfig,
@@ -96,6 +101,7 @@ impl<B: Backend> ShardServer<B> {
         };
         Ok(Self {
             cfg: c,
+            uploader: engine.adapter_uploader(),
             host_tier: Arc::new(HostTier::new(cfg.adapters.host_cache_bytes)),
             settings: cfg.adapters,
             download_timeout: cfg.download_timeout,
@@ -138,20 +144,24 @@ impl<B: Backend> ShardServer<B> {
         }
     }
 
-    /// Parses located files on a blocking thread and keeps the result in the host tier.
+    /// Parses located files on a blocking thread and keeps the result in the host tier; also returns the
+    /// milliseconds the parse took.
     async fn parse_into_host_tier(
         &self,
         key: &str,
         located: Located,
-    ) -> Result<Arc<lorax_engine::lora::HostAdapter>, Status> {
+    ) -> Result<(Arc<lorax_engine::lora::HostAdapter>, u64), Status> {
         let cfg = self.cfg.clone();
         let max_rank = self.settings.max_rank;
-        let host = tokio::task::spawn_blocking(move || adapters::parse(&located, &cfg, max_rank))
-            .await
-            .map_err(|e| Status::internal(format!("parse task failed: {e}")))??;
+        let (host, ms) = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            adapters::parse(&located, &cfg, max_rank).map(|h| (h, millis(t)))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("parse task failed: {e}")))??;
         let host = Arc::new(host);
         self.host_tier.insert(key, Arc::clone(&host));
-        Ok(host)
+        Ok((host, ms))
     }
 
     async fn with_state<T: Send + 'static>(
@@ -166,6 +176,17 @@ impl<B: Backend> ShardServer<B> {
         .await
         .map_err(|e| Status::internal(format!("shard task failed: {e}")))?
     }
+}
+
+fn millis(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The refusal of a load beyond `--max-active-adapters`.
+fn no_slot(loaded: usize, slots: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "{loaded} adapters are loaded, the most this shard holds (--max-active-adapters {slots}); offload one first"
+    ))
 }
 
 fn to_pb(g: Generation) -> pb::Generation {
@@ -336,8 +357,8 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let started = Instant::now();
         let located = self.locate(&r.adapter_source, &r.adapter_id, r.api_token, true).await?;
         let tokenizer_config = adapters::tokenizer_config(&located);
-        let host = match self.parse_into_host_tier(&key, located).await {
-            Ok(host) => host,
+        let (host, parse_ms) = match self.parse_into_host_tier(&key, located).await {
+            Ok(parsed) => parsed,
             Err(status) => {
                 if r.adapter_source == "hub" {
                     // The next DownloadAdapter (the router's retry) then fetches the files again.
@@ -361,7 +382,8 @@ impl<B: Backend> ShardService for ShardServer<B> {
             rank = host.max_rank,
             host_tier_bytes = held,
             host_tier_entries = entries,
-            ms = started.elapsed().as_millis() as u64,
+            parse_ms,
+            ms = millis(started),
             "adapter downloaded"
         );
         for w in &warnings {
@@ -381,32 +403,67 @@ impl<B: Backend> ShardService for ShardServer<B> {
     ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
         let r = req.into_inner();
         let key = adapters::key(&r.adapter_source, &r.adapter_id);
-        let host = match self.host_tier.get(&key) {
-            Some(h) => h,
+        let started = Instant::now();
+        let slots = self.settings.device_slots;
+        // Already loaded, or no slot: answer before reading or uploading anything.
+        let probe = key.clone();
+        let loaded = self
+            .with_state(move |s| {
+                if s.engine.has_adapter(&probe) {
+                    return Ok(true);
+                }
+                let loaded = s.engine.adapter_keys().len();
+                if loaded >= slots {
+                    return Err(no_slot(loaded, slots));
+                }
+                Ok(false)
+            })
+            .await?;
+        if loaded {
+            return Ok(Response::new(pb::LoadAdapterResponse { device_bytes: 0 }));
+        }
+        let (host, parse_ms) = match self.host_tier.get(&key) {
+            Some(h) => (h, 0),
             None => {
                 // Evicted from the host tier (or downloaded by another rank): read it again from disk.
                 let located = self.locate(&r.adapter_source, &r.adapter_id, None, false).await?;
                 self.parse_into_host_tier(&key, located).await?
             }
         };
-        let slots = self.settings.device_slots;
-        let bytes = self
+        // The upload runs without the engine lock: forward passes go on meanwhile.
+        let uploader = self.uploader.clone();
+        let (device, upload_ms) = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            uploader.upload(&host).map(|d| (d, millis(t)))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("upload task failed: {e}")))?
+        .map_err(status)?;
+        // Only the insertion holds the lock. Another load of the same adapter or of another one may have
+        // finished meanwhile: then this upload is dropped (outside the lock).
+        let (bytes, unused) = self
             .with_state(move |s| {
                 if s.engine.has_adapter(&key) {
-                    return Ok(0);
+                    return Ok((0, Some(device)));
                 }
                 let loaded = s.engine.adapter_keys().len();
                 if loaded >= slots {
-                    return Err(Status::resource_exhausted(format!(
-                        "{loaded} adapters are loaded, the most this shard holds (--max-active-adapters {slots}); \
-                         offload one first"
-                    )));
+                    return Err(no_slot(loaded, slots));
                 }
-                let bytes = s.engine.load_adapter(&key, &host).map_err(status)?;
-                tracing::info!(adapter = %key, bytes, loaded = loaded + 1, "adapter loaded");
-                Ok(bytes)
+                let bytes = s.engine.insert_adapter(&key, device);
+                tracing::info!(
+                    adapter = %key,
+                    bytes,
+                    loaded = loaded + 1,
+                    parse_ms,
+                    upload_ms,
+                    ms = millis(started),
+                    "adapter loaded"
+                );
+                Ok((bytes, None))
             })
             .await?;
+        drop(unused);
         Ok(Response::new(pb::LoadAdapterResponse {
             device_bytes: bytes as u64,
         }))
@@ -430,3 +487,6 @@ impl<B: Backend> ShardService for ShardServer<B> {
         Ok(Response::new(pb::OffloadAdapterResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -66,6 +66,14 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> String;
     /// Upload a weight from its checkpoint bytes (any supported storage dtype).
     fn weight(&self, t: &HostTensor<'_>) -> Result<Self::Tensor>;
+    /// Upload many weights at once (an adapter's), in order: equal to [`Backend::weight`] on each. Unlike
+    /// the other methods, it may run on another thread while forward passes run (the shard uploads
+    /// adapters outside its engine lock), so it must not disturb device work in flight, and the tensors
+    /// must be usable by later work when it returns: the CUDA backend copies on a stream of its own and
+    /// waits for the copy. The default calls `weight` on each.
+    fn upload_many(&self, tensors: &[HostTensor<'_>]) -> Result<Vec<Self::Tensor>> {
+        tensors.iter().map(|t| self.weight(t)).collect()
+    }
     /// A tensor from f32 host values.
     fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
     /// Copy a tensor back to the host as f32.

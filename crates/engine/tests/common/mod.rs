@@ -132,3 +132,96 @@ pub fn last_logits_and_greedy<B: lorax_engine::Backend>(
     let greedy = greedy_batch(e, &mut alloc, prompts, n_new);
     (last, greedy)
 }
+
+/// The Mistral-7B shape (the GPU benchmarks' model), written to `dir/config.json`.
+pub fn mistral_7b(dir: &std::path::Path) -> lorax_engine::ModelConfig {
+    let cfg = serde_json::json!({
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 32768,
+        "tie_word_embeddings": false, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "bfloat16"
+    });
+    let path = dir.join("config.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    lorax_engine::ModelConfig::from_file(&path).unwrap()
+}
+
+/// An owned tensor of `values` stored as `dtype` (rounded to nearest even).
+pub fn host_tensor(
+    name: &str,
+    dtype: lorax_engine::weights::DType,
+    shape: Vec<usize>,
+    values: &[f32],
+) -> lorax_engine::weights::HostTensor<'static> {
+    use lorax_engine::weights::DType;
+    let data: Vec<u8> = match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+    };
+    lorax_engine::weights::HostTensor {
+        name: name.to_string(),
+        dtype,
+        shape,
+        data: data.into(),
+    }
+}
+
+/// A random rank-`r` PEFT LoRA adapter of the q/k/v/o projections of `cfg` in `dir`, stored as `dtype`,
+/// values in [-0.1, 0.1) from `seed`.
+pub fn write_qkvo_adapter(
+    dir: &std::path::Path,
+    cfg: &lorax_engine::ModelConfig,
+    r: usize,
+    dtype: lorax_engine::weights::DType,
+    seed: u64,
+) {
+    use lorax_engine::weights::DType;
+    use safetensors::tensor::TensorView;
+    std::fs::create_dir_all(dir).unwrap();
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut value = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+    };
+    let (h, q, kv) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+    let mut tensors = Vec::new();
+    for l in 0..cfg.num_layers {
+        for (m, inp, out) in [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h)] {
+            let p = format!("base_model.model.model.layers.{l}.self_attn.{m}");
+            for (ab, shape) in [("lora_A", vec![r, inp]), ("lora_B", vec![out, r])] {
+                let values: Vec<f32> = (0..shape.iter().product()).map(|_| value()).collect();
+                tensors.push(host_tensor(&format!("{p}.{ab}.weight"), dtype, shape, &values));
+            }
+        }
+    }
+    let st_dtype = match dtype {
+        DType::BF16 => Dtype::BF16,
+        DType::F16 => Dtype::F16,
+        DType::F32 => Dtype::F32,
+    };
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                TensorView::new(st_dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "bias": "none"
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+}

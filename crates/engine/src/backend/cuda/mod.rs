@@ -8,7 +8,9 @@
 //! of a missing library), and [`CudaBackend::new`] reports what is missing as an error.
 //!
 //! One stream per backend; all work is issued on it in order, so no event tracking is needed (cudarc's is
-//! turned off: it would create events per allocation and launch). Metadata (ids, positions, slots, block
+//! turned off: it would create events per allocation and launch). The one exception is
+//! [`Backend::upload_many`] (adapters, from the shard's loading threads): it copies on a second stream
+//! and waits for the copy before returning its tensors. Metadata (ids, positions, slots, block
 //! tables, LoRA segment tables) is validated on the host, then uploaded with each call.
 //!
 //! Switches (environment): `LORAX_CUDA_POISON=1` fills every new tensor with NaN bytes so unwritten
@@ -19,12 +21,12 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     result as drv_result, sys as drv_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg,
+    PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -228,6 +230,14 @@ pub struct CudaBackend {
     graphs: graph::Graphs,
     /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
     _blas_workspace: CudaSlice<u8>,
+    /// The stream of [`Backend::upload_many`]: never `stream`, which a decode step may be capturing into
+    /// a graph on the engine's thread. Its allocations are freed on it too (cudarc frees on the
+    /// allocating stream), which is safe because adapters are only dropped between engine calls, and
+    /// every engine call ends by waiting for `stream` (sampling reads the logits back).
+    upload_stream: Arc<CudaStream>,
+    /// Pinned host memory the uploads stage in, kept and grown on demand (pinning is slow); the lock
+    /// also makes concurrent uploads take turns.
+    staging: Mutex<Option<PinnedHostSlice<u8>>>,
 }
 
 pub(crate) fn drv(what: &str, e: drv_result::DriverError) -> EngineError {
@@ -337,6 +347,24 @@ fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
+/// `t`'s elements as `dtype` into `dst` (`t.numel() * dtype.size()` bytes): what `weight` uploads, without
+/// its intermediate vectors. Other dtypes go through f32 as there (exact from bf16/f16, rounded to nearest
+/// even into bf16/f16), a block at a time, so that (write-combined) staging memory is written in long runs.
+fn encode_into(dtype: DType, t: &HostTensor<'_>, dst: &mut [u8]) {
+    if t.dtype == dtype {
+        dst.copy_from_slice(&t.data);
+        return;
+    }
+    const BLOCK: usize = 8192;
+    for (src, out) in t
+        .data
+        .chunks(BLOCK * t.dtype.size())
+        .zip(dst.chunks_mut(BLOCK * dtype.size()))
+    {
+        out.copy_from_slice(&encode(dtype, &decode(t.dtype, src)));
+    }
+}
+
 /// Launches kernel `$name` with the given arguments (each a reference to a live local) and checks it.
 macro_rules! launch {
     ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
@@ -413,6 +441,7 @@ impl CudaBackend {
         // SAFETY: this backend issues everything on one stream, in order; no tensor is used on another.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| drv("stream", e))?;
+        let upload_stream = ctx.new_stream().map_err(|e| drv("upload stream", e))?;
         keep_pool_memory(&ctx)?;
         let cc = ctx.compute_capability().map_err(|e| drv("compute capability", e))?;
         let device_name = ctx.name().map_err(|e| drv("device name", e))?;
@@ -475,6 +504,8 @@ impl CudaBackend {
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
+            upload_stream,
+            staging: Mutex::new(None),
         })
     }
 
@@ -729,6 +760,76 @@ impl Backend for CudaBackend {
             shape: t.shape.clone(),
             buf: self.upload_own(&bytes)?,
         })
+    }
+
+    /// All tensors in one device allocation (each at a 256-byte aligned offset), converted straight into a
+    /// pinned staging buffer and copied with one asynchronous copy on the upload stream, which is waited
+    /// for: the compute stream can use the tensors as soon as this returns, and never waits for them.
+    fn upload_many(&self, tensors: &[HostTensor<'_>]) -> Result<Vec<CudaTensor>> {
+        const ALIGN: usize = 256;
+        let es = self.dtype.size();
+        let mut offsets = Vec::with_capacity(tensors.len());
+        let mut total = 0usize;
+        for t in tensors {
+            if t.data.len() != t.numel() * t.dtype.size() {
+                return Err(EngineError::Backend(format!(
+                    "tensor {} has {} bytes for shape {:?}",
+                    t.name,
+                    t.data.len(),
+                    t.shape
+                )));
+            }
+            offsets.push(total);
+            total += (t.numel() * es).max(1).next_multiple_of(ALIGN);
+        }
+        if tensors.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
+        let mut staging = self
+            .staging
+            .lock()
+            .map_err(|_| EngineError::Backend("the upload staging buffer was poisoned by a panic".into()))?;
+        if staging.as_ref().is_none_or(|s| s.len() < total) {
+            // Free the smaller buffer before pinning the larger one.
+            *staging = None;
+            let bytes = total.next_multiple_of(8 << 20);
+            // SAFETY: the memory is uninitialised; only the bytes written below are copied.
+            let pinned = unsafe { self.ctx.alloc_pinned::<u8>(bytes) }
+                .map_err(|e| drv(&format!("pinning {bytes} bytes of host memory"), e))?;
+            *staging = Some(pinned);
+        }
+        let host = staging
+            .as_mut()
+            .ok_or_else(|| EngineError::Backend("no upload staging buffer".into()))?
+            .as_mut_slice()
+            .map_err(|e| drv("staging buffer", e))?;
+        for (t, &off) in tensors.iter().zip(&offsets) {
+            encode_into(self.dtype, t, &mut host[off..off + t.numel() * es]);
+        }
+        // SAFETY: uninitialised; the copy below writes every byte a tensor covers (alignment padding is
+        // never read).
+        let dev = unsafe { self.upload_stream.alloc::<u8>(total) }
+            .map_err(|e| drv(&format!("allocating {total} bytes"), e))?;
+        let base = {
+            let (p, _sync) = dev.device_ptr(&self.upload_stream);
+            p
+        };
+        // SAFETY: `dev` holds `total` bytes; `host[..total]` is pinned and is not touched (the staging lock
+        // is held) until the copy has finished, below.
+        unsafe { drv_result::memcpy_htod_async(base, &host[..total], self.upload_stream.cu_stream()) }
+            .map_err(|e| drv("adapter upload", e))?;
+        self.upload_stream.synchronize().map_err(|e| drv("adapter upload", e))?;
+        drop(staging);
+        let owner = Arc::new(dev);
+        Ok(tensors
+            .iter()
+            .zip(offsets)
+            .map(|(t, off)| CudaTensor {
+                shape: t.shape.clone(),
+                buf: DevBuf::part(&owner, base, off, t.numel() * es),
+            })
+            .collect())
     }
 
     fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CudaTensor> {

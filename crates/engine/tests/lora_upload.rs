@@ -1,0 +1,122 @@
+//! Adapter uploads: a batched upload ([`Backend::upload_many`]) equals per-tensor ones, an adapter
+//! uploaded apart from the engine ([`Engine::adapter_uploader`], on another thread) serves exactly as
+//! one loaded by [`Engine::load_adapter`], and (ignored, a timing) [`HostAdapter::load`] of a
+//! Mistral-7B-shaped rank-16 q/k/v/o bf16 adapter, the adapter of the GPU load benchmark.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Instant;
+
+use common::{fixtures, host_tensor, mistral_7b, write_qkvo_adapter};
+use lorax_engine::lora::HostAdapter;
+use lorax_engine::weights::{DType, HostTensor};
+use lorax_engine::{Backend, CacheConfig, CpuBackend, Engine};
+
+/// Tensors of every source dtype and a few shapes (an empty one too).
+fn mixed_tensors() -> Vec<HostTensor<'static>> {
+    [
+        (DType::F32, vec![3, 5]),
+        (DType::BF16, vec![16, 64]),
+        (DType::F16, vec![7, 1]),
+        (DType::BF16, vec![0, 8]),
+        (DType::F32, vec![1, 1]),
+        (DType::F16, vec![64, 16]),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (dtype, shape))| {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|j| ((i * 31 + j * 7) % 97) as f32 / 97.0 - 0.5).collect();
+        host_tensor(&format!("t{i}"), dtype, shape, &values)
+    })
+    .collect()
+}
+
+#[test]
+fn upload_many_equals_weight_on_each_tensor() {
+    let b = CpuBackend;
+    let tensors = mixed_tensors();
+    let many = b.upload_many(&tensors).unwrap();
+    assert_eq!(many.len(), tensors.len());
+    for (t, got) in tensors.iter().zip(&many) {
+        let want = b.weight(t).unwrap();
+        assert_eq!(got.shape, t.shape, "{}", t.name);
+        assert_eq!(got, &want, "{}", t.name);
+        assert_eq!(got.data, t.to_f32(), "{}", t.name);
+    }
+    assert!(b.upload_many(&[]).unwrap().is_empty());
+}
+
+/// An adapter uploaded on another thread through the engine's uploader and inserted gives the same
+/// logits, bit for bit, as the same adapter loaded by `load_adapter` (and not the base model's).
+#[test]
+fn adapter_uploaded_apart_from_the_engine_serves_as_a_loaded_one() {
+    let mut e = Engine::load(
+        CpuBackend,
+        &fixtures().join("models/llama"),
+        CacheConfig {
+            num_blocks: 64,
+            block_size: 4,
+        },
+    )
+    .unwrap();
+    let host = HostAdapter::load(&fixtures().join("adapters/lora-r16-all"), e.config(), 64).unwrap();
+    assert_eq!(e.load_adapter("loaded", &host).unwrap(), host.bytes);
+    let uploader = e.adapter_uploader();
+    let host = std::sync::Arc::new(host);
+    let shared = std::sync::Arc::clone(&host);
+    let device = std::thread::spawn(move || uploader.upload(&shared).unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(device.bytes, host.bytes);
+    assert!(!e.has_adapter("uploaded"));
+    assert_eq!(e.insert_adapter("uploaded", device), host.bytes);
+    let ids: Vec<u32> = (0..12).map(|i| (i * 13 + 5) % 200).collect();
+    let table: Vec<u32> = (0..3).collect();
+    let mut rows = Vec::new();
+    for key in [Some("loaded"), Some("uploaded"), None] {
+        rows.push(e.logits_with_adapters(&[(&ids, 0, &table, key)], &[true]).unwrap());
+    }
+    let bits = |r: &Vec<Vec<f32>>| -> Vec<u32> { r.iter().flatten().map(|v| v.to_bits()).collect() };
+    assert_eq!(bits(&rows[0]), bits(&rows[1]));
+    assert_ne!(bits(&rows[0]), bits(&rows[2]), "the adapter changes nothing");
+}
+
+/// Median time of `HostAdapter::load` on a Mistral-7B-shaped rank-16 q/k/v/o bf16 adapter (27 MB,
+/// 256 tensors): each parse dropped before the next (its memory can be reused), and all kept (as a
+/// host tier keeps them: each parse gets fresh memory). Run with
+/// `cargo test --release -p lorax-engine --test lora_upload -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing"]
+fn bench_parse_mistral_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = mistral_7b(dir.path());
+    let adapter = dir.path().join("adapter");
+    write_qkvo_adapter(&adapter, &cfg, 16, DType::BF16, 1);
+    let reps: usize = std::env::var("LORAX_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(21);
+    for keep in [false, true] {
+        let mut times = Vec::new();
+        let mut kept = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            let host = HostAdapter::load(&adapter, &cfg, 64).unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(host.bytes, 27_262_976);
+            if keep {
+                kept.push(host);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        eprintln!(
+            "BENCH adapter_parse_{} | {:.2} | ms | median of {reps} HostAdapter::load, 27262976 bytes (min {:.2}, max {:.2})",
+            if keep { "kept" } else { "dropped" },
+            times[reps / 2],
+            times[0],
+            times[reps - 1]
+        );
+    }
+}

@@ -1,0 +1,336 @@
+//! The service's adapter loading against a CPU engine whose uploads wait for the test's word: decode
+//! steps complete while an upload is in progress (the upload holds no engine lock), the loaded adapter
+//! serves exactly as one loaded into an engine directly, and concurrent loads keep one copy of an
+//! adapter and the slot limit.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lorax_engine::backend::{AttnMeta, LoraSegment};
+use lorax_engine::comm::{Communicator, SingleRank};
+use lorax_engine::lora::HostAdapter;
+use lorax_engine::weights::HostTensor;
+use lorax_engine::{CpuBackend, CpuTensor, LoadFormat};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::*;
+
+/// The CPU backend, except that each `upload_many` says it started, then waits for a release.
+struct Gated {
+    started: UnboundedSender<()>,
+    release: std::sync::Mutex<mpsc::Receiver<()>>,
+}
+
+/// The test's ends of a [`Gated`] backend.
+struct Gate {
+    started: UnboundedReceiver<()>,
+    release: mpsc::Sender<()>,
+}
+
+fn gated() -> (Gated, Gate) {
+    let (started_tx, started) = unbounded_channel();
+    let (release, release_rx) = mpsc::channel();
+    (
+        Gated {
+            started: started_tx,
+            release: std::sync::Mutex::new(release_rx),
+        },
+        Gate { started, release },
+    )
+}
+
+impl Backend for Gated {
+    type Tensor = CpuTensor;
+
+    fn name(&self) -> String {
+        "gated cpu".into()
+    }
+    fn weight(&self, t: &HostTensor<'_>) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.weight(t)
+    }
+    fn upload_many(&self, tensors: &[HostTensor<'_>]) -> lorax_engine::Result<Vec<CpuTensor>> {
+        let _ = self.started.send(());
+        self.release.lock().unwrap().recv().unwrap();
+        CpuBackend.upload_many(tensors)
+    }
+    fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.tensor_from_f32(shape, data)
+    }
+    fn to_f32(&self, t: &CpuTensor) -> lorax_engine::Result<Vec<f32>> {
+        CpuBackend.to_f32(t)
+    }
+    fn zeros(&self, shape: &[usize]) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.zeros(shape)
+    }
+    fn shape<'a>(&self, t: &'a CpuTensor) -> &'a [usize] {
+        &t.shape
+    }
+    fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.embedding(table, ids)
+    }
+    fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.linear(x, w, bias)
+    }
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.rms_norm(x, w, eps)
+    }
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        eps: f32,
+    ) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.add_rms_norm(residual, x, w, eps)
+    }
+    fn add_assign(&self, dst: &mut CpuTensor, src: &CpuTensor) -> lorax_engine::Result<()> {
+        CpuBackend.add_assign(dst, src)
+    }
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &[f32],
+    ) -> lorax_engine::Result<()> {
+        CpuBackend.rope(x, head_dim, positions, inv_freq)
+    }
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.silu_mul(gate, up)
+    }
+    fn kv_write(
+        &self,
+        k_cache: &mut CpuTensor,
+        v_cache: &mut CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        slots: &[u32],
+    ) -> lorax_engine::Result<()> {
+        CpuBackend.kv_write(k_cache, v_cache, k, v, slots)
+    }
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k_cache: &CpuTensor,
+        v_cache: &CpuTensor,
+        meta: &AttnMeta<'_>,
+    ) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.attention(q, k_cache, v_cache, meta)
+    }
+    fn lora(
+        &self,
+        y: &mut CpuTensor,
+        x: &CpuTensor,
+        segments: &[LoraSegment<'_, CpuTensor>],
+    ) -> lorax_engine::Result<()> {
+        CpuBackend.lora(y, x, segments)
+    }
+    fn all_reduce_sum(&self, t: &mut CpuTensor, comm: &dyn Communicator) -> lorax_engine::Result<()> {
+        CpuBackend.all_reduce_sum(t, comm)
+    }
+    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.gather_rows(x, rows)
+    }
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
+}
+
+const BLOCK: u32 = 4;
+
+async fn server(backend: Gated, device_slots: usize) -> Arc<ShardServer<Gated>> {
+    let cfg = ShardConfig {
+        model_dir: fixtures().join("models/llama"),
+        model_id: "tiny-llama".into(),
+        rank: 0,
+        world_size: 1,
+        num_blocks: 256,
+        block_size: BLOCK,
+        urls: vec![],
+        adapters: AdapterSettings {
+            local_roots: adapters::canonical_roots(&[fixtures().join("adapters")]).unwrap(),
+            max_rank: 128,
+            host_cache_bytes: 1 << 30,
+            device_slots,
+        },
+        download_timeout: Duration::from_secs(30),
+        dtype: "float32".into(),
+        comm: Arc::new(SingleRank),
+        load_format: LoadFormat::Safetensors,
+    };
+    Arc::new(ShardServer::load(cfg, move || Ok(backend)).await.unwrap())
+}
+
+fn load_request(id: &str) -> Request<pb::LoadAdapterRequest> {
+    Request::new(pb::LoadAdapterRequest {
+        adapter_id: id.into(),
+        adapter_source: "local".into(),
+    })
+}
+
+/// Sequence `id` with a 10-token prompt (room for 30 tokens in blocks from `first_block`) on `adapter`.
+fn sequence(id: u64, first_block: u32, adapter: &str) -> pb::Request {
+    pb::Request {
+        id,
+        input_ids: (0..10).map(|i| (i * 17 + 3 + id as u32) % 200).collect(),
+        blocks: (first_block..first_block + 30 / BLOCK + 1).collect(),
+        adapter_id: adapter.into(),
+        adapter_source: if adapter.is_empty() {
+            String::new()
+        } else {
+            "local".into()
+        },
+        ..Default::default()
+    }
+}
+
+fn loaded_keys(svc: &ShardServer<Gated>) -> Vec<String> {
+    let mut keys = svc.state.lock().unwrap().engine.adapter_keys();
+    keys.sort();
+    keys
+}
+
+/// The tokens and logprob bits of `r`'s prefill and `steps` decode steps, alone in a batch.
+async fn generate(svc: &ShardServer<Gated>, r: pb::Request, steps: usize) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let take = |g: &[pb::Generation], out: &mut Vec<(u32, u32)>| {
+        let t = g[0].token.unwrap();
+        out.push((t.id, t.logprob.to_bits()));
+    };
+    let p = svc
+        .prefill(Request::new(pb::PrefillRequest { requests: vec![r] }))
+        .await
+        .unwrap();
+    take(&p.into_inner().generations, &mut out);
+    for _ in 0..steps {
+        let d = svc.decode(Request::new(pb::DecodeRequest {})).await.unwrap();
+        take(&d.into_inner().generations, &mut out);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decode_completes_while_an_adapter_uploads() {
+    let (backend, mut gate) = gated();
+    let svc = server(backend, 4).await;
+    let base = svc
+        .prefill(Request::new(pb::PrefillRequest {
+            requests: vec![sequence(1, 0, "")],
+        }))
+        .await
+        .unwrap();
+    assert_eq!(base.into_inner().generations.len(), 1);
+    let loading = tokio::spawn({
+        let svc = Arc::clone(&svc);
+        async move { svc.load_adapter(load_request("lora-r8")).await }
+    });
+    gate.started.recv().await.unwrap();
+    // The upload now waits for the release; decode steps of the running batch must not.
+    for _ in 0..3 {
+        let step = tokio::time::timeout(Duration::from_secs(30), svc.decode(Request::new(pb::DecodeRequest {})))
+            .await
+            .expect("a decode step waited for the adapter upload")
+            .unwrap();
+        assert_eq!(step.into_inner().generations.len(), 1);
+    }
+    assert!(
+        !loading.is_finished(),
+        "the load finished before its upload was released"
+    );
+    assert!(loaded_keys(&svc).is_empty());
+    gate.release.send(()).unwrap();
+    let bytes = loading.await.unwrap().unwrap().into_inner().device_bytes;
+    assert!(bytes > 0);
+    assert_eq!(loaded_keys(&svc), vec!["local:lora-r8".to_string()]);
+
+    // The adapter serves as one loaded into an engine directly (alone in the batch, both times).
+    svc.filter_batch(Request::new(pb::FilterBatchRequest { keep_ids: vec![] }))
+        .await
+        .unwrap();
+    let got = generate(&svc, sequence(2, 100, "lora-r8"), 4).await;
+    let mut e = Engine::load(
+        CpuBackend,
+        &fixtures().join("models/llama"),
+        CacheConfig {
+            num_blocks: 256,
+            block_size: BLOCK as usize,
+        },
+    )
+    .unwrap();
+    let host = HostAdapter::load(&fixtures().join("adapters/lora-r8"), e.config(), 128).unwrap();
+    assert_eq!(e.load_adapter("local:lora-r8", &host).unwrap() as u64, bytes);
+    let r = sequence(2, 100, "lora-r8");
+    let mut batch = Batch::default();
+    let mut want = Vec::new();
+    let new = NewSequence {
+        id: 2,
+        input_ids: r.input_ids,
+        block_table: r.blocks,
+        params: sampling(None, 0),
+        prefill_logprobs: false,
+        adapter: Some("local:lora-r8".into()),
+    };
+    for g in e.prefill(&mut batch, vec![new]).unwrap() {
+        want.push((g.choice.token, g.choice.logprob.to_bits()));
+    }
+    for _ in 0..4 {
+        for g in e.decode(&mut batch).unwrap() {
+            want.push((g.choice.token, g.choice.logprob.to_bits()));
+        }
+    }
+    assert_eq!(got, want);
+    let base = generate(&svc, sequence(3, 200, ""), 0).await;
+    assert_ne!(base[0], got[0], "the adapter changes nothing");
+}
+
+/// Two loads of one adapter at once: both upload (neither was loaded when they started), one inserts,
+/// the other's copy is dropped and it answers 0 bytes. Two loads of different adapters into the last
+/// slot: one is refused when it comes to insert. A load of a loaded adapter uploads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_loads_keep_one_copy_and_the_slot_limit() {
+    let (backend, mut gate) = gated();
+    let svc = server(backend, 2).await;
+    let load = |id: &'static str| {
+        let svc = Arc::clone(&svc);
+        tokio::spawn(async move { svc.load_adapter(load_request(id)).await })
+    };
+    let (a, b) = (load("lora-r8"), load("lora-r8"));
+    gate.started.recv().await.unwrap();
+    gate.started.recv().await.unwrap();
+    gate.release.send(()).unwrap();
+    gate.release.send(()).unwrap();
+    let mut bytes = [
+        a.await.unwrap().unwrap().into_inner().device_bytes,
+        b.await.unwrap().unwrap().into_inner().device_bytes,
+    ];
+    bytes.sort_unstable();
+    assert_eq!(bytes[0], 0);
+    assert!(bytes[1] > 0);
+    assert_eq!(loaded_keys(&svc), vec!["local:lora-r8".to_string()]);
+
+    // Already loaded: answered without an upload.
+    let again = svc.load_adapter(load_request("lora-r8")).await.unwrap();
+    assert_eq!(again.into_inner().device_bytes, 0);
+    assert!(gate.started.try_recv().is_err(), "a loaded adapter was uploaded again");
+
+    // One slot left, two adapters racing for it.
+    let (c, d) = (load("lora-r16-all"), load("rslora-r16-patterns"));
+    gate.started.recv().await.unwrap();
+    gate.started.recv().await.unwrap();
+    gate.release.send(()).unwrap();
+    gate.release.send(()).unwrap();
+    let results = [c.await.unwrap(), d.await.unwrap()];
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(loaded_keys(&svc).len(), 2);
+
+    // Full: refused before anything is read or uploaded.
+    let full = svc.load_adapter(load_request("lora-r64-regex")).await.unwrap_err();
+    assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+    assert!(gate.started.try_recv().is_err());
+}
