@@ -144,3 +144,23 @@ extern "C" __global__ void fill_dummy(T* __restrict__ out, u64 n, u64 cols, u64 
     }
 }
 
+
+// Adapter weights arrive in their file's type and are converted on the device (the host only copies
+// bytes): `in` holds n values of kind 0 (f32), 1 (f16) or 2 (bf16); each is widened to f32 exactly and
+// stored as T (round to nearest even, as the host's conversion).
+extern "C" __global__ void convert_in(T* __restrict__ out, const void* __restrict__ in, int kind, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v;
+        if (kind == 0) {
+            v = reinterpret_cast<const float*>(in)[i];
+        } else {
+            const unsigned short h = reinterpret_cast<const unsigned short*>(in)[i];
+            if (kind == 1) {
+                asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+            } else {
+                v = __uint_as_float(((u32)h) << 16);
+            }
+        }
+        out[i] = from_f(v);
+    }
+}

@@ -84,6 +84,7 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "gather_rows",
             "fill_uniform",
             "fill_dummy",
+            "convert_in",
         ],
     ),
     (
@@ -344,24 +345,6 @@ fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-    }
-}
-
-/// `t`'s elements as `dtype` into `dst` (`t.numel() * dtype.size()` bytes): what `weight` uploads, without
-/// its intermediate vectors. Other dtypes go through f32 as there (exact from bf16/f16, rounded to nearest
-/// even into bf16/f16), a block at a time, so that (write-combined) staging memory is written in long runs.
-fn encode_into(dtype: DType, t: &HostTensor<'_>, dst: &mut [u8]) {
-    if t.dtype == dtype {
-        dst.copy_from_slice(&t.data);
-        return;
-    }
-    const BLOCK: usize = 8192;
-    for (src, out) in t
-        .data
-        .chunks(BLOCK * t.dtype.size())
-        .zip(dst.chunks_mut(BLOCK * dtype.size()))
-    {
-        out.copy_from_slice(&encode(dtype, &decode(t.dtype, src)));
     }
 }
 
@@ -762,14 +745,17 @@ impl Backend for CudaBackend {
         })
     }
 
-    /// All tensors in one device allocation (each at a 256-byte aligned offset), converted straight into a
-    /// pinned staging buffer and copied with one asynchronous copy on the upload stream, which is waited
-    /// for: the compute stream can use the tensors as soon as this returns, and never waits for them.
+    /// All tensors in one device allocation (each at a 256-byte aligned offset), staged as they are in a
+    /// pinned buffer and copied on the upload stream, which is waited for: the compute stream can never see
+    /// the memory before the copy ends, and never waits on it. Tensors of another type than the backend's
+    /// are copied as they are into a scratch allocation and converted there by `convert_in` (exactly the
+    /// host's conversion: exact to f32, round to nearest even), so the host only copies bytes.
     fn upload_many(&self, tensors: &[HostTensor<'_>]) -> Result<Vec<CudaTensor>> {
         const ALIGN: usize = 256;
         let es = self.dtype.size();
+        // Per tensor: offset in the result, and (for a conversion) offset of its raw bytes in the scratch.
         let mut offsets = Vec::with_capacity(tensors.len());
-        let mut total = 0usize;
+        let (mut total, mut raw_total) = (0usize, 0usize);
         for t in tensors {
             if t.data.len() != t.numel() * t.dtype.size() {
                 return Err(EngineError::Backend(format!(
@@ -779,7 +765,11 @@ impl Backend for CudaBackend {
                     t.shape
                 )));
             }
-            offsets.push(total);
+            let raw = (t.dtype != self.dtype).then_some(raw_total);
+            if raw.is_some() {
+                raw_total += t.data.len().max(1).next_multiple_of(ALIGN);
+            }
+            offsets.push((total, raw));
             total += (t.numel() * es).max(1).next_multiple_of(ALIGN);
         }
         if tensors.is_empty() {
@@ -790,10 +780,12 @@ impl Backend for CudaBackend {
             .staging
             .lock()
             .map_err(|_| EngineError::Backend("the upload staging buffer was poisoned by a panic".into()))?;
-        if staging.as_ref().is_none_or(|s| s.len() < total) {
+        // Staged: the result's layout (tensors already in the backend's type), then the raw scratch.
+        let staged = total + raw_total;
+        if staging.as_ref().is_none_or(|s| s.len() < staged) {
             // Free the smaller buffer before pinning the larger one.
             *staging = None;
-            let bytes = total.next_multiple_of(8 << 20);
+            let bytes = staged.next_multiple_of(8 << 20);
             // SAFETY: the memory is uninitialised; only the bytes written below are copied.
             let pinned = unsafe { self.ctx.alloc_pinned::<u8>(bytes) }
                 .map_err(|e| drv(&format!("pinning {bytes} bytes of host memory"), e))?;
@@ -804,28 +796,70 @@ impl Backend for CudaBackend {
             .ok_or_else(|| EngineError::Backend("no upload staging buffer".into()))?
             .as_mut_slice()
             .map_err(|e| drv("staging buffer", e))?;
-        for (t, &off) in tensors.iter().zip(&offsets) {
-            encode_into(self.dtype, t, &mut host[off..off + t.numel() * es]);
+        for (t, &(off, raw)) in tensors.iter().zip(&offsets) {
+            match raw {
+                None => host[off..off + t.data.len()].copy_from_slice(&t.data),
+                Some(r) => host[total + r..total + r + t.data.len()].copy_from_slice(&t.data),
+            }
         }
-        // SAFETY: uninitialised; the copy below writes every byte a tensor covers (alignment padding is
-        // never read).
+        // SAFETY: uninitialised; the copy below (or a conversion) writes every byte a tensor covers
+        // (alignment padding is never read).
         let dev = unsafe { self.upload_stream.alloc::<u8>(total) }
             .map_err(|e| drv(&format!("allocating {total} bytes"), e))?;
         let base = {
             let (p, _sync) = dev.device_ptr(&self.upload_stream);
             p
         };
-        // SAFETY: `dev` holds `total` bytes; `host[..total]` is pinned and is not touched (the staging lock
-        // is held) until the copy has finished, below.
+        // SAFETY: `dev` holds `total` bytes; `host[..staged]` is pinned and is not touched (the staging lock
+        // is held) until the copies have finished, below.
         unsafe { drv_result::memcpy_htod_async(base, &host[..total], self.upload_stream.cu_stream()) }
             .map_err(|e| drv("adapter upload", e))?;
+        let scratch = if raw_total > 0 {
+            // SAFETY: written by the copy right after, before the conversions read it.
+            let scratch = unsafe { self.upload_stream.alloc::<u8>(raw_total) }
+                .map_err(|e| drv(&format!("allocating {raw_total} bytes"), e))?;
+            let sp = {
+                let (p, _sync) = scratch.device_ptr(&self.upload_stream);
+                p
+            };
+            // SAFETY: as above; the scratch holds raw_total bytes.
+            unsafe { drv_result::memcpy_htod_async(sp, &host[total..staged], self.upload_stream.cu_stream()) }
+                .map_err(|e| drv("adapter upload", e))?;
+            let func = self.func("convert_in")?;
+            for (t, &(off, raw)) in tensors.iter().zip(&offsets) {
+                let Some(r) = raw else { continue };
+                let n = t.numel() as u64;
+                if n == 0 {
+                    continue;
+                }
+                let (out, inp) = (base + off as u64, sp + r as u64);
+                let kind: i32 = match t.dtype {
+                    DType::F32 => 0,
+                    DType::F16 => 1,
+                    DType::BF16 => 2,
+                };
+                let mut b = self.upload_stream.launch_builder(func);
+                b.arg(&out);
+                b.arg(&inp);
+                b.arg(&kind);
+                b.arg(&n);
+                // SAFETY: convert_in(T* out, const void* in, int kind, u64 n): `out` holds n elements of the
+                // backend's type in `dev`, `in` n elements of the tensor's type in the scratch.
+                unsafe { b.launch(cfg((flat_grid(t.numel()), 1, 1), 256, 0)) }
+                    .map_err(|e| drv("launch of convert_in", e))?;
+            }
+            Some(scratch)
+        } else {
+            None
+        };
         self.upload_stream.synchronize().map_err(|e| drv("adapter upload", e))?;
+        drop(scratch);
         drop(staging);
         let owner = Arc::new(dev);
         Ok(tensors
             .iter()
             .zip(offsets)
-            .map(|(t, off)| CudaTensor {
+            .map(|(t, (off, _))| CudaTensor {
                 shape: t.shape.clone(),
                 buf: DevBuf::part(&owner, base, off, t.numel() * es),
             })
