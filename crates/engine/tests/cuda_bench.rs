@@ -255,3 +255,66 @@ fn kernel_benchmarks() {
     prefill_attention(&mut g, false, 4096, 32, 8);
     prefill_attention(&mut g, true, 16384, 32, 8);
 }
+
+/// Where a Mistral-7B-shaped decode step and a 1000-token prefill spend their time: every linear layer of
+/// the model at 1, 128 and 1000 rows (weights rotated through copies so that none is served from the 60 MB
+/// L2), the LM head, and attention at the serving shapes, each from graph replays. Summed per step, these
+/// compare with the measured step times (`cuda_graphs`' decode-step benchmark, the serving TTFT).
+#[test]
+#[ignore = "GPU benchmark: needs about 2 GB free; run with --ignored --nocapture"]
+fn step_profile() {
+    let Some(mut g) = backend(DType::BF16) else { return };
+    let copy = copy_bandwidth(&g);
+    let (vocab, layers) = (32000usize, 32.0);
+    let linears = [
+        ("q", 4096usize, 4096usize),
+        ("k", 1024, 4096),
+        ("v", 1024, 4096),
+        ("o", 4096, 4096),
+        ("gate", 14336, 4096),
+        ("up", 14336, 4096),
+        ("down", 4096, 14336),
+    ];
+    // Milliseconds of y = x·wᵀ for an [m, k] x and an [n, k] w, the median over graph replays.
+    let time = |m: usize, n: usize, k: usize, seed: u32| -> f64 {
+        let copies = if n * k * 2 < (64 << 20) { 4 } else { 2 };
+        let ws: Vec<CudaTensor> = (0..copies).map(|i| rand(&g, &[n, k], seed + i as u32, 0.02)).collect();
+        let x = rand(&g, &[m, k], seed + 100, 1.0);
+        graph_ms(&g, copies, 20, &|i| g.linear(&x, &ws[i], None).map(|_| ()))
+    };
+    for m in [1usize, 128, 1000] {
+        let mut layer_ms = 0.0;
+        for (i, &(name, n, k)) in linears.iter().enumerate() {
+            let ms = time(m, n, k, 200 + 10 * i as u32);
+            layer_ms += ms;
+            let gbs = (n * k * 2) as f64 / (ms * 1e-3) / 1e9;
+            let tflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
+            bench(
+                &format!("profile_linear_{name}_m{m}"),
+                ms * 1e3,
+                "us",
+                &format!(
+                    "[{m}, {k}] x [{n}, {k}]^T: weights at {gbs:.0} GB/s ({:.0}% of copy), {tflops:.0} TFLOP/s",
+                    100.0 * gbs / copy
+                ),
+            );
+        }
+        // Logits: every row at decode, the last row only at a prefill.
+        let head_rows = if m == 1000 { 1 } else { m };
+        let head_ms = time(head_rows, vocab, 4096, 400);
+        bench(
+            &format!("profile_linears_per_step_m{m}"),
+            layers * layer_ms + head_ms,
+            "ms",
+            &format!(
+                "32 layers x 7 linears ({:.3} ms per layer) + LM head on {head_rows} row(s) ({head_ms:.3} ms)",
+                layer_ms
+            ),
+        );
+    }
+    // Attention per layer at the serving shapes (32 query heads, 8 KV heads): decode at batch 1 and 128,
+    // and a 1000-token prefill on the tensor-core kernel.
+    decode_attention(&g, 1, 640, 32, 8, copy);
+    decode_attention(&g, 128, 640, 32, 8, copy);
+    prefill_attention(&mut g, true, 1000, 32, 8);
+}
