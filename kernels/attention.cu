@@ -13,7 +13,7 @@
 // head), so a warp works on 32/G tokens at once, with U tokens' keys and values per lane group in flight.
 
 #define ATTN_THREADS 128
-#define ATTN_CHUNK 256
+#define ATTN_CHUNK 64
 
 // Per query row: its position (-1: the row belongs to no sequence; -2: prefill_attention handles it) and
 // the offset of its sequence's block table in the flattened tables.

@@ -65,7 +65,7 @@ fn schedule(e: &mut Engine<CudaBackend>, adapters: &[String]) -> Trace {
             trace.push((g.id, g.choice.token, g.choice.logprob.to_bits()));
         }
     };
-    // One base sequence alone (batch 1), long enough to cross a 256-token attention chunk.
+    // One base sequence alone (batch 1), long enough to cross attention chunk (context split) boundaries.
     let first = vec![seq(0, 230, None, &mut alloc)];
     record(e.prefill(&mut batch, first).unwrap(), &mut trace);
     for _ in 0..40 {

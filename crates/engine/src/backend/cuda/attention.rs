@@ -159,11 +159,13 @@ impl CudaBackend {
             }
         }
         let out = self.alloc(&[n, qw])?;
-        // Split the contexts when the rows alone cannot fill the GPU: aim at 8 blocks per multiprocessor.
+        // Split the contexts when the rows alone cannot fill the GPU: aim at 8 blocks per multiprocessor,
+        // rounding down (a batch that nearly fills the GPU keeps whole contexts: a split costs each block
+        // its fixed work and adds the reduction).
         let hchunks = group.div_ceil(maxg);
         let blocks = (n * meta.num_kv_heads * hchunks).max(1);
         let max_chunks = max_len.div_ceil(ATTN_CHUNK);
-        let wanted = (8 * self.num_sms).div_ceil(blocks).clamp(1, max_chunks);
+        let wanted = ((8 * self.num_sms) / blocks).clamp(1, max_chunks);
         let chunks_per_split = max_chunks.div_ceil(wanted);
         let splits = max_chunks.div_ceil(chunks_per_split);
         let (part_o, part_ml) = if splits > 1 {

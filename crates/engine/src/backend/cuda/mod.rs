@@ -35,8 +35,8 @@ use crate::error::{EngineError, Result};
 use crate::weights::{DType, HostTensor};
 use compile::{Compiler, SOURCES};
 
-/// Tokens per attention chunk (ATTN_CHUNK in kernels/attention.cu).
-const ATTN_CHUNK: usize = 256;
+/// Tokens per attention chunk, the unit contexts are split in (ATTN_CHUNK in kernels/attention.cu).
+const ATTN_CHUNK: usize = 64;
 /// Threads of an attention block (ATTN_THREADS in kernels/attention.cu).
 const ATTN_THREADS: u32 = 128;
 /// Attention kernels: (head size, query heads per block) as instantiated in kernels/attention.cu.
