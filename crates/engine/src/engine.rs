@@ -247,7 +247,13 @@ impl<B: Backend> Engine<B> {
     /// adapter of the same key); returns its device bytes.
     pub fn insert_adapter(&mut self, key: &str, device: DeviceAdapter<B>) -> usize {
         let bytes = device.bytes;
-        self.adapters.insert(key.to_string(), device);
+        if let Some(old) = self.adapters.insert(key.to_string(), device) {
+            // As in `offload_adapter`: the replaced weights go once nothing queued can read them.
+            if let Err(e) = self.backend.wait_idle() {
+                tracing::warn!("waiting for the device before releasing a replaced adapter: {e}");
+            }
+            drop(old);
+        }
         bytes
     }
 
@@ -257,6 +263,11 @@ impl<B: Backend> Engine<B> {
             return Err(EngineError::InvalidBatch(format!(
                 "adapter {key:?} is used by a running sequence"
             )));
+        }
+        // Work a failed step left queued may still read the adapter: its memory is freed (stream-ordered, on
+        // another stream) only once the device is idle.
+        if self.adapters.contains_key(key) {
+            self.backend.wait_idle()?;
         }
         Ok(self.adapters.remove(key).is_some())
     }

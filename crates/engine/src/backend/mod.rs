@@ -155,9 +155,15 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// Waits until the device has finished all work issued so far (before memory that work may read is
+    /// released on another stream). The default does nothing: the CPU backend computes synchronously.
+    fn wait_idle(&self) -> Result<()> {
+        Ok(())
+    }
     /// Runs `f`, one decode step's forward pass over `rows` rows. A backend may run it as the replay of a
     /// captured graph (the CUDA backend does: kernels, grids and pointers fixed, metadata refreshed); the
-    /// result must equal `f()`'s. The default calls `f`.
+    /// result must equal `f()`'s, and is valid until the next decode step (a replayed graph's output lives
+    /// in memory the next replay overwrites); steps must not run concurrently. The default calls `f`.
     fn decode_step(&self, rows: usize, f: &mut dyn FnMut() -> Result<Self::Tensor>) -> Result<Self::Tensor> {
         let _ = rows;
         f()

@@ -168,6 +168,9 @@ impl CudaBackend {
         let wanted = ((8 * self.num_sms) / blocks).clamp(1, max_chunks);
         let chunks_per_split = max_chunks.div_ceil(wanted);
         let splits = max_chunks.div_ceil(chunks_per_split);
+        // Unsplit: one fixed chunk count (2^24 chunks of 64 tokens, beyond any context), so the launch's
+        // arguments do not change as contexts grow and a decode step's CUDA graph stays valid.
+        let chunks_per_split = if splits == 1 { 1 << 24 } else { chunks_per_split };
         let (part_o, part_ml) = if splits > 1 {
             (
                 Some(self.bytes(n * meta.num_heads * splits * hd * 4)?),

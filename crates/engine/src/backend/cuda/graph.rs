@@ -28,7 +28,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result as drv_result, sys as drv_sys, CudaGraph, CudaSlice, PinnedHostSlice};
@@ -108,8 +108,11 @@ struct Inner {
 pub(crate) struct Graphs {
     inner: Mutex<Inner>,
     enabled: AtomicBool,
-    max_batch: usize,
+    /// Largest batch that uses graphs; lowered when an arena for a larger one cannot be allocated.
+    max_batch: AtomicUsize,
     max_graphs: usize,
+    /// Rows of the step in progress (for the message and limit after a failed arena allocation).
+    step_rows: AtomicUsize,
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -167,8 +170,9 @@ impl Graphs {
                 copy_pending: false,
             }),
             enabled: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPHS").map_or(true, |v| v != "0")),
-            max_batch: env_usize("LORAX_CUDA_GRAPH_MAX_BATCH", 256),
+            max_batch: AtomicUsize::new(env_usize("LORAX_CUDA_GRAPH_MAX_BATCH", 256)),
             max_graphs: env_usize("LORAX_CUDA_GRAPH_CACHE", 64).max(1),
+            step_rows: AtomicUsize::new(0),
         }
     }
 
@@ -236,7 +240,7 @@ impl Graphs {
 
     /// Whether a decode step of `rows` rows should go through a graph.
     pub(crate) fn wanted(&self, rows: usize) -> bool {
-        self.enabled.load(Ordering::Relaxed) && rows > 0 && rows <= self.max_batch
+        self.enabled.load(Ordering::Relaxed) && rows > 0 && rows <= self.max_batch.load(Ordering::Relaxed)
     }
 }
 
@@ -248,6 +252,7 @@ impl CudaBackend {
         if !self.graphs.wanted(rows) || self.poison || self.sync_each || mode() != Mode::Eager {
             return f();
         }
+        self.graphs.step_rows.store(rows, Ordering::Relaxed);
         match self.try_graph_step(f) {
             Ok(Ok(t)) => Ok(t),
             // The forward pass itself failed (bad input): the same error as eagerly.
@@ -257,6 +262,9 @@ impl CudaBackend {
                 self.graphs.enabled.store(false, Ordering::Relaxed);
                 if let Ok(mut g) = self.graphs.lock() {
                     g.graphs.clear();
+                    g.work = None;
+                    g.meta = None;
+                    g.host = None;
                 }
                 f()
             }
@@ -278,7 +286,17 @@ impl CudaBackend {
             };
             if !self.arenas_fit(work, meta)? {
                 drop(out);
-                self.grow_arenas(work, meta)?;
+                if let Err(e) = self.grow_arenas(work, meta) {
+                    // Out of device memory for this batch's arena: smaller batches keep their graphs.
+                    let rows = self.graphs.step_rows.load(Ordering::Relaxed);
+                    self.graphs.max_batch.store(rows / 2, Ordering::Relaxed);
+                    tracing::warn!(
+                        rows,
+                        "no memory for a CUDA graph arena, graphs only up to batch {}: {e}",
+                        rows / 2
+                    );
+                    return Ok(f());
+                }
                 continue;
             }
             if self.replay(sig)? {
@@ -310,16 +328,21 @@ impl CudaBackend {
         Ok(g.work.as_ref().is_some_and(|a| work <= a.cap) && g.meta.as_ref().is_some_and(|a| meta <= a.cap))
     }
 
-    /// New, larger arenas (a quarter of headroom); every graph captured so far pointed into the old ones
-    /// and is dropped.
+    /// Arenas large enough for `work` and `meta` bytes (a quarter of headroom, never smaller than before, so
+    /// steps of different shapes do not take turns regrowing them); every graph captured so far pointed into
+    /// the old ones and is dropped.
     fn grow_arenas(&self, work: usize, meta: usize) -> Result<()> {
         let mut g = self.graphs.lock()?;
+        let work_cap = (work + work / 4)
+            .max(g.work.as_ref().map_or(0, |a| a.cap))
+            .next_multiple_of(1 << 20);
+        let meta_cap = (meta + meta / 4)
+            .max(g.meta.as_ref().map_or(0, |a| a.cap))
+            .next_multiple_of(1 << 16);
         g.graphs.clear();
         g.work = None;
         g.meta = None;
         g.host = None;
-        let work_cap = (work + work / 4).next_multiple_of(1 << 20);
-        let meta_cap = (meta + meta / 4).next_multiple_of(1 << 16);
         // SAFETY: arena memory is written by the kernels of a step before they read it.
         let w = unsafe { self.stream.alloc::<u8>(work_cap) }
             .map_err(|e| drv(&format!("allocating a {work_cap}-byte graph arena"), e))?;

@@ -786,7 +786,8 @@ impl Backend for CudaBackend {
             // Free the smaller buffer before pinning the larger one.
             *staging = None;
             let bytes = staged.next_multiple_of(8 << 20);
-            // SAFETY: the memory is uninitialised; only the bytes written below are copied.
+            // SAFETY: plain bytes, uninitialised; what is copied beyond the bytes written below is alignment
+            // padding, which no kernel reads.
             let pinned = unsafe { self.ctx.alloc_pinned::<u8>(bytes) }
                 .map_err(|e| drv(&format!("pinning {bytes} bytes of host memory"), e))?;
             *staging = Some(pinned);
@@ -810,10 +811,14 @@ impl Backend for CudaBackend {
             let (p, _sync) = dev.device_ptr(&self.upload_stream);
             p
         };
-        // SAFETY: `dev` holds `total` bytes; `host[..staged]` is pinned and is not touched (the staging lock
-        // is held) until the copies have finished, below.
-        unsafe { drv_result::memcpy_htod_async(base, &host[..total], self.upload_stream.cu_stream()) }
-            .map_err(|e| drv("adapter upload", e))?;
+        if offsets.iter().any(|(_, raw)| raw.is_none()) {
+            // Some tensors are already in the backend's type (all of them are converted otherwise, and this
+            // part of the staging buffer holds nothing).
+            // SAFETY: `dev` holds `total` bytes; `host[..staged]` is pinned and is not touched (the staging
+            // lock is held) until the copies have finished, below.
+            unsafe { drv_result::memcpy_htod_async(base, &host[..total], self.upload_stream.cu_stream()) }
+                .map_err(|e| drv("adapter upload", e))?;
+        }
         let scratch = if raw_total > 0 {
             // SAFETY: written by the copy right after, before the conversions read it.
             let scratch = unsafe { self.upload_stream.alloc::<u8>(raw_total) }
@@ -1198,6 +1203,10 @@ impl Backend for CudaBackend {
             &ci
         );
         Ok(out)
+    }
+
+    fn wait_idle(&self) -> Result<()> {
+        self.synchronize()
     }
 
     /// Through a CUDA graph when it can (graph.rs).
