@@ -4,6 +4,7 @@
 //! the result, so decoding streams do not wait for an upload.
 
 use std::path::PathBuf;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,46 @@ pub struct ShardConfig {
 struct State<B: Backend> {
     engine: Engine<B>,
     batch: Batch,
+    /// Adapter loads in flight (parsed or uploaded outside the lock), by key: a generation (an offload
+    /// removes the entry, so a load of an older generation is cancelled when it comes to insert) and the
+    /// number of loads. Each key holds a device slot from its first load's start.
+    pending: HashMap<String, (u64, usize)>,
+    generation: u64,
+}
+
+/// A load's claim on its pending entry; released (the count decremented) when dropped unless consumed by
+/// the insertion, so a load that fails or is cancelled never keeps its slot.
+struct Pending<B: Backend> {
+    state: Arc<Mutex<State<B>>>,
+    key: String,
+    generation: u64,
+    armed: bool,
+}
+
+impl<B: Backend> Drop for Pending<B> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(mut s) = self.state.lock() {
+            release_pending(&mut s.pending, &self.key, self.generation);
+        }
+    }
+}
+
+/// One load of `key` at `generation` is over: decrement its count, remove the entry at zero. A different
+/// generation (the entry was cancelled and maybe started again) is left alone.
+fn release_pending(pending: &mut HashMap<String, (u64, usize)>, key: &str, generation: u64) -> bool {
+    match pending.get_mut(key) {
+        Some((g, n)) if *g == generation => {
+            *n -= 1;
+            if *n == 0 {
+                pending.remove(key);
+            }
+            true
+        }
+        _ => false,
+    }
 }
 
 /// The service: the engine (on any backend) and its running batch behind one lock.
@@ -108,6 +149,8 @@ impl<B: Backend> ShardServer<B> {
             state: Arc::new(Mutex::new(State {
                 engine,
                 batch: Batch::default(),
+                pending: HashMap::new(),
+                generation: 0,
             })),
             info,
             urls: cfg.urls,
@@ -405,23 +448,35 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let key = adapters::key(&r.adapter_source, &r.adapter_id);
         let started = Instant::now();
         let slots = self.settings.device_slots;
-        // Already loaded, or no slot: answer before reading or uploading anything.
+        // Already loaded, or no slot: answer before reading or uploading anything. Otherwise the load
+        // claims a slot for its key until it inserts or fails (loads in flight count against the limit).
         let probe = key.clone();
-        let loaded = self
+        let claim = self
             .with_state(move |s| {
                 if s.engine.has_adapter(&probe) {
-                    return Ok(true);
+                    return Ok(None);
                 }
                 let loaded = s.engine.adapter_keys().len();
-                if loaded >= slots {
-                    return Err(no_slot(loaded, slots));
+                let others = s.pending.keys().filter(|k| **k != probe).count();
+                if !s.pending.contains_key(&probe) && loaded + others >= slots {
+                    return Err(no_slot(loaded + others, slots));
                 }
-                Ok(false)
+                s.generation += 1;
+                let fresh = s.generation;
+                let entry = s.pending.entry(probe).or_insert((fresh, 0));
+                entry.1 += 1;
+                Ok(Some(entry.0))
             })
             .await?;
-        if loaded {
+        let Some(generation) = claim else {
             return Ok(Response::new(pb::LoadAdapterResponse { device_bytes: 0 }));
-        }
+        };
+        let mut pending = Pending {
+            state: Arc::clone(&self.state),
+            key: key.clone(),
+            generation,
+            armed: true,
+        };
         let (host, parse_ms) = match self.host_tier.get(&key) {
             Some(h) => (h, 0),
             None => {
@@ -441,8 +496,14 @@ impl<B: Backend> ShardService for ShardServer<B> {
         .map_err(status)?;
         // Only the insertion holds the lock. Another load of the same adapter or of another one may have
         // finished meanwhile: then this upload is dropped (outside the lock).
+        pending.armed = false;
         let (bytes, unused) = self
             .with_state(move |s| {
+                if !release_pending(&mut s.pending, &key, generation) {
+                    return Err(Status::aborted(format!(
+                        "adapter {key:?} was offloaded while it was loading"
+                    )));
+                }
                 if s.engine.has_adapter(&key) {
                     return Ok((0, Some(device)));
                 }
@@ -480,7 +541,9 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 .engine
                 .offload_adapter(&key, &s.batch)
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
-            tracing::info!(adapter = %key, removed, "adapter offloaded");
+            // Loads of it still in flight are cancelled (they answer ABORTED and release their slot).
+            let cancelled = s.pending.remove(&key).map_or(0, |(_, n)| n);
+            tracing::info!(adapter = %key, removed, cancelled, "adapter offloaded");
             Ok(())
         })
         .await?;

@@ -288,8 +288,9 @@ async fn decode_completes_while_an_adapter_uploads() {
 }
 
 /// Two loads of one adapter at once: both upload (neither was loaded when they started), one inserts,
-/// the other's copy is dropped and it answers 0 bytes. Two loads of different adapters into the last
-/// slot: one is refused when it comes to insert. A load of a loaded adapter uploads nothing.
+/// the other's copy is dropped and it answers 0 bytes. Two loads of different adapters for the last slot:
+/// the first claims it, the second is refused at once, before reading or uploading anything. A load of a
+/// loaded adapter uploads nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_loads_keep_one_copy_and_the_slot_limit() {
     let (backend, mut gate) = gated();
@@ -317,20 +318,56 @@ async fn concurrent_loads_keep_one_copy_and_the_slot_limit() {
     assert_eq!(again.into_inner().device_bytes, 0);
     assert!(gate.started.try_recv().is_err(), "a loaded adapter was uploaded again");
 
-    // One slot left, two adapters racing for it.
-    let (c, d) = (load("lora-r16-all"), load("rslora-r16-patterns"));
+    // One slot left: a load in flight holds it, so a second adapter is refused before it uploads.
+    let c = load("lora-r16-all");
     gate.started.recv().await.unwrap();
-    gate.started.recv().await.unwrap();
-    gate.release.send(()).unwrap();
-    gate.release.send(()).unwrap();
-    let results = [c.await.unwrap(), d.await.unwrap()];
-    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
-    let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+    let refused = svc.load_adapter(load_request("rslora-r16-patterns")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(gate.started.try_recv().is_err(), "the refused load uploaded");
+    gate.release.send(()).unwrap();
+    assert!(c.await.unwrap().unwrap().into_inner().device_bytes > 0);
     assert_eq!(loaded_keys(&svc).len(), 2);
 
     // Full: refused before anything is read or uploaded.
     let full = svc.load_adapter(load_request("lora-r64-regex")).await.unwrap_err();
     assert_eq!(full.code(), tonic::Code::ResourceExhausted);
     assert!(gate.started.try_recv().is_err());
+}
+
+/// An offload that arrives while the adapter is still uploading cancels the load: it answers ABORTED,
+/// nothing is inserted, and its slot is free again. A load that fails (no such adapter) frees its slot too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offload_cancels_a_load_in_flight_and_failed_loads_free_their_slot() {
+    let (backend, mut gate) = gated();
+    let svc = server(backend, 1).await;
+    let loading = tokio::spawn({
+        let svc = Arc::clone(&svc);
+        async move { svc.load_adapter(load_request("lora-r8")).await }
+    });
+    gate.started.recv().await.unwrap();
+    svc.offload_adapter(Request::new(pb::OffloadAdapterRequest {
+        adapter_id: "lora-r8".into(),
+        adapter_source: "local".into(),
+    }))
+    .await
+    .unwrap();
+    gate.release.send(()).unwrap();
+    let cancelled = loading.await.unwrap().unwrap_err();
+    assert_eq!(cancelled.code(), tonic::Code::Aborted, "{cancelled:?}");
+    assert!(loaded_keys(&svc).is_empty());
+    assert!(svc.state.lock().unwrap().pending.is_empty(), "the cancelled load kept its claim");
+
+    let missing = svc.load_adapter(load_request("no-such-adapter")).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    assert!(svc.state.lock().unwrap().pending.is_empty(), "the failed load kept its claim");
+
+    // The one slot is free: a load goes through.
+    let next = tokio::spawn({
+        let svc = Arc::clone(&svc);
+        async move { svc.load_adapter(load_request("lora-r16-all")).await }
+    });
+    gate.started.recv().await.unwrap();
+    gate.release.send(()).unwrap();
+    assert!(next.await.unwrap().unwrap().into_inner().device_bytes > 0);
+    assert_eq!(loaded_keys(&svc), vec!["local:lora-r16-all".to_string()]);
 }
