@@ -465,8 +465,14 @@ fn run_lora(g: &CudaBackend, rng: &mut Rng, n: usize, k: usize, out: usize, segs
 #[test]
 fn lora_sgmv_matches_cpu() {
     let mut rng = Rng(seed("lora"));
-    for dt in DTYPES {
-        let Some(g) = gpu(dt) else { return };
+    // Every case twice: decode shapes on BGMV (the default), then on SGMV, so both keep their coverage.
+    for (dt, bgmv) in DTYPES.into_iter().flat_map(|d| [(d, true), (d, false)]) {
+        let Some(mut g) = gpu(dt) else { return };
+        g.set_lora_bgmv(bgmv);
+        say(&format!(
+            "{dt:?} lora, decode shapes on {}",
+            if bgmv { "BGMV" } else { "SGMV" }
+        ));
         // Mixed ranks 8..128, one-token segments, a segment longer than a row tile, base rows between.
         let mixed = [
             Seg {

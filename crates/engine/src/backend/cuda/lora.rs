@@ -86,7 +86,7 @@ impl CudaBackend {
         if nseg == 0 || k == 0 || out == 0 {
             return Ok(None);
         }
-        if max_len <= BG_ROWS && rmax <= BG_RANK {
+        if self.lora_bgmv && max_len <= BG_ROWS && rmax <= BG_RANK {
             // The decode shape: BGMV (each weight read once, no atomics, no zeroing).
             let tmp = self.bytes(n * rmax * 4)?;
             let d_table = self.upload(&table)?;

@@ -225,6 +225,8 @@ pub struct CudaBackend {
     attn_max_heads: usize,
     /// GQA attention at head size 128 on the 8-lanes-per-token kernels (`LORAX_CUDA_ATTN_L8=0`: 16 lanes).
     attn_lanes8: bool,
+    /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
+    lora_bgmv: bool,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -484,6 +486,7 @@ impl CudaBackend {
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             attn_lanes8: std::env::var("LORAX_CUDA_ATTN_L8").map_or(true, |v| v != "0"),
+            lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
@@ -514,6 +517,12 @@ impl CudaBackend {
     /// GQA attention at head size 128 with 8 lanes per token (default) or 16 (for benchmarks).
     pub fn set_attention_lanes8(&mut self, on: bool) {
         self.attn_lanes8 = on;
+    }
+
+    /// Decode-shaped LoRA products on the BGMV kernels (default) or on SGMV like every other shape (for
+    /// tests and comparisons).
+    pub fn set_lora_bgmv(&mut self, on: bool) {
+        self.lora_bgmv = on;
     }
 
     /// The storage type of tensors.
