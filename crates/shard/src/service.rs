@@ -3,8 +3,8 @@
 //! adapter parses and uploads it outside that mutex (an [`AdapterUploader`]) and takes it only to insert
 //! the result, so decoding streams do not wait for an upload.
 
-use std::path::PathBuf;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

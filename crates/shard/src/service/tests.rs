@@ -355,11 +355,17 @@ async fn offload_cancels_a_load_in_flight_and_failed_loads_free_their_slot() {
     let cancelled = loading.await.unwrap().unwrap_err();
     assert_eq!(cancelled.code(), tonic::Code::Aborted, "{cancelled:?}");
     assert!(loaded_keys(&svc).is_empty());
-    assert!(svc.state.lock().unwrap().pending.is_empty(), "the cancelled load kept its claim");
+    assert!(
+        svc.state.lock().unwrap().pending.is_empty(),
+        "the cancelled load kept its claim"
+    );
 
     let missing = svc.load_adapter(load_request("no-such-adapter")).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
-    assert!(svc.state.lock().unwrap().pending.is_empty(), "the failed load kept its claim");
+    assert!(
+        svc.state.lock().unwrap().pending.is_empty(),
+        "the failed load kept its claim"
+    );
 
     // The one slot is free: a load goes through.
     let next = tokio::spawn({
