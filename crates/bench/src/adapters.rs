@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use lorax_engine::config::ModelConfig;
+use lorax_engine::weights::DType;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -57,20 +58,12 @@ impl SplitMix {
     }
 }
 
-fn encode(values: impl Iterator<Item = f32>, dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F16 => values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        Dtype::BF16 => values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-        _ => values.flat_map(f32::to_le_bytes).collect(),
-    }
-}
-
 /// Writes adapter number `index` (seeded by `seed` and `index`) for the model `cfg` into `dir`.
 pub fn write_adapter(dir: &Path, cfg: &ModelConfig, spec: &AdapterSpec, seed: u64, index: u64) -> anyhow::Result<()> {
-    let dtype = match spec.dtype.as_str() {
-        "float16" | "f16" => Dtype::F16,
-        "bfloat16" | "bf16" => Dtype::BF16,
-        "float32" | "f32" => Dtype::F32,
+    let (dtype, stored) = match spec.dtype.as_str() {
+        "float16" | "f16" => (Dtype::F16, DType::F16),
+        "bfloat16" | "bf16" => (Dtype::BF16, DType::BF16),
+        "float32" | "f32" => (Dtype::F32, DType::F32),
         other => bail!("dtype {other:?}: use float16, bfloat16 or float32"),
     };
     let mut rng = SplitMix(seed ^ index.wrapping_mul(0xa076_1d64_78bd_642f));
@@ -80,8 +73,9 @@ pub fn write_adapter(dir: &Path, cfg: &ModelConfig, spec: &AdapterSpec, seed: u6
             let (input, output, module) = dims(cfg, target)?;
             let prefix = format!("base_model.model.model.layers.{layer}.{module}.{target}");
             let a_scale = 1.0 / (input as f32).sqrt();
-            let a = encode((0..spec.rank * input).map(|_| rng.next() * a_scale), dtype);
-            let b = encode((0..output * spec.rank).map(|_| rng.next() * 0.01), dtype);
+            let a: Vec<f32> = (0..spec.rank * input).map(|_| rng.next() * a_scale).collect();
+            let b: Vec<f32> = (0..output * spec.rank).map(|_| rng.next() * 0.01).collect();
+            let (a, b) = (stored.encode(&a), stored.encode(&b));
             tensors.push((format!("{prefix}.lora_A.weight"), vec![spec.rank, input], a));
             tensors.push((format!("{prefix}.lora_B.weight"), vec![output, spec.rank], b));
         }

@@ -32,6 +32,39 @@ impl DType {
             DType::F32 => 4,
         }
     }
+
+    /// f32 values as little-endian bytes of this type (rounded to nearest even).
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * self.size());
+        match self {
+            DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::BF16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            DType::F16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        }
+        out
+    }
+
+    /// Little-endian bytes of this type as f32 values (exact).
+    pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        }
+    }
 }
 
 /// A tensor's bytes in host memory (borrowed from the mapping, or owned after slicing).
@@ -55,37 +88,22 @@ impl HostTensor<'_> {
 
     /// The elements as f32.
     pub fn to_f32(&self) -> Vec<f32> {
-        let b = &self.data;
-        match self.dtype {
-            DType::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+        self.dtype.decode(&self.data)
+    }
+
+    /// An owned tensor of `values` stored as `dtype` (rounded to nearest even): tests, generated weights.
+    pub fn from_values(name: &str, dtype: DType, shape: Vec<usize>, values: &[f32]) -> HostTensor<'static> {
+        HostTensor {
+            name: name.to_string(),
+            dtype,
+            shape,
+            data: dtype.encode(values).into(),
         }
     }
 
-    /// An owned tensor from f32 values (tests, generated weights).
+    /// An owned f32 tensor from f32 values.
     pub fn from_f32(name: &str, shape: Vec<usize>, values: &[f32]) -> HostTensor<'static> {
-        HostTensor {
-            name: name.to_string(),
-            dtype: DType::F32,
-            shape,
-            data: {
-                let mut bytes = Vec::with_capacity(values.len() * 4);
-                for v in values {
-                    bytes.extend_from_slice(&v.to_le_bytes());
-                }
-                bytes.into()
-            },
-        }
+        Self::from_values(name, DType::F32, shape, values)
     }
 }
 

@@ -31,7 +31,7 @@ fn random_tensors(rng: &mut Rng, count: usize) -> Vec<HostTensor<'static>> {
                 vec![1 + rng.below(64), 1 + rng.below(4096)]
             };
             let values = rng.vec(shape.iter().product(), -3.0, 3.0);
-            common::host_tensor(
+            lorax_engine::weights::HostTensor::from_values(
                 &format!("t{i}"),
                 [DType::F32, DType::BF16, DType::F16][i % 3],
                 shape,

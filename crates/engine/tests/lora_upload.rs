@@ -1,5 +1,4 @@
-//! Adapter uploads: a batched upload ([`Backend::upload_many`]) equals per-tensor ones, an adapter
-//! uploaded apart from the engine ([`Engine::adapter_uploader`], on another thread) serves exactly as
+//! Adapter uploads: an adapter uploaded apart from the engine ([`Engine::adapter_uploader`], on another thread) serves exactly as
 //! one loaded by [`Engine::load_adapter`], and (ignored, a timing) [`HostAdapter::load`] of a
 //! Mistral-7B-shaped rank-16 q/k/v/o bf16 adapter, the adapter of the GPU load benchmark.
 #![allow(clippy::unwrap_used)]
@@ -8,45 +7,10 @@ mod common;
 
 use std::time::Instant;
 
-use common::{fixtures, host_tensor, mistral_7b, write_qkvo_adapter};
+use common::{fixtures, mistral_7b, write_qkvo_adapter};
 use lorax_engine::lora::HostAdapter;
-use lorax_engine::weights::{DType, HostTensor};
-use lorax_engine::{Backend, CacheConfig, CpuBackend, Engine};
-
-/// Tensors of every source dtype and a few shapes (an empty one too).
-fn mixed_tensors() -> Vec<HostTensor<'static>> {
-    [
-        (DType::F32, vec![3, 5]),
-        (DType::BF16, vec![16, 64]),
-        (DType::F16, vec![7, 1]),
-        (DType::BF16, vec![0, 8]),
-        (DType::F32, vec![1, 1]),
-        (DType::F16, vec![64, 16]),
-    ]
-    .into_iter()
-    .enumerate()
-    .map(|(i, (dtype, shape))| {
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|j| ((i * 31 + j * 7) % 97) as f32 / 97.0 - 0.5).collect();
-        host_tensor(&format!("t{i}"), dtype, shape, &values)
-    })
-    .collect()
-}
-
-#[test]
-fn upload_many_equals_weight_on_each_tensor() {
-    let b = CpuBackend;
-    let tensors = mixed_tensors();
-    let many = b.upload_many(&tensors).unwrap();
-    assert_eq!(many.len(), tensors.len());
-    for (t, got) in tensors.iter().zip(&many) {
-        let want = b.weight(t).unwrap();
-        assert_eq!(got.shape, t.shape, "{}", t.name);
-        assert_eq!(got, &want, "{}", t.name);
-        assert_eq!(got.data, t.to_f32(), "{}", t.name);
-    }
-    assert!(b.upload_many(&[]).unwrap().is_empty());
-}
+use lorax_engine::weights::DType;
+use lorax_engine::{CacheConfig, CpuBackend, Engine};
 
 /// An adapter uploaded on another thread through the engine's uploader and inserted gives the same
 /// logits, bit for bit, as the same adapter loaded by `load_adapter` (and not the base model's).

@@ -147,33 +147,6 @@ pub fn mistral_7b(dir: &std::path::Path) -> lorax_engine::ModelConfig {
     lorax_engine::ModelConfig::from_file(&path).unwrap()
 }
 
-/// An owned tensor of `values` stored as `dtype` (rounded to nearest even).
-pub fn host_tensor(
-    name: &str,
-    dtype: lorax_engine::weights::DType,
-    shape: Vec<usize>,
-    values: &[f32],
-) -> lorax_engine::weights::HostTensor<'static> {
-    use lorax_engine::weights::DType;
-    let data: Vec<u8> = match dtype {
-        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::BF16 => values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        DType::F16 => values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-    };
-    lorax_engine::weights::HostTensor {
-        name: name.to_string(),
-        dtype,
-        shape,
-        data: data.into(),
-    }
-}
-
 /// A random rank-`r` PEFT LoRA adapter of the q/k/v/o projections of `cfg` in `dir`, stored as `dtype`,
 /// values in [-0.1, 0.1) from `seed`.
 pub fn write_qkvo_adapter(
@@ -200,7 +173,12 @@ pub fn write_qkvo_adapter(
             let p = format!("base_model.model.model.layers.{l}.self_attn.{m}");
             for (ab, shape) in [("lora_A", vec![r, inp]), ("lora_B", vec![out, r])] {
                 let values: Vec<f32> = (0..shape.iter().product()).map(|_| value()).collect();
-                tensors.push(host_tensor(&format!("{p}.{ab}.weight"), dtype, shape, &values));
+                tensors.push(lorax_engine::weights::HostTensor::from_values(
+                    &format!("{p}.{ab}.weight"),
+                    dtype,
+                    shape,
+                    &values,
+                ));
             }
         }
     }

@@ -318,38 +318,6 @@ impl Plain for u32 {}
 impl Plain for i32 {}
 impl Plain for f32 {}
 
-/// f32 values to little-endian bytes of `dtype` (round to nearest even).
-fn encode(dtype: DType, data: &[f32]) -> Vec<u8> {
-    match dtype {
-        DType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::BF16 => data
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        DType::F16 => data
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-    }
-}
-
-fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
-    match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-    }
-}
-
 /// Launches kernel `$name` with the given arguments (each a reference to a live local) and checks it.
 macro_rules! launch {
     ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
@@ -738,7 +706,7 @@ impl Backend for CudaBackend {
         let bytes = if t.dtype == self.dtype {
             t.data.to_vec()
         } else {
-            encode(self.dtype, &t.to_f32())
+            self.dtype.encode(&t.to_f32())
         };
         if bytes.len() != t.numel() * self.dtype.size() {
             return Err(EngineError::Backend(format!(
@@ -889,7 +857,7 @@ impl Backend for CudaBackend {
         }
         Ok(CudaTensor {
             shape: shape.to_vec(),
-            buf: self.upload_own(&encode(self.dtype, data))?,
+            buf: self.upload_own(&self.dtype.encode(data))?,
         })
     }
 
@@ -905,7 +873,7 @@ impl Backend for CudaBackend {
         unsafe { drv_result::memcpy_dtoh_async(&mut bytes, src, self.stream.cu_stream()) }
             .map_err(|e| drv("download", e))?;
         self.synchronize()?;
-        Ok(decode(self.dtype, &bytes))
+        Ok(self.dtype.decode(&bytes))
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {
