@@ -49,6 +49,14 @@ pub(crate) enum Mode {
 
 thread_local! {
     static MODE: Cell<Mode> = const { Cell::new(Mode::Eager) };
+    /// The signature of the pass being recorded or captured on this thread (FNV-1a over launch bytes):
+    /// per thread like the mode, so signing takes no lock.
+    static SIG: Cell<u64> = const { Cell::new(FNV_OFFSET) };
+}
+
+/// This thread's signature so far.
+fn signature() -> u64 {
+    SIG.with(Cell::get)
 }
 
 /// This thread's mode.
@@ -95,7 +103,6 @@ struct Inner {
     host_ptr: usize,
     work_used: usize,
     meta_used: usize,
-    sig: u64,
     graphs: HashMap<u64, (Captured, u64)>,
     clock: u64,
     replays: u64,
@@ -162,7 +169,6 @@ impl Graphs {
                 host_ptr: 0,
                 work_used: 0,
                 meta_used: 0,
-                sig: FNV_OFFSET,
                 graphs: HashMap::new(),
                 clock: 0,
                 replays: 0,
@@ -182,15 +188,15 @@ impl Graphs {
             .map_err(|_| EngineError::Backend("CUDA graph state poisoned".into()))
     }
 
-    /// Adds bytes to the signature of the step being recorded or captured.
+    /// Adds bytes to the signature of the step being recorded or captured (on this thread).
     pub(crate) fn sign(&self, bytes: &[u8]) {
-        if let Ok(mut g) = self.inner.lock() {
-            let mut h = g.sig;
+        SIG.with(|c| {
+            let mut h = c.get();
             for &b in bytes {
                 h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
             }
-            g.sig = h;
-        }
+            c.set(h);
+        });
     }
 
     /// `n` bytes of the work arena (a placeholder past its end while recording; the step then grows the
@@ -216,11 +222,7 @@ impl Graphs {
         let slot = data.len().max(ALIGN).next_power_of_two();
         let off = g.meta_used;
         g.meta_used += slot;
-        let mut h = g.sig;
-        for b in (slot as u64).to_le_bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
-        }
-        g.sig = h;
+        self.sign(&(slot as u64).to_le_bytes());
         match &g.meta {
             Some(a) if off + slot <= a.cap => {
                 // SAFETY: the mirror holds `a.cap` bytes at host_ptr and no copy from it is in flight
@@ -282,7 +284,7 @@ impl CudaBackend {
                     Err(e) => return Ok(Err(e)),
                 };
                 let g = self.graphs.lock()?;
-                (out, g.sig, g.work_used, g.meta_used)
+                (out, signature(), g.work_used, g.meta_used)
             };
             if !self.arenas_fit(work, meta)? {
                 drop(out);
@@ -319,7 +321,7 @@ impl CudaBackend {
         }
         g.work_used = 0;
         g.meta_used = 0;
-        g.sig = FNV_OFFSET;
+        SIG.with(|c| c.set(FNV_OFFSET));
         Ok(())
     }
 
@@ -420,7 +422,7 @@ impl CudaBackend {
             .ok_or_else(|| EngineError::Backend("stream capture produced no graph".into()))?;
         {
             let mut g = self.graphs.lock()?;
-            if g.sig != sig {
+            if signature() != sig {
                 return Err(EngineError::Backend(
                     "the captured forward pass differs from the recorded one".into(),
                 ));
