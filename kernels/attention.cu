@@ -77,65 +77,60 @@ __device__ __forceinline__ void load_smem(const float* p, float* out) {
     }
 }
 
-// One pass over the keys and values of the block's token range: each lane group keeps its own running
-// maximum, sum and output for every query head (online softmax, rescaled once per U tokens), so the loop
-// needs no barrier; the groups are combined once at the end.
-template <int HD, int MAXG, int GCAP>
-__device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __restrict__ part_o,
-                                                float* __restrict__ part_ml, const T* __restrict__ q,
-                                                const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                                                const RowInfo* __restrict__ rows, const u32* __restrict__ tables,
-                                                int num_heads, int num_kv_heads, int block_size, int window,
-                                                float scale, int chunks_per_split, int num_splits) {
-    constexpr int VW = pick_vw(HD);
-    constexpr int NV = HD / VW;
-    // Lanes per token (at most GCAP). Each token's dot product costs log2(G) shuffles per query head and its
-    // softmax weights are computed G times over; fewer lanes per token mean more elements per lane.
-    constexpr int G = pow2_divisor(NV) > GCAP ? GCAP : pow2_divisor(NV);
-    constexpr int NPV = NV / G;
-    constexpr int NPL = NPV * VW;
-    constexpr int GROUPS = ATTN_THREADS / G;
-    constexpr int U = 2;  // tokens per lane group and step: keys and values of all of them in flight
+// The block's share of the work (see the grid above): its row, KV head, query heads [h0, h0 + nh) and
+// token range [t_begin, t_end) of the row's context, which starts at position `first`; the KV head's keys
+// and values (kb, vb: position p's row at slot(p) * kv_stride) and the row's block table.
+struct AttnWork {
+    u64 row, kv_stride;
+    int kvh, h0, nh, split, splits_row, first, t_begin, t_end;
+    const T* kb;
+    const T* vb;
+    const u32* table;
+};
 
-    __shared__ alignas(16) float q_s[MAXG * HD];
-    __shared__ alignas(16) float red_s[GROUPS * HD];
-    __shared__ float ml_s[GROUPS][MAXG][2];
-
+// Fills `w` and stages the block's scaled queries in q_s (the caller synchronises); false when the block
+// has nothing to do (after writing zeros for a row of no sequence).
+template <int HD, int MAXG>
+__device__ __forceinline__ bool attn_work(AttnWork& w, float* q_s, T* __restrict__ out, const T* __restrict__ q,
+                                          const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                                          const RowInfo* __restrict__ rows, const u32* __restrict__ tables,
+                                          int num_heads, int num_kv_heads, int window, float scale,
+                                          int chunks_per_split) {
     const int tid = threadIdx.x;
-    const u64 row = blockIdx.x;
+    w.row = blockIdx.x;
     const int group = num_heads / num_kv_heads;
     const int hchunks = (group + MAXG - 1) / MAXG;
-    const int kvh = blockIdx.y / hchunks;
+    w.kvh = blockIdx.y / hchunks;
     const int hc = blockIdx.y % hchunks;
-    const int h0 = kvh * group + hc * MAXG;
-    const int nh = min(MAXG, group - hc * MAXG);
-    const int split = blockIdx.z;
+    w.h0 = w.kvh * group + hc * MAXG;
+    w.nh = min(MAXG, group - hc * MAXG);
+    w.split = blockIdx.z;
     const u64 qw = (u64)num_heads * HD;
-    const RowInfo ri = rows[row];
+    const RowInfo ri = rows[w.row];
     if (ri.pos < 0) {
         // -1: a row of no sequence (zeros); -2: a row another kernel (prefill_attention) writes.
-        if (ri.pos == -1 && split == 0)
-            for (int i = tid; i < nh * HD; i += ATTN_THREADS) out[row * qw + h0 * HD + i] = from_f(0.f);
-        return;
+        if (ri.pos == -1 && w.split == 0)
+            for (int i = tid; i < w.nh * HD; i += ATTN_THREADS) out[w.row * qw + w.h0 * HD + i] = from_f(0.f);
+        return false;
     }
-    const int first = ctx_first(ri.pos, window);
-    const int len = ri.pos + 1 - first;
+    w.first = ctx_first(ri.pos, window);
+    const int len = ri.pos + 1 - w.first;
     const int nchunks = (len + ATTN_CHUNK - 1) / ATTN_CHUNK;
-    const int splits_row = (nchunks + chunks_per_split - 1) / chunks_per_split;
-    if (split >= splits_row) return;
-    const int t_begin = split * chunks_per_split * ATTN_CHUNK;
-    const int t_end = min(len, t_begin + chunks_per_split * ATTN_CHUNK);
+    w.splits_row = (nchunks + chunks_per_split - 1) / chunks_per_split;
+    if (w.split >= w.splits_row) return false;
+    w.t_begin = w.split * chunks_per_split * ATTN_CHUNK;
+    w.t_end = min(len, w.t_begin + chunks_per_split * ATTN_CHUNK);
+    w.kv_stride = (u64)num_kv_heads * HD;
+    w.kb = k_cache + w.kvh * HD;
+    w.vb = v_cache + w.kvh * HD;
+    w.table = tables + ri.table;
+    for (int i = tid; i < w.nh * HD; i += ATTN_THREADS) q_s[i] = to_f(q[w.row * qw + w.h0 * HD + i]) * scale;
+    return true;
+}
 
-    for (int i = tid; i < nh * HD; i += ATTN_THREADS) q_s[i] = to_f(q[row * qw + h0 * HD + i]) * scale;
-    __syncthreads();
-
-    const int gid = tid / G, gl = tid % G;
-    const u64 kv_stride = (u64)num_kv_heads * HD;
-    const T* kb = k_cache + kvh * HD;
-    const T* vb = v_cache + kvh * HD;
-    const u32* table = tables + ri.table;
-
-    float m[MAXG], l[MAXG], acc[MAXG][NPL];
+// A lane group's running maximum, sum and output per query head, before its first token.
+template <int MAXG, int NPL>
+__device__ __forceinline__ void clear_state(float (&m)[MAXG], float (&l)[MAXG], float (&acc)[MAXG][NPL]) {
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
         m[g] = NEG_INF;
@@ -143,60 +138,63 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
 #pragma unroll
         for (int e = 0; e < NPL; ++e) acc[g][e] = 0.f;
     }
+}
 
-    // The step bound is the same for the whole block, so every lane reaches the shuffles.
-    for (int base = t_begin; base < t_end; base += GROUPS * U) {
-        float kr[U][NPL], vr[U][NPL];
-        bool valid[U];
+// A lane group's online-softmax update with U tokens' keys and values (lane gl holds elements
+// (gl + j * G) * VW .. + VW of each, j < NPV): per query head, the running maximum is rescaled once.
+template <int HD, int MAXG, int G, int VW, int NPV, int U>
+__device__ __forceinline__ void attend(const float (&kr)[U][NPV * VW], const float (&vr)[U][NPV * VW],
+                                       const bool (&valid)[U], const float* q_s, int nh, int gl, float (&m)[MAXG],
+                                       float (&l)[MAXG], float (&acc)[MAXG][NPV * VW]) {
+    constexpr int NPL = NPV * VW;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int t = base + gid * U + u;
-            valid[u] = t < t_end;
-            if (valid[u]) {
-                load_lane<VW, G, NPV>(kb, table, first + t, block_size, kv_stride, gl, kr[u]);
-                load_lane<VW, G, NPV>(vb, table, first + t, block_size, kv_stride, gl, vr[u]);
-            } else {
+    for (int g = 0; g < MAXG; ++g) {
+        if (g < nh) {
+            float qv[NPL];
 #pragma unroll
-                for (int e = 0; e < NPL; ++e) kr[u][e] = vr[u][e] = 0.f;
+            for (int j = 0; j < NPV; ++j) load_smem<VW>(q_s + g * HD + (gl + j * G) * VW, qv + j * VW);
+            float sc[U];
+            float mx = m[g];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                float d = 0.f;
+#pragma unroll
+                for (int e = 0; e < NPL; ++e) d += kr[u][e] * qv[e];
+#pragma unroll
+                for (int o = G / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                sc[u] = valid[u] ? d : NEG_INF;
+                mx = fmaxf(mx, sc[u]);
             }
-        }
+            // mx is -inf only while this group has seen no valid token: nothing to add yet.
+            const float a = mx == NEG_INF ? 1.f : __expf(m[g] - mx);
+            float ls = l[g] * a;
 #pragma unroll
-        for (int g = 0; g < MAXG; ++g) {
-            if (g < nh) {
-                float qv[NPL];
+            for (int e = 0; e < NPL; ++e) acc[g][e] *= a;
 #pragma unroll
-                for (int j = 0; j < NPV; ++j) load_smem<VW>(q_s + g * HD + (gl + j * G) * VW, qv + j * VW);
-                float sc[U];
-                float mx = m[g];
+            for (int u = 0; u < U; ++u) {
+                const float p = valid[u] ? __expf(sc[u] - mx) : 0.f;
+                ls += p;
 #pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    float d = 0.f;
-#pragma unroll
-                    for (int e = 0; e < NPL; ++e) d += kr[u][e] * qv[e];
-#pragma unroll
-                    for (int o = G / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                    sc[u] = valid[u] ? d : NEG_INF;
-                    mx = fmaxf(mx, sc[u]);
-                }
-                // mx is -inf only while this group has seen no valid token: nothing to add yet.
-                const float a = mx == NEG_INF ? 1.f : __expf(m[g] - mx);
-                float ls = l[g] * a;
-#pragma unroll
-                for (int e = 0; e < NPL; ++e) acc[g][e] *= a;
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const float p = valid[u] ? __expf(sc[u] - mx) : 0.f;
-                    ls += p;
-#pragma unroll
-                    for (int e = 0; e < NPL; ++e) acc[g][e] += p * vr[u][e];
-                }
-                l[g] = ls;
-                m[g] = mx;
+                for (int e = 0; e < NPL; ++e) acc[g][e] += p * vr[u][e];
             }
+            l[g] = ls;
+            m[g] = mx;
         }
     }
+}
 
-    // Combine the lane groups: rescale each group's sums to the block's maximum, add through shared memory.
+// Combines the lane groups: rescales each group's sums to the block's maximum and adds them through shared
+// memory (red_s: GROUPS * HD floats), then writes the output (one split) or the split's partial result.
+template <int HD, int MAXG, int G, int VW, int NPV>
+__device__ __forceinline__ void combine_groups(const AttnWork& w, float* red_s, float (*ml_s)[MAXG][2],
+                                               const float (&m)[MAXG], const float (&l)[MAXG],
+                                               const float (&acc)[MAXG][NPV * VW], T* __restrict__ out,
+                                               float* __restrict__ part_o, float* __restrict__ part_ml,
+                                               int num_heads, int num_splits) {
+    constexpr int GROUPS = ATTN_THREADS / G;
+    const int tid = threadIdx.x;
+    const int gid = tid / G, gl = tid % G;
+    const u64 qw = (u64)num_heads * HD;
     if (gl == 0) {
 #pragma unroll
         for (int g = 0; g < MAXG; ++g) {
@@ -207,7 +205,7 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
     __syncthreads();
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
-        if (g < nh) {
+        if (g < w.nh) {
             float mb = NEG_INF;
             for (int x = 0; x < GROUPS; ++x) mb = fmaxf(mb, ml_s[x][g][0]);
             const float f = m[g] == NEG_INF ? 0.f : __expf(m[g] - mb);
@@ -223,17 +221,17 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
                     if (mx != NEG_INF) lb += __expf(mx - mb) * ml_s[x][g][1];
                 }
             }
-            const int h = h0 + g;
-            const u64 pidx = (row * num_heads + h) * num_splits + split;
+            const int h = w.h0 + g;
+            const u64 pidx = (w.row * num_heads + h) * num_splits + w.split;
             for (int d = tid; d < HD; d += ATTN_THREADS) {
                 float o = 0.f;
                 for (int x = 0; x < GROUPS; ++x) o += red_s[x * HD + d];
-                if (splits_row == 1)
-                    out[row * qw + h * HD + d] = from_f(o / lb);
+                if (w.splits_row == 1)
+                    out[w.row * qw + h * HD + d] = from_f(o / lb);
                 else
                     part_o[pidx * HD + d] = o;
             }
-            if (tid == 0 && splits_row > 1) {
+            if (tid == 0 && w.splits_row > 1) {
                 part_ml[2 * pidx] = mb;
                 part_ml[2 * pidx + 1] = lb;
             }
@@ -242,14 +240,200 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
     }
 }
 
-#define PAGED_ATTENTION_G(HD, MAXG, GCAP, NAME, MINB)                                                              \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(                                         \
-        T* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml, const T* __restrict__ q,     \
-        const T* __restrict__ k_cache, const T* __restrict__ v_cache, const RowInfo* __restrict__ rows,           \
-        const u32* __restrict__ tables, int num_heads, int num_kv_heads, int block_size, int window, float scale, \
-        int chunks_per_split, int num_splits) {                                                                    \
-        paged_attention<HD, MAXG, GCAP>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads,       \
-                                        num_kv_heads, block_size, window, scale, chunks_per_split, num_splits);   \
+// How a block's lanes share a head of HD elements: VW-element loads; G lanes per token (at most GCAP: each
+// token's dot product costs log2(G) shuffles per query head and its softmax weights are computed G times
+// over, so fewer lanes per token, with more elements per lane, are cheaper); NPV loads (NPL elements) per
+// lane; GROUPS lane groups per block.
+template <int HD, int GCAP>
+struct AttnLanes {
+    static constexpr int VW = pick_vw(HD);
+    static constexpr int G = pow2_divisor(HD / VW) > GCAP ? GCAP : pow2_divisor(HD / VW);
+    static constexpr int NPV = HD / VW / G;
+    static constexpr int NPL = NPV * VW;
+    static constexpr int GROUPS = ATTN_THREADS / G;
+};
+
+#define ATTN_PARAMS                                                                                               \
+    T *__restrict__ out, float *__restrict__ part_o, float *__restrict__ part_ml, const T *__restrict__ q,        \
+        const T *__restrict__ k_cache, const T *__restrict__ v_cache, const RowInfo *__restrict__ rows,           \
+        const u32 *__restrict__ tables, int num_heads, int num_kv_heads, int block_size, int window, float scale, \
+        int chunks_per_split, int num_splits
+
+// One pass over the keys and values of the block's token range, read straight into registers: each lane
+// group keeps its own running maximum, sum and output for every query head (online softmax, rescaled once
+// per U tokens), so the loop needs no barrier; the groups are combined once at the end.
+template <int HD, int MAXG, int GCAP>
+__device__ __forceinline__ void paged_attention(ATTN_PARAMS) {
+    using L = AttnLanes<HD, GCAP>;
+    constexpr int VW = L::VW, G = L::G, NPV = L::NPV, NPL = L::NPL, GROUPS = L::GROUPS;
+    constexpr int U = 2;  // tokens per lane group and step: keys and values of all of them in flight
+
+    __shared__ alignas(16) float q_s[MAXG * HD];
+    __shared__ alignas(16) float red_s[GROUPS * HD];
+    __shared__ float ml_s[GROUPS][MAXG][2];
+
+    AttnWork w;
+    if (!attn_work<HD, MAXG>(w, q_s, out, q, k_cache, v_cache, rows, tables, num_heads, num_kv_heads, window,
+                             scale, chunks_per_split))
+        return;
+    __syncthreads();
+
+    const int tid = threadIdx.x;
+    const int gid = tid / G, gl = tid % G;
+
+    float m[MAXG], l[MAXG], acc[MAXG][NPL];
+    clear_state(m, l, acc);
+
+    // The step bound is the same for the whole block, so every lane reaches the shuffles.
+    for (int base = w.t_begin; base < w.t_end; base += GROUPS * U) {
+        float kr[U][NPL], vr[U][NPL];
+        bool valid[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = base + gid * U + u;
+            valid[u] = t < w.t_end;
+            if (valid[u]) {
+                load_lane<VW, G, NPV>(w.kb, w.table, w.first + t, block_size, w.kv_stride, gl, kr[u]);
+                load_lane<VW, G, NPV>(w.vb, w.table, w.first + t, block_size, w.kv_stride, gl, vr[u]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < NPL; ++e) kr[u][e] = vr[u][e] = 0.f;
+            }
+        }
+        attend<HD, MAXG, G, VW, NPV, U>(kr, vr, valid, q_s, w.nh, gl, m, l, acc);
+    }
+    combine_groups<HD, MAXG, G, VW, NPV>(w, red_s, ml_s, m, l, acc, out, part_o, part_ml, num_heads, num_splits);
+}
+
+// 16-byte copies from global to shared memory that bypass registers (cp.async, sm_80 and later; a plain
+// copy before that, and under the CPU emulation): a block queues the next stage's keys and values while
+// it computes on the current one.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    u32 d;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+    *reinterpret_cast<u32x4*>(dst) = *reinterpret_cast<const u32x4*>(src);
+#endif
+}
+__device__ __forceinline__ void copy_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copy_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// The same pass with the keys and values staged through shared memory: the block copies TOK tokens at a
+// time (all 128 threads, 16 bytes each, coalesced along the head rows) in a ring of STAGES buffers, so
+// while the lane groups compute on one stage the copies of the next STAGES - 1 are in flight. Lane groups
+// take the same tokens in the same order as paged_attention (same U), so both give identical results.
+template <int HD, int MAXG, int GCAP, int UREQ, int STAGES>
+__device__ __forceinline__ void paged_attention_staged(ATTN_PARAMS) {
+    using L = AttnLanes<HD, GCAP>;
+    constexpr int VW = L::VW, G = L::G, NPV = L::NPV, NPL = L::NPL, GROUPS = L::GROUPS;
+    // f32 rows are twice the bytes: half the tokens per stage and at most two stages (32 KB of stages).
+    constexpr int U = sizeof(T) == 4 ? 1 : UREQ;
+    constexpr int NS = sizeof(T) == 4 && STAGES > 2 ? 2 : STAGES;
+    constexpr int TOK = GROUPS * U;
+    constexpr int EPP = 16 / (int)sizeof(T);  // elements per 16-byte piece
+    constexpr int CPR = HD / EPP;             // pieces per head row
+    constexpr int PIECES = 2 * TOK * CPR;     // per stage: keys, then values
+    constexpr int STAGE = 2 * TOK * HD;       // elements per stage
+    static_assert(NS >= 2 && HD % EPP == 0 && PIECES % ATTN_THREADS == 0, "staging layout");
+    static_assert(GROUPS * HD * sizeof(float) <= NS * STAGE * sizeof(T), "red_s fits in the stages");
+
+    __shared__ alignas(16) T kv_s[NS * STAGE];
+    __shared__ alignas(16) float q_s[MAXG * HD];
+    __shared__ float ml_s[GROUPS][MAXG][2];
+    // The groups' partial outputs reuse the stages once every copy has landed and been read.
+    float* red_s = reinterpret_cast<float*>(kv_s);
+
+    AttnWork w;
+    if (!attn_work<HD, MAXG>(w, q_s, out, q, k_cache, v_cache, rows, tables, num_heads, num_kv_heads, window,
+                             scale, chunks_per_split))
+        return;
+
+    const int tid = threadIdx.x;
+    const int gid = tid / G, gl = tid % G;
+    const int nstages = (w.t_end - w.t_begin + TOK - 1) / TOK;
+
+    // Queues stage s into buffer s % NS (tokens past t_end are not copied; their registers are zeroed
+    // below) and commits a copy group, an empty one past the last stage, so the group count stays regular.
+    auto issue = [&](int s) {
+        if (s < nstages) {
+            T* buf = kv_s + (s % NS) * STAGE;
+#pragma unroll
+            for (int i = 0; i < PIECES / ATTN_THREADS; ++i) {
+                const int c = tid + i * ATTN_THREADS;
+                const int half = c / (TOK * CPR);
+                const int tk = (c / CPR) % TOK;
+                const int piece = c % CPR;
+                const int t = w.t_begin + s * TOK + tk;
+                if (t < w.t_end) {
+                    const int p = w.first + t;
+                    const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
+                    const T* src = (half ? w.vb : w.kb) + slot * w.kv_stride + piece * EPP;
+                    copy16_async(buf + (half * TOK + tk) * HD + piece * EPP, src);
+                }
+            }
+        }
+        copy_commit();
+    };
+
+    float m[MAXG], l[MAXG], acc[MAXG][NPL];
+    clear_state(m, l, acc);
+
+#pragma unroll
+    for (int s = 0; s < NS - 1; ++s) issue(s);
+    for (int s = 0; s < nstages; ++s) {
+        // Stage s has landed (this thread's copies), and every thread is done with stage s - 1, whose
+        // buffer the next issue refills (the barrier also publishes q_s before the first stage).
+        copy_wait<NS - 2>();
+        __syncthreads();
+        issue(s + NS - 1);
+        const T* buf = kv_s + (s % NS) * STAGE;
+        float kr[U][NPL], vr[U][NPL];
+        bool valid[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int tk = gid * U + u;
+            valid[u] = w.t_begin + s * TOK + tk < w.t_end;
+            if (valid[u]) {
+#pragma unroll
+                for (int j = 0; j < NPV; ++j) {
+                    load_n<VW>(buf + tk * HD + (gl + j * G) * VW, kr[u] + j * VW);
+                    load_n<VW>(buf + (TOK + tk) * HD + (gl + j * G) * VW, vr[u] + j * VW);
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < NPL; ++e) kr[u][e] = vr[u][e] = 0.f;
+            }
+        }
+        attend<HD, MAXG, G, VW, NPV, U>(kr, vr, valid, q_s, w.nh, gl, m, l, acc);
+    }
+    // Drain (only empty groups remain) and let every thread finish reading before red_s overwrites stages.
+    copy_wait<0>();
+    __syncthreads();
+    combine_groups<HD, MAXG, G, VW, NPV>(w, red_s, ml_s, m, l, acc, out, part_o, part_ml, num_heads, num_splits);
+}
+
+#define PAGED_ATTENTION_G(HD, MAXG, GCAP, NAME, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS) {                \
+        paged_attention<HD, MAXG, GCAP>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads, \
+                                        num_kv_heads, block_size, window, scale, chunks_per_split, num_splits); \
+    }
+#define PAGED_ATTENTION_STAGED(HD, MAXG, U, STAGES, NAME, MINB)                                             \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS) {                    \
+        paged_attention_staged<HD, MAXG, 8, U, STAGES>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, \
+                                                       num_heads, num_kv_heads, block_size, window, scale,      \
+                                                       chunks_per_split, num_splits);                           \
     }
 #define PAGED_ATTENTION(HD, MAXG) \
     PAGED_ATTENTION_G(HD, MAXG, 32, paged_attention_##HD##_##MAXG, MAXG >= 8 ? 3 : 4)
@@ -259,6 +443,16 @@ __device__ __forceinline__ void paged_attention(T* __restrict__ out, float* __re
 PAGED_ATTENTION_G(128, 2, 8, paged_attention_128_2_l8, 4)
 PAGED_ATTENTION_G(128, 4, 8, paged_attention_128_4_l8, 3)
 PAGED_ATTENTION_G(128, 8, 8, paged_attention_128_8_l8, 2)
+
+// The same GQA kernels with keys and values staged through shared memory by cp.async (the default at head
+// size 128): two stages of 32 tokens (_s), or four stages of 16 tokens with one token per lane group and
+// step (_s4); 32 KB of stages either way in bf16/f16 (f32 takes 16 tokens per stage).
+PAGED_ATTENTION_STAGED(128, 2, 2, 2, paged_attention_128_2_s, 4)
+PAGED_ATTENTION_STAGED(128, 4, 2, 2, paged_attention_128_4_s, 3)
+PAGED_ATTENTION_STAGED(128, 8, 2, 2, paged_attention_128_8_s, 2)
+PAGED_ATTENTION_STAGED(128, 2, 1, 4, paged_attention_128_2_s4, 4)
+PAGED_ATTENTION_STAGED(128, 4, 1, 4, paged_attention_128_4_s4, 3)
+PAGED_ATTENTION_STAGED(128, 8, 1, 4, paged_attention_128_8_s4, 2)
 
 // Kernels per head size for 1, 2, 4 or 8 query heads per block (the host picks the smallest that holds
 // the GQA group: fewer registers; larger groups go 8 heads at a time). Blocks of 8 heads get more registers

@@ -11,6 +11,7 @@
 mod cuda_common;
 
 use cuda_common::{backend, bench, event, graph_ms, median, say, Rng};
+use lorax_engine::backend::cuda::AttnKernel;
 use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
 use lorax_engine::weights::DType;
 use lorax_engine::{Backend, CudaBackend, CudaTensor, Result};
@@ -171,8 +172,9 @@ fn decode_attention(g: &CudaBackend, batch: usize, ctx: usize, heads: usize, kv_
     let gbs = plan.kv_bytes as f64 / (ms * 1e-3) / 1e9;
     bench(
         &format!(
-            "decode_attention_b{batch}_ctx{ctx}_h{heads}kv{kv_heads}_{}",
-            plan.kernel_name()
+            "decode_attention_b{batch}_ctx{ctx}_h{heads}kv{kv_heads}_{}_{}split",
+            plan.kernel_name(),
+            plan.splits
         ),
         100.0 * gbs / copy_gbs,
         "% of copy bw",
@@ -236,9 +238,10 @@ fn kernel_benchmarks() {
     sgmv(&g, 4096, 16, 64, false, copy);
     sgmv(&g, 4096, 64, 64, true, copy);
     decode_attention(&g, 64, 4096, 32, 32, copy);
-    // GQA on the 16-lanes-per-token kernels, then on the 8-lane ones (`_l8`, the default).
-    for lanes8 in [false, true] {
-        g.set_attention_lanes8(lanes8);
+    // GQA on each kernel family at head size 128 (16 and 8 lanes per token into registers; staged through
+    // shared memory in 2 stages of 32 tokens and in 4 of 16; the default is staged).
+    for kernel in AttnKernel::ALL {
+        g.set_attention_kernel(kernel);
         decode_attention(&g, 64, 4096, 32, 8, copy);
         decode_attention(&g, 64, 4096, 64, 8, copy);
         // GQA 8 as two blocks of 4 heads per KV head (keys and values read twice, the second time mostly
@@ -250,7 +253,18 @@ fn kernel_benchmarks() {
         decode_attention(&g, 256, 1024, 32, 8, copy);
         decode_attention(&g, 8, 32768, 32, 8, copy);
         decode_attention(&g, 1, 131_072, 32, 8, copy);
+        decode_attention(&g, 1, 768, 32, 8, copy);
     }
+    // The serving shape (128 streams of 512 + 128 tokens) with more blocks per multiprocessor than the
+    // default 8 as the split target: more, shorter blocks against a long tail of the last wave.
+    g.set_attention_kernel(AttnKernel::Staged);
+    for target in [16, 24] {
+        g.set_attention_split_target(target);
+        say(&format!("split target {target} blocks per SM:"));
+        decode_attention(&g, 128, 640, 32, 8, copy);
+        decode_attention(&g, 256, 1024, 32, 8, copy);
+    }
+    g.set_attention_split_target(8);
     prefill_attention(&mut g, true, 4096, 32, 8);
     prefill_attention(&mut g, false, 4096, 32, 8);
     prefill_attention(&mut g, true, 16384, 32, 8);

@@ -10,6 +10,7 @@
 mod cuda_common;
 
 use cuda_common::{backend, check, round, say, seed, tol, Rng};
+use lorax_engine::backend::cuda::AttnKernel;
 use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
 use lorax_engine::weights::DType;
 use lorax_engine::{Backend, CpuBackend, CudaBackend, EngineError};
@@ -211,7 +212,8 @@ struct AttnCase {
     q_range: f32,
 }
 
-fn run_attention(g: &CudaBackend, rng: &mut Rng, c: &AttnCase) {
+/// Checks one case against the CPU backend; returns the GPU's output.
+fn run_attention(g: &CudaBackend, rng: &mut Rng, c: &AttnCase) -> Vec<f32> {
     let dt = g.dtype();
     let blocks_needed: usize = c.seqs.iter().map(|&(q, b)| (q + b).div_ceil(c.bs)).sum();
     let num_blocks = blocks_needed + 3;
@@ -252,15 +254,17 @@ fn run_attention(g: &CudaBackend, rng: &mut Rng, c: &AttnCase) {
     let want = CpuBackend.attention(&q.cpu, &k.cpu, &v.cpu, &meta).unwrap();
     let got = g.attention(&q.gpu, &k.gpu, &v.gpu, &meta).unwrap();
     let lens: Vec<usize> = c.seqs.iter().map(|s| s.0 + s.1).collect();
+    let got = g.to_f32(&got).unwrap();
     check(
         &format!(
             "{dt:?} attention heads {}/{} hd {} bs {} window {:?} ctx {:?}",
             c.heads, c.kv_heads, c.hd, c.bs, c.window, lens
         ),
-        &g.to_f32(&got).unwrap(),
+        &got,
         &want.data,
         tol(dt),
     );
+    got
 }
 
 fn decode(lens: &[usize]) -> Vec<(usize, usize)> {
@@ -367,6 +371,37 @@ fn attention_matches_cpu() {
             say(&format!("{dt:?}: tensor-core prefill {tc}"));
             for c in &cases {
                 run_attention(&g, &mut rng, c);
+            }
+        }
+        // Every kernel family of GQA at head size 128 on the same inputs (the same seed per family). The
+        // staged kernel takes the tokens in the same order as the 8-lane one, so in bf16 and f16 (the same
+        // tokens per step) their outputs are identical, bit for bit.
+        g.set_tensor_core_prefill(false);
+        let gqa128: Vec<&AttnCase> = cases.iter().filter(|c| c.hd == 128 && c.heads > c.kv_heads).collect();
+        let mut outs = Vec::new();
+        for kernel in AttnKernel::ALL {
+            g.set_attention_kernel(kernel);
+            say(&format!("{dt:?}: GQA attention on {kernel:?}"));
+            let mut rng = Rng(seed("attention families"));
+            outs.push((
+                kernel,
+                gqa128
+                    .iter()
+                    .map(|c| run_attention(&g, &mut rng, c))
+                    .collect::<Vec<_>>(),
+            ));
+        }
+        g.set_attention_kernel(AttnKernel::Staged);
+        if dt != DType::F32 {
+            let of = |k: AttnKernel| outs.iter().find(|(x, _)| *x == k).map(|(_, o)| o.clone()).unwrap();
+            let (lanes8, staged) = (of(AttnKernel::Lanes8), of(AttnKernel::Staged));
+            for ((c, a), b) in gqa128.iter().zip(&lanes8).zip(&staged) {
+                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "{dt:?} staged and 8-lane attention differ: heads {}/{} seqs {:?}",
+                    c.heads, c.kv_heads, c.seqs
+                );
             }
         }
     }

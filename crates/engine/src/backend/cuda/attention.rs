@@ -100,12 +100,12 @@ impl CudaBackend {
                     "head_dim {hd} has no CUDA attention kernel (supported: {dims:?})"
                 ))
             })?;
-        let lanes8 = if self.attn_lanes8 && hd == 128 && maxg >= 2 {
-            "_l8"
+        let family = if hd == 128 && maxg >= 2 {
+            self.attn_kernel.suffix()
         } else {
             ""
         };
-        let kernel = format!("paged_attention_{hd}_{maxg}{lanes8}");
+        let kernel = format!("paged_attention_{hd}_{maxg}{family}");
         let bs = meta.block_size;
         let tc_kernel = (self.tc_prefill && self.dtype != DType::F32 && (hd == 64 || hd == 128))
             .then(|| format!("prefill_attention_{hd}"));
@@ -159,13 +159,13 @@ impl CudaBackend {
             }
         }
         let out = self.alloc(&[n, qw])?;
-        // Split the contexts when the rows alone cannot fill the GPU: aim at 8 blocks per multiprocessor,
-        // rounding down (a batch that nearly fills the GPU keeps whole contexts: a split costs each block
-        // its fixed work and adds the reduction).
+        // Split the contexts when the rows alone cannot fill the GPU: aim at `attn_split_target` (8) blocks
+        // per multiprocessor, rounding down (a batch that nearly fills the GPU keeps whole contexts: a split
+        // costs each block its fixed work and adds the reduction).
         let hchunks = group.div_ceil(maxg);
         let blocks = (n * meta.num_kv_heads * hchunks).max(1);
         let max_chunks = max_len.div_ceil(ATTN_CHUNK);
-        let wanted = ((8 * self.num_sms) / blocks).clamp(1, max_chunks);
+        let wanted = ((self.attn_split_target * self.num_sms) / blocks).clamp(1, max_chunks);
         let chunks_per_split = max_chunks.div_ceil(wanted);
         let splits = max_chunks.div_ceil(chunks_per_split);
         // Unsplit: one fixed chunk count (2^24 chunks of 64 tokens, beyond any context), so the launch's

@@ -16,8 +16,8 @@
 //! Switches (environment): `LORAX_CUDA_POISON=1` fills every new tensor with NaN bytes so unwritten
 //! outputs show; `LORAX_CUDA_SYNC=1` synchronises after every launch so a fault names its kernel;
 //! `LORAX_CUDA_PREFILL=simple` keeps prefill off the tensor-core kernel; `LORAX_CUDA_GRAPHS=0` turns
-//! decode-step CUDA graphs off (graph.rs); `LORAX_CUDA_ATTN_L8=0` puts GQA attention at head size 128 back
-//! on 16 lanes per token.
+//! decode-step CUDA graphs off (graph.rs); `LORAX_CUDA_ATTN=l8` (or `l16`) puts GQA attention at head size
+//! 128 back on the kernels that read keys and values straight into registers, 8 (or 16) lanes per token.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -63,6 +63,48 @@ pub const ATTN_KERNELS: [(usize, usize); 21] = [
     (256, 4),
     (256, 8),
 ];
+/// Paged-attention kernels for GQA at head size 128 (every other shape has one kernel per head count).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// Keys and values straight into registers, 16 lanes per token (`LORAX_CUDA_ATTN=l16`).
+    Lanes16,
+    /// The same with 8 lanes per token (`l8`).
+    Lanes8,
+    /// 8 lanes per token, keys and values staged through shared memory by cp.async in two stages of 32
+    /// tokens (`staged`, the default).
+    Staged,
+    /// The same in four stages of 16 tokens (`staged4`).
+    Staged4,
+}
+
+impl AttnKernel {
+    /// All of them, for tests and benchmarks.
+    pub const ALL: [AttnKernel; 4] = [Self::Lanes16, Self::Lanes8, Self::Staged, Self::Staged4];
+
+    /// `LORAX_CUDA_ATTN` (unset: [`AttnKernel::Staged`]); an unknown value is an error naming the choices.
+    fn from_env() -> Result<Self> {
+        match std::env::var("LORAX_CUDA_ATTN").as_deref() {
+            Err(_) | Ok("staged") => Ok(Self::Staged),
+            Ok("staged4") => Ok(Self::Staged4),
+            Ok("l8") => Ok(Self::Lanes8),
+            Ok("l16") => Ok(Self::Lanes16),
+            Ok(other) => Err(EngineError::Backend(format!(
+                "LORAX_CUDA_ATTN={other:?}: expected staged, staged4, l8 or l16"
+            ))),
+        }
+    }
+
+    /// The kernel-name suffix of this family (`paged_attention_128_<heads><suffix>`).
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::Lanes16 => "",
+            Self::Lanes8 => "_l8",
+            Self::Staged => "_s",
+            Self::Staged4 => "_s4",
+        }
+    }
+}
+
 /// Shared memory a LoRA block may use without opting in to more.
 const SMEM_LIMIT: usize = 48 * 1024;
 /// Rows of a LoRA row tile.
@@ -114,6 +156,12 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "paged_attention_128_2_l8",
             "paged_attention_128_4_l8",
             "paged_attention_128_8_l8",
+            "paged_attention_128_2_s",
+            "paged_attention_128_4_s",
+            "paged_attention_128_8_s",
+            "paged_attention_128_2_s4",
+            "paged_attention_128_4_s4",
+            "paged_attention_128_8_s4",
             "attn_reduce",
         ],
     ),
@@ -223,8 +271,10 @@ pub struct CudaBackend {
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
-    /// GQA attention at head size 128 on the 8-lanes-per-token kernels (`LORAX_CUDA_ATTN_L8=0`: 16 lanes).
-    attn_lanes8: bool,
+    /// The paged-attention kernel family for GQA at head size 128 (`LORAX_CUDA_ATTN`).
+    attn_kernel: AttnKernel,
+    /// Blocks per multiprocessor that attention aims at when it splits contexts (8).
+    attn_split_target: usize,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
@@ -453,7 +503,8 @@ impl CudaBackend {
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
-            attn_lanes8: std::env::var("LORAX_CUDA_ATTN_L8").map_or(true, |v| v != "0"),
+            attn_kernel: AttnKernel::from_env()?,
+            attn_split_target: 8,
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             nccl: None,
             graphs: graph::Graphs::from_env(),
@@ -482,9 +533,15 @@ impl CudaBackend {
         self.attn_max_heads = heads.clamp(1, 8);
     }
 
-    /// GQA attention at head size 128 with 8 lanes per token (default) or 16 (for benchmarks).
-    pub fn set_attention_lanes8(&mut self, on: bool) {
-        self.attn_lanes8 = on;
+    /// The kernel family of GQA attention at head size 128 (for benchmarks and tests).
+    pub fn set_attention_kernel(&mut self, kernel: AttnKernel) {
+        self.attn_kernel = kernel;
+    }
+
+    /// Blocks per multiprocessor that attention aims at when it splits long contexts (default 8; for
+    /// benchmarks).
+    pub fn set_attention_split_target(&mut self, blocks_per_sm: usize) {
+        self.attn_split_target = blocks_per_sm.max(1);
     }
 
     /// Decode-shaped LoRA products on the BGMV kernels (default) or on SGMV like every other shape (for
