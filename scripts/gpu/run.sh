@@ -36,13 +36,14 @@ step nvrtc "$bin/cuda_nvrtc" --test-threads=1
 step kernels "$bin/cuda_kernels" --test-threads=2
 step golden "$bin/cuda_golden" --test-threads=2
 step graphs "$bin/cuda_graphs" --include-ignored --test-threads=1 --nocapture
+step adapters "$bin/cuda_adapters" --test-threads=1 --nocapture
 step sampling "$bin/cuda_sampling" --include-ignored --test-threads=1
 step bench "$bin/cuda_bench" --ignored --test-threads=1
 step e2e python3 scripts/gpu/e2e.py "$bin" "$logs"
 
 echo
 echo "== failures (first lines) =="
-grep -hE "panicked|FAILED|^E2E.*FAIL|error" "$logs"/{nvrtc,kernels,golden,graphs,sampling,bench,e2e}.log | head -20
+grep -hE "panicked|FAILED|^E2E.*FAIL|error" "$logs"/{nvrtc,kernels,golden,graphs,adapters,sampling,bench,e2e}.log | head -20
 echo
 echo "== measured checks =="
 grep -hE "^(llama|mistral|qwen2) logits|^adapter |^peft mixed" "$logs/golden.log" | cut -c1-150
@@ -51,7 +52,7 @@ grep -hE "total: Tally" "$logs/sampling.log"
 grep -hE "rel err" "$logs/kernels.log" | sort -t: -k2 | awk '{print}' | sort -k6 -g -r 2>/dev/null | head -5
 echo
 echo "== benchmarks ($(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)) =="
-grep -h "BENCH" "$logs/bench.log" "$logs/graphs.log" "$logs/sampling.log" | sed 's/^.*BENCH //' | cut -c1-170
+grep -h "BENCH" "$logs/bench.log" "$logs/graphs.log" "$logs/adapters.log" "$logs/sampling.log" | sed 's/^.*BENCH //' | cut -c1-170
 echo
 echo "== steps (logs in $logs) =="
 printf '%s\n' "${summary[@]}"
