@@ -333,13 +333,12 @@ __device__ __forceinline__ void copy_wait() {
 // The same pass with the keys and values staged through shared memory: the block copies TOK tokens at a
 // time (all 128 threads, 16 bytes each, coalesced along the head rows) in a ring of STAGES buffers, so
 // while the lane groups compute on one stage the copies of the next STAGES - 1 are in flight. Lane groups
-// take the same tokens in the same order as paged_attention (same U), so both give identical results.
-template <int HD, int MAXG, int GCAP, int UREQ, int STAGES>
+// take the same tokens in the same order as paged_attention, so with the same U both give identical results.
+template <int HD, int MAXG, int GCAP, int U, int STAGES>
 __device__ __forceinline__ void paged_attention_staged(ATTN_PARAMS) {
     using L = AttnLanes<HD, GCAP>;
     constexpr int VW = L::VW, G = L::G, NPV = L::NPV, NPL = L::NPL, GROUPS = L::GROUPS;
-    // f32 rows are twice the bytes: half the tokens per stage and at most two stages (32 KB of stages).
-    constexpr int U = sizeof(T) == 4 ? 1 : UREQ;
+    // f32 rows are twice the bytes: at most two stages (32 KB of stages).
     constexpr int NS = sizeof(T) == 4 && STAGES > 2 ? 2 : STAGES;
     constexpr int TOK = GROUPS * U;
     constexpr int EPP = 16 / (int)sizeof(T);  // elements per 16-byte piece
@@ -444,15 +443,12 @@ PAGED_ATTENTION_G(128, 2, 8, paged_attention_128_2_l8, 4)
 PAGED_ATTENTION_G(128, 4, 8, paged_attention_128_4_l8, 3)
 PAGED_ATTENTION_G(128, 8, 8, paged_attention_128_8_l8, 2)
 
-// The same GQA kernels with keys and values staged through shared memory by cp.async (the default at head
-// size 128): two stages of 32 tokens (_s), or four stages of 16 tokens with one token per lane group and
-// step (_s4); 32 KB of stages either way in bf16/f16 (f32 takes 16 tokens per stage).
-PAGED_ATTENTION_STAGED(128, 2, 2, 2, paged_attention_128_2_s, 4)
-PAGED_ATTENTION_STAGED(128, 4, 2, 2, paged_attention_128_4_s, 3)
-PAGED_ATTENTION_STAGED(128, 8, 2, 2, paged_attention_128_8_s, 2)
-PAGED_ATTENTION_STAGED(128, 2, 1, 4, paged_attention_128_2_s4, 4)
-PAGED_ATTENTION_STAGED(128, 4, 1, 4, paged_attention_128_4_s4, 3)
-PAGED_ATTENTION_STAGED(128, 8, 1, 4, paged_attention_128_8_s4, 2)
+// The same GQA kernels with keys and values staged through shared memory by cp.async, four stages of 16
+// tokens (32 KB in bf16/f16; f32: two stages), one token per lane group and step. (Two tokens per step, as
+// in _l8, holds both tokens' keys and values in registers on top of the staging state: ptxas spills.)
+PAGED_ATTENTION_STAGED(128, 2, 1, 4, paged_attention_128_2_s, 4)
+PAGED_ATTENTION_STAGED(128, 4, 1, 4, paged_attention_128_4_s, 3)
+PAGED_ATTENTION_STAGED(128, 8, 1, 4, paged_attention_128_8_s, 2)
 
 // Kernels per head size for 1, 2, 4 or 8 query heads per block (the host picks the smallest that holds
 // the GQA group: fewer registers; larger groups go 8 heads at a time). Blocks of 8 heads get more registers

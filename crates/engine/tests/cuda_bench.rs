@@ -238,8 +238,8 @@ fn kernel_benchmarks() {
     sgmv(&g, 4096, 16, 64, false, copy);
     sgmv(&g, 4096, 64, 64, true, copy);
     decode_attention(&g, 64, 4096, 32, 32, copy);
-    // GQA on each kernel family at head size 128 (16 and 8 lanes per token into registers; staged through
-    // shared memory in 2 stages of 32 tokens and in 4 of 16; the default is staged).
+    // GQA on each kernel family at head size 128 (16 and 8 lanes per token into registers, the default 8;
+    // staged through shared memory in 4 stages of 16 tokens).
     for kernel in AttnKernel::ALL {
         g.set_attention_kernel(kernel);
         decode_attention(&g, 64, 4096, 32, 8, copy);
@@ -257,13 +257,16 @@ fn kernel_benchmarks() {
     }
     // The serving shape (128 streams of 512 + 128 tokens) with more blocks per multiprocessor than the
     // default 8 as the split target: more, shorter blocks against a long tail of the last wave.
-    g.set_attention_kernel(AttnKernel::Staged);
     for target in [16, 24] {
         g.set_attention_split_target(target);
         say(&format!("split target {target} blocks per SM:"));
-        decode_attention(&g, 128, 640, 32, 8, copy);
-        decode_attention(&g, 256, 1024, 32, 8, copy);
+        for kernel in [AttnKernel::Lanes8, AttnKernel::Staged] {
+            g.set_attention_kernel(kernel);
+            decode_attention(&g, 128, 640, 32, 8, copy);
+            decode_attention(&g, 256, 1024, 32, 8, copy);
+        }
     }
+    g.set_attention_kernel(AttnKernel::Lanes8);
     g.set_attention_split_target(8);
     prefill_attention(&mut g, true, 4096, 32, 8);
     prefill_attention(&mut g, false, 4096, 32, 8);

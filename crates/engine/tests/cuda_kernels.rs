@@ -212,8 +212,7 @@ struct AttnCase {
     q_range: f32,
 }
 
-/// Checks one case against the CPU backend; returns the GPU's output.
-fn run_attention(g: &CudaBackend, rng: &mut Rng, c: &AttnCase) -> Vec<f32> {
+fn run_attention(g: &CudaBackend, rng: &mut Rng, c: &AttnCase) {
     let dt = g.dtype();
     let blocks_needed: usize = c.seqs.iter().map(|&(q, b)| (q + b).div_ceil(c.bs)).sum();
     let num_blocks = blocks_needed + 3;
@@ -254,17 +253,15 @@ fn run_attention(g: &CudaBackend, rng: &mut Rng, c: &AttnCase) -> Vec<f32> {
     let want = CpuBackend.attention(&q.cpu, &k.cpu, &v.cpu, &meta).unwrap();
     let got = g.attention(&q.gpu, &k.gpu, &v.gpu, &meta).unwrap();
     let lens: Vec<usize> = c.seqs.iter().map(|s| s.0 + s.1).collect();
-    let got = g.to_f32(&got).unwrap();
     check(
         &format!(
             "{dt:?} attention heads {}/{} hd {} bs {} window {:?} ctx {:?}",
             c.heads, c.kv_heads, c.hd, c.bs, c.window, lens
         ),
-        &got,
+        &g.to_f32(&got).unwrap(),
         &want.data,
         tol(dt),
     );
-    got
 }
 
 fn decode(lens: &[usize]) -> Vec<(usize, usize)> {
@@ -373,37 +370,16 @@ fn attention_matches_cpu() {
                 run_attention(&g, &mut rng, c);
             }
         }
-        // Every kernel family of GQA at head size 128 on the same inputs (the same seed per family). The
-        // staged kernel takes the tokens in the same order as the 8-lane one, so in bf16 and f16 (the same
-        // tokens per step) their outputs are identical, bit for bit.
+        // Every kernel family of GQA at head size 128.
         g.set_tensor_core_prefill(false);
-        let gqa128: Vec<&AttnCase> = cases.iter().filter(|c| c.hd == 128 && c.heads > c.kv_heads).collect();
-        let mut outs = Vec::new();
         for kernel in AttnKernel::ALL {
             g.set_attention_kernel(kernel);
             say(&format!("{dt:?}: GQA attention on {kernel:?}"));
-            let mut rng = Rng(seed("attention families"));
-            outs.push((
-                kernel,
-                gqa128
-                    .iter()
-                    .map(|c| run_attention(&g, &mut rng, c))
-                    .collect::<Vec<_>>(),
-            ));
-        }
-        g.set_attention_kernel(AttnKernel::Staged);
-        if dt != DType::F32 {
-            let of = |k: AttnKernel| outs.iter().find(|(x, _)| *x == k).map(|(_, o)| o.clone()).unwrap();
-            let (lanes8, staged) = (of(AttnKernel::Lanes8), of(AttnKernel::Staged));
-            for ((c, a), b) in gqa128.iter().zip(&lanes8).zip(&staged) {
-                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(
-                    same,
-                    "{dt:?} staged and 8-lane attention differ: heads {}/{} seqs {:?}",
-                    c.heads, c.kv_heads, c.seqs
-                );
+            for c in cases.iter().filter(|c| c.hd == 128 && c.heads > c.kv_heads) {
+                run_attention(&g, &mut rng, c);
             }
         }
+        g.set_attention_kernel(AttnKernel::Lanes8);
     }
 }
 

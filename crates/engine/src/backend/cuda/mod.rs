@@ -16,8 +16,8 @@
 //! Switches (environment): `LORAX_CUDA_POISON=1` fills every new tensor with NaN bytes so unwritten
 //! outputs show; `LORAX_CUDA_SYNC=1` synchronises after every launch so a fault names its kernel;
 //! `LORAX_CUDA_PREFILL=simple` keeps prefill off the tensor-core kernel; `LORAX_CUDA_GRAPHS=0` turns
-//! decode-step CUDA graphs off (graph.rs); `LORAX_CUDA_ATTN=l8` (or `l16`) puts GQA attention at head size
-//! 128 back on the kernels that read keys and values straight into registers, 8 (or 16) lanes per token.
+//! decode-step CUDA graphs off (graph.rs); `LORAX_CUDA_ATTN` picks the GQA attention kernels at head size
+//! 128 (`l8`, default; `l16`; `staged`, through shared memory by cp.async).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -68,28 +68,25 @@ pub const ATTN_KERNELS: [(usize, usize); 21] = [
 pub enum AttnKernel {
     /// Keys and values straight into registers, 16 lanes per token (`LORAX_CUDA_ATTN=l16`).
     Lanes16,
-    /// The same with 8 lanes per token (`l8`).
+    /// The same with 8 lanes per token (`l8`, the default: the fastest measured on an H200).
     Lanes8,
-    /// 8 lanes per token, keys and values staged through shared memory by cp.async in two stages of 32
-    /// tokens (`staged`, the default).
+    /// 8 lanes per token, keys and values staged through shared memory by cp.async in four stages of 16
+    /// tokens (`staged`; not yet measured on a GPU).
     Staged,
-    /// The same in four stages of 16 tokens (`staged4`).
-    Staged4,
 }
 
 impl AttnKernel {
     /// All of them, for tests and benchmarks.
-    pub const ALL: [AttnKernel; 4] = [Self::Lanes16, Self::Lanes8, Self::Staged, Self::Staged4];
+    pub const ALL: [AttnKernel; 3] = [Self::Lanes16, Self::Lanes8, Self::Staged];
 
-    /// `LORAX_CUDA_ATTN` (unset: [`AttnKernel::Staged`]); an unknown value is an error naming the choices.
+    /// `LORAX_CUDA_ATTN` (unset: [`AttnKernel::Lanes8`]); an unknown value is an error naming the choices.
     fn from_env() -> Result<Self> {
         match std::env::var("LORAX_CUDA_ATTN").as_deref() {
-            Err(_) | Ok("staged") => Ok(Self::Staged),
-            Ok("staged4") => Ok(Self::Staged4),
-            Ok("l8") => Ok(Self::Lanes8),
+            Err(_) | Ok("l8") => Ok(Self::Lanes8),
             Ok("l16") => Ok(Self::Lanes16),
+            Ok("staged") => Ok(Self::Staged),
             Ok(other) => Err(EngineError::Backend(format!(
-                "LORAX_CUDA_ATTN={other:?}: expected staged, staged4, l8 or l16"
+                "LORAX_CUDA_ATTN={other:?}: expected l8, l16 or staged"
             ))),
         }
     }
@@ -100,7 +97,6 @@ impl AttnKernel {
             Self::Lanes16 => "",
             Self::Lanes8 => "_l8",
             Self::Staged => "_s",
-            Self::Staged4 => "_s4",
         }
     }
 }
@@ -159,9 +155,6 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "paged_attention_128_2_s",
             "paged_attention_128_4_s",
             "paged_attention_128_8_s",
-            "paged_attention_128_2_s4",
-            "paged_attention_128_4_s4",
-            "paged_attention_128_8_s4",
             "attn_reduce",
         ],
     ),
