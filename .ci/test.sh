@@ -31,6 +31,10 @@ if [ "$py_status" -eq 0 ]; then
   scripts/ci/with_server.sh "$PY" -m pytest -q tests/clients
   # The public gRPC API through grpcio, with stubs generated from proto/ by grpcio-tools at test time.
   scripts/ci/with_server.sh "$PY" -m pytest -q tests/grpc
+  # Every CUDA kernel compiles with NVRTC for sm_90 in each storage type, and ptxas spills no register
+  # array (no GPU needed: NVRTC comes from the PyPI package nvidia-cuda-nvrtc-cu12 in the venv).
+  nvrtc_lib=$("$PY" -c 'import nvidia.cuda_nvrtc as m, os; print(os.path.join(list(m.__path__)[0], "lib"))')
+  LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --locked -p lorax-engine --test cuda_nvrtc
 elif [ "$py_status" -eq 3 ]; then
   echo "SKIPPED: Python client tests (python3 with venv is not available)"
 else
