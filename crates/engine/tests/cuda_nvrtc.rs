@@ -1,6 +1,7 @@
 //! Compiles every kernel module with NVRTC for `sm_90` in each storage type. Needs only the NVRTC library
 //! (no driver, no GPU), so it also runs on development machines that have `libnvrtc.so` on their library
-//! path; elsewhere it is skipped, visibly. Prints ptxas's resource report (registers, spills) per kernel.
+//! path; elsewhere it is skipped, visibly. Prints ptxas's resource report (registers, spills) per kernel
+//! with `--nocapture`.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
@@ -34,7 +35,8 @@ fn kernels_compile_for_hopper_in_every_dtype() {
                     src.name
                 );
             }
-            let _ = writeln!(std::io::stderr(), "== {dtype:?} {} ==\n{}", src.name, out.log.trim());
+            // Captured by libtest (shown with --nocapture or on failure): CI logs stay short.
+            eprintln!("== {dtype:?} {} ==\n{}", src.name, out.log.trim());
             // A few bytes of spill are ptxas trading registers for occupancy; a register array demoted to
             // local memory (a run-time index) shows as hundreds.
             for line in out.log.lines().filter(|l| l.contains("bytes spill stores")) {

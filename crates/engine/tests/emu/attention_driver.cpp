@@ -1,0 +1,115 @@
+// Driver for crates/engine/tests/attention_emulated.rs: the paged decode-attention kernels of
+// kernels/attention.cu (bf16) under the CPU emulation of cuemu.h, against a double-precision reference, on
+// scattered block tables, rows of no sequence (-1) and of another kernel (-2), unsplit and split contexts
+// (attn_reduce merging the splits). Prints each kernel's largest error; exits non-zero on any over 2e-2
+// (bf16 output rounding is about 2e-3 here). The test writes attention.cu with `alignas(16) __shared__`
+// (GCC wants the alignment first once __shared__ is `static`).
+#include "cuemu.h"
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define __host__
+#define LORAX_DTYPE_BF16
+#include <cstdio>
+#include <random>
+#include <cmath>
+using std::fmaxf;
+inline float __expf(float x) { return std::exp(x); }
+#include "common.cuh"
+#include "attention.cu"
+
+typedef void (*Kern)(T*, float*, float*, const T*, const T*, const T*, const RowInfo*, const u32*, int, int, int, int, float, int, int);
+
+int main() {
+    const int HD = 128, heads = 8, kvh = 2, bs = 16;
+    std::vector<int> ctx = {1, 15, 16, 17, 33, 64, 65, 100, 200, 513, -1, -2};
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<float> U(-1.f, 1.f);
+    int nblocks = 0;
+    for (int c : ctx) if (c > 0) nblocks += (c + bs - 1) / bs;
+    nblocks += 3;
+    std::vector<int> perm(nblocks);
+    for (int i = 0; i < nblocks; ++i) perm[i] = i;
+    std::shuffle(perm.begin(), perm.end(), rng);
+    const size_t slots = (size_t)nblocks * bs, kvw = kvh * HD;
+    std::vector<T> K(slots * kvw), V(slots * kvw), Q(ctx.size() * heads * HD);
+    for (auto& x : K) x = from_f(U(rng));
+    for (auto& x : V) x = from_f(U(rng));
+    for (auto& x : Q) x = from_f(2.f * U(rng));
+    std::vector<RowInfo> rows;
+    std::vector<u32> tables;
+    int next = 0;
+    for (int c : ctx) {
+        if (c <= 0) { rows.push_back({c, 0}); continue; }
+        rows.push_back({c - 1, (int)tables.size()});
+        for (int b = 0; b < (c + bs - 1) / bs; ++b) tables.push_back(perm[next++]);
+    }
+    const int n = rows.size();
+    const float scale = 1.f / std::sqrt((float)HD);
+    // Reference (double).
+    std::vector<double> ref(n * heads * HD, 0.0);
+    for (int r = 0; r < n; ++r) {
+        if (rows[r].pos < 0) continue;
+        const int len = rows[r].pos + 1;
+        for (int h = 0; h < heads; ++h) {
+            const int kh = h / (heads / kvh);
+            std::vector<double> s(len);
+            double mx = -1e300;
+            for (int t = 0; t < len; ++t) {
+                const size_t slot = (size_t)tables[rows[r].table + t / bs] * bs + t % bs;
+                double d = 0;
+                for (int e = 0; e < HD; ++e) d += (double)(to_f(Q[(r * heads + h) * HD + e]) * scale) * to_f(K[slot * kvw + kh * HD + e]);
+                s[t] = d; mx = std::max(mx, d);
+            }
+            double sum = 0;
+            for (int t = 0; t < len; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
+            for (int t = 0; t < len; ++t) {
+                const size_t slot = (size_t)tables[rows[r].table + t / bs] * bs + t % bs;
+                for (int e = 0; e < HD; ++e) ref[(r * heads + h) * HD + e] += s[t] / sum * to_f(V[slot * kvw + kh * HD + e]);
+            }
+        }
+    }
+    auto run = [&](Kern k, int maxg, int cps, int splits) {
+        std::vector<T> out(n * heads * HD, (T)0x7fc1);
+        std::vector<float> po((size_t)n * heads * splits * HD, NAN), pml((size_t)n * heads * splits * 2, NAN);
+        const int hchunks = (heads / kvh + maxg - 1) / maxg;
+        for (int z = 0; z < splits; ++z)
+            for (int y = 0; y < kvh * hchunks; ++y) {
+                emu_launch(n, 128, [&] {
+                    blockIdx.y = y; blockIdx.z = z;
+                    k(out.data(), po.data(), pml.data(), Q.data(), K.data(), V.data(), rows.data(), tables.data(), heads, kvh, bs, 0, scale, cps, splits);
+                });
+            }
+        if (splits > 1)
+            for (int h = 0; h < heads; ++h) {
+                blockIdx.y = h;
+                emu_launch(n, 128, [&] { blockIdx.y = h; attn_reduce(out.data(), po.data(), pml.data(), rows.data(), heads, HD, 0, cps, splits); });
+            }
+        return out;
+    };
+    int bad = 0;
+    auto check = [&](const char* name, const std::vector<T>& o) {
+        double worst = 0;
+        for (int r = 0; r < n; ++r) {
+            if (rows[r].pos == -2) continue;
+            for (int i = 0; i < heads * HD; ++i) worst = std::max(worst, std::fabs(to_f(o[r * heads * HD + i]) - ref[r * heads * HD + i]));
+        }
+        printf("%-40s max abs err %.3g\n", name, worst);
+        if (!(worst < 2e-2)) bad++;
+    };
+    // GQA 4 as one block of 4 heads, two blocks of 2, and a block of up to 8 holding 4.
+    struct { const char* name; Kern k; int maxg; } ks[] = {
+        {"paged_attention_128_4_l8", paged_attention_128_4_l8, 4}, {"paged_attention_128_4_s", paged_attention_128_4_s, 4},
+        {"paged_attention_128_2_l8", paged_attention_128_2_l8, 2}, {"paged_attention_128_2_s", paged_attention_128_2_s, 2},
+        {"paged_attention_128_8_l8", paged_attention_128_8_l8, 8}, {"paged_attention_128_8_s", paged_attention_128_8_s, 8},
+    };
+    // Unsplit (the fixed chunk count of graph-captured steps), 2 chunks per split, 1 chunk per split.
+    for (auto [cps, splits] : {std::pair{1 << 24, 1}, std::pair{2, 5}, std::pair{1, 9}}) {
+        for (auto& k : ks) {
+            char nm[96];
+            snprintf(nm, sizeof nm, "%s, %d split(s)", k.name, splits);
+            check(nm, run(k.k, k.maxg, cps, splits));
+        }
+    }
+    printf(bad ? "FAIL %d\n" : "OK\n", bad);
+    return bad != 0;
+}
