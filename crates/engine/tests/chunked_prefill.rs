@@ -194,7 +194,8 @@ fn failed_step_adds_nothing() {
     let mut alloc = BlockAllocator::new(1024, BLOCK);
     let mut seqs = sequences(&mut alloc);
     let mut batch = Batch::default();
-    e.step(&mut batch, vec![seqs.remove(0)], StepOptions::default()).unwrap();
+    e.step(&mut batch, vec![seqs.remove(0)], StepOptions::default())
+        .unwrap();
     let mut bad = seqs.remove(0);
     bad.adapter = Some("not-loaded".into());
     assert!(e.step(&mut batch, vec![bad], StepOptions::default()).is_err());
