@@ -297,6 +297,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
         max_waiting_tokens: batching.max_waiting_tokens,
         waiting_served_ratio: batching.waiting_served_ratio,
         block_size: shard.block_size,
+        max_batch_prefill_chunk_tokens: batching.max_batch_prefill_chunk_tokens,
     };
     let catalog = adapters::catalog::AdapterCatalog::default();
     let chat_template = if lorax_gguf::is_gguf_file(&args.model.tokenizer_path) {
@@ -348,6 +349,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
         max_batch_total_tokens: total_blocks * shard.block_size,
         max_batch_prefill_tokens: batching.max_batch_prefill_tokens,
         max_waiting_tokens: batching.max_waiting_tokens,
+        max_batch_prefill_chunk_tokens: batching.max_batch_prefill_chunk_tokens,
         max_client_batch_size: args.server.max_client_batch_size,
         validation_workers: args.server.validation_workers,
         block_size: shard.block_size,
