@@ -270,9 +270,18 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
     }
 
     clients.clear_cache().await?;
-    let warmed = clients
-        .warmup(batching.max_batch_prefill_tokens, limits.max_total_tokens)
-        .await?;
+    // The largest forward pass the scheduler sends: with mixed steps a chunk of prompts plus one decode row
+    // per running request, else a Prefill of whole prompts.
+    let largest_step = if batching.max_batch_prefill_chunk_tokens > 0 {
+        let rows = u32::try_from(args.server.max_concurrent_requests).unwrap_or(u32::MAX);
+        batching
+            .max_batch_prefill_chunk_tokens
+            .min(batching.max_batch_prefill_tokens)
+            .saturating_add(rows)
+    } else {
+        batching.max_batch_prefill_tokens
+    };
+    let warmed = clients.warmup(largest_step, limits.max_total_tokens).await?;
     tracing::info!(
         model = %shard.model_id,
         device = %shard.device,
