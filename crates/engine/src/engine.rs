@@ -1,110 +1,27 @@
-//! Batches of sequences over a model: prefill adds sequences, decode advances all of them, filter drops
-//! finished ones. The caller owns block allocation and passes each sequence's block table (sized for
-//! its whole life: prompt plus every token it may generate).
+//! The engine: a model, its paged cache and its adapters, and the steps that advance a [`Batch`]. A
+//! [`Engine::step`] runs one forward pass over a decode row of every running sequence and (chunks of)
+//! the prompts of sequences still prefilling; [`Engine::prefill`] and [`Engine::decode`] are its two
+//! pure forms. The caller owns block allocation and passes each sequence's block table (sized for its
+//! whole life: prompt plus every token it may generate).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::Backend;
+pub use crate::batch::{Batch, Generation, NewSequence, PromptToken, Sequence};
 use crate::comm::{Communicator, SingleRank};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::lora::{DeviceAdapter, HostAdapter};
 use crate::model::{ForwardInput, Model, SeqInput, WeightSource};
-use crate::sampling::{Choice, SampleTask, Sampled, Sampler, SamplingParams};
+use crate::sampling::{SampleTask, Sampled};
 use crate::weights::Weights;
 
 /// A raw sequence for [`Engine::logits_with_adapters`]: (new tokens, tokens already cached, block
 /// table, adapter key or `None` for the base model).
 pub type RawSeq<'a> = (&'a [u32], usize, &'a [u32], Option<&'a str>);
-
-/// A sequence to add to a batch.
-#[derive(Clone, Debug)]
-pub struct NewSequence {
-    /// Caller's id, unique within the batch.
-    pub id: u64,
-    /// Prompt token ids.
-    pub input_ids: Vec<u32>,
-    /// Cache blocks covering the prompt and every token that may be generated.
-    pub block_table: Vec<u32>,
-    /// Next-token parameters.
-    pub params: SamplingParams,
-    /// Also return the log-probability of each prompt token.
-    pub prefill_logprobs: bool,
-    /// Key of a loaded adapter ([`Engine::load_adapter`]) applied to this sequence; `None` for the base model.
-    pub adapter: Option<String>,
-}
-
-/// A prompt token with its log-probability under the model (none for the first token).
-#[derive(Clone, Debug, PartialEq)]
-pub struct PromptToken {
-    /// Token id.
-    pub id: u32,
-    /// log p(token | previous tokens).
-    pub logprob: Option<f32>,
-}
-
-/// One step's output for one sequence.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Generation {
-    /// Sequence id.
-    pub id: u64,
-    /// The token chosen, its logprob and alternatives.
-    pub choice: Choice,
-    /// Prompt tokens with logprobs (prefill, when asked).
-    pub prefill: Option<Vec<PromptToken>>,
-}
-
-/// A sequence in a running batch.
-pub struct Sequence {
-    /// Caller's id.
-    pub id: u64,
-    /// Prompt and generated tokens.
-    pub tokens: Vec<u32>,
-    /// How many of `tokens` are in the KV cache.
-    pub cached: usize,
-    /// Cache blocks.
-    pub block_table: Vec<u32>,
-    /// Adapter key, `None` for the base model.
-    pub adapter: Option<String>,
-    sampler: Sampler,
-}
-
-/// The sequences being decoded together.
-#[derive(Default)]
-pub struct Batch {
-    /// Sequences, in the order they were added.
-    pub seqs: Vec<Sequence>,
-}
-
-impl Batch {
-    /// Keep only the sequences whose ids are listed.
-    pub fn filter(&mut self, keep: &[u64]) {
-        self.seqs.retain(|s| keep.contains(&s.id));
-    }
-
-    /// Ids of the sequences, in order.
-    pub fn ids(&self) -> Vec<u64> {
-        self.seqs.iter().map(|s| s.id).collect()
-    }
-
-    /// Whether a sequence of the batch uses the adapter `key`.
-    pub fn uses_adapter(&self, key: &str) -> bool {
-        self.seqs.iter().any(|s| s.adapter.as_deref() == Some(key))
-    }
-
-    /// Number of sequences.
-    pub fn len(&self) -> usize {
-        self.seqs.len()
-    }
-
-    /// No sequences.
-    pub fn is_empty(&self) -> bool {
-        self.seqs.is_empty()
-    }
-}
 
 /// Sizes of the KV cache.
 #[derive(Clone, Copy, Debug)]
@@ -345,8 +262,36 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Add sequences to `batch`: run their prompts and choose each one's first token.
+    /// Add sequences to `batch`: run their whole prompts and choose each one's first token. A
+    /// [`Engine::step`] without decode rows and without a prompt budget, so a sequence of `batch` still
+    /// prefilling (from an earlier chunked step) also runs the rest of its prompt and gets its first token.
+    /// Generations come in batch order (the new sequences in the order given).
     pub fn prefill(&mut self, batch: &mut Batch, new: Vec<NewSequence>) -> Result<Vec<Generation>> {
+        self.step(batch, new, StepOptions::default())
+    }
+
+    /// Advance every sequence of `batch` by one token. Sequences still prefilling are skipped: they get
+    /// no row and no generation (only a [`Engine::step`] runs their prompts). On one rank the pass goes
+    /// through [`Backend::decode_step`] (CUDA graphs).
+    pub fn decode(&mut self, batch: &mut Batch) -> Result<Vec<Generation>> {
+        self.step(
+            batch,
+            Vec::new(),
+            StepOptions {
+                decode: true,
+                max_prompt_tokens: Some(0),
+            },
+        )
+    }
+
+    /// One forward pass over `batch` after adding `new` (which join prefilling): a decode row for every
+    /// sequence whose prompt is cached (when `opts.decode`), and the next prompt tokens of the sequences
+    /// still prefilling, oldest first, at most `opts.max_prompt_tokens` of them in all (the last sequence
+    /// given any may get only part of its prompt: a chunk). A sequence whose prompt is now fully cached
+    /// gets its first token as in a whole-prompt prefill; one that is not is not sampled and continues in
+    /// a later step. Returns a generation per sequence that got a token, in batch order. A step that fails
+    /// adds none of `new` to `batch`.
+    pub fn step(&mut self, batch: &mut Batch, new: Vec<NewSequence>, opts: StepOptions) -> Result<Vec<Generation>> {
         for (i, s) in new.iter().enumerate() {
             if s.input_ids.is_empty() {
                 return Err(EngineError::InvalidBatch(format!(
@@ -361,113 +306,127 @@ impl<B: Backend> Engine<B> {
                 )));
             }
         }
-        let raw: Vec<RawSeq<'_>> = new
-            .iter()
-            .map(|s| {
-                (
-                    s.input_ids.as_slice(),
-                    0,
-                    s.block_table.as_slice(),
-                    s.adapter.as_deref(),
-                )
-            })
-            .collect();
-        let all: Vec<bool> = new.iter().map(|s| s.prefill_logprobs).collect();
-        let logits = self.forward_logits(&raw, &all, false)?;
-        // Rows in order: each prompt's token rows (when asked for), then its last row.
-        let mut samplers: Vec<Sampler> = new
-            .iter()
-            .map(|s| Sampler::new(s.params.clone(), &s.input_ids))
-            .collect();
-        let mut tasks = Vec::new();
-        for (s, sampler) in new.iter().zip(samplers.iter_mut()) {
-            if s.prefill_logprobs {
-                tasks.extend(s.input_ids[1..].iter().map(|&id| SampleTask::Logprob(id)));
-            }
-            tasks.push(SampleTask::Choose(sampler));
+        let before = batch.seqs.len();
+        batch.seqs.extend(new.into_iter().map(Sequence::new));
+        let out = self.run_step(batch, opts);
+        if out.is_err() {
+            batch.seqs.truncate(before);
         }
-        let mut tasks: Vec<(usize, SampleTask<'_>)> = tasks.into_iter().enumerate().collect();
-        let mut answers = self.backend.sample(&logits, &mut tasks)?.into_iter();
-        drop(tasks);
-        let missing = || EngineError::Backend("missing sampling result".into());
-        let mut out = Vec::with_capacity(new.len());
-        for (s, sampler) in new.into_iter().zip(samplers) {
-            let mut prefill = None;
-            if s.prefill_logprobs {
-                let mut toks = vec![PromptToken {
-                    id: s.input_ids[0],
-                    logprob: None,
-                }];
-                for &id in &s.input_ids[1..] {
-                    let Some(Sampled::Logprob(lp)) = answers.next() else {
-                        return Err(missing());
-                    };
-                    toks.push(PromptToken { id, logprob: Some(lp) });
-                }
-                prefill = Some(toks);
-            }
-            let Some(Sampled::Choice(choice)) = answers.next() else {
-                return Err(missing());
-            };
-            let mut tokens = s.input_ids;
-            let cached = tokens.len();
-            tokens.push(choice.token);
-            out.push(Generation {
-                id: s.id,
-                choice,
-                prefill,
-            });
-            batch.seqs.push(Sequence {
-                id: s.id,
-                tokens,
-                cached,
-                block_table: s.block_table,
-                adapter: s.adapter,
-                sampler,
-            });
-        }
-        Ok(out)
+        out
     }
 
-    /// Advance every sequence of `batch` by one token.
-    pub fn decode(&mut self, batch: &mut Batch) -> Result<Vec<Generation>> {
-        if batch.is_empty() {
-            return Ok(vec![]);
-        }
-        let raw: Vec<RawSeq<'_>> = batch
+    /// [`Engine::step`] once the new sequences are in `batch`.
+    fn run_step(&mut self, batch: &mut Batch, opts: StepOptions) -> Result<Vec<Generation>> {
+        // What each sequence runs this step: how many new tokens (0 = nothing), and whether it prefills.
+        let mut budget = opts.max_prompt_tokens.unwrap_or(usize::MAX);
+        let plan: Vec<Work> = batch
             .seqs
             .iter()
             .map(|s| {
+                if s.is_prefilling() {
+                    let len = (s.prompt_len - s.cached).min(budget);
+                    budget -= len;
+                    Work { len, prefill: true }
+                } else {
+                    let len = if opts.decode { s.tokens.len() - s.cached } else { 0 };
+                    Work { len, prefill: false }
+                }
+            })
+            .collect();
+        let active = || batch.seqs.iter().zip(&plan).filter(|(_, w)| w.len > 0);
+        if active().next().is_none() {
+            return Ok(vec![]);
+        }
+        let raw: Vec<RawSeq<'_>> = active()
+            .map(|(s, w)| {
                 (
-                    &s.tokens[s.cached..],
+                    &s.tokens[s.cached..s.cached + w.len],
                     s.cached,
                     s.block_table.as_slice(),
                     s.adapter.as_deref(),
                 )
             })
             .collect();
-        let logits = self.forward_logits(&raw, &[], true)?;
-        let mut tasks: Vec<(usize, SampleTask<'_>)> = batch
-            .seqs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, s)| (i, SampleTask::Choose(&mut s.sampler)))
+        // Every row of a prompt chunk when its tokens' logprobs are asked for, else the last row only.
+        let all: Vec<bool> = active()
+            .map(|(s, w)| w.prefill && s.prompt_logprobs.is_some())
             .collect();
+        let pure_decode = plan.iter().all(|w| !w.prefill || w.len == 0);
+        let logits = self.forward_logits(&raw, &all, pure_decode)?;
+        drop(raw);
+
+        let mut tasks: Vec<(usize, SampleTask<'_>)> = Vec::new();
+        let mut row = 0;
+        for (s, w) in batch.seqs.iter_mut().zip(&plan).filter(|(_, w)| w.len > 0) {
+            let ends_prompt = s.cached + w.len == s.prompt_len;
+            if w.prefill && s.prompt_logprobs.is_some() {
+                // Row j predicts token cached + j + 1: a prompt token's logprob, or past the prompt's end
+                // the first generated token.
+                for j in 0..w.len {
+                    let next = s.cached + j + 1;
+                    if next < s.prompt_len {
+                        tasks.push((row + j, SampleTask::Logprob(s.tokens[next])));
+                    }
+                }
+                row += w.len;
+            } else {
+                row += 1;
+            }
+            if !w.prefill || ends_prompt {
+                tasks.push((row - 1, SampleTask::Choose(&mut s.sampler)));
+            }
+        }
         let answers = self.backend.sample(&logits, &mut tasks)?;
         drop(tasks);
-        let mut out = Vec::with_capacity(batch.len());
-        for (s, answer) in batch.seqs.iter_mut().zip(answers) {
-            let Sampled::Choice(choice) = answer else {
-                return Err(EngineError::Backend("missing sampling result".into()));
+
+        let missing = || EngineError::Backend("missing sampling result".into());
+        let mut answers = answers.into_iter();
+        let mut out = Vec::new();
+        for (s, w) in batch.seqs.iter_mut().zip(&plan).filter(|(_, w)| w.len > 0) {
+            let ends_prompt = s.cached + w.len == s.prompt_len;
+            if let (true, Some(logprobs)) = (w.prefill, s.prompt_logprobs.as_mut()) {
+                for next in s.cached + 1..(s.cached + w.len + 1).min(s.prompt_len) {
+                    let Some(Sampled::Logprob(lp)) = answers.next() else {
+                        return Err(missing());
+                    };
+                    logprobs.push(PromptToken {
+                        id: s.tokens[next],
+                        logprob: Some(lp),
+                    });
+                }
+            }
+            if w.prefill && !ends_prompt {
+                s.cached += w.len;
+                continue;
+            }
+            let Some(Sampled::Choice(choice)) = answers.next() else {
+                return Err(missing());
             };
-            s.cached = s.tokens.len();
+            s.cached += w.len;
             s.tokens.push(choice.token);
             out.push(Generation {
                 id: s.id,
                 choice,
-                prefill: None,
+                prefill: if w.prefill { s.prompt_logprobs.take() } else { None },
             });
         }
         Ok(out)
     }
+}
+
+/// What [`Engine::step`] runs besides the prompts of new sequences.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepOptions {
+    /// Also advance every sequence whose prompt is cached by one token (decode rows).
+    pub decode: bool,
+    /// Most prompt tokens run in the step, over all prefilling sequences; `None` = whole prompts.
+    pub max_prompt_tokens: Option<usize>,
+}
+
+/// One sequence's share of a step.
+struct Work {
+    /// New tokens it runs (0: none this step).
+    len: usize,
+    /// Prompt tokens (else a decode row).
+    prefill: bool,
 }

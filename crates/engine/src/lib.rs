@@ -5,6 +5,7 @@
 //! (`kv_cache`), PEFT LoRA adapters (`lora`), batches of sequences (`batch`) and next-token choice (`sampling`).
 
 pub mod backend;
+pub mod batch;
 pub mod comm;
 pub mod config;
 pub mod dummy;
@@ -21,6 +22,6 @@ pub use backend::cpu::{CpuBackend, CpuTensor};
 pub use backend::cuda::{CudaBackend, CudaTensor};
 pub use backend::Backend;
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use engine::{Batch, CacheConfig, Engine, Generation, LoadFormat, NewSequence, PromptToken};
+pub use engine::{Batch, CacheConfig, Engine, Generation, LoadFormat, NewSequence, PromptToken, StepOptions};
 pub use error::{EngineError, Result};
 pub use sampling::{Choice, Sampler, SamplingParams};

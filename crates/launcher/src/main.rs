@@ -273,9 +273,13 @@ pub struct RouterLimits {
     /// Longest prompt + generation, in tokens.
     #[arg(long, env = "MAX_TOTAL_TOKENS", default_value_t = 2048)]
     pub max_total_tokens: usize,
-    /// Most prompt tokens in one prefill.
+    /// Most prompt tokens in one prefill (with mixed steps: of admitted requests whose prompts still run).
     #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096)]
     pub max_batch_prefill_tokens: usize,
+    /// Most prompt tokens per step: new prompts run in chunks of this many tokens in the same forward
+    /// pass as the running requests' decode rows (mixed steps, chunked prefill); 0 turns both off.
+    #[arg(long, env = "MAX_BATCH_PREFILL_CHUNK_TOKENS", default_value_t = 512)]
+    pub max_batch_prefill_chunk_tokens: usize,
     /// Most tokens (prompt + generation) in the running batch; default: the KV cache's capacity.
     #[arg(long, env = "MAX_BATCH_TOTAL_TOKENS")]
     pub max_batch_total_tokens: Option<usize>,
@@ -297,6 +301,10 @@ impl RouterLimits {
             format!("--max-input-length={}", self.max_input_length),
             format!("--max-total-tokens={}", self.max_total_tokens),
             format!("--max-batch-prefill-tokens={}", self.max_batch_prefill_tokens),
+            format!(
+                "--max-batch-prefill-chunk-tokens={}",
+                self.max_batch_prefill_chunk_tokens
+            ),
             format!("--max-waiting-tokens={}", self.max_waiting_tokens),
             format!("--waiting-served-ratio={}", self.waiting_served_ratio),
             format!("--max-stop-sequences={}", self.max_stop_sequences),

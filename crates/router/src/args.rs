@@ -106,18 +106,28 @@ pub struct LimitArgs {
 /// Continuous-batching policy.
 #[derive(ClapArgs, Debug, Clone)]
 pub struct BatchingArgs {
-    /// Most prompt tokens prefilled in one Prefill call.
+    /// Most prompt tokens prefilled in one Prefill call; with mixed steps, most prompt tokens of admitted
+    /// requests whose prompts are still running (requests wait in the queue beyond it).
     #[arg(long, env, default_value_t = 4096)]
     pub max_batch_prefill_tokens: u32,
+    /// Most prompt tokens run in one step. While requests run, each step decodes them and runs up to this
+    /// many prompt tokens of new requests in the same forward pass (a mixed step); longer prompts run in
+    /// chunks over several steps (chunked prefill), so a new request delays the running streams by one
+    /// chunk, not a whole prompt. 0 turns both off: new requests are prefilled whole in separate Prefill
+    /// calls that pause decoding (TGI's scheduling, with `--waiting-served-ratio` and
+    /// `--max-waiting-tokens`).
+    #[arg(long, env, default_value_t = 512)]
+    pub max_batch_prefill_chunk_tokens: u32,
     /// Most tokens (prompt + max_new_tokens, rounded up to whole KV blocks) the running batch may hold.
     /// Defaults to, and is capped at, the shard's KV cache capacity (num_blocks * block_size).
     #[arg(long, env)]
     pub max_batch_total_tokens: Option<u32>,
-    /// Decode steps after which waiting requests are prefilled even if `--waiting-served-ratio` says wait.
+    /// Decode steps after which waiting requests are prefilled even if `--waiting-served-ratio` says wait
+    /// (without mixed steps only).
     #[arg(long, env, default_value_t = 20)]
     pub max_waiting_tokens: u32,
     /// While a batch runs, new requests are prefilled only when at least this ratio times the running
-    /// requests can join at once (or `--max-waiting-tokens` steps have passed).
+    /// requests can join at once (or `--max-waiting-tokens` steps have passed); without mixed steps only.
     #[arg(long, env, default_value_t = 1.2)]
     pub waiting_served_ratio: f32,
 }
@@ -243,6 +253,7 @@ mod tests {
         assert_eq!(args.limits.max_new_tokens_default, 100);
         assert_eq!(args.batching.max_batch_prefill_tokens, 4096);
         assert_eq!(args.batching.max_batch_total_tokens, None);
+        assert_eq!(args.batching.max_batch_prefill_chunk_tokens, 512);
         assert_eq!(args.batching.max_waiting_tokens, 20);
         assert!((args.batching.waiting_served_ratio - 1.2).abs() < 1e-6);
         assert_eq!(args.adapters.max_active_adapters, 128);

@@ -204,7 +204,24 @@ impl ShardClients {
 
     /// Adds `requests` to the running batch and returns their first tokens.
     pub async fn prefill(&self, requests: Vec<Request>) -> Result<PrefillResponse, ClientError> {
-        let request = PrefillRequest { requests };
+        self.mixed_step(requests, false, 0).await
+    }
+
+    /// Adds `requests` to the running batch and runs up to `max_prompt_tokens` prompt tokens (0: every
+    /// prompt whole) of the sequences still prefilling; with `decode_running`, also advances every
+    /// running sequence by one token in the same forward pass. Returns the tokens of the sequences that
+    /// got one and the ids of those still prefilling.
+    pub async fn mixed_step(
+        &self,
+        requests: Vec<Request>,
+        decode_running: bool,
+        max_prompt_tokens: u32,
+    ) -> Result<PrefillResponse, ClientError> {
+        let request = PrefillRequest {
+            requests,
+            decode_running,
+            max_prompt_tokens,
+        };
         self.broadcast(|mut c| {
             let request = request.clone();
             async move { c.prefill(request).await }

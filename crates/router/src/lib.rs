@@ -270,9 +270,18 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
     }
 
     clients.clear_cache().await?;
-    let warmed = clients
-        .warmup(batching.max_batch_prefill_tokens, limits.max_total_tokens)
-        .await?;
+    // The largest forward pass the scheduler sends: with mixed steps a chunk of prompts plus one decode row
+    // per running request, else a Prefill of whole prompts.
+    let largest_step = if batching.max_batch_prefill_chunk_tokens > 0 {
+        let rows = u32::try_from(args.server.max_concurrent_requests).unwrap_or(u32::MAX);
+        batching
+            .max_batch_prefill_chunk_tokens
+            .min(batching.max_batch_prefill_tokens)
+            .saturating_add(rows)
+    } else {
+        batching.max_batch_prefill_tokens
+    };
+    let warmed = clients.warmup(largest_step, limits.max_total_tokens).await?;
     tracing::info!(
         model = %shard.model_id,
         device = %shard.device,
@@ -297,6 +306,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
         max_waiting_tokens: batching.max_waiting_tokens,
         waiting_served_ratio: batching.waiting_served_ratio,
         block_size: shard.block_size,
+        max_batch_prefill_chunk_tokens: batching.max_batch_prefill_chunk_tokens,
     };
     let catalog = adapters::catalog::AdapterCatalog::default();
     let chat_template = if lorax_gguf::is_gguf_file(&args.model.tokenizer_path) {
@@ -348,6 +358,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
         max_batch_total_tokens: total_blocks * shard.block_size,
         max_batch_prefill_tokens: batching.max_batch_prefill_tokens,
         max_waiting_tokens: batching.max_waiting_tokens,
+        max_batch_prefill_chunk_tokens: batching.max_batch_prefill_chunk_tokens,
         max_client_batch_size: args.server.max_client_batch_size,
         validation_workers: args.server.validation_workers,
         block_size: shard.block_size,

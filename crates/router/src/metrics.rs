@@ -29,14 +29,17 @@ pub const REQUEST_INPUT_LENGTH: &str = "lorax_request_input_length";
 pub const REQUEST_GENERATED_TOKENS: &str = "lorax_request_generated_tokens";
 /// `max_new_tokens` per request after defaults (histogram).
 pub const REQUEST_MAX_NEW_TOKENS: &str = "lorax_request_max_new_tokens";
-/// Shard forward time per call, seconds (histogram, label `method` = prefill|decode).
+/// Shard forward time per call, seconds (histogram, label `method` = prefill|decode|mixed: a Prefill call
+/// with nothing to decode, a Decode call, a Prefill call that also decodes the running batch).
 pub const BATCH_FORWARD_DURATION: &str = "lorax_batch_forward_duration";
 /// A shard call and the handling of its answer (tokens sent, finished requests retired), seconds
-/// (histogram, label `method` = prefill|decode).
+/// (histogram, label `method` = prefill|decode|mixed).
 pub const BATCH_INFERENCE_DURATION: &str = "lorax_batch_inference_duration";
-/// Requests prefilled by each Prefill call (histogram).
+/// Requests added by each Prefill call (histogram); with chunked prefill their prompts may run over
+/// several steps.
 pub const BATCH_NEXT_SIZE: &str = "lorax_batch_next_size";
-/// Sequences advanced by each decode step (how many requests share a step).
+/// Sequences advanced by each decode or mixed step (how many requests share a step; the prefilling
+/// requests of a mixed step are not counted).
 pub const BATCH_DECODE_SIZE: &str = "lorax_batch_decode_size";
 /// Shard calls made (counter, label `method`).
 pub const BATCH_INFERENCE_COUNT: &str = "lorax_batch_inference_count";

@@ -1,5 +1,8 @@
-//! The continuous-batching policy as pure functions (TGI's rules): which queued requests to prefill,
-//! and whether they are worth interrupting the running batch's decoding for.
+//! The continuous-batching policy as pure functions: which queued requests to prefill, and (without mixed
+//! steps, TGI's rules) whether they are worth interrupting the running batch's decoding for. With mixed
+//! steps a prefill no longer stalls the running batch for a whole prompt (its prompts run in chunks of at
+//! most `max_batch_prefill_chunk_tokens` per step, next to the decode rows), so requests are admitted as
+//! soon as blocks and the prefill token budget allow.
 
 use crate::blocks::blocks_for;
 
@@ -14,6 +17,9 @@ pub struct BatchingPolicy {
     pub waiting_served_ratio: f32,
     /// Tokens per KV block.
     pub block_size: u32,
+    /// Most prompt tokens run in one step (chunked prefill, mixed with the decode rows of the running
+    /// batch); 0 turns mixed steps off (separate Prefill and Decode calls, whole prompts).
+    pub max_batch_prefill_chunk_tokens: u32,
 }
 
 /// What the policy needs to know about a queued request.
@@ -62,6 +68,28 @@ impl BatchingPolicy {
         taken
     }
 
+    /// Whether steps mix decode rows with chunks of prompts.
+    pub fn mixed(&self) -> bool {
+        self.max_batch_prefill_chunk_tokens > 0
+    }
+
+    /// Number of requests to admit into a mixed step: `select` with the prefill token budget less the
+    /// prompt tokens of the requests admitted earlier whose prompts are still running (`pending_tokens`),
+    /// so at most `max_batch_prefill_tokens` prompt tokens wait in the batch. No ratio rule: admission
+    /// does not interrupt decoding.
+    pub fn admit_mixed(
+        &self,
+        queue: impl IntoIterator<Item = Candidate>,
+        free_blocks: u32,
+        pending_tokens: u32,
+    ) -> usize {
+        let budget = Self {
+            max_batch_prefill_tokens: self.max_batch_prefill_tokens.saturating_sub(pending_tokens),
+            ..self.clone()
+        };
+        budget.select(queue, free_blocks)
+    }
+
     /// Number of requests to prefill now, or 0 to keep decoding: `select`, then the ratio rule.
     pub fn admit(
         &self,
@@ -88,6 +116,7 @@ mod tests {
             max_waiting_tokens: 20,
             waiting_served_ratio: 1.2,
             block_size: 16,
+            max_batch_prefill_chunk_tokens: 0,
         }
     }
 
@@ -142,5 +171,21 @@ mod tests {
         assert_eq!(p.admit([small; 12], 100, 10, 3), 12);
         // Nothing fits: nothing to do.
         assert_eq!(p.admit([small], 0, 0, 100), 0);
+    }
+
+    #[test]
+    fn admit_mixed_ignores_the_ratio_and_counts_pending_prompts() {
+        let p = BatchingPolicy {
+            max_batch_prefill_chunk_tokens: 32,
+            ..policy()
+        };
+        assert!(p.mixed() && !policy().mixed());
+        let small = c(5, 16);
+        // Ten running would need 12 waiters under the ratio rule; a mixed step takes what fits.
+        assert_eq!(p.admit_mixed([small; 3], 100, 0), 3);
+        // 90 prompt tokens still running leave room for two more of 5 tokens.
+        assert_eq!(p.admit_mixed([small; 3], 100, 90), 2);
+        assert_eq!(p.admit_mixed([small], 100, 200), 0);
+        assert_eq!(p.admit_mixed([small; 3], 2, 0), 2, "free blocks still bound admission");
     }
 }

@@ -3,12 +3,16 @@
 //!
 //! Each turn it takes new requests from the [`crate::infer::Infer`] channel and adapter results from
 //! the adapter tasks, starts the adapter downloads, loads and offloads they call for (in spawned tasks,
-//! see [`crate::adapters`]), prefills waiting requests of the base model and of active adapters when
-//! the policy allows (the shard appends them to its running batch), then decodes one step for the whole
-//! batch. After every step it turns tokens into text, checks stopping, answers each request's stream,
-//! and removes finished and cancelled requests with FilterBatch, which drops their block allocations and
-//! adapter leases. A shard failure fails every request of the batch (424), clears the shards' cache
-//! (adapters stay loaded) and the task carries on with new requests.
+//! see [`crate::adapters`]), admits waiting requests of the base model and of active adapters when the
+//! policy allows (the shard appends them to its running batch), and runs one step. With mixed steps (the
+//! default) that is one Prefill call that decodes the running requests and runs up to
+//! `--max-batch-prefill-chunk-tokens` prompt tokens of the requests still prefilling (chunked prefill; a
+//! request gets nothing until its whole prompt has run), or a plain Decode when no prompt is left to run.
+//! Without them (TGI's scheduling) a Prefill of whole prompts when the ratio rule allows, then a Decode.
+//! After every step it turns tokens into text, checks stopping, answers each request's stream, and
+//! removes finished and cancelled requests (prefilling ones too) with FilterBatch, which drops their
+//! block allocations and adapter leases. A shard failure fails every request of the batch (424), clears
+//! the shards' cache (adapters stay loaded) and the task carries on with new requests.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -40,6 +44,8 @@ struct Running {
     decoder: IncrementalDecoder,
     stopping: StoppingCriteria,
     start: Instant,
+    /// No token yet: the prompt (or part of it, chunked) is still to run.
+    prefilling: bool,
 }
 
 /// What the batching task is configured with.
@@ -115,9 +121,13 @@ impl Scheduler {
     /// Serves until every [`crate::infer::Infer`] handle is dropped and all work is done.
     pub async fn run(mut self) {
         while self.receive().await {
-            self.prefill().await;
-            if !self.running.is_empty() {
-                self.decode().await;
+            if self.policy.mixed() {
+                self.mixed_step().await;
+            } else {
+                self.prefill().await;
+                if !self.running.is_empty() {
+                    self.decode().await;
+                }
             }
             self.publish();
         }
@@ -245,6 +255,36 @@ impl Scheduler {
             return;
         }
 
+        let requests = self.admit(admit, now);
+        if requests.is_empty() {
+            return;
+        }
+        tracing::debug!(new = requests.len(), running = self.running.len(), "prefill");
+        self.publish();
+        metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => "prefill").increment(1);
+        metrics::histogram!(m::BATCH_NEXT_SIZE).record(requests.len() as f64);
+        let started = Instant::now();
+        let expected: Vec<u64> = requests.iter().map(|r| r.id).collect();
+        match self.clients.prefill(requests).await {
+            Ok(response) => {
+                metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => "prefill")
+                    .record(started.elapsed().as_secs_f64());
+                self.steps_since_prefill = 0;
+                self.handle(response.generations, &expected).await;
+                metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => "prefill")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => "prefill").increment(1);
+            }
+            Err(e) => {
+                metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => "prefill").increment(1);
+                self.fail_all(e).await;
+            }
+        }
+    }
+
+    /// Takes the first `admit` prefill candidates off the queues into the running batch (blocks
+    /// allocated, still prefilling) and returns their shard requests.
+    fn admit(&mut self, admit: usize, now: Instant) -> Vec<Request> {
         let mut requests = Vec::with_capacity(admit);
         for _ in 0..admit {
             let Some((entry, lease)) = self.queues.pop_candidate(now) else {
@@ -295,30 +335,85 @@ impl Scheduler {
                     decoder,
                     stopping,
                     start: now,
+                    prefilling: true,
                 },
             );
         }
-        if requests.is_empty() {
+        requests
+    }
+
+    /// Drops the requests whose client is gone (prefilling ones too) and tells the shards; `false` if
+    /// that failed (then everything was failed).
+    async fn drop_cancelled(&mut self) -> bool {
+        let before = self.running.len();
+        self.running.retain(|_, r| !r.entry.response_tx.is_closed());
+        self.running.len() == before || self.filter().await
+    }
+
+    /// One mixed step: admits what the policy allows, then, when some prompt is left to run, one Prefill
+    /// call that runs up to `max_batch_prefill_chunk_tokens` prompt tokens and decodes the running
+    /// requests in the same forward pass; otherwise a plain decode step (CUDA graphs on the shard).
+    async fn mixed_step(&mut self) {
+        // Cancelled requests leave before the step, so their blocks are free within one step.
+        if !self.drop_cancelled().await {
             return;
         }
-        tracing::debug!(new = requests.len(), running = self.running.len(), "prefill");
+        let now = Instant::now();
+        let pending: u32 = self
+            .running
+            .values()
+            .filter(|r| r.prefilling)
+            .map(|r| r.entry.request.input_length())
+            .fold(0, u32::saturating_add);
+        let free = self.allocator.free_blocks();
+        let candidates = self.queues.prefill_candidates().map(|e| candidate(&e.request));
+        let admit = self.policy.admit_mixed(candidates, free, pending);
+        if admit == 0 && self.running.is_empty() {
+            // Every valid request fits an empty cache (checked at startup), so this is a bug.
+            if let Some((entry, _)) = self.queues.pop_candidate(now) {
+                tracing::error!(parent: &entry.span, "request does not fit in an empty batch");
+                let _ = entry.response_tx.send(Err(InferError::Generation(
+                    "request does not fit in the KV cache".into(),
+                )));
+            }
+            return;
+        }
+        let requests = self.admit(admit, now);
+        let prefilling = self.running.values().filter(|r| r.prefilling).count();
+        if prefilling == 0 {
+            if !self.running.is_empty() {
+                self.decode().await;
+            }
+            return;
+        }
+        let decoding = self.running.len() - prefilling;
+        let method = if decoding > 0 { "mixed" } else { "prefill" };
+        tracing::debug!(new = requests.len(), prefilling, decoding, "{method} step");
         self.publish();
-        metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => "prefill").increment(1);
-        metrics::histogram!(m::BATCH_NEXT_SIZE).record(requests.len() as f64);
+        metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => method).increment(1);
+        if !requests.is_empty() {
+            metrics::histogram!(m::BATCH_NEXT_SIZE).record(requests.len() as f64);
+        }
+        if decoding > 0 {
+            metrics::histogram!(m::BATCH_DECODE_SIZE).record(decoding as f64);
+        }
         let started = Instant::now();
-        let expected: Vec<u64> = requests.iter().map(|r| r.id).collect();
-        match self.clients.prefill(requests).await {
+        let in_step: Vec<u64> = self.running.keys().copied().collect();
+        let chunk = self.policy.max_batch_prefill_chunk_tokens;
+        match self.clients.mixed_step(requests, decoding > 0, chunk).await {
             Ok(response) => {
-                metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => "prefill")
+                metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => method)
                     .record(started.elapsed().as_secs_f64());
-                self.steps_since_prefill = 0;
-                self.handle(response.generations, true, &expected).await;
-                metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => "prefill")
+                // Every request of the step gets a token, except those whose prompt is still running.
+                let still: std::collections::HashSet<u64> = response.prefilling_ids.iter().copied().collect();
+                let expected: Vec<u64> = in_step.into_iter().filter(|id| !still.contains(id)).collect();
+                self.handle(response.generations, &expected).await;
+                metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => method)
                     .record(started.elapsed().as_secs_f64());
-                metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => "prefill").increment(1);
+                metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => method).increment(1);
             }
             Err(e) => {
-                metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => "prefill").increment(1);
+                metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => method).increment(1);
                 self.fail_all(e).await;
             }
         }
@@ -327,9 +422,7 @@ impl Scheduler {
     /// Advances the running batch by one token.
     async fn decode(&mut self) {
         // Cancelled requests leave before the step, so their blocks are free within one step.
-        let before = self.running.len();
-        self.running.retain(|_, r| !r.entry.response_tx.is_closed());
-        if self.running.len() != before && !self.filter().await {
+        if !self.drop_cancelled().await {
             return;
         }
         if self.running.is_empty() {
@@ -344,7 +437,7 @@ impl Scheduler {
                 metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => "decode")
                     .record(started.elapsed().as_secs_f64());
                 self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
-                self.handle(response.generations, false, &expected).await;
+                self.handle(response.generations, &expected).await;
                 metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => "decode")
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => "decode").increment(1);
@@ -359,7 +452,7 @@ impl Scheduler {
     /// Turns one step's generations into stream messages and retires finished or cancelled requests.
     /// Every request the step should have advanced gets an answer: one the shard left out is failed
     /// (never left waiting with its blocks), one the shard has but the router does not is filtered out.
-    async fn handle(&mut self, generations: Vec<Generation>, prefill: bool, expected: &[u64]) {
+    async fn handle(&mut self, generations: Vec<Generation>, expected: &[u64]) {
         let mut retired = false;
         let mut answered = std::collections::HashSet::with_capacity(generations.len());
         for generation in generations {
@@ -370,7 +463,7 @@ impl Scheduler {
                 retired = true;
                 continue;
             };
-            let keep = Self::step(&self.decoder, running, generation, prefill);
+            let keep = Self::step(&self.decoder, running, generation);
             if !keep {
                 self.running.remove(&id);
                 retired = true;
@@ -390,8 +483,9 @@ impl Scheduler {
         }
     }
 
-    /// Handles one request's token; `false` when the request leaves the batch.
-    fn step(decoder: &TokenDecoder, running: &mut Running, generation: Generation, prefill: bool) -> bool {
+    /// Handles one request's token (its first one comes with the prompt's details, when asked); `false`
+    /// when the request leaves the batch.
+    fn step(decoder: &TokenDecoder, running: &mut Running, generation: Generation) -> bool {
         let tx = &running.entry.response_tx;
         if tx.is_closed() {
             return false;
@@ -400,7 +494,8 @@ impl Scheduler {
             let _ = tx.send(Err(InferError::Generation("the shard returned no token".into())));
             return false;
         };
-        if prefill && running.entry.request.decoder_input_details {
+        let first = std::mem::take(&mut running.prefilling);
+        if first && running.entry.request.decoder_input_details {
             let prompt = generation
                 .prefill_tokens
                 .iter()

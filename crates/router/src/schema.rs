@@ -285,6 +285,9 @@ pub struct Info {
     pub max_batch_prefill_tokens: u32,
     /// `--max-waiting-tokens`.
     pub max_waiting_tokens: u32,
+    /// `--max-batch-prefill-chunk-tokens`: most prompt tokens per mixed step; 0 when mixed steps and
+    /// chunked prefill are off.
+    pub max_batch_prefill_chunk_tokens: u32,
     /// `--max-client-batch-size`.
     pub max_client_batch_size: usize,
     /// `--validation-workers`.

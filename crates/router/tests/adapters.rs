@@ -206,7 +206,9 @@ async fn preloaded_adapters_and_mixed_prefill() {
             "--preloaded-adapter-ids",
             "org/p,org/q",
             // While one request runs, new ones join only three at a time: the three below wait for each
-            // other, so they are prefilled together.
+            // other, so they are prefilled together (the ratio rule: without mixed steps).
+            "--max-batch-prefill-chunk-tokens",
+            "0",
             "--waiting-served-ratio",
             "3",
             "--max-waiting-tokens",
@@ -330,7 +332,10 @@ async fn cycle_time_makes_busy_adapters_take_turns() {
                 "1",
                 "--adapter-cycle-time-s",
                 cycle_time,
-                // The second request of org/a may join the first only after 50 decode steps (0.5 s).
+                // The second request of org/a may join the first only after 50 decode steps (0.5 s): the
+                // ratio rule, so without mixed steps (which admit at once).
+                "--max-batch-prefill-chunk-tokens",
+                "0",
                 "--waiting-served-ratio",
                 "10",
                 "--max-waiting-tokens",

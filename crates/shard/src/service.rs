@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use lorax_engine::engine::AdapterUploader;
 use lorax_engine::{
-    Backend, Batch, CacheConfig, Engine, EngineError, Generation, ModelConfig, NewSequence, SamplingParams,
+    Backend, Batch, CacheConfig, Engine, EngineError, Generation, ModelConfig, NewSequence, SamplingParams, StepOptions,
 };
 use lorax_proto::shard::v1 as pb;
 use pb::shard_service_server::ShardService;
@@ -338,8 +338,13 @@ impl<B: Backend> ShardService for ShardServer<B> {
     }
 
     async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<pb::PrefillResponse>, Status> {
-        let reqs = req.into_inner().requests;
-        let news: Vec<NewSequence> = reqs
+        let r = req.into_inner();
+        let opts = StepOptions {
+            decode: r.decode_running,
+            max_prompt_tokens: (r.max_prompt_tokens > 0).then_some(r.max_prompt_tokens as usize),
+        };
+        let news: Vec<NewSequence> = r
+            .requests
             .into_iter()
             .map(|r| NewSequence {
                 id: r.id,
@@ -350,16 +355,17 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 adapter: (!r.adapter_id.is_empty()).then(|| adapters::key(&r.adapter_source, &r.adapter_id)),
             })
             .collect();
-        let (gens, ns) = self
+        let (gens, prefilling_ids, ns) = self
             .with_state(move |s| {
                 let t = Instant::now();
-                let gens = s.engine.prefill(&mut s.batch, news).map_err(status)?;
-                Ok((gens, t.elapsed().as_nanos()))
+                let gens = s.engine.step(&mut s.batch, news, opts).map_err(status)?;
+                Ok((gens, s.batch.prefilling_ids(), t.elapsed().as_nanos()))
             })
             .await?;
         Ok(Response::new(pb::PrefillResponse {
             generations: gens.into_iter().map(to_pb).collect(),
             forward_ns: u64::try_from(ns).unwrap_or(u64::MAX),
+            prefilling_ids,
         }))
     }
 

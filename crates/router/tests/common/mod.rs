@@ -77,6 +77,10 @@ pub fn fake_tokens_for(adapter: &str, last: u32, n: u32) -> Vec<u32> {
 /// One sequence in a fake shard's batch.
 #[derive(Debug, Clone)]
 struct Seq {
+    /// The prompt, and how many of its tokens have run (fewer while it is prefilling in chunks).
+    prompt: Vec<u32>,
+    ran: usize,
+    prefill_logprobs: bool,
     last: u32,
     blocks: Vec<u32>,
     top_n: u32,
@@ -209,6 +213,8 @@ pub struct FakeState {
     pub prefills: AtomicUsize,
     /// Decode calls seen.
     pub decodes: AtomicUsize,
+    /// Prefill calls that also decoded the running batch (mixed steps).
+    pub mixed_steps: AtomicUsize,
     /// Requests ever prefilled.
     pub prefilled_requests: AtomicUsize,
     /// Most sequences ever in the batch at once.
@@ -235,6 +241,16 @@ impl FakeState {
     /// Ids of the sequences in the batch.
     pub fn live(&self) -> Vec<u64> {
         self.batch.lock().expect("lock").keys().copied().collect()
+    }
+
+    /// Ids of the sequences whose prompt has not fully run (chunked prefill).
+    pub fn prefilling(&self) -> Vec<u64> {
+        let batch = self.batch.lock().expect("lock");
+        batch
+            .iter()
+            .filter(|(_, s)| s.ran < s.prompt.len())
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Ids of the adapters loaded on this rank, sorted.
@@ -367,7 +383,18 @@ impl ShardService for FakeShard {
     async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
         self.state.prefills.fetch_add(1, Ordering::SeqCst);
         self.check_failure()?;
-        let requests = request.into_inner().requests;
+        let PrefillRequest {
+            requests,
+            decode_running,
+            max_prompt_tokens,
+        } = request.into_inner();
+        if decode_running {
+            self.state.mixed_steps.fetch_add(1, Ordering::SeqCst);
+            // A mixed step is a forward pass over the running batch too.
+            if !self.step_delay.is_zero() {
+                tokio::time::sleep(self.step_delay).await;
+            }
+        }
         self.state
             .prefill_adapters
             .lock()
@@ -386,7 +413,6 @@ impl ShardService for FakeShard {
         }
         let mut batch = self.state.batch.lock().expect("lock");
         let mut used: HashSet<u32> = batch.values().flat_map(|s| s.blocks.iter().copied()).collect();
-        let mut generations = Vec::new();
         for r in requests {
             let needed = (r.input_ids.len() as u32 + 1).div_ceil(BLOCK_SIZE) as usize;
             if r.blocks.len() < needed
@@ -400,27 +426,50 @@ impl ShardService for FakeShard {
                 )));
             }
             let seq = Seq {
+                prompt: r.input_ids.clone(),
+                ran: 0,
+                prefill_logprobs: r.prefill_logprobs,
                 last: *r.input_ids.last().expect("non-empty prompt"),
                 blocks: r.blocks.clone(),
                 top_n: r.top_n_tokens,
                 adapter: (!r.adapter_id.is_empty()).then(|| (r.adapter_source.clone(), r.adapter_id.clone())),
                 offset: adapter_offset(&r.adapter_id),
             };
-            let prompt = r.prefill_logprobs.then_some(r.input_ids.as_slice());
-            generations.push(Self::generation(r.id, &seq, prompt));
-            batch.insert(
-                r.id,
-                Seq {
-                    last: next_token(seq.last, seq.offset),
-                    ..seq
-                },
-            );
+            batch.insert(r.id, seq);
             self.state.prefilled_requests.fetch_add(1, Ordering::SeqCst);
         }
         self.state.max_batch.fetch_max(batch.len(), Ordering::SeqCst);
+        // As the engine's step: in batch order, decode rows for the running sequences (when asked) and
+        // the prompt budget to the prefilling ones, oldest first.
+        let mut budget = if max_prompt_tokens == 0 {
+            usize::MAX
+        } else {
+            max_prompt_tokens as usize
+        };
+        let mut generations = Vec::new();
+        let mut prefilling_ids = Vec::new();
+        for (&id, seq) in batch.iter_mut() {
+            if seq.ran < seq.prompt.len() {
+                let n = (seq.prompt.len() - seq.ran).min(budget);
+                budget -= n;
+                seq.ran += n;
+                if seq.ran < seq.prompt.len() {
+                    prefilling_ids.push(id);
+                    continue;
+                }
+                let prompt = seq.prefill_logprobs.then_some(seq.prompt.as_slice());
+                generations.push(Self::generation(id, seq, prompt));
+            } else if decode_running {
+                generations.push(Self::generation(id, seq, None));
+            } else {
+                continue;
+            }
+            seq.last = next_token(seq.last, seq.offset);
+        }
         Ok(Response::new(PrefillResponse {
             generations,
             forward_ns: 1000,
+            prefilling_ids,
         }))
     }
 
@@ -434,7 +483,7 @@ impl ShardService for FakeShard {
         let mut batch = self.state.batch.lock().expect("lock");
         let mut generations = Vec::new();
         let mut drop_one = self.state.drop_next_generation.swap(false, Ordering::SeqCst);
-        for (&id, seq) in batch.iter_mut() {
+        for (&id, seq) in batch.iter_mut().filter(|(_, s)| s.ran == s.prompt.len()) {
             if std::mem::take(&mut drop_one) {
                 continue;
             }

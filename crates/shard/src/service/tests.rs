@@ -202,7 +202,10 @@ async fn generate(svc: &ShardServer<Gated>, r: pb::Request, steps: usize) -> Vec
         out.push((t.id, t.logprob.to_bits()));
     };
     let p = svc
-        .prefill(Request::new(pb::PrefillRequest { requests: vec![r] }))
+        .prefill(Request::new(pb::PrefillRequest {
+            requests: vec![r],
+            ..Default::default()
+        }))
         .await
         .unwrap();
     take(&p.into_inner().generations, &mut out);
@@ -220,6 +223,7 @@ async fn decode_completes_while_an_adapter_uploads() {
     let base = svc
         .prefill(Request::new(pb::PrefillRequest {
             requests: vec![sequence(1, 0, "")],
+            ..Default::default()
         }))
         .await
         .unwrap();
@@ -377,3 +381,5 @@ async fn offload_cancels_a_load_in_flight_and_failed_loads_free_their_slot() {
     assert!(next.await.unwrap().unwrap().into_inner().device_bytes > 0);
     assert_eq!(loaded_keys(&svc), vec!["local:lora-r16-all".to_string()]);
 }
+
+mod mixed;
