@@ -34,48 +34,26 @@ fn shape_err(what: &str, a: &[usize], b: &[usize]) -> EngineError {
     EngineError::Backend(format!("{what}: incompatible shapes {a:?} and {b:?}"))
 }
 
-/// Rows of `x` per matrix product: [`matmul_t`] always multiplies blocks of this many rows (the last one
-/// padded with zeros), so the product's blocking, and with it every row's rounding, does not depend on
-/// how many rows the batch has. A sequence's logits are then bit-identical whether its tokens run in one
-/// prefill, in chunks, or next to other sequences (the CPU path is the reference).
-const ROW_TILE: usize = 16;
-
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, batch-invariant (see [`ROW_TILE`]).
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ`.
 fn matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 {
         return out;
     }
-    let mut padded = Vec::new();
-    for (rows, dst) in x.chunks(ROW_TILE * k).zip(out.chunks_mut(ROW_TILE * n)) {
-        if rows.len() == ROW_TILE * k {
-            matmul_tile(rows, w, k, n, dst);
-        } else {
-            padded.clear();
-            padded.extend_from_slice(rows);
-            padded.resize(ROW_TILE * k, 0.0);
-            let mut tile = vec![0f32; ROW_TILE * n];
-            matmul_tile(&padded, w, k, n, &mut tile);
-            dst.copy_from_slice(&tile[..dst.len()]);
-        }
+    if k == 0 {
+        return out;
     }
-    out
-}
-
-/// `out[ROW_TILE, n] = x[ROW_TILE, k] · w[n, k]ᵀ` (one gemm call; its threading depends on the shapes
-/// alone, never on the batch).
-fn matmul_tile(x: &[f32], w: &[f32], k: usize, n: usize, out: &mut [f32]) {
-    let par = if ROW_TILE * n * k >= 1 << 18 {
+    let par = if m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
     let (k_i, n_i) = (k as isize, n as isize);
-    // SAFETY: the pointers cover ROW_TILE*k, n*k and ROW_TILE*n elements with the strides given (checked
-    // by the callers' shape checks and the tiling); dst does not alias the inputs.
+    // SAFETY: the pointers cover m*k, n*k and m*n elements with the strides given (checked by the
+    // callers' shape checks); dst does not alias the inputs.
     unsafe {
         gemm::gemm(
-            ROW_TILE,
+            m,
             n,
             k,
             out.as_mut_ptr(),
@@ -96,6 +74,7 @@ fn matmul_tile(x: &[f32], w: &[f32], k: usize, n: usize, out: &mut [f32]) {
             par,
         );
     }
+    out
 }
 
 fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
