@@ -23,11 +23,15 @@ def call(url, body=None, timeout=120):
 
 def start_launcher(bin_dir, args, log_path, timeout=240, env=None):
     """Starts `lorax-launcher ARGS` on a free local port (its own process group, output to log_path) and
-    waits until /health answers 200. Returns (process, base URL); stop it with `stop_launcher`."""
+    waits until /health answers 200. Returns (process, base URL); stop it with `stop_launcher`.
+    LORAX_BENCH_LAUNCHER_ARGS (shell words) are appended, to compare settings in one call (e.g.
+    `--max-batch-prefill-chunk-tokens 0`); the environment (LORAX_CUDA_ATTN=staged, say) is inherited."""
     import os
+    import shlex
     import subprocess
     import time
 
+    args = [*args, *shlex.split(os.environ.get("LORAX_BENCH_LAUNCHER_ARGS", ""))]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(log_path, "w")
