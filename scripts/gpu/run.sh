@@ -37,13 +37,14 @@ step kernels "$bin/cuda_kernels" --test-threads=2
 step golden "$bin/cuda_golden" --test-threads=2
 step graphs "$bin/cuda_graphs" --include-ignored --test-threads=1 --nocapture
 step adapters "$bin/cuda_adapters" --test-threads=1 --nocapture
+step chunked "$bin/cuda_chunked" --test-threads=1
 step sampling "$bin/cuda_sampling" --include-ignored --test-threads=1
 step bench "$bin/cuda_bench" --ignored --test-threads=1
 step e2e python3 scripts/gpu/e2e.py "$bin" "$logs"
 
 echo
 echo "== failures (first lines) =="
-grep -hE "panicked|FAILED|^E2E.*FAIL|error" "$logs"/{nvrtc,kernels,golden,graphs,adapters,sampling,bench,e2e}.log | head -20
+grep -hE "panicked|FAILED|^E2E.*FAIL|error" "$logs"/{nvrtc,kernels,golden,graphs,adapters,chunked,sampling,bench,e2e}.log | head -20
 echo
 echo "== measured checks =="
 grep -hE "^(llama|mistral|qwen2) logits|^adapter |^peft mixed" "$logs/golden.log" | cut -c1-150
