@@ -7,7 +7,8 @@
 //! policy allows (the shard appends them to its running batch), and runs one step. With mixed steps (the
 //! default) that is one Prefill call that decodes the running requests and runs up to
 //! `--max-batch-prefill-chunk-tokens` prompt tokens of the requests still prefilling (chunked prefill; a
-//! request gets nothing until its whole prompt has run), or a plain Decode when no prompt is left to run.
+//! request gets nothing until its whole prompt has run; with nothing decoding, prompts run whole), or a plain
+//! Decode when no prompt is left to run.
 //! Without them (TGI's scheduling) a Prefill of whole prompts when the ratio rule allows, then a Decode.
 //! After every step it turns tokens into text, checks stopping, answers each request's stream, and
 //! removes finished and cancelled requests (prefilling ones too) with FilterBatch, which drops their
@@ -399,8 +400,16 @@ impl Scheduler {
         }
         let started = Instant::now();
         let in_step: Vec<u64> = self.running.keys().copied().collect();
-        let chunk = self.policy.max_batch_prefill_chunk_tokens;
-        match self.clients.mixed_step(requests, decoding > 0, chunk).await {
+        // Chunks keep a long prompt from stalling the running streams; with none decoding nobody waits, so
+        // the admitted prompts (at most --max-batch-prefill-tokens of them) run whole in one step.
+        let budget = if decoding > 0 {
+            self.policy.max_batch_prefill_chunk_tokens
+        } else {
+            self.policy
+                .max_batch_prefill_tokens
+                .max(self.policy.max_batch_prefill_chunk_tokens)
+        };
+        match self.clients.mixed_step(requests, decoding > 0, budget).await {
             Ok(response) => {
                 metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => method)
                     .record(started.elapsed().as_secs_f64());

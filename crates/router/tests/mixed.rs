@@ -1,4 +1,5 @@
-//! Mixed steps against fake shards, with a one-token prompt budget per step: a request joining a running
+//! Mixed steps against fake shards, with a one-token prompt budget per step: on an idle server a prompt runs
+//! whole in one step (nobody waits for it); a request joining a running
 //! stream is prefilled over many mixed steps (the running stream keeps getting tokens), gets its whole
 //! prompt details with its first token, and a client that leaves while its request is still prefilling
 //! frees its blocks and its place in the shards' batch. Its own test binary, so no other test's requests
@@ -23,6 +24,18 @@ async fn prompts_run_in_chunks_next_to_running_streams() {
     })
     .await;
     let blocks = |tokens: u32| f64::from(tokens.div_ceil(common::BLOCK_SIZE));
+    let prompt = "The capital of France is Paris. ".repeat(12);
+    // Nothing runs: the prompt is not cut in chunks, it runs whole in one Prefill call.
+    let alone = json!({"inputs": prompt, "parameters": {"max_new_tokens": 3}});
+    let response = d.post("/generate", alone).await;
+    assert_eq!(response.status(), 200);
+    let prefills = |i: usize| d.shards[i].prefills.load(Ordering::SeqCst);
+    assert_eq!(
+        (prefills(0), prefills(1)),
+        (1, 1),
+        "one whole-prompt Prefill on each shard"
+    );
+    assert_eq!(d.shards[0].mixed_steps.load(Ordering::SeqCst), 0);
     // A long stream runs.
     let long = json!({"inputs": "Hello", "parameters": {"max_new_tokens": 1500}});
     let mut running = SseReader::new(d.post("/generate_stream", long).await);
@@ -30,7 +43,6 @@ async fn prompts_run_in_chunks_next_to_running_streams() {
 
     // A request with a long prompt joins: one prompt token per step, so it stays prefilling for many
     // steps while the stream goes on. Its client leaves before its first token.
-    let prompt = "The capital of France is Paris. ".repeat(12);
     let joining = json!({"inputs": prompt, "parameters": {"max_new_tokens": 20}});
     let leaving = SseReader::new(d.post("/generate_stream", joining).await);
     common::eventually("the request is prefilling on every shard", DEADLINE, || async {
