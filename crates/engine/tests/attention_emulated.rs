@@ -15,14 +15,13 @@ mod cuda_common;
 use std::path::Path;
 use std::process::Command;
 
-use cuda_common::say;
+use cuda_common::{build_emulated, say};
 
 #[test]
 #[ignore = "CPU emulation of the attention kernels: slow, needs g++"]
 fn attention_kernels_match_a_double_reference_under_emulation() {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    let kernels = here.join("../../kernels");
+    let kernels = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
     // GCC takes the alignment before the storage class that cuemu.h makes of __shared__.
     let attention = std::fs::read_to_string(kernels.join("attention.cu"))
         .unwrap()
@@ -30,30 +29,8 @@ fn attention_kernels_match_a_double_reference_under_emulation() {
     std::fs::write(dir.path().join("attention.cu"), attention).unwrap();
     std::fs::copy(kernels.join("common.cuh"), dir.path().join("common.cuh")).unwrap();
     let exe = dir.path().join("attention-emu");
-    let built = Command::new("g++")
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-fno-strict-aliasing",
-            "-ffp-contract=off",
-            "-pthread",
-            "-w",
-        ])
-        .arg("-I")
-        .arg(here.join("tests/emu"))
-        .arg("-I")
-        .arg(dir.path())
-        .arg(here.join("tests/emu/attention_driver.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .output();
-    match built {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!("g++ failed:\n{}", String::from_utf8_lossy(&o.stderr)),
-        Err(e) => {
-            say(&format!("SKIPPED: no g++ to build the emulated kernels ({e})"));
-            return;
-        }
+    if !build_emulated("attention_driver.cpp", dir.path(), &exe) {
+        return;
     }
     let out = Command::new(&exe).output().unwrap();
     say(&String::from_utf8_lossy(&out.stdout));

@@ -16,7 +16,7 @@ mod sampling_cases;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cuda_common::{say, seed, Rng};
+use cuda_common::{build_emulated, say, seed, Rng};
 use lorax_engine::backend::cuda::sampling::{split_tasks, SamplePack};
 use lorax_engine::sampling::Sampled;
 use sampling_cases::{case, compare, fixed_case, reference, run, samplers, Case, Tally};
@@ -28,31 +28,8 @@ fn driver() -> Option<PathBuf> {
     if exe.exists() {
         return Some(exe);
     }
-    let out = Command::new("g++")
-        .args([
-            "-std=c++20",
-            "-O2",
-            "-fno-strict-aliasing",
-            "-ffp-contract=off",
-            "-pthread",
-            "-w",
-        ])
-        .arg("-I")
-        .arg(here.join("tests/emu"))
-        .arg("-I")
-        .arg(here.join("../../kernels"))
-        .arg(here.join("tests/emu/sampling_driver.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => Some(exe),
-        Ok(o) => panic!("g++ failed:\n{}", String::from_utf8_lossy(&o.stderr)),
-        Err(e) => {
-            say(&format!("SKIPPED: no g++ to build the emulated kernel ({e})"));
-            None
-        }
-    }
+    let kernels = here.join("../../kernels");
+    build_emulated("sampling_driver.cpp", &kernels, &exe).then_some(exe)
 }
 
 /// The kernel's output words for `pack` over the case's logits.

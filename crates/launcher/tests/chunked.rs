@@ -59,18 +59,9 @@ async fn run(extra: &[&str]) -> (Vec<Value>, f64) {
     });
     let answers = futures::future::join_all(requests).await;
     drop(long);
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
+    let mixed = common::metric(&client, &base, "lorax_batch_inference_count{method=\"mixed\"}")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let mixed = text
-        .lines()
-        .find_map(|l| l.strip_prefix("lorax_batch_inference_count{method=\"mixed\"} "))
-        .map_or(0.0, |v| v.trim().parse().unwrap());
+        .unwrap_or(0.0);
     (answers, mixed)
 }
 

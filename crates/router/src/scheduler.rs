@@ -245,13 +245,7 @@ impl Scheduler {
         let now = Instant::now();
         if admit == 0 {
             if self.running.is_empty() {
-                // Every valid request fits an empty cache (checked at startup), so this is a bug.
-                if let Some((entry, _)) = self.queues.pop_candidate(now) {
-                    tracing::error!(parent: &entry.span, "request does not fit in an empty batch");
-                    let _ = entry.response_tx.send(Err(InferError::Generation(
-                        "request does not fit in the KV cache".into(),
-                    )));
-                }
+                self.refuse_unfittable(now);
             }
             return;
         }
@@ -280,6 +274,17 @@ impl Scheduler {
                 metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => "prefill").increment(1);
                 self.fail_all(e).await;
             }
+        }
+    }
+
+    /// Fails the first candidate when none can be admitted into an empty batch. Every valid request fits
+    /// an empty cache (checked at startup), so this is a bug, answered rather than left waiting forever.
+    fn refuse_unfittable(&mut self, now: Instant) {
+        if let Some((entry, _)) = self.queues.pop_candidate(now) {
+            tracing::error!(parent: &entry.span, "request does not fit in an empty batch");
+            let _ = entry.response_tx.send(Err(InferError::Generation(
+                "request does not fit in the KV cache".into(),
+            )));
         }
     }
 
@@ -370,13 +375,7 @@ impl Scheduler {
         let candidates = self.queues.prefill_candidates().map(|e| candidate(&e.request));
         let admit = self.policy.admit_mixed(candidates, free, pending);
         if admit == 0 && self.running.is_empty() {
-            // Every valid request fits an empty cache (checked at startup), so this is a bug.
-            if let Some((entry, _)) = self.queues.pop_candidate(now) {
-                tracing::error!(parent: &entry.span, "request does not fit in an empty batch");
-                let _ = entry.response_tx.send(Err(InferError::Generation(
-                    "request does not fit in the KV cache".into(),
-                )));
-            }
+            self.refuse_unfittable(now);
             return;
         }
         let requests = self.admit(admit, now);

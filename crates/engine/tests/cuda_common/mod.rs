@@ -4,7 +4,8 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaEvent;
@@ -18,6 +19,37 @@ pub fn fixtures() -> PathBuf {
         || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")),
         PathBuf::from,
     )
+}
+
+/// Builds the CPU-emulation driver `tests/emu/<driver>` (against `tests/emu/cuemu.h` and the kernel sources
+/// in `kernels`) with g++ into `exe`; `false`, after saying why, when there is no g++.
+pub fn build_emulated(driver: &str, kernels: &Path, exe: &Path) -> bool {
+    let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emu");
+    let out = Command::new("g++")
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-fno-strict-aliasing",
+            "-ffp-contract=off",
+            "-pthread",
+            "-w",
+        ])
+        .arg("-I")
+        .arg(&emu)
+        .arg("-I")
+        .arg(kernels)
+        .arg(emu.join(driver))
+        .arg("-o")
+        .arg(exe)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => panic!("g++ failed on {driver}:\n{}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => {
+            say(&format!("SKIPPED: no g++ to build the emulated kernel ({e})"));
+            false
+        }
+    }
 }
 
 /// Prints to stderr past libtest's capture.
