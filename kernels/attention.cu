@@ -88,7 +88,7 @@ struct AttnWork {
     const u32* table;
 };
 
-// Fills `w` and stages the block's scaled queries in q_s (the caller synchronises); false when the block
+// Fills `w` and stages the block's scaled queries in q_s unless it is null (the caller synchronises); false when the block
 // has nothing to do (after writing zeros for a row of no sequence).
 template <int HD, int MAXG>
 __device__ __forceinline__ bool attn_work(AttnWork& w, float* q_s, T* __restrict__ out, const T* __restrict__ q,
@@ -124,7 +124,8 @@ __device__ __forceinline__ bool attn_work(AttnWork& w, float* q_s, T* __restrict
     w.kb = k_cache + w.kvh * HD;
     w.vb = v_cache + w.kvh * HD;
     w.table = tables + ri.table;
-    for (int i = tid; i < w.nh * HD; i += ATTN_THREADS) q_s[i] = to_f(q[w.row * qw + w.h0 * HD + i]) * scale;
+    if (q_s)
+        for (int i = tid; i < w.nh * HD; i += ATTN_THREADS) q_s[i] = to_f(q[w.row * qw + w.h0 * HD + i]) * scale;
     return true;
 }
 
@@ -423,6 +424,204 @@ __device__ __forceinline__ void paged_attention_staged(ATTN_PARAMS) {
     combine_groups<HD, MAXG, G, VW, NPV>(w, red_s, ml_s, m, l, acc, out, part_o, part_ml, num_heads, num_splits);
 }
 
+#if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
+
+// Two 16-bit elements of two rows as one operand register (a's in the low half): both low halves
+// (pair_lo) or both high halves (pair_hi) of a and b.
+__device__ __forceinline__ u32 pair_lo(u32 a, u32 b) { return (a & 0xffffu) | (b << 16); }
+__device__ __forceinline__ u32 pair_hi(u32 a, u32 b) { return (a >> 16) | (b & 0xffff0000u); }
+__device__ __forceinline__ u32 word(const u32x4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+// GQA decode attention on the tensor cores (head size 128, bf16/f16): the block's query heads (up to 8)
+// are the rows of mma.sync m16n8k16 tiles, so the group's dot products and its P.V cost a few tensor-core
+// instructions per 16 tokens instead of one shuffle tree per token and head (the `_l8` kernel is bound by
+// those instructions, not by memory, at GQA 4). Each of the 4 warps walks its own 16-token steps of the
+// block's range (tokens tb + 16 * (4 s + warp)), reading keys and values straight from the paged cache into
+// operand registers with 16-byte loads, and keeps its own online softmax; the warps are combined at the end.
+//
+// The order of the head dimension inside a product does not matter, so each operand is loaded as it lies
+// in memory: for S = Q.K^T, lane (g, t) (lane = 4g + t) holds dims 32t .. 32t + 31 of query head g and of
+// key token g of each 8-token tile, and k-step (c, half) takes 4 of them per lane; for O = P.V, lane (g, t)
+// holds dims 16g .. 16g + 15 of the values of tokens 2t, 2t + 1, 2t + 8, 2t + 9 (the keys its P fragment
+// covers), so output tile d holds dims 16n + d (n = the tile's column).
+template <int HD, int MAXG>
+__device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
+    static_assert(HD == 128 && MAXG <= 8, "one m16 tile of query heads, head size 128");
+    constexpr int WARPS = ATTN_THREADS / 32;
+    constexpr int STEP = 16;     // tokens per warp step
+    constexpr int DT = HD / 8;   // output tiles of 8 dims
+    __shared__ alignas(16) float o_s[WARPS][MAXG][HD];
+    __shared__ float ml_s[WARPS][MAXG][2];
+
+    AttnWork w;
+    if (!attn_work<HD, MAXG>(w, nullptr, out, q, k_cache, v_cache, rows, tables, num_heads, num_kv_heads, window,
+                             scale, chunks_per_split))
+        return;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4, t2 = t * 2;
+    const u64 qw = (u64)num_heads * HD;
+    const u32x4 zero = {0u, 0u, 0u, 0u};
+
+    // Query head g (rows 8..15 of the tile are zero): dims 32t .. 32t + 31.
+    u32x4 qf[4];
+    const T* qrow = q + w.row * qw + (u64)(w.h0 + g) * HD + t * 32;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) qf[c] = g < w.nh ? *reinterpret_cast<const u32x4*>(qrow + c * 8) : zero;
+
+    float o[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float m = NEG_INF, l = 0.f;
+
+    for (int tb = w.t_begin + warp * STEP; tb < w.t_end; tb += WARPS * STEP) {
+        // Keys of tokens tb + 8j + g, dims 32t ..; values of tokens tb + 8(i / 2) + 2t + i % 2, dims 16g ...
+        u32x4 kf[2][4], vf[4][2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int tk = tb + j * 8 + g;
+            if (tk < w.t_end) {
+                const int p = w.first + tk;
+                const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
+                const T* kr = w.kb + slot * w.kv_stride + t * 32;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) kf[j][c] = *reinterpret_cast<const u32x4*>(kr + c * 8);
+            } else {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) kf[j][c] = zero;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int tk = tb + (i / 2) * 8 + t2 + (i % 2);
+            if (tk < w.t_end) {
+                const int p = w.first + tk;
+                const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
+                const T* vr = w.vb + slot * w.kv_stride + g * 16;
+                vf[i][0] = *reinterpret_cast<const u32x4*>(vr);
+                vf[i][1] = *reinterpret_cast<const u32x4*>(vr + 8);
+            } else {
+                vf[i][0] = vf[i][1] = zero;  // cache memory past the context may hold anything, NaN too
+            }
+        }
+
+        // S = Q.K^T: tile j, column n = key token tb + 8j + n.
+        float s[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const u32 a0[4] = {qf[c].x, 0u, qf[c].y, 0u};
+                const u32 b0[2] = {kf[j][c].x, kf[j][c].y};
+                mma_16816(s[j], a0, b0);
+                const u32 a1[4] = {qf[c].z, 0u, qf[c].w, 0u};
+                const u32 b1[2] = {kf[j][c].z, kf[j][c].w};
+                mma_16816(s[j], a1, b1);
+            }
+        }
+        // Scale and mask (this lane's columns are tokens tb + 8j + 2t + e), then the online softmax of
+        // row g; the four lanes of a quad hold one row's columns.
+        float mx = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const bool ok = tb + j * 8 + t2 + e < w.t_end;
+                s[j][e] = ok ? s[j][e] * scale : NEG_INF;
+                mx = fmaxf(mx, s[j][e]);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m, mx);
+        const float a = mn == NEG_INF ? 1.f : __expf(m - mn);
+        m = mn;
+        l *= a;
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+            o[d][0] *= a;
+            o[d][1] *= a;
+        }
+        float p[2][2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                p[j][e] = s[j][e] == NEG_INF ? 0.f : __expf(s[j][e] - mn);
+                l += p[j][e];
+            }
+        // O += P.V: P's row g, keys 2t, 2t + 1 (tile 0) and 2t + 8, 2t + 9 (tile 1), rounded to T.
+        const u32 pa[4] = {pack(from_f(p[0][0]), from_f(p[0][1])), 0u, pack(from_f(p[1][0]), from_f(p[1][1])), 0u};
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+            const int h = d / 8, wd = (d % 8) / 2;
+            const u32 x0 = word(vf[0][h], wd), x1 = word(vf[1][h], wd);
+            const u32 x2 = word(vf[2][h], wd), x3 = word(vf[3][h], wd);
+            const u32 b[2] = {d % 2 ? pair_hi(x0, x1) : pair_lo(x0, x1), d % 2 ? pair_hi(x2, x3) : pair_lo(x2, x3)};
+            mma_16816(o[d], pa, b);
+        }
+    }
+
+    // Combine the warps: each rescales its output to the block's maximum of its row, then the block sums.
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (t == 0 && g < MAXG) {
+        ml_s[warp][g][0] = m;
+        ml_s[warp][g][1] = l;
+    }
+    __syncthreads();
+    if (g < MAXG) {
+        float mb = NEG_INF;
+#pragma unroll
+        for (int x = 0; x < WARPS; ++x) mb = fmaxf(mb, ml_s[x][g][0]);
+        const float f = m == NEG_INF ? 0.f : __expf(m - mb);
+        // Tile d's columns 2t, 2t + 1 are dims 16 * 2t + d and 16 * (2t + 1) + d.
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+            o_s[warp][g][t2 * 16 + d] = o[d][0] * f;
+            o_s[warp][g][(t2 + 1) * 16 + d] = o[d][1] * f;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < w.nh * HD; i += ATTN_THREADS) {
+        const int r = i / HD, d = i % HD;
+        float mr = NEG_INF;
+#pragma unroll
+        for (int x = 0; x < WARPS; ++x) mr = fmaxf(mr, ml_s[x][r][0]);
+        float lb = 0.f, ov = 0.f;
+#pragma unroll
+        for (int x = 0; x < WARPS; ++x) {
+            const float mx = ml_s[x][r][0];
+            if (mx != NEG_INF) lb += __expf(mx - mr) * ml_s[x][r][1];
+            ov += o_s[x][r][d];
+        }
+        const int h = w.h0 + r;
+        const u64 pidx = (w.row * num_heads + h) * num_splits + w.split;
+        if (w.splits_row == 1) {
+            out[w.row * qw + h * HD + d] = from_f(ov / lb);
+        } else {
+            part_o[pidx * HD + d] = ov;
+            if (d == 0) {
+                part_ml[2 * pidx] = mr;
+                part_ml[2 * pidx + 1] = lb;
+            }
+        }
+    }
+}
+
+#define PAGED_ATTENTION_TC(HD, MAXG, NAME, MINB)                                                              \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS) {                    \
+        paged_attention_tc<HD, MAXG>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads,     \
+                                     num_kv_heads, block_size, window, scale, chunks_per_split, num_splits); \
+    }
+
+#else
+
+// f32 storage has no tensor-core path: the host never launches these.
+#define PAGED_ATTENTION_TC(HD, MAXG, NAME, MINB) \
+    extern "C" __global__ void NAME(ATTN_PARAMS) {}
+
+#endif
+
 #define PAGED_ATTENTION_G(HD, MAXG, GCAP, NAME, MINB)                                                   \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS) {                \
         paged_attention<HD, MAXG, GCAP>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads, \
@@ -449,6 +648,11 @@ PAGED_ATTENTION_G(128, 8, 8, paged_attention_128_8_l8, 2)
 PAGED_ATTENTION_STAGED(128, 2, 1, 4, paged_attention_128_2_s, 4)
 PAGED_ATTENTION_STAGED(128, 4, 1, 4, paged_attention_128_4_s, 3)
 PAGED_ATTENTION_STAGED(128, 8, 1, 4, paged_attention_128_8_s, 2)
+
+// The GQA kernels on the tensor cores (bf16/f16 only; f32 servers use _l8).
+PAGED_ATTENTION_TC(128, 2, paged_attention_128_2_tc, 2)
+PAGED_ATTENTION_TC(128, 4, paged_attention_128_4_tc, 2)
+PAGED_ATTENTION_TC(128, 8, paged_attention_128_8_tc, 2)
 
 // Kernels per head size for 1, 2, 4 or 8 query heads per block (the host picks the smallest that holds
 // the GQA group: fewer registers; larger groups go 8 heads at a time). Blocks of 8 heads get more registers

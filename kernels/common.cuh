@@ -119,3 +119,44 @@ __device__ __forceinline__ float block_max(float v) {
     __syncthreads();
     return r;
 }
+
+#if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
+// Tensor cores (prefill.cu, the `_tc` decode attention of attention.cu): c += a.b for a 16x16 (row) by
+// 16x8 (col) tile pair of the storage type, f32 accumulators, as mma.sync m16n8k16 lays its fragments out:
+// lane l = 4g + t holds a = {A[g][2t..], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]} (two elements each,
+// the lower k in the low half), b = {B[2t..][g], B[2t+8..][g]}, c = {C[g][2t], C[g][2t+1], C[g+8][2t],
+// C[g+8][2t+1]}. Under the CPU emulation (LORAX_EMU, tests/emu/cuemu.h) the warp gathers every lane's
+// fragments and each lane computes its own four sums.
+__device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) {
+#if defined(LORAX_EMU)
+    uint64_t A[4][32], B[2][32];
+    for (int r = 0; r < 4; ++r) gather(a[r], A[r]);
+    for (int r = 0; r < 2; ++r) gather(b[r], B[r]);
+    auto half = [](uint64_t w, int k) { return to_f((T)(k % 2 ? (w >> 16) & 0xffffu : w & 0xffffu)); };
+    const int lane = threadIdx.x & 31, g = lane / 4, t2 = (lane % 4) * 2;
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + (i >= 2 ? 8 : 0), col = t2 + (i & 1);
+        float s = 0.f;
+        for (int k = 0; k < 16; ++k)
+            s += half(A[(row >= 8) + 2 * (k >= 8)][(row % 8) * 4 + (k % 8) / 2], k) *
+                 half(B[k >= 8][col * 4 + (k % 8) / 2], k);
+        c[i] += s;
+    }
+#elif defined(LORAX_DTYPE_BF16)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Two elements as one 32-bit operand register (the lower k index in the low half).
+__device__ __forceinline__ u32 pack(T lo, T hi) { return (u32)lo | ((u32)hi << 16); }
+#endif

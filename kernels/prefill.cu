@@ -23,26 +23,6 @@ struct PrefillTile {
 
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
 
-// c += a.b for a 16x16 (row) by 16x8 (col) tile pair, f32 accumulators.
-__device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) {
-#if defined(LORAX_DTYPE_BF16)
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-// Two elements as one 32-bit operand register (the lower k index in the low half).
-__device__ __forceinline__ u32 pack(T lo, T hi) { return (u32)lo | ((u32)hi << 16); }
-
 template <int HD>
 __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* __restrict__ q,
                                                   const T* __restrict__ k_cache, const T* __restrict__ v_cache,

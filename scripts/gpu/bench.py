@@ -574,6 +574,11 @@ def main():
                         f"{WORK}/adapters"], check=True)
         say(f"BENCH adapters: {N_ADAPTERS} + {2 * N_COLD} rank-{RANK} q/k/v/o written in {time.time() - t:.1f}s, "
             f"{adapter_bytes() / 1e6:.1f} MB each; weights {weight_bytes() / 1e9:.2f} GB; copy {COPY_GBS:.0f} GB/s")
+        # 27 GB were just written: let the kernel finish writing them back before loads are timed (the
+        # first run read 20-50 ms per cold adapter while the writeback ran, 9-15 ms later in the same run).
+        t = time.time()
+        os.sync()
+        say(f"BENCH sync after writing the adapters: {time.time() - t:.1f}s")
     srv = None
     try:
         with Section("server start"):

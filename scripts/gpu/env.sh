@@ -3,7 +3,7 @@
 # environment the binaries need there.
 if [ -f "$bin/bin.tgz" ]; then
     unpacked=$(mktemp -d)
-    tar -xzf "$bin/bin.tgz" -C "$unpacked"
+    tar -xf "$bin/bin.tgz" -C "$unpacked"  # gzip or xz (GNU tar detects which)
     bin=$unpacked
 fi
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}

@@ -1,5 +1,6 @@
-//! The paged decode-attention kernels of kernels/attention.cu (the 8-lane and the cp.async-staged GQA
-//! kernels at head size 128, bf16) under the CPU emulation of CUDA (tests/emu/cuemu.h), against a
+//! The paged decode-attention kernels of kernels/attention.cu (the 8-lane, the cp.async-staged and the
+//! tensor-core GQA kernels at head size 128, bf16; mma.sync emulated lane by lane) under the CPU emulation
+//! of CUDA (tests/emu/cuemu.h), against a
 //! double-precision reference (tests/emu/attention_driver.cpp): scattered block tables, rows of no
 //! sequence, unsplit and split contexts. The emulated copies are synchronous, so this checks the kernels'
 //! indexing, staging ring and combination logic, not the asynchrony; the GPU itself is checked by

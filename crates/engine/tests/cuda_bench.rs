@@ -238,8 +238,8 @@ fn kernel_benchmarks() {
     sgmv(&g, 4096, 16, 64, false, copy);
     sgmv(&g, 4096, 64, 64, true, copy);
     decode_attention(&g, 64, 4096, 32, 32, copy);
-    // GQA on each kernel family at head size 128 (16 and 8 lanes per token into registers, the default 8;
-    // staged through shared memory in 4 stages of 16 tokens).
+    // GQA on each kernel family at head size 128 (16 and 8 lanes per token into registers; staged through
+    // shared memory in 4 stages of 16 tokens; the default, on the tensor cores).
     for kernel in AttnKernel::ALL {
         g.set_attention_kernel(kernel);
         decode_attention(&g, 64, 4096, 32, 8, copy);
@@ -260,13 +260,13 @@ fn kernel_benchmarks() {
     for target in [16, 24] {
         g.set_attention_split_target(target);
         say(&format!("split target {target} blocks per SM:"));
-        for kernel in [AttnKernel::Lanes8, AttnKernel::Staged] {
+        for kernel in [AttnKernel::Lanes8, AttnKernel::Tensor] {
             g.set_attention_kernel(kernel);
             decode_attention(&g, 128, 640, 32, 8, copy);
             decode_attention(&g, 256, 1024, 32, 8, copy);
         }
     }
-    g.set_attention_kernel(AttnKernel::Lanes8);
+    g.set_attention_kernel(AttnKernel::Tensor); // the default
     g.set_attention_split_target(8);
     prefill_attention(&mut g, true, 4096, 32, 8);
     prefill_attention(&mut g, false, 4096, 32, 8);

@@ -379,7 +379,7 @@ fn attention_matches_cpu() {
                 run_attention(&g, &mut rng, c);
             }
         }
-        g.set_attention_kernel(AttnKernel::Lanes8);
+        g.set_attention_kernel(AttnKernel::Tensor); // the default
     }
 }
 

@@ -278,7 +278,7 @@ pub struct RouterLimits {
     pub max_batch_prefill_tokens: usize,
     /// Most prompt tokens per step: new prompts run in chunks of this many tokens in the same forward
     /// pass as the running requests' decode rows (mixed steps, chunked prefill); 0 turns both off.
-    #[arg(long, env = "MAX_BATCH_PREFILL_CHUNK_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "MAX_BATCH_PREFILL_CHUNK_TOKENS", default_value_t = 2048)]
     pub max_batch_prefill_chunk_tokens: usize,
     /// Most tokens (prompt + generation) in the running batch; default: the KV cache's capacity.
     #[arg(long, env = "MAX_BATCH_TOTAL_TOKENS")]

@@ -116,7 +116,7 @@ pub struct BatchingArgs {
     /// chunk, not a whole prompt. 0 turns both off: new requests are prefilled whole in separate Prefill
     /// calls that pause decoding (TGI's scheduling, with `--waiting-served-ratio` and
     /// `--max-waiting-tokens`).
-    #[arg(long, env, default_value_t = 512)]
+    #[arg(long, env, default_value_t = 2048)]
     pub max_batch_prefill_chunk_tokens: u32,
     /// Most tokens (prompt + max_new_tokens, rounded up to whole KV blocks) the running batch may hold.
     /// Defaults to, and is capped at, the shard's KV cache capacity (num_blocks * block_size).
@@ -253,7 +253,7 @@ mod tests {
         assert_eq!(args.limits.max_new_tokens_default, 100);
         assert_eq!(args.batching.max_batch_prefill_tokens, 4096);
         assert_eq!(args.batching.max_batch_total_tokens, None);
-        assert_eq!(args.batching.max_batch_prefill_chunk_tokens, 512);
+        assert_eq!(args.batching.max_batch_prefill_chunk_tokens, 2048);
         assert_eq!(args.batching.max_waiting_tokens, 20);
         assert!((args.batching.waiting_served_ratio - 1.2).abs() < 1e-6);
         assert_eq!(args.adapters.max_active_adapters, 128);

@@ -1,5 +1,6 @@
 // Driver for crates/engine/tests/attention_emulated.rs: the paged decode-attention kernels of
-// kernels/attention.cu (bf16) under the CPU emulation of cuemu.h, against a double-precision reference, on
+// kernels/attention.cu (bf16; the tensor-core `_tc` kernels through common.cuh's emulated mma) under the
+// CPU emulation of cuemu.h, against a double-precision reference, on
 // scattered block tables, rows of no sequence (-1) and of another kernel (-2), unsplit and split contexts
 // (attn_reduce merging the splits). Prints each kernel's largest error; exits non-zero on any over 2e-2
 // (bf16 output rounding is about 2e-3 here). The test writes attention.cu with `alignas(16) __shared__`
@@ -101,6 +102,8 @@ int main() {
         {"paged_attention_128_4_l8", paged_attention_128_4_l8, 4}, {"paged_attention_128_4_s", paged_attention_128_4_s, 4},
         {"paged_attention_128_2_l8", paged_attention_128_2_l8, 2}, {"paged_attention_128_2_s", paged_attention_128_2_s, 2},
         {"paged_attention_128_8_l8", paged_attention_128_8_l8, 8}, {"paged_attention_128_8_s", paged_attention_128_8_s, 8},
+        {"paged_attention_128_4_tc", paged_attention_128_4_tc, 4}, {"paged_attention_128_2_tc", paged_attention_128_2_tc, 2},
+        {"paged_attention_128_8_tc", paged_attention_128_8_tc, 8},
     };
     // Unsplit (the fixed chunk count of graph-captured steps), 2 chunks per split, 1 chunk per split.
     for (auto [cps, splits] : {std::pair{1 << 24, 1}, std::pair{2, 5}, std::pair{1, 9}}) {

@@ -5,6 +5,8 @@
 // -std=c++20 -fno-strict-aliasing -ffp-contract=off (the kernels reinterpret loads, and CUDA's
 // intrinsics round every step).
 #pragma once
+// Kernels check this to take their emulated paths (common.cuh: the tensor-core mma).
+#define LORAX_EMU
 #include <algorithm>
 #include <barrier>
 #include <cmath>

@@ -7,7 +7,9 @@
 
 use std::marker::PhantomData;
 
-use super::{cfg, int, shape_err, uint, CudaBackend, CudaTensor, DevBuf, ATTN_CHUNK, ATTN_KERNELS, ATTN_THREADS};
+use super::{
+    cfg, int, shape_err, uint, AttnKernel, CudaBackend, CudaTensor, DevBuf, ATTN_CHUNK, ATTN_KERNELS, ATTN_THREADS,
+};
 use crate::backend::AttnMeta;
 use crate::error::{EngineError, Result};
 use crate::weights::DType;
@@ -100,10 +102,10 @@ impl CudaBackend {
                     "head_dim {hd} has no CUDA attention kernel (supported: {dims:?})"
                 ))
             })?;
-        let family = if hd == 128 && maxg >= 2 {
-            self.attn_kernel.suffix()
-        } else {
-            ""
+        let family = match self.attn_kernel {
+            _ if hd != 128 || maxg < 2 => "",
+            AttnKernel::Tensor if self.dtype == DType::F32 => AttnKernel::Lanes8.suffix(),
+            k => k.suffix(),
         };
         let kernel = format!("paged_attention_{hd}_{maxg}{family}");
         let bs = meta.block_size;
