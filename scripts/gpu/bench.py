@@ -216,15 +216,46 @@ def throughput(name, doc, streams):
     save()
 
 
+def scrape():
+    """The router's /metrics text ("" when unavailable)."""
+    try:
+        with __import__("urllib.request").request.urlopen(f"{BASE}/metrics", timeout=10) as r:
+            return r.read().decode()
+    except Exception as e:  # noqa: BLE001
+        say(f"BENCH metrics unavailable: {e}")
+        return ""
+
+
+STEP_HISTOGRAMS = (("lorax_batch_forward_duration", "forward"), ("lorax_batch_inference_duration", "step"))
+
+
+def step_metrics():
+    """Sums and counts of the router's per-step histograms: {(name, method, "sum" | "count"): value}."""
+    out = {}
+    for line in scrape().splitlines():
+        m = re.match(r'(lorax_batch_(?:forward|inference)_duration)_(sum|count)\{method="(\w+)"\}\s+(\S+)', line)
+        if m:
+            out[(m.group(1), m.group(3), m.group(2))] = float(m.group(4))
+    return out
+
+
+def say_steps(before, after, what):
+    """Mean time per step of each kind between two step_metrics(): "forward" is the shard call as the router
+    sees it (host preparation, GPU, sampling, gRPC), "step" adds the router's handling of the results."""
+    parts = []
+    for method in ("prefill", "mixed", "decode"):
+        for name, short in STEP_HISTOGRAMS:
+            n = after.get((name, method, "count"), 0) - before.get((name, method, "count"), 0)
+            total = after.get((name, method, "sum"), 0) - before.get((name, method, "sum"), 0)
+            if n > 0:
+                parts.append(f"{method} {short} {1e3 * total / n:.2f} ms x {n:.0f}")
+    say(f"BENCH steps ({what}): " + (", ".join(parts) or "none counted"))
+
+
 def load_metric():
     """The router's lorax_adapter_load_duration histogram: {bucket: count, "sum": s, "count": n}."""
     out = {}
-    try:
-        with __import__("urllib.request").request.urlopen(f"{BASE}/metrics", timeout=10) as r:
-            text = r.read().decode()
-    except Exception as e:  # noqa: BLE001
-        say(f"BENCH metrics unavailable: {e}")
-        return out
+    text = scrape()
     for line in text.splitlines():
         m = re.match(r'lorax_adapter_load_duration(?:_bucket\{le="([^"]+)"\}|_(sum|count))\s+(\S+)', line)
         if m:
@@ -317,8 +348,10 @@ def ttft_and_cold():
     res["metric"] = say_load_metric(before, load_metric(), f"cold-0..{N_COLD - 1}")
     res["log"] = say_log_times(log_times([f"cold-{i}" for i in range(N_COLD)]), f"cold-0..{N_COLD - 1}")
     RESULTS["cold"] = res
+    steps = step_metrics()
     long = bench("ttft-1000", "--concurrency", "1", "--requests", "8", "--warmup", "1",
                  "--prompt-tokens", str(LONG_PROMPT), "--output-tokens", "1")
+    say_steps(steps, step_metrics(), "ttft-1000")
     if long:
         roof = prefill_roofline_ms(LONG_PROMPT)
         t = long["report"]["ttft_ms"]
@@ -429,12 +462,16 @@ def sweep_and_regimes():
     for c in SWEEP:
         n, warm = (3, 1) if c == 1 else (2 * c, 8)
         name = f"base-c{c}"
+        steps = step_metrics()
         throughput(name, bench(name, "--concurrency", str(c), "--requests", str(n), "--warmup", str(warm), *lens,
                                need=15 + c // 8), c)
+        say_steps(steps, step_metrics(), name)
     for regime in ("identical", "uniform", "zipf:1", "distinct"):
         name = f"{regime.replace(':', '')}-c{STREAMS}"
+        steps = step_metrics()
         throughput(name, bench(name, "--concurrency", str(STREAMS), "--requests", str(2 * STREAMS), "--warmup", "16",
                                "--popularity", regime, "--num-adapters", str(N_ADAPTERS), *lens, need=30), STREAMS)
+        say_steps(steps, step_metrics(), name)
 
 
 def runs_table():
