@@ -306,31 +306,6 @@ __device__ __forceinline__ void paged_attention(ATTN_PARAMS) {
     combine_groups<HD, MAXG, G, VW, NPV>(w, red_s, ml_s, m, l, acc, out, part_o, part_ml, num_heads, num_splits);
 }
 
-// 16-byte copies from global to shared memory that bypass registers (cp.async, sm_80 and later; a plain
-// copy before that, and under the CPU emulation): a block queues the next stage's keys and values while
-// it computes on the current one.
-__device__ __forceinline__ void copy16_async(void* dst, const void* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    u32 d;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-#else
-    *reinterpret_cast<u32x4*>(dst) = *reinterpret_cast<const u32x4*>(src);
-#endif
-}
-__device__ __forceinline__ void copy_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-// Waits until at most N of this thread's committed copy groups are still in flight.
-template <int N>
-__device__ __forceinline__ void copy_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-
 // The same pass with the keys and values staged through shared memory: the block copies TOK tokens at a
 // time (all 128 threads, 16 bytes each, coalesced along the head rows) in a ring of STAGES buffers, so
 // while the lane groups compute on one stage the copies of the next STAGES - 1 are in flight. Lane groups

@@ -120,6 +120,31 @@ __device__ __forceinline__ float block_max(float v) {
     return r;
 }
 
+// 16-byte copies from global to shared memory that bypass registers (cp.async, sm_80 and later; a plain
+// copy before that, and under the CPU emulation): a block queues the next stage's keys and values while
+// it computes on the current one.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    u32 d;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+    *reinterpret_cast<u32x4*>(dst) = *reinterpret_cast<const u32x4*>(src);
+#endif
+}
+__device__ __forceinline__ void copy_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copy_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
 // Tensor cores (prefill.cu, the `_tc` decode attention of attention.cu): c += a.b for a 16x16 (row) by
 // 16x8 (col) tile pair of the storage type, f32 accumulators, as mma.sync m16n8k16 lays its fragments out:
@@ -159,4 +184,46 @@ __device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) 
 
 // Two elements as one 32-bit operand register (the lower k index in the low half).
 __device__ __forceinline__ u32 pack(T lo, T hi) { return (u32)lo | ((u32)hi << 16); }
+// A shared-memory address as ldmatrix and cp.async take it.
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+#if defined(LORAX_EMU)
+    return 0;
+#else
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+#endif
+}
+
+// ldmatrix.x4: four 8x8 tiles of 16-bit elements from shared memory; lane 8m + r passes the address of row r
+// of tile m (16 bytes, 16-byte aligned). Lane l = 4g + t gets, in r[m], tile m's elements (g, 2t) and
+// (g, 2t + 1), or with TRANS (2t, g) and (2t + 1, g): an mma B fragment from rows (keys) of a row-major
+// tile (TRANS: from a tile stored the other way round).
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(u32* r, const T* row) {
+#if defined(LORAX_EMU)
+    uint64_t rows[32];
+    gather((uint64_t)(uintptr_t)row, rows);
+    const int lane = threadIdx.x & 31, g = lane / 4, t2 = (lane % 4) * 2;
+    for (int m = 0; m < 4; ++m) {
+        if (TRANS) {
+            const T* a = (const T*)(uintptr_t)rows[m * 8 + t2];
+            const T* b = (const T*)(uintptr_t)rows[m * 8 + t2 + 1];
+            r[m] = pack(a[g], b[g]);
+        } else {
+            const T* a = (const T*)(uintptr_t)rows[m * 8 + g];
+            r[m] = pack(a[t2], a[t2 + 1]);
+        }
+    }
+#else
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(row)));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(row)));
+#endif
+}
 #endif

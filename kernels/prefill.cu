@@ -3,13 +3,15 @@
 // (ctx_before > 0) is attended too; sequences of any length share one launch through a tile list.
 //
 // Block: 4 warps, a tile of up to 64 query rows of one sequence (16 rows per warp) and one query head.
-// The block walks the keys [0, last row's position] 64 at a time: keys and values are staged in shared
-// memory, S = Q.K^T and O += P.V run on mma.sync m16n8k16 (f32 accumulation), with an online softmax in
-// registers. P is rounded to the storage type for the second product, as FlashAttention does.
-// Decode rows and other shapes use paged_attention (attention.cu).
+// The block walks the keys [0, last row's position] 32 at a time, copying them and their values into two
+// shared-memory stages with cp.async (the next step's copies run while this step computes); B fragments
+// come from shared memory by ldmatrix (values transposed on the way), S = Q.K^T and O += P.V run on
+// mma.sync m16n8k16 (f32 accumulation), with an online softmax in registers. P is rounded to the storage
+// type for the second product, as FlashAttention does. Decode rows and other shapes use paged_attention
+// (attention.cu).
 
 #define PF_BM 64
-#define PF_BN 64
+#define PF_BN 32
 #define PF_THREADS 128
 
 // A tile of query rows: first row in the flattened batch, rows (<= PF_BM), position of the first row,
@@ -33,14 +35,18 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     constexpr int KS = HD / 16;  // k-steps of Q.K^T
     constexpr int DT = HD / 8;   // n-tiles of O
     constexpr int NT = PF_BN / 8;
-    __shared__ alignas(16) T k_s[PF_BN * LD];
-    __shared__ alignas(16) T v_s[PF_BN * LD];
+    constexpr int CPR = HD / 8;               // 16-byte pieces per head row
+    constexpr int PIECES = 2 * PF_BN * CPR;   // per stage: keys, then values
+    static_assert(PIECES % PF_THREADS == 0 && KS % 2 == 0 && DT % 2 == 0, "staging layout");
+    // Two stages of keys and values: the copies of step s + 1 run while step s computes.
+    __shared__ alignas(16) T kv_s[2][2][PF_BN * LD];
 
     const PrefillTile tile = tiles[blockIdx.x];
     const int h = blockIdx.y;
     const int kvh = h / (num_heads / num_kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t2 = (lane % 4) * 2;
+    const int r8 = lane % 8, m4 = lane / 8;  // the row and tile this lane addresses for ldmatrix
     const int r_lo = warp * 16 + g, r_hi = r_lo + 8;
     const u64 qw = (u64)num_heads * HD;
     const u64 kv_stride = (u64)num_kv_heads * HD;
@@ -65,33 +71,48 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;
     const int pos_lo = tile.pos0 + r_lo, pos_hi = tile.pos0 + r_hi;
     const int kv_end = tile.pos0 + tile.rows;  // keys 0 .. last row's position
+    const int nsteps = (kv_end + PF_BN - 1) / PF_BN;
 
-    for (int kb = 0; kb < kv_end; kb += PF_BN) {
-        __syncthreads();  // the previous step is done with k_s and v_s
-        for (int i = threadIdx.x; i < PF_BN * (HD / 8); i += PF_THREADS) {
-            const int key = i / (HD / 8), c = (i % (HD / 8)) * 8;
-            const int p = kb + key;
-            u32x4 kv = {0u, 0u, 0u, 0u}, vv = {0u, 0u, 0u, 0u};
-            if (p < kv_end) {
+    // Queues the keys and values of step s into stage s % 2 (cp.async, all threads) and commits a copy group
+    // (an empty one past the last step). Keys past the context read the last key instead: finite values
+    // that the causal mask gives no weight (cache memory past the context may hold anything, NaN too).
+    auto issue = [&](int s) {
+        if (s < nsteps) {
+#pragma unroll
+            for (int i = 0; i < PIECES / PF_THREADS; ++i) {
+                const int c = threadIdx.x + i * PF_THREADS;
+                const int half = c / (PF_BN * CPR);
+                const int key = (c / CPR) % PF_BN;
+                const int piece = c % CPR;
+                const int p = min(s * PF_BN + key, kv_end - 1);
                 const u64 slot = (u64)table[p / block_size] * block_size + p % block_size;
-                kv = *reinterpret_cast<const u32x4*>(k_cache + slot * kv_stride + kvh * HD + c);
-                vv = *reinterpret_cast<const u32x4*>(v_cache + slot * kv_stride + kvh * HD + c);
+                const T* src = (half ? v_cache : k_cache) + slot * kv_stride + kvh * HD + piece * 8;
+                copy16_async(&kv_s[s % 2][half][key * LD + piece * 8], src);
             }
-            *reinterpret_cast<u32x4*>(k_s + key * LD + c) = kv;
-            *reinterpret_cast<u32x4*>(v_s + key * LD + c) = vv;
         }
-        __syncthreads();
+        copy_commit();
+    };
 
-        // S = Q.K^T for this warp's 16 rows and the step's 64 keys.
+    issue(0);
+    for (int st = 0; st < nsteps; ++st) {
+        const int kb = st * PF_BN;
+        issue(st + 1);  // into the stage every warp finished reading at the end of step st - 1
+        copy_wait<1>();
+        __syncthreads();  // step st's keys and values have landed, for every thread's copies
+        const T* k_s = kv_s[st % 2][0];
+        const T* v_s = kv_s[st % 2][1];
+
+        // S = Q.K^T for this warp's 16 rows and the step's keys; one ldmatrix gives two k-steps of B.
         float s[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                const T* kr = k_s + (nt * 8 + g) * LD + ks * 16 + t2;
-                const u32 b[2] = {*reinterpret_cast<const u32*>(kr), *reinterpret_cast<const u32*>(kr + 8)};
-                mma_16816(s[nt], qf[ks], b);
+            for (int kk = 0; kk < KS / 2; ++kk) {
+                u32 b[4];
+                ldsm_x4<false>(b, k_s + (nt * 8 + r8) * LD + kk * 32 + m4 * 8);
+                mma_16816(s[nt], qf[2 * kk], b);
+                mma_16816(s[nt], qf[2 * kk + 1], b + 2);
             }
         }
         // Scale and causal mask; rows past the tile see nothing.
@@ -141,22 +162,25 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
                     l_hi += p;
             }
         }
-        // O += P.V: two S tiles of 8 keys make one A fragment of 16 keys.
+        // O += P.V: two S tiles of 8 keys make one A fragment of 16 keys; one transposing ldmatrix gives the
+        // B fragments of two output tiles (tiles 0/1: keys 0-7/8-15 of dims 8d..; tiles 2/3: of dims 8d + 8..).
 #pragma unroll
         for (int j = 0; j < NT / 2; ++j) {
             const u32 a[4] = {pack(from_f(s[2 * j][0]), from_f(s[2 * j][1])),
                               pack(from_f(s[2 * j][2]), from_f(s[2 * j][3])),
                               pack(from_f(s[2 * j + 1][0]), from_f(s[2 * j + 1][1])),
                               pack(from_f(s[2 * j + 1][2]), from_f(s[2 * j + 1][3]))};
-            const T* v0 = v_s + (j * 16 + t2) * LD + g;
 #pragma unroll
-            for (int d = 0; d < DT; ++d) {
-                const T* vp = v0 + d * 8;
-                const u32 b[2] = {pack(vp[0], vp[LD]), pack(vp[8 * LD], vp[9 * LD])};
-                mma_16816(o[d], a, b);
+            for (int dd = 0; dd < DT / 2; ++dd) {
+                u32 b[4];
+                ldsm_x4<true>(b, v_s + (j * 16 + (m4 % 2) * 8 + r8) * LD + (2 * dd + m4 / 2) * 8);
+                mma_16816(o[2 * dd], a, b);
+                mma_16816(o[2 * dd + 1], a, b + 2);
             }
         }
+        __syncthreads();  // every warp is done with this stage before step st + 1 refills it
     }
+    copy_wait<0>();
 
 #pragma unroll
     for (int off = 1; off < 4; off <<= 1) {

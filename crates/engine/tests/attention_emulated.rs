@@ -37,3 +37,22 @@ fn attention_kernels_match_a_double_reference_under_emulation() {
     say(&String::from_utf8_lossy(&out.stdout));
     assert!(out.status.success(), "emulated attention: {}", out.status);
 }
+
+#[test]
+#[ignore = "CPU emulation of the tensor-core prefill kernels: slow, needs g++"]
+fn prefill_kernels_match_a_double_reference_under_emulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernels = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
+    let prefill = std::fs::read_to_string(kernels.join("prefill.cu"))
+        .unwrap()
+        .replace("__shared__ alignas(16)", "alignas(16) __shared__");
+    std::fs::write(dir.path().join("prefill.cu"), prefill).unwrap();
+    std::fs::copy(kernels.join("common.cuh"), dir.path().join("common.cuh")).unwrap();
+    let exe = dir.path().join("prefill-emu");
+    if !build_emulated("prefill_driver.cpp", dir.path(), &exe) {
+        return;
+    }
+    let out = Command::new(&exe).output().unwrap();
+    say(&String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "emulated prefill attention: {}", out.status);
+}

@@ -6,15 +6,9 @@
 // (bf16 output rounding is about 2e-3 here). The test writes attention.cu with `alignas(16) __shared__`
 // (GCC wants the alignment first once __shared__ is `static`).
 #include "cuemu.h"
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-#define __host__
 #define LORAX_DTYPE_BF16
 #include <cstdio>
 #include <random>
-#include <cmath>
-using std::fmaxf;
-inline float __expf(float x) { return std::exp(x); }
 #include "common.cuh"
 #include "attention.cu"
 

@@ -21,7 +21,8 @@
 #define __device__
 #define __global__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
+#define __host__
 #define __shared__ static
 
 struct dim3_ { unsigned x = 0, y = 0, z = 0; };
@@ -85,6 +86,8 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 using std::exp;
 using std::log;
+using std::fmaxf;
+inline float __expf(float x) { return std::exp(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 

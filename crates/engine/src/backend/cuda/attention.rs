@@ -185,6 +185,11 @@ impl CudaBackend {
         let d_tables = self.upload(&tables)?;
         let prefill = match tc_kernel {
             Some(kernel) if !pf_tiles.is_empty() => {
+                // Longest tiles (most keys: the last of each prompt) first, so the causal triangle's long
+                // blocks start in the first wave instead of trailing the launch.
+                let mut order: Vec<[i32; 4]> = pf_tiles.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
+                order.sort_by_key(|t| std::cmp::Reverse(t[1] + t[2]));
+                let pf_tiles: Vec<i32> = order.concat();
                 let d_tiles = self.upload(&pf_tiles)?;
                 Some(PrefillLaunch {
                     kernel,
