@@ -6,7 +6,8 @@
 #   scripts/gpu/run.sh LOG_DIR [BIN_DIR]      (BIN_DIR defaults to .gpu-bin)
 #
 # Full logs go to LOG_DIR (one file per step); a short table of steps and benchmark numbers is printed
-# last. Exit status: non-zero when any step failed.
+# last. Exit status: non-zero when any step failed. RUN_SKIP="nvrtc sampling" leaves those steps out (CI
+# compiles every kernel with NVRTC already; a short device call can spend its minutes elsewhere).
 set -uo pipefail
 logs=${1:?usage: scripts/gpu/run.sh LOG_DIR [BIN_DIR]}
 bin=${2:-.gpu-bin}
@@ -21,6 +22,11 @@ failed=0
 step() {
     local name=$1
     shift
+    if [[ " ${RUN_SKIP:-} " == *" $name "* ]]; then
+        summary+=("$(printf '%-8s skipped (RUN_SKIP)' "$name")")
+        : >"$logs/$name.log"
+        return
+    fi
     local t0=$SECONDS
     "$@" >"$logs/$name.log" 2>&1
     local rc=$?
