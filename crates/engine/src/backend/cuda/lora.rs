@@ -1,8 +1,9 @@
 //! SGMV LoRA on the device (kernels/lora.cu): the host checks the segments, writes one `LoraSeg` record
 //! per non-empty segment (A and B device pointers, rows, rank, scale), sizes the tiles to the largest rank
 //! and launches shrink then expand. Rows outside every segment are never touched. When every segment has
-//! at most 4 rows and ranks are at most 64 (decode), the BGMV pair runs instead: a block per (segment,
-//! rank index) for the shrink and a thread per output column for the expand, no atomics.
+//! at most 64 rows and ranks are at most 64 (decode), the BGMV pair runs instead, on chunks of at most 4
+//! rows of each segment: a block per (chunk, rank index) for the shrink and a thread per output column for
+//! the expand, no atomics; the chunk count is padded to a power of two so graphs survive a changing mix.
 //!
 //! Planning (checks, uploads, allocations) and running (a memset and two launches) are separate, so a
 //! run can be captured in a CUDA graph and replayed (the benchmarks time kernels that way).
@@ -20,6 +21,8 @@ const SEG_BYTES: usize = 32;
 /// BGMV limits and block sizes (BG_ROWS, BG_RANK, BG_SHRINK_THREADS in kernels/lora.cu).
 const BG_ROWS: usize = 4;
 const BG_RANK: usize = 64;
+/// Longest segment BGMV takes (in chunks of BG_ROWS rows); longer ones (prompts) go to SGMV's row tiles.
+const BG_SPLIT_MAX: usize = 64;
 const BG_SHRINK_THREADS: u32 = 128;
 const BG_EXPAND_THREADS: u32 = 256;
 
@@ -53,7 +56,8 @@ impl CudaBackend {
         if n != ny {
             return Err(shape_err("lora", &x.shape, &y.shape));
         }
-        let mut table: Vec<u8> = Vec::with_capacity(segments.len() * SEG_BYTES);
+        // (A, B, first row, rows, rank, scale) per non-empty segment.
+        let mut recs: Vec<(u64, u64, usize, usize, usize, f32)> = Vec::with_capacity(segments.len());
         let (mut rmax, mut max_len, mut weight_bytes) = (0usize, 0usize, 0usize);
         for seg in segments {
             let (r, ka) = seg.a.rows_cols();
@@ -75,22 +79,46 @@ impl CudaBackend {
             rmax = rmax.max(r);
             max_len = max_len.max(seg.len);
             weight_bytes += (seg.a.numel() + seg.b.numel()) * self.dtype.size();
-            table.extend_from_slice(&self.ptr(&seg.a.buf).to_le_bytes());
-            table.extend_from_slice(&self.ptr(&seg.b.buf).to_le_bytes());
-            table.extend_from_slice(&int("segment start", seg.start)?.to_le_bytes());
-            table.extend_from_slice(&int("segment length", seg.len)?.to_le_bytes());
-            table.extend_from_slice(&int("rank", r)?.to_le_bytes());
-            table.extend_from_slice(&seg.scale.to_le_bytes());
+            recs.push((
+                self.ptr(&seg.a.buf),
+                self.ptr(&seg.b.buf),
+                seg.start,
+                seg.len,
+                r,
+                seg.scale,
+            ));
         }
-        let nseg = table.len() / SEG_BYTES;
-        if nseg == 0 || k == 0 || out == 0 {
+        if recs.is_empty() || k == 0 || out == 0 {
             return Ok(None);
         }
-        if self.lora_bgmv && max_len <= BG_ROWS && rmax <= BG_RANK {
-            // The decode shape: BGMV (each weight read once, no atomics, no zeroing).
+        let table = |recs: &[(u64, u64, usize, usize, usize, f32)]| -> Result<Vec<u8>> {
+            let mut table = Vec::with_capacity(recs.len() * SEG_BYTES);
+            for &(a, b, start, len, r, scale) in recs {
+                table.extend_from_slice(&a.to_le_bytes());
+                table.extend_from_slice(&b.to_le_bytes());
+                table.extend_from_slice(&int("segment start", start)?.to_le_bytes());
+                table.extend_from_slice(&int("segment length", len)?.to_le_bytes());
+                table.extend_from_slice(&int("rank", r)?.to_le_bytes());
+                table.extend_from_slice(&scale.to_le_bytes());
+            }
+            Ok(table)
+        };
+        if self.lora_bgmv && max_len <= BG_SPLIT_MAX && rmax <= BG_RANK {
+            // The decode shape: BGMV (each weight read once per BG_ROWS rows, no atomics, no zeroing).
+            // Longer segments (a popular adapter's rows) run as chunks of BG_ROWS rows, whose repeated reads
+            // of the same weights come from L2; the chunk count is padded with empty records to a power of
+            // two, so the grid, and with it a decode step's CUDA graph, stays the same while the batch's
+            // mix of adapters changes within that bound.
+            let mut chunks = Vec::with_capacity(recs.len());
+            for &(a, b, start, len, r, scale) in &recs {
+                for c in (0..len).step_by(BG_ROWS) {
+                    chunks.push((a, b, start + c, BG_ROWS.min(len - c), r, scale));
+                }
+            }
+            chunks.resize(chunks.len().next_power_of_two(), (0, 0, 0, 0, 0, 0.0));
             let tmp = self.bytes(n * rmax * 4)?;
-            let d_table = self.upload(&table)?;
-            let segs = uint("segments", nseg)?;
+            let d_table = self.upload(&table(&chunks)?)?;
+            let segs = uint("segments", chunks.len())?;
             return Ok(Some(LoraPlan {
                 ptrs: [self.ptr(&tmp), self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&d_table)],
                 ints: [
@@ -116,6 +144,7 @@ impl CudaBackend {
                 _io: PhantomData,
             }));
         }
+        let nseg = recs.len();
         // Row tiles no taller than the longest segment: decode (one row per segment) stages one x row.
         let rt = LORA_ROWS.min(max_len);
         let too_large = || EngineError::Backend(format!("LoRA rank {rmax} is too large for the SGMV kernels"));
@@ -146,7 +175,7 @@ impl CudaBackend {
         // Zeroed by each run (the shrink accumulates into it with atomics).
         // SAFETY: uninitialised until lora_run's memset, which precedes every kernel that reads it.
         let tmp = self.bytes(n * rmax * 4)?;
-        let d_table = self.upload(&table)?;
+        let d_table = self.upload(&table(&recs)?)?;
         let tiles = uint("row tiles", tiles)?;
         let segs = uint("segments", nseg)?;
         Ok(Some(LoraPlan {
