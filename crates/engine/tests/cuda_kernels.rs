@@ -514,6 +514,28 @@ fn lora_sgmv_matches_cpu() {
         run_lora(&g, &mut rng, 64, 4096, 4096, &mixed, "mixed ranks");
         run_lora(&g, &mut rng, 64, 4096, 1024, &mixed, "mixed ranks, narrow out");
         run_lora(&g, &mut rng, 64, 1024, 14336, &mixed, "mixed ranks, wide out");
+        // Segments longer than BGMV's 4-row chunks next to short ones: 5 chunks, padded to 8 on BGMV.
+        let chunked = [
+            Seg {
+                start: 0,
+                len: 5,
+                rank: 16,
+                scale: 2.0,
+            },
+            Seg {
+                start: 6,
+                len: 1,
+                rank: 32,
+                scale: 0.5,
+            },
+            Seg {
+                start: 9,
+                len: 7,
+                rank: 16,
+                scale: 1.0,
+            },
+        ];
+        run_lora(&g, &mut rng, 20, 4096, 1024, &chunked, "chunked segments");
         // Decode: 64 one-token segments of distinct adapters; and one adapter for all rows.
         let distinct: Vec<Seg> = (0..64)
             .map(|i| Seg {
