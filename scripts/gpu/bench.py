@@ -252,6 +252,27 @@ def say_steps(before, after, what):
     say(f"BENCH steps ({what}): " + (", ".join(parts) or "none counted"))
 
 
+def decode_host_reports():
+    """The shard's "decode steps: host time" reports so far (one per 256 pure decode steps), from the server
+    log: the host's time before each step's launch, while the device waits, and in sampling + the copy back."""
+    try:
+        with open(f"{LOGS}/bench-server.log", errors="replace") as f:
+            return [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in f if "decode steps: host time" in line]
+    except OSError:
+        return []
+
+
+def say_decode_host(before, what):
+    """The last report written since `before` (a count of decode_host_reports())."""
+    new = decode_host_reports()[before:]
+    if not new:
+        say(f"BENCH shard decode host time ({what}): no report (fewer than 256 pure decode steps)")
+        return
+    m = dict(re.findall(r'(\w+)="?([\d.]+)"?', new[-1]))
+    say(f"BENCH shard decode host time ({what}, last {m.get('steps')} decode steps, {m.get('rows')} rows): "
+        f"{m.get('forward_us')} us up to the launch, {m.get('sample_us')} us sampling, device and copy back")
+
+
 def load_metric():
     """The router's lorax_adapter_load_duration histogram: {bucket: count, "sum": s, "count": n}."""
     out = {}
@@ -462,16 +483,18 @@ def sweep_and_regimes():
     for c in SWEEP:
         n, warm = (3, 1) if c == 1 else (2 * c, 8)
         name = f"base-c{c}"
-        steps = step_metrics()
+        steps, reports = step_metrics(), len(decode_host_reports())
         throughput(name, bench(name, "--concurrency", str(c), "--requests", str(n), "--warmup", str(warm), *lens,
                                need=15 + c // 8), c)
         say_steps(steps, step_metrics(), name)
+        say_decode_host(reports, name)
     for regime in ("identical", "uniform", "zipf:1", "distinct"):
         name = f"{regime.replace(':', '')}-c{STREAMS}"
-        steps = step_metrics()
+        steps, reports = step_metrics(), len(decode_host_reports())
         throughput(name, bench(name, "--concurrency", str(STREAMS), "--requests", str(2 * STREAMS), "--warmup", "16",
                                "--popularity", regime, "--num-adapters", str(N_ADAPTERS), *lens, need=30), STREAMS)
         say_steps(steps, step_metrics(), name)
+        say_decode_host(reports, name)
 
 
 def runs_table():

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 pub use crate::batch::{Batch, Generation, NewSequence, PromptToken, Sequence};
@@ -43,6 +44,27 @@ pub struct Engine<B: Backend> {
     /// Adapters on the device, by key.
     adapters: HashMap<String, DeviceAdapter<B>>,
     comm: Arc<dyn Communicator>,
+    /// Host time of the pure decode steps since the last report.
+    decode_times: DecodeTimes,
+}
+
+/// Pure decode steps reported together in the log.
+const DECODE_REPORT_STEPS: u32 = 256;
+
+/// Where the host's time goes in pure decode steps, summed over `steps` of them. After a step's tokens
+/// come back the device is idle until the next step is launched, so `forward` (checks, the batch's inputs,
+/// the pass recorded or run, the launch) is time the device waits; `sample` covers sampling, waiting for
+/// the device and the tokens' copy to the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeTimes {
+    /// Pure decode steps counted.
+    pub steps: u32,
+    /// Decode rows over those steps.
+    pub rows: u64,
+    /// Up to the forward pass's launch.
+    pub forward: Duration,
+    /// Sampling, the device's work and the copy of the tokens.
+    pub sample: Duration,
 }
 
 /// Where [`Engine::load_with_format`] takes the weights from (`--load-format`).
@@ -139,6 +161,7 @@ impl<B: Backend> Engine<B> {
             cache,
             adapters: HashMap::new(),
             comm,
+            decode_times: DecodeTimes::default(),
         })
     }
 
@@ -352,7 +375,10 @@ impl<B: Backend> Engine<B> {
             .map(|(s, w)| w.prefill && s.prompt_logprobs.is_some())
             .collect();
         let pure_decode = plan.iter().all(|w| !w.prefill || w.len == 0);
+        let rows = raw.len();
+        let started = Instant::now();
         let logits = self.forward_logits(&raw, &all, pure_decode)?;
+        let launched = Instant::now();
         drop(raw);
 
         let mut tasks: Vec<(usize, SampleTask<'_>)> = Vec::new();
@@ -378,6 +404,9 @@ impl<B: Backend> Engine<B> {
         }
         let answers = self.backend.sample(&logits, &mut tasks)?;
         drop(tasks);
+        if pure_decode {
+            self.count_decode(rows, launched - started, launched.elapsed());
+        }
 
         let missing = || EngineError::Backend("missing sampling result".into());
         let mut answers = answers.into_iter();
@@ -411,6 +440,35 @@ impl<B: Backend> Engine<B> {
             });
         }
         Ok(out)
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// Host time of the pure decode steps since the last report (every 256 steps, at info level:
+    /// "decode steps: host time").
+    pub fn decode_times(&self) -> DecodeTimes {
+        self.decode_times
+    }
+
+    fn count_decode(&mut self, rows: usize, forward: Duration, sample: Duration) {
+        let t = &mut self.decode_times;
+        t.steps += 1;
+        t.rows += rows as u64;
+        t.forward += forward;
+        t.sample += sample;
+        if t.steps >= DECODE_REPORT_STEPS {
+            let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(t.steps);
+            #[allow(clippy::cast_precision_loss)]
+            let rows = t.rows as f64 / f64::from(t.steps);
+            tracing::info!(
+                steps = t.steps,
+                rows = format!("{rows:.1}"),
+                forward_us = format!("{:.0}", per(t.forward)),
+                sample_us = format!("{:.0}", per(t.sample)),
+                "decode steps: host time"
+            );
+            *t = DecodeTimes::default();
+        }
     }
 }
 

@@ -223,3 +223,46 @@ fn prefill_logprobs_use_the_previous_position() {
         assert!((lp - (last[order[k]] - lse(last))).abs() < 1e-4);
     }
 }
+
+#[test]
+fn decode_steps_count_their_host_time() {
+    let name = MODELS[0];
+    let mut e = engine(name);
+    let g = golden(name);
+    let mut alloc = BlockAllocator::new(512, BLOCK);
+    let mut batch = Batch::default();
+    let seq = |id: u64, alloc: &mut BlockAllocator| {
+        let input_ids = g.ids(&format!("p{id}.ids"));
+        NewSequence {
+            id,
+            block_table: scattered_blocks(alloc, input_ids.len() + 16),
+            input_ids,
+            params: SamplingParams::default(),
+            prefill_logprobs: false,
+            adapter: None,
+        }
+    };
+    e.prefill(&mut batch, vec![seq(0, &mut alloc), seq(1, &mut alloc)])
+        .unwrap();
+    assert_eq!(e.decode_times().steps, 0, "a prefill is not a decode step");
+    for _ in 0..5 {
+        e.decode(&mut batch).unwrap();
+    }
+    // A mixed step (a new prompt next to the decode rows) is not counted either.
+    e.step(
+        &mut batch,
+        vec![seq(2, &mut alloc)],
+        lorax_engine::StepOptions {
+            decode: true,
+            max_prompt_tokens: None,
+        },
+    )
+    .unwrap();
+    e.decode(&mut batch).unwrap();
+    let t = e.decode_times();
+    assert_eq!((t.steps, t.rows), (6, 5 * 2 + 3), "{t:?}");
+    assert!(
+        t.forward > std::time::Duration::ZERO && t.sample > std::time::Duration::ZERO,
+        "{t:?}"
+    );
+}
