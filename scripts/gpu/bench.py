@@ -252,25 +252,26 @@ def say_steps(before, after, what):
     say(f"BENCH steps ({what}): " + (", ".join(parts) or "none counted"))
 
 
-def decode_host_reports():
-    """The shard's "decode steps: host time" reports so far (one per 256 pure decode steps), from the server
-    log: the host's time before each step's launch, while the device waits, and in sampling + the copy back."""
+def host_reports(kind="decode"):
+    """The shard's "<kind> steps: host time" reports so far (decode: one per 256 pure decode steps; prompt:
+    one per 8 steps with prompt tokens), from the server log: the host's time up to the step's last launch
+    (for a decode step, time the device waits) and in sampling, the device's work and the copy back."""
     try:
         with open(f"{LOGS}/bench-server.log", errors="replace") as f:
-            return [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in f if "decode steps: host time" in line]
+            return [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in f if f"{kind} steps: host time" in line]
     except OSError:
         return []
 
 
-def say_decode_host(before, what):
-    """The last report written since `before` (a count of decode_host_reports())."""
-    new = decode_host_reports()[before:]
+def say_host(before, what, kind="decode"):
+    """The last report written since `before` (a count of host_reports(kind))."""
+    new = host_reports(kind)[before:]
     if not new:
-        say(f"BENCH shard decode host time ({what}): no report (fewer than 256 pure decode steps)")
+        say(f"BENCH shard {kind} host time ({what}): no report yet")
         return
     m = dict(re.findall(r'(\w+)="?([\d.]+)"?', new[-1]))
-    say(f"BENCH shard decode host time ({what}, last {m.get('steps')} decode steps, {m.get('rows')} rows): "
-        f"{m.get('forward_us')} us up to the launch, {m.get('sample_us')} us sampling, device and copy back")
+    say(f"BENCH shard {kind} host time ({what}, last {m.get('steps')} {kind} steps, {m.get('rows')} rows each): "
+        f"{m.get('forward_us')} us up to the last launch, {m.get('sample_us')} us sampling, device and copy back")
 
 
 def load_metric():
@@ -369,10 +370,11 @@ def ttft_and_cold():
     res["metric"] = say_load_metric(before, load_metric(), f"cold-0..{N_COLD - 1}")
     res["log"] = say_log_times(log_times([f"cold-{i}" for i in range(N_COLD)]), f"cold-0..{N_COLD - 1}")
     RESULTS["cold"] = res
-    steps = step_metrics()
+    steps, reports = step_metrics(), len(host_reports("prompt"))
     long = bench("ttft-1000", "--concurrency", "1", "--requests", "8", "--warmup", "1",
                  "--prompt-tokens", str(LONG_PROMPT), "--output-tokens", "1")
     say_steps(steps, step_metrics(), "ttft-1000")
+    say_host(reports, "ttft-1000", "prompt")
     if long:
         roof = prefill_roofline_ms(LONG_PROMPT)
         t = long["report"]["ttft_ms"]
@@ -483,18 +485,18 @@ def sweep_and_regimes():
     for c in SWEEP:
         n, warm = (3, 1) if c == 1 else (2 * c, 8)
         name = f"base-c{c}"
-        steps, reports = step_metrics(), len(decode_host_reports())
+        steps, reports = step_metrics(), len(host_reports())
         throughput(name, bench(name, "--concurrency", str(c), "--requests", str(n), "--warmup", str(warm), *lens,
                                need=15 + c // 8), c)
         say_steps(steps, step_metrics(), name)
-        say_decode_host(reports, name)
+        say_host(reports, name)
     for regime in ("identical", "uniform", "zipf:1", "distinct"):
         name = f"{regime.replace(':', '')}-c{STREAMS}"
-        steps, reports = step_metrics(), len(decode_host_reports())
+        steps, reports = step_metrics(), len(host_reports())
         throughput(name, bench(name, "--concurrency", str(STREAMS), "--requests", str(2 * STREAMS), "--warmup", "16",
                                "--popularity", regime, "--num-adapters", str(N_ADAPTERS), *lens, need=30), STREAMS)
         say_steps(steps, step_metrics(), name)
-        say_decode_host(reports, name)
+        say_host(reports, name)
 
 
 def runs_table():

@@ -45,21 +45,26 @@ pub struct Engine<B: Backend> {
     adapters: HashMap<String, DeviceAdapter<B>>,
     comm: Arc<dyn Communicator>,
     /// Host time of the pure decode steps since the last report.
-    decode_times: DecodeTimes,
+    decode_times: StepTimes,
+    /// Host time of the steps that run prompt tokens (prefills and mixed steps) since the last report.
+    prompt_times: StepTimes,
 }
 
 /// Pure decode steps reported together in the log.
 const DECODE_REPORT_STEPS: u32 = 256;
+/// Steps with prompt tokens reported together in the log.
+const PROMPT_REPORT_STEPS: u32 = 8;
 
-/// Where the host's time goes in pure decode steps, summed over `steps` of them. After a step's tokens
-/// come back the device is idle until the next step is launched, so `forward` (checks, the batch's inputs,
-/// the pass recorded or run, the launch) is time the device waits; `sample` covers sampling, waiting for
-/// the device and the tokens' copy to the host.
+/// Where the host's time goes in steps of one kind, summed over `steps` of them. After a step's tokens
+/// come back the device is idle until the next step is launched. In a decode step (one graph launch),
+/// `forward` (checks, the batch's inputs, the pass recorded, the launch) is time the device waits; in a
+/// step with prompt tokens, run eagerly, the device starts on the first kernel and `forward` ends with the
+/// last launch. `sample` covers sampling, waiting for the device and the tokens' copy to the host.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DecodeTimes {
-    /// Pure decode steps counted.
+pub struct StepTimes {
+    /// Steps counted.
     pub steps: u32,
-    /// Decode rows over those steps.
+    /// Rows (tokens run) over those steps.
     pub rows: u64,
     /// Up to the forward pass's launch.
     pub forward: Duration,
@@ -161,7 +166,8 @@ impl<B: Backend> Engine<B> {
             cache,
             adapters: HashMap::new(),
             comm,
-            decode_times: DecodeTimes::default(),
+            decode_times: StepTimes::default(),
+            prompt_times: StepTimes::default(),
         })
     }
 
@@ -375,7 +381,7 @@ impl<B: Backend> Engine<B> {
             .map(|(s, w)| w.prefill && s.prompt_logprobs.is_some())
             .collect();
         let pure_decode = plan.iter().all(|w| !w.prefill || w.len == 0);
-        let rows = raw.len();
+        let rows: usize = plan.iter().map(|w| w.len).sum();
         let started = Instant::now();
         let logits = self.forward_logits(&raw, &all, pure_decode)?;
         let launched = Instant::now();
@@ -404,9 +410,7 @@ impl<B: Backend> Engine<B> {
         }
         let answers = self.backend.sample(&logits, &mut tasks)?;
         drop(tasks);
-        if pure_decode {
-            self.count_decode(rows, launched - started, launched.elapsed());
-        }
+        self.count_step(pure_decode, rows, launched - started, launched.elapsed());
 
         let missing = || EngineError::Backend("missing sampling result".into());
         let mut answers = answers.into_iter();
@@ -446,17 +450,27 @@ impl<B: Backend> Engine<B> {
 impl<B: Backend> Engine<B> {
     /// Host time of the pure decode steps since the last report (every 256 steps, at info level:
     /// "decode steps: host time").
-    pub fn decode_times(&self) -> DecodeTimes {
+    pub fn decode_times(&self) -> StepTimes {
         self.decode_times
     }
 
-    fn count_decode(&mut self, rows: usize, forward: Duration, sample: Duration) {
-        let t = &mut self.decode_times;
+    /// Host time of the steps with prompt tokens since the last report (every 8 steps: "prompt steps: host
+    /// time").
+    pub fn prompt_times(&self) -> StepTimes {
+        self.prompt_times
+    }
+
+    fn count_step(&mut self, decode: bool, rows: usize, forward: Duration, sample: Duration) {
+        let (t, every, what) = if decode {
+            (&mut self.decode_times, DECODE_REPORT_STEPS, "decode")
+        } else {
+            (&mut self.prompt_times, PROMPT_REPORT_STEPS, "prompt")
+        };
         t.steps += 1;
         t.rows += rows as u64;
         t.forward += forward;
         t.sample += sample;
-        if t.steps >= DECODE_REPORT_STEPS {
+        if t.steps >= every {
             let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(t.steps);
             #[allow(clippy::cast_precision_loss)]
             let rows = t.rows as f64 / f64::from(t.steps);
@@ -465,9 +479,9 @@ impl<B: Backend> Engine<B> {
                 rows = format!("{rows:.1}"),
                 forward_us = format!("{:.0}", per(t.forward)),
                 sample_us = format!("{:.0}", per(t.sample)),
-                "decode steps: host time"
+                "{what} steps: host time"
             );
-            *t = DecodeTimes::default();
+            *t = StepTimes::default();
         }
     }
 }

@@ -225,7 +225,7 @@ fn prefill_logprobs_use_the_previous_position() {
 }
 
 #[test]
-fn decode_steps_count_their_host_time() {
+fn steps_count_their_host_time_by_kind() {
     let name = MODELS[0];
     let mut e = engine(name);
     let g = golden(name);
@@ -245,6 +245,8 @@ fn decode_steps_count_their_host_time() {
     e.prefill(&mut batch, vec![seq(0, &mut alloc), seq(1, &mut alloc)])
         .unwrap();
     assert_eq!(e.decode_times().steps, 0, "a prefill is not a decode step");
+    let prompt = e.prompt_times();
+    assert_eq!(prompt.steps, 1, "{prompt:?}");
     for _ in 0..5 {
         e.decode(&mut batch).unwrap();
     }
@@ -261,6 +263,10 @@ fn decode_steps_count_their_host_time() {
     e.decode(&mut batch).unwrap();
     let t = e.decode_times();
     assert_eq!((t.steps, t.rows), (6, 5 * 2 + 3), "{t:?}");
+    // The mixed step: two decode rows and the third prompt, whole.
+    let p = e.prompt_times();
+    let third = g.ids("p2.ids").len() as u64;
+    assert_eq!((p.steps, p.rows), (2, prompt.rows + 2 + third), "{p:?}");
     assert!(
         t.forward > std::time::Duration::ZERO && t.sample > std::time::Duration::ZERO,
         "{t:?}"
