@@ -128,8 +128,9 @@ extern "C" __global__ void sgmv_expand(T* __restrict__ y, const float* __restric
     }
 }
 
-// BGMV: the decode shape (every segment at most BG_ROWS rows, rank at most BG_RANK). Each adapter's A and
-// B are read once, with every thread's loads of a block issued together, and no atomics or zeroing:
+// BGMV: the decode shape (every record at most BG_ROWS rows, rank at most BG_RANK; the host cuts segments of
+// up to 64 rows into such records and pads their count with empty ones). Each record's A and B are read
+// once, with every thread's loads of a block issued together, and no atomics or zeroing:
 // bgmv_shrink: grid (segment, j < rmax), 128 threads: tmp[row, j] = x[row] . A[j, :] for the segment's
 //   rows (each (row, j) written by exactly one block; j >= the segment's rank is left unwritten and never
 //   read).
