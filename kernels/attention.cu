@@ -306,99 +306,6 @@ __device__ __forceinline__ void paged_attention(ATTN_PARAMS) {
     combine_groups<HD, MAXG, G, VW, NPV>(w, red_s, ml_s, m, l, acc, out, part_o, part_ml, num_heads, num_splits);
 }
 
-// The same pass with the keys and values staged through shared memory: the block copies TOK tokens at a
-// time (all 128 threads, 16 bytes each, coalesced along the head rows) in a ring of STAGES buffers, so
-// while the lane groups compute on one stage the copies of the next STAGES - 1 are in flight. Lane groups
-// take the same tokens in the same order as paged_attention, so with the same U both give identical results.
-template <int HD, int MAXG, int GCAP, int U, int STAGES>
-__device__ __forceinline__ void paged_attention_staged(ATTN_PARAMS) {
-    using L = AttnLanes<HD, GCAP>;
-    constexpr int VW = L::VW, G = L::G, NPV = L::NPV, NPL = L::NPL, GROUPS = L::GROUPS;
-    // f32 rows are twice the bytes: at most two stages (32 KB of stages).
-    constexpr int NS = sizeof(T) == 4 && STAGES > 2 ? 2 : STAGES;
-    constexpr int TOK = GROUPS * U;
-    constexpr int EPP = 16 / (int)sizeof(T);  // elements per 16-byte piece
-    constexpr int CPR = HD / EPP;             // pieces per head row
-    constexpr int PIECES = 2 * TOK * CPR;     // per stage: keys, then values
-    constexpr int STAGE = 2 * TOK * HD;       // elements per stage
-    static_assert(NS >= 2 && HD % EPP == 0 && PIECES % ATTN_THREADS == 0, "staging layout");
-    static_assert(GROUPS * HD * sizeof(float) <= NS * STAGE * sizeof(T), "red_s fits in the stages");
-
-    __shared__ alignas(16) T kv_s[NS * STAGE];
-    __shared__ alignas(16) float q_s[MAXG * HD];
-    __shared__ float ml_s[GROUPS][MAXG][2];
-    // The groups' partial outputs reuse the stages once every copy has landed and been read.
-    float* red_s = reinterpret_cast<float*>(kv_s);
-
-    AttnWork w;
-    if (!attn_work<HD, MAXG>(w, q_s, out, q, k_cache, v_cache, rows, tables, num_heads, num_kv_heads, window,
-                             scale, chunks_per_split))
-        return;
-
-    const int tid = threadIdx.x;
-    const int gid = tid / G, gl = tid % G;
-    const int nstages = (w.t_end - w.t_begin + TOK - 1) / TOK;
-
-    // Queues stage s into buffer s % NS (tokens past t_end are not copied; their registers are zeroed
-    // below) and commits a copy group, an empty one past the last stage, so the group count stays regular.
-    auto issue = [&](int s) {
-        if (s < nstages) {
-            T* buf = kv_s + (s % NS) * STAGE;
-#pragma unroll
-            for (int i = 0; i < PIECES / ATTN_THREADS; ++i) {
-                const int c = tid + i * ATTN_THREADS;
-                const int half = c / (TOK * CPR);
-                const int tk = (c / CPR) % TOK;
-                const int piece = c % CPR;
-                const int t = w.t_begin + s * TOK + tk;
-                if (t < w.t_end) {
-                    const int p = w.first + t;
-                    const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
-                    const T* src = (half ? w.vb : w.kb) + slot * w.kv_stride + piece * EPP;
-                    copy16_async(buf + (half * TOK + tk) * HD + piece * EPP, src);
-                }
-            }
-        }
-        copy_commit();
-    };
-
-    float m[MAXG], l[MAXG], acc[MAXG][NPL];
-    clear_state(m, l, acc);
-
-#pragma unroll
-    for (int s = 0; s < NS - 1; ++s) issue(s);
-    for (int s = 0; s < nstages; ++s) {
-        // Stage s has landed (this thread's copies), and every thread is done with stage s - 1, whose
-        // buffer the next issue refills (the barrier also publishes q_s before the first stage).
-        copy_wait<NS - 2>();
-        __syncthreads();
-        issue(s + NS - 1);
-        const T* buf = kv_s + (s % NS) * STAGE;
-        float kr[U][NPL], vr[U][NPL];
-        bool valid[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int tk = gid * U + u;
-            valid[u] = w.t_begin + s * TOK + tk < w.t_end;
-            if (valid[u]) {
-#pragma unroll
-                for (int j = 0; j < NPV; ++j) {
-                    load_n<VW>(buf + tk * HD + (gl + j * G) * VW, kr[u] + j * VW);
-                    load_n<VW>(buf + (TOK + tk) * HD + (gl + j * G) * VW, vr[u] + j * VW);
-                }
-            } else {
-#pragma unroll
-                for (int e = 0; e < NPL; ++e) kr[u][e] = vr[u][e] = 0.f;
-            }
-        }
-        attend<HD, MAXG, G, VW, NPV, U>(kr, vr, valid, q_s, w.nh, gl, m, l, acc);
-    }
-    // Drain (only empty groups remain) and let every thread finish reading before red_s overwrites stages.
-    copy_wait<0>();
-    __syncthreads();
-    combine_groups<HD, MAXG, G, VW, NPV>(w, red_s, ml_s, m, l, acc, out, part_o, part_ml, num_heads, num_splits);
-}
-
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
 
 // Two 16-bit elements of two rows as one operand register (a's in the low half): both low halves
@@ -602,12 +509,6 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
         paged_attention<HD, MAXG, GCAP>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads, \
                                         num_kv_heads, block_size, window, scale, chunks_per_split, num_splits); \
     }
-#define PAGED_ATTENTION_STAGED(HD, MAXG, U, STAGES, NAME, MINB)                                             \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS) {                    \
-        paged_attention_staged<HD, MAXG, 8, U, STAGES>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, \
-                                                       num_heads, num_kv_heads, block_size, window, scale,      \
-                                                       chunks_per_split, num_splits);                           \
-    }
 #define PAGED_ATTENTION(HD, MAXG) \
     PAGED_ATTENTION_G(HD, MAXG, 32, paged_attention_##HD##_##MAXG, MAXG >= 8 ? 3 : 4)
 
@@ -616,13 +517,6 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
 PAGED_ATTENTION_G(128, 2, 8, paged_attention_128_2_l8, 4)
 PAGED_ATTENTION_G(128, 4, 8, paged_attention_128_4_l8, 3)
 PAGED_ATTENTION_G(128, 8, 8, paged_attention_128_8_l8, 2)
-
-// The same GQA kernels with keys and values staged through shared memory by cp.async, four stages of 16
-// tokens (32 KB in bf16/f16; f32: two stages), one token per lane group and step. (Two tokens per step, as
-// in _l8, holds both tokens' keys and values in registers on top of the staging state: ptxas spills.)
-PAGED_ATTENTION_STAGED(128, 2, 1, 4, paged_attention_128_2_s, 4)
-PAGED_ATTENTION_STAGED(128, 4, 1, 4, paged_attention_128_4_s, 3)
-PAGED_ATTENTION_STAGED(128, 8, 1, 4, paged_attention_128_8_s, 2)
 
 // The GQA kernels on the tensor cores (bf16/f16 only; f32 servers use _l8).
 PAGED_ATTENTION_TC(128, 2, paged_attention_128_2_tc, 2)

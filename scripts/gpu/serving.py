@@ -25,7 +25,7 @@ def start_launcher(bin_dir, args, log_path, timeout=240, env=None):
     """Starts `lorax-launcher ARGS` on a free local port (its own process group, output to log_path) and
     waits until /health answers 200. Returns (process, base URL); stop it with `stop_launcher`.
     LORAX_BENCH_LAUNCHER_ARGS (shell words) are appended, to compare settings in one call (e.g.
-    `--max-batch-prefill-chunk-tokens 0`); the environment (LORAX_CUDA_ATTN=staged, say) is inherited."""
+    `--max-batch-prefill-chunk-tokens 0`); the environment (LORAX_CUDA_ATTN=l8, say) is inherited."""
     import os
     import shlex
     import subprocess

@@ -238,8 +238,8 @@ fn kernel_benchmarks() {
     sgmv(&g, 4096, 16, 64, false, copy);
     sgmv(&g, 4096, 64, 64, true, copy);
     decode_attention(&g, 64, 4096, 32, 32, copy);
-    // GQA on each kernel family at head size 128 (16 and 8 lanes per token into registers; staged through
-    // shared memory in 4 stages of 16 tokens; the default, on the tensor cores).
+    // GQA on each kernel family at head size 128 (16 and 8 lanes per token into registers; the default, on
+    // the tensor cores).
     for kernel in AttnKernel::ALL {
         g.set_attention_kernel(kernel);
         decode_attention(&g, 64, 4096, 32, 8, copy);

@@ -9,7 +9,6 @@
 mod common;
 
 use common::{golden, start};
-use futures::StreamExt;
 use serde_json::{json, Value};
 
 /// Eight prompts of about 40 to 180 tokens.
@@ -30,15 +29,7 @@ async fn run(extra: &[&str]) -> (Vec<Value>, f64) {
     let server = start(extra).await;
     let base = server.base.clone();
     let client = reqwest::Client::new();
-    let long = client
-        .post(format!("{base}/generate_stream"))
-        .json(&json!({"inputs": golden().prompts[1], "parameters": {"max_new_tokens": 400, "ignore_eos_token": true}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(long.status(), 200);
-    let mut long = long.bytes_stream();
-    long.next().await.unwrap().unwrap();
+    let long = common::running_stream(&client, &base, &golden().prompts[1]).await;
     let requests = prompts().into_iter().enumerate().map(|(i, p)| {
         let client = client.clone();
         let url = format!("{base}/generate");

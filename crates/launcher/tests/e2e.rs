@@ -47,15 +47,7 @@ async fn serves_transformers_tokens_batches_validates_and_stops_on_sigterm() {
 
     // Continuous batching: a long stream is running; the four prompts (different lengths) arrive
     // concurrently, join its batch, and still give transformers' tokens.
-    let long = client
-        .post(format!("{base}/generate_stream"))
-        .json(&json!({"inputs": g.prompts[2], "parameters": {"max_new_tokens": 400, "ignore_eos_token": true}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(long.status(), 200);
-    let mut long = long.bytes_stream();
-    long.next().await.unwrap().unwrap();
+    let long = common::running_stream(&client, &base, &g.prompts[2]).await;
     let futs = g.prompts.iter().map(|p| generate(&client, &base, p, 32));
     let all = futures::future::join_all(futs).await;
     for ((p, want), got) in g.prompts.iter().zip(&g.greedy).zip(&all) {

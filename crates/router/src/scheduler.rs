@@ -260,19 +260,36 @@ impl Scheduler {
         metrics::histogram!(m::BATCH_NEXT_SIZE).record(requests.len() as f64);
         let started = Instant::now();
         let expected: Vec<u64> = requests.iter().map(|r| r.id).collect();
-        match self.clients.prefill(requests).await {
-            Ok(response) => {
-                metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => "prefill")
+        let result = self.clients.prefill(requests).await;
+        let result = result.map(|r| (r.generations, expected));
+        if self.conclude("prefill", started, result).await {
+            self.steps_since_prefill = 0;
+        }
+    }
+
+    /// Ends a step whose shard call began at `started`: records the call's and the step's durations and
+    /// hands the generations out (`expected`: the requests that must get a token), or fails every request
+    /// when the call failed. `true` when the call succeeded.
+    async fn conclude(
+        &mut self,
+        method: &'static str,
+        started: Instant,
+        result: Result<(Vec<Generation>, Vec<u64>), ClientError>,
+    ) -> bool {
+        match result {
+            Ok((generations, expected)) => {
+                metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => method)
                     .record(started.elapsed().as_secs_f64());
-                self.steps_since_prefill = 0;
-                self.handle(response.generations, &expected).await;
-                metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => "prefill")
+                self.handle(generations, &expected).await;
+                metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => method)
                     .record(started.elapsed().as_secs_f64());
-                metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => "prefill").increment(1);
+                metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => method).increment(1);
+                true
             }
             Err(e) => {
-                metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => "prefill").increment(1);
+                metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => method).increment(1);
                 self.fail_all(e).await;
+                false
             }
         }
     }
@@ -408,23 +425,14 @@ impl Scheduler {
                 .max_batch_prefill_tokens
                 .max(self.policy.max_batch_prefill_chunk_tokens)
         };
-        match self.clients.mixed_step(requests, decoding > 0, budget).await {
-            Ok(response) => {
-                metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => method)
-                    .record(started.elapsed().as_secs_f64());
-                // Every request of the step gets a token, except those whose prompt is still running.
-                let still: std::collections::HashSet<u64> = response.prefilling_ids.iter().copied().collect();
-                let expected: Vec<u64> = in_step.into_iter().filter(|id| !still.contains(id)).collect();
-                self.handle(response.generations, &expected).await;
-                metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => method)
-                    .record(started.elapsed().as_secs_f64());
-                metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => method).increment(1);
-            }
-            Err(e) => {
-                metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => method).increment(1);
-                self.fail_all(e).await;
-            }
-        }
+        let result = self.clients.mixed_step(requests, decoding > 0, budget).await;
+        // Every request of the step gets a token, except those whose prompt is still running.
+        let result = result.map(|response| {
+            let still: std::collections::HashSet<u64> = response.prefilling_ids.iter().copied().collect();
+            let expected = in_step.into_iter().filter(|id| !still.contains(id)).collect();
+            (response.generations, expected)
+        });
+        self.conclude(method, started, result).await;
     }
 
     /// Advances the running batch by one token.
@@ -440,20 +448,12 @@ impl Scheduler {
         metrics::histogram!(m::BATCH_DECODE_SIZE).record(self.running.len() as f64);
         let started = Instant::now();
         let expected: Vec<u64> = self.running.keys().copied().collect();
-        match self.clients.decode().await {
-            Ok(response) => {
-                metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => "decode")
-                    .record(started.elapsed().as_secs_f64());
-                self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
-                self.handle(response.generations, &expected).await;
-                metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => "decode")
-                    .record(started.elapsed().as_secs_f64());
-                metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => "decode").increment(1);
-            }
-            Err(e) => {
-                metrics::counter!(m::BATCH_INFERENCE_FAILURE, "method" => "decode").increment(1);
-                self.fail_all(e).await;
-            }
+        let result = self.clients.decode().await;
+        if self
+            .conclude("decode", started, result.map(|r| (r.generations, expected)))
+            .await
+        {
+            self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
         }
     }
 

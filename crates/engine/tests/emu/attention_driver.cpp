@@ -104,9 +104,9 @@ int main() {
     };
     // GQA 4 as one block of 4 heads, two blocks of 2, and a block of up to 8 holding 4.
     struct { const char* name; Kern k; int maxg; } ks[] = {
-        {"paged_attention_128_4_l8", paged_attention_128_4_l8, 4}, {"paged_attention_128_4_s", paged_attention_128_4_s, 4},
-        {"paged_attention_128_2_l8", paged_attention_128_2_l8, 2}, {"paged_attention_128_2_s", paged_attention_128_2_s, 2},
-        {"paged_attention_128_8_l8", paged_attention_128_8_l8, 8}, {"paged_attention_128_8_s", paged_attention_128_8_s, 8},
+        {"paged_attention_128_4_l8", paged_attention_128_4_l8, 4},
+        {"paged_attention_128_2_l8", paged_attention_128_2_l8, 2},
+        {"paged_attention_128_8_l8", paged_attention_128_8_l8, 8},
         {"paged_attention_128_4_tc", paged_attention_128_4_tc, 4}, {"paged_attention_128_2_tc", paged_attention_128_2_tc, 2},
         {"paged_attention_128_8_tc", paged_attention_128_8_tc, 8},
     };

@@ -157,6 +157,21 @@ pub async fn generate(client: &reqwest::Client, base: &str, inputs: &str, n: usi
         .collect()
 }
 
+/// Starts a 400-token stream of `inputs` and waits for its first event, so its batch is running when
+/// this returns; dropping the stream disconnects it.
+pub async fn running_stream(client: &reqwest::Client, base: &str, inputs: &str) -> impl futures::Stream {
+    let r = client
+        .post(format!("{base}/generate_stream"))
+        .json(&json!({"inputs": inputs, "parameters": {"max_new_tokens": 400, "ignore_eos_token": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    futures::StreamExt::next(&mut stream).await.unwrap().unwrap();
+    stream
+}
+
 pub async fn metric(client: &reqwest::Client, base: &str, name: &str) -> Option<f64> {
     let text = client
         .get(format!("{base}/metrics"))

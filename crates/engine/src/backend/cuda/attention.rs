@@ -114,7 +114,8 @@ impl CudaBackend {
         // Validate the whole batch before computing anything (as the CPU backend does).
         let mut rows = vec![-1i32; 2 * n];
         let mut tables: Vec<u32> = Vec::new();
-        let mut pf_tiles: Vec<i32> = Vec::new();
+        // Prefill tiles (first row, rows, position of the first row, block table offset).
+        let mut pf_tiles: Vec<[i32; 4]> = Vec::new();
         let mut paged_rows = false;
         let (mut max_len, mut kv_tokens) = (1usize, 0usize);
         for s in meta.seqs {
@@ -134,7 +135,7 @@ impl CudaBackend {
             let uncut = meta.sliding_window.is_none_or(|w| ctx <= w);
             if tc_kernel.is_some() && s.q_len >= TC_PREFILL_MIN_ROWS && uncut {
                 for t in (0..s.q_len).step_by(PF_BM) {
-                    pf_tiles.extend_from_slice(&[
+                    pf_tiles.push([
                         int("row", s.q_start + t)?,
                         int("tile rows", PF_BM.min(s.q_len - t))?,
                         int("position", s.ctx_before + t)?,
@@ -187,15 +188,13 @@ impl CudaBackend {
             Some(kernel) if !pf_tiles.is_empty() => {
                 // Longest tiles (most keys: the last of each prompt) first, so the causal triangle's long
                 // blocks start in the first wave instead of trailing the launch.
-                let mut order: Vec<[i32; 4]> = pf_tiles.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
-                order.sort_by_key(|t| std::cmp::Reverse(t[1] + t[2]));
-                let pf_tiles: Vec<i32> = order.concat();
-                let d_tiles = self.upload(&pf_tiles)?;
+                pf_tiles.sort_by_key(|t| std::cmp::Reverse(t[1] + t[2]));
+                let d_tiles = self.upload(pf_tiles.as_flattened())?;
                 Some(PrefillLaunch {
                     kernel,
                     grid: cfg(
                         (
-                            uint("prefill tiles", pf_tiles.len() / 4)?,
+                            uint("prefill tiles", pf_tiles.len())?,
                             uint("heads", meta.num_heads)?,
                             1,
                         ),

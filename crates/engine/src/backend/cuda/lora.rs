@@ -42,6 +42,17 @@ pub struct LoraPlan<'a> {
     _io: PhantomData<&'a mut CudaTensor>,
 }
 
+/// Appends one `struct LoraSeg`: A and B device pointers, first row, rows, rank, scale.
+fn push_record(table: &mut Vec<u8>, (a, b): (u64, u64), start: usize, len: usize, r: usize, scale: f32) -> Result<()> {
+    table.extend_from_slice(&a.to_le_bytes());
+    table.extend_from_slice(&b.to_le_bytes());
+    table.extend_from_slice(&int("segment start", start)?.to_le_bytes());
+    table.extend_from_slice(&int("segment length", len)?.to_le_bytes());
+    table.extend_from_slice(&int("rank", r)?.to_le_bytes());
+    table.extend_from_slice(&scale.to_le_bytes());
+    Ok(())
+}
+
 impl CudaBackend {
     /// Checks and lays out `y[rows] += scale · (x[rows] · aᵀ) · bᵀ` for each segment (see
     /// [`crate::backend::Backend::lora`]); `None` when there is nothing to do.
@@ -56,8 +67,6 @@ impl CudaBackend {
         if n != ny {
             return Err(shape_err("lora", &x.shape, &y.shape));
         }
-        // (A, B, first row, rows, rank, scale) per non-empty segment.
-        let mut recs: Vec<(u64, u64, usize, usize, usize, f32)> = Vec::with_capacity(segments.len());
         let (mut rmax, mut max_len, mut weight_bytes) = (0usize, 0usize, 0usize);
         for seg in segments {
             let (r, ka) = seg.a.rows_cols();
@@ -73,52 +82,47 @@ impl CudaBackend {
                     seg.b.shape
                 )));
             }
-            if seg.len == 0 {
-                continue;
+            if seg.len > 0 {
+                rmax = rmax.max(r);
+                max_len = max_len.max(seg.len);
+                weight_bytes += (seg.a.numel() + seg.b.numel()) * self.dtype.size();
             }
-            rmax = rmax.max(r);
-            max_len = max_len.max(seg.len);
-            weight_bytes += (seg.a.numel() + seg.b.numel()) * self.dtype.size();
-            recs.push((
-                self.ptr(&seg.a.buf),
-                self.ptr(&seg.b.buf),
-                seg.start,
-                seg.len,
-                r,
-                seg.scale,
-            ));
         }
-        if recs.is_empty() || k == 0 || out == 0 {
+        if max_len == 0 || k == 0 || out == 0 {
             return Ok(None);
         }
-        let table = |recs: &[(u64, u64, usize, usize, usize, f32)]| -> Result<Vec<u8>> {
-            let mut table = Vec::with_capacity(recs.len() * SEG_BYTES);
-            for &(a, b, start, len, r, scale) in recs {
-                table.extend_from_slice(&a.to_le_bytes());
-                table.extend_from_slice(&b.to_le_bytes());
-                table.extend_from_slice(&int("segment start", start)?.to_le_bytes());
-                table.extend_from_slice(&int("segment length", len)?.to_le_bytes());
-                table.extend_from_slice(&int("rank", r)?.to_le_bytes());
-                table.extend_from_slice(&scale.to_le_bytes());
+        // BGMV (the decode shape) takes segments as records of at most BG_ROWS rows: a popular adapter's
+        // rows become several records, whose repeated reads of the same weights come from L2.
+        let bgmv = self.lora_bgmv && max_len <= BG_SPLIT_MAX && rmax <= BG_RANK;
+        let rows_per_record = if bgmv { BG_ROWS } else { usize::MAX };
+        let mut table: Vec<u8> = Vec::with_capacity(segments.len() * SEG_BYTES);
+        for seg in segments.iter().filter(|s| s.len > 0) {
+            let (a, b, r) = (self.ptr(&seg.a.buf), self.ptr(&seg.b.buf), seg.a.rows_cols().0);
+            for c in (0..seg.len).step_by(rows_per_record.min(seg.len)) {
+                push_record(
+                    &mut table,
+                    (a, b),
+                    seg.start + c,
+                    rows_per_record.min(seg.len - c),
+                    r,
+                    seg.scale,
+                )?;
             }
-            Ok(table)
-        };
-        if self.lora_bgmv && max_len <= BG_SPLIT_MAX && rmax <= BG_RANK {
-            // The decode shape: BGMV (each weight read once per BG_ROWS rows, no atomics, no zeroing).
-            // Longer segments (a popular adapter's rows) run as chunks of BG_ROWS rows, whose repeated reads
-            // of the same weights come from L2; the chunk count is padded with empty records to a power of
-            // two, so the grid, and with it a decode step's CUDA graph, stays the same while the batch's
-            // mix of adapters changes within that bound.
-            let mut chunks = Vec::with_capacity(recs.len());
-            for &(a, b, start, len, r, scale) in &recs {
-                for c in (0..len).step_by(BG_ROWS) {
-                    chunks.push((a, b, start + c, BG_ROWS.min(len - c), r, scale));
-                }
+        }
+        if bgmv {
+            // Empty records (no rows, rank 0) pad the count to a power of two, so the grid, and with it a
+            // decode step's CUDA graph, stays the same while the batch's mix of adapters changes within
+            // that bound.
+            let records = table.len() / SEG_BYTES;
+            for _ in records..records.next_power_of_two() {
+                push_record(&mut table, (0, 0), 0, 0, 0, 0.0)?;
             }
-            chunks.resize(chunks.len().next_power_of_two(), (0, 0, 0, 0, 0, 0.0));
+        }
+        let nseg = table.len() / SEG_BYTES;
+        if bgmv {
             let tmp = self.bytes(n * rmax * 4)?;
-            let d_table = self.upload(&table(&chunks)?)?;
-            let segs = uint("segments", chunks.len())?;
+            let d_table = self.upload(&table)?;
+            let segs = uint("segments", nseg)?;
             return Ok(Some(LoraPlan {
                 ptrs: [self.ptr(&tmp), self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&d_table)],
                 ints: [
@@ -144,7 +148,6 @@ impl CudaBackend {
                 _io: PhantomData,
             }));
         }
-        let nseg = recs.len();
         // Row tiles no taller than the longest segment: decode (one row per segment) stages one x row.
         let rt = LORA_ROWS.min(max_len);
         let too_large = || EngineError::Backend(format!("LoRA rank {rmax} is too large for the SGMV kernels"));
@@ -175,7 +178,7 @@ impl CudaBackend {
         // Zeroed by each run (the shrink accumulates into it with atomics).
         // SAFETY: uninitialised until lora_run's memset, which precedes every kernel that reads it.
         let tmp = self.bytes(n * rmax * 4)?;
-        let d_table = self.upload(&table(&recs)?)?;
+        let d_table = self.upload(&table)?;
         let tiles = uint("row tiles", tiles)?;
         let segs = uint("segments", nseg)?;
         Ok(Some(LoraPlan {

@@ -17,7 +17,7 @@
 //! outputs show; `LORAX_CUDA_SYNC=1` synchronises after every launch so a fault names its kernel;
 //! `LORAX_CUDA_PREFILL=simple` keeps prefill off the tensor-core kernel; `LORAX_CUDA_GRAPHS=0` turns
 //! decode-step CUDA graphs off (graph.rs); `LORAX_CUDA_ATTN` picks the GQA attention kernels at head size
-//! 128 (`tc`, default: on the tensor cores; `l8`; `l16`; `staged`, through shared memory by cp.async).
+//! 128 (`tc`, default: on the tensor cores; `l8`; `l16`).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -70,9 +70,6 @@ pub enum AttnKernel {
     Lanes16,
     /// The same with 8 lanes per token (`l8`; f32 backends use it in place of [`AttnKernel::Tensor`]).
     Lanes8,
-    /// 8 lanes per token, keys and values staged through shared memory by cp.async in four stages of 16
-    /// tokens (`staged`; slower than `l8` on an H200: 30 against 43% of the copy bandwidth at 128 x 640).
-    Staged,
     /// The group's query heads as the rows of tensor-core (mma.sync) tiles, keys and values straight into
     /// operand registers (`tc`, the default; bf16/f16 only: an f32 backend uses [`AttnKernel::Lanes8`]).
     Tensor,
@@ -80,7 +77,7 @@ pub enum AttnKernel {
 
 impl AttnKernel {
     /// All of them, for tests and benchmarks.
-    pub const ALL: [AttnKernel; 4] = [Self::Lanes16, Self::Lanes8, Self::Staged, Self::Tensor];
+    pub const ALL: [AttnKernel; 3] = [Self::Lanes16, Self::Lanes8, Self::Tensor];
 
     /// `LORAX_CUDA_ATTN` (unset: [`AttnKernel::Tensor`]); an unknown value is an error naming the choices.
     fn from_env() -> Result<Self> {
@@ -88,9 +85,8 @@ impl AttnKernel {
             Err(_) | Ok("tc") => Ok(Self::Tensor),
             Ok("l8") => Ok(Self::Lanes8),
             Ok("l16") => Ok(Self::Lanes16),
-            Ok("staged") => Ok(Self::Staged),
             Ok(other) => Err(EngineError::Backend(format!(
-                "LORAX_CUDA_ATTN={other:?}: expected l8, l16, staged or tc"
+                "LORAX_CUDA_ATTN={other:?}: expected tc, l8 or l16"
             ))),
         }
     }
@@ -100,7 +96,6 @@ impl AttnKernel {
         match self {
             Self::Lanes16 => "",
             Self::Lanes8 => "_l8",
-            Self::Staged => "_s",
             Self::Tensor => "_tc",
         }
     }
@@ -157,9 +152,6 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "paged_attention_128_2_l8",
             "paged_attention_128_4_l8",
             "paged_attention_128_8_l8",
-            "paged_attention_128_2_s",
-            "paged_attention_128_4_s",
-            "paged_attention_128_8_s",
             "paged_attention_128_2_tc",
             "paged_attention_128_4_tc",
             "paged_attention_128_8_tc",
