@@ -1,5 +1,5 @@
 // Row-wise and element-wise kernels of the decoder: embedding lookup, RMSNorm (plain and fused with the
-// residual add), rotary embedding, SiLU-and-multiply, additions, the paged KV-cache write and row gathers.
+// residual add), rotary embedding with the paged KV-cache write, SiLU-and-multiply, additions and row gathers.
 // Rows are one block each (grid.x = rows); element-wise kernels use a grid-stride loop.
 // Rounding follows transformers in reduced precision where it is cheap to do so (noted per kernel).
 
@@ -47,34 +47,46 @@ extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ res
     rms_norm_row(out + r * h, res, w, h, eps);
 }
 
-// Rotary embedding in place, Hugging Face's rotate-half layout: for each head, element i pairs with
-// i + head_dim/2. The angle is inv_freq[i] * position formed in f32 (as transformers does); any rope
-// scaling (linear, llama3) is already folded into inv_freq.
-extern "C" __global__ void rope(T* __restrict__ x, const u32* __restrict__ positions, const float* __restrict__ inv_freq,
-                                int width, int head_dim) {
+// The attention inputs of a fused q/k/v projection row [q_dim | kv_dim | kv_dim]: rotary embedding of the
+// query and key heads (Hugging Face's rotate-half layout: element i of a head pairs with i + head_dim/2;
+// the angle is inv_freq[i] * position formed in f32, as transformers does; any rope scaling is already
+// folded into inv_freq), queries to q, keys and values to their cache slot (checked on the host; a padding
+// row's slot is 0xffffffff: no write).
+extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_cache, T* __restrict__ v_cache,
+                                         const T* __restrict__ qkv, const u32* __restrict__ positions,
+                                         const float* __restrict__ inv_freq, const u32* __restrict__ slots, int q_dim,
+                                         int kv_dim, int head_dim) {
     const u64 r = blockIdx.x;
     const int half = head_dim / 2;
-    const int heads = width / head_dim;
+    const int heads = (q_dim + kv_dim) / head_dim;
     const float pos = (float)positions[r];
-    T* row = x + r * width;
+    const u64 s = slots[r];
+    const T* row = qkv + r * (u64)(q_dim + 2 * kv_dim);
     for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
         const int head = idx / half, i = idx % half;
-        float s, c;
-        sincosf(inv_freq[i] * pos, &s, &c);
-        T* hp = row + head * head_dim;
-        const float a = to_f(hp[i]), b = to_f(hp[i + half]);
-        hp[i] = from_f(a * c - b * s);
-        hp[i + half] = from_f(b * c + a * s);
+        float sn, cs;
+        sincosf(inv_freq[i] * pos, &sn, &cs);
+        const int c = head * head_dim + i;
+        if (c >= q_dim && s == 0xffffffffull) continue;
+        T* dst = c < q_dim ? q + r * q_dim + c : k_cache + s * kv_dim + (c - q_dim);
+        const float a = to_f(row[c]), b = to_f(row[c + half]);
+        dst[0] = from_f(a * cs - b * sn);
+        dst[half] = from_f(b * cs + a * sn);
     }
+    const T* v = row + q_dim + kv_dim;
+    if (s == 0xffffffffull) return;
+    for (int c = threadIdx.x; c < kv_dim; c += blockDim.x) v_cache[s * kv_dim + c] = v[c];
 }
 
-// out = silu(gate) * up; silu's result is rounded to the storage type first, as transformers computes
-// act_fn(gate_proj(x)) * up_proj(x) in that type.
-extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ up, u64 n) {
+// out[r, c] = silu(x[r, c]) * x[r, f + c] for the fused gate/up output x [rows, 2f]; silu's result is rounded
+// to the storage type first, as transformers computes act_fn(gate_proj(x)) * up_proj(x) in that type.
+extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x, u64 n, u64 f) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const float g = to_f(gate[i]);
-        const float s = to_f(from_f(g / (1.0f + expf(-g))));
-        out[i] = from_f(s * to_f(up[i]));
+        const u64 r = i / f, c = i - r * f;
+        const T* row = x + r * 2 * f;
+        const float g = to_f(row[c]);
+        const float sg = to_f(from_f(g / (1.0f + expf(-g))));
+        out[i] = from_f(sg * to_f(row[f + c]));
     }
 }
 
@@ -89,17 +101,6 @@ extern "C" __global__ void add_bias(T* __restrict__ y, const T* __restrict__ bia
     const u64 r = blockIdx.x;
     T* row = y + r * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = from_f(to_f(row[c]) + to_f(bias[c]));
-}
-
-// k_cache[slots[r], :] = k[r, :] and the same for v. Slots were checked against the cache on the host.
-extern "C" __global__ void kv_write(T* __restrict__ k_cache, T* __restrict__ v_cache, const T* __restrict__ k,
-                                    const T* __restrict__ v, const u32* __restrict__ slots, int dim) {
-    const u64 r = blockIdx.x;
-    const u64 s = slots[r];
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-        k_cache[s * dim + c] = k[r * dim + c];
-        v_cache[s * dim + c] = v[r * dim + c];
-    }
 }
 
 // out[i, :] = x[rows[i], :].

@@ -1,5 +1,7 @@
 // SGMV (segmented gather matrix-vector, Punica's design) for batched LoRA:
-//   y[rows of segment s] += scale_s * (x[rows] . A_s^T) . B_s^T
+//   y[rows of segment s, col_s .. col_s + cols_s] += scale_s * (x[rows] . A_s^T) . B_s^T
+// (y's rows are out_dim wide; a fused projection's parts, such as q, k and v, are segments with their own
+// column ranges in one launch).
 // A segment is a run of consecutive rows sharing an adapter; each has its own A/B pointers, rank and
 // scale, so one launch serves a batch of many adapters of mixed ranks. Rows in no segment (base-model
 // rows) are never touched.
@@ -19,6 +21,11 @@ struct LoraSeg {
     int len;    // rows
     int rank;
     float scale;
+    int col;    // first column of y this segment adds into
+    int cols;   // its columns (B's rows)
+    int trow;   // row of tmp that holds its first row's shrink (segments of a fused projection's parts
+                // share rows of x, so each part has its own rows of tmp)
+    int pad;
 };
 
 // Stages rows x n elements from src (global, rows `stride` elements apart) into dst (shared, f32, rows
@@ -79,7 +86,7 @@ extern "C" __global__ void sgmv_shrink(float* __restrict__ tmp, const T* __restr
             for (int k = sub; k < kl; k += ksub) acc += xs[k] * as[k];
         }
         for (int off = ksub / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        if (o < outs && sub == 0) atomicAdd(&tmp[(u64)(sg.start + row0 + o / r) * rmax + o % r], acc);
+        if (o < outs && sub == 0) atomicAdd(&tmp[(u64)(sg.trow + row0 + o / r) * rmax + o % r], acc);
     }
 }
 
@@ -90,9 +97,9 @@ extern "C" __global__ void sgmv_expand(T* __restrict__ y, const float* __restric
     const LoraSeg sg = segs[blockIdx.x];
     const int row0 = blockIdx.z * rt;
     const int c0 = blockIdx.y * ot;
-    if (row0 >= sg.len || c0 >= out_dim) return;
+    if (row0 >= sg.len || c0 >= sg.cols) return;
     const int rows = min(rt, sg.len - row0);
-    const int cl = min(ot, out_dim - c0);
+    const int cl = min(ot, sg.cols - c0);
     const int r = sg.rank;
     const int ld = r + 1;
     float* b_s = sm;
@@ -114,7 +121,7 @@ extern "C" __global__ void sgmv_expand(T* __restrict__ y, const float* __restric
         for (int f = threadIdx.x; f < n; f += blockDim.x) b_s[(f / r) * ld + f % r] = to_f(B[f]);
     }
     for (int f = threadIdx.x; f < rows * r; f += blockDim.x)
-        t_s[f] = tmp[(u64)(sg.start + row0 + f / r) * rmax + f % r];
+        t_s[f] = tmp[(u64)(sg.trow + row0 + f / r) * rmax + f % r];
     __syncthreads();
 
     for (int o = threadIdx.x; o < rows * cl; o += blockDim.x) {
@@ -123,7 +130,7 @@ extern "C" __global__ void sgmv_expand(T* __restrict__ y, const float* __restric
         const float* bs = b_s + c * ld;
         float acc = 0.f;
         for (int j = 0; j < r; ++j) acc += ts[j] * bs[j];
-        T* yp = y + (u64)(sg.start + row0 + i) * out_dim + c0 + c;
+        T* yp = y + (u64)(sg.start + row0 + i) * out_dim + sg.col + c0 + c;
         *yp = from_f(to_f(*yp) + sg.scale * acc);
     }
 }
@@ -134,8 +141,8 @@ extern "C" __global__ void sgmv_expand(T* __restrict__ y, const float* __restric
 // bgmv_shrink: grid (segment, j < rmax), 128 threads: tmp[row, j] = x[row] . A[j, :] for the segment's
 //   rows (each (row, j) written by exactly one block; j >= the segment's rank is left unwritten and never
 //   read).
-// bgmv_expand: grid (segment, column tile of 256), thread per column c: y[row, c] += scale * tmp[row, :r] .
-//   B[c, :r].
+// bgmv_expand: grid (segment, column tile of 256), thread per column c: y[row, col + c] += scale *
+//   tmp[row, :r] . B[c, :r].
 // Sums run in a fixed order, so results do not depend on scheduling.
 #define BG_ROWS 4
 #define BG_RANK 64
@@ -188,7 +195,7 @@ extern "C" __global__ void bgmv_shrink(float* __restrict__ tmp, const T* __restr
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < BG_SHRINK_THREADS / 32; ++w) s += red[threadIdx.x][w];
-        tmp[(u64)(sg.start + threadIdx.x) * rmax + j] = s;
+        tmp[(u64)(sg.trow + threadIdx.x) * rmax + j] = s;
     }
 }
 
@@ -199,10 +206,10 @@ extern "C" __global__ void bgmv_expand(T* __restrict__ y, const float* __restric
     const int r = sg.rank;
     const int rows = min(sg.len, BG_ROWS);
     __shared__ float t_s[BG_ROWS * BG_RANK];
-    for (int f = threadIdx.x; f < rows * r; f += blockDim.x) t_s[f] = tmp[(u64)(sg.start + f / r) * rmax + f % r];
+    for (int f = threadIdx.x; f < rows * r; f += blockDim.x) t_s[f] = tmp[(u64)(sg.trow + f / r) * rmax + f % r];
     __syncthreads();
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
-    if (c >= out_dim) return;
+    if (c >= sg.cols) return;
     const T* b = reinterpret_cast<const T*>(sg.b) + (u64)c * r;
     float acc[BG_ROWS];
 #pragma unroll
@@ -230,7 +237,7 @@ extern "C" __global__ void bgmv_expand(T* __restrict__ y, const float* __restric
 #pragma unroll
     for (int i = 0; i < BG_ROWS; ++i) {
         if (i < rows) {
-            T* yp = y + (u64)(sg.start + i) * out_dim + c;
+            T* yp = y + (u64)(sg.start + i) * out_dim + sg.col + c;
             *yp = from_f(to_f(*yp) + sg.scale * acc[i]);
         }
     }

@@ -270,7 +270,25 @@ impl<B: Backend> Engine<B> {
                 ctx_before,
                 block_table,
                 adapter,
+                pad: false,
             });
+        }
+        let graph = decode && self.comm.world_size() == 1;
+        let mut all_logits = std::borrow::Cow::Borrowed(all_logits);
+        if graph {
+            // Padding rows up to the backend's row count for the step (a CUDA graph's): a batch whose size
+            // wanders (requests finishing and joining) replays a few graphs instead of capturing one per
+            // size.
+            let rows: usize = inputs.iter().map(|s| s.tokens.len()).sum();
+            let pad = self.backend.decode_rows(rows).saturating_sub(rows);
+            inputs.extend((0..pad).map(|_| SeqInput {
+                tokens: &[0],
+                ctx_before: 0,
+                block_table: &[0],
+                adapter: None,
+                pad: true,
+            }));
+            all_logits.to_mut().resize(inputs.len(), false);
         }
         let adapters = keys
             .iter()
@@ -280,9 +298,9 @@ impl<B: Backend> Engine<B> {
                     .ok_or_else(|| EngineError::AdapterNotLoaded((*k).to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
-        let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
+        let input = ForwardInput::build(&self.cache, &inputs, &all_logits)?;
         let (model, backend, cache, comm) = (&self.model, &*self.backend, &mut self.cache, &*self.comm);
-        if decode && comm.world_size() == 1 {
+        if graph {
             backend.decode_step(input.tokens.len(), &mut || {
                 model.forward(backend, cache, &input, &adapters, comm)
             })

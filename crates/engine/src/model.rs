@@ -5,7 +5,7 @@
 //! keys/values into the paged cache, attends over each sequence's whole cached context, and returns
 //! logits only for the rows asked for (usually the last new token of each sequence).
 
-use crate::backend::{AttnMeta, AttnSeq, Backend, LoraSegment};
+use crate::backend::{AttnMeta, AttnSeq, Backend, LoraSegment, NO_SLOT};
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -38,17 +38,33 @@ impl<B: Backend> Linear<B> {
     fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
         backend.linear(x, &self.w, self.b.as_ref())
     }
+
+    /// One layer whose output is the parts' outputs side by side (q/k/v, gate/up): one GEMM instead of
+    /// several, reading the same input once.
+    fn fused(backend: &B, parts: &[Linear<B>]) -> Result<Self> {
+        let w = backend.concat_rows(&parts.iter().map(|p| &p.w).collect::<Vec<_>>())?;
+        let biases: Vec<&B::Tensor> = parts.iter().filter_map(|p| p.b.as_ref()).collect();
+        let b = match biases.len() {
+            0 => None,
+            n if n == parts.len() => Some(backend.concat_rows(&biases)?),
+            _ => {
+                return Err(EngineError::Backend(
+                    "some parts of a fused projection have biases and some do not".into(),
+                ))
+            }
+        };
+        Ok(Self { w, b })
+    }
 }
 
 struct Layer<B: Backend> {
     input_norm: B::Tensor,
-    q: Linear<B>,
-    k: Linear<B>,
-    v: Linear<B>,
+    /// q, k and v fused: `[q_dim + 2·kv_dim, hidden]` (this rank's slices).
+    qkv: Linear<B>,
     o: Linear<B>,
     post_norm: B::Tensor,
-    gate: Linear<B>,
-    up: Linear<B>,
+    /// gate and up fused: `[2·ffn, hidden]`.
+    gate_up: Linear<B>,
     down: Linear<B>,
 }
 
@@ -63,6 +79,9 @@ pub struct SeqInput<'a> {
     pub block_table: &'a [u32],
     /// Index of its adapter in the adapters given to [`Model::forward`]; `None` for the base model.
     pub adapter: Option<usize>,
+    /// A padding row (filling a decode step up to its CUDA graph's row count): its keys and values are
+    /// written nowhere ([`NO_SLOT`]) and its output is discarded.
+    pub pad: bool,
 }
 
 /// Consecutive rows of a forward pass that share an adapter.
@@ -115,7 +134,11 @@ impl<'a> ForwardInput<'a> {
                 input
                     .positions
                     .push(u32::try_from(pos).map_err(|_| EngineError::InvalidBatch("position overflows u32".into()))?);
-                input.slots.push(cache.slot(s.block_table, pos)?);
+                input.slots.push(if s.pad {
+                    NO_SLOT
+                } else {
+                    cache.slot(s.block_table, pos)?
+                });
             }
             input.seqs.push(AttnSeq {
                 q_start,
@@ -157,6 +180,8 @@ pub struct Model<B: Backend> {
     inv_freq: Vec<f32>,
     local_heads: usize,
     local_kv_heads: usize,
+    /// Tensor-parallel ranks (the FFN is split evenly across them).
+    world: usize,
     kv_slice: (usize, usize),
 }
 
@@ -238,15 +263,21 @@ impl<B: Backend> Model<B> {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
+            let qkv = [
+                linear(&format!("{p}.self_attn.q_proj"), qd, h, col, cfg.qkv_bias)?,
+                linear(&format!("{p}.self_attn.k_proj"), kvd, h, kv, cfg.qkv_bias)?,
+                linear(&format!("{p}.self_attn.v_proj"), kvd, h, kv, cfg.qkv_bias)?,
+            ];
+            let gate_up = [
+                linear(&format!("{p}.mlp.gate_proj"), ffn, h, col, cfg.mlp_bias)?,
+                linear(&format!("{p}.mlp.up_proj"), ffn, h, col, cfg.mlp_bias)?,
+            ];
             layers.push(Layer {
                 input_norm: tensor(&format!("{p}.input_layernorm.weight"), &[h], None)?,
-                q: linear(&format!("{p}.self_attn.q_proj"), qd, h, col, cfg.qkv_bias)?,
-                k: linear(&format!("{p}.self_attn.k_proj"), kvd, h, kv, cfg.qkv_bias)?,
-                v: linear(&format!("{p}.self_attn.v_proj"), kvd, h, kv, cfg.qkv_bias)?,
+                qkv: Linear::fused(backend, &qkv)?,
                 o: linear(&format!("{p}.self_attn.o_proj"), h, qd, row, cfg.o_bias)?,
                 post_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[h], None)?,
-                gate: linear(&format!("{p}.mlp.gate_proj"), ffn, h, col, cfg.mlp_bias)?,
-                up: linear(&format!("{p}.mlp.up_proj"), ffn, h, col, cfg.mlp_bias)?,
+                gate_up: Linear::fused(backend, &gate_up)?,
                 down: linear(&format!("{p}.mlp.down_proj"), h, ffn, row, cfg.mlp_bias)?,
             });
         }
@@ -264,6 +295,7 @@ impl<B: Backend> Model<B> {
             lm_head,
             inv_freq: cfg.inv_freq(),
             local_heads: cfg.num_heads / world,
+            world,
             local_kv_heads: cfg.num_kv_heads / kv_parts,
             kv_slice: (kv_index, kv_parts),
         })
@@ -320,31 +352,37 @@ impl<B: Backend> Model<B> {
             )));
         }
         let eps = cfg.rms_norm_eps;
-        // Runs a projection, then adds each segment's LoRA term for it.
-        let project = |linear: &Linear<B>, x: &B::Tensor, layer: usize, target: Target| -> Result<B::Tensor> {
-            let mut y = linear.forward(backend, x)?;
-            let segs: Vec<LoraSegment<'_, B::Tensor>> = input
-                .segments
-                .iter()
-                .filter_map(|s| {
-                    adapters[s.adapter]
-                        .layers
-                        .get(layer)
-                        .and_then(|l| l[target.index()].as_ref())
-                        .map(|w| LoraSegment {
-                            start: s.start,
-                            len: s.len,
-                            a: &w.a,
-                            b: &w.b,
-                            scale: w.scale,
-                        })
-                })
-                .collect();
-            if !segs.is_empty() {
-                backend.lora(&mut y, x, &segs)?;
-            }
-            Ok(y)
-        };
+        let (qd, kvd) = (self.local_heads * cfg.head_dim, self.local_kv_heads * cfg.head_dim);
+        let ffn = cfg.intermediate_size / self.world;
+        // Runs a (possibly fused) projection, then adds each segment's LoRA terms for its parts (target,
+        // first column of the output), all parts in one call.
+        let project =
+            |linear: &Linear<B>, x: &B::Tensor, layer: usize, parts: &[(Target, usize)]| -> Result<B::Tensor> {
+                let mut y = linear.forward(backend, x)?;
+                let mut segs: Vec<LoraSegment<'_, B::Tensor>> = Vec::new();
+                for &(target, col) in parts {
+                    for s in &input.segments {
+                        if let Some(w) = adapters[s.adapter]
+                            .layers
+                            .get(layer)
+                            .and_then(|l| l[target.index()].as_ref())
+                        {
+                            segs.push(LoraSegment {
+                                start: s.start,
+                                len: s.len,
+                                a: &w.a,
+                                b: &w.b,
+                                scale: w.scale,
+                                col,
+                            });
+                        }
+                    }
+                }
+                if !segs.is_empty() {
+                    backend.lora(&mut y, x, &segs)?;
+                }
+                Ok(y)
+            };
         let mut residual = backend.embedding(&self.embed, &input.tokens)?;
         let mut pending: Option<B::Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -352,20 +390,28 @@ impl<B: Backend> Model<B> {
                 None => backend.rms_norm(&residual, &layer.input_norm, eps)?,
                 Some(out) => backend.add_rms_norm(&mut residual, &out, &layer.input_norm, eps)?,
             };
-            let mut q = project(&layer.q, &h, i, Target::Q)?;
-            let mut k = project(&layer.k, &h, i, Target::K)?;
-            let v = project(&layer.v, &h, i, Target::V)?;
-            backend.rope(&mut q, cfg.head_dim, &input.positions, &self.inv_freq)?;
-            backend.rope(&mut k, cfg.head_dim, &input.positions, &self.inv_freq)?;
-            backend.kv_write(&mut cache.k[i], &mut cache.v[i], &k, &v, &input.slots)?;
+            let qkv = project(
+                &layer.qkv,
+                &h,
+                i,
+                &[(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)],
+            )?;
+            let q = backend.rope_kv_write(
+                &qkv,
+                &mut cache.k[i],
+                &mut cache.v[i],
+                cfg.head_dim,
+                &input.positions,
+                &self.inv_freq,
+                &input.slots,
+            )?;
             let attn = backend.attention(&q, &cache.k[i], &cache.v[i], &meta)?;
-            let mut attn_out = project(&layer.o, &attn, i, Target::O)?;
+            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
             backend.all_reduce_sum(&mut attn_out, comm)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
-            let gate = project(&layer.gate, &h2, i, Target::Gate)?;
-            let up = project(&layer.up, &h2, i, Target::Up)?;
-            let act = backend.silu_mul(&gate, &up)?;
-            let mut down = project(&layer.down, &act, i, Target::Down)?;
+            let gate_up = project(&layer.gate_up, &h2, i, &[(Target::Gate, 0), (Target::Up, ffn)])?;
+            let act = backend.silu_mul(&gate_up)?;
+            let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)])?;
             backend.all_reduce_sum(&mut down, comm)?;
             pending = Some(down);
         }

@@ -7,7 +7,10 @@ mod chunked_cases;
 mod common;
 
 use chunked_cases::Setup;
-use lorax_engine::{CpuBackend, Engine};
+use lorax_engine::backend::{AttnMeta, LoraSegment};
+use lorax_engine::comm::Communicator;
+use lorax_engine::weights::HostTensor;
+use lorax_engine::{Backend, CpuBackend, CpuTensor, Engine, Result};
 
 fn cpu() -> Engine<CpuBackend> {
     chunked_cases::engine(CpuBackend, &common::fixtures())
@@ -33,4 +36,88 @@ fn decode_skips_prefilling_sequences() {
 #[test]
 fn failed_step_adds_nothing() {
     chunked_cases::failed_step_adds_nothing(&setup());
+}
+
+/// The CPU backend, except that decode steps run padded to a multiple of 8 rows (as CUDA graph steps are
+/// padded to their row counts).
+struct Padded;
+
+impl Backend for Padded {
+    type Tensor = CpuTensor;
+
+    fn name(&self) -> String {
+        "padded cpu".into()
+    }
+    fn decode_rows(&self, rows: usize) -> usize {
+        rows.next_multiple_of(8)
+    }
+    fn weight(&self, t: &HostTensor<'_>) -> Result<CpuTensor> {
+        CpuBackend.weight(t)
+    }
+    fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {
+        CpuBackend.tensor_from_f32(shape, data)
+    }
+    fn to_f32(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        CpuBackend.to_f32(t)
+    }
+    fn zeros(&self, shape: &[usize]) -> Result<CpuTensor> {
+        CpuBackend.zeros(shape)
+    }
+    fn shape<'a>(&self, t: &'a CpuTensor) -> &'a [usize] {
+        &t.shape
+    }
+    fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {
+        CpuBackend.embedding(table, ids)
+    }
+    fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
+        CpuBackend.linear(x, w, bias)
+    }
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        CpuBackend.rms_norm(x, w, eps)
+    }
+    fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        CpuBackend.add_rms_norm(residual, x, w, eps)
+    }
+    fn add_assign(&self, dst: &mut CpuTensor, src: &CpuTensor) -> Result<()> {
+        CpuBackend.add_assign(dst, src)
+    }
+    fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
+        CpuBackend.silu_mul(gate_up)
+    }
+    fn rope_kv_write(
+        &self,
+        qkv: &CpuTensor,
+        k_cache: &mut CpuTensor,
+        v_cache: &mut CpuTensor,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &[f32],
+        slots: &[u32],
+    ) -> Result<CpuTensor> {
+        CpuBackend.rope_kv_write(qkv, k_cache, v_cache, head_dim, positions, inv_freq, slots)
+    }
+    fn concat_rows(&self, parts: &[&CpuTensor]) -> Result<CpuTensor> {
+        CpuBackend.concat_rows(parts)
+    }
+    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, meta: &AttnMeta<'_>) -> Result<CpuTensor> {
+        CpuBackend.attention(q, k, v, meta)
+    }
+    fn lora(&self, y: &mut CpuTensor, x: &CpuTensor, segments: &[LoraSegment<'_, CpuTensor>]) -> Result<()> {
+        CpuBackend.lora(y, x, segments)
+    }
+    fn all_reduce_sum(&self, t: &mut CpuTensor, comm: &dyn Communicator) -> Result<()> {
+        CpuBackend.all_reduce_sum(t, comm)
+    }
+    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+        CpuBackend.gather_rows(x, rows)
+    }
+}
+
+#[test]
+fn padded_decode_steps_match_unpadded() {
+    let padded = Setup {
+        engine: &|| chunked_cases::engine(Padded, &common::fixtures()),
+        fixtures: common::fixtures(),
+    };
+    chunked_cases::padded_decode_matches_unpadded(&setup(), &padded);
 }

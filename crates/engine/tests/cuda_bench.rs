@@ -101,6 +101,7 @@ fn sgmv(g: &CudaBackend, h: usize, r: usize, batch: usize, distinct: bool, copy_
                     a,
                     b,
                     scale: 2.0,
+                    col: 0,
                 })
                 .collect()
         })
@@ -274,7 +275,8 @@ fn kernel_benchmarks() {
 }
 
 /// Where a Mistral-7B-shaped decode step and a 1000-token prefill spend their time: every linear layer of
-/// the model at 1, 128 and 1000 rows (weights rotated through copies so that none is served from the 60 MB
+/// the model (q/k/v and gate/up fused, as the model runs them) at 1, 2, 4, 128 and 1000 rows (1-4 rows on
+/// the skinny-GEMM kernels and, for comparison, on cuBLAS) (weights rotated through copies so that none is served from the 60 MB
 /// L2), the LM head, and attention at the serving shapes, each from graph replays. Summed per step, these
 /// compare with the measured step times (`cuda_graphs`' decode-step benchmark, the serving TTFT).
 #[test]
@@ -283,31 +285,32 @@ fn step_profile() {
     let Some(mut g) = backend(DType::BF16) else { return };
     let copy = copy_bandwidth(&g);
     let (vocab, layers) = (32000usize, 32.0);
+    // The model's linear layers as it runs them: q/k/v and gate/up fused.
     let linears = [
-        ("q", 4096usize, 4096usize),
-        ("k", 1024, 4096),
-        ("v", 1024, 4096),
+        ("qkv", 6144usize, 4096usize),
         ("o", 4096, 4096),
-        ("gate", 14336, 4096),
-        ("up", 14336, 4096),
+        ("gate_up", 28672, 4096),
         ("down", 4096, 14336),
     ];
     // Milliseconds of y = x·wᵀ for an [m, k] x and an [n, k] w, the median over graph replays.
-    let time = |m: usize, n: usize, k: usize, seed: u32| -> f64 {
+    let time = |g: &CudaBackend, m: usize, n: usize, k: usize, seed: u32| -> f64 {
         let copies = if n * k * 2 < (64 << 20) { 4 } else { 2 };
-        let ws: Vec<CudaTensor> = (0..copies).map(|i| rand(&g, &[n, k], seed + i as u32, 0.02)).collect();
-        let x = rand(&g, &[m, k], seed + 100, 1.0);
-        graph_ms(&g, copies, 20, &|i| g.linear(&x, &ws[i], None).map(|_| ()))
+        let ws: Vec<CudaTensor> = (0..copies).map(|i| rand(g, &[n, k], seed + i as u32, 0.02)).collect();
+        let x = rand(g, &[m, k], seed + 100, 1.0);
+        graph_ms(g, copies, 20, &|i| g.linear(&x, &ws[i], None).map(|_| ()))
     };
-    for m in [1usize, 128, 1000] {
+    // Rows 1-4 on the skinny-GEMM kernels (the default) and on cuBLAS, the rest on cuBLAS.
+    for (m, gemv_rows) in [(1usize, 4usize), (1, 0), (2, 4), (4, 4), (4, 0), (128, 4), (1000, 4)] {
+        g.set_gemv_rows(gemv_rows);
+        let how = if m <= gemv_rows { "gemv" } else { "cublas" };
         let mut layer_ms = 0.0;
         for (i, &(name, n, k)) in linears.iter().enumerate() {
-            let ms = time(m, n, k, 200 + 10 * i as u32);
+            let ms = time(&g, m, n, k, 200 + 10 * i as u32);
             layer_ms += ms;
             let gbs = (n * k * 2) as f64 / (ms * 1e-3) / 1e9;
             let tflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
             bench(
-                &format!("profile_linear_{name}_m{m}"),
+                &format!("profile_linear_{name}_m{m}_{how}"),
                 ms * 1e3,
                 "us",
                 &format!(
@@ -318,17 +321,19 @@ fn step_profile() {
         }
         // Logits: every row at decode, the last row only at a prefill.
         let head_rows = if m == 1000 { 1 } else { m };
-        let head_ms = time(head_rows, vocab, 4096, 400);
+        let head_ms = time(&g, head_rows, vocab, 4096, 400);
         bench(
-            &format!("profile_linears_per_step_m{m}"),
+            &format!("profile_linears_per_step_m{m}_{how}"),
             layers * layer_ms + head_ms,
             "ms",
             &format!(
-                "32 layers x 7 linears ({:.3} ms per layer) + LM head on {head_rows} row(s) ({head_ms:.3} ms)",
-                layer_ms
+                "32 layers x 4 linears ({:.3} ms per layer) + LM head on {head_rows} row(s) ({head_ms:.3} ms, {:.0}% of copy)",
+                layer_ms,
+                100.0 * (vocab * 4096 * 2) as f64 / (head_ms * 1e-3) / 1e9 / copy
             ),
         );
     }
+    g.set_gemv_rows(4);
     // Attention per layer at the serving shapes (32 query heads, 8 KV heads): decode at batch 1 and 128,
     // and a 1000-token prefill on the tensor-core kernel.
     decode_attention(&g, 1, 640, 32, 8, copy);

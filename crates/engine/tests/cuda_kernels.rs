@@ -44,16 +44,20 @@ fn pair(g: &CudaBackend, rng: &mut Rng, shape: &[usize], lo: f32, hi: f32) -> Pa
 #[test]
 fn linear_matches_cpu() {
     let mut rng = Rng(seed("linear"));
-    for dt in DTYPES {
-        let Some(g) = gpu(dt) else { return };
+    // Rows 1-4 run on the skinny-GEMM kernels by default; each case again with those off (cuBLAS).
+    for (dt, gemv_rows) in DTYPES.into_iter().flat_map(|d| [(d, 4), (d, 0)]) {
+        let Some(mut g) = gpu(dt) else { return };
+        g.set_gemv_rows(gemv_rows);
         for (m, k, n, bias) in [
             (1, 32, 48, false),
             (7, 4096, 1024, true),
             (64, 4096, 512, false),
             (300, 1024, 768, true),
             (3, 100, 75, true),
-            // Decode shapes: 1-4 rows.
+            // Decode shapes: 1-4 rows (k = 100: rows not whole 16-byte vectors in 16-bit types, so cuBLAS).
             (1, 4096, 1000, false),
+            (1, 4096, 6144, false),
+            (2, 4096, 28672, false),
             (2, 14336, 256, true),
             (4, 1032, 77, false),
             (3, 4096, 4096, false),
@@ -65,7 +69,7 @@ fn linear_matches_cpu() {
             let got = g.linear(&x.gpu, &w.gpu, bias.then_some(&b.gpu)).unwrap();
             assert_eq!(g.shape(&got), &[m, n]);
             check(
-                &format!("{dt:?} linear {m}x{k}x{n} bias={bias}"),
+                &format!("{dt:?} linear {m}x{k}x{n} bias={bias} gemv_rows={gemv_rows}"),
                 &g.to_f32(&got).unwrap(),
                 &want.data,
                 tol(dt),
@@ -111,25 +115,54 @@ fn norms_match_cpu() {
 }
 
 #[test]
-fn rope_matches_cpu() {
+fn rope_kv_write_matches_cpu() {
     let mut rng = Rng(seed("rope"));
     for dt in DTYPES {
         let Some(g) = gpu(dt) else { return };
-        for (rows, heads, hd) in [(1, 4, 8), (9, 4, 16), (33, 32, 128), (5, 8, 64), (4, 2, 256)] {
+        for (rows, heads, kv_heads, hd) in [
+            (1, 4, 2, 8),
+            (9, 4, 4, 16),
+            (33, 32, 8, 128),
+            (5, 8, 1, 64),
+            (4, 2, 2, 256),
+        ] {
             let half = hd / 2;
             let inv_freq: Vec<f32> = (0..half)
                 .map(|i| 1.0 / 500_000f32.powf(2.0 * i as f32 / hd as f32))
                 .collect();
             let positions: Vec<u32> = (0..rows).map(|_| rng.below(131_072) as u32).collect();
-            let mut x = pair(&g, &mut rng, &[rows, heads * hd], -1.0, 1.0);
-            CpuBackend.rope(&mut x.cpu, hd, &positions, &inv_freq).unwrap();
-            g.rope(&mut x.gpu, hd, &positions, &inv_freq).unwrap();
+            let (slots_total, kv_dim) = (96, kv_heads * hd);
+            let slots: Vec<u32> = rng.perm(slots_total)[..rows].to_vec();
+            let qkv = pair(&g, &mut rng, &[rows, (heads + 2 * kv_heads) * hd], -1.0, 1.0);
+            let mut kc = pair(&g, &mut rng, &[slots_total, kv_dim], -1.0, 1.0);
+            let mut vc = pair(&g, &mut rng, &[slots_total, kv_dim], -1.0, 1.0);
+            let what = format!("{dt:?} rope_kv_write {rows}x({heads}+2x{kv_heads})x{hd}");
+            let want = CpuBackend
+                .rope_kv_write(&qkv.cpu, &mut kc.cpu, &mut vc.cpu, hd, &positions, &inv_freq, &slots)
+                .unwrap();
+            let got = g
+                .rope_kv_write(&qkv.gpu, &mut kc.gpu, &mut vc.gpu, hd, &positions, &inv_freq, &slots)
+                .unwrap();
+            assert_eq!(g.shape(&got), &[rows, heads * hd][..], "{what}");
             check(
-                &format!("{dt:?} rope {rows}x{heads}x{hd}"),
-                &g.to_f32(&x.gpu).unwrap(),
-                &x.cpu.data,
+                &format!("{what} queries"),
+                &g.to_f32(&got).unwrap(),
+                &want.data,
                 tol(dt),
             );
+            // Rotated keys in their slots, every other slot untouched; values copied exactly.
+            check(
+                &format!("{what} keys"),
+                &g.to_f32(&kc.gpu).unwrap(),
+                &kc.cpu.data,
+                tol(dt),
+            );
+            assert_eq!(g.to_f32(&vc.gpu).unwrap(), vc.cpu.data, "{what} values");
+            let outside = vec![slots_total as u32; rows];
+            assert!(matches!(
+                g.rope_kv_write(&qkv.gpu, &mut kc.gpu, &mut vc.gpu, hd, &positions, &inv_freq, &outside),
+                Err(EngineError::InvalidBatch(_))
+            ));
         }
     }
 }
@@ -142,8 +175,20 @@ fn elementwise_ops_match_cpu() {
         for (rows, cols) in [(1, 1), (3, 80), (64, 14336), (1000, 33)] {
             let a = pair(&g, &mut rng, &[rows, cols], -6.0, 6.0);
             let b = pair(&g, &mut rng, &[rows, cols], -2.0, 2.0);
-            let want = CpuBackend.silu_mul(&a.cpu, &b.cpu).unwrap();
-            let got = g.silu_mul(&a.gpu, &b.gpu).unwrap();
+            // The fused gate/up layout: gate then up in each row (concat_rows of the transposed halves
+            // would be the weights' layout; here the rows are interleaved by hand).
+            let gate_up: Vec<f32> = a
+                .cpu
+                .data
+                .chunks_exact(cols)
+                .zip(b.cpu.data.chunks_exact(cols))
+                .flat_map(|(x, y)| x.iter().chain(y).copied())
+                .collect();
+            let gu_cpu = CpuBackend.tensor_from_f32(&[rows, 2 * cols], &gate_up).unwrap();
+            let gu_gpu = g.tensor_from_f32(&[rows, 2 * cols], &gate_up).unwrap();
+            let want = CpuBackend.silu_mul(&gu_cpu).unwrap();
+            let got = g.silu_mul(&gu_gpu).unwrap();
+            assert_eq!(g.shape(&got), &[rows, cols][..]);
             check(
                 &format!("{dt:?} silu_mul {rows}x{cols}"),
                 &g.to_f32(&got).unwrap(),
@@ -175,23 +220,24 @@ fn elementwise_ops_match_cpu() {
             g.embedding(&table.gpu, &[1000]),
             Err(EngineError::InvalidBatch(_))
         ));
-        // KV write: scattered slots, the rest of the cache untouched.
-        let (slots_total, dim) = (512, 96);
-        let mut kc = pair(&g, &mut rng, &[slots_total, dim], -1.0, 1.0);
-        let mut vc = pair(&g, &mut rng, &[slots_total, dim], -1.0, 1.0);
-        let k = pair(&g, &mut rng, &[40, dim], -1.0, 1.0);
-        let v = pair(&g, &mut rng, &[40, dim], -1.0, 1.0);
-        let slots: Vec<u32> = rng.perm(slots_total)[..40].to_vec();
-        CpuBackend
-            .kv_write(&mut kc.cpu, &mut vc.cpu, &k.cpu, &v.cpu, &slots)
+        // Rows concatenated: an exact copy, parts in order.
+        let parts = [
+            pair(&g, &mut rng, &[3, 40], -1.0, 1.0),
+            pair(&g, &mut rng, &[1, 40], -1.0, 1.0),
+            pair(&g, &mut rng, &[17, 40], -1.0, 1.0),
+        ];
+        let want = CpuBackend
+            .concat_rows(&parts.iter().map(|p| &p.cpu).collect::<Vec<_>>())
             .unwrap();
-        g.kv_write(&mut kc.gpu, &mut vc.gpu, &k.gpu, &v.gpu, &slots).unwrap();
-        assert_eq!(g.to_f32(&kc.gpu).unwrap(), kc.cpu.data, "{dt:?} kv_write keys");
-        assert_eq!(g.to_f32(&vc.gpu).unwrap(), vc.cpu.data, "{dt:?} kv_write values");
-        assert!(matches!(
-            g.kv_write(&mut kc.gpu, &mut vc.gpu, &k.gpu, &v.gpu, &[slots_total as u32; 40]),
-            Err(EngineError::InvalidBatch(_))
-        ));
+        let got = g
+            .concat_rows(&parts.iter().map(|p| &p.gpu).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(g.shape(&got), &[21, 40][..]);
+        assert_eq!(g.to_f32(&got).unwrap(), want.data, "{dt:?} concat_rows is a copy");
+        assert!(
+            g.concat_rows(&[&parts[0].gpu, &table.gpu]).is_err(),
+            "column counts differ"
+        );
         // Device-made random data: in range, not constant.
         let r = g.to_f32(&g.random_uniform(&[4096], 7, -1.0, 1.0).unwrap()).unwrap();
         assert!(r.iter().all(|v| (-1.0..=1.0).contains(v)));
@@ -419,40 +465,68 @@ struct Seg {
 }
 
 fn run_lora(g: &CudaBackend, rng: &mut Rng, n: usize, k: usize, out: usize, segs: &[Seg], what: &str) {
+    let parts: Vec<(&Seg, usize, usize)> = segs.iter().map(|s| (s, 0, out)).collect();
+    run_lora_cols(g, rng, n, k, out, &parts, what);
+}
+
+/// A fused projection of parts `widths` wide side by side (q/k/v): `segs[p]` add into part p's columns,
+/// all in one call, sharing rows of x across parts.
+fn run_lora_fused(g: &CudaBackend, rng: &mut Rng, n: usize, k: usize, widths: &[usize], segs: &[&[Seg]], what: &str) {
+    let mut parts = Vec::new();
+    let mut col = 0;
+    for (&w, part) in widths.iter().zip(segs) {
+        parts.extend(part.iter().map(|s| (s, col, w)));
+        col += w;
+    }
+    run_lora_cols(g, rng, n, k, col, &parts, what);
+}
+
+/// LoRA segments `(segment, first column of y, columns)` into y `[n, out]`, CUDA against the CPU.
+fn run_lora_cols(
+    g: &CudaBackend,
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+    out: usize,
+    segs: &[(&Seg, usize, usize)],
+    what: &str,
+) {
     let dt = g.dtype();
     let x = pair(g, rng, &[n, k], -1.0, 1.0);
     // y starts small, so the LoRA term dominates the output and its rounding.
     let mut y = pair(g, rng, &[n, out], -0.01, 0.01);
     let ab: Vec<(Pair, Pair)> = segs
         .iter()
-        .map(|s| {
+        .map(|&(s, _, cols)| {
             let (ra, rb) = (1.0 / (k as f32).sqrt(), 1.0 / (s.rank as f32).sqrt());
             (
                 pair(g, rng, &[s.rank, k], -ra, ra),
-                pair(g, rng, &[out, s.rank], -rb, rb),
+                pair(g, rng, &[cols, s.rank], -rb, rb),
             )
         })
         .collect();
     let cpu_segs: Vec<LoraSegment<'_, _>> = segs
         .iter()
         .zip(&ab)
-        .map(|(s, (a, b))| LoraSegment {
+        .map(|(&(s, col, _), (a, b))| LoraSegment {
             start: s.start,
             len: s.len,
             a: &a.cpu,
             b: &b.cpu,
             scale: s.scale,
+            col,
         })
         .collect();
     let gpu_segs: Vec<LoraSegment<'_, _>> = segs
         .iter()
         .zip(&ab)
-        .map(|(s, (a, b))| LoraSegment {
+        .map(|(&(s, col, _), (a, b))| LoraSegment {
             start: s.start,
             len: s.len,
             a: &a.gpu,
             b: &b.gpu,
             scale: s.scale,
+            col,
         })
         .collect();
     let before = y.host.clone();
@@ -463,7 +537,7 @@ fn run_lora(g: &CudaBackend, rng: &mut Rng, n: usize, k: usize, out: usize, segs
     let d_got: Vec<f32> = got.iter().zip(&before).map(|(a, b)| a - b).collect();
     let d_want: Vec<f32> = y.cpu.data.iter().zip(&before).map(|(a, b)| a - b).collect();
     check(&format!("{dt:?} lora {what} {n}x{k}->{out}"), &d_got, &d_want, tol(dt));
-    let covered = |r: usize| segs.iter().any(|s| (s.start..s.start + s.len).contains(&r));
+    let covered = |r: usize| segs.iter().any(|(s, _, _)| (s.start..s.start + s.len).contains(&r));
     for r in (0..n).filter(|&r| !covered(r)) {
         assert_eq!(
             &got[r * out..(r + 1) * out],
@@ -588,5 +662,34 @@ fn lora_sgmv_matches_cpu() {
             .collect();
         run_lora(&g, &mut rng, 14, 4096, 1024, &small, "BGMV mixed ranks");
         run_lora(&g, &mut rng, 14, 1024, 14336, &small, "BGMV mixed ranks, wide out");
+        // Fused projections: q/k/v (the Mistral shape's 4096 + 1024 + 1024) with the same rows in every
+        // part, each part's own intermediate; an adapter that skips k (its columns untouched); gate/up.
+        run_lora_fused(
+            &g,
+            &mut rng,
+            14,
+            4096,
+            &[4096, 1024, 1024],
+            &[&small, &small, &small],
+            "fused q/k/v",
+        );
+        run_lora_fused(
+            &g,
+            &mut rng,
+            20,
+            4096,
+            &[4096, 1024, 1024],
+            &[&chunked, &[], &chunked],
+            "fused q/v",
+        );
+        run_lora_fused(
+            &g,
+            &mut rng,
+            64,
+            1024,
+            &[2048, 2048],
+            &[&mixed, &mixed],
+            "fused gate/up, mixed ranks",
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{AttnMeta, Backend, LoraSegment};
+use super::{concat_shape, AttnMeta, Backend, LoraSegment, NO_SLOT};
 use crate::error::{EngineError, Result};
 use crate::weights::HostTensor;
 
@@ -197,11 +197,12 @@ impl Backend for CpuBackend {
         for seg in segments {
             let (r, ka) = seg.a.rows_cols();
             let (ob, rb) = seg.b.rows_cols();
-            if ka != k || ob != out || rb != r || seg.start + seg.len > n {
+            if ka != k || seg.col + ob > out || rb != r || seg.start + seg.len > n {
                 return Err(EngineError::Backend(format!(
-                    "lora: segment rows {}..{} of {n}, x {:?}, y {:?}, a {:?}, b {:?}",
+                    "lora: segment rows {}..{} of {n}, columns from {}, x {:?}, y {:?}, a {:?}, b {:?}",
                     seg.start,
                     seg.start + seg.len,
+                    seg.col,
                     x.shape,
                     y.shape,
                     seg.a.shape,
@@ -210,12 +211,17 @@ impl Backend for CpuBackend {
             }
             let xs = &x.data[seg.start * k..(seg.start + seg.len) * k];
             let shrunk = matmul_t(xs, &seg.a.data, seg.len, k, r);
-            let expanded = matmul_t(&shrunk, &seg.b.data, seg.len, r, out);
-            for (d, e) in y.data[seg.start * out..(seg.start + seg.len) * out]
-                .iter_mut()
-                .zip(&expanded)
+            let expanded = matmul_t(&shrunk, &seg.b.data, seg.len, r, ob);
+            if ob == 0 {
+                continue;
+            }
+            for (row, e) in y.data[seg.start * out..(seg.start + seg.len) * out]
+                .chunks_exact_mut(out)
+                .zip(expanded.chunks_exact(ob))
             {
-                *d += seg.scale * e;
+                for (d, e) in row[seg.col..seg.col + ob].iter_mut().zip(e) {
+                    *d += seg.scale * e;
+                }
             }
         }
         Ok(())
@@ -235,75 +241,87 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(&self, x: &mut CpuTensor, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
-        let (n, width) = x.rows_cols();
-        let half = head_dim / 2;
-        if n != positions.len() || width % head_dim != 0 || inv_freq.len() != half {
-            return Err(EngineError::Backend(format!(
-                "rope: {n} rows, {} positions, width {width}, head_dim {head_dim}",
-                positions.len()
-            )));
+    fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
+        let (n, w) = gate_up.rows_cols();
+        if w % 2 != 0 {
+            return Err(EngineError::Backend(format!("silu_mul: odd width {w}")));
         }
-        let mut cos = vec![0f32; half];
-        let mut sin = vec![0f32; half];
-        for (row, &pos) in x.data.chunks_exact_mut(width).zip(positions) {
-            for i in 0..half {
-                // As transformers: the angle is formed in f32, then cos/sin of it.
-                let angle = inv_freq[i] * pos as f32;
-                cos[i] = angle.cos();
-                sin[i] = angle.sin();
-            }
-            for head in row.chunks_exact_mut(head_dim) {
-                for i in 0..half {
-                    let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * cos[i] - b * sin[i];
-                    head[i + half] = b * cos[i] + a * sin[i];
-                }
-            }
+        let f = w / 2;
+        let mut data = Vec::with_capacity(n * f);
+        for row in gate_up.data.chunks_exact(w.max(1)) {
+            let (gate, up) = row.split_at(f);
+            data.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
         }
-        Ok(())
-    }
-
-    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
-        if gate.shape != up.shape {
-            return Err(shape_err("silu_mul", &gate.shape, &up.shape));
-        }
-        let data = gate
-            .data
-            .iter()
-            .zip(&up.data)
-            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-            .collect();
         Ok(CpuTensor {
-            shape: gate.shape.clone(),
+            shape: vec![n, f],
             data,
         })
     }
 
-    fn kv_write(
+    fn rope_kv_write(
         &self,
+        qkv: &CpuTensor,
         k_cache: &mut CpuTensor,
         v_cache: &mut CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &[f32],
         slots: &[u32],
-    ) -> Result<()> {
-        let (slots_total, dim) = k_cache.rows_cols();
-        let (n, kdim) = k.rows_cols();
-        if kdim != dim || k.shape != v.shape || n != slots.len() || v_cache.shape != k_cache.shape {
-            return Err(shape_err("kv_write", &k_cache.shape, &k.shape));
-        }
-        for (i, &slot) in slots.iter().enumerate() {
-            let s = slot as usize;
-            if s >= slots_total {
-                return Err(EngineError::InvalidBatch(format!(
-                    "cache slot {s} is outside the cache ({slots_total})"
-                )));
+    ) -> Result<CpuTensor> {
+        let (n, q_dim, kv_dim) = super::check_rope_kv_write(
+            &qkv.shape,
+            &k_cache.shape,
+            &v_cache.shape,
+            head_dim,
+            (positions, inv_freq, slots),
+        )?;
+        let (width, half) = (q_dim + 2 * kv_dim, head_dim / 2);
+        let mut q = vec![0f32; n * q_dim];
+        let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
+        let rotate = |src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32]| {
+            for (s, d) in src.chunks_exact(head_dim).zip(dst.chunks_exact_mut(head_dim)) {
+                for i in 0..half {
+                    let (a, b) = (s[i], s[i + half]);
+                    d[i] = a * cos[i] - b * sin[i];
+                    d[i + half] = b * cos[i] + a * sin[i];
+                }
             }
-            k_cache.data[s * dim..(s + 1) * dim].copy_from_slice(&k.data[i * dim..(i + 1) * dim]);
-            v_cache.data[s * dim..(s + 1) * dim].copy_from_slice(&v.data[i * dim..(i + 1) * dim]);
+        };
+        for (r, row) in qkv.data.chunks_exact(width).enumerate() {
+            #[allow(clippy::cast_precision_loss)]
+            let pos = positions[r] as f32;
+            for i in 0..half {
+                // As transformers: the angle is formed in f32, then cos/sin of it.
+                let angle = inv_freq[i] * pos;
+                cos[i] = angle.cos();
+                sin[i] = angle.sin();
+            }
+            rotate(&row[..q_dim], &mut q[r * q_dim..(r + 1) * q_dim], &cos, &sin);
+            if slots[r] == NO_SLOT {
+                continue;
+            }
+            let s = slots[r] as usize;
+            rotate(
+                &row[q_dim..q_dim + kv_dim],
+                &mut k_cache.data[s * kv_dim..(s + 1) * kv_dim],
+                &cos,
+                &sin,
+            );
+            v_cache.data[s * kv_dim..(s + 1) * kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
         }
-        Ok(())
+        Ok(CpuTensor {
+            shape: vec![n, q_dim],
+            data: q,
+        })
+    }
+
+    fn concat_rows(&self, parts: &[&CpuTensor]) -> Result<CpuTensor> {
+        let shape = concat_shape(parts.iter().map(|p| p.shape.as_slice()))?;
+        let mut data = Vec::with_capacity(shape.iter().product());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        Ok(CpuTensor { shape, data })
     }
 
     fn attention(

@@ -9,6 +9,68 @@ pub mod cuda;
 use crate::error::Result;
 use crate::weights::HostTensor;
 
+/// The cache slot of a row whose key and value are written nowhere (a padding row of a decode step).
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// The shape of the parts' concatenation along their first dimension ([`Backend::concat_rows`]).
+pub fn concat_shape<'a>(mut parts: impl Iterator<Item = &'a [usize]>) -> Result<Vec<usize>> {
+    let first = parts
+        .next()
+        .ok_or_else(|| crate::EngineError::Backend("concat_rows of nothing".into()))?;
+    let mut shape = first.to_vec();
+    if shape.is_empty() {
+        return Err(crate::EngineError::Backend("concat_rows of a scalar".into()));
+    }
+    for p in parts {
+        if p.len() != first.len() || p[1..] != first[1..] {
+            return Err(crate::EngineError::Backend(format!(
+                "concat_rows: incompatible shapes {first:?} and {p:?}"
+            )));
+        }
+        shape[0] += p[0];
+    }
+    Ok(shape)
+}
+
+/// Checks [`Backend::rope_kv_write`]'s arguments (shapes of the fused projection `qkv` and of the
+/// caches, lengths, slots in the cache or [`NO_SLOT`]); returns (rows, q_dim, kv_dim).
+pub fn check_rope_kv_write(
+    qkv: &[usize],
+    k_cache: &[usize],
+    v_cache: &[usize],
+    head_dim: usize,
+    (positions, inv_freq, slots): (&[u32], &[f32], &[u32]),
+) -> Result<(usize, usize, usize)> {
+    let rows_cols = |s: &[usize]| match s {
+        [] => (1, 1),
+        [c] => (1, *c),
+        [r @ .., c] => (r.iter().product::<usize>(), *c),
+    };
+    let ((n, width), (slots_total, kv_dim)) = (rows_cols(qkv), rows_cols(k_cache));
+    if head_dim == 0
+        || kv_dim == 0
+        || width < 2 * kv_dim
+        || (width - 2 * kv_dim) % head_dim != 0
+        || kv_dim % head_dim != 0
+        || n != positions.len()
+        || n != slots.len()
+        || inv_freq.len() != head_dim / 2
+        || v_cache != k_cache
+    {
+        return Err(crate::EngineError::Backend(format!(
+            "rope_kv_write: {n} rows of width {width}, {} positions, {} slots, cache {k_cache:?}, head_dim {head_dim}",
+            positions.len(),
+            slots.len(),
+        )));
+    }
+    if let Some(&s) = slots.iter().find(|&&s| s as usize >= slots_total && s != NO_SLOT) {
+        return Err(crate::EngineError::InvalidBatch(format!(
+            "cache slot {s} is outside the cache ({slots_total})"
+        )));
+    }
+    Ok((n, width - 2 * kv_dim, kv_dim))
+}
+
 /// One sequence's slice of a flattened batch, as attention sees it (borrowing the caller's block table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnSeq<'a> {
@@ -54,6 +116,9 @@ pub struct LoraSegment<'a, T> {
     pub b: &'a T,
     /// Multiplier of the product.
     pub scale: f32,
+    /// First column of `y` the product adds into: it covers `y`'s columns `col .. col + b.rows` (a fused
+    /// projection's part, such as the keys of q/k/v; 0 for a whole projection).
+    pub col: usize,
 }
 
 /// Operations of a decoder forward pass on one device. Tensors are row-major, 2-D `[rows, cols]` unless
@@ -99,21 +164,28 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Self::Tensor>;
     /// `dst += src`.
     fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
-    /// Rotary embedding in place (Hugging Face's rotate-half layout) on `x` `[n, heads * head_dim]`;
-    /// row `i` is at position `positions[i]`.
-    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()>;
-    /// `silu(gate) * up`, elementwise.
-    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
-    /// Write rows of `k`, `v` `[n, kv_dim]` into cache slots (`block * block_size + offset`) of
-    /// `k_cache`, `v_cache` `[num_blocks * block_size, kv_dim]`.
-    fn kv_write(
+    /// `silu(x[:, :f]) · x[:, f:]` of `x` `[n, 2f]` (the fused gate/up projection's output) → `[n, f]`.
+    fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// The attention inputs from a fused projection `qkv` `[n, q_dim + 2·kv_dim]` (queries, keys, values):
+    /// rotary embedding (Hugging Face's rotate-half layout; row `i` at position `positions[i]`) of the
+    /// queries and keys, keys and values written to cache slots (`block * block_size + offset`) of `k_cache`,
+    /// `v_cache` `[num_blocks * block_size, kv_dim]` (which fix kv_dim; a row whose slot is [`NO_SLOT`] is
+    /// written nowhere). Returns the rotated queries `[n, q_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_write(
         &self,
+        qkv: &Self::Tensor,
         k_cache: &mut Self::Tensor,
         v_cache: &mut Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &[f32],
         slots: &[u32],
-    ) -> Result<()>;
+    ) -> Result<Self::Tensor>;
+    /// `[a; b; …]`: the parts one after another along their first dimension (equal other dimensions;
+    /// vectors simply concatenated), as one new tensor (fused projection weights and biases are made at
+    /// load time this way).
+    fn concat_rows(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
     /// Causal attention of the new tokens `q` `[n, heads * head_dim]` over each sequence's cached keys and
     /// values (which already include the new tokens). Returns `[n, heads * head_dim]`.
     fn attention(
@@ -123,9 +195,11 @@ pub trait Backend: Send + Sync + 'static {
         v_cache: &Self::Tensor,
         meta: &AttnMeta<'_>,
     ) -> Result<Self::Tensor>;
-    /// Batched LoRA (SGMV shrink then expand): for each segment, `y[rows] += scale · (x[rows] · aᵀ) · bᵀ`.
-    /// `x` `[n, in]`, `y` `[n, out]`; rows outside every segment (base-model rows) are untouched and
-    /// segments may have different ranks. Each segment's adapter weights are read once.
+    /// Batched LoRA (SGMV shrink then expand): for each segment,
+    /// `y[rows, col .. col + b.rows] += scale · (x[rows] · aᵀ) · bᵀ`. `x` `[n, in]`, `y` `[n, out]`; rows
+    /// outside every segment (base-model rows) are untouched and segments may have different ranks and
+    /// column ranges (the parts of a fused projection in one call). Each segment's adapter weights are
+    /// read once.
     fn lora(&self, y: &mut Self::Tensor, x: &Self::Tensor, segments: &[LoraSegment<'_, Self::Tensor>]) -> Result<()>;
     /// For each `(row, task)`, from row `row` of `logits` `[rows, vocab]`: the next token chosen by the
     /// task's sampler (exactly as [`crate::Sampler::choose`], recorded in its history), or a given
@@ -167,6 +241,12 @@ pub trait Backend: Send + Sync + 'static {
     fn decode_step(&self, rows: usize, f: &mut dyn FnMut() -> Result<Self::Tensor>) -> Result<Self::Tensor> {
         let _ = rows;
         f()
+    }
+    /// The rows a decode step of `rows` rows should run with: the engine adds padding rows (writing no
+    /// keys or values, their outputs discarded) up to it, so that a backend replaying captured steps
+    /// needs few distinct sizes. The default pads nothing.
+    fn decode_rows(&self, rows: usize) -> usize {
+        rows
     }
     /// A dummy weight (`--load-format dummy`): this rank's slice of a deterministic random tensor. The
     /// default generates it on the host; a device backend makes it in place.

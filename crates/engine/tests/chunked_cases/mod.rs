@@ -181,6 +181,22 @@ fn mixed<B: Backend>(s: &Setup<'_, B>, chunk: usize) -> Trace {
     trace
 }
 
+/// Decode steps padded with rows that write no keys or values ([`Backend::decode_rows`], as CUDA graph
+/// steps are) give the unpadded path's generations: the padding rows neither disturb the real rows nor
+/// the cache (the first sequence's blocks include block 0, where a padding row's attention reads).
+pub fn padded_decode_matches_unpadded<B: Backend, P: Backend>(plain: &Setup<'_, B>, padded: &Setup<'_, P>) {
+    let want = reference(plain);
+    let got = reference(padded);
+    assert_eq!(got.len(), want.len());
+    for (id, want) in &want {
+        let got = &got[id];
+        assert_eq!(got.len(), want.len(), "padded: sequence {id}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_same(g, w, &format!("padded: sequence {id}, token {i}"));
+        }
+    }
+}
+
 /// Every budget's mixed steps give the plain path's generations.
 pub fn mixed_steps_match_prefill_then_decode<B: Backend>(s: &Setup<'_, B>) {
     let expect = reference(s);

@@ -89,27 +89,23 @@ impl Backend for Gated {
     fn add_assign(&self, dst: &mut CpuTensor, src: &CpuTensor) -> lorax_engine::Result<()> {
         CpuBackend.add_assign(dst, src)
     }
-    fn rope(
+    fn silu_mul(&self, gate_up: &CpuTensor) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.silu_mul(gate_up)
+    }
+    fn rope_kv_write(
         &self,
-        x: &mut CpuTensor,
+        qkv: &CpuTensor,
+        k_cache: &mut CpuTensor,
+        v_cache: &mut CpuTensor,
         head_dim: usize,
         positions: &[u32],
         inv_freq: &[f32],
-    ) -> lorax_engine::Result<()> {
-        CpuBackend.rope(x, head_dim, positions, inv_freq)
-    }
-    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> lorax_engine::Result<CpuTensor> {
-        CpuBackend.silu_mul(gate, up)
-    }
-    fn kv_write(
-        &self,
-        k_cache: &mut CpuTensor,
-        v_cache: &mut CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
         slots: &[u32],
-    ) -> lorax_engine::Result<()> {
-        CpuBackend.kv_write(k_cache, v_cache, k, v, slots)
+    ) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.rope_kv_write(qkv, k_cache, v_cache, head_dim, positions, inv_freq, slots)
+    }
+    fn concat_rows(&self, parts: &[&CpuTensor]) -> lorax_engine::Result<CpuTensor> {
+        CpuBackend.concat_rows(parts)
     }
     fn attention(
         &self,

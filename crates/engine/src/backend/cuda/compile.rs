@@ -23,7 +23,7 @@ pub struct Source {
 }
 
 /// Every kernel module of the backend.
-pub const SOURCES: [Source; 5] = [
+pub const SOURCES: [Source; 6] = [
     Source {
         name: "elementwise",
         text: include_str!("../../../../../kernels/elementwise.cu"),
@@ -31,6 +31,10 @@ pub const SOURCES: [Source; 5] = [
     Source {
         name: "attention",
         text: include_str!("../../../../../kernels/attention.cu"),
+    },
+    Source {
+        name: "gemv",
+        text: include_str!("../../../../../kernels/gemv.cu"),
     },
     Source {
         name: "lora",

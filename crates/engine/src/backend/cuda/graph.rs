@@ -23,6 +23,10 @@
 //! The mode is per thread: another thread using the backend meanwhile (say, uploading an adapter) is not
 //! recorded or captured, and must use its own stream.
 //!
+//! The engine pads a decode step's rows to [`CudaBackend::graph_rows`] (rows that write no keys or
+//! values and whose outputs are dropped), so a batch whose size wanders as requests finish and join
+//! replays a few graphs rather than capturing one per size.
+//!
 //! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
 //! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept.
 
@@ -246,7 +250,28 @@ impl Graphs {
     }
 }
 
+/// A graph step's row count for a batch of `rows`: exact up to 4 (the skinny-GEMM kernels' sizes), then
+/// rounded up to a multiple of 8: at most 7 padding rows, and 36 sizes up to 256 rows.
+fn bucket(rows: usize) -> usize {
+    if rows <= 4 {
+        rows
+    } else {
+        rows.next_multiple_of(8)
+    }
+}
+
 impl CudaBackend {
+    /// The rows a decode step of `rows` rows runs with: [`bucket`]'s up to the largest graph batch, also
+    /// when graphs are off (`LORAX_CUDA_GRAPHS=0` then changes no result, only how steps launch).
+    pub fn graph_rows(&self, rows: usize) -> usize {
+        let padded = bucket(rows);
+        if padded <= self.graphs.max_batch.load(Ordering::Relaxed) {
+            padded
+        } else {
+            rows
+        }
+    }
+
     /// Runs one forward pass `f` through a CUDA graph when it can (see the module docs), else eagerly.
     /// The result is the same either way; a graph failure turns graphs off for this backend, with a
     /// warning, and the step runs eagerly.
@@ -458,5 +483,27 @@ impl CudaBackend {
     /// Turns decode-step graphs on or off (on by default unless `LORAX_CUDA_GRAPHS=0`).
     pub fn set_graphs(&self, on: bool) {
         self.graphs.enabled.store(on, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket;
+
+    #[test]
+    fn buckets_cover_every_batch_with_bounded_padding() {
+        let mut sizes = std::collections::BTreeSet::new();
+        for rows in 1..=256 {
+            let b = bucket(rows);
+            assert!(b >= rows && b - rows < 8, "{rows} rows in a bucket of {b}");
+            if rows <= 4 {
+                assert_eq!(b, rows, "small batches run exactly");
+            } else {
+                assert_eq!(b % 8, 0, "{rows} rows in a bucket of {b}");
+            }
+            assert_eq!(bucket(b), b, "a bucket is its own bucket");
+            sizes.insert(b);
+        }
+        assert_eq!(sizes.len(), 4 + 32, "{sizes:?}");
     }
 }

@@ -1,5 +1,7 @@
 //! SGMV LoRA on the device (kernels/lora.cu): the host checks the segments, writes one `LoraSeg` record
-//! per non-empty segment (A and B device pointers, rows, rank, scale), sizes the tiles to the largest rank
+//! per non-empty segment (A and B device pointers, rows, rank, scale, the columns of y it adds into, and
+//! its rows of the intermediate: one set per distinct first column, as the parts of a fused projection
+//! share the rows of x), sizes the tiles to the largest rank
 //! and launches shrink then expand. Rows outside every segment are never touched. When every segment has
 //! at most 64 rows and ranks are at most 64 (decode), the BGMV pair runs instead, on chunks of at most 4
 //! rows of each segment: a block per (chunk, rank index) for the shrink and a thread per output column for
@@ -16,8 +18,6 @@ use super::{cfg, int, shape_err, uint, CudaBackend, CudaTensor, DevBuf, LORA_ROW
 use crate::backend::LoraSegment;
 use crate::error::{EngineError, Result};
 
-/// Bytes of one `struct LoraSeg` in kernels/lora.cu: a, b (u64), start, len, rank (i32), scale (f32).
-const SEG_BYTES: usize = 32;
 /// BGMV limits and block sizes (BG_ROWS, BG_RANK, BG_SHRINK_THREADS in kernels/lora.cu).
 const BG_ROWS: usize = 4;
 const BG_RANK: usize = 64;
@@ -25,6 +25,28 @@ const BG_RANK: usize = 64;
 const BG_SPLIT_MAX: usize = 64;
 const BG_SHRINK_THREADS: u32 = 128;
 const BG_EXPAND_THREADS: u32 = 256;
+
+/// `struct LoraSeg` of kernels/lora.cu (48 bytes, no padding).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct LoraSeg {
+    /// `lora_A` and `lora_B` device pointers.
+    a: u64,
+    b: u64,
+    /// First row of x and y, rows.
+    start: i32,
+    len: i32,
+    rank: i32,
+    scale: f32,
+    /// First column of y, and columns.
+    col: i32,
+    cols: i32,
+    /// First row of the intermediate.
+    trow: i32,
+    pad: i32,
+}
+
+impl super::Plain for LoraSeg {}
 
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
 pub struct LoraPlan<'a> {
@@ -42,17 +64,6 @@ pub struct LoraPlan<'a> {
     _io: PhantomData<&'a mut CudaTensor>,
 }
 
-/// Appends one `struct LoraSeg`: A and B device pointers, first row, rows, rank, scale.
-fn push_record(table: &mut Vec<u8>, (a, b): (u64, u64), start: usize, len: usize, r: usize, scale: f32) -> Result<()> {
-    table.extend_from_slice(&a.to_le_bytes());
-    table.extend_from_slice(&b.to_le_bytes());
-    table.extend_from_slice(&int("segment start", start)?.to_le_bytes());
-    table.extend_from_slice(&int("segment length", len)?.to_le_bytes());
-    table.extend_from_slice(&int("rank", r)?.to_le_bytes());
-    table.extend_from_slice(&scale.to_le_bytes());
-    Ok(())
-}
-
 impl CudaBackend {
     /// Checks and lays out `y[rows] += scale · (x[rows] · aᵀ) · bᵀ` for each segment (see
     /// [`crate::backend::Backend::lora`]); `None` when there is nothing to do.
@@ -67,15 +78,19 @@ impl CudaBackend {
         if n != ny {
             return Err(shape_err("lora", &x.shape, &y.shape));
         }
-        let (mut rmax, mut max_len, mut weight_bytes) = (0usize, 0usize, 0usize);
+        let (mut rmax, mut max_len, mut max_cols, mut weight_bytes) = (0usize, 0usize, 0usize, 0usize);
+        // The distinct first columns (a fused projection's parts), in order: part p's segments keep their
+        // intermediate in rows p·n .. (p + 1)·n.
+        let mut parts: Vec<usize> = Vec::new();
         for seg in segments {
             let (r, ka) = seg.a.rows_cols();
             let (ob, rb) = seg.b.rows_cols();
-            if ka != k || ob != out || rb != r || seg.start + seg.len > n || r == 0 {
+            if ka != k || seg.col + ob > out || rb != r || seg.start + seg.len > n || r == 0 || ob == 0 {
                 return Err(EngineError::Backend(format!(
-                    "lora: segment rows {}..{} of {n}, x {:?}, y {:?}, a {:?}, b {:?}",
+                    "lora: segment rows {}..{} of {n}, columns from {}, x {:?}, y {:?}, a {:?}, b {:?}",
                     seg.start,
                     seg.start + seg.len,
+                    seg.col,
                     x.shape,
                     y.shape,
                     seg.a.shape,
@@ -85,6 +100,10 @@ impl CudaBackend {
             if seg.len > 0 {
                 rmax = rmax.max(r);
                 max_len = max_len.max(seg.len);
+                max_cols = max_cols.max(ob);
+                if !parts.contains(&seg.col) {
+                    parts.push(seg.col);
+                }
                 weight_bytes += (seg.a.numel() + seg.b.numel()) * self.dtype.size();
             }
         }
@@ -95,32 +114,40 @@ impl CudaBackend {
         // rows become several records, whose repeated reads of the same weights come from L2.
         let bgmv = self.lora_bgmv && max_len <= BG_SPLIT_MAX && rmax <= BG_RANK;
         let rows_per_record = if bgmv { BG_ROWS } else { usize::MAX };
-        let mut table: Vec<u8> = Vec::with_capacity(segments.len() * SEG_BYTES);
+        // Every field below is at most parts·n, out or rmax: checked to fit an i32 once here.
+        int("intermediate rows", parts.len() * n)?;
+        int("out features", out)?;
+        int("rank", rmax)?;
+        let mut table: Vec<LoraSeg> = Vec::with_capacity(segments.len());
         for seg in segments.iter().filter(|s| s.len > 0) {
-            let (a, b, r) = (self.ptr(&seg.a.buf), self.ptr(&seg.b.buf), seg.a.rows_cols().0);
+            let (a, b) = (self.ptr(&seg.a.buf), self.ptr(&seg.b.buf));
+            let (rank, cols) = (seg.a.rows_cols().0 as i32, seg.b.rows_cols().0 as i32);
+            let trow = parts.iter().position(|&c| c == seg.col).unwrap_or(0) * n;
             for c in (0..seg.len).step_by(rows_per_record.min(seg.len)) {
-                push_record(
-                    &mut table,
-                    (a, b),
-                    seg.start + c,
-                    rows_per_record.min(seg.len - c),
-                    r,
-                    seg.scale,
-                )?;
+                table.push(LoraSeg {
+                    a,
+                    b,
+                    start: (seg.start + c) as i32,
+                    len: rows_per_record.min(seg.len - c) as i32,
+                    rank,
+                    scale: seg.scale,
+                    col: seg.col as i32,
+                    cols,
+                    trow: (trow + seg.start + c) as i32,
+                    pad: 0,
+                });
             }
         }
         if bgmv {
             // Empty records (no rows, rank 0) pad the count to a power of two, so the grid, and with it a
             // decode step's CUDA graph, stays the same while the batch's mix of adapters changes within
             // that bound.
-            let records = table.len() / SEG_BYTES;
-            for _ in records..records.next_power_of_two() {
-                push_record(&mut table, (0, 0), 0, 0, 0, 0.0)?;
-            }
+            table.resize(table.len().next_power_of_two(), LoraSeg::default());
         }
-        let nseg = table.len() / SEG_BYTES;
+        let nseg = table.len();
+        let tmp_rows = parts.len() * n;
         if bgmv {
-            let tmp = self.bytes(n * rmax * 4)?;
+            let tmp = self.bytes(tmp_rows * rmax * 4)?;
             let d_table = self.upload(&table)?;
             let segs = uint("segments", nseg)?;
             return Ok(Some(LoraPlan {
@@ -136,7 +163,11 @@ impl CudaBackend {
                 ],
                 shrink: cfg((segs, uint("rank", rmax)?, 1), BG_SHRINK_THREADS, 0),
                 expand: cfg(
-                    (segs, uint("column tiles", out.div_ceil(BG_EXPAND_THREADS as usize))?, 1),
+                    (
+                        segs,
+                        uint("column tiles", max_cols.div_ceil(BG_EXPAND_THREADS as usize))?,
+                        1,
+                    ),
                     BG_EXPAND_THREADS,
                     0,
                 ),
@@ -168,7 +199,7 @@ impl CudaBackend {
             .into_iter()
             .find(|ot| ot * (rmax + 1) * 4 + rt * rmax * 4 <= SMEM_LIMIT)
             .ok_or_else(too_large)?;
-        while ot > 32 && nseg * out.div_ceil(ot) * tiles < enough {
+        while ot > 32 && nseg * max_cols.div_ceil(ot) * tiles < enough {
             ot /= 2;
         }
         // Lanes per shrink output: enough that a block's 256 threads all work on small problems.
@@ -177,7 +208,7 @@ impl CudaBackend {
         let ksub = 1usize << (usize::BITS - 1 - ksub.leading_zeros());
         // Zeroed by each run (the shrink accumulates into it with atomics).
         // SAFETY: uninitialised until lora_run's memset, which precedes every kernel that reads it.
-        let tmp = self.bytes(n * rmax * 4)?;
+        let tmp = self.bytes(tmp_rows * rmax * 4)?;
         let d_table = self.upload(&table)?;
         let tiles = uint("row tiles", tiles)?;
         let segs = uint("segments", nseg)?;
@@ -198,11 +229,11 @@ impl CudaBackend {
                 (rmax + rt) * (kc + 1) * 4,
             ),
             expand: cfg(
-                (segs, uint("column tiles", out.div_ceil(ot))?, tiles),
+                (segs, uint("column tiles", max_cols.div_ceil(ot))?, tiles),
                 256,
                 ot * (rmax + 1) * 4 + rt * rmax * 4,
             ),
-            tmp_bytes: n * rmax * 4,
+            tmp_bytes: tmp_rows * rmax * 4,
             tmp,
             _table: d_table,
             weight_bytes,

@@ -106,19 +106,24 @@ const SMEM_LIMIT: usize = 48 * 1024;
 /// Rows of a LoRA row tile.
 const LORA_ROWS: usize = 16;
 
+/// The skinny-GEMM kernels by rows (kernels/gemv.cu), and their block shape (GEMV_WARPS, GEMV_COLS).
+const GEMV_KERNELS: [&str; 4] = ["gemv_1", "gemv_2", "gemv_3", "gemv_4"];
+const GEMV_MAX_ROWS: usize = GEMV_KERNELS.len();
+const GEMV_WARPS: usize = 4;
+const GEMV_COLS: usize = 2;
+
 /// Kernel names of each module, loaded once per backend.
-pub const KERNELS: [(&str, &[&str]); 5] = [
+pub const KERNELS: [(&str, &[&str]); 6] = [
     (
         "elementwise",
         &[
             "embedding",
             "rms_norm",
             "add_rms_norm",
-            "rope",
+            "rope_kv_write",
             "silu_mul",
             "add_assign",
             "add_bias",
-            "kv_write",
             "gather_rows",
             "fill_uniform",
             "fill_dummy",
@@ -158,6 +163,7 @@ pub const KERNELS: [(&str, &[&str]); 5] = [
             "attn_reduce",
         ],
     ),
+    ("gemv", &GEMV_KERNELS),
     ("lora", &["sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand"]),
     ("prefill", &["prefill_attention_64", "prefill_attention_128"]),
     ("sampling", &["sample_rows"]),
@@ -270,6 +276,9 @@ pub struct CudaBackend {
     attn_split_target: usize,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
+    /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
+    /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default and most 4; 0 turns them off).
+    gemv_rows: usize,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -354,7 +363,7 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
     Ok(())
 }
 
-/// Plain numbers that uploads copy as bytes.
+/// Plain numbers (and `#[repr(C)]` records of them without padding) that uploads copy as bytes.
 trait Plain: Copy {}
 impl Plain for u8 {}
 impl Plain for u32 {}
@@ -499,6 +508,11 @@ impl CudaBackend {
             attn_kernel: AttnKernel::from_env()?,
             attn_split_target: 8,
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
+            gemv_rows: std::env::var("LORAX_CUDA_GEMV_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(GEMV_MAX_ROWS)
+                .min(GEMV_MAX_ROWS),
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
@@ -541,6 +555,12 @@ impl CudaBackend {
     /// tests and comparisons).
     pub fn set_lora_bgmv(&mut self, on: bool) {
         self.lora_bgmv = on;
+    }
+
+    /// Linear layers of at most `rows` rows (0..=4) on the skinny-GEMM kernels, the rest on cuBLAS (for
+    /// tests and comparisons; default 4).
+    pub fn set_gemv_rows(&mut self, rows: usize) {
+        self.gemv_rows = rows.min(GEMV_MAX_ROWS);
     }
 
     /// The storage type of tensors.
@@ -994,7 +1014,24 @@ impl Backend for CudaBackend {
         let y = self.alloc(&[m, n])?;
         let (mi, ni, ki) = (int("rows", m)?, int("out features", n)?, int("in features", k)?);
         let (yp, xp, wp) = (self.ptr(&y.buf), self.ptr(&x.buf), self.ptr(&w.buf));
-        self.gemm(m, n, k, (yp, xp, wp), (mi, ni, ki))?;
+        // Skinny products (decode at small batches) on gemv_{m}: 16-byte loads need k whole vectors and
+        // 16-byte aligned rows (allocations are 256-byte aligned).
+        let row_bytes = k * self.dtype.size();
+        if m <= self.gemv_rows && row_bytes.is_multiple_of(16) && xp.is_multiple_of(16) && wp.is_multiple_of(16) {
+            let blocks = uint("output blocks", n.div_ceil(GEMV_WARPS * GEMV_COLS))?;
+            launch!(
+                self,
+                GEMV_KERNELS[m - 1],
+                cfg((blocks, 1, 1), GEMV_WARPS as u32 * 32, 0),
+                &yp,
+                &xp,
+                &wp,
+                &ni,
+                &ki
+            );
+        } else {
+            self.gemm(m, n, k, (yp, xp, wp), (mi, ni, ki))?;
+        }
         if let Some(b) = bias {
             let bp = self.ptr(&b.buf);
             launch!(
@@ -1080,95 +1117,102 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn rope(&self, x: &mut CudaTensor, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
-        let (n, width) = x.rows_cols();
-        let half = head_dim / 2;
-        if head_dim == 0 || n != positions.len() || width % head_dim != 0 || inv_freq.len() != half {
-            return Err(EngineError::Backend(format!(
-                "rope: {n} rows, {} positions, width {width}, head_dim {head_dim}",
-                positions.len()
-            )));
+    fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        let (n, w) = gate_up.rows_cols();
+        if w % 2 != 0 {
+            return Err(EngineError::Backend(format!("silu_mul: odd width {w}")));
         }
-        if n == 0 || half == 0 {
-            return Ok(());
+        let f = w / 2;
+        let out = self.alloc(&[n, f])?;
+        if n * f == 0 {
+            return Ok(out);
         }
-        let (d_pos, d_freq) = (self.upload(positions)?, self.upload(inv_freq)?);
-        let (xp, pp, fp, wi, hd) = (
-            self.ptr(&x.buf),
-            self.ptr(&d_pos),
-            self.ptr(&d_freq),
-            int("width", width)?,
+        let (o, x, nn, ff) = (self.ptr(&out.buf), self.ptr(&gate_up.buf), (n * f) as u64, f as u64);
+        launch!(
+            self,
+            "silu_mul",
+            cfg((flat_grid(n * f), 1, 1), 256, 0),
+            &o,
+            &x,
+            &nn,
+            &ff
+        );
+        Ok(out)
+    }
+
+    fn rope_kv_write(
+        &self,
+        qkv: &CudaTensor,
+        k_cache: &mut CudaTensor,
+        v_cache: &mut CudaTensor,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &[f32],
+        slots: &[u32],
+    ) -> Result<CudaTensor> {
+        let (n, q_dim, kv_dim) = super::check_rope_kv_write(
+            &qkv.shape,
+            &k_cache.shape,
+            &v_cache.shape,
+            head_dim,
+            (positions, inv_freq, slots),
+        )?;
+        let q = self.alloc(&[n, q_dim])?;
+        if n == 0 {
+            return Ok(q);
+        }
+        let (d_pos, d_freq, d_slots) = (self.upload(positions)?, self.upload(inv_freq)?, self.upload(slots)?);
+        let (qp, kc, vc, xp) = (
+            self.ptr(&q.buf),
+            self.ptr(&k_cache.buf),
+            self.ptr(&v_cache.buf),
+            self.ptr(&qkv.buf),
+        );
+        let (pp, fp, sp) = (self.ptr(&d_pos), self.ptr(&d_freq), self.ptr(&d_slots));
+        let (qi, ki, hi) = (
+            int("q width", q_dim)?,
+            int("kv width", kv_dim)?,
             int("head_dim", head_dim)?,
         );
         launch!(
             self,
-            "rope",
-            cfg((uint("rows", n)?, 1, 1), row_threads(width / 2), 0),
+            "rope_kv_write",
+            cfg((uint("rows", n)?, 1, 1), row_threads((q_dim + kv_dim) / 2), 0),
+            &qp,
+            &kc,
+            &vc,
             &xp,
             &pp,
             &fp,
-            &wi,
-            &hd
-        );
-        Ok(())
-    }
-
-    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
-        if gate.shape != up.shape {
-            return Err(shape_err("silu_mul", &gate.shape, &up.shape));
-        }
-        let out = self.alloc(&gate.shape)?;
-        let n = gate.numel();
-        if n == 0 {
-            return Ok(out);
-        }
-        let (o, g, u, nn) = (self.ptr(&out.buf), self.ptr(&gate.buf), self.ptr(&up.buf), n as u64);
-        launch!(self, "silu_mul", cfg((flat_grid(n), 1, 1), 256, 0), &o, &g, &u, &nn);
-        Ok(out)
-    }
-
-    fn kv_write(
-        &self,
-        k_cache: &mut CudaTensor,
-        v_cache: &mut CudaTensor,
-        k: &CudaTensor,
-        v: &CudaTensor,
-        slots: &[u32],
-    ) -> Result<()> {
-        let (slots_total, dim) = k_cache.rows_cols();
-        let (n, kdim) = k.rows_cols();
-        if kdim != dim || k.shape != v.shape || n != slots.len() || v_cache.shape != k_cache.shape {
-            return Err(shape_err("kv_write", &k_cache.shape, &k.shape));
-        }
-        if let Some(&s) = slots.iter().find(|&&s| s as usize >= slots_total) {
-            return Err(EngineError::InvalidBatch(format!(
-                "cache slot {s} is outside the cache ({slots_total})"
-            )));
-        }
-        if n == 0 || dim == 0 {
-            return Ok(());
-        }
-        let d_slots = self.upload(slots)?;
-        let (kc, vc, kp, vp, sp, di) = (
-            self.ptr(&k_cache.buf),
-            self.ptr(&v_cache.buf),
-            self.ptr(&k.buf),
-            self.ptr(&v.buf),
-            self.ptr(&d_slots),
-            int("kv width", dim)?,
-        );
-        launch!(
-            self,
-            "kv_write",
-            cfg((uint("rows", n)?, 1, 1), row_threads(dim), 0),
-            &kc,
-            &vc,
-            &kp,
-            &vp,
             &sp,
-            &di
+            &qi,
+            &ki,
+            &hi
         );
-        Ok(())
+        Ok(q)
+    }
+
+    fn concat_rows(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
+        let shape = super::concat_shape(parts.iter().map(|p| p.shape.as_slice()))?;
+        for p in parts {
+            self.check_dtype_bytes(p)?;
+        }
+        if graph::mode() != graph::Mode::Eager {
+            return Err(EngineError::Backend("concat_rows inside a graph step".into()));
+        }
+        let out = self.alloc(&shape)?;
+        let mut dst = self.ptr(&out.buf);
+        for p in parts {
+            let n = p.numel() * self.dtype.size();
+            if n > 0 {
+                // SAFETY: `out` holds the parts' bytes one after another; each part holds n bytes (checked
+                // above); both are device memory of this context, ordered on this stream.
+                unsafe { drv_result::memcpy_dtod_async(dst, self.ptr(&p.buf), n, self.stream.cu_stream()) }
+                    .map_err(|e| drv("copy", e))?;
+            }
+            dst += n as u64;
+        }
+        Ok(out)
     }
 
     fn attention(
@@ -1239,6 +1283,11 @@ impl Backend for CudaBackend {
     /// Through a CUDA graph when it can (graph.rs).
     fn decode_step(&self, rows: usize, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
         self.graph_step(rows, f)
+    }
+
+    /// Graph steps run with a few row counts (graph.rs: `graph_rows`).
+    fn decode_rows(&self, rows: usize) -> usize {
+        self.graph_rows(rows)
     }
 
     /// Over NCCL on the device once the group is attached; otherwise through the host (the trait's way).
