@@ -271,7 +271,8 @@ def say_host(before, what, kind="decode"):
         return
     m = dict(re.findall(r'(\w+)="?([\d.]+)"?', new[-1]))
     say(f"BENCH shard {kind} host time ({what}, last {m.get('steps')} {kind} steps, {m.get('rows')} rows each): "
-        f"{m.get('forward_us')} us up to the last launch, {m.get('sample_us')} us sampling, device and copy back")
+        f"{m.get('forward_us')} us up to the last launch, {m.get('sample_us')} us sampling, device and copy back, "
+        f"{m.get('total_us')} us the whole engine step")
 
 
 def load_metric():

@@ -70,6 +70,9 @@ pub struct StepTimes {
     pub forward: Duration,
     /// Sampling, the device's work and the copy of the tokens.
     pub sample: Duration,
+    /// The whole step, from the engine's call to its return (the above, the batch bookkeeping before
+    /// the forward pass and the generations after it).
+    pub total: Duration,
 }
 
 /// Where [`Engine::load_with_format`] takes the weights from (`--load-format`).
@@ -364,6 +367,7 @@ impl<B: Backend> Engine<B> {
 
     /// [`Engine::step`] once the new sequences are in `batch`.
     fn run_step(&mut self, batch: &mut Batch, opts: StepOptions) -> Result<Vec<Generation>> {
+        let entered = Instant::now();
         // What each sequence runs this step: how many new tokens (0 = nothing), and whether it prefills.
         let mut budget = opts.max_prompt_tokens.unwrap_or(usize::MAX);
         let plan: Vec<Work> = batch
@@ -428,7 +432,7 @@ impl<B: Backend> Engine<B> {
         }
         let answers = self.backend.sample(&logits, &mut tasks)?;
         drop(tasks);
-        self.count_step(pure_decode, rows, launched - started, launched.elapsed());
+        let (forward, sample) = (launched - started, launched.elapsed());
 
         let missing = || EngineError::Backend("missing sampling result".into());
         let mut answers = answers.into_iter();
@@ -461,6 +465,7 @@ impl<B: Backend> Engine<B> {
                 prefill: if w.prefill { s.prompt_logprobs.take() } else { None },
             });
         }
+        self.count_step(pure_decode, rows, [forward, sample, entered.elapsed()]);
         Ok(out)
     }
 }
@@ -478,7 +483,7 @@ impl<B: Backend> Engine<B> {
         self.prompt_times
     }
 
-    fn count_step(&mut self, decode: bool, rows: usize, forward: Duration, sample: Duration) {
+    fn count_step(&mut self, decode: bool, rows: usize, [forward, sample, total]: [Duration; 3]) {
         let (t, every, what) = if decode {
             (&mut self.decode_times, DECODE_REPORT_STEPS, "decode")
         } else {
@@ -488,6 +493,7 @@ impl<B: Backend> Engine<B> {
         t.rows += rows as u64;
         t.forward += forward;
         t.sample += sample;
+        t.total += total;
         if t.steps >= every {
             let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(t.steps);
             #[allow(clippy::cast_precision_loss)]
@@ -497,6 +503,7 @@ impl<B: Backend> Engine<B> {
                 rows = format!("{rows:.1}"),
                 forward_us = format!("{:.0}", per(t.forward)),
                 sample_us = format!("{:.0}", per(t.sample)),
+                total_us = format!("{:.0}", per(t.total)),
                 "{what} steps: host time"
             );
             *t = StepTimes::default();

@@ -299,8 +299,17 @@ fn step_profile() {
         let x = rand(g, &[m, k], seed + 100, 1.0);
         graph_ms(g, copies, 20, &|i| g.linear(&x, &ws[i], None).map(|_| ()))
     };
-    // Rows 1-4 on the skinny-GEMM kernels (the default) and on cuBLAS, the rest on cuBLAS.
-    for (m, gemv_rows) in [(1usize, 4usize), (1, 0), (2, 4), (4, 4), (4, 0), (128, 4), (1000, 4)] {
+    // Rows 1-4 on the skinny-GEMM kernels (1-2 by default) and on cuBLAS, the rest on cuBLAS.
+    for (m, gemv_rows) in [
+        (1usize, 4usize),
+        (1, 0),
+        (2, 4),
+        (2, 0),
+        (4, 4),
+        (4, 0),
+        (128, 4),
+        (1000, 4),
+    ] {
         g.set_gemv_rows(gemv_rows);
         let how = if m <= gemv_rows { "gemv" } else { "cublas" };
         let mut layer_ms = 0.0;
@@ -333,7 +342,7 @@ fn step_profile() {
             ),
         );
     }
-    g.set_gemv_rows(4);
+    g.set_gemv_rows(2);
     // Attention per layer at the serving shapes (32 query heads, 8 KV heads): decode at batch 1 and 128,
     // and a 1000-token prefill on the tensor-core kernel.
     decode_attention(&g, 1, 640, 32, 8, copy);

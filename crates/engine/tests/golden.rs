@@ -271,4 +271,5 @@ fn steps_count_their_host_time_by_kind() {
         t.forward > std::time::Duration::ZERO && t.sample > std::time::Duration::ZERO,
         "{t:?}"
     );
+    assert!(t.total >= t.forward + t.sample, "the whole step holds its parts: {t:?}");
 }

@@ -109,6 +109,9 @@ const LORA_ROWS: usize = 16;
 /// The skinny-GEMM kernels by rows (kernels/gemv.cu), and their block shape (GEMV_WARPS, GEMV_COLS).
 const GEMV_KERNELS: [&str; 4] = ["gemv_1", "gemv_2", "gemv_3", "gemv_4"];
 const GEMV_MAX_ROWS: usize = GEMV_KERNELS.len();
+/// On the H200 (bench/NOTES.md, session 7) the Mistral-7B shape's linears took 3.75 ms per step on gemv_1
+/// against 4.03 on cuBLAS, 3.93 on gemv_2, but 4.46 on gemv_4 against 4.06 on cuBLAS.
+const GEMV_DEFAULT_ROWS: usize = 2;
 const GEMV_WARPS: usize = 4;
 const GEMV_COLS: usize = 2;
 
@@ -277,7 +280,7 @@ pub struct CudaBackend {
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
     /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
-    /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default and most 4; 0 turns them off).
+    /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
@@ -293,7 +296,28 @@ pub struct CudaBackend {
     /// Pinned host memory the uploads stage in, kept and grown on demand (pinning is slow); the lock
     /// also makes concurrent uploads take turns.
     staging: Mutex<Option<PinnedHostSlice<u8>>>,
+    /// Pinned host memory that eager steps' metadata uploads stage through (made on first use).
+    eager_staging: Mutex<Option<EagerStaging>>,
 }
+
+/// Bytes of each half of [`EagerStaging`]; larger uploads copy from pageable memory.
+const EAGER_STAGING_HALF: usize = 4 << 20;
+
+/// Pinned staging for the small uploads of eager steps (positions, slots, attention plans, LoRA tables).
+/// A copy from pageable memory may first wait for the stream's earlier work: the host then stalls behind
+/// the device at every upload of a prefill's layers, and the device idles while the host prepares the
+/// next launches. From pinned memory the copies are asynchronous. Two halves are used in turn; before a
+/// half is written again, the event recorded when the host left it is waited for (its copies ran long
+/// ago, in practice).
+struct EagerStaging {
+    buf: PinnedHostSlice<u8>,
+    half: usize,
+    used: usize,
+    left: [Option<cudarc::driver::CudaEvent>; 2],
+}
+
+// SAFETY: the pinned buffer is only touched under the backend's `eager_staging` lock.
+unsafe impl Send for EagerStaging {}
 
 pub(crate) fn drv(what: &str, e: drv_result::DriverError) -> EngineError {
     EngineError::Backend(format!("CUDA {what}: {e:?}"))
@@ -511,13 +535,14 @@ impl CudaBackend {
             gemv_rows: std::env::var("LORAX_CUDA_GEMV_ROWS")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(GEMV_MAX_ROWS)
+                .unwrap_or(GEMV_DEFAULT_ROWS)
                 .min(GEMV_MAX_ROWS),
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
             upload_stream,
             staging: Mutex::new(None),
+            eager_staging: Mutex::new(None),
         })
     }
 
@@ -558,7 +583,7 @@ impl CudaBackend {
     }
 
     /// Linear layers of at most `rows` rows (0..=4) on the skinny-GEMM kernels, the rest on cuBLAS (for
-    /// tests and comparisons; default 4).
+    /// tests and comparisons; default 2).
     pub fn set_gemv_rows(&mut self, rows: usize) {
         self.gemv_rows = rows.min(GEMV_MAX_ROWS);
     }
@@ -691,10 +716,64 @@ impl CudaBackend {
         if graph::mode() != graph::Mode::Eager {
             return self.graphs.upload(bytes);
         }
-        let bytes = if bytes.is_empty() { &[0u8][..] } else { bytes };
-        Ok(DevBuf::Own(
-            self.stream.clone_htod(bytes).map_err(|e| drv("upload", e))?,
-        ))
+        if bytes.is_empty() || bytes.len() > EAGER_STAGING_HALF {
+            let bytes = if bytes.is_empty() { &[0u8][..] } else { bytes };
+            return Ok(DevBuf::Own(
+                self.stream.clone_htod(bytes).map_err(|e| drv("upload", e))?,
+            ));
+        }
+        self.staged_upload(bytes)
+    }
+
+    /// `bytes` (at most [`EAGER_STAGING_HALF`]) to a new device allocation through [`EagerStaging`].
+    fn staged_upload(&self, bytes: &[u8]) -> Result<DevBuf> {
+        let mut guard = self
+            .eager_staging
+            .lock()
+            .map_err(|_| EngineError::Backend("the eager staging buffer was poisoned by a panic".into()))?;
+        if guard.is_none() {
+            // SAFETY: plain bytes, uninitialised; only the bytes written below are copied.
+            let buf = unsafe { self.ctx.alloc_pinned::<u8>(2 * EAGER_STAGING_HALF) }
+                .map_err(|e| drv("pinning the eager staging buffer", e))?;
+            *guard = Some(EagerStaging {
+                buf,
+                half: 0,
+                used: 0,
+                left: [None, None],
+            });
+        }
+        let st = guard
+            .as_mut()
+            .ok_or_else(|| EngineError::Backend("no eager staging buffer".into()))?;
+        let len = bytes.len().next_multiple_of(16);
+        if st.used + len > EAGER_STAGING_HALF {
+            let ev = self
+                .stream
+                .record_event(None)
+                .map_err(|e| drv("recording a staging event", e))?;
+            st.left[st.half] = Some(ev);
+            st.half ^= 1;
+            st.used = 0;
+            if let Some(ev) = st.left[st.half].take() {
+                ev.synchronize().map_err(|e| drv("waiting for staged copies", e))?;
+            }
+        }
+        let off = st.half * EAGER_STAGING_HALF + st.used;
+        st.used += len;
+        // The buffer's own event is never recorded (copies go through the driver API), so this returns at
+        // once; the halves' events above order the reuse.
+        let host = st.buf.as_mut_slice().map_err(|e| drv("eager staging buffer", e))?;
+        let staged = &mut host[off..off + bytes.len()];
+        staged.copy_from_slice(bytes);
+        // SAFETY: uninitialised; the copy right after writes all of it.
+        let dev = unsafe { self.stream.alloc::<u8>(bytes.len()) }
+            .map_err(|e| drv(&format!("allocating {} bytes", bytes.len()), e))?;
+        let dp = self.slice_ptr(&dev);
+        // SAFETY: `dev` holds bytes.len() bytes; the staged bytes are pinned and are not written again before
+        // the event recorded after this copy has completed (above).
+        unsafe { drv_result::memcpy_htod_async(dp, &*staged, self.stream.cu_stream()) }
+            .map_err(|e| drv("upload", e))?;
+        Ok(DevBuf::Own(dev))
     }
 
     fn check_dtype_bytes(&self, t: &CudaTensor) -> Result<()> {
