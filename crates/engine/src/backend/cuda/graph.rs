@@ -111,6 +111,8 @@ struct Inner {
     clock: u64,
     replays: u64,
     captures: u64,
+    /// Host time spent capturing and instantiating graphs, all captures together.
+    capture_time: std::time::Duration,
     /// A copy of the mirror may still be in flight: wait before writing it again.
     copy_pending: bool,
 }
@@ -177,6 +179,7 @@ impl Graphs {
                 clock: 0,
                 replays: 0,
                 captures: 0,
+                capture_time: std::time::Duration::ZERO,
                 copy_pending: false,
             }),
             enabled: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPHS").map_or(true, |v| v != "0")),
@@ -428,6 +431,7 @@ impl CudaBackend {
 
     /// Captures the forward pass as the graph of `sig` and replays it.
     fn capture(&self, sig: u64, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<Result<CudaTensor>> {
+        let started = std::time::Instant::now();
         self.begin_pass()?;
         self.stream
             .begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -460,11 +464,22 @@ impl CudaBackend {
             let now = g.clock;
             g.graphs.insert(sig, (Captured(graph), now));
             g.captures += 1;
+            g.capture_time += started.elapsed();
+            // Each capture, with what makes its signature (for finding what changes between steps).
+            tracing::debug!(
+                sig = format!("{sig:016x}"),
+                rows = self.graphs.step_rows.load(Ordering::Relaxed),
+                work = g.work_used,
+                meta = g.meta_used,
+                ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                "CUDA graph capture"
+            );
             if g.captures == 1 || g.captures.is_power_of_two() {
                 tracing::info!(
                     captures = g.captures,
                     replays = g.replays,
                     kept = g.graphs.len(),
+                    capture_ms = format!("{:.0}", g.capture_time.as_secs_f64() * 1e3),
                     "CUDA graph captured"
                 );
             }
