@@ -226,22 +226,24 @@ def scrape():
         return ""
 
 
-STEP_HISTOGRAMS = (("lorax_batch_forward_duration", "forward"), ("lorax_batch_inference_duration", "step"))
+STEP_HISTOGRAMS = (("lorax_batch_shard_duration", "shard engine"), ("lorax_batch_forward_duration", "forward"),
+                   ("lorax_batch_inference_duration", "step"))
 
 
 def step_metrics():
     """Sums and counts of the router's per-step histograms: {(name, method, "sum" | "count"): value}."""
     out = {}
     for line in scrape().splitlines():
-        m = re.match(r'(lorax_batch_(?:forward|inference)_duration)_(sum|count)\{method="(\w+)"\}\s+(\S+)', line)
+        m = re.match(r'(lorax_batch_(?:forward|inference|shard)_duration)_(sum|count)\{method="(\w+)"\}\s+(\S+)', line)
         if m:
             out[(m.group(1), m.group(3), m.group(2))] = float(m.group(4))
     return out
 
 
 def say_steps(before, after, what):
-    """Mean time per step of each kind between two step_metrics(): "forward" is the shard call as the router
-    sees it (host preparation, GPU, sampling, gRPC), "step" adds the router's handling of the results."""
+    """Mean time per step of each kind between two step_metrics(): "shard engine" is the shard's engine step
+    as the shard reports it, "forward" the shard call as the router sees it (the engine step, the shard's
+    handler, gRPC), "step" adds the router's handling of the results."""
     parts = []
     for method in ("prefill", "mixed", "decode"):
         for name, short in STEP_HISTOGRAMS:

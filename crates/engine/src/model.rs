@@ -157,6 +157,8 @@ impl<'a> ForwardInput<'a> {
                 }
             }
         }
+        // Padding rows keep their logit row: the LM head and the gather then have the padded row count, so
+        // a decode step's graph does not change with how many rows are real.
         for (i, s) in seqs.iter().enumerate() {
             let q_start = starts[i];
             if all_logits.get(i).copied().unwrap_or(false) {

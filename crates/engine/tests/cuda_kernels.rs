@@ -54,7 +54,8 @@ fn linear_matches_cpu() {
             (64, 4096, 512, false),
             (300, 1024, 768, true),
             (3, 100, 75, true),
-            // Decode shapes: 1-4 rows (k = 100: rows not whole 16-byte vectors in 16-bit types, so cuBLAS).
+            // Decode shapes: 1-4 rows (k = 100: rows not whole 16-byte vectors in 16-bit types, so cuBLAS
+            // there; gemv in f32).
             (1, 4096, 1000, false),
             (1, 4096, 6144, false),
             (2, 4096, 28672, false),
@@ -132,7 +133,11 @@ fn rope_kv_write_matches_cpu() {
                 .collect();
             let positions: Vec<u32> = (0..rows).map(|_| rng.below(131_072) as u32).collect();
             let (slots_total, kv_dim) = (96, kv_heads * hd);
-            let slots: Vec<u32> = rng.perm(slots_total)[..rows].to_vec();
+            let mut slots: Vec<u32> = rng.perm(slots_total)[..rows].to_vec();
+            if rows > 2 {
+                // A padding row writes no key or value.
+                slots[1] = lorax_engine::backend::NO_SLOT;
+            }
             let qkv = pair(&g, &mut rng, &[rows, (heads + 2 * kv_heads) * hd], -1.0, 1.0);
             let mut kc = pair(&g, &mut rng, &[slots_total, kv_dim], -1.0, 1.0);
             let mut vc = pair(&g, &mut rng, &[slots_total, kv_dim], -1.0, 1.0);

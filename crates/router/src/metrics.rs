@@ -32,6 +32,8 @@ pub const REQUEST_MAX_NEW_TOKENS: &str = "lorax_request_max_new_tokens";
 /// Shard forward time per call, seconds (histogram, label `method` = prefill|decode|mixed: a Prefill call
 /// with nothing to decode, a Decode call, a Prefill call that also decodes the running batch).
 pub const BATCH_FORWARD_DURATION: &str = "lorax_batch_forward_duration";
+/// The shard's own time per call (its engine step), as the shard reports it.
+pub const BATCH_SHARD_DURATION: &str = "lorax_batch_shard_duration";
 /// A shard call and the handling of its answer (tokens sent, finished requests retired), seconds
 /// (histogram, label `method` = prefill|decode|mixed).
 pub const BATCH_INFERENCE_DURATION: &str = "lorax_batch_inference_duration";
@@ -124,6 +126,7 @@ fn histogram_buckets(max_total_tokens: u32) -> Vec<(&'static str, Vec<f64>)> {
         REQUEST_VALIDATION_DURATION,
         REQUEST_MEAN_TIME_PER_TOKEN,
         BATCH_FORWARD_DURATION,
+        BATCH_SHARD_DURATION,
         BATCH_INFERENCE_DURATION,
     ] {
         all.push((name, STEP_BUCKETS.to_vec()));
@@ -177,6 +180,11 @@ fn describe() {
     describe_histogram!(REQUEST_GENERATED_TOKENS, Unit::Count, "Generated tokens per request");
     describe_histogram!(REQUEST_MAX_NEW_TOKENS, Unit::Count, "max_new_tokens per request");
     describe_histogram!(BATCH_FORWARD_DURATION, Unit::Seconds, "Shard forward time per call");
+    describe_histogram!(
+        BATCH_SHARD_DURATION,
+        Unit::Seconds,
+        "Engine time per call inside the shard (the rest of the call is the RPC and the shard's handler)"
+    );
     describe_histogram!(BATCH_DECODE_SIZE, Unit::Count, "Sequences advanced per decode step");
     describe_histogram!(
         BATCH_INFERENCE_DURATION,

@@ -261,25 +261,28 @@ impl Scheduler {
         let started = Instant::now();
         let expected: Vec<u64> = requests.iter().map(|r| r.id).collect();
         let result = self.clients.prefill(requests).await;
-        let result = result.map(|r| (r.generations, expected));
+        let result = result.map(|r| (r.generations, expected, r.forward_ns));
         if self.conclude("prefill", started, result).await {
             self.steps_since_prefill = 0;
         }
     }
 
-    /// Ends a step whose shard call began at `started`: records the call's and the step's durations and
-    /// hands the generations out (`expected`: the requests that must get a token), or fails every request
-    /// when the call failed. `true` when the call succeeded.
+    /// Ends a step whose shard call began at `started`: records the call's, the shard engine's
+    /// (`forward_ns`, as the shard reports it) and the step's durations and hands the generations out
+    /// (`expected`: the requests that must get a token), or fails every request when the call failed.
+    /// `true` when the call succeeded.
     async fn conclude(
         &mut self,
         method: &'static str,
         started: Instant,
-        result: Result<(Vec<Generation>, Vec<u64>), ClientError>,
+        result: Result<(Vec<Generation>, Vec<u64>, u64), ClientError>,
     ) -> bool {
         match result {
-            Ok((generations, expected)) => {
+            Ok((generations, expected, forward_ns)) => {
                 metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => method)
                     .record(started.elapsed().as_secs_f64());
+                #[allow(clippy::cast_precision_loss)]
+                metrics::histogram!(m::BATCH_SHARD_DURATION, "method" => method).record(forward_ns as f64 * 1e-9);
                 self.handle(generations, &expected).await;
                 metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => method)
                     .record(started.elapsed().as_secs_f64());
@@ -430,7 +433,7 @@ impl Scheduler {
         let result = result.map(|response| {
             let still: std::collections::HashSet<u64> = response.prefilling_ids.iter().copied().collect();
             let expected = in_step.into_iter().filter(|id| !still.contains(id)).collect();
-            (response.generations, expected)
+            (response.generations, expected, response.forward_ns)
         });
         self.conclude(method, started, result).await;
     }
@@ -450,7 +453,11 @@ impl Scheduler {
         let expected: Vec<u64> = self.running.keys().copied().collect();
         let result = self.clients.decode().await;
         if self
-            .conclude("decode", started, result.map(|r| (r.generations, expected)))
+            .conclude(
+                "decode",
+                started,
+                result.map(|r| (r.generations, expected, r.forward_ns)),
+            )
             .await
         {
             self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);

@@ -127,6 +127,7 @@ async fn metrics_json_matches_the_text_format() {
         "lorax_request_max_new_tokens",
         "lorax_batch_inference_duration",
         "lorax_batch_forward_duration",
+        "lorax_batch_shard_duration",
         "lorax_batch_next_size",
         "lorax_batch_decode_size",
     ] {

@@ -48,6 +48,7 @@ pub fn check_rope_kv_write(
     };
     let ((n, width), (slots_total, kv_dim)) = (rows_cols(qkv), rows_cols(k_cache));
     if head_dim == 0
+        || !head_dim.is_multiple_of(2)
         || kv_dim == 0
         || width < 2 * kv_dim
         || (width - 2 * kv_dim) % head_dim != 0
@@ -198,8 +199,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Batched LoRA (SGMV shrink then expand): for each segment,
     /// `y[rows, col .. col + b.rows] += scale · (x[rows] · aᵀ) · bᵀ`. `x` `[n, in]`, `y` `[n, out]`; rows
     /// outside every segment (base-model rows) are untouched and segments may have different ranks and
-    /// column ranges (the parts of a fused projection in one call). Each segment's adapter weights are
-    /// read once.
+    /// column ranges (the parts of a fused projection in one call; segments that share rows must not share
+    /// columns). Each segment's adapter weights are read once.
     fn lora(&self, y: &mut Self::Tensor, x: &Self::Tensor, segments: &[LoraSegment<'_, Self::Tensor>]) -> Result<()>;
     /// For each `(row, task)`, from row `row` of `logits` `[rows, vocab]`: the next token chosen by the
     /// task's sampler (exactly as [`crate::Sampler::choose`], recorded in its history), or a given
