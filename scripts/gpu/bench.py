@@ -277,6 +277,18 @@ def say_host(before, what, kind="decode"):
         f"{m.get('total_us')} us the whole engine step")
 
 
+def say_graph(before, what):
+    """The last "graph steps: host time" report (the CUDA backend's, every 256 graph steps) since `before`."""
+    new = host_reports("graph")[before:]
+    if not new:
+        say(f"BENCH shard graph host time ({what}): no report yet")
+        return
+    m = dict(re.findall(r'(\w+)="?([\d.]+)"?', new[-1]))
+    say(f"BENCH shard graph host time ({what}, per graph step): record pass {m.get('record_us')} us (LoRA plans "
+        f"{m.get('lora_plan_us')}, attention plans {m.get('attention_plan_us')}), replay {m.get('replay_us')} us, "
+        f"metadata {m.get('metadata_kb')} KiB")
+
+
 def load_metric():
     """The router's lorax_adapter_load_duration histogram: {bucket: count, "sum": s, "count": n}."""
     out = {}
@@ -488,18 +500,20 @@ def sweep_and_regimes():
     for c in SWEEP:
         n, warm = (3, 1) if c == 1 else (2 * c, 8)
         name = f"base-c{c}"
-        steps, reports = step_metrics(), len(host_reports())
+        steps, reports, graphs = step_metrics(), len(host_reports()), len(host_reports("graph"))
         throughput(name, bench(name, "--concurrency", str(c), "--requests", str(n), "--warmup", str(warm), *lens,
                                need=15 + c // 8), c)
         say_steps(steps, step_metrics(), name)
         say_host(reports, name)
+        say_graph(graphs, name)
     for regime in ("identical", "uniform", "zipf:1", "distinct"):
         name = f"{regime.replace(':', '')}-c{STREAMS}"
-        steps, reports = step_metrics(), len(host_reports())
+        steps, reports, graphs = step_metrics(), len(host_reports()), len(host_reports("graph"))
         throughput(name, bench(name, "--concurrency", str(STREAMS), "--requests", str(2 * STREAMS), "--warmup", "16",
                                "--popularity", regime, "--num-adapters", str(N_ADAPTERS), *lens, need=30), STREAMS)
         say_steps(steps, step_metrics(), name)
         say_host(reports, name)
+        say_graph(graphs, name)
 
 
 def runs_table():

@@ -32,8 +32,9 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use cudarc::driver::{result as drv_result, sys as drv_sys, CudaGraph, CudaSlice, PinnedHostSlice};
 
@@ -117,6 +118,57 @@ struct Inner {
     copy_pending: bool,
 }
 
+/// Host time of graph steps, reported at info level every [`CLOCK_REPORT_STEPS`] steps ("graph steps:
+/// host time"): the record pass (the forward pass's host work), the LoRA and attention plans within it,
+/// and the replay (signature lookup, metadata copy, launch), per step.
+#[derive(Default)]
+pub(crate) struct StepClock {
+    steps: AtomicU64,
+    record_ns: AtomicU64,
+    lora_ns: AtomicU64,
+    attn_ns: AtomicU64,
+    replay_ns: AtomicU64,
+    meta_bytes: AtomicU64,
+}
+
+/// Graph steps per host-time report.
+const CLOCK_REPORT_STEPS: u64 = 256;
+
+fn nanos(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl StepClock {
+    /// Counts a LoRA (`lora`) or attention plan begun at `since`, when made by a graph step's record pass.
+    pub(crate) fn plan(&self, lora: bool, since: Instant) {
+        if mode() == Mode::Record {
+            let c = if lora { &self.lora_ns } else { &self.attn_ns };
+            c.fetch_add(nanos(since), Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one graph step (its record pass and its replay) and reports every CLOCK_REPORT_STEPS.
+    fn step(&self, record_ns: u64, replay_ns: u64, meta: usize) {
+        self.record_ns.fetch_add(record_ns, Ordering::Relaxed);
+        self.replay_ns.fetch_add(replay_ns, Ordering::Relaxed);
+        self.meta_bytes.fetch_add(meta as u64, Ordering::Relaxed);
+        if self.steps.fetch_add(1, Ordering::Relaxed) + 1 < CLOCK_REPORT_STEPS {
+            return;
+        }
+        let per = |c: &AtomicU64| c.swap(0, Ordering::Relaxed) as f64 / CLOCK_REPORT_STEPS as f64;
+        self.steps.store(0, Ordering::Relaxed);
+        tracing::info!(
+            steps = CLOCK_REPORT_STEPS,
+            record_us = format!("{:.0}", per(&self.record_ns) / 1e3),
+            lora_plan_us = format!("{:.0}", per(&self.lora_ns) / 1e3),
+            attention_plan_us = format!("{:.0}", per(&self.attn_ns) / 1e3),
+            replay_us = format!("{:.0}", per(&self.replay_ns) / 1e3),
+            metadata_kb = format!("{:.0}", per(&self.meta_bytes) / 1024.0),
+            "graph steps: host time"
+        );
+    }
+}
+
 /// The graph state of a backend.
 pub(crate) struct Graphs {
     inner: Mutex<Inner>,
@@ -126,6 +178,8 @@ pub(crate) struct Graphs {
     max_graphs: usize,
     /// Rows of the step in progress (for the message and limit after a failed arena allocation).
     step_rows: AtomicUsize,
+    /// Host time of graph steps.
+    pub(crate) clock: StepClock,
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -186,6 +240,7 @@ impl Graphs {
             max_batch: AtomicUsize::new(env_usize("LORAX_CUDA_GRAPH_MAX_BATCH", 256)),
             max_graphs: env_usize("LORAX_CUDA_GRAPH_CACHE", 64).max(1),
             step_rows: AtomicUsize::new(0),
+            clock: StepClock::default(),
         }
     }
 
@@ -304,6 +359,7 @@ impl CudaBackend {
     /// Outer error: a graph failure (fall back); inner: the forward pass's own error.
     fn try_graph_step(&self, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<Result<CudaTensor>> {
         for _ in 0..2 {
+            let recording = Instant::now();
             let (out, sig, work, meta) = {
                 self.begin_pass()?;
                 let _mode = ModeGuard::set(Mode::Record);
@@ -329,11 +385,16 @@ impl CudaBackend {
                 }
                 continue;
             }
+            let record_ns = nanos(recording);
+            let replaying = Instant::now();
             if self.replay(sig)? {
+                self.graphs.clock.step(record_ns, nanos(replaying), meta);
                 return Ok(Ok(out));
             }
             drop(out);
-            return self.capture(sig, f);
+            let captured = self.capture(sig, f);
+            self.graphs.clock.step(record_ns, 0, meta);
+            return captured;
         }
         Err(EngineError::Backend(
             "the graph arenas did not fit after growing".into(),

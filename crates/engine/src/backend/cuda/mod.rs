@@ -1301,13 +1301,18 @@ impl Backend for CudaBackend {
         v_cache: &CudaTensor,
         meta: &AttnMeta<'_>,
     ) -> Result<CudaTensor> {
+        let planning = std::time::Instant::now();
         let plan = self.attention_plan(q, k_cache, v_cache, meta)?;
+        self.graphs.clock.plan(false, planning);
         self.attention_run(&plan)?;
         Ok(plan.output())
     }
 
     fn lora(&self, y: &mut CudaTensor, x: &CudaTensor, segments: &[LoraSegment<'_, CudaTensor>]) -> Result<()> {
-        match self.lora_plan(y, x, segments)? {
+        let planning = std::time::Instant::now();
+        let plan = self.lora_plan(y, x, segments)?;
+        self.graphs.clock.plan(true, planning);
+        match plan {
             Some(plan) => self.lora_run(&plan),
             None => Ok(()),
         }
