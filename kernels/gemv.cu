@@ -87,19 +87,13 @@ __device__ __forceinline__ void gemv_rows(T* __restrict__ y, const T* __restrict
         }
 }
 
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_1(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k) {
-    gemv_rows<1>(y, x, w, n, k);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_2(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k) {
-    gemv_rows<2>(y, x, w, n, k);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_3(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k) {
-    gemv_rows<3>(y, x, w, n, k);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_4(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k) {
-    gemv_rows<4>(y, x, w, n, k);
-}
+// gemv_1 .. gemv_4: one entry point per row count.
+#define GEMV_ENTRY(M)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                            \
+        gemv_##M(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, int n, int k) {       \
+        gemv_rows<M>(y, x, w, n, k);                                                                          \
+    }
+GEMV_ENTRY(1)
+GEMV_ENTRY(2)
+GEMV_ENTRY(3)
+GEMV_ENTRY(4)

@@ -265,28 +265,32 @@ def host_reports(kind="decode"):
         return []
 
 
-def say_host(before, what, kind="decode"):
-    """The last report written since `before` (a count of host_reports(kind))."""
+def last_report(kind, before, what):
+    """The fields of the last "<kind> steps: host time" report written since `before` (a count of
+    host_reports(kind)), or None (said so)."""
     new = host_reports(kind)[before:]
     if not new:
         say(f"BENCH shard {kind} host time ({what}): no report yet")
-        return
-    m = dict(re.findall(r'(\w+)="?([\d.]+)"?', new[-1]))
-    say(f"BENCH shard {kind} host time ({what}, last {m.get('steps')} {kind} steps, {m.get('rows')} rows each): "
-        f"{m.get('forward_us')} us up to the last launch, {m.get('sample_us')} us sampling, device and copy back, "
-        f"{m.get('total_us')} us the whole engine step")
+        return None
+    return dict(re.findall(r'(\w+)="?([\d.]+)"?', new[-1]))
+
+
+def say_host(before, what, kind="decode"):
+    """The last engine report written since `before`."""
+    m = last_report(kind, before, what)
+    if m:
+        say(f"BENCH shard {kind} host time ({what}, last {m.get('steps')} {kind} steps, {m.get('rows')} rows each): "
+            f"{m.get('forward_us')} us up to the last launch, {m.get('sample_us')} us sampling, device and copy "
+            f"back, {m.get('total_us')} us the whole engine step")
 
 
 def say_graph(before, what):
     """The last "graph steps: host time" report (the CUDA backend's, every 256 graph steps) since `before`."""
-    new = host_reports("graph")[before:]
-    if not new:
-        say(f"BENCH shard graph host time ({what}): no report yet")
-        return
-    m = dict(re.findall(r'(\w+)="?([\d.]+)"?', new[-1]))
-    say(f"BENCH shard graph host time ({what}, per graph step): record pass {m.get('record_us')} us (LoRA plans "
-        f"{m.get('lora_plan_us')}, attention plans {m.get('attention_plan_us')}), replay {m.get('replay_us')} us, "
-        f"metadata {m.get('metadata_kb')} KiB")
+    m = last_report("graph", before, what)
+    if m:
+        say(f"BENCH shard graph host time ({what}, per graph step): record pass {m.get('record_us')} us (LoRA "
+            f"plans {m.get('lora_plan_us')}, attention plans {m.get('attention_plan_us')}), replay "
+            f"{m.get('replay_us')} us, metadata {m.get('metadata_kb')} KiB")
 
 
 def load_metric():

@@ -277,7 +277,6 @@ impl<B: Backend> Engine<B> {
             });
         }
         let graph = decode && self.comm.world_size() == 1;
-        let mut all_logits = std::borrow::Cow::Borrowed(all_logits);
         if graph {
             // Padding rows up to the backend's row count for the step (a CUDA graph's): a batch whose size
             // wanders (requests finishing and joining) replays a few graphs instead of capturing one per
@@ -291,7 +290,7 @@ impl<B: Backend> Engine<B> {
                 adapter: None,
                 pad: true,
             }));
-            all_logits.to_mut().resize(inputs.len(), false);
+            // `all_logits` stays as given: sequences past its end (the padding) get their last row only.
         }
         let adapters = keys
             .iter()
@@ -301,7 +300,7 @@ impl<B: Backend> Engine<B> {
                     .ok_or_else(|| EngineError::AdapterNotLoaded((*k).to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
-        let input = ForwardInput::build(&self.cache, &inputs, &all_logits)?;
+        let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
         let (model, backend, cache, comm) = (&self.model, &*self.backend, &mut self.cache, &*self.comm);
         if graph {
             backend.decode_step(input.tokens.len(), &mut || {

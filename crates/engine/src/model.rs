@@ -182,8 +182,8 @@ pub struct Model<B: Backend> {
     inv_freq: Vec<f32>,
     local_heads: usize,
     local_kv_heads: usize,
-    /// Tensor-parallel ranks (the FFN is split evenly across them).
-    world: usize,
+    /// This rank's FFN width (the FFN is split evenly across the ranks).
+    local_ffn: usize,
     kv_slice: (usize, usize),
 }
 
@@ -297,7 +297,7 @@ impl<B: Backend> Model<B> {
             lm_head,
             inv_freq: cfg.inv_freq(),
             local_heads: cfg.num_heads / world,
-            world,
+            local_ffn: cfg.intermediate_size / world,
             local_kv_heads: cfg.num_kv_heads / kv_parts,
             kv_slice: (kv_index, kv_parts),
         })
@@ -355,7 +355,6 @@ impl<B: Backend> Model<B> {
         }
         let eps = cfg.rms_norm_eps;
         let (qd, kvd) = (self.local_heads * cfg.head_dim, self.local_kv_heads * cfg.head_dim);
-        let ffn = cfg.intermediate_size / self.world;
         // Runs a (possibly fused) projection, then adds each segment's LoRA terms for its parts (target,
         // first column of the output), all parts in one call.
         let project =
@@ -411,7 +410,12 @@ impl<B: Backend> Model<B> {
             let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
             backend.all_reduce_sum(&mut attn_out, comm)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
-            let gate_up = project(&layer.gate_up, &h2, i, &[(Target::Gate, 0), (Target::Up, ffn)])?;
+            let gate_up = project(
+                &layer.gate_up,
+                &h2,
+                i,
+                &[(Target::Gate, 0), (Target::Up, self.local_ffn)],
+            )?;
             let act = backend.silu_mul(&gate_up)?;
             let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)])?;
             backend.all_reduce_sum(&mut down, comm)?;
