@@ -148,14 +148,12 @@ extern "C" __global__ void sgmv_expand(T* __restrict__ y, const float* __restric
 #define BG_RANK 64
 #define BG_SHRINK_THREADS 128
 
-extern "C" __global__ void bgmv_shrink(float* __restrict__ tmp, const T* __restrict__ x,
-                                       const LoraSeg* __restrict__ segs, int in_dim, int rmax) {
-    const LoraSeg sg = segs[blockIdx.x];
-    const int j = blockIdx.y;
-    if (j >= sg.rank || sg.len <= 0) return;
-    const int rows = min(sg.len, BG_ROWS);
-    const T* a = reinterpret_cast<const T*>(sg.a) + (u64)j * in_dim;
-    const T* xs = x + (u64)sg.start * in_dim;
+// The shrink of one record: tmp[trow + i, j] = x[start + i] . A[j, :] for its rows i < rows.
+__device__ __forceinline__ void bgmv_shrink_rec(float* __restrict__ tmp, const T* __restrict__ x,
+                                                const T* __restrict__ A, int start, int rows, int trow, int j,
+                                                int in_dim, int rmax) {
+    const T* a = A + (u64)j * in_dim;
+    const T* xs = x + (u64)start * in_dim;
     float acc[BG_ROWS];
 #pragma unroll
     for (int i = 0; i < BG_ROWS; ++i) acc[i] = 0.f;
@@ -195,22 +193,21 @@ extern "C" __global__ void bgmv_shrink(float* __restrict__ tmp, const T* __restr
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < BG_SHRINK_THREADS / 32; ++w) s += red[threadIdx.x][w];
-        tmp[(u64)(sg.trow + threadIdx.x) * rmax + j] = s;
+        tmp[(u64)(trow + threadIdx.x) * rmax + j] = s;
     }
 }
 
-extern "C" __global__ void bgmv_expand(T* __restrict__ y, const float* __restrict__ tmp,
-                                       const LoraSeg* __restrict__ segs, int out_dim, int rmax) {
-    const LoraSeg sg = segs[blockIdx.x];
-    if (sg.len <= 0) return;
-    const int r = sg.rank;
-    const int rows = min(sg.len, BG_ROWS);
+// The expand of one record for the column tile of this block: y[start + i, col + c] += scale *
+// tmp[trow + i, :r] . B[c, :r] (every thread of the block must call it: it stages tmp and syncs).
+__device__ __forceinline__ void bgmv_expand_rec(T* __restrict__ y, const float* __restrict__ tmp,
+                                                const T* __restrict__ B, int r, float scale, int start, int rows,
+                                                int trow, int col, int cols, int out_dim, int rmax) {
     __shared__ float t_s[BG_ROWS * BG_RANK];
-    for (int f = threadIdx.x; f < rows * r; f += blockDim.x) t_s[f] = tmp[(u64)(sg.trow + f / r) * rmax + f % r];
+    for (int f = threadIdx.x; f < rows * r; f += blockDim.x) t_s[f] = tmp[(u64)(trow + f / r) * rmax + f % r];
     __syncthreads();
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
-    if (c >= sg.cols) return;
-    const T* b = reinterpret_cast<const T*>(sg.b) + (u64)c * r;
+    if (c >= cols) return;
+    const T* b = B + (u64)c * r;
     float acc[BG_ROWS];
 #pragma unroll
     for (int i = 0; i < BG_ROWS; ++i) acc[i] = 0.f;
@@ -237,8 +234,74 @@ extern "C" __global__ void bgmv_expand(T* __restrict__ y, const float* __restric
 #pragma unroll
     for (int i = 0; i < BG_ROWS; ++i) {
         if (i < rows) {
-            T* yp = y + (u64)(sg.start + i) * out_dim + sg.col + c;
-            *yp = from_f(to_f(*yp) + sg.scale * acc[i]);
+            T* yp = y + (u64)(start + i) * out_dim + col + c;
+            *yp = from_f(to_f(*yp) + scale * acc[i]);
         }
     }
+}
+
+extern "C" __global__ void bgmv_shrink(float* __restrict__ tmp, const T* __restrict__ x,
+                                       const LoraSeg* __restrict__ segs, int in_dim, int rmax) {
+    const LoraSeg sg = segs[blockIdx.x];
+    const int j = blockIdx.y;
+    if (j >= sg.rank || sg.len <= 0) return;
+    bgmv_shrink_rec(tmp, x, reinterpret_cast<const T*>(sg.a), sg.start, min(sg.len, BG_ROWS), sg.trow, j, in_dim,
+                    rmax);
+}
+
+extern "C" __global__ void bgmv_expand(T* __restrict__ y, const float* __restrict__ tmp,
+                                       const LoraSeg* __restrict__ segs, int out_dim, int rmax) {
+    const LoraSeg sg = segs[blockIdx.x];
+    if (sg.len <= 0) return;
+    bgmv_expand_rec(y, tmp, reinterpret_cast<const T*>(sg.b), sg.rank, sg.scale, sg.start, min(sg.len, BG_ROWS),
+                    sg.trow, sg.col, sg.cols, out_dim, rmax);
+}
+
+// BGMV by adapter index (a forward pass's LoRA plan, made once for all its layers): each record names
+// an adapter's index, a table of LoraRef per (layer, target) written when the adapter was uploaded, and
+// at most BG_ROWS rows; a layer's launch says which layer and which parts (up to 3 (target, first column
+// of y) pairs, a fused projection's), and the kernels look the pairs up. Grid z is the part; part p's
+// intermediate rows are p * n + row. A pair the adapter does not have (a null A) is skipped.
+#define LORA_TARGETS 7
+
+struct LoraRef {
+    u64 a;      // lora_A [rank, in], or 0: no pair for this (layer, target)
+    u64 b;      // lora_B [cols, rank]
+    int rank;
+    float scale;
+    int cols;
+    int pad;
+};
+
+struct LoraRec {
+    u64 index;  // the adapter's LoraRef[layers][LORA_TARGETS], or 0 for an empty (padding) record
+    int start;
+    int len;    // at most BG_ROWS
+};
+
+__device__ __forceinline__ int part_of(int p, int v0, int v1, int v2) { return p == 0 ? v0 : (p == 1 ? v1 : v2); }
+
+extern "C" __global__ void bgmv_shrink_ix(float* __restrict__ tmp, const T* __restrict__ x,
+                                          const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
+                                          int n, int in_dim, int rmax) {
+    const LoraRec rc = recs[blockIdx.x];
+    if (rc.len <= 0 || rc.index == 0) return;
+    const int p = blockIdx.z;
+    const LoraRef ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+    const int j = blockIdx.y;
+    if (ref.a == 0 || j >= ref.rank) return;
+    bgmv_shrink_rec(tmp, x, reinterpret_cast<const T*>(ref.a), rc.start, min(rc.len, BG_ROWS), p * n + rc.start, j,
+                    in_dim, rmax);
+}
+
+extern "C" __global__ void bgmv_expand_ix(T* __restrict__ y, const float* __restrict__ tmp,
+                                          const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
+                                          int c0, int c1, int c2, int n, int out_dim, int rmax) {
+    const LoraRec rc = recs[blockIdx.x];
+    if (rc.len <= 0 || rc.index == 0) return;
+    const int p = blockIdx.z;
+    const LoraRef ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+    if (ref.a == 0 || (int)(blockIdx.y * blockDim.x) >= ref.cols) return;
+    bgmv_expand_rec(y, tmp, reinterpret_cast<const T*>(ref.b), ref.rank, ref.scale, rc.start, min(rc.len, BG_ROWS),
+                    p * n + rc.start, part_of(p, c0, c1, c2), ref.cols, out_dim, rmax);
 }

@@ -553,6 +553,8 @@ pub struct DeviceAdapter<B: Backend> {
     pub layers: Vec<[Option<LoraWeights<B>>; NUM_TARGETS]>,
     /// Bytes of weights uploaded (as stored on the host).
     pub bytes: usize,
+    /// The backend's index of `layers` ([`Backend::lora_index`]), for its per-step LoRA plan.
+    pub index: Option<B::LoraIndex>,
 }
 
 impl<B: Backend> DeviceAdapter<B> {
@@ -596,7 +598,8 @@ impl<B: Backend> DeviceAdapter<B> {
                 layers[l][target.index()] = Some(LoraWeights { a, b, scale });
             }
         }
-        Ok(Self { layers, bytes })
+        let index = backend.lora_index(&layers)?;
+        Ok(Self { layers, bytes, index })
     }
 }
 

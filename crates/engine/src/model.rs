@@ -5,7 +5,7 @@
 //! keys/values into the paged cache, attends over each sequence's whole cached context, and returns
 //! logits only for the rows asked for (usually the last new token of each sequence).
 
-use crate::backend::{AttnMeta, AttnSeq, Backend, LoraSegment, NO_SLOT};
+use crate::backend::{AttnMeta, AttnSeq, Backend, LoraRows, LoraSegment, NO_SLOT};
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -355,11 +355,31 @@ impl<B: Backend> Model<B> {
         }
         let eps = cfg.rms_norm_eps;
         let (qd, kvd) = (self.local_heads * cfg.head_dim, self.local_kv_heads * cfg.head_dim);
+        // The whole pass's LoRA plan, where the backend has one: each layer's products then take no
+        // per-segment host work.
+        let lora_rows: Vec<LoraRows<'_, B>> = input
+            .segments
+            .iter()
+            .map(|s| LoraRows {
+                start: s.start,
+                len: s.len,
+                adapter: adapters[s.adapter],
+            })
+            .collect();
+        let lora_step = if lora_rows.is_empty() {
+            None
+        } else {
+            backend.lora_step(n, &lora_rows)?
+        };
         // Runs a (possibly fused) projection, then adds each segment's LoRA terms for its parts (target,
         // first column of the output), all parts in one call.
         let project =
             |linear: &Linear<B>, x: &B::Tensor, layer: usize, parts: &[(Target, usize)]| -> Result<B::Tensor> {
                 let mut y = linear.forward(backend, x)?;
+                if let Some(step) = &lora_step {
+                    backend.lora_layer(&mut y, x, step, layer, parts)?;
+                    return Ok(y);
+                }
                 let mut segs: Vec<LoraSegment<'_, B::Tensor>> = Vec::new();
                 for &(target, col) in parts {
                     for s in &input.segments {

@@ -44,6 +44,8 @@ struct Padded;
 
 impl Backend for Padded {
     type Tensor = CpuTensor;
+    type LoraIndex = ();
+    type LoraStep = ();
 
     fn name(&self) -> String {
         "padded cpu".into()

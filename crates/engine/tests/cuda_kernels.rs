@@ -698,3 +698,153 @@ fn lora_sgmv_matches_cpu() {
         );
     }
 }
+
+/// The per-step LoRA plan (`lora_step` once, then `lora_layer` per layer and projection, the `bgmv_*_ix`
+/// kernels) against the CPU's per-layer `lora`: adapters of ranks 4-64, one without k, one without layer
+/// 0's q, one with o alone; segments of 1, 5 and 32 rows (several records) with base rows between; the
+/// fused q/k/v, o, and gate/up that no adapter has (left exactly as it was).
+#[test]
+#[allow(clippy::needless_range_loop)]
+fn lora_step_matches_cpu() {
+    use lorax_engine::backend::LoraRows;
+    use lorax_engine::lora::{DeviceAdapter, LoraWeights, Target, NUM_TARGETS};
+    let mut rng = Rng(seed("lora step"));
+    let (h, qd, kvd, layers) = (1024, 1024, 256, 2);
+    let width = |t: Target| match t {
+        Target::Q => qd,
+        Target::K | Target::V => kvd,
+        _ => h,
+    };
+    // (rank, scale, does it have (layer, target)), and its rows.
+    type Has = fn(usize, Target) -> bool;
+    type CpuLayer = [Option<(lorax_engine::CpuTensor, lorax_engine::CpuTensor)>; NUM_TARGETS];
+    let specs: [(usize, f32, Has); 4] = [
+        (16, 2.0, |_, t| t.index() < 4),
+        (8, 0.5, |_, t| matches!(t, Target::Q | Target::V | Target::O)),
+        (64, 1.0, |l, t| t.index() < 4 && !(l == 0 && t == Target::Q)),
+        (4, 1.5, |_, t| t == Target::O),
+    ];
+    let rows = [(0, 1), (1, 5), (8, 32), (40, 3)];
+    let n = 43;
+    for dt in DTYPES {
+        let Some(g) = gpu(dt) else { return };
+        say(&format!("{dt:?} lora step plan"));
+        // The CPU copies of each adapter's pairs, and the adapters on the GPU.
+        let mut cpu: Vec<Vec<CpuLayer>> = Vec::new();
+        let mut dev: Vec<DeviceAdapter<CudaBackend>> = Vec::new();
+        for &(rank, scale, has) in &specs {
+            let mut c: Vec<CpuLayer> = (0..layers).map(|_| Default::default()).collect();
+            let mut d: Vec<[Option<LoraWeights<CudaBackend>>; NUM_TARGETS]> =
+                (0..layers).map(|_| Default::default()).collect();
+            for l in 0..layers {
+                for t in Target::ALL.into_iter().filter(|&t| has(l, t)) {
+                    let (ra, rb) = (1.0 / (h as f32).sqrt(), 1.0 / (rank as f32).sqrt());
+                    let a = pair(&g, &mut rng, &[rank, h], -ra, ra);
+                    let b = pair(&g, &mut rng, &[width(t), rank], -rb, rb);
+                    c[l][t.index()] = Some((a.cpu, b.cpu));
+                    d[l][t.index()] = Some(LoraWeights {
+                        a: a.gpu,
+                        b: b.gpu,
+                        scale,
+                    });
+                }
+            }
+            let index = g.lora_index(&d).unwrap();
+            assert!(index.is_some(), "adapter of rank {rank} has no index");
+            cpu.push(c);
+            dev.push(DeviceAdapter {
+                layers: d,
+                bytes: 0,
+                index,
+            });
+        }
+        let segs: Vec<LoraRows<'_, CudaBackend>> = rows
+            .iter()
+            .zip(&dev)
+            .map(|(&(start, len), adapter)| LoraRows { start, len, adapter })
+            .collect();
+        let step = g
+            .lora_step(n, &segs)
+            .unwrap()
+            .expect("a decode-sized batch gets a step plan");
+        let projections: [&[(Target, usize)]; 3] = [
+            &[(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)],
+            &[(Target::O, 0)],
+            &[(Target::Gate, 0), (Target::Up, h)],
+        ];
+        for l in 0..layers {
+            for parts in projections {
+                let out: usize = parts.iter().map(|&(t, _)| width(t)).sum();
+                let x = pair(&g, &mut rng, &[n, h], -1.0, 1.0);
+                let mut y = pair(&g, &mut rng, &[n, out], -0.01, 0.01);
+                let mut cpu_segs = Vec::new();
+                for &(t, col) in parts {
+                    for (s, &(start, len)) in rows.iter().enumerate() {
+                        if let Some((a, b)) = &cpu[s][l][t.index()] {
+                            cpu_segs.push(LoraSegment {
+                                start,
+                                len,
+                                a,
+                                b,
+                                scale: specs[s].1,
+                                col,
+                            });
+                        }
+                    }
+                }
+                let before = y.host.clone();
+                CpuBackend.lora(&mut y.cpu, &x.cpu, &cpu_segs).unwrap();
+                g.lora_layer(&mut y.gpu, &x.gpu, &step, l, parts).unwrap();
+                let got = g.to_f32(&y.gpu).unwrap();
+                let what = format!("{dt:?} layer {l} {parts:?}");
+                if cpu_segs.is_empty() {
+                    assert_eq!(got, before, "{what}: no adapter has these targets, yet y changed");
+                    continue;
+                }
+                let d_got: Vec<f32> = got.iter().zip(&before).map(|(a, b)| a - b).collect();
+                let d_want: Vec<f32> = y.cpu.data.iter().zip(&before).map(|(a, b)| a - b).collect();
+                check(&what, &d_got, &d_want, tol(dt));
+                for r in 6..8 {
+                    assert_eq!(
+                        &got[r * out..(r + 1) * out],
+                        &before[r * out..(r + 1) * out],
+                        "{what}: base row {r} was touched"
+                    );
+                }
+            }
+        }
+        // A layer past the adapters' refuses; more rows than the plan takes, or a rank above BGMV's 64,
+        // get no plan (those passes take the per-layer path).
+        let x = pair(&g, &mut rng, &[n, h], -1.0, 1.0);
+        let mut y = pair(&g, &mut rng, &[n, h], -0.01, 0.01);
+        assert!(g
+            .lora_layer(&mut y.gpu, &x.gpu, &step, layers, &[(Target::O, 0)])
+            .is_err());
+        assert!(g.lora_step(257, &segs).unwrap().is_none(), "257 rows got a step plan");
+        let mut wide: Vec<[Option<LoraWeights<CudaBackend>>; NUM_TARGETS]> = vec![Default::default()];
+        let (a, b) = (
+            pair(&g, &mut rng, &[128, h], -0.1, 0.1),
+            pair(&g, &mut rng, &[h, 128], -0.1, 0.1),
+        );
+        wide[0][Target::O.index()] = Some(LoraWeights {
+            a: a.gpu,
+            b: b.gpu,
+            scale: 1.0,
+        });
+        let index = g.lora_index(&wide).unwrap();
+        let wide = DeviceAdapter {
+            layers: wide,
+            bytes: 0,
+            index,
+        };
+        let rows = [LoraRows {
+            start: 0,
+            len: 1,
+            adapter: &wide,
+        }];
+        assert!(
+            g.lora_step(n, &rows).unwrap().is_none(),
+            "a rank-128 adapter got a step plan"
+        );
+    }
+}

@@ -87,6 +87,8 @@ fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
+    type LoraIndex = ();
+    type LoraStep = ();
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())

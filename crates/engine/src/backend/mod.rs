@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::Result;
+use crate::lora::{DeviceAdapter, LoraWeights, Target, NUM_TARGETS};
 use crate::weights::HostTensor;
 
 /// The cache slot of a row whose key and value are written nowhere (a padding row of a decode step).
@@ -122,11 +123,26 @@ pub struct LoraSegment<'a, T> {
     pub col: usize,
 }
 
+/// Consecutive rows of a forward pass that share an adapter, for [`Backend::lora_step`].
+pub struct LoraRows<'a, B: Backend> {
+    /// First row.
+    pub start: usize,
+    /// Number of rows.
+    pub len: usize,
+    /// Their adapter.
+    pub adapter: &'a DeviceAdapter<B>,
+}
+
 /// Operations of a decoder forward pass on one device. Tensors are row-major, 2-D `[rows, cols]` unless
 /// said otherwise; weights are `[out, in]` as in Hugging Face checkpoints.
-pub trait Backend: Send + Sync + 'static {
+pub trait Backend: Send + Sync + Sized + 'static {
     /// The backend's tensor (device memory on accelerators).
     type Tensor: Send + Sync + std::fmt::Debug;
+    /// What a backend keeps of an uploaded adapter for [`Backend::lora_step`] (CUDA: a device table of each
+    /// (layer, target)'s LoRA pair); `()` where it keeps nothing.
+    type LoraIndex: Send + Sync + std::fmt::Debug;
+    /// A forward pass's LoRA plan ([`Backend::lora_step`]); `()` where there is none.
+    type LoraStep;
 
     /// Human-readable device name, for logs and /info.
     fn name(&self) -> String;
@@ -202,6 +218,35 @@ pub trait Backend: Send + Sync + 'static {
     /// column ranges (the parts of a fused projection in one call; segments that share rows must not share
     /// columns). Each segment's adapter weights are read once.
     fn lora(&self, y: &mut Self::Tensor, x: &Self::Tensor, segments: &[LoraSegment<'_, Self::Tensor>]) -> Result<()>;
+    /// An uploaded adapter's index for [`Backend::lora_step`] (made once, when it is uploaded); `None`
+    /// (the default) where the backend has no per-step plan.
+    fn lora_index(&self, layers: &[[Option<LoraWeights<Self>>; NUM_TARGETS]]) -> Result<Option<Self::LoraIndex>> {
+        let _ = layers;
+        Ok(None)
+    }
+    /// The LoRA plan of a whole forward pass of `rows` rows, made once before its first layer so that
+    /// each layer's products ([`Backend::lora_layer`]) take no per-segment host work; `None` (the
+    /// default, or a batch the backend's plan does not suit) means every layer calls [`Backend::lora`].
+    fn lora_step(&self, rows: usize, segments: &[LoraRows<'_, Self>]) -> Result<Option<Self::LoraStep>> {
+        let _ = (rows, segments);
+        Ok(None)
+    }
+    /// [`Backend::lora`] for layer `layer` of a planned step: for each segment of the plan and each part
+    /// `(target, first column of y)` its adapter has in that layer, `y[rows, col ..] += scale · (x[rows] ·
+    /// aᵀ) · bᵀ` with that (layer, target)'s pair.
+    fn lora_layer(
+        &self,
+        y: &mut Self::Tensor,
+        x: &Self::Tensor,
+        step: &Self::LoraStep,
+        layer: usize,
+        parts: &[(Target, usize)],
+    ) -> Result<()> {
+        let _ = (y, x, step, layer, parts);
+        Err(crate::EngineError::Backend(
+            "lora_layer without a step plan from lora_step".into(),
+        ))
+    }
     /// For each `(row, task)`, from row `row` of `logits` `[rows, vocab]`: the next token chosen by the
     /// task's sampler (exactly as [`crate::Sampler::choose`], recorded in its history), or a given
     /// token's log-probability under the raw logits. Each row serves one task. The default copies the

@@ -44,6 +44,8 @@ fn gated() -> (Gated, Gate) {
 
 impl Backend for Gated {
     type Tensor = CpuTensor;
+    type LoraIndex = ();
+    type LoraStep = ();
 
     fn name(&self) -> String {
         "gated cpu".into()

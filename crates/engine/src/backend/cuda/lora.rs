@@ -14,9 +14,10 @@ use std::marker::PhantomData;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{cfg, int, shape_err, uint, CudaBackend, CudaTensor, DevBuf, LORA_ROWS, SMEM_LIMIT};
-use crate::backend::LoraSegment;
+use super::{cfg, drv, int, shape_err, uint, CudaBackend, CudaTensor, DevBuf, LORA_ROWS, SMEM_LIMIT};
+use crate::backend::{LoraRows, LoraSegment};
 use crate::error::{EngineError, Result};
+use crate::lora::{LoraWeights, Target, NUM_TARGETS};
 
 /// BGMV limits and block sizes (BG_ROWS, BG_RANK, BG_SHRINK_THREADS in kernels/lora.cu).
 const BG_ROWS: usize = 4;
@@ -48,6 +49,67 @@ struct LoraSeg {
 
 impl super::Plain for LoraSeg {}
 
+/// `struct LoraRef` of kernels/lora.cu: one (layer, target)'s pair in an adapter's index (32 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct LoraRef {
+    a: u64,
+    b: u64,
+    rank: i32,
+    scale: f32,
+    cols: i32,
+    pad: i32,
+}
+
+impl super::Plain for LoraRef {}
+
+/// `struct LoraRec` of kernels/lora.cu: at most BG_ROWS rows of a step and their adapter's index
+/// (16 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct LoraRec {
+    index: u64,
+    start: i32,
+    len: i32,
+}
+
+impl super::Plain for LoraRec {}
+
+/// Largest forward pass (rows) the per-step plan takes: decode steps; prompts go to SGMV layer by layer.
+const STEP_MAX_ROWS: usize = 256;
+
+/// An uploaded adapter's device table of its LoRA pairs, `LoraRef[layers][NUM_TARGETS]`
+/// ([`crate::Backend::lora_index`]), with what a step's plan checks without reading it back.
+pub struct CudaLoraIndex {
+    table: DevBuf,
+    layers: usize,
+    max_rank: usize,
+    /// Per target: (in features, columns) of its pairs (the same in every layer that has one).
+    dims: [Option<(usize, usize)>; NUM_TARGETS],
+}
+
+impl std::fmt::Debug for CudaLoraIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaLoraIndex")
+            .field("layers", &self.layers)
+            .field("max_rank", &self.max_rank)
+            .field("dims", &self.dims)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A forward pass's LoRA plan ([`crate::Backend::lora_step`]): its rows in records of at most BG_ROWS
+/// rows naming their adapter's index, uploaded once; each layer launches the two `_ix` kernels.
+pub struct CudaLoraStep {
+    table: DevBuf,
+    records: usize,
+    rows: usize,
+    rmax: usize,
+    layers: usize,
+    /// Per target: (in features, columns) where some adapter of the step has it.
+    dims: [Option<(usize, usize)>; NUM_TARGETS],
+}
+
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
 pub struct LoraPlan<'a> {
     _table: DevBuf,
@@ -65,6 +127,206 @@ pub struct LoraPlan<'a> {
 }
 
 impl CudaBackend {
+    /// The device index of an adapter's pairs; `None` when it has none, or when a target's pairs differ
+    /// in shape between layers (its steps then take the per-layer path).
+    pub(super) fn make_lora_index(
+        &self,
+        layers: &[[Option<LoraWeights<Self>>; NUM_TARGETS]],
+    ) -> Result<Option<CudaLoraIndex>> {
+        let mut refs = vec![LoraRef::default(); layers.len() * NUM_TARGETS];
+        let mut dims: [Option<(usize, usize)>; NUM_TARGETS] = [None; NUM_TARGETS];
+        let mut max_rank = 0;
+        for (l, layer) in layers.iter().enumerate() {
+            for (t, w) in layer.iter().enumerate() {
+                let Some(w) = w else { continue };
+                let ((rank, k), (cols, rb)) = (w.a.rows_cols(), w.b.rows_cols());
+                if rb != rank || rank == 0 || cols == 0 || *dims[t].get_or_insert((k, cols)) != (k, cols) {
+                    return Ok(None);
+                }
+                max_rank = max_rank.max(rank);
+                refs[l * NUM_TARGETS + t] = LoraRef {
+                    a: self.ptr(&w.a.buf),
+                    b: self.ptr(&w.b.buf),
+                    rank: int("rank", rank)?,
+                    scale: w.scale,
+                    cols: int("columns", cols)?,
+                    pad: 0,
+                };
+            }
+        }
+        if max_rank == 0 {
+            return Ok(None);
+        }
+        // On the upload stream, as the adapter's weights (this may run beside a step; see
+        // crate::engine::AdapterUploader), and finished before the index is handed out.
+        // SAFETY: `LoraRef` is `Plain` (numbers, no padding).
+        let bytes =
+            unsafe { std::slice::from_raw_parts(refs.as_ptr().cast::<u8>(), std::mem::size_of_val(refs.as_slice())) };
+        let table = self
+            .upload_stream
+            .clone_htod(bytes)
+            .map_err(|e| drv("uploading a LoRA index", e))?;
+        self.upload_stream
+            .synchronize()
+            .map_err(|e| drv("uploading a LoRA index", e))?;
+        Ok(Some(CudaLoraIndex {
+            table: DevBuf::Own(table),
+            layers: layers.len(),
+            max_rank,
+            dims,
+        }))
+    }
+
+    /// A decode-sized pass's plan (see [`CudaLoraStep`]); `None` sends it down the per-layer path: BGMV
+    /// off, more than STEP_MAX_ROWS rows, an adapter without an index, ranks above BG_RANK, or adapters
+    /// whose pairs for one target differ in shape.
+    pub(super) fn make_lora_step(&self, rows: usize, segments: &[LoraRows<'_, Self>]) -> Result<Option<CudaLoraStep>> {
+        if !self.lora_bgmv || rows > STEP_MAX_ROWS {
+            return Ok(None);
+        }
+        let (mut rmax, mut layers) = (0, usize::MAX);
+        let mut dims: [Option<(usize, usize)>; NUM_TARGETS] = [None; NUM_TARGETS];
+        let mut recs: Vec<LoraRec> = Vec::with_capacity(rows.div_ceil(BG_ROWS) + segments.len());
+        for seg in segments.iter().filter(|s| s.len > 0) {
+            let Some(ix) = &seg.adapter.index else { return Ok(None) };
+            if seg.start + seg.len > rows {
+                return Err(EngineError::Backend(format!(
+                    "lora: segment rows {}..{} of {rows}",
+                    seg.start,
+                    seg.start + seg.len
+                )));
+            }
+            for (d, e) in dims.iter_mut().zip(ix.dims) {
+                match (*d, e) {
+                    (Some(a), Some(b)) if a != b => return Ok(None),
+                    (None, Some(b)) => *d = Some(b),
+                    _ => {}
+                }
+            }
+            rmax = rmax.max(ix.max_rank);
+            layers = layers.min(ix.layers);
+            let index = self.ptr(&ix.table);
+            for c in (0..seg.len).step_by(BG_ROWS) {
+                recs.push(LoraRec {
+                    index,
+                    start: int("row", seg.start + c)?,
+                    len: int("rows", BG_ROWS.min(seg.len - c))?,
+                });
+            }
+        }
+        if recs.is_empty() || rmax > BG_RANK {
+            return Ok(None);
+        }
+        // Padded with empty records to a power of two, so that a decode graph's grids stay the same while
+        // the batch's mix of adapters changes within that bound.
+        recs.resize(recs.len().next_power_of_two(), LoraRec::default());
+        Ok(Some(CudaLoraStep {
+            table: self.upload(&recs)?,
+            records: recs.len(),
+            rows,
+            rmax,
+            layers,
+            dims,
+        }))
+    }
+
+    /// One layer's LoRA products of a planned step: for the `parts` some adapter of the step has, shrink
+    /// then expand, two launches (see kernels/lora.cu, `bgmv_*_ix`).
+    pub(super) fn lora_step_layer(
+        &self,
+        y: &mut CudaTensor,
+        x: &CudaTensor,
+        step: &CudaLoraStep,
+        layer: usize,
+        parts: &[(Target, usize)],
+    ) -> Result<()> {
+        let (n, k) = x.rows_cols();
+        let (ny, out) = y.rows_cols();
+        if n != ny || n != step.rows || layer >= step.layers {
+            return Err(EngineError::Backend(format!(
+                "lora_layer: x {:?}, y {:?}, layer {layer}, for a step of {} rows and {} layers",
+                x.shape, y.shape, step.rows, step.layers
+            )));
+        }
+        let mut targets = [0i32; 3];
+        let mut cols = [0i32; 3];
+        let (mut used, mut max_cols) = (0, 0);
+        for &(target, col) in parts {
+            let Some((kin, c)) = step.dims[target.index()] else {
+                continue;
+            };
+            if kin != k || col + c > out || used == 3 {
+                return Err(EngineError::Backend(format!(
+                    "lora_layer: {target:?} pairs of {kin} -> {c} at column {col} for x {:?}, y {:?} ({} parts)",
+                    x.shape,
+                    y.shape,
+                    parts.len()
+                )));
+            }
+            targets[used] = int("target", target.index())?;
+            cols[used] = int("column", col)?;
+            max_cols = max_cols.max(c);
+            used += 1;
+        }
+        if used == 0 || k == 0 {
+            return Ok(());
+        }
+        let tmp = self.bytes(used * n * step.rmax * 4)?;
+        let (tp, xp, yp, sp) = (
+            self.ptr(&tmp),
+            self.ptr(&x.buf),
+            self.ptr(&y.buf),
+            self.ptr(&step.table),
+        );
+        let (li, ni, ki, oi, ri) = (
+            int("layer", layer)?,
+            int("rows", n)?,
+            int("in features", k)?,
+            int("out features", out)?,
+            int("rank", step.rmax)?,
+        );
+        let [t0, t1, t2] = &targets;
+        let [c0, c1, c2] = &cols;
+        let (recs, parts) = (uint("records", step.records)?, uint("parts", used)?);
+        let shrink = cfg((recs, uint("rank", step.rmax)?, parts), BG_SHRINK_THREADS, 0);
+        let tiles = uint("column tiles", max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
+        let expand = cfg((recs, tiles, parts), BG_EXPAND_THREADS, 0);
+        launch!(
+            self,
+            "bgmv_shrink_ix",
+            shrink,
+            &tp,
+            &xp,
+            &sp,
+            &li,
+            t0,
+            t1,
+            t2,
+            &ni,
+            &ki,
+            &ri
+        );
+        launch!(
+            self,
+            "bgmv_expand_ix",
+            expand,
+            &yp,
+            &tp,
+            &sp,
+            &li,
+            t0,
+            t1,
+            t2,
+            c0,
+            c1,
+            c2,
+            &ni,
+            &oi,
+            &ri
+        );
+        Ok(())
+    }
+
     /// Checks and lays out `y[rows] += scale · (x[rows] · aᵀ) · bᵀ` for each segment (see
     /// [`crate::backend::Backend::lora`]); `None` when there is nothing to do.
     pub fn lora_plan<'a>(

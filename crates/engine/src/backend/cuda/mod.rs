@@ -167,7 +167,17 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
         ],
     ),
     ("gemv", &GEMV_KERNELS),
-    ("lora", &["sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand"]),
+    (
+        "lora",
+        &[
+            "sgmv_shrink",
+            "sgmv_expand",
+            "bgmv_shrink",
+            "bgmv_expand",
+            "bgmv_shrink_ix",
+            "bgmv_expand_ix",
+        ],
+    ),
     ("prefill", &["prefill_attention_64", "prefill_attention_128"]),
     ("sampling", &["sample_rows"]),
 ];
@@ -846,6 +856,8 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
+    type LoraIndex = lora::CudaLoraIndex;
+    type LoraStep = lora::CudaLoraStep;
 
     fn name(&self) -> String {
         self.name.clone()
@@ -1306,6 +1318,38 @@ impl Backend for CudaBackend {
         self.graphs.clock.plan(false, planning);
         self.attention_run(&plan)?;
         Ok(plan.output())
+    }
+
+    fn lora_index(
+        &self,
+        layers: &[[Option<crate::lora::LoraWeights<Self>>; crate::lora::NUM_TARGETS]],
+    ) -> Result<Option<lora::CudaLoraIndex>> {
+        self.make_lora_index(layers)
+    }
+
+    fn lora_step(
+        &self,
+        rows: usize,
+        segments: &[crate::backend::LoraRows<'_, Self>],
+    ) -> Result<Option<lora::CudaLoraStep>> {
+        let planning = std::time::Instant::now();
+        let step = self.make_lora_step(rows, segments);
+        self.graphs.clock.plan(true, planning);
+        step
+    }
+
+    fn lora_layer(
+        &self,
+        y: &mut CudaTensor,
+        x: &CudaTensor,
+        step: &lora::CudaLoraStep,
+        layer: usize,
+        parts: &[(crate::lora::Target, usize)],
+    ) -> Result<()> {
+        let planning = std::time::Instant::now();
+        let done = self.lora_step_layer(y, x, step, layer, parts);
+        self.graphs.clock.plan(true, planning);
+        done
     }
 
     fn lora(&self, y: &mut CudaTensor, x: &CudaTensor, segments: &[LoraSegment<'_, CudaTensor>]) -> Result<()> {
