@@ -353,6 +353,10 @@ impl<B: Backend> Model<B> {
                 adapters.len()
             )));
         }
+        // Every layer gets the same positions, slots and attention metadata: the backend may keep what it
+        // derives from them until the pass ends (also on an early return).
+        backend.forward_scope(true);
+        let _scope = PassScope(backend);
         let eps = cfg.rms_norm_eps;
         let (qd, kvd) = (self.local_heads * cfg.head_dim, self.local_kv_heads * cfg.head_dim);
         // The whole pass's LoRA plan, where the backend has one: each layer's products then take no
@@ -447,5 +451,14 @@ impl<B: Backend> Model<B> {
         let last = backend.gather_rows(&residual, &input.logit_rows)?;
         let normed = backend.rms_norm(&last, &self.norm, eps)?;
         backend.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed), None)
+    }
+}
+
+/// Ends a forward pass's [`Backend::forward_scope`] when dropped.
+struct PassScope<'a, B: Backend>(&'a B);
+
+impl<B: Backend> Drop for PassScope<'_, B> {
+    fn drop(&mut self) {
+        self.0.forward_scope(false);
     }
 }

@@ -288,6 +288,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let _ = rows;
         f()
     }
+    /// Marks the start (`true`) and the end (`false`) of a forward pass. Within one, a backend may keep
+    /// what every layer would compute alike from the same inputs (the CUDA backend uploads positions,
+    /// slots and the attention metadata once per pass rather than once per layer, recognising them by the
+    /// slices it is given, which the model passes unchanged to every layer). The default keeps nothing.
+    fn forward_scope(&self, begin: bool) {
+        let _ = begin;
+    }
     /// The rows a decode step of `rows` rows should run with: the engine adds padding rows (writing no
     /// keys or values, their outputs discarded) up to it, so that a backend replaying captured steps
     /// needs few distinct sizes. The default pads nothing.

@@ -6,6 +6,7 @@
 //! captured in a CUDA graph and replayed (the benchmarks time kernels that way).
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use super::{
     cfg, int, shape_err, uint, AttnKernel, CudaBackend, CudaTensor, DevBuf, ATTN_CHUNK, ATTN_KERNELS, ATTN_THREADS,
@@ -28,21 +29,36 @@ struct PrefillLaunch {
     tiles_ptr: u64,
 }
 
-/// An attention call ready to launch: metadata uploaded, output and split buffers allocated.
-pub struct AttnPlan<'a> {
-    out: CudaTensor,
+/// What an attention call derives from the batch alone, the same for every layer of a forward pass
+/// (kept for the pass by [`crate::Backend::forward_scope`]): checks done, row infos and block tables
+/// uploaded, kernels and grids chosen.
+pub(super) struct AttnShared {
     kernel: String,
     /// Whether any row is left to the paged kernel.
     paged_rows: bool,
     prefill: Option<PrefillLaunch>,
     grid: LaunchConfig,
     reduce_grid: Option<LaunchConfig>,
-    _rows: DevBuf,
-    _tables: DevBuf,
+    rows: DevBuf,
+    tables: DevBuf,
+    ints: [i32; 7],
+    /// Bytes of the split partial outputs and of their (max, sum) pairs (0: no split).
+    part_bytes: (usize, usize),
+    kv_bytes: usize,
+    splits: usize,
+}
+
+/// The inputs an [`AttnShared`] was derived from: the sequences (by address: the model passes one slice
+/// to every layer), and every shape and setting the checks and grids read.
+pub(super) type AttnKey = [usize; 13];
+
+/// An attention call ready to launch: metadata uploaded, output and split buffers allocated.
+pub struct AttnPlan<'a> {
+    out: CudaTensor,
+    shared: Arc<AttnShared>,
     _part_o: Option<DevBuf>,
     _part_ml: Option<DevBuf>,
     ptrs: [u64; 8],
-    ints: [i32; 7],
     scale: f32,
     /// Bytes of keys and values the kernel reads (for bandwidth figures).
     pub kv_bytes: usize,
@@ -54,7 +70,7 @@ pub struct AttnPlan<'a> {
 impl AttnPlan<'_> {
     /// The paged kernel this call uses (`paged_attention_<head size>_<heads per block>`).
     pub fn kernel_name(&self) -> &str {
-        &self.kernel
+        &self.shared.kernel
     }
 
     /// The output `[rows, heads * head_dim]` (valid after [`CudaBackend::attention_run`]).
@@ -64,7 +80,8 @@ impl AttnPlan<'_> {
 }
 
 impl CudaBackend {
-    /// Checks and lays out an attention call (see [`crate::backend::Backend::attention`]).
+    /// Checks and lays out an attention call (see [`crate::backend::Backend::attention`]); what depends on
+    /// the batch alone is made once per forward pass.
     pub fn attention_plan<'a>(
         &self,
         q: &'a CudaTensor,
@@ -72,6 +89,64 @@ impl CudaBackend {
         v_cache: &'a CudaTensor,
         meta: &AttnMeta<'_>,
     ) -> Result<AttnPlan<'a>> {
+        let (n, qw) = q.rows_cols();
+        let ((kr, kc), (vr, vc)) = (k_cache.rows_cols(), v_cache.rows_cols());
+        let key: AttnKey = [
+            meta.seqs.as_ptr() as usize,
+            meta.seqs.len(),
+            n,
+            qw,
+            kr,
+            kc,
+            vr,
+            vc,
+            meta.head_dim,
+            meta.num_heads,
+            meta.num_kv_heads,
+            meta.block_size,
+            meta.sliding_window.map_or(0, |w| w + 1),
+        ];
+        let shared = self.per_pass(
+            |c| &mut c.attn,
+            key,
+            || Ok(Arc::new(self.attention_shared(q, k_cache, v_cache, meta)?)),
+        )?;
+        let out = self.alloc(&[n, qw])?;
+        let (part_o, part_ml) = match shared.part_bytes {
+            (0, _) => (None, None),
+            (o, ml) => (Some(self.bytes(o)?), Some(self.bytes(ml)?)),
+        };
+        let ptrs = [
+            self.ptr(&out.buf),
+            part_o.as_ref().map_or(0, |b| self.ptr(b)),
+            part_ml.as_ref().map_or(0, |b| self.ptr(b)),
+            self.ptr(&q.buf),
+            self.ptr(&k_cache.buf),
+            self.ptr(&v_cache.buf),
+            self.ptr(&shared.rows),
+            self.ptr(&shared.tables),
+        ];
+        Ok(AttnPlan {
+            out,
+            kv_bytes: shared.kv_bytes,
+            splits: shared.splits,
+            shared,
+            _part_o: part_o,
+            _part_ml: part_ml,
+            ptrs,
+            scale: meta.scale,
+            _inputs: PhantomData,
+        })
+    }
+
+    /// The batch's part of an attention plan ([`AttnShared`]).
+    fn attention_shared(
+        &self,
+        q: &CudaTensor,
+        k_cache: &CudaTensor,
+        v_cache: &CudaTensor,
+        meta: &AttnMeta<'_>,
+    ) -> Result<AttnShared> {
         let (n, qw) = q.rows_cols();
         let (slots_total, kvw) = k_cache.rows_cols();
         let hd = meta.head_dim;
@@ -161,7 +236,6 @@ impl CudaBackend {
                 rows[2 * (s.q_start + i) + 1] = off;
             }
         }
-        let out = self.alloc(&[n, qw])?;
         // Split the contexts when the rows alone cannot fill the GPU: aim at `attn_split_target` (8) blocks
         // per multiprocessor, rounding down (a batch that nearly fills the GPU keeps whole contexts: a split
         // costs each block its fixed work and adds the reduction).
@@ -174,13 +248,13 @@ impl CudaBackend {
         // Unsplit: one fixed chunk count (2^24 chunks of 64 tokens, beyond any context), so the launch's
         // arguments do not change as contexts grow and a decode step's CUDA graph stays valid.
         let chunks_per_split = if splits == 1 { 1 << 24 } else { chunks_per_split };
-        let (part_o, part_ml) = if splits > 1 {
+        let part_bytes = if splits > 1 {
             (
-                Some(self.bytes(n * meta.num_heads * splits * hd * 4)?),
-                Some(self.bytes(n * meta.num_heads * splits * 2 * 4)?),
+                n * meta.num_heads * splits * hd * 4,
+                n * meta.num_heads * splits * 2 * 4,
             )
         } else {
-            (None, None)
+            (0, 0)
         };
         let d_rows = self.upload(&rows)?;
         let d_tables = self.upload(&tables)?;
@@ -207,16 +281,6 @@ impl CudaBackend {
             }
             _ => None,
         };
-        let ptrs = [
-            self.ptr(&out.buf),
-            part_o.as_ref().map_or(0, |b| self.ptr(b)),
-            part_ml.as_ref().map_or(0, |b| self.ptr(b)),
-            self.ptr(&q.buf),
-            self.ptr(&k_cache.buf),
-            self.ptr(&v_cache.buf),
-            self.ptr(&d_rows),
-            self.ptr(&d_tables),
-        ];
         let ints = [
             int("heads", meta.num_heads)?,
             int("kv heads", meta.num_kv_heads)?,
@@ -245,23 +309,18 @@ impl CudaBackend {
                 ))
             })
             .transpose()?;
-        Ok(AttnPlan {
-            out,
+        Ok(AttnShared {
             kernel,
             paged_rows,
             prefill,
             grid,
             reduce_grid,
-            _rows: d_rows,
-            _tables: d_tables,
-            _part_o: part_o,
-            _part_ml: part_ml,
-            ptrs,
+            rows: d_rows,
+            tables: d_tables,
             ints,
-            scale: meta.scale,
+            part_bytes,
             kv_bytes: kv_tokens * meta.num_kv_heads * hd * 2 * self.dtype.size(),
             splits,
-            _inputs: PhantomData,
         })
     }
 
@@ -270,9 +329,10 @@ impl CudaBackend {
         if plan.out.shape[0] == 0 {
             return Ok(());
         }
+        let sh = &plan.shared;
         let [op, po, pm, qp, kp, vp, rp, tp] = &plan.ptrs;
-        let [nh, nkv, bs, window, cps, ns, hd] = &plan.ints;
-        if let Some(pf) = &plan.prefill {
+        let [nh, nkv, bs, window, cps, ns, hd] = &sh.ints;
+        if let Some(pf) = &sh.prefill {
             launch!(
                 self,
                 &pf.kernel,
@@ -289,13 +349,13 @@ impl CudaBackend {
                 &plan.scale
             );
         }
-        if !plan.paged_rows {
+        if !sh.paged_rows {
             return Ok(());
         }
         launch!(
             self,
-            &plan.kernel,
-            plan.grid,
+            &sh.kernel,
+            sh.grid,
             op,
             po,
             pm,
@@ -312,7 +372,7 @@ impl CudaBackend {
             cps,
             ns
         );
-        if let Some(grid) = plan.reduce_grid {
+        if let Some(grid) = sh.reduce_grid {
             launch!(self, "attn_reduce", grid, op, po, pm, rp, nh, hd, window, cps, ns);
         }
         Ok(())

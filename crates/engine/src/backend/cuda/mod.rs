@@ -308,6 +308,19 @@ pub struct CudaBackend {
     staging: Mutex<Option<PinnedHostSlice<u8>>>,
     /// Pinned host memory that eager steps' metadata uploads stage through (made on first use).
     eager_staging: Mutex<Option<EagerStaging>>,
+    /// What the layers of the forward pass in progress share ([`Backend::forward_scope`]).
+    pass: Mutex<PassCache>,
+}
+
+/// What the layers of one forward pass share, made by the first layer and kept to the end of the pass:
+/// the uploads of `rope_kv_write`'s positions, frequencies and slots, and the attention metadata, each
+/// under the key of the inputs it came from (a later layer with other inputs makes its own).
+#[derive(Default)]
+struct PassCache {
+    /// Inside a forward pass (outside one, nothing is kept: the slices' addresses say nothing then).
+    active: bool,
+    rope: Option<([usize; 6], Arc<[DevBuf; 3]>)>,
+    attn: Option<(attention::AttnKey, Arc<attention::AttnShared>)>,
 }
 
 /// Bytes of each half of [`EagerStaging`]; larger uploads copy from pageable memory.
@@ -553,6 +566,7 @@ impl CudaBackend {
             upload_stream,
             staging: Mutex::new(None),
             eager_staging: Mutex::new(None),
+            pass: Mutex::new(PassCache::default()),
         })
     }
 
@@ -668,6 +682,32 @@ impl CudaBackend {
             DevBuf::Own(s) => self.slice_ptr(s),
             DevBuf::Part { ptr, .. } => *ptr,
         }
+    }
+
+    /// The value of a [`PassCache`] slot for `key`: kept from earlier in this forward pass, else made by
+    /// `make` (and kept while a pass is open).
+    fn per_pass<K: PartialEq + Copy, V: Clone>(
+        &self,
+        slot: fn(&mut PassCache) -> &mut Option<(K, V)>,
+        key: K,
+        make: impl FnOnce() -> Result<V>,
+    ) -> Result<V> {
+        let mut cache = self
+            .pass
+            .lock()
+            .map_err(|_| EngineError::Backend("the forward pass cache was poisoned by a panic".into()))?;
+        if cache.active {
+            if let Some((k, v)) = slot(&mut cache) {
+                if *k == key {
+                    return Ok(v.clone());
+                }
+            }
+        }
+        let v = make()?;
+        if cache.active {
+            *slot(&mut cache) = Some((key, v.clone()));
+        }
+        Ok(v)
     }
 
     fn bytes(&self, n: usize) -> Result<DevBuf> {
@@ -1252,14 +1292,33 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(q);
         }
-        let (d_pos, d_freq, d_slots) = (self.upload(positions)?, self.upload(inv_freq)?, self.upload(slots)?);
+        let key = [
+            positions.as_ptr() as usize,
+            positions.len(),
+            inv_freq.as_ptr() as usize,
+            inv_freq.len(),
+            slots.as_ptr() as usize,
+            slots.len(),
+        ];
+        let meta = self.per_pass(
+            |c| &mut c.rope,
+            key,
+            || {
+                Ok(Arc::new([
+                    self.upload(positions)?,
+                    self.upload(inv_freq)?,
+                    self.upload(slots)?,
+                ]))
+            },
+        )?;
+        let [d_pos, d_freq, d_slots] = &*meta;
         let (qp, kc, vc, xp) = (
             self.ptr(&q.buf),
             self.ptr(&k_cache.buf),
             self.ptr(&v_cache.buf),
             self.ptr(&qkv.buf),
         );
-        let (pp, fp, sp) = (self.ptr(&d_pos), self.ptr(&d_freq), self.ptr(&d_slots));
+        let (pp, fp, sp) = (self.ptr(d_pos), self.ptr(d_freq), self.ptr(d_slots));
         let (qi, ki, hi) = (
             int("q width", q_dim)?,
             int("kv width", kv_dim)?,
@@ -1318,6 +1377,16 @@ impl Backend for CudaBackend {
         self.graphs.clock.plan(false, planning);
         self.attention_run(&plan)?;
         Ok(plan.output())
+    }
+
+    fn forward_scope(&self, begin: bool) {
+        // Dropping the kept uploads frees them stream-ordered, after the kernels that read them.
+        if let Ok(mut cache) = self.pass.lock() {
+            *cache = PassCache {
+                active: begin,
+                ..PassCache::default()
+            };
+        }
     }
 
     fn lora_index(
