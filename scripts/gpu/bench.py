@@ -136,11 +136,16 @@ def adapter_bytes():
     return 2 * CFG["num_hidden_layers"] * per_layer
 
 
-def roofline_tok_s(batch, adapters, context):
-    """Tokens/s if each decode step only read its bytes at the copy bandwidth: the weights, `batch`
+def roofline_step_ms(batch, adapters, context):
+    """A decode step's time if it only read its bytes at the copy bandwidth: the weights, `batch`
     sequences' KV cache at `context` tokens, and `adapters` distinct adapters."""
     step_bytes = weight_bytes() + batch * context * kv_bytes_per_token() + adapters * adapter_bytes()
-    return batch / (step_bytes / (COPY_GBS * 1e9))
+    return step_bytes / (COPY_GBS * 1e9) * 1e3
+
+
+def roofline_tok_s(batch, adapters, context):
+    """Tokens/s at roofline_step_ms."""
+    return batch / (roofline_step_ms(batch, adapters, context) / 1e3)
 
 
 def prefill_roofline_ms(tokens):
@@ -196,8 +201,11 @@ def in_flight(requests, streams):
     return sum(counts) / len(counts) if counts else 0.0
 
 
-def throughput(name, doc, streams):
-    """A throughput run's figures: end to end and decode only, each against the roofline."""
+def throughput(name, doc, streams, before, after):
+    """A throughput run's figures: end to end and decode only, each against the roofline; and its decode
+    steps (the router's metrics between `before` and `after`, two step_metrics()) against their own: the
+    mean decode step as the router times it (the shard call and the router's handling of the results)
+    against the roofline of a step of the mean decode rows."""
     if not doc:
         RESULTS["runs"][name] = {"streams": streams, "failed": True}
         return
@@ -206,7 +214,15 @@ def throughput(name, doc, streams):
     roof = roofline_tok_s(streams, adapters, PROMPT + OUT / 2)
     tpot = rep["tpot_ms"]["p50"]
     decode = streams / (tpot / 1e3) if tpot > 0 else 0.0
-    RESULTS["runs"][name] = {
+    delta = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
+    steps = delta(("lorax_batch_inference_duration", "decode", "count"))
+    step = {}
+    if steps > 0 and delta(("lorax_batch_decode_size", "", "count")) > 0:
+        rows = delta(("lorax_batch_decode_size", "", "sum")) / delta(("lorax_batch_decode_size", "", "count"))
+        ms = 1e3 * delta(("lorax_batch_inference_duration", "decode", "sum")) / steps
+        roof_ms = roofline_step_ms(rows, min(adapters, rows), PROMPT + OUT / 2)
+        step = {"step_ms": ms, "step_rows": rows, "step_roofline_ms": roof_ms, "step_share": roof_ms / ms}
+    RESULTS["runs"][name] = {**step,
         "streams": streams, "adapters_in_flight": round(adapters, 1), "roofline_tok_s": roof,
         "e2e_tok_s": rep["output_tok_s"], "e2e_share": rep["output_tok_s"] / roof,
         "decode_tok_s": decode, "decode_share": decode / roof,
@@ -231,13 +247,27 @@ STEP_HISTOGRAMS = (("lorax_batch_shard_duration", "shard engine"), ("lorax_batch
 
 
 def step_metrics():
-    """Sums and counts of the router's per-step histograms: {(name, method, "sum" | "count"): value}."""
+    """Sums and counts of the router's per-step histograms: {(name, method, "sum" | "count"): value}, with
+    method "" for the unlabelled ones (decode rows per step, each request's validation and queue time)."""
     out = {}
     for line in scrape().splitlines():
         m = re.match(r'(lorax_batch_(?:forward|inference|shard)_duration)_(sum|count)\{method="(\w+)"\}\s+(\S+)', line)
         if m:
             out[(m.group(1), m.group(3), m.group(2))] = float(m.group(4))
+        m = re.match(r'(lorax_batch_decode_size|lorax_request_(?:validation|queue)_duration)_(sum|count)\s+(\S+)', line)
+        if m:
+            out[(m.group(1), "", m.group(2))] = float(m.group(3))
     return out
+
+
+def say_request_phases(before, after, what):
+    """Mean validation (tokenisation) and queue time per request between two step_metrics()."""
+    parts = []
+    for name, short in (("lorax_request_validation_duration", "validation"), ("lorax_request_queue_duration", "queue")):
+        n = after.get((name, "", "count"), 0) - before.get((name, "", "count"), 0)
+        if n > 0:
+            parts.append(f"{short} {1e3 * (after[(name, '', 'sum')] - before.get((name, '', 'sum'), 0)) / n:.2f} ms")
+    say(f"BENCH request phases ({what}, mean per request): " + (", ".join(parts) or "none counted"))
 
 
 def say_steps(before, after, what):
@@ -392,7 +422,9 @@ def ttft_and_cold():
     steps, reports = step_metrics(), len(host_reports("prompt"))
     long = bench("ttft-1000", "--concurrency", "1", "--requests", "8", "--warmup", "1",
                  "--prompt-tokens", str(LONG_PROMPT), "--output-tokens", "1")
-    say_steps(steps, step_metrics(), "ttft-1000")
+    after = step_metrics()
+    say_steps(steps, after, "ttft-1000")
+    say_request_phases(steps, after, "ttft-1000")
     say_host(reports, "ttft-1000", "prompt")
     if long:
         roof = prefill_roofline_ms(LONG_PROMPT)
@@ -505,17 +537,20 @@ def sweep_and_regimes():
         n, warm = (3, 1) if c == 1 else (2 * c, 8)
         name = f"base-c{c}"
         steps, reports, graphs = step_metrics(), len(host_reports()), len(host_reports("graph"))
-        throughput(name, bench(name, "--concurrency", str(c), "--requests", str(n), "--warmup", str(warm), *lens,
-                               need=15 + c // 8), c)
-        say_steps(steps, step_metrics(), name)
+        doc = bench(name, "--concurrency", str(c), "--requests", str(n), "--warmup", str(warm), *lens, need=15 + c // 8)
+        after = step_metrics()
+        throughput(name, doc, c, steps, after)
+        say_steps(steps, after, name)
         say_host(reports, name)
         say_graph(graphs, name)
     for regime in ("identical", "uniform", "zipf:1", "distinct"):
         name = f"{regime.replace(':', '')}-c{STREAMS}"
         steps, reports, graphs = step_metrics(), len(host_reports()), len(host_reports("graph"))
-        throughput(name, bench(name, "--concurrency", str(STREAMS), "--requests", str(2 * STREAMS), "--warmup", "16",
-                               "--popularity", regime, "--num-adapters", str(N_ADAPTERS), *lens, need=30), STREAMS)
-        say_steps(steps, step_metrics(), name)
+        doc = bench(name, "--concurrency", str(STREAMS), "--requests", str(2 * STREAMS), "--warmup", "16",
+                    "--popularity", regime, "--num-adapters", str(N_ADAPTERS), *lens, need=30)
+        after = step_metrics()
+        throughput(name, doc, STREAMS, steps, after)
+        say_steps(steps, after, name)
         say_host(reports, name)
         say_graph(graphs, name)
 
@@ -524,22 +559,37 @@ def runs_table():
     say("")
     say(f"Throughput: e2e = generated tokens / wall time (prefill included); decode = streams / TPOT p50 (while "
         f"decoding). Roofline = decode-step bytes (weights + KV at {PROMPT + OUT // 2} tokens + adapters in flight) "
-        f"/ {COPY_GBS:.0f} GB/s. {PROMPT}-token prompts, {OUT} new tokens.")
+        f"/ {COPY_GBS:.0f} GB/s. {PROMPT}-token prompts, {OUT} new tokens. Decode step = the router's mean decode "
+        f"step (shard call and result handling) at its mean rows, against the roofline of a step of those rows.")
     say("")
     say("| run | streams | adapters in flight | roofline tok/s | e2e tok/s | e2e / roofline | decode tok/s | "
-        "decode / roofline | e2e vs base | decode vs base | TTFT p50 ms | TPOT p50 ms | ITL p50 / p99 ms | errors |")
-    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "decode / roofline | e2e vs base | decode vs base | TTFT p50 ms | TPOT p50 ms | ITL p50 / p99 ms | errors | "
+        "decode step ms (rows) | step roofline ms | step / roofline |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     runs = RESULTS["runs"]
     for name, r in runs.items():
         if r.get("failed"):
-            say(f"| {name} | {r['streams']} | failed or skipped | | | | | | | | | | | |")
+            say(f"| {name} | {r['streams']} | failed or skipped | | | | | | | | | | | | | | |")
             continue
         base = runs.get(f"base-c{r['streams']}", {})
         vs = lambda k: f"{r[k] / base[k]:.0%}" if base.get(k) and not name.startswith("base") else ""  # noqa: E731
         say(f"| {name} | {r['streams']} | {r['adapters_in_flight']:.0f} | {r['roofline_tok_s']:.0f} | "
             f"{r['e2e_tok_s']:.0f} | {r['e2e_share']:.0%} | {r['decode_tok_s']:.0f} | {r['decode_share']:.0%} | "
             f"{vs('e2e_tok_s')} | {vs('decode_tok_s')} | {r['ttft_p50_ms']:.0f} | {r['tpot_p50_ms']:.2f} | "
-            f"{r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.1f} | {r['errors']} |")
+            f"{r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.1f} | {r['errors']} | " + (
+                f"{r['step_ms']:.2f} ({r['step_rows']:.1f}) | {r['step_roofline_ms']:.2f} | {r['step_share']:.0%} |"
+                if "step_ms" in r else "| | |"))
+
+
+def step_share(r):
+    """A run's decode steps against their roofline (runs from before the step figures: streams / TPOT p50)."""
+    return r.get("step_share", r["decode_share"])
+
+
+def step_text(r):
+    if "step_ms" not in r:
+        return "decode step not measured"
+    return (f"decode step {r['step_ms']:.2f} ms at {r['step_rows']:.1f} rows vs roofline {r['step_roofline_ms']:.2f} ms")
 
 
 def summary(logs):
@@ -570,9 +620,10 @@ def summary(logs):
         r = run(f"base-c{c}")
         g = f">= {goal:.0%}" if goal else "(sweep point)"
         if r:
-            row(f"base decode, batch {c}: decode tok/s / roofline", f"{r['decode_tok_s']:.0f} of {r['roofline_tok_s']:.0f} "
-                f"tok/s (e2e {r['e2e_tok_s']:.0f}, {r['e2e_share']:.0%})", f"{r['decode_share']:.0%}", g,
-                r["decode_share"] >= goal if goal else None)
+            share = step_share(r)
+            row(f"base decode, batch {c}: decode step roofline / decode step", step_text(r) + f"; streams / TPOT p50 "
+                f"{r['decode_tok_s']:.0f} of {r['roofline_tok_s']:.0f} tok/s ({r['decode_share']:.0%}; e2e "
+                f"{r['e2e_tok_s']:.0f}, {r['e2e_share']:.0%})", f"{share:.0%}", g, share >= goal if goal else None)
         else:
             row(f"base decode, batch {c}", "not measured", "", g, False if goal else None)
     base = run(f"base-c{streams}")
@@ -581,9 +632,10 @@ def summary(logs):
         if not r:
             row(f"{regime} at {streams}", "not measured", "", ">= 75% of roofline", False)
             continue
-        row(f"{regime} at {streams}: decode tok/s / own roofline ({r['adapters_in_flight']:.0f} adapter(s) in flight)",
-            f"{r['decode_tok_s']:.0f} of {r['roofline_tok_s']:.0f} tok/s (e2e {r['e2e_share']:.0%})",
-            f"{r['decode_share']:.0%}", ">= 75%", r["decode_share"] >= 0.75)
+        share = step_share(r)
+        row(f"{regime} at {streams}: decode step own roofline / decode step ({r['adapters_in_flight']:.0f} adapter(s) "
+            f"in flight)", step_text(r) + f"; streams / TPOT p50 {r['decode_tok_s']:.0f} of {r['roofline_tok_s']:.0f} "
+            f"tok/s ({r['decode_share']:.0%}; e2e {r['e2e_share']:.0%})", f"{share:.0%}", ">= 75%", share >= 0.75)
         if goal and base:
             e, d = r["e2e_tok_s"] / base["e2e_tok_s"], r["decode_tok_s"] / base["decode_tok_s"]
             row(f"{regime} at {streams}: e2e tok/s / base e2e tok/s", f"{r['e2e_tok_s']:.0f} vs {base['e2e_tok_s']:.0f} "
