@@ -1,0 +1,49 @@
+"""The per-call overhead between the router and the shard's engine, for settings compared in one call: for
+each variant (an environment for the server), a server on the benchmark's dummy Mistral-7B shape, base-model
+decode at 1 and 128 streams (bench.py's workload, fewer requests), and the router's step metrics: the
+shard's engine step, the shard call as the router times it, the router's whole step.
+
+    python3 scripts/gpu/overhead_ab.py BIN_DIR LOG_DIR NAME=VAR=VALUE[,VAR=VALUE] ...  ("NAME=" for none)
+
+e.g. `base= inline=LORAX_SHARD_INLINE_ENGINE=1`. Prints BENCH lines as bench.py does; BENCH_DEADLINE
+(Unix seconds) bounds it.
+"""
+
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench as b  # noqa: E402
+from serving import start_launcher, stop_launcher, dummy_server_args, write_dummy_model  # noqa: E402
+
+
+def main():
+    b.BIN, b.LOGS = sys.argv[1], sys.argv[2]
+    os.makedirs(b.LOGS, exist_ok=True)
+    shutil.rmtree(b.WORK, ignore_errors=True)
+    model = f"{b.WORK}/mistral-7b-shape"
+    write_dummy_model(model, b.CFG)
+    os.makedirs(f"{b.WORK}/adapters", exist_ok=True)
+    lens = ["--prompt-tokens", str(b.PROMPT), "--output-tokens", str(b.OUT)]
+    for spec in sys.argv[3:]:
+        name, _, assigns = spec.partition("=")
+        env = dict(a.split("=", 1) for a in assigns.split(",") if a)
+        srv, b.BASE = start_launcher(b.BIN, dummy_server_args(model, f"{b.WORK}/adapters"),
+                                     f"{b.LOGS}/server-{name}.log", env=env)
+        try:
+            for c, n in ((1, 2), (b.STREAMS, b.STREAMS)):
+                label = f"{name}-c{c}"
+                before = b.step_metrics()
+                doc = b.bench(label, "--concurrency", str(c), "--requests", str(n), "--warmup", "1", *lens)
+                after = b.step_metrics()
+                b.throughput(label, doc, c, before, after)
+                b.say_steps(before, after, f"{label} {env}")
+        finally:
+            stop_launcher(srv, timeout=15)
+    b.runs_table()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
