@@ -5,7 +5,7 @@ shard's engine step, the shard call as the router times it, the router's whole s
 
     python3 scripts/gpu/overhead_ab.py BIN_DIR LOG_DIR NAME=VAR=VALUE[,VAR=VALUE] ...  ("NAME=" for none)
 
-e.g. `base= inline=LORAX_SHARD_INLINE_ENGINE=1`. Prints BENCH lines as bench.py does; BENCH_DEADLINE
+e.g. `graphs= eager=LORAX_CUDA_GRAPHS=0`. Prints BENCH lines as bench.py does; BENCH_DEADLINE
 (Unix seconds) bounds it.
 """
 

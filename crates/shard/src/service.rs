@@ -94,9 +94,6 @@ pub struct ShardServer<B: Backend> {
     settings: AdapterSettings,
     download_timeout: Duration,
     host_tier: Arc<HostTier>,
-    /// `LORAX_SHARD_INLINE_ENGINE=1`: engine calls run on the handler's worker thread
-    /// (`block_in_place`) instead of a blocking-pool thread (an experiment on the per-call overhead).
-    inline_engine: bool,
 }
 
 fn status(e: EngineError) -> Status {
@@ -157,7 +154,6 @@ impl<B: Backend> ShardServer<B> {
             })),
             info,
             urls: cfg.urls,
-            inline_engine: std::env::var("LORAX_SHARD_INLINE_ENGINE").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -216,20 +212,12 @@ impl<B: Backend> ShardServer<B> {
         f: impl FnOnce(&mut State<B>) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let state = Arc::clone(&self.state);
-        let run = move || {
+        tokio::task::spawn_blocking(move || {
             let mut guard = state.lock().map_err(|_| poisoned())?;
             f(&mut guard)
-        };
-        // Inline: no hand-over to a blocking-pool thread and back (two thread wake-ups per call); tokio
-        // moves the worker's other tasks away. Only on a multi-threaded runtime (the shard's).
-        if self.inline_engine
-            && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        {
-            return tokio::task::block_in_place(run);
-        }
-        tokio::task::spawn_blocking(run)
-            .await
-            .map_err(|e| Status::internal(format!("shard task failed: {e}")))?
+        })
+        .await
+        .map_err(|e| Status::internal(format!("shard task failed: {e}")))?
     }
 }
 
