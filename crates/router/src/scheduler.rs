@@ -34,6 +34,9 @@ use crate::policy::{BatchingPolicy, Candidate};
 use crate::stopping::{FinishReason, StoppingCriteria};
 
 /// A request in the running batch.
+/// Tokens per step from which [`Scheduler::handle`] spreads their handling over the rayon pool.
+const PARALLEL_HANDLE_MIN: usize = 16;
+
 struct Running {
     entry: Entry,
     /// Returned to the allocator when this entry is dropped.
@@ -470,19 +473,37 @@ impl Scheduler {
     async fn handle(&mut self, generations: Vec<Generation>, expected: &[u64]) {
         let mut retired = false;
         let mut answered = std::collections::HashSet::with_capacity(generations.len());
+        let mut by_id = std::collections::HashMap::with_capacity(generations.len());
         for generation in generations {
             let id = generation.request_id;
             answered.insert(id);
-            let Some(running) = self.running.get_mut(&id) else {
+            if self.running.contains_key(&id) {
+                by_id.insert(id, generation);
+            } else {
                 tracing::warn!(id, "shard returned a generation for an unknown request");
                 retired = true;
-                continue;
-            };
-            let keep = Self::step(&self.decoder, running, generation);
-            if !keep {
-                self.running.remove(&id);
-                retired = true;
             }
+        }
+        // Each request's token (detokenising, stop checks, the send to its stream) is its own work: a
+        // large batch spreads it over the rayon pool, as the next step waits on all of it.
+        let decoder = &self.decoder;
+        let work: Vec<(u64, &mut Running, Generation)> = self
+            .running
+            .iter_mut()
+            .filter_map(|(&id, running)| by_id.remove(&id).map(|g| (id, running, g)))
+            .collect();
+        let step = |(id, running, generation): (u64, &mut Running, Generation)| {
+            (!Self::step(decoder, running, generation)).then_some(id)
+        };
+        let done: Vec<u64> = if work.len() >= PARALLEL_HANDLE_MIN {
+            use rayon::prelude::*;
+            work.into_par_iter().filter_map(step).collect()
+        } else {
+            work.into_iter().filter_map(step).collect()
+        };
+        for id in done {
+            self.running.remove(&id);
+            retired = true;
         }
         for id in expected.iter().filter(|id| !answered.contains(id)) {
             if let Some(running) = self.running.remove(id) {
