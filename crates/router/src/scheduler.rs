@@ -33,10 +33,10 @@ use crate::metrics as m;
 use crate::policy::{BatchingPolicy, Candidate};
 use crate::stopping::{FinishReason, StoppingCriteria};
 
-/// A request in the running batch.
-/// Tokens per step from which [`Scheduler::handle`] spreads their handling over the rayon pool.
+/// Tokens per step from which `Scheduler::handle` spreads their handling over the rayon pool.
 const PARALLEL_HANDLE_MIN: usize = 16;
 
+/// A request in the running batch.
 struct Running {
     entry: Entry,
     /// Returned to the allocator when this entry is dropped.
@@ -478,7 +478,12 @@ impl Scheduler {
             let id = generation.request_id;
             answered.insert(id);
             if self.running.contains_key(&id) {
-                by_id.insert(id, generation);
+                if by_id.insert(id, generation).is_some() {
+                    tracing::warn!(
+                        id,
+                        "shard returned two generations for one request; the first is dropped"
+                    );
+                }
             } else {
                 tracing::warn!(id, "shard returned a generation for an unknown request");
                 retired = true;

@@ -317,8 +317,10 @@ pub struct CudaBackend {
 /// under the key of the inputs it came from (a later layer with other inputs makes its own).
 #[derive(Default)]
 struct PassCache {
-    /// Inside a forward pass (outside one, nothing is kept: the slices' addresses say nothing then).
-    active: bool,
+    /// The thread running the forward pass in progress (none outside one: nothing is kept then, as the
+    /// slices' addresses say nothing). Only that thread's calls use or fill the cache; another thread
+    /// using the backend meanwhile (an adapter upload) computes its own.
+    owner: Option<std::thread::ThreadId>,
     rope: Option<([usize; 6], Arc<[DevBuf; 3]>)>,
     attn: Option<(attention::AttnKey, Arc<attention::AttnShared>)>,
 }
@@ -692,20 +694,20 @@ impl CudaBackend {
         key: K,
         make: impl FnOnce() -> Result<V>,
     ) -> Result<V> {
-        let mut cache = self
-            .pass
-            .lock()
-            .map_err(|_| EngineError::Backend("the forward pass cache was poisoned by a panic".into()))?;
-        if cache.active {
-            if let Some((k, v)) = slot(&mut cache) {
+        // The cache holds plain uploads, valid whatever a panicking holder left: a poisoned lock is used.
+        let lock = || self.pass.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mine = lock().owner == Some(std::thread::current().id());
+        if mine {
+            if let Some((k, v)) = slot(&mut lock()) {
                 if *k == key {
                     return Ok(v.clone());
                 }
             }
         }
+        // Made without the lock held (its uploads take other locks).
         let v = make()?;
-        if cache.active {
-            *slot(&mut cache) = Some((key, v.clone()));
+        if mine {
+            *slot(&mut lock()) = Some((key, v.clone()));
         }
         Ok(v)
     }
@@ -975,6 +977,9 @@ impl Backend for CudaBackend {
             .ok_or_else(|| EngineError::Backend("no upload staging buffer".into()))?
             .as_mut_slice()
             .map_err(|e| drv("staging buffer", e))?;
+        // (Not to be called from a rayon task: the copy below runs on the pool while the staging lock is
+        // held, and a stolen second upload on the same thread would wait on that lock for ever. The shard
+        // and the engine call it from their own threads.)
         // Each tensor's bytes to its place, in parallel (a rank-16 adapter of a 7B model is ~27 MB: one
         // thread's copy was most of an upload). The places are disjoint and in ascending order within
         // each part, so they are cut off the staging buffer one after another.
@@ -1398,12 +1403,10 @@ impl Backend for CudaBackend {
 
     fn forward_scope(&self, begin: bool) {
         // Dropping the kept uploads frees them stream-ordered, after the kernels that read them.
-        if let Ok(mut cache) = self.pass.lock() {
-            *cache = PassCache {
-                active: begin,
-                ..PassCache::default()
-            };
-        }
+        *self.pass.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = PassCache {
+            owner: begin.then(|| std::thread::current().id()),
+            ..PassCache::default()
+        };
     }
 
     fn lora_index(
