@@ -492,6 +492,7 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
 
 #define PAGED_ATTENTION_TC(HD, MAXG, NAME, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS) {                    \
+        pdl_enter();                                                                                          \
         paged_attention_tc<HD, MAXG>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads,     \
                                      num_kv_heads, block_size, window, scale, chunks_per_split, num_splits); \
     }
@@ -506,6 +507,7 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
 
 #define PAGED_ATTENTION_G(HD, MAXG, GCAP, NAME, MINB)                                                   \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS) {                \
+        pdl_enter();                                                                                    \
         paged_attention<HD, MAXG, GCAP>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads, \
                                         num_kv_heads, block_size, window, scale, chunks_per_split, num_splits); \
     }
@@ -554,6 +556,7 @@ extern "C" __global__ void attn_reduce(T* __restrict__ out, const float* __restr
                                        const float* __restrict__ part_ml, const RowInfo* __restrict__ rows,
                                        int num_heads, int head_dim, int window, int chunks_per_split,
                                        int num_splits) {
+    pdl_enter();
     const u64 row = blockIdx.x;
     const int h = blockIdx.y;
     const RowInfo ri = rows[row];

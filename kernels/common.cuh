@@ -120,6 +120,31 @@ __device__ __forceinline__ float block_max(float v) {
     return r;
 }
 
+// Programmatic dependent launch (sm_90 and later; nothing before that, nor under the CPU emulation). The
+// backend launches every kernel allowed to start before the kernel ahead of it in the stream has finished
+// (LORAX_CUDA_PDL, docs/gpu.md), so every kernel must call pdl_wait() in every block before it reads what
+// an earlier kernel wrote or writes what an earlier kernel reads: it returns once the grids this one
+// depends on have completed and their writes are visible. Only reads of what no kernel writes (weights)
+// may come before it. pdl_launch() then lets the next kernel's blocks be scheduled while this one runs;
+// they wait in their own pdl_wait(). A kernel launched without the attribute returns from both at once.
+// The test `every_kernel_waits_for_its_predecessor` (crates/engine) checks each entry point calls
+// pdl_enter() or pdl_wait().
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+// The usual entry: wait for the kernels ahead, then let the next one be scheduled.
+__device__ __forceinline__ void pdl_enter() {
+    pdl_wait();
+    pdl_launch();
+}
+
 // 16-byte copies from global to shared memory that bypass registers (cp.async, sm_80 and later; a plain
 // copy before that, and under the CPU emulation): a block queues the next stage's keys and values while
 // it computes on the current one.

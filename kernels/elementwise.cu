@@ -6,6 +6,7 @@
 // out[r, :] = table[ids[r], :]. The ids were checked against the vocabulary on the host.
 extern "C" __global__ void embedding(T* __restrict__ out, const T* __restrict__ table, const u32* __restrict__ ids,
                                      int hidden) {
+    pdl_enter();
     const u64 r = blockIdx.x;
     const T* src = table + (u64)ids[r] * hidden;
     T* dst = out + r * hidden;
@@ -31,6 +32,7 @@ __device__ __forceinline__ void rms_norm_row(T* __restrict__ dst, const T* __res
 
 extern "C" __global__ void rms_norm(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int h,
                                     float eps) {
+    pdl_enter();
     const u64 r = blockIdx.x;
     rms_norm_row(out + r * h, x + r * h, w, h, eps);
 }
@@ -40,6 +42,7 @@ extern "C" __global__ void rms_norm(T* __restrict__ out, const T* __restrict__ x
 // passes besides the reduction's.
 extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
                                         const T* __restrict__ w, int h, float eps) {
+    pdl_enter();
     const u64 r = blockIdx.x;
     T* res = residual + r * h;
     const T* xr = x + r * h;
@@ -56,6 +59,7 @@ extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_ca
                                          const T* __restrict__ qkv, const u32* __restrict__ positions,
                                          const float* __restrict__ inv_freq, const u32* __restrict__ slots, int q_dim,
                                          int kv_dim, int head_dim) {
+    pdl_enter();
     const u64 r = blockIdx.x;
     const int half = head_dim / 2;
     const int heads = (q_dim + kv_dim) / head_dim;
@@ -81,6 +85,7 @@ extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_ca
 // out[r, c] = silu(x[r, c]) * x[r, f + c] for the fused gate/up output x [rows, 2f]; silu's result is rounded
 // to the storage type first, as transformers computes act_fn(gate_proj(x)) * up_proj(x) in that type.
 extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x, u64 n, u64 f) {
+    pdl_enter();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u64 r = i / f, c = i - r * f;
         const T* row = x + r * 2 * f;
@@ -92,12 +97,14 @@ extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x
 
 // dst += src.
 extern "C" __global__ void add_assign(T* __restrict__ dst, const T* __restrict__ src, u64 n) {
+    pdl_enter();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         dst[i] = from_f(to_f(dst[i]) + to_f(src[i]));
 }
 
 // y[r, c] += bias[c] for a [rows, cols] y.
 extern "C" __global__ void add_bias(T* __restrict__ y, const T* __restrict__ bias, int cols) {
+    pdl_enter();
     const u64 r = blockIdx.x;
     T* row = y + r * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = from_f(to_f(row[c]) + to_f(bias[c]));
@@ -106,6 +113,7 @@ extern "C" __global__ void add_bias(T* __restrict__ y, const T* __restrict__ bia
 // out[i, :] = x[rows[i], :].
 extern "C" __global__ void gather_rows(T* __restrict__ out, const T* __restrict__ x, const u32* __restrict__ rows,
                                        int cols) {
+    pdl_enter();
     const u64 i = blockIdx.x;
     const T* src = x + (u64)rows[i] * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
@@ -126,6 +134,7 @@ __device__ __forceinline__ u32 index_hash(u64 i, u32 key) {
 // Fills out with values uniform in [lo, hi) from a hash of (seed, index): random data made on the device,
 // for benchmarks (never zeros, which hide unwritten outputs and can run faster than real data).
 extern "C" __global__ void fill_uniform(T* __restrict__ out, u64 n, u32 seed, float lo, float hi) {
+    pdl_enter();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u32 h = index_hash(i, seed);
         out[i] = from_f(lo + (hi - lo) * (float)(h >> 8) * (1.0f / 16777216.0f));
@@ -137,6 +146,7 @@ extern "C" __global__ void fill_uniform(T* __restrict__ out, u64 n, u32 seed, fl
 // [*, full_cols] tensor, hashed with the tensor's key to a multiple of 2^-23 in [-1, 1) (exact), times scale.
 extern "C" __global__ void fill_dummy(T* __restrict__ out, u64 n, u64 cols, u64 full_cols, u64 row_off, u64 col_off,
                                       u32 key, float scale) {
+    pdl_enter();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u64 r = i / cols;
         const u32 h = index_hash((row_off + r) * full_cols + col_off + (i - r * cols), key);
@@ -150,6 +160,7 @@ extern "C" __global__ void fill_dummy(T* __restrict__ out, u64 n, u64 cols, u64 
 // bytes): `in` holds n values of kind 0 (f32), 1 (f16) or 2 (bf16); each is widened to f32 exactly and
 // stored as T (round to nearest even, as the host's conversion).
 extern "C" __global__ void convert_in(T* __restrict__ out, const void* __restrict__ in, int kind, u64 n) {
+    pdl_enter();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         float v;
         if (kind == 0) {

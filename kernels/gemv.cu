@@ -38,7 +38,7 @@ __device__ __forceinline__ void gemv_rows(T* __restrict__ y, const T* __restrict
                                           int k) {
     const int lane = threadIdx.x % 32;
     const int n0 = (blockIdx.x * GEMV_WARPS + threadIdx.x / 32) * GEMV_COLS;
-    if (n0 >= n) return;
+    const bool live = n0 < n;
     const T* wr[GEMV_COLS];
 #pragma unroll
     for (int c = 0; c < GEMV_COLS; ++c) wr[c] = w + (u64)min(n0 + c, n - 1) * k;  // past n: a repeat, not stored
@@ -49,12 +49,26 @@ __device__ __forceinline__ void gemv_rows(T* __restrict__ y, const T* __restrict
         for (int c = 0; c < GEMV_COLS; ++c) acc[m][c] = 0.f;
     constexpr int STEP = 32 * VEC;
     int kk = lane * VEC;
-    for (; kk + (GEMV_UNROLL - 1) * STEP < k; kk += GEMV_UNROLL * STEP) {
-        u32x4 wv[GEMV_UNROLL][GEMV_COLS];
+    // The first vectors of w are loaded before waiting for the kernel ahead (no kernel writes weights): under
+    // programmatic dependent launch they stream in while that kernel finishes.
+    u32x4 wv[GEMV_UNROLL][GEMV_COLS];
+    bool have = live && kk + (GEMV_UNROLL - 1) * STEP < k;
+    if (have) {
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u)
 #pragma unroll
             for (int c = 0; c < GEMV_COLS; ++c) wv[u][c] = load_stream(wr[c] + kk + u * STEP);
+    }
+    pdl_enter();
+    if (!live) return;
+    for (; kk + (GEMV_UNROLL - 1) * STEP < k; kk += GEMV_UNROLL * STEP) {
+        if (!have) {
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; ++u)
+#pragma unroll
+                for (int c = 0; c < GEMV_COLS; ++c) wv[u][c] = load_stream(wr[c] + kk + u * STEP);
+        }
+        have = false;
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
 #pragma unroll
@@ -67,15 +81,15 @@ __device__ __forceinline__ void gemv_rows(T* __restrict__ y, const T* __restrict
         }
     }
     for (; kk < k; kk += STEP) {
-        u32x4 wv[GEMV_COLS];
+        u32x4 wt[GEMV_COLS];
 #pragma unroll
-        for (int c = 0; c < GEMV_COLS; ++c) wv[c] = load_stream(wr[c] + kk);
+        for (int c = 0; c < GEMV_COLS; ++c) wt[c] = load_stream(wr[c] + kk);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
             float xs[VEC];
             load_n<VEC>(x + (u64)m * k + kk, xs);
 #pragma unroll
-            for (int c = 0; c < GEMV_COLS; ++c) acc[m][c] = dot_vec(wv[c], xs, acc[m][c]);
+            for (int c = 0; c < GEMV_COLS; ++c) acc[m][c] = dot_vec(wt[c], xs, acc[m][c]);
         }
     }
 #pragma unroll

@@ -55,6 +55,7 @@ __device__ __forceinline__ void stage(float* __restrict__ dst, int ld, const T* 
 extern "C" __global__ void sgmv_shrink(float* __restrict__ tmp, const T* __restrict__ x,
                                        const LoraSeg* __restrict__ segs, int in_dim, int rmax, int kc, int rt,
                                        int ksub) {
+    pdl_enter();
     extern __shared__ float sm[];
     const LoraSeg sg = segs[blockIdx.x];
     const int row0 = blockIdx.z * rt;
@@ -93,6 +94,7 @@ extern "C" __global__ void sgmv_shrink(float* __restrict__ tmp, const T* __restr
 // Dynamic shared memory: ot * (rmax + 1) + rt * rmax floats.
 extern "C" __global__ void sgmv_expand(T* __restrict__ y, const float* __restrict__ tmp,
                                        const LoraSeg* __restrict__ segs, int out_dim, int rmax, int ot, int rt) {
+    pdl_enter();
     extern __shared__ float sm[];
     const LoraSeg sg = segs[blockIdx.x];
     const int row0 = blockIdx.z * rt;
@@ -242,6 +244,7 @@ __device__ __forceinline__ void bgmv_expand_rec(T* __restrict__ y, const float* 
 
 extern "C" __global__ void bgmv_shrink(float* __restrict__ tmp, const T* __restrict__ x,
                                        const LoraSeg* __restrict__ segs, int in_dim, int rmax) {
+    pdl_enter();
     const LoraSeg sg = segs[blockIdx.x];
     const int j = blockIdx.y;
     if (j >= sg.rank || sg.len <= 0) return;
@@ -251,6 +254,7 @@ extern "C" __global__ void bgmv_shrink(float* __restrict__ tmp, const T* __restr
 
 extern "C" __global__ void bgmv_expand(T* __restrict__ y, const float* __restrict__ tmp,
                                        const LoraSeg* __restrict__ segs, int out_dim, int rmax) {
+    pdl_enter();
     const LoraSeg sg = segs[blockIdx.x];
     if (sg.len <= 0) return;
     bgmv_expand_rec(y, tmp, reinterpret_cast<const T*>(sg.b), sg.rank, sg.scale, sg.start, min(sg.len, BG_ROWS),
@@ -284,6 +288,7 @@ __device__ __forceinline__ int part_of(int p, int v0, int v1, int v2) { return p
 extern "C" __global__ void bgmv_shrink_ix(float* __restrict__ tmp, const T* __restrict__ x,
                                           const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
                                           int n, int in_dim, int rmax) {
+    pdl_enter();
     const LoraRec rc = recs[blockIdx.x];
     if (rc.len <= 0 || rc.index == 0) return;
     const int p = blockIdx.z;
@@ -297,6 +302,7 @@ extern "C" __global__ void bgmv_shrink_ix(float* __restrict__ tmp, const T* __re
 extern "C" __global__ void bgmv_expand_ix(T* __restrict__ y, const float* __restrict__ tmp,
                                           const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
                                           int c0, int c1, int c2, int n, int out_dim, int rmax) {
+    pdl_enter();
     const LoraRec rc = recs[blockIdx.x];
     if (rc.len <= 0 || rc.index == 0) return;
     const int p = blockIdx.z;

@@ -208,6 +208,7 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
         T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache, \
         const PrefillTile* __restrict__ tiles, const u32* __restrict__ tables, int num_heads, int num_kv_heads,    \
         int block_size, float scale) {                                                                            \
+        pdl_enter();                                                                                              \
         prefill_attention<HD>(out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads, block_size,       \
                               scale);                                                                             \
     }

@@ -364,6 +364,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows(u32* __restrict__ out, float* __restrict__ xs, float* __restrict__ es, const T* __restrict__ logits,
                 const SampleRow* __restrict__ rows, const u32* __restrict__ pen_tok, const u32* __restrict__ pen_cnt,
                 const double* __restrict__ uniforms, int n, int stride) {
+    pdl_enter();
     __shared__ SampleSmem sm;
     const SampleRow p = rows[blockIdx.x];
     const int tid = threadIdx.x;

@@ -298,4 +298,82 @@ mod tests {
             assert!(full.contains(&format!("#line 1 \"{}.cu\"", s.name)));
         }
     }
+
+    /// The text from the `{` at or after `from` to its matching `}` (exclusive), or None when unbalanced.
+    fn body_at(text: &str, from: usize) -> Option<&str> {
+        let open = from + text[from..].find('{')?;
+        let mut depth = 0usize;
+        for (i, ch) in text[open..].char_indices() {
+            match ch {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Some(&text[open + 1..open + i]);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Offset of the first `pdl_enter()`/`pdl_wait()` in `code`.
+    fn wait_in(code: &str) -> Option<usize> {
+        ["pdl_enter()", "pdl_wait()"].iter().filter_map(|w| code.find(w)).min()
+    }
+
+    /// The identifier that ends at `at` in `code`.
+    fn ident_before(code: &str, at: usize) -> &str {
+        let start = code[..at]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(0, |p| p + 1);
+        &code[start..at]
+    }
+
+    /// Checks that `body` waits for the kernels ahead before any `return`: itself, or in the first device
+    /// function of `text` it calls that waits (one level down). Returns what failed.
+    fn check_waits(text: &str, body: &str) -> std::result::Result<(), String> {
+        let ordered = |code: &str, wait: usize| match code.find("return") {
+            Some(ret) if ret < wait => Err("may return before pdl_wait".to_string()),
+            _ => Ok(()),
+        };
+        if let Some(wait) = wait_in(body) {
+            return ordered(body, wait);
+        }
+        for (at, _) in body.match_indices(['(', '<']) {
+            let name = ident_before(body, at);
+            if name.is_empty() {
+                continue;
+            }
+            let callee = text.find(&format!("void {name}(")).and_then(|d| body_at(text, d));
+            if let Some((callee, wait)) = callee.and_then(|c| wait_in(c).map(|w| (c, w))) {
+                ordered(&body[..at], usize::MAX)?;
+                return ordered(callee, wait).map_err(|e| format!("{name} {e}"));
+            }
+        }
+        Err("never calls pdl_wait".into())
+    }
+
+    /// Kernels are launched with programmatic dependent launch (mod.rs `launch_pdl`): one that touched the
+    /// previous kernel's output before `pdl_wait()` would race with it. Every kernel entry point must wait,
+    /// directly or in the device function it calls, before any early return.
+    #[test]
+    fn every_kernel_waits_for_its_predecessor() {
+        let mut kernels = 0;
+        for s in SOURCES {
+            for (at, _) in s.text.match_indices("extern \"C\" __global__") {
+                let body = body_at(s.text, at).unwrap_or_else(|| panic!("{}.cu: unbalanced kernel at {at}", s.name));
+                if body.chars().all(|c| c.is_whitespace() || c == '\\') {
+                    continue; // a stub for a storage type the kernel does not support; never launched
+                }
+                kernels += 1;
+                let head = s.text[at..].split('(').next().unwrap_or_default();
+                if let Err(e) = check_waits(s.text, body) {
+                    panic!("{}.cu: `{head}` {e}", s.name);
+                }
+            }
+        }
+        assert!(kernels >= 20, "found only {kernels} kernels: the scan is broken");
+    }
 }

@@ -21,12 +21,13 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::ptr::null_mut;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    result as drv_result, sys as drv_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PinnedHostSlice, PushKernelArg,
+    result as drv_result, sys as drv_sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -279,6 +280,10 @@ pub struct CudaBackend {
     num_sms: usize,
     poison: bool,
     sync_each: bool,
+    /// The device's compute capability (major, minor).
+    compute_capability: (i32, i32),
+    /// Kernels launched with programmatic dependent launch ([`launch_pdl`]; `LORAX_CUDA_PDL=0` turns it off).
+    pdl: bool,
     tc_prefill: bool,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
@@ -419,6 +424,60 @@ impl Plain for u32 {}
 impl Plain for i32 {}
 impl Plain for f32 {}
 
+/// Launches `func` on `stream` allowed to start before the kernel ahead of it has finished (programmatic
+/// dependent launch, sm_90 and later): its blocks are scheduled once every block of that kernel has called
+/// `pdl_launch()` (kernels/common.cuh), and wait in `pdl_wait()` until it has completed. Within a graph
+/// capture this records a programmatic edge.
+///
+/// # Safety
+/// `params` must hold one pointer per kernel parameter, each to a live value of the parameter's type, and
+/// the kernel must call `pdl_wait()` before it reads or writes memory an earlier kernel touches.
+pub(crate) unsafe fn launch_pdl(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    cfg: &LaunchConfig,
+    params: &mut [*mut c_void],
+) -> std::result::Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    let mut attr = drv_sys::CUlaunchAttribute {
+        id: drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: drv_sys::CUlaunchAttributeValue {
+            programmaticStreamSerializationAllowed: 1,
+        },
+    };
+    let config = drv_sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &raw mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: the config and its one attribute live across the call; the caller vouches for `params`.
+    unsafe { drv_sys::cuLaunchKernelEx(&raw const config, func.cu_function(), params.as_mut_ptr(), null_mut()) }
+        .result()
+}
+
+/// Whether kernels are launched with programmatic dependent launch (`launch_pdl`): on devices of compute
+/// capability 9.0 and later with a driver of CUDA 12.3 or later (which records it in graph captures),
+/// unless `LORAX_CUDA_PDL=0`.
+fn pdl_default(cc: (i32, i32)) -> bool {
+    if std::env::var("LORAX_CUDA_PDL").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    let mut version = 0;
+    // SAFETY: one valid out-pointer.
+    let ok = unsafe { drv_sys::cuDriverGetVersion(&raw mut version) }
+        .result()
+        .is_ok();
+    cc.0 >= 9 && ok && version >= 12030
+}
+
 /// Launches kernel `$name` with the given arguments (each a reference to a live local) and checks it.
 macro_rules! launch {
     ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
@@ -433,13 +492,21 @@ macro_rules! launch {
             $( $self.graphs.sign(&$crate::backend::cuda::graph::SigArg::sig_bytes($arg)); )+
         }
         if mode != $crate::backend::cuda::graph::Mode::Record {
-            let mut builder = $self.stream.launch_builder(func);
-            $( builder.arg($arg); )+
-            // SAFETY: every argument matches the kernel's parameter list in kernels/*.cu (device pointers as
-            // u64, ints as i32/u32/u64, floats as f32), and every buffer the kernel touches was allocated with
-            // the sizes the host-side checks of the calling op established.
-            unsafe { builder.launch($cfg) }
-                .map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
+            if $self.pdl {
+                let mut params = [$( ($arg as *const _ as *mut ::std::ffi::c_void), )+];
+                // SAFETY: as below; each parameter points at a live local of the kind the kernel takes, and
+                // every kernel waits in pdl_wait() before it touches what the kernels ahead of it write.
+                unsafe { $crate::backend::cuda::launch_pdl(&$self.stream, func, &$cfg, &mut params) }
+                    .map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
+            } else {
+                let mut builder = $self.stream.launch_builder(func);
+                $( builder.arg($arg); )+
+                // SAFETY: every argument matches the kernel's parameter list in kernels/*.cu (device pointers
+                // as u64, ints as i32/u32/u64, floats as f32), and every buffer the kernel touches was
+                // allocated with the sizes the host-side checks of the calling op established.
+                unsafe { builder.launch($cfg) }
+                    .map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
+            }
             $self.after_launch($name)?;
         }
     }};
@@ -551,6 +618,8 @@ impl CudaBackend {
             num_sms: usize::try_from(num_sms).unwrap_or(1).max(1),
             poison: env_flag("LORAX_CUDA_POISON"),
             sync_each: env_flag("LORAX_CUDA_SYNC"),
+            pdl: pdl_default(cc),
+            compute_capability: cc,
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
@@ -570,6 +639,17 @@ impl CudaBackend {
             eager_staging: Mutex::new(None),
             pass: Mutex::new(PassCache::default()),
         })
+    }
+
+    /// Launch kernels with programmatic dependent launch (the default on sm_90 and later) or without; on an
+    /// older device or driver this can only turn it off. Takes effect for graphs captured afterwards.
+    pub fn set_programmatic_launch(&mut self, on: bool) {
+        self.pdl = on && pdl_default(self.compute_capability);
+    }
+
+    /// Whether kernels are launched with programmatic dependent launch.
+    pub fn programmatic_launch(&self) -> bool {
+        self.pdl
     }
 
     /// Fill every new tensor with NaN bytes (as `LORAX_CUDA_POISON=1` does), so outputs a kernel leaves
