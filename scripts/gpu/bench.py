@@ -242,8 +242,9 @@ def scrape():
         return ""
 
 
-STEP_HISTOGRAMS = (("lorax_batch_shard_duration", "shard engine"), ("lorax_batch_forward_duration", "forward"),
-                   ("lorax_batch_inference_duration", "step"))
+STEP_HISTOGRAMS = (("lorax_batch_shard_duration", "shard engine"), ("lorax_batch_shard_handler_duration", "handler"),
+                   ("lorax_batch_shard_send_duration", "send"), ("lorax_batch_shard_return_duration", "return"),
+                   ("lorax_batch_forward_duration", "forward"), ("lorax_batch_inference_duration", "step"))
 
 
 def step_metrics():
@@ -251,7 +252,7 @@ def step_metrics():
     method "" for the unlabelled ones (decode rows per step, each request's validation and queue time)."""
     out = {}
     for line in scrape().splitlines():
-        m = re.match(r'(lorax_batch_(?:forward|inference|shard)_duration)_(sum|count)\{method="(\w+)"\}\s+(\S+)', line)
+        m = re.match(r'(lorax_batch_(?:forward|inference|shard|shard_handler|shard_send|shard_return)_duration)_(sum|count)\{method="(\w+)"\}\s+(\S+)', line)
         if m:
             out[(m.group(1), m.group(3), m.group(2))] = float(m.group(4))
         m = re.match(r'(lorax_batch_decode_size|lorax_request_(?:validation|queue)_duration)_(sum|count)\s+(\S+)', line)

@@ -34,6 +34,13 @@ pub const REQUEST_MAX_NEW_TOKENS: &str = "lorax_request_max_new_tokens";
 pub const BATCH_FORWARD_DURATION: &str = "lorax_batch_forward_duration";
 /// The shard's own time per call (its engine step), as the shard reports it.
 pub const BATCH_SHARD_DURATION: &str = "lorax_batch_shard_duration";
+/// The shard's handler per call, from its first line to its answer (lock, blocking pool, engine step,
+/// building the answer), as the shard reports it.
+pub const BATCH_SHARD_HANDLER_DURATION: &str = "lorax_batch_shard_handler_duration";
+/// A shard call's request on its way, from the router's call to the shard's handler (clocks of one host).
+pub const BATCH_SHARD_SEND_DURATION: &str = "lorax_batch_shard_send_duration";
+/// A shard call's answer on its way back: the call less its way there and the handler.
+pub const BATCH_SHARD_RETURN_DURATION: &str = "lorax_batch_shard_return_duration";
 /// A shard call and the handling of its answer (tokens sent, finished requests retired), seconds
 /// (histogram, label `method` = prefill|decode|mixed).
 pub const BATCH_INFERENCE_DURATION: &str = "lorax_batch_inference_duration";
@@ -127,6 +134,9 @@ fn histogram_buckets(max_total_tokens: u32) -> Vec<(&'static str, Vec<f64>)> {
         REQUEST_MEAN_TIME_PER_TOKEN,
         BATCH_FORWARD_DURATION,
         BATCH_SHARD_DURATION,
+        BATCH_SHARD_HANDLER_DURATION,
+        BATCH_SHARD_SEND_DURATION,
+        BATCH_SHARD_RETURN_DURATION,
         BATCH_INFERENCE_DURATION,
     ] {
         all.push((name, STEP_BUCKETS.to_vec()));
@@ -184,6 +194,21 @@ fn describe() {
         BATCH_SHARD_DURATION,
         Unit::Seconds,
         "Engine time per call inside the shard (the rest of the call is the RPC and the shard's handler)"
+    );
+    describe_histogram!(
+        BATCH_SHARD_HANDLER_DURATION,
+        Unit::Seconds,
+        "The shard's handler time per call (lock, blocking pool, engine, answer), as the shard reports it"
+    );
+    describe_histogram!(
+        BATCH_SHARD_SEND_DURATION,
+        Unit::Seconds,
+        "A shard call's request on its way to the shard's handler"
+    );
+    describe_histogram!(
+        BATCH_SHARD_RETURN_DURATION,
+        Unit::Seconds,
+        "A shard call's answer on its way back from the shard's handler"
     );
     describe_histogram!(BATCH_DECODE_SIZE, Unit::Count, "Sequences advanced per decode step");
     describe_histogram!(

@@ -33,6 +33,54 @@ use crate::metrics as m;
 use crate::policy::{BatchingPolicy, Candidate};
 use crate::stopping::{FinishReason, StoppingCriteria};
 
+/// When a shard call began, on the monotonic clock and on the Unix clock the shard's timestamps use.
+#[derive(Clone, Copy)]
+struct Started {
+    at: Instant,
+    unix_ns: u64,
+}
+
+impl Started {
+    fn now() -> Self {
+        let unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        Self {
+            at: Instant::now(),
+            unix_ns,
+        }
+    }
+}
+
+/// The shard's own account of a call (rank 0's under tensor parallelism).
+#[derive(Clone, Copy)]
+struct ShardTiming {
+    /// The engine step, seconds.
+    forward_s: f64,
+    /// The handler from its first line to its answer, seconds.
+    handler_s: f64,
+    /// When the handler began, nanoseconds since the Unix epoch (0: not sent).
+    received_unix_ns: u64,
+}
+
+impl ShardTiming {
+    #[allow(clippy::cast_precision_loss)]
+    fn of(forward_ns: u64, handler_ns: u64, received_unix_ns: u64) -> Self {
+        Self {
+            forward_s: forward_ns as f64 * 1e-9,
+            handler_s: handler_ns as f64 * 1e-9,
+            received_unix_ns,
+        }
+    }
+}
+
+/// A successful step call: its generations, the requests that must get a token, the shard's timing.
+struct Reply {
+    generations: Vec<Generation>,
+    expected: Vec<u64>,
+    timing: ShardTiming,
+}
+
 /// Tokens per step from which `Scheduler::handle` spreads their handling over the rayon pool.
 const PARALLEL_HANDLE_MIN: usize = 16;
 
@@ -261,34 +309,48 @@ impl Scheduler {
         self.publish();
         metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => "prefill").increment(1);
         metrics::histogram!(m::BATCH_NEXT_SIZE).record(requests.len() as f64);
-        let started = Instant::now();
+        let started = Started::now();
         let expected: Vec<u64> = requests.iter().map(|r| r.id).collect();
         let result = self.clients.prefill(requests).await;
-        let result = result.map(|r| (r.generations, expected, r.forward_ns));
+        let result = result.map(|r| Reply {
+            timing: ShardTiming::of(r.forward_ns, r.handler_ns, r.received_unix_ns),
+            generations: r.generations,
+            expected,
+        });
         if self.conclude("prefill", started, result).await {
             self.steps_since_prefill = 0;
         }
     }
 
-    /// Ends a step whose shard call began at `started`: records the call's, the shard engine's
-    /// (`forward_ns`, as the shard reports it) and the step's durations and hands the generations out
-    /// (`expected`: the requests that must get a token), or fails every request when the call failed.
-    /// `true` when the call succeeded.
-    async fn conclude(
-        &mut self,
-        method: &'static str,
-        started: Instant,
-        result: Result<(Vec<Generation>, Vec<u64>, u64), ClientError>,
-    ) -> bool {
+    /// Ends a step whose shard call began at `started`: records the call's, the shard's (engine and
+    /// handler, as the shard reports them) and the step's durations and hands the generations out, or fails
+    /// every request when the call failed. `true` when the call succeeded.
+    async fn conclude(&mut self, method: &'static str, started: Started, result: Result<Reply, ClientError>) -> bool {
         match result {
-            Ok((generations, expected, forward_ns)) => {
-                metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => method)
-                    .record(started.elapsed().as_secs_f64());
-                #[allow(clippy::cast_precision_loss)]
-                metrics::histogram!(m::BATCH_SHARD_DURATION, "method" => method).record(forward_ns as f64 * 1e-9);
-                self.handle(generations, &expected).await;
+            Ok(reply) => {
+                let call = started.at.elapsed().as_secs_f64();
+                metrics::histogram!(m::BATCH_FORWARD_DURATION, "method" => method).record(call);
+                let t = reply.timing;
+                metrics::histogram!(m::BATCH_SHARD_DURATION, "method" => method).record(t.forward_s);
+                metrics::histogram!(m::BATCH_SHARD_HANDLER_DURATION, "method" => method).record(t.handler_s);
+                // The request's way there from the two hosts' clocks (one host: the same clock); the way back
+                // is what remains of the call. Skipped when the shard sent no clock or the clocks disagree.
+                if let Some(there) = t
+                    .received_unix_ns
+                    .checked_sub(started.unix_ns)
+                    .filter(|_| t.received_unix_ns > 0)
+                {
+                    #[allow(clippy::cast_precision_loss)]
+                    let there = there as f64 * 1e-9;
+                    if there + t.handler_s <= call {
+                        metrics::histogram!(m::BATCH_SHARD_SEND_DURATION, "method" => method).record(there);
+                        metrics::histogram!(m::BATCH_SHARD_RETURN_DURATION, "method" => method)
+                            .record(call - there - t.handler_s);
+                    }
+                }
+                self.handle(reply.generations, &reply.expected).await;
                 metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => method)
-                    .record(started.elapsed().as_secs_f64());
+                    .record(started.at.elapsed().as_secs_f64());
                 metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => method).increment(1);
                 true
             }
@@ -420,7 +482,7 @@ impl Scheduler {
         if decoding > 0 {
             metrics::histogram!(m::BATCH_DECODE_SIZE).record(decoding as f64);
         }
-        let started = Instant::now();
+        let started = Started::now();
         let in_step: Vec<u64> = self.running.keys().copied().collect();
         // Chunks keep a long prompt from stalling the running streams; with none decoding nobody waits, so
         // the admitted prompts (at most --max-batch-prefill-tokens of them) run whole in one step.
@@ -436,7 +498,11 @@ impl Scheduler {
         let result = result.map(|response| {
             let still: std::collections::HashSet<u64> = response.prefilling_ids.iter().copied().collect();
             let expected = in_step.into_iter().filter(|id| !still.contains(id)).collect();
-            (response.generations, expected, response.forward_ns)
+            Reply {
+                timing: ShardTiming::of(response.forward_ns, response.handler_ns, response.received_unix_ns),
+                generations: response.generations,
+                expected,
+            }
         });
         self.conclude(method, started, result).await;
     }
@@ -452,17 +518,14 @@ impl Scheduler {
         }
         metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => "decode").increment(1);
         metrics::histogram!(m::BATCH_DECODE_SIZE).record(self.running.len() as f64);
-        let started = Instant::now();
+        let started = Started::now();
         let expected: Vec<u64> = self.running.keys().copied().collect();
-        let result = self.clients.decode().await;
-        if self
-            .conclude(
-                "decode",
-                started,
-                result.map(|r| (r.generations, expected, r.forward_ns)),
-            )
-            .await
-        {
+        let result = self.clients.decode().await.map(|r| Reply {
+            timing: ShardTiming::of(r.forward_ns, r.handler_ns, r.received_unix_ns),
+            generations: r.generations,
+            expected,
+        });
+        if self.conclude("decode", started, result).await {
             self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
         }
     }

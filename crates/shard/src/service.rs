@@ -221,6 +221,18 @@ impl<B: Backend> ShardServer<B> {
     }
 }
 
+/// Nanoseconds since `since`.
+fn nanos(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Nanoseconds since the Unix epoch (0 if the clock is before it).
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 fn millis(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -338,6 +350,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
     }
 
     async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<pb::PrefillResponse>, Status> {
+        let (entered, received_unix_ns) = (Instant::now(), unix_ns());
         let r = req.into_inner();
         let opts = StepOptions {
             decode: r.decode_running,
@@ -362,14 +375,18 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 Ok((gens, s.batch.prefilling_ids(), t.elapsed().as_nanos()))
             })
             .await?;
+        let generations = gens.into_iter().map(to_pb).collect();
         Ok(Response::new(pb::PrefillResponse {
-            generations: gens.into_iter().map(to_pb).collect(),
+            generations,
             forward_ns: u64::try_from(ns).unwrap_or(u64::MAX),
             prefilling_ids,
+            handler_ns: nanos(entered),
+            received_unix_ns,
         }))
     }
 
     async fn decode(&self, _: Request<pb::DecodeRequest>) -> Result<Response<pb::DecodeResponse>, Status> {
+        let (entered, received_unix_ns) = (Instant::now(), unix_ns());
         let (gens, ns) = self
             .with_state(|s| {
                 let t = Instant::now();
@@ -377,9 +394,12 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 Ok((gens, t.elapsed().as_nanos()))
             })
             .await?;
+        let generations = gens.into_iter().map(to_pb).collect();
         Ok(Response::new(pb::DecodeResponse {
-            generations: gens.into_iter().map(to_pb).collect(),
+            generations,
             forward_ns: u64::try_from(ns).unwrap_or(u64::MAX),
+            handler_ns: nanos(entered),
+            received_unix_ns,
         }))
     }
 

@@ -470,6 +470,8 @@ impl ShardService for FakeShard {
             generations,
             forward_ns: 1000,
             prefilling_ids,
+            handler_ns: 2000,
+            received_unix_ns: 0,
         }))
     }
 
@@ -493,6 +495,8 @@ impl ShardService for FakeShard {
         Ok(Response::new(DecodeResponse {
             generations,
             forward_ns: 1000,
+            handler_ns: 2000,
+            received_unix_ns: 0,
         }))
     }
 
