@@ -333,6 +333,15 @@ impl<B: Backend> Engine<B> {
         )
     }
 
+    /// Whether [`Engine::decode`] can advance `batch` now without failing for lack of room: some sequence
+    /// decodes, and each that does has a cache slot for the token it would write (its block table covers
+    /// every token it holds). A shard checks this before it runs a step ahead of the router's call.
+    pub fn can_decode(&self, batch: &Batch) -> bool {
+        let block = self.cache.block_size;
+        let mut decoding = batch.seqs.iter().filter(|s| !s.is_prefilling()).peekable();
+        decoding.peek().is_some() && decoding.all(|s| s.tokens.len() <= s.block_table.len() * block)
+    }
+
     /// One forward pass over `batch` after adding `new` (which join prefilling): a decode row for every
     /// sequence whose prompt is cached (when `opts.decode`), and the next prompt tokens of the sequences
     /// still prefilling, oldest first, at most `opts.max_prompt_tokens` of them in all (the last sequence

@@ -229,9 +229,10 @@ impl ShardClients {
         .await
     }
 
-    /// Advances every sequence of the running batch by one token.
-    pub async fn decode(&self) -> Result<DecodeResponse, ClientError> {
-        self.broadcast(|mut c| async move { c.decode(DecodeRequest {}).await })
+    /// Advances every sequence of the running batch by one token. With `run_ahead` the shards run the next
+    /// decode step right after answering (see `DecodeRequest.run_ahead`).
+    pub async fn decode(&self, run_ahead: bool) -> Result<DecodeResponse, ClientError> {
+        self.broadcast(|mut c| async move { c.decode(DecodeRequest { run_ahead }).await })
             .await
     }
 

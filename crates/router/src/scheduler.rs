@@ -136,6 +136,9 @@ pub struct Scheduler {
     allocator: BlockAllocator,
     next_id: u64,
     steps_since_prefill: u32,
+    /// Whether decode calls ask the shards to run the next step ahead (`LORAX_RUN_AHEAD=0`: never; for
+    /// measuring what it gains).
+    run_ahead: bool,
 }
 
 impl Scheduler {
@@ -167,6 +170,7 @@ impl Scheduler {
             allocator: BlockAllocator::new(config.total_blocks),
             next_id: 0,
             steps_since_prefill: 0,
+            run_ahead: std::env::var("LORAX_RUN_AHEAD").map_or(true, |v| v != "0"),
         }
     }
 
@@ -520,7 +524,10 @@ impl Scheduler {
         metrics::histogram!(m::BATCH_DECODE_SIZE).record(self.running.len() as f64);
         let started = Started::now();
         let expected: Vec<u64> = self.running.keys().copied().collect();
-        let result = self.clients.decode().await.map(|r| Reply {
+        // The shard runs the next step while this one's answer travels and is handled, unless requests wait
+        // to join: their prefill would then wait for that step.
+        let run_ahead = self.run_ahead && self.queues.prefill_candidates().next().is_none();
+        let result = self.clients.decode(run_ahead).await.map(|r| Reply {
             timing: ShardTiming::of(r.forward_ns, r.handler_ns, r.received_unix_ns),
             generations: r.generations,
             expected,
@@ -536,17 +543,14 @@ impl Scheduler {
     async fn handle(&mut self, generations: Vec<Generation>, expected: &[u64]) {
         let mut retired = false;
         let mut answered = std::collections::HashSet::with_capacity(generations.len());
-        let mut by_id = std::collections::HashMap::with_capacity(generations.len());
+        // A request may get two tokens in one answer (a step the shard ran ahead, then this one's), in order.
+        let mut by_id: std::collections::HashMap<u64, Vec<Generation>> =
+            std::collections::HashMap::with_capacity(generations.len());
         for generation in generations {
             let id = generation.request_id;
             answered.insert(id);
             if self.running.contains_key(&id) {
-                if by_id.insert(id, generation).is_some() {
-                    tracing::warn!(
-                        id,
-                        "shard returned two generations for one request; the first is dropped"
-                    );
-                }
+                by_id.entry(id).or_default().push(generation);
             } else {
                 tracing::warn!(id, "shard returned a generation for an unknown request");
                 retired = true;
@@ -555,13 +559,17 @@ impl Scheduler {
         // Each request's token (detokenising, stop checks, the send to its stream) is its own work: a
         // large batch spreads it over the rayon pool, as the next step waits on all of it.
         let decoder = &self.decoder;
-        let work: Vec<(u64, &mut Running, Generation)> = self
+        let work: Vec<(u64, &mut Running, Vec<Generation>)> = self
             .running
             .iter_mut()
             .filter_map(|(&id, running)| by_id.remove(&id).map(|g| (id, running, g)))
             .collect();
-        let step = |(id, running, generation): (u64, &mut Running, Generation)| {
-            (!Self::step(decoder, running, generation)).then_some(id)
+        // Tokens after the one that ends a request are dropped.
+        let step = |(id, running, generations): (u64, &mut Running, Vec<Generation>)| {
+            generations
+                .into_iter()
+                .any(|generation| !Self::step(decoder, running, generation))
+                .then_some(id)
         };
         let done: Vec<u64> = if work.len() >= PARALLEL_HANDLE_MIN {
             use rayon::prelude::*;

@@ -46,6 +46,20 @@ struct State<B: Backend> {
     /// number of loads. Each key holds a device slot from its first load's start.
     pending: HashMap<String, (u64, usize)>,
     generation: u64,
+    /// A decode step run ahead of the router's call (`DecodeRequest.run_ahead`) and not yet handed out:
+    /// its generations and engine time, or its error. The next Decode answers with it, a Prefill puts its
+    /// generations first, FilterBatch drops those of the sequences it removes.
+    ahead: Option<StepResult>,
+}
+
+/// A step's generations and its engine time in nanoseconds, or why it failed.
+type StepResult = Result<(Vec<Generation>, u128), Status>;
+
+/// One decode step of `s`'s batch.
+fn decode_now<B: Backend>(s: &mut State<B>) -> StepResult {
+    let t = Instant::now();
+    let gens = s.engine.decode(&mut s.batch).map_err(status)?;
+    Ok((gens, t.elapsed().as_nanos()))
 }
 
 /// A load's claim on its pending entry; released (the count decremented) when dropped unless consumed by
@@ -151,6 +165,7 @@ impl<B: Backend> ShardServer<B> {
                 batch: Batch::default(),
                 pending: HashMap::new(),
                 generation: 0,
+                ahead: None,
             })),
             info,
             urls: cfg.urls,
@@ -311,6 +326,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
     async fn clear_cache(&self, _: Request<pb::ClearCacheRequest>) -> Result<Response<pb::ClearCacheResponse>, Status> {
         self.with_state(|s| {
             s.batch = Batch::default();
+            s.ahead = None;
             Ok(())
         })
         .await?;
@@ -370,8 +386,19 @@ impl<B: Backend> ShardService for ShardServer<B> {
             .collect();
         let (gens, prefilling_ids, ns) = self
             .with_state(move |s| {
+                // A step run ahead comes first: its tokens precede this step's.
+                let (mut gens, _) = s.ahead.take().transpose()?.unwrap_or_default();
                 let t = Instant::now();
-                let gens = s.engine.step(&mut s.batch, news, opts).map_err(status)?;
+                match s.engine.step(&mut s.batch, news, opts) {
+                    Ok(more) => gens.extend(more),
+                    Err(e) => {
+                        // Nothing of the step happened: the step run ahead stays for the next call.
+                        if !gens.is_empty() {
+                            s.ahead = Some(Ok((gens, 0)));
+                        }
+                        return Err(status(e));
+                    }
+                }
                 Ok((gens, s.batch.prefilling_ids(), t.elapsed().as_nanos()))
             })
             .await?;
@@ -385,15 +412,33 @@ impl<B: Backend> ShardService for ShardServer<B> {
         }))
     }
 
-    async fn decode(&self, _: Request<pb::DecodeRequest>) -> Result<Response<pb::DecodeResponse>, Status> {
+    async fn decode(&self, req: Request<pb::DecodeRequest>) -> Result<Response<pb::DecodeResponse>, Status> {
         let (entered, received_unix_ns) = (Instant::now(), unix_ns());
-        let (gens, ns) = self
-            .with_state(|s| {
-                let t = Instant::now();
-                let gens = s.engine.decode(&mut s.batch).map_err(status)?;
-                Ok((gens, t.elapsed().as_nanos()))
-            })
-            .await?;
+        let run_ahead = req.into_inner().run_ahead;
+        let state = Arc::clone(&self.state);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // The answer leaves as soon as it is known; the step run ahead keeps the lock from there, so every
+        // later call (on every rank alike, as tensor parallelism needs) comes after it.
+        tokio::task::spawn_blocking(move || {
+            let mut guard = match state.lock() {
+                Ok(g) => g,
+                Err(_) => {
+                    let _ = tx.send(Err(poisoned()));
+                    return;
+                }
+            };
+            let s = &mut *guard;
+            let out = s.ahead.take().unwrap_or_else(|| decode_now(s));
+            let ok = out.is_ok();
+            // A dropped receiver (the call was cancelled) loses these tokens; the router then fails the step.
+            let _ = tx.send(out);
+            if run_ahead && ok && s.engine.can_decode(&s.batch) {
+                s.ahead = Some(decode_now(s));
+            }
+        });
+        let (gens, ns) = rx
+            .await
+            .map_err(|_| Status::internal("shard task failed before answering"))??;
         let generations = gens.into_iter().map(to_pb).collect();
         Ok(Response::new(pb::DecodeResponse {
             generations,
@@ -411,6 +456,9 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let remaining = self
             .with_state(move |s| {
                 s.batch.filter(&keep);
+                if let Some(Ok((gens, _))) = s.ahead.as_mut() {
+                    gens.retain(|g| keep.contains(&g.id));
+                }
                 Ok(u32::try_from(s.batch.len()).unwrap_or(u32::MAX))
             })
             .await?;

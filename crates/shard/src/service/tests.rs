@@ -208,7 +208,7 @@ async fn generate(svc: &ShardServer<Gated>, r: pb::Request, steps: usize) -> Vec
         .unwrap();
     take(&p.into_inner().generations, &mut out);
     for _ in 0..steps {
-        let d = svc.decode(Request::new(pb::DecodeRequest {})).await.unwrap();
+        let d = svc.decode(Request::new(pb::DecodeRequest::default())).await.unwrap();
         take(&d.into_inner().generations, &mut out);
     }
     out
@@ -233,10 +233,13 @@ async fn decode_completes_while_an_adapter_uploads() {
     gate.started.recv().await.unwrap();
     // The upload now waits for the release; decode steps of the running batch must not.
     for _ in 0..3 {
-        let step = tokio::time::timeout(Duration::from_secs(30), svc.decode(Request::new(pb::DecodeRequest {})))
-            .await
-            .expect("a decode step waited for the adapter upload")
-            .unwrap();
+        let step = tokio::time::timeout(
+            Duration::from_secs(30),
+            svc.decode(Request::new(pb::DecodeRequest::default())),
+        )
+        .await
+        .expect("a decode step waited for the adapter upload")
+        .unwrap();
         assert_eq!(step.into_inner().generations.len(), 1);
     }
     assert!(
@@ -380,4 +383,5 @@ async fn offload_cancels_a_load_in_flight_and_failed_loads_free_their_slot() {
     assert_eq!(loaded_keys(&svc), vec!["local:lora-r16-all".to_string()]);
 }
 
+mod ahead;
 mod mixed;

@@ -282,7 +282,7 @@ pub struct CudaBackend {
     sync_each: bool,
     /// The device's compute capability (major, minor).
     compute_capability: (i32, i32),
-    /// Kernels launched with programmatic dependent launch ([`launch_pdl`]; `LORAX_CUDA_PDL=0` turns it off).
+    /// Kernels launched with programmatic dependent launch ([`launch_pdl`]; `LORAX_CUDA_PDL=1` turns it on).
     pdl: bool,
     tc_prefill: bool,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
@@ -463,13 +463,10 @@ pub(crate) unsafe fn launch_pdl(
         .result()
 }
 
-/// Whether kernels are launched with programmatic dependent launch (`launch_pdl`): on devices of compute
-/// capability 9.0 and later with a driver of CUDA 12.3 or later (which records it in graph captures),
-/// unless `LORAX_CUDA_PDL=0`.
-fn pdl_default(cc: (i32, i32)) -> bool {
-    if std::env::var("LORAX_CUDA_PDL").is_ok_and(|v| v == "0") {
-        return false;
-    }
+/// Whether kernels can be launched with programmatic dependent launch (`launch_pdl`): on devices of
+/// compute capability 9.0 and later with a driver of CUDA 12.3 or later (which records it in graph
+/// captures).
+fn pdl_supported(cc: (i32, i32)) -> bool {
     let mut version = 0;
     // SAFETY: one valid out-pointer.
     let ok = unsafe { drv_sys::cuDriverGetVersion(&raw mut version) }
@@ -618,7 +615,9 @@ impl CudaBackend {
             num_sms: usize::try_from(num_sms).unwrap_or(1).max(1),
             poison: env_flag("LORAX_CUDA_POISON"),
             sync_each: env_flag("LORAX_CUDA_SYNC"),
-            pdl: pdl_default(cc),
+            // Off by default: on the H200 it moved the decode step by -1% at 1 row and +1.2-1.7% at 8-128
+            // rows (bench/NOTES.md, session 9).
+            pdl: env_flag("LORAX_CUDA_PDL") && pdl_supported(cc),
             compute_capability: cc,
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
@@ -641,10 +640,10 @@ impl CudaBackend {
         })
     }
 
-    /// Launch kernels with programmatic dependent launch (the default on sm_90 and later) or without; on an
-    /// older device or driver this can only turn it off. Takes effect for graphs captured afterwards.
+    /// Launch kernels with programmatic dependent launch (`LORAX_CUDA_PDL=1`; sm_90 and a CUDA 12.3 driver
+    /// or later, else this stays off) or without (the default). Takes effect for graphs captured afterwards.
     pub fn set_programmatic_launch(&mut self, on: bool) {
-        self.pdl = on && pdl_default(self.compute_capability);
+        self.pdl = on && pdl_supported(self.compute_capability);
     }
 
     /// Whether kernels are launched with programmatic dependent launch.

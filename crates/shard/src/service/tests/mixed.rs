@@ -71,7 +71,7 @@ async fn mixed_steps_chunk_prompts_and_decode_the_running_batch() {
 
     // Decode leaves the prefilling sequences alone.
     let d = svc
-        .decode(Request::new(pb::DecodeRequest {}))
+        .decode(Request::new(pb::DecodeRequest::default()))
         .await
         .unwrap()
         .into_inner();
@@ -122,7 +122,7 @@ async fn mixed_steps_chunk_prompts_and_decode_the_running_batch() {
         |g: &pb::Generation| -> Vec<(u32, f32)> { g.prefill_tokens.iter().map(|t| (t.id, t.logprob)).collect() };
     assert_close(&prompt(&b_first), &prompt(want_b), "prompt logprobs across chunks");
     let next = fresh
-        .decode(Request::new(pb::DecodeRequest {}))
+        .decode(Request::new(pb::DecodeRequest::default()))
         .await
         .unwrap()
         .into_inner();
