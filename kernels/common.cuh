@@ -122,7 +122,7 @@ __device__ __forceinline__ float block_max(float v) {
 
 // Programmatic dependent launch (sm_90 and later; nothing before that, nor under the CPU emulation). The
 // backend can launch every kernel allowed to start before the kernel ahead of it in the stream has finished
-// (LORAX_CUDA_PDL=1, docs/gpu.md), so every kernel must call pdl_wait() in every block before it reads what
+// (LORAX_CUDA_PDL, docs/gpu.md), so every kernel must call pdl_wait() in every block before it reads what
 // an earlier kernel wrote or writes what an earlier kernel reads: it returns once the grids this one
 // depends on have completed and their writes are visible. Only reads of what no kernel writes (weights)
 // may come before it. pdl_launch() then lets the next kernel's blocks be scheduled while this one runs;

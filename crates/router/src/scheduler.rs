@@ -139,6 +139,9 @@ pub struct Scheduler {
     /// Whether decode calls ask the shards to run the next step ahead (`LORAX_RUN_AHEAD=0`: never; for
     /// measuring what it gains).
     run_ahead: bool,
+    /// The last call was a Decode that asked the shards to run the next step ahead: they hold (or are
+    /// computing) a step whose tokens this task has not seen.
+    ahead: bool,
 }
 
 impl Scheduler {
@@ -171,6 +174,7 @@ impl Scheduler {
             next_id: 0,
             steps_since_prefill: 0,
             run_ahead: std::env::var("LORAX_RUN_AHEAD").map_or(true, |v| v != "0"),
+            ahead: false,
         }
     }
 
@@ -305,6 +309,9 @@ impl Scheduler {
             return;
         }
 
+        if self.drain_ahead().await {
+            return;
+        }
         let requests = self.admit(admit, now);
         if requests.is_empty() {
             return;
@@ -315,6 +322,7 @@ impl Scheduler {
         metrics::histogram!(m::BATCH_NEXT_SIZE).record(requests.len() as f64);
         let started = Started::now();
         let expected: Vec<u64> = requests.iter().map(|r| r.id).collect();
+        self.ahead = false;
         let result = self.clients.prefill(requests).await;
         let result = result.map(|r| Reply {
             timing: ShardTiming::of(r.forward_ns, r.handler_ns, r.received_unix_ns),
@@ -453,6 +461,9 @@ impl Scheduler {
         if !self.drop_cancelled().await {
             return;
         }
+        if self.drain_ahead().await {
+            return;
+        }
         let now = Instant::now();
         let pending: u32 = self
             .running
@@ -497,6 +508,7 @@ impl Scheduler {
                 .max_batch_prefill_tokens
                 .max(self.policy.max_batch_prefill_chunk_tokens)
         };
+        self.ahead = false;
         let result = self.clients.mixed_step(requests, decoding > 0, budget).await;
         // Every request of the step gets a token, except those whose prompt is still running.
         let result = result.map(|response| {
@@ -511,8 +523,32 @@ impl Scheduler {
         self.conclude(method, started, result).await;
     }
 
+    /// Before a Prefill call when a step was run ahead: a Decode call that runs nothing ahead hands out that
+    /// step's tokens at once, so the running streams get them when the step ends, not after the prompt's
+    /// step too (the shard would put them ahead of the Prefill's own, one step late). `true` when it
+    /// called (the caller then returns and the loop decides again, as requests may have finished).
+    async fn drain_ahead(&mut self) -> bool {
+        let joining = self.queues.prefill_candidates().next().is_some() || self.running.values().any(|r| r.prefilling);
+        if !self.ahead || !joining {
+            return false;
+        }
+        self.decode_step(false).await;
+        true
+    }
+
     /// Advances the running batch by one token.
     async fn decode(&mut self) {
+        // The shard runs the next step while this one's answer travels and is handled, unless requests wait
+        // to join: their prefill would then wait for that step.
+        let run_ahead = self.run_ahead && self.queues.prefill_candidates().next().is_none();
+        self.decode_step(run_ahead).await;
+    }
+
+    /// One Decode call, asking the shards to run the next step ahead or not.
+    async fn decode_step(&mut self, run_ahead: bool) {
+        // Whatever happens below, no step the router has not seen is left: an empty batch was filtered to
+        // nothing (the shards dropped the step's tokens), a failure cleared the shards.
+        self.ahead = false;
         // Cancelled requests leave before the step, so their blocks are free within one step.
         if !self.drop_cancelled().await {
             return;
@@ -523,16 +559,20 @@ impl Scheduler {
         metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => "decode").increment(1);
         metrics::histogram!(m::BATCH_DECODE_SIZE).record(self.running.len() as f64);
         let started = Started::now();
-        let expected: Vec<u64> = self.running.keys().copied().collect();
-        // The shard runs the next step while this one's answer travels and is handled, unless requests wait
-        // to join: their prefill would then wait for that step.
-        let run_ahead = self.run_ahead && self.queues.prefill_candidates().next().is_none();
+        let expected: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|(_, r)| !r.prefilling)
+            .map(|(&id, _)| id)
+            .collect();
         let result = self.clients.decode(run_ahead).await.map(|r| Reply {
             timing: ShardTiming::of(r.forward_ns, r.handler_ns, r.received_unix_ns),
             generations: r.generations,
             expected,
         });
-        if self.conclude("decode", started, result).await {
+        let ok = self.conclude("decode", started, result).await;
+        self.ahead = ok && run_ahead;
+        if ok {
             self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
         }
     }

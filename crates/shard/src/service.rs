@@ -55,6 +55,22 @@ struct State<B: Backend> {
 /// A step's generations and its engine time in nanoseconds, or why it failed.
 type StepResult = Result<(Vec<Generation>, u128), Status>;
 
+/// Keeps only the `keep` sequences in the batch and in the step run ahead.
+fn filter_state<B: Backend>(s: &mut State<B>, keep: &[u64]) {
+    s.batch.filter(keep);
+    if let Some(Ok((gens, _))) = s.ahead.as_mut() {
+        gens.retain(|g| keep.contains(&g.id));
+    }
+}
+
+/// Applies a FilterBatch left in `deferred` while a step held the state.
+fn apply_deferred<B: Backend>(s: &mut State<B>, deferred: &Mutex<Option<Vec<u64>>>) {
+    let keep = deferred.lock().map_or(None, |mut d| d.take());
+    if let Some(keep) = keep {
+        filter_state(s, &keep);
+    }
+}
+
 /// One decode step of `s`'s batch.
 fn decode_now<B: Backend>(s: &mut State<B>) -> StepResult {
     let t = Instant::now();
@@ -100,6 +116,9 @@ fn release_pending(pending: &mut HashMap<String, (u64, usize)>, key: &str, gener
 /// The service: the engine (on any backend) and its running batch behind one lock.
 pub struct ShardServer<B: Backend> {
     state: Arc<Mutex<State<B>>>,
+    /// A FilterBatch that came while a step held the state (a step run ahead): its keep list, applied by
+    /// the next call that takes the state, before any step (so on every rank between the same two steps).
+    deferred_keep: Arc<Mutex<Option<Vec<u64>>>>,
     /// Uploads adapters for the engine without its lock.
     uploader: AdapterUploader<B>,
     info: pb::InfoResponse,
@@ -160,6 +179,7 @@ impl<B: Backend> ShardServer<B> {
             host_tier: Arc::new(HostTier::new(cfg.adapters.host_cache_bytes)),
             settings: cfg.adapters,
             download_timeout: cfg.download_timeout,
+            deferred_keep: Arc::new(Mutex::new(None)),
             state: Arc::new(Mutex::new(State {
                 engine,
                 batch: Batch::default(),
@@ -227,8 +247,10 @@ impl<B: Backend> ShardServer<B> {
         f: impl FnOnce(&mut State<B>) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let state = Arc::clone(&self.state);
+        let deferred = Arc::clone(&self.deferred_keep);
         tokio::task::spawn_blocking(move || {
             let mut guard = state.lock().map_err(|_| poisoned())?;
+            apply_deferred(&mut guard, &deferred);
             f(&mut guard)
         })
         .await
@@ -416,6 +438,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let (entered, received_unix_ns) = (Instant::now(), unix_ns());
         let run_ahead = req.into_inner().run_ahead;
         let state = Arc::clone(&self.state);
+        let deferred = Arc::clone(&self.deferred_keep);
         let (tx, rx) = tokio::sync::oneshot::channel();
         // The answer leaves as soon as it is known; the step run ahead keeps the lock from there, so every
         // later call (on every rank alike, as tensor parallelism needs) comes after it.
@@ -428,6 +451,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 }
             };
             let s = &mut *guard;
+            apply_deferred(s, &deferred);
             let out = s.ahead.take().unwrap_or_else(|| decode_now(s));
             let ok = out.is_ok();
             // A dropped receiver (the call was cancelled) loses these tokens; the router then fails the step.
@@ -453,15 +477,23 @@ impl<B: Backend> ShardService for ShardServer<B> {
         req: Request<pb::FilterBatchRequest>,
     ) -> Result<Response<pb::FilterBatchResponse>, Status> {
         let keep = req.into_inner().keep_ids;
-        let remaining = self
-            .with_state(move |s| {
-                s.batch.filter(&keep);
-                if let Some(Ok((gens, _))) = s.ahead.as_mut() {
-                    gens.retain(|g| keep.contains(&g.id));
-                }
-                Ok(u32::try_from(s.batch.len()).unwrap_or(u32::MAX))
-            })
-            .await?;
+        // While a step runs ahead (it holds the state) the filter waits for the next call instead of the
+        // step: the router's next Decode then finds that step's tokens ready. Ids only leave the batch, so
+        // the router can reuse the removed sequences' blocks at once: whatever writes them next comes after
+        // the step on the device.
+        let mut state = match self.state.try_lock() {
+            Ok(s) => s,
+            Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let kept = u32::try_from(keep.len()).unwrap_or(u32::MAX);
+                *self.deferred_keep.lock().map_err(|_| poisoned())? = Some(keep);
+                return Ok(Response::new(pb::FilterBatchResponse { remaining: kept }));
+            }
+        };
+        apply_deferred(&mut state, &self.deferred_keep);
+        filter_state(&mut state, &keep);
+        let remaining = u32::try_from(state.batch.len()).unwrap_or(u32::MAX);
+        drop(state);
         Ok(Response::new(pb::FilterBatchResponse { remaining }))
     }
 

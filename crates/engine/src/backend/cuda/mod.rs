@@ -282,7 +282,7 @@ pub struct CudaBackend {
     sync_each: bool,
     /// The device's compute capability (major, minor).
     compute_capability: (i32, i32),
-    /// Kernels launched with programmatic dependent launch ([`launch_pdl`]; `LORAX_CUDA_PDL=1` turns it on).
+    /// Kernels launched with programmatic dependent launch ([`launch_pdl`]; `LORAX_CUDA_PDL=0` turns it off).
     pdl: bool,
     tc_prefill: bool,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
@@ -615,9 +615,9 @@ impl CudaBackend {
             num_sms: usize::try_from(num_sms).unwrap_or(1).max(1),
             poison: env_flag("LORAX_CUDA_POISON"),
             sync_each: env_flag("LORAX_CUDA_SYNC"),
-            // Off by default: on the H200 it moved the decode step by -1% at 1 row and +1.2-1.7% at 8-128
-            // rows (bench/NOTES.md, session 9).
-            pdl: env_flag("LORAX_CUDA_PDL") && pdl_supported(cc),
+            // On by default (`LORAX_CUDA_PDL=0` turns it off): on the H200 the serving decode step at 1 stream
+            // fell 2-3%, at 128 it moved by 0 to -2.5% (bench/NOTES.md, session 9).
+            pdl: std::env::var("LORAX_CUDA_PDL").map_or(true, |v| v != "0") && pdl_supported(cc),
             compute_capability: cc,
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
@@ -640,8 +640,8 @@ impl CudaBackend {
         })
     }
 
-    /// Launch kernels with programmatic dependent launch (`LORAX_CUDA_PDL=1`; sm_90 and a CUDA 12.3 driver
-    /// or later, else this stays off) or without (the default). Takes effect for graphs captured afterwards.
+    /// Launch kernels with programmatic dependent launch (the default; sm_90 and a CUDA 12.3 driver or later,
+    /// else this stays off) or without. Takes effect for graphs captured afterwards.
     pub fn set_programmatic_launch(&mut self, on: bool) {
         self.pdl = on && pdl_supported(self.compute_capability);
     }

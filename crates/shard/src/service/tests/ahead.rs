@@ -149,3 +149,29 @@ async fn a_failed_prefill_keeps_the_step_run_ahead() {
         "the step run ahead, not a third one"
     );
 }
+
+/// A FilterBatch that comes while a step holds the state (as a step run ahead does) answers at once and
+/// takes effect before the next step: the next Decode's tokens are the kept sequences' only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // the held lock stands for a step in progress; FilterBatch must not wait on it
+async fn a_filter_during_a_step_applies_before_the_next() {
+    let svc = server(gated().0, 4).await;
+    svc.prefill(prefill(vec![sequence(1, 0, ""), sequence(2, 10, "")], false))
+        .await
+        .unwrap();
+    svc.decode(decode(true)).await.unwrap();
+    let held = svc.state.lock().unwrap();
+    let f = svc
+        .filter_batch(Request::new(pb::FilterBatchRequest { keep_ids: vec![2] }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f.remaining, 1, "the ids kept, while the state is held");
+    assert_eq!(held.batch.len(), 2, "not applied under the step");
+    drop(held);
+    for _ in 0..2 {
+        let d = svc.decode(decode(true)).await.unwrap().into_inner();
+        assert_eq!(d.generations.iter().map(|g| g.request_id).collect::<Vec<_>>(), vec![2]);
+    }
+    assert_eq!(svc.state.lock().unwrap().batch.len(), 1);
+}
