@@ -296,6 +296,9 @@ impl Scheduler {
     /// Prefills as many queued requests (base model and active adapters, oldest first) as the policy
     /// admits.
     async fn prefill(&mut self) {
+        if self.would_admit() {
+            self.drain_ahead().await;
+        }
         let free = self.allocator.free_blocks();
         let candidates = self.queues.prefill_candidates().map(|e| candidate(&e.request));
         let admit = self
@@ -309,9 +312,6 @@ impl Scheduler {
             return;
         }
 
-        if self.drain_ahead().await {
-            return;
-        }
         let requests = self.admit(admit, now);
         if requests.is_empty() {
             return;
@@ -461,19 +461,13 @@ impl Scheduler {
         if !self.drop_cancelled().await {
             return;
         }
-        if self.drain_ahead().await {
-            return;
+        if self.would_admit() {
+            self.drain_ahead().await;
         }
         let now = Instant::now();
-        let pending: u32 = self
-            .running
-            .values()
-            .filter(|r| r.prefilling)
-            .map(|r| r.entry.request.input_length())
-            .fold(0, u32::saturating_add);
         let free = self.allocator.free_blocks();
         let candidates = self.queues.prefill_candidates().map(|e| candidate(&e.request));
-        let admit = self.policy.admit_mixed(candidates, free, pending);
+        let admit = self.policy.admit_mixed(candidates, free, self.prefilling_tokens());
         if admit == 0 && self.running.is_empty() {
             self.refuse_unfittable(now);
             return;
@@ -523,24 +517,43 @@ impl Scheduler {
         self.conclude(method, started, result).await;
     }
 
+    /// Prompt tokens of the requests still prefilling.
+    fn prefilling_tokens(&self) -> u32 {
+        self.running
+            .values()
+            .filter(|r| r.prefilling)
+            .map(|r| r.entry.request.input_length())
+            .fold(0, u32::saturating_add)
+    }
+
+    /// Whether the policy would admit a queued request now (the next step would then be a Prefill call).
+    fn would_admit(&mut self) -> bool {
+        let free = self.allocator.free_blocks();
+        let candidates = self.queues.prefill_candidates().map(|e| candidate(&e.request));
+        let admit = if self.policy.mixed() {
+            self.policy.admit_mixed(candidates, free, self.prefilling_tokens())
+        } else {
+            self.policy
+                .admit(candidates, free, self.running.len(), self.steps_since_prefill)
+        };
+        admit > 0
+    }
+
     /// Before a Prefill call when a step was run ahead: a Decode call that runs nothing ahead hands out that
     /// step's tokens at once, so the running streams get them when the step ends, not after the prompt's
-    /// step too (the shard would put them ahead of the Prefill's own, one step late). `true` when it
-    /// called (the caller then returns and the loop decides again, as requests may have finished).
-    async fn drain_ahead(&mut self) -> bool {
-        let joining = self.queues.prefill_candidates().next().is_some() || self.running.values().any(|r| r.prefilling);
-        if !self.ahead || !joining {
-            return false;
+    /// step too (the shard would put them ahead of the Prefill's own, one step late). The caller decides
+    /// the admission afterwards, as requests may have finished.
+    async fn drain_ahead(&mut self) {
+        if self.ahead {
+            self.decode_step(false).await;
         }
-        self.decode_step(false).await;
-        true
     }
 
     /// Advances the running batch by one token.
     async fn decode(&mut self) {
-        // The shard runs the next step while this one's answer travels and is handled, unless requests wait
-        // to join: their prefill would then wait for that step.
-        let run_ahead = self.run_ahead && self.queues.prefill_candidates().next().is_none();
+        // The shard runs the next step while this one's answer travels and is handled, unless a request
+        // would be admitted now: its prefill would then wait for that step.
+        let run_ahead = self.run_ahead && !self.would_admit();
         self.decode_step(run_ahead).await;
     }
 

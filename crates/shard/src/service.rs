@@ -414,7 +414,9 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 match s.engine.step(&mut s.batch, news, opts) {
                     Ok(more) => gens.extend(more),
                     Err(e) => {
-                        // Nothing of the step happened: the step run ahead stays for the next call.
+                        // The engine adds none of the step's sequences on failure (Engine::step); the step run
+                        // ahead stays for the next call (the router clears the shards after a failed call
+                        // anyway).
                         if !gens.is_empty() {
                             s.ahead = Some(Ok((gens, 0)));
                         }
@@ -457,7 +459,14 @@ impl<B: Backend> ShardService for ShardServer<B> {
             // A dropped receiver (the call was cancelled) loses these tokens; the router then fails the step.
             let _ = tx.send(out);
             if run_ahead && ok && s.engine.can_decode(&s.batch) {
-                s.ahead = Some(decode_now(s));
+                let ahead = decode_now(s);
+                if let Err(e) = &ahead {
+                    tracing::warn!(
+                        "a decode step run ahead failed (the next Decode or Prefill reports it): {}",
+                        e.message()
+                    );
+                }
+                s.ahead = Some(ahead);
             }
         });
         let (gens, ns) = rx
