@@ -29,6 +29,15 @@ pub mod shard {
                 p.do_sample || p.temperature != 1.0 || p.top_k != 0 || p.top_p < 1.0 || p.typical_p < 1.0
             }
         }
+
+        /// Now, in nanoseconds since the Unix epoch (0 if the clock is before it): the clock of
+        /// `received_unix_ns` in Prefill/DecodeResponse, which the router compares with its own.
+        #[must_use]
+        pub fn unix_time_ns() -> u64 {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        }
     }
 }
 

@@ -42,12 +42,9 @@ struct Started {
 
 impl Started {
     fn now() -> Self {
-        let unix_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         Self {
             at: Instant::now(),
-            unix_ns,
+            unix_ns: lorax_proto::shard::v1::unix_time_ns(),
         }
     }
 }
@@ -296,14 +293,7 @@ impl Scheduler {
     /// Prefills as many queued requests (base model and active adapters, oldest first) as the policy
     /// admits.
     async fn prefill(&mut self) {
-        if self.would_admit() {
-            self.drain_ahead().await;
-        }
-        let free = self.allocator.free_blocks();
-        let candidates = self.queues.prefill_candidates().map(|e| candidate(&e.request));
-        let admit = self
-            .policy
-            .admit(candidates, free, self.running.len(), self.steps_since_prefill);
+        let admit = self.admit_ahead().await;
         let now = Instant::now();
         if admit == 0 {
             if self.running.is_empty() {
@@ -461,13 +451,8 @@ impl Scheduler {
         if !self.drop_cancelled().await {
             return;
         }
-        if self.would_admit() {
-            self.drain_ahead().await;
-        }
+        let admit = self.admit_ahead().await;
         let now = Instant::now();
-        let free = self.allocator.free_blocks();
-        let candidates = self.queues.prefill_candidates().map(|e| candidate(&e.request));
-        let admit = self.policy.admit_mixed(candidates, free, self.prefilling_tokens());
         if admit == 0 && self.running.is_empty() {
             self.refuse_unfittable(now);
             return;
@@ -475,9 +460,8 @@ impl Scheduler {
         let requests = self.admit(admit, now);
         let prefilling = self.running.values().filter(|r| r.prefilling).count();
         if prefilling == 0 {
-            if !self.running.is_empty() {
-                self.decode().await;
-            }
+            // Nothing was admitted: the shards may run the next step ahead.
+            self.decode_step(self.run_ahead).await;
             return;
         }
         let decoding = self.running.len() - prefilling;
@@ -526,34 +510,36 @@ impl Scheduler {
             .fold(0, u32::saturating_add)
     }
 
-    /// Whether the policy would admit a queued request now (the next step would then be a Prefill call).
-    fn would_admit(&mut self) -> bool {
+    /// How many queued requests the policy admits now (mixed steps or whole-prompt prefills, as configured).
+    fn admission(&mut self) -> usize {
         let free = self.allocator.free_blocks();
         let candidates = self.queues.prefill_candidates().map(|e| candidate(&e.request));
-        let admit = if self.policy.mixed() {
+        if self.policy.mixed() {
             self.policy.admit_mixed(candidates, free, self.prefilling_tokens())
         } else {
             self.policy
                 .admit(candidates, free, self.running.len(), self.steps_since_prefill)
-        };
-        admit > 0
-    }
-
-    /// Before a Prefill call when a step was run ahead: a Decode call that runs nothing ahead hands out that
-    /// step's tokens at once, so the running streams get them when the step ends, not after the prompt's
-    /// step too (the shard would put them ahead of the Prefill's own, one step late). The caller decides
-    /// the admission afterwards, as requests may have finished.
-    async fn drain_ahead(&mut self) {
-        if self.ahead {
-            self.decode_step(false).await;
         }
     }
 
-    /// Advances the running batch by one token.
+    /// [`Self::admission`], collecting first a step the shards ran ahead when some request is admitted: a
+    /// Decode call that runs nothing ahead hands its tokens out at once, so the running streams get them
+    /// when the step ends, not after the prompt's step too (the shard would put them ahead of the Prefill's
+    /// own, one step late). The admission is then decided again, as requests may have finished.
+    async fn admit_ahead(&mut self) -> usize {
+        let admit = self.admission();
+        if admit == 0 || !self.ahead {
+            return admit;
+        }
+        self.decode_step(false).await;
+        self.admission()
+    }
+
+    /// Advances the running batch by one token (whole-prompt scheduling, after the prefill's turn).
     async fn decode(&mut self) {
         // The shard runs the next step while this one's answer travels and is handled, unless a request
         // would be admitted now: its prefill would then wait for that step.
-        let run_ahead = self.run_ahead && !self.would_admit();
+        let run_ahead = self.run_ahead && self.admission() == 0;
         self.decode_step(run_ahead).await;
     }
 

@@ -71,6 +71,16 @@ fn apply_deferred<B: Backend>(s: &mut State<B>, deferred: &Mutex<Option<Vec<u64>
     }
 }
 
+/// The engine state for a call (blocking), with any deferred FilterBatch applied first.
+fn lock_state<'a, B: Backend>(
+    state: &'a Mutex<State<B>>,
+    deferred: &Mutex<Option<Vec<u64>>>,
+) -> Result<std::sync::MutexGuard<'a, State<B>>, Status> {
+    let mut guard = state.lock().map_err(|_| poisoned())?;
+    apply_deferred(&mut guard, deferred);
+    Ok(guard)
+}
+
 /// One decode step of `s`'s batch.
 fn decode_now<B: Backend>(s: &mut State<B>) -> StepResult {
     let t = Instant::now();
@@ -246,28 +256,16 @@ impl<B: Backend> ShardServer<B> {
         &self,
         f: impl FnOnce(&mut State<B>) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let state = Arc::clone(&self.state);
-        let deferred = Arc::clone(&self.deferred_keep);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = state.lock().map_err(|_| poisoned())?;
-            apply_deferred(&mut guard, &deferred);
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("shard task failed: {e}")))?
+        let (state, deferred) = (Arc::clone(&self.state), Arc::clone(&self.deferred_keep));
+        tokio::task::spawn_blocking(move || f(&mut *lock_state(&state, &deferred)?))
+            .await
+            .map_err(|e| Status::internal(format!("shard task failed: {e}")))?
     }
 }
 
 /// Nanoseconds since `since`.
 fn nanos(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// Nanoseconds since the Unix epoch (0 if the clock is before it).
-fn unix_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 fn millis(since: Instant) -> u64 {
@@ -388,7 +386,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
     }
 
     async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<pb::PrefillResponse>, Status> {
-        let (entered, received_unix_ns) = (Instant::now(), unix_ns());
+        let (entered, received_unix_ns) = (Instant::now(), pb::unix_time_ns());
         let r = req.into_inner();
         let opts = StepOptions {
             decode: r.decode_running,
@@ -437,23 +435,21 @@ impl<B: Backend> ShardService for ShardServer<B> {
     }
 
     async fn decode(&self, req: Request<pb::DecodeRequest>) -> Result<Response<pb::DecodeResponse>, Status> {
-        let (entered, received_unix_ns) = (Instant::now(), unix_ns());
+        let (entered, received_unix_ns) = (Instant::now(), pb::unix_time_ns());
         let run_ahead = req.into_inner().run_ahead;
-        let state = Arc::clone(&self.state);
-        let deferred = Arc::clone(&self.deferred_keep);
+        let (state, deferred) = (Arc::clone(&self.state), Arc::clone(&self.deferred_keep));
         let (tx, rx) = tokio::sync::oneshot::channel();
         // The answer leaves as soon as it is known; the step run ahead keeps the lock from there, so every
         // later call (on every rank alike, as tensor parallelism needs) comes after it.
         tokio::task::spawn_blocking(move || {
-            let mut guard = match state.lock() {
+            let mut guard = match lock_state(&state, &deferred) {
                 Ok(g) => g,
-                Err(_) => {
-                    let _ = tx.send(Err(poisoned()));
+                Err(e) => {
+                    let _ = tx.send(Err(e));
                     return;
                 }
             };
             let s = &mut *guard;
-            apply_deferred(s, &deferred);
             let out = s.ahead.take().unwrap_or_else(|| decode_now(s));
             let ok = out.is_ok();
             // A dropped receiver (the call was cancelled) loses these tokens; the router then fails the step.

@@ -616,7 +616,7 @@ impl CudaBackend {
             poison: env_flag("LORAX_CUDA_POISON"),
             sync_each: env_flag("LORAX_CUDA_SYNC"),
             // On by default (`LORAX_CUDA_PDL=0` turns it off): on the H200 the serving decode step at 1 stream
-            // fell 2-3%, at 128 it moved by 0 to -2.5% (bench/NOTES.md, session 9).
+            // fell 1.5-3%, at 128 it moved by 0 to -2.5% (bench/NOTES.md, session 9).
             pdl: std::env::var("LORAX_CUDA_PDL").map_or(true, |v| v != "0") && pdl_supported(cc),
             compute_capability: cc,
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),

@@ -71,6 +71,7 @@ async fn steps_run_ahead_give_every_sequence_its_own_tokens() {
         "the filtered sequence's token from the step run ahead is dropped"
     );
     collect(&d.generations, &mut got);
+    let before_join = got[&1].len();
     // Sequence 3 joins in a mixed step: the step run ahead comes first (sequence 1 gets two tokens).
     let m = svc
         .prefill(prefill(vec![sequence(3, 20, "")], true))
@@ -119,6 +120,11 @@ async fn steps_run_ahead_give_every_sequence_its_own_tokens() {
         got[&2].len(),
         4,
         "sequence 2: the prefill's token and three decode steps'"
+    );
+    assert_eq!(
+        got[&3].len(),
+        got[&1].len() - before_join - 1,
+        "sequence 3: a token in every step since it joined (sequence 1 also got the step run ahead)"
     );
     assert_eq!(
         got[&1].len(),
