@@ -221,3 +221,82 @@ fn decode_step_time_with_and_without_graphs() {
         say(&format!("graphs={graphs} pdl={pdl}: {c} captured, {r} replays"));
     }
 }
+
+/// Eager decode steps of a Mistral-7B-shaped bf16 dummy model (`LORAX_PROFILE_LAYERS` layers, default 2),
+/// bracketed by `cuProfilerStart`/`Stop` so that a profiler started with `--profile-from-start off` sees
+/// only their kernels: `scripts/gpu/kernel_profile.sh` runs it under Nsight Compute and sums the time per
+/// kernel. `LORAX_PROFILE_SCENARIO` picks the batch: `b<rows>` (base model), `b<rows>-identical` (one
+/// rank-16 q/k/v/o adapter for every row) or `b<rows>-distinct` (one adapter per row); 512-token
+/// prompts, then 4 steps of warm-up and `LORAX_PROFILE_STEPS` (default 2) profiled steps.
+#[test]
+#[ignore = "profiling aid: run under ncu --profile-from-start off (scripts/gpu/kernel_profile.sh)"]
+fn decode_step_kernels_for_a_profiler() {
+    if backend(DType::BF16).is_none() {
+        return;
+    }
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let layers: usize = env("LORAX_PROFILE_LAYERS", "2").parse().unwrap();
+    let steps: usize = env("LORAX_PROFILE_STEPS", "2").parse().unwrap();
+    let scenario = env("LORAX_PROFILE_SCENARIO", "b1");
+    let (rows, kind) = scenario.split_once('-').unwrap_or((&scenario, "base"));
+    let rows: usize = rows.trim_start_matches('b').parse().unwrap();
+    let adapters = match kind {
+        "base" => 0,
+        "identical" => 1,
+        "distinct" => rows,
+        other => panic!("unknown scenario kind {other}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), 4096, 14336, layers, 32, 8, 32000);
+    let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let cache = CacheConfig {
+        num_blocks: 8192,
+        block_size: 16,
+    };
+    let mut b = CudaBackend::new(0, DType::BF16).unwrap();
+    b.set_graphs(false);
+    let mut e = Engine::load_with_format(
+        b,
+        dir.path(),
+        cache,
+        Arc::new(SingleRank),
+        LoadFormat::Dummy { seed: 1 },
+    )
+    .unwrap();
+    let keys: Vec<String> = (0..adapters).map(|i| format!("a{i}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        write_adapter(&dir.path().join(k), &cfg, 16, i as u64 + 1);
+        let host = HostAdapter::load(&dir.path().join(k), &cfg, 64).unwrap();
+        e.load_adapter(k, &host).unwrap();
+    }
+    let mut alloc = BlockAllocator::new(cache.num_blocks as u32, cache.block_size);
+    let mut batch = Batch::default();
+    for chunk in (0..rows).collect::<Vec<_>>().chunks(16) {
+        let news = chunk
+            .iter()
+            .map(|&i| NewSequence {
+                id: i as u64,
+                input_ids: vec![1; 512],
+                block_table: alloc.allocate(512 + 64).unwrap(),
+                params: SamplingParams::default(),
+                prefill_logprobs: false,
+                adapter: (!keys.is_empty()).then(|| keys[i % keys.len()].clone()),
+            })
+            .collect();
+        e.prefill(&mut batch, news).unwrap();
+    }
+    for _ in 0..4 {
+        e.decode(&mut batch).unwrap();
+    }
+    e.backend.synchronize().unwrap();
+    // SAFETY: plain driver calls on the current context; without a profiler attached they do nothing.
+    unsafe { cudarc::driver::sys::cuProfilerStart() };
+    for _ in 0..steps {
+        e.decode(&mut batch).unwrap();
+    }
+    e.backend.synchronize().unwrap();
+    unsafe { cudarc::driver::sys::cuProfilerStop() };
+    say(&format!(
+        "PROFILED {scenario}: {steps} eager decode steps of {rows} rows, {layers} layers, {adapters} adapters"
+    ));
+}
