@@ -323,15 +323,18 @@ __device__ __forceinline__ u32 word(const u32x4& v, int i) { return i == 0 ? v.x
 //
 // The order of the head dimension inside a product does not matter, so each operand is loaded as it lies
 // in memory: for S = Q.K^T, lane (g, t) (lane = 4g + t) holds dims 32t .. 32t + 31 of query head g and of
-// key token g of each 8-token tile, and k-step (c, half) takes 4 of them per lane; for O = P.V, lane (g, t)
-// holds dims 16g .. 16g + 15 of the values of tokens 2t, 2t + 1, 2t + 8, 2t + 9 (the keys its P fragment
-// covers), so output tile d holds dims 16n + d (n = the tile's column).
+// key token g of each 8-token tile, and k-step (c, half) takes 4 of them per lane. The output is computed
+// transposed, O^T = V^T.P^T, so that the query heads are the 8 columns of the tiles rather than 4-8 of the 16
+// rows (half the accumulator registers: 194 registers a thread at first, 2 blocks per multiprocessor): lane
+// (g, t) holds dims 16g .. 16g + 15 of the values of tokens 2t, 2t + 1, 2t + 8, 2t + 9 (the keys its P
+// fragment covers), which are the A fragments of tiles whose row g is dim 16g + mt and row g + 8 is dim
+// 16g + 8 + mt (mt = 0..7); P^T's column g is query head g, which lane group g holds as S's row g.
 template <int HD, int MAXG>
 __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
     static_assert(HD == 128 && MAXG <= 8, "one m16 tile of query heads, head size 128");
     constexpr int WARPS = ATTN_THREADS / 32;
     constexpr int STEP = 16;     // tokens per warp step
-    constexpr int DT = HD / 8;   // output tiles of 8 dims
+    constexpr int MT = 8;        // output tiles (16 dims each, see above)
     __shared__ alignas(16) float o_s[WARPS][MAXG][HD];
     __shared__ float ml_s[WARPS][MAXG][2];
 
@@ -350,9 +353,10 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) qf[c] = g < w.nh ? *reinterpret_cast<const u32x4*>(qrow + c * 8) : zero;
 
-    float o[DT][4];
+    // o[mt]: heads 2t, 2t + 1 (columns) of dims 16g + mt and 16g + 8 + mt (rows g, g + 8).
+    float o[MT][4];
 #pragma unroll
-    for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    for (int d = 0; d < MT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float m = NEG_INF, l = 0.f;
 
     for (int tb = w.t_begin + warp * STEP; tb < w.t_end; tb += WARPS * STEP) {
@@ -418,10 +422,14 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
         const float a = mn == NEG_INF ? 1.f : __expf(m - mn);
         m = mn;
         l *= a;
+        // This lane's output columns are heads 2t and 2t + 1, whose factors lane groups 2t and 2t + 1 hold.
+        const float a0 = __shfl_sync(0xffffffffu, a, 8 * t), a1 = __shfl_sync(0xffffffffu, a, 8 * t + 4);
 #pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            o[d][0] *= a;
-            o[d][1] *= a;
+        for (int d = 0; d < MT; ++d) {
+            o[d][0] *= a0;
+            o[d][1] *= a1;
+            o[d][2] *= a0;
+            o[d][3] *= a1;
         }
         float p[2][2];
 #pragma unroll
@@ -431,15 +439,18 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
                 p[j][e] = s[j][e] == NEG_INF ? 0.f : __expf(s[j][e] - mn);
                 l += p[j][e];
             }
-        // O += P.V: P's row g, keys 2t, 2t + 1 (tile 0) and 2t + 8, 2t + 9 (tile 1), rounded to T.
-        const u32 pa[4] = {pack(from_f(p[0][0]), from_f(p[0][1])), 0u, pack(from_f(p[1][0]), from_f(p[1][1])), 0u};
+        // O^T += V^T.P^T: P^T's rows are keys 2t, 2t + 1 (tile 0) and 2t + 8, 2t + 9 (tile 1) of column
+        // (head) g, rounded to T; V^T's row g of tile mt is dim 16g + mt, row g + 8 dim 16g + 8 + mt.
+        const u32 pb[2] = {pack(from_f(p[0][0]), from_f(p[0][1])), pack(from_f(p[1][0]), from_f(p[1][1]))};
 #pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            const int h = d / 8, wd = (d % 8) / 2;
-            const u32 x0 = word(vf[0][h], wd), x1 = word(vf[1][h], wd);
-            const u32 x2 = word(vf[2][h], wd), x3 = word(vf[3][h], wd);
-            const u32 b[2] = {d % 2 ? pair_hi(x0, x1) : pair_lo(x0, x1), d % 2 ? pair_hi(x2, x3) : pair_lo(x2, x3)};
-            mma_16816(o[d], pa, b);
+        for (int d = 0; d < MT; ++d) {
+            const int wd = d / 2;
+            const auto pair = [&](const u32x4& x, const u32x4& y) {
+                return d % 2 ? pair_hi(word(x, wd), word(y, wd)) : pair_lo(word(x, wd), word(y, wd));
+            };
+            const u32 a[4] = {pair(vf[0][0], vf[1][0]), pair(vf[0][1], vf[1][1]), pair(vf[2][0], vf[3][0]),
+                              pair(vf[2][1], vf[3][1])};
+            mma_16816(o[d], a, pb);
         }
     }
 
@@ -451,16 +462,24 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
         ml_s[warp][g][1] = l;
     }
     __syncthreads();
-    if (g < MAXG) {
-        float mb = NEG_INF;
+    {
+        float f = 0.f;
+        if (g < MAXG) {
+            float mb = NEG_INF;
 #pragma unroll
-        for (int x = 0; x < WARPS; ++x) mb = fmaxf(mb, ml_s[x][g][0]);
-        const float f = m == NEG_INF ? 0.f : __expf(m - mb);
-        // Tile d's columns 2t, 2t + 1 are dims 16 * 2t + d and 16 * (2t + 1) + d.
+            for (int x = 0; x < WARPS; ++x) mb = fmaxf(mb, ml_s[x][g][0]);
+            f = m == NEG_INF ? 0.f : __expf(m - mb);
+        }
+        // Heads 2t and 2t + 1: lane groups 2t and 2t + 1 hold their factors.
+        const float f0 = __shfl_sync(0xffffffffu, f, 8 * t), f1 = __shfl_sync(0xffffffffu, f, 8 * t + 4);
+        if (2 * t < MAXG) {
 #pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            o_s[warp][g][t2 * 16 + d] = o[d][0] * f;
-            o_s[warp][g][(t2 + 1) * 16 + d] = o[d][1] * f;
+            for (int d = 0; d < MT; ++d) {
+                o_s[warp][t2][16 * g + d] = o[d][0] * f0;
+                o_s[warp][t2 + 1][16 * g + d] = o[d][1] * f1;
+                o_s[warp][t2][16 * g + 8 + d] = o[d][2] * f0;
+                o_s[warp][t2 + 1][16 * g + 8 + d] = o[d][3] * f1;
+            }
         }
     }
     __syncthreads();
@@ -521,9 +540,14 @@ PAGED_ATTENTION_G(128, 4, 8, paged_attention_128_4_l8, 3)
 PAGED_ATTENTION_G(128, 8, 8, paged_attention_128_8_l8, 2)
 
 // The GQA kernels on the tensor cores (bf16/f16 only; f32 servers use _l8).
-PAGED_ATTENTION_TC(128, 2, paged_attention_128_2_tc, 2)
-PAGED_ATTENTION_TC(128, 4, paged_attention_128_4_tc, 2)
-PAGED_ATTENTION_TC(128, 8, paged_attention_128_8_tc, 2)
+// Blocks per multiprocessor the tensor-core kernels are compiled for (registers permitting); LORAX_CUDA_DEFINES
+// can set it for an experiment (docs/gpu.md).
+#ifndef ATTN_TC_MINB
+#define ATTN_TC_MINB 3
+#endif
+PAGED_ATTENTION_TC(128, 2, paged_attention_128_2_tc, ATTN_TC_MINB)
+PAGED_ATTENTION_TC(128, 4, paged_attention_128_4_tc, ATTN_TC_MINB)
+PAGED_ATTENTION_TC(128, 8, paged_attention_128_8_tc, ATTN_TC_MINB)
 
 // Kernels per head size for 1, 2, 4 or 8 query heads per block (the host picks the smallest that holds
 // the GQA group: fewer registers; larger groups go 8 heads at a time). Blocks of 8 heads get more registers

@@ -3,6 +3,17 @@
 // Rows are one block each (grid.x = rows); element-wise kernels use a grid-stride loop.
 // Rounding follows transformers in reduced precision where it is cheap to do so (noted per kernel).
 
+// Whether 16-byte accesses fit: every pointer 16-byte aligned and rows of whole vectors.
+__device__ __forceinline__ bool vec_ok(const void* a, const void* b, const void* c, const void* d, u64 n) {
+    return n % VEC == 0 && (((u64)a | (u64)b | (u64)c | (u64)d) & 15) == 0;
+}
+
+// Copies n elements (a multiple of VEC, both 16-byte aligned) with the block's threads, 16 bytes at a time.
+__device__ __forceinline__ void copy_row_vec(T* __restrict__ dst, const T* __restrict__ src, int n) {
+    for (int v = threadIdx.x; v < n / VEC; v += blockDim.x)
+        reinterpret_cast<u32x4*>(dst)[v] = reinterpret_cast<const u32x4*>(src)[v];
+}
+
 // out[r, :] = table[ids[r], :]. The ids were checked against the vocabulary on the host.
 extern "C" __global__ void embedding(T* __restrict__ out, const T* __restrict__ table, const u32* __restrict__ ids,
                                      int hidden) {
@@ -10,6 +21,10 @@ extern "C" __global__ void embedding(T* __restrict__ out, const T* __restrict__ 
     const u64 r = blockIdx.x;
     const T* src = table + (u64)ids[r] * hidden;
     T* dst = out + r * hidden;
+    if (vec_ok(src, dst, src, dst, hidden)) {
+        copy_row_vec(dst, src, hidden);
+        return;
+    }
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = src[c];
 }
 
@@ -30,10 +45,73 @@ __device__ __forceinline__ void rms_norm_row(T* __restrict__ dst, const T* __res
     }
 }
 
+// Vectors of VEC elements a thread holds of one row in the 16-byte paths of the row kernels below (rows of up
+// to ROW_NV * blockDim.x vectors: 16384 bf16 or 8192 f32 elements with 512 threads).
+#define ROW_NV 4
+
+// The same as rms_norm_row for a row whose ROW_NV * blockDim.x vectors or fewer are in `a` (thread t holds
+// vectors t, t + blockDim.x, ...; `a` holds the storage-type values as f32) and 16-byte aligned: every load of
+// the row was issued before the reduction, and the weight's before the sum is used (one memory latency each
+// instead of one per loop turn).
+__device__ __forceinline__ void rms_norm_vec(T* __restrict__ dst, const float (&a)[ROW_NV][VEC], const T* __restrict__ w,
+                                             int h, float eps) {
+    const int nv = h / VEC;
+    float ss = 0.f;
+    u32x4 wv[ROW_NV];
+#pragma unroll
+    for (int j = 0; j < ROW_NV; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v < nv) {
+            wv[j] = reinterpret_cast<const u32x4*>(w)[v];
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) ss += a[j][e] * a[j][e];
+        }
+    }
+    ss = block_sum(ss);
+    const float r = 1.0f / sqrtf(ss / (float)h + eps);
+#pragma unroll
+    for (int j = 0; j < ROW_NV; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v < nv) {
+            const T* we = reinterpret_cast<const T*>(&wv[j]);
+            u32x4 o;
+            T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) oe[e] = from_f(to_f(we[e]) * to_f(from_f(a[j][e] * r)));
+            reinterpret_cast<u32x4*>(dst)[v] = o;
+        }
+    }
+}
+
+// Loads the vectors of row `src` that this thread holds (see rms_norm_vec) as f32.
+__device__ __forceinline__ void load_row_vec(float (&a)[ROW_NV][VEC], const T* __restrict__ src, int h) {
+    u32x4 raw[ROW_NV];
+#pragma unroll
+    for (int j = 0; j < ROW_NV; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v < h / VEC) raw[j] = reinterpret_cast<const u32x4*>(src)[v];
+    }
+#pragma unroll
+    for (int j = 0; j < ROW_NV; ++j) {
+        const T* e = reinterpret_cast<const T*>(&raw[j]);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) a[j][i] = threadIdx.x + j * blockDim.x < h / VEC ? to_f(e[i]) : 0.f;
+    }
+}
+
+// Whether a row of h elements fits the 16-byte path of the row kernels.
+__device__ __forceinline__ bool row_vec_fits(int h) { return h / VEC <= ROW_NV * (int)blockDim.x; }
+
 extern "C" __global__ void rms_norm(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int h,
                                     float eps) {
     pdl_enter();
     const u64 r = blockIdx.x;
+    if (row_vec_fits(h) && vec_ok(out + r * h, x + r * h, w, w, h)) {
+        float a[ROW_NV][VEC];
+        load_row_vec(a, x + r * h, h);
+        rms_norm_vec(out + r * h, a, w, h, eps);
+        return;
+    }
     rms_norm_row(out + r * h, x + r * h, w, h, eps);
 }
 
@@ -46,6 +124,27 @@ extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ res
     const u64 r = blockIdx.x;
     T* res = residual + r * h;
     const T* xr = x + r * h;
+    if (row_vec_fits(h) && vec_ok(out + r * h, res, xr, w, h)) {
+        float a[ROW_NV][VEC], b[ROW_NV][VEC];
+        load_row_vec(a, res, h);
+        load_row_vec(b, xr, h);
+#pragma unroll
+        for (int j = 0; j < ROW_NV; ++j) {
+            const int v = threadIdx.x + j * blockDim.x;
+            if (v < h / VEC) {
+                u32x4 o;
+                T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    oe[e] = from_f(a[j][e] + b[j][e]);
+                    a[j][e] = to_f(oe[e]);
+                }
+                reinterpret_cast<u32x4*>(res)[v] = o;
+            }
+        }
+        rms_norm_vec(out + r * h, a, w, h, eps);
+        return;
+    }
     for (int c = threadIdx.x; c < h; c += blockDim.x) res[c] = from_f(to_f(res[c]) + to_f(xr[c]));
     rms_norm_row(out + r * h, res, w, h, eps);
 }
@@ -66,6 +165,44 @@ extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_ca
     const float pos = (float)positions[r];
     const u64 s = slots[r];
     const T* row = qkv + r * (u64)(q_dim + 2 * kv_dim);
+    const bool nowhere = s == 0xffffffffull;
+    T* kd = k_cache + (nowhere ? 0 : s * kv_dim);
+    T* vd = v_cache + (nowhere ? 0 : s * kv_dim);
+    if (half % VEC == 0 && vec_ok(row, q + r * q_dim, kd, vd, q_dim + kv_dim) && ((u64)inv_freq & 15) == 0) {
+        // 16 bytes at a time: item (head, i0) rotates elements i0 .. i0 + VEC - 1 with i0 + half ...
+        const int per = half / VEC;
+        for (int idx = threadIdx.x; idx < heads * per; idx += blockDim.x) {
+            const int head = idx / per, i0 = (idx % per) * VEC;
+            const int c = head * head_dim + i0;
+            if (c >= q_dim && nowhere) continue;
+            float a[VEC], b[VEC], f[VEC];
+            load_n<VEC>(row + c, a);
+            load_n<VEC>(row + c + half, b);
+#pragma unroll
+            for (int e = 0; e < VEC; e += 4) {
+                const f32x4 fv = *reinterpret_cast<const f32x4*>(inv_freq + i0 + e);
+                f[e] = fv.x;
+                f[e + 1] = fv.y;
+                f[e + 2] = fv.z;
+                f[e + 3] = fv.w;
+            }
+            u32x4 lo, hi;
+            T* le = reinterpret_cast<T*>(&lo);
+            T* he = reinterpret_cast<T*>(&hi);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                float sn, cs;
+                sincosf(f[e] * pos, &sn, &cs);
+                le[e] = from_f(a[e] * cs - b[e] * sn);
+                he[e] = from_f(b[e] * cs + a[e] * sn);
+            }
+            T* dst = c < q_dim ? q + r * q_dim + c : kd + (c - q_dim);
+            *reinterpret_cast<u32x4*>(dst) = lo;
+            *reinterpret_cast<u32x4*>(dst + half) = hi;
+        }
+        if (!nowhere) copy_row_vec(vd, row + q_dim + kv_dim, kv_dim);
+        return;
+    }
     for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
         const int head = idx / half, i = idx % half;
         float sn, cs;
@@ -86,6 +223,22 @@ extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_ca
 // to the storage type first, as transformers computes act_fn(gate_proj(x)) * up_proj(x) in that type.
 extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x, u64 n, u64 f) {
     pdl_enter();
+    if (vec_ok(out, x, x, x, f)) {
+        // 16 bytes at a time (the host sizes the grid by vectors).
+        for (u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n; i += (u64)gridDim.x * blockDim.x * VEC) {
+            const u64 r = i / f, c = i - r * f;
+            const T* row = x + r * 2 * f;
+            float g[VEC], u[VEC];
+            load_n<VEC>(row + c, g);
+            load_n<VEC>(row + f + c, u);
+            u32x4 o;
+            T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) oe[e] = from_f(to_f(from_f(g[e] / (1.0f + expf(-g[e])))) * u[e]);
+            *reinterpret_cast<u32x4*>(out + i) = o;
+        }
+        return;
+    }
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u64 r = i / f, c = i - r * f;
         const T* row = x + r * 2 * f;
@@ -98,6 +251,19 @@ extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x
 // dst += src.
 extern "C" __global__ void add_assign(T* __restrict__ dst, const T* __restrict__ src, u64 n) {
     pdl_enter();
+    if (vec_ok(dst, src, dst, src, n)) {
+        for (u64 v = (u64)blockIdx.x * blockDim.x + threadIdx.x; v < n / VEC; v += (u64)gridDim.x * blockDim.x) {
+            float a[VEC], b[VEC];
+            load_n<VEC>(dst + v * VEC, a);
+            load_n<VEC>(src + v * VEC, b);
+            u32x4 o;
+            T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) oe[e] = from_f(a[e] + b[e]);
+            *reinterpret_cast<u32x4*>(dst + v * VEC) = o;
+        }
+        return;
+    }
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         dst[i] = from_f(to_f(dst[i]) + to_f(src[i]));
 }
@@ -116,6 +282,10 @@ extern "C" __global__ void gather_rows(T* __restrict__ out, const T* __restrict_
     pdl_enter();
     const u64 i = blockIdx.x;
     const T* src = x + (u64)rows[i] * cols;
+    if (vec_ok(src, out + i * cols, src, src, cols)) {
+        copy_row_vec(out + i * cols, src, cols);
+        return;
+    }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
 }
 

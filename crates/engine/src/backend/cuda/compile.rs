@@ -180,6 +180,15 @@ impl Compiler {
         if self.verbose {
             o.push("--ptxas-options=-v".to_string());
         }
+        // Extra preprocessor defines for experiments (say `-DATTN_TC_MINB=4`), part of the cache key.
+        if let Ok(defines) = std::env::var("LORAX_CUDA_DEFINES") {
+            o.extend(
+                defines
+                    .split_whitespace()
+                    .filter(|d| d.starts_with("-D"))
+                    .map(str::to_string),
+            );
+        }
         o
     }
 

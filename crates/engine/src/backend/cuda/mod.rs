@@ -376,6 +376,20 @@ fn row_threads(cols: usize) -> u32 {
     t * 32
 }
 
+impl CudaBackend {
+    /// Grid of an element-wise kernel over `n` elements with 256 threads: one thread per 16 bytes where the
+    /// kernel takes its 16-byte path (rows of `row` elements, a multiple of the vector, and every pointer
+    /// 16-byte aligned: the kernels' `vec_ok`), else one per element.
+    fn vec_grid(&self, n: usize, row: usize, ptrs: &[u64]) -> u32 {
+        let vec = 16 / self.dtype.size();
+        if row.is_multiple_of(vec) && ptrs.iter().all(|p| p.is_multiple_of(16)) {
+            flat_grid(n.div_ceil(vec))
+        } else {
+            flat_grid(n)
+        }
+    }
+}
+
 /// Grid for a grid-stride element-wise kernel over `n` elements with 256 threads.
 fn flat_grid(n: usize) -> u32 {
     #[allow(clippy::cast_possible_truncation)]
@@ -1345,7 +1359,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (d, s, nn) = (self.ptr(&dst.buf), self.ptr(&src.buf), n as u64);
-        launch!(self, "add_assign", cfg((flat_grid(n), 1, 1), 256, 0), &d, &s, &nn);
+        let grid = self.vec_grid(n, n, &[d, s]);
+        launch!(self, "add_assign", cfg((grid, 1, 1), 256, 0), &d, &s, &nn);
         Ok(())
     }
 
@@ -1360,15 +1375,8 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let (o, x, nn, ff) = (self.ptr(&out.buf), self.ptr(&gate_up.buf), (n * f) as u64, f as u64);
-        launch!(
-            self,
-            "silu_mul",
-            cfg((flat_grid(n * f), 1, 1), 256, 0),
-            &o,
-            &x,
-            &nn,
-            &ff
-        );
+        let grid = self.vec_grid(n * f, f, &[o, x]);
+        launch!(self, "silu_mul", cfg((grid, 1, 1), 256, 0), &o, &x, &nn, &ff);
         Ok(out)
     }
 
