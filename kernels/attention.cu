@@ -83,6 +83,7 @@ __device__ __forceinline__ void load_smem(const float* p, float* out) {
 struct AttnWork {
     u64 row, kv_stride;
     int kvh, h0, nh, split, splits_row, first, t_begin, t_end;
+    int ys;  // blocks per row and split (KV heads x head chunks)
     const T* kb;
     const T* vb;
     const u32* table;
@@ -101,6 +102,7 @@ __device__ __forceinline__ bool attn_work(AttnWork& w, float* q_s, T* __restrict
     const int group = num_heads / num_kv_heads;
     const int hchunks = (group + MAXG - 1) / MAXG;
     w.kvh = blockIdx.y / hchunks;
+    w.ys = num_kv_heads * hchunks;
     const int hc = blockIdx.y % hchunks;
     w.h0 = w.kvh * group + hc * MAXG;
     w.nh = min(MAXG, group - hc * MAXG);
@@ -254,11 +256,63 @@ struct AttnLanes {
     static constexpr int GROUPS = ATTN_THREADS / G;
 };
 
+// Loads a float another block of this grid wrote (from L2, past this multiprocessor's L1), and orders this
+// block's writes before its later ones device-wide (under the CPU emulation: plain load, a full fence).
+__device__ __forceinline__ float load_cg(const float* p) {
+#if defined(LORAX_EMU)
+    return *p;
+#else
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+#endif
+}
+__device__ __forceinline__ void fence_gpu() {
+#if defined(LORAX_EMU)
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#else
+    asm volatile("membar.gl;" ::: "memory");
+#endif
+}
+
+// A split row's blocks (per KV head and head chunk) count themselves done in `counters` (zero before the
+// launch); the last one merges every split's partial result as attn_reduce would, and sets the counter back
+// to zero for the next launch, so no second kernel runs after the splits (nothing happens without counters:
+// the host then launches attn_reduce). Every thread of the block calls it after writing its partials.
+template <int HD>
+__device__ __forceinline__ void merge_if_last(const AttnWork& w, T* __restrict__ out, const float* part_o,
+                                              const float* part_ml, u32* counters, int num_heads, int num_splits) {
+    if (counters == nullptr || w.splits_row == 1) return;
+    __shared__ u32 last_s;
+    fence_gpu();
+    __syncthreads();
+    u32* ctr = counters + w.row * w.ys + blockIdx.y;
+    if (threadIdx.x == 0) last_s = atomicAdd(ctr, 1u) == (u32)w.splits_row - 1 ? 1u : 0u;
+    __syncthreads();
+    if (!last_s) return;
+    fence_gpu();
+    const u64 qw = (u64)num_heads * HD;
+    for (int i = threadIdx.x; i < w.nh * HD; i += ATTN_THREADS) {
+        const int h = w.h0 + i / HD, d = i % HD;
+        const u64 base = (w.row * num_heads + h) * num_splits;
+        float m = NEG_INF;
+        for (int s = 0; s < w.splits_row; ++s) m = fmaxf(m, load_cg(part_ml + 2 * (base + s)));
+        float l = 0.f, o = 0.f;
+        for (int s = 0; s < w.splits_row; ++s) {
+            const float e = __expf(load_cg(part_ml + 2 * (base + s)) - m);
+            l += e * load_cg(part_ml + 2 * (base + s) + 1);
+            o += e * load_cg(part_o + (base + s) * HD + d);
+        }
+        out[w.row * qw + h * HD + d] = from_f(o / l);
+    }
+    if (threadIdx.x == 0) *ctr = 0u;
+}
+
 #define ATTN_PARAMS                                                                                               \
     T *__restrict__ out, float *__restrict__ part_o, float *__restrict__ part_ml, const T *__restrict__ q,        \
         const T *__restrict__ k_cache, const T *__restrict__ v_cache, const RowInfo *__restrict__ rows,           \
         const u32 *__restrict__ tables, int num_heads, int num_kv_heads, int block_size, int window, float scale, \
-        int chunks_per_split, int num_splits
+        int chunks_per_split, int num_splits, u32 *__restrict__ counters
 
 // One pass over the keys and values of the block's token range, read straight into registers: each lane
 // group keeps its own running maximum, sum and output for every query head (online softmax, rescaled once
@@ -304,6 +358,7 @@ __device__ __forceinline__ void paged_attention(ATTN_PARAMS) {
         attend<HD, MAXG, G, VW, NPV, U>(kr, vr, valid, q_s, w.nh, gl, m, l, acc);
     }
     combine_groups<HD, MAXG, G, VW, NPV>(w, red_s, ml_s, m, l, acc, out, part_o, part_ml, num_heads, num_splits);
+    merge_if_last<HD>(w, out, part_o, part_ml, counters, num_heads, num_splits);
 }
 
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
@@ -507,13 +562,15 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
             }
         }
     }
+    merge_if_last<HD>(w, out, part_o, part_ml, counters, num_heads, num_splits);
 }
 
 #define PAGED_ATTENTION_TC(HD, MAXG, NAME, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS) {                    \
         pdl_enter();                                                                                          \
         paged_attention_tc<HD, MAXG>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads,     \
-                                     num_kv_heads, block_size, window, scale, chunks_per_split, num_splits); \
+                                     num_kv_heads, block_size, window, scale, chunks_per_split, num_splits,  \
+                                     counters);                                                             \
     }
 
 #else
@@ -528,7 +585,8 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS) {                \
         pdl_enter();                                                                                    \
         paged_attention<HD, MAXG, GCAP>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads, \
-                                        num_kv_heads, block_size, window, scale, chunks_per_split, num_splits); \
+                                        num_kv_heads, block_size, window, scale, chunks_per_split, num_splits, \
+                                        counters);                                                      \
     }
 #define PAGED_ATTENTION(HD, MAXG) \
     PAGED_ATTENTION_G(HD, MAXG, 32, paged_attention_##HD##_##MAXG, MAXG >= 8 ? 3 : 4)

@@ -12,7 +12,7 @@
 #include "common.cuh"
 #include "attention.cu"
 
-typedef void (*Kern)(T*, float*, float*, const T*, const T*, const T*, const RowInfo*, const u32*, int, int, int, int, float, int, int);
+typedef void (*Kern)(T*, float*, float*, const T*, const T*, const T*, const RowInfo*, const u32*, int, int, int, int, float, int, int, u32*);
 
 int main() {
     const int HD = 128, heads = 8, kvh = 2, bs = 16;
@@ -71,21 +71,30 @@ int main() {
             }
         }
     }
-    auto run = [&](Kern k, int maxg, int cps, int splits) {
+    // fused: the splits count themselves done and the last merges them (no attn_reduce); the counters must
+    // be zero again afterwards, ready for the next launch.
+    auto run = [&](Kern k, int maxg, int cps, int splits, bool fused) {
         std::vector<T> out(n * heads * HD, (T)0x7fc1);
         std::vector<float> po((size_t)n * heads * splits * HD, NAN), pml((size_t)n * heads * splits * 2, NAN);
         const int hchunks = (heads / kvh + maxg - 1) / maxg;
+        std::vector<u32> counters((size_t)n * kvh * hchunks, 0u);
         for (int z = 0; z < splits; ++z)
             for (int y = 0; y < kvh * hchunks; ++y) {
                 emu_launch(n, 128, [&] {
                     blockIdx.y = y; blockIdx.z = z;
-                    k(out.data(), po.data(), pml.data(), Q.data(), K.data(), V.data(), rows.data(), tables.data(), heads, kvh, bs, 0, scale, cps, splits);
+                    k(out.data(), po.data(), pml.data(), Q.data(), K.data(), V.data(), rows.data(), tables.data(), heads, kvh, bs, 0, scale, cps, splits, fused ? counters.data() : nullptr);
                 });
             }
-        if (splits > 1)
+        if (splits > 1 && !fused)
             for (int h = 0; h < heads; ++h) {
                 blockIdx.y = h;
                 emu_launch(n, 128, [&] { blockIdx.y = h; attn_reduce(out.data(), po.data(), pml.data(), rows.data(), heads, HD, 0, cps, splits); });
+            }
+        for (u32 c : counters)
+            if (c != 0) {
+                printf("a split counter was left at %u\n", c);
+                out.assign(out.size(), (T)0x7fc1);  // fails the check
+                break;
             }
         return out;
     };
@@ -114,8 +123,11 @@ int main() {
     for (auto [cps, splits] : {std::pair{1 << 24, 1}, std::pair{2, 5}, std::pair{1, 9}}) {
         for (auto& k : ks) {
             char nm[96];
-            snprintf(nm, sizeof nm, "%s, %d split(s)", k.name, splits);
-            check(nm, run(k.k, k.maxg, cps, splits));
+            for (bool fused : {false, true}) {
+                if (fused && splits == 1) continue;
+                snprintf(nm, sizeof nm, "%s, %d split(s)%s", k.name, splits, fused ? ", merged in-kernel" : "");
+                check(nm, run(k.k, k.maxg, cps, splits, fused));
+            }
         }
     }
     printf(bad ? "FAIL %d\n" : "OK\n", bad);

@@ -9,7 +9,8 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::{
-    cfg, int, shape_err, uint, AttnKernel, CudaBackend, CudaTensor, DevBuf, ATTN_CHUNK, ATTN_KERNELS, ATTN_THREADS,
+    cfg, int, shape_err, uint, AttnKernel, CudaBackend, CudaTensor, DevBuf, ATTN_CHUNK, ATTN_COUNTERS, ATTN_KERNELS,
+    ATTN_THREADS,
 };
 use crate::backend::AttnMeta;
 use crate::error::{EngineError, Result};
@@ -38,7 +39,10 @@ pub(super) struct AttnShared {
     paged_rows: bool,
     prefill: Option<PrefillLaunch>,
     grid: LaunchConfig,
+    /// `attn_reduce`'s grid, when the splits are not merged by their last block.
     reduce_grid: Option<LaunchConfig>,
+    /// The split counters' address when the last block of each split row merges (0: none).
+    counters: u64,
     rows: DevBuf,
     tables: DevBuf,
     ints: [i32; 7],
@@ -300,7 +304,10 @@ impl CudaBackend {
             ATTN_THREADS,
             0,
         );
-        let reduce_grid = (splits > 1)
+        // Splits merged by each row's last block where the counters cover the launch, else by attn_reduce.
+        let merged = splits > 1 && self.attn_merge && n * meta.num_kv_heads * hchunks <= ATTN_COUNTERS;
+        let counters = if merged { self.attn_counters_ptr } else { 0 };
+        let reduce_grid = (splits > 1 && !merged)
             .then(|| -> Result<LaunchConfig> {
                 Ok(cfg(
                     (rows_dim, uint("heads", meta.num_heads)?, 1),
@@ -315,6 +322,7 @@ impl CudaBackend {
             prefill,
             grid,
             reduce_grid,
+            counters,
             rows: d_rows,
             tables: d_tables,
             ints,
@@ -370,7 +378,8 @@ impl CudaBackend {
             window,
             &plan.scale,
             cps,
-            ns
+            ns,
+            &sh.counters
         );
         if let Some(grid) = sh.reduce_grid {
             launch!(self, "attn_reduce", grid, op, po, pm, rp, nh, hd, window, cps, ns);

@@ -102,6 +102,10 @@ impl AttnKernel {
     }
 }
 
+/// Split counters of attention (rows x KV heads x head chunks of one launch at most; a larger split launch
+/// merges its splits with `attn_reduce` instead).
+pub(crate) const ATTN_COUNTERS: usize = 1 << 16;
+
 /// Shared memory a LoRA block may use without opting in to more.
 const SMEM_LIMIT: usize = 48 * 1024;
 /// Rows of a LoRA row tile.
@@ -292,6 +296,9 @@ pub struct CudaBackend {
     attn_kernel: AttnKernel,
     /// Blocks per multiprocessor that attention aims at when it splits contexts (8).
     attn_split_target: usize,
+    /// Split attention rows merged by their last block rather than by `attn_reduce`
+    /// (`LORAX_CUDA_ATTN_MERGE=0` turns it off).
+    attn_merge: bool,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
     /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
@@ -303,6 +310,10 @@ pub struct CudaBackend {
     graphs: graph::Graphs,
     /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
     _blas_workspace: CudaSlice<u8>,
+    /// Zeroed counters with which a split attention row's last block merges the splits (kernels/attention.cu
+    /// `merge_if_last`; each launch leaves them zero again), and their address.
+    _attn_counters: CudaSlice<u32>,
+    attn_counters_ptr: u64,
     /// The stream of [`Backend::upload_many`]: never `stream`, which a decode step may be capturing into
     /// a graph on the engine's thread. Its allocations are freed on it too (cudarc frees on the
     /// allocating stream), which is safe because adapters are only dropped between engine calls, and
@@ -610,6 +621,13 @@ impl CudaBackend {
             let (p, _sync) = workspace.device_ptr(&stream);
             p
         };
+        let attn_counters = stream
+            .alloc_zeros::<u32>(ATTN_COUNTERS)
+            .map_err(|e| drv("allocating the attention split counters", e))?;
+        let attn_counters_ptr = {
+            let (p, _sync) = attn_counters.device_ptr(&stream);
+            p
+        };
         // SAFETY: the workspace lives as long as the handle (both in the backend) and holds ws_bytes bytes.
         unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ws_ptr as *mut c_void, ws_bytes) }
             .result()
@@ -638,6 +656,7 @@ impl CudaBackend {
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
             attn_split_target: 8,
+            attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").map_or(true, |v| v != "0"),
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("LORAX_CUDA_GEMV_ROWS")
                 .ok()
@@ -647,6 +666,8 @@ impl CudaBackend {
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
+            _attn_counters: attn_counters,
+            attn_counters_ptr,
             upload_stream,
             staging: Mutex::new(None),
             eager_staging: Mutex::new(None),
@@ -693,6 +714,12 @@ impl CudaBackend {
     /// benchmarks).
     pub fn set_attention_split_target(&mut self, blocks_per_sm: usize) {
         self.attn_split_target = blocks_per_sm.max(1);
+    }
+
+    /// Split attention rows merged by their last block (default) or by a separate `attn_reduce` launch (for
+    /// tests and comparisons).
+    pub fn set_attention_merge(&mut self, on: bool) {
+        self.attn_merge = on;
     }
 
     /// Decode-shaped LoRA products on the BGMV kernels (default) or on SGMV like every other shape (for
