@@ -253,7 +253,7 @@ fn decode_step_kernels_for_a_profiler() {
         num_blocks: 8192,
         block_size: 16,
     };
-    let mut b = CudaBackend::new(0, DType::BF16).unwrap();
+    let b = CudaBackend::new(0, DType::BF16).unwrap();
     b.set_graphs(false);
     let mut e = Engine::load_with_format(
         b,

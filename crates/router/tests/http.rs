@@ -527,6 +527,10 @@ async fn concurrent_requests_are_batched() {
     futures::future::join_all(requests).await;
     let shard = &d.shards[0];
     assert!(shard.max_batch.load(Ordering::SeqCst) > 1, "requests shared a batch");
+    assert!(
+        shard.ahead_steps.load(Ordering::SeqCst) > 0,
+        "the router asked for decode steps run ahead"
+    );
     assert_eq!(shard.block_errors.load(Ordering::SeqCst), 0);
     common::eventually("the batch empties", Duration::from_secs(5), || async {
         d.shards.iter().all(|s| s.live().is_empty())
@@ -639,4 +643,39 @@ async fn a_missing_generation_fails_the_request_instead_of_hanging() {
         )
         .await;
     assert_eq!(ok.status(), 200);
+}
+
+/// Requests that join while another decodes (the router collects the step the shard ran ahead before each
+/// Prefill, whose tokens then come first) and that end at different steps (FilterBatch drops their tokens
+/// from a step run ahead) each get exactly their own tokens, no more and none lost.
+#[tokio::test]
+async fn steps_run_ahead_give_each_request_exactly_its_tokens() {
+    let d = Deployment::start(Setup {
+        step_delay: Duration::from_millis(1),
+        ..Setup::default()
+    })
+    .await;
+    let long = d.spawn_generate("", 80);
+    common::eventually("the first request decodes ahead", Duration::from_secs(10), || async {
+        d.shards[0].ahead_steps.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let short: Vec<_> = (1..=8).map(|n| (n, d.spawn_generate("", n))).collect();
+    for (n, handle) in short {
+        let (status, body) = handle.await.expect("request task");
+        assert_eq!(status, 200, "{body}");
+        common::assert_generated_by(&body, "", n);
+    }
+    let (status, body) = long.await.expect("request task");
+    assert_eq!(status, 200, "{body}");
+    common::assert_generated_by(&body, "", 80);
+    assert!(
+        d.shards[0].prefills.load(Ordering::SeqCst) > 1,
+        "requests joined a running batch"
+    );
+    d.assert_no_violations();
+    common::eventually("the batch empties", Duration::from_secs(5), || async {
+        d.shards.iter().all(|s| s.live().is_empty())
+    })
+    .await;
 }

@@ -203,6 +203,12 @@ impl FakeHub {
 #[derive(Debug, Default)]
 pub struct FakeState {
     batch: Mutex<BTreeMap<u64, Seq>>,
+    /// A decode step run ahead of the router's next call (`DecodeRequest.run_ahead`), as the real shard
+    /// does: the next Decode answers with it, a Prefill puts its tokens first, FilterBatch drops removed
+    /// sequences' tokens from it. Locked after `batch`.
+    ahead: Mutex<Option<Vec<Generation>>>,
+    /// Decode steps run ahead so far.
+    pub ahead_steps: AtomicUsize,
     /// Fail the next Prefill or Decode with "injected failure".
     pub fail_next: AtomicBool,
     /// Leave the first sequence out of the next Decode response (a misbehaving shard).
@@ -325,6 +331,21 @@ impl FakeShard {
         }
     }
 
+    /// One decode step of every sequence whose prompt has run (the first left out when
+    /// `drop_next_generation` is set).
+    fn step(&self, batch: &mut BTreeMap<u64, Seq>) -> Vec<Generation> {
+        let mut generations = Vec::new();
+        let mut drop_one = self.state.drop_next_generation.swap(false, Ordering::SeqCst);
+        for (&id, seq) in batch.iter_mut().filter(|(_, s)| s.ran == s.prompt.len()) {
+            if std::mem::take(&mut drop_one) {
+                continue;
+            }
+            generations.push(Self::generation(id, seq, None));
+            seq.last = next_token(seq.last, seq.offset);
+        }
+        generations
+    }
+
     fn check_failure(&self) -> Result<(), Status> {
         if self.state.fail_next.swap(false, Ordering::SeqCst) {
             return Err(Status::internal(format!("injected failure on rank {}", self.rank)));
@@ -371,6 +392,7 @@ impl ShardService for FakeShard {
 
     async fn clear_cache(&self, _: Request<ClearCacheRequest>) -> Result<Response<ClearCacheResponse>, Status> {
         self.state.batch.lock().expect("lock").clear();
+        *self.state.ahead.lock().expect("lock") = None;
         Ok(Response::new(ClearCacheResponse {}))
     }
 
@@ -446,7 +468,8 @@ impl ShardService for FakeShard {
         } else {
             max_prompt_tokens as usize
         };
-        let mut generations = Vec::new();
+        // A step run ahead comes first: its tokens precede this step's.
+        let mut generations = self.state.ahead.lock().expect("lock").take().unwrap_or_default();
         let mut prefilling_ids = Vec::new();
         for (&id, seq) in batch.iter_mut() {
             if seq.ran < seq.prompt.len() {
@@ -475,7 +498,8 @@ impl ShardService for FakeShard {
         }))
     }
 
-    async fn decode(&self, _: Request<DecodeRequest>) -> Result<Response<DecodeResponse>, Status> {
+    async fn decode(&self, request: Request<DecodeRequest>) -> Result<Response<DecodeResponse>, Status> {
+        let run_ahead = request.into_inner().run_ahead;
         self.state.decodes.fetch_add(1, Ordering::SeqCst);
         // Simulated forward-pass time (not synchronisation: tests never wait on it).
         if !self.step_delay.is_zero() {
@@ -483,14 +507,15 @@ impl ShardService for FakeShard {
         }
         self.check_failure()?;
         let mut batch = self.state.batch.lock().expect("lock");
-        let mut generations = Vec::new();
-        let mut drop_one = self.state.drop_next_generation.swap(false, Ordering::SeqCst);
-        for (&id, seq) in batch.iter_mut().filter(|(_, s)| s.ran == s.prompt.len()) {
-            if std::mem::take(&mut drop_one) {
-                continue;
-            }
-            generations.push(Self::generation(id, seq, None));
-            seq.last = next_token(seq.last, seq.offset);
+        let mut ahead = self.state.ahead.lock().expect("lock");
+        // The step run ahead when there is one, else this one now; then the next one ahead if asked.
+        let generations = match ahead.take() {
+            Some(g) => g,
+            None => self.step(&mut batch),
+        };
+        if run_ahead && batch.values().any(|s| s.ran == s.prompt.len()) {
+            *ahead = Some(self.step(&mut batch));
+            self.state.ahead_steps.fetch_add(1, Ordering::SeqCst);
         }
         Ok(Response::new(DecodeResponse {
             generations,
@@ -507,6 +532,9 @@ impl ShardService for FakeShard {
         let keep: HashSet<u64> = request.into_inner().keep_ids.into_iter().collect();
         let mut batch = self.state.batch.lock().expect("lock");
         batch.retain(|id, _| keep.contains(id));
+        if let Some(g) = self.state.ahead.lock().expect("lock").as_mut() {
+            g.retain(|g| keep.contains(&g.request_id));
+        }
         Ok(Response::new(FilterBatchResponse {
             remaining: batch.len() as u32,
         }))
