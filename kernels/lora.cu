@@ -285,74 +285,6 @@ struct LoraRec {
 
 __device__ __forceinline__ int part_of(int p, int v0, int v1, int v2) { return p == 0 ? v0 : (p == 1 ? v1 : v2); }
 
-// The shrink of one record by the block's BG_SHRINK_WARPS (8) warps, every rank row of it: for each 16 rank
-// rows from jg, warp w computes rows jg + w and jg + 8 + w of tmp[trow + i, :] = x[start + i] . A[j, :]
-// (i < rows), its lanes walking the input 16 bytes at a time. Each A row and the record's x rows are read once
-// per pass (the warps share x through L1): bgmv_shrink_rec's block per rank row read x from L2 once per row.
-#define BG_SHRINK_WARPS 8
-__device__ __forceinline__ void bgmv_shrink_warps(float* __restrict__ tmp, const T* __restrict__ x,
-                                                  const T* __restrict__ A, int start, int rows, int trow, int rank,
-                                                  int in_dim, int rmax) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const T* xs = x + (u64)start * in_dim;
-    for (int jg = 0; jg < rank; jg += 2 * BG_SHRINK_WARPS) {
-        const int j0 = jg + warp, j1 = jg + BG_SHRINK_WARPS + warp;
-        const bool h0 = j0 < rank, h1 = j1 < rank;  // the same for the whole warp
-        const T* a0 = A + (u64)(h0 ? j0 : 0) * in_dim;
-        const T* a1 = A + (u64)(h1 ? j1 : 0) * in_dim;
-        float acc0[BG_ROWS], acc1[BG_ROWS];
-#pragma unroll
-        for (int i = 0; i < BG_ROWS; ++i) acc0[i] = acc1[i] = 0.f;
-        if (in_dim % VEC == 0) {
-#pragma unroll 4
-            for (int k = lane * VEC; k < in_dim; k += 32 * VEC) {
-                float v0[VEC], v1[VEC];
-                load_n<VEC>(a0 + k, v0);
-                if (h1) {
-                    load_n<VEC>(a1 + k, v1);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) v1[e] = 0.f;
-                }
-#pragma unroll
-                for (int i = 0; i < BG_ROWS; ++i) {
-                    if (i < rows) {
-                        float xv[VEC];
-                        load_n<VEC>(xs + (u64)i * in_dim + k, xv);
-#pragma unroll
-                        for (int e = 0; e < VEC; ++e) {
-                            acc0[i] += v0[e] * xv[e];
-                            acc1[i] += v1[e] * xv[e];
-                        }
-                    }
-                }
-            }
-        } else {
-            for (int k = lane; k < in_dim; k += 32) {
-                const float v0 = to_f(a0[k]), v1 = h1 ? to_f(a1[k]) : 0.f;
-#pragma unroll
-                for (int i = 0; i < BG_ROWS; ++i) {
-                    if (i < rows) {
-                        const float xv = to_f(xs[(u64)i * in_dim + k]);
-                        acc0[i] += v0 * xv;
-                        acc1[i] += v1 * xv;
-                    }
-                }
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < BG_ROWS; ++i) {
-            acc0[i] = warp_sum(acc0[i]);
-            acc1[i] = warp_sum(acc1[i]);
-            if (lane == i && i < rows) {
-                if (h0) tmp[(u64)(trow + i) * rmax + j0] = acc0[i];
-                if (h1) tmp[(u64)(trow + i) * rmax + j1] = acc1[i];
-            }
-        }
-    }
-}
-
-// Grid (record, 1, part), BG_SHRINK_WARPS * 32 threads.
 extern "C" __global__ void bgmv_shrink_ix(float* __restrict__ tmp, const T* __restrict__ x,
                                           const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
                                           int n, int in_dim, int rmax) {
@@ -361,9 +293,10 @@ extern "C" __global__ void bgmv_shrink_ix(float* __restrict__ tmp, const T* __re
     if (rc.len <= 0 || rc.index == 0) return;
     const int p = blockIdx.z;
     const LoraRef ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
-    if (ref.a == 0) return;
-    bgmv_shrink_warps(tmp, x, reinterpret_cast<const T*>(ref.a), rc.start, min(rc.len, BG_ROWS), p * n + rc.start,
-                      ref.rank, in_dim, rmax);
+    const int j = blockIdx.y;
+    if (ref.a == 0 || j >= ref.rank) return;
+    bgmv_shrink_rec(tmp, x, reinterpret_cast<const T*>(ref.a), rc.start, min(rc.len, BG_ROWS), p * n + rc.start, j,
+                    in_dim, rmax);
 }
 
 extern "C" __global__ void bgmv_expand_ix(T* __restrict__ y, const float* __restrict__ tmp,

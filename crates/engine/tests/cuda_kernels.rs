@@ -431,13 +431,13 @@ fn attention_matches_cpu() {
             }
         }
         g.set_attention_kernel(AttnKernel::Tensor); // the default
-                                                    // Split rows merged by the separate attn_reduce launch instead of by their last block (the default).
-        g.set_attention_merge(false);
-        say(&format!("{dt:?}: splits merged by attn_reduce"));
+                                                    // Split rows merged by their last block instead of by the separate attn_reduce launch (the default).
+        g.set_attention_merge(true);
+        say(&format!("{dt:?}: splits merged by each row's last block"));
         for c in &cases {
             run_attention(&g, &mut rng, c);
         }
-        g.set_attention_merge(true);
+        g.set_attention_merge(false);
     }
 }
 

@@ -304,7 +304,8 @@ impl CudaBackend {
             ATTN_THREADS,
             0,
         );
-        // Splits merged by each row's last block where the counters cover the launch, else by attn_reduce.
+        // Splits merged by each row's last block when asked and the counters cover the launch, else by
+        // attn_reduce.
         let merged = splits > 1 && self.attn_merge && n * meta.num_kv_heads * hchunks <= ATTN_COUNTERS;
         let counters = if merged { self.attn_counters_ptr } else { 0 };
         let reduce_grid = (splits > 1 && !merged)

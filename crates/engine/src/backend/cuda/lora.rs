@@ -25,8 +25,6 @@ const BG_RANK: usize = 64;
 /// Longest segment BGMV takes (in chunks of BG_ROWS rows); longer ones (prompts) go to SGMV's row tiles.
 const BG_SPLIT_MAX: usize = 64;
 const BG_SHRINK_THREADS: u32 = 128;
-/// Warps of a `bgmv_shrink_ix` block (BG_SHRINK_WARPS): one record, every rank row.
-const BG_SHRINK_WARPS: u32 = 8;
 const BG_EXPAND_THREADS: u32 = 256;
 
 /// `struct LoraSeg` of kernels/lora.cu (48 bytes, no padding).
@@ -290,7 +288,7 @@ impl CudaBackend {
         let [t0, t1, t2] = &targets;
         let [c0, c1, c2] = &cols;
         let (recs, parts) = (uint("records", step.records)?, uint("parts", used)?);
-        let shrink = cfg((recs, 1, parts), BG_SHRINK_WARPS * 32, 0);
+        let shrink = cfg((recs, uint("rank", step.rmax)?, parts), BG_SHRINK_THREADS, 0);
         let tiles = uint("column tiles", max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
         let expand = cfg((recs, tiles, parts), BG_EXPAND_THREADS, 0);
         launch!(

@@ -297,7 +297,8 @@ pub struct CudaBackend {
     /// Blocks per multiprocessor that attention aims at when it splits contexts (8).
     attn_split_target: usize,
     /// Split attention rows merged by their last block rather than by `attn_reduce`
-    /// (`LORAX_CUDA_ATTN_MERGE=0` turns it off).
+    /// (`LORAX_CUDA_ATTN_MERGE=1`; off by default: the one serving run with it on had a slower step at
+    /// 1 stream, bench/NOTES.md session 10).
     attn_merge: bool,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
@@ -656,7 +657,7 @@ impl CudaBackend {
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
             attn_split_target: 8,
-            attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").map_or(true, |v| v != "0"),
+            attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("LORAX_CUDA_GEMV_ROWS")
                 .ok()
@@ -716,7 +717,7 @@ impl CudaBackend {
         self.attn_split_target = blocks_per_sm.max(1);
     }
 
-    /// Split attention rows merged by their last block (default) or by a separate `attn_reduce` launch (for
+    /// Split attention rows merged by their last block or by a separate `attn_reduce` launch (the default; for
     /// tests and comparisons).
     pub fn set_attention_merge(&mut self, on: bool) {
         self.attn_merge = on;
