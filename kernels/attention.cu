@@ -275,6 +275,24 @@ __device__ __forceinline__ void fence_gpu() {
 #endif
 }
 
+// One head's merge of its row's splits, the block's threads over its dims: out[d] = sum_s e^(m_s - M) o_s[d] /
+// sum_s e^(m_s - M) l_s (base: the head's first split). CG: the partials were written by other blocks of this
+// grid (read past L1), else by an earlier kernel.
+template <bool CG>
+__device__ __forceinline__ void merge_head(T* __restrict__ out, const float* part_o, const float* part_ml, u64 base,
+                                           int splits, int hd) {
+    const auto ld = [](const float* p) { return CG ? load_cg(p) : *p; };
+    float m = NEG_INF;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, ld(part_ml + 2 * (base + s)));
+    float l = 0.f;
+    for (int s = 0; s < splits; ++s) l += __expf(ld(part_ml + 2 * (base + s)) - m) * ld(part_ml + 2 * (base + s) + 1);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.f;
+        for (int s = 0; s < splits; ++s) o += __expf(ld(part_ml + 2 * (base + s)) - m) * ld(part_o + (base + s) * hd + d);
+        out[d] = from_f(o / l);
+    }
+}
+
 // A split row's blocks (per KV head and head chunk) count themselves done in `counters` (zero before the
 // launch); the last one merges every split's partial result as attn_reduce would, and sets the counter back
 // to zero for the next launch, so no second kernel runs after the splits (nothing happens without counters:
@@ -291,20 +309,9 @@ __device__ __forceinline__ void merge_if_last(const AttnWork& w, T* __restrict__
     __syncthreads();
     if (!last_s) return;
     fence_gpu();
-    const u64 qw = (u64)num_heads * HD;
-    for (int i = threadIdx.x; i < w.nh * HD; i += ATTN_THREADS) {
-        const int h = w.h0 + i / HD, d = i % HD;
-        const u64 base = (w.row * num_heads + h) * num_splits;
-        float m = NEG_INF;
-        for (int s = 0; s < w.splits_row; ++s) m = fmaxf(m, load_cg(part_ml + 2 * (base + s)));
-        float l = 0.f, o = 0.f;
-        for (int s = 0; s < w.splits_row; ++s) {
-            const float e = __expf(load_cg(part_ml + 2 * (base + s)) - m);
-            l += e * load_cg(part_ml + 2 * (base + s) + 1);
-            o += e * load_cg(part_o + (base + s) * HD + d);
-        }
-        out[w.row * qw + h * HD + d] = from_f(o / l);
-    }
+    for (int r = 0; r < w.nh; ++r)
+        merge_head<true>(out + (w.row * num_heads + w.h0 + r) * HD, part_o, part_ml,
+                         (w.row * num_heads + w.h0 + r) * num_splits, w.splits_row, HD);
     if (threadIdx.x == 0) *ctr = 0u;
 }
 
@@ -647,14 +654,6 @@ extern "C" __global__ void attn_reduce(T* __restrict__ out, const float* __restr
     const int nchunks = (len + ATTN_CHUNK - 1) / ATTN_CHUNK;
     const int splits_row = (nchunks + chunks_per_split - 1) / chunks_per_split;
     if (splits_row <= 1) return;
-    const u64 base = (row * num_heads + h) * num_splits;
-    float m = NEG_INF;
-    for (int s = 0; s < splits_row; ++s) m = fmaxf(m, part_ml[2 * (base + s)]);
-    float l = 0.f;
-    for (int s = 0; s < splits_row; ++s) l += __expf(part_ml[2 * (base + s)] - m) * part_ml[2 * (base + s) + 1];
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float o = 0.f;
-        for (int s = 0; s < splits_row; ++s) o += __expf(part_ml[2 * (base + s)] - m) * part_o[(base + s) * head_dim + d];
-        out[(row * num_heads + h) * head_dim + d] = from_f(o / l);
-    }
+    merge_head<false>(out + (row * num_heads + h) * head_dim, part_o, part_ml, (row * num_heads + h) * num_splits,
+                      splits_row, head_dim);
 }
