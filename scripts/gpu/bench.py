@@ -321,7 +321,8 @@ def say_graph(before, what):
     if m:
         say(f"BENCH shard graph host time ({what}, per graph step): record pass {m.get('record_us')} us (LoRA "
             f"plans {m.get('lora_plan_us')}, attention plans {m.get('attention_plan_us')}), replay "
-            f"{m.get('replay_us')} us, metadata {m.get('metadata_kb')} KiB")
+            f"{m.get('replay_us')} us, metadata {m.get('metadata_kb')} KiB; {m.get('ahead')} of {m.get('steps')} "
+            f"steps recorded ahead, while the step before ran")
 
 
 def load_metric():

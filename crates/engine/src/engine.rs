@@ -48,6 +48,69 @@ pub struct Engine<B: Backend> {
     decode_times: StepTimes,
     /// Host time of the steps that run prompt tokens (prefills and mixed steps) since the last report.
     prompt_times: StepTimes,
+    /// The inputs of the decode step the backend prepared ahead ([`Backend::decode_prepare`]), if any.
+    ahead: Option<AheadKey>,
+}
+
+/// The loaded adapters of `keys`, in order.
+fn adapters_of<'a, B: Backend>(
+    adapters: &'a HashMap<String, DeviceAdapter<B>>,
+    keys: &[&str],
+) -> Result<Vec<&'a DeviceAdapter<B>>> {
+    keys.iter()
+        .map(|k| {
+            adapters
+                .get(*k)
+                .ok_or_else(|| EngineError::AdapterNotLoaded((*k).to_string()))
+        })
+        .collect()
+}
+
+/// What a decode step prepared ahead was recorded with, token ids aside: the next step replays it only
+/// if its own inputs are the same.
+#[derive(Debug, PartialEq, Eq)]
+struct AheadKey {
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    /// (first row, rows, cached context, block table) per sequence.
+    seqs: Vec<(usize, usize, usize, Vec<u32>)>,
+    logit_rows: Vec<usize>,
+    segments: Vec<crate::model::AdapterSegment>,
+    /// The adapters' keys, in the segments' numbering.
+    adapters: Vec<String>,
+}
+
+impl AheadKey {
+    fn of(input: &ForwardInput<'_>, adapters: &[&str]) -> Self {
+        Self {
+            positions: input.positions.clone(),
+            slots: input.slots.clone(),
+            seqs: input
+                .seqs
+                .iter()
+                .map(|s| (s.q_start, s.q_len, s.ctx_before, s.block_table.to_vec()))
+                .collect(),
+            logit_rows: input.logit_rows.clone(),
+            segments: input.segments.clone(),
+            adapters: adapters.iter().map(|k| (*k).to_string()).collect(),
+        }
+    }
+
+    /// Whether `input` (with `adapters`) is what this key was recorded with, token ids aside.
+    fn matches(&self, input: &ForwardInput<'_>, adapters: &[&str]) -> bool {
+        self.positions == input.positions
+            && self.slots == input.slots
+            && self.logit_rows == input.logit_rows
+            && self.segments == input.segments
+            && self.adapters.len() == adapters.len()
+            && self.adapters.iter().zip(adapters).all(|(a, b)| a == b)
+            && self.seqs.len() == input.seqs.len()
+            && self
+                .seqs
+                .iter()
+                .zip(&input.seqs)
+                .all(|(a, b)| (a.0, a.1, a.2) == (b.q_start, b.q_len, b.ctx_before) && a.3.as_slice() == b.block_table)
+    }
 }
 
 /// Pure decode steps reported together in the log.
@@ -171,6 +234,7 @@ impl<B: Backend> Engine<B> {
             comm,
             decode_times: StepTimes::default(),
             prompt_times: StepTimes::default(),
+            ahead: None,
         })
     }
 
@@ -197,6 +261,8 @@ impl<B: Backend> Engine<B> {
     pub fn insert_adapter(&mut self, key: &str, device: DeviceAdapter<B>) -> usize {
         let bytes = device.bytes;
         if let Some(old) = self.adapters.insert(key.to_string(), device) {
+            // A step prepared ahead may point at the replaced weights.
+            self.ahead = None;
             // As in `offload_adapter`: the replaced weights go once nothing queued can read them.
             if let Err(e) = self.backend.wait_idle() {
                 tracing::warn!("waiting for the device before releasing a replaced adapter: {e}");
@@ -216,6 +282,7 @@ impl<B: Backend> Engine<B> {
         // Work a failed step left queued may still read the adapter: its memory is freed (stream-ordered, on
         // another stream) only once the device is idle.
         if self.adapters.contains_key(key) {
+            self.ahead = None;
             self.backend.wait_idle()?;
         }
         Ok(self.adapters.remove(key).is_some())
@@ -256,9 +323,61 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The logits of a forward pass over `seqs`, on the device: `[rows, vocab_size]`. A `decode` pass on
-    /// one rank goes through [`Backend::decode_step`] (CUDA graphs).
+    /// one rank goes through [`Backend::decode_step`] (CUDA graphs), or replays the step prepared ahead
+    /// when its inputs are these (see [`Engine::prepare_ahead`]).
     fn forward_logits(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool], decode: bool) -> Result<B::Tensor> {
-        // Each distinct adapter once, in first-use order; sequences refer to it by index.
+        // A step prepared ahead is used by this pass or never.
+        let ahead = self.ahead.take();
+        let graph = decode && self.comm.world_size() == 1;
+        let (inputs, keys) = self.seq_inputs(seqs, graph);
+        let adapters = adapters_of(&self.adapters, &keys)?;
+        let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
+        if graph {
+            let vocab = self.model.cfg.vocab_size;
+            if ahead.is_some_and(|k| k.matches(&input, &keys)) && input.tokens.iter().all(|&t| (t as usize) < vocab) {
+                if let Some(logits) = self.backend.decode_prepared(&input.tokens)? {
+                    return Ok(logits);
+                }
+            }
+        }
+        let (model, backend, cache, comm) = (&self.model, &*self.backend, &mut self.cache, &*self.comm);
+        if graph {
+            backend.decode_step(input.tokens.len(), &mut || {
+                model.forward(backend, cache, &input, &adapters, comm)
+            })
+        } else {
+            model.forward(backend, cache, &input, &adapters, comm)
+        }
+    }
+
+    /// Has the backend prepare the decode step after the one just launched ([`Backend::decode_prepare`])
+    /// while that one runs: `seqs` as the next step will have them (each decoding sequence one token on,
+    /// its last token standing in for the one being chosen). Kept in `self.ahead` when the backend keeps
+    /// it; nothing is reported if it fails (the step itself, run normally, would report it).
+    fn prepare_ahead(&mut self, seqs: &[RawSeq<'_>]) {
+        if self.comm.world_size() != 1 || seqs.is_empty() {
+            return;
+        }
+        let (inputs, keys) = self.seq_inputs(seqs, true);
+        let Ok(adapters) = adapters_of(&self.adapters, &keys) else {
+            return;
+        };
+        let Ok(input) = ForwardInput::build(&self.cache, &inputs, &[]) else {
+            return;
+        };
+        let (model, backend, cache, comm) = (&self.model, &*self.backend, &mut self.cache, &*self.comm);
+        match backend.decode_prepare(input.tokens.len(), &mut || {
+            model.forward(backend, cache, &input, &adapters, comm)
+        }) {
+            Ok(true) => self.ahead = Some(AheadKey::of(&input, &keys)),
+            Ok(false) => {}
+            Err(e) => tracing::debug!("preparing the next decode step: {e}"),
+        }
+    }
+
+    /// The model inputs of `seqs`, with padding rows up to the backend's decode row count when `pad`, and
+    /// the distinct adapter keys in first-use order (sequences refer to them by index).
+    fn seq_inputs<'s>(&self, seqs: &[RawSeq<'s>], pad: bool) -> (Vec<SeqInput<'s>>, Vec<&'s str>) {
         let mut keys: Vec<&str> = Vec::new();
         let mut inputs = Vec::with_capacity(seqs.len());
         for &(tokens, ctx_before, block_table, key) in seqs {
@@ -276,11 +395,11 @@ impl<B: Backend> Engine<B> {
                 pad: false,
             });
         }
-        let graph = decode && self.comm.world_size() == 1;
-        if graph {
+        if pad {
             // Padding rows up to the backend's row count for the step (a CUDA graph's): a batch whose size
             // wanders (requests finishing and joining) replays a few graphs instead of capturing one per
-            // size.
+            // size. `all_logits` stays as given: sequences past its end (the padding) get their last row
+            // only.
             let rows: usize = inputs.iter().map(|s| s.tokens.len()).sum();
             let pad = self.backend.decode_rows(rows).saturating_sub(rows);
             inputs.extend((0..pad).map(|_| SeqInput {
@@ -290,25 +409,8 @@ impl<B: Backend> Engine<B> {
                 adapter: None,
                 pad: true,
             }));
-            // `all_logits` stays as given: sequences past its end (the padding) get their last row only.
         }
-        let adapters = keys
-            .iter()
-            .map(|k| {
-                self.adapters
-                    .get(*k)
-                    .ok_or_else(|| EngineError::AdapterNotLoaded((*k).to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
-        let (model, backend, cache, comm) = (&self.model, &*self.backend, &mut self.cache, &*self.comm);
-        if graph {
-            backend.decode_step(input.tokens.len(), &mut || {
-                model.forward(backend, cache, &input, &adapters, comm)
-            })
-        } else {
-            model.forward(backend, cache, &input, &adapters, comm)
-        }
+        (inputs, keys)
     }
 
     /// Add sequences to `batch`: run their whole prompts and choose each one's first token. A
@@ -416,6 +518,20 @@ impl<B: Backend> Engine<B> {
         let logits = self.forward_logits(&raw, &all, pure_decode)?;
         let launched = Instant::now();
         drop(raw);
+        if pure_decode {
+            // The next step as it will be if the batch stays as it is: prepared while this one runs.
+            let next: Vec<RawSeq<'_>> = active()
+                .map(|(s, w)| {
+                    (
+                        &s.tokens[s.tokens.len() - 1..],
+                        s.cached + w.len,
+                        s.block_table.as_slice(),
+                        s.adapter.as_deref(),
+                    )
+                })
+                .collect();
+            self.prepare_ahead(&next);
+        }
 
         let mut tasks: Vec<(usize, SampleTask<'_>)> = Vec::new();
         let mut row = 0;

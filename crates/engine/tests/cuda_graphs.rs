@@ -111,8 +111,17 @@ fn decode_steps_through_graphs_equal_eager_steps() {
     // of them has finished (programmatic dependent launch, where the device has it), must give the same bits.
     for dtype in [DType::BF16, DType::F32] {
         let mut traces = Vec::new();
-        for (graphs, pdl) in [(false, false), (true, false), (false, true), (true, true)] {
+        // Graph steps are recorded ahead (while the step before runs) unless `ahead` is off.
+        let runs = [
+            (false, false, false),
+            (true, false, true),
+            (false, true, false),
+            (true, true, true),
+            (true, true, false),
+        ];
+        for (graphs, pdl, ahead) in runs {
             let mut e = engine(dir.path(), dtype, graphs, pdl);
+            e.backend.set_graph_ahead(ahead);
             if pdl && !e.backend.programmatic_launch() {
                 say(
                     "SKIPPED programmatic dependent launch: the device or driver lacks it (sm_90 and CUDA 12.3 needed)",
@@ -125,8 +134,9 @@ fn decode_steps_through_graphs_equal_eager_steps() {
             }
             let t = schedule(&mut e, &keys);
             let (captures, replays) = e.backend.graph_counts();
+            let ahead_replays = e.backend.graph_ahead_replays();
             say(&format!(
-                "{dtype:?} graphs {graphs} pdl {pdl}: {} tokens, {captures} graphs captured, {replays} replays",
+                "{dtype:?} graphs {graphs} pdl {pdl} ahead {ahead}: {} tokens, {captures} graphs captured, {replays} replays, {ahead_replays} of them recorded ahead",
                 t.len()
             ));
             if graphs {
@@ -135,8 +145,17 @@ fn decode_steps_through_graphs_equal_eager_steps() {
                     "expected graphs for batches 1, 4 and 5 (as 8), got {captures}"
                 );
                 assert!(replays >= 90, "only {replays} of 100 decode steps replayed a graph");
+                if ahead {
+                    // Every decode step but the first after each prefill (3) and those that capture.
+                    assert!(
+                        ahead_replays + captures + 3 >= 100,
+                        "only {ahead_replays} of 100 decode steps replayed a step recorded ahead ({captures} captures)"
+                    );
+                } else {
+                    assert_eq!(ahead_replays, 0);
+                }
             } else {
-                assert_eq!((captures, replays), (0, 0));
+                assert_eq!((captures, replays, ahead_replays), (0, 0, 0));
             }
             traces.push(t);
         }
@@ -170,9 +189,15 @@ fn decode_step_time_with_and_without_graphs() {
     };
     let weight_bytes = 2.0
         * (2.0 * 32000.0 * 4096.0 + 32.0 * (2.0 * 4096.0 * 4096.0 + 2.0 * 4096.0 * 1024.0 + 3.0 * 4096.0 * 14336.0));
-    for (graphs, pdl) in [(false, false), (true, false), (true, true)] {
+    for (graphs, pdl, ahead) in [
+        (false, false, false),
+        (true, false, true),
+        (true, true, false),
+        (true, true, true),
+    ] {
         let mut b = CudaBackend::new(0, DType::BF16).unwrap();
         b.set_graphs(graphs);
+        b.set_graph_ahead(ahead);
         b.set_programmatic_launch(pdl);
         if pdl && !b.programmatic_launch() {
             say("SKIPPED programmatic dependent launch: the device or driver lacks it");
@@ -212,13 +237,16 @@ fn decode_step_time_with_and_without_graphs() {
             let kv = batch_size as f64 * 540.0 * 32.0 * 2.0 * 1024.0 * 2.0;
             let roof_ms = (weight_bytes + kv) / 4.2e12 * 1e3;
             say(&format!(
-                "BENCH decode_step graphs={graphs} pdl={pdl} batch={batch_size}: {ms:.3} ms/step ({:.0} tok/s), roofline {roof_ms:.3} ms ({:.0}%)",
+                "BENCH decode_step graphs={graphs} pdl={pdl} ahead={ahead} batch={batch_size}: {ms:.3} ms/step ({:.0} tok/s), roofline {roof_ms:.3} ms ({:.0}%)",
                 batch_size as f64 / ms * 1e3,
                 roof_ms / ms * 100.0
             ));
         }
         let (c, r) = e.backend.graph_counts();
-        say(&format!("graphs={graphs} pdl={pdl}: {c} captured, {r} replays"));
+        say(&format!(
+            "graphs={graphs} pdl={pdl} ahead={ahead}: {c} captured, {r} replays, {} recorded ahead",
+            e.backend.graph_ahead_replays()
+        ));
     }
 }
 

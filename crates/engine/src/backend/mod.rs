@@ -288,6 +288,23 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let _ = rows;
         f()
     }
+    /// Prepares the next decode step while the one before may still run on the device: `f` is its
+    /// forward pass over `rows` rows with placeholder token ids (inputs otherwise those of the next
+    /// step, as the engine expects it). A backend that replays captured steps may do the pass's host
+    /// work now and keep it for [`Backend::decode_prepared`]; returns whether it kept it. Any other
+    /// decode step forgets it. The default keeps nothing.
+    fn decode_prepare(&self, rows: usize, f: &mut dyn FnMut() -> Result<Self::Tensor>) -> Result<bool> {
+        let _ = (rows, f);
+        Ok(false)
+    }
+    /// Runs the decode step kept by the last [`Backend::decode_prepare`] with `tokens` (as many as its
+    /// placeholders, valid ids) as its token ids, if it is still kept: its logits, as
+    /// [`Backend::decode_step`] would give them for that pass. The caller vouches that the step's inputs
+    /// besides the ids are those prepared. `None`: nothing kept (run the step normally).
+    fn decode_prepared(&self, tokens: &[u32]) -> Result<Option<Self::Tensor>> {
+        let _ = tokens;
+        Ok(None)
+    }
     /// Marks the start (`true`) and the end (`false`) of a forward pass. Within one, a backend may keep
     /// what every layer would compute alike from the same inputs (the CUDA backend uploads positions,
     /// slots and the attention metadata once per pass rather than once per layer, recognising them by the

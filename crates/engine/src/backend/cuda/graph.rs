@@ -14,6 +14,13 @@
 //!    same arena offsets, so the same pointers), is instantiated, kept (least recently used go first), and
 //!    launched as in 2.
 //!
+//! 4. **Ahead.** While a replayed step runs, the engine may record the next one
+//!    ([`CudaBackend::graph_prepare`]: the same batch, each sequence one token further on, its token ids
+//!    not known yet). If the next step turns out to have those inputs, [`CudaBackend::graph_prepared`]
+//!    writes its token ids into the recorded metadata and replays, so the record pass's host time is
+//!    spent while the device is busy instead of between steps. Any other record pass forgets the
+//!    recorded one (it overwrites the mirror).
+//!
 //! Equal signatures mean the same kernels with the same grids, scalar arguments and pointers; what changes
 //! between replays is the metadata's content (tokens, positions, cache slots, block tables, LoRA segment
 //! tables), which the copy refreshes. Upload sizes are rounded up to powers of two, so that a block table
@@ -27,7 +34,7 @@
 //! values and whose outputs are dropped), so a batch whose size wanders as requests finish and join
 //! replays a few graphs rather than capturing one per size.
 //!
-//! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
+//! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_AHEAD=0` records no step ahead; `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
 //! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept.
 
 use std::cell::Cell;
@@ -40,6 +47,7 @@ use cudarc::driver::{result as drv_result, sys as drv_sys, CudaGraph, CudaSlice,
 
 use super::{drv, CudaBackend, CudaTensor, DevBuf};
 use crate::error::{EngineError, Result};
+use cudarc::driver::CudaEvent;
 
 /// How ops on this thread treat launches, allocations and uploads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,8 +122,28 @@ struct Inner {
     captures: u64,
     /// Host time spent capturing and instantiating graphs, all captures together.
     capture_time: std::time::Duration,
-    /// A copy of the mirror may still be in flight: wait before writing it again.
+    /// A copy of the mirror may still be in flight: wait for `copied` before writing it again.
     copy_pending: bool,
+    /// Recorded on the stream after the last copy from the mirror.
+    copied: Option<CudaEvent>,
+    /// Where the pass being recorded put its token ids in the mirror (offset, bytes); `None` also when
+    /// it uploaded them twice (then it cannot be replayed with other tokens).
+    tokens_at: Option<(usize, usize)>,
+    /// Token uploads in the pass being recorded.
+    token_uploads: u32,
+    /// A step recorded ahead ([`CudaBackend::graph_prepare`]), whose metadata is in the mirror.
+    prepared: Option<Prepared>,
+    /// Replays of steps recorded ahead.
+    ahead_replays: u64,
+}
+
+/// A step recorded ahead of its turn.
+struct Prepared {
+    sig: u64,
+    out: CudaTensor,
+    meta_used: usize,
+    tokens_at: (usize, usize),
+    record_ns: u64,
 }
 
 /// Host time of graph steps, reported at info level every [`CLOCK_REPORT_STEPS`] steps ("graph steps:
@@ -129,6 +157,8 @@ pub(crate) struct StepClock {
     attn_ns: AtomicU64,
     replay_ns: AtomicU64,
     meta_bytes: AtomicU64,
+    /// Steps whose record pass ran while the step before was on the device.
+    ahead: AtomicU64,
 }
 
 /// Graph steps per host-time report.
@@ -147,9 +177,11 @@ impl StepClock {
         }
     }
 
-    /// Counts one graph step (its record pass and its replay) and reports every CLOCK_REPORT_STEPS.
-    fn step(&self, record_ns: u64, replay_ns: u64, meta: usize) {
+    /// Counts one graph step (its record pass, made `ahead` of its turn or not, and its replay) and
+    /// reports every CLOCK_REPORT_STEPS.
+    fn step(&self, record_ns: u64, replay_ns: u64, meta: usize, ahead: bool) {
         self.record_ns.fetch_add(record_ns, Ordering::Relaxed);
+        self.ahead.fetch_add(u64::from(ahead), Ordering::Relaxed);
         self.replay_ns.fetch_add(replay_ns, Ordering::Relaxed);
         self.meta_bytes.fetch_add(meta as u64, Ordering::Relaxed);
         if self.steps.fetch_add(1, Ordering::Relaxed) + 1 < CLOCK_REPORT_STEPS {
@@ -164,6 +196,7 @@ impl StepClock {
             attention_plan_us = format!("{:.0}", per(&self.attn_ns) / 1e3),
             replay_us = format!("{:.0}", per(&self.replay_ns) / 1e3),
             metadata_kb = format!("{:.0}", per(&self.meta_bytes) / 1024.0),
+            ahead = self.ahead.swap(0, Ordering::Relaxed),
             "graph steps: host time"
         );
     }
@@ -178,6 +211,8 @@ pub(crate) struct Graphs {
     max_graphs: usize,
     /// Rows of the step in progress (for the message and limit after a failed arena allocation).
     step_rows: AtomicUsize,
+    /// Whether the engine may record a step ahead ([`CudaBackend::graph_prepare`]).
+    ahead: AtomicBool,
     /// Host time of graph steps.
     pub(crate) clock: StepClock,
 }
@@ -235,11 +270,17 @@ impl Graphs {
                 captures: 0,
                 capture_time: std::time::Duration::ZERO,
                 copy_pending: false,
+                copied: None,
+                tokens_at: None,
+                token_uploads: 0,
+                prepared: None,
+                ahead_replays: 0,
             }),
             enabled: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPHS").map_or(true, |v| v != "0")),
             max_batch: AtomicUsize::new(env_usize("LORAX_CUDA_GRAPH_MAX_BATCH", 256)),
             max_graphs: env_usize("LORAX_CUDA_GRAPH_CACHE", 64).max(1),
             step_rows: AtomicUsize::new(0),
+            ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
             clock: StepClock::default(),
         }
     }
@@ -280,10 +321,24 @@ impl Graphs {
     /// `data` placed in the metadata arena: written into the host mirror now, copied to the device before
     /// the graph runs. The slot is rounded up to a power of two (at least 256 bytes).
     pub(crate) fn upload(&self, data: &[u8]) -> Result<DevBuf> {
+        self.place(data, false)
+    }
+
+    /// As [`Graphs::upload`], for the pass's token ids: where they went is kept, so that a step recorded
+    /// ahead can be replayed with other ids.
+    pub(crate) fn upload_tokens(&self, data: &[u8]) -> Result<DevBuf> {
+        self.place(data, true)
+    }
+
+    fn place(&self, data: &[u8], tokens: bool) -> Result<DevBuf> {
         let mut g = self.lock()?;
         let slot = data.len().max(ALIGN).next_power_of_two();
         let off = g.meta_used;
         g.meta_used += slot;
+        if tokens {
+            g.token_uploads += 1;
+            g.tokens_at = (g.token_uploads == 1).then_some((off, data.len()));
+        }
         self.sign(&(slot as u64).to_le_bytes());
         match &g.meta {
             Some(a) if off + slot <= a.cap => {
@@ -343,16 +398,22 @@ impl CudaBackend {
             // The forward pass itself failed (bad input): the same error as eagerly.
             Ok(Err(e)) => Err(e),
             Err(e) => {
-                tracing::warn!("CUDA graphs turned off after a failure, decode steps run eagerly: {e}");
-                self.graphs.enabled.store(false, Ordering::Relaxed);
-                if let Ok(mut g) = self.graphs.lock() {
-                    g.graphs.clear();
-                    g.work = None;
-                    g.meta = None;
-                    g.host = None;
-                }
+                self.graphs_off(&e);
                 f()
             }
+        }
+    }
+
+    /// Turns graphs off after the failure `e` (decode steps then run eagerly) and drops their state.
+    fn graphs_off(&self, e: &EngineError) {
+        tracing::warn!("CUDA graphs turned off after a failure, decode steps run eagerly: {e}");
+        self.graphs.enabled.store(false, Ordering::Relaxed);
+        if let Ok(mut g) = self.graphs.lock() {
+            g.graphs.clear();
+            g.work = None;
+            g.meta = None;
+            g.host = None;
+            g.prepared = None;
         }
     }
 
@@ -388,12 +449,12 @@ impl CudaBackend {
             let record_ns = nanos(recording);
             let replaying = Instant::now();
             if self.replay(sig)? {
-                self.graphs.clock.step(record_ns, nanos(replaying), meta);
+                self.graphs.clock.step(record_ns, nanos(replaying), meta, false);
                 return Ok(Ok(out));
             }
             drop(out);
             let captured = self.capture(sig, f);
-            self.graphs.clock.step(record_ns, 0, meta);
+            self.graphs.clock.step(record_ns, 0, meta, false);
             return captured;
         }
         Err(EngineError::Backend(
@@ -401,17 +462,112 @@ impl CudaBackend {
         ))
     }
 
-    /// Resets the arenas' offsets and the signature; waits for the last copy from the host mirror.
+    /// Resets the arenas' offsets and the signature, forgets a step recorded ahead; waits for the last
+    /// copy from the host mirror (not for the kernels after it: a step may still run).
     fn begin_pass(&self) -> Result<()> {
         let mut g = self.graphs.lock()?;
-        if g.copy_pending {
-            self.stream.synchronize().map_err(|e| drv("synchronize", e))?;
-            g.copy_pending = false;
-        }
+        Self::wait_copy(&mut g)?;
         g.work_used = 0;
         g.meta_used = 0;
+        g.tokens_at = None;
+        g.token_uploads = 0;
+        g.prepared = None;
         SIG.with(|c| c.set(FNV_OFFSET));
         Ok(())
+    }
+
+    /// Waits until the last copy from the host mirror has been made.
+    fn wait_copy(g: &mut Inner) -> Result<()> {
+        if g.copy_pending {
+            if let Some(ev) = &g.copied {
+                ev.synchronize().map_err(|e| drv("waiting for the metadata copy", e))?;
+            }
+            g.copy_pending = false;
+        }
+        Ok(())
+    }
+
+    /// Records the next decode step's forward pass `f` ahead of its turn, while the step before may still
+    /// run on the device (see the module docs): `f` is the pass with placeholder token ids. Kept only when
+    /// it can replay a captured graph as it is (no capture, no arena growth: those wait for the step
+    /// itself); returns whether it was kept. A failing `f` is not an error here: the step, run normally,
+    /// reports it.
+    pub fn graph_prepare(&self, rows: usize, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<bool> {
+        if !self.graphs.ahead.load(Ordering::Relaxed)
+            || !self.graphs.wanted(rows)
+            || self.poison
+            || self.sync_each
+            || mode() != Mode::Eager
+        {
+            return Ok(false);
+        }
+        let recording = Instant::now();
+        self.begin_pass()?;
+        let out = {
+            let _mode = ModeGuard::set(Mode::Record);
+            match f() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!("a decode step recorded ahead failed (the step itself will run): {e}");
+                    return Ok(false);
+                }
+            }
+        };
+        let record_ns = nanos(recording);
+        let sig = signature();
+        let mut g = self.graphs.lock()?;
+        let fits = g.work.as_ref().is_some_and(|a| g.work_used <= a.cap)
+            && g.meta.as_ref().is_some_and(|a| g.meta_used <= a.cap);
+        let (Some(tokens_at), true, true) = (g.tokens_at, fits, g.graphs.contains_key(&sig)) else {
+            return Ok(false);
+        };
+        g.prepared = Some(Prepared {
+            sig,
+            out,
+            meta_used: g.meta_used,
+            tokens_at,
+            record_ns,
+        });
+        Ok(true)
+    }
+
+    /// Launches the step recorded ahead by [`CudaBackend::graph_prepare`] with `tokens` as its token ids,
+    /// if one is kept (no record pass since) and its ids are as many; `None` otherwise (the caller runs
+    /// the step normally). The caller vouches that the step's inputs besides the ids are those recorded.
+    /// A failed replay turns graphs off, as in [`CudaBackend::graph_step`], and returns `None`.
+    pub fn graph_prepared(&self, tokens: &[u32]) -> Result<Option<CudaTensor>> {
+        let replaying = Instant::now();
+        let Some(p) = self.graphs.lock()?.prepared.take() else {
+            return Ok(None);
+        };
+        // SAFETY: u32s are plain numbers; any byte pattern of them is valid to read.
+        let bytes = unsafe { std::slice::from_raw_parts(tokens.as_ptr().cast::<u8>(), std::mem::size_of_val(tokens)) };
+        {
+            let mut g = self.graphs.lock()?;
+            let (off, len) = p.tokens_at;
+            let cap = g.meta.as_ref().map_or(0, |a| a.cap);
+            if len != bytes.len() || g.meta_used != p.meta_used || off + len > cap || g.host.is_none() {
+                return Ok(None);
+            }
+            Self::wait_copy(&mut g)?;
+            // SAFETY: the mirror holds `cap` bytes at host_ptr, `off + len <= cap`, and no copy from it is
+            // in flight (waited for above).
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), (g.host_ptr as *mut u8).add(off), len);
+            }
+        }
+        match self.replay(p.sig) {
+            Ok(true) => {
+                self.graphs.lock()?.ahead_replays += 1;
+                self.graphs.clock.step(p.record_ns, nanos(replaying), p.meta_used, true);
+                Ok(Some(p.out))
+            }
+            Ok(false) => Ok(None),
+            Err(e) => {
+                self.graphs_off(&e);
+                Ok(None)
+            }
+        }
     }
 
     fn arenas_fit(&self, work: usize, meta: usize) -> Result<bool> {
@@ -477,6 +633,13 @@ impl CudaBackend {
             let src = unsafe { std::slice::from_raw_parts(g.host_ptr as *const u8, used) };
             unsafe { drv_result::memcpy_htod_async(meta.base, src, self.stream.cu_stream()) }
                 .map_err(|e| drv("copying graph metadata", e))?;
+            if g.copied.is_none() {
+                g.copied = Some(self.ctx.new_event(None).map_err(|e| drv("creating an event", e))?);
+            }
+            if let Some(ev) = &g.copied {
+                ev.record(&self.stream)
+                    .map_err(|e| drv("recording the metadata copy", e))?;
+            }
         }
         let graph = &g
             .graphs
@@ -554,6 +717,16 @@ impl CudaBackend {
     /// (graphs captured, replays) so far.
     pub fn graph_counts(&self) -> (u64, u64) {
         self.graphs.lock().map_or((0, 0), |g| (g.captures, g.replays))
+    }
+
+    /// Replays of steps recorded ahead ([`CudaBackend::graph_prepared`]) so far, of the replays.
+    pub fn graph_ahead_replays(&self) -> u64 {
+        self.graphs.lock().map_or(0, |g| g.ahead_replays)
+    }
+
+    /// Lets the engine record decode steps ahead (on by default unless `LORAX_CUDA_GRAPH_AHEAD=0`).
+    pub fn set_graph_ahead(&self, on: bool) {
+        self.graphs.ahead.store(on, Ordering::Relaxed);
     }
 
     /// Turns decode-step graphs on or off (on by default unless `LORAX_CUDA_GRAPHS=0`).

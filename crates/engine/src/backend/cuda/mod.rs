@@ -1256,7 +1256,14 @@ impl Backend for CudaBackend {
         if ids.is_empty() || hidden == 0 {
             return Ok(out);
         }
-        let d_ids = self.upload(ids)?;
+        let d_ids = if graph::mode() == graph::Mode::Eager {
+            self.upload(ids)?
+        } else {
+            // SAFETY: u32s are plain numbers; any byte pattern of them is valid to read.
+            let bytes = unsafe { std::slice::from_raw_parts(ids.as_ptr().cast::<u8>(), std::mem::size_of_val(ids)) };
+            // A step recorded ahead is replayed with other token ids, written where these went.
+            self.graphs.upload_tokens(bytes)?
+        };
         let (o, t, i, h) = (
             self.ptr(&out.buf),
             self.ptr(&table.buf),
@@ -1615,6 +1622,15 @@ impl Backend for CudaBackend {
     /// Through a CUDA graph when it can (graph.rs).
     fn decode_step(&self, rows: usize, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<CudaTensor> {
         self.graph_step(rows, f)
+    }
+
+    /// Recorded while the step before runs (graph.rs: `graph_prepare`).
+    fn decode_prepare(&self, rows: usize, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<bool> {
+        self.graph_prepare(rows, f)
+    }
+
+    fn decode_prepared(&self, tokens: &[u32]) -> Result<Option<CudaTensor>> {
+        self.graph_prepared(tokens)
     }
 
     /// Graph steps run with a few row counts (graph.rs: `graph_rows`).
