@@ -265,7 +265,8 @@ extern "C" __global__ void bgmv_expand(T* __restrict__ y, const float* __restric
 // an adapter's index, a table of LoraRef per (layer, target) written when the adapter was uploaded, and
 // at most BG_ROWS rows; a layer's launch says which layer and which parts (up to 3 (target, first column
 // of y) pairs, a fused projection's), and the kernels look the pairs up. Grid z is the part; part p's
-// intermediate rows are p * n + row. A pair the adapter does not have (a null A) is skipped.
+// intermediate rows are p * n + row (the `_ix0` pair) or one set of those per k-chunk (the `_ix` pair, below).
+// A pair the adapter does not have (a null A) is skipped.
 #define LORA_TARGETS 7
 
 struct LoraRef {
@@ -285,7 +286,11 @@ struct LoraRec {
 
 __device__ __forceinline__ int part_of(int p, int v0, int v1, int v2) { return p == 0 ? v0 : (p == 1 ? v1 : v2); }
 
-extern "C" __global__ void bgmv_shrink_ix(float* __restrict__ tmp, const T* __restrict__ x,
+// The first decode pair by index, kept for comparisons (LORAX_CUDA_LORA_KSPLIT=0, docs/gpu.md): the shrink
+// is bgmv_shrink's block of 128 threads per (record, rank row j, part), grid (record, j < rmax, part), each
+// reading the record's whole rows of x (so x comes from L2 once per rank row) and A[j]; the expand a thread
+// per column, grid (record, column tile of 256, part). Intermediate row p * n + row.
+extern "C" __global__ void bgmv_shrink_ix0(float* __restrict__ tmp, const T* __restrict__ x,
                                           const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
                                           int n, int in_dim, int rmax) {
     pdl_enter();
@@ -299,7 +304,7 @@ extern "C" __global__ void bgmv_shrink_ix(float* __restrict__ tmp, const T* __re
                     in_dim, rmax);
 }
 
-extern "C" __global__ void bgmv_expand_ix(T* __restrict__ y, const float* __restrict__ tmp,
+extern "C" __global__ void bgmv_expand_ix0(T* __restrict__ y, const float* __restrict__ tmp,
                                           const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
                                           int c0, int c1, int c2, int n, int out_dim, int rmax) {
     pdl_enter();
@@ -310,4 +315,289 @@ extern "C" __global__ void bgmv_expand_ix(T* __restrict__ y, const float* __rest
     if (ref.a == 0 || (int)(blockIdx.y * blockDim.x) >= ref.cols) return;
     bgmv_expand_rec(y, tmp, reinterpret_cast<const T*>(ref.b), ref.rank, ref.scale, rc.start, min(rc.len, BG_ROWS),
                     p * n + rc.start, part_of(p, c0, c1, c2), ref.cols, out_dim, rmax);
+}
+
+// The decode pair by index (the default): the shrink cuts in_dim into k-chunks, so that many blocks with short
+// load chains stay in flight while each block reads its record's x once, through shared memory, for every
+// rank row.
+// bgmv_shrink_ix: grid (record, k-chunk c, part p), BG_KWARPS warps. The block copies its record's rows of x
+//   for its chunk (kc elements, at most BG_KC) into shared memory once (16-byte cp.async copies when the rows
+//   and the chunk are whole vectors), then warp w computes rank rows j = w, w + BG_KWARPS, ... < rank for all
+//   the record's rows: a lane takes BG_KV 16-byte vectors of A[j] per group of 32 * BG_KV vectors of the
+//   chunk, all issued before their use, and the next (rank row, group)'s vectors are in flight while it
+//   computes (the first ones before pdl_wait: no kernel writes weights, records or indexes). Sums run
+//   lane-strided, then through a shuffle tree that also transposes the rows (warp_sum4: 6 shuffles, not
+//   4 x 5). Every (chunk, part, row, j) is written by exactly one warp into its chunk's partial,
+//     tmp[((c * parts + p) * n + row) * rmax + j]   (pstride = parts * n rows between chunks),
+//   with no atomics and no zeroing; j >= the pair's rank is neither written nor read. Static shared memory:
+//   BG_ROWS * BG_KC_BYTES = 16 KiB.
+// bgmv_expand_ix: grid (record, tile of 2 * BG_EXPAND_THREADS columns, part), BG_EXPAND_THREADS threads; the
+//   block stages t[row, j] = the sum of the ks partials in chunk order c = 0, 1, ..., then each thread adds
+//   scale * t[row, :r] . B[c, :r] into columns c and c + BG_EXPAND_THREADS of its tile; B's vectors are
+//   loaded BG_BV at a time per column (the first before pdl_wait), y's values before the partials are summed.
+// The host (lora.rs `shrink_chunk`) takes chunks of whole groups (1024 elements of bf16/f16, 512 of f32), about
+// in_dim / 8 each and at most BG_KC: in_dim 4096 in bf16 is 4 chunks of 1024, 14336 is 7 of 2048; an in_dim
+// of at most one group is one chunk. In_dim or chunks that are not whole vectors take scalar loads.
+// Sums run in a fixed order, so results do not depend on scheduling.
+#define BG_KWARPS 8
+#define BG_KV 4
+#define BG_KC_BYTES 4096
+#define BG_KC (BG_KC_BYTES / (int)sizeof(T))
+#define BG_EXPAND_THREADS 256
+#define BG_BV 4
+#if BG_ROWS != 4
+#error "warp_sum4 transposes exactly BG_ROWS = 4 rows"
+#endif
+
+// 16 bytes of a weight, not kept in the L1 (a record's other blocks run on other multiprocessors).
+__device__ __forceinline__ u32x4 lora_ld16(const T* p) {
+#ifdef LORAX_EMU
+    return *reinterpret_cast<const u32x4*>(p);
+#else
+    u32x4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+#endif
+}
+
+// The warp's sums of v[0 .. 4): lanes 8i .. 8i + 7 get the sum of v[i]. Each step halves what a lane keeps:
+// lanes with bit 16 keep v[2], v[3] and send v[0], v[1] (the others the reverse), then bit 8 splits those two,
+// then 4, 2, 1 finish the sum. Every lane of the warp must call it.
+__device__ __forceinline__ float warp_sum4(const float* v) {
+    const int lane = threadIdx.x & 31;
+    const bool hi = (lane & 16) != 0, b8 = (lane & 8) != 0;
+    float k0 = hi ? v[2] : v[0], k1 = hi ? v[3] : v[1];
+    const float s0 = hi ? v[0] : v[2], s1 = hi ? v[1] : v[3];
+    k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
+    k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
+    float s = b8 ? k1 : k0;
+    s += __shfl_xor_sync(0xffffffffu, b8 ? k0 : k1, 8);
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+// This lane's vectors of group g of one row of A's chunk (nv vectors): v = g * 32 * BG_KV + lane + 32 * u.
+__device__ __forceinline__ void lora_ld_group(u32x4* dst, const T* row, int g, int nv, int lane) {
+#pragma unroll
+    for (int u = 0; u < BG_KV; ++u) {
+        const int v = g * 32 * BG_KV + lane + 32 * u;
+        if (v < nv) dst[u] = lora_ld16(row + (u64)v * VEC);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(BG_KWARPS * 32)
+    bgmv_shrink_ix(float* __restrict__ tmp, const T* __restrict__ x, const LoraRec* __restrict__ recs, int layer,
+                   int t0, int t1, int t2, int n, int pstride, int in_dim, int rmax, int kc) {
+    __shared__ u32x4 x_v[BG_ROWS * BG_KC_BYTES / 16];
+    T* x_s = reinterpret_cast<T*>(x_v);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int p = blockIdx.z, k0 = blockIdx.y * kc;
+    const LoraRec rc = recs[blockIdx.x];
+    u64 a_addr = 0;
+    int r = 0;  // 0: nothing to do (a padding record, a missing pair, a chunk past in_dim)
+    if (rc.len > 0 && rc.index != 0 && k0 < in_dim) {
+        const LoraRef ref =
+            reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+        if (ref.a != 0) {
+            a_addr = ref.a + (u64)k0 * sizeof(T);
+            r = ref.rank;
+        }
+    }
+    const T* A = reinterpret_cast<const T*>(a_addr);  // A[:, k0 ..]
+    const int rows = min(rc.len, BG_ROWS), kl = min(kc, in_dim - k0);
+    const bool vec = in_dim % VEC == 0 && kc % VEC == 0;
+    const int nv = kl / VEC;
+    constexpr int GV = 32 * BG_KV;
+    const int ng = (nv + GV - 1) / GV;
+    // (rank row, group) pairs of this warp, rank rows outer.
+    const int items = vec && warp < r ? (r - warp + BG_KWARPS - 1) / BG_KWARPS * ng : 0;
+    u32x4 cur[BG_KV];
+    if (items > 0) lora_ld_group(cur, A + (u64)warp * in_dim, 0, nv, lane);
+    pdl_enter();
+    if (r == 0) return;
+
+    const T* xr = x + (u64)rc.start * in_dim + k0;
+    if (vec) {
+        for (int i = threadIdx.x; i < rows * nv; i += blockDim.x) {
+            const int rr = i / nv, v = i - rr * nv;
+            copy16_async(x_s + rr * kc + v * VEC, xr + (u64)rr * in_dim + v * VEC);
+        }
+        copy_commit();
+        copy_wait<0>();
+    } else {
+        for (int i = threadIdx.x; i < rows * kl; i += blockDim.x) {
+            const int rr = i / kl, c = i - rr * kl;
+            x_s[rr * kc + c] = xr[(u64)rr * in_dim + c];
+        }
+    }
+    __syncthreads();
+
+    float* out = tmp + ((u64)blockIdx.y * pstride + p * n + rc.start) * rmax;
+    const bool writer = (lane & 7) == 0 && (lane >> 3) < rows;
+    float acc[BG_ROWS];
+    if (vec) {
+        for (int it = 0; it < items; ++it) {
+            const int jr = it / ng, g = it - jr * ng;
+            u32x4 nxt[BG_KV];
+            if (it + 1 < items) {
+                const int jn = (it + 1) / ng;
+                lora_ld_group(nxt, A + (u64)(warp + BG_KWARPS * jn) * in_dim, it + 1 - jn * ng, nv, lane);
+            }
+            if (g == 0) {
+#pragma unroll
+                for (int i = 0; i < BG_ROWS; ++i) acc[i] = 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < BG_KV; ++u) {
+                const int v = g * GV + lane + 32 * u;
+                if (v < nv) {
+                    const T* ae = reinterpret_cast<const T*>(&cur[u]);
+                    float av[VEC];
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) av[e] = to_f(ae[e]);
+#pragma unroll
+                    for (int i = 0; i < BG_ROWS; ++i) {
+                        if (i < rows) {
+                            const u32x4 xv = *reinterpret_cast<const u32x4*>(x_s + i * kc + v * VEC);
+                            const T* xe = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+                            for (int e = 0; e < VEC; ++e) acc[i] += av[e] * to_f(xe[e]);
+                        }
+                    }
+                }
+            }
+            if (g == ng - 1) {
+                const float s = warp_sum4(acc);
+                if (writer) out[(u64)(lane >> 3) * rmax + warp + BG_KWARPS * jr] = s;
+            }
+#pragma unroll
+            for (int u = 0; u < BG_KV; ++u) cur[u] = nxt[u];
+        }
+    } else {
+        for (int j = warp; j < r; j += BG_KWARPS) {
+            const T* a = A + (u64)j * in_dim;
+#pragma unroll
+            for (int i = 0; i < BG_ROWS; ++i) acc[i] = 0.f;
+            for (int k = lane; k < kl; k += 32) {
+                const float av = to_f(a[k]);
+#pragma unroll
+                for (int i = 0; i < BG_ROWS; ++i)
+                    if (i < rows) acc[i] += av * to_f(x_s[i * kc + k]);
+            }
+            const float s = warp_sum4(acc);
+            if (writer) out[(u64)(lane >> 3) * rmax + j] = s;
+        }
+    }
+}
+
+// This thread's BG_BV vectors of B from rank index j0 for its two columns (c < cols only).
+__device__ __forceinline__ void lora_ld_b(u32x4 (*dst)[BG_BV], const T* B, const int* col, int cols, int r, int j0) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int u = 0; u < BG_BV; ++u) {
+            const int j = j0 + u * VEC;
+            if (col[q] < cols && j < r) dst[q][u] = lora_ld16(B + (u64)col[q] * r + j);
+        }
+}
+
+// Three blocks per multiprocessor: ptxas took 114 registers a thread (2 blocks) when left free.
+extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
+    bgmv_expand_ix(T* __restrict__ y, const float* __restrict__ tmp, const LoraRec* __restrict__ recs, int layer,
+                   int t0, int t1, int t2, int c0, int c1, int c2, int n, int pstride, int out_dim, int rmax, int ks) {
+    __shared__ f32x4 t_v[BG_ROWS * BG_RANK / 4];
+    float* t_s = reinterpret_cast<float*>(t_v);  // rows of r floats: 16-byte aligned when r % VEC == 0
+    const LoraRec rc = recs[blockIdx.x];
+    const int p = blockIdx.z;
+    LoraRef ref = {};
+    if (rc.len > 0 && rc.index != 0)
+        ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+    const int tile = blockIdx.y * BG_EXPAND_THREADS * 2;
+    const bool live = ref.a != 0 && tile < ref.cols;
+    const int r = ref.rank, cols = ref.cols;
+    const bool vec = r % VEC == 0;
+    const int col[2] = {tile + (int)threadIdx.x, tile + BG_EXPAND_THREADS + (int)threadIdx.x};
+    const T* B = reinterpret_cast<const T*>(ref.b);
+    u32x4 bv[2][BG_BV];
+    if (live && vec) lora_ld_b(bv, B, col, cols, r, 0);
+    pdl_enter();
+    if (!live) return;
+
+    const int rows = min(rc.len, BG_ROWS);
+    T* yr = y + (u64)rc.start * out_dim + part_of(p, c0, c1, c2);
+    float yv[2][BG_ROWS];
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int i = 0; i < BG_ROWS; ++i)
+            if (i < rows && col[q] < cols) yv[q][i] = to_f(yr[(u64)i * out_dim + col[q]]);
+    const float* tp = tmp + (u64)(p * n + rc.start) * rmax;
+    const u64 cstride = (u64)pstride * rmax;
+    for (int f = threadIdx.x; f < rows * r; f += blockDim.x) {
+        const float* e = tp + (u64)(f / r) * rmax + f % r;
+        float s = 0.f;
+        for (int c = 0; c < ks; ++c) s += e[c * cstride];
+        t_s[f] = s;
+    }
+    __syncthreads();
+
+    float acc[2][BG_ROWS];
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int i = 0; i < BG_ROWS; ++i) acc[q][i] = 0.f;
+    if (vec) {
+        for (int j0 = 0; j0 < r; j0 += BG_BV * VEC) {
+            if (j0 > 0) lora_ld_b(bv, B, col, cols, r, j0);
+#pragma unroll
+            for (int u = 0; u < BG_BV; ++u) {
+                const int j = j0 + u * VEC;
+                if (j < r) {
+                    // Both columns' B[c, j .. j + VEC) (zeros past cols: never stored), then each t value of
+                    // the rows (16-byte broadcasts from shared memory) is used for both as soon as it is read.
+                    float b[2][VEC];
+#pragma unroll
+                    for (int q = 0; q < 2; ++q) {
+                        const T* be = reinterpret_cast<const T*>(&bv[q][u]);
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) b[q][e] = col[q] < cols ? to_f(be[e]) : 0.f;
+                    }
+#pragma unroll
+                    for (int i = 0; i < BG_ROWS; ++i) {
+                        if (i < rows) {
+#pragma unroll
+                            for (int e4 = 0; e4 < VEC; e4 += 4) {
+                                const f32x4 t4 = *reinterpret_cast<const f32x4*>(t_s + i * r + j + e4);
+                                const float t[4] = {t4.x, t4.y, t4.z, t4.w};
+#pragma unroll
+                                for (int e = 0; e < 4; ++e)
+#pragma unroll
+                                    for (int q = 0; q < 2; ++q) acc[q][i] += t[e] * b[q][e4 + e];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            if (col[q] >= cols) continue;
+            const T* b = B + (u64)col[q] * r;
+            for (int j = 0; j < r; ++j) {
+                const float bj = to_f(b[j]);
+#pragma unroll
+                for (int i = 0; i < BG_ROWS; ++i)
+                    if (i < rows) acc[q][i] += t_s[i * r + j] * bj;
+            }
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int i = 0; i < BG_ROWS; ++i)
+            if (i < rows && col[q] < cols) yr[(u64)i * out_dim + col[q]] = from_f(yv[q][i] + ref.scale * acc[q][i]);
 }

@@ -716,7 +716,8 @@ fn lora_step_matches_cpu() {
     use lorax_engine::backend::LoraRows;
     use lorax_engine::lora::{DeviceAdapter, LoraWeights, Target, NUM_TARGETS};
     let mut rng = Rng(seed("lora step"));
-    let (h, qd, kvd, layers) = (1024, 1024, 256, 2);
+    // h = 2560: the k-split shrink takes 3 chunks of 1024 (the last half a group) in bf16/f16, 5 of 512 in f32.
+    let (h, qd, kvd, layers) = (2560, 1024, 256, 2);
     let width = |t: Target| match t {
         Target::Q => qd,
         Target::K | Target::V => kvd,

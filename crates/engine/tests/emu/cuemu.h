@@ -84,6 +84,12 @@ inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline float atomicAdd(float* p, float v) {
+    uint32_t* u = reinterpret_cast<uint32_t*>(p);
+    uint32_t old = __atomic_load_n(u, __ATOMIC_SEQ_CST);
+    while (!__atomic_compare_exchange_n(u, &old, (uint32_t)to_bits(from_bits<float>(old) + v), false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {}
+    return from_bits<float>(old);
+}
 using std::exp;
 using std::log;
 using std::fmaxf;

@@ -6,11 +6,15 @@
 //! at most 64 rows and ranks are at most 64 (decode), the BGMV pair runs instead, on chunks of at most 4
 //! rows of each segment: a block per (chunk, rank index) for the shrink and a thread per output column for
 //! the expand, no atomics; the chunk count is padded to a power of two so graphs survive a changing mix.
+//! A forward pass's per-step plan (`make_lora_step`, `lora_step_layer`) runs the `_ix` pair instead, whose
+//! shrink also cuts the input features into chunks ([`shrink_chunk`]) with one intermediate partial per
+//! chunk, summed by the expand (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier `_ix0` pair, for comparisons).
 //!
 //! Planning (checks, uploads, allocations) and running (a memset and two launches) are separate, so a
 //! run can be captured in a CUDA graph and replayed (the benchmarks time kernels that way).
 
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -26,6 +30,40 @@ const BG_RANK: usize = 64;
 const BG_SPLIT_MAX: usize = 64;
 const BG_SHRINK_THREADS: u32 = 128;
 const BG_EXPAND_THREADS: u32 = 256;
+/// The k-split shrink `bgmv_shrink_ix` (BG_KWARPS, BG_KV, BG_KC_BYTES in kernels/lora.cu): warps per block,
+/// 16-byte vectors of A per lane per group, bytes of one row of x a block stages; and the number of
+/// chunks it aims at. Its expand `bgmv_expand_ix` takes two columns per thread.
+const BG_KWARPS: u32 = 8;
+const BG_KV: usize = 4;
+const BG_KC_BYTES: usize = 4096;
+const BG_KSPLIT: usize = 8;
+const BG_EXPAND_COLS: usize = 2;
+
+/// The k-chunk of the split shrink (kernels/lora.cu, `bgmv_shrink_ix`) for rows of `k` elements of `size`
+/// bytes: all of `k` when it is at most one group (32 lanes × BG_KV 16-byte vectors: 1024 elements of 2 bytes,
+/// 512 of 4), else whole groups, about `k / BG_KSPLIT` each, at most BG_KC_BYTES of a row (the block's shared
+/// memory): 4096 of bf16 → 4 chunks of 1024, 14336 → 7 of 2048. The shrink writes one partial per chunk.
+fn shrink_chunk(k: usize, size: usize) -> usize {
+    let group = 32 * BG_KV * (16 / size);
+    if k <= group {
+        return k;
+    }
+    (k.div_ceil(BG_KSPLIT).div_ceil(group) * group).min(BG_KC_BYTES / size)
+}
+
+/// Whether a step's layers run the k-split pair `bgmv_shrink_ix` / `bgmv_expand_ix` (the default) or the
+/// earlier `bgmv_shrink_ix0` / `bgmv_expand_ix0` (`LORAX_CUDA_LORA_KSPLIT=0`, for comparisons; docs/gpu.md).
+/// Read once per process.
+fn lora_ksplit() -> bool {
+    static KSPLIT: OnceLock<bool> = OnceLock::new();
+    *KSPLIT.get_or_init(|| {
+        let on = std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v.trim() != "0");
+        if !on {
+            tracing::info!("LORAX_CUDA_LORA_KSPLIT=0: decode LoRA on bgmv_shrink_ix0 / bgmv_expand_ix0");
+        }
+        on
+    })
+}
 
 /// `struct LoraSeg` of kernels/lora.cu (48 bytes, no padding).
 #[repr(C)]
@@ -99,7 +137,7 @@ impl std::fmt::Debug for CudaLoraIndex {
 }
 
 /// A forward pass's LoRA plan ([`crate::Backend::lora_step`]): its rows in records of at most BG_ROWS
-/// rows naming their adapter's index, uploaded once; each layer launches the two `_ix` kernels.
+/// rows naming their adapter's index, uploaded once; each layer launches the two `_ix` kernels (or `_ix0`).
 pub struct CudaLoraStep {
     table: DevBuf,
     records: usize,
@@ -271,13 +309,8 @@ impl CudaBackend {
         if used == 0 || k == 0 {
             return Ok(());
         }
-        let tmp = self.bytes(used * n * step.rmax * 4)?;
-        let (tp, xp, yp, sp) = (
-            self.ptr(&tmp),
-            self.ptr(&x.buf),
-            self.ptr(&y.buf),
-            self.ptr(&step.table),
-        );
+        let [t0, t1, t2] = &targets;
+        let [c0, c1, c2] = &cols;
         let (li, ni, ki, oi, ri) = (
             int("layer", layer)?,
             int("rows", n)?,
@@ -285,12 +318,69 @@ impl CudaBackend {
             int("out features", out)?,
             int("rank", step.rmax)?,
         );
-        let [t0, t1, t2] = &targets;
-        let [c0, c1, c2] = &cols;
         let (recs, parts) = (uint("records", step.records)?, uint("parts", used)?);
-        let shrink = cfg((recs, uint("rank", step.rmax)?, parts), BG_SHRINK_THREADS, 0);
-        let tiles = uint("column tiles", max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
-        let expand = cfg((recs, tiles, parts), BG_EXPAND_THREADS, 0);
+        let (xp, yp, sp) = (self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&step.table));
+        if !lora_ksplit() {
+            let tmp = self.bytes(used * n * step.rmax * 4)?;
+            let tp = self.ptr(&tmp);
+            let shrink = cfg((recs, uint("rank", step.rmax)?, parts), BG_SHRINK_THREADS, 0);
+            let tiles = uint("column tiles", max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
+            let expand = cfg((recs, tiles, parts), BG_EXPAND_THREADS, 0);
+            launch!(
+                self,
+                "bgmv_shrink_ix0",
+                shrink,
+                &tp,
+                &xp,
+                &sp,
+                &li,
+                t0,
+                t1,
+                t2,
+                &ni,
+                &ki,
+                &ri
+            );
+            launch!(
+                self,
+                "bgmv_expand_ix0",
+                expand,
+                &yp,
+                &tp,
+                &sp,
+                &li,
+                t0,
+                t1,
+                t2,
+                c0,
+                c1,
+                c2,
+                &ni,
+                &oi,
+                &ri
+            );
+            return Ok(());
+        }
+        // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r of
+        // the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written by
+        // the shrink of the same layer, so nothing is zeroed.
+        let kc = shrink_chunk(k, self.dtype.size());
+        let chunks = k.div_ceil(kc);
+        let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
+        let tp = self.ptr(&tmp);
+        let (pstride, kci, ksi) = (
+            int("intermediate rows", used * n)?,
+            int("k chunk", kc)?,
+            int("k chunks", chunks)?,
+        );
+        int("intermediate rows", chunks * used * n)?;
+        let shrink = cfg((recs, uint("k chunks", chunks)?, parts), BG_KWARPS * 32, 0);
+        let tile = BG_EXPAND_COLS * BG_EXPAND_THREADS as usize;
+        let expand = cfg(
+            (recs, uint("column tiles", max_cols.div_ceil(tile))?, parts),
+            BG_EXPAND_THREADS,
+            0,
+        );
         launch!(
             self,
             "bgmv_shrink_ix",
@@ -303,8 +393,10 @@ impl CudaBackend {
             t1,
             t2,
             &ni,
+            &pstride,
             &ki,
-            &ri
+            &ri,
+            &kci
         );
         launch!(
             self,
@@ -321,8 +413,10 @@ impl CudaBackend {
             c1,
             c2,
             &ni,
+            &pstride,
             &oi,
-            &ri
+            &ri,
+            &ksi
         );
         Ok(())
     }
@@ -517,5 +611,30 @@ impl CudaBackend {
         launch!(self, "sgmv_shrink", plan.shrink, tp, xp, sp, ki, ri, kci, rti, ksi);
         launch!(self, "sgmv_expand", plan.expand, yp, tp, sp, oi, ri, oti, rti);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shrink_chunk;
+
+    /// Chunks are whole 16-byte vectors (whole groups when there is more than one), fit the kernel's shared
+    /// memory and cover the row.
+    #[test]
+    fn shrink_chunks_fit_and_cover() {
+        assert_eq!(shrink_chunk(4096, 2), 1024);
+        assert_eq!(shrink_chunk(14336, 2), 2048);
+        assert_eq!(shrink_chunk(4096, 4), 512);
+        assert_eq!(shrink_chunk(1000, 2), 1000);
+        for size in [2, 4] {
+            for k in (1..40_000).step_by(7) {
+                let kc = shrink_chunk(k, size);
+                assert!(kc > 0 && kc * size <= 4096, "k {k}: chunk {kc}");
+                if k > 32 * 4 * 16 / size {
+                    assert_eq!(kc % (32 * 4 * 16 / size), 0, "k {k}: chunk {kc}");
+                    assert!(k.div_ceil(kc) <= 8 || kc * size == 4096, "k {k}: chunk {kc}");
+                }
+            }
+        }
     }
 }

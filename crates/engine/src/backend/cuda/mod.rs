@@ -181,6 +181,8 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
             "bgmv_expand",
             "bgmv_shrink_ix",
             "bgmv_expand_ix",
+            "bgmv_shrink_ix0",
+            "bgmv_expand_ix0",
         ],
     ),
     ("prefill", &["prefill_attention_64", "prefill_attention_128"]),

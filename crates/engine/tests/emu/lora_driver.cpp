@@ -1,0 +1,214 @@
+// Driver for crates/engine/tests/lora_emulated.rs: the decode LoRA pairs by adapter index of kernels/lora.cu
+// (bf16) under the CPU emulation of cuemu.h, against a double-precision reference: the k-split pair
+// bgmv_shrink_ix + bgmv_expand_ix (the default) at the host's chunk size (lora.rs `shrink_chunk`, copied below)
+// and at other chunk sizes, and the earlier bgmv_shrink_ix0 + bgmv_expand_ix0 (up to 9 rows). Cases: 1, 4, 9
+// and 128 rows; segments cut into records of 1-4 rows as the host cuts them, rows in no record, a record with an index but
+// no rows, padding records (index 0); adapters of ranks 4, 8, 16 and 64 (step rmax 64 or less) in one step; a
+// fused q/k/v projection (3 parts, columns 4096 / 1024 / 1024) and o (1 part, 4096); an adapter without a k
+// pair (its rows' k columns are skipped); in_dim 4096, 2600 (a partial group of vectors), 1000 (one chunk)
+// and 4100 (not whole 16-byte vectors: the scalar paths). The intermediate starts as NaN, so an entry read
+// but never written shows; layer 0 of every index holds the pairs with another scale, so a wrong layer
+// shows. Every y entry of a row and part with a pair must be within bf16 rounding of the reference; every
+// other entry must keep its bits. Prints each run's largest error relative to the bound; exits non-zero
+// on any failure.
+#include "cuemu.h"
+#define LORAX_DTYPE_BF16
+#include <cstdio>
+#include <random>
+#include "common.cuh"
+#include "lora.cu"
+
+static std::mt19937 rng(11);
+static float uni(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
+
+// lora.rs `shrink_chunk` for 2-byte elements.
+static int shrink_chunk(int k) {
+    const int group = 32 * 4 * 8;
+    if (k <= group) return k;
+    const int c = ((k + 7) / 8 + group - 1) / group * group;
+    return std::min(c, 4096 / 2);
+}
+
+struct Adapter {
+    int rank;
+    float scale;
+    unsigned has;  // bit t: has a pair for target t
+    std::vector<T> A[LORA_TARGETS], B[LORA_TARGETS];
+    std::vector<LoraRef> table;  // [2 layers][LORA_TARGETS]
+};
+
+struct Parts {
+    const char* name;
+    int count;
+    int target[3];
+    int width[3];
+};
+
+struct Seg { int start, len, adapter; };
+
+static const int LAYER = 1;
+
+// Adapters for in_dim k and the widths of every target (q 4096, k/v 1024, o 4096).
+static std::vector<Adapter> make_adapters(int k, const std::vector<std::pair<int, unsigned>>& specs) {
+    const int width[LORA_TARGETS] = {4096, 1024, 1024, 4096, 0, 0, 0};
+    std::vector<Adapter> ads(specs.size());
+    for (size_t a = 0; a < specs.size(); ++a) {
+        Adapter& ad = ads[a];
+        ad.rank = specs[a].first;
+        ad.has = specs[a].second;
+        ad.scale = 0.5f + a;
+        ad.table.assign(2 * LORA_TARGETS, LoraRef{});
+        const float ra = 1.f / std::sqrt((float)k), rb = 1.f / std::sqrt((float)ad.rank);
+        for (int t = 0; t < LORA_TARGETS; ++t) {
+            if (!(ad.has >> t & 1) || width[t] == 0) continue;
+            ad.A[t].resize((size_t)ad.rank * k);
+            ad.B[t].resize((size_t)width[t] * ad.rank);
+            for (auto& v : ad.A[t]) v = from_f(uni(-ra, ra));
+            for (auto& v : ad.B[t]) v = from_f(uni(-rb, rb));
+            LoraRef ref{(u64)(uintptr_t)ad.A[t].data(), (u64)(uintptr_t)ad.B[t].data(), ad.rank, ad.scale, width[t], 0};
+            ad.table[LAYER * LORA_TARGETS + t] = ref;
+            ref.scale = 7.f * ad.scale;  // layer 0: the same pair, another scale
+            ad.table[t] = ref;
+        }
+    }
+    return ads;
+}
+
+static int bad = 0;
+
+// Runs one case with the k-split pair at chunk kc (0: the old pair) and checks y.
+static void run_case(const char* what, int n, int k, const Parts& P, const std::vector<Adapter>& ads,
+                     const std::vector<Seg>& segs, int kc, const std::vector<T>& x, const std::vector<T>& y0) {
+    int out = 0, col[3] = {0, 0, 0}, rmax = 0, max_cols = 0;
+    for (int p = 0; p < P.count; ++p) { col[p] = out; out += P.width[p]; max_cols = std::max(max_cols, P.width[p]); }
+    // Records as make_lora_step cuts them, one with an index but no rows, padding to a power of two.
+    std::vector<LoraRec> recs;
+    for (const Seg& s : segs) {
+        rmax = std::max(rmax, ads[s.adapter].rank);
+        for (int c = 0; c < s.len; c += BG_ROWS)
+            recs.push_back({(u64)(uintptr_t)ads[s.adapter].table.data(), s.start + c, std::min(BG_ROWS, s.len - c)});
+    }
+    recs.push_back({(u64)(uintptr_t)ads[segs[0].adapter].table.data(), 0, 0});
+    size_t pad = 1;
+    while (pad < recs.size()) pad *= 2;
+    recs.resize(pad, LoraRec{0, 0, 0});
+    const int nrec = recs.size();
+    std::vector<T> y = y0;
+    const int t0 = P.target[0], t1 = P.target[1], t2 = P.target[2];
+    if (kc > 0) {
+        const int ks = (k + kc - 1) / kc, pstride = P.count * n;
+        std::vector<float> tmp((size_t)ks * pstride * rmax, NAN);
+        for (int c = 0; c < ks; ++c)
+            for (int p = 0; p < P.count; ++p)
+                emu_launch(nrec, BG_KWARPS * 32, [&] {
+                    blockIdx.y = c; blockIdx.z = p;
+                    bgmv_shrink_ix(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
+                });
+        const int tiles = (max_cols + 2 * BG_EXPAND_THREADS - 1) / (2 * BG_EXPAND_THREADS);
+        for (int tl = 0; tl < tiles; ++tl)
+            for (int p = 0; p < P.count; ++p)
+                emu_launch(nrec, BG_EXPAND_THREADS, [&] {
+                    blockIdx.y = tl; blockIdx.z = p;
+                    bgmv_expand_ix(y.data(), tmp.data(), recs.data(), LAYER, t0, t1, t2, col[0], col[1], col[2], n,
+                                   pstride, out, rmax, ks);
+                });
+    } else {
+        std::vector<float> tmp((size_t)P.count * n * rmax, NAN);
+        for (int j = 0; j < rmax; ++j)
+            for (int p = 0; p < P.count; ++p)
+                emu_launch(nrec, 128, [&] {
+                    blockIdx.y = j; blockIdx.z = p;
+                    bgmv_shrink_ix0(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, k, rmax);
+                });
+        const int tiles = (max_cols + 255) / 256;
+        for (int tl = 0; tl < tiles; ++tl)
+            for (int p = 0; p < P.count; ++p)
+                emu_launch(nrec, 256, [&] {
+                    blockIdx.y = tl; blockIdx.z = p;
+                    bgmv_expand_ix0(y.data(), tmp.data(), recs.data(), LAYER, t0, t1, t2, col[0], col[1], col[2], n,
+                                    out, rmax);
+                });
+    }
+    // Reference and checks.
+    std::vector<int> owner(n, -1);
+    for (const Seg& s : segs)
+        for (int i = 0; i < s.len; ++i) owner[s.start + i] = s.adapter;
+    double worst = 0;  // largest |err| / bound
+    int untouched_bad = 0;
+    for (int row = 0; row < n; ++row) {
+        for (int p = 0; p < P.count; ++p) {
+            const int t = P.target[p];
+            const Adapter* ad = owner[row] >= 0 ? &ads[owner[row]] : nullptr;
+            const bool has = ad && (ad->has >> t & 1);
+            const int r = has ? ad->rank : 0;
+            std::vector<double> xa(r, 0.0);  // x[row] . A[j]
+            for (int j = 0; j < r; ++j)
+                for (int kk = 0; kk < k; ++kk)
+                    xa[j] += (double)to_f(x[(size_t)row * k + kk]) * to_f(ad->A[t][(size_t)j * k + kk]);
+            for (int c = 0; c < P.width[p]; ++c) {
+                const size_t at = (size_t)row * out + col[p] + c;
+                if (!has) {
+                    if (y[at] != y0[at]) untouched_bad++;
+                    continue;
+                }
+                double acc = 0;
+                for (int j = 0; j < r; ++j) acc += xa[j] * to_f(ad->B[t][(size_t)c * r + j]);
+                const double ref = to_f(y0[at]) + (double)ad->scale * acc;
+                // bf16 rounds to 8 significant bits (half an ulp: at most 2^-8 of |ref|); the f32 sums add
+                // ~1e-6 (a rounding just across a tie), a bug far more.
+                const double bound = std::fabs(ref) / 256.0 + 2e-4;
+                const double err = std::fabs(to_f(y[at]) - ref);
+                worst = std::isnan(err) ? INFINITY : std::max(worst, err / bound);
+            }
+        }
+    }
+    const bool ok = worst <= 1.0 && untouched_bad == 0;
+    printf("%-6s %-58s chunk %-5d err/bound %.3f, %d entries outside the pairs changed\n", ok ? "ok" : "FAIL", what,
+           kc, worst, untouched_bad);
+    if (!ok) bad++;
+}
+
+static void run_all(const char* name, int n, int k, const Parts& P, const std::vector<std::pair<int, unsigned>>& specs,
+                    const std::vector<Seg>& segs, const std::vector<int>& chunks) {
+    const std::vector<Adapter> ads = make_adapters(k, specs);
+    std::vector<T> x((size_t)n * k);
+    int out = 0;
+    for (int p = 0; p < P.count; ++p) out += P.width[p];
+    std::vector<T> y0((size_t)n * out);
+    for (auto& v : x) v = from_f(uni(-1.f, 1.f));
+    for (auto& v : y0) v = from_f(uni(-0.5f, 0.5f));
+    char what[160];
+    for (int kc : chunks) {
+        snprintf(what, sizeof what, "%s, %d rows, in_dim %d, %s", kc ? "ix" : "ix0", n, k, name);
+        run_case(what, n, k, P, ads, segs, kc, x, y0);
+    }
+}
+
+int main() {
+    const unsigned ALL = 0x7f, NO_K = 0x7f & ~2u;
+    const Parts QKV{"q/k/v", 3, {0, 1, 2}, {4096, 1024, 1024}}, O{"o", 1, {3, 0, 0}, {4096, 0, 0}};
+    // One row, rank 16, q/k/v at in_dim 4096: the host's chunk (1024: 4 chunks), two groups per chunk
+    // (2048), a chunk that is not whole groups (1000: 5 chunks, the last of 96), the old pair.
+    run_all("q/k/v, rank 16", 1, 4096, QKV, {{16, ALL}}, {{0, 1, 0}}, {shrink_chunk(4096), 2048, 1000, 0});
+    // Four rows: a 2-row record (rank 8, no k pair), a row in no record, a 1-row record (rank 64).
+    run_all("q/k/v, ranks 8 (no k) + 64, a row in none", 4, 4096, QKV, {{8, NO_K}, {64, ALL}},
+            {{0, 2, 0}, {3, 1, 1}}, {shrink_chunk(4096), 0});
+    // Nine rows, o: records of 1, 3, 4 rows and a row in none; ranks 16, 8, 64, 4 (4: the expand's scalar path).
+    run_all("o, ranks 16/8/64/4, records of 1-4 rows", 9, 4096, O, {{16, ALL}, {8, ALL}, {64, ALL}, {4, ALL}},
+            {{0, 1, 0}, {1, 3, 1}, {5, 4, 2}}, {shrink_chunk(4096), 2048, 0});
+    run_all("o, rank 4", 2, 4096, O, {{4, ALL}}, {{1, 1, 0}}, {shrink_chunk(4096), 0});
+    // in_dim 2600 (3 chunks of 1024, the last a partial group), 1000 (one chunk), 4100 (scalar: 5 chunks,
+    // the last of 4 elements), with q/k/v and 9 rows.
+    for (int k : {2600, 1000, 4100})
+        run_all("q/k/v, ranks 16 (no k) + 64 + 8", 9, k, QKV, {{16, NO_K}, {64, ALL}, {8, ALL}},
+                {{0, 5, 0}, {5, 1, 1}, {7, 2, 2}}, {shrink_chunk(k), 0});
+    run_all("o, rank 64, scalar", 3, 4100, O, {{64, ALL}}, {{0, 3, 0}}, {shrink_chunk(4100), 2048, 0});
+    // 128 rows: one rank-16 adapter for every row (32 records), then a mix of four adapters with rows in none
+    // (37 records, padded to 64). The old pair only at the smaller sizes: emulated, its 16-64 blocks per record
+    // take minutes here.
+    run_all("q/k/v, one rank-16 adapter", 128, 4096, QKV, {{16, ALL}}, {{0, 128, 0}}, {shrink_chunk(4096)});
+    run_all("o, four adapters, rows in none", 128, 4096, O, {{16, ALL}, {8, ALL}, {64, ALL}, {16, NO_K}},
+            {{0, 40, 0}, {40, 1, 1}, {41, 7, 2}, {50, 77, 3}}, {shrink_chunk(4096)});
+    printf(bad ? "FAIL %d\n" : "OK\n", bad);
+    return bad != 0;
+}
