@@ -45,6 +45,19 @@ struct alignas(16) u32x4 { u32 x, y, z, w; };
 struct alignas(8) u32x2 { u32 x, y; };
 struct alignas(16) f32x4 { float x, y, z, w; };
 
+// 16 bytes of a weight (read-only for the kernel's life), not kept in the L1 (gemv, the decode LoRA).
+__device__ __forceinline__ u32x4 load_stream(const T* p) {
+#ifdef LORAX_EMU
+    return *reinterpret_cast<const u32x4*>(p);
+#else
+    u32x4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+#endif
+}
+
 // Loads N consecutive elements (N * sizeof(T) bytes, aligned to that size) as f32.
 template <int N>
 __device__ __forceinline__ void load_n(const T* __restrict__ p, float* out) {

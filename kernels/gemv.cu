@@ -12,19 +12,6 @@
 #define GEMV_COLS 2
 #define GEMV_UNROLL 4
 
-// 16 bytes of w, not kept in the L1.
-__device__ __forceinline__ u32x4 load_stream(const T* p) {
-#ifdef LORAX_EMU
-    return *reinterpret_cast<const u32x4*>(p);
-#else
-    u32x4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-#endif
-}
-
 // acc += dot(the VEC elements in w, xs[0 .. VEC)).
 __device__ __forceinline__ float dot_vec(const u32x4& w, const float* xs, float acc) {
     const T* e = reinterpret_cast<const T*>(&w);

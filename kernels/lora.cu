@@ -349,19 +349,6 @@ extern "C" __global__ void bgmv_expand_ix0(T* __restrict__ y, const float* __res
 #error "warp_sum4 transposes exactly BG_ROWS = 4 rows"
 #endif
 
-// 16 bytes of a weight, not kept in the L1 (a record's other blocks run on other multiprocessors).
-__device__ __forceinline__ u32x4 lora_ld16(const T* p) {
-#ifdef LORAX_EMU
-    return *reinterpret_cast<const u32x4*>(p);
-#else
-    u32x4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-#endif
-}
-
 // The warp's sums of v[0 .. 4): lanes 8i .. 8i + 7 get the sum of v[i]. Each step halves what a lane keeps:
 // lanes with bit 16 keep v[2], v[3] and send v[0], v[1] (the others the reverse), then bit 8 splits those two,
 // then 4, 2, 1 finish the sum. Every lane of the warp must call it.
@@ -384,7 +371,7 @@ __device__ __forceinline__ void lora_ld_group(u32x4* dst, const T* row, int g, i
 #pragma unroll
     for (int u = 0; u < BG_KV; ++u) {
         const int v = g * 32 * BG_KV + lane + 32 * u;
-        if (v < nv) dst[u] = lora_ld16(row + (u64)v * VEC);
+        if (v < nv) dst[u] = load_stream(row + (u64)v * VEC);
     }
 }
 
@@ -500,7 +487,7 @@ __device__ __forceinline__ void lora_ld_b(u32x4 (*dst)[BG_BV], const T* B, const
 #pragma unroll
         for (int u = 0; u < BG_BV; ++u) {
             const int j = j0 + u * VEC;
-            if (col[q] < cols && j < r) dst[q][u] = lora_ld16(B + (u64)col[q] * r + j);
+            if (col[q] < cols && j < r) dst[q][u] = load_stream(B + (u64)col[q] * r + j);
         }
 }
 
