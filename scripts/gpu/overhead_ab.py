@@ -6,11 +6,13 @@ shard's engine step, the shard call as the router times it, the router's whole s
     python3 scripts/gpu/overhead_ab.py BIN_DIR LOG_DIR NAME=VAR=VALUE[,VAR=VALUE] ...  ("NAME=" for none)
 
 e.g. `graphs= eager=LORAX_CUDA_GRAPHS=0`. Prints BENCH lines as bench.py does; BENCH_DEADLINE
-(Unix seconds) bounds it.
+(Unix seconds) bounds it. AB_REGIMES (e.g. "zipf:1 identical") adds, per variant, a run of each adapter
+popularity regime at 128 streams over bench.py's 1000 rank-16 adapters (made once, before the servers).
 """
 
 import os
 import shutil
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +27,11 @@ def main():
     model = f"{b.WORK}/mistral-7b-shape"
     write_dummy_model(model, b.CFG)
     os.makedirs(f"{b.WORK}/adapters", exist_ok=True)
+    regimes = os.environ.get("AB_REGIMES", "").split()
+    if regimes:
+        subprocess.run([f"{b.BIN}/lorax-bench", "make-adapters", "--config", f"{model}/config.json", "--count",
+                        str(b.N_ADAPTERS), "--rank", str(b.RANK), "--out", f"{b.WORK}/adapters"], check=True)
+        os.sync()
     lens = ["--prompt-tokens", str(b.PROMPT), "--output-tokens", str(b.OUT)]
     for spec in sys.argv[3:]:
         name, _, assigns = spec.partition("=")
@@ -38,6 +45,14 @@ def main():
                 doc = b.bench(label, "--concurrency", str(c), "--requests", str(n), "--warmup", "1", *lens)
                 after = b.step_metrics()
                 b.throughput(label, doc, c, before, after)
+                b.say_steps(before, after, f"{label} {env}")
+            for regime in regimes:
+                label = f"{name}-{regime.replace(':', '')}-c{b.STREAMS}"
+                before = b.step_metrics()
+                doc = b.bench(label, "--concurrency", str(b.STREAMS), "--requests", str(b.STREAMS), "--warmup",
+                              "16", "--popularity", regime, "--num-adapters", str(b.N_ADAPTERS), *lens)
+                after = b.step_metrics()
+                b.throughput(label, doc, b.STREAMS, before, after)
                 b.say_steps(before, after, f"{label} {env}")
         finally:
             stop_launcher(srv, timeout=15)
