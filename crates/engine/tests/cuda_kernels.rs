@@ -562,13 +562,19 @@ fn run_lora_cols(
 #[test]
 fn lora_sgmv_matches_cpu() {
     let mut rng = Rng(seed("lora"));
-    // Every case twice: decode shapes on BGMV (the default), then on SGMV, so both keep their coverage.
+    // Every case twice: decode shapes on BGMV and segments of more than 64 rows on cuBLAS (the defaults),
+    // then everything on SGMV, so both keep their coverage.
     for (dt, bgmv) in DTYPES.into_iter().flat_map(|d| [(d, true), (d, false)]) {
         let Some(mut g) = gpu(dt) else { return };
         g.set_lora_bgmv(bgmv);
+        g.set_lora_gemm(bgmv);
         say(&format!(
             "{dt:?} lora, decode shapes on {}",
-            if bgmv { "BGMV" } else { "SGMV" }
+            if bgmv {
+                "BGMV, long segments on cuBLAS"
+            } else {
+                "SGMV"
+            }
         ));
         // Mixed ranks 8..128, one-token segments, a segment longer than a row tile, base rows between.
         let mixed = [
@@ -647,6 +653,26 @@ fn lora_sgmv_matches_cpu() {
             scale: 1.0,
         }];
         run_lora(&g, &mut rng, 512, 2048, 2048, &long, "500-row segment");
+        // A mixed step: two prompt chunks (more than 64 rows: cuBLAS by default) between decode rows of other
+        // adapters, fused q/k/v with the Mistral shape's widths.
+        let prompts: Vec<Seg> = [(0, 1, 16), (1, 130, 16), (131, 1, 8), (133, 65, 64), (198, 2, 16)]
+            .into_iter()
+            .map(|(start, len, rank)| Seg {
+                start,
+                len,
+                rank,
+                scale: 1.5,
+            })
+            .collect();
+        run_lora_fused(
+            &g,
+            &mut rng,
+            201,
+            4096,
+            &[4096, 1024, 1024],
+            &[&prompts, &prompts, &prompts],
+            "mixed step, fused q/k/v",
+        );
         let odd = [
             Seg {
                 start: 1,

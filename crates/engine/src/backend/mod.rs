@@ -123,6 +123,15 @@ pub struct LoraSegment<'a, T> {
     pub col: usize,
 }
 
+// By hand: the derives would ask `T: Clone`, and a segment only borrows its tensors.
+impl<T> Clone for LoraSegment<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for LoraSegment<'_, T> {}
+
 /// Consecutive rows of a forward pass that share an adapter, for [`Backend::lora_step`].
 pub struct LoraRows<'a, B: Backend> {
     /// First row.

@@ -65,6 +65,10 @@ fn lora_ksplit() -> bool {
     })
 }
 
+/// Segments of more rows than this run as cuBLAS GEMMs ([`CudaBackend::lora_gemm_segment`]; BGMV's
+/// limit, so that the rest of a mixed step's segments stay on BGMV).
+pub(super) const GEMM_MIN_ROWS: usize = BG_SPLIT_MAX;
+
 /// `struct LoraSeg` of kernels/lora.cu (48 bytes, no padding).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -596,6 +600,65 @@ impl CudaBackend {
             bgmv: false,
             _io: PhantomData,
         }))
+    }
+
+    /// `y[rows] += scale · (x[rows] · aᵀ) · bᵀ` for one segment as two cuBLAS GEMMs, the intermediate
+    /// `[len, rank]` in the storage type (as PEFT keeps `lora_A`'s output): a prompt chunk's rows run at
+    /// the GEMM rate instead of SGMV's per-segment tiles and atomics.
+    pub(super) fn lora_gemm_segment(
+        &self,
+        y: &mut CudaTensor,
+        x: &CudaTensor,
+        seg: &LoraSegment<'_, CudaTensor>,
+    ) -> Result<()> {
+        let (n, k) = x.rows_cols();
+        let (ny, out) = y.rows_cols();
+        let (r, ka) = seg.a.rows_cols();
+        let (cols, rb) = seg.b.rows_cols();
+        if n != ny || ka != k || rb != r || seg.col + cols > out || seg.start + seg.len > n || r == 0 || cols == 0 {
+            return Err(EngineError::Backend(format!(
+                "lora: segment rows {}..{} of {n}, columns from {}, x {:?}, y {:?}, a {:?}, b {:?}",
+                seg.start,
+                seg.start + seg.len,
+                seg.col,
+                x.shape,
+                y.shape,
+                seg.a.shape,
+                seg.b.shape
+            )));
+        }
+        if seg.len == 0 || k == 0 {
+            return Ok(());
+        }
+        let size = self.dtype.size() as u64;
+        let tmp = self.bytes(seg.len * r * self.dtype.size())?;
+        let tp = self.ptr(&tmp);
+        let xp = self.ptr(&x.buf) + (seg.start * k) as u64 * size;
+        let yp = self.ptr(&y.buf) + (seg.start * out + seg.col) as u64 * size;
+        let (li, ri, ki, ci, oi) = (
+            int("rows", seg.len)?,
+            int("rank", r)?,
+            int("in features", k)?,
+            int("columns", cols)?,
+            int("out features", out)?,
+        );
+        // tmp[len, r] = x[rows] · aᵀ; then y[rows, col ..] += scale · tmp · bᵀ.
+        self.gemm_into(
+            seg.len,
+            r,
+            k,
+            (tp, xp, self.ptr(&seg.a.buf)),
+            (li, ri, ki, ri),
+            (1.0, 0.0),
+        )?;
+        self.gemm_into(
+            seg.len,
+            cols,
+            r,
+            (yp, tp, self.ptr(&seg.b.buf)),
+            (li, ci, ri, oi),
+            (seg.scale, 1.0),
+        )
     }
 
     /// Launches a planned LoRA product: zero the intermediate, shrink, expand (capturable in a graph).

@@ -304,6 +304,9 @@ pub struct CudaBackend {
     attn_merge: bool,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
+    /// LoRA segments longer than BGMV's limit (prompt chunks) as two cuBLAS GEMMs each
+    /// (`LORAX_CUDA_LORA_GEMM=0`: on SGMV with the rest).
+    lora_gemm: bool,
     /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
     /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
@@ -661,6 +664,7 @@ impl CudaBackend {
             attn_split_target: 8,
             attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
+            lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("LORAX_CUDA_GEMV_ROWS")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -729,6 +733,12 @@ impl CudaBackend {
     /// tests and comparisons).
     pub fn set_lora_bgmv(&mut self, on: bool) {
         self.lora_bgmv = on;
+    }
+
+    /// LoRA segments of more than 64 rows as cuBLAS GEMMs (default) or with the other segments on
+    /// BGMV/SGMV (for tests and comparisons).
+    pub fn set_lora_gemm(&mut self, on: bool) {
+        self.lora_gemm = on;
     }
 
     /// Linear layers of at most `rows` rows (0..=4) on the skinny-GEMM kernels, the rest on cuBLAS (for
@@ -962,32 +972,39 @@ impl CudaBackend {
     }
 
     /// `y = x · wᵀ` through cuBLAS (pointers and sizes checked by `linear`).
-    fn gemm(
+    fn gemm(&self, m: usize, n: usize, k: usize, ptrs: (u64, u64, u64), (mi, ni, ki): (i32, i32, i32)) -> Result<()> {
+        self.gemm_into(m, n, k, ptrs, (mi, ni, ki, ni), (1.0, 0.0))
+    }
+
+    /// `y = alpha · x · wᵀ + beta · y` through cuBLAS, `y`'s rows `ldy` elements apart (a block of columns of
+    /// a wider matrix); x `[m, k]` and w `[n, k]` dense. The caller checks pointers and sizes.
+    fn gemm_into(
         &self,
         m: usize,
         n: usize,
         k: usize,
         (yp, xp, wp): (u64, u64, u64),
-        (mi, ni, ki): (i32, i32, i32),
+        (mi, ni, ki, ldy): (i32, i32, i32, i32),
+        (alpha, beta): (f32, f32),
     ) -> Result<()> {
         let dt = match self.dtype {
             DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
             DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
             DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
         };
-        let (alpha, beta) = (1f32, 0f32);
         let mode = graph::mode();
         if mode != graph::Mode::Eager {
             self.graphs.sign(b"gemm");
-            for v in [m as u64, n as u64, k as u64, yp, xp, wp] {
+            let scalars = [ldy as u64, u64::from(alpha.to_bits()), u64::from(beta.to_bits())];
+            for v in [m as u64, n as u64, k as u64, yp, xp, wp].into_iter().chain(scalars) {
                 self.graphs.sign(&v.to_le_bytes());
             }
         }
         self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))?;
         // Row-major y[m, n] = x[m, k] · w[n, k]ᵀ is column-major yᵀ[n, m] = (w as col-major [k, n])ᵀ · (x as
         // col-major [k, m]): transa = T, transb = N.
-        // SAFETY: the pointers cover w (n·k), x (m·k) and y (m·n) elements of `dt`, as checked above;
-        // alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
+        // SAFETY: the pointers cover w (n·k), x (m·k) and y ((m - 1)·ldy + n) elements of `dt`, as the caller
+        // checked; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
         if mode != graph::Mode::Record {
             unsafe {
                 blas_result::gemm_ex(
@@ -1007,7 +1024,7 @@ impl CudaBackend {
                     (&raw const beta).cast::<c_void>(),
                     yp as *mut c_void,
                     dt,
-                    ni,
+                    ldy,
                     blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
@@ -1565,14 +1582,21 @@ impl Backend for CudaBackend {
         done
     }
 
+    /// Segments of more than 64 rows (prompt chunks) as two cuBLAS GEMMs each (`lora_gemm`), the rest
+    /// through one BGMV or SGMV plan.
     fn lora(&self, y: &mut CudaTensor, x: &CudaTensor, segments: &[LoraSegment<'_, CudaTensor>]) -> Result<()> {
         let planning = std::time::Instant::now();
-        let plan = self.lora_plan(y, x, segments)?;
+        let long = |s: &LoraSegment<'_, CudaTensor>| self.lora_gemm && s.len > lora::GEMM_MIN_ROWS;
+        let rest: Vec<LoraSegment<'_, CudaTensor>> = segments.iter().filter(|s| !long(s)).copied().collect();
+        let plan = self.lora_plan(y, x, &rest)?;
         self.graphs.clock.plan(true, planning);
-        match plan {
-            Some(plan) => self.lora_run(&plan),
-            None => Ok(()),
+        if let Some(plan) = plan {
+            self.lora_run(&plan)?;
         }
+        for seg in segments.iter().filter(|s| long(s)) {
+            self.lora_gemm_segment(y, x, seg)?;
+        }
+        Ok(())
     }
 
     /// On the device (kernels/sampling.cu); typical-p rows and rows asking for more than 32
