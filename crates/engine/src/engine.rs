@@ -651,3 +651,75 @@ struct Work {
     /// Prompt tokens (else a decode row).
     prefill: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::AheadKey;
+    use crate::backend::AttnSeq;
+    use crate::model::{AdapterSegment, ForwardInput};
+
+    fn input<'a>(tokens: &[u32], ctx: &[usize], tables: &'a [Vec<u32>], adapter_rows: usize) -> ForwardInput<'a> {
+        ForwardInput {
+            tokens: tokens.to_vec(),
+            positions: ctx.iter().map(|&c| c as u32).collect(),
+            slots: ctx
+                .iter()
+                .zip(tables)
+                .map(|(&c, t)| t[c / 16] * 16 + (c % 16) as u32)
+                .collect(),
+            seqs: ctx
+                .iter()
+                .zip(tables)
+                .enumerate()
+                .map(|(i, (&c, t))| AttnSeq {
+                    q_start: i,
+                    q_len: 1,
+                    ctx_before: c,
+                    block_table: t,
+                })
+                .collect(),
+            logit_rows: (0..tokens.len()).collect(),
+            segments: (adapter_rows > 0)
+                .then_some(AdapterSegment {
+                    start: 0,
+                    len: adapter_rows,
+                    adapter: 0,
+                })
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// A step prepared ahead replays only for the same inputs; its token ids are free.
+    #[test]
+    fn ahead_key_ignores_tokens_and_nothing_else() {
+        let tables = vec![vec![3, 7], vec![5, 9]];
+        let key = AheadKey::of(&input(&[11, 12], &[20, 17], &tables, 1), &["a"]);
+        assert!(
+            key.matches(&input(&[40, 41], &[20, 17], &tables, 1), &["a"]),
+            "other token ids"
+        );
+        assert!(
+            !key.matches(&input(&[11, 12], &[21, 17], &tables, 1), &["a"]),
+            "a position"
+        );
+        // A block appended: the same slots, another table (the attention metadata differs).
+        let grown = vec![vec![3, 7], vec![5, 9, 12]];
+        assert!(
+            !key.matches(&input(&[11, 12], &[20, 17], &grown, 1), &["a"]),
+            "a block table"
+        );
+        assert!(
+            !key.matches(&input(&[11, 12], &[20, 17], &tables, 2), &["a"]),
+            "adapter rows"
+        );
+        assert!(
+            !key.matches(&input(&[11, 12], &[20, 17], &tables, 1), &["b"]),
+            "another adapter"
+        );
+        assert!(
+            !key.matches(&input(&[11], &[20], &tables[..1], 1), &["a"]),
+            "fewer sequences"
+        );
+    }
+}

@@ -570,11 +570,7 @@ fn lora_sgmv_matches_cpu() {
         g.set_lora_gemm(bgmv);
         say(&format!(
             "{dt:?} lora, decode shapes on {}",
-            if bgmv {
-                "BGMV, long segments on cuBLAS"
-            } else {
-                "SGMV"
-            }
+            if bgmv { "BGMV, long segments on cuBLAS" } else { "SGMV" }
         ));
         // Mixed ranks 8..128, one-token segments, a segment longer than a row tile, base rows between.
         let mixed = [
