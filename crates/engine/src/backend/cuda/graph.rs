@@ -409,6 +409,12 @@ impl CudaBackend {
         tracing::warn!("CUDA graphs turned off after a failure, decode steps run eagerly: {e}");
         self.graphs.enabled.store(false, Ordering::Relaxed);
         if let Ok(mut g) = self.graphs.lock() {
+            // A copy from the mirror may be in flight (a launch that failed after it, perhaps before its
+            // event was recorded): let the stream finish before the pinned memory goes. A rare path.
+            if g.copy_pending {
+                let _ = self.stream.synchronize();
+            }
+            g.copy_pending = false;
             g.graphs.clear();
             g.work = None;
             g.meta = None;
@@ -540,6 +546,10 @@ impl CudaBackend {
         let Some(p) = self.graphs.lock()?.prepared.take() else {
             return Ok(None);
         };
+        // Switched off since it was recorded (an A/B between steps): the step runs as the switches say.
+        if !self.graphs.enabled.load(Ordering::Relaxed) || !self.graphs.ahead.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         // SAFETY: u32s are plain numbers; any byte pattern of them is valid to read.
         let bytes = unsafe { std::slice::from_raw_parts(tokens.as_ptr().cast::<u8>(), std::mem::size_of_val(tokens)) };
         {
@@ -633,6 +643,8 @@ impl CudaBackend {
             let src = unsafe { std::slice::from_raw_parts(g.host_ptr as *const u8, used) };
             unsafe { drv_result::memcpy_htod_async(meta.base, src, self.stream.cu_stream()) }
                 .map_err(|e| drv("copying graph metadata", e))?;
+            // In flight from here on (also if what follows fails).
+            g.copy_pending = true;
             if g.copied.is_none() {
                 g.copied = Some(self.ctx.new_event(None).map_err(|e| drv("creating an event", e))?);
             }
