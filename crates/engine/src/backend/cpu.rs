@@ -197,20 +197,7 @@ impl Backend for CpuBackend {
             return Err(shape_err("lora", &x.shape, &y.shape));
         }
         for seg in segments {
-            let (r, ka) = seg.a.rows_cols();
-            let (ob, rb) = seg.b.rows_cols();
-            if ka != k || seg.col + ob > out || rb != r || seg.start + seg.len > n {
-                return Err(EngineError::Backend(format!(
-                    "lora: segment rows {}..{} of {n}, columns from {}, x {:?}, y {:?}, a {:?}, b {:?}",
-                    seg.start,
-                    seg.start + seg.len,
-                    seg.col,
-                    x.shape,
-                    y.shape,
-                    seg.a.shape,
-                    seg.b.shape
-                )));
-            }
+            let (r, ob) = seg.check(|t| &t.shape, &x.shape, &y.shape)?;
             let xs = &x.data[seg.start * k..(seg.start + seg.len) * k];
             let shrunk = matmul_t(xs, &seg.a.data, seg.len, k, r);
             let expanded = matmul_t(&shrunk, &seg.b.data, seg.len, r, ob);

@@ -123,6 +123,31 @@ pub struct LoraSegment<'a, T> {
     pub col: usize,
 }
 
+impl<T> LoraSegment<'_, T> {
+    /// Checks the segment against `x` `[n, k]` and `y` `[n, out]` (`shape` gives a tensor's shape): `a`
+    /// `[r, k]`, `b` `[cols, r]`, its rows within n and columns within out, r and cols not 0. Returns
+    /// (r, cols).
+    pub fn check(&self, shape: impl Fn(&T) -> &[usize], x: &[usize], y: &[usize]) -> Result<(usize, usize)> {
+        let rows_cols = |s: &[usize]| match s {
+            [] => (1, 1),
+            [r @ .., c] => (r.iter().product(), *c),
+        };
+        let ((n, k), (_, out)) = (rows_cols(x), rows_cols(y));
+        let ((r, ka), (cols, rb)) = (rows_cols(shape(self.a)), rows_cols(shape(self.b)));
+        if ka != k || rb != r || self.col + cols > out || self.start + self.len > n || r == 0 || cols == 0 {
+            return Err(crate::error::EngineError::Backend(format!(
+                "lora: segment rows {}..{} of {n}, columns from {}, x {x:?}, y {y:?}, a {:?}, b {:?}",
+                self.start,
+                self.start + self.len,
+                self.col,
+                shape(self.a),
+                shape(self.b)
+            )));
+        }
+        Ok((r, cols))
+    }
+}
+
 // By hand: the derives would ask `T: Clone`, and a segment only borrows its tensors.
 impl<T> Clone for LoraSegment<'_, T> {
     fn clone(&self) -> Self {

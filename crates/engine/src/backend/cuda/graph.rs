@@ -45,7 +45,7 @@ use std::time::Instant;
 
 use cudarc::driver::{result as drv_result, sys as drv_sys, CudaGraph, CudaSlice, PinnedHostSlice};
 
-use super::{drv, CudaBackend, CudaTensor, DevBuf};
+use super::{drv, plain_bytes, CudaBackend, CudaTensor, DevBuf};
 use crate::error::{EngineError, Result};
 use cudarc::driver::CudaEvent;
 
@@ -427,15 +427,9 @@ impl CudaBackend {
     fn try_graph_step(&self, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<Result<CudaTensor>> {
         for _ in 0..2 {
             let recording = Instant::now();
-            let (out, sig, work, meta) = {
-                self.begin_pass()?;
-                let _mode = ModeGuard::set(Mode::Record);
-                let out = match f() {
-                    Ok(t) => t,
-                    Err(e) => return Ok(Err(e)),
-                };
-                let g = self.graphs.lock()?;
-                (out, signature(), g.work_used, g.meta_used)
+            let (out, sig, work, meta) = match self.record_pass(f)? {
+                Ok(pass) => pass,
+                Err(e) => return Ok(Err(e)),
             };
             if !self.arenas_fit(work, meta)? {
                 drop(out);
@@ -466,6 +460,22 @@ impl CudaBackend {
         Err(EngineError::Backend(
             "the graph arenas did not fit after growing".into(),
         ))
+    }
+
+    /// Runs `f` as a record pass (launching nothing): its output, signature and arena bytes used. Outer
+    /// error: the graph state; inner: `f`'s own.
+    fn record_pass(
+        &self,
+        f: &mut dyn FnMut() -> Result<CudaTensor>,
+    ) -> Result<Result<(CudaTensor, u64, usize, usize)>> {
+        self.begin_pass()?;
+        let _mode = ModeGuard::set(Mode::Record);
+        let out = match f() {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(e)),
+        };
+        let g = self.graphs.lock()?;
+        Ok(Ok((out, signature(), g.work_used, g.meta_used)))
     }
 
     /// Resets the arenas' offsets and the signature, forgets a step recorded ahead; waits for the last
@@ -508,29 +518,25 @@ impl CudaBackend {
             return Ok(false);
         }
         let recording = Instant::now();
-        self.begin_pass()?;
-        let out = {
-            let _mode = ModeGuard::set(Mode::Record);
-            match f() {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::debug!("a decode step recorded ahead failed (the step itself will run): {e}");
-                    return Ok(false);
-                }
+        let (out, sig, work, meta) = match self.record_pass(f)? {
+            Ok(pass) => pass,
+            Err(e) => {
+                tracing::debug!("a decode step recorded ahead failed (the step itself will run): {e}");
+                return Ok(false);
             }
         };
         let record_ns = nanos(recording);
-        let sig = signature();
+        if !self.arenas_fit(work, meta)? {
+            return Ok(false);
+        }
         let mut g = self.graphs.lock()?;
-        let fits = g.work.as_ref().is_some_and(|a| g.work_used <= a.cap)
-            && g.meta.as_ref().is_some_and(|a| g.meta_used <= a.cap);
-        let (Some(tokens_at), true, true) = (g.tokens_at, fits, g.graphs.contains_key(&sig)) else {
+        let (Some(tokens_at), true) = (g.tokens_at, g.graphs.contains_key(&sig)) else {
             return Ok(false);
         };
         g.prepared = Some(Prepared {
             sig,
             out,
-            meta_used: g.meta_used,
+            meta_used: meta,
             tokens_at,
             record_ns,
         });
@@ -550,8 +556,7 @@ impl CudaBackend {
         if !self.graphs.enabled.load(Ordering::Relaxed) || !self.graphs.ahead.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        // SAFETY: u32s are plain numbers; any byte pattern of them is valid to read.
-        let bytes = unsafe { std::slice::from_raw_parts(tokens.as_ptr().cast::<u8>(), std::mem::size_of_val(tokens)) };
+        let bytes = plain_bytes(tokens);
         {
             let mut g = self.graphs.lock()?;
             let (off, len) = p.tokens_at;

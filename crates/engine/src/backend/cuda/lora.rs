@@ -14,7 +14,6 @@
 //! run can be captured in a CUDA graph and replayed (the benchmarks time kernels that way).
 
 use std::marker::PhantomData;
-use std::sync::OnceLock;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -49,20 +48,6 @@ fn shrink_chunk(k: usize, size: usize) -> usize {
         return k;
     }
     (k.div_ceil(BG_KSPLIT).div_ceil(group) * group).min(BG_KC_BYTES / size)
-}
-
-/// Whether a step's layers run the k-split pair `bgmv_shrink_ix` / `bgmv_expand_ix` (the default) or the
-/// earlier `bgmv_shrink_ix0` / `bgmv_expand_ix0` (`LORAX_CUDA_LORA_KSPLIT=0`, for comparisons; docs/gpu.md).
-/// Read once per process.
-fn lora_ksplit() -> bool {
-    static KSPLIT: OnceLock<bool> = OnceLock::new();
-    *KSPLIT.get_or_init(|| {
-        let on = std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v.trim() != "0");
-        if !on {
-            tracing::info!("LORAX_CUDA_LORA_KSPLIT=0: decode LoRA on bgmv_shrink_ix0 / bgmv_expand_ix0");
-        }
-        on
-    })
 }
 
 /// Segments of more rows than this run as cuBLAS GEMMs ([`CudaBackend::lora_gemm_segment`]; BGMV's
@@ -201,9 +186,7 @@ impl CudaBackend {
         }
         // On the upload stream, as the adapter's weights (this may run beside a step; see
         // crate::engine::AdapterUploader), and finished before the index is handed out.
-        // SAFETY: `LoraRef` is `Plain` (numbers, no padding).
-        let bytes =
-            unsafe { std::slice::from_raw_parts(refs.as_ptr().cast::<u8>(), std::mem::size_of_val(refs.as_slice())) };
+        let bytes = super::plain_bytes(&refs);
         let table = self
             .upload_stream
             .clone_htod(bytes)
@@ -324,7 +307,7 @@ impl CudaBackend {
         );
         let (recs, parts) = (uint("records", step.records)?, uint("parts", used)?);
         let (xp, yp, sp) = (self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&step.table));
-        if !lora_ksplit() {
+        if !self.lora_ksplit {
             let tmp = self.bytes(used * n * step.rmax * 4)?;
             let tp = self.ptr(&tmp);
             let shrink = cfg((recs, uint("rank", step.rmax)?, parts), BG_SHRINK_THREADS, 0);
@@ -443,20 +426,7 @@ impl CudaBackend {
         // intermediate in rows p·n .. (p + 1)·n.
         let mut parts: Vec<usize> = Vec::new();
         for seg in segments {
-            let (r, ka) = seg.a.rows_cols();
-            let (ob, rb) = seg.b.rows_cols();
-            if ka != k || seg.col + ob > out || rb != r || seg.start + seg.len > n || r == 0 || ob == 0 {
-                return Err(EngineError::Backend(format!(
-                    "lora: segment rows {}..{} of {n}, columns from {}, x {:?}, y {:?}, a {:?}, b {:?}",
-                    seg.start,
-                    seg.start + seg.len,
-                    seg.col,
-                    x.shape,
-                    y.shape,
-                    seg.a.shape,
-                    seg.b.shape
-                )));
-            }
+            let (r, ob) = seg.check(|t| &t.shape, &x.shape, &y.shape)?;
             if seg.len > 0 {
                 rmax = rmax.max(r);
                 max_len = max_len.max(seg.len);
@@ -611,22 +581,11 @@ impl CudaBackend {
         x: &CudaTensor,
         seg: &LoraSegment<'_, CudaTensor>,
     ) -> Result<()> {
-        let (n, k) = x.rows_cols();
-        let (ny, out) = y.rows_cols();
-        let (r, ka) = seg.a.rows_cols();
-        let (cols, rb) = seg.b.rows_cols();
-        if n != ny || ka != k || rb != r || seg.col + cols > out || seg.start + seg.len > n || r == 0 || cols == 0 {
-            return Err(EngineError::Backend(format!(
-                "lora: segment rows {}..{} of {n}, columns from {}, x {:?}, y {:?}, a {:?}, b {:?}",
-                seg.start,
-                seg.start + seg.len,
-                seg.col,
-                x.shape,
-                y.shape,
-                seg.a.shape,
-                seg.b.shape
-            )));
+        let ((n, k), (ny, out)) = (x.rows_cols(), y.rows_cols());
+        if n != ny {
+            return Err(shape_err("lora", &x.shape, &y.shape));
         }
+        let (r, cols) = seg.check(|t| &t.shape, &x.shape, &y.shape)?;
         if seg.len == 0 || k == 0 {
             return Ok(());
         }

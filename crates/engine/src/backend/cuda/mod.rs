@@ -307,6 +307,9 @@ pub struct CudaBackend {
     /// LoRA segments longer than BGMV's limit (prompt chunks) as two cuBLAS GEMMs each
     /// (`LORAX_CUDA_LORA_GEMM=0`: on SGMV with the rest).
     lora_gemm: bool,
+    /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
+    /// `_ix0` pair, for comparisons).
+    lora_ksplit: bool,
     /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
     /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
@@ -450,6 +453,12 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
 
 /// Plain numbers (and `#[repr(C)]` records of them without padding) that uploads copy as bytes.
 trait Plain: Copy {}
+
+/// The bytes of a slice of plain numbers (uploads, the graph metadata mirror).
+fn plain_bytes<T: Plain>(data: &[T]) -> &[u8] {
+    // SAFETY: `Plain` types are plain numbers without padding; any byte pattern of them is valid to read.
+    unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) }
+}
 impl Plain for u8 {}
 impl Plain for u32 {}
 impl Plain for i32 {}
@@ -665,6 +674,7 @@ impl CudaBackend {
             attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
+            lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
             gemv_rows: std::env::var("LORAX_CUDA_GEMV_ROWS")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -896,8 +906,7 @@ impl CudaBackend {
 
     /// Small host arrays (metadata) to the device: their own allocation, or the graph's metadata arena.
     fn upload<T: Plain>(&self, data: &[T]) -> Result<DevBuf> {
-        // SAFETY: `Plain` types are plain numbers without padding; any byte pattern of them is valid to read.
-        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) };
+        let bytes = plain_bytes(data);
         if graph::mode() != graph::Mode::Eager {
             return self.graphs.upload(bytes);
         }
@@ -1278,10 +1287,8 @@ impl Backend for CudaBackend {
         let d_ids = if graph::mode() == graph::Mode::Eager {
             self.upload(ids)?
         } else {
-            // SAFETY: u32s are plain numbers; any byte pattern of them is valid to read.
-            let bytes = unsafe { std::slice::from_raw_parts(ids.as_ptr().cast::<u8>(), std::mem::size_of_val(ids)) };
             // A step recorded ahead is replayed with other token ids, written where these went.
-            self.graphs.upload_tokens(bytes)?
+            self.graphs.upload_tokens(plain_bytes(ids))?
         };
         let (o, t, i, h) = (
             self.ptr(&out.buf),
