@@ -183,6 +183,17 @@ __device__ __forceinline__ void copy_wait() {
 #endif
 }
 
+// 2^x on the special-function unit (ex2.approx, flush-to-zero: about 2 ulp; exp2(-inf) = 0).
+__device__ __forceinline__ float exp2_fast(float x) {
+#if defined(LORAX_EMU)
+    return std::exp2(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
 // Tensor cores (prefill.cu, the `_tc` decode attention of attention.cu): c += a.b for a 16x16 (row) by
 // 16x8 (col) tile pair of the storage type, f32 accumulators, as mma.sync m16n8k16 lays its fragments out:

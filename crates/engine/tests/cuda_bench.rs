@@ -11,7 +11,7 @@
 mod cuda_common;
 
 use cuda_common::{backend, bench, event, graph_ms, median, say, Rng};
-use lorax_engine::backend::cuda::AttnKernel;
+use lorax_engine::backend::cuda::{AttnKernel, PrefillShape};
 use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
 use lorax_engine::weights::DType;
 use lorax_engine::{Backend, CudaBackend, CudaTensor, Result};
@@ -187,23 +187,39 @@ fn decode_attention(g: &CudaBackend, batch: usize, ctx: usize, heads: usize, kv_
     );
 }
 
-/// Causal prefill of one sequence: the tensor-core kernel, or (`tc` false) the paged kernel with one block
-/// per query row and KV head.
-fn prefill_attention(g: &mut CudaBackend, tc: bool, len: usize, heads: usize, kv_heads: usize) {
+/// Causal prefill of sequences of lengths `lens` in one launch (no cached prefix): the tensor-core kernel,
+/// or (`tc` false) the paged kernel with one block per query row and KV head.
+fn prefill_attention(g: &mut CudaBackend, tc: bool, lens: &[usize], heads: usize, kv_heads: usize) {
     g.set_tensor_core_prefill(tc);
     let g = &*g;
     let (hd, bs) = (128, 16);
-    let nb = len.div_ceil(bs);
+    let rows: usize = lens.iter().sum();
+    let nbs: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
+    let nb: usize = nbs.iter().sum();
     let k = rand(g, &[nb * bs, kv_heads * hd], 21, 1.0);
     let v = rand(g, &[nb * bs, kv_heads * hd], 22, 1.0);
-    let q = rand(g, &[len, heads * hd], 23, 1.0);
-    let table: Vec<u32> = (0..nb as u32).collect();
-    let seqs = [AttnSeq {
-        q_start: 0,
-        q_len: len,
-        ctx_before: 0,
-        block_table: &table,
-    }];
+    let q = rand(g, &[rows, heads * hd], 23, 1.0);
+    let mut tables: Vec<Vec<u32>> = Vec::new();
+    let mut first = 0u32;
+    for &n in &nbs {
+        tables.push((first..first + n as u32).collect());
+        first += n as u32;
+    }
+    let mut q_start = 0;
+    let seqs: Vec<AttnSeq<'_>> = lens
+        .iter()
+        .zip(&tables)
+        .map(|(&len, table)| {
+            let s = AttnSeq {
+                q_start,
+                q_len: len,
+                ctx_before: 0,
+                block_table: table,
+            };
+            q_start += len;
+            s
+        })
+        .collect();
     let meta = AttnMeta {
         num_heads: heads,
         num_kv_heads: kv_heads,
@@ -215,17 +231,34 @@ fn prefill_attention(g: &mut CudaBackend, tc: bool, len: usize, heads: usize, kv
     };
     let plan = g.attention_plan(&q, &k, &v, &meta).unwrap();
     let ms = graph_ms(g, 1, 10, &|_| g.attention_run(&plan));
-    // QKᵀ and PV over the causal triangle: 2 · 2 · len²/2 · heads · hd flops.
-    let tflops = 2.0 * (len * len) as f64 * (heads * hd) as f64 / (ms * 1e-3) / 1e12;
+    // QKᵀ and PV over the causal triangles: 2 · 2 · len²/2 · heads · hd flops each.
+    let flops: f64 = lens.iter().map(|&l| 2.0 * (l * l) as f64 * (heads * hd) as f64).sum();
+    let shape = lens.iter().map(ToString::to_string).collect::<Vec<_>>().join("+");
     bench(
         &format!(
-            "prefill_attention_{}_len{len}_h{heads}kv{kv_heads}",
+            "prefill_attention_{}_len{shape}_h{heads}kv{kv_heads}",
             if tc { "tc" } else { "paged" }
         ),
         ms,
         "ms",
-        &format!("{tflops:.1} TFLOP/s over the causal triangle"),
+        &format!("{:.1} TFLOP/s over the causal triangle(s)", flops / (ms * 1e-3) / 1e12),
     );
+}
+
+/// The tensor-core prefill kernel's tile shapes (`PrefillShape`) at the serving shapes: a 1000-token prompt
+/// (the TTFT target), four 512-token prompts (a 2048-token prompt chunk), 4096 and 16384 tokens.
+#[test]
+#[ignore = "GPU benchmark: run with --ignored --nocapture"]
+fn prefill_benchmarks() {
+    let Some(mut g) = backend(DType::BF16) else { return };
+    for shape in PrefillShape::ALL {
+        g.set_prefill_shape(shape);
+        say(&format!("prefill tiles {}:", shape.label()));
+        prefill_attention(&mut g, true, &[1000], 32, 8);
+        prefill_attention(&mut g, true, &[512; 4], 32, 8);
+        prefill_attention(&mut g, true, &[4096], 32, 8);
+        prefill_attention(&mut g, true, &[16384], 32, 8);
+    }
 }
 
 #[test]
@@ -269,9 +302,9 @@ fn kernel_benchmarks() {
     }
     g.set_attention_kernel(AttnKernel::Tensor); // the default
     g.set_attention_split_target(8);
-    prefill_attention(&mut g, true, 4096, 32, 8);
-    prefill_attention(&mut g, false, 4096, 32, 8);
-    prefill_attention(&mut g, true, 16384, 32, 8);
+    prefill_attention(&mut g, true, &[4096], 32, 8);
+    prefill_attention(&mut g, false, &[4096], 32, 8);
+    prefill_attention(&mut g, true, &[16384], 32, 8);
 }
 
 /// Where a Mistral-7B-shaped decode step and a 1000-token prefill spend their time: every linear layer of
@@ -347,5 +380,5 @@ fn step_profile() {
     // and a 1000-token prefill on the tensor-core kernel.
     decode_attention(&g, 1, 640, 32, 8, copy);
     decode_attention(&g, 128, 640, 32, 8, copy);
-    prefill_attention(&mut g, true, 1000, 32, 8);
+    prefill_attention(&mut g, true, &[1000], 32, 8);
 }

@@ -16,7 +16,9 @@ use lorax_engine::comm::SingleRank;
 use lorax_engine::kv_cache::BlockAllocator;
 use lorax_engine::lora::HostAdapter;
 use lorax_engine::weights::DType;
-use lorax_engine::{Batch, CacheConfig, CudaBackend, Engine, LoadFormat, ModelConfig, NewSequence, SamplingParams};
+use lorax_engine::{
+    Batch, CacheConfig, CudaBackend, Engine, LoadFormat, ModelConfig, NewSequence, SamplingParams, StepOptions,
+};
 
 const CACHE: CacheConfig = CacheConfig {
     num_blocks: 512,
@@ -250,12 +252,17 @@ fn decode_step_time_with_and_without_graphs() {
     }
 }
 
-/// Eager decode steps of a Mistral-7B-shaped bf16 dummy model (`LORAX_PROFILE_LAYERS` layers, default 2),
+/// Eager steps of a Mistral-7B-shaped bf16 dummy model (`LORAX_PROFILE_LAYERS` layers, default 2),
 /// bracketed by `cuProfilerStart`/`Stop` so that a profiler started with `--profile-from-start off` sees
 /// only their kernels: `scripts/gpu/kernel_profile.sh` runs it under Nsight Compute and sums the time per
-/// kernel. `LORAX_PROFILE_SCENARIO` picks the batch: `b<rows>` (base model), `b<rows>-identical` (one
-/// rank-16 q/k/v/o adapter for every row) or `b<rows>-distinct` (one adapter per row); 512-token
-/// prompts, then 4 steps of warm-up and `LORAX_PROFILE_STEPS` (default 2) profiled steps.
+/// kernel. `LORAX_PROFILE_SCENARIO` picks the step: `b<rows>` (decode steps of that many rows),
+/// `p<len>` (each step the whole prompt of a new `len`-token sequence) or `m<rows>` (mixed steps, as the
+/// server runs them while prompts arrive: `rows` decode rows plus four new 512-token prompts, 2048 prompt
+/// tokens); a suffix `-identical` gives every sequence one rank-16 q/k/v/o adapter, `-distinct` one
+/// adapter each (128 at most). Decode rows come from 512-token prompts and 4 steps of warm-up, then
+/// `LORAX_PROFILE_STEPS` (default 2) profiled steps. Each profiled step's wall time (synchronised) and host
+/// time up to its launch are printed (`STEP ...`), which is the figure to read when no profiler is attached
+/// (`LORAX_PROFILE_LAYERS=32` gives the whole model's step).
 #[test]
 #[ignore = "profiling aid: run under ncu --profile-from-start off (scripts/gpu/kernel_profile.sh)"]
 fn decode_step_kernels_for_a_profiler() {
@@ -266,12 +273,20 @@ fn decode_step_kernels_for_a_profiler() {
     let layers: usize = env("LORAX_PROFILE_LAYERS", "2").parse().unwrap();
     let steps: usize = env("LORAX_PROFILE_STEPS", "2").parse().unwrap();
     let scenario = env("LORAX_PROFILE_SCENARIO", "b1");
-    let (rows, kind) = scenario.split_once('-').unwrap_or((&scenario, "base"));
-    let rows: usize = rows.trim_start_matches('b').parse().unwrap();
+    let (shape, kind) = scenario.split_once('-').unwrap_or((&scenario, "base"));
+    let (what, n) = shape.split_at(1);
+    let n: usize = n.parse().unwrap();
+    // Decode rows in the batch, and new prompts (with their length) per profiled step.
+    let (rows, prompts, prompt_len) = match what {
+        "b" => (n, 0, 0),
+        "p" => (0, 1, n),
+        "m" => (n, 4, 512),
+        other => panic!("unknown scenario shape {other}"),
+    };
     let adapters = match kind {
         "base" => 0,
         "identical" => 1,
-        "distinct" => rows,
+        "distinct" => (rows + prompts * steps).clamp(1, 128),
         other => panic!("unknown scenario kind {other}"),
     };
     let dir = tempfile::tempdir().unwrap();
@@ -299,32 +314,69 @@ fn decode_step_kernels_for_a_profiler() {
     }
     let mut alloc = BlockAllocator::new(cache.num_blocks as u32, cache.block_size);
     let mut batch = Batch::default();
+    let mut new_seq = |id: usize, len: usize| NewSequence {
+        id: id as u64,
+        input_ids: (0..len as u32).map(|t| (t * 37 + id as u32 * 11) % 30000 + 3).collect(),
+        block_table: alloc.allocate(len + 64).unwrap(),
+        params: SamplingParams::default(),
+        prefill_logprobs: false,
+        adapter: (!keys.is_empty()).then(|| keys[id % keys.len()].clone()),
+    };
     for chunk in (0..rows).collect::<Vec<_>>().chunks(16) {
-        let news = chunk
-            .iter()
-            .map(|&i| NewSequence {
-                id: i as u64,
-                input_ids: vec![1; 512],
-                block_table: alloc.allocate(512 + 64).unwrap(),
-                params: SamplingParams::default(),
-                prefill_logprobs: false,
-                adapter: (!keys.is_empty()).then(|| keys[i % keys.len()].clone()),
-            })
-            .collect();
+        let news = chunk.iter().map(|&i| new_seq(i, 512)).collect();
         e.prefill(&mut batch, news).unwrap();
     }
+    let mut next_id = rows;
+    let mut run = |e: &mut Engine<CudaBackend>, batch: &mut Batch| {
+        let news: Vec<NewSequence> = (next_id..next_id + prompts).map(|i| new_seq(i, prompt_len)).collect();
+        next_id += prompts;
+        let opts = StepOptions {
+            decode: rows > 0,
+            max_prompt_tokens: (prompts > 0 && rows > 0).then_some(prompts * prompt_len),
+        };
+        e.step(batch, news, opts).unwrap();
+    };
+    // Warm-up: decode steps for the decode rows; for prompts, one step of each kind as profiled.
     for _ in 0..4 {
-        e.decode(&mut batch).unwrap();
+        if rows > 0 {
+            e.decode(&mut batch).unwrap();
+        }
+    }
+    if prompts > 0 {
+        run(&mut e, &mut batch);
     }
     e.backend.synchronize().unwrap();
+    let host_us = |e: &Engine<CudaBackend>| {
+        let t = if prompts > 0 {
+            e.prompt_times()
+        } else {
+            e.decode_times()
+        };
+        (t.steps, t.forward)
+    };
     // SAFETY: plain driver calls on the current context; without a profiler attached they do nothing.
     unsafe { cudarc::driver::sys::cuProfilerStart() };
-    for _ in 0..steps {
-        e.decode(&mut batch).unwrap();
+    for i in 0..steps {
+        let (n0, f0) = host_us(&e);
+        let t = Instant::now();
+        run(&mut e, &mut batch);
+        e.backend.synchronize().unwrap();
+        let wall = t.elapsed();
+        let (n1, f1) = host_us(&e);
+        let host = if n1 > n0 {
+            format!("{:.0}", (f1 - f0).as_secs_f64() * 1e6)
+        } else {
+            "?".into()
+        };
+        say(&format!(
+            "STEP {scenario} {i}: {:.3} ms wall (synchronised), {host} us host time up to the launch",
+            wall.as_secs_f64() * 1e3
+        ));
     }
     e.backend.synchronize().unwrap();
     unsafe { cudarc::driver::sys::cuProfilerStop() };
     say(&format!(
-        "PROFILED {scenario}: {steps} eager decode steps of {rows} rows, {layers} layers, {adapters} adapters"
+        "PROFILED {scenario}: {steps} eager steps, {rows} decode rows, {prompts} new prompt(s) of {prompt_len} tokens \
+         each, {layers} layers, {adapters} adapters"
     ));
 }

@@ -10,7 +10,7 @@
 mod cuda_common;
 
 use cuda_common::{backend, check, round, say, seed, tol, Rng};
-use lorax_engine::backend::cuda::AttnKernel;
+use lorax_engine::backend::cuda::{AttnKernel, PrefillShape};
 use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
 use lorax_engine::weights::DType;
 use lorax_engine::{Backend, CpuBackend, CudaBackend, EngineError};
@@ -420,6 +420,18 @@ fn attention_matches_cpu() {
             for c in &cases {
                 run_attention(&g, &mut rng, c);
             }
+        }
+        // Every other tile shape of the tensor-core prefill kernel, on the cases it takes.
+        if dt != DType::F32 {
+            g.set_tensor_core_prefill(true);
+            for shape in PrefillShape::ALL.into_iter().filter(|s| *s != PrefillShape::W4N32) {
+                g.set_prefill_shape(shape);
+                say(&format!("{dt:?}: tensor-core prefill tiles {}", shape.label()));
+                for c in cases.iter().filter(|c| c.seqs.iter().any(|&(q, _)| q >= 16)) {
+                    run_attention(&g, &mut rng, c);
+                }
+            }
+            g.set_prefill_shape(PrefillShape::W4N32);
         }
         // Every kernel family of GQA at head size 128.
         g.set_tensor_core_prefill(false);

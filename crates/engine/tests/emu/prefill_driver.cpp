@@ -13,7 +13,9 @@
 typedef void (*Kern)(T*, const T*, const T*, const T*, const PrefillTile*, const u32*, int, int, int, float);
 
 template <int HD>
-int check(Kern kern, int heads, int kvh, int bs, std::vector<std::pair<int, int>> seqs, unsigned seed) {
+int check(const char* name, Kern kern, int warps, int heads, int kvh, int bs, std::vector<std::pair<int, int>> seqs,
+          unsigned seed) {
+    const int bm = 16 * warps;
     std::mt19937 rng(seed);
     std::uniform_real_distribution<float> U(-1.f, 1.f);
     int nblocks = 0, nrows = 0;
@@ -37,7 +39,7 @@ int check(Kern kern, int heads, int kvh, int bs, std::vector<std::pair<int, int>
             const size_t slot = (size_t)tables[off + p / bs] * bs + p % bs;
             for (size_t e = 0; e < kvw; ++e) K[slot * kvw + e] = from_f(U(rng)), V[slot * kvw + e] = from_f(U(rng));
         }
-        for (int t = 0; t < len; t += 64) tiles.push_back({row + t, std::min(64, len - t), before + t, off});
+        for (int t = 0; t < len; t += bm) tiles.push_back({row + t, std::min(bm, len - t), before + t, off});
         table_of.push_back(off);
         row0_of.push_back(row);
         row += len;
@@ -45,7 +47,7 @@ int check(Kern kern, int heads, int kvh, int bs, std::vector<std::pair<int, int>
     const float scale = 1.f / std::sqrt((float)HD);
     std::vector<T> out(nrows * qw, (T)0x7fc1);
     for (int h = 0; h < heads; ++h)
-        emu_launch(tiles.size(), 128, [&] {
+        emu_launch(tiles.size(), 32 * warps, [&] {
             blockIdx.y = h;
             kern(out.data(), Q.data(), K.data(), V.data(), tiles.data(), tables.data(), heads, kvh, bs, scale);
         });
@@ -78,7 +80,7 @@ int check(Kern kern, int heads, int kvh, int bs, std::vector<std::pair<int, int>
             }
         }
     }
-    printf("prefill_attention_%d heads %d/%d block %d: max abs err %.3g\n", HD, heads, kvh, bs, worst);
+    printf("%s heads %d/%d block %d: max abs err %.3g\n", name, heads, kvh, bs, worst);
     return worst < 2e-2 ? 0 : 1;
 }
 
@@ -86,9 +88,21 @@ int main() {
     int bad = 0;
     // One launch: a short prompt, one of several tiles, a cached prefix of 37 keys, one of 200 behind 33 rows.
     std::vector<std::pair<int, int>> seqs = {{0, 16}, {0, 130}, {37, 70}, {200, 33}};
-    bad += check<128>(prefill_attention_128, 8, 2, 16, seqs, 1);
-    bad += check<64>(prefill_attention_64, 4, 4, 16, seqs, 2);
-    bad += check<128>(prefill_attention_128, 4, 1, 4, {{5, 100}, {0, 64}}, 3);
+    // Every tile shape (warps per block, keys per step) the host can pick.
+    const struct {
+        const char* name;
+        Kern k128, k64;
+        int warps;
+    } shapes[] = {{"", prefill_attention_128, prefill_attention_64, 4},
+                  {"_w4n64", prefill_attention_128_w4n64, prefill_attention_64_w4n64, 4},
+                  {"_w8n32", prefill_attention_128_w8n32, prefill_attention_64_w8n32, 8},
+                  {"_w8n64", prefill_attention_128_w8n64, prefill_attention_64_w8n64, 8}};
+    for (auto& sh : shapes) {
+        printf("tile%s:\n", sh.name);
+        bad += check<128>("prefill_attention_128", sh.k128, sh.warps, 8, 2, 16, seqs, 1);
+        bad += check<64>("prefill_attention_64", sh.k64, sh.warps, 4, 4, 16, seqs, 2);
+        bad += check<128>("prefill_attention_128", sh.k128, sh.warps, 4, 1, 4, {{5, 100}, {0, 64}, {3, 200}}, 3);
+    }
     printf(bad ? "FAIL %d\n" : "OK\n", bad);
     return bad != 0;
 }

@@ -19,8 +19,6 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Sequences with at least this many new tokens go to the tensor-core prefill kernel (when it applies).
 const TC_PREFILL_MIN_ROWS: usize = 16;
-/// Query rows per prefill tile (PF_BM in kernels/prefill.cu).
-const PF_BM: usize = 64;
 
 /// The tensor-core prefill part of an attention call.
 struct PrefillLaunch {
@@ -188,8 +186,11 @@ impl CudaBackend {
         };
         let kernel = format!("paged_attention_{hd}_{maxg}{family}");
         let bs = meta.block_size;
-        let tc_kernel = (self.tc_prefill && self.dtype != DType::F32 && (hd == 64 || hd == 128))
-            .then(|| format!("prefill_attention_{hd}"));
+        let shape = self.prefill_shape;
+        // Query rows per prefill tile: 16 per warp.
+        let pf_bm = 16 * shape.warps();
+        let tc_kernel =
+            (self.tc_prefill && self.dtype != DType::F32 && (hd == 64 || hd == 128)).then(|| shape.kernel(hd));
         // Validate the whole batch before computing anything (as the CPU backend does).
         let mut rows = vec![-1i32; 2 * n];
         let mut tables: Vec<u32> = Vec::new();
@@ -213,10 +214,10 @@ impl CudaBackend {
             // Prefill-sized sequences whose context no sliding window cuts go to the tensor cores.
             let uncut = meta.sliding_window.is_none_or(|w| ctx <= w);
             if tc_kernel.is_some() && s.q_len >= TC_PREFILL_MIN_ROWS && uncut {
-                for t in (0..s.q_len).step_by(PF_BM) {
+                for t in (0..s.q_len).step_by(pf_bm) {
                     pf_tiles.push([
                         int("row", s.q_start + t)?,
-                        int("tile rows", PF_BM.min(s.q_len - t))?,
+                        int("tile rows", pf_bm.min(s.q_len - t))?,
                         int("position", s.ctx_before + t)?,
                         off,
                     ]);
@@ -276,8 +277,8 @@ impl CudaBackend {
                             uint("heads", meta.num_heads)?,
                             1,
                         ),
-                        128,
-                        0,
+                        uint("prefill threads", 32 * shape.warps())?,
+                        shape.smem_bytes(hd, self.dtype.size()),
                     ),
                     tiles_ptr: self.ptr(&d_tiles),
                     _tiles: d_tiles,

@@ -102,6 +102,77 @@ impl AttnKernel {
     }
 }
 
+/// Tile shapes of the tensor-core prefill kernel (kernels/prefill.cu): warps per block, 16 query rows each,
+/// and keys per step (`LORAX_CUDA_PREFILL_TILE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillShape {
+    /// 4 warps (64 rows), 32 keys a step (`w4n32`, the default).
+    W4N32,
+    /// 4 warps, 64 keys a step (`w4n64`).
+    W4N64,
+    /// 8 warps (128 rows), 32 keys a step (`w8n32`).
+    W8N32,
+    /// 8 warps, 64 keys a step (`w8n64`).
+    W8N64,
+}
+
+impl PrefillShape {
+    /// All of them, for tests and benchmarks.
+    pub const ALL: [PrefillShape; 4] = [Self::W4N32, Self::W4N64, Self::W8N32, Self::W8N64];
+
+    /// `LORAX_CUDA_PREFILL_TILE` (unset: [`PrefillShape::W4N32`]); an unknown value is an error naming the
+    /// choices.
+    fn from_env() -> Result<Self> {
+        match std::env::var("LORAX_CUDA_PREFILL_TILE") {
+            Err(_) => Ok(Self::W4N32),
+            Ok(v) => Self::ALL.into_iter().find(|s| s.label() == v).ok_or_else(|| {
+                EngineError::Backend(format!(
+                    "LORAX_CUDA_PREFILL_TILE={v:?}: expected w4n32, w4n64, w8n32 or w8n64"
+                ))
+            }),
+        }
+    }
+
+    /// The name `LORAX_CUDA_PREFILL_TILE` takes.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::W4N32 => "w4n32",
+            Self::W4N64 => "w4n64",
+            Self::W8N32 => "w8n32",
+            Self::W8N64 => "w8n64",
+        }
+    }
+
+    /// Warps per block (each 16 query rows).
+    pub(crate) fn warps(self) -> usize {
+        match self {
+            Self::W4N32 | Self::W4N64 => 4,
+            Self::W8N32 | Self::W8N64 => 8,
+        }
+    }
+
+    /// Keys per step.
+    fn keys(self) -> usize {
+        match self {
+            Self::W4N32 | Self::W8N32 => 32,
+            Self::W4N64 | Self::W8N64 => 64,
+        }
+    }
+
+    /// The kernel at head size `hd` (`prefill_attention_<hd><suffix>`).
+    pub(crate) fn kernel(self, hd: usize) -> String {
+        match self {
+            Self::W4N32 => format!("prefill_attention_{hd}"),
+            s => format!("prefill_attention_{hd}_{}", s.label()),
+        }
+    }
+
+    /// Dynamic shared memory of a block: two stages of keys and values, rows of hd + 8 elements.
+    pub(crate) fn smem_bytes(self, hd: usize, elem: usize) -> usize {
+        2 * 2 * self.keys() * (hd + 8) * elem
+    }
+}
+
 /// Split counters of attention (rows x KV heads x head chunks of one launch at most; a larger split launch
 /// merges its splits with `attn_reduce` instead).
 pub(crate) const ATTN_COUNTERS: usize = 1 << 16;
@@ -185,7 +256,19 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
             "bgmv_expand_ix0",
         ],
     ),
-    ("prefill", &["prefill_attention_64", "prefill_attention_128"]),
+    (
+        "prefill",
+        &[
+            "prefill_attention_64",
+            "prefill_attention_128",
+            "prefill_attention_64_w4n64",
+            "prefill_attention_128_w4n64",
+            "prefill_attention_64_w8n32",
+            "prefill_attention_128_w8n32",
+            "prefill_attention_64_w8n64",
+            "prefill_attention_128_w8n64",
+        ],
+    ),
     ("sampling", &["sample_rows"]),
 ];
 
@@ -291,6 +374,8 @@ pub struct CudaBackend {
     /// Kernels launched with programmatic dependent launch ([`launch_pdl`]; `LORAX_CUDA_PDL=0` turns it off).
     pdl: bool,
     tc_prefill: bool,
+    /// The tensor-core prefill kernel's tile shape (`LORAX_CUDA_PREFILL_TILE`).
+    prefill_shape: PrefillShape,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
@@ -408,6 +493,20 @@ impl CudaBackend {
             flat_grid(n)
         }
     }
+}
+
+/// Dynamic shared memory of prefill kernel `name` (none for other kernels and for f32, whose prefill kernels
+/// are empty).
+fn prefill_smem(name: &str, dtype: DType) -> Option<usize> {
+    if dtype == DType::F32 {
+        return None;
+    }
+    [64, 128].into_iter().find_map(|hd| {
+        PrefillShape::ALL
+            .into_iter()
+            .find(|s| s.kernel(hd) == name)
+            .map(|s| s.smem_bytes(hd, dtype.size()))
+    })
 }
 
 /// Grid for a grid-stride element-wise kernel over `n` elements with 256 threads.
@@ -622,6 +721,16 @@ impl CudaBackend {
                 let f = module
                     .load_function(name)
                     .map_err(|e| drv(&format!("kernel {name} of {}", src.name), e))?;
+                if let Some(bytes) = prefill_smem(name, dtype) {
+                    // The prefill kernels' stages are dynamic shared memory, past the default 48 KiB for
+                    // some tile shapes.
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+                    f.set_attribute(
+                        drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                    .map_err(|e| drv(&format!("shared memory of kernel {name}"), e))?;
+                }
                 funcs.insert(name, f);
             }
             tracing::debug!(module = src.name, cached = compiled.cached, arch = %compiler.arch, "kernels loaded");
@@ -667,6 +776,7 @@ impl CudaBackend {
             pdl: std::env::var("LORAX_CUDA_PDL").map_or(true, |v| v != "0") && pdl_supported(cc),
             compute_capability: cc,
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
+            prefill_shape: PrefillShape::from_env()?,
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
@@ -713,6 +823,12 @@ impl CudaBackend {
     /// kernel (default; `LORAX_CUDA_PREFILL=simple` turns it off) rather than the paged kernel.
     pub fn set_tensor_core_prefill(&mut self, on: bool) {
         self.tc_prefill = on;
+    }
+
+    /// The tensor-core prefill kernel's tile shape (default [`PrefillShape::W4N32`];
+    /// `LORAX_CUDA_PREFILL_TILE`).
+    pub fn set_prefill_shape(&mut self, shape: PrefillShape) {
+        self.prefill_shape = shape;
     }
 
     /// At most this many query heads per attention block (1, 2, 4 or 8; default 8). Fewer heads per block
