@@ -217,13 +217,15 @@ __device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) 
         c[i] += s;
     }
 #elif defined(LORAX_DTYPE_BF16)
-    asm volatile(
+    // Not volatile: a pure function of its registers, so the compiler may interleave independent products
+    // (ldmatrix and cp.async stay volatile: they touch shared memory).
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #else
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])

@@ -221,30 +221,33 @@ extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_ca
 
 // out[r, c] = silu(x[r, c]) * x[r, f + c] for the fused gate/up output x [rows, 2f]; silu's result is rounded
 // to the storage type first, as transformers computes act_fn(gate_proj(x)) * up_proj(x) in that type.
-extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x, u64 n, u64 f) {
+// Grid: rows along y (in turns past gridDim.y), each row's columns along x (16 bytes a thread where the
+// row and pointers allow it: the host sizes grid.x by vectors then).
+extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x, u64 rows, u64 f) {
     pdl_enter();
-    if (vec_ok(out, x, x, x, f)) {
-        // 16 bytes at a time (the host sizes the grid by vectors).
-        for (u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n; i += (u64)gridDim.x * blockDim.x * VEC) {
-            const u64 r = i / f, c = i - r * f;
-            const T* row = x + r * 2 * f;
-            float g[VEC], u[VEC];
-            load_n<VEC>(row + c, g);
-            load_n<VEC>(row + f + c, u);
-            u32x4 o;
-            T* oe = reinterpret_cast<T*>(&o);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) oe[e] = from_f(to_f(from_f(g[e] / (1.0f + expf(-g[e])))) * u[e]);
-            *reinterpret_cast<u32x4*>(out + i) = o;
-        }
-        return;
-    }
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const u64 r = i / f, c = i - r * f;
+    const bool vec = vec_ok(out, x, x, x, f);
+    const u64 first = ((u64)blockIdx.x * blockDim.x + threadIdx.x), stride = (u64)gridDim.x * blockDim.x;
+    for (u64 r = blockIdx.y; r < rows; r += gridDim.y) {
         const T* row = x + r * 2 * f;
-        const float g = to_f(row[c]);
-        const float sg = to_f(from_f(g / (1.0f + expf(-g))));
-        out[i] = from_f(sg * to_f(row[f + c]));
+        T* o = out + r * f;
+        if (vec) {
+            for (u64 c = first * VEC; c < f; c += stride * VEC) {
+                float g[VEC], u[VEC];
+                load_n<VEC>(row + c, g);
+                load_n<VEC>(row + f + c, u);
+                u32x4 v;
+                T* ve = reinterpret_cast<T*>(&v);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) ve[e] = from_f(to_f(from_f(g[e] / (1.0f + expf(-g[e])))) * u[e]);
+                *reinterpret_cast<u32x4*>(o + c) = v;
+            }
+            continue;
+        }
+        for (u64 c = first; c < f; c += stride) {
+            const float g = to_f(row[c]);
+            const float sg = to_f(from_f(g / (1.0f + expf(-g))));
+            o[c] = from_f(sg * to_f(row[f + c]));
+        }
     }
 }
 

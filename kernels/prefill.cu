@@ -127,17 +127,20 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
             const T* v_s = k_s + STAGE;
 
             // S = Q.K^T for this warp's 16 rows and the step's keys; one ldmatrix gives two k-steps of B.
+            // Each k-step's fragments of every key tile are loaded first, then its products run over the
+            // key tiles: NT independent accumulators between two products into the same one.
             float s[NT][4];
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-                for (int kk = 0; kk < KS / 2; ++kk) {
-                    u32 b[4];
-                    ldsm_x4<false>(b, k_s + (nt * 8 + r8) * LD + kk * 32 + m4 * 8);
-                    mma_16816(s[nt], qf[2 * kk], b);
-                    mma_16816(s[nt], qf[2 * kk + 1], b + 2);
-                }
+            for (int kk = 0; kk < KS / 2; ++kk) {
+                u32 b[NT][4];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) ldsm_x4<false>(b[nt], k_s + (nt * 8 + r8) * LD + kk * 32 + m4 * 8);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) mma_16816(s[nt], qf[2 * kk], b[nt]);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) mma_16816(s[nt], qf[2 * kk + 1], b[nt] + 2);
             }
             // Causal mask, where the step reaches past the warp's first row or the warp has rows past the
             // tile (rows past the tile see nothing).
@@ -201,12 +204,15 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
                                   pack(from_f(s[2 * j][2]), from_f(s[2 * j][3])),
                                   pack(from_f(s[2 * j + 1][0]), from_f(s[2 * j + 1][1])),
                                   pack(from_f(s[2 * j + 1][2]), from_f(s[2 * j + 1][3]))};
+                // The next fragments are loaded before this pair of products runs.
+                const T* v_row = v_s + (j * 16 + (m4 % 2) * 8 + r8) * LD + (m4 / 2) * 8;
+                u32 b[2][4];
+                ldsm_x4<true>(b[0], v_row);
 #pragma unroll
                 for (int dd = 0; dd < DT / 2; ++dd) {
-                    u32 b[4];
-                    ldsm_x4<true>(b, v_s + (j * 16 + (m4 % 2) * 8 + r8) * LD + (2 * dd + m4 / 2) * 8);
-                    mma_16816(o[2 * dd], a, b);
-                    mma_16816(o[2 * dd + 1], a, b + 2);
+                    if (dd + 1 < DT / 2) ldsm_x4<true>(b[(dd + 1) % 2], v_row + (dd + 1) * 16);
+                    mma_16816(o[2 * dd], a, b[dd % 2]);
+                    mma_16816(o[2 * dd + 1], a, b[dd % 2] + 2);
                 }
             }
         }

@@ -36,7 +36,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serving import MISTRAL_7B_SHAPE, call, dummy_server_args, start_launcher, stop_launcher, write_dummy_model  # noqa: E402
+from serving import (MISTRAL_7B_SHAPE, call, dummy_server_args, parse_step_metrics, start_launcher,  # noqa: E402
+                     steps_line, stop_launcher, write_dummy_model)
 
 TINY = os.environ.get("BENCH_TINY") == "1"
 WORK = "/tmp/lorax-bench"
@@ -242,23 +243,9 @@ def scrape():
         return ""
 
 
-STEP_HISTOGRAMS = (("lorax_batch_shard_duration", "shard engine"), ("lorax_batch_shard_handler_duration", "handler"),
-                   ("lorax_batch_shard_send_duration", "send"), ("lorax_batch_shard_return_duration", "return"),
-                   ("lorax_batch_forward_duration", "forward"), ("lorax_batch_inference_duration", "step"))
-
-
 def step_metrics():
-    """Sums and counts of the router's per-step histograms: {(name, method, "sum" | "count"): value}, with
-    method "" for the unlabelled ones (decode rows per step, each request's validation and queue time)."""
-    out = {}
-    for line in scrape().splitlines():
-        m = re.match(r'(lorax_batch_(?:forward|inference|shard|shard_handler|shard_send|shard_return)_duration)_(sum|count)\{method="(\w+)"\}\s+(\S+)', line)
-        if m:
-            out[(m.group(1), m.group(3), m.group(2))] = float(m.group(4))
-        m = re.match(r'(lorax_batch_decode_size|lorax_request_(?:validation|queue)_duration)_(sum|count)\s+(\S+)', line)
-        if m:
-            out[(m.group(1), "", m.group(2))] = float(m.group(3))
-    return out
+    """The router's per-step histogram sums and counts now (serving.parse_step_metrics)."""
+    return parse_step_metrics(scrape())
 
 
 def say_request_phases(before, after, what):
@@ -272,17 +259,8 @@ def say_request_phases(before, after, what):
 
 
 def say_steps(before, after, what):
-    """Mean time per step of each kind between two step_metrics(): "shard engine" is the shard's engine step
-    as the shard reports it, "forward" the shard call as the router sees it (the engine step, the shard's
-    handler, gRPC), "step" adds the router's handling of the results."""
-    parts = []
-    for method in ("prefill", "mixed", "decode"):
-        for name, short in STEP_HISTOGRAMS:
-            n = after.get((name, method, "count"), 0) - before.get((name, method, "count"), 0)
-            total = after.get((name, method, "sum"), 0) - before.get((name, method, "sum"), 0)
-            if n > 0:
-                parts.append(f"{method} {short} {1e3 * total / n:.2f} ms x {n:.0f}")
-    say(f"BENCH steps ({what}): " + (", ".join(parts) or "none counted"))
+    """Mean time per step of each kind between two step_metrics() (serving.steps_line)."""
+    say(f"BENCH steps ({what}): " + steps_line(before, after))
 
 
 def host_reports(kind="decode"):

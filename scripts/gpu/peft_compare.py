@@ -28,9 +28,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serving import MISTRAL_7B_SHAPE, dummy_server_args, start_launcher, stop_launcher, write_dummy_model  # noqa: E402
+from serving import (MISTRAL_7B_SHAPE, dummy_server_args, parse_step_metrics, start_launcher,  # noqa: E402
+                     steps_line, stop_launcher, write_dummy_model)
 
 BIN, LOGS = sys.argv[1], sys.argv[2]
 WORK = "/tmp/lorax-peft-compare"
@@ -80,6 +82,12 @@ def ours(model):
             raise RuntimeError(r.stderr[-500:])
         rep = json.load(open(out))["report"]
         section("ours", t)
+        try:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=10) as m:
+                steps = steps_line({}, parse_step_metrics(m.read().decode()))
+        except OSError as e:
+            steps = f"metrics unavailable: {e}"
+        say(f"PEFT ours steps (the 16 warm-up requests included): {steps}")
         return rep
     finally:
         t = time.time()

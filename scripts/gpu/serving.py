@@ -1,6 +1,8 @@
-"""Helpers of the GPU scripts: a free local port, a JSON call, starting and stopping the launcher, and the
-dummy Mistral-7B-shaped model of the benchmarks (bench.py, peft_compare.py)."""
+"""Helpers of the GPU scripts: a free local port, a JSON call, starting and stopping the launcher, the
+router's per-step metrics, and the dummy Mistral-7B-shaped model of the benchmarks (bench.py,
+peft_compare.py)."""
 import json
+import re
 import socket
 import urllib.request
 
@@ -92,3 +94,41 @@ def dummy_server_args(model, adapters):
             "--adapter-source", "local", "--max-input-length", "1100", "--max-total-tokens", "1400",
             "--max-batch-prefill-tokens", "8192", "--num-blocks", "16384", "--max-active-adapters", "128",
             "--max-concurrent-requests", "1024", "--shard-startup-timeout-s", "240"]
+
+
+STEP_HISTOGRAMS = (("lorax_batch_shard_duration", "shard engine"), ("lorax_batch_shard_handler_duration", "handler"),
+                   ("lorax_batch_shard_send_duration", "send"), ("lorax_batch_shard_return_duration", "return"),
+                   ("lorax_batch_forward_duration", "forward"), ("lorax_batch_inference_duration", "step"))
+
+
+def parse_step_metrics(text):
+    """Sums and counts of the router's per-step histograms in a /metrics text: {(name, method, "sum" |
+    "count"): value}, with method "" for the unlabelled ones (decode rows per step, each request's validation
+    and queue time)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r'(lorax_batch_(?:forward|inference|shard|shard_handler|shard_send|shard_return)_duration)_(sum|count)\{method="(\w+)"\}\s+(\S+)', line)
+        if m:
+            out[(m.group(1), m.group(3), m.group(2))] = float(m.group(4))
+        m = re.match(r'(lorax_batch_decode_size|lorax_request_(?:validation|queue)_duration)_(sum|count)\s+(\S+)', line)
+        if m:
+            out[(m.group(1), "", m.group(2))] = float(m.group(3))
+    return out
+
+
+def steps_line(before, after):
+    """Mean time per step of each kind between two parse_step_metrics() results: "shard engine" is the shard's
+    engine step as the shard reports it, "forward" the shard call as the router sees it (the engine step, the
+    shard's handler, gRPC), "step" adds the router's handling of the results."""
+    parts = []
+    for method in ("prefill", "mixed", "decode"):
+        for name, short in STEP_HISTOGRAMS:
+            n = after.get((name, method, "count"), 0) - before.get((name, method, "count"), 0)
+            total = after.get((name, method, "sum"), 0) - before.get((name, method, "sum"), 0)
+            if n > 0:
+                parts.append(f"{method} {short} {1e3 * total / n:.2f} ms x {n:.0f}")
+    key = ("lorax_batch_decode_size", "")
+    n = after.get((*key, "count"), 0) - before.get((*key, "count"), 0)
+    if n > 0:
+        parts.append(f"{(after.get((*key, 'sum'), 0) - before.get((*key, 'sum'), 0)) / n:.1f} decode rows a step")
+    return ", ".join(parts) or "none counted"

@@ -251,9 +251,9 @@ fn prefill_attention(g: &mut CudaBackend, tc: bool, lens: &[usize], heads: usize
 #[ignore = "GPU benchmark: run with --ignored --nocapture"]
 fn prefill_benchmarks() {
     let Some(mut g) = backend(DType::BF16) else { return };
-    for shape in PrefillShape::ALL {
+    for shape in PrefillShape::ALL.into_iter().map(Some).chain([None]) {
         g.set_prefill_shape(shape);
-        say(&format!("prefill tiles {}:", shape.label()));
+        say(&format!("prefill tiles {}:", shape.map_or("auto", PrefillShape::label)));
         prefill_attention(&mut g, true, &[1000], 32, 8);
         prefill_attention(&mut g, true, &[512; 4], 32, 8);
         prefill_attention(&mut g, true, &[4096], 32, 8);

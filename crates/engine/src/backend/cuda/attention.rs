@@ -9,8 +9,8 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::{
-    cfg, int, shape_err, uint, AttnKernel, CudaBackend, CudaTensor, DevBuf, ATTN_CHUNK, ATTN_COUNTERS, ATTN_KERNELS,
-    ATTN_THREADS,
+    cfg, int, shape_err, uint, AttnKernel, CudaBackend, CudaTensor, DevBuf, PrefillShape, ATTN_CHUNK, ATTN_COUNTERS,
+    ATTN_KERNELS, ATTN_THREADS,
 };
 use crate::backend::AttnMeta;
 use crate::error::{EngineError, Result};
@@ -186,7 +186,14 @@ impl CudaBackend {
         };
         let kernel = format!("paged_attention_{hd}_{maxg}{family}");
         let bs = meta.block_size;
-        let shape = self.prefill_shape;
+        let longest = meta
+            .seqs
+            .iter()
+            .filter(|s| s.q_len >= TC_PREFILL_MIN_ROWS)
+            .map(|s| s.ctx_before + s.q_len)
+            .max()
+            .unwrap_or(0);
+        let shape = self.prefill_shape.unwrap_or_else(|| PrefillShape::auto(longest));
         // Query rows per prefill tile: 16 per warp.
         let pf_bm = 16 * shape.warps();
         let tc_kernel =

@@ -106,7 +106,7 @@ impl AttnKernel {
 /// and keys per step (`LORAX_CUDA_PREFILL_TILE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillShape {
-    /// 4 warps (64 rows), 32 keys a step (`w4n32`, the default).
+    /// 4 warps (64 rows), 32 keys a step (`w4n32`).
     W4N32,
     /// 4 warps, 64 keys a step (`w4n64`).
     W4N64,
@@ -120,16 +120,28 @@ impl PrefillShape {
     /// All of them, for tests and benchmarks.
     pub const ALL: [PrefillShape; 4] = [Self::W4N32, Self::W4N64, Self::W8N32, Self::W8N64];
 
-    /// `LORAX_CUDA_PREFILL_TILE` (unset: [`PrefillShape::W4N32`]); an unknown value is an error naming the
-    /// choices.
-    fn from_env() -> Result<Self> {
-        match std::env::var("LORAX_CUDA_PREFILL_TILE") {
-            Err(_) => Ok(Self::W4N32),
-            Ok(v) => Self::ALL.into_iter().find(|s| s.label() == v).ok_or_else(|| {
+    /// `LORAX_CUDA_PREFILL_TILE` (unset or `auto`: none, the choice by context length of
+    /// [`PrefillShape::auto`]); an unknown value is an error naming the choices.
+    fn from_env() -> Result<Option<Self>> {
+        match std::env::var("LORAX_CUDA_PREFILL_TILE").as_deref() {
+            Err(_) | Ok("auto") => Ok(None),
+            Ok(v) => Self::ALL.into_iter().find(|s| s.label() == v).map(Some).ok_or_else(|| {
                 EngineError::Backend(format!(
-                    "LORAX_CUDA_PREFILL_TILE={v:?}: expected w4n32, w4n64, w8n32 or w8n64"
+                    "LORAX_CUDA_PREFILL_TILE={v:?}: expected auto, w4n32, w4n64, w8n32 or w8n64"
                 ))
             }),
+        }
+    }
+
+    /// The shape for a launch whose longest prefill context is `keys` tokens: 8 warps and 64 keys a step
+    /// from 2048 keys, else 4 warps and 64 keys. On the H200 (`cuda_bench prefill_benchmarks`, session 12
+    /// call 1) w4n64 was the fastest or within 1% at 1000 tokens and four prompts of 512 (90-95 TFLOP/s),
+    /// w8n64 at 4096 and 16384 tokens (165 and 204 TFLOP/s against 149 and 177 for w4n32).
+    pub fn auto(keys: usize) -> Self {
+        if keys >= 2048 {
+            Self::W8N64
+        } else {
+            Self::W4N64
         }
     }
 
@@ -374,8 +386,8 @@ pub struct CudaBackend {
     /// Kernels launched with programmatic dependent launch ([`launch_pdl`]; `LORAX_CUDA_PDL=0` turns it off).
     pdl: bool,
     tc_prefill: bool,
-    /// The tensor-core prefill kernel's tile shape (`LORAX_CUDA_PREFILL_TILE`).
-    prefill_shape: PrefillShape,
+    /// The tensor-core prefill kernel's tile shape (`LORAX_CUDA_PREFILL_TILE`; none: by context length).
+    prefill_shape: Option<PrefillShape>,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
@@ -481,7 +493,31 @@ fn row_threads(cols: usize) -> u32 {
     t * 32
 }
 
+/// Vectors of 16 bytes a thread of a row kernel holds at most in its 16-byte path (ROW_NV in
+/// kernels/elementwise.cu).
+const ROW_NV: usize = 4;
+
+/// Rows from which a row kernel gets narrower blocks ([`CudaBackend::row_threads_for`]), per multiprocessor.
+const ROW_BATCH_PER_SM: usize = 4;
+
 impl CudaBackend {
+    /// Threads of a row kernel's block (one block per row) for `rows` rows of `cols` elements: as
+    /// [`row_threads`] for a few rows (a decode step's: the row's latency matters), a quarter of that for
+    /// a prompt's thousands (at least enough threads for [`ROW_NV`] vectors each, the kernels' 16-byte
+    /// path): smaller blocks, each thread with several loads in flight, and one row's reduction overlapping
+    /// other rows' loads. On the H200 a 4096-wide `add_rms_norm` of 2184 rows took 48 µs with 512 threads a
+    /// row (1.5 TB/s; bench/NOTES.md, session 12).
+    fn row_threads_for(&self, rows: usize, cols: usize) -> u32 {
+        let t = row_threads(cols);
+        if rows < ROW_BATCH_PER_SM * self.num_sms {
+            return t;
+        }
+        let vec = 16 / self.dtype.size();
+        #[allow(clippy::cast_possible_truncation)]
+        let need = cols.div_ceil(vec).div_ceil(ROW_NV).next_multiple_of(32).min(512) as u32;
+        (t / 4).max(need).max(32)
+    }
+
     /// Grid of an element-wise kernel over `n` elements with 256 threads: one thread per 16 bytes where the
     /// kernel takes its 16-byte path (rows of `row` elements, a multiple of the vector, and every pointer
     /// 16-byte aligned: the kernels' `vec_ok`), else one per element.
@@ -825,9 +861,9 @@ impl CudaBackend {
         self.tc_prefill = on;
     }
 
-    /// The tensor-core prefill kernel's tile shape (default [`PrefillShape::W4N32`];
-    /// `LORAX_CUDA_PREFILL_TILE`).
-    pub fn set_prefill_shape(&mut self, shape: PrefillShape) {
+    /// The tensor-core prefill kernel's tile shape: one for every launch, or (`None`, the default) the one
+    /// [`PrefillShape::auto`] picks by the launch's longest context (`LORAX_CUDA_PREFILL_TILE`).
+    pub fn set_prefill_shape(&mut self, shape: Option<PrefillShape>) {
         self.prefill_shape = shape;
     }
 
@@ -1487,7 +1523,7 @@ impl Backend for CudaBackend {
         launch!(
             self,
             "rms_norm",
-            cfg((uint("rows", m)?, 1, 1), row_threads(h), 0),
+            cfg((uint("rows", m)?, 1, 1), self.row_threads_for(m, h), 0),
             &o,
             &xp,
             &wp,
@@ -1516,7 +1552,7 @@ impl Backend for CudaBackend {
         launch!(
             self,
             "add_rms_norm",
-            cfg((uint("rows", m)?, 1, 1), row_threads(h), 0),
+            cfg((uint("rows", m)?, 1, 1), self.row_threads_for(m, h), 0),
             &o,
             &r,
             &xp,
@@ -1551,9 +1587,11 @@ impl Backend for CudaBackend {
         if n * f == 0 {
             return Ok(out);
         }
-        let (o, x, nn, ff) = (self.ptr(&out.buf), self.ptr(&gate_up.buf), (n * f) as u64, f as u64);
-        let grid = self.vec_grid(n * f, f, &[o, x]);
-        launch!(self, "silu_mul", cfg((grid, 1, 1), 256, 0), &o, &x, &nn, &ff);
+        let (o, x, nn, ff) = (self.ptr(&out.buf), self.ptr(&gate_up.buf), n as u64, f as u64);
+        // A row per grid row (the rows past 65535 in turns), its columns across grid.x.
+        let cols = self.vec_grid(f, f, &[o, x]);
+        let grid = (cols.min(65_535), uint("rows", n.min(65_535))?, 1);
+        launch!(self, "silu_mul", cfg(grid, 256, 0), &o, &x, &nn, &ff);
         Ok(out)
     }
 
@@ -1613,7 +1651,11 @@ impl Backend for CudaBackend {
         launch!(
             self,
             "rope_kv_write",
-            cfg((uint("rows", n)?, 1, 1), row_threads((q_dim + kv_dim) / 2), 0),
+            cfg(
+                (uint("rows", n)?, 1, 1),
+                self.row_threads_for(n, (q_dim + kv_dim) / 2),
+                0
+            ),
             &qp,
             &kc,
             &vc,
