@@ -252,7 +252,11 @@ impl CudaBackend {
         // per multiprocessor, rounding down (a batch that nearly fills the GPU keeps whole contexts: a split
         // costs each block its fixed work and adds the reduction).
         let hchunks = group.div_ceil(maxg);
-        let blocks = (n * meta.num_kv_heads * hchunks).max(1);
+        // The paged kernel's grid covers rows up to the last one it has work for: in a mixed step the prompt
+        // rows (the tensor-core kernel's) come after the decode rows, so their thousands of blocks, which
+        // would only return, are not launched.
+        let paged_end = rows.chunks(2).rposition(|r| r[0] != -2).map_or(0, |i| i + 1);
+        let blocks = (paged_end * meta.num_kv_heads * hchunks).max(1);
         let max_chunks = max_len.div_ceil(ATTN_CHUNK);
         let wanted = ((self.attn_split_target * self.num_sms) / blocks).clamp(1, max_chunks);
         let chunks_per_split = max_chunks.div_ceil(wanted);
@@ -302,7 +306,7 @@ impl CudaBackend {
             int("splits", splits)?,
             int("head_dim", hd)?,
         ];
-        let rows_dim = uint("rows", n.max(1))?;
+        let rows_dim = uint("rows", paged_end.max(1))?;
         let grid = cfg(
             (
                 rows_dim,
