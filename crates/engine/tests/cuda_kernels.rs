@@ -681,6 +681,33 @@ fn lora_sgmv_matches_cpu() {
             &[&prompts, &prompts, &prompts],
             "mixed step, fused q/k/v",
         );
+        // A chunk of four equal prompts (cuBLAS batches the products of one shape): two adapters of one
+        // scale, one of another scale, one of another rank; decode rows before them.
+        let chunk: Vec<Seg> = [
+            (0, 1, 16, 1.5),
+            (2, 1, 16, 0.5),
+            (4, 200, 16, 1.5),
+            (204, 200, 16, 1.5),
+            (404, 200, 16, 0.5),
+            (604, 200, 8, 1.5),
+        ]
+        .into_iter()
+        .map(|(start, len, rank, scale)| Seg {
+            start,
+            len,
+            rank,
+            scale,
+        })
+        .collect();
+        run_lora_fused(
+            &g,
+            &mut rng,
+            804,
+            4096,
+            &[4096, 1024, 1024],
+            &[&chunk, &chunk, &chunk],
+            "chunk of four prompts, fused q/k/v",
+        );
         let odd = [
             Seg {
                 start: 1,

@@ -50,7 +50,7 @@ fn shrink_chunk(k: usize, size: usize) -> usize {
     (k.div_ceil(BG_KSPLIT).div_ceil(group) * group).min(BG_KC_BYTES / size)
 }
 
-/// Segments of more rows than this run as cuBLAS GEMMs ([`CudaBackend::lora_gemm_segment`]; BGMV's
+/// Segments of more rows than this run as cuBLAS GEMMs ([`CudaBackend::lora_gemm_segments`]; BGMV's
 /// limit, so that the rest of a mixed step's segments stay on BGMV).
 pub(super) const GEMM_MIN_ROWS: usize = BG_SPLIT_MAX;
 
@@ -572,52 +572,115 @@ impl CudaBackend {
         }))
     }
 
-    /// `y[rows] += scale · (x[rows] · aᵀ) · bᵀ` for one segment as two cuBLAS GEMMs, the intermediate
+    /// `y[rows] += scale · (x[rows] · aᵀ) · bᵀ` for each of `segs` as cuBLAS GEMMs, the intermediate
     /// `[len, rank]` in the storage type (as PEFT keeps `lora_A`'s output): a prompt chunk's rows run at
-    /// the GEMM rate instead of SGMV's per-segment tiles and atomics.
-    pub(super) fn lora_gemm_segment(
+    /// the GEMM rate instead of SGMV's per-segment tiles and atomics. Products of one shape go to cuBLAS as
+    /// one batched call: the shrinks of segments of equal length and rank, the expands of those that also
+    /// share their width and scale (a chunk of equal prompts with q/k/v of a few adapters: two or three
+    /// calls instead of two per segment and target; on the H200 each small GEMM took 3-7 µs plus a split-K
+    /// reduction, about 220 µs a layer for four prompts of 512 rows, bench/NOTES.md session 12).
+    pub(super) fn lora_gemm_segments(
         &self,
         y: &mut CudaTensor,
         x: &CudaTensor,
-        seg: &LoraSegment<'_, CudaTensor>,
+        segs: &[LoraSegment<'_, CudaTensor>],
     ) -> Result<()> {
         let ((n, k), (ny, out)) = (x.rows_cols(), y.rows_cols());
         if n != ny {
             return Err(shape_err("lora", &x.shape, &y.shape));
         }
-        let (r, cols) = seg.check(|t| &t.shape, &x.shape, &y.shape)?;
-        if seg.len == 0 || k == 0 {
+        let mut dims = Vec::with_capacity(segs.len());
+        for seg in segs {
+            dims.push(seg.check(|t| &t.shape, &x.shape, &y.shape)?);
+        }
+        let live: Vec<usize> = (0..segs.len()).filter(|&i| segs[i].len > 0).collect();
+        if live.is_empty() || k == 0 {
             return Ok(());
         }
+        // One intermediate for all of them, each segment's [len, rank] at its own offset.
         let size = self.dtype.size() as u64;
-        let tmp = self.bytes(seg.len * r * self.dtype.size())?;
+        let mut offs = vec![0u64; segs.len()];
+        let mut total = 0;
+        for &i in &live {
+            offs[i] = total as u64 * size;
+            total += segs[i].len * dims[i].0;
+        }
+        let tmp = self.bytes(total * self.dtype.size())?;
         let tp = self.ptr(&tmp);
-        let xp = self.ptr(&x.buf) + (seg.start * k) as u64 * size;
-        let yp = self.ptr(&y.buf) + (seg.start * out + seg.col) as u64 * size;
-        let (li, ri, ki, ci, oi) = (
-            int("rows", seg.len)?,
-            int("rank", r)?,
-            int("in features", k)?,
-            int("columns", cols)?,
-            int("out features", out)?,
-        );
-        // tmp[len, r] = x[rows] · aᵀ; then y[rows, col ..] += scale · tmp · bᵀ.
-        self.gemm_into(
-            seg.len,
-            r,
-            k,
-            (tp, xp, self.ptr(&seg.a.buf)),
-            (li, ri, ki, ri),
-            (1.0, 0.0),
-        )?;
-        self.gemm_into(
-            seg.len,
-            cols,
-            r,
-            (yp, tp, self.ptr(&seg.b.buf)),
-            (li, ci, ri, oi),
-            (seg.scale, 1.0),
-        )
+        let (xp, yp) = (self.ptr(&x.buf), self.ptr(&y.buf));
+        // Groups of one shape, in first-seen order.
+        let group = |key: &dyn Fn(usize) -> [u64; 4]| -> Vec<Vec<usize>> {
+            let mut groups: Vec<([u64; 4], Vec<usize>)> = Vec::new();
+            for &i in &live {
+                let kk = key(i);
+                match groups.iter_mut().find(|(g, _)| *g == kk) {
+                    Some((_, v)) => v.push(i),
+                    None => groups.push((kk, vec![i])),
+                }
+            }
+            groups.into_iter().map(|(_, v)| v).collect()
+        };
+        // tmp[len, r] = x[rows] · aᵀ.
+        for g in group(&|i| [segs[i].len as u64, dims[i].0 as u64, 0, 0]) {
+            let (len, r) = (segs[g[0]].len, dims[g[0]].0);
+            let ptrs: Vec<[u64; 3]> = g
+                .iter()
+                .map(|&i| {
+                    [
+                        tp + offs[i],
+                        xp + (segs[i].start * k) as u64 * size,
+                        self.ptr(&segs[i].a.buf),
+                    ]
+                })
+                .collect();
+            self.gemm_group((len, r, k), &ptrs, r, (1.0, 0.0))?;
+        }
+        // y[rows, col ..] += scale · tmp · bᵀ.
+        for g in group(&|i| {
+            [
+                segs[i].len as u64,
+                dims[i].0 as u64,
+                dims[i].1 as u64,
+                u64::from(segs[i].scale.to_bits()),
+            ]
+        }) {
+            let (len, (r, cols), scale) = (segs[g[0]].len, dims[g[0]], segs[g[0]].scale);
+            let ptrs: Vec<[u64; 3]> = g
+                .iter()
+                .map(|&i| {
+                    let y0 = yp + (segs[i].start * out + segs[i].col) as u64 * size;
+                    [y0, tp + offs[i], self.ptr(&segs[i].b.buf)]
+                })
+                .collect();
+            self.gemm_group((len, cols, r), &ptrs, out, (scale, 1.0))?;
+        }
+        Ok(())
+    }
+
+    /// One product as a plain GEMM, several of one shape as one batched call.
+    fn gemm_group(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        ptrs: &[[u64; 3]],
+        ldy: usize,
+        ab: (f32, f32),
+    ) -> Result<()> {
+        match ptrs {
+            [one] => self.gemm_into(
+                m,
+                n,
+                k,
+                (one[0], one[1], one[2]),
+                (
+                    int("rows", m)?,
+                    int("columns", n)?,
+                    int("inner", k)?,
+                    int("row stride", ldy)?,
+                ),
+                ab,
+            ),
+            _ => self.gemm_batched((m, n, k), ptrs, ldy, ab),
+        }
     }
 
     /// Launches a planned LoRA product: zero the intermediate, shrink, expand (capturable in a graph).

@@ -598,6 +598,7 @@ impl Plain for u8 {}
 impl Plain for u32 {}
 impl Plain for i32 {}
 impl Plain for f32 {}
+impl Plain for u64 {}
 
 /// Launches `func` on `stream` allowed to start before the kernel ahead of it has finished (programmatic
 /// dependent launch, sm_90 and later): its blocks are scheduled once every block of that kernel has called
@@ -1195,6 +1196,89 @@ impl CudaBackend {
         }
         Ok(())
     }
+
+    /// [`CudaBackend::gemm_into`] for several products of one shape in one cuBLAS call
+    /// (`cublasGemmBatchedEx`): `ys[i][m, n] = alpha · xs[i][m, k] · ws[i][n, k]ᵀ + beta · ys[i]`, rows of
+    /// y `ldy` apart. The pointer arrays go to the device as metadata. The caller checks the pointers.
+    fn gemm_batched(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        ptrs: &[[u64; 3]],
+        ldy: usize,
+        (alpha, beta): (f32, f32),
+    ) -> Result<()> {
+        if ptrs.is_empty() || m == 0 || n == 0 {
+            return Ok(());
+        }
+        let dt = match self.dtype {
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        };
+        // cuBLAS's column-major view, as in gemm_into: A = the weights, B = x, C = y.
+        let arrays: Vec<u64> = [2usize, 1, 0]
+            .iter()
+            .flat_map(|&j| ptrs.iter().map(move |p| p[j]))
+            .collect();
+        let mode = graph::mode();
+        if mode != graph::Mode::Eager {
+            self.graphs.sign(b"gemm_batched");
+            let scalars = [ldy as u64, u64::from(alpha.to_bits()), u64::from(beta.to_bits())];
+            for v in [m as u64, n as u64, k as u64]
+                .into_iter()
+                .chain(scalars)
+                .chain(arrays.iter().copied())
+            {
+                self.graphs.sign(&v.to_le_bytes());
+            }
+        }
+        let d_arrays = self.upload(&arrays)?;
+        let base = self.ptr(&d_arrays);
+        let count = ptrs.len() as u64;
+        let (mi, ni, ki, ldi, ci) = (
+            int("rows", m)?,
+            int("columns", n)?,
+            int("inner", k)?,
+            int("row stride", ldy)?,
+            int("batch", ptrs.len())?,
+        );
+        self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))?;
+        if mode != graph::Mode::Record {
+            // SAFETY: the three device arrays hold `count` pointers each, to w (n·k), x (m·k) and y
+            // ((m - 1)·ldy + n) elements of `dt` (the caller checked them); alpha and beta are f32 as
+            // CUBLAS_COMPUTE_32F requires; the arrays' allocation outlives the call's work (freed
+            // stream-ordered, or the graph's metadata arena).
+            let status = unsafe {
+                blas_sys::cublasGemmBatchedEx(
+                    *self.blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    ni,
+                    mi,
+                    ki,
+                    (&raw const alpha).cast::<c_void>(),
+                    base as *const *const c_void,
+                    dt,
+                    ki,
+                    (base + 8 * count) as *const *const c_void,
+                    dt,
+                    ki,
+                    (&raw const beta).cast::<c_void>(),
+                    (base + 16 * count) as *const *mut c_void,
+                    dt,
+                    ldi,
+                    ci,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            };
+            status.result().map_err(|e| {
+                EngineError::Backend(format!("cuBLAS batched GEMM {count} x {m}x{k} · ({n}x{k})ᵀ: {e:?}"))
+            })?;
+            self.after_launch("gemm_batched")?;
+        }
+        Ok(())
+    }
 }
 
 impl Backend for CudaBackend {
@@ -1758,10 +1842,8 @@ impl Backend for CudaBackend {
         if let Some(plan) = plan {
             self.lora_run(&plan)?;
         }
-        for seg in segments.iter().filter(|s| long(s)) {
-            self.lora_gemm_segment(y, x, seg)?;
-        }
-        Ok(())
+        let long: Vec<LoraSegment<'_, CudaTensor>> = segments.iter().filter(|s| long(s)).copied().collect();
+        self.lora_gemm_segments(y, x, &long)
     }
 
     /// On the device (kernels/sampling.cu); typical-p rows and rows asking for more than 32
