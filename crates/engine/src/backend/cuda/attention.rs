@@ -194,6 +194,7 @@ impl CudaBackend {
             .max()
             .unwrap_or(0);
         let shape = self.prefill_shape.unwrap_or_else(|| PrefillShape::auto(longest));
+        let shape = if self.prefill_wide { shape } else { shape.narrow() };
         // Query rows per prefill tile: 16 per warp.
         let pf_bm = 16 * shape.warps();
         let tc_kernel =

@@ -179,6 +179,14 @@ impl PrefillShape {
         }
     }
 
+    /// The same number of warps with 32 keys a step (less shared memory).
+    pub(crate) fn narrow(self) -> Self {
+        match self {
+            Self::W4N32 | Self::W4N64 => Self::W4N32,
+            Self::W8N32 | Self::W8N64 => Self::W8N32,
+        }
+    }
+
     /// Dynamic shared memory of a block: two stages of keys and values, rows of hd + 8 elements.
     pub(crate) fn smem_bytes(self, hd: usize, elem: usize) -> usize {
         2 * 2 * self.keys() * (hd + 8) * elem
@@ -388,6 +396,8 @@ pub struct CudaBackend {
     tc_prefill: bool,
     /// The tensor-core prefill kernel's tile shape (`LORAX_CUDA_PREFILL_TILE`; none: by context length).
     prefill_shape: Option<PrefillShape>,
+    /// Whether the device gives the 64-key prefill shapes their shared memory (else their 32-key twins run).
+    prefill_wide: bool,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
@@ -744,6 +754,7 @@ impl CudaBackend {
             .map_err(|e| drv("attribute", e))?;
         let compiler = Compiler::new(cc, dtype)?;
         let mut funcs = HashMap::new();
+        let mut prefill_wide = true;
         for src in SOURCES {
             let compiled = compiler.compile(&src)?;
             let module = ctx
@@ -760,13 +771,17 @@ impl CudaBackend {
                     .map_err(|e| drv(&format!("kernel {name} of {}", src.name), e))?;
                 if let Some(bytes) = prefill_smem(name, dtype) {
                     // The prefill kernels' stages are dynamic shared memory, past the default 48 KiB for
-                    // some tile shapes.
+                    // the 64-key shapes. A device that cannot give a block that much keeps the 32-key ones
+                    // (`prefill_wide`).
                     #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
-                    f.set_attribute(
+                    let set = f.set_attribute(
                         drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         bytes as i32,
-                    )
-                    .map_err(|e| drv(&format!("shared memory of kernel {name}"), e))?;
+                    );
+                    if let Err(e) = set {
+                        tracing::info!(kernel = name, bytes, "prefill tiles of 64 keys unavailable: {e:?}");
+                        prefill_wide = false;
+                    }
                 }
                 funcs.insert(name, f);
             }
@@ -814,6 +829,7 @@ impl CudaBackend {
             compute_capability: cc,
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
             prefill_shape: PrefillShape::from_env()?,
+            prefill_wide,
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
