@@ -108,18 +108,21 @@ pub struct ForwardInput<'a> {
     pub seqs: Vec<AttnSeq<'a>>,
     /// Rows whose logits are returned, in this order.
     pub logit_rows: Vec<usize>,
-    /// Rows that take an adapter, grouped by adapter (base-model rows are in no segment).
+    /// Rows that take an adapter, grouped by adapter within the decode rows and within the prompt rows (base-model rows are in no segment).
     pub segments: Vec<AdapterSegment>,
 }
 
 impl<'a> ForwardInput<'a> {
     /// Build the input for `seqs`, asking for the logits of every new token of sequence `i` when
-    /// `all_logits[i]`, else only of its last one. Rows are laid out sorted by adapter (base first), so
-    /// each adapter's rows form one segment; logits still come back in the order of `seqs`.
+    /// `all_logits[i]`, else only of its last one. Rows are laid out one-token sequences (decode rows)
+    /// first, then the longer ones (prompt chunks), each part sorted by adapter (base first), so each
+    /// adapter's rows form one segment per part; logits still come back in the order of `seqs`. (Decode
+    /// rows first keep a mixed step's paged-attention rows together, ahead of the prompt rows the CUDA
+    /// backend's tensor-core kernel takes: its paged grid then ends at the last decode row.)
     pub fn build<B: Backend>(cache: &KvCache<B>, seqs: &[SeqInput<'a>], all_logits: &[bool]) -> Result<Self> {
         let mut input = Self::default();
         let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| seqs[i].adapter.map_or(0, |a| a + 1));
+        order.sort_by_key(|&i| (seqs[i].tokens.len() > 1, seqs[i].adapter.map_or(0, |a| a + 1)));
         let mut starts = vec![0; seqs.len()];
         for &i in &order {
             let s = &seqs[i];
