@@ -108,15 +108,17 @@ pub struct ForwardInput<'a> {
     pub seqs: Vec<AttnSeq<'a>>,
     /// Rows whose logits are returned, in this order.
     pub logit_rows: Vec<usize>,
-    /// Rows that take an adapter, grouped by adapter within the decode rows and within the prompt rows (base-model rows are in no segment).
+    /// Rows that take an adapter: runs of consecutive rows of one adapter (base-model rows are in no
+    /// segment).
     pub segments: Vec<AdapterSegment>,
 }
 
 impl<'a> ForwardInput<'a> {
     /// Build the input for `seqs`, asking for the logits of every new token of sequence `i` when
     /// `all_logits[i]`, else only of its last one. Rows are laid out one-token sequences (decode rows)
-    /// first, then the longer ones (prompt chunks), each part sorted by adapter (base first), so each
-    /// adapter's rows form one segment per part; logits still come back in the order of `seqs`. (Decode
+    /// first, then the longer ones (prompt chunks), each part sorted by adapter (base first), so an
+    /// adapter's rows form at most one segment per part (one in all where its decode rows end right
+    /// where its prompt rows start); logits still come back in the order of `seqs`. (Decode
     /// rows first keep a mixed step's paged-attention rows together, ahead of the prompt rows the CUDA
     /// backend's tensor-core kernel takes: its paged grid then ends at the last decode row.)
     pub fn build<B: Backend>(cache: &KvCache<B>, seqs: &[SeqInput<'a>], all_logits: &[bool]) -> Result<Self> {
@@ -151,7 +153,11 @@ impl<'a> ForwardInput<'a> {
             });
             if let Some(adapter) = s.adapter {
                 match input.segments.last_mut() {
-                    Some(seg) if seg.adapter == adapter => seg.len += s.tokens.len(),
+                    // Only rows right after the segment join it: a base-model sequence between two of the
+                    // adapter's (the last decode row and the first prompt chunk) starts a new segment.
+                    Some(seg) if seg.adapter == adapter && seg.start + seg.len == q_start => {
+                        seg.len += s.tokens.len();
+                    }
                     _ => input.segments.push(AdapterSegment {
                         start: q_start,
                         len: s.tokens.len(),
@@ -463,5 +469,79 @@ struct PassScope<'a, B: Backend>(&'a B);
 impl<B: Backend> Drop for PassScope<'_, B> {
     fn drop(&mut self) {
         self.0.forward_scope(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AdapterSegment, ForwardInput, SeqInput};
+    use crate::backend::cpu::CpuBackend;
+    use crate::kv_cache::KvCache;
+
+    /// Decode rows come first, then prompt chunks, each by adapter; an adapter's decode rows and prompt
+    /// rows with a base-model prompt between them are two segments, and logits keep the callers' order.
+    #[test]
+    fn rows_decode_first_and_segments_contiguous() {
+        let cache: KvCache<CpuBackend> = KvCache {
+            k: Vec::new(),
+            v: Vec::new(),
+            num_blocks: 64,
+            block_size: 16,
+        };
+        let table: Vec<u32> = (0..8).collect();
+        let prompt = [7u32; 100];
+        let seqs = [
+            SeqInput {
+                tokens: &prompt,
+                ctx_before: 0,
+                block_table: &table,
+                adapter: Some(0),
+                pad: false,
+            },
+            SeqInput {
+                tokens: &[5],
+                ctx_before: 40,
+                block_table: &table,
+                adapter: Some(0),
+                pad: false,
+            },
+            SeqInput {
+                tokens: &prompt[..30],
+                ctx_before: 0,
+                block_table: &table,
+                adapter: None,
+                pad: false,
+            },
+            SeqInput {
+                tokens: &[6],
+                ctx_before: 20,
+                block_table: &table,
+                adapter: None,
+                pad: false,
+            },
+        ];
+        let input = ForwardInput::build(&cache, &seqs, &[]).expect("a valid layout");
+        // Rows: base decode (1), adapter-0 decode (1), base prompt (30), adapter-0 prompt (100).
+        assert_eq!(
+            input.seqs.iter().map(|s| s.q_len).collect::<Vec<_>>(),
+            vec![1, 1, 30, 100]
+        );
+        assert_eq!(
+            input.segments,
+            vec![
+                AdapterSegment {
+                    start: 1,
+                    len: 1,
+                    adapter: 0
+                },
+                AdapterSegment {
+                    start: 32,
+                    len: 100,
+                    adapter: 0
+                },
+            ]
+        );
+        // Each sequence's last row, in the order given.
+        assert_eq!(input.logit_rows, vec![131, 1, 31, 0]);
     }
 }

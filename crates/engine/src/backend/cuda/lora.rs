@@ -597,13 +597,15 @@ impl CudaBackend {
         if live.is_empty() || k == 0 {
             return Ok(());
         }
-        // One intermediate for all of them, each segment's [len, rank] at its own offset.
+        // One intermediate for all of them, each segment's [len, rank] at its own 16-byte aligned offset
+        // (cuBLAS's batched calls need every matrix 16-byte aligned; see gemm_group).
         let size = self.dtype.size() as u64;
+        let align = 16 / self.dtype.size();
         let mut offs = vec![0u64; segs.len()];
         let mut total = 0;
         for &i in &live {
             offs[i] = total as u64 * size;
-            total += segs[i].len * dims[i].0;
+            total = (total + segs[i].len * dims[i].0).next_multiple_of(align);
         }
         let tmp = self.bytes(total * self.dtype.size())?;
         let tp = self.ptr(&tmp);
@@ -657,7 +659,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// One product as a plain GEMM, several of one shape as one batched call.
+    /// Several products of one shape as one batched call; one product, or products whose matrices or rows
+    /// are not all 16-byte aligned, as plain GEMMs (a batched call reads its pointers on the device, where cuBLAS
+    /// cannot check them, and expects 16-byte alignment for 16-bit types: an odd segment length at an odd
+    /// rank, or an odd column offset, would fault).
     fn gemm_group(
         &self,
         (m, n, k): (usize, usize, usize),
@@ -665,22 +670,23 @@ impl CudaBackend {
         ldy: usize,
         ab: (f32, f32),
     ) -> Result<()> {
-        match ptrs {
-            [one] => self.gemm_into(
-                m,
-                n,
-                k,
-                (one[0], one[1], one[2]),
-                (
-                    int("rows", m)?,
-                    int("columns", n)?,
-                    int("inner", k)?,
-                    int("row stride", ldy)?,
-                ),
-                ab,
-            ),
-            _ => self.gemm_batched((m, n, k), ptrs, ldy, ab),
+        let es = self.dtype.size();
+        let aligned = ptrs.iter().flatten().all(|p| p.is_multiple_of(16))
+            && (k * es).is_multiple_of(16)
+            && (ldy * es).is_multiple_of(16);
+        if ptrs.len() > 1 && aligned {
+            return self.gemm_batched((m, n, k), ptrs, ldy, ab);
         }
+        let ints = (
+            int("rows", m)?,
+            int("columns", n)?,
+            int("inner", k)?,
+            int("row stride", ldy)?,
+        );
+        for p in ptrs {
+            self.gemm_into(m, n, k, (p[0], p[1], p[2]), ints, ab)?;
+        }
+        Ok(())
     }
 
     /// Launches a planned LoRA product: zero the intermediate, shrink, expand (capturable in a graph).

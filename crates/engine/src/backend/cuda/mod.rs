@@ -411,8 +411,8 @@ pub struct CudaBackend {
     attn_merge: bool,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
-    /// LoRA segments longer than BGMV's limit (prompt chunks) as two cuBLAS GEMMs each
-    /// (`LORAX_CUDA_LORA_GEMM=0`: on SGMV with the rest).
+    /// LoRA segments longer than BGMV's limit (prompt chunks) as cuBLAS GEMMs, a shrink and an expand each,
+    /// those of one shape in one batched call (`LORAX_CUDA_LORA_GEMM=0`: on SGMV with the rest).
     lora_gemm: bool,
     /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
     /// `_ix0` pair, for comparisons).
@@ -1847,7 +1847,8 @@ impl Backend for CudaBackend {
         done
     }
 
-    /// Segments of more than 64 rows (prompt chunks) as two cuBLAS GEMMs each (`lora_gemm`), the rest
+    /// Segments of more than 64 rows (prompt chunks) as cuBLAS GEMMs (`lora_gemm`; one batched call per
+    /// shape, `lora_gemm_segments`), the rest
     /// through one BGMV or SGMV plan.
     fn lora(&self, y: &mut CudaTensor, x: &CudaTensor, segments: &[LoraSegment<'_, CudaTensor>]) -> Result<()> {
         let planning = std::time::Instant::now();
