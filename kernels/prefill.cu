@@ -11,9 +11,9 @@
 // steps that reach its rows' diagonal. P is rounded to the storage type for the second product, as
 // FlashAttention does. Decode rows and other shapes use paged_attention (attention.cu).
 //
-// Entry points: prefill_attention_HD (4 warps, 32 keys a step: the default) and prefill_attention_HD_wWnBN
-// for the other tile shapes the host can pick (LORAX_CUDA_PREFILL_TILE). Shared memory is dynamic:
-// 2 stages x (keys + values) x BN x (HD + 8) elements, which the host passes at launch.
+// Entry points: prefill_attention_HD (4 warps, 32 keys a step) and prefill_attention_HD_wWnBN for the
+// other tile shapes; the host picks one per launch by context length (LORAX_CUDA_PREFILL_TILE forces one).
+// Shared memory is dynamic: 2 stages x (keys + values) x BN x (HD + 8) elements, passed at launch.
 
 // Blocks per multiprocessor the register allocation aims at (launch bounds), by warps per block.
 #ifndef PF_MINB4

@@ -488,6 +488,18 @@ struct Seg {
     scale: f32,
 }
 
+/// Segments from (start, len, rank) at one scale.
+fn segs(scale: f32, list: &[(usize, usize, usize)]) -> Vec<Seg> {
+    list.iter()
+        .map(|&(start, len, rank)| Seg {
+            start,
+            len,
+            rank,
+            scale,
+        })
+        .collect()
+}
+
 fn run_lora(g: &CudaBackend, rng: &mut Rng, n: usize, k: usize, out: usize, segs: &[Seg], what: &str) {
     let parts: Vec<(&Seg, usize, usize)> = segs.iter().map(|s| (s, 0, out)).collect();
     run_lora_cols(g, rng, n, k, out, &parts, what);
@@ -663,15 +675,10 @@ fn lora_sgmv_matches_cpu() {
         run_lora(&g, &mut rng, 512, 2048, 2048, &long, "500-row segment");
         // A mixed step: two prompt chunks (more than 64 rows: cuBLAS by default) between decode rows of other
         // adapters, fused q/k/v with the Mistral shape's widths.
-        let prompts: Vec<Seg> = [(0, 1, 16), (1, 130, 16), (131, 1, 8), (133, 65, 64), (198, 2, 16)]
-            .into_iter()
-            .map(|(start, len, rank)| Seg {
-                start,
-                len,
-                rank,
-                scale: 1.5,
-            })
-            .collect();
+        let prompts = segs(
+            1.5,
+            &[(0, 1, 16), (1, 130, 16), (131, 1, 8), (133, 65, 64), (198, 2, 16)],
+        );
         run_lora_fused(
             &g,
             &mut rng,
@@ -681,32 +688,24 @@ fn lora_sgmv_matches_cpu() {
             &[&prompts, &prompts, &prompts],
             "mixed step, fused q/k/v",
         );
-        // A chunk of four equal prompts (cuBLAS batches the products of one shape): two adapters of one
-        // scale, one of another scale, one of another rank; decode rows before them.
-        let chunk: Vec<Seg> = [
-            (0, 1, 16, 1.5),
-            (2, 1, 16, 0.5),
-            (4, 200, 16, 1.5),
-            (204, 200, 16, 1.5),
-            (404, 200, 16, 0.5),
-            (604, 200, 8, 1.5),
-        ]
-        .into_iter()
-        .map(|(start, len, rank, scale)| Seg {
-            start,
-            len,
-            rank,
-            scale,
-        })
-        .collect();
+        // A chunk of equal prompts (cuBLAS batches the products of one shape): two adapters of one scale,
+        // one of another scale, one of another rank; decode rows before them; and two rank-4 prompts of an
+        // odd length, whose intermediates and rank rows are not 16-byte multiples (plain GEMMs, not batched).
+        let mut chunk = segs(
+            1.5,
+            &[(0, 1, 16), (4, 200, 16), (204, 200, 16), (604, 200, 8), (804, 101, 4)],
+        );
+        chunk.extend(segs(0.5, &[(2, 1, 16), (404, 200, 16)]));
+        chunk.extend(segs(1.5, &[(905, 101, 4)]));
+        chunk.sort_by_key(|s| s.start);
         run_lora_fused(
             &g,
             &mut rng,
-            804,
+            1006,
             4096,
             &[4096, 1024, 1024],
             &[&chunk, &chunk, &chunk],
-            "chunk of four prompts, fused q/k/v",
+            "chunk of equal prompts, fused q/k/v",
         );
         let odd = [
             Seg {
@@ -724,15 +723,7 @@ fn lora_sgmv_matches_cpu() {
         ];
         run_lora(&g, &mut rng, 9, 100, 75, &odd, "odd sizes");
         // The BGMV shape (segments of at most 4 rows, ranks at most 64) with mixed ranks and base rows.
-        let small: Vec<Seg> = [(0, 1, 8), (2, 4, 64), (6, 2, 16), (9, 3, 32)]
-            .into_iter()
-            .map(|(start, len, rank)| Seg {
-                start,
-                len,
-                rank,
-                scale: 0.75,
-            })
-            .collect();
+        let small = segs(0.75, &[(0, 1, 8), (2, 4, 64), (6, 2, 16), (9, 3, 32)]);
         run_lora(&g, &mut rng, 14, 4096, 1024, &small, "BGMV mixed ranks");
         run_lora(&g, &mut rng, 14, 1024, 14336, &small, "BGMV mixed ranks, wide out");
         // Fused projections: q/k/v (the Mistral shape's 4096 + 1024 + 1024) with the same rows in every

@@ -677,14 +677,8 @@ impl CudaBackend {
         if ptrs.len() > 1 && aligned {
             return self.gemm_batched((m, n, k), ptrs, ldy, ab);
         }
-        let ints = (
-            int("rows", m)?,
-            int("columns", n)?,
-            int("inner", k)?,
-            int("row stride", ldy)?,
-        );
         for p in ptrs {
-            self.gemm_into(m, n, k, (p[0], p[1], p[2]), ints, ab)?;
+            self.gemm_into((m, n, k), (p[0], p[1], p[2]), ldy, ab)?;
         }
         Ok(())
     }

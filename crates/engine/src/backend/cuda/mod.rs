@@ -541,18 +541,32 @@ impl CudaBackend {
     }
 }
 
-/// Dynamic shared memory of prefill kernel `name` (none for other kernels and for f32, whose prefill kernels
-/// are empty).
-fn prefill_smem(name: &str, dtype: DType) -> Option<usize> {
+/// Lets the prefill kernels whose stages pass the default 48 KiB of shared memory (the 64-key shapes) use
+/// theirs; false when the device cannot give a block that much (the 32-key shapes then run in their place:
+/// `prefill_wide`). The f32 prefill kernels are empty.
+fn grant_prefill_smem(funcs: &HashMap<&'static str, CudaFunction>, dtype: DType) -> bool {
     if dtype == DType::F32 {
-        return None;
+        return true;
     }
-    [64, 128].into_iter().find_map(|hd| {
-        PrefillShape::ALL
-            .into_iter()
-            .find(|s| s.kernel(hd) == name)
-            .map(|s| s.smem_bytes(hd, dtype.size()))
-    })
+    let mut granted = true;
+    for hd in [64, 128] {
+        for shape in PrefillShape::ALL {
+            let bytes = shape.smem_bytes(hd, dtype.size());
+            let Some(f) = funcs.get(shape.kernel(hd).as_str()).filter(|_| bytes > SMEM_LIMIT) else {
+                continue;
+            };
+            #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+            let set = f.set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            );
+            if let Err(e) = set {
+                tracing::info!(hd, bytes, "prefill tiles of 64 keys unavailable: {e:?}");
+                granted = false;
+            }
+        }
+    }
+    granted
 }
 
 /// Grid for a grid-stride element-wise kernel over `n` elements with 256 threads.
@@ -754,7 +768,6 @@ impl CudaBackend {
             .map_err(|e| drv("attribute", e))?;
         let compiler = Compiler::new(cc, dtype)?;
         let mut funcs = HashMap::new();
-        let mut prefill_wide = true;
         for src in SOURCES {
             let compiled = compiler.compile(&src)?;
             let module = ctx
@@ -769,24 +782,11 @@ impl CudaBackend {
                 let f = module
                     .load_function(name)
                     .map_err(|e| drv(&format!("kernel {name} of {}", src.name), e))?;
-                if let Some(bytes) = prefill_smem(name, dtype) {
-                    // The prefill kernels' stages are dynamic shared memory, past the default 48 KiB for
-                    // the 64-key shapes. A device that cannot give a block that much keeps the 32-key ones
-                    // (`prefill_wide`).
-                    #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
-                    let set = f.set_attribute(
-                        drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    );
-                    if let Err(e) = set {
-                        tracing::info!(kernel = name, bytes, "prefill tiles of 64 keys unavailable: {e:?}");
-                        prefill_wide = false;
-                    }
-                }
                 funcs.insert(name, f);
             }
             tracing::debug!(module = src.name, cached = compiled.cached, arch = %compiler.arch, "kernels loaded");
         }
+        let prefill_wide = grant_prefill_smem(&funcs, dtype);
         let blas =
             CudaBlas::new(Arc::clone(&stream)).map_err(|e| EngineError::Backend(format!("cuBLAS handle: {e:?}")))?;
         let ws_bytes = 32usize << 20;
@@ -1149,36 +1149,52 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `y = x · wᵀ` through cuBLAS (pointers and sizes checked by `linear`).
-    fn gemm(&self, m: usize, n: usize, k: usize, ptrs: (u64, u64, u64), (mi, ni, ki): (i32, i32, i32)) -> Result<()> {
-        self.gemm_into(m, n, k, ptrs, (mi, ni, ki, ni), (1.0, 0.0))
+    /// The cuBLAS element type of this backend's storage.
+    fn blas_dtype(&self) -> blas_sys::cudaDataType {
+        match self.dtype {
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        }
+    }
+
+    /// A GEMM call's shape `[m, n, k, ldy]` as cuBLAS's ints, and (inside a graph step) its part of the
+    /// step's signature: `tag`, the shape, the matrices' pointers, alpha and beta.
+    fn gemm_prologue(&self, tag: &[u8], dims: [usize; 4], ptrs: &[u64], (alpha, beta): (f32, f32)) -> Result<[i32; 4]> {
+        if graph::mode() != graph::Mode::Eager {
+            self.graphs.sign(tag);
+            let scalars = [u64::from(alpha.to_bits()), u64::from(beta.to_bits())];
+            for v in dims
+                .iter()
+                .map(|&d| d as u64)
+                .chain(ptrs.iter().copied())
+                .chain(scalars)
+            {
+                self.graphs.sign(&v.to_le_bytes());
+            }
+        }
+        self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))?;
+        let [m, n, k, ldy] = dims;
+        Ok([
+            int("rows", m)?,
+            int("columns", n)?,
+            int("inner", k)?,
+            int("row stride", ldy)?,
+        ])
     }
 
     /// `y = alpha · x · wᵀ + beta · y` through cuBLAS, `y`'s rows `ldy` elements apart (a block of columns of
     /// a wider matrix); x `[m, k]` and w `[n, k]` dense. The caller checks pointers and sizes.
     fn gemm_into(
         &self,
-        m: usize,
-        n: usize,
-        k: usize,
+        (m, n, k): (usize, usize, usize),
         (yp, xp, wp): (u64, u64, u64),
-        (mi, ni, ki, ldy): (i32, i32, i32, i32),
+        ldy: usize,
         (alpha, beta): (f32, f32),
     ) -> Result<()> {
-        let dt = match self.dtype {
-            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
-            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-        };
+        let dt = self.blas_dtype();
+        let [mi, ni, ki, ldy] = self.gemm_prologue(b"gemm", [m, n, k, ldy], &[yp, xp, wp], (alpha, beta))?;
         let mode = graph::mode();
-        if mode != graph::Mode::Eager {
-            self.graphs.sign(b"gemm");
-            let scalars = [ldy as u64, u64::from(alpha.to_bits()), u64::from(beta.to_bits())];
-            for v in [m as u64, n as u64, k as u64, yp, xp, wp].into_iter().chain(scalars) {
-                self.graphs.sign(&v.to_le_bytes());
-            }
-        }
-        self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))?;
         // Row-major y[m, n] = x[m, k] · w[n, k]ᵀ is column-major yᵀ[n, m] = (w as col-major [k, n])ᵀ · (x as
         // col-major [k, m]): transa = T, transb = N.
         // SAFETY: the pointers cover w (n·k), x (m·k) and y ((m - 1)·ldy + n) elements of `dt`, as the caller
@@ -1226,39 +1242,18 @@ impl CudaBackend {
         if ptrs.is_empty() || m == 0 || n == 0 {
             return Ok(());
         }
-        let dt = match self.dtype {
-            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
-            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-        };
+        let dt = self.blas_dtype();
         // cuBLAS's column-major view, as in gemm_into: A = the weights, B = x, C = y.
         let arrays: Vec<u64> = [2usize, 1, 0]
             .iter()
             .flat_map(|&j| ptrs.iter().map(move |p| p[j]))
             .collect();
-        let mode = graph::mode();
-        if mode != graph::Mode::Eager {
-            self.graphs.sign(b"gemm_batched");
-            let scalars = [ldy as u64, u64::from(alpha.to_bits()), u64::from(beta.to_bits())];
-            for v in [m as u64, n as u64, k as u64]
-                .into_iter()
-                .chain(scalars)
-                .chain(arrays.iter().copied())
-            {
-                self.graphs.sign(&v.to_le_bytes());
-            }
-        }
+        let [mi, ni, ki, ldi] = self.gemm_prologue(b"gemm_batched", [m, n, k, ldy], &arrays, (alpha, beta))?;
         let d_arrays = self.upload(&arrays)?;
         let base = self.ptr(&d_arrays);
         let count = ptrs.len() as u64;
-        let (mi, ni, ki, ldi, ci) = (
-            int("rows", m)?,
-            int("columns", n)?,
-            int("inner", k)?,
-            int("row stride", ldy)?,
-            int("batch", ptrs.len())?,
-        );
-        self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))?;
+        let ci = int("batch", ptrs.len())?;
+        let mode = graph::mode();
         if mode != graph::Mode::Record {
             // SAFETY: the three device arrays hold `count` pointers each, to w (n·k), x (m·k) and y
             // ((m - 1)·ldy + n) elements of `dt` (the caller checked them); alpha and beta are f32 as
@@ -1571,7 +1566,7 @@ impl Backend for CudaBackend {
             return self.zeros(&[m, n]);
         }
         let y = self.alloc(&[m, n])?;
-        let (mi, ni, ki) = (int("rows", m)?, int("out features", n)?, int("in features", k)?);
+        let (ni, ki) = (int("out features", n)?, int("in features", k)?);
         let (yp, xp, wp) = (self.ptr(&y.buf), self.ptr(&x.buf), self.ptr(&w.buf));
         // Skinny products (decode at small batches) on gemv_{m}: 16-byte loads need k whole vectors and
         // 16-byte aligned rows (allocations are 256-byte aligned).
@@ -1589,7 +1584,7 @@ impl Backend for CudaBackend {
                 &ki
             );
         } else {
-            self.gemm(m, n, k, (yp, xp, wp), (mi, ni, ki))?;
+            self.gemm_into((m, n, k), (yp, xp, wp), n, (1.0, 0.0))?;
         }
         if let Some(b) = bias {
             let bp = self.ptr(&b.buf);
@@ -1852,14 +1847,14 @@ impl Backend for CudaBackend {
     /// through one BGMV or SGMV plan.
     fn lora(&self, y: &mut CudaTensor, x: &CudaTensor, segments: &[LoraSegment<'_, CudaTensor>]) -> Result<()> {
         let planning = std::time::Instant::now();
-        let long = |s: &LoraSegment<'_, CudaTensor>| self.lora_gemm && s.len > lora::GEMM_MIN_ROWS;
-        let rest: Vec<LoraSegment<'_, CudaTensor>> = segments.iter().filter(|s| !long(s)).copied().collect();
+        let (long, rest): (Vec<LoraSegment<'_, CudaTensor>>, Vec<_>) = segments
+            .iter()
+            .partition(|s| self.lora_gemm && s.len > lora::GEMM_MIN_ROWS);
         let plan = self.lora_plan(y, x, &rest)?;
         self.graphs.clock.plan(true, planning);
         if let Some(plan) = plan {
             self.lora_run(&plan)?;
         }
-        let long: Vec<LoraSegment<'_, CudaTensor>> = segments.iter().filter(|s| long(s)).copied().collect();
         self.lora_gemm_segments(y, x, &long)
     }
 
