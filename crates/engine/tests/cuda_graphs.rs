@@ -258,8 +258,8 @@ fn decode_step_time_with_and_without_graphs() {
 /// kernel. `LORAX_PROFILE_SCENARIO` picks the step: `b<rows>` (decode steps of that many rows),
 /// `p<len>` (each step the whole prompt of a new `len`-token sequence) or `m<rows>` (mixed steps, as the
 /// server runs them while prompts arrive: `rows` decode rows plus four new 512-token prompts, 2048 prompt
-/// tokens); a suffix `-identical` gives every sequence one rank-16 q/k/v/o adapter, `-distinct` one
-/// adapter each (128 at most). Decode rows come from 512-token prompts and 4 steps of warm-up, then
+/// tokens; `m0` is those prompts alone); a suffix `-identical` gives every sequence one rank-16 q/k/v/o
+/// adapter, `-distinct` one adapter each (128 at most), `-a<n>` n adapters round-robin. Decode rows come from 512-token prompts and 4 steps of warm-up, then
 /// `LORAX_PROFILE_STEPS` (default 2) profiled steps. Each profiled step's wall time (synchronised) and host
 /// time up to its launch are printed (`STEP ...`), which is the figure to read when no profiler is attached
 /// (`LORAX_PROFILE_LAYERS=32` gives the whole model's step).
@@ -287,7 +287,10 @@ fn decode_step_kernels_for_a_profiler() {
         "base" => 0,
         "identical" => 1,
         "distinct" => (rows + prompts * steps).clamp(1, 128),
-        other => panic!("unknown scenario kind {other}"),
+        other => match other.strip_prefix('a').and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) if n > 0 => n,
+            _ => panic!("unknown scenario kind {other}"),
+        },
     };
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), 4096, 14336, layers, 32, 8, 32000);
