@@ -19,6 +19,7 @@ a `generate` of one token (the prefill).
 
 Lines go to LOG_DIR/peft-compare.txt, figures to LOG_DIR/peft-compare.json (bench.py --summary reads it).
 BENCH_TINY=1: a dry run on the CPU (tiny shape, 8 streams; transformers + peft on the CPU when installed).
+PEFT_OURS_ONLY=1: our server's run alone (A/B runs of server flags through LORAX_BENCH_LAUNCHER_ARGS).
 """
 
 import json
@@ -169,6 +170,8 @@ def main():
     say(f"PEFT ours: {a['output_tok_s']:.0f} tok/s end to end ({a['completed']}/{a['requests']} requests, "
         f"{a['duration_s']:.1f}s); decode only {RESULT['ours']['decode_tok_s'] or 0:.0f} tok/s ({STREAMS} / TPOT p50 "
         f"{tpot:.2f} ms)")
+    if os.environ.get("PEFT_OURS_ONLY") == "1":
+        return 0
     try:
         b = theirs(model)
     except ImportError as e:
