@@ -271,15 +271,11 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
 
     clients.clear_cache().await?;
     // The largest forward pass the scheduler sends: whole prompts (up to --max-batch-prefill-tokens) when
-    // nothing is decoding, and with mixed steps a chunk of prompts plus one decode row per running request.
+    // nothing is decoding, and with mixed steps, under a backlog, those plus one decode row per running
+    // request.
     let largest_step = if batching.max_batch_prefill_chunk_tokens > 0 {
         let rows = u32::try_from(args.server.max_concurrent_requests).unwrap_or(u32::MAX);
-        batching.max_batch_prefill_tokens.max(
-            batching
-                .max_batch_prefill_chunk_tokens
-                .min(batching.max_batch_prefill_tokens)
-                .saturating_add(rows),
-        )
+        batching.max_batch_prefill_tokens.saturating_add(rows)
     } else {
         batching.max_batch_prefill_tokens
     };

@@ -2,7 +2,8 @@
 //! steps, TGI's rules) whether they are worth interrupting the running batch's decoding for. With mixed
 //! steps a prefill no longer stalls the running batch for a whole prompt (its prompts run in chunks of at
 //! most `max_batch_prefill_chunk_tokens` per step, next to the decode rows), so requests are admitted as
-//! soon as blocks and the prefill token budget allow.
+//! soon as blocks and the prefill token budget allow; while admitted prompts fill that budget and more
+//! requests wait behind them (a backlog), a step runs all of them (`step_prompt_budget`).
 
 use crate::blocks::blocks_for;
 
@@ -88,6 +89,20 @@ impl BatchingPolicy {
             ..self.clone()
         };
         budget.select(queue, free_blocks)
+    }
+
+    /// Most prompt tokens one mixed step runs. While requests decode, a chunk
+    /// (`max_batch_prefill_chunk_tokens`) keeps new prompts from stalling them for long. With nothing
+    /// decoding nobody waits, and with a backlog (queued requests that could run wait behind admitted
+    /// prompts filling `max_batch_prefill_tokens`) the server is behind on prompts: then the step runs up to
+    /// `max_batch_prefill_tokens`, so a burst reaches its first tokens in fewer, larger steps, each paying
+    /// for the decode rows once (as vLLM's token budget of 8192 on large GPUs does).
+    pub fn step_prompt_budget(&self, decoding: usize, backlog: bool) -> u32 {
+        if decoding > 0 && !backlog {
+            self.max_batch_prefill_chunk_tokens
+        } else {
+            self.max_batch_prefill_tokens.max(self.max_batch_prefill_chunk_tokens)
+        }
     }
 
     /// Number of requests to prefill now, or 0 to keep decoding: `select`, then the ratio rule.
@@ -187,5 +202,25 @@ mod tests {
         assert_eq!(p.admit_mixed([small; 3], 100, 90), 2);
         assert_eq!(p.admit_mixed([small], 100, 200), 0);
         assert_eq!(p.admit_mixed([small; 3], 2, 0), 2, "free blocks still bound admission");
+    }
+
+    #[test]
+    fn step_budget_is_a_chunk_unless_nobody_decodes_or_requests_back_up() {
+        let p = BatchingPolicy {
+            max_batch_prefill_chunk_tokens: 32,
+            ..policy()
+        };
+        assert_eq!(p.step_prompt_budget(5, false), 32, "decoding, no backlog: a chunk");
+        assert_eq!(
+            p.step_prompt_budget(5, true),
+            100,
+            "backlog: every admitted prompt token"
+        );
+        assert_eq!(p.step_prompt_budget(0, false), 100, "nothing decoding: whole prompts");
+        let wide = BatchingPolicy {
+            max_batch_prefill_chunk_tokens: 300,
+            ..policy()
+        };
+        assert_eq!(wide.step_prompt_budget(0, true), 300, "never below the chunk");
     }
 }

@@ -444,8 +444,9 @@ impl Scheduler {
     }
 
     /// One mixed step: admits what the policy allows, then, when some prompt is left to run, one Prefill
-    /// call that runs up to `max_batch_prefill_chunk_tokens` prompt tokens and decodes the running
-    /// requests in the same forward pass; otherwise a plain decode step (CUDA graphs on the shard).
+    /// call that runs up to `max_batch_prefill_chunk_tokens` prompt tokens (all admitted ones under a
+    /// backlog: [`BatchingPolicy::step_prompt_budget`]) and decodes the running requests in the same forward
+    /// pass; otherwise a plain decode step (CUDA graphs on the shard).
     async fn mixed_step(&mut self) {
         // Cancelled requests leave before the step, so their blocks are free within one step.
         if !self.drop_cancelled().await {
@@ -477,15 +478,11 @@ impl Scheduler {
         }
         let started = Started::now();
         let in_step: Vec<u64> = self.running.keys().copied().collect();
-        // Chunks keep a long prompt from stalling the running streams; with none decoding nobody waits, so
-        // the admitted prompts (at most --max-batch-prefill-tokens of them) run whole in one step.
-        let budget = if decoding > 0 {
-            self.policy.max_batch_prefill_chunk_tokens
-        } else {
-            self.policy
-                .max_batch_prefill_tokens
-                .max(self.policy.max_batch_prefill_chunk_tokens)
-        };
+        // Chunks keep a long prompt from stalling the running streams; with none decoding, or with requests
+        // queued behind the admitted prompts, the admitted prompts run whole in one step.
+        let budget = self
+            .policy
+            .step_prompt_budget(decoding, self.queues.has_prefill_candidates());
         self.ahead = false;
         let result = self.clients.mixed_step(requests, decoding > 0, budget).await;
         // Every request of the step gets a token, except those whose prompt is still running.

@@ -221,6 +221,8 @@ pub struct FakeState {
     pub decodes: AtomicUsize,
     /// Prefill calls that also decoded the running batch (mixed steps).
     pub mixed_steps: AtomicUsize,
+    /// `max_prompt_tokens` of each mixed step, in call order.
+    pub mixed_budgets: Mutex<Vec<u32>>,
     /// Requests ever prefilled.
     pub prefilled_requests: AtomicUsize,
     /// Most sequences ever in the batch at once.
@@ -412,6 +414,7 @@ impl ShardService for FakeShard {
         } = request.into_inner();
         if decode_running {
             self.state.mixed_steps.fetch_add(1, Ordering::SeqCst);
+            self.state.mixed_budgets.lock().expect("lock").push(max_prompt_tokens);
             // A mixed step is a forward pass over the running batch too.
             if !self.step_delay.is_zero() {
                 tokio::time::sleep(self.step_delay).await;
