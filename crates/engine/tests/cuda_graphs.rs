@@ -258,8 +258,10 @@ fn decode_step_time_with_and_without_graphs() {
 /// kernel. `LORAX_PROFILE_SCENARIO` picks the step: `b<rows>` (decode steps of that many rows),
 /// `p<len>` (each step the whole prompt of a new `len`-token sequence) or `m<rows>` (mixed steps, as the
 /// server runs them while prompts arrive: `rows` decode rows plus four new 512-token prompts, 2048 prompt
-/// tokens; `m0` is those prompts alone); a suffix `-identical` gives every sequence one rank-16 q/k/v/o
-/// adapter, `-distinct` one adapter each (128 at most), `-a<n>` n adapters round-robin. Decode rows come from 512-token prompts and 4 steps of warm-up, then
+/// tokens; `m0` is those prompts alone; `m<rows>x<k>` has k prompts, as a step under a backlog runs); a
+/// suffix `-identical` gives every sequence one rank-16 q/k/v/o adapter, `-distinct` one adapter each
+/// (128 at most), `-a<n>` n adapters round-robin. Decode rows come from 512-token prompts and 4 steps of
+/// warm-up, then
 /// `LORAX_PROFILE_STEPS` (default 2) profiled steps. Each profiled step's wall time (synchronised) and host
 /// time up to its launch are printed (`STEP ...`), which is the figure to read when no profiler is attached
 /// (`LORAX_PROFILE_LAYERS=32` gives the whole model's step).
@@ -275,12 +277,13 @@ fn decode_step_kernels_for_a_profiler() {
     let scenario = env("LORAX_PROFILE_SCENARIO", "b1");
     let (shape, kind) = scenario.split_once('-').unwrap_or((&scenario, "base"));
     let (what, n) = shape.split_at(1);
-    let n: usize = n.parse().unwrap();
+    let (n, m) = n.split_once('x').unwrap_or((n, "4"));
+    let (n, m): (usize, usize) = (n.parse().unwrap(), m.parse().unwrap());
     // Decode rows in the batch, and new prompts (with their length) per profiled step.
     let (rows, prompts, prompt_len) = match what {
         "b" => (n, 0, 0),
         "p" => (0, 1, n),
-        "m" => (n, 4, 512),
+        "m" => (n, m, 512),
         other => panic!("unknown scenario shape {other}"),
     };
     let adapters = match kind {
