@@ -113,8 +113,8 @@ pub struct BatchingArgs {
     /// Most prompt tokens run in one step. While requests run, each step decodes them and runs up to this
     /// many prompt tokens of new requests in the same forward pass (a mixed step); longer prompts run in
     /// chunks over several steps (chunked prefill), so a new request delays the running streams by one
-    /// chunk, not a whole prompt. While requests queue behind admitted prompts that fill
-    /// `--max-batch-prefill-tokens` (a backlog), a step runs all those prompts instead. 0 turns both off:
+    /// chunk, not a whole prompt. While at least `--max-batch-prefill-tokens` more prompt tokens wait in the
+    /// queue behind the admitted prompts (a backlog), a step runs all admitted prompts instead. 0 turns both off:
     /// new requests are prefilled whole in separate Prefill calls that pause decoding (TGI's scheduling,
     /// with `--waiting-served-ratio` and `--max-waiting-tokens`).
     #[arg(long, env, default_value_t = 2048)]

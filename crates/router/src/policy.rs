@@ -2,8 +2,8 @@
 //! steps, TGI's rules) whether they are worth interrupting the running batch's decoding for. With mixed
 //! steps a prefill no longer stalls the running batch for a whole prompt (its prompts run in chunks of at
 //! most `max_batch_prefill_chunk_tokens` per step, next to the decode rows), so requests are admitted as
-//! soon as blocks and the prefill token budget allow; while admitted prompts fill that budget and more
-//! requests wait behind them (a backlog), a step runs all of them (`step_prompt_budget`).
+//! soon as blocks and the prefill token budget allow; while a whole budget's worth of prompts waits in the
+//! queue behind the admitted ones (a backlog), a step runs all admitted prompts (`step_prompt_budget`).
 
 use crate::blocks::blocks_for;
 
@@ -91,12 +91,22 @@ impl BatchingPolicy {
         budget.select(queue, free_blocks)
     }
 
+    /// Whether the requests still queued after admission hold at least `max_batch_prefill_tokens` prompt
+    /// tokens: another whole budget's worth waits behind the admitted prompts (a backlog). A group that
+    /// the budget admits at once, or nearly, is not one: its prompts still run in chunks.
+    pub fn backlog(&self, queued_prompt_tokens: impl IntoIterator<Item = u32>) -> bool {
+        let mut sum = 0u32;
+        queued_prompt_tokens.into_iter().any(|tokens| {
+            sum = sum.saturating_add(tokens);
+            sum >= self.max_batch_prefill_tokens
+        })
+    }
+
     /// Most prompt tokens one mixed step runs. While requests decode, a chunk
     /// (`max_batch_prefill_chunk_tokens`) keeps new prompts from stalling them for long. With nothing
-    /// decoding nobody waits, and with a backlog (queued requests that could run wait behind admitted
-    /// prompts filling `max_batch_prefill_tokens`) the server is behind on prompts: then the step runs up to
-    /// `max_batch_prefill_tokens`, so a burst reaches its first tokens in fewer, larger steps, each paying
-    /// for the decode rows once (as vLLM's token budget of 8192 on large GPUs does).
+    /// decoding nobody waits, and under a [`Self::backlog`] the server is behind on prompts: then the step
+    /// runs up to `max_batch_prefill_tokens`, so a burst reaches its first tokens in fewer, larger steps,
+    /// each paying for the decode rows once (as vLLM's token budget of 8192 on large GPUs does).
     pub fn step_prompt_budget(&self, decoding: usize, backlog: bool) -> u32 {
         if decoding > 0 && !backlog {
             self.max_batch_prefill_chunk_tokens
@@ -222,5 +232,14 @@ mod tests {
             ..policy()
         };
         assert_eq!(wide.step_prompt_budget(0, true), 300, "never below the chunk");
+    }
+
+    #[test]
+    fn a_backlog_is_a_whole_budget_queued() {
+        let p = policy();
+        assert!(!p.backlog([]));
+        assert!(!p.backlog([40, 59]), "99 of 100 tokens queued");
+        assert!(p.backlog([40, 60]));
+        assert!(p.backlog([100, u32::MAX]), "sums saturate");
     }
 }
