@@ -110,8 +110,8 @@ pub struct BatchingArgs {
     /// requests whose prompts are still running (requests wait in the queue beyond it).
     #[arg(long, env, default_value_t = 4096)]
     pub max_batch_prefill_tokens: u32,
-    /// Most prompt tokens run in one step. While requests run, each step decodes them and runs up to this
-    /// many prompt tokens of new requests in the same forward pass (a mixed step); longer prompts run in
+    /// Most prompt tokens run in one step while requests decode. While requests run, each step decodes
+    /// them and runs up to this many prompt tokens of new requests in the same forward pass (a mixed step); longer prompts run in
     /// chunks over several steps (chunked prefill), so a new request delays the running streams by one
     /// chunk, not a whole prompt. While at least `--max-batch-prefill-tokens` more prompt tokens wait in the
     /// queue behind the admitted prompts (a backlog), a step runs all admitted prompts instead. 0 turns both off:

@@ -18,8 +18,9 @@ pub struct BatchingPolicy {
     pub waiting_served_ratio: f32,
     /// Tokens per KV block.
     pub block_size: u32,
-    /// Most prompt tokens run in one step (chunked prefill, mixed with the decode rows of the running
-    /// batch); 0 turns mixed steps off (separate Prefill and Decode calls, whole prompts).
+    /// Most prompt tokens run in one step while requests decode, unless under a backlog (chunked prefill,
+    /// mixed with the decode rows of the running batch); 0 turns mixed steps off (separate Prefill and
+    /// Decode calls, whole prompts).
     pub max_batch_prefill_chunk_tokens: u32,
 }
 

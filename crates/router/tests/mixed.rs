@@ -140,9 +140,12 @@ async fn a_backlog_runs_admitted_prompts_whole() {
         .collect();
     futures::future::join_all(burst).await;
     let budgets = d.shards[0].mixed_budgets.lock().expect("lock").clone();
-    assert!(
-        budgets.contains(&40),
-        "a backlog runs the admitted prompt whole: {budgets:?}"
+    // Whatever the arrival order, one step sees the other two (60 tokens) queued behind the admitted
+    // prompt; after it, at most one prompt is queued.
+    assert_eq!(
+        budgets.iter().filter(|&&b| b == 40).count(),
+        1,
+        "one backlog step runs the admitted prompt whole: {budgets:?}"
     );
     assert!(
         budgets.contains(&1),
