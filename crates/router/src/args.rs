@@ -111,12 +111,13 @@ pub struct BatchingArgs {
     #[arg(long, env, default_value_t = 4096)]
     pub max_batch_prefill_tokens: u32,
     /// Most prompt tokens run in one step while requests decode. While requests run, each step decodes
-    /// them and runs up to this many prompt tokens of new requests in the same forward pass (a mixed step); longer prompts run in
-    /// chunks over several steps (chunked prefill), so a new request delays the running streams by one
-    /// chunk, not a whole prompt. While at least `--max-batch-prefill-tokens` more prompt tokens wait in the
-    /// queue behind the admitted prompts (a backlog), a step runs all admitted prompts instead. 0 turns both off:
-    /// new requests are prefilled whole in separate Prefill calls that pause decoding (TGI's scheduling,
-    /// with `--waiting-served-ratio` and `--max-waiting-tokens`).
+    /// them and runs up to this many prompt tokens of new requests in the same forward pass (a mixed
+    /// step); longer prompts run in chunks over several steps (chunked prefill), so a new request delays
+    /// the running streams by one chunk, not a whole prompt. While at least `--max-batch-prefill-tokens`
+    /// more prompt tokens wait in the queue behind the admitted prompts (a backlog), a step runs all
+    /// admitted prompts instead. 0 turns both off: new requests are prefilled whole in separate Prefill
+    /// calls that pause decoding (TGI's scheduling, with `--waiting-served-ratio` and
+    /// `--max-waiting-tokens`).
     #[arg(long, env, default_value_t = 2048)]
     pub max_batch_prefill_chunk_tokens: u32,
     /// Most tokens (prompt + max_new_tokens, rounded up to whole KV blocks) the running batch may hold.

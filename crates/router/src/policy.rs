@@ -94,8 +94,9 @@ impl BatchingPolicy {
 
     /// Whether the requests still queued after admission hold at least `max_batch_prefill_tokens` prompt
     /// tokens: another whole budget's worth waits behind the admitted prompts (a backlog). A group that
-    /// the budget admits at once, or nearly, is not one: its prompts still run in chunks.
-    pub fn backlog(&self, queued_prompt_tokens: impl IntoIterator<Item = u32>) -> bool {
+    /// the budget admits at once, or nearly, is not one: its prompts still run in chunks. Stops reading
+    /// the queue once the sum is reached.
+    fn backlog(&self, queued_prompt_tokens: impl IntoIterator<Item = u32>) -> bool {
         let mut sum = 0u32;
         queued_prompt_tokens.into_iter().any(|tokens| {
             sum = sum.saturating_add(tokens);
@@ -103,13 +104,15 @@ impl BatchingPolicy {
         })
     }
 
-    /// Most prompt tokens one mixed step runs. While requests decode, a chunk
-    /// (`max_batch_prefill_chunk_tokens`) keeps new prompts from stalling them for long. With nothing
-    /// decoding nobody waits, and under a [`Self::backlog`] the server is behind on prompts: then the step
-    /// runs up to `max_batch_prefill_tokens`, so a burst reaches its first tokens in fewer, larger steps,
-    /// each paying for the decode rows once (as vLLM's token budget of 8192 on large GPUs does).
-    pub fn step_prompt_budget(&self, decoding: usize, backlog: bool) -> u32 {
-        if decoding > 0 && !backlog {
+    /// Most prompt tokens one mixed step runs, given the requests decoding in it and the prompt lengths
+    /// of those still queued after admission (read only while some decode). While requests decode, a
+    /// chunk (`max_batch_prefill_chunk_tokens`) keeps new prompts from stalling them for long. With
+    /// nothing decoding nobody waits, and under a backlog ([`Self::backlog`]) the server is behind on
+    /// prompts: then the step runs up to `max_batch_prefill_tokens`, so a burst reaches its first tokens in
+    /// fewer, larger steps, each paying for the decode rows once (as vLLM's token budget of 8192 on large
+    /// GPUs does).
+    pub fn step_prompt_budget(&self, decoding: usize, queued_prompt_tokens: impl IntoIterator<Item = u32>) -> u32 {
+        if decoding > 0 && !self.backlog(queued_prompt_tokens) {
             self.max_batch_prefill_chunk_tokens
         } else {
             self.max_batch_prefill_tokens.max(self.max_batch_prefill_chunk_tokens)
@@ -221,18 +224,18 @@ mod tests {
             max_batch_prefill_chunk_tokens: 32,
             ..policy()
         };
-        assert_eq!(p.step_prompt_budget(5, false), 32, "decoding, no backlog: a chunk");
+        assert_eq!(p.step_prompt_budget(5, [60]), 32, "decoding, no backlog: a chunk");
         assert_eq!(
-            p.step_prompt_budget(5, true),
+            p.step_prompt_budget(5, [60, 40]),
             100,
             "backlog: every admitted prompt token"
         );
-        assert_eq!(p.step_prompt_budget(0, false), 100, "nothing decoding: whole prompts");
+        assert_eq!(p.step_prompt_budget(0, []), 100, "nothing decoding: whole prompts");
         let wide = BatchingPolicy {
             max_batch_prefill_chunk_tokens: 300,
             ..policy()
         };
-        assert_eq!(wide.step_prompt_budget(0, true), 300, "never below the chunk");
+        assert_eq!(wide.step_prompt_budget(0, [100]), 300, "never below the chunk");
     }
 
     #[test]

@@ -445,7 +445,7 @@ impl Scheduler {
 
     /// One mixed step: admits what the policy allows, then, when some prompt is left to run, one Prefill
     /// call that runs up to `max_batch_prefill_chunk_tokens` prompt tokens (all admitted ones under a
-    /// backlog: [`BatchingPolicy::backlog`], [`BatchingPolicy::step_prompt_budget`]) and decodes the
+    /// backlog: [`BatchingPolicy::step_prompt_budget`]) and decodes the
     /// running requests in the same forward pass; otherwise a plain decode step (CUDA graphs on the shard).
     async fn mixed_step(&mut self) {
         // Cancelled requests leave before the step, so their blocks are free within one step.
@@ -480,11 +480,8 @@ impl Scheduler {
         let in_step: Vec<u64> = self.running.keys().copied().collect();
         // Chunks keep a long prompt from stalling the running streams; with none decoding, or with a whole
         // prefill budget's worth queued behind the admitted prompts, the admitted prompts run whole.
-        let backlog = decoding > 0
-            && self
-                .policy
-                .backlog(self.queues.prefill_candidates().map(|e| e.request.input_length()));
-        let budget = self.policy.step_prompt_budget(decoding, backlog);
+        let queued = self.queues.prefillable_items().map(|e| e.request.input_length());
+        let budget = self.policy.step_prompt_budget(decoding, queued);
         self.ahead = false;
         let result = self.clients.mixed_step(requests, decoding > 0, budget).await;
         // Every request of the step gets a token, except those whose prompt is still running.

@@ -126,6 +126,15 @@ async fn a_backlog_runs_admitted_prompts_whole() {
     let mut running = SseReader::new(d.post("/generate_stream", long).await);
     assert!(running.next().await.is_some());
     let prompt = "The capital of France is Paris. ".repeat(4);
+    // Two such prompts queued must reach the budget of 40 and one must not.
+    let tokenized: serde_json::Value = d
+        .post("/tokenize", json!({"inputs": prompt}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let prompt_len = tokenized.as_array().expect("tokens").len();
+    assert!((20..40).contains(&prompt_len), "{prompt_len} prompt tokens");
     let burst: Vec<_> = (0..3)
         .map(|_| {
             let body = json!({"inputs": prompt, "parameters": {"max_new_tokens": 2, "details": true}});

@@ -228,6 +228,12 @@ impl<T> Registry<T> {
         })
     }
 
+    /// The same items as [`Self::prefill_candidates`] in no particular order (no merge by arrival), for
+    /// sums over them.
+    pub fn prefillable_items(&self) -> impl Iterator<Item = &T> {
+        self.prefillable_queues().flat_map(|q| q.iter().map(|q| &q.item))
+    }
+
     fn prefillable_queues(&self) -> impl Iterator<Item = &VecDeque<Queued<T>>> {
         std::iter::once(&self.base).chain(self.adapters.values().filter(|a| a.prefillable()).map(|a| &a.queue))
     }
