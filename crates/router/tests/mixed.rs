@@ -72,13 +72,7 @@ async fn prompts_run_in_chunks_next_to_running_streams() {
         .await;
     assert_eq!(response.status(), 200);
     let v: serde_json::Value = response.json().await.expect("json");
-    let tokenized: serde_json::Value = d
-        .post("/tokenize", json!({"inputs": prompt}))
-        .await
-        .json()
-        .await
-        .expect("json");
-    let prompt_len = tokenized.as_array().expect("tokens").len();
+    let prompt_len = tokens(&d, &prompt).await;
     assert!(prompt_len > 40, "{prompt_len} prompt tokens");
     assert_eq!(
         v["details"]["prefill"].as_array().expect("prefill").len(),
@@ -127,13 +121,7 @@ async fn a_backlog_runs_admitted_prompts_whole() {
     assert!(running.next().await.is_some());
     let prompt = "The capital of France is Paris. ".repeat(4);
     // Two such prompts queued must reach the budget of 40 and one must not.
-    let tokenized: serde_json::Value = d
-        .post("/tokenize", json!({"inputs": prompt}))
-        .await
-        .json()
-        .await
-        .expect("json");
-    let prompt_len = tokenized.as_array().expect("tokens").len();
+    let prompt_len = tokens(&d, &prompt).await;
     assert!((20..40).contains(&prompt_len), "{prompt_len} prompt tokens");
     let burst: Vec<_> = (0..3)
         .map(|_| {
@@ -161,4 +149,15 @@ async fn a_backlog_runs_admitted_prompts_whole() {
         "the last prompt, with nobody queued behind it, runs in chunks: {budgets:?}"
     );
     drop(running);
+}
+
+/// Tokens of `prompt` as the router counts them (`/tokenize`).
+async fn tokens(d: &Deployment, prompt: &str) -> usize {
+    let tokenized: serde_json::Value = d
+        .post("/tokenize", json!({"inputs": prompt}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    tokenized.as_array().expect("tokens").len()
 }
