@@ -358,28 +358,30 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let info = self.info.clone();
         let tokens = self
             .with_state(move |s| {
-                let cap = (info.num_blocks as usize * info.block_size as usize)
-                    .min(info.max_position_embeddings as usize)
-                    .min(r.max_prefill_tokens.max(1) as usize);
-                let bs = info.block_size as usize;
-                let blocks: Vec<u32> = (0..u32::try_from(cap.div_ceil(bs)).unwrap_or(u32::MAX)).collect();
-                let ids = vec![info.bos_token_id.unwrap_or(0); cap];
+                let pieces = warmup_pieces(
+                    r.max_prefill_tokens.max(1) as usize,
+                    info.max_position_embeddings as usize,
+                    info.num_blocks as usize,
+                    info.block_size as usize,
+                );
+                let ran = pieces.iter().map(|p| p.len).sum::<usize>();
+                let bos = info.bos_token_id.unwrap_or(0);
+                let news = pieces
+                    .into_iter()
+                    .enumerate()
+                    .map(|(id, p)| NewSequence {
+                        id: id as u64,
+                        input_ids: vec![bos; p.len],
+                        block_table: p.blocks,
+                        params: SamplingParams::default(),
+                        prefill_logprobs: false,
+                        adapter: None,
+                    })
+                    .collect();
                 // A throwaway batch: nothing of it survives the call.
                 let mut scratch = Batch::default();
-                s.engine
-                    .prefill(
-                        &mut scratch,
-                        vec![NewSequence {
-                            id: 0,
-                            input_ids: ids,
-                            block_table: blocks,
-                            params: SamplingParams::default(),
-                            prefill_logprobs: false,
-                            adapter: None,
-                        }],
-                    )
-                    .map_err(status)?;
-                Ok(u32::try_from(cap).unwrap_or(u32::MAX))
+                s.engine.prefill(&mut scratch, news).map_err(status)?;
+                Ok(u32::try_from(ran).unwrap_or(u32::MAX))
             })
             .await?;
         Ok(Response::new(pb::WarmupResponse { prefill_tokens: tokens }))
@@ -660,6 +662,40 @@ impl<B: Backend> ShardService for ShardServer<B> {
         .await?;
         Ok(Response::new(pb::OffloadAdapterResponse {}))
     }
+}
+
+/// One sequence of the warm-up prefill: its tokens and its KV blocks.
+#[derive(Debug, PartialEq, Eq)]
+struct WarmupPiece {
+    len: usize,
+    blocks: Vec<u32>,
+}
+
+/// The warm-up's sequences: `requested` tokens (the router's largest step) as sequences of at most
+/// `max_positions` tokens each, in distinct blocks of the cache, as many tokens as its `num_blocks` blocks
+/// of `block_size` hold at most. Every piece but the last is a whole number of blocks, so the pieces need
+/// no more blocks than one sequence of the same tokens would.
+fn warmup_pieces(requested: usize, max_positions: usize, num_blocks: usize, block_size: usize) -> Vec<WarmupPiece> {
+    let bs = block_size.max(1);
+    let mut left = requested.min(num_blocks * bs);
+    let piece = if max_positions >= bs {
+        max_positions / bs * bs
+    } else {
+        max_positions.max(1)
+    };
+    let (mut pieces, mut next) = (Vec::new(), 0usize);
+    while left > 0 {
+        let len = left.min(piece);
+        let n = len.div_ceil(bs);
+        if next + n > num_blocks {
+            break;
+        }
+        let blocks = (next..next + n).map(|b| u32::try_from(b).unwrap_or(u32::MAX)).collect();
+        pieces.push(WarmupPiece { len, blocks });
+        next += n;
+        left -= len;
+    }
+    pieces
 }
 
 #[cfg(test)]

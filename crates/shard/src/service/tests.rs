@@ -385,3 +385,23 @@ async fn offload_cancels_a_load_in_flight_and_failed_loads_free_their_slot() {
 
 mod ahead;
 mod mixed;
+
+#[test]
+fn warmup_pieces_cover_the_largest_step_within_positions_and_blocks() {
+    let lens = |p: &[WarmupPiece]| p.iter().map(|p| p.len).collect::<Vec<_>>();
+    // A step longer than the model's positions runs as several sequences (4096 + 128 rows at 4096).
+    let p = warmup_pieces(4224, 4096, 1000, 16);
+    assert_eq!(lens(&p), [4096, 128]);
+    assert_eq!(p[0].blocks, (0..256).collect::<Vec<u32>>());
+    assert_eq!(p[1].blocks, (256..264).collect::<Vec<u32>>());
+    // Pieces are whole blocks but the last, so they fit where one sequence would.
+    let p = warmup_pieces(100, 40, 7, 16);
+    assert_eq!(lens(&p), [32, 32, 32, 4]);
+    let blocks: Vec<u32> = p.iter().flat_map(|p| p.blocks.clone()).collect();
+    assert_eq!(blocks, (0..7).collect::<Vec<u32>>(), "distinct, in order");
+    // The cache bounds the tokens.
+    assert_eq!(lens(&warmup_pieces(500, 4096, 10, 16)), [160]);
+    // Fewer positions than a block: one block a piece, as many as there are blocks.
+    assert_eq!(lens(&warmup_pieces(50, 8, 3, 16)), [8, 8, 8]);
+    assert!(warmup_pieces(0, 4096, 10, 16).is_empty());
+}
