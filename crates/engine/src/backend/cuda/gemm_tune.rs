@@ -11,10 +11,16 @@
 //! point of at least `m` rows, if `cublasLtMatmulAlgoCheck` accepts it for `m`; a product of more rows
 //! (a prompt) stays on cuBLAS's default.
 //!
-//! Tuning synchronises the stream and takes a few milliseconds per shape. It happens on the first
+//! Tuning synchronises the stream and takes 140-430 ms per shape on the H200. It happens on the first
 //! product of a shape, before any graph records it: in the shard, the warm-up prefill reaches every
-//! linear layer. `LORAX_CUDA_GEMM_TUNE=0` turns it off (`always` takes the fastest candidate even where
-//! the default is faster, for tests).
+//! linear layer.
+//!
+//! Off by default (`LORAX_CUDA_GEMM_TUNE=1` turns it on; `always` takes the fastest candidate even where
+//! the default is faster, for tests). On the H200 (bench/NOTES.md, session 14) cuBLAS's default already
+//! runs Hopper kernels with split-K where it pays: the candidates beat it by 0-9% on some shapes and
+//! points and by nothing on the rest, a 128-row decode step of the Mistral-7B shape went from 8.27-8.38
+//! to 8.11-8.24 ms, and choices made by timing differ between runs, so a restarted server could round
+//! differently (greedy outputs then differ where two tokens nearly tie).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -191,21 +197,21 @@ pub(crate) struct Tuner {
 /// Whether and how `linear` tunes its decode-sized products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmTuning {
-    /// cuBLAS's default for every product.
+    /// cuBLAS's default for every product (the default setting).
     Off,
-    /// The fastest of the default and the candidates (the default setting).
+    /// The fastest of the default and the candidates.
     On,
     /// The fastest candidate even where the default is faster (for tests: the cuBLASLt path runs).
     Always,
 }
 
 impl GemmTuning {
-    /// `LORAX_CUDA_GEMM_TUNE`: `0` off, `always` for tests, else on.
+    /// `LORAX_CUDA_GEMM_TUNE`: `1` on, `always` for tests, else off.
     pub fn from_env() -> Self {
         match std::env::var("LORAX_CUDA_GEMM_TUNE").as_deref() {
-            Ok("0") => Self::Off,
+            Ok("1") => Self::On,
             Ok("always") => Self::Always,
-            _ => Self::On,
+            _ => Self::Off,
         }
     }
 }
@@ -256,7 +262,7 @@ pub(crate) fn point_of(m: usize) -> Option<usize> {
 }
 
 impl CudaBackend {
-    /// Tune decode-sized `linear` products or not (default: `LORAX_CUDA_GEMM_TUNE`, else on); forgets what
+    /// Tune decode-sized `linear` products or not (default: `LORAX_CUDA_GEMM_TUNE`, else off); forgets what
     /// was tuned. Graphs recorded before keep their products.
     pub fn set_gemm_tuning(&mut self, mode: GemmTuning) {
         self.tuner = Tuner::new(self.dtype, mode);
