@@ -24,34 +24,18 @@
 #endif
 
 // A tile of query rows: first row in the flattened batch, rows (<= 16 W), position of the first row,
-// offset of the sequence's block table; the keys its block walks, [kv_begin, kv_end); and where its output
-// goes. An unsplit tile walks keys 0 .. its last row's position and writes the output (part -1). A long
-// tile may be split in two blocks at a multiple of 64 keys no later than its first row's position: the
-// first walks [0, split) (no key there is masked for any of its rows), the second [split, last row's
-// position]; each writes its partial (part 2 p and 2 p + 1) and prefill_merge combines them.
+// offset of the sequence's block table.
 struct PrefillTile {
     int row0;
     int rows;
     int pos0;
     int table;
-    int kv_begin;
-    int kv_end;
-    int part;
-    int pad;
 };
 
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
 
-// A split tile's partial for one head: 16 W rows of HD f32 outputs (normalised by the row's sum), then the
-// row's maximum score in base-2 units and its sum of exponentials.
-template <int HD, int W>
-__device__ __forceinline__ float* prefill_partial(float* partials, int part, int num_heads, int h) {
-    return partials + ((u64)part * num_heads + h) * (16 * W) * (HD + 2);
-}
-
 template <int HD, int W, int BN>
-__device__ __forceinline__ void prefill_attention(T* __restrict__ out, float* __restrict__ partials,
-                                                  const T* __restrict__ q,
+__device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* __restrict__ q,
                                                   const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                                                   const PrefillTile* __restrict__ tiles,
                                                   const u32* __restrict__ tables, int num_heads, int num_kv_heads,
@@ -105,8 +89,8 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, float* __
     for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;
     const int pos_lo = tile.pos0 + r_lo, pos_hi = tile.pos0 + r_hi;
-    const int kv_begin = tile.kv_begin, kv_end = tile.kv_end;
-    const int nsteps = (kv_end - kv_begin + BN - 1) / BN;
+    const int kv_end = tile.pos0 + tile.rows;  // keys 0 .. last row's position
+    const int nsteps = (kv_end + BN - 1) / BN;
     // This warp's rows: how many lie in the tile, the first one's position and the last one's.
     const int wrows = min(16, tile.rows - warp * 16);
     const int wfirst = tile.pos0 + warp * 16, wlast = wfirst + wrows - 1;
@@ -121,7 +105,7 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, float* __
 #pragma unroll
             for (int i = 0; i < KEYS; ++i) {
                 const int key = key0 + i * KSTRIDE;
-                const int p = min(kv_begin + s * BN + key, kv_end - 1);
+                const int p = min(s * BN + key, kv_end - 1);
                 const u64 slot = (u64)table[p / block_size] * block_size + p % block_size;
                 const u64 src = slot * kv_stride + kvh * HD + piece * 8;
                 copy16_async(k_dst + key * LD + piece * 8, k_cache + src);
@@ -133,7 +117,7 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, float* __
 
     issue(0);
     for (int st = 0; st < nsteps; ++st) {
-        const int kb = kv_begin + st * BN;
+        const int kb = st * BN;
         issue(st + 1);  // into the stage every warp finished reading at the end of step st - 1
         copy_wait<1>();
         __syncthreads();  // step st's keys and values have landed, for every thread's copies
@@ -241,29 +225,6 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, float* __
         l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
         l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
     }
-    if (tile.part >= 0) {
-        // Half of a split tile: every row of the tile has at least one key in each half.
-        float* pp = prefill_partial<HD, W>(partials, tile.part, num_heads, h);
-        float* p_lo = pp + r_lo * (HD + 2);
-        float* p_hi = pp + r_hi * (HD + 2);
-#pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            const int c = d * 8 + t2;
-            if (r_lo < tile.rows) {
-                p_lo[c] = o[d][0] / l_lo;
-                p_lo[c + 1] = o[d][1] / l_lo;
-            }
-            if (r_hi < tile.rows) {
-                p_hi[c] = o[d][2] / l_hi;
-                p_hi[c + 1] = o[d][3] / l_hi;
-            }
-        }
-        if (t2 == 0) {
-            if (r_lo < tile.rows) p_lo[HD] = m_lo * sl2, p_lo[HD + 1] = l_lo;
-            if (r_hi < tile.rows) p_hi[HD] = m_hi * sl2, p_hi[HD + 1] = l_hi;
-        }
-        return;
-    }
     T* o_lo = out + (u64)(tile.row0 + r_lo) * qw + h * HD;
     T* o_hi = out + (u64)(tile.row0 + r_hi) * qw + h * HD;
 #pragma unroll
@@ -282,55 +243,24 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, float* __
 
 #define PREFILL_ATTENTION(NAME, HD, W, BN, MINB)                                                                 \
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                                  \
-        NAME(T* __restrict__ out, float* __restrict__ partials, const T* __restrict__ q,                        \
-             const T* __restrict__ k_cache, const T* __restrict__ v_cache, const PrefillTile* __restrict__ tiles, \
-             const u32* __restrict__ tables, int num_heads, int num_kv_heads, int block_size, float scale) {     \
+        NAME(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,                       \
+             const T* __restrict__ v_cache, const PrefillTile* __restrict__ tiles, const u32* __restrict__ tables, \
+             int num_heads, int num_kv_heads, int block_size, float scale) {                                    \
         pdl_enter();                                                                                            \
-        prefill_attention<HD, W, BN>(out, partials, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads, \
+        prefill_attention<HD, W, BN>(out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads,         \
                                      block_size, scale);                                                        \
-    }
-
-// Combines the two halves of each split tile (merges[3 i ..]: first row, rows, p) into the output. Grid:
-// (split tiles, heads); the row stride of the partials is 16 W rows (`bm`).
-template <int HD>
-__device__ __forceinline__ void prefill_merge(T* __restrict__ out, const float* __restrict__ partials,
-                                              const int* __restrict__ merges, int num_heads, int bm) {
-    const int row0 = merges[3 * blockIdx.x], rows = merges[3 * blockIdx.x + 1], p = merges[3 * blockIdx.x + 2];
-    const int h = blockIdx.y;
-    const float* a = partials + ((u64)(2 * p) * num_heads + h) * bm * (HD + 2);
-    const float* b = partials + ((u64)(2 * p + 1) * num_heads + h) * bm * (HD + 2);
-    for (int i = threadIdx.x; i < rows * HD; i += blockDim.x) {
-        const int r = i / HD, d = i % HD;
-        const float* ar = a + r * (HD + 2);
-        const float* br = b + r * (HD + 2);
-        const float mx = fmaxf(ar[HD], br[HD]);
-        const float wa = ar[HD + 1] * exp2f(ar[HD] - mx), wb = br[HD + 1] * exp2f(br[HD] - mx);
-        const float sum = wa + wb;
-        out[(u64)(row0 + r) * num_heads * HD + h * HD + d] = from_f(sum > 0.f ? (ar[d] * wa + br[d] * wb) / sum : 0.f);
-    }
-}
-
-#define PREFILL_MERGE(NAME, HD)                                                                                   \
-    extern "C" __global__ void NAME(T* __restrict__ out, const float* __restrict__ partials,                    \
-                                    const int* __restrict__ merges, int num_heads, int bm) {                    \
-        pdl_enter();                                                                                            \
-        prefill_merge<HD>(out, partials, merges, num_heads, bm);                                                 \
     }
 
 #else
 
 // f32 storage has no tensor-core path: the host never launches these.
 #define PREFILL_ATTENTION(NAME, HD, W, BN, MINB)                                                                 \
-    extern "C" __global__ void NAME(T* out, float* partials, const T* q, const T* k_cache, const T* v_cache,  \
+    extern "C" __global__ void NAME(T* out, const T* q, const T* k_cache, const T* v_cache,                   \
                                     const PrefillTile* tiles, const u32* tables, int num_heads,                \
                                     int num_kv_heads, int block_size, float scale) {}
-#define PREFILL_MERGE(NAME, HD)                                                                                   \
-    extern "C" __global__ void NAME(T* out, const float* partials, const int* merges, int num_heads, int bm) {}
 
 #endif
 
-PREFILL_MERGE(prefill_merge_64, 64)
-PREFILL_MERGE(prefill_merge_128, 128)
 PREFILL_ATTENTION(prefill_attention_64, 64, 4, 32, PF_MINB4)
 PREFILL_ATTENTION(prefill_attention_128, 128, 4, 32, PF_MINB4)
 PREFILL_ATTENTION(prefill_attention_64_w4n64, 64, 4, 64, PF_MINB4)

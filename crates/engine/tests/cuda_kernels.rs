@@ -486,14 +486,6 @@ fn attention_matches_cpu() {
                 }
             }
             g.set_prefill_shape(None);
-            // Long tiles unsplit (the default above splits the longest tiles of the (1000, 500) prompt
-            // over two blocks and merges them: heads 8 leave most of the GPU idle).
-            g.set_prefill_split(false);
-            say(&format!("{dt:?}: tensor-core prefill, long tiles unsplit"));
-            for c in cases.iter().filter(|c| c.seqs.iter().any(|&(q, _)| q >= 16)) {
-                run_attention(&g, &mut rng, c);
-            }
-            g.set_prefill_split(true);
         }
         // Every kernel family of GQA at head size 128.
         g.set_tensor_core_prefill(false);

@@ -1,8 +1,7 @@
 // Driver for crates/engine/tests/attention_emulated.rs: the tensor-core prefill kernels of kernels/prefill.cu
 // (bf16, head sizes 64 and 128; mma.sync, ldmatrix and cp.async emulated by common.cuh and cuemu.h) against
 // a double-precision causal reference: several sequences in one launch through the tile list, prompts
-// shorter and longer than a 64-row tile, cached prefixes (ctx_before > 0) and scattered block tables; each
-// case again with tiles split in two blocks and merged (prefill_merge).
+// shorter and longer than a 64-row tile, cached prefixes (ctx_before > 0) and scattered block tables.
 // Prints each case's largest error; exits non-zero on any over 2e-2 (bf16 output rounding is about 2e-3).
 #include "cuemu.h"
 #define LORAX_DTYPE_BF16
@@ -11,14 +10,11 @@
 #include "common.cuh"
 #include "prefill.cu"
 
-typedef void (*Kern)(T*, float*, const T*, const T*, const T*, const PrefillTile*, const u32*, int, int, int, float);
-typedef void (*Merge)(T*, const float*, const int*, int, int);
+typedef void (*Kern)(T*, const T*, const T*, const T*, const PrefillTile*, const u32*, int, int, int, float);
 
-// With `split`, every tile whose first row lies at 64 positions or more is split in two blocks at a multiple
-// of 64 keys (as the host's split_long_tiles does for the longest ones) and merged by prefill_merge.
 template <int HD>
-int check(const char* name, Kern kern, Merge merge, bool split, int warps, int heads, int kvh, int bs,
-          std::vector<std::pair<int, int>> seqs, unsigned seed) {
+int check(const char* name, Kern kern, int warps, int heads, int kvh, int bs, std::vector<std::pair<int, int>> seqs,
+          unsigned seed) {
     const int bm = 16 * warps;
     std::mt19937 rng(seed);
     std::uniform_real_distribution<float> U(-1.f, 1.f);
@@ -34,7 +30,6 @@ int check(const char* name, Kern kern, Merge merge, bool split, int warps, int h
     for (auto& x : Q) x = from_f(2.f * U(rng));
     std::vector<u32> tables;
     std::vector<PrefillTile> tiles;
-    std::vector<int> merges;
     std::vector<int> table_of, row0_of;
     int row = 0, next = 0;
     for (auto [before, len] : seqs) {
@@ -44,38 +39,18 @@ int check(const char* name, Kern kern, Merge merge, bool split, int warps, int h
             const size_t slot = (size_t)tables[off + p / bs] * bs + p % bs;
             for (size_t e = 0; e < kvw; ++e) K[slot * kvw + e] = from_f(U(rng)), V[slot * kvw + e] = from_f(U(rng));
         }
-        for (int t = 0; t < len; t += bm) {
-            const int rows = std::min(bm, len - t), pos0 = before + t, end = pos0 + rows;
-            const int cut = std::min(end / 2, pos0) / 64 * 64;
-            if (split && cut > 0) {
-                const int p = merges.size() / 3;
-                tiles.push_back({row + t, rows, pos0, off, 0, cut, 2 * p, 0});
-                tiles.push_back({row + t, rows, pos0, off, cut, end, 2 * p + 1, 0});
-                merges.insert(merges.end(), {row + t, rows, p});
-            } else {
-                tiles.push_back({row + t, rows, pos0, off, 0, end, -1, 0});
-            }
-        }
+        for (int t = 0; t < len; t += bm) tiles.push_back({row + t, std::min(bm, len - t), before + t, off});
         table_of.push_back(off);
         row0_of.push_back(row);
         row += len;
     }
     const float scale = 1.f / std::sqrt((float)HD);
     std::vector<T> out(nrows * qw, (T)0x7fc1);
-    // Partials start as NaN: a merge that reads a row no block wrote shows.
-    std::vector<float> parts((merges.size() / 3) * 2 * heads * bm * (HD + 2), NAN);
     for (int h = 0; h < heads; ++h)
         emu_launch(tiles.size(), 32 * warps, [&] {
             blockIdx.y = h;
-            kern(out.data(), parts.data(), Q.data(), K.data(), V.data(), tiles.data(), tables.data(), heads, kvh, bs,
-                 scale);
+            kern(out.data(), Q.data(), K.data(), V.data(), tiles.data(), tables.data(), heads, kvh, bs, scale);
         });
-    if (!merges.empty())
-        for (int h = 0; h < heads; ++h)
-            emu_launch(merges.size() / 3, 256, [&] {
-                blockIdx.y = h;
-                merge(out.data(), parts.data(), merges.data(), heads, bm);
-            });
     double worst = 0;
     for (size_t si = 0; si < seqs.size(); ++si) {
         auto [before, len] = seqs[si];
@@ -105,9 +80,7 @@ int check(const char* name, Kern kern, Merge merge, bool split, int warps, int h
             }
         }
     }
-    printf("%s heads %d/%d block %d%s: max abs err %.3g\n", name, heads, kvh, bs,
-           split ? (merges.empty() ? ", split: none" : ", split") : "", worst);
-    if (split && merges.empty()) return 1;  // a split case must split something
+    printf("%s heads %d/%d block %d: max abs err %.3g\n", name, heads, kvh, bs, worst);
     return worst < 2e-2 ? 0 : 1;
 }
 
@@ -126,12 +99,9 @@ int main() {
                   {"_w8n64", prefill_attention_128_w8n64, prefill_attention_64_w8n64, 8}};
     for (auto& sh : shapes) {
         printf("tile%s:\n", sh.name);
-        for (bool split : {false, true}) {
-            bad += check<128>("prefill_attention_128", sh.k128, prefill_merge_128, split, sh.warps, 8, 2, 16, seqs, 1);
-            bad += check<64>("prefill_attention_64", sh.k64, prefill_merge_64, split, sh.warps, 4, 4, 16, seqs, 2);
-            bad += check<128>("prefill_attention_128", sh.k128, prefill_merge_128, split, sh.warps, 4, 1, 4,
-                              {{5, 100}, {0, 64}, {3, 200}, {0, 300}}, 3);
-        }
+        bad += check<128>("prefill_attention_128", sh.k128, sh.warps, 8, 2, 16, seqs, 1);
+        bad += check<64>("prefill_attention_64", sh.k64, sh.warps, 4, 4, 16, seqs, 2);
+        bad += check<128>("prefill_attention_128", sh.k128, sh.warps, 4, 1, 4, {{5, 100}, {0, 64}, {3, 200}}, 3);
     }
     printf(bad ? "FAIL %d\n" : "OK\n", bad);
     return bad != 0;

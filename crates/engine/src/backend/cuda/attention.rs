@@ -26,49 +26,6 @@ struct PrefillLaunch {
     grid: LaunchConfig,
     _tiles: DevBuf,
     tiles_ptr: u64,
-    /// The split tiles' merge (`prefill_merge_<hd>`): its grid, the uploaded (first row, rows, split)
-    /// triples, the rows of a tile, and the bytes of the partials.
-    merge: Option<PrefillMerge>,
-}
-
-struct PrefillMerge {
-    kernel: String,
-    grid: LaunchConfig,
-    _merges: DevBuf,
-    merges_ptr: u64,
-    bm: i32,
-    part_bytes: usize,
-}
-
-/// Split points of long prefill tiles are multiples of this many keys (every tile shape's step divides it).
-const PREFILL_SPLIT_ALIGN: usize = 64;
-
-/// Splits the prefill tiles (`[first row, rows, first position, table offset, first key, key end, part,
-/// 0]`) whose walk over the keys is longer than the launch's steps per block slot (`slots` blocks run at
-/// once; `heads` blocks per tile; `bn` keys a step) in two: the first half walks the keys before a
-/// multiple of [`PREFILL_SPLIT_ALIGN`] no later than the tile's first row (so none of them is masked for
-/// any row), the second the rest. Returns the merges (first row, rows, split index): with one long
-/// prompt, the causal triangle's last tiles otherwise walk all the keys while most of the GPU idles.
-fn split_long_tiles(tiles: &mut Vec<[i32; 8]>, heads: usize, slots: usize, bn: usize) -> Vec<[i32; 3]> {
-    let steps = |t: &[i32; 8]| usize::try_from(t[5] - t[4]).unwrap_or(0).div_ceil(bn);
-    let per_slot = (tiles.iter().map(steps).sum::<usize>() * heads).div_ceil(slots.max(1));
-    let mut merges = Vec::new();
-    for i in 0..tiles.len() {
-        let t = tiles[i];
-        let (end, first) = (usize::try_from(t[5]).unwrap_or(0), usize::try_from(t[2]).unwrap_or(0));
-        let split = (end / 2).min(first) / PREFILL_SPLIT_ALIGN * PREFILL_SPLIT_ALIGN;
-        if steps(&t) <= per_slot || split == 0 || t[4] != 0 {
-            continue;
-        }
-        let (Ok(split), Ok(p)) = (i32::try_from(split), i32::try_from(merges.len())) else {
-            continue;
-        };
-        tiles[i][5] = split;
-        tiles[i][6] = 2 * p;
-        tiles.push([t[0], t[1], t[2], t[3], split, t[5], 2 * p + 1, 0]);
-        merges.push([t[0], t[1], p]);
-    }
-    merges
 }
 
 /// What an attention call derives from the batch alone, the same for every layer of a forward pass
@@ -103,9 +60,6 @@ pub struct AttnPlan<'a> {
     shared: Arc<AttnShared>,
     _part_o: Option<DevBuf>,
     _part_ml: Option<DevBuf>,
-    /// Split prefill tiles' partials (kernels/prefill.cu) and their address.
-    _part_pf: Option<DevBuf>,
-    part_pf_ptr: u64,
     ptrs: [u64; 8],
     scale: f32,
     /// Bytes of keys and values the kernel reads (for bandwidth figures).
@@ -164,10 +118,6 @@ impl CudaBackend {
             (0, _) => (None, None),
             (o, ml) => (Some(self.bytes(o)?), Some(self.bytes(ml)?)),
         };
-        let part_pf = match shared.prefill.as_ref().and_then(|p| p.merge.as_ref()) {
-            Some(m) => Some(self.bytes(m.part_bytes)?),
-            None => None,
-        };
         let ptrs = [
             self.ptr(&out.buf),
             part_o.as_ref().map_or(0, |b| self.ptr(b)),
@@ -185,8 +135,6 @@ impl CudaBackend {
             shared,
             _part_o: part_o,
             _part_ml: part_ml,
-            part_pf_ptr: part_pf.as_ref().map_or(0, |b| self.ptr(b)),
-            _part_pf: part_pf,
             ptrs,
             scale: meta.scale,
             _inputs: PhantomData,
@@ -254,9 +202,8 @@ impl CudaBackend {
         // Validate the whole batch before computing anything (as the CPU backend does).
         let mut rows = vec![-1i32; 2 * n];
         let mut tables: Vec<u32> = Vec::new();
-        // Prefill tiles (first row, rows, position of the first row, block table offset, first key, key end,
-        // part: see kernels/prefill.cu).
-        let mut pf_tiles: Vec<[i32; 8]> = Vec::new();
+        // Prefill tiles (first row, rows, position of the first row, block table offset).
+        let mut pf_tiles: Vec<[i32; 4]> = Vec::new();
         let mut paged_rows = false;
         let (mut max_len, mut kv_tokens) = (1usize, 0usize);
         for s in meta.seqs {
@@ -276,16 +223,11 @@ impl CudaBackend {
             let uncut = meta.sliding_window.is_none_or(|w| ctx <= w);
             if tc_kernel.is_some() && s.q_len >= TC_PREFILL_MIN_ROWS && uncut {
                 for t in (0..s.q_len).step_by(pf_bm) {
-                    let rows = pf_bm.min(s.q_len - t);
                     pf_tiles.push([
                         int("row", s.q_start + t)?,
-                        int("tile rows", rows)?,
+                        int("tile rows", pf_bm.min(s.q_len - t))?,
                         int("position", s.ctx_before + t)?,
                         off,
-                        0,
-                        int("key end", s.ctx_before + t + rows)?,
-                        -1,
-                        0,
                     ]);
                 }
                 for i in 0..s.q_len {
@@ -335,44 +277,10 @@ impl CudaBackend {
         let d_tables = self.upload(&tables)?;
         let prefill = match tc_kernel {
             Some(kernel) if !pf_tiles.is_empty() => {
-                let threads = uint("prefill threads", 32 * shape.warps())?;
-                let smem = shape.smem_bytes(hd, self.dtype.size());
-                let merges = if self.prefill_split {
-                    // Blocks of this kernel that run at once on the device.
-                    let per_sm = self
-                        .funcs
-                        .get(kernel.as_str())
-                        .and_then(|f| {
-                            f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
-                                .ok()
-                        })
-                        .unwrap_or(1)
-                        .max(1) as usize;
-                    split_long_tiles(&mut pf_tiles, meta.num_heads, per_sm * self.num_sms, shape.keys())
-                } else {
-                    Vec::new()
-                };
-                // Longest walks (most keys: the last tiles of each prompt) first, so the causal triangle's
-                // long blocks start in the first wave instead of trailing the launch.
-                pf_tiles.sort_by_key(|t| std::cmp::Reverse(t[5] - t[4]));
+                // Longest tiles (most keys: the last of each prompt) first, so the causal triangle's long
+                // blocks start in the first wave instead of trailing the launch.
+                pf_tiles.sort_by_key(|t| std::cmp::Reverse(t[1] + t[2]));
                 let d_tiles = self.upload(pf_tiles.as_flattened())?;
-                let merge = if merges.is_empty() {
-                    None
-                } else {
-                    let d_merges = self.upload(merges.as_flattened())?;
-                    Some(PrefillMerge {
-                        kernel: format!("prefill_merge_{hd}"),
-                        grid: cfg(
-                            (uint("split tiles", merges.len())?, uint("heads", meta.num_heads)?, 1),
-                            256,
-                            0,
-                        ),
-                        merges_ptr: self.ptr(&d_merges),
-                        _merges: d_merges,
-                        bm: int("tile rows", pf_bm)?,
-                        part_bytes: 2 * merges.len() * meta.num_heads * pf_bm * (hd + 2) * 4,
-                    })
-                };
                 Some(PrefillLaunch {
                     kernel,
                     grid: cfg(
@@ -381,12 +289,11 @@ impl CudaBackend {
                             uint("heads", meta.num_heads)?,
                             1,
                         ),
-                        threads,
-                        smem,
+                        uint("prefill threads", 32 * shape.warps())?,
+                        shape.smem_bytes(hd, self.dtype.size()),
                     ),
                     tiles_ptr: self.ptr(&d_tiles),
                     _tiles: d_tiles,
-                    merge,
                 })
             }
             _ => None,
@@ -453,7 +360,6 @@ impl CudaBackend {
                 &pf.kernel,
                 pf.grid,
                 op,
-                &plan.part_pf_ptr,
                 qp,
                 kp,
                 vp,
@@ -464,9 +370,6 @@ impl CudaBackend {
                 bs,
                 &plan.scale
             );
-            if let Some(m) = &pf.merge {
-                launch!(self, &m.kernel, m.grid, op, &plan.part_pf_ptr, &m.merges_ptr, nh, &m.bm);
-            }
         }
         if !sh.paged_rows {
             return Ok(());

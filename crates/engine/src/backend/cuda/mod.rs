@@ -164,7 +164,7 @@ impl PrefillShape {
     }
 
     /// Keys per step.
-    pub(crate) fn keys(self) -> usize {
+    fn keys(self) -> usize {
         match self {
             Self::W4N32 | Self::W8N32 => 32,
             Self::W4N64 | Self::W8N64 => 64,
@@ -287,8 +287,6 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
             "prefill_attention_128_w8n32",
             "prefill_attention_64_w8n64",
             "prefill_attention_128_w8n64",
-            "prefill_merge_64",
-            "prefill_merge_128",
         ],
     ),
     ("sampling", &["sample_rows"]),
@@ -400,9 +398,6 @@ pub struct CudaBackend {
     prefill_shape: Option<PrefillShape>,
     /// Whether the device gives the 64-key prefill shapes their shared memory (else their 32-key twins run).
     prefill_wide: bool,
-    /// Long prefill tiles split over two blocks when one long prompt cannot fill the GPU
-    /// (`LORAX_CUDA_PREFILL_SPLIT=0` turns it off; attention.rs `split_long_tiles`).
-    prefill_split: bool,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
@@ -843,7 +838,6 @@ impl CudaBackend {
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
             prefill_shape: PrefillShape::from_env()?,
             prefill_wide,
-            prefill_split: std::env::var("LORAX_CUDA_PREFILL_SPLIT").map_or(true, |v| v != "0"),
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
@@ -899,12 +893,6 @@ impl CudaBackend {
     /// [`PrefillShape::auto`] picks by the launch's longest context (`LORAX_CUDA_PREFILL_TILE`).
     pub fn set_prefill_shape(&mut self, shape: Option<PrefillShape>) {
         self.prefill_shape = shape;
-    }
-
-    /// Split the longest prefill tiles' keys over two blocks when a launch cannot fill the GPU (the
-    /// default) or not (for tests and comparisons).
-    pub fn set_prefill_split(&mut self, on: bool) {
-        self.prefill_split = on;
     }
 
     /// At most this many query heads per attention block (1, 2, 4 or 8; default 8). Fewer heads per block
