@@ -19,8 +19,9 @@
 //! the default is faster, for tests). On the H200 (bench/NOTES.md, session 14) cuBLAS's default already
 //! runs Hopper kernels with split-K where it pays: the candidates beat it by 0-9% on some shapes and
 //! points and by nothing on the rest, a 128-row decode step of the Mistral-7B shape went from 8.27-8.38
-//! to 8.11-8.24 ms, and choices made by timing differ between runs, so a restarted server could round
-//! differently (greedy outputs then differ where two tokens nearly tie).
+//! to 8.11-8.24 ms, and choices made by timing can differ between runs, so a restarted server could
+//! round differently (greedy outputs then differ where two tokens nearly tie; an f32 graph test with a
+//! backend per run diverged from its eager run, most likely for this reason).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
