@@ -385,18 +385,4 @@ fn decode_step_kernels_for_a_profiler() {
         "PROFILED {scenario}: {steps} eager steps, {rows} decode rows, {prompts} new prompt(s) of {prompt_len} tokens \
          each, {layers} layers, {adapters} adapters"
     ));
-    for t in e.backend.gemm_tuning() {
-        let points: Vec<String> = t
-            .points
-            .iter()
-            .map(|p| format!("{}:{:.1}/{:.1}", p.rows, p.default_us, p.best_us))
-            .collect();
-        say(&format!(
-            "TUNED {}x{} in {:.0} ms (rows: cuBLAS default / chosen, us): {}",
-            t.n,
-            t.k,
-            t.millis,
-            points.join(" ")
-        ));
-    }
 }

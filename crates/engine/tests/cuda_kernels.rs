@@ -10,7 +10,7 @@
 mod cuda_common;
 
 use cuda_common::{backend, check, round, say, seed, tol, Rng};
-use lorax_engine::backend::cuda::{AttnKernel, GemmTuning, PrefillShape};
+use lorax_engine::backend::cuda::{AttnKernel, PrefillShape};
 use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
 use lorax_engine::weights::DType;
 use lorax_engine::{Backend, CpuBackend, CudaBackend, EngineError};
@@ -76,60 +76,6 @@ fn linear_matches_cpu() {
                 tol(dt),
             );
         }
-    }
-}
-
-/// Decode-sized products on cuBLASLt's tuned algorithms (`GemmTuning::Always`: the fastest candidate even
-/// where cuBLAS's default is faster, so that the cuBLASLt path runs), across the tuning points' edges and
-/// past the last (cuBLAS's default again); rows not whole 16-byte vectors fall back too.
-#[test]
-fn tuned_linear_matches_cpu() {
-    let mut rng = Rng(seed("tuned linear"));
-    for dt in DTYPES {
-        let Some(mut g) = gpu(dt) else { return };
-        g.set_gemm_tuning(GemmTuning::Always);
-        for (k, n, bias) in [(4096, 6144, false), (1024, 768, true), (100, 75, false)] {
-            let w = pair(&g, &mut rng, &[n, k], -0.05, 0.05);
-            let b = pair(&g, &mut rng, &[n], -1.0, 1.0);
-            for m in [3, 8, 9, 37, 128, 256, 257, 300] {
-                let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
-                let want = CpuBackend.linear(&x.cpu, &w.cpu, bias.then_some(&b.cpu)).unwrap();
-                let got = g.linear(&x.gpu, &w.gpu, bias.then_some(&b.gpu)).unwrap();
-                check(
-                    &format!("{dt:?} tuned linear {m}x{k}x{n} bias={bias}"),
-                    &g.to_f32(&got).unwrap(),
-                    &want.data,
-                    tol(dt),
-                );
-            }
-        }
-        let report = g.gemm_tuning();
-        for t in &report {
-            let points: Vec<String> = t
-                .points
-                .iter()
-                .map(|p| {
-                    format!(
-                        "{}:{:.1}/{:.1}({:?} of {})",
-                        p.rows, p.default_us, p.best_us, p.chosen, p.candidates
-                    )
-                })
-                .collect();
-            say(&format!(
-                "{dt:?} tuned {}x{} in {:.0} ms: {}",
-                t.n,
-                t.k,
-                t.millis,
-                points.join(" ")
-            ));
-        }
-        assert_eq!(report.len(), 3, "{dt:?}: each weight shape tuned once");
-        let wide = report.iter().find(|t| (t.n, t.k) == (6144, 4096)).unwrap();
-        assert_eq!(wide.points.len(), lorax_engine::backend::cuda::gemm_tune::POINTS.len());
-        assert!(
-            wide.points.iter().all(|p| p.chosen.is_some()),
-            "{dt:?}: every point of 6144x4096 on a cuBLASLt candidate under Always"
-        );
     }
 }
 

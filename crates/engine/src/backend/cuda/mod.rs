@@ -424,13 +424,8 @@ pub struct CudaBackend {
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
     graphs: graph::Graphs,
-    /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture; the tuned
-    /// cuBLASLt products use it too (same stream).
+    /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
     _blas_workspace: CudaSlice<u8>,
-    blas_ws_ptr: u64,
-    blas_ws_bytes: usize,
-    /// Decode-sized linear layers on tuned cuBLASLt algorithms (gemm_tune.rs; `LORAX_CUDA_GEMM_TUNE=0`: none).
-    tuner: Option<gemm_tune::Tuner>,
     /// Zeroed counters with which a split attention row's last block merges the splits (kernels/attention.cu
     /// `merge_if_last`; each launch leaves them zero again), and their address.
     _attn_counters: CudaSlice<u32>,
@@ -716,10 +711,7 @@ macro_rules! launch {
 
 pub mod attention;
 pub mod compile;
-pub mod gemm_tune;
 pub mod graph;
-
-pub use gemm_tune::{GemmTuning, TunedPoint, TunedShape};
 pub mod lora;
 pub mod nccl;
 pub mod sampling;
@@ -854,9 +846,6 @@ impl CudaBackend {
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
-            blas_ws_ptr: ws_ptr,
-            blas_ws_bytes: ws_bytes,
-            tuner: gemm_tune::Tuner::new(dtype, gemm_tune::GemmTuning::from_env()),
             _attn_counters: attn_counters,
             attn_counters_ptr,
             upload_stream,
@@ -1203,58 +1192,41 @@ impl CudaBackend {
         ldy: usize,
         (alpha, beta): (f32, f32),
     ) -> Result<()> {
-        self.gemm_prologue(b"gemm", [m, n, k, ldy], &[yp, xp, wp], (alpha, beta))?;
-        if graph::mode() != graph::Mode::Record {
-            self.cublas_gemm((m, n, k), (yp, xp, wp), ldy, (alpha, beta))?;
-        }
-        Ok(())
-    }
-
-    /// The cuBLAS call of [`CudaBackend::gemm_into`], launched whatever the mode (GEMM tuning times it).
-    fn cublas_gemm(
-        &self,
-        (m, n, k): (usize, usize, usize),
-        (yp, xp, wp): (u64, u64, u64),
-        ldy: usize,
-        (alpha, beta): (f32, f32),
-    ) -> Result<()> {
         let dt = self.blas_dtype();
-        let (mi, ni, ki, ldy) = (
-            int("rows", m)?,
-            int("columns", n)?,
-            int("inner", k)?,
-            int("row stride", ldy)?,
-        );
-        self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))?;
+        let [mi, ni, ki, ldy] = self.gemm_prologue(b"gemm", [m, n, k, ldy], &[yp, xp, wp], (alpha, beta))?;
+        let mode = graph::mode();
         // Row-major y[m, n] = x[m, k] · w[n, k]ᵀ is column-major yᵀ[n, m] = (w as col-major [k, n])ᵀ · (x as
         // col-major [k, m]): transa = T, transb = N.
         // SAFETY: the pointers cover w (n·k), x (m·k) and y ((m - 1)·ldy + n) elements of `dt`, as the caller
         // checked; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
-        unsafe {
-            blas_result::gemm_ex(
-                *self.blas.handle(),
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                ni,
-                mi,
-                ki,
-                (&raw const alpha).cast::<c_void>(),
-                wp as *const c_void,
-                dt,
-                ki,
-                xp as *const c_void,
-                dt,
-                ki,
-                (&raw const beta).cast::<c_void>(),
-                yp as *mut c_void,
-                dt,
-                ldy,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+        if mode != graph::Mode::Record {
+            unsafe {
+                blas_result::gemm_ex(
+                    *self.blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    ni,
+                    mi,
+                    ki,
+                    (&raw const alpha).cast::<c_void>(),
+                    wp as *const c_void,
+                    dt,
+                    ki,
+                    xp as *const c_void,
+                    dt,
+                    ki,
+                    (&raw const beta).cast::<c_void>(),
+                    yp as *mut c_void,
+                    dt,
+                    ldy,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| EngineError::Backend(format!("cuBLAS GEMM {m}x{k} · ({n}x{k})ᵀ: {e:?}")))?;
+            self.after_launch("gemm")?;
         }
-        .map_err(|e| EngineError::Backend(format!("cuBLAS GEMM {m}x{k} · ({n}x{k})ᵀ: {e:?}")))?;
-        self.after_launch("gemm")
+        Ok(())
     }
 
     /// [`CudaBackend::gemm_into`] for several products of one shape in one cuBLAS call
@@ -1611,12 +1583,6 @@ impl Backend for CudaBackend {
                 &ni,
                 &ki
             );
-        } else if let Some(plan) = self.tuned_plan((m, n, k), (yp, xp, wp))? {
-            // Decode-sized rows on the algorithm tuned for them (gemm_tune.rs).
-            self.gemm_prologue(b"ltgemm", [m, n, k, n], &[yp, xp, wp], (1.0, 0.0))?;
-            if graph::mode() != graph::Mode::Record {
-                self.lt_matmul(&plan, (yp, xp, wp))?;
-            }
         } else {
             self.gemm_into((m, n, k), (yp, xp, wp), n, (1.0, 0.0))?;
         }
