@@ -2,9 +2,8 @@
 //! whole in one step (nobody waits for it); a request joining a running
 //! stream is prefilled over many mixed steps (the running stream keeps getting tokens), gets its whole
 //! prompt details with its first token, and a client that leaves while its request is still prefilling
-//! frees its blocks and its place in the shards' batch; while requests queue behind admitted prompts (a
-//! backlog), a step runs those prompts whole. Its own test binary, so no other test's requests share the
-//! process-wide metrics.
+//! frees its blocks and its place in the shards' batch. Its own test binary with a single test, so no other
+//! test's requests share the process-wide metrics (its block count reads them).
 
 mod common;
 
@@ -72,7 +71,7 @@ async fn prompts_run_in_chunks_next_to_running_streams() {
         .await;
     assert_eq!(response.status(), 200);
     let v: serde_json::Value = response.json().await.expect("json");
-    let prompt_len = tokens(&d, &prompt).await;
+    let prompt_len = common::tokens(&d, &prompt).await;
     assert!(prompt_len > 40, "{prompt_len} prompt tokens");
     assert_eq!(
         v["details"]["prefill"].as_array().expect("prefill").len(),
@@ -94,70 +93,4 @@ async fn prompts_run_in_chunks_next_to_running_streams() {
         metrics.contains("lorax_batch_inference_count{method=\"mixed\"}"),
         "{metrics}"
     );
-}
-
-#[tokio::test]
-async fn a_backlog_runs_admitted_prompts_whole() {
-    // One prompt of about 30 tokens fits the prefill budget of 40 at a time: the others queue behind it.
-    let d = Deployment::start(Setup {
-        step_delay: Duration::from_millis(2),
-        flags: [
-            "--max-batch-prefill-chunk-tokens",
-            "1",
-            "--max-batch-prefill-tokens",
-            "40",
-            "--max-input-length",
-            "40",
-            "--max-total-tokens",
-            "64",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..Setup::default()
-    })
-    .await;
-    let long = json!({"inputs": "Hello", "parameters": {"max_new_tokens": 60}});
-    let mut running = SseReader::new(d.post("/generate_stream", long).await);
-    assert!(running.next().await.is_some());
-    let prompt = "The capital of France is Paris. ".repeat(4);
-    // Two such prompts queued must reach the budget of 40 and one must not.
-    let prompt_len = tokens(&d, &prompt).await;
-    assert!((20..40).contains(&prompt_len), "{prompt_len} prompt tokens");
-    let burst: Vec<_> = (0..3)
-        .map(|_| {
-            let body = json!({"inputs": prompt, "parameters": {"max_new_tokens": 2, "details": true}});
-            let post = d.post("/generate", body);
-            async move {
-                let response = post.await;
-                assert_eq!(response.status(), 200);
-                let v: serde_json::Value = response.json().await.expect("json");
-                assert_eq!(v["details"]["generated_tokens"], 2, "{v}");
-            }
-        })
-        .collect();
-    futures::future::join_all(burst).await;
-    let budgets = d.shards[0].mixed_budgets.lock().expect("lock").clone();
-    // Whatever the arrival order, one step sees the other two (60 tokens) queued behind the admitted
-    // prompt; after it, at most one prompt is queued.
-    assert_eq!(
-        budgets.iter().filter(|&&b| b == 40).count(),
-        1,
-        "one backlog step runs the admitted prompt whole: {budgets:?}"
-    );
-    assert!(
-        budgets.contains(&1),
-        "the last prompt, with nobody queued behind it, runs in chunks: {budgets:?}"
-    );
-    drop(running);
-}
-
-/// Tokens of `prompt` as the router counts them (`/tokenize`).
-async fn tokens(d: &Deployment, prompt: &str) -> usize {
-    let tokenized: serde_json::Value = d
-        .post("/tokenize", json!({"inputs": prompt}))
-        .await
-        .json()
-        .await
-        .expect("json");
-    tokenized.as_array().expect("tokens").len()
 }

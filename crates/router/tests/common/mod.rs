@@ -830,6 +830,17 @@ pub fn assert_generated_by(body: &serde_json::Value, adapter: &str, n: u32) {
     assert_eq!(body["details"]["adapter_id"], expected, "{body}");
 }
 
+/// Tokens of `prompt` as the router counts them (`/tokenize`).
+pub async fn tokens(d: &Deployment, prompt: &str) -> usize {
+    let tokenized: serde_json::Value = d
+        .post("/tokenize", serde_json::json!({"inputs": prompt}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    tokenized.as_array().expect("tokens").len()
+}
+
 /// Polls `check` until it returns true, failing after `deadline`.
 pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
 where
