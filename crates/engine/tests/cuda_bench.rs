@@ -308,9 +308,9 @@ fn kernel_benchmarks() {
 }
 
 /// Where a Mistral-7B-shaped decode step and a 1000-token prefill spend their time: every linear layer of
-/// the model (q/k/v and gate/up fused, as the model runs them) at 1, 2, 4, 128 and 1000 rows (1-4 rows on
-/// the skinny-GEMM kernels and, for comparison, on cuBLAS) (weights rotated through copies so that none is served from the 60 MB
-/// L2), the LM head, and attention at the serving shapes, each from graph replays. Summed per step, these
+/// the model (q/k/v and gate/up fused, as the model runs them) at 1, 2, 4, 8-256 and 1000 rows (1-4 rows on
+/// the gemv kernels, 8-256 on the wgmma skinny GEMM, each also on cuBLAS for comparison; weights rotated
+/// through copies so that none is served from the 60 MB L2), the LM head, and attention at the serving shapes, each from graph replays. Summed per step, these
 /// compare with the measured step times (`cuda_graphs`' decode-step benchmark, the serving TTFT).
 #[test]
 #[ignore = "GPU benchmark: needs about 2 GB free; run with --ignored --nocapture"]
@@ -332,19 +332,34 @@ fn step_profile() {
         let x = rand(g, &[m, k], seed + 100, 1.0);
         graph_ms(g, copies, 20, &|i| g.linear(&x, &ws[i], None).map(|_| ()))
     };
-    // Rows 1-4 on the skinny-GEMM kernels (1-2 by default) and on cuBLAS, the rest on cuBLAS.
-    for (m, gemv_rows) in [
-        (1usize, 4usize),
-        (1, 0),
-        (2, 4),
-        (2, 0),
-        (4, 4),
-        (4, 0),
-        (128, 4),
-        (1000, 4),
-    ] {
+    // Rows 1-4 on the gemv kernels (1-2 by default) and on cuBLAS; 8-256 rows on the wgmma skinny GEMM
+    // (where it is built) and on cuBLAS; 1000 rows on cuBLAS.
+    let wg = g.skinny_gemm_built();
+    let mut cases = vec![
+        (1usize, 4usize, false),
+        (1, 0, false),
+        (2, 4, false),
+        (2, 0, false),
+        (4, 4, false),
+        (4, 0, false),
+    ];
+    for m in [8, 32, 64, 88, 128, 256] {
+        if wg {
+            cases.push((m, 4, true));
+        }
+        cases.push((m, 4, false));
+    }
+    cases.push((1000, 4, false));
+    for (m, gemv_rows, skinny) in cases {
         g.set_gemv_rows(gemv_rows);
-        let how = if m <= gemv_rows { "gemv" } else { "cublas" };
+        g.set_skinny_gemm(skinny);
+        let how = if m <= gemv_rows {
+            "gemv"
+        } else if skinny {
+            "wgmma"
+        } else {
+            "cublas"
+        };
         let mut layer_ms = 0.0;
         for (i, &(name, n, k)) in linears.iter().enumerate() {
             let ms = time(&g, m, n, k, 200 + 10 * i as u32);
@@ -376,6 +391,7 @@ fn step_profile() {
         );
     }
     g.set_gemv_rows(2);
+    g.set_skinny_gemm(true);
     // Attention per layer at the serving shapes (32 query heads, 8 KV heads): decode at batch 1 and 128,
     // and a 1000-token prefill on the tensor-core kernel.
     decode_attention(&g, 1, 640, 32, 8, copy);

@@ -79,6 +79,75 @@ fn linear_matches_cpu() {
     }
 }
 
+/// The wgmma skinny GEMM (kernels/skinny.cu; Hopper, 16-bit storage) against the CPU and against cuBLAS,
+/// at every kernel size (8..256 rows), partial tiles (n not a multiple of 128, rows not a multiple of 8),
+/// and the stream-K cases: one tile split over 64 blocks, tiles split unevenly, many whole tiles per
+/// block. Each product runs twice and must repeat bit for bit (the split tiles' counters are left at
+/// zero; the sum order does not depend on which block finishes last). Outputs are poisoned first.
+#[test]
+fn skinny_gemm_matches_cpu_and_cublas() {
+    let mut rng = Rng(seed("skinny"));
+    for dt in [DType::BF16, DType::F16] {
+        let Some(mut g) = gpu(dt) else { return };
+        if !g.skinny_gemm_built() {
+            say("SKIPPED: the wgmma skinny GEMM is not built on this device (Hopper and 16-bit storage only)");
+            return;
+        }
+        g.set_gemv_rows(0);
+        let run = |g: &mut CudaBackend, skinny: bool, x: &Pair, w: &Pair| -> Vec<f32> {
+            g.set_skinny_gemm(skinny);
+            let y = g.linear(&x.gpu, &w.gpu, None).unwrap();
+            g.to_f32(&y).unwrap()
+        };
+        // Against the CPU (shapes the CPU computes in well under a second).
+        for (m, k, n) in [
+            (5, 64, 128),
+            (8, 128, 200),
+            (9, 4096, 384),
+            (17, 1024, 1000),
+            (33, 256, 4096),
+            (64, 4096, 256),
+            (65, 640, 130),
+            (88, 4096, 512),
+            (128, 4096, 128),
+            (128, 4096, 768),
+            (129, 512, 640),
+            (200, 1024, 256),
+            (256, 4096, 384),
+            (88, 14336, 256),
+            (128, 64, 32000),
+        ] {
+            let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
+            let w = pair(&g, &mut rng, &[n, k], -0.05, 0.05);
+            let want = CpuBackend.linear(&x.cpu, &w.cpu, None).unwrap();
+            let got = run(&mut g, true, &x, &w);
+            check(&format!("{dt:?} skinny {m}x{k}x{n} vs CPU"), &got, &want.data, tol(dt));
+            let again = run(&mut g, true, &x, &w);
+            assert!(
+                got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dt:?} skinny {m}x{k}x{n}: a second run differs"
+            );
+        }
+        // Against cuBLAS at the Mistral-7B shapes (q/k/v, o, gate/up, down, LM head): both sum in f32 and
+        // round once, so they differ by roundings only.
+        let close = if dt == DType::BF16 { 4e-3 } else { 1e-3 };
+        for m in [8, 32, 88, 128, 256] {
+            for (n, k) in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (32000, 4096)] {
+                let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
+                let w = pair(&g, &mut rng, &[n, k], -0.02, 0.02);
+                let want = run(&mut g, false, &x, &w);
+                let got = run(&mut g, true, &x, &w);
+                check(&format!("{dt:?} skinny {m}x{k}x{n} vs cuBLAS"), &got, &want, close);
+                let again = run(&mut g, true, &x, &w);
+                assert!(
+                    got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dt:?} skinny {m}x{k}x{n}: a second run differs"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn norms_match_cpu() {
     let mut rng = Rng(seed("norms"));

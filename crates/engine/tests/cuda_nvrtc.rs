@@ -6,7 +6,7 @@
 
 use std::io::Write;
 
-use lorax_engine::backend::cuda::compile::{nvrtc_present, Compiler, SOURCES};
+use lorax_engine::backend::cuda::compile::{nvrtc_present, Compiler, Source, HOPPER_SOURCES, SOURCES};
 use lorax_engine::backend::cuda::KERNELS;
 use lorax_engine::weights::DType;
 
@@ -22,9 +22,16 @@ fn kernels_compile_for_hopper_in_every_dtype() {
     for dtype in [DType::BF16, DType::F16, DType::F32] {
         let mut c = Compiler::new((9, 0), dtype).unwrap().with_cache(None);
         c.verbose = true;
-        for src in SOURCES {
+        // The wgmma modules: sm_90a, 16-bit storage only.
+        let hopper = c.arch_specific();
+        let hopper_sources: &[Source] = if dtype == DType::F32 { &[] } else { &HOPPER_SOURCES };
+        let sources = SOURCES
+            .iter()
+            .map(|s| (&c, s))
+            .chain(hopper_sources.iter().map(|s| (&hopper, s)));
+        for (c, src) in sources {
             let out = c
-                .compile(&src)
+                .compile(src)
                 .unwrap_or_else(|e| panic!("{dtype:?} {}: {e}", src.name));
             assert!(!out.cubin.is_empty());
             let names = KERNELS.iter().find(|(m, _)| *m == src.name).unwrap().1;
@@ -36,7 +43,7 @@ fn kernels_compile_for_hopper_in_every_dtype() {
                 );
             }
             // Captured by libtest (shown with --nocapture or on failure): CI logs stay short.
-            eprintln!("== {dtype:?} {} ==\n{}", src.name, out.log.trim());
+            eprintln!("== {dtype:?} {} {} ==\n{}", c.arch, src.name, out.log.trim());
             // A few bytes of spill are ptxas trading registers for occupancy; a register array demoted to
             // local memory (a run-time index) shows as hundreds.
             for line in out.log.lines().filter(|l| l.contains("bytes spill stores")) {

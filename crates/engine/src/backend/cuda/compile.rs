@@ -50,6 +50,13 @@ pub const SOURCES: [Source; 6] = [
     },
 ];
 
+/// Modules for Hopper's arch-specific instructions (wgmma): compiled with [`Compiler::arch_specific`]
+/// (`sm_90a`) for 16-bit storage on compute capability 9.0 only.
+pub const HOPPER_SOURCES: [Source; 1] = [Source {
+    name: "skinny",
+    text: include_str!("../../../../../kernels/skinny.cu"),
+}];
+
 /// Whether the NVRTC library can be loaded (cudarc panics on first use when it cannot).
 pub fn nvrtc_present() -> bool {
     // SAFETY: only tries to open the library with libloading; no symbol is called.
@@ -159,6 +166,17 @@ impl Compiler {
             cache: cache_dir(),
             version: nvrtc_version()?,
         })
+    }
+
+    /// This compiler for the architecture-specific target (`sm_90a` for `sm_90`), which
+    /// [`HOPPER_SOURCES`] need; a module built for it runs on that architecture only.
+    #[must_use]
+    pub fn arch_specific(&self) -> Self {
+        let mut c = self.clone();
+        if !c.arch.ends_with('a') {
+            c.arch.push('a');
+        }
+        c
     }
 
     /// Uses `dir` as the cache (`None`: no cache).
@@ -301,8 +319,8 @@ mod tests {
 
     #[test]
     fn every_module_has_the_prelude_and_a_line_marker() {
-        for s in SOURCES {
-            let full = Compiler::full_source(&s);
+        for s in SOURCES.iter().chain(&HOPPER_SOURCES) {
+            let full = Compiler::full_source(s);
             assert!(full.starts_with("// Shared prelude"));
             assert!(full.contains(&format!("#line 1 \"{}.cu\"", s.name)));
         }
@@ -370,7 +388,7 @@ mod tests {
     #[test]
     fn every_kernel_waits_for_its_predecessor() {
         let mut kernels = 0;
-        for s in SOURCES {
+        for s in SOURCES.iter().chain(&HOPPER_SOURCES) {
             for (at, _) in s.text.match_indices("extern \"C\" __global__") {
                 let body = body_at(s.text, at).unwrap_or_else(|| panic!("{}.cu: unbalanced kernel at {at}", s.name));
                 if body.chars().all(|c| c.is_whitespace() || c == '\\') {

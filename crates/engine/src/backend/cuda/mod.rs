@@ -34,7 +34,7 @@ use cudarc::nvrtc::Ptx;
 use super::{AttnMeta, Backend, LoraSegment};
 use crate::error::{EngineError, Result};
 use crate::weights::{DType, HostTensor};
-use compile::{Compiler, SOURCES};
+use compile::{Compiler, HOPPER_SOURCES, SOURCES};
 
 /// Tokens per attention chunk, the unit contexts are split in (ATTN_CHUNK in kernels/attention.cu).
 const ATTN_CHUNK: usize = 64;
@@ -211,8 +211,47 @@ const GEMV_DEFAULT_ROWS: usize = 2;
 const GEMV_WARPS: usize = 4;
 const GEMV_COLS: usize = 2;
 
+/// The wgmma skinny-GEMM kernels (kernels/skinny.cu, Hopper only) by the batch rows they take, smallest
+/// first: a product of m rows runs on the first whose size is at least m.
+const SKINNY_KERNELS: [(usize, &str); 7] = [
+    (8, "skinny_8"),
+    (16, "skinny_16"),
+    (32, "skinny_32"),
+    (64, "skinny_64"),
+    (128, "skinny_128"),
+    (192, "skinny_192"),
+    (256, "skinny_256"),
+];
+/// kernels/skinny.cu's tile: output features per tile, k per stage, threads per block.
+const SKINNY_BM: usize = 128;
+const SKINNY_BK: usize = 64;
+const SKINNY_THREADS: usize = 256;
+/// Output tiles one skinny product may have (its counters; a vocabulary of 262144 rows in one product).
+const SKINNY_MAX_TILES: usize = 2048;
+
+/// Stages a skinny kernel of `tn` rows keeps in flight (kernels/skinny.cu `SK_STAGES`).
+fn skinny_stages(tn: usize) -> usize {
+    (196_608 / (SKINNY_BM * SKINNY_BK * 2 + tn * SKINNY_BK * 2)).min(8)
+}
+
+/// Dynamic shared memory of a skinny kernel of `tn` rows: its stages and 1 KiB of alignment slack.
+fn skinny_smem(tn: usize) -> usize {
+    skinny_stages(tn) * (SKINNY_BM * SKINNY_BK * 2 + tn * SKINNY_BK * 2) + 1024
+}
+
+/// The wgmma skinny GEMM's state: the stream-K partial sums (two slots per block) and the per-tile counters
+/// (zero between launches), both owned by the backend and used by one launch at a time (the stream's
+/// order; under programmatic dependent launch each kernel waits for the one ahead before touching them).
+struct Skinny {
+    on: bool,
+    _ws: CudaSlice<u8>,
+    ws_ptr: u64,
+    _counters: CudaSlice<u32>,
+    counters_ptr: u64,
+}
+
 /// Kernel names of each module, loaded once per backend.
-pub const KERNELS: [(&str, &[&str]); 6] = [
+pub const KERNELS: [(&str, &[&str]); 7] = [
     (
         "elementwise",
         &[
@@ -290,6 +329,18 @@ pub const KERNELS: [(&str, &[&str]); 6] = [
         ],
     ),
     ("sampling", &["sample_rows"]),
+    (
+        "skinny",
+        &[
+            "skinny_8",
+            "skinny_16",
+            "skinny_32",
+            "skinny_64",
+            "skinny_128",
+            "skinny_192",
+            "skinny_256",
+        ],
+    ),
 ];
 
 /// Device memory: an allocation of its own, or a range of one shared with others (an adapter's weights
@@ -420,6 +471,10 @@ pub struct CudaBackend {
     /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
     /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
+    /// Linear layers of more rows than `gemv_rows` and at most 256 on the wgmma skinny GEMM
+    /// (kernels/skinny.cu) rather than cuBLAS: Hopper and 16-bit storage only (`LORAX_CUDA_SKINNY=0` turns it
+    /// off); `None` where it is not built.
+    skinny: Option<Skinny>,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -567,6 +622,73 @@ fn grant_prefill_smem(funcs: &HashMap<&'static str, CudaFunction>, dtype: DType)
         }
     }
     granted
+}
+
+/// Builds the wgmma skinny GEMM (kernels/skinny.cu) where it can run: compute capability 9.0, 16-bit
+/// storage, not turned off (`LORAX_CUDA_SKINNY=0`). Compiles the module for `sm_90a`, grants each kernel
+/// its shared memory and allocates the partial sums for `num_sms` blocks and the tile counters. A failure
+/// to compile or to grant the memory leaves it out (cuBLAS runs those products), with a warning.
+fn load_skinny(
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    compiler: &Compiler,
+    cc: (i32, i32),
+    dtype: DType,
+    funcs: &mut HashMap<&'static str, CudaFunction>,
+    num_sms: i32,
+) -> Result<Option<Skinny>> {
+    if cc != (9, 0) || dtype == DType::F32 || std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "0") {
+        return Ok(None);
+    }
+    let hopper = compiler.arch_specific();
+    let built = (|| -> std::result::Result<Vec<(&'static str, CudaFunction)>, String> {
+        let src = &HOPPER_SOURCES[0];
+        let compiled = hopper.compile(src).map_err(|e| e.to_string())?;
+        let module = ctx
+            .load_module(Ptx::from_binary(compiled.cubin))
+            .map_err(|e| format!("loading module {}: {e:?}", src.name))?;
+        let mut out = Vec::new();
+        for &(tn, name) in &SKINNY_KERNELS {
+            let f = module
+                .load_function(name)
+                .map_err(|e| format!("kernel {name}: {e:?}"))?;
+            #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+            f.set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                skinny_smem(tn) as i32,
+            )
+            .map_err(|e| format!("{} bytes of shared memory for {name}: {e:?}", skinny_smem(tn)))?;
+            out.push((name, f));
+        }
+        Ok(out)
+    })();
+    let kernels = match built {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "the wgmma skinny GEMM is unavailable; cuBLAS runs its products");
+            return Ok(None);
+        }
+    };
+    funcs.extend(kernels);
+    let blocks = usize::try_from(num_sms).unwrap_or(1).max(1);
+    let (tn_max, _) = SKINNY_KERNELS[SKINNY_KERNELS.len() - 1];
+    tracing::debug!(blocks, "wgmma skinny GEMM built");
+    let ws_bytes = blocks * 2 * SKINNY_THREADS * (tn_max / 2) * 4;
+    let ws = stream
+        .alloc_zeros::<u8>(ws_bytes)
+        .map_err(|e| drv("allocating the skinny GEMM's partial sums", e))?;
+    let counters = stream
+        .alloc_zeros::<u32>(SKINNY_MAX_TILES)
+        .map_err(|e| drv("allocating the skinny GEMM's tile counters", e))?;
+    let ws_ptr = ws.device_ptr(stream).0;
+    let counters_ptr = counters.device_ptr(stream).0;
+    Ok(Some(Skinny {
+        on: true,
+        _ws: ws,
+        ws_ptr,
+        _counters: counters,
+        counters_ptr,
+    }))
 }
 
 /// Grid for a grid-stride element-wise kernel over `n` elements with 256 threads.
@@ -787,6 +909,7 @@ impl CudaBackend {
             tracing::debug!(module = src.name, cached = compiled.cached, arch = %compiler.arch, "kernels loaded");
         }
         let prefill_wide = grant_prefill_smem(&funcs, dtype);
+        let skinny = load_skinny(&ctx, &stream, &compiler, cc, dtype, &mut funcs, num_sms)?;
         let blas =
             CudaBlas::new(Arc::clone(&stream)).map_err(|e| EngineError::Backend(format!("cuBLAS handle: {e:?}")))?;
         let ws_bytes = 32usize << 20;
@@ -843,6 +966,7 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(GEMV_DEFAULT_ROWS)
                 .min(GEMV_MAX_ROWS),
+            skinny,
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
@@ -924,6 +1048,19 @@ impl CudaBackend {
     /// tests and comparisons; default 2).
     pub fn set_gemv_rows(&mut self, rows: usize) {
         self.gemv_rows = rows.min(GEMV_MAX_ROWS);
+    }
+
+    /// Linear layers of 5-256 rows (more than the gemv kernels take) on the wgmma skinny GEMM (the default
+    /// where it is built) or on cuBLAS (for tests and comparisons). No effect where it is not built.
+    pub fn set_skinny_gemm(&mut self, on: bool) {
+        if let Some(s) = &mut self.skinny {
+            s.on = on;
+        }
+    }
+
+    /// Whether the wgmma skinny GEMM was built for this device (Hopper, 16-bit storage).
+    pub fn skinny_gemm_built(&self) -> bool {
+        self.skinny.is_some()
     }
 
     /// The storage type of tensors.
@@ -1147,6 +1284,40 @@ impl CudaBackend {
             )));
         }
         Ok(())
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ` on the wgmma skinny GEMM when it is built and on and the shape suits
+    /// it (m up to 256, k a multiple of 64, 16-byte aligned operands, at most [`SKINNY_MAX_TILES`] tiles);
+    /// false (nothing launched) otherwise.
+    fn skinny_linear(&self, (m, n, k): (usize, usize, usize), (yp, xp, wp): (u64, u64, u64)) -> Result<bool> {
+        let Some(sk) = self.skinny.as_ref().filter(|s| s.on) else {
+            return Ok(false);
+        };
+        let tiles = n.div_ceil(SKINNY_BM);
+        let Some(&(tn, name)) = SKINNY_KERNELS.iter().find(|(tn, _)| *tn >= m) else {
+            return Ok(false);
+        };
+        if k % SKINNY_BK != 0 || tiles > SKINNY_MAX_TILES || xp % 16 != 0 || wp % 16 != 0 {
+            return Ok(false);
+        }
+        // One block per multiprocessor at most, and at least one stage per block.
+        let blocks = uint("skinny blocks", self.num_sms.min(tiles * (k / SKINNY_BK)))?;
+        let (mi, ni, ki) = (int("rows", m)?, int("out features", n)?, int("in features", k)?);
+        let (ws, counters) = (sk.ws_ptr, sk.counters_ptr);
+        launch!(
+            self,
+            name,
+            cfg((blocks, 1, 1), SKINNY_THREADS as u32, skinny_smem(tn)),
+            &yp,
+            &xp,
+            &wp,
+            &ws,
+            &counters,
+            &mi,
+            &ni,
+            &ki
+        );
+        Ok(true)
     }
 
     /// The cuBLAS element type of this backend's storage.
@@ -1583,7 +1754,7 @@ impl Backend for CudaBackend {
                 &ni,
                 &ki
             );
-        } else {
+        } else if !self.skinny_linear((m, n, k), (yp, xp, wp))? {
             self.gemm_into((m, n, k), (yp, xp, wp), n, (1.0, 0.0))?;
         }
         if let Some(b) = bias {

@@ -1,0 +1,300 @@
+// Skinny GEMM on Hopper's warpgroup MMA (wgmma; compiled for sm_90a only, and only for 16-bit storage):
+// y[m, n] = x[m, k] . w[n, k]^T for decode-sized m (up to 256 rows), where the time is reading w once.
+// cuBLAS leaves 20-45% of the copy bandwidth unused on the q/k/v, o and down shapes at 128 rows
+// (bench/NOTES.md, sessions 10-14): too few output tiles for 132 multiprocessors, and split-K as a second
+// launch. Here:
+//   - the product is transposed for the MMA: y^T = w . x^T, so the weights' rows (output features) fill
+//     wgmma's 64-row M side and the batch's rows its N side (TN = m rounded up to a supported size);
+//   - a tile is SK_BM = 128 output features (two warpgroups of 64) by TN rows, walked along k in stages
+//     of SK_BK = 64 (one 128-byte row per feature and per batch row, in the 128-byte swizzle that the
+//     wgmma descriptors name), loaded with cp.async STAGES - 1 stages ahead;
+//   - stream-K: the grid is one block per multiprocessor (at most), and block c takes the k-stages
+//     [total * c / G, total * (c + 1) / G) of all tiles' stages laid end to end, so every block streams the
+//     same number of weight bytes whatever the shape. A tile split between blocks is summed by the block
+//     that finishes its share last (a per-tile counter of stages done): the others leave f32 partial sums
+//     in a workspace (two slots per block: its first and its last tile can be partial), as does the
+//     last, which then adds all the slots in block order (the same result whichever block is last) and
+//     stores y; no block waits for another.
+// Sums are f32 in the MMA, partials added in block order; y is rounded once to T. The host checks
+// k % SK_BK == 0, m <= TN, 16-byte aligned x and w, and sizes the workspace and counters.
+#define SK_BM 128
+#define SK_BK 64
+#define SK_THREADS 256
+
+#if defined(LORAX_DTYPE_BF16)
+#define SK_TYPE "bf16"
+#else
+#define SK_TYPE "f16"
+#endif
+
+__device__ __forceinline__ u32 sk_smem(const void* p) {
+    u32 d;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(p));
+    return d;
+}
+
+// 16 bytes global -> shared, or 16 zero bytes when !valid (src is then not read).
+__device__ __forceinline__ void sk_copy(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void sk_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void sk_wait_copies() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// A shared-memory matrix descriptor for wgmma: K-major rows of 128 bytes in the 128-byte swizzle, groups
+// of 8 rows (1024 bytes) one after another. Bits: start address >> 4 (0-13), leading byte offset >> 4
+// (16-29; unused by this layout, 1 by convention), stride byte offset >> 4 (32-45), swizzle 1 = 128 B (62-63).
+__device__ __forceinline__ u64 sk_desc(u32 addr) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Makes this thread's shared-memory writes (cp.async) visible to the async proxy that wgmma reads through.
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// d (the warpgroup's 64 x n accumulator fragment) += A (64 x 16, descriptor da) . B (16 x n, descriptor db);
+// d = A . B when accumulate == 0.
+__device__ __forceinline__ void wgmma_n8(float* d, u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32." SK_TYPE "." SK_TYPE " "
+        "{%0, %1, %2, %3}, "
+        "%4, %5, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "l"(da), "l"(db), "r"(accumulate)
+        : "memory");
+}
+
+__device__ __forceinline__ void wgmma_n16(float* d, u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32." SK_TYPE "." SK_TYPE " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+        "%8, %9, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "l"(da), "l"(db), "r"(accumulate)
+        : "memory");
+}
+
+__device__ __forceinline__ void wgmma_n32(float* d, u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." SK_TYPE "." SK_TYPE " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(da), "l"(db), "r"(accumulate)
+        : "memory");
+}
+
+__device__ __forceinline__ void wgmma_n64(float* d, u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." SK_TYPE "." SK_TYPE " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(accumulate)
+        : "memory");
+}
+
+// One 64-feature x TN-row MMA step of k = 16 for this warpgroup: TN <= 64 in one instruction, else TN / 64
+// instructions of 64 rows (their B rows 64 * 128 bytes apart).
+template <int TN>
+__device__ __forceinline__ void sk_mma(float* acc, u32 sa, u32 sb, int accumulate) {
+    const u64 da = sk_desc(sa);
+    if constexpr (TN == 8) {
+        wgmma_n8(acc, da, sk_desc(sb), accumulate);
+    } else if constexpr (TN == 16) {
+        wgmma_n16(acc, da, sk_desc(sb), accumulate);
+    } else if constexpr (TN == 32) {
+        wgmma_n32(acc, da, sk_desc(sb), accumulate);
+    } else {
+#pragma unroll
+        for (int c = 0; c < TN / 64; ++c) wgmma_n64(acc + 32 * c, da, sk_desc(sb + c * 64 * 128), accumulate);
+    }
+}
+
+// 16 bytes of another block's partial sums, through L2 (not a stale L1 line).
+__device__ __forceinline__ f32x4 load_cg(const float* p) {
+    f32x4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+    return v;
+}
+
+// The first stage index of block c: blocks split `total` stages as evenly as integers allow.
+__device__ __forceinline__ int sk_start(int total, int c, int g) { return (int)((long long)total * c / g); }
+
+// The block whose stages include stage i.
+__device__ __forceinline__ int sk_owner(int total, int i, int g) {
+    int c = (int)((long long)i * g / total);
+    while (c + 1 < g && sk_start(total, c + 1, g) <= i) ++c;
+    while (c > 0 && sk_start(total, c, g) > i) --c;
+    return c;
+}
+
+// ws: gridDim.x * 2 slots of SK_THREADS * TN / 2 floats; counters: one u32 per tile, zero between launches
+// (the summing block sets its tile's back to zero).
+template <int TN, int STAGES>
+__device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
+                                       float* __restrict__ ws, u32* __restrict__ counters, int m, int n, int k) {
+    constexpr int W_BYTES = SK_BM * SK_BK * 2;  // 16 KiB
+    constexpr int X_BYTES = TN * SK_BK * 2;
+    constexpr int STAGE = W_BYTES + X_BYTES;  // a multiple of 1024: swizzle atoms stay aligned
+    constexpr int ACC = TN / 2;               // f32 accumulators per thread
+    extern __shared__ unsigned char sk_raw[];
+    __shared__ int sk_last;
+    const u32 base = (sk_smem(sk_raw) + 1023u) & ~1023u;
+    const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, warp = (tid % 128) / 32;
+    const int kbs = k / SK_BK;
+    const int tiles = (n + SK_BM - 1) / SK_BM;
+    const int total = tiles * kbs;
+    const int g = gridDim.x, c = blockIdx.x;
+    const int start = sk_start(total, c, g), end = sk_start(total, c + 1, g);
+
+    // The first stages' weights into L2 before waiting for the kernel ahead (no kernel writes weights).
+    for (int q = tid; q < (STAGES - 1) * SK_BM; q += SK_THREADS) {
+        const int i = start + q / SK_BM;
+        const int row = (int)(i / kbs) * SK_BM + q % SK_BM;
+        if (i < end && row < n)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (u64)row * k + (i % kbs) * SK_BK));
+    }
+    pdl_enter();
+
+    // Stage i of this block's walk into buffer s: the tile's 128 weight rows and the TN batch rows, k-slice
+    // (i % kbs) * 64, each row's eight 16-byte chunks at chunk ^ (row % 8) (the 128-byte swizzle).
+    auto load = [&](int i, int s) {
+        const int tile = i / kbs;
+        const int k0 = (i % kbs) * SK_BK;
+        const u32 sw = base + s * STAGE, sx = sw + W_BYTES;
+#pragma unroll
+        for (int j = 0; j < SK_BM * 8 / SK_THREADS; ++j) {
+            const int q = tid + j * SK_THREADS, r = q / 8, ch = q % 8;
+            const int row = tile * SK_BM + r;
+            const bool ok = row < n;
+            sk_copy(sw + r * 128 + ((ch ^ (r % 8)) * 16), w + (u64)(ok ? row : 0) * k + k0 + ch * 8, ok);
+        }
+#pragma unroll
+        for (int j = 0; j < (TN * 8 + SK_THREADS - 1) / SK_THREADS; ++j) {
+            const int q = tid + j * SK_THREADS, r = q / 8, ch = q % 8;
+            if (q < TN * 8) {
+                const bool ok = r < m;
+                sk_copy(sx + r * 128 + ((ch ^ (r % 8)) * 16), x + (u64)(ok ? r : 0) * k + k0 + ch * 8, ok);
+            }
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (start + s < end) load(start + s, s);
+        sk_commit();
+    }
+    float acc[ACC];
+#pragma unroll
+    for (int r = 0; r < ACC; ++r) acc[r] = 0.f;
+
+    for (int i = start; i < end; ++i) {
+        const int s = (i - start) % STAGES;
+        sk_wait_copies<STAGES - 2>();
+        fence_async_shared();
+        __syncthreads();
+        // The buffer of stage i + STAGES - 1 is the one stage i - 1 used: its MMAs finished last turn.
+        {
+            const int nx = i + STAGES - 1;
+            if (nx < end) load(nx, (nx - start) % STAGES);
+            sk_commit();
+        }
+        const int tile = i / kbs, kb = i % kbs;
+        const bool first = kb == 0 || i == start;
+        const u32 sa = base + s * STAGE + wg * 64 * 128, sb = base + s * STAGE + W_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < SK_BK / 16; ++kk) sk_mma<TN>(acc, sa + kk * 32, sb + kk * 32, (first && kk == 0) ? 0 : 1);
+        wgmma_commit();
+        wgmma_wait_all();
+        if (kb != kbs - 1 && i != end - 1) continue;
+
+        // The end of this block's share of `tile`: stages [p0, i] of the tile's [t0, t0 + kbs).
+        const int t0 = tile * kbs;
+        const int p0 = start > t0 ? start : t0;
+        if (p0 != t0 || kb != kbs - 1) {
+            // Partial: leave the sums in this block's slot (0: its first tile, 1: its last), count the
+            // stages, and sum the tile if they complete it.
+            float* mine = ws + ((u64)c * 2 + (p0 == start ? 0 : 1)) * (SK_THREADS * ACC);
+#pragma unroll
+            for (int r = 0; r < ACC; r += 4)
+                *reinterpret_cast<f32x4*>(mine + (u64)(r / 4) * SK_THREADS * 4 + tid * 4) =
+                    f32x4{acc[r], acc[r + 1], acc[r + 2], acc[r + 3]};
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) {
+                const u32 done = (u32)(i - p0 + 1);
+                sk_last = atomicAdd(&counters[tile], done) + done == (u32)kbs;
+            }
+            __syncthreads();
+            if (!sk_last) continue;
+            __threadfence();
+            const int c0 = sk_owner(total, t0, g), c1 = sk_owner(total, t0 + kbs - 1, g);
+            // Every share in block order, this block's own from its slot too: the same sum whichever
+            // block finishes last.
+#pragma unroll
+            for (int r = 0; r < ACC; ++r) acc[r] = 0.f;
+            for (int o = c0; o <= c1; ++o) {
+                const float* part =
+                    ws + ((u64)o * 2 + (sk_start(total, o, g) >= t0 ? 0 : 1)) * (SK_THREADS * ACC);
+#pragma unroll
+                for (int r = 0; r < ACC; r += 4) {
+                    const f32x4 v = load_cg(part + (u64)(r / 4) * SK_THREADS * 4 + tid * 4);
+                    acc[r] += v.x;
+                    acc[r + 1] += v.y;
+                    acc[r + 2] += v.z;
+                    acc[r + 3] += v.w;
+                }
+            }
+            if (tid == 0) counters[tile] = 0;
+        }
+        // Store: accumulator r of this thread is feature (warp * 16 + lane / 4 + 8 * ((r / 2) % 2)) of the
+        // warpgroup's 64 and batch row 8 * (r / 4) + 2 * (lane % 4) + r % 2.
+        // (n and m made opaque per turn: otherwise the compiler keeps every turn's address and test in
+        // registers through the main loop, and the 256-row kernel spills.)
+        const int f0 = tile * SK_BM + wg * 64 + warp * 16 + lane / 4;
+#pragma unroll
+        for (int r = 0; r < ACC; ++r) {
+            int nn = n, mm = m;
+            asm volatile("" : "+r"(nn), "+r"(mm));
+            const int f = f0 + 8 * ((r / 2) % 2);
+            const int row = 8 * (r / 4) + 2 * (lane % 4) + r % 2;
+            if (f < nn && row < mm) y[(u64)row * nn + f] = from_f(acc[r]);
+        }
+    }
+    // Leave no copy in flight (the last turns commit empty or unused groups).
+    sk_wait_copies<0>();
+}
+
+// Stages in flight: as many as about 192 KiB of shared memory holds (8 at most). The host asks for
+// STAGES * (16 KiB + TN * 128) + 1024 bytes (alignment slack) of dynamic shared memory.
+#define SK_STAGES(TN) ((196608 / (SK_BM * SK_BK * 2 + TN * SK_BK * 2)) < 8 ? (196608 / (SK_BM * SK_BK * 2 + TN * SK_BK * 2)) : 8)
+
+#define SK_KERNEL(TN)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SK_THREADS, 1)                                             \
+        skinny_##TN(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, float* __restrict__ ws, \
+                    u32* __restrict__ counters, int m, int n, int k) {                                      \
+        skinny<TN, SK_STAGES(TN)>(y, x, w, ws, counters, m, n, k);                                           \
+    }
+
+SK_KERNEL(8)
+SK_KERNEL(16)
+SK_KERNEL(32)
+SK_KERNEL(64)
+SK_KERNEL(128)
+SK_KERNEL(192)
+SK_KERNEL(256)
