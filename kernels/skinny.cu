@@ -7,7 +7,8 @@
 //     wgmma's 64-row M side and the batch's rows its N side (TN = m rounded up to a supported size);
 //   - a tile is SK_BM = 128 output features (two warpgroups of 64) by TN rows, walked along k in stages
 //     of SK_BK = 64 (one 128-byte row per feature and per batch row, in the 128-byte swizzle that the
-//     wgmma descriptors name), loaded with cp.async STAGES - 1 stages ahead;
+//     wgmma descriptors name), loaded with cp.async STAGES - 2 stages ahead, one stage's MMAs in flight
+//     while the next stage's are issued (m64nTNk16, one instruction per 16 of k);
 //   - stream-K: the grid is one block per multiprocessor (at most), and block c takes the k-stages
 //     [total * c / G, total * (c + 1) / G) of all tiles' stages laid end to end, so every block streams the
 //     same number of weight bytes whatever the shape. A tile split between blocks is summed by the block
@@ -53,8 +54,19 @@ __device__ __forceinline__ u64 sk_desc(u32 addr) {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
 // Makes this thread's shared-memory writes (cp.async) visible to the async proxy that wgmma reads through.
+// Adds v to a split tile's counter (acquire-release at GPU scope: after the block's barrier it publishes
+// the block's partial sums, and the last adder sees everyone's) and returns the old value.
+__device__ __forceinline__ u32 sk_arrive(u32* p, u32 v) {
+    u32 old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // d (the warpgroup's 64 x n accumulator fragment) += A (64 x 16, descriptor da) . B (16 x n, descriptor db);
@@ -62,9 +74,9 @@ __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy
 __device__ __forceinline__ void wgmma_n8(float* d, u64 da, u64 db, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32." SK_TYPE "." SK_TYPE " "
-        "{%0, %1, %2, %3}, "
-        "%4, %5, p, 1, 1, 0, 0;\n}\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32." SK_TYPE "." SK_TYPE " {"
+        "%0, %1, %2, %3"
+        "}, %4, %5, p, 1, 1, 0, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "l"(da), "l"(db), "r"(accumulate)
         : "memory");
@@ -73,9 +85,9 @@ __device__ __forceinline__ void wgmma_n8(float* d, u64 da, u64 db, int accumulat
 __device__ __forceinline__ void wgmma_n16(float* d, u64 da, u64 db, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32." SK_TYPE "." SK_TYPE " "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, "
-        "%8, %9, p, 1, 1, 0, 0;\n}\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32." SK_TYPE "." SK_TYPE " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7"
+        "}, %8, %9, p, 1, 1, 0, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
         : "l"(da), "l"(db), "r"(accumulate)
         : "memory");
@@ -84,9 +96,9 @@ __device__ __forceinline__ void wgmma_n16(float* d, u64 da, u64 db, int accumula
 __device__ __forceinline__ void wgmma_n32(float* d, u64 da, u64 db, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." SK_TYPE "." SK_TYPE " "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-        "%16, %17, p, 1, 1, 0, 0;\n}\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." SK_TYPE "." SK_TYPE " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+        "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
         : "l"(da), "l"(db), "r"(accumulate)
@@ -96,9 +108,10 @@ __device__ __forceinline__ void wgmma_n32(float* d, u64 da, u64 db, int accumula
 __device__ __forceinline__ void wgmma_n64(float* d, u64 da, u64 db, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." SK_TYPE "." SK_TYPE " "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." SK_TYPE "." SK_TYPE " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -107,21 +120,99 @@ __device__ __forceinline__ void wgmma_n64(float* d, u64 da, u64 db, int accumula
         : "memory");
 }
 
-// One 64-feature x TN-row MMA step of k = 16 for this warpgroup: TN <= 64 in one instruction, else TN / 64
-// instructions of 64 rows (their B rows 64 * 128 bytes apart).
+__device__ __forceinline__ void wgmma_n128(float* d, u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." SK_TYPE "." SK_TYPE " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(accumulate)
+        : "memory");
+}
+
+__device__ __forceinline__ void wgmma_n192(float* d, u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n192k16.f32." SK_TYPE "." SK_TYPE " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+        "}, %96, %97, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+        : "l"(da), "l"(db), "r"(accumulate)
+        : "memory");
+}
+
+__device__ __forceinline__ void wgmma_n256(float* d, u64 da, u64 db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32." SK_TYPE "." SK_TYPE " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(accumulate)
+        : "memory");
+}
+
+
+// One 64-feature x TN-row MMA step of k = 16 for this warpgroup.
 template <int TN>
 __device__ __forceinline__ void sk_mma(float* acc, u32 sa, u32 sb, int accumulate) {
-    const u64 da = sk_desc(sa);
-    if constexpr (TN == 8) {
-        wgmma_n8(acc, da, sk_desc(sb), accumulate);
-    } else if constexpr (TN == 16) {
-        wgmma_n16(acc, da, sk_desc(sb), accumulate);
-    } else if constexpr (TN == 32) {
-        wgmma_n32(acc, da, sk_desc(sb), accumulate);
-    } else {
-#pragma unroll
-        for (int c = 0; c < TN / 64; ++c) wgmma_n64(acc + 32 * c, da, sk_desc(sb + c * 64 * 128), accumulate);
-    }
+    const u64 da = sk_desc(sa), db = sk_desc(sb);
+    if constexpr (TN == 8) wgmma_n8(acc, da, db, accumulate);
+    else if constexpr (TN == 16) wgmma_n16(acc, da, db, accumulate);
+    else if constexpr (TN == 32) wgmma_n32(acc, da, db, accumulate);
+    else if constexpr (TN == 64) wgmma_n64(acc, da, db, accumulate);
+    else if constexpr (TN == 128) wgmma_n128(acc, da, db, accumulate);
+    else if constexpr (TN == 192) wgmma_n192(acc, da, db, accumulate);
+    else wgmma_n256(acc, da, db, accumulate);
 }
 
 // 16 bytes of another block's partial sums, through L2 (not a stale L1 line).
@@ -194,7 +285,7 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ 
     };
 
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
+    for (int s = 0; s < STAGES - 2; ++s) {
         if (start + s < end) load(start + s, s);
         sk_commit();
     }
@@ -204,12 +295,13 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ 
 
     for (int i = start; i < end; ++i) {
         const int s = (i - start) % STAGES;
-        sk_wait_copies<STAGES - 2>();
+        sk_wait_copies<STAGES - 3>();
         fence_async_shared();
         __syncthreads();
-        // The buffer of stage i + STAGES - 1 is the one stage i - 1 used: its MMAs finished last turn.
+        // Both warpgroups have finished stage i - 2's MMAs (their wait below, last turn): its buffer takes
+        // stage i + STAGES - 2.
         {
-            const int nx = i + STAGES - 1;
+            const int nx = i + STAGES - 2;
             if (nx < end) load(nx, (nx - start) % STAGES);
             sk_commit();
         }
@@ -220,8 +312,11 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ 
 #pragma unroll
         for (int kk = 0; kk < SK_BK / 16; ++kk) sk_mma<TN>(acc, sa + kk * 32, sb + kk * 32, (first && kk == 0) ? 0 : 1);
         wgmma_commit();
-        wgmma_wait_all();
-        if (kb != kbs - 1 && i != end - 1) continue;
+        if (kb != kbs - 1 && i != end - 1) {
+            wgmma_wait<1>();  // this stage's MMAs may run on into the next turn
+            continue;
+        }
+        wgmma_wait<0>();
 
         // The end of this block's share of `tile`: stages [p0, i] of the tile's [t0, t0 + kbs).
         const int t0 = tile * kbs;
@@ -234,15 +329,13 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ 
             for (int r = 0; r < ACC; r += 4)
                 *reinterpret_cast<f32x4*>(mine + (u64)(r / 4) * SK_THREADS * 4 + tid * 4) =
                     f32x4{acc[r], acc[r + 1], acc[r + 2], acc[r + 3]};
-            __threadfence();
             __syncthreads();
             if (tid == 0) {
                 const u32 done = (u32)(i - p0 + 1);
-                sk_last = atomicAdd(&counters[tile], done) + done == (u32)kbs;
+                sk_last = sk_arrive(&counters[tile], done) + done == (u32)kbs;
             }
             __syncthreads();
             if (!sk_last) continue;
-            __threadfence();
             const int c0 = sk_owner(total, t0, g), c1 = sk_owner(total, t0 + kbs - 1, g);
             // Every share in block order, this block's own from its slot too: the same sum whichever
             // block finishes last.

@@ -30,9 +30,7 @@ fn kernels_compile_for_hopper_in_every_dtype() {
             .map(|s| (&c, s))
             .chain(hopper_sources.iter().map(|s| (&hopper, s)));
         for (c, src) in sources {
-            let out = c
-                .compile(src)
-                .unwrap_or_else(|e| panic!("{dtype:?} {}: {e}", src.name));
+            let out = c.compile(src).unwrap_or_else(|e| panic!("{dtype:?} {}: {e}", src.name));
             assert!(!out.cubin.is_empty());
             let names = KERNELS.iter().find(|(m, _)| *m == src.name).unwrap().1;
             for name in names {
