@@ -16,6 +16,11 @@
 //     in a workspace (two slots per block: its first and its last tile can be partial), as does the
 //     last, which then adds all the slots in block order (the same result whichever block is last) and
 //     stores y; no block waits for another.
+// Status (bench/NOTES.md, session 15): correct at every size tested, but slower than cuBLAS at every size
+// on the H200 (q/k/v at 128 rows 30.2 us against 17.4), so off by default (LORAX_CUDA_SKINNY=1). ncu: 8
+// warps per multiprocessor issuing every 5 cycles, DRAM at 30-54%: the per-thread cp.async address work
+// and the barrier each stage cost more than the copies; the next form is TMA copies issued by one
+// producer warp, mbarriers instead of __syncthreads.
 // Sums are f32 in the MMA, partials added in block order; y is rounded once to T. The host checks
 // k % SK_BK == 0, m <= TN, 16-byte aligned x and w, and sizes the workspace and counters.
 #define SK_BM 128

@@ -333,7 +333,7 @@ fn step_profile() {
         graph_ms(g, copies, 20, &|i| g.linear(&x, &ws[i], None).map(|_| ()))
     };
     // Rows 1-4 on the gemv kernels (1-2 by default) and on cuBLAS; 8-256 rows on the wgmma skinny GEMM
-    // (where it is built) and on cuBLAS; 1000 rows on cuBLAS.
+    // (where it is built; off by default) and on cuBLAS; 1000 rows on cuBLAS.
     let wg = g.skinny_gemm_built();
     let mut cases = vec![
         (1usize, 4usize, false),
@@ -391,7 +391,7 @@ fn step_profile() {
         );
     }
     g.set_gemv_rows(2);
-    g.set_skinny_gemm(true);
+    g.set_skinny_gemm(false);
     // Attention per layer at the serving shapes (32 query heads, 8 KV heads): decode at batch 1 and 128,
     // and a 1000-token prefill on the tensor-core kernel.
     decode_attention(&g, 1, 640, 32, 8, copy);

@@ -82,7 +82,8 @@ fn linear_matches_cpu() {
 /// The wgmma skinny GEMM (kernels/skinny.cu; Hopper, 16-bit storage) against the CPU and against cuBLAS,
 /// at every kernel size (8..256 rows), partial tiles (n not a multiple of 128, rows not a multiple of 8),
 /// and the stream-K cases: one tile split over 64 blocks, tiles split unevenly, many whole tiles per
-/// block. Each product runs twice and must repeat bit for bit (the split tiles' counters are left at
+/// block. It is off by default (slower than cuBLAS so far); the test turns it on. Each product runs twice
+/// and must repeat bit for bit (the split tiles' counters are left at
 /// zero; the sum order does not depend on which block finishes last). Outputs are poisoned first.
 #[test]
 fn skinny_gemm_matches_cpu_and_cublas() {
@@ -129,9 +130,13 @@ fn skinny_gemm_matches_cpu_and_cublas() {
             );
         }
         // Against cuBLAS at the Mistral-7B shapes (q/k/v, o, gate/up, down, LM head): both sum in f32 and
-        // round once, so they differ by roundings only.
-        let close = if dt == DType::BF16 { 4e-3 } else { 1e-3 };
-        for m in [8, 32, 88, 128, 256] {
+        // round once, so they differ by roundings only. (bf16 only, and three row counts: the test ran
+        // over 4 minutes with every size in both types.)
+        if dt != DType::BF16 {
+            continue;
+        }
+        let close = 4e-3;
+        for m in [8, 88, 256] {
             for (n, k) in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (32000, 4096)] {
                 let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
                 let w = pair(&g, &mut rng, &[n, k], -0.02, 0.02);

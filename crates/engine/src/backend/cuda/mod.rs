@@ -472,8 +472,9 @@ pub struct CudaBackend {
     /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
     /// Linear layers of more rows than `gemv_rows` and at most 256 on the wgmma skinny GEMM
-    /// (kernels/skinny.cu) rather than cuBLAS: Hopper and 16-bit storage only (`LORAX_CUDA_SKINNY=0` turns it
-    /// off); `None` where it is not built.
+    /// (kernels/skinny.cu) rather than cuBLAS: built on Hopper for 16-bit storage, off by default
+    /// (`LORAX_CUDA_SKINNY=1` turns it on: on the H200 it measured slower than cuBLAS at every size,
+    /// bench/NOTES.md session 15); `None` where it is not built.
     skinny: Option<Skinny>,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
@@ -625,7 +626,7 @@ fn grant_prefill_smem(funcs: &HashMap<&'static str, CudaFunction>, dtype: DType)
 }
 
 /// Builds the wgmma skinny GEMM (kernels/skinny.cu) where it can run: compute capability 9.0, 16-bit
-/// storage, not turned off (`LORAX_CUDA_SKINNY=0`). Compiles the module for `sm_90a`, grants each kernel
+/// storage; on only with `LORAX_CUDA_SKINNY=1`. Compiles the module for `sm_90a`, grants each kernel
 /// its shared memory and allocates the partial sums for `num_sms` blocks and the tile counters. A failure
 /// to compile or to grant the memory leaves it out (cuBLAS runs those products), with a warning.
 fn load_skinny(
@@ -637,7 +638,7 @@ fn load_skinny(
     funcs: &mut HashMap<&'static str, CudaFunction>,
     num_sms: i32,
 ) -> Result<Option<Skinny>> {
-    if cc != (9, 0) || dtype == DType::F32 || std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "0") {
+    if cc != (9, 0) || dtype == DType::F32 {
         return Ok(None);
     }
     let hopper = compiler.arch_specific();
@@ -683,7 +684,7 @@ fn load_skinny(
     let ws_ptr = ws.device_ptr(stream).0;
     let counters_ptr = counters.device_ptr(stream).0;
     Ok(Some(Skinny {
-        on: true,
+        on: std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1"),
         _ws: ws,
         ws_ptr,
         _counters: counters,
@@ -1050,8 +1051,8 @@ impl CudaBackend {
         self.gemv_rows = rows.min(GEMV_MAX_ROWS);
     }
 
-    /// Linear layers of 5-256 rows (more than the gemv kernels take) on the wgmma skinny GEMM (the default
-    /// where it is built) or on cuBLAS (for tests and comparisons). No effect where it is not built.
+    /// Linear layers of 3-256 rows (more than the gemv kernels take) on the wgmma skinny GEMM or on cuBLAS
+    /// (the default; for tests and comparisons). No effect where it is not built.
     pub fn set_skinny_gemm(&mut self, on: bool) {
         if let Some(s) = &mut self.skinny {
             s.on = on;
