@@ -374,8 +374,6 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ 
             if (f < nn && row < mm) y[(u64)row * nn + f] = from_f(acc[r]);
         }
     }
-    // Leave no copy in flight (the last turns commit empty or unused groups).
-    sk_wait_copies<0>();
 }
 
 // Stages in flight: as many as about 192 KiB of shared memory holds (8 at most). The host asks for

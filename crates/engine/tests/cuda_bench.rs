@@ -334,7 +334,7 @@ fn step_profile() {
     };
     // Rows 1-4 on the gemv kernels (1-2 by default) and on cuBLAS; 8-256 rows on the wgmma skinny GEMM
     // (where it is built; off by default) and on cuBLAS; 1000 rows on cuBLAS.
-    let wg = g.skinny_gemm_built();
+    let wg = g.set_skinny_gemm(true);
     let mut cases = vec![
         (1usize, 4usize, false),
         (1, 0, false),

@@ -211,17 +211,18 @@ const GEMV_DEFAULT_ROWS: usize = 2;
 const GEMV_WARPS: usize = 4;
 const GEMV_COLS: usize = 2;
 
-/// The wgmma skinny-GEMM kernels (kernels/skinny.cu, Hopper only) by the batch rows they take, smallest
-/// first: a product of m rows runs on the first whose size is at least m.
-const SKINNY_KERNELS: [(usize, &str); 7] = [
-    (8, "skinny_8"),
-    (16, "skinny_16"),
-    (32, "skinny_32"),
-    (64, "skinny_64"),
-    (128, "skinny_128"),
-    (192, "skinny_192"),
-    (256, "skinny_256"),
+/// The wgmma skinny-GEMM kernels (kernels/skinny.cu, Hopper only) and the batch rows each takes
+/// (`SKINNY_ROWS`), smallest first: a product of m rows runs on the first whose size is at least m.
+const SKINNY_KERNELS: [&str; 7] = [
+    "skinny_8",
+    "skinny_16",
+    "skinny_32",
+    "skinny_64",
+    "skinny_128",
+    "skinny_192",
+    "skinny_256",
 ];
+const SKINNY_ROWS: [usize; 7] = [8, 16, 32, 64, 128, 192, 256];
 /// kernels/skinny.cu's tile: output features per tile, k per stage, threads per block.
 const SKINNY_BM: usize = 128;
 const SKINNY_BK: usize = 64;
@@ -329,18 +330,7 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
         ],
     ),
     ("sampling", &["sample_rows"]),
-    (
-        "skinny",
-        &[
-            "skinny_8",
-            "skinny_16",
-            "skinny_32",
-            "skinny_64",
-            "skinny_128",
-            "skinny_192",
-            "skinny_256",
-        ],
-    ),
+    ("skinny", &SKINNY_KERNELS),
 ];
 
 /// Device memory: an allocation of its own, or a range of one shared with others (an adapter's weights
@@ -472,9 +462,9 @@ pub struct CudaBackend {
     /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
     /// Linear layers of more rows than `gemv_rows` and at most 256 on the wgmma skinny GEMM
-    /// (kernels/skinny.cu) rather than cuBLAS: built on Hopper for 16-bit storage, off by default
-    /// (`LORAX_CUDA_SKINNY=1` turns it on: on the H200 it measured slower than cuBLAS at every size,
-    /// bench/NOTES.md session 15); `None` where it is not built.
+    /// (kernels/skinny.cu) rather than cuBLAS: Hopper and 16-bit storage only, off by default (on the H200 it
+    /// measured slower than cuBLAS at every size, bench/NOTES.md session 15); built when turned on
+    /// (`LORAX_CUDA_SKINNY=1` or [`CudaBackend::set_skinny_gemm`]), `None` until then.
     skinny: Option<Skinny>,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
@@ -623,73 +613,6 @@ fn grant_prefill_smem(funcs: &HashMap<&'static str, CudaFunction>, dtype: DType)
         }
     }
     granted
-}
-
-/// Builds the wgmma skinny GEMM (kernels/skinny.cu) where it can run: compute capability 9.0, 16-bit
-/// storage; on only with `LORAX_CUDA_SKINNY=1`. Compiles the module for `sm_90a`, grants each kernel
-/// its shared memory and allocates the partial sums for `num_sms` blocks and the tile counters. A failure
-/// to compile or to grant the memory leaves it out (cuBLAS runs those products), with a warning.
-fn load_skinny(
-    ctx: &Arc<CudaContext>,
-    stream: &Arc<CudaStream>,
-    compiler: &Compiler,
-    cc: (i32, i32),
-    dtype: DType,
-    funcs: &mut HashMap<&'static str, CudaFunction>,
-    num_sms: i32,
-) -> Result<Option<Skinny>> {
-    if cc != (9, 0) || dtype == DType::F32 {
-        return Ok(None);
-    }
-    let hopper = compiler.arch_specific();
-    let built = (|| -> std::result::Result<Vec<(&'static str, CudaFunction)>, String> {
-        let src = &HOPPER_SOURCES[0];
-        let compiled = hopper.compile(src).map_err(|e| e.to_string())?;
-        let module = ctx
-            .load_module(Ptx::from_binary(compiled.cubin))
-            .map_err(|e| format!("loading module {}: {e:?}", src.name))?;
-        let mut out = Vec::new();
-        for &(tn, name) in &SKINNY_KERNELS {
-            let f = module
-                .load_function(name)
-                .map_err(|e| format!("kernel {name}: {e:?}"))?;
-            #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
-            f.set_attribute(
-                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                skinny_smem(tn) as i32,
-            )
-            .map_err(|e| format!("{} bytes of shared memory for {name}: {e:?}", skinny_smem(tn)))?;
-            out.push((name, f));
-        }
-        Ok(out)
-    })();
-    let kernels = match built {
-        Ok(k) => k,
-        Err(e) => {
-            tracing::warn!(error = %e, "the wgmma skinny GEMM is unavailable; cuBLAS runs its products");
-            return Ok(None);
-        }
-    };
-    funcs.extend(kernels);
-    let blocks = usize::try_from(num_sms).unwrap_or(1).max(1);
-    let (tn_max, _) = SKINNY_KERNELS[SKINNY_KERNELS.len() - 1];
-    tracing::debug!(blocks, "wgmma skinny GEMM built");
-    let ws_bytes = blocks * 2 * SKINNY_THREADS * (tn_max / 2) * 4;
-    let ws = stream
-        .alloc_zeros::<u8>(ws_bytes)
-        .map_err(|e| drv("allocating the skinny GEMM's partial sums", e))?;
-    let counters = stream
-        .alloc_zeros::<u32>(SKINNY_MAX_TILES)
-        .map_err(|e| drv("allocating the skinny GEMM's tile counters", e))?;
-    let ws_ptr = ws.device_ptr(stream).0;
-    let counters_ptr = counters.device_ptr(stream).0;
-    Ok(Some(Skinny {
-        on: std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1"),
-        _ws: ws,
-        ws_ptr,
-        _counters: counters,
-        counters_ptr,
-    }))
 }
 
 /// Grid for a grid-stride element-wise kernel over `n` elements with 256 threads.
@@ -910,7 +833,6 @@ impl CudaBackend {
             tracing::debug!(module = src.name, cached = compiled.cached, arch = %compiler.arch, "kernels loaded");
         }
         let prefill_wide = grant_prefill_smem(&funcs, dtype);
-        let skinny = load_skinny(&ctx, &stream, &compiler, cc, dtype, &mut funcs, num_sms)?;
         let blas =
             CudaBlas::new(Arc::clone(&stream)).map_err(|e| EngineError::Backend(format!("cuBLAS handle: {e:?}")))?;
         let ws_bytes = 32usize << 20;
@@ -937,7 +859,7 @@ impl CudaBackend {
             DType::F16 => "f16",
             DType::F32 => "f32",
         };
-        Ok(Self {
+        let mut backend = Self {
             name: format!("cuda:{ordinal} {device_name} ({}, {dt})", compiler.arch),
             ctx,
             stream,
@@ -967,7 +889,7 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(GEMV_DEFAULT_ROWS)
                 .min(GEMV_MAX_ROWS),
-            skinny,
+            skinny: None,
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
@@ -977,7 +899,11 @@ impl CudaBackend {
             staging: Mutex::new(None),
             eager_staging: Mutex::new(None),
             pass: Mutex::new(PassCache::default()),
-        })
+        };
+        if std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1") {
+            backend.set_skinny_gemm(true);
+        }
+        Ok(backend)
     }
 
     /// Launch kernels with programmatic dependent launch (the default; sm_90 and a CUDA 12.3 driver or later,
@@ -1052,16 +978,72 @@ impl CudaBackend {
     }
 
     /// Linear layers of 3-256 rows (more than the gemv kernels take) on the wgmma skinny GEMM or on cuBLAS
-    /// (the default; for tests and comparisons). No effect where it is not built.
-    pub fn set_skinny_gemm(&mut self, on: bool) {
+    /// (the default; for tests and comparisons). Turning it on builds it the first time. Returns whether it
+    /// is on: false where it cannot be built (not Hopper, f32 storage, or a build failure, logged).
+    pub fn set_skinny_gemm(&mut self, on: bool) -> bool {
+        if on && self.skinny.is_none() {
+            self.skinny = self.build_skinny();
+        }
         if let Some(s) = &mut self.skinny {
             s.on = on;
+            return on;
         }
+        false
     }
 
-    /// Whether the wgmma skinny GEMM was built for this device (Hopper, 16-bit storage).
-    pub fn skinny_gemm_built(&self) -> bool {
-        self.skinny.is_some()
+    /// Builds the wgmma skinny GEMM where it can run (compute capability 9.0, 16-bit storage): compiles
+    /// kernels/skinny.cu for `sm_90a`, grants each kernel its shared memory, allocates the partial sums
+    /// for one block per multiprocessor and the tile counters. `None`, with a warning, when any step fails.
+    fn build_skinny(&mut self) -> Option<Skinny> {
+        if self.compute_capability != (9, 0) || self.dtype == DType::F32 {
+            return None;
+        }
+        let built = (|| -> std::result::Result<Skinny, String> {
+            let compiler = Compiler::new(self.compute_capability, self.dtype)
+                .map_err(|e| e.to_string())?
+                .arch_specific();
+            let src = &HOPPER_SOURCES[0];
+            let compiled = compiler.compile(src).map_err(|e| e.to_string())?;
+            let module = self
+                .ctx
+                .load_module(Ptx::from_binary(compiled.cubin))
+                .map_err(|e| format!("loading module {}: {e:?}", src.name))?;
+            for (&name, &tn) in SKINNY_KERNELS.iter().zip(&SKINNY_ROWS) {
+                let f = module
+                    .load_function(name)
+                    .map_err(|e| format!("kernel {name}: {e:?}"))?;
+                #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+                f.set_attribute(
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    skinny_smem(tn) as i32,
+                )
+                .map_err(|e| format!("{} bytes of shared memory for {name}: {e:?}", skinny_smem(tn)))?;
+                self.funcs.insert(name, f);
+            }
+            let ws_bytes = self.num_sms * 2 * SKINNY_THREADS * (SKINNY_ROWS[SKINNY_ROWS.len() - 1] / 2) * 4;
+            let ws = self
+                .stream
+                .alloc_zeros::<u8>(ws_bytes)
+                .map_err(|e| format!("{ws_bytes} bytes of partial sums: {e:?}"))?;
+            let counters = self
+                .stream
+                .alloc_zeros::<u32>(SKINNY_MAX_TILES)
+                .map_err(|e| format!("the tile counters: {e:?}"))?;
+            let ws_ptr = ws.device_ptr(&self.stream).0;
+            let counters_ptr = counters.device_ptr(&self.stream).0;
+            Ok(Skinny {
+                on: false,
+                _ws: ws,
+                ws_ptr,
+                _counters: counters,
+                counters_ptr,
+            })
+        })();
+        built
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "the wgmma skinny GEMM is unavailable; cuBLAS runs its products"),
+            )
+            .ok()
     }
 
     /// The storage type of tensors.
@@ -1295,7 +1277,7 @@ impl CudaBackend {
             return Ok(false);
         };
         let tiles = n.div_ceil(SKINNY_BM);
-        let Some(&(tn, name)) = SKINNY_KERNELS.iter().find(|(tn, _)| *tn >= m) else {
+        let Some((&tn, &name)) = SKINNY_ROWS.iter().zip(&SKINNY_KERNELS).find(|(tn, _)| **tn >= m) else {
             return Ok(false);
         };
         if k % SKINNY_BK != 0 || tiles > SKINNY_MAX_TILES || xp % 16 != 0 || wp % 16 != 0 {
