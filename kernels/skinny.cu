@@ -5,10 +5,14 @@
 // launch. Here:
 //   - the product is transposed for the MMA: y^T = w . x^T, so the weights' rows (output features) fill
 //     wgmma's 64-row M side and the batch's rows its N side (TN = m rounded up to a supported size);
-//   - a tile is SK_BM = 128 output features (two warpgroups of 64) by TN rows, walked along k in stages
-//     of SK_BK = 64 (one 128-byte row per feature and per batch row, in the 128-byte swizzle that the
-//     wgmma descriptors name), loaded with cp.async STAGES - 2 stages ahead, one stage's MMAs in flight
-//     while the next stage's are issued (m64nTNk16, one instruction per 16 of k);
+//   - a tile is SK_BM = 128 output features (two consumer warpgroups of 64) by TN rows, walked along k in
+//     stages of SK_BK = 64 (one 128-byte row per feature and per batch row, in the 128-byte swizzle that
+//     the wgmma descriptors name);
+//   - one producer warp copies the stages with the tensor memory accelerator (TMA: one instruction per
+//     operand per stage; the copy engine swizzles, and zero-fills rows past n or m), up to STAGES ahead,
+//     each stage guarded by two mbarriers: "full" (the copies' bytes arrived) and "empty" (every consumer
+//     warp's MMAs that read it retired). The consumers only wait and issue wgmma (m64nTNk16, one
+//     instruction per 16 of k), one stage's MMAs in flight while the next stage's are issued;
 //   - stream-K: the grid is one block per multiprocessor (at most), and block c takes the k-stages
 //     [total * c / G, total * (c + 1) / G) of all tiles' stages laid end to end, so every block streams the
 //     same number of weight bytes whatever the shape. A tile split between blocks is summed by the block
@@ -16,16 +20,27 @@
 //     in a workspace (two slots per block: its first and its last tile can be partial), as does the
 //     last, which then adds all the slots in block order (the same result whichever block is last) and
 //     stores y; no block waits for another.
-// Status (bench/NOTES.md, session 15): correct at every size tested, but slower than cuBLAS at every size
-// on the H200 (q/k/v at 128 rows 30.2 us against 17.4), so off by default (LORAX_CUDA_SKINNY=1). ncu: 8
-// warps per multiprocessor issuing every 5 cycles, DRAM at 30-54%: the per-thread cp.async address work
-// and the barrier each stage cost more than the copies; the next form is TMA copies issued by one
-// producer warp, mbarriers instead of __syncthreads.
+// Status (bench/NOTES.md, sessions 15-16): the first form (cp.async by every thread, a __syncthreads per
+// stage) was correct but slower than cuBLAS at every size on the H200 (q/k/v at 128 rows 30.2 us against
+// 17.4): ncu showed its warps issue-bound on copy addresses and barriers. This form is off by default
+// (LORAX_CUDA_SKINNY=1) until it beats cuBLAS.
 // Sums are f32 in the MMA, partials added in block order; y is rounded once to T. The host checks
-// k % SK_BK == 0, m <= TN, 16-byte aligned x and w, and sizes the workspace and counters.
+// k % SK_BK == 0, m <= TN, 16-byte aligned x and w, builds the two tensor maps (x: k by m, box 64 by TN;
+// w: k by n, box 64 by 128; both 128-byte swizzled), and sizes the workspace and counters.
 #define SK_BM 128
 #define SK_BK 64
-#define SK_THREADS 256
+#define SK_CONSUMERS 256
+// 1: a stage's MMAs stay in flight while the next stage's are issued; 0: each stage's MMAs are waited
+// for before the next (an A/B switch through LORAX_CUDA_DEFINES=-DSK_INFLIGHT=0).
+#ifndef SK_INFLIGHT
+#define SK_INFLIGHT 1
+#endif
+#define SK_THREADS (SK_CONSUMERS + 32)
+
+// A TMA tensor map (CUtensorMap), passed by value as a __grid_constant__ kernel parameter.
+struct __align__(64) TmaMap {
+    u64 v[16];
+};
 
 #if defined(LORAX_DTYPE_BF16)
 #define SK_TYPE "bf16"
@@ -39,15 +54,36 @@ __device__ __forceinline__ u32 sk_smem(const void* p) {
     return d;
 }
 
-// 16 bytes global -> shared, or 16 zero bytes when !valid (src is then not read).
-__device__ __forceinline__ void sk_copy(u32 dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
+// mbarriers (shared::cta addresses) and TMA copies.
+__device__ __forceinline__ void mb_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
-__device__ __forceinline__ void sk_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void sk_wait_copies() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+// Arrives and adds `bytes` to the transactions the current phase waits for.
+__device__ __forceinline__ void mb_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mb_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` has completed (a fresh barrier counts phase 1 as completed).
+// The loop is inside the asm (labels are local to its braces) so that the compiler sees no divergence.
+__device__ __forceinline__ void mb_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// The box of `map` at (c0 along k, c1 along rows) into shared memory at dst; its bytes complete on bar.
+__device__ __forceinline__ void tma_load(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_l2(const TmaMap* map, int c0, int c1) {
+    asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(map), "r"(c0), "r"(c1) : "memory");
 }
 
 // A shared-memory matrix descriptor for wgmma: K-major rows of 128 bytes in the 128-byte swizzle, groups
@@ -63,7 +99,6 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
-// Makes this thread's shared-memory writes (cp.async) visible to the async proxy that wgmma reads through.
 // Adds v to a split tile's counter (acquire-release at GPU scope: after the block's barrier it publishes
 // the block's partial sums, and the last adder sees everyone's) and returns the old value.
 __device__ __forceinline__ u32 sk_arrive(u32* p, u32 v) {
@@ -72,7 +107,8 @@ __device__ __forceinline__ u32 sk_arrive(u32* p, u32 v) {
     return old;
 }
 
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Synchronises the consumer warpgroups only (the producer warp takes no part after the split).
+__device__ __forceinline__ void sk_consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(SK_CONSUMERS) : "memory"); }
 
 // d (the warpgroup's 64 x n accumulator fragment) += A (64 x 16, descriptor da) . B (16 x n, descriptor db);
 // d = A . B when accumulate == 0.
@@ -238,78 +274,74 @@ __device__ __forceinline__ int sk_owner(int total, int i, int g) {
     return c;
 }
 
-// ws: gridDim.x * 2 slots of SK_THREADS * TN / 2 floats; counters: one u32 per tile, zero between launches
+// ws: gridDim.x * 2 slots of SK_CONSUMERS * TN / 2 floats; counters: one u32 per tile, zero between launches
 // (the summing block sets its tile's back to zero).
 template <int TN, int STAGES>
-__device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
-                                       float* __restrict__ ws, u32* __restrict__ counters, int m, int n, int k) {
+__device__ __forceinline__ void skinny(T* __restrict__ y, const TmaMap* xmap, const TmaMap* wmap, float* __restrict__ ws,
+                                       u32* __restrict__ counters, int m, int n, int k) {
     constexpr int W_BYTES = SK_BM * SK_BK * 2;  // 16 KiB
     constexpr int X_BYTES = TN * SK_BK * 2;
     constexpr int STAGE = W_BYTES + X_BYTES;  // a multiple of 1024: swizzle atoms stay aligned
     constexpr int ACC = TN / 2;               // f32 accumulators per thread
     extern __shared__ unsigned char sk_raw[];
+    __shared__ __align__(8) u64 bars[2 * STAGES];  // full[s], then empty[s]
     __shared__ int sk_last;
     const u32 base = (sk_smem(sk_raw) + 1023u) & ~1023u;
+    const u32 full0 = sk_smem(bars), empty0 = full0 + STAGES * 8;
     const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, warp = (tid % 128) / 32;
+    // The warp's role from a value the compiler knows is the same across the warp (a per-thread test
+    // would make every wgmma "divergent", and ptxas would serialise them).
+    const int role_warp = __shfl_sync(0xffffffffu, tid / 32, 0);
     const int kbs = k / SK_BK;
     const int tiles = (n + SK_BM - 1) / SK_BM;
     const int total = tiles * kbs;
     const int g = gridDim.x, c = blockIdx.x;
     const int start = sk_start(total, c, g), end = sk_start(total, c + 1, g);
 
-    // The first stages' weights into L2 before waiting for the kernel ahead (no kernel writes weights).
-    for (int q = tid; q < (STAGES - 1) * SK_BM; q += SK_THREADS) {
-        const int i = start + q / SK_BM;
-        const int row = (int)(i / kbs) * SK_BM + q % SK_BM;
-        if (i < end && row < n)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (u64)row * k + (i % kbs) * SK_BK));
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mb_init(full0 + s * 8, 1);                    // the producer's arrival, then the copies' bytes
+            mb_init(empty0 + s * 8, SK_CONSUMERS / 32);  // one arrival per consumer warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
+    if (tid == SK_CONSUMERS) {
+        asm volatile("prefetch.tensormap [%0];" ::"l"(wmap) : "memory");
+        asm volatile("prefetch.tensormap [%0];" ::"l"(xmap) : "memory");
+        // The first stages' weights into L2 before waiting for the kernel ahead (no kernel writes weights).
+        for (int i = start; i < end && i < start + STAGES; ++i) tma_prefetch_l2(wmap, (i % kbs) * SK_BK, (i / kbs) * SK_BM);
+    }
+    __syncthreads();
     pdl_enter();
 
-    // Stage i of this block's walk into buffer s: the tile's 128 weight rows and the TN batch rows, k-slice
-    // (i % kbs) * 64, each row's eight 16-byte chunks at chunk ^ (row % 8) (the 128-byte swizzle).
-    auto load = [&](int i, int s) {
-        const int tile = i / kbs;
-        const int k0 = (i % kbs) * SK_BK;
-        const u32 sw = base + s * STAGE, sx = sw + W_BYTES;
-#pragma unroll
-        for (int j = 0; j < SK_BM * 8 / SK_THREADS; ++j) {
-            const int q = tid + j * SK_THREADS, r = q / 8, ch = q % 8;
-            const int row = tile * SK_BM + r;
-            const bool ok = row < n;
-            sk_copy(sw + r * 128 + ((ch ^ (r % 8)) * 16), w + (u64)(ok ? row : 0) * k + k0 + ch * 8, ok);
-        }
-#pragma unroll
-        for (int j = 0; j < (TN * 8 + SK_THREADS - 1) / SK_THREADS; ++j) {
-            const int q = tid + j * SK_THREADS, r = q / 8, ch = q % 8;
-            if (q < TN * 8) {
-                const bool ok = r < m;
-                sk_copy(sx + r * 128 + ((ch ^ (r % 8)) * 16), x + (u64)(ok ? r : 0) * k + k0 + ch * 8, ok);
+    if (role_warp >= SK_CONSUMERS / 32) {
+        // The producer: stage i of this block's walk into buffer (i - start) % STAGES once the consumers
+        // have released that buffer's previous stage.
+        if (tid == SK_CONSUMERS) {
+            for (int i = start; i < end; ++i) {
+                const int j = i - start, s = j % STAGES;
+                mb_wait(empty0 + s * 8, ((j / STAGES) & 1) ^ 1);
+                const u32 full = full0 + s * 8, sw = base + s * STAGE;
+                mb_expect(full, STAGE);
+                tma_load(sw, wmap, (i % kbs) * SK_BK, (i / kbs) * SK_BM, full);
+                tma_load(sw + W_BYTES, xmap, (i % kbs) * SK_BK, 0, full);
             }
         }
-    };
-
-#pragma unroll
-    for (int s = 0; s < STAGES - 2; ++s) {
-        if (start + s < end) load(start + s, s);
-        sk_commit();
+        return;
     }
+
     float acc[ACC];
 #pragma unroll
     for (int r = 0; r < ACC; ++r) acc[r] = 0.f;
+    // Hands buffer s back to the producer: this warp's MMAs that read it have retired.
+    auto release = [&](int s) {
+        __syncwarp();
+        if (lane == 0) mb_arrive(empty0 + s * 8);
+    };
 
     for (int i = start; i < end; ++i) {
-        const int s = (i - start) % STAGES;
-        sk_wait_copies<STAGES - 3>();
-        fence_async_shared();
-        __syncthreads();
-        // Both warpgroups have finished stage i - 2's MMAs (their wait below, last turn): its buffer takes
-        // stage i + STAGES - 2.
-        {
-            const int nx = i + STAGES - 2;
-            if (nx < end) load(nx, (nx - start) % STAGES);
-            sk_commit();
-        }
+        const int j = i - start, s = j % STAGES;
+        mb_wait(full0 + s * 8, (j / STAGES) & 1);
         const int tile = i / kbs, kb = i % kbs;
         const bool first = kb == 0 || i == start;
         const u32 sa = base + s * STAGE + wg * 64 * 128, sb = base + s * STAGE + W_BYTES;
@@ -317,11 +349,20 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ 
 #pragma unroll
         for (int kk = 0; kk < SK_BK / 16; ++kk) sk_mma<TN>(acc, sa + kk * 32, sb + kk * 32, (first && kk == 0) ? 0 : 1);
         wgmma_commit();
+#if SK_INFLIGHT
         if (kb != kbs - 1 && i != end - 1) {
-            wgmma_wait<1>();  // this stage's MMAs may run on into the next turn
+            wgmma_wait<1>();  // this stage's MMAs may run on into the next turn; the stage before is done
+            if (!first) release((j + STAGES - 1) % STAGES);
             continue;
         }
         wgmma_wait<0>();
+        if (!first) release((j + STAGES - 1) % STAGES);
+        release(s);
+#else
+        wgmma_wait<0>();
+        release(s);
+        if (kb != kbs - 1 && i != end - 1) continue;
+#endif
 
         // The end of this block's share of `tile`: stages [p0, i] of the tile's [t0, t0 + kbs).
         const int t0 = tile * kbs;
@@ -329,17 +370,17 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ 
         if (p0 != t0 || kb != kbs - 1) {
             // Partial: leave the sums in this block's slot (0: its first tile, 1: its last), count the
             // stages, and sum the tile if they complete it.
-            float* mine = ws + ((u64)c * 2 + (p0 == start ? 0 : 1)) * (SK_THREADS * ACC);
+            float* mine = ws + ((u64)c * 2 + (p0 == start ? 0 : 1)) * (SK_CONSUMERS * ACC);
 #pragma unroll
             for (int r = 0; r < ACC; r += 4)
-                *reinterpret_cast<f32x4*>(mine + (u64)(r / 4) * SK_THREADS * 4 + tid * 4) =
+                *reinterpret_cast<f32x4*>(mine + (u64)(r / 4) * SK_CONSUMERS * 4 + tid * 4) =
                     f32x4{acc[r], acc[r + 1], acc[r + 2], acc[r + 3]};
-            __syncthreads();
+            sk_consumers_sync();
             if (tid == 0) {
                 const u32 done = (u32)(i - p0 + 1);
                 sk_last = sk_arrive(&counters[tile], done) + done == (u32)kbs;
             }
-            __syncthreads();
+            sk_consumers_sync();
             if (!sk_last) continue;
             const int c0 = sk_owner(total, t0, g), c1 = sk_owner(total, t0 + kbs - 1, g);
             // Every share in block order, this block's own from its slot too: the same sum whichever
@@ -348,10 +389,10 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ 
             for (int r = 0; r < ACC; ++r) acc[r] = 0.f;
             for (int o = c0; o <= c1; ++o) {
                 const float* part =
-                    ws + ((u64)o * 2 + (sk_start(total, o, g) >= t0 ? 0 : 1)) * (SK_THREADS * ACC);
+                    ws + ((u64)o * 2 + (sk_start(total, o, g) >= t0 ? 0 : 1)) * (SK_CONSUMERS * ACC);
 #pragma unroll
                 for (int r = 0; r < ACC; r += 4) {
-                    const f32x4 v = load_cg(part + (u64)(r / 4) * SK_THREADS * 4 + tid * 4);
+                    const f32x4 v = load_cg(part + (u64)(r / 4) * SK_CONSUMERS * 4 + tid * 4);
                     acc[r] += v.x;
                     acc[r + 1] += v.y;
                     acc[r + 2] += v.z;
@@ -382,9 +423,9 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const T* __restrict__ 
 
 #define SK_KERNEL(TN)                                                                                         \
     extern "C" __global__ void __launch_bounds__(SK_THREADS, 1)                                             \
-        skinny_##TN(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, float* __restrict__ ws, \
-                    u32* __restrict__ counters, int m, int n, int k) {                                      \
-        skinny<TN, SK_STAGES(TN)>(y, x, w, ws, counters, m, n, k);                                           \
+        skinny_##TN(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, \
+                    float* __restrict__ ws, u32* __restrict__ counters, int m, int n, int k) {              \
+        skinny<TN, SK_STAGES(TN)>(y, &xmap, &wmap, ws, counters, m, n, k);                                   \
     }
 
 SK_KERNEL(8)

@@ -223,10 +223,12 @@ const SKINNY_KERNELS: [&str; 7] = [
     "skinny_256",
 ];
 const SKINNY_ROWS: [usize; 7] = [8, 16, 32, 64, 128, 192, 256];
-/// kernels/skinny.cu's tile: output features per tile, k per stage, threads per block.
+/// kernels/skinny.cu's tile: output features per tile, k per stage, consumer threads (two warpgroups) and
+/// threads per block (the consumers and one producer warp).
 const SKINNY_BM: usize = 128;
 const SKINNY_BK: usize = 64;
-const SKINNY_THREADS: usize = 256;
+const SKINNY_CONSUMERS: usize = 256;
+const SKINNY_THREADS: usize = SKINNY_CONSUMERS + 32;
 /// Output tiles one skinny product may have (its counters; a vocabulary of 262144 rows in one product).
 const SKINNY_MAX_TILES: usize = 2048;
 
@@ -238,6 +240,63 @@ fn skinny_stages(tn: usize) -> usize {
 /// Dynamic shared memory of a skinny kernel of `tn` rows: its stages and 1 KiB of alignment slack.
 fn skinny_smem(tn: usize) -> usize {
     skinny_stages(tn) * (SKINNY_BM * SKINNY_BK * 2 + tn * SKINNY_BK * 2) + 1024
+}
+
+/// A TMA tensor map (`CUtensorMap`: 128 opaque bytes, 64-byte aligned), passed to a kernel by value.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(crate) struct TmaMap([u64; 16]);
+
+// SAFETY: a plain 128-byte record that kernels take by value (`const __grid_constant__ TmaMap`).
+unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
+
+impl graph::SigArg for TmaMap {
+    fn sig_bytes(&self) -> [u8; 8] {
+        // FNV-1a over the words: equal maps sign equally (the encoding is deterministic).
+        let h = self
+            .0
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, w| (h ^ w).wrapping_mul(0x0100_0000_01b3));
+        h.to_le_bytes()
+    }
+}
+
+/// The tensor map of a row-major matrix of 16-bit elements at `ptr`, `rows` by `cols` (`cols * 2` bytes a
+/// row, a multiple of 16; `ptr` 16-byte aligned), copied in boxes of 64 columns (128 bytes) by `box_rows`
+/// rows in the 128-byte swizzle; rows past the end read as zeros.
+fn tma_map_2d(dtype: DType, ptr: u64, rows: usize, cols: usize, box_rows: usize) -> Result<TmaMap> {
+    let data_type = match dtype {
+        DType::BF16 => drv_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        DType::F16 => drv_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        DType::F32 => return Err(EngineError::Backend("TMA maps are for 16-bit storage".into())),
+    };
+    let mut map = TmaMap([0; 16]);
+    let dims = [cols as u64, rows as u64];
+    let strides = [(cols * 2) as u64];
+    #[allow(clippy::cast_possible_truncation)]
+    let boxes = [SKINNY_BK as u32, box_rows as u32];
+    let element_strides = [1_u32, 1];
+    // SAFETY: `map` is a 64-byte aligned 128-byte out-record; the arrays hold rank (2) entries, strides
+    // rank - 1; the driver only reads the address into the map (kernels read through it later).
+    unsafe {
+        drv_sys::cuTensorMapEncodeTiled(
+            (&raw mut map).cast::<drv_sys::CUtensorMap>(),
+            data_type,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            drv_sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            drv_sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            drv_sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            drv_sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .map_err(|e| drv(&format!("tensor map of {rows} x {cols}"), e))?;
+    Ok(map)
 }
 
 /// The wgmma skinny GEMM's state: the stream-K partial sums (two slots per block) and the per-tile counters
@@ -1020,7 +1079,7 @@ impl CudaBackend {
                 .map_err(|e| format!("{} bytes of shared memory for {name}: {e:?}", skinny_smem(tn)))?;
                 self.funcs.insert(name, f);
             }
-            let ws_bytes = self.num_sms * 2 * SKINNY_THREADS * (SKINNY_ROWS[SKINNY_ROWS.len() - 1] / 2) * 4;
+            let ws_bytes = self.num_sms * 2 * SKINNY_CONSUMERS * (SKINNY_ROWS[SKINNY_ROWS.len() - 1] / 2) * 4;
             let ws = self
                 .stream
                 .alloc_zeros::<u8>(ws_bytes)
@@ -1287,13 +1346,15 @@ impl CudaBackend {
         let blocks = uint("skinny blocks", self.num_sms.min(tiles * (k / SKINNY_BK)))?;
         let (mi, ni, ki) = (int("rows", m)?, int("out features", n)?, int("in features", k)?);
         let (ws, counters) = (sk.ws_ptr, sk.counters_ptr);
+        let xmap = tma_map_2d(self.dtype, xp, m, k, tn)?;
+        let wmap = tma_map_2d(self.dtype, wp, n, k, SKINNY_BM)?;
         launch!(
             self,
             name,
             cfg((blocks, 1, 1), SKINNY_THREADS as u32, skinny_smem(tn)),
             &yp,
-            &xp,
-            &wp,
+            &xmap,
+            &wmap,
             &ws,
             &counters,
             &mi,
