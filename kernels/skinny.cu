@@ -275,7 +275,9 @@ __device__ __forceinline__ int sk_owner(int total, int i, int g) {
 }
 
 // ws: gridDim.x * 2 slots of SK_CONSUMERS * TN / 2 floats; counters: one u32 per tile, zero between launches
-// (the summing block sets its tile's back to zero).
+// (the summing block sets its tile's back to zero). blockIdx.y takes batch rows [TN * y, TN * (y + 1)): the
+// host launches more than one such slice only with one whole tile per block (gridDim.x == tiles), where
+// no tile is split and neither ws nor the counters are touched.
 template <int TN, int STAGES>
 __device__ __forceinline__ void skinny(T* __restrict__ y, const TmaMap* xmap, const TmaMap* wmap, float* __restrict__ ws,
                                        u32* __restrict__ counters, int m, int n, int k) {
@@ -324,7 +326,7 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const TmaMap* xmap, co
                 const u32 full = full0 + s * 8, sw = base + s * STAGE;
                 mb_expect(full, STAGE);
                 tma_load(sw, wmap, (i % kbs) * SK_BK, (i / kbs) * SK_BM, full);
-                tma_load(sw + W_BYTES, xmap, (i % kbs) * SK_BK, 0, full);
+                tma_load(sw + W_BYTES, xmap, (i % kbs) * SK_BK, blockIdx.y * TN, full);
             }
         }
         return;
@@ -411,7 +413,7 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const TmaMap* xmap, co
             int nn = n, mm = m;
             asm volatile("" : "+r"(nn), "+r"(mm));
             const int f = f0 + 8 * ((r / 2) % 2);
-            const int row = 8 * (r / 4) + 2 * (lane % 4) + r % 2;
+            const int row = blockIdx.y * TN + 8 * (r / 4) + 2 * (lane % 4) + r % 2;
             if (f < nn && row < mm) y[(u64)row * nn + f] = from_f(acc[r]);
         }
     }
