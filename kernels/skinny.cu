@@ -11,8 +11,8 @@
 //   - one producer warp copies the stages with the tensor memory accelerator (TMA: one instruction per
 //     operand per stage; the copy engine swizzles, and zero-fills rows past n or m), up to STAGES ahead,
 //     each stage guarded by two mbarriers: "full" (the copies' bytes arrived) and "empty" (every consumer
-//     warp's MMAs that read it retired). The consumers only wait and issue wgmma (m64nTNk16, one
-//     instruction per 16 of k), one stage's MMAs in flight while the next stage's are issued;
+//     warp's MMAs that read it retired). The consumers only wait, issue wgmma (m64nTNk16, one
+//     instruction per 16 of k) and wait for it;
 //   - stream-K: the grid is one block per multiprocessor (at most), and block c takes the k-stages
 //     [total * c / G, total * (c + 1) / G) of all tiles' stages laid end to end, so every block streams the
 //     same number of weight bytes whatever the shape. A tile split between blocks is summed by the block
@@ -20,21 +20,20 @@
 //     in a workspace (two slots per block: its first and its last tile can be partial), as does the
 //     last, which then adds all the slots in block order (the same result whichever block is last) and
 //     stores y; no block waits for another.
-// Status (bench/NOTES.md, sessions 15-16): the first form (cp.async by every thread, a __syncthreads per
-// stage) was correct but slower than cuBLAS at every size on the H200 (q/k/v at 128 rows 30.2 us against
-// 17.4): ncu showed its warps issue-bound on copy addresses and barriers. This form is off by default
-// (LORAX_CUDA_SKINNY=1) until it beats cuBLAS.
+// Status (bench/NOTES.md, sessions 15-16): correct, but slower than cuBLAS at every size on the H200, so
+// off by default (LORAX_CUDA_SKINNY=1). The first form (cp.async by every thread, a __syncthreads per
+// stage) was issue-bound. This form streams the weights at the copy bandwidth once running (about
+// 0.5 us per 16 KiB stage per multiprocessor, all 132 streaming), but pays about 12 us per product
+// against cuBLAS's 5 (q/k/v at 8 rows 23.6 us against 16.2; at 128 rows 29.4 against 17.1): ncu shows
+// the multiprocessors without a block for 28-35% of the kernel (blocks that finish their share early
+// wait for the tiles' sums) and the start-up until the first stage lands. One block per tile (no split)
+// is worse: one multiprocessor streams at most about 46 GB/s here, so saturating the DRAM takes ~90 of them.
 // Sums are f32 in the MMA, partials added in block order; y is rounded once to T. The host checks
 // k % SK_BK == 0, m <= TN, 16-byte aligned x and w, builds the two tensor maps (x: k by m, box 64 by TN;
 // w: k by n, box 64 by 128; both 128-byte swizzled), and sizes the workspace and counters.
 #define SK_BM 128
 #define SK_BK 64
 #define SK_CONSUMERS 256
-// 1: a stage's MMAs stay in flight while the next stage's are issued; 0: each stage's MMAs are waited
-// for before the next (an A/B switch through LORAX_CUDA_DEFINES=-DSK_INFLIGHT=0).
-#ifndef SK_INFLIGHT
-#define SK_INFLIGHT 1
-#endif
 #define SK_THREADS (SK_CONSUMERS + 32)
 
 // A TMA tensor map (CUtensorMap), passed by value as a __grid_constant__ kernel parameter.
@@ -275,9 +274,7 @@ __device__ __forceinline__ int sk_owner(int total, int i, int g) {
 }
 
 // ws: gridDim.x * 2 slots of SK_CONSUMERS * TN / 2 floats; counters: one u32 per tile, zero between launches
-// (the summing block sets its tile's back to zero). blockIdx.y takes batch rows [TN * y, TN * (y + 1)): the
-// host launches more than one such slice only with one whole tile per block (gridDim.x == tiles), where
-// no tile is split and neither ws nor the counters are touched.
+// (the summing block sets its tile's back to zero).
 template <int TN, int STAGES>
 __device__ __forceinline__ void skinny(T* __restrict__ y, const TmaMap* xmap, const TmaMap* wmap, float* __restrict__ ws,
                                        u32* __restrict__ counters, int m, int n, int k) {
@@ -326,7 +323,7 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const TmaMap* xmap, co
                 const u32 full = full0 + s * 8, sw = base + s * STAGE;
                 mb_expect(full, STAGE);
                 tma_load(sw, wmap, (i % kbs) * SK_BK, (i / kbs) * SK_BM, full);
-                tma_load(sw + W_BYTES, xmap, (i % kbs) * SK_BK, blockIdx.y * TN, full);
+                tma_load(sw + W_BYTES, xmap, (i % kbs) * SK_BK, 0, full);
             }
         }
         return;
@@ -351,20 +348,12 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const TmaMap* xmap, co
 #pragma unroll
         for (int kk = 0; kk < SK_BK / 16; ++kk) sk_mma<TN>(acc, sa + kk * 32, sb + kk * 32, (first && kk == 0) ? 0 : 1);
         wgmma_commit();
-#if SK_INFLIGHT
-        if (kb != kbs - 1 && i != end - 1) {
-            wgmma_wait<1>();  // this stage's MMAs may run on into the next turn; the stage before is done
-            if (!first) release((j + STAGES - 1) % STAGES);
-            continue;
-        }
-        wgmma_wait<0>();
-        if (!first) release((j + STAGES - 1) % STAGES);
-        release(s);
-#else
+        // Each stage's MMAs are waited for before its buffer goes back to the producer (keeping one stage's
+        // MMAs in flight into the next turn measured the same or slower: ptxas serialises the wgmmas then,
+        // bench/NOTES.md session 16).
         wgmma_wait<0>();
         release(s);
         if (kb != kbs - 1 && i != end - 1) continue;
-#endif
 
         // The end of this block's share of `tile`: stages [p0, i] of the tile's [t0, t0 + kbs).
         const int t0 = tile * kbs;
@@ -413,7 +402,7 @@ __device__ __forceinline__ void skinny(T* __restrict__ y, const TmaMap* xmap, co
             int nn = n, mm = m;
             asm volatile("" : "+r"(nn), "+r"(mm));
             const int f = f0 + 8 * ((r / 2) % 2);
-            const int row = blockIdx.y * TN + 8 * (r / 4) + 2 * (lane % 4) + r % 2;
+            const int row = 8 * (r / 4) + 2 * (lane % 4) + r % 2;
             if (f < nn && row < mm) y[(u64)row * nn + f] = from_f(acc[r]);
         }
     }

@@ -308,12 +308,6 @@ struct Skinny {
     ws_ptr: u64,
     _counters: CudaSlice<u32>,
     counters_ptr: u64,
-    /// Experiments (session 16): `LORAX_CUDA_SKINNY_TILES=1` gives each block one whole tile (no split, no
-    /// partial sums) where the tiles, times the batch slices, fit in one wave; `LORAX_CUDA_SKINNY_SLICE=64`
-    /// then runs more than 64 rows as slices of 64 (grid y), each block reading its tile's weights again
-    /// (from L2 after the first) instead of splitting k.
-    whole_tiles: bool,
-    slice_rows: usize,
 }
 
 /// Kernel names of each module, loaded once per backend.
@@ -1102,12 +1096,6 @@ impl CudaBackend {
                 ws_ptr,
                 _counters: counters,
                 counters_ptr,
-                whole_tiles: env_flag("LORAX_CUDA_SKINNY_TILES"),
-                slice_rows: std::env::var("LORAX_CUDA_SKINNY_SLICE")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|r| SKINNY_ROWS.contains(r))
-                    .unwrap_or(0),
             })
         })();
         built
@@ -1348,29 +1336,14 @@ impl CudaBackend {
             return Ok(false);
         };
         let tiles = n.div_ceil(SKINNY_BM);
-        // Batch slices of `slice_rows` (an experiment) where whole tiles of every slice fit in one wave.
-        let sliced = sk.whole_tiles && sk.slice_rows > 0 && m > sk.slice_rows;
-        let slices = if sliced { m.div_ceil(sk.slice_rows) } else { 1 };
-        let (slices, rows) = if sliced && tiles * slices <= self.num_sms {
-            (slices, sk.slice_rows)
-        } else {
-            (1, m)
-        };
-        let Some((&tn, &name)) = SKINNY_ROWS.iter().zip(&SKINNY_KERNELS).find(|(tn, _)| **tn >= rows) else {
+        let Some((&tn, &name)) = SKINNY_ROWS.iter().zip(&SKINNY_KERNELS).find(|(tn, _)| **tn >= m) else {
             return Ok(false);
         };
         if k % SKINNY_BK != 0 || tiles > SKINNY_MAX_TILES || xp % 16 != 0 || wp % 16 != 0 {
             return Ok(false);
         }
-        // One block per multiprocessor at most, and at least one stage per block (stream-K); or one whole
-        // tile per block where that fits in one wave and is asked for.
-        let blocks = if sk.whole_tiles && tiles * slices <= self.num_sms {
-            tiles
-        } else {
-            self.num_sms.min(tiles * (k / SKINNY_BK))
-        };
-        let blocks = uint("skinny blocks", blocks)?;
-        let slices = uint("skinny slices", slices)?;
+        // One block per multiprocessor at most, and at least one stage per block.
+        let blocks = uint("skinny blocks", self.num_sms.min(tiles * (k / SKINNY_BK)))?;
         let (mi, ni, ki) = (int("rows", m)?, int("out features", n)?, int("in features", k)?);
         let (ws, counters) = (sk.ws_ptr, sk.counters_ptr);
         let xmap = tma_map_2d(self.dtype, xp, m, k, tn)?;
@@ -1378,7 +1351,7 @@ impl CudaBackend {
         launch!(
             self,
             name,
-            cfg((blocks, slices, 1), SKINNY_THREADS as u32, skinny_smem(tn)),
+            cfg((blocks, 1, 1), SKINNY_THREADS as u32, skinny_smem(tn)),
             &yp,
             &xmap,
             &wmap,
