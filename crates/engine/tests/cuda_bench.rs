@@ -398,3 +398,55 @@ fn step_profile() {
     decode_attention(&g, 128, 640, 32, 8, copy);
     prefill_attention(&mut g, true, &[1000], 32, 8);
 }
+
+/// What one wgmma skinny product costs besides streaming its weights (bench/NOTES.md, session 16): shapes
+/// of equal weight bytes and equal stages per block (stream-K over the 132 multiprocessors of an H200)
+/// whose tiles are split over 1, 2 or 4 blocks (so 0, 2 or 4 shares to sum per tile), and products of
+/// one 16 KiB stage per block (132 blocks, and 1 block), at 8 and 128 rows; cuBLAS beside the first three.
+#[test]
+#[ignore = "GPU benchmark: needs about 1 GB free; run with --ignored --nocapture"]
+fn skinny_fixed_cost() {
+    let Some(mut g) = backend(DType::BF16) else { return };
+    if !g.set_skinny_gemm(true) {
+        say("SKIPPED: the wgmma skinny GEMM cannot be built on this device (Hopper and 16-bit storage only)");
+        return;
+    }
+    let copy = copy_bandwidth(&g);
+    let sms = g.num_sms();
+    // (label, n, k): tiles of 128 features, stages of 64 k.
+    let shapes = [
+        ("split1", sms * 128, 4096),
+        ("split2", sms * 64, 8192),
+        ("split4", sms * 32, 16384),
+        ("stage1", sms * 128, 64),
+        ("oneblock", 128, 64),
+    ];
+    for m in [8usize, 128] {
+        for &(label, n, k) in &shapes {
+            for skinny in [true, false] {
+                if !skinny && !label.starts_with("split") {
+                    continue;
+                }
+                g.set_skinny_gemm(skinny);
+                let copies = if n * k * 2 < (64 << 20) { 4 } else { 2 };
+                let ws: Vec<CudaTensor> = (0..copies).map(|i| rand(&g, &[n, k], 700 + i as u32, 0.02)).collect();
+                let x = rand(&g, &[m, k], 799, 1.0);
+                let ms = graph_ms(&g, copies, 20, &|i| g.linear(&x, &ws[i], None).map(|_| ()));
+                let gbs = (n * k * 2) as f64 / (ms * 1e-3) / 1e9;
+                let how = if skinny { "wgmma" } else { "cublas" };
+                bench(
+                    &format!("skinny_cost_{label}_m{m}_{how}"),
+                    ms * 1e3,
+                    "us",
+                    &format!(
+                        "[{m}, {k}] x [{n}, {k}]^T, {} tiles x {} stages: weights at {gbs:.0} GB/s ({:.0}% of copy)",
+                        n.div_ceil(128),
+                        k / 64,
+                        100.0 * gbs / copy
+                    ),
+                );
+            }
+        }
+    }
+    g.set_skinny_gemm(false);
+}
