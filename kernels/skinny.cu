@@ -24,7 +24,7 @@
 // off by default (LORAX_CUDA_SKINNY=1). The first form (cp.async by every thread, a __syncthreads per
 // stage) was issue-bound. This form streams the weights at the copy bandwidth once running (about
 // 0.5 us per 16 KiB stage per multiprocessor, all 132 streaming), but pays about 12 us per product
-// against cuBLAS's 5 (q/k/v at 8 rows 23.6 us against 16.2; at 128 rows 29.4 against 17.1): ncu shows
+// against cuBLAS's 5 (session 16 call 4: q/k/v at 8 rows 23.5 us against 16.3; at 128 rows 29.6 against 17.4): ncu shows
 // the multiprocessors without a block for 28-35% of the kernel (blocks that finish their share early
 // wait for the tiles' sums) and the start-up until the first stage lands. One block per tile (no split)
 // is worse: one multiprocessor streams at most about 46 GB/s here, so saturating the DRAM takes ~90 of them.
@@ -98,7 +98,7 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
-// Adds v to a split tile's counter (acquire-release at GPU scope: after the block's barrier it publishes
+// Adds v to a split tile's counter (acquire-release at GPU scope: after the consumers' named barrier it publishes
 // the block's partial sums, and the last adder sees everyone's) and returns the old value.
 __device__ __forceinline__ u32 sk_arrive(u32* p, u32 v) {
     u32 old;

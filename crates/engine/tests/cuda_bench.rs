@@ -313,7 +313,7 @@ fn kernel_benchmarks() {
 /// through copies so that none is served from the 60 MB L2), the LM head, and attention at the serving shapes, each from graph replays. Summed per step, these
 /// compare with the measured step times (`cuda_graphs`' decode-step benchmark, the serving TTFT).
 #[test]
-#[ignore = "GPU benchmark: needs about 2 GB free; run with --ignored --nocapture"]
+#[ignore = "GPU benchmark: needs about 5 GB free (the copy-bandwidth buffers); run with --ignored --nocapture"]
 fn step_profile() {
     let Some(mut g) = backend(DType::BF16) else { return };
     let copy = copy_bandwidth(&g);
@@ -402,9 +402,12 @@ fn step_profile() {
 /// What one wgmma skinny product costs besides streaming its weights (bench/NOTES.md, session 16): shapes
 /// of equal weight bytes and equal stages per block (stream-K over the 132 multiprocessors of an H200)
 /// whose tiles are split over 1, 2 or 4 blocks (so 0, 2 or 4 shares to sum per tile), and products of
-/// one 16 KiB stage per block (132 blocks, and 1 block), at 8 and 128 rows; cuBLAS beside the first three.
+/// one stage per block (132 blocks, and 1 block; their weights fit in L2, so their GB/s are L2 speed), at
+/// 8 and 128 rows; cuBLAS beside the first three. A stage is 16 KiB of weights plus the batch rows' slice.
+/// The splits are exactly 1, 2 and 4 blocks per tile when the multiprocessor count is a multiple of 4
+/// (132 on the H200).
 #[test]
-#[ignore = "GPU benchmark: needs about 1 GB free; run with --ignored --nocapture"]
+#[ignore = "GPU benchmark: needs about 5 GB free; run with --ignored --nocapture"]
 fn skinny_fixed_cost() {
     let Some(mut g) = backend(DType::BF16) else { return };
     if !g.set_skinny_gemm(true) {

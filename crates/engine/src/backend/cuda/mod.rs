@@ -242,12 +242,18 @@ fn skinny_smem(tn: usize) -> usize {
     skinny_stages(tn) * (SKINNY_BM * SKINNY_BK * 2 + tn * SKINNY_BK * 2) + 1024
 }
 
-/// A TMA tensor map (`CUtensorMap`: 128 opaque bytes, 64-byte aligned), passed to a kernel by value.
-#[repr(C, align(64))]
+/// A TMA tensor map (`CUtensorMap`: 128 opaque bytes), passed to a kernel by value. Aligned as cudarc's
+/// `CUtensorMap` (128 bytes, more than the driver's 64), whose size it has.
+#[repr(C, align(128))]
 #[derive(Clone, Copy)]
 pub(crate) struct TmaMap([u64; 16]);
 
-// SAFETY: a plain 128-byte record that kernels take by value (`const __grid_constant__ TmaMap`).
+const _: () = assert!(std::mem::size_of::<TmaMap>() == std::mem::size_of::<drv_sys::CUtensorMap>());
+const _: () = assert!(std::mem::align_of::<TmaMap>() >= std::mem::align_of::<drv_sys::CUtensorMap>());
+
+// SAFETY: `repr(C)`, 128 bytes of plain words without padding, as the kernels' `const __grid_constant__
+// TmaMap` (`__align__(64)`, 128 bytes) takes it by value; only maps `tma_map_2d` encoded are passed, and
+// the addresses they hold are of tensors the calling op keeps alive past the launch.
 unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
 
 impl graph::SigArg for TmaMap {
@@ -276,7 +282,7 @@ fn tma_map_2d(dtype: DType, ptr: u64, rows: usize, cols: usize, box_rows: usize)
     #[allow(clippy::cast_possible_truncation)]
     let boxes = [SKINNY_BK as u32, box_rows as u32];
     let element_strides = [1_u32, 1];
-    // SAFETY: `map` is a 64-byte aligned 128-byte out-record; the arrays hold rank (2) entries, strides
+    // SAFETY: `map` is a 128-byte aligned out-record of `CUtensorMap`'s size and alignment (asserted above); the arrays hold rank (2) entries, strides
     // rank - 1; the driver only reads the address into the map (kernels read through it later).
     unsafe {
         drv_sys::cuTensorMapEncodeTiled(
@@ -804,7 +810,8 @@ macro_rules! launch {
                 let mut builder = $self.stream.launch_builder(func);
                 $( builder.arg($arg); )+
                 // SAFETY: every argument matches the kernel's parameter list in kernels/*.cu (device pointers
-                // as u64, ints as i32/u32/u64, floats as f32), and every buffer the kernel touches was
+                // as u64, ints as i32/u32/u64, floats as f32, TMA tensor maps as 128-byte `TmaMap`s whose
+                // addresses are of live tensors), and every buffer the kernel touches was
                 // allocated with the sizes the host-side checks of the calling op established.
                 unsafe { builder.launch($cfg) }
                     .map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
