@@ -22,12 +22,13 @@
 //     stores y; no block waits for another.
 // Status (bench/NOTES.md, sessions 15-16): correct, but slower than cuBLAS at every size on the H200, so
 // off by default (LORAX_CUDA_SKINNY=1). The first form (cp.async by every thread, a __syncthreads per
-// stage) was issue-bound. This form streams the weights at the copy bandwidth once running (about
-// 0.5 us per 16 KiB stage per multiprocessor, all 132 streaming), but pays about 12 us per product
-// against cuBLAS's 5 (session 16 call 4: q/k/v at 8 rows 23.5 us against 16.3; at 128 rows 29.6 against 17.4): ncu shows
-// the multiprocessors without a block for 28-35% of the kernel (blocks that finish their share early
-// wait for the tiles' sums) and the start-up until the first stage lands. One block per tile (no split)
-// is worse: one multiprocessor streams at most about 46 GB/s here, so saturating the DRAM takes ~90 of them.
+// stage) was issue-bound. This form pays about 12 us per decode-sized product against cuBLAS's 5
+// (session 16 call 4: q/k/v at 8 rows 23.5 us against 16.3; at 128 rows 29.6 against 17.4). Call 6
+// (cuda_bench skinny_fixed_cost) splits it: the start and one stage 3-6 us; summing split tiles 2.6-3.2 us
+// at 8 rows, 5.5-7.7 at 128; and a steady rate of 82% of the copy bandwidth with nothing to sum against
+// cuBLAS's 90% (74% against 81% at 128 rows). ncu shows the multiprocessors without a block for 8-35% of
+// the kernel (call 2). One block per tile (no split) is worse: one multiprocessor streams at most about
+// 46 GB/s here, so saturating the DRAM takes ~90 of them.
 // Sums are f32 in the MMA, partials added in block order; y is rounded once to T. The host checks
 // k % SK_BK == 0, m <= TN, 16-byte aligned x and w, builds the two tensor maps (x: k by m, box 64 by TN;
 // w: k by n, box 64 by 128; both 128-byte swizzled), and sizes the workspace and counters.

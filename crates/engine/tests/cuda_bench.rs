@@ -307,6 +307,15 @@ fn kernel_benchmarks() {
     prefill_attention(&mut g, true, &[16384], 32, 8);
 }
 
+/// Milliseconds of y = x·wᵀ for an [m, k] x and an [n, k] w, the median over graph replays; the weights
+/// rotate through 2-4 copies (at least 128 MB together) so that few are served from L2.
+fn linear_ms(g: &CudaBackend, m: usize, n: usize, k: usize, seed: u32) -> f64 {
+    let copies = if n * k * 2 < (64 << 20) { 4 } else { 2 };
+    let ws: Vec<CudaTensor> = (0..copies).map(|i| rand(g, &[n, k], seed + i as u32, 0.02)).collect();
+    let x = rand(g, &[m, k], seed + 100, 1.0);
+    graph_ms(g, copies, 20, &|i| g.linear(&x, &ws[i], None).map(|_| ()))
+}
+
 /// Where a Mistral-7B-shaped decode step and a 1000-token prefill spend their time: every linear layer of
 /// the model (q/k/v and gate/up fused, as the model runs them) at 1, 2, 4, 8-256 and 1000 rows (1-4 rows on
 /// the gemv kernels, 8-256 on the wgmma skinny GEMM, each also on cuBLAS for comparison; weights rotated
@@ -325,13 +334,6 @@ fn step_profile() {
         ("gate_up", 28672, 4096),
         ("down", 4096, 14336),
     ];
-    // Milliseconds of y = x·wᵀ for an [m, k] x and an [n, k] w, the median over graph replays.
-    let time = |g: &CudaBackend, m: usize, n: usize, k: usize, seed: u32| -> f64 {
-        let copies = if n * k * 2 < (64 << 20) { 4 } else { 2 };
-        let ws: Vec<CudaTensor> = (0..copies).map(|i| rand(g, &[n, k], seed + i as u32, 0.02)).collect();
-        let x = rand(g, &[m, k], seed + 100, 1.0);
-        graph_ms(g, copies, 20, &|i| g.linear(&x, &ws[i], None).map(|_| ()))
-    };
     // Rows 1-4 on the gemv kernels (1-2 by default) and on cuBLAS; 8-256 rows on the wgmma skinny GEMM
     // (where it is built; off by default) and on cuBLAS; 1000 rows on cuBLAS.
     let wg = g.set_skinny_gemm(true);
@@ -362,7 +364,7 @@ fn step_profile() {
         };
         let mut layer_ms = 0.0;
         for (i, &(name, n, k)) in linears.iter().enumerate() {
-            let ms = time(&g, m, n, k, 200 + 10 * i as u32);
+            let ms = linear_ms(&g, m, n, k, 200 + 10 * i as u32);
             layer_ms += ms;
             let gbs = (n * k * 2) as f64 / (ms * 1e-3) / 1e9;
             let tflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
@@ -378,7 +380,7 @@ fn step_profile() {
         }
         // Logits: every row at decode, the last row only at a prefill.
         let head_rows = if m == 1000 { 1 } else { m };
-        let head_ms = time(&g, head_rows, vocab, 4096, 400);
+        let head_ms = linear_ms(&g, head_rows, vocab, 4096, 400);
         bench(
             &format!("profile_linears_per_step_m{m}_{how}"),
             layers * layer_ms + head_ms,
@@ -431,10 +433,7 @@ fn skinny_fixed_cost() {
                     continue;
                 }
                 g.set_skinny_gemm(skinny);
-                let copies = if n * k * 2 < (64 << 20) { 4 } else { 2 };
-                let ws: Vec<CudaTensor> = (0..copies).map(|i| rand(&g, &[n, k], 700 + i as u32, 0.02)).collect();
-                let x = rand(&g, &[m, k], 799, 1.0);
-                let ms = graph_ms(&g, copies, 20, &|i| g.linear(&x, &ws[i], None).map(|_| ()));
+                let ms = linear_ms(&g, m, n, k, 700);
                 let gbs = (n * k * 2) as f64 / (ms * 1e-3) / 1e9;
                 let how = if skinny { "wgmma" } else { "cublas" };
                 bench(

@@ -226,31 +226,31 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 /// A value that can be part of a launch's signature.
 pub(crate) trait SigArg {
-    /// Its bytes.
-    fn sig_bytes(&self) -> [u8; 8];
+    /// Adds its bytes to the signature being recorded.
+    fn sign_into(&self, graphs: &Graphs);
 }
 
 impl SigArg for u64 {
-    fn sig_bytes(&self) -> [u8; 8] {
-        self.to_le_bytes()
+    fn sign_into(&self, graphs: &Graphs) {
+        graphs.sign(&self.to_le_bytes());
     }
 }
 
 impl SigArg for i32 {
-    fn sig_bytes(&self) -> [u8; 8] {
-        i64::from(*self).to_le_bytes()
+    fn sign_into(&self, graphs: &Graphs) {
+        graphs.sign(&i64::from(*self).to_le_bytes());
     }
 }
 
 impl SigArg for u32 {
-    fn sig_bytes(&self) -> [u8; 8] {
-        u64::from(*self).to_le_bytes()
+    fn sign_into(&self, graphs: &Graphs) {
+        graphs.sign(&u64::from(*self).to_le_bytes());
     }
 }
 
 impl SigArg for f32 {
-    fn sig_bytes(&self) -> [u8; 8] {
-        u64::from(self.to_bits()).to_le_bytes()
+    fn sign_into(&self, graphs: &Graphs) {
+        graphs.sign(&u64::from(self.to_bits()).to_le_bytes());
     }
 }
 

@@ -257,13 +257,8 @@ const _: () = assert!(std::mem::align_of::<TmaMap>() >= std::mem::align_of::<drv
 unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
 
 impl graph::SigArg for TmaMap {
-    fn sig_bytes(&self) -> [u8; 8] {
-        // FNV-1a over the words: equal maps sign equally (the encoding is deterministic).
-        let h = self
-            .0
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, w| (h ^ w).wrapping_mul(0x0100_0000_01b3));
-        h.to_le_bytes()
+    fn sign_into(&self, graphs: &graph::Graphs) {
+        graphs.sign(plain_bytes(&self.0));
     }
 }
 
@@ -282,8 +277,9 @@ fn tma_map_2d(dtype: DType, ptr: u64, rows: usize, cols: usize, box_rows: usize)
     #[allow(clippy::cast_possible_truncation)]
     let boxes = [SKINNY_BK as u32, box_rows as u32];
     let element_strides = [1_u32, 1];
-    // SAFETY: `map` is a 128-byte aligned out-record of `CUtensorMap`'s size and alignment (asserted above); the arrays hold rank (2) entries, strides
-    // rank - 1; the driver only reads the address into the map (kernels read through it later).
+    // SAFETY: `map` is an out-record of `CUtensorMap`'s size and alignment (asserted above); the arrays hold
+    // rank (2) entries, strides rank - 1; the driver only writes the address into the map (kernels read
+    // through it later).
     unsafe {
         drv_sys::cuTensorMapEncodeTiled(
             (&raw mut map).cast::<drv_sys::CUtensorMap>(),
@@ -797,7 +793,7 @@ macro_rules! launch {
             for d in [c.grid_dim.0, c.grid_dim.1, c.grid_dim.2, c.block_dim.0, c.shared_mem_bytes] {
                 $self.graphs.sign(&d.to_le_bytes());
             }
-            $( $self.graphs.sign(&$crate::backend::cuda::graph::SigArg::sig_bytes($arg)); )+
+            $( $crate::backend::cuda::graph::SigArg::sign_into($arg, &$self.graphs); )+
         }
         if mode != $crate::backend::cuda::graph::Mode::Record {
             if $self.pdl {
