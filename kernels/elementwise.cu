@@ -251,28 +251,6 @@ extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x
     }
 }
 
-// Asks the L2 cache to fetch part of a weight matrix that a later product reads, so that the fetch runs while
-// the latency-bound kernels between two products leave the memory idle. The matrix has `rows` rows of
-// `row_bytes` bytes; each row gets `segs` chunks of `chunk` bytes (a multiple of 16) at offsets
-// s * (row_bytes / segs) rounded down to 16 bytes: the first chunk is where every block of a product that
-// walks the whole row starts, and further segments are where split-K blocks start. A hint only: nothing is
-// written, and nothing waits for the fetch (bulk prefetch on sm_90, one line prefetch per 128 bytes before).
-// Reads only weights, which no kernel writes, so it may run ahead of its predecessor.
-extern "C" __global__ void l2_prefetch(const unsigned char* __restrict__ base, u64 row_bytes, u64 rows, u32 segs,
-                                       u32 chunk) {
-    const u64 total = rows * segs, stride = (u64)gridDim.x * blockDim.x;
-    const u64 seg_bytes = row_bytes / segs;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
-        const unsigned char* p = base + (i / segs) * row_bytes + (((i % segs) * seg_bytes) & ~15ull);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(chunk) : "memory");
-#elif defined(__CUDA_ARCH__)
-        for (u32 b = 0; b < chunk; b += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + b));
-#endif
-    }
-    pdl_enter();
-}
-
 // dst += src.
 extern "C" __global__ void add_assign(T* __restrict__ dst, const T* __restrict__ src, u64 n) {
     pdl_enter();

@@ -384,56 +384,42 @@ impl<B: Backend> Model<B> {
         } else {
             backend.lora_step(n, &lora_rows)?
         };
-        // Runs a (possibly fused) projection, asks for the next product's weights (`next`) to be fetched
-        // while the latency-bound work between the two runs, then adds each segment's LoRA terms for its
-        // parts (target, first column of the output), all parts in one call.
-        let project = |linear: &Linear<B>,
-                       x: &B::Tensor,
-                       layer: usize,
-                       parts: &[(Target, usize)],
-                       (next, what): (&B::Tensor, &'static str)|
-         -> Result<B::Tensor> {
-            let mut y = linear.forward(backend, x)?;
-            backend.prefetch_weight(next, what)?;
-            if let Some(step) = &lora_step {
-                backend.lora_layer(&mut y, x, step, layer, parts)?;
-                return Ok(y);
-            }
-            let mut segs: Vec<LoraSegment<'_, B::Tensor>> = Vec::new();
-            for &(target, col) in parts {
-                for s in &input.segments {
-                    if let Some(w) = adapters[s.adapter]
-                        .layers
-                        .get(layer)
-                        .and_then(|l| l[target.index()].as_ref())
-                    {
-                        segs.push(LoraSegment {
-                            start: s.start,
-                            len: s.len,
-                            a: &w.a,
-                            b: &w.b,
-                            scale: w.scale,
-                            col,
-                        });
+        // Runs a (possibly fused) projection, then adds each segment's LoRA terms for its parts (target,
+        // first column of the output), all parts in one call.
+        let project =
+            |linear: &Linear<B>, x: &B::Tensor, layer: usize, parts: &[(Target, usize)]| -> Result<B::Tensor> {
+                let mut y = linear.forward(backend, x)?;
+                if let Some(step) = &lora_step {
+                    backend.lora_layer(&mut y, x, step, layer, parts)?;
+                    return Ok(y);
+                }
+                let mut segs: Vec<LoraSegment<'_, B::Tensor>> = Vec::new();
+                for &(target, col) in parts {
+                    for s in &input.segments {
+                        if let Some(w) = adapters[s.adapter]
+                            .layers
+                            .get(layer)
+                            .and_then(|l| l[target.index()].as_ref())
+                        {
+                            segs.push(LoraSegment {
+                                start: s.start,
+                                len: s.len,
+                                a: &w.a,
+                                b: &w.b,
+                                scale: w.scale,
+                                col,
+                            });
+                        }
                     }
                 }
-            }
-            if !segs.is_empty() {
-                backend.lora(&mut y, x, &segs)?;
-            }
-            Ok(y)
-        };
-        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        if let Some(first) = self.layers.first() {
-            backend.prefetch_weight(&first.qkv.w, "qkv")?;
-        }
+                if !segs.is_empty() {
+                    backend.lora(&mut y, x, &segs)?;
+                }
+                Ok(y)
+            };
         let mut residual = backend.embedding(&self.embed, &input.tokens)?;
         let mut pending: Option<B::Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let after = self
-                .layers
-                .get(i + 1)
-                .map_or((lm_head, "lm_head"), |l| (&l.qkv.w, "qkv"));
             let h = match pending.take() {
                 None => backend.rms_norm(&residual, &layer.input_norm, eps)?,
                 Some(out) => backend.add_rms_norm(&mut residual, &out, &layer.input_norm, eps)?,
@@ -443,7 +429,6 @@ impl<B: Backend> Model<B> {
                 &h,
                 i,
                 &[(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)],
-                (&layer.o.w, "o"),
             )?;
             let q = backend.rope_kv_write(
                 &qkv,
@@ -455,7 +440,7 @@ impl<B: Backend> Model<B> {
                 &input.slots,
             )?;
             let attn = backend.attention(&q, &cache.k[i], &cache.v[i], &meta)?;
-            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)], (&layer.gate_up.w, "gate_up"))?;
+            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
             backend.all_reduce_sum(&mut attn_out, comm)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
             let gate_up = project(
@@ -463,10 +448,9 @@ impl<B: Backend> Model<B> {
                 &h2,
                 i,
                 &[(Target::Gate, 0), (Target::Up, self.local_ffn)],
-                (&layer.down.w, "down"),
             )?;
             let act = backend.silu_mul(&gate_up)?;
-            let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)], after)?;
+            let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)])?;
             backend.all_reduce_sum(&mut down, comm)?;
             pending = Some(down);
         }
@@ -475,7 +459,7 @@ impl<B: Backend> Model<B> {
         }
         let last = backend.gather_rows(&residual, &input.logit_rows)?;
         let normed = backend.rms_norm(&last, &self.norm, eps)?;
-        backend.linear(&normed, lm_head, None)
+        backend.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed), None)
     }
 }
 

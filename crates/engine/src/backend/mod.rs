@@ -213,14 +213,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         w: &Self::Tensor,
         eps: f32,
     ) -> Result<Self::Tensor>;
-    /// A hint that `w`, a weight `[out, in]`, is the next product's: a backend may start fetching part of
-    /// it into a cache now, so that the fetch overlaps the latency-bound work before that product. `what`
-    /// names the projection (`qkv`, `o`, `gate_up`, `down`, `lm_head`). Changes no values; the default
-    /// does nothing.
-    fn prefetch_weight(&self, w: &Self::Tensor, what: &'static str) -> Result<()> {
-        let _ = (w, what);
-        Ok(())
-    }
     /// `dst += src`.
     fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
     /// `silu(x[:, :f]) · x[:, f:]` of `x` `[n, 2f]` (the fused gate/up projection's output) → `[n, f]`.

@@ -322,7 +322,6 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "add_rms_norm",
             "rope_kv_write",
             "silu_mul",
-            "l2_prefetch",
             "add_assign",
             "add_bias",
             "gather_rows",
@@ -481,47 +480,6 @@ impl CudaTensor {
     }
 }
 
-/// What [`Backend::prefetch_weight`] fetches into the L2 cache ahead of a product: about `bytes` of the
-/// weight, as `segs` chunks per row (`LORAX_CUDA_PREFETCH_MB`, `LORAX_CUDA_PREFETCH_SEGS`), except for the
-/// projections named in `LORAX_CUDA_PREFETCH_SKIP` (comma-separated).
-#[derive(Clone, Debug, Default)]
-struct Prefetch {
-    bytes: usize,
-    segs: usize,
-    skip: Vec<String>,
-}
-
-impl Prefetch {
-    fn from_env() -> Result<Self> {
-        let num = |k: &str, d: usize| -> Result<usize> {
-            std::env::var(k).map_or(Ok(d), |v| {
-                v.parse()
-                    .map_err(|_| EngineError::Backend(format!("{k}={v:?} is not a whole number")))
-            })
-        };
-        Ok(Self {
-            bytes: num("LORAX_CUDA_PREFETCH_MB", 0)? << 20,
-            segs: num("LORAX_CUDA_PREFETCH_SEGS", 1)?.max(1),
-            skip: std::env::var("LORAX_CUDA_PREFETCH_SKIP")
-                .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
-                .unwrap_or_default(),
-        })
-    }
-
-    /// `(segs, chunk)` for a matrix of `rows` rows of `row_bytes` bytes, or `None` where nothing is fetched:
-    /// chunks of whole 128-byte lines where the share allows, each inside its segment of the row.
-    fn plan(&self, what: &str, rows: usize, row_bytes: usize) -> Option<(usize, usize)> {
-        if self.bytes == 0 || rows == 0 || !row_bytes.is_multiple_of(16) || self.skip.iter().any(|s| s == what) {
-            return None;
-        }
-        let segs = self.segs.min(row_bytes / 16).max(1);
-        let seg_bytes = (row_bytes / segs) & !15;
-        let share = self.bytes / (rows * segs);
-        let chunk = if share >= 128 { share & !127 } else { 128 }.min(seg_bytes);
-        (chunk >= 16).then_some((segs, chunk))
-    }
-}
-
 /// The CUDA backend (one device, one stream).
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -569,8 +527,6 @@ pub struct CudaBackend {
     /// measured slower than cuBLAS at every size, bench/NOTES.md session 15); built when turned on
     /// (`LORAX_CUDA_SKINNY=1` or [`CudaBackend::set_skinny_gemm`]), `None` until then.
     skinny: Option<Skinny>,
-    /// How much of the next product's weights [`Backend::prefetch_weight`] asks the L2 cache for.
-    prefetch: Prefetch,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -996,7 +952,6 @@ impl CudaBackend {
                 .unwrap_or(GEMV_DEFAULT_ROWS)
                 .min(GEMV_MAX_ROWS),
             skinny: None,
-            prefetch: Prefetch::from_env()?,
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
@@ -1951,29 +1906,6 @@ impl Backend for CudaBackend {
         let grid = (cols.min(65_535), uint("rows", n.min(65_535))?, 1);
         launch!(self, "silu_mul", cfg(grid, 256, 0), &o, &x, &nn, &ff);
         Ok(out)
-    }
-
-    fn prefetch_weight(&self, w: &CudaTensor, what: &'static str) -> Result<()> {
-        let (rows, cols) = w.rows_cols();
-        let row_bytes = cols * self.dtype.size();
-        let Some((segs, chunk)) = self.prefetch.plan(what, rows, row_bytes) else {
-            return Ok(());
-        };
-        let items = rows * segs;
-        let blocks = uint("prefetch blocks", items.div_ceil(256).min(4 * self.num_sms))?;
-        let (base, rb, rs) = (self.ptr(&w.buf), row_bytes as u64, rows as u64);
-        let (sg, ch) = (uint("prefetch segments", segs)?, uint("prefetch chunk", chunk)?);
-        launch!(
-            self,
-            "l2_prefetch",
-            cfg((blocks, 1, 1), 256, 0),
-            &base,
-            &rb,
-            &rs,
-            &sg,
-            &ch
-        );
-        Ok(())
     }
 
     fn rope_kv_write(
