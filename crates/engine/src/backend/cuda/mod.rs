@@ -527,6 +527,8 @@ pub struct CudaBackend {
     /// measured slower than cuBLAS at every size, bench/NOTES.md session 15); built when turned on
     /// (`LORAX_CUDA_SKINNY=1` or [`CudaBackend::set_skinny_gemm`]), `None` until then.
     skinny: Option<Skinny>,
+    /// EXPERIMENT: kernels never launched (LORAX_CUDA_SKIP_KERNELS), to time steps without them.
+    skip_kernels: Vec<String>,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -795,7 +797,7 @@ macro_rules! launch {
             }
             $( $crate::backend::cuda::graph::SigArg::sign_into($arg, &$self.graphs); )+
         }
-        if mode != $crate::backend::cuda::graph::Mode::Record {
+        if mode != $crate::backend::cuda::graph::Mode::Record && !$self.skip_kernels.iter().any(|s| s == AsRef::<str>::as_ref($name)) {
             if $self.pdl {
                 let mut params = [$( ($arg as *const _ as *mut ::std::ffi::c_void), )+];
                 // SAFETY: as below; each parameter points at a live local of the kind the kernel takes, and
@@ -952,6 +954,9 @@ impl CudaBackend {
                 .unwrap_or(GEMV_DEFAULT_ROWS)
                 .min(GEMV_MAX_ROWS),
             skinny: None,
+            skip_kernels: std::env::var("LORAX_CUDA_SKIP_KERNELS")
+                .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+                .unwrap_or_default(),
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
