@@ -261,6 +261,27 @@ fn prefill_benchmarks() {
     }
 }
 
+/// Decode attention alone (the default kernel) at the serving shapes (1, 8, 86 and 128 streams of 640
+/// tokens: 512-token prompts halfway through 256 new tokens) and at longer contexts, as a fraction of the
+/// copy bandwidth measured in the same run.
+#[test]
+#[ignore = "GPU benchmark: run with --ignored --nocapture"]
+fn decode_attention_benchmarks() {
+    let Some(g) = backend(DType::BF16) else { return };
+    let copy = copy_bandwidth(&g);
+    for (batch, ctx) in [
+        (1, 640),
+        (8, 640),
+        (86, 640),
+        (128, 640),
+        (256, 1024),
+        (64, 4096),
+        (8, 32768),
+    ] {
+        decode_attention(&g, batch, ctx, 32, 8, copy);
+    }
+}
+
 #[test]
 #[ignore = "GPU benchmark: run by scripts/gpu/run.sh"]
 fn kernel_benchmarks() {
