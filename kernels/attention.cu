@@ -84,7 +84,6 @@ struct AttnWork {
     u64 row, kv_stride;
     int kvh, h0, nh, split, splits_row, first, t_begin, t_end;
     int ys;  // blocks per row and split (KV heads x head chunks)
-    int y;   // this block's index among them
     const T* kb;
     const T* vb;
     const u32* table;
@@ -99,21 +98,12 @@ __device__ __forceinline__ bool attn_work(AttnWork& w, float* q_s, T* __restrict
                                           int num_heads, int num_kv_heads, int window, float scale,
                                           int chunks_per_split) {
     const int tid = threadIdx.x;
-#if defined(ATTN_HEADS_TOGETHER)
-    // EXPERIMENT: blocks start in x-fastest order; number them so that a row's KV heads run side by side
-    // and read the same tokens' cache rows at about the same time.
-    const u32 lin = blockIdx.x + gridDim.x * blockIdx.y;
-    w.row = lin / gridDim.y;
-    w.y = lin % gridDim.y;
-#else
     w.row = blockIdx.x;
-    w.y = blockIdx.y;
-#endif
     const int group = num_heads / num_kv_heads;
     const int hchunks = (group + MAXG - 1) / MAXG;
-    w.kvh = w.y / hchunks;
+    w.kvh = blockIdx.y / hchunks;
     w.ys = num_kv_heads * hchunks;
-    const int hc = w.y % hchunks;
+    const int hc = blockIdx.y % hchunks;
     w.h0 = w.kvh * group + hc * MAXG;
     w.nh = min(MAXG, group - hc * MAXG);
     w.split = blockIdx.z;
@@ -314,7 +304,7 @@ __device__ __forceinline__ void merge_if_last(const AttnWork& w, T* __restrict__
     __shared__ u32 last_s;
     fence_gpu();
     __syncthreads();
-    u32* ctr = counters + w.row * w.ys + w.y;
+    u32* ctr = counters + w.row * w.ys + blockIdx.y;
     if (threadIdx.x == 0) last_s = atomicAdd(ctr, 1u) == (u32)w.splits_row - 1 ? 1u : 0u;
     __syncthreads();
     if (!last_s) return;

@@ -267,7 +267,7 @@ fn prefill_benchmarks() {
 #[test]
 #[ignore = "GPU benchmark: run with --ignored --nocapture"]
 fn decode_attention_benchmarks() {
-    let Some(g) = backend(DType::BF16) else { return };
+    let Some(mut g) = backend(DType::BF16) else { return };
     let copy = copy_bandwidth(&g);
     for (batch, ctx) in [
         (1, 640),
@@ -279,6 +279,20 @@ fn decode_attention_benchmarks() {
         (8, 32768),
     ] {
         decode_attention(&g, batch, ctx, 32, 8, copy);
+    }
+    // Small batches split their contexts: how many splits (the target in blocks per multiprocessor), and
+    // whether the last block of a row merges them instead of an attn_reduce launch.
+    for merge in [false, true] {
+        g.set_attention_merge(merge);
+        for target in [1, 2, 4, 8] {
+            g.set_attention_split_target(target);
+            say(&format!(
+                "split target {target} blocks per SM, merged by the last block: {merge}"
+            ));
+            for (batch, ctx) in [(1, 640), (8, 640), (32, 640), (8, 4096)] {
+                decode_attention(&g, batch, ctx, 32, 8, copy);
+            }
+        }
     }
 }
 

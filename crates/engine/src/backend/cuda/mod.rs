@@ -943,7 +943,10 @@ impl CudaBackend {
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
-            attn_split_target: 8,
+            attn_split_target: std::env::var("LORAX_CUDA_ATTN_SPLIT_TARGET")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(8, |v| v.max(1)),
             attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
