@@ -280,18 +280,23 @@ fn decode_attention_benchmarks() {
     ] {
         decode_attention(&g, batch, ctx, 32, 8, copy);
     }
-    // Small batches split their contexts: how many splits (the target in blocks per multiprocessor), and
-    // whether the last block of a row merges them instead of an attn_reduce launch.
-    for merge in [false, true] {
-        g.set_attention_merge(merge);
-        for target in [1, 2, 4, 8] {
-            g.set_attention_split_target(target);
-            say(&format!(
-                "split target {target} blocks per SM, merged by the last block: {merge}"
-            ));
-            for (batch, ctx) in [(1, 640), (8, 640), (32, 640), (8, 4096)] {
-                decode_attention(&g, batch, ctx, 32, 8, copy);
-            }
+    // Contexts split when the rows alone leave the GPU short of blocks: how many splits (the target in
+    // blocks per multiprocessor) at small batches and long contexts.
+    for target in [2, 3, 4, 8] {
+        g.set_attention_split_target(target);
+        say(&format!("split target {target} blocks per SM:"));
+        for (batch, ctx) in [
+            (1, 640),
+            (8, 640),
+            (16, 640),
+            (32, 640),
+            (8, 4096),
+            (16, 2048),
+            (4, 16384),
+            (1, 32768),
+            (1, 131_072),
+        ] {
+            decode_attention(&g, batch, ctx, 32, 8, copy);
         }
     }
 }
