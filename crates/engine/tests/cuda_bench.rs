@@ -341,7 +341,7 @@ fn kernel_benchmarks() {
         }
     }
     g.set_attention_kernel(AttnKernel::Tensor); // the default
-    g.set_attention_split_target(8);
+    g.set_attention_split_target(lorax_engine::backend::cuda::ATTN_SPLIT_TARGET);
     prefill_attention(&mut g, true, &[4096], 32, 8);
     prefill_attention(&mut g, false, &[4096], 32, 8);
     prefill_attention(&mut g, true, &[16384], 32, 8);

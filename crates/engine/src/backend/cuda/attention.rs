@@ -249,9 +249,9 @@ impl CudaBackend {
                 rows[2 * (s.q_start + i) + 1] = off;
             }
         }
-        // Split the contexts when the rows alone cannot fill the GPU: aim at `attn_split_target` (8) blocks
-        // per multiprocessor, rounding down (a batch that nearly fills the GPU keeps whole contexts: a split
-        // costs each block its fixed work and adds the reduction).
+        // Split the contexts when the rows alone cannot fill the GPU: aim at `attn_split_target` blocks per
+        // multiprocessor (3: one wave of resident blocks), rounding down (a batch that nearly fills the GPU
+        // keeps whole contexts: a split costs each block its fixed work and adds the reduction).
         let hchunks = group.div_ceil(maxg);
         // The paged kernel's grid covers rows up to the last one it has work for: in a mixed step the prompt
         // rows (the tensor-core kernel's) come after the decode rows, so their thousands of blocks, which

@@ -480,6 +480,13 @@ impl CudaTensor {
     }
 }
 
+/// Blocks per multiprocessor that decode attention aims at when the rows alone leave the GPU short of
+/// blocks and it splits their contexts: one wave of the tensor-core kernel, which keeps 3 blocks resident
+/// per multiprocessor (`ATTN_TC_MINB`, kernels/attention.cu). On the H200 (bench/NOTES.md session 17) it
+/// beat the earlier 8 at every split shape measured, alone (1 x 131072 tokens: 69 -> 89% of the copy
+/// bandwidth) and in 32-layer steps (16-64 rows of 512-token prompts: 2-4.5% faster).
+pub const ATTN_SPLIT_TARGET: usize = 3;
+
 /// The CUDA backend (one device, one stream).
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -505,7 +512,8 @@ pub struct CudaBackend {
     attn_max_heads: usize,
     /// The paged-attention kernel family for GQA at head size 128 (`LORAX_CUDA_ATTN`).
     attn_kernel: AttnKernel,
-    /// Blocks per multiprocessor that attention aims at when it splits contexts (8).
+    /// Blocks per multiprocessor that attention aims at when it splits contexts
+    /// (`LORAX_CUDA_ATTN_SPLIT_TARGET`, default [`ATTN_SPLIT_TARGET`]).
     attn_split_target: usize,
     /// Split attention rows merged by their last block rather than by `attn_reduce`
     /// (`LORAX_CUDA_ATTN_MERGE=1`; off by default: the one serving run with it on had a slower step at
@@ -946,7 +954,7 @@ impl CudaBackend {
             attn_split_target: std::env::var("LORAX_CUDA_ATTN_SPLIT_TARGET")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
-                .map_or(8, |v| v.max(1)),
+                .map_or(ATTN_SPLIT_TARGET, |v| v.max(1)),
             attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
@@ -1017,8 +1025,8 @@ impl CudaBackend {
         self.attn_kernel = kernel;
     }
 
-    /// Blocks per multiprocessor that attention aims at when it splits long contexts (default 8; for
-    /// benchmarks).
+    /// Blocks per multiprocessor that attention aims at when it splits long contexts (default
+    /// [`ATTN_SPLIT_TARGET`]; for benchmarks).
     pub fn set_attention_split_target(&mut self, blocks_per_sm: usize) {
         self.attn_split_target = blocks_per_sm.max(1);
     }
