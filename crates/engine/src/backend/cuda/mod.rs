@@ -483,8 +483,9 @@ impl CudaTensor {
 /// Blocks per multiprocessor that decode attention aims at when the rows alone leave the GPU short of
 /// blocks and it splits their contexts: one wave of the tensor-core kernel, which keeps 3 blocks resident
 /// per multiprocessor (`ATTN_TC_MINB`, kernels/attention.cu). On the H200 (bench/NOTES.md session 17) it
-/// beat the earlier 8 at every split shape measured, alone (1 x 131072 tokens: 69 -> 89% of the copy
-/// bandwidth) and in 32-layer steps (16-64 rows of 512-token prompts: 2-4.5% faster).
+/// was as fast as the earlier 8 or faster at every shape measured, alone (1 x 131072 tokens: 69 -> 89% of
+/// the copy bandwidth) and in 32-layer steps (16-64 rows of 512-token prompts: 2-4.5% faster; 1 and 8
+/// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
 /// The CUDA backend (one device, one stream).
@@ -535,8 +536,6 @@ pub struct CudaBackend {
     /// measured slower than cuBLAS at every size, bench/NOTES.md session 15); built when turned on
     /// (`LORAX_CUDA_SKINNY=1` or [`CudaBackend::set_skinny_gemm`]), `None` until then.
     skinny: Option<Skinny>,
-    /// EXPERIMENT: kernels never launched (LORAX_CUDA_SKIP_KERNELS), to time steps without them.
-    skip_kernels: Vec<String>,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -805,7 +804,7 @@ macro_rules! launch {
             }
             $( $crate::backend::cuda::graph::SigArg::sign_into($arg, &$self.graphs); )+
         }
-        if mode != $crate::backend::cuda::graph::Mode::Record && !$self.skip_kernels.iter().any(|s| s == AsRef::<str>::as_ref($name)) {
+        if mode != $crate::backend::cuda::graph::Mode::Record {
             if $self.pdl {
                 let mut params = [$( ($arg as *const _ as *mut ::std::ffi::c_void), )+];
                 // SAFETY: as below; each parameter points at a live local of the kind the kernel takes, and
@@ -965,9 +964,6 @@ impl CudaBackend {
                 .unwrap_or(GEMV_DEFAULT_ROWS)
                 .min(GEMV_MAX_ROWS),
             skinny: None,
-            skip_kernels: std::env::var("LORAX_CUDA_SKIP_KERNELS")
-                .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
-                .unwrap_or_default(),
             nccl: None,
             graphs: graph::Graphs::from_env(),
             _blas_workspace: workspace,
