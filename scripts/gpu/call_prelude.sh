@@ -1,7 +1,8 @@
 # Sourced first by a device call's script (bench/results/*/call.sh), from the repository root, with $bin
 # set to the carried binaries folder (.gpu-bin-serve): sets up the environment (env.sh), makes $R under
 # the device tool's $OUT, keeps $OUT/all.tgz current every 15 s (the tool returns only a few files, so
-# everything under $R travels in that archive), and defines `lap NAME`, which logs the seconds since start.
+# everything under $R travels in that archive), and defines `lap NAME`, which logs the seconds since start,
+# and `profile_step` (below).
 # The script should end with `tar -C $OUT -czf $OUT/all.tgz r` for the final state.
 . scripts/gpu/env.sh
 R=$OUT/r
@@ -19,4 +20,5 @@ profile_step() {
     env "$@" LORAX_PROFILE_LAYERS=32 LORAX_PROFILE_STEPS=6 LORAX_PROFILE_SCENARIO="$x" timeout 150 \
         "$bin/cuda_graphs" --ignored --exact decode_step_kernels_for_a_profiler --nocapture 2>&1 |
         grep -E "STEP|PROFILED|panick|rror" >>"$R/steps32.txt"
+    echo "rc ${PIPESTATUS[0]}" >>"$R/steps32.txt"
 }

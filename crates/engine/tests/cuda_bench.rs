@@ -329,8 +329,8 @@ fn kernel_benchmarks() {
         decode_attention(&g, 1, 131_072, 32, 8, copy);
         decode_attention(&g, 1, 768, 32, 8, copy);
     }
-    // The serving shape (128 streams of 512 + 128 tokens) with more blocks per multiprocessor than the
-    // default 8 as the split target: more, shorter blocks against a long tail of the last wave.
+    // The serving shape (128 streams of 512 + 128 tokens) with many more blocks per multiprocessor than
+    // the default split target (3): more, shorter blocks against a long tail of the last wave.
     for target in [16, 24] {
         g.set_attention_split_target(target);
         say(&format!("split target {target} blocks per SM:"));

@@ -488,6 +488,19 @@ impl CudaTensor {
 /// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
+/// `LORAX_CUDA_ATTN_SPLIT_TARGET` (1 to 64), else [`ATTN_SPLIT_TARGET`].
+fn attn_split_target_from_env() -> Result<usize> {
+    match std::env::var("LORAX_CUDA_ATTN_SPLIT_TARGET") {
+        Err(_) => Ok(ATTN_SPLIT_TARGET),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=64).contains(&n) => Ok(n),
+            _ => Err(EngineError::Backend(format!(
+                "LORAX_CUDA_ATTN_SPLIT_TARGET={v:?}: expected blocks per multiprocessor, 1 to 64"
+            ))),
+        },
+    }
+}
+
 /// The CUDA backend (one device, one stream).
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -950,10 +963,7 @@ impl CudaBackend {
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
-            attn_split_target: std::env::var("LORAX_CUDA_ATTN_SPLIT_TARGET")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .map_or(ATTN_SPLIT_TARGET, |v| v.max(1)),
+            attn_split_target: attn_split_target_from_env()?,
             attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
@@ -1024,7 +1034,7 @@ impl CudaBackend {
     /// Blocks per multiprocessor that attention aims at when it splits long contexts (default
     /// [`ATTN_SPLIT_TARGET`]; for benchmarks).
     pub fn set_attention_split_target(&mut self, blocks_per_sm: usize) {
-        self.attn_split_target = blocks_per_sm.max(1);
+        self.attn_split_target = blocks_per_sm.clamp(1, 64);
     }
 
     /// Split attention rows merged by their last block or by a separate `attn_reduce` launch (the default; for
