@@ -488,14 +488,17 @@ impl CudaTensor {
 /// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
-/// `LORAX_CUDA_ATTN_SPLIT_TARGET` (1 to 64), else [`ATTN_SPLIT_TARGET`].
-fn attn_split_target_from_env() -> Result<usize> {
-    match std::env::var("LORAX_CUDA_ATTN_SPLIT_TARGET") {
-        Err(_) => Ok(ATTN_SPLIT_TARGET),
+/// A whole-number setting from the environment: `default` when unset, an error naming the variable when
+/// it is not a number in `range` (a typo is reported at start-up, not silently replaced).
+fn env_count(name: &str, default: usize, range: std::ops::RangeInclusive<usize>) -> Result<usize> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
         Ok(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=64).contains(&n) => Ok(n),
+            Ok(n) if range.contains(&n) => Ok(n),
             _ => Err(EngineError::Backend(format!(
-                "LORAX_CUDA_ATTN_SPLIT_TARGET={v:?}: expected blocks per multiprocessor, 1 to 64"
+                "{name}={v:?}: expected a whole number from {} to {}",
+                range.start(),
+                range.end()
             ))),
         },
     }
@@ -963,16 +966,12 @@ impl CudaBackend {
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
-            attn_split_target: attn_split_target_from_env()?,
+            attn_split_target: env_count("LORAX_CUDA_ATTN_SPLIT_TARGET", ATTN_SPLIT_TARGET, 1..=64)?,
             attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
-            gemv_rows: std::env::var("LORAX_CUDA_GEMV_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(GEMV_DEFAULT_ROWS)
-                .min(GEMV_MAX_ROWS),
+            gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
             nccl: None,
             graphs: graph::Graphs::from_env(),
@@ -2209,5 +2208,29 @@ impl Backend for CudaBackend {
             &scale
         );
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::env_count;
+
+    #[test]
+    fn env_count_takes_a_number_in_range_and_reports_anything_else() {
+        // A variable no other test reads (the environment is shared by the test threads).
+        const VAR: &str = "LORAX_TEST_ENV_COUNT_ONLY_HERE";
+        std::env::remove_var(VAR);
+        assert_eq!(env_count(VAR, 3, 1..=64).ok(), Some(3));
+        std::env::set_var(VAR, "64");
+        assert_eq!(env_count(VAR, 3, 1..=64).ok(), Some(64));
+        for bad in ["0", "65", "-1", "three", ""] {
+            std::env::set_var(VAR, bad);
+            let err = env_count(VAR, 3, 1..=64)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(VAR) && err.contains("1 to 64"), "{bad:?}: {err:?}");
+        }
+        std::env::remove_var(VAR);
     }
 }
