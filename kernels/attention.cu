@@ -82,7 +82,7 @@ __device__ __forceinline__ void load_smem(const float* p, float* out) {
 // and values (kb, vb: position p's row at slot(p) * kv_stride) and the row's block table.
 struct AttnWork {
     u64 row, kv_stride;
-    int kvh, h0, nh, split, splits_row, first, t_begin, t_end;
+    int kvh, h0, nh, split, splits_row, pos, first, t_begin, t_end;
     int ys;  // blocks per row and split (KV heads x head chunks)
     const T* kb;
     const T* vb;
@@ -115,6 +115,7 @@ __device__ __forceinline__ bool attn_work(AttnWork& w, float* q_s, T* __restrict
             for (int i = tid; i < w.nh * HD; i += ATTN_THREADS) out[w.row * qw + w.h0 * HD + i] = from_f(0.f);
         return false;
     }
+    w.pos = ri.pos;
     w.first = ctx_first(ri.pos, window);
     const int len = ri.pos + 1 - w.first;
     const int nchunks = (len + ATTN_CHUNK - 1) / ATTN_CHUNK;
@@ -391,14 +392,29 @@ __device__ __forceinline__ u32 word(const u32x4& v, int i) { return i == 0 ? v.x
 // (g, t) holds dims 16g .. 16g + 15 of the values of tokens 2t, 2t + 1, 2t + 8, 2t + 9 (the keys its P
 // fragment covers), which are the A fragments of tiles whose row g is dim 16g + mt and row g + 8 is dim
 // 16g + 8 + mt (mt = 0..7); P^T's column g is query head g, which lane group g holds as S's row g.
-template <int HD, int MAXG>
-__device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
+//
+// ROPE (the `_tcr` kernels, decode steps only): the block also does rope_kv_write's work for its row, so that
+// kernel is not launched. q is then the fused q/k/v projection's output (rows q_stride elements wide:
+// queries, keys, values); the block rotates its query heads in registers (rope_kv_write's formula, so the
+// same values), and the block of the row's last split (the one whose range holds the new token) rotates
+// the new token's key of its KV head, copies it and the value into shared memory and writes both to the
+// row's cache slot (kw, vw: the cache again; slots[row] = 0xffffffff writes nothing). Its walk reads the
+// new token from shared memory, never from the cache it wrote in this launch. The host launches it only
+// when every row is a decode row and one block covers a KV head's whole query group (so exactly one block
+// writes each slot).
+template <int HD, int MAXG, bool ROPE>
+__device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, const float* __restrict__ inv_freq,
+                                                   const u32* __restrict__ slots, T* kw, T* vw) {
     static_assert(HD == 128 && MAXG <= 8, "one m16 tile of query heads, head size 128");
+    static_assert(!ROPE || ATTN_THREADS == HD, "a thread per element of the new token's head");
     constexpr int WARPS = ATTN_THREADS / 32;
     constexpr int STEP = 16;     // tokens per warp step
     constexpr int MT = 8;        // output tiles (16 dims each, see above)
     __shared__ alignas(16) float o_s[WARPS][MAXG][HD];
     __shared__ float ml_s[WARPS][MAXG][2];
+    // ROPE: the rotation's cosines and sines, and the new token's rotated key and its value.
+    __shared__ float rope_s[2][HD / 2];
+    __shared__ alignas(16) T new_s[2][HD];
 
     AttnWork w;
     if (!attn_work<HD, MAXG>(w, nullptr, out, q, k_cache, v_cache, rows, tables, num_heads, num_kv_heads, window,
@@ -411,9 +427,54 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
 
     // Query head g (rows 8..15 of the tile are zero): dims 32t .. 32t + 31.
     u32x4 qf[4];
-    const T* qrow = q + w.row * qw + (u64)(w.h0 + g) * HD + t * 32;
+    const T* qrow = q + w.row * (u64)q_stride + (u64)(w.h0 + g) * HD + t * 32;
 #pragma unroll
     for (int c = 0; c < 4; ++c) qf[c] = g < w.nh ? *reinterpret_cast<const u32x4*>(qrow + c * 8) : zero;
+    int tnew = -1;  // ROPE: the new token's index in the range, in the last split (read from new_s)
+    if (ROPE) {
+        const float fpos = (float)w.pos;
+        if (threadIdx.x < HD / 2) {
+            float sn, cs;
+            sincosf(inv_freq[threadIdx.x] * fpos, &sn, &cs);
+            rope_s[0][threadIdx.x] = cs;
+            rope_s[1][threadIdx.x] = sn;
+        }
+        __syncthreads();
+        // Element i < HD/2 of a head pairs with i + HD/2: lane t's dims 32t .. with lane (t ^ 2)'s.
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const u32x4 o4 = {__shfl_xor_sync(0xffffffffu, qf[c].x, 2), __shfl_xor_sync(0xffffffffu, qf[c].y, 2),
+                              __shfl_xor_sync(0xffffffffu, qf[c].z, 2), __shfl_xor_sync(0xffffffffu, qf[c].w, 2)};
+            T* own = reinterpret_cast<T*>(&qf[c]);
+            const T* oth = reinterpret_cast<const T*>(&o4);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int i = (t % 2) * 32 + c * 8 + e;
+                const float cs = rope_s[0][i], sn = rope_s[1][i];
+                const float a = to_f(own[e]), b = to_f(oth[e]);
+                own[e] = t < 2 ? from_f(a * cs - b * sn) : from_f(a * cs + b * sn);
+            }
+        }
+        if (w.split == w.splits_row - 1) {
+            tnew = w.t_end - 1;
+            const int i = threadIdx.x;
+            const T* krow = q + w.row * (u64)q_stride + qw + (u64)w.kvh * HD;
+            if (i < HD / 2) {
+                const float a = to_f(krow[i]), b = to_f(krow[i + HD / 2]);
+                const float cs = rope_s[0][i], sn = rope_s[1][i];
+                new_s[0][i] = from_f(a * cs - b * sn);
+                new_s[0][i + HD / 2] = from_f(b * cs + a * sn);
+            }
+            new_s[1][i] = krow[(u64)num_kv_heads * HD + i];
+            __syncthreads();
+            const u32 s = slots[w.row];
+            if (s != 0xffffffffu) {
+                const u64 at = (u64)s * w.kv_stride + (u64)w.kvh * HD + i;
+                kw[at] = new_s[0][i];
+                vw[at] = new_s[1][i];
+            }
+        }
+    }
 
     // o[mt]: heads 2t, 2t + 1 (columns) of dims 16g + mt and 16g + 8 + mt (rows g, g + 8).
     float o[MT][4];
@@ -427,7 +488,10 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int tk = tb + j * 8 + g;
-            if (tk < w.t_end) {
+            if (ROPE && tk == tnew) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) kf[j][c] = *reinterpret_cast<const u32x4*>(&new_s[0][t * 32 + c * 8]);
+            } else if (tk < w.t_end) {
                 const int p = w.first + tk;
                 const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
                 const T* kr = w.kb + slot * w.kv_stride + t * 32;
@@ -441,7 +505,10 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int tk = tb + (i / 2) * 8 + t2 + (i % 2);
-            if (tk < w.t_end) {
+            if (ROPE && tk == tnew) {
+                vf[i][0] = *reinterpret_cast<const u32x4*>(&new_s[1][g * 16]);
+                vf[i][1] = *reinterpret_cast<const u32x4*>(&new_s[1][g * 16 + 8]);
+            } else if (tk < w.t_end) {
                 const int p = w.first + tk;
                 const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
                 const T* vr = w.vb + slot * w.kv_stride + g * 16;
@@ -575,9 +642,18 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
 #define PAGED_ATTENTION_TC(HD, MAXG, NAME, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS) {                    \
         pdl_enter();                                                                                          \
-        paged_attention_tc<HD, MAXG>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads,     \
-                                     num_kv_heads, block_size, window, scale, chunks_per_split, num_splits,  \
-                                     counters);                                                             \
+        paged_attention_tc<HD, MAXG, false>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads, \
+                                            num_kv_heads, block_size, window, scale, chunks_per_split,       \
+                                            num_splits, counters, num_heads * HD, nullptr, nullptr, nullptr, \
+                                            nullptr);                                                        \
+    }
+#define ATTN_ROPE_PARAMS int q_stride, const float *__restrict__ inv_freq, const u32 *__restrict__ slots, T *kw, T *vw
+#define PAGED_ATTENTION_TCR(HD, MAXG, NAME, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS, MINB) NAME(ATTN_PARAMS, ATTN_ROPE_PARAMS) {  \
+        pdl_enter();                                                                                          \
+        paged_attention_tc<HD, MAXG, true>(out, part_o, part_ml, q, k_cache, v_cache, rows, tables, num_heads, \
+                                           num_kv_heads, block_size, window, scale, chunks_per_split,        \
+                                           num_splits, counters, q_stride, inv_freq, slots, kw, vw);          \
     }
 
 #else
@@ -585,6 +661,8 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS) {
 // f32 storage has no tensor-core path: the host never launches these.
 #define PAGED_ATTENTION_TC(HD, MAXG, NAME, MINB) \
     extern "C" __global__ void NAME(ATTN_PARAMS) {}
+#define PAGED_ATTENTION_TCR(HD, MAXG, NAME, MINB) \
+    extern "C" __global__ void NAME(ATTN_PARAMS, int q_stride, const float* inv_freq, const u32* slots, T* kw, T* vw) {}
 
 #endif
 
@@ -613,6 +691,10 @@ PAGED_ATTENTION_G(128, 8, 8, paged_attention_128_8_l8, 2)
 PAGED_ATTENTION_TC(128, 2, paged_attention_128_2_tc, ATTN_TC_MINB)
 PAGED_ATTENTION_TC(128, 4, paged_attention_128_4_tc, ATTN_TC_MINB)
 PAGED_ATTENTION_TC(128, 8, paged_attention_128_8_tc, ATTN_TC_MINB)
+// The same with rope_kv_write's work done inside (decode steps; see paged_attention_tc).
+PAGED_ATTENTION_TCR(128, 2, paged_attention_128_2_tcr, ATTN_TC_MINB)
+PAGED_ATTENTION_TCR(128, 4, paged_attention_128_4_tcr, ATTN_TC_MINB)
+PAGED_ATTENTION_TCR(128, 8, paged_attention_128_8_tcr, ATTN_TC_MINB)
 
 // Kernels per head size for 1, 2, 4 or 8 query heads per block (the host picks the smallest that holds
 // the GQA group: fewer registers; larger groups go 8 heads at a time). Blocks of 8 heads get more registers

@@ -527,6 +527,172 @@ fn attention_matches_cpu() {
     }
 }
 
+/// Decode attention with the rotary embedding and the cache writes inside (`rope_attention`, the `_tcr`
+/// kernels) against `rope_kv_write` then `attention` on the same inputs: GQA groups of 2, 4 and 8, contexts
+/// across block boundaries, long ones that split (the new token in the last split), a sliding window, and
+/// a padding row that writes nothing. Outputs and both caches agree; batches the fused form does not take
+/// (prefill rows, f32, fusion off) return `None`.
+#[test]
+fn rope_attention_matches_rope_kv_write_then_attention() {
+    let mut rng = Rng(seed("rope_attention"));
+    let hd = 128;
+    let bs = 16;
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 500_000f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let cases: [(usize, usize, Option<usize>, &[usize]); 5] = [
+        (32, 8, None, &[1, 15, 16, 17, 255, 256, 257, 513, 640]),
+        (16, 8, None, &[2, 100, 4096]),
+        (64, 8, None, &[33, 9000, 700]),
+        (8, 1, None, &[20_000]),
+        (32, 8, Some(100), &[999, 50, 101]),
+    ];
+    for dt in [DType::BF16, DType::F16] {
+        let Some(g) = gpu(dt) else { return };
+        for &(heads, kv_heads, window, lens) in &cases {
+            let n = lens.len();
+            let blocks: usize = lens.iter().map(|l| l.div_ceil(bs)).sum::<usize>() + 2;
+            let kvw = kv_heads * hd;
+            let perm = rng.perm(blocks);
+            let mut tables = Vec::new();
+            let mut next = 0;
+            for &l in lens {
+                tables.push(perm[next..next + l.div_ceil(bs)].to_vec());
+                next += l.div_ceil(bs);
+            }
+            let seqs: Vec<AttnSeq> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| AttnSeq {
+                    q_start: i,
+                    q_len: 1,
+                    ctx_before: l - 1,
+                    block_table: &tables[i],
+                })
+                .collect();
+            let positions: Vec<u32> = lens.iter().map(|&l| (l - 1) as u32).collect();
+            let mut slots: Vec<u32> = (0..n)
+                .map(|i| tables[i][(lens[i] - 1) / bs] * bs as u32 + ((lens[i] - 1) % bs) as u32)
+                .collect();
+            if n > 1 {
+                // A padding row: attends (its output is discarded) but writes no key or value.
+                slots[1] = lorax_engine::backend::NO_SLOT;
+            }
+            let meta = AttnMeta {
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim: hd,
+                block_size: bs,
+                scale: 1.0 / (hd as f32).sqrt(),
+                sliding_window: window,
+                seqs: &seqs,
+            };
+            let qkv = pair(&g, &mut rng, &[n, (heads + 2 * kv_heads) * hd], -1.0, 1.0);
+            let k = round(dt, &rng.vec(blocks * bs * kvw, -1.0, 1.0));
+            let v = round(dt, &rng.vec(blocks * bs * kvw, -1.0, 1.0));
+            let shape = [blocks * bs, kvw];
+            let (mut k1, mut v1) = (
+                g.tensor_from_f32(&shape, &k).unwrap(),
+                g.tensor_from_f32(&shape, &v).unwrap(),
+            );
+            let (mut k2, mut v2) = (
+                g.tensor_from_f32(&shape, &k).unwrap(),
+                g.tensor_from_f32(&shape, &v).unwrap(),
+            );
+            let what = format!("{dt:?} rope_attention heads {heads}/{kv_heads} window {window:?} ctx {lens:?}");
+            let got = g
+                .rope_attention(&qkv.gpu, &mut k1, &mut v1, hd, &positions, &inv_freq, &slots, &meta)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{what}: not fused"));
+            let q = g
+                .rope_kv_write(&qkv.gpu, &mut k2, &mut v2, hd, &positions, &inv_freq, &slots)
+                .unwrap();
+            let want = g.attention(&q, &k2, &v2, &meta).unwrap();
+            check(&what, &g.to_f32(&got).unwrap(), &g.to_f32(&want).unwrap(), tol(dt));
+            check(
+                &format!("{what} keys"),
+                &g.to_f32(&k1).unwrap(),
+                &g.to_f32(&k2).unwrap(),
+                tol(dt),
+            );
+            assert_eq!(g.to_f32(&v1).unwrap(), g.to_f32(&v2).unwrap(), "{what} values");
+            // The padding row's slot is untouched.
+            if n > 1 {
+                let pad = (tables[1][(lens[1] - 1) / bs] as usize * bs + (lens[1] - 1) % bs) * kvw;
+                assert_eq!(
+                    g.to_f32(&k1).unwrap()[pad..pad + kvw],
+                    k[pad..pad + kvw],
+                    "{what}: padding row"
+                );
+            }
+            // A position that disagrees with the row's context is refused.
+            let mut wrong = positions.clone();
+            wrong[0] += 1;
+            assert!(matches!(
+                g.rope_attention(&qkv.gpu, &mut k1, &mut v1, hd, &wrong, &inv_freq, &slots, &meta),
+                Err(EngineError::InvalidBatch(_))
+            ));
+        }
+    }
+    // Batches the fused form does not take.
+    let Some(mut g) = gpu(DType::BF16) else { return };
+    let table: Vec<u32> = (0..4).collect();
+    let seqs = [AttnSeq {
+        q_start: 0,
+        q_len: 20,
+        ctx_before: 0,
+        block_table: &table,
+    }];
+    let meta = AttnMeta {
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: hd,
+        block_size: bs,
+        scale: 0.1,
+        sliding_window: None,
+        seqs: &seqs,
+    };
+    let qkv = pair(&g, &mut rng, &[20, 12 * hd], -1.0, 1.0);
+    let (mut kc, mut vc) = (g.zeros(&[64, 2 * hd]).unwrap(), g.zeros(&[64, 2 * hd]).unwrap());
+    let positions: Vec<u32> = (0..20).collect();
+    let slots: Vec<u32> = (0..20).collect();
+    let mut fused = |g: &CudaBackend, seqs: &[AttnSeq]| {
+        g.rope_attention(
+            &qkv.gpu,
+            &mut kc,
+            &mut vc,
+            hd,
+            &positions[..seqs.iter().map(|s| s.q_len).sum::<usize>()],
+            &inv_freq,
+            &slots[..seqs.iter().map(|s| s.q_len).sum::<usize>()],
+            &AttnMeta { seqs, ..meta },
+        )
+        .unwrap()
+        .is_some()
+    };
+    assert!(!fused(&g, &seqs), "a prefill row");
+    let one = [AttnSeq { q_len: 1, ..seqs[0] }];
+    assert!(fused(&g, &one), "a decode row");
+    g.set_attention_rope(false);
+    assert!(!fused(&g, &one), "fusion off");
+    let Some(g32) = gpu(DType::F32) else { return };
+    let qkv32 = g32.tensor_from_f32(&[1, 12 * hd], &qkv.host[..12 * hd]).unwrap();
+    let (mut k32, mut v32) = (g32.zeros(&[64, 2 * hd]).unwrap(), g32.zeros(&[64, 2 * hd]).unwrap());
+    let none = g32
+        .rope_attention(
+            &qkv32,
+            &mut k32,
+            &mut v32,
+            hd,
+            &positions[..1],
+            &inv_freq,
+            &slots[..1],
+            &AttnMeta { seqs: &one, ..meta },
+        )
+        .unwrap();
+    assert!(none.is_none(), "f32 storage");
+}
+
 #[test]
 fn attention_refuses_bad_tables() {
     let Some(g) = gpu(DType::BF16) else { return };

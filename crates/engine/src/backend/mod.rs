@@ -233,6 +233,24 @@ pub trait Backend: Send + Sync + Sized + 'static {
         inv_freq: &[f32],
         slots: &[u32],
     ) -> Result<Self::Tensor>;
+    /// [`Backend::rope_kv_write`] and then [`Backend::attention`] of its queries, in one call where the
+    /// backend has a fused form for this batch (the CUDA backend's decode steps); `Ok(None)` (the default)
+    /// where it has none, and the caller makes the two calls. The same arguments, effects and result.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &self,
+        qkv: &Self::Tensor,
+        k_cache: &mut Self::Tensor,
+        v_cache: &mut Self::Tensor,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &[f32],
+        slots: &[u32],
+        meta: &AttnMeta<'_>,
+    ) -> Result<Option<Self::Tensor>> {
+        let _ = (qkv, k_cache, v_cache, head_dim, positions, inv_freq, slots, meta);
+        Ok(None)
+    }
     /// `[a; b; …]`: the parts one after another along their first dimension (equal other dimensions;
     /// vectors simply concatenated), as one new tensor (fused projection weights and biases are made at
     /// load time this way).

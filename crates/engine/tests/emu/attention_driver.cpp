@@ -8,11 +8,14 @@
 #include "cuemu.h"
 #define LORAX_DTYPE_BF16
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include "common.cuh"
 #include "attention.cu"
 
 typedef void (*Kern)(T*, float*, float*, const T*, const T*, const T*, const RowInfo*, const u32*, int, int, int, int, float, int, int, u32*);
+typedef void (*RopeKern)(T*, float*, float*, const T*, const T*, const T*, const RowInfo*, const u32*, int, int, int, int, float, int, int, u32*,
+                         int, const float*, const u32*, T*, T*);
 
 int main() {
     const int HD = 128, heads = 8, kvh = 2, bs = 16;
@@ -127,6 +130,114 @@ int main() {
                 if (fused && splits == 1) continue;
                 snprintf(nm, sizeof nm, "%s, %d split(s)%s", k.name, splits, fused ? ", merged in-kernel" : "");
                 check(nm, run(k.k, k.maxg, cps, splits, fused));
+            }
+        }
+    }
+
+    // The `_tcr` kernels (rope_kv_write inside): q is the fused q/k/v projection; each row's new token's key
+    // is rotated and written with its value to the row's slot (one row's slot is 0xffffffff: nothing
+    // written), and the walk takes the new token from shared memory: its cache slot holds NaN before the
+    // launch, so reading it there would show. Reference: the rotation in float as rope_kv_write computes
+    // it, rounded to T, then the double attention above over the cache with the new token in place.
+    {
+        const int qkvw = (heads + 2 * kvh) * HD;
+        std::vector<float> inv_freq(HD / 2);
+        for (int i = 0; i < HD / 2; ++i) inv_freq[i] = 1.f / std::pow(10000.f, 2.f * i / HD);
+        std::vector<T> QKV((size_t)n * qkvw);
+        for (auto& x : QKV) x = from_f(U(rng));
+        std::vector<u32> slot_of(n, 0xffffffffu);
+        std::vector<T> Kr = K, Vr = V, Qr(Q.size(), from_f(0.f));
+        std::vector<T> K0 = K, V0 = V;  // the cache before the launch (new tokens' slots NaN)
+        int skipped = -1;
+        for (int r = 0; r < n; ++r) {
+            if (rows[r].pos < 0) continue;
+            const int pos = rows[r].pos;
+            const size_t sl = (size_t)tables[rows[r].table + pos / bs] * bs + pos % bs;
+            if (skipped < 0 && pos == 16) skipped = r;  // the row of context 17 writes nowhere
+            slot_of[r] = r == skipped ? 0xffffffffu : (u32)sl;
+            const T* row = &QKV[(size_t)r * qkvw];
+            auto rot = [&](const T* head, T* dst) {
+                for (int i = 0; i < HD / 2; ++i) {
+                    float sn, cs;
+                    sincosf(inv_freq[i] * (float)pos, &sn, &cs);
+                    const float a = to_f(head[i]), b = to_f(head[i + HD / 2]);
+                    dst[i] = from_f(a * cs - b * sn);
+                    dst[i + HD / 2] = from_f(b * cs + a * sn);
+                }
+            };
+            for (int h = 0; h < heads; ++h) rot(row + h * HD, &Qr[((size_t)r * heads + h) * HD]);
+            for (int kh = 0; kh < kvh; ++kh) {
+                rot(row + (heads + kh) * HD, &Kr[sl * kvw + kh * HD]);
+                for (int e = 0; e < HD; ++e) {
+                    Vr[sl * kvw + kh * HD + e] = row[(heads + kvh + kh) * HD + e];
+                    K0[sl * kvw + kh * HD + e] = V0[sl * kvw + kh * HD + e] = (T)0x7fc1;
+                }
+            }
+        }
+        std::vector<double> rref(n * heads * HD, 0.0);
+        for (int r = 0; r < n; ++r) {
+            if (rows[r].pos < 0) continue;
+            const int len = rows[r].pos + 1;
+            for (int h = 0; h < heads; ++h) {
+                const int kh = h / (heads / kvh);
+                std::vector<double> sc(len);
+                double mx = -1e300;
+                for (int t = 0; t < len; ++t) {
+                    const size_t slot = (size_t)tables[rows[r].table + t / bs] * bs + t % bs;
+                    double d = 0;
+                    for (int e = 0; e < HD; ++e) d += (double)to_f(Qr[(r * heads + h) * HD + e]) * to_f(Kr[slot * kvw + kh * HD + e]);
+                    sc[t] = d * scale; mx = std::max(mx, sc[t]);
+                }
+                double sum = 0;
+                for (int t = 0; t < len; ++t) { sc[t] = std::exp(sc[t] - mx); sum += sc[t]; }
+                for (int t = 0; t < len; ++t) {
+                    const size_t slot = (size_t)tables[rows[r].table + t / bs] * bs + t % bs;
+                    for (int e = 0; e < HD; ++e) rref[(r * heads + h) * HD + e] += sc[t] / sum * to_f(Vr[slot * kvw + kh * HD + e]);
+                }
+            }
+        }
+        struct { const char* name; RopeKern k; int maxg; } rks[] = {
+            {"paged_attention_128_4_tcr", paged_attention_128_4_tcr, 4},
+            {"paged_attention_128_8_tcr", paged_attention_128_8_tcr, 8},
+        };
+        for (auto [cps, splits] : {std::pair{1 << 24, 1}, std::pair{2, 5}, std::pair{1, 9}}) {
+            for (auto& k : rks) {
+                std::vector<T> Kc = K0, Vc = V0, out(n * heads * HD, (T)0x7fc1);
+                std::vector<float> po((size_t)n * heads * splits * HD, NAN), pml((size_t)n * heads * splits * 2, NAN);
+                for (int z = 0; z < splits; ++z)
+                    for (int y = 0; y < kvh; ++y)
+                        emu_launch(n, 128, [&] {
+                            blockIdx.y = y; blockIdx.z = z;
+                            k.k(out.data(), po.data(), pml.data(), QKV.data(), Kc.data(), Vc.data(), rows.data(), tables.data(), heads, kvh, bs, 0,
+                                scale, cps, splits, nullptr, qkvw, inv_freq.data(), slot_of.data(), Kc.data(), Vc.data());
+                        });
+                if (splits > 1)
+                    for (int h = 0; h < heads; ++h)
+                        emu_launch(n, 128, [&] { blockIdx.y = h; attn_reduce(out.data(), po.data(), pml.data(), rows.data(), heads, HD, 0, cps, splits); });
+                double worst = 0;
+                for (int r = 0; r < n; ++r) {
+                    if (rows[r].pos == -2) continue;
+                    for (int i = 0; i < heads * HD; ++i) {
+                        const double err = std::fabs(to_f(out[r * heads * HD + i]) - rref[r * heads * HD + i]);
+                        worst = std::isnan(err) ? INFINITY : std::max(worst, err);
+                    }
+                }
+                // The cache: written slots hold the rotated key and the value exactly; every other slot,
+                // the skipped row's included, is as it was.
+                int wrong = 0;
+                for (size_t sl = 0; sl < slots; ++sl) {
+                    bool written = false;
+                    for (int r = 0; r < n; ++r) written = written || slot_of[r] == sl;
+                    for (size_t e = 0; e < kvw; ++e) {
+                        const size_t i = sl * kvw + e;
+                        const T wk = written ? Kr[i] : K0[i], wv = written ? Vr[i] : V0[i];
+                        if (memcmp(&Kc[i], &wk, sizeof(T)) != 0 || memcmp(&Vc[i], &wv, sizeof(T)) != 0) wrong++;
+                    }
+                }
+                char nm[96];
+                snprintf(nm, sizeof nm, "%s, %d split(s)", k.name, splits);
+                printf("%-40s max abs err %.3g, %d cache elements wrong\n", nm, worst, wrong);
+                if (!(worst < 2e-2) || wrong != 0 || skipped < 0) bad++;
             }
         }
     }

@@ -12,7 +12,7 @@ use super::{
     cfg, int, shape_err, uint, AttnKernel, CudaBackend, CudaTensor, DevBuf, PrefillShape, ATTN_CHUNK, ATTN_COUNTERS,
     ATTN_KERNELS, ATTN_THREADS,
 };
-use crate::backend::AttnMeta;
+use crate::backend::{AttnMeta, NO_SLOT};
 use crate::error::{EngineError, Result};
 use crate::weights::DType;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -51,8 +51,17 @@ pub(super) struct AttnShared {
 }
 
 /// The inputs an [`AttnShared`] was derived from: the sequences (by address: the model passes one slice
-/// to every layer), and every shape and setting the checks and grids read.
-pub(super) type AttnKey = [usize; 13];
+/// to every layer), every shape and setting the checks and grids read, and whether the rotary embedding
+/// is fused in.
+pub(super) type AttnKey = [usize; 14];
+
+/// The extra arguments of a `_tcr` launch (rotary embedding and cache writes inside attention): the row
+/// stride of the fused q/k/v input, the frequencies', slots' and caches' addresses.
+struct RopeArgs {
+    q_stride: i32,
+    ptrs: [u64; 4],
+    _uploads: Arc<[DevBuf; 3]>,
+}
 
 /// An attention call ready to launch: metadata uploaded, output and split buffers allocated.
 pub struct AttnPlan<'a> {
@@ -61,6 +70,7 @@ pub struct AttnPlan<'a> {
     _part_o: Option<DevBuf>,
     _part_ml: Option<DevBuf>,
     ptrs: [u64; 8],
+    rope: Option<RopeArgs>,
     scale: f32,
     /// Bytes of keys and values the kernel reads (for bandwidth figures).
     pub kv_bytes: usize,
@@ -92,6 +102,51 @@ impl CudaBackend {
         meta: &AttnMeta<'_>,
     ) -> Result<AttnPlan<'a>> {
         let (n, qw) = q.rows_cols();
+        self.plan_with(q, n, qw, k_cache, v_cache, meta, None)
+    }
+
+    /// The plan of a `_tcr` launch (see [`crate::Backend::rope_attention`]): `qkv` `[n, q_dim + 2·kv_dim]`,
+    /// the pass's positions and slots (checked against the block tables) and their uploads.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_plan_rope<'a>(
+        &self,
+        qkv: &'a CudaTensor,
+        q_dim: usize,
+        k_cache: &'a CudaTensor,
+        v_cache: &'a CudaTensor,
+        meta: &AttnMeta<'_>,
+        host: (&[u32], &[u32]),
+        uploads: &Arc<[DevBuf; 3]>,
+    ) -> Result<AttnPlan<'a>> {
+        let (n, width) = qkv.rows_cols();
+        let mut plan = self.plan_with(qkv, n, q_dim, k_cache, v_cache, meta, Some(host))?;
+        let [_, d_freq, d_slots] = &**uploads;
+        plan.rope = Some(RopeArgs {
+            q_stride: int("q/k/v width", width)?,
+            ptrs: [
+                self.ptr(d_freq),
+                self.ptr(d_slots),
+                self.ptr(&k_cache.buf),
+                self.ptr(&v_cache.buf),
+            ],
+            _uploads: Arc::clone(uploads),
+        });
+        Ok(plan)
+    }
+
+    /// An attention plan for queries `q` (`n` rows of `qw` query elements: the start of each row when `rope`
+    /// is given, the rest of the row being keys and values).
+    #[allow(clippy::too_many_arguments)]
+    fn plan_with<'a>(
+        &self,
+        q: &'a CudaTensor,
+        n: usize,
+        qw: usize,
+        k_cache: &'a CudaTensor,
+        v_cache: &'a CudaTensor,
+        meta: &AttnMeta<'_>,
+        rope: Option<(&[u32], &[u32])>,
+    ) -> Result<AttnPlan<'a>> {
         let ((kr, kc), (vr, vc)) = (k_cache.rows_cols(), v_cache.rows_cols());
         let key: AttnKey = [
             meta.seqs.as_ptr() as usize,
@@ -107,11 +162,20 @@ impl CudaBackend {
             meta.num_kv_heads,
             meta.block_size,
             meta.sliding_window.map_or(0, |w| w + 1),
+            usize::from(rope.is_some()),
         ];
         let shared = self.per_pass(
             |c| &mut c.attn,
             key,
-            || Ok(Arc::new(self.attention_shared(q, k_cache, v_cache, meta)?)),
+            || {
+                Ok(Arc::new(self.attention_shared(
+                    (n, qw),
+                    k_cache,
+                    v_cache,
+                    meta,
+                    rope,
+                )?))
+            },
         )?;
         let out = self.alloc(&[n, qw])?;
         let (part_o, part_ml) = match shared.part_bytes {
@@ -136,6 +200,7 @@ impl CudaBackend {
             _part_o: part_o,
             _part_ml: part_ml,
             ptrs,
+            rope: None,
             scale: meta.scale,
             _inputs: PhantomData,
         })
@@ -144,13 +209,14 @@ impl CudaBackend {
     /// The batch's part of an attention plan ([`AttnShared`]).
     fn attention_shared(
         &self,
-        q: &CudaTensor,
+        (n, qw): (usize, usize),
         k_cache: &CudaTensor,
         v_cache: &CudaTensor,
         meta: &AttnMeta<'_>,
+        rope: Option<(&[u32], &[u32])>,
     ) -> Result<AttnShared> {
-        let (n, qw) = q.rows_cols();
         let (slots_total, kvw) = k_cache.rows_cols();
+        let shape_err = |what: &str| shape_err(what, &[n, qw], &k_cache.shape);
         let hd = meta.head_dim;
         if meta.num_kv_heads == 0
             || qw != meta.num_heads * hd
@@ -158,7 +224,7 @@ impl CudaBackend {
             || v_cache.shape != k_cache.shape
             || !meta.num_heads.is_multiple_of(meta.num_kv_heads)
         {
-            return Err(shape_err("attention", &q.shape, &k_cache.shape));
+            return Err(shape_err("attention"));
         }
         // The smallest block of query heads that holds the GQA group (fewer registers), else 8 at a time.
         let group = meta.num_heads / meta.num_kv_heads;
@@ -184,7 +250,39 @@ impl CudaBackend {
             AttnKernel::Tensor if self.dtype == DType::F32 => AttnKernel::Lanes8.suffix(),
             k => k.suffix(),
         };
-        let kernel = format!("paged_attention_{hd}_{maxg}{family}");
+        let hchunks = group.div_ceil(maxg);
+        let kernel = match rope {
+            None => format!("paged_attention_{hd}_{maxg}{family}"),
+            // The caller checked what the fused kernel needs (CudaBackend::rope_fusable).
+            Some(_) if family == AttnKernel::Tensor.suffix() && hchunks == 1 => {
+                format!("paged_attention_{hd}_{maxg}_tcr")
+            }
+            Some(_) => return Err(shape_err("attention with rotary embedding on the tensor cores")),
+        };
+        if let Some((positions, slots)) = rope {
+            // The kernel takes each row's position from its context and writes the new token's key and value
+            // to the slot its block table gives: the pass's own positions and slots must say the same.
+            for s in meta.seqs {
+                if s.q_len > 1 {
+                    return Err(shape_err("attention with rotary embedding (decode rows only)"));
+                }
+                if s.q_len == 0 {
+                    continue;
+                }
+                let (pos, bs) = (s.ctx_before, meta.block_size);
+                let block = s.block_table.get(pos / bs).map(|&b| b as usize * bs + pos % bs);
+                let slot = slots.get(s.q_start).copied();
+                if positions.get(s.q_start).map(|&p| p as usize) != Some(pos)
+                    || !(slot == Some(NO_SLOT) || slot.map(|x| x as usize) == block)
+                {
+                    return Err(EngineError::InvalidBatch(format!(
+                        "row {}: position {:?} and slot {slot:?} disagree with its context {pos} and block table",
+                        s.q_start,
+                        positions.get(s.q_start)
+                    )));
+                }
+            }
+        }
         let bs = meta.block_size;
         let longest = meta
             .seqs
@@ -252,7 +350,6 @@ impl CudaBackend {
         // Split the contexts when the rows alone cannot fill the GPU: aim at `attn_split_target` blocks per
         // multiprocessor (3: one wave of resident blocks), rounding down (a batch that nearly fills the GPU
         // keeps whole contexts: a split costs each block its fixed work and adds the reduction).
-        let hchunks = group.div_ceil(maxg);
         // The paged kernel's grid covers rows up to the last one it has work for: in a mixed step the prompt
         // rows (the tensor-core kernel's) come after the decode rows, so their thousands of blocks, which
         // would only return, are not launched.
@@ -374,27 +471,57 @@ impl CudaBackend {
         if !sh.paged_rows {
             return Ok(());
         }
-        launch!(
-            self,
-            &sh.kernel,
-            sh.grid,
-            op,
-            po,
-            pm,
-            qp,
-            kp,
-            vp,
-            rp,
-            tp,
-            nh,
-            nkv,
-            bs,
-            window,
-            &plan.scale,
-            cps,
-            ns,
-            &sh.counters
-        );
+        if let Some(r) = &plan.rope {
+            let [fp, sp, kw, vw] = &r.ptrs;
+            launch!(
+                self,
+                &sh.kernel,
+                sh.grid,
+                op,
+                po,
+                pm,
+                qp,
+                kp,
+                vp,
+                rp,
+                tp,
+                nh,
+                nkv,
+                bs,
+                window,
+                &plan.scale,
+                cps,
+                ns,
+                &sh.counters,
+                &r.q_stride,
+                fp,
+                sp,
+                kw,
+                vw
+            );
+        } else {
+            launch!(
+                self,
+                &sh.kernel,
+                sh.grid,
+                op,
+                po,
+                pm,
+                qp,
+                kp,
+                vp,
+                rp,
+                tp,
+                nh,
+                nkv,
+                bs,
+                window,
+                &plan.scale,
+                cps,
+                ns,
+                &sh.counters
+            );
+        }
         if let Some(grid) = sh.reduce_grid {
             launch!(self, "attn_reduce", grid, op, po, pm, rp, nh, hd, window, cps, ns);
         }

@@ -360,6 +360,9 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "paged_attention_128_2_tc",
             "paged_attention_128_4_tc",
             "paged_attention_128_8_tc",
+            "paged_attention_128_2_tcr",
+            "paged_attention_128_4_tcr",
+            "paged_attention_128_8_tcr",
             "attn_reduce",
         ],
     ),
@@ -536,6 +539,9 @@ pub struct CudaBackend {
     /// (`LORAX_CUDA_ATTN_MERGE=1`; off by default: the one serving run with it on had a slower step at
     /// 1 stream, bench/NOTES.md session 10).
     attn_merge: bool,
+    /// Decode steps' rotary embedding and cache writes inside the tensor-core attention kernel
+    /// (`paged_attention_128_*_tcr`; `LORAX_CUDA_ATTN_ROPE=0`: `rope_kv_write` then `_tc`, for comparisons).
+    attn_rope: bool,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
     /// LoRA segments longer than BGMV's limit (prompt chunks) as cuBLAS GEMMs, a shrink and an expand each,
@@ -968,6 +974,7 @@ impl CudaBackend {
             attn_kernel: AttnKernel::from_env()?,
             attn_split_target: env_count("LORAX_CUDA_ATTN_SPLIT_TARGET", ATTN_SPLIT_TARGET, 1..=64)?,
             attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
+            attn_rope: std::env::var("LORAX_CUDA_ATTN_ROPE").map_or(true, |v| v != "0"),
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
@@ -1040,6 +1047,12 @@ impl CudaBackend {
     /// tests and comparisons).
     pub fn set_attention_merge(&mut self, on: bool) {
         self.attn_merge = on;
+    }
+
+    /// Decode steps' rotary embedding and cache writes inside the tensor-core attention kernel (the default)
+    /// or in `rope_kv_write` before it (for tests and comparisons).
+    pub fn set_attention_rope(&mut self, on: bool) {
+        self.attn_rope = on;
     }
 
     /// Decode-shaped LoRA products on the BGMV kernels (default) or on SGMV like every other shape (for
@@ -1225,6 +1238,44 @@ impl CudaBackend {
             *slot(&mut lock()) = Some((key, v.clone()));
         }
         Ok(v)
+    }
+
+    /// A pass's positions, rotary frequencies and cache slots on the device (uploaded once per pass).
+    fn rope_uploads(&self, positions: &[u32], inv_freq: &[f32], slots: &[u32]) -> Result<Arc<[DevBuf; 3]>> {
+        let key = [
+            positions.as_ptr() as usize,
+            positions.len(),
+            inv_freq.as_ptr() as usize,
+            inv_freq.len(),
+            slots.as_ptr() as usize,
+            slots.len(),
+        ];
+        self.per_pass(
+            |c| &mut c.rope,
+            key,
+            || {
+                Ok(Arc::new([
+                    self.upload(positions)?,
+                    self.upload(inv_freq)?,
+                    self.upload(slots)?,
+                ]))
+            },
+        )
+    }
+
+    /// Whether [`crate::Backend::rope_attention`] runs `meta`'s batch as one `_tcr` launch: fusion on, 16-bit
+    /// storage, the tensor-core family at head size 128, a GQA group that one block of query heads holds
+    /// (2 to 8 heads per KV head, so one block per KV head writes its cache slot) and decode rows only.
+    fn rope_fusable(&self, meta: &AttnMeta<'_>) -> bool {
+        let group = meta.num_heads.checked_div(meta.num_kv_heads).unwrap_or(0);
+        self.attn_rope
+            && self.dtype != DType::F32
+            && self.attn_kernel == AttnKernel::Tensor
+            && meta.head_dim == 128
+            && meta.num_heads == group * meta.num_kv_heads
+            && (2..=self.attn_max_heads.min(8)).contains(&group)
+            && meta.seqs.iter().all(|s| s.q_len <= 1)
+            && meta.seqs.iter().any(|s| s.q_len == 1)
     }
 
     fn bytes(&self, n: usize) -> Result<DevBuf> {
@@ -1950,25 +2001,7 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(q);
         }
-        let key = [
-            positions.as_ptr() as usize,
-            positions.len(),
-            inv_freq.as_ptr() as usize,
-            inv_freq.len(),
-            slots.as_ptr() as usize,
-            slots.len(),
-        ];
-        let meta = self.per_pass(
-            |c| &mut c.rope,
-            key,
-            || {
-                Ok(Arc::new([
-                    self.upload(positions)?,
-                    self.upload(inv_freq)?,
-                    self.upload(slots)?,
-                ]))
-            },
-        )?;
+        let meta = self.rope_uploads(positions, inv_freq, slots)?;
         let [d_pos, d_freq, d_slots] = &*meta;
         let (qp, kc, vc, xp) = (
             self.ptr(&q.buf),
@@ -2002,6 +2035,38 @@ impl Backend for CudaBackend {
             &hi
         );
         Ok(q)
+    }
+
+    fn rope_attention(
+        &self,
+        qkv: &CudaTensor,
+        k_cache: &mut CudaTensor,
+        v_cache: &mut CudaTensor,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &[f32],
+        slots: &[u32],
+        meta: &AttnMeta<'_>,
+    ) -> Result<Option<CudaTensor>> {
+        if !self.rope_fusable(meta) || head_dim != meta.head_dim || inv_freq.len() != head_dim / 2 {
+            return Ok(None);
+        }
+        let (n, q_dim, _) = super::check_rope_kv_write(
+            &qkv.shape,
+            &k_cache.shape,
+            &v_cache.shape,
+            head_dim,
+            (positions, inv_freq, slots),
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let planning = std::time::Instant::now();
+        let uploads = self.rope_uploads(positions, inv_freq, slots)?;
+        let plan = self.attention_plan_rope(qkv, q_dim, k_cache, v_cache, meta, (positions, slots), &uploads)?;
+        self.graphs.clock.plan(false, planning);
+        self.attention_run(&plan)?;
+        Ok(Some(plan.output()))
     }
 
     fn concat_rows(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
