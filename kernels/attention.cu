@@ -395,25 +395,27 @@ __device__ __forceinline__ u32 word(const u32x4& v, int i) { return i == 0 ? v.x
 //
 // ROPE (the `_tcr` kernels, decode steps only): the block also does rope_kv_write's work for its row, so that
 // kernel is not launched. q is then the fused q/k/v projection's output (rows q_stride elements wide:
-// queries, keys, values); the block rotates its query heads in registers (rope_kv_write's formula, so the
-// same values), and the block of the row's last split (the one whose range holds the new token) rotates
-// the new token's key of its KV head, copies it and the value into shared memory and writes both to the
-// row's cache slot (kw, vw: the cache again; slots[row] = 0xffffffff writes nothing). Its walk reads the
-// new token from shared memory, never from the cache it wrote in this launch. The host launches it only
+// queries, keys, values); each warp makes the rotation's cosines and sines and rotates its query heads in
+// registers (rope_kv_write's formula, so the same values). In the block of the row's last split (the one
+// whose range holds the new token), the warp whose 16-token steps hold the new token rotates its key of
+// the block's KV head, copies it and the value into shared memory and writes both to the row's cache slot
+// (kw, vw: the cache again; slots[row] = 0xffffffff writes nothing), and its walk reads the new token
+// from shared memory, never from the cache it wrote in this launch. Only warp barriers: no warp waits for
+// another before its walk starts. The host launches it only
 // when every row is a decode row and one block covers a KV head's whole query group (so exactly one block
 // writes each slot).
 template <int HD, int MAXG, bool ROPE>
 __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, const float* __restrict__ inv_freq,
                                                    const u32* __restrict__ slots, T* kw, T* vw) {
     static_assert(HD == 128 && MAXG <= 8, "one m16 tile of query heads, head size 128");
-    static_assert(!ROPE || ATTN_THREADS == HD, "a thread per element of the new token's head");
+    static_assert(HD % 64 == 0, "two angles of the rotation a lane");
     constexpr int WARPS = ATTN_THREADS / 32;
     constexpr int STEP = 16;     // tokens per warp step
     constexpr int MT = 8;        // output tiles (16 dims each, see above)
     __shared__ alignas(16) float o_s[WARPS][MAXG][HD];
     __shared__ float ml_s[WARPS][MAXG][2];
-    // ROPE: the rotation's cosines and sines, and the new token's rotated key and its value.
-    __shared__ float rope_s[2][HD / 2];
+    // ROPE: each warp's cosines and sines of the rotation, and the new token's rotated key and its value.
+    __shared__ float rope_s[WARPS][2][HD / 2];
     __shared__ alignas(16) T new_s[2][HD];
 
     AttnWork w;
@@ -432,14 +434,18 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
     for (int c = 0; c < 4; ++c) qf[c] = g < w.nh ? *reinterpret_cast<const u32x4*>(qrow + c * 8) : zero;
     int tnew = -1;  // ROPE: the new token's index in the range, in the last split (read from new_s)
     if (ROPE) {
+        // Each warp makes its own cosines and sines (two angles a lane), so no block barrier holds the walk.
+        float(*rs)[HD / 2] = rope_s[warp];
         const float fpos = (float)w.pos;
-        if (threadIdx.x < HD / 2) {
+#pragma unroll
+        for (int u = 0; u < HD / 64; ++u) {
+            const int i = lane + 32 * u;
             float sn, cs;
-            sincosf(inv_freq[threadIdx.x] * fpos, &sn, &cs);
-            rope_s[0][threadIdx.x] = cs;
-            rope_s[1][threadIdx.x] = sn;
+            sincosf(inv_freq[i] * fpos, &sn, &cs);
+            rs[0][i] = cs;
+            rs[1][i] = sn;
         }
-        __syncthreads();
+        __syncwarp();
         // Element i < HD/2 of a head pairs with i + HD/2: lane t's dims 32t .. with lane (t ^ 2)'s.
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
@@ -450,28 +456,36 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
                 const int i = (t % 2) * 32 + c * 8 + e;
-                const float cs = rope_s[0][i], sn = rope_s[1][i];
+                const float cs = rs[0][i], sn = rs[1][i];
                 const float a = to_f(own[e]), b = to_f(oth[e]);
                 own[e] = t < 2 ? from_f(a * cs - b * sn) : from_f(a * cs + b * sn);
             }
         }
+        // The new token: rotated and written by the warp whose steps hold it, the only one that reads it.
         if (w.split == w.splits_row - 1) {
             tnew = w.t_end - 1;
-            const int i = threadIdx.x;
-            const T* krow = q + w.row * (u64)q_stride + qw + (u64)w.kvh * HD;
-            if (i < HD / 2) {
-                const float a = to_f(krow[i]), b = to_f(krow[i + HD / 2]);
-                const float cs = rope_s[0][i], sn = rope_s[1][i];
-                new_s[0][i] = from_f(a * cs - b * sn);
-                new_s[0][i + HD / 2] = from_f(b * cs + a * sn);
-            }
-            new_s[1][i] = krow[(u64)num_kv_heads * HD + i];
-            __syncthreads();
-            const u32 s = slots[w.row];
-            if (s != 0xffffffffu) {
-                const u64 at = (u64)s * w.kv_stride + (u64)w.kvh * HD + i;
-                kw[at] = new_s[0][i];
-                vw[at] = new_s[1][i];
+            if (((tnew - w.t_begin) / STEP) % WARPS == warp) {
+                const T* krow = q + w.row * (u64)q_stride + qw + (u64)w.kvh * HD;
+#pragma unroll
+                for (int u = 0; u < HD / 64; ++u) {
+                    const int i = lane + 32 * u;
+                    const float a = to_f(krow[i]), b = to_f(krow[i + HD / 2]);
+                    const float cs = rs[0][i], sn = rs[1][i];
+                    new_s[0][i] = from_f(a * cs - b * sn);
+                    new_s[0][i + HD / 2] = from_f(b * cs + a * sn);
+                }
+#pragma unroll
+                for (int u = 0; u < HD / 32; ++u) new_s[1][lane + 32 * u] = krow[(u64)num_kv_heads * HD + lane + 32 * u];
+                __syncwarp();
+                const u32 s = slots[w.row];
+                if (s != 0xffffffffu) {
+                    const u64 at = (u64)s * w.kv_stride + (u64)w.kvh * HD;
+#pragma unroll
+                    for (int u = 0; u < HD / 32; ++u) {
+                        kw[at + lane + 32 * u] = new_s[0][lane + 32 * u];
+                        vw[at + lane + 32 * u] = new_s[1][lane + 32 * u];
+                    }
+                }
             }
         }
     }

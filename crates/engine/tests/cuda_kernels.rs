@@ -608,7 +608,21 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
                 .rope_kv_write(&qkv.gpu, &mut k2, &mut v2, hd, &positions, &inv_freq, &slots)
                 .unwrap();
             let want = g.attention(&q, &k2, &v2, &meta).unwrap();
-            check(&what, &g.to_f32(&got).unwrap(), &g.to_f32(&want).unwrap(), tol(dt));
+            // Every row but the padding one, whose new token the two calls take from different places (the
+            // fused kernel from q/k/v, the separate attention from the cache slot nothing wrote).
+            let real = |x: Vec<f32>| -> Vec<f32> {
+                x.chunks(heads * hd)
+                    .enumerate()
+                    .filter(|(i, _)| n == 1 || *i != 1)
+                    .flat_map(|(_, r)| r.to_vec())
+                    .collect()
+            };
+            check(
+                &what,
+                &real(g.to_f32(&got).unwrap()),
+                &real(g.to_f32(&want).unwrap()),
+                tol(dt),
+            );
             check(
                 &format!("{what} keys"),
                 &g.to_f32(&k1).unwrap(),
@@ -673,8 +687,10 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
     assert!(!fused(&g, &seqs), "a prefill row");
     let one = [AttnSeq { q_len: 1, ..seqs[0] }];
     assert!(fused(&g, &one), "a decode row");
-    g.set_attention_rope(false);
+    g.set_attention_rope_rows(0);
     assert!(!fused(&g, &one), "fusion off");
+    g.set_attention_rope_rows(1);
+    assert!(fused(&g, &one), "a step of one row");
     let Some(g32) = gpu(DType::F32) else { return };
     let qkv32 = g32.tensor_from_f32(&[1, 12 * hd], &qkv.host[..12 * hd]).unwrap();
     let (mut k32, mut v32) = (g32.zeros(&[64, 2 * hd]).unwrap(), g32.zeros(&[64, 2 * hd]).unwrap());

@@ -34,6 +34,7 @@ inline std::barrier<>* g_block;
 inline WarpX* g_warps;
 
 inline void __syncthreads() { g_block->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { g_warps[threadIdx.x >> 5].bar.arrive_and_wait(); }
 
 template <typename V> inline uint64_t to_bits(V v) { uint64_t b = 0; memcpy(&b, &v, sizeof(V)); return b; }
 template <typename V> inline V from_bits(uint64_t b) { V v; memcpy(&v, &b, sizeof(V)); return v; }

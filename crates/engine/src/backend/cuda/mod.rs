@@ -491,6 +491,9 @@ impl CudaTensor {
 /// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
+/// The most decode rows whose step runs the rotary embedding inside attention (`LORAX_CUDA_ATTN_ROPE`).
+pub const ATTN_ROPE_ROWS: usize = 1 << 20;
+
 /// A whole-number setting from the environment: `default` when unset, an error naming the variable when
 /// it is not a number in `range` (a typo is reported at start-up, not silently replaced).
 fn env_count(name: &str, default: usize, range: std::ops::RangeInclusive<usize>) -> Result<usize> {
@@ -539,9 +542,10 @@ pub struct CudaBackend {
     /// (`LORAX_CUDA_ATTN_MERGE=1`; off by default: the one serving run with it on had a slower step at
     /// 1 stream, bench/NOTES.md session 10).
     attn_merge: bool,
-    /// Decode steps' rotary embedding and cache writes inside the tensor-core attention kernel
-    /// (`paged_attention_128_*_tcr`; `LORAX_CUDA_ATTN_ROPE=0`: `rope_kv_write` then `_tc`, for comparisons).
-    attn_rope: bool,
+    /// Decode steps of at most this many rows run their rotary embedding and cache writes inside the
+    /// tensor-core attention kernel (`paged_attention_128_*_tcr`), larger ones `rope_kv_write` then `_tc`
+    /// (`LORAX_CUDA_ATTN_ROPE`, default [`ATTN_ROPE_ROWS`]; 0: never).
+    attn_rope_rows: usize,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
     /// LoRA segments longer than BGMV's limit (prompt chunks) as cuBLAS GEMMs, a shrink and an expand each,
@@ -974,7 +978,7 @@ impl CudaBackend {
             attn_kernel: AttnKernel::from_env()?,
             attn_split_target: env_count("LORAX_CUDA_ATTN_SPLIT_TARGET", ATTN_SPLIT_TARGET, 1..=64)?,
             attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
-            attn_rope: std::env::var("LORAX_CUDA_ATTN_ROPE").map_or(true, |v| v != "0"),
+            attn_rope_rows: env_count("LORAX_CUDA_ATTN_ROPE", ATTN_ROPE_ROWS, 0..=1 << 20)?,
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
@@ -1049,10 +1053,11 @@ impl CudaBackend {
         self.attn_merge = on;
     }
 
-    /// Decode steps' rotary embedding and cache writes inside the tensor-core attention kernel (the default)
-    /// or in `rope_kv_write` before it (for tests and comparisons).
-    pub fn set_attention_rope(&mut self, on: bool) {
-        self.attn_rope = on;
+    /// Decode steps of at most `rows` rows run their rotary embedding and cache writes inside the
+    /// tensor-core attention kernel, larger ones in `rope_kv_write` before it (0: never; default
+    /// [`ATTN_ROPE_ROWS`]; for tests and comparisons).
+    pub fn set_attention_rope_rows(&mut self, rows: usize) {
+        self.attn_rope_rows = rows;
     }
 
     /// Decode-shaped LoRA products on the BGMV kernels (default) or on SGMV like every other shape (for
@@ -1263,12 +1268,13 @@ impl CudaBackend {
         )
     }
 
-    /// Whether [`crate::Backend::rope_attention`] runs `meta`'s batch as one `_tcr` launch: fusion on, 16-bit
+    /// Whether [`crate::Backend::rope_attention`] runs `meta`'s batch as one `_tcr` launch: at most
+    /// `attn_rope_rows` rows, 16-bit
     /// storage, the tensor-core family at head size 128, a GQA group that one block of query heads holds
     /// (2 to 8 heads per KV head, so one block per KV head writes its cache slot) and decode rows only.
     fn rope_fusable(&self, meta: &AttnMeta<'_>) -> bool {
         let group = meta.num_heads.checked_div(meta.num_kv_heads).unwrap_or(0);
-        self.attn_rope
+        meta.seqs.len() <= self.attn_rope_rows
             && self.dtype != DType::F32
             && self.attn_kernel == AttnKernel::Tensor
             && meta.head_dim == 128
