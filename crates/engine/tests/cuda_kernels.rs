@@ -666,19 +666,20 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
         sliding_window: None,
         seqs: &seqs,
     };
-    let qkv = pair(&g, &mut rng, &[20, 12 * hd], -1.0, 1.0);
     let (mut kc, mut vc) = (g.zeros(&[64, 2 * hd]).unwrap(), g.zeros(&[64, 2 * hd]).unwrap());
     let positions: Vec<u32> = (0..20).collect();
     let slots: Vec<u32> = (0..20).collect();
     let mut fused = |g: &CudaBackend, seqs: &[AttnSeq]| {
+        let n = seqs.iter().map(|s| s.q_len).sum::<usize>();
+        let qkv = pair(g, &mut rng, &[n, 12 * hd], -1.0, 1.0);
         g.rope_attention(
             &qkv.gpu,
             &mut kc,
             &mut vc,
             hd,
-            &positions[..seqs.iter().map(|s| s.q_len).sum::<usize>()],
+            &positions[..n],
             &inv_freq,
-            &slots[..seqs.iter().map(|s| s.q_len).sum::<usize>()],
+            &slots[..n],
             &AttnMeta { seqs, ..meta },
         )
         .unwrap()
@@ -687,12 +688,14 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
     assert!(!fused(&g, &seqs), "a prefill row");
     let one = [AttnSeq { q_len: 1, ..seqs[0] }];
     assert!(fused(&g, &one), "a decode row");
-    g.set_attention_rope_rows(0);
+    g.set_attention_rope_rows(Some(0));
     assert!(!fused(&g, &one), "fusion off");
-    g.set_attention_rope_rows(1);
+    g.set_attention_rope_rows(Some(1));
     assert!(fused(&g, &one), "a step of one row");
+    g.set_attention_rope_rows(None);
+    let qkv = pair(&g, &mut rng, &[1, 12 * hd], -1.0, 1.0);
     let Some(g32) = gpu(DType::F32) else { return };
-    let qkv32 = g32.tensor_from_f32(&[1, 12 * hd], &qkv.host[..12 * hd]).unwrap();
+    let qkv32 = g32.tensor_from_f32(&[1, 12 * hd], &qkv.host).unwrap();
     let (mut k32, mut v32) = (g32.zeros(&[64, 2 * hd]).unwrap(), g32.zeros(&[64, 2 * hd]).unwrap());
     let none = g32
         .rope_attention(

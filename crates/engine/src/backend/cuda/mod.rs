@@ -491,9 +491,6 @@ impl CudaTensor {
 /// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
-/// The most decode rows whose step runs the rotary embedding inside attention (`LORAX_CUDA_ATTN_ROPE`).
-pub const ATTN_ROPE_ROWS: usize = 1 << 20;
-
 /// A whole-number setting from the environment: `default` when unset, an error naming the variable when
 /// it is not a number in `range` (a typo is reported at start-up, not silently replaced).
 fn env_count(name: &str, default: usize, range: std::ops::RangeInclusive<usize>) -> Result<usize> {
@@ -544,8 +541,9 @@ pub struct CudaBackend {
     attn_merge: bool,
     /// Decode steps of at most this many rows run their rotary embedding and cache writes inside the
     /// tensor-core attention kernel (`paged_attention_128_*_tcr`), larger ones `rope_kv_write` then `_tc`
-    /// (`LORAX_CUDA_ATTN_ROPE`, default [`ATTN_ROPE_ROWS`]; 0: never).
-    attn_rope_rows: usize,
+    /// (`LORAX_CUDA_ATTN_ROPE=N`; 0: never). `None` (the default, `auto`): steps whose attention blocks
+    /// fit in one wave (`attn_split_target` per multiprocessor).
+    attn_rope_rows: Option<usize>,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
     /// LoRA segments longer than BGMV's limit (prompt chunks) as cuBLAS GEMMs, a shrink and an expand each,
@@ -978,7 +976,10 @@ impl CudaBackend {
             attn_kernel: AttnKernel::from_env()?,
             attn_split_target: env_count("LORAX_CUDA_ATTN_SPLIT_TARGET", ATTN_SPLIT_TARGET, 1..=64)?,
             attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
-            attn_rope_rows: env_count("LORAX_CUDA_ATTN_ROPE", ATTN_ROPE_ROWS, 0..=1 << 20)?,
+            attn_rope_rows: match std::env::var("LORAX_CUDA_ATTN_ROPE").as_deref() {
+                Err(_) | Ok("auto") => None,
+                Ok(_) => Some(env_count("LORAX_CUDA_ATTN_ROPE", 0, 0..=1 << 20)?),
+            },
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
@@ -1054,9 +1055,9 @@ impl CudaBackend {
     }
 
     /// Decode steps of at most `rows` rows run their rotary embedding and cache writes inside the
-    /// tensor-core attention kernel, larger ones in `rope_kv_write` before it (0: never; default
-    /// [`ATTN_ROPE_ROWS`]; for tests and comparisons).
-    pub fn set_attention_rope_rows(&mut self, rows: usize) {
+    /// tensor-core attention kernel, larger ones in `rope_kv_write` before it (`Some(0)`: never; `None`,
+    /// the default: steps whose attention blocks fit in one wave; for tests and comparisons).
+    pub fn set_attention_rope_rows(&mut self, rows: Option<usize>) {
         self.attn_rope_rows = rows;
     }
 
@@ -1268,13 +1269,18 @@ impl CudaBackend {
         )
     }
 
-    /// Whether [`crate::Backend::rope_attention`] runs `meta`'s batch as one `_tcr` launch: at most
-    /// `attn_rope_rows` rows, 16-bit
+    /// Whether [`crate::Backend::rope_attention`] runs `meta`'s batch as one `_tcr` launch: few enough
+    /// rows (`attn_rope_rows`), 16-bit
     /// storage, the tensor-core family at head size 128, a GQA group that one block of query heads holds
     /// (2 to 8 heads per KV head, so one block per KV head writes its cache slot) and decode rows only.
     fn rope_fusable(&self, meta: &AttnMeta<'_>) -> bool {
         let group = meta.num_heads.checked_div(meta.num_kv_heads).unwrap_or(0);
-        meta.seqs.len() <= self.attn_rope_rows
+        // One wave: at 8 and 32 rows (256 blocks) the fused step was 2-4% faster, at 64 and 128 rows (2 or
+        // more waves) the same or up to 2% slower (bench/NOTES.md, session 18).
+        let rows = self
+            .attn_rope_rows
+            .unwrap_or(self.attn_split_target * self.num_sms / meta.num_kv_heads.max(1));
+        meta.seqs.len() <= rows
             && self.dtype != DType::F32
             && self.attn_kernel == AttnKernel::Tensor
             && meta.head_dim == 128
