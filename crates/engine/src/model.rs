@@ -388,9 +388,6 @@ impl<B: Backend> Model<B> {
         // first column of the output), all parts in one call.
         let project =
             |linear: &Linear<B>, x: &B::Tensor, layer: usize, parts: &[(Target, usize)]| -> Result<B::Tensor> {
-                if let Some(step) = &lora_step {
-                    backend.lora_layer_begin(x, step, layer, parts)?;
-                }
                 let mut y = linear.forward(backend, x)?;
                 if let Some(step) = &lora_step {
                     backend.lora_layer(&mut y, x, step, layer, parts)?;

@@ -1046,7 +1046,7 @@ fn lora_step_matches_cpu() {
     let rows = [(0, 1), (1, 5), (8, 32), (40, 3)];
     let n = 43;
     for dt in DTYPES {
-        let Some(mut g) = gpu(dt) else { return };
+        let Some(g) = gpu(dt) else { return };
         say(&format!("{dt:?} lora step plan"));
         // The CPU copies of each adapter's pairs, and the adapters on the GPU.
         let mut cpu: Vec<Vec<CpuLayer>> = Vec::new();
@@ -1113,15 +1113,6 @@ fn lora_step_matches_cpu() {
                 }
                 let before = y.host.clone();
                 CpuBackend.lora(&mut y.cpu, &x.cpu, &cpu_segs).unwrap();
-                // The shrink after the projection, ahead of it, or beside it on the side stream, in turn; on
-                // the side stream a shrink begun for another input is first dropped unused.
-                let overlap = (l + parts.len()) % 3;
-                g.set_lora_overlap(overlap);
-                if overlap == 2 {
-                    let other = pair(&g, &mut rng, &[n, h], -1.0, 1.0);
-                    g.lora_layer_begin(&other.gpu, &step, l, parts).unwrap();
-                }
-                g.lora_layer_begin(&x.gpu, &step, l, parts).unwrap();
                 g.lora_layer(&mut y.gpu, &x.gpu, &step, l, parts).unwrap();
                 let got = g.to_f32(&y.gpu).unwrap();
                 let what = format!("{dt:?} layer {l} {parts:?}");

@@ -283,20 +283,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let _ = (rows, segments);
         Ok(None)
     }
-    /// Starts the part of [`Backend::lora_layer`] that reads only `x` (the shrink), before the caller
-    /// computes the projection of `x` that `lora_layer` adds into, so that a backend can run the two side
-    /// by side; the next `lora_layer` call with the same `x`, step, layer and parts finishes it (any other
-    /// call does all its work itself). The default does nothing.
-    fn lora_layer_begin(
-        &self,
-        x: &Self::Tensor,
-        step: &Self::LoraStep,
-        layer: usize,
-        parts: &[(Target, usize)],
-    ) -> Result<()> {
-        let _ = (x, step, layer, parts);
-        Ok(())
-    }
     /// [`Backend::lora`] for layer `layer` of a planned step: for each segment of the plan and each part
     /// `(target, first column of y)` its adapter has in that layer, `y[rows, col ..] += scale · (x[rows] ·
     /// aᵀ) · bᵀ` with that (layer, target)'s pair.

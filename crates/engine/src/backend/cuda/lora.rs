@@ -14,7 +14,6 @@
 //! run can be captured in a CUDA graph and replayed (the benchmarks time kernels that way).
 
 use std::marker::PhantomData;
-use std::sync::Mutex;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -136,26 +135,6 @@ pub struct CudaLoraStep {
     layers: usize,
     /// Per target: (in features, columns) where some adapter of the step has it.
     dims: [Option<(usize, usize)>; NUM_TARGETS],
-    /// A shrink launched ahead of its projection's GEMM ([`crate::Backend::lora_layer_begin`]), for the
-    /// `lora_layer` call that finishes it.
-    pending: Mutex<Option<PendingShrink>>,
-}
-
-/// A layer's shrink in flight: what it was launched for (layer, targets, part count, x's address), its
-/// intermediate, and (when it ran on the side stream) the event the expand waits for.
-struct PendingShrink {
-    key: (usize, [i32; 3], usize, u64),
-    tmp: DevBuf,
-    done: Option<cudarc::driver::CudaEvent>,
-}
-
-/// A layer's parts as the `_ix` kernels take them: target indices, first columns, how many, and the
-/// widest part's columns.
-struct StepParts {
-    targets: [i32; 3],
-    cols: [i32; 3],
-    used: usize,
-    max_cols: usize,
 }
 
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
@@ -273,167 +252,7 @@ impl CudaBackend {
             rmax,
             layers,
             dims,
-            pending: Mutex::new(None),
         }))
-    }
-
-    /// The parts of `parts` some adapter of `step` has, checked against x's `k` features and (when known)
-    /// y's `out` columns.
-    fn step_parts(
-        &self,
-        step: &CudaLoraStep,
-        shapes: (&[usize], Option<&[usize]>),
-        (n, k, out): (usize, usize, Option<usize>),
-        layer: usize,
-        parts: &[(Target, usize)],
-    ) -> Result<StepParts> {
-        let bad = |what: String| {
-            EngineError::Backend(format!(
-                "lora_layer: {what} for x {:?}, y {:?}, layer {layer}, in a step of {} rows and {} layers ({} parts)",
-                shapes.0,
-                shapes.1,
-                step.rows,
-                step.layers,
-                parts.len()
-            ))
-        };
-        if n != step.rows || layer >= step.layers {
-            return Err(bad("rows or layer out of the step".into()));
-        }
-        let mut sp = StepParts {
-            targets: [0; 3],
-            cols: [0; 3],
-            used: 0,
-            max_cols: 0,
-        };
-        for &(target, col) in parts {
-            let Some((kin, c)) = step.dims[target.index()] else {
-                continue;
-            };
-            if kin != k || out.is_some_and(|o| col + c > o) || sp.used == 3 {
-                return Err(bad(format!("{target:?} pairs of {kin} -> {c} at column {col}")));
-            }
-            sp.targets[sp.used] = int("target", target.index())?;
-            sp.cols[sp.used] = int("column", col)?;
-            sp.max_cols = sp.max_cols.max(c);
-            sp.used += 1;
-        }
-        Ok(sp)
-    }
-
-    /// Launches the k-split shrink (`bgmv_shrink_ix`) of a step's layer into a new intermediate, on the
-    /// backend's stream or (`side`) on the side stream, ordered after everything launched so far.
-    fn step_shrink(
-        &self,
-        x: &CudaTensor,
-        step: &CudaLoraStep,
-        layer: usize,
-        sp: &StepParts,
-        side: bool,
-    ) -> Result<PendingShrink> {
-        let (n, k) = x.rows_cols();
-        let kc = shrink_chunk(k, self.dtype.size());
-        let chunks = k.div_ceil(kc);
-        let tmp = self.bytes(chunks * sp.used * n * step.rmax * 4)?;
-        let (tp, xp, stp) = (self.ptr(&tmp), self.ptr(&x.buf), self.ptr(&step.table));
-        let [t0, t1, t2] = &sp.targets;
-        let (li, ni, ki, ri, kci) = (
-            int("layer", layer)?,
-            int("rows", n)?,
-            int("in features", k)?,
-            int("rank", step.rmax)?,
-            int("k chunk", kc)?,
-        );
-        let pstride = int("intermediate rows", sp.used * n)?;
-        int("intermediate rows", chunks * sp.used * n)?;
-        let grid = cfg(
-            (
-                uint("records", step.records)?,
-                uint("k chunks", chunks)?,
-                uint("parts", sp.used)?,
-            ),
-            BG_KWARPS * 32,
-            0,
-        );
-        let key = (layer, sp.targets, sp.used, xp);
-        // A record pass launches nothing, so it orders nothing either.
-        let side = side && super::graph::mode() != super::graph::Mode::Record;
-        if !side {
-            launch!(
-                self,
-                "bgmv_shrink_ix",
-                grid,
-                &tp,
-                &xp,
-                &stp,
-                &li,
-                t0,
-                t1,
-                t2,
-                &ni,
-                &pstride,
-                &ki,
-                &ri,
-                &kci
-            );
-            return Ok(PendingShrink { key, tmp, done: None });
-        }
-        let no_timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
-        let fork = self
-            .stream
-            .record_event(no_timing)
-            .map_err(|e| drv("LoRA fork event", e))?;
-        self.side_stream
-            .wait(&fork)
-            .map_err(|e| drv("LoRA side stream wait", e))?;
-        launch!(
-            @on self, &self.side_stream, false, "bgmv_shrink_ix", grid, &tp, &xp, &stp, &li, t0, t1, t2, &ni,
-            &pstride, &ki, &ri, &kci
-        );
-        let done = self
-            .side_stream
-            .record_event(no_timing)
-            .map_err(|e| drv("LoRA join event", e))?;
-        Ok(PendingShrink {
-            key,
-            tmp,
-            done: Some(done),
-        })
-    }
-
-    /// [`crate::Backend::lora_layer_begin`]: the k-split shrink ahead of the projection, when
-    /// `lora_overlap` asks for it.
-    pub(super) fn lora_step_begin(
-        &self,
-        x: &CudaTensor,
-        step: &CudaLoraStep,
-        layer: usize,
-        parts: &[(Target, usize)],
-    ) -> Result<()> {
-        if self.lora_overlap == 0 || !self.lora_ksplit {
-            return Ok(());
-        }
-        let (n, k) = x.rows_cols();
-        let sp = self.step_parts(step, (&x.shape, None), (n, k, None), layer, parts)?;
-        if sp.used == 0 || k == 0 {
-            return Ok(());
-        }
-        let pending = self.step_shrink(x, step, layer, &sp, self.lora_overlap == 2)?;
-        let old = step
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .replace(pending);
-        self.retire(old)
-    }
-
-    /// Drops a shrink launched ahead that no `lora_layer` call used, once the stream has waited for it (its
-    /// intermediate must outlive its writes, and a capture must join the side stream back).
-    fn retire(&self, pending: Option<PendingShrink>) -> Result<()> {
-        if let Some(done) = pending.as_ref().and_then(|p| p.done.as_ref()) {
-            self.stream.wait(done).map_err(|e| drv("LoRA join", e))?;
-        }
-        Ok(())
     }
 
     /// One layer's LoRA products of a planned step: for the `parts` some adapter of the step has, shrink
@@ -448,32 +267,37 @@ impl CudaBackend {
     ) -> Result<()> {
         let (n, k) = x.rows_cols();
         let (ny, out) = y.rows_cols();
-        if n != ny {
+        if n != ny || n != step.rows || layer >= step.layers {
             return Err(EngineError::Backend(format!(
-                "lora_layer: x {:?}, y {:?} differ in rows",
-                x.shape, y.shape
+                "lora_layer: x {:?}, y {:?}, layer {layer}, for a step of {} rows and {} layers",
+                x.shape, y.shape, step.rows, step.layers
             )));
         }
-        let sp = self.step_parts(step, (&x.shape, Some(&y.shape)), (n, k, Some(out)), layer, parts)?;
-        // A shrink launched ahead for exactly this layer, parts and input; one launched for anything else is
-        // dropped, after the stream has waited for it (its intermediate must outlive its writes).
-        let pending = step
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        let ahead = match pending {
-            Some(p) if p.key == (layer, sp.targets, sp.used, self.ptr(&x.buf)) => Some(p),
-            other => {
-                self.retire(other)?;
-                None
+        let mut targets = [0i32; 3];
+        let mut cols = [0i32; 3];
+        let (mut used, mut max_cols) = (0, 0);
+        for &(target, col) in parts {
+            let Some((kin, c)) = step.dims[target.index()] else {
+                continue;
+            };
+            if kin != k || col + c > out || used == 3 {
+                return Err(EngineError::Backend(format!(
+                    "lora_layer: {target:?} pairs of {kin} -> {c} at column {col} for x {:?}, y {:?} ({} parts)",
+                    x.shape,
+                    y.shape,
+                    parts.len()
+                )));
             }
-        };
-        if sp.used == 0 || k == 0 {
+            targets[used] = int("target", target.index())?;
+            cols[used] = int("column", col)?;
+            max_cols = max_cols.max(c);
+            used += 1;
+        }
+        if used == 0 || k == 0 {
             return Ok(());
         }
-        let [t0, t1, t2] = &sp.targets;
-        let [c0, c1, c2] = &sp.cols;
+        let [t0, t1, t2] = &targets;
+        let [c0, c1, c2] = &cols;
         let (li, ni, ki, oi, ri) = (
             int("layer", layer)?,
             int("rows", n)?,
@@ -481,13 +305,13 @@ impl CudaBackend {
             int("out features", out)?,
             int("rank", step.rmax)?,
         );
-        let (recs, parts) = (uint("records", step.records)?, uint("parts", sp.used)?);
-        let (xp, yp, stp) = (self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&step.table));
+        let (recs, parts) = (uint("records", step.records)?, uint("parts", used)?);
+        let (xp, yp, sp) = (self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&step.table));
         if !self.lora_ksplit {
-            let tmp = self.bytes(sp.used * n * step.rmax * 4)?;
+            let tmp = self.bytes(used * n * step.rmax * 4)?;
             let tp = self.ptr(&tmp);
             let shrink = cfg((recs, uint("rank", step.rmax)?, parts), BG_SHRINK_THREADS, 0);
-            let tiles = uint("column tiles", sp.max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
+            let tiles = uint("column tiles", max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
             let expand = cfg((recs, tiles, parts), BG_EXPAND_THREADS, 0);
             launch!(
                 self,
@@ -495,7 +319,7 @@ impl CudaBackend {
                 shrink,
                 &tp,
                 &xp,
-                &stp,
+                &sp,
                 &li,
                 t0,
                 t1,
@@ -510,7 +334,7 @@ impl CudaBackend {
                 expand,
                 &yp,
                 &tp,
-                &stp,
+                &sp,
                 &li,
                 t0,
                 t1,
@@ -527,21 +351,39 @@ impl CudaBackend {
         // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r of
         // the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written by
         // the shrink of the same layer, so nothing is zeroed.
-        let shrunk = match ahead {
-            Some(p) => p,
-            None => self.step_shrink(x, step, layer, &sp, false)?,
-        };
-        if let Some(done) = &shrunk.done {
-            self.stream.wait(done).map_err(|e| drv("LoRA join", e))?;
-        }
-        let tp = self.ptr(&shrunk.tmp);
-        let chunks = k.div_ceil(shrink_chunk(k, self.dtype.size()));
-        let (pstride, ksi) = (int("intermediate rows", sp.used * n)?, int("k chunks", chunks)?);
+        let kc = shrink_chunk(k, self.dtype.size());
+        let chunks = k.div_ceil(kc);
+        let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
+        let tp = self.ptr(&tmp);
+        let (pstride, kci, ksi) = (
+            int("intermediate rows", used * n)?,
+            int("k chunk", kc)?,
+            int("k chunks", chunks)?,
+        );
+        int("intermediate rows", chunks * used * n)?;
+        let shrink = cfg((recs, uint("k chunks", chunks)?, parts), BG_KWARPS * 32, 0);
         let tile = BG_EXPAND_COLS * BG_EXPAND_THREADS as usize;
         let expand = cfg(
-            (recs, uint("column tiles", sp.max_cols.div_ceil(tile))?, parts),
+            (recs, uint("column tiles", max_cols.div_ceil(tile))?, parts),
             BG_EXPAND_THREADS,
             0,
+        );
+        launch!(
+            self,
+            "bgmv_shrink_ix",
+            shrink,
+            &tp,
+            &xp,
+            &sp,
+            &li,
+            t0,
+            t1,
+            t2,
+            &ni,
+            &pstride,
+            &ki,
+            &ri,
+            &kci
         );
         launch!(
             self,
@@ -549,7 +391,7 @@ impl CudaBackend {
             expand,
             &yp,
             &tp,
-            &stp,
+            &sp,
             &li,
             t0,
             t1,

@@ -491,10 +491,6 @@ impl CudaTensor {
 /// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
-/// Where a decode step's LoRA shrink runs (`LORAX_CUDA_LORA_OVERLAP`): 0 after its projection's GEMM, 1
-/// before it, 2 beside it on a second stream.
-pub const LORA_OVERLAP: usize = 2;
-
 /// A whole-number setting from the environment: `default` when unset, an error naming the variable when
 /// it is not a number in `range` (a typo is reported at start-up, not silently replaced).
 fn env_count(name: &str, default: usize, range: std::ops::RangeInclusive<usize>) -> Result<usize> {
@@ -548,12 +544,6 @@ pub struct CudaBackend {
     /// (`LORAX_CUDA_ATTN_ROPE=N`; 0: never). `None` (the default, `auto`): steps whose attention blocks
     /// fit in one wave (`attn_split_target` per multiprocessor).
     attn_rope_rows: Option<usize>,
-    /// A decode step's LoRA shrink launched before its projection's GEMM (it reads only the GEMM's input):
-    /// 0 after the GEMM, 1 before it on the same stream, 2 on `side_stream`, concurrently with the GEMM
-    /// (`LORAX_CUDA_LORA_OVERLAP`).
-    lora_overlap: usize,
-    /// The stream of overlapped LoRA shrinks (forked from and joined back into `stream` by events).
-    side_stream: Arc<CudaStream>,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
     /// LoRA segments longer than BGMV's limit (prompt chunks) as cuBLAS GEMMs, a shrink and an expand each,
@@ -827,11 +817,7 @@ fn pdl_supported(cc: (i32, i32)) -> bool {
 
 /// Launches kernel `$name` with the given arguments (each a reference to a live local) and checks it.
 macro_rules! launch {
-    ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {
-        launch!(@on $self, &$self.stream, $self.pdl, $name, $cfg, $($arg),+)
-    };
-    // On stream `$stream`, with programmatic dependent launch when `$pdl`.
-    (@on $self:expr, $stream:expr, $pdl:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+    ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let func = $self.func($name)?;
         let mode = $crate::backend::cuda::graph::mode();
         if mode != $crate::backend::cuda::graph::Mode::Eager {
@@ -843,14 +829,14 @@ macro_rules! launch {
             $( $crate::backend::cuda::graph::SigArg::sign_into($arg, &$self.graphs); )+
         }
         if mode != $crate::backend::cuda::graph::Mode::Record {
-            if $pdl {
+            if $self.pdl {
                 let mut params = [$( ($arg as *const _ as *mut ::std::ffi::c_void), )+];
                 // SAFETY: as below; each parameter points at a live local of the kind the kernel takes, and
                 // every kernel waits in pdl_wait() before it touches what the kernels ahead of it write.
-                unsafe { $crate::backend::cuda::launch_pdl($stream, func, &$cfg, &mut params) }
+                unsafe { $crate::backend::cuda::launch_pdl(&$self.stream, func, &$cfg, &mut params) }
                     .map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
             } else {
-                let mut builder = $stream.launch_builder(func);
+                let mut builder = $self.stream.launch_builder(func);
                 $( builder.arg($arg); )+
                 // SAFETY: every argument matches the kernel's parameter list in kernels/*.cu (device pointers
                 // as u64, ints as i32/u32/u64, floats as f32, TMA tensor maps as 128-byte `TmaMap`s whose
@@ -915,7 +901,6 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| drv("stream", e))?;
         let upload_stream = ctx.new_stream().map_err(|e| drv("upload stream", e))?;
-        let side_stream = ctx.new_stream().map_err(|e| drv("side stream", e))?;
         keep_pool_memory(&ctx)?;
         let cc = ctx.compute_capability().map_err(|e| drv("compute capability", e))?;
         let device_name = ctx.name().map_err(|e| drv("device name", e))?;
@@ -996,8 +981,6 @@ impl CudaBackend {
                 Ok(_) => Some(env_count("LORAX_CUDA_ATTN_ROPE", 0, 0..=1 << 20)?),
             },
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
-            lora_overlap: env_count("LORAX_CUDA_LORA_OVERLAP", LORA_OVERLAP, 0..=2)?,
-            side_stream,
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
@@ -1076,12 +1059,6 @@ impl CudaBackend {
     /// the default: steps whose attention blocks fit in one wave; for tests and comparisons).
     pub fn set_attention_rope_rows(&mut self, rows: Option<usize>) {
         self.attn_rope_rows = rows;
-    }
-
-    /// Where a decode step's LoRA shrink runs: 0 after its projection's GEMM, 1 before it, 2 beside it on a
-    /// second stream (default [`LORA_OVERLAP`]; for tests and comparisons).
-    pub fn set_lora_overlap(&mut self, mode: usize) {
-        self.lora_overlap = mode.min(2);
     }
 
     /// Decode-shaped LoRA products on the BGMV kernels (default) or on SGMV like every other shape (for
@@ -2165,19 +2142,6 @@ impl Backend for CudaBackend {
         let step = self.make_lora_step(rows, segments);
         self.graphs.clock.plan(true, planning);
         step
-    }
-
-    fn lora_layer_begin(
-        &self,
-        x: &CudaTensor,
-        step: &lora::CudaLoraStep,
-        layer: usize,
-        parts: &[(crate::lora::Target, usize)],
-    ) -> Result<()> {
-        let planning = std::time::Instant::now();
-        let done = self.lora_step_begin(x, step, layer, parts);
-        self.graphs.clock.plan(true, planning);
-        done
     }
 
     fn lora_layer(
