@@ -35,7 +35,8 @@
 //! replays a few graphs rather than capturing one per size.
 //!
 //! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_AHEAD=0` records no step ahead; `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
-//! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept.
+//! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept (a limit that is not a
+//! whole number in its range is a start-up error).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -220,10 +221,6 @@ pub(crate) struct Graphs {
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 /// A value that can be part of a launch's signature.
 pub(crate) trait SigArg {
     /// Adds its bytes to the signature being recorded.
@@ -255,8 +252,10 @@ impl SigArg for f32 {
 }
 
 impl Graphs {
-    pub(crate) fn from_env() -> Self {
-        Self {
+    /// The graph state, with the `LORAX_CUDA_GRAPH*` switches read; a limit that is not a whole number in
+    /// its range is an error naming the variable.
+    pub(crate) fn from_env() -> Result<Self> {
+        Ok(Self {
             inner: Mutex::new(Inner {
                 work: None,
                 meta: None,
@@ -277,12 +276,12 @@ impl Graphs {
                 ahead_replays: 0,
             }),
             enabled: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPHS").map_or(true, |v| v != "0")),
-            max_batch: AtomicUsize::new(env_usize("LORAX_CUDA_GRAPH_MAX_BATCH", 256)),
-            max_graphs: env_usize("LORAX_CUDA_GRAPH_CACHE", 64).max(1),
+            max_batch: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_MAX_BATCH", 256, 0..=1 << 16)?),
+            max_graphs: super::env_count("LORAX_CUDA_GRAPH_CACHE", 64, 1..=1 << 16)?,
             step_rows: AtomicUsize::new(0),
             ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
             clock: StepClock::default(),
-        }
+        })
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {

@@ -986,7 +986,7 @@ impl CudaBackend {
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
             nccl: None,
-            graphs: graph::Graphs::from_env(),
+            graphs: graph::Graphs::from_env()?,
             _blas_workspace: workspace,
             _attn_counters: attn_counters,
             attn_counters_ptr,
