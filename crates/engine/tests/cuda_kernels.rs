@@ -441,6 +441,17 @@ fn attention_matches_cpu() {
         seqs: decode(&[4096, 33, 9000]),
         q_range: 1.0,
     });
+    // Rows that fill more than a wave of blocks (50 rows x 8 KV heads: 400 against 396 on the H200) with
+    // contexts long enough to split anyway, so the last wave is fuller (`wanted_splits`).
+    cases.push(AttnCase {
+        heads: 16,
+        kv_heads: 8,
+        hd: 128,
+        bs: 16,
+        window: None,
+        seqs: decode(&(0..50).map(|i| 1500 + 11 * i).collect::<Vec<_>>()),
+        q_range: 1.0,
+    });
     // Prefill of variable-length sequences, some reading a cached prefix, with decode rows mixed in.
     for (heads, kv, hd, bs) in [(4, 2, 16, 4), (32, 8, 128, 16), (4, 1, 8, 1), (16, 2, 64, 32)] {
         cases.push(AttnCase {

@@ -347,16 +347,14 @@ impl CudaBackend {
                 rows[2 * (s.q_start + i) + 1] = off;
             }
         }
-        // Split the contexts when the rows alone cannot fill the GPU: aim at `attn_split_target` blocks per
-        // multiprocessor (3: one wave of resident blocks), rounding down (a batch that nearly fills the GPU
-        // keeps whole contexts: a split costs each block its fixed work and adds the reduction).
-        // The paged kernel's grid covers rows up to the last one it has work for: in a mixed step the prompt
+        // Contexts split as `wanted_splits` says, for one wave of `attn_split_target` blocks per
+        // multiprocessor (3: the tensor-core kernel's resident blocks). The paged kernel's grid covers rows up to the last one it has work for: in a mixed step the prompt
         // rows (the tensor-core kernel's) come after the decode rows, so their thousands of blocks, which
         // would only return, are not launched.
         let paged_end = rows.chunks(2).rposition(|r| r[0] != -2).map_or(0, |i| i + 1);
         let blocks = (paged_end * meta.num_kv_heads * hchunks).max(1);
         let max_chunks = max_len.div_ceil(ATTN_CHUNK);
-        let wanted = ((self.attn_split_target * self.num_sms) / blocks).clamp(1, max_chunks);
+        let wanted = wanted_splits(blocks, max_chunks, self.attn_split_target * self.num_sms);
         let chunks_per_split = max_chunks.div_ceil(wanted);
         let splits = max_chunks.div_ceil(chunks_per_split);
         // Unsplit: one fixed chunk count (2^24 chunks of 64 tokens, beyond any context), so the launch's
@@ -526,5 +524,65 @@ impl CudaBackend {
             launch!(self, "attn_reduce", grid, op, po, pm, rp, nh, hd, window, cps, ns);
         }
         Ok(())
+    }
+}
+
+/// Fewest chunks of [`ATTN_CHUNK`] tokens in a split of a row whose blocks already fill a wave (1024
+/// tokens: shorter splits cost more in each block's fixed work and the reduction than they win).
+const SPLIT_MIN_CHUNKS: usize = 16;
+
+/// How many splits to aim at for each row's context, for `blocks` blocks per split (rows × KV heads × head
+/// chunks), contexts of at most `max_chunks` chunks and `slots` resident blocks (one wave: the split target
+/// times the multiprocessors).
+///
+/// - Fewer blocks than a wave: as many splits as keep them within one wave, rounding down (a batch that
+///   nearly fills the GPU keeps whole contexts: a split costs each block its fixed work and adds the
+///   reduction).
+/// - A wave or more: long contexts split when that fills the last wave better, by more than 5 points of
+///   the waves' occupancy per step up (64 rows of 4096 tokens at 8 KV heads, 512 blocks against 396 on the
+///   H200: one split fills its two waves to 65% and ran at 75% of the copy bandwidth, two splits fill three
+///   to 86% and ran at 87%: `cuda_bench decode_attention_benchmarks`, bench/NOTES.md session 18). Splits
+///   keep at least [`SPLIT_MIN_CHUNKS`] chunks, so contexts under 2048 tokens (the serving benchmark's)
+///   never split here.
+pub(super) fn wanted_splits(blocks: usize, max_chunks: usize, slots: usize) -> usize {
+    let (blocks, slots) = (blocks.max(1), slots.max(1));
+    if blocks < slots {
+        return (slots / blocks).clamp(1, max_chunks.max(1));
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let filled = |s: usize| (blocks * s) as f64 / ((blocks * s).div_ceil(slots) * slots) as f64;
+    let mut best = 1;
+    for s in 2..=(max_chunks / SPLIT_MIN_CHUNKS).min(64) {
+        if filled(s) > filled(best) + 0.05 {
+            best = s;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wanted_splits;
+
+    /// The H200's one wave of the tensor-core kernel: 3 blocks on each of 132 multiprocessors.
+    const WAVE: usize = 3 * 132;
+
+    #[test]
+    fn contexts_split_to_fill_waves() {
+        // Few rows: as many splits as fit one wave (8 rows x 8 KV heads: 6), never more than the chunks.
+        assert_eq!(wanted_splits(64, 512, WAVE), 6);
+        assert_eq!(wanted_splits(8, 10, WAVE), 10);
+        assert_eq!(wanted_splits(256, 10, WAVE), 1);
+        // A wave or more of short contexts: whole (the serving shapes: 86 and 128 rows of 640 tokens, 256 of
+        // 1024).
+        assert_eq!(wanted_splits(688, 10, WAVE), 1);
+        assert_eq!(wanted_splits(1024, 10, WAVE), 1);
+        assert_eq!(wanted_splits(2048, 16, WAVE), 1);
+        // 64 rows of 4096 tokens: one split fills 65% of two waves, two 86% of three, three 97% of four.
+        assert_eq!(wanted_splits(512, 64, WAVE), 3);
+        // Splits of at least 16 chunks: 2048 tokens allow two.
+        assert_eq!(wanted_splits(512, 32, WAVE), 2);
+        // Already well filled: 396 blocks are exactly one wave.
+        assert_eq!(wanted_splits(WAVE, 512, WAVE), 1);
     }
 }
