@@ -540,8 +540,9 @@ const SPLIT_MIN_CHUNKS: usize = 16;
 ///   reduction).
 /// - A wave or more: long contexts split when that fills the last wave better, by more than 5 points of
 ///   the waves' occupancy per step up (64 rows of 4096 tokens at 8 KV heads, 512 blocks against 396 on the
-///   H200: one split fills its two waves to 65% and ran at 75% of the copy bandwidth, two splits fill three
-///   to 86% and ran at 87%: `cuda_bench decode_attention_benchmarks`, bench/NOTES.md session 18). Splits
+///   H200: one split fills its two waves to 65% and ran at 75% of the copy bandwidth, two fill three waves
+///   to 86% and ran at 87%, three fill four to 97% and ran at 93%: `cuda_bench
+///   decode_attention_benchmarks`, bench/NOTES.md session 18 calls 5-6). Splits
 ///   keep at least [`SPLIT_MIN_CHUNKS`] chunks, so contexts under 2048 tokens (the serving benchmark's)
 ///   never split here.
 pub(super) fn wanted_splits(blocks: usize, max_chunks: usize, slots: usize) -> usize {
