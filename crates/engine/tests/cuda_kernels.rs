@@ -704,6 +704,25 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
     g.set_attention_rope_rows(Some(1));
     assert!(fused(&g, &one), "a step of one row");
     g.set_attention_rope_rows(None);
+    // A group of 4 query heads split over blocks of 2 (two blocks would write the slot).
+    g.set_attention_max_heads(2);
+    assert!(!fused(&g, &one), "a group over two blocks");
+    g.set_attention_max_heads(8);
+    // A row of no sequence that has a cache slot: refused (no block would write it).
+    let qkv2 = pair(&g, &mut rng, &[2, 12 * hd], -1.0, 1.0);
+    assert!(matches!(
+        g.rope_attention(
+            &qkv2.gpu,
+            &mut kc,
+            &mut vc,
+            hd,
+            &positions[..2],
+            &inv_freq,
+            &slots[..2],
+            &AttnMeta { seqs: &one, ..meta }
+        ),
+        Err(EngineError::InvalidBatch(_))
+    ));
     let qkv = pair(&g, &mut rng, &[1, 12 * hd], -1.0, 1.0);
     let Some(g32) = gpu(DType::F32) else { return };
     let qkv32 = g32.tensor_from_f32(&[1, 12 * hd], &qkv.host).unwrap();

@@ -235,7 +235,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Self::Tensor>;
     /// [`Backend::rope_kv_write`] and then [`Backend::attention`] of its queries, in one call where the
     /// backend has a fused form for this batch (the CUDA backend's decode steps); `Ok(None)` (the default)
-    /// where it has none, and the caller makes the two calls. The same arguments, effects and result.
+    /// where it has none, and the caller makes the two calls. The same arguments, effects and result, except
+    /// the output of a row whose slot is [`NO_SLOT`] (a padding row, whose output is discarded): the fused
+    /// form attends over its new key and value, the two calls over whatever its unwritten slot holds.
     #[allow(clippy::too_many_arguments)]
     fn rope_attention(
         &self,

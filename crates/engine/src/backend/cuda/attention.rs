@@ -282,6 +282,17 @@ impl CudaBackend {
                     )));
                 }
             }
+            // A row of no sequence is written by no block: it must be one that rope_kv_write would not write
+            // either.
+            let mut covered = vec![false; n];
+            for s in meta.seqs {
+                covered[s.q_start..(s.q_start + s.q_len).min(n)].fill(true);
+            }
+            if let Some(row) = (0..n).find(|&r| !covered[r] && slots.get(r).is_some_and(|&x| x != NO_SLOT)) {
+                return Err(EngineError::InvalidBatch(format!(
+                    "row {row} belongs to no sequence but has a cache slot"
+                )));
+            }
         }
         let bs = meta.block_size;
         let longest = meta
@@ -542,9 +553,11 @@ const SPLIT_MIN_CHUNKS: usize = 16;
 ///   the waves' occupancy per step up (64 rows of 4096 tokens at 8 KV heads, 512 blocks against 396 on the
 ///   H200: one split fills its two waves to 65% and ran at 75% of the copy bandwidth, two fill three waves
 ///   to 86% and ran at 87%, three fill four to 97% and ran at 93%: `cuda_bench
-///   decode_attention_benchmarks`, bench/NOTES.md session 18 calls 5-6). Splits
-///   keep at least [`SPLIT_MIN_CHUNKS`] chunks, so contexts under 2048 tokens (the serving benchmark's)
-///   never split here.
+///   decode_attention_benchmarks`, bench/NOTES.md session 18 calls 5-6). The longest context's parts keep
+///   at least [`SPLIT_MIN_CHUNKS`] chunks (a row's last part may be shorter), so a batch whose longest
+///   context is under 32 chunks (1985 tokens; the serving benchmark's are 512-768) never splits here.
+///   Unlike an unsplit step, a split step's launch changes as contexts grow, so its decode graph is
+///   captured again now and then.
 pub(super) fn wanted_splits(blocks: usize, max_chunks: usize, slots: usize) -> usize {
     let (blocks, slots) = (blocks.max(1), slots.max(1));
     if blocks < slots {

@@ -1285,7 +1285,10 @@ impl CudaBackend {
             && self.attn_kernel == AttnKernel::Tensor
             && meta.head_dim == 128
             && meta.num_heads == group * meta.num_kv_heads
-            && (2..=self.attn_max_heads.min(8)).contains(&group)
+            // A tensor-core kernel of at least the group's heads within the per-block limit (attention_shared
+            // picks the smallest such), so one block covers a KV head's whole group (hchunks 1).
+            && group >= 2
+            && [2, 4, 8].iter().any(|&g| g >= group && g <= self.attn_max_heads)
             && meta.seqs.iter().all(|s| s.q_len <= 1)
             && meta.seqs.iter().any(|s| s.q_len == 1)
     }
