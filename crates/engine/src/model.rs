@@ -430,7 +430,7 @@ impl<B: Backend> Model<B> {
                 i,
                 &[(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)],
             )?;
-            let fused = backend.rope_attention(
+            let attn = backend.rope_attention(
                 &qkv,
                 &mut cache.k[i],
                 &mut cache.v[i],
@@ -440,21 +440,6 @@ impl<B: Backend> Model<B> {
                 &input.slots,
                 &meta,
             )?;
-            let attn = match fused {
-                Some(attn) => attn,
-                None => {
-                    let q = backend.rope_kv_write(
-                        &qkv,
-                        &mut cache.k[i],
-                        &mut cache.v[i],
-                        cfg.head_dim,
-                        &input.positions,
-                        &self.inv_freq,
-                        &input.slots,
-                    )?;
-                    backend.attention(&q, &cache.k[i], &cache.v[i], &meta)?
-                }
-            };
             let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
             backend.all_reduce_sum(&mut attn_out, comm)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;

@@ -337,44 +337,63 @@ struct AttnCase {
     q_range: f32,
 }
 
-fn run_attention(g: &CudaBackend, rng: &mut Rng, c: &AttnCase) {
-    let dt = g.dtype();
-    let blocks_needed: usize = c.seqs.iter().map(|&(q, b)| (q + b).div_ceil(c.bs)).sum();
-    let num_blocks = blocks_needed + 3;
-    let kvw = c.kv_heads * c.hd;
-    let k = pair(g, rng, &[num_blocks * c.bs, kvw], -1.0, 1.0);
-    let v = pair(g, rng, &[num_blocks * c.bs, kvw], -1.0, 1.0);
-    let n: usize = c.seqs.iter().map(|s| s.0).sum();
-    let q = pair(g, rng, &[n, c.heads * c.hd], -c.q_range, c.q_range);
-    // Scattered block tables: a random permutation of the cache's blocks, dealt out in order.
+/// Scattered block tables for `c`'s sequences: a random permutation of the blocks they need and `spare`
+/// more, dealt out in order. Returns the cache's block count and the tables.
+fn scattered_tables(rng: &mut Rng, c: &AttnCase, spare: usize) -> (usize, Vec<Vec<u32>>) {
+    let needs: Vec<usize> = c.seqs.iter().map(|&(q, b)| (q + b).div_ceil(c.bs)).collect();
+    let num_blocks = needs.iter().sum::<usize>() + spare;
     let perm = rng.perm(num_blocks);
-    let mut tables = Vec::new();
     let mut next = 0;
-    for &(ql, before) in &c.seqs {
-        let nb = (ql + before).div_ceil(c.bs);
-        tables.push(perm[next..next + nb].to_vec());
-        next += nb;
-    }
-    let mut seqs = Vec::new();
+    let tables = needs
+        .iter()
+        .map(|&nb| {
+            next += nb;
+            perm[next - nb..next].to_vec()
+        })
+        .collect();
+    (num_blocks, tables)
+}
+
+/// `c`'s sequences laid out one after another, on `tables`.
+fn attn_seqs<'a>(c: &AttnCase, tables: &'a [Vec<u32>]) -> Vec<AttnSeq<'a>> {
     let mut row = 0;
-    for (i, &(ql, before)) in c.seqs.iter().enumerate() {
-        seqs.push(AttnSeq {
-            q_start: row,
-            q_len: ql,
-            ctx_before: before,
-            block_table: &tables[i],
-        });
-        row += ql;
-    }
-    let meta = AttnMeta {
+    c.seqs
+        .iter()
+        .zip(tables)
+        .map(|(&(ql, before), t)| {
+            row += ql;
+            AttnSeq {
+                q_start: row - ql,
+                q_len: ql,
+                ctx_before: before,
+                block_table: t,
+            }
+        })
+        .collect()
+}
+
+fn attn_meta<'a>(c: &AttnCase, seqs: &'a [AttnSeq<'a>]) -> AttnMeta<'a> {
+    AttnMeta {
         num_heads: c.heads,
         num_kv_heads: c.kv_heads,
         head_dim: c.hd,
         block_size: c.bs,
         scale: 1.0 / (c.hd as f32).sqrt(),
         sliding_window: c.window,
-        seqs: &seqs,
-    };
+        seqs,
+    }
+}
+
+fn run_attention(g: &CudaBackend, rng: &mut Rng, c: &AttnCase) {
+    let dt = g.dtype();
+    let (num_blocks, tables) = scattered_tables(rng, c, 3);
+    let kvw = c.kv_heads * c.hd;
+    let k = pair(g, rng, &[num_blocks * c.bs, kvw], -1.0, 1.0);
+    let v = pair(g, rng, &[num_blocks * c.bs, kvw], -1.0, 1.0);
+    let n: usize = c.seqs.iter().map(|s| s.0).sum();
+    let q = pair(g, rng, &[n, c.heads * c.hd], -c.q_range, c.q_range);
+    let seqs = attn_seqs(c, &tables);
+    let meta = attn_meta(c, &seqs);
     let want = CpuBackend.attention(&q.cpu, &k.cpu, &v.cpu, &meta).unwrap();
     let got = g.attention(&q.gpu, &k.gpu, &v.gpu, &meta).unwrap();
     let lens: Vec<usize> = c.seqs.iter().map(|s| s.0 + s.1).collect();
@@ -538,83 +557,64 @@ fn attention_matches_cpu() {
     }
 }
 
-/// Decode attention with the rotary embedding and the cache writes inside (`rope_attention`, the `_tcr`
+/// Decode attention with the rotary embedding and the cache writes inside (`rope_attention` on the `_tcr`
 /// kernels) against `rope_kv_write` then `attention` on the same inputs: GQA groups of 2, 4 and 8, contexts
 /// across block boundaries, long ones that split (the new token in the last split), a sliding window, and
-/// a padding row that writes nothing. Outputs and both caches agree; batches the fused form does not take
-/// (prefill rows, f32, fusion off) return `None`.
+/// a padding row that writes nothing. Outputs and both caches agree; bad positions and rows of no sequence
+/// with a slot are refused; batches the fused form does not take (prefill rows, f32, fusion off, a group
+/// over two blocks) are not fused.
 #[test]
 fn rope_attention_matches_rope_kv_write_then_attention() {
     let mut rng = Rng(seed("rope_attention"));
-    let hd = 128;
-    let bs = 16;
+    let (hd, bs) = (128, 16);
     let inv_freq: Vec<f32> = (0..hd / 2)
         .map(|i| 1.0 / 500_000f32.powf(2.0 * i as f32 / hd as f32))
         .collect();
-    let cases: [(usize, usize, Option<usize>, &[usize]); 5] = [
-        (32, 8, None, &[1, 15, 16, 17, 255, 256, 257, 513, 640]),
-        (16, 8, None, &[2, 100, 4096]),
-        (64, 8, None, &[33, 9000, 700]),
-        (8, 1, None, &[20_000]),
-        (32, 8, Some(100), &[999, 50, 101]),
+    let case = |heads, kv_heads, window, lens: &[usize]| AttnCase {
+        heads,
+        kv_heads,
+        hd,
+        bs,
+        window,
+        seqs: decode(lens),
+        q_range: 1.0,
+    };
+    let cases = [
+        case(32, 8, None, &[1, 15, 16, 17, 255, 256, 257, 513, 640]),
+        case(16, 8, None, &[2, 100, 4096]),
+        case(64, 8, None, &[33, 9000, 700]),
+        case(8, 1, None, &[20_000]),
+        case(32, 8, Some(100), &[999, 50, 101]),
     ];
     for dt in [DType::BF16, DType::F16] {
         let Some(g) = gpu(dt) else { return };
-        for &(heads, kv_heads, window, lens) in &cases {
-            let n = lens.len();
-            let blocks: usize = lens.iter().map(|l| l.div_ceil(bs)).sum::<usize>() + 2;
-            let kvw = kv_heads * hd;
-            let perm = rng.perm(blocks);
-            let mut tables = Vec::new();
-            let mut next = 0;
-            for &l in lens {
-                tables.push(perm[next..next + l.div_ceil(bs)].to_vec());
-                next += l.div_ceil(bs);
-            }
-            let seqs: Vec<AttnSeq> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| AttnSeq {
-                    q_start: i,
-                    q_len: 1,
-                    ctx_before: l - 1,
-                    block_table: &tables[i],
-                })
-                .collect();
-            let positions: Vec<u32> = lens.iter().map(|&l| (l - 1) as u32).collect();
-            let mut slots: Vec<u32> = (0..n)
-                .map(|i| tables[i][(lens[i] - 1) / bs] * bs as u32 + ((lens[i] - 1) % bs) as u32)
-                .collect();
+        for c in &cases {
+            let n = c.seqs.len();
+            let (blocks, tables) = scattered_tables(&mut rng, c, 2);
+            let seqs = attn_seqs(c, &tables);
+            let meta = attn_meta(c, &seqs);
+            let positions: Vec<u32> = seqs.iter().map(|s| s.ctx_before as u32).collect();
+            let slot = |s: &AttnSeq| (s.block_table[s.ctx_before / bs] as usize * bs + s.ctx_before % bs) as u32;
+            let mut slots: Vec<u32> = seqs.iter().map(slot).collect();
             if n > 1 {
                 // A padding row: attends (its output is discarded) but writes no key or value.
                 slots[1] = lorax_engine::backend::NO_SLOT;
             }
-            let meta = AttnMeta {
-                num_heads: heads,
-                num_kv_heads: kv_heads,
-                head_dim: hd,
-                block_size: bs,
-                scale: 1.0 / (hd as f32).sqrt(),
-                sliding_window: window,
-                seqs: &seqs,
-            };
-            let qkv = pair(&g, &mut rng, &[n, (heads + 2 * kv_heads) * hd], -1.0, 1.0);
+            let kvw = c.kv_heads * hd;
+            let qkv = pair(&g, &mut rng, &[n, (c.heads + 2 * c.kv_heads) * hd], -1.0, 1.0);
             let k = round(dt, &rng.vec(blocks * bs * kvw, -1.0, 1.0));
             let v = round(dt, &rng.vec(blocks * bs * kvw, -1.0, 1.0));
-            let shape = [blocks * bs, kvw];
-            let (mut k1, mut v1) = (
-                g.tensor_from_f32(&shape, &k).unwrap(),
-                g.tensor_from_f32(&shape, &v).unwrap(),
+            let upload = |x: &[f32]| g.tensor_from_f32(&[blocks * bs, kvw], x).unwrap();
+            let (mut k1, mut v1, mut k2, mut v2) = (upload(&k), upload(&v), upload(&k), upload(&v));
+            let lens: Vec<usize> = c.seqs.iter().map(|s| s.0 + s.1).collect();
+            let what = format!(
+                "{dt:?} rope_attention heads {}/{} window {:?} ctx {lens:?}",
+                c.heads, c.kv_heads, c.window
             );
-            let (mut k2, mut v2) = (
-                g.tensor_from_f32(&shape, &k).unwrap(),
-                g.tensor_from_f32(&shape, &v).unwrap(),
-            );
-            let what = format!("{dt:?} rope_attention heads {heads}/{kv_heads} window {window:?} ctx {lens:?}");
+            assert!(g.rope_fused(&meta, hd, &inv_freq), "{what}: not fused");
             let got = g
                 .rope_attention(&qkv.gpu, &mut k1, &mut v1, hd, &positions, &inv_freq, &slots, &meta)
-                .unwrap()
-                .unwrap_or_else(|| panic!("{what}: not fused"));
+                .unwrap();
             let q = g
                 .rope_kv_write(&qkv.gpu, &mut k2, &mut v2, hd, &positions, &inv_freq, &slots)
                 .unwrap();
@@ -622,7 +622,7 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
             // Every row but the padding one, whose new token the two calls take from different places (the
             // fused kernel from q/k/v, the separate attention from the cache slot nothing wrote).
             let real = |x: Vec<f32>| -> Vec<f32> {
-                x.chunks(heads * hd)
+                x.chunks(c.heads * hd)
                     .enumerate()
                     .filter(|(i, _)| n == 1 || *i != 1)
                     .flat_map(|(_, r)| r.to_vec())
@@ -643,7 +643,7 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
             assert_eq!(g.to_f32(&v1).unwrap(), g.to_f32(&v2).unwrap(), "{what} values");
             // The padding row's slot is untouched.
             if n > 1 {
-                let pad = (tables[1][(lens[1] - 1) / bs] as usize * bs + (lens[1] - 1) % bs) * kvw;
+                let pad = slot(&seqs[1]) as usize * kvw;
                 assert_eq!(
                     g.to_f32(&k1).unwrap()[pad..pad + kvw],
                     k[pad..pad + kvw],
@@ -659,8 +659,9 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
             ));
         }
     }
-    // Batches the fused form does not take.
+    // Which batches are fused.
     let Some(mut g) = gpu(DType::BF16) else { return };
+    let prefill = case(8, 2, None, &[]);
     let table: Vec<u32> = (0..4).collect();
     let seqs = [AttnSeq {
         q_start: 0,
@@ -668,36 +669,9 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
         ctx_before: 0,
         block_table: &table,
     }];
-    let meta = AttnMeta {
-        num_heads: 8,
-        num_kv_heads: 2,
-        head_dim: hd,
-        block_size: bs,
-        scale: 0.1,
-        sliding_window: None,
-        seqs: &seqs,
-    };
-    let (mut kc, mut vc) = (g.zeros(&[64, 2 * hd]).unwrap(), g.zeros(&[64, 2 * hd]).unwrap());
-    let positions: Vec<u32> = (0..20).collect();
-    let slots: Vec<u32> = (0..20).collect();
-    let mut fused = |g: &CudaBackend, seqs: &[AttnSeq]| {
-        let n = seqs.iter().map(|s| s.q_len).sum::<usize>();
-        let qkv = pair(g, &mut rng, &[n, 12 * hd], -1.0, 1.0);
-        g.rope_attention(
-            &qkv.gpu,
-            &mut kc,
-            &mut vc,
-            hd,
-            &positions[..n],
-            &inv_freq,
-            &slots[..n],
-            &AttnMeta { seqs, ..meta },
-        )
-        .unwrap()
-        .is_some()
-    };
-    assert!(!fused(&g, &seqs), "a prefill row");
     let one = [AttnSeq { q_len: 1, ..seqs[0] }];
+    let fused = |g: &CudaBackend, seqs| g.rope_fused(&attn_meta(&prefill, seqs), hd, &inv_freq);
+    assert!(!fused(&g, &seqs), "a prefill row");
     assert!(fused(&g, &one), "a decode row");
     g.set_attention_rope_rows(Some(0));
     assert!(!fused(&g, &one), "fusion off");
@@ -709,37 +683,23 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
     assert!(!fused(&g, &one), "a group over two blocks");
     g.set_attention_max_heads(8);
     // A row of no sequence that has a cache slot: refused (no block would write it).
-    let qkv2 = pair(&g, &mut rng, &[2, 12 * hd], -1.0, 1.0);
+    let qkv = pair(&g, &mut rng, &[2, 12 * hd], -1.0, 1.0);
+    let (mut kc, mut vc) = (g.zeros(&[64, 2 * hd]).unwrap(), g.zeros(&[64, 2 * hd]).unwrap());
     assert!(matches!(
         g.rope_attention(
-            &qkv2.gpu,
+            &qkv.gpu,
             &mut kc,
             &mut vc,
             hd,
-            &positions[..2],
+            &[0, 1],
             &inv_freq,
-            &slots[..2],
-            &AttnMeta { seqs: &one, ..meta }
+            &[0, 1],
+            &attn_meta(&prefill, &one)
         ),
         Err(EngineError::InvalidBatch(_))
     ));
-    let qkv = pair(&g, &mut rng, &[1, 12 * hd], -1.0, 1.0);
     let Some(g32) = gpu(DType::F32) else { return };
-    let qkv32 = g32.tensor_from_f32(&[1, 12 * hd], &qkv.host).unwrap();
-    let (mut k32, mut v32) = (g32.zeros(&[64, 2 * hd]).unwrap(), g32.zeros(&[64, 2 * hd]).unwrap());
-    let none = g32
-        .rope_attention(
-            &qkv32,
-            &mut k32,
-            &mut v32,
-            hd,
-            &positions[..1],
-            &inv_freq,
-            &slots[..1],
-            &AttnMeta { seqs: &one, ..meta },
-        )
-        .unwrap();
-    assert!(none.is_none(), "f32 storage");
+    assert!(!fused(&g32, &one), "f32 storage");
 }
 
 #[test]

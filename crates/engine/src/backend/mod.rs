@@ -233,11 +233,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
         inv_freq: &[f32],
         slots: &[u32],
     ) -> Result<Self::Tensor>;
-    /// [`Backend::rope_kv_write`] and then [`Backend::attention`] of its queries, in one call where the
-    /// backend has a fused form for this batch (the CUDA backend's decode steps); `Ok(None)` (the default)
-    /// where it has none, and the caller makes the two calls. The same arguments, effects and result, except
-    /// the output of a row whose slot is [`NO_SLOT`] (a padding row, whose output is discarded): the fused
-    /// form attends over its new key and value, the two calls over whatever its unwritten slot holds.
+    /// [`Backend::rope_kv_write`] and then [`Backend::attention`] of its queries: what the model runs at
+    /// every layer. The default makes the two calls; a backend with a fused form for some batches (the CUDA
+    /// backend's decode steps) runs those as one. The same effects and result either way, except the output
+    /// of a row whose slot is [`NO_SLOT`] (a padding row, whose output is discarded): the fused form attends
+    /// over its new key and value, the two calls over whatever its unwritten slot holds.
     #[allow(clippy::too_many_arguments)]
     fn rope_attention(
         &self,
@@ -249,9 +249,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
         inv_freq: &[f32],
         slots: &[u32],
         meta: &AttnMeta<'_>,
-    ) -> Result<Option<Self::Tensor>> {
-        let _ = (qkv, k_cache, v_cache, head_dim, positions, inv_freq, slots, meta);
-        Ok(None)
+    ) -> Result<Self::Tensor> {
+        let q = self.rope_kv_write(qkv, k_cache, v_cache, head_dim, positions, inv_freq, slots)?;
+        self.attention(&q, k_cache, v_cache, meta)
     }
     /// `[a; b; …]`: the parts one after another along their first dimension (equal other dimensions;
     /// vectors simply concatenated), as one new tensor (fused projection weights and biases are made at

@@ -51,29 +51,33 @@ int main() {
         if (!used[sl])
             for (size_t e = 0; e < kvw; ++e) K[sl * kvw + e] = V[sl * kvw + e] = (T)0x7fc1;
     const float scale = 1.f / std::sqrt((float)HD);
-    // Reference (double).
-    std::vector<double> ref(n * heads * HD, 0.0);
-    for (int r = 0; r < n; ++r) {
-        if (rows[r].pos < 0) continue;
-        const int len = rows[r].pos + 1;
-        for (int h = 0; h < heads; ++h) {
-            const int kh = h / (heads / kvh);
-            std::vector<double> s(len);
-            double mx = -1e300;
-            for (int t = 0; t < len; ++t) {
-                const size_t slot = (size_t)tables[rows[r].table + t / bs] * bs + t % bs;
-                double d = 0;
-                for (int e = 0; e < HD; ++e) d += (double)(to_f(Q[(r * heads + h) * HD + e]) * scale) * to_f(K[slot * kvw + kh * HD + e]);
-                s[t] = d; mx = std::max(mx, d);
-            }
-            double sum = 0;
-            for (int t = 0; t < len; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
-            for (int t = 0; t < len; ++t) {
-                const size_t slot = (size_t)tables[rows[r].table + t / bs] * bs + t % bs;
-                for (int e = 0; e < HD; ++e) ref[(r * heads + h) * HD + e] += s[t] / sum * to_f(V[slot * kvw + kh * HD + e]);
+    // Reference (double) of queries Qx over the caches Kx, Vx.
+    auto reference = [&](const std::vector<T>& Qx, const std::vector<T>& Kx, const std::vector<T>& Vx) {
+        std::vector<double> ref(n * heads * HD, 0.0);
+        for (int r = 0; r < n; ++r) {
+            if (rows[r].pos < 0) continue;
+            const int len = rows[r].pos + 1;
+            for (int h = 0; h < heads; ++h) {
+                const int kh = h / (heads / kvh);
+                std::vector<double> s(len);
+                double mx = -1e300;
+                for (int t = 0; t < len; ++t) {
+                    const size_t slot = (size_t)tables[rows[r].table + t / bs] * bs + t % bs;
+                    double d = 0;
+                    for (int e = 0; e < HD; ++e) d += (double)to_f(Qx[(r * heads + h) * HD + e]) * to_f(Kx[slot * kvw + kh * HD + e]);
+                    s[t] = d * scale; mx = std::max(mx, s[t]);
+                }
+                double sum = 0;
+                for (int t = 0; t < len; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
+                for (int t = 0; t < len; ++t) {
+                    const size_t slot = (size_t)tables[rows[r].table + t / bs] * bs + t % bs;
+                    for (int e = 0; e < HD; ++e) ref[(r * heads + h) * HD + e] += s[t] / sum * to_f(Vx[slot * kvw + kh * HD + e]);
+                }
             }
         }
-    }
+        return ref;
+    };
+    const std::vector<double> ref = reference(Q, K, V);
     // fused: the splits count themselves done and the last merges them (no attn_reduce); the counters must
     // be zero again afterwards, ready for the next launch.
     auto run = [&](Kern k, int maxg, int cps, int splits, bool fused) {
@@ -174,28 +178,7 @@ int main() {
                 }
             }
         }
-        std::vector<double> rref(n * heads * HD, 0.0);
-        for (int r = 0; r < n; ++r) {
-            if (rows[r].pos < 0) continue;
-            const int len = rows[r].pos + 1;
-            for (int h = 0; h < heads; ++h) {
-                const int kh = h / (heads / kvh);
-                std::vector<double> sc(len);
-                double mx = -1e300;
-                for (int t = 0; t < len; ++t) {
-                    const size_t slot = (size_t)tables[rows[r].table + t / bs] * bs + t % bs;
-                    double d = 0;
-                    for (int e = 0; e < HD; ++e) d += (double)to_f(Qr[(r * heads + h) * HD + e]) * to_f(Kr[slot * kvw + kh * HD + e]);
-                    sc[t] = d * scale; mx = std::max(mx, sc[t]);
-                }
-                double sum = 0;
-                for (int t = 0; t < len; ++t) { sc[t] = std::exp(sc[t] - mx); sum += sc[t]; }
-                for (int t = 0; t < len; ++t) {
-                    const size_t slot = (size_t)tables[rows[r].table + t / bs] * bs + t % bs;
-                    for (int e = 0; e < HD; ++e) rref[(r * heads + h) * HD + e] += sc[t] / sum * to_f(Vr[slot * kvw + kh * HD + e]);
-                }
-            }
-        }
+        const std::vector<double> rref = reference(Qr, Kr, Vr);
         struct { const char* name; RopeKern k; int maxg; } rks[] = {
             {"paged_attention_128_4_tcr", paged_attention_128_4_tcr, 4},
             {"paged_attention_128_8_tcr", paged_attention_128_8_tcr, 8},

@@ -226,25 +226,8 @@ impl CudaBackend {
         {
             return Err(shape_err("attention"));
         }
-        // The smallest block of query heads that holds the GQA group (fewer registers), else 8 at a time.
         let group = meta.num_heads / meta.num_kv_heads;
-        let sizes = || {
-            ATTN_KERNELS
-                .iter()
-                .filter(|(d, g)| *d == hd && *g <= self.attn_max_heads)
-                .map(|(_, g)| *g)
-        };
-        let maxg = sizes()
-            .filter(|g| *g >= group)
-            .min()
-            .or_else(|| sizes().max())
-            .or_else(|| ATTN_KERNELS.iter().filter(|(d, _)| *d == hd).map(|(_, g)| *g).min())
-            .ok_or_else(|| {
-                let dims: Vec<usize> = ATTN_KERNELS.iter().map(|(d, _)| *d).collect();
-                EngineError::Backend(format!(
-                    "head_dim {hd} has no CUDA attention kernel (supported: {dims:?})"
-                ))
-            })?;
+        let maxg = self.attn_heads_per_block(hd, group)?;
         let family = match self.attn_kernel {
             _ if hd != 128 || maxg < 2 => "",
             AttnKernel::Tensor if self.dtype == DType::F32 => AttnKernel::Lanes8.suffix(),
@@ -253,7 +236,7 @@ impl CudaBackend {
         let hchunks = group.div_ceil(maxg);
         let kernel = match rope {
             None => format!("paged_attention_{hd}_{maxg}{family}"),
-            // The caller checked what the fused kernel needs (CudaBackend::rope_fusable).
+            // The caller checked what the fused kernel needs (CudaBackend::rope_fused).
             Some(_) if family == AttnKernel::Tensor.suffix() && hchunks == 1 => {
                 format!("paged_attention_{hd}_{maxg}_tcr")
             }
@@ -452,6 +435,29 @@ impl CudaBackend {
         })
     }
 
+    /// Query heads per block of the paged kernel at head size `hd` for a GQA group of `group`: the smallest
+    /// block that holds the group (fewer registers), else the largest within the per-block limit (the
+    /// group then takes several blocks).
+    pub(super) fn attn_heads_per_block(&self, hd: usize, group: usize) -> Result<usize> {
+        let sizes = || {
+            ATTN_KERNELS
+                .iter()
+                .filter(|(d, g)| *d == hd && *g <= self.attn_max_heads)
+                .map(|(_, g)| *g)
+        };
+        sizes()
+            .filter(|g| *g >= group)
+            .min()
+            .or_else(|| sizes().max())
+            .or_else(|| ATTN_KERNELS.iter().filter(|(d, _)| *d == hd).map(|(_, g)| *g).min())
+            .ok_or_else(|| {
+                let dims: Vec<usize> = ATTN_KERNELS.iter().map(|(d, _)| *d).collect();
+                EngineError::Backend(format!(
+                    "head_dim {hd} has no CUDA attention kernel (supported: {dims:?})"
+                ))
+            })
+    }
+
     /// Launches a planned attention call (kernel launches only: capturable in a CUDA graph).
     pub fn attention_run(&self, plan: &AttnPlan<'_>) -> Result<()> {
         if plan.out.shape[0] == 0 {
@@ -480,56 +486,21 @@ impl CudaBackend {
         if !sh.paged_rows {
             return Ok(());
         }
-        if let Some(r) = &plan.rope {
-            let [fp, sp, kw, vw] = &r.ptrs;
-            launch!(
-                self,
-                &sh.kernel,
-                sh.grid,
-                op,
-                po,
-                pm,
-                qp,
-                kp,
-                vp,
-                rp,
-                tp,
-                nh,
-                nkv,
-                bs,
-                window,
-                &plan.scale,
-                cps,
-                ns,
-                &sh.counters,
-                &r.q_stride,
-                fp,
-                sp,
-                kw,
-                vw
-            );
-        } else {
-            launch!(
-                self,
-                &sh.kernel,
-                sh.grid,
-                op,
-                po,
-                pm,
-                qp,
-                kp,
-                vp,
-                rp,
-                tp,
-                nh,
-                nkv,
-                bs,
-                window,
-                &plan.scale,
-                cps,
-                ns,
-                &sh.counters
-            );
+        // The paged kernel's arguments, then a `_tcr` launch's own.
+        macro_rules! paged {
+            ($($more:expr),*) => {
+                launch!(
+                    self, &sh.kernel, sh.grid, op, po, pm, qp, kp, vp, rp, tp, nh, nkv, bs, window, &plan.scale, cps, ns,
+                    &sh.counters $(, $more)*
+                )
+            };
+        }
+        match &plan.rope {
+            Some(r) => {
+                let [fp, sp, kw, vw] = &r.ptrs;
+                paged!(&r.q_stride, fp, sp, kw, vw);
+            }
+            None => paged!(),
         }
         if let Some(grid) = sh.reduce_grid {
             launch!(self, "attn_reduce", grid, op, po, pm, rp, nh, hd, window, cps, ns);

@@ -1269,11 +1269,11 @@ impl CudaBackend {
         )
     }
 
-    /// Whether [`crate::Backend::rope_attention`] runs `meta`'s batch as one `_tcr` launch: few enough
-    /// rows (`attn_rope_rows`), 16-bit
-    /// storage, the tensor-core family at head size 128, a GQA group that one block of query heads holds
-    /// (2 to 8 heads per KV head, so one block per KV head writes its cache slot) and decode rows only.
-    fn rope_fusable(&self, meta: &AttnMeta<'_>) -> bool {
+    /// Whether [`crate::Backend::rope_attention`] runs `meta`'s batch (rotary frequencies `inv_freq` of
+    /// heads of `head_dim`) as one `_tcr` launch: few enough rows (`attn_rope_rows`), 16-bit storage, the
+    /// tensor-core family at head size 128, a GQA group that one block of query heads holds (2 to 8 heads
+    /// per KV head, so one block per KV head writes its cache slot) and decode rows only.
+    pub fn rope_fused(&self, meta: &AttnMeta<'_>, head_dim: usize, inv_freq: &[f32]) -> bool {
         let group = meta.num_heads.checked_div(meta.num_kv_heads).unwrap_or(0);
         // One wave: at 8 and 32 rows (256 blocks) the fused step was 2-4% faster, at 64 and 128 rows (2 or
         // more waves) the same or up to 2% slower (bench/NOTES.md, session 18).
@@ -1281,14 +1281,16 @@ impl CudaBackend {
             .attn_rope_rows
             .unwrap_or(self.attn_split_target * self.num_sms / meta.num_kv_heads.max(1));
         meta.seqs.len() <= rows
+            && head_dim == meta.head_dim
+            && inv_freq.len() == head_dim / 2
             && self.dtype != DType::F32
             && self.attn_kernel == AttnKernel::Tensor
             && meta.head_dim == 128
             && meta.num_heads == group * meta.num_kv_heads
-            // A tensor-core kernel of at least the group's heads within the per-block limit (attention_shared
-            // picks the smallest such), so one block covers a KV head's whole group (hchunks 1).
+            // One block of the tensor-core kernel (2 heads or more) holds a KV head's whole group, so one
+            // block writes its slot.
             && group >= 2
-            && [2, 4, 8].iter().any(|&g| g >= group && g <= self.attn_max_heads)
+            && self.attn_heads_per_block(128, group).is_ok_and(|g| g >= group)
             && meta.seqs.iter().all(|s| s.q_len <= 1)
             && meta.seqs.iter().any(|s| s.q_len == 1)
     }
@@ -2062,26 +2064,24 @@ impl Backend for CudaBackend {
         inv_freq: &[f32],
         slots: &[u32],
         meta: &AttnMeta<'_>,
-    ) -> Result<Option<CudaTensor>> {
-        if !self.rope_fusable(meta) || head_dim != meta.head_dim || inv_freq.len() != head_dim / 2 {
-            return Ok(None);
+    ) -> Result<CudaTensor> {
+        if !self.rope_fused(meta, head_dim, inv_freq) {
+            let q = self.rope_kv_write(qkv, k_cache, v_cache, head_dim, positions, inv_freq, slots)?;
+            return self.attention(&q, k_cache, v_cache, meta);
         }
-        let (n, q_dim, _) = super::check_rope_kv_write(
+        let (_, q_dim, _) = super::check_rope_kv_write(
             &qkv.shape,
             &k_cache.shape,
             &v_cache.shape,
             head_dim,
             (positions, inv_freq, slots),
         )?;
-        if n == 0 {
-            return Ok(None);
-        }
         let planning = std::time::Instant::now();
         let uploads = self.rope_uploads(positions, inv_freq, slots)?;
         let plan = self.attention_plan_rope(qkv, q_dim, k_cache, v_cache, meta, (positions, slots), &uploads)?;
         self.graphs.clock.plan(false, planning);
         self.attention_run(&plan)?;
-        Ok(Some(plan.output()))
+        Ok(plan.output())
     }
 
     fn concat_rows(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
