@@ -404,10 +404,6 @@ __device__ __forceinline__ u32 word(const u32x4& v, int i) { return i == 0 ? v.x
 // another before its walk starts. The host launches it only
 // when every row is a decode row and one block covers a KV head's whole query group (so exactly one block
 // writes each slot).
-// Experiment switch (LORAX_CUDA_DEFINES=-DATTN_TC_PRELOAD=0): the first step's loads after the rotation.
-#ifndef ATTN_TC_PRELOAD
-#define ATTN_TC_PRELOAD 1
-#endif
 template <int HD, int MAXG, bool ROPE>
 __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, const float* __restrict__ inv_freq,
                                                    const u32* __restrict__ slots, T* kw, T* vw) {
@@ -436,58 +432,7 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
     const T* qrow = q + w.row * (u64)q_stride + (u64)(w.h0 + g) * HD + t * 32;
 #pragma unroll
     for (int c = 0; c < 4; ++c) qf[c] = g < w.nh ? *reinterpret_cast<const u32x4*>(qrow + c * 8) : zero;
-    // ROPE: the new token's index in the range (in the last split), read from new_s, never from the cache.
-    const int tnew = ROPE && w.split == w.splits_row - 1 ? w.t_end - 1 : -1;
-
-    // A step's keys and values: keys of tokens tb + 8j + g, dims 32t ..; values of tokens tb + 8(i / 2) +
-    // 2t + i % 2, dims 16g ... From the cache, zeros past the range (cache memory there may hold anything,
-    // NaN too) and at the new token, which load_new then takes from new_s.
-    u32x4 kf[2][4], vf[4][2];
-    const auto load_cache = [&](int tb) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int tk = tb + j * 8 + g;
-            if (tk < w.t_end && tk != tnew) {
-                const int p = w.first + tk;
-                const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
-                const T* kr = w.kb + slot * w.kv_stride + t * 32;
-#pragma unroll
-                for (int c = 0; c < 4; ++c) kf[j][c] = *reinterpret_cast<const u32x4*>(kr + c * 8);
-            } else {
-#pragma unroll
-                for (int c = 0; c < 4; ++c) kf[j][c] = zero;
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int tk = tb + (i / 2) * 8 + t2 + (i % 2);
-            if (tk < w.t_end && tk != tnew) {
-                const int p = w.first + tk;
-                const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
-                const T* vr = w.vb + slot * w.kv_stride + g * 16;
-                vf[i][0] = *reinterpret_cast<const u32x4*>(vr);
-                vf[i][1] = *reinterpret_cast<const u32x4*>(vr + 8);
-            } else {
-                vf[i][0] = vf[i][1] = zero;
-            }
-        }
-    };
-    const auto load_new = [&](int tb) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-            if (tb + j * 8 + g == tnew)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) kf[j][c] = *reinterpret_cast<const u32x4*>(&new_s[0][t * 32 + c * 8]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            if (tb + (i / 2) * 8 + t2 + (i % 2) == tnew) {
-                vf[i][0] = *reinterpret_cast<const u32x4*>(&new_s[1][g * 16]);
-                vf[i][1] = *reinterpret_cast<const u32x4*>(&new_s[1][g * 16 + 8]);
-            }
-    };
-    // The first step's loads go out before the rotation, so their latency overlaps it.
-    const int tb0 = w.t_begin + warp * STEP;
-    if (ATTN_TC_PRELOAD) load_cache(tb0);
+    int tnew = -1;  // ROPE: the new token's index in the range, in the last split (read from new_s)
     if (ROPE) {
         // Each warp makes its own cosines and sines (two angles a lane), so no block barrier holds the walk.
         float(*rs)[HD / 2] = rope_s[warp];
@@ -517,7 +462,8 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
             }
         }
         // The new token: rotated and written by the warp whose steps hold it, the only one that reads it.
-        if (tnew >= 0) {
+        if (w.split == w.splits_row - 1) {
+            tnew = w.t_end - 1;
             if (((tnew - w.t_begin) / STEP) % WARPS == warp) {
                 const T* krow = q + w.row * (u64)q_stride + qw + (u64)w.kvh * HD;
 #pragma unroll
@@ -544,16 +490,49 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
         }
     }
 
-    if (!ATTN_TC_PRELOAD) load_cache(tb0);
-    if (ROPE) load_new(tb0);
-
     // o[mt]: heads 2t, 2t + 1 (columns) of dims 16g + mt and 16g + 8 + mt (rows g, g + 8).
     float o[MT][4];
 #pragma unroll
     for (int d = 0; d < MT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float m = NEG_INF, l = 0.f;
 
-    for (int tb = tb0; tb < w.t_end;) {
+    for (int tb = w.t_begin + warp * STEP; tb < w.t_end; tb += WARPS * STEP) {
+        // Keys of tokens tb + 8j + g, dims 32t ..; values of tokens tb + 8(i / 2) + 2t + i % 2, dims 16g ...
+        u32x4 kf[2][4], vf[4][2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int tk = tb + j * 8 + g;
+            if (ROPE && tk == tnew) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) kf[j][c] = *reinterpret_cast<const u32x4*>(&new_s[0][t * 32 + c * 8]);
+            } else if (tk < w.t_end) {
+                const int p = w.first + tk;
+                const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
+                const T* kr = w.kb + slot * w.kv_stride + t * 32;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) kf[j][c] = *reinterpret_cast<const u32x4*>(kr + c * 8);
+            } else {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) kf[j][c] = zero;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int tk = tb + (i / 2) * 8 + t2 + (i % 2);
+            if (ROPE && tk == tnew) {
+                vf[i][0] = *reinterpret_cast<const u32x4*>(&new_s[1][g * 16]);
+                vf[i][1] = *reinterpret_cast<const u32x4*>(&new_s[1][g * 16 + 8]);
+            } else if (tk < w.t_end) {
+                const int p = w.first + tk;
+                const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
+                const T* vr = w.vb + slot * w.kv_stride + g * 16;
+                vf[i][0] = *reinterpret_cast<const u32x4*>(vr);
+                vf[i][1] = *reinterpret_cast<const u32x4*>(vr + 8);
+            } else {
+                vf[i][0] = vf[i][1] = zero;  // cache memory past the context may hold anything, NaN too
+            }
+        }
+
         // S = Q.K^T: tile j, column n = key token tb + 8j + n.
         float s[2][4];
 #pragma unroll
@@ -615,11 +594,6 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
             const u32 a[4] = {pair(vf[0][0], vf[1][0]), pair(vf[0][1], vf[1][1]), pair(vf[2][0], vf[3][0]),
                               pair(vf[2][1], vf[3][1])};
             mma_16816(o[d], a, pb);
-        }
-        tb += WARPS * STEP;
-        if (tb < w.t_end) {
-            load_cache(tb);
-            if (ROPE) load_new(tb);
         }
     }
 
