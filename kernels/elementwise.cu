@@ -135,29 +135,33 @@ __device__ __forceinline__ float lora_col(float x, const RowLora& l, int c) {
 }
 
 // lora_col for the VEC columns of each vector this thread holds (`b`, as load_row_vec fills it), with B's
-// rows loaded 16 bytes at a time (rank a multiple of VEC, B 16-byte aligned), a vector's VEC rows at once.
+// rows loaded 16 bytes at a time (rank a multiple of VEC, B 16-byte aligned), 4 columns' rows at once.
 __device__ __forceinline__ void lora_cols_vec(float (&b)[ROW_NV][VEC], const RowLora& l, int h) {
+    constexpr int C = 4;
 #pragma unroll
     for (int jv = 0; jv < ROW_NV; ++jv) {
         const int v = threadIdx.x + jv * blockDim.x;
         if (v >= h / VEC) continue;
-        float acc[VEC];
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
-        for (int j0 = 0; j0 < l.rank; j0 += VEC) {
-            u32x4 bv[VEC];
+        for (int e0 = 0; e0 < VEC; e0 += C) {
+            float acc[C];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e)
-                bv[e] = *reinterpret_cast<const u32x4*>(l.b + (u64)(v * VEC + e) * l.rank + j0);
+            for (int e = 0; e < C; ++e) acc[e] = 0.f;
+            for (int j0 = 0; j0 < l.rank; j0 += VEC) {
+                u32x4 bv[C];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-                const T* be = reinterpret_cast<const T*>(&bv[e]);
+                for (int e = 0; e < C; ++e)
+                    bv[e] = *reinterpret_cast<const u32x4*>(l.b + (u64)(v * VEC + e0 + e) * l.rank + j0);
 #pragma unroll
-                for (int q = 0; q < VEC; ++q) acc[e] += l.t[j0 + q] * to_f(be[q]);
+                for (int e = 0; e < C; ++e) {
+                    const T* be = reinterpret_cast<const T*>(&bv[e]);
+#pragma unroll
+                    for (int q = 0; q < VEC; ++q) acc[e] += l.t[j0 + q] * to_f(be[q]);
+                }
             }
-        }
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) b[jv][e] = to_f(from_f(b[jv][e] + l.scale * acc[e]));
+            for (int e = 0; e < C; ++e) b[jv][e0 + e] = to_f(from_f(b[jv][e0 + e] + l.scale * acc[e]));
+        }
     }
 }
 
@@ -210,7 +214,8 @@ extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ res
 // for (layer, target) gives B, rank and scale, and its shrink result t sums the k-chunk partials that
 // bgmv_shrink_ix wrote for part 0 (tmp row c * pstride + r, chunks c = 0 .. ks - 1 in order, as
 // bgmv_expand_ix sums them). The same values as bgmv_expand_ix then add_rms_norm.
-extern "C" __global__ void add_rms_norm_lora(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
+// At most 512 threads a block (row_threads), so registers are capped for that.
+extern "C" __global__ void __launch_bounds__(512) add_rms_norm_lora(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
                                              const T* __restrict__ w, int h, float eps, const float* __restrict__ tmp,
                                              const u64* __restrict__ row_index, int layer, int target, int pstride,
                                              int rmax, int ks) {
