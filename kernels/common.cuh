@@ -278,17 +278,3 @@ __device__ __forceinline__ void ldsm_x4(u32* r, const T* row) {
 #endif
 }
 #endif
-
-// An adapter's device index (lora.rs `make_lora_index`): LoraRef[layers][LORA_TARGETS], one per (layer, target).
-#define LORA_TARGETS 7
-// Largest rank of a planned decode step's pairs (lora.rs BG_RANK; larger ones take the per-layer path).
-#define LORA_RANK_MAX 64
-
-struct LoraRef {
-    u64 a;      // lora_A [rank, in], or 0: no pair for this (layer, target)
-    u64 b;      // lora_B [cols, rank]
-    int rank;
-    float scale;
-    int cols;
-    int pad;
-};

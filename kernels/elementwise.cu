@@ -115,69 +115,19 @@ extern "C" __global__ void rms_norm(T* __restrict__ out, const T* __restrict__ x
     rms_norm_row(out + r * h, x + r * h, w, h, eps);
 }
 
-// One row's LoRA term of a planned decode step's single-part product (see add_rms_norm_lora): B (the
-// pair's lora_B, [cols, rank]), its rank (0: the row has no pair) and scale, and t (the row's shrink result,
-// rank floats in shared memory).
-struct RowLora {
-    const T* b;
-    int rank;
-    float scale;
-    const float* t;
-};
-
-// x[c] + scale * t . B[c] for column c, rounded to the storage type, as bgmv_expand_ix rounds y: the products
-// summed in rank order j = 0, 1, ... (the expand's order, so the same f32 value).
-__device__ __forceinline__ float lora_col(float x, const RowLora& l, int c) {
-    float acc = 0.f;
-    const T* br = l.b + (u64)c * l.rank;
-    for (int j = 0; j < l.rank; ++j) acc += l.t[j] * to_f(br[j]);
-    return to_f(from_f(x + l.scale * acc));
-}
-
-// lora_col for the VEC columns of each vector this thread holds (`b`, as load_row_vec fills it), with B's
-// rows loaded 16 bytes at a time (rank a multiple of VEC, B 16-byte aligned), 4 columns' rows at once.
-__device__ __forceinline__ void lora_cols_vec(float (&b)[ROW_NV][VEC], const RowLora& l, int h) {
-    constexpr int C = 4;
-#pragma unroll
-    for (int jv = 0; jv < ROW_NV; ++jv) {
-        const int v = threadIdx.x + jv * blockDim.x;
-        if (v >= h / VEC) continue;
-#pragma unroll
-        for (int e0 = 0; e0 < VEC; e0 += C) {
-            float acc[C];
-#pragma unroll
-            for (int e = 0; e < C; ++e) acc[e] = 0.f;
-            for (int j0 = 0; j0 < l.rank; j0 += VEC) {
-                u32x4 bv[C];
-#pragma unroll
-                for (int e = 0; e < C; ++e)
-                    bv[e] = *reinterpret_cast<const u32x4*>(l.b + (u64)(v * VEC + e0 + e) * l.rank + j0);
-#pragma unroll
-                for (int e = 0; e < C; ++e) {
-                    const T* be = reinterpret_cast<const T*>(&bv[e]);
-#pragma unroll
-                    for (int q = 0; q < VEC; ++q) acc[e] += l.t[j0 + q] * to_f(be[q]);
-                }
-            }
-#pragma unroll
-            for (int e = 0; e < C; ++e) b[jv][e0 + e] = to_f(from_f(b[jv][e0 + e] + l.scale * acc[e]));
-        }
-    }
-}
-
-// residual += x (rounded to the storage type, as the residual stream is stored), then out = RMSNorm(residual);
-// with LORA, x first gets the row's LoRA term (lora_col). Each thread re-reads only the residual elements it
-// wrote itself, so no barrier is needed between the passes besides the reduction's.
-template <bool LORA>
-__device__ __forceinline__ void add_rms_norm_row(T* __restrict__ out, T* __restrict__ res, const T* __restrict__ xr,
-                                                 const T* __restrict__ w, int h, float eps, const RowLora& l) {
-    const bool lora = LORA && l.rank > 0;
-    const bool lora_vec = !lora || (l.rank % VEC == 0 && ((u64)l.b & 15) == 0);
-    if (row_vec_fits(h) && vec_ok(out, res, xr, w, h) && lora_vec) {
+// residual += x (rounded to the storage type, as the residual stream is stored), then out = RMSNorm(residual).
+// Each thread re-reads only the residual elements it wrote itself, so no barrier is needed between the
+// passes besides the reduction's.
+extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
+                                        const T* __restrict__ w, int h, float eps) {
+    pdl_enter();
+    const u64 r = blockIdx.x;
+    T* res = residual + r * h;
+    const T* xr = x + r * h;
+    if (row_vec_fits(h) && vec_ok(out + r * h, res, xr, w, h)) {
         float a[ROW_NV][VEC], b[ROW_NV][VEC];
         load_row_vec(a, res, h);
         load_row_vec(b, xr, h);
-        if (lora) lora_cols_vec(b, l, h);
 #pragma unroll
         for (int j = 0; j < ROW_NV; ++j) {
             const int v = threadIdx.x + j * blockDim.x;
@@ -192,49 +142,11 @@ __device__ __forceinline__ void add_rms_norm_row(T* __restrict__ out, T* __restr
                 reinterpret_cast<u32x4*>(res)[v] = o;
             }
         }
-        rms_norm_vec(out, a, w, h, eps);
+        rms_norm_vec(out + r * h, a, w, h, eps);
         return;
     }
-    for (int c = threadIdx.x; c < h; c += blockDim.x) {
-        const float x = lora ? lora_col(to_f(xr[c]), l, c) : to_f(xr[c]);
-        res[c] = from_f(to_f(res[c]) + x);
-    }
-    rms_norm_row(out, res, w, h, eps);
-}
-
-extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
-                                        const T* __restrict__ w, int h, float eps) {
-    pdl_enter();
-    const u64 r = blockIdx.x;
-    add_rms_norm_row<false>(out + r * h, residual + r * h, x + r * h, w, h, eps, RowLora{});
-}
-
-// add_rms_norm with a planned decode step's LoRA expand of one part folded in (the o projection's, whose
-// output x is; lora.rs `lora_layer_add_rms_norm`): row r's adapter index is row_index[r] (0: none), its pair
-// for (layer, target) gives B, rank and scale, and its shrink result t sums the k-chunk partials that
-// bgmv_shrink_ix wrote for part 0 (tmp row c * pstride + r, chunks c = 0 .. ks - 1 in order, as
-// bgmv_expand_ix sums them). The same values as bgmv_expand_ix then add_rms_norm.
-// At most 512 threads a block (row_threads), so registers are capped for that.
-extern "C" __global__ void __launch_bounds__(512) add_rms_norm_lora(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
-                                             const T* __restrict__ w, int h, float eps, const float* __restrict__ tmp,
-                                             const u64* __restrict__ row_index, int layer, int target, int pstride,
-                                             int rmax, int ks) {
-    __shared__ float t_s[LORA_RANK_MAX];
-    const u64 r = blockIdx.x;
-    // The index tables are written when an adapter is uploaded, never by a kernel: read before the wait.
-    const u64 ix = row_index[r];
-    LoraRef ref = {};
-    if (ix != 0) ref = reinterpret_cast<const LoraRef*>(ix)[layer * LORA_TARGETS + target];
-    const int rank = ref.a != 0 ? min(ref.rank, LORA_RANK_MAX) : 0;
-    pdl_enter();
-    for (int j = threadIdx.x; j < rank; j += blockDim.x) {
-        float s = 0.f;
-        for (int c = 0; c < ks; ++c) s += tmp[((u64)c * pstride + r) * rmax + j];
-        t_s[j] = s;
-    }
-    __syncthreads();
-    const RowLora l = {reinterpret_cast<const T*>(ref.b), rank, ref.scale, t_s};
-    add_rms_norm_row<true>(out + r * h, residual + r * h, x + r * h, w, h, eps, l);
+    for (int c = threadIdx.x; c < h; c += blockDim.x) res[c] = from_f(to_f(res[c]) + to_f(xr[c]));
+    rms_norm_row(out + r * h, res, w, h, eps);
 }
 
 // The attention inputs of a fused q/k/v projection row [q_dim | kv_dim | kv_dim]: rotary embedding of the

@@ -147,7 +147,7 @@ extern "C" __global__ void sgmv_expand(T* __restrict__ y, const float* __restric
 //   tmp[row, :r] . B[c, :r].
 // Sums run in a fixed order, so results do not depend on scheduling.
 #define BG_ROWS 4
-#define BG_RANK LORA_RANK_MAX
+#define BG_RANK 64
 #define BG_SHRINK_THREADS 128
 
 // The shrink of one record: tmp[trow + i, j] = x[start + i] . A[j, :] for its rows i < rows.
@@ -267,7 +267,17 @@ extern "C" __global__ void bgmv_expand(T* __restrict__ y, const float* __restric
 // of y) pairs, a fused projection's), and the kernels look the pairs up. Grid z is the part; part p's
 // intermediate rows are p * n + row (the `_ix0` pair) or one set of those per k-chunk (the `_ix` pair, below).
 // A pair the adapter does not have (a null A) is skipped.
-// (LORA_TARGETS and LoraRef are in common.cuh: add_rms_norm_lora reads the same tables.)
+#define LORA_TARGETS 7
+
+struct LoraRef {
+    u64 a;      // lora_A [rank, in], or 0: no pair for this (layer, target)
+    u64 b;      // lora_B [cols, rank]
+    int rank;
+    float scale;
+    int cols;
+    int pad;
+};
+
 struct LoraRec {
     u64 index;  // the adapter's LoraRef[layers][LORA_TARGETS], or 0 for an empty (padding) record
     int start;

@@ -440,27 +440,9 @@ impl<B: Backend> Model<B> {
                 &input.slots,
                 &meta,
             )?;
-            let h2 = match &lora_step {
-                // One GPU, a planned step: the backend may fold the o projection's LoRA terms into the norm.
-                Some(step) if comm.world_size() == 1 => {
-                    let mut attn_out = layer.o.forward(backend, &attn)?;
-                    backend.lora_layer_add_rms_norm(
-                        &mut residual,
-                        &mut attn_out,
-                        &attn,
-                        step,
-                        i,
-                        &[(Target::O, 0)],
-                        &layer.post_norm,
-                        eps,
-                    )?
-                }
-                _ => {
-                    let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
-                    backend.all_reduce_sum(&mut attn_out, comm)?;
-                    backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?
-                }
-            };
+            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
+            backend.all_reduce_sum(&mut attn_out, comm)?;
+            let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
             let gate_up = project(
                 &layer.gate_up,
                 &h2,

@@ -1007,53 +1007,6 @@ fn lora_sgmv_matches_cpu() {
     }
 }
 
-/// Whether a test adapter has a pair for (layer, target).
-type Has = fn(usize, lorax_engine::lora::Target) -> bool;
-/// A test adapter's CPU copies of its pairs per layer: (lora_A, lora_B) per target.
-type CpuLayer = [Option<(lorax_engine::CpuTensor, lorax_engine::CpuTensor)>; lorax_engine::lora::NUM_TARGETS];
-
-/// Adapters of the given (rank, scale, which pairs) over `layers` layers of width `h` (a target's output
-/// width from `width`): their pairs' CPU copies, and the adapters on the GPU with their indexes.
-fn step_adapters(
-    g: &CudaBackend,
-    rng: &mut Rng,
-    specs: &[(usize, f32, Has)],
-    layers: usize,
-    h: usize,
-    width: impl Fn(lorax_engine::lora::Target) -> usize,
-) -> (Vec<Vec<CpuLayer>>, Vec<lorax_engine::lora::DeviceAdapter<CudaBackend>>) {
-    use lorax_engine::lora::{DeviceAdapter, LoraWeights, Target, NUM_TARGETS};
-    let mut cpu: Vec<Vec<CpuLayer>> = Vec::new();
-    let mut dev: Vec<DeviceAdapter<CudaBackend>> = Vec::new();
-    for &(rank, scale, has) in specs {
-        let mut c: Vec<CpuLayer> = (0..layers).map(|_| Default::default()).collect();
-        let mut d: Vec<[Option<LoraWeights<CudaBackend>>; NUM_TARGETS]> =
-            (0..layers).map(|_| Default::default()).collect();
-        for l in 0..layers {
-            for t in Target::ALL.into_iter().filter(|&t| has(l, t)) {
-                let (ra, rb) = (1.0 / (h as f32).sqrt(), 1.0 / (rank as f32).sqrt());
-                let a = pair(g, rng, &[rank, h], -ra, ra);
-                let b = pair(g, rng, &[width(t), rank], -rb, rb);
-                c[l][t.index()] = Some((a.cpu, b.cpu));
-                d[l][t.index()] = Some(LoraWeights {
-                    a: a.gpu,
-                    b: b.gpu,
-                    scale,
-                });
-            }
-        }
-        let index = g.lora_index(&d).unwrap();
-        assert!(index.is_some(), "adapter of rank {rank} has no index");
-        cpu.push(c);
-        dev.push(DeviceAdapter {
-            layers: d,
-            bytes: 0,
-            index,
-        });
-    }
-    (cpu, dev)
-}
-
 /// The per-step LoRA plan (`lora_step` once, then `lora_layer` per layer and projection, the `bgmv_*_ix`
 /// kernels) against the CPU's per-layer `lora`: adapters of ranks 4-64, one without k, one without layer
 /// 0's q, one with o alone; segments of 1, 5 and 32 rows (several records) with base rows between; the
@@ -1072,6 +1025,8 @@ fn lora_step_matches_cpu() {
         _ => h,
     };
     // (rank, scale, does it have (layer, target)), and its rows.
+    type Has = fn(usize, Target) -> bool;
+    type CpuLayer = [Option<(lorax_engine::CpuTensor, lorax_engine::CpuTensor)>; NUM_TARGETS];
     let specs: [(usize, f32, Has); 4] = [
         (16, 2.0, |_, t| t.index() < 4),
         (8, 0.5, |_, t| matches!(t, Target::Q | Target::V | Target::O)),
@@ -1083,7 +1038,35 @@ fn lora_step_matches_cpu() {
     for dt in DTYPES {
         let Some(g) = gpu(dt) else { return };
         say(&format!("{dt:?} lora step plan"));
-        let (cpu, dev) = step_adapters(&g, &mut rng, &specs, layers, h, width);
+        // The CPU copies of each adapter's pairs, and the adapters on the GPU.
+        let mut cpu: Vec<Vec<CpuLayer>> = Vec::new();
+        let mut dev: Vec<DeviceAdapter<CudaBackend>> = Vec::new();
+        for &(rank, scale, has) in &specs {
+            let mut c: Vec<CpuLayer> = (0..layers).map(|_| Default::default()).collect();
+            let mut d: Vec<[Option<LoraWeights<CudaBackend>>; NUM_TARGETS]> =
+                (0..layers).map(|_| Default::default()).collect();
+            for l in 0..layers {
+                for t in Target::ALL.into_iter().filter(|&t| has(l, t)) {
+                    let (ra, rb) = (1.0 / (h as f32).sqrt(), 1.0 / (rank as f32).sqrt());
+                    let a = pair(&g, &mut rng, &[rank, h], -ra, ra);
+                    let b = pair(&g, &mut rng, &[width(t), rank], -rb, rb);
+                    c[l][t.index()] = Some((a.cpu, b.cpu));
+                    d[l][t.index()] = Some(LoraWeights {
+                        a: a.gpu,
+                        b: b.gpu,
+                        scale,
+                    });
+                }
+            }
+            let index = g.lora_index(&d).unwrap();
+            assert!(index.is_some(), "adapter of rank {rank} has no index");
+            cpu.push(c);
+            dev.push(DeviceAdapter {
+                layers: d,
+                bytes: 0,
+                index,
+            });
+        }
         let segs: Vec<LoraRows<'_, CudaBackend>> = rows
             .iter()
             .zip(&dev)
@@ -1172,70 +1155,5 @@ fn lora_step_matches_cpu() {
             g.lora_step(n, &rows).unwrap().is_none(),
             "a rank-128 adapter got a step plan"
         );
-    }
-}
-
-/// The o projection's LoRA expand folded into the norm after it (`add_rms_norm_lora`, on by default) against
-/// the expand kernel then `add_rms_norm` (`set_lora_norm(false)`): the same bits in the norm's output and
-/// the residual, in every dtype, with rows of no adapter, an adapter without o in a layer, rank 4 (the
-/// kernel's scalar B loads) and ranks 8-64 (16-byte loads); and y left as it was, which shows the fold ran.
-#[test]
-fn lora_expand_folds_into_the_norm() {
-    use lorax_engine::backend::LoraRows;
-    use lorax_engine::lora::Target;
-    let mut rng = Rng(seed("lora norm fold"));
-    let (h, layers) = (2560, 2);
-    let specs: [(usize, f32, Has); 4] = [
-        (16, 2.0, |_, t| t.index() < 4),
-        (8, 0.5, |l, t| t == Target::O && l == 1),
-        (64, 1.0, |_, t| t == Target::O),
-        (4, 1.5, |_, t| t == Target::O),
-    ];
-    let rows = [(0, 1), (1, 5), (8, 32), (40, 3)];
-    let n = 43;
-    for dt in DTYPES {
-        let Some(mut g) = gpu(dt) else { return };
-        say(&format!("{dt:?} lora expand folded into the norm"));
-        let (_, dev) = step_adapters(&g, &mut rng, &specs, layers, h, |_| h);
-        let segs: Vec<LoraRows<'_, CudaBackend>> = rows
-            .iter()
-            .zip(&dev)
-            .map(|(&(start, len), adapter)| LoraRows { start, len, adapter })
-            .collect();
-        let step = g.lora_step(n, &segs).unwrap().expect("a step plan");
-        for l in 0..layers {
-            let x = pair(&g, &mut rng, &[n, h], -1.0, 1.0);
-            let y = pair(&g, &mut rng, &[n, h], -0.5, 0.5);
-            let res = pair(&g, &mut rng, &[n, h], -2.0, 2.0);
-            let w = pair(&g, &mut rng, &[h], 0.5, 1.5);
-            let mut got = Vec::new();
-            for fold in [false, true] {
-                g.set_lora_norm(fold);
-                let mut y2 = g.tensor_from_f32(&[n, h], &y.host).unwrap();
-                let mut res2 = g.tensor_from_f32(&[n, h], &res.host).unwrap();
-                let out = g
-                    .lora_layer_add_rms_norm(&mut res2, &mut y2, &x.gpu, &step, l, &[(Target::O, 0)], &w.gpu, 1e-5)
-                    .unwrap();
-                let y_after = g.to_f32(&y2).unwrap();
-                assert_eq!(
-                    y_after == y.host,
-                    fold,
-                    "{dt:?} layer {l}: y {} by the LoRA terms with the fold {}",
-                    if fold { "changed" } else { "unchanged" },
-                    if fold { "on" } else { "off" }
-                );
-                got.push((g.to_f32(&out).unwrap(), g.to_f32(&res2).unwrap()));
-            }
-            assert!(
-                got[0].0 == got[1].0,
-                "{dt:?} layer {l}: the norm's output differs with the fold"
-            );
-            assert!(
-                got[0].1 == got[1].1,
-                "{dt:?} layer {l}: the residual differs with the fold"
-            );
-            assert!(got[0].1 != res.host, "{dt:?} layer {l}: the residual was not updated");
-        }
-        g.set_lora_norm(true);
     }
 }

@@ -301,24 +301,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
             "lora_layer without a step plan from lora_step".into(),
         ))
     }
-    /// [`Backend::lora_layer`] on `y`, then [`Backend::add_rms_norm`] of `residual` with `y`: the same
-    /// values, but a backend may add the LoRA terms inside the norm's pass (one launch fewer), so `y`
-    /// itself may be left without them.
-    #[allow(clippy::too_many_arguments)]
-    fn lora_layer_add_rms_norm(
-        &self,
-        residual: &mut Self::Tensor,
-        y: &mut Self::Tensor,
-        x: &Self::Tensor,
-        step: &Self::LoraStep,
-        layer: usize,
-        parts: &[(Target, usize)],
-        w: &Self::Tensor,
-        eps: f32,
-    ) -> Result<Self::Tensor> {
-        self.lora_layer(y, x, step, layer, parts)?;
-        self.add_rms_norm(residual, y, w, eps)
-    }
     /// For each `(row, task)`, from row `row` of `logits` `[rows, vocab]`: the next token chosen by the
     /// task's sampler (exactly as [`crate::Sampler::choose`], recorded in its history), or a given
     /// token's log-probability under the raw logits. Each row serves one task. The default copies the

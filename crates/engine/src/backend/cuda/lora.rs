@@ -129,32 +129,12 @@ impl std::fmt::Debug for CudaLoraIndex {
 /// rows naming their adapter's index, uploaded once; each layer launches the two `_ix` kernels (or `_ix0`).
 pub struct CudaLoraStep {
     table: DevBuf,
-    /// Per row of the pass, its adapter's index (device address; 0: no adapter), for the kernels that
-    /// take a row at a time (`add_rms_norm_lora`).
-    row_index: DevBuf,
     records: usize,
     rows: usize,
     rmax: usize,
     layers: usize,
     /// Per target: (in features, columns) where some adapter of the step has it.
     dims: [Option<(usize, usize)>; NUM_TARGETS],
-}
-
-/// The parts of a planned layer's product that some adapter of the step has (at most 3): their targets,
-/// first columns of y, and the widest part's columns.
-#[derive(Default)]
-struct StepParts {
-    targets: [i32; 3],
-    cols: [i32; 3],
-    used: usize,
-    max_cols: usize,
-}
-
-/// A k-split shrink's intermediate, `pstride` rows per chunk, `chunks` chunks.
-struct Shrunk {
-    tmp: DevBuf,
-    pstride: i32,
-    chunks: i32,
 }
 
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
@@ -232,7 +212,6 @@ impl CudaBackend {
         let (mut rmax, mut layers) = (0, usize::MAX);
         let mut dims: [Option<(usize, usize)>; NUM_TARGETS] = [None; NUM_TARGETS];
         let mut recs: Vec<LoraRec> = Vec::with_capacity(rows.div_ceil(BG_ROWS) + segments.len());
-        let mut row_index = vec![0u64; rows];
         for seg in segments.iter().filter(|s| s.len > 0) {
             let Some(ix) = &seg.adapter.index else { return Ok(None) };
             if seg.start + seg.len > rows {
@@ -252,7 +231,6 @@ impl CudaBackend {
             rmax = rmax.max(ix.max_rank);
             layers = layers.min(ix.layers);
             let index = self.ptr(&ix.table);
-            row_index[seg.start..seg.start + seg.len].fill(index);
             for c in (0..seg.len).step_by(BG_ROWS) {
                 recs.push(LoraRec {
                     index,
@@ -269,103 +247,12 @@ impl CudaBackend {
         recs.resize(recs.len().next_power_of_two(), LoraRec::default());
         Ok(Some(CudaLoraStep {
             table: self.upload(&recs)?,
-            row_index: self.upload(&row_index)?,
             records: recs.len(),
             rows,
             rmax,
             layers,
             dims,
         }))
-    }
-
-    /// The `parts` (target, first column of y) some adapter of the step has, checked against x [n, k] and
-    /// y [n, out] of layer `layer`.
-    fn step_parts(
-        step: &CudaLoraStep,
-        x: &CudaTensor,
-        y: &CudaTensor,
-        layer: usize,
-        parts: &[(Target, usize)],
-    ) -> Result<StepParts> {
-        let (n, k) = x.rows_cols();
-        let (ny, out) = y.rows_cols();
-        if n != ny || n != step.rows || layer >= step.layers {
-            return Err(EngineError::Backend(format!(
-                "lora_layer: x {:?}, y {:?}, layer {layer}, for a step of {} rows and {} layers",
-                x.shape, y.shape, step.rows, step.layers
-            )));
-        }
-        let mut p = StepParts::default();
-        for &(target, col) in parts {
-            let Some((kin, c)) = step.dims[target.index()] else {
-                continue;
-            };
-            if kin != k || col + c > out || p.used == 3 {
-                return Err(EngineError::Backend(format!(
-                    "lora_layer: {target:?} pairs of {kin} -> {c} at column {col} for x {:?}, y {:?} ({} parts)",
-                    x.shape,
-                    y.shape,
-                    parts.len()
-                )));
-            }
-            p.targets[p.used] = int("target", target.index())?;
-            p.cols[p.used] = int("column", col)?;
-            p.max_cols = p.max_cols.max(c);
-            p.used += 1;
-        }
-        Ok(p)
-    }
-
-    /// The k-split shrink of a planned layer's `p` (kernels/lora.cu, `bgmv_shrink_ix`): one partial per
-    /// k-chunk, chunk c's part j keeping row r of the pass in row (c · parts + j) · n + r of the
-    /// intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written here,
-    /// so nothing is zeroed.
-    fn step_shrink(&self, x: &CudaTensor, step: &CudaLoraStep, layer: usize, p: &StepParts) -> Result<Shrunk> {
-        let (n, k) = x.rows_cols();
-        let kc = shrink_chunk(k, self.dtype.size());
-        let chunks = k.div_ceil(kc);
-        let tmp = self.bytes(chunks * p.used * n * step.rmax * 4)?;
-        let (tp, xp, sp) = (self.ptr(&tmp), self.ptr(&x.buf), self.ptr(&step.table));
-        let [t0, t1, t2] = &p.targets;
-        let (li, ni, ki, ri) = (
-            int("layer", layer)?,
-            int("rows", n)?,
-            int("in features", k)?,
-            int("rank", step.rmax)?,
-        );
-        let (pstride, kci) = (int("intermediate rows", p.used * n)?, int("k chunk", kc)?);
-        int("intermediate rows", chunks * p.used * n)?;
-        let shrink = cfg(
-            (
-                uint("records", step.records)?,
-                uint("k chunks", chunks)?,
-                uint("parts", p.used)?,
-            ),
-            BG_KWARPS * 32,
-            0,
-        );
-        launch!(
-            self,
-            "bgmv_shrink_ix",
-            shrink,
-            &tp,
-            &xp,
-            &sp,
-            &li,
-            t0,
-            t1,
-            t2,
-            &ni,
-            &pstride,
-            &ki,
-            &ri,
-            &kci
-        );
-        Ok(Shrunk {
-            tmp,
-            pstride,
-            chunks: int("k chunks", chunks)?,
-        })
     }
 
     /// One layer's LoRA products of a planned step: for the `parts` some adapter of the step has, shrink
@@ -378,14 +265,39 @@ impl CudaBackend {
         layer: usize,
         parts: &[(Target, usize)],
     ) -> Result<()> {
-        let p = Self::step_parts(step, x, y, layer, parts)?;
         let (n, k) = x.rows_cols();
-        let out = y.rows_cols().1;
-        if p.used == 0 || k == 0 {
+        let (ny, out) = y.rows_cols();
+        if n != ny || n != step.rows || layer >= step.layers {
+            return Err(EngineError::Backend(format!(
+                "lora_layer: x {:?}, y {:?}, layer {layer}, for a step of {} rows and {} layers",
+                x.shape, y.shape, step.rows, step.layers
+            )));
+        }
+        let mut targets = [0i32; 3];
+        let mut cols = [0i32; 3];
+        let (mut used, mut max_cols) = (0, 0);
+        for &(target, col) in parts {
+            let Some((kin, c)) = step.dims[target.index()] else {
+                continue;
+            };
+            if kin != k || col + c > out || used == 3 {
+                return Err(EngineError::Backend(format!(
+                    "lora_layer: {target:?} pairs of {kin} -> {c} at column {col} for x {:?}, y {:?} ({} parts)",
+                    x.shape,
+                    y.shape,
+                    parts.len()
+                )));
+            }
+            targets[used] = int("target", target.index())?;
+            cols[used] = int("column", col)?;
+            max_cols = max_cols.max(c);
+            used += 1;
+        }
+        if used == 0 || k == 0 {
             return Ok(());
         }
-        let [t0, t1, t2] = &p.targets;
-        let [c0, c1, c2] = &p.cols;
+        let [t0, t1, t2] = &targets;
+        let [c0, c1, c2] = &cols;
         let (li, ni, ki, oi, ri) = (
             int("layer", layer)?,
             int("rows", n)?,
@@ -393,13 +305,13 @@ impl CudaBackend {
             int("out features", out)?,
             int("rank", step.rmax)?,
         );
-        let (recs, parts) = (uint("records", step.records)?, uint("parts", p.used)?);
+        let (recs, parts) = (uint("records", step.records)?, uint("parts", used)?);
         let (xp, yp, sp) = (self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&step.table));
         if !self.lora_ksplit {
-            let tmp = self.bytes(p.used * n * step.rmax * 4)?;
+            let tmp = self.bytes(used * n * step.rmax * 4)?;
             let tp = self.ptr(&tmp);
             let shrink = cfg((recs, uint("rank", step.rmax)?, parts), BG_SHRINK_THREADS, 0);
-            let tiles = uint("column tiles", p.max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
+            let tiles = uint("column tiles", max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
             let expand = cfg((recs, tiles, parts), BG_EXPAND_THREADS, 0);
             launch!(
                 self,
@@ -436,13 +348,42 @@ impl CudaBackend {
             );
             return Ok(());
         }
-        let sh = self.step_shrink(x, step, layer, &p)?;
-        let tp = self.ptr(&sh.tmp);
+        // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r of
+        // the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written by
+        // the shrink of the same layer, so nothing is zeroed.
+        let kc = shrink_chunk(k, self.dtype.size());
+        let chunks = k.div_ceil(kc);
+        let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
+        let tp = self.ptr(&tmp);
+        let (pstride, kci, ksi) = (
+            int("intermediate rows", used * n)?,
+            int("k chunk", kc)?,
+            int("k chunks", chunks)?,
+        );
+        int("intermediate rows", chunks * used * n)?;
+        let shrink = cfg((recs, uint("k chunks", chunks)?, parts), BG_KWARPS * 32, 0);
         let tile = BG_EXPAND_COLS * BG_EXPAND_THREADS as usize;
         let expand = cfg(
-            (recs, uint("column tiles", p.max_cols.div_ceil(tile))?, parts),
+            (recs, uint("column tiles", max_cols.div_ceil(tile))?, parts),
             BG_EXPAND_THREADS,
             0,
+        );
+        launch!(
+            self,
+            "bgmv_shrink_ix",
+            shrink,
+            &tp,
+            &xp,
+            &sp,
+            &li,
+            t0,
+            t1,
+            t2,
+            &ni,
+            &pstride,
+            &ki,
+            &ri,
+            &kci
         );
         launch!(
             self,
@@ -459,69 +400,12 @@ impl CudaBackend {
             c1,
             c2,
             &ni,
-            &sh.pstride,
+            &pstride,
             &oi,
             &ri,
-            &sh.chunks
+            &ksi
         );
         Ok(())
-    }
-
-    /// [`crate::Backend::lora_layer_add_rms_norm`] as two launches: the shrink, then `add_rms_norm_lora`,
-    /// which adds the expand's terms to each row of y as it reads it (kernels/elementwise.cu). `None`
-    /// (nothing launched) where that does not apply: the fold switched off (`LORAX_CUDA_LORA_NORM=0`) or
-    /// the k-split pair off, not exactly one part with pairs, or a part that does not cover y's columns.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn lora_step_layer_add_rms_norm(
-        &self,
-        residual: &mut CudaTensor,
-        y: &CudaTensor,
-        x: &CudaTensor,
-        step: &CudaLoraStep,
-        layer: usize,
-        parts: &[(Target, usize)],
-        w: &CudaTensor,
-        eps: f32,
-    ) -> Result<Option<CudaTensor>> {
-        let p = Self::step_parts(step, x, y, layer, parts)?;
-        let (m, h) = residual.rows_cols();
-        let whole = p.used == 1 && p.cols[0] == 0 && p.max_cols == h;
-        if !self.lora_norm || !self.lora_ksplit || !whole || x.rows_cols().1 == 0 || y.shape != residual.shape {
-            return Ok(None);
-        }
-        if w.numel() != h {
-            return Err(super::shape_err("add_rms_norm", &residual.shape, &w.shape));
-        }
-        let sh = self.step_shrink(x, step, layer, &p)?;
-        let out = self.alloc(&[m, h])?;
-        let (o, r, yp, wp, tp, ip) = (
-            self.ptr(&out.buf),
-            self.ptr(&residual.buf),
-            self.ptr(&y.buf),
-            self.ptr(&w.buf),
-            self.ptr(&sh.tmp),
-            self.ptr(&step.row_index),
-        );
-        let (hi, li, ri) = (int("hidden", h)?, int("layer", layer)?, int("rank", step.rmax)?);
-        launch!(
-            self,
-            "add_rms_norm_lora",
-            cfg((uint("rows", m)?, 1, 1), self.row_threads_for(m, h), 0),
-            &o,
-            &r,
-            &yp,
-            &wp,
-            &hi,
-            &eps,
-            &tp,
-            &ip,
-            &li,
-            &p.targets[0],
-            &sh.pstride,
-            &ri,
-            &sh.chunks
-        );
-        Ok(Some(out))
     }
 
     /// Checks and lays out `y[rows] += scale · (x[rows] · aᵀ) · bᵀ` for each segment (see

@@ -320,7 +320,6 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "embedding",
             "rms_norm",
             "add_rms_norm",
-            "add_rms_norm_lora",
             "rope_kv_write",
             "silu_mul",
             "add_assign",
@@ -553,9 +552,6 @@ pub struct CudaBackend {
     /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
     /// `_ix0` pair, for comparisons).
     lora_ksplit: bool,
-    /// A planned step's o-projection LoRA expand folded into the following `add_rms_norm`
-    /// (`add_rms_norm_lora`; `LORAX_CUDA_LORA_NORM=0`: the expand kernel then the norm, for comparisons).
-    lora_norm: bool,
     /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
     /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
@@ -987,7 +983,6 @@ impl CudaBackend {
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
-            lora_norm: std::env::var("LORAX_CUDA_LORA_NORM").map_or(true, |v| v != "0"),
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
             nccl: None,
@@ -1064,12 +1059,6 @@ impl CudaBackend {
     /// the default: steps whose attention blocks fit in one wave; for tests and comparisons).
     pub fn set_attention_rope_rows(&mut self, rows: Option<usize>) {
         self.attn_rope_rows = rows;
-    }
-
-    /// A planned step's o-projection LoRA expand folded into the following norm (default), or the expand
-    /// kernel then the norm (for tests and comparisons; `LORAX_CUDA_LORA_NORM=0`).
-    pub fn set_lora_norm(&mut self, on: bool) {
-        self.lora_norm = on;
     }
 
     /// Decode-shaped LoRA products on the BGMV kernels (default) or on SGMV like every other shape (for
@@ -2170,27 +2159,6 @@ impl Backend for CudaBackend {
         let done = self.lora_step_layer(y, x, step, layer, parts);
         self.graphs.clock.plan(true, planning);
         done
-    }
-
-    fn lora_layer_add_rms_norm(
-        &self,
-        residual: &mut CudaTensor,
-        y: &mut CudaTensor,
-        x: &CudaTensor,
-        step: &lora::CudaLoraStep,
-        layer: usize,
-        parts: &[(crate::lora::Target, usize)],
-        w: &CudaTensor,
-        eps: f32,
-    ) -> Result<CudaTensor> {
-        let planning = std::time::Instant::now();
-        let fused = self.lora_step_layer_add_rms_norm(residual, y, x, step, layer, parts, w, eps);
-        self.graphs.clock.plan(true, planning);
-        if let Some(out) = fused? {
-            return Ok(out);
-        }
-        self.lora_layer(y, x, step, layer, parts)?;
-        self.add_rms_norm(residual, y, w, eps)
     }
 
     /// Segments of more than 64 rows (prompt chunks) as cuBLAS GEMMs (`lora_gemm`; one batched call per
