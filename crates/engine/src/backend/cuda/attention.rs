@@ -228,19 +228,14 @@ impl CudaBackend {
         }
         let group = meta.num_heads / meta.num_kv_heads;
         let maxg = self.attn_heads_per_block(hd, group)?;
-        let family = match self.attn_kernel {
-            _ if hd != 128 || maxg < 2 => "",
-            AttnKernel::Tensor if self.dtype == DType::F32 => AttnKernel::Lanes8.suffix(),
-            k => k.suffix(),
-        };
         let hchunks = group.div_ceil(maxg);
         let kernel = match rope {
-            None => format!("paged_attention_{hd}_{maxg}{family}"),
-            // The caller checked what the fused kernel needs (CudaBackend::rope_fused).
-            Some(_) if family == AttnKernel::Tensor.suffix() && hchunks == 1 => {
-                format!("paged_attention_{hd}_{maxg}_tcr")
-            }
-            Some(_) => return Err(shape_err("attention with rotary embedding on the tensor cores")),
+            None => format!("paged_attention_{hd}_{maxg}{}", self.attn_family(hd, maxg)),
+            // CudaBackend::rope_fused asked the same rule before choosing this path.
+            Some(_) => match self.attn_rope_heads(hd, group) {
+                Some(g) => format!("paged_attention_{hd}_{g}_tcr"),
+                None => return Err(shape_err("attention with rotary embedding on the tensor cores")),
+            },
         };
         if let Some((positions, slots)) = rope {
             // The kernel takes each row's position from its context and writes the new token's key and value
@@ -456,6 +451,25 @@ impl CudaBackend {
                     "head_dim {hd} has no CUDA attention kernel (supported: {dims:?})"
                 ))
             })
+    }
+
+    /// The paged kernel family (name suffix) that runs blocks of `maxg` query heads at head size `hd`: the
+    /// chosen family (`LORAX_CUDA_ATTN`) at head size 128 with 2 or more heads a block (the tensor-core
+    /// one falls back to `_l8` for f32 storage), the plain kernel otherwise.
+    fn attn_family(&self, hd: usize, maxg: usize) -> &'static str {
+        match self.attn_kernel {
+            _ if hd != 128 || maxg < 2 => "",
+            AttnKernel::Tensor if self.dtype == DType::F32 => AttnKernel::Lanes8.suffix(),
+            k => k.suffix(),
+        }
+    }
+
+    /// Query heads per block of the `_tcr` kernel (rotary embedding and cache writes inside attention) for
+    /// a GQA group of `group` at head size `hd`: `Some` where the tensor-core family runs the group and one
+    /// block holds all of it, so that exactly one block writes each KV head's cache slot.
+    pub(super) fn attn_rope_heads(&self, hd: usize, group: usize) -> Option<usize> {
+        let maxg = self.attn_heads_per_block(hd, group).ok()?;
+        (maxg >= group && self.attn_family(hd, maxg) == AttnKernel::Tensor.suffix()).then_some(maxg)
     }
 
     /// Launches a planned attention call (kernel launches only: capturable in a CUDA graph).

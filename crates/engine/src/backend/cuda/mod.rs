@@ -1270,9 +1270,9 @@ impl CudaBackend {
     }
 
     /// Whether [`crate::Backend::rope_attention`] runs `meta`'s batch (rotary frequencies `inv_freq` of
-    /// heads of `head_dim`) as one `_tcr` launch: few enough rows (`attn_rope_rows`), 16-bit storage, the
-    /// tensor-core family at head size 128, a GQA group that one block of query heads holds (2 to 8 heads
-    /// per KV head, so one block per KV head writes its cache slot) and decode rows only.
+    /// heads of `head_dim`) as one `_tcr` launch: few enough rows (`attn_rope_rows`), a GQA group that the
+    /// tensor-core family runs in one block (`attn_rope_heads`: head size 128, 16-bit storage, 2 to 8 heads
+    /// per KV head) and decode rows only.
     pub fn rope_fused(&self, meta: &AttnMeta<'_>, head_dim: usize, inv_freq: &[f32]) -> bool {
         let group = meta.num_heads.checked_div(meta.num_kv_heads).unwrap_or(0);
         // One wave: at 8 and 32 rows (256 blocks) the fused step was 2-4% faster, at 64 and 128 rows (2 or
@@ -1283,14 +1283,8 @@ impl CudaBackend {
         meta.seqs.len() <= rows
             && head_dim == meta.head_dim
             && inv_freq.len() == head_dim / 2
-            && self.dtype != DType::F32
-            && self.attn_kernel == AttnKernel::Tensor
-            && meta.head_dim == 128
             && meta.num_heads == group * meta.num_kv_heads
-            // One block of the tensor-core kernel (2 heads or more) holds a KV head's whole group, so one
-            // block writes its slot.
-            && group >= 2
-            && self.attn_heads_per_block(128, group).is_ok_and(|g| g >= group)
+            && self.attn_rope_heads(meta.head_dim, group).is_some()
             && meta.seqs.iter().all(|s| s.q_len <= 1)
             && meta.seqs.iter().any(|s| s.q_len == 1)
     }
