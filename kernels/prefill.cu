@@ -13,6 +13,11 @@
 //
 // Entry points: prefill_attention_HD (4 warps, 32 keys a step) and prefill_attention_HD_wWnBN for the
 // other tile shapes; the host picks one per launch by context length (LORAX_CUDA_PREFILL_TILE forces one).
+// Grid: one dimension of ntiles x num_heads blocks. The host sorts the tiles longest first; with heads_first
+// (the default) block b is tile b / num_heads of head b % num_heads, so the blocks start in that order
+// across all heads (every head's longest tile first: longest-processing-time-first over the whole launch).
+// Otherwise block b is tile b % ntiles of head b / ntiles: one head's tiles, then the next head's, so the
+// late heads' long tiles start last and trail the launch (LORAX_CUDA_PREFILL_ORDER=tiles, for comparison).
 // Shared memory is dynamic: 2 stages x (keys + values) x BN x (HD + 8) elements, passed at launch.
 
 // Blocks per multiprocessor the register allocation aims at (launch bounds), by warps per block.
@@ -39,7 +44,7 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
                                                   const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                                                   const PrefillTile* __restrict__ tiles,
                                                   const u32* __restrict__ tables, int num_heads, int num_kv_heads,
-                                                  int block_size, float scale) {
+                                                  int block_size, float scale, int ntiles, int heads_first) {
     constexpr int THREADS = 32 * W;
     constexpr int LD = HD + 8;  // shared row stride in elements: 16 bytes of padding against bank conflicts
     constexpr int KS = HD / 16;  // k-steps of Q.K^T
@@ -59,8 +64,9 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     T* kv_s = reinterpret_cast<T*>(pf_smem);
 #endif
 
-    const PrefillTile tile = tiles[blockIdx.x];
-    const int h = blockIdx.y;
+    const int b = blockIdx.x;
+    const PrefillTile tile = tiles[heads_first ? b / num_heads : b % ntiles];
+    const int h = heads_first ? b % num_heads : b / ntiles;
     const int kvh = h / (num_heads / num_kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t2 = (lane % 4) * 2;
@@ -245,10 +251,10 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                                  \
         NAME(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,                       \
              const T* __restrict__ v_cache, const PrefillTile* __restrict__ tiles, const u32* __restrict__ tables, \
-             int num_heads, int num_kv_heads, int block_size, float scale) {                                    \
+             int num_heads, int num_kv_heads, int block_size, float scale, int ntiles, int heads_first) {     \
         pdl_enter();                                                                                            \
         prefill_attention<HD, W, BN>(out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads,         \
-                                     block_size, scale);                                                        \
+                                     block_size, scale, ntiles, heads_first);                                   \
     }
 
 #else
@@ -257,7 +263,8 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
 #define PREFILL_ATTENTION(NAME, HD, W, BN, MINB)                                                                 \
     extern "C" __global__ void NAME(T* out, const T* q, const T* k_cache, const T* v_cache,                   \
                                     const PrefillTile* tiles, const u32* tables, int num_heads,                \
-                                    int num_kv_heads, int block_size, float scale) {}
+                                    int num_kv_heads, int block_size, float scale, int ntiles,                 \
+                                    int heads_first) {}
 
 #endif
 

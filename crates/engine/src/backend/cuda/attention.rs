@@ -26,6 +26,8 @@ struct PrefillLaunch {
     grid: LaunchConfig,
     _tiles: DevBuf,
     tiles_ptr: u64,
+    /// The kernel's last two arguments: tiles, and whether block b is tile b / heads of head b % heads.
+    order: [i32; 2],
 }
 
 /// What an attention call derives from the batch alone, the same for every layer of a forward pass
@@ -361,23 +363,24 @@ impl CudaBackend {
         let d_tables = self.upload(&tables)?;
         let prefill = match tc_kernel {
             Some(kernel) if !pf_tiles.is_empty() => {
-                // Longest tiles (most keys: the last of each prompt) first, so the causal triangle's long
-                // blocks start in the first wave instead of trailing the launch.
+                // Longest tiles (most keys: the last of each prompt) first, and (by default) every head's
+                // tile before any head's next one, so the causal triangle's long blocks start in the first
+                // wave instead of trailing the launch.
                 pf_tiles.sort_by_key(|t| std::cmp::Reverse(t[1] + t[2]));
                 let d_tiles = self.upload(pf_tiles.as_flattened())?;
                 Some(PrefillLaunch {
                     kernel,
                     grid: cfg(
-                        (
-                            uint("prefill tiles", pf_tiles.len())?,
-                            uint("heads", meta.num_heads)?,
-                            1,
-                        ),
+                        (uint("prefill blocks", pf_tiles.len() * meta.num_heads)?, 1, 1),
                         uint("prefill threads", 32 * shape.warps())?,
                         shape.smem_bytes(hd, self.dtype.size()),
                     ),
                     tiles_ptr: self.ptr(&d_tiles),
                     _tiles: d_tiles,
+                    order: [
+                        int("prefill tiles", pf_tiles.len())?,
+                        i32::from(self.prefill_heads_first),
+                    ],
                 })
             }
             _ => None,
@@ -494,7 +497,9 @@ impl CudaBackend {
                 nh,
                 nkv,
                 bs,
-                &plan.scale
+                &plan.scale,
+                &pf.order[0],
+                &pf.order[1]
             );
         }
         if !sh.paged_rows {
