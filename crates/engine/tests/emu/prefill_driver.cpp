@@ -13,9 +13,9 @@
 typedef void (*Kern)(T*, const T*, const T*, const T*, const PrefillTile*, const u32*, int, int, int, float, int, int);
 
 template <int HD>
-int check(const char* name, Kern kern, int warps, int heads, int kvh, int bs, std::vector<std::pair<int, int>> seqs,
-          unsigned seed, int heads_first) {
-    const int bm = 16 * warps;
+int check(const char* name, Kern kern, int warps, int rg, int heads, int kvh, int bs,
+          std::vector<std::pair<int, int>> seqs, unsigned seed, int heads_first) {
+    const int bm = 16 * rg * warps;
     std::mt19937 rng(seed);
     std::uniform_real_distribution<float> U(-1.f, 1.f);
     int nblocks = 0, nrows = 0;
@@ -91,20 +91,24 @@ int main() {
     int bad = 0;
     // One launch: a short prompt, one of several tiles, a cached prefix of 37 keys, one of 200 behind 33 rows.
     std::vector<std::pair<int, int>> seqs = {{0, 16}, {0, 130}, {37, 70}, {200, 33}};
-    // Every tile shape (warps per block, keys per step) the host can pick.
+    // Every tile shape (warps per block, row groups a warp, keys per step) the host can pick.
     const struct {
         const char* name;
         Kern k128, k64;
-        int warps;
-    } shapes[] = {{"", prefill_attention_128, prefill_attention_64, 4},
-                  {"_w4n64", prefill_attention_128_w4n64, prefill_attention_64_w4n64, 4},
-                  {"_w8n32", prefill_attention_128_w8n32, prefill_attention_64_w8n32, 8},
-                  {"_w8n64", prefill_attention_128_w8n64, prefill_attention_64_w8n64, 8}};
+        int warps, rg;
+    } shapes[] = {{"", prefill_attention_128, prefill_attention_64, 4, 1},
+                  {"_w4n64", prefill_attention_128_w4n64, prefill_attention_64_w4n64, 4, 1},
+                  {"_w8n32", prefill_attention_128_w8n32, prefill_attention_64_w8n32, 8, 1},
+                  {"_w8n64", prefill_attention_128_w8n64, prefill_attention_64_w8n64, 8, 1},
+                  {"_w4r2n32", prefill_attention_128_w4r2n32, prefill_attention_64_w4r2n32, 4, 2},
+                  {"_w2r2n32", prefill_attention_128_w2r2n32, prefill_attention_64_w2r2n32, 2, 2}};
     for (auto& sh : shapes) {
         printf("tile%s:\n", sh.name);
-        bad += check<128>("prefill_attention_128", sh.k128, sh.warps, 8, 2, 16, seqs, 1, 1);
-        bad += check<64>("prefill_attention_64", sh.k64, sh.warps, 4, 4, 16, seqs, 2, 1);
-        bad += check<128>("prefill_attention_128", sh.k128, sh.warps, 4, 1, 4, {{5, 100}, {0, 64}, {3, 200}}, 3, 0);
+        bad += check<128>("prefill_attention_128", sh.k128, sh.warps, sh.rg, 8, 2, 16, seqs, 1, 1);
+        bad += check<64>("prefill_attention_64", sh.k64, sh.warps, sh.rg, 4, 4, 16, seqs, 2, 1);
+        // Block size 4 and 12 (not a power of two: the copies' division path), a prefix of 5 and 3 keys.
+        bad += check<128>("prefill_attention_128", sh.k128, sh.warps, sh.rg, 4, 1, 4, {{5, 100}, {0, 64}, {3, 200}}, 3, 0);
+        bad += check<64>("prefill_attention_64", sh.k64, sh.warps, sh.rg, 2, 1, 12, {{5, 40}, {0, 150}}, 4, 1);
     }
     printf(bad ? "FAIL %d\n" : "OK\n", bad);
     return bad != 0;

@@ -284,8 +284,8 @@ impl CudaBackend {
             .unwrap_or(0);
         let shape = self.prefill_shape.unwrap_or_else(|| PrefillShape::auto(longest));
         let shape = if self.prefill_wide { shape } else { shape.narrow() };
-        // Query rows per prefill tile: 16 per warp.
-        let pf_bm = 16 * shape.warps();
+        // Query rows per prefill tile.
+        let pf_bm = shape.rows();
         let tc_kernel =
             (self.tc_prefill && self.dtype != DType::F32 && (hd == 64 || hd == 128)).then(|| shape.kernel(hd));
         // Validate the whole batch before computing anything (as the CPU backend does).

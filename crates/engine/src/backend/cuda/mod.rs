@@ -102,8 +102,9 @@ impl AttnKernel {
     }
 }
 
-/// Tile shapes of the tensor-core prefill kernel (kernels/prefill.cu): warps per block, 16 query rows each,
-/// and keys per step (`LORAX_CUDA_PREFILL_TILE`).
+/// Tile shapes of the tensor-core prefill kernel (kernels/prefill.cu): warps per block, row groups of 16 query
+/// rows a warp (one, Q in registers, or two, Q in shared memory), and keys per step
+/// (`LORAX_CUDA_PREFILL_TILE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillShape {
     /// 4 warps (64 rows), 32 keys a step (`w4n32`).
@@ -114,11 +115,22 @@ pub enum PrefillShape {
     W8N32,
     /// 8 warps, 64 keys a step (`w8n64`).
     W8N64,
+    /// 4 warps of 32 rows (128 rows), 32 keys a step (`w4r2n32`).
+    W4R2N32,
+    /// 2 warps of 32 rows (64 rows), 32 keys a step (`w2r2n32`).
+    W2R2N32,
 }
 
 impl PrefillShape {
     /// All of them, for tests and benchmarks.
-    pub const ALL: [PrefillShape; 4] = [Self::W4N32, Self::W4N64, Self::W8N32, Self::W8N64];
+    pub const ALL: [PrefillShape; 6] = [
+        Self::W4N32,
+        Self::W4N64,
+        Self::W8N32,
+        Self::W8N64,
+        Self::W4R2N32,
+        Self::W2R2N32,
+    ];
 
     /// `LORAX_CUDA_PREFILL_TILE` (unset or `auto`: none, the choice by context length of
     /// [`PrefillShape::auto`]); an unknown value is an error naming the choices.
@@ -126,8 +138,10 @@ impl PrefillShape {
         match std::env::var("LORAX_CUDA_PREFILL_TILE").as_deref() {
             Err(_) | Ok("auto") => Ok(None),
             Ok(v) => Self::ALL.into_iter().find(|s| s.label() == v).map(Some).ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|s| s.label()).collect();
                 EngineError::Backend(format!(
-                    "LORAX_CUDA_PREFILL_TILE={v:?}: expected auto, w4n32, w4n64, w8n32 or w8n64"
+                    "LORAX_CUDA_PREFILL_TILE={v:?}: expected auto or one of {}",
+                    names.join(", ")
                 ))
             }),
         }
@@ -152,22 +166,33 @@ impl PrefillShape {
             Self::W4N64 => "w4n64",
             Self::W8N32 => "w8n32",
             Self::W8N64 => "w8n64",
+            Self::W4R2N32 => "w4r2n32",
+            Self::W2R2N32 => "w2r2n32",
         }
     }
 
-    /// Warps per block (each 16 query rows).
+    /// Warps per block.
     pub(crate) fn warps(self) -> usize {
         match self {
-            Self::W4N32 | Self::W4N64 => 4,
+            Self::W2R2N32 => 2,
+            Self::W4N32 | Self::W4N64 | Self::W4R2N32 => 4,
             Self::W8N32 | Self::W8N64 => 8,
+        }
+    }
+
+    /// Query rows per tile (a block's): 16 a row group, one or two row groups a warp.
+    pub(crate) fn rows(self) -> usize {
+        match self {
+            Self::W4R2N32 | Self::W2R2N32 => 32 * self.warps(),
+            _ => 16 * self.warps(),
         }
     }
 
     /// Keys per step.
     fn keys(self) -> usize {
         match self {
-            Self::W4N32 | Self::W8N32 => 32,
             Self::W4N64 | Self::W8N64 => 64,
+            _ => 32,
         }
     }
 
@@ -179,17 +204,23 @@ impl PrefillShape {
         }
     }
 
-    /// The same number of warps with 32 keys a step (less shared memory).
+    /// A shape within the default 48 KiB of shared memory a block (for a device that cannot give more).
     pub(crate) fn narrow(self) -> Self {
         match self {
-            Self::W4N32 | Self::W4N64 => Self::W4N32,
             Self::W8N32 | Self::W8N64 => Self::W8N32,
+            _ => Self::W4N32,
         }
     }
 
-    /// Dynamic shared memory of a block: two stages of keys and values, rows of hd + 8 elements.
+    /// Dynamic shared memory of a block: two stages of keys and values, rows of hd + 8 elements, then with
+    /// two row groups a warp the tile's queries.
     pub(crate) fn smem_bytes(self, hd: usize, elem: usize) -> usize {
-        2 * 2 * self.keys() * (hd + 8) * elem
+        let q = if self.rows() > 16 * self.warps() {
+            self.rows()
+        } else {
+            0
+        };
+        (2 * 2 * self.keys() + q) * (hd + 8) * elem
     }
 }
 
@@ -391,6 +422,10 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "prefill_attention_128_w8n32",
             "prefill_attention_64_w8n64",
             "prefill_attention_128_w8n64",
+            "prefill_attention_64_w4r2n32",
+            "prefill_attention_128_w4r2n32",
+            "prefill_attention_64_w2r2n32",
+            "prefill_attention_128_w2r2n32",
         ],
     ),
     ("sampling", &["sample_rows"]),
