@@ -147,15 +147,16 @@ impl PrefillShape {
         }
     }
 
-    /// The shape for a launch whose longest prefill context is `keys` tokens: 8 warps and 64 keys a step
-    /// from 2048 keys, else 4 warps and 64 keys. On the H200 (`cuda_bench prefill_benchmarks`, session 12
-    /// call 1) w4n64 was the fastest or within 1% at 1000 tokens and four prompts of 512 (90-95 TFLOP/s),
-    /// w8n64 at 4096 and 16384 tokens (165 and 204 TFLOP/s against 149 and 177 for w4n32).
+    /// The shape for a launch whose longest prefill context is `keys` tokens: 8 warps of 16 rows and 64 keys
+    /// a step below 8192 keys, else 4 warps of 32 rows and 32 keys a step. On the H200 (`cuda_bench
+    /// prefill_benchmarks`, session 20 call 2, blocks every head's longest tile first) w8n64 ran 1000 tokens
+    /// in 0.056 ms (w4n64, the earlier choice: 0.064), tied at four 512-token prompts and 4096 tokens and
+    /// came within 3% of the fastest at eight; w4r2n32 ran 16384 tokens in 8.85 ms (w8n64: 9.42).
     pub fn auto(keys: usize) -> Self {
-        if keys >= 2048 {
-            Self::W8N64
+        if keys >= 8192 {
+            Self::W4R2N32
         } else {
-            Self::W4N64
+            Self::W8N64
         }
     }
 
