@@ -34,7 +34,7 @@
 #define PF_MINB2 4
 #endif
 
-// A tile of query rows: first row in the flattened batch, rows (<= 16 W), position of the first row,
+// A tile of query rows: first row in the flattened batch, rows (<= 16 RG W), position of the first row,
 // offset of the sequence's block table.
 struct PrefillTile {
     int row0;

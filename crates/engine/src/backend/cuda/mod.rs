@@ -151,7 +151,8 @@ impl PrefillShape {
     /// a step below 8192 keys, else 4 warps of 32 rows and 32 keys a step. On the H200 (`cuda_bench
     /// prefill_benchmarks`, session 20 call 2, blocks every head's longest tile first) w8n64 ran 1000 tokens
     /// in 0.056 ms (w4n64, the earlier choice: 0.064), tied at four 512-token prompts and 4096 tokens and
-    /// came within 3% of the fastest at eight; w4r2n32 ran 16384 tokens in 8.85 ms (w8n64: 9.42).
+    /// ran eight 5% behind the fastest (w2r2n32: 0.131 ms against 0.138); w4r2n32 ran 16384 tokens in 8.85 ms
+    /// (w8n64: 9.42).
     pub fn auto(keys: usize) -> Self {
         if keys >= 8192 {
             Self::W4R2N32
@@ -561,7 +562,8 @@ pub struct CudaBackend {
     tc_prefill: bool,
     /// The tensor-core prefill kernel's tile shape (`LORAX_CUDA_PREFILL_TILE`; none: by context length).
     prefill_shape: Option<PrefillShape>,
-    /// Whether the device gives the 64-key prefill shapes their shared memory (else their 32-key twins run).
+    /// Whether the device gives the prefill shapes past 48 KiB of shared memory (the 64-key and two-row-group
+    /// ones) theirs (else [`PrefillShape::narrow`] picks a 32-key shape of 16 rows a warp).
     prefill_wide: bool,
     /// The prefill kernel's blocks start every head's longest tile first (default), rather than one head's
     /// tiles after another's (`LORAX_CUDA_PREFILL_ORDER=tiles`; kernels/prefill.cu).
@@ -720,9 +722,10 @@ impl CudaBackend {
     }
 }
 
-/// Lets the prefill kernels whose stages pass the default 48 KiB of shared memory (the 64-key shapes) use
-/// theirs; false when the device cannot give a block that much (the 32-key shapes then run in their place:
-/// `prefill_wide`). The f32 prefill kernels are empty.
+/// Lets the prefill kernels whose shared memory passes the default 48 KiB (the 64-key shapes, and the
+/// two-row-group shapes at head size 128) use theirs; false when the device cannot give a block that much
+/// (32-key shapes of 16 rows a warp then run in their place: `prefill_wide`, [`PrefillShape::narrow`]).
+/// The f32 prefill kernels are empty.
 fn grant_prefill_smem(funcs: &HashMap<&'static str, CudaFunction>, dtype: DType) -> bool {
     if dtype == DType::F32 {
         return true;
@@ -740,7 +743,11 @@ fn grant_prefill_smem(funcs: &HashMap<&'static str, CudaFunction>, dtype: DType)
                 bytes as i32,
             );
             if let Err(e) = set {
-                tracing::info!(hd, bytes, "prefill tiles of 64 keys unavailable: {e:?}");
+                tracing::info!(
+                    hd,
+                    bytes,
+                    "prefill tiles past 48 KiB of shared memory unavailable: {e:?}"
+                );
                 granted = false;
             }
         }
