@@ -235,6 +235,22 @@ __device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) 
 
 // Two elements as one 32-bit operand register (the lower k index in the low half).
 __device__ __forceinline__ u32 pack(T lo, T hi) { return (u32)lo | ((u32)hi << 16); }
+// Two f32 values rounded to the storage type (nearest even) as one 32-bit register, lo in the low half: one
+// cvt on sm_80 and later instead of from_f's integer rounding twice (bf16), bit for bit the same for every
+// value but NaN (whose payload the cvt makes canonical).
+__device__ __forceinline__ u32 pack_f(float lo, float hi) {
+#if defined(LORAX_EMU) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 800
+    return pack(from_f(lo), from_f(hi));
+#elif defined(LORAX_DTYPE_BF16)
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
 // A shared-memory address as ldmatrix and cp.async take it.
 __device__ __forceinline__ u32 smem_addr(const void* p) {
 #if defined(LORAX_EMU)

@@ -64,7 +64,9 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     // One row group a warp keeps its Q fragments in registers; two keep Q in shared memory (the registers go
     // to the second group's accumulators) and load each k-step's fragments by ldmatrix.
     constexpr bool Q_SMEM = RG > 1;
+#if defined(LORAX_EMU)
     constexpr int QS = Q_SMEM ? ROWS * LD : 0;  // elements of the shared Q tile
+#endif
     static_assert(THREADS % CPR == 0 && KEYS >= 1 && KS % 2 == 0 && DT % 2 == 0 && NT % 2 == 0, "staging layout");
     static_assert(RG == 1 || RG == 2, "one or two row groups a warp");
     // Two stages of keys and values ([stage][keys, values][BN x LD]): the copies of step s + 1 run while step
@@ -282,10 +284,10 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
                 u32 a[RG][4];
 #pragma unroll
                 for (int rg = 0; rg < RG; ++rg) {
-                    a[rg][0] = pack(from_f(s[rg][2 * j][0]), from_f(s[rg][2 * j][1]));
-                    a[rg][1] = pack(from_f(s[rg][2 * j][2]), from_f(s[rg][2 * j][3]));
-                    a[rg][2] = pack(from_f(s[rg][2 * j + 1][0]), from_f(s[rg][2 * j + 1][1]));
-                    a[rg][3] = pack(from_f(s[rg][2 * j + 1][2]), from_f(s[rg][2 * j + 1][3]));
+                    a[rg][0] = pack_f(s[rg][2 * j][0], s[rg][2 * j][1]);
+                    a[rg][1] = pack_f(s[rg][2 * j][2], s[rg][2 * j][3]);
+                    a[rg][2] = pack_f(s[rg][2 * j + 1][0], s[rg][2 * j + 1][1]);
+                    a[rg][3] = pack_f(s[rg][2 * j + 1][2], s[rg][2 * j + 1][3]);
                 }
                 // The next fragments are loaded before this pair of products runs.
                 const T* v_row = v_s + (j * 16 + (m4 % 2) * 8 + r8) * LD + (m4 / 2) * 8;
@@ -317,14 +319,13 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
         const int r_lo = wrow + rg * 16 + g, r_hi = r_lo + 8;
         T* o_lo = out + (u64)(tile.row0 + r_lo) * qw + h * HD;
         T* o_hi = out + (u64)(tile.row0 + r_hi) * qw + h * HD;
-        // Two adjacent columns a store.
+        // One division a row, then products; two adjacent columns a store.
+        const float il = 1.f / ll, ih = 1.f / lh;
 #pragma unroll
         for (int d = 0; d < DT; ++d) {
             const int c = d * 8 + t2;
-            if (r_lo < tile.rows)
-                *reinterpret_cast<u32*>(o_lo + c) = pack(from_f(o[rg][d][0] / ll), from_f(o[rg][d][1] / ll));
-            if (r_hi < tile.rows)
-                *reinterpret_cast<u32*>(o_hi + c) = pack(from_f(o[rg][d][2] / lh), from_f(o[rg][d][3] / lh));
+            if (r_lo < tile.rows) *reinterpret_cast<u32*>(o_lo + c) = pack_f(o[rg][d][0] * il, o[rg][d][1] * il);
+            if (r_hi < tile.rows) *reinterpret_cast<u32*>(o_hi + c) = pack_f(o[rg][d][2] * ih, o[rg][d][3] * ih);
         }
     }
 }
