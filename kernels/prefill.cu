@@ -14,7 +14,7 @@
 // FlashAttention does. Decode rows and other shapes use paged_attention (attention.cu).
 //
 // Entry points: prefill_attention_HD (4 warps, 32 keys a step) and prefill_attention_HD_wW[r2]nBN for the
-// other tile shapes; the host picks one per launch by context length (LORAX_CUDA_PREFILL_TILE forces one).
+// other tile shapes; the host picks one per launch by its prompt rows (LORAX_CUDA_PREFILL_TILE forces one).
 // Grid: one dimension of ntiles x num_heads blocks. The host sorts the tiles longest first; with heads_first
 // (the default) block b is tile b / num_heads of head b % num_heads, so the blocks start in that order
 // across all heads (every head's longest tile first: longest-processing-time-first over the whole launch).

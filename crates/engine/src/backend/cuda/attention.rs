@@ -275,14 +275,14 @@ impl CudaBackend {
             }
         }
         let bs = meta.block_size;
-        let longest = meta
+        // The launch's prefill tiles of 128 rows, for the choice of tile shape.
+        let tiles128 = meta
             .seqs
             .iter()
             .filter(|s| s.q_len >= TC_PREFILL_MIN_ROWS)
-            .map(|s| s.ctx_before + s.q_len)
-            .max()
-            .unwrap_or(0);
-        let shape = self.prefill_shape.unwrap_or_else(|| PrefillShape::auto(longest));
+            .map(|s| s.q_len.div_ceil(128))
+            .sum();
+        let shape = self.prefill_shape.unwrap_or_else(|| PrefillShape::auto(tiles128));
         let shape = if self.prefill_wide { shape } else { shape.narrow() };
         // Query rows per prefill tile.
         let pf_bm = shape.rows();

@@ -132,7 +132,7 @@ impl PrefillShape {
         Self::W2R2N32,
     ];
 
-    /// `LORAX_CUDA_PREFILL_TILE` (unset or `auto`: none, the choice by context length of
+    /// `LORAX_CUDA_PREFILL_TILE` (unset or `auto`: none, the choice by the launch's prompt tiles of
     /// [`PrefillShape::auto`]); an unknown value is an error naming the choices.
     fn from_env() -> Result<Option<Self>> {
         match std::env::var("LORAX_CUDA_PREFILL_TILE").as_deref() {
@@ -147,14 +147,14 @@ impl PrefillShape {
         }
     }
 
-    /// The shape for a launch whose longest prefill context is `keys` tokens: 8 warps of 16 rows and 64 keys
-    /// a step below 8192 keys, else 4 warps of 32 rows and 32 keys a step. On the H200 (`cuda_bench
-    /// prefill_benchmarks`, session 20 call 2, blocks every head's longest tile first) w8n64 ran 1000 tokens
-    /// in 0.056 ms (w4n64, the earlier choice: 0.064), tied at four 512-token prompts and 4096 tokens and
-    /// ran eight 5% behind the fastest (w2r2n32: 0.131 ms against 0.138); w4r2n32 ran 16384 tokens in 8.85 ms
-    /// (w8n64: 9.42).
-    pub fn auto(keys: usize) -> Self {
-        if keys >= 8192 {
+    /// The shape for a launch of `tiles128` prefill tiles of 128 rows (over all its prompts): 4 warps of 32
+    /// rows and 32 keys a step from 16 such tiles, else 8 warps of 16 rows and 64 keys a step. On the H200
+    /// (`cuda_bench prefill_benchmarks`, session 20 call 5, blocks every head's longest tile first) w4r2n32
+    /// ran four 512-token prompts in 0.058 ms (w8n64: 0.063), eight in 0.110 (0.123), 4096 tokens in 0.532
+    /// (0.567) and 16384 in 8.02 (8.49); one 1000-token prompt (8 tiles) took 0.064 on it against 0.049 on
+    /// w8n64, whose blocks of 8 warps fit one a multiprocessor.
+    pub fn auto(tiles128: usize) -> Self {
+        if tiles128 >= 16 {
             Self::W4R2N32
         } else {
             Self::W8N64
@@ -560,7 +560,8 @@ pub struct CudaBackend {
     /// Kernels launched with programmatic dependent launch ([`launch_pdl`]; `LORAX_CUDA_PDL=0` turns it off).
     pdl: bool,
     tc_prefill: bool,
-    /// The tensor-core prefill kernel's tile shape (`LORAX_CUDA_PREFILL_TILE`; none: by context length).
+    /// The tensor-core prefill kernel's tile shape (`LORAX_CUDA_PREFILL_TILE`; none: by the launch's prompt
+    /// rows, [`PrefillShape::auto`]).
     prefill_shape: Option<PrefillShape>,
     /// Whether the device gives the prefill shapes past 48 KiB of shared memory (the 64-key and two-row-group
     /// ones) theirs (else [`PrefillShape::narrow`] picks a 32-key shape of 16 rows a warp).
@@ -1072,7 +1073,7 @@ impl CudaBackend {
     }
 
     /// The tensor-core prefill kernel's tile shape: one for every launch, or (`None`, the default) the one
-    /// [`PrefillShape::auto`] picks by the launch's longest context (`LORAX_CUDA_PREFILL_TILE`).
+    /// [`PrefillShape::auto`] picks by the launch's prompt rows (`LORAX_CUDA_PREFILL_TILE`).
     pub fn set_prefill_shape(&mut self, shape: Option<PrefillShape>) {
         self.prefill_shape = shape;
     }
