@@ -143,6 +143,8 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     const int piece = threadIdx.x % CPR, key0 = threadIdx.x / CPR;
     const T* k_src = k_cache + kvh * HD + piece * 8;
     const T* v_src = v_cache + kvh * HD + piece * 8;
+    // Two copies of the loop, so the choice between shift and division is made once outside it (a generic
+    // lambda taking the slot rule does not compile under NVRTC).
     auto issue = [&](int s) {
         if (s < nsteps) {
             T* k_dst = kv_s + (s % 2) * 2 * STAGE + key0 * LD + piece * 8;
@@ -194,8 +196,8 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
                     for (int rg = 0; rg < RG; ++rg)
 #pragma unroll
                         for (int k2 = 0; k2 < 2; ++k2)
-                            ldsm_x4<false>(a[rg][k2],
-                                           q_s + (wrow + rg * 16 + (m4 % 2) * 8 + r8) * LD + kk * 32 + k2 * 16 + (m4 / 2) * 8);
+                            ldsm_x4<false>(a[rg][k2], q_s + (wrow + rg * 16 + (m4 % 2) * 8 + r8) * LD + kk * 32 +
+                                                          k2 * 16 + (m4 / 2) * 8);
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
                         u32 bk[4];
@@ -330,14 +332,14 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     }
 }
 
-#define PREFILL_ATTENTION(NAME, HD, W, BN, RG, MINB)                                                             \
-    extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                                  \
-        NAME(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,                       \
+#define PREFILL_ATTENTION(NAME, HD, W, BN, RG, MINB)                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                                     \
+        NAME(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,                          \
              const T* __restrict__ v_cache, const PrefillTile* __restrict__ tiles, const u32* __restrict__ tables, \
-             int num_heads, int num_kv_heads, int block_size, float scale, int ntiles, int heads_first) {     \
-        pdl_enter();                                                                                            \
+             int num_heads, int num_kv_heads, int block_size, float scale, int ntiles, int heads_first) {          \
+        pdl_enter();                                                                                               \
         prefill_attention<HD, W, BN, RG>(out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads,         \
-                                     block_size, scale, ntiles, heads_first);                                   \
+                                         block_size, scale, ntiles, heads_first);                                  \
     }
 
 #else

@@ -13,6 +13,7 @@ an attention kernel), which is where integer overheads per product show. The NVR
 GPU machine's (13.0): close, not identical, code.
 """
 
+import argparse
 import collections
 import ctypes
 import glob
@@ -94,33 +95,22 @@ def stats(text):
 
 
 def main():
-    args = sys.argv[1:]
-    if len(args) < 2 or args[0].startswith("-"):
-        sys.exit(__doc__)
-    module, kernel, rest = args[0], args[1], args[2:]
-    dtype, arch, defines, want_stats = "bf16", "sm_90", [], False
-    i = 0
-    while i < len(rest):
-        a = rest[i]
-        if a == "--dtype":
-            dtype, i = rest[i + 1], i + 1
-        elif a == "--arch":
-            arch, i = rest[i + 1], i + 1
-        elif a == "--stats":
-            want_stats = True
-        elif a.startswith("-D"):
-            defines.append(a)
-        else:
-            sys.exit(f"unknown argument {a}\n{__doc__}")
-        i += 1
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("module")
+    ap.add_argument("kernel")
+    ap.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--stats", action="store_true")
+    a = ap.parse_args()
     python = python_env()
-    cubin = compile_cubin(nvrtc_lib(python), module, dtype, arch, defines)
-    path = f"{ROOT}/target/{module}-{dtype}-{arch}.cubin"
+    cubin = compile_cubin(nvrtc_lib(python), a.module, a.dtype, a.arch, [f"-D{d}" for d in a.defines])
+    path = f"{ROOT}/target/{a.module}-{a.dtype}-{a.arch}.cubin"
     with open(path, "wb") as f:
         f.write(cubin)
     sass = subprocess.run([nvdisasm(python), "-c", path], check=True, capture_output=True, text=True).stdout
-    text = kernel_sass(sass, kernel)
-    if want_stats:
+    text = kernel_sass(sass, a.kernel)
+    if a.stats:
         stats(text)
     else:
         print(text)

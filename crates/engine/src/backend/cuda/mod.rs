@@ -182,12 +182,17 @@ impl PrefillShape {
         }
     }
 
-    /// Query rows per tile (a block's): 16 a row group, one or two row groups a warp.
-    pub(crate) fn rows(self) -> usize {
+    /// Row groups of 16 query rows a warp: 1 (Q in registers) or 2 (`r2`: Q in shared memory).
+    fn row_groups(self) -> usize {
         match self {
-            Self::W4R2N32 | Self::W2R2N32 => 32 * self.warps(),
-            _ => 16 * self.warps(),
+            Self::W4R2N32 | Self::W2R2N32 => 2,
+            _ => 1,
         }
+    }
+
+    /// Query rows per tile (a block's).
+    pub(crate) fn rows(self) -> usize {
+        16 * self.row_groups() * self.warps()
     }
 
     /// Keys per step.
@@ -217,11 +222,7 @@ impl PrefillShape {
     /// Dynamic shared memory of a block: two stages of keys and values, rows of hd + 8 elements, then with
     /// two row groups a warp the tile's queries.
     pub(crate) fn smem_bytes(self, hd: usize, elem: usize) -> usize {
-        let q = if self.rows() > 16 * self.warps() {
-            self.rows()
-        } else {
-            0
-        };
+        let q = if self.row_groups() > 1 { self.rows() } else { 0 };
         (2 * 2 * self.keys() + q) * (hd + 8) * elem
     }
 }
@@ -2361,5 +2362,44 @@ mod env_tests {
             assert!(err.contains(VAR) && err.contains("1 to 64"), "{bad:?}: {err:?}");
         }
         std::env::remove_var(VAR);
+    }
+}
+
+#[cfg(test)]
+mod prefill_shape_tests {
+    use super::{PrefillShape, KERNELS, SMEM_LIMIT};
+
+    /// The host's view of each shape (warps, rows, keys a step, shared memory) agrees with its kernel's
+    /// name, which kernels/prefill.cu instantiates as `_w<W>[r2]n<BN>` from the same numbers; every shape's
+    /// kernels are in the module's name list; the fallback shapes fit the default shared memory.
+    #[test]
+    fn shapes_agree_with_their_kernel_names() {
+        for shape in PrefillShape::ALL {
+            // w4n32 is the unsuffixed kernel.
+            let label = shape.label();
+            let (w, rest) = label[1..].split_once(['r', 'n']).unwrap_or_default();
+            let groups = if label.contains("r2") { 2 } else { 1 };
+            let keys: usize = rest.rsplit('n').next().unwrap_or_default().parse().unwrap_or_default();
+            assert_eq!(w.parse::<usize>().ok(), Some(shape.warps()), "{label}");
+            assert_eq!(shape.rows(), 16 * groups * shape.warps(), "{label}");
+            assert_eq!(shape.keys(), keys, "{label}");
+            let q_rows = if groups == 2 { shape.rows() } else { 0 };
+            assert_eq!(shape.smem_bytes(128, 2), (4 * keys + q_rows) * 136 * 2, "{label}");
+            for hd in [64, 128] {
+                let name = shape.kernel(hd);
+                assert!(
+                    KERNELS.iter().any(|(_, names)| names.contains(&name.as_str())),
+                    "{name}"
+                );
+            }
+            assert!(shape.narrow().smem_bytes(128, 2) <= SMEM_LIMIT, "{label}");
+        }
+        // docs/gpu.md's sizes at head size 128 in bf16.
+        assert_eq!(PrefillShape::W4R2N32.smem_bytes(128, 2), 69_632);
+        assert_eq!(PrefillShape::W2R2N32.smem_bytes(128, 2), 52_224);
+        // The default: one 1000-token prompt (8 tiles of 128 rows) on w8n64, 2048 rows and up on w4r2n32.
+        assert_eq!(PrefillShape::auto(8), PrefillShape::W8N64);
+        assert_eq!(PrefillShape::auto(15), PrefillShape::W8N64);
+        assert_eq!(PrefillShape::auto(16), PrefillShape::W4R2N32);
     }
 }
