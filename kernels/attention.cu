@@ -14,6 +14,11 @@
 
 #define ATTN_THREADS 128
 #define ATTN_CHUNK 64
+// 1: the tensor-core decode kernels read one block-table entry a 16-token step where they can (0: one a
+// token, for comparison; see paged_attention_tc).
+#ifndef ATTN_TC_STEP_PAGES
+#define ATTN_TC_STEP_PAGES 1
+#endif
 
 // Per query row: its position (-1: the row belongs to no sequence; -2: prefill_attention handles it) and
 // the offset of its sequence's block table in the flattened tables.
@@ -496,7 +501,27 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
     for (int d = 0; d < MT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float m = NEG_INF, l = 0.f;
 
-    for (int tb = w.t_begin + warp * STEP; tb < w.t_end; tb += WARPS * STEP) {
+    // When a step's 16 tokens lie in one cache block (the block size a multiple of STEP and the context's
+    // first position STEP-aligned: always without a sliding window), the step reads one block-table entry,
+    // requested a step ahead, and its tokens' slots follow from it; otherwise each token looks up its own
+    // (a division and a table read that its key or value load waits for, six a lane a step).
+    const bool step_pages = ATTN_TC_STEP_PAGES && block_size % STEP == 0 && w.first % STEP == 0;
+    int bs_shift = -1;  // a power-of-two block size divides by shift and mask
+    if ((block_size & (block_size - 1)) == 0)
+        for (bs_shift = 0; (1 << bs_shift) < block_size; ++bs_shift) {}
+    const auto page_of = [&](int p) -> u32 { return w.table[bs_shift >= 0 ? p >> bs_shift : p / block_size]; };
+    const auto in_page = [&](int p) -> int { return bs_shift >= 0 ? p & (block_size - 1) : p % block_size; };
+    int tb = w.t_begin + warp * STEP;
+    u32 page = step_pages && tb < w.t_end ? page_of(w.first + tb) : 0u;
+    for (; tb < w.t_end; tb += WARPS * STEP) {
+        const int p0 = w.first + tb;
+        const u64 base = (u64)page * block_size + in_page(p0);  // step_pages: token tb's slot
+        if (step_pages && tb + WARPS * STEP < w.t_end) page = page_of(p0 + WARPS * STEP);
+        const auto slot_of = [&](int tk) -> u64 {
+            if (step_pages) return base + (u64)(tk - tb);
+            const int p = w.first + tk;
+            return (u64)page_of(p) * block_size + in_page(p);
+        };
         // Keys of tokens tb + 8j + g, dims 32t ..; values of tokens tb + 8(i / 2) + 2t + i % 2, dims 16g ...
         u32x4 kf[2][4], vf[4][2];
 #pragma unroll
@@ -506,9 +531,7 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
 #pragma unroll
                 for (int c = 0; c < 4; ++c) kf[j][c] = *reinterpret_cast<const u32x4*>(&new_s[0][t * 32 + c * 8]);
             } else if (tk < w.t_end) {
-                const int p = w.first + tk;
-                const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
-                const T* kr = w.kb + slot * w.kv_stride + t * 32;
+                const T* kr = w.kb + slot_of(tk) * w.kv_stride + t * 32;
 #pragma unroll
                 for (int c = 0; c < 4; ++c) kf[j][c] = *reinterpret_cast<const u32x4*>(kr + c * 8);
             } else {
@@ -523,9 +546,7 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
                 vf[i][0] = *reinterpret_cast<const u32x4*>(&new_s[1][g * 16]);
                 vf[i][1] = *reinterpret_cast<const u32x4*>(&new_s[1][g * 16 + 8]);
             } else if (tk < w.t_end) {
-                const int p = w.first + tk;
-                const u64 slot = (u64)w.table[p / block_size] * block_size + p % block_size;
-                const T* vr = w.vb + slot * w.kv_stride + g * 16;
+                const T* vr = w.vb + slot_of(tk) * w.kv_stride + g * 16;
                 vf[i][0] = *reinterpret_cast<const u32x4*>(vr);
                 vf[i][1] = *reinterpret_cast<const u32x4*>(vr + 8);
             } else {
@@ -584,7 +605,7 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
             }
         // O^T += V^T.P^T: P^T's rows are keys 2t, 2t + 1 (tile 0) and 2t + 8, 2t + 9 (tile 1) of column
         // (head) g, rounded to T; V^T's row g of tile mt is dim 16g + mt, row g + 8 dim 16g + 8 + mt.
-        const u32 pb[2] = {pack(from_f(p[0][0]), from_f(p[0][1])), pack(from_f(p[1][0]), from_f(p[1][1]))};
+        const u32 pb[2] = {pack_f(p[0][0], p[0][1]), pack_f(p[1][0], p[1][1])};
 #pragma unroll
         for (int d = 0; d < MT; ++d) {
             const int wd = d / 2;

@@ -237,9 +237,10 @@ __device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) 
 __device__ __forceinline__ u32 pack(T lo, T hi) { return (u32)lo | ((u32)hi << 16); }
 // Two f32 values rounded to the storage type (nearest even) as one 32-bit register, lo in the low half: one
 // cvt on sm_80 and later instead of from_f's integer rounding twice (bf16), bit for bit the same for every
-// value but NaN (whose payload the cvt makes canonical).
+// value but NaN (whose payload the cvt makes canonical). LORAX_NO_CVT_PAIRS (a define for comparisons) keeps
+// the integer rounding.
 __device__ __forceinline__ u32 pack_f(float lo, float hi) {
-#if defined(LORAX_EMU) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 800
+#if defined(LORAX_EMU) || defined(LORAX_NO_CVT_PAIRS) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 800
     return pack(from_f(lo), from_f(hi));
 #elif defined(LORAX_DTYPE_BF16)
     u32 r;
@@ -249,6 +250,23 @@ __device__ __forceinline__ u32 pack_f(float lo, float hi) {
     u32 r;
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+#endif
+}
+// a and b rounded to the storage type and back (an intermediate rounding that transformers makes by computing
+// in that type), by one pack_f.
+__device__ __forceinline__ void round2(float& a, float& b) {
+#if !defined(LORAX_DTYPE_F32)
+    const u32 p = pack_f(a, b);
+    a = to_f((T)(p & 0xffffu));
+    b = to_f((T)(p >> 16));
+#endif
+}
+// VEC values rounded to the storage type as one 16-byte vector (pairs by pack_f).
+__device__ __forceinline__ u32x4 to_vec(const float* v) {
+#if defined(LORAX_DTYPE_F32)
+    return {__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3])};
+#else
+    return {pack_f(v[0], v[1]), pack_f(v[2], v[3]), pack_f(v[4], v[5]), pack_f(v[6], v[7])};
 #endif
 }
 // A shared-memory address as ldmatrix and cp.async take it.

@@ -74,11 +74,14 @@ __device__ __forceinline__ void rms_norm_vec(T* __restrict__ dst, const float (&
         const int v = threadIdx.x + j * blockDim.x;
         if (v < nv) {
             const T* we = reinterpret_cast<const T*>(&wv[j]);
-            u32x4 o;
-            T* oe = reinterpret_cast<T*>(&o);
+            float n[VEC];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) oe[e] = from_f(to_f(we[e]) * to_f(from_f(a[j][e] * r)));
-            reinterpret_cast<u32x4*>(dst)[v] = o;
+            for (int e = 0; e < VEC; ++e) n[e] = a[j][e] * r;
+#pragma unroll
+            for (int e = 0; e < VEC; e += 2) round2(n[e], n[e + 1]);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) n[e] *= to_f(we[e]);
+            reinterpret_cast<u32x4*>(dst)[v] = to_vec(n);
         }
     }
 }
@@ -132,14 +135,11 @@ extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ res
         for (int j = 0; j < ROW_NV; ++j) {
             const int v = threadIdx.x + j * blockDim.x;
             if (v < h / VEC) {
-                u32x4 o;
-                T* oe = reinterpret_cast<T*>(&o);
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                    oe[e] = from_f(a[j][e] + b[j][e]);
-                    a[j][e] = to_f(oe[e]);
-                }
-                reinterpret_cast<u32x4*>(res)[v] = o;
+                for (int e = 0; e < VEC; ++e) a[j][e] += b[j][e];
+                reinterpret_cast<u32x4*>(res)[v] = to_vec(a[j]);
+#pragma unroll
+                for (int e = 0; e < VEC; e += 2) round2(a[j][e], a[j][e + 1]);
             }
         }
         rms_norm_vec(out + r * h, a, w, h, eps);
@@ -186,19 +186,17 @@ extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_ca
                 f[e + 2] = fv.z;
                 f[e + 3] = fv.w;
             }
-            u32x4 lo, hi;
-            T* le = reinterpret_cast<T*>(&lo);
-            T* he = reinterpret_cast<T*>(&hi);
+            float lo[VEC], hi[VEC];
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
                 float sn, cs;
                 sincosf(f[e] * pos, &sn, &cs);
-                le[e] = from_f(a[e] * cs - b[e] * sn);
-                he[e] = from_f(b[e] * cs + a[e] * sn);
+                lo[e] = a[e] * cs - b[e] * sn;
+                hi[e] = b[e] * cs + a[e] * sn;
             }
             T* dst = c < q_dim ? q + r * q_dim + c : kd + (c - q_dim);
-            *reinterpret_cast<u32x4*>(dst) = lo;
-            *reinterpret_cast<u32x4*>(dst + half) = hi;
+            *reinterpret_cast<u32x4*>(dst) = to_vec(lo);
+            *reinterpret_cast<u32x4*>(dst + half) = to_vec(hi);
         }
         if (!nowhere) copy_row_vec(vd, row + q_dim + kv_dim, kv_dim);
         return;
@@ -235,11 +233,13 @@ extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x
                 float g[VEC], u[VEC];
                 load_n<VEC>(row + c, g);
                 load_n<VEC>(row + f + c, u);
-                u32x4 v;
-                T* ve = reinterpret_cast<T*>(&v);
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) ve[e] = from_f(to_f(from_f(g[e] / (1.0f + expf(-g[e])))) * u[e]);
-                *reinterpret_cast<u32x4*>(o + c) = v;
+                for (int e = 0; e < VEC; ++e) g[e] = g[e] / (1.0f + expf(-g[e]));
+#pragma unroll
+                for (int e = 0; e < VEC; e += 2) round2(g[e], g[e + 1]);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) g[e] *= u[e];
+                *reinterpret_cast<u32x4*>(o + c) = to_vec(g);
             }
             continue;
         }

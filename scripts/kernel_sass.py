@@ -2,6 +2,7 @@
 """The SASS of one kernel, on a machine without CUDA (no GPU time needed):
 
     python3 scripts/kernel_sass.py MODULE KERNEL [--dtype bf16|f16|f32] [--arch sm_90] [-DNAME=VALUE ...] [--stats]
+        [--kernels DIR]
 
 MODULE is a file of kernels/ without .cu (prefill, attention, ...), KERNEL an entry point in it
 (prefill_attention_128_w8n64). The module is compiled as the engine compiles it (kernels/common.cuh
@@ -10,7 +11,8 @@ first, the dtype's define, C++17) by the NVRTC of the PyPI package nvidia-cuda-n
 (downloaded once into target/nvdisasm). Prints the kernel's SASS, or with --stats its instruction count
 and an opcode histogram, whole and for the region around its tensor-core instructions (HMMA, the loop of
 an attention kernel), which is where integer overheads per product show. The NVRTC here (12.9) is not the
-GPU machine's (13.0): close, not identical, code.
+GPU machine's (13.0): close, not identical, code. --kernels DIR reads the .cu files and common.cuh from DIR
+instead of kernels/ (an older commit's, written out by `git show`, to compare the two).
 """
 
 import argparse
@@ -53,9 +55,9 @@ def nvdisasm(python):
     return exe
 
 
-def compile_cubin(lib, module, dtype, arch, defines):
-    src = (open(f"{ROOT}/kernels/common.cuh").read() + f'\n#line 1 "{module}.cu"\n'
-           + open(f"{ROOT}/kernels/{module}.cu").read())
+def compile_cubin(lib, module, dtype, arch, defines, kernels):
+    src = (open(f"{kernels}/common.cuh").read() + f'\n#line 1 "{module}.cu"\n'
+           + open(f"{kernels}/{module}.cu").read())
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{module}.cu".encode(), 0, None, None):
         sys.exit("nvrtcCreateProgram failed")
@@ -102,9 +104,11 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--stats", action="store_true")
+    ap.add_argument("--kernels", default=f"{ROOT}/kernels",
+                    help="the folder of the .cu files and common.cuh (say an older commit's, to compare)")
     a = ap.parse_args()
     python = python_env()
-    cubin = compile_cubin(nvrtc_lib(python), a.module, a.dtype, a.arch, [f"-D{d}" for d in a.defines])
+    cubin = compile_cubin(nvrtc_lib(python), a.module, a.dtype, a.arch, [f"-D{d}" for d in a.defines], a.kernels)
     path = f"{ROOT}/target/{a.module}-{a.dtype}-{a.arch}.cubin"
     with open(path, "wb") as f:
         f.write(cubin)

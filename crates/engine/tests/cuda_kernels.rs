@@ -471,6 +471,20 @@ fn attention_matches_cpu() {
         seqs: decode(&(0..50).map(|i| 1500 + 11 * i).collect::<Vec<_>>()),
         q_range: 1.0,
     });
+    // The tensor-core decode kernel's block-table reads: one a 16-token step where the step lies in one
+    // cache block (block sizes 16 above and 48 here, by shift or division), one a token otherwise (block
+    // size 12; a sliding window whose first position is not a multiple of 16).
+    for (bs, window) in [(48, None), (12, None), (16, Some(100))] {
+        cases.push(AttnCase {
+            heads: 32,
+            kv_heads: 8,
+            hd: 128,
+            bs,
+            window,
+            seqs: decode(&[1, 17, 100, 101, 640, 999]),
+            q_range: 1.0,
+        });
+    }
     // Prefill of variable-length sequences, some reading a cached prefix, with decode rows mixed in.
     for (heads, kv, hd, bs) in [(4, 2, 16, 4), (32, 8, 128, 16), (4, 1, 8, 1), (16, 2, 64, 32)] {
         cases.push(AttnCase {

@@ -17,8 +17,10 @@ typedef void (*Kern)(T*, float*, float*, const T*, const T*, const T*, const Row
 typedef void (*RopeKern)(T*, float*, float*, const T*, const T*, const T*, const RowInfo*, const u32*, int, int, int, int, float, int, int, u32*,
                          int, const float*, const u32*, T*, T*);
 
-int main() {
-    const int HD = 128, heads = 8, kvh = 2, bs = 16;
+// Every kernel and split on one cache of `bs`-token blocks; the number of failed checks.
+static int run_block_size(const int bs) {
+    printf("block size %d\n", bs);
+    const int HD = 128, heads = 8, kvh = 2;
     std::vector<int> ctx = {1, 15, 16, 17, 33, 64, 65, 100, 200, 513, -1, -2};
     std::mt19937 rng(5);
     std::uniform_real_distribution<float> U(-1.f, 1.f);
@@ -224,6 +226,14 @@ int main() {
             }
         }
     }
+    return bad;
+}
+
+// Block sizes 16 (a decode step's 16 tokens in one block: one table read a step, shift and mask), 48 (the
+// same by division, steps starting inside a block) and 12 (each token its own table read).
+int main() {
+    int bad = 0;
+    for (int bs : {16, 48, 12}) bad += run_block_size(bs);
     printf(bad ? "FAIL %d\n" : "OK\n", bad);
     return bad != 0;
 }
