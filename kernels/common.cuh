@@ -252,23 +252,6 @@ __device__ __forceinline__ u32 pack_f(float lo, float hi) {
     return r;
 #endif
 }
-// a and b rounded to the storage type and back (an intermediate rounding that transformers makes by computing
-// in that type), by one pack_f.
-__device__ __forceinline__ void round2(float& a, float& b) {
-#if !defined(LORAX_DTYPE_F32)
-    const u32 p = pack_f(a, b);
-    a = to_f((T)(p & 0xffffu));
-    b = to_f((T)(p >> 16));
-#endif
-}
-// VEC values rounded to the storage type as one 16-byte vector (pairs by pack_f).
-__device__ __forceinline__ u32x4 to_vec(const float* v) {
-#if defined(LORAX_DTYPE_F32)
-    return {__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3])};
-#else
-    return {pack_f(v[0], v[1]), pack_f(v[2], v[3]), pack_f(v[4], v[5]), pack_f(v[6], v[7])};
-#endif
-}
 // A shared-memory address as ldmatrix and cp.async take it.
 __device__ __forceinline__ u32 smem_addr(const void* p) {
 #if defined(LORAX_EMU)
@@ -312,3 +295,21 @@ __device__ __forceinline__ void ldsm_x4(u32* r, const T* row) {
 #endif
 }
 #endif
+
+// a and b rounded to the storage type and back (an intermediate rounding that transformers makes by computing
+// in that type): one pack_f for 16-bit types, nothing for f32.
+__device__ __forceinline__ void round2(float& a, float& b) {
+#if !defined(LORAX_DTYPE_F32)
+    const u32 p = pack_f(a, b);
+    a = to_f((T)(p & 0xffffu));
+    b = to_f((T)(p >> 16));
+#endif
+}
+// VEC values rounded to the storage type as one 16-byte vector (pairs by pack_f for 16-bit types).
+__device__ __forceinline__ u32x4 to_vec(const float* v) {
+#if defined(LORAX_DTYPE_F32)
+    return {__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3])};
+#else
+    return {pack_f(v[0], v[1]), pack_f(v[2], v[3]), pack_f(v[4], v[5]), pack_f(v[6], v[7])};
+#endif
+}

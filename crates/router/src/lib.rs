@@ -26,6 +26,7 @@ pub mod infer;
 pub mod metrics;
 pub mod metrics_json;
 pub mod openai;
+pub mod pieces;
 pub mod policy;
 pub mod scheduler;
 pub mod schema;
