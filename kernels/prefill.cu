@@ -15,11 +15,10 @@
 //
 // Entry points: prefill_attention_HD (4 warps, 32 keys a step) and prefill_attention_HD_wW[r2]nBN for the
 // other tile shapes; the host picks one per launch by its prompt rows (LORAX_CUDA_PREFILL_TILE forces one).
-// Grid: one dimension of ntiles x num_heads blocks. The host sorts the tiles longest first; with heads_first
-// (the default) block b is tile b / num_heads of head b % num_heads, so the blocks start in that order
-// across all heads (every head's longest tile first: longest-processing-time-first over the whole launch).
-// Otherwise block b is tile b % ntiles of head b / ntiles: one head's tiles, then the next head's, so the
-// late heads' long tiles start last and trail the launch (LORAX_CUDA_PREFILL_ORDER=tiles, for comparison).
+// Grid: one dimension of tiles x num_heads blocks. The host sorts the tiles longest first, and block b is
+// tile b / num_heads of head b % num_heads, so the blocks start in that order across all heads (every head's
+// longest tile first: longest-processing-time-first over the whole launch; one head's tiles after another's
+// left the last heads' long tiles trailing the launch, 10-30% slower in session 20).
 // Shared memory is dynamic: 2 stages x (keys + values) x BN x (HD + 8) elements, then (two row groups) the
 // tile's 32 W query rows x (HD + 8), passed at launch.
 
@@ -50,7 +49,7 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
                                                   const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                                                   const PrefillTile* __restrict__ tiles,
                                                   const u32* __restrict__ tables, int num_heads, int num_kv_heads,
-                                                  int block_size, float scale, int ntiles, int heads_first) {
+                                                  int block_size, float scale) {
     constexpr int THREADS = 32 * W;
     constexpr int ROWS = 16 * RG * W;  // query rows of a tile: RG row groups of 16 a warp
     constexpr int LD = HD + 8;  // shared row stride in elements: 16 bytes of padding against bank conflicts
@@ -80,8 +79,8 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     T* q_s = kv_s + 4 * STAGE;
 
     const int b = blockIdx.x;
-    const PrefillTile tile = tiles[heads_first ? b / num_heads : b % ntiles];
-    const int h = heads_first ? b % num_heads : b / ntiles;
+    const PrefillTile tile = tiles[b / num_heads];
+    const int h = b % num_heads;
     const int kvh = h / (num_heads / num_kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t2 = (lane % 4) * 2;
@@ -336,10 +335,10 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                                     \
         NAME(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,                          \
              const T* __restrict__ v_cache, const PrefillTile* __restrict__ tiles, const u32* __restrict__ tables, \
-             int num_heads, int num_kv_heads, int block_size, float scale, int ntiles, int heads_first) {          \
+             int num_heads, int num_kv_heads, int block_size, float scale) {                                      \
         pdl_enter();                                                                                               \
         prefill_attention<HD, W, BN, RG>(out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads,         \
-                                         block_size, scale, ntiles, heads_first);                                  \
+                                         block_size, scale);                                                       \
     }
 
 #else
@@ -348,8 +347,7 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
 #define PREFILL_ATTENTION(NAME, HD, W, BN, RG, MINB)                                                             \
     extern "C" __global__ void NAME(T* out, const T* q, const T* k_cache, const T* v_cache,                   \
                                     const PrefillTile* tiles, const u32* tables, int num_heads,                \
-                                    int num_kv_heads, int block_size, float scale, int ntiles,                 \
-                                    int heads_first) {}
+                                    int num_kv_heads, int block_size, float scale) {}
 
 #endif
 

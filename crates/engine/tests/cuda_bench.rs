@@ -247,27 +247,19 @@ fn prefill_attention(g: &mut CudaBackend, tc: bool, lens: &[usize], heads: usize
 
 /// The tensor-core prefill kernel's tile shapes (`PrefillShape`) at the serving shapes: a 1000-token prompt
 /// (the TTFT target), four and eight 512-token prompts (2048- and 4096-token prompt chunks), 4096 and 16384
-/// tokens; each with the blocks started every head's longest tile first (the default) and one head's tiles
-/// after another's.
+/// tokens.
 #[test]
 #[ignore = "GPU benchmark: run with --ignored --nocapture"]
 fn prefill_benchmarks() {
     let Some(mut g) = backend(DType::BF16) else { return };
     for shape in PrefillShape::ALL.into_iter().map(Some).chain([None]) {
         g.set_prefill_shape(shape);
-        for heads_first in [true, false] {
-            g.set_prefill_heads_first(heads_first);
-            say(&format!(
-                "prefill tiles {}, {} first:",
-                shape.map_or("auto", PrefillShape::label),
-                if heads_first { "heads" } else { "tiles" }
-            ));
-            prefill_attention(&mut g, true, &[1000], 32, 8);
-            prefill_attention(&mut g, true, &[512; 4], 32, 8);
-            prefill_attention(&mut g, true, &[512; 8], 32, 8);
-            prefill_attention(&mut g, true, &[4096], 32, 8);
-            prefill_attention(&mut g, true, &[16384], 32, 8);
-        }
+        say(&format!("prefill tiles {}:", shape.map_or("auto", PrefillShape::label)));
+        prefill_attention(&mut g, true, &[1000], 32, 8);
+        prefill_attention(&mut g, true, &[512; 4], 32, 8);
+        prefill_attention(&mut g, true, &[512; 8], 32, 8);
+        prefill_attention(&mut g, true, &[4096], 32, 8);
+        prefill_attention(&mut g, true, &[16384], 32, 8);
     }
 }
 

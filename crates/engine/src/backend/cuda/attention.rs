@@ -26,8 +26,6 @@ struct PrefillLaunch {
     grid: LaunchConfig,
     _tiles: DevBuf,
     tiles_ptr: u64,
-    /// The kernel's last two arguments: tiles, and whether block b is tile b / heads of head b % heads.
-    order: [i32; 2],
 }
 
 /// What an attention call derives from the batch alone, the same for every layer of a forward pass
@@ -377,10 +375,6 @@ impl CudaBackend {
                     ),
                     tiles_ptr: self.ptr(&d_tiles),
                     _tiles: d_tiles,
-                    order: [
-                        int("prefill tiles", pf_tiles.len())?,
-                        i32::from(self.prefill_heads_first),
-                    ],
                 })
             }
             _ => None,
@@ -497,9 +491,7 @@ impl CudaBackend {
                 nh,
                 nkv,
                 bs,
-                &plan.scale,
-                &pf.order[0],
-                &pf.order[1]
+                &plan.scale
             );
         }
         if !sh.paged_rows {

@@ -567,9 +567,6 @@ pub struct CudaBackend {
     /// Whether the device gives the prefill shapes past 48 KiB of shared memory (the 64-key and two-row-group
     /// ones) theirs (else [`PrefillShape::narrow`] picks a 32-key shape of 16 rows a warp).
     prefill_wide: bool,
-    /// The prefill kernel's blocks start every head's longest tile first (default), rather than one head's
-    /// tiles after another's (`LORAX_CUDA_PREFILL_ORDER=tiles`; kernels/prefill.cu).
-    prefill_heads_first: bool,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
@@ -1019,7 +1016,6 @@ impl CudaBackend {
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
             prefill_shape: PrefillShape::from_env()?,
             prefill_wide,
-            prefill_heads_first: std::env::var("LORAX_CUDA_PREFILL_ORDER").map_or(true, |v| v != "tiles"),
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
@@ -1077,13 +1073,6 @@ impl CudaBackend {
     /// [`PrefillShape::auto`] picks by the launch's prompt rows (`LORAX_CUDA_PREFILL_TILE`).
     pub fn set_prefill_shape(&mut self, shape: Option<PrefillShape>) {
         self.prefill_shape = shape;
-    }
-
-    /// The order in which the prefill kernel's blocks start: every head's longest tile, then every head's
-    /// next (`true`, the default), or one head's tiles after another's (`false`,
-    /// `LORAX_CUDA_PREFILL_ORDER=tiles`). For benchmarks.
-    pub fn set_prefill_heads_first(&mut self, on: bool) {
-        self.prefill_heads_first = on;
     }
 
     /// At most this many query heads per attention block (1, 2, 4 or 8; default 8). Fewer heads per block
