@@ -472,8 +472,9 @@ fn attention_matches_cpu() {
         q_range: 1.0,
     });
     // The tensor-core decode kernel's block-table reads: one a 16-token step where the step lies in one
-    // cache block (block sizes 16 above and 48 here, by shift or division), one a token otherwise (block
-    // size 12; a sliding window whose first position is not a multiple of 16).
+    // cache block (block sizes 16 above and 48 here, by shift or division; a sliding window whose first
+    // position is a multiple of 16: contexts 116 and 164 of window 100), one a token otherwise (block
+    // size 12; windows whose first position is not).
     for (bs, window) in [(48, None), (12, None), (16, Some(100))] {
         cases.push(AttnCase {
             heads: 32,
@@ -481,7 +482,7 @@ fn attention_matches_cpu() {
             hd: 128,
             bs,
             window,
-            seqs: decode(&[1, 17, 100, 101, 640, 999]),
+            seqs: decode(&[1, 17, 100, 101, 116, 164, 640, 999]),
             q_range: 1.0,
         });
     }
@@ -598,7 +599,7 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
         case(16, 8, None, &[2, 100, 4096]),
         case(64, 8, None, &[33, 9000, 700]),
         case(8, 1, None, &[20_000]),
-        case(32, 8, Some(100), &[999, 50, 101]),
+        case(32, 8, Some(100), &[999, 50, 101, 116, 164]),
     ];
     for dt in [DType::BF16, DType::F16] {
         let Some(g) = gpu(dt) else { return };

@@ -1,12 +1,13 @@
-//! Long prompts tokenized in pieces on the rayon pool, for tokenizers where that gives the ids of one pass.
+//! Long prompts tokenized in pieces on a pool of threads, for tokenizers where that gives the ids of one pass.
 //!
 //! A SentencePiece-style BPE tokenizer with no pre-tokenizer (Llama 2, Mistral 7B v0.1: the normalizer
 //! prepends `▁` and turns each space into `▁`) runs its merges over a whole prompt as one word: about 1 ms
 //! for 1000 tokens on the GPU machine's CPU, all of it on the request's way to its first token. Where no
 //! token of the vocabulary has a `▁` after another character, no merge joins the symbols on the two sides of
-//! a place where a run of spaces begins. So the text can be cut there and the pieces encoded apart, each
-//! piece but the first without its first space (the `▁` the normalizer prepends to a piece stands for it),
-//! then joined and post-processed (the BOS token): the same ids as one pass.
+//! a space that follows a character other than a space or a `▁` (after normalizing: a `▁` after another
+//! character). So the text can be cut there and the pieces encoded apart, each piece but the first without
+//! its first space (the `▁` the normalizer prepends to a piece stands for it), then joined and
+//! post-processed (the BOS token): the same ids as one pass.
 //!
 //! Added tokens (`<s>`, `</s>`, ...) are split out of the text before the normalizer runs, and each text
 //! segment between them gets its own prepended `▁`; so a cut is never placed right after or right before
@@ -18,19 +19,24 @@ use tokenizers::{Encoding, ModelWrapper, Tokenizer};
 /// Bytes of text a piece is cut at (a 1000-token English-like prompt is about 4 KB: eight pieces).
 pub const PIECE_BYTES: usize = 512;
 
-/// Cuts long texts into pieces that encode to the same ids as the whole (see the module's documentation).
-#[derive(Debug, Clone)]
+/// Cuts long texts into pieces that encode to the same ids as the whole (see the module's documentation),
+/// and encodes them on a pool of its own (so that a long prompt does not hold up the rayon work of the
+/// batching loop's steps).
+#[derive(Debug)]
 pub struct PieceEncoder {
     /// The added tokens' texts: no cut right after or right before one.
     added: Vec<String>,
+    pool: rayon::ThreadPool,
 }
 
 impl PieceEncoder {
     /// `Some` where `tokenizer` is a BPE tokenizer of the kind the module describes: the normalizer exactly
-    /// `Prepend("▁")` then `Replace(" ", "▁")`, no pre-tokenizer, a BPE model without dropout, affixes or
-    /// whole-word lookups whose vocabulary has no `▁` after another character, and added tokens without
-    /// white space or `▁` that neither strip nor match whole words nor match normalized text.
-    pub fn for_tokenizer(tokenizer: &Tokenizer) -> Option<Self> {
+    /// `Prepend("▁")` then `Replace(" ", "▁")`, no pre-tokenizer, no padding or truncation (each piece is
+    /// post-processed alone), a BPE model without dropout, affixes or whole-word lookups whose vocabulary
+    /// holds `▁` (else unknown characters could fuse across a cut) and has no `▁` after another character,
+    /// and added tokens without white space or `▁` that neither strip nor match whole words nor match
+    /// normalized text. `threads` (at least 2) is the size of its pool.
+    pub fn for_tokenizer(tokenizer: &Tokenizer, threads: usize) -> Option<Self> {
         let expected = serde_json::json!({
             "type": "Sequence",
             "normalizers": [
@@ -39,7 +45,12 @@ impl PieceEncoder {
             ],
         });
         let normalizer = serde_json::to_value(tokenizer.get_normalizer()?).ok()?;
-        if normalizer != expected || tokenizer.get_pre_tokenizer().is_some() {
+        if normalizer != expected
+            || tokenizer.get_pre_tokenizer().is_some()
+            || tokenizer.get_padding().is_some()
+            || tokenizer.get_truncation().is_some()
+            || threads < 2
+        {
             return None;
         }
         let ModelWrapper::BPE(bpe) = tokenizer.get_model() else {
@@ -60,7 +71,8 @@ impl PieceEncoder {
                 across
             })
         };
-        if tokenizer.get_vocab(false).keys().any(|t| joins_across(t)) {
+        let vocab = tokenizer.get_vocab(false);
+        if !vocab.contains_key("▁") || vocab.keys().any(|t| joins_across(t)) {
             return None;
         }
         let mut added = Vec::new();
@@ -76,12 +88,23 @@ impl PieceEncoder {
             }
             added.push(token.content);
         }
-        Some(Self { added })
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("tokenize-{i}"))
+            .build()
+            .ok()?;
+        Some(Self { added, pool })
     }
 
-    /// The byte offsets where `text` is cut into about `pieces` pieces: spaces that begin a run of spaces and
-    /// are not the text's last character, neither right after nor right before an added token, at or past
-    /// each `len * j / pieces`.
+    /// Threads of the pool: pieces worth cutting a text into at most.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// The byte offsets where `text` is cut into about `pieces` pieces: spaces after a character other than
+    /// a space or a `▁` (which the normalizer's `▁` would join: the vocabulary has `▁▁`), not the text's
+    /// last character, neither right after nor right before an added token, at or past each
+    /// `len * j / pieces`.
     pub fn cuts(&self, text: &str, pieces: usize) -> Vec<usize> {
         let bytes = text.as_bytes();
         let mut cuts: Vec<usize> = Vec::with_capacity(pieces.saturating_sub(1));
@@ -91,6 +114,7 @@ impl PieceEncoder {
             let found = (from..bytes.len().saturating_sub(1)).find(|&i| {
                 bytes[i] == b' '
                     && bytes[i - 1] != b' '
+                    && !text[..i].ends_with('▁')
                     && !self.added.iter().any(|a| text[..i].ends_with(a.as_str()))
                     && !self.added.iter().any(|a| text[i + 1..].starts_with(a.as_str()))
             });
@@ -103,8 +127,8 @@ impl PieceEncoder {
     }
 
     /// `tokenizer`'s encoding of `text` (the tokenizer `for_tokenizer` accepted), from about `pieces` pieces
-    /// encoded on the rayon pool. The ids and special tokens are those of `tokenizer.encode`; the offsets of
-    /// pieces after the first are not (callers that need offsets encode in one pass).
+    /// encoded on the pool. Its ids and special-tokens mask are those of `tokenizer.encode`; nothing else is
+    /// (no offsets or token strings: callers that need them encode in one pass).
     pub fn encode(
         &self,
         tokenizer: &Tokenizer,
@@ -119,10 +143,12 @@ impl PieceEncoder {
         let starts = std::iter::once(0).chain(cuts.iter().map(|&c| c + 1));
         let ends = cuts.iter().copied().chain(std::iter::once(text.len()));
         let parts: Vec<&str> = starts.zip(ends).map(|(a, b)| &text[a..b]).collect();
-        let encodings = parts
-            .par_iter()
-            .map(|p| tokenizer.encode_fast(*p, false))
-            .collect::<tokenizers::Result<Vec<Encoding>>>()?;
+        let encodings = self.pool.install(|| {
+            parts
+                .par_iter()
+                .map(|p| tokenizer.encode_fast(*p, false))
+                .collect::<tokenizers::Result<Vec<Encoding>>>()
+        })?;
         tokenizer.post_process(Encoding::merge(encodings, false), None, add_special_tokens)
     }
 }
@@ -135,7 +161,7 @@ mod tests {
     /// A text like the benchmark's filler, with runs of spaces, newlines, punctuation, characters outside
     /// the vocabulary (byte fallback) and the added tokens in every position.
     fn text(seed: u64, words: usize) -> String {
-        const WORDS: [&str; 16] = [
+        const WORDS: [&str; 19] = [
             "ka",
             "lorem",
             "ren",
@@ -152,6 +178,9 @@ mod tests {
             "\t",
             "é",
             "a<s>b",
+            "▁",
+            "x▁",
+            "▁▁y",
         ];
         const GAPS: [&str; 6] = [" ", " ", " ", "  ", "\n", "   "];
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -180,7 +209,7 @@ mod tests {
     #[test]
     fn pieces_give_the_ids_of_one_pass() {
         let tokenizer = fixture_tokenizer();
-        let pe = PieceEncoder::for_tokenizer(&tokenizer).expect("the fixture (Mistral) tokenizer qualifies");
+        let pe = PieceEncoder::for_tokenizer(&tokenizer, 4).expect("the fixture (Mistral) tokenizer qualifies");
         let mut cut_texts = 0;
         for seed in 0..200 {
             let t = text(seed, 20 + (seed as usize * 7) % 300);
@@ -198,9 +227,10 @@ mod tests {
 
     #[test]
     fn no_cut_next_to_an_added_token() {
-        let pe = PieceEncoder::for_tokenizer(&fixture_tokenizer()).expect("qualifies");
-        // The only spaces that begin a run are right after or right before `<s>`.
+        let pe = PieceEncoder::for_tokenizer(&fixture_tokenizer(), 2).expect("qualifies");
+        // The only spaces that begin a run are right after or right before `<s>`, or after a `▁`.
         assert_eq!(pe.cuts("ab<s> cd <s>", 4), Vec::<usize>::new());
+        assert_eq!(pe.cuts("▁▁ ▁x", 2), Vec::<usize>::new());
         assert_eq!(pe.cuts("ab cd", 2), vec![2]);
         assert_eq!(
             pe.cuts("ab   cd ef", 2),
@@ -221,7 +251,7 @@ mod tests {
             let mut j = json.clone();
             edit(&mut j);
             let t = Tokenizer::from_bytes(serde_json::to_vec(&j).expect("json")).expect("tokenizer");
-            PieceEncoder::for_tokenizer(&t).is_some()
+            PieceEncoder::for_tokenizer(&t, 2).is_some()
         };
         assert!(load(&|_| {}), "unchanged");
         // A merge could join across a cut: a token with `▁` after a letter.
@@ -239,5 +269,21 @@ mod tests {
         assert!(!load(&|j| j["model"]["dropout"] = serde_json::json!(0.1)));
         // An added token that strips the spaces beside it.
         assert!(!load(&|j| j["added_tokens"][1]["lstrip"] = serde_json::json!(true)));
+        // Padding: each piece would be padded.
+        let mut padded = Tokenizer::from_bytes(base.as_bytes()).expect("tokenizer");
+        padded.with_padding(Some(tokenizers::PaddingParams::default()));
+        assert!(PieceEncoder::for_tokenizer(&padded, 2).is_none());
+        // A vocabulary without `▁`: unknown characters could fuse across a cut.
+        let tiny = |vocab: serde_json::Value| {
+            let mut j = json.clone();
+            j["added_tokens"] = serde_json::json!([]);
+            j["post_processor"] = serde_json::Value::Null;
+            j["model"]["vocab"] = vocab;
+            j["model"]["merges"] = serde_json::json!([]);
+            let t = Tokenizer::from_bytes(serde_json::to_vec(&j).expect("json")).expect("tokenizer");
+            PieceEncoder::for_tokenizer(&t, 2).is_some()
+        };
+        assert!(tiny(serde_json::json!({"<unk>": 0, "a": 1, "▁": 2})));
+        assert!(!tiny(serde_json::json!({"<unk>": 0, "a": 1})));
     }
 }

@@ -375,7 +375,7 @@ pub fn check_lengths(
 #[derive(Clone)]
 pub struct Validation {
     tokenizer: Arc<Tokenizer>,
-    /// Long prompts in pieces on the rayon pool, where the tokenizer allows it (crate::pieces).
+    /// Long prompts in pieces on a pool of its own, where the tokenizer allows it (crate::pieces).
     pieces: Option<Arc<PieceEncoder>>,
     workers: Arc<Semaphore>,
     limits: ValidationLimits,
@@ -393,7 +393,7 @@ impl Validation {
     /// Validation with `tokenizer`, `workers` concurrent tokenizations and `limits`.
     pub fn new(tokenizer: Arc<Tokenizer>, workers: usize, limits: ValidationLimits) -> Self {
         Self {
-            pieces: PieceEncoder::for_tokenizer(&tokenizer).map(Arc::new),
+            pieces: PieceEncoder::for_tokenizer(&tokenizer, piece_threads()).map(Arc::new),
             tokenizer,
             workers: Arc::new(Semaphore::new(workers)),
             limits,
@@ -408,7 +408,7 @@ impl Validation {
     }
 
     /// [`Validation::tokenize`]; `prompt`: only the ids and special tokens are needed, so a long text may be
-    /// encoded in pieces on the rayon pool where the tokenizer allows it (crate::pieces), its offsets then
+    /// encoded in pieces on a thread pool where the tokenizer allows it (crate::pieces), its offsets then
     /// not those of one pass.
     async fn encode(
         &self,
@@ -422,8 +422,11 @@ impl Validation {
             .await
             .map_err(|_| ValidationError::Tokenizer("tokenizer workers are shut down".into()))?;
         let tokenizer = Arc::clone(&self.tokenizer);
-        let pieces = (inputs.len() / PIECE_BYTES).min(rayon::current_num_threads());
-        let split = self.pieces.clone().filter(|_| prompt && pieces > 1);
+        let split = self.pieces.clone().filter(|_| prompt);
+        let pieces = split
+            .as_ref()
+            .map_or(0, |pe| (inputs.len() / PIECE_BYTES).min(pe.threads()));
+        let split = split.filter(|_| pieces > 1);
         let encode = move || match split {
             Some(pe) => pe.encode(&tokenizer, &inputs, add_special_tokens, pieces),
             None => tokenizer.encode(inputs, add_special_tokens),
@@ -486,6 +489,12 @@ impl Validation {
             api_token,
         })
     }
+}
+
+/// Threads of the pool that encodes long prompts in pieces: the machine's cores, from 2 to 8 (a 1000-token
+/// prompt is about eight pieces of [`PIECE_BYTES`]; more gained little on the GPU machine: session 21).
+fn piece_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
 }
 
 /// A seed from the operating system's generator (a fixed fallback if it is unavailable).

@@ -361,8 +361,8 @@ impl CudaBackend {
         let d_tables = self.upload(&tables)?;
         let prefill = match tc_kernel {
             Some(kernel) if !pf_tiles.is_empty() => {
-                // Longest tiles (most keys: the last of each prompt) first, and (by default) every head's
-                // tile before any head's next one, so the causal triangle's long blocks start in the first
+                // Longest tiles (most keys: the last of each prompt) first, and every head's tile before
+                // any head's next one (kernels/prefill.cu), so the causal triangle's long blocks start in the first
                 // wave instead of trailing the launch.
                 pf_tiles.sort_by_key(|t| std::cmp::Reverse(t[1] + t[2]));
                 let d_tiles = self.upload(pf_tiles.as_flattened())?;
