@@ -506,9 +506,7 @@ __device__ __forceinline__ void paged_attention_tc(ATTN_PARAMS, int q_stride, co
     // requested a step ahead, and its tokens' slots follow from it; otherwise each token looks up its own
     // (a division and a table read that its key or value load waits for, six a lane a step).
     const bool step_pages = ATTN_TC_STEP_PAGES && block_size % STEP == 0 && w.first % STEP == 0;
-    int bs_shift = -1;  // a power-of-two block size divides by shift and mask
-    if ((block_size & (block_size - 1)) == 0)
-        for (bs_shift = 0; (1 << bs_shift) < block_size; ++bs_shift) {}
+    const int bs_shift = pow2_log(block_size);
     const auto page_of = [&](int p) -> u32 { return w.table[bs_shift >= 0 ? p >> bs_shift : p / block_size]; };
     const auto in_page = [&](int p) -> int { return bs_shift >= 0 ? p & (block_size - 1) : p % block_size; };
     int tb = w.t_begin + warp * STEP;

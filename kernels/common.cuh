@@ -36,6 +36,16 @@ __device__ __forceinline__ T from_f(float f) { return f; }
 #error "define one of LORAX_DTYPE_BF16, LORAX_DTYPE_F16, LORAX_DTYPE_F32"
 #endif
 
+// log2(n) for a power of two n (the host checks n > 0), else -1: paged kernels find a position's cache block
+// and offset by shift and mask where the block size allows (much of their index arithmetic), by division
+// otherwise.
+__device__ __forceinline__ int pow2_log(int n) {
+    if ((n & (n - 1)) != 0) return -1;
+    int s = 0;
+    while ((1 << s) < n) ++s;
+    return s;
+}
+
 // Elements of T in one 16-byte access.
 #define VEC (16 / (int)sizeof(T))
 
@@ -304,6 +314,11 @@ __device__ __forceinline__ void round2(float& a, float& b) {
     a = to_f((T)(p & 0xffffu));
     b = to_f((T)(p >> 16));
 #endif
+}
+// VEC values rounded to the storage type and back, in place (round2 on each pair).
+__device__ __forceinline__ void round_vec(float* v) {
+#pragma unroll
+    for (int e = 0; e < VEC; e += 2) round2(v[e], v[e + 1]);
 }
 // VEC values rounded to the storage type as one 16-byte vector (pairs by pack_f for 16-bit types).
 __device__ __forceinline__ u32x4 to_vec(const float* v) {

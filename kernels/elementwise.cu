@@ -77,8 +77,7 @@ __device__ __forceinline__ void rms_norm_vec(T* __restrict__ dst, const float (&
             float n[VEC];
 #pragma unroll
             for (int e = 0; e < VEC; ++e) n[e] = a[j][e] * r;
-#pragma unroll
-            for (int e = 0; e < VEC; e += 2) round2(n[e], n[e + 1]);
+            round_vec(n);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) n[e] *= to_f(we[e]);
             reinterpret_cast<u32x4*>(dst)[v] = to_vec(n);
@@ -138,8 +137,7 @@ extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ res
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) a[j][e] += b[j][e];
                 reinterpret_cast<u32x4*>(res)[v] = to_vec(a[j]);
-#pragma unroll
-                for (int e = 0; e < VEC; e += 2) round2(a[j][e], a[j][e + 1]);
+                round_vec(a[j]);
             }
         }
         rms_norm_vec(out + r * h, a, w, h, eps);
@@ -235,8 +233,7 @@ extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x
                 load_n<VEC>(row + f + c, u);
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) g[e] = g[e] / (1.0f + expf(-g[e]));
-#pragma unroll
-                for (int e = 0; e < VEC; e += 2) round2(g[e], g[e + 1]);
+                round_vec(g);
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) g[e] *= u[e];
                 *reinterpret_cast<u32x4*>(o + c) = to_vec(g);

@@ -42,14 +42,16 @@ struct PrefillTile {
     int table;
 };
 
+// The parameters of prefill_attention and its entry points.
+#define PREFILL_PARAMS                                                                                          \
+    T *__restrict__ out, const T *__restrict__ q, const T *__restrict__ k_cache, const T *__restrict__ v_cache, \
+        const PrefillTile *__restrict__ tiles, const u32 *__restrict__ tables, int num_heads, int num_kv_heads, \
+        int block_size, float scale
+
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
 
 template <int HD, int W, int BN, int RG>
-__device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* __restrict__ q,
-                                                  const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                                                  const PrefillTile* __restrict__ tiles,
-                                                  const u32* __restrict__ tables, int num_heads, int num_kv_heads,
-                                                  int block_size, float scale) {
+__device__ __forceinline__ void prefill_attention(PREFILL_PARAMS) {
     constexpr int THREADS = 32 * W;
     constexpr int ROWS = 16 * RG * W;  // query rows of a tile: RG row groups of 16 a warp
     constexpr int LD = HD + 8;  // shared row stride in elements: 16 bytes of padding against bank conflicts
@@ -90,11 +92,7 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     const u64 kv_stride = (u64)num_kv_heads * HD;
     const u32* table = tables + tile.table;
     const float sl2 = scale * 1.4426950408889634f;  // scores to base-2 exponents
-    // A power-of-two block size (the usual case) finds a key's block and offset by shift and mask instead of
-    // by division: the copies' index arithmetic is much of the loop's integer work. -1: not a power of two.
-    int bs_shift = -1;
-    if ((block_size & (block_size - 1)) == 0)
-        for (bs_shift = 0; (1 << bs_shift) < block_size; ++bs_shift) {}
+    const int bs_shift = pow2_log(block_size);  // -1: not a power of two (the copies divide)
 
     // Q as A fragments, straight from global memory (rows past the tile read as zeros); or, with Q_SMEM, the
     // tile's rows copied into shared memory with the first step's keys (rows past the tile zeroed).
@@ -331,23 +329,17 @@ __device__ __forceinline__ void prefill_attention(T* __restrict__ out, const T* 
     }
 }
 
-#define PREFILL_ATTENTION(NAME, HD, W, BN, RG, MINB)                                                               \
-    extern "C" __global__ void __launch_bounds__(32 * W, MINB)                                                     \
-        NAME(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,                          \
-             const T* __restrict__ v_cache, const PrefillTile* __restrict__ tiles, const u32* __restrict__ tables, \
-             int num_heads, int num_kv_heads, int block_size, float scale) {                                      \
-        pdl_enter();                                                                                               \
-        prefill_attention<HD, W, BN, RG>(out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads,         \
-                                         block_size, scale);                                                       \
+#define PREFILL_ATTENTION(NAME, HD, W, BN, RG, MINB)                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * W, MINB) NAME(PREFILL_PARAMS) {                      \
+        pdl_enter();                                                                                       \
+        prefill_attention<HD, W, BN, RG>(out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads, \
+                                         block_size, scale);                                               \
     }
 
 #else
 
 // f32 storage has no tensor-core path: the host never launches these.
-#define PREFILL_ATTENTION(NAME, HD, W, BN, RG, MINB)                                                             \
-    extern "C" __global__ void NAME(T* out, const T* q, const T* k_cache, const T* v_cache,                   \
-                                    const PrefillTile* tiles, const u32* tables, int num_heads,                \
-                                    int num_kv_heads, int block_size, float scale) {}
+#define PREFILL_ATTENTION(NAME, HD, W, BN, RG, MINB) extern "C" __global__ void NAME(PREFILL_PARAMS) {}
 
 #endif
 

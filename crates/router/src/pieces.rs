@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use tokenizers::{Encoding, ModelWrapper, Tokenizer};
 
 /// Bytes of text a piece is cut at (a 1000-token English-like prompt is about 4 KB: eight pieces).
-pub const PIECE_BYTES: usize = 512;
+const PIECE_BYTES: usize = 512;
 
 /// Cuts long texts into pieces that encode to the same ids as the whole (see the module's documentation),
 /// and encodes them on a pool of its own (so that a long prompt does not hold up the rayon work of the
@@ -96,11 +96,6 @@ impl PieceEncoder {
         Some(Self { added, pool })
     }
 
-    /// Threads of the pool: pieces worth cutting a text into at most.
-    pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
-    }
-
     /// The byte offsets where `text` is cut into about `pieces` pieces: spaces after a character other than
     /// a space or a `▁` (which the normalizer's `▁` would join: the vocabulary has `▁▁`), not the text's
     /// last character, neither right after nor right before an added token, at or past each
@@ -126,10 +121,17 @@ impl PieceEncoder {
         cuts
     }
 
-    /// `tokenizer`'s encoding of `text` (the tokenizer `for_tokenizer` accepted), from about `pieces` pieces
-    /// encoded on the pool. Its ids and special-tokens mask are those of `tokenizer.encode`; nothing else is
-    /// (no offsets or token strings: callers that need them encode in one pass).
-    pub fn encode(
+    /// `tokenizer`'s encoding of `text` (the tokenizer `for_tokenizer` accepted): a piece of [`PIECE_BYTES`]
+    /// for each thread of the pool at most, encoded on it (a short text in one pass). Its ids and
+    /// special-tokens mask are those of `tokenizer.encode`; nothing else is (no offsets or token strings:
+    /// callers that need them encode in one pass).
+    pub fn encode(&self, tokenizer: &Tokenizer, text: &str, add_special_tokens: bool) -> tokenizers::Result<Encoding> {
+        let pieces = (text.len() / PIECE_BYTES).min(self.pool.current_num_threads());
+        self.encode_pieces(tokenizer, text, add_special_tokens, pieces)
+    }
+
+    /// [`PieceEncoder::encode`] in about `pieces` pieces (one pass when none can be cut).
+    fn encode_pieces(
         &self,
         tokenizer: &Tokenizer,
         text: &str,
@@ -216,7 +218,9 @@ mod tests {
             for pieces in [2, 3, 5, 8, 16] {
                 for special in [true, false] {
                     let whole = tokenizer.encode(t.as_str(), special).expect("encode");
-                    let split = pe.encode(&tokenizer, &t, special, pieces).expect("encode in pieces");
+                    let split = pe
+                        .encode_pieces(&tokenizer, &t, special, pieces)
+                        .expect("encode in pieces");
                     assert_eq!(split.get_ids(), whole.get_ids(), "{pieces} pieces of {t:?}");
                 }
                 cut_texts += usize::from(!pe.cuts(&t, pieces).is_empty());

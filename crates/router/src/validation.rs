@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 
 use crate::adapters::{AdapterKey, AdapterSource};
 use crate::metrics as m;
-use crate::pieces::{PieceEncoder, PIECE_BYTES};
+use crate::pieces::PieceEncoder;
 use crate::schema::{GenerateParameters, GenerateRequest, Secret};
 use crate::stopping::StoppingParameters;
 
@@ -423,12 +423,8 @@ impl Validation {
             .map_err(|_| ValidationError::Tokenizer("tokenizer workers are shut down".into()))?;
         let tokenizer = Arc::clone(&self.tokenizer);
         let split = self.pieces.clone().filter(|_| prompt);
-        let pieces = split
-            .as_ref()
-            .map_or(0, |pe| (inputs.len() / PIECE_BYTES).min(pe.threads()));
-        let split = split.filter(|_| pieces > 1);
         let encode = move || match split {
-            Some(pe) => pe.encode(&tokenizer, &inputs, add_special_tokens, pieces),
+            Some(pe) => pe.encode(&tokenizer, &inputs, add_special_tokens),
             None => tokenizer.encode(inputs, add_special_tokens),
         };
         let encoding = match tokio::runtime::Handle::current().runtime_flavor() {
@@ -492,7 +488,7 @@ impl Validation {
 }
 
 /// Threads of the pool that encodes long prompts in pieces: the machine's cores, from 2 to 8 (a 1000-token
-/// prompt is about eight pieces of [`PIECE_BYTES`]; more gained little on the GPU machine: session 21).
+/// prompt is about eight pieces of 512 bytes; more gained little on the GPU machine: session 21).
 fn piece_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
 }
