@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The serving benchmark on one GPU, in one call of under 10 minutes: copy bandwidth (PyTorch, 2 GiB
-# device-to-device), scripts/gpu/bench.py (Mistral-7B-shaped dummy model, 1000 random adapters, TTFT, cold
-# loads alone and under load, base sweep, popularity regimes, rooflines), then scripts/gpu/peft_compare.py
+# device-to-device) and GEMM rate (cuBLAS bf16 8192^3), scripts/gpu/bench.py (Mistral-7B-shaped dummy
+# model, 1000 random adapters, TTFT, cold loads alone and under load, base sweep, popularity regimes,
+# rooflines), then scripts/gpu/peft_compare.py
 # (the same server against transformers + peft: 128 streams, 8 adapters, 512-token prompts, 256 new
 # tokens), then the issue's targets table. Binaries come from scripts/gpu/build.sh.
 #
@@ -27,9 +28,15 @@ section() { echo "SECTION $1: $(($(date +%s) - $2))s (bench.sh at $(elapsed)s)" 
 t=$(date +%s)
 . scripts/gpu/env.sh
 nvidia-smi >"$logs/nvidia-smi.txt" 2>&1
-copy=
+copy= gemm= gemm_burst=
 if [ "${BENCH_TINY:-}" != 1 ]; then
-    copy=$(python3 - <<'PY'
+    # The copy bandwidth (every memory roofline), then cuBLAS's bf16 GEMM rate at 8192^3 (the TTFT's compute
+    # roofline): a burst of 10 products from an idle GPU, and the rate over as long as the TTFT test loads
+    # the GPU (9 prompts of about 25 ms back to back: 0.25 s of products, enqueued at once and timed by
+    # events), from idle again. The 700 W power cap lowers the SM clock within that time (bench/NOTES.md
+    # session 21), so the second is the rate a 1000-token prompt can have, and the roofline uses it.
+    rates=$(python3 - <<'PY'
+import time
 import torch
 a = torch.empty(2 << 30, dtype=torch.uint8, device=0)
 b = torch.empty_like(a)
@@ -40,18 +47,45 @@ for _ in range(20):
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record(); b.copy_(a); e.record(); e.synchronize()
     times.append(s.elapsed_time(e))
-print(f"{2 * a.numel() / sorted(times)[10] / 1e6:.0f}")
+copy = 2 * a.numel() / sorted(times)[10] / 1e6
+del a, b
+n = 8192
+x = torch.randn(n, n, dtype=torch.bfloat16, device=0)
+w = torch.randn(n, n, dtype=torch.bfloat16, device=0)
+flops = 2 * n ** 3
+
+
+def timed(count):
+    torch.cuda.synchronize()
+    time.sleep(2)  # the SM clock back to idle
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(count):
+        torch.matmul(x, w)
+    e.record()
+    e.synchronize()
+    return count * flops / (s.elapsed_time(e) * 1e-3) / 1e12
+
+
+for _ in range(3):
+    torch.matmul(x, w)
+burst = timed(10)
+window = timed(max(10, round(0.25 * burst * 1e12 / flops)))
+print(f"{copy:.0f} {window:.0f} {burst:.0f}")
 PY
 )
+    read -r copy gemm gemm_burst <<<"$rates"
 fi
 echo "copy bandwidth: ${copy:-not measured, 4200 assumed} GB/s (2 GiB, read + written, median of 20)" | tee -a "$summary"
-section "setup and copy bandwidth" "$t"
+echo "GEMM rate (cuBLAS bf16, 8192^3): ${gemm:-not measured, 790 assumed} TFLOP/s over 0.25 s from idle;" \
+    "a burst of 10 from idle ${gemm_burst:-not measured} TFLOP/s" | tee -a "$summary"
+section "setup, copy bandwidth and GEMM rate" "$t"
 
 # bench.py skips or cuts runs so as to have stopped its server by BENCH_DEADLINE; `timeout` is the
 # backstop (on SIGTERM bench.py still stops the server; SIGKILL 20 s later).
 t=$(date +%s)
 bench_s=$((budget - peft_budget - $(elapsed)))
-BENCH_COPY_GBS=${copy:-4200} BENCH_DEADLINE=$((start + budget - peft_budget)) \
+BENCH_COPY_GBS=${copy:-4200} BENCH_GEMM_TFLOPS=${gemm:-790} BENCH_GEMM_BURST_TFLOPS=${gemm_burst:-} BENCH_DEADLINE=$((start + budget - peft_budget)) \
     timeout -k 20 "$((bench_s + 10))" python3 scripts/gpu/bench.py "$bin" "$logs"
 echo "bench.py exit status $?" | tee -a "$summary"
 # A server left behind (bench.py killed) would hold the GPU memory peft needs.
