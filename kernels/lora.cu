@@ -331,10 +331,12 @@ extern "C" __global__ void bgmv_expand_ix0(T* __restrict__ y, const float* __res
 //     tmp[((c * parts + p) * n + row) * rmax + j]   (pstride = parts * n rows between chunks),
 //   with no atomics and no zeroing; j >= the pair's rank is neither written nor read. Static shared memory:
 //   BG_ROWS * BG_KC_BYTES = 16 KiB.
-// bgmv_expand_ix: grid (record, tile of 2 * BG_EXPAND_THREADS columns, part), BG_EXPAND_THREADS threads; the
-//   block stages t[row, j] = the sum of the ks partials in chunk order c = 0, 1, ..., then each thread adds
-//   scale * t[row, :r] . B[c, :r] into columns c and c + BG_EXPAND_THREADS of its tile; B's vectors are
-//   loaded BG_BV at a time per column (the first before pdl_wait), y's values before the partials are summed.
+// bgmv_expand_ix: grid (record, column group, 1), BG_EXPAND_THREADS threads; a group is up to ct tiles of
+//   2 * BG_EXPAND_THREADS columns of one part (the parts' groups end to end along y). The block stages
+//   t[row, j] = the sum of the ks partials in chunk order c = 0, 1, ..., then for each tile of its group each
+//   thread adds scale * t[row, :r] . B[c, :r] into columns c and c + BG_EXPAND_THREADS of the tile; B's
+//   vectors are loaded BG_BV at a time per column (the first tile's before pdl_wait, each next tile's before
+//   this tile's stores).
 // The host (lora.rs `shrink_chunk`) takes chunks of whole groups (1024 elements of bf16/f16, 512 of f32), about
 // in_dim / 8 each and at most BG_KC: in_dim 4096 in bf16 is 4 chunks of 1024, 14336 is 7 of 2048; an in_dim
 // of at most one group is one chunk. In_dim or chunks that are not whole vectors take scalar loads.
@@ -492,21 +494,30 @@ __device__ __forceinline__ void lora_ld_b(u32x4 (*dst)[BG_BV], const T* B, const
 }
 
 // Three blocks per multiprocessor: ptxas took 114 registers a thread (2 blocks) when left free.
+// Grid (record, column group, 1): the parts' groups laid end to end along y (part 0's are y < e1, part 1's
+// e1 <= y < e2, part 2's the rest), so no block has a part narrower than the widest to skip; a group is `ct`
+// tiles of 2 * BG_EXPAND_THREADS columns, walked in order, the next tile's B loaded while this one's sums
+// run, so the record's lookups and its intermediate rows are paid once for ct tiles.
 extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
     bgmv_expand_ix(T* __restrict__ y, const float* __restrict__ tmp, const LoraRec* __restrict__ recs, int layer,
-                   int t0, int t1, int t2, int c0, int c1, int c2, int n, int pstride, int out_dim, int rmax, int ks) {
+                   int t0, int t1, int t2, int c0, int c1, int c2, int e1, int e2, int ct, int n, int pstride,
+                   int out_dim, int rmax, int ks) {
     __shared__ f32x4 t_v[BG_ROWS * BG_RANK / 4];
     float* t_s = reinterpret_cast<float*>(t_v);  // rows of r floats: 16-byte aligned when r % VEC == 0
     const LoraRec rc = recs[blockIdx.x];
-    const int p = blockIdx.z;
+    const int gy = blockIdx.y;
+    const int p = gy >= e2 ? 2 : (gy >= e1 ? 1 : 0);
+    const int group = gy - part_of(p, 0, e1, e2);
     LoraRef ref = {};
     if (rc.len > 0 && rc.index != 0)
         ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
-    const int tile = blockIdx.y * BG_EXPAND_THREADS * 2;
-    const bool live = ref.a != 0 && tile < ref.cols;
+    constexpr int TW = 2 * BG_EXPAND_THREADS;
+    int tile = group * ct * TW;
     const int r = ref.rank, cols = ref.cols;
+    const int tend = min(cols, tile + ct * TW);
+    const bool live = ref.a != 0 && tile < cols;
     const bool vec = r % VEC == 0;
-    const int col[2] = {tile + (int)threadIdx.x, tile + BG_EXPAND_THREADS + (int)threadIdx.x};
+    int col[2] = {tile + (int)threadIdx.x, tile + BG_EXPAND_THREADS + (int)threadIdx.x};
     const T* B = reinterpret_cast<const T*>(ref.b);
     u32x4 bv[2][BG_BV];
     if (live && vec) lora_ld_b(bv, B, col, cols, r, 0);
@@ -515,76 +526,93 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
 
     const int rows = min(rc.len, BG_ROWS);
     T* yr = y + (u64)rc.start * out_dim + part_of(p, c0, c1, c2);
-    float yv[2][BG_ROWS];
-#pragma unroll
-    for (int q = 0; q < 2; ++q)
-#pragma unroll
-        for (int i = 0; i < BG_ROWS; ++i)
-            if (i < rows && col[q] < cols) yv[q][i] = to_f(yr[(u64)i * out_dim + col[q]]);
+    // The intermediate: the sum of the ks partials in chunk order, the first 8 loads issued together.
     const float* tp = tmp + (u64)(p * n + rc.start) * rmax;
     const u64 cstride = (u64)pstride * rmax;
     for (int f = threadIdx.x; f < rows * r; f += blockDim.x) {
         const float* e = tp + (u64)(f / r) * rmax + f % r;
+        float part[8];
+#pragma unroll
+        for (int c = 0; c < 8; ++c) part[c] = c < ks ? e[c * cstride] : 0.f;
         float s = 0.f;
-        for (int c = 0; c < ks; ++c) s += e[c * cstride];
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+            if (c < ks) s += part[c];
+        for (int c = 8; c < ks; ++c) s += e[c * cstride];
         t_s[f] = s;
     }
     __syncthreads();
 
-    float acc[2][BG_ROWS];
+    for (;;) {
+        float yv[2][BG_ROWS];
 #pragma unroll
-    for (int q = 0; q < 2; ++q)
+        for (int q = 0; q < 2; ++q)
 #pragma unroll
-        for (int i = 0; i < BG_ROWS; ++i) acc[q][i] = 0.f;
-    if (vec) {
-        for (int j0 = 0; j0 < r; j0 += BG_BV * VEC) {
-            if (j0 > 0) lora_ld_b(bv, B, col, cols, r, j0);
+            for (int i = 0; i < BG_ROWS; ++i)
+                if (i < rows && col[q] < cols) yv[q][i] = to_f(yr[(u64)i * out_dim + col[q]]);
+        float acc[2][BG_ROWS];
 #pragma unroll
-            for (int u = 0; u < BG_BV; ++u) {
-                const int j = j0 + u * VEC;
-                if (j < r) {
-                    // Both columns' B[c, j .. j + VEC) (zeros past cols: never stored), then each t value of
-                    // the rows (16-byte broadcasts from shared memory) is used for both as soon as it is read.
-                    float b[2][VEC];
+        for (int q = 0; q < 2; ++q)
 #pragma unroll
-                    for (int q = 0; q < 2; ++q) {
-                        const T* be = reinterpret_cast<const T*>(&bv[q][u]);
+            for (int i = 0; i < BG_ROWS; ++i) acc[q][i] = 0.f;
+        if (vec) {
+            for (int j0 = 0; j0 < r; j0 += BG_BV * VEC) {
+                if (j0 > 0) lora_ld_b(bv, B, col, cols, r, j0);
 #pragma unroll
-                        for (int e = 0; e < VEC; ++e) b[q][e] = col[q] < cols ? to_f(be[e]) : 0.f;
-                    }
+                for (int u = 0; u < BG_BV; ++u) {
+                    const int j = j0 + u * VEC;
+                    if (j < r) {
+                        // Both columns' B[c, j .. j + VEC) (zeros past cols: never stored), then each t value of
+                        // the rows (16-byte broadcasts from shared memory) is used for both as soon as it is read.
+                        float b[2][VEC];
 #pragma unroll
-                    for (int i = 0; i < BG_ROWS; ++i) {
-                        if (i < rows) {
+                        for (int q = 0; q < 2; ++q) {
+                            const T* be = reinterpret_cast<const T*>(&bv[q][u]);
 #pragma unroll
-                            for (int e4 = 0; e4 < VEC; e4 += 4) {
-                                const f32x4 t4 = *reinterpret_cast<const f32x4*>(t_s + i * r + j + e4);
-                                const float t[4] = {t4.x, t4.y, t4.z, t4.w};
+                            for (int e = 0; e < VEC; ++e) b[q][e] = col[q] < cols ? to_f(be[e]) : 0.f;
+                        }
 #pragma unroll
-                                for (int e = 0; e < 4; ++e)
+                        for (int i = 0; i < BG_ROWS; ++i) {
+                            if (i < rows) {
 #pragma unroll
-                                    for (int q = 0; q < 2; ++q) acc[q][i] += t[e] * b[q][e4 + e];
+                                for (int e4 = 0; e4 < VEC; e4 += 4) {
+                                    const f32x4 t4 = *reinterpret_cast<const f32x4*>(t_s + i * r + j + e4);
+                                    const float t[4] = {t4.x, t4.y, t4.z, t4.w};
+#pragma unroll
+                                    for (int e = 0; e < 4; ++e)
+#pragma unroll
+                                        for (int q = 0; q < 2; ++q) acc[q][i] += t[e] * b[q][e4 + e];
+                                }
                             }
                         }
                     }
                 }
             }
-        }
-    } else {
+        } else {
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-            if (col[q] >= cols) continue;
-            const T* b = B + (u64)col[q] * r;
-            for (int j = 0; j < r; ++j) {
-                const float bj = to_f(b[j]);
+            for (int q = 0; q < 2; ++q) {
+                if (col[q] >= cols) continue;
+                const T* b = B + (u64)col[q] * r;
+                for (int j = 0; j < r; ++j) {
+                    const float bj = to_f(b[j]);
 #pragma unroll
-                for (int i = 0; i < BG_ROWS; ++i)
-                    if (i < rows) acc[q][i] += t_s[i * r + j] * bj;
+                    for (int i = 0; i < BG_ROWS; ++i)
+                        if (i < rows) acc[q][i] += t_s[i * r + j] * bj;
+                }
             }
         }
+        // The next tile's first B vectors go out before this tile's stores.
+        const int cur[2] = {col[0], col[1]};
+        tile += TW;
+        const bool more = tile < tend;
+        col[0] = tile + (int)threadIdx.x;
+        col[1] = tile + BG_EXPAND_THREADS + (int)threadIdx.x;
+        if (more && vec) lora_ld_b(bv, B, col, cols, r, 0);
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+#pragma unroll
+            for (int i = 0; i < BG_ROWS; ++i)
+                if (i < rows && cur[q] < cols) yr[(u64)i * out_dim + cur[q]] = from_f(yv[q][i] + ref.scale * acc[q][i]);
+        if (!more) break;
     }
-#pragma unroll
-    for (int q = 0; q < 2; ++q)
-#pragma unroll
-        for (int i = 0; i < BG_ROWS; ++i)
-            if (i < rows && col[q] < cols) yr[(u64)i * out_dim + col[q]] = from_f(yv[q][i] + ref.scale * acc[q][i]);
 }

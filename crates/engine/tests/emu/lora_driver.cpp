@@ -1,7 +1,8 @@
 // Driver for crates/engine/tests/lora_emulated.rs: the decode LoRA pairs by adapter index of kernels/lora.cu
 // (bf16) under the CPU emulation of cuemu.h, against a double-precision reference: the k-split pair
 // bgmv_shrink_ix + bgmv_expand_ix (the default) at the host's chunk size (lora.rs `shrink_chunk`, copied below)
-// and at other chunk sizes, and the earlier bgmv_shrink_ix0 + bgmv_expand_ix0 (up to 9 rows). Cases: 1, 4, 9
+// and at other chunk sizes, its expand's blocks walking 1, 3 or 8 column tiles, and the earlier bgmv_shrink_ix0
+// + bgmv_expand_ix0 (up to 9 rows). Cases: 1, 4, 9
 // and 128 rows; segments cut into records of 1-4 rows as the host cuts them, rows in no record, a record with an index but
 // no rows, padding records (index 0); adapters of ranks 4, 8, 16 and 64 (step rmax 64 or less) in one step; a
 // fused q/k/v projection (3 parts, columns 4096 / 1024 / 1024) and o (1 part, 4096); an adapter without a k
@@ -78,7 +79,7 @@ static int bad = 0;
 
 // Runs one case with the k-split pair at chunk kc (0: the old pair) and checks y.
 static void run_case(const char* what, int n, int k, const Parts& P, const std::vector<Adapter>& ads,
-                     const std::vector<Seg>& segs, int kc, const std::vector<T>& x, const std::vector<T>& y0) {
+                     const std::vector<Seg>& segs, int kc, int ct, const std::vector<T>& x, const std::vector<T>& y0) {
     int out = 0, col[3] = {0, 0, 0}, rmax = 0, max_cols = 0;
     for (int p = 0; p < P.count; ++p) { col[p] = out; out += P.width[p]; max_cols = std::max(max_cols, P.width[p]); }
     // Records as make_lora_step cuts them, one with an index but no rows, padding to a power of two.
@@ -104,14 +105,19 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
                     blockIdx.y = c; blockIdx.z = p;
                     bgmv_shrink_ix(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
                 });
-        const int tiles = (max_cols + 2 * BG_EXPAND_THREADS - 1) / (2 * BG_EXPAND_THREADS);
-        for (int tl = 0; tl < tiles; ++tl)
-            for (int p = 0; p < P.count; ++p)
-                emu_launch(nrec, BG_EXPAND_THREADS, [&] {
-                    blockIdx.y = tl; blockIdx.z = p;
-                    bgmv_expand_ix(y.data(), tmp.data(), recs.data(), LAYER, t0, t1, t2, col[0], col[1], col[2], n,
-                                   pstride, out, rmax, ks);
-                });
+        // The parts' groups of ct column tiles end to end along y, as lora.rs lays them out.
+        int groups[3] = {0, 0, 0};
+        for (int p = 0; p < P.count; ++p) {
+            const int tiles = (P.width[p] + 2 * BG_EXPAND_THREADS - 1) / (2 * BG_EXPAND_THREADS);
+            groups[p] = (tiles + ct - 1) / ct;
+        }
+        const int e1 = groups[0], e2 = groups[0] + groups[1], total = e2 + groups[2];
+        for (int gy = 0; gy < total; ++gy)
+            emu_launch(nrec, BG_EXPAND_THREADS, [&] {
+                blockIdx.y = gy; blockIdx.z = 0;
+                bgmv_expand_ix(y.data(), tmp.data(), recs.data(), LAYER, t0, t1, t2, col[0], col[1], col[2], e1, e2,
+                               ct, n, pstride, out, rmax, ks);
+            });
     } else {
         std::vector<float> tmp((size_t)P.count * n * rmax, NAN);
         for (int j = 0; j < rmax; ++j)
@@ -163,8 +169,8 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
         }
     }
     const bool ok = worst <= 1.0 && untouched_bad == 0;
-    printf("%-6s %-58s chunk %-5d err/bound %.3f, %d entries outside the pairs changed\n", ok ? "ok" : "FAIL", what,
-           kc, worst, untouched_bad);
+    printf("%-6s %-58s chunk %-5d tiles %d err/bound %.3f, %d entries outside the pairs changed\n", ok ? "ok" : "FAIL",
+           what, kc, ct, worst, untouched_bad);
     if (!ok) bad++;
 }
 
@@ -180,7 +186,12 @@ static void run_all(const char* name, int n, int k, const Parts& P, const std::v
     char what[160];
     for (int kc : chunks) {
         snprintf(what, sizeof what, "%s, %d rows, in_dim %d, %s", kc ? "ix" : "ix0", n, k, name);
-        run_case(what, n, k, P, ads, segs, kc, x, y0);
+        // The expand's blocks walk 1 column tile (each part's last group short when its tiles are odd), 3
+        // (q's 8 tiles: groups of 3, 3, 2) and 8 (more than any part has).
+        if (kc > 0)
+            for (int ct : {1, 3, 8}) run_case(what, n, k, P, ads, segs, kc, ct, x, y0);
+        else
+            run_case(what, n, k, P, ads, segs, kc, 1, x, y0);
     }
 }
 

@@ -31,12 +31,22 @@ const BG_SHRINK_THREADS: u32 = 128;
 const BG_EXPAND_THREADS: u32 = 256;
 /// The k-split shrink `bgmv_shrink_ix` (BG_KWARPS, BG_KV, BG_KC_BYTES in kernels/lora.cu): warps per block,
 /// 16-byte vectors of A per lane per group, bytes of one row of x a block stages; and the number of
-/// chunks it aims at. Its expand `bgmv_expand_ix` takes two columns per thread.
+/// chunks it aims at. Its expand `bgmv_expand_ix` takes two columns per thread, and its blocks per
+/// multiprocessor (`__launch_bounds__`).
 const BG_KWARPS: u32 = 8;
 const BG_KV: usize = 4;
 const BG_KC_BYTES: usize = 4096;
 const BG_KSPLIT: usize = 8;
 const BG_EXPAND_COLS: usize = 2;
+const BG_EXPAND_BLOCKS_PER_SM: usize = 3;
+
+/// Column tiles each block of `bgmv_expand_ix` walks, for `tiles` tiles of all records and parts on `sms`
+/// multiprocessors: the most (at most 8) that still leave a whole wave of blocks, so that each block pays
+/// its record's lookups and intermediate rows once for several tiles; 1 when the tiles fill at most two
+/// waves as they are. Depends on the padded record count only, so a decode graph's grid stays the same.
+pub(super) fn expand_tiles(tiles: usize, sms: usize) -> usize {
+    (tiles / (BG_EXPAND_BLOCKS_PER_SM * sms).max(1)).clamp(1, 8)
+}
 
 /// The k-chunk of the split shrink (kernels/lora.cu, `bgmv_shrink_ix`) for rows of `k` elements of `size`
 /// bytes: all of `k` when it is at most one group (32 lanes × BG_KV 16-byte vectors: 1024 elements of 2 bytes,
@@ -275,6 +285,7 @@ impl CudaBackend {
         }
         let mut targets = [0i32; 3];
         let mut cols = [0i32; 3];
+        let mut part_cols = [0usize; 3];
         let (mut used, mut max_cols) = (0, 0);
         for &(target, col) in parts {
             let Some((kin, c)) = step.dims[target.index()] else {
@@ -290,6 +301,7 @@ impl CudaBackend {
             }
             targets[used] = int("target", target.index())?;
             cols[used] = int("column", col)?;
+            part_cols[used] = c;
             max_cols = max_cols.max(c);
             used += 1;
         }
@@ -362,12 +374,21 @@ impl CudaBackend {
         );
         int("intermediate rows", chunks * used * n)?;
         let shrink = cfg((recs, uint("k chunks", chunks)?, parts), BG_KWARPS * 32, 0);
+        // The parts' column groups end to end along the grid's y: part p's groups start at e_p.
         let tile = BG_EXPAND_COLS * BG_EXPAND_THREADS as usize;
-        let expand = cfg(
-            (recs, uint("column tiles", max_cols.div_ceil(tile))?, parts),
-            BG_EXPAND_THREADS,
-            0,
-        );
+        let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(tile)).sum();
+        let ct = self
+            .lora_expand_tiles
+            .unwrap_or_else(|| expand_tiles(step.records * tiles, self.num_sms));
+        let groups: Vec<usize> = part_cols[..used]
+            .iter()
+            .map(|c| c.div_ceil(tile).div_ceil(ct))
+            .collect();
+        let total: usize = groups.iter().sum();
+        let e1 = int("column groups", groups.first().copied().unwrap_or(0))?;
+        let e2 = int("column groups", groups.iter().take(2).sum::<usize>())?;
+        let cti = int("tiles per block", ct)?;
+        let expand = cfg((recs, uint("column groups", total)?, 1), BG_EXPAND_THREADS, 0);
         launch!(
             self,
             "bgmv_shrink_ix",
@@ -399,6 +420,9 @@ impl CudaBackend {
             c0,
             c1,
             c2,
+            &e1,
+            &e2,
+            &cti,
             &ni,
             &pstride,
             &oi,

@@ -592,6 +592,9 @@ pub struct CudaBackend {
     /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
     /// `_ix0` pair, for comparisons).
     lora_ksplit: bool,
+    /// Column tiles each block of `bgmv_expand_ix` walks (`LORAX_CUDA_LORA_EXPAND_TILES`, 1-8); `None` (the
+    /// default): as many as keep one wave of blocks ([`lora::expand_tiles`]).
+    lora_expand_tiles: Option<usize>,
     /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
     /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
@@ -1028,6 +1031,10 @@ impl CudaBackend {
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
+            lora_expand_tiles: match std::env::var("LORAX_CUDA_LORA_EXPAND_TILES").as_deref() {
+                Err(_) | Ok("auto") => None,
+                Ok(_) => Some(env_count("LORAX_CUDA_LORA_EXPAND_TILES", 1, 1..=8)?),
+            },
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
             nccl: None,
