@@ -334,9 +334,9 @@ extern "C" __global__ void bgmv_expand_ix0(T* __restrict__ y, const float* __res
 // bgmv_expand_ix: grid (record, column group, 1), BG_EXPAND_THREADS threads; a group is up to ct tiles of
 //   2 * BG_EXPAND_THREADS columns of one part (the parts' groups end to end along y). The block stages
 //   t[row, j] = the sum of the ks partials in chunk order c = 0, 1, ..., then for each tile of its group each
-//   thread adds scale * t[row, :r] . B[c, :r] into columns c and c + BG_EXPAND_THREADS of the tile; B's
-//   vectors are loaded BG_BV at a time per column (the first tile's before pdl_wait, each next tile's before
-//   this tile's stores).
+//   thread adds scale * t[row, :r] . B[c, :r] into two adjacent columns c, c + 1 of the tile, by reductions
+//   (LORA_EXPAND_RED; no load of y); B's vectors are loaded BG_BV at a time per column (the first tile's
+//   before pdl_wait, each next tile's before this tile's reductions).
 // The host (lora.rs `shrink_chunk`) takes chunks of whole groups (1024 elements of bf16/f16, 512 of f32), about
 // in_dim / 8 each and at most BG_KC: in_dim 4096 in bf16 is 4 chunks of 1024, 14336 is 7 of 2048; an in_dim
 // of at most one group is one chunk. In_dim or chunks that are not whole vectors take scalar loads.
@@ -493,6 +493,47 @@ __device__ __forceinline__ void lora_ld_b(u32x4 (*dst)[BG_BV], const T* B, const
         }
 }
 
+// How bgmv_expand_ix adds its products to a 16-bit y: LORA_EXPAND_RED 1 (the default) by reductions, 0 (a
+// define for comparisons) by loading y and storing the sum. Reductions need sm_90 for bf16 (sm_70 for f16);
+// older targets, and f32 (whose red.add flushes subnormals to zero), load and store.
+#ifndef LORA_EXPAND_RED
+#define LORA_EXPAND_RED 1
+#endif
+#if LORA_EXPAND_RED && !defined(LORAX_DTYPE_F32) &&                                                          \
+    (defined(LORAX_EMU) ||                                                                                    \
+     (defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900 || (__CUDA_ARCH__ >= 700 && defined(LORAX_DTYPE_F16)))))
+#define LORA_RED 1
+#else
+#define LORA_RED 0
+#endif
+#if LORA_RED
+// p[0] += d0 and, when `both`, p[1] += d1, by reductions with no load of y (each entry has this one writer,
+// so the result does not depend on the order of anything): d is rounded to T, then added to y with one
+// rounding, as PEFT adds its 16-bit LoRA output to the base output; a 4-byte aligned pair takes one
+// bf16x2/f16x2 reduction (a lone entry a compare-and-swap loop). Under the CPU emulation: a load, the same
+// two roundings, a store.
+__device__ __forceinline__ void lora_red2(T* p, float d0, float d1, bool both) {
+#if defined(LORAX_EMU)
+    p[0] = from_f(to_f(p[0]) + to_f(from_f(d0)));
+    if (both) p[1] = from_f(to_f(p[1]) + to_f(from_f(d1)));
+#else
+#if defined(LORAX_DTYPE_BF16)
+#define LORA_RED_T "bf16"
+#else
+#define LORA_RED_T "f16"
+#endif
+    if (both && ((u64)p & 3) == 0) {
+        asm volatile("red.global.add.noftz." LORA_RED_T "x2 [%0], %1;" ::"l"(p), "r"(pack_f(d0, d1)) : "memory");
+    } else {
+        asm volatile("red.global.add.noftz." LORA_RED_T " [%0], %1;" ::"l"(p), "h"(from_f(d0)) : "memory");
+        if (both)
+            asm volatile("red.global.add.noftz." LORA_RED_T " [%0], %1;" ::"l"(p + 1), "h"(from_f(d1)) : "memory");
+    }
+#undef LORA_RED_T
+#endif
+}
+#endif
+
 // Three blocks per multiprocessor: ptxas took 114 registers a thread (2 blocks) when left free.
 // Grid (record, column group, 1): the parts' groups laid end to end along y (part 0's are y < e1, part 1's
 // e1 <= y < e2, part 2's the rest), so no block has a part narrower than the widest to skip; a group is `ct`
@@ -517,7 +558,7 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
     const int tend = min(cols, tile + ct * TW);
     const bool live = ref.a != 0 && tile < cols;
     const bool vec = r % VEC == 0;
-    int col[2] = {tile + (int)threadIdx.x, tile + BG_EXPAND_THREADS + (int)threadIdx.x};
+    int col[2] = {tile + 2 * (int)threadIdx.x, tile + 2 * (int)threadIdx.x + 1};  // a thread's adjacent pair
     const T* B = reinterpret_cast<const T*>(ref.b);
     u32x4 bv[2][BG_BV];
     if (live && vec) lora_ld_b(bv, B, col, cols, r, 0);
@@ -544,12 +585,14 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
     __syncthreads();
 
     for (;;) {
+#if !LORA_RED
         float yv[2][BG_ROWS];
 #pragma unroll
         for (int q = 0; q < 2; ++q)
 #pragma unroll
             for (int i = 0; i < BG_ROWS; ++i)
                 if (i < rows && col[q] < cols) yv[q][i] = to_f(yr[(u64)i * out_dim + col[q]]);
+#endif
         float acc[2][BG_ROWS];
 #pragma unroll
         for (int q = 0; q < 2; ++q)
@@ -602,17 +645,23 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
             }
         }
         // The next tile's first B vectors go out before this tile's stores.
-        const int cur[2] = {col[0], col[1]};
+        const int cur = col[0];
         tile += TW;
         const bool more = tile < tend;
-        col[0] = tile + (int)threadIdx.x;
-        col[1] = tile + BG_EXPAND_THREADS + (int)threadIdx.x;
+        col[0] = tile + 2 * (int)threadIdx.x;
+        col[1] = col[0] + 1;
         if (more && vec) lora_ld_b(bv, B, col, cols, r, 0);
 #pragma unroll
-        for (int q = 0; q < 2; ++q)
-#pragma unroll
-            for (int i = 0; i < BG_ROWS; ++i)
-                if (i < rows && cur[q] < cols) yr[(u64)i * out_dim + cur[q]] = from_f(yv[q][i] + ref.scale * acc[q][i]);
+        for (int i = 0; i < BG_ROWS; ++i) {
+            if (i >= rows || cur >= cols) continue;
+            T* yp = yr + (u64)i * out_dim + cur;
+#if LORA_RED
+            lora_red2(yp, ref.scale * acc[0][i], ref.scale * acc[1][i], cur + 1 < cols);
+#else
+            yp[0] = from_f(yv[0][i] + ref.scale * acc[0][i]);
+            if (cur + 1 < cols) yp[1] = from_f(yv[1][i] + ref.scale * acc[1][i]);
+#endif
+        }
         if (!more) break;
     }
 }
