@@ -334,9 +334,9 @@ extern "C" __global__ void bgmv_expand_ix0(T* __restrict__ y, const float* __res
 // bgmv_expand_ix: grid (record, column group, 1), BG_EXPAND_THREADS threads; a group is up to ct tiles of
 //   2 * BG_EXPAND_THREADS columns of one part (the parts' groups end to end along y). The block stages
 //   t[row, j] = the sum of the ks partials in chunk order c = 0, 1, ..., then for each tile of its group each
-//   thread adds scale * t[row, :r] . B[c, :r] into two adjacent columns c, c + 1 of the tile, by reductions
-//   (LORA_EXPAND_RED; no load of y); B's vectors are loaded BG_BV at a time per column (the first tile's
-//   before pdl_wait, each next tile's before this tile's reductions).
+//   thread adds scale * t[row, :r] . B[c, :r] into two columns of the tile (c and c + BG_EXPAND_THREADS, or
+//   with LORA_EXPAND_RED=1 c and c + 1 by one pair reduction, no load of y); B's vectors are loaded BG_BV at
+//   a time per column (the first tile's before pdl_wait, each next tile's before this tile's stores).
 // The host (lora.rs `shrink_chunk`) takes chunks of whole groups (1024 elements of bf16/f16, 512 of f32), about
 // in_dim / 8 each and at most BG_KC: in_dim 4096 in bf16 is 4 chunks of 1024, 14336 is 7 of 2048; an in_dim
 // of at most one group is one chunk. In_dim or chunks that are not whole vectors take scalar loads.
@@ -493,11 +493,13 @@ __device__ __forceinline__ void lora_ld_b(u32x4 (*dst)[BG_BV], const T* B, const
         }
 }
 
-// How bgmv_expand_ix adds its products to a 16-bit y: LORA_EXPAND_RED 1 (the default) by reductions, 0 (a
-// define for comparisons) by loading y and storing the sum. Reductions need sm_90 for bf16 (sm_70 for f16);
-// older targets, and f32 (whose red.add flushes subnormals to zero), load and store.
+// How bgmv_expand_ix adds its products to a 16-bit y: LORA_EXPAND_RED 0 (the default) by loading y and
+// storing the sum, a thread's two columns c and c + BG_EXPAND_THREADS of a tile; 1 (a define, not yet
+// measured on a GPU: bench/NOTES.md session 22) by reductions, a thread's two columns adjacent. Reductions
+// need sm_90 for bf16 (sm_70 for f16); older targets, and f32 (whose red.add flushes subnormals to zero),
+// load and store whatever the define.
 #ifndef LORA_EXPAND_RED
-#define LORA_EXPAND_RED 1
+#define LORA_EXPAND_RED 0
 #endif
 #if LORA_EXPAND_RED && !defined(LORAX_DTYPE_F32) &&                                                          \
     (defined(LORAX_EMU) ||                                                                                    \
@@ -558,7 +560,9 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
     const int tend = min(cols, tile + ct * TW);
     const bool live = ref.a != 0 && tile < cols;
     const bool vec = r % VEC == 0;
-    int col[2] = {tile + 2 * (int)threadIdx.x, tile + 2 * (int)threadIdx.x + 1};  // a thread's adjacent pair
+    // A thread's two columns of a tile: adjacent for the pair reductions, else c and c + BG_EXPAND_THREADS.
+    constexpr int C0 = LORA_RED ? 2 : 1, C1 = LORA_RED ? 1 : BG_EXPAND_THREADS;
+    int col[2] = {tile + C0 * (int)threadIdx.x, tile + C0 * (int)threadIdx.x + C1};
     const T* B = reinterpret_cast<const T*>(ref.b);
     u32x4 bv[2][BG_BV];
     if (live && vec) lora_ld_b(bv, B, col, cols, r, 0);
@@ -645,23 +649,24 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
             }
         }
         // The next tile's first B vectors go out before this tile's stores.
-        const int cur = col[0];
+        const int cur[2] = {col[0], col[1]};
         tile += TW;
         const bool more = tile < tend;
-        col[0] = tile + 2 * (int)threadIdx.x;
-        col[1] = col[0] + 1;
+        col[0] = tile + C0 * (int)threadIdx.x;
+        col[1] = col[0] + C1;
         if (more && vec) lora_ld_b(bv, B, col, cols, r, 0);
-#pragma unroll
-        for (int i = 0; i < BG_ROWS; ++i) {
-            if (i >= rows || cur >= cols) continue;
-            T* yp = yr + (u64)i * out_dim + cur;
 #if LORA_RED
-            lora_red2(yp, ref.scale * acc[0][i], ref.scale * acc[1][i], cur + 1 < cols);
+#pragma unroll
+        for (int i = 0; i < BG_ROWS; ++i)
+            if (i < rows && cur[0] < cols)
+                lora_red2(yr + (u64)i * out_dim + cur[0], ref.scale * acc[0][i], ref.scale * acc[1][i], cur[1] < cols);
 #else
-            yp[0] = from_f(yv[0][i] + ref.scale * acc[0][i]);
-            if (cur + 1 < cols) yp[1] = from_f(yv[1][i] + ref.scale * acc[1][i]);
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+#pragma unroll
+            for (int i = 0; i < BG_ROWS; ++i)
+                if (i < rows && cur[q] < cols) yr[(u64)i * out_dim + cur[q]] = from_f(yv[q][i] + ref.scale * acc[q][i]);
 #endif
-        }
         if (!more) break;
     }
 }

@@ -30,13 +30,8 @@ t=$(date +%s)
 nvidia-smi >"$logs/nvidia-smi.txt" 2>&1
 copy= gemm= gemm_burst=
 if [ "${BENCH_TINY:-}" != 1 ]; then
-    # The copy bandwidth (every memory roofline), then cuBLAS's bf16 GEMM rate at 8192^3 (the TTFT's compute
-    # roofline): a burst of 10 products from an idle GPU, and the rate over as long as the TTFT test loads
-    # the GPU (9 prompts of about 25 ms back to back: 0.25 s of products, enqueued at once and timed by
-    # events), from idle again. The 700 W power cap lowers the SM clock within that time (bench/NOTES.md
-    # session 21), so the second is the rate a 1000-token prompt can have, and the roofline uses it.
-    rates=$(python3 - <<'PY'
-import time
+    # The copy bandwidth, which every memory roofline uses.
+    copy=$(python3 - <<'PY'
 import torch
 a = torch.empty(2 << 30, dtype=torch.uint8, device=0)
 b = torch.empty_like(a)
@@ -47,8 +42,17 @@ for _ in range(20):
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record(); b.copy_(a); e.record(); e.synchronize()
     times.append(s.elapsed_time(e))
-copy = 2 * a.numel() / sorted(times)[10] / 1e6
-del a, b
+print(f"{2 * a.numel() / sorted(times)[10] / 1e6:.0f}")
+PY
+)
+    # cuBLAS's bf16 GEMM rate at 8192^3, which the TTFT's compute roofline uses: a burst of 10 products from
+    # an idle GPU, and the rate over as long as the TTFT test keeps the GPU busy (9 prompts of about 25 ms
+    # back to back: 0.25 s of products, enqueued at once and timed by events), from idle again. The 700 W
+    # power cap lowers the SM clock within that time (bench/NOTES.md session 21), so the second is the rate
+    # a 1000-token prompt can have, and the roofline takes it; the first is reported beside it.
+    read -r gemm gemm_burst <<<"$(python3 - <<'PY'
+import time
+import torch
 n = 8192
 x = torch.randn(n, n, dtype=torch.bfloat16, device=0)
 w = torch.randn(n, n, dtype=torch.bfloat16, device=0)
@@ -71,10 +75,9 @@ for _ in range(3):
     torch.matmul(x, w)
 burst = timed(10)
 window = timed(max(10, round(0.25 * burst * 1e12 / flops)))
-print(f"{copy:.0f} {window:.0f} {burst:.0f}")
+print(f"{window:.0f} {burst:.0f}")
 PY
-)
-    read -r copy gemm gemm_burst <<<"$rates"
+)"
 fi
 echo "copy bandwidth: ${copy:-not measured, 4200 assumed} GB/s (2 GiB, read + written, median of 20)" | tee -a "$summary"
 echo "GEMM rate (cuBLAS bf16, 8192^3): ${gemm:-not measured, 790 assumed} TFLOP/s over 0.25 s from idle;" \

@@ -160,9 +160,10 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
                 double acc = 0;
                 for (int j = 0; j < r; ++j) acc += xa[j] * to_f(ad->B[t][(size_t)c * r + j]);
                 const double d = (double)ad->scale * acc, ref = to_f(y0[at]) + d;
-                // bf16 rounds to 8 significant bits (half an ulp: at most 2^-8 of |ref|), and the expand rounds
-                // the product d to bf16 before adding it (as PEFT adds its bf16 LoRA output): another 2^-8 of
-                // |d|; the f32 sums add ~1e-6 (a rounding just across a tie), a bug far more.
+                // bf16 rounds to 8 significant bits (half an ulp: at most 2^-8 of |ref|), and the expand of
+                // LORA_EXPAND_RED=1 rounds the product d to bf16 before adding it (as PEFT adds its bf16 LoRA
+                // output): another 2^-8 of |d|; the f32 sums add ~1e-6 (a rounding just across a tie), a bug
+                // far more.
                 const double bound = std::fabs(ref) / 256.0 + std::fabs(d) / 256.0 + 2e-4;
                 const double err = std::fabs(to_f(y[at]) - ref);
                 worst = std::isnan(err) ? INFINITY : std::max(worst, err / bound);
