@@ -40,6 +40,21 @@ const BG_KSPLIT: usize = 8;
 const BG_EXPAND_COLS: usize = 2;
 const BG_EXPAND_BLOCKS_PER_SM: usize = 3;
 
+/// Columns of one tile of `bgmv_expand_ix` (two per thread).
+const EXPAND_TILE: usize = BG_EXPAND_COLS * BG_EXPAND_THREADS as usize;
+
+/// `bgmv_expand_ix`'s grid along y for parts of `part_cols` columns (at most 3) at `ct` tiles a group:
+/// `[e1, e2, total]`, where part 0's groups are y < e1, part 1's e1 <= y < e2 and part 2's e2 <= y < total
+/// (the kernel's mapping; a missing part has no groups).
+pub(super) fn expand_groups(part_cols: &[usize], ct: usize) -> [usize; 3] {
+    let groups = |p: usize| {
+        part_cols
+            .get(p)
+            .map_or(0, |c| c.div_ceil(EXPAND_TILE).div_ceil(ct.max(1)))
+    };
+    [groups(0), groups(0) + groups(1), groups(0) + groups(1) + groups(2)]
+}
+
 /// Column tiles each block of `bgmv_expand_ix` walks, for `tiles` tiles of all records and parts on `sms`
 /// multiprocessors: the most (at most 8) that still leave a whole wave of blocks, so that each block pays
 /// its record's lookups and intermediate rows once for several tiles; 1 when the tiles fill at most two
@@ -375,18 +390,12 @@ impl CudaBackend {
         int("intermediate rows", chunks * used * n)?;
         let shrink = cfg((recs, uint("k chunks", chunks)?, parts), BG_KWARPS * 32, 0);
         // The parts' column groups end to end along the grid's y: part p's groups start at e_p.
-        let tile = BG_EXPAND_COLS * BG_EXPAND_THREADS as usize;
-        let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(tile)).sum();
+        let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
         let ct = self
             .lora_expand_tiles
             .unwrap_or_else(|| expand_tiles(step.records * tiles, self.num_sms));
-        let groups: Vec<usize> = part_cols[..used]
-            .iter()
-            .map(|c| c.div_ceil(tile).div_ceil(ct))
-            .collect();
-        let total: usize = groups.iter().sum();
-        let e1 = int("column groups", groups.first().copied().unwrap_or(0))?;
-        let e2 = int("column groups", groups.iter().take(2).sum::<usize>())?;
+        let [e1, e2, total] = expand_groups(&part_cols[..used], ct);
+        let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
         let cti = int("tiles per block", ct)?;
         let expand = cfg((recs, uint("column groups", total)?, 1), BG_EXPAND_THREADS, 0);
         launch!(
@@ -725,7 +734,49 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::shrink_chunk;
+    use super::{expand_groups, expand_tiles, shrink_chunk, EXPAND_TILE};
+
+    /// The expand's groups, walked as kernels/lora.cu `bgmv_expand_ix` walks them (part from y against e1
+    /// and e2, first tile at group · ct, tiles up to the part's width), cover every column of every part
+    /// exactly once, and no block starts past its part's end.
+    #[test]
+    fn expand_groups_cover_each_part_once() {
+        for parts in [
+            &[4096usize, 1024, 1024][..],
+            &[4096],
+            &[1024, 4096],
+            &[14336],
+            &[600, 1, 513],
+        ] {
+            for ct in 1..=8 {
+                let [e1, e2, total] = expand_groups(parts, ct);
+                let mut seen: Vec<Vec<u32>> = parts.iter().map(|&c| vec![0; c]).collect();
+                for y in 0..total {
+                    let p = if y >= e2 { 2 } else { usize::from(y >= e1) };
+                    let group = y - [0, e1, e2][p];
+                    let first = group * ct * EXPAND_TILE;
+                    let cols = parts[p];
+                    assert!(first < cols, "{parts:?} ct {ct}: block {y} starts at {first} of {cols}");
+                    for n in &mut seen[p][first..cols.min(first + ct * EXPAND_TILE)] {
+                        *n += 1;
+                    }
+                }
+                assert!(seen.iter().flatten().all(|&n| n == 1), "{parts:?} ct {ct}");
+            }
+        }
+        assert_eq!(expand_groups(&[4096, 1024, 1024], 3), [3, 4, 5]);
+        assert_eq!(expand_groups(&[4096], 2), [4, 4, 4]);
+    }
+
+    /// A whole wave of blocks at least (3 a multiprocessor), at most 8 tiles a block.
+    #[test]
+    fn expand_tiles_keep_a_wave() {
+        assert_eq!(expand_tiles(128 * 12, 132), 3);
+        assert_eq!(expand_tiles(128 * 8, 132), 2);
+        assert_eq!(expand_tiles(32 * 12, 132), 1);
+        assert_eq!(expand_tiles(1 << 20, 132), 8);
+        assert_eq!(expand_tiles(5, 0), 5);
+    }
 
     /// Chunks are whole 16-byte vectors (whole groups when there is more than one), fit the kernel's shared
     /// memory and cover the row.
