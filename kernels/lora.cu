@@ -493,6 +493,16 @@ __device__ __forceinline__ void lora_ld_b(u32x4 (*dst)[BG_BV], const T* B, const
         }
 }
 
+// y[i, col[q]] of a record's rows i < rows for a thread's two columns (those < cols), as f32.
+__device__ __forceinline__ void lora_ld_y(float (*yv)[BG_ROWS], const T* yr, const int* col, int cols, int rows,
+                                          int out_dim) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int i = 0; i < BG_ROWS; ++i)
+            if (i < rows && col[q] < cols) yv[q][i] = to_f(yr[(u64)i * out_dim + col[q]]);
+}
+
 // How bgmv_expand_ix adds its products to a 16-bit y: LORA_EXPAND_RED 0 (the default) by loading y and
 // storing the sum, a thread's two columns c and c + BG_EXPAND_THREADS of a tile; 1 (a define, not yet
 // measured on a GPU: bench/NOTES.md session 22) by reductions, a thread's two columns adjacent. Reductions
@@ -512,8 +522,8 @@ __device__ __forceinline__ void lora_ld_b(u32x4 (*dst)[BG_BV], const T* B, const
 // p[0] += d0 and, when `both`, p[1] += d1, by reductions with no load of y (each entry has this one writer,
 // so the result does not depend on the order of anything): d is rounded to T, then added to y with one
 // rounding, as PEFT adds its 16-bit LoRA output to the base output; a 4-byte aligned pair takes one
-// bf16x2/f16x2 reduction (a lone entry a compare-and-swap loop). Under the CPU emulation: a load, the same
-// two roundings, a store.
+// bf16x2/f16x2 reduction (a lone or unaligned entry a 16-bit one, which ptxas makes a compare-and-swap
+// loop). Under the CPU emulation: a load, the same two roundings, a store.
 __device__ __forceinline__ void lora_red2(T* p, float d0, float d1, bool both) {
 #if defined(LORAX_EMU)
     p[0] = from_f(to_f(p[0]) + to_f(from_f(d0)));
@@ -571,6 +581,11 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
 
     const int rows = min(rc.len, BG_ROWS);
     T* yr = y + (u64)rc.start * out_dim + part_of(p, c0, c1, c2);
+#if !LORA_RED
+    // The first tile's y, loaded while the partials below are (each next tile's after this one's stores).
+    float yv[2][BG_ROWS];
+    lora_ld_y(yv, yr, col, cols, rows, out_dim);
+#endif
     // The intermediate: the sum of the ks partials in chunk order, the first 8 loads issued together.
     const float* tp = tmp + (u64)(p * n + rc.start) * rmax;
     const u64 cstride = (u64)pstride * rmax;
@@ -589,14 +604,6 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
     __syncthreads();
 
     for (;;) {
-#if !LORA_RED
-        float yv[2][BG_ROWS];
-#pragma unroll
-        for (int q = 0; q < 2; ++q)
-#pragma unroll
-            for (int i = 0; i < BG_ROWS; ++i)
-                if (i < rows && col[q] < cols) yv[q][i] = to_f(yr[(u64)i * out_dim + col[q]]);
-#endif
         float acc[2][BG_ROWS];
 #pragma unroll
         for (int q = 0; q < 2; ++q)
@@ -666,6 +673,7 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
 #pragma unroll
             for (int i = 0; i < BG_ROWS; ++i)
                 if (i < rows && cur[q] < cols) yr[(u64)i * out_dim + cur[q]] = from_f(yv[q][i] + ref.scale * acc[q][i]);
+        if (more) lora_ld_y(yv, yr, col, cols, rows, out_dim);
 #endif
         if (!more) break;
     }

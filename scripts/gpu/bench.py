@@ -42,12 +42,13 @@ from serving import (MISTRAL_7B_SHAPE, call, dummy_server_args, parse_step_metri
 TINY = os.environ.get("BENCH_TINY") == "1"
 WORK = "/tmp/lorax-bench"
 COPY_GBS = float(os.environ.get("BENCH_COPY_GBS", "4200"))
-# cuBLAS's bf16 GEMM rate at 8192^3, measured by bench.sh in the same run: over 0.25 s from an idle GPU (as long
-# as the TTFT test loads it; the compute roofline's rate), and in a burst of 10 products from idle (before the
-# power cap lowers the SM clock; reported beside it). 790: the burst rate of earlier sessions, for dry runs.
+# cuBLAS's bf16 GEMM rate at 8192^3, measured by bench.sh in the same run from an idle GPU: in the TTFT test's
+# pattern (9 rounds of about 23 ms of products, 2 ms apart; the compute roofline's rate), and in a burst of 10
+# products (before the power cap lowers the SM clock; reported beside it). 790: the burst rate of earlier
+# sessions, for dry runs.
 GEMM_TFLOPS = float(os.environ.get("BENCH_GEMM_TFLOPS", "790"))
 GEMM_BURST_TFLOPS = float(os.environ.get("BENCH_GEMM_BURST_TFLOPS") or 0) or None
-GEMM_HOW = "over 0.25 s" if GEMM_BURST_TFLOPS else "assumed"
+GEMM_HOW = "in the TTFT test's pattern" if GEMM_BURST_TFLOPS else "assumed"
 CFG = dict(MISTRAL_7B_SHAPE)
 PROMPT, OUT, STREAMS, N_ADAPTERS, RANK, MAX_ACTIVE = 512, 256, 128, 1000, 16, 128
 SWEEP = (1, 32, 128, 256)

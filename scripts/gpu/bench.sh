@@ -11,7 +11,7 @@
 # Everything is appended to LOG_DIR/bench-summary.txt as it is measured (a killed call keeps what it got);
 # JSON reports go to LOG_DIR. BENCH_TIMEOUT (default 570) is the seconds the whole script may take (the
 # device command is killed at 600); BENCH_PEFT_BUDGET (default 190) of them are kept for peft_compare.py.
-# BENCH_TINY=1: a dry run on the CPU (no copy measurement; BIN_DIR e.g. target/release).
+# BENCH_TINY=1: a dry run on the CPU (no copy or GEMM measurement; BIN_DIR e.g. target/release).
 set -uo pipefail
 logs=${1:?usage: scripts/gpu/bench.sh LOG_DIR [BIN_DIR]}
 bin=${2:-.gpu-bin}
@@ -45,11 +45,12 @@ for _ in range(20):
 print(f"{2 * a.numel() / sorted(times)[10] / 1e6:.0f}")
 PY
 )
-    # cuBLAS's bf16 GEMM rate at 8192^3, which the TTFT's compute roofline uses: a burst of 10 products from
-    # an idle GPU, and the rate over as long as the TTFT test keeps the GPU busy (9 prompts of about 25 ms
-    # back to back: 0.25 s of products, enqueued at once and timed by events), from idle again. The 700 W
-    # power cap lowers the SM clock within that time (bench/NOTES.md session 21), so the second is the rate
-    # a 1000-token prompt can have, and the roofline takes it; the first is reported beside it.
+    # cuBLAS's bf16 GEMM rate at 8192^3, which the TTFT's compute roofline uses, each time from an idle GPU:
+    # a burst of 10 products, and the TTFT test's pattern (9 rounds of about 23 ms of products, each
+    # enqueued at once and timed by CUDA events, with 2 ms of idle host between rounds, as the test's 9
+    # prompts run one after another). The 700 W power cap lowers the SM clock within the first tens of
+    # milliseconds of load (bench/NOTES.md sessions 21-22), so the roofline takes the second; the first is
+    # reported beside it. Values that are not whole numbers are dropped (790 is then assumed).
     read -r gemm gemm_burst <<<"$(python3 - <<'PY'
 import time
 import torch
@@ -60,28 +61,34 @@ flops = 2 * n ** 3
 
 
 def timed(count):
-    torch.cuda.synchronize()
-    time.sleep(2)  # the SM clock back to idle
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for _ in range(count):
         torch.matmul(x, w)
     e.record()
     e.synchronize()
-    return count * flops / (s.elapsed_time(e) * 1e-3) / 1e12
+    return s.elapsed_time(e) * 1e-3
 
 
 for _ in range(3):
     torch.matmul(x, w)
-burst = timed(10)
-window = timed(max(10, round(0.25 * burst * 1e12 / flops)))
-print(f"{window:.0f} {burst:.0f}")
+torch.cuda.synchronize()
+time.sleep(2)  # the SM clock back to idle
+burst = 10 * flops / timed(10) / 1e12
+per = max(1, round(0.023 * burst * 1e12 / flops))  # about 23 ms of products at the burst rate
+time.sleep(2)
+busy = 0.0
+for _ in range(9):
+    busy += timed(per)
+    time.sleep(0.002)
+print(f"{9 * per * flops / busy / 1e12:.0f} {burst:.0f}")
 PY
 )"
+    [[ $gemm =~ ^[0-9]+$ && $gemm -gt 0 && $gemm_burst =~ ^[0-9]+$ && $gemm_burst -gt 0 ]] || gemm= gemm_burst=
 fi
 echo "copy bandwidth: ${copy:-not measured, 4200 assumed} GB/s (2 GiB, read + written, median of 20)" | tee -a "$summary"
-echo "GEMM rate (cuBLAS bf16, 8192^3): ${gemm:-not measured, 790 assumed} TFLOP/s over 0.25 s from idle;" \
-    "a burst of 10 from idle ${gemm_burst:-not measured} TFLOP/s" | tee -a "$summary"
+echo "GEMM rate (cuBLAS bf16, 8192^3): ${gemm:-not measured, 790 assumed} TFLOP/s in the TTFT test's pattern" \
+    "from idle; a burst of 10 from idle ${gemm_burst:-not measured} TFLOP/s" | tee -a "$summary"
 section "setup, copy bandwidth and GEMM rate" "$t"
 
 # bench.py skips or cuts runs so as to have stopped its server by BENCH_DEADLINE; `timeout` is the

@@ -5,8 +5,8 @@
 
 Until session 22 the serving benchmark's compute roofline divided a step's FLOPs by a fixed 790 TFLOP/s
 (cuBLAS at 8192^3, measured in early sessions over a few repetitions); bench.sh now measures the rate in
-the same run (over 0.25 s from idle, and in a burst). Under sustained load the H200's 700 W power cap lowers
-the SM clock (bench/NOTES.md session 21 call 4), so this prints, for 8192^3 and for a 1000-token prompt's
+the same run (in the TTFT test's pattern from idle, and in a burst). Under sustained load the H200's 700 W
+power cap lowers the SM clock (bench/NOTES.md session 21 call 4), so this prints, for 8192^3 and for a 1000-token prompt's
 gate/up product (1000 x 4096 x 28672), the rate of a burst of 10 products from an idle GPU and then the
 rate over consecutive quarter-second windows of back-to-back products for SECONDS (default 3), with the
 SM clock and power that NVML reports at each window's end. Needs PyTorch with CUDA (the GPU machine's python3).

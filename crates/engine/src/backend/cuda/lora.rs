@@ -57,8 +57,9 @@ pub(super) fn expand_groups(part_cols: &[usize], ct: usize) -> [usize; 3] {
 
 /// Column tiles each block of `bgmv_expand_ix` walks, for `tiles` tiles of all records and parts on `sms`
 /// multiprocessors: the most (at most 8) that still leave a whole wave of blocks, so that each block pays
-/// its record's lookups and intermediate rows once for several tiles; 1 when the tiles fill at most two
-/// waves as they are. Depends on the padded record count only, so a decode graph's grid stays the same.
+/// its record's lookups and intermediate rows once for several tiles; 1 when the tiles fill fewer than two
+/// waves as they are. The last wave may be part-empty (128 records: q/k/v 640 blocks, 1.6 waves of 396; o
+/// 512, 1.3 waves). Depends on the padded record count only, so a decode graph's grid stays the same.
 pub(super) fn expand_tiles(tiles: usize, sms: usize) -> usize {
     (tiles / (BG_EXPAND_BLOCKS_PER_SM * sms).max(1)).clamp(1, 8)
 }
