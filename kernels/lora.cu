@@ -503,6 +503,61 @@ __device__ __forceinline__ void lora_ld_y(float (*yv)[BG_ROWS], const T* yr, con
             if (i < rows && col[q] < cols) yv[q][i] = to_f(yr[(u64)i * out_dim + col[q]]);
 }
 
+// acc[q][i] = t[i, :r] . B[col[q], :r] for a thread's two columns (0 past cols) and the record's rows
+// i < rows, t in shared memory (rows of r floats). bv holds B's first BG_BV vectors of each column (loaded
+// ahead); the rest are loaded here (r > BG_BV * VEC). Scalar loads when r is not whole vectors.
+__device__ __forceinline__ void lora_tile_acc(float (*acc)[BG_ROWS], u32x4 (*bv)[BG_BV], const T* B, const float* t_s,
+                                              const int* col, int cols, int r, int rows) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int i = 0; i < BG_ROWS; ++i) acc[q][i] = 0.f;
+    if (r % VEC != 0) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            if (col[q] >= cols) continue;
+            const T* b = B + (u64)col[q] * r;
+            for (int j = 0; j < r; ++j) {
+                const float bj = to_f(b[j]);
+#pragma unroll
+                for (int i = 0; i < BG_ROWS; ++i)
+                    if (i < rows) acc[q][i] += t_s[i * r + j] * bj;
+            }
+        }
+        return;
+    }
+    for (int j0 = 0; j0 < r; j0 += BG_BV * VEC) {
+        if (j0 > 0) lora_ld_b(bv, B, col, cols, r, j0);
+#pragma unroll
+        for (int u = 0; u < BG_BV; ++u) {
+            const int j = j0 + u * VEC;
+            if (j >= r) continue;
+            // Both columns' B[c, j .. j + VEC) (zeros past cols: never stored), then each t value of the rows
+            // (16-byte broadcasts from shared memory) is used for both as soon as it is read.
+            float b[2][VEC];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const T* be = reinterpret_cast<const T*>(&bv[q][u]);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) b[q][e] = col[q] < cols ? to_f(be[e]) : 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < BG_ROWS; ++i) {
+                if (i >= rows) continue;
+#pragma unroll
+                for (int e4 = 0; e4 < VEC; e4 += 4) {
+                    const f32x4 t4 = *reinterpret_cast<const f32x4*>(t_s + i * r + j + e4);
+                    const float t[4] = {t4.x, t4.y, t4.z, t4.w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+#pragma unroll
+                        for (int q = 0; q < 2; ++q) acc[q][i] += t[e] * b[q][e4 + e];
+                }
+            }
+        }
+    }
+}
+
 // How bgmv_expand_ix adds its products to a 16-bit y: LORA_EXPAND_RED 0 (the default) by loading y and
 // storing the sum, a thread's two columns c and c + BG_EXPAND_THREADS of a tile; 1 (a define, not yet
 // measured on a GPU: bench/NOTES.md session 22) by reductions, a thread's two columns adjacent. Reductions
@@ -549,8 +604,8 @@ __device__ __forceinline__ void lora_red2(T* p, float d0, float d1, bool both) {
 // Three blocks per multiprocessor: ptxas took 114 registers a thread (2 blocks) when left free.
 // Grid (record, column group, 1): the parts' groups laid end to end along y (part 0's are y < e1, part 1's
 // e1 <= y < e2, part 2's the rest), so no block has a part narrower than the widest to skip; a group is `ct`
-// tiles of 2 * BG_EXPAND_THREADS columns, walked in order, the next tile's B loaded while this one's sums
-// run, so the record's lookups and its intermediate rows are paid once for ct tiles.
+// tiles of 2 * BG_EXPAND_THREADS columns, walked in order, the next tile's B loaded before this one's stores,
+// so the record's lookups and its intermediate rows are paid once for ct tiles.
 extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
     bgmv_expand_ix(T* __restrict__ y, const float* __restrict__ tmp, const LoraRec* __restrict__ recs, int layer,
                    int t0, int t1, int t2, int c0, int c1, int c2, int e1, int e2, int ct, int n, int pstride,
@@ -605,56 +660,7 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
 
     for (;;) {
         float acc[2][BG_ROWS];
-#pragma unroll
-        for (int q = 0; q < 2; ++q)
-#pragma unroll
-            for (int i = 0; i < BG_ROWS; ++i) acc[q][i] = 0.f;
-        if (vec) {
-            for (int j0 = 0; j0 < r; j0 += BG_BV * VEC) {
-                if (j0 > 0) lora_ld_b(bv, B, col, cols, r, j0);
-#pragma unroll
-                for (int u = 0; u < BG_BV; ++u) {
-                    const int j = j0 + u * VEC;
-                    if (j < r) {
-                        // Both columns' B[c, j .. j + VEC) (zeros past cols: never stored), then each t value of
-                        // the rows (16-byte broadcasts from shared memory) is used for both as soon as it is read.
-                        float b[2][VEC];
-#pragma unroll
-                        for (int q = 0; q < 2; ++q) {
-                            const T* be = reinterpret_cast<const T*>(&bv[q][u]);
-#pragma unroll
-                            for (int e = 0; e < VEC; ++e) b[q][e] = col[q] < cols ? to_f(be[e]) : 0.f;
-                        }
-#pragma unroll
-                        for (int i = 0; i < BG_ROWS; ++i) {
-                            if (i < rows) {
-#pragma unroll
-                                for (int e4 = 0; e4 < VEC; e4 += 4) {
-                                    const f32x4 t4 = *reinterpret_cast<const f32x4*>(t_s + i * r + j + e4);
-                                    const float t[4] = {t4.x, t4.y, t4.z, t4.w};
-#pragma unroll
-                                    for (int e = 0; e < 4; ++e)
-#pragma unroll
-                                        for (int q = 0; q < 2; ++q) acc[q][i] += t[e] * b[q][e4 + e];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        } else {
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-                if (col[q] >= cols) continue;
-                const T* b = B + (u64)col[q] * r;
-                for (int j = 0; j < r; ++j) {
-                    const float bj = to_f(b[j]);
-#pragma unroll
-                    for (int i = 0; i < BG_ROWS; ++i)
-                        if (i < rows) acc[q][i] += t_s[i * r + j] * bj;
-                }
-            }
-        }
+        lora_tile_acc(acc, bv, B, t_s, col, cols, r, rows);
         // The next tile's first B vectors go out before this tile's stores.
         const int cur[2] = {col[0], col[1]};
         tile += TW;

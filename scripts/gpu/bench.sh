@@ -45,45 +45,10 @@ for _ in range(20):
 print(f"{2 * a.numel() / sorted(times)[10] / 1e6:.0f}")
 PY
 )
-    # cuBLAS's bf16 GEMM rate at 8192^3, which the TTFT's compute roofline uses, each time from an idle GPU:
-    # a burst of 10 products, and the TTFT test's pattern (9 rounds of about 23 ms of products, each
-    # enqueued at once and timed by CUDA events, with 2 ms of idle host between rounds, as the test's 9
-    # prompts run one after another). The 700 W power cap lowers the SM clock within the first tens of
-    # milliseconds of load (bench/NOTES.md sessions 21-22), so the roofline takes the second; the first is
-    # reported beside it. Values that are not whole numbers are dropped (790 is then assumed).
-    read -r gemm gemm_burst <<<"$(python3 - <<'PY'
-import time
-import torch
-n = 8192
-x = torch.randn(n, n, dtype=torch.bfloat16, device=0)
-w = torch.randn(n, n, dtype=torch.bfloat16, device=0)
-flops = 2 * n ** 3
-
-
-def timed(count):
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(count):
-        torch.matmul(x, w)
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) * 1e-3
-
-
-for _ in range(3):
-    torch.matmul(x, w)
-torch.cuda.synchronize()
-time.sleep(2)  # the SM clock back to idle
-burst = 10 * flops / timed(10) / 1e12
-per = max(1, round(0.023 * burst * 1e12 / flops))  # about 23 ms of products at the burst rate
-time.sleep(2)
-busy = 0.0
-for _ in range(9):
-    busy += timed(per)
-    time.sleep(0.002)
-print(f"{9 * per * flops / busy / 1e12:.0f} {burst:.0f}")
-PY
-)"
+    # cuBLAS's bf16 GEMM rate at 8192^3, which the TTFT's compute roofline uses (scripts/gpu/gemm_rate.py):
+    # in the TTFT test's pattern from an idle GPU, and in a burst of 10 products, reported beside it. Values
+    # that are not whole numbers are dropped (790 is then assumed).
+    read -r gemm gemm_burst <<<"$(python3 scripts/gpu/gemm_rate.py --roofline)"
     [[ $gemm =~ ^[0-9]+$ && $gemm -gt 0 && $gemm_burst =~ ^[0-9]+$ && $gemm_burst -gt 0 ]] || gemm= gemm_burst=
 fi
 echo "copy bandwidth: ${copy:-not measured, 4200 assumed} GB/s (2 GiB, read + written, median of 20)" | tee -a "$summary"

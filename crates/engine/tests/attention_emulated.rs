@@ -31,7 +31,7 @@ fn run_emulated(kernel: &str, driver: &str) {
     std::fs::write(dir.path().join(kernel), source).unwrap();
     std::fs::copy(kernels.join("common.cuh"), dir.path().join("common.cuh")).unwrap();
     let exe = dir.path().join("emu");
-    if !build_emulated(driver, dir.path(), &exe) {
+    if !build_emulated(driver, dir.path(), &[], &exe) {
         return;
     }
     let out = Command::new(&exe).output().unwrap();

@@ -32,22 +32,22 @@ fn lora_kernels_match_a_double_reference_under_emulation() {
         source, fixed,
         "lora.cu no longer declares `extern __shared__ float sm[]`"
     );
+    std::fs::write(dir.path().join("lora.cu"), fixed).unwrap();
     std::fs::copy(kernels.join("common.cuh"), dir.path().join("common.cuh")).unwrap();
-    // The default expand (loads and stores of y), then the one of LORA_EXPAND_RED=1 (pair reductions).
-    let red = fixed.replace(
-        "#ifndef LORA_EXPAND_RED\n#define LORA_EXPAND_RED 0\n",
-        "#ifndef LORA_EXPAND_RED\n#define LORA_EXPAND_RED 1\n",
-    );
-    assert_ne!(red, fixed, "lora.cu no longer defaults LORA_EXPAND_RED to 0");
-    for (what, text) in [("loads and stores", &fixed), ("reductions", &red)] {
-        std::fs::write(dir.path().join("lora.cu"), text).unwrap();
+    // The default expand (loads and stores of y), then the pair reductions of LORA_EXPAND_RED=1.
+    for (what, defines, form) in [
+        ("loads and stores", &[][..], "LORA_RED 0"),
+        ("reductions", &["-DLORA_EXPAND_RED=1"][..], "LORA_RED 1"),
+    ] {
         let exe = dir.path().join("emu");
-        if !build_emulated("lora_driver.cpp", dir.path(), &exe) {
+        if !build_emulated("lora_driver.cpp", dir.path(), defines, &exe) {
             return;
         }
         say(&format!("== bgmv_expand_ix by {what}"));
         let out = Command::new(&exe).output().unwrap();
-        say(&String::from_utf8_lossy(&out.stdout));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        say(&stdout);
+        assert!(stdout.starts_with(form), "lora_driver.cpp ({what}) built another form");
         assert!(out.status.success(), "lora_driver.cpp ({what}): {}", out.status);
     }
 }

@@ -29,7 +29,7 @@ fn driver() -> Option<PathBuf> {
         return Some(exe);
     }
     let kernels = here.join("../../kernels");
-    build_emulated("sampling_driver.cpp", &kernels, &exe).then_some(exe)
+    build_emulated("sampling_driver.cpp", &kernels, &[], &exe).then_some(exe)
 }
 
 /// The kernel's output words for `pack` over the case's logits.

@@ -22,8 +22,9 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// Builds the CPU-emulation driver `tests/emu/<driver>` (against `tests/emu/cuemu.h` and the kernel sources
-/// in `kernels`) with g++ into `exe`; `false`, after saying why, when there is no g++.
-pub fn build_emulated(driver: &str, kernels: &Path, exe: &Path) -> bool {
+/// in `kernels`, with the preprocessor `defines`, e.g. `-DNAME=1`) with g++ into `exe`; `false`, after saying
+/// why, when there is no g++.
+pub fn build_emulated(driver: &str, kernels: &Path, defines: &[&str], exe: &Path) -> bool {
     let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emu");
     let out = Command::new("g++")
         .args([
@@ -38,6 +39,7 @@ pub fn build_emulated(driver: &str, kernels: &Path, exe: &Path) -> bool {
         .arg(&emu)
         .arg("-I")
         .arg(kernels)
+        .args(defines)
         .arg(emu.join(driver))
         .arg("-o")
         .arg(exe)

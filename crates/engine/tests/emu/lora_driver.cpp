@@ -199,6 +199,7 @@ static void run_all(const char* name, int n, int k, const Parts& P, const std::v
 }
 
 int main() {
+    printf("LORA_RED %d\n", LORA_RED);  // which expand form this build runs (lora_emulated.rs checks it)
     const unsigned ALL = 0x7f, NO_K = 0x7f & ~2u;
     const Parts QKV{"q/k/v", 3, {0, 1, 2}, {4096, 1024, 1024}}, O{"o", 1, {3, 0, 0}, {4096, 0, 0}};
     // One row, rank 16, q/k/v at in_dim 4096: the host's chunk (1024: 4 chunks), two groups per chunk
