@@ -13,7 +13,8 @@
 //! segment between them gets its own prepended `▁`; so a cut is never placed right after or right before
 //! one, and only tokenizers whose added tokens hold no white space and strip nothing are taken.
 
-use rayon::prelude::*;
+use std::sync::Arc;
+
 use tokenizers::{Encoding, ModelWrapper, Tokenizer};
 
 /// Bytes of text a piece is cut at (a 1000-token English-like prompt is about 4 KB: eight pieces).
@@ -22,11 +23,27 @@ const PIECE_BYTES: usize = 512;
 /// Cuts long texts into pieces that encode to the same ids as the whole (see the module's documentation),
 /// and encodes them on a pool of its own (so that a long prompt does not hold up the rayon work of the
 /// batching loop's steps).
-#[derive(Debug)]
 pub struct PieceEncoder {
+    /// The tokenizer `for_tokenizer` checked.
+    tokenizer: Arc<Tokenizer>,
     /// The added tokens' texts: no cut right after or right before one.
     added: Vec<String>,
     pool: rayon::ThreadPool,
+}
+
+impl std::fmt::Debug for PieceEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PieceEncoder")
+            .field("added", &self.added)
+            .field("threads", &self.pool.current_num_threads())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Threads of the pool that encodes long prompts in pieces: the machine's cores, from 2 to 8 (a 1000-token
+/// prompt is about eight pieces of 512 bytes; more gained little on the GPU machine: session 21).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
 }
 
 impl PieceEncoder {
@@ -35,8 +52,8 @@ impl PieceEncoder {
     /// post-processed alone), a BPE model without dropout, affixes or whole-word lookups whose vocabulary
     /// holds `▁` (else unknown characters could fuse across a cut) and has no `▁` after another character,
     /// and added tokens without white space or `▁` that neither strip nor match whole words nor match
-    /// normalized text. `threads` (at least 2) is the size of its pool.
-    pub fn for_tokenizer(tokenizer: &Tokenizer, threads: usize) -> Option<Self> {
+    /// normalized text. `threads` (at least 2; [`default_threads`] for a server) is the size of its pool.
+    pub fn for_tokenizer(tokenizer: Arc<Tokenizer>, threads: usize) -> Option<Self> {
         let expected = serde_json::json!({
             "type": "Sequence",
             "normalizers": [
@@ -93,14 +110,14 @@ impl PieceEncoder {
             .thread_name(|i| format!("tokenize-{i}"))
             .build()
             .ok()?;
-        Some(Self { added, pool })
+        Some(Self { tokenizer, added, pool })
     }
 
     /// The byte offsets where `text` is cut into about `pieces` pieces: spaces after a character other than
     /// a space or a `▁` (which the normalizer's `▁` would join: the vocabulary has `▁▁`), not the text's
     /// last character, neither right after nor right before an added token, at or past each
     /// `len * j / pieces`.
-    pub fn cuts(&self, text: &str, pieces: usize) -> Vec<usize> {
+    fn cuts(&self, text: &str, pieces: usize) -> Vec<usize> {
         let bytes = text.as_bytes();
         let mut cuts: Vec<usize> = Vec::with_capacity(pieces.saturating_sub(1));
         for j in 1..pieces {
@@ -121,37 +138,28 @@ impl PieceEncoder {
         cuts
     }
 
-    /// `tokenizer`'s encoding of `text` (the tokenizer `for_tokenizer` accepted): a piece of [`PIECE_BYTES`]
-    /// for each thread of the pool at most, encoded on it (a short text in one pass). Its ids and
-    /// special-tokens mask are those of `tokenizer.encode`; nothing else is (no offsets or token strings:
-    /// callers that need them encode in one pass).
-    pub fn encode(&self, tokenizer: &Tokenizer, text: &str, add_special_tokens: bool) -> tokenizers::Result<Encoding> {
+    /// The tokenizer's encoding of `text`: a piece of [`PIECE_BYTES`] for each thread of the pool at most,
+    /// encoded on it (a short text in one pass). Its ids and special-tokens mask are those of
+    /// `tokenizer.encode`; nothing else is (no offsets or token strings: callers that need them encode in
+    /// one pass).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> tokenizers::Result<Encoding> {
         let pieces = (text.len() / PIECE_BYTES).min(self.pool.current_num_threads());
-        self.encode_pieces(tokenizer, text, add_special_tokens, pieces)
+        self.encode_pieces(text, add_special_tokens, pieces)
     }
 
     /// [`PieceEncoder::encode`] in about `pieces` pieces (one pass when none can be cut).
-    fn encode_pieces(
-        &self,
-        tokenizer: &Tokenizer,
-        text: &str,
-        add_special_tokens: bool,
-        pieces: usize,
-    ) -> tokenizers::Result<Encoding> {
+    fn encode_pieces(&self, text: &str, add_special_tokens: bool, pieces: usize) -> tokenizers::Result<Encoding> {
         let cuts = self.cuts(text, pieces);
         if cuts.is_empty() {
-            return tokenizer.encode_fast(text, add_special_tokens);
+            return self.tokenizer.encode_fast(text, add_special_tokens);
         }
         let starts = std::iter::once(0).chain(cuts.iter().map(|&c| c + 1));
         let ends = cuts.iter().copied().chain(std::iter::once(text.len()));
         let parts: Vec<&str> = starts.zip(ends).map(|(a, b)| &text[a..b]).collect();
-        let encodings = self.pool.install(|| {
-            parts
-                .par_iter()
-                .map(|p| tokenizer.encode_fast(*p, false))
-                .collect::<tokenizers::Result<Vec<Encoding>>>()
-        })?;
-        tokenizer.post_process(Encoding::merge(encodings, false), None, add_special_tokens)
+        // The tokenizer's own batch encoding (its parallel iterator runs on the installed pool).
+        let encodings = self.pool.install(|| self.tokenizer.encode_batch_fast(parts, false))?;
+        self.tokenizer
+            .post_process(Encoding::merge(encodings, false), None, add_special_tokens)
     }
 }
 
@@ -211,17 +219,21 @@ mod tests {
     #[test]
     fn pieces_give_the_ids_of_one_pass() {
         let tokenizer = fixture_tokenizer();
-        let pe = PieceEncoder::for_tokenizer(&tokenizer, 4).expect("the fixture (Mistral) tokenizer qualifies");
+        let pe =
+            PieceEncoder::for_tokenizer(Arc::clone(&tokenizer), 4).expect("the fixture (Mistral) tokenizer qualifies");
         let mut cut_texts = 0;
         for seed in 0..200 {
             let t = text(seed, 20 + (seed as usize * 7) % 300);
             for pieces in [2, 3, 5, 8, 16] {
                 for special in [true, false] {
                     let whole = tokenizer.encode(t.as_str(), special).expect("encode");
-                    let split = pe
-                        .encode_pieces(&tokenizer, &t, special, pieces)
-                        .expect("encode in pieces");
+                    let split = pe.encode_pieces(&t, special, pieces).expect("encode in pieces");
                     assert_eq!(split.get_ids(), whole.get_ids(), "{pieces} pieces of {t:?}");
+                    assert_eq!(
+                        split.get_special_tokens_mask(),
+                        whole.get_special_tokens_mask(),
+                        "{pieces} pieces of {t:?}"
+                    );
                 }
                 cut_texts += usize::from(!pe.cuts(&t, pieces).is_empty());
             }
@@ -231,7 +243,7 @@ mod tests {
 
     #[test]
     fn no_cut_next_to_an_added_token() {
-        let pe = PieceEncoder::for_tokenizer(&fixture_tokenizer(), 2).expect("qualifies");
+        let pe = PieceEncoder::for_tokenizer(fixture_tokenizer(), 2).expect("qualifies");
         // The only spaces that begin a run are right after or right before `<s>`, or after a `▁`.
         assert_eq!(pe.cuts("ab<s> cd <s>", 4), Vec::<usize>::new());
         assert_eq!(pe.cuts("▁▁ ▁x", 2), Vec::<usize>::new());
@@ -244,7 +256,7 @@ mod tests {
     }
 
     #[test]
-    fn other_tokenizers_are_encoded_in_one_pass() {
+    fn other_tokenizers_are_refused() {
         let base = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../tests/fixtures/tokenizer/tokenizer.json"
@@ -255,7 +267,7 @@ mod tests {
             let mut j = json.clone();
             edit(&mut j);
             let t = Tokenizer::from_bytes(serde_json::to_vec(&j).expect("json")).expect("tokenizer");
-            PieceEncoder::for_tokenizer(&t, 2).is_some()
+            PieceEncoder::for_tokenizer(Arc::new(t), 2).is_some()
         };
         assert!(load(&|_| {}), "unchanged");
         // A merge could join across a cut: a token with `▁` after a letter.
@@ -276,7 +288,7 @@ mod tests {
         // Padding: each piece would be padded.
         let mut padded = Tokenizer::from_bytes(base.as_bytes()).expect("tokenizer");
         padded.with_padding(Some(tokenizers::PaddingParams::default()));
-        assert!(PieceEncoder::for_tokenizer(&padded, 2).is_none());
+        assert!(PieceEncoder::for_tokenizer(Arc::new(padded), 2).is_none());
         // A vocabulary without `▁`: unknown characters could fuse across a cut.
         let tiny = |vocab: serde_json::Value| {
             let mut j = json.clone();
@@ -285,7 +297,7 @@ mod tests {
             j["model"]["vocab"] = vocab;
             j["model"]["merges"] = serde_json::json!([]);
             let t = Tokenizer::from_bytes(serde_json::to_vec(&j).expect("json")).expect("tokenizer");
-            PieceEncoder::for_tokenizer(&t, 2).is_some()
+            PieceEncoder::for_tokenizer(Arc::new(t), 2).is_some()
         };
         assert!(tiny(serde_json::json!({"<unk>": 0, "a": 1, "▁": 2})));
         assert!(!tiny(serde_json::json!({"<unk>": 0, "a": 1})));

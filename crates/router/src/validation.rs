@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 
 use crate::adapters::{AdapterKey, AdapterSource};
 use crate::metrics as m;
-use crate::pieces::PieceEncoder;
+use crate::pieces::{self, PieceEncoder};
 use crate::schema::{GenerateParameters, GenerateRequest, Secret};
 use crate::stopping::StoppingParameters;
 
@@ -393,7 +393,7 @@ impl Validation {
     /// Validation with `tokenizer`, `workers` concurrent tokenizations and `limits`.
     pub fn new(tokenizer: Arc<Tokenizer>, workers: usize, limits: ValidationLimits) -> Self {
         Self {
-            pieces: PieceEncoder::for_tokenizer(&tokenizer, piece_threads()).map(Arc::new),
+            pieces: PieceEncoder::for_tokenizer(Arc::clone(&tokenizer), pieces::default_threads()).map(Arc::new),
             tokenizer,
             workers: Arc::new(Semaphore::new(workers)),
             limits,
@@ -422,9 +422,9 @@ impl Validation {
             .await
             .map_err(|_| ValidationError::Tokenizer("tokenizer workers are shut down".into()))?;
         let tokenizer = Arc::clone(&self.tokenizer);
-        let split = self.pieces.clone().filter(|_| prompt);
+        let split = self.pieces.as_ref().filter(|_| prompt).cloned();
         let encode = move || match split {
-            Some(pe) => pe.encode(&tokenizer, &inputs, add_special_tokens),
+            Some(pe) => pe.encode(&inputs, add_special_tokens),
             None => tokenizer.encode(inputs, add_special_tokens),
         };
         let encoding = match tokio::runtime::Handle::current().runtime_flavor() {
@@ -485,12 +485,6 @@ impl Validation {
             api_token,
         })
     }
-}
-
-/// Threads of the pool that encodes long prompts in pieces: the machine's cores, from 2 to 8 (a 1000-token
-/// prompt is about eight pieces of 512 bytes; more gained little on the GPU machine: session 21).
-fn piece_threads() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
 }
 
 /// A seed from the operating system's generator (a fixed fallback if it is unavailable).
