@@ -39,12 +39,7 @@ __device__ __forceinline__ T from_f(float f) { return f; }
 // log2(n) for a power of two n (the host checks n > 0), else -1: paged kernels find a position's cache block
 // and offset by shift and mask where the block size allows (much of their index arithmetic), by division
 // otherwise.
-__device__ __forceinline__ int pow2_log(int n) {
-    if ((n & (n - 1)) != 0) return -1;
-    int s = 0;
-    while ((1 << s) < n) ++s;
-    return s;
-}
+__device__ __forceinline__ int pow2_log(int n) { return (n & (n - 1)) != 0 ? -1 : __ffs(n) - 1; }
 
 // Elements of T in one 16-byte access.
 #define VEC (16 / (int)sizeof(T))

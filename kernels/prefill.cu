@@ -47,6 +47,8 @@ struct PrefillTile {
     T *__restrict__ out, const T *__restrict__ q, const T *__restrict__ k_cache, const T *__restrict__ v_cache, \
         const PrefillTile *__restrict__ tiles, const u32 *__restrict__ tables, int num_heads, int num_kv_heads, \
         int block_size, float scale
+// The same parameters as arguments, for the entry points that pass them on.
+#define PREFILL_ARGS out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads, block_size, scale
 
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
 
@@ -332,8 +334,7 @@ __device__ __forceinline__ void prefill_attention(PREFILL_PARAMS) {
 #define PREFILL_ATTENTION(NAME, HD, W, BN, RG, MINB)                                                       \
     extern "C" __global__ void __launch_bounds__(32 * W, MINB) NAME(PREFILL_PARAMS) {                      \
         pdl_enter();                                                                                       \
-        prefill_attention<HD, W, BN, RG>(out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads, \
-                                         block_size, scale);                                               \
+        prefill_attention<HD, W, BN, RG>(PREFILL_ARGS);                                                    \
     }
 
 #else

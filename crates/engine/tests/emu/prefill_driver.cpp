@@ -10,7 +10,7 @@
 #include "common.cuh"
 #include "prefill.cu"
 
-typedef void (*Kern)(T*, const T*, const T*, const T*, const PrefillTile*, const u32*, int, int, int, float);
+typedef void (*Kern)(PREFILL_PARAMS);
 
 template <int HD>
 int check(const char* name, Kern kern, int warps, int rg, int heads, int kvh, int bs,
