@@ -140,7 +140,11 @@ def test_openai_completions_stream_and_stop():
         stopped = client.completions.create(model="", prompt=PROMPT, max_tokens=N_NEW, temperature=0, stop=[stop],
                                             extra_body={"ignore_eos_token": True})
         assert stopped.choices[0].finish_reason == "stop"
-        assert full.startswith(stopped.choices[0].text)
+        # As OpenAI: the text ends before the stop sequence, streamed or not.
+        assert full.startswith(stopped.choices[0].text + stop) and stop not in stopped.choices[0].text
+        parts = list(client.completions.create(model="", prompt=PROMPT, max_tokens=N_NEW, temperature=0, stop=[stop],
+                                               stream=True, extra_body={"ignore_eos_token": True}))
+        assert "".join(p.choices[0].text for p in parts if p.choices) == stopped.choices[0].text
 
 
 def test_openai_chat_with_adapter_as_model():

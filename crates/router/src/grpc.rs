@@ -270,7 +270,7 @@ async fn next_message(
                 queued,
                 start,
             })) => {
-                Timings::finish(state.start, queued, start, &generated_text);
+                Timings::finish(state.start, queued, start, generated_text.generated_tokens);
                 break Ok(pb::GenerateStreamResponse {
                     token: Some(token(t, top_tokens, state.shape.alternatives)),
                     details: Some(pb::Details {
@@ -317,7 +317,12 @@ impl LoraxService for GrpcService {
             let valid = self.state.validation.validate(request, false).await?;
             let shape = ResponseShape::of(&valid);
             let response = self.state.infer.generate(valid).await?;
-            Timings::finish(start, response.queued, response.start, &response.generated_text);
+            Timings::finish(
+                start,
+                response.queued,
+                response.start,
+                response.generated_text.generated_tokens,
+            );
             Ok::<_, ApiError>(generate_response(&shape, response))
         }
         .await;

@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -24,10 +24,10 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::chat::Message;
 use crate::errors::{ApiError, VALIDATION};
-use crate::infer::{InferError, InferResponse, InferStreamResponse, ResponseReceiver, TokenInfo};
+use crate::infer::{GeneratedText, InferError, InferResponse, InferStreamResponse, ResponseReceiver, TokenInfo};
 use crate::metrics as m;
 use crate::schema::{GenerateParameters, GenerateRequest, Secret};
-use crate::server::{bearer_token, ApiJson, AppState, Timings};
+use crate::server::{ApiJson, AppState, Timings};
 use crate::stopping::FinishReason;
 use crate::validation::ValidRequest;
 
@@ -207,6 +207,91 @@ struct Plan {
     echo: Option<String>,
 }
 
+impl Plan {
+    /// The stop sequences (the same for every choice).
+    fn stops(&self) -> &[String] {
+        self.requests
+            .first()
+            .and_then(|r| r.parameters.as_ref())
+            .and_then(|p| p.stop.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// Characters of the echoed prompt (where the completion's text offsets start).
+    fn echo_chars(&self) -> usize {
+        self.echo.as_ref().map_or(0, |e| e.chars().count())
+    }
+}
+
+/// A choice's text as the OpenAI routes return it: the text of the generated tokens but special ones (as
+/// the native routes' `generated_text`), without the stop sequence that ended it (OpenAI: the returned
+/// text does not contain the stop sequence). Streamed, each chunk carries what the final text keeps for
+/// sure: an end of the text that could be the start of a stop sequence waits for the next token.
+#[derive(Debug, Default)]
+struct ChoiceText {
+    /// The non-special tokens' text so far (what the router searches for stop sequences).
+    text: String,
+    /// Characters in `text`.
+    chars: usize,
+    /// Bytes of `text` sent.
+    sent: usize,
+}
+
+impl ChoiceText {
+    fn add(&mut self, token: &TokenInfo) {
+        if !token.special {
+            self.text.push_str(&token.text);
+            self.chars += token.text.chars().count();
+        }
+    }
+
+    /// Adds `token`'s text; returns what can be sent now.
+    fn push(&mut self, token: &TokenInfo, stops: &[String]) -> String {
+        self.add(token);
+        let end = self.text.len() - stop_start_len(&self.text[self.sent..], stops);
+        let out = self.text[self.sent..end].to_string();
+        self.sent = end;
+        out
+    }
+
+    /// Adds the choice's last token; returns what remains to send of the final text, `generated`'s.
+    fn finish(&mut self, token: &TokenInfo, generated: &GeneratedText, stops: &[String]) -> String {
+        self.add(token);
+        let last = final_text(generated, stops);
+        let out = last.get(self.sent..).unwrap_or_default().to_string();
+        self.sent = self.sent.max(last.len());
+        out
+    }
+}
+
+/// Bytes of the longest end of `text` that is the start (not the whole) of one of `stops`.
+fn stop_start_len(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .filter_map(|stop| {
+            (1..stop.len().min(text.len() + 1))
+                .rev()
+                .find(|&k| stop.is_char_boundary(k) && text.ends_with(&stop[..k]))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The generated text an OpenAI route returns: `generated.text` without the stop sequence it ends with,
+/// when one ended it (one that a special token's text matched is not in the text: nothing to cut).
+fn final_text<'a>(generated: &'a GeneratedText, stops: &[String]) -> &'a str {
+    let text = generated.text.as_str();
+    if generated.finish_reason != FinishReason::StopSequence {
+        return text;
+    }
+    stops
+        .iter()
+        .filter(|stop| text.ends_with(stop.as_str()))
+        .map(String::len)
+        .max()
+        .map_or(text, |n| &text[..text.len() - n])
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -218,13 +303,45 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", getrandom::u64().unwrap_or(0))
 }
 
+/// OpenAI's sampling parameters as the native request's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct OpenAiSampling {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    do_sample: bool,
+}
+
+impl OpenAiSampling {
+    /// `temperature` 0 is greedy decoding whatever `top_p` and `top_k` say (they would sample); `top_p` 1
+    /// is no nucleus filter. Without a temperature, one choice is greedy (as LoRAX) and `n` > 1 choices
+    /// sample at temperature 1 (OpenAI's default): greedy choices would all be the same text.
+    fn of(temperature: Option<f32>, top_p: Option<f32>, top_k: Option<i64>, n: u32) -> Self {
+        let greedy = temperature.is_some_and(|t| t <= 0.0);
+        if greedy {
+            return Self {
+                temperature: None,
+                top_p: None,
+                top_k: None,
+                do_sample: false,
+            };
+        }
+        let top_p = top_p.filter(|p| *p < 1.0);
+        Self {
+            temperature,
+            top_p,
+            top_k,
+            do_sample: temperature.is_some() || top_p.is_some() || top_k.is_some() || n > 1,
+        }
+    }
+}
+
 /// The native requests for `n` choices of one prompt, and the model name to answer with.
 fn native(
     state: &AppState,
     common: CommonParameters,
     prompt: String,
     alternatives: u32,
-    headers: &HeaderMap,
 ) -> Result<(String, Vec<GenerateRequest>), ApiError> {
     let n = common.n.unwrap_or(1);
     if n == 0 || n > MAX_N {
@@ -245,11 +362,10 @@ fn native(
     if common.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
         return Err(invalid("`top_p` must be > 0.0 and <= 1.0"));
     }
-    // OpenAI's temperature 0 is greedy decoding; top_p 1 is no nucleus filter.
-    let temperature = common.temperature.filter(|t| *t > 0.0);
-    let top_p = common.top_p.filter(|p| *p < 1.0);
-    let do_sample = temperature.is_some() || top_p.is_some() || common.top_k.is_some();
-    let api_token = common.api_token.or_else(|| bearer_token(headers));
+    let sampling = OpenAiSampling::of(common.temperature, common.top_p, common.top_k, n);
+    // Not the `Authorization: Bearer` token, unlike the native routes: OpenAI clients always send one,
+    // often a placeholder (`EMPTY`), which the hub would refuse even for a public adapter.
+    let api_token = common.api_token;
     let stop = common.stop.map(OneOrMany::into_vec);
     let requests = (0..u64::from(n))
         .map(|i| GenerateRequest {
@@ -258,10 +374,10 @@ fn native(
                 adapter_id: adapter_id.clone(),
                 adapter_source: common.adapter_source.clone(),
                 api_token: api_token.clone(),
-                temperature,
-                top_p,
-                top_k: common.top_k,
-                do_sample: Some(do_sample),
+                temperature: sampling.temperature,
+                top_p: sampling.top_p,
+                top_k: sampling.top_k,
+                do_sample: Some(sampling.do_sample),
                 repetition_penalty: common.repetition_penalty,
                 frequency_penalty: common.frequency_penalty,
                 presence_penalty: common.presence_penalty,
@@ -287,7 +403,7 @@ fn check_alternatives(k: u32) -> Result<u32, ApiError> {
     Ok(k)
 }
 
-fn completion_plan(state: &AppState, req: CompletionRequest, headers: &HeaderMap) -> Result<Plan, ApiError> {
+fn completion_plan(state: &AppState, req: CompletionRequest) -> Result<Plan, ApiError> {
     let prompts = req.prompt.into_vec();
     let [prompt] = <[String; 1]>::try_from(prompts)
         .map_err(|p| invalid(format!("`prompt` must be one string (got a list of {})", p.len())))?;
@@ -301,7 +417,7 @@ fn completion_plan(state: &AppState, req: CompletionRequest, headers: &HeaderMap
     let stream = req.common.stream;
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let echo = req.echo.then(|| prompt.clone());
-    let (model, requests) = native(state, req.common, prompt, alternatives, headers)?;
+    let (model, requests) = native(state, req.common, prompt, alternatives)?;
     Ok(Plan {
         id: request_id("cmpl"),
         created: now_secs(),
@@ -341,7 +457,6 @@ fn message_text(m: &ChatMessage) -> Result<String, ApiError> {
 async fn adapter_template(
     state: &AppState,
     req: &ChatCompletionRequest,
-    headers: &HeaderMap,
 ) -> Result<Option<crate::chat::ChatTemplate>, ApiError> {
     let model = req.common.model.as_deref().map(str::trim).unwrap_or_default();
     if model.is_empty() || model == state.info.model_id {
@@ -353,19 +468,20 @@ async fn adapter_template(
         api_token: req.common.api_token.clone(),
         ..GenerateParameters::default()
     };
-    template_of_adapter(state, &parameters, headers).await
+    template_of_adapter(state, &parameters).await
 }
 
 /// The chat template shipped by the adapter `parameters` name, if any (see [`adapter_template`]).
 pub(crate) async fn template_of_adapter(
     state: &AppState,
     parameters: &GenerateParameters,
-    headers: &HeaderMap,
 ) -> Result<Option<crate::chat::ChatTemplate>, ApiError> {
     let Ok(Some(adapter)) = state.validation.adapter_of(parameters) else {
         return Ok(None);
     };
-    let token = parameters.api_token.clone().or_else(|| bearer_token(headers));
+    // The native routes have put an `Authorization: Bearer` token in `api_token` already
+    // (`with_bearer_token`); the OpenAI routes take none from it (see `native`).
+    let token = parameters.api_token.clone();
     state
         .adapter_templates
         .get(&state.clients, &adapter, token.as_ref())
@@ -379,7 +495,6 @@ pub(crate) async fn template_of_adapter(
 pub(crate) async fn apply_chat_template(
     state: &AppState,
     mut request: GenerateRequest,
-    headers: &HeaderMap,
 ) -> Result<(GenerateRequest, bool), ApiError> {
     let Some(parameters) = request
         .parameters
@@ -399,7 +514,7 @@ pub(crate) async fn apply_chat_template(
             "with `apply_chat_template`, `inputs` must hold at least one message",
         ));
     }
-    let own = template_of_adapter(state, parameters, headers).await?;
+    let own = template_of_adapter(state, parameters).await?;
     request.inputs = render(state, own.as_ref(), &messages)?;
     Ok((request, false))
 }
@@ -428,7 +543,6 @@ fn render(
 fn chat_plan(
     state: &AppState,
     mut req: ChatCompletionRequest,
-    headers: &HeaderMap,
     adapter_template: Option<crate::chat::ChatTemplate>,
 ) -> Result<Plan, ApiError> {
     if req.messages.is_empty() {
@@ -457,7 +571,7 @@ fn chat_plan(
     }
     let stream = req.common.stream;
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let (model, requests) = native(state, req.common, prompt, alternatives, headers)?;
+    let (model, requests) = native(state, req.common, prompt, alternatives)?;
     Ok(Plan {
         id: request_id("chatcmpl"),
         created: now_secs(),
@@ -515,10 +629,9 @@ async fn start(
 #[tracing::instrument(skip_all)]
 pub async fn completions(
     State(state): State<AppState>,
-    headers: HeaderMap,
     payload: Result<ApiJson<CompletionRequest>, ApiError>,
 ) -> Response {
-    let plan = payload.and_then(|ApiJson(req)| completion_plan(&state, req, &headers));
+    let plan = payload.and_then(|ApiJson(req)| completion_plan(&state, req));
     respond(state, plan, Kind::Completion).await
 }
 
@@ -540,12 +653,11 @@ pub async fn completions(
 #[tracing::instrument(skip_all)]
 pub async fn chat_completions(
     State(state): State<AppState>,
-    headers: HeaderMap,
     payload: Result<ApiJson<ChatCompletionRequest>, ApiError>,
 ) -> Response {
     let plan = match payload {
-        Ok(ApiJson(req)) => match adapter_template(&state, &req, &headers).await {
-            Ok(template) => chat_plan(&state, req, &headers, template),
+        Ok(ApiJson(req)) => match adapter_template(&state, &req).await {
+            Ok(template) => chat_plan(&state, req, template),
             Err(e) => Err(e),
         },
         Err(e) => Err(e),
@@ -581,6 +693,8 @@ async fn respond(state: AppState, plan: Result<Plan, ApiError>, kind: Kind) -> R
     let prompt_tokens = started.first().map_or(0, |(v, _, _)| v.input_length());
     let mut choices = Vec::with_capacity(started.len());
     let mut completion_tokens = 0;
+    // The request's queue and admission times: its first choice's (the choices are queued together).
+    let mut times = None;
     for (index, (_, receiver, permit)) in started.into_iter().enumerate() {
         let response = match crate::infer::collect(receiver).await {
             Ok(r) => r,
@@ -591,9 +705,12 @@ async fn respond(state: AppState, plan: Result<Plan, ApiError>, kind: Kind) -> R
             }
         };
         drop(permit);
-        Timings::finish(start_time, response.queued, response.start, &response.generated_text);
+        times.get_or_insert((response.queued, response.start));
         completion_tokens += response.generated_text.generated_tokens;
         choices.push(whole_choice(&plan, kind, index, response));
+    }
+    if let Some((queued, admitted)) = times {
+        Timings::finish(start_time, queued, admitted, completion_tokens);
     }
     let object = match kind {
         Kind::Completion => "text_completion",
@@ -617,15 +734,16 @@ fn usage(prompt: u32, completion: u32) -> Value {
 
 fn whole_choice(plan: &Plan, kind: Kind, index: usize, r: InferResponse) -> Value {
     let finish = finish_reason(r.generated_text.finish_reason);
+    let generated = final_text(&r.generated_text, plan.stops());
     match kind {
         Kind::Completion => {
             let text = match &plan.echo {
-                Some(prompt) => format!("{prompt}{}", r.generated_text.text),
-                None => r.generated_text.text,
+                Some(prompt) => format!("{prompt}{generated}"),
+                None => generated.to_string(),
             };
             let logprobs = plan
                 .logprobs
-                .then(|| completion_logprobs(&r.tokens, plan.alternatives, 0));
+                .then(|| completion_logprobs(&r.tokens, plan.alternatives, plan.echo_chars()));
             json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
         }
         Kind::Chat => {
@@ -634,7 +752,7 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, r: InferResponse) -> Valu
                 .then(|| json!({"content": chat_logprobs(&r.tokens, plan.alternatives)}));
             json!({
                 "index": index,
-                "message": {"role": "assistant", "content": r.generated_text.text},
+                "message": {"role": "assistant", "content": generated},
                 "logprobs": logprobs,
                 "finish_reason": finish,
             })
@@ -642,7 +760,8 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, r: InferResponse) -> Valu
     }
 }
 
-/// Completions' `logprobs` object for `tokens`, whose text starts at byte `offset`.
+/// Completions' `logprobs` object for `tokens`, whose text starts at character `offset` of the returned
+/// text (after an echoed prompt). A special token's text is not in the returned text: it takes no room.
 fn completion_logprobs(tokens: &[(TokenInfo, Vec<TokenInfo>)], alternatives: u32, mut offset: usize) -> Value {
     let mut text = Vec::new();
     let mut lps = Vec::new();
@@ -650,7 +769,9 @@ fn completion_logprobs(tokens: &[(TokenInfo, Vec<TokenInfo>)], alternatives: u32
     let mut offsets = Vec::new();
     for (t, top) in tokens {
         offsets.push(offset);
-        offset += t.text.len();
+        if !t.special {
+            offset += t.text.chars().count();
+        }
         text.push(t.text.clone());
         lps.push(t.logprob);
         let map: serde_json::Map<String, Value> = top
@@ -683,13 +804,18 @@ struct ChoiceStream {
     receiver: ResponseReceiver,
     _permit: OwnedSemaphorePermit,
     first: bool,
-    offset: usize,
+    text: ChoiceText,
 }
 
 /// A chunk or the end of one choice.
 enum Piece {
     Chunk(Value),
-    Done { generated: u32 },
+    /// A choice ended: its generated tokens, and when its request was queued and admitted.
+    Done {
+        generated: u32,
+        queued: Instant,
+        admitted: Instant,
+    },
     Failed(ApiError),
 }
 
@@ -710,39 +836,50 @@ fn stream_response(
                 receiver,
                 _permit: permit,
                 first: true,
-                offset: 0,
+                text: ChoiceText::default(),
             })),
-            move |s| next_piece(std::sync::Arc::clone(&plan), kind, s, start_time),
+            move |s| next_piece(std::sync::Arc::clone(&plan), kind, s),
         )
         .boxed()
     });
     let merged = futures::stream::select_all(choices);
     let tail_plan = std::sync::Arc::clone(&plan);
     let events = merged
-        .scan((0usize, 0u32, false), move |(done, generated, failed), piece| {
-            let out = match piece {
-                Piece::Chunk(v) => vec![json_event(&v)],
-                Piece::Failed(e) => {
-                    *failed = true;
-                    e.record();
-                    vec![json_event(&openai_error_body(&e))]
-                }
-                Piece::Done { generated: g } => {
-                    *done += 1;
-                    *generated += g;
-                    let mut out = Vec::new();
-                    if *done == n && !*failed && tail_plan.include_usage {
-                        let object = chunk_object(kind);
-                        out.push(json_event(&json!({
-                            "id": tail_plan.id, "object": object, "created": tail_plan.created,
-                            "model": tail_plan.model, "choices": [], "usage": usage(prompt_tokens, *generated),
-                        })));
+        .scan(
+            (0usize, 0u32, false, None),
+            move |(done, generated, failed, times), piece| {
+                let out = match piece {
+                    Piece::Chunk(v) => vec![json_event(&v)],
+                    Piece::Failed(e) => {
+                        *failed = true;
+                        e.record();
+                        vec![json_event(&openai_error_body(&e))]
                     }
-                    out
-                }
-            };
-            futures::future::ready(Some(futures::stream::iter(out)))
-        })
+                    Piece::Done {
+                        generated: g,
+                        queued,
+                        admitted,
+                    } => {
+                        *done += 1;
+                        *generated += g;
+                        let (queued, admitted) = *times.get_or_insert((queued, admitted));
+                        if *done == n {
+                            Timings::finish(start_time, queued, admitted, *generated);
+                        }
+                        let mut out = Vec::new();
+                        if *done == n && !*failed && tail_plan.include_usage {
+                            let object = chunk_object(kind);
+                            out.push(json_event(&json!({
+                                "id": tail_plan.id, "object": object, "created": tail_plan.created,
+                                "model": tail_plan.model, "choices": [], "usage": usage(prompt_tokens, *generated),
+                            })));
+                        }
+                        out
+                    }
+                };
+                futures::future::ready(Some(futures::stream::iter(out)))
+            },
+        )
         .flatten()
         .chain(futures::stream::once(async { Event::default().data("[DONE]") }))
         .map(Ok);
@@ -764,18 +901,22 @@ fn json_event(v: &Value) -> Event {
 enum Step {
     /// Tokens are still coming.
     Run(ChoiceStream),
-    /// The last chunk was sent; the end marker (with the generated count) is next.
-    Ending(u32),
+    /// The last chunk was sent; the end marker (generated tokens, queue and admission times) is next.
+    Ending(u32, Instant, Instant),
 }
 
-async fn next_piece(
-    plan: std::sync::Arc<Plan>,
-    kind: Kind,
-    step: Option<Step>,
-    start_time: Instant,
-) -> Option<(Piece, Option<Step>)> {
+async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) -> Option<(Piece, Option<Step>)> {
     let mut s = match step? {
-        Step::Ending(generated) => return Some((Piece::Done { generated }, None)),
+        Step::Ending(generated, queued, admitted) => {
+            return Some((
+                Piece::Done {
+                    generated,
+                    queued,
+                    admitted,
+                },
+                None,
+            ))
+        }
         Step::Run(s) => s,
     };
     loop {
@@ -788,28 +929,17 @@ async fn next_piece(
                 generated_text,
                 queued,
                 start,
-            })) => {
-                Timings::finish(start_time, queued, start, &generated_text);
-                (token, top_tokens, Some(generated_text))
-            }
+            })) => (token, top_tokens, Some((generated_text, queued, start))),
             Some(Err(e)) => return Some((Piece::Failed(e.into()), None)),
             None => return Some((Piece::Failed(InferError::IncompleteGeneration.into()), None)),
         };
-        let finish = end.as_ref().map(|g| finish_reason(g.finish_reason));
-        // A stop sequence may end inside this token: send only what the final text keeps.
+        let finish = end.as_ref().map(|(g, _, _)| finish_reason(g.finish_reason));
+        let offset = plan.echo_chars() + s.text.chars;
         let text = match &end {
-            Some(g) if g.finish_reason == FinishReason::StopSequence => {
-                g.text.get(s.offset..).unwrap_or_default().to_string()
-            }
-            _ => token.text.clone(),
+            None => s.text.push(&token, plan.stops()),
+            Some((g, _, _)) => s.text.finish(&token, g, plan.stops()),
         };
-        let pair = [(
-            TokenInfo {
-                text: text.clone(),
-                ..token
-            },
-            top,
-        )];
+        let pair = [(token, top)];
         let choice = match kind {
             Kind::Completion => {
                 let prefix = if s.first {
@@ -819,7 +949,7 @@ async fn next_piece(
                 };
                 let logprobs = plan
                     .logprobs
-                    .then(|| completion_logprobs(&pair, plan.alternatives, s.offset));
+                    .then(|| completion_logprobs(&pair, plan.alternatives, offset));
                 json!({"index": s.index, "text": format!("{prefix}{text}"), "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Chat => {
@@ -834,14 +964,13 @@ async fn next_piece(
             }
         };
         s.first = false;
-        s.offset += text.len();
         let chunk = json!({
             "id": plan.id, "object": chunk_object(kind), "created": plan.created, "model": plan.model,
             "system_fingerprint": crate::VERSION, "choices": [choice],
         });
         let next = match end {
             None => Step::Run(s),
-            Some(g) => Step::Ending(g.generated_tokens),
+            Some((g, queued, admitted)) => Step::Ending(g.generated_tokens, queued, admitted),
         };
         return Some((Piece::Chunk(chunk), Some(next)));
     }
@@ -863,4 +992,122 @@ pub async fn models(State(state): State<AppState>) -> Json<Value> {
         data.push(json!({"id": adapter, "object": "model", "created": created, "owned_by": "lorax", "parent": state.info.model_id}));
     }
     Json(json!({"object": "list", "data": data}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validation::{check_parameters, ValidationLimits};
+
+    /// Whether the native request made of these OpenAI parameters samples, as validation decides it.
+    fn samples(temperature: Option<f32>, top_p: Option<f32>, top_k: Option<i64>, n: u32) -> bool {
+        let s = OpenAiSampling::of(temperature, top_p, top_k, n);
+        let p = GenerateParameters {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            do_sample: Some(s.do_sample),
+            ..GenerateParameters::default()
+        };
+        let limits = ValidationLimits {
+            max_input_length: 10,
+            max_total_tokens: 20,
+            max_stop_sequences: 4,
+            max_new_tokens_default: 10,
+            default_adapter_source: crate::adapters::AdapterSource::Hub,
+            adapters_supported: true,
+        };
+        check_parameters(&p, &limits, false, || 7)
+            .expect("valid")
+            .sampling
+            .is_sampling()
+    }
+
+    #[test]
+    fn temperature_zero_is_greedy_and_several_choices_sample() {
+        assert!(!samples(Some(0.0), Some(0.9), None, 1), "temperature 0 with top_p");
+        assert!(!samples(Some(0.0), None, Some(40), 1), "temperature 0 with top_k");
+        assert!(!samples(Some(0.0), None, None, 3), "temperature 0 with n = 3");
+        assert!(!samples(None, None, None, 1), "no parameters: greedy, as LoRAX");
+        assert!(!samples(None, Some(1.0), None, 1), "top_p 1 filters nothing");
+        assert!(samples(None, None, None, 2), "n = 2 at OpenAI's default temperature");
+        assert!(samples(Some(0.7), None, None, 1));
+        assert!(samples(None, Some(0.9), None, 1));
+        assert!(samples(None, None, Some(40), 1));
+    }
+
+    fn token(text: &str, special: bool) -> TokenInfo {
+        TokenInfo {
+            id: 0,
+            text: text.to_string(),
+            logprob: 0.0,
+            special,
+        }
+    }
+
+    fn generated(text: &str, finish_reason: FinishReason) -> GeneratedText {
+        GeneratedText {
+            text: text.to_string(),
+            generated_tokens: 1,
+            finish_reason,
+            seed: None,
+        }
+    }
+
+    /// The chunks a choice streams for `tokens` (text, special), ending with `end`.
+    fn streamed(tokens: &[(&str, bool)], stops: &[&str], end: &GeneratedText) -> Vec<String> {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut c = ChoiceText::default();
+        let (last, rest) = tokens.split_last().expect("a token");
+        let mut out: Vec<String> = rest.iter().map(|(t, s)| c.push(&token(t, *s), &stops)).collect();
+        out.push(c.finish(&token(last.0, last.1), end, &stops));
+        out
+    }
+
+    #[test]
+    fn streamed_text_is_the_whole_text_without_special_tokens_or_the_stop() {
+        // An end-of-sequence token: its text is in neither form.
+        let end = generated("Hi there", FinishReason::EndOfSequenceToken);
+        assert_eq!(
+            streamed(&[("Hi", false), (" there", false), ("</s>", true)], &[], &end),
+            ["Hi", " there", ""]
+        );
+        // A stop sequence over two tokens: the start of it waits, and the stop is never sent.
+        let stops = ["\nUser:"];
+        let end = generated("Yes.\nUser:", FinishReason::StopSequence);
+        assert_eq!(final_text(&end, &["\nUser:".to_string()]), "Yes.");
+        assert_eq!(
+            streamed(&[("Yes.", false), ("\nUs", false), ("er:", false)], &stops, &end),
+            ["Yes.", "", ""]
+        );
+        // A held start that turns out not to be the stop is sent with the next token.
+        let end = generated("a\nUb", FinishReason::Length);
+        assert_eq!(
+            streamed(&[("a\n", false), ("U", false), ("b", false)], &stops, &end),
+            ["a", "", "\nUb"]
+        );
+        // A stop sequence that is a special token's text: the text ends before it.
+        let end = generated("ok", FinishReason::StopSequence);
+        assert_eq!(
+            streamed(&[("ok", false), ("<|im_end|>", true)], &["<|im_end|>"], &end),
+            ["ok", ""]
+        );
+        // Multi-byte text: a held start is cut at a character boundary.
+        let end = generated("日本語", FinishReason::Length);
+        assert_eq!(
+            streamed(&[("日本", false), ("語", false)], &["本当"], &end),
+            ["日", "本語"]
+        );
+    }
+
+    #[test]
+    fn completion_offsets_count_characters_after_the_echo() {
+        let tokens = vec![
+            (token("é", false), vec![]),
+            (token("</s>", true), vec![]),
+            (token("x", false), vec![]),
+        ];
+        let v = completion_logprobs(&tokens, 0, 5);
+        assert_eq!(v["text_offset"], json!([5, 6, 6]));
+    }
 }

@@ -656,7 +656,12 @@ impl Scheduler {
         let before = running.decoder.emitted().len();
         let text = running.decoder.push(decoder, token.id);
         let special = decoder.is_special(token.id);
-        let finish = running.stopping.step(token.id, running.decoder.emitted(), before);
+        let finish = running.stopping.step(
+            token.id,
+            running.decoder.emitted(),
+            before,
+            special.then_some(text.as_str()),
+        );
         let generated = TokenInfo {
             id: token.id,
             text,

@@ -24,7 +24,7 @@ use crate::adapters::AdapterKey;
 use crate::api_doc::{self, BodyErrors, GenerateErrors, Routes};
 use crate::client::ShardClients;
 use crate::errors::ApiError;
-use crate::infer::{GeneratedText, Infer, InferError, InferStreamResponse, ResponseReceiver, TokenInfo};
+use crate::infer::{Infer, InferError, InferStreamResponse, ResponseReceiver, TokenInfo};
 use crate::metrics as m;
 use crate::schema::{
     AlternativeToken, CompatGenerateRequest, Details, ErrorResponse, GenerateRequest, GenerateResponse, Info,
@@ -184,7 +184,7 @@ async fn generate_inner(
 ) -> Result<(HeaderMap, Json<GenerateResponse>), ApiError> {
     let _permit = state.infer.acquire()?;
     // The Authorization header's token is already in `api_token` (with_bearer_token).
-    let (request, add_special_tokens) = crate::openai::apply_chat_template(state, request, &HeaderMap::new()).await?;
+    let (request, add_special_tokens) = crate::openai::apply_chat_template(state, request).await?;
     let valid = state
         .validation
         .validate_prompt(request, false, add_special_tokens)
@@ -194,7 +194,12 @@ async fn generate_inner(
     let shape = ResponseShape::of(&valid);
     let response = state.infer.generate(valid).await?;
 
-    let timings = Timings::finish(start, response.queued, response.start, &response.generated_text);
+    let timings = Timings::finish(
+        start,
+        response.queued,
+        response.start,
+        response.generated_text.generated_tokens,
+    );
     let mut headers = timings.headers(validation_time);
     insert_header(&mut headers, "x-prompt-tokens", shape.prompt_tokens);
     insert_header(
@@ -258,7 +263,8 @@ pub(crate) struct ResponseShape {
 impl ResponseShape {
     pub(crate) fn of(request: &ValidRequest) -> Self {
         Self {
-            details: request.details,
+            // Prefill details come in `details` (LoRAX: asking for them asks for the details).
+            details: request.details || request.decoder_input_details,
             alternatives: request.top_n_tokens > 0,
             prompt_tokens: request.input_length(),
             prompt: request.return_full_text.then(|| request.inputs.clone()),
@@ -298,19 +304,21 @@ pub(crate) struct Timings {
 }
 
 impl Timings {
-    pub(crate) fn finish(start: Instant, queued: Instant, admitted: Instant, generated: &GeneratedText) -> Self {
+    /// Records one answered request (its last sequence ended now) that generated `generated_tokens`
+    /// tokens, queued at `queued` and admitted at `admitted`.
+    pub(crate) fn finish(start: Instant, queued: Instant, admitted: Instant, generated_tokens: u32) -> Self {
         let now = Instant::now();
         let inference = now.saturating_duration_since(admitted);
         let timings = Self {
             total: now.saturating_duration_since(start),
             queue: admitted.saturating_duration_since(queued),
             inference,
-            per_token: inference / generated.generated_tokens.max(1),
+            per_token: inference / generated_tokens.max(1),
         };
         metrics::histogram!(m::REQUEST_DURATION).record(timings.total.as_secs_f64());
         metrics::histogram!(m::REQUEST_INFERENCE_DURATION).record(timings.inference.as_secs_f64());
         metrics::histogram!(m::REQUEST_MEAN_TIME_PER_TOKEN).record(timings.per_token.as_secs_f64());
-        metrics::histogram!(m::REQUEST_GENERATED_TOKENS).record(f64::from(generated.generated_tokens));
+        metrics::histogram!(m::REQUEST_GENERATED_TOKENS).record(f64::from(generated_tokens));
         metrics::counter!(m::REQUEST_SUCCESS).increment(1);
         timings
     }
@@ -381,7 +389,7 @@ async fn generate_stream(
         async {
             let request = with_bearer_token(payload?.0, &headers);
             let permit = state.infer.acquire()?;
-            let (request, add_special_tokens) = crate::openai::apply_chat_template(&state, request, &headers).await?;
+            let (request, add_special_tokens) = crate::openai::apply_chat_template(&state, request).await?;
             let valid = state
                 .validation
                 .validate_prompt(request, true, add_special_tokens)
@@ -434,7 +442,7 @@ async fn next_event(state: Option<StreamState>) -> Option<(Result<Event, Infalli
                 queued,
                 start,
             })) => {
-                Timings::finish(state.start, queued, start, &generated_text);
+                Timings::finish(state.start, queued, start, generated_text.generated_tokens);
                 json_event(&StreamResponse {
                     top_tokens: state.shape.alternatives.then(|| top_token_list(&top_tokens)),
                     token: api_token(token, top_tokens, state.shape.alternatives),

@@ -57,14 +57,23 @@ impl StoppingCriteria {
     }
 
     /// Records token `id`, after which the generated text (non-special tokens) is `text`, of which
-    /// bytes from `new_from` on are new, and says whether the sequence is finished.
-    pub fn step(&mut self, id: u32, text: &str, new_from: usize) -> Option<FinishReason> {
+    /// bytes from `new_from` on are new, and says whether the sequence is finished. `special` is the
+    /// token's text when it is a special token (left out of `text`): a stop sequence found in it stops
+    /// the sequence too, the text ending before the token (as LoRAX, which searches the text with special
+    /// tokens: `stop: ["<|im_end|>"]` stops at that token when it is not an end-of-sequence token).
+    pub fn step(&mut self, id: u32, text: &str, new_from: usize, special: Option<&str>) -> Option<FinishReason> {
         self.generated += 1;
         if self.generated >= self.params.max_new_tokens {
             return Some(FinishReason::Length);
         }
         if !self.params.ignore_eos_token && self.eos_token_ids.contains(&id) {
             return Some(FinishReason::EndOfSequenceToken);
+        }
+        if let Some(special) = special {
+            if self.params.stop_sequences.iter().any(|s| special.contains(s.as_str())) {
+                self.stop_end = Some(text.len());
+                return Some(FinishReason::StopSequence);
+            }
         }
         if text.len() > new_from {
             if let Some(end) = find_stop(text, new_from, &self.params.stop_sequences) {
@@ -112,7 +121,12 @@ mod tests {
         fn step(&mut self, id: u32, chunk: &str) -> Option<FinishReason> {
             let from = self.text.len();
             self.text.push_str(chunk);
-            self.c.step(id, &self.text, from)
+            self.c.step(id, &self.text, from, None)
+        }
+
+        /// A special token: its text is not part of the generated text.
+        fn special(&mut self, id: u32, rendered: &str) -> Option<FinishReason> {
+            self.c.step(id, &self.text, self.text.len(), Some(rendered))
         }
 
         fn generated_tokens(&self) -> u32 {
@@ -153,8 +167,26 @@ mod tests {
         assert_eq!(c.step(10, "a"), None);
         assert_eq!(c.step(32000, ""), Some(FinishReason::EndOfSequenceToken));
         let mut c = criteria(10, &[], true);
-        assert_eq!(c.step(2, "</s>"), None);
-        assert_eq!(c.step(2, "</s>"), None);
+        assert_eq!(c.special(2, "</s>"), None);
+        assert_eq!(c.special(2, "</s>"), None);
+    }
+
+    #[test]
+    fn stop_sequence_in_a_special_token() {
+        // A chat model's end-of-turn token that is not its end-of-sequence token.
+        let mut c = criteria(10, &["<|im_end|>"], false);
+        assert_eq!(c.step(5, "Hi"), None);
+        assert_eq!(c.special(7, "<|im_start|>"), None, "another special token");
+        assert_eq!(c.special(8, "<|im_end|>"), Some(FinishReason::StopSequence));
+        assert_eq!(c.text_through_stop(), Some("Hi"), "the text ends before the token");
+        // The end-of-sequence token's text, with the token ignored as end of sequence.
+        let mut c = criteria(10, &["</s>"], true);
+        assert_eq!(c.step(5, "a"), None);
+        assert_eq!(c.special(2, "</s>"), Some(FinishReason::StopSequence));
+        assert_eq!(c.text_through_stop(), Some("a"));
+        // Unless the token already ends the sequence.
+        let mut c = criteria(10, &["</s>"], false);
+        assert_eq!(c.special(2, "</s>"), Some(FinishReason::EndOfSequenceToken));
     }
 
     #[test]

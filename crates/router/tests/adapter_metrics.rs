@@ -1,7 +1,8 @@
 //! Adapter metrics and queue accounting: one download however many requests wait for it, the
 //! per-adapter counters, the active-adapters gauge, failures by error_type, and cancelled requests
-//! leaving an adapter's queue. Its own test binary with a single test, so the process-wide metrics
-//! (and `lorax_queue_size` in particular) belong to this router alone.
+//! leaving an adapter's queue; then an OpenAI request of several choices counted once. Its own test binary
+//! with a single test, so the process-wide metrics (and `lorax_queue_size` in particular) belong to this
+//! router alone.
 
 mod common;
 
@@ -83,5 +84,22 @@ async fn one_download_and_adapter_metrics() {
     assert_eq!(status, 200);
     assert_eq!(d.shards[0].loaded(), ["org/x"], "org/y was not loaded for nobody");
     assert_eq!(d.metric("lorax_active_adapters").await, Some(1.0));
+
+    // An OpenAI request of three choices is one request received and one answered, whole or streamed.
+    let count = d.metric("lorax_request_count").await.unwrap_or(0.0);
+    let success = d.metric("lorax_request_success").await.unwrap_or(0.0);
+    for stream in [false, true] {
+        let r = d
+            .post(
+                "/v1/completions",
+                json!({"prompt": "Hello", "max_tokens": 2, "n": 3, "stream": stream}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        let body = r.text().await.expect("body");
+        assert!(body.contains("\"index\":2"), "three choices: {body}");
+    }
+    assert_eq!(d.metric("lorax_request_count").await, Some(count + 2.0));
+    assert_eq!(d.metric("lorax_request_success").await, Some(success + 2.0));
     d.assert_no_violations();
 }

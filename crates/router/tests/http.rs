@@ -232,6 +232,31 @@ async fn eos_and_ignore_eos() {
         .expect("json");
     assert_eq!(body["details"]["finish_reason"], "length");
     assert_eq!(body["details"]["generated_tokens"], 3);
+
+    // A stop sequence that is a special token's text stops at that token (ignored as end of sequence).
+    let body = d
+        .post_ok(
+            "/generate",
+            json!({"inputs": "<s>", "parameters": {"max_new_tokens": 3, "details": true, "ignore_eos_token": true,
+                "stop": ["</s>"]}}),
+        )
+        .await;
+    assert_eq!(body["details"]["finish_reason"], "stop_sequence", "{body}");
+    assert_eq!(body["details"]["generated_tokens"], 1);
+    assert_eq!(body["generated_text"], "");
+}
+
+#[tokio::test]
+async fn prompt_details_come_with_the_details() {
+    let d = Deployment::start(Setup::default()).await;
+    let body = d
+        .post_ok(
+            "/generate",
+            json!({"inputs": "Hello", "parameters": {"max_new_tokens": 2, "decoder_input_details": true}}),
+        )
+        .await;
+    let prefill = body["details"]["prefill"].as_array().expect("details.prefill");
+    assert_eq!(prefill.len(), 2, "<s> Hello: {body}");
 }
 
 #[tokio::test]

@@ -21,6 +21,11 @@ fn continuation(prompt_ids: &[u32], tokens: &[u32]) -> String {
 
 const HELLO: [u32; 2] = [1, HELLO_LAST];
 
+/// The text of a stream's chunks at `pointer` (`/choices/0/text`, `/choices/0/delta/content`), joined.
+fn streamed_text(chunks: &[Value], pointer: &str) -> String {
+    chunks.iter().filter_map(|e| e.pointer(pointer)?.as_str()).collect()
+}
+
 async fn events(d: &Deployment, path: &str, body: Value) -> Vec<Value> {
     let response = d.post(path, body).await;
     assert_eq!(response.status(), 200);
@@ -128,19 +133,21 @@ async fn n_choices_and_stop_sequences() {
     assert_eq!(choices.len(), 3);
     for (i, c) in choices.iter().enumerate() {
         assert_eq!(c["index"], i);
-        assert_eq!(c["text"], choices[0]["text"], "greedy choices agree");
+        // n > 1 samples (unit test `temperature_zero_is_greedy_and_several_choices_sample`); the fake
+        // shard's tokens do not depend on sampling.
+        assert_eq!(c["text"], choices[0]["text"]);
     }
     assert_eq!(v["usage"]["completion_tokens"], 9);
 
     // Streamed n=2: each choice's chunks carry its index.
-    let events = events(
+    let two = events(
         &d,
         "/v1/completions",
         json!({"prompt": "Hello", "max_tokens": 3, "n": 2, "stream": true}),
     )
     .await;
     for index in 0..2 {
-        let text: String = events
+        let text: String = two
             .iter()
             .filter(|e| e["choices"][0]["index"] == index)
             .map(|e| e["choices"][0]["text"].as_str().expect("text"))
@@ -148,25 +155,93 @@ async fn n_choices_and_stop_sequences() {
         assert_eq!(text, choices[0]["text"].as_str().expect("text"), "choice {index}");
     }
 
-    // A stop sequence inside the text: finish_reason "stop", text cut at the match.
+    // A stop sequence inside the text: finish_reason "stop", the text cut before the match (OpenAI: the
+    // returned text does not contain the stop sequence), whole and streamed alike.
     let full = choices[0]["text"].as_str().expect("text").to_string();
     let stop: String = full.chars().skip(2).take(2).collect();
-    let v: Value = d
-        .post(
-            "/v1/completions",
-            json!({"prompt": "Hello", "max_tokens": 3, "stop": stop}),
-        )
-        .await
-        .json()
-        .await
-        .expect("json");
+    let body = json!({"prompt": "Hello", "max_tokens": 3, "stop": stop});
+    let v = d.post_ok("/v1/completions", body.clone()).await;
     let c = &v["choices"][0];
     assert_eq!(c["finish_reason"], "stop", "{v}");
     let text = c["text"].as_str().expect("text");
     assert!(
-        text.ends_with(&stop) && full.starts_with(text),
+        full.starts_with(&format!("{text}{stop}")) && !text.contains(&stop),
         "{text:?} vs {full:?} / {stop:?}"
     );
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let chunks = events(&d, "/v1/completions", streamed).await;
+    let joined = streamed_text(&chunks, "/choices/0/text");
+    assert_eq!(joined, text, "streamed {chunks:?}");
+    // Chat too.
+    let messages = json!([{"role": "user", "content": "Hello"}]);
+    let v = d
+        .post_ok("/v1/chat/completions", json!({"messages": messages, "max_tokens": 3}))
+        .await;
+    let full = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string();
+    // One character inside the text, so that no token count ends the request first.
+    let stop: String = full.chars().skip(1).take(1).collect();
+    let body = json!({"messages": messages, "max_tokens": 4, "stop": [stop]});
+    let v = d.post_ok("/v1/chat/completions", body.clone()).await;
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().expect("content");
+    assert!(
+        full.starts_with(&format!("{content}{stop}")) && !content.contains(&stop),
+        "{v}"
+    );
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let chunks = events(&d, "/v1/chat/completions", streamed).await;
+    let joined = streamed_text(&chunks, "/choices/0/delta/content");
+    assert_eq!(joined, content, "streamed {chunks:?}");
+}
+
+#[tokio::test]
+async fn special_tokens_are_not_content() {
+    let d = Deployment::start(Setup::default()).await;
+    // "<s>" is the BOS special token, so the prompt is [1, 1] and the fake's next token is 2 = </s>.
+    let whole = d
+        .post_ok(
+            "/v1/completions",
+            json!({"prompt": "<s>", "max_tokens": 5, "logprobs": 1}),
+        )
+        .await;
+    let c = &whole["choices"][0];
+    assert_eq!(c["text"], "", "{whole}");
+    assert_eq!(c["finish_reason"], "stop");
+    assert_eq!(c["logprobs"]["tokens"], json!(["</s>"]), "the token is in logprobs");
+    let chunks = events(
+        &d,
+        "/v1/completions",
+        json!({"prompt": "<s>", "max_tokens": 5, "stream": true}),
+    )
+    .await;
+    let joined = streamed_text(&chunks, "/choices/0/text");
+    assert_eq!(joined, "", "streamed {chunks:?}");
+}
+
+#[tokio::test]
+async fn echoed_completion_offsets_index_the_returned_text() {
+    let d = Deployment::start(Setup::default()).await;
+    let v = d
+        .post_ok(
+            "/v1/completions",
+            json!({"prompt": "Hello", "echo": true, "logprobs": 1, "max_tokens": 3}),
+        )
+        .await;
+    let c = &v["choices"][0];
+    let text: Vec<char> = c["text"].as_str().expect("text").chars().collect();
+    let tokens = c["logprobs"]["tokens"].as_array().expect("tokens");
+    let offsets = c["logprobs"]["text_offset"].as_array().expect("offsets");
+    assert_eq!(offsets[0], 5, "after the echoed \"Hello\": {v}");
+    for (t, o) in tokens.iter().zip(offsets) {
+        let o = usize::try_from(o.as_u64().expect("offset")).expect("offset");
+        let t: Vec<char> = t.as_str().expect("token").chars().collect();
+        assert_eq!(text[o..o + t.len()], t[..], "{v}");
+    }
 }
 
 #[tokio::test]
@@ -183,7 +258,7 @@ async fn chat_uses_the_template_without_a_second_bos() {
     let last = *prompt_ids.last().expect("ids");
 
     let body = json!({"model": "", "messages": messages, "max_tokens": 4, "logprobs": true, "top_logprobs": 2});
-    let v: Value = d.post("/v1/chat/completions", body).await.json().await.expect("json");
+    let v = d.post_ok("/v1/chat/completions", body).await;
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["usage"]["prompt_tokens"], prompt_ids.len(), "{v}");
     let c = &v["choices"][0];
@@ -323,15 +398,12 @@ async fn chat_uses_the_template_an_adapter_ships() {
         .get_ids()
         .to_vec();
     for model in ["", "org/plain-adapter"] {
-        let v: Value = d
-            .post(
+        let v = d
+            .post_ok(
                 "/v1/chat/completions",
                 json!({"model": model, "messages": messages, "max_tokens": 2}),
             )
-            .await
-            .json()
-            .await
-            .expect("json");
+            .await;
         assert_eq!(v["usage"]["prompt_tokens"], base_ids.len(), "{model:?}: {v}");
     }
 
@@ -398,4 +470,46 @@ async fn native_routes_apply_the_chat_template() {
     assert_eq!(status, 422, "{v}");
     assert!(v["error"].as_str().expect("message").contains("JSON list"), "{v}");
     d.assert_no_violations();
+}
+
+#[tokio::test]
+async fn a_bearer_token_is_not_a_hub_token_on_openai_routes() {
+    let d = Deployment::start(Setup::default()).await;
+    let messages = json!([{"role": "user", "content": "Hello"}]);
+    let cases = [
+        (
+            "/v1/completions",
+            json!({"model": "org/oai-bearer", "prompt": "Hello", "max_tokens": 2}),
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "org/oai-bearer-chat", "messages": messages, "max_tokens": 2}),
+            None,
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "org/oai-body-token", "prompt": "Hello", "max_tokens": 2, "api_token": "hf_BODY"}),
+            Some("hf_BODY"),
+        ),
+    ];
+    for (path, body, hub_token) in cases {
+        let id = body["model"].as_str().expect("model").to_string();
+        // An OpenAI client's placeholder key.
+        let r = d
+            .http
+            .post(format!("{}{path}", d.base))
+            .header("authorization", "Bearer EMPTY")
+            .json(&body)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(r.status(), 200, "{id}");
+        let seen = d.hub.tokens(&id);
+        assert!(!seen.is_empty(), "{id} was downloaded");
+        assert!(
+            seen.iter().all(|t| t.as_deref() == hub_token),
+            "{id}: the hub saw {seen:?}"
+        );
+    }
 }

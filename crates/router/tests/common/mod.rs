@@ -742,6 +742,13 @@ impl Deployment {
             .expect("request sent")
     }
 
+    /// `POST path` with a JSON body, answered 200 with a JSON body: that body.
+    pub async fn post_ok(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let response = self.post(path, body).await;
+        assert_eq!(response.status(), 200, "{path}");
+        response.json().await.expect("JSON body")
+    }
+
     /// `GET path`.
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http
