@@ -383,6 +383,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
                 max_new_tokens_default: limits.max_new_tokens_default,
                 default_adapter_source: args.adapters.default_adapter_source,
                 adapters_supported: shard.supports_adapters,
+                vocab_size: shard.vocab_size,
             },
         ),
         clients,

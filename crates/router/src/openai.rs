@@ -1016,6 +1016,7 @@ mod tests {
             max_new_tokens_default: 10,
             default_adapter_source: crate::adapters::AdapterSource::Hub,
             adapters_supported: true,
+            vocab_size: 32000,
         };
         check_parameters(&p, &limits, false, || 7)
             .expect("valid")

@@ -93,6 +93,9 @@ pub enum ValidationError {
     /// Prompt too long.
     #[error("`inputs` must have less than {0} tokens. Given: {1}")]
     InputLength(u32, usize),
+    /// A prompt token the model has no embedding for (a tokenizer larger than the model's vocabulary).
+    #[error("`inputs` holds token id {0}, outside the model's vocabulary of {1} tokens")]
+    TokenOutsideVocabulary(u32, u32),
     /// Prompt + max_new_tokens too long.
     #[error("`inputs` tokens + `max_new_tokens` must be <= {0}. Given: {1} `inputs` tokens and {2} `max_new_tokens`")]
     MaxTotalTokens(u32, usize, i64),
@@ -116,6 +119,8 @@ pub struct ValidationLimits {
     pub default_adapter_source: AdapterSource,
     /// Whether the shards can load adapters (else requests naming one are refused).
     pub adapters_supported: bool,
+    /// The model's vocabulary size: prompt token ids must be below it.
+    pub vocab_size: u32,
 }
 
 /// A request that passed validation.
@@ -344,6 +349,11 @@ pub fn check_lengths(
     if input_length > limits.max_input_length as usize {
         return Err(ValidationError::InputLength(limits.max_input_length, input_length));
     }
+    // A tokenizer may have tokens (an added pad or special token) past the model's embeddings: the shard
+    // would refuse the whole batch the prompt joins, so the request is refused here, alone.
+    if let Some(&id) = input_ids.iter().find(|&&id| id >= limits.vocab_size) {
+        return Err(ValidationError::TokenOutsideVocabulary(id, limits.vocab_size));
+    }
     let room = limits.max_total_tokens as usize - input_length.min(limits.max_total_tokens as usize);
     let max_new_tokens = match checked.max_new_tokens {
         Some(n) => {
@@ -505,6 +515,7 @@ mod tests {
             max_new_tokens_default: 100,
             default_adapter_source: AdapterSource::Hub,
             adapters_supported: true,
+            vocab_size: 32000,
         }
     }
 
@@ -718,12 +729,30 @@ mod tests {
                 max_new_tokens_default: 100,
                 default_adapter_source: AdapterSource::Hub,
                 adapters_supported: true,
+                vocab_size: 32000,
             },
         )
     }
 
     fn request(inputs: &str, parameters: serde_json::Value) -> GenerateRequest {
         serde_json::from_value(serde_json::json!({"inputs": inputs, "parameters": parameters})).expect("request")
+    }
+
+    #[tokio::test]
+    async fn prompt_tokens_outside_the_models_vocabulary_are_refused() {
+        // "Hello world" = <s> ▁Hello ▁world = [1, 22557, 1526], against a model of 22557 tokens.
+        let mut v = validation(8, 20);
+        v.limits.vocab_size = 22557;
+        let e = v
+            .validate(request("Hello world", serde_json::json!({})), false)
+            .await
+            .expect_err("outside");
+        assert_eq!(e, ValidationError::TokenOutsideVocabulary(22557, 22557));
+        v.limits.vocab_size = 22558;
+        assert!(v
+            .validate(request("Hello world", serde_json::json!({})), false)
+            .await
+            .is_ok());
     }
 
     #[tokio::test]
