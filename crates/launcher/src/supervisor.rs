@@ -100,18 +100,27 @@ async fn any_exit(procs: &mut [Proc]) -> (usize, std::io::Result<std::process::E
     (idx, status)
 }
 
-/// Stop every child still running: SIGTERM to each (router first), then SIGKILL after the grace period.
+/// Stop every child still running, the router before the shards: SIGTERM to the router, which finishes
+/// its open requests (they need the shards) and exits; then SIGTERM to the shards. A child still running
+/// at the end of the grace period gets SIGKILL; the shards get at least a second after their SIGTERM.
 async fn shutdown(procs: &mut [Proc], grace: Duration) {
-    for p in procs.iter().rev() {
+    let deadline = Instant::now() + grace;
+    let (routers, shards): (Vec<&mut Proc>, Vec<&mut Proc>) = procs.iter_mut().partition(|p| p.name == "router");
+    stop(routers, deadline).await;
+    stop(shards, deadline.max(Instant::now() + Duration::from_secs(1))).await;
+}
+
+/// SIGTERM to each of `procs`, then waits for each until `deadline`, and SIGKILL to those still running.
+async fn stop(mut procs: Vec<&mut Proc>, deadline: Instant) {
+    for p in &procs {
         p.signal(Signal::SIGTERM);
     }
-    let deadline = Instant::now() + grace;
-    for p in procs.iter_mut() {
+    for p in &mut procs {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, p.child.wait()).await {
             Ok(_) => tracing::info!("{} stopped", p.name),
             Err(_) => {
-                tracing::warn!("{} did not stop within {grace:?}; killing it", p.name);
+                tracing::warn!("{} did not stop within the shutdown grace period; killing it", p.name);
                 p.signal(Signal::SIGKILL);
                 let _ = p.child.wait().await;
             }

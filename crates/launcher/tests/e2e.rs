@@ -145,6 +145,48 @@ async fn serves_transformers_tokens_batches_validates_and_stops_on_sigterm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_stream_finish() {
+    let mut server = start(&[]).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let want = 480;
+    let long = json!({"inputs": "Hello", "parameters": {"max_new_tokens": want, "ignore_eos_token": true}});
+    let r = client
+        .post(format!("{}/generate_stream", server.base))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    // SIGTERM with the stream running: the router finishes it before the shards are stopped.
+    nix_kill(server.child.id() as i32, "TERM");
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.expect("the stream ends cleanly"));
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    let events: Vec<Value> = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect();
+    assert!(
+        events.len() > 1,
+        "the stream was still running at SIGTERM ({} bytes before it)",
+        first.len()
+    );
+    let last = events.last().unwrap();
+    assert!(events.iter().all(|e| e.get("error").is_none()), "{last}");
+    assert_eq!(last["details"]["generated_tokens"], want, "{last}");
+    let status = wait_exit(&mut server.child, Duration::from_secs(30));
+    assert!(status.success(), "launcher exit after SIGTERM: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_shard_ends_the_launcher_with_failure() {
     let mut server = start(&[]).await;
     let shard = pid_of_shard(&server.uds_dir).expect("shard process not found");
