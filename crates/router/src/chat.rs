@@ -59,6 +59,32 @@ fn token_text(v: Option<&serde_json::Value>) -> String {
     }
 }
 
+/// Template instructions one rendering may run (minijinja's fuel). A chat template, which an adapter on the
+/// hub can ship, renders a few dozen instructions a message; this bounds a hostile one's loops to a
+/// fraction of a second of the router's time.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Largest rendered prompt, in bytes (far past any prompt the limits on tokens let through; it bounds
+/// what a hostile template can make the router hold).
+const MAX_RENDERED_BYTES: usize = 16 << 20;
+
+/// An `io::Write` into a string that refuses to grow past [`MAX_RENDERED_BYTES`].
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other("the output limit"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn raise_exception(message: String) -> Result<String, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
 }
@@ -67,6 +93,7 @@ impl ChatTemplate {
     /// Compiles `source` with the given special tokens.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ChatError> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string())
@@ -125,22 +152,32 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| ChatError::Render(e.to_string()))?;
+        let mut out = Capped(Vec::new());
         template
-            .render(minijinja::context! {
-                messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-                bos_token => self.bos_token.clone(),
-                eos_token => self.eos_token.clone(),
-                add_generation_prompt => add_generation_prompt,
-                tools => minijinja::Value::from(()),
-            })
+            .render_captured_to(
+                minijinja::context! {
+                    messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+                    bos_token => self.bos_token.clone(),
+                    eos_token => self.eos_token.clone(),
+                    add_generation_prompt => add_generation_prompt,
+                    tools => minijinja::Value::from(()),
+                },
+                &mut out,
+            )
             .map_err(|e| {
                 // raise_exception's message is the template's own words: pass it on unadorned.
                 let text = match e.kind() {
                     ErrorKind::InvalidOperation => e.detail().unwrap_or_default().to_string(),
+                    ErrorKind::OutOfFuel => "the chat template ran too long (minijinja's fuel)".to_string(),
+                    // `Capped` is the only writer, and refuses only past its limit.
+                    ErrorKind::WriteFailure => {
+                        format!("the chat template's output is larger than {MAX_RENDERED_BYTES} bytes")
+                    }
                     _ => e.to_string(),
                 };
                 ChatError::Render(text)
-            })
+            })?;
+        String::from_utf8(out.0).map_err(|e| ChatError::Render(format!("the chat template's output: {e}")))
     }
 }
 
@@ -158,6 +195,27 @@ mod tests {
             role: role.into(),
             content: content.into(),
         }
+    }
+
+    #[test]
+    fn hostile_templates_stop_with_an_error() {
+        let start = std::time::Instant::now();
+        let loops = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let e = loops.apply(&[m("user", "Hi")], true).unwrap_err();
+        assert!(e.to_string().contains("ran too long"), "{e}");
+        let big = ChatTemplate::new("{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}", "", "").unwrap();
+        let e = big.apply(&[m("user", "Hi")], true).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
