@@ -50,29 +50,47 @@ pub enum Fault {
     Status(u16),
     /// `.safetensors` files are served as bytes that are not safetensors (with their own etag).
     Corrupt,
+    /// A `.safetensors` download (not hf-hub's one-byte metadata request) gets its headers and half its
+    /// body, then nothing more (the connection stays open) until [`Faults::end_stalls`]: a hub that stops
+    /// sending in the middle of a file.
+    StallBody,
 }
 
 /// Faults injected per repo.
 #[derive(Default)]
-pub struct Faults(Mutex<HashMap<String, Fault>>);
+pub struct Faults {
+    map: Mutex<HashMap<String, Fault>>,
+    /// Where stalled downloads wait.
+    stalled: Gate,
+}
 
 impl Faults {
     /// Breaks `repo` with `fault`.
     pub fn set(&self, repo: &str, fault: Fault) {
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.map.lock() {
             m.insert(repo.to_string(), fault);
         }
     }
 
-    /// Serves `repo` correctly again.
+    /// Serves `repo` correctly again (downloads stalled before stay stalled).
     pub fn clear(&self, repo: &str) {
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.map.lock() {
             m.remove(repo);
         }
     }
 
+    /// Downloads now stalled.
+    pub fn stalled(&self) -> usize {
+        self.stalled.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Ends every stalled download (its connection closes short of the body).
+    pub fn end_stalls(&self) {
+        self.stalled.open();
+    }
+
     fn of(&self, path: &str) -> Option<Fault> {
-        let m = self.0.lock().ok()?;
+        let m = self.map.lock().ok()?;
         m.iter()
             .find(|(repo, _)| path.starts_with(&format!("/{repo}/")))
             .map(|(_, f)| *f)
@@ -220,19 +238,28 @@ fn handle(
     if method == "HEAD" {
         return respond(&mut stream, status, &headers, b"");
     }
+    let metadata = matches!(range, Some((0, Some(0))));
+    if fault == Some(Fault::StallBody) && file.extension().is_some_and(|e| e == "safetensors") && !metadata {
+        write_head(&mut stream, status, &headers, body.len())?;
+        stream.write_all(&body[..body.len() / 2])?;
+        stream.flush()?;
+        faults.stalled.pass();
+        return Ok(());
+    }
     respond(&mut stream, status, &headers, body)
 }
 
-fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) -> std::io::Result<()> {
-    let mut head = format!(
-        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n",
-        body.len()
-    );
+fn write_head(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], length: usize) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {length}\r\nconnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
+    stream.write_all(head.as_bytes())
+}
+
+fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) -> std::io::Result<()> {
+    write_head(stream, status, headers, body.len())?;
     stream.write_all(body)?;
     stream.flush()
 }

@@ -150,6 +150,60 @@ async fn extreme_parameters_through_the_engine() {
 /// model and a good adapter requested at the same time are served; once the hub is fixed, the next
 /// request for each downloads it again and gets peft's tokens (a corrupt file is not reused from the
 /// hub cache).
+/// A server whose shards download from `hub` into the cache at `hf_home` (no HF_TOKEN), with a client
+/// that waits up to a minute.
+async fn start_on_hub(
+    hub: &hub_test_server::HubServer,
+    hf_home: &std::path::Path,
+    extra: &[&str],
+) -> (common::Server, reqwest::Client) {
+    let server = start_with_env(
+        extra,
+        &[
+            ("HF_ENDPOINT", hub.endpoint.clone()),
+            ("HF_HOME", hf_home.display().to_string()),
+            ("HF_TOKEN", String::new()),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    (server, client)
+}
+
+/// A hub that stops sending in the middle of a file: the download times out, and once the hub is fixed
+/// the next request downloads the adapter, although the stalled connection is still open (a download
+/// that kept its thread kept hf-hub's lock on the file too, and every later try failed on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_stalled_mid_file_times_out_and_a_later_one_succeeds() {
+    let adapters = fixtures().join("adapters");
+    let hub = hub_test_server::start(vec![("org/stall".to_string(), adapters.join("lora-r8"))], None).unwrap();
+    hub.faults.set("org/stall", Fault::StallBody);
+    let hf_home = tempfile::tempdir().unwrap();
+    let (server, client) = start_on_hub(&hub, hf_home.path(), &["--adapter-download-timeout-s", "2"]).await;
+    let g = golden();
+    let body = json!({"inputs": g.prompts[1], "parameters": {"max_new_tokens": 16, "details": true,
+        "ignore_eos_token": true, "adapter_id": "org/stall", "adapter_source": "hub"}});
+    let (status, v) = post(&client, &server.base, "/generate", &body, &[]).await;
+    assert_eq!(
+        (status, v["error_type"].as_str()),
+        (424, Some("adapter_unavailable")),
+        "{v}"
+    );
+    assert!(v["error"].as_str().unwrap().contains("timed out after 2 s"), "{v}");
+    assert_eq!(hub.faults.stalled(), 1, "the stalled connection is still open");
+
+    hub.faults.clear("org/stall");
+    let started = Instant::now();
+    let (status, v) = post(&client, &server.base, "/generate", &body, &[]).await;
+    assert_eq!(status, 200, "after the fix, with the stalled download still open: {v}");
+    assert_eq!(token_ids(&v), peft_greedy("lora-r8", 1)[..16].to_vec());
+    println!("download after a stalled one: {:?}", started.elapsed());
+    hub.faults.end_stalls();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_download_faults_fail_alone_and_recover() {
     let adapters = fixtures().join("adapters");
@@ -171,19 +225,12 @@ async fn adapter_download_faults_fail_alone_and_recover() {
     hub.faults.set("org/flaky", Fault::Status(500));
     hub.faults.set("org/corrupt", Fault::Corrupt);
     let hf_home = tempfile::tempdir().unwrap();
-    let server = start_with_env(
+    let (server, client) = start_on_hub(
+        &hub,
+        hf_home.path(),
         &["--adapter-download-timeout-s", "2", "--max-active-adapters", "2"],
-        &[
-            ("HF_ENDPOINT", hub.endpoint.clone()),
-            ("HF_HOME", hf_home.path().display().to_string()),
-            ("HF_TOKEN", String::new()),
-        ],
     )
     .await;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
     let g = golden();
     let body = |adapter: Option<&str>| {
         let mut p = json!({"max_new_tokens": 16, "details": true, "ignore_eos_token": true});

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use hf_hub::api::sync::{ApiBuilder, ApiError};
+use hf_hub::api::tokio::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 use lorax_engine::lora::HostAdapter;
 use lorax_engine::{EngineError, ModelConfig};
@@ -128,8 +128,17 @@ fn valid_repo_id(id: &str) -> bool {
 }
 
 fn hub_status(id: &str, file: &str, e: &ApiError) -> Status {
-    if let ApiError::RequestError(err) = e {
-        if let ureq::Error::Status(code, _) = err.as_ref() {
+    let request = match e {
+        ApiError::RequestError(err) => Some(err),
+        ApiError::TooManyRetries(inner) => match inner.as_ref() {
+            ApiError::RequestError(err) => Some(err),
+            _ => None,
+        },
+        _ => None,
+    };
+    if let Some(err) = request {
+        if let Some(code) = err.status() {
+            let code = code.as_u16();
             return match code {
                 401 | 403 => Status::permission_denied(format!(
                     "the hub refused access to adapter {id:?} (HTTP {code}): check api_token"
@@ -143,9 +152,14 @@ fn hub_status(id: &str, file: &str, e: &ApiError) -> Status {
     Status::unavailable(format!("downloading {file} of adapter {id:?} failed: {e}"))
 }
 
-/// Downloads a hub adapter's two files into the hub cache (blocking). `token` is the request's or
-/// HF_TOKEN's; it goes only into the Authorization header.
-pub fn download_hub(id: &str, token: Option<String>) -> Result<Located, Status> {
+/// Downloads a hub adapter's two files into the hub cache. `token` is the request's or HF_TOKEN's; it
+/// goes only into the Authorization header.
+///
+/// Asynchronous, so that a caller's timeout cancels it: dropping the future drops hf-hub's lock on the
+/// file being written (a later try can take it) and holds no thread (a blocking download on a hub that
+/// stops sending would keep its thread, and its lock, for good: ureq has no read timeout there). One
+/// request per file at a time (`with_max_files(1)`, the file in one piece).
+pub async fn download_hub(id: &str, token: Option<String>) -> Result<Located, Status> {
     if !valid_repo_id(id) {
         return Err(Status::invalid_argument(format!(
             "{id:?} is not a hub repository id (expected `name` or `org/name`)"
@@ -157,13 +171,16 @@ pub fn download_hub(id: &str, token: Option<String>) -> Result<Located, Status> 
     let api = ApiBuilder::from_env()
         .with_progress(false)
         .with_token(token)
+        .with_max_files(1)
+        .with_chunk_size(None)
         .build()
         .map_err(|e| Status::unavailable(format!("setting up the hub client failed: {e}")))?;
     let repo = api.repo(Repo::new(id.to_string(), RepoType::Model));
     let config = repo
         .get("adapter_config.json")
+        .await
         .map_err(|e| hub_status(id, "adapter_config.json", &e))?;
-    repo.get("adapter_model.safetensors").map_err(|e| {
+    repo.get("adapter_model.safetensors").await.map_err(|e| {
         let s = hub_status(id, "adapter_model.safetensors", &e);
         if s.code() == tonic::Code::NotFound {
             Status::not_found(format!(
@@ -176,7 +193,7 @@ pub fn download_hub(id: &str, token: Option<String>) -> Result<Located, Status> 
         }
     })?;
     // Optional: an adapter may ship its own chat template.
-    if let Err(e) = repo.get("tokenizer_config.json") {
+    if let Err(e) = repo.get("tokenizer_config.json").await {
         tracing::debug!(adapter = id, "no tokenizer_config.json on the hub: {e}");
     }
     let dir = config

@@ -136,6 +136,8 @@ pub struct ShardServer<B: Backend> {
     cfg: ModelConfig,
     settings: AdapterSettings,
     download_timeout: Duration,
+    /// One gate for each hub adapter being downloaded (see `locate`); unheld gates are dropped.
+    downloads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     host_tier: Arc<HostTier>,
 }
 
@@ -189,6 +191,7 @@ impl<B: Backend> ShardServer<B> {
             host_tier: Arc::new(HostTier::new(cfg.adapters.host_cache_bytes)),
             settings: cfg.adapters,
             download_timeout: cfg.download_timeout,
+            downloads: Mutex::new(HashMap::new()),
             deferred_keep: Arc::new(Mutex::new(None)),
             state: Arc::new(Mutex::new(State {
                 engine,
@@ -204,6 +207,13 @@ impl<B: Backend> ShardServer<B> {
 
     /// Finds an adapter's files: local under the allowed roots, hub by downloading (`download`) or
     /// from the cache only.
+    /// The gate that lets one download of hub adapter `id` run at a time.
+    fn download_gate(&self, id: &str) -> Result<Arc<tokio::sync::Mutex<()>>, Status> {
+        let mut gates = self.downloads.lock().map_err(|_| poisoned())?;
+        gates.retain(|_, gate| Arc::strong_count(gate) > 1);
+        Ok(Arc::clone(gates.entry(id.to_string()).or_default()))
+    }
+
     async fn locate(&self, source: &str, id: &str, token: Option<String>, download: bool) -> Result<Located, Status> {
         if id.is_empty() {
             return Err(Status::invalid_argument("adapter_id is empty"));
@@ -211,10 +221,13 @@ impl<B: Backend> ShardServer<B> {
         match source {
             "local" => adapters::resolve_local(&self.settings.local_roots, id),
             "hub" if download => {
-                let owned = id.to_string();
-                let task = tokio::task::spawn_blocking(move || adapters::download_hub(&owned, token));
-                match tokio::time::timeout(self.download_timeout, task).await {
-                    Ok(joined) => joined.map_err(|e| Status::internal(format!("download task failed: {e}")))?,
+                // One download of an adapter at a time: a second caller (a chat request's template
+                // fetch beside the scheduler's download) waits for the first, then finds the files in
+                // the cache, instead of failing on the lock of the file the first is writing.
+                let gate = self.download_gate(id)?;
+                let _turn = gate.lock().await;
+                match tokio::time::timeout(self.download_timeout, adapters::download_hub(id, token)).await {
+                    Ok(located) => located,
                     Err(_) => Err(Status::unavailable(format!(
                         "downloading adapter {id:?} from the hub timed out after {} s",
                         self.download_timeout.as_secs()
