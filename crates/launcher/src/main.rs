@@ -12,7 +12,8 @@ use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser};
 
-/// Serve a Llama-family model (and, later, its LoRA adapters) over HTTP.
+/// Serve a Llama, Mistral or Qwen2 model and its LoRA adapters (loaded on demand, decoded together in one
+/// batch) over HTTP: a router process and one shard process per tensor-parallel rank.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "lorax-launcher", version)]
 pub struct Args {
@@ -199,8 +200,9 @@ pub struct AdapterArgs {
     /// local source; paths leading outside (`..`, symlinks, absolute paths) are refused.
     #[arg(long, env = "ADAPTER_LOCAL_ROOTS", value_delimiter = ',')]
     pub adapter_local_roots: Vec<PathBuf>,
-    /// Most adapters loaded on the shards at once; others wait in their queue for a slot.
-    #[arg(long, env = "MAX_ACTIVE_ADAPTERS", default_value_t = 128)]
+    /// Most adapters loaded on the shards at once (at least 1); others wait in their queue for a slot.
+    #[arg(long, env = "MAX_ACTIVE_ADAPTERS", default_value_t = 128,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_active_adapters: usize,
     /// Seconds an adapter stays active while others wait before it stops taking new requests and is
     /// offloaded once its running requests finish.
@@ -386,6 +388,14 @@ mod tests {
                 "--otlp-service-name=lorax-router",
             ]
         );
+    }
+
+    #[test]
+    fn zero_active_adapters_is_refused_at_parse() {
+        let e = Args::try_parse_from(["lorax-launcher", "--max-active-adapters", "0"]).expect_err("refused");
+        assert!(e.to_string().contains("--max-active-adapters"), "{e}");
+        let args = Args::try_parse_from(["lorax-launcher", "--max-active-adapters", "1"]).expect("one slot");
+        assert_eq!(args.adapters.max_active_adapters, 1);
     }
 
     #[test]

@@ -656,9 +656,16 @@ pub async fn chat_completions(
     payload: Result<ApiJson<ChatCompletionRequest>, ApiError>,
 ) -> Response {
     let plan = match payload {
-        Ok(ApiJson(req)) => match adapter_template(&state, &req).await {
-            Ok(template) => chat_plan(&state, req, template),
-            Err(e) => Err(e),
+        Ok(ApiJson(req)) => match state.infer.acquire() {
+            // A request beyond --max-concurrent-requests gets its 429 at once, not after the fetch of
+            // its adapter's template; the fetch holds a place among them (given back before `start`
+            // takes one for each choice).
+            Ok(place) => {
+                let template = adapter_template(&state, &req).await;
+                drop(place);
+                template.and_then(|template| chat_plan(&state, req, template))
+            }
+            Err(e) => Err(e.into()),
         },
         Err(e) => Err(e),
     };

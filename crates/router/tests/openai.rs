@@ -513,3 +513,35 @@ async fn a_bearer_token_is_not_a_hub_token_on_openai_routes() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_chat_request_fetching_its_template_holds_its_place() {
+    let d = Deployment::start(Setup {
+        flags: vec!["--max-concurrent-requests".into(), "1".into()],
+        ..Setup::default()
+    })
+    .await;
+    d.hub.hold("org/templated-held");
+    let body = json!({"model": "org/templated-held", "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2});
+    let held = {
+        let (http, url) = (d.http.clone(), format!("{}/v1/chat/completions", d.base));
+        tokio::spawn(async move { http.post(url).json(&body).send().await.expect("answered").status() })
+    };
+    common::eventually(
+        "the template's download started",
+        std::time::Duration::from_secs(20),
+        || async { d.hub.downloads("org/templated-held") == 1 },
+    )
+    .await;
+    // The one place is taken: another request gets 429 at once.
+    let r = d
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(r.status(), 429);
+    d.hub.release("org/templated-held");
+    assert_eq!(held.await.expect("task"), 200);
+}
