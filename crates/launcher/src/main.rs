@@ -68,7 +68,8 @@ pub struct Args {
     /// Seconds to wait for every shard to load and answer Health.
     #[arg(long, env = "SHARD_STARTUP_TIMEOUT_S", default_value_t = 600)]
     pub shard_startup_timeout_s: u64,
-    /// Seconds children get to stop after SIGTERM before they are killed.
+    /// Seconds the whole shutdown may take: the router gets SIGTERM and finishes its open requests, then
+    /// the shards get SIGTERM and what is left (at least a second); whatever still runs is killed.
     #[arg(long, env = "SHUTDOWN_GRACE_S", default_value_t = 10)]
     pub shutdown_grace_s: u64,
     /// Log as JSON lines (launcher, shards and router).

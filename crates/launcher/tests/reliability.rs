@@ -145,11 +145,6 @@ async fn extreme_parameters_through_the_engine() {
     assert_eq!(client.get(format!("{base}/health")).send().await.unwrap().status(), 200);
 }
 
-/// Hub adapters whose download fails (HTTP 500), hangs past `--adapter-download-timeout-s`, or
-/// delivers a corrupt file: each fails only its own requests, with its error type, while the base
-/// model and a good adapter requested at the same time are served; once the hub is fixed, the next
-/// request for each downloads it again and gets peft's tokens (a corrupt file is not reused from the
-/// hub cache).
 /// A server whose shards download from `hub` into the cache at `hf_home` (no HF_TOKEN), with a client
 /// that waits up to a minute.
 async fn start_on_hub(
@@ -204,6 +199,11 @@ async fn a_download_stalled_mid_file_times_out_and_a_later_one_succeeds() {
     hub.faults.end_stalls();
 }
 
+/// Hub adapters whose download fails (HTTP 500), hangs past `--adapter-download-timeout-s`, or
+/// delivers a corrupt file: each fails only its own requests, with its error type, while the base
+/// model and a good adapter requested at the same time are served; once the hub is fixed, the next
+/// request for each downloads it again and gets peft's tokens (a corrupt file is not reused from the
+/// hub cache).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_download_faults_fail_alone_and_recover() {
     let adapters = fixtures().join("adapters");

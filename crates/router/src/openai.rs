@@ -515,18 +515,21 @@ pub(crate) async fn apply_chat_template(
         ));
     }
     let own = template_of_adapter(state, parameters).await?;
-    request.inputs = render(state, own.as_ref(), &messages)?;
+    request.inputs = render(state, own.as_ref(), &messages).await?;
     Ok((request, false))
 }
 
 /// `messages` rendered with `own` (an adapter's template) or else the model's, opening the assistant's turn.
-fn render(
+/// On a blocking thread: a template may run up to its fuel (see `chat.rs`), which is not the async
+/// workers' to spend.
+async fn render(
     state: &AppState,
     own: Option<&crate::chat::ChatTemplate>,
     messages: &[ChatMessage],
 ) -> Result<String, ApiError> {
     let template = own
         .or(state.chat_template.as_ref())
+        .cloned()
         .ok_or_else(|| invalid(crate::chat::ChatError::NoTemplate.to_string()))?;
     let messages = messages
         .iter()
@@ -537,10 +540,13 @@ fn render(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    template.apply(&messages, true).map_err(|e| invalid(e.to_string()))
+    tokio::task::spawn_blocking(move || template.apply(&messages, true))
+        .await
+        .map_err(|e| invalid(format!("rendering the chat template failed: {e}")))?
+        .map_err(|e| invalid(e.to_string()))
 }
 
-fn chat_plan(
+async fn chat_plan(
     state: &AppState,
     mut req: ChatCompletionRequest,
     adapter_template: Option<crate::chat::ChatTemplate>,
@@ -565,7 +571,7 @@ fn chat_plan(
         return Err(invalid("`top_logprobs` needs `logprobs: true`"));
     }
     let alternatives = check_alternatives(req.top_logprobs.unwrap_or(0))?;
-    let prompt = render(state, adapter_template.as_ref(), &req.messages)?;
+    let prompt = render(state, adapter_template.as_ref(), &req.messages).await?;
     if req.common.max_tokens.is_none() {
         req.common.max_tokens = req.max_completion_tokens;
     }
@@ -594,13 +600,19 @@ fn finish_reason(f: FinishReason) -> &'static str {
 }
 
 /// Validates every choice's request and queues them; each holds a concurrency slot.
+/// Validates and queues the plan's requests, each with its place among --max-concurrent-requests
+/// (`place`, taken earlier, is the first's).
 async fn start(
     state: &AppState,
     plan: &Plan,
+    mut place: Option<OwnedSemaphorePermit>,
 ) -> Result<Vec<(ValidRequest, ResponseReceiver, OwnedSemaphorePermit)>, ApiError> {
     let mut out = Vec::with_capacity(plan.requests.len());
     for request in &plan.requests {
-        let permit = state.infer.acquire()?;
+        let permit = match place.take() {
+            Some(permit) => permit,
+            None => state.infer.acquire()?,
+        };
         let valid = state
             .validation
             .validate_prompt(request.clone(), plan.stream, plan.add_special_tokens)
@@ -632,7 +644,7 @@ pub async fn completions(
     payload: Result<ApiJson<CompletionRequest>, ApiError>,
 ) -> Response {
     let plan = payload.and_then(|ApiJson(req)| completion_plan(&state, req));
-    respond(state, plan, Kind::Completion).await
+    respond(state, plan, Kind::Completion, None).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -655,21 +667,19 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     payload: Result<ApiJson<ChatCompletionRequest>, ApiError>,
 ) -> Response {
-    let plan = match payload {
-        Ok(ApiJson(req)) => match state.infer.acquire() {
-            // A request beyond --max-concurrent-requests gets its 429 at once, not after the fetch of
-            // its adapter's template; the fetch holds a place among them (given back before `start`
-            // takes one for each choice).
-            Ok(place) => {
-                let template = adapter_template(&state, &req).await;
-                drop(place);
-                template.and_then(|template| chat_plan(&state, req, template))
-            }
-            Err(e) => Err(e.into()),
-        },
-        Err(e) => Err(e),
+    // A request beyond --max-concurrent-requests gets its 429 at once, not after the fetch of its
+    // adapter's template: the fetch holds the place its first choice then runs in.
+    let (plan, place) = match payload.and_then(|r| Ok((r, state.infer.acquire()?))) {
+        Ok((ApiJson(req), place)) => {
+            let plan = match adapter_template(&state, &req).await {
+                Ok(template) => chat_plan(&state, req, template).await,
+                Err(e) => Err(e),
+            };
+            (plan, Some(place))
+        }
+        Err(e) => (Err(e), None),
     };
-    respond(state, plan, Kind::Chat).await
+    respond(state, plan, Kind::Chat, place).await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -678,12 +688,17 @@ enum Kind {
     Chat,
 }
 
-async fn respond(state: AppState, plan: Result<Plan, ApiError>, kind: Kind) -> Response {
+async fn respond(
+    state: AppState,
+    plan: Result<Plan, ApiError>,
+    kind: Kind,
+    place: Option<OwnedSemaphorePermit>,
+) -> Response {
     let start_time = Instant::now();
     metrics::counter!(m::REQUEST_COUNT).increment(1);
     let result = async {
         let plan = plan?;
-        let started = start(&state, &plan).await?;
+        let started = start(&state, &plan, place).await?;
         Ok::<_, ApiError>((plan, started))
     }
     .await;
@@ -699,7 +714,7 @@ async fn respond(state: AppState, plan: Result<Plan, ApiError>, kind: Kind) -> R
     }
     let prompt_tokens = started.first().map_or(0, |(v, _, _)| v.input_length());
     let mut choices = Vec::with_capacity(started.len());
-    let mut completion_tokens = 0;
+    let (mut completion_tokens, mut longest) = (0, 0);
     // The request's queue and admission times: its first choice's (the choices are queued together).
     let mut times = None;
     for (index, (_, receiver, permit)) in started.into_iter().enumerate() {
@@ -714,10 +729,11 @@ async fn respond(state: AppState, plan: Result<Plan, ApiError>, kind: Kind) -> R
         drop(permit);
         times.get_or_insert((response.queued, response.start));
         completion_tokens += response.generated_text.generated_tokens;
+        longest = longest.max(response.generated_text.generated_tokens);
         choices.push(whole_choice(&plan, kind, index, response));
     }
     if let Some((queued, admitted)) = times {
-        Timings::finish(start_time, queued, admitted, completion_tokens);
+        Timings::finish_choices(start_time, queued, admitted, completion_tokens, longest);
     }
     let object = match kind {
         Kind::Completion => "text_completion",
@@ -812,6 +828,67 @@ struct ChoiceStream {
     _permit: OwnedSemaphorePermit,
     first: bool,
     text: ChoiceText,
+    /// Characters of the echoed prompt (where text offsets start).
+    echo_chars: usize,
+}
+
+/// What a stream of several choices has seen so far.
+#[derive(Default)]
+struct Tally {
+    /// Choices ended.
+    done: usize,
+    /// Tokens generated in all, and by the longest choice.
+    generated: u32,
+    longest: u32,
+    /// Whether a choice failed (the request is counted as failed once).
+    failed: bool,
+    /// The request's queue and admission times: its first ended choice's.
+    times: Option<(Instant, Instant)>,
+}
+
+impl Tally {
+    /// The events for `piece` of a stream of `n` choices; records the request's metrics when it ends.
+    fn on(
+        &mut self,
+        piece: Piece,
+        plan: &Plan,
+        kind: Kind,
+        n: usize,
+        prompt_tokens: u32,
+        start: Instant,
+    ) -> Vec<Event> {
+        match piece {
+            Piece::Chunk(v) => vec![json_event(&v)],
+            Piece::Failed(e) => {
+                if !self.failed {
+                    e.record();
+                }
+                self.failed = true;
+                vec![json_event(&openai_error_body(&e))]
+            }
+            Piece::Done {
+                generated,
+                queued,
+                admitted,
+            } => {
+                self.done += 1;
+                self.generated += generated;
+                self.longest = self.longest.max(generated);
+                let (queued, admitted) = *self.times.get_or_insert((queued, admitted));
+                if self.done < n {
+                    return Vec::new();
+                }
+                Timings::finish_choices(start, queued, admitted, self.generated, self.longest);
+                if self.failed || !plan.include_usage {
+                    return Vec::new();
+                }
+                vec![json_event(&json!({
+                    "id": plan.id, "object": chunk_object(kind), "created": plan.created,
+                    "model": plan.model, "choices": [], "usage": usage(prompt_tokens, self.generated),
+                }))]
+            }
+        }
+    }
 }
 
 /// A chunk or the end of one choice.
@@ -835,6 +912,7 @@ fn stream_response(
     let prompt_tokens = started.first().map_or(0, |(v, _, _)| v.input_length());
     let n = started.len();
     let plan = std::sync::Arc::new(plan);
+    let echo_chars = plan.echo_chars();
     let choices = started.into_iter().enumerate().map(|(index, (_, receiver, permit))| {
         let plan = std::sync::Arc::clone(&plan);
         futures::stream::unfold(
@@ -844,49 +922,16 @@ fn stream_response(
                 _permit: permit,
                 first: true,
                 text: ChoiceText::default(),
+                echo_chars,
             })),
             move |s| next_piece(std::sync::Arc::clone(&plan), kind, s),
         )
         .boxed()
     });
     let merged = futures::stream::select_all(choices);
-    let tail_plan = std::sync::Arc::clone(&plan);
+    let mut tally = Tally::default();
     let events = merged
-        .scan(
-            (0usize, 0u32, false, None),
-            move |(done, generated, failed, times), piece| {
-                let out = match piece {
-                    Piece::Chunk(v) => vec![json_event(&v)],
-                    Piece::Failed(e) => {
-                        *failed = true;
-                        e.record();
-                        vec![json_event(&openai_error_body(&e))]
-                    }
-                    Piece::Done {
-                        generated: g,
-                        queued,
-                        admitted,
-                    } => {
-                        *done += 1;
-                        *generated += g;
-                        let (queued, admitted) = *times.get_or_insert((queued, admitted));
-                        if *done == n {
-                            Timings::finish(start_time, queued, admitted, *generated);
-                        }
-                        let mut out = Vec::new();
-                        if *done == n && !*failed && tail_plan.include_usage {
-                            let object = chunk_object(kind);
-                            out.push(json_event(&json!({
-                                "id": tail_plan.id, "object": object, "created": tail_plan.created,
-                                "model": tail_plan.model, "choices": [], "usage": usage(prompt_tokens, *generated),
-                            })));
-                        }
-                        out
-                    }
-                };
-                futures::future::ready(Some(futures::stream::iter(out)))
-            },
-        )
+        .map(move |piece| futures::stream::iter(tally.on(piece, &plan, kind, n, prompt_tokens, start_time)))
         .flatten()
         .chain(futures::stream::once(async { Event::default().data("[DONE]") }))
         .map(Ok);
@@ -941,7 +986,7 @@ async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) 
             None => return Some((Piece::Failed(InferError::IncompleteGeneration.into()), None)),
         };
         let finish = end.as_ref().map(|(g, _, _)| finish_reason(g.finish_reason));
-        let offset = plan.echo_chars() + s.text.chars;
+        let offset = s.echo_chars + s.text.chars;
         let text = match &end {
             None => s.text.push(&token, plan.stops()),
             Some((g, _, _)) => s.text.finish(&token, g, plan.stops()),
@@ -1100,6 +1145,16 @@ mod tests {
             streamed(&[("ok", false), ("<|im_end|>", true)], &["<|im_end|>"], &end),
             ["ok", ""]
         );
+        // A special token in the middle of the text adds nothing to it.
+        let end = generated("ab", FinishReason::Length);
+        assert_eq!(
+            streamed(&[("a", false), ("</s>", true), ("b", false)], &[], &end),
+            ["a", "", "b"]
+        );
+        // Two stops, one inside the other: the longest that ends the text is cut.
+        let end = generated("xab", FinishReason::StopSequence);
+        assert_eq!(final_text(&end, &["b".to_string(), "ab".to_string()]), "x");
+        assert_eq!(streamed(&[("x", false), ("ab", false)], &["b", "ab"], &end), ["x", ""]);
         // Multi-byte text: a held start is cut at a character boundary.
         let end = generated("日本語", FinishReason::Length);
         assert_eq!(

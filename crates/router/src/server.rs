@@ -304,16 +304,29 @@ pub(crate) struct Timings {
 }
 
 impl Timings {
-    /// Records one answered request (its last sequence ended now) that generated `generated_tokens`
+    /// Records one answered request of one sequence (it ended now) that generated `generated_tokens`
     /// tokens, queued at `queued` and admitted at `admitted`.
     pub(crate) fn finish(start: Instant, queued: Instant, admitted: Instant, generated_tokens: u32) -> Self {
+        Self::finish_choices(start, queued, admitted, generated_tokens, generated_tokens)
+    }
+
+    /// [`Timings::finish`] for a request of several sequences decoded side by side (OpenAI's `n`):
+    /// `generated_tokens` in all, `longest` in the longest (the time per token is the inference time over
+    /// it: the sequences' tokens came in the same steps).
+    pub(crate) fn finish_choices(
+        start: Instant,
+        queued: Instant,
+        admitted: Instant,
+        generated_tokens: u32,
+        longest: u32,
+    ) -> Self {
         let now = Instant::now();
         let inference = now.saturating_duration_since(admitted);
         let timings = Self {
             total: now.saturating_duration_since(start),
             queue: admitted.saturating_duration_since(queued),
             inference,
-            per_token: inference / generated_tokens.max(1),
+            per_token: inference / longest.max(1),
         };
         metrics::histogram!(m::REQUEST_DURATION).record(timings.total.as_secs_f64());
         metrics::histogram!(m::REQUEST_INFERENCE_DURATION).record(timings.inference.as_secs_f64());

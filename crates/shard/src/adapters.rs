@@ -128,15 +128,7 @@ fn valid_repo_id(id: &str) -> bool {
 }
 
 fn hub_status(id: &str, file: &str, e: &ApiError) -> Status {
-    let request = match e {
-        ApiError::RequestError(err) => Some(err),
-        ApiError::TooManyRetries(inner) => match inner.as_ref() {
-            ApiError::RequestError(err) => Some(err),
-            _ => None,
-        },
-        _ => None,
-    };
-    if let Some(err) = request {
+    if let ApiError::RequestError(err) = e {
         if let Some(code) = err.status() {
             let code = code.as_u16();
             return match code {
@@ -155,10 +147,12 @@ fn hub_status(id: &str, file: &str, e: &ApiError) -> Status {
 /// Downloads a hub adapter's two files into the hub cache. `token` is the request's or HF_TOKEN's; it
 /// goes only into the Authorization header.
 ///
-/// Asynchronous, so that a caller's timeout cancels it: dropping the future drops hf-hub's lock on the
-/// file being written (a later try can take it) and holds no thread (a blocking download on a hub that
-/// stops sending would keep its thread, and its lock, for good: ureq has no read timeout there). One
-/// request per file at a time (`with_max_files(1)`, the file in one piece).
+/// Asynchronous, so that a caller's timeout releases what it holds: dropping the future drops hf-hub's
+/// lock on the file being written (a later try can take it), and it holds no thread (a blocking download
+/// on a hub that stops sending kept its thread, and that lock, for good: ureq has no read timeout there).
+/// hf-hub fetches a file in 10 MB pieces, one at a time, each in a task of its own, and records the pieces
+/// done, so a later try resumes after them; a piece in flight at the timeout is not cancelled (its task
+/// runs on, and holds its connection, until the hub answers or closes it).
 pub async fn download_hub(id: &str, token: Option<String>) -> Result<Located, Status> {
     if !valid_repo_id(id) {
         return Err(Status::invalid_argument(format!(
@@ -171,8 +165,6 @@ pub async fn download_hub(id: &str, token: Option<String>) -> Result<Located, St
     let api = ApiBuilder::from_env()
         .with_progress(false)
         .with_token(token)
-        .with_max_files(1)
-        .with_chunk_size(None)
         .build()
         .map_err(|e| Status::unavailable(format!("setting up the hub client failed: {e}")))?;
     let repo = api.repo(Repo::new(id.to_string(), RepoType::Model));

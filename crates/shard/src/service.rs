@@ -205,8 +205,6 @@ impl<B: Backend> ShardServer<B> {
         })
     }
 
-    /// Finds an adapter's files: local under the allowed roots, hub by downloading (`download`) or
-    /// from the cache only.
     /// The gate that lets one download of hub adapter `id` run at a time.
     fn download_gate(&self, id: &str) -> Result<Arc<tokio::sync::Mutex<()>>, Status> {
         let mut gates = self.downloads.lock().map_err(|_| poisoned())?;
@@ -214,6 +212,8 @@ impl<B: Backend> ShardServer<B> {
         Ok(Arc::clone(gates.entry(id.to_string()).or_default()))
     }
 
+    /// Finds an adapter's files: local under the allowed roots, hub by downloading (`download`) or
+    /// from the cache only.
     async fn locate(&self, source: &str, id: &str, token: Option<String>, download: bool) -> Result<Located, Status> {
         if id.is_empty() {
             return Err(Status::invalid_argument("adapter_id is empty"));
@@ -225,8 +225,11 @@ impl<B: Backend> ShardServer<B> {
                 // fetch beside the scheduler's download) waits for the first, then finds the files in
                 // the cache, instead of failing on the lock of the file the first is writing.
                 let gate = self.download_gate(id)?;
-                let _turn = gate.lock().await;
-                match tokio::time::timeout(self.download_timeout, adapters::download_hub(id, token)).await {
+                let download = async {
+                    let _turn = gate.lock().await;
+                    adapters::download_hub(id, token).await
+                };
+                match tokio::time::timeout(self.download_timeout, download).await {
                     Ok(located) => located,
                     Err(_) => Err(Status::unavailable(format!(
                         "downloading adapter {id:?} from the hub timed out after {} s",

@@ -78,7 +78,12 @@ pub async fn start_with_env(extra: &[&str], envs: &[(&str, String)]) -> Server {
             "--max-batch-prefill-tokens",
             "512",
         ])
-        .args(["--num-blocks", "256", "--block-size", "16", "--shutdown-grace-s", "5"])
+        .args(["--num-blocks", "256", "--block-size", "16"])
+        .args(if extra.contains(&"--shutdown-grace-s") {
+            &[][..]
+        } else {
+            &["--shutdown-grace-s", "5"][..]
+        })
         .args(extra)
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         // The router logs to stdout, the launcher and shards to stderr: one file gets both.
