@@ -169,9 +169,25 @@ async fn n_choices_and_stop_sequences() {
     );
     let mut streamed = body;
     streamed["stream"] = json!(true);
-    let chunks = events(&d, "/v1/completions", streamed).await;
+    let chunks = events(&d, "/v1/completions", streamed.clone()).await;
     let joined = streamed_text(&chunks, "/choices/0/text");
     assert_eq!(joined, text, "streamed {chunks:?}");
+    // Two choices streamed side by side, each cut the same way.
+    streamed["n"] = json!(2);
+    let chunks = events(&d, "/v1/completions", streamed).await;
+    for index in 0..2 {
+        let mine: Vec<Value> = chunks
+            .iter()
+            .filter(|e| e["choices"][0]["index"] == index)
+            .cloned()
+            .collect();
+        assert_eq!(
+            streamed_text(&mine, "/choices/0/text"),
+            text,
+            "choice {index}: {chunks:?}"
+        );
+        assert_eq!(mine.last().expect("chunks")["choices"][0]["finish_reason"], "stop");
+    }
     // Chat too.
     let messages = json!([{"role": "user", "content": "Hello"}]);
     let v = d
