@@ -115,9 +115,19 @@ def theirs(model):
             m = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
     m.eval()
     names = [f"adapter-{i}" for i in range(N_ADAPTERS)]
-    pm = PeftModel.from_pretrained(m, f"{WORK}/adapters/{names[0]}", adapter_name=names[0])
+    # The adapters as saved (float16), not upcast to float32 (peft's default): our server does not upcast
+    # them either, and float32 LoRA would slow peft's side.
+    # (A peft without the argument loads them its own way, as before; said in the log.)
+    try:
+        pm = PeftModel.from_pretrained(m, f"{WORK}/adapters/{names[0]}", adapter_name=names[0],
+                                       autocast_adapter_dtype=False)
+        keep = {"autocast_adapter_dtype": False}
+    except TypeError as e:
+        say(f"PEFT autocast_adapter_dtype not taken ({e}): adapters in peft's default dtype")
+        pm, keep = PeftModel.from_pretrained(m, f"{WORK}/adapters/{names[0]}", adapter_name=names[0]), {}
     for n in names[1:]:
-        pm.load_adapter(f"{WORK}/adapters/{n}", adapter_name=n)
+        pm.load_adapter(f"{WORK}/adapters/{n}", adapter_name=n, **keep)
+    say("PEFT adapter weights: " + ", ".join(sorted({str(p.dtype) for k, p in pm.named_parameters() if "lora_" in k})))
     pm.eval()
     say(f"PEFT transformers {transformers.__version__}, peft {peft.__version__}: model and {N_ADAPTERS} adapters "
         f"ready in {time.time() - t:.1f}s")

@@ -62,9 +62,14 @@ struct RunArgs {
     /// adapter_source of adapter requests (hub or local); the server's default when absent.
     #[arg(long)]
     adapter_source: Option<String>,
-    /// Requests sent first and not counted (closed loop, same concurrency).
+    /// Requests sent first and not counted (closed loop, same concurrency), numbered after the measured
+    /// ones (an all-distinct warm-up uses adapters the measured requests do not).
     #[arg(long, default_value_t = 0)]
     warmup: usize,
+    /// Number of the first request (`--popularity distinct` gives request i adapter i mod N): a separate
+    /// warm-up run can take adapters a later run does not use.
+    #[arg(long, default_value_t = 0)]
+    first_request: usize,
     /// Seed of lengths, adapters, prompts and arrivals.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -119,8 +124,9 @@ async fn bench(a: RunArgs) -> anyhow::Result<()> {
     if a.popularity != Popularity::Base && a.num_adapters == 0 {
         anyhow::bail!("--popularity {:?} needs --num-adapters", a.popularity);
     }
-    let warm = requests(a.warmup, &a.prompt_tokens, &a.output_tokens, &picker, a.seed ^ 1);
-    let work = requests(a.requests, &a.prompt_tokens, &a.output_tokens, &picker, a.seed);
+    let (first, lengths) = (a.first_request, (&a.prompt_tokens, &a.output_tokens));
+    let warm = requests(a.warmup, first + a.requests, lengths.0, lengths.1, &picker, a.seed ^ 1);
+    let work = requests(a.requests, first, lengths.0, lengths.1, &picker, a.seed);
     let longest = work
         .iter()
         .chain(&warm)

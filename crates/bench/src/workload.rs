@@ -159,10 +159,19 @@ pub struct Request {
     pub adapter: Option<usize>,
 }
 
-/// The first `count` requests of a workload, deterministic in `seed`.
-pub fn requests(count: usize, prompt: &Lengths, output: &Lengths, picker: &AdapterPicker, seed: u64) -> Vec<Request> {
+/// `count` requests of a workload, deterministic in `seed`, numbered from `first` (the number picks the
+/// adapter of an all-distinct workload: a warm-up numbered after the measured requests leaves their
+/// adapters cold).
+pub fn requests(
+    count: usize,
+    first: usize,
+    prompt: &Lengths,
+    output: &Lengths,
+    picker: &AdapterPicker,
+    seed: u64,
+) -> Vec<Request> {
     let mut rng = Rng::new(seed);
-    (0..count)
+    (first..first + count)
         .map(|i| Request {
             prompt_tokens: prompt.sample(&mut rng),
             output_tokens: output.sample(&mut rng),
@@ -221,7 +230,18 @@ mod tests {
     fn workloads_are_deterministic() {
         let picker = AdapterPicker::new(Popularity::Uniform, 10);
         let l: Lengths = "uniform:1:100".parse().expect("lengths");
-        assert_eq!(requests(50, &l, &l, &picker, 3), requests(50, &l, &l, &picker, 3));
-        assert_ne!(requests(50, &l, &l, &picker, 3), requests(50, &l, &l, &picker, 4));
+        assert_eq!(requests(50, 0, &l, &l, &picker, 3), requests(50, 0, &l, &l, &picker, 3));
+        assert_ne!(requests(50, 0, &l, &l, &picker, 3), requests(50, 0, &l, &l, &picker, 4));
+    }
+
+    #[test]
+    fn a_warm_up_numbered_after_the_work_leaves_its_distinct_adapters_cold() {
+        let picker = AdapterPicker::new(Popularity::Distinct, 1000);
+        let l: Lengths = "8".parse().expect("lengths");
+        let work = requests(256, 0, &l, &l, &picker, 1);
+        let warm = requests(16, 256, &l, &l, &picker, 2);
+        let used: std::collections::HashSet<_> = work.iter().map(|r| r.adapter).collect();
+        assert_eq!(used.len(), 256);
+        assert!(warm.iter().all(|r| !used.contains(&r.adapter)), "{warm:?}");
     }
 }

@@ -105,7 +105,7 @@ async fn closed_loop_and_poisson_runs_over_distinct_adapters() {
 
     // Closed loop, every request on its own adapter in turn.
     let picker = AdapterPicker::new(Popularity::Distinct, 6);
-    let work = requests(24, &Lengths::Fixed(20), &Lengths::Fixed(6), &picker, 5);
+    let work = requests(24, 0, &Lengths::Fixed(20), &Lengths::Fixed(6), &picker, 5);
     let cfg = RunConfig {
         url: base.clone(),
         mode: Mode::Closed { concurrency: 6 },
@@ -128,6 +128,7 @@ async fn closed_loop_and_poisson_runs_over_distinct_adapters() {
     // Open loop: Poisson arrivals on the base model; a missing adapter is counted as its error.
     let mut work = requests(
         10,
+        0,
         &Lengths::Fixed(8),
         &Lengths::Fixed(3),
         &AdapterPicker::new(Popularity::Base, 0),
