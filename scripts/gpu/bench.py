@@ -221,6 +221,15 @@ def bench(name, *args, need=10):
     return doc
 
 
+def warm_up(name, requests, first, *args, need=10):
+    """A run of `requests` warm-up requests (`args`: concurrency, lengths, popularity) before a measured
+    run of `first` requests: on its own, so that its steps fall outside the measured run's window of router
+    metrics; numbered after the measured requests and with another seed (other adapters, other draws)."""
+    if requests > 0:
+        bench(f"{name}-warmup", *args, "--requests", str(requests), "--first-request", str(first), "--seed", "1",
+              need=need)
+
+
 def in_flight(requests, streams):
     """Mean distinct adapters among the requests in flight, over the times when at least 90% of
     `streams` are in flight (the steady part of a closed loop)."""
@@ -570,8 +579,7 @@ def sweep_and_regimes():
     for c in SWEEP:
         n, warm = (3, 1) if c == 1 else (2 * c, 8)
         name = f"base-c{c}"
-        bench(f"{name}-warmup", "--concurrency", str(c), "--requests", str(warm), "--first-request", str(n),
-              "--seed", "1", *lens, need=15 + c // 8)
+        warm_up(name, warm, n, "--concurrency", str(c), *lens, need=15 + c // 8)
         steps, reports, graphs = step_metrics(), len(host_reports()), len(host_reports("graph"))
         doc = bench(name, "--concurrency", str(c), "--requests", str(n), *lens, need=15 + c // 8)
         after = step_metrics()
@@ -582,8 +590,7 @@ def sweep_and_regimes():
     for regime in ("identical", "uniform", "zipf:1", "distinct"):
         name = f"{regime.replace(':', '')}-c{STREAMS}"
         regime_args = ["--popularity", regime, "--num-adapters", str(N_ADAPTERS), *lens]
-        bench(f"{name}-warmup", "--concurrency", str(STREAMS), "--requests", "16", "--first-request",
-              str(2 * STREAMS), "--seed", "1", *regime_args, need=30)
+        warm_up(name, 16, 2 * STREAMS, "--concurrency", str(STREAMS), *regime_args, need=30)
         steps, reports, graphs = step_metrics(), len(host_reports()), len(host_reports("graph"))
         doc = bench(name, "--concurrency", str(STREAMS), "--requests", str(2 * STREAMS), *regime_args, need=30)
         after = step_metrics()

@@ -41,16 +41,18 @@ def main():
         try:
             for c, n in ((1, 2), (b.STREAMS, b.STREAMS)):
                 label = f"{name}-c{c}"
+                b.warm_up(label, 1, n, "--concurrency", str(c), *lens)
                 before = b.step_metrics()
-                doc = b.bench(label, "--concurrency", str(c), "--requests", str(n), "--warmup", "1", *lens)
+                doc = b.bench(label, "--concurrency", str(c), "--requests", str(n), *lens)
                 after = b.step_metrics()
                 b.throughput(label, doc, c, before, after)
                 b.say_steps(before, after, f"{label} {env}")
             for regime in regimes:
                 label = f"{name}-{regime.replace(':', '')}-c{b.STREAMS}"
+                regime_args = ["--popularity", regime, "--num-adapters", str(b.N_ADAPTERS), *lens]
+                b.warm_up(label, 16, b.STREAMS, "--concurrency", str(b.STREAMS), *regime_args)
                 before = b.step_metrics()
-                doc = b.bench(label, "--concurrency", str(b.STREAMS), "--requests", str(b.STREAMS), "--warmup",
-                              "16", "--popularity", regime, "--num-adapters", str(b.N_ADAPTERS), *lens)
+                doc = b.bench(label, "--concurrency", str(b.STREAMS), "--requests", str(b.STREAMS), *regime_args)
                 after = b.step_metrics()
                 b.throughput(label, doc, b.STREAMS, before, after)
                 b.say_steps(before, after, f"{label} {env}")
