@@ -72,8 +72,9 @@ pub struct Args {
     /// the shards get SIGTERM and what is left (at least a second); whatever still runs is killed.
     #[arg(long, env = "SHUTDOWN_GRACE_S", default_value_t = 10)]
     pub shutdown_grace_s: u64,
-    /// Log as JSON lines (launcher, shards and router).
-    #[arg(long, env = "JSON_OUTPUT")]
+    /// Log as JSON lines (launcher, shards and router); the variable takes true/false, 1/0, yes/no, as the
+    /// router's does.
+    #[arg(long, env = "JSON_OUTPUT", value_parser = clap::builder::BoolishValueParser::new())]
     pub json_output: bool,
     /// Limits passed to the router.
     #[command(flatten)]

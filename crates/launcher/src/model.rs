@@ -63,7 +63,26 @@ pub fn resolve_with(
             model_id: id.to_string(),
         });
     }
+    // A path that names nothing here is a typo, not a hub repository: say so instead of asking the hub.
+    anyhow::ensure!(
+        is_repo_id(id),
+        "--model-id {id:?} is neither a local directory (nothing is there) nor a hub repository id (`name` or \
+         `org/name`)"
+    );
     download(id, revision, weights)
+}
+
+/// Whether `id` has the form of a hub repository id: `name` or `org/name`, of letters, digits, `-`, `_`
+/// and `.`, neither part empty nor `..`.
+fn is_repo_id(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('/').collect();
+    (1..=2).contains(&parts.len())
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && *p != "."
+                && *p != ".."
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
 }
 
 fn download(id: &str, revision: Option<&str>, weights: bool) -> anyhow::Result<ResolvedModel> {
@@ -177,6 +196,16 @@ mod tests {
         let e = resolve(Some("acme/missing"), None, &tmp).unwrap_err();
         assert!(format!("{e:#}").contains("acme/missing"), "{e:#}");
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn a_missing_local_path_is_not_sent_to_the_hub() {
+        let tmp = tempfile::tempdir().unwrap();
+        for id in ["/nonexistent/model", "./models/mistral", "../m", "~/m", "a/b/c"] {
+            let e = resolve(Some(id), None, tmp.path()).unwrap_err().to_string();
+            assert!(e.contains("neither a local directory"), "{id}: {e}");
+        }
+        assert!(is_repo_id("mistralai/Mistral-7B-v0.1") && is_repo_id("gpt2") && is_repo_id("org/model.v1_2"));
     }
 
     #[test]
