@@ -262,8 +262,8 @@ def throughput(name, doc, streams, before, after):
     delta = lambda key: after.get(key, 0) - before.get(key, 0)  # noqa: E731
     steps = delta(("lorax_batch_inference_duration", "decode", "count"))
     step = {}
-    if steps > 0 and delta(("lorax_batch_decode_size", "", "count")) > 0:
-        rows = delta(("lorax_batch_decode_size", "", "sum")) / delta(("lorax_batch_decode_size", "", "count"))
+    if steps > 0 and delta(("lorax_batch_decode_size", "decode", "count")) > 0:
+        rows = delta(("lorax_batch_decode_size", "decode", "sum")) / delta(("lorax_batch_decode_size", "decode", "count"))
         ms = 1e3 * delta(("lorax_batch_inference_duration", "decode", "sum")) / steps
         roof_ms = roofline_step_ms(rows, min(adapters, rows), PROMPT + OUT / 2)
         step = {"step_ms": ms, "step_rows": rows, "step_roofline_ms": roof_ms, "step_share": roof_ms / ms}

@@ -103,14 +103,14 @@ STEP_HISTOGRAMS = (("lorax_batch_shard_duration", "shard engine"), ("lorax_batch
 
 def parse_step_metrics(text):
     """Sums and counts of the router's per-step histograms in a /metrics text: {(name, method, "sum" |
-    "count"): value}, with method "" for the unlabelled ones (decode rows per step, each request's validation
-    and queue time)."""
+    "count"): value}, with method "" for the unlabelled ones (each request's validation and queue time); the
+    decode rows a step are kept by method, "decode" or "mixed" (a mixed step's decoding rows)."""
     out = {}
     for line in text.splitlines():
-        m = re.match(r'(lorax_batch_(?:forward|inference|shard|shard_handler|shard_send|shard_return)_duration)_(sum|count)\{method="(\w+)"\}\s+(\S+)', line)
+        m = re.match(r'(lorax_batch_(?:(?:forward|inference|shard|shard_handler|shard_send|shard_return)_duration|decode_size))_(sum|count)\{method="(\w+)"\}\s+(\S+)', line)
         if m:
             out[(m.group(1), m.group(3), m.group(2))] = float(m.group(4))
-        m = re.match(r'(lorax_batch_decode_size|lorax_request_(?:validation|queue)_duration)_(sum|count)\s+(\S+)', line)
+        m = re.match(r'(lorax_request_(?:validation|queue)_duration)_(sum|count)\s+(\S+)', line)
         if m:
             out[(m.group(1), "", m.group(2))] = float(m.group(3))
     return out
@@ -127,8 +127,10 @@ def steps_line(before, after):
             total = after.get((name, method, "sum"), 0) - before.get((name, method, "sum"), 0)
             if n > 0:
                 parts.append(f"{method} {short} {1e3 * total / n:.2f} ms x {n:.0f}")
-    key = ("lorax_batch_decode_size", "")
-    n = after.get((*key, "count"), 0) - before.get((*key, "count"), 0)
-    if n > 0:
-        parts.append(f"{(after.get((*key, 'sum'), 0) - before.get((*key, 'sum'), 0)) / n:.1f} decode rows a step")
+    for method in ("decode", "mixed"):
+        key = ("lorax_batch_decode_size", method)
+        n = after.get((*key, "count"), 0) - before.get((*key, "count"), 0)
+        if n > 0:
+            rows = (after.get((*key, "sum"), 0) - before.get((*key, "sum"), 0)) / n
+            parts.append(f"{rows:.1f} decoding rows a {method} step")
     return ", ".join(parts) or "none counted"

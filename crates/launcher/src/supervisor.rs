@@ -14,8 +14,16 @@ use tokio::process::{Child, Command};
 
 use crate::{model, Args};
 
+/// What a child is to the deployment: the order of shutdown follows it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Shard,
+    Router,
+}
+
 struct Proc {
     name: String,
+    role: Role,
     child: Child,
 }
 
@@ -41,7 +49,13 @@ fn sibling(name: &str) -> PathBuf {
 
 /// Starts `program` with `args`; `env` is added to the launcher's environment, without its `API_KEY`
 /// (only the router gets the key, through `env`).
-fn spawn(name: &str, program: &Path, args: &[String], env: &[(&'static str, String)]) -> anyhow::Result<Proc> {
+fn spawn(
+    name: &str,
+    role: Role,
+    program: &Path,
+    args: &[String],
+    env: &[(&'static str, String)],
+) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_remove("API_KEY")
@@ -62,6 +76,7 @@ fn spawn(name: &str, program: &Path, args: &[String], env: &[(&'static str, Stri
     tracing::info!(pid = child.id(), "started {name}");
     Ok(Proc {
         name: name.to_string(),
+        role,
         child,
     })
 }
@@ -105,7 +120,7 @@ async fn any_exit(procs: &mut [Proc]) -> (usize, std::io::Result<std::process::E
 /// at the end of the grace period gets SIGKILL; the shards get at least a second after their SIGTERM.
 async fn shutdown(procs: &mut [Proc], grace: Duration) {
     let deadline = Instant::now() + grace;
-    let (routers, shards): (Vec<&mut Proc>, Vec<&mut Proc>) = procs.iter_mut().partition(|p| p.name == "router");
+    let (routers, shards): (Vec<&mut Proc>, Vec<&mut Proc>) = procs.iter_mut().partition(|p| p.role == Role::Router);
     stop(routers, deadline).await;
     stop(shards, deadline.max(Instant::now() + Duration::from_secs(1))).await;
 }
@@ -193,7 +208,13 @@ async fn start_and_watch(
             a.push(format!("--master-port={}", args.master_port));
         }
         a.extend(json.iter().cloned());
-        procs.push(spawn(&format!("shard {rank}"), &sibling("lorax-shard"), &a, &[])?);
+        procs.push(spawn(
+            &format!("shard {rank}"),
+            Role::Shard,
+            &sibling("lorax-shard"),
+            &a,
+            &[],
+        )?);
     }
 
     // Wait for every shard's Health, watching for deaths and signals meanwhile.
@@ -244,7 +265,7 @@ async fn start_and_watch(
     a.extend(auth_flags);
     a.extend(args.router_http.to_flags());
     a.extend(json);
-    procs.push(spawn("router", &sibling("lorax-router"), &a, &auth_env)?);
+    procs.push(spawn("router", Role::Router, &sibling("lorax-router"), &a, &auth_env)?);
 
     tokio::select! {
         (i, status) = any_exit(procs) => {

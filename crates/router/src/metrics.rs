@@ -210,7 +210,11 @@ fn describe() {
         Unit::Seconds,
         "A shard call's answer on its way back from the shard's handler"
     );
-    describe_histogram!(BATCH_DECODE_SIZE, Unit::Count, "Sequences advanced per decode step");
+    describe_histogram!(
+        BATCH_DECODE_SIZE,
+        Unit::Count,
+        "Sequences advanced per step, by method: decode, or mixed (its decoding rows)"
+    );
     describe_histogram!(
         BATCH_INFERENCE_DURATION,
         Unit::Seconds,

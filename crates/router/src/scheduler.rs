@@ -474,7 +474,7 @@ impl Scheduler {
             metrics::histogram!(m::BATCH_NEXT_SIZE).record(requests.len() as f64);
         }
         if decoding > 0 {
-            metrics::histogram!(m::BATCH_DECODE_SIZE).record(decoding as f64);
+            metrics::histogram!(m::BATCH_DECODE_SIZE, "method" => method).record(decoding as f64);
         }
         let started = Started::now();
         let in_step: Vec<u64> = self.running.keys().copied().collect();
@@ -552,7 +552,7 @@ impl Scheduler {
             return;
         }
         metrics::counter!(m::BATCH_INFERENCE_COUNT, "method" => "decode").increment(1);
-        metrics::histogram!(m::BATCH_DECODE_SIZE).record(self.running.len() as f64);
+        metrics::histogram!(m::BATCH_DECODE_SIZE, "method" => "decode").record(self.running.len() as f64);
         let started = Started::now();
         let expected: Vec<u64> = self
             .running

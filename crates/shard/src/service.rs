@@ -213,21 +213,30 @@ impl<B: Backend> ShardServer<B> {
     }
 
     /// Finds an adapter's files: local under the allowed roots, hub by downloading (`download`) or
-    /// from the cache only.
-    async fn locate(&self, source: &str, id: &str, token: Option<String>, download: bool) -> Result<Located, Status> {
+    /// from the cache only. A hub adapter's files come with its turn at the adapter's download gate, to
+    /// hold until they are parsed (or evicted after a failed parse).
+    async fn locate(
+        &self,
+        source: &str,
+        id: &str,
+        token: Option<String>,
+        download: bool,
+    ) -> Result<(Located, Option<tokio::sync::OwnedMutexGuard<()>>), Status> {
         if id.is_empty() {
             return Err(Status::invalid_argument("adapter_id is empty"));
         }
         match source {
-            "local" => adapters::resolve_local(&self.settings.local_roots, id),
+            "local" => adapters::resolve_local(&self.settings.local_roots, id).map(|l| (l, None)),
             "hub" if download => {
                 // One download of an adapter at a time: a second caller (a chat request's template
                 // fetch beside the scheduler's download) waits for the first, then finds the files in
-                // the cache, instead of failing on the lock of the file the first is writing.
+                // the cache, instead of failing on the lock of the file the first is writing. The
+                // caller keeps the turn through the parse, so the second never reads files that a
+                // failed parse is about to evict.
                 let gate = self.download_gate(id)?;
                 let download = async {
-                    let _turn = gate.lock().await;
-                    adapters::download_hub(id, token).await
+                    let turn = gate.lock_owned().await;
+                    adapters::download_hub(id, token).await.map(|l| (l, Some(turn)))
                 };
                 match tokio::time::timeout(self.download_timeout, download).await {
                     Ok(located) => located,
@@ -237,11 +246,15 @@ impl<B: Backend> ShardServer<B> {
                     ))),
                 }
             }
-            "hub" => adapters::cached_hub(id).ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "adapter {id:?} was not downloaded (call DownloadAdapter first)"
-                ))
-            }),
+            "hub" => {
+                // After any download or parse of the same adapter in progress.
+                let turn = self.download_gate(id)?.lock_owned().await;
+                adapters::cached_hub(id).map(|l| (l, Some(turn))).ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "adapter {id:?} was not downloaded (call DownloadAdapter first)"
+                    ))
+                })
+            }
             other => Err(Status::invalid_argument(format!(
                 "adapter_source {other:?} is not supported: use \"hub\" or \"local\""
             ))),
@@ -527,7 +540,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let r = req.into_inner();
         let key = adapters::key(&r.adapter_source, &r.adapter_id);
         let started = Instant::now();
-        let located = self.locate(&r.adapter_source, &r.adapter_id, r.api_token, true).await?;
+        let (located, turn) = self.locate(&r.adapter_source, &r.adapter_id, r.api_token, true).await?;
         let tokenizer_config = adapters::tokenizer_config(&located);
         let (host, parse_ms) = match self.parse_into_host_tier(&key, located).await {
             Ok(parsed) => parsed,
@@ -540,6 +553,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 return Err(status);
             }
         };
+        drop(turn);
         let mut warnings = Vec::new();
         if let Some(base) = host.base_model.as_deref().filter(|b| *b != self.info.model_id) {
             warnings.push(format!(
@@ -610,7 +624,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
             Some(h) => (h, 0),
             None => {
                 // Evicted from the host tier (or downloaded by another rank): read it again from disk.
-                let located = self.locate(&r.adapter_source, &r.adapter_id, None, false).await?;
+                let (located, _turn) = self.locate(&r.adapter_source, &r.adapter_id, None, false).await?;
                 self.parse_into_host_tier(&key, located).await?
             }
         };

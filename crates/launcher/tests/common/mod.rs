@@ -192,15 +192,17 @@ pub async fn metric(client: &reqwest::Client, base: &str, name: &str) -> Option<
         .and_then(|v| v.parse().ok())
 }
 
-/// The count of a histogram bucket (`le` as rendered) in Prometheus text.
+/// A histogram's cumulative count at bound `le`, summed over the series of every label set.
 pub fn bucket(text: &str, name: &str, le: &str) -> f64 {
-    let prefix = format!("{name}{{le=\"{le}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("{prefix} missing from /metrics"))
-        .trim()
-        .parse()
-        .unwrap()
+    let bound = format!("le=\"{le}\"}} ");
+    let found: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.split_once(&bound))
+        .map(|(_, v)| v.trim().parse().unwrap())
+        .collect();
+    assert!(!found.is_empty(), "{name} with {bound:?} missing from /metrics");
+    found.iter().sum()
 }
 
 pub fn pid_of_shard(uds_dir: &Path) -> Option<i32> {
