@@ -486,19 +486,53 @@ async fn an_adapter_chat_template_is_used_for_its_chat_requests() {
     let chat = |model: &'static str| {
         let (client, base) = (client.clone(), server.base.clone());
         async move {
-            let body = json!({"model": model, "adapter_source": "local", "max_tokens": 2,
-                              "messages": [{"role": "user", "content": "Hi"}]});
-            let r = client
-                .post(format!("{base}/v1/chat/completions"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let v: Value = r.json().await.unwrap();
+            let (status, v) = say_hi(&client, &base, model).await;
+            assert_eq!(status, 200, "{v}");
             v["usage"]["prompt_tokens"].as_u64().unwrap() as usize
         }
     };
     assert_eq!(chat("templated").await, count("ADAPTER TEMPLATE Hi ->").await);
     assert_eq!(chat("").await, count("<s>[INST] Hi [/INST]").await);
+}
+
+/// An adapter whose chat template takes memory without bound (100000 copies of a 100 KB string joined:
+/// 10 GB): its chat request gets a 422 naming the renderer's memory limit, while a request beside it is
+/// served, and the router (whose own process would have held the string) goes on serving chat requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_template_that_takes_all_memory_fails_alone() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("hostile");
+    copy_adapter(&fixtures().join("adapters/lora-r8"), &dir);
+    let hostile = "{% set s = 'x' * 100000 %}{% set l = [s] * 100000 %}{{ l|join|length }}";
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        json!({"chat_template": hostile}).to_string(),
+    )
+    .unwrap();
+    let roots = format!("--adapter-local-roots={}", root.path().display());
+    let server = start(&[&roots]).await;
+    let client = reqwest::Client::new();
+    let chat = |model: &'static str| say_hi(&client, &server.base, model);
+    let ((status, v), (base_status, base_v)) = tokio::join!(chat("hostile"), chat(""));
+    assert_eq!(status, 422, "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("MiB of memory"), "{v}");
+    assert_eq!(base_status, 200, "{base_v}");
+    assert!(base_v["choices"][0]["message"]["content"].is_string(), "{base_v}");
+    let (status, v) = chat("").await;
+    assert_eq!(status, 200, "after the hostile template: {v}");
+}
+
+/// A two-token chat completion of "Hi" for `model` (a local adapter's name, or "" for the base model): its
+/// status and body.
+async fn say_hi(client: &reqwest::Client, base: &str, model: &str) -> (u16, Value) {
+    let body = json!({"model": model, "adapter_source": "local", "max_tokens": 2,
+                      "messages": [{"role": "user", "content": "Hi"}]});
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
 }

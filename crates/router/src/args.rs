@@ -38,6 +38,11 @@ pub struct Args {
     /// API keys guarding the routes.
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// Where chat templates render (not a flag): `lorax-router` renders in worker processes of bounded
+    /// memory (`template_worker`); a router built in-process (tests) renders on its own threads unless
+    /// given workers.
+    #[arg(skip)]
+    pub renderer: crate::template_worker::Renderer,
 }
 
 /// HTTP server settings.

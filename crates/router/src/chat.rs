@@ -10,7 +10,7 @@ use minijinja::{Environment, ErrorKind};
 use serde::Serialize;
 
 /// Why a conversation could not be turned into a prompt (422).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, serde::Deserialize)]
 pub enum ChatError {
     /// The model has no chat template.
     #[error("this model has no chat template (tokenizer_config.json has no `chat_template`); use /generate or /v1/completions")]
@@ -33,6 +33,8 @@ pub struct Message {
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Arc<Environment<'static>>,
+    /// The template's text (sent to a renderer process, `template_worker`).
+    source: Arc<str>,
     bos_token: String,
     eos_token: String,
 }
@@ -100,6 +102,7 @@ impl ChatTemplate {
             .map_err(|e| ChatError::Render(e.to_string()))?;
         Ok(Self {
             env: Arc::new(env),
+            source: source.into(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
@@ -146,7 +149,20 @@ impl ChatTemplate {
         Self::from_tokenizer_config(&config)
     }
 
-    /// Renders `messages` into a prompt; `add_generation_prompt` opens the assistant's turn.
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The `bos_token` and `eos_token` it is rendered with.
+    pub fn special_tokens(&self) -> (&str, &str) {
+        (&self.bos_token, &self.eos_token)
+    }
+
+    /// Renders `messages` into a prompt in this process; `add_generation_prompt` opens the assistant's
+    /// turn. Fuel bounds a template's time and [`MAX_RENDERED_BYTES`] its output, but nothing bounds the
+    /// memory its own variables take (a list doubled in a loop): an untrusted template goes through
+    /// [`crate::template_worker`], which renders in a process of bounded memory.
     pub fn apply(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ChatError> {
         let template = self
             .env

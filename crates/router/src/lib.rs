@@ -33,6 +33,7 @@ pub mod schema;
 pub mod server;
 pub mod stopping;
 pub mod telemetry;
+pub mod template_worker;
 pub mod validation;
 
 use std::path::{Path, PathBuf};
@@ -372,6 +373,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
         catalog,
         adapter_templates: adapters::templates::AdapterTemplates::default(),
         chat_template,
+        renderer: args.renderer.clone(),
         infer: Infer::new(entries_tx, args.server.max_concurrent_requests),
         validation: Validation::new(
             tokenizer,

@@ -519,9 +519,8 @@ pub(crate) async fn apply_chat_template(
     Ok((request, false))
 }
 
-/// `messages` rendered with `own` (an adapter's template) or else the model's, opening the assistant's turn.
-/// On a blocking thread: a template may run up to its fuel (see `chat.rs`), which is not the async
-/// workers' to spend.
+/// `messages` rendered with `own` (an adapter's template) or else the model's, opening the assistant's turn,
+/// by the router's renderer (worker processes of bounded memory in `lorax-router`: `template_worker`).
 async fn render(
     state: &AppState,
     own: Option<&crate::chat::ChatTemplate>,
@@ -529,7 +528,6 @@ async fn render(
 ) -> Result<String, ApiError> {
     let template = own
         .or(state.chat_template.as_ref())
-        .cloned()
         .ok_or_else(|| invalid(crate::chat::ChatError::NoTemplate.to_string()))?;
     let messages = messages
         .iter()
@@ -540,9 +538,10 @@ async fn render(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    tokio::task::spawn_blocking(move || template.apply(&messages, true))
+    state
+        .renderer
+        .render(template, messages, true)
         .await
-        .map_err(|e| invalid(format!("rendering the chat template failed: {e}")))?
         .map_err(|e| invalid(e.to_string()))
 }
 

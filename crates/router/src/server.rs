@@ -51,6 +51,8 @@ pub struct AppState {
     pub catalog: crate::adapters::catalog::AdapterCatalog,
     /// Chat templates shipped by adapters, fetched on first use.
     pub adapter_templates: crate::adapters::templates::AdapterTemplates,
+    /// Where chat templates render.
+    pub renderer: crate::template_worker::Renderer,
 }
 
 impl AppState {
