@@ -145,12 +145,48 @@ struct Patterns<T> {
     keys: Vec<(Regex, usize, T)>,
 }
 
+/// Keys a `rank_pattern` or `alpha_pattern` may have, and bytes of one key: an adapter's config comes from
+/// whoever published it, and each key is a regular expression compiled as the adapter is parsed (real
+/// adapters have a few per module of the model at most).
+const MAX_PATTERN_KEYS: usize = 1024;
+const MAX_PATTERN_KEY_BYTES: usize = 1024;
+
+/// Compiled size one adapter regular expression may take (`regex`'s own default is 10 MiB: 200 keys of
+/// `\w{200}` took 2.3 GB and 13.5 s to compile). A key naming modules takes a few KiB.
+const ADAPTER_REGEX_BYTES: usize = 64 << 10;
+
+/// An adapter's regular expression `pattern`, compiled within [`ADAPTER_REGEX_BYTES`]; `what` names it in
+/// the error.
+fn adapter_regex(dir: &Path, what: &str, pattern: &str) -> Result<Regex> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(ADAPTER_REGEX_BYTES)
+        .build()
+        .map_err(|e| invalid(dir, format!("{what} is not a usable regular expression: {e}")))
+}
+
 impl<T: Copy> Patterns<T> {
     fn new(dir: &Path, map: &BTreeMap<String, T>) -> Result<Self> {
+        if map.len() > MAX_PATTERN_KEYS {
+            return Err(invalid(
+                dir,
+                format!(
+                    "a pattern map has {} keys; at most {MAX_PATTERN_KEYS} are read",
+                    map.len()
+                ),
+            ));
+        }
         let mut keys = Vec::with_capacity(map.len());
         for (key, &value) in map {
-            let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
-                .map_err(|e| invalid(dir, format!("pattern {key:?} is not a valid regular expression: {e}")))?;
+            if key.len() > MAX_PATTERN_KEY_BYTES {
+                return Err(invalid(
+                    dir,
+                    format!(
+                        "a pattern key is {} bytes long; at most {MAX_PATTERN_KEY_BYTES}",
+                        key.len()
+                    ),
+                ));
+            }
+            let re = adapter_regex(dir, &format!("pattern {key:?}"), &format!(r"^(?:.*\.)?(?:{key})$"))?;
             keys.push((re, key.len(), value));
         }
         Ok(Self { keys })
@@ -246,8 +282,11 @@ pub struct HostAdapter {
     pub layers: Vec<[Option<HostLora>; NUM_TARGETS]>,
     /// Largest rank over all projections.
     pub max_rank: usize,
-    /// Bytes of weights held.
+    /// Bytes of weights (what an upload copies to the device).
     pub bytes: usize,
+    /// Bytes of host memory the parse holds: the whole file's buffer, header included, which the weights
+    /// share (what a host tier counts).
+    pub held_bytes: usize,
     /// The base model the adapter was trained on, as its config says.
     pub base_model: Option<String>,
 }
@@ -286,7 +325,7 @@ impl HostAdapter {
         let raw: RawConfig = serde_json::from_str(&text)
             .map_err(|e| invalid(dir, format!("adapter_config.json is not a PEFT LoRA config: {e}")))?;
         check_features(dir, &raw)?;
-        let file = AdapterFile::read(&weights_path)?;
+        let file = AdapterFile::read(&weights_path, max_file_bytes(cfg, max_rank))?;
         build(dir, cfg, &raw, &file, max_rank)
     }
 }
@@ -297,6 +336,26 @@ struct Entry {
     dtype: std::result::Result<DType, String>,
     shape: Vec<usize>,
     range: Range<usize>,
+}
+
+/// Bytes of a safetensors header beyond its tensors' entries that an adapter file may have (peft writes
+/// a few hundred; safetensors itself allows 100 MB).
+const HEADER_ALLOWANCE: usize = 16 << 20;
+
+/// The largest `adapter_model.safetensors` an adapter of rank at most `max_rank` can need for the model
+/// `cfg`: both halves of every projection of every layer in f32, and [`HEADER_ALLOWANCE`]. A larger file
+/// is refused before it is read (an adapter comes from whoever published it).
+fn max_file_bytes(cfg: &ModelConfig, max_rank: usize) -> usize {
+    let per_layer: usize = Target::ALL
+        .iter()
+        .map(|t| {
+            let (out, inp) = t.shape(cfg);
+            (out + inp) * max_rank * 4
+        })
+        .sum();
+    per_layer
+        .saturating_mul(cfg.num_layers)
+        .saturating_add(HEADER_ALLOWANCE)
 }
 
 /// `adapter_model.safetensors` read whole into one buffer, and where each tensor lies in it.
@@ -312,7 +371,8 @@ impl AdapterFile {
     /// 15-17 ms with 4 KiB pages and 7-9 ms with huge pages (bench_parse_mistral_adapter in
     /// tests/lora_upload.rs, the parses kept as a host tier keeps them). Nothing stays mapped from the
     /// file, so a file rewritten later cannot fault a parsed adapter.
-    fn read(path: &Path) -> Result<Self> {
+    /// Files of more than `limit` bytes are refused unread.
+    fn read(path: &Path, limit: usize) -> Result<Self> {
         let io = |source| EngineError::Io {
             path: path.to_path_buf(),
             source,
@@ -324,6 +384,11 @@ impl AdapterFile {
         let mut file = std::fs::File::open(path).map_err(io)?;
         let len = usize::try_from(file.metadata().map_err(io)?.len())
             .map_err(|_| corrupt("the file does not fit in memory".into()))?;
+        if len > limit {
+            return Err(corrupt(format!(
+                "{len} bytes, more than the {limit} that an adapter within --max-lora-rank takes for this model"
+            )));
+        }
         let mut buf = MmapMut::map_anon(len.max(1)).map_err(io)?;
         // A hint: kernels without transparent huge pages refuse it, and 4 KiB pages work the same.
         #[cfg(target_os = "linux")]
@@ -438,12 +503,22 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
     let ranks = Patterns::new(dir, &raw.rank_pattern)?;
     let alphas = Patterns::new(dir, &raw.alpha_pattern)?;
     let regex = match &raw.target_modules {
-        Some(TargetModules::Regex(r)) => Some(Regex::new(&format!("^(?:{r})$")).map_err(|e| {
-            invalid(
+        Some(TargetModules::Regex(r)) => {
+            if r.len() > MAX_PATTERN_KEY_BYTES {
+                return Err(invalid(
+                    dir,
+                    format!(
+                        "target_modules is {} bytes long; at most {MAX_PATTERN_KEY_BYTES}",
+                        r.len()
+                    ),
+                ));
+            }
+            Some(adapter_regex(
                 dir,
-                format!("target_modules {r:?} is not a valid regular expression: {e}"),
-            )
-        })?),
+                &format!("target_modules {r:?}"),
+                &format!("^(?:{r})$"),
+            )?)
+        }
         _ => None,
     };
     let mut layers: Vec<[Option<HostLora>; NUM_TARGETS]> = (0..cfg.num_layers).map(|_| Default::default()).collect();
@@ -515,6 +590,8 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
     Ok(HostAdapter {
         max_rank: pairs.iter().map(|p| p.a.shape[0]).max().unwrap_or(0),
         bytes: pairs.iter().map(|p| p.a.data().len() + p.b.data().len()).sum(),
+        // The tensors share the file's one buffer, header and all.
+        held_bytes: file.buf.len(),
         layers,
         base_model: raw.base_model_name_or_path.clone(),
     })

@@ -125,3 +125,71 @@ fn bad_batches_are_refused_without_panicking() {
     // Still serves afterwards.
     assert_eq!(e.logits(&[(&[1, 2], 0, &[0])], &[false]).unwrap().len(), 1);
 }
+
+/// An adapter comes from whoever published it. Its `rank_pattern` keys (regular expressions) are bounded
+/// in number, length and compiled size, and a weights file larger than any adapter within the rank limit
+/// can be is refused before it is read: each of these once let one adapter take gigabytes of a shard's
+/// memory. A parsed adapter counts the host memory it holds, its file's header included.
+#[test]
+fn hostile_adapter_files_are_refused_cheaply() {
+    use lorax_engine::lora::HostAdapter;
+    let cfg = lorax_engine::ModelConfig::from_file(&fixtures().join("models/llama/config.json")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixtures().join("adapters/lora-r8").join(f), dir.join(f)).unwrap();
+    }
+    let weights = dir.join("adapter_model.safetensors");
+    let on_disk = std::fs::metadata(&weights).unwrap().len() as usize;
+    let good = HostAdapter::load(dir, &cfg, 64).unwrap();
+    assert!(good.held_bytes >= on_disk, "{} < {on_disk}", good.held_bytes);
+    assert!(good.bytes < good.held_bytes, "{} vs {}", good.bytes, good.held_bytes);
+
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let with_patterns = |patterns: serde_json::Value| {
+        let mut c = config.clone();
+        c["rank_pattern"] = patterns;
+        std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+        let started = std::time::Instant::now();
+        let Err(e) = HostAdapter::load(dir, &cfg, 64) else {
+            panic!("loaded")
+        };
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        e.to_string()
+    };
+    let many: serde_json::Map<String, serde_json::Value> = (0..1025)
+        .map(|i| (format!("layers.{i}.q_proj"), serde_json::json!(8)))
+        .collect();
+    let e = with_patterns(serde_json::Value::Object(many));
+    assert!(e.contains("at most 1024"), "{e}");
+    let e = with_patterns(serde_json::json!({ "x".repeat(2000): 8 }));
+    assert!(e.contains("at most 1024"), "{e}");
+    // Unicode classes repeated: 11 MB compiled each under regex's default limit.
+    let e = with_patterns(serde_json::json!({ r"\w{200}0": 8 }));
+    assert!(e.contains("usable regular expression"), "{e}");
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+
+    // A 64 GiB file (sparse: nothing is written) for a model whose adapters take a few MB at rank 64.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let Err(e) = HostAdapter::load(dir, &cfg, 64) else {
+        panic!("a 64 GiB adapter file loaded")
+    };
+    let e = e.to_string();
+    assert!(e.contains("more than the"), "{e}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

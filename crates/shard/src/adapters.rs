@@ -296,7 +296,7 @@ impl HostTier {
             },
         );
         loop {
-            let total: usize = map.values().map(|e| e.adapter.bytes).sum();
+            let total: usize = map.values().map(|e| e.adapter.held_bytes).sum();
             if total <= self.budget || map.len() <= 1 {
                 break;
             }
@@ -317,7 +317,7 @@ impl HostTier {
     pub fn usage(&self) -> (usize, usize) {
         self.inner
             .lock()
-            .map(|g| (g.0.values().map(|e| e.adapter.bytes).sum(), g.0.len()))
+            .map(|g| (g.0.values().map(|e| e.adapter.held_bytes).sum(), g.0.len()))
             .unwrap_or((0, 0))
     }
 }
