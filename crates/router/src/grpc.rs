@@ -366,7 +366,7 @@ impl LoraxService for GrpcService {
         self.authorize(&mut request)?;
         let request = request.into_inner();
         let add_special_tokens = request.add_special_tokens.unwrap_or(true);
-        let tokens = tokens_of(&self.state.validation, request.inputs, add_special_tokens)
+        let tokens = tokens_of(&self.state, request.inputs, add_special_tokens)
             .await
             .map_err(|e| status(&e))?;
         let tokens = tokens

@@ -572,18 +572,19 @@ async fn tokenize(
     ApiJson(request): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Vec<SimpleToken>>, ApiError> {
     let add_special_tokens = request.add_special_tokens.unwrap_or(true);
-    Ok(Json(
-        tokens_of(&state.validation, request.inputs, add_special_tokens).await?,
-    ))
+    Ok(Json(tokens_of(&state, request.inputs, add_special_tokens).await?))
 }
 
-/// The tokens of `inputs` with their byte spans (REST and gRPC tokenize).
+/// The tokens of `inputs` with their byte spans (REST and gRPC tokenize). A tokenization holds a place
+/// among `--max-concurrent-requests` as a generation does (429 when none is free): its input can take a
+/// tokenizer worker for most of a second.
 pub(crate) async fn tokens_of(
-    validation: &Validation,
+    state: &AppState,
     inputs: String,
     add_special_tokens: bool,
 ) -> Result<Vec<SimpleToken>, ApiError> {
-    let encoding = validation.tokenize(inputs.clone(), add_special_tokens).await?;
+    let _permit = state.infer.acquire()?;
+    let encoding = state.validation.tokenize(inputs.clone(), add_special_tokens).await?;
     let tokens = encoding
         .get_ids()
         .iter()

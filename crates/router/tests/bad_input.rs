@@ -496,6 +496,11 @@ async fn hostile_requests_get_4xx_while_healthy_ones_are_served() {
         ),
         ("non-UTF-8", b"{\"inputs\": \"\xff\"}".to_vec(), 400),
         ("empty body", Vec::new(), 400),
+        (
+            "more tokens than --max-total-tokens",
+            json!({"inputs": "hello ".repeat(5_000)}).to_string().into_bytes(),
+            422,
+        ),
     ] {
         let got = send(&http, reqwest::Method::POST, &tokenize, json_type, body).await;
         assert_error(&format!("/tokenize {what}"), &got, status, "validation");
