@@ -325,7 +325,7 @@ impl HostAdapter {
         let raw: RawConfig = serde_json::from_str(&text)
             .map_err(|e| invalid(dir, format!("adapter_config.json is not a PEFT LoRA config: {e}")))?;
         check_features(dir, &raw)?;
-        let file = AdapterFile::read(&weights_path, max_file_bytes(cfg, max_rank))?;
+        let file = AdapterFile::read(&weights_path, max_adapter_file_bytes(cfg, max_rank))?;
         build(dir, cfg, &raw, &file, max_rank)
     }
 }
@@ -345,7 +345,7 @@ const HEADER_ALLOWANCE: usize = 16 << 20;
 /// The largest `adapter_model.safetensors` an adapter of rank at most `max_rank` can need for the model
 /// `cfg`: both halves of every projection of every layer in f32, and [`HEADER_ALLOWANCE`]. A larger file
 /// is refused before it is read (an adapter comes from whoever published it).
-fn max_file_bytes(cfg: &ModelConfig, max_rank: usize) -> usize {
+pub fn max_adapter_file_bytes(cfg: &ModelConfig, max_rank: usize) -> usize {
     let per_layer: usize = Target::ALL
         .iter()
         .map(|t| {

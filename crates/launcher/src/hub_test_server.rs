@@ -210,27 +210,39 @@ fn handle(
             b"not found",
         );
     };
-    let mut data = std::fs::read(&file)?;
-    if fault == Some(Fault::Corrupt) && file.extension().is_some_and(|e| e == "safetensors") {
-        data = b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors, corrupted by the test hub}".to_vec();
-    }
-    let etag = format!(
-        "\"{:x}-{}\"",
-        data.len(),
-        file.file_name().map(|n| n.len()).unwrap_or(0)
-    );
+    // Only the bytes asked for are read: a test may serve a large sparse file.
+    let corrupt = fault == Some(Fault::Corrupt) && file.extension().is_some_and(|e| e == "safetensors");
+    let corrupted: &[u8] = b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors, corrupted by the test hub}";
+    let total = if corrupt {
+        corrupted.len()
+    } else {
+        usize::try_from(std::fs::metadata(&file)?.len()).unwrap_or(usize::MAX)
+    };
+    let read = |a: usize, n: usize| -> std::io::Result<Vec<u8>> {
+        if corrupt {
+            return Ok(corrupted[a..a + n].to_vec());
+        }
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&file)?;
+        f.seek(std::io::SeekFrom::Start(a as u64))?;
+        let mut buf = vec![0; n];
+        f.read_exact(&mut buf)?;
+        Ok(buf)
+    };
+    let etag = format!("\"{:x}-{}\"", total, file.file_name().map(|n| n.len()).unwrap_or(0));
     let commit = "0123456789abcdef0123456789abcdef01234567".to_string();
-    let (status, body, cr) = match range {
-        Some((a, b)) if a < data.len() => {
-            let end = b.unwrap_or(data.len() - 1).min(data.len() - 1);
+    let (status, data, cr) = match range {
+        Some((a, b)) if a < total => {
+            let end = b.unwrap_or(total - 1).min(total - 1);
             (
                 "206 Partial Content",
-                &data[a..=end],
-                Some(format!("bytes {a}-{end}/{}", data.len())),
+                read(a, end + 1 - a)?,
+                Some(format!("bytes {a}-{end}/{total}")),
             )
         }
-        _ => ("200 OK", &data[..], None),
+        _ => ("200 OK", read(0, total)?, None),
     };
+    let body = &data[..];
     let mut headers = vec![("etag", etag), ("x-repo-commit", commit)];
     if let Some(cr) = cr {
         headers.push(("content-range", cr));

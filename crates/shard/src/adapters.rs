@@ -153,7 +153,12 @@ fn hub_status(id: &str, file: &str, e: &ApiError) -> Status {
 /// hf-hub fetches a file in 10 MB pieces, one at a time, each in a task of its own, and records the pieces
 /// done, so a later try resumes after them; a piece in flight at the timeout is not cancelled (its task
 /// runs on, and holds its connection, until the hub answers or closes it).
-pub async fn download_hub(id: &str, token: Option<String>) -> Result<Located, Status> {
+///
+/// Files not yet in the cache are sized first (a one-byte range request, as hf-hub itself makes): weights
+/// larger than `max_weights` bytes (the largest adapter the model and rank limit allow) and configs larger
+/// than [`MAX_CONFIG_BYTES`] are refused before any of them is downloaded (an adapter comes from whoever
+/// published it, and a file on the hub may be many gigabytes).
+pub async fn download_hub(id: &str, token: Option<String>, max_weights: usize) -> Result<Located, Status> {
     if !valid_repo_id(id) {
         return Err(Status::invalid_argument(format!(
             "{id:?} is not a hub repository id (expected `name` or `org/name`)"
@@ -168,6 +173,41 @@ pub async fn download_hub(id: &str, token: Option<String>) -> Result<Located, St
         .build()
         .map_err(|e| Status::unavailable(format!("setting up the hub client failed: {e}")))?;
     let repo = api.repo(Repo::new(id.to_string(), RepoType::Model));
+    let cache = Cache::from_env().repo(Repo::new(id.to_string(), RepoType::Model));
+    // The size of a file not yet in the cache as the hub states it for a one-byte range request
+    // (`Content-Range`, redirects followed); a hub that does not say fails hf-hub's own download.
+    let too_large = |file: &str, limit: usize| {
+        let request = cache
+            .get(file)
+            .is_none()
+            .then(|| api.client().get(repo.url(file)).header("Range", "bytes=0-0").send());
+        async move {
+            let Some(Ok(response)) = (match request {
+                Some(request) => Some(request.await),
+                None => None,
+            }) else {
+                return false;
+            };
+            let size = response
+                .headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|range| range.rsplit('/').next())
+                .and_then(|n| n.trim().parse::<u64>().ok());
+            size.is_some_and(|n| n > limit as u64)
+        }
+    };
+    for (file, limit) in [
+        ("adapter_config.json", MAX_CONFIG_BYTES),
+        ("adapter_model.safetensors", max_weights),
+    ] {
+        if too_large(file, limit).await {
+            return Err(Status::invalid_argument(format!(
+                "{file} of adapter {id:?} is larger than the {limit} bytes an adapter of this model within \
+                 --max-lora-rank can take; it was not downloaded"
+            )));
+        }
+    }
     let config = repo
         .get("adapter_config.json")
         .await
@@ -185,7 +225,12 @@ pub async fn download_hub(id: &str, token: Option<String>) -> Result<Located, St
         }
     })?;
     // Optional: an adapter may ship its own chat template.
-    if let Err(e) = repo.get("tokenizer_config.json").await {
+    if too_large("tokenizer_config.json", MAX_CONFIG_BYTES).await {
+        tracing::warn!(
+            adapter = id,
+            "the adapter's tokenizer_config.json is over {MAX_CONFIG_BYTES} bytes: not downloaded"
+        );
+    } else if let Err(e) = repo.get("tokenizer_config.json").await {
         tracing::debug!(adapter = id, "no tokenizer_config.json on the hub: {e}");
     }
     let dir = config
@@ -195,11 +240,14 @@ pub async fn download_hub(id: &str, token: Option<String>) -> Result<Located, St
     Ok(Located { dir })
 }
 
+/// Largest `adapter_config.json` or `tokenizer_config.json` downloaded or read.
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
 /// The adapter's own `tokenizer_config.json` (for its chat template), if it has one of at most 1 MiB.
 pub fn tokenizer_config(located: &Located) -> Option<String> {
     let path = located.dir.join("tokenizer_config.json");
     let size = std::fs::metadata(&path).ok()?.len();
-    if size > 1 << 20 {
+    if size > MAX_CONFIG_BYTES as u64 {
         tracing::warn!(path = %path.display(), size, "tokenizer_config.json over 1 MiB is ignored");
         return None;
     }

@@ -242,9 +242,12 @@ impl<B: Backend> ShardServer<B> {
                 // caller keeps the turn through the parse, so the second never reads files that a
                 // failed parse is about to evict.
                 let gate = self.download_gate(id)?;
+                let max_weights = lorax_engine::lora::max_adapter_file_bytes(&self.cfg, self.settings.max_rank);
                 let download = async {
                     let turn = gate.lock_owned().await;
-                    adapters::download_hub(id, token).await.map(|l| (l, Some(turn)))
+                    adapters::download_hub(id, token, max_weights)
+                        .await
+                        .map(|l| (l, Some(turn)))
                 };
                 match tokio::time::timeout(self.download_timeout, download).await {
                     Ok(located) => located,
