@@ -20,6 +20,9 @@ pub const MAX_ALTERNATIVES: i64 = 10;
 /// Longest stop sequence, in bytes. Each is searched for in a request's text after every token, in the
 /// batching loop that every request waits on: four stops of 500 KB cost 6 ms a token and a sequence.
 pub const MAX_STOP_SEQUENCE_BYTES: usize = 1024;
+
+/// Tokens `/tokenize` answers for, unless `--max-total-tokens` is larger (an answer of about 6 MB).
+pub const TOKENIZE_MAX_TOKENS: u32 = 1 << 17;
 /// Longest accepted `adapter_id`, in bytes (hub ids are far shorter; paths rarely come close).
 pub const MAX_ADAPTER_ID_BYTES: usize = 256;
 /// Longest part of a rejected value repeated in an error message, in characters.
@@ -85,8 +88,8 @@ pub enum ValidationError {
     /// An empty stop sequence.
     #[error("`stop` sequences must not be empty")]
     EmptyStopSequence,
-    /// `/tokenize` of more tokens than `max_total_tokens`.
-    #[error("the input is {1} tokens; /tokenize answers for at most --max-total-tokens ({0})")]
+    /// `/tokenize` of more tokens than it answers for.
+    #[error("the input is {1} tokens; /tokenize answers for at most {0}")]
     TokenizeLength(u32, usize),
     /// A stop sequence longer than [`MAX_STOP_SEQUENCE_BYTES`].
     #[error("`stop` sequences must be at most {MAX_STOP_SEQUENCE_BYTES} bytes long. Given: {0}")]
@@ -426,11 +429,15 @@ impl Validation {
     /// Tokenizes `inputs` off the async workers: in place on the multi-threaded runtime
     /// (`block_in_place` moves this worker's other tasks to another thread), else on a blocking thread.
     /// In place saves the two thread wake-ups of a blocking task, about 0.2 ms of every request's latency.
-    /// Inputs of more than `--max-total-tokens` tokens are refused (no prompt can be that long, and the
-    /// answer takes some 50 bytes a token: 2 MiB of rare text made a 102 MB answer).
+    /// Inputs of more than [`TOKENIZE_MAX_TOKENS`] tokens (or `--max-total-tokens`, where larger) are
+    /// refused: the answer takes some 50 bytes a token, and 2 MiB of rare text made a 102 MB answer.
+    /// Longer than any prompt, as clients tokenize texts to cut prompts from them (lorax-bench does).
     pub async fn tokenize(&self, inputs: String, add_special_tokens: bool) -> Result<Encoding, ValidationError> {
         let encoding = self.encode(inputs, add_special_tokens, false).await?;
-        let (n, limit) = (encoding.get_ids().len(), self.limits.max_total_tokens);
+        let (n, limit) = (
+            encoding.get_ids().len(),
+            self.limits.max_total_tokens.max(TOKENIZE_MAX_TOKENS),
+        );
         if n > limit as usize {
             return Err(ValidationError::TokenizeLength(limit, n));
         }
