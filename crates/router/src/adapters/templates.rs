@@ -1,7 +1,8 @@
 //! Chat templates that adapters ship (their own `tokenizer_config.json`). A chat request for an adapter
 //! needs its template before the prompt can be rendered and validated, so the first such request asks
-//! rank 0 for the adapter (DownloadAdapter returns the file) and the answer is kept for the router's
-//! life. Requests for the same adapter with the same hub token that come while it is being fetched share
+//! rank 0 for the adapter (DownloadAdapter returns the file) and the answer is kept (within
+//! 64 MiB of template text: past it, other adapters' templates are fetched again when next
+//! asked for). Requests for the same adapter with the same hub token that come while it is being fetched share
 //! that one call and its outcome, a failure too (a request with another token makes its own call: the
 //! token may be what decides). The call runs in a task of its own, which records the outcome even if every
 //! request waiting for it has gone; a failure is not kept (the next request retries) and leaves no entry.
@@ -95,9 +96,7 @@ impl AdapterTemplates {
                         // Unless a newer call took the place meanwhile.
                         if matches!(entries.get(&key), Some(Entry::Fetching { id: current, .. }) if *current == id) {
                             match &outcome {
-                                Ok(template) => {
-                                    entries.insert(key, Entry::Known(template.clone()));
-                                }
+                                Ok(template) => remember(&mut entries, key, template.clone()),
                                 Err(_) => {
                                     entries.remove(&key);
                                 }
@@ -128,9 +127,41 @@ impl AdapterTemplates {
         let outcome = call().await;
         if let Ok(template) = &outcome {
             let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-            entries.insert(adapter.clone(), Entry::Known(template.clone()));
+            remember(&mut entries, adapter.clone(), template.clone());
         }
         outcome
+    }
+}
+
+/// Bytes of template text the router keeps for adapters (a template may be up to 1 MiB, and clients may
+/// name thousands of adapters); past it, other adapters' known templates are forgotten, to be fetched
+/// again (from the shard's caches) when next asked for.
+const KEPT_TEMPLATE_BYTES: usize = 64 << 20;
+
+/// The template text a known entry keeps.
+fn kept_bytes(entry: &Entry) -> usize {
+    match entry {
+        Entry::Known(Some(template)) => template.source().len(),
+        _ => 0,
+    }
+}
+
+/// Records `adapter`'s template, forgetting other known templates while more than [`KEPT_TEMPLATE_BYTES`]
+/// are kept.
+fn remember(entries: &mut HashMap<AdapterKey, Entry>, adapter: AdapterKey, template: Option<ChatTemplate>) {
+    entries.insert(adapter.clone(), Entry::Known(template));
+    let mut kept: usize = entries.values().map(kept_bytes).sum();
+    while kept > KEPT_TEMPLATE_BYTES {
+        let Some((other, bytes)) = entries
+            .iter()
+            .filter(|(key, entry)| **key != adapter && kept_bytes(entry) > 0)
+            .map(|(key, entry)| (key.clone(), kept_bytes(entry)))
+            .next()
+        else {
+            break;
+        };
+        entries.remove(&other);
+        kept -= bytes;
     }
 }
 
@@ -257,5 +288,25 @@ mod tests {
         settle().await;
         let entries = templates.entries.lock().expect("lock");
         assert!(matches!(entries.get(&adapter), Some(Entry::Known(None))));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn known_templates_are_kept_within_their_byte_budget() {
+        let templates = AdapterTemplates::default();
+        // 100 adapters with 1 MiB templates: at most 64 MiB of them stay known, the newest among them.
+        let text = format!("{{{{ '{}' }}}}", "x".repeat((1 << 20) - 10));
+        for i in 0..100 {
+            let adapter = AdapterKey::new(AdapterSource::Hub, format!("org/t{i}"));
+            let template = ChatTemplate::new(&text, "", "").expect("template");
+            let got = templates
+                .get_with(&adapter, None, move || async move { Ok(Some(template)) })
+                .await;
+            assert!(matches!(got, Ok(Some(_))));
+        }
+        let entries = templates.entries.lock().expect("lock");
+        let kept: usize = entries.values().map(kept_bytes).sum();
+        assert!(kept <= KEPT_TEMPLATE_BYTES, "{kept}");
+        assert!(entries.len() >= 60 && entries.len() < 100, "{} entries", entries.len());
+        assert!(entries.contains_key(&AdapterKey::new(AdapterSource::Hub, "org/t99")));
     }
 }
