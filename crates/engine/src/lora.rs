@@ -155,13 +155,24 @@ const MAX_PATTERN_KEY_BYTES: usize = 1024;
 /// `\w{200}` took 2.3 GB and 13.5 s to compile). A key naming modules takes a few KiB.
 const ADAPTER_REGEX_BYTES: usize = 64 << 10;
 
-/// An adapter's regular expression `pattern`, compiled within [`ADAPTER_REGEX_BYTES`]; `what` names it in
-/// the error.
-fn adapter_regex(dir: &Path, what: &str, pattern: &str) -> Result<Regex> {
-    regex::RegexBuilder::new(pattern)
+/// An adapter's regular expression `source` (at most [`MAX_PATTERN_KEY_BYTES`]) as `anchored` puts it in
+/// context, compiled within [`ADAPTER_REGEX_BYTES`]; `what` names it in the errors.
+fn adapter_regex(dir: &Path, what: &str, source: &str, anchored: &str) -> Result<Regex> {
+    if source.len() > MAX_PATTERN_KEY_BYTES {
+        return Err(invalid(
+            dir,
+            format!("{what} is {} bytes long; at most {MAX_PATTERN_KEY_BYTES}", source.len()),
+        ));
+    }
+    regex::RegexBuilder::new(anchored)
         .size_limit(ADAPTER_REGEX_BYTES)
         .build()
-        .map_err(|e| invalid(dir, format!("{what} is not a usable regular expression: {e}")))
+        .map_err(|e| {
+            invalid(
+                dir,
+                format!("{what} {source:?} is not a usable regular expression: {e}"),
+            )
+        })
 }
 
 impl<T: Copy> Patterns<T> {
@@ -177,16 +188,7 @@ impl<T: Copy> Patterns<T> {
         }
         let mut keys = Vec::with_capacity(map.len());
         for (key, &value) in map {
-            if key.len() > MAX_PATTERN_KEY_BYTES {
-                return Err(invalid(
-                    dir,
-                    format!(
-                        "a pattern key is {} bytes long; at most {MAX_PATTERN_KEY_BYTES}",
-                        key.len()
-                    ),
-                ));
-            }
-            let re = adapter_regex(dir, &format!("pattern {key:?}"), &format!(r"^(?:.*\.)?(?:{key})$"))?;
+            let re = adapter_regex(dir, "a pattern key", key, &format!(r"^(?:.*\.)?(?:{key})$"))?;
             keys.push((re, key.len(), value));
         }
         Ok(Self { keys })
@@ -503,22 +505,7 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
     let ranks = Patterns::new(dir, &raw.rank_pattern)?;
     let alphas = Patterns::new(dir, &raw.alpha_pattern)?;
     let regex = match &raw.target_modules {
-        Some(TargetModules::Regex(r)) => {
-            if r.len() > MAX_PATTERN_KEY_BYTES {
-                return Err(invalid(
-                    dir,
-                    format!(
-                        "target_modules is {} bytes long; at most {MAX_PATTERN_KEY_BYTES}",
-                        r.len()
-                    ),
-                ));
-            }
-            Some(adapter_regex(
-                dir,
-                &format!("target_modules {r:?}"),
-                &format!("^(?:{r})$"),
-            )?)
-        }
+        Some(TargetModules::Regex(r)) => Some(adapter_regex(dir, "target_modules", r, &format!("^(?:{r})$"))?),
         _ => None,
     };
     let mut layers: Vec<[Option<HostLora>; NUM_TARGETS]> = (0..cfg.num_layers).map(|_| Default::default()).collect();

@@ -182,12 +182,8 @@ pub async fn download_hub(id: &str, token: Option<String>, max_weights: usize) -
             .is_none()
             .then(|| api.client().get(repo.url(file)).header("Range", "bytes=0-0").send());
         async move {
-            let Some(Ok(response)) = (match request {
-                Some(request) => Some(request.await),
-                None => None,
-            }) else {
-                return false;
-            };
+            let Some(request) = request else { return false };
+            let Ok(response) = request.await else { return false };
             let size = response
                 .headers()
                 .get("content-range")
