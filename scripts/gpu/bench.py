@@ -396,6 +396,8 @@ def log_times(names):
             if "lorax_shard" in line and "adapter downloaded" in line:
                 ms = re.search(r"\bms=(\d+)", line)
                 e["read_ms"] = float(ms.group(1)) if ms else None
+                how = re.search(r"\bread=(\w+)", line)
+                e["read_path"] = how.group(1) if how else None
             elif "lorax_router" in line and "adapter downloaded" in line:
                 e["rpc_start"] = secs
             elif "lorax_shard" in line and "adapter loaded" in line:
@@ -407,14 +409,14 @@ def log_times(names):
     for n, e in events.items():
         if "rpc_start" in e and "loaded" in e:
             e["upload_ms"] = (e["loaded"] - e["rpc_start"]) * 1e3
-        out[n] = {k: e.get(k) for k in ("read_ms", "upload_ms", "total_ms")}
+        out[n] = {k: e.get(k) for k in ("read_ms", "read_path", "upload_ms", "total_ms")}
     return out
 
 
 def say_log_times(times, what):
     fmt = lambda v: num(v, 1)  # noqa: E731
     for n, t in times.items():
-        say(f"BENCH log {n}: read+parse {fmt(t['read_ms'])} ms, upload (load RPC) {fmt(t['upload_ms'])} ms, "
+        say(f"BENCH log {n}: read+parse {fmt(t['read_ms'])} ms ({t.get('read_path') or 'read path not logged'}), upload (load RPC) {fmt(t['upload_ms'])} ms, "
             f"router load {fmt(t['total_ms'])} ms")
     summary = {}
     for k in ("read_ms", "upload_ms", "total_ms"):

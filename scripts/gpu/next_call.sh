@@ -5,7 +5,7 @@
 # repacked into .gpu-bin-serve (bench/NOTES.md "Device workflow"):
 #
 #   bash scripts/gpu/next_call.sh expand   # ~450 s: the expand as mended in c26a825, and its reduction form
-#   bash scripts/gpu/next_call.sh bench    # ~300 s: bench.sh with the GEMM rate measured in the run
+#   bash scripts/gpu/next_call.sh bench    # ~330 s: the disk's read figures, then bench.sh
 #
 # Copy this script into the call's bench/results/<date>-<session>-<n>/ as call.sh with what it printed.
 #
@@ -14,7 +14,9 @@
 # 32-layer eager steps of b128-a8 and b128-distinct with each form, twice, interleaved (session 22 call 1: 8.75
 # and 9.45 ms before the mend). Turn the reductions on by default only if both steps are faster in both rounds
 # and the e2e test passes with them.
-# `bench`: bench.sh's whole benchmark; its summary prints the measured GEMM rates and both TTFT ratios.
+# `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
+# the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
+# GEMM rates and both TTFT ratios.
 set -u
 part=${1:?usage: next_call.sh expand|bench}
 bin=.gpu-bin-serve
@@ -41,6 +43,9 @@ expand)
     lap run-red
     ;;
 bench)
+    timeout 90 python3 scripts/gpu/disk_read.py /tmp/lorax-disk-read 27 24 >"$R/disk.txt" 2>&1
+    echo "rc $?" >>"$R/disk.txt"
+    lap disk
     BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
     echo "rc $?" >>"$R/bench.txt"
     lap bench

@@ -585,6 +585,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
             host_tier_bytes = held,
             host_tier_entries = entries,
             parse_ms,
+            read = ?host.read,
             ms = millis(started),
             "adapter downloaded"
         );
