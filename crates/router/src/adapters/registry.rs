@@ -107,6 +107,11 @@ impl<T> Adapter<T> {
     }
 }
 
+/// Downloaded adapters with nothing queued that stay known: past this many, the least recently used are
+/// forgotten (each an entry of the registry and the catalog, and a walk of `plan` and `publish`). A
+/// later request for one downloads it again, which the shards answer from their caches.
+const KEPT_IDLE: usize = 4096;
+
 /// Queues and adapter states; `T` is a queued request.
 #[derive(Debug)]
 pub struct Registry<T> {
@@ -116,6 +121,8 @@ pub struct Registry<T> {
     next_seq: u64,
     max_active: usize,
     cycle_time: Duration,
+    /// [`KEPT_IDLE`] (smaller in tests).
+    kept_idle: usize,
 }
 
 impl<T> Registry<T> {
@@ -128,6 +135,7 @@ impl<T> Registry<T> {
             next_seq: 0,
             max_active,
             cycle_time,
+            kept_idle: KEPT_IDLE,
         }
     }
 
@@ -383,9 +391,27 @@ impl<T> Registry<T> {
                 adapter.state = State::Downloaded;
                 adapter.downloaded_at = self.next_seq;
                 self.next_seq += 1;
+                self.forget_idle();
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Forgets the least recently used idle Downloaded adapters (nothing queued) past `kept_idle`.
+    fn forget_idle(&mut self) {
+        let mut idle: Vec<(Instant, AdapterKey)> = self
+            .adapters
+            .iter()
+            .filter(|(_, a)| a.state == State::Downloaded && a.queue.is_empty() && a.running() == 0)
+            .map(|(key, a)| (a.last_used, key.clone()))
+            .collect();
+        let Some(excess) = idle.len().checked_sub(self.kept_idle).filter(|&n| n > 0) else {
+            return;
+        };
+        idle.sort_unstable();
+        for (_, key) in idle.into_iter().take(excess) {
+            self.adapters.remove(&key);
         }
     }
 
@@ -501,6 +527,44 @@ mod tests {
         assert!(r.offloaded(&key("old")));
         assert_eq!(r.plan(t1), vec![Action::Load(key("c"))]);
         assert_eq!(r.state(&key("old")), Some(State::Downloaded));
+    }
+
+    #[test]
+    fn idle_downloaded_adapters_past_the_bound_are_forgotten_least_recently_used_first() {
+        let t0 = Instant::now();
+        let mut r = registry(1, 1_000_000);
+        r.kept_idle = 2;
+        // Three adapters used at t0 + 1, 2, 3 ms, each offloaded for the next: idle and Downloaded.
+        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+            let t = t0 + Duration::from_millis(i as u64 + 1);
+            activate(&mut r, id, "x", t);
+            drop(drain(&mut r, t));
+            r.push(Some(&key("next")), "n", t);
+            assert!(r.downloaded(&key("next")));
+            assert_eq!(r.plan(t), vec![Action::Offload(key(id))]);
+            assert!(r.offloaded(&key(id)));
+            let _ = r.fail(&key("next"));
+        }
+        assert_eq!(
+            r.state(&key("a")),
+            None,
+            "the least recently used idle adapter is forgotten"
+        );
+        assert_eq!(r.state(&key("b")), Some(State::Downloaded));
+        assert_eq!(r.state(&key("c")), Some(State::Downloaded));
+        // One with a queued request is never forgotten, whatever its age.
+        r.kept_idle = 0;
+        r.push(Some(&key("b")), "b1", t0);
+        r.push(Some(&key("d")), "d1", t0);
+        assert!(r.downloaded(&key("d")));
+        assert_eq!(r.state(&key("c")), None, "idle, past a bound of none");
+        assert_eq!(r.state(&key("b")), Some(State::Downloaded), "b has a queued request");
+        assert_eq!(r.state(&key("d")), Some(State::Downloaded));
+        // A forgotten adapter asked for again is downloaded again.
+        assert!(
+            r.push(Some(&key("a")), "a1", t0),
+            "a forgotten adapter starts a new download"
+        );
     }
 
     #[test]
