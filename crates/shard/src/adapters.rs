@@ -295,9 +295,40 @@ fn strip_dir(message: &str, dir: &Path) -> String {
     message.replace(&format!("{d}/"), "").replace(&d, "the adapter")
 }
 
+/// What identifies an adapter's two files as they are on disk: per file its device, inode, size and
+/// modification and change times (a hub snapshot's links followed to their blobs). Equal stamps mean
+/// that a parse of then still holds now; any rewrite, replacement or new revision changes the stamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp(Vec<[i64; 7]>);
+
+/// The stamp of `located`'s adapter_config.json and adapter_model.safetensors (None: one cannot be
+/// read).
+pub fn stamp(located: &Located) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    ["adapter_config.json", "adapter_model.safetensors"]
+        .into_iter()
+        .map(|f| {
+            let m = std::fs::metadata(located.dir.join(f)).ok()?;
+            #[allow(clippy::cast_possible_wrap)]
+            Some([
+                m.dev() as i64,
+                m.ino() as i64,
+                m.len() as i64,
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+            ])
+        })
+        .collect::<Option<Vec<_>>>()
+        .map(FileStamp)
+}
+
 struct HostEntry {
     adapter: Arc<HostAdapter>,
     last_used: u64,
+    /// The files' stamp when they were parsed (None: not known).
+    stamp: Option<FileStamp>,
 }
 
 /// Parsed adapters in host memory, least recently used evicted first once over budget.
@@ -327,8 +358,21 @@ impl HostTier {
         })
     }
 
-    /// Inserts `adapter` under `key`, evicting the least recently used others beyond the budget.
-    pub fn insert(&self, key: &str, adapter: Arc<HostAdapter>) {
+    /// The adapter `key` if it was parsed from files of `stamp` (they are unchanged since), marking it used.
+    pub fn get_unchanged(&self, key: &str, stamp: &FileStamp) -> Option<Arc<HostAdapter>> {
+        let mut g = self.inner.lock().ok()?;
+        let (map, clock) = &mut *g;
+        *clock += 1;
+        let now = *clock;
+        map.get_mut(key).filter(|e| e.stamp.as_ref() == Some(stamp)).map(|e| {
+            e.last_used = now;
+            Arc::clone(&e.adapter)
+        })
+    }
+
+    /// Inserts `adapter` under `key`, parsed from files of `stamp`, evicting the least recently used
+    /// others beyond the budget.
+    pub fn insert(&self, key: &str, adapter: Arc<HostAdapter>, stamp: Option<FileStamp>) {
         let Ok(mut g) = self.inner.lock() else { return };
         let (map, clock) = &mut *g;
         *clock += 1;
@@ -337,6 +381,7 @@ impl HostTier {
             HostEntry {
                 adapter,
                 last_used: *clock,
+                stamp,
             },
         );
         loop {

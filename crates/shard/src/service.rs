@@ -274,6 +274,10 @@ impl<B: Backend> ShardServer<B> {
 
     /// Parses located files on a blocking thread and keeps the result in the host tier; also returns the
     /// milliseconds the parse took.
+    /// Parses the adapter at `located` into the host tier, or takes the host tier's parse when the files
+    /// are unchanged since it (a DownloadAdapter for an adapter already parsed: a chat template's fetch,
+    /// or a request with another token, which still goes through `locate`). The parse's milliseconds
+    /// (0 when taken from the tier).
     async fn parse_into_host_tier(
         &self,
         key: &str,
@@ -286,14 +290,25 @@ impl<B: Backend> ShardServer<B> {
             .acquire()
             .await
             .map_err(|_| Status::unavailable("the shard is shutting down"))?;
-        let (host, ms) = tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            adapters::parse(&located, &cfg, max_rank).map(|h| (h, millis(t)))
+        let (host, stamp, ms) = tokio::task::spawn_blocking({
+            let host_tier = Arc::clone(&self.host_tier);
+            let key = key.to_string();
+            move || {
+                // Stamped before the parse: a file changed during it leaves a stale stamp, so the next
+                // download parses again rather than keeping what may be old contents.
+                let stamp = adapters::stamp(&located);
+                if let Some(host) = stamp.as_ref().and_then(|s| host_tier.get_unchanged(&key, s)) {
+                    return Ok((host, None, 0));
+                }
+                let t = Instant::now();
+                adapters::parse(&located, &cfg, max_rank).map(|h| (Arc::new(h), Some(stamp), millis(t)))
+            }
         })
         .await
         .map_err(|e| Status::internal(format!("parse task failed: {e}")))??;
-        let host = Arc::new(host);
-        self.host_tier.insert(key, Arc::clone(&host));
+        if let Some(stamp) = stamp {
+            self.host_tier.insert(key, Arc::clone(&host), stamp);
+        }
         Ok((host, ms))
     }
 

@@ -141,6 +141,11 @@ fn fixtures() -> PathBuf {
 const BLOCK: u32 = 4;
 
 async fn server(backend: Gated, device_slots: usize) -> Arc<ShardServer<Gated>> {
+    server_in(backend, device_slots, &fixtures().join("adapters")).await
+}
+
+/// [`server`] with local adapters under `root`.
+async fn server_in(backend: Gated, device_slots: usize, root: &std::path::Path) -> Arc<ShardServer<Gated>> {
     let cfg = ShardConfig {
         model_dir: fixtures().join("models/llama"),
         model_id: "tiny-llama".into(),
@@ -150,7 +155,7 @@ async fn server(backend: Gated, device_slots: usize) -> Arc<ShardServer<Gated>> 
         block_size: BLOCK,
         urls: vec![],
         adapters: AdapterSettings {
-            local_roots: adapters::canonical_roots(&[fixtures().join("adapters")]).unwrap(),
+            local_roots: adapters::canonical_roots(&[root.to_path_buf()]).unwrap(),
             max_rank: 128,
             host_cache_bytes: 1 << 30,
             device_slots,
@@ -337,6 +342,43 @@ async fn concurrent_loads_keep_one_copy_and_the_slot_limit() {
     let full = svc.load_adapter(load_request("lora-r64-regex")).await.unwrap_err();
     assert_eq!(full.code(), tonic::Code::ResourceExhausted);
     assert!(gate.started.try_recv().is_err());
+}
+
+/// A DownloadAdapter of an adapter whose files are unchanged since its parse takes that parse from the
+/// host tier (a chat template's fetch, a request with another token); once a file is rewritten, the next
+/// one parses again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_of_unchanged_files_take_the_parse_and_rewritten_files_are_parsed_again() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("a");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixtures().join("adapters/lora-r8").join(f), dir.join(f)).unwrap();
+    }
+    let (backend, _gate) = gated();
+    let svc = server_in(backend, 2, root.path()).await;
+    let download = || {
+        svc.download_adapter(Request::new(pb::DownloadAdapterRequest {
+            adapter_id: "a".into(),
+            adapter_source: "local".into(),
+            ..Default::default()
+        }))
+    };
+    let parsed = || svc.host_tier.get(&adapters::key("local", "a")).unwrap();
+    download().await.unwrap();
+    let first = parsed();
+    download().await.unwrap();
+    assert!(Arc::ptr_eq(&first, &parsed()), "unchanged files were parsed again");
+    // The same bytes written anew: a new file on disk.
+    let weights = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::write(&weights, bytes).unwrap();
+    download().await.unwrap();
+    let third = parsed();
+    assert!(!Arc::ptr_eq(&first, &third), "a rewritten file was not parsed again");
+    download().await.unwrap();
+    assert!(Arc::ptr_eq(&third, &parsed()), "the new parse was not kept");
 }
 
 /// An offload that arrives while the adapter is still uploading cancels the load: it answers ABORTED,
