@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The next device round for issue 10, written while no GPU was lent (session 23; bench/NOTES.md "Session 23"),
+# so that the session that gets one spends its time on the device rather than on the script. Two calls, each
+# under the device tool's 600 s limit, from the repository root, with the binaries of scripts/gpu/build.sh
+# repacked into .gpu-bin-serve (bench/NOTES.md "Device workflow"):
+#
+#   bash scripts/gpu/next_call.sh expand   # ~450 s: the expand as mended in c26a825, and its reduction form
+#   bash scripts/gpu/next_call.sh bench    # ~330 s: the disk's read figures, then bench.sh
+#
+# Copy this script into the call's bench/results/<date>-<session>-<n>/ as call.sh with what it printed.
+#
+# `expand`: the LoRA GPU tests with the default expand and with -DLORA_EXPAND_RED=1 (pair reductions, off by
+# default: 932034b); golden, graphs, adapters and e2e against transformers + peft with the reduction form; then
+# 32-layer eager steps of b128-a8 and b128-distinct with each form, twice, interleaved (session 22 call 1: 8.75
+# and 9.45 ms before the mend). Turn the reductions on by default only if both steps are faster in both rounds
+# and the e2e test passes with them.
+# `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
+# the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
+# GEMM rates and both TTFT ratios.
+set -u
+part=${1:?usage: next_call.sh expand|bench}
+bin=.gpu-bin-serve
+. scripts/gpu/call_prelude.sh
+red=-DLORA_EXPAND_RED=1
+case $part in
+expand)
+    timeout 200 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora.txt" 2>&1
+    echo "rc $?" >>"$R/kernels-lora.txt"
+    lap lora
+    LORAX_CUDA_DEFINES=$red timeout 200 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-red.txt" 2>&1
+    echo "rc $?" >>"$R/kernels-lora-red.txt"
+    lap lora-red
+    for round in 1 2; do
+        for x in b128-a8 b128-distinct; do
+            profile_step "$x" "load-$round"
+            profile_step "$x" "red-$round" LORAX_CUDA_DEFINES=$red
+        done
+    done
+    lap steps
+    LORAX_CUDA_DEFINES=$red RUN_SKIP="nvrtc kernels sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run-red" "$bin" \
+        >"$R/run-red.txt" 2>&1
+    echo "rc $?" >>"$R/run-red.txt"
+    lap run-red
+    ;;
+bench)
+    timeout 90 python3 scripts/gpu/disk_read.py /tmp/lorax-disk-read 27 24 >"$R/disk.txt" 2>&1
+    echo "rc $?" >>"$R/disk.txt"
+    lap disk
+    BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
+    echo "rc $?" >>"$R/bench.txt"
+    lap bench
+    ;;
+*)
+    echo "unknown part $part (expand or bench)" >&2
+    exit 2
+    ;;
+esac
+tar -C "$OUT" -czf "$OUT/all.tgz" r
