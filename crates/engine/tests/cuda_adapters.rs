@@ -1,6 +1,7 @@
 //! Adapter uploads on the GPU ([`Backend::upload_many`]: one pinned staging buffer, one allocation, one
 //! copy on the backend's upload stream): every tensor equals its [`Backend::weight`] upload bit for bit
-//! for f32, bf16 and f16 sources on every storage type; then, on a Mistral-7B-shaped model with dummy
+//! for f32, bf16 and f16 sources on every storage type, and the staging buffer is kept between uploads
+//! but unpinned after one of more than 512 MiB; then, on a Mistral-7B-shaped model with dummy
 //! weights, the time of a 27 MB rank-16 q/k/v/o adapter's upload (and of the per-tensor uploads it
 //! replaces), and decode steps run while uploads run on another thread: their tokens equal those of
 //! the same steps without uploads, bit for bit (CUDA graphs captured meanwhile included), and their
@@ -71,6 +72,25 @@ fn upload_many_equals_weight_bit_for_bit() {
             }
         }
         assert!(g.upload_many(&[]).unwrap().is_empty());
+        assert!(
+            g.upload_staging_bytes() > 0,
+            "the staging buffer is kept between uploads"
+        );
+        if dtype == DType::BF16 {
+            // A 600 MiB upload pins a staging buffer past what is kept: unpinned after it, and a small
+            // upload after that pins a small one again.
+            let huge = HostTensor::from_values("huge", DType::BF16, vec![300 << 10, 1 << 10], &vec![0.5; 300 << 20]);
+            let up = g.upload_many(std::slice::from_ref(&huge)).unwrap();
+            assert_eq!(g.shape(&up[0]), huge.shape.as_slice());
+            assert_eq!(g.upload_staging_bytes(), 0, "a 600 MiB staging buffer stayed pinned");
+            let again = g.upload_many(&small).unwrap();
+            assert_eq!(
+                bits(&g.to_f32(&again[1]).unwrap()),
+                bits(&g.to_f32(&g.weight(&small[1]).unwrap()).unwrap())
+            );
+            let kept = g.upload_staging_bytes();
+            assert!(kept > 0 && kept < 64 << 20, "{kept} bytes pinned after a small upload");
+        }
         say(&format!(
             "  {dtype:?}: upload_many equals weight on {} tensors",
             small.len() * 2 + large.len()

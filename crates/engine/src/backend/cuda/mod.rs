@@ -545,6 +545,11 @@ fn env_count(name: &str, default: usize, range: std::ops::RangeInclusive<usize>)
     }
 }
 
+/// Bytes of pinned adapter staging kept between uploads: a larger buffer (an adapter of high rank on many
+/// targets) is unpinned after its upload. 512 MiB holds a rank-64 q/k/v/o adapter of a 7B model in f16
+/// (about 110 MB) with its conversion scratch twice over.
+const KEPT_STAGING_BYTES: usize = 512 << 20;
+
 /// The CUDA backend (one device, one stream).
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -694,6 +699,14 @@ const ROW_NV: usize = 4;
 const ROW_BATCH_PER_SM: usize = 4;
 
 impl CudaBackend {
+    /// Bytes of pinned host memory the adapter uploads' staging buffer holds now (0: none pinned).
+    pub fn upload_staging_bytes(&self) -> usize {
+        self.staging
+            .lock()
+            .map(|s| s.as_ref().map_or(0, PinnedHostSlice::len))
+            .unwrap_or(0)
+    }
+
     /// Threads of a row kernel's block (one block per row) for `rows` rows of `cols` elements: as
     /// [`row_threads`] for a few rows (a decode step's: the row's latency matters), a quarter of that for
     /// a prompt's thousands (at least enough threads for [`ROW_NV`] vectors each, the kernels' 16-byte
@@ -1808,6 +1821,11 @@ impl Backend for CudaBackend {
         };
         self.upload_stream.synchronize().map_err(|e| drv("adapter upload", e))?;
         drop(scratch);
+        // A buffer pinned for an unusually large adapter is unpinned after it, so that one such load does
+        // not hold that much page-locked host memory for the server's life.
+        if staging.as_ref().is_some_and(|s| s.len() > KEPT_STAGING_BYTES) {
+            *staging = None;
+        }
         drop(staging);
         let owner = Arc::new(dev);
         Ok(tensors
