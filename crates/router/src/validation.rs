@@ -397,8 +397,9 @@ pub fn check_lengths(
     Ok((input_ids, max_new_tokens))
 }
 
-/// Inputs of more than this many bytes per token of `--max-total-tokens` (and at least
-/// [`LONG_INPUT_MIN_BYTES`]) are tokenized in a lane of their own, one at a time.
+/// Inputs of more than this many bytes per token of the longest answer (and at least
+/// [`LONG_INPUT_MIN_BYTES`]) are tokenized in a lane of their own, one at a time
+/// ([`Validation::long_input_bytes`]).
 const LONG_INPUT_BYTES_PER_TOKEN: usize = 8;
 const LONG_INPUT_MIN_BYTES: usize = 64 << 10;
 
@@ -413,9 +414,8 @@ pub struct Validation {
     /// Long prompts in pieces on a pool of its own, where the tokenizer allows it (crate::pieces).
     pieces: Option<Arc<PieceEncoder>>,
     workers: Arc<Semaphore>,
-    /// The lane of inputs longer than `long_input_bytes`: one permit.
+    /// The lane of inputs longer than [`Validation::long_input_bytes`]: one permit.
     long_lane: Arc<Semaphore>,
-    long_input_bytes: usize,
     limits: ValidationLimits,
 }
 
@@ -435,9 +435,6 @@ impl Validation {
             tokenizer,
             workers: Arc::new(Semaphore::new(workers)),
             long_lane: Arc::new(Semaphore::new(1)),
-            long_input_bytes: (limits.max_total_tokens as usize)
-                .saturating_mul(LONG_INPUT_BYTES_PER_TOKEN)
-                .max(LONG_INPUT_MIN_BYTES),
             limits,
         }
     }
@@ -469,7 +466,8 @@ impl Validation {
         add_special_tokens: bool,
         prompt: bool,
     ) -> Result<Encoding, ValidationError> {
-        let long = inputs.len() > self.long_input_bytes;
+        // /tokenize answers up to TOKENIZE_MAX_TOKENS, longer than any prompt: its bound scales with that.
+        let long = inputs.len() > self.long_input_bytes(prompt);
         let lane = if long { &self.long_lane } else { &self.workers };
         let _permit = lane
             .acquire()
@@ -492,6 +490,19 @@ impl Validation {
                 .map_err(|e| ValidationError::Tokenizer(e.to_string()))?,
         };
         encoding.map_err(|e| ValidationError::Tokenizer(e.to_string()))
+    }
+
+    /// Bytes beyond which an input is tokenized in the long lane: [`LONG_INPUT_BYTES_PER_TOKEN`] per token
+    /// of the longest answer (a prompt: `--max-total-tokens`; `/tokenize`: [`TOKENIZE_MAX_TOKENS`] where
+    /// larger), at least [`LONG_INPUT_MIN_BYTES`].
+    fn long_input_bytes(&self, prompt: bool) -> usize {
+        let tokens = match prompt {
+            true => self.limits.max_total_tokens,
+            false => self.limits.max_total_tokens.max(TOKENIZE_MAX_TOKENS),
+        };
+        (tokens as usize)
+            .saturating_mul(LONG_INPUT_BYTES_PER_TOKEN)
+            .max(LONG_INPUT_MIN_BYTES)
     }
 
     /// The adapter `parameters` name (with the default source applied), checked as validation checks it.
@@ -790,7 +801,8 @@ mod tests {
     async fn inputs_far_longer_than_any_prompt_wait_in_a_lane_of_their_own() {
         use futures::FutureExt;
         let v = validation(8, 20);
-        assert_eq!(v.long_input_bytes, LONG_INPUT_MIN_BYTES);
+        assert_eq!(v.long_input_bytes(true), LONG_INPUT_MIN_BYTES);
+        assert_eq!(v.long_input_bytes(false), 8 * TOKENIZE_MAX_TOKENS as usize);
         let long = "word ".repeat(LONG_INPUT_MIN_BYTES / 5 + 1);
         let held = Arc::clone(&v.long_lane).acquire_owned().await.expect("lane");
         let mut waiting = Box::pin(v.validate(request(&long, serde_json::json!({})), false));
@@ -815,9 +827,10 @@ mod tests {
         let v = validation(8, 20);
         let _held = Arc::clone(&v.long_lane).acquire_owned().await.expect("lane");
         let under = "a".repeat(LONG_INPUT_MIN_BYTES);
-        let e = v
-            .validate(request(&under, serde_json::json!({})), false)
+        let bounded = std::time::Duration::from_secs(60);
+        let e = tokio::time::timeout(bounded, v.validate(request(&under, serde_json::json!({})), false))
             .await
+            .expect("an input under the bound waited for the long lane")
             .expect_err("too long");
         assert!(matches!(e, ValidationError::InputLength(8, _)), "{e:?}");
     }

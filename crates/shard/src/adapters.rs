@@ -297,18 +297,29 @@ fn strip_dir(message: &str, dir: &Path) -> String {
 
 /// What identifies an adapter's two files as they are on disk: per file its device, inode, size and
 /// modification and change times (a hub snapshot's links followed to their blobs). Equal stamps mean
-/// that a parse of then still holds now; any rewrite, replacement or new revision changes the stamp.
+/// that a parse of then still holds now: a rewrite, replacement or new revision changes the stamp, except
+/// a rewrite within the file system's timestamp granularity of the stamp, which [`stamp`] rules out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileStamp(Vec<[i64; 7]>);
 
-/// The stamp of `located`'s adapter_config.json and adapter_model.safetensors (None: one cannot be
-/// read).
+/// A file modified less than this before its stamp is taken gets none (git's "racy" rule): timestamps
+/// may advance only once per clock tick, so a same-size rewrite within it would leave the stamp equal.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The stamp of `located`'s adapter_config.json and adapter_model.safetensors (None: one cannot be read,
+/// or was modified within [`RACY`] of now). Taken from the opened files, so that a network file system
+/// revalidates what it reports.
 pub fn stamp(located: &Located) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;
+    let now = std::time::SystemTime::now();
     ["adapter_config.json", "adapter_model.safetensors"]
         .into_iter()
         .map(|f| {
-            let m = std::fs::metadata(located.dir.join(f)).ok()?;
+            let m = std::fs::File::open(located.dir.join(f)).ok()?.metadata().ok()?;
+            let age = now.duration_since(m.modified().ok()?).unwrap_or_default();
+            if age < RACY {
+                return None;
+            }
             #[allow(clippy::cast_possible_wrap)]
             Some([
                 m.dev() as i64,

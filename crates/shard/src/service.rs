@@ -272,17 +272,15 @@ impl<B: Backend> ShardServer<B> {
         }
     }
 
-    /// Parses located files on a blocking thread and keeps the result in the host tier; also returns the
-    /// milliseconds the parse took.
-    /// Parses the adapter at `located` into the host tier, or takes the host tier's parse when the files
-    /// are unchanged since it (a DownloadAdapter for an adapter already parsed: a chat template's fetch,
-    /// or a request with another token, which still goes through `locate`). The parse's milliseconds
-    /// (0 when taken from the tier).
+    /// Parses the adapter at `located` (on a blocking thread) into the host tier, or takes the host tier's
+    /// parse when the files are unchanged since it (a DownloadAdapter for an adapter already parsed: a
+    /// chat template's fetch, or a request with another token, which still goes through `locate`). Also
+    /// returns the parse's milliseconds (None when taken from the tier).
     async fn parse_into_host_tier(
         &self,
         key: &str,
         located: Located,
-    ) -> Result<(Arc<lorax_engine::lora::HostAdapter>, u64), Status> {
+    ) -> Result<(Arc<lorax_engine::lora::HostAdapter>, Option<u64>), Status> {
         let cfg = self.cfg.clone();
         let max_rank = self.settings.max_rank;
         let _turn = self
@@ -298,10 +296,10 @@ impl<B: Backend> ShardServer<B> {
                 // download parses again rather than keeping what may be old contents.
                 let stamp = adapters::stamp(&located);
                 if let Some(host) = stamp.as_ref().and_then(|s| host_tier.get_unchanged(&key, s)) {
-                    return Ok((host, None, 0));
+                    return Ok((host, None, None));
                 }
                 let t = Instant::now();
-                adapters::parse(&located, &cfg, max_rank).map(|h| (Arc::new(h), Some(stamp), millis(t)))
+                adapters::parse(&located, &cfg, max_rank).map(|h| (Arc::new(h), Some(stamp), Some(millis(t))))
             }
         })
         .await
@@ -599,8 +597,8 @@ impl<B: Backend> ShardService for ShardServer<B> {
             rank = host.max_rank,
             host_tier_bytes = held,
             host_tier_entries = entries,
-            parse_ms,
-            read = ?host.read,
+            parse_ms = parse_ms.unwrap_or(0),
+            read = parse_ms.map_or("HostTier", |_| host.read.as_str()),
             ms = millis(started),
             "adapter downloaded"
         );
@@ -657,7 +655,8 @@ impl<B: Backend> ShardService for ShardServer<B> {
             None => {
                 // Evicted from the host tier (or downloaded by another rank): read it again from disk.
                 let (located, _turn) = self.locate(&r.adapter_source, &r.adapter_id, None, false).await?;
-                self.parse_into_host_tier(&key, located).await?
+                let (host, ms) = self.parse_into_host_tier(&key, located).await?;
+                (host, ms.unwrap_or(0))
             }
         };
         // The upload runs without the engine lock: forward passes go on meanwhile.

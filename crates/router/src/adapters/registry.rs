@@ -12,6 +12,9 @@
 //!                         └───────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
+//! Past [`KEPT_IDLE`] idle Downloaded adapters (nothing queued or running), the least recently used are
+//! forgotten, as an errored one is (a later request downloads it again).
+//!
 //! Loading, Active and Offloading adapters hold a device slot; there are `max_active` slots. A request
 //! in the running batch holds an [`AdapterLease`]; an adapter with a live lease is never offloaded.
 
@@ -399,16 +402,19 @@ impl<T> Registry<T> {
     }
 
     /// Forgets the least recently used idle Downloaded adapters (nothing queued) past `kept_idle`.
+    /// (The adapter just marked may be one of them, when cancellations emptied its queue.)
     fn forget_idle(&mut self) {
+        let idle = |a: &Adapter<T>| a.state == State::Downloaded && a.queue.is_empty() && a.running() == 0;
+        let count = self.adapters.values().filter(|a| idle(a)).count();
+        let Some(excess) = count.checked_sub(self.kept_idle).filter(|&n| n > 0) else {
+            return;
+        };
         let mut idle: Vec<(Instant, AdapterKey)> = self
             .adapters
             .iter()
-            .filter(|(_, a)| a.state == State::Downloaded && a.queue.is_empty() && a.running() == 0)
+            .filter(|(_, a)| idle(a))
             .map(|(key, a)| (a.last_used, key.clone()))
             .collect();
-        let Some(excess) = idle.len().checked_sub(self.kept_idle).filter(|&n| n > 0) else {
-            return;
-        };
         idle.sort_unstable();
         for (_, key) in idle.into_iter().take(excess) {
             self.adapters.remove(&key);

@@ -345,15 +345,27 @@ async fn concurrent_loads_keep_one_copy_and_the_slot_limit() {
 }
 
 /// A DownloadAdapter of an adapter whose files are unchanged since its parse takes that parse from the
-/// host tier (a chat template's fetch, a request with another token); once a file is rewritten, the next
-/// one parses again.
+/// host tier (a chat template's fetch, a request with another token). Once a file is rewritten the next
+/// one parses again, and so does every one while a file was modified in the last 2 s (a rewrite within
+/// a timestamp tick would leave the stamp equal).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downloads_of_unchanged_files_take_the_parse_and_rewritten_files_are_parsed_again() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("a");
     std::fs::create_dir(&dir).unwrap();
+    let weights = dir.join("adapter_model.safetensors");
+    let age = |path: &std::path::Path, secs: u64| {
+        let t = std::time::SystemTime::now() - Duration::from_secs(secs);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    };
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(fixtures().join("adapters/lora-r8").join(f), dir.join(f)).unwrap();
+        age(&dir.join(f), 200);
     }
     let (backend, _gate) = gated();
     let svc = server_in(backend, 2, root.path()).await;
@@ -369,16 +381,29 @@ async fn downloads_of_unchanged_files_take_the_parse_and_rewritten_files_are_par
     let first = parsed();
     download().await.unwrap();
     assert!(Arc::ptr_eq(&first, &parsed()), "unchanged files were parsed again");
-    // The same bytes written anew: a new file on disk.
-    let weights = dir.join("adapter_model.safetensors");
+    // The same bytes written anew: a new file on disk, modified just now.
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::remove_file(&weights).unwrap();
     std::fs::write(&weights, bytes).unwrap();
     download().await.unwrap();
-    let third = parsed();
-    assert!(!Arc::ptr_eq(&first, &third), "a rewritten file was not parsed again");
+    let second = parsed();
+    assert!(!Arc::ptr_eq(&first, &second), "a rewritten file was not parsed again");
     download().await.unwrap();
-    assert!(Arc::ptr_eq(&third, &parsed()), "the new parse was not kept");
+    let third = parsed();
+    assert!(
+        !Arc::ptr_eq(&second, &third),
+        "a file modified just now was taken as unchanged"
+    );
+    // Once the file has been still for a while, its new parse is kept.
+    age(&weights, 100);
+    download().await.unwrap();
+    let fourth = parsed();
+    assert!(
+        !Arc::ptr_eq(&third, &fourth),
+        "the parse before the file settled was kept"
+    );
+    download().await.unwrap();
+    assert!(Arc::ptr_eq(&fourth, &parsed()), "the settled file's parse was not kept");
 }
 
 /// An offload that arrives while the adapter is still uploading cancels the load: it answers ABORTED,

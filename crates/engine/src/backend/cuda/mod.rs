@@ -1724,8 +1724,12 @@ impl Backend for CudaBackend {
             .map_err(|_| EngineError::Backend("the upload staging buffer was poisoned by a panic".into()))?;
         // Staged: the result's layout (tensors already in the backend's type), then the raw scratch.
         let staged = total + raw_total;
-        if staging.as_ref().is_none_or(|s| s.len() < staged) {
-            // Free the smaller buffer before pinning the larger one.
+        // (A buffer larger than is kept is left only by a failed upload: replaced by the next one.)
+        if staging
+            .as_ref()
+            .is_none_or(|s| s.len() < staged || (s.len() > KEPT_STAGING_BYTES && staged <= KEPT_STAGING_BYTES))
+        {
+            // Free the smaller (or oversized) buffer before pinning the one needed.
             *staging = None;
             let bytes = staged.next_multiple_of(8 << 20);
             // SAFETY: plain bytes, uninitialised; what is copied beyond the bytes written below is alignment
