@@ -76,9 +76,12 @@ pub enum EngineError {
     /// A sequence names an adapter that is not loaded on this device.
     #[error("adapter {0:?} is not loaded")]
     AdapterNotLoaded(String),
-    /// The backend failed (device errors, out of memory).
+    /// The backend failed (device errors).
     #[error("backend error: {0}")]
     Backend(String),
+    /// The device had no memory left for an allocation (what was being allocated).
+    #[error("out of device memory: {0}")]
+    DeviceMemory(String),
 }
 
 /// Result with [`EngineError`].

@@ -152,6 +152,8 @@ fn status(e: EngineError) -> Status {
     match e {
         EngineError::InvalidBatch(m) => Status::invalid_argument(m),
         e @ EngineError::AdapterNotLoaded(_) => Status::failed_precondition(e.to_string()),
+        // Retryable once memory is freed (an adapter offloaded, sequences finished).
+        e @ EngineError::DeviceMemory(_) => Status::resource_exhausted(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }

@@ -472,3 +472,16 @@ fn warmup_pieces_cover_the_largest_step_within_positions_and_blocks() {
     assert_eq!(lens(&warmup_pieces(50, 8, 3, 16)), [8, 8, 8]);
     assert!(warmup_pieces(0, 4096, 10, 16).is_empty());
 }
+
+/// Running out of device memory is a retryable RESOURCE_EXHAUSTED (an adapter offloaded or sequences
+/// finished free it), not an internal error; other backend failures stay internal.
+#[test]
+fn device_memory_exhaustion_is_resource_exhausted() {
+    let oom = status(EngineError::DeviceMemory("CUDA allocating 28311552 bytes".into()));
+    assert_eq!(oom.code(), tonic::Code::ResourceExhausted, "{oom:?}");
+    assert!(oom.message().contains("out of device memory"), "{}", oom.message());
+    assert_eq!(
+        status(EngineError::Backend("CUDA launch".into())).code(),
+        tonic::Code::Internal
+    );
+}

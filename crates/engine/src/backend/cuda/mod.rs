@@ -665,6 +665,9 @@ struct EagerStaging {
 unsafe impl Send for EagerStaging {}
 
 pub(crate) fn drv(what: &str, e: drv_result::DriverError) -> EngineError {
+    if e.0 == drv_sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+        return EngineError::DeviceMemory(format!("CUDA {what}"));
+    }
     EngineError::Backend(format!("CUDA {what}: {e:?}"))
 }
 
