@@ -387,8 +387,8 @@ impl AdapterFile {
             reason,
         };
         let file = std::fs::File::open(path).map_err(io)?;
-        let len = usize::try_from(file.metadata().map_err(io)?.len())
-            .map_err(|_| corrupt("the file does not fit in memory".into()))?;
+        let meta = file.metadata().map_err(io)?;
+        let len = usize::try_from(meta.len()).map_err(|_| corrupt("the file does not fit in memory".into()))?;
         if len > limit {
             return Err(corrupt(format!(
                 "{len} bytes, more than the {limit} that an adapter within --max-lora-rank takes for this model"
@@ -398,7 +398,7 @@ impl AdapterFile {
         // A hint: kernels without transparent huge pages refuse it, and 4 KiB pages work the same.
         #[cfg(target_os = "linux")]
         let _ = buf.advise(memmap2::Advice::HugePage);
-        let read = read_whole(path, &file, &mut buf, len).map_err(io)?;
+        let read = read_whole(path, &file, &meta, &mut buf, len).map_err(io)?;
         let buf = Arc::new(buf.make_read_only().map_err(io)?);
         // read_metadata validates the header and that the tensors tile the data exactly.
         let (header_len, meta) = SafeTensors::read_metadata(&buf[..len]).map_err(|e| corrupt(e.to_string()))?;
@@ -490,8 +490,8 @@ fn direct_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// Fills `buf[..len]` from the start of the file at `path` (opened as `file`); `buf` is page-aligned and
-/// its length `len` rounded up to [`READ_ALIGN`]. On Linux a file that is mostly not in the page cache is
+/// Fills `buf[..len]` from the start of the file at `path` (opened as `file`, of metadata `meta`); `buf` is
+/// page-aligned and its length `len` rounded up to [`READ_ALIGN`]. On Linux a file that is mostly not in the page cache is
 /// read with O_DIRECT, in [`DIRECT_PIECE`] pieces on [`DIRECT_THREADS`] threads: the disk sees them all
 /// at once, without the page cache's copy and readahead windows. On this project's 2-core test machine a
 /// cold 27 MB adapter then parsed in 11.0-11.6 ms, against 17.5-19.1 ms with 4 MiB pieces through the
@@ -500,10 +500,16 @@ fn direct_pool() -> Option<&'static rayon::ThreadPool> {
 /// pieces in parallel, so that faulting in the fresh memory is spread over cores. Where O_DIRECT is
 /// refused (tmpfs, other systems), the read goes through the page cache. A file read straight from the
 /// disk is not left in the page cache: the shard's host tier is the cache of parsed adapters.
-fn read_whole(path: &Path, file: &std::fs::File, buf: &mut [u8], len: usize) -> std::io::Result<ReadPath> {
+fn read_whole(
+    path: &Path,
+    file: &std::fs::File,
+    meta: &std::fs::Metadata,
+    buf: &mut [u8],
+    len: usize,
+) -> std::io::Result<ReadPath> {
     #[cfg(target_os = "linux")]
-    if resident_share(file, len) < 0.5 {
-        if let Some(direct) = open_direct(path, file) {
+    if resident_share(file, meta, len) < 0.5 {
+        if let Some(direct) = open_direct(path, meta) {
             match read_pieces(&direct, buf, len, true) {
                 Ok(()) => return Ok(ReadPath::Direct),
                 // Misaligned for this device or file system: read it again through the page cache.
@@ -513,7 +519,7 @@ fn read_whole(path: &Path, file: &std::fs::File, buf: &mut [u8], len: usize) -> 
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = path;
+    let _ = (path, meta);
     read_pieces(file, buf, len, false).map(|()| ReadPath::Cached)
 }
 
@@ -566,16 +572,12 @@ fn read_pieces(file: &std::fs::File, buf: &mut [u8], len: usize, direct: bool) -
 /// file is never read from the disk again (checked by owner, root and world-write only: a file writable
 /// through its group alone also counts as cached).
 #[cfg(target_os = "linux")]
-fn resident_share(file: &std::fs::File, len: usize) -> f64 {
+fn resident_share(file: &std::fs::File, meta: &std::fs::Metadata, len: usize) -> f64 {
     use std::os::unix::fs::MetadataExt;
-    if len == 0 {
-        return 1.0;
-    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    match file.metadata() {
-        Ok(m) if euid == 0 || m.uid() == euid || m.mode() & 0o002 != 0 => {}
-        _ => return 1.0,
+    if len == 0 || !(euid == 0 || meta.uid() == euid || meta.mode() & 0o002 != 0) {
+        return 1.0;
     }
     // SAFETY: the mapping is never read or written; it only names the file's pages for mincore, which
     // reports their residency without touching them, so a file changed meanwhile cannot fault us.
@@ -595,17 +597,17 @@ fn resident_share(file: &std::fs::File, len: usize) -> f64 {
     resident.iter().filter(|&&b| b & 1 != 0).count() as f64 / resident.len() as f64
 }
 
-/// `path` opened again with O_DIRECT, if the system allows it and it is still the file `file` is.
+/// `path` opened again with O_DIRECT, if the system allows it and it is still the file of `meta`.
 #[cfg(target_os = "linux")]
-fn open_direct(path: &Path, file: &std::fs::File) -> Option<std::fs::File> {
+fn open_direct(path: &Path, meta: &std::fs::Metadata) -> Option<std::fs::File> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let direct = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .ok()?;
-    let (a, b) = (file.metadata().ok()?, direct.metadata().ok()?);
-    (a.dev() == b.dev() && a.ino() == b.ino()).then_some(direct)
+    let again = direct.metadata().ok()?;
+    (meta.dev() == again.dev() && meta.ino() == again.ino()).then_some(direct)
 }
 
 fn check_features(dir: &Path, raw: &RawConfig) -> Result<()> {
@@ -861,14 +863,18 @@ mod tests {
         let f = std::fs::File::create(&path).unwrap();
         std::io::Write::write_all(&mut &f, &data).unwrap();
         f.sync_all().unwrap();
+        let share = || {
+            let file = std::fs::File::open(&path).unwrap();
+            resident_share(&file, &file.metadata().unwrap(), len)
+        };
         let read = |want: usize| {
             let file = std::fs::File::open(&path).unwrap();
             let mut buf = MmapMut::map_anon(want.next_multiple_of(READ_ALIGN)).unwrap();
-            read_whole(&path, &file, &mut buf, want).map(|how| (how, buf[..len] == data[..]))
+            read_whole(&path, &file, &file.metadata().unwrap(), &mut buf, want).map(|how| (how, buf[..len] == data[..]))
         };
         // Not in the page cache: straight from the disk, where the file system takes O_DIRECT.
         drop_cached(&path);
-        let dropped = resident_share(&std::fs::File::open(&path).unwrap(), len) < 0.5;
+        let dropped = share() < 0.5;
         let (how, same) = read(len).unwrap();
         assert!(same, "the pieces read from the disk differ from the file");
         if !dropped {
@@ -877,7 +883,7 @@ mod tests {
                 "SKIPPED the O_DIRECT half: {} keeps the file in memory",
                 dir.path().display()
             );
-        } else if open_direct(&path, &std::fs::File::open(&path).unwrap()).is_some() {
+        } else if open_direct(&path, &std::fs::metadata(&path).unwrap()).is_some() {
             assert_eq!(how, ReadPath::Direct);
         } else {
             eprintln!("SKIPPED the O_DIRECT half: {} refuses O_DIRECT", dir.path().display());
@@ -887,7 +893,7 @@ mod tests {
         assert!(read(len + 1).is_err(), "a read from the disk past the end succeeded");
         // In the page cache: read through it.
         assert_eq!(std::fs::read(&path).unwrap().len(), len);
-        assert!(resident_share(&std::fs::File::open(&path).unwrap(), len) > 0.5);
+        assert!(share() > 0.5);
         let (how, same) = read(len).unwrap();
         assert!(same, "the pieces read through the page cache differ from the file");
         assert_eq!(how, ReadPath::Cached);

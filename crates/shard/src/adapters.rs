@@ -359,23 +359,20 @@ impl HostTier {
 
     /// The adapter `key`, marking it used.
     pub fn get(&self, key: &str) -> Option<Arc<HostAdapter>> {
-        let mut g = self.inner.lock().ok()?;
-        let (map, clock) = &mut *g;
-        *clock += 1;
-        let now = *clock;
-        map.get_mut(key).map(|e| {
-            e.last_used = now;
-            Arc::clone(&e.adapter)
-        })
+        self.get_if(key, |_| true)
     }
 
     /// The adapter `key` if it was parsed from files of `stamp` (they are unchanged since), marking it used.
     pub fn get_unchanged(&self, key: &str, stamp: &FileStamp) -> Option<Arc<HostAdapter>> {
+        self.get_if(key, |e| e.stamp.as_ref() == Some(stamp))
+    }
+
+    fn get_if(&self, key: &str, keep: impl Fn(&HostEntry) -> bool) -> Option<Arc<HostAdapter>> {
         let mut g = self.inner.lock().ok()?;
         let (map, clock) = &mut *g;
         *clock += 1;
         let now = *clock;
-        map.get_mut(key).filter(|e| e.stamp.as_ref() == Some(stamp)).map(|e| {
+        map.get_mut(key).filter(|e| keep(e)).map(|e| {
             e.last_used = now;
             Arc::clone(&e.adapter)
         })

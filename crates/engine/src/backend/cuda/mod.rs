@@ -1727,12 +1727,8 @@ impl Backend for CudaBackend {
             .map_err(|_| EngineError::Backend("the upload staging buffer was poisoned by a panic".into()))?;
         // Staged: the result's layout (tensors already in the backend's type), then the raw scratch.
         let staged = total + raw_total;
-        // (A buffer larger than is kept is left only by a failed upload: replaced by the next one.)
-        if staging
-            .as_ref()
-            .is_none_or(|s| s.len() < staged || (s.len() > KEPT_STAGING_BYTES && staged <= KEPT_STAGING_BYTES))
-        {
-            // Free the smaller (or oversized) buffer before pinning the one needed.
+        if staging.as_ref().is_none_or(|s| s.len() < staged) {
+            // Free the smaller buffer before pinning the larger one.
             *staging = None;
             let bytes = staged.next_multiple_of(8 << 20);
             // SAFETY: plain bytes, uninitialised; what is copied beyond the bytes written below is alignment
@@ -1829,7 +1825,8 @@ impl Backend for CudaBackend {
         self.upload_stream.synchronize().map_err(|e| drv("adapter upload", e))?;
         drop(scratch);
         // A buffer pinned for an unusually large adapter is unpinned after it, so that one such load does
-        // not hold that much page-locked host memory for the server's life.
+        // not hold that much page-locked host memory for the server's life (after a failed upload, the
+        // next successful one unpins it).
         if staging.as_ref().is_some_and(|s| s.len() > KEPT_STAGING_BYTES) {
             *staging = None;
         }
