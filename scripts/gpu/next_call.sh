@@ -7,7 +7,8 @@
 #   bash scripts/gpu/next_call.sh expand   # ~450 s: the expand as mended in c26a825, and its reduction form
 #   bash scripts/gpu/next_call.sh bench    # ~330 s: the disk's read figures, then bench.sh
 #
-# Copy this script into the call's bench/results/<date>-<session>-<n>/ as call.sh with what it printed.
+# Record in the call's bench/results/<date>-<session>-<n>/call.sh the commit of this script (`git show
+# COMMIT:scripts/gpu/next_call.sh` gives it back), the command and the binaries' commit, beside what it printed.
 #
 # `expand`: the LoRA GPU tests with the default expand and with -DLORA_EXPAND_RED=1 (pair reductions, off by
 # default: 932034b); golden, graphs, adapters and e2e against transformers + peft with the reduction form; then
