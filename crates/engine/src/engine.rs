@@ -15,7 +15,7 @@ use crate::comm::{Communicator, SingleRank};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
-use crate::lora::{DeviceAdapter, HostAdapter};
+use crate::lora::{DeviceAdapter, HostAdapter, PieceSink};
 use crate::model::{ForwardInput, Model, SeqInput, WeightSource};
 use crate::sampling::{SampleTask, Sampled};
 use crate::weights::Weights;
@@ -176,6 +176,31 @@ impl<B: Backend> AdapterUploader<B> {
     /// [`Backend::upload_many`]).
     pub fn upload(&self, adapter: &HostAdapter) -> Result<DeviceAdapter<B>> {
         DeviceAdapter::upload(&*self.backend, adapter, self.rank, self.world_size, self.kv)
+    }
+
+    /// Reads and checks the adapter in `dir` ([`HostAdapter::load`]) and uploads it. On one rank, where
+    /// the backend can ([`crate::backend::Backend::begin_file_upload`]), each piece of the weights file
+    /// goes to the device as it is read, so the upload ends about when the read does; otherwise, or when
+    /// that upload cannot serve the adapter, the adapter goes up after the read ([`Self::upload`]).
+    /// The third value says which: `true` for the upload beside the read.
+    pub fn load_and_upload(
+        &self,
+        dir: &Path,
+        cfg: &ModelConfig,
+        max_rank: usize,
+    ) -> Result<(HostAdapter, DeviceAdapter<B>, bool)> {
+        let streamed = (self.world_size == 1)
+            .then(|| self.backend.begin_file_upload())
+            .flatten();
+        let host = HostAdapter::load_with(dir, cfg, max_rank, streamed.as_deref().map(|u| u as &dyn PieceSink))?;
+        if let Some(upload) = streamed {
+            match DeviceAdapter::from_file_upload(&*self.backend, &host, upload) {
+                Ok(device) => return Ok((host, device, true)),
+                Err(e) => tracing::debug!("uploading the adapter after its read: {e}"),
+            }
+        }
+        let device = self.upload(&host)?;
+        Ok((host, device, false))
     }
 }
 

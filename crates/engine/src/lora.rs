@@ -18,7 +18,7 @@ use regex::Regex;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, FileTensor, FileUpload};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::weights::{shard, DType, HostTensor};
@@ -243,6 +243,25 @@ impl AdapterTensor {
     pub fn to_f32(&self) -> Vec<f32> {
         self.view().to_f32()
     }
+
+    /// Where its bytes lie in the adapter's weights file (`None`: bytes of its own).
+    pub fn file_range(&self) -> Option<Range<usize>> {
+        match &self.bytes {
+            TensorBytes::Shared(_, range) => Some(range.clone()),
+            TensorBytes::Owned(_) => None,
+        }
+    }
+}
+
+/// Takes an adapter's weights file as it is read ([`HostAdapter::load_with`]).
+pub trait PieceSink: Sync {
+    /// The file has `len` bytes; called once, before any piece.
+    fn start(&self, len: usize);
+    /// `bytes` are the file's from `offset` on. Called from many threads at once, in any order, with
+    /// pieces that do not overlap, except that the whole file may come again (the same bytes) when a read
+    /// straight from the disk is retried through the page cache. Every byte has come once the read
+    /// succeeded.
+    fn piece(&self, offset: usize, bytes: &[u8]);
 }
 
 impl From<HostTensor<'_>> for AdapterTensor {
@@ -300,6 +319,12 @@ impl HostAdapter {
     /// `max_rank`. Pickle-only adapters, unsupported PEFT features, unknown target modules, missing
     /// pairs and shapes that do not fit the base model are errors naming the problem.
     pub fn load(dir: &Path, cfg: &ModelConfig, max_rank: usize) -> Result<Self> {
+        Self::load_with(dir, cfg, max_rank, None)
+    }
+
+    /// [`HostAdapter::load`], giving `sink` the weights file's bytes as they are read (a device upload that
+    /// runs beside the read, [`crate::engine::AdapterUploader::load_and_upload`]).
+    pub fn load_with(dir: &Path, cfg: &ModelConfig, max_rank: usize, sink: Option<&dyn PieceSink>) -> Result<Self> {
         let config_path = dir.join("adapter_config.json");
         let weights_path = dir.join("adapter_model.safetensors");
         if !config_path.is_file() {
@@ -329,7 +354,7 @@ impl HostAdapter {
         let raw: RawConfig = serde_json::from_str(&text)
             .map_err(|e| invalid(dir, format!("adapter_config.json is not a PEFT LoRA config: {e}")))?;
         check_features(dir, &raw)?;
-        let file = AdapterFile::read(&weights_path, max_adapter_file_bytes(cfg, max_rank))?;
+        let file = AdapterFile::read(&weights_path, max_adapter_file_bytes(cfg, max_rank), sink)?;
         build(dir, cfg, &raw, &file, max_rank)
     }
 }
@@ -376,8 +401,9 @@ impl AdapterFile {
     /// 15-17 ms with 4 KiB pages and 7-9 ms with huge pages (bench_parse_mistral_adapter in
     /// tests/lora_upload.rs, the parses kept as a host tier keeps them). Nothing stays mapped from the
     /// file, so a file rewritten later cannot fault a parsed adapter.
-    /// Files of more than `limit` bytes are refused unread.
-    fn read(path: &Path, limit: usize) -> Result<Self> {
+    /// Files of more than `limit` bytes are refused unread. `sink`, if any, gets the file's length and
+    /// then every piece as it is read.
+    fn read(path: &Path, limit: usize, sink: Option<&dyn PieceSink>) -> Result<Self> {
         let io = |source| EngineError::Io {
             path: path.to_path_buf(),
             source,
@@ -398,7 +424,10 @@ impl AdapterFile {
         // A hint: kernels without transparent huge pages refuse it, and 4 KiB pages work the same.
         #[cfg(target_os = "linux")]
         let _ = buf.advise(memmap2::Advice::HugePage);
-        let read = read_whole(path, &file, &meta, &mut buf, len).map_err(io)?;
+        if let Some(sink) = sink {
+            sink.start(len);
+        }
+        let read = read_whole(path, &file, &meta, &mut buf, len, sink).map_err(io)?;
         let buf = Arc::new(buf.make_read_only().map_err(io)?);
         // read_metadata validates the header and that the tensors tile the data exactly.
         let (header_len, meta) = SafeTensors::read_metadata(&buf[..len]).map_err(|e| corrupt(e.to_string()))?;
@@ -506,11 +535,12 @@ fn read_whole(
     meta: &std::fs::Metadata,
     buf: &mut [u8],
     len: usize,
+    sink: Option<&dyn PieceSink>,
 ) -> std::io::Result<ReadPath> {
     #[cfg(target_os = "linux")]
     if resident_share(file, meta, len) < 0.5 {
         if let Some(direct) = open_direct(path, meta) {
-            match read_pieces(&direct, buf, len, true) {
+            match read_pieces(&direct, buf, len, true, sink) {
                 Ok(()) => return Ok(ReadPath::Direct),
                 // Misaligned for this device or file system: read it again through the page cache.
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
@@ -520,12 +550,19 @@ fn read_whole(
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (path, meta);
-    read_pieces(file, buf, len, false).map(|()| ReadPath::Cached)
+    read_pieces(file, buf, len, false, sink).map(|()| ReadPath::Cached)
 }
 
 /// Reads `buf[..len]` in pieces in parallel (see [`read_whole`]). `direct`: each piece's length is rounded
-/// up to [`READ_ALIGN`] (`buf` has room), and a piece may end early at the end of the file.
-fn read_pieces(file: &std::fs::File, buf: &mut [u8], len: usize, direct: bool) -> std::io::Result<()> {
+/// up to [`READ_ALIGN`] (`buf` has room), and a piece may end early at the end of the file. Each piece
+/// read goes to `sink`, if any.
+fn read_pieces(
+    file: &std::fs::File,
+    buf: &mut [u8],
+    len: usize,
+    direct: bool,
+    sink: Option<&dyn PieceSink>,
+) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use rayon::prelude::*;
@@ -546,6 +583,9 @@ fn read_pieces(file: &std::fs::File, buf: &mut [u8], len: usize, direct: bool) -
                     Err(e) => return Err(e),
                 }
             }
+            if let Some(sink) = sink {
+                sink.piece(start, &chunk[..want]);
+            }
             Ok(())
         };
         let mut run = move || buf[..end].par_chunks_mut(size).enumerate().try_for_each(piece);
@@ -560,7 +600,11 @@ fn read_pieces(file: &std::fs::File, buf: &mut [u8], len: usize, direct: bool) -
         let _ = direct;
         let mut file = file;
         file.rewind()?;
-        file.read_exact(&mut buf[..len])
+        file.read_exact(&mut buf[..len])?;
+        if let Some(sink) = sink {
+            sink.piece(0, &buf[..len]);
+        }
+        Ok(())
     }
 }
 
@@ -814,17 +858,59 @@ impl<B: Backend> DeviceAdapter<B> {
             }
         }
         let bytes = slices.iter().map(|t| t.data.len()).sum();
-        let mut tensors = backend.upload_many(&slices)?.into_iter();
-        if tensors.len() != slices.len() {
+        let tensors = backend.upload_many(&slices)?;
+        Self::assemble(backend, host.layers.len(), &placed, tensors, bytes)
+    }
+
+    /// `host` from a [`FileUpload`] that took its weights file as it was read (one rank: nothing is
+    /// sliced). An error when the upload failed or cannot serve these tensors; then upload `host` with
+    /// [`DeviceAdapter::upload`].
+    pub fn from_file_upload(
+        backend: &B,
+        host: &HostAdapter,
+        upload: Box<dyn FileUpload<B::Tensor> + '_>,
+    ) -> Result<Self> {
+        let mut wanted = Vec::new();
+        let mut placed = Vec::new();
+        for (l, layer) in host.layers.iter().enumerate() {
+            for target in Target::ALL {
+                let Some(pair) = &layer[target.index()] else { continue };
+                for t in [&pair.a, &pair.b] {
+                    let range = t
+                        .file_range()
+                        .ok_or_else(|| EngineError::Backend(format!("tensor {} is not in the adapter file", t.name)))?;
+                    wanted.push(FileTensor {
+                        range,
+                        dtype: t.dtype,
+                        shape: &t.shape,
+                    });
+                }
+                placed.push((l, target, pair.scale));
+            }
+        }
+        let tensors = upload.finish(&wanted)?;
+        Self::assemble(backend, host.layers.len(), &placed, tensors, host.bytes)
+    }
+
+    /// The adapter from its uploaded tensors: A then B of each `placed` (layer, target, scale), in order.
+    fn assemble(
+        backend: &B,
+        num_layers: usize,
+        placed: &[(usize, Target, f32)],
+        tensors: Vec<B::Tensor>,
+        bytes: usize,
+    ) -> Result<Self> {
+        if tensors.len() != 2 * placed.len() {
             return Err(EngineError::Backend(format!(
-                "upload_many returned {} tensors for {}",
+                "the upload returned {} tensors for {}",
                 tensors.len(),
-                slices.len()
+                2 * placed.len()
             )));
         }
+        let mut tensors = tensors.into_iter();
         let mut layers: Vec<[Option<LoraWeights<B>>; NUM_TARGETS]> =
-            (0..host.layers.len()).map(|_| Default::default()).collect();
-        for (l, target, scale) in placed {
+            (0..num_layers).map(|_| Default::default()).collect();
+        for &(l, target, scale) in placed {
             if let (Some(a), Some(b)) = (tensors.next(), tensors.next()) {
                 layers[l][target.index()] = Some(LoraWeights { a, b, scale });
             }
@@ -870,7 +956,8 @@ mod tests {
         let read = |want: usize| {
             let file = std::fs::File::open(&path).unwrap();
             let mut buf = MmapMut::map_anon(want.next_multiple_of(READ_ALIGN)).unwrap();
-            read_whole(&path, &file, &file.metadata().unwrap(), &mut buf, want).map(|how| (how, buf[..len] == data[..]))
+            read_whole(&path, &file, &file.metadata().unwrap(), &mut buf, want, None)
+                .map(|how| (how, buf[..len] == data[..]))
         };
         // Not in the page cache: straight from the disk, where the file system takes O_DIRECT.
         drop_cached(&path);

@@ -1,16 +1,19 @@
 //! Adapter uploads: an adapter uploaded apart from the engine ([`Engine::adapter_uploader`], on another thread) serves exactly as
-//! one loaded by [`Engine::load_adapter`], and (ignored, a timing) [`HostAdapter::load`] of a
-//! Mistral-7B-shaped rank-16 q/k/v/o bf16 adapter, the adapter of the GPU load benchmark.
+//! one loaded by [`Engine::load_adapter`]; an adapter uploaded while its file is read
+//! ([`lorax_engine::engine::AdapterUploader::load_and_upload`]) equals one uploaded after the read, and
+//! the reader hands every byte of the file over, cold or cached; and (ignored, a timing)
+//! [`HostAdapter::load`] of a Mistral-7B-shaped rank-16 q/k/v/o bf16 adapter, the adapter of the GPU
+//! load benchmark.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::time::Instant;
 
-use common::{fixtures, mistral_7b, write_qkvo_adapter};
-use lorax_engine::lora::HostAdapter;
+use common::{drop_cached, fixtures, mistral_7b, write_qkvo_adapter};
+use lorax_engine::lora::{HostAdapter, PieceSink};
 use lorax_engine::weights::DType;
-use lorax_engine::{CacheConfig, CpuBackend, Engine};
+use lorax_engine::{Backend, CacheConfig, CpuBackend, Engine};
 
 /// An adapter uploaded on another thread through the engine's uploader and inserted gives the same
 /// logits, bit for bit, as the same adapter loaded by `load_adapter` (and not the base model's).
@@ -47,21 +50,112 @@ fn adapter_uploaded_apart_from_the_engine_serves_as_a_loaded_one() {
     assert_ne!(bits(&rows[0]), bits(&rows[2]), "the adapter changes nothing");
 }
 
-/// Drops `path` from the page cache (after syncing it, so that its pages are clean).
-#[cfg(target_os = "linux")]
-fn drop_cached(path: &std::path::Path) {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).unwrap();
-    f.sync_all().unwrap();
-    // SAFETY: a valid descriptor; the advice only drops clean cached pages.
-    assert_eq!(
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) },
-        0
-    );
+/// An adapter uploaded while its file is read has the same tensors, value for value, as the same
+/// adapter uploaded after the read, and its rows serve alike.
+#[test]
+fn adapters_uploaded_while_read_equal_those_uploaded_after() {
+    let mut e = Engine::load(
+        CpuBackend,
+        &fixtures().join("models/llama"),
+        CacheConfig {
+            num_blocks: 64,
+            block_size: 4,
+        },
+    )
+    .unwrap();
+    let uploader = e.adapter_uploader();
+    let dir = fixtures().join("adapters/lora-r16-all");
+    let (host, streamed, beside) = uploader.load_and_upload(&dir, e.config(), 64).unwrap();
+    assert!(beside, "the CPU backend uploads while reading");
+    let after = uploader.upload(&host).unwrap();
+    assert_eq!(streamed.bytes, after.bytes);
+    let mut pairs = 0;
+    for (l, (a, b)) in streamed.layers.iter().zip(&after.layers).enumerate() {
+        for (t, (x, y)) in a.iter().zip(b).enumerate() {
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    for (u, v) in [(&x.a, &y.a), (&x.b, &y.b)] {
+                        assert_eq!(CpuBackend.shape(u), CpuBackend.shape(v), "layer {l} target {t}");
+                        assert_eq!(
+                            CpuBackend.to_f32(u).unwrap(),
+                            CpuBackend.to_f32(v).unwrap(),
+                            "layer {l} target {t}"
+                        );
+                    }
+                    assert_eq!(x.scale, y.scale);
+                    pairs += 1;
+                }
+                (None, None) => {}
+                _ => panic!("layer {l} target {t}: present in one upload only"),
+            }
+        }
+    }
+    assert!(pairs > 0);
+    e.insert_adapter("streamed", streamed);
+    e.insert_adapter("after", after);
+    let ids: Vec<u32> = (0..12).map(|i| (i * 13 + 5) % 200).collect();
+    let table: Vec<u32> = (0..3).collect();
+    let rows = [Some("streamed"), Some("after"), None]
+        .map(|key| e.logits_with_adapters(&[(&ids, 0, &table, key)], &[true]).unwrap());
+    assert_eq!(rows[0], rows[1]);
+    assert_ne!(rows[0], rows[2], "the adapter changes nothing");
 }
 
-#[cfg(not(target_os = "linux"))]
-fn drop_cached(_: &std::path::Path) {}
+/// Records what a reader hands over.
+#[derive(Default)]
+struct Pieces {
+    len: std::sync::Mutex<Option<usize>>,
+    pieces: std::sync::Mutex<Vec<(usize, Vec<u8>)>>,
+}
+
+impl PieceSink for Pieces {
+    fn start(&self, len: usize) {
+        let mut l = self.len.lock().unwrap();
+        assert!(l.is_none(), "start came twice");
+        *l = Some(len);
+    }
+
+    fn piece(&self, offset: usize, bytes: &[u8]) {
+        assert!(self.len.lock().unwrap().is_some(), "a piece came before start");
+        self.pieces.lock().unwrap().push((offset, bytes.to_vec()));
+    }
+}
+
+/// The pieces handed to a sink during a parse, read from the disk and through the page cache, make up
+/// the whole file, each byte once.
+#[test]
+fn a_read_hands_every_byte_of_the_file_to_its_sink_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = mistral_7b(dir.path());
+    let adapter = dir.path().join("adapter");
+    write_qkvo_adapter(&adapter, &cfg, 16, DType::BF16, 3);
+    let file = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    for cold in [true, false] {
+        if cold {
+            drop_cached(&adapter.join("adapter_model.safetensors"));
+        }
+        let sink = Pieces::default();
+        let host = HostAdapter::load_with(&adapter, &cfg, 64, Some(&sink)).unwrap();
+        assert_eq!(*sink.len.lock().unwrap(), Some(file.len()));
+        let mut pieces = sink.pieces.into_inner().unwrap();
+        assert!(pieces.len() > 1, "{cold}: one piece only, nothing to test");
+        pieces.sort_by_key(|(offset, _)| *offset);
+        let mut at = 0;
+        for (offset, bytes) in &pieces {
+            assert_eq!(
+                *offset, at,
+                "cold {cold} ({:?}): a gap or an overlap at {at}",
+                host.read
+            );
+            assert!(
+                bytes[..] == file[at..at + bytes.len()],
+                "cold {cold}: piece at {at} differs"
+            );
+            at += bytes.len();
+        }
+        assert_eq!(at, file.len(), "cold {cold}: the pieces end early");
+    }
+}
 
 /// Median time of `HostAdapter::load` on a Mistral-7B-shaped rank-16 q/k/v/o bf16 adapter (27 MB,
 /// 256 tensors): each parse dropped before the next (its memory can be reused), all kept (as a host

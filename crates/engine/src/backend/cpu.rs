@@ -3,8 +3,9 @@
 
 use rayon::prelude::*;
 
-use super::{concat_shape, AttnMeta, Backend, LoraSegment, NO_SLOT};
+use super::{concat_shape, AttnMeta, Backend, FileTensor, FileUpload, LoraSegment, NO_SLOT};
 use crate::error::{EngineError, Result};
+use crate::lora::PieceSink;
 use crate::weights::HostTensor;
 
 /// A row-major f32 tensor in host memory.
@@ -85,6 +86,67 @@ fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// The CPU backend's [`FileUpload`]: the file's bytes gathered as they come and converted at the end,
+/// as `weight` converts them, so that CPU tests run the streamed upload's path.
+#[derive(Default)]
+struct CpuFileUpload {
+    /// The file, and whether a piece fell outside it.
+    file: std::sync::Mutex<(Vec<u8>, bool)>,
+}
+
+impl CpuFileUpload {
+    fn file(&self) -> std::sync::MutexGuard<'_, (Vec<u8>, bool)> {
+        self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl PieceSink for CpuFileUpload {
+    fn start(&self, len: usize) {
+        self.file().0 = vec![0; len];
+    }
+
+    fn piece(&self, offset: usize, bytes: &[u8]) {
+        let mut file = self.file();
+        let end = offset.saturating_add(bytes.len());
+        match file.0.get_mut(offset..end) {
+            Some(place) => place.copy_from_slice(bytes),
+            None => file.1 = true,
+        }
+    }
+}
+
+impl FileUpload<CpuTensor> for CpuFileUpload {
+    fn finish(self: Box<Self>, tensors: &[FileTensor<'_>]) -> Result<Vec<CpuTensor>> {
+        let (file, overrun) = self
+            .file
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if overrun {
+            return Err(EngineError::Backend(
+                "a piece of the adapter file fell outside it".into(),
+            ));
+        }
+        tensors
+            .iter()
+            .map(|t| {
+                let data = file
+                    .get(t.range.clone())
+                    .filter(|d| d.len() == t.shape.iter().product::<usize>() * t.dtype.size())
+                    .ok_or_else(|| {
+                        EngineError::Backend(format!(
+                            "{:?} of the file does not hold a {:?} tensor",
+                            t.range, t.shape
+                        ))
+                    })?;
+                Ok(CpuTensor {
+                    shape: t.shape.to_vec(),
+                    data: t.dtype.decode(data),
+                })
+            })
+            .collect()
+    }
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type LoraIndex = ();
@@ -99,6 +161,10 @@ impl Backend for CpuBackend {
             shape: t.shape.clone(),
             data: t.to_f32(),
         })
+    }
+
+    fn begin_file_upload(&self) -> Option<Box<dyn FileUpload<CpuTensor> + '_>> {
+        Some(Box::<CpuFileUpload>::default())
     }
 
     fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CpuTensor> {

@@ -7,8 +7,8 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::Result;
-use crate::lora::{DeviceAdapter, LoraWeights, Target, NUM_TARGETS};
-use crate::weights::HostTensor;
+use crate::lora::{DeviceAdapter, LoraWeights, PieceSink, Target, NUM_TARGETS};
+use crate::weights::{DType, HostTensor};
 
 /// The cache slot of a row whose key and value are written nowhere (a padding row of a decode step).
 pub const NO_SLOT: u32 = u32::MAX;
@@ -167,6 +167,27 @@ pub struct LoraRows<'a, B: Backend> {
     pub adapter: &'a DeviceAdapter<B>,
 }
 
+/// A tensor of an adapter's weights file, for [`FileUpload::finish`].
+#[derive(Debug, Clone)]
+pub struct FileTensor<'a> {
+    /// Its bytes' place in the file.
+    pub range: std::ops::Range<usize>,
+    /// Element type.
+    pub dtype: DType,
+    /// Row-major shape.
+    pub shape: &'a [usize],
+}
+
+/// An adapter's weights file copied to the device while it is read ([`Backend::begin_file_upload`]): the
+/// reader gives it the file's length, then every piece as it arrives ([`PieceSink`]), and the adapter's
+/// tensors are then ranges of the copy.
+pub trait FileUpload<T>: PieceSink + Send {
+    /// The tensors at these ranges of the file, in order, usable by later device work, once the whole file
+    /// has come. An error when a piece could not be copied, or a tensor cannot be used where it lies (its
+    /// type is not the backend's, or its place is misaligned): the adapter is then uploaded after the read.
+    fn finish(self: Box<Self>, tensors: &[FileTensor<'_>]) -> Result<Vec<T>>;
+}
+
 /// Operations of a decoder forward pass on one device. Tensors are row-major, 2-D `[rows, cols]` unless
 /// said otherwise; weights are `[out, in]` as in Hugging Face checkpoints.
 pub trait Backend: Send + Sync + Sized + 'static {
@@ -189,6 +210,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// waits for the copy. The default calls `weight` on each.
     fn upload_many(&self, tensors: &[HostTensor<'_>]) -> Result<Vec<Self::Tensor>> {
         tensors.iter().map(|t| self.weight(t)).collect()
+    }
+    /// A [`FileUpload`] for an adapter file about to be read, where the backend copies pieces to the device
+    /// as they are read (an upload that overlaps the read, so a cold adapter is ready about when its file
+    /// has been read). Like `upload_many`, it runs beside forward passes. `None` (the default): the adapter
+    /// goes up after the read, with `upload_many`.
+    fn begin_file_upload(&self) -> Option<Box<dyn FileUpload<Self::Tensor> + '_>> {
+        None
     }
     /// A tensor from f32 host values.
     fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;

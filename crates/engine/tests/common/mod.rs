@@ -203,3 +203,19 @@ pub fn write_qkvo_adapter(
     });
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
 }
+
+/// Drops `path` from the page cache (after syncing it, so that its pages are clean).
+#[cfg(target_os = "linux")]
+pub fn drop_cached(path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: a valid descriptor; the advice only drops clean cached pages.
+    assert_eq!(
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) },
+        0
+    );
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn drop_cached(_: &std::path::Path) {}

@@ -545,10 +545,13 @@ fn env_count(name: &str, default: usize, range: std::ops::RangeInclusive<usize>)
     }
 }
 
-/// Bytes of pinned adapter staging kept between uploads: a larger buffer (an adapter of high rank on many
-/// targets) is unpinned after its upload. 512 MiB holds a rank-64 q/k/v/o adapter of a 7B model in f16
-/// (about 110 MB) with its conversion scratch twice over.
+/// Bytes of pinned adapter staging kept between uploads, all buffers together: a larger buffer (an
+/// adapter of high rank on many targets) is unpinned after its upload. 512 MiB holds a rank-64 q/k/v/o
+/// adapter of a 7B model in f16 (about 110 MB) with its conversion scratch twice over.
 const KEPT_STAGING_BYTES: usize = 512 << 20;
+/// Pinned staging buffers kept between uploads: as many as adapters are read and uploaded at once (the
+/// shard parses 4 at a time); more uploads at once pin buffers of their own.
+const KEPT_STAGING_BUFFERS: usize = 4;
 
 /// The CUDA backend (one device, one stream).
 pub struct CudaBackend {
@@ -623,9 +626,10 @@ pub struct CudaBackend {
     /// allocating stream), which is safe because adapters are only dropped between engine calls, and
     /// every engine call ends by waiting for `stream` (sampling reads the logits back).
     upload_stream: Arc<CudaStream>,
-    /// Pinned host memory the uploads stage in, kept and grown on demand (pinning is slow); the lock
-    /// also makes concurrent uploads take turns.
-    staging: Mutex<Option<PinnedHostSlice<u8>>>,
+    /// Pinned host memory the adapter uploads stage in, kept between them (pinning is slow): each upload
+    /// takes a buffer ([`CudaBackend::take_staging`]) and gives it back, so uploads on several threads
+    /// run at once.
+    staging: Mutex<Vec<PinnedHostSlice<u8>>>,
     /// Pinned host memory that eager steps' metadata uploads stage through (made on first use).
     eager_staging: Mutex<Option<EagerStaging>>,
     /// What the layers of the forward pass in progress share ([`Backend::forward_scope`]).
@@ -702,12 +706,159 @@ const ROW_NV: usize = 4;
 const ROW_BATCH_PER_SM: usize = 4;
 
 impl CudaBackend {
-    /// Bytes of pinned host memory the adapter uploads' staging buffer holds now (0: none pinned).
+    /// Bytes of pinned host memory the adapter uploads' staging buffers kept hold now (0: none pinned).
     pub fn upload_staging_bytes(&self) -> usize {
         self.staging
             .lock()
-            .map(|s| s.as_ref().map_or(0, PinnedHostSlice::len))
+            .map(|s| s.iter().map(PinnedHostSlice::len).sum())
             .unwrap_or(0)
+    }
+
+    /// A pinned staging buffer of at least `len` bytes: the smallest kept one that is large enough, or a
+    /// new one.
+    fn take_staging(&self, len: usize) -> Result<PinnedHostSlice<u8>> {
+        {
+            let mut pool = self
+                .staging
+                .lock()
+                .map_err(|_| EngineError::Backend("the upload staging buffers were poisoned by a panic".into()))?;
+            let fitting = pool
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.len() >= len)
+                .min_by_key(|(_, s)| s.len())
+                .map(|(i, _)| i);
+            if let Some(i) = fitting {
+                return Ok(pool.swap_remove(i));
+            }
+        }
+        let bytes = len.max(1).next_multiple_of(8 << 20);
+        // SAFETY: plain bytes, uninitialised; what is copied beyond the bytes an upload writes is alignment
+        // padding or header, which no kernel reads.
+        unsafe { self.ctx.alloc_pinned::<u8>(bytes) }
+            .map_err(|e| drv(&format!("pinning {bytes} bytes of host memory"), e))
+    }
+
+    /// [`Backend::upload_many`] through `staging`, which holds `total + raw_total` bytes: the tensors'
+    /// bytes copied to their `offsets` (in the result, and in the conversion scratch for those of another
+    /// type), sent on the upload stream and waited for.
+    fn upload_staged(
+        &self,
+        tensors: &[HostTensor<'_>],
+        offsets: &[(usize, Option<usize>)],
+        (total, raw_total): (usize, usize),
+        staging: &mut PinnedHostSlice<u8>,
+    ) -> Result<Vec<CudaTensor>> {
+        let es = self.dtype.size();
+        let staged = total + raw_total;
+        let host = staging.as_mut_slice().map_err(|e| drv("staging buffer", e))?;
+        // Each tensor's bytes to its place, in parallel (a rank-16 adapter of a 7B model is ~27 MB: one
+        // thread's copy was most of an upload). The places are disjoint and in ascending order within
+        // each part, so they are cut off the staging buffer one after another.
+        let (converted, raw_part) = host.split_at_mut(total);
+        let (mut rest_c, mut rest_r) = (converted, raw_part);
+        let (mut at_c, mut at_r) = (0usize, 0usize);
+        let mut jobs: Vec<(&mut [u8], &[u8])> = Vec::with_capacity(tensors.len());
+        for (t, &(off, raw)) in tensors.iter().zip(offsets) {
+            let (rest, at, start) = match raw {
+                None => (&mut rest_c, &mut at_c, off),
+                Some(r) => (&mut rest_r, &mut at_r, r),
+            };
+            let (_, tail) = std::mem::take(rest).split_at_mut(start - *at);
+            let (place, after) = tail.split_at_mut(t.data.len());
+            *rest = after;
+            *at = start + t.data.len();
+            jobs.push((place, &t.data));
+        }
+        {
+            use rayon::prelude::*;
+            jobs.into_par_iter()
+                .for_each(|(place, data)| place.copy_from_slice(data));
+        }
+        // SAFETY: uninitialised; the copy below (or a conversion) writes every byte a tensor covers
+        // (alignment padding is never read).
+        let dev = unsafe { self.upload_stream.alloc::<u8>(total) }
+            .map_err(|e| drv(&format!("allocating {total} bytes"), e))?;
+        let base = {
+            let (p, _sync) = dev.device_ptr(&self.upload_stream);
+            p
+        };
+        if offsets.iter().any(|(_, raw)| raw.is_none()) {
+            // Some tensors are already in the backend's type (all of them are converted otherwise, and this
+            // part of the staging buffer holds nothing).
+            // SAFETY: `dev` holds `total` bytes; `host[..staged]` is pinned and is not touched (the staging
+            // lock is held) until the copies have finished, below.
+            unsafe { drv_result::memcpy_htod_async(base, &host[..total], self.upload_stream.cu_stream()) }
+                .map_err(|e| drv("adapter upload", e))?;
+        }
+        let scratch = if raw_total > 0 {
+            // SAFETY: written by the copy right after, before the conversions read it.
+            let scratch = unsafe { self.upload_stream.alloc::<u8>(raw_total) }
+                .map_err(|e| drv(&format!("allocating {raw_total} bytes"), e))?;
+            let sp = {
+                let (p, _sync) = scratch.device_ptr(&self.upload_stream);
+                p
+            };
+            // SAFETY: as above; the scratch holds raw_total bytes.
+            unsafe { drv_result::memcpy_htod_async(sp, &host[total..staged], self.upload_stream.cu_stream()) }
+                .map_err(|e| drv("adapter upload", e))?;
+            let func = self.func("convert_in")?;
+            for (t, &(off, raw)) in tensors.iter().zip(offsets) {
+                let Some(r) = raw else { continue };
+                let n = t.numel() as u64;
+                if n == 0 {
+                    continue;
+                }
+                let (out, inp) = (base + off as u64, sp + r as u64);
+                let kind: i32 = match t.dtype {
+                    DType::F32 => 0,
+                    DType::F16 => 1,
+                    DType::BF16 => 2,
+                };
+                let mut b = self.upload_stream.launch_builder(func);
+                b.arg(&out);
+                b.arg(&inp);
+                b.arg(&kind);
+                b.arg(&n);
+                // SAFETY: convert_in(T* out, const void* in, int kind, u64 n): `out` holds n elements of the
+                // backend's type in `dev`, `in` n elements of the tensor's type in the scratch.
+                unsafe { b.launch(cfg((flat_grid(t.numel()), 1, 1), 256, 0)) }
+                    .map_err(|e| drv("launch of convert_in", e))?;
+            }
+            Some(scratch)
+        } else {
+            None
+        };
+        self.upload_stream.synchronize().map_err(|e| drv("adapter upload", e))?;
+        drop(scratch);
+        let owner = Arc::new(dev);
+        Ok(tensors
+            .iter()
+            .zip(offsets)
+            .map(|(t, &(off, _))| CudaTensor {
+                shape: t.shape.clone(),
+                buf: DevBuf::part(&owner, base, off, t.numel() * es),
+            })
+            .collect())
+    }
+
+    /// Keeps `buf` for later uploads once no copy reads it any more: the largest
+    /// [`KEPT_STAGING_BUFFERS`] buffers within [`KEPT_STAGING_BYTES`] are kept, the others unpinned (so
+    /// that one unusually large adapter does not hold that much page-locked memory for the server's life).
+    fn give_back_staging(&self, buf: PinnedHostSlice<u8>) {
+        if buf.len() > KEPT_STAGING_BYTES {
+            return;
+        }
+        let Ok(mut pool) = self.staging.lock() else { return };
+        pool.push(buf);
+        pool.sort_unstable_by_key(|s| std::cmp::Reverse(s.len()));
+        let mut total = 0;
+        let mut kept = 0;
+        pool.retain(|s| {
+            total += s.len();
+            kept += 1;
+            kept <= KEPT_STAGING_BUFFERS && total <= KEPT_STAGING_BYTES
+        });
     }
 
     /// Threads of a row kernel's block (one block per row) for `rows` rows of `cols` elements: as
@@ -916,6 +1067,7 @@ macro_rules! launch {
 
 pub mod attention;
 pub mod compile;
+mod file_upload;
 pub mod graph;
 pub mod lora;
 pub mod nccl;
@@ -1059,7 +1211,7 @@ impl CudaBackend {
             _attn_counters: attn_counters,
             attn_counters_ptr,
             upload_stream,
-            staging: Mutex::new(None),
+            staging: Mutex::new(Vec::new()),
             eager_staging: Mutex::new(None),
             pass: Mutex::new(PassCache::default()),
         };
@@ -1721,125 +1873,19 @@ impl Backend for CudaBackend {
             return Ok(Vec::new());
         }
         self.ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
-        let mut staging = self
-            .staging
-            .lock()
-            .map_err(|_| EngineError::Backend("the upload staging buffer was poisoned by a panic".into()))?;
         // Staged: the result's layout (tensors already in the backend's type), then the raw scratch.
-        let staged = total + raw_total;
-        if staging.as_ref().is_none_or(|s| s.len() < staged) {
-            // Free the smaller buffer before pinning the larger one.
-            *staging = None;
-            let bytes = staged.next_multiple_of(8 << 20);
-            // SAFETY: plain bytes, uninitialised; what is copied beyond the bytes written below is alignment
-            // padding, which no kernel reads.
-            let pinned = unsafe { self.ctx.alloc_pinned::<u8>(bytes) }
-                .map_err(|e| drv(&format!("pinning {bytes} bytes of host memory"), e))?;
-            *staging = Some(pinned);
+        let mut staging = self.take_staging(total + raw_total)?;
+        let result = self.upload_staged(tensors, &offsets, (total, raw_total), &mut staging);
+        if result.is_err() {
+            // Copies queued before the failure may still read the buffer.
+            let _ = self.upload_stream.synchronize();
         }
-        let host = staging
-            .as_mut()
-            .ok_or_else(|| EngineError::Backend("no upload staging buffer".into()))?
-            .as_mut_slice()
-            .map_err(|e| drv("staging buffer", e))?;
-        // (Not to be called from a rayon task: the copy below runs on the pool while the staging lock is
-        // held, and a stolen second upload on the same thread would wait on that lock for ever. The shard
-        // and the engine call it from their own threads.)
-        // Each tensor's bytes to its place, in parallel (a rank-16 adapter of a 7B model is ~27 MB: one
-        // thread's copy was most of an upload). The places are disjoint and in ascending order within
-        // each part, so they are cut off the staging buffer one after another.
-        let (converted, raw_part) = host.split_at_mut(total);
-        let (mut rest_c, mut rest_r) = (converted, raw_part);
-        let (mut at_c, mut at_r) = (0usize, 0usize);
-        let mut jobs: Vec<(&mut [u8], &[u8])> = Vec::with_capacity(tensors.len());
-        for (t, &(off, raw)) in tensors.iter().zip(&offsets) {
-            let (rest, at, start) = match raw {
-                None => (&mut rest_c, &mut at_c, off),
-                Some(r) => (&mut rest_r, &mut at_r, r),
-            };
-            let (_, tail) = std::mem::take(rest).split_at_mut(start - *at);
-            let (place, after) = tail.split_at_mut(t.data.len());
-            *rest = after;
-            *at = start + t.data.len();
-            jobs.push((place, &t.data));
-        }
-        {
-            use rayon::prelude::*;
-            jobs.into_par_iter()
-                .for_each(|(place, data)| place.copy_from_slice(data));
-        }
-        // SAFETY: uninitialised; the copy below (or a conversion) writes every byte a tensor covers
-        // (alignment padding is never read).
-        let dev = unsafe { self.upload_stream.alloc::<u8>(total) }
-            .map_err(|e| drv(&format!("allocating {total} bytes"), e))?;
-        let base = {
-            let (p, _sync) = dev.device_ptr(&self.upload_stream);
-            p
-        };
-        if offsets.iter().any(|(_, raw)| raw.is_none()) {
-            // Some tensors are already in the backend's type (all of them are converted otherwise, and this
-            // part of the staging buffer holds nothing).
-            // SAFETY: `dev` holds `total` bytes; `host[..staged]` is pinned and is not touched (the staging
-            // lock is held) until the copies have finished, below.
-            unsafe { drv_result::memcpy_htod_async(base, &host[..total], self.upload_stream.cu_stream()) }
-                .map_err(|e| drv("adapter upload", e))?;
-        }
-        let scratch = if raw_total > 0 {
-            // SAFETY: written by the copy right after, before the conversions read it.
-            let scratch = unsafe { self.upload_stream.alloc::<u8>(raw_total) }
-                .map_err(|e| drv(&format!("allocating {raw_total} bytes"), e))?;
-            let sp = {
-                let (p, _sync) = scratch.device_ptr(&self.upload_stream);
-                p
-            };
-            // SAFETY: as above; the scratch holds raw_total bytes.
-            unsafe { drv_result::memcpy_htod_async(sp, &host[total..staged], self.upload_stream.cu_stream()) }
-                .map_err(|e| drv("adapter upload", e))?;
-            let func = self.func("convert_in")?;
-            for (t, &(off, raw)) in tensors.iter().zip(&offsets) {
-                let Some(r) = raw else { continue };
-                let n = t.numel() as u64;
-                if n == 0 {
-                    continue;
-                }
-                let (out, inp) = (base + off as u64, sp + r as u64);
-                let kind: i32 = match t.dtype {
-                    DType::F32 => 0,
-                    DType::F16 => 1,
-                    DType::BF16 => 2,
-                };
-                let mut b = self.upload_stream.launch_builder(func);
-                b.arg(&out);
-                b.arg(&inp);
-                b.arg(&kind);
-                b.arg(&n);
-                // SAFETY: convert_in(T* out, const void* in, int kind, u64 n): `out` holds n elements of the
-                // backend's type in `dev`, `in` n elements of the tensor's type in the scratch.
-                unsafe { b.launch(cfg((flat_grid(t.numel()), 1, 1), 256, 0)) }
-                    .map_err(|e| drv("launch of convert_in", e))?;
-            }
-            Some(scratch)
-        } else {
-            None
-        };
-        self.upload_stream.synchronize().map_err(|e| drv("adapter upload", e))?;
-        drop(scratch);
-        // A buffer pinned for an unusually large adapter is unpinned after it, so that one such load does
-        // not hold that much page-locked host memory for the server's life (after a failed upload, the
-        // next successful one unpins it).
-        if staging.as_ref().is_some_and(|s| s.len() > KEPT_STAGING_BYTES) {
-            *staging = None;
-        }
-        drop(staging);
-        let owner = Arc::new(dev);
-        Ok(tensors
-            .iter()
-            .zip(offsets)
-            .map(|(t, (off, _))| CudaTensor {
-                shape: t.shape.clone(),
-                buf: DevBuf::part(&owner, base, off, t.numel() * es),
-            })
-            .collect())
+        self.give_back_staging(staging);
+        result
+    }
+
+    fn begin_file_upload(&self) -> Option<Box<dyn super::FileUpload<CudaTensor> + '_>> {
+        Some(Box::new(file_upload::CudaFileUpload::new(self)))
     }
 
     fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CudaTensor> {
