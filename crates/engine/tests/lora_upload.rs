@@ -15,11 +15,9 @@ use lorax_engine::lora::{HostAdapter, PieceSink};
 use lorax_engine::weights::DType;
 use lorax_engine::{Backend, CacheConfig, CpuBackend, Engine};
 
-/// An adapter uploaded on another thread through the engine's uploader and inserted gives the same
-/// logits, bit for bit, as the same adapter loaded by `load_adapter` (and not the base model's).
-#[test]
-fn adapter_uploaded_apart_from_the_engine_serves_as_a_loaded_one() {
-    let mut e = Engine::load(
+/// The fixture Llama on the CPU backend.
+fn llama() -> Engine<CpuBackend> {
+    Engine::load(
         CpuBackend,
         &fixtures().join("models/llama"),
         CacheConfig {
@@ -27,7 +25,14 @@ fn adapter_uploaded_apart_from_the_engine_serves_as_a_loaded_one() {
             block_size: 4,
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// An adapter uploaded on another thread through the engine's uploader and inserted gives the same
+/// logits, bit for bit, as the same adapter loaded by `load_adapter` (and not the base model's).
+#[test]
+fn adapter_uploaded_apart_from_the_engine_serves_as_a_loaded_one() {
+    let mut e = llama();
     let host = HostAdapter::load(&fixtures().join("adapters/lora-r16-all"), e.config(), 64).unwrap();
     assert_eq!(e.load_adapter("loaded", &host).unwrap(), host.bytes);
     let uploader = e.adapter_uploader();
@@ -54,15 +59,7 @@ fn adapter_uploaded_apart_from_the_engine_serves_as_a_loaded_one() {
 /// adapter uploaded after the read, and its rows serve alike.
 #[test]
 fn adapters_uploaded_while_read_equal_those_uploaded_after() {
-    let mut e = Engine::load(
-        CpuBackend,
-        &fixtures().join("models/llama"),
-        CacheConfig {
-            num_blocks: 64,
-            block_size: 4,
-        },
-    )
-    .unwrap();
+    let mut e = llama();
     let uploader = e.adapter_uploader();
     let dir = fixtures().join("adapters/lora-r16-all");
     let (host, streamed, beside) = uploader.load_and_upload(&dir, e.config(), 64).unwrap();
