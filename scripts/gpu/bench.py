@@ -372,9 +372,11 @@ def say_load_metric(before, after, what):
 
 
 def log_times(names):
-    """Per adapter, from the server log: the shard's read + parse (`adapter downloaded ... ms=`), the
-    load RPC (router's `adapter downloaded` to the shard's `adapter loaded`: the upload to the GPU), and
-    the router's whole load (`adapter loaded ... seconds=`)."""
+    """Per adapter, from the server log: the shard's read + parse (`adapter downloaded ... ms=`; with an
+    upload beside the read, that upload's copies included), the upload (a LoadAdapter: router's `adapter
+    downloaded` to the shard's `adapter loaded`; a download that loaded, `via=download`: the shard's
+    `upload_ms=`, the part after the read), how the upload went (`load` or `download`, and `beside_read`),
+    and the router's whole load (`adapter loaded ... seconds=`)."""
     ansi = re.compile(r"\x1b\[[0-9;]*m")
     stamp = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:(\d\d\.\d+))Z?")
     events = {n: {} for n in names}
@@ -402,21 +404,30 @@ def log_times(names):
                 e["rpc_start"] = secs
             elif "lorax_shard" in line and "adapter loaded" in line:
                 e["loaded"] = secs
+                via = re.search(r"\bvia=(\w+)", line)
+                e["via"] = via.group(1) if via else "load"
+                beside = re.search(r"\bbeside_read=(\w+)", line)
+                e["beside_read"] = beside.group(1) == "true" if beside else None
+                up = re.search(r"\bupload_ms=([\d.]+)", line)
+                if e["via"] == "download" and up:
+                    e["upload_ms"] = float(up.group(1))
             elif "lorax_router" in line and "adapter loaded" in line:
                 s = re.search(r"seconds=([\d.e-]+)", line)
                 e["total_ms"] = float(s.group(1)) * 1e3 if s else None
     out = {}
     for n, e in events.items():
-        if "rpc_start" in e and "loaded" in e:
+        if "rpc_start" in e and "loaded" in e and e.get("via") != "download":
             e["upload_ms"] = (e["loaded"] - e["rpc_start"]) * 1e3
-        out[n] = {k: e.get(k) for k in ("read_ms", "read_path", "upload_ms", "total_ms")}
+        out[n] = {k: e.get(k) for k in ("read_ms", "read_path", "upload_ms", "total_ms", "via", "beside_read")}
     return out
 
 
 def say_log_times(times, what):
     fmt = lambda v: num(v, 1)  # noqa: E731
     for n, t in times.items():
-        say(f"BENCH log {n}: read+parse {fmt(t['read_ms'])} ms ({t.get('read_path') or 'read path not logged'}), upload (load RPC) {fmt(t['upload_ms'])} ms, "
+        how = ("by the download, beside the read" if t.get("beside_read") else "by the download, after the read") \
+            if t.get("via") == "download" else "load RPC"
+        say(f"BENCH log {n}: read+parse {fmt(t['read_ms'])} ms ({t.get('read_path') or 'read path not logged'}), upload ({how}) {fmt(t['upload_ms'])} ms, "
             f"router load {fmt(t['total_ms'])} ms")
     summary = {}
     for k in ("read_ms", "upload_ms", "total_ms"):

@@ -182,26 +182,49 @@ impl<B: Backend> AdapterUploader<B> {
     /// the backend can ([`crate::backend::Backend::begin_file_upload`]), each piece of the weights file
     /// goes to the device as it is read, so the upload ends about when the read does; otherwise, or when
     /// that upload cannot serve the adapter, the adapter goes up after the read ([`Self::upload`]).
-    /// The third value says which: `true` for the upload beside the read.
+    /// The outer error is the read's or the check's; the inner result the upload's.
     pub fn load_and_upload(
         &self,
         dir: &Path,
         cfg: &ModelConfig,
         max_rank: usize,
-    ) -> Result<(HostAdapter, DeviceAdapter<B>, bool)> {
+    ) -> Result<(HostAdapter, Result<Uploaded<B>>)> {
         let streamed = (self.world_size == 1)
             .then(|| self.backend.begin_file_upload())
             .flatten();
         let host = HostAdapter::load_with(dir, cfg, max_rank, streamed.as_deref().map(|u| u as &dyn PieceSink))?;
+        let read_end = Instant::now();
         if let Some(upload) = streamed {
             match DeviceAdapter::from_file_upload(&*self.backend, &host, upload) {
-                Ok(device) => return Ok((host, device, true)),
+                Ok(device) => {
+                    let uploaded = Uploaded {
+                        device,
+                        beside_read: true,
+                        after_read: read_end.elapsed(),
+                    };
+                    return Ok((host, Ok(uploaded)));
+                }
                 Err(e) => tracing::debug!("uploading the adapter after its read: {e}"),
             }
         }
-        let device = self.upload(&host)?;
-        Ok((host, device, false))
+        let uploaded = self.upload(&host).map(|device| Uploaded {
+            device,
+            beside_read: false,
+            after_read: read_end.elapsed(),
+        });
+        Ok((host, uploaded))
     }
+}
+
+/// An adapter uploaded by [`AdapterUploader::load_and_upload`].
+#[derive(Debug)]
+pub struct Uploaded<B: Backend> {
+    /// The adapter on the device.
+    pub device: DeviceAdapter<B>,
+    /// Whether it went up while its file was read.
+    pub beside_read: bool,
+    /// How long the upload took past the read's end (the part of it not hidden by the read).
+    pub after_read: Duration,
 }
 
 impl<B: Backend> Engine<B> {

@@ -62,7 +62,9 @@ fn adapters_uploaded_while_read_equal_those_uploaded_after() {
     let mut e = llama();
     let uploader = e.adapter_uploader();
     let dir = fixtures().join("adapters/lora-r16-all");
-    let (host, streamed, beside) = uploader.load_and_upload(&dir, e.config(), 64).unwrap();
+    let (host, upload) = uploader.load_and_upload(&dir, e.config(), 64).unwrap();
+    let upload = upload.unwrap();
+    let (streamed, beside) = (upload.device, upload.beside_read);
     assert!(beside, "the CPU backend uploads while reading");
     let after = uploader.upload(&host).unwrap();
     assert_eq!(streamed.bytes, after.bytes);

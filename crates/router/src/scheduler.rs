@@ -237,8 +237,11 @@ impl Scheduler {
         let api_token = entry.request.api_token.clone();
         if self.queues.push(adapter.as_ref(), entry, Instant::now()) {
             if let Some(adapter) = adapter {
-                tracing::info!(adapter = %adapter, "downloading adapter");
-                self.adapter_tasks.download(adapter, api_token);
+                // With one shard and a slot free, the download loads it too: one call, and the upload
+                // runs beside the read of its files.
+                let load = self.clients.len() == 1 && self.queues.claim_for_download(&adapter);
+                tracing::info!(adapter = %adapter, load, "downloading adapter");
+                self.adapter_tasks.download(adapter, api_token, load);
             }
         }
     }
@@ -249,14 +252,13 @@ impl Scheduler {
         match event {
             AdapterEvent::Downloaded { adapter, response } => {
                 log_download(&adapter, &response);
-                self.queues.downloaded(&adapter);
-            }
-            AdapterEvent::Loaded { adapter } => {
-                if let Some(took) = self.queues.loaded(&adapter, Instant::now()) {
-                    metrics::histogram!(m::ADAPTER_LOAD_DURATION).record(took.as_secs_f64());
-                    tracing::info!(adapter = %adapter, seconds = took.as_secs_f64(), "adapter loaded");
+                if response.loaded {
+                    self.on_loaded(&adapter);
+                } else {
+                    self.queues.downloaded(&adapter);
                 }
             }
+            AdapterEvent::Loaded { adapter } => self.on_loaded(&adapter),
             AdapterEvent::Offloaded { adapter, error } => {
                 match error {
                     None => tracing::info!(adapter = %adapter, "adapter offloaded"),
@@ -273,6 +275,14 @@ impl Scheduler {
                     let _ = entry.response_tx.send(Err(InferError::Adapter(error.clone())));
                 }
             }
+        }
+    }
+
+    /// The adapter is on every shard (by its LoadAdapter, or by its download).
+    fn on_loaded(&mut self, adapter: &AdapterKey) {
+        if let Some(took) = self.queues.loaded(adapter, Instant::now()) {
+            metrics::histogram!(m::ADAPTER_LOAD_DURATION).record(took.as_secs_f64());
+            tracing::info!(adapter = %adapter, seconds = took.as_secs_f64(), "adapter loaded");
         }
     }
 

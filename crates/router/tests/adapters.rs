@@ -20,9 +20,11 @@ fn flags(flags: &[&str]) -> Vec<String> {
     flags.iter().map(ToString::to_string).collect()
 }
 
-#[tokio::test]
-async fn many_adapters_share_three_device_slots() {
+/// A deployment of `shards` shards with 3 device slots, after 50 requests over 20 adapters, each
+/// answered by its adapter.
+async fn fifty_requests_over_twenty_adapters(shards: u32) -> Deployment {
     let d = Deployment::start(Setup {
+        shards,
         adapter_capacity: 3,
         flags: flags(&["--max-active-adapters", "3"]),
         ..Setup::default()
@@ -38,6 +40,12 @@ async fn many_adapters_share_three_device_slots() {
         }
     });
     futures::future::join_all(requests).await;
+    d
+}
+
+#[tokio::test]
+async fn many_adapters_share_three_device_slots() {
+    let d = fifty_requests_over_twenty_adapters(Setup::default().shards).await;
 
     for (rank, shard) in d.shards.iter().enumerate() {
         let most = shard.max_loaded.load(Ordering::SeqCst);
@@ -54,6 +62,33 @@ async fn many_adapters_share_three_device_slots() {
             1,
             "reloads need no download"
         );
+    }
+    d.assert_no_violations();
+}
+
+/// With one shard, an adapter whose first request finds a slot free is loaded by its download (one shard
+/// call, the upload beside the read); the others wait for slots and are loaded by LoadAdapter. Every
+/// adapter is downloaded once, the device tier never holds more than its slots, and the fakes see no
+/// breach of the contract (a download that loads on a full tier would be one).
+#[tokio::test]
+async fn one_shard_downloads_load_adapters_into_free_slots() {
+    let d = fifty_requests_over_twenty_adapters(1).await;
+    let shard = &d.shards[0];
+    let (by_download, by_load) = (
+        shard.download_loads.load(Ordering::SeqCst),
+        shard.loads.load(Ordering::SeqCst),
+    );
+    assert!(
+        by_download >= 3,
+        "the first adapters' downloads loaded them: {by_download}"
+    );
+    assert!(
+        by_download + by_load >= 20,
+        "every adapter was loaded: {by_download} + {by_load}"
+    );
+    assert!(shard.max_loaded.load(Ordering::SeqCst) <= 3);
+    for i in 0..20 {
+        assert_eq!(d.hub.downloads(&format!("org/adapter-{i}")), 1);
     }
     d.assert_no_violations();
 }

@@ -277,7 +277,12 @@ pub fn evict_hub(id: &str) {
 
 /// Parses and checks an adapter against the base model, as a status on failure.
 pub fn parse(located: &Located, cfg: &ModelConfig, max_rank: usize) -> Result<HostAdapter, Status> {
-    HostAdapter::load(&located.dir, cfg, max_rank).map_err(|e| match e {
+    HostAdapter::load(&located.dir, cfg, max_rank).map_err(|e| parse_error(e, located))
+}
+
+/// The status of a failed parse of the adapter at `located`.
+pub fn parse_error(e: EngineError, located: &Located) -> Status {
+    match e {
         EngineError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
             let file = path
                 .file_name()
@@ -287,7 +292,7 @@ pub fn parse(located: &Located, cfg: &ModelConfig, max_rank: usize) -> Result<Ho
         }
         // Messages name files by their path on this machine; keep only the adapter-relative part.
         other => Status::invalid_argument(strip_dir(&other.to_string(), &located.dir)),
-    })
+    }
 }
 
 fn strip_dir(message: &str, dir: &Path) -> String {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lorax_engine::engine::AdapterUploader;
+use lorax_engine::lora::DeviceAdapter;
 use lorax_engine::{
     Backend, Batch, CacheConfig, Engine, EngineError, Generation, ModelConfig, NewSequence, SamplingParams, StepOptions,
 };
@@ -121,6 +122,31 @@ fn release_pending(pending: &mut HashMap<String, (u64, usize)>, key: &str, gener
         }
         _ => false,
     }
+}
+
+/// A parse for the host tier ([`ShardServer::parse_into_host_tier`]).
+struct Parsed<B: Backend> {
+    host: Arc<lorax_engine::lora::HostAdapter>,
+    /// Milliseconds of the parse (with an upload beside the read, to the upload's end); None when the host
+    /// tier's parse was taken.
+    parse_ms: Option<u64>,
+    /// With an upload: the device adapter, the milliseconds its upload took after the parse, and whether
+    /// it went up beside the read; or the upload's error.
+    device: Option<Result<UploadDone<B>, EngineError>>,
+}
+
+/// An uploaded adapter, the milliseconds its upload took after the parse, and whether it went up beside
+/// the read.
+type UploadDone<B> = (DeviceAdapter<B>, f64, bool);
+
+/// What the `adapter loaded` log line says of a load.
+struct LoadLog {
+    started: Instant,
+    parse_ms: u64,
+    upload_ms: f64,
+    beside_read: bool,
+    /// "load" (LoadAdapter) or "download" (DownloadAdapter with `load`).
+    via: &'static str,
 }
 
 /// The service: the engine (on any backend) and its running batch behind one lock.
@@ -277,12 +303,12 @@ impl<B: Backend> ShardServer<B> {
     /// Parses the adapter at `located` (on a blocking thread) into the host tier, or takes the host tier's
     /// parse when the files are unchanged since it (a DownloadAdapter for an adapter already parsed: a
     /// chat template's fetch, or a request with another token, which still goes through `locate`). Also
-    /// returns the parse's milliseconds (None when taken from the tier).
-    async fn parse_into_host_tier(
-        &self,
-        key: &str,
-        located: Located,
-    ) -> Result<(Arc<lorax_engine::lora::HostAdapter>, Option<u64>), Status> {
+    /// returns the parse's milliseconds (None when taken from the tier). With `upload`, a parse also
+    /// uploads the adapter, beside the read where the backend can
+    /// ([`AdapterUploader::load_and_upload`]), and returns the upload's outcome: the device adapter, the
+    /// milliseconds from the read's end to the upload's, and whether it went up beside the read. (None
+    /// when the parse was taken from the tier: upload it apart.)
+    async fn parse_into_host_tier(&self, key: &str, located: Located, upload: bool) -> Result<Parsed<B>, Status> {
         let cfg = self.cfg.clone();
         let max_rank = self.settings.max_rank;
         let _turn = self
@@ -290,7 +316,8 @@ impl<B: Backend> ShardServer<B> {
             .acquire()
             .await
             .map_err(|_| Status::unavailable("the shard is shutting down"))?;
-        let (host, stamp, ms) = tokio::task::spawn_blocking({
+        let uploader = upload.then(|| self.uploader.clone());
+        let (parsed, stamp) = tokio::task::spawn_blocking({
             let host_tier = Arc::clone(&self.host_tier);
             let key = key.to_string();
             move || {
@@ -298,18 +325,136 @@ impl<B: Backend> ShardServer<B> {
                 // download parses again rather than keeping what may be old contents.
                 let stamp = adapters::stamp(&located);
                 if let Some(host) = stamp.as_ref().and_then(|s| host_tier.get_unchanged(&key, s)) {
-                    return Ok((host, None, None));
+                    return Ok::<_, Status>((
+                        Parsed {
+                            host,
+                            parse_ms: None,
+                            device: None,
+                        },
+                        None,
+                    ));
                 }
                 let t = Instant::now();
-                adapters::parse(&located, &cfg, max_rank).map(|h| (Arc::new(h), Some(stamp), Some(millis(t))))
+                let (host, device) = match uploader {
+                    None => (adapters::parse(&located, &cfg, max_rank)?, None),
+                    Some(uploader) => {
+                        let (host, device) = uploader
+                            .load_and_upload(&located.dir, &cfg, max_rank)
+                            .map_err(|e| adapters::parse_error(e, &located))?;
+                        (host, Some(device))
+                    }
+                };
+                // The read's time: the upload's part after it is told apart.
+                let after_read = device
+                    .as_ref()
+                    .map_or(Duration::ZERO, |d| d.as_ref().map_or(Duration::ZERO, |u| u.after_read));
+                let parse_ms = millis_of(t.elapsed().saturating_sub(after_read));
+                let device = device.map(|d| d.map(|u| (u.device, millis_f(u.after_read), u.beside_read)));
+                Ok((
+                    Parsed {
+                        host: Arc::new(host),
+                        parse_ms: Some(parse_ms),
+                        device,
+                    },
+                    Some(stamp),
+                ))
             }
         })
         .await
         .map_err(|e| Status::internal(format!("parse task failed: {e}")))??;
         if let Some(stamp) = stamp {
-            self.host_tier.insert(key, Arc::clone(&host), stamp);
+            self.host_tier.insert(key, Arc::clone(&parsed.host), stamp);
         }
-        Ok((host, ms))
+        Ok(parsed)
+    }
+
+    /// Claims a device slot for a load of `key`, before anything is read or uploaded: `None` when it is
+    /// loaded already; RESOURCE_EXHAUSTED when every slot is taken, counting loads in flight. The claim
+    /// holds the slot until it is inserted ([`Self::insert_loaded`]) or dropped.
+    async fn claim_slot(&self, key: &str) -> Result<Option<Pending<B>>, Status> {
+        let slots = self.settings.device_slots;
+        let probe = key.to_string();
+        let generation = self
+            .with_state(move |s| {
+                if s.engine.has_adapter(&probe) {
+                    return Ok(None);
+                }
+                let loaded = s.engine.adapter_keys().len();
+                let others = s.pending.keys().filter(|k| **k != probe).count();
+                if !s.pending.contains_key(&probe) && loaded + others >= slots {
+                    return Err(no_slot(loaded + others, slots));
+                }
+                s.generation += 1;
+                let fresh = s.generation;
+                let entry = s.pending.entry(probe).or_insert((fresh, 0));
+                entry.1 += 1;
+                Ok(Some(entry.0))
+            })
+            .await?;
+        Ok(generation.map(|generation| Pending {
+            state: Arc::clone(&self.state),
+            key: key.to_string(),
+            generation,
+            armed: true,
+        }))
+    }
+
+    /// Puts an uploaded adapter in the device tier under its claim. Only this takes the engine lock.
+    /// Another load of the same adapter may have finished meanwhile: then this upload is dropped (outside
+    /// the lock). ABORTED when the adapter was offloaded while it loaded. Returns its device bytes (0 when
+    /// it was there already).
+    async fn insert_loaded(
+        &self,
+        mut claim: Pending<B>,
+        device: DeviceAdapter<B>,
+        log: LoadLog,
+    ) -> Result<u64, Status> {
+        claim.armed = false;
+        let (key, generation) = (claim.key.clone(), claim.generation);
+        let slots = self.settings.device_slots;
+        let (bytes, unused) = self
+            .with_state(move |s| {
+                if !release_pending(&mut s.pending, &key, generation) {
+                    return Err(Status::aborted(format!(
+                        "adapter {key:?} was offloaded while it was loading"
+                    )));
+                }
+                if s.engine.has_adapter(&key) {
+                    return Ok((0, Some(device)));
+                }
+                let loaded = s.engine.adapter_keys().len();
+                if loaded >= slots {
+                    return Err(no_slot(loaded, slots));
+                }
+                let bytes = s.engine.insert_adapter(&key, device);
+                tracing::info!(
+                    adapter = %key,
+                    bytes,
+                    loaded = loaded + 1,
+                    parse_ms = log.parse_ms,
+                    upload_ms = log.upload_ms,
+                    beside_read = log.beside_read,
+                    via = %log.via,
+                    ms = millis(log.started),
+                    "adapter loaded"
+                );
+                Ok((bytes, None))
+            })
+            .await?;
+        drop(unused);
+        Ok(bytes as u64)
+    }
+
+    /// Uploads a parsed adapter (on a blocking thread, without the engine lock: forward passes go on).
+    async fn upload(&self, host: Arc<lorax_engine::lora::HostAdapter>) -> Result<(DeviceAdapter<B>, f64), Status> {
+        let uploader = self.uploader.clone();
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            uploader.upload(&host).map(|d| (d, millis_f(t.elapsed())))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("upload task failed: {e}")))?
+        .map_err(status)
     }
 
     async fn with_state<T: Send + 'static>(
@@ -323,13 +468,23 @@ impl<B: Backend> ShardServer<B> {
     }
 }
 
+/// Milliseconds of `d`, to the hundredth (for logs).
+fn millis_f(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
+}
+
+/// Whole milliseconds of `d`.
+fn millis_of(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Nanoseconds since `since`.
 fn nanos(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn millis(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    millis_of(since.elapsed())
 }
 
 /// The refusal of a load beyond `--max-active-adapters`.
@@ -572,8 +727,20 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let key = adapters::key(&r.adapter_source, &r.adapter_id);
         let started = Instant::now();
         let (located, turn) = self.locate(&r.adapter_source, &r.adapter_id, r.api_token, true).await?;
+        // With `load`, a slot is claimed once the files are here and before the read, so the upload can
+        // run beside the read. No slot free: the download goes on alone (the router calls LoadAdapter
+        // later).
+        let (claim, loaded_already) = match r.load {
+            false => (None, false),
+            true => match self.claim_slot(&key).await {
+                Ok(Some(claim)) => (Some(claim), false),
+                Ok(None) => (None, true),
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => (None, false),
+                Err(status) => return Err(status),
+            },
+        };
         let tokenizer_config = adapters::tokenizer_config(&located);
-        let (host, parse_ms) = match self.parse_into_host_tier(&key, located).await {
+        let parsed = match self.parse_into_host_tier(&key, located, claim.is_some()).await {
             Ok(parsed) => parsed,
             Err(status) => {
                 if r.adapter_source == "hub" {
@@ -585,6 +752,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
             }
         };
         drop(turn);
+        let host = Arc::clone(&parsed.host);
         let mut warnings = Vec::new();
         if let Some(base) = host.base_model.as_deref().filter(|b| *b != self.info.model_id) {
             warnings.push(format!(
@@ -599,19 +767,42 @@ impl<B: Backend> ShardService for ShardServer<B> {
             rank = host.max_rank,
             host_tier_bytes = held,
             host_tier_entries = entries,
-            parse_ms = parse_ms.unwrap_or(0),
-            read = parse_ms.map_or("HostTier", |_| host.read.as_str()),
+            parse_ms = parsed.parse_ms.unwrap_or(0),
+            read = parsed.parse_ms.map_or("HostTier", |_| host.read.as_str()),
             ms = millis(started),
             "adapter downloaded"
         );
         for w in &warnings {
             tracing::warn!("{w}");
         }
+        let device_bytes = match claim {
+            None => None,
+            Some(claim) => {
+                let (device, upload_ms, beside_read) = match parsed.device {
+                    Some(uploaded) => uploaded.map_err(status)?,
+                    // The host tier's parse: upload it now.
+                    None => {
+                        let (device, ms) = self.upload(Arc::clone(&host)).await?;
+                        (device, ms, false)
+                    }
+                };
+                let log = LoadLog {
+                    started,
+                    parse_ms: parsed.parse_ms.unwrap_or(0),
+                    upload_ms,
+                    beside_read,
+                    via: "download",
+                };
+                Some(self.insert_loaded(claim, device, log).await?)
+            }
+        };
         Ok(Response::new(pb::DownloadAdapterResponse {
             size_bytes: host.bytes as u64,
             warnings,
             rank: u32::try_from(host.max_rank).unwrap_or(u32::MAX),
             tokenizer_config,
+            loaded: loaded_already || device_bytes.is_some(),
+            device_bytes: device_bytes.unwrap_or(0),
         }))
     }
 
@@ -622,88 +813,42 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let r = req.into_inner();
         let key = adapters::key(&r.adapter_source, &r.adapter_id);
         let started = Instant::now();
-        let slots = self.settings.device_slots;
-        // Already loaded, or no slot: answer before reading or uploading anything. Otherwise the load
-        // claims a slot for its key until it inserts or fails (loads in flight count against the limit).
-        let probe = key.clone();
-        let claim = self
-            .with_state(move |s| {
-                if s.engine.has_adapter(&probe) {
-                    return Ok(None);
-                }
-                let loaded = s.engine.adapter_keys().len();
-                let others = s.pending.keys().filter(|k| **k != probe).count();
-                if !s.pending.contains_key(&probe) && loaded + others >= slots {
-                    return Err(no_slot(loaded + others, slots));
-                }
-                s.generation += 1;
-                let fresh = s.generation;
-                let entry = s.pending.entry(probe).or_insert((fresh, 0));
-                entry.1 += 1;
-                Ok(Some(entry.0))
-            })
-            .await?;
-        let Some(generation) = claim else {
+        // Already loaded, or no slot: answer before reading or uploading anything.
+        let Some(claim) = self.claim_slot(&key).await? else {
             return Ok(Response::new(pb::LoadAdapterResponse { device_bytes: 0 }));
         };
-        let mut pending = Pending {
-            state: Arc::clone(&self.state),
-            key: key.clone(),
-            generation,
-            armed: true,
-        };
-        let (host, parse_ms) = match self.host_tier.get(&key) {
-            Some(h) => (h, 0),
+        let (device, parse_ms, upload_ms, beside_read) = match self.host_tier.get(&key) {
+            Some(host) => {
+                let (device, ms) = self.upload(host).await?;
+                (device, 0, ms, false)
+            }
             None => {
-                // Evicted from the host tier (or downloaded by another rank): read it again from disk.
+                // Evicted from the host tier (or downloaded by another rank): read it again from disk,
+                // uploading beside the read.
                 let (located, _turn) = self.locate(&r.adapter_source, &r.adapter_id, None, false).await?;
-                let (host, ms) = self.parse_into_host_tier(&key, located).await?;
-                (host, ms.unwrap_or(0))
+                let parsed = self.parse_into_host_tier(&key, located, true).await?;
+                let parse_ms = parsed.parse_ms.unwrap_or(0);
+                match parsed.device {
+                    Some(uploaded) => {
+                        let (device, ms, beside) = uploaded.map_err(status)?;
+                        (device, parse_ms, ms, beside)
+                    }
+                    None => {
+                        let (device, ms) = self.upload(parsed.host).await?;
+                        (device, parse_ms, ms, false)
+                    }
+                }
             }
         };
-        // The upload runs without the engine lock: forward passes go on meanwhile.
-        let uploader = self.uploader.clone();
-        let (device, upload_ms) = tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            uploader.upload(&host).map(|d| (d, millis(t)))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("upload task failed: {e}")))?
-        .map_err(status)?;
-        // Only the insertion holds the lock. Another load of the same adapter or of another one may have
-        // finished meanwhile: then this upload is dropped (outside the lock).
-        pending.armed = false;
-        let (bytes, unused) = self
-            .with_state(move |s| {
-                if !release_pending(&mut s.pending, &key, generation) {
-                    return Err(Status::aborted(format!(
-                        "adapter {key:?} was offloaded while it was loading"
-                    )));
-                }
-                if s.engine.has_adapter(&key) {
-                    return Ok((0, Some(device)));
-                }
-                let loaded = s.engine.adapter_keys().len();
-                if loaded >= slots {
-                    return Err(no_slot(loaded, slots));
-                }
-                let bytes = s.engine.insert_adapter(&key, device);
-                tracing::info!(
-                    adapter = %key,
-                    bytes,
-                    loaded = loaded + 1,
-                    parse_ms,
-                    upload_ms,
-                    ms = millis(started),
-                    "adapter loaded"
-                );
-                Ok((bytes, None))
-            })
-            .await?;
-        drop(unused);
-        Ok(Response::new(pb::LoadAdapterResponse {
-            device_bytes: bytes as u64,
-        }))
+        let log = LoadLog {
+            started,
+            parse_ms,
+            upload_ms,
+            beside_read,
+            via: "load",
+        };
+        let bytes = self.insert_loaded(claim, device, log).await?;
+        Ok(Response::new(pb::LoadAdapterResponse { device_bytes: bytes }))
     }
 
     async fn offload_adapter(

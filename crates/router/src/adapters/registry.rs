@@ -6,11 +6,17 @@
 //! States of an adapter (key = source + id):
 //!
 //! ```text
+//!      ┌──────────────slot free at its first request (one shard): loads as it downloads─────┐
+//!      │                                                                                      ▼
 //! Downloading ──ok──► Downloaded ──slot free──► Loading ──ok──► Active ──idle or cycled out──► Offloading
 //!      │                  ▲                        │                                              │
 //!      └──failed──► (errored: its queue fails, the entry is forgotten) ◄──failed──┘               │
 //!                         └───────────────────────────────────────────────────────────────────────┘
 //! ```
+//!
+//! An adapter that takes a free slot as its download starts ([`Registry::claim_for_download`]) is Loading
+//! from then on: its download also loads it (and if the shard had no slot after all, it becomes
+//! Downloaded and waits for one as others do).
 //!
 //! Past [`KEPT_IDLE`] idle Downloaded adapters (nothing queued or running), the least recently used are
 //! forgotten, as an errored one is (a later request downloads it again).
@@ -82,6 +88,8 @@ struct Adapter<T> {
     /// Arrival number of its last move to Downloaded: it waits for a slot from then or from its oldest
     /// queued request, whichever is later, so an adapter just cycled out queues behind those waiting.
     downloaded_at: u64,
+    /// Loading by its download ([`Registry::claim_for_download`]), not by a LoadAdapter.
+    loads_in_download: bool,
 }
 
 impl<T> Adapter<T> {
@@ -94,6 +102,7 @@ impl<T> Adapter<T> {
             readying_since: Some(now),
             served: false,
             downloaded_at: 0,
+            loads_in_download: false,
         }
     }
 
@@ -349,6 +358,29 @@ impl<T> Registry<T> {
         actions
     }
 
+    /// A Downloading adapter takes a free slot for its download to load it as well, when the free slots
+    /// outnumber the Downloaded adapters waiting for one (no earlier waiter is passed over). `true`: it
+    /// is Loading now, and its download should load it.
+    pub fn claim_for_download(&mut self, key: &AdapterKey) -> bool {
+        let waiting = self
+            .adapters
+            .values()
+            .filter(|a| a.state == State::Downloaded && !a.queue.is_empty())
+            .count();
+        let held = self.adapters.values().filter(|a| a.holds_slot()).count();
+        if self.max_active.saturating_sub(held) <= waiting {
+            return false;
+        }
+        match self.adapters.get_mut(key) {
+            Some(adapter) if adapter.state == State::Downloading => {
+                adapter.state = State::Loading;
+                adapter.loads_in_download = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn set_loading(&mut self, key: &AdapterKey, now: Instant) {
         if let Some(adapter) = self.adapters.get_mut(key) {
             adapter.state = State::Loading;
@@ -362,15 +394,23 @@ impl<T> Registry<T> {
         }
     }
 
-    /// Downloading → Downloaded. `false` if `key` was not downloading.
+    /// Downloading → Downloaded, or Loading → Downloaded for a download that was to load it but did not
+    /// (the shard had no slot free; its slot here is released). `false` if `key` was not downloading.
     pub fn downloaded(&mut self, key: &AdapterKey) -> bool {
-        self.mark_downloaded(key, State::Downloading)
+        match self.adapters.get_mut(key) {
+            Some(a) if a.loads_in_download && a.state == State::Loading => {
+                a.loads_in_download = false;
+                self.mark_downloaded(key, State::Loading)
+            }
+            _ => self.mark_downloaded(key, State::Downloading),
+        }
     }
 
     /// Loading → Active; returns the time since its download (or reload) began. `None` if `key` was not
     /// loading.
     pub fn loaded(&mut self, key: &AdapterKey, now: Instant) -> Option<Duration> {
         let adapter = self.adapters.get_mut(key).filter(|a| a.state == State::Loading)?;
+        adapter.loads_in_download = false;
         adapter.state = State::Active {
             since: now,
             draining: false,
@@ -468,6 +508,40 @@ mod tests {
         assert_eq!(r.queued(), 4);
         assert_eq!(r.plan(now), vec![], "nothing to load before the download finished");
         assert_eq!(r.prefill_candidates().copied().collect::<Vec<_>>(), vec!["base"]);
+    }
+
+    #[test]
+    fn downloads_take_free_slots_only_when_nobody_waits_for_one() {
+        let now = Instant::now();
+        let mut r = registry(2, 1000);
+        assert!(r.push(Some(&key("a")), "a1", now));
+        assert!(r.claim_for_download(&key("a")), "a free slot and nobody waiting");
+        assert_eq!(r.state(&key("a")), Some(State::Loading));
+        assert!(!r.claim_for_download(&key("a")), "claimed twice");
+        r.push(Some(&key("b")), "b1", now);
+        assert!(r.downloaded(&key("b")), "b downloads without loading");
+        r.push(Some(&key("c")), "c1", now);
+        assert!(
+            !r.claim_for_download(&key("c")),
+            "the last free slot went to a download while b waits for it"
+        );
+        assert_eq!(r.plan(now), vec![Action::Load(key("b"))]);
+        // a's download found no slot on the shard: a waits as a downloaded adapter, its slot released.
+        assert!(r.downloaded(&key("a")));
+        assert_eq!(r.state(&key("a")), Some(State::Downloaded));
+        assert_eq!(r.plan(now), vec![Action::Load(key("a"))]);
+        assert!(r.downloaded(&key("c")));
+        assert_eq!(r.plan(now), vec![], "both slots held");
+        assert!(r.loaded(&key("a"), now).is_some());
+        // A download that loaded: Loading → Active, and its requests can be prefilled.
+        let mut r = registry(1, 1000);
+        r.push(Some(&key("d")), "d1", now);
+        assert!(r.claim_for_download(&key("d")));
+        assert!(r.plan(now).is_empty(), "the download's slot is held");
+        assert!(r.loaded(&key("d"), now).is_some());
+        assert_eq!(r.prefill_candidates().copied().collect::<Vec<_>>(), vec!["d1"]);
+        r.push(Some(&key("e")), "e1", now);
+        assert!(!r.claim_for_download(&key("e")), "no slot free");
     }
 
     #[test]

@@ -14,11 +14,12 @@ use crate::schema::Secret;
 /// The outcome of an adapter call, for the batching task.
 #[derive(Debug)]
 pub enum AdapterEvent {
-    /// The files are in the shards' host cache.
+    /// The files are in the shards' host cache (and, when the download was asked to load it and
+    /// `response.loaded` says so, the adapter is on the device).
     Downloaded {
         /// The adapter.
         adapter: AdapterKey,
-        /// Rank 0's answer (size, rank, warnings).
+        /// Rank 0's answer (size, rank, warnings, loaded).
         response: DownloadAdapterResponse,
     },
     /// Every shard loaded it.
@@ -51,10 +52,11 @@ impl AdapterTasks {
         (Self { clients, events }, receiver)
     }
 
-    /// Downloads `adapter` with the token of the request that asked for it first.
-    pub fn download(&self, adapter: AdapterKey, api_token: Option<Secret>) {
+    /// Downloads `adapter` with the token of the request that asked for it first; with `load`, the shard
+    /// also loads it when it has a slot free (the registry holds one for it).
+    pub fn download(&self, adapter: AdapterKey, api_token: Option<Secret>, load: bool) {
         self.spawn(|clients| async move {
-            match download(&clients, &adapter, api_token.as_ref()).await {
+            match download(&clients, &adapter, api_token.as_ref(), load).await {
                 Ok(response) => AdapterEvent::Downloaded { adapter, response },
                 Err(e) => AdapterEvent::Failed(e),
             }
@@ -91,14 +93,15 @@ impl AdapterTasks {
     }
 }
 
-/// Fetches `adapter` into the host cache (rank 0).
+/// Fetches `adapter` into the host cache (rank 0), and with `load` onto the device when a slot is free.
 pub async fn download(
     clients: &ShardClients,
     adapter: &AdapterKey,
     api_token: Option<&Secret>,
+    load: bool,
 ) -> Result<DownloadAdapterResponse, AdapterError> {
     clients
-        .download_adapter(adapter, api_token.map(|t| t.0.clone()))
+        .download_adapter(adapter, api_token.map(|t| t.0.clone()), load)
         .await
         .map_err(|e| adapter_error(adapter, "downloaded", &e, api_token))
 }
@@ -114,9 +117,11 @@ pub async fn load(clients: &ShardClients, adapter: &AdapterKey) -> Result<(), Ad
 /// Downloads and loads each of `adapters` in turn (startup: `--preloaded-adapter-ids`).
 pub async fn preload(clients: &ShardClients, adapters: &[AdapterKey]) -> Result<(), AdapterError> {
     for adapter in adapters {
-        let response = download(clients, adapter, None).await?;
+        let response = download(clients, adapter, None, true).await?;
         log_download(adapter, &response);
-        load(clients, adapter).await?;
+        if !response.loaded {
+            load(clients, adapter).await?;
+        }
         tracing::info!(adapter = %adapter, "adapter preloaded");
     }
     Ok(())
@@ -131,6 +136,7 @@ pub fn log_download(adapter: &AdapterKey, response: &DownloadAdapterResponse) {
         adapter = %adapter,
         bytes = response.size_bytes,
         rank = response.rank,
+        loaded = response.loaded,
         "adapter downloaded"
     );
 }

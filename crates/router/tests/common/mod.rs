@@ -191,6 +191,7 @@ impl FakeHub {
             warnings: vec![],
             rank: 8,
             tokenizer_config,
+            ..Default::default()
         })
     }
 
@@ -239,6 +240,8 @@ pub struct FakeState {
     pub max_loaded: AtomicUsize,
     /// LoadAdapter calls that succeeded.
     pub loads: AtomicUsize,
+    /// DownloadAdapter calls that also loaded the adapter.
+    pub download_loads: AtomicUsize,
     /// OffloadAdapter calls that succeeded.
     pub offloads: AtomicUsize,
     /// Adapter contract violations by the router (see the module docs).
@@ -305,6 +308,34 @@ fn next_token(last: u32, offset: u32) -> u32 {
 }
 
 impl FakeShard {
+    /// Loads `key` on this rank, with the real shard's refusals (counted as the router's mistakes).
+    fn load_here(&self, key: (String, String)) -> Result<(), Status> {
+        if let Some((code, message)) = self.state.load_failures.lock().expect("lock").get(&key.1) {
+            return Err(Status::new(*code, message.clone()));
+        }
+        if !self.hub.is_cached(&key) {
+            return Err(self.state.violation(Status::failed_precondition(format!(
+                "adapter {} was not downloaded",
+                key.1
+            ))));
+        }
+        let mut loaded = self.state.loaded.lock().expect("lock");
+        if loaded.contains(&key) {
+            return Err(self.state.violation(Status::failed_precondition(format!(
+                "adapter {} is already loaded",
+                key.1
+            ))));
+        }
+        if loaded.len() >= self.adapter_capacity {
+            return Err(self
+                .state
+                .violation(Status::resource_exhausted("the adapter device tier is full")));
+        }
+        loaded.insert(key);
+        self.state.max_loaded.fetch_max(loaded.len(), Ordering::SeqCst);
+        Ok(())
+    }
+
     fn generation(id: u64, seq: &Seq, prefill: Option<&[u32]>) -> Generation {
         let token = next_token(seq.last, seq.offset);
         Generation {
@@ -547,10 +578,32 @@ impl ShardService for FakeShard {
         &self,
         request: Request<DownloadAdapterRequest>,
     ) -> Result<Response<DownloadAdapterResponse>, Status> {
-        self.hub
-            .download(self.rank, request.into_inner())
-            .await
-            .map(Response::new)
+        let request = request.into_inner();
+        let (load, key) = (
+            request.load,
+            (request.adapter_source.clone(), request.adapter_id.clone()),
+        );
+        let mut response = self.hub.download(self.rank, request).await?;
+        if load {
+            if self.urls.len() > 1 {
+                // Only rank 0 downloads: the other ranks would not load it.
+                return Err(self
+                    .state
+                    .violation(Status::invalid_argument("a download with load on more than one shard")));
+            }
+            match self.load_here(key) {
+                Ok(()) => {
+                    response.loaded = true;
+                    response.device_bytes = 4096;
+                    self.state.download_loads.fetch_add(1, Ordering::SeqCst);
+                }
+                // No slot free: downloaded only, as the real shard answers (but the router held a slot
+                // for it, so this is the router's mistake).
+                Err(status) if status.code() == Code::ResourceExhausted => {}
+                Err(status) => return Err(status),
+            }
+        }
+        Ok(Response::new(response))
     }
 
     async fn load_adapter(
@@ -558,30 +611,7 @@ impl ShardService for FakeShard {
         request: Request<LoadAdapterRequest>,
     ) -> Result<Response<LoadAdapterResponse>, Status> {
         let r = request.into_inner();
-        let key = (r.adapter_source, r.adapter_id);
-        if let Some((code, message)) = self.state.load_failures.lock().expect("lock").get(&key.1) {
-            return Err(Status::new(*code, message.clone()));
-        }
-        if !self.hub.is_cached(&key) {
-            return Err(self.state.violation(Status::failed_precondition(format!(
-                "adapter {} was not downloaded",
-                key.1
-            ))));
-        }
-        let mut loaded = self.state.loaded.lock().expect("lock");
-        if loaded.contains(&key) {
-            return Err(self.state.violation(Status::failed_precondition(format!(
-                "adapter {} is already loaded",
-                key.1
-            ))));
-        }
-        if loaded.len() >= self.adapter_capacity {
-            return Err(self
-                .state
-                .violation(Status::resource_exhausted("the adapter device tier is full")));
-        }
-        loaded.insert(key);
-        self.state.max_loaded.fetch_max(loaded.len(), Ordering::SeqCst);
+        self.load_here((r.adapter_source, r.adapter_id))?;
         self.state.loads.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(LoadAdapterResponse { device_bytes: 4096 }))
     }

@@ -1,7 +1,8 @@
-//! The service's adapter loading against a CPU engine whose uploads wait for the test's word: decode
-//! steps complete while an upload is in progress (the upload holds no engine lock), the loaded adapter
-//! serves exactly as one loaded into an engine directly, and concurrent loads keep one copy of an
-//! adapter and the slot limit.
+//! The service's adapter loading against a CPU engine whose uploads (after the read, or beside it) wait
+//! for the test's word: decode steps complete while an upload is in progress (the upload holds no engine
+//! lock), the loaded adapter serves exactly as one loaded into an engine directly, concurrent loads keep
+//! one copy of an adapter and the slot limit, and a download that also loads does so when a slot is
+//! free.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -18,7 +19,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::*;
 
-/// The CPU backend, except that each `upload_many` says it started, then waits for a release.
+/// The CPU backend, except that each `upload_many` and each `begin_file_upload` says it started, then
+/// waits for a release.
 struct Gated {
     started: UnboundedSender<()>,
     release: std::sync::Mutex<mpsc::Receiver<()>>,
@@ -57,6 +59,12 @@ impl Backend for Gated {
         let _ = self.started.send(());
         self.release.lock().unwrap().recv().unwrap();
         CpuBackend.upload_many(tensors)
+    }
+    fn begin_file_upload(&self) -> Option<Box<dyn lorax_engine::backend::FileUpload<CpuTensor> + '_>> {
+        static CPU: CpuBackend = CpuBackend;
+        let _ = self.started.send(());
+        self.release.lock().unwrap().recv().unwrap();
+        CPU.begin_file_upload()
     }
     fn tensor_from_f32(&self, shape: &[usize], data: &[f32]) -> lorax_engine::Result<CpuTensor> {
         CpuBackend.tensor_from_f32(shape, data)
@@ -448,6 +456,93 @@ async fn offload_cancels_a_load_in_flight_and_failed_loads_free_their_slot() {
     gate.release.send(()).unwrap();
     assert!(next.await.unwrap().unwrap().into_inner().device_bytes > 0);
     assert_eq!(loaded_keys(&svc), vec!["local:lora-r16-all".to_string()]);
+}
+
+/// Waits for the gated backend's next upload to start; fails (rather than hang) if none starts in a
+/// minute.
+async fn upload_started(gate: &mut Gate) {
+    tokio::time::timeout(Duration::from_secs(60), gate.started.recv())
+        .await
+        .expect("no upload started")
+        .unwrap();
+}
+
+/// A DownloadAdapter with `load` puts the adapter on the device when a slot is free (uploaded beside
+/// the read, or from the host tier's parse), answers `loaded` without an upload when it is there already,
+/// and, with every slot taken, downloads alone and answers `loaded: false` (a LoadAdapter follows later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn downloads_that_load_fill_a_free_slot_or_leave_the_load_for_later() {
+    let (backend, mut gate) = gated();
+    let svc = server(backend, 2).await;
+    let download = |id: &'static str| {
+        let svc = Arc::clone(&svc);
+        tokio::spawn(async move {
+            svc.download_adapter(Request::new(pb::DownloadAdapterRequest {
+                adapter_id: id.into(),
+                adapter_source: "local".into(),
+                load: true,
+                ..Default::default()
+            }))
+            .await
+            .map(Response::into_inner)
+        })
+    };
+    // Not parsed before: uploaded beside its read.
+    let first = download("lora-r8");
+    upload_started(&mut gate).await;
+    gate.release.send(()).unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert!(first.loaded && first.device_bytes > 0, "{first:?}");
+    assert_eq!(first.device_bytes, first.size_bytes);
+    assert_eq!(loaded_keys(&svc), vec!["local:lora-r8".to_string()]);
+    // Loaded already: no upload.
+    let again = download("lora-r8").await.unwrap().unwrap();
+    assert!(again.loaded && again.device_bytes == 0, "{again:?}");
+    assert!(gate.started.try_recv().is_err(), "a loaded adapter was uploaded again");
+    // Parsed before (a download without load), then a download with load: the host tier's parse goes up.
+    svc.download_adapter(Request::new(pb::DownloadAdapterRequest {
+        adapter_id: "lora-r16-all".into(),
+        adapter_source: "local".into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert!(gate.started.try_recv().is_err(), "a download without load uploaded");
+    let parsed = download("lora-r16-all");
+    upload_started(&mut gate).await;
+    gate.release.send(()).unwrap();
+    let parsed = parsed.await.unwrap().unwrap();
+    assert!(parsed.loaded && parsed.device_bytes > 0, "{parsed:?}");
+    // Every slot taken: downloaded, not loaded, nothing uploaded.
+    let full = download("rslora-r16-patterns").await.unwrap().unwrap();
+    assert!(
+        !full.loaded && full.device_bytes == 0 && full.size_bytes > 0,
+        "{full:?}"
+    );
+    assert!(
+        gate.started.try_recv().is_err(),
+        "a download with no slot free uploaded"
+    );
+    assert!(svc
+        .host_tier
+        .get(&adapters::key("local", "rslora-r16-patterns"))
+        .is_some());
+    assert_eq!(loaded_keys(&svc).len(), 2);
+    assert!(svc.state.lock().unwrap().pending.is_empty(), "a claim was kept");
+    // The adapter loaded by its download serves as one loaded by LoadAdapter into another server.
+    let (other_backend, mut other_gate) = gated();
+    let other = server(other_backend, 2).await;
+    let load = tokio::spawn({
+        let other = Arc::clone(&other);
+        async move { other.load_adapter(load_request("lora-r8")).await }
+    });
+    upload_started(&mut other_gate).await;
+    other_gate.release.send(()).unwrap();
+    load.await.unwrap().unwrap();
+    assert_eq!(
+        generate(&svc, sequence(7, 0, "lora-r8"), 3).await,
+        generate(&other, sequence(7, 0, "lora-r8"), 3).await
+    );
 }
 
 mod ahead;
