@@ -398,7 +398,7 @@ def log_times(names):
             if "lorax_shard" in line and "adapter downloaded" in line:
                 ms = re.search(r"\bms=(\d+)", line)
                 e["read_ms"] = float(ms.group(1)) if ms else None
-                how = re.search(r"\bread=(\w+)", line)
+                how = re.search(r"\bread=\"?(\w+)", line)
                 e["read_path"] = how.group(1) if how else None
             elif "lorax_router" in line and "adapter downloaded" in line:
                 e["rpc_start"] = secs

@@ -768,7 +768,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
             host_tier_bytes = held,
             host_tier_entries = entries,
             parse_ms = parsed.parse_ms.unwrap_or(0),
-            read = parsed.parse_ms.map_or("HostTier", |_| host.read.as_str()),
+            read = %parsed.parse_ms.map_or("HostTier", |_| host.read.as_str()),
             ms = millis(started),
             "adapter downloaded"
         );
