@@ -1,9 +1,10 @@
 //! The internal gRPC service around one engine. The engine is single-owner state: calls take a mutex
 //! and run the forward pass on a blocking thread so the async runtime stays responsive. Loading an
-//! adapter parses and uploads it outside that mutex (an [`AdapterUploader`]) and takes it only to insert
-//! the result, so decoding streams do not wait for an upload.
+//! adapter parses and uploads it outside that mutex (an [`AdapterUploader`]) and hands the result to the
+//! next call that takes it ([`Slots`]), so decoding streams do not wait for an upload, nor a load for a
+//! step.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,15 +43,36 @@ pub struct ShardConfig {
 struct State<B: Backend> {
     engine: Engine<B>,
     batch: Batch,
+    /// A decode step run ahead of the router's call (`DecodeRequest.run_ahead`) and not yet handed out:
+    /// its generations and engine time, or its error. The next Decode answers with it, a Prefill puts its
+    /// generations first, FilterBatch drops those of the sequences it removes.
+    ahead: Option<StepResult>,
+}
+
+/// The adapters' device slots, kept apart from the engine state, whose lock a step holds (a step run
+/// ahead too): loads claim a slot and hand over their upload without waiting for a step to end.
+struct Slots<B: Backend> {
+    /// Adapters in the engine or in `ready`.
+    loaded: HashSet<String>,
     /// Adapter loads in flight (parsed or uploaded outside the lock), by key: a generation (an offload
     /// removes the entry, so a load of an older generation is cancelled when it comes to insert) and the
     /// number of loads. Each key holds a device slot from its first load's start.
     pending: HashMap<String, (u64, usize)>,
     generation: u64,
-    /// A decode step run ahead of the router's call (`DecodeRequest.run_ahead`) and not yet handed out:
-    /// its generations and engine time, or its error. The next Decode answers with it, a Prefill puts its
-    /// generations first, FilterBatch drops those of the sequences it removes.
-    ahead: Option<StepResult>,
+    /// Uploaded adapters not yet in the engine: the next call that takes the engine state inserts them
+    /// before anything else, so a Prefill that names one finds it.
+    ready: Vec<(String, DeviceAdapter<B>)>,
+}
+
+impl<B: Backend> Default for Slots<B> {
+    fn default() -> Self {
+        Self {
+            loaded: HashSet::new(),
+            pending: HashMap::new(),
+            generation: 0,
+            ready: Vec::new(),
+        }
+    }
 }
 
 /// A step's generations and its engine time in nanoseconds, or why it failed.
@@ -72,13 +94,28 @@ fn apply_deferred<B: Backend>(s: &mut State<B>, deferred: &Mutex<Option<Vec<u64>
     }
 }
 
-/// The engine state for a call (blocking), with any deferred FilterBatch applied first.
+/// Inserts the uploads waiting in `slots` into the engine (the state's lock is held; it is always taken
+/// before the slots' lock).
+fn insert_ready<B: Backend>(s: &mut State<B>, slots: &Mutex<Slots<B>>) {
+    let ready = slots
+        .lock()
+        .map(|mut sl| std::mem::take(&mut sl.ready))
+        .unwrap_or_default();
+    for (key, device) in ready {
+        s.engine.insert_adapter(&key, device);
+    }
+}
+
+/// The engine state for a call (blocking), with any deferred FilterBatch applied and the uploaded adapters
+/// inserted first.
 fn lock_state<'a, B: Backend>(
     state: &'a Mutex<State<B>>,
     deferred: &Mutex<Option<Vec<u64>>>,
+    slots: &Mutex<Slots<B>>,
 ) -> Result<std::sync::MutexGuard<'a, State<B>>, Status> {
     let mut guard = state.lock().map_err(|_| poisoned())?;
     apply_deferred(&mut guard, deferred);
+    insert_ready(&mut guard, slots);
     Ok(guard)
 }
 
@@ -92,7 +129,7 @@ fn decode_now<B: Backend>(s: &mut State<B>) -> StepResult {
 /// A load's claim on its pending entry; released (the count decremented) when dropped unless consumed by
 /// the insertion, so a load that fails or is cancelled never keeps its slot.
 struct Pending<B: Backend> {
-    state: Arc<Mutex<State<B>>>,
+    slots: Arc<Mutex<Slots<B>>>,
     key: String,
     generation: u64,
     armed: bool,
@@ -103,7 +140,7 @@ impl<B: Backend> Drop for Pending<B> {
         if !self.armed {
             return;
         }
-        if let Ok(mut s) = self.state.lock() {
+        if let Ok(mut s) = self.slots.lock() {
             release_pending(&mut s.pending, &self.key, self.generation);
         }
     }
@@ -155,6 +192,8 @@ pub struct ShardServer<B: Backend> {
     /// A FilterBatch that came while a step held the state (a step run ahead): its keep list, applied by
     /// the next call that takes the state, before any step (so on every rank between the same two steps).
     deferred_keep: Arc<Mutex<Option<Vec<u64>>>>,
+    /// The adapters' device slots (see [`Slots`]).
+    slots: Arc<Mutex<Slots<B>>>,
     /// Uploads adapters for the engine without its lock.
     uploader: AdapterUploader<B>,
     info: pb::InfoResponse,
@@ -229,11 +268,10 @@ impl<B: Backend> ShardServer<B> {
             downloads: Mutex::new(HashMap::new()),
             parses: tokio::sync::Semaphore::new(PARALLEL_PARSES),
             deferred_keep: Arc::new(Mutex::new(None)),
+            slots: Arc::new(Mutex::new(Slots::default())),
             state: Arc::new(Mutex::new(State {
                 engine,
                 batch: Batch::default(),
-                pending: HashMap::new(),
-                generation: 0,
                 ahead: None,
             })),
             info,
@@ -373,60 +411,56 @@ impl<B: Backend> ShardServer<B> {
     /// holds the slot until it is inserted ([`Self::insert_loaded`]) or dropped.
     async fn claim_slot(&self, key: &str) -> Result<Option<Pending<B>>, Status> {
         let slots = self.settings.device_slots;
-        let probe = key.to_string();
-        let generation = self
-            .with_state(move |s| {
-                if s.engine.has_adapter(&probe) {
-                    return Ok(None);
-                }
-                let loaded = s.engine.adapter_keys().len();
-                let others = s.pending.keys().filter(|k| **k != probe).count();
-                if !s.pending.contains_key(&probe) && loaded + others >= slots {
-                    return Err(no_slot(loaded + others, slots));
-                }
-                s.generation += 1;
-                let fresh = s.generation;
-                let entry = s.pending.entry(probe).or_insert((fresh, 0));
-                entry.1 += 1;
-                Ok(Some(entry.0))
-            })
-            .await?;
-        Ok(generation.map(|generation| Pending {
-            state: Arc::clone(&self.state),
+        let generation = {
+            let mut s = self.slots.lock().map_err(|_| poisoned())?;
+            if s.loaded.contains(key) {
+                return Ok(None);
+            }
+            let loaded = s.loaded.len();
+            let others = s.pending.keys().filter(|k| *k != key).count();
+            if !s.pending.contains_key(key) && loaded + others >= slots {
+                return Err(no_slot(loaded + others, slots));
+            }
+            s.generation += 1;
+            let fresh = s.generation;
+            let entry = s.pending.entry(key.to_string()).or_insert((fresh, 0));
+            entry.1 += 1;
+            entry.0
+        };
+        Ok(Some(Pending {
+            slots: Arc::clone(&self.slots),
             key: key.to_string(),
             generation,
             armed: true,
         }))
     }
 
-    /// Puts an uploaded adapter in the device tier under its claim. Only this takes the engine lock.
-    /// Another load of the same adapter may have finished meanwhile: then this upload is dropped (outside
-    /// the lock). ABORTED when the adapter was offloaded while it loaded. Returns its device bytes (0 when
-    /// it was there already).
-    async fn insert_loaded(
-        &self,
-        mut claim: Pending<B>,
-        device: DeviceAdapter<B>,
-        log: LoadLog,
-    ) -> Result<u64, Status> {
+    /// Puts an uploaded adapter in the device tier under its claim, without waiting for the engine's lock:
+    /// the next call that takes the engine state inserts it, before anything else (right away when the
+    /// lock is free). Another load of the same adapter may have finished meanwhile: then this upload is
+    /// dropped. ABORTED when the adapter was offloaded while it loaded. Returns its device bytes (0 when it
+    /// was there already).
+    fn insert_loaded(&self, mut claim: Pending<B>, device: DeviceAdapter<B>, log: LoadLog) -> Result<u64, Status> {
         claim.armed = false;
         let (key, generation) = (claim.key.clone(), claim.generation);
         let slots = self.settings.device_slots;
-        let (bytes, unused) = self
-            .with_state(move |s| {
-                if !release_pending(&mut s.pending, &key, generation) {
-                    return Err(Status::aborted(format!(
-                        "adapter {key:?} was offloaded while it was loading"
-                    )));
-                }
-                if s.engine.has_adapter(&key) {
-                    return Ok((0, Some(device)));
-                }
-                let loaded = s.engine.adapter_keys().len();
+        let bytes = device.bytes;
+        let unused = {
+            let mut s = self.slots.lock().map_err(|_| poisoned())?;
+            if !release_pending(&mut s.pending, &key, generation) {
+                return Err(Status::aborted(format!(
+                    "adapter {key:?} was offloaded while it was loading"
+                )));
+            }
+            if s.loaded.contains(&key) {
+                Some(device)
+            } else {
+                let loaded = s.loaded.len();
                 if loaded >= slots {
                     return Err(no_slot(loaded, slots));
                 }
-                let bytes = s.engine.insert_adapter(&key, device);
+                s.loaded.insert(key.clone());
+                s.ready.push((key.clone(), device));
                 tracing::info!(
                     adapter = %key,
                     bytes,
@@ -438,11 +472,18 @@ impl<B: Backend> ShardServer<B> {
                     ms = millis(log.started),
                     "adapter loaded"
                 );
-                Ok((bytes, None))
-            })
-            .await?;
+                None
+            }
+        };
+        let Some(unused) = unused else {
+            // Into the engine now if no step holds it (else the next call does it).
+            if let Ok(mut state) = self.state.try_lock() {
+                insert_ready(&mut state, &self.slots);
+            }
+            return Ok(bytes as u64);
+        };
         drop(unused);
-        Ok(bytes as u64)
+        Ok(0)
     }
 
     /// Uploads a parsed adapter (on a blocking thread, without the engine lock: forward passes go on).
@@ -461,8 +502,12 @@ impl<B: Backend> ShardServer<B> {
         &self,
         f: impl FnOnce(&mut State<B>) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let (state, deferred) = (Arc::clone(&self.state), Arc::clone(&self.deferred_keep));
-        tokio::task::spawn_blocking(move || f(&mut *lock_state(&state, &deferred)?))
+        let (state, deferred, slots) = (
+            Arc::clone(&self.state),
+            Arc::clone(&self.deferred_keep),
+            Arc::clone(&self.slots),
+        );
+        tokio::task::spawn_blocking(move || f(&mut *lock_state(&state, &deferred, &slots)?))
             .await
             .map_err(|e| Status::internal(format!("shard task failed: {e}")))?
     }
@@ -654,12 +699,16 @@ impl<B: Backend> ShardService for ShardServer<B> {
     async fn decode(&self, req: Request<pb::DecodeRequest>) -> Result<Response<pb::DecodeResponse>, Status> {
         let (entered, received_unix_ns) = (Instant::now(), pb::unix_time_ns());
         let run_ahead = req.into_inner().run_ahead;
-        let (state, deferred) = (Arc::clone(&self.state), Arc::clone(&self.deferred_keep));
+        let (state, deferred, slots) = (
+            Arc::clone(&self.state),
+            Arc::clone(&self.deferred_keep),
+            Arc::clone(&self.slots),
+        );
         let (tx, rx) = tokio::sync::oneshot::channel();
         // The answer leaves as soon as it is known; the step run ahead keeps the lock from there, so every
         // later call (on every rank alike, as tensor parallelism needs) comes after it.
         tokio::task::spawn_blocking(move || {
-            let mut guard = match lock_state(&state, &deferred) {
+            let mut guard = match lock_state(&state, &deferred, &slots) {
                 Ok(g) => g,
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -793,7 +842,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
                     beside_read,
                     via: "download",
                 };
-                Some(self.insert_loaded(claim, device, log).await?)
+                Some(self.insert_loaded(claim, device, log)?)
             }
         };
         Ok(Response::new(pb::DownloadAdapterResponse {
@@ -847,7 +896,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
             beside_read,
             via: "load",
         };
-        let bytes = self.insert_loaded(claim, device, log).await?;
+        let bytes = self.insert_loaded(claim, device, log)?;
         Ok(Response::new(pb::LoadAdapterResponse { device_bytes: bytes }))
     }
 
@@ -857,13 +906,17 @@ impl<B: Backend> ShardService for ShardServer<B> {
     ) -> Result<Response<pb::OffloadAdapterResponse>, Status> {
         let r = req.into_inner();
         let key = adapters::key(&r.adapter_source, &r.adapter_id);
+        let slots = Arc::clone(&self.slots);
+        // (Taking the state inserts the uploads handed over before this call.)
         self.with_state(move |s| {
             let removed = s
                 .engine
                 .offload_adapter(&key, &s.batch)
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            let mut slots = slots.lock().map_err(|_| poisoned())?;
+            slots.loaded.remove(&key);
             // Loads of it still in flight are cancelled (they answer ABORTED and release their slot).
-            let cancelled = s.pending.remove(&key).map_or(0, |(_, n)| n);
+            let cancelled = slots.pending.remove(&key).map_or(0, |(_, n)| n);
             tracing::info!(adapter = %key, removed, cancelled, "adapter offloaded");
             Ok(())
         })

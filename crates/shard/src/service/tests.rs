@@ -200,7 +200,10 @@ fn sequence(id: u64, first_block: u32, adapter: &str) -> pb::Request {
 }
 
 fn loaded_keys(svc: &ShardServer<Gated>) -> Vec<String> {
-    let mut keys = svc.state.lock().unwrap().engine.adapter_keys();
+    let mut keys = lock_state(&svc.state, &svc.deferred_keep, &svc.slots)
+        .unwrap()
+        .engine
+        .adapter_keys();
     keys.sort();
     keys
 }
@@ -436,14 +439,14 @@ async fn offload_cancels_a_load_in_flight_and_failed_loads_free_their_slot() {
     assert_eq!(cancelled.code(), tonic::Code::Aborted, "{cancelled:?}");
     assert!(loaded_keys(&svc).is_empty());
     assert!(
-        svc.state.lock().unwrap().pending.is_empty(),
+        svc.slots.lock().unwrap().pending.is_empty(),
         "the cancelled load kept its claim"
     );
 
     let missing = svc.load_adapter(load_request("no-such-adapter")).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
     assert!(
-        svc.state.lock().unwrap().pending.is_empty(),
+        svc.slots.lock().unwrap().pending.is_empty(),
         "the failed load kept its claim"
     );
 
@@ -528,7 +531,7 @@ async fn downloads_that_load_fill_a_free_slot_or_leave_the_load_for_later() {
         .get(&adapters::key("local", "rslora-r16-patterns"))
         .is_some());
     assert_eq!(loaded_keys(&svc).len(), 2);
-    assert!(svc.state.lock().unwrap().pending.is_empty(), "a claim was kept");
+    assert!(svc.slots.lock().unwrap().pending.is_empty(), "a claim was kept");
     // The adapter loaded by its download serves as one loaded by LoadAdapter into another server.
     let (other_backend, mut other_gate) = gated();
     let other = server(other_backend, 2).await;
@@ -543,6 +546,61 @@ async fn downloads_that_load_fill_a_free_slot_or_leave_the_load_for_later() {
         generate(&svc, sequence(7, 0, "lora-r8"), 3).await,
         generate(&other, sequence(7, 0, "lora-r8"), 3).await
     );
+}
+
+/// A load answers while a step holds the engine state (a step run ahead holds it between calls): its
+/// upload waits as the slots' `ready`, and the next call that takes the state inserts it, so a Prefill
+/// right after the answer finds the adapter. An offload of it then frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loads_answer_while_a_step_holds_the_engine_and_the_next_call_inserts_them() {
+    let (backend, mut gate) = gated();
+    let svc = server(backend, 2).await;
+    // Stands for a step: holds the engine state until told to let go.
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+    let (let_go, wait) = mpsc::channel::<()>();
+    let holder = std::thread::spawn({
+        let svc = Arc::clone(&svc);
+        move || {
+            let _state = svc.state.lock().unwrap();
+            held_tx.send(()).unwrap();
+            wait.recv().unwrap();
+        }
+    });
+    held_rx.await.unwrap();
+    let load = tokio::spawn({
+        let svc = Arc::clone(&svc);
+        async move { svc.load_adapter(load_request("lora-r8")).await }
+    });
+    upload_started(&mut gate).await;
+    gate.release.send(()).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(60), load)
+        .await
+        .expect("the load waited for the engine state")
+        .unwrap()
+        .unwrap();
+    assert!(answer.into_inner().device_bytes > 0);
+    assert_eq!(
+        svc.slots.lock().unwrap().ready.len(),
+        1,
+        "inserted while the state was held"
+    );
+    let_go.send(()).unwrap();
+    holder.join().unwrap();
+    let served = generate(&svc, sequence(3, 0, "lora-r8"), 2).await;
+    assert_eq!(served.len(), 3);
+    assert!(svc.slots.lock().unwrap().ready.is_empty());
+    assert_eq!(loaded_keys(&svc), vec!["local:lora-r8".to_string()]);
+    svc.filter_batch(Request::new(pb::FilterBatchRequest { keep_ids: vec![] }))
+        .await
+        .unwrap();
+    svc.offload_adapter(Request::new(pb::OffloadAdapterRequest {
+        adapter_id: "lora-r8".into(),
+        adapter_source: "local".into(),
+    }))
+    .await
+    .unwrap();
+    assert!(loaded_keys(&svc).is_empty());
+    assert!(svc.slots.lock().unwrap().loaded.is_empty(), "the offload kept the slot");
 }
 
 mod ahead;
