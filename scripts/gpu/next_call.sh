@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The next device round for issue 10, written while no GPU was lent (session 23; bench/NOTES.md "Session 23"),
-# so that the session that gets one spends its time on the device rather than on the script. Two calls, each
-# under the device tool's 600 s limit, from the repository root, with the binaries of scripts/gpu/build.sh
-# repacked into .gpu-bin-serve (bench/NOTES.md "Device workflow"):
+# The next device round for issue 10, written while no GPU was lent (sessions 23 and 26; bench/NOTES.md), so
+# that the session that gets one spends its time on the device rather than on the script. Calls, each under
+# the device tool's 600 s limit, from the repository root, with the binaries of scripts/gpu/build.sh repacked
+# into .gpu-bin-serve (bench/NOTES.md "Device workflow"):
 #
-#   bash scripts/gpu/next_call.sh expand   # ~450 s: the expand as mended in c26a825, and its reduction form
+#   bash scripts/gpu/next_call.sh uploads  # ~200 s: uploads beside the read (session 26), checked and timed
 #   bash scripts/gpu/next_call.sh bench    # ~330 s: the disk's read figures, then bench.sh
+#   bash scripts/gpu/next_call.sh expand   # ~450 s: the expand's reduction form (run in session 24: stays off)
 #
 # Record in the call's bench/results/<date>-<session>-<n>/call.sh the commit of this script (`git show
 # COMMIT:scripts/gpu/next_call.sh` gives it back), the command and the binaries' commit, beside what it printed.
 #
+# `uploads`: cuda_adapters (upload_many against weight, the staging pool, an adapter uploaded beside its read
+# against the same adapter uploaded after it, bit for bit, and both ways' times on a cold and a cached 27 MB
+# file), then golden, graphs and e2e (the served adapters, now loaded by their download beside the read,
+# against transformers + peft). Run it before `bench`: if it fails, the bench's cold loads are not worth timing.
 # `expand`: the LoRA GPU tests with the default expand and with -DLORA_EXPAND_RED=1 (pair reductions, off by
 # default: 932034b); golden, graphs, adapters and e2e against transformers + peft with the reduction form; then
 # 32-layer eager steps of b128-a8 and b128-distinct with each form, twice, interleaved (session 22 call 1: 8.75
@@ -19,11 +24,20 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh expand|bench}
+part=${1:?usage: next_call.sh uploads|bench|expand}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
 case $part in
+uploads)
+    timeout 150 "$bin/cuda_adapters" --test-threads=1 --nocapture >"$R/adapters.txt" 2>&1
+    echo "rc $?" >>"$R/adapters.txt"
+    lap adapters
+    RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 300 scripts/gpu/run.sh "$R/run" "$bin" \
+        >"$R/run.txt" 2>&1
+    echo "rc $?" >>"$R/run.txt"
+    lap run
+    ;;
 expand)
     timeout 200 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora.txt" 2>&1
     echo "rc $?" >>"$R/kernels-lora.txt"
@@ -52,7 +66,7 @@ bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (expand or bench)" >&2
+    echo "unknown part $part (uploads, bench or expand)" >&2
     exit 2
     ;;
 esac
