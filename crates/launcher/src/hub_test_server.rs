@@ -62,6 +62,8 @@ pub struct Faults {
     map: Mutex<HashMap<String, Fault>>,
     /// Where stalled downloads wait.
     stalled: Gate,
+    /// Stalled downloads whose client had closed the connection when the stall ended.
+    abandoned: AtomicUsize,
 }
 
 impl Faults {
@@ -87,6 +89,12 @@ impl Faults {
     /// Ends every stalled download (its connection closes short of the body).
     pub fn end_stalls(&self) {
         self.stalled.open();
+    }
+
+    /// Stalled downloads, ended by [`Faults::end_stalls`], whose client had already closed the
+    /// connection (it gave up on the download rather than kept waiting).
+    pub fn abandoned(&self) -> usize {
+        self.abandoned.load(Ordering::SeqCst)
     }
 
     fn of(&self, path: &str) -> Option<Fault> {
@@ -256,9 +264,28 @@ fn handle(
         stream.write_all(&body[..body.len() / 2])?;
         stream.flush()?;
         faults.stalled.pass();
+        if peer_closed(&stream) {
+            faults.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
         return Ok(());
     }
     respond(&mut stream, status, &headers, body)
+}
+
+/// Whether the client has closed `stream` (it sends nothing after its request, so a read that finds the
+/// end of the stream, or a reset, means it is gone).
+fn peer_closed(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let closed = match stream.peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    let _ = stream.set_nonblocking(false);
+    closed
 }
 
 fn write_head(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], length: usize) -> std::io::Result<()> {

@@ -169,8 +169,10 @@ async fn start_on_hub(
 }
 
 /// A hub that stops sending in the middle of a file: the download times out, and once the hub is fixed
-/// the next request downloads the adapter, although the stalled connection is still open (a download
-/// that kept its thread kept hf-hub's lock on the file too, and every later try failed on it).
+/// the next request downloads the adapter, although the stalled connection is still open on the hub's
+/// side (a download that kept its thread kept hf-hub's lock on the file too, and every later try failed
+/// on it). The timed-out download has let go of its connection: hf-hub's chunk tasks stop with it
+/// (they once went on downloading in the background).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_stalled_mid_file_times_out_and_a_later_one_succeeds() {
     let adapters = fixtures().join("adapters");
@@ -197,6 +199,15 @@ async fn a_download_stalled_mid_file_times_out_and_a_later_one_succeeds() {
     assert_eq!(token_ids(&v), peft_greedy("lora-r8", 1)[..16].to_vec());
     println!("download after a stalled one: {:?}", started.elapsed());
     hub.faults.end_stalls();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hub.faults.abandoned() == 0 && Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        hub.faults.abandoned(),
+        1,
+        "the timed-out download still held its connection to the hub"
+    );
 }
 
 /// A hub adapter whose weights file is larger than any adapter of the served model within

@@ -150,15 +150,50 @@ fn hub_status(id: &str, file: &str, e: &ApiError) -> Status {
 /// Asynchronous, so that a caller's timeout releases what it holds: dropping the future drops hf-hub's
 /// lock on the file being written (a later try can take it), and it holds no thread (a blocking download
 /// on a hub that stops sending kept its thread, and that lock, for good: ureq has no read timeout there).
-/// hf-hub fetches a file in 10 MB pieces, one at a time, each in a task of its own, and records the pieces
-/// done, so a later try resumes after them; a piece in flight at the timeout is not cancelled (its task
-/// runs on, and holds its connection, until the hub answers or closes it).
+/// hf-hub fetches a file in 10 MB pieces, one at a time, each in a task of its own (spawned, so dropping
+/// the download would not stop them), and records the pieces done, so a later try resumes after them. The
+/// download therefore runs on a runtime of its own, on a thread of its own, which is shut down when this
+/// future is dropped or done: every piece task stops with it and lets go of its connection.
 ///
 /// Files not yet in the cache are sized first (a one-byte range request, as hf-hub itself makes): weights
 /// larger than `max_weights` bytes (the largest adapter the model and rank limit allow) and configs larger
 /// than [`MAX_CONFIG_BYTES`] are refused before any of them is downloaded (an adapter comes from whoever
 /// published it, and a file on the hub may be many gigabytes).
 pub async fn download_hub(id: &str, token: Option<String>, max_weights: usize) -> Result<Located, Status> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    // Dropped with this future (a timeout): the download's runtime then stops.
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let id = id.to_string();
+    std::thread::Builder::new()
+        .name("hub-download".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = done_tx.send(Err(Status::internal(format!("starting a download runtime: {e}"))));
+                    return;
+                }
+            };
+            let done = runtime.block_on(async {
+                tokio::select! {
+                    done = download_hub_here(&id, token, max_weights) => Some(done),
+                    _ = stop_rx => None,
+                }
+            });
+            // Drops every task still running (hf-hub's pieces) without waiting for them.
+            runtime.shutdown_background();
+            if let Some(done) = done {
+                let _ = done_tx.send(done);
+            }
+        })
+        .map_err(|e| Status::internal(format!("starting a download thread: {e}")))?;
+    done_rx
+        .await
+        .map_err(|_| Status::internal("the hub download's thread ended without an answer"))?
+}
+
+/// [`download_hub`] on the current runtime.
+async fn download_hub_here(id: &str, token: Option<String>, max_weights: usize) -> Result<Located, Status> {
     if !valid_repo_id(id) {
         return Err(Status::invalid_argument(format!(
             "{id:?} is not a hub repository id (expected `name` or `org/name`)"

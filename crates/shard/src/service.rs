@@ -97,11 +97,14 @@ fn apply_deferred<B: Backend>(s: &mut State<B>, deferred: &Mutex<Option<Vec<u64>
 /// Inserts the uploads waiting in `slots` into the engine (the state's lock is held; it is always taken
 /// before the slots' lock).
 fn insert_ready<B: Backend>(s: &mut State<B>, slots: &Mutex<Slots<B>>) {
-    let ready = slots
-        .lock()
-        .map(|mut sl| std::mem::take(&mut sl.ready))
-        .unwrap_or_default();
-    for (key, device) in ready {
+    if let Ok(mut slots) = slots.lock() {
+        insert_from(s, &mut slots);
+    }
+}
+
+/// Inserts the uploads waiting in `slots` (locked by the caller) into the engine.
+fn insert_from<B: Backend>(s: &mut State<B>, slots: &mut Slots<B>) {
+    for (key, device) in std::mem::take(&mut slots.ready) {
         s.engine.insert_adapter(&key, device);
     }
 }
@@ -779,7 +782,8 @@ impl<B: Backend> ShardService for ShardServer<B> {
         // With `load`, a slot is claimed once the files are here and before the read, so the upload can
         // run beside the read. No slot free: the download goes on alone (the router calls LoadAdapter
         // later).
-        let (claim, loaded_already) = match r.load {
+        // (Only a single shard loads by its download: DownloadAdapter goes to rank 0 alone.)
+        let (claim, loaded_already) = match r.load && self.info.world_size == 1 {
             false => (None, false),
             true => match self.claim_slot(&key).await {
                 Ok(Some(claim)) => (Some(claim), false),
@@ -909,11 +913,14 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let slots = Arc::clone(&self.slots);
         // (Taking the state inserts the uploads handed over before this call.)
         self.with_state(move |s| {
+            // The slots stay locked from here: a load that finishes meanwhile cannot hand over an upload
+            // that would be inserted after this offload (it finds its claim cancelled: ABORTED).
+            let mut slots = slots.lock().map_err(|_| poisoned())?;
+            insert_from(s, &mut slots);
             let removed = s
                 .engine
                 .offload_adapter(&key, &s.batch)
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
-            let mut slots = slots.lock().map_err(|_| poisoned())?;
             slots.loaded.remove(&key);
             // Loads of it still in flight are cancelled (they answer ABORTED and release their slot).
             let cancelled = slots.pending.remove(&key).map_or(0, |(_, n)| n);

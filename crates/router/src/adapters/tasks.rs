@@ -103,7 +103,16 @@ pub async fn download(
     clients
         .download_adapter(adapter, api_token.map(|t| t.0.clone()), load)
         .await
-        .map_err(|e| adapter_error(adapter, "downloaded", &e, api_token))
+        .map_err(|e| {
+            // A download that also loads fails its load with the load's codes (a full device, an
+            // offload meanwhile, an upload error).
+            let loading = load
+                && matches!(
+                    e.code(),
+                    Some(tonic::Code::ResourceExhausted | tonic::Code::Aborted | tonic::Code::Internal)
+                );
+            adapter_error(adapter, if loading { "loaded" } else { "downloaded" }, &e, api_token)
+        })
 }
 
 /// Loads a downloaded `adapter` on every shard.

@@ -65,10 +65,10 @@ impl<'a> CudaFileUpload<'a> {
     fn prepare(&self, c: &mut Copy, len: usize) -> Result<()> {
         let b = self.backend;
         b.ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
-        let mut staging = b.take_staging(len)?;
+        // Kept in `c` at once: `drop` gives it back, whatever fails after.
+        let staging = c.staging.insert(b.take_staging(len)?);
         let ptr = staging.as_mut_ptr().map_err(|e| drv("staging buffer", e))?;
         let capacity = staging.len();
-        c.staging = Some(staging);
         // SAFETY: uninitialised; the pieces' copies write every byte a tensor covers before `finish` hands
         // any out (it waits for them).
         let dev = unsafe { b.upload_stream.alloc::<u8>(len.max(1)) }
@@ -104,11 +104,14 @@ impl<'a> CudaFileUpload<'a> {
             .map_err(|e| drv("adapter upload", e))
     }
 
-    /// Waits for every copy sent.
+    /// Waits for every copy sent (an event recorded now on the upload stream, not the whole stream: other
+    /// uploads may queue copies after this one's).
     fn wait(&self) -> Result<()> {
-        self.backend
-            .upload_stream
-            .synchronize()
+        let b = self.backend;
+        b.ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
+        b.upload_stream
+            .record_event(None)
+            .and_then(|e| e.synchronize())
             .map_err(|e| drv("adapter upload", e))
     }
 }
@@ -116,6 +119,11 @@ impl<'a> CudaFileUpload<'a> {
 impl PieceSink for CudaFileUpload<'_> {
     fn start(&self, len: usize) {
         let mut c = self.copy();
+        if c.staging.is_some() || self.host.get().is_some() {
+            // (A second start would free the buffer that pieces are written to.)
+            c.error = Some(EngineError::Backend("an adapter file upload was started twice".into()));
+            return;
+        }
         if let Err(e) = self.prepare(&mut c, len) {
             c.error = Some(e);
         }
@@ -239,8 +247,9 @@ impl Drop for CudaFileUpload<'_> {
             // them.
             tracing::error!("waiting for an adapter file's upload: {e}; its staging buffer is leaked");
             std::mem::forget(staging);
+            self.backend.give_back_staging(None);
             return;
         }
-        self.backend.give_back_staging(staging);
+        self.backend.give_back_staging(Some(staging));
     }
 }

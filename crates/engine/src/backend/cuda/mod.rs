@@ -549,9 +549,19 @@ fn env_count(name: &str, default: usize, range: std::ops::RangeInclusive<usize>)
 /// adapter of high rank on many targets) is unpinned after its upload. 512 MiB holds a rank-64 q/k/v/o
 /// adapter of a 7B model in f16 (about 110 MB) with its conversion scratch twice over.
 const KEPT_STAGING_BYTES: usize = 512 << 20;
-/// Pinned staging buffers kept between uploads: as many as adapters are read and uploaded at once (the
-/// shard parses 4 at a time); more uploads at once pin buffers of their own.
-const KEPT_STAGING_BUFFERS: usize = 4;
+/// Pinned staging buffers: at most this many uploads stage at once (the shard parses 4 adapters at a time;
+/// more uploads wait for a buffer, so a burst of loads cannot pin one buffer each), and as many are kept
+/// between uploads.
+const STAGING_BUFFERS: usize = 4;
+
+/// The adapter uploads' pinned staging buffers ([`CudaBackend::take_staging`]).
+#[derive(Default)]
+struct StagingPool {
+    /// Buffers kept for the next uploads.
+    free: Vec<PinnedHostSlice<u8>>,
+    /// Buffers taken by uploads in progress.
+    out: usize,
+}
 
 /// The CUDA backend (one device, one stream).
 pub struct CudaBackend {
@@ -629,7 +639,9 @@ pub struct CudaBackend {
     /// Pinned host memory the adapter uploads stage in, kept between them (pinning is slow): each upload
     /// takes a buffer ([`CudaBackend::take_staging`]) and gives it back, so uploads on several threads
     /// run at once.
-    staging: Mutex<Vec<PinnedHostSlice<u8>>>,
+    staging: Mutex<StagingPool>,
+    /// Signalled when a staging buffer is given back.
+    staging_back: std::sync::Condvar,
     /// Pinned host memory that eager steps' metadata uploads stage through (made on first use).
     eager_staging: Mutex<Option<EagerStaging>>,
     /// What the layers of the forward pass in progress share ([`Backend::forward_scope`]).
@@ -710,33 +722,39 @@ impl CudaBackend {
     pub fn upload_staging_bytes(&self) -> usize {
         self.staging
             .lock()
-            .map(|s| s.iter().map(PinnedHostSlice::len).sum())
+            .map(|s| s.free.iter().map(PinnedHostSlice::len).sum())
             .unwrap_or(0)
     }
 
     /// A pinned staging buffer of at least `len` bytes: the smallest kept one that is large enough, or a
-    /// new one.
+    /// new one; waits while [`STAGING_BUFFERS`] are out. Every buffer taken goes back through
+    /// [`CudaBackend::give_back_staging`] (`None` for one that cannot be reused).
     fn take_staging(&self, len: usize) -> Result<PinnedHostSlice<u8>> {
+        let poisoned = || EngineError::Backend("the upload staging buffers were poisoned by a panic".into());
         {
-            let mut pool = self
-                .staging
-                .lock()
-                .map_err(|_| EngineError::Backend("the upload staging buffers were poisoned by a panic".into()))?;
+            let mut pool = self.staging.lock().map_err(|_| poisoned())?;
+            while pool.out >= STAGING_BUFFERS {
+                pool = self.staging_back.wait(pool).map_err(|_| poisoned())?;
+            }
+            pool.out += 1;
             let fitting = pool
+                .free
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| s.len() >= len)
                 .min_by_key(|(_, s)| s.len())
                 .map(|(i, _)| i);
             if let Some(i) = fitting {
-                return Ok(pool.swap_remove(i));
+                return Ok(pool.free.swap_remove(i));
             }
         }
         let bytes = len.max(1).next_multiple_of(8 << 20);
         // SAFETY: plain bytes, uninitialised; what is copied beyond the bytes an upload writes is alignment
         // padding or header, which no kernel reads.
-        unsafe { self.ctx.alloc_pinned::<u8>(bytes) }
-            .map_err(|e| drv(&format!("pinning {bytes} bytes of host memory"), e))
+        unsafe { self.ctx.alloc_pinned::<u8>(bytes) }.map_err(|e| {
+            self.give_back_staging(None);
+            drv(&format!("pinning {bytes} bytes of host memory"), e)
+        })
     }
 
     /// [`Backend::upload_many`] through `staging`, which holds `total + raw_total` bytes: the tensors'
@@ -842,23 +860,26 @@ impl CudaBackend {
             .collect())
     }
 
-    /// Keeps `buf` for later uploads once no copy reads it any more: the largest
-    /// [`KEPT_STAGING_BUFFERS`] buffers within [`KEPT_STAGING_BYTES`] are kept, the others unpinned (so
-    /// that one unusually large adapter does not hold that much page-locked memory for the server's life).
-    fn give_back_staging(&self, buf: PinnedHostSlice<u8>) {
-        if buf.len() > KEPT_STAGING_BYTES {
-            return;
-        }
+    /// Gives back a buffer of [`CudaBackend::take_staging`] once no copy reads it any more, keeping it for
+    /// later uploads: the largest [`STAGING_BUFFERS`] buffers within [`KEPT_STAGING_BYTES`] are kept, the
+    /// others unpinned (so that one unusually large adapter does not hold that much page-locked memory for
+    /// the server's life). `None`: the buffer was not kept (copies might still read it).
+    fn give_back_staging(&self, buf: Option<PinnedHostSlice<u8>>) {
         let Ok(mut pool) = self.staging.lock() else { return };
-        pool.push(buf);
-        pool.sort_unstable_by_key(|s| std::cmp::Reverse(s.len()));
-        let mut total = 0;
-        let mut kept = 0;
-        pool.retain(|s| {
-            total += s.len();
-            kept += 1;
-            kept <= KEPT_STAGING_BUFFERS && total <= KEPT_STAGING_BYTES
-        });
+        pool.out = pool.out.saturating_sub(1);
+        if let Some(buf) = buf.filter(|b| b.len() <= KEPT_STAGING_BYTES) {
+            pool.free.push(buf);
+            pool.free.sort_unstable_by_key(|s| std::cmp::Reverse(s.len()));
+            let mut total = 0;
+            let mut kept = 0;
+            pool.free.retain(|s| {
+                total += s.len();
+                kept += 1;
+                kept <= STAGING_BUFFERS && total <= KEPT_STAGING_BYTES
+            });
+        }
+        drop(pool);
+        self.staging_back.notify_one();
     }
 
     /// Threads of a row kernel's block (one block per row) for `rows` rows of `cols` elements: as
@@ -1211,7 +1232,8 @@ impl CudaBackend {
             _attn_counters: attn_counters,
             attn_counters_ptr,
             upload_stream,
-            staging: Mutex::new(Vec::new()),
+            staging: Mutex::new(StagingPool::default()),
+            staging_back: std::sync::Condvar::new(),
             eager_staging: Mutex::new(None),
             pass: Mutex::new(PassCache::default()),
         };
@@ -1876,11 +1898,16 @@ impl Backend for CudaBackend {
         // Staged: the result's layout (tensors already in the backend's type), then the raw scratch.
         let mut staging = self.take_staging(total + raw_total)?;
         let result = self.upload_staged(tensors, &offsets, (total, raw_total), &mut staging);
-        if result.is_err() {
-            // Copies queued before the failure may still read the buffer.
-            let _ = self.upload_stream.synchronize();
+        if result.is_err() && self.upload_stream.synchronize().is_err() {
+            // Copies queued before the failure may still read the buffer: never reuse or free it.
+            tracing::error!(
+                "an adapter upload failed and its copies could not be waited for: its staging buffer is leaked"
+            );
+            std::mem::forget(staging);
+            self.give_back_staging(None);
+            return result;
         }
-        self.give_back_staging(staging);
+        self.give_back_staging(Some(staging));
         result
     }
 
