@@ -189,6 +189,7 @@ mod tests {
                 kind,
                 adapter: AdapterKey::new(AdapterSource::Hub, "org/a"),
                 stage: "downloaded",
+                no_room: false,
                 message: "repo org/a: 404 Not Found".into(),
             }));
             assert_eq!((api.status.as_u16(), api.error_type), (status, error_type));

@@ -416,6 +416,7 @@ mod tests {
                 kind,
                 adapter: AdapterKey::new(AdapterSource::Hub, "org/a"),
                 stage: "downloaded",
+                no_room: false,
                 message: "nope".into(),
             })
         };

@@ -297,7 +297,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
             "--preloaded-adapter-ids was given but the shards do not support adapters".into(),
         ));
     }
-    adapters::tasks::preload(&clients, &preloaded).await?;
+    let preloaded = adapters::tasks::preload(&clients, &preloaded).await?;
 
     let metrics = metrics::install(limits.max_total_tokens);
     let (entries_tx, entries_rx) = mpsc::unbounded_channel();

@@ -110,8 +110,8 @@ pub struct SchedulerConfig {
     pub max_active_adapters: usize,
     /// `--adapter-cycle-time-s`.
     pub adapter_cycle_time: Duration,
-    /// Adapters already loaded on every shard (`--preloaded-adapter-ids`).
-    pub preloaded_adapters: Vec<AdapterKey>,
+    /// Adapters already loaded on every shard (`--preloaded-adapter-ids`), with their bytes.
+    pub preloaded_adapters: Vec<(AdapterKey, u64)>,
     /// Where the known adapters are published for readers (`/v1/models`, gRPC `ListAdapters`).
     pub catalog: AdapterCatalog,
 }
@@ -152,8 +152,8 @@ impl Scheduler {
         let (adapter_tasks, adapter_events) = AdapterTasks::new(clients.clone());
         let mut queues = Registry::new(config.max_active_adapters, config.adapter_cycle_time);
         let now = Instant::now();
-        for adapter in config.preloaded_adapters {
-            queues.insert_active(adapter, now);
+        for (adapter, bytes) in config.preloaded_adapters {
+            queues.insert_active(adapter, bytes, now);
         }
         Self {
             clients,
@@ -239,7 +239,7 @@ impl Scheduler {
             if let Some(adapter) = adapter {
                 // With one shard and a slot free, the download loads it too: one call, and the upload
                 // runs beside the read of its files.
-                let load = self.clients.len() == 1 && self.queues.claim_for_download(&adapter);
+                let load = self.clients.len() == 1 && self.queues.claim_for_download(&adapter, Instant::now());
                 tracing::info!(adapter = %adapter, load, "downloading adapter");
                 self.adapter_tasks.download(adapter, api_token, load);
             }
@@ -252,9 +252,13 @@ impl Scheduler {
         match event {
             AdapterEvent::Downloaded { adapter, response } => {
                 log_download(&adapter, &response);
+                self.queues.set_bytes(&adapter, response.size_bytes);
                 if response.loaded {
                     self.on_loaded(&adapter);
+                } else if response.load_refused && self.queues.load_refused(&adapter, Instant::now()) {
+                    self.on_no_room(&adapter, "out of device memory");
                 } else {
+                    // (Refused with nothing else on the device: its LoadAdapter will fail it.)
                     self.queues.downloaded(&adapter);
                 }
             }
@@ -266,6 +270,11 @@ impl Scheduler {
                 }
                 self.queues.offloaded(&adapter);
             }
+            AdapterEvent::Failed(error)
+                if error.no_room && self.queues.load_refused(&error.adapter, Instant::now()) =>
+            {
+                self.on_no_room(&error.adapter, &error.message);
+            }
             AdapterEvent::Failed(error) => {
                 let (_, error_type) = crate::errors::adapter_status(error.kind);
                 metrics::counter!(m::ADAPTER_LOAD_FAILURES, "err" => error_type).increment(1);
@@ -276,6 +285,16 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// A load refused for want of device memory: its requests wait while idle adapters are offloaded to
+    /// make room (Registry::plan).
+    fn on_no_room(&self, adapter: &AdapterKey, why: &str) {
+        tracing::warn!(
+            adapter = %adapter,
+            "the device has no room for the adapter; it waits for other adapters to be offloaded: {why}"
+        );
+        metrics::counter!(m::ADAPTER_LOAD_FAILURES, "err" => "no_room").increment(1);
     }
 
     /// The adapter is on every shard (by its LoadAdapter, or by its download).

@@ -23,13 +23,18 @@ fn flags(flags: &[&str]) -> Vec<String> {
 /// A deployment of `shards` shards with 3 device slots, after 50 requests over 20 adapters, each
 /// answered by its adapter.
 async fn fifty_requests_over_twenty_adapters(shards: u32) -> Deployment {
-    let d = Deployment::start(Setup {
+    fifty_requests_on(Setup {
         shards,
         adapter_capacity: 3,
         flags: flags(&["--max-active-adapters", "3"]),
         ..Setup::default()
     })
-    .await;
+    .await
+}
+
+/// A deployment of `setup`, after 50 requests over 20 adapters, each answered by its adapter.
+async fn fifty_requests_on(setup: Setup) -> Deployment {
+    let d = Deployment::start(setup).await;
     let requests = (0..50).map(|i| {
         let adapter = format!("org/adapter-{}", i % 20);
         let d = &d;
@@ -91,6 +96,31 @@ async fn one_shard_downloads_load_adapters_into_free_slots() {
         assert_eq!(d.hub.downloads(&format!("org/adapter-{i}")), 1);
     }
     d.assert_no_violations();
+}
+
+/// Shards whose device memory holds 3 adapters, behind 8 slots: loads beyond 3 are refused as out of
+/// device memory, and the router makes room by offloading idle adapters instead of failing requests.
+/// Every request is answered by its adapter, and the fakes see no breach of the contract.
+#[tokio::test]
+async fn loads_refused_for_device_memory_wait_for_room() {
+    for shards in [1, 2] {
+        let d = fifty_requests_on(Setup {
+            shards,
+            memory_capacity: 3,
+            flags: flags(&["--max-active-adapters", "8"]),
+            ..Setup::default()
+        })
+        .await;
+        let refusals: usize = d.shards.iter().map(|s| s.memory_refusals.load(Ordering::SeqCst)).sum();
+        assert!(
+            refusals > 0,
+            "{shards} shards: the device memory never ran out, nothing tested"
+        );
+        for shard in &d.shards {
+            assert!(shard.max_loaded.load(Ordering::SeqCst) <= 3);
+        }
+        d.assert_no_violations();
+    }
 }
 
 #[tokio::test]

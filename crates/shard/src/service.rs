@@ -828,27 +828,35 @@ impl<B: Backend> ShardService for ShardServer<B> {
         for w in &warnings {
             tracing::warn!("{w}");
         }
-        let device_bytes = match claim {
-            None => None,
-            Some(claim) => {
-                let (device, upload_ms, beside_read) = match parsed.device {
-                    Some(uploaded) => uploaded.map_err(status)?,
-                    // The host tier's parse: upload it now.
-                    None => {
-                        let (device, ms) = self.upload(Arc::clone(&host)).await?;
-                        (device, ms, false)
-                    }
-                };
-                let log = LoadLog {
-                    started,
-                    parse_ms: parsed.parse_ms.unwrap_or(0),
-                    upload_ms,
-                    beside_read,
-                    via: "download",
-                };
-                Some(self.insert_loaded(claim, device, log)?)
+        let (mut device_bytes, mut load_refused) = (None, false);
+        if let Some(claim) = claim {
+            let uploaded = match parsed.device {
+                Some(uploaded) => uploaded.map_err(status),
+                // The host tier's parse: upload it now.
+                None => self
+                    .upload(Arc::clone(&host))
+                    .await
+                    .map(|(device, ms)| (device, ms, false)),
+            };
+            match uploaded {
+                Ok((device, upload_ms, beside_read)) => {
+                    let log = LoadLog {
+                        started,
+                        parse_ms: parsed.parse_ms.unwrap_or(0),
+                        upload_ms,
+                        beside_read,
+                        via: "download",
+                    };
+                    device_bytes = Some(self.insert_loaded(claim, device, log)?);
+                }
+                // No memory for it: downloaded only (the claim is released), and the router is told.
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    tracing::warn!(adapter = %key, "downloaded, but not loaded: {}", s.message());
+                    load_refused = true;
+                }
+                Err(s) => return Err(s),
             }
-        };
+        }
         Ok(Response::new(pb::DownloadAdapterResponse {
             size_bytes: host.bytes as u64,
             warnings,
@@ -856,6 +864,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
             tokenizer_config,
             loaded: loaded_already || device_bytes.is_some(),
             device_bytes: device_bytes.unwrap_or(0),
+            load_refused,
         }))
     }
 

@@ -120,6 +120,9 @@ pub struct AdapterError {
     pub stage: &'static str,
     /// The shard's message (with the request's api_token, if it echoed it, replaced by `***`).
     pub message: String,
+    /// A load refused for want of room on the device (RESOURCE_EXHAUSTED): the adapter's requests may
+    /// wait for an offload rather than fail ([`registry::Registry::load_refused`]).
+    pub no_room: bool,
 }
 
 #[cfg(test)]

@@ -21,7 +21,10 @@
 //! Past [`KEPT_IDLE`] idle Downloaded adapters (nothing queued or running), the least recently used are
 //! forgotten, as an errored one is (a later request downloads it again).
 //!
-//! Loading, Active and Offloading adapters hold a device slot; there are `max_active` slots. A request
+//! Loading, Active and Offloading adapters hold a device slot; there are `max_active` slots. A load the
+//! shard refuses for want of device memory ([`Registry::load_refused`]) makes the adapter wait as a
+//! Downloaded one, and for [`ROOM_KEPT`] the adapters' bytes are kept within what the others held then:
+//! idle adapters are offloaded to make room, as for a slot. A request
 //! in the running batch holds an [`AdapterLease`]; an adapter with a live lease is never offloaded.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -90,6 +93,8 @@ struct Adapter<T> {
     downloaded_at: u64,
     /// Loading by its download ([`Registry::claim_for_download`]), not by a LoadAdapter.
     loads_in_download: bool,
+    /// Bytes of its weights, as its download answered (0 until then).
+    bytes: u64,
 }
 
 impl<T> Adapter<T> {
@@ -103,6 +108,7 @@ impl<T> Adapter<T> {
             served: false,
             downloaded_at: 0,
             loads_in_download: false,
+            bytes: 0,
         }
     }
 
@@ -124,6 +130,11 @@ impl<T> Adapter<T> {
 /// later request for one downloads it again, which the shards answer from their caches.
 const KEPT_IDLE: usize = 4096;
 
+/// How long the room learned from a load refused for want of device memory bounds the adapters' bytes;
+/// then loads may use every slot again (a refusal learns the room anew). The memory may have been short
+/// for a moment (a large prompt's activations), and the adapters' sizes vary.
+pub const ROOM_KEPT: Duration = Duration::from_secs(60);
+
 /// Queues and adapter states; `T` is a queued request.
 #[derive(Debug)]
 pub struct Registry<T> {
@@ -135,6 +146,9 @@ pub struct Registry<T> {
     cycle_time: Duration,
     /// [`KEPT_IDLE`] (smaller in tests).
     kept_idle: usize,
+    /// The adapters the device held when it last refused a load for want of memory (with their bytes as
+    /// then known; 0: look it up, a download still in flight), and when: their bytes are the room.
+    room: Option<(Vec<(AdapterKey, u64)>, Instant)>,
 }
 
 impl<T> Registry<T> {
@@ -148,11 +162,12 @@ impl<T> Registry<T> {
             max_active,
             cycle_time,
             kept_idle: KEPT_IDLE,
+            room: None,
         }
     }
 
-    /// Records an adapter loaded before serving (`--preloaded-adapter-ids`).
-    pub fn insert_active(&mut self, key: AdapterKey, now: Instant) {
+    /// Records an adapter of `bytes` loaded before serving (`--preloaded-adapter-ids`).
+    pub fn insert_active(&mut self, key: AdapterKey, bytes: u64, now: Instant) {
         let mut adapter = Adapter::new(
             State::Active {
                 since: now,
@@ -161,7 +176,55 @@ impl<T> Registry<T> {
             now,
         );
         adapter.readying_since = None;
+        adapter.bytes = bytes;
         self.adapters.insert(key, adapter);
+    }
+
+    /// Records the size of `key`'s weights (its download's answer).
+    pub fn set_bytes(&mut self, key: &AdapterKey, bytes: u64) {
+        if let Some(adapter) = self.adapters.get_mut(key) {
+            adapter.bytes = bytes;
+        }
+    }
+
+    /// The room learned from the last refused load, while it is kept ([`ROOM_KEPT`]).
+    fn room(&self, now: Instant) -> Option<u64> {
+        let (held, at) = self.room.as_ref()?;
+        if now.saturating_duration_since(*at) >= ROOM_KEPT {
+            return None;
+        }
+        Some(
+            held.iter()
+                .map(|(k, b)| match *b {
+                    0 => self.adapters.get(k).map_or(0, |a| a.bytes),
+                    b => b,
+                })
+                .sum(),
+        )
+    }
+
+    /// A load of `key` was refused for want of device memory: it waits as a Downloaded adapter (its
+    /// requests stay queued, its slot is released), and the room is the bytes the other adapters on the
+    /// device hold now. `false` when no other adapter holds device memory (no offload can make room: fail
+    /// it).
+    pub fn load_refused(&mut self, key: &AdapterKey, now: Instant) -> bool {
+        if self.state(key) != Some(State::Loading) {
+            return false;
+        }
+        let others: Vec<(AdapterKey, u64)> = self
+            .adapters
+            .iter()
+            .filter(|(k, a)| *k != key && a.holds_slot())
+            .map(|(k, a)| (k.clone(), a.bytes))
+            .collect();
+        if others.is_empty() {
+            return false;
+        }
+        self.room = Some((others, now));
+        if let Some(a) = self.adapters.get_mut(key) {
+            a.loads_in_download = false;
+        }
+        self.mark_downloaded(key, State::Loading)
     }
 
     /// Queues `item` for `adapter` (`None`: the base model). `true` when the adapter was unknown: it is
@@ -285,7 +348,8 @@ impl<T> Registry<T> {
     /// Decides the adapter calls to start now and updates the states they lead to:
     ///
     /// 1. Downloaded adapters with queued requests get the free slots, in the order they started waiting
-    ///    for one (the later of their download, or offload, and their oldest queued request).
+    ///    for one (the later of their download, or offload, and their oldest queued request), while their
+    ///    bytes fit the room learned from a refused load, if any.
     /// 2. For those still waiting, idle active adapters (nothing running, nothing queued) are offloaded,
     ///    least recently used first.
     /// 3. If that is not enough, adapters active for at least the cycle time that have served a request
@@ -302,7 +366,18 @@ impl<T> Registry<T> {
         waiting.sort_unstable();
         let held = self.adapters.values().filter(|a| a.holds_slot()).count();
         let free = self.max_active.saturating_sub(held);
+        // In waiting order, while slots are free and (after a refusal for want of memory) the bytes fit.
+        let room = self.room(now);
+        let mut held_bytes: u64 = self.adapters.values().filter(|a| a.holds_slot()).map(|a| a.bytes).sum();
+        let mut started = 0;
         for (_, key) in waiting.iter().take(free) {
+            let bytes = self.adapters.get(key).map_or(0, |a| a.bytes);
+            // With nothing else on the device, it goes (a refusal then fails it).
+            if held + started > 0 && room.is_some_and(|room| held_bytes + bytes > room) {
+                break;
+            }
+            held_bytes += bytes;
+            started += 1;
             self.set_loading(key, now);
             actions.push(Action::Load(key.clone()));
         }
@@ -315,7 +390,7 @@ impl<T> Registry<T> {
                 _ => {}
             }
         }
-        let mut needed = waiting.len().saturating_sub(free).saturating_sub(offloading);
+        let mut needed = waiting.len().saturating_sub(started).saturating_sub(offloading);
         if needed == 0 {
             return actions;
         }
@@ -361,7 +436,11 @@ impl<T> Registry<T> {
     /// A Downloading adapter takes a free slot for its download to load it as well, when the free slots
     /// outnumber the Downloaded adapters waiting for one (no earlier waiter is passed over). `true`: it
     /// is Loading now, and its download should load it.
-    pub fn claim_for_download(&mut self, key: &AdapterKey) -> bool {
+    pub fn claim_for_download(&mut self, key: &AdapterKey, now: Instant) -> bool {
+        if self.room(now).is_some() {
+            // Device memory is short and this adapter's size is not known yet.
+            return false;
+        }
         let waiting = self
             .adapters
             .values()
@@ -515,14 +594,14 @@ mod tests {
         let now = Instant::now();
         let mut r = registry(2, 1000);
         assert!(r.push(Some(&key("a")), "a1", now));
-        assert!(r.claim_for_download(&key("a")), "a free slot and nobody waiting");
+        assert!(r.claim_for_download(&key("a"), now), "a free slot and nobody waiting");
         assert_eq!(r.state(&key("a")), Some(State::Loading));
-        assert!(!r.claim_for_download(&key("a")), "claimed twice");
+        assert!(!r.claim_for_download(&key("a"), now), "claimed twice");
         r.push(Some(&key("b")), "b1", now);
         assert!(r.downloaded(&key("b")), "b downloads without loading");
         r.push(Some(&key("c")), "c1", now);
         assert!(
-            !r.claim_for_download(&key("c")),
+            !r.claim_for_download(&key("c"), now),
             "the last free slot went to a download while b waits for it"
         );
         assert_eq!(r.plan(now), vec![Action::Load(key("b"))]);
@@ -536,12 +615,73 @@ mod tests {
         // A download that loaded: Loading → Active, and its requests can be prefilled.
         let mut r = registry(1, 1000);
         r.push(Some(&key("d")), "d1", now);
-        assert!(r.claim_for_download(&key("d")));
+        assert!(r.claim_for_download(&key("d"), now));
         assert!(r.plan(now).is_empty(), "the download's slot is held");
         assert!(r.loaded(&key("d"), now).is_some());
         assert_eq!(r.prefill_candidates().copied().collect::<Vec<_>>(), vec!["d1"]);
         r.push(Some(&key("e")), "e1", now);
-        assert!(!r.claim_for_download(&key("e")), "no slot free");
+        assert!(!r.claim_for_download(&key("e"), now), "no slot free");
+    }
+
+    #[test]
+    fn a_load_refused_for_memory_waits_for_room_made_by_offloads() {
+        let t0 = Instant::now();
+        let mut r = registry(8, 1000);
+        for (id, bytes) in [("a", 100), ("b", 100)] {
+            activate(&mut r, id, "req", t0);
+            r.set_bytes(&key(id), bytes);
+        }
+        drain(&mut r, t0);
+        // c (150 bytes) is refused: the device held a and b (200 bytes).
+        r.push(Some(&key("c")), "c1", t0);
+        assert!(r.downloaded(&key("c")));
+        r.set_bytes(&key("c"), 150);
+        assert_eq!(r.plan(t0), vec![Action::Load(key("c"))]);
+        assert!(r.load_refused(&key("c"), t0));
+        assert_eq!(r.state(&key("c")), Some(State::Downloaded));
+        assert_eq!(r.queued(), 1, "its request still waits");
+        // 200 + 150 > 200: the least recently used idle adapter goes first; 100 + 150 is still over 200,
+        // so b goes too, and then c loads.
+        assert_eq!(r.plan(t0), vec![Action::Offload(key("a"))]);
+        assert_eq!(r.plan(t0), vec![], "an offload in flight covers the need");
+        assert!(r.offloaded(&key("a")));
+        assert_eq!(r.plan(t0), vec![Action::Offload(key("b"))]);
+        assert!(r.offloaded(&key("b")));
+        assert_eq!(r.plan(t0), vec![Action::Load(key("c"))]);
+        // Alone on the device and refused again: nothing can make room, so it fails.
+        assert!(!r.load_refused(&key("c"), t0));
+        // A download that could not load for want of memory: the room is what the others hold, counted
+        // once their own downloads say their sizes; no download claims a slot meanwhile, and the room is
+        // forgotten after ROOM_KEPT.
+        let mut r = registry(8, 1000);
+        r.push(Some(&key("a")), "a1", t0);
+        assert!(
+            r.claim_for_download(&key("a"), t0),
+            "a's download loads it; its size comes later"
+        );
+        r.push(Some(&key("d")), "d1", t0);
+        assert!(r.claim_for_download(&key("d"), t0));
+        r.set_bytes(&key("d"), 150);
+        assert!(r.load_refused(&key("d"), t0));
+        r.set_bytes(&key("a"), 100);
+        assert!(r.loaded(&key("a"), t0).is_some());
+        drain(&mut r, t0);
+        r.push(Some(&key("e")), "e1", t0);
+        assert!(
+            !r.claim_for_download(&key("e"), t0),
+            "a download claimed a slot while memory is short"
+        );
+        assert!(r.downloaded(&key("e")));
+        r.set_bytes(&key("e"), 50);
+        // 100 + 150 > 100: d waits (and e behind it) while a is offloaded; then d goes alone and e
+        // (150 + 50 > 100) waits.
+        assert_eq!(r.plan(t0), vec![Action::Offload(key("a"))]);
+        assert!(r.offloaded(&key("a")));
+        assert_eq!(r.plan(t0), vec![Action::Load(key("d"))]);
+        assert!(r.loaded(&key("d"), t0).is_some());
+        assert_eq!(r.plan(t0), vec![], "e waits while d is busy");
+        // Once the room is forgotten, e goes beside d.
+        assert_eq!(r.plan(t0 + ROOM_KEPT), vec![Action::Load(key("e"))]);
     }
 
     #[test]

@@ -123,8 +123,10 @@ pub async fn load(clients: &ShardClients, adapter: &AdapterKey) -> Result<(), Ad
         .map_err(|e| adapter_error(adapter, "loaded", &e, None))
 }
 
-/// Downloads and loads each of `adapters` in turn (startup: `--preloaded-adapter-ids`).
-pub async fn preload(clients: &ShardClients, adapters: &[AdapterKey]) -> Result<(), AdapterError> {
+/// Downloads and loads each of `adapters` in turn (startup: `--preloaded-adapter-ids`); returns each one's
+/// bytes, as its download answered.
+pub async fn preload(clients: &ShardClients, adapters: &[AdapterKey]) -> Result<Vec<(AdapterKey, u64)>, AdapterError> {
+    let mut loaded = Vec::with_capacity(adapters.len());
     for adapter in adapters {
         let response = download(clients, adapter, None, true).await?;
         log_download(adapter, &response);
@@ -132,8 +134,9 @@ pub async fn preload(clients: &ShardClients, adapters: &[AdapterKey]) -> Result<
             load(clients, adapter).await?;
         }
         tracing::info!(adapter = %adapter, "adapter preloaded");
+        loaded.push((adapter.clone(), response.size_bytes));
     }
-    Ok(())
+    Ok(loaded)
 }
 
 /// Logs a finished download and the shard's warnings about it.
@@ -167,6 +170,7 @@ fn adapter_error(
         adapter: adapter.clone(),
         stage,
         message,
+        no_room: stage == "loaded" && error.code() == Some(tonic::Code::ResourceExhausted),
     }
 }
 

@@ -89,6 +89,7 @@ impl AdapterTemplates {
                                 kind: AdapterFailure::Unavailable,
                                 adapter: key.clone(),
                                 stage: "downloaded",
+                                no_room: false,
                                 message: format!("the template fetch failed: {e}"),
                             })
                         });
@@ -194,6 +195,7 @@ mod tests {
             kind: AdapterFailure::Forbidden,
             adapter: adapter.clone(),
             stage: "downloaded",
+            no_room: false,
             message: "refused".into(),
         }
     }

@@ -242,6 +242,8 @@ pub struct FakeState {
     pub loads: AtomicUsize,
     /// DownloadAdapter calls that also loaded the adapter.
     pub download_loads: AtomicUsize,
+    /// Loads refused as out of device memory.
+    pub memory_refusals: AtomicUsize,
     /// OffloadAdapter calls that succeeded.
     pub offloads: AtomicUsize,
     /// Adapter contract violations by the router (see the module docs).
@@ -300,6 +302,9 @@ struct FakeShard {
     step_delay: Duration,
     hub: Arc<FakeHub>,
     adapter_capacity: usize,
+    /// Adapters the device memory holds: a load beyond it is refused as out of device memory
+    /// (RESOURCE_EXHAUSTED, not a contract breach: the router cannot know the memory).
+    memory_capacity: usize,
     supports_adapters: bool,
 }
 
@@ -325,6 +330,12 @@ impl FakeShard {
                 "adapter {} is already loaded",
                 key.1
             ))));
+        }
+        if loaded.len() >= self.memory_capacity {
+            self.state.memory_refusals.fetch_add(1, Ordering::SeqCst);
+            return Err(Status::resource_exhausted(
+                "out of device memory: CUDA allocating 1024 bytes",
+            ));
         }
         if loaded.len() >= self.adapter_capacity {
             return Err(self
@@ -599,6 +610,13 @@ impl ShardService for FakeShard {
                 }
                 // No slot free: downloaded only, as the real shard answers (but the router held a slot
                 // for it, so this is the router's mistake).
+                // Out of device memory: downloaded only, and said so (as the real shard answers).
+                Err(status)
+                    if status.code() == Code::ResourceExhausted
+                        && status.message().starts_with("out of device memory") =>
+                {
+                    response.load_refused = true;
+                }
                 Err(status) if status.code() == Code::ResourceExhausted => {}
                 Err(status) => return Err(status),
             }
@@ -654,6 +672,8 @@ pub struct Setup {
     pub hub: Arc<FakeHub>,
     /// Most adapters each shard can hold loaded.
     pub adapter_capacity: usize,
+    /// Adapters each shard's device memory holds (loads beyond: out of device memory).
+    pub memory_capacity: usize,
     /// What the shards' Info says about adapters.
     pub supports_adapters: bool,
 }
@@ -667,6 +687,7 @@ impl Default for Setup {
             flags: Vec::new(),
             hub: Arc::default(),
             adapter_capacity: 1000,
+            memory_capacity: usize::MAX,
             supports_adapters: true,
         }
     }
@@ -719,6 +740,7 @@ impl Deployment {
                 step_delay: setup.step_delay,
                 hub: Arc::clone(&setup.hub),
                 adapter_capacity: setup.adapter_capacity,
+                memory_capacity: setup.memory_capacity,
                 supports_adapters: setup.supports_adapters,
             };
             let listener = UnixListener::bind(path).expect("bind fake shard socket");

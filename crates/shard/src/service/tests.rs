@@ -24,23 +24,28 @@ use super::*;
 struct Gated {
     started: UnboundedSender<()>,
     release: std::sync::Mutex<mpsc::Receiver<()>>,
+    /// While set, uploads fail as out of device memory (without waiting) and none runs beside a read.
+    oom: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The test's ends of a [`Gated`] backend.
 struct Gate {
     started: UnboundedReceiver<()>,
     release: mpsc::Sender<()>,
+    oom: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn gated() -> (Gated, Gate) {
     let (started_tx, started) = unbounded_channel();
     let (release, release_rx) = mpsc::channel();
+    let oom = Arc::new(std::sync::atomic::AtomicBool::new(false));
     (
         Gated {
             started: started_tx,
             release: std::sync::Mutex::new(release_rx),
+            oom: Arc::clone(&oom),
         },
-        Gate { started, release },
+        Gate { started, release, oom },
     )
 }
 
@@ -56,12 +61,18 @@ impl Backend for Gated {
         CpuBackend.weight(t)
     }
     fn upload_many(&self, tensors: &[HostTensor<'_>]) -> lorax_engine::Result<Vec<CpuTensor>> {
+        if self.oom.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(EngineError::DeviceMemory("CUDA allocating 4096 bytes".into()));
+        }
         let _ = self.started.send(());
         self.release.lock().unwrap().recv().unwrap();
         CpuBackend.upload_many(tensors)
     }
     fn begin_file_upload(&self) -> Option<Box<dyn lorax_engine::backend::FileUpload<CpuTensor> + '_>> {
         static CPU: CpuBackend = CpuBackend;
+        if self.oom.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
         let _ = self.started.send(());
         self.release.lock().unwrap().recv().unwrap();
         CPU.begin_file_upload()
@@ -532,6 +543,25 @@ async fn downloads_that_load_fill_a_free_slot_or_leave_the_load_for_later() {
         .is_some());
     assert_eq!(loaded_keys(&svc).len(), 2);
     assert!(svc.slots.lock().unwrap().pending.is_empty(), "a claim was kept");
+    // No device memory left: downloaded, not loaded, said so, and the claim released.
+    svc.offload_adapter(Request::new(pb::OffloadAdapterRequest {
+        adapter_id: "lora-r16-all".into(),
+        adapter_source: "local".into(),
+    }))
+    .await
+    .unwrap();
+    gate.oom.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = download("lora-r64-regex").await.unwrap().unwrap();
+    assert!(
+        !refused.loaded && refused.load_refused && refused.size_bytes > 0,
+        "{refused:?}"
+    );
+    assert!(
+        svc.slots.lock().unwrap().pending.is_empty(),
+        "the refused load kept its claim"
+    );
+    assert_eq!(loaded_keys(&svc).len(), 1);
+    gate.oom.store(false, std::sync::atomic::Ordering::SeqCst);
     // The adapter loaded by its download serves as one loaded by LoadAdapter into another server.
     let (other_backend, mut other_gate) = gated();
     let other = server(other_backend, 2).await;
