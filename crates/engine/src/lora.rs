@@ -315,6 +315,16 @@ pub struct HostAdapter {
 }
 
 impl HostAdapter {
+    /// Elements of its weights (both halves of every pair).
+    pub fn elements(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|p| p.a.shape.iter().product::<usize>() + p.b.shape.iter().product::<usize>())
+            .sum()
+    }
+
     /// Reads and checks the PEFT adapter in `dir` against the base model `cfg`, refusing ranks above
     /// `max_rank`. Pickle-only adapters, unsupported PEFT features, unknown target modules, missing
     /// pairs and shapes that do not fit the base model are errors naming the problem.

@@ -279,7 +279,13 @@ impl ShardClients {
                 async move { c.load_adapter(request).await }
             })
             .await;
-        let Some(failure) = results.iter().find_map(|r| r.as_ref().err()).cloned() else {
+        // A shard's real error before another's "no room" (which the router would wait out).
+        let errors = || results.iter().filter_map(|r| r.as_ref().err());
+        let Some(failure) = errors()
+            .find(|e| e.code() != tonic::Code::ResourceExhausted)
+            .or_else(|| errors().next())
+            .cloned()
+        else {
             return Ok(());
         };
         let offload = offload_request(adapter);

@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 
 use crate::adapters::catalog::AdapterCatalog;
 use crate::adapters::registry::{AdapterLease, Registry};
-use crate::adapters::tasks::{log_download, AdapterEvent, AdapterTasks};
-use crate::adapters::{metric_label, AdapterKey};
+use crate::adapters::tasks::{self, log_download, AdapterEvent, AdapterTasks};
+use crate::adapters::{metric_label, AdapterError, AdapterFailure, AdapterKey};
 use crate::blocks::{BlockAllocation, BlockAllocator};
 use crate::client::{ClientError, ShardClients};
 use crate::detokenize::{IncrementalDecoder, TokenDecoder};
@@ -252,14 +252,33 @@ impl Scheduler {
         match event {
             AdapterEvent::Downloaded { adapter, response } => {
                 log_download(&adapter, &response);
-                self.queues.set_bytes(&adapter, response.size_bytes);
-                if response.loaded {
+                let bytes = tasks::device_bytes(&response);
+                self.queues.set_bytes(&adapter, bytes);
+                let now = Instant::now();
+                let too_big = self.queues.never_fits(bytes, now).filter(|_| !response.loaded);
+                let out_of_memory = |why: String| AdapterError {
+                    kind: AdapterFailure::Unavailable,
+                    adapter: adapter.clone(),
+                    stage: "loaded",
+                    message: format!("out of device memory: {why}"),
+                    no_room: false,
+                };
+                if let Some(limit) = too_big {
+                    // It would clear the device of every other adapter and still not fit.
+                    self.fail_adapter(&out_of_memory(format!(
+                        "it takes {bytes} bytes, and an adapter of {limit} bytes found no room on a device with no \
+                         other adapter loaded"
+                    )));
+                } else if response.loaded {
                     self.on_loaded(&adapter);
-                } else if response.load_refused && self.queues.load_refused(&adapter, Instant::now()) {
+                } else if !response.load_refused {
+                    self.queues.downloaded(&adapter);
+                } else if self.queues.load_refused(&adapter, now) {
                     self.on_no_room(&adapter, "out of device memory");
                 } else {
-                    // (Refused with nothing else on the device: its LoadAdapter will fail it.)
-                    self.queues.downloaded(&adapter);
+                    self.fail_adapter(&out_of_memory(format!(
+                        "it takes {bytes} bytes, and found no room on a device with no other adapter loaded"
+                    )));
                 }
             }
             AdapterEvent::Loaded { adapter } => self.on_loaded(&adapter),
@@ -275,15 +294,18 @@ impl Scheduler {
             {
                 self.on_no_room(&error.adapter, &error.message);
             }
-            AdapterEvent::Failed(error) => {
-                let (_, error_type) = crate::errors::adapter_status(error.kind);
-                metrics::counter!(m::ADAPTER_LOAD_FAILURES, "err" => error_type).increment(1);
-                let waiting = self.queues.fail(&error.adapter);
-                tracing::warn!(requests = waiting.len(), "{error}");
-                for entry in waiting {
-                    let _ = entry.response_tx.send(Err(InferError::Adapter(error.clone())));
-                }
-            }
+            AdapterEvent::Failed(error) => self.fail_adapter(&error),
+        }
+    }
+
+    /// Fails the requests waiting for an adapter and forgets it (the next request downloads it again).
+    fn fail_adapter(&mut self, error: &AdapterError) {
+        let (_, error_type) = crate::errors::adapter_status(error.kind);
+        metrics::counter!(m::ADAPTER_LOAD_FAILURES, "err" => error_type).increment(1);
+        let waiting = self.queues.fail(&error.adapter);
+        tracing::warn!(requests = waiting.len(), "{error}");
+        for entry in waiting {
+            let _ = entry.response_tx.send(Err(InferError::Adapter(error.clone())));
         }
     }
 

@@ -123,6 +123,33 @@ async fn loads_refused_for_device_memory_wait_for_room() {
     }
 }
 
+/// A device with no memory for any adapter: the first adapter is refused with nothing else loaded and
+/// fails at once (424, "out of device memory"); an adapter as large then fails as soon as its download
+/// says its size, without a load that would clear the device for nothing. The base model is served
+/// throughout.
+#[tokio::test]
+async fn adapters_too_large_for_the_device_fail_without_clearing_it() {
+    let d = Deployment::start(Setup {
+        shards: 1,
+        memory_capacity: 0,
+        ..Setup::default()
+    })
+    .await;
+    for adapter in ["org/big-1", "org/big-2"] {
+        let (status, body) = d.generate_with(adapter, 4).await;
+        assert_eq!(status, 424, "{adapter}: {body}");
+        assert!(body.to_string().contains("out of device memory"), "{adapter}: {body}");
+    }
+    assert_eq!(
+        d.shards[0].memory_refusals.load(Ordering::SeqCst),
+        1,
+        "big-1: its download-with-load; big-2: none"
+    );
+    let (status, body) = d.generate_with("", 4).await;
+    assert_eq!(status, 200, "{body}");
+    d.assert_no_violations();
+}
+
 #[tokio::test]
 async fn a_failing_adapter_fails_only_its_requests_and_is_retried() {
     let hub = Arc::new(FakeHub::default());

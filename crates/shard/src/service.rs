@@ -865,6 +865,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
             loaded: loaded_already || device_bytes.is_some(),
             device_bytes: device_bytes.unwrap_or(0),
             load_refused,
+            upload_bytes: (host.elements() * if self.info.dtype == "float32" { 4 } else { 2 }) as u64,
         }))
     }
 

@@ -149,6 +149,10 @@ pub struct Registry<T> {
     /// The adapters the device held when it last refused a load for want of memory (with their bytes as
     /// then known; 0: look it up, a download still in flight), and when: their bytes are the room.
     room: Option<(Vec<(AdapterKey, u64)>, Instant)>,
+    /// The smallest adapter refused for want of memory with no other adapter on the device, and when:
+    /// adapters at least that large are not loaded while it is kept ([`ROOM_KEPT`]), so a request for one
+    /// cannot clear the device of every other adapter again.
+    too_big: Option<(u64, Instant)>,
 }
 
 impl<T> Registry<T> {
@@ -163,6 +167,7 @@ impl<T> Registry<T> {
             cycle_time,
             kept_idle: KEPT_IDLE,
             room: None,
+            too_big: None,
         }
     }
 
@@ -203,6 +208,14 @@ impl<T> Registry<T> {
         )
     }
 
+    /// `Some(limit)` when an adapter of `bytes` is at least as large as one refused for want of memory with
+    /// nothing else on the device, within [`ROOM_KEPT`]: it would not fit either.
+    pub fn never_fits(&self, bytes: u64, now: Instant) -> Option<u64> {
+        self.too_big
+            .filter(|&(limit, at)| bytes >= limit && now.saturating_duration_since(at) < ROOM_KEPT)
+            .map(|(limit, _)| limit)
+    }
+
     /// A load of `key` was refused for want of device memory: it waits as a Downloaded adapter (its
     /// requests stay queued, its slot is released), and the room is the bytes the other adapters on the
     /// device hold now. `false` when no other adapter holds device memory (no offload can make room: fail
@@ -218,6 +231,10 @@ impl<T> Registry<T> {
             .map(|(k, a)| (k.clone(), a.bytes))
             .collect();
         if others.is_empty() {
+            let bytes = self.adapters.get(key).map_or(0, |a| a.bytes);
+            if bytes > 0 && self.never_fits(bytes, now).is_none() {
+                self.too_big = Some((bytes, now));
+            }
             return false;
         }
         self.room = Some((others, now));
@@ -360,7 +377,8 @@ impl<T> Registry<T> {
         let mut waiting: Vec<(u64, AdapterKey)> = self
             .adapters
             .iter()
-            .filter(|(_, a)| a.state == State::Downloaded)
+            // (Adapters too large for the device wait out ROOM_KEPT rather than clear it.)
+            .filter(|(_, a)| a.state == State::Downloaded && (a.bytes == 0 || self.never_fits(a.bytes, now).is_none()))
             .filter_map(|(key, a)| Some((a.queue.front()?.seq.max(a.downloaded_at), key.clone())))
             .collect();
         waiting.sort_unstable();
@@ -437,7 +455,7 @@ impl<T> Registry<T> {
     /// outnumber the Downloaded adapters waiting for one (no earlier waiter is passed over). `true`: it
     /// is Loading now, and its download should load it.
     pub fn claim_for_download(&mut self, key: &AdapterKey, now: Instant) -> bool {
-        if self.room(now).is_some() {
+        if self.room(now).is_some() || self.never_fits(u64::MAX, now).is_some() {
             // Device memory is short and this adapter's size is not known yet.
             return false;
         }
@@ -648,8 +666,18 @@ mod tests {
         assert_eq!(r.plan(t0), vec![Action::Offload(key("b"))]);
         assert!(r.offloaded(&key("b")));
         assert_eq!(r.plan(t0), vec![Action::Load(key("c"))]);
-        // Alone on the device and refused again: nothing can make room, so it fails.
+        // Alone on the device and refused again: nothing can make room, so it fails, and adapters as large
+        // are not loaded for ROOM_KEPT (they would clear the device again).
         assert!(!r.load_refused(&key("c"), t0));
+        assert_eq!(r.never_fits(150, t0), Some(150));
+        assert_eq!(r.never_fits(149, t0), None);
+        assert_eq!(r.never_fits(150, t0 + ROOM_KEPT), None);
+        r.fail(&key("c"));
+        r.push(Some(&key("f")), "f1", t0);
+        assert!(r.downloaded(&key("f")));
+        r.set_bytes(&key("f"), 200);
+        assert_eq!(r.plan(t0), vec![], "an adapter too large for the device was loaded");
+        assert_eq!(r.plan(t0 + ROOM_KEPT), vec![Action::Load(key("f"))]);
         // A download that could not load for want of memory: the room is what the others hold, counted
         // once their own downloads say their sizes; no download claims a slot meanwhile, and the room is
         // forgotten after ROOM_KEPT.

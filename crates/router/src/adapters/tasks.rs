@@ -134,9 +134,18 @@ pub async fn preload(clients: &ShardClients, adapters: &[AdapterKey]) -> Result<
             load(clients, adapter).await?;
         }
         tracing::info!(adapter = %adapter, "adapter preloaded");
-        loaded.push((adapter.clone(), response.size_bytes));
+        loaded.push((adapter.clone(), device_bytes(&response)));
     }
     Ok(loaded)
+}
+
+/// The device bytes of a downloaded adapter, as the shard reckons them (`upload_bytes`), or its bytes as
+/// stored (a shard that does not say).
+pub fn device_bytes(response: &DownloadAdapterResponse) -> u64 {
+    match response.upload_bytes {
+        0 => response.size_bytes,
+        b => b,
+    }
 }
 
 /// Logs a finished download and the shard's warnings about it.
@@ -165,12 +174,17 @@ fn adapter_error(
     if let Some(token) = api_token.filter(|t| !t.0.is_empty()) {
         message = message.replace(&token.0, "***");
     }
+    // The shard's RESOURCE_EXHAUSTED also says "no slot free" (a slot the router counts as free, after a
+    // failed offload): only the device's own memory is waited for.
+    let no_room = stage == "loaded"
+        && error.code() == Some(tonic::Code::ResourceExhausted)
+        && message.contains("out of device memory");
     AdapterError {
         kind: AdapterFailure::from_code(error.code()),
         adapter: adapter.clone(),
         stage,
         message,
-        no_room: stage == "loaded" && error.code() == Some(tonic::Code::ResourceExhausted),
+        no_room,
     }
 }
 

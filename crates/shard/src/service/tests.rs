@@ -508,6 +508,12 @@ async fn downloads_that_load_fill_a_free_slot_or_leave_the_load_for_later() {
     let first = first.await.unwrap().unwrap();
     assert!(first.loaded && first.device_bytes > 0, "{first:?}");
     assert_eq!(first.device_bytes, first.size_bytes);
+    let host = svc.host_tier.get(&adapters::key("local", "lora-r8")).unwrap();
+    assert_eq!(
+        first.upload_bytes,
+        host.elements() as u64 * 4,
+        "f32 storage on the CPU backend"
+    );
     assert_eq!(loaded_keys(&svc), vec!["local:lora-r8".to_string()]);
     // Loaded already: no upload.
     let again = download("lora-r8").await.unwrap().unwrap();

@@ -554,6 +554,23 @@ const KEPT_STAGING_BYTES: usize = 512 << 20;
 /// between uploads.
 const STAGING_BUFFERS: usize = 4;
 
+/// A staging buffer taken by `upload_many`: given back by hand once its copies have ended. Dropped while
+/// still holding it (a panic, or copies that could not be waited for), it leaks the buffer, which copies
+/// may still read, but gives its turn back, so the pool's count of buffers out stays right.
+struct StagingLease<'a> {
+    backend: &'a CudaBackend,
+    buf: Option<PinnedHostSlice<u8>>,
+}
+
+impl Drop for StagingLease<'_> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            std::mem::forget(buf);
+            self.backend.give_back_staging(None);
+        }
+    }
+}
+
 /// The adapter uploads' pinned staging buffers ([`CudaBackend::take_staging`]).
 #[derive(Default)]
 struct StagingPool {
@@ -753,7 +770,9 @@ impl CudaBackend {
         // padding or header, which no kernel reads.
         unsafe { self.ctx.alloc_pinned::<u8>(bytes) }.map_err(|e| {
             self.give_back_staging(None);
-            drv(&format!("pinning {bytes} bytes of host memory"), e)
+            // Host memory, not the device's: not EngineError::DeviceMemory (offloading adapters from the
+            // device would not help).
+            EngineError::Backend(format!("CUDA pinning {bytes} bytes of host memory: {e:?}"))
         })
     }
 
@@ -1896,18 +1915,24 @@ impl Backend for CudaBackend {
         }
         self.ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
         // Staged: the result's layout (tensors already in the backend's type), then the raw scratch.
-        let mut staging = self.take_staging(total + raw_total)?;
-        let result = self.upload_staged(tensors, &offsets, (total, raw_total), &mut staging);
+        let mut lease = StagingLease {
+            backend: self,
+            buf: Some(self.take_staging(total + raw_total)?),
+        };
+        let staging = lease
+            .buf
+            .as_mut()
+            .ok_or_else(|| EngineError::Backend("no upload staging buffer".into()))?;
+        let result = self.upload_staged(tensors, &offsets, (total, raw_total), staging);
         if result.is_err() && self.upload_stream.synchronize().is_err() {
-            // Copies queued before the failure may still read the buffer: never reuse or free it.
             tracing::error!(
                 "an adapter upload failed and its copies could not be waited for: its staging buffer is leaked"
             );
-            std::mem::forget(staging);
-            self.give_back_staging(None);
-            return result;
+            return result; // (dropping the lease leaks the buffer)
         }
-        self.give_back_staging(Some(staging));
+        if let Some(buf) = lease.buf.take() {
+            self.give_back_staging(Some(buf));
+        }
         result
     }
 
