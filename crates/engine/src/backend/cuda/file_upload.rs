@@ -2,9 +2,10 @@
 //!
 //! Each piece the reader hands over is copied into the pinned staging buffer at its place in the file and
 //! sent on the upload stream at once, so the copies run beside the read and little is left to send when
-//! it ends. The device copy holds the file from the end of its safetensors header on; the adapter's tensors
-//! are ranges of it, which `finish` checks are of the backend's type and aligned as `upload_many` aligns
-//! them. The header's length comes with the file's first piece: pieces that arrive before it wait, staged,
+//! it ends. The device copy holds the file from the end of its safetensors header on. The adapter's
+//! tensors of the backend's type are ranges of it, which `finish` checks are aligned as `upload_many`
+//! aligns them; tensors of another type are converted from it (`convert_in`, as `upload_many` converts)
+//! into an allocation of their own. The header's length comes with the file's first piece: pieces that arrive before it wait, staged,
 //! until it does.
 //!
 //! [`Backend::begin_file_upload`]: crate::backend::Backend::begin_file_upload
@@ -187,7 +188,11 @@ impl PieceSink for CudaFileUpload<'_> {
 
 impl FileUpload<CudaTensor> for CudaFileUpload<'_> {
     fn finish(self: Box<Self>, tensors: &[FileTensor<'_>]) -> Result<Vec<CudaTensor>> {
-        let es = self.backend.dtype.size();
+        let b = self.backend;
+        let es = b.dtype.size();
+        // Per tensor: None (used where it lies) or its offset in the conversion's allocation.
+        let mut places = Vec::with_capacity(tensors.len());
+        let mut converted = 0usize;
         let dev = {
             let mut c = self.copy();
             if let Some(e) = c.error.take() {
@@ -198,18 +203,24 @@ impl FileUpload<CudaTensor> for CudaFileUpload<'_> {
             };
             for t in tensors {
                 let numel: usize = t.shape.iter().product();
-                let fits = t.dtype == self.backend.dtype
-                    && t.range.start >= start
-                    && t.range.end <= c.len
-                    && t.range.len() == numel * es
-                    && (t.range.start - start).is_multiple_of(ALIGN);
-                if !fits {
+                let inside = t.range.start >= start && t.range.end <= c.len && t.range.len() == numel * t.dtype.size();
+                let at = t.range.start.saturating_sub(start);
+                // Of the backend's type: used in place, at a 256-byte boundary as upload_many places it. Of
+                // another: converted into an allocation of its own, from an element-aligned place.
+                let (fits, place) = if t.dtype == b.dtype {
+                    (at.is_multiple_of(ALIGN), None)
+                } else {
+                    let place = converted;
+                    converted += (numel * es).max(1).next_multiple_of(ALIGN);
+                    (at.is_multiple_of(t.dtype.size()), Some(place))
+                };
+                if !(inside && fits) {
                     return Err(EngineError::Backend(format!(
-                        "a {:?} {:?} tensor at {:?} of the file (data from {start}) is not a {:?} tensor at a \
-                         {ALIGN}-byte boundary",
-                        t.dtype, t.shape, t.range, self.backend.dtype
+                        "a {:?} {:?} tensor at {:?} of the file (data from {start}) cannot be used where it lies",
+                        t.dtype, t.shape, t.range
                     )));
                 }
+                places.push(place);
             }
             let dev = c.dev.take();
             dev.map(|d| (d, c.dev_base, start))
@@ -217,14 +228,44 @@ impl FileUpload<CudaTensor> for CudaFileUpload<'_> {
         let Some((dev, base, start)) = dev else {
             return Err(EngineError::Backend("the adapter file's device copy is missing".into()));
         };
-        // The tensors are handed out only once every copy into them has ended.
+        // Conversions run on the upload stream after every piece's copy (all queued before the read ended).
+        let out = if converted > 0 {
+            b.ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
+            // SAFETY: uninitialised; each converted tensor's elements are written by its conversion below
+            // (alignment padding is never read).
+            let out = unsafe { b.upload_stream.alloc::<u8>(converted) }
+                .map_err(|e| drv(&format!("allocating {converted} bytes"), e))?;
+            let out_base = {
+                let (p, _sync) = out.device_ptr(&b.upload_stream);
+                p
+            };
+            for (t, place) in tensors.iter().zip(&places) {
+                if let Some(place) = place {
+                    let numel = t.shape.iter().product();
+                    let raw = base + (t.range.start - start) as u64;
+                    b.convert_upload(out_base + *place as u64, raw, t.dtype, numel)?;
+                }
+            }
+            Some((Arc::new(out), out_base))
+        } else {
+            None
+        };
+        // The tensors are handed out only once every copy (and conversion) into them has ended.
         self.wait()?;
         let owner = Arc::new(dev);
         Ok(tensors
             .iter()
-            .map(|t| CudaTensor {
-                shape: t.shape.to_vec(),
-                buf: DevBuf::part(&owner, base, t.range.start - start, t.range.len()),
+            .zip(places)
+            .map(|(t, place)| {
+                let numel: usize = t.shape.iter().product();
+                let buf = match (place, &out) {
+                    (Some(place), Some((out, out_base))) => DevBuf::part(out, *out_base, place, numel * es),
+                    _ => DevBuf::part(&owner, base, t.range.start - start, t.range.len()),
+                };
+                CudaTensor {
+                    shape: t.shape.to_vec(),
+                    buf,
+                }
             })
             .collect())
     }

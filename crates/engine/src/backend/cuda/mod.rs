@@ -839,28 +839,9 @@ impl CudaBackend {
             // SAFETY: as above; the scratch holds raw_total bytes.
             unsafe { drv_result::memcpy_htod_async(sp, &host[total..staged], self.upload_stream.cu_stream()) }
                 .map_err(|e| drv("adapter upload", e))?;
-            let func = self.func("convert_in")?;
             for (t, &(off, raw)) in tensors.iter().zip(offsets) {
                 let Some(r) = raw else { continue };
-                let n = t.numel() as u64;
-                if n == 0 {
-                    continue;
-                }
-                let (out, inp) = (base + off as u64, sp + r as u64);
-                let kind: i32 = match t.dtype {
-                    DType::F32 => 0,
-                    DType::F16 => 1,
-                    DType::BF16 => 2,
-                };
-                let mut b = self.upload_stream.launch_builder(func);
-                b.arg(&out);
-                b.arg(&inp);
-                b.arg(&kind);
-                b.arg(&n);
-                // SAFETY: convert_in(T* out, const void* in, int kind, u64 n): `out` holds n elements of the
-                // backend's type in `dev`, `in` n elements of the tensor's type in the scratch.
-                unsafe { b.launch(cfg((flat_grid(t.numel()), 1, 1), 256, 0)) }
-                    .map_err(|e| drv("launch of convert_in", e))?;
+                self.convert_upload(base + off as u64, sp + r as u64, t.dtype, t.numel())?;
             }
             Some(scratch)
         } else {
@@ -877,6 +858,31 @@ impl CudaBackend {
                 buf: DevBuf::part(&owner, base, off, t.numel() * es),
             })
             .collect())
+    }
+
+    /// `n` elements of type `from` at device address `inp` converted to the backend's type at `out`, on the
+    /// upload stream (`convert_in`: exact to f32, round to nearest even, as the host converts).
+    fn convert_upload(&self, out: u64, inp: u64, from: DType, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let func = self.func("convert_in")?;
+        let kind: i32 = match from {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+        };
+        let count = n as u64;
+        let mut b = self.upload_stream.launch_builder(func);
+        b.arg(&out);
+        b.arg(&inp);
+        b.arg(&kind);
+        b.arg(&count);
+        // SAFETY: convert_in(T* out, const void* in, int kind, u64 n): the caller passes `out` holding n
+        // elements of the backend's type and `in` n elements of `from`, both written (or copied) on the
+        // upload stream before this launch.
+        unsafe { b.launch(cfg((flat_grid(n), 1, 1), 256, 0)) }.map_err(|e| drv("launch of convert_in", e))?;
+        Ok(())
     }
 
     /// Gives back a buffer of [`CudaBackend::take_staging`] once no copy reads it any more, keeping it for
