@@ -105,31 +105,6 @@ fn upload_many_equals_weight_bit_for_bit() {
     }
 }
 
-/// Each tensor of `a` and `b`, as f32 bits, compared.
-fn same_adapter(g: &CudaBackend, a: &DeviceAdapter<CudaBackend>, b: &DeviceAdapter<CudaBackend>) -> usize {
-    let mut pairs = 0;
-    for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
-        for (t, (x, y)) in x.iter().zip(y).enumerate() {
-            match (x, y) {
-                (Some(x), Some(y)) => {
-                    for (u, v) in [(&x.a, &y.a), (&x.b, &y.b)] {
-                        assert_eq!(g.shape(u), g.shape(v), "layer {l} target {t}");
-                        assert_eq!(
-                            bits(&g.to_f32(u).unwrap()),
-                            bits(&g.to_f32(v).unwrap()),
-                            "layer {l} target {t}"
-                        );
-                    }
-                    pairs += 1;
-                }
-                (None, None) => {}
-                _ => panic!("layer {l} target {t}: in one upload only"),
-            }
-        }
-    }
-    pairs
-}
-
 /// The Mistral-7B-shaped rank-16 q/k/v/o adapter of the cold-load benchmark (27 MB in bf16), uploaded
 /// while its file is read, equals the same adapter uploaded after the read, bit for bit: a bf16 file on a
 /// bf16 backend (used where it lies), and a file of another type, converted on the device (f16 on bf16, as
@@ -167,7 +142,7 @@ fn file_uploads_equal_uploads_after_the_read() {
         let (host, streamed) = beside();
         let uploaded = DeviceAdapter::upload(&g, &host, 0, 1, (0, 1)).unwrap();
         let streamed = streamed.unwrap_or_else(|e| panic!("{file_type:?} file on {backend_type:?}: {e}"));
-        let pairs = same_adapter(&g, &streamed, &uploaded);
+        let pairs = common::assert_same_adapter(&g, &streamed, &uploaded);
         assert_eq!(pairs, 4 * cfg.num_layers);
         say(&format!(
             "  {file_type:?} file on a {backend_type:?} backend: {pairs} pairs uploaded while read equal upload_many's"

@@ -13,7 +13,7 @@ use std::time::Instant;
 use common::{drop_cached, fixtures, mistral_7b, write_qkvo_adapter};
 use lorax_engine::lora::{HostAdapter, PieceSink};
 use lorax_engine::weights::DType;
-use lorax_engine::{Backend, CacheConfig, CpuBackend, Engine};
+use lorax_engine::{CacheConfig, CpuBackend, Engine};
 
 /// The fixture Llama on the CPU backend.
 fn llama() -> Engine<CpuBackend> {
@@ -68,28 +68,7 @@ fn adapters_uploaded_while_read_equal_those_uploaded_after() {
     assert!(beside, "the CPU backend uploads while reading");
     let after = uploader.upload(&host).unwrap();
     assert_eq!(streamed.bytes, after.bytes);
-    let mut pairs = 0;
-    for (l, (a, b)) in streamed.layers.iter().zip(&after.layers).enumerate() {
-        for (t, (x, y)) in a.iter().zip(b).enumerate() {
-            match (x, y) {
-                (Some(x), Some(y)) => {
-                    for (u, v) in [(&x.a, &y.a), (&x.b, &y.b)] {
-                        assert_eq!(CpuBackend.shape(u), CpuBackend.shape(v), "layer {l} target {t}");
-                        assert_eq!(
-                            CpuBackend.to_f32(u).unwrap(),
-                            CpuBackend.to_f32(v).unwrap(),
-                            "layer {l} target {t}"
-                        );
-                    }
-                    assert_eq!(x.scale, y.scale);
-                    pairs += 1;
-                }
-                (None, None) => {}
-                _ => panic!("layer {l} target {t}: present in one upload only"),
-            }
-        }
-    }
-    assert!(pairs > 0);
+    assert!(common::assert_same_adapter(&CpuBackend, &streamed, &after) > 0);
     e.insert_adapter("streamed", streamed);
     e.insert_adapter("after", after);
     let ids: Vec<u32> = (0..12).map(|i| (i * 13 + 5) % 200).collect();

@@ -219,3 +219,31 @@ pub fn drop_cached(path: &std::path::Path) {
 
 #[cfg(not(target_os = "linux"))]
 pub fn drop_cached(_: &std::path::Path) {}
+
+/// Asserts that two uploads of one adapter hold the same pairs: equal shapes, the same values bit for bit,
+/// the same scales. Returns the number of pairs.
+pub fn assert_same_adapter<B: lorax_engine::Backend>(
+    backend: &B,
+    a: &lorax_engine::lora::DeviceAdapter<B>,
+    b: &lorax_engine::lora::DeviceAdapter<B>,
+) -> usize {
+    let bits = |t: &B::Tensor| -> Vec<u32> { backend.to_f32(t).unwrap().iter().map(|v| v.to_bits()).collect() };
+    let mut pairs = 0;
+    for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
+        for (t, (x, y)) in x.iter().zip(y).enumerate() {
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    for (u, v) in [(&x.a, &y.a), (&x.b, &y.b)] {
+                        assert_eq!(backend.shape(u), backend.shape(v), "layer {l} target {t}");
+                        assert_eq!(bits(u), bits(v), "layer {l} target {t}");
+                    }
+                    assert_eq!(x.scale.to_bits(), y.scale.to_bits(), "layer {l} target {t}");
+                    pairs += 1;
+                }
+                (None, None) => {}
+                _ => panic!("layer {l} target {t}: in one upload only"),
+            }
+        }
+    }
+    pairs
+}
