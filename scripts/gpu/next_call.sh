@@ -7,6 +7,7 @@
 #   bash scripts/gpu/next_call.sh uploads  # ~200 s: uploads beside the read (session 26), checked and timed
 #   bash scripts/gpu/next_call.sh bench    # ~330 s: the disk's read figures, then bench.sh
 #   bash scripts/gpu/next_call.sh expand   # ~450 s: the expand's reduction form (run in session 24: stays off)
+#   bash scripts/gpu/next_call.sh profile  # ~250 s: what a prompt chunk's LoRA costs, kernel by kernel (session 27)
 #
 # Record in the call's bench/results/<date>-<session>-<n>/call.sh the commit of this script (`git show
 # COMMIT:scripts/gpu/next_call.sh` gives it back), the command and the binaries' commit, beside what it printed.
@@ -20,11 +21,14 @@
 # 32-layer eager steps of b128-a8 and b128-distinct with each form, twice, interleaved (session 22 call 1: 8.75
 # and 9.45 ms before the mend). Turn the reductions on by default only if both steps are faster in both rounds
 # and the e2e test passes with them.
+# `profile`: ncu kernel times (2 layers) of the peft workload's mixed step without and with 8 adapters
+# round-robin (64 decode rows and eight 512-token prompts: m64x8, m64x8-a8) and of a 1000-token prompt, the
+# adapters' step in detail, then the same mixed steps with all 32 layers, eager.
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|expand}
+part=${1:?usage: next_call.sh uploads|bench|expand|profile}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -57,6 +61,16 @@ expand)
     echo "rc $?" >>"$R/run-red.txt"
     lap run-red
     ;;
+profile)
+    LORAX_PROFILE_DETAIL=m64x8-a8 timeout 330 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" m64x8 m64x8-a8 p1000 \
+        >"$R/ncu.txt" 2>&1
+    echo "rc $?" >>"$R/ncu.txt"
+    lap ncu
+    for x in m64x8 m64x8-a8; do
+        profile_step "$x" eager
+    done
+    lap steps
+    ;;
 bench)
     timeout 90 python3 scripts/gpu/disk_read.py /tmp/lorax-disk-read 27 24 >"$R/disk.txt" 2>&1
     echo "rc $?" >>"$R/disk.txt"
@@ -66,7 +80,7 @@ bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench or expand)" >&2
+    echo "unknown part $part (uploads, bench, expand or profile)" >&2
     exit 2
     ;;
 esac
