@@ -8,6 +8,7 @@
 #   bash scripts/gpu/next_call.sh bench    # ~330 s: the disk's read figures, then bench.sh
 #   bash scripts/gpu/next_call.sh expand   # ~450 s: the expand's reduction form (run in session 24: stays off)
 #   bash scripts/gpu/next_call.sh profile  # ~250 s: what a prompt chunk's LoRA costs, kernel by kernel (session 27)
+#   bash scripts/gpu/next_call.sh graphs-bench  # ~340 s: graphs, golden and e2e, then `bench` (session 27)
 #
 # Record in the call's bench/results/<date>-<session>-<n>/call.sh the commit of this script (`git show
 # COMMIT:scripts/gpu/next_call.sh` gives it back), the command and the binaries' commit, beside what it printed.
@@ -24,11 +25,14 @@
 # `profile`: ncu kernel times (2 layers) of the peft workload's mixed step without and with 8 adapters
 # round-robin (64 decode rows and eight 512-token prompts: m64x8, m64x8-a8) and of a 1000-token prompt, the
 # adapters' step in detail, then the same mixed steps with all 32 layers, eager.
+# `graphs-bench`: run.sh's graphs (graphs against eager steps, bit for bit; step times; a shrinking batch with
+# graphs captured at the first and at the second step of their signature), golden and e2e steps, then as
+# `bench`.
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|expand|profile}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -71,7 +75,13 @@ profile)
     done
     lap steps
     ;;
-bench)
+graphs-bench | bench)
+    if [ "$part" = graphs-bench ]; then
+        RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
+            >"$R/run.txt" 2>&1
+        echo "rc $?" >>"$R/run.txt"
+        lap run
+    fi
     timeout 90 python3 scripts/gpu/disk_read.py /tmp/lorax-disk-read 27 24 >"$R/disk.txt" 2>&1
     echo "rc $?" >>"$R/disk.txt"
     lap disk
@@ -80,7 +90,7 @@ bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, expand or profile)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand or profile)" >&2
     exit 2
     ;;
 esac

@@ -48,6 +48,29 @@ fn engine(dir: &Path, dtype: DType, graphs: bool, pdl: bool) -> Engine<CudaBacke
     Engine::load_with_format(b, dir, CACHE, Arc::new(SingleRank), LoadFormat::Dummy { seed: 5 }).unwrap()
 }
 
+/// The cache of the Mistral-7B-shaped benchmarks.
+const BIG_CACHE: CacheConfig = CacheConfig {
+    num_blocks: 8192,
+    block_size: 16,
+};
+
+/// A Mistral-7B-shaped bf16 dummy model of `layers` layers (in the returned folder), graphs on or off.
+fn mistral_dummy(layers: usize, graphs: bool) -> (tempfile::TempDir, Engine<CudaBackend>) {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), 4096, 14336, layers, 32, 8, 32000);
+    let b = CudaBackend::new(0, DType::BF16).unwrap();
+    b.set_graphs(graphs);
+    let e = Engine::load_with_format(
+        b,
+        dir.path(),
+        BIG_CACHE,
+        Arc::new(SingleRank),
+        LoadFormat::Dummy { seed: 1 },
+    )
+    .unwrap();
+    (dir, e)
+}
+
 type Trace = Vec<(u64, u32, u32)>;
 
 /// Every generated (sequence, token, logprob bits) of a schedule that grows, shrinks and mixes the batch.
@@ -137,8 +160,9 @@ fn decode_steps_through_graphs_equal_eager_steps() {
             let t = schedule(&mut e, &keys);
             let (captures, replays) = e.backend.graph_counts();
             let ahead_replays = e.backend.graph_ahead_replays();
+            let uncaptured = e.backend.graph_uncaptured_steps();
             say(&format!(
-                "{dtype:?} graphs {graphs} pdl {pdl} ahead {ahead}: {} tokens, {captures} graphs captured, {replays} replays, {ahead_replays} of them recorded ahead",
+                "{dtype:?} graphs {graphs} pdl {pdl} ahead {ahead}: {} tokens, {captures} graphs captured, {replays} replays, {ahead_replays} of them recorded ahead, {uncaptured} steps eager before their capture",
                 t.len()
             ));
             if graphs {
@@ -146,18 +170,26 @@ fn decode_steps_through_graphs_equal_eager_steps() {
                     captures >= 3,
                     "expected graphs for batches 1, 4 and 5 (as 8), got {captures}"
                 );
+                // A signature is captured at its second step (LORAX_CUDA_GRAPH_CAPTURE_AFTER's default):
+                // the first ran eagerly.
+                assert!(
+                    uncaptured >= captures,
+                    "{captures} captures but only {uncaptured} eager steps before them"
+                );
                 assert!(replays >= 90, "only {replays} of 100 decode steps replayed a graph");
+                assert_eq!(replays + uncaptured, 100, "every decode step replays or runs eagerly");
                 if ahead {
-                    // Every decode step but the first after each prefill (3) and those that capture.
+                    // Every decode step but the first after each prefill (3), those that capture and those
+                    // that ran eagerly before a capture.
                     assert!(
-                        ahead_replays + captures + 3 >= 100,
-                        "only {ahead_replays} of 100 decode steps replayed a step recorded ahead ({captures} captures)"
+                        ahead_replays + captures + uncaptured + 3 >= 100,
+                        "only {ahead_replays} of 100 decode steps replayed a step recorded ahead ({captures} captures, {uncaptured} eager)"
                     );
                 } else {
                     assert_eq!(ahead_replays, 0);
                 }
             } else {
-                assert_eq!((captures, replays, ahead_replays), (0, 0, 0));
+                assert_eq!((captures, replays, ahead_replays, uncaptured), (0, 0, 0, 0));
             }
             traces.push(t);
         }
@@ -172,6 +204,74 @@ fn decode_steps_through_graphs_equal_eager_steps() {
                 traces[0].len()
             );
         }
+    }
+}
+
+/// A batch that shrinks as its requests finish (128 sequences, 6 leaving every decode step, as at the end
+/// of a benchmark's run): nearly every step has a row count, and so a signature, of its own. Timed with
+/// each graph captured at its first step (`LORAX_CUDA_GRAPH_CAPTURE_AFTER=1`, the behaviour before
+/// session 27) and at its second (the default), from no graphs each time, twice in turn; the tokens are
+/// the same either way (run with `--ignored --nocapture`).
+#[test]
+#[ignore = "benchmark: needs a GPU with 20 GB free; run with --ignored --nocapture"]
+fn a_shrinking_batch_with_and_without_captures_at_first_sight() {
+    if backend(DType::BF16).is_none() {
+        return;
+    }
+    let (_dir, mut e) = mistral_dummy(32, true);
+    let cache = BIG_CACHE;
+    let (rows, leave) = (128usize, 6usize);
+    let mut traces: Vec<(usize, Trace)> = Vec::new();
+    for after in [1usize, 2, 1, 2] {
+        e.backend.clear_graphs().unwrap();
+        e.backend.set_graph_capture_after(after);
+        let (c0, _) = e.backend.graph_counts();
+        let u0 = e.backend.graph_uncaptured_steps();
+        let mut alloc = BlockAllocator::new(cache.num_blocks as u32, cache.block_size);
+        let mut batch = Batch::default();
+        for chunk in (0..rows).collect::<Vec<_>>().chunks(32) {
+            let news = chunk
+                .iter()
+                .map(|&i| NewSequence {
+                    id: i as u64,
+                    input_ids: (0..512u32).map(|t| (t * 37 + i as u32 * 11) % 30000 + 3).collect(),
+                    block_table: alloc.allocate(512 + 64).unwrap(),
+                    params: SamplingParams::default(),
+                    prefill_logprobs: false,
+                    adapter: None,
+                })
+                .collect();
+            e.prefill(&mut batch, news).unwrap();
+        }
+        let mut trace = Trace::new();
+        let t = Instant::now();
+        let mut steps = 0;
+        while !batch.ids().is_empty() {
+            for g in e.decode(&mut batch).unwrap() {
+                trace.push((g.id, g.choice.token, g.choice.logprob.to_bits()));
+            }
+            steps += 1;
+            let keep: Vec<u64> = batch.ids().into_iter().skip(leave).collect();
+            batch.filter(&keep);
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let (c1, _) = e.backend.graph_counts();
+        let u1 = e.backend.graph_uncaptured_steps();
+        say(&format!(
+            "BENCH shrinking batch {rows} -> 0 ({leave} leave a step), graphs captured at step {after} of their \
+             signature: {steps} decode steps in {ms:.1} ms ({:.2} ms a step), {} captures, {} steps eager before \
+             a capture",
+            ms / steps as f64,
+            c1 - c0,
+            u1 - u0
+        ));
+        traces.push((after, trace));
+    }
+    for (after, t) in &traces[1..] {
+        assert_eq!(
+            t, &traces[0].1,
+            "capturing at step {after} gave other tokens than capturing at once"
+        );
     }
 }
 
@@ -295,23 +395,9 @@ fn decode_step_kernels_for_a_profiler() {
             _ => panic!("unknown scenario kind {other}"),
         },
     };
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), 4096, 14336, layers, 32, 8, 32000);
+    let (dir, mut e) = mistral_dummy(layers, false);
     let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
-    let cache = CacheConfig {
-        num_blocks: 8192,
-        block_size: 16,
-    };
-    let b = CudaBackend::new(0, DType::BF16).unwrap();
-    b.set_graphs(false);
-    let mut e = Engine::load_with_format(
-        b,
-        dir.path(),
-        cache,
-        Arc::new(SingleRank),
-        LoadFormat::Dummy { seed: 1 },
-    )
-    .unwrap();
+    let cache = BIG_CACHE;
     let keys: Vec<String> = (0..adapters).map(|i| format!("a{i}")).collect();
     for (i, k) in keys.iter().enumerate() {
         write_adapter(&dir.path().join(k), &cfg, 16, i as u64 + 1);
