@@ -86,6 +86,17 @@ else
 fi
 section "peft_compare.py" "$t"
 
+# Decode steps the shard logged as slow (over twice the typical step; crates/shard/src/slow.rs), by how
+# they ran, and the last few of each server.
+for log in "$logs/bench-server.log" "$logs/peft-compare-server.log"; do
+    [ -f "$log" ] || continue
+    {
+        echo "slow decode steps in $(basename "$log"): $(grep -c 'slow decode step' "$log")"
+        sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow decode step' | grep -o 'how="[^"]*"' | sort | uniq -c
+        sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow decode step' | tail -12 | cut -c1-240
+    } | tee -a "$summary"
+done
+
 echo | tee -a "$summary"
 echo "== the benchmark issue's targets, measured in this run" | tee -a "$summary"
 python3 scripts/gpu/bench.py --summary "$logs"

@@ -20,7 +20,7 @@ pub mod weights;
 
 pub use backend::cpu::{CpuBackend, CpuTensor};
 pub use backend::cuda::{CudaBackend, CudaTensor};
-pub use backend::Backend;
+pub use backend::{Backend, StepCounts};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use engine::{Batch, CacheConfig, Engine, Generation, LoadFormat, NewSequence, PromptToken, StepOptions};
 pub use error::{EngineError, Result};

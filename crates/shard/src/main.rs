@@ -4,6 +4,7 @@
 mod adapters;
 mod comm;
 mod service;
+mod slow;
 
 use std::path::PathBuf;
 

@@ -47,6 +47,8 @@ struct State<B: Backend> {
     /// its generations and engine time, or its error. The next Decode answers with it, a Prefill puts its
     /// generations first, FilterBatch drops those of the sequences it removes.
     ahead: Option<StepResult>,
+    /// The typical decode step, for logging slow ones.
+    watch: crate::slow::StepWatch,
 }
 
 /// The adapters' device slots, kept apart from the engine state, whose lock a step holds (a step run
@@ -123,10 +125,18 @@ fn lock_state<'a, B: Backend>(
 }
 
 /// One decode step of `s`'s batch.
-fn decode_now<B: Backend>(s: &mut State<B>) -> StepResult {
+/// One decode step (`ahead` of the router's call or not); a step much slower than the typical one is
+/// logged with how it ran (`slow.rs`).
+fn decode_now<B: Backend>(s: &mut State<B>, ahead: bool) -> StepResult {
+    let before = s.engine.backend.step_counts();
+    let rows = s.batch.len();
     let t = Instant::now();
     let gens = s.engine.decode(&mut s.batch).map_err(status)?;
-    Ok((gens, t.elapsed().as_nanos()))
+    let took = t.elapsed();
+    if let Some(slow) = s.watch.observe(took, Instant::now()) {
+        crate::slow::log(&slow, rows, ahead, &before, &s.engine.backend.step_counts());
+    }
+    Ok((gens, took.as_nanos()))
 }
 
 /// A load's claim on its pending entry; released (the count decremented) when dropped unless consumed by
@@ -276,6 +286,7 @@ impl<B: Backend> ShardServer<B> {
                 engine,
                 batch: Batch::default(),
                 ahead: None,
+                watch: crate::slow::StepWatch::default(),
             })),
             info,
             urls: cfg.urls,
@@ -719,12 +730,12 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 }
             };
             let s = &mut *guard;
-            let out = s.ahead.take().unwrap_or_else(|| decode_now(s));
+            let out = s.ahead.take().unwrap_or_else(|| decode_now(s, false));
             let ok = out.is_ok();
             // A dropped receiver (the call was cancelled) loses these tokens; the router then fails the step.
             let _ = tx.send(out);
             if run_ahead && ok && s.engine.can_decode(&s.batch) {
-                let ahead = decode_now(s);
+                let ahead = decode_now(s, true);
                 if let Err(e) = &ahead {
                     tracing::warn!(
                         "a decode step run ahead failed (the next Decode or Prefill reports it): {}",

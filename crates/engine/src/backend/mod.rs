@@ -188,6 +188,35 @@ pub trait FileUpload<T>: PieceSink + Send {
     fn finish(self: Box<Self>, tensors: &[FileTensor<'_>]) -> Result<Vec<T>>;
 }
 
+/// How a backend's decode steps ran so far ([`Backend::step_counts`]): through a captured graph (`replays`,
+/// of which `ahead_replays` were recorded while the step before ran), with a graph captured for them
+/// (`captures`), or eagerly because their shape was new (`uncaptured`); steps counted in none ran eagerly
+/// as usual.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepCounts {
+    pub replays: u64,
+    pub ahead_replays: u64,
+    pub captures: u64,
+    pub uncaptured: u64,
+}
+
+impl StepCounts {
+    /// How a step that moved the counts from `before` to `self` ran.
+    pub fn how_since(&self, before: &StepCounts) -> &'static str {
+        if self.captures > before.captures {
+            "captured a graph"
+        } else if self.uncaptured > before.uncaptured {
+            "eager, a new shape"
+        } else if self.ahead_replays > before.ahead_replays {
+            "replayed, recorded ahead"
+        } else if self.replays > before.replays {
+            "replayed"
+        } else {
+            "eager"
+        }
+    }
+}
+
 /// Operations of a decoder forward pass on one device. Tensors are row-major, 2-D `[rows, cols]` unless
 /// said otherwise; weights are `[out, in]` as in Hugging Face checkpoints.
 pub trait Backend: Send + Sync + Sized + 'static {
@@ -393,6 +422,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// slices it is given, which the model passes unchanged to every layer). The default keeps nothing.
     fn forward_scope(&self, begin: bool) {
         let _ = begin;
+    }
+    /// How the decode steps so far ran, for logs that explain a slow step. The default (no captured
+    /// steps) counts none.
+    fn step_counts(&self) -> StepCounts {
+        StepCounts::default()
     }
     /// The rows a decode step of `rows` rows should run with: the engine adds padding rows (writing no
     /// keys or values, their outputs discarded) up to it, so that a backend replaying captured steps

@@ -781,6 +781,19 @@ impl CudaBackend {
         self.graphs.lock().map_or((0, 0), |g| (g.captures, g.replays))
     }
 
+    /// How graph steps ran so far ([`crate::backend::Backend::step_counts`]).
+    pub fn graph_step_counts(&self) -> crate::backend::StepCounts {
+        self.graphs.lock().map_or_else(
+            |_| crate::backend::StepCounts::default(),
+            |g| crate::backend::StepCounts {
+                replays: g.replays,
+                ahead_replays: g.ahead_replays,
+                captures: g.captures,
+                uncaptured: g.uncaptured_steps,
+            },
+        )
+    }
+
     /// Graph steps run eagerly so far because their signature was not yet seen often enough to capture
     /// (`LORAX_CUDA_GRAPH_CAPTURE_AFTER`).
     pub fn graph_uncaptured_steps(&self) -> u64 {

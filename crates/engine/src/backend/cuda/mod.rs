@@ -2409,6 +2409,10 @@ impl Backend for CudaBackend {
         self.graph_prepared(tokens)
     }
 
+    fn step_counts(&self) -> crate::backend::StepCounts {
+        self.graph_step_counts()
+    }
+
     /// Graph steps run with a few row counts (graph.rs: `graph_rows`).
     fn decode_rows(&self, rows: usize) -> usize {
         self.graph_rows(rows)
