@@ -87,13 +87,16 @@ fi
 section "peft_compare.py" "$t"
 
 # Decode steps the shard logged as slow (over twice the typical step; crates/shard/src/slow.rs), by how
-# they ran, and the last few of each server.
+# they ran, and the last few of each server; then the router's slow handlings of a step's results (3 ms or
+# more: tokens to their streams, retirements, the FilterBatch call).
 for log in "$logs/bench-server.log" "$logs/peft-compare-server.log"; do
     [ -f "$log" ] || continue
     {
         echo "slow decode steps in $(basename "$log"): $(grep -c 'slow decode step' "$log")"
         sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow decode step' | grep -o 'how="[^"]*"' | sort | uniq -c
         sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow decode step' | tail -12 | cut -c1-240
+        echo "slow step handling in the router, $(basename "$log"): $(grep -c 'slow step handling' "$log")"
+        sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow step handling' | tail -8 | cut -c1-240
     } | tee -a "$summary"
 done
 

@@ -139,6 +139,47 @@ pub struct Scheduler {
     /// The last call was a Decode that asked the shards to run the next step ahead: they hold (or are
     /// computing) a step whose tokens this task has not seen.
     ahead: bool,
+    /// Slow handlings of a step's results logged in the current second.
+    slow_log: LogBudget,
+}
+
+/// A step's results handled in at least this long are logged ("slow step handling").
+const SLOW_HANDLING: Duration = Duration::from_millis(3);
+
+/// At most `PER_SECOND` log lines a second; the others are counted into the next line allowed.
+#[derive(Default)]
+struct LogBudget {
+    window: Option<Instant>,
+    used: u32,
+    dropped: u64,
+}
+
+impl LogBudget {
+    const PER_SECOND: u32 = 10;
+
+    /// `Some(lines dropped since the last allowed)` when a line may be logged at `now`.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.used = 0;
+        }
+        if self.used >= Self::PER_SECOND {
+            self.dropped += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.dropped))
+    }
+}
+
+/// What handling a step's results did: requests retired, and the FilterBatch call's time (zero when none
+/// was made).
+struct Handled {
+    retired: usize,
+    filter: Duration,
 }
 
 impl Scheduler {
@@ -172,6 +213,7 @@ impl Scheduler {
             steps_since_prefill: 0,
             run_ahead: std::env::var("LORAX_RUN_AHEAD").map_or(true, |v| v != "0"),
             ahead: false,
+            slow_log: LogBudget::default(),
         }
     }
 
@@ -401,7 +443,23 @@ impl Scheduler {
                             .record(call - there - t.handler_s);
                     }
                 }
-                self.handle(reply.generations, &reply.expected).await;
+                let (handling, tokens) = (Instant::now(), reply.generations.len());
+                let handled = self.handle(reply.generations, &reply.expected).await;
+                let took = handling.elapsed();
+                if took >= SLOW_HANDLING {
+                    if let Some(dropped) = self.slow_log.allow(Instant::now()) {
+                        tracing::info!(
+                            method,
+                            ms = format!("{:.1}", took.as_secs_f64() * 1e3),
+                            tokens,
+                            retired = handled.retired,
+                            filter_ms = format!("{:.1}", handled.filter.as_secs_f64() * 1e3),
+                            running = self.running.len(),
+                            unlogged_before = dropped,
+                            "slow step handling (tokens to their streams, retirements, the filter call)"
+                        );
+                    }
+                }
                 metrics::histogram!(m::BATCH_INFERENCE_DURATION, "method" => method)
                     .record(started.at.elapsed().as_secs_f64());
                 metrics::counter!(m::BATCH_INFERENCE_SUCCESS, "method" => method).increment(1);
@@ -626,8 +684,9 @@ impl Scheduler {
     /// Turns one step's generations into stream messages and retires finished or cancelled requests.
     /// Every request the step should have advanced gets an answer: one the shard left out is failed
     /// (never left waiting with its blocks), one the shard has but the router does not is filtered out.
-    async fn handle(&mut self, generations: Vec<Generation>, expected: &[u64]) {
+    async fn handle(&mut self, generations: Vec<Generation>, expected: &[u64]) -> Handled {
         let mut retired = false;
+        let before = self.running.len();
         let mut answered = std::collections::HashSet::with_capacity(generations.len());
         // A request may get two tokens in one answer (a step the shard ran ahead, then this one's), in order.
         let mut by_id: std::collections::HashMap<u64, Vec<Generation>> =
@@ -676,8 +735,15 @@ impl Scheduler {
                 retired = true;
             }
         }
+        let mut filter = Duration::ZERO;
         if retired {
+            let t = Instant::now();
             self.filter().await;
+            filter = t.elapsed();
+        }
+        Handled {
+            retired: before.saturating_sub(self.running.len()),
+            filter,
         }
     }
 
@@ -803,5 +869,28 @@ fn candidate(r: &crate::validation::ValidRequest) -> Candidate {
     Candidate {
         input_length: r.input_length(),
         max_total_tokens: r.max_total_tokens(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogBudget;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn slow_handling_logs_are_bounded_a_second_and_count_what_they_drop() {
+        let mut b = LogBudget::default();
+        let t0 = Instant::now();
+        let allowed = (0..LogBudget::PER_SECOND + 4)
+            .filter_map(|_| b.allow(t0 + Duration::from_millis(10)))
+            .collect::<Vec<_>>();
+        assert_eq!(allowed, vec![0; LogBudget::PER_SECOND as usize]);
+        assert_eq!(b.allow(t0 + Duration::from_millis(900)), None);
+        assert_eq!(
+            b.allow(t0 + Duration::from_millis(1010)),
+            Some(5),
+            "a new second reports the 5 dropped"
+        );
+        assert_eq!(b.allow(t0 + Duration::from_millis(1020)), Some(0));
     }
 }
