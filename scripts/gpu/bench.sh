@@ -92,10 +92,13 @@ section "peft_compare.py" "$t"
 for log in "$logs/bench-server.log" "$logs/peft-compare-server.log"; do
     [ -f "$log" ] || continue
     {
-        echo "slow decode steps in $(basename "$log"): $(grep -c 'slow decode step' "$log")"
+        # Lines logged, and the steps over the log's 10 a second (unlogged_before) beside them.
+        echo "slow decode steps in $(basename "$log"): $(grep -c 'slow decode step' "$log") logged, and" \
+            "$(grep 'slow decode step' "$log" | grep -o 'unlogged_before=[0-9]*' | awk -F= '{s += $2} END {print s + 0}') not"
         sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow decode step' | grep -o 'how="[^"]*"' | sort | uniq -c
         sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow decode step' | tail -12 | cut -c1-240
-        echo "slow step handling in the router, $(basename "$log"): $(grep -c 'slow step handling' "$log")"
+        echo "slow step handling in the router, $(basename "$log"): $(grep -c 'slow step handling' "$log") logged, and" \
+            "$(grep 'slow step handling' "$log" | grep -o 'unlogged_before=[0-9]*' | awk -F= '{s += $2} END {print s + 0}') not"
         sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow step handling' | tail -8 | cut -c1-240
     } | tee -a "$summary"
 done

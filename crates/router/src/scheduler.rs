@@ -735,16 +735,15 @@ impl Scheduler {
                 retired = true;
             }
         }
+        // Counted before the filter: a failed one fails (and empties) the whole batch.
+        let left = before.saturating_sub(self.running.len());
         let mut filter = Duration::ZERO;
         if retired {
             let t = Instant::now();
             self.filter().await;
             filter = t.elapsed();
         }
-        Handled {
-            retired: before.saturating_sub(self.running.len()),
-            filter,
-        }
+        Handled { retired: left, filter }
     }
 
     /// Handles one request's token (its first one comes with the prompt's details, when asked); `false`

@@ -124,8 +124,7 @@ fn lock_state<'a, B: Backend>(
     Ok(guard)
 }
 
-/// One decode step of `s`'s batch.
-/// One decode step (`ahead` of the router's call or not); a step much slower than the typical one is
+/// One decode step of `s`'s batch (`ahead` of the router's call or not); a step much slower than the typical one is
 /// logged with how it ran (`slow.rs`).
 fn decode_now<B: Backend>(s: &mut State<B>, ahead: bool) -> StepResult {
     let before = s.engine.backend.step_counts();
@@ -133,7 +132,7 @@ fn decode_now<B: Backend>(s: &mut State<B>, ahead: bool) -> StepResult {
     let t = Instant::now();
     let gens = s.engine.decode(&mut s.batch).map_err(status)?;
     let took = t.elapsed();
-    if let Some(slow) = s.watch.observe(took, Instant::now()) {
+    if let Some(slow) = s.watch.observe(rows, took, Instant::now()) {
         crate::slow::log(&slow, rows, ahead, &before, &s.engine.backend.step_counts());
     }
     Ok((gens, took.as_nanos()))

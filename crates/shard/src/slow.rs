@@ -2,11 +2,12 @@
 //! captured, or an eager step for a new shape), so that a stall in a serving run can be told from the log
 //! alone (session 27: the last steps of a benchmark run took 2-3 times the usual).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use lorax_engine::StepCounts;
 
-/// Steps observed before any is judged (the typical time needs a few).
+/// Steps of a row bucket observed before its typical time judges others (it needs a few).
 const WARM_STEPS: u64 = 16;
 /// Weight of each step in the typical time (an exponential average).
 const ALPHA: f64 = 1.0 / 32.0;
@@ -17,11 +18,16 @@ const MARGIN: Duration = Duration::from_millis(2);
 /// Slow steps logged per second at most; the others are counted and reported with the next one logged.
 const PER_SECOND: u32 = 10;
 
-/// The typical decode step time, and the slow steps' log.
+/// Rows per bucket of the typical times.
+const BUCKET: usize = 8;
+
+/// The typical decode step time by rows (buckets of [`BUCKET`]), and the slow steps' log. A step is judged
+/// against the fastest typical time of its own bucket or a larger one: a batch that grows gets slower
+/// steps (not judged until its bucket has a typical time), one that shrinks should not.
 #[derive(Debug, Default)]
 pub struct StepWatch {
-    steps: u64,
-    typical_s: f64,
+    /// By bucket: steps seen and their typical time in seconds.
+    typical: BTreeMap<usize, (u64, f64)>,
     window: Option<Instant>,
     logged: u32,
     suppressed: u64,
@@ -36,19 +42,22 @@ pub struct Slow {
 }
 
 impl StepWatch {
-    /// Counts a step that took `took`, at `now`: `Some` when it is slow and should be logged.
-    pub fn observe(&mut self, took: Duration, now: Instant) -> Option<Slow> {
+    /// Counts a step of `rows` rows that took `took`, at `now`: `Some` when it is slow and should be logged.
+    pub fn observe(&mut self, rows: usize, took: Duration, now: Instant) -> Option<Slow> {
         let s = took.as_secs_f64();
-        let typical = self.typical_s;
-        self.steps += 1;
+        let bucket = rows.div_ceil(BUCKET);
+        let typical = self
+            .typical
+            .range(bucket..)
+            .filter(|(_, &(n, _))| n >= WARM_STEPS)
+            .map(|(_, &(_, t))| t)
+            .min_by(f64::total_cmp);
+        let (n, t) = self.typical.entry(bucket).or_insert((0, s));
         // A slow step moves the average as far as a step of twice the typical time would.
-        self.typical_s = if self.steps == 1 {
-            s
-        } else {
-            typical + ALPHA * (s.min(FACTOR * typical) - typical)
-        };
-        let slow = self.steps > WARM_STEPS && s > FACTOR * typical && took > Duration::from_secs_f64(typical) + MARGIN;
-        if !slow {
+        *t += ALPHA * (s.min(FACTOR * *t) - *t);
+        *n += 1;
+        let typical = typical?;
+        if s <= FACTOR * typical || took <= Duration::from_secs_f64(typical) + MARGIN {
             return None;
         }
         match self.window {
@@ -87,7 +96,7 @@ pub fn log(slow: &Slow, rows: usize, ahead: bool, before: &StepCounts, after: &S
 
 #[cfg(test)]
 mod tests {
-    use super::{StepWatch, PER_SECOND, WARM_STEPS};
+    use super::{StepWatch, BUCKET, PER_SECOND, WARM_STEPS};
     use lorax_engine::StepCounts;
     use std::time::{Duration, Instant};
 
@@ -124,37 +133,57 @@ mod tests {
         let mut w = StepWatch::default();
         let t0 = Instant::now();
         // Nothing is judged while the typical time forms, however slow.
-        assert!(w.observe(ms(10), t0).is_none());
+        assert!(w.observe(128, ms(10), t0).is_none());
         for _ in 1..WARM_STEPS {
-            assert!(w.observe(ms(100), t0).is_none());
+            assert!(w.observe(128, ms(100), t0).is_none());
         }
         let mut w = StepWatch::default();
         for _ in 0..WARM_STEPS + 10 {
-            assert!(w.observe(ms(10), t0).is_none());
+            assert!(w.observe(128, ms(10), t0).is_none());
         }
         // Within twice the typical time, or less than 2 ms over it: not slow.
-        assert!(w.observe(ms(19), t0).is_none());
-        let slow = w.observe(ms(25), t0).expect("2.5x the typical step");
+        assert!(w.observe(128, ms(19), t0).is_none());
+        let slow = w.observe(128, ms(25), t0).expect("2.5x the typical step");
         assert_eq!(slow.took, ms(25));
         assert!((slow.typical.as_secs_f64() - 0.01).abs() < 0.0005, "{:?}", slow.typical);
         let mut fast = StepWatch::default();
         for _ in 0..WARM_STEPS + 10 {
-            fast.observe(Duration::from_micros(500), t0);
+            fast.observe(1, Duration::from_micros(500), t0);
         }
         assert!(
-            fast.observe(Duration::from_micros(1500), t0).is_none(),
+            fast.observe(1, Duration::from_micros(1500), t0).is_none(),
             "3x but only 1 ms over"
         );
         // A run of slow steps: PER_SECOND logged in a second, the rest counted and reported with the next.
-        let logged = (0..PER_SECOND + 5).filter(|_| w.observe(ms(40), t0).is_some()).count();
+        let logged = (0..PER_SECOND + 5)
+            .filter(|_| w.observe(128, ms(40), t0).is_some())
+            .count();
         assert_eq!(
             logged,
             PER_SECOND as usize - 1,
             "one was logged above, in the same second"
         );
-        let next = w.observe(ms(40), t0 + ms(1500)).expect("a new second");
+        let next = w.observe(128, ms(40), t0 + ms(1500)).expect("a new second");
         assert_eq!(next.unlogged_before, 6);
         // Slow steps move the typical time only as far as twice it.
         assert!(next.typical < ms(20), "{:?}", next.typical);
+    }
+
+    #[test]
+    fn a_growing_batch_is_not_slow_and_a_shrinking_one_is_judged_by_larger_ones() {
+        let mut w = StepWatch::default();
+        let t0 = Instant::now();
+        for _ in 0..WARM_STEPS {
+            assert!(w.observe(8, ms(5), t0).is_none());
+        }
+        // 128 rows take three times as long as 8: a new bucket, not judged by the smaller one.
+        for _ in 0..WARM_STEPS {
+            assert!(w.observe(128, ms(15), t0).is_none());
+        }
+        // Fewer rows than any bucket seen: judged by the fastest larger bucket (here the 8-row one).
+        assert!(w.observe(3, ms(12), t0).is_some(), "12 ms against 5 for 8 rows");
+        // 100 rows, a bucket never seen: judged by the 128-row bucket alone.
+        assert!(w.observe(100, ms(25), t0).is_none(), "under twice 15 ms");
+        assert!(w.observe(100 + BUCKET, ms(40), t0).is_some());
     }
 }

@@ -40,8 +40,8 @@
 //!
 //! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_AHEAD=0` records no step ahead; `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
 //! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept;
-//! `LORAX_CUDA_GRAPH_CAPTURE_AFTER` (default 2) the steps with one signature before it is captured (1:
-//! at once). A limit that is not a whole number in its range is a start-up error.
+//! `LORAX_CUDA_GRAPH_CAPTURE_AFTER` (default 2) the step with a signature at which its graph is captured
+//! (the steps before run eagerly; 1: at once). A limit that is not a whole number in its range is a start-up error.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -245,7 +245,8 @@ pub(crate) struct Graphs {
     /// Largest batch that uses graphs; lowered when an arena for a larger one cannot be allocated.
     max_batch: AtomicUsize,
     max_graphs: usize,
-    /// Steps with one signature before it is captured (1: the first).
+    /// The step with a signature at which its graph is captured (1: the first; the steps before run
+    /// eagerly).
     capture_after: AtomicUsize,
     /// Rows of the step in progress (for the message and limit after a failed arena allocation).
     step_rows: AtomicUsize,
@@ -464,6 +465,8 @@ impl CudaBackend {
 
     /// Outer error: a graph failure (fall back); inner: the forward pass's own error.
     fn try_graph_step(&self, f: &mut dyn FnMut() -> Result<CudaTensor>) -> Result<Result<CudaTensor>> {
+        // Whether this step's capture is due (counted once: growing the arenas changes the signature).
+        let mut due = false;
         for _ in 0..2 {
             let recording = Instant::now();
             let (out, sig, work, meta) = match self.record_pass(f)? {
@@ -472,6 +475,12 @@ impl CudaBackend {
             };
             if !self.arenas_fit(work, meta)? {
                 drop(out);
+                // Growing drops every graph: only for a step whose capture is due (the signature recorded
+                // past the arenas' end is the same each time for a shape), not for a batch seen once.
+                if !due && !self.capture_due(sig)? {
+                    return Ok(f());
+                }
+                due = true;
                 if let Err(e) = self.grow_arenas(work, meta) {
                     // Out of device memory for this batch's arena: smaller batches keep their graphs.
                     let rows = self.graphs.step_rows.load(Ordering::Relaxed);
@@ -492,8 +501,7 @@ impl CudaBackend {
                 return Ok(Ok(out));
             }
             drop(out);
-            let after = self.graphs.capture_after.load(Ordering::Relaxed);
-            if !self.graphs.lock()?.sighted(sig, after) {
+            if !due && !self.capture_due(sig)? {
                 // New (or rare) so far: eagerly, as a step without graphs would run.
                 return Ok(f());
             }
@@ -504,6 +512,13 @@ impl CudaBackend {
         Err(EngineError::Backend(
             "the graph arenas did not fit after growing".into(),
         ))
+    }
+
+    /// Counts a step of signature `sig` that has no graph: whether its capture is due now
+    /// (`LORAX_CUDA_GRAPH_CAPTURE_AFTER`; otherwise the step runs eagerly).
+    fn capture_due(&self, sig: u64) -> Result<bool> {
+        let after = self.graphs.capture_after.load(Ordering::Relaxed);
+        Ok(self.graphs.lock()?.sighted(sig, after))
     }
 
     /// Runs `f` as a record pass (launching nothing): its output, signature and arena bytes used. Outer
