@@ -654,6 +654,11 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 // A throwaway batch: nothing of it survives the call.
                 let mut scratch = Batch::default();
                 s.engine.prefill(&mut scratch, news).map_err(status)?;
+                // One rank only: a rank whose warm-up failed half-way would leave the others waiting in a
+                // collective.
+                if info.world_size == 1 {
+                    warm_decode_steps(s, info.num_blocks as usize, info.block_size as usize, bos);
+                }
                 Ok(u32::try_from(ran).unwrap_or(u32::MAX))
             })
             .await?;
@@ -963,6 +968,57 @@ struct WarmupPiece {
 /// `max_positions` tokens each, in distinct blocks of the cache, as many tokens as its `num_blocks` blocks
 /// of `block_size` hold at most. Every piece but the last is a whole number of blocks, so the pieces need
 /// no more blocks than one sequence of the same tokens would.
+/// One decode step at each row count the backend names ([`Backend::decode_warmup_rows`]), of one-token
+/// sequences in a throwaway batch (room for two tokens each, within `num_blocks` blocks of `block_size`):
+/// the device's first step of a shape then comes before the first request instead of in the middle of
+/// someone's stream. A failure is logged and ends the warm-up; the server starts anyway.
+fn warm_decode_steps<B: Backend>(s: &mut State<B>, num_blocks: usize, block_size: usize, bos: u32) {
+    let per = 2usize.div_ceil(block_size.max(1));
+    let rows = decode_warmup_plan(s.engine.backend.decode_warmup_rows(), num_blocks / per);
+    let Some(&most) = rows.first() else {
+        return;
+    };
+    let started = Instant::now();
+    let news = (0..most)
+        .map(|i| NewSequence {
+            id: i as u64,
+            input_ids: vec![bos],
+            block_table: (i * per..(i + 1) * per)
+                .map(|b| u32::try_from(b).unwrap_or(u32::MAX))
+                .collect(),
+            params: SamplingParams::default(),
+            prefill_logprobs: false,
+            adapter: None,
+        })
+        .collect();
+    let mut scratch = Batch::default();
+    let result = s.engine.prefill(&mut scratch, news).and_then(|_| {
+        for &r in &rows {
+            scratch.filter(&(0..r as u64).collect::<Vec<_>>());
+            s.engine.decode(&mut scratch)?;
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => tracing::info!(
+            row_counts = rows.len(),
+            largest = most,
+            ms = started.elapsed().as_millis() as u64,
+            "decode steps warmed up"
+        ),
+        Err(e) => tracing::warn!("the decode steps' warm-up failed (the server starts anyway): {e}"),
+    }
+}
+
+/// The row counts of the decode warm-up: those named, largest first, each at most once and at most
+/// `max_rows` (the sequences the cache holds).
+fn decode_warmup_plan(mut rows: Vec<usize>, max_rows: usize) -> Vec<usize> {
+    rows.retain(|&r| r > 0 && r <= max_rows);
+    rows.sort_unstable_by(|a, b| b.cmp(a));
+    rows.dedup();
+    rows
+}
+
 fn warmup_pieces(requested: usize, max_positions: usize, num_blocks: usize, block_size: usize) -> Vec<WarmupPiece> {
     let bs = block_size.max(1);
     let mut left = requested.min(num_blocks * bs);

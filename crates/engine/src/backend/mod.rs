@@ -423,6 +423,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn forward_scope(&self, begin: bool) {
         let _ = begin;
     }
+    /// Row counts whose decode steps are worth running once at start-up, largest first: a backend whose
+    /// first step of a shape pays for it (the CUDA backend: cuBLAS's choice and loading of each GEMM shape's
+    /// kernels, 12-15 ms a row count on an H200 in session 27) names its padded row counts here. The
+    /// default names none.
+    fn decode_warmup_rows(&self) -> Vec<usize> {
+        Vec::new()
+    }
     /// How the decode steps so far ran, for logs that explain a slow step. The default (no captured
     /// steps) counts none.
     fn step_counts(&self) -> StepCounts {

@@ -643,6 +643,13 @@ mod ahead;
 mod mixed;
 
 #[test]
+fn decode_warmup_plans_each_row_count_once_largest_first_within_the_blocks() {
+    assert_eq!(decode_warmup_plan(vec![1, 8, 4, 8, 0, 16], 100), [16, 8, 4, 1]);
+    assert_eq!(decode_warmup_plan(vec![256, 248, 8], 250), [248, 8]);
+    assert!(decode_warmup_plan(Vec::new(), 100).is_empty());
+}
+
+#[test]
 fn warmup_pieces_cover_the_largest_step_within_positions_and_blocks() {
     let lens = |p: &[WarmupPiece]| p.iter().map(|p| p.len).collect::<Vec<_>>();
     // A step longer than the model's positions runs as several sequences (4096 + 128 rows at 4096).

@@ -413,6 +413,14 @@ fn bucket(rows: usize) -> usize {
     }
 }
 
+/// The distinct [`bucket`]s of 1 to `max` rows, largest first.
+fn warmup_rows(max: usize) -> Vec<usize> {
+    let mut rows: Vec<usize> = (1..=max).map(bucket).filter(|&b| b <= max).collect();
+    rows.dedup();
+    rows.reverse();
+    rows
+}
+
 impl CudaBackend {
     /// The rows a decode step of `rows` rows runs with: [`bucket`]'s up to the largest graph batch, also
     /// when graphs are off (`LORAX_CUDA_GRAPHS=0` then changes no result, only how steps launch).
@@ -796,6 +804,12 @@ impl CudaBackend {
         self.graphs.lock().map_or((0, 0), |g| (g.captures, g.replays))
     }
 
+    /// The padded row counts of decode steps up to the largest graph batch, largest first
+    /// ([`crate::backend::Backend::decode_warmup_rows`]).
+    pub fn graph_warmup_rows(&self) -> Vec<usize> {
+        warmup_rows(self.graphs.max_batch.load(Ordering::Relaxed))
+    }
+
     /// How graph steps ran so far ([`crate::backend::Backend::step_counts`]).
     pub fn graph_step_counts(&self) -> crate::backend::StepCounts {
         self.graphs.lock().map_or_else(
@@ -851,7 +865,19 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{bucket, Graphs, SEEN_KEPT};
+    use super::{bucket, warmup_rows, Graphs, SEEN_KEPT};
+
+    #[test]
+    fn the_warm_up_names_each_bucket_once_largest_first() {
+        let rows = warmup_rows(256);
+        assert_eq!(rows.len(), 4 + 32);
+        assert_eq!(&rows[..3], &[256, 248, 240]);
+        assert_eq!(&rows[rows.len() - 5..], &[8, 4, 3, 2, 1]);
+        assert!(rows.iter().all(|&r| bucket(r) == r));
+        // A largest batch that is not a bucket leaves out the bucket above it.
+        assert_eq!(warmup_rows(13), [8, 4, 3, 2, 1]);
+        assert!(warmup_rows(0).is_empty());
+    }
 
     #[test]
     fn signatures_are_captured_at_their_nth_step_and_rare_ones_are_forgotten() {

@@ -2409,6 +2409,11 @@ impl Backend for CudaBackend {
         self.graph_prepared(tokens)
     }
 
+    /// Every padded row count of a graph step (graph.rs: `graph_rows`), largest first.
+    fn decode_warmup_rows(&self) -> Vec<usize> {
+        self.graph_warmup_rows()
+    }
+
     fn step_counts(&self) -> crate::backend::StepCounts {
         self.graph_step_counts()
     }
