@@ -92,6 +92,8 @@ section "peft_compare.py" "$t"
 for log in "$logs/bench-server.log" "$logs/peft-compare-server.log"; do
     [ -f "$log" ] || continue
     {
+        # The start-up decode warm-up (crates/shard/src/service.rs warm_decode_steps).
+        sed 's/\x1b\[[0-9;]*m//g' "$log" | grep "decode steps warmed up\|decode steps' warm-up failed" | cut -c1-200
         # Lines logged, and the steps over the log's 10 a second (unlogged_before) beside them.
         echo "slow decode steps in $(basename "$log"): $(grep -c 'slow decode step' "$log") logged, and" \
             "$(grep 'slow decode step' "$log" | grep -o 'unlogged_before=[0-9]*' | awk -F= '{s += $2} END {print s + 0}') not"
