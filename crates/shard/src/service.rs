@@ -657,7 +657,20 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 // One rank only: a rank whose warm-up failed half-way would leave the others waiting in a
                 // collective.
                 if info.world_size == 1 {
-                    warm_decode_steps(s, info.num_blocks as usize, info.block_size as usize, bos);
+                    let started = Instant::now();
+                    let named = s.engine.backend.decode_warmup_rows();
+                    match warm_decode_steps(s, named, info.num_blocks as usize, info.block_size as usize, bos) {
+                        Ok(rows) if rows.is_empty() => {}
+                        Ok(rows) => tracing::info!(
+                            row_counts = rows.len(),
+                            largest = rows[0],
+                            ms = started.elapsed().as_millis() as u64,
+                            "decode steps warmed up"
+                        ),
+                        Err(e) => {
+                            tracing::warn!("the decode steps' warm-up failed (the server starts anyway): {e}");
+                        }
+                    }
                 }
                 Ok(u32::try_from(ran).unwrap_or(u32::MAX))
             })
@@ -964,21 +977,25 @@ struct WarmupPiece {
     blocks: Vec<u32>,
 }
 
-/// The warm-up's sequences: `requested` tokens (the router's largest step) as sequences of at most
-/// `max_positions` tokens each, in distinct blocks of the cache, as many tokens as its `num_blocks` blocks
-/// of `block_size` hold at most. Every piece but the last is a whole number of blocks, so the pieces need
-/// no more blocks than one sequence of the same tokens would.
-/// One decode step at each row count the backend names ([`Backend::decode_warmup_rows`]), of one-token
-/// sequences in a throwaway batch (room for two tokens each, within `num_blocks` blocks of `block_size`):
-/// the device's first step of a shape then comes before the first request instead of in the middle of
-/// someone's stream. A failure is logged and ends the warm-up; the server starts anyway.
-fn warm_decode_steps<B: Backend>(s: &mut State<B>, num_blocks: usize, block_size: usize, bos: u32) {
-    let per = 2usize.div_ceil(block_size.max(1));
-    let rows = decode_warmup_plan(s.engine.backend.decode_warmup_rows(), num_blocks / per);
+/// One decode step at each of `named` row counts (largest first, each once), of one-token sequences in a
+/// throwaway batch: the device's first step of a shape (the backend names them,
+/// [`Backend::decode_warmup_rows`]) then comes before the first request instead of in the middle of
+/// someone's stream. The sequences that stay are decoded at every later row count, so each gets blocks
+/// (of `block_size`, `num_blocks` in all at most) for its prompt token and one position a step; row counts
+/// of more sequences than those blocks hold are left out. Returns the row counts run.
+fn warm_decode_steps<B: Backend>(
+    s: &mut State<B>,
+    named: Vec<usize>,
+    num_blocks: usize,
+    block_size: usize,
+    bos: u32,
+) -> lorax_engine::Result<Vec<usize>> {
+    let all = decode_warmup_plan(named, usize::MAX);
+    let per = (1 + all.len()).div_ceil(block_size.max(1));
+    let rows = decode_warmup_plan(all, num_blocks / per);
     let Some(&most) = rows.first() else {
-        return;
+        return Ok(rows);
     };
-    let started = Instant::now();
     let news = (0..most)
         .map(|i| NewSequence {
             id: i as u64,
@@ -992,22 +1009,12 @@ fn warm_decode_steps<B: Backend>(s: &mut State<B>, num_blocks: usize, block_size
         })
         .collect();
     let mut scratch = Batch::default();
-    let result = s.engine.prefill(&mut scratch, news).and_then(|_| {
-        for &r in &rows {
-            scratch.filter(&(0..r as u64).collect::<Vec<_>>());
-            s.engine.decode(&mut scratch)?;
-        }
-        Ok(())
-    });
-    match result {
-        Ok(()) => tracing::info!(
-            row_counts = rows.len(),
-            largest = most,
-            ms = started.elapsed().as_millis() as u64,
-            "decode steps warmed up"
-        ),
-        Err(e) => tracing::warn!("the decode steps' warm-up failed (the server starts anyway): {e}"),
+    s.engine.prefill(&mut scratch, news)?;
+    for &r in &rows {
+        scratch.filter(&(0..r as u64).collect::<Vec<_>>());
+        s.engine.decode(&mut scratch)?;
     }
+    Ok(rows)
 }
 
 /// The row counts of the decode warm-up: those named, largest first, each at most once and at most
@@ -1019,6 +1026,10 @@ fn decode_warmup_plan(mut rows: Vec<usize>, max_rows: usize) -> Vec<usize> {
     rows
 }
 
+/// The warm-up's sequences: `requested` tokens (the router's largest step) as sequences of at most
+/// `max_positions` tokens each, in distinct blocks of the cache, as many tokens as its `num_blocks` blocks
+/// of `block_size` hold at most. Every piece but the last is a whole number of blocks, so the pieces need
+/// no more blocks than one sequence of the same tokens would.
 fn warmup_pieces(requested: usize, max_positions: usize, num_blocks: usize, block_size: usize) -> Vec<WarmupPiece> {
     let bs = block_size.max(1);
     let mut left = requested.min(num_blocks * bs);

@@ -642,6 +642,35 @@ async fn loads_answer_while_a_step_holds_the_engine_and_the_next_call_inserts_th
 mod ahead;
 mod mixed;
 
+#[tokio::test]
+async fn the_decode_warm_up_runs_each_row_count_within_the_cache_and_the_shard_serves_after_it() {
+    let (backend, _gate) = gated();
+    let svc = server(backend, 4).await;
+    let warm = |named: Vec<usize>, num_blocks: usize, block_size: usize| {
+        let svc = Arc::clone(&svc);
+        async move {
+            svc.with_state(move |s| warm_decode_steps(s, named, num_blocks, block_size, 1).map_err(status))
+                .await
+        }
+    };
+    // Sequences that stay are decoded at every later row count: 6 steps need 7 positions each (two blocks
+    // of the cache's 4 tokens), which one block a sequence would not hold.
+    let named = vec![1, 8, 4, 3, 2, 16, 8];
+    assert_eq!(
+        warm(named.clone(), 256, BLOCK as usize).await.unwrap(),
+        [16, 8, 4, 3, 2, 1]
+    );
+    // As many blocks as the warm-up counts per sequence (7 of one token) are used, so a smaller cache
+    // leaves out the row counts it cannot hold: 20 blocks hold 2 such sequences.
+    assert_eq!(warm(named.clone(), 20, 1).await.unwrap(), [2, 1]);
+    assert!(warm(Vec::new(), 256, BLOCK as usize).await.unwrap().is_empty());
+    // Nothing of it stays: a request gets the tokens and logprobs a shard without the warm-up gives it.
+    let (fresh, _gate) = gated();
+    let fresh = server(fresh, 4).await;
+    let request = || sequence(900, 0, "");
+    assert_eq!(generate(&svc, request(), 4).await, generate(&fresh, request(), 4).await);
+}
+
 #[test]
 fn decode_warmup_plans_each_row_count_once_largest_first_within_the_blocks() {
     assert_eq!(decode_warmup_plan(vec![1, 8, 4, 8, 0, 16], 100), [16, 8, 4, 1]);
