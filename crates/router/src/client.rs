@@ -191,11 +191,18 @@ impl ShardClients {
             .map(|_| ())
     }
 
-    /// Runs the worst-case prefill once; returns the prefill tokens rank 0 ran.
-    pub async fn warmup(&self, max_prefill_tokens: u32, max_total_tokens: u32) -> Result<u32, ClientError> {
+    /// Runs the worst-case prefill once (and, on one shard, a decode step at each row count up to
+    /// `max_decode_rows`); returns the prefill tokens rank 0 ran.
+    pub async fn warmup(
+        &self,
+        max_prefill_tokens: u32,
+        max_total_tokens: u32,
+        max_decode_rows: u32,
+    ) -> Result<u32, ClientError> {
         let request = WarmupRequest {
             max_prefill_tokens,
             max_total_tokens,
+            max_decode_rows,
         };
         self.broadcast(|mut c| async move { c.warmup(request).await })
             .await

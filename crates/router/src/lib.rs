@@ -275,13 +275,13 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
     // The largest forward pass the scheduler sends: whole prompts (up to --max-batch-prefill-tokens) when
     // nothing is decoding, and with mixed steps, under a backlog, those plus one decode row per running
     // request.
+    let rows = u32::try_from(args.server.max_concurrent_requests).unwrap_or(u32::MAX);
     let largest_step = if batching.max_batch_prefill_chunk_tokens > 0 {
-        let rows = u32::try_from(args.server.max_concurrent_requests).unwrap_or(u32::MAX);
         batching.max_batch_prefill_tokens.saturating_add(rows)
     } else {
         batching.max_batch_prefill_tokens
     };
-    let warmed = clients.warmup(largest_step, limits.max_total_tokens).await?;
+    let warmed = clients.warmup(largest_step, limits.max_total_tokens, rows).await?;
     tracing::info!(
         model = %shard.model_id,
         device = %shard.device,

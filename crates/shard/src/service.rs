@@ -658,7 +658,12 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 // collective.
                 if info.world_size == 1 {
                     let started = Instant::now();
-                    let named = s.engine.backend.decode_warmup_rows();
+                    let mut named = s.engine.backend.decode_warmup_rows();
+                    // Up to the padded row count of the router's largest batch (0: not said).
+                    if r.max_decode_rows > 0 {
+                        let most = s.engine.backend.decode_rows(r.max_decode_rows as usize);
+                        named.retain(|&rows| rows <= most);
+                    }
                     match warm_decode_steps(s, named, info.num_blocks as usize, info.block_size as usize, bos) {
                         Ok(rows) if rows.is_empty() => {}
                         Ok(rows) => tracing::info!(

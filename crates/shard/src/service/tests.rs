@@ -148,6 +148,11 @@ impl Backend for Gated {
     fn all_reduce_sum(&self, t: &mut CpuTensor, comm: &dyn Communicator) -> lorax_engine::Result<()> {
         CpuBackend.all_reduce_sum(t, comm)
     }
+    /// Row counts to warm, as a device backend names them (the CPU backend names none).
+    fn decode_warmup_rows(&self) -> Vec<usize> {
+        vec![16, 8, 4, 2, 1]
+    }
+
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> lorax_engine::Result<CpuTensor> {
         CpuBackend.gather_rows(x, rows)
     }
@@ -669,6 +674,28 @@ async fn the_decode_warm_up_runs_each_row_count_within_the_cache_and_the_shard_s
     let fresh = server(fresh, 4).await;
     let request = || sequence(900, 0, "");
     assert_eq!(generate(&svc, request(), 4).await, generate(&fresh, request(), 4).await);
+}
+
+#[tokio::test]
+async fn the_warmup_call_warms_decode_steps_up_to_the_routers_largest_batch() {
+    let (backend, _gate) = gated();
+    let svc = server(backend, 4).await;
+    let steps = |svc: &ShardServer<Gated>| svc.state.lock().unwrap().engine.decode_times().steps;
+    let warmup = |max_decode_rows| {
+        Request::new(pb::WarmupRequest {
+            max_prefill_tokens: 8,
+            max_total_tokens: 64,
+            max_decode_rows,
+        })
+    };
+    // Gated names 16, 8, 4, 2 and 1 rows; the router's batches hold at most 5 (5 rows on the CPU).
+    let before = steps(&svc);
+    svc.warmup(warmup(5)).await.unwrap();
+    assert_eq!(steps(&svc) - before, 3);
+    // A router that does not say: every row count named.
+    let before = steps(&svc);
+    svc.warmup(warmup(0)).await.unwrap();
+    assert_eq!(steps(&svc) - before, 5);
 }
 
 #[test]
