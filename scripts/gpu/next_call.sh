@@ -27,7 +27,8 @@
 # adapters' step in detail, then the same mixed steps with all 32 layers, eager.
 # `graphs-bench`: run.sh's graphs (graphs against eager steps, bit for bit; step times; a shrinking batch with
 # graphs captured at the first and at the second step of their signature), golden and e2e steps, then as
-# `bench`.
+# `bench`. Its summary prints the shard's start-up decode warm-up line and the slow decode steps by how
+# they ran (session 27: the warm-up should leave no "eager, a new shape" step at the ends of runs).
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
