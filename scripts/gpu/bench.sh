@@ -88,7 +88,7 @@ section "peft_compare.py" "$t"
 
 # Decode steps the shard logged as slow (over twice the typical step; crates/shard/src/slow.rs), by how
 # they ran, and the last few of each server; then the router's slow handlings of a step's results (3 ms or
-# more: tokens to their streams, retirements, the FilterBatch call).
+# more and over half the shard call: tokens to their streams, retirements, the FilterBatch call).
 for log in "$logs/bench-server.log" "$logs/peft-compare-server.log"; do
     [ -f "$log" ] || continue
     {

@@ -143,7 +143,8 @@ pub struct Scheduler {
     slow_log: LogBudget,
 }
 
-/// A step's results handled in at least this long are logged ("slow step handling").
+/// A step's results handled in at least this long, and in over half the shard call's time (while the shard
+/// runs the next step ahead, shorter handling costs nothing), are logged ("slow step handling").
 const SLOW_HANDLING: Duration = Duration::from_millis(3);
 
 /// At most `PER_SECOND` log lines a second; the others are counted into the next line allowed.
@@ -446,7 +447,7 @@ impl Scheduler {
                 let (handling, tokens) = (Instant::now(), reply.generations.len());
                 let handled = self.handle(reply.generations, &reply.expected).await;
                 let took = handling.elapsed();
-                if took >= SLOW_HANDLING {
+                if took >= SLOW_HANDLING && took.as_secs_f64() > call / 2.0 {
                     if let Some(dropped) = self.slow_log.allow(Instant::now()) {
                         tracing::info!(
                             method,
