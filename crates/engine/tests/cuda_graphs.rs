@@ -71,6 +71,19 @@ fn mistral_dummy(layers: usize, graphs: bool) -> (tempfile::TempDir, Engine<Cuda
     (dir, e)
 }
 
+/// Sequence `id` of the Mistral-shaped benchmarks: a `len`-token prompt of varied ids, blocks for 64 more
+/// tokens, greedy, on `adapter` if any.
+fn prompt(id: usize, len: usize, alloc: &mut BlockAllocator, adapter: Option<String>) -> NewSequence {
+    NewSequence {
+        id: id as u64,
+        input_ids: (0..len as u32).map(|t| (t * 37 + id as u32 * 11) % 30000 + 3).collect(),
+        block_table: alloc.allocate(len + 64).unwrap(),
+        params: SamplingParams::default(),
+        prefill_logprobs: false,
+        adapter,
+    }
+}
+
 type Trace = Vec<(u64, u32, u32)>;
 
 /// Every generated (sequence, token, logprob bits) of a schedule that grows, shrinks and mixes the batch.
@@ -160,7 +173,7 @@ fn decode_steps_through_graphs_equal_eager_steps() {
             let t = schedule(&mut e, &keys);
             let (captures, replays) = e.backend.graph_counts();
             let ahead_replays = e.backend.graph_ahead_replays();
-            let uncaptured = e.backend.graph_uncaptured_steps();
+            let uncaptured = e.backend.graph_step_counts().uncaptured;
             say(&format!(
                 "{dtype:?} graphs {graphs} pdl {pdl} ahead {ahead}: {} tokens, {captures} graphs captured, {replays} replays, {ahead_replays} of them recorded ahead, {uncaptured} steps eager before their capture",
                 t.len()
@@ -226,21 +239,11 @@ fn a_shrinking_batch_with_and_without_captures_at_first_sight() {
         e.backend.clear_graphs().unwrap();
         e.backend.set_graph_capture_after(after);
         let (c0, _) = e.backend.graph_counts();
-        let u0 = e.backend.graph_uncaptured_steps();
+        let u0 = e.backend.graph_step_counts().uncaptured;
         let mut alloc = BlockAllocator::new(cache.num_blocks as u32, cache.block_size);
         let mut batch = Batch::default();
         for chunk in (0..rows).collect::<Vec<_>>().chunks(32) {
-            let news = chunk
-                .iter()
-                .map(|&i| NewSequence {
-                    id: i as u64,
-                    input_ids: (0..512u32).map(|t| (t * 37 + i as u32 * 11) % 30000 + 3).collect(),
-                    block_table: alloc.allocate(512 + 64).unwrap(),
-                    params: SamplingParams::default(),
-                    prefill_logprobs: false,
-                    adapter: None,
-                })
-                .collect();
+            let news = chunk.iter().map(|&i| prompt(i, 512, &mut alloc, None)).collect();
             e.prefill(&mut batch, news).unwrap();
         }
         let mut trace = Trace::new();
@@ -256,7 +259,7 @@ fn a_shrinking_batch_with_and_without_captures_at_first_sight() {
         }
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let (c1, _) = e.backend.graph_counts();
-        let u1 = e.backend.graph_uncaptured_steps();
+        let u1 = e.backend.graph_step_counts().uncaptured;
         say(&format!(
             "BENCH shrinking batch {rows} -> 0 ({leave} leave a step), graphs captured at step {after} of their \
              signature: {steps} decode steps in {ms:.1} ms ({:.2} ms a step), {} captures, {} steps eager before \
@@ -322,16 +325,7 @@ fn decode_step_time_with_and_without_graphs() {
         for batch_size in [1usize, 8, 32, 128] {
             let mut alloc = BlockAllocator::new(cache.num_blocks as u32, cache.block_size);
             let mut batch = Batch::default();
-            let news = (0..batch_size)
-                .map(|i| NewSequence {
-                    id: i as u64,
-                    input_ids: vec![1; 512],
-                    block_table: alloc.allocate(512 + 64).unwrap(),
-                    params: SamplingParams::default(),
-                    prefill_logprobs: false,
-                    adapter: None,
-                })
-                .collect();
+            let news = (0..batch_size).map(|i| prompt(i, 512, &mut alloc, None)).collect();
             e.prefill(&mut batch, news).unwrap();
             for _ in 0..4 {
                 e.decode(&mut batch).unwrap();
@@ -412,13 +406,13 @@ fn decode_step_kernels_for_a_profiler() {
     }
     let mut alloc = BlockAllocator::new(cache.num_blocks as u32, cache.block_size);
     let mut batch = Batch::default();
-    let mut new_seq = |id: usize, len: usize| NewSequence {
-        id: id as u64,
-        input_ids: (0..len as u32).map(|t| (t * 37 + id as u32 * 11) % 30000 + 3).collect(),
-        block_table: alloc.allocate(len + 64).unwrap(),
-        params: SamplingParams::default(),
-        prefill_logprobs: false,
-        adapter: (!keys.is_empty()).then(|| keys[id % keys.len()].clone()),
+    let mut new_seq = |id: usize, len: usize| {
+        prompt(
+            id,
+            len,
+            &mut alloc,
+            (!keys.is_empty()).then(|| keys[id % keys.len()].clone()),
+        )
     };
     for chunk in (0..rows).collect::<Vec<_>>().chunks(16) {
         let news = chunk.iter().map(|&i| new_seq(i, 512)).collect();

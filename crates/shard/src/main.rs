@@ -182,12 +182,12 @@ fn resolve_device(arg: Option<&str>, rank: usize) -> anyhow::Result<Device> {
     }
 }
 
-/// `--dtype`: the storage type and the name reported in Info.
-fn parse_dtype(arg: &str) -> anyhow::Result<(DType, &'static str)> {
+/// `--dtype`: the storage type (reported in Info as `service::dtype_name` says).
+fn parse_dtype(arg: &str) -> anyhow::Result<DType> {
     match arg.trim().to_ascii_lowercase().as_str() {
-        "bfloat16" | "bf16" => Ok((DType::BF16, "bfloat16")),
-        "float16" | "fp16" | "f16" | "half" => Ok((DType::F16, "float16")),
-        "float32" | "fp32" | "f32" => Ok((DType::F32, "float32")),
+        "bfloat16" | "bf16" => Ok(DType::BF16),
+        "float16" | "fp16" | "f16" | "half" => Ok(DType::F16),
+        "float32" | "fp32" | "f32" => Ok(DType::F32),
         other => anyhow::bail!("--dtype {other:?}: expected bfloat16 or float16 (or float32)"),
     }
 }
@@ -202,13 +202,13 @@ async fn main() -> anyhow::Result<()> {
         args.rank,
         args.world_size
     );
-    let (dtype, dtype_name) = parse_dtype(&args.dtype)?;
+    let dtype = parse_dtype(&args.dtype)?;
     parse_load_format(&args.load_format)?;
     parse_comm(&args.comm)?;
     match resolve_device(args.device.as_deref(), args.rank as usize)? {
-        Device::Cpu => serve(args, |_| Ok(CpuBackend), "float32", false).await,
+        Device::Cpu => serve(args, |_| Ok(CpuBackend), DType::F32, false).await,
         Device::Cuda(ordinal) => {
-            tracing::info!(ordinal, dtype = dtype_name, "starting the CUDA backend");
+            tracing::info!(ordinal, dtype = service::dtype_name(dtype), "starting the CUDA backend");
             let make = move |group: Option<NcclJoin>| {
                 let mut backend = CudaBackend::new(ordinal, dtype)?;
                 if let Some(g) = group {
@@ -216,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Ok(backend)
             };
-            serve(args, make, dtype_name, true).await
+            serve(args, make, dtype, true).await
         }
     }
 }
@@ -320,7 +320,7 @@ async fn join_group(
 async fn serve<B: Backend>(
     args: Args,
     make: impl FnOnce(Option<NcclJoin>) -> lorax_engine::Result<B> + Send + 'static,
-    dtype: &str,
+    dtype: DType,
     cuda: bool,
 ) -> anyhow::Result<()> {
     let (group, nccl_join) = join_group(&args, cuda).await?;
@@ -347,7 +347,7 @@ async fn serve<B: Backend>(
                 device_slots: args.max_active_adapters.max(1),
             },
             download_timeout: std::time::Duration::from_secs(args.adapter_download_timeout_s),
-            dtype: dtype.to_string(),
+            dtype,
             comm: group,
             load_format: parse_load_format(&args.load_format)?,
         },
@@ -386,8 +386,8 @@ mod tests {
         // Auto never panics: CUDA when present, else the CPU.
         let auto = resolve_device(None, 0).ok();
         assert_eq!(auto.is_some_and(|d| d == Device::Cpu), CudaBackend::probe().is_err());
-        assert_eq!(parse_dtype("bfloat16").ok().map(|d| d.0), Some(DType::BF16));
-        assert_eq!(parse_dtype("float16").ok().map(|d| d.0), Some(DType::F16));
+        assert_eq!(parse_dtype("bfloat16").ok(), Some(DType::BF16));
+        assert_eq!(parse_dtype("float16").ok(), Some(DType::F16));
         assert!(parse_dtype("int8").is_err());
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use lorax_engine::engine::AdapterUploader;
 use lorax_engine::lora::DeviceAdapter;
+use lorax_engine::weights::DType;
 use lorax_engine::{
     Backend, Batch, CacheConfig, Engine, EngineError, Generation, ModelConfig, NewSequence, SamplingParams, StepOptions,
 };
@@ -32,8 +33,8 @@ pub struct ShardConfig {
     pub adapters: AdapterSettings,
     /// Longest a hub download may take before its requests fail (the hub may be slow or hang).
     pub download_timeout: Duration,
-    /// Storage type reported in Info (`float32` on the CPU backend).
-    pub dtype: String,
+    /// The backend's storage type (F32 on the CPU backend), reported in Info by its name.
+    pub dtype: DType,
     /// The tensor-parallel group (a single rank when world_size is 1).
     pub comm: std::sync::Arc<dyn lorax_engine::comm::Communicator>,
     /// Checkpoint or dummy weights.
@@ -209,6 +210,8 @@ pub struct ShardServer<B: Backend> {
     /// Uploads adapters for the engine without its lock.
     uploader: AdapterUploader<B>,
     info: pb::InfoResponse,
+    /// The backend's storage type (what an adapter's weights take on the device, element by element).
+    storage: DType,
     urls: Vec<String>,
     cfg: ModelConfig,
     settings: AdapterSettings,
@@ -224,6 +227,15 @@ pub struct ShardServer<B: Backend> {
 /// `--max-lora-rank` allows for the model, `lora::HostAdapter::load`), and requests may name many new
 /// adapters at once; a 27 MB rank-16 adapter parses in under 10 ms, so a few at a time keep up.
 const PARALLEL_PARSES: usize = 4;
+
+/// The name Info reports for a storage type.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F32 => "float32",
+    }
+}
 
 fn status(e: EngineError) -> Status {
     match e {
@@ -264,7 +276,7 @@ impl<B: Backend> ShardServer<B> {
             eos_token_ids: c.eos_token_ids.clone(),
             bos_token_id: c.bos_token_id,
             device: engine.backend.name(),
-            dtype: cfg.dtype,
+            dtype: dtype_name(cfg.dtype).into(),
             block_size: cfg.block_size,
             num_blocks: cfg.num_blocks,
             rank: cfg.rank,
@@ -288,6 +300,7 @@ impl<B: Backend> ShardServer<B> {
                 watch: crate::slow::StepWatch::default(),
             })),
             info,
+            storage: cfg.dtype,
             urls: cfg.urls,
         })
     }
@@ -898,7 +911,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
             loaded: loaded_already || device_bytes.is_some(),
             device_bytes: device_bytes.unwrap_or(0),
             load_refused,
-            upload_bytes: (host.elements() * if self.info.dtype == "float32" { 4 } else { 2 }) as u64,
+            upload_bytes: (host.elements() * self.storage.size()) as u64,
         }))
     }
 

@@ -424,8 +424,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let _ = begin;
     }
     /// Row counts whose decode steps are worth running once at start-up, largest first: a backend whose
-    /// first step of a shape pays for it (the CUDA backend: cuBLAS's choice and loading of each GEMM shape's
-    /// kernels, 12-15 ms a row count on an H200 in session 27) names its padded row counts here. The
+    /// first step of a shape pays for it (the CUDA backend: a serving run's first eager step at a row count
+    /// took 20-24 ms against a typical 8.8 on an H200 in session 27, most likely cuBLAS's choice and loading
+    /// of each GEMM shape's kernels) names its padded row counts here. The
     /// default names none.
     fn decode_warmup_rows(&self) -> Vec<usize> {
         Vec::new()

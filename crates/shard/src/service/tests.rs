@@ -185,7 +185,7 @@ async fn server_in(backend: Gated, device_slots: usize, root: &std::path::Path) 
             device_slots,
         },
         download_timeout: Duration::from_secs(30),
-        dtype: "float32".into(),
+        dtype: DType::F32,
         comm: Arc::new(SingleRank),
         load_format: LoadFormat::Safetensors,
     };

@@ -13,10 +13,11 @@
 //! 3. **Capture.** Otherwise the forward pass runs again under stream capture (the same op order gives the
 //!    same arena offsets, so the same pointers), is instantiated, kept (least recently used go first), and
 //!    launched as in 2. Only a signature seen before is captured: the first step with a new one runs
-//!    eagerly. Capturing and instantiating a 32-layer step takes the host 8-15 ms, while the device
-//!    waits, against well under a millisecond for an eager step; a batch that shrinks as its requests
-//!    finish passes through a new row count nearly every step, and would pay a capture each time for a
-//!    graph it never replays (session 27: steps of 20-31 ms instead of 9.5 at the end of a run).
+//!    eagerly. A capture keeps the device waiting while the host captures and instantiates the pass (8-15
+//!    ms a capture in session 27's serving logs), and a batch that shrinks as its requests finish passes
+//!    through a new row count nearly every step, paying for graphs it never replays (`cuda_graphs`,
+//!    a batch of 128 losing 6 a step on an H200: 17.03 ms a step capturing at once, 7.06 at the second
+//!    sighting).
 //!
 //! 4. **Ahead.** While a replayed step runs, the engine may record the next one
 //!    ([`CudaBackend::graph_prepare`]: the same batch, each sequence one token further on, its token ids
@@ -821,12 +822,6 @@ impl CudaBackend {
                 uncaptured: g.uncaptured_steps,
             },
         )
-    }
-
-    /// Graph steps run eagerly so far because their signature was not yet seen often enough to capture
-    /// (`LORAX_CUDA_GRAPH_CAPTURE_AFTER`).
-    pub fn graph_uncaptured_steps(&self) -> u64 {
-        self.graphs.lock().map_or(0, |g| g.uncaptured_steps)
     }
 
     /// Replays of steps recorded ahead ([`CudaBackend::graph_prepared`]) so far, of the replays.
