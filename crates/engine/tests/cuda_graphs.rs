@@ -220,6 +220,59 @@ fn decode_steps_through_graphs_equal_eager_steps() {
     }
 }
 
+/// One stream decoding far (220 tokens from a 30-token prompt, across three 64-token attention chunks) keeps
+/// one graph: a batch smaller than a wave launches its attention with the same splits whatever its context
+/// (`split_plan`), so the step's signature does not change at each chunk. Before, the grid had a split a
+/// chunk, and each chunk's first step ran eagerly and its second captured a graph. Tokens equal eager steps'.
+#[test]
+fn a_single_stream_keeps_its_graph_as_its_context_grows() {
+    if backend(DType::BF16).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), 512, 1024, 3, 8, 2, 4096);
+    let steps = 220;
+    let mut traces = Vec::new();
+    for graphs in [false, true] {
+        let mut e = engine(dir.path(), DType::BF16, graphs, true);
+        let mut alloc = BlockAllocator::new(CACHE.num_blocks as u32, CACHE.block_size);
+        let mut batch = Batch::default();
+        let seq = NewSequence {
+            id: 7,
+            input_ids: (0..30u32).map(|i| (i * 37) % 4000 + 3).collect(),
+            block_table: alloc.allocate(30 + steps + 1).unwrap(),
+            params: SamplingParams::default(),
+            prefill_logprobs: false,
+            adapter: None,
+        };
+        let mut trace = Trace::new();
+        let record = |gens: Vec<lorax_engine::Generation>, trace: &mut Trace| {
+            for g in gens {
+                trace.push((g.id, g.choice.token, g.choice.logprob.to_bits()));
+            }
+        };
+        record(e.prefill(&mut batch, vec![seq]).unwrap(), &mut trace);
+        for _ in 0..steps {
+            record(e.decode(&mut batch).unwrap(), &mut trace);
+        }
+        let c = e.backend.graph_step_counts();
+        say(&format!(
+            "one stream, {steps} decode steps from position 30, graphs {graphs}: {} captures, {} replays, {} eager before a capture",
+            c.captures, c.replays, c.uncaptured
+        ));
+        if graphs {
+            assert_eq!(
+                (c.captures, c.uncaptured),
+                (1, 1),
+                "the stream's graph was captured again as its context grew"
+            );
+            assert_eq!(c.replays, steps as u64 - 1);
+        }
+        traces.push(trace);
+    }
+    assert_eq!(traces[0], traces[1], "graph steps gave other tokens than eager steps");
+}
+
 /// A batch that shrinks as its requests finish (128 sequences, 6 leaving every decode step, as at the end
 /// of a benchmark's run): nearly every step has a row count, and so a signature, of its own. Timed with
 /// each graph captured at its first step (`LORAX_CUDA_GRAPH_CAPTURE_AFTER=1`, the behaviour before

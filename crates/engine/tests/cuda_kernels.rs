@@ -461,7 +461,7 @@ fn attention_matches_cpu() {
         q_range: 1.0,
     });
     // Rows that fill more than a wave of blocks (50 rows x 8 KV heads: 400 against 396 on the H200) with
-    // contexts long enough to split anyway, so the last wave is fuller (`wanted_splits`).
+    // contexts long enough to split anyway, so the last wave is fuller (`split_plan`).
     cases.push(AttnCase {
         heads: 16,
         kv_heads: 8,

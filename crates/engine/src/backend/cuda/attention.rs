@@ -336,19 +336,14 @@ impl CudaBackend {
                 rows[2 * (s.q_start + i) + 1] = off;
             }
         }
-        // Contexts split as `wanted_splits` says, for one wave of `attn_split_target` blocks per
+        // Contexts split as `split_plan` says, for one wave of `attn_split_target` blocks per
         // multiprocessor (3: the tensor-core kernel's resident blocks). The paged kernel's grid covers rows up to the last one it has work for: in a mixed step the prompt
         // rows (the tensor-core kernel's) come after the decode rows, so their thousands of blocks, which
         // would only return, are not launched.
         let paged_end = rows.chunks(2).rposition(|r| r[0] != -2).map_or(0, |i| i + 1);
         let blocks = (paged_end * meta.num_kv_heads * hchunks).max(1);
         let max_chunks = max_len.div_ceil(ATTN_CHUNK);
-        let wanted = wanted_splits(blocks, max_chunks, self.attn_split_target * self.num_sms);
-        let chunks_per_split = max_chunks.div_ceil(wanted);
-        let splits = max_chunks.div_ceil(chunks_per_split);
-        // Unsplit: one fixed chunk count (2^24 chunks of 64 tokens, beyond any context), so the launch's
-        // arguments do not change as contexts grow and a decode step's CUDA graph stays valid.
-        let chunks_per_split = if splits == 1 { 1 << 24 } else { chunks_per_split };
+        let (splits, chunks_per_split) = split_plan(blocks, max_chunks, self.attn_split_target * self.num_sms);
         let part_bytes = if splits > 1 {
             (
                 n * meta.num_heads * splits * hd * 4,
@@ -524,27 +519,47 @@ impl CudaBackend {
 /// tokens: shorter splits cost more in each block's fixed work and the reduction than they win).
 const SPLIT_MIN_CHUNKS: usize = 16;
 
-/// How many splits to aim at for each row's context, for `blocks` blocks per split (rows × KV heads × head
-/// chunks), contexts of at most `max_chunks` chunks and `slots` resident blocks (one wave: the split target
-/// times the multiprocessors).
+/// The launch's splits (its grid's z) and the chunks of [`ATTN_CHUNK`] tokens in each, for `blocks` blocks
+/// per split (rows × KV heads × head chunks), contexts of at most `max_chunks` chunks and `slots` resident
+/// blocks (one wave: the split target times the multiprocessors). Each row then runs the splits its own
+/// context needs; its blocks of the splits past those return at once.
 ///
-/// - Fewer blocks than a wave: as many splits as keep them within one wave, rounding down (a batch that
-///   nearly fills the GPU keeps whole contexts: a split costs each block its fixed work and adds the
-///   reduction).
-/// - A wave or more: long contexts split when that fills the last wave better, by more than 5 points of
-///   the waves' occupancy per step up (64 rows of 4096 tokens at 8 KV heads, 512 blocks against 396 on the
-///   H200: one split fills its two waves to 65% and ran at 75% of the copy bandwidth, two fill three waves
-///   to 86% and ran at 87%, three fill four to 97% and ran at 93%: `cuda_bench
-///   decode_attention_benchmarks`, bench/NOTES.md session 18 calls 5-6). The longest context's parts keep
-///   at least [`SPLIT_MIN_CHUNKS`] chunks (a row's last part may be shorter), so a batch whose longest
-///   context is under 32 chunks (1985 tokens; the serving benchmark's are 512-768) never splits here.
-///   Unlike an unsplit step, a split step's launch changes as contexts grow, so its decode graph is
-///   captured again now and then.
-pub(super) fn wanted_splits(blocks: usize, max_chunks: usize, slots: usize) -> usize {
-    let (blocks, slots) = (blocks.max(1), slots.max(1));
-    if blocks < slots {
-        return (slots / blocks).clamp(1, max_chunks.max(1));
+/// - Fewer blocks than a wave: as many splits as one wave holds (rounding down), *whatever the contexts*,
+///   each of `max_chunks / splits` chunks rounded up. A batch that nearly fills the GPU keeps whole
+///   contexts (a split costs each block its fixed work and adds the reduction). The grid does not follow
+///   the longest context, so the launch, and with it a decode step's CUDA graph, changes only when that
+///   context crosses a multiple of `splits` chunks: for one row of 8 KV heads on the H200 (49 splits) once
+///   in 3136 tokens. (Before, the grid had one split a chunk up to 49, and a single stream's decode graph
+///   was captured again every 64 tokens: a step run eagerly and a capture each time.)
+/// - A wave or more: as [`wanted_splits`] says.
+/// - One split: a fixed chunk count (2^24 chunks, beyond any context), so the launch's arguments do not
+///   change as contexts grow.
+pub(super) fn split_plan(blocks: usize, max_chunks: usize, slots: usize) -> (usize, usize) {
+    let (blocks, slots, max_chunks) = (blocks.max(1), slots.max(1), max_chunks.max(1));
+    let splits = if blocks < slots {
+        slots / blocks
+    } else {
+        let wanted = wanted_splits(blocks, max_chunks, slots);
+        max_chunks.div_ceil(max_chunks.div_ceil(wanted))
+    };
+    if splits == 1 {
+        (1, 1 << 24)
+    } else {
+        (splits, max_chunks.div_ceil(splits))
     }
+}
+
+/// How many splits to aim at for each row's context when `blocks` blocks per split (rows × KV heads ×
+/// head chunks) fill at least one wave of `slots` resident blocks, for contexts of at most `max_chunks`
+/// chunks: long contexts split when that fills the last wave better, by more than 5 points of the waves'
+/// occupancy per step up (64 rows of 4096 tokens at 8 KV heads, 512 blocks against 396 on the H200: one
+/// split fills its two waves to 65% and ran at 75% of the copy bandwidth, two fill three waves to 86% and
+/// ran at 87%, three fill four to 97% and ran at 93%: `cuda_bench decode_attention_benchmarks`,
+/// bench/NOTES.md session 18 calls 5-6). The longest context's parts keep at least [`SPLIT_MIN_CHUNKS`]
+/// chunks (a row's last part may be shorter), so a batch whose longest context is under 32 chunks (1985
+/// tokens; the serving benchmark's are 512-768) never splits here. Such a split step's launch changes as
+/// contexts grow, so its decode graph is captured again now and then.
+fn wanted_splits(blocks: usize, max_chunks: usize, slots: usize) -> usize {
     #[allow(clippy::cast_precision_loss)]
     let filled = |s: usize| (blocks * s) as f64 / ((blocks * s).div_ceil(slots) * slots) as f64;
     let mut best = 1;
@@ -558,27 +573,62 @@ pub(super) fn wanted_splits(blocks: usize, max_chunks: usize, slots: usize) -> u
 
 #[cfg(test)]
 mod tests {
-    use super::wanted_splits;
+    use super::split_plan;
 
     /// The H200's one wave of the tensor-core kernel: 3 blocks on each of 132 multiprocessors.
     const WAVE: usize = 3 * 132;
+    const UNSPLIT: (usize, usize) = (1, 1 << 24);
 
     #[test]
     fn contexts_split_to_fill_waves() {
-        // Few rows: as many splits as fit one wave (8 rows x 8 KV heads: 6), never more than the chunks.
-        assert_eq!(wanted_splits(64, 512, WAVE), 6);
-        assert_eq!(wanted_splits(8, 10, WAVE), 10);
-        assert_eq!(wanted_splits(256, 10, WAVE), 1);
+        // Few rows: as many splits as fit one wave (8 rows x 8 KV heads: 6; one row: 49), whatever the
+        // contexts; each split takes its share of the longest.
+        assert_eq!(split_plan(64, 512, WAVE), (6, 86));
+        assert_eq!(split_plan(8, 10, WAVE), (49, 1));
+        assert_eq!(split_plan(8, 1, WAVE), (49, 1));
+        assert_eq!(split_plan(128, 10, WAVE), (3, 4));
+        // A batch that nearly fills the wave keeps whole contexts.
+        assert_eq!(split_plan(256, 10, WAVE), UNSPLIT);
         // A wave or more of short contexts: whole (the serving shapes: 86 and 128 rows of 640 tokens, 256 of
         // 1024).
-        assert_eq!(wanted_splits(688, 10, WAVE), 1);
-        assert_eq!(wanted_splits(1024, 10, WAVE), 1);
-        assert_eq!(wanted_splits(2048, 16, WAVE), 1);
+        assert_eq!(split_plan(688, 10, WAVE), UNSPLIT);
+        assert_eq!(split_plan(1024, 10, WAVE), UNSPLIT);
+        assert_eq!(split_plan(2048, 16, WAVE), UNSPLIT);
         // 64 rows of 4096 tokens: one split fills 65% of two waves, two 86% of three, three 97% of four.
-        assert_eq!(wanted_splits(512, 64, WAVE), 3);
+        assert_eq!(split_plan(512, 64, WAVE), (3, 22));
         // Splits of at least 16 chunks: 2048 tokens allow two.
-        assert_eq!(wanted_splits(512, 32, WAVE), 2);
+        assert_eq!(split_plan(512, 32, WAVE), (2, 16));
         // Already well filled: 396 blocks are exactly one wave.
-        assert_eq!(wanted_splits(WAVE, 512, WAVE), 1);
+        assert_eq!(split_plan(WAVE, 512, WAVE), UNSPLIT);
+    }
+
+    /// Every row's context is covered by the launch's splits, and a split past a row's context holds none
+    /// of it (the kernels return there).
+    #[test]
+    fn the_splits_cover_every_context() {
+        for blocks in [1, 8, 16, 64, 128, 200, 396, 512, 1024] {
+            for max_chunks in 1..300 {
+                let (splits, chunks) = split_plan(blocks, max_chunks, WAVE);
+                assert!(splits * chunks >= max_chunks, "{blocks} blocks, {max_chunks} chunks");
+                assert!(splits == 1 || (splits - 1) * chunks < max_chunks || blocks < WAVE);
+            }
+        }
+    }
+
+    /// The launch of a batch smaller than a wave stays the same while its longest context grows by up to
+    /// `splits` chunks, so a decode graph is captured again once in that many chunks, not at each: one
+    /// row of 8 KV heads keeps its launch from the first token to 3136 (49 chunks).
+    #[test]
+    fn a_growing_context_keeps_a_small_batch_launch() {
+        let launches = |blocks: usize, chunks: std::ops::RangeInclusive<usize>| {
+            let mut plans: Vec<_> = chunks.map(|c| split_plan(blocks, c, WAVE)).collect();
+            plans.dedup();
+            plans.len()
+        };
+        assert_eq!(launches(8, 1..=49), 1);
+        assert_eq!(launches(8, 1..=98), 2);
+        // 8 rows (6 splits): a change each 6 chunks (384 tokens) over a 256-token decode at most once.
+        assert_eq!(launches(64, 8..=12), 1);
+        assert_eq!(launches(64, 12..=13), 2);
     }
 }
