@@ -344,10 +344,12 @@ impl CudaBackend {
         let blocks = (paged_end * meta.num_kv_heads * hchunks).max(1);
         let max_chunks = max_len.div_ceil(ATTN_CHUNK);
         let (splits, chunks_per_split) = split_plan(blocks, max_chunks, self.attn_split_target * self.num_sms);
+        // The split rows' partial outputs: only the paged kernel's rows (the grid's x), not a mixed step's
+        // prompt rows after them, whose thousands of rows times a wave's splits would not fit the device.
         let part_bytes = if splits > 1 {
             (
-                n * meta.num_heads * splits * hd * 4,
-                n * meta.num_heads * splits * 2 * 4,
+                paged_end * meta.num_heads * splits * hd * 4,
+                paged_end * meta.num_heads * splits * 2 * 4,
             )
         } else {
             (0, 0)
@@ -532,11 +534,14 @@ const SPLIT_MIN_CHUNKS: usize = 16;
 ///   in 3136 tokens. (Before, the grid had one split a chunk up to 49, and a single stream's decode graph
 ///   was captured again every 64 tokens: a step run eagerly and a capture each time.)
 /// - A wave or more: as [`wanted_splits`] says.
+/// - No context past one chunk (say, a step of prompt rows only, which another kernel takes): one split.
 /// - One split: a fixed chunk count (2^24 chunks, beyond any context), so the launch's arguments do not
 ///   change as contexts grow.
 pub(super) fn split_plan(blocks: usize, max_chunks: usize, slots: usize) -> (usize, usize) {
     let (blocks, slots, max_chunks) = (blocks.max(1), slots.max(1), max_chunks.max(1));
-    let splits = if blocks < slots {
+    let splits = if max_chunks == 1 {
+        1
+    } else if blocks < slots {
         slots / blocks
     } else {
         let wanted = wanted_splits(blocks, max_chunks, slots);
@@ -585,7 +590,10 @@ mod tests {
         // contexts; each split takes its share of the longest.
         assert_eq!(split_plan(64, 512, WAVE), (6, 86));
         assert_eq!(split_plan(8, 10, WAVE), (49, 1));
-        assert_eq!(split_plan(8, 1, WAVE), (49, 1));
+        assert_eq!(split_plan(8, 2, WAVE), (49, 1));
+        // No context past one chunk (and no paged rows at all: a prompt-only step): one split.
+        assert_eq!(split_plan(8, 1, WAVE), UNSPLIT);
+        assert_eq!(split_plan(1, 1, WAVE), UNSPLIT);
         assert_eq!(split_plan(128, 10, WAVE), (3, 4));
         // A batch that nearly fills the wave keeps whole contexts.
         assert_eq!(split_plan(256, 10, WAVE), UNSPLIT);
@@ -625,8 +633,10 @@ mod tests {
             plans.dedup();
             plans.len()
         };
-        assert_eq!(launches(8, 1..=49), 1);
-        assert_eq!(launches(8, 1..=98), 2);
+        assert_eq!(launches(8, 2..=49), 1);
+        assert_eq!(launches(8, 2..=98), 2);
+        // Past the first chunk once: from unsplit to split.
+        assert_eq!(launches(8, 1..=49), 2);
         // 8 rows (6 splits): a change each 6 chunks (384 tokens) over a 256-token decode at most once.
         assert_eq!(launches(64, 8..=12), 1);
         assert_eq!(launches(64, 12..=13), 2);
