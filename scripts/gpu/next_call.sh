@@ -9,6 +9,7 @@
 #   bash scripts/gpu/next_call.sh expand   # ~450 s: the expand's reduction form (run in session 24: stays off)
 #   bash scripts/gpu/next_call.sh profile  # ~250 s: what a prompt chunk's LoRA costs, kernel by kernel (session 27)
 #   bash scripts/gpu/next_call.sh graphs-bench  # ~340 s: graphs, golden and e2e, then `bench` (session 27)
+#   bash scripts/gpu/next_call.sh fuse     # ~350 s: the o expand inside the norm (session 28), checked and timed
 #
 # Record in the call's bench/results/<date>-<session>-<n>/call.sh the commit of this script (`git show
 # COMMIT:scripts/gpu/next_call.sh` gives it back), the command and the binaries' commit, beside what it printed.
@@ -25,6 +26,11 @@
 # `profile`: ncu kernel times (2 layers) of the peft workload's mixed step without and with 8 adapters
 # round-robin (64 decode rows and eight 512-token prompts: m64x8, m64x8-a8) and of a 1000-token prompt, the
 # adapters' step in detail, then the same mixed steps with all 32 layers, eager.
+# `fuse`: `lora_step_matches_cpu` (the o expand inside the norm against the expand then add_rms_norm, and both
+# against the CPU), 32-layer eager steps of b128-identical, b128-a8 and b128-distinct with
+# LORAX_CUDA_LORA_FUSE=0 and 1, twice, interleaved; then run.sh's golden and e2e with it on (the
+# served adapters against transformers + peft). Turn it on by default only if every LoRA step is faster in
+# both rounds and the tests pass.
 # `graphs-bench`: run.sh's graphs (graphs against eager steps, bit for bit; step times; a shrinking batch with
 # graphs captured at the first and at the second step of their signature), golden and e2e steps, then as
 # `bench`. Its summary prints the shard's start-up decode warm-up line and the slow decode steps by how
@@ -33,7 +39,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|fuse}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -76,6 +82,23 @@ profile)
     done
     lap steps
     ;;
+fuse)
+    LORAX_CUDA_LORA_FUSE=1 timeout 120 "$bin/cuda_kernels" lora_step_matches_cpu --nocapture --test-threads 1 \
+        >"$R/kernels-lora-step.txt" 2>&1
+    echo "rc $?" >>"$R/kernels-lora-step.txt"
+    lap lora-step
+    for round in 1 2; do
+        for x in b128-identical b128-a8 b128-distinct; do
+            profile_step "$x" "sep-$round" LORAX_CUDA_LORA_FUSE=0
+            profile_step "$x" "fused-$round" LORAX_CUDA_LORA_FUSE=1
+        done
+    done
+    lap steps
+    LORAX_CUDA_LORA_FUSE=1 RUN_SKIP="nvrtc kernels graphs adapters sampling bench chunked" timeout 200 scripts/gpu/run.sh \
+        "$R/run-fused" "$bin" >"$R/run-fused.txt" 2>&1
+    echo "rc $?" >>"$R/run-fused.txt"
+    lap run-fused
+    ;;
 graphs-bench | bench)
     if [ "$part" = graphs-bench ]; then
         RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
@@ -91,7 +114,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand or profile)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile or fuse)" >&2
     exit 2
     ;;
 esac
