@@ -10,6 +10,7 @@
 #   bash scripts/gpu/next_call.sh profile  # ~250 s: what a prompt chunk's LoRA costs, kernel by kernel (session 27)
 #   bash scripts/gpu/next_call.sh graphs-bench  # ~340 s: graphs, golden and e2e, then `bench` (session 27)
 #   bash scripts/gpu/next_call.sh fuse     # ~350 s: the o expand inside the norm (session 28), checked and timed
+#   bash scripts/gpu/next_call.sh round    # ~500 s: graphs, e2e, `fuse` in short, then bench.sh (session 28)
 #
 # Record in the call's bench/results/<date>-<session>-<n>/call.sh the commit of this script (`git show
 # COMMIT:scripts/gpu/next_call.sh` gives it back), the command and the binaries' commit, beside what it printed.
@@ -39,7 +40,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|fuse}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|fuse|round}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -82,6 +83,31 @@ profile)
     done
     lap steps
     ;;
+round)
+    # One call for a session with little device time left (session 28): graphs and e2e (golden skipped),
+    # the fused o expand checked and timed once each way, e2e with it on, then the whole bench (default
+    # settings).
+    RUN_SKIP="nvrtc kernels golden adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
+        >"$R/run.txt" 2>&1
+    echo "rc $?" >>"$R/run.txt"
+    lap run
+    LORAX_CUDA_LORA_FUSE=1 timeout 60 "$bin/cuda_kernels" lora_step_matches_cpu --nocapture --test-threads 1 \
+        >"$R/kernels-lora-step.txt" 2>&1
+    echo "rc $?" >>"$R/kernels-lora-step.txt"
+    lap lora-step
+    for x in b128-identical b128-distinct; do
+        profile_step "$x" sep LORAX_CUDA_LORA_FUSE=0
+        profile_step "$x" fused LORAX_CUDA_LORA_FUSE=1
+    done
+    lap steps
+    LORAX_CUDA_LORA_FUSE=1 RUN_SKIP="nvrtc kernels golden graphs adapters sampling bench chunked" timeout 60 \
+        scripts/gpu/run.sh "$R/run-fused" "$bin" >"$R/run-fused.txt" 2>&1
+    echo "rc $?" >>"$R/run-fused.txt"
+    lap run-fused
+    BENCH_TIMEOUT=330 BENCH_PEFT_BUDGET=120 timeout 340 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
+    echo "rc $?" >>"$R/bench.txt"
+    lap bench
+    ;;
 fuse)
     LORAX_CUDA_LORA_FUSE=1 timeout 120 "$bin/cuda_kernels" lora_step_matches_cpu --nocapture --test-threads 1 \
         >"$R/kernels-lora-step.txt" 2>&1
@@ -114,7 +140,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile or fuse)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, fuse or round)" >&2
     exit 2
     ;;
 esac
