@@ -126,8 +126,9 @@ struct RowLora {
     int rank;
 };
 
-// x[c] + scale * t . B[c, :rank] as f32, rounded to the storage type: bgmv_expand_ix's arithmetic (the dot
-// product in rank order, then one rounding of the sum).
+// x[c] + scale * t . B[c, :rank] as f32, rounded to the storage type: the default bgmv_expand_ix's arithmetic
+// (the dot product in rank order, then one rounding of the sum; its LORA_EXPAND_RED=1 form rounds the product
+// first, so with that define the o terms round once here and twice in q/k/v).
 __device__ __forceinline__ float row_lora_col(const RowLora& l, int c, float xv) {
     float acc = 0.f;
     const T* b = l.B + (u64)c * l.rank;

@@ -341,7 +341,7 @@ impl CudaBackend {
         // rows (the tensor-core kernel's) come after the decode rows, so their thousands of blocks, which
         // would only return, are not launched.
         let paged_end = rows.chunks(2).rposition(|r| r[0] != -2).map_or(0, |i| i + 1);
-        let blocks = (paged_end * meta.num_kv_heads * hchunks).max(1);
+        let blocks = paged_end * meta.num_kv_heads * hchunks;
         let max_chunks = max_len.div_ceil(ATTN_CHUNK);
         let (splits, chunks_per_split) = split_plan(blocks, max_chunks, self.attn_split_target * self.num_sms);
         // The split rows' partial outputs: only the paged kernel's rows (the grid's x), not a mixed step's
@@ -534,12 +534,14 @@ const SPLIT_MIN_CHUNKS: usize = 16;
 ///   in 3136 tokens. (Before, the grid had one split a chunk up to 49, and a single stream's decode graph
 ///   was captured again every 64 tokens: a step run eagerly and a capture each time.)
 /// - A wave or more: as [`wanted_splits`] says.
-/// - No context past one chunk (say, a step of prompt rows only, which another kernel takes): one split.
+/// - No blocks (a step of prompt rows only, which the prefill kernel takes): one split. (Splitting a small
+///   batch's short contexts too, rather than only those past one chunk, keeps a new stream's launch the same
+///   from its first decode step; its partials stay within a wave's worth, being sized by the paged rows.)
 /// - One split: a fixed chunk count (2^24 chunks, beyond any context), so the launch's arguments do not
 ///   change as contexts grow.
 pub(super) fn split_plan(blocks: usize, max_chunks: usize, slots: usize) -> (usize, usize) {
-    let (blocks, slots, max_chunks) = (blocks.max(1), slots.max(1), max_chunks.max(1));
-    let splits = if max_chunks == 1 {
+    let (slots, max_chunks) = (slots.max(1), max_chunks.max(1));
+    let splits = if blocks == 0 {
         1
     } else if blocks < slots {
         slots / blocks
@@ -591,9 +593,10 @@ mod tests {
         assert_eq!(split_plan(64, 512, WAVE), (6, 86));
         assert_eq!(split_plan(8, 10, WAVE), (49, 1));
         assert_eq!(split_plan(8, 2, WAVE), (49, 1));
-        // No context past one chunk (and no paged rows at all: a prompt-only step): one split.
-        assert_eq!(split_plan(8, 1, WAVE), UNSPLIT);
-        assert_eq!(split_plan(1, 1, WAVE), UNSPLIT);
+        assert_eq!(split_plan(8, 1, WAVE), (49, 1));
+        // No paged rows at all (a prompt-only step): one split.
+        assert_eq!(split_plan(0, 1, WAVE), UNSPLIT);
+        assert_eq!(split_plan(0, 40, WAVE), UNSPLIT);
         assert_eq!(split_plan(128, 10, WAVE), (3, 4));
         // A batch that nearly fills the wave keeps whole contexts.
         assert_eq!(split_plan(256, 10, WAVE), UNSPLIT);
@@ -633,10 +636,8 @@ mod tests {
             plans.dedup();
             plans.len()
         };
-        assert_eq!(launches(8, 2..=49), 1);
-        assert_eq!(launches(8, 2..=98), 2);
-        // Past the first chunk once: from unsplit to split.
-        assert_eq!(launches(8, 1..=49), 2);
+        assert_eq!(launches(8, 1..=49), 1);
+        assert_eq!(launches(8, 1..=98), 2);
         // 8 rows (6 splits): a change each 6 chunks (384 tokens) over a 256-token decode at most once.
         assert_eq!(launches(64, 8..=12), 1);
         assert_eq!(launches(64, 12..=13), 2);

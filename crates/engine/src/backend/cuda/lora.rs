@@ -156,8 +156,8 @@ impl std::fmt::Debug for CudaLoraIndex {
 pub struct CudaLoraStep {
     table: DevBuf,
     /// Each row's adapter index (its `LoraRef` table's address; 0: no adapter), for the kernels that take a
-    /// row's pair by row rather than by record (`add_rms_norm_lora`).
-    row_index: DevBuf,
+    /// row's pair by row rather than by record (`add_rms_norm_lora`); uploaded only when that fusion is on.
+    row_index: Option<DevBuf>,
     records: usize,
     rows: usize,
     rmax: usize,
@@ -281,17 +281,22 @@ impl CudaBackend {
         if recs.is_empty() || rmax > BG_RANK {
             return Ok(None);
         }
-        let mut row_index = vec![0u64; rows];
-        for rc in &recs {
-            let start = rc.start as usize;
-            row_index[start..start + rc.len as usize].fill(rc.index);
-        }
+        let row_index = if self.lora_fuse_norm {
+            let mut index = vec![0u64; rows];
+            for rc in &recs {
+                let start = rc.start as usize;
+                index[start..start + rc.len as usize].fill(rc.index);
+            }
+            Some(self.upload(&index)?)
+        } else {
+            None
+        };
         // Padded with empty records to a power of two, so that a decode graph's grids stay the same while
         // the batch's mix of adapters changes within that bound.
         recs.resize(recs.len().next_power_of_two(), LoraRec::default());
         Ok(Some(CudaLoraStep {
             table: self.upload(&recs)?,
-            row_index: self.upload(&row_index)?,
+            row_index,
             records: recs.len(),
             rows,
             rmax,
@@ -491,6 +496,11 @@ impl CudaBackend {
             [(target, 0)] => lora.step.dims[target.index()].is_none_or(|(_, cols)| cols == h),
             _ => false,
         };
+        let Some(row_index) = &lora.step.row_index else {
+            // A plan made while the fusion was off.
+            self.lora_step_layer(y, lora.x, lora.step, lora.layer, lora.parts, true)?;
+            return self.add_rms_norm(residual, y, w, eps);
+        };
         if !whole || y.shape != residual.shape || w.numel() != h || m == 0 || h == 0 {
             self.lora_step_layer(y, lora.x, lora.step, lora.layer, lora.parts, true)?;
             return self.add_rms_norm(residual, y, w, eps);
@@ -508,7 +518,7 @@ impl CudaBackend {
             self.ptr(&w.buf),
             int("hidden", h)?,
         );
-        let (rows_p, tp, prow) = (self.ptr(&lora.step.row_index), self.ptr(&shrunk.tmp), 0i32);
+        let (rows_p, tp, prow) = (self.ptr(row_index), self.ptr(&shrunk.tmp), 0i32);
         launch!(
             self,
             "add_rms_norm_lora",
