@@ -128,8 +128,10 @@ static int run_block_size(const int bs) {
         {"paged_attention_128_4_tc", paged_attention_128_4_tc, 4}, {"paged_attention_128_2_tc", paged_attention_128_2_tc, 2},
         {"paged_attention_128_8_tc", paged_attention_128_8_tc, 8},
     };
-    // Unsplit (the fixed chunk count of graph-captured steps), 2 chunks per split, 1 chunk per split.
-    for (auto [cps, splits] : {std::pair{1 << 24, 1}, std::pair{2, 5}, std::pair{1, 9}}) {
+    // Unsplit (the fixed chunk count of graph-captured steps), 2 chunks per split, 1 chunk per split, and
+    // more splits than any row needs (split_plan gives a small batch a wave's worth whatever its contexts:
+    // the splits past a row's own return at once).
+    for (auto [cps, splits] : {std::pair{1 << 24, 1}, std::pair{2, 5}, std::pair{1, 9}, std::pair{1, 16}}) {
         for (auto& k : ks) {
             char nm[96];
             for (bool fused : {false, true}) {
@@ -185,7 +187,7 @@ static int run_block_size(const int bs) {
             {"paged_attention_128_4_tcr", paged_attention_128_4_tcr, 4},
             {"paged_attention_128_8_tcr", paged_attention_128_8_tcr, 8},
         };
-        for (auto [cps, splits] : {std::pair{1 << 24, 1}, std::pair{2, 5}, std::pair{1, 9}}) {
+        for (auto [cps, splits] : {std::pair{1 << 24, 1}, std::pair{2, 5}, std::pair{1, 9}, std::pair{1, 16}}) {
             for (auto& k : rks) {
                 std::vector<T> Kc = K0, Vc = V0, out(n * heads * HD, (T)0x7fc1);
                 std::vector<float> po((size_t)n * heads * splits * HD, NAN), pml((size_t)n * heads * splits * 2, NAN);
