@@ -323,19 +323,3 @@ __device__ __forceinline__ u32x4 to_vec(const float* v) {
     return {pack_f(v[0], v[1]), pack_f(v[2], v[3]), pack_f(v[4], v[5]), pack_f(v[6], v[7])};
 #endif
 }
-
-// The LoRA targets of an adapter's index (crates/engine/src/lora.rs `Target`: q, k, v, o, gate, up, down).
-#define LORA_TARGETS 7
-// Highest rank of the decode LoRA kernels (lora.rs BG_RANK).
-#define LORA_MAX_RANK 64
-
-// One (layer, target)'s LoRA pair in an adapter's index, a table LoraRef[layers][LORA_TARGETS] written when
-// the adapter is uploaded (lora.cu's decode kernels; add_rms_norm_lora of elementwise.cu).
-struct LoraRef {
-    u64 a;      // lora_A [rank, in], or 0: no pair for this (layer, target)
-    u64 b;      // lora_B [cols, rank]
-    int rank;
-    float scale;
-    int cols;
-    int pad;
-};

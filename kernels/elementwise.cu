@@ -117,58 +117,16 @@ extern "C" __global__ void rms_norm(T* __restrict__ out, const T* __restrict__ x
     rms_norm_row(out + r * h, x + r * h, w, h, eps);
 }
 
-// One row's LoRA terms for add_rms_norm_lora: x[c] + scale * t . B[c, :rank] (t in shared memory); rank 0:
-// none.
-struct RowLora {
-    const T* B;
-    const float* t;
-    float scale;
-    int rank;
-};
-
-// x[c] + scale * t . B[c, :rank] as f32, rounded to the storage type: the default bgmv_expand_ix's arithmetic
-// (the dot product in rank order, then one rounding of the sum; its LORA_EXPAND_RED=1 form rounds the product
-// first, so with that define the o terms round once here and twice in q/k/v).
-__device__ __forceinline__ float row_lora_col(const RowLora& l, int c, float xv) {
-    float acc = 0.f;
-    const T* b = l.B + (u64)c * l.rank;
-    for (int j = 0; j < l.rank; ++j) acc += l.t[j] * to_f(b[j]);
-    return to_f(from_f(xv + l.scale * acc));
-}
-
-// The same for the VEC columns c0 .. of a 16-byte vector: their B rows lie end to end (VEC * rank elements),
-// read 16 bytes at a time when rank is whole vectors.
-__device__ __forceinline__ void row_lora_vec(const RowLora& l, int c0, float (&xv)[VEC]) {
-    if (l.rank % VEC != 0) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) xv[e] = row_lora_col(l, c0 + e, xv[e]);
-        return;
-    }
-    const int per = l.rank / VEC;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-        const T* bc = l.B + (u64)(c0 + e) * l.rank;
-        float acc = 0.f;
-#pragma unroll
-        for (int m = 0; m < LORA_MAX_RANK / VEC; ++m) {
-            if (m >= per) break;
-            const u32x4 raw = load_stream(bc + m * VEC);
-            const T* be = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) acc += l.t[m * VEC + i] * to_f(be[i]);
-        }
-        xv[e] = to_f(from_f(xv[e] + l.scale * acc));
-    }
-}
-
-// residual += x (rounded to the storage type, as the residual stream is stored), then out = RMSNorm(residual);
-// with LORA, x's row first gets its LoRA terms (row_lora_*). Each thread re-reads only the residual elements
-// it wrote itself, so no barrier is needed between the passes besides the reduction's.
-template <bool LORA>
-__device__ __forceinline__ void add_rms_norm_row(T* __restrict__ out, T* __restrict__ res, const T* __restrict__ xr,
-                                                 const T* __restrict__ w, int h, float eps, const RowLora& l) {
-    const bool lora = LORA && l.rank > 0;
-    if (row_vec_fits(h) && vec_ok(out, res, xr, w, h)) {
+// residual += x (rounded to the storage type, as the residual stream is stored), then out = RMSNorm(residual).
+// Each thread re-reads only the residual elements it wrote itself, so no barrier is needed between the
+// passes besides the reduction's.
+extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
+                                        const T* __restrict__ w, int h, float eps) {
+    pdl_enter();
+    const u64 r = blockIdx.x;
+    T* res = residual + r * h;
+    const T* xr = x + r * h;
+    if (row_vec_fits(h) && vec_ok(out + r * h, res, xr, w, h)) {
         float a[ROW_NV][VEC], b[ROW_NV][VEC];
         load_row_vec(a, res, h);
         load_row_vec(b, xr, h);
@@ -176,61 +134,17 @@ __device__ __forceinline__ void add_rms_norm_row(T* __restrict__ out, T* __restr
         for (int j = 0; j < ROW_NV; ++j) {
             const int v = threadIdx.x + j * blockDim.x;
             if (v < h / VEC) {
-                if (lora) row_lora_vec(l, v * VEC, b[j]);
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) a[j][e] += b[j][e];
                 reinterpret_cast<u32x4*>(res)[v] = to_vec(a[j]);
                 round_vec(a[j]);
             }
         }
-        rms_norm_vec(out, a, w, h, eps);
+        rms_norm_vec(out + r * h, a, w, h, eps);
         return;
     }
-    for (int c = threadIdx.x; c < h; c += blockDim.x) {
-        const float xv = lora ? row_lora_col(l, c, to_f(xr[c])) : to_f(xr[c]);
-        res[c] = from_f(to_f(res[c]) + xv);
-    }
-    rms_norm_row(out, res, w, h, eps);
-}
-
-extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
-                                        const T* __restrict__ w, int h, float eps) {
-    pdl_enter();
-    const u64 r = blockIdx.x;
-    add_rms_norm_row<false>(out + r * h, residual + r * h, x + r * h, w, h, eps, RowLora{});
-}
-
-// add_rms_norm of a projection's output x whose LoRA expand is done here rather than by bgmv_expand_ix
-// (a planned decode step's o projection on one rank: crates/engine/src/backend/cuda/lora.rs
-// `lora_norm_fused`), so that kernel is not launched. bgmv_shrink_ix has left the row's intermediate as
-// k-chunk partials, tmp[(c * pstride + prow + row) * rmax + j] for c < ks; row_index[row] is the row's
-// adapter index (0: no adapter) and `slot` the (layer, target) to look up in it. Each element of x becomes
-// x + scale * t . B[col, :r], rounded to the storage type, with bgmv_expand_ix's sums (t: the partials added
-// in chunk order from 0; the dot product in rank order), then the residual add and the norm run as in
-// add_rms_norm. A row whose adapter has no such pair is add_rms_norm's.
-// At most 512 threads a block (the host's row_threads): without the bound ptxas took 130 registers a thread in
-// bf16, more than a 512-thread block can have.
-extern "C" __global__ void __launch_bounds__(512)
-    add_rms_norm_lora(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x, const T* __restrict__ w,
-                      int h, float eps, const u64* __restrict__ row_index, const float* __restrict__ tmp, int slot,
-                      int pstride, int prow, int rmax, int ks) {
-    __shared__ float t_s[LORA_MAX_RANK];
-    const u64 r = blockIdx.x;
-    // The row's pair, before the wait: indexes and adapter weights are written by no kernel.
-    const u64 index = row_index[r];
-    LoraRef ref = {};
-    if (index != 0) ref = reinterpret_cast<const LoraRef*>(index)[slot];
-    const RowLora l = {reinterpret_cast<const T*>(ref.b), t_s, ref.scale,
-                       ref.a != 0 && ref.cols == h ? ref.rank : 0};
-    pdl_enter();
-    for (int j = threadIdx.x; j < l.rank; j += blockDim.x) {
-        const float* e = tmp + ((u64)prow + r) * rmax + j;
-        float sum = 0.f;
-        for (int c = 0; c < ks; ++c) sum += e[(u64)c * pstride * rmax];
-        t_s[j] = sum;
-    }
-    __syncthreads();
-    add_rms_norm_row<true>(out + r * h, residual + r * h, x + r * h, w, h, eps, l);
+    for (int c = threadIdx.x; c < h; c += blockDim.x) res[c] = from_f(to_f(res[c]) + to_f(xr[c]));
+    rms_norm_row(out + r * h, res, w, h, eps);
 }
 
 // The attention inputs of a fused q/k/v projection row [q_dim | kv_dim | kv_dim]: rotary embedding of the
@@ -424,16 +338,7 @@ extern "C" __global__ void convert_in(T* __restrict__ out, const void* __restric
         } else {
             const unsigned short h = reinterpret_cast<const unsigned short*>(in)[i];
             if (kind == 1) {
-#if defined(LORAX_EMU)
-                // The CPU emulation (tests/emu) has no cvt: binary16 widened by hand, exactly.
-                const u32 sign = (u32)(h >> 15) << 31, ex = (h >> 10) & 31u, man = h & 1023u;
-                if (ex == 0)
-                    v = (sign ? -1.f : 1.f) * (float)man * 5.9604644775390625e-8f;
-                else
-                    v = __uint_as_float(sign | (ex == 31 ? 0x7f800000u : (ex + 112u) << 23) | (man << 13));
-#else
                 asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
-#endif
             } else {
                 v = __uint_as_float(((u32)h) << 16);
             }

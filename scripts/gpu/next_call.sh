@@ -9,8 +9,7 @@
 #   bash scripts/gpu/next_call.sh expand   # ~450 s: the expand's reduction form (run in session 24: stays off)
 #   bash scripts/gpu/next_call.sh profile  # ~250 s: what a prompt chunk's LoRA costs, kernel by kernel (session 27)
 #   bash scripts/gpu/next_call.sh graphs-bench  # ~340 s: graphs, golden and e2e, then `bench` (session 27)
-#   bash scripts/gpu/next_call.sh fuse     # ~350 s: the o expand inside the norm (session 28), checked and timed
-#   bash scripts/gpu/next_call.sh round    # ~500 s: graphs, e2e, `fuse` in short, then bench.sh (session 28)
+#   bash scripts/gpu/next_call.sh round    # ~450 s: graphs and e2e, then bench.sh (session 28)
 #
 # Record in the call's bench/results/<date>-<session>-<n>/call.sh the commit of this script (`git show
 # COMMIT:scripts/gpu/next_call.sh` gives it back), the command and the binaries' commit, beside what it printed.
@@ -27,11 +26,6 @@
 # `profile`: ncu kernel times (2 layers) of the peft workload's mixed step without and with 8 adapters
 # round-robin (64 decode rows and eight 512-token prompts: m64x8, m64x8-a8) and of a 1000-token prompt, the
 # adapters' step in detail, then the same mixed steps with all 32 layers, eager.
-# `fuse`: `lora_step_matches_cpu` (the o expand inside the norm against the expand then add_rms_norm, and both
-# against the CPU), 32-layer eager steps of b128-identical, b128-a8 and b128-distinct with
-# LORAX_CUDA_LORA_FUSE=0 and 1, twice, interleaved; then run.sh's golden and e2e with it on (the
-# served adapters against transformers + peft). Turn it on by default only if every LoRA step is faster in
-# both rounds and the tests pass.
 # `graphs-bench`: run.sh's graphs (graphs against eager steps, bit for bit; step times; a shrinking batch with
 # graphs captured at the first and at the second step of their signature), golden and e2e steps, then as
 # `bench`. Its summary prints the shard's start-up decode warm-up line and the slow decode steps by how
@@ -40,7 +34,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|fuse|round}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -85,45 +79,15 @@ profile)
     ;;
 round)
     # One call for a session with little device time left (session 28): graphs and e2e (golden skipped),
-    # the fused o expand checked and timed once each way, e2e with it on, then the whole bench (default
-    # settings).
+    # then the whole bench. (Session 28's call 2 also timed the o LoRA expand inside the norm, since
+    # removed: `git show e20fd8e:scripts/gpu/next_call.sh`.)
     RUN_SKIP="nvrtc kernels golden adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
         >"$R/run.txt" 2>&1
     echo "rc $?" >>"$R/run.txt"
     lap run
-    LORAX_CUDA_LORA_FUSE=1 timeout 60 "$bin/cuda_kernels" lora_step_matches_cpu --nocapture --test-threads 1 \
-        >"$R/kernels-lora-step.txt" 2>&1
-    echo "rc $?" >>"$R/kernels-lora-step.txt"
-    lap lora-step
-    for x in b128-identical b128-distinct; do
-        profile_step "$x" sep LORAX_CUDA_LORA_FUSE=0
-        profile_step "$x" fused LORAX_CUDA_LORA_FUSE=1
-    done
-    lap steps
-    LORAX_CUDA_LORA_FUSE=1 RUN_SKIP="nvrtc kernels golden graphs adapters sampling bench chunked" timeout 60 \
-        scripts/gpu/run.sh "$R/run-fused" "$bin" >"$R/run-fused.txt" 2>&1
-    echo "rc $?" >>"$R/run-fused.txt"
-    lap run-fused
     BENCH_TIMEOUT=330 BENCH_PEFT_BUDGET=120 timeout 340 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
     echo "rc $?" >>"$R/bench.txt"
     lap bench
-    ;;
-fuse)
-    LORAX_CUDA_LORA_FUSE=1 timeout 120 "$bin/cuda_kernels" lora_step_matches_cpu --nocapture --test-threads 1 \
-        >"$R/kernels-lora-step.txt" 2>&1
-    echo "rc $?" >>"$R/kernels-lora-step.txt"
-    lap lora-step
-    for round in 1 2; do
-        for x in b128-identical b128-a8 b128-distinct; do
-            profile_step "$x" "sep-$round" LORAX_CUDA_LORA_FUSE=0
-            profile_step "$x" "fused-$round" LORAX_CUDA_LORA_FUSE=1
-        done
-    done
-    lap steps
-    LORAX_CUDA_LORA_FUSE=1 RUN_SKIP="nvrtc kernels graphs adapters sampling bench chunked" timeout 200 scripts/gpu/run.sh \
-        "$R/run-fused" "$bin" >"$R/run-fused.txt" 2>&1
-    echo "rc $?" >>"$R/run-fused.txt"
-    lap run-fused
     ;;
 graphs-bench | bench)
     if [ "$part" = graphs-bench ]; then
@@ -140,7 +104,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, fuse or round)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile or round)" >&2
     exit 2
     ;;
 esac

@@ -5,7 +5,7 @@
 //! keys/values into the paged cache, attends over each sequence's whole cached context, and returns
 //! logits only for the rows asked for (usually the last new token of each sequence).
 
-use crate::backend::{AttnMeta, AttnSeq, Backend, LoraLayer, LoraRows, LoraSegment, NO_SLOT};
+use crate::backend::{AttnMeta, AttnSeq, Backend, LoraRows, LoraSegment, NO_SLOT};
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -440,25 +440,9 @@ impl<B: Backend> Model<B> {
                 &input.slots,
                 &meta,
             )?;
-            let h2 = match &lora_step {
-                // One rank with a planned step: the backend may add the o projection's LoRA terms inside the
-                // norm that reads it.
-                Some(step) if comm.world_size() == 1 => {
-                    let mut attn_out = layer.o.forward(backend, &attn)?;
-                    let lora = LoraLayer {
-                        x: &attn,
-                        step,
-                        layer: i,
-                        parts: &[(Target::O, 0)],
-                    };
-                    backend.add_rms_norm_after_lora(&mut residual, &mut attn_out, lora, &layer.post_norm, eps)?
-                }
-                _ => {
-                    let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
-                    backend.all_reduce_sum(&mut attn_out, comm)?;
-                    backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?
-                }
-            };
+            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
+            backend.all_reduce_sum(&mut attn_out, comm)?;
+            let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
             let gate_up = project(
                 &layer.gate_up,
                 &h2,

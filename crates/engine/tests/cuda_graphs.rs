@@ -133,13 +133,18 @@ fn schedule(e: &mut Engine<CudaBackend>, adapters: &[String]) -> Trace {
     trace
 }
 
-#[test]
-fn decode_steps_through_graphs_equal_eager_steps() {
-    if backend(DType::BF16).is_none() {
-        return;
-    }
+/// The folder of the small test model (3 layers, 8 heads over 2 KV heads), or `None` after printing why
+/// the test is skipped (no device).
+fn small_model() -> Option<tempfile::TempDir> {
+    backend(DType::BF16)?;
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), 512, 1024, 3, 8, 2, 4096);
+    Some(dir)
+}
+
+#[test]
+fn decode_steps_through_graphs_equal_eager_steps() {
+    let Some(dir) = small_model() else { return };
     let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
     let keys: Vec<String> = (0..3).map(|i| format!("a{i}")).collect();
     for (i, k) in keys.iter().enumerate() {
@@ -226,11 +231,7 @@ fn decode_steps_through_graphs_equal_eager_steps() {
 /// chunk, and each chunk's first step ran eagerly and its second captured a graph. Tokens equal eager steps'.
 #[test]
 fn a_single_stream_keeps_its_graph_as_its_context_grows() {
-    if backend(DType::BF16).is_none() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), 512, 1024, 3, 8, 2, 4096);
+    let Some(dir) = small_model() else { return };
     let steps = 220;
     let mut traces = Vec::new();
     for graphs in [false, true] {

@@ -1029,7 +1029,7 @@ fn lora_sgmv_matches_cpu() {
 #[test]
 #[allow(clippy::needless_range_loop)]
 fn lora_step_matches_cpu() {
-    use lorax_engine::backend::{LoraLayer, LoraRows};
+    use lorax_engine::backend::LoraRows;
     use lorax_engine::lora::{DeviceAdapter, LoraWeights, Target, NUM_TARGETS};
     let mut rng = Rng(seed("lora step"));
     // h = 2560: the k-split shrink takes 3 chunks of 1024 (the last half a group) in bf16/f16, 5 of 512 in f32.
@@ -1051,7 +1051,7 @@ fn lora_step_matches_cpu() {
     let rows = [(0, 1), (1, 5), (8, 32), (40, 3)];
     let n = 43;
     for dt in DTYPES {
-        let Some(mut g) = gpu(dt) else { return };
+        let Some(g) = gpu(dt) else { return };
         say(&format!("{dt:?} lora step plan"));
         // The CPU copies of each adapter's pairs, and the adapters on the GPU.
         let mut cpu: Vec<Vec<CpuLayer>> = Vec::new();
@@ -1128,44 +1128,6 @@ fn lora_step_matches_cpu() {
                 let d_got: Vec<f32> = got.iter().zip(&before).map(|(a, b)| a - b).collect();
                 let d_want: Vec<f32> = y.cpu.data.iter().zip(&before).map(|(a, b)| a - b).collect();
                 check(&what, &d_got, &d_want, tol(dt));
-                if parts == [(Target::O, 0)] {
-                    // The o expand inside the norm (`add_rms_norm_lora`) against the expand, then add_rms_norm.
-                    let w = pair(&g, &mut rng, &[h], 0.5, 1.5);
-                    let res = pair(&g, &mut rng, &[n, h], -2.0, 2.0);
-                    let mut outs = Vec::new();
-                    for fuse in [false, true] {
-                        // A plan made with the fusion on (it uploads the rows' adapter indexes).
-                        g.set_lora_fuse(fuse);
-                        let planned = g.lora_step(n, &segs).unwrap().expect("a step plan");
-                        let mut residual = g.tensor_from_f32(&[n, h], &res.host).unwrap();
-                        let mut yo = g.tensor_from_f32(&[n, h], &before).unwrap();
-                        let lora = LoraLayer {
-                            x: &x.gpu,
-                            step: &planned,
-                            layer: l,
-                            parts,
-                        };
-                        let normed = g
-                            .add_rms_norm_after_lora(&mut residual, &mut yo, lora, &w.gpu, 1e-5)
-                            .unwrap();
-                        outs.push([g.to_f32(&normed).unwrap(), g.to_f32(&residual).unwrap()]);
-                    }
-                    g.set_lora_fuse(false);
-                    // The same arithmetic in the same order: equal bit for bit (as in every dtype on an H100,
-                    // session 28).
-                    for (i, name) in ["normed", "residual"].iter().enumerate() {
-                        let same = outs[0][i]
-                            .iter()
-                            .zip(&outs[1][i])
-                            .filter(|(a, b)| a.to_bits() == b.to_bits())
-                            .count();
-                        say(&format!(
-                            "{what}: fused norm's {name}: {same} of {} bit for bit",
-                            outs[0][i].len()
-                        ));
-                        assert_eq!(same, outs[0][i].len(), "{what}: the fused norm's {name} differs");
-                    }
-                }
                 for r in 6..8 {
                     assert_eq!(
                         &got[r * out..(r + 1) * out],

@@ -2,9 +2,7 @@
 //! `bgmv_expand_ix`, and the earlier `bgmv_shrink_ix0` + `bgmv_expand_ix0`), bf16, under the CPU emulation of
 //! CUDA (tests/emu/cuemu.h), against a double-precision reference (tests/emu/lora_driver.cpp): 1 to 128 rows
 //! in records of 1-4 rows, rows in no record, padding records, ranks 4-64 mixed, fused q/k/v and o
-//! projections, a missing pair, several chunk sizes, and an in_dim that is not whole 16-byte vectors; and
-//! the o expand inside the norm (`add_rms_norm_lora` of kernels/elementwise.cu) against the expand then
-//! `add_rms_norm`, bit for bit. It checks
+//! projections, a missing pair, several chunk sizes, and an in_dim that is not whole 16-byte vectors. It checks
 //! the kernels' indexing, staging, shuffles and partial sums on a machine without a GPU; the GPU itself is
 //! checked by `cuda_kernels` (`lora_step_matches_cpu`). Ignored by default (it compiles the driver with g++
 //! and runs one thread per CUDA thread):
@@ -36,9 +34,6 @@ fn lora_kernels_match_a_double_reference_under_emulation() {
     );
     std::fs::write(dir.path().join("lora.cu"), fixed).unwrap();
     std::fs::copy(kernels.join("common.cuh"), dir.path().join("common.cuh")).unwrap();
-    // elementwise.cu: add_rms_norm_lora (the o expand inside the norm), checked against the expand then
-    // add_rms_norm.
-    std::fs::copy(kernels.join("elementwise.cu"), dir.path().join("elementwise.cu")).unwrap();
     // The default expand (loads and stores of y), then the pair reductions of LORA_EXPAND_RED=1.
     for (what, defines, form) in [
         ("loads and stores", &[][..], "LORA_RED 0"),

@@ -217,16 +217,6 @@ impl StepCounts {
     }
 }
 
-/// One layer's LoRA products of a planned step ([`Backend::lora_layer`]'s arguments besides the output):
-/// the projection's input `x`, the step's plan, the layer and the parts `(target, first column of the
-/// output)`.
-pub struct LoraLayer<'a, B: Backend> {
-    pub x: &'a B::Tensor,
-    pub step: &'a B::LoraStep,
-    pub layer: usize,
-    pub parts: &'a [(Target, usize)],
-}
-
 /// Operations of a decoder forward pass on one device. Tensors are row-major, 2-D `[rows, cols]` unless
 /// said otherwise; weights are `[out, in]` as in Hugging Face checkpoints.
 pub trait Backend: Send + Sync + Sized + 'static {
@@ -367,22 +357,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         Err(crate::EngineError::Backend(
             "lora_layer without a step plan from lora_step".into(),
         ))
-    }
-    /// [`Backend::add_rms_norm`] of `residual` and a projection's output `y` plus its LoRA terms
-    /// ([`Backend::lora_layer`] of `lora`, whose `x` is the projection's input): the default adds them into
-    /// `y`, then normalises. A backend may add them inside the norm instead (CUDA with
-    /// `LORAX_CUDA_LORA_FUSE=1`: one launch fewer), so afterwards `y` may lack them: only `residual` and
-    /// the result are defined. For a single rank (the terms must be in `y` before an all-reduce).
-    fn add_rms_norm_after_lora(
-        &self,
-        residual: &mut Self::Tensor,
-        y: &mut Self::Tensor,
-        lora: LoraLayer<'_, Self>,
-        w: &Self::Tensor,
-        eps: f32,
-    ) -> Result<Self::Tensor> {
-        self.lora_layer(y, lora.x, lora.step, lora.layer, lora.parts)?;
-        self.add_rms_norm(residual, y, w, eps)
     }
     /// For each `(row, task)`, from row `row` of `logits` `[rows, vocab]`: the next token chosen by the
     /// task's sampler (exactly as [`crate::Sampler::choose`], recorded in its history), or a given

@@ -27,7 +27,7 @@
 
 struct dim3_ { unsigned x = 0, y = 0, z = 0; };
 inline thread_local dim3_ threadIdx;
-inline dim3_ blockIdx, blockDim, gridDim;
+inline dim3_ blockIdx, blockDim;
 
 struct WarpX { std::barrier<> bar{32}; uint64_t slot[32]; };
 inline std::barrier<>* g_block;

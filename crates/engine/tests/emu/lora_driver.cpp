@@ -10,17 +10,14 @@
 // and 4100 (not whole 16-byte vectors: the scalar paths). The intermediate starts as NaN, so an entry read
 // but never written shows; layer 0 of every index holds the pairs with another scale, so a wrong layer
 // shows. Every y entry of a row and part with a pair must be within bf16 rounding of the reference; every
-// other entry must keep its bits. For one part (o), the expand inside the norm (add_rms_norm_lora of
-// elementwise.cu) must equal the default expand then add_rms_norm bit for bit, on the 16-byte and the scalar
-// path.
-// Prints each run's largest error relative to the bound; exits non-zero on any failure.
+// other entry must keep its bits. Prints each run's largest error relative to the bound; exits non-zero
+// on any failure.
 #include "cuemu.h"
 #define LORAX_DTYPE_BF16
 #include <cstdio>
 #include <random>
 #include "common.cuh"
 #include "lora.cu"
-#include "elementwise.cu"
 
 static std::mt19937 rng(11);
 static float uni(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
@@ -122,37 +119,6 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
                 bgmv_expand_ix(y.data(), tmp.data(), recs.data(), LAYER, t0, t1, t2, col[0], col[1], col[2], e1, e2,
                                ct, n, pstride, out, rmax, ks);
             });
-        // One part (o): the expand inside the norm (add_rms_norm_lora, from the same partials and the rows'
-        // indexes as make_lora_step lays them out) against the expand then add_rms_norm, bit for bit, on the
-        // 16-byte path (512 threads) and the scalar one (an odd row width is not offered: 256 threads of
-        // the same row take the vector path too, so the scalar path runs with a residual that is not
-        // 16-byte aligned). Only against the default expand: the fused kernel rounds as it does (once),
-        // not as the reductions of LORA_EXPAND_RED=1 (the product first, then the sum).
-        if (P.count == 1 && ct == 1 && !LORA_RED) {
-            std::vector<u64> row_index(n, 0);
-            for (const LoraRec& rc : recs)
-                for (int i = 0; i < rc.len; ++i) row_index[rc.start + i] = rc.index;
-            std::vector<T> w(out), res0((size_t)n * out + 1);
-            for (auto& v : w) v = from_f(uni(0.5f, 1.5f));
-            for (auto& v : res0) v = from_f(uni(-2.f, 2.f));
-            for (int aligned = 1; aligned >= 0; --aligned) {
-                // aligned: the residual at element 0 (16-byte aligned); else at element 1.
-                std::vector<T> res_a = res0, res_b = res0, out_a((size_t)n * out), out_b((size_t)n * out);
-                T* ra = res_a.data() + (aligned ? 0 : 1);
-                T* rb = res_b.data() + (aligned ? 0 : 1);
-                emu_launch(n, 512, [&] {
-                    add_rms_norm(out_a.data(), ra, y.data(), w.data(), out, 1e-5f);
-                });
-                emu_launch(n, 512, [&] {
-                    add_rms_norm_lora(out_b.data(), rb, y0.data(), w.data(), out, 1e-5f, row_index.data(), tmp.data(),
-                                      LAYER * LORA_TARGETS + t0, pstride, 0, rmax, ks);
-                });
-                const bool same = out_a == out_b && res_a == res_b;
-                printf("%-6s %-58s fused norm (%s residual): %s\n", same ? "ok" : "FAIL", what,
-                       aligned ? "aligned" : "unaligned", same ? "bit for bit" : "differs");
-                if (!same) bad++;
-            }
-        }
     } else {
         std::vector<float> tmp((size_t)P.count * n * rmax, NAN);
         for (int j = 0; j < rmax; ++j)
@@ -246,9 +212,6 @@ int main() {
     run_all("o, ranks 16/8/64/4, records of 1-4 rows", 9, 4096, O, {{16, ALL}, {8, ALL}, {64, ALL}, {4, ALL}},
             {{0, 1, 0}, {1, 3, 1}, {5, 4, 2}}, {shrink_chunk(4096), 2048, 0});
     run_all("o, rank 4", 2, 4096, O, {{4, ALL}}, {{1, 1, 0}}, {shrink_chunk(4096), 0});
-    // An adapter without an o pair beside one with it: its rows keep y (and the fused norm adds nothing).
-    run_all("o, an adapter without o", 9, 4096, O, {{16, ALL}, {8, ALL & ~8u}}, {{0, 4, 0}, {4, 5, 1}},
-            {shrink_chunk(4096)});
     // in_dim 2600 (3 chunks of 1024, the last a partial group), 1000 (one chunk), 4100 (scalar: 5 chunks,
     // the last of 4 elements), with q/k/v and 9 rows.
     for (int k : {2600, 1000, 4100})

@@ -102,7 +102,7 @@ struct LoraSeg {
 
 impl super::Plain for LoraSeg {}
 
-/// `struct LoraRef` of kernels/common.cuh: one (layer, target)'s pair in an adapter's index (32 bytes).
+/// `struct LoraRef` of kernels/lora.cu: one (layer, target)'s pair in an adapter's index (32 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct LoraRef {
@@ -155,25 +155,12 @@ impl std::fmt::Debug for CudaLoraIndex {
 /// rows naming their adapter's index, uploaded once; each layer launches the two `_ix` kernels (or `_ix0`).
 pub struct CudaLoraStep {
     table: DevBuf,
-    /// Each row's adapter index (its `LoraRef` table's address; 0: no adapter), for the kernels that take a
-    /// row's pair by row rather than by record (`add_rms_norm_lora`); uploaded only when that fusion is on.
-    row_index: Option<DevBuf>,
     records: usize,
     rows: usize,
     rmax: usize,
     layers: usize,
     /// Per target: (in features, columns) where some adapter of the step has it.
     dims: [Option<(usize, usize)>; NUM_TARGETS],
-}
-
-/// A planned layer's shrink whose expand is left to another kernel ([`CudaBackend::lora_step_layer`]):
-/// the intermediate's k-chunk partials, part `p`'s row `r` of chunk `c` at row `c · pstride + p · n + r`
-/// (rows of `rmax` floats).
-pub(super) struct Shrunk {
-    pub tmp: DevBuf,
-    pub pstride: i32,
-    pub chunks: i32,
-    pub rmax: i32,
 }
 
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
@@ -281,22 +268,11 @@ impl CudaBackend {
         if recs.is_empty() || rmax > BG_RANK {
             return Ok(None);
         }
-        let row_index = if self.lora_fuse_norm {
-            let mut index = vec![0u64; rows];
-            for rc in &recs {
-                let start = rc.start as usize;
-                index[start..start + rc.len as usize].fill(rc.index);
-            }
-            Some(self.upload(&index)?)
-        } else {
-            None
-        };
         // Padded with empty records to a power of two, so that a decode graph's grids stay the same while
         // the batch's mix of adapters changes within that bound.
         recs.resize(recs.len().next_power_of_two(), LoraRec::default());
         Ok(Some(CudaLoraStep {
             table: self.upload(&recs)?,
-            row_index,
             records: recs.len(),
             rows,
             rmax,
@@ -306,9 +282,7 @@ impl CudaBackend {
     }
 
     /// One layer's LoRA products of a planned step: for the `parts` some adapter of the step has, shrink
-    /// then expand, two launches (see kernels/lora.cu, `bgmv_*_ix`). With `with_expand` false and the
-    /// k-split pair, the expand is left out and the shrink's partials come back for a kernel that does the
-    /// expand itself (`None` when there was nothing to do, or when the expand ran anyway: the `_ix0` pair).
+    /// then expand, two launches (see kernels/lora.cu, `bgmv_*_ix`).
     pub(super) fn lora_step_layer(
         &self,
         y: &mut CudaTensor,
@@ -316,8 +290,7 @@ impl CudaBackend {
         step: &CudaLoraStep,
         layer: usize,
         parts: &[(Target, usize)],
-        with_expand: bool,
-    ) -> Result<Option<Shrunk>> {
+    ) -> Result<()> {
         let (n, k) = x.rows_cols();
         let (ny, out) = y.rows_cols();
         if n != ny || n != step.rows || layer >= step.layers {
@@ -349,7 +322,7 @@ impl CudaBackend {
             used += 1;
         }
         if used == 0 || k == 0 {
-            return Ok(None);
+            return Ok(());
         }
         let [t0, t1, t2] = &targets;
         let [c0, c1, c2] = &cols;
@@ -401,7 +374,7 @@ impl CudaBackend {
                 &oi,
                 &ri
             );
-            return Ok(None);
+            return Ok(());
         }
         // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r of
         // the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written by
@@ -443,14 +416,6 @@ impl CudaBackend {
             &ri,
             &kci
         );
-        if !with_expand {
-            return Ok(Some(Shrunk {
-                tmp,
-                pstride,
-                chunks: ksi,
-                rmax: ri,
-            }));
-        }
         launch!(
             self,
             "bgmv_expand_ix",
@@ -474,70 +439,7 @@ impl CudaBackend {
             &ri,
             &ksi
         );
-        Ok(None)
-    }
-
-    /// `add_rms_norm(residual, y + the LoRA terms of `lora`)` with the expand inside the norm
-    /// (`add_rms_norm_lora`, kernels/elementwise.cu): the shrink runs as usual, then one kernel adds each
-    /// row's terms, the residual and normalises, instead of `bgmv_expand_ix` and `add_rms_norm`. Only for
-    /// one part that covers all of `y` (the o projection); anything else, or the `_ix0` pair, takes the
-    /// separate launches.
-    pub(super) fn lora_norm_fused(
-        &self,
-        residual: &mut CudaTensor,
-        y: &mut CudaTensor,
-        lora: &crate::backend::LoraLayer<'_, Self>,
-        w: &CudaTensor,
-        eps: f32,
-    ) -> Result<CudaTensor> {
-        use crate::Backend as _;
-        let (m, h) = residual.rows_cols();
-        let whole = match lora.parts {
-            [(target, 0)] => lora.step.dims[target.index()].is_none_or(|(_, cols)| cols == h),
-            _ => false,
-        };
-        let Some(row_index) = &lora.step.row_index else {
-            // A plan made while the fusion was off.
-            self.lora_step_layer(y, lora.x, lora.step, lora.layer, lora.parts, true)?;
-            return self.add_rms_norm(residual, y, w, eps);
-        };
-        if !whole || y.shape != residual.shape || w.numel() != h || m == 0 || h == 0 {
-            self.lora_step_layer(y, lora.x, lora.step, lora.layer, lora.parts, true)?;
-            return self.add_rms_norm(residual, y, w, eps);
-        }
-        let Some(shrunk) = self.lora_step_layer(y, lora.x, lora.step, lora.layer, lora.parts, false)? else {
-            // Nothing to add (no adapter of the step has the pair), or the `_ix0` pair added it.
-            return self.add_rms_norm(residual, y, w, eps);
-        };
-        let out = self.alloc(&[m, h])?;
-        let slot = int("pair", lora.layer * NUM_TARGETS + lora.parts[0].0.index())?;
-        let (o, r, yp, wp, hi) = (
-            self.ptr(&out.buf),
-            self.ptr(&residual.buf),
-            self.ptr(&y.buf),
-            self.ptr(&w.buf),
-            int("hidden", h)?,
-        );
-        let (rows_p, tp, prow) = (self.ptr(row_index), self.ptr(&shrunk.tmp), 0i32);
-        launch!(
-            self,
-            "add_rms_norm_lora",
-            cfg((uint("rows", m)?, 1, 1), self.row_threads_for(m, h), 0),
-            &o,
-            &r,
-            &yp,
-            &wp,
-            &hi,
-            &eps,
-            &rows_p,
-            &tp,
-            &slot,
-            &shrunk.pstride,
-            &prow,
-            &shrunk.rmax,
-            &shrunk.chunks
-        );
-        Ok(out)
+        Ok(())
     }
 
     /// Checks and lays out `y[rows] += scale · (x[rows] · aᵀ) · bᵀ` for each segment (see

@@ -354,7 +354,6 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "embedding",
             "rms_norm",
             "add_rms_norm",
-            "add_rms_norm_lora",
             "rope_kv_write",
             "silu_mul",
             "add_assign",
@@ -628,10 +627,6 @@ pub struct CudaBackend {
     /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
     /// `_ix0` pair, for comparisons).
     lora_ksplit: bool,
-    /// A planned step's o-projection LoRA expand done inside the `add_rms_norm` that reads the projection
-    /// (`add_rms_norm_lora`, one launch a layer fewer; `LORAX_CUDA_LORA_FUSE=1`, off by default until measured
-    /// on a GPU).
-    lora_fuse_norm: bool,
     /// Column tiles each block of `bgmv_expand_ix` walks (`LORAX_CUDA_LORA_EXPAND_TILES`, 1-8); `None` (the
     /// default): as many as keep one wave of blocks ([`lora::expand_tiles`]).
     lora_expand_tiles: Option<usize>,
@@ -1250,7 +1245,6 @@ impl CudaBackend {
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
-            lora_fuse_norm: std::env::var("LORAX_CUDA_LORA_FUSE").is_ok_and(|v| v == "1"),
             lora_expand_tiles: match std::env::var("LORAX_CUDA_LORA_EXPAND_TILES").as_deref() {
                 Err(_) | Ok("auto") => None,
                 Ok(_) => Some(env_count("LORAX_CUDA_LORA_EXPAND_TILES", 1, 1..=8)?),
@@ -1338,12 +1332,6 @@ impl CudaBackend {
     /// tests and comparisons).
     pub fn set_lora_bgmv(&mut self, on: bool) {
         self.lora_bgmv = on;
-    }
-
-    /// A planned step's o-projection LoRA expand inside the following `add_rms_norm`
-    /// ([`crate::Backend::add_rms_norm_after_lora`]) or as its own launch (the default, for now).
-    pub fn set_lora_fuse(&mut self, on: bool) {
-        self.lora_fuse_norm = on;
     }
 
     /// LoRA segments of more than 64 rows as cuBLAS GEMMs (default) or with the other segments on
@@ -2340,27 +2328,9 @@ impl Backend for CudaBackend {
         parts: &[(crate::lora::Target, usize)],
     ) -> Result<()> {
         let planning = std::time::Instant::now();
-        let done = self.lora_step_layer(y, x, step, layer, parts, true).map(|_| ());
+        let done = self.lora_step_layer(y, x, step, layer, parts);
         self.graphs.clock.plan(true, planning);
         done
-    }
-
-    fn add_rms_norm_after_lora(
-        &self,
-        residual: &mut CudaTensor,
-        y: &mut CudaTensor,
-        lora: crate::backend::LoraLayer<'_, Self>,
-        w: &CudaTensor,
-        eps: f32,
-    ) -> Result<CudaTensor> {
-        if !self.lora_fuse_norm {
-            self.lora_layer(y, lora.x, lora.step, lora.layer, lora.parts)?;
-            return self.add_rms_norm(residual, y, w, eps);
-        }
-        let planning = std::time::Instant::now();
-        let out = self.lora_norm_fused(residual, y, &lora, w, eps);
-        self.graphs.clock.plan(true, planning);
-        out
     }
 
     /// Segments of more than 64 rows (prompt chunks) as cuBLAS GEMMs (`lora_gemm`; one batched call per
