@@ -530,15 +530,22 @@ def cold_under_load():
     if not reqs:
         say("BENCH cold-under-load: no background request completed")
         return
-    gaps = []
-    for r in reqs:
+    gaps = []  # (start, end, stream)
+    for si, r in enumerate(reqs):
         t = t0 + r["sent_at"] + r["ttft"]
         for g in r["itl"]:
-            gaps.append((t, t + g))
+            gaps.append((t, t + g, si))
             t += g
     lo = max(t0 + r["sent_at"] + r["ttft"] for r in reqs) + 0.2
     hi = min(t0 + r["sent_at"] + r["e2e"] for r in reqs) - 0.05
-    steady = [g for g in gaps if g[0] >= lo and g[1] <= hi]
+    steady_s = [g for g in gaps if g[0] >= lo and g[1] <= hi]
+    steady = [(a, b) for a, b, _ in steady_s]
+
+    def breadth(a, b):
+        """Streams with a gap of at least 80% of (a, b)'s overlapping it: all of them for a stall of the server's
+        steps, one for a stall of that stream alone (the client's reading, say)."""
+        return len({si for x, y, si in steady_s if y - x >= 0.8 * (b - a) and x < b and y > a})
+
     first = min((p["sent"] for p in probes), default=hi)
     baseline = [(b - a) * 1e3 for a, b in steady if b < first - 0.05]
     res = {"streams": LOAD_STREAMS, "t0_after_popen_s": t0 - popen_t, "baseline": gap_stats(baseline),
@@ -552,15 +559,29 @@ def cold_under_load():
     pooled = {"base": [], "cold": []}
     for p in probes:
         inside = p["sent"] >= lo and p["done"] <= hi
-        during = [(b - a) * 1e3 for a, b in steady if b > p["sent"] and a < p["done"]]
+        spans = [(a, b) for a, b in steady if b > p["sent"] and a < p["done"]]
+        during = [(b - a) * 1e3 for a, b in spans]
+        widest = max(spans, key=lambda g: g[1] - g[0]) if spans else None
         row = {**p, "ttft_ms": (p["done"] - p["sent"]) * 1e3, "in_steady": inside,
-               "max_gap_ms": max(during) if during else None}
+               "max_gap_ms": max(during) if during else None,
+               "max_gap_streams": breadth(*widest) if widest else None}
         res["probes"].append(row)
         if inside and p["status"] == 200:
             pooled[p["kind"]] += during
         say(f"BENCH probe {p['adapter'] or 'base model'}: HTTP {p['status']}, {row['ttft_ms']:.1f} ms; "
             f"background gaps during it: {len(during)}, max {num(row['max_gap_ms'])} ms"
+            f" (seen by {row['max_gap_streams']} of {len(reqs)} streams at once)"
             f"{'' if inside else ' (outside the steady window: not counted)'}")
+    # The baseline's three longest gaps that do not overlap each other, with how many streams saw each at
+    # once (a stall of the server's steps: all of them).
+    shown = []
+    for a, b in sorted((g for g in steady if g[1] < first - 0.05), key=lambda g: g[0] - g[1]):
+        if len(shown) == 3:
+            break
+        if all(b <= x or a >= y for x, y in shown):
+            shown.append((a, b))
+            say(f"BENCH baseline gap {(b - a) * 1e3:.2f} ms at +{a - lo:.3f}s: seen by {breadth(a, b)} of "
+                f"{len(reqs)} streams at once")
     for kind in ("base", "cold"):
         s = gap_stats(pooled[kind])
         ttfts = [r["ttft_ms"] for r in res["probes"] if r["kind"] == kind and r["in_steady"] and r["status"] == 200]
