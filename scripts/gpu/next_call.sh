@@ -10,8 +10,8 @@
 #   bash scripts/gpu/next_call.sh profile  # ~250 s: what a prompt chunk's LoRA costs, kernel by kernel (session 27)
 #   bash scripts/gpu/next_call.sh graphs-bench  # ~340 s: graphs, golden and e2e, then `bench` (session 27)
 #   bash scripts/gpu/next_call.sh round    # ~450 s: graphs and e2e, then bench.sh (session 28)
-#   bash scripts/gpu/next_call.sh overlap  # ~450 s: attention and LoRA kernels, graphs and e2e, then the LoRA
-#                                          # shrink beside the GEMM against in order, by step (session 29)
+#   (session 29's `overlap` round, the LoRA shrink beside the base GEMM, measured slower and removed:
+#   `git show b555703:scripts/gpu/next_call.sh`)
 #
 # Record in the call's bench/results/<date>-<session>-<n>/call.sh the commit of this script (`git show
 # COMMIT:scripts/gpu/next_call.sh` gives it back), the command and the binaries' commit, beside what it printed.
@@ -32,16 +32,11 @@
 # graphs captured at the first and at the second step of their signature), golden and e2e steps, then as
 # `bench`. Its summary prints the shard's start-up decode warm-up line and the slow decode steps by how
 # they ran (session 27: the warm-up should leave no "eager, a new shape" step at the ends of runs).
-# `overlap`: cuda_kernels attention and lora (the split plan's grids and the LoRA pair against the CPU),
-# run.sh's graphs (eager, graph, PDL and overlapped steps bit for bit) and e2e (against transformers + peft),
-# then 32-layer decode steps through graphs at 128 rows (one adapter, 8, 128 distinct, and the base model)
-# with LORAX_CUDA_LORA_OVERLAP=0 and 1, two rounds interleaved (steps32.txt). The overlap stays on by
-# default only if its steps are faster in both rounds.
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|overlap}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -84,23 +79,6 @@ profile)
     done
     lap steps
     ;;
-overlap)
-    timeout 200 "$bin/cuda_kernels" attention lora --nocapture --test-threads 2 >"$R/kernels.txt" 2>&1
-    echo "rc $?" >>"$R/kernels.txt"
-    lap kernels
-    RUN_SKIP="nvrtc kernels golden adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
-        >"$R/run.txt" 2>&1
-    echo "rc $?" >>"$R/run.txt"
-    lap run
-    for round in 1 2; do
-        for x in b128-identical b128-a8 b128-distinct b128; do
-            for o in 0 1; do
-                profile_step "$x" "graphs-overlap$o-$round" LORAX_PROFILE_GRAPHS=1 LORAX_CUDA_LORA_OVERLAP=$o
-            done
-        done
-    done
-    lap steps
-    ;;
 round)
     # One call for a session with little device time left (session 28): graphs and e2e (golden skipped),
     # then the whole bench. (Session 28's call 2 also timed the o LoRA expand inside the norm, since
@@ -128,7 +106,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round or overlap)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile or round)" >&2
     exit 2
     ;;
 esac

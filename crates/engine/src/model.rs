@@ -388,10 +388,11 @@ impl<B: Backend> Model<B> {
         // first column of the output), all parts in one call.
         let project =
             |linear: &Linear<B>, x: &B::Tensor, layer: usize, parts: &[(Target, usize)]| -> Result<B::Tensor> {
-                if let Some(step) = &lora_step {
-                    return backend.lora_layer_around(x, step, layer, parts, &mut || linear.forward(backend, x));
-                }
                 let mut y = linear.forward(backend, x)?;
+                if let Some(step) = &lora_step {
+                    backend.lora_layer(&mut y, x, step, layer, parts)?;
+                    return Ok(y);
+                }
                 let mut segs: Vec<LoraSegment<'_, B::Tensor>> = Vec::new();
                 for &(target, col) in parts {
                     for s in &input.segments {

@@ -41,12 +41,10 @@ fn write_adapter(dir: &Path, cfg: &ModelConfig, r: usize, seed: u64) {
     common::write_qkvo_adapter(dir, cfg, r, DType::F32, seed);
 }
 
-/// The dummy-weight engine of the model in `dir`; LoRA shrinks beside the base GEMMs when `overlap`.
-fn engine(dir: &Path, dtype: DType, graphs: bool, pdl: bool, overlap: bool) -> Engine<CudaBackend> {
+fn engine(dir: &Path, dtype: DType, graphs: bool, pdl: bool) -> Engine<CudaBackend> {
     let mut b = CudaBackend::new(0, dtype).unwrap();
     b.set_graphs(graphs);
     b.set_programmatic_launch(pdl);
-    b.set_lora_overlap(overlap);
     Engine::load_with_format(b, dir, CACHE, Arc::new(SingleRank), LoadFormat::Dummy { seed: 5 }).unwrap()
 }
 
@@ -152,22 +150,20 @@ fn decode_steps_through_graphs_equal_eager_steps() {
     for (i, k) in keys.iter().enumerate() {
         write_adapter(&dir.path().join(k), &cfg, [8, 16, 4][i], i as u64 + 1);
     }
-    // Eager launches one after another on one stream are the reference; graphs, kernels launched before the
-    // one ahead of them has finished (programmatic dependent launch, where the device has it), and LoRA
-    // shrinks on a second stream beside the base GEMMs (`overlap`) must give the same bits.
+    // Eager launches one after another are the reference; graphs, and kernels launched before the one ahead
+    // of them has finished (programmatic dependent launch, where the device has it), must give the same bits.
     for dtype in [DType::BF16, DType::F32] {
         let mut traces = Vec::new();
         // Graph steps are recorded ahead (while the step before runs) unless `ahead` is off.
         let runs = [
-            (false, false, false, false),
-            (false, false, false, true),
-            (true, false, true, true),
-            (false, true, false, true),
-            (true, true, true, true),
-            (true, true, false, false),
+            (false, false, false),
+            (true, false, true),
+            (false, true, false),
+            (true, true, true),
+            (true, true, false),
         ];
-        for (graphs, pdl, ahead, overlap) in runs {
-            let mut e = engine(dir.path(), dtype, graphs, pdl, overlap);
+        for (graphs, pdl, ahead) in runs {
+            let mut e = engine(dir.path(), dtype, graphs, pdl);
             e.backend.set_graph_ahead(ahead);
             if pdl && !e.backend.programmatic_launch() {
                 say(
@@ -184,7 +180,7 @@ fn decode_steps_through_graphs_equal_eager_steps() {
             let ahead_replays = e.backend.graph_ahead_replays();
             let uncaptured = e.backend.graph_step_counts().uncaptured;
             say(&format!(
-                "{dtype:?} graphs {graphs} pdl {pdl} ahead {ahead} overlap {overlap}: {} tokens, {captures} graphs captured, {replays} replays, {ahead_replays} of them recorded ahead, {uncaptured} steps eager before their capture",
+                "{dtype:?} graphs {graphs} pdl {pdl} ahead {ahead}: {} tokens, {captures} graphs captured, {replays} replays, {ahead_replays} of them recorded ahead, {uncaptured} steps eager before their capture",
                 t.len()
             ));
             if graphs {
@@ -221,7 +217,7 @@ fn decode_steps_through_graphs_equal_eager_steps() {
             assert_eq!(
                 same,
                 traces[0].len(),
-                "{dtype:?}: run {i} (graphs/pdl/overlap) differs from eager steps at {} of {} tokens",
+                "{dtype:?}: run {i} (graphs/pdl) differs from eager steps at {} of {} tokens",
                 traces[0].len() - same,
                 traces[0].len()
             );
@@ -239,7 +235,7 @@ fn a_single_stream_keeps_its_graph_as_its_context_grows() {
     let steps = 220;
     let mut traces = Vec::new();
     for graphs in [false, true] {
-        let mut e = engine(dir.path(), DType::BF16, graphs, true, true);
+        let mut e = engine(dir.path(), DType::BF16, graphs, true);
         let mut alloc = BlockAllocator::new(CACHE.num_blocks as u32, CACHE.block_size);
         let mut batch = Batch::default();
         let seq = NewSequence {

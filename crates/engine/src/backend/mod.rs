@@ -358,21 +358,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
             "lora_layer without a step plan from lora_step".into(),
         ))
     }
-    /// `base()` (layer `layer`'s product of `x`) with [`Backend::lora_layer`]'s terms added. A backend may
-    /// start the LoRA work that does not need `base`'s output (the shrink) before calling it, to run
-    /// beside it.
-    fn lora_layer_around(
-        &self,
-        x: &Self::Tensor,
-        step: &Self::LoraStep,
-        layer: usize,
-        parts: &[(Target, usize)],
-        base: &mut dyn FnMut() -> Result<Self::Tensor>,
-    ) -> Result<Self::Tensor> {
-        let mut y = base()?;
-        self.lora_layer(&mut y, x, step, layer, parts)?;
-        Ok(y)
-    }
     /// For each `(row, task)`, from row `row` of `logits` `[rows, vocab]`: the next token chosen by the
     /// task's sampler (exactly as [`crate::Sampler::choose`], recorded in its history), or a given
     /// token's log-probability under the raw logits. Each row serves one task. The default copies the

@@ -179,80 +179,6 @@ pub struct LoraPlan<'a> {
     _io: PhantomData<&'a mut CudaTensor>,
 }
 
-/// The parts of one layer's planned LoRA products that some adapter of the step has: up to 3 (target,
-/// first column of y) pairs of a fused projection.
-struct StepParts {
-    targets: [i32; 3],
-    cols: [i32; 3],
-    part_cols: [usize; 3],
-    used: usize,
-}
-
-/// A layer's shrink, launched: its intermediate and what the expand needs.
-struct Shrunk {
-    tmp: DevBuf,
-    parts: StepParts,
-    rows: usize,
-    layer: usize,
-    chunks: usize,
-}
-
-/// Checks x against a planned step's rows and layers.
-fn step_check(x: &CudaTensor, step: &CudaLoraStep, layer: usize) -> Result<()> {
-    let (n, _) = x.rows_cols();
-    if n != step.rows || layer >= step.layers {
-        return Err(EngineError::Backend(format!(
-            "lora_layer: x {:?}, layer {layer}, for a step of {} rows and {} layers",
-            x.shape, step.rows, step.layers
-        )));
-    }
-    Ok(())
-}
-
-/// The `parts` (target, first column of y) that some adapter of `step` has, checked against x's features;
-/// `None` when none applies (or x has no features).
-fn step_parts(x: &CudaTensor, step: &CudaLoraStep, parts: &[(Target, usize)]) -> Result<Option<StepParts>> {
-    let (_, k) = x.rows_cols();
-    let mut p = StepParts {
-        targets: [0; 3],
-        cols: [0; 3],
-        part_cols: [0; 3],
-        used: 0,
-    };
-    for &(target, col) in parts {
-        let Some((kin, c)) = step.dims[target.index()] else {
-            continue;
-        };
-        if kin != k || p.used == 3 {
-            return Err(EngineError::Backend(format!(
-                "lora_layer: {target:?} pairs of {kin} -> {c} at column {col} for x {:?} ({} parts)",
-                x.shape,
-                parts.len()
-            )));
-        }
-        p.targets[p.used] = int("target", target.index())?;
-        p.cols[p.used] = int("column", col)?;
-        p.part_cols[p.used] = c;
-        p.used += 1;
-    }
-    Ok((p.used > 0 && k > 0).then_some(p))
-}
-
-/// Checks y (n rows) against the parts' columns; its columns.
-fn expand_check(y: &CudaTensor, n: usize, p: &StepParts) -> Result<usize> {
-    let (ny, out) = y.rows_cols();
-    let fits = (0..p.used).all(|i| usize::try_from(p.cols[i]).is_ok_and(|c| c + p.part_cols[i] <= out));
-    if ny != n || !fits {
-        return Err(EngineError::Backend(format!(
-            "lora_layer: y {:?} for {n} rows and parts at columns {:?} of {:?} columns",
-            y.shape,
-            &p.cols[..p.used],
-            &p.part_cols[..p.used]
-        )));
-    }
-    Ok(out)
-}
-
 impl CudaBackend {
     /// The device index of an adapter's pairs; `None` when it has none, or when a target's pairs differ
     /// in shape between layers (its steps then take the per-layer path).
@@ -365,183 +291,116 @@ impl CudaBackend {
         layer: usize,
         parts: &[(Target, usize)],
     ) -> Result<()> {
-        step_check(x, step, layer)?;
-        let Some(p) = step_parts(x, step, parts)? else {
-            return Ok(());
-        };
-        if !self.lora_ksplit {
-            return self.lora_step_ix0(y, x, step, layer, &p);
-        }
-        let shrunk = self.lora_shrink_ix(x, step, layer, p, false)?;
-        self.lora_expand_ix(y, step, &shrunk, self.pdl)
-    }
-
-    /// [`crate::Backend::lora_layer_around`]: with `lora_overlap` (and the k-split pair) the shrink runs on
-    /// `lora_stream` beside `base` (the layer's GEMM), and the expand after both; else `base`, then
-    /// [`CudaBackend::lora_step_layer`].
-    pub(super) fn lora_step_around(
-        &self,
-        x: &CudaTensor,
-        step: &CudaLoraStep,
-        layer: usize,
-        parts: &[(Target, usize)],
-        base: &mut dyn FnMut() -> Result<CudaTensor>,
-    ) -> Result<CudaTensor> {
-        if !self.lora_overlap || !self.lora_ksplit {
-            let mut y = base()?;
-            self.lora_step_layer(&mut y, x, step, layer, parts)?;
-            return Ok(y);
-        }
-        step_check(x, step, layer)?;
-        let Some(p) = step_parts(x, step, parts)? else {
-            return base();
-        };
-        // The intermediate is allocated on `stream` before the fork, and freed there after the join.
-        let tmp = self.shrink_tmp(x, step, &p)?;
-        self.fork()?;
-        let shrunk = self.lora_shrink_ix_into(tmp, x, step, layer, p, true);
-        let y = match &shrunk {
-            Ok(_) => base(),
-            Err(_) => Err(EngineError::Backend("lora: the shrink failed".into())),
-        };
-        // Joined whatever happened: `stream` must not free what the shrink uses before it has run.
-        let joined = self.join();
-        let (shrunk, mut y) = (shrunk?, y?);
-        joined?;
-        // After the join the expand waits for the shrink and the GEMM by the stream's order alone.
-        self.lora_expand_ix(&mut y, step, &shrunk, false)?;
-        Ok(y)
-    }
-
-    /// The `_ix0` pair (`LORAX_CUDA_LORA_KSPLIT=0`).
-    fn lora_step_ix0(
-        &self,
-        y: &mut CudaTensor,
-        x: &CudaTensor,
-        step: &CudaLoraStep,
-        layer: usize,
-        p: &StepParts,
-    ) -> Result<()> {
         let (n, k) = x.rows_cols();
-        let out = expand_check(y, n, p)?;
-        let [t0, t1, t2] = &p.targets;
-        let [c0, c1, c2] = &p.cols;
-        let (li, ni, _ki, oi, ri) = (
+        let (ny, out) = y.rows_cols();
+        if n != ny || n != step.rows || layer >= step.layers {
+            return Err(EngineError::Backend(format!(
+                "lora_layer: x {:?}, y {:?}, layer {layer}, for a step of {} rows and {} layers",
+                x.shape, y.shape, step.rows, step.layers
+            )));
+        }
+        let mut targets = [0i32; 3];
+        let mut cols = [0i32; 3];
+        let mut part_cols = [0usize; 3];
+        let (mut used, mut max_cols) = (0, 0);
+        for &(target, col) in parts {
+            let Some((kin, c)) = step.dims[target.index()] else {
+                continue;
+            };
+            if kin != k || col + c > out || used == 3 {
+                return Err(EngineError::Backend(format!(
+                    "lora_layer: {target:?} pairs of {kin} -> {c} at column {col} for x {:?}, y {:?} ({} parts)",
+                    x.shape,
+                    y.shape,
+                    parts.len()
+                )));
+            }
+            targets[used] = int("target", target.index())?;
+            cols[used] = int("column", col)?;
+            part_cols[used] = c;
+            max_cols = max_cols.max(c);
+            used += 1;
+        }
+        if used == 0 || k == 0 {
+            return Ok(());
+        }
+        let [t0, t1, t2] = &targets;
+        let [c0, c1, c2] = &cols;
+        let (li, ni, ki, oi, ri) = (
             int("layer", layer)?,
             int("rows", n)?,
             int("in features", k)?,
             int("out features", out)?,
             int("rank", step.rmax)?,
         );
-        let (recs, parts) = (uint("records", step.records)?, uint("parts", p.used)?);
+        let (recs, parts) = (uint("records", step.records)?, uint("parts", used)?);
         let (xp, yp, sp) = (self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&step.table));
-        let tmp = self.bytes(p.used * n * step.rmax * 4)?;
-        let tp = self.ptr(&tmp);
-        let shrink = cfg((recs, uint("rank", step.rmax)?, parts), BG_SHRINK_THREADS, 0);
-        let max_cols = p.part_cols.iter().copied().max().unwrap_or(0);
-        let tiles = uint("column tiles", max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
-        let expand = cfg((recs, tiles, parts), BG_EXPAND_THREADS, 0);
-        let ki = int("in features", k)?;
-        launch!(
-            self,
-            "bgmv_shrink_ix0",
-            shrink,
-            &tp,
-            &xp,
-            &sp,
-            &li,
-            t0,
-            t1,
-            t2,
-            &ni,
-            &ki,
-            &ri
-        );
-        launch!(
-            self,
-            "bgmv_expand_ix0",
-            expand,
-            &yp,
-            &tp,
-            &sp,
-            &li,
-            t0,
-            t1,
-            t2,
-            c0,
-            c1,
-            c2,
-            &ni,
-            &oi,
-            &ri
-        );
-        Ok(())
-    }
-
-    /// The k-split shrink's intermediate for `x`: one partial per k-chunk. Chunk c's part p keeps row r of
-    /// the pass in row (c · parts + p) · n + r (`pstride` = parts · n rows per chunk); every entry the
-    /// expand reads is written by the shrink of the same layer, so nothing is zeroed.
-    fn shrink_tmp(&self, x: &CudaTensor, step: &CudaLoraStep, p: &StepParts) -> Result<DevBuf> {
-        let (n, k) = x.rows_cols();
-        let chunks = k.div_ceil(shrink_chunk(k, self.dtype.size()));
-        int("intermediate rows", chunks * p.used * n)?;
-        self.bytes(chunks * p.used * n * step.rmax * 4)
-    }
-
-    /// `bgmv_shrink_ix` of one layer into a new intermediate, on `stream`.
-    fn lora_shrink_ix(
-        &self,
-        x: &CudaTensor,
-        step: &CudaLoraStep,
-        layer: usize,
-        p: StepParts,
-        beside: bool,
-    ) -> Result<Shrunk> {
-        let tmp = self.shrink_tmp(x, step, &p)?;
-        self.lora_shrink_ix_into(tmp, x, step, layer, p, beside)
-    }
-
-    /// `bgmv_shrink_ix` of one layer into `tmp` ([`CudaBackend::shrink_tmp`]): on `lora_stream` without
-    /// programmatic launch when `beside` (between a fork and a join), else on `stream`.
-    fn lora_shrink_ix_into(
-        &self,
-        tmp: DevBuf,
-        x: &CudaTensor,
-        step: &CudaLoraStep,
-        layer: usize,
-        p: StepParts,
-        beside: bool,
-    ) -> Result<Shrunk> {
-        let (n, k) = x.rows_cols();
-        let [t0, t1, t2] = &p.targets;
-        let (li, ni, ki, ri) = (
-            int("layer", layer)?,
-            int("rows", n)?,
-            int("in features", k)?,
-            int("rank", step.rmax)?,
-        );
+        if !self.lora_ksplit {
+            let tmp = self.bytes(used * n * step.rmax * 4)?;
+            let tp = self.ptr(&tmp);
+            let shrink = cfg((recs, uint("rank", step.rmax)?, parts), BG_SHRINK_THREADS, 0);
+            let tiles = uint("column tiles", max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
+            let expand = cfg((recs, tiles, parts), BG_EXPAND_THREADS, 0);
+            launch!(
+                self,
+                "bgmv_shrink_ix0",
+                shrink,
+                &tp,
+                &xp,
+                &sp,
+                &li,
+                t0,
+                t1,
+                t2,
+                &ni,
+                &ki,
+                &ri
+            );
+            launch!(
+                self,
+                "bgmv_expand_ix0",
+                expand,
+                &yp,
+                &tp,
+                &sp,
+                &li,
+                t0,
+                t1,
+                t2,
+                c0,
+                c1,
+                c2,
+                &ni,
+                &oi,
+                &ri
+            );
+            return Ok(());
+        }
+        // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r of
+        // the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written by
+        // the shrink of the same layer, so nothing is zeroed.
         let kc = shrink_chunk(k, self.dtype.size());
         let chunks = k.div_ceil(kc);
-        let (pstride, kci) = (int("intermediate rows", p.used * n)?, int("k chunk", kc)?);
-        let (tp, xp, sp) = (self.ptr(&tmp), self.ptr(&x.buf), self.ptr(&step.table));
-        let shrink = cfg(
-            (
-                uint("records", step.records)?,
-                uint("k chunks", chunks)?,
-                uint("parts", p.used)?,
-            ),
-            BG_KWARPS * 32,
-            0,
+        let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
+        let tp = self.ptr(&tmp);
+        let (pstride, kci, ksi) = (
+            int("intermediate rows", used * n)?,
+            int("k chunk", kc)?,
+            int("k chunks", chunks)?,
         );
-        let (stream, pdl) = if beside {
-            (&*self.lora_stream, false)
-        } else {
-            (&*self.stream, self.pdl)
-        };
-        launch_on!(
+        int("intermediate rows", chunks * used * n)?;
+        let shrink = cfg((recs, uint("k chunks", chunks)?, parts), BG_KWARPS * 32, 0);
+        // The parts' column groups end to end along the grid's y: part p's groups start at e_p.
+        let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
+        let ct = self
+            .lora_expand_tiles
+            .unwrap_or_else(|| expand_tiles(step.records * tiles, self.num_sms));
+        let [e1, e2, total] = expand_groups(&part_cols[..used], ct);
+        let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
+        let cti = int("tiles per block", ct)?;
+        let expand = cfg((recs, uint("column groups", total)?, 1), BG_EXPAND_THREADS, 0);
+        launch!(
             self,
-            stream,
-            pdl,
             "bgmv_shrink_ix",
             shrink,
             &tp,
@@ -557,47 +416,8 @@ impl CudaBackend {
             &ri,
             &kci
         );
-        Ok(Shrunk {
-            tmp,
-            parts: p,
-            rows: n,
-            layer,
-            chunks,
-        })
-    }
-
-    /// `bgmv_expand_ix` of a shrink into `y`, on `stream` (with programmatic launch when `pdl`).
-    fn lora_expand_ix(&self, y: &mut CudaTensor, step: &CudaLoraStep, s: &Shrunk, pdl: bool) -> Result<()> {
-        let (n, p) = (s.rows, &s.parts);
-        let out = expand_check(y, n, p)?;
-        let [t0, t1, t2] = &p.targets;
-        let [c0, c1, c2] = &p.cols;
-        let (li, ni, oi, ri, ksi, pstride) = (
-            int("layer", s.layer)?,
-            int("rows", n)?,
-            int("out features", out)?,
-            int("rank", step.rmax)?,
-            int("k chunks", s.chunks)?,
-            int("intermediate rows", p.used * n)?,
-        );
-        // The parts' column groups end to end along the grid's y: part p's groups start at e_p.
-        let tiles: usize = p.part_cols[..p.used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
-        let ct = self
-            .lora_expand_tiles
-            .unwrap_or_else(|| expand_tiles(step.records * tiles, self.num_sms));
-        let [e1, e2, total] = expand_groups(&p.part_cols[..p.used], ct);
-        let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
-        let cti = int("tiles per block", ct)?;
-        let expand = cfg(
-            (uint("records", step.records)?, uint("column groups", total)?, 1),
-            BG_EXPAND_THREADS,
-            0,
-        );
-        let (yp, tp, sp) = (self.ptr(&y.buf), self.ptr(&s.tmp), self.ptr(&step.table));
-        launch_on!(
+        launch!(
             self,
-            &self.stream,
-            pdl,
             "bgmv_expand_ix",
             expand,
             &yp,

@@ -10,9 +10,7 @@
 //! One stream per backend; all work is issued on it in order, so no event tracking is needed (cudarc's is
 //! turned off: it would create events per allocation and launch). The one exception is
 //! [`Backend::upload_many`] (adapters, from the shard's loading threads): it copies on a second stream
-//! and waits for the copy before returning its tensors. The other: a planned step's LoRA shrinks run on a
-//! third stream beside the layer's base GEMM, between a fork and a join on events (`lora_overlap`,
-//! `LORAX_CUDA_LORA_OVERLAP=0` turns it off). Metadata (ids, positions, slots, block
+//! and waits for the copy before returning its tensors. Metadata (ids, positions, slots, block
 //! tables, LoRA segment tables) is validated on the host, then uploaded with each call.
 //!
 //! Switches (environment): `LORAX_CUDA_POISON=1` fills every new tensor with NaN bytes so unwritten
@@ -629,16 +627,6 @@ pub struct CudaBackend {
     /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
     /// `_ix0` pair, for comparisons).
     lora_ksplit: bool,
-    /// A decode step's LoRA shrink (`bgmv_shrink_ix`) runs on `lora_stream` beside the layer's base GEMM,
-    /// which does not need it; the expand then waits for both (`LORAX_CUDA_LORA_OVERLAP=0`: all on `stream`,
-    /// in order). See [`CudaBackend::fork`].
-    lora_overlap: bool,
-    /// The stream the overlapped shrinks run on: only between a [`CudaBackend::fork`] and its
-    /// [`CudaBackend::join`], so a graph capture takes it in and gives it back within each layer.
-    lora_stream: Arc<CudaStream>,
-    /// The events of a fork (recorded on `stream`, waited for on `lora_stream`) and a join (the reverse).
-    fork_event: cudarc::driver::CudaEvent,
-    join_event: cudarc::driver::CudaEvent,
     /// Column tiles each block of `bgmv_expand_ix` walks (`LORAX_CUDA_LORA_EXPAND_TILES`, 1-8); `None` (the
     /// default): as many as keep one wave of blocks ([`lora::expand_tiles`]).
     lora_expand_tiles: Option<usize>,
@@ -1088,19 +1076,10 @@ fn pdl_supported(cc: (i32, i32)) -> bool {
     cc.0 >= 9 && ok && version >= 12030
 }
 
-/// Launches kernel `$name` with the given arguments (each a reference to a live local) on the backend's
-/// stream and checks it.
+/// Launches kernel `$name` with the given arguments (each a reference to a live local) and checks it.
 macro_rules! launch {
-    ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {
-        launch_on!($self, &$self.stream, $self.pdl, $name, $cfg, $($arg),+)
-    };
-}
-
-/// [`launch!`] on `$stream`, with programmatic dependent launch when `$pdl` (see [`launch_pdl`]).
-macro_rules! launch_on {
-    ($self:expr, $stream:expr, $pdl:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+    ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let func = $self.func($name)?;
-        let stream: &cudarc::driver::CudaStream = $stream;
         let mode = $crate::backend::cuda::graph::mode();
         if mode != $crate::backend::cuda::graph::Mode::Eager {
             let c: &cudarc::driver::LaunchConfig = &$cfg;
@@ -1111,14 +1090,14 @@ macro_rules! launch_on {
             $( $crate::backend::cuda::graph::SigArg::sign_into($arg, &$self.graphs); )+
         }
         if mode != $crate::backend::cuda::graph::Mode::Record {
-            if $pdl {
+            if $self.pdl {
                 let mut params = [$( ($arg as *const _ as *mut ::std::ffi::c_void), )+];
                 // SAFETY: as below; each parameter points at a live local of the kind the kernel takes, and
                 // every kernel waits in pdl_wait() before it touches what the kernels ahead of it write.
-                unsafe { $crate::backend::cuda::launch_pdl(stream, func, &$cfg, &mut params) }
+                unsafe { $crate::backend::cuda::launch_pdl(&$self.stream, func, &$cfg, &mut params) }
                     .map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
             } else {
-                let mut builder = stream.launch_builder(func);
+                let mut builder = $self.stream.launch_builder(func);
                 $( builder.arg($arg); )+
                 // SAFETY: every argument matches the kernel's parameter list in kernels/*.cu (device pointers
                 // as u64, ints as i32/u32/u64, floats as f32, TMA tensor maps as 128-byte `TmaMap`s whose
@@ -1127,7 +1106,7 @@ macro_rules! launch_on {
                 unsafe { builder.launch($cfg) }
                     .map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
             }
-            $self.after_launch(stream, $name)?;
+            $self.after_launch($name)?;
         }
     }};
 }
@@ -1184,9 +1163,6 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| drv("stream", e))?;
         let upload_stream = ctx.new_stream().map_err(|e| drv("upload stream", e))?;
-        let lora_stream = ctx.new_stream().map_err(|e| drv("LoRA stream", e))?;
-        let fork_event = ctx.new_event(None).map_err(|e| drv("event", e))?;
-        let join_event = ctx.new_event(None).map_err(|e| drv("event", e))?;
         keep_pool_memory(&ctx)?;
         let cc = ctx.compute_capability().map_err(|e| drv("compute capability", e))?;
         let device_name = ctx.name().map_err(|e| drv("device name", e))?;
@@ -1269,10 +1245,6 @@ impl CudaBackend {
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
-            lora_overlap: std::env::var("LORAX_CUDA_LORA_OVERLAP").map_or(true, |v| v != "0"),
-            lora_stream,
-            fork_event,
-            join_event,
             lora_expand_tiles: match std::env::var("LORAX_CUDA_LORA_EXPAND_TILES").as_deref() {
                 Err(_) | Ok("auto") => None,
                 Ok(_) => Some(env_count("LORAX_CUDA_LORA_EXPAND_TILES", 1, 1..=8)?),
@@ -1354,12 +1326,6 @@ impl CudaBackend {
     /// the default: steps whose attention blocks fit in one wave; for tests and comparisons).
     pub fn set_attention_rope_rows(&mut self, rows: Option<usize>) {
         self.attn_rope_rows = rows;
-    }
-
-    /// Runs a decode step's LoRA shrinks beside the base GEMMs (default) or in order on one stream (see
-    /// `lora_overlap`; for tests and comparisons).
-    pub fn set_lora_overlap(&mut self, on: bool) {
-        self.lora_overlap = on;
     }
 
     /// Decode-shaped LoRA products on the BGMV kernels (default) or on SGMV like every other shape (for
@@ -1500,37 +1466,9 @@ impl CudaBackend {
             .ok_or_else(|| EngineError::Backend(format!("kernel {name} is not loaded")))
     }
 
-    /// Lets work on `lora_stream` start once everything issued on `stream` so far has run. Every fork must
-    /// be followed by a [`CudaBackend::join`] before the forward pass goes on past the work beside it (also
-    /// on errors: later stream-ordered frees on `stream` must come after that work). Under capture the
-    /// event's record and wait become the graph's edges, and `lora_stream` joins the capture.
-    fn fork(&self) -> Result<()> {
-        self.order("fork", &self.fork_event, &self.stream, &self.lora_stream)
-    }
-
-    /// Makes `stream`'s later work wait for everything issued on `lora_stream` (see [`CudaBackend::fork`]).
-    fn join(&self) -> Result<()> {
-        self.order("join", &self.join_event, &self.lora_stream, &self.stream)
-    }
-
-    /// `to`'s later work waits for `from`'s work so far (through `event`); in a record pass only signed.
-    fn order(&self, what: &str, event: &cudarc::driver::CudaEvent, from: &CudaStream, to: &CudaStream) -> Result<()> {
-        let mode = graph::mode();
-        if mode != graph::Mode::Eager {
-            self.graphs.sign(what.as_bytes());
-        }
-        if mode != graph::Mode::Record {
-            event
-                .record(from)
-                .map_err(|e| drv(&format!("{what} (event record)"), e))?;
-            to.wait(event).map_err(|e| drv(&format!("{what} (stream wait)"), e))?;
-        }
-        Ok(())
-    }
-
-    fn after_launch(&self, stream: &CudaStream, name: &str) -> Result<()> {
+    fn after_launch(&self, name: &str) -> Result<()> {
         if self.sync_each {
-            stream
+            self.stream
                 .synchronize()
                 .map_err(|e| drv(&format!("kernel {name} (LORAX_CUDA_SYNC)"), e))?;
         }
@@ -1854,7 +1792,7 @@ impl CudaBackend {
                 )
             }
             .map_err(|e| EngineError::Backend(format!("cuBLAS GEMM {m}x{k} · ({n}x{k})ᵀ: {e:?}")))?;
-            self.after_launch(&self.stream, "gemm")?;
+            self.after_launch("gemm")?;
         }
         Ok(())
     }
@@ -1916,7 +1854,7 @@ impl CudaBackend {
             status.result().map_err(|e| {
                 EngineError::Backend(format!("cuBLAS batched GEMM {count} x {m}x{k} · ({n}x{k})ᵀ: {e:?}"))
             })?;
-            self.after_launch(&self.stream, "gemm_batched")?;
+            self.after_launch("gemm_batched")?;
         }
         Ok(())
     }
@@ -2393,28 +2331,6 @@ impl Backend for CudaBackend {
         let done = self.lora_step_layer(y, x, step, layer, parts);
         self.graphs.clock.plan(true, planning);
         done
-    }
-
-    fn lora_layer_around(
-        &self,
-        x: &CudaTensor,
-        step: &lora::CudaLoraStep,
-        layer: usize,
-        parts: &[(crate::lora::Target, usize)],
-        base: &mut dyn FnMut() -> Result<CudaTensor>,
-    ) -> Result<CudaTensor> {
-        // The LoRA plan's host time, without base's.
-        let planning = std::time::Instant::now();
-        let mut in_base = std::time::Duration::ZERO;
-        let mut timed = || {
-            let t = std::time::Instant::now();
-            let y = base();
-            in_base += t.elapsed();
-            y
-        };
-        let y = self.lora_step_around(x, step, layer, parts, &mut timed);
-        self.graphs.clock.plan(true, planning + in_base);
-        y
     }
 
     /// Segments of more than 64 rows (prompt chunks) as cuBLAS GEMMs (`lora_gemm`; one batched call per

@@ -155,7 +155,7 @@ impl CudaBackend {
             )
         }
         .map_err(|e| nccl_err("all-reduce", &e))?;
-        self.after_launch(&self.stream, "ncclAllReduce")
+        self.after_launch("ncclAllReduce")
     }
 }
 
