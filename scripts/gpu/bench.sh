@@ -54,6 +54,16 @@ fi
 echo "copy bandwidth: ${copy:-not measured, 4200 assumed} GB/s (2 GiB, read + written, median of 20)" | tee -a "$summary"
 echo "GEMM rate (cuBLAS bf16, 8192^3): a burst of 10 from idle ${gemm_burst:-not measured, 790 assumed} TFLOP/s" \
     "(the compute rooflines' rate); in the TTFT test's pattern from idle ${gemm:-not measured} TFLOP/s" | tee -a "$summary"
+# The host's CPU, and one core's speed at plain Python (a loop of 5 million additions, best of 3): the
+# transformers + peft baseline is a Python loop launching many small kernels a step, so its rate, and the
+# ratio against it, follows the host's CPU (279-583 tok/s on H100 hosts over sessions 20-29).
+echo "host CPU: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores;" \
+    "python loop $(python3 -c 'import time
+def f():
+    t = time.perf_counter(); s = 0
+    for i in range(5_000_000): s += i
+    return time.perf_counter() - t
+print(f"{min(f() for _ in range(3)) * 1e3:.0f}")') ms (5M additions, best of 3)" | tee -a "$summary"
 section "setup, copy bandwidth and GEMM rate" "$t"
 
 # bench.py skips or cuts runs so as to have stopped its server by BENCH_DEADLINE; `timeout` is the
