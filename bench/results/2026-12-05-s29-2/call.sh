@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 29 call 2 (the same H100, warm; binaries of b555703 with the overlap turned off by the environment,
+# Session 29 call 2 (the same H100 as call 1, warm: nvidia-smi.txt; binaries of b555703 with the overlap turned off by the environment,
 # so the code measured is the code before the session; bench.py of 166153a with the gaps' breadth): bench.sh
 # alone (no disk_read.py).
 export LORAX_CUDA_LORA_OVERLAP=0
