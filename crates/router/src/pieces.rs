@@ -21,8 +21,8 @@ use tokenizers::{Encoding, ModelWrapper, Tokenizer};
 const PIECE_BYTES: usize = 512;
 
 /// Cuts long texts into pieces that encode to the same ids as the whole (see the module's documentation),
-/// and encodes them on a pool of its own (so that a long prompt does not hold up the rayon work of the
-/// batching loop's steps).
+/// and encodes them on a pool of its own (so that a long prompt's pieces neither wait for nor hold up other
+/// work on rayon's global pool).
 pub struct PieceEncoder {
     /// The tokenizer `for_tokenizer` checked.
     tokenizer: Arc<Tokenizer>,

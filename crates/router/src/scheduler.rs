@@ -78,9 +78,6 @@ struct Reply {
     timing: ShardTiming,
 }
 
-/// Tokens per step from which `Scheduler::handle` spreads their handling over the rayon pool.
-const PARALLEL_HANDLE_MIN: usize = 16;
-
 /// A request in the running batch.
 struct Running {
     entry: Entry,
@@ -702,27 +699,24 @@ impl Scheduler {
                 retired = true;
             }
         }
-        // Each request's token (detokenising, stop checks, the send to its stream) is its own work: a
-        // large batch spreads it over the rayon pool, as the next step waits on all of it.
+        // Each request's token (detokenising, stop checks, the send to its stream), one after another on
+        // this thread. Spreading them over the rayon pool (sessions 8-28) saved about 0.15 ms of a 128-row
+        // step's handling on an idle host, but a handling then waits for pool threads to wake, and on a
+        // busy host that took 3-11 ms, longer than the step (bench/NOTES.md session 29). While the shards
+        // run the next step ahead, a handling of a few tenths of a millisecond costs the step nothing.
         let decoder = &self.decoder;
-        let work: Vec<(u64, &mut Running, Vec<Generation>)> = self
+        // Tokens after the one that ends a request are dropped.
+        let done: Vec<u64> = self
             .running
             .iter_mut()
             .filter_map(|(&id, running)| by_id.remove(&id).map(|g| (id, running, g)))
+            .filter_map(|(id, running, generations)| {
+                generations
+                    .into_iter()
+                    .any(|generation| !Self::step(decoder, running, generation))
+                    .then_some(id)
+            })
             .collect();
-        // Tokens after the one that ends a request are dropped.
-        let step = |(id, running, generations): (u64, &mut Running, Vec<Generation>)| {
-            generations
-                .into_iter()
-                .any(|generation| !Self::step(decoder, running, generation))
-                .then_some(id)
-        };
-        let done: Vec<u64> = if work.len() >= PARALLEL_HANDLE_MIN {
-            use rayon::prelude::*;
-            work.into_par_iter().filter_map(step).collect()
-        } else {
-            work.into_iter().filter_map(step).collect()
-        };
         for id in done {
             self.running.remove(&id);
             retired = true;
