@@ -10,9 +10,9 @@
 #   bash scripts/gpu/next_call.sh profile  # ~250 s: what a prompt chunk's LoRA costs, kernel by kernel (session 27)
 #   bash scripts/gpu/next_call.sh graphs-bench  # ~340 s: graphs, golden and e2e, then `bench` (session 27)
 #   bash scripts/gpu/next_call.sh round    # ~450 s: graphs and e2e, then bench.sh (session 28)
-#   bash scripts/gpu/next_call.sh timeline # ~250 s: nsys timelines of 128-row graph steps and a 1000-token prompt
-#   (session 29's `overlap` round, the LoRA shrink beside the base GEMM, measured slower and removed:
-#   `git show b555703:scripts/gpu/next_call.sh`)
+#   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
+#   `git show b555703:scripts/gpu/next_call.sh`) and `timeline` (Nsight Systems timelines; the GPU machine
+#   has no nsys: `git show e4c5606:scripts/gpu/timeline.sh`).
 #
 # Record in the call's bench/results/<date>-<session>-<n>/call.sh the commit of this script (`git show
 # COMMIT:scripts/gpu/next_call.sh` gives it back), the command and the binaries' commit, beside what it printed.
@@ -33,14 +33,11 @@
 # graphs captured at the first and at the second step of their signature), golden and e2e steps, then as
 # `bench`. Its summary prints the shard's start-up decode warm-up line and the slow decode steps by how
 # they ran (session 27: the warm-up should leave no "eager, a new shape" step at the ends of runs).
-# `timeline`: scripts/gpu/timeline.sh (Nsight Systems) for 128-row decode steps through graphs, base and one
-# adapter, and for a 1000-token prompt: per kernel its device time and the idle time before it, and one layer
-# in order, as the server runs them (ncu's kernel_profile.sh times each kernel alone).
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|timeline}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -83,12 +80,6 @@ profile)
     done
     lap steps
     ;;
-timeline)
-    timeout 500 scripts/gpu/timeline.sh "$R/timeline" "$bin" b128 b128-identical p1000 >"$R/timeline.txt" 2>&1
-    echo "rc $?" >>"$R/timeline.txt"
-    rm -f "$R"/timeline/*.nsys-rep "$R"/timeline/*.sqlite
-    lap timeline
-    ;;
 round)
     # One call for a session with little device time left (session 28): graphs and e2e (golden skipped),
     # then the whole bench. (Session 28's call 2 also timed the o LoRA expand inside the norm, since
@@ -116,7 +107,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round or timeline)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile or round)" >&2
     exit 2
     ;;
 esac
