@@ -701,9 +701,10 @@ impl Scheduler {
         }
         // Each request's token (detokenising, stop checks, the send to its stream), one after another on
         // this thread. Spreading them over the rayon pool (sessions 8-28) saved about 0.15 ms of a 128-row
-        // step's handling on an idle host, but a handling then waits for pool threads to wake, and on a
-        // busy host that took 3-11 ms, longer than the step (bench/NOTES.md session 29). While the shards
-        // run the next step ahead, a handling of a few tenths of a millisecond costs the step nothing.
+        // step's handling on an idle host (session 8), but a handling then waits for pool threads to wake:
+        // on a busy host its tail grows past a step (examples/handoff.rs), and serving runs logged
+        // handlings of 3-11 ms (bench/NOTES.md session 29). While the shards run the next step ahead, a
+        // handling of a few tenths of a millisecond costs the step nothing.
         let decoder = &self.decoder;
         // Tokens after the one that ends a request are dropped.
         let done: Vec<u64> = self

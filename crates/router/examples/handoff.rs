@@ -1,11 +1,12 @@
 //! What handing a step's tokens to their streams costs on one thread against a rayon fan-out (the
 //! scheduler's handling, `Scheduler::handle`, used the fan-out from 16 tokens up until session 29), on an
 //! idle and on a busy host: every 6 ms (a decode step) N items, each a little string work and a send to
-//! its own stream's channel, as the handling of one token does. Ignored (a measurement, not a check):
+//! its own stream's channel, the pattern of one token's handling (not the router's code itself, whose
+//! detokenising costs more per token). A measurement (bench/NOTES.md, session 29):
 //!
-//!     cargo test --release -p lorax-router --test handoff -- --ignored --nocapture
+//!     cargo run --release -p lorax-router --example handoff
 //!
-//! `HANDOFF_BUSY` (default 0 and 2) threads spin meanwhile, to stand for a host whose cores the benchmark's
+//! `HANDOFF_BUSY` (default `0,2`) threads spin meanwhile, to stand for a host whose cores the benchmark's
 //! clients and the shard keep busy.
 
 use std::time::{Duration, Instant};
@@ -48,9 +49,7 @@ fn handlings(parallel: bool, n: usize, rounds: usize) -> Vec<f64> {
     })
 }
 
-#[test]
-#[ignore = "a measurement: run with --ignored --nocapture"]
-fn handing_tokens_on_one_thread_against_a_rayon_fan_out() {
+fn main() {
     let busy: Vec<usize> = std::env::var("HANDOFF_BUSY")
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|_| vec![0, 2]);
