@@ -47,10 +47,12 @@ for s in scenarios:
     print()
 PY
 # Then the detail of one step per scenario given in LORAX_PROFILE_DETAIL (default b1 b128): each kernel's
-# speed-of-light (DRAM and compute throughput), occupancy and launch figures, as ncu prints them.
+# speed-of-light (DRAM and compute throughput), occupancy and launch figures, and where warps stall (warp
+# state and scheduler statistics), as ncu prints them.
 for s in ${LORAX_PROFILE_DETAIL-b1 b128}; do
     LORAX_PROFILE_STEPS=1 LORAX_PROFILE_SCENARIO=$s "$ncu" --profile-from-start off --clock-control none \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section SchedulerStats \
         "$bin/cuda_graphs" --ignored --exact decode_step_kernels_for_a_profiler --nocapture --test-threads 1 \
         >"$out/ncu-detail-$s.txt" 2>&1
     echo "$s detail: ncu exit $? ($(grep -c 'Duration' "$out/ncu-detail-$s.txt") kernels)"

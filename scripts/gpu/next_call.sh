@@ -10,6 +10,8 @@
 #   bash scripts/gpu/next_call.sh profile  # ~250 s: what a prompt chunk's LoRA costs, kernel by kernel (session 27)
 #   bash scripts/gpu/next_call.sh graphs-bench  # ~340 s: graphs, golden and e2e, then `bench` (session 27)
 #   bash scripts/gpu/next_call.sh round    # ~450 s: graphs and e2e, then bench.sh (session 28)
+#   bash scripts/gpu/next_call.sh detail-bench  # ~480 s: ncu detail of the 128-row one-adapter step's LoRA
+#                                               # kernels and of a 1000-token prompt, then bench.sh (session 30)
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
 #   `git show b555703:scripts/gpu/next_call.sh`) and `timeline` (Nsight Systems timelines; the GPU machine
 #   has no nsys: `git show e4c5606:scripts/gpu/timeline.sh`).
@@ -37,7 +39,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -92,6 +94,18 @@ round)
     echo "rc $?" >>"$R/bench.txt"
     lap bench
     ;;
+detail-bench)
+    # Session 30: where the LoRA kernels of a 128-row step with one adapter spend their time (ncu's detail
+    # sections, stalls included) and what a 1000-token prompt's kernels reach; then bench.sh with the
+    # router's one-thread handling (40aea91).
+    LORAX_PROFILE_DETAIL="b128-identical p1000" timeout 200 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" \
+        b128-identical p1000 >"$R/ncu.txt" 2>&1
+    echo "rc $?" >>"$R/ncu.txt"
+    lap ncu
+    BENCH_TIMEOUT=330 BENCH_PEFT_BUDGET=120 timeout 340 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
+    echo "rc $?" >>"$R/bench.txt"
+    lap bench
+    ;;
 graphs-bench | bench)
     if [ "$part" = graphs-bench ]; then
         RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
@@ -107,7 +121,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile or round)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round or detail-bench)" >&2
     exit 2
     ;;
 esac
