@@ -368,6 +368,17 @@ __device__ __forceinline__ float warp_sum4(const float* v) {
     return s;
 }
 
+// The rank of target t's pair for record rc in `layer`, with *a = its A's address at column k0; 0 when the
+// block has nothing to do (a padding record, a missing pair, a chunk past in_dim). Reads only what no
+// kernel writes (records, indexes), so it may run before pdl_wait.
+__device__ __forceinline__ int lora_rec_a(const LoraRec& rc, int layer, int t, int k0, int in_dim, u64* a) {
+    if (rc.len <= 0 || rc.index == 0 || k0 >= in_dim) return 0;
+    const LoraRef ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + t];
+    if (ref.a == 0) return 0;
+    *a = ref.a + (u64)k0 * sizeof(T);
+    return ref.rank;
+}
+
 // This lane's vectors of group g of one row of A's chunk (nv vectors): v = g * 32 * BG_KV + lane + 32 * u.
 __device__ __forceinline__ void lora_ld_group(u32x4* dst, const T* row, int g, int nv, int lane) {
 #pragma unroll
@@ -386,15 +397,7 @@ extern "C" __global__ void __launch_bounds__(BG_KWARPS * 32)
     const int p = blockIdx.z, k0 = blockIdx.y * kc;
     const LoraRec rc = recs[blockIdx.x];
     u64 a_addr = 0;
-    int r = 0;  // 0: nothing to do (a padding record, a missing pair, a chunk past in_dim)
-    if (rc.len > 0 && rc.index != 0 && k0 < in_dim) {
-        const LoraRef ref =
-            reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
-        if (ref.a != 0) {
-            a_addr = ref.a + (u64)k0 * sizeof(T);
-            r = ref.rank;
-        }
-    }
+    const int r = lora_rec_a(rc, layer, part_of(p, t0, t1, t2), k0, in_dim, &a_addr);
     const T* A = reinterpret_cast<const T*>(a_addr);  // A[:, k0 ..]
     const int rows = min(rc.len, BG_ROWS), kl = min(kc, in_dim - k0);
     const bool vec = in_dim % VEC == 0 && kc % VEC == 0;
@@ -481,6 +484,138 @@ extern "C" __global__ void __launch_bounds__(BG_KWARPS * 32)
         }
     }
 }
+
+#if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
+// bgmv_shrink_tc1/2/4 (16-bit storage; the default there, LORAX_CUDA_LORA_SHRINK=simt: bgmv_shrink_ix): the
+// k-split shrink on the tensor cores, for ranks up to 16, 32 and 64 (MT = 1, 2, 4 tiles of 16 rank rows).
+// The same grid (record, k-chunk c, part p), BG_KWARPS warps, and the same partials in tmp as bgmv_shrink_ix,
+// so bgmv_expand_ix reads them unchanged; only the chunk differs: BG_TC_KC elements (lora.rs `shrink_chunk_tc`).
+// Each product is one mma.sync m16n8k16 of D[j][n] += A[j][k] . x[n][k] over 16 k: A's rank rows as the
+// 16 rows of the first operand (row-major, as A is stored), the record's rows (at most BG_ROWS of the 8
+// columns) as the second (each column a row of x, contiguous in k). A sum over k does not care which k
+// goes in which slot, as long as both operands agree: lane (g, t) loads 8 consecutive elements, one 16-byte
+// vector, of A's rows g and g + 8 and of x's row g for its quarter (t) of each 32-element slice, and its
+// words 0-1 feed the slice's first product, words 2-3 the second, with no shuffling or conversion. Warp w
+// takes slices w, w + BG_KWARPS, ... (BG_TC_SLICES of them in a chunk), issuing all of their loads before the
+// first product (A's before pdl_wait: no kernel writes weights, records or indexes; for MT > 1 in batches
+// of 4 / MT slices); then the warps' sums meet in shared memory and are added in warp order, so results do
+// not depend on scheduling. Lanes of rows past the record's (and elements past the chunk) load zeros.
+#define BG_TC_SLICES 4
+#define BG_TC_KC (BG_KWARPS * BG_TC_SLICES * 32)
+
+// 8 consecutive elements from p (16 bytes when vec and all 8 are before the chunk's end, `left` elements
+// away), zeros past it. `weight`: a weight's 16 bytes, read around the L1 (load_stream).
+__device__ __forceinline__ u32x4 lora_ld8(const T* p, int left, bool vec, bool weight) {
+    u32x4 r = {0u, 0u, 0u, 0u};
+    if (left <= 0) return r;
+    if (vec && left >= 8) return weight ? load_stream(p) : *reinterpret_cast<const u32x4*>(p);
+    T e[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) e[i] = i < left ? p[i] : (T)0;
+    r.x = pack(e[0], e[1]);
+    r.y = pack(e[2], e[3]);
+    r.z = pack(e[4], e[5]);
+    r.w = pack(e[6], e[7]);
+    return r;
+}
+
+template <int MT>
+__device__ __forceinline__ void bgmv_shrink_tc(float* __restrict__ tmp, const T* __restrict__ x,
+                                               const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
+                                               int n, int pstride, int in_dim, int rmax, int kc) {
+    constexpr int SIF = 4 / MT;  // slices whose loads are in flight together
+    static_assert(MT * 16 <= BG_RANK && BG_TC_SLICES % SIF == 0, "tiles of rank rows");
+    __shared__ float red[BG_KWARPS][BG_ROWS][BG_RANK];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int p = blockIdx.z, k0 = blockIdx.y * kc;
+    const LoraRec rc = recs[blockIdx.x];
+    u64 a_addr = 0;
+    // The host picks MT for the step's largest rank; the bound only keeps a wrong pick inside `red`.
+    const int r = min(lora_rec_a(rc, layer, part_of(p, t0, t1, t2), k0, in_dim, &a_addr), MT * 16);
+    const T* A = reinterpret_cast<const T*>(a_addr);  // A[:, k0 ..]
+    const int rows = min(rc.len, BG_ROWS), kl = min(kc, in_dim - k0);
+    const bool vec = in_dim % VEC == 0 && kc % VEC == 0;
+    // This lane's offset in slice s of the chunk (kl - TC_OFF(s) elements left from there).
+#define TC_OFF(s) ((warp + BG_KWARPS * (s)) * 32 + t * 8)
+    u32x4 av[SIF][MT][2];
+    auto load_a = [&](int s0) {
+#pragma unroll
+        for (int s = 0; s < SIF; ++s)
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int j = m * 16 + g + 8 * h;
+                    av[s][m][h] = j < r ? lora_ld8(A + (u64)j * in_dim + TC_OFF(s0 + s), kl - TC_OFF(s0 + s), vec, true)
+                                        : u32x4{0u, 0u, 0u, 0u};
+                }
+    };
+    if (r > 0) load_a(0);
+    pdl_enter();
+    if (r == 0) return;
+
+    u32x4 xv[BG_TC_SLICES];
+    const T* xr = x + (u64)(rc.start + g) * in_dim + k0;
+#pragma unroll
+    for (int s = 0; s < BG_TC_SLICES; ++s)
+        xv[s] = g < rows ? lora_ld8(xr + TC_OFF(s), kl - TC_OFF(s), vec, false) : u32x4{0u, 0u, 0u, 0u};
+    float c[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) c[m][i] = 0.f;
+#pragma unroll
+    for (int s0 = 0; s0 < BG_TC_SLICES; s0 += SIF) {
+        if (s0 > 0) load_a(s0);
+#pragma unroll
+        for (int s = 0; s < SIF; ++s)
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                const u32x4 &lo = av[s][m][0], &hi = av[s][m][1], &xs = xv[s0 + s];
+                const u32 a0[4] = {lo.x, hi.x, lo.y, hi.y}, b0[2] = {xs.x, xs.y};
+                mma_16816(c[m], a0, b0);
+                const u32 a1[4] = {lo.z, hi.z, lo.w, hi.w}, b1[2] = {xs.z, xs.w};
+                mma_16816(c[m], a1, b1);
+            }
+    }
+    // c[m] = {D[16m + g][2t], D[16m + g][2t + 1], D[16m + g + 8][2t], D[16m + g + 8][2t + 1]}: rank row j,
+    // record row n (the rows past BG_ROWS, t >= 2, are the zero columns).
+    if (2 * t < BG_ROWS) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            red[warp][2 * t][16 * m + g] = c[m][0];
+            red[warp][2 * t + 1][16 * m + g] = c[m][1];
+            red[warp][2 * t][16 * m + g + 8] = c[m][2];
+            red[warp][2 * t + 1][16 * m + g + 8] = c[m][3];
+        }
+    }
+    __syncthreads();
+    float* out = tmp + ((u64)blockIdx.y * pstride + p * n + rc.start) * rmax;
+    for (int f = threadIdx.x; f < rows * r; f += blockDim.x) {
+        const int i = f / r, j = f - i * r;
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < BG_KWARPS; ++w) s += red[w][i][j];
+        out[(u64)i * rmax + j] = s;
+    }
+#undef TC_OFF
+}
+
+#define BGMV_SHRINK_TC(MT, NAME)                                                                               \
+    extern "C" __global__ void __launch_bounds__(BG_KWARPS * 32)                                              \
+        NAME(float* __restrict__ tmp, const T* __restrict__ x, const LoraRec* __restrict__ recs, int layer, int t0, \
+             int t1, int t2, int n, int pstride, int in_dim, int rmax, int kc) {                             \
+        bgmv_shrink_tc<MT>(tmp, x, recs, layer, t0, t1, t2, n, pstride, in_dim, rmax, kc);                   \
+    }
+#else
+// f32 storage has no tensor-core path: the host never launches these.
+#define BGMV_SHRINK_TC(MT, NAME)                                                                            \
+    extern "C" __global__ void NAME(float* tmp, const T* x, const LoraRec* recs, int layer, int t0, int t1, int t2, \
+                                    int n, int pstride, int in_dim, int rmax, int kc) {}
+#endif
+BGMV_SHRINK_TC(1, bgmv_shrink_tc1)
+BGMV_SHRINK_TC(2, bgmv_shrink_tc2)
+BGMV_SHRINK_TC(4, bgmv_shrink_tc4)
 
 // This thread's BG_BV vectors of B from rank index j0 for its two columns (c < cols only).
 __device__ __forceinline__ void lora_ld_b(u32x4 (*dst)[BG_BV], const T* B, const int* col, int cols, int r, int j0) {

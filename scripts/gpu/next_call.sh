@@ -12,6 +12,8 @@
 #   bash scripts/gpu/next_call.sh round    # ~450 s: graphs and e2e, then bench.sh (session 28)
 #   bash scripts/gpu/next_call.sh detail-bench  # ~480 s: ncu detail of the 128-row one-adapter step's LoRA
 #                                               # kernels and of a 1000-token prompt, then bench.sh (session 30)
+#   bash scripts/gpu/next_call.sh tc       # ~520 s: the LoRA shrink on the tensor cores checked (both shrinks),
+#                                          # timed against the CUDA-core shrink, then bench.sh (session 30)
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
 #   `git show b555703:scripts/gpu/next_call.sh`) and `timeline` (Nsight Systems timelines; the GPU machine
 #   has no nsys: `git show e4c5606:scripts/gpu/timeline.sh`).
@@ -39,7 +41,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -106,6 +108,36 @@ detail-bench)
     echo "rc $?" >>"$R/bench.txt"
     lap bench
     ;;
+tc)
+    # Session 30: the decode LoRA's shrink on the tensor cores (bgmv_shrink_tc*, the default for 16-bit
+    # storage): the LoRA kernel tests with it and with the CUDA-core shrink (LORAX_CUDA_LORA_SHRINK=simt),
+    # graphs and e2e against transformers + peft, its kernels under ncu, 32-layer steps through graphs with
+    # each shrink (two rounds, interleaved), then bench.sh.
+    for form in tc simt; do
+        LORAX_CUDA_LORA_SHRINK=$form timeout 120 "$bin/cuda_kernels" lora --nocapture --test-threads 2 \
+            >"$R/kernels-lora-$form.txt" 2>&1
+        echo "rc $?" >>"$R/kernels-lora-$form.txt"
+    done
+    lap lora
+    RUN_SKIP="nvrtc kernels golden adapters sampling bench chunked" timeout 120 scripts/gpu/run.sh "$R/run" "$bin" \
+        >"$R/run.txt" 2>&1
+    echo "rc $?" >>"$R/run.txt"
+    lap run
+    LORAX_PROFILE_DETAIL="" timeout 60 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" b128-identical b128-distinct \
+        >"$R/ncu.txt" 2>&1
+    echo "rc $?" >>"$R/ncu.txt"
+    lap ncu
+    for round in 1 2; do
+        for x in b128-identical b128-distinct; do
+            profile_step "$x" "tc-$round" LORAX_PROFILE_GRAPHS=1
+            profile_step "$x" "simt-$round" LORAX_PROFILE_GRAPHS=1 LORAX_CUDA_LORA_SHRINK=simt
+        done
+    done
+    lap steps
+    BENCH_TIMEOUT=300 BENCH_PEFT_BUDGET=110 timeout 310 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
+    echo "rc $?" >>"$R/bench.txt"
+    lap bench
+    ;;
 graphs-bench | bench)
     if [ "$part" = graphs-bench ]; then
         RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
@@ -121,7 +153,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round or detail-bench)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench or tc)" >&2
     exit 2
     ;;
 esac

@@ -1025,7 +1025,10 @@ fn lora_sgmv_matches_cpu() {
 /// The per-step LoRA plan (`lora_step` once, then `lora_layer` per layer and projection, the `bgmv_*_ix`
 /// kernels) against the CPU's per-layer `lora`: adapters of ranks 4-64, one without k, one without layer
 /// 0's q, one with o alone; segments of 1, 5 and 32 rows (several records) with base rows between; the
-/// fused q/k/v, o, and gate/up that no adapter has (left exactly as it was).
+/// fused q/k/v, o, and gate/up that no adapter has (left exactly as it was). Three plans, of all five
+/// adapters (largest rank 64), without the rank-64 one (32) and without the rank-32 one too (16), so that
+/// in bf16/f16 each tensor-core shrink (`bgmv_shrink_tc4`, `_tc2`, `_tc1`) runs; `LORAX_CUDA_LORA_SHRINK=simt`
+/// runs them all on `bgmv_shrink_ix` (f32 always does).
 #[test]
 #[allow(clippy::needless_range_loop)]
 fn lora_step_matches_cpu() {
@@ -1042,14 +1045,17 @@ fn lora_step_matches_cpu() {
     // (rank, scale, does it have (layer, target)), and its rows.
     type Has = fn(usize, Target) -> bool;
     type CpuLayer = [Option<(lorax_engine::CpuTensor, lorax_engine::CpuTensor)>; NUM_TARGETS];
-    let specs: [(usize, f32, Has); 4] = [
+    let specs: [(usize, f32, Has); 5] = [
         (16, 2.0, |_, t| t.index() < 4),
         (8, 0.5, |_, t| matches!(t, Target::Q | Target::V | Target::O)),
         (64, 1.0, |l, t| t.index() < 4 && !(l == 0 && t == Target::Q)),
         (4, 1.5, |_, t| t == Target::O),
+        (32, 0.75, |_, t| t.index() < 4),
     ];
-    let rows = [(0, 1), (1, 5), (8, 32), (40, 3)];
-    let n = 43;
+    let rows = [(0, 1), (1, 5), (8, 32), (40, 3), (44, 2)];
+    let n = 46;
+    // The plans' adapters (indexes into specs and rows): largest ranks 64, 32 and 16.
+    let plans: [&[usize]; 3] = [&[0, 1, 2, 3, 4], &[0, 1, 3, 4], &[0, 1, 3]];
     for dt in DTYPES {
         let Some(g) = gpu(dt) else { return };
         say(&format!("{dt:?} lora step plan"));
@@ -1082,63 +1088,76 @@ fn lora_step_matches_cpu() {
                 index,
             });
         }
-        let segs: Vec<LoraRows<'_, CudaBackend>> = rows
-            .iter()
-            .zip(&dev)
-            .map(|(&(start, len), adapter)| LoraRows { start, len, adapter })
-            .collect();
-        let step = g
-            .lora_step(n, &segs)
-            .unwrap()
-            .expect("a decode-sized batch gets a step plan");
         let projections: [&[(Target, usize)]; 3] = [
             &[(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)],
             &[(Target::O, 0)],
             &[(Target::Gate, 0), (Target::Up, h)],
         ];
-        for l in 0..layers {
-            for parts in projections {
-                let out: usize = parts.iter().map(|&(t, _)| width(t)).sum();
-                let x = pair(&g, &mut rng, &[n, h], -1.0, 1.0);
-                let mut y = pair(&g, &mut rng, &[n, out], -0.01, 0.01);
-                let mut cpu_segs = Vec::new();
-                for &(t, col) in parts {
-                    for (s, &(start, len)) in rows.iter().enumerate() {
-                        if let Some((a, b)) = &cpu[s][l][t.index()] {
-                            cpu_segs.push(LoraSegment {
-                                start,
-                                len,
-                                a,
-                                b,
-                                scale: specs[s].1,
-                                col,
-                            });
+        let segs_of = |plan: &[usize]| -> Vec<LoraRows<'_, CudaBackend>> {
+            plan.iter()
+                .map(|&s| LoraRows {
+                    start: rows[s].0,
+                    len: rows[s].1,
+                    adapter: &dev[s],
+                })
+                .collect()
+        };
+        for plan in plans {
+            let step = g
+                .lora_step(n, &segs_of(plan))
+                .unwrap()
+                .expect("a decode-sized batch gets a step plan");
+            let rmax = plan.iter().map(|&s| specs[s].0).max().unwrap_or(0);
+            for l in 0..layers {
+                for parts in projections {
+                    let out: usize = parts.iter().map(|&(t, _)| width(t)).sum();
+                    let x = pair(&g, &mut rng, &[n, h], -1.0, 1.0);
+                    let mut y = pair(&g, &mut rng, &[n, out], -0.01, 0.01);
+                    let mut cpu_segs = Vec::new();
+                    for &(t, col) in parts {
+                        for &s in plan {
+                            let (start, len) = rows[s];
+                            if let Some((a, b)) = &cpu[s][l][t.index()] {
+                                cpu_segs.push(LoraSegment {
+                                    start,
+                                    len,
+                                    a,
+                                    b,
+                                    scale: specs[s].1,
+                                    col,
+                                });
+                            }
                         }
                     }
-                }
-                let before = y.host.clone();
-                CpuBackend.lora(&mut y.cpu, &x.cpu, &cpu_segs).unwrap();
-                g.lora_layer(&mut y.gpu, &x.gpu, &step, l, parts).unwrap();
-                let got = g.to_f32(&y.gpu).unwrap();
-                let what = format!("{dt:?} layer {l} {parts:?}");
-                if cpu_segs.is_empty() {
-                    assert_eq!(got, before, "{what}: no adapter has these targets, yet y changed");
-                    continue;
-                }
-                let d_got: Vec<f32> = got.iter().zip(&before).map(|(a, b)| a - b).collect();
-                let d_want: Vec<f32> = y.cpu.data.iter().zip(&before).map(|(a, b)| a - b).collect();
-                check(&what, &d_got, &d_want, tol(dt));
-                for r in 6..8 {
-                    assert_eq!(
-                        &got[r * out..(r + 1) * out],
-                        &before[r * out..(r + 1) * out],
-                        "{what}: base row {r} was touched"
-                    );
+                    let before = y.host.clone();
+                    CpuBackend.lora(&mut y.cpu, &x.cpu, &cpu_segs).unwrap();
+                    g.lora_layer(&mut y.gpu, &x.gpu, &step, l, parts).unwrap();
+                    let got = g.to_f32(&y.gpu).unwrap();
+                    let what = format!("{dt:?} rank {rmax} plan, layer {l} {parts:?}");
+                    if cpu_segs.is_empty() {
+                        assert_eq!(got, before, "{what}: no adapter has these targets, yet y changed");
+                        continue;
+                    }
+                    let d_got: Vec<f32> = got.iter().zip(&before).map(|(a, b)| a - b).collect();
+                    let d_want: Vec<f32> = y.cpu.data.iter().zip(&before).map(|(a, b)| a - b).collect();
+                    check(&what, &d_got, &d_want, tol(dt));
+                    for r in 6..8 {
+                        assert_eq!(
+                            &got[r * out..(r + 1) * out],
+                            &before[r * out..(r + 1) * out],
+                            "{what}: base row {r} was touched"
+                        );
+                    }
                 }
             }
         }
         // A layer past the adapters' refuses; more rows than the plan takes, or a rank above BGMV's 64,
         // get no plan (those passes take the per-layer path).
+        let segs = segs_of(plans[0]);
+        let step = g
+            .lora_step(n, &segs)
+            .unwrap()
+            .expect("a decode-sized batch gets a step plan");
         let x = pair(&g, &mut rng, &[n, h], -1.0, 1.0);
         let mut y = pair(&g, &mut rng, &[n, h], -0.01, 0.01);
         assert!(g

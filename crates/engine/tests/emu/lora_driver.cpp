@@ -1,7 +1,8 @@
 // Driver for crates/engine/tests/lora_emulated.rs: the decode LoRA pairs by adapter index of kernels/lora.cu
 // (bf16) under the CPU emulation of cuemu.h, against a double-precision reference: the k-split pair
 // bgmv_shrink_ix + bgmv_expand_ix (the default) at the host's chunk size (lora.rs `shrink_chunk`, copied below)
-// and at other chunk sizes, its expand's blocks walking 1, 3 or 8 column tiles, and the earlier bgmv_shrink_ix0
+// and at other chunk sizes, its expand's blocks walking 1, 3 or 8 column tiles, the shrink on the tensor cores
+// (bgmv_shrink_tc1/2/4, the default for 16-bit storage) at its chunk and others, and the earlier bgmv_shrink_ix0
 // + bgmv_expand_ix0 (up to 9 rows). Cases: 1, 4, 9
 // and 128 rows; segments cut into records of 1-4 rows as the host cuts them, rows in no record, a record with an index but
 // no rows, padding records (index 0); adapters of ranks 4, 8, 16 and 64 (step rmax 64 or less) in one step; a
@@ -77,9 +78,14 @@ static std::vector<Adapter> make_adapters(int k, const std::vector<std::pair<int
 
 static int bad = 0;
 
-// Runs one case with the k-split pair at chunk kc (0: the old pair) and checks y.
+// lora.rs `shrink_chunk_tc`: the tensor-core shrink's chunk.
+static int shrink_chunk_tc(int k) { return std::min(k, BG_TC_KC); }
+
+// Runs one case with the k-split pair at chunk kc (0: the old pair; `tc`: the shrink on the tensor cores,
+// bgmv_shrink_tc1/2/4 by the step's largest rank) and checks y.
 static void run_case(const char* what, int n, int k, const Parts& P, const std::vector<Adapter>& ads,
-                     const std::vector<Seg>& segs, int kc, int ct, const std::vector<T>& x, const std::vector<T>& y0) {
+                     const std::vector<Seg>& segs, int kc, int ct, const std::vector<T>& x, const std::vector<T>& y0,
+                     bool tc = false) {
     int out = 0, col[3] = {0, 0, 0}, rmax = 0, max_cols = 0;
     for (int p = 0; p < P.count; ++p) { col[p] = out; out += P.width[p]; max_cols = std::max(max_cols, P.width[p]); }
     // Records as make_lora_step cuts them, one with an index but no rows, padding to a power of two.
@@ -103,7 +109,14 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
             for (int p = 0; p < P.count; ++p)
                 emu_launch(nrec, BG_KWARPS * 32, [&] {
                     blockIdx.y = c; blockIdx.z = p;
-                    bgmv_shrink_ix(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
+                    if (!tc)
+                        bgmv_shrink_ix(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
+                    else if (rmax <= 16)
+                        bgmv_shrink_tc1(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
+                    else if (rmax <= 32)
+                        bgmv_shrink_tc2(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
+                    else
+                        bgmv_shrink_tc4(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
                 });
         // The parts' groups of ct column tiles end to end along y, as lora.rs `expand_groups` lays them out
         // (its unit test walks them as the kernel does).
@@ -172,8 +185,8 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
         }
     }
     const bool ok = worst <= 1.0 && untouched_bad == 0;
-    printf("%-6s %-58s chunk %-5d tiles %d err/bound %.3f, %d entries outside the pairs changed\n", ok ? "ok" : "FAIL",
-           what, kc, ct, worst, untouched_bad);
+    printf("%-6s %-58s %s chunk %-5d tiles %d err/bound %.3f, %d entries outside the pairs changed\n",
+           ok ? "ok" : "FAIL", what, tc ? "tc  " : "simt", kc, ct, worst, untouched_bad);
     if (!ok) bad++;
 }
 
@@ -196,6 +209,12 @@ static void run_all(const char* name, int n, int k, const Parts& P, const std::v
         else
             run_case(what, n, k, P, ads, segs, kc, 1, x, y0);
     }
+    // The shrink on the tensor cores: its own chunk (the host's), a chunk of whole slices that leaves some
+    // warps idle (256), and one that is not whole vectors or slices (1000: the last slice partial, or scalar
+    // loads when in_dim is not whole vectors).
+    snprintf(what, sizeof what, "ix, %d rows, in_dim %d, %s", n, k, name);
+    for (int kc : {shrink_chunk_tc(k), 256, 1000})
+        if (kc <= k) run_case(what, n, k, P, ads, segs, kc, 3, x, y0, true);
 }
 
 int main() {

@@ -37,6 +37,8 @@ const BG_KWARPS: u32 = 8;
 const BG_KV: usize = 4;
 const BG_KC_BYTES: usize = 4096;
 const BG_KSPLIT: usize = 8;
+/// Slices of 32 elements each warp of the tensor-core shrink takes in a chunk (BG_TC_SLICES in kernels/lora.cu).
+const BG_TC_SLICES: usize = 4;
 const BG_EXPAND_COLS: usize = 2;
 const BG_EXPAND_BLOCKS_PER_SM: usize = 3;
 
@@ -74,6 +76,23 @@ fn shrink_chunk(k: usize, size: usize) -> usize {
         return k;
     }
     (k.div_ceil(BG_KSPLIT).div_ceil(group) * group).min(BG_KC_BYTES / size)
+}
+
+/// The chunk of the tensor-core shrink (kernels/lora.cu, `bgmv_shrink_tc*`, 16-bit storage): BG_TC_KC =
+/// BG_KWARPS warps × BG_TC_SLICES slices of 32 elements (1024), or all of `k` when it is shorter: 4096 → 4
+/// chunks, 14336 → 14.
+fn shrink_chunk_tc(k: usize) -> usize {
+    k.min(BG_KWARPS as usize * BG_TC_SLICES * 32)
+}
+
+/// `bgmv_shrink_tc1`, `_tc2` or `_tc4`: the tensor-core shrink whose tiles of 16 rank rows hold rank `rmax`
+/// (at most BG_RANK).
+fn shrink_tc_kernel(rmax: usize) -> &'static str {
+    match rmax {
+        0..=16 => "bgmv_shrink_tc1",
+        17..=32 => "bgmv_shrink_tc2",
+        _ => "bgmv_shrink_tc4",
+    }
 }
 
 /// Segments of more rows than this run as cuBLAS GEMMs ([`CudaBackend::lora_gemm_segments`]; BGMV's
@@ -379,7 +398,13 @@ impl CudaBackend {
         // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r of
         // the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written by
         // the shrink of the same layer, so nothing is zeroed.
-        let kc = shrink_chunk(k, self.dtype.size());
+        // The shrink on the tensor cores for 16-bit storage (LORAX_CUDA_LORA_SHRINK=simt: on the CUDA cores).
+        let tc = self.lora_shrink_tc && self.dtype.size() == 2;
+        let (kc, shrink_name) = if tc {
+            (shrink_chunk_tc(k), shrink_tc_kernel(step.rmax))
+        } else {
+            (shrink_chunk(k, self.dtype.size()), "bgmv_shrink_ix")
+        };
         let chunks = k.div_ceil(kc);
         let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
         let tp = self.ptr(&tmp);
@@ -401,7 +426,7 @@ impl CudaBackend {
         let expand = cfg((recs, uint("column groups", total)?, 1), BG_EXPAND_THREADS, 0);
         launch!(
             self,
-            "bgmv_shrink_ix",
+            shrink_name,
             shrink,
             &tp,
             &xp,

@@ -409,6 +409,9 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "bgmv_shrink",
             "bgmv_expand",
             "bgmv_shrink_ix",
+            "bgmv_shrink_tc1",
+            "bgmv_shrink_tc2",
+            "bgmv_shrink_tc4",
             "bgmv_expand_ix",
             "bgmv_shrink_ix0",
             "bgmv_expand_ix0",
@@ -627,6 +630,9 @@ pub struct CudaBackend {
     /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
     /// `_ix0` pair, for comparisons).
     lora_ksplit: bool,
+    /// The k-split shrink of 16-bit storage on the tensor cores, `bgmv_shrink_tc*` (the default;
+    /// `LORAX_CUDA_LORA_SHRINK=simt`: `bgmv_shrink_ix` on the CUDA cores, as f32 storage always runs).
+    lora_shrink_tc: bool,
     /// Column tiles each block of `bgmv_expand_ix` walks (`LORAX_CUDA_LORA_EXPAND_TILES`, 1-8); `None` (the
     /// default): as many as keep one wave of blocks ([`lora::expand_tiles`]).
     lora_expand_tiles: Option<usize>,
@@ -1245,6 +1251,15 @@ impl CudaBackend {
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
+            lora_shrink_tc: match std::env::var("LORAX_CUDA_LORA_SHRINK").as_deref() {
+                Err(_) | Ok("tc") => true,
+                Ok("simt") => false,
+                Ok(other) => {
+                    return Err(EngineError::Backend(format!(
+                        "LORAX_CUDA_LORA_SHRINK={other:?}: expected tc or simt"
+                    )))
+                }
+            },
             lora_expand_tiles: match std::env::var("LORAX_CUDA_LORA_EXPAND_TILES").as_deref() {
                 Err(_) | Ok("auto") => None,
                 Ok(_) => Some(env_count("LORAX_CUDA_LORA_EXPAND_TILES", 1, 1..=8)?),
