@@ -494,14 +494,25 @@ extern "C" __global__ void __launch_bounds__(BG_KWARPS * 32)
 // 16 rows of the first operand (row-major, as A is stored), the record's rows (at most BG_ROWS of the 8
 // columns) as the second (each column a row of x, contiguous in k). A sum over k does not care which k
 // goes in which slot, as long as both operands agree: lane (g, t) loads 8 consecutive elements, one 16-byte
-// vector, of A's rows g and g + 8 and of x's row g for its quarter (t) of each 32-element slice, and its
-// words 0-1 feed the slice's first product, words 2-3 the second, with no shuffling or conversion. Warp w
-// takes slices w, w + BG_KWARPS, ... (BG_TC_SLICES of them in a chunk), issuing all of their loads before the
+// vector, of A's rows g and g + 8 and of x's row g, and its words 0-1 feed one product, words 2-3 the next,
+// with no shuffling or conversion. Warp w takes the 64-element stretches w and w + BG_KWARPS of the chunk
+// (BG_TC_SLICES vectors a lane: its quarter t, 16 elements, of each stretch), issuing all of their loads before the
 // first product (A's before pdl_wait: no kernel writes weights, records or indexes; for MT > 1 in batches
-// of 4 / MT slices); then the warps' sums meet in shared memory and are added in warp order, so results do
+// of 4 / MT vectors); then the warps' sums meet in shared memory and are added in warp order, so results do
 // not depend on scheduling. Lanes of rows past the record's (and elements past the chunk) load zeros.
 #define BG_TC_SLICES 4
 #define BG_TC_KC (BG_KWARPS * BG_TC_SLICES * 32)
+#if BG_TC_SLICES != 4
+#error "TC_OFF lays out two 64-element stretches a warp"
+#endif
+
+// N consecutive elements from p, one at a time, as N / 2 words of pairs (the lower in the low half) into w;
+// those at or past `left` are zeros.
+template <int N>
+__device__ __forceinline__ void lora_pack_tail(u32* w, const T* p, int left) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) w[i / 2] = pack(i < left ? p[i] : (T)0, i + 1 < left ? p[i + 1] : (T)0);
+}
 
 // 8 consecutive elements from p (16 bytes when vec and all 8 are before the chunk's end, `left` elements
 // away), zeros past it. `weight`: a weight's 16 bytes, read around the L1 (load_stream).
@@ -509,21 +520,16 @@ __device__ __forceinline__ u32x4 lora_ld8(const T* p, int left, bool vec, bool w
     u32x4 r = {0u, 0u, 0u, 0u};
     if (left <= 0) return r;
     if (vec && left >= 8) return weight ? load_stream(p) : *reinterpret_cast<const u32x4*>(p);
-    T e[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) e[i] = i < left ? p[i] : (T)0;
-    r.x = pack(e[0], e[1]);
-    r.y = pack(e[2], e[3]);
-    r.z = pack(e[4], e[5]);
-    r.w = pack(e[6], e[7]);
-    return r;
+    u32 w[4];
+    lora_pack_tail<8>(w, p, left);
+    return u32x4{w[0], w[1], w[2], w[3]};
 }
 
 template <int MT>
 __device__ __forceinline__ void bgmv_shrink_tc(float* __restrict__ tmp, const T* __restrict__ x,
                                                const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
                                                int n, int pstride, int in_dim, int rmax, int kc) {
-    constexpr int SIF = 4 / MT;  // slices whose loads are in flight together
+    constexpr int SIF = 4 / MT;  // vectors whose loads are in flight together
     static_assert(MT * 16 <= BG_RANK && BG_TC_SLICES % SIF == 0, "tiles of rank rows");
     __shared__ float red[BG_KWARPS][BG_ROWS][BG_RANK];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -535,8 +541,10 @@ __device__ __forceinline__ void bgmv_shrink_tc(float* __restrict__ tmp, const T*
     const T* A = reinterpret_cast<const T*>(a_addr);  // A[:, k0 ..]
     const int rows = min(rc.len, BG_ROWS), kl = min(kc, in_dim - k0);
     const bool vec = in_dim % VEC == 0 && kc % VEC == 0;
-    // This lane's offset in slice s of the chunk (kl - TC_OFF(s) elements left from there).
-#define TC_OFF(s) ((warp + BG_KWARPS * (s)) * 32 + t * 8)
+    // This lane's vector s of the chunk (kl - TC_OFF(s) elements left from there): vectors 2i and 2i + 1
+    // are the lane's 16 elements of the warp's 64-element stretch i, so that each load of a row's four lanes
+    // touches all four sectors of a 128-byte line (half of each), and the next load the other halves.
+#define TC_OFF(s) ((warp + BG_KWARPS * ((s) / 2)) * 64 + t * 16 + ((s) % 2) * 8)
     u32x4 av[SIF][MT][2];
     auto load_a = [&](int s0) {
 #pragma unroll
@@ -819,3 +827,157 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
         if (!more) break;
     }
 }
+
+#if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
+// bgmv_expand_tc1/2/4 (16-bit storage; the default there, LORAX_CUDA_LORA_EXPAND=simt: bgmv_expand_ix): the
+// expand on the tensor cores, for ranks up to 16, 32 and 64 (KT k-steps of 16 rank). The same grid, column
+// groups and tiles (2 * BG_EXPAND_THREADS columns) as bgmv_expand_ix, whose arguments it takes. The block sums
+// the partials in chunk order as bgmv_expand_ix does, and rounds t to the storage type (as PEFT keeps
+// lora_A's output, and as the GEMM path of long segments does). Warp w then takes columns 64w .. 64w + 64 of
+// each tile in BG_TC_MT products of 16 columns, mma.sync m16n8k16 of D[c][n] = sum_j B[c][j] t[n][j]: B's rows
+// (16 columns of y) as the first operand, row-major as B is stored, the record's rows (at most BG_ROWS of the 8
+// columns) as the second. As in the shrink, both operands take the same j in each slot: lane (g, q) loads
+// 4 consecutive j (8 bytes) from 16 kt + 4 q of B's rows g and g + 8, and t's same four. The next tile's B
+// goes out before this tile's stores, its y after them. LORA_EXPAND_RED does not apply here.
+#define BG_TC_MT 4
+
+// 4 consecutive elements of a row of r from j (8 bytes when vec: r % 4 == 0, so j + 4 <= r), zeros past r.
+__device__ __forceinline__ u32x2 lora_ld4(const T* row, int j, int r, bool vec) {
+    u32x2 v = {0u, 0u};
+    if (j >= r) return v;
+    if (vec) return *reinterpret_cast<const u32x2*>(row + j);
+    u32 w[2];
+    lora_pack_tail<4>(w, row + j, r - j);
+    return u32x2{w[0], w[1]};
+}
+
+template <int KT>
+__device__ __forceinline__ void bgmv_expand_tc(T* __restrict__ y, const float* __restrict__ tmp,
+                                               const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
+                                               int c0, int c1, int c2, int e1, int e2, int ct, int n, int pstride,
+                                               int out_dim, int rmax, int ks) {
+    constexpr int TW = 2 * BG_EXPAND_THREADS, KW = KT * 16;
+    static_assert(KW <= BG_RANK && TW == BG_EXPAND_THREADS / 32 * BG_TC_MT * 16, "tile layout");
+    __shared__ T t_s[BG_ROWS][BG_RANK];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, q = lane % 4;
+    const LoraRec rc = recs[blockIdx.x];
+    const int gy = blockIdx.y;
+    const int p = gy >= e2 ? 2 : (gy >= e1 ? 1 : 0);
+    const int group = gy - part_of(p, 0, e1, e2);
+    LoraRef ref = {};
+    if (rc.len > 0 && rc.index != 0)
+        ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+    int tile = group * ct * TW;
+    // The host picks KT for the step's largest rank; the bound only keeps a wrong pick inside t_s.
+    const int r = min(ref.rank, KW), cols = ref.cols;
+    const int tend = min(cols, tile + ct * TW);
+    const bool live = ref.a != 0 && tile < cols;
+    const bool vec = r % 4 == 0;
+    const T* B = reinterpret_cast<const T*>(ref.b);
+    // This lane's columns of product m in the tile from `tl`: TC_COL(tl, m) and + 8.
+#define TC_COL(tl, m) ((tl) + 64 * warp + 16 * (m) + g)
+    u32x2 bf[BG_TC_MT][KT][2];
+    auto load_b = [&](int tl) {
+#pragma unroll
+        for (int m = 0; m < BG_TC_MT; ++m)
+#pragma unroll
+            for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int c = TC_COL(tl, m) + 8 * h;
+                    bf[m][kt][h] = c < cols ? lora_ld4(B + (u64)c * r, 16 * kt + 4 * q, r, vec) : u32x2{0u, 0u};
+                }
+    };
+    if (live) load_b(tile);
+    pdl_enter();
+    if (!live) return;
+
+    const int rows = min(rc.len, BG_ROWS);
+    T* yr = y + (u64)rc.start * out_dim + part_of(p, c0, c1, c2);
+    // This lane's entries i of product m: rows 2q and 2q + 1 of columns TC_COL and TC_COL + 8, as the mma's
+    // accumulators lay them out: {(2q, c), (2q + 1, c), (2q, c + 8), (2q + 1, c + 8)}; whether one is in the
+    // record and the part, and its offset in y.
+    auto in_y = [&](int i, int c) { return 2 * q + (i & 1) < rows && c + (i >> 1) * 8 < cols; };
+    auto at_y = [&](int i, int c) { return (u64)(2 * q + (i & 1)) * out_dim + c + (i >> 1) * 8; };
+    float yv[BG_TC_MT][4];
+    auto load_y = [&](int tl) {
+#pragma unroll
+        for (int m = 0; m < BG_TC_MT; ++m)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) yv[m][i] = in_y(i, TC_COL(tl, m)) ? to_f(yr[at_y(i, TC_COL(tl, m))]) : 0.f;
+    };
+    load_y(tile);
+    // t: the sum of the ks partials in chunk order (the first 8 loads issued together), rounded to T; zeros
+    // past the record's rows and the pair's rank.
+    const float* tp = tmp + (u64)(p * n + rc.start) * rmax;
+    const u64 cstride = (u64)pstride * rmax;
+    for (int f = threadIdx.x; f < BG_ROWS * KW; f += blockDim.x) {
+        const int i = f / KW, j = f - i * KW;
+        float s = 0.f;
+        if (i < rows && j < r) {
+            const float* e = tp + (u64)i * rmax + j;
+            float part[8];
+#pragma unroll
+            for (int c = 0; c < 8; ++c) part[c] = c < ks ? e[c * cstride] : 0.f;
+#pragma unroll
+            for (int c = 0; c < 8; ++c)
+                if (c < ks) s += part[c];
+            for (int c = 8; c < ks; ++c) s += e[c * cstride];
+        }
+        t_s[i][j] = from_f(s);
+    }
+    __syncthreads();
+    u32 tb[KT][2];
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            tb[kt][h] = g < BG_ROWS ? *reinterpret_cast<const u32*>(&t_s[g][16 * kt + 4 * q + 2 * h]) : 0u;
+
+    for (;;) {
+        float acc[BG_TC_MT][4];
+#pragma unroll
+        for (int m = 0; m < BG_TC_MT; ++m) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[m][i] = 0.f;
+#pragma unroll
+            for (int kt = 0; kt < KT; ++kt) {
+                const u32x2 &lo = bf[m][kt][0], &hi = bf[m][kt][1];
+                const u32 a[4] = {lo.x, hi.x, lo.y, hi.y};
+                mma_16816(acc[m], a, tb[kt]);
+            }
+        }
+        const int cur = tile;
+        tile += TW;
+        const bool more = tile < tend;
+        if (more) load_b(tile);
+#pragma unroll
+        for (int m = 0; m < BG_TC_MT; ++m)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = TC_COL(cur, m);
+                if (in_y(i, c)) yr[at_y(i, c)] = from_f(yv[m][i] + ref.scale * acc[m][i]);
+            }
+        if (!more) break;
+        load_y(tile);
+    }
+#undef TC_COL
+}
+
+#define BGMV_EXPAND_TC(KT, NAME, MINB)                                                                        \
+    extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, MINB)                                    \
+        NAME(T* __restrict__ y, const float* __restrict__ tmp, const LoraRec* __restrict__ recs, int layer, int t0, \
+             int t1, int t2, int c0, int c1, int c2, int e1, int e2, int ct, int n, int pstride, int out_dim,    \
+             int rmax, int ks) {                                                                              \
+        bgmv_expand_tc<KT>(y, tmp, recs, layer, t0, t1, t2, c0, c1, c2, e1, e2, ct, n, pstride, out_dim, rmax, ks); \
+    }
+#else
+// f32 storage has no tensor-core path: the host never launches these.
+#define BGMV_EXPAND_TC(KT, NAME, MINB)                                                                        \
+    extern "C" __global__ void NAME(T* y, const float* tmp, const LoraRec* recs, int layer, int t0, int t1, int t2, \
+                                    int c0, int c1, int c2, int e1, int e2, int ct, int n, int pstride, int out_dim, \
+                                    int rmax, int ks) {}
+#endif
+BGMV_EXPAND_TC(1, bgmv_expand_tc1, 3)
+BGMV_EXPAND_TC(2, bgmv_expand_tc2, 3)
+BGMV_EXPAND_TC(4, bgmv_expand_tc4, 2)

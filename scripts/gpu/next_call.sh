@@ -12,8 +12,8 @@
 #   bash scripts/gpu/next_call.sh round    # ~450 s: graphs and e2e, then bench.sh (session 28)
 #   bash scripts/gpu/next_call.sh detail-bench  # ~480 s: ncu detail of the 128-row one-adapter step's LoRA
 #                                               # kernels and of a 1000-token prompt, then bench.sh (session 30)
-#   bash scripts/gpu/next_call.sh tc       # ~520 s: the LoRA shrink on the tensor cores checked (both shrinks),
-#                                          # timed against the CUDA-core shrink, then bench.sh (session 30)
+#   bash scripts/gpu/next_call.sh tc       # ~470 s: the decode LoRA pair on the tensor cores checked (and on the
+#                                          # CUDA cores), steps timed with each, then bench.sh (session 30)
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
 #   `git show b555703:scripts/gpu/next_call.sh`) and `timeline` (Nsight Systems timelines; the GPU machine
 #   has no nsys: `git show e4c5606:scripts/gpu/timeline.sh`).
@@ -109,15 +109,16 @@ detail-bench)
     lap bench
     ;;
 tc)
-    # Session 30: the decode LoRA's shrink on the tensor cores (bgmv_shrink_tc*, the default for 16-bit
-    # storage): the LoRA kernel tests with it and with the CUDA-core shrink (LORAX_CUDA_LORA_SHRINK=simt),
-    # graphs and e2e against transformers + peft, its kernels under ncu, 32-layer steps through graphs with
-    # each shrink (two rounds, interleaved), then bench.sh.
-    for form in tc simt; do
-        LORAX_CUDA_LORA_SHRINK=$form timeout 120 "$bin/cuda_kernels" lora --nocapture --test-threads 2 \
-            >"$R/kernels-lora-$form.txt" 2>&1
-        echo "rc $?" >>"$R/kernels-lora-$form.txt"
-    done
+    # Session 30: the decode LoRA on the tensor cores (bgmv_shrink_tc*, bgmv_expand_tc*, the default for 16-bit
+    # storage): the LoRA kernel tests with it and on the CUDA cores (LORAX_CUDA_LORA_SHRINK=simt,
+    # LORAX_CUDA_LORA_EXPAND=simt), graphs and e2e against transformers + peft, its kernels under ncu, 32-layer
+    # steps through graphs with both on the tensor cores, the shrink alone, and neither (two rounds,
+    # interleaved), then bench.sh. (Call 2 ran the shrink alone: `git show 9588979:scripts/gpu/next_call.sh`.)
+    simt="LORAX_CUDA_LORA_SHRINK=simt LORAX_CUDA_LORA_EXPAND=simt"
+    timeout 120 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-tc.txt" 2>&1
+    echo "rc $?" >>"$R/kernels-lora-tc.txt"
+    env $simt timeout 60 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-simt.txt" 2>&1
+    echo "rc $?" >>"$R/kernels-lora-simt.txt"
     lap lora
     RUN_SKIP="nvrtc kernels golden adapters sampling bench chunked" timeout 120 scripts/gpu/run.sh "$R/run" "$bin" \
         >"$R/run.txt" 2>&1
@@ -130,7 +131,8 @@ tc)
     for round in 1 2; do
         for x in b128-identical b128-distinct; do
             profile_step "$x" "tc-$round" LORAX_PROFILE_GRAPHS=1
-            profile_step "$x" "simt-$round" LORAX_PROFILE_GRAPHS=1 LORAX_CUDA_LORA_SHRINK=simt
+            profile_step "$x" "tc-shrink-$round" LORAX_PROFILE_GRAPHS=1 LORAX_CUDA_LORA_EXPAND=simt
+            profile_step "$x" "simt-$round" LORAX_PROFILE_GRAPHS=1 $simt
         done
     done
     lap steps

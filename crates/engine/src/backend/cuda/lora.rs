@@ -37,7 +37,8 @@ const BG_KWARPS: u32 = 8;
 const BG_KV: usize = 4;
 const BG_KC_BYTES: usize = 4096;
 const BG_KSPLIT: usize = 8;
-/// Slices of 32 elements each warp of the tensor-core shrink takes in a chunk (BG_TC_SLICES in kernels/lora.cu).
+/// 16-byte vectors of each row each lane of the tensor-core shrink loads in a chunk (BG_TC_SLICES in
+/// kernels/lora.cu): a row's four lanes cover 32 elements with each.
 const BG_TC_SLICES: usize = 4;
 const BG_EXPAND_COLS: usize = 2;
 const BG_EXPAND_BLOCKS_PER_SM: usize = 3;
@@ -79,19 +80,19 @@ fn shrink_chunk(k: usize, size: usize) -> usize {
 }
 
 /// The chunk of the tensor-core shrink (kernels/lora.cu, `bgmv_shrink_tc*`, 16-bit storage): BG_TC_KC =
-/// BG_KWARPS warps × BG_TC_SLICES slices of 32 elements (1024), or all of `k` when it is shorter: 4096 → 4
+/// BG_KWARPS warps × BG_TC_SLICES vectors × 32 elements (1024), or all of `k` when it is shorter: 4096 → 4
 /// chunks, 14336 → 14.
 fn shrink_chunk_tc(k: usize) -> usize {
     k.min(BG_KWARPS as usize * BG_TC_SLICES * 32)
 }
 
-/// `bgmv_shrink_tc1`, `_tc2` or `_tc4`: the tensor-core shrink whose tiles of 16 rank rows hold rank `rmax`
-/// (at most BG_RANK).
-fn shrink_tc_kernel(rmax: usize) -> &'static str {
+/// The tensor-core kernels (`bgmv_shrink_tc1`, `_tc2`, `_tc4`; `bgmv_expand_tc1`, ...) whose tiles of 16
+/// rank rows (the shrink) or k-steps of 16 (the expand) hold rank `rmax` (at most BG_RANK): shrink, expand.
+fn tc_kernels(rmax: usize) -> (&'static str, &'static str) {
     match rmax {
-        0..=16 => "bgmv_shrink_tc1",
-        17..=32 => "bgmv_shrink_tc2",
-        _ => "bgmv_shrink_tc4",
+        0..=16 => ("bgmv_shrink_tc1", "bgmv_expand_tc1"),
+        17..=32 => ("bgmv_shrink_tc2", "bgmv_expand_tc2"),
+        _ => ("bgmv_shrink_tc4", "bgmv_expand_tc4"),
     }
 }
 
@@ -398,12 +399,19 @@ impl CudaBackend {
         // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r of
         // the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written by
         // the shrink of the same layer, so nothing is zeroed.
-        // The shrink on the tensor cores for 16-bit storage (LORAX_CUDA_LORA_SHRINK=simt: on the CUDA cores).
-        let tc = self.lora_shrink_tc && self.dtype.size() == 2;
-        let (kc, shrink_name) = if tc {
-            (shrink_chunk_tc(k), shrink_tc_kernel(step.rmax))
+        // On the tensor cores for 16-bit storage (LORAX_CUDA_LORA_SHRINK=simt, LORAX_CUDA_LORA_EXPAND=simt:
+        // on the CUDA cores, as f32 always runs).
+        let half = self.dtype.size() == 2;
+        let (shrink_tc, expand_tc) = tc_kernels(step.rmax);
+        let (kc, shrink_name) = if self.lora_shrink_tc && half {
+            (shrink_chunk_tc(k), shrink_tc)
         } else {
             (shrink_chunk(k, self.dtype.size()), "bgmv_shrink_ix")
+        };
+        let expand_name = if self.lora_expand_tc && half {
+            expand_tc
+        } else {
+            "bgmv_expand_ix"
         };
         let chunks = k.div_ceil(kc);
         let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
@@ -443,7 +451,7 @@ impl CudaBackend {
         );
         launch!(
             self,
-            "bgmv_expand_ix",
+            expand_name,
             expand,
             &yp,
             &tp,
