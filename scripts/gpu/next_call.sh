@@ -111,16 +111,16 @@ detail-bench)
 tc)
     # Session 30: the decode LoRA on the tensor cores (bgmv_shrink_tc*, bgmv_expand_tc*, the default for 16-bit
     # storage): the LoRA kernel tests with it and on the CUDA cores (LORAX_CUDA_LORA_SHRINK=simt,
-    # LORAX_CUDA_LORA_EXPAND=simt), graphs and e2e against transformers + peft, its kernels under ncu, 32-layer
-    # steps through graphs with both on the tensor cores, the shrink alone, and neither (two rounds,
-    # interleaved), then bench.sh. (Call 2 ran the shrink alone: `git show 9588979:scripts/gpu/next_call.sh`.)
+    # LORAX_CUDA_LORA_EXPAND=simt), golden (bf16/f16 logits with adapters against transformers + peft), graphs
+    # and e2e, its kernels under ncu, 32-layer steps through graphs with both on the tensor cores, the shrink
+    # alone, and neither (two rounds, interleaved), then bench.sh. (Call 2 ran the shrink alone: `git show 9588979:scripts/gpu/next_call.sh`.)
     simt="LORAX_CUDA_LORA_SHRINK=simt LORAX_CUDA_LORA_EXPAND=simt"
     timeout 120 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-tc.txt" 2>&1
     echo "rc $?" >>"$R/kernels-lora-tc.txt"
     env $simt timeout 60 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-simt.txt" 2>&1
     echo "rc $?" >>"$R/kernels-lora-simt.txt"
     lap lora
-    RUN_SKIP="nvrtc kernels golden adapters sampling bench chunked" timeout 120 scripts/gpu/run.sh "$R/run" "$bin" \
+    RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 120 scripts/gpu/run.sh "$R/run" "$bin" \
         >"$R/run.txt" 2>&1
     echo "rc $?" >>"$R/run.txt"
     lap run
