@@ -12,7 +12,7 @@
 #   bash scripts/gpu/next_call.sh round    # ~450 s: graphs and e2e, then bench.sh (session 28)
 #   bash scripts/gpu/next_call.sh detail-bench  # ~480 s: ncu detail of the 128-row one-adapter step's LoRA
 #                                               # kernels and of a 1000-token prompt, then bench.sh (session 30)
-#   bash scripts/gpu/next_call.sh tc       # ~470 s: the decode LoRA pair on the tensor cores checked (and on the
+#   bash scripts/gpu/next_call.sh tc       # ~440 s: the decode LoRA pair on the tensor cores checked (and on the
 #                                          # CUDA cores), steps timed with each, then bench.sh (session 30)
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
 #   `git show b555703:scripts/gpu/next_call.sh`) and `timeline` (Nsight Systems timelines; the GPU machine
@@ -112,8 +112,8 @@ tc)
     # Session 30: the decode LoRA on the tensor cores (bgmv_shrink_tc*, bgmv_expand_tc*, the default for 16-bit
     # storage): the LoRA kernel tests with it and on the CUDA cores (LORAX_CUDA_LORA_SHRINK=simt,
     # LORAX_CUDA_LORA_EXPAND=simt), golden (bf16/f16 logits with adapters against transformers + peft), graphs
-    # and e2e, its kernels under ncu, 32-layer steps through graphs with both on the tensor cores, the shrink
-    # alone, and neither (two rounds, interleaved), then bench.sh. (Call 2 ran the shrink alone: `git show 9588979:scripts/gpu/next_call.sh`.)
+    # and e2e, its kernels under ncu, 32-layer steps through graphs with both on the tensor cores and with
+    # neither (two rounds, interleaved), then bench.sh. (Call 2 ran the shrink alone: `git show 9588979:scripts/gpu/next_call.sh`.)
     simt="LORAX_CUDA_LORA_SHRINK=simt LORAX_CUDA_LORA_EXPAND=simt"
     timeout 120 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-tc.txt" 2>&1
     echo "rc $?" >>"$R/kernels-lora-tc.txt"
@@ -131,7 +131,6 @@ tc)
     for round in 1 2; do
         for x in b128-identical b128-distinct; do
             profile_step "$x" "tc-$round" LORAX_PROFILE_GRAPHS=1
-            profile_step "$x" "tc-shrink-$round" LORAX_PROFILE_GRAPHS=1 LORAX_CUDA_LORA_EXPAND=simt
             profile_step "$x" "simt-$round" LORAX_PROFILE_GRAPHS=1 $simt
         done
     done
