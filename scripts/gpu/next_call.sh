@@ -12,8 +12,8 @@
 #   bash scripts/gpu/next_call.sh round    # ~450 s: graphs and e2e, then bench.sh (session 28)
 #   bash scripts/gpu/next_call.sh detail-bench  # ~480 s: ncu detail of the 128-row one-adapter step's LoRA
 #                                               # kernels and of a 1000-token prompt, then bench.sh (session 30)
-#   bash scripts/gpu/next_call.sh tc       # ~440 s: the decode LoRA pair on the tensor cores checked (and on the
-#                                          # CUDA cores), steps timed with each, then bench.sh (session 30)
+#   bash scripts/gpu/next_call.sh tc       # ~440 s: the decode LoRA shrink on the tensor cores checked (and on the
+#                                          # CUDA cores), golden included, steps timed with each, then bench.sh
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
 #   `git show b555703:scripts/gpu/next_call.sh`) and `timeline` (Nsight Systems timelines; the GPU machine
 #   has no nsys: `git show e4c5606:scripts/gpu/timeline.sh`).
@@ -109,12 +109,12 @@ detail-bench)
     lap bench
     ;;
 tc)
-    # Session 30: the decode LoRA on the tensor cores (bgmv_shrink_tc*, bgmv_expand_tc*, the default for 16-bit
-    # storage): the LoRA kernel tests with it and on the CUDA cores (LORAX_CUDA_LORA_SHRINK=simt,
-    # LORAX_CUDA_LORA_EXPAND=simt), golden (bf16/f16 logits with adapters against transformers + peft), graphs
-    # and e2e, its kernels under ncu, 32-layer steps through graphs with both on the tensor cores and with
-    # neither (two rounds, interleaved), then bench.sh. (Call 2 ran the shrink alone: `git show 9588979:scripts/gpu/next_call.sh`.)
-    simt="LORAX_CUDA_LORA_SHRINK=simt LORAX_CUDA_LORA_EXPAND=simt"
+    # Session 30: the decode LoRA shrink on the tensor cores (bgmv_shrink_tc*, the default for 16-bit storage):
+    # the LoRA kernel tests with it and on the CUDA cores (LORAX_CUDA_LORA_SHRINK=simt), golden (bf16/f16
+    # logits with adapters against transformers + peft), graphs and e2e, its kernels under ncu, 32-layer steps
+    # through graphs with each shrink (two rounds, interleaved), then bench.sh. Call 2 ran it as of 9588979,
+    # call 3 with the expand on the tensor cores too (since removed) as of 1051043.
+    simt="LORAX_CUDA_LORA_SHRINK=simt"
     timeout 120 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-tc.txt" 2>&1
     echo "rc $?" >>"$R/kernels-lora-tc.txt"
     env $simt timeout 60 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-simt.txt" 2>&1

@@ -1,9 +1,8 @@
-//! The decode LoRA kernels by adapter index of kernels/lora.cu (the k-split pair on the tensor cores,
-//! `bgmv_shrink_tc1/2/4` + `bgmv_expand_tc1/2/4`, together and each beside the other's CUDA-core kernel; the
-//! CUDA-core `bgmv_shrink_ix` + `bgmv_expand_ix`; the earlier `bgmv_shrink_ix0` + `bgmv_expand_ix0`), bf16,
-//! under the CPU emulation of CUDA (tests/emu/cuemu.h), against a double-precision reference
-//! (tests/emu/lora_driver.cpp): 1 to 128 rows
-//! in records of 1-4 rows, rows in no record, padding records, ranks 4-64 mixed, fused q/k/v and o
+//! The decode LoRA kernels by adapter index of kernels/lora.cu (the k-split `bgmv_shrink_ix` +
+//! `bgmv_expand_ix`, the shrink on the tensor cores `bgmv_shrink_tc1/2/4` + `bgmv_expand_ix`, and the
+//! earlier `bgmv_shrink_ix0` + `bgmv_expand_ix0`), bf16, under the CPU emulation of CUDA (tests/emu/cuemu.h),
+//! against a double-precision reference (tests/emu/lora_driver.cpp): 1 to 128 rows in records of 1-4 rows,
+//! rows in no record, padding records, ranks 4-64 mixed, fused q/k/v and o
 //! projections, a missing pair, several chunk sizes, and an in_dim that is not whole 16-byte vectors. It checks
 //! the kernels' indexing, staging, shuffles and partial sums on a machine without a GPU; the GPU itself is
 //! checked by `cuda_kernels` (`lora_step_matches_cpu`). Ignored by default (it compiles the driver with g++

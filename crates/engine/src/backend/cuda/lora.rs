@@ -86,13 +86,13 @@ fn shrink_chunk_tc(k: usize) -> usize {
     k.min(BG_KWARPS as usize * BG_TC_SLICES * 32)
 }
 
-/// The tensor-core kernels (`bgmv_shrink_tc1`, `_tc2`, `_tc4`; `bgmv_expand_tc1`, ...) whose tiles of 16
-/// rank rows (the shrink) or k-steps of 16 (the expand) hold rank `rmax` (at most BG_RANK): shrink, expand.
-fn tc_kernels(rmax: usize) -> (&'static str, &'static str) {
+/// `bgmv_shrink_tc1`, `_tc2` or `_tc4`: the tensor-core shrink whose tiles of 16 rank rows hold rank `rmax`
+/// (at most BG_RANK).
+fn shrink_tc_kernel(rmax: usize) -> &'static str {
     match rmax {
-        0..=16 => ("bgmv_shrink_tc1", "bgmv_expand_tc1"),
-        17..=32 => ("bgmv_shrink_tc2", "bgmv_expand_tc2"),
-        _ => ("bgmv_shrink_tc4", "bgmv_expand_tc4"),
+        0..=16 => "bgmv_shrink_tc1",
+        17..=32 => "bgmv_shrink_tc2",
+        _ => "bgmv_shrink_tc4",
     }
 }
 
@@ -399,19 +399,12 @@ impl CudaBackend {
         // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r of
         // the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written by
         // the shrink of the same layer, so nothing is zeroed.
-        // On the tensor cores for 16-bit storage (LORAX_CUDA_LORA_SHRINK=simt, LORAX_CUDA_LORA_EXPAND=simt:
-        // on the CUDA cores, as f32 always runs).
-        let half = self.dtype.size() == 2;
-        let (shrink_tc, expand_tc) = tc_kernels(step.rmax);
-        let (kc, shrink_name) = if self.lora_shrink_tc && half {
-            (shrink_chunk_tc(k), shrink_tc)
+        // The shrink on the tensor cores for 16-bit storage (LORAX_CUDA_LORA_SHRINK=simt: on the CUDA cores,
+        // as f32 always runs).
+        let (kc, shrink_name) = if self.lora_shrink_tc && self.dtype.size() == 2 {
+            (shrink_chunk_tc(k), shrink_tc_kernel(step.rmax))
         } else {
             (shrink_chunk(k, self.dtype.size()), "bgmv_shrink_ix")
-        };
-        let expand_name = if self.lora_expand_tc && half {
-            expand_tc
-        } else {
-            "bgmv_expand_ix"
         };
         let chunks = k.div_ceil(kc);
         let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
@@ -451,7 +444,7 @@ impl CudaBackend {
         );
         launch!(
             self,
-            expand_name,
+            "bgmv_expand_ix",
             expand,
             &yp,
             &tp,

@@ -413,9 +413,6 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "bgmv_shrink_tc2",
             "bgmv_shrink_tc4",
             "bgmv_expand_ix",
-            "bgmv_expand_tc1",
-            "bgmv_expand_tc2",
-            "bgmv_expand_tc4",
             "bgmv_shrink_ix0",
             "bgmv_expand_ix0",
         ],
@@ -535,7 +532,7 @@ impl CudaTensor {
 /// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
-/// `var` as `tc` (true, also when unset) or `simt` (false): which cores a kernel pair runs on.
+/// `var` as `tc` (true, also when unset) or `simt` (false): which cores a kernel runs on.
 fn tc_or_simt(var: &str) -> Result<bool> {
     match std::env::var(var).as_deref() {
         Err(_) | Ok("tc") => Ok(true),
@@ -645,9 +642,6 @@ pub struct CudaBackend {
     /// The k-split shrink of 16-bit storage on the tensor cores, `bgmv_shrink_tc*` (the default;
     /// `LORAX_CUDA_LORA_SHRINK=simt`: `bgmv_shrink_ix` on the CUDA cores, as f32 storage always runs).
     lora_shrink_tc: bool,
-    /// Its expand of 16-bit storage on the tensor cores, `bgmv_expand_tc*` (the default;
-    /// `LORAX_CUDA_LORA_EXPAND=simt`: `bgmv_expand_ix`).
-    lora_expand_tc: bool,
     /// Column tiles each block of `bgmv_expand_ix` walks (`LORAX_CUDA_LORA_EXPAND_TILES`, 1-8); `None` (the
     /// default): as many as keep one wave of blocks ([`lora::expand_tiles`]).
     lora_expand_tiles: Option<usize>,
@@ -1267,7 +1261,6 @@ impl CudaBackend {
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
             lora_shrink_tc: tc_or_simt("LORAX_CUDA_LORA_SHRINK")?,
-            lora_expand_tc: tc_or_simt("LORAX_CUDA_LORA_EXPAND")?,
             lora_expand_tiles: match std::env::var("LORAX_CUDA_LORA_EXPAND_TILES").as_deref() {
                 Err(_) | Ok("auto") => None,
                 Ok(_) => Some(env_count("LORAX_CUDA_LORA_EXPAND_TILES", 1, 1..=8)?),
