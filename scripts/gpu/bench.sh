@@ -111,7 +111,11 @@ for log in "$logs/bench-server.log" "$logs/peft-compare-server.log"; do
         sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow decode step' | tail -12 | cut -c1-240
         echo "slow step handling in the router, $(basename "$log"): $(grep -c 'slow step handling' "$log") logged, and" \
             "$(grep 'slow step handling' "$log" | grep -o 'unlogged_before=[0-9]*' | awk -F= '{s += $2} END {print s + 0}') not"
-        sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow step handling' | tail -8 | cut -c1-240
+        # Those whose thread had the CPU for under half of the handling (cpu_ms, session 30) waited for a core.
+        sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow step handling' | grep -o ' ms="[0-9.]*".*cpu_ms="[0-9.]*"' |
+            tr -d '"' | awk '{split($1, a, "="); for (i = 2; i <= NF; i++) if ($i ~ /^cpu_ms=/) {split($i, c, "=")}
+                n++; if (c[2] < a[2] / 2) w++} END {if (n) print "  of them " w + 0 " of " n " with the CPU for under half the time"}'
+        sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow step handling' | tail -8 | cut -c1-320
     } | tee -a "$summary"
 done
 

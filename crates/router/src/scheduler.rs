@@ -178,6 +178,29 @@ impl LogBudget {
 struct Handled {
     retired: usize,
     filter: Duration,
+    /// What the handling's synchronous part (everything before the filter call) took of this thread's
+    /// CPU, and how often the kernel took the CPU from it meanwhile (`None` where unknown): a slow
+    /// handling with little CPU time and some involuntary switches waited for a core, one whose CPU time
+    /// is most of it did the work.
+    cpu: Option<(Duration, std::os::raw::c_long)>,
+}
+
+/// This thread's CPU time (user and system) and its involuntary context switches so far (Linux's
+/// `getrusage(RUSAGE_THREAD)`); `None` elsewhere or on failure.
+fn thread_usage() -> Option<(Duration, std::os::raw::c_long)> {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::sys::resource::{getrusage, UsageWho};
+        use nix::sys::time::TimeValLike;
+        let u = getrusage(UsageWho::RUSAGE_THREAD).ok()?;
+        let us = u.user_time().num_microseconds() + u.system_time().num_microseconds();
+        Some((
+            Duration::from_micros(u64::try_from(us).ok()?),
+            u.involuntary_context_switches(),
+        ))
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 impl Scheduler {
@@ -452,6 +475,8 @@ impl Scheduler {
                             tokens,
                             retired = handled.retired,
                             filter_ms = format!("{:.1}", handled.filter.as_secs_f64() * 1e3),
+                            cpu_ms = handled.cpu.map(|(c, _)| format!("{:.1}", c.as_secs_f64() * 1e3)),
+                            involuntary_switches = handled.cpu.map(|(_, n)| n),
                             running = self.running.len(),
                             unlogged_before = dropped,
                             "slow step handling (tokens to their streams, retirements, the filter call)"
@@ -683,6 +708,7 @@ impl Scheduler {
     /// Every request the step should have advanced gets an answer: one the shard left out is failed
     /// (never left waiting with its blocks), one the shard has but the router does not is filtered out.
     async fn handle(&mut self, generations: Vec<Generation>, expected: &[u64]) -> Handled {
+        let usage = thread_usage();
         let mut retired = false;
         let before = self.running.len();
         let mut answered = std::collections::HashSet::with_capacity(generations.len());
@@ -733,13 +759,21 @@ impl Scheduler {
         }
         // Counted before the filter: a failed one fails (and empties) the whole batch.
         let left = before.saturating_sub(self.running.len());
+        // No await before this point, so all of it ran on this thread.
+        let cpu = usage
+            .zip(thread_usage())
+            .map(|((c0, s0), (c1, s1))| (c1.saturating_sub(c0), s1 - s0));
         let mut filter = Duration::ZERO;
         if retired {
             let t = Instant::now();
             self.filter().await;
             filter = t.elapsed();
         }
-        Handled { retired: left, filter }
+        Handled {
+            retired: left,
+            filter,
+            cpu,
+        }
     }
 
     /// Handles one request's token (its first one comes with the prompt's details, when asked); `false`
@@ -871,6 +905,52 @@ fn candidate(r: &crate::validation::ValidRequest) -> Candidate {
 mod tests {
     use super::LogBudget;
     use std::time::{Duration, Instant};
+
+    /// Spins until `thread_usage` says this thread has spent `cpu` more (10 s at most); the usage then.
+    fn spin_for(cpu: Duration) -> (Duration, std::os::raw::c_long) {
+        let (c0, _) = super::thread_usage().expect("getrusage(RUSAGE_THREAD) works on Linux");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut x = 0u64;
+        loop {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            let now = super::thread_usage().expect("getrusage(RUSAGE_THREAD)");
+            if now.0 >= c0 + cpu || Instant::now() > deadline {
+                return now;
+            }
+        }
+    }
+
+    /// The slow-handling log's CPU time is the handling thread's own: it grows by what this thread
+    /// computes (20 ms here, whatever else the host runs), not by another thread's 50 ms while this one
+    /// waits on a channel; the switch count never goes back.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn thread_usage_counts_this_threads_cpu_time() {
+        let (c0, s0) = super::thread_usage().expect("getrusage(RUSAGE_THREAD) works on Linux");
+        let (c1, s1) = spin_for(Duration::from_millis(20));
+        assert!(
+            c1 >= c0 + Duration::from_millis(20),
+            "10 s of spinning added only {:?} of CPU time",
+            c1 - c0
+        );
+        assert!(s1 >= s0, "involuntary switches went from {s0} to {s1}");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(spin_for(Duration::from_millis(50))));
+        let theirs = rx.recv().expect("the spinning thread answers");
+        let (c2, _) = super::thread_usage().expect("getrusage(RUSAGE_THREAD)");
+        assert!(
+            theirs.0 >= Duration::from_millis(50),
+            "the other thread spent {:?}",
+            theirs.0
+        );
+        assert!(
+            c2 < c1 + Duration::from_millis(20),
+            "waiting on a channel while another thread spun 50 ms cost this one {:?}",
+            c2 - c1
+        );
+    }
 
     #[test]
     fn slow_handling_logs_are_bounded_a_second_and_count_what_they_drop() {
