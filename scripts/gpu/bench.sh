@@ -111,10 +111,14 @@ for log in "$logs/bench-server.log" "$logs/peft-compare-server.log"; do
         sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow decode step' | tail -12 | cut -c1-240
         echo "slow step handling in the router, $(basename "$log"): $(grep -c 'slow step handling' "$log") logged, and" \
             "$(grep 'slow step handling' "$log" | grep -o 'unlogged_before=[0-9]*' | awk -F= '{s += $2} END {print s + 0}') not"
-        # Those whose thread had the CPU for under half of the handling (cpu_ms, session 30) waited for a core.
-        sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow step handling' | grep -o ' ms="[0-9.]*".*cpu_ms="[0-9.]*"' |
-            tr -d '"' | awk '{split($1, a, "="); for (i = 2; i <= NF; i++) if ($i ~ /^cpu_ms=/) {split($i, c, "=")}
-                n++; if (c[2] < a[2] / 2) w++} END {if (n) print "  of them " w + 0 " of " n " with the CPU for under half the time"}'
+        # Those whose thread had the CPU for under half of the handling before the filter call (cpu_ms against
+        # ms - filter_ms; session 30), and those the kernel took the CPU from (involuntary_switches > 0): both
+        # together mean the thread waited for a core, little CPU time alone that it blocked.
+        sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow step handling' |
+            grep -o ' ms="[0-9.]*".*involuntary_switches=[0-9]*' | tr -d '"' |
+            awk '{for (i = 1; i <= NF; i++) {split($i, kv, "="); v[kv[1]] = kv[2]}
+                n++; if (v["cpu_ms"] < (v["ms"] - v["filter_ms"]) / 2) w++; if (v["involuntary_switches"] > 0) s++}
+                END {if (n) print "  of them " w + 0 " of " n " with the CPU for under half the time before the filter call, " s + 0 " with involuntary switches"}'
         sed 's/\x1b\[[0-9;]*m//g' "$log" | grep 'slow step handling' | tail -8 | cut -c1-320
     } | tee -a "$summary"
 done

@@ -907,6 +907,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     /// Spins until `thread_usage` says this thread has spent `cpu` more (10 s at most); the usage then.
+    #[cfg(target_os = "linux")]
     fn spin_for(cpu: Duration) -> (Duration, std::os::raw::c_long) {
         let (c0, _) = super::thread_usage().expect("getrusage(RUSAGE_THREAD) works on Linux");
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -5,7 +5,7 @@
 // (bgmv_shrink_tc1/2/4, the default for 16-bit storage) at its chunk and others, and the earlier bgmv_shrink_ix0
 // + bgmv_expand_ix0 (up to 9 rows). Cases: 1, 4, 9
 // and 128 rows; segments cut into records of 1-4 rows as the host cuts them, rows in no record, a record with an index but
-// no rows, padding records (index 0); adapters of ranks 4, 8, 16 and 64 (step rmax 64 or less) in one step; a
+// no rows, padding records (index 0); adapters of ranks 4, 8, 16, 32 and 64 (step rmax 64 or less) in one step; a
 // fused q/k/v projection (3 parts, columns 4096 / 1024 / 1024) and o (1 part, 4096); an adapter without a k
 // pair (its rows' k columns are skipped); in_dim 4096, 2600 (a partial group of vectors), 1000 (one chunk)
 // and 4100 (not whole 16-byte vectors: the scalar paths). The intermediate starts as NaN, so an entry read
@@ -211,9 +211,9 @@ static void run_all(const char* name, int n, int k, const Parts& P, const std::v
             run_case(what, n, k, P, ads, segs, kc, 1, x, y0);
     }
 #endif
-    // The shrink on the tensor cores: its own chunk (the host's), a chunk of whole slices that leaves some
-    // warps idle (256), and one that is not whole vectors or slices (1000: the last slice partial, or scalar
-    // loads when in_dim is not whole vectors).
+    // The shrink on the tensor cores: its own chunk (the host's), a chunk that leaves some warps idle (256),
+    // and one that is not whole 64-element stretches (1000: the last stretch partial; scalar loads when
+    // in_dim is not whole vectors).
     snprintf(what, sizeof what, "ix, %d rows, in_dim %d, %s", n, k, name);
     for (int kc : {shrink_chunk_tc(k), 256, 1000})
         if (kc <= k) run_case(what, n, k, P, ads, segs, kc, 3, x, y0, true);
@@ -233,6 +233,8 @@ int main() {
     run_all("o, ranks 16/8/64/4, records of 1-4 rows", 9, 4096, O, {{16, ALL}, {8, ALL}, {64, ALL}, {4, ALL}},
             {{0, 1, 0}, {1, 3, 1}, {5, 4, 2}}, {shrink_chunk(4096), 2048, 0});
     run_all("o, rank 4", 2, 4096, O, {{4, ALL}}, {{1, 1, 0}}, {shrink_chunk(4096), 0});
+    // Largest rank 32 (the tensor-core shrink's bgmv_shrink_tc2): records of 4 and 2 rows, ranks 32 and 8.
+    run_all("q/k/v, ranks 32 + 8", 6, 4096, QKV, {{32, ALL}, {8, ALL}}, {{0, 4, 0}, {4, 2, 1}}, {shrink_chunk(4096)});
     // in_dim 2600 (3 chunks of 1024, the last a partial group), 1000 (one chunk), 4100 (scalar: 5 chunks,
     // the last of 4 elements), with q/k/v and 9 rows.
     for (int k : {2600, 1000, 4100})
