@@ -111,8 +111,8 @@ detail-bench)
 tc)
     # Session 30: the decode LoRA shrink on the tensor cores (bgmv_shrink_tc*, the default for 16-bit storage):
     # the LoRA kernel tests with it and on the CUDA cores (LORAX_CUDA_LORA_SHRINK=simt), golden (bf16/f16
-    # logits with adapters against transformers + peft), graphs and e2e, its kernels under ncu, 32-layer steps
-    # through graphs with each shrink (two rounds, interleaved), then bench.sh. Call 2 ran it as of 9588979,
+    # logits with adapters against transformers + peft), graphs and e2e, both shrinks' kernel times under ncu,
+    # 32-layer steps through graphs with each shrink (two rounds, interleaved), then bench.sh. Call 2 ran it as of 9588979,
     # call 3 with the expand on the tensor cores too (since removed) as of 1051043.
     simt="LORAX_CUDA_LORA_SHRINK=simt"
     timeout 120 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-tc.txt" 2>&1
@@ -127,6 +127,10 @@ tc)
     LORAX_PROFILE_DETAIL="" timeout 60 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" b128-identical b128-distinct \
         >"$R/ncu.txt" 2>&1
     echo "rc $?" >>"$R/ncu.txt"
+    # The CUDA-core shrink's kernel times on the same card (session 30 had them from H200s only).
+    env $simt LORAX_PROFILE_DETAIL="" timeout 60 scripts/gpu/kernel_profile.sh "$R/ncu-simt" "$bin" b128-identical \
+        b128-distinct >"$R/ncu-simt.txt" 2>&1
+    echo "rc $?" >>"$R/ncu-simt.txt"
     lap ncu
     for round in 1 2; do
         for x in b128-identical b128-distinct; do
