@@ -506,22 +506,14 @@ extern "C" __global__ void __launch_bounds__(BG_KWARPS * 32)
 #error "TC_OFF lays out two 64-element stretches a warp"
 #endif
 
-// N consecutive elements from p, one at a time, as N / 2 words of pairs (the lower in the low half) into w;
-// those at or past `left` are zeros.
-template <int N>
-__device__ __forceinline__ void lora_pack_tail(u32* w, const T* p, int left) {
-#pragma unroll
-    for (int i = 0; i < N; i += 2) w[i / 2] = pack(i < left ? p[i] : (T)0, i + 1 < left ? p[i + 1] : (T)0);
-}
-
 // 8 consecutive elements from p (16 bytes when vec and all 8 are before the chunk's end, `left` elements
-// away), zeros past it. `weight`: a weight's 16 bytes, read around the L1 (load_stream).
+// away; else one at a time), zeros past it. `weight`: a weight's 16 bytes, read around the L1 (load_stream).
 __device__ __forceinline__ u32x4 lora_ld8(const T* p, int left, bool vec, bool weight) {
-    u32x4 r = {0u, 0u, 0u, 0u};
-    if (left <= 0) return r;
+    if (left <= 0) return u32x4{0u, 0u, 0u, 0u};
     if (vec && left >= 8) return weight ? load_stream(p) : *reinterpret_cast<const u32x4*>(p);
     u32 w[4];
-    lora_pack_tail<8>(w, p, left);
+#pragma unroll
+    for (int i = 0; i < 8; i += 2) w[i / 2] = pack(i < left ? p[i] : (T)0, i + 1 < left ? p[i + 1] : (T)0);
     return u32x4{w[0], w[1], w[2], w[3]};
 }
 
@@ -827,4 +819,3 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
         if (!more) break;
     }
 }
-

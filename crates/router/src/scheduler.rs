@@ -181,7 +181,7 @@ struct Handled {
     /// What the handling's synchronous part (everything before the filter call) took of this thread's
     /// CPU, and how often the kernel took the CPU from it meanwhile (`None` where unknown): a slow
     /// handling with little CPU time and some involuntary switches waited for a core, one whose CPU time
-    /// is most of it did the work.
+    /// is most of it did the work. Two `getrusage` calls a step: 0.33 us each on the development machine.
     cpu: Option<(Duration, std::os::raw::c_long)>,
 }
 
@@ -729,8 +729,10 @@ impl Scheduler {
         // this thread. Spreading them over the rayon pool (sessions 8-28) saved about 0.15 ms of a 128-row
         // step's handling on an idle host (session 8), but a handling then waits for pool threads to wake:
         // on a busy host its tail grows past a step (examples/handoff.rs), and serving runs logged
-        // handlings of 3-11 ms (bench/NOTES.md session 29). While the shards run the next step ahead, a
-        // handling of a few tenths of a millisecond costs the step nothing.
+        // handlings of 3-11 ms (bench/NOTES.md session 29). On one thread, one of session 30's three hosts
+        // still logged 49 of 3-13.5 ms, cause unknown: the log line's `cpu_ms` and `involuntary_switches`
+        // are there to tell. While the shards run the next step ahead, a handling of a few tenths of a
+        // millisecond costs the step nothing.
         let decoder = &self.decoder;
         // Tokens after the one that ends a request are dropped.
         let done: Vec<u64> = self
