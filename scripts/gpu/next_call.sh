@@ -14,6 +14,11 @@
 #                                               # kernels and of a 1000-token prompt, then bench.sh (session 30)
 #   bash scripts/gpu/next_call.sh tc       # ~440 s: the decode LoRA shrink on the tensor cores checked (and on the
 #                                          # CUDA cores), golden included, steps timed with each, then bench.sh
+#   bash scripts/gpu/next_call.sh rope     # ~370 s: prompt queries rotated inside the prefill kernel
+#                                          # (LORAX_CUDA_PREFILL_ROPE=1, session 31) checked, golden and e2e with
+#                                          # it, 1000-token prompt and mixed steps timed with and without
+#   bash scripts/gpu/next_call.sh mlp      # ~250 s: adapters of every linear layer (the MLP's too): steps and
+#                                          # kernel times with the tensor-core and the CUDA-core shrink (session 31)
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
 #   `git show b555703:scripts/gpu/next_call.sh`) and `timeline` (Nsight Systems timelines; the GPU machine
 #   has no nsys: `git show e4c5606:scripts/gpu/timeline.sh`).
@@ -37,11 +42,21 @@
 # graphs captured at the first and at the second step of their signature), golden and e2e steps, then as
 # `bench`. Its summary prints the shard's start-up decode warm-up line and the slow decode steps by how
 # they ran (session 27: the warm-up should leave no "eager, a new shape" step at the ends of runs).
+# `rope`: the rotary and attention kernel tests (prefill_rope_inside_attention_matches_rope_kv_write: the
+# fused prompt rows against rope_kv_write's queries, bit for bit), golden, graphs and e2e with
+# LORAX_CUDA_PREFILL_ROPE=1, then 32-layer eager steps of a 1000-token prompt (p1000) and of the peft
+# workload's mixed step (m64x8) with it off and on, two rounds interleaved. Turn it on by default only if the
+# tests pass and both steps are faster in both rounds (it saves writing and reading a layer's queries:
+# 16 MB of a 1000-token prompt's 24 MB in rope_kv_write, about 5 us a layer at the H100's copy rate).
+# `mlp`: the benchmark's adapters are q/k/v/o; users often adapt every linear layer. With in_dim 14336
+# (down_proj) the tensor-core shrink's 1024-element chunks make 14 partials where the CUDA-core shrink's make 7
+# (bench/NOTES.md session 30, "Left" 3). ncu kernel times (2 layers) of b128-identical-all and
+# b128-a32-all with each shrink, then 32-layer steps through graphs with each, two rounds interleaved.
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|rope|mlp}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -143,6 +158,40 @@ tc)
     echo "rc $?" >>"$R/bench.txt"
     lap bench
     ;;
+rope)
+    on="LORAX_CUDA_PREFILL_ROPE=1"
+    timeout 150 "$bin/cuda_kernels" rope attention --nocapture --test-threads 2 >"$R/kernels-rope.txt" 2>&1
+    echo "rc $?" >>"$R/kernels-rope.txt"
+    lap kernels
+    env $on RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run-rope" \
+        "$bin" >"$R/run-rope.txt" 2>&1
+    echo "rc $?" >>"$R/run-rope.txt"
+    lap run
+    for round in 1 2; do
+        for x in p1000 m64x8; do
+            profile_step "$x" "off-$round"
+            profile_step "$x" "on-$round" $on
+        done
+    done
+    lap steps
+    ;;
+mlp)
+    simt="LORAX_CUDA_LORA_SHRINK=simt"
+    LORAX_PROFILE_DETAIL="" timeout 90 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" b128-identical-all \
+        b128-a32-all >"$R/ncu.txt" 2>&1
+    echo "rc $?" >>"$R/ncu.txt"
+    env $simt LORAX_PROFILE_DETAIL="" timeout 90 scripts/gpu/kernel_profile.sh "$R/ncu-simt" "$bin" \
+        b128-identical-all b128-a32-all >"$R/ncu-simt.txt" 2>&1
+    echo "rc $?" >>"$R/ncu-simt.txt"
+    lap ncu
+    for round in 1 2; do
+        for x in b128-identical-all b128-a32-all; do
+            profile_step "$x" "tc-$round" LORAX_PROFILE_GRAPHS=1
+            profile_step "$x" "simt-$round" LORAX_PROFILE_GRAPHS=1 $simt
+        done
+    done
+    lap steps
+    ;;
 graphs-bench | bench)
     if [ "$part" = graphs-bench ]; then
         RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
@@ -158,7 +207,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench or tc)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, rope or mlp)" >&2
     exit 2
     ;;
 esac

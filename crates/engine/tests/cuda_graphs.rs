@@ -414,7 +414,8 @@ fn decode_step_time_with_and_without_graphs() {
 /// server runs them while prompts arrive: `rows` decode rows plus four new 512-token prompts, 2048 prompt
 /// tokens; `m0` is those prompts alone; `m<rows>x<k>` has k prompts, as a step under a backlog runs); a
 /// suffix `-identical` gives every sequence one rank-16 q/k/v/o adapter, `-distinct` one adapter each
-/// (128 at most), `-a<n>` n adapters round-robin. Decode rows come from 512-token prompts and 4 steps of
+/// (128 at most), `-a<n>` n adapters round-robin, and a further `-all` adapters of every linear layer (the
+/// MLP's gate/up/down too). Decode rows come from 512-token prompts and 4 steps of
 /// warm-up, then
 /// `LORAX_PROFILE_STEPS` (default 2) profiled steps (`LORAX_PROFILE_GRAPHS=1`: decode steps through graphs,
 /// captured in the warm-up). Each profiled step's wall time (synchronised) and host
@@ -431,6 +432,7 @@ fn decode_step_kernels_for_a_profiler() {
     let steps: usize = env("LORAX_PROFILE_STEPS", "2").parse().unwrap();
     let scenario = env("LORAX_PROFILE_SCENARIO", "b1");
     let (shape, kind) = scenario.split_once('-').unwrap_or((&scenario, "base"));
+    let (kind, mlp) = kind.strip_suffix("-all").map_or((kind, false), |k| (k, true));
     let (what, n) = shape.split_at(1);
     let (n, m) = n.split_once('x').unwrap_or((n, "4"));
     let (n, m): (usize, usize) = (n.parse().unwrap(), m.parse().unwrap());
@@ -455,7 +457,9 @@ fn decode_step_kernels_for_a_profiler() {
     let cache = BIG_CACHE;
     let keys: Vec<String> = (0..adapters).map(|i| format!("a{i}")).collect();
     for (i, k) in keys.iter().enumerate() {
-        write_adapter(&dir.path().join(k), &cfg, 16, i as u64 + 1);
+        // Every linear layer's adapters in bf16 (84 MB each for 32 layers; f32 would write twice that).
+        let dtype = if mlp { DType::BF16 } else { DType::F32 };
+        common::write_adapter_of(&dir.path().join(k), &cfg, 16, dtype, i as u64 + 1, mlp);
         let host = HostAdapter::load(&dir.path().join(k), &cfg, 64).unwrap();
         e.load_adapter(k, &host).unwrap();
     }

@@ -717,6 +717,130 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
     assert!(!fused(&g32, &one), "f32 storage");
 }
 
+/// Prompt rows whose queries the tensor-core prefill kernel rotates as it loads them
+/// (`LORAX_CUDA_PREFILL_ROPE=1`: `rope_kv_write` writes their angles instead of their queries) against
+/// `rope_kv_write` writing every query: decode rows first then prompt chunks (as the engine lays out a mixed
+/// step), cached prefixes, head sizes 128 and 64, bf16 and f16. Outputs and both caches are equal bit for
+/// bit (the poisoned allocations would show any query row that was read but not written); the layouts
+/// the fusion does not take fall back to the two calls.
+#[test]
+fn prefill_rope_inside_attention_matches_rope_kv_write() {
+    let mut rng = Rng(seed("prefill_rope"));
+    let bs = 16;
+    // (q_len, ctx_before): three decode rows, then prompts of 20, 130, 70 after 37 cached keys, and 16
+    // after 200.
+    let mixed = vec![(1, 40), (1, 300), (1, 7), (20, 0), (130, 0), (70, 37), (16, 200)];
+    for dt in [DType::BF16, DType::F16] {
+        let Some(mut g) = gpu(dt) else { return };
+        for (heads, kv_heads, hd, window) in [(32, 8, 128, None), (8, 2, 64, None), (16, 16, 128, Some(4096))] {
+            let c = AttnCase {
+                heads,
+                kv_heads,
+                hd,
+                bs,
+                window,
+                seqs: mixed.clone(),
+                q_range: 1.0,
+            };
+            let inv_freq: Vec<f32> = (0..hd / 2)
+                .map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / hd as f32))
+                .collect();
+            let (blocks, tables) = scattered_tables(&mut rng, &c, 2);
+            let seqs = attn_seqs(&c, &tables);
+            let meta = attn_meta(&c, &seqs);
+            let n: usize = c.seqs.iter().map(|s| s.0).sum();
+            let mut positions = vec![];
+            let mut slots = vec![];
+            for s in &seqs {
+                for p in s.ctx_before..s.ctx_before + s.q_len {
+                    positions.push(p as u32);
+                    slots.push((s.block_table[p / bs] as usize * bs + p % bs) as u32);
+                }
+            }
+            let kvw = kv_heads * hd;
+            let qkv = pair(&g, &mut rng, &[n, (heads + 2 * kv_heads) * hd], -1.0, 1.0);
+            let k = round(dt, &rng.vec(blocks * bs * kvw, -1.0, 1.0));
+            let v = round(dt, &rng.vec(blocks * bs * kvw, -1.0, 1.0));
+            let upload = |x: &[f32]| g.tensor_from_f32(&[blocks * bs, kvw], x).unwrap();
+            let (mut k1, mut v1, mut k2, mut v2) = (upload(&k), upload(&v), upload(&k), upload(&v));
+            let what = format!("{dt:?} prefill rope heads {heads}/{kv_heads} hd {hd}");
+            g.set_prefill_rope(true);
+            assert_eq!(
+                g.prefill_rope_rows(&meta, n, hd, &inv_freq),
+                Some(3),
+                "{what}: the prompt rows"
+            );
+            let got = g
+                .rope_attention(&qkv.gpu, &mut k1, &mut v1, hd, &positions, &inv_freq, &slots, &meta)
+                .unwrap();
+            g.set_prefill_rope(false);
+            assert_eq!(g.prefill_rope_rows(&meta, n, hd, &inv_freq), None, "{what}: off");
+            let want = g
+                .rope_attention(&qkv.gpu, &mut k2, &mut v2, hd, &positions, &inv_freq, &slots, &meta)
+                .unwrap();
+            let (got, want) = (g.to_f32(&got).unwrap(), g.to_f32(&want).unwrap());
+            assert!(got.iter().all(|x| x.is_finite()), "{what}: not finite");
+            assert_eq!(got, want, "{what}: outputs");
+            assert_eq!(g.to_f32(&k1).unwrap(), g.to_f32(&k2).unwrap(), "{what}: keys");
+            assert_eq!(g.to_f32(&v1).unwrap(), g.to_f32(&v2).unwrap(), "{what}: values");
+        }
+        // Layouts the fusion does not take.
+        g.set_prefill_rope(true);
+        let hd = 128;
+        let inv_freq = vec![1.0f32; hd / 2];
+        let layout = |seqs: Vec<(usize, usize)>, window| AttnCase {
+            heads: 8,
+            kv_heads: 2,
+            hd,
+            bs,
+            window,
+            seqs,
+            q_range: 1.0,
+        };
+        let rows = |g: &CudaBackend, c: &AttnCase| {
+            let tables: Vec<Vec<u32>> = c.seqs.iter().map(|_| (0..64).collect()).collect();
+            let seqs = attn_seqs(c, &tables);
+            let n = c.seqs.iter().map(|s| s.0).sum();
+            g.prefill_rope_rows(&attn_meta(c, &seqs), n, hd, &inv_freq)
+        };
+        assert_eq!(rows(&g, &layout(vec![(1, 5), (20, 0), (40, 3)], None)), Some(1));
+        assert_eq!(
+            rows(&g, &layout(vec![(20, 0), (1, 5)], None)),
+            None,
+            "a decode row after a prompt"
+        );
+        assert_eq!(
+            rows(&g, &layout(vec![(1, 5), (8, 0)], None)),
+            None,
+            "a prompt of 8 rows (paged)"
+        );
+        assert_eq!(rows(&g, &layout(vec![(1, 5)], None)), None, "no prompt rows");
+        assert_eq!(
+            rows(&g, &layout(vec![(1, 5), (20, 0), (40, 100)], Some(120))),
+            None,
+            "a window that cuts the last prompt (paged)"
+        );
+    }
+    let Some(mut g32) = gpu(DType::F32) else { return };
+    g32.set_prefill_rope(true);
+    let c = AttnCase {
+        heads: 8,
+        kv_heads: 2,
+        hd: 128,
+        bs,
+        window: None,
+        seqs: vec![(1, 5), (20, 0)],
+        q_range: 1.0,
+    };
+    let tables: Vec<Vec<u32>> = c.seqs.iter().map(|_| (0..64).collect()).collect();
+    let seqs = attn_seqs(&c, &tables);
+    assert_eq!(
+        g32.prefill_rope_rows(&attn_meta(&c, &seqs), 21, 128, &vec![1.0; 64]),
+        None,
+        "f32 storage"
+    );
+}
+
 #[test]
 fn attention_refuses_bad_tables() {
     let Some(g) = gpu(DType::BF16) else { return };

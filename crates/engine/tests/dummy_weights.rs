@@ -1,6 +1,7 @@
 //! `--load-format dummy` on the CPU: a model made from config.json alone loads, is deterministic, keeps
 //! its activations finite and sane through a deep stack, and tensor-parallel ranks (each generating only
-//! its own slices) serve the same model as one rank: equal logits (1e-4) and greedy tokens.
+//! its own slices) serve the same model as one rank: equal logits (1e-4) and greedy tokens. Also the
+//! adapters of every linear layer that the GPU profiler's `-all` scenarios write.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -89,5 +90,25 @@ fn dummy_model_shards_serve_the_one_rank_model() {
             }
             assert_eq!(greedy, one_greedy, "TP={world} rank {rank}: greedy tokens");
         }
+    }
+}
+
+/// The profiler's `-all` scenarios (cuda_graphs) write adapters of every linear layer with
+/// `common::write_adapter_of`: such an adapter parses with all seven targets in every layer, at the written
+/// rank, and loads into the engine; a q/k/v/o one has only those four.
+#[test]
+fn adapters_of_every_linear_layer_load_with_all_targets() {
+    use lorax_engine::lora::{HostAdapter, NUM_TARGETS};
+    let dir = config_dir(3);
+    let mut e = load(dir.path(), Arc::new(SingleRank), 1);
+    for (mlp, targets) in [(true, NUM_TARGETS), (false, 4)] {
+        let a = dir.path().join(format!("adapter-{mlp}"));
+        common::write_adapter_of(&a, e.config(), 8, lorax_engine::weights::DType::BF16, 3, mlp);
+        let host = HostAdapter::load(&a, e.config(), 64).unwrap();
+        assert_eq!(host.max_rank, 8);
+        for (l, layer) in host.layers.iter().enumerate() {
+            assert_eq!(layer.iter().flatten().count(), targets, "layer {l}, mlp {mlp}");
+        }
+        e.load_adapter(&format!("a-{mlp}"), &host).unwrap();
     }
 }

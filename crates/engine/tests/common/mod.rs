@@ -156,6 +156,19 @@ pub fn write_qkvo_adapter(
     dtype: lorax_engine::weights::DType,
     seed: u64,
 ) {
+    write_adapter_of(dir, cfg, r, dtype, seed, false);
+}
+
+/// [`write_qkvo_adapter`], with the MLP's gate/up/down projections too when `mlp` (every linear layer, as
+/// PEFT's `target_modules="all-linear"` gives).
+pub fn write_adapter_of(
+    dir: &std::path::Path,
+    cfg: &lorax_engine::ModelConfig,
+    r: usize,
+    dtype: lorax_engine::weights::DType,
+    seed: u64,
+    mlp: bool,
+) {
     use lorax_engine::weights::DType;
     use safetensors::tensor::TensorView;
     std::fs::create_dir_all(dir).unwrap();
@@ -166,11 +179,20 @@ pub fn write_qkvo_adapter(
         state ^= state << 17;
         ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
     };
-    let (h, q, kv) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+    let (h, q, kv, f) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let mut modules = vec![
+        ("self_attn.q_proj", h, q),
+        ("self_attn.k_proj", h, kv),
+        ("self_attn.v_proj", h, kv),
+        ("self_attn.o_proj", q, h),
+    ];
+    if mlp {
+        modules.extend([("mlp.gate_proj", h, f), ("mlp.up_proj", h, f), ("mlp.down_proj", f, h)]);
+    }
     let mut tensors = Vec::new();
     for l in 0..cfg.num_layers {
-        for (m, inp, out) in [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h)] {
-            let p = format!("base_model.model.model.layers.{l}.self_attn.{m}");
+        for &(m, inp, out) in &modules {
+            let p = format!("base_model.model.model.layers.{l}.{m}");
             for (ab, shape) in [("lora_A", vec![r, inp]), ("lora_B", vec![out, r])] {
                 let values: Vec<f32> = (0..shape.iter().product()).map(|_| value()).collect();
                 tensors.push(lorax_engine::weights::HostTensor::from_values(
@@ -197,9 +219,9 @@ pub fn write_qkvo_adapter(
         })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    let targets: Vec<&str> = modules.iter().map(|(m, ..)| m.rsplit('.').next().unwrap()).collect();
     let config = serde_json::json!({
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "bias": "none"
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": targets, "bias": "none"
     });
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
 }
