@@ -359,7 +359,11 @@ extern "C" __global__ void convert_in(T* __restrict__ out, const void* __restric
         } else {
             const unsigned short h = reinterpret_cast<const unsigned short*>(in)[i];
             if (kind == 1) {
+#if defined(LORAX_EMU)
+                v = emu_f16_to_f32(h);
+#else
                 asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+#endif
             } else {
                 v = __uint_as_float(((u32)h) << 16);
             }

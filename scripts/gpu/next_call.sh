@@ -42,12 +42,13 @@
 # graphs captured at the first and at the second step of their signature), golden and e2e steps, then as
 # `bench`. Its summary prints the shard's start-up decode warm-up line and the slow decode steps by how
 # they ran (session 27: the warm-up should leave no "eager, a new shape" step at the ends of runs).
-# `rope`: the rotary and attention kernel tests (prefill_rope_inside_attention_matches_rope_kv_write: the
-# fused prompt rows against rope_kv_write's queries, bit for bit), golden, graphs and e2e with
-# LORAX_CUDA_PREFILL_ROPE=1, then 32-layer eager steps of a 1000-token prompt (p1000) and of the peft
-# workload's mixed step (m64x8) with it off and on, two rounds interleaved. Turn it on by default only if the
-# tests pass and both steps are faster in both rounds (it saves writing and reading a layer's queries:
-# 16 MB of a 1000-token prompt's 24 MB in rope_kv_write, about 5 us a layer at the H100's copy rate).
+# `rope`: the rotary kernel tests (prefill_rope_inside_attention_matches_rope_kv_write: the fused prompt rows
+# against rope_kv_write's queries at every tile shape, printing how many outputs differ: none did under the
+# CPU emulation), golden, graphs and e2e with LORAX_CUDA_PREFILL_ROPE=1, then 32-layer eager steps of a
+# 1000-token prompt (p1000) and of the peft workload's mixed step (m64x8) with it off and on, two rounds
+# interleaved. Turn it on by default only if the tests pass and both steps are faster in both rounds (it
+# saves rope_kv_write reading a layer's queries and writing them back: 16 MB of a 1000-token prompt's 24 MB,
+# about 5 us a layer at the H100's copy rate).
 # `mlp`: the benchmark's adapters are q/k/v/o; users often adapt every linear layer. With in_dim 14336
 # (down_proj) the tensor-core shrink's 1024-element chunks make 14 partials where the CUDA-core shrink's make 7
 # (bench/NOTES.md session 30, "Left" 3). ncu kernel times (2 layers) of b128-identical-all and
@@ -160,7 +161,7 @@ tc)
     ;;
 rope)
     on="LORAX_CUDA_PREFILL_ROPE=1"
-    timeout 150 "$bin/cuda_kernels" rope attention --nocapture --test-threads 2 >"$R/kernels-rope.txt" 2>&1
+    timeout 150 "$bin/cuda_kernels" rope --nocapture --test-threads 2 >"$R/kernels-rope.txt" 2>&1
     echo "rc $?" >>"$R/kernels-rope.txt"
     lap kernels
     env $on RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run-rope" \

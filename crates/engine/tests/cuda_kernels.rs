@@ -720,9 +720,10 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
 /// Prompt rows whose queries the tensor-core prefill kernel rotates as it loads them
 /// (`LORAX_CUDA_PREFILL_ROPE=1`: `rope_kv_write` writes their angles instead of their queries) against
 /// `rope_kv_write` writing every query: decode rows first then prompt chunks (as the engine lays out a mixed
-/// step), cached prefixes, head sizes 128 and 64, bf16 and f16. Outputs and both caches are equal bit for
-/// bit (the poisoned allocations would show any query row that was read but not written); the layouts
-/// the fusion does not take fall back to the two calls.
+/// step), cached prefixes, head sizes 128 and 64, bf16 and f16, every tile shape. Both caches are equal bit
+/// for bit; the outputs agree with the two calls' and with the CPU backend's (the count of outputs that
+/// differ from the two calls' is printed: under the CPU emulation none do; poisoned allocations would show
+/// any query row read but not written); the layouts the fusion does not take fall back to the two calls.
 #[test]
 fn prefill_rope_inside_attention_matches_rope_kv_write() {
     let mut rng = Rng(seed("prefill_rope"));
@@ -761,28 +762,51 @@ fn prefill_rope_inside_attention_matches_rope_kv_write() {
             let qkv = pair(&g, &mut rng, &[n, (heads + 2 * kv_heads) * hd], -1.0, 1.0);
             let k = round(dt, &rng.vec(blocks * bs * kvw, -1.0, 1.0));
             let v = round(dt, &rng.vec(blocks * bs * kvw, -1.0, 1.0));
-            let upload = |x: &[f32]| g.tensor_from_f32(&[blocks * bs, kvw], x).unwrap();
-            let (mut k1, mut v1, mut k2, mut v2) = (upload(&k), upload(&v), upload(&k), upload(&v));
-            let what = format!("{dt:?} prefill rope heads {heads}/{kv_heads} hd {hd}");
-            g.set_prefill_rope(true);
-            assert_eq!(
-                g.prefill_rope_rows(&meta, n, hd, &inv_freq),
-                Some(3),
-                "{what}: the prompt rows"
-            );
-            let got = g
-                .rope_attention(&qkv.gpu, &mut k1, &mut v1, hd, &positions, &inv_freq, &slots, &meta)
+            let upload = |g: &CudaBackend, x: &[f32]| g.tensor_from_f32(&[blocks * bs, kvw], x).unwrap();
+            // The CPU backend's result, so that a fault common to both paths shows too.
+            let cpu = |x: &[f32]| CpuBackend.tensor_from_f32(&[blocks * bs, kvw], x).unwrap();
+            let (mut kc, mut vc) = (cpu(&k), cpu(&v));
+            let reference = CpuBackend
+                .rope_attention(&qkv.cpu, &mut kc, &mut vc, hd, &positions, &inv_freq, &slots, &meta)
                 .unwrap();
-            g.set_prefill_rope(false);
-            assert_eq!(g.prefill_rope_rows(&meta, n, hd, &inv_freq), None, "{what}: off");
-            let want = g
-                .rope_attention(&qkv.gpu, &mut k2, &mut v2, hd, &positions, &inv_freq, &slots, &meta)
-                .unwrap();
-            let (got, want) = (g.to_f32(&got).unwrap(), g.to_f32(&want).unwrap());
-            assert!(got.iter().all(|x| x.is_finite()), "{what}: not finite");
-            assert_eq!(got, want, "{what}: outputs");
-            assert_eq!(g.to_f32(&k1).unwrap(), g.to_f32(&k2).unwrap(), "{what}: keys");
-            assert_eq!(g.to_f32(&v1).unwrap(), g.to_f32(&v2).unwrap(), "{what}: values");
+            // The automatic tile shape (w8n64 here), then every shape: the two-row-group ones rotate through
+            // shared memory, the others in registers.
+            for shape in std::iter::once(None).chain(PrefillShape::ALL.map(Some)) {
+                g.set_prefill_shape(shape);
+                let (mut k1, mut v1, mut k2, mut v2) = (upload(&g, &k), upload(&g, &v), upload(&g, &k), upload(&g, &v));
+                let what = format!(
+                    "{dt:?} prefill rope heads {heads}/{kv_heads} hd {hd} tiles {}",
+                    shape.map_or("auto", |s| s.label())
+                );
+                g.set_prefill_rope(true);
+                assert_eq!(
+                    g.prefill_rope_rows(&meta, n, hd, &inv_freq),
+                    Some(3),
+                    "{what}: the prompt rows"
+                );
+                let got = g
+                    .rope_attention(&qkv.gpu, &mut k1, &mut v1, hd, &positions, &inv_freq, &slots, &meta)
+                    .unwrap();
+                g.set_prefill_rope(false);
+                assert_eq!(g.prefill_rope_rows(&meta, n, hd, &inv_freq), None, "{what}: off");
+                let want = g
+                    .rope_attention(&qkv.gpu, &mut k2, &mut v2, hd, &positions, &inv_freq, &slots, &meta)
+                    .unwrap();
+                let (got, want) = (g.to_f32(&got).unwrap(), g.to_f32(&want).unwrap());
+                assert!(got.iter().all(|x| x.is_finite()), "{what}: not finite");
+                // The same expressions in both kernels, so the same bits unless the compiler contracted them
+                // into fused multiply-adds differently: the count is printed, the tolerance asserted.
+                let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                say(&format!(
+                    "{what}: {differ} of {} outputs differ from rope_kv_write's path",
+                    got.len()
+                ));
+                check(&format!("{what} against rope_kv_write's path"), &got, &want, tol(dt));
+                check(&format!("{what} against the CPU"), &got, &reference.data, tol(dt));
+                assert_eq!(g.to_f32(&k1).unwrap(), g.to_f32(&k2).unwrap(), "{what}: keys");
+                assert_eq!(g.to_f32(&v1).unwrap(), g.to_f32(&v2).unwrap(), "{what}: values");
+            }
+            g.set_prefill_shape(None);
         }
         // Layouts the fusion does not take.
         g.set_prefill_rope(true);
