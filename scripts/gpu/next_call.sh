@@ -17,6 +17,7 @@
 #   bash scripts/gpu/next_call.sh rope     # ~370 s: prompt queries rotated inside the prefill kernel
 #                                          # (LORAX_CUDA_PREFILL_ROPE=1, session 31) checked, golden and e2e with
 #                                          # it, 1000-token prompt and mixed steps timed with and without
+#   bash scripts/gpu/next_call.sh rope-ncu # ~100 s: ncu kernel times of p1000 and m64x8 with the fusion off and on
 #   bash scripts/gpu/next_call.sh mlp      # ~250 s: adapters of every linear layer (the MLP's too): steps and
 #                                          # kernel times with the tensor-core and the CUDA-core shrink (session 31)
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
@@ -57,7 +58,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|rope|mlp}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|rope|rope-ncu|mlp}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -176,6 +177,17 @@ rope)
     done
     lap steps
     ;;
+rope-ncu)
+    # Session 31 call 2's steps could not tell the fusion's expected 0.7% from their drift: the kernels' own
+    # times under ncu (2 layers), off then on.
+    LORAX_PROFILE_DETAIL="" timeout 150 scripts/gpu/kernel_profile.sh "$R/ncu-off" "$bin" p1000 m64x8 \
+        >"$R/ncu-off.txt" 2>&1
+    echo "rc $?" >>"$R/ncu-off.txt"
+    LORAX_CUDA_PREFILL_ROPE=1 LORAX_PROFILE_DETAIL="" timeout 150 scripts/gpu/kernel_profile.sh "$R/ncu-on" "$bin" \
+        p1000 m64x8 >"$R/ncu-on.txt" 2>&1
+    echo "rc $?" >>"$R/ncu-on.txt"
+    lap ncu
+    ;;
 mlp)
     simt="LORAX_CUDA_LORA_SHRINK=simt"
     LORAX_PROFILE_DETAIL="" timeout 90 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" b128-identical-all \
@@ -208,7 +220,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, rope or mlp)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, rope, rope-ncu or mlp)" >&2
     exit 2
     ;;
 esac
