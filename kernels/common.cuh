@@ -7,13 +7,6 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-// A device function kept out of line (its registers apart from its caller's); inlined under the emulation.
-#if defined(LORAX_EMU)
-#define LORAX_NOINLINE
-#else
-#define LORAX_NOINLINE __noinline__
-#endif
-
 #if defined(LORAX_DTYPE_BF16)
 typedef unsigned short T;
 __device__ __forceinline__ float to_f(T v) { return __uint_as_float(((u32)v) << 16); }
@@ -247,11 +240,6 @@ __device__ __forceinline__ void mma_16816(float* c, const u32* a, const u32* b) 
 
 // Two elements as one 32-bit operand register (the lower k index in the low half).
 __device__ __forceinline__ u32 pack(T lo, T hi) { return (u32)lo | ((u32)hi << 16); }
-// The two elements of such a register as f32 (lo: the low half).
-__device__ __forceinline__ void unpack(u32 p, float& lo, float& hi) {
-    lo = to_f((T)(p & 0xffffu));
-    hi = to_f((T)(p >> 16));
-}
 // Two f32 values rounded to the storage type (nearest even) as one 32-bit register, lo in the low half: one
 // cvt on sm_80 and later instead of from_f's integer rounding twice (bf16), bit for bit the same for every
 // value but NaN (whose payload the cvt makes canonical). LORAX_NO_CVT_PAIRS (a define for comparisons) keeps
@@ -317,7 +305,9 @@ __device__ __forceinline__ void ldsm_x4(u32* r, const T* row) {
 // in that type): one pack_f for 16-bit types, nothing for f32.
 __device__ __forceinline__ void round2(float& a, float& b) {
 #if !defined(LORAX_DTYPE_F32)
-    unpack(pack_f(a, b), a, b);
+    const u32 p = pack_f(a, b);
+    a = to_f((T)(p & 0xffffu));
+    b = to_f((T)(p >> 16));
 #endif
 }
 // VEC values rounded to the storage type and back, in place (round2 on each pair).

@@ -152,22 +152,16 @@ extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ res
 // the angle is inv_freq[i] * position formed in f32, as transformers does; any rope scaling is already
 // folded into inv_freq), queries to q, keys and values to their cache slot (checked on the host; a padding
 // row's slot is 0xffffffff: no write).
-// Rows from q_rows on (the prompt rows that prefill_attention ropes itself as it loads them) write no
-// queries: their angles' (cos, sin) pairs go to rope_tab instead (head_dim floats a row: pair i at 2i),
-// when it is given, as sincosf gives them here, so the queries come out the same either way.
 extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_cache, T* __restrict__ v_cache,
                                          const T* __restrict__ qkv, const u32* __restrict__ positions,
                                          const float* __restrict__ inv_freq, const u32* __restrict__ slots, int q_dim,
-                                         int kv_dim, int head_dim, int q_rows, float* __restrict__ rope_tab) {
+                                         int kv_dim, int head_dim) {
     pdl_enter();
     const u64 r = blockIdx.x;
     const int half = head_dim / 2;
     const int heads = (q_dim + kv_dim) / head_dim;
     const float pos = (float)positions[r];
     const u64 s = slots[r];
-    // Queries left to prefill_attention: only the first head's items run for them, to write the angles.
-    const bool q_later = (int)r >= q_rows;
-    float* tab = rope_tab != nullptr && q_later ? rope_tab + r * (u64)head_dim : nullptr;
     const T* row = qkv + r * (u64)(q_dim + 2 * kv_dim);
     const bool nowhere = s == 0xffffffffull;
     T* kd = k_cache + (nowhere ? 0 : s * kv_dim);
@@ -179,17 +173,6 @@ extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_ca
             const int head = idx / per, i0 = (idx % per) * VEC;
             const int c = head * head_dim + i0;
             if (c >= q_dim && nowhere) continue;
-            if (c < q_dim && q_later) {
-                if (head != 0 || tab == nullptr) continue;
-#pragma unroll
-                for (int e = 0; e < VEC; e += 2) {
-                    float s0, c0, s1, c1;
-                    sincosf(inv_freq[i0 + e] * pos, &s0, &c0);
-                    sincosf(inv_freq[i0 + e + 1] * pos, &s1, &c1);
-                    *reinterpret_cast<f32x4*>(tab + 2 * (i0 + e)) = f32x4{c0, s0, c1, s1};
-                }
-                continue;
-            }
             float a[VEC], b[VEC], f[VEC];
             load_n<VEC>(row + c, a);
             load_n<VEC>(row + c + half, b);
@@ -222,10 +205,6 @@ extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_ca
         sincosf(inv_freq[i] * pos, &sn, &cs);
         const int c = head * head_dim + i;
         if (c >= q_dim && s == 0xffffffffull) continue;
-        if (c < q_dim && q_later) {
-            if (head == 0 && tab != nullptr) tab[2 * i] = cs, tab[2 * i + 1] = sn;
-            continue;
-        }
         T* dst = c < q_dim ? q + r * q_dim + c : k_cache + s * kv_dim + (c - q_dim);
         const float a = to_f(row[c]), b = to_f(row[c + half]);
         dst[0] = from_f(a * cs - b * sn);
@@ -359,11 +338,7 @@ extern "C" __global__ void convert_in(T* __restrict__ out, const void* __restric
         } else {
             const unsigned short h = reinterpret_cast<const unsigned short*>(in)[i];
             if (kind == 1) {
-#if defined(LORAX_EMU)
-                v = emu_f16_to_f32(h);
-#else
                 asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
-#endif
             } else {
                 v = __uint_as_float(((u32)h) << 16);
             }

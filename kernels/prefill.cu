@@ -43,52 +43,14 @@ struct PrefillTile {
 };
 
 // The parameters of prefill_attention and its entry points.
-// q_stride: elements from one query row to the next (num_heads * head size, or the fused q/k/v row's width
-// when q points into it). rope_tab: null when the queries are already rotated; else the (cos, sin) pairs of
-// each row's angles (rope_kv_write's, head size floats a row), and the queries are rotated here as they are
-// loaded, with rope_kv_write's arithmetic and rounding.
 #define PREFILL_PARAMS                                                                                          \
     T *__restrict__ out, const T *__restrict__ q, const T *__restrict__ k_cache, const T *__restrict__ v_cache, \
         const PrefillTile *__restrict__ tiles, const u32 *__restrict__ tables, int num_heads, int num_kv_heads, \
-        int block_size, float scale, int q_stride, const float *__restrict__ rope_tab
+        int block_size, float scale
 // The same parameters as arguments, for the entry points that pass them on.
-#define PREFILL_ARGS \
-    out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads, block_size, scale, q_stride, rope_tab
+#define PREFILL_ARGS out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads, block_size, scale
 
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
-
-// The tile's queries rotated into shared memory (rows LD = HD + 8 apart; rows past `rows` zeroed): each item
-// rotates 8 elements of the first half of a row with their partners in the second, from the rows at `q`
-// (`q_stride` apart) by the angles at `tab` (HD floats a row), as rope_kv_write does. Not inlined: it runs
-// once a block, and inlined it cost the 255-register tile shapes a spill.
-template <int HD, int ROWS, int THREADS>
-__device__ LORAX_NOINLINE void prefill_rope_q_smem(T* q_s, const T* __restrict__ q, int q_stride,
-                                                 const float* __restrict__ tab, int rows) {
-    constexpr int LD = HD + 8;
-    for (int i = threadIdx.x; i < ROWS * HD / 16; i += THREADS) {
-        const int r = i / (HD / 16), c = (i % (HD / 16)) * 8;
-        u32x4 lo_v{0u, 0u, 0u, 0u}, hi_v{0u, 0u, 0u, 0u};
-        if (r < rows) {
-            const T* src = q + (u64)r * q_stride + c;
-            const float* cs = tab + (u64)r * HD + 2 * c;
-            float a[8], b[8], lo[8], hi[8];
-            load_n<8>(src, a);
-            load_n<8>(src + HD / 2, b);
-#pragma unroll
-            for (int e = 0; e < 8; e += 2) {
-                const f32x4 t = *reinterpret_cast<const f32x4*>(cs + 2 * e);
-                lo[e] = a[e] * t.x - b[e] * t.y;
-                hi[e] = b[e] * t.x + a[e] * t.y;
-                lo[e + 1] = a[e + 1] * t.z - b[e + 1] * t.w;
-                hi[e + 1] = b[e + 1] * t.z + a[e + 1] * t.w;
-            }
-            lo_v = to_vec(lo);
-            hi_v = to_vec(hi);
-        }
-        *reinterpret_cast<u32x4*>(q_s + r * LD + c) = lo_v;
-        *reinterpret_cast<u32x4*>(q_s + r * LD + c + HD / 2) = hi_v;
-    }
-}
 
 template <int HD, int W, int BN, int RG>
 __device__ __forceinline__ void prefill_attention(PREFILL_PARAMS) {
@@ -138,22 +100,17 @@ __device__ __forceinline__ void prefill_attention(PREFILL_PARAMS) {
     // tile's rows copied into shared memory with the first step's keys (rows past the tile zeroed).
     u32 qf[Q_SMEM ? 1 : KS][4];
     if constexpr (Q_SMEM) {
-        if (rope_tab == nullptr) {
-            for (int i = threadIdx.x; i < ROWS * CPR; i += THREADS) {
-                const int r = i / CPR, c = (i % CPR) * 8;
-                if (r < tile.rows)
-                    copy16_async(q_s + r * LD + c, q + (u64)(tile.row0 + r) * q_stride + h * HD + c);
-                else
-                    *reinterpret_cast<u32x4*>(q_s + r * LD + c) = u32x4{0u, 0u, 0u, 0u};
-            }
-        } else {
-            prefill_rope_q_smem<HD, ROWS, THREADS>(q_s, q + (u64)tile.row0 * q_stride + h * HD, q_stride,
-                                                   rope_tab + (u64)tile.row0 * HD, tile.rows);
+        for (int i = threadIdx.x; i < ROWS * CPR; i += THREADS) {
+            const int r = i / CPR, c = (i % CPR) * 8;
+            if (r < tile.rows)
+                copy16_async(q_s + r * LD + c, q + (u64)(tile.row0 + r) * qw + h * HD + c);
+            else
+                *reinterpret_cast<u32x4*>(q_s + r * LD + c) = u32x4{0u, 0u, 0u, 0u};
         }
     } else {
         const int r_lo = wrow + g, r_hi = r_lo + 8;
-        const T* q_lo = q + (u64)(tile.row0 + r_lo) * q_stride + h * HD;
-        const T* q_hi = q + (u64)(tile.row0 + r_hi) * q_stride + h * HD;
+        const T* q_lo = q + (u64)(tile.row0 + r_lo) * qw + h * HD;
+        const T* q_hi = q + (u64)(tile.row0 + r_hi) * qw + h * HD;
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
             const int c = ks * 16 + t2;
@@ -161,24 +118,6 @@ __device__ __forceinline__ void prefill_attention(PREFILL_PARAMS) {
             qf[ks][1] = r_hi < tile.rows ? *reinterpret_cast<const u32*>(q_hi + c) : 0u;
             qf[ks][2] = r_lo < tile.rows ? *reinterpret_cast<const u32*>(q_lo + c + 8) : 0u;
             qf[ks][3] = r_hi < tile.rows ? *reinterpret_cast<const u32*>(q_hi + c + 8) : 0u;
-        }
-        if (rope_tab != nullptr) {
-            // Fragment j of k-step ks holds row (j odd: r_hi) columns ks*16 + t2 (+ 8 for j >= 2) and the next;
-            // their partners half a head on are the same fragment of k-step ks + KS/2, in this lane.
-#pragma unroll
-            for (int ks = 0; ks < KS / 2; ++ks) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int r = j % 2 ? r_hi : r_lo, c = ks * 16 + t2 + (j / 2) * 8;
-                    if (r >= tile.rows) continue;
-                    const f32x4 t = *reinterpret_cast<const f32x4*>(rope_tab + (u64)(tile.row0 + r) * HD + 2 * c);
-                    float a0, a1, b0, b1;
-                    unpack(qf[ks][j], a0, a1);
-                    unpack(qf[ks + KS / 2][j], b0, b1);
-                    qf[ks][j] = pack_f(a0 * t.x - b0 * t.y, a1 * t.z - b1 * t.w);
-                    qf[ks + KS / 2][j] = pack_f(b0 * t.x + a0 * t.y, b1 * t.z + a1 * t.w);
-                }
-            }
         }
     }
 

@@ -14,12 +14,12 @@
 #                                               # kernels and of a 1000-token prompt, then bench.sh (session 30)
 #   bash scripts/gpu/next_call.sh tc       # ~440 s: the decode LoRA shrink on the tensor cores checked (and on the
 #                                          # CUDA cores), golden included, steps timed with each, then bench.sh
-#   bash scripts/gpu/next_call.sh rope     # ~370 s: prompt queries rotated inside the prefill kernel
-#                                          # (LORAX_CUDA_PREFILL_ROPE=1, session 31) checked, golden and e2e with
-#                                          # it, 1000-token prompt and mixed steps timed with and without
-#   bash scripts/gpu/next_call.sh rope-ncu # ~100 s: ncu kernel times of p1000 and m64x8 with the fusion off and on
 #   bash scripts/gpu/next_call.sh mlp      # ~250 s: adapters of every linear layer (the MLP's too): steps and
 #                                          # kernel times with the tensor-core and the CUDA-core shrink (session 31)
+#   bash scripts/gpu/next_call.sh expand-tiles  # ~120 s: the LoRA expand's column tiles a block (1, 2 and the
+#                                               # default) on adapters of every linear layer (session 31)
+#   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
+#   faster; the code and the rounds are at 38837cf: `git show 38837cf:scripts/gpu/next_call.sh`).
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
 #   `git show b555703:scripts/gpu/next_call.sh`) and `timeline` (Nsight Systems timelines; the GPU machine
 #   has no nsys: `git show e4c5606:scripts/gpu/timeline.sh`).
@@ -43,22 +43,19 @@
 # graphs captured at the first and at the second step of their signature), golden and e2e steps, then as
 # `bench`. Its summary prints the shard's start-up decode warm-up line and the slow decode steps by how
 # they ran (session 27: the warm-up should leave no "eager, a new shape" step at the ends of runs).
-# `rope`: the rotary kernel tests (prefill_rope_inside_attention_matches_rope_kv_write: the fused prompt rows
-# against rope_kv_write's queries at every tile shape, printing how many outputs differ: none did under the
-# CPU emulation), golden, graphs and e2e with LORAX_CUDA_PREFILL_ROPE=1, then 32-layer eager steps of a
-# 1000-token prompt (p1000) and of the peft workload's mixed step (m64x8) with it off and on, two rounds
-# interleaved. Turn it on by default only if the tests pass and both steps are faster in both rounds (it
-# saves rope_kv_write reading a layer's queries and writing them back: 16 MB of a 1000-token prompt's 24 MB,
-# about 5 us a layer at the H100's copy rate).
 # `mlp`: the benchmark's adapters are q/k/v/o; users often adapt every linear layer. With in_dim 14336
 # (down_proj) the tensor-core shrink's 1024-element chunks make 14 partials where the CUDA-core shrink's make 7
 # (bench/NOTES.md session 30, "Left" 3). ncu kernel times (2 layers) of b128-identical-all and
 # b128-a32-all with each shrink, then 32-layer steps through graphs with each, two rounds interleaved.
+# `expand-tiles`: call 3 of session 31 found gate/up's expand (28672 columns) at 32-35 us a layer with
+# adapters of every linear layer, where its bytes take about 5 us: its blocks walk 4 tiles of 512 columns each
+# (lora::expand_tiles keeps one wave). ncu kernel times (2 layers) and 32-layer steps through graphs of
+# b128-identical-all and b128-a32-all with LORAX_CUDA_LORA_EXPAND_TILES=1, 2 and the default.
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|rope|rope-ncu|mlp}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|mlp|expand-tiles}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -160,33 +157,19 @@ tc)
     echo "rc $?" >>"$R/bench.txt"
     lap bench
     ;;
-rope)
-    on="LORAX_CUDA_PREFILL_ROPE=1"
-    timeout 150 "$bin/cuda_kernels" rope --nocapture --test-threads 2 >"$R/kernels-rope.txt" 2>&1
-    echo "rc $?" >>"$R/kernels-rope.txt"
-    lap kernels
-    env $on RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run-rope" \
-        "$bin" >"$R/run-rope.txt" 2>&1
-    echo "rc $?" >>"$R/run-rope.txt"
-    lap run
-    for round in 1 2; do
-        for x in p1000 m64x8; do
-            profile_step "$x" "off-$round"
-            profile_step "$x" "on-$round" $on
+expand-tiles)
+    for ct in auto 1 2; do
+        LORAX_CUDA_LORA_EXPAND_TILES=$ct LORAX_PROFILE_DETAIL="" timeout 90 scripts/gpu/kernel_profile.sh \
+            "$R/ncu-$ct" "$bin" b128-identical-all b128-a32-all >"$R/ncu-$ct.txt" 2>&1
+        echo "rc $?" >>"$R/ncu-$ct.txt"
+    done
+    lap ncu
+    for ct in auto 1 2; do
+        for x in b128-identical-all b128-a32-all b128-distinct; do
+            profile_step "$x" "tiles-$ct" LORAX_PROFILE_GRAPHS=1 LORAX_CUDA_LORA_EXPAND_TILES=$ct
         done
     done
     lap steps
-    ;;
-rope-ncu)
-    # Session 31 call 2's steps could not tell the fusion's expected 0.7% from their drift: the kernels' own
-    # times under ncu (2 layers), off then on.
-    LORAX_PROFILE_DETAIL="" timeout 150 scripts/gpu/kernel_profile.sh "$R/ncu-off" "$bin" p1000 m64x8 \
-        >"$R/ncu-off.txt" 2>&1
-    echo "rc $?" >>"$R/ncu-off.txt"
-    LORAX_CUDA_PREFILL_ROPE=1 LORAX_PROFILE_DETAIL="" timeout 150 scripts/gpu/kernel_profile.sh "$R/ncu-on" "$bin" \
-        p1000 m64x8 >"$R/ncu-on.txt" 2>&1
-    echo "rc $?" >>"$R/ncu-on.txt"
-    lap ncu
     ;;
 mlp)
     simt="LORAX_CUDA_LORA_SHRINK=simt"
@@ -220,7 +203,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, rope, rope-ncu or mlp)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, mlp or expand-tiles)" >&2
     exit 2
     ;;
 esac

@@ -2,8 +2,7 @@
 //! kernels at head size 128, bf16; mma.sync emulated lane by lane) under the CPU emulation
 //! of CUDA (tests/emu/cuemu.h), against a
 //! double-precision reference (tests/emu/attention_driver.cpp): scattered block tables, rows of no
-//! sequence, unsplit and split contexts; the tensor-core prefill kernels (tests/emu/prefill_driver.cpp);
-//! and `rope_kv_write` leaving the prompt rows' rotation to them (tests/emu/rope_driver.cpp).
+//! sequence, unsplit and split contexts; and the tensor-core prefill kernels (tests/emu/prefill_driver.cpp).
 //! The emulated copies are synchronous, so this checks the kernels' indexing, fragment layouts, staging
 //! and combination logic, not the asynchrony; the GPU itself is checked by
 //! `cuda_kernels`. Ignored by default (it compiles the driver with g++ and runs one thread per CUDA thread):
@@ -20,18 +19,16 @@ use std::process::Command;
 
 use cuda_common::{build_emulated, say};
 
-/// Builds `driver` (tests/emu) against `sources` (kernels/) and common.cuh, runs it and asserts that it
+/// Builds `driver` (tests/emu) against `kernel` (kernels/) and common.cuh, runs it and asserts that it
 /// passes; prints `SKIPPED` without g++.
-fn run_emulated(sources: &[&str], driver: &str) {
+fn run_emulated(kernel: &str, driver: &str) {
     let dir = tempfile::tempdir().unwrap();
     let kernels = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
-    for kernel in sources {
-        // GCC takes the alignment before the storage class that cuemu.h makes of __shared__.
-        let source = std::fs::read_to_string(kernels.join(kernel))
-            .unwrap()
-            .replace("__shared__ alignas(16)", "alignas(16) __shared__");
-        std::fs::write(dir.path().join(kernel), source).unwrap();
-    }
+    // GCC takes the alignment before the storage class that cuemu.h makes of __shared__.
+    let source = std::fs::read_to_string(kernels.join(kernel))
+        .unwrap()
+        .replace("__shared__ alignas(16)", "alignas(16) __shared__");
+    std::fs::write(dir.path().join(kernel), source).unwrap();
     std::fs::copy(kernels.join("common.cuh"), dir.path().join("common.cuh")).unwrap();
     let exe = dir.path().join("emu");
     if !build_emulated(driver, dir.path(), &[], &exe) {
@@ -45,17 +42,11 @@ fn run_emulated(sources: &[&str], driver: &str) {
 #[test]
 #[ignore = "CPU emulation of the attention kernels: slow, needs g++"]
 fn attention_kernels_match_a_double_reference_under_emulation() {
-    run_emulated(&["attention.cu"], "attention_driver.cpp");
+    run_emulated("attention.cu", "attention_driver.cpp");
 }
 
 #[test]
 #[ignore = "CPU emulation of the tensor-core prefill kernels: slow, needs g++"]
 fn prefill_kernels_match_a_double_reference_under_emulation() {
-    run_emulated(&["prefill.cu"], "prefill_driver.cpp");
-}
-
-#[test]
-#[ignore = "CPU emulation of rope_kv_write and the prefill kernels together: slow, needs g++"]
-fn prompt_rotation_inside_prefill_matches_rope_kv_write_under_emulation() {
-    run_emulated(&["elementwise.cu", "prefill.cu"], "rope_driver.cpp");
+    run_emulated("prefill.cu", "prefill_driver.cpp");
 }

@@ -27,7 +27,7 @@
 
 struct dim3_ { unsigned x = 0, y = 0, z = 0; };
 inline thread_local dim3_ threadIdx;
-inline dim3_ blockIdx, blockDim, gridDim;
+inline dim3_ blockIdx, blockDim;
 
 struct WarpX { std::barrier<> bar{32}; uint64_t slot[32]; };
 inline std::barrier<>* g_block;
@@ -98,16 +98,8 @@ inline float __expf(float x) { return std::exp(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 
-// An IEEE half's value as f32 (exact: every half is a float), for the conversions the GPU does with cvt.
-inline float emu_f16_to_f32(unsigned short h) {
-    const int e = (h >> 10) & 31, m = h & 1023;
-    const float mag = e == 31 ? (m ? NAN : INFINITY) : e == 0 ? std::ldexp((float)m, -24) : std::ldexp((float)(m | 1024), e - 25);
-    return h & 0x8000 ? -mag : mag;
-}
-
 inline void emu_launch(unsigned grid, unsigned threads, const std::function<void()>& body) {
     blockDim.x = threads;
-    gridDim = {grid, 1, 1};
     for (unsigned b = 0; b < grid; ++b) {
         blockIdx.x = b;
         std::barrier<> block(threads);

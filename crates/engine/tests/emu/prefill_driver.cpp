@@ -3,9 +3,6 @@
 // a double-precision causal reference: several sequences in one launch through the tile list, prompts
 // shorter and longer than a 64-row tile, cached prefixes (ctx_before > 0) and scattered block tables.
 // Prints each case's largest error; exits non-zero on any over 2e-2 (bf16 output rounding is about 2e-3).
-// Rotary cases: the kernel reads unrotated queries inside fused q/k/v rows (the keys' and values' columns hold
-// NaN) with rope_kv_write's table of (cos, sin) pairs, and must give bit for bit the output it gives for the
-// queries rotated beforehand as rope_kv_write rotates them.
 #include "cuemu.h"
 #define LORAX_DTYPE_BF16
 #include <cstdio>
@@ -17,7 +14,7 @@ typedef void (*Kern)(PREFILL_PARAMS);
 
 template <int HD>
 int check(const char* name, Kern kern, int warps, int rg, int heads, int kvh, int bs,
-          std::vector<std::pair<int, int>> seqs, unsigned seed, bool rope = false) {
+          std::vector<std::pair<int, int>> seqs, unsigned seed) {
     const int bm = 16 * rg * warps;
     std::mt19937 rng(seed);
     std::uniform_real_distribution<float> U(-1.f, 1.f);
@@ -51,53 +48,9 @@ int check(const char* name, Kern kern, int warps, int rg, int heads, int kvh, in
     std::vector<T> out(nrows * qw, (T)0x7fc1);
     // One launch of tiles x heads blocks (a block that computed the wrong tile or head would leave another's
     // output at its NaN poison).
-    if (!rope) {
-        emu_launch((int)tiles.size() * heads, 32 * warps, [&] {
-            kern(out.data(), Q.data(), K.data(), V.data(), tiles.data(), tables.data(), heads, kvh, bs, scale,
-                 (int)qw, nullptr);
-        });
-    } else {
-        // Q taken as the unrotated queries: rows of width qw + 2 kvw (keys and values NaN), rotated by
-        // position with rope_kv_write's table and arithmetic into Qr, which the plain launch above must
-        // then match bit for bit when given Qr.
-        const size_t qs = qw + 2 * kvw;
-        std::vector<T> raw(nrows * qs, (T)0x7fc1);
-        std::vector<float> inv(HD / 2), tab((size_t)nrows * HD);
-        for (int i = 0; i < HD / 2; ++i) inv[i] = std::pow(10000.f, -2.f * i / HD);
-        std::vector<int> pos_of(nrows);
-        for (size_t si = 0; si < seqs.size(); ++si)
-            for (int i = 0; i < seqs[si].second; ++i) pos_of[row0_of[si] + i] = seqs[si].first + i;
-        std::vector<T> Qr(nrows * qw);
-        for (int r = 0; r < nrows; ++r) {
-            for (size_t e = 0; e < qw; ++e) raw[r * qs + e] = Q[r * qw + e];
-            for (int i = 0; i < HD / 2; ++i) {
-                float sn, cs;
-                sincosf(inv[i] * (float)pos_of[r], &sn, &cs);
-                tab[(size_t)r * HD + 2 * i] = cs, tab[(size_t)r * HD + 2 * i + 1] = sn;
-                for (int h = 0; h < heads; ++h) {
-                    const float a = to_f(Q[r * qw + h * HD + i]), b = to_f(Q[r * qw + h * HD + i + HD / 2]);
-                    Qr[r * qw + h * HD + i] = from_f(a * cs - b * sn);
-                    Qr[r * qw + h * HD + i + HD / 2] = from_f(b * cs + a * sn);
-                }
-            }
-        }
-        std::vector<T> fused(nrows * qw, (T)0x7fc1);
-        emu_launch((int)tiles.size() * heads, 32 * warps, [&] {
-            kern(fused.data(), raw.data(), K.data(), V.data(), tiles.data(), tables.data(), heads, kvh, bs, scale,
-                 (int)qs, tab.data());
-        });
-        emu_launch((int)tiles.size() * heads, 32 * warps, [&] {
-            kern(out.data(), Qr.data(), K.data(), V.data(), tiles.data(), tables.data(), heads, kvh, bs, scale,
-                 (int)qw, nullptr);
-        });
-        size_t differ = 0;
-        for (size_t e = 0; e < out.size(); ++e) differ += fused[e] != out[e];
-        if (differ) {
-            printf("%s rotary: %zu of %zu outputs differ from the pre-rotated queries'\n", name, differ, out.size());
-            return 1;
-        }
-        Q = Qr;  // the reference below attends with the rotated queries
-    }
+    emu_launch((int)tiles.size() * heads, 32 * warps, [&] {
+        kern(out.data(), Q.data(), K.data(), V.data(), tiles.data(), tables.data(), heads, kvh, bs, scale);
+    });
     double worst = 0;
     for (size_t si = 0; si < seqs.size(); ++si) {
         auto [before, len] = seqs[si];
@@ -127,7 +80,7 @@ int check(const char* name, Kern kern, int warps, int rg, int heads, int kvh, in
             }
         }
     }
-    printf("%s heads %d/%d block %d%s: max abs err %.3g\n", name, heads, kvh, bs, rope ? " rotary" : "", worst);
+    printf("%s heads %d/%d block %d: max abs err %.3g\n", name, heads, kvh, bs, worst);
     return worst < 2e-2 ? 0 : 1;
 }
 
@@ -153,9 +106,6 @@ int main() {
         // Block size 4 and 12 (not a power of two: the copies' division path), a prefix of 5 and 3 keys.
         bad += check<128>("prefill_attention_128", sh.k128, sh.warps, sh.rg, 4, 1, 4, {{5, 100}, {0, 64}, {3, 200}}, 3);
         bad += check<64>("prefill_attention_64", sh.k64, sh.warps, sh.rg, 2, 1, 12, {{5, 40}, {0, 150}}, 4);
-        // Queries rotated as they are loaded (rows past a tile's end, a cached prefix, GQA groups).
-        bad += check<128>("prefill_attention_128", sh.k128, sh.warps, sh.rg, 8, 2, 16, {{0, 16}, {37, 70}}, 5, true);
-        bad += check<64>("prefill_attention_64", sh.k64, sh.warps, sh.rg, 4, 2, 16, {{3, 50}, {0, 20}}, 6, true);
     }
     printf(bad ? "FAIL %d\n" : "OK\n", bad);
     return bad != 0;

@@ -12,7 +12,7 @@ use super::{
     cfg, int, shape_err, uint, AttnKernel, CudaBackend, CudaTensor, DevBuf, PrefillShape, ATTN_CHUNK, ATTN_COUNTERS,
     ATTN_KERNELS, ATTN_THREADS,
 };
-use crate::backend::{AttnMeta, AttnSeq, NO_SLOT};
+use crate::backend::{AttnMeta, NO_SLOT};
 use crate::error::{EngineError, Result};
 use crate::weights::DType;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -63,15 +63,6 @@ struct RopeArgs {
     _uploads: Arc<[DevBuf; 3]>,
 }
 
-/// Where the tensor-core prefill kernel reads its queries when it rotates them itself: the fused q/k/v
-/// input, its row stride, and the table of angles `rope_kv_write` wrote.
-struct PrefillQueries {
-    qkv: u64,
-    stride: i32,
-    tab: u64,
-    _tab: DevBuf,
-}
-
 /// An attention call ready to launch: metadata uploaded, output and split buffers allocated.
 pub struct AttnPlan<'a> {
     out: CudaTensor,
@@ -80,7 +71,6 @@ pub struct AttnPlan<'a> {
     _part_ml: Option<DevBuf>,
     ptrs: [u64; 8],
     rope: Option<RopeArgs>,
-    prefill_q: Option<PrefillQueries>,
     scale: f32,
     /// Bytes of keys and values the kernel reads (for bandwidth figures).
     pub kv_bytes: usize,
@@ -98,17 +88,6 @@ impl AttnPlan<'_> {
     /// The output `[rows, heads * head_dim]` (valid after [`CudaBackend::attention_run`]).
     pub fn output(self) -> CudaTensor {
         self.out
-    }
-
-    /// The prefill kernel's rows read unrotated queries at `qkv` (rows `stride` elements apart, which the
-    /// caller keeps alive through the run) and rotate them by the angles in `tab`.
-    pub(super) fn prefill_queries(&mut self, qkv: u64, stride: i32, tab: DevBuf, backend: &CudaBackend) {
-        self.prefill_q = Some(PrefillQueries {
-            qkv,
-            stride,
-            tab: backend.ptr(&tab),
-            _tab: tab,
-        });
     }
 }
 
@@ -222,7 +201,6 @@ impl CudaBackend {
             _part_ml: part_ml,
             ptrs,
             rope: None,
-            prefill_q: None,
             scale: meta.scale,
             _inputs: PhantomData,
         })
@@ -328,7 +306,9 @@ impl CudaBackend {
             }
             let off = int("block table offset", tables.len())?;
             tables.extend_from_slice(s.block_table);
-            if tc_kernel.is_some() && self.to_tc_prefill(meta, s) {
+            // Prefill-sized sequences whose context no sliding window cuts go to the tensor cores.
+            let uncut = meta.sliding_window.is_none_or(|w| ctx <= w);
+            if tc_kernel.is_some() && s.q_len >= TC_PREFILL_MIN_ROWS && uncut {
                 for t in (0..s.q_len).step_by(pf_bm) {
                     pf_tiles.push([
                         int("row", s.q_start + t)?,
@@ -444,17 +424,6 @@ impl CudaBackend {
         })
     }
 
-    /// Whether sequence `s` goes to the tensor-core prefill kernel: 16-bit storage, head size 64 or 128, at
-    /// least [`TC_PREFILL_MIN_ROWS`] new tokens, and a context that no sliding window cuts.
-    pub(super) fn to_tc_prefill(&self, meta: &AttnMeta<'_>, s: &AttnSeq<'_>) -> bool {
-        let hd = meta.head_dim;
-        self.tc_prefill
-            && self.dtype != DType::F32
-            && (hd == 64 || hd == 128)
-            && s.q_len >= TC_PREFILL_MIN_ROWS
-            && meta.sliding_window.is_none_or(|w| s.ctx_before + s.q_len <= w)
-    }
-
     /// Query heads per block of the paged kernel at head size `hd` for a GQA group of `group`: the smallest
     /// block that holds the group (fewer registers), else the largest within the per-block limit (the
     /// group then takes several blocks).
@@ -506,17 +475,12 @@ impl CudaBackend {
         let [op, po, pm, qp, kp, vp, rp, tp] = &plan.ptrs;
         let [nh, nkv, bs, window, cps, ns, hd] = &sh.ints;
         if let Some(pf) = &sh.prefill {
-            // The queries: rotated ones `heads * head_dim` apart, or unrotated ones in q/k/v rows with their angles.
-            let (pq, stride, tab) = match &plan.prefill_q {
-                Some(p) => (p.qkv, p.stride, p.tab),
-                None => (*qp, nh * hd, 0),
-            };
             launch!(
                 self,
                 &pf.kernel,
                 pf.grid,
                 op,
-                &pq,
+                qp,
                 kp,
                 vp,
                 &pf.tiles_ptr,
@@ -524,9 +488,7 @@ impl CudaBackend {
                 nh,
                 nkv,
                 bs,
-                &plan.scale,
-                &stride,
-                &tab
+                &plan.scale
             );
         }
         if !sh.paged_rows {

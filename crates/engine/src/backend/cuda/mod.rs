@@ -631,10 +631,6 @@ pub struct CudaBackend {
     /// (`LORAX_CUDA_ATTN_ROPE=N`; 0: never). `None` (the default, `auto`): steps whose attention blocks
     /// fit in one wave (`attn_split_target` per multiprocessor).
     attn_rope_rows: Option<usize>,
-    /// Prompt rows on the tensor-core prefill kernel rotate their queries as that kernel loads them, from a
-    /// table of angles that `rope_kv_write` writes in place of those queries (`LORAX_CUDA_PREFILL_ROPE=1`;
-    /// off by default until measured on a GPU: it saves writing and reading the queries once a layer).
-    prefill_rope: bool,
     /// Decode-shaped LoRA on the BGMV kernels (`LORAX_CUDA_BGMV=0`: SGMV for every shape).
     lora_bgmv: bool,
     /// LoRA segments longer than BGMV's limit (prompt chunks) as cuBLAS GEMMs, a shrink and an expand each,
@@ -1261,7 +1257,6 @@ impl CudaBackend {
                 Err(_) | Ok("auto") => None,
                 Ok(_) => Some(env_count("LORAX_CUDA_ATTN_ROPE", 0, 0..=1 << 20)?),
             },
-            prefill_rope: env_flag("LORAX_CUDA_PREFILL_ROPE"),
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
@@ -1347,12 +1342,6 @@ impl CudaBackend {
     /// the default: steps whose attention blocks fit in one wave; for tests and comparisons).
     pub fn set_attention_rope_rows(&mut self, rows: Option<usize>) {
         self.attn_rope_rows = rows;
-    }
-
-    /// Prompt rows on the tensor-core prefill kernel rotate their queries inside it (see
-    /// [`CudaBackend::prefill_rope_rows`]; off by default; for tests and comparisons).
-    pub fn set_prefill_rope(&mut self, on: bool) {
-        self.prefill_rope = on;
     }
 
     /// Decode-shaped LoRA products on the BGMV kernels (default) or on SGMV like every other shape (for
@@ -1561,122 +1550,6 @@ impl CudaBackend {
                 ]))
             },
         )
-    }
-
-    /// The first row whose query the tensor-core prefill kernel rotates as it loads it, where this pass's
-    /// attention can take its queries that way: the fusion is on (`LORAX_CUDA_PREFILL_ROPE=1`), and the rows
-    /// from there to the last are exactly those of the sequences on that kernel (prompt chunks, which the
-    /// engine lays out after the decode rows). `None`: `rope_kv_write` writes every query.
-    pub fn prefill_rope_rows(
-        &self,
-        meta: &AttnMeta<'_>,
-        rows: usize,
-        head_dim: usize,
-        inv_freq: &[f32],
-    ) -> Option<usize> {
-        if !self.prefill_rope || head_dim != meta.head_dim || inv_freq.len() != head_dim / 2 {
-            return None;
-        }
-        let tc = |s: &crate::backend::AttnSeq<'_>| s.q_len > 0 && self.to_tc_prefill(meta, s);
-        let first = meta.seqs.iter().filter(|s| tc(s)).map(|s| s.q_start).min()?;
-        let mut covered = vec![false; rows.checked_sub(first)?];
-        for s in meta.seqs.iter().filter(|s| s.q_len > 0) {
-            let end = s.q_start.checked_add(s.q_len)?;
-            match tc(s) {
-                true if end <= rows => covered[s.q_start - first..end - first].fill(true),
-                // Another kernel's rows among them, or rows past the batch (refused later).
-                _ if end > first => return None,
-                _ => {}
-            }
-        }
-        covered.iter().all(|&c| c).then_some(first)
-    }
-
-    /// `rope_kv_write`; with `split = Some((q_rows, tab))` the rows from `q_rows` on write no query but, into
-    /// `tab` (`rows x head_dim` f32), the (cos, sin) pairs of their angles.
-    fn rope_kv_write_rows(
-        &self,
-        qkv: &CudaTensor,
-        k_cache: &mut CudaTensor,
-        v_cache: &mut CudaTensor,
-        head_dim: usize,
-        (positions, inv_freq, slots): (&[u32], &[f32], &[u32]),
-        split: Option<(usize, &DevBuf)>,
-    ) -> Result<CudaTensor> {
-        let (n, q_dim, kv_dim) = super::check_rope_kv_write(
-            &qkv.shape,
-            &k_cache.shape,
-            &v_cache.shape,
-            head_dim,
-            (positions, inv_freq, slots),
-        )?;
-        let q = self.alloc(&[n, q_dim])?;
-        if n == 0 {
-            return Ok(q);
-        }
-        let meta = self.rope_uploads(positions, inv_freq, slots)?;
-        let [d_pos, d_freq, d_slots] = &*meta;
-        let (qp, kc, vc, xp) = (
-            self.ptr(&q.buf),
-            self.ptr(&k_cache.buf),
-            self.ptr(&v_cache.buf),
-            self.ptr(&qkv.buf),
-        );
-        let (pp, fp, sp) = (self.ptr(d_pos), self.ptr(d_freq), self.ptr(d_slots));
-        let (qi, ki, hi, qr) = (
-            int("q width", q_dim)?,
-            int("kv width", kv_dim)?,
-            int("head_dim", head_dim)?,
-            int("query rows", split.map_or(n, |(rows, _)| rows.min(n)))?,
-        );
-        let tp = split.map_or(0, |(_, t)| self.ptr(t));
-        launch!(
-            self,
-            "rope_kv_write",
-            cfg(
-                (uint("rows", n)?, 1, 1),
-                self.row_threads_for(n, (q_dim + kv_dim) / 2),
-                0
-            ),
-            &qp,
-            &kc,
-            &vc,
-            &xp,
-            &pp,
-            &fp,
-            &sp,
-            &qi,
-            &ki,
-            &hi,
-            &qr,
-            &tp
-        );
-        Ok(q)
-    }
-
-    /// `rope_attention` whose prompt rows (from `q_rows` on, [`CudaBackend::prefill_rope_rows`]) are rotated
-    /// inside the tensor-core prefill kernel: `rope_kv_write` writes the decode rows' queries, every row's
-    /// key and value, and the prompt rows' angles; the prefill kernel reads those rows' queries from `qkv`.
-    #[allow(clippy::too_many_arguments)]
-    fn rope_prefill_attention(
-        &self,
-        qkv: &CudaTensor,
-        k_cache: &mut CudaTensor,
-        v_cache: &mut CudaTensor,
-        head_dim: usize,
-        host: (&[u32], &[f32], &[u32]),
-        meta: &AttnMeta<'_>,
-        q_rows: usize,
-    ) -> Result<CudaTensor> {
-        let (n, width) = qkv.rows_cols();
-        let tab = self.bytes(n * head_dim * std::mem::size_of::<f32>())?;
-        let q = self.rope_kv_write_rows(qkv, k_cache, v_cache, head_dim, host, Some((q_rows, &tab)))?;
-        let planning = std::time::Instant::now();
-        let mut plan = self.attention_plan(&q, k_cache, v_cache, meta)?;
-        plan.prefill_queries(self.ptr(&qkv.buf), int("q/k/v width", width)?, tab, self);
-        self.graphs.clock.plan(false, planning);
-        self.attention_run(&plan)?;
-        Ok(plan.output())
     }
 
     /// Whether [`crate::Backend::rope_attention`] runs `meta`'s batch (rotary frequencies `inv_freq` of
@@ -2322,7 +2195,51 @@ impl Backend for CudaBackend {
         inv_freq: &[f32],
         slots: &[u32],
     ) -> Result<CudaTensor> {
-        self.rope_kv_write_rows(qkv, k_cache, v_cache, head_dim, (positions, inv_freq, slots), None)
+        let (n, q_dim, kv_dim) = super::check_rope_kv_write(
+            &qkv.shape,
+            &k_cache.shape,
+            &v_cache.shape,
+            head_dim,
+            (positions, inv_freq, slots),
+        )?;
+        let q = self.alloc(&[n, q_dim])?;
+        if n == 0 {
+            return Ok(q);
+        }
+        let meta = self.rope_uploads(positions, inv_freq, slots)?;
+        let [d_pos, d_freq, d_slots] = &*meta;
+        let (qp, kc, vc, xp) = (
+            self.ptr(&q.buf),
+            self.ptr(&k_cache.buf),
+            self.ptr(&v_cache.buf),
+            self.ptr(&qkv.buf),
+        );
+        let (pp, fp, sp) = (self.ptr(d_pos), self.ptr(d_freq), self.ptr(d_slots));
+        let (qi, ki, hi) = (
+            int("q width", q_dim)?,
+            int("kv width", kv_dim)?,
+            int("head_dim", head_dim)?,
+        );
+        launch!(
+            self,
+            "rope_kv_write",
+            cfg(
+                (uint("rows", n)?, 1, 1),
+                self.row_threads_for(n, (q_dim + kv_dim) / 2),
+                0
+            ),
+            &qp,
+            &kc,
+            &vc,
+            &xp,
+            &pp,
+            &fp,
+            &sp,
+            &qi,
+            &ki,
+            &hi
+        );
+        Ok(q)
     }
 
     fn rope_attention(
@@ -2337,10 +2254,6 @@ impl Backend for CudaBackend {
         meta: &AttnMeta<'_>,
     ) -> Result<CudaTensor> {
         if !self.rope_fused(meta, head_dim, inv_freq) {
-            if let Some(q_rows) = self.prefill_rope_rows(meta, positions.len(), head_dim, inv_freq) {
-                let host = (positions, inv_freq, slots);
-                return self.rope_prefill_attention(qkv, k_cache, v_cache, head_dim, host, meta, q_rows);
-            }
             let q = self.rope_kv_write(qkv, k_cache, v_cache, head_dim, positions, inv_freq, slots)?;
             return self.attention(&q, k_cache, v_cache, meta);
         }
