@@ -58,12 +58,22 @@ pub(super) fn expand_groups(part_cols: &[usize], ct: usize) -> [usize; 3] {
     [groups(0), groups(0) + groups(1), groups(0) + groups(1) + groups(2)]
 }
 
-/// Column tiles each block of `bgmv_expand_ix` walks, for `tiles` tiles of all records and parts on `sms`
-/// multiprocessors: the most (at most 8) that still leave a whole wave of blocks, so that each block pays
-/// its record's lookups and intermediate rows once for several tiles; 1 when the tiles fill fewer than two
-/// waves as they are. The last wave may be part-empty (128 records: q/k/v 640 blocks, 1.6 waves of 396; o
-/// 512, 1.3 waves). Depends on the padded record count only, so a decode graph's grid stays the same.
-pub(super) fn expand_tiles(tiles: usize, sms: usize) -> usize {
+/// Column tiles each block of `bgmv_expand_ix` walks, for `tiles` tiles of all records and parts of a pass
+/// of `rows` rows in `records` (padded) records, on `sms` multiprocessors.
+/// - Records of one row each (distinct adapters): the most (at most 8) that still leave a whole wave of
+///   blocks, so that each block pays its record's lookups and intermediate rows once for several tiles; 1
+///   when the tiles fill fewer than two waves as they are. The last wave may be part-empty (128 records:
+///   q/k/v 640 blocks, 1.6 waves of 396; o 512, 1.3 waves).
+/// - Records of two rows or more on average (adapters shared by several rows): 1. Each tile is then several
+///   rows' work, and more blocks of one tile ran faster: gate/up's expand (28672 columns) at 32 records of
+///   4 rows took 23.0-27.0 us at one tile a block against 31.9-34.2 at the 4 of the rule above, and 26.8-30.2
+///   at 2 (bench/NOTES.md session 31; the q/k/v and o expands get 1 there either way).
+///
+/// Depends on the padded record count and the pass's rows only, so a decode graph's grid stays the same.
+pub(super) fn expand_tiles(tiles: usize, rows: usize, records: usize, sms: usize) -> usize {
+    if rows >= 2 * records {
+        return 1;
+    }
     (tiles / (BG_EXPAND_BLOCKS_PER_SM * sms).max(1)).clamp(1, 8)
 }
 
@@ -420,7 +430,7 @@ impl CudaBackend {
         let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
         let ct = self
             .lora_expand_tiles
-            .unwrap_or_else(|| expand_tiles(step.records * tiles, self.num_sms));
+            .unwrap_or_else(|| expand_tiles(step.records * tiles, step.rows, step.records, self.num_sms));
         let [e1, e2, total] = expand_groups(&part_cols[..used], ct);
         let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
         let cti = int("tiles per block", ct)?;
@@ -798,11 +808,15 @@ mod tests {
     /// A whole wave of blocks at least (3 a multiprocessor), at most 8 tiles a block.
     #[test]
     fn expand_tiles_keep_a_wave() {
-        assert_eq!(expand_tiles(128 * 12, 132), 3);
-        assert_eq!(expand_tiles(128 * 8, 132), 2);
-        assert_eq!(expand_tiles(32 * 12, 132), 1);
-        assert_eq!(expand_tiles(1 << 20, 132), 8);
-        assert_eq!(expand_tiles(5, 0), 5);
+        // 128 one-row records (distinct adapters): q/k/v, o.
+        assert_eq!(expand_tiles(128 * 12, 128, 128, 132), 3);
+        assert_eq!(expand_tiles(128 * 8, 128, 128, 132), 2);
+        assert_eq!(expand_tiles(32 * 12, 32, 32, 132), 1);
+        assert_eq!(expand_tiles(1 << 20, 128, 128, 132), 8);
+        assert_eq!(expand_tiles(5, 1, 1, 0), 5);
+        // Records of 4 rows (one adapter for 128 rows): gate/up's 56 tiles a record would walk 4 a block.
+        assert_eq!(expand_tiles(32 * 56, 128, 32, 132), 1);
+        assert_eq!(expand_tiles(32 * 56, 63, 32, 132), 4);
     }
 
     /// Chunks are whole 16-byte vectors (whole groups when there is more than one), fit the kernel's shared
