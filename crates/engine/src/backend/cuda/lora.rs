@@ -58,8 +58,8 @@ pub(super) fn expand_groups(part_cols: &[usize], ct: usize) -> [usize; 3] {
     [groups(0), groups(0) + groups(1), groups(0) + groups(1) + groups(2)]
 }
 
-/// Column tiles each block of `bgmv_expand_ix` walks, for `tiles` tiles of all records and parts of a pass
-/// of `rows` rows in `records` (padded) records, on `sms` multiprocessors.
+/// Column tiles each block of `bgmv_expand_ix` walks, for `tiles` tiles of all records and parts, `rows` rows
+/// with an adapter in `records` (padded) records, on `sms` multiprocessors.
 /// - Records of one row each (distinct adapters): the most (at most 8) that still leave a whole wave of
 ///   blocks, so that each block pays its record's lookups and intermediate rows once for several tiles; 1
 ///   when the tiles fill fewer than two waves as they are. The last wave may be part-empty (128 records:
@@ -67,9 +67,10 @@ pub(super) fn expand_groups(part_cols: &[usize], ct: usize) -> [usize; 3] {
 /// - Records of two rows or more on average (adapters shared by several rows): 1. Each tile is then several
 ///   rows' work, and more blocks of one tile ran faster: gate/up's expand (28672 columns) at 32 records of
 ///   4 rows took 23.0-27.0 us at one tile a block against 31.9-34.2 at the 4 of the rule above, and 26.8-30.2
-///   at 2 (bench/NOTES.md session 31; the q/k/v and o expands get 1 there either way).
+///   at 2 (bench/NOTES.md session 31; the q/k/v and o expands get 1 there either way). Rows without an
+///   adapter do not count: they are no record's work.
 ///
-/// Depends on the padded record count and the pass's rows only, so a decode graph's grid stays the same.
+/// A decode graph's grid can take either value for one padded record count (a new signature, captured once).
 pub(super) fn expand_tiles(tiles: usize, rows: usize, records: usize, sms: usize) -> usize {
     if rows >= 2 * records {
         return 1;
@@ -187,6 +188,8 @@ pub struct CudaLoraStep {
     table: DevBuf,
     records: usize,
     rows: usize,
+    /// Rows with an adapter (the records' rows).
+    adapter_rows: usize,
     rmax: usize,
     layers: usize,
     /// Per target: (in features, columns) where some adapter of the step has it.
@@ -300,11 +303,13 @@ impl CudaBackend {
         }
         // Padded with empty records to a power of two, so that a decode graph's grids stay the same while
         // the batch's mix of adapters changes within that bound.
+        let adapter_rows = recs.iter().map(|r| r.len as usize).sum();
         recs.resize(recs.len().next_power_of_two(), LoraRec::default());
         Ok(Some(CudaLoraStep {
             table: self.upload(&recs)?,
             records: recs.len(),
             rows,
+            adapter_rows,
             rmax,
             layers,
             dims,
@@ -430,7 +435,7 @@ impl CudaBackend {
         let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
         let ct = self
             .lora_expand_tiles
-            .unwrap_or_else(|| expand_tiles(step.records * tiles, step.rows, step.records, self.num_sms));
+            .unwrap_or_else(|| expand_tiles(step.records * tiles, step.adapter_rows, step.records, self.num_sms));
         let [e1, e2, total] = expand_groups(&part_cols[..used], ct);
         let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
         let cti = int("tiles per block", ct)?;
@@ -816,6 +821,7 @@ mod tests {
         assert_eq!(expand_tiles(5, 1, 1, 0), 5);
         // Records of 4 rows (one adapter for 128 rows): gate/up's 56 tiles a record would walk 4 a block.
         assert_eq!(expand_tiles(32 * 56, 128, 32, 132), 1);
+        assert_eq!(expand_tiles(32 * 56, 64, 32, 132), 1);
         assert_eq!(expand_tiles(32 * 56, 63, 32, 132), 4);
     }
 
