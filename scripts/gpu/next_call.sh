@@ -16,8 +16,8 @@
 #                                          # CUDA cores), golden included, steps timed with each, then bench.sh
 #   bash scripts/gpu/next_call.sh mlp      # ~60 s: adapters of every linear layer (the MLP's too): steps and
 #                                          # kernel times with the tensor-core and the CUDA-core shrink (session 31)
-#   bash scripts/gpu/next_call.sh expand-tiles  # ~120 s (call 6: 120): the LoRA expand's column tiles a block (1, 2 and the
-#                                               # default) on adapters of every linear layer (session 31)
+#   bash scripts/gpu/next_call.sh expand-tiles  # ~120 s: the LoRA expand's column tiles a block (1, 2 and
+#                                               # the default) on adapters of every linear layer (session 31)
 #   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
 #   faster; the code and the rounds are at 38837cf: `git show 38837cf:scripts/gpu/next_call.sh`).
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
