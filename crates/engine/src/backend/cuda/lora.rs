@@ -58,8 +58,8 @@ pub(super) fn expand_groups(part_cols: &[usize], ct: usize) -> [usize; 3] {
     [groups(0), groups(0) + groups(1), groups(0) + groups(1) + groups(2)]
 }
 
-/// Column tiles each block of `bgmv_expand_ix` walks, for `tiles` tiles of all records and parts, `rows` rows
-/// with an adapter in `records` (padded) records, on `sms` multiprocessors.
+/// Column tiles each block of `bgmv_expand_ix` walks, for `tiles` column tiles a record (all its parts), `rows`
+/// rows with an adapter in `records` (padded) records, on `sms` multiprocessors.
 /// - Records of one row each (distinct adapters): the most (at most 8) that still leave a whole wave of
 ///   blocks, so that each block pays its record's lookups and intermediate rows once for several tiles; 1
 ///   when the tiles fill fewer than two waves as they are. The last wave may be part-empty (128 records:
@@ -75,7 +75,7 @@ pub(super) fn expand_tiles(tiles: usize, rows: usize, records: usize, sms: usize
     if rows >= 2 * records {
         return 1;
     }
-    (tiles / (BG_EXPAND_BLOCKS_PER_SM * sms).max(1)).clamp(1, 8)
+    (records * tiles / (BG_EXPAND_BLOCKS_PER_SM * sms).max(1)).clamp(1, 8)
 }
 
 /// The k-chunk of the split shrink (kernels/lora.cu, `bgmv_shrink_ix`) for rows of `k` elements of `size`
@@ -435,7 +435,7 @@ impl CudaBackend {
         let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
         let ct = self
             .lora_expand_tiles
-            .unwrap_or_else(|| expand_tiles(step.records * tiles, step.adapter_rows, step.records, self.num_sms));
+            .unwrap_or_else(|| expand_tiles(tiles, step.adapter_rows, step.records, self.num_sms));
         let [e1, e2, total] = expand_groups(&part_cols[..used], ct);
         let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
         let cti = int("tiles per block", ct)?;
@@ -814,15 +814,15 @@ mod tests {
     #[test]
     fn expand_tiles_keep_a_wave() {
         // 128 one-row records (distinct adapters): q/k/v, o.
-        assert_eq!(expand_tiles(128 * 12, 128, 128, 132), 3);
-        assert_eq!(expand_tiles(128 * 8, 128, 128, 132), 2);
-        assert_eq!(expand_tiles(32 * 12, 32, 32, 132), 1);
-        assert_eq!(expand_tiles(1 << 20, 128, 128, 132), 8);
+        assert_eq!(expand_tiles(12, 128, 128, 132), 3);
+        assert_eq!(expand_tiles(8, 128, 128, 132), 2);
+        assert_eq!(expand_tiles(12, 32, 32, 132), 1);
+        assert_eq!(expand_tiles(1 << 13, 128, 128, 132), 8);
         assert_eq!(expand_tiles(5, 1, 1, 0), 5);
         // Records of 4 rows (one adapter for 128 rows): gate/up's 56 tiles a record would walk 4 a block.
-        assert_eq!(expand_tiles(32 * 56, 128, 32, 132), 1);
-        assert_eq!(expand_tiles(32 * 56, 64, 32, 132), 1);
-        assert_eq!(expand_tiles(32 * 56, 63, 32, 132), 4);
+        assert_eq!(expand_tiles(56, 128, 32, 132), 1);
+        assert_eq!(expand_tiles(56, 64, 32, 132), 1);
+        assert_eq!(expand_tiles(56, 63, 32, 132), 4);
     }
 
     /// Chunks are whole 16-byte vectors (whole groups when there is more than one), fit the kernel's shared
