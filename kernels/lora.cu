@@ -736,6 +736,28 @@ __device__ __forceinline__ void lora_red2(T* p, float d0, float d1, bool both) {
 }
 #endif
 
+// The expand's intermediate rows t[i, :r] (i < rows) into t_s (rows of r floats): each entry the sum of the
+// ks k-chunk partials in chunk order (the first 8 loads issued together), from intermediate row trow + i of
+// chunk 0 (chunk c's are pstride rows further on). Ends with the block's barrier.
+__device__ __forceinline__ void lora_stage_t(float* t_s, const float* __restrict__ tmp, int trow, int rows, int r,
+                                             int rmax, int pstride, int ks) {
+    const float* tp = tmp + (u64)trow * rmax;
+    const u64 cstride = (u64)pstride * rmax;
+    for (int f = threadIdx.x; f < rows * r; f += blockDim.x) {
+        const float* e = tp + (u64)(f / r) * rmax + f % r;
+        float part[8];
+#pragma unroll
+        for (int c = 0; c < 8; ++c) part[c] = c < ks ? e[c * cstride] : 0.f;
+        float s = 0.f;
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+            if (c < ks) s += part[c];
+        for (int c = 8; c < ks; ++c) s += e[c * cstride];
+        t_s[f] = s;
+    }
+    __syncthreads();
+}
+
 // Three blocks per multiprocessor: ptxas took 114 registers a thread (2 blocks) when left free.
 // Grid (record, column group, 1): the parts' groups laid end to end along y (part 0's are y < e1, part 1's
 // e1 <= y < e2, part 2's the rest), so no block has a part narrower than the widest to skip; a group is `ct`
@@ -776,22 +798,7 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
     float yv[2][BG_ROWS];
     lora_ld_y(yv, yr, col, cols, rows, out_dim);
 #endif
-    // The intermediate: the sum of the ks partials in chunk order, the first 8 loads issued together.
-    const float* tp = tmp + (u64)(p * n + rc.start) * rmax;
-    const u64 cstride = (u64)pstride * rmax;
-    for (int f = threadIdx.x; f < rows * r; f += blockDim.x) {
-        const float* e = tp + (u64)(f / r) * rmax + f % r;
-        float part[8];
-#pragma unroll
-        for (int c = 0; c < 8; ++c) part[c] = c < ks ? e[c * cstride] : 0.f;
-        float s = 0.f;
-#pragma unroll
-        for (int c = 0; c < 8; ++c)
-            if (c < ks) s += part[c];
-        for (int c = 8; c < ks; ++c) s += e[c * cstride];
-        t_s[f] = s;
-    }
-    __syncthreads();
+    lora_stage_t(t_s, tmp, p * n + rc.start, rows, r, rmax, pstride, ks);
 
     for (;;) {
         float acc[2][BG_ROWS];
@@ -817,5 +824,136 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
         if (more) lora_ld_y(yv, yr, col, cols, rows, out_dim);
 #endif
         if (!more) break;
+    }
+}
+
+// bgmv_expand_vx: the decode expand with wider accesses and longer records (LORAX_CUDA_LORA_EXPAND, lora.rs
+// `expand_vx_fits`). Grid (expand record, column tile, 1), BG_EXPAND_THREADS threads. An expand record is
+// up to BE_ROWS consecutive rows of one adapter (the host merges the shrink's records of a segment, to at
+// most BE_ROWS rows, padding records after them), so B is read once for up to 16 rows where bgmv_expand_ix
+// reads it once per 4. A thread takes BE_V = 8 / sizeof(T) adjacent columns (one 8-byte load and store of
+// y per row, its columns' B rows one contiguous run), a tile is BE_V * BG_EXPAND_THREADS columns of one
+// part (the parts' tiles end to end along y: part 0's y < e1, part 1's e1 <= y < e2, part 2's the rest).
+// The host launches it only where every part's first column, its columns and out_dim are whole multiples
+// of BE_V and y is 8-byte aligned. The block loads its columns' first BE_J rank entries of B before
+// pdl_wait, then all its rows of y at once, stages t[row, j] (the ks partials summed in chunk order, as
+// bgmv_expand_ix does), and adds scale * t[row, :r] . B[c, :r] in f32 to each entry, rounded once. Ranks
+// above BE_J load B's later entries per group of 4 rows; a rank that is not whole 16-byte vectors takes
+// scalar loads of B.
+#define BE_ROWS 16
+#define BE_V (8 / (int)sizeof(T))
+#define BE_J 16
+#define BE_BV (BE_J / VEC)
+
+// This thread's B[c + v, j0 .. j0 + BE_J) for v < BE_V (entries past r not loaded).
+__device__ __forceinline__ void lora_ld_bv(u32x4 (*dst)[BE_BV], const T* b, int r, int j0) {
+#pragma unroll
+    for (int v = 0; v < BE_V; ++v)
+#pragma unroll
+        for (int u = 0; u < BE_BV; ++u)
+            if (j0 + u * VEC < r) dst[v][u] = load_stream(b + (u64)v * r + j0 + u * VEC);
+}
+
+extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 2)
+    bgmv_expand_vx(T* __restrict__ y, const float* __restrict__ tmp, const LoraRec* __restrict__ recs, int layer,
+                   int t0, int t1, int t2, int c0, int c1, int c2, int e1, int e2, int n, int pstride, int out_dim,
+                   int rmax, int ks) {
+    __shared__ f32x4 t_v[BE_ROWS * BG_RANK / 4];
+    float* t_s = reinterpret_cast<float*>(t_v);  // rows of r floats: 16-byte aligned when r % VEC == 0
+    const LoraRec rc = recs[blockIdx.x];
+    const int gy = blockIdx.y;
+    const int p = gy >= e2 ? 2 : (gy >= e1 ? 1 : 0);
+    const int tile = gy - part_of(p, 0, e1, e2);
+    LoraRef ref = {};
+    if (rc.len > 0 && rc.index != 0)
+        ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+    constexpr int TW = BE_V * BG_EXPAND_THREADS;
+    const int r = ref.rank, cols = ref.cols;
+    const bool live = ref.a != 0 && tile * TW < cols;
+    const int c = tile * TW + BE_V * (int)threadIdx.x;  // this thread's first column (of BE_V, all < cols or none)
+    const bool mine = live && c < cols;
+    const bool vec = r % VEC == 0;
+    const T* b = reinterpret_cast<const T*>(ref.b) + (u64)c * r;
+    u32x4 bv[BE_V][BE_BV];
+    if (mine && vec) lora_ld_bv(bv, b, r, 0);
+    pdl_enter();
+    if (!live) return;
+
+    const int rows = min(rc.len, BE_ROWS);
+    T* yr = y + (u64)rc.start * out_dim + part_of(p, c0, c1, c2) + c;
+    u32x2 yv[BE_ROWS];
+    if (mine) {
+#pragma unroll
+        for (int i = 0; i < BE_ROWS; ++i)
+            if (i < rows) yv[i] = *reinterpret_cast<const u32x2*>(yr + (u64)i * out_dim);
+    }
+    lora_stage_t(t_s, tmp, p * n + rc.start, rows, r, rmax, pstride, ks);
+    if (!mine) return;
+
+    // Unrolled, so that yv's rows are registers (BE_ROWS / 4 groups).
+#pragma unroll
+    for (int q = 0; q < BE_ROWS; q += 4) {
+        if (q >= rows) break;
+        float acc[4][BE_V];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int v = 0; v < BE_V; ++v) acc[i][v] = 0.f;
+        if (vec) {
+#pragma unroll 1
+            for (int j0 = 0; j0 < r; j0 += BE_J) {
+                // Rank entries past the first BE_J: loaded for each group of rows (the first group's first
+                // entries were loaded before pdl_wait and stay).
+                if (j0 > 0 || (q > 0 && r > BE_J)) lora_ld_bv(bv, b, r, j0);
+#pragma unroll
+                for (int u = 0; u < BE_BV; ++u) {
+                    const int j = j0 + u * VEC;
+                    if (j >= r) continue;
+                    float bf[BE_V][VEC];
+#pragma unroll
+                    for (int v = 0; v < BE_V; ++v) {
+                        const T* be = reinterpret_cast<const T*>(&bv[v][u]);
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) bf[v][e] = to_f(be[e]);
+                    }
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        if (q + i >= rows) continue;
+#pragma unroll
+                        for (int e4 = 0; e4 < VEC; e4 += 4) {
+                            const f32x4 t4 = *reinterpret_cast<const f32x4*>(t_s + (q + i) * r + j + e4);
+                            const float t[4] = {t4.x, t4.y, t4.z, t4.w};
+#pragma unroll
+                            for (int e = 0; e < 4; ++e)
+#pragma unroll
+                                for (int v = 0; v < BE_V; ++v) acc[i][v] += t[e] * bf[v][e4 + e];
+                        }
+                    }
+                }
+            }
+        } else {
+            for (int j = 0; j < r; ++j) {
+                float bf[BE_V];
+#pragma unroll
+                for (int v = 0; v < BE_V; ++v) bf[v] = to_f(b[(u64)v * r + j]);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    if (q + i >= rows) continue;
+                    const float t = t_s[(q + i) * r + j];
+#pragma unroll
+                    for (int v = 0; v < BE_V; ++v) acc[i][v] += t * bf[v];
+                }
+            }
+        }
+        // Rows q .. q + 3 of y: the f32 sum rounded once, one 8-byte store a row.
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if (q + i >= rows) continue;
+            u32x2 w = yv[q + i];
+            T* we = reinterpret_cast<T*>(&w);
+#pragma unroll
+            for (int v = 0; v < BE_V; ++v) we[v] = from_f(to_f(we[v]) + ref.scale * acc[i][v]);
+            *reinterpret_cast<u32x2*>(yr + (u64)(q + i) * out_dim) = w;
+        }
     }
 }

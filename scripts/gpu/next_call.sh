@@ -18,6 +18,8 @@
 #                                          # kernel times with the tensor-core and the CUDA-core shrink (session 31)
 #   bash scripts/gpu/next_call.sh expand-tiles  # ~120 s: the LoRA expand's column tiles a block (1, 2 and
 #                                               # the default) on adapters of every linear layer (session 31)
+#   bash scripts/gpu/next_call.sh vx       # ~330 s: the LoRA expand bgmv_expand_vx (session 32) checked against
+#                                          # the CPU, golden and e2e, then timed against bgmv_expand_ix
 #   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
 #   faster; the code and the rounds are at 38837cf: `git show 38837cf:scripts/gpu/next_call.sh`).
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
@@ -51,11 +53,16 @@
 # adapters of every linear layer, where its bytes take about 5 us: its blocks walk 4 tiles of 512 columns each
 # (lora::expand_tiles keeps one wave). ncu kernel times (2 layers) and 32-layer steps through graphs of
 # b128-identical-all and b128-a32-all with LORAX_CUDA_LORA_EXPAND_TILES=1, 2 and the default.
+# `vx`: bgmv_expand_vx (the default from session 32: 8-byte accesses of y, records of up to 16 rows) against
+# bgmv_expand_ix (LORAX_CUDA_LORA_EXPAND=ix): the LoRA kernel tests with each, graphs, golden and e2e with vx;
+# ncu kernel times (2 layers) of b128-identical, b128-distinct, b128-identical-all and b128-a32-all with each;
+# 32-layer steps through graphs of those with vx, ix and vx at records of 4 rows (LORAX_CUDA_LORA_EXPAND_ROWS=4),
+# two rounds interleaved. Keep vx the default only if the tests pass and its steps are not slower.
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|mlp|expand-tiles}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|mlp|expand-tiles|vx}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -171,6 +178,33 @@ expand-tiles)
     done
     lap steps
     ;;
+vx)
+    ix="LORAX_CUDA_LORA_EXPAND=ix"
+    timeout 120 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-vx.txt" 2>&1
+    echo "rc $?" >>"$R/kernels-lora-vx.txt"
+    env $ix timeout 60 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora-ix.txt" 2>&1
+    echo "rc $?" >>"$R/kernels-lora-ix.txt"
+    lap lora
+    RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 120 scripts/gpu/run.sh "$R/run" "$bin" \
+        >"$R/run.txt" 2>&1
+    echo "rc $?" >>"$R/run.txt"
+    lap run
+    scen="b128-identical b128-distinct b128-identical-all b128-a32-all"
+    LORAX_PROFILE_DETAIL="" timeout 100 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" $scen >"$R/ncu.txt" 2>&1
+    echo "rc $?" >>"$R/ncu.txt"
+    env $ix LORAX_PROFILE_DETAIL="" timeout 100 scripts/gpu/kernel_profile.sh "$R/ncu-ix" "$bin" $scen \
+        >"$R/ncu-ix.txt" 2>&1
+    echo "rc $?" >>"$R/ncu-ix.txt"
+    lap ncu
+    for round in 1 2; do
+        for x in $scen; do
+            profile_step "$x" "vx-$round" LORAX_PROFILE_GRAPHS=1
+            profile_step "$x" "ix-$round" LORAX_PROFILE_GRAPHS=1 $ix
+            [ $round = 1 ] && profile_step "$x" "vx4-$round" LORAX_PROFILE_GRAPHS=1 LORAX_CUDA_LORA_EXPAND_ROWS=4
+        done
+    done
+    lap steps
+    ;;
 mlp)
     simt="LORAX_CUDA_LORA_SHRINK=simt"
     LORAX_PROFILE_DETAIL="" timeout 90 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" b128-identical-all \
@@ -203,7 +237,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, mlp or expand-tiles)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, mlp, expand-tiles or vx)" >&2
     exit 2
     ;;
 esac

@@ -2,7 +2,8 @@
 // (bf16) under the CPU emulation of cuemu.h, against a double-precision reference: the k-split pair
 // bgmv_shrink_ix + bgmv_expand_ix (the default) at the host's chunk size (lora.rs `shrink_chunk`, copied below)
 // and at other chunk sizes, its expand's blocks walking 1, 3 or 8 column tiles, the shrink on the tensor cores
-// (bgmv_shrink_tc1/2/4, the default for 16-bit storage) at its chunk and others, and the earlier bgmv_shrink_ix0
+// (bgmv_shrink_tc1/2/4, the default for 16-bit storage) at its chunk and others, with the default expand
+// bgmv_expand_vx on records merged to 16 rows and to 4 (LORA_EMU_VX_ONLY: only those), and the earlier bgmv_shrink_ix0
 // + bgmv_expand_ix0 (up to 9 rows). Cases: 1, 4, 9
 // and 128 rows; segments cut into records of 1-4 rows as the host cuts them, rows in no record, a record with an index but
 // no rows, padding records (index 0); adapters of ranks 4, 8, 16, 32 and 64 (step rmax 64 or less) in one step; a
@@ -81,11 +82,28 @@ static int bad = 0;
 // lora.rs `shrink_chunk_tc`: the tensor-core shrink's chunk.
 static int shrink_chunk_tc(int k) { return std::min(k, BG_TC_KC); }
 
+// lora.rs `merge_records`: the expand records of bgmv_expand_vx (consecutive records of one index whose rows
+// continue each other, merged while within max_rows), padded with empty records to `pad`.
+static std::vector<LoraRec> merge_records(const std::vector<LoraRec>& recs, int max_rows, size_t pad) {
+    std::vector<LoraRec> out;
+    for (const LoraRec& r : recs) {
+        if (r.index == 0) continue;  // padding
+        if (!out.empty() && out.back().index == r.index && out.back().start + out.back().len == r.start &&
+            out.back().len + r.len <= max_rows)
+            out.back().len += r.len;
+        else
+            out.push_back(r);
+    }
+    out.resize(pad, LoraRec{0, 0, 0});
+    return out;
+}
+
 // Runs one case with the k-split pair at chunk kc (0: the old pair; `tc`: the shrink on the tensor cores,
-// bgmv_shrink_tc1/2/4 by the step's largest rank) and checks y.
+// bgmv_shrink_tc1/2/4 by the step's largest rank) and checks y. `vx` > 0: the expand is bgmv_expand_vx on
+// records merged to at most vx rows (ct unused).
 static void run_case(const char* what, int n, int k, const Parts& P, const std::vector<Adapter>& ads,
                      const std::vector<Seg>& segs, int kc, int ct, const std::vector<T>& x, const std::vector<T>& y0,
-                     bool tc = false) {
+                     bool tc = false, int vx = 0) {
     int out = 0, col[3] = {0, 0, 0}, rmax = 0, max_cols = 0;
     for (int p = 0; p < P.count; ++p) { col[p] = out; out += P.width[p]; max_cols = std::max(max_cols, P.width[p]); }
     // Records as make_lora_step cuts them, one with an index but no rows, padding to a power of two.
@@ -118,6 +136,20 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
                     else
                         bgmv_shrink_tc4(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
                 });
+        if (vx > 0) {
+            // One tile of BE_V * BG_EXPAND_THREADS columns a block, the parts' tiles end to end along y.
+            const std::vector<LoraRec> erecs = merge_records(recs, vx, recs.size());
+            const int TW = BE_V * BG_EXPAND_THREADS;
+            int tiles[3] = {0, 0, 0};
+            for (int p = 0; p < P.count; ++p) tiles[p] = (P.width[p] + TW - 1) / TW;
+            const int e1 = tiles[0], e2 = tiles[0] + tiles[1], total = e2 + tiles[2];
+            for (int gy = 0; gy < total; ++gy)
+                emu_launch(nrec, BG_EXPAND_THREADS, [&] {
+                    blockIdx.y = gy; blockIdx.z = 0;
+                    bgmv_expand_vx(y.data(), tmp.data(), erecs.data(), LAYER, t0, t1, t2, col[0], col[1], col[2], e1,
+                                   e2, n, pstride, out, rmax, ks);
+                });
+        }
         // The parts' groups of ct column tiles end to end along y, as lora.rs `expand_groups` lays them out
         // (its unit test walks them as the kernel does).
         int groups[3] = {0, 0, 0};
@@ -125,7 +157,7 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
             const int tiles = (P.width[p] + 2 * BG_EXPAND_THREADS - 1) / (2 * BG_EXPAND_THREADS);
             groups[p] = (tiles + ct - 1) / ct;
         }
-        const int e1 = groups[0], e2 = groups[0] + groups[1], total = e2 + groups[2];
+        const int e1 = groups[0], e2 = groups[0] + groups[1], total = vx > 0 ? 0 : e2 + groups[2];
         for (int gy = 0; gy < total; ++gy)
             emu_launch(nrec, BG_EXPAND_THREADS, [&] {
                 blockIdx.y = gy; blockIdx.z = 0;
@@ -185,8 +217,13 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
         }
     }
     const bool ok = worst <= 1.0 && untouched_bad == 0;
-    printf("%-6s %-58s %s chunk %-5d tiles %d err/bound %.3f, %d entries outside the pairs changed\n",
-           ok ? "ok" : "FAIL", what, tc ? "tc  " : "simt", kc, ct, worst, untouched_bad);
+    char form[32];
+    if (vx > 0)
+        snprintf(form, sizeof form, "vx rows %d", vx);
+    else
+        snprintf(form, sizeof form, "tiles %d", ct);
+    printf("%-6s %-58s %s chunk %-5d %-10s err/bound %.3f, %d entries outside the pairs changed\n", ok ? "ok" : "FAIL",
+           what, tc ? "tc  " : "simt", kc, form, worst, untouched_bad);
     if (!ok) bad++;
 }
 
@@ -200,6 +237,13 @@ static void run_all(const char* name, int n, int k, const Parts& P, const std::v
     for (auto& v : x) v = from_f(uni(-1.f, 1.f));
     for (auto& v : y0) v = from_f(uni(-0.5f, 0.5f));
     char what[160];
+    // The expand bgmv_expand_vx (the default) on records merged to at most 16 rows (the host's limit) and 4
+    // (the shrink's records as they are), after the tensor-core shrink at its own chunk.
+    snprintf(what, sizeof what, "ix, %d rows, in_dim %d, %s", n, k, name);
+    for (int vx : {16, 4}) run_case(what, n, k, P, ads, segs, shrink_chunk_tc(k), 1, x, y0, true, vx);
+#ifdef LORA_EMU_VX_ONLY  // a quicker build for work on bgmv_expand_vx: only its runs above
+    return;
+#endif
 #ifndef LORA_EMU_TC_ONLY  // a quicker build for work on the tensor-core shrink: only its runs below
     for (int kc : chunks) {
         snprintf(what, sizeof what, "%s, %d rows, in_dim %d, %s", kc ? "ix" : "ix0", n, k, name);

@@ -46,15 +46,20 @@ const BG_EXPAND_BLOCKS_PER_SM: usize = 3;
 /// Columns of one tile of `bgmv_expand_ix` (two per thread).
 const EXPAND_TILE: usize = BG_EXPAND_COLS * BG_EXPAND_THREADS as usize;
 
-/// `bgmv_expand_ix`'s grid along y for parts of `part_cols` columns (at most 3) at `ct` tiles a group:
-/// `[e1, e2, total]`, where part 0's groups are y < e1, part 1's e1 <= y < e2 and part 2's e2 <= y < total
-/// (the kernel's mapping; a missing part has no groups).
-pub(super) fn expand_groups(part_cols: &[usize], ct: usize) -> [usize; 3] {
-    let groups = |p: usize| {
-        part_cols
-            .get(p)
-            .map_or(0, |c| c.div_ceil(EXPAND_TILE).div_ceil(ct.max(1)))
-    };
+/// Rows of one record of `bgmv_expand_vx` (BE_ROWS in kernels/lora.cu): the shrink's records of a segment
+/// merged, so that B is read once for up to this many rows.
+pub(super) const EXPAND_VX_ROWS: usize = 16;
+
+/// Columns one thread of `bgmv_expand_vx` takes (BE_V: one 8-byte access of y) for elements of `size` bytes.
+fn expand_vx_cols(size: usize) -> usize {
+    8 / size
+}
+
+/// `bgmv_expand_ix`'s grid along y for parts of `part_cols` columns (at most 3) at `ct` tiles of `tile`
+/// columns a group (`bgmv_expand_vx`: 1): `[e1, e2, total]`, where part 0's groups are y < e1, part 1's
+/// e1 <= y < e2 and part 2's e2 <= y < total (the kernels' mapping; a missing part has no groups).
+pub(super) fn expand_groups(part_cols: &[usize], tile: usize, ct: usize) -> [usize; 3] {
+    let groups = |p: usize| part_cols.get(p).map_or(0, |c| c.div_ceil(tile).div_ceil(ct.max(1)));
     [groups(0), groups(0) + groups(1), groups(0) + groups(1) + groups(2)]
 }
 
@@ -162,6 +167,21 @@ impl super::Plain for LoraRec {}
 /// Largest forward pass (rows) the per-step plan takes: decode steps; prompts go to SGMV layer by layer.
 const STEP_MAX_ROWS: usize = 256;
 
+/// The expand records of `bgmv_expand_vx`: consecutive records of `recs` (the shrink's, in order) that name
+/// the same index and continue each other's rows, merged while they stay within `max_rows` rows.
+fn merge_records(recs: &[LoraRec], max_rows: usize) -> Vec<LoraRec> {
+    let mut out: Vec<LoraRec> = Vec::with_capacity(recs.len());
+    for r in recs {
+        match out.last_mut() {
+            Some(m) if m.index == r.index && m.start + m.len == r.start && (m.len + r.len) as usize <= max_rows => {
+                m.len += r.len
+            }
+            _ => out.push(*r),
+        }
+    }
+    out
+}
+
 /// An uploaded adapter's device table of its LoRA pairs, `LoraRef[layers][NUM_TARGETS]`
 /// ([`crate::Backend::lora_index`]), with what a step's plan checks without reading it back.
 pub struct CudaLoraIndex {
@@ -183,7 +203,9 @@ impl std::fmt::Debug for CudaLoraIndex {
 }
 
 /// A forward pass's LoRA plan ([`crate::Backend::lora_step`]): its rows in records of at most BG_ROWS
-/// rows naming their adapter's index, uploaded once; each layer launches the two `_ix` kernels (or `_ix0`).
+/// rows naming their adapter's index, uploaded once; each layer launches the two `_ix` kernels (or `_ix0`),
+/// or the `_ix` shrink and `bgmv_expand_vx`. The table holds the shrink's `records` (padded), then as many
+/// expand records of `bgmv_expand_vx` (merged, then padded to the same count, so its grid is the same).
 pub struct CudaLoraStep {
     table: DevBuf,
     records: usize,
@@ -304,10 +326,14 @@ impl CudaBackend {
         // Padded with empty records to a power of two, so that a decode graph's grids stay the same while
         // the batch's mix of adapters changes within that bound.
         let adapter_rows = recs.iter().map(|r| r.len as usize).sum();
-        recs.resize(recs.len().next_power_of_two(), LoraRec::default());
+        let mut expand = merge_records(&recs, self.lora_expand_rows);
+        let records = recs.len().next_power_of_two();
+        recs.resize(records, LoraRec::default());
+        expand.resize(records, LoraRec::default());
+        recs.extend_from_slice(&expand);
         Ok(Some(CudaLoraStep {
             table: self.upload(&recs)?,
-            records: recs.len(),
+            records,
             rows,
             adapter_rows,
             rmax,
@@ -432,13 +458,26 @@ impl CudaBackend {
         int("intermediate rows", chunks * used * n)?;
         let shrink = cfg((recs, uint("k chunks", chunks)?, parts), BG_KWARPS * 32, 0);
         // The parts' column groups end to end along the grid's y: part p's groups start at e_p.
-        let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
-        let ct = self
-            .lora_expand_tiles
-            .unwrap_or_else(|| expand_tiles(tiles, step.adapter_rows, step.records, self.num_sms));
-        let [e1, e2, total] = expand_groups(&part_cols[..used], ct);
+        let size = self.dtype.size();
+        let vx_cols = expand_vx_cols(size);
+        // Its 8-byte accesses of y need every part's columns and first column, and y's rows, whole
+        // multiples of a thread's columns, and y 8-byte aligned (else bgmv_expand_ix runs).
+        let whole = |c: usize| c.is_multiple_of(vx_cols);
+        let vx = self.lora_expand_vx
+            && whole(out)
+            && yp.is_multiple_of(8)
+            && (0..used).all(|p| whole(part_cols[p]) && whole(cols[p] as usize));
+        let (tile, ct) = if vx {
+            (vx_cols * BG_EXPAND_THREADS as usize, 1)
+        } else {
+            let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
+            let ct = self
+                .lora_expand_tiles
+                .unwrap_or_else(|| expand_tiles(tiles, step.adapter_rows, step.records, self.num_sms));
+            (EXPAND_TILE, ct)
+        };
+        let [e1, e2, total] = expand_groups(&part_cols[..used], tile, ct);
         let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
-        let cti = int("tiles per block", ct)?;
         let expand = cfg((recs, uint("column groups", total)?, 1), BG_EXPAND_THREADS, 0);
         launch!(
             self,
@@ -457,6 +496,34 @@ impl CudaBackend {
             &ri,
             &kci
         );
+        if vx {
+            // The expand records follow the shrink's in the table (16 bytes each).
+            let ep = sp + 16 * step.records as u64;
+            launch!(
+                self,
+                "bgmv_expand_vx",
+                expand,
+                &yp,
+                &tp,
+                &ep,
+                &li,
+                t0,
+                t1,
+                t2,
+                c0,
+                c1,
+                c2,
+                &e1,
+                &e2,
+                &ni,
+                &pstride,
+                &oi,
+                &ri,
+                &ksi
+            );
+            return Ok(());
+        }
+        let cti = int("tiles per block", ct)?;
         launch!(
             self,
             "bgmv_expand_ix",
@@ -776,7 +843,10 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{expand_groups, expand_tiles, shrink_chunk, EXPAND_TILE};
+    use super::{
+        expand_groups, expand_tiles, expand_vx_cols, merge_records, shrink_chunk, LoraRec, BG_EXPAND_THREADS,
+        EXPAND_TILE,
+    };
 
     /// The expand's groups, walked as kernels/lora.cu `bgmv_expand_ix` walks them (part from y against e1
     /// and e2, first tile at group · ct, tiles up to the part's width), cover every column of every part
@@ -791,7 +861,7 @@ mod tests {
             &[600, 1, 513],
         ] {
             for ct in 1..=8 {
-                let [e1, e2, total] = expand_groups(parts, ct);
+                let [e1, e2, total] = expand_groups(parts, EXPAND_TILE, ct);
                 let mut seen: Vec<Vec<u32>> = parts.iter().map(|&c| vec![0; c]).collect();
                 for y in 0..total {
                     let p = if y >= e2 { 2 } else { usize::from(y >= e1) };
@@ -806,8 +876,13 @@ mod tests {
                 assert!(seen.iter().flatten().all(|&n| n == 1), "{parts:?} ct {ct}");
             }
         }
-        assert_eq!(expand_groups(&[4096, 1024, 1024], 3), [3, 4, 5]);
-        assert_eq!(expand_groups(&[4096], 2), [4, 4, 4]);
+        assert_eq!(expand_groups(&[4096, 1024, 1024], EXPAND_TILE, 3), [3, 4, 5]);
+        assert_eq!(expand_groups(&[4096], EXPAND_TILE, 2), [4, 4, 4]);
+        // bgmv_expand_vx: tiles of 1024 columns (bf16), one a block.
+        assert_eq!(expand_groups(&[4096, 1024, 1024], 1024, 1), [4, 5, 6]);
+        assert_eq!(expand_groups(&[14336, 14336], 1024, 1), [14, 28, 28]);
+        assert_eq!(expand_vx_cols(2) * BG_EXPAND_THREADS as usize, 1024);
+        assert_eq!(expand_vx_cols(4) * BG_EXPAND_THREADS as usize, 512);
     }
 
     /// A whole wave of blocks at least (3 a multiprocessor), at most 8 tiles a block.
@@ -823,6 +898,36 @@ mod tests {
         assert_eq!(expand_tiles(56, 128, 32, 132), 1);
         assert_eq!(expand_tiles(56, 64, 32, 132), 1);
         assert_eq!(expand_tiles(56, 63, 32, 132), 4);
+    }
+
+    /// The expand's records: a segment's records merged up to the limit, in order, never across adapters or
+    /// a gap in the rows; every row of the shrink's records in exactly one.
+    #[test]
+    fn expand_records_merge_within_a_segment() {
+        let rec = |index: u64, start: i32, len: i32| LoraRec { index, start, len };
+        // 40 rows of adapter 1 (records of 4), 3 rows of 2, 1 row of 1 after a gap, 6 rows of 1.
+        let mut recs: Vec<LoraRec> = (0..10).map(|i| rec(1, 4 * i, 4)).collect();
+        recs.push(rec(2, 40, 3));
+        recs.extend([rec(1, 45, 1), rec(1, 46, 4), rec(1, 50, 2)]);
+        let got = |max: usize| -> Vec<(u64, i32, i32)> {
+            merge_records(&recs, max)
+                .iter()
+                .map(|r| (r.index, r.start, r.len))
+                .collect()
+        };
+        assert_eq!(got(16), [(1, 0, 16), (1, 16, 16), (1, 32, 8), (2, 40, 3), (1, 45, 7)]);
+        assert_eq!(got(8).len(), 7);
+        assert_eq!(got(4).len(), recs.len(), "records of 4 rows stay as they are at 4");
+        for max in [4, 8, 12, 16] {
+            let merged = merge_records(&recs, max);
+            assert!(merged.iter().all(|r| r.len as usize <= max));
+            let rows = |v: &[LoraRec]| -> Vec<(u64, i32)> {
+                v.iter()
+                    .flat_map(|r| (r.start..r.start + r.len).map(move |x| (r.index, x)))
+                    .collect()
+            };
+            assert_eq!(rows(&merged), rows(&recs), "max {max}");
+        }
     }
 
     /// Chunks are whole 16-byte vectors (whole groups when there is more than one), fit the kernel's shared

@@ -413,6 +413,7 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "bgmv_shrink_tc2",
             "bgmv_shrink_tc4",
             "bgmv_expand_ix",
+            "bgmv_expand_vx",
             "bgmv_shrink_ix0",
             "bgmv_expand_ix0",
         ],
@@ -645,6 +646,11 @@ pub struct CudaBackend {
     /// Column tiles each block of `bgmv_expand_ix` walks (`LORAX_CUDA_LORA_EXPAND_TILES`, 1-8); `None` (the
     /// default): as many as keep one wave of blocks ([`lora::expand_tiles`]).
     lora_expand_tiles: Option<usize>,
+    /// A step's LoRA expand on `bgmv_expand_vx` (the default; `LORAX_CUDA_LORA_EXPAND=ix`: on
+    /// `bgmv_expand_ix`, which also runs wherever columns are not whole 8-byte accesses of y).
+    lora_expand_vx: bool,
+    /// Rows of one record of `bgmv_expand_vx` (`LORAX_CUDA_LORA_EXPAND_ROWS`, 4-16, default 16).
+    lora_expand_rows: usize,
     /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
     /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
@@ -1265,6 +1271,20 @@ impl CudaBackend {
                 Err(_) | Ok("auto") => None,
                 Ok(_) => Some(env_count("LORAX_CUDA_LORA_EXPAND_TILES", 1, 1..=8)?),
             },
+            lora_expand_vx: match std::env::var("LORAX_CUDA_LORA_EXPAND").as_deref() {
+                Err(_) | Ok("vx") => true,
+                Ok("ix") => false,
+                Ok(other) => {
+                    return Err(EngineError::Backend(format!(
+                        "LORAX_CUDA_LORA_EXPAND={other:?}: expected vx or ix"
+                    )))
+                }
+            },
+            lora_expand_rows: env_count(
+                "LORAX_CUDA_LORA_EXPAND_ROWS",
+                lora::EXPAND_VX_ROWS,
+                4..=lora::EXPAND_VX_ROWS,
+            )?,
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
             nccl: None,
