@@ -827,9 +827,9 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
     }
 }
 
-// bgmv_expand_vx: the decode expand with wider accesses and longer records (LORAX_CUDA_LORA_EXPAND, lora.rs
-// `expand_vx_fits`). Grid (expand record, column tile, 1), BG_EXPAND_THREADS threads. An expand record is
-// up to BE_ROWS consecutive rows of one adapter (the host merges the shrink's records of a segment, to at
+// bgmv_expand_vx: the decode expand with wider accesses and longer records (LORAX_CUDA_LORA_EXPAND; lora.rs
+// `lora_step_layer` decides where it fits). Grid (expand record, column tile, 1), BG_EXPAND_THREADS threads.
+// An expand record is up to BE_ROWS consecutive rows of one adapter (the host merges the shrink's records of a segment, to at
 // most BE_ROWS rows, padding records after them), so B is read once for up to 16 rows where bgmv_expand_ix
 // reads it once per 4. A thread takes BE_V = 8 / sizeof(T) adjacent columns (one 8-byte load and store of
 // y per row, its columns' B rows one contiguous run), a tile is BE_V * BG_EXPAND_THREADS columns of one

@@ -1023,7 +1023,7 @@ fn lora_sgmv_matches_cpu() {
 }
 
 /// The per-step LoRA plan (`lora_step` once, then `lora_layer` per layer and projection, the `bgmv_*_ix`
-/// kernels) against the CPU's per-layer `lora`: adapters of ranks 4-64, one without k, one without layer
+/// kernels, each layer with either expand, `bgmv_expand_ix` and `bgmv_expand_vx`) against the CPU's per-layer `lora`: adapters of ranks 4-64, one without k, one without layer
 /// 0's q, one with o alone; segments of 1, 5 and 32 rows (several records) with base rows between; the
 /// fused q/k/v, o, and gate/up that no adapter has (left exactly as it was). Three plans, of all five
 /// adapters (largest rank 64), without the rank-64 one (32) and without the rank-32 one too (16), so that
@@ -1057,7 +1057,7 @@ fn lora_step_matches_cpu() {
     // The plans' adapters (indexes into specs and rows): largest ranks 64, 32 and 16.
     let plans: [&[usize]; 3] = [&[0, 1, 2, 3, 4], &[0, 1, 3, 4], &[0, 1, 3]];
     for dt in DTYPES {
-        let Some(g) = gpu(dt) else { return };
+        let Some(mut g) = gpu(dt) else { return };
         say(&format!("{dt:?} lora step plan"));
         // The CPU copies of each adapter's pairs, and the adapters on the GPU.
         let mut cpu: Vec<Vec<CpuLayer>> = Vec::new();
@@ -1108,7 +1108,10 @@ fn lora_step_matches_cpu() {
                 .unwrap()
                 .expect("a decode-sized batch gets a step plan");
             let rmax = plan.iter().map(|&s| specs[s].0).max().unwrap_or(0);
-            for l in 0..layers {
+            // Each expand: bgmv_expand_ix, then bgmv_expand_vx (records merged to 16 rows: 32 rows of one
+            // adapter in two).
+            for (l, vx) in (0..layers).flat_map(|l| [(l, false), (l, true)]) {
+                g.set_lora_expand_vx(vx);
                 for parts in projections {
                     let out: usize = parts.iter().map(|&(t, _)| width(t)).sum();
                     let x = pair(&g, &mut rng, &[n, h], -1.0, 1.0);
@@ -1133,7 +1136,8 @@ fn lora_step_matches_cpu() {
                     CpuBackend.lora(&mut y.cpu, &x.cpu, &cpu_segs).unwrap();
                     g.lora_layer(&mut y.gpu, &x.gpu, &step, l, parts).unwrap();
                     let got = g.to_f32(&y.gpu).unwrap();
-                    let what = format!("{dt:?} rank {rmax} plan, layer {l} {parts:?}");
+                    let expand = if vx { "vx" } else { "ix" };
+                    let what = format!("{dt:?} rank {rmax} plan, layer {l} {parts:?}, expand {expand}");
                     if cpu_segs.is_empty() {
                         assert_eq!(got, before, "{what}: no adapter has these targets, yet y changed");
                         continue;

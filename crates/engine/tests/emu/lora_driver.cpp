@@ -276,7 +276,8 @@ int main() {
     // Nine rows, o: records of 1, 3, 4 rows and a row in none; ranks 16, 8, 64, 4 (4: the expand's scalar path).
     run_all("o, ranks 16/8/64/4, records of 1-4 rows", 9, 4096, O, {{16, ALL}, {8, ALL}, {64, ALL}, {4, ALL}},
             {{0, 1, 0}, {1, 3, 1}, {5, 4, 2}}, {shrink_chunk(4096), 2048, 0});
-    run_all("o, rank 4", 2, 4096, O, {{4, ALL}}, {{1, 1, 0}}, {shrink_chunk(4096), 0});
+    // Rank 4 (scalar loads of B) for 6 rows: two groups of 4 rows in bgmv_expand_vx's merged record.
+    run_all("o, rank 4", 8, 4096, O, {{4, ALL}}, {{1, 6, 0}}, {shrink_chunk(4096), 0});
     // Largest rank 32 (the tensor-core shrink's bgmv_shrink_tc2): records of 4 and 2 rows, ranks 32 and 8.
     run_all("q/k/v, ranks 32 + 8", 6, 4096, QKV, {{32, ALL}, {8, ALL}}, {{0, 4, 0}, {4, 2, 1}}, {shrink_chunk(4096)});
     // in_dim 2600 (3 chunks of 1024, the last a partial group), 1000 (one chunk), 4100 (scalar: 5 chunks,

@@ -646,8 +646,9 @@ pub struct CudaBackend {
     /// Column tiles each block of `bgmv_expand_ix` walks (`LORAX_CUDA_LORA_EXPAND_TILES`, 1-8); `None` (the
     /// default): as many as keep one wave of blocks ([`lora::expand_tiles`]).
     lora_expand_tiles: Option<usize>,
-    /// A step's LoRA expand on `bgmv_expand_vx` (the default; `LORAX_CUDA_LORA_EXPAND=ix`: on
-    /// `bgmv_expand_ix`, which also runs wherever columns are not whole 8-byte accesses of y).
+    /// A step's LoRA expand on `bgmv_expand_vx` (`LORAX_CUDA_LORA_EXPAND=vx`) rather than `bgmv_expand_ix`
+    /// (the default, `ix`, until vx is measured on a GPU; ix also runs wherever columns are not whole
+    /// 8-byte accesses of y).
     lora_expand_vx: bool,
     /// Rows of one record of `bgmv_expand_vx` (`LORAX_CUDA_LORA_EXPAND_ROWS`, 4-16, default 16).
     lora_expand_rows: usize,
@@ -1272,8 +1273,8 @@ impl CudaBackend {
                 Ok(_) => Some(env_count("LORAX_CUDA_LORA_EXPAND_TILES", 1, 1..=8)?),
             },
             lora_expand_vx: match std::env::var("LORAX_CUDA_LORA_EXPAND").as_deref() {
-                Err(_) | Ok("vx") => true,
-                Ok("ix") => false,
+                Ok("vx") => true,
+                Err(_) | Ok("ix") => false,
                 Ok(other) => {
                     return Err(EngineError::Backend(format!(
                         "LORAX_CUDA_LORA_EXPAND={other:?}: expected vx or ix"
@@ -1368,6 +1369,12 @@ impl CudaBackend {
     /// tests and comparisons).
     pub fn set_lora_bgmv(&mut self, on: bool) {
         self.lora_bgmv = on;
+    }
+
+    /// A step's LoRA expand on `bgmv_expand_vx` where it fits (as `LORAX_CUDA_LORA_EXPAND=vx`) or on
+    /// `bgmv_expand_ix` (for tests and comparisons).
+    pub fn set_lora_expand_vx(&mut self, on: bool) {
+        self.lora_expand_vx = on;
     }
 
     /// LoRA segments of more than 64 rows as cuBLAS GEMMs (default) or with the other segments on
