@@ -55,10 +55,11 @@
 # b128-identical-all and b128-a32-all with LORAX_CUDA_LORA_EXPAND_TILES=1, 2 and the default.
 # `vx`: bgmv_expand_vx (session 32, LORAX_CUDA_LORA_EXPAND=vx, set for the whole round: 8-byte accesses of
 # y, records of up to 16 rows) against bgmv_expand_ix (the default until then, LORAX_CUDA_LORA_EXPAND=ix): the
-# LoRA kernel tests (lora_step_matches_cpu runs each layer with both), graphs, golden and e2e with vx; ncu
-# kernel times (2 layers) of b128-identical, b128-distinct, b128-identical-all and b128-a32-all with each;
-# 32-layer steps through graphs of those with vx, ix and vx at records of 4 rows (LORAX_CUDA_LORA_EXPAND_ROWS=4),
-# two rounds interleaved. Make vx the default only if the tests pass and its steps are not slower.
+# LoRA kernel tests (lora_step_matches_cpu runs each layer with both); 32-layer steps through graphs of
+# b128-identical, b128-distinct, b128-identical-all and b128-a32-all with vx and ix (and vx at records of 4
+# rows, LORAX_CUDA_LORA_EXPAND_ROWS=4, for the one-adapter pair); ncu kernel times (2 layers) of those with
+# each; graphs, golden and e2e with vx; a second round of steps in the other order. Make vx the default
+# only if the tests pass and its steps are not slower.
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
@@ -180,30 +181,36 @@ expand-tiles)
     lap steps
     ;;
 vx)
+    # In order of what decides: the kernel tests, one round of steps, ncu, golden/e2e, a second round.
     ix="LORAX_CUDA_LORA_EXPAND=ix"
     export LORAX_CUDA_LORA_EXPAND=vx
+    scen="b128-identical b128-distinct b128-identical-all b128-a32-all"
     timeout 120 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora.txt" 2>&1
     echo "rc $?" >>"$R/kernels-lora.txt"
     lap lora
-    RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 120 scripts/gpu/run.sh "$R/run" "$bin" \
-        >"$R/run.txt" 2>&1
-    echo "rc $?" >>"$R/run.txt"
-    lap run
-    scen="b128-identical b128-distinct b128-identical-all b128-a32-all"
+    for x in $scen; do
+        profile_step "$x" "vx-1" LORAX_PROFILE_GRAPHS=1
+        profile_step "$x" "ix-1" LORAX_PROFILE_GRAPHS=1 $ix
+    done
+    for x in b128-identical b128-identical-all; do
+        profile_step "$x" "vx4-1" LORAX_PROFILE_GRAPHS=1 LORAX_CUDA_LORA_EXPAND_ROWS=4
+    done
+    lap steps
     LORAX_PROFILE_DETAIL="" timeout 180 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" $scen >"$R/ncu.txt" 2>&1
     echo "rc $?" >>"$R/ncu.txt"
     env $ix LORAX_PROFILE_DETAIL="" timeout 180 scripts/gpu/kernel_profile.sh "$R/ncu-ix" "$bin" $scen \
         >"$R/ncu-ix.txt" 2>&1
     echo "rc $?" >>"$R/ncu-ix.txt"
     lap ncu
-    for round in 1 2; do
-        for x in $scen; do
-            profile_step "$x" "vx-$round" LORAX_PROFILE_GRAPHS=1
-            profile_step "$x" "ix-$round" LORAX_PROFILE_GRAPHS=1 $ix
-            [ $round = 1 ] && profile_step "$x" "vx4-$round" LORAX_PROFILE_GRAPHS=1 LORAX_CUDA_LORA_EXPAND_ROWS=4
-        done
+    RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 120 scripts/gpu/run.sh "$R/run" "$bin" \
+        >"$R/run.txt" 2>&1
+    echo "rc $?" >>"$R/run.txt"
+    lap run
+    for x in $scen; do
+        profile_step "$x" "ix-2" LORAX_PROFILE_GRAPHS=1 $ix
+        profile_step "$x" "vx-2" LORAX_PROFILE_GRAPHS=1
     done
-    lap steps
+    lap steps2
     ;;
 mlp)
     simt="LORAX_CUDA_LORA_SHRINK=simt"
