@@ -758,6 +758,22 @@ __device__ __forceinline__ void lora_stage_t(float* t_s, const float* __restrict
     __syncthreads();
 }
 
+// The expand block's record (grid x), part p and column group within the part (grid y: the parts' groups
+// end to end, part 0's y < e1, part 1's e1 <= y < e2, part 2's the rest), and the part's pair in the
+// record's adapter (all zero for a padding or empty record). Reads only what no kernel writes, so it may run
+// before pdl_wait.
+__device__ __forceinline__ LoraRef lora_expand_block(const LoraRec* __restrict__ recs, int layer, int t0, int t1,
+                                                     int t2, int e1, int e2, LoraRec* rc, int* p, int* group) {
+    *rc = recs[blockIdx.x];
+    const int gy = blockIdx.y;
+    *p = gy >= e2 ? 2 : (gy >= e1 ? 1 : 0);
+    *group = gy - part_of(*p, 0, e1, e2);
+    LoraRef ref = {};
+    if (rc->len > 0 && rc->index != 0)
+        ref = reinterpret_cast<const LoraRef*>(rc->index)[layer * LORA_TARGETS + part_of(*p, t0, t1, t2)];
+    return ref;
+}
+
 // Three blocks per multiprocessor: ptxas took 114 registers a thread (2 blocks) when left free.
 // Grid (record, column group, 1): the parts' groups laid end to end along y (part 0's are y < e1, part 1's
 // e1 <= y < e2, part 2's the rest), so no block has a part narrower than the widest to skip; a group is `ct`
@@ -769,13 +785,9 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
                    int out_dim, int rmax, int ks) {
     __shared__ f32x4 t_v[BG_ROWS * BG_RANK / 4];
     float* t_s = reinterpret_cast<float*>(t_v);  // rows of r floats: 16-byte aligned when r % VEC == 0
-    const LoraRec rc = recs[blockIdx.x];
-    const int gy = blockIdx.y;
-    const int p = gy >= e2 ? 2 : (gy >= e1 ? 1 : 0);
-    const int group = gy - part_of(p, 0, e1, e2);
-    LoraRef ref = {};
-    if (rc.len > 0 && rc.index != 0)
-        ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+    LoraRec rc;
+    int p, group;
+    const LoraRef ref = lora_expand_block(recs, layer, t0, t1, t2, e1, e2, &rc, &p, &group);
     constexpr int TW = 2 * BG_EXPAND_THREADS;
     int tile = group * ct * TW;
     const int r = ref.rank, cols = ref.cols;
@@ -860,13 +872,9 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 2)
                    int rmax, int ks) {
     __shared__ f32x4 t_v[BE_ROWS * BG_RANK / 4];
     float* t_s = reinterpret_cast<float*>(t_v);  // rows of r floats: 16-byte aligned when r % VEC == 0
-    const LoraRec rc = recs[blockIdx.x];
-    const int gy = blockIdx.y;
-    const int p = gy >= e2 ? 2 : (gy >= e1 ? 1 : 0);
-    const int tile = gy - part_of(p, 0, e1, e2);
-    LoraRef ref = {};
-    if (rc.len > 0 && rc.index != 0)
-        ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+    LoraRec rc;
+    int p, tile;  // a group is one tile
+    const LoraRef ref = lora_expand_block(recs, layer, t0, t1, t2, e1, e2, &rc, &p, &tile);
     constexpr int TW = BE_V * BG_EXPAND_THREADS;
     const int r = ref.rank, cols = ref.cols;
     const bool live = ref.a != 0 && tile * TW < cols;

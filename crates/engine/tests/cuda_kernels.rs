@@ -1023,8 +1023,8 @@ fn lora_sgmv_matches_cpu() {
 }
 
 /// The per-step LoRA plan (`lora_step` once, then `lora_layer` per layer and projection, the `bgmv_*_ix`
-/// kernels, each layer with either expand, `bgmv_expand_ix` and `bgmv_expand_vx`) against the CPU's per-layer `lora`: adapters of ranks 4-64, one without k, one without layer
-/// 0's q, one with o alone; segments of 1, 5 and 32 rows (several records) with base rows between; the
+/// kernels; each plan with either expand, `bgmv_expand_ix` and `bgmv_expand_vx`) against the CPU's
+/// per-layer `lora`: adapters of ranks 4-64, one without k, one without layer 0's q, one with o alone; segments of 1, 5 and 32 rows (several records) with base rows between; the
 /// fused q/k/v, o, and gate/up that no adapter has (left exactly as it was). Three plans, of all five
 /// adapters (largest rank 64), without the rank-64 one (32) and without the rank-32 one too (16), so that
 /// in bf16/f16 each tensor-core shrink (`bgmv_shrink_tc4`, `_tc2`, `_tc1`) runs; `LORAX_CUDA_LORA_SHRINK=simt`
@@ -1102,16 +1102,17 @@ fn lora_step_matches_cpu() {
                 })
                 .collect()
         };
-        for plan in plans {
+        // Each expand: bgmv_expand_ix, then bgmv_expand_vx (records merged to 16 rows: 32 rows of one
+        // adapter in two; lora.rs `expand_vx_fits_whole_accesses_only` checks these shapes take it). The
+        // switch is read when the plan is made, as the server reads it at start-up.
+        for (vx, plan) in [false, true].into_iter().flat_map(|vx| plans.map(|p| (vx, p))) {
+            g.set_lora_expand_vx(vx);
             let step = g
                 .lora_step(n, &segs_of(plan))
                 .unwrap()
                 .expect("a decode-sized batch gets a step plan");
             let rmax = plan.iter().map(|&s| specs[s].0).max().unwrap_or(0);
-            // Each expand: bgmv_expand_ix, then bgmv_expand_vx (records merged to 16 rows: 32 rows of one
-            // adapter in two).
-            for (l, vx) in (0..layers).flat_map(|l| [(l, false), (l, true)]) {
-                g.set_lora_expand_vx(vx);
+            for l in 0..layers {
                 for parts in projections {
                     let out: usize = parts.iter().map(|&(t, _)| width(t)).sum();
                     let x = pair(&g, &mut rng, &[n, h], -1.0, 1.0);

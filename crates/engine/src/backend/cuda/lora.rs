@@ -55,6 +55,17 @@ fn expand_vx_cols(size: usize) -> usize {
     8 / size
 }
 
+/// Whether `bgmv_expand_vx` can add into y (rows of `out` elements of `size` bytes at device address `y`)
+/// for parts at first columns `firsts` of `widths` columns: its 8-byte accesses need every part's first
+/// column and width, and y's row width, whole multiples of a thread's columns, and y 8-byte aligned.
+fn expand_vx_fits(size: usize, out: usize, y: u64, firsts: &[i32], widths: &[usize]) -> bool {
+    let whole = |c: usize| c.is_multiple_of(expand_vx_cols(size));
+    whole(out)
+        && y.is_multiple_of(8)
+        && firsts.iter().all(|&c| usize::try_from(c).is_ok_and(whole))
+        && widths.iter().all(|&c| whole(c))
+}
+
 /// `bgmv_expand_ix`'s grid along y for parts of `part_cols` columns (at most 3) at `ct` tiles of `tile`
 /// columns a group (`bgmv_expand_vx`: 1): `[e1, e2, total]`, where part 0's groups are y < e1, part 1's
 /// e1 <= y < e2 and part 2's e2 <= y < total (the kernels' mapping; a missing part has no groups).
@@ -204,14 +215,17 @@ impl std::fmt::Debug for CudaLoraIndex {
 
 /// A forward pass's LoRA plan ([`crate::Backend::lora_step`]): its rows in records of at most BG_ROWS
 /// rows naming their adapter's index, uploaded once; each layer launches the two `_ix` kernels (or `_ix0`),
-/// or the `_ix` shrink and `bgmv_expand_vx`. The table holds the shrink's `records` (padded), then as many
-/// expand records of `bgmv_expand_vx` (merged, then padded to the same count, so its grid is the same).
+/// or the `_ix` shrink and `bgmv_expand_vx`. The table holds the shrink's `records` (padded), then, when
+/// `expand_vx`, as many expand records of `bgmv_expand_vx` (merged, then padded to the same count, so its
+/// grid is the same).
 pub struct CudaLoraStep {
     table: DevBuf,
     records: usize,
     rows: usize,
     /// Rows with an adapter (the records' rows).
     adapter_rows: usize,
+    /// The table holds `bgmv_expand_vx`'s records too (made while `LORAX_CUDA_LORA_EXPAND=vx`).
+    expand_vx: bool,
     rmax: usize,
     layers: usize,
     /// Per target: (in features, columns) where some adapter of the step has it.
@@ -326,16 +340,19 @@ impl CudaBackend {
         // Padded with empty records to a power of two, so that a decode graph's grids stay the same while
         // the batch's mix of adapters changes within that bound.
         let adapter_rows = recs.iter().map(|r| r.len as usize).sum();
-        let mut expand = merge_records(&recs, self.lora_expand_rows);
+        let expand = self.lora_expand_vx.then(|| merge_records(&recs, self.lora_expand_rows));
         let records = recs.len().next_power_of_two();
         recs.resize(records, LoraRec::default());
-        expand.resize(records, LoraRec::default());
-        recs.extend_from_slice(&expand);
+        if let Some(expand) = &expand {
+            recs.extend_from_slice(expand);
+            recs.resize(2 * records, LoraRec::default());
+        }
         Ok(Some(CudaLoraStep {
             table: self.upload(&recs)?,
             records,
             rows,
             adapter_rows,
+            expand_vx: expand.is_some(),
             rmax,
             layers,
             dims,
@@ -459,16 +476,9 @@ impl CudaBackend {
         let shrink = cfg((recs, uint("k chunks", chunks)?, parts), BG_KWARPS * 32, 0);
         // The parts' column groups end to end along the grid's y: part p's groups start at e_p.
         let size = self.dtype.size();
-        let vx_cols = expand_vx_cols(size);
-        // Its 8-byte accesses of y need every part's columns and first column, and y's rows, whole
-        // multiples of a thread's columns, and y 8-byte aligned (else bgmv_expand_ix runs).
-        let whole = |c: usize| c.is_multiple_of(vx_cols);
-        let vx = self.lora_expand_vx
-            && whole(out)
-            && yp.is_multiple_of(8)
-            && (0..used).all(|p| whole(part_cols[p]) && whole(cols[p] as usize));
+        let vx = step.expand_vx && expand_vx_fits(size, out, yp, &cols[..used], &part_cols[..used]);
         let (tile, ct) = if vx {
-            (vx_cols * BG_EXPAND_THREADS as usize, 1)
+            (expand_vx_cols(size) * BG_EXPAND_THREADS as usize, 1)
         } else {
             let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
             let ct = self
@@ -844,8 +854,8 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::{
-        expand_groups, expand_tiles, expand_vx_cols, merge_records, shrink_chunk, LoraRec, BG_EXPAND_THREADS,
-        EXPAND_TILE,
+        expand_groups, expand_tiles, expand_vx_cols, expand_vx_fits, merge_records, shrink_chunk, LoraRec,
+        BG_EXPAND_THREADS, EXPAND_TILE,
     };
 
     /// The expand's groups, walked as kernels/lora.cu `bgmv_expand_ix` walks them (part from y against e1
@@ -883,6 +893,28 @@ mod tests {
         assert_eq!(expand_groups(&[14336, 14336], 1024, 1), [14, 28, 28]);
         assert_eq!(expand_vx_cols(2) * BG_EXPAND_THREADS as usize, 1024);
         assert_eq!(expand_vx_cols(4) * BG_EXPAND_THREADS as usize, 512);
+    }
+
+    /// Where `bgmv_expand_vx` runs: the shapes of cuda_kernels' `lora_step_matches_cpu` (q/k/v 1024/256/256
+    /// and o 2560, so that its vx layers do run vx) and the Mistral shapes fit in every storage type; a
+    /// part's first column, a width or a row width off a thread's columns, or y off 8 bytes, does not.
+    #[test]
+    fn expand_vx_fits_whole_accesses_only() {
+        for size in [2, 4] {
+            assert!(expand_vx_fits(size, 1536, 256, &[0, 1024, 1280], &[1024, 256, 256]));
+            assert!(expand_vx_fits(size, 2560, 0, &[0], &[2560]));
+            assert!(expand_vx_fits(size, 6144, 512, &[0, 4096, 5120], &[4096, 1024, 1024]));
+            assert!(expand_vx_fits(size, 28672, 512, &[0, 14336], &[14336, 14336]));
+            assert!(!expand_vx_fits(size, 1537, 256, &[0], &[1536]), "row width");
+            assert!(!expand_vx_fits(size, 1536, 260, &[0], &[1536]), "y's address");
+        }
+        // 2 columns a thread in f32, 4 in bf16/f16.
+        assert!(expand_vx_fits(4, 1536, 8, &[0, 2], &[2, 1534]));
+        assert!(
+            !expand_vx_fits(2, 1536, 8, &[0, 2], &[2, 1534]),
+            "first column and width"
+        );
+        assert!(!expand_vx_fits(2, 1536, 8, &[0], &[1534]), "width");
     }
 
     /// A whole wave of blocks at least (3 a multiprocessor), at most 8 tiles a block.
