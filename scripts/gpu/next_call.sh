@@ -55,7 +55,7 @@
 # b128-identical-all and b128-a32-all with LORAX_CUDA_LORA_EXPAND_TILES=1, 2 and the default.
 # `vx`: bgmv_expand_vx (session 32, LORAX_CUDA_LORA_EXPAND=vx, set for the whole round: 8-byte accesses of
 # y, records of up to 16 rows) against bgmv_expand_ix (the default until then, LORAX_CUDA_LORA_EXPAND=ix): the
-# LoRA kernel tests (lora_step_matches_cpu runs each layer with both); 32-layer steps through graphs of
+# LoRA kernel tests (lora_step_matches_cpu runs each plan with both); 32-layer steps through graphs of
 # b128-identical, b128-distinct, b128-identical-all and b128-a32-all with vx and ix (and vx at records of 4
 # rows, LORAX_CUDA_LORA_EXPAND_ROWS=4, for the one-adapter pair); ncu kernel times (2 layers) of those with
 # each; graphs, golden and e2e with vx; a second round of steps in the other order. Make vx the default
