@@ -122,6 +122,23 @@ impl IncrementalDecoder {
         }
     }
 
+    /// The text [`Self::push`] would return for `id` now, without pushing it: an alternative to the next
+    /// token decoded in the sequence's context, so that it reads as the chosen token does (a leading
+    /// space included). Where that text is an incomplete character, the token's text on its own.
+    pub fn peek(&self, decoder: &TokenDecoder, id: u32) -> String {
+        let window = &self.ids[self.prefix_offset..];
+        let mut ids = Vec::with_capacity(window.len() + 1);
+        ids.extend_from_slice(window);
+        ids.push(id);
+        let prefix_text = decoder.decode(&self.ids[self.prefix_offset..self.read_offset], false);
+        let new_text = decoder.decode(&ids, false);
+        if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
+            suffix_after(&new_text, &prefix_text)
+        } else {
+            decoder.token_text(id)
+        }
+    }
+
     /// Every emitted non-special chunk so far (what stop sequences are searched in).
     pub fn emitted(&self) -> &str {
         &self.text
@@ -208,6 +225,39 @@ pub(crate) mod tests {
         assert_eq!(inc.text(&decoder), all);
         // Some tokens completed no character on their own.
         assert!(chunks.iter().any(String::is_empty));
+    }
+
+    #[test]
+    fn alternatives_read_as_the_chosen_token_would() {
+        let decoder = TokenDecoder::new(fixture_tokenizer());
+        let encode = |text: &str| {
+            decoder
+                .tokenizer()
+                .encode(text, false)
+                .expect("encode")
+                .get_ids()
+                .to_vec()
+        };
+        let prompt = encode("The capital of France is");
+        let ids = encode("The capital of France is Paris, 東京 🦀 and Rome");
+        assert_eq!(ids[..prompt.len()], prompt[..], "the prompt's ids start the text's");
+        let mut inc = IncrementalDecoder::new(&prompt);
+        let mut spaced = 0;
+        for &id in &ids[prompt.len()..] {
+            // Each next token as an alternative, then chosen: the same text.
+            let peeked = inc.peek(&decoder, id);
+            let pushed = inc.push(&decoder, id);
+            if !pushed.is_empty() {
+                assert_eq!(peeked, pushed, "token {id}");
+            }
+            if pushed.starts_with(' ') && !decoder.token_text(id).starts_with(' ') {
+                spaced += 1;
+            }
+        }
+        assert!(
+            spaced >= 2,
+            "the text must have tokens whose space comes from the context: {spaced}"
+        );
     }
 
     #[test]

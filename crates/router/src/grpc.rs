@@ -344,7 +344,7 @@ impl LoraxService for GrpcService {
             let permit = self.state.infer.acquire()?;
             let valid = self.state.validation.validate(request, true).await?;
             let shape = ResponseShape::of(&valid);
-            let receiver = self.state.infer.generate_stream(valid)?;
+            let receiver = self.state.infer.queue_stream(valid)?.ready().await?;
             Ok::<_, ApiError>((receiver, permit, shape))
         }
         .await

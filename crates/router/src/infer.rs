@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::adapters::AdapterError;
 use crate::stopping::FinishReason;
@@ -101,6 +101,42 @@ pub struct Entry {
     pub queued: Instant,
     /// The request's tracing span.
     pub span: tracing::Span,
+    /// A stream waiting to send its headers ([`Pending::ready`]): told once the request's adapter is
+    /// downloaded and checked (the base model's at once); `None` for other requests.
+    pub ready: Option<oneshot::Sender<()>>,
+}
+
+impl Entry {
+    /// Tells a waiting stream that its request's adapter is checked (once; later calls do nothing).
+    pub fn ready(&mut self) {
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(());
+        }
+    }
+}
+
+/// A queued stream whose headers wait for its adapter, so that a missing, forbidden or invalid adapter is
+/// an HTTP (or gRPC) error rather than an error event after a 200.
+#[derive(Debug)]
+pub struct Pending {
+    receiver: ResponseReceiver,
+    ready: oneshot::Receiver<()>,
+}
+
+impl Pending {
+    /// The response stream once the request's adapter is downloaded and checked (at once for the base
+    /// model or an adapter already checked), or the error that failed the request before that.
+    pub async fn ready(mut self) -> Result<ResponseReceiver, InferError> {
+        if self.ready.await.is_ok() {
+            return Ok(self.receiver);
+        }
+        // The batching task dropped the request without telling: its failure is on the stream (the
+        // scheduler tells every request before its first token).
+        match self.receiver.recv().await {
+            Some(Err(e)) => Err(e),
+            _ => Err(InferError::IncompleteGeneration),
+        }
+    }
 }
 
 /// A whole generation, collected from the stream.
@@ -144,12 +180,24 @@ impl Infer {
 
     /// Queues `request` and returns its response stream.
     pub fn generate_stream(&self, request: ValidRequest) -> Result<ResponseReceiver, InferError> {
+        self.queue(request, None)
+    }
+
+    /// Queues `request` for a stream whose headers wait for its adapter ([`Pending::ready`]).
+    pub fn queue_stream(&self, request: ValidRequest) -> Result<Pending, InferError> {
+        let (ready_tx, ready) = oneshot::channel();
+        let receiver = self.queue(request, Some(ready_tx))?;
+        Ok(Pending { receiver, ready })
+    }
+
+    fn queue(&self, request: ValidRequest, ready: Option<oneshot::Sender<()>>) -> Result<ResponseReceiver, InferError> {
         let (response_tx, response_rx) = mpsc::unbounded_channel();
         let entry = Entry {
             request,
             response_tx,
             queued: Instant::now(),
             span: tracing::Span::current(),
+            ready,
         };
         self.entries.send(entry).map_err(|_| InferError::Unavailable)?;
         Ok(response_rx)

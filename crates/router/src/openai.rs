@@ -598,15 +598,15 @@ fn finish_reason(f: FinishReason) -> &'static str {
     }
 }
 
-/// Validates every choice's request and queues them; each holds a concurrency slot.
 /// Validates and queues the plan's requests, each with its place among --max-concurrent-requests
-/// (`place`, taken earlier, is the first's).
+/// (`place`, taken earlier, is the first's), then waits for their adapter, so that an adapter failure
+/// is an HTTP error rather than an error chunk after a 200.
 async fn start(
     state: &AppState,
     plan: &Plan,
     mut place: Option<OwnedSemaphorePermit>,
 ) -> Result<Vec<(ValidRequest, ResponseReceiver, OwnedSemaphorePermit)>, ApiError> {
-    let mut out = Vec::with_capacity(plan.requests.len());
+    let mut queued = Vec::with_capacity(plan.requests.len());
     for request in &plan.requests {
         let permit = match place.take() {
             Some(permit) => permit,
@@ -616,8 +616,13 @@ async fn start(
             .validation
             .validate_prompt(request.clone(), plan.stream, plan.add_special_tokens)
             .await?;
-        let receiver = state.infer.generate_stream(valid.clone())?;
-        out.push((valid, receiver, permit));
+        let pending = state.infer.queue_stream(valid.clone())?;
+        queued.push((valid, pending, permit));
+    }
+    let mut out = Vec::with_capacity(queued.len());
+    for (valid, pending, permit) in queued {
+        // Without `stream` the answer waits for the whole generation anyway.
+        out.push((valid, pending.ready().await?, permit));
     }
     Ok(out)
 }

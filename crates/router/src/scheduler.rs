@@ -295,8 +295,11 @@ impl Scheduler {
     }
 
     /// Queues a new request; the first request for an unknown adapter starts its download.
-    fn enqueue(&mut self, entry: Entry) {
+    fn enqueue(&mut self, mut entry: Entry) {
         let adapter = entry.request.adapter.clone();
+        if adapter.as_ref().is_none_or(|a| self.queues.checked(a)) {
+            entry.ready();
+        }
         let api_token = entry.request.api_token.clone();
         if self.queues.push(adapter.as_ref(), entry, Instant::now()) {
             if let Some(adapter) = adapter {
@@ -333,10 +336,13 @@ impl Scheduler {
                          other adapter loaded"
                     )));
                 } else if response.loaded {
+                    self.on_checked(&adapter);
                     self.on_loaded(&adapter);
                 } else if !response.load_refused {
+                    self.on_checked(&adapter);
                     self.queues.downloaded(&adapter);
                 } else if self.queues.load_refused(&adapter, now) {
+                    self.on_checked(&adapter);
                     self.on_no_room(&adapter, "out of device memory");
                 } else {
                     self.fail_adapter(&out_of_memory(format!(
@@ -358,6 +364,14 @@ impl Scheduler {
                 self.on_no_room(&error.adapter, &error.message);
             }
             AdapterEvent::Failed(error) => self.fail_adapter(&error),
+        }
+    }
+
+    /// The adapter's download succeeded: the streams waiting for it may send their headers, and later
+    /// requests for it need not wait ([`Scheduler::enqueue`]).
+    fn on_checked(&mut self, adapter: &AdapterKey) {
+        for entry in self.queues.mark_checked(adapter) {
+            entry.ready();
         }
     }
 
@@ -512,9 +526,12 @@ impl Scheduler {
     fn admit(&mut self, admit: usize, now: Instant) -> Vec<Request> {
         let mut requests = Vec::with_capacity(admit);
         for _ in 0..admit {
-            let Some((entry, lease)) = self.queues.pop_candidate(now) else {
+            let Some((mut entry, lease)) = self.queues.pop_candidate(now) else {
                 break;
             };
+            // Told at its adapter's download already; this keeps the rule that a stream hears before its
+            // first token.
+            entry.ready();
             let Some(blocks) = self
                 .allocator
                 .allocate(self.policy.blocks_needed(candidate(&entry.request)))
@@ -801,6 +818,17 @@ impl Scheduler {
             }
         }
         running.tokens_counter.increment(1);
+        // Alternatives read in the sequence's context, as the chosen token does (before it is pushed).
+        let top_tokens = generation
+            .top_tokens
+            .iter()
+            .map(|t| TokenInfo {
+                id: t.id,
+                text: running.decoder.peek(decoder, t.id),
+                logprob: t.logprob,
+                special: decoder.is_special(t.id),
+            })
+            .collect();
         let before = running.decoder.emitted().len();
         let text = running.decoder.push(decoder, token.id);
         let special = decoder.is_special(token.id);
@@ -816,7 +844,6 @@ impl Scheduler {
             logprob: token.logprob,
             special,
         };
-        let top_tokens = generation.top_tokens.iter().map(|t| token_info(decoder, t)).collect();
         let message = match finish {
             None => InferStreamResponse::Intermediate {
                 token: generated,
@@ -884,8 +911,8 @@ impl Scheduler {
     }
 }
 
-/// A token decoded on its own (prompt tokens and alternatives; generated tokens go through the
-/// sequence's incremental decoder instead).
+/// A prompt token decoded on its own (generated tokens and their alternatives go through the sequence's
+/// incremental decoder instead).
 fn token_info(decoder: &TokenDecoder, t: &Token) -> TokenInfo {
     TokenInfo {
         id: t.id,

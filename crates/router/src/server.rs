@@ -411,7 +411,8 @@ async fn generate_stream(
                 .await?;
             metrics::histogram!(m::REQUEST_VALIDATION_DURATION).record(start.elapsed().as_secs_f64());
             let shape = ResponseShape::of(&valid);
-            let receiver = state.infer.generate_stream(valid)?;
+            // Its headers wait for its adapter: an adapter failure is then an HTTP error.
+            let receiver = state.infer.queue_stream(valid)?.ready().await?;
             Ok::<_, ApiError>((receiver, permit, shape))
         }
         .await,

@@ -255,6 +255,64 @@ async fn shard_codes_map_to_http_statuses() {
     d.assert_no_violations();
 }
 
+/// A stream's headers wait for its adapter's download, so an adapter failure is an HTTP error on every
+/// streaming route (not a 200 whose one event is the error), and a stream held by a slow download starts
+/// with the adapter's tokens once it is released.
+#[tokio::test]
+async fn stream_adapter_failures_are_http_errors() {
+    let hub = Arc::new(FakeHub::default());
+    hub.fail("org/missing", Code::NotFound, "no such repository");
+    hub.fail("org/pickle", Code::InvalidArgument, "not a LoRA adapter");
+    let d = Deployment::start(Setup {
+        hub,
+        ..Setup::default()
+    })
+    .await;
+    for (id, status, error_type) in [
+        ("org/missing", 404, "adapter_not_found"),
+        ("org/pickle", 422, "adapter_invalid"),
+    ] {
+        let parameters = json!({"adapter_id": id, "max_new_tokens": 2});
+        for (path, body) in [
+            ("/generate_stream", json!({"inputs": "Hello", "parameters": parameters})),
+            (
+                "/",
+                json!({"inputs": "Hello", "parameters": parameters, "stream": true}),
+            ),
+        ] {
+            let (got, body) = error_of(d.post(path, body).await).await;
+            assert_eq!(
+                (got, body["error_type"].as_str()),
+                (status, Some(error_type)),
+                "{path} {id}: {body}"
+            );
+        }
+        let body = json!({"model": id, "prompt": "Hello", "max_tokens": 2, "stream": true});
+        let (got, body) = error_of(d.post("/v1/completions", body).await).await;
+        assert_eq!(
+            (got, body["error"]["type"].as_str()),
+            (status, Some(error_type)),
+            "/v1/completions {id}: {body}"
+        );
+    }
+
+    d.hub.hold("org/slow");
+    let body = json!({"inputs": "Hello", "parameters": {"adapter_id": "org/slow", "max_new_tokens": 2}});
+    let (response, ()) = tokio::join!(d.post("/generate_stream", body), async {
+        common::eventually("the slow download started", DEADLINE, || async {
+            d.hub.downloads("org/slow") == 1
+        })
+        .await;
+        d.hub.release("org/slow");
+    });
+    assert_eq!(response.status(), 200);
+    let events = SseReader::new(response).collect().await;
+    let ids: Vec<u64> = events.iter().map(|e| e["token"]["id"].as_u64().expect("id")).collect();
+    let expected = common::fake_tokens_for("org/slow", HELLO_LAST, 2);
+    assert_eq!(ids, expected.iter().map(|&t| u64::from(t)).collect::<Vec<_>>());
+    d.assert_no_violations();
+}
+
 #[tokio::test]
 async fn a_slow_download_blocks_nobody_else() {
     let d = Deployment::start(Setup {

@@ -343,6 +343,14 @@ async fn adapters_are_served_listed_and_their_errors_mapped() {
         let (code, sent_type, message) = grpc_error(grpc.generate("Hello", &parameters).await.expect_err(id));
         assert_eq!((code, sent_type.as_deref()), (grpc_code, Some(error_type)), "{message}");
         assert!(message.contains(&format!("shard says no to {id}")), "{message}");
+        // A stream waits for its adapter before it starts, so its failure is the call's status too.
+        let streamed = grpc.generate_stream("Hello", &parameters).await.err();
+        let (code, sent_type, message) = grpc_error(streamed.expect("the stream call fails"));
+        assert_eq!(
+            (code, sent_type.as_deref()),
+            (grpc_code, Some(error_type)),
+            "stream: {message}"
+        );
     }
     let listed: Vec<String> = grpc
         .list_adapters()

@@ -95,6 +95,8 @@ struct Adapter<T> {
     loads_in_download: bool,
     /// Bytes of its weights, as its download answered (0 until then).
     bytes: u64,
+    /// Its download succeeded: the files were found, allowed and valid ([`Registry::mark_checked`]).
+    checked: bool,
 }
 
 impl<T> Adapter<T> {
@@ -109,6 +111,7 @@ impl<T> Adapter<T> {
             downloaded_at: 0,
             loads_in_download: false,
             bytes: 0,
+            checked: false,
         }
     }
 
@@ -190,6 +193,21 @@ impl<T> Registry<T> {
         if let Some(adapter) = self.adapters.get_mut(key) {
             adapter.bytes = bytes;
         }
+    }
+
+    /// Whether `key`'s download succeeded (it is forgotten when a download or load fails).
+    pub fn checked(&self, key: &AdapterKey) -> bool {
+        self.adapters.get(key).is_some_and(|a| a.checked)
+    }
+
+    /// Marks `key`'s download as succeeded; returns the items queued for it meanwhile.
+    pub fn mark_checked(&mut self, key: &AdapterKey) -> impl Iterator<Item = &mut T> {
+        let adapter = self.adapters.get_mut(key);
+        let queue = adapter.map(|a| {
+            a.checked = true;
+            a.queue.iter_mut().map(|q| &mut q.item)
+        });
+        queue.into_iter().flatten()
     }
 
     /// The room learned from the last refused load, while it is kept ([`ROOM_KEPT`]).
