@@ -701,6 +701,23 @@ fn targeted(targets: Option<&TargetModules>, regex: Option<&Regex>, module: &str
     }
 }
 
+/// Whether every element of `data` (little-endian `dtype`) is finite: no exponent of all ones. Folds over
+/// every element (no early exit), so that it compiles to vector code.
+fn all_finite(dtype: DType, data: &[u8]) -> bool {
+    let hits = match dtype {
+        DType::BF16 | DType::F16 => {
+            let mask = if dtype == DType::BF16 { 0x7F80 } else { 0x7C00 };
+            data.chunks_exact(2).fold(0u16, |h, w| {
+                h | u16::from(u16::from_le_bytes([w[0], w[1]]) & mask == mask)
+            })
+        }
+        DType::F32 => data.chunks_exact(4).fold(0u16, |h, w| {
+            h | u16::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]]) & 0x7F80_0000 == 0x7F80_0000)
+        }),
+    };
+    hits == 0
+}
+
 fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max_rank: usize) -> Result<HostAdapter> {
     let ranks = Patterns::new(dir, &raw.rank_pattern)?;
     let alphas = Patterns::new(dir, &raw.alpha_pattern)?;
@@ -773,6 +790,18 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
     let pairs: Vec<&HostLora> = layers.iter().flatten().flatten().collect();
     if pairs.is_empty() {
         return Err(invalid(dir, "adapter_model.safetensors holds no LoRA weights"));
+    }
+    // A weight that is NaN or infinite (a training run that diverged) would make every token of the
+    // adapter's requests NaN: refused here, naming the first such tensor.
+    {
+        use rayon::prelude::*;
+        let tensors: Vec<&AdapterTensor> = pairs.iter().flat_map(|p| [&p.a, &p.b]).collect();
+        if let Some(t) = tensors.par_iter().find_first(|t| !all_finite(t.dtype, t.data())) {
+            return Err(invalid(
+                dir,
+                format!("{} holds values that are NaN or infinite", t.name),
+            ));
+        }
     }
     Ok(HostAdapter {
         max_rank: pairs.iter().map(|p| p.a.shape[0]).max().unwrap_or(0),
@@ -998,6 +1027,37 @@ mod tests {
             read(len + 1).is_err(),
             "a read through the page cache past the end succeeded"
         );
+    }
+
+    #[test]
+    fn non_finite_values_are_found_in_each_dtype() {
+        use half::{bf16, f16};
+        let finite = [0.0f32, -0.0, 1.5, -65504.0, 65504.0, 1e-8, f32::MIN_POSITIVE];
+        let bytes16 = |v: &[f32], bf: bool| -> Vec<u8> {
+            v.iter()
+                .flat_map(|&x| match bf {
+                    true => bf16::from_f32(x).to_le_bytes(),
+                    false => f16::from_f32(x).to_le_bytes(),
+                })
+                .collect()
+        };
+        let bytes32 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        assert!(all_finite(DType::BF16, &bytes16(&finite, true)));
+        assert!(all_finite(DType::F16, &bytes16(&finite, false)));
+        assert!(all_finite(DType::F32, &bytes32(&[f32::MAX, f32::MIN, 3.0e38])));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            // At the start, in the middle and at the end of a run longer than a vector.
+            for at in [0, 17, 63] {
+                let mut v = vec![0.25f32; 64];
+                v[at] = bad;
+                assert!(!all_finite(DType::BF16, &bytes16(&v, true)), "bf16 {bad} at {at}");
+                assert!(!all_finite(DType::F16, &bytes16(&v, false)), "f16 {bad} at {at}");
+                assert!(!all_finite(DType::F32, &bytes32(&v)), "f32 {bad} at {at}");
+            }
+        }
+        // f16 overflows to infinity above 65504 (a bf16 value that f16 cannot hold).
+        assert!(!all_finite(DType::F16, &bytes16(&[1.0e5], false)));
+        assert!(all_finite(DType::BF16, &bytes16(&[1.0e5], true)));
     }
 
     #[test]

@@ -366,6 +366,25 @@ fn bad_adapters_are_refused_with_the_reason() {
     let e = load_err(&d, MAX_RANK).to_string();
     assert!(e.contains("no matching lora_B"), "{e}");
 
+    // Weights that are NaN or infinite (a diverged training run): refused, naming the tensor.
+    for (n, bad) in [("nan", f32::NAN), ("inf", f32::NEG_INFINITY)] {
+        let d = case(n);
+        edit_weights(&d, |ts| {
+            for (name, _, v) in ts.iter_mut() {
+                if name.ends_with("layers.1.self_attn.v_proj.lora_B.weight") {
+                    v[5] = bad;
+                }
+            }
+        });
+        let e = load_err(&d, MAX_RANK);
+        assert!(matches!(e, EngineError::InvalidAdapter(_)), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("layers.1.self_attn.v_proj.lora_B.weight") && e.contains("NaN or infinite"),
+            "{e}"
+        );
+    }
+
     // Unsupported PEFT features.
     for (field, value, expect) in [
         ("use_dora", serde_json::json!(true), "DoRA"),
