@@ -60,7 +60,8 @@
 # b128-identical, b128-distinct, b128-identical-all and b128-a32-all with vx and ix (and vx at records of 4
 # rows, LORAX_CUDA_LORA_EXPAND_ROWS=4, for the one-adapter pair); ncu kernel times (2 layers) of those with
 # each; graphs, golden and e2e with vx; a second round of steps in the other order. Make vx the default
-# only if the tests pass and its steps are not slower.
+# only if the tests pass and its steps are not slower. (Session 33 call 1 ran it: all passed, every step
+# slower, vx stays opt-in.)
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.

@@ -647,8 +647,8 @@ pub struct CudaBackend {
     /// default): as many as keep one wave of blocks ([`lora::expand_tiles`]).
     lora_expand_tiles: Option<usize>,
     /// A step's LoRA expand on `bgmv_expand_vx` (`LORAX_CUDA_LORA_EXPAND=vx`) rather than `bgmv_expand_ix`
-    /// (the default, `ix`, until vx is measured on a GPU; ix also runs wherever columns are not whole
-    /// 8-byte accesses of y).
+    /// (the default, `ix`: vx measured slower on an H100, bench/NOTES.md session 33; ix also runs wherever
+    /// columns are not whole 8-byte accesses of y).
     lora_expand_vx: bool,
     /// Rows of one record of `bgmv_expand_vx` (`LORAX_CUDA_LORA_EXPAND_ROWS`, 4-16, default 16).
     lora_expand_rows: usize,
