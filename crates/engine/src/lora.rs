@@ -778,6 +778,12 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
         };
         #[allow(clippy::cast_possible_truncation)]
         let scale = scale as f32;
+        if !scale.is_finite() {
+            return Err(invalid(
+                dir,
+                format!("lora_alpha {alpha} and rank {r} of {module} give a scale that is not a finite number"),
+            ));
+        }
         layers[layer][target.index()] = Some(HostLora { a, b, scale });
     }
     for name in file.index.keys() {

@@ -385,6 +385,12 @@ fn bad_adapters_are_refused_with_the_reason() {
         );
     }
 
+    // A lora_alpha whose scale is past f32's range.
+    let d = case("alpha");
+    edit_config(&d, |v| v["lora_alpha"] = serde_json::json!(1e40));
+    let e = load_err(&d, MAX_RANK).to_string();
+    assert!(e.contains("not a finite number"), "{e}");
+
     // Unsupported PEFT features.
     for (field, value, expect) in [
         ("use_dora", serde_json::json!(true), "DoRA"),

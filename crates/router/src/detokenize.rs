@@ -122,21 +122,25 @@ impl IncrementalDecoder {
         }
     }
 
-    /// The text [`Self::push`] would return for `id` now, without pushing it: an alternative to the next
-    /// token decoded in the sequence's context, so that it reads as the chosen token does (a leading
-    /// space included). Where that text is an incomplete character, the token's text on its own.
-    pub fn peek(&self, decoder: &TokenDecoder, id: u32) -> String {
-        let window = &self.ids[self.prefix_offset..];
-        let mut ids = Vec::with_capacity(window.len() + 1);
-        ids.extend_from_slice(window);
-        ids.push(id);
+    /// The text [`Self::push`] would return for each of `ids` now, without pushing it: alternatives to
+    /// the next token decoded in the sequence's context, so that they read as a chosen token does (a
+    /// leading space included). Where that text would be an incomplete character (`push` returns nothing
+    /// yet), the token's text on its own.
+    pub fn peek(&self, decoder: &TokenDecoder, ids: &[u32]) -> Vec<String> {
         let prefix_text = decoder.decode(&self.ids[self.prefix_offset..self.read_offset], false);
-        let new_text = decoder.decode(&ids, false);
-        if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
-            suffix_after(&new_text, &prefix_text)
-        } else {
-            decoder.token_text(id)
-        }
+        let mut window = self.ids[self.prefix_offset..].to_vec();
+        ids.iter()
+            .map(|&id| {
+                window.push(id);
+                let new_text = decoder.decode(&window, false);
+                window.pop();
+                if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
+                    suffix_after(&new_text, &prefix_text)
+                } else {
+                    decoder.token_text(id)
+                }
+            })
+            .collect()
     }
 
     /// Every emitted non-special chunk so far (what stop sequences are searched in).
@@ -245,7 +249,7 @@ pub(crate) mod tests {
         let mut spaced = 0;
         for &id in &ids[prompt.len()..] {
             // Each next token as an alternative, then chosen: the same text.
-            let peeked = inc.peek(&decoder, id);
+            let peeked = inc.peek(&decoder, &[id]).remove(0);
             let pushed = inc.push(&decoder, id);
             if !pushed.is_empty() {
                 assert_eq!(peeked, pushed, "token {id}");

@@ -115,6 +115,9 @@ impl Entry {
     }
 }
 
+/// The longest a stream's headers wait for its adapter ([`Pending::ready`]).
+pub const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A queued stream whose headers wait for its adapter, so that a missing, forbidden or invalid adapter is
 /// an HTTP (or gRPC) error rather than an error event after a 200.
 #[derive(Debug)]
@@ -125,10 +128,13 @@ pub struct Pending {
 
 impl Pending {
     /// The response stream once the request's adapter is downloaded and checked (at once for the base
-    /// model or an adapter already checked), or the error that failed the request before that.
+    /// model or an adapter already checked), or the error that failed the request before that. After
+    /// [`READY_WAIT`] the stream starts anyway, so that a slow download sends headers and keep-alives
+    /// before a proxy's idle timeout; a failure after that is an error event.
     pub async fn ready(mut self) -> Result<ResponseReceiver, InferError> {
-        if self.ready.await.is_ok() {
-            return Ok(self.receiver);
+        match tokio::time::timeout(READY_WAIT, &mut self.ready).await {
+            Ok(Ok(())) | Err(_) => return Ok(self.receiver),
+            Ok(Err(_)) => {}
         }
         // The batching task dropped the request without telling: its failure is on the stream (the
         // scheduler tells every request before its first token).
@@ -237,5 +243,44 @@ pub async fn collect(mut stream: ResponseReceiver) -> Result<InferResponse, Infe
             }
         }
         Err(InferError::IncompleteGeneration)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending() -> (Pending, ResponseSender, oneshot::Sender<()>) {
+        let (response_tx, receiver) = mpsc::unbounded_channel();
+        let (ready_tx, ready) = oneshot::channel();
+        (Pending { receiver, ready }, response_tx, ready_tx)
+    }
+
+    #[tokio::test]
+    async fn a_told_stream_starts_and_a_failed_one_is_its_error() {
+        let (p, _tx, ready) = pending();
+        ready.send(()).expect("waiting");
+        assert!(p.ready().await.is_ok());
+
+        // The scheduler fails the request: the error first, then the entry (and its sender) is dropped.
+        let (p, tx, ready) = pending();
+        tx.send(Err(InferError::Overloaded)).expect("open");
+        drop(ready);
+        assert!(matches!(p.ready().await, Err(InferError::Overloaded)));
+
+        let (p, tx, ready) = pending();
+        drop((tx, ready));
+        assert!(matches!(p.ready().await, Err(InferError::IncompleteGeneration)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_adapter_starts_the_stream_after_the_wait() {
+        let (p, tx, _ready) = pending();
+        let start = tokio::time::Instant::now();
+        let mut receiver = p.ready().await.expect("started anyway");
+        assert_eq!(start.elapsed(), READY_WAIT);
+        // A later failure reaches the stream.
+        tx.send(Err(InferError::Unavailable)).expect("open");
+        assert!(matches!(receiver.recv().await, Some(Err(InferError::Unavailable))));
     }
 }

@@ -336,7 +336,6 @@ impl Scheduler {
                          other adapter loaded"
                     )));
                 } else if response.loaded {
-                    self.on_checked(&adapter);
                     self.on_loaded(&adapter);
                 } else if !response.load_refused {
                     self.on_checked(&adapter);
@@ -367,8 +366,8 @@ impl Scheduler {
         }
     }
 
-    /// The adapter's download succeeded: the streams waiting for it may send their headers, and later
-    /// requests for it need not wait ([`Scheduler::enqueue`]).
+    /// The adapter's download (or a load) succeeded: the streams waiting for it may send their headers,
+    /// and later requests for it need not wait ([`Scheduler::enqueue`]).
     fn on_checked(&mut self, adapter: &AdapterKey) {
         for entry in self.queues.mark_checked(adapter) {
             entry.ready();
@@ -398,6 +397,7 @@ impl Scheduler {
 
     /// The adapter is on every shard (by its LoadAdapter, or by its download).
     fn on_loaded(&mut self, adapter: &AdapterKey) {
+        self.on_checked(adapter);
         if let Some(took) = self.queues.loaded(adapter, Instant::now()) {
             metrics::histogram!(m::ADAPTER_LOAD_DURATION).record(took.as_secs_f64());
             tracing::info!(adapter = %adapter, seconds = took.as_secs_f64(), "adapter loaded");
@@ -819,16 +819,22 @@ impl Scheduler {
         }
         running.tokens_counter.increment(1);
         // Alternatives read in the sequence's context, as the chosen token does (before it is pushed).
-        let top_tokens = generation
-            .top_tokens
-            .iter()
-            .map(|t| TokenInfo {
-                id: t.id,
-                text: running.decoder.peek(decoder, t.id),
-                logprob: t.logprob,
-                special: decoder.is_special(t.id),
-            })
-            .collect();
+        let top_tokens = match generation.top_tokens.as_slice() {
+            [] => Vec::new(),
+            top => {
+                let ids: Vec<u32> = top.iter().map(|t| t.id).collect();
+                let texts = running.decoder.peek(decoder, &ids);
+                top.iter()
+                    .zip(texts)
+                    .map(|(t, text)| TokenInfo {
+                        id: t.id,
+                        text,
+                        logprob: t.logprob,
+                        special: decoder.is_special(t.id),
+                    })
+                    .collect()
+            }
+        };
         let before = running.decoder.emitted().len();
         let text = running.decoder.push(decoder, token.id);
         let special = decoder.is_special(token.id);

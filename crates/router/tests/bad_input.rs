@@ -61,8 +61,14 @@ fn generate_cases() -> Vec<(&'static str, Vec<u8>, u16, &'static str)> {
     let big = i64::MAX;
     let json_cases: Vec<(&'static str, Value, u16, &'static str)> = vec![
         // Wrong shapes and types.
-        // serde also reads a struct from an array of its fields in order; an empty one lacks them.
-        ("array body", json!([]), 422, "expected struct"),
+        // A body is an object: serde would also read a struct from an array of its fields in order.
+        ("array body", json!([]), 422, "expected a JSON object"),
+        (
+            "array of the fields",
+            json!(["Hello", {"max_new_tokens": 2}]),
+            422,
+            "expected a JSON object",
+        ),
         ("null body", json!(null), 422, "invalid type"),
         ("string body", json!("Hello"), 422, "invalid type"),
         ("number body", json!(42), 422, "invalid type"),

@@ -95,7 +95,8 @@ struct Adapter<T> {
     loads_in_download: bool,
     /// Bytes of its weights, as its download answered (0 until then).
     bytes: u64,
-    /// Its download succeeded: the files were found, allowed and valid ([`Registry::mark_checked`]).
+    /// Its download, a load or its preload succeeded: the files were found, allowed and valid
+    /// ([`Registry::mark_checked`]).
     checked: bool,
 }
 
@@ -185,6 +186,7 @@ impl<T> Registry<T> {
         );
         adapter.readying_since = None;
         adapter.bytes = bytes;
+        adapter.checked = true;
         self.adapters.insert(key, adapter);
     }
 
@@ -195,7 +197,8 @@ impl<T> Registry<T> {
         }
     }
 
-    /// Whether `key`'s download succeeded (it is forgotten when a download or load fails).
+    /// Whether `key`'s download (or a load, or its preload) succeeded (it is forgotten when a download or
+    /// load fails).
     pub fn checked(&self, key: &AdapterKey) -> bool {
         self.adapters.get(key).is_some_and(|a| a.checked)
     }
@@ -593,6 +596,24 @@ mod tests {
 
     fn key(id: &str) -> AdapterKey {
         AdapterKey::new(AdapterSource::Hub, id)
+    }
+
+    #[test]
+    fn checked_after_download_load_or_preload_and_forgotten_with_a_failure() {
+        let mut r = registry(2, 0);
+        let now = Instant::now();
+        assert!(r.push(Some(&key("a")), "r1", now), "unknown: downloads");
+        assert!(!r.checked(&key("a")));
+        assert!(!r.push(Some(&key("a")), "r2", now));
+        let queued: Vec<&str> = r.mark_checked(&key("a")).map(|x| *x).collect();
+        assert_eq!(queued, ["r1", "r2"], "the requests queued during the download");
+        assert!(r.checked(&key("a")));
+        r.insert_active(key("p"), 100, now);
+        assert!(r.checked(&key("p")), "preloaded");
+        let _ = r.fail(&key("a"));
+        assert!(!r.checked(&key("a")), "a failure forgets it");
+        assert!(r.push(Some(&key("a")), "r3", now), "downloaded again");
+        assert!(!r.checked(&key("a")));
     }
 
     fn registry(max_active: usize, cycle_ms: u64) -> Registry<&'static str> {
