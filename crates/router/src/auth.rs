@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use crate::errors::{ApiError, UNAUTHORIZED};
 
@@ -162,7 +162,7 @@ pub async fn guard(State(keys): State<ApiKeys>, mut request: Request, next: Next
         Ok(Credential::Header) => next.run(request).await,
         Err(error) => {
             tracing::debug!(path = request.uri().path(), "request without a valid API key");
-            let mut response = error.into_response();
+            let mut response = crate::server::error_for(request.uri().path(), error);
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -94,22 +94,33 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .with_state(state)
 }
 
-/// Any path the router does not serve: 404 `not_found`, in the API's error shape.
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
+/// Any path the router does not serve: 404 `not_found`, in the API's error shape ([`error_for`]).
+async fn not_found(uri: axum::http::Uri) -> Response {
+    let error = ApiError::new(
         StatusCode::NOT_FOUND,
         crate::errors::NOT_FOUND,
         format!("no route {}", uri.path().chars().take(128).collect::<String>()),
-    )
+    );
+    error_for(uri.path(), error)
 }
 
-/// A served path with a method it does not take: 405 `method_not_allowed`.
-async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
+/// A served path with a method it does not take: 405 `method_not_allowed` ([`error_for`]).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let error = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         crate::errors::METHOD_NOT_ALLOWED,
         format!("{method} is not allowed on {}", uri.path()),
-    )
+    );
+    error_for(uri.path(), error)
+}
+
+/// `error` answered in the shape of `path`'s API: OpenAI's (`{"error": {"message", "type", ...}}`) under
+/// `/v1/`, the native `{"error", "error_type"}` elsewhere.
+pub(crate) fn error_for(path: &str, error: ApiError) -> Response {
+    match path.starts_with("/v1/") {
+        true => crate::openai::OpenAiError(error).into_response(),
+        false => error.into_response(),
+    }
 }
 
 /// `Json<T>` whose rejections (bad JSON, wrong shape, wrong content type, too large) are [`ApiError`]s.

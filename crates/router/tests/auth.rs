@@ -128,7 +128,12 @@ async fn api_keys_guard_every_route_but_health_metrics_and_docs() {
         for headers in refused {
             let (status, response_headers, body) = call(&d, method.clone(), path, headers).await;
             assert_eq!(status, 401, "{method} {path} {headers:?}: {body}");
-            assert_eq!(body["error_type"], "unauthorized", "{method} {path}: {body}");
+            // OpenAI's error shape under /v1/, the native one elsewhere.
+            let error_type = match path.starts_with("/v1/") {
+                true => &body["error"]["type"],
+                false => &body["error_type"],
+            };
+            assert_eq!(error_type, "unauthorized", "{method} {path}: {body}");
             assert_eq!(response_headers["www-authenticate"], "Bearer");
         }
     }

@@ -568,6 +568,19 @@ async fn hostile_requests_get_4xx_while_healthy_ones_are_served() {
     )
     .await;
     assert_error("DELETE /info", &got, 405, "method_not_allowed");
+    // Under /v1/ they come in OpenAI's error shape, as the routes' own errors do.
+    for (method, path, status, error_type) in [
+        (reqwest::Method::GET, "/v1/chat/completions", 405, "method_not_allowed"),
+        (reqwest::Method::POST, "/v1/no/such/route", 404, "not_found"),
+    ] {
+        let (got, body) = send(&http, method, &format!("{}{path}", d.base), json_type, small.clone()).await;
+        assert_eq!(
+            (got, body["error"]["type"].as_str()),
+            (status, Some(error_type)),
+            "{path}: {body}"
+        );
+        assert!(body["error"]["message"].is_string(), "{path}: {body}");
+    }
     // A bad query string.
     let got = send(
         &http,
