@@ -1024,8 +1024,9 @@ fn lora_sgmv_matches_cpu() {
 
 /// The per-step LoRA plan (`lora_step` once, then `lora_layer` per layer and projection, the `bgmv_*_ix`
 /// kernels; each plan with either expand, `bgmv_expand_ix` and `bgmv_expand_vx`) against the CPU's
-/// per-layer `lora`: adapters of ranks 4-64, one without k, one without layer 0's q, one with o alone; segments of 1, 5 and 32 rows (several records) with base rows between; the
-/// fused q/k/v, o, and gate/up that no adapter has (left exactly as it was). Three plans, of all five
+/// per-layer `lora`: adapters of ranks 4-64, one without k, one without layer 0's q, one with o alone;
+/// segments of 1, 5 and 32 rows (several records) with base rows between; the fused q/k/v, o, and gate/up
+/// that no adapter has (left exactly as it was). Three plans, of all five
 /// adapters (largest rank 64), without the rank-64 one (32) and without the rank-32 one too (16), so that
 /// in bf16/f16 each tensor-core shrink (`bgmv_shrink_tc4`, `_tc2`, `_tc1`) runs; `LORAX_CUDA_LORA_SHRINK=simt`
 /// runs them all on `bgmv_shrink_ix` (f32 always does).
