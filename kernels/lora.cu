@@ -965,3 +965,83 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 2)
         }
     }
 }
+
+// The q/k/v expand inside the rotary kernel (LORAX_CUDA_LORA_ROPE; lora.rs `lora_rope_kv_write`): the terms
+// rope_kv_row adds to a row's columns, y[c] = round(y[c] + scale * tmp[row, :r] . B[c - col_p, :r]) for the
+// part p whose columns hold c, with the same sums in the same order as bgmv_expand_ix (so the same values).
+struct LoraRowTerms {
+    const LoraRef* ref;  // shared: the row's pair per part (a null A: none)
+    const float* t;      // shared: the row's intermediate per part, BG_RANK apart
+    int c0, c1, c2, w0, w1, w2;
+    bool live;
+    __device__ __forceinline__ bool on() const { return live; }
+    template <int N>
+    __device__ __forceinline__ void add(float* v, int col) const {
+        const int p = col >= c2 && col < c2 + w2 ? 2 : (col >= c1 && col < c1 + w1 ? 1 : (col >= c0 && col < c0 + w0 ? 0 : -1));
+        if (p < 0) return;
+        const LoraRef rf = ref[p];
+        if (rf.a == 0) return;
+        const int r = rf.rank, lc = col - part_of(p, c0, c1, c2);
+        const float* tp = t + p * BG_RANK;
+        const T* B = reinterpret_cast<const T*>(rf.b) + (u64)lc * r;
+        float acc[N];
+#pragma unroll
+        for (int e = 0; e < N; ++e) acc[e] = 0.f;
+        if (r % VEC == 0) {
+            // The N columns' next VEC entries together (N loads in flight), each column's sum in j order.
+            for (int j = 0; j < r; j += VEC) {
+                u32x4 raw[N];
+#pragma unroll
+                for (int e = 0; e < N; ++e) raw[e] = *reinterpret_cast<const u32x4*>(B + (u64)e * r + j);
+#pragma unroll
+                for (int e = 0; e < N; ++e) {
+                    const T* be = reinterpret_cast<const T*>(&raw[e]);
+#pragma unroll
+                    for (int u = 0; u < VEC; ++u) acc[e] += tp[j + u] * to_f(be[u]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < N; ++e)
+                for (int j = 0; j < r; ++j) acc[e] += tp[j] * to_f(B[(u64)e * r + j]);
+        }
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[e] = to_f(from_f(v[e] + rf.scale * acc[e]));
+    }
+};
+
+// rope_kv_write with the q/k/v LoRA expand of a planned step folded in: the step's shrink (`bgmv_shrink_*`,
+// partials per k-chunk as bgmv_expand_ix reads them) has run; row_index[row] is the row's adapter index (0:
+// none); part p (< 3) of the projection is target t_p at columns c_p .. c_p + w_p (w_p = 0: no part), its
+// intermediate rows p * n + row of each chunk's pstride.
+extern "C" __global__ void rope_kv_write_lora(T* __restrict__ q, T* __restrict__ k_cache, T* __restrict__ v_cache,
+                                              const T* __restrict__ qkv, const u32* __restrict__ positions,
+                                              const float* __restrict__ inv_freq, const u32* __restrict__ slots,
+                                              int q_dim, int kv_dim, int head_dim, const float* __restrict__ tmp,
+                                              const u64* __restrict__ row_index, int layer, int t0, int t1, int t2,
+                                              int c0, int c1, int c2, int w0, int w1, int w2, int n, int pstride,
+                                              int rmax, int ks) {
+    __shared__ LoraRef ref_s[3];
+    __shared__ f32x4 t_v[3 * BG_RANK / 4];
+    float* t_s = reinterpret_cast<float*>(t_v);
+    pdl_enter();
+    const int row = blockIdx.x;
+    const u64 index = row_index[row];
+    if (threadIdx.x < 3) {
+        const int p = threadIdx.x;
+        LoraRef rf = {};
+        if (index != 0 && part_of(p, w0, w1, w2) > 0)
+            rf = reinterpret_cast<const LoraRef*>(index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+        ref_s[p] = rf;
+    }
+    __syncthreads();
+    bool live = false;
+    for (int p = 0; p < 3; ++p) {
+        // Block-uniform (shared), so lora_stage_t's barrier is reached by every thread.
+        if (ref_s[p].a == 0) continue;
+        live = true;
+        lora_stage_t(t_s + p * BG_RANK, tmp, p * n + row, 1, ref_s[p].rank, rmax, pstride, ks);
+    }
+    const LoraRowTerms terms = {ref_s, t_s, c0, c1, c2, w0, w1, w2, live};
+    rope_kv_row(q, k_cache, v_cache, qkv, positions, inv_freq, slots, q_dim, kv_dim, head_dim, terms);
+}
