@@ -382,6 +382,42 @@ mod tests {
         Err("never calls pdl_wait".into())
     }
 
+    /// A kernel is launched by name from the module's list in `KERNELS` (mod.rs), loaded at start-up: one
+    /// written in a `.cu` file but left out of the list fails only when first launched, on a GPU. Every
+    /// kernel whose name is written out (not made by a macro's `NAME`) must be listed for its module.
+    #[test]
+    fn every_named_kernel_is_loaded() {
+        let mut named = 0;
+        for s in SOURCES.iter().chain(&HOPPER_SOURCES) {
+            let (_, list) = super::super::KERNELS
+                .iter()
+                .find(|(m, _)| *m == s.name)
+                .unwrap_or_else(|| panic!("module {} has no kernel list", s.name));
+            for (at, _) in s.text.match_indices("extern \"C\" __global__") {
+                let mut rest = s.text[at + "extern \"C\" __global__".len()..].trim_start();
+                rest = rest.strip_prefix("void").unwrap_or(rest).trim_start();
+                if let Some(r) = rest.strip_prefix("__launch_bounds__(") {
+                    rest = r.split_once(')').map_or(r, |(_, after)| after).trim_start();
+                }
+                rest = rest.trim_start_matches(['\\', ' ', '\n']);
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if name.is_empty() || name == "NAME" || !rest[name.len()..].starts_with('(') {
+                    continue;
+                }
+                named += 1;
+                assert!(
+                    list.contains(&name.as_str()),
+                    "{}.cu: kernel `{name}` is not in KERNELS",
+                    s.name
+                );
+            }
+        }
+        assert!(named >= 20, "found only {named} named kernels: the scan is broken");
+    }
+
     /// Kernels are launched with programmatic dependent launch (mod.rs `launch_pdl`): one that touched the
     /// previous kernel's output before `pdl_wait()` would race with it. Every kernel entry point must wait,
     /// directly or in the device function it calls, before any early return.

@@ -416,6 +416,7 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "bgmv_expand_vx",
             "bgmv_shrink_ix0",
             "bgmv_expand_ix0",
+            "rope_kv_write_lora",
         ],
     ),
     (
