@@ -340,22 +340,26 @@ struct NoRowTerms {
     __device__ __forceinline__ bool on() const { return false; }
     template <int N>
     __device__ __forceinline__ void add(float*, int) const {}
+    template <int N>
+    __device__ __forceinline__ void add2(float*, int, float*, int) const {}
 };
 
-// The attention inputs of a fused q/k/v projection row [q_dim | kv_dim | kv_dim], row blockIdx.x: rotary
+// The attention inputs of a fused q/k/v projection row [q_dim | kv_dim | kv_dim], row blockIdx.x (its work
+// shared by gridDim.y blocks): rotary
 // embedding of the query and key heads (Hugging Face's rotate-half layout: element i of a head pairs with i + head_dim/2;
 // the angle is inv_freq[i] * position formed in f32, as transformers does; any rope scaling is already
 // folded into inv_freq), queries to q, keys and values to their cache slot (checked on the host; a padding
 // row's slot is 0xffffffff: no write).
 // `terms.add<n>(v, col)` adds terms to the row's n values at columns col .. col + n - 1 of the projection before
 // they are rotated or stored (a LoRA's, rounded to the storage type as a separate pass would leave them;
-// NoRowTerms: none), `terms.on()` says whether it may add any.
+// NoRowTerms: none; `add2` does two such runs of one head at once), `terms.on()` says whether it may add any.
 template <class Terms>
 __device__ __forceinline__ void rope_kv_row(T* __restrict__ q, T* __restrict__ k_cache, T* __restrict__ v_cache,
                                             const T* __restrict__ qkv, const u32* __restrict__ positions,
                                             const float* __restrict__ inv_freq, const u32* __restrict__ slots,
                                             int q_dim, int kv_dim, int head_dim, const Terms& terms) {
     const u64 r = blockIdx.x;
+    const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = gridDim.y * blockDim.x;
     const int half = head_dim / 2;
     const int heads = (q_dim + kv_dim) / head_dim;
     const float pos = (float)positions[r];
@@ -367,17 +371,14 @@ __device__ __forceinline__ void rope_kv_row(T* __restrict__ q, T* __restrict__ k
     if (half % VEC == 0 && vec_ok(row, q + r * q_dim, kd, vd, q_dim + kv_dim) && ((u64)inv_freq & 15) == 0) {
         // 16 bytes at a time: item (head, i0) rotates elements i0 .. i0 + VEC - 1 with i0 + half ...
         const int per = half / VEC;
-        for (int idx = threadIdx.x; idx < heads * per; idx += blockDim.x) {
+        for (int idx = first; idx < heads * per; idx += stride) {
             const int head = idx / per, i0 = (idx % per) * VEC;
             const int c = head * head_dim + i0;
             if (c >= q_dim && nowhere) continue;
             float a[VEC], b[VEC], f[VEC];
             load_n<VEC>(row + c, a);
             load_n<VEC>(row + c + half, b);
-            if (terms.on()) {
-                terms.template add<VEC>(a, c);
-                terms.template add<VEC>(b, c + half);
-            }
+            if (terms.on()) terms.template add2<VEC>(a, c, b, c + half);
 #pragma unroll
             for (int e = 0; e < VEC; e += 4) {
                 const f32x4 fv = *reinterpret_cast<const f32x4*>(inv_freq + i0 + e);
@@ -400,10 +401,13 @@ __device__ __forceinline__ void rope_kv_row(T* __restrict__ q, T* __restrict__ k
         }
         if (nowhere) return;
         if (!terms.on()) {
-            copy_row_vec(vd, row + q_dim + kv_dim, kv_dim);
+            for (int v = first; v < kv_dim / VEC; v += stride)
+                reinterpret_cast<u32x4*>(vd)[v] = reinterpret_cast<const u32x4*>(row + q_dim + kv_dim)[v];
             return;
         }
-        for (int v = threadIdx.x; v < kv_dim / VEC; v += blockDim.x) {
+        // The values after the rotated items, continuing their order across the threads (one item each
+        // where the grid has as many threads as items).
+        for (int v = (first + stride - heads * per % stride) % stride; v < kv_dim / VEC; v += stride) {
             float a[VEC];
             load_n<VEC>(row + q_dim + kv_dim + v * VEC, a);
             terms.template add<VEC>(a, q_dim + kv_dim + v * VEC);
@@ -411,7 +415,7 @@ __device__ __forceinline__ void rope_kv_row(T* __restrict__ q, T* __restrict__ k
         }
         return;
     }
-    for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
+    for (int idx = first; idx < heads * half; idx += stride) {
         const int head = idx / half, i = idx % half;
         float sn, cs;
         sincosf(inv_freq[i] * pos, &sn, &cs);
@@ -428,7 +432,7 @@ __device__ __forceinline__ void rope_kv_row(T* __restrict__ q, T* __restrict__ k
     }
     const T* v = row + q_dim + kv_dim;
     if (s == 0xffffffffull) return;
-    for (int c = threadIdx.x; c < kv_dim; c += blockDim.x) {
+    for (int c = first; c < kv_dim; c += stride) {
         if (!terms.on()) {
             v_cache[s * kv_dim + c] = v[c];
             continue;

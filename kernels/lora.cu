@@ -975,72 +975,119 @@ struct LoraRowTerms {
     int c0, c1, c2, w0, w1, w2;
     bool live;
     __device__ __forceinline__ bool on() const { return live; }
-    template <int N>
-    __device__ __forceinline__ void add(float* v, int col) const {
-        const int p = col >= c2 && col < c2 + w2 ? 2 : (col >= c1 && col < c1 + w1 ? 1 : (col >= c0 && col < c0 + w0 ? 0 : -1));
-        if (p < 0) return;
-        const LoraRef rf = ref[p];
-        if (rf.a == 0) return;
-        const int r = rf.rank, lc = col - part_of(p, c0, c1, c2);
+    __device__ __forceinline__ int part(int col) const {
+        return col >= c2 && col < c2 + w2 ? 2 : (col >= c1 && col < c1 + w1 ? 1 : (col >= c0 && col < c0 + w0 ? 0 : -1));
+    }
+    // Sums of M runs of N columns (starting at cols[m], all in part p, whose pair rf is live) into acc.
+    template <int M, int N>
+    __device__ __forceinline__ void sums(float (&acc)[M][N], const LoraRef& rf, int p, const int (&cols)[M]) const {
+        const int r = rf.rank;
         const float* tp = t + p * BG_RANK;
-        const T* B = reinterpret_cast<const T*>(rf.b) + (u64)lc * r;
-        float acc[N];
+        const T* B[M];
 #pragma unroll
-        for (int e = 0; e < N; ++e) acc[e] = 0.f;
+        for (int m = 0; m < M; ++m) B[m] = reinterpret_cast<const T*>(rf.b) + (u64)(cols[m] - part_of(p, c0, c1, c2)) * r;
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+            for (int e = 0; e < N; ++e) acc[m][e] = 0.f;
         if (r % VEC == 0) {
-            // The N columns' next VEC entries together (N loads in flight), each column's sum in j order.
+            // Every run's next VEC entries of each column together (M * N loads in flight), each column's sum
+            // in j order.
             for (int j = 0; j < r; j += VEC) {
-                u32x4 raw[N];
+                u32x4 raw[M][N];
 #pragma unroll
-                for (int e = 0; e < N; ++e) raw[e] = *reinterpret_cast<const u32x4*>(B + (u64)e * r + j);
+                for (int m = 0; m < M; ++m)
 #pragma unroll
-                for (int e = 0; e < N; ++e) {
-                    const T* be = reinterpret_cast<const T*>(&raw[e]);
+                    for (int e = 0; e < N; ++e) raw[m][e] = *reinterpret_cast<const u32x4*>(B[m] + (u64)e * r + j);
 #pragma unroll
-                    for (int u = 0; u < VEC; ++u) acc[e] += tp[j + u] * to_f(be[u]);
-                }
+                for (int m = 0; m < M; ++m)
+#pragma unroll
+                    for (int e = 0; e < N; ++e) {
+                        const T* be = reinterpret_cast<const T*>(&raw[m][e]);
+#pragma unroll
+                        for (int u = 0; u < VEC; ++u) acc[m][e] += tp[j + u] * to_f(be[u]);
+                    }
             }
-        } else {
-#pragma unroll
-            for (int e = 0; e < N; ++e)
-                for (int j = 0; j < r; ++j) acc[e] += tp[j] * to_f(B[(u64)e * r + j]);
+            return;
         }
 #pragma unroll
-        for (int e = 0; e < N; ++e) v[e] = to_f(from_f(v[e] + rf.scale * acc[e]));
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+            for (int e = 0; e < N; ++e)
+                for (int j = 0; j < r; ++j) acc[m][e] += tp[j] * to_f(B[m][(u64)e * r + j]);
+    }
+    template <int N>
+    __device__ __forceinline__ void add(float* v, int col) const {
+        const int p = part(col);
+        if (p < 0 || ref[p].a == 0) return;
+        const LoraRef rf = ref[p];
+        float acc[1][N];
+        sums<1, N>(acc, rf, p, {col});
+#pragma unroll
+        for (int e = 0; e < N; ++e) v[e] = to_f(from_f(v[e] + rf.scale * acc[0][e]));
+    }
+    // Two runs of one head (one part): their loads issued together.
+    template <int N>
+    __device__ __forceinline__ void add2(float* a, int ca, float* b, int cb) const {
+        const int p = part(ca);
+        if (p < 0 || ref[p].a == 0) return;
+        const LoraRef rf = ref[p];
+        float acc[2][N];
+        sums<2, N>(acc, rf, p, {ca, cb});
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            a[e] = to_f(from_f(a[e] + rf.scale * acc[0][e]));
+            b[e] = to_f(from_f(b[e] + rf.scale * acc[1][e]));
+        }
     }
 };
+
+// Blocks of rope_kv_write_lora (a row's work shared by several: lora.rs picks how many).
+#define ROPE_LORA_THREADS 128
 
 // rope_kv_write with the q/k/v LoRA expand of a planned step folded in: the step's shrink (`bgmv_shrink_*`,
 // partials per k-chunk as bgmv_expand_ix reads them) has run; row_index[row] is the row's adapter index (0:
 // none); part p (< 3) of the projection is target t_p at columns c_p .. c_p + w_p (w_p = 0: no part), its
-// intermediate rows p * n + row of each chunk's pstride.
-extern "C" __global__ void rope_kv_write_lora(T* __restrict__ q, T* __restrict__ k_cache, T* __restrict__ v_cache,
-                                              const T* __restrict__ qkv, const u32* __restrict__ positions,
-                                              const float* __restrict__ inv_freq, const u32* __restrict__ slots,
-                                              int q_dim, int kv_dim, int head_dim, const float* __restrict__ tmp,
-                                              const u64* __restrict__ row_index, int layer, int t0, int t1, int t2,
-                                              int c0, int c1, int c2, int w0, int w1, int w2, int n, int pstride,
-                                              int rmax, int ks) {
+// intermediate rows p * n + row of each chunk's pstride. Grid (row, slice of the row's work). The row's
+// pairs are looked up before the wait for the shrink (the index and the adapter tables are the host's).
+extern "C" __global__ void __launch_bounds__(ROPE_LORA_THREADS)
+    rope_kv_write_lora(T* __restrict__ q, T* __restrict__ k_cache, T* __restrict__ v_cache, const T* __restrict__ qkv,
+                       const u32* __restrict__ positions, const float* __restrict__ inv_freq,
+                       const u32* __restrict__ slots, int q_dim, int kv_dim, int head_dim,
+                       const float* __restrict__ tmp, const u64* __restrict__ row_index, int layer, int t0, int t1,
+                       int t2, int c0, int c1, int c2, int w0, int w1, int w2, int n, int pstride, int rmax, int ks) {
     __shared__ LoraRef ref_s[3];
-    __shared__ f32x4 t_v[3 * BG_RANK / 4];
-    float* t_s = reinterpret_cast<float*>(t_v);
-    pdl_enter();
+    __shared__ float t_s[3 * BG_RANK];
     const int row = blockIdx.x;
-    const u64 index = row_index[row];
     if (threadIdx.x < 3) {
         const int p = threadIdx.x;
+        const u64 index = row_index[row];
         LoraRef rf = {};
         if (index != 0 && part_of(p, w0, w1, w2) > 0)
             rf = reinterpret_cast<const LoraRef*>(index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
         ref_s[p] = rf;
     }
     __syncthreads();
-    bool live = false;
-    for (int p = 0; p < 3; ++p) {
-        // Block-uniform (shared), so lora_stage_t's barrier is reached by every thread.
-        if (ref_s[p].a == 0) continue;
-        live = true;
-        lora_stage_t(t_s + p * BG_RANK, tmp, p * n + row, 1, ref_s[p].rank, rmax, pstride, ks);
+    pdl_enter();
+    const bool live = ref_s[0].a != 0 || ref_s[1].a != 0 || ref_s[2].a != 0;
+    if (live) {
+        // The parts' intermediates in one pass, each entry summed over the k-chunks as lora_stage_t sums it.
+        const u64 cstride = (u64)pstride * rmax;
+        for (int f = threadIdx.x; f < 3 * BG_RANK; f += blockDim.x) {
+            const int p = f / BG_RANK, j = f % BG_RANK;
+            if (ref_s[p].a == 0 || j >= ref_s[p].rank) continue;
+            const float* e = tmp + (u64)(p * n + row) * rmax + j;
+            float part[8];
+#pragma unroll
+            for (int c = 0; c < 8; ++c) part[c] = c < ks ? e[c * cstride] : 0.f;
+            float s = 0.f;
+#pragma unroll
+            for (int c = 0; c < 8; ++c)
+                if (c < ks) s += part[c];
+            for (int c = 8; c < ks; ++c) s += e[c * cstride];
+            t_s[f] = s;
+        }
+        __syncthreads();
     }
     const LoraRowTerms terms = {ref_s, t_s, c0, c1, c2, w0, w1, w2, live};
     rope_kv_row(q, k_cache, v_cache, qkv, positions, inv_freq, slots, q_dim, kv_dim, head_dim, terms);

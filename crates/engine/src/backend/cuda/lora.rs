@@ -175,6 +175,9 @@ struct LoraRec {
 
 impl super::Plain for LoraRec {}
 
+/// Threads of a block of `rope_kv_write_lora` (ROPE_LORA_THREADS of kernels/lora.cu).
+const ROPE_LORA_THREADS: u32 = 128;
+
 /// Largest forward pass (rows) the per-step plan takes: decode steps; prompts go to SGMV layer by layer.
 const STEP_MAX_ROWS: usize = 256;
 
@@ -694,14 +697,15 @@ impl CudaBackend {
         let [t0, t1, t2] = &sp.targets;
         let [c0, c1, c2] = &sp.cols;
         let [w0, w1, w2] = [&widths[0], &widths[1], &widths[2]];
+        // A row's 16-byte items (the rotated pairs, then the values) over blocks of ROPE_LORA_THREADS.
+        let items = (q_dim + kv_dim) / 2 + kv_dim;
+        let slices = items
+            .div_ceil(16 / self.dtype.size())
+            .div_ceil(ROPE_LORA_THREADS as usize);
         launch!(
             self,
             "rope_kv_write_lora",
-            cfg(
-                (uint("rows", n)?, 1, 1),
-                self.row_threads_for(n, (q_dim + kv_dim) / 2),
-                0
-            ),
+            cfg((uint("rows", n)?, uint("row slices", slices)?, 1), ROPE_LORA_THREADS, 0),
             &qp,
             &kc,
             &vc,
