@@ -3,6 +3,17 @@
 // Rows are one block each (grid.x = rows); element-wise kernels use a grid-stride loop.
 // Rounding follows transformers in reduced precision where it is cheap to do so (noted per kernel).
 
+// Whether 16-byte accesses fit: every pointer 16-byte aligned and rows of whole vectors.
+__device__ __forceinline__ bool vec_ok(const void* a, const void* b, const void* c, const void* d, u64 n) {
+    return n % VEC == 0 && (((u64)a | (u64)b | (u64)c | (u64)d) & 15) == 0;
+}
+
+// Copies n elements (a multiple of VEC, both 16-byte aligned) with the block's threads, 16 bytes at a time.
+__device__ __forceinline__ void copy_row_vec(T* __restrict__ dst, const T* __restrict__ src, int n) {
+    for (int v = threadIdx.x; v < n / VEC; v += blockDim.x)
+        reinterpret_cast<u32x4*>(dst)[v] = reinterpret_cast<const u32x4*>(src)[v];
+}
+
 // out[r, :] = table[ids[r], :]. The ids were checked against the vocabulary on the host.
 extern "C" __global__ void embedding(T* __restrict__ out, const T* __restrict__ table, const u32* __restrict__ ids,
                                      int hidden) {
@@ -136,13 +147,72 @@ extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ res
     rms_norm_row(out + r * h, res, w, h, eps);
 }
 
-// The attention inputs of a fused q/k/v projection row (rope_kv_row in common.cuh).
+// The attention inputs of a fused q/k/v projection row [q_dim | kv_dim | kv_dim]: rotary embedding of the
+// query and key heads (Hugging Face's rotate-half layout: element i of a head pairs with i + head_dim/2;
+// the angle is inv_freq[i] * position formed in f32, as transformers does; any rope scaling is already
+// folded into inv_freq), queries to q, keys and values to their cache slot (checked on the host; a padding
+// row's slot is 0xffffffff: no write).
 extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_cache, T* __restrict__ v_cache,
                                          const T* __restrict__ qkv, const u32* __restrict__ positions,
                                          const float* __restrict__ inv_freq, const u32* __restrict__ slots, int q_dim,
                                          int kv_dim, int head_dim) {
     pdl_enter();
-    rope_kv_row(q, k_cache, v_cache, qkv, positions, inv_freq, slots, q_dim, kv_dim, head_dim, NoRowTerms{});
+    const u64 r = blockIdx.x;
+    const int half = head_dim / 2;
+    const int heads = (q_dim + kv_dim) / head_dim;
+    const float pos = (float)positions[r];
+    const u64 s = slots[r];
+    const T* row = qkv + r * (u64)(q_dim + 2 * kv_dim);
+    const bool nowhere = s == 0xffffffffull;
+    T* kd = k_cache + (nowhere ? 0 : s * kv_dim);
+    T* vd = v_cache + (nowhere ? 0 : s * kv_dim);
+    if (half % VEC == 0 && vec_ok(row, q + r * q_dim, kd, vd, q_dim + kv_dim) && ((u64)inv_freq & 15) == 0) {
+        // 16 bytes at a time: item (head, i0) rotates elements i0 .. i0 + VEC - 1 with i0 + half ...
+        const int per = half / VEC;
+        for (int idx = threadIdx.x; idx < heads * per; idx += blockDim.x) {
+            const int head = idx / per, i0 = (idx % per) * VEC;
+            const int c = head * head_dim + i0;
+            if (c >= q_dim && nowhere) continue;
+            float a[VEC], b[VEC], f[VEC];
+            load_n<VEC>(row + c, a);
+            load_n<VEC>(row + c + half, b);
+#pragma unroll
+            for (int e = 0; e < VEC; e += 4) {
+                const f32x4 fv = *reinterpret_cast<const f32x4*>(inv_freq + i0 + e);
+                f[e] = fv.x;
+                f[e + 1] = fv.y;
+                f[e + 2] = fv.z;
+                f[e + 3] = fv.w;
+            }
+            float lo[VEC], hi[VEC];
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                float sn, cs;
+                sincosf(f[e] * pos, &sn, &cs);
+                lo[e] = a[e] * cs - b[e] * sn;
+                hi[e] = b[e] * cs + a[e] * sn;
+            }
+            T* dst = c < q_dim ? q + r * q_dim + c : kd + (c - q_dim);
+            *reinterpret_cast<u32x4*>(dst) = to_vec(lo);
+            *reinterpret_cast<u32x4*>(dst + half) = to_vec(hi);
+        }
+        if (!nowhere) copy_row_vec(vd, row + q_dim + kv_dim, kv_dim);
+        return;
+    }
+    for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
+        const int head = idx / half, i = idx % half;
+        float sn, cs;
+        sincosf(inv_freq[i] * pos, &sn, &cs);
+        const int c = head * head_dim + i;
+        if (c >= q_dim && s == 0xffffffffull) continue;
+        T* dst = c < q_dim ? q + r * q_dim + c : k_cache + s * kv_dim + (c - q_dim);
+        const float a = to_f(row[c]), b = to_f(row[c + half]);
+        dst[0] = from_f(a * cs - b * sn);
+        dst[half] = from_f(b * cs + a * sn);
+    }
+    const T* v = row + q_dim + kv_dim;
+    if (s == 0xffffffffull) return;
+    for (int c = threadIdx.x; c < kv_dim; c += blockDim.x) v_cache[s * kv_dim + c] = v[c];
 }
 
 // out[r, c] = silu(x[r, c]) * x[r, f + c] for the fused gate/up output x [rows, 2f]; silu's result is rounded

@@ -18,11 +18,11 @@
 #                                          # kernel times with the tensor-core and the CUDA-core shrink (session 31)
 #   bash scripts/gpu/next_call.sh expand-tiles  # ~120 s: the LoRA expand's column tiles a block (1, 2 and
 #                                               # the default) on adapters of every linear layer (session 31)
-#   bash scripts/gpu/next_call.sh lora-rope  # ~400 s: the q/k/v LoRA expand inside the rotary kernel checked,
-#                                            # timed on and off, and golden/graphs/e2e with it (session 34)
 #   bash scripts/gpu/next_call.sh vx       # ~330 s: the LoRA expand bgmv_expand_vx (session 32) checked against
 #                                          # the CPU, golden and e2e, then timed against bgmv_expand_ix
 #                                          # (VX_NCU=0: without the ncu kernel times, ~200 s)
+#   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
+#   forms; the code and the round are at 9ee9c5d: `git show 9ee9c5d:scripts/gpu/next_call.sh`).
 #   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
 #   faster; the code and the rounds are at 38837cf: `git show 38837cf:scripts/gpu/next_call.sh`).
 #   Session 29 removed two rounds: `overlap` (the LoRA shrink beside the base GEMM, measured slower:
@@ -68,7 +68,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|mlp|expand-tiles|vx|lora-rope}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|mlp|expand-tiles|vx}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -219,29 +219,6 @@ vx)
     done
     lap steps2
     ;;
-lora-rope)
-    # Session 34: the q/k/v LoRA expand inside the rotary kernel (rope_kv_write_lora; on by default,
-    # LORAX_CUDA_LORA_ROPE=0 the separate expand). The kernel tests (lora_step_matches_cpu checks the fused
-    # kernel against lora_layer then rope_kv_write value for value), 32-layer steps through graphs on and off
-    # (two rounds, interleaved; b64-a8 and the b128s run the rotary kernel on its own, b32-a8 inside attention:
-    # the control), then golden, graphs and e2e with LORAX_CUDA_ATTN_ROPE=0, so that every decode step, small
-    # ones too, takes the separate rotary kernel and with it the fused expand.
-    off="LORAX_CUDA_LORA_ROPE=0"
-    timeout 150 "$bin/cuda_kernels" lora rope --nocapture --test-threads 2 >"$R/kernels-lora.txt" 2>&1
-    echo "rc $?" >>"$R/kernels-lora.txt"
-    lap kernels
-    for round in 1 2; do
-        for x in b128-identical b128-distinct b64-a8 b32-a8; do
-            profile_step "$x" "on-$round" LORAX_PROFILE_GRAPHS=1
-            profile_step "$x" "off-$round" LORAX_PROFILE_GRAPHS=1 $off
-        done
-    done
-    lap steps
-    LORAX_CUDA_ATTN_ROPE=0 RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 200 scripts/gpu/run.sh \
-        "$R/run" "$bin" >"$R/run.txt" 2>&1
-    echo "rc $?" >>"$R/run.txt"
-    lap run
-    ;;
 mlp)
     simt="LORAX_CUDA_LORA_SHRINK=simt"
     LORAX_PROFILE_DETAIL="" timeout 90 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" b128-identical-all \
@@ -274,7 +251,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, mlp, expand-tiles, vx or lora-rope)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, mlp, expand-tiles or vx)" >&2
     exit 2
     ;;
 esac

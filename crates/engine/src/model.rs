@@ -424,34 +424,22 @@ impl<B: Backend> Model<B> {
                 None => backend.rms_norm(&residual, &layer.input_norm, eps)?,
                 Some(out) => backend.add_rms_norm(&mut residual, &out, &layer.input_norm, eps)?,
             };
-            let qkv_parts = [(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)];
-            let attn = match &lora_step {
-                // The backend may add the q/k/v LoRA terms inside its rotary kernel.
-                Some(step) => backend.lora_rope_attention(
-                    &mut layer.qkv.forward(backend, &h)?,
-                    &h,
-                    step,
-                    i,
-                    &qkv_parts,
-                    &mut cache.k[i],
-                    &mut cache.v[i],
-                    cfg.head_dim,
-                    &input.positions,
-                    &self.inv_freq,
-                    &input.slots,
-                    &meta,
-                )?,
-                None => backend.rope_attention(
-                    &project(&layer.qkv, &h, i, &qkv_parts)?,
-                    &mut cache.k[i],
-                    &mut cache.v[i],
-                    cfg.head_dim,
-                    &input.positions,
-                    &self.inv_freq,
-                    &input.slots,
-                    &meta,
-                )?,
-            };
+            let qkv = project(
+                &layer.qkv,
+                &h,
+                i,
+                &[(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)],
+            )?;
+            let attn = backend.rope_attention(
+                &qkv,
+                &mut cache.k[i],
+                &mut cache.v[i],
+                cfg.head_dim,
+                &input.positions,
+                &self.inv_freq,
+                &input.slots,
+                &meta,
+            )?;
             let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
             backend.all_reduce_sum(&mut attn_out, comm)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;

@@ -1030,9 +1030,6 @@ fn lora_sgmv_matches_cpu() {
 /// adapters (largest rank 64), without the rank-64 one (32) and without the rank-32 one too (16), so that
 /// in bf16/f16 each tensor-core shrink (`bgmv_shrink_tc4`, `_tc2`, `_tc1`) runs; `LORAX_CUDA_LORA_SHRINK=simt`
 /// runs them all on `bgmv_shrink_ix` (f32 always does).
-/// Head size of `lora_step_matches_cpu`'s fused q/k/v check (q: 16 heads, k and v: 4).
-const ROPE_HD: usize = 64;
-
 #[test]
 #[allow(clippy::needless_range_loop)]
 fn lora_step_matches_cpu() {
@@ -1109,23 +1106,6 @@ fn lora_step_matches_cpu() {
         // Each expand: bgmv_expand_ix, then bgmv_expand_vx (records merged to 16 rows: 32 rows of one
         // adapter in two; lora.rs `expand_vx_fits_whole_accesses_only` checks these shapes take it). The
         // switch is read when the plan is made, as the server reads it at start-up.
-        // The rotary kernel's inputs for the fused q/k/v check: row r in slot 2r (row 7, a base row, a
-        // padding row that writes nowhere).
-        let inv_freq: Vec<f32> = (0..ROPE_HD / 2)
-            .map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / ROPE_HD as f32))
-            .collect();
-        let positions: Vec<u32> = (0..n).map(|_| rng.below(4096) as u32).collect();
-        let slots: Vec<u32> = (0..n)
-            .map(|r| {
-                if r == 7 {
-                    lorax_engine::backend::NO_SLOT
-                } else {
-                    2 * r as u32
-                }
-            })
-            .collect();
-        let mut fused_checked = 0;
-        g.set_lora_rope(true);
         for (vx, plan) in [false, true].into_iter().flat_map(|vx| plans.map(|p| (vx, p))) {
             g.set_lora_expand_vx(vx);
             let step = g
@@ -1156,34 +1136,8 @@ fn lora_step_matches_cpu() {
                     }
                     let before = y.host.clone();
                     CpuBackend.lora(&mut y.cpu, &x.cpu, &cpu_segs).unwrap();
-                    // The q/k/v terms inside the rotary kernel, from the base projection (before
-                    // lora_layer adds them to y), checked below against rope_kv_write of y.
-                    let fused = (parts.len() == 3 && !vx).then(|| {
-                        let mut kc = g.zeros(&[2 * n, kvd]).unwrap();
-                        let mut vc = g.zeros(&[2 * n, kvd]).unwrap();
-                        let q = g
-                            .lora_rope_kv_write(
-                                &y.gpu, &x.gpu, &step, l, parts, &mut kc, &mut vc, ROPE_HD, &positions, &inv_freq,
-                                &slots,
-                            )
-                            .unwrap();
-                        (q, kc, vc)
-                    });
                     g.lora_layer(&mut y.gpu, &x.gpu, &step, l, parts).unwrap();
                     let got = g.to_f32(&y.gpu).unwrap();
-                    if let Some((q, kc, vc)) = fused {
-                        let what = format!("{dt:?} rank {rmax} plan, layer {l}, rope_kv_write_lora");
-                        let mut kc2 = g.zeros(&[2 * n, kvd]).unwrap();
-                        let mut vc2 = g.zeros(&[2 * n, kvd]).unwrap();
-                        let q2 = g
-                            .rope_kv_write(&y.gpu, &mut kc2, &mut vc2, ROPE_HD, &positions, &inv_freq, &slots)
-                            .unwrap();
-                        let q = q.expect("a planned step with row indices takes the fused rotary kernel");
-                        assert_eq!(g.to_f32(&q).unwrap(), g.to_f32(&q2).unwrap(), "{what}: queries");
-                        assert_eq!(g.to_f32(&kc).unwrap(), g.to_f32(&kc2).unwrap(), "{what}: keys");
-                        assert_eq!(g.to_f32(&vc).unwrap(), g.to_f32(&vc2).unwrap(), "{what}: values");
-                        fused_checked += 1;
-                    }
                     let expand = if vx { "vx" } else { "ix" };
                     let what = format!("{dt:?} rank {rmax} plan, layer {l} {parts:?}, expand {expand}");
                     if cpu_segs.is_empty() {
@@ -1203,32 +1157,6 @@ fn lora_step_matches_cpu() {
                 }
             }
         }
-        assert_eq!(fused_checked, plans.len() * layers, "{dt:?}: fused q/k/v checks");
-        // Planned with the switch off, the step has no row indices and the fused kernel declines.
-        g.set_lora_rope(false);
-        let step = g.lora_step(n, &segs_of(plans[0])).unwrap().unwrap();
-        let (x, y) = (
-            pair(&g, &mut rng, &[n, h], -1.0, 1.0),
-            pair(&g, &mut rng, &[n, qd + 2 * kvd], -1.0, 1.0),
-        );
-        let (mut kc, mut vc) = (g.zeros(&[2 * n, kvd]).unwrap(), g.zeros(&[2 * n, kvd]).unwrap());
-        assert!(g
-            .lora_rope_kv_write(
-                &y.gpu,
-                &x.gpu,
-                &step,
-                0,
-                projections[0],
-                &mut kc,
-                &mut vc,
-                ROPE_HD,
-                &positions,
-                &inv_freq,
-                &slots
-            )
-            .unwrap()
-            .is_none());
-        g.set_lora_rope(true);
         // A layer past the adapters' refuses; more rows than the plan takes, or a rank above BGMV's 64,
         // get no plan (those passes take the per-layer path).
         let segs = segs_of(plans[0]);

@@ -358,29 +358,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
             "lora_layer without a step plan from lora_step".into(),
         ))
     }
-    /// [`Backend::lora_layer`] of the q/k/v projection `qkv` (of `x`), then [`Backend::rope_attention`]: what
-    /// the model runs at every layer of a pass with a LoRA plan. The default makes the two calls; the CUDA
-    /// backend adds the LoRA terms inside its rotary kernel where that runs on its own. `qkv` holds the
-    /// LoRA terms afterwards only where the default ran.
-    #[allow(clippy::too_many_arguments)]
-    fn lora_rope_attention(
-        &self,
-        qkv: &mut Self::Tensor,
-        x: &Self::Tensor,
-        step: &Self::LoraStep,
-        layer: usize,
-        parts: &[(Target, usize)],
-        k_cache: &mut Self::Tensor,
-        v_cache: &mut Self::Tensor,
-        head_dim: usize,
-        positions: &[u32],
-        inv_freq: &[f32],
-        slots: &[u32],
-        meta: &AttnMeta<'_>,
-    ) -> Result<Self::Tensor> {
-        self.lora_layer(qkv, x, step, layer, parts)?;
-        self.rope_attention(qkv, k_cache, v_cache, head_dim, positions, inv_freq, slots, meta)
-    }
     /// For each `(row, task)`, from row `row` of `logits` `[rows, vocab]`: the next token chosen by the
     /// task's sampler (exactly as [`crate::Sampler::choose`], recorded in its history), or a given
     /// token's log-probability under the raw logits. Each row serves one task. The default copies the

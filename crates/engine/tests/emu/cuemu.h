@@ -28,7 +28,6 @@
 struct dim3_ { unsigned x = 0, y = 0, z = 0; };
 inline thread_local dim3_ threadIdx;
 inline dim3_ blockIdx, blockDim;
-inline dim3_ gridDim{1, 1, 1};
 
 struct WarpX { std::barrier<> bar{32}; uint64_t slot[32]; };
 inline std::barrier<>* g_block;

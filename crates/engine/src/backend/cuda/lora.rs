@@ -175,9 +175,6 @@ struct LoraRec {
 
 impl super::Plain for LoraRec {}
 
-/// Threads of a block of `rope_kv_write_lora` (ROPE_LORA_THREADS of kernels/lora.cu).
-const ROPE_LORA_THREADS: u32 = 128;
-
 /// Largest forward pass (rows) the per-step plan takes: decode steps; prompts go to SGMV layer by layer.
 const STEP_MAX_ROWS: usize = 256;
 
@@ -229,30 +226,10 @@ pub struct CudaLoraStep {
     adapter_rows: usize,
     /// The table holds `bgmv_expand_vx`'s records too (made while `LORAX_CUDA_LORA_EXPAND=vx`).
     expand_vx: bool,
-    /// Each row's adapter index (0: none), for `rope_kv_write_lora` (made while `LORAX_CUDA_LORA_ROPE` is
-    /// on).
-    row_index: Option<DevBuf>,
     rmax: usize,
     layers: usize,
     /// Per target: (in features, columns) where some adapter of the step has it.
     dims: [Option<(usize, usize)>; NUM_TARGETS],
-}
-
-/// A layer's parts of a planned step that some adapter has (at most 3, a fused projection's), in the
-/// intermediate's order: target, first column of y, columns.
-struct StepParts {
-    targets: [i32; 3],
-    cols: [i32; 3],
-    part_cols: [usize; 3],
-    used: usize,
-}
-
-/// A layer's launched shrink ([`CudaBackend::lora_step_shrink`]): its intermediate, rows per k-chunk and
-/// number of k-chunks.
-struct Shrunk {
-    tmp: DevBuf,
-    pstride: i32,
-    ks: i32,
 }
 
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
@@ -364,15 +341,6 @@ impl CudaBackend {
         // the batch's mix of adapters changes within that bound.
         let adapter_rows = recs.iter().map(|r| r.len as usize).sum();
         let expand = self.lora_expand_vx.then(|| merge_records(&recs, self.lora_expand_rows));
-        let row_index = if self.lora_rope {
-            let mut idx = vec![0u64; rows];
-            for r in &recs {
-                idx[r.start as usize..(r.start + r.len) as usize].fill(r.index);
-            }
-            Some(self.upload(&idx)?)
-        } else {
-            None
-        };
         let records = recs.len().next_power_of_two();
         recs.resize(records, LoraRec::default());
         if let Some(expand) = &expand {
@@ -385,115 +353,10 @@ impl CudaBackend {
             rows,
             adapter_rows,
             expand_vx: expand.is_some(),
-            row_index,
             rmax,
             layers,
             dims,
         }))
-    }
-
-    /// The `parts` (target, first column of y) of a layer that some adapter of the step has, checked against
-    /// x and y; `None` when there is nothing to do.
-    fn lora_step_parts(
-        &self,
-        y: &CudaTensor,
-        x: &CudaTensor,
-        step: &CudaLoraStep,
-        layer: usize,
-        parts: &[(Target, usize)],
-    ) -> Result<Option<StepParts>> {
-        let (n, k) = x.rows_cols();
-        let (ny, out) = y.rows_cols();
-        if n != ny || n != step.rows || layer >= step.layers {
-            return Err(EngineError::Backend(format!(
-                "lora_layer: x {:?}, y {:?}, layer {layer}, for a step of {} rows and {} layers",
-                x.shape, y.shape, step.rows, step.layers
-            )));
-        }
-        let mut p = StepParts {
-            targets: [0; 3],
-            cols: [0; 3],
-            part_cols: [0; 3],
-            used: 0,
-        };
-        for &(target, col) in parts {
-            let Some((kin, c)) = step.dims[target.index()] else {
-                continue;
-            };
-            if kin != k || col + c > out || p.used == 3 {
-                return Err(EngineError::Backend(format!(
-                    "lora_layer: {target:?} pairs of {kin} -> {c} at column {col} for x {:?}, y {:?} ({} parts)",
-                    x.shape,
-                    y.shape,
-                    parts.len()
-                )));
-            }
-            p.targets[p.used] = int("target", target.index())?;
-            p.cols[p.used] = int("column", col)?;
-            p.part_cols[p.used] = c;
-            p.used += 1;
-        }
-        Ok((p.used > 0 && k > 0).then_some(p))
-    }
-
-    /// A layer's shrink of a planned step (the `_ix` or tensor-core kernel) for the checked `parts`: one
-    /// partial per k-chunk, chunk c's part p keeping row r of the pass in row (c · parts + p) · n + r of the
-    /// intermediate (`pstride` = parts · n rows per chunk); every entry an expand reads is written by the
-    /// shrink of the same layer, so nothing is zeroed.
-    fn lora_step_shrink(&self, x: &CudaTensor, step: &CudaLoraStep, layer: usize, parts: &StepParts) -> Result<Shrunk> {
-        let (n, k) = x.rows_cols();
-        let used = parts.used;
-        let [t0, t1, t2] = &parts.targets;
-        // The shrink on the tensor cores for 16-bit storage (LORAX_CUDA_LORA_SHRINK=simt: on the CUDA cores,
-        // as f32 always runs).
-        let (kc, shrink_name) = if self.lora_shrink_tc && self.dtype.size() == 2 {
-            (shrink_chunk_tc(k), shrink_tc_kernel(step.rmax))
-        } else {
-            (shrink_chunk(k, self.dtype.size()), "bgmv_shrink_ix")
-        };
-        let chunks = k.div_ceil(kc);
-        let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
-        let tp = self.ptr(&tmp);
-        let (pstride, kci, ksi) = (
-            int("intermediate rows", used * n)?,
-            int("k chunk", kc)?,
-            int("k chunks", chunks)?,
-        );
-        int("intermediate rows", chunks * used * n)?;
-        let (li, ni, ki, ri) = (
-            int("layer", layer)?,
-            int("rows", n)?,
-            int("in features", k)?,
-            int("rank", step.rmax)?,
-        );
-        let shrink = cfg(
-            (
-                uint("records", step.records)?,
-                uint("k chunks", chunks)?,
-                uint("parts", used)?,
-            ),
-            BG_KWARPS * 32,
-            0,
-        );
-        let (xp, sp) = (self.ptr(&x.buf), self.ptr(&step.table));
-        launch!(
-            self,
-            shrink_name,
-            shrink,
-            &tp,
-            &xp,
-            &sp,
-            &li,
-            t0,
-            t1,
-            t2,
-            &ni,
-            &pstride,
-            &ki,
-            &ri,
-            &kci
-        );
-        Ok(Shrunk { tmp, pstride, ks: ksi })
     }
 
     /// One layer's LoRA products of a planned step: for the `parts` some adapter of the step has, shrink
@@ -506,15 +369,39 @@ impl CudaBackend {
         layer: usize,
         parts: &[(Target, usize)],
     ) -> Result<()> {
-        let Some(sp_parts) = self.lora_step_parts(y, x, step, layer, parts)? else {
-            return Ok(());
-        };
-        let sp = &sp_parts;
         let (n, k) = x.rows_cols();
-        let out = y.rows_cols().1;
-        let used = sp.used;
-        let max_cols = sp.part_cols.iter().copied().max().unwrap_or(0);
-        let (targets, cols, part_cols) = (sp.targets, sp.cols, sp.part_cols);
+        let (ny, out) = y.rows_cols();
+        if n != ny || n != step.rows || layer >= step.layers {
+            return Err(EngineError::Backend(format!(
+                "lora_layer: x {:?}, y {:?}, layer {layer}, for a step of {} rows and {} layers",
+                x.shape, y.shape, step.rows, step.layers
+            )));
+        }
+        let mut targets = [0i32; 3];
+        let mut cols = [0i32; 3];
+        let mut part_cols = [0usize; 3];
+        let (mut used, mut max_cols) = (0, 0);
+        for &(target, col) in parts {
+            let Some((kin, c)) = step.dims[target.index()] else {
+                continue;
+            };
+            if kin != k || col + c > out || used == 3 {
+                return Err(EngineError::Backend(format!(
+                    "lora_layer: {target:?} pairs of {kin} -> {c} at column {col} for x {:?}, y {:?} ({} parts)",
+                    x.shape,
+                    y.shape,
+                    parts.len()
+                )));
+            }
+            targets[used] = int("target", target.index())?;
+            cols[used] = int("column", col)?;
+            part_cols[used] = c;
+            max_cols = max_cols.max(c);
+            used += 1;
+        }
+        if used == 0 || k == 0 {
+            return Ok(());
+        }
         let [t0, t1, t2] = &targets;
         let [c0, c1, c2] = &cols;
         let (li, ni, ki, oi, ri) = (
@@ -567,8 +454,26 @@ impl CudaBackend {
             );
             return Ok(());
         }
-        let Shrunk { tmp, pstride, ks: ksi } = self.lora_step_shrink(x, step, layer, &sp_parts)?;
+        // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r of
+        // the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written by
+        // the shrink of the same layer, so nothing is zeroed.
+        // The shrink on the tensor cores for 16-bit storage (LORAX_CUDA_LORA_SHRINK=simt: on the CUDA cores,
+        // as f32 always runs).
+        let (kc, shrink_name) = if self.lora_shrink_tc && self.dtype.size() == 2 {
+            (shrink_chunk_tc(k), shrink_tc_kernel(step.rmax))
+        } else {
+            (shrink_chunk(k, self.dtype.size()), "bgmv_shrink_ix")
+        };
+        let chunks = k.div_ceil(kc);
+        let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
         let tp = self.ptr(&tmp);
+        let (pstride, kci, ksi) = (
+            int("intermediate rows", used * n)?,
+            int("k chunk", kc)?,
+            int("k chunks", chunks)?,
+        );
+        int("intermediate rows", chunks * used * n)?;
+        let shrink = cfg((recs, uint("k chunks", chunks)?, parts), BG_KWARPS * 32, 0);
         // The parts' column groups end to end along the grid's y: part p's groups start at e_p.
         let size = self.dtype.size();
         let vx = step.expand_vx && expand_vx_fits(size, out, yp, &cols[..used], &part_cols[..used]);
@@ -584,6 +489,23 @@ impl CudaBackend {
         let [e1, e2, total] = expand_groups(&part_cols[..used], tile, ct);
         let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
         let expand = cfg((recs, uint("column groups", total)?, 1), BG_EXPAND_THREADS, 0);
+        launch!(
+            self,
+            shrink_name,
+            shrink,
+            &tp,
+            &xp,
+            &sp,
+            &li,
+            t0,
+            t1,
+            t2,
+            &ni,
+            &pstride,
+            &ki,
+            &ri,
+            &kci
+        );
         if vx {
             // The expand records follow the shrink's in the table (16 bytes each).
             let ep = sp + 16 * step.records as u64;
@@ -636,104 +558,6 @@ impl CudaBackend {
             &ksi
         );
         Ok(())
-    }
-
-    /// `rope_kv_write` with the q/k/v LoRA expand of a planned step folded in (`rope_kv_write_lora`, after
-    /// the layer's shrink): `qkv` is the base projection of `x`, and the result equals
-    /// [`CudaBackend::lora_step_layer`] on it followed by `rope_kv_write`, value for value (the same sums in
-    /// the same order, rounded at the same point). `None`, with nothing launched, where it does not apply:
-    /// switched off, a step planned without row indices, or the `_ix0` pair.
-    #[allow(clippy::too_many_arguments)]
-    pub fn lora_rope_kv_write(
-        &self,
-        qkv: &CudaTensor,
-        x: &CudaTensor,
-        step: &CudaLoraStep,
-        layer: usize,
-        parts: &[(Target, usize)],
-        k_cache: &mut CudaTensor,
-        v_cache: &mut CudaTensor,
-        head_dim: usize,
-        positions: &[u32],
-        inv_freq: &[f32],
-        slots: &[u32],
-    ) -> Result<Option<CudaTensor>> {
-        let Some(row_index) = step.row_index.as_ref().filter(|_| self.lora_rope && self.lora_ksplit) else {
-            return Ok(None);
-        };
-        let (n, q_dim, kv_dim) = crate::backend::check_rope_kv_write(
-            &qkv.shape,
-            &k_cache.shape,
-            &v_cache.shape,
-            head_dim,
-            (positions, inv_freq, slots),
-        )?;
-        let Some(sp) = self.lora_step_parts(qkv, x, step, layer, parts)? else {
-            return Ok(None);
-        };
-        let q = self.alloc(&[n, q_dim])?;
-        let Shrunk { tmp, pstride, ks } = self.lora_step_shrink(x, step, layer, &sp)?;
-        let meta = self.rope_uploads(positions, inv_freq, slots)?;
-        let [d_pos, d_freq, d_slots] = &*meta;
-        let (qp, kc, vc, xp) = (
-            self.ptr(&q.buf),
-            self.ptr(&k_cache.buf),
-            self.ptr(&v_cache.buf),
-            self.ptr(&qkv.buf),
-        );
-        let (pp, fp, slp) = (self.ptr(d_pos), self.ptr(d_freq), self.ptr(d_slots));
-        let (tp, ip) = (self.ptr(&tmp), self.ptr(row_index));
-        let (qi, ki, hi) = (
-            int("q width", q_dim)?,
-            int("kv width", kv_dim)?,
-            int("head_dim", head_dim)?,
-        );
-        let (li, ni, ri) = (int("layer", layer)?, int("rows", n)?, int("rank", step.rmax)?);
-        let widths = sp
-            .part_cols
-            .map(|c| int("columns", c))
-            .into_iter()
-            .collect::<Result<Vec<i32>>>()?;
-        let [t0, t1, t2] = &sp.targets;
-        let [c0, c1, c2] = &sp.cols;
-        let [w0, w1, w2] = [&widths[0], &widths[1], &widths[2]];
-        // A row's 16-byte items (the rotated pairs, then the values) over blocks of ROPE_LORA_THREADS.
-        let items = (q_dim + kv_dim) / 2 + kv_dim;
-        let slices = items
-            .div_ceil(16 / self.dtype.size())
-            .div_ceil(ROPE_LORA_THREADS as usize);
-        launch!(
-            self,
-            "rope_kv_write_lora",
-            cfg((uint("rows", n)?, uint("row slices", slices)?, 1), ROPE_LORA_THREADS, 0),
-            &qp,
-            &kc,
-            &vc,
-            &xp,
-            &pp,
-            &fp,
-            &slp,
-            &qi,
-            &ki,
-            &hi,
-            &tp,
-            &ip,
-            &li,
-            t0,
-            t1,
-            t2,
-            c0,
-            c1,
-            c2,
-            w0,
-            w1,
-            w2,
-            &ni,
-            &pstride,
-            &ri,
-            &ks
-        );
-        Ok(Some(q))
     }
 
     /// Checks and lays out `y[rows] += scale · (x[rows] · aᵀ) · bᵀ` for each segment (see

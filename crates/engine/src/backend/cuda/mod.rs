@@ -416,7 +416,6 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "bgmv_expand_vx",
             "bgmv_shrink_ix0",
             "bgmv_expand_ix0",
-            "rope_kv_write_lora",
         ],
     ),
     (
@@ -653,10 +652,6 @@ pub struct CudaBackend {
     lora_expand_vx: bool,
     /// Rows of one record of `bgmv_expand_vx` (`LORAX_CUDA_LORA_EXPAND_ROWS`, 4-16, default 16).
     lora_expand_rows: usize,
-    /// A planned step's q/k/v LoRA expand inside the rotary kernel (`rope_kv_write_lora`) where the rotary
-    /// embedding runs on its own (steps past one wave of attention blocks); `LORAX_CUDA_LORA_ROPE=0`: the
-    /// separate expand.
-    lora_rope: bool,
     /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
     /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
@@ -1271,7 +1266,6 @@ impl CudaBackend {
             },
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
-            lora_rope: std::env::var("LORAX_CUDA_LORA_ROPE").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
             lora_shrink_tc: tc_or_simt("LORAX_CUDA_LORA_SHRINK")?,
             lora_expand_tiles: match std::env::var("LORAX_CUDA_LORA_EXPAND_TILES").as_deref() {
@@ -1381,12 +1375,6 @@ impl CudaBackend {
     /// `bgmv_expand_ix` (for tests and comparisons).
     pub fn set_lora_expand_vx(&mut self, on: bool) {
         self.lora_expand_vx = on;
-    }
-
-    /// A planned step's q/k/v LoRA expand inside the rotary kernel (as `LORAX_CUDA_LORA_ROPE`; for tests and
-    /// comparisons). It applies to steps planned after the call.
-    pub fn set_lora_rope(&mut self, on: bool) {
-        self.lora_rope = on;
     }
 
     /// LoRA segments of more than 64 rows as cuBLAS GEMMs (default) or with the other segments on
@@ -2386,38 +2374,6 @@ impl Backend for CudaBackend {
         let done = self.lora_step_layer(y, x, step, layer, parts);
         self.graphs.clock.plan(true, planning);
         done
-    }
-
-    /// The expand inside the rotary kernel (`lora_rope_kv_write`) where the rotary embedding runs on its own;
-    /// otherwise the trait's default.
-    #[allow(clippy::too_many_arguments)]
-    fn lora_rope_attention(
-        &self,
-        qkv: &mut CudaTensor,
-        x: &CudaTensor,
-        step: &lora::CudaLoraStep,
-        layer: usize,
-        parts: &[(crate::lora::Target, usize)],
-        k_cache: &mut CudaTensor,
-        v_cache: &mut CudaTensor,
-        head_dim: usize,
-        positions: &[u32],
-        inv_freq: &[f32],
-        slots: &[u32],
-        meta: &AttnMeta<'_>,
-    ) -> Result<CudaTensor> {
-        if !self.rope_fused(meta, head_dim, inv_freq) {
-            let planning = std::time::Instant::now();
-            let q = self.lora_rope_kv_write(
-                qkv, x, step, layer, parts, k_cache, v_cache, head_dim, positions, inv_freq, slots,
-            );
-            self.graphs.clock.plan(true, planning);
-            if let Some(q) = q? {
-                return self.attention(&q, k_cache, v_cache, meta);
-            }
-        }
-        self.lora_layer(qkv, x, step, layer, parts)?;
-        self.rope_attention(qkv, k_cache, v_cache, head_dim, positions, inv_freq, slots, meta)
     }
 
     /// Segments of more than 64 rows (prompt chunks) as cuBLAS GEMMs (`lora_gemm`; one batched call per
