@@ -448,6 +448,32 @@ async fn chat_uses_the_template_an_adapter_ships() {
     .await;
     assert_eq!(status, 404, "{v}");
     assert_eq!(v["error"]["type"], "adapter_not_found");
+
+    // An adapter whose template does not compile, or whose tokenizer_config.json is not JSON, fails chat
+    // requests with 422 rather than rendering them with the model's template; the native route, which
+    // renders nothing, still serves it.
+    for (model, why) in [
+        ("org/badtemplate-adapter", "chat template cannot be used"),
+        ("org/badconfig-adapter", "tokenizer_config.json is not JSON"),
+    ] {
+        let (status, v) = error_of(
+            d.post(
+                "/v1/chat/completions",
+                json!({"model": model, "messages": messages, "max_tokens": 2}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, 422, "{model}: {v}");
+        assert_eq!(v["error"]["type"], "adapter_invalid", "{model}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why) && message.contains(model), "{model}: {message}");
+        d.post_ok(
+            "/generate",
+            json!({"inputs": "Hello", "parameters": {"adapter_id": model, "max_new_tokens": 2}}),
+        )
+        .await;
+    }
     d.assert_no_violations();
 }
 

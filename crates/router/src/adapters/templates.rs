@@ -49,7 +49,8 @@ impl std::fmt::Debug for AdapterTemplates {
 }
 
 impl AdapterTemplates {
-    /// The chat template `adapter` ships, or `None` when it has none (or an unusable one, logged).
+    /// The chat template `adapter` ships, or `None` when it has none; an unusable one is an error
+    /// ([`parse`]).
     pub async fn get(
         &self,
         clients: &ShardClients,
@@ -59,7 +60,7 @@ impl AdapterTemplates {
         let (clients, key, token) = (clients.clone(), adapter.clone(), api_token.cloned());
         self.get_with(adapter, api_token, move || async move {
             let response = download(&clients, &key, token.as_ref(), false).await?;
-            Ok(parse(&key, response.tokenizer_config.as_deref()))
+            parse(&key, response.tokenizer_config.as_deref())
         })
         .await
     }
@@ -166,21 +167,22 @@ fn remember(entries: &mut HashMap<AdapterKey, Entry>, adapter: AdapterKey, templ
     }
 }
 
-fn parse(adapter: &AdapterKey, config: Option<&str>) -> Option<ChatTemplate> {
-    let value: serde_json::Value = match serde_json::from_str(config?) {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(adapter = %adapter, "the adapter's tokenizer_config.json is not JSON ({e}); using the base template");
-            return None;
-        }
+/// The chat template of an adapter's `tokenizer_config.json`: `None` without the file or without a
+/// `chat_template` in it (the model's template is used then). A file that is not JSON, or a template that
+/// does not compile, is an invalid adapter for chat (422 `adapter_invalid`): rendering with the model's
+/// template instead would give the adapter prompts in a format it was not trained on.
+fn parse(adapter: &AdapterKey, config: Option<&str>) -> Outcome {
+    let Some(config) = config else { return Ok(None) };
+    let invalid = |message: String| AdapterError {
+        kind: AdapterFailure::Invalid,
+        adapter: adapter.clone(),
+        stage: "used for chat",
+        no_room: false,
+        message,
     };
-    match ChatTemplate::from_tokenizer_config(&value) {
-        Ok(template) => template,
-        Err(e) => {
-            tracing::warn!(adapter = %adapter, "the adapter's chat template cannot be used ({e}); using the base template");
-            None
-        }
-    }
+    let value: serde_json::Value =
+        serde_json::from_str(config).map_err(|e| invalid(format!("its tokenizer_config.json is not JSON: {e}")))?;
+    ChatTemplate::from_tokenizer_config(&value).map_err(|e| invalid(format!("its chat template cannot be used: {e}")))
 }
 
 #[cfg(test)]

@@ -181,10 +181,17 @@ impl FakeHub {
             let token = request.api_token.as_deref().unwrap_or("");
             return Err(Status::new(*code, message.replace("{token}", token)));
         }
-        // Adapters whose id contains "templated" ship their own chat template.
-        let tokenizer_config = id
-            .contains("templated")
-            .then(|| serde_json::json!({"chat_template": ADAPTER_CHAT_TEMPLATE, "bos_token": "<s>"}).to_string());
+        // Adapters whose id contains "templated" ship their own chat template; "badtemplate", one that does
+        // not compile; "badconfig", a tokenizer_config.json that is not JSON.
+        let tokenizer_config = if id.contains("templated") {
+            Some(serde_json::json!({"chat_template": ADAPTER_CHAT_TEMPLATE, "bos_token": "<s>"}).to_string())
+        } else if id.contains("badtemplate") {
+            Some(serde_json::json!({"chat_template": "{% for m in messages %}{{ m['content'] }"}).to_string())
+        } else if id.contains("badconfig") {
+            Some("{\"chat_template\": ".to_string())
+        } else {
+            None
+        };
         hub.cached.insert((request.adapter_source, id));
         Ok(DownloadAdapterResponse {
             size_bytes: 1024,
