@@ -312,9 +312,26 @@ pub struct HostAdapter {
     pub base_model: Option<String>,
     /// How the weights file was read: from the page cache or straight from the disk.
     pub read: ReadPath,
+    /// The largest magnitude of its weights, and the tensor that holds it.
+    pub largest: Option<(f32, String)>,
 }
 
 impl HostAdapter {
+    /// Checks that every weight keeps a finite value once converted to `storage`, the type the model is
+    /// served in: an adapter stored in bf16 or f32 may hold values past f16's largest (65504), which an
+    /// f16 model would turn into infinities, and from them every token of its requests into NaN. (NaN and
+    /// infinite values in the file are refused by the parse whatever the storage; the largest magnitude
+    /// comes from that same pass, so this reads no weight.)
+    pub fn check_storage(&self, storage: DType) -> Result<()> {
+        match (&self.largest, storage_limit(storage)) {
+            (Some((m, name)), Some(limit)) if *m >= limit => Err(EngineError::InvalidAdapter(format!(
+                "{name} holds a value of magnitude {m:e}, beyond the range of {storage:?}, the type the model \
+                 is served in (serve it in bf16 or f32, or rescale the adapter)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Elements of its weights (both halves of every pair).
     pub fn elements(&self) -> usize {
         self.layers
@@ -701,21 +718,51 @@ fn targeted(targets: Option<&TargetModules>, regex: Option<&Regex>, module: &str
     }
 }
 
-/// Whether every element of `data` (little-endian `dtype`) is finite: no exponent of all ones. Folds over
-/// every element (no early exit), so that it compiles to vector code.
-fn all_finite(dtype: DType, data: &[u8]) -> bool {
-    let hits = match dtype {
+/// The largest magnitude among the elements of `data` (little-endian `dtype`) as f32; infinity when any
+/// element is NaN or infinite (an exponent of all ones). Folds a maximum of the magnitudes' bits over every
+/// element (no early exit), so that it compiles to vector code.
+fn max_magnitude(dtype: DType, data: &[u8]) -> f32 {
+    match dtype {
         DType::BF16 | DType::F16 => {
-            let mask = if dtype == DType::BF16 { 0x7F80 } else { 0x7C00 };
-            data.chunks_exact(2).fold(0u16, |h, w| {
-                h | u16::from(u16::from_le_bytes([w[0], w[1]]) & mask == mask)
-            })
+            let m = data
+                .chunks_exact(2)
+                .fold(0u16, |m, w| m.max(u16::from_le_bytes([w[0], w[1]]) & 0x7FFF));
+            let exp = if dtype == DType::BF16 { 0x7F80 } else { 0x7C00 };
+            if m >= exp {
+                f32::INFINITY
+            } else if dtype == DType::BF16 {
+                f32::from_bits(u32::from(m) << 16)
+            } else {
+                half::f16::from_bits(m).to_f32()
+            }
         }
-        DType::F32 => data.chunks_exact(4).fold(0u16, |h, w| {
-            h | u16::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]]) & 0x7F80_0000 == 0x7F80_0000)
-        }),
-    };
-    hits == 0
+        DType::F32 => {
+            let m = data.chunks_exact(4).fold(0u32, |m, w| {
+                m.max(u32::from_le_bytes([w[0], w[1], w[2], w[3]]) & 0x7FFF_FFFF)
+            });
+            if m >= 0x7F80_0000 {
+                f32::INFINITY
+            } else {
+                f32::from_bits(m)
+            }
+        }
+    }
+}
+
+/// Whether every element of `data` (little-endian `dtype`) is finite.
+#[cfg(test)]
+fn all_finite(dtype: DType, data: &[u8]) -> bool {
+    max_magnitude(dtype, data).is_finite()
+}
+
+/// The smallest magnitude that rounds to infinity (to nearest, ties to even) when converted to `storage`
+/// from a wider type: 65520 for f16, halfway past bf16's largest for bf16; `None` for f32.
+fn storage_limit(storage: DType) -> Option<f32> {
+    match storage {
+        DType::F16 => Some(65520.0),
+        DType::BF16 => Some(f32::from_bits(0x7F7F_8000)),
+        DType::F32 => None,
+    }
 }
 
 fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max_rank: usize) -> Result<HostAdapter> {
@@ -799,16 +846,24 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
     }
     // A weight that is NaN or infinite (a training run that diverged) would make every token of the
     // adapter's requests NaN: refused here, naming the first such tensor.
-    {
+    // Each tensor's largest magnitude, in one pass over the weights: the largest is kept for
+    // [`HostAdapter::check_storage`].
+    let largest = {
         use rayon::prelude::*;
         let tensors: Vec<&AdapterTensor> = pairs.iter().flat_map(|p| [&p.a, &p.b]).collect();
-        if let Some(t) = tensors.par_iter().find_first(|t| !all_finite(t.dtype, t.data())) {
+        let maxima: Vec<f32> = tensors.par_iter().map(|t| max_magnitude(t.dtype, t.data())).collect();
+        if let Some(i) = maxima.iter().position(|m| !m.is_finite()) {
             return Err(invalid(
                 dir,
-                format!("{} holds values that are NaN or infinite", t.name),
+                format!("{} holds values that are NaN or infinite", tensors[i].name),
             ));
         }
-    }
+        maxima
+            .iter()
+            .zip(&tensors)
+            .max_by(|a, b| a.0.total_cmp(b.0))
+            .map(|(&m, t)| (m, t.name.clone()))
+    };
     Ok(HostAdapter {
         max_rank: pairs.iter().map(|p| p.a.shape[0]).max().unwrap_or(0),
         bytes: pairs.iter().map(|p| p.a.data().len() + p.b.data().len()).sum(),
@@ -817,6 +872,7 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
         layers,
         base_model: raw.base_model_name_or_path.clone(),
         read: file.read,
+        largest,
     })
 }
 
@@ -1064,6 +1120,71 @@ mod tests {
         // f16 overflows to infinity above 65504 (a bf16 value that f16 cannot hold).
         assert!(!all_finite(DType::F16, &bytes16(&[1.0e5], false)));
         assert!(all_finite(DType::BF16, &bytes16(&[1.0e5], true)));
+    }
+
+    /// The largest magnitude of a run and where the served type's limit falls: the largest values that
+    /// convert to a finite f16 (or bf16) stay below it, the first past them do not; NaN and infinities
+    /// are infinite whatever the storage.
+    #[test]
+    fn largest_magnitudes_against_the_served_types_limit() {
+        let bf = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
+                .collect()
+        };
+        let f32b = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let f16b = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect() };
+        let fits = |m: f32, storage: DType| storage_limit(storage).map_or(m.is_finite(), |l| m < l);
+        // bf16 65280 is the largest below f16's limit, 65536 the next; signs alike, anywhere in the run.
+        for (v, ok) in [
+            (65280.0, true),
+            (-65280.0, true),
+            (65536.0, false),
+            (-65536.0, false),
+            (1.0e30, false),
+        ] {
+            let mut run = vec![0.5f32; 40];
+            run[33] = v;
+            let m = max_magnitude(DType::BF16, &bf(&run));
+            assert_eq!(
+                m,
+                f32::from_bits(v.abs().to_bits() & 0xFFFF_0000),
+                "bf16 {v} (as stored)"
+            );
+            assert_eq!(fits(m, DType::F16), ok, "bf16 {v} on f16");
+            assert!(fits(m, DType::BF16) && fits(m, DType::F32), "bf16 {v} on bf16 and f32");
+        }
+        // f32 to f16: 65519.99 rounds to 65504, 65520 to infinity.
+        for (v, ok) in [(65504.0, true), (65519.99, true), (65520.0, false), (-65520.0, false)] {
+            let mut run = vec![0.5f32; 40];
+            run[7] = v;
+            let m = max_magnitude(DType::F32, &f32b(&run));
+            assert_eq!(m, v.abs(), "f32 {v}");
+            assert_eq!(fits(m, DType::F16), ok, "f32 {v} on f16");
+        }
+        // f32 to bf16: bf16's largest passes; from the halfway point to the next, it rounds to infinity.
+        let (max, half) = (f32::from_bits(0x7F7F_0000), f32::from_bits(0x7F7F_8000));
+        assert!(fits(max_magnitude(DType::F32, &f32b(&[1.0, max])), DType::BF16));
+        assert!(!fits(max_magnitude(DType::F32, &f32b(&[1.0, half])), DType::BF16));
+        assert!(fits(max_magnitude(DType::F32, &f32b(&[half, -f32::MAX])), DType::F32));
+        assert_eq!(max_magnitude(DType::F16, &f16b(&[0.25, -65504.0, 3.0])), 65504.0);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(
+                max_magnitude(DType::F32, &f32b(&[1.0, bad])),
+                f32::INFINITY,
+                "f32 {bad}"
+            );
+            assert_eq!(
+                max_magnitude(DType::BF16, &bf(&[1.0, bad])),
+                f32::INFINITY,
+                "bf16 {bad}"
+            );
+            assert_eq!(
+                max_magnitude(DType::F16, &f16b(&[1.0, bad])),
+                f32::INFINITY,
+                "f16 {bad}"
+            );
+        }
     }
 
     #[test]

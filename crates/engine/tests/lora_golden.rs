@@ -13,6 +13,7 @@ use common::{fixtures, rel_err, subset, Golden};
 use lorax_engine::engine::RawSeq;
 use lorax_engine::kv_cache::BlockAllocator;
 use lorax_engine::lora::HostAdapter;
+use lorax_engine::weights::DType;
 use lorax_engine::{Batch, CacheConfig, CpuBackend, Engine, EngineError, NewSequence, SamplingParams};
 
 const ADAPTERS: [&str; 4] = ["lora-r8", "lora-r16-all", "lora-r64-regex", "rslora-r16-patterns"];
@@ -384,6 +385,28 @@ fn bad_adapters_are_refused_with_the_reason() {
             "{e}"
         );
     }
+
+    // A weight past f16's range (stored here in f32): parsed, but refused for a model served in f16,
+    // which would turn it into an infinity; kept for one served in bf16 or f32.
+    let d = case("wide");
+    edit_weights(&d, |ts| {
+        for (name, _, v) in ts.iter_mut() {
+            if name.ends_with("layers.1.self_attn.v_proj.lora_B.weight") {
+                v[5] = -70000.0;
+            }
+        }
+    });
+    let cfg = lorax_engine::ModelConfig::from_file(&fixtures().join("models/llama/config.json")).unwrap();
+    let host = HostAdapter::load(&d, &cfg, MAX_RANK).unwrap();
+    let e = host.check_storage(DType::F16).unwrap_err();
+    assert!(matches!(e, EngineError::InvalidAdapter(_)), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("layers.1.self_attn.v_proj.lora_B.weight") && e.contains("F16"),
+        "{e}"
+    );
+    host.check_storage(DType::BF16).unwrap();
+    host.check_storage(DType::F32).unwrap();
 
     // A lora_alpha whose scale is past f32's range.
     let d = case("alpha");

@@ -374,7 +374,7 @@ impl<B: Backend> ShardServer<B> {
     /// when the parse was taken from the tier: upload it apart.)
     async fn parse_into_host_tier(&self, key: &str, located: Located, upload: bool) -> Result<Parsed<B>, Status> {
         let cfg = self.cfg.clone();
-        let max_rank = self.settings.max_rank;
+        let (max_rank, storage) = (self.settings.max_rank, self.storage);
         let _turn = self
             .parses
             .acquire()
@@ -408,6 +408,10 @@ impl<B: Backend> ShardServer<B> {
                         (host, Some(device))
                     }
                 };
+                // Values the served type cannot hold (an f16 model, a bf16 or f32 adapter) are refused
+                // before the adapter is kept (a device copy made beside the read is dropped with it).
+                host.check_storage(storage)
+                    .map_err(|e| adapters::parse_error(e, &located))?;
                 // The read's time: the upload's part after it is told apart.
                 let after_read = device
                     .as_ref()
