@@ -312,24 +312,34 @@ pub struct HostAdapter {
     pub base_model: Option<String>,
     /// How the weights file was read: from the page cache or straight from the disk.
     pub read: ReadPath,
-    /// The largest magnitude of its weights, and the tensor that holds it.
-    pub largest: Option<(f32, String)>,
+    /// Which types cannot hold some of its weights ([`HostAdapter::check_storage`]; `range_flags`).
+    range: u8,
 }
 
 impl HostAdapter {
     /// Checks that every weight keeps a finite value once converted to `storage`, the type the model is
     /// served in: an adapter stored in bf16 or f32 may hold values past f16's largest (65504), which an
     /// f16 model would turn into infinities, and from them every token of its requests into NaN. (NaN and
-    /// infinite values in the file are refused by the parse whatever the storage; the largest magnitude
-    /// comes from that same pass, so this reads no weight.)
+    /// infinite values in the file are refused by the parse whatever the storage; what each type holds
+    /// comes from that same pass, so this reads no weight unless it refuses.)
     pub fn check_storage(&self, storage: DType) -> Result<()> {
-        match (&self.largest, storage_limit(storage)) {
-            (Some((m, name)), Some(limit)) if *m >= limit => Err(EngineError::InvalidAdapter(format!(
-                "{name} holds a value of magnitude {m:e}, beyond the range of {storage:?}, the type the model \
-                 is served in (serve it in bf16 or f32, or rescale the adapter)"
-            ))),
-            _ => Ok(()),
+        let bit = beyond(storage);
+        if self.range & bit == 0 {
+            return Ok(());
         }
+        // Rare: find the tensor to name (one more pass).
+        let name = self
+            .layers
+            .iter()
+            .flatten()
+            .flatten()
+            .flat_map(|p| [&p.a, &p.b])
+            .find(|t| range_flags(t.dtype, t.data()) & bit != 0)
+            .map_or("a weight", |t| t.name.as_str());
+        Err(EngineError::InvalidAdapter(format!(
+            "{name} holds values beyond the range of {storage:?}, the type the model is served in (serve it \
+             in bf16 or f32, or rescale the adapter)"
+        )))
     }
 
     /// Elements of its weights (both halves of every pair).
@@ -718,50 +728,48 @@ fn targeted(targets: Option<&TargetModules>, regex: Option<&Regex>, module: &str
     }
 }
 
-/// The largest magnitude among the elements of `data` (little-endian `dtype`) as f32; infinity when any
-/// element is NaN or infinite (an exponent of all ones). Folds a maximum of the magnitudes' bits over every
-/// element (no early exit), so that it compiles to vector code.
-fn max_magnitude(dtype: DType, data: &[u8]) -> f32 {
+/// [`range_flags`]: some element is NaN or infinite.
+const NOT_FINITE: u8 = 1;
+/// [`range_flags`]: some element's magnitude is 65520 or more, which rounds to infinity in f16.
+const BEYOND_F16: u8 = 2;
+/// [`range_flags`]: some element's magnitude rounds to infinity in bf16 (past halfway beyond its largest).
+const BEYOND_BF16: u8 = 4;
+
+/// What the elements of `data` (little-endian `dtype`) hold beyond each type's range, as flags. One fold of
+/// compares over every element (no early exit; the magnitudes' bits compared as non-negative signed
+/// integers, which baseline x86-64 compares in vectors), so that it compiles to vector code.
+fn range_flags(dtype: DType, data: &[u8]) -> u8 {
     match dtype {
         DType::BF16 | DType::F16 => {
-            let m = data
-                .chunks_exact(2)
-                .fold(0u16, |m, w| m.max(u16::from_le_bytes([w[0], w[1]]) & 0x7FFF));
-            let exp = if dtype == DType::BF16 { 0x7F80 } else { 0x7C00 };
-            if m >= exp {
-                f32::INFINITY
-            } else if dtype == DType::BF16 {
-                f32::from_bits(u32::from(m) << 16)
-            } else {
-                half::f16::from_bits(m).to_f32()
-            }
+            let top: i16 = if dtype == DType::BF16 { 0x7F80 } else { 0x7C00 };
+            // bf16 0x4780 is 65536, the first magnitude past f16's 65504 (0x477F is 65280); an f16 value
+            // fits f16 and bf16 alike.
+            let f16_top: i16 = if dtype == DType::BF16 { 0x4780 } else { 0x7C00 };
+            data.chunks_exact(2).fold(0u8, |h, w| {
+                let x = (u16::from_le_bytes([w[0], w[1]]) & 0x7FFF) as i16;
+                h | u8::from(x >= top) | (u8::from(x >= f16_top) << 1)
+            })
         }
-        DType::F32 => {
-            let m = data.chunks_exact(4).fold(0u32, |m, w| {
-                m.max(u32::from_le_bytes([w[0], w[1], w[2], w[3]]) & 0x7FFF_FFFF)
-            });
-            if m >= 0x7F80_0000 {
-                f32::INFINITY
-            } else {
-                f32::from_bits(m)
-            }
-        }
+        DType::F32 => data.chunks_exact(4).fold(0u8, |h, w| {
+            let x = (u32::from_le_bytes([w[0], w[1], w[2], w[3]]) & 0x7FFF_FFFF) as i32;
+            // f32 bits of 65520.0, and of bf16's rounding point of infinity (halfway past 0x7F7F).
+            h | u8::from(x >= 0x7F80_0000) | (u8::from(x >= 0x477F_F000) << 1) | (u8::from(x >= 0x7F7F_8000) << 2)
+        }),
     }
 }
 
 /// Whether every element of `data` (little-endian `dtype`) is finite.
 #[cfg(test)]
 fn all_finite(dtype: DType, data: &[u8]) -> bool {
-    max_magnitude(dtype, data).is_finite()
+    range_flags(dtype, data) & NOT_FINITE == 0
 }
 
-/// The smallest magnitude that rounds to infinity (to nearest, ties to even) when converted to `storage`
-/// from a wider type: 65520 for f16, halfway past bf16's largest for bf16; `None` for f32.
-fn storage_limit(storage: DType) -> Option<f32> {
+/// The [`range_flags`] bit of the values that `storage` cannot hold (0: it holds any finite value).
+fn beyond(storage: DType) -> u8 {
     match storage {
-        DType::F16 => Some(65520.0),
-        DType::BF16 => Some(f32::from_bits(0x7F7F_8000)),
-        DType::F32 => None,
+        DType::F16 => BEYOND_F16,
+        DType::BF16 => BEYOND_BF16,
+        DType::F32 => 0,
     }
 }
 
@@ -846,23 +854,19 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
     }
     // A weight that is NaN or infinite (a training run that diverged) would make every token of the
     // adapter's requests NaN: refused here, naming the first such tensor.
-    // Each tensor's largest magnitude, in one pass over the weights: the largest is kept for
+    // Each tensor's range flags, in one pass over the weights: what the types hold is kept for
     // [`HostAdapter::check_storage`].
-    let largest = {
+    let range = {
         use rayon::prelude::*;
         let tensors: Vec<&AdapterTensor> = pairs.iter().flat_map(|p| [&p.a, &p.b]).collect();
-        let maxima: Vec<f32> = tensors.par_iter().map(|t| max_magnitude(t.dtype, t.data())).collect();
-        if let Some(i) = maxima.iter().position(|m| !m.is_finite()) {
+        let flags: Vec<u8> = tensors.par_iter().map(|t| range_flags(t.dtype, t.data())).collect();
+        if let Some(i) = flags.iter().position(|f| f & NOT_FINITE != 0) {
             return Err(invalid(
                 dir,
                 format!("{} holds values that are NaN or infinite", tensors[i].name),
             ));
         }
-        maxima
-            .iter()
-            .zip(&tensors)
-            .max_by(|a, b| a.0.total_cmp(b.0))
-            .map(|(&m, t)| (m, t.name.clone()))
+        flags.iter().fold(0, |a, f| a | f)
     };
     Ok(HostAdapter {
         max_rank: pairs.iter().map(|p| p.a.shape[0]).max().unwrap_or(0),
@@ -872,7 +876,7 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
         layers,
         base_model: raw.base_model_name_or_path.clone(),
         read: file.read,
-        largest,
+        range,
     })
 }
 
@@ -1122,11 +1126,11 @@ mod tests {
         assert!(all_finite(DType::BF16, &bytes16(&[1.0e5], true)));
     }
 
-    /// The largest magnitude of a run and where the served type's limit falls: the largest values that
-    /// convert to a finite f16 (or bf16) stay below it, the first past them do not; NaN and infinities
-    /// are infinite whatever the storage.
+    /// Where each served type's limit falls: the largest values that convert to a finite f16 (or bf16)
+    /// set no flag, the first past them do, anywhere in a run and of either sign; NaN and infinities are
+    /// not finite, whatever the type.
     #[test]
-    fn largest_magnitudes_against_the_served_types_limit() {
+    fn range_flags_mark_what_each_type_cannot_hold() {
         let bf = |v: &[f32]| -> Vec<u8> {
             v.iter()
                 .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
@@ -1134,57 +1138,61 @@ mod tests {
         };
         let f32b = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let f16b = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect() };
-        let fits = |m: f32, storage: DType| storage_limit(storage).map_or(m.is_finite(), |l| m < l);
-        // bf16 65280 is the largest below f16's limit, 65536 the next; signs alike, anywhere in the run.
-        for (v, ok) in [
-            (65280.0, true),
-            (-65280.0, true),
-            (65536.0, false),
-            (-65536.0, false),
-            (1.0e30, false),
+        let run = |v: f32, at: usize| -> Vec<f32> {
+            let mut r = vec![0.5f32; 40];
+            r[at] = v;
+            r
+        };
+        // bf16 65280 is the largest below f16's limit, 65536 the next.
+        for (v, flags) in [
+            (65280.0, 0),
+            (-65280.0, 0),
+            (65536.0, BEYOND_F16),
+            (-65536.0, BEYOND_F16),
+            (1.0e30, BEYOND_F16),
         ] {
-            let mut run = vec![0.5f32; 40];
-            run[33] = v;
-            let m = max_magnitude(DType::BF16, &bf(&run));
-            assert_eq!(
-                m,
-                f32::from_bits(v.abs().to_bits() & 0xFFFF_0000),
-                "bf16 {v} (as stored)"
-            );
-            assert_eq!(fits(m, DType::F16), ok, "bf16 {v} on f16");
-            assert!(fits(m, DType::BF16) && fits(m, DType::F32), "bf16 {v} on bf16 and f32");
+            for at in [0, 17, 39] {
+                assert_eq!(range_flags(DType::BF16, &bf(&run(v, at))), flags, "bf16 {v} at {at}");
+            }
         }
-        // f32 to f16: 65519.99 rounds to 65504, 65520 to infinity.
-        for (v, ok) in [(65504.0, true), (65519.99, true), (65520.0, false), (-65520.0, false)] {
-            let mut run = vec![0.5f32; 40];
-            run[7] = v;
-            let m = max_magnitude(DType::F32, &f32b(&run));
-            assert_eq!(m, v.abs(), "f32 {v}");
-            assert_eq!(fits(m, DType::F16), ok, "f32 {v} on f16");
-        }
-        // f32 to bf16: bf16's largest passes; from the halfway point to the next, it rounds to infinity.
+        // f32 to f16: 65519.99 rounds to 65504, 65520 to infinity; f32 to bf16: its largest passes, the
+        // halfway point to the next rounds to infinity.
         let (max, half) = (f32::from_bits(0x7F7F_0000), f32::from_bits(0x7F7F_8000));
-        assert!(fits(max_magnitude(DType::F32, &f32b(&[1.0, max])), DType::BF16));
-        assert!(!fits(max_magnitude(DType::F32, &f32b(&[1.0, half])), DType::BF16));
-        assert!(fits(max_magnitude(DType::F32, &f32b(&[half, -f32::MAX])), DType::F32));
-        assert_eq!(max_magnitude(DType::F16, &f16b(&[0.25, -65504.0, 3.0])), 65504.0);
+        for (v, flags) in [
+            (65504.0, 0),
+            (65519.99, 0),
+            (65520.0, BEYOND_F16),
+            (-65520.0, BEYOND_F16),
+            (max, BEYOND_F16),
+            (-half, BEYOND_F16 | BEYOND_BF16),
+            (f32::MAX, BEYOND_F16 | BEYOND_BF16),
+        ] {
+            for at in [0, 17, 39] {
+                assert_eq!(range_flags(DType::F32, &f32b(&run(v, at))), flags, "f32 {v} at {at}");
+            }
+        }
+        assert_eq!(range_flags(DType::F16, &f16b(&[0.25, -65504.0, 3.0])), 0);
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            assert_eq!(
-                max_magnitude(DType::F32, &f32b(&[1.0, bad])),
-                f32::INFINITY,
+            assert_ne!(
+                range_flags(DType::F32, &f32b(&run(bad, 3))) & NOT_FINITE,
+                0,
                 "f32 {bad}"
             );
-            assert_eq!(
-                max_magnitude(DType::BF16, &bf(&[1.0, bad])),
-                f32::INFINITY,
+            assert_ne!(
+                range_flags(DType::BF16, &bf(&run(bad, 3))) & NOT_FINITE,
+                0,
                 "bf16 {bad}"
             );
-            assert_eq!(
-                max_magnitude(DType::F16, &f16b(&[1.0, bad])),
-                f32::INFINITY,
+            assert_ne!(
+                range_flags(DType::F16, &f16b(&run(bad, 3))) & NOT_FINITE,
+                0,
                 "f16 {bad}"
             );
         }
+        assert_eq!(
+            (beyond(DType::F16), beyond(DType::BF16), beyond(DType::F32)),
+            (BEYOND_F16, BEYOND_BF16, 0)
+        );
     }
 
     #[test]
