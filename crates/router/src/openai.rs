@@ -347,6 +347,14 @@ fn native(
     if n == 0 || n > MAX_N {
         return Err(invalid(format!("`n` must be between 1 and {MAX_N}. Given: {n}")));
     }
+    // Each choice is a request of its own and takes a place: more than the server allows could never
+    // start, and a 429 would invite retries that cannot succeed.
+    let places = state.infer.max_concurrent_requests();
+    if n as usize > places {
+        return Err(invalid(format!(
+            "`n` must be at most {places}, the requests this server takes at once (each choice is one). Given: {n}"
+        )));
+    }
     if common.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
         return Err(invalid("`logit_bias` is not supported"));
     }

@@ -95,7 +95,7 @@ pub enum ValidationError {
     #[error("`stop` sequences must be at most {MAX_STOP_SEQUENCE_BYTES} bytes long. Given: {0}")]
     LongStopSequence(usize),
     /// `truncate` outside 1..=max_input_length.
-    #[error("`truncate` must be strictly positive and less than {0}. Given: {1}")]
+    #[error("`truncate` must be strictly positive and at most {0}. Given: {1}")]
     Truncate(u32, i64),
     /// `decoder_input_details` on a stream.
     #[error("`decoder_input_details` == true is not supported when streaming tokens")]
@@ -240,12 +240,13 @@ pub fn check_parameters(
         return Err(ValidationError::PresencePenalty);
     }
     let top_p = match p.top_p {
-        Some(v) if v <= 0.0 || v >= 1.0 => return Err(ValidationError::TopP),
+        // Written so that NaN (which the gRPC API can carry) is refused too.
+        Some(v) if !(v > 0.0 && v < 1.0) => return Err(ValidationError::TopP),
         Some(v) => v,
         None => 1.0,
     };
     let typical_p = match p.typical_p {
-        Some(v) if v <= 0.0 || v >= 1.0 => return Err(ValidationError::TypicalP),
+        Some(v) if !(v > 0.0 && v < 1.0) => return Err(ValidationError::TypicalP),
         Some(v) => v,
         None => 1.0,
     };
@@ -676,6 +677,19 @@ mod tests {
         ];
         for (json, expected) in cases {
             assert_eq!(check(json.clone()), Err(expected), "{json}");
+        }
+        // NaN, which only the gRPC API can send, is out of every range.
+        for set in [
+            |p: &mut GenerateParameters| p.top_p = Some(f32::NAN),
+            |p: &mut GenerateParameters| p.typical_p = Some(f32::NAN),
+            |p: &mut GenerateParameters| p.temperature = Some(f32::NAN),
+            |p: &mut GenerateParameters| p.repetition_penalty = Some(f32::NAN),
+            |p: &mut GenerateParameters| p.frequency_penalty = Some(f32::NAN),
+            |p: &mut GenerateParameters| p.presence_penalty = Some(f32::NAN),
+        ] {
+            let mut p = params(json!({}));
+            set(&mut p);
+            assert!(check_parameters(&p, &limits(), false, || 0).is_err(), "{p:?}");
         }
         let p = params(json!({"decoder_input_details": true}));
         assert_eq!(

@@ -598,4 +598,27 @@ async fn a_chat_request_fetching_its_template_holds_its_place() {
     assert_eq!(r.status(), 429);
     d.hub.release("org/templated-held");
     assert_eq!(held.await.expect("task"), 200);
+
+    // More choices than the server takes at once could never start: 422, not a 429 that invites
+    // retries; as many as it takes are served.
+    for (path, body) in [
+        ("/v1/completions", json!({"prompt": "Hi", "max_tokens": 2, "n": 2})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 2}),
+        ),
+    ] {
+        let (status, v) = error_of(d.post(path, body).await).await;
+        assert_eq!(status, 422, "{path}: {v}");
+        assert_eq!(v["error"]["type"], "validation", "{path}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("`n` must be at most 1"),
+            "{v}"
+        );
+    }
+    d.post_ok("/v1/completions", json!({"prompt": "Hi", "max_tokens": 2, "n": 1}))
+        .await;
 }
