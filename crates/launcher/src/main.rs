@@ -24,8 +24,9 @@ pub struct Args {
     /// Hub revision (branch, tag or commit) of the model.
     #[arg(long, env = "REVISION")]
     pub revision: Option<String>,
-    /// Number of shard processes (tensor-parallel ranks).
-    #[arg(long, env = "NUM_SHARD", default_value_t = 1)]
+    /// Number of shard processes (tensor-parallel ranks), at least 1.
+    #[arg(long, env = "NUM_SHARD", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<u32>::new().range(1..))]
     pub num_shard: u32,
     /// Host of shard rank 0 for the tensor-parallel all-reduce over TCP, for ranks on several hosts
     /// (start the other ranks' `lorax-shard` processes there with the same flags). Without it the
@@ -398,6 +399,14 @@ mod tests {
         assert!(e.to_string().contains("--max-active-adapters"), "{e}");
         let args = Args::try_parse_from(["lorax-launcher", "--max-active-adapters", "1"]).expect("one slot");
         assert_eq!(args.adapters.max_active_adapters, 1);
+    }
+
+    #[test]
+    fn zero_shards_is_refused_at_parse() {
+        let e = Args::try_parse_from(["lorax-launcher", "--num-shard", "0"]).expect_err("refused");
+        assert!(e.to_string().contains("--num-shard"), "{e}");
+        let args = Args::try_parse_from(["lorax-launcher", "--num-shard", "2"]).expect("two shards");
+        assert_eq!(args.num_shard, 2);
     }
 
     #[test]

@@ -56,3 +56,37 @@ async fn cors_and_otlp_flags_reach_the_router() {
         "the router never connected to --otlp-endpoint {endpoint}"
     );
 }
+
+/// A `--grpc-port` that another process holds stops the deployment with a message that names the flag and
+/// the port (it used to read "http server: Address already in use").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_grpc_port_is_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_lorax-launcher"))
+            .args(["--hostname", "127.0.0.1", "--port", &common::free_port().to_string()])
+            .args(["--grpc-port", &port.to_string()])
+            .arg(format!("--shard-uds-dir={}", tmp.path().join("uds").display()))
+            .arg(format!("--embedded-dir={}", tmp.path().display()))
+            .args(["--max-input-length", "256", "--max-total-tokens", "512"])
+            .args(["--max-batch-prefill-tokens", "512", "--num-blocks", "256"])
+            .output(),
+    )
+    .await
+    .expect("the launcher stopped")
+    .expect("ran");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on 127.0.0.1:{port} (--grpc-port)")),
+        "{log}"
+    );
+    drop(taken);
+}

@@ -82,6 +82,18 @@ pub enum RouterError {
     /// Binding or serving the HTTP port failed.
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
+    /// A port could not be bound (in use, or not allowed).
+    #[error("cannot listen on {host}:{port} ({flag}): {source}")]
+    Bind {
+        /// The flag that names the port.
+        flag: &'static str,
+        /// The host.
+        host: String,
+        /// The port.
+        port: u16,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Serving the gRPC port failed.
     #[error("grpc server: {0}")]
     Grpc(#[from] tonic::transport::Error),
@@ -101,9 +113,19 @@ pub struct App {
 pub async fn run(args: Args) -> Result<(), RouterError> {
     let app = build(&args).await?;
     let hostname = args.server.hostname.as_str();
-    let listener = TcpListener::bind((hostname, args.server.port)).await?;
+    let bind = |flag: &'static str, port: u16| async move {
+        TcpListener::bind((hostname, port))
+            .await
+            .map_err(|source| RouterError::Bind {
+                flag,
+                host: hostname.to_string(),
+                port,
+                source,
+            })
+    };
+    let listener = bind("--port", args.server.port).await?;
     let grpc_listener = match args.server.grpc_port {
-        Some(port) => Some(TcpListener::bind((hostname, port)).await?),
+        Some(port) => Some(bind("--grpc-port", port).await?),
         None => None,
     };
     // Dropping the sender (on a signal) tells both servers to stop.
