@@ -314,7 +314,9 @@ impl LoraxService for GrpcService {
         let request = rest_request(request);
         let result = async {
             let _permit = self.state.infer.acquire()?;
-            let valid = self.state.validation.validate(request, false).await?;
+            // LoRAX's `apply_chat_template`, rendered as on REST.
+            let (request, special) = crate::openai::apply_chat_template(&self.state, request).await?;
+            let valid = self.state.validation.validate_prompt(request, false, special).await?;
             let shape = ResponseShape::of(&valid);
             let response = self.state.infer.generate(valid).await?;
             Timings::finish(
@@ -342,7 +344,8 @@ impl LoraxService for GrpcService {
         let request = rest_request(request);
         let (receiver, permit, shape) = async {
             let permit = self.state.infer.acquire()?;
-            let valid = self.state.validation.validate(request, true).await?;
+            let (request, special) = crate::openai::apply_chat_template(&self.state, request).await?;
+            let valid = self.state.validation.validate_prompt(request, true, special).await?;
             let shape = ResponseShape::of(&valid);
             let receiver = self.state.infer.queue_stream(valid)?.ready().await?;
             Ok::<_, ApiError>((receiver, permit, shape))

@@ -240,6 +240,38 @@ async fn validation_errors_are_invalid_argument_with_the_rest_message() {
             assert_eq!((status, status_code), (422, Code::InvalidArgument));
         }
     }
+    // LoRAX's `apply_chat_template` with a list of messages: rendered with the chat template, the same
+    // prompt (and so the same answer) as on REST.
+    let messages = r#"[{"role": "user", "content": "Hi there"}]"#;
+    raw.inputs = messages.into();
+    raw.parameters = Some(pb::GenerateParameters {
+        apply_chat_template: Some(true),
+        max_new_tokens: Some(3),
+        decoder_input_details: Some(true),
+        details: Some(true),
+        ..Default::default()
+    });
+    let rendered = grpc.raw().generate(raw.clone()).await.expect("rendered").into_inner();
+    let rest = d
+        .post_ok(
+            "/generate",
+            serde_json::json!({"inputs": messages, "parameters": {"apply_chat_template": true,
+                "max_new_tokens": 3, "decoder_input_details": true, "details": true}}),
+        )
+        .await;
+    assert_eq!(
+        rendered.generated_text,
+        rest["generated_text"].as_str().expect("text"),
+        "{rest}"
+    );
+    let prefill = rendered.details.as_ref().map_or(0, |d| d.prefill.len());
+    assert_eq!(
+        prefill,
+        rest["details"]["prefill"].as_array().map_or(0, Vec::len),
+        "{rest}"
+    );
+    assert!(prefill > 5, "the rendered prompt: {prefill} tokens");
+    raw.inputs = "Hello".into();
     raw.parameters = None;
     assert!(
         grpc.raw().generate(raw.clone()).await.is_ok(),
