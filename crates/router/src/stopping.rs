@@ -63,16 +63,16 @@ impl StoppingCriteria {
     /// tokens: `stop: ["<|im_end|>"]` stops at that token when it is not an end-of-sequence token).
     pub fn step(&mut self, id: u32, text: &str, new_from: usize, special: Option<&str>) -> Option<FinishReason> {
         self.generated += 1;
-        if self.generated >= self.params.max_new_tokens {
-            return Some(FinishReason::Length);
-        }
-        if !self.params.ignore_eos_token && self.eos_token_ids.contains(&id) {
-            return Some(FinishReason::EndOfSequenceToken);
-        }
+        // A stop sequence completed by the last allowed token ends the sequence as a stop (its text
+        // trimmed where the API trims it: OpenAI's routes), as OpenAI's API and vLLM report it; the length
+        // still wins over the end-of-sequence token, as in TGI.
         if let Some(special) = special {
             if self.params.stop_sequences.iter().any(|s| special.contains(s.as_str())) {
-                self.stop_end = Some(text.len());
-                return Some(FinishReason::StopSequence);
+                // Unless the token already ends the sequence.
+                if self.params.ignore_eos_token || !self.eos_token_ids.contains(&id) {
+                    self.stop_end = Some(text.len());
+                    return Some(FinishReason::StopSequence);
+                }
             }
         }
         if text.len() > new_from {
@@ -80,6 +80,12 @@ impl StoppingCriteria {
                 self.stop_end = Some(end);
                 return Some(FinishReason::StopSequence);
             }
+        }
+        if self.generated >= self.params.max_new_tokens {
+            return Some(FinishReason::Length);
+        }
+        if !self.params.ignore_eos_token && self.eos_token_ids.contains(&id) {
+            return Some(FinishReason::EndOfSequenceToken);
         }
         None
     }
@@ -187,6 +193,16 @@ mod tests {
         // Unless the token already ends the sequence.
         let mut c = criteria(10, &["</s>"], false);
         assert_eq!(c.special(2, "</s>"), Some(FinishReason::EndOfSequenceToken));
+    }
+
+    /// A stop sequence that the last allowed token completes is a stop, the text through it kept for the
+    /// routes that trim (session 34's probe: OpenAI answers kept "…ann" + "els" as a length).
+    #[test]
+    fn a_stop_on_the_last_allowed_token_is_a_stop() {
+        let mut c = criteria(2, &["ann"], false);
+        assert_eq!(c.step(5, "Car"), None);
+        assert_eq!(c.step(6, "annels"), Some(FinishReason::StopSequence));
+        assert_eq!(c.text_through_stop(), Some("Carann"));
     }
 
     #[test]
