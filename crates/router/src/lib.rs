@@ -270,6 +270,15 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
     if shard.block_size == 0 {
         return Err(RouterError::Config("the shard reports a KV block size of 0".into()));
     }
+    // Positions past the model's would be ones it was never trained on: every token of a long request
+    // would quietly be garbage.
+    if shard.max_position_embeddings > 0 && limits.max_total_tokens > shard.max_position_embeddings {
+        return Err(RouterError::Config(format!(
+            "--max-total-tokens ({}) exceeds the model's max_position_embeddings ({}): lower it (and \
+             --max-input-length) to at most the model's",
+            limits.max_total_tokens, shard.max_position_embeddings
+        )));
+    }
     let capacity = shard.num_blocks.saturating_mul(shard.block_size);
     let max_batch_total_tokens = match batching.max_batch_total_tokens {
         Some(requested) if requested > capacity => {

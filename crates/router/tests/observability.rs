@@ -295,3 +295,32 @@ async fn bad_cors_flags_stop_the_router() {
         assert!(error.contains(message), "{flags:?}: {error}");
     }
 }
+
+/// A `--max-total-tokens` past the model's `max_position_embeddings` (the fake shard's 4096) stops the
+/// router at start-up, naming both; the model's own limit is accepted.
+#[tokio::test]
+async fn max_total_tokens_past_the_models_positions_stops_the_router() {
+    let flags = |total: &str| Setup {
+        flags: [
+            "--max-total-tokens",
+            total,
+            "--max-input-length",
+            "1024",
+            "--max-batch-prefill-tokens",
+            "4096",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect(),
+        ..Setup::default()
+    };
+    let error = match Deployment::try_start(flags("8192")).await {
+        Ok(_) => panic!("--max-total-tokens 8192 accepted for a model of 4096 positions"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("--max-total-tokens (8192)") && error.contains("max_position_embeddings (4096)"),
+        "{error}"
+    );
+    assert!(Deployment::try_start(flags("4096")).await.is_ok());
+}
