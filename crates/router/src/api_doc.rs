@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use axum::extract::Path;
 use axum::handler::Handler;
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, Method};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::MethodRouter;
 use axum::{Json, Router};
@@ -284,12 +284,13 @@ pub async fn swagger_ui() -> Html<&'static str> {
         (status = 404, description = "No such asset")
     )
 )]
-pub async fn swagger_asset(Path(file): Path<String>) -> Response {
+pub async fn swagger_asset(Path(file): Path<String>, uri: axum::http::Uri) -> Response {
     let (content_type, body) = match file.as_str() {
         "swagger-ui-bundle.js" => ("text/javascript; charset=utf-8", SWAGGER_UI_BUNDLE),
         "swagger-ui.css" => ("text/css; charset=utf-8", SWAGGER_UI_CSS),
         "swagger-ui-bundle.js.LICENSE.txt" => ("text/plain; charset=utf-8", SWAGGER_UI_BUNDLE_LICENSES),
-        _ => return StatusCode::NOT_FOUND.into_response(),
+        // Any other file: the router's 404, in the API's error shape like every other error.
+        _ => return crate::server::not_found(uri).await,
     };
     (
         [

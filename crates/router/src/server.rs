@@ -95,7 +95,7 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
 }
 
 /// Any path the router does not serve: 404 `not_found`, in the API's error shape ([`error_for`]).
-async fn not_found(uri: axum::http::Uri) -> Response {
+pub(crate) async fn not_found(uri: axum::http::Uri) -> Response {
     let error = ApiError::new(
         StatusCode::NOT_FOUND,
         crate::errors::NOT_FOUND,

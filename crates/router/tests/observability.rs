@@ -67,7 +67,11 @@ async fn openapi_document_and_swagger_ui() {
         );
         assert!(response.text().await.expect("body").contains(marker), "{asset}");
     }
-    assert_eq!(d.get("/docs/swagger-ui-bundle.js.map").await.status(), 404);
+    // Any other file: the router's 404 in its error shape.
+    let missing = d.get("/docs/swagger-ui-bundle.js.map").await;
+    assert_eq!(missing.status(), 404);
+    let body: serde_json::Value = missing.json().await.expect("a JSON error body");
+    assert_eq!(body["error_type"], "not_found", "{body}");
     assert_eq!(d.get("/docs/..%2FCargo.toml").await.status(), 404);
 }
 
