@@ -335,3 +335,107 @@ pub(crate) mod tests {
         assert_eq!(suffix_after("é!", "a"), "!");
     }
 }
+
+/// The raw bytes a token stands for, for OpenAI's `logprobs.bytes` (which exist so that a client can join
+/// the bytes of a character split over several tokens): a byte-fallback token `<0xHH>` its byte; a
+/// byte-level BPE token (GPT-2's alphabet of printable stand-ins: Llama 3, Qwen) its characters mapped back
+/// to bytes; any other its text with SentencePiece's `▁` as a space.
+#[derive(Clone)]
+pub struct TokenBytes {
+    tokenizer: Arc<Tokenizer>,
+    byte_level: bool,
+}
+
+impl TokenBytes {
+    /// For `tokenizer`; byte-level when its decoder is (or holds) a `ByteLevel` one.
+    pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
+        let byte_level = tokenizer
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .is_some_and(|json| json.contains("\"ByteLevel\""));
+        Self { tokenizer, byte_level }
+    }
+
+    /// The bytes of token `id`; `fallback` (the token's text as the API shows it) for an id the vocabulary
+    /// lacks.
+    pub fn of(&self, id: u32, fallback: &str) -> Vec<u8> {
+        let Some(piece) = self.tokenizer.id_to_token(id) else {
+            return fallback.as_bytes().to_vec();
+        };
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+            if hex.len() == 2 {
+                if let Ok(b) = u8::from_str_radix(hex, 16) {
+                    return vec![b];
+                }
+            }
+        }
+        if self.byte_level {
+            if let Some(bytes) = piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>() {
+                return bytes;
+            }
+        }
+        piece.replace('\u{2581}', " ").into_bytes()
+    }
+}
+
+/// The byte GPT-2's byte-level alphabet writes as `c`: printable bytes stand for themselves, the other 68
+/// (0-32, 127-160 and 173) for characters 256 + n in byte order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = u32::from(c);
+    if printable(code) {
+        return u8::try_from(code).ok();
+    }
+    let n = code.checked_sub(256)?;
+    (0u32..=255)
+        .filter(|&b| !printable(b))
+        .nth(usize::try_from(n).ok()?)
+        .and_then(|b| u8::try_from(b).ok())
+}
+
+#[cfg(test)]
+mod token_bytes_tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Arc<Tokenizer> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(name);
+        Arc::new(Tokenizer::from_file(path).expect("fixture tokenizer"))
+    }
+
+    /// The fixture tokenizer (SentencePiece with byte fallback): `<0x93>` is the byte 0x93, `▁Hello` is
+    /// " Hello"; an id past the vocabulary falls back to the shown text.
+    #[test]
+    fn sentencepiece_byte_fallback_tokens_are_their_byte() {
+        let t = TokenBytes::new(fixture("tokenizer/tokenizer.json"));
+        assert!(!t.byte_level);
+        let byte = t.tokenizer.token_to_id("<0x93>").expect("byte token");
+        assert_eq!(t.of(byte, "\u{fffd}"), vec![0x93]);
+        let hello = t.tokenizer.token_to_id("\u{2581}Hello").expect("word token");
+        assert_eq!(t.of(hello, "ignored"), b" Hello".to_vec());
+        assert_eq!(t.of(u32::MAX, "shown"), b"shown".to_vec());
+    }
+
+    /// GPT-2's alphabet: printable bytes stand for themselves, `Ġ` (U+0120) is the space, `Ċ` (U+010A) the
+    /// newline, and the 68 stand-ins map back to every byte they replace, once each.
+    #[test]
+    fn byte_level_characters_map_back_to_bytes() {
+        assert_eq!(byte_level_byte('A'), Some(b'A'));
+        assert_eq!(byte_level_byte('\u{0120}'), Some(b' '));
+        assert_eq!(byte_level_byte('\u{010A}'), Some(b'\n'));
+        assert_eq!(byte_level_byte('\u{0100}'), Some(0));
+        assert_eq!(byte_level_byte('\u{00E9}'), Some(0xE9));
+        let mut seen: Vec<u8> = (256u32..256 + 68)
+            .filter_map(|c| byte_level_byte(char::from_u32(c)?))
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 68);
+        assert_eq!(byte_level_byte('\u{0144}'), None, "past the 68 stand-ins");
+        // A tokenizer whose decoder is ByteLevel is read that way.
+        let mut bpe = Tokenizer::new(tokenizers::models::bpe::BPE::default());
+        bpe.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        assert!(TokenBytes::new(Arc::new(bpe)).byte_level);
+    }
+}

@@ -205,6 +205,8 @@ struct Plan {
     alternatives: u32,
     logprobs: bool,
     echo: Option<String>,
+    /// The tokens' raw bytes, for chat logprobs' `bytes`.
+    bytes: crate::detokenize::TokenBytes,
 }
 
 impl Plan {
@@ -437,6 +439,7 @@ fn completion_plan(state: &AppState, req: CompletionRequest) -> Result<Plan, Api
         alternatives,
         logprobs: req.logprobs.is_some(),
         echo,
+        bytes: state.validation.token_bytes(),
     })
 }
 
@@ -596,6 +599,7 @@ async fn chat_plan(
         alternatives,
         logprobs: req.logprobs,
         echo: None,
+        bytes: state.validation.token_bytes(),
     })
 }
 
@@ -784,7 +788,7 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, r: InferResponse) -> Valu
         Kind::Chat => {
             let logprobs = plan
                 .logprobs
-                .then(|| json!({"content": chat_logprobs(&r.tokens, plan.alternatives)}));
+                .then(|| json!({"content": chat_logprobs(&r.tokens, plan.alternatives, &plan.bytes)}));
             json!({
                 "index": index,
                 "message": {"role": "assistant", "content": generated},
@@ -819,16 +823,22 @@ fn completion_logprobs(tokens: &[(TokenInfo, Vec<TokenInfo>)], alternatives: u32
     json!({"tokens": text, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
-fn chat_logprobs(tokens: &[(TokenInfo, Vec<TokenInfo>)], alternatives: u32) -> Vec<Value> {
+/// OpenAI's chat `logprobs.content`: each token's text, log-probability and raw bytes (a byte of a
+/// character split over tokens as that byte, not the text shown for it), and its alternatives alike.
+fn chat_logprobs(
+    tokens: &[(TokenInfo, Vec<TokenInfo>)],
+    alternatives: u32,
+    bytes: &crate::detokenize::TokenBytes,
+) -> Vec<Value> {
     tokens
         .iter()
         .map(|(t, top)| {
             let tops: Vec<Value> = top
                 .iter()
                 .take(alternatives as usize)
-                .map(|a| json!({"token": a.text, "logprob": a.logprob, "bytes": a.text.as_bytes()}))
+                .map(|a| json!({"token": a.text, "logprob": a.logprob, "bytes": bytes.of(a.id, &a.text)}))
                 .collect();
-            json!({"token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes(), "top_logprobs": tops})
+            json!({"token": t.text, "logprob": t.logprob, "bytes": bytes.of(t.id, &t.text), "top_logprobs": tops})
         })
         .collect()
 }
@@ -1023,7 +1033,7 @@ async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) 
                 }
                 let logprobs = plan
                     .logprobs
-                    .then(|| json!({"content": chat_logprobs(&pair, plan.alternatives)}));
+                    .then(|| json!({"content": chat_logprobs(&pair, plan.alternatives, &plan.bytes)}));
                 json!({"index": s.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };

@@ -412,6 +412,8 @@ const LONG_INPUT_MIN_BYTES: usize = 64 << 10;
 #[derive(Clone)]
 pub struct Validation {
     tokenizer: Arc<Tokenizer>,
+    /// The tokens' raw bytes (OpenAI chat logprobs).
+    bytes: crate::detokenize::TokenBytes,
     /// Long prompts in pieces on a pool of its own, where the tokenizer allows it (crate::pieces).
     pieces: Option<Arc<PieceEncoder>>,
     workers: Arc<Semaphore>,
@@ -433,11 +435,17 @@ impl Validation {
     pub fn new(tokenizer: Arc<Tokenizer>, workers: usize, limits: ValidationLimits) -> Self {
         Self {
             pieces: PieceEncoder::for_tokenizer(Arc::clone(&tokenizer), pieces::default_threads()).map(Arc::new),
+            bytes: crate::detokenize::TokenBytes::new(Arc::clone(&tokenizer)),
             tokenizer,
             workers: Arc::new(Semaphore::new(workers)),
             long_lane: Arc::new(Semaphore::new(1)),
             limits,
         }
+    }
+
+    /// The tokenizer's raw bytes of each token ([`crate::detokenize::TokenBytes`]).
+    pub fn token_bytes(&self) -> crate::detokenize::TokenBytes {
+        self.bytes.clone()
     }
 
     /// Tokenizes `inputs` off the async workers: in place on the multi-threaded runtime

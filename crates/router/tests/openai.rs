@@ -299,6 +299,29 @@ async fn chat_uses_the_template_without_a_second_bos() {
         .iter()
         .all(|t| t["top_logprobs"].as_array().expect("top").len() == 2));
 
+    // A byte-fallback token (an incomplete character: its text is empty) has its byte as `bytes`. The
+    // first adapter name whose fake continuation reaches a high byte before any end-of-sequence token
+    // picks it.
+    let tk = tokenizer();
+    let high_byte = |id: u32| {
+        tk.id_to_token(id)
+            .filter(|p| p.len() == 6 && p.starts_with("<0x"))
+            .and_then(|p| u8::from_str_radix(&p[3..5], 16).ok())
+            .filter(|&b| b >= 0x80)
+    };
+    let (adapter, at, byte) = (0..1000)
+        .map(|i| format!("org/bytes-{i}"))
+        .find_map(|n| {
+            let ids = fake_tokens_for(&n, last, 64);
+            let at = ids.iter().position(|&id| id == 2 || high_byte(id).is_some())?;
+            Some((n.clone(), at, high_byte(ids[at])?))
+        })
+        .expect("an adapter name whose continuation reaches a high byte");
+    let body = json!({"model": adapter, "messages": messages, "max_tokens": at + 1, "logprobs": true});
+    let v = d.post_ok("/v1/chat/completions", body).await;
+    let entry = &v["choices"][0]["logprobs"]["content"][at];
+    assert_eq!(entry["bytes"], json!([byte]), "{adapter} token {at}: {entry}");
+
     // Streamed, with an adapter: the role comes first, the text adds up.
     let body = json!({"model": "org/chat-adapter", "messages": messages, "max_tokens": 4, "stream": true});
     let events = events(&d, "/v1/chat/completions", body).await;
