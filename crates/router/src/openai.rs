@@ -51,8 +51,21 @@ impl IntoResponse for OpenAiError {
     }
 }
 
+/// OpenAI's error object. Messages of the shared validation name the native fields: these routes' own
+/// names replace them (`max_tokens`; the prompt for `inputs`, which is the rendered messages on chat),
+/// and `param` is the first field the message names, as OpenAI's errors give it.
 fn openai_error_body(e: &ApiError) -> Value {
-    json!({"error": {"message": e.message, "type": e.error_type, "param": null, "code": e.status.as_u16().to_string()}})
+    let message = e
+        .message
+        .replace("`max_new_tokens`", "`max_tokens`")
+        .replace("`inputs` tokens", "prompt tokens")
+        .replace("`inputs`", "the prompt");
+    let param = message
+        .split('`')
+        .nth(1)
+        .filter(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .map(str::to_string);
+    json!({"error": {"message": message, "type": e.error_type, "param": param, "code": e.status.as_u16().to_string()}})
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {

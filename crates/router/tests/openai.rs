@@ -391,6 +391,33 @@ async fn errors_have_openai_shape() {
         assert!(message.contains(needle), "{path} {body}: {message}");
         assert!(v["error"]["type"].is_string(), "{v}");
     }
+    // The shared validation's messages in these routes' names, with the field as `param`.
+    for (path, body) in [
+        ("/v1/completions", json!({"prompt": "Hello", "max_tokens": 100_000})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100_000}),
+        ),
+    ] {
+        let (got, v) = error_of(d.post(path, body).await).await;
+        assert_eq!(got, 422, "{path}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("`max_tokens`") && message.contains("prompt tokens"),
+            "{path}: {message}"
+        );
+        assert!(
+            !message.contains("max_new_tokens") && !message.contains("inputs"),
+            "{path}: {message}"
+        );
+        assert_eq!(v["error"]["param"], "max_tokens", "{path}: {v}");
+    }
+    let (_, v) = error_of(
+        d.post("/v1/completions", json!({"prompt": "Hello", "temperature": -1.0}))
+            .await,
+    )
+    .await;
+    assert_eq!(v["error"]["param"], "temperature", "{v}");
     // Malformed JSON is a 4xx in the same shape.
     let r = d
         .http
