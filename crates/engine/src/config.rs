@@ -116,6 +116,24 @@ struct Raw {
 }
 
 impl ModelConfig {
+    /// Positions the model serves: `max_position_embeddings`, times the factor of linear position
+    /// interpolation (whose configs keep the pretrained length; Llama 3.1's and per-frequency scaling
+    /// state the extended length itself).
+    pub fn max_positions(&self) -> usize {
+        match self.rope_scaling {
+            RopeScaling::Linear { factor } if factor > 1.0 => {
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    clippy::cast_precision_loss
+                )]
+                let n = (self.max_position_embeddings as f64 * f64::from(factor)) as usize;
+                n
+            }
+            _ => self.max_position_embeddings,
+        }
+    }
+
     /// Read `config.json` from a file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
@@ -335,6 +353,30 @@ mod tests {
         assert!((f[0] - 1.0).abs() < 1e-6);
         let unscaled = 1.0 / 500000f32.powf(126.0 / 128.0);
         assert!((f[63] - unscaled / 8.0).abs() / unscaled < 1e-5);
+    }
+
+    /// The positions a model serves: linear interpolation's configs keep the pretrained length (vicuna's
+    /// 16k models: 4096 with factor 4), Llama 3.1's state the extended one.
+    #[test]
+    fn max_positions_count_linear_interpolation() {
+        let linear = LLAMA31_CLASSIC
+            .replace(
+                "\"max_position_embeddings\": 131072",
+                "\"max_position_embeddings\": 4096",
+            )
+            .replace(
+                r#"{"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#,
+                r#"{"factor": 4.0, "type": "linear"}"#,
+            );
+        let c = ModelConfig::from_json(&linear).unwrap();
+        assert!(
+            matches!(c.rope_scaling, RopeScaling::Linear { .. }),
+            "{:?}",
+            c.rope_scaling
+        );
+        assert_eq!(c.max_positions(), 16384);
+        assert_eq!(ModelConfig::from_json(LLAMA31_CLASSIC).unwrap().max_positions(), 131072);
     }
 
     #[test]

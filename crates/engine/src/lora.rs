@@ -336,9 +336,14 @@ impl HostAdapter {
             .flat_map(|p| [&p.a, &p.b])
             .find(|t| range_flags(t.dtype, t.data()) & bit != 0)
             .map_or("a weight", |t| t.name.as_str());
+        let (served, wider) = match storage {
+            DType::F16 => ("float16", "bfloat16 or float32"),
+            DType::BF16 => ("bfloat16", "float32"),
+            DType::F32 => ("float32", "a wider type"),
+        };
         Err(EngineError::InvalidAdapter(format!(
-            "{name} holds values beyond the range of {storage:?}, the type the model is served in (serve it \
-             in bf16 or f32, or rescale the adapter)"
+            "{name} holds values beyond the range of {served}, the type the model is served in (serve it in \
+             {wider}, or rescale the adapter)"
         )))
     }
 
@@ -1164,6 +1169,7 @@ mod tests {
             (65520.0, BEYOND_F16),
             (-65520.0, BEYOND_F16),
             (max, BEYOND_F16),
+            (f32::from_bits(0x7F7F_7FFF), BEYOND_F16),
             (-half, BEYOND_F16 | BEYOND_BF16),
             (f32::MAX, BEYOND_F16 | BEYOND_BF16),
         ] {

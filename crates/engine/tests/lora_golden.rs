@@ -402,7 +402,7 @@ fn bad_adapters_are_refused_with_the_reason() {
     assert!(matches!(e, EngineError::InvalidAdapter(_)), "{e}");
     let e = e.to_string();
     assert!(
-        e.contains("layers.1.self_attn.v_proj.lora_B.weight") && e.contains("F16"),
+        e.contains("layers.1.self_attn.v_proj.lora_B.weight") && e.contains("float16"),
         "{e}"
     );
     host.check_storage(DType::BF16).unwrap();

@@ -91,6 +91,30 @@ fn raise_exception(message: String) -> Result<String, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
 }
 
+/// `source` without transformers' `{% generation %}` / `{% endgeneration %}` tags (which mark the
+/// assistant's tokens for training masks, TRL's templates among them, and render nothing), whitespace
+/// control included: minijinja has no such tag and would refuse the template.
+fn strip_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let tag_end = rest[start..].find("%}").map(|e| start + e + 2);
+        let inner = tag_end.map(|end| rest[start + 2..end - 2].trim_matches(|c: char| c == '-' || c.is_whitespace()));
+        match (tag_end, inner) {
+            (Some(end), Some("generation" | "endgeneration")) => {
+                out.push_str(&rest[..start]);
+                rest = &rest[end..];
+            }
+            _ => {
+                out.push_str(&rest[..start + 2]);
+                rest = &rest[start + 2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 impl ChatTemplate {
     /// Compiles `source` with the given special tokens.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ChatError> {
@@ -98,7 +122,7 @@ impl ChatTemplate {
         env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.to_string())
+        env.add_template_owned("chat", strip_generation_tags(source))
             .map_err(|e| ChatError::Render(e.to_string()))?;
         Ok(Self {
             env: Arc::new(env),
@@ -211,6 +235,25 @@ mod tests {
             role: role.into(),
             content: content.into(),
         }
+    }
+
+    /// transformers' `{% generation %}` tags (assistant masks for training) render nothing here, with or
+    /// without whitespace control; other tags are kept.
+    #[test]
+    fn generation_tags_render_nothing() {
+        let source = "{% for message in messages %}{% if message['role'] == 'assistant' %}{%- generation -%}\
+                      {{ message['content'] }}{% endgeneration %}{% else %}[{{ message['content'] }}]{% endif %}\
+                      {% endfor %}";
+        assert!(!strip_generation_tags(source).contains("generation"));
+        let t = ChatTemplate::new(source, "", "").unwrap();
+        assert_eq!(
+            t.apply(&[m("user", "Hi"), m("assistant", "Yo")], false).unwrap(),
+            "[Hi]Yo"
+        );
+        assert_eq!(
+            strip_generation_tags("{% if x %}a{% endif %}{%"),
+            "{% if x %}a{% endif %}{%"
+        );
     }
 
     #[test]

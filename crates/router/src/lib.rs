@@ -274,8 +274,8 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
     // would quietly be garbage.
     if shard.max_position_embeddings > 0 && limits.max_total_tokens > shard.max_position_embeddings {
         return Err(RouterError::Config(format!(
-            "--max-total-tokens ({}) exceeds the model's max_position_embeddings ({}): lower it (and \
-             --max-input-length) to at most the model's",
+            "--max-total-tokens ({}) exceeds the positions the model serves (max_position_embeddings, times a \
+             linear rope scaling's factor: {}): lower it (and --max-input-length) to at most that",
             limits.max_total_tokens, shard.max_position_embeddings
         )));
     }

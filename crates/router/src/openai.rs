@@ -58,12 +58,31 @@ fn openai_error_body(e: &ApiError) -> Value {
     let message = e
         .message
         .replace("`max_new_tokens`", "`max_tokens`")
+        .replace("`adapter_id`", "`model`")
         .replace("`inputs` tokens", "prompt tokens")
         .replace("`inputs`", "the prompt");
+    // The first request field the message names (not an adapter's id, which messages also quote).
+    const FIELDS: [&str; 14] = [
+        "max_tokens",
+        "model",
+        "temperature",
+        "top_p",
+        "top_k",
+        "n",
+        "stop",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "frequency_penalty",
+        "presence_penalty",
+        "messages",
+        "prompt",
+    ];
     let param = message
         .split('`')
-        .nth(1)
-        .filter(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .skip(1)
+        .step_by(2)
+        .find(|p| FIELDS.contains(p))
         .map(str::to_string);
     json!({"error": {"message": message, "type": e.error_type, "param": param, "code": e.status.as_u16().to_string()}})
 }

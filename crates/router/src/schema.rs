@@ -60,7 +60,8 @@ pub struct GenerateParameters {
     pub return_k_alternatives: Option<i64>,
     /// TGI's name for `return_k_alternatives`.
     pub top_n_tokens: Option<i64>,
-    /// `inputs` is a JSON list of messages to render with the chat template (REST routes only).
+    /// `inputs` is a JSON list of messages to render with the chat template (the adapter's own when it
+    /// ships one).
     pub apply_chat_template: Option<bool>,
     /// Seed of the sampler's random generator.
     pub seed: Option<u64>,

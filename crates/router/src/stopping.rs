@@ -1,6 +1,8 @@
-//! When a sequence stops, decided by the router after every token: `max_new_tokens` reached
-//! (`length`), an end-of-sequence token (`eos_token`, unless `ignore_eos_token`), or a stop sequence
-//! appearing in the generated text (`stop_sequence`). The checks run in that order, as in TGI.
+//! When a sequence stops, decided by the router after every token: a stop sequence appearing in the
+//! generated text or a (non-EOS) special token's text (`stop_sequence`), `max_new_tokens` reached
+//! (`length`), or an end-of-sequence token (`eos_token`, unless `ignore_eos_token`). The checks run in
+//! that order: a stop completed by the last allowed token is a stop (as OpenAI's API reports it), an EOS
+//! token as the last allowed token a length (as TGI reports it).
 
 use serde::Serialize;
 

@@ -323,7 +323,7 @@ async fn max_total_tokens_past_the_models_positions_stops_the_router() {
         Err(e) => e.to_string(),
     };
     assert!(
-        error.contains("--max-total-tokens (8192)") && error.contains("max_position_embeddings (4096)"),
+        error.contains("--max-total-tokens (8192)") && error.contains("factor: 4096)"),
         "{error}"
     );
     assert!(Deployment::try_start(flags("4096")).await.is_ok());

@@ -272,7 +272,8 @@ impl<B: Backend> ShardServer<B> {
             model_id: cfg.model_id,
             architecture: format!("{:?}", c.architecture).to_lowercase(),
             vocab_size: u32::try_from(c.vocab_size)?,
-            max_position_embeddings: u32::try_from(c.max_position_embeddings).unwrap_or(u32::MAX),
+            // The positions it serves: linear interpolation's factor included.
+            max_position_embeddings: u32::try_from(c.max_positions()).unwrap_or(u32::MAX),
             eos_token_ids: c.eos_token_ids.clone(),
             bos_token_id: c.bos_token_id,
             device: engine.backend.name(),
