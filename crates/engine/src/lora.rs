@@ -763,12 +763,6 @@ fn range_flags(dtype: DType, data: &[u8]) -> u8 {
     }
 }
 
-/// Whether every element of `data` (little-endian `dtype`) is finite.
-#[cfg(test)]
-fn all_finite(dtype: DType, data: &[u8]) -> bool {
-    range_flags(dtype, data) & NOT_FINITE == 0
-}
-
 /// The [`range_flags`] bit of the values that `storage` cannot hold (0: it holds any finite value).
 fn beyond(storage: DType) -> u8 {
     match storage {
@@ -857,10 +851,9 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
     if pairs.is_empty() {
         return Err(invalid(dir, "adapter_model.safetensors holds no LoRA weights"));
     }
-    // A weight that is NaN or infinite (a training run that diverged) would make every token of the
-    // adapter's requests NaN: refused here, naming the first such tensor.
-    // Each tensor's range flags, in one pass over the weights: what the types hold is kept for
-    // [`HostAdapter::check_storage`].
+    // Each tensor's range flags, in one pass over the weights. A weight that is NaN or infinite (a training
+    // run that diverged) would make every token of the adapter's requests NaN: refused here, naming the
+    // first such tensor. What the narrower types cannot hold is kept for [`HostAdapter::check_storage`].
     let range = {
         use rayon::prelude::*;
         let tensors: Vec<&AdapterTensor> = pairs.iter().flat_map(|p| [&p.a, &p.b]).collect();
@@ -1113,6 +1106,7 @@ mod tests {
                 .collect()
         };
         let bytes32 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let all_finite = |dtype: DType, data: &[u8]| range_flags(dtype, data) & NOT_FINITE == 0;
         assert!(all_finite(DType::BF16, &bytes16(&finite, true)));
         assert!(all_finite(DType::F16, &bytes16(&finite, false)));
         assert!(all_finite(DType::F32, &bytes32(&[f32::MAX, f32::MIN, 3.0e38])));

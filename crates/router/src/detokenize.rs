@@ -106,41 +106,44 @@ impl IncrementalDecoder {
     /// Appends `id` and returns the newly completed text (empty while a character is incomplete).
     /// Special tokens are rendered (`</s>`), as in TGI's per-token text, but left out of [`Self::text`].
     pub fn push(&mut self, decoder: &TokenDecoder, id: u32) -> String {
-        self.ids.push(id);
-        let prefix_text = decoder.decode(&self.ids[self.prefix_offset..self.read_offset], false);
-        let new_text = decoder.decode(&self.ids[self.prefix_offset..], false);
-        if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
-            let chunk = suffix_after(&new_text, &prefix_text);
-            if !decoder.is_special(id) {
-                self.text.push_str(&chunk);
-            }
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
-            chunk
-        } else {
-            String::new()
-        }
+        self.push_with_alternatives(decoder, id, &[]).0
     }
 
-    /// The text [`Self::push`] would return for each of `ids` now, without pushing it: alternatives to
-    /// the next token decoded in the sequence's context, so that they read as a chosen token does (a
-    /// leading space included). Where that text would be an incomplete character (`push` returns nothing
-    /// yet), the token's text on its own.
-    pub fn peek(&self, decoder: &TokenDecoder, ids: &[u32]) -> Vec<String> {
+    /// [`Self::push`] of `id`, and the text it would have returned for each of `alternatives` instead
+    /// (decoded in the sequence's context, so that they read as a chosen token does, a leading space
+    /// included; where that text would be an incomplete character, the token's text on its own). The
+    /// window's prefix is decoded once for all of them.
+    pub fn push_with_alternatives(
+        &mut self,
+        decoder: &TokenDecoder,
+        id: u32,
+        alternatives: &[u32],
+    ) -> (String, Vec<String>) {
         let prefix_text = decoder.decode(&self.ids[self.prefix_offset..self.read_offset], false);
-        let mut window = self.ids[self.prefix_offset..].to_vec();
-        ids.iter()
-            .map(|&id| {
-                window.push(id);
-                let new_text = decoder.decode(&window, false);
+        // The text a window ending in a new token completes, when it completes a character.
+        let completed = |new_text: String| {
+            (new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}'))
+                .then(|| suffix_after(&new_text, &prefix_text))
+        };
+        let mut others = Vec::with_capacity(alternatives.len());
+        if !alternatives.is_empty() {
+            let mut window = self.ids[self.prefix_offset..].to_vec();
+            for &a in alternatives {
+                window.push(a);
+                others.push(completed(decoder.decode(&window, false)).unwrap_or_else(|| decoder.token_text(a)));
                 window.pop();
-                if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
-                    suffix_after(&new_text, &prefix_text)
-                } else {
-                    decoder.token_text(id)
-                }
-            })
-            .collect()
+            }
+        }
+        self.ids.push(id);
+        let Some(chunk) = completed(decoder.decode(&self.ids[self.prefix_offset..], false)) else {
+            return (String::new(), others);
+        };
+        if !decoder.is_special(id) {
+            self.text.push_str(&chunk);
+        }
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        (chunk, others)
     }
 
     /// Every emitted non-special chunk so far (what stop sequences are searched in).
@@ -248,9 +251,9 @@ pub(crate) mod tests {
         let mut inc = IncrementalDecoder::new(&prompt);
         let mut spaced = 0;
         for &id in &ids[prompt.len()..] {
-            // Each next token as an alternative, then chosen: the same text.
-            let peeked = inc.peek(&decoder, &[id]).remove(0);
-            let pushed = inc.push(&decoder, id);
+            // Each next token as an alternative, and chosen: the same text.
+            let (pushed, mut peeked) = inc.push_with_alternatives(&decoder, id, &[id]);
+            let peeked = peeked.remove(0);
             if !pushed.is_empty() {
                 assert_eq!(peeked, pushed, "token {id}");
             }

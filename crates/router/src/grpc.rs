@@ -314,9 +314,8 @@ impl LoraxService for GrpcService {
         let request = rest_request(request);
         let result = async {
             let _permit = self.state.infer.acquire()?;
-            // LoRAX's `apply_chat_template`, rendered as on REST.
-            let (request, special) = crate::openai::apply_chat_template(&self.state, request).await?;
-            let valid = self.state.validation.validate_prompt(request, false, special).await?;
+            // As on REST: `apply_chat_template` rendered, then validated.
+            let valid = crate::openai::validate_native(&self.state, request, false).await?;
             let shape = ResponseShape::of(&valid);
             let response = self.state.infer.generate(valid).await?;
             Timings::finish(
@@ -344,8 +343,7 @@ impl LoraxService for GrpcService {
         let request = rest_request(request);
         let (receiver, permit, shape) = async {
             let permit = self.state.infer.acquire()?;
-            let (request, special) = crate::openai::apply_chat_template(&self.state, request).await?;
-            let valid = self.state.validation.validate_prompt(request, true, special).await?;
+            let valid = crate::openai::validate_native(&self.state, request, true).await?;
             let shape = ResponseShape::of(&valid);
             let receiver = self.state.infer.queue_stream(valid)?.ready().await?;
             Ok::<_, ApiError>((receiver, permit, shape))

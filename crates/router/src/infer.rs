@@ -165,7 +165,6 @@ pub struct InferResponse {
 pub struct Infer {
     entries: mpsc::UnboundedSender<Entry>,
     limit: Arc<Semaphore>,
-    max_concurrent_requests: usize,
 }
 
 impl Infer {
@@ -174,13 +173,7 @@ impl Infer {
         Self {
             entries,
             limit: Arc::new(Semaphore::new(max_concurrent_requests)),
-            max_concurrent_requests,
         }
-    }
-
-    /// The requests allowed in flight (`--max-concurrent-requests`).
-    pub fn max_concurrent_requests(&self) -> usize {
-        self.max_concurrent_requests
     }
 
     /// Takes a slot for one request, or fails at once with `Overloaded`. Hold the permit until the

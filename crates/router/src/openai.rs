@@ -383,7 +383,7 @@ fn native(
     }
     // Each choice is a request of its own and takes a place: more than the server allows could never
     // start, and a 429 would invite retries that cannot succeed.
-    let places = state.infer.max_concurrent_requests();
+    let places = state.info.max_concurrent_requests;
     if n as usize > places {
         return Err(invalid(format!(
             "`n` must be at most {places}, the requests this server takes at once (each choice is one). Given: {n}"
@@ -532,10 +532,23 @@ pub(crate) async fn template_of_adapter(
         .map_err(|e| ApiError::from(InferError::Adapter(e)))
 }
 
+/// A native request (REST or gRPC) validated, its `apply_chat_template` messages rendered first.
+pub(crate) async fn validate_native(
+    state: &AppState,
+    request: GenerateRequest,
+    stream: bool,
+) -> Result<ValidRequest, ApiError> {
+    let (request, add_special_tokens) = apply_chat_template(state, request).await?;
+    Ok(state
+        .validation
+        .validate_prompt(request, stream, add_special_tokens)
+        .await?)
+}
+
 /// LoRAX's `apply_chat_template: true` on the native routes: `inputs` is a JSON list of messages,
 /// rendered with the adapter's or the model's chat template. Returns the request with the rendered
 /// prompt and whether special tokens must still be added (false for a rendered prompt).
-pub(crate) async fn apply_chat_template(
+async fn apply_chat_template(
     state: &AppState,
     mut request: GenerateRequest,
 ) -> Result<(GenerateRequest, bool), ApiError> {

@@ -818,25 +818,21 @@ impl Scheduler {
             }
         }
         running.tokens_counter.increment(1);
-        // Alternatives read in the sequence's context, as the chosen token does (before it is pushed).
-        let top_tokens = match generation.top_tokens.as_slice() {
-            [] => Vec::new(),
-            top => {
-                let ids: Vec<u32> = top.iter().map(|t| t.id).collect();
-                let texts = running.decoder.peek(decoder, &ids);
-                top.iter()
-                    .zip(texts)
-                    .map(|(t, text)| TokenInfo {
-                        id: t.id,
-                        text,
-                        logprob: t.logprob,
-                        special: decoder.is_special(t.id),
-                    })
-                    .collect()
-            }
-        };
         let before = running.decoder.emitted().len();
-        let text = running.decoder.push(decoder, token.id);
+        // Alternatives read in the sequence's context, as the chosen token does.
+        let alternatives: Vec<u32> = generation.top_tokens.iter().map(|t| t.id).collect();
+        let (text, texts) = running.decoder.push_with_alternatives(decoder, token.id, &alternatives);
+        let top_tokens = generation
+            .top_tokens
+            .iter()
+            .zip(texts)
+            .map(|(t, text)| TokenInfo {
+                id: t.id,
+                text,
+                logprob: t.logprob,
+                special: decoder.is_special(t.id),
+            })
+            .collect();
         let special = decoder.is_special(token.id);
         let finish = running.stopping.step(
             token.id,

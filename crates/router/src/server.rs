@@ -218,11 +218,7 @@ async fn generate_inner(
 ) -> Result<(HeaderMap, Json<GenerateResponse>), ApiError> {
     let _permit = state.infer.acquire()?;
     // The Authorization header's token is already in `api_token` (with_bearer_token).
-    let (request, add_special_tokens) = crate::openai::apply_chat_template(state, request).await?;
-    let valid = state
-        .validation
-        .validate_prompt(request, false, add_special_tokens)
-        .await?;
+    let valid = crate::openai::validate_native(state, request, false).await?;
     let validation_time = start.elapsed();
     metrics::histogram!(m::REQUEST_VALIDATION_DURATION).record(validation_time.as_secs_f64());
     let shape = ResponseShape::of(&valid);
@@ -436,11 +432,7 @@ async fn generate_stream(
         async {
             let request = with_bearer_token(payload?.0, &headers);
             let permit = state.infer.acquire()?;
-            let (request, add_special_tokens) = crate::openai::apply_chat_template(&state, request).await?;
-            let valid = state
-                .validation
-                .validate_prompt(request, true, add_special_tokens)
-                .await?;
+            let valid = crate::openai::validate_native(&state, request, true).await?;
             metrics::histogram!(m::REQUEST_VALIDATION_DURATION).record(start.elapsed().as_secs_f64());
             let shape = ResponseShape::of(&valid);
             // Its headers wait for its adapter: an adapter failure is then an HTTP error.
