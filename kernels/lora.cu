@@ -965,3 +965,230 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 2)
         }
     }
 }
+
+// The prompt pair by index on the tensor cores (16-bit storage; a forward pass of more than lora.rs
+// STEP_MAX_ROWS rows whose plan cuts its long segments, prompt chunks, into records of at most PF_ROWS rows;
+// the host keeps the cuBLAS path of `lora_gemm_segments` with LORAX_CUDA_LORA_PROMPT=gemm). Records, indexes
+// and the partials' layout are those of the `_ix` pair above.
+// lora_shrink_pf2/4/8 (NT = 2, 4, 8 tiles of 8 rank rows: ranks up to 16, 32, 64): grid (record, k-chunk c,
+//   part p), PF_WARPS warps. Warp w takes the record's rows 16 (w % 4) .. + 15 and half w / 4 of the chunk, in
+//   stretches of 32 elements: lane (g, t) loads 8 consecutive elements (one 16-byte vector) at 8 t of x's rows g
+//   and g + 8 and of A's rank rows 8 m + g, and words 0-1 feed one mma.sync m16n8k16 (D[row][j] += x[row][k] .
+//   A[j][k]), words 2-3 the next: any assignment of k to a product's slots sums the same k, as long as both
+//   operands agree (bgmv_shrink_tc does the same with the operands the other way round). The two halves'
+//   sums meet in shared memory, added in half order, and each (chunk, part, row, j < rank) is written once:
+//     tmp[((c * parts + p) * n + row) * rmax + j].
+// lora_expand_pf: grid (record, column group), PF_WARPS warps; a group is PF_COLS columns of one part (the
+//   parts' groups end to end along y, lora.rs `expand_groups` with tiles of PF_COLS and ct 1). The block sums
+//   its rows' partials in chunk order and rounds t to the storage type (as PEFT keeps lora_A's output, and as
+//   cuBLAS's prompt path did) into shared memory. Warp w then takes rows 16 (w % 4) .. + 15 and columns
+//   128 (w / 4) .. + 127 of the group as 16 n-tiles: tile nt's column n is 32 (n / 2) + 2 nt + n % 2, so that
+//   lane t's outputs are the 32 consecutive columns 32 t .. 32 t + 31 of its two rows, four 16-byte loads and
+//   stores of y each. Per k-step of 16 rank indices, lane t's slots 2t, 2t + 1 / 2t + 8, 2t + 9 hold rank
+//   indices 4t, 4t + 1 / 4t + 2, 4t + 3: one 8-byte load of B[col][16 ks + 4t ..] and one of t's row.
+//   y = y + scale * D, rounded once. Rank indices past the pair's rank are zeros in both operands.
+// Sums run in a fixed order, so results do not depend on scheduling.
+#define PF_ROWS 64
+#define PF_WARPS 8
+#define PF_COLS 256
+#define PF_LDT 72  // t's shared row stride in elements (64 rank indices + 8)
+#ifndef PF_EXPAND_MINB
+#define PF_EXPAND_MINB 1  // lora_expand_pf's blocks per multiprocessor (launch bounds)
+#endif
+
+#if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
+template <int NT>
+__device__ __forceinline__ void lora_shrink_pf(float* __restrict__ tmp, const T* __restrict__ x,
+                                               const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
+                                               int n, int pstride, int in_dim, int rmax, int kc) {
+    constexpr int SIF = NT == 2 ? 4 : (NT == 4 ? 2 : 1);  // stretches whose loads are in flight together
+    __shared__ float red[4][16][NT * 8];                   // the second half's sums
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int rg = warp % 4, half = warp / 4;
+    const int p = blockIdx.z, k0 = blockIdx.y * kc;
+    const LoraRec rc = recs[blockIdx.x];
+    u64 a_addr = 0;
+    // The host picks NT for the step's largest rank; the bound only keeps a wrong pick inside `red`.
+    const int r = min(lora_rec_a(rc, layer, part_of(p, t0, t1, t2), k0, in_dim, &a_addr), NT * 8);
+    pdl_enter();
+    if (r == 0) return;  // the whole block
+    const int rows = min(rc.len, PF_ROWS) - 16 * rg;  // this warp's rows (none when <= 0)
+    const int kh = kc / 2;  // a half (the host's chunks are whole 64-element pairs of stretches)
+    const int kl = min(kc, in_dim - k0) - half * kh;  // elements of the chunk from this half's first
+    const int hl = min(kh, kl);
+    const bool vec = in_dim % VEC == 0 && kc % (2 * VEC) == 0;
+    const T* A = reinterpret_cast<const T*>(a_addr) + half * kh;
+    const T* x0 = x + (u64)(rc.start + 16 * rg + g) * in_dim + k0 + half * kh;
+    const T* x8 = x0 + (u64)8 * in_dim;
+    const u32x4 zero{0u, 0u, 0u, 0u};
+    float c[NT][4];
+#pragma unroll
+    for (int m = 0; m < NT; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.f;
+    if (rows > 0) {
+        for (int s0 = 0; s0 < hl; s0 += 32 * SIF) {
+            u32x4 xa[SIF], xb[SIF], av[SIF][NT];
+#pragma unroll
+            for (int s = 0; s < SIF; ++s) {
+                const int off = s0 + 32 * s + 8 * t, left = hl - off;
+                xa[s] = g < rows ? lora_ld8(x0 + off, left, vec, false) : zero;
+                xb[s] = g + 8 < rows ? lora_ld8(x8 + off, left, vec, false) : zero;
+#pragma unroll
+                for (int m = 0; m < NT; ++m) {
+                    const int j = 8 * m + g;
+                    av[s][m] = j < r ? lora_ld8(A + (u64)j * in_dim + off, left, vec, true) : zero;
+                }
+            }
+#pragma unroll
+            for (int s = 0; s < SIF; ++s)
+#pragma unroll
+                for (int m = 0; m < NT; ++m) {
+                    const u32x4 &lo = xa[s], &hi = xb[s], &a = av[s][m];
+                    const u32 a0[4] = {lo.x, hi.x, lo.y, hi.y}, b0[2] = {a.x, a.y};
+                    mma_16816(c[m], a0, b0);
+                    const u32 a1[4] = {lo.z, hi.z, lo.w, hi.w}, b1[2] = {a.z, a.w};
+                    mma_16816(c[m], a1, b1);
+                }
+        }
+    }
+    // c[m] = {D[g][8m + 2t], D[g][8m + 2t + 1], D[g + 8][8m + 2t], D[g + 8][8m + 2t + 1]}.
+    if (half == 1) {
+#pragma unroll
+        for (int m = 0; m < NT; ++m) {
+            red[rg][g][8 * m + 2 * t] = c[m][0];
+            red[rg][g][8 * m + 2 * t + 1] = c[m][1];
+            red[rg][g + 8][8 * m + 2 * t] = c[m][2];
+            red[rg][g + 8][8 * m + 2 * t + 1] = c[m][3];
+        }
+    }
+    __syncthreads();
+    if (half == 1 || rows <= 0) return;
+    float* out = tmp + ((u64)blockIdx.y * pstride + (u64)p * n + rc.start + 16 * rg) * rmax;
+#pragma unroll
+    for (int m = 0; m < NT; ++m) {
+        const int j = 8 * m + 2 * t;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = g + 8 * (e / 2), jj = j + e % 2;
+            if (i < rows && jj < r) out[(u64)i * rmax + jj] = c[m][e] + red[rg][i][jj];
+        }
+    }
+}
+
+// Stores the first `left` (at most 8) of the 8 elements in v at p: one 16-byte store when vec and all 8 fit.
+__device__ __forceinline__ void lora_st8(T* p, const u32x4& v, int left, bool vec) {
+    if (left <= 0) return;
+    if (vec && left >= 8) {
+        *reinterpret_cast<u32x4*>(p) = v;
+        return;
+    }
+    const T* e = reinterpret_cast<const T*>(&v);
+    for (int i = 0; i < 8 && i < left; ++i) p[i] = e[i];
+}
+
+extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
+    lora_expand_pf(T* __restrict__ y, const float* __restrict__ tmp, const LoraRec* __restrict__ recs, int layer,
+                   int t0, int t1, int t2, int c0, int c1, int c2, int e1, int e2, int n, int pstride, int out_dim,
+                   int rmax, int ks) {
+    __shared__ u32 ts_w[PF_ROWS * PF_LDT / 2];  // words, so that t's rows are read a word at a time
+    T(*ts)[PF_LDT] = reinterpret_cast<T(*)[PF_LDT]>(ts_w);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int rg = warp % 4, ch = warp / 4;
+    const int gy = blockIdx.y;
+    const int p = gy >= e2 ? 2 : (gy >= e1 ? 1 : 0);
+    const int first = (gy - (p == 0 ? 0 : (p == 1 ? e1 : e2))) * PF_COLS;  // the group's first column in the part
+    const LoraRec rc = recs[blockIdx.x];
+    LoraRef ref{};
+    if (rc.len > 0 && rc.index != 0)
+        ref = reinterpret_cast<const LoraRef*>(rc.index)[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+    pdl_enter();
+    if (ref.a == 0 || first >= ref.cols) return;  // the whole block
+    const int r = min(ref.rank, 64), rk = (r + 15) / 16 * 16, rows = min(rc.len, PF_ROWS);
+    // t[i][j] = the partials' sum in chunk order, rounded; zeros past the rank (to rk) and the rows.
+    for (int f = threadIdx.x; f < PF_ROWS * rk; f += blockDim.x) {
+        const int i = f / rk, j = f - i * rk;
+        float s = 0.f;
+        if (i < rows && j < r) {
+            const float* src = tmp + ((u64)p * n + rc.start + i) * rmax + j;
+            for (int c = 0; c < ks; ++c) s += src[(u64)c * pstride * rmax];
+        }
+        ts[i][j] = from_f(s);
+    }
+    __syncthreads();
+    const int wrows = rows - 16 * rg;
+    const int cw = first + 128 * ch;  // the warp's first column in the part
+    if (wrows <= 0 || cw >= ref.cols) return;
+    const int cp = part_of(p, c0, c1, c2);
+    const int left = ref.cols - cw - 32 * t;  // this lane's columns left in the part from its first
+    const bool yvec = out_dim % VEC == 0 && (cp + cw) % VEC == 0 && (u64)y % 16 == 0;
+    T* y0 = y + (u64)(rc.start + 16 * rg + g) * out_dim + cp + cw + 32 * t;
+    T* y8 = y0 + (u64)8 * out_dim;
+    const u32x4 zero{0u, 0u, 0u, 0u};
+    u32x4 ya[4], yb[4];
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+        ya[v] = g < wrows ? lora_ld8(y0 + 8 * v, left - 8 * v, yvec, false) : zero;
+        yb[v] = g + 8 < wrows ? lora_ld8(y8 + 8 * v, left - 8 * v, yvec, false) : zero;
+    }
+    const T* B = reinterpret_cast<const T*>(ref.b);
+    const bool bvec = r % 4 == 0 && ref.b % 8 == 0;  // 8-byte loads of B's rows (16-bit elements)
+    float acc[16][4];
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    for (int k = 0; k < rk; k += 16) {
+        const int j = k + 4 * t;
+        const T* tr = &ts[16 * rg + g][j];
+        const T* tr8 = &ts[16 * rg + g + 8][j];
+        const u32 a[4] = {*reinterpret_cast<const u32*>(tr), *reinterpret_cast<const u32*>(tr8),
+                          *reinterpret_cast<const u32*>(tr + 2), *reinterpret_cast<const u32*>(tr8 + 2)};
+#pragma unroll
+        for (int nt = 0; nt < 16; ++nt) {
+            const int col = cw + 32 * (g / 2) + 2 * nt + g % 2;  // n-tile nt's column g, in the part
+            u32 b[2] = {0u, 0u};
+            if (col < ref.cols && j < r) {
+                const T* br = B + (u64)col * r + j;
+                if (bvec) {
+                    const u32x2 w = *reinterpret_cast<const u32x2*>(br);
+                    b[0] = w.x;
+                    b[1] = w.y;
+                } else {
+                    b[0] = pack(br[0], j + 1 < r ? br[1] : (T)0);
+                    b[1] = pack(j + 2 < r ? br[2] : (T)0, j + 3 < r ? br[3] : (T)0);
+                }
+            }
+            mma_16816(acc[nt], a, b);
+        }
+    }
+    // acc[nt] = {D[g][32t + 2nt], D[g][32t + 2nt + 1], D[g + 8][same two]}: lane t's elements 2nt, 2nt + 1.
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+        T* ea = reinterpret_cast<T*>(&ya[v]);
+        T* eb = reinterpret_cast<T*>(&yb[v]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int nt = 4 * v + e / 2;
+            ea[e] = from_f(to_f(ea[e]) + ref.scale * acc[nt][e % 2]);
+            eb[e] = from_f(to_f(eb[e]) + ref.scale * acc[nt][2 + e % 2]);
+        }
+        if (g < wrows) lora_st8(y0 + 8 * v, ya[v], left - 8 * v, yvec);
+        if (g + 8 < wrows) lora_st8(y8 + 8 * v, yb[v], left - 8 * v, yvec);
+    }
+}
+
+#define LORA_SHRINK_PF(NT, NAME)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)                                                 \
+        NAME(float* __restrict__ tmp, const T* __restrict__ x, const LoraRec* __restrict__ recs, int layer, int t0, \
+             int t1, int t2, int n, int pstride, int in_dim, int rmax, int kc) {                               \
+        lora_shrink_pf<NT>(tmp, x, recs, layer, t0, t1, t2, n, pstride, in_dim, rmax, kc);                     \
+    }
+#else
+// f32 storage has no tensor-core path: the host never launches these.
+#define LORA_SHRINK_PF(NT, NAME)                                                                                \
+    extern "C" __global__ void NAME(float* tmp, const T* x, const LoraRec* recs, int layer, int t0, int t1, int t2, \
+                                    int n, int pstride, int in_dim, int rmax, int kc) {}
+extern "C" __global__ void lora_expand_pf(T* y, const float* tmp, const LoraRec* recs, int layer, int t0, int t1,
+                                          int t2, int c0, int c1, int c2, int e1, int e2, int n, int pstride,
+                                          int out_dim, int rmax, int ks) {}
+#endif
+LORA_SHRINK_PF(2, lora_shrink_pf2)
+LORA_SHRINK_PF(4, lora_shrink_pf4)
+LORA_SHRINK_PF(8, lora_shrink_pf8)

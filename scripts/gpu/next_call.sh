@@ -21,6 +21,8 @@
 #   bash scripts/gpu/next_call.sh vx       # ~330 s: the LoRA expand bgmv_expand_vx (session 32) checked against
 #                                          # the CPU, golden and e2e, then timed against bgmv_expand_ix
 #                                          # (VX_NCU=0: without the ncu kernel times, ~200 s)
+#   bash scripts/gpu/next_call.sh prompt   # ~300 s: the prompt LoRA pair on the tensor cores (session 35) checked
+#                                          # against the CPU and transformers + peft, then timed against cuBLAS
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
 #   forms; the code and the round are at 9ee9c5d: `git show 9ee9c5d:scripts/gpu/next_call.sh`).
 #   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
@@ -64,11 +66,17 @@
 # each; graphs, golden and e2e with vx; a second round of steps in the other order. Make vx the default
 # only if the tests pass and its steps are not slower. (Session 33 call 1 ran it: all passed, every step
 # slower, vx stays opt-in.)
+# `prompt`: the prompt chunks' LoRA on `lora_shrink_pf*` + `lora_expand_pf` (session 35, the default for 16-bit
+# storage) against cuBLAS's per-layer GEMMs (LORAX_CUDA_LORA_PROMPT=gemm): the LoRA kernel tests
+# (lora_step_matches_cpu's prompt case), golden's LoRA tests (bf16_lora_prompt_pair_matches_peft runs every
+# segment on the pair), 32-layer eager steps of a 512- and a 1000-token prompt with one adapter and of the peft
+# workload's mixed step (m64x8-a8) with each, two rounds interleaved, the base prompt's step for reference, and
+# ncu kernel times (2 layers) of p512-identical with each.
 # `bench`: scripts/gpu/disk_read.py (what the local disk gives a cold 27 MB adapter file, by read pattern:
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|mlp|expand-tiles|vx}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -218,6 +226,28 @@ vx)
         profile_step "$x" "vx-2" LORAX_PROFILE_GRAPHS=1
     done
     lap steps2
+    ;;
+prompt)
+    gemm="LORAX_CUDA_LORA_PROMPT=gemm"
+    timeout 120 "$bin/cuda_kernels" lora --nocapture --test-threads 2 >"$R/kernels-lora.txt" 2>&1
+    echo "rc $?" >>"$R/kernels-lora.txt"
+    timeout 120 "$bin/cuda_golden" lora --nocapture --test-threads 1 >"$R/golden-lora.txt" 2>&1
+    echo "rc $?" >>"$R/golden-lora.txt"
+    lap tests
+    for round in 1 2; do
+        for x in p512-identical p1000-identical m64x8-a8; do
+            profile_step "$x" "tc-$round"
+            profile_step "$x" "gemm-$round" $gemm
+        done
+    done
+    profile_step p512 base
+    lap steps
+    LORAX_PROFILE_DETAIL="" timeout 60 scripts/gpu/kernel_profile.sh "$R/ncu" "$bin" p512-identical >"$R/ncu.txt" 2>&1
+    echo "rc $?" >>"$R/ncu.txt"
+    env $gemm LORAX_PROFILE_DETAIL="" timeout 60 scripts/gpu/kernel_profile.sh "$R/ncu-gemm" "$bin" p512-identical \
+        >"$R/ncu-gemm.txt" 2>&1
+    echo "rc $?" >>"$R/ncu-gemm.txt"
+    lap ncu
     ;;
 mlp)
     simt="LORAX_CUDA_LORA_SHRINK=simt"

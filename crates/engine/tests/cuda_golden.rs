@@ -52,8 +52,18 @@ fn bounds(dtype: DType, lora: bool) -> (f64, f64) {
 const NEAR_TIE_RMS: f64 = 4.0;
 
 fn engine(model_dir: &std::path::Path, dtype: DType) -> Option<Engine<CudaBackend>> {
+    engine_with(model_dir, dtype, |_| {})
+}
+
+/// [`engine`] with the backend's settings changed by `set` first.
+fn engine_with(
+    model_dir: &std::path::Path,
+    dtype: DType,
+    set: impl FnOnce(&mut CudaBackend),
+) -> Option<Engine<CudaBackend>> {
     let mut b = backend(dtype)?;
     b.set_poison(true);
+    set(&mut b);
     Some(
         Engine::load(
             b,
@@ -275,8 +285,12 @@ fn bf16_greedy_reported() {
     greedy(DType::BF16);
 }
 
-fn lora_engine(dtype: DType) -> Option<Engine<CudaBackend>> {
-    let mut e = engine(&fixtures().join("models/llama"), dtype)?;
+fn lora_engine(dtype: DType, prompt_pair: bool) -> Option<Engine<CudaBackend>> {
+    let mut e = engine_with(&fixtures().join("models/llama"), dtype, |b| {
+        if prompt_pair {
+            b.set_lora_prompt_limits(0, 0);
+        }
+    })?;
     for name in ADAPTERS {
         let host = HostAdapter::load(&fixtures().join("adapters").join(name), e.config(), 128).unwrap();
         e.load_adapter(name, &host).unwrap();
@@ -285,9 +299,13 @@ fn lora_engine(dtype: DType) -> Option<Engine<CudaBackend>> {
 }
 
 /// Each adapter alone at every position against peft, then peft's mixed batch (base + 4 adapters x 4
-/// prompts = 20 rows) in one prefill and 32 decode steps.
-fn lora(dtype: DType) {
-    let Some(mut e) = lora_engine(dtype) else { return };
+/// prompts = 20 rows) in one prefill and 32 decode steps. `prompt_pair`: every pass's every segment on the
+/// tensor-core prompt pair (`lora_shrink_pf*` + `lora_expand_pf`), which the server runs for prompt chunks
+/// of more than 64 rows in passes of more than 256 (the fixture's prompts are shorter).
+fn lora(dtype: DType, prompt_pair: bool) {
+    let Some(mut e) = lora_engine(dtype, prompt_pair) else {
+        return;
+    };
     let g = Golden::open(fixtures().join("adapters/golden_lora.safetensors"));
     let base = Golden::open(fixtures().join("models/llama/golden.safetensors"));
     let sub = g.ids("vocab_subset");
@@ -393,12 +411,17 @@ fn lora(dtype: DType) {
 
 #[test]
 fn f32_lora_matches_peft_alone_and_mixed() {
-    lora(DType::F32);
+    lora(DType::F32, false);
 }
 
 #[test]
 fn bf16_lora_matches_peft_within_bf16_tolerance() {
-    lora(DType::BF16);
+    lora(DType::BF16, false);
+}
+
+#[test]
+fn bf16_lora_prompt_pair_matches_peft_within_bf16_tolerance() {
+    lora(DType::BF16, true);
 }
 
 /// Runs everywhere (CPU only): the CPU engine in f32 with only the adapters' A and B rounded to bf16 (as

@@ -1053,8 +1053,15 @@ fn lora_step_matches_cpu() {
         (4, 1.5, |_, t| t == Target::O),
         (32, 0.75, |_, t| t.index() < 4),
     ];
-    let rows = [(0, 1), (1, 5), (8, 32), (40, 3), (44, 2)];
-    let n = 46;
+    // Each spec's rows, the pass's rows and rows in no segment: a decode step (every segment on the `_ix`
+    // pair), then a pass of more than 256 rows whose segments of more than 64 rows (prompt chunks: 200 rows,
+    // records of 64, 64, 64 and 8, and 70) take the tensor-core prompt pair, the rest the `_ix` pair (16-bit
+    // storage; f32 gets no plan for it).
+    type Case = (&'static str, [(usize, usize); 5], usize, std::ops::Range<usize>);
+    let cases: [Case; 2] = [
+        ("decode", [(0, 1), (1, 5), (8, 32), (40, 3), (44, 2)], 46, 6..8),
+        ("prompt", [(8, 200), (216, 70), (0, 1), (1, 5), (210, 3)], 300, 208..210),
+    ];
     // The plans' adapters (indexes into specs and rows): largest ranks 64, 32 and 16.
     let plans: [&[usize]; 3] = [&[0, 1, 2, 3, 4], &[0, 1, 3, 4], &[0, 1, 3]];
     for dt in DTYPES {
@@ -1094,7 +1101,7 @@ fn lora_step_matches_cpu() {
             &[(Target::O, 0)],
             &[(Target::Gate, 0), (Target::Up, h)],
         ];
-        let segs_of = |plan: &[usize]| -> Vec<LoraRows<'_, CudaBackend>> {
+        let segs_of = |rows: &[(usize, usize)], plan: &[usize]| -> Vec<LoraRows<'_, CudaBackend>> {
             plan.iter()
                 .map(|&s| LoraRows {
                     start: rows[s].0,
@@ -1106,12 +1113,18 @@ fn lora_step_matches_cpu() {
         // Each expand: bgmv_expand_ix, then bgmv_expand_vx (records merged to 16 rows: 32 rows of one
         // adapter in two; lora.rs `expand_vx_fits_whole_accesses_only` checks these shapes take it). The
         // switch is read when the plan is made, as the server reads it at start-up.
-        for (vx, plan) in [false, true].into_iter().flat_map(|vx| plans.map(|p| (vx, p))) {
+        for ((case, rows, n, untouched), vx, plan) in cases
+            .iter()
+            .flat_map(|c| [false, true].into_iter().flat_map(move |vx| plans.map(|p| (c, vx, p))))
+        {
+            let n = *n;
             g.set_lora_expand_vx(vx);
-            let step = g
-                .lora_step(n, &segs_of(plan))
-                .unwrap()
-                .expect("a decode-sized batch gets a step plan");
+            let step = g.lora_step(n, &segs_of(rows, plan)).unwrap();
+            if *case == "prompt" && dt == DType::F32 {
+                assert!(step.is_none(), "f32 got a plan for a pass with prompt chunks");
+                continue;
+            }
+            let step = step.unwrap_or_else(|| panic!("a {case} pass got no step plan"));
             let rmax = plan.iter().map(|&s| specs[s].0).max().unwrap_or(0);
             for l in 0..layers {
                 for parts in projections {
@@ -1139,7 +1152,7 @@ fn lora_step_matches_cpu() {
                     g.lora_layer(&mut y.gpu, &x.gpu, &step, l, parts).unwrap();
                     let got = g.to_f32(&y.gpu).unwrap();
                     let expand = if vx { "vx" } else { "ix" };
-                    let what = format!("{dt:?} rank {rmax} plan, layer {l} {parts:?}, expand {expand}");
+                    let what = format!("{dt:?} {case} rank {rmax} plan, layer {l} {parts:?}, expand {expand}");
                     if cpu_segs.is_empty() {
                         assert_eq!(got, before, "{what}: no adapter has these targets, yet y changed");
                         continue;
@@ -1147,7 +1160,7 @@ fn lora_step_matches_cpu() {
                     let d_got: Vec<f32> = got.iter().zip(&before).map(|(a, b)| a - b).collect();
                     let d_want: Vec<f32> = y.cpu.data.iter().zip(&before).map(|(a, b)| a - b).collect();
                     check(&what, &d_got, &d_want, tol(dt));
-                    for r in 6..8 {
+                    for r in untouched.clone() {
                         assert_eq!(
                             &got[r * out..(r + 1) * out],
                             &before[r * out..(r + 1) * out],
@@ -1159,7 +1172,9 @@ fn lora_step_matches_cpu() {
         }
         // A layer past the adapters' refuses; more rows than the plan takes, or a rank above BGMV's 64,
         // get no plan (those passes take the per-layer path).
-        let segs = segs_of(plans[0]);
+        let (_, rows, n, _) = &cases[0];
+        let n = *n;
+        let segs = segs_of(rows, plans[0]);
         let step = g
             .lora_step(n, &segs)
             .unwrap()
@@ -1169,7 +1184,14 @@ fn lora_step_matches_cpu() {
         assert!(g
             .lora_layer(&mut y.gpu, &x.gpu, &step, layers, &[(Target::O, 0)])
             .is_err());
-        assert!(g.lora_step(257, &segs).unwrap().is_none(), "257 rows got a step plan");
+        // A pass of more than 256 rows gets a plan in 16-bit storage unless the prompt pair is off.
+        assert_eq!(g.lora_step(257, &segs).unwrap().is_some(), dt != DType::F32, "257 rows");
+        g.set_lora_prompt_tc(false);
+        assert!(
+            g.lora_step(257, &segs).unwrap().is_none(),
+            "257 rows got a plan without the prompt pair"
+        );
+        g.set_lora_prompt_tc(true);
         let mut wide: Vec<[Option<LoraWeights<CudaBackend>>; NUM_TARGETS]> = vec![Default::default()];
         let (a, b) = (
             pair(&g, &mut rng, &[128, h], -0.1, 0.1),

@@ -1,7 +1,8 @@
 //! The decode LoRA kernels by adapter index of kernels/lora.cu (the k-split `bgmv_shrink_ix` +
 //! `bgmv_expand_ix`, the shrink on the tensor cores `bgmv_shrink_tc1/2/4` + `bgmv_expand_ix` or + the default
 //! expand `bgmv_expand_vx` (records merged to 16 rows and to 4), and the
-//! earlier `bgmv_shrink_ix0` + `bgmv_expand_ix0`), bf16, under the CPU emulation of CUDA (tests/emu/cuemu.h),
+//! earlier `bgmv_shrink_ix0` + `bgmv_expand_ix0`; and the prompt pair `lora_shrink_pf2/4/8` + `lora_expand_pf`
+//! on records of up to 64 rows), bf16, under the CPU emulation of CUDA (tests/emu/cuemu.h),
 //! against a double-precision reference (tests/emu/lora_driver.cpp): 1 to 128 rows in records of 1-4 rows,
 //! rows in no record, padding records, ranks 4-64 mixed, fused q/k/v and o
 //! projections, a missing pair, several chunk sizes, and an in_dim that is not whole 16-byte vectors. It checks

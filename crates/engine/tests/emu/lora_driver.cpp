@@ -52,8 +52,10 @@ struct Seg { int start, len, adapter; };
 static const int LAYER = 1;
 
 // Adapters for in_dim k and the widths of every target (q 4096, k/v 1024, o 4096).
+// Columns of each target's pairs (q, k, v, o; the prompt pair's odd-width case changes them).
+static int width[LORA_TARGETS] = {4096, 1024, 1024, 4096, 0, 0, 0};
+
 static std::vector<Adapter> make_adapters(int k, const std::vector<std::pair<int, unsigned>>& specs) {
-    const int width[LORA_TARGETS] = {4096, 1024, 1024, 4096, 0, 0, 0};
     std::vector<Adapter> ads(specs.size());
     for (size_t a = 0; a < specs.size(); ++a) {
         Adapter& ad = ads[a];
@@ -97,6 +99,10 @@ static std::vector<LoraRec> merge_records(const std::vector<LoraRec>& recs, int 
     out.resize(pad, LoraRec{0, 0, 0});
     return out;
 }
+
+static void check(const char* what, const char* pair, int kc, const char* form, int n, int k, const Parts& P,
+                  const std::vector<Adapter>& ads, const std::vector<Seg>& segs, const std::vector<T>& x,
+                  const std::vector<T>& y0, const std::vector<T>& y, bool t_rounded = false);
 
 // Runs one case with the k-split pair at chunk kc (0: the old pair; `tc`: the shrink on the tensor cores,
 // bgmv_shrink_tc1/2/4 by the step's largest rank) and checks y. `vx` > 0: the expand is bgmv_expand_vx on
@@ -181,7 +187,21 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
                                     out, rmax);
                 });
     }
-    // Reference and checks.
+    char form[32];
+    if (vx > 0)
+        snprintf(form, sizeof form, "vx rows %d", vx);
+    else
+        snprintf(form, sizeof form, "tiles %d", ct);
+    check(what, tc ? "tc  " : "simt", kc, form, n, k, P, ads, segs, x, y0, y);
+}
+
+// Checks y after a run against the double reference: within bf16 rounding where a row's adapter has the
+// part's pair (and of t, `t_rounded`), every other entry's bits kept; prints the run's line and counts a failure.
+static void check(const char* what, const char* pair, int kc, const char* form, int n, int k, const Parts& P,
+                  const std::vector<Adapter>& ads, const std::vector<Seg>& segs, const std::vector<T>& x,
+                  const std::vector<T>& y0, const std::vector<T>& y, bool t_rounded) {
+    int out = 0, col[3] = {0, 0, 0};
+    for (int p = 0; p < P.count; ++p) { col[p] = out; out += P.width[p]; }
     std::vector<int> owner(n, -1);
     for (const Seg& s : segs)
         for (int i = 0; i < s.len; ++i) owner[s.start + i] = s.adapter;
@@ -203,43 +223,96 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
                     if (y[at] != y0[at]) untouched_bad++;
                     continue;
                 }
-                double acc = 0;
-                for (int j = 0; j < r; ++j) acc += xa[j] * to_f(ad->B[t][(size_t)c * r + j]);
+                double acc = 0, mag = 0;
+                for (int j = 0; j < r; ++j) {
+                    acc += xa[j] * to_f(ad->B[t][(size_t)c * r + j]);
+                    mag += std::fabs(xa[j] * to_f(ad->B[t][(size_t)c * r + j]));
+                }
                 const double d = (double)ad->scale * acc, ref = to_f(y0[at]) + d;
                 // bf16 rounds to 8 significant bits (half an ulp: at most 2^-8 of |ref|); the f32 sums add
                 // ~1e-6 (a rounding just across a tie), a bug far more. The expand of LORA_EXPAND_RED=1
                 // rounds the product d to bf16 before adding it (as PEFT adds its bf16 LoRA output): another
                 // 2^-8 of |d|, for that form only.
-                const double bound = std::fabs(ref) / 256.0 + (LORA_RED ? std::fabs(d) / 256.0 : 0.0) + 2e-4;
+                // The prompt pair rounds t = x . A^T to bf16 (as PEFT keeps lora_A's output): 2^-8 of each
+                // term's magnitude at most, for that pair only.
+                const double bound = std::fabs(ref) / 256.0 + (LORA_RED ? std::fabs(d) / 256.0 : 0.0) +
+                                     (t_rounded ? ad->scale * mag / 256.0 : 0.0) + 2e-4;
                 const double err = std::fabs(to_f(y[at]) - ref);
                 worst = std::isnan(err) ? INFINITY : std::max(worst, err / bound);
             }
         }
     }
     const bool ok = worst <= 1.0 && untouched_bad == 0;
-    char form[32];
-    if (vx > 0)
-        snprintf(form, sizeof form, "vx rows %d", vx);
-    else
-        snprintf(form, sizeof form, "tiles %d", ct);
     printf("%-6s %-58s %s chunk %-5d %-10s err/bound %.3f, %d entries outside the pairs changed\n", ok ? "ok" : "FAIL",
-           what, tc ? "tc  " : "simt", kc, form, worst, untouched_bad);
+           what, pair, kc, form, worst, untouched_bad);
     if (!ok) bad++;
+}
+
+// The prompt pair (lora_shrink_pf2/4/8 + lora_expand_pf) on records of at most PF_ROWS rows cut from the
+// segments as make_lora_step cuts a prompt chunk's, at chunk kc (lora.rs `prompt_chunk`: about k / 8 in whole
+// 64-element pieces); y checked as run_case checks it. The intermediate starts as NaN.
+static void run_pf(const char* what, int n, int k, const Parts& P, const std::vector<Adapter>& ads,
+                   const std::vector<Seg>& segs, int kc, const std::vector<T>& x, const std::vector<T>& y0) {
+    int out = 0, col[3] = {0, 0, 0}, rmax = 0;
+    for (int p = 0; p < P.count; ++p) { col[p] = out; out += P.width[p]; }
+    std::vector<LoraRec> recs;
+    for (const Seg& s : segs) {
+        rmax = std::max(rmax, ads[s.adapter].rank);
+        for (int c = 0; c < s.len; c += PF_ROWS)
+            recs.push_back({(u64)(uintptr_t)ads[s.adapter].table.data(), s.start + c, std::min(PF_ROWS, s.len - c)});
+    }
+    const int nrec = recs.size(), ks = (k + kc - 1) / kc, pstride = P.count * n;
+    const int t0 = P.target[0], t1 = P.target[1], t2 = P.target[2];
+    std::vector<T> y = y0;
+    std::vector<float> tmp((size_t)ks * pstride * rmax, NAN);
+    for (int c = 0; c < ks; ++c)
+        for (int p = 0; p < P.count; ++p)
+            emu_launch(nrec, PF_WARPS * 32, [&] {
+                blockIdx.y = c; blockIdx.z = p;
+                if (rmax <= 16)
+                    lora_shrink_pf2(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
+                else if (rmax <= 32)
+                    lora_shrink_pf4(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
+                else
+                    lora_shrink_pf8(tmp.data(), x.data(), recs.data(), LAYER, t0, t1, t2, n, pstride, k, rmax, kc);
+            });
+    int groups[3] = {0, 0, 0};
+    for (int p = 0; p < P.count; ++p) groups[p] = (P.width[p] + PF_COLS - 1) / PF_COLS;
+    const int e1 = groups[0], e2 = groups[0] + groups[1], total = e2 + groups[2];
+    for (int gy = 0; gy < total; ++gy)
+        emu_launch(nrec, PF_WARPS * 32, [&] {
+            blockIdx.y = gy; blockIdx.z = 0;
+            lora_expand_pf(y.data(), tmp.data(), recs.data(), LAYER, t0, t1, t2, col[0], col[1], col[2], e1, e2, n,
+                           pstride, out, rmax, ks);
+        });
+    check(what, "pf  ", kc, "", n, k, P, ads, segs, x, y0, y, true);
+}
+
+// lora.rs `prompt_chunk`.
+static int prompt_chunk(int k) { return std::max(64, ((k + 7) / 8 + 63) / 64 * 64); }
+
+// Random x [n, k] and y [n, the parts' columns].
+static void make_inputs(int n, int k, const Parts& P, std::vector<T>& x, std::vector<T>& y0) {
+    int out = 0;
+    for (int p = 0; p < P.count; ++p) out += P.width[p];
+    x.resize((size_t)n * k);
+    y0.resize((size_t)n * out);
+    for (auto& v : x) v = from_f(uni(-1.f, 1.f));
+    for (auto& v : y0) v = from_f(uni(-0.5f, 0.5f));
 }
 
 static void run_all(const char* name, int n, int k, const Parts& P, const std::vector<std::pair<int, unsigned>>& specs,
                     const std::vector<Seg>& segs, const std::vector<int>& chunks) {
     const std::vector<Adapter> ads = make_adapters(k, specs);
-    std::vector<T> x((size_t)n * k);
-    int out = 0;
-    for (int p = 0; p < P.count; ++p) out += P.width[p];
-    std::vector<T> y0((size_t)n * out);
-    for (auto& v : x) v = from_f(uni(-1.f, 1.f));
-    for (auto& v : y0) v = from_f(uni(-0.5f, 0.5f));
+    std::vector<T> x, y0;
+    make_inputs(n, k, P, x, y0);
     char what[160];
     // The expand bgmv_expand_vx (the default) on records merged to at most 16 rows (the host's limit) and 4
     // (the shrink's records as they are), after the tensor-core shrink at its own chunk.
     snprintf(what, sizeof what, "ix, %d rows, in_dim %d, %s", n, k, name);
+#ifdef LORA_EMU_PF_ONLY  // a quicker build for work on the prompt pair: only the prompt cases
+    return;
+#endif
     for (int vx : {16, 4}) run_case(what, n, k, P, ads, segs, shrink_chunk_tc(k), 1, x, y0, true, vx);
 #ifdef LORA_EMU_VX_ONLY  // a quicker build for work on bgmv_expand_vx: only its runs above
     return;
@@ -263,10 +336,47 @@ static void run_all(const char* name, int n, int k, const Parts& P, const std::v
         if (kc <= k) run_case(what, n, k, P, ads, segs, kc, 3, x, y0, true);
 }
 
+// The prompt pair on one case: its own chunk (lora.rs `prompt_chunk`) and, where it is not, 64 (one stretch a
+// half, many chunks).
+static void pf_all(const char* name, int n, int k, const Parts& P, const std::vector<std::pair<int, unsigned>>& specs,
+                   const std::vector<Seg>& segs) {
+    const std::vector<Adapter> ads = make_adapters(k, specs);
+    std::vector<T> x, y0;
+    make_inputs(n, k, P, x, y0);
+    char what[160];
+    snprintf(what, sizeof what, "pf, %d rows, in_dim %d, %s", n, k, name);
+    run_pf(what, n, k, P, ads, segs, prompt_chunk(k), x, y0);
+    if (prompt_chunk(k) != 64) run_pf(what, n, k, P, ads, segs, 64, x, y0);
+}
+
+// The prompt pair's cases (run by the first build only: its kernels do not depend on LORA_EXPAND_RED).
+static void pf_cases(unsigned ALL, unsigned NO_K, const Parts& QKV, const Parts& O) {
+    // 150 rows: a 130-row segment (records of 64, 64, 2; rank 16), rows in none, a 15-row segment (rank 8, no
+    // k pair: its rows' k columns are kept).
+    pf_all("q/k/v, ranks 16 + 8 (no k), rows in none", 150, 4096, QKV, {{16, ALL}, {8, NO_K}}, {{0, 130, 0}, {135, 15, 1}});
+    // Largest rank 64 (pf8) and rank 4 (B's scalar loads); in_dim 4100: x and A not whole 16-byte vectors.
+    pf_all("o, ranks 64 + 4, in_dim not whole vectors", 80, 4100, O, {{64, ALL}, {4, ALL}}, {{0, 70, 0}, {72, 5, 1}});
+    // Largest rank 32 (pf4) with in_dim 1000 (chunks of 128; the last chunk's second half partial).
+    pf_all("q/k/v, ranks 32 + 8, in_dim 1000", 66, 1000, QKV, {{32, ALL}, {8, ALL}}, {{0, 66, 0}});
+    // Parts of 600 and 100 columns (groups that end inside a warp's and a lane's columns; y rows of 700: its
+    // scalar loads and stores), rank 12 (B's rows 8-byte aligned only every other row: scalar loads).
+    const int keep[LORA_TARGETS] = {width[0], width[1], width[2], width[3], width[4], width[5], width[6]};
+    width[0] = 600;
+    width[1] = 100;
+    const Parts ODD{"q/k", 2, {0, 1, 0}, {600, 100, 0}};
+    pf_all("q/k of 600/100 columns, ranks 12 + 16", 100, 512, ODD, {{12, ALL}, {16, ALL}}, {{0, 40, 0}, {40, 60, 1}});
+    std::copy(keep, keep + LORA_TARGETS, width);
+}
+
 int main() {
     printf("LORA_RED %d\n", LORA_RED);  // which expand form this build runs (lora_emulated.rs checks it)
     const unsigned ALL = 0x7f, NO_K = 0x7f & ~2u;
     const Parts QKV{"q/k/v", 3, {0, 1, 2}, {4096, 1024, 1024}}, O{"o", 1, {3, 0, 0}, {4096, 0, 0}};
+    if (!LORA_RED) pf_cases(ALL, NO_K, QKV, O);
+#ifdef LORA_EMU_PF_ONLY
+    printf(bad ? "FAIL %d\n" : "OK\n", bad);
+    return bad != 0;
+#endif
     // One row, rank 16, q/k/v at in_dim 4096: the host's chunk (1024: 4 chunks), two groups per chunk
     // (2048), a chunk that is not whole groups (1000: 5 chunks, the last of 96), the old pair.
     run_all("q/k/v, rank 16", 1, 4096, QKV, {{16, ALL}}, {{0, 1, 0}}, {shrink_chunk(4096), 2048, 1000, 0});

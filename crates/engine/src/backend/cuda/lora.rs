@@ -9,6 +9,10 @@
 //! A forward pass's per-step plan (`make_lora_step`, `lora_step_layer`) runs the `_ix` pair instead, whose
 //! shrink also cuts the input features into chunks ([`shrink_chunk`]) with one intermediate partial per
 //! chunk, summed by the expand (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier `_ix0` pair, for comparisons).
+//! In a pass of more than 256 rows the plan puts segments of more than 64 rows (prompt chunks) on the
+//! tensor-core prompt pair (`lora_shrink_pf*` + `lora_expand_pf`, records of 64 rows, the same partials);
+//! with it off (`LORAX_CUDA_LORA_PROMPT=gemm`) or in f32, such passes run layer by layer, prompt chunks as
+//! cuBLAS GEMMs.
 //!
 //! Planning (checks, uploads, allocations) and running (a memset and two launches) are separate, so a
 //! run can be captured in a CUDA graph and replayed (the benchmarks time kernels that way).
@@ -123,6 +127,30 @@ fn shrink_tc_kernel(rmax: usize) -> &'static str {
     }
 }
 
+/// The prompt pair on the tensor cores (kernels/lora.cu, `lora_shrink_pf*` + `lora_expand_pf`): rows of a
+/// record, warps of a block, and columns of one expand block (PF_ROWS, PF_WARPS, PF_COLS).
+const PF_ROWS: usize = 64;
+const PF_WARPS: u32 = 8;
+const PF_COLS: usize = 256;
+
+/// The k-chunk of `lora_shrink_pf*` for rows of `k` elements: about `k / BG_KSPLIT`, in whole 64-element
+/// pieces (each block's two halves are whole 32-element stretches): 4096 → 8 chunks of 512, 14336 → 8 of
+/// 1792, 1000 → 8 of 128. Fewer chunks would leave a prompt's few records too few blocks; more would make
+/// the expand sum more partials.
+fn prompt_chunk(k: usize) -> usize {
+    k.div_ceil(BG_KSPLIT).next_multiple_of(64).max(64)
+}
+
+/// `lora_shrink_pf2`, `_pf4` or `_pf8`: the prompt shrink whose 2, 4 or 8 tiles of 8 rank rows hold rank
+/// `rmax` (at most BG_RANK).
+fn prompt_shrink_kernel(rmax: usize) -> &'static str {
+    match rmax {
+        0..=16 => "lora_shrink_pf2",
+        17..=32 => "lora_shrink_pf4",
+        _ => "lora_shrink_pf8",
+    }
+}
+
 /// Segments of more rows than this run as cuBLAS GEMMs ([`CudaBackend::lora_gemm_segments`]; BGMV's
 /// limit, so that the rest of a mixed step's segments stay on BGMV).
 pub(super) const GEMM_MIN_ROWS: usize = BG_SPLIT_MAX;
@@ -175,8 +203,10 @@ struct LoraRec {
 
 impl super::Plain for LoraRec {}
 
-/// Largest forward pass (rows) the per-step plan takes: decode steps; prompts go to SGMV layer by layer.
-const STEP_MAX_ROWS: usize = 256;
+/// Largest forward pass (rows) whose plan runs every segment on the `_ix` pair (decode steps). A larger
+/// pass's plan cuts its segments of more than GEMM_MIN_ROWS rows (prompt chunks) into records of PF_ROWS
+/// rows for the tensor-core prompt pair, and the rest into `_ix` records as before.
+pub(super) const STEP_MAX_ROWS: usize = 256;
 
 /// The expand records of `bgmv_expand_vx`: consecutive records of `recs` (the shrink's, in order) that name
 /// the same index and continue each other's rows, merged while they stay within `max_rows` rows.
@@ -230,6 +260,9 @@ pub struct CudaLoraStep {
     layers: usize,
     /// Per target: (in features, columns) where some adapter of the step has it.
     dims: [Option<(usize, usize)>; NUM_TARGETS],
+    /// The prompt pair's records of at most PF_ROWS rows (`lora_shrink_pf*` + `lora_expand_pf`), where the
+    /// pass has prompt chunks; `records` is then 0 when no other segment has an adapter.
+    prompt: Option<(DevBuf, usize)>,
 }
 
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
@@ -297,13 +330,18 @@ impl CudaBackend {
         }))
     }
 
-    /// A decode-sized pass's plan (see [`CudaLoraStep`]); `None` sends it down the per-layer path: BGMV
-    /// off, more than STEP_MAX_ROWS rows, an adapter without an index, ranks above BG_RANK, or adapters
-    /// whose pairs for one target differ in shape.
+    /// A pass's plan (see [`CudaLoraStep`]): a decode-sized pass's segments in `_ix` records; a larger
+    /// pass's (more than STEP_MAX_ROWS rows) segments of more than GEMM_MIN_ROWS rows in prompt records,
+    /// the rest in `_ix` records. `None` sends it down the per-layer path: BGMV off, a larger pass with the
+    /// prompt pair off or f32 storage, an adapter without an index, ranks above BG_RANK, or adapters whose
+    /// pairs for one target differ in shape.
     pub(super) fn make_lora_step(&self, rows: usize, segments: &[LoraRows<'_, Self>]) -> Result<Option<CudaLoraStep>> {
-        if !self.lora_bgmv || rows > STEP_MAX_ROWS {
+        // A pass with prompt chunks: the tensor-core prompt pair for 16-bit storage, unless turned off.
+        let prompt = rows > self.lora_prompt_rows;
+        if !self.lora_bgmv || (prompt && !(self.lora_prompt_tc && self.dtype.size() == 2)) {
             return Ok(None);
         }
+        let mut pf: Vec<LoraRec> = Vec::new();
         let (mut rmax, mut layers) = (0, usize::MAX);
         let mut dims: [Option<(usize, usize)>; NUM_TARGETS] = [None; NUM_TARGETS];
         let mut recs: Vec<LoraRec> = Vec::with_capacity(rows.div_ceil(BG_ROWS) + segments.len());
@@ -326,6 +364,16 @@ impl CudaBackend {
             rmax = rmax.max(ix.max_rank);
             layers = layers.min(ix.layers);
             let index = self.ptr(&ix.table);
+            if prompt && seg.len > self.lora_prompt_segment {
+                for c in (0..seg.len).step_by(PF_ROWS) {
+                    pf.push(LoraRec {
+                        index,
+                        start: int("row", seg.start + c)?,
+                        len: int("rows", PF_ROWS.min(seg.len - c))?,
+                    });
+                }
+                continue;
+            }
             for c in (0..seg.len).step_by(BG_ROWS) {
                 recs.push(LoraRec {
                     index,
@@ -334,14 +382,23 @@ impl CudaBackend {
                 });
             }
         }
-        if recs.is_empty() || rmax > BG_RANK {
+        if (recs.is_empty() && pf.is_empty()) || rmax > BG_RANK {
             return Ok(None);
         }
+        let prompt = if pf.is_empty() {
+            None
+        } else {
+            Some((self.upload(&pf)?, pf.len()))
+        };
         // Padded with empty records to a power of two, so that a decode graph's grids stay the same while
-        // the batch's mix of adapters changes within that bound.
+        // the batch's mix of adapters changes within that bound (none when only prompt chunks have adapters).
         let adapter_rows = recs.iter().map(|r| r.len as usize).sum();
         let expand = self.lora_expand_vx.then(|| merge_records(&recs, self.lora_expand_rows));
-        let records = recs.len().next_power_of_two();
+        let records = if recs.is_empty() {
+            0
+        } else {
+            recs.len().next_power_of_two()
+        };
         recs.resize(records, LoraRec::default());
         if let Some(expand) = &expand {
             recs.extend_from_slice(expand);
@@ -356,6 +413,7 @@ impl CudaBackend {
             rmax,
             layers,
             dims,
+            prompt,
         }))
     }
 
@@ -411,8 +469,46 @@ impl CudaBackend {
             int("out features", out)?,
             int("rank", step.rmax)?,
         );
-        let (recs, parts) = (uint("records", step.records)?, uint("parts", used)?);
+        let parts = uint("parts", used)?;
         let (xp, yp, sp) = (self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&step.table));
+        // The launches the k-split shrinks (`_ix`, `_tc*`, `lora_shrink_pf*`) share, and those `bgmv_expand_vx` and
+        // `lora_expand_pf` share: the same parameters but for the intermediate, the records and the chunking.
+        let shrink_run = |name: &str, grid: LaunchConfig, tp: u64, table: u64, pstride: i32, kc: i32| -> Result<()> {
+            launch!(self, name, grid, &tp, &xp, &table, &li, t0, t1, t2, &ni, &pstride, &ki, &ri, &kc);
+            Ok(())
+        };
+        let expand_run =
+            |name: &str, grid: LaunchConfig, [tp, table]: [u64; 2], [e1, e2]: [i32; 2], pstride: i32, ks: i32| {
+                launch!(
+                    self, name, grid, &yp, &tp, &table, &li, t0, t1, t2, c0, c1, c2, &e1, &e2, &ni, &pstride, &oi, &ri,
+                    &ks
+                );
+                Ok::<(), EngineError>(())
+            };
+        if let Some((table, records)) = &step.prompt {
+            // The prompt pair: partials laid out as the `_ix` pair's, in an intermediate of their own.
+            let kc = prompt_chunk(k);
+            let chunks = k.div_ceil(kc);
+            let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
+            int("intermediate rows", chunks * used * n)?;
+            let (tp, pp) = (self.ptr(&tmp), self.ptr(table));
+            let (pstride, kci, ksi) = (
+                int("intermediate rows", used * n)?,
+                int("k chunk", kc)?,
+                int("k chunks", chunks)?,
+            );
+            let recs = uint("records", *records)?;
+            let shrink = cfg((recs, uint("k chunks", chunks)?, parts), PF_WARPS * 32, 0);
+            let [e1, e2, total] = expand_groups(&part_cols[..used], PF_COLS, 1);
+            let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
+            let expand = cfg((recs, uint("column groups", total)?, 1), PF_WARPS * 32, 0);
+            shrink_run(prompt_shrink_kernel(step.rmax), shrink, tp, pp, pstride, kci)?;
+            expand_run("lora_expand_pf", expand, [tp, pp], [e1, e2], pstride, ksi)?;
+        }
+        if step.records == 0 {
+            return Ok(());
+        }
+        let recs = uint("records", step.records)?;
         if !self.lora_ksplit {
             let tmp = self.bytes(used * n * step.rmax * 4)?;
             let tp = self.ptr(&tmp);
@@ -489,49 +585,11 @@ impl CudaBackend {
         let [e1, e2, total] = expand_groups(&part_cols[..used], tile, ct);
         let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
         let expand = cfg((recs, uint("column groups", total)?, 1), BG_EXPAND_THREADS, 0);
-        launch!(
-            self,
-            shrink_name,
-            shrink,
-            &tp,
-            &xp,
-            &sp,
-            &li,
-            t0,
-            t1,
-            t2,
-            &ni,
-            &pstride,
-            &ki,
-            &ri,
-            &kci
-        );
+        shrink_run(shrink_name, shrink, tp, sp, pstride, kci)?;
         if vx {
             // The expand records follow the shrink's in the table (16 bytes each).
             let ep = sp + 16 * step.records as u64;
-            launch!(
-                self,
-                "bgmv_expand_vx",
-                expand,
-                &yp,
-                &tp,
-                &ep,
-                &li,
-                t0,
-                t1,
-                t2,
-                c0,
-                c1,
-                c2,
-                &e1,
-                &e2,
-                &ni,
-                &pstride,
-                &oi,
-                &ri,
-                &ksi
-            );
-            return Ok(());
+            return expand_run("bgmv_expand_vx", expand, [tp, ep], [e1, e2], pstride, ksi);
         }
         let cti = int("tiles per block", ct)?;
         launch!(

@@ -416,6 +416,10 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "bgmv_expand_vx",
             "bgmv_shrink_ix0",
             "bgmv_expand_ix0",
+            "lora_shrink_pf2",
+            "lora_shrink_pf4",
+            "lora_shrink_pf8",
+            "lora_expand_pf",
         ],
     ),
     (
@@ -637,6 +641,14 @@ pub struct CudaBackend {
     /// LoRA segments longer than BGMV's limit (prompt chunks) as cuBLAS GEMMs, a shrink and an expand each,
     /// those of one shape in one batched call (`LORAX_CUDA_LORA_GEMM=0`: on SGMV with the rest).
     lora_gemm: bool,
+    /// A pass's prompt chunks (segments of more than 64 rows in a pass of more than 256) on the tensor-core
+    /// prompt pair `lora_shrink_pf*` + `lora_expand_pf` with the rest of its plan, for 16-bit storage (the
+    /// default, `LORAX_CUDA_LORA_PROMPT=tc`; `gemm`: layer by layer, as cuBLAS GEMMs, as f32 always runs).
+    lora_prompt_tc: bool,
+    /// Passes of more than this many rows take the prompt pair for their segments of more than
+    /// `lora_prompt_segment` rows (256 and 64; tests lower them to run every segment on it).
+    lora_prompt_rows: usize,
+    lora_prompt_segment: usize,
     /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
     /// `_ix0` pair, for comparisons).
     lora_ksplit: bool,
@@ -1267,6 +1279,17 @@ impl CudaBackend {
             lora_bgmv: std::env::var("LORAX_CUDA_BGMV").map_or(true, |v| v != "0"),
             lora_gemm: std::env::var("LORAX_CUDA_LORA_GEMM").map_or(true, |v| v != "0"),
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
+            lora_prompt_rows: lora::STEP_MAX_ROWS,
+            lora_prompt_segment: lora::GEMM_MIN_ROWS,
+            lora_prompt_tc: match std::env::var("LORAX_CUDA_LORA_PROMPT").as_deref() {
+                Err(_) | Ok("tc") => true,
+                Ok("gemm") => false,
+                Ok(other) => {
+                    return Err(EngineError::Backend(format!(
+                        "LORAX_CUDA_LORA_PROMPT={other:?}: expected tc or gemm"
+                    )))
+                }
+            },
             lora_shrink_tc: tc_or_simt("LORAX_CUDA_LORA_SHRINK")?,
             lora_expand_tiles: match std::env::var("LORAX_CUDA_LORA_EXPAND_TILES").as_deref() {
                 Err(_) | Ok("auto") => None,
@@ -1375,6 +1398,19 @@ impl CudaBackend {
     /// `bgmv_expand_ix` (for tests and comparisons).
     pub fn set_lora_expand_vx(&mut self, on: bool) {
         self.lora_expand_vx = on;
+    }
+
+    /// A pass's prompt chunks on the tensor-core prompt pair (default, 16-bit storage) or layer by layer as
+    /// cuBLAS GEMMs (as `LORAX_CUDA_LORA_PROMPT=gemm`; for tests and comparisons).
+    pub fn set_lora_prompt_tc(&mut self, on: bool) {
+        self.lora_prompt_tc = on;
+    }
+
+    /// Passes of more than `rows` rows run their segments of more than `segment` rows on the prompt pair
+    /// (defaults 256 and 64; `(0, 0)`: every segment of every pass, for tests against peft).
+    pub fn set_lora_prompt_limits(&mut self, rows: usize, segment: usize) {
+        self.lora_prompt_rows = rows;
+        self.lora_prompt_segment = segment;
     }
 
     /// LoRA segments of more than 64 rows as cuBLAS GEMMs (default) or with the other segments on
