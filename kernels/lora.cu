@@ -980,18 +980,21 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 2)
 //     tmp[((c * parts + p) * n + row) * rmax + j].
 // lora_expand_pf: grid (record, column group), PF_WARPS warps; a group is PF_COLS columns of one part (the
 //   parts' groups end to end along y, lora.rs `expand_groups` with tiles of PF_COLS and ct 1). The block sums
-//   its rows' partials in chunk order and rounds t to the storage type (as PEFT keeps lora_A's output, and as
-//   cuBLAS's prompt path did) into shared memory. Warp w then takes rows 16 (w % 4) .. + 15 and columns
+//   its rows' partials in chunk order into shared memory as t = hi + lo, two values of the storage type (t's
+//   precision near f32's, as the `_ix` pair keeps it; rounding t to bf16 alone, as cuBLAS's prompt path did,
+//   failed golden's rsLoRA adapter, whose scales reach 16), and each k-step runs one product with each. Warp w then takes rows 16 (w % 4) .. + 15 and columns
 //   128 (w / 4) .. + 127 of the group as 16 n-tiles: tile nt's column n is 32 (n / 2) + 2 nt + n % 2, so that
 //   lane t's outputs are the 32 consecutive columns 32 t .. 32 t + 31 of its two rows, four 16-byte loads and
 //   stores of y each. Per k-step of 16 rank indices, lane t's slots 2t, 2t + 1 / 2t + 8, 2t + 9 hold rank
-//   indices 4t, 4t + 1 / 4t + 2, 4t + 3: one 8-byte load of B[col][16 ks + 4t ..] and one of t's row.
+//   indices 4t, 4t + 1 / 4t + 2, 4t + 3: one 8-byte load of B[col][16 ks + 4t ..] and two of each t row.
 //   y = y + scale * D, rounded once. Rank indices past the pair's rank are zeros in both operands.
 // Sums run in a fixed order, so results do not depend on scheduling.
 #define PF_ROWS 64
 #define PF_WARPS 8
 #define PF_COLS 256
 #define PF_LDT 72  // t's shared row stride in elements (64 rank indices + 8)
+#define PF_SQ 4  // entries of t each thread of lora_expand_pf sums at a time
+#define PF_SC 8  // partials of each it loads before adding
 #ifndef PF_EXPAND_MINB
 #define PF_EXPAND_MINB 1  // lora_expand_pf's blocks per multiprocessor (launch bounds)
 #endif
@@ -1089,8 +1092,10 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
     lora_expand_pf(T* __restrict__ y, const float* __restrict__ tmp, const LoraRec* __restrict__ recs, int layer,
                    int t0, int t1, int t2, int c0, int c1, int c2, int e1, int e2, int n, int pstride, int out_dim,
                    int rmax, int ks) {
-    __shared__ u32 ts_w[PF_ROWS * PF_LDT / 2];  // words, so that t's rows are read a word at a time
-    T(*ts)[PF_LDT] = reinterpret_cast<T(*)[PF_LDT]>(ts_w);
+    // t's high and low parts, as words, so that their rows are read a word at a time.
+    __shared__ u32 ts_w[2][PF_ROWS * PF_LDT / 2];
+    T(*ts)[PF_LDT] = reinterpret_cast<T(*)[PF_LDT]>(ts_w[0]);
+    T(*tl)[PF_LDT] = reinterpret_cast<T(*)[PF_LDT]>(ts_w[1]);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int rg = warp % 4, ch = warp / 4;
     const int gy = blockIdx.y;
@@ -1103,15 +1108,40 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
     pdl_enter();
     if (ref.a == 0 || first >= ref.cols) return;  // the whole block
     const int r = min(ref.rank, 64), rk = (r + 15) / 16 * 16, rows = min(rc.len, PF_ROWS);
-    // t[i][j] = the partials' sum in chunk order, rounded; zeros past the rank (to rk) and the rows.
-    for (int f = threadIdx.x; f < PF_ROWS * rk; f += blockDim.x) {
-        const int i = f / rk, j = f - i * rk;
-        float s = 0.f;
-        if (i < rows && j < r) {
-            const float* src = tmp + ((u64)p * n + rc.start + i) * rmax + j;
-            for (int c = 0; c < ks; ++c) s += src[(u64)c * pstride * rmax];
+    // t[i][j] = the partials' sum in chunk order, as two values of the storage type, hi = t rounded and lo =
+    // t - hi rounded (about 16 significant bits: t keeps nearly f32's precision, as the `_ix` pair keeps it);
+    // zeros past the rank (to rk) and the rows. Each thread takes PF_SQ entries and loads PF_SC partials of
+    // each before adding any, so that its loads are in flight together.
+    const u64 cstride = (u64)pstride * rmax;
+    for (int f0 = threadIdx.x; f0 < PF_ROWS * rk; f0 += PF_SQ * PF_WARPS * 32) {
+        const float* src[PF_SQ];
+        float sum[PF_SQ];
+#pragma unroll
+        for (int q = 0; q < PF_SQ; ++q) {
+            const int f = f0 + q * PF_WARPS * 32, i = f / rk, j = f - i * rk;
+            src[q] = f < PF_ROWS * rk && i < rows && j < r ? tmp + ((u64)p * n + rc.start + i) * rmax + j : nullptr;
+            sum[q] = 0.f;
         }
-        ts[i][j] = from_f(s);
+        for (int c0 = 0; c0 < ks; c0 += PF_SC) {
+            float v[PF_SQ][PF_SC];
+#pragma unroll
+            for (int q = 0; q < PF_SQ; ++q)
+#pragma unroll
+                for (int c = 0; c < PF_SC; ++c) v[q][c] = src[q] && c0 + c < ks ? src[q][(c0 + c) * cstride] : 0.f;
+#pragma unroll
+            for (int q = 0; q < PF_SQ; ++q)
+#pragma unroll
+                for (int c = 0; c < PF_SC; ++c) sum[q] += v[q][c];
+        }
+#pragma unroll
+        for (int q = 0; q < PF_SQ; ++q) {
+            const int f = f0 + q * PF_WARPS * 32, i = f / rk, j = f - i * rk;
+            if (f < PF_ROWS * rk) {
+                const T hi = from_f(sum[q]);
+                ts[i][j] = hi;
+                tl[i][j] = from_f(sum[q] - to_f(hi));
+            }
+        }
     }
     __syncthreads();
     const int wrows = rows - 16 * rg;
@@ -1136,10 +1166,16 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
     for (int nt = 0; nt < 16; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
     for (int k = 0; k < rk; k += 16) {
         const int j = k + 4 * t;
-        const T* tr = &ts[16 * rg + g][j];
-        const T* tr8 = &ts[16 * rg + g + 8][j];
-        const u32 a[4] = {*reinterpret_cast<const u32*>(tr), *reinterpret_cast<const u32*>(tr8),
-                          *reinterpret_cast<const u32*>(tr + 2), *reinterpret_cast<const u32*>(tr8 + 2)};
+        u32 a[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const T* tr = h == 0 ? &ts[16 * rg + g][j] : &tl[16 * rg + g][j];
+            const T* tr8 = tr + 8 * PF_LDT;
+            a[h][0] = *reinterpret_cast<const u32*>(tr);
+            a[h][1] = *reinterpret_cast<const u32*>(tr8);
+            a[h][2] = *reinterpret_cast<const u32*>(tr + 2);
+            a[h][3] = *reinterpret_cast<const u32*>(tr8 + 2);
+        }
 #pragma unroll
         for (int nt = 0; nt < 16; ++nt) {
             const int col = cw + 32 * (g / 2) + 2 * nt + g % 2;  // n-tile nt's column g, in the part
@@ -1155,7 +1191,8 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
                     b[1] = pack(j + 2 < r ? br[2] : (T)0, j + 3 < r ? br[3] : (T)0);
                 }
             }
-            mma_16816(acc[nt], a, b);
+            mma_16816(acc[nt], a[0], b);
+            mma_16816(acc[nt], a[1], b);
         }
     }
     // acc[nt] = {D[g][32t + 2nt], D[g][32t + 2nt + 1], D[g + 8][same two]}: lane t's elements 2nt, 2nt + 1.

@@ -133,12 +133,17 @@ const PF_ROWS: usize = 64;
 const PF_WARPS: u32 = 8;
 const PF_COLS: usize = 256;
 
-/// The k-chunk of `lora_shrink_pf*` for rows of `k` elements: about `k / BG_KSPLIT`, in whole 64-element
-/// pieces (each block's two halves are whole 32-element stretches): 4096 → 8 chunks of 512, 14336 → 8 of
-/// 1792, 1000 → 8 of 128. Fewer chunks would leave a prompt's few records too few blocks; more would make
-/// the expand sum more partials.
-fn prompt_chunk(k: usize) -> usize {
-    k.div_ceil(BG_KSPLIT).next_multiple_of(64).max(64)
+/// Most k-chunks (partials) of `lora_shrink_pf*`, which each block of `lora_expand_pf` sums.
+const PF_MAX_CHUNKS: usize = 16;
+
+/// The k-chunk of `lora_shrink_pf*` for rows of `k` elements when a chunk has `blocks` blocks (records ×
+/// parts), on `sms` multiprocessors: as many chunks as make two blocks a multiprocessor, at least BG_KSPLIT
+/// and at most PF_MAX_CHUNKS, each whole 64-element pieces (a block's two halves are whole 32-element
+/// stretches). A 512-row prompt's q/k/v (8 records × 3 parts) on 132 multiprocessors: 4096 → 11 chunks of
+/// 384; its o (8 × 1): 16 of 256.
+fn prompt_chunk(k: usize, blocks: usize, sms: usize) -> usize {
+    let chunks = (2 * sms).div_ceil(blocks.max(1)).clamp(BG_KSPLIT, PF_MAX_CHUNKS);
+    k.div_ceil(chunks).next_multiple_of(64).max(64)
 }
 
 /// `lora_shrink_pf2`, `_pf4` or `_pf8`: the prompt shrink whose 2, 4 or 8 tiles of 8 rank rows hold rank
@@ -487,7 +492,7 @@ impl CudaBackend {
             };
         if let Some((table, records)) = &step.prompt {
             // The prompt pair: partials laid out as the `_ix` pair's, in an intermediate of their own.
-            let kc = prompt_chunk(k);
+            let kc = prompt_chunk(k, records * used, self.num_sms);
             let chunks = k.div_ceil(kc);
             let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
             int("intermediate rows", chunks * used * n)?;
@@ -912,8 +917,8 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::{
-        expand_groups, expand_tiles, expand_vx_cols, expand_vx_fits, merge_records, shrink_chunk, LoraRec,
-        BG_EXPAND_THREADS, EXPAND_TILE,
+        expand_groups, expand_tiles, expand_vx_cols, expand_vx_fits, merge_records, prompt_chunk, shrink_chunk,
+        LoraRec, BG_EXPAND_THREADS, EXPAND_TILE, PF_MAX_CHUNKS,
     };
 
     /// The expand's groups, walked as kernels/lora.cu `bgmv_expand_ix` walks them (part from y against e1
@@ -973,6 +978,26 @@ mod tests {
             "first column and width"
         );
         assert!(!expand_vx_fits(2, 1536, 8, &[0], &[1534]), "width");
+    }
+
+    /// The prompt shrink's chunks: whole 64-element pieces, 8 to 16 of them (never more: the expand sums
+    /// at most PF_MAX_CHUNKS partials), as many as give two blocks a multiprocessor.
+    #[test]
+    fn prompt_chunks_fill_the_device_within_their_bounds() {
+        assert_eq!(prompt_chunk(4096, 24, 132), 384);
+        assert_eq!(prompt_chunk(4096, 8, 132), 256);
+        assert_eq!(prompt_chunk(4096, 1000, 132), 512);
+        assert_eq!(prompt_chunk(14336, 8, 132), 896);
+        assert_eq!(prompt_chunk(100, 8, 132), 64);
+        for k in [64, 100, 1000, 4096, 4100, 14336] {
+            for blocks in [1, 3, 8, 24, 64, 4000] {
+                let kc = prompt_chunk(k, blocks, 132);
+                assert!(
+                    kc % 64 == 0 && k.div_ceil(kc) <= PF_MAX_CHUNKS,
+                    "k {k}, {blocks} blocks: {kc}"
+                );
+            }
+        }
     }
 
     /// A whole wave of blocks at least (3 a multiprocessor), at most 8 tiles a block.
