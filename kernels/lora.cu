@@ -975,17 +975,20 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 2)
 //   stretches of 32 elements: lane (g, t) loads 8 consecutive elements (one 16-byte vector) at 8 t of x's rows g
 //   and g + 8 and of A's rank rows 8 m + g, and words 0-1 feed one mma.sync m16n8k16 (D[row][j] += x[row][k] .
 //   A[j][k]), words 2-3 the next: any assignment of k to a product's slots sums the same k, as long as both
-//   operands agree (bgmv_shrink_tc does the same with the operands the other way round). The two halves'
+//   operands agree (bgmv_shrink_tc does the same with the operands the other way round). A's first vectors
+//   are loaded before pdl_wait (no kernel writes weights, records or indexes). The two halves'
 //   sums meet in shared memory, added in half order, and each (chunk, part, row, j < rank) is written once:
 //     tmp[((c * parts + p) * n + row) * rmax + j].
 // lora_expand_pf: grid (record, column group), PF_WARPS warps; a group is PF_COLS columns of one part (the
 //   parts' groups end to end along y, lora.rs `expand_groups` with tiles of PF_COLS and ct 1). The block sums
 //   its rows' partials in chunk order into shared memory as t = hi + lo, two values of the storage type (t's
 //   precision near f32's, as the `_ix` pair keeps it; rounding t to bf16 alone, as cuBLAS's prompt path did,
-//   failed golden's rsLoRA adapter, whose scales reach 16), and each k-step runs one product with each. Warp w then takes rows 16 (w % 4) .. + 15 and columns
-//   128 (w / 4) .. + 127 of the group as 16 n-tiles: tile nt's column n is 32 (n / 2) + 2 nt + n % 2, so that
-//   lane t's outputs are the 32 consecutive columns 32 t .. 32 t + 31 of its two rows, four 16-byte loads and
-//   stores of y each. Per k-step of 16 rank indices, lane t's slots 2t, 2t + 1 / 2t + 8, 2t + 9 hold rank
+//   failed golden's rsLoRA adapter, whose scales reach 16), and each k-step runs one product with each.
+//   Warp w then takes rows 16 (w % 4) .. + 15 and columns 128 (w / 4) .. + 127 of the group, in two passes of
+//   64 columns as 8 n-tiles: tile nt's column n is 16 (n / 2) + 2 nt + n % 2 of the pass, so that lane t's
+//   outputs are the 16 consecutive columns 16 t .. 16 t + 15 of its two rows, two 16-byte loads and stores of
+//   y each (call 3 of session 35: one pass of 128 columns took 180 registers, one block a multiprocessor, and
+//   was bound by its instructions' latency). Per k-step of 16 rank indices, lane t's slots 2t, 2t + 1 / 2t + 8, 2t + 9 hold rank
 //   indices 4t, 4t + 1 / 4t + 2, 4t + 3: one 8-byte load of B[col][16 ks + 4t ..] and two of each t row.
 //   y = y + scale * D, rounded once. Rank indices past the pair's rank are zeros in both operands.
 // Sums run in a fixed order, so results do not depend on scheduling.
@@ -1013,33 +1016,41 @@ __device__ __forceinline__ void lora_shrink_pf(float* __restrict__ tmp, const T*
     u64 a_addr = 0;
     // The host picks NT for the step's largest rank; the bound only keeps a wrong pick inside `red`.
     const int r = min(lora_rec_a(rc, layer, part_of(p, t0, t1, t2), k0, in_dim, &a_addr), NT * 8);
-    pdl_enter();
-    if (r == 0) return;  // the whole block
     const int rows = min(rc.len, PF_ROWS) - 16 * rg;  // this warp's rows (none when <= 0)
     const int kh = kc / 2;  // a half (the host's chunks are whole 64-element pairs of stretches)
     const int kl = min(kc, in_dim - k0) - half * kh;  // elements of the chunk from this half's first
     const int hl = min(kh, kl);
     const bool vec = in_dim % VEC == 0 && kc % (2 * VEC) == 0;
     const T* A = reinterpret_cast<const T*>(a_addr) + half * kh;
+    const u32x4 zero{0u, 0u, 0u, 0u};
+    // A's vectors of the SIF stretches from s0 (zeros past the rank and the half).
+    u32x4 av[SIF][NT];
+    auto load_a = [&](int s0) {
+#pragma unroll
+        for (int s = 0; s < SIF; ++s)
+#pragma unroll
+            for (int m = 0; m < NT; ++m) {
+                const int j = 8 * m + g, off = s0 + 32 * s + 8 * t;
+                av[s][m] = j < r ? lora_ld8(A + (u64)j * in_dim + off, hl - off, vec, true) : zero;
+            }
+    };
+    if (r > 0 && rows > 0) load_a(0);  // weights: before waiting for the kernels ahead
+    pdl_enter();
+    if (r == 0) return;  // the whole block
     const T* x0 = x + (u64)(rc.start + 16 * rg + g) * in_dim + k0 + half * kh;
     const T* x8 = x0 + (u64)8 * in_dim;
-    const u32x4 zero{0u, 0u, 0u, 0u};
     float c[NT][4];
 #pragma unroll
     for (int m = 0; m < NT; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.f;
     if (rows > 0) {
         for (int s0 = 0; s0 < hl; s0 += 32 * SIF) {
-            u32x4 xa[SIF], xb[SIF], av[SIF][NT];
+            if (s0 > 0) load_a(s0);
+            u32x4 xa[SIF], xb[SIF];
 #pragma unroll
             for (int s = 0; s < SIF; ++s) {
                 const int off = s0 + 32 * s + 8 * t, left = hl - off;
                 xa[s] = g < rows ? lora_ld8(x0 + off, left, vec, false) : zero;
                 xb[s] = g + 8 < rows ? lora_ld8(x8 + off, left, vec, false) : zero;
-#pragma unroll
-                for (int m = 0; m < NT; ++m) {
-                    const int j = 8 * m + g;
-                    av[s][m] = j < r ? lora_ld8(A + (u64)j * in_dim + off, left, vec, true) : zero;
-                }
             }
 #pragma unroll
             for (int s = 0; s < SIF; ++s)
@@ -1145,69 +1156,82 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
     }
     __syncthreads();
     const int wrows = rows - 16 * rg;
-    const int cw = first + 128 * ch;  // the warp's first column in the part
-    if (wrows <= 0 || cw >= ref.cols) return;
+    if (wrows <= 0) return;
     const int cp = part_of(p, c0, c1, c2);
-    const int left = ref.cols - cw - 32 * t;  // this lane's columns left in the part from its first
-    const bool yvec = out_dim % VEC == 0 && (cp + cw) % VEC == 0 && (u64)y % 16 == 0;
-    T* y0 = y + (u64)(rc.start + 16 * rg + g) * out_dim + cp + cw + 32 * t;
-    T* y8 = y0 + (u64)8 * out_dim;
-    const u32x4 zero{0u, 0u, 0u, 0u};
-    u32x4 ya[4], yb[4];
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {
-        ya[v] = g < wrows ? lora_ld8(y0 + 8 * v, left - 8 * v, yvec, false) : zero;
-        yb[v] = g + 8 < wrows ? lora_ld8(y8 + 8 * v, left - 8 * v, yvec, false) : zero;
-    }
     const T* B = reinterpret_cast<const T*>(ref.b);
     const bool bvec = r % 4 == 0 && ref.b % 8 == 0;  // 8-byte loads of B's rows (16-bit elements)
-    float acc[16][4];
+    const u32x4 zero{0u, 0u, 0u, 0u};
+    // The warp's 128 columns in two passes of 64 (a loop, so that one pass's registers serve both and more
+    // blocks fit on a multiprocessor).
+#pragma unroll 1
+    for (int pass = 0; pass < 2; ++pass) {
+        const int cw = first + 128 * ch + 64 * pass;  // the pass's first column in the part
+        if (cw >= ref.cols) return;
+        const int left = ref.cols - cw - 16 * t;  // this lane's columns left in the part from its first
+        const bool yvec = out_dim % VEC == 0 && (cp + cw) % VEC == 0 && (u64)y % 16 == 0;
+        T* y0 = y + (u64)(rc.start + 16 * rg + g) * out_dim + cp + cw + 16 * t;
+        T* y8 = y0 + (u64)8 * out_dim;
+        u32x4 ya[2], yb[2];
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-    for (int k = 0; k < rk; k += 16) {
-        const int j = k + 4 * t;
-        u32 a[2][4];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const T* tr = h == 0 ? &ts[16 * rg + g][j] : &tl[16 * rg + g][j];
-            const T* tr8 = tr + 8 * PF_LDT;
-            a[h][0] = *reinterpret_cast<const u32*>(tr);
-            a[h][1] = *reinterpret_cast<const u32*>(tr8);
-            a[h][2] = *reinterpret_cast<const u32*>(tr + 2);
-            a[h][3] = *reinterpret_cast<const u32*>(tr8 + 2);
+        for (int v = 0; v < 2; ++v) {
+            ya[v] = g < wrows ? lora_ld8(y0 + 8 * v, left - 8 * v, yvec, false) : zero;
+            yb[v] = g + 8 < wrows ? lora_ld8(y8 + 8 * v, left - 8 * v, yvec, false) : zero;
         }
+        float acc[8][4];
 #pragma unroll
-        for (int nt = 0; nt < 16; ++nt) {
-            const int col = cw + 32 * (g / 2) + 2 * nt + g % 2;  // n-tile nt's column g, in the part
-            u32 b[2] = {0u, 0u};
-            if (col < ref.cols && j < r) {
-                const T* br = B + (u64)col * r + j;
-                if (bvec) {
-                    const u32x2 w = *reinterpret_cast<const u32x2*>(br);
-                    b[0] = w.x;
-                    b[1] = w.y;
-                } else {
-                    b[0] = pack(br[0], j + 1 < r ? br[1] : (T)0);
-                    b[1] = pack(j + 2 < r ? br[2] : (T)0, j + 3 < r ? br[3] : (T)0);
+        for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+        for (int k = 0; k < rk; k += 16) {
+            const int j = k + 4 * t;
+            u32 a[2][4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const T* tr = h == 0 ? &ts[16 * rg + g][j] : &tl[16 * rg + g][j];
+                const T* tr8 = tr + 8 * PF_LDT;
+                a[h][0] = *reinterpret_cast<const u32*>(tr);
+                a[h][1] = *reinterpret_cast<const u32*>(tr8);
+                a[h][2] = *reinterpret_cast<const u32*>(tr + 2);
+                a[h][3] = *reinterpret_cast<const u32*>(tr8 + 2);
+            }
+            u32 b[8][2];
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                const int col = cw + 16 * (g / 2) + 2 * nt + g % 2;  // n-tile nt's column g, in the part
+                b[nt][0] = b[nt][1] = 0u;
+                if (col < ref.cols && j < r) {
+                    const T* br = B + (u64)col * r + j;
+                    if (bvec) {
+                        const u32x2 w = *reinterpret_cast<const u32x2*>(br);
+                        b[nt][0] = w.x;
+                        b[nt][1] = w.y;
+                    } else {
+                        b[nt][0] = pack(br[0], j + 1 < r ? br[1] : (T)0);
+                        b[nt][1] = pack(j + 2 < r ? br[2] : (T)0, j + 3 < r ? br[3] : (T)0);
+                    }
                 }
             }
-            mma_16816(acc[nt], a[0], b);
-            mma_16816(acc[nt], a[1], b);
-        }
-    }
-    // acc[nt] = {D[g][32t + 2nt], D[g][32t + 2nt + 1], D[g + 8][same two]}: lane t's elements 2nt, 2nt + 1.
 #pragma unroll
-    for (int v = 0; v < 4; ++v) {
-        T* ea = reinterpret_cast<T*>(&ya[v]);
-        T* eb = reinterpret_cast<T*>(&yb[v]);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const int nt = 4 * v + e / 2;
-            ea[e] = from_f(to_f(ea[e]) + ref.scale * acc[nt][e % 2]);
-            eb[e] = from_f(to_f(eb[e]) + ref.scale * acc[nt][2 + e % 2]);
+            for (int nt = 0; nt < 8; ++nt) {
+                mma_16816(acc[nt], a[0], b[nt]);
+                mma_16816(acc[nt], a[1], b[nt]);
+            }
         }
-        if (g < wrows) lora_st8(y0 + 8 * v, ya[v], left - 8 * v, yvec);
-        if (g + 8 < wrows) lora_st8(y8 + 8 * v, yb[v], left - 8 * v, yvec);
+        // acc[nt] = {D[g][16t + 2nt], D[g][16t + 2nt + 1], D[g + 8][same two]}: lane t's elements 2nt and
+        // 2nt + 1, word nt % 4 of its vector nt / 4; each pair rounded by one pack_f.
+#pragma unroll
+        for (int v = 0; v < 2; ++v) {
+            u32* wa = reinterpret_cast<u32*>(&ya[v]);
+            u32* wb = reinterpret_cast<u32*>(&yb[v]);
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                const float* d = acc[4 * v + w];
+                wa[w] = pack_f(to_f((T)(wa[w] & 0xffffu)) + ref.scale * d[0],
+                               to_f((T)(wa[w] >> 16)) + ref.scale * d[1]);
+                wb[w] = pack_f(to_f((T)(wb[w] & 0xffffu)) + ref.scale * d[2],
+                               to_f((T)(wb[w] >> 16)) + ref.scale * d[3]);
+            }
+            if (g < wrows) lora_st8(y0 + 8 * v, ya[v], left - 8 * v, yvec);
+            if (g + 8 < wrows) lora_st8(y8 + 8 * v, yb[v], left - 8 * v, yvec);
+        }
     }
 }
 
