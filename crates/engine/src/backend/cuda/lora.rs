@@ -993,7 +993,7 @@ mod tests {
             for blocks in [1, 3, 8, 24, 64, 4000] {
                 let kc = prompt_chunk(k, blocks, 132);
                 assert!(
-                    kc % 64 == 0 && k.div_ceil(kc) <= PF_MAX_CHUNKS,
+                    kc.is_multiple_of(64) && k.div_ceil(kc) <= PF_MAX_CHUNKS,
                     "k {k}, {blocks} blocks: {kc}"
                 );
             }
