@@ -988,8 +988,7 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 2)
 //   64 columns as 8 n-tiles: tile nt's column n is 16 (n / 2) + 2 nt + n % 2 of the pass, so that lane t's
 //   outputs are the 16 consecutive columns 16 t .. 16 t + 15 of its two rows, two 16-byte loads and stores of
 //   y each (call 3 of session 35: one pass of 128 columns took 180 registers, one block a multiprocessor, and
-//   was bound by its instructions' latency). The first pass's loads of y and B are issued before the
-//   partials' sums, whose round trips they share. Per k-step of 16 rank indices, lane t's slots 2t, 2t + 1 / 2t + 8, 2t + 9 hold rank
+//   was bound by its instructions' latency). Per k-step of 16 rank indices, lane t's slots 2t, 2t + 1 / 2t + 8, 2t + 9 hold rank
 //   indices 4t, 4t + 1 / 4t + 2, 4t + 3: one 8-byte load of B[col][16 ks + 4t ..] and two of each t row.
 //   y = y + scale * D, rounded once. Rank indices past the pair's rank are zeros in both operands.
 // Sums run in a fixed order, so results do not depend on scheduling.
@@ -1120,51 +1119,6 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
     pdl_enter();
     if (ref.a == 0 || first >= ref.cols) return;  // the whole block
     const int r = min(ref.rank, 64), rk = (r + 15) / 16 * 16, rows = min(rc.len, PF_ROWS);
-    const int wrows = rows - 16 * rg;  // this warp's rows (none when <= 0)
-    const int cp = part_of(p, c0, c1, c2);
-    const T* B = reinterpret_cast<const T*>(ref.b);
-    const bool bvec = r % 4 == 0 && ref.b % 8 == 0;  // 8-byte loads of B's rows (16-bit elements)
-    const u32x4 zero{0u, 0u, 0u, 0u};
-    // A pass's y (lane t's 16 columns of rows g and g + 8) and its B fragments of the k-step from rank index k.
-    u32x4 ya[2], yb[2];
-    u32 b[8][2];
-    auto pass_col = [&](int pass) { return first + 128 * ch + 64 * pass; };  // the pass's first column
-    auto y_at = [&](int pass) { return y + (u64)(rc.start + 16 * rg + g) * out_dim + cp + pass_col(pass) + 16 * t; };
-    auto y_vec = [&](int pass) { return out_dim % VEC == 0 && (cp + pass_col(pass)) % VEC == 0 && (u64)y % 16 == 0; };
-    auto load_y = [&](int pass) {
-        const int left = ref.cols - pass_col(pass) - 16 * t;
-        const T* y0 = y_at(pass);
-#pragma unroll
-        for (int v = 0; v < 2; ++v) {
-            ya[v] = g < wrows ? lora_ld8(y0 + 8 * v, left - 8 * v, y_vec(pass), false) : zero;
-            yb[v] = g + 8 < wrows ? lora_ld8(y0 + (u64)8 * out_dim + 8 * v, left - 8 * v, y_vec(pass), false) : zero;
-        }
-    };
-    auto load_b = [&](int pass, int k) {
-        const int j = k + 4 * t;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            const int col = pass_col(pass) + 16 * (g / 2) + 2 * nt + g % 2;  // n-tile nt's column g, in the part
-            b[nt][0] = b[nt][1] = 0u;
-            if (col < ref.cols && j < r) {
-                const T* br = B + (u64)col * r + j;
-                if (bvec) {
-                    const u32x2 w = *reinterpret_cast<const u32x2*>(br);
-                    b[nt][0] = w.x;
-                    b[nt][1] = w.y;
-                } else {
-                    b[nt][0] = pack(br[0], j + 1 < r ? br[1] : (T)0);
-                    b[nt][1] = pack(j + 2 < r ? br[2] : (T)0, j + 3 < r ? br[3] : (T)0);
-                }
-            }
-        }
-    };
-    // The first pass's y and B are in flight while the block sums t (they do not need it).
-    const bool active = wrows > 0 && pass_col(0) < ref.cols;
-    if (active) {
-        load_y(0);
-        load_b(0, 0);
-    }
     // t[i][j] = the partials' sum in chunk order, as two values of the storage type, hi = t rounded and lo =
     // t - hi rounded (about 16 significant bits: t keeps nearly f32's precision, as the `_ix` pair keeps it);
     // zeros past the rank (to rk) and the rows. Each thread takes PF_SQ entries and loads PF_SC partials of
@@ -1201,21 +1155,32 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
         }
     }
     __syncthreads();
-    if (!active) return;
+    const int wrows = rows - 16 * rg;
+    if (wrows <= 0) return;
+    const int cp = part_of(p, c0, c1, c2);
+    const T* B = reinterpret_cast<const T*>(ref.b);
+    const bool bvec = r % 4 == 0 && ref.b % 8 == 0;  // 8-byte loads of B's rows (16-bit elements)
+    const u32x4 zero{0u, 0u, 0u, 0u};
     // The warp's 128 columns in two passes of 64 (a loop, so that one pass's registers serve both and more
     // blocks fit on a multiprocessor).
 #pragma unroll 1
     for (int pass = 0; pass < 2; ++pass) {
-        if (pass > 0) {
-            if (pass_col(pass) >= ref.cols) return;
-            load_y(pass);
-            load_b(pass, 0);
+        const int cw = first + 128 * ch + 64 * pass;  // the pass's first column in the part
+        if (cw >= ref.cols) return;
+        const int left = ref.cols - cw - 16 * t;  // this lane's columns left in the part from its first
+        const bool yvec = out_dim % VEC == 0 && (cp + cw) % VEC == 0 && (u64)y % 16 == 0;
+        T* y0 = y + (u64)(rc.start + 16 * rg + g) * out_dim + cp + cw + 16 * t;
+        T* y8 = y0 + (u64)8 * out_dim;
+        u32x4 ya[2], yb[2];
+#pragma unroll
+        for (int v = 0; v < 2; ++v) {
+            ya[v] = g < wrows ? lora_ld8(y0 + 8 * v, left - 8 * v, yvec, false) : zero;
+            yb[v] = g + 8 < wrows ? lora_ld8(y8 + 8 * v, left - 8 * v, yvec, false) : zero;
         }
         float acc[8][4];
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
         for (int k = 0; k < rk; k += 16) {
-            if (k > 0) load_b(pass, k);
             const int j = k + 4 * t;
             u32 a[2][4];
 #pragma unroll
@@ -1227,6 +1192,23 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
                 a[h][2] = *reinterpret_cast<const u32*>(tr + 2);
                 a[h][3] = *reinterpret_cast<const u32*>(tr8 + 2);
             }
+            u32 b[8][2];
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                const int col = cw + 16 * (g / 2) + 2 * nt + g % 2;  // n-tile nt's column g, in the part
+                b[nt][0] = b[nt][1] = 0u;
+                if (col < ref.cols && j < r) {
+                    const T* br = B + (u64)col * r + j;
+                    if (bvec) {
+                        const u32x2 w = *reinterpret_cast<const u32x2*>(br);
+                        b[nt][0] = w.x;
+                        b[nt][1] = w.y;
+                    } else {
+                        b[nt][0] = pack(br[0], j + 1 < r ? br[1] : (T)0);
+                        b[nt][1] = pack(j + 2 < r ? br[2] : (T)0, j + 3 < r ? br[3] : (T)0);
+                    }
+                }
+            }
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt) {
                 mma_16816(acc[nt], a[0], b[nt]);
@@ -1235,8 +1217,6 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
         }
         // acc[nt] = {D[g][16t + 2nt], D[g][16t + 2nt + 1], D[g + 8][same two]}: lane t's elements 2nt and
         // 2nt + 1, word nt % 4 of its vector nt / 4; each pair rounded by one pack_f.
-        const int left = ref.cols - pass_col(pass) - 16 * t;
-        T* y0 = y_at(pass);
 #pragma unroll
         for (int v = 0; v < 2; ++v) {
             u32* wa = reinterpret_cast<u32*>(&ya[v]);
@@ -1249,8 +1229,8 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
                 wb[w] = pack_f(to_f((T)(wb[w] & 0xffffu)) + ref.scale * d[2],
                                to_f((T)(wb[w] >> 16)) + ref.scale * d[3]);
             }
-            if (g < wrows) lora_st8(y0 + 8 * v, ya[v], left - 8 * v, y_vec(pass));
-            if (g + 8 < wrows) lora_st8(y0 + (u64)8 * out_dim + 8 * v, yb[v], left - 8 * v, y_vec(pass));
+            if (g < wrows) lora_st8(y0 + 8 * v, ya[v], left - 8 * v, yvec);
+            if (g + 8 < wrows) lora_st8(y8 + 8 * v, yb[v], left - 8 * v, yvec);
         }
     }
 }
