@@ -281,7 +281,7 @@ struct LoraRef {
 struct LoraRec {
     u64 index;  // the adapter's LoraRef[layers][LORA_TARGETS], or 0 for an empty (padding) record
     int start;
-    int len;    // at most BG_ROWS
+    int len;    // at most BG_ROWS (PF_ROWS for the prompt pair)
 };
 
 __device__ __forceinline__ int part_of(int p, int v0, int v1, int v2) { return p == 0 ? v0 : (p == 1 ? v1 : v2); }
@@ -1133,12 +1133,12 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
             src[q] = f < PF_ROWS * rk && i < rows && j < r ? tmp + ((u64)p * n + rc.start + i) * rmax + j : nullptr;
             sum[q] = 0.f;
         }
-        for (int c0 = 0; c0 < ks; c0 += PF_SC) {
+        for (int cc = 0; cc < ks; cc += PF_SC) {
             float v[PF_SQ][PF_SC];
 #pragma unroll
             for (int q = 0; q < PF_SQ; ++q)
 #pragma unroll
-                for (int c = 0; c < PF_SC; ++c) v[q][c] = src[q] && c0 + c < ks ? src[q][(c0 + c) * cstride] : 0.f;
+                for (int c = 0; c < PF_SC; ++c) v[q][c] = src[q] && cc + c < ks ? src[q][(cc + c) * cstride] : 0.f;
 #pragma unroll
             for (int q = 0; q < PF_SQ; ++q)
 #pragma unroll

@@ -1023,7 +1023,8 @@ fn lora_sgmv_matches_cpu() {
 }
 
 /// The per-step LoRA plan (`lora_step` once, then `lora_layer` per layer and projection, the `bgmv_*_ix`
-/// kernels; each plan with either expand, `bgmv_expand_ix` and `bgmv_expand_vx`) against the CPU's
+/// kernels, and in a 300-row pass the prompt pair `lora_shrink_pf*` + `lora_expand_pf` for its segments of
+/// more than 64 rows; each plan with either expand, `bgmv_expand_ix` and `bgmv_expand_vx`) against the CPU's
 /// per-layer `lora`: adapters of ranks 4-64, one without k, one without layer 0's q, one with o alone;
 /// segments of 1, 5 and 32 rows (several records) with base rows between; the fused q/k/v, o, and gate/up
 /// that no adapter has (left exactly as it was). Three plans, of all five
@@ -1054,16 +1055,23 @@ fn lora_step_matches_cpu() {
         (32, 0.75, |_, t| t.index() < 4),
     ];
     // Each spec's rows, the pass's rows and rows in no segment: a decode step (every segment on the `_ix`
-    // pair), then a pass of more than 256 rows whose segments of more than 64 rows (prompt chunks: 200 rows,
-    // records of 64, 64, 64 and 8, and 70) take the tensor-core prompt pair, the rest the `_ix` pair (16-bit
-    // storage; f32 gets no plan for it).
+    // pair), then a pass of more than 256 rows whose segments of more than 64 rows (prompt chunks: 80 rows of
+    // rank 16, 100 of rank 64 without layer 0's q, 70 of rank 32; records of 64 and the rest) take the
+    // tensor-core prompt pair, the rest the `_ix` pair (16-bit storage; f32 gets no plan for it). Each plan's
+    // largest rank has a prompt chunk, so each prompt shrink (`lora_shrink_pf8`, `_pf4`, `_pf2`) runs.
     type Case = (&'static str, [(usize, usize); 5], usize, std::ops::Range<usize>);
     let cases: [Case; 2] = [
         ("decode", [(0, 1), (1, 5), (8, 32), (40, 3), (44, 2)], 46, 6..8),
-        ("prompt", [(8, 200), (216, 70), (0, 1), (1, 5), (210, 3)], 300, 208..210),
+        (
+            "prompt",
+            [(200, 80), (0, 1), (8, 100), (1, 5), (110, 70)],
+            300,
+            180..200,
+        ),
     ];
-    // The plans' adapters (indexes into specs and rows): largest ranks 64, 32 and 16.
-    let plans: [&[usize]; 3] = [&[0, 1, 2, 3, 4], &[0, 1, 3, 4], &[0, 1, 3]];
+    // The plans' adapters (indexes into specs and rows): largest ranks 64, 32 and 16, then two adapters of
+    // prompt chunks alone in the prompt case (no `_ix` records).
+    let plans: [&[usize]; 4] = [&[0, 1, 2, 3, 4], &[0, 1, 3, 4], &[0, 1, 3], &[0, 2]];
     for dt in DTYPES {
         let Some(mut g) = gpu(dt) else { return };
         say(&format!("{dt:?} lora step plan"));
@@ -1170,8 +1178,9 @@ fn lora_step_matches_cpu() {
                 }
             }
         }
-        // A layer past the adapters' refuses; more rows than the plan takes, or a rank above BGMV's 64,
-        // get no plan (those passes take the per-layer path).
+        // A layer past the adapters' refuses; a pass of more than 256 rows gets a plan in 16-bit storage
+        // (none in f32 or with the prompt pair off), and a rank above BGMV's 64 none (those passes take the
+        // per-layer path).
         let (_, rows, n, _) = &cases[0];
         let n = *n;
         let segs = segs_of(rows, plans[0]);

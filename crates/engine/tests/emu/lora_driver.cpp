@@ -1,4 +1,5 @@
 // Driver for crates/engine/tests/lora_emulated.rs: the decode LoRA pairs by adapter index of kernels/lora.cu
+// (and, first, the prompt pair lora_shrink_pf2/4/8 + lora_expand_pf: see pf_cases)
 // (bf16) under the CPU emulation of cuemu.h, against a double-precision reference: the k-split pair
 // bgmv_shrink_ix + bgmv_expand_ix (the default) at the host's chunk size (lora.rs `shrink_chunk`, copied below)
 // and at other chunk sizes, its expand's blocks walking 1, 3 or 8 column tiles, the shrink on the tensor cores
@@ -355,17 +356,17 @@ static void pf_cases(unsigned ALL, unsigned NO_K, const Parts& QKV, const Parts&
     // 150 rows: a 130-row segment (records of 64, 64, 2; rank 16), rows in none, a 15-row segment (rank 8, no
     // k pair: its rows' k columns are kept).
     pf_all("q/k/v, ranks 16 + 8 (no k), rows in none", 150, 4096, QKV, {{16, ALL}, {8, NO_K}}, {{0, 130, 0}, {135, 15, 1}});
-    // Largest rank 64 (pf8) and rank 4 (B's scalar loads); in_dim 4100: x and A not whole 16-byte vectors.
+    // Largest rank 64 (pf8) and rank 4; in_dim 4100: x and A not whole 16-byte vectors (their scalar loads).
     pf_all("o, ranks 64 + 4, in_dim not whole vectors", 80, 4100, O, {{64, ALL}, {4, ALL}}, {{0, 70, 0}, {72, 5, 1}});
-    // Largest rank 32 (pf4) with in_dim 1000 (chunks of 128; the last chunk's second half partial).
+    // Largest rank 32 (pf4) with in_dim 1000 (16 chunks of 64, the last one partial).
     pf_all("q/k/v, ranks 32 + 8, in_dim 1000", 66, 1000, QKV, {{32, ALL}, {8, ALL}}, {{0, 66, 0}});
     // Parts of 600 and 100 columns (groups that end inside a warp's and a lane's columns; y rows of 700: its
-    // scalar loads and stores), rank 12 (B's rows 8-byte aligned only every other row: scalar loads).
+    // scalar loads and stores), rank 6 (not a multiple of 4: B's scalar loads).
     const int keep[LORA_TARGETS] = {width[0], width[1], width[2], width[3], width[4], width[5], width[6]};
     width[0] = 600;
     width[1] = 100;
     const Parts ODD{"q/k", 2, {0, 1, 0}, {600, 100, 0}};
-    pf_all("q/k of 600/100 columns, ranks 12 + 16", 100, 512, ODD, {{12, ALL}, {16, ALL}}, {{0, 40, 0}, {40, 60, 1}});
+    pf_all("q/k of 600/100 columns, ranks 6 + 16", 100, 512, ODD, {{6, ALL}, {16, ALL}}, {{0, 40, 0}, {40, 60, 1}});
     std::copy(keep, keep + LORA_TARGETS, width);
 }
 

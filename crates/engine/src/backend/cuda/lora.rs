@@ -14,7 +14,7 @@
 //! with it off (`LORAX_CUDA_LORA_PROMPT=gemm`) or in f32, such passes run layer by layer, prompt chunks as
 //! cuBLAS GEMMs.
 //!
-//! Planning (checks, uploads, allocations) and running (a memset and two launches) are separate, so a
+//! Planning (checks, uploads, allocations) and running (a few launches a layer) are separate, so a
 //! run can be captured in a CUDA graph and replayed (the benchmarks time kernels that way).
 
 use std::marker::PhantomData;
@@ -196,7 +196,8 @@ struct LoraRef {
 
 impl super::Plain for LoraRef {}
 
-/// `struct LoraRec` of kernels/lora.cu: at most BG_ROWS rows of a step and their adapter's index
+/// `struct LoraRec` of kernels/lora.cu: at most BG_ROWS rows of a step (PF_ROWS for the prompt pair) and
+/// their adapter's index
 /// (16 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -252,7 +253,8 @@ impl std::fmt::Debug for CudaLoraIndex {
 /// rows naming their adapter's index, uploaded once; each layer launches the two `_ix` kernels (or `_ix0`),
 /// or the `_ix` shrink and `bgmv_expand_vx`. The table holds the shrink's `records` (padded), then, when
 /// `expand_vx`, as many expand records of `bgmv_expand_vx` (merged, then padded to the same count, so its
-/// grid is the same).
+/// grid is the same). A pass with prompt chunks also has `prompt`: records of at most PF_ROWS rows for the
+/// prompt pair, launched first (and `records` is 0 when no other segment has an adapter).
 pub struct CudaLoraStep {
     table: DevBuf,
     records: usize,
@@ -423,7 +425,8 @@ impl CudaBackend {
     }
 
     /// One layer's LoRA products of a planned step: for the `parts` some adapter of the step has, shrink
-    /// then expand, two launches (see kernels/lora.cu, `bgmv_*_ix`).
+    /// then expand on the prompt pair's records (`lora_*_pf*`), then on the `_ix` records (`bgmv_*_ix`):
+    /// two launches for each kind the plan has (see kernels/lora.cu).
     pub(super) fn lora_step_layer(
         &self,
         y: &mut CudaTensor,
