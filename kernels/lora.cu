@@ -1216,19 +1216,20 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, PF_EXPAND_MINB)
             }
         }
         // acc[nt] = {D[g][16t + 2nt], D[g][16t + 2nt + 1], D[g + 8][same two]}: lane t's elements 2nt and
-        // 2nt + 1, word nt % 4 of its vector nt / 4; each pair rounded by one pack_f.
+        // 2nt + 1 of its vector nt / 4; each vector rounded by to_vec (one pack_f a pair).
 #pragma unroll
         for (int v = 0; v < 2; ++v) {
-            u32* wa = reinterpret_cast<u32*>(&ya[v]);
-            u32* wb = reinterpret_cast<u32*>(&yb[v]);
+            const T* ea = reinterpret_cast<const T*>(&ya[v]);
+            const T* eb = reinterpret_cast<const T*>(&yb[v]);
+            float fa[8], fb[8];
 #pragma unroll
-            for (int w = 0; w < 4; ++w) {
-                const float* d = acc[4 * v + w];
-                wa[w] = pack_f(to_f((T)(wa[w] & 0xffffu)) + ref.scale * d[0],
-                               to_f((T)(wa[w] >> 16)) + ref.scale * d[1]);
-                wb[w] = pack_f(to_f((T)(wb[w] & 0xffffu)) + ref.scale * d[2],
-                               to_f((T)(wb[w] >> 16)) + ref.scale * d[3]);
+            for (int e = 0; e < 8; ++e) {
+                const float* d = acc[4 * v + e / 2];
+                fa[e] = to_f(ea[e]) + ref.scale * d[e % 2];
+                fb[e] = to_f(eb[e]) + ref.scale * d[2 + e % 2];
             }
+            ya[v] = to_vec(fa);
+            yb[v] = to_vec(fb);
             if (g < wrows) lora_st8(y0 + 8 * v, ya[v], left - 8 * v, yvec);
             if (g + 8 < wrows) lora_st8(y8 + 8 * v, yb[v], left - 8 * v, yvec);
         }

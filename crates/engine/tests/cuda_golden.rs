@@ -407,6 +407,9 @@ fn lora(dtype: DType, prompt_pair: bool) {
             assert_eq!(got[r], expect, "row {r} ({adapter:?}, p{p}) greedy in the mixed batch");
         }
     }
+    // The pair did run (a pass without a plan would have taken the per-layer path and passed the same).
+    let plans = e.backend.lora_prompt_plans();
+    assert_eq!(prompt_pair, plans > 0, "{plans} passes planned on the prompt pair");
 }
 
 #[test]

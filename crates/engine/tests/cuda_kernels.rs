@@ -1127,7 +1127,15 @@ fn lora_step_matches_cpu() {
         {
             let n = *n;
             g.set_lora_expand_vx(vx);
+            let before = g.lora_prompt_plans();
             let step = g.lora_step(n, &segs_of(rows, plan)).unwrap();
+            // Only the prompt case's plans have prompt records, each one (f32: no plan at all).
+            let on_pair = g.lora_prompt_plans() - before;
+            assert_eq!(
+                on_pair,
+                u64::from(*case == "prompt" && dt != DType::F32),
+                "{case} plans on the pair"
+            );
             if *case == "prompt" && dt == DType::F32 {
                 assert!(step.is_none(), "f32 got a plan for a pass with prompt chunks");
                 continue;

@@ -344,8 +344,8 @@ impl CudaBackend {
     /// pairs for one target differ in shape.
     pub(super) fn make_lora_step(&self, rows: usize, segments: &[LoraRows<'_, Self>]) -> Result<Option<CudaLoraStep>> {
         // A pass with prompt chunks: the tensor-core prompt pair for 16-bit storage, unless turned off.
-        let prompt = rows > self.lora_prompt_rows;
-        if !self.lora_bgmv || (prompt && !(self.lora_prompt_tc && self.dtype.size() == 2)) {
+        let large = rows > self.lora_prompt_rows;
+        if !self.lora_bgmv || (large && !(self.lora_prompt_tc && self.dtype.size() == 2)) {
             return Ok(None);
         }
         let mut pf: Vec<LoraRec> = Vec::new();
@@ -371,7 +371,7 @@ impl CudaBackend {
             rmax = rmax.max(ix.max_rank);
             layers = layers.min(ix.layers);
             let index = self.ptr(&ix.table);
-            if prompt && seg.len > self.lora_prompt_segment {
+            if large && seg.len > self.lora_prompt_segment {
                 for c in (0..seg.len).step_by(PF_ROWS) {
                     pf.push(LoraRec {
                         index,
@@ -395,6 +395,8 @@ impl CudaBackend {
         let prompt = if pf.is_empty() {
             None
         } else {
+            self.lora_prompt_plans
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Some((self.upload(&pf)?, pf.len()))
         };
         // Padded with empty records to a power of two, so that a decode graph's grids stay the same while

@@ -537,12 +537,14 @@ impl CudaTensor {
 /// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
-/// `var` as `tc` (true, also when unset) or `simt` (false): which cores a kernel runs on.
-fn tc_or_simt(var: &str) -> Result<bool> {
+/// A choice between two kernels from the environment: `var` set to `on` (true) or `off` (false), `default`
+/// when unset; any other value is a start-up error naming the variable.
+fn env_switch(var: &str, [on, off]: [&str; 2], default: bool) -> Result<bool> {
     match std::env::var(var).as_deref() {
-        Err(_) | Ok("tc") => Ok(true),
-        Ok("simt") => Ok(false),
-        Ok(other) => Err(EngineError::Backend(format!("{var}={other:?}: expected tc or simt"))),
+        Err(_) => Ok(default),
+        Ok(v) if v == on => Ok(true),
+        Ok(v) if v == off => Ok(false),
+        Ok(other) => Err(EngineError::Backend(format!("{var}={other:?}: expected {on} or {off}"))),
     }
 }
 
@@ -649,6 +651,8 @@ pub struct CudaBackend {
     /// `lora_prompt_segment` rows (256 and 64; tests lower them to run every segment on it).
     lora_prompt_rows: usize,
     lora_prompt_segment: usize,
+    /// Passes whose plan put prompt records on the prompt pair (tests check the pair did run).
+    lora_prompt_plans: std::sync::atomic::AtomicU64,
     /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
     /// `_ix0` pair, for comparisons).
     lora_ksplit: bool,
@@ -1281,29 +1285,14 @@ impl CudaBackend {
             lora_ksplit: std::env::var("LORAX_CUDA_LORA_KSPLIT").map_or(true, |v| v != "0"),
             lora_prompt_rows: lora::STEP_MAX_ROWS,
             lora_prompt_segment: lora::GEMM_MIN_ROWS,
-            lora_prompt_tc: match std::env::var("LORAX_CUDA_LORA_PROMPT").as_deref() {
-                Err(_) | Ok("tc") => true,
-                Ok("gemm") => false,
-                Ok(other) => {
-                    return Err(EngineError::Backend(format!(
-                        "LORAX_CUDA_LORA_PROMPT={other:?}: expected tc or gemm"
-                    )))
-                }
-            },
-            lora_shrink_tc: tc_or_simt("LORAX_CUDA_LORA_SHRINK")?,
+            lora_prompt_plans: std::sync::atomic::AtomicU64::new(0),
+            lora_prompt_tc: env_switch("LORAX_CUDA_LORA_PROMPT", ["tc", "gemm"], true)?,
+            lora_shrink_tc: env_switch("LORAX_CUDA_LORA_SHRINK", ["tc", "simt"], true)?,
             lora_expand_tiles: match std::env::var("LORAX_CUDA_LORA_EXPAND_TILES").as_deref() {
                 Err(_) | Ok("auto") => None,
                 Ok(_) => Some(env_count("LORAX_CUDA_LORA_EXPAND_TILES", 1, 1..=8)?),
             },
-            lora_expand_vx: match std::env::var("LORAX_CUDA_LORA_EXPAND").as_deref() {
-                Ok("vx") => true,
-                Err(_) | Ok("ix") => false,
-                Ok(other) => {
-                    return Err(EngineError::Backend(format!(
-                        "LORAX_CUDA_LORA_EXPAND={other:?}: expected vx or ix"
-                    )))
-                }
-            },
+            lora_expand_vx: env_switch("LORAX_CUDA_LORA_EXPAND", ["vx", "ix"], false)?,
             lora_expand_rows: env_count(
                 "LORAX_CUDA_LORA_EXPAND_ROWS",
                 lora::EXPAND_VX_ROWS,
@@ -1411,6 +1400,12 @@ impl CudaBackend {
     pub fn set_lora_prompt_limits(&mut self, rows: usize, segment: usize) {
         self.lora_prompt_rows = rows;
         self.lora_prompt_segment = segment;
+    }
+
+    /// How many passes have had a plan with prompt records for the prompt pair (`lora_shrink_pf*` +
+    /// `lora_expand_pf`) since start-up.
+    pub fn lora_prompt_plans(&self) -> u64 {
+        self.lora_prompt_plans.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// LoRA segments of more than 64 rows as cuBLAS GEMMs (default) or with the other segments on
