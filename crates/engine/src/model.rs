@@ -418,6 +418,7 @@ impl<B: Backend> Model<B> {
                 Ok(y)
             };
         let mut residual = backend.embedding(&self.embed, &input.tokens)?;
+        backend.mark("embedding");
         let mut pending: Option<B::Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = match pending.take() {
@@ -453,13 +454,16 @@ impl<B: Backend> Model<B> {
             let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)])?;
             backend.all_reduce_sum(&mut down, comm)?;
             pending = Some(down);
+            backend.mark("layer");
         }
         if let Some(out) = pending {
             backend.add_assign(&mut residual, &out)?;
         }
         let last = backend.gather_rows(&residual, &input.logit_rows)?;
         let normed = backend.rms_norm(&last, &self.norm, eps)?;
-        backend.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed), None)
+        let logits = backend.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
+        backend.mark("head");
+        Ok(logits)
     }
 }
 

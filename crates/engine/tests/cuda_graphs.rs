@@ -406,6 +406,36 @@ fn decode_step_time_with_and_without_graphs() {
     }
 }
 
+/// One line on a pass's marks (`LORAX_CUDA_MARKS=1`): device and host ms since the pass's start at the
+/// embedding, the first and the last layer and the head; the layers' device times (median and largest);
+/// and the marks where the device had caught up with the host (device time within 20 us of the host's):
+/// there the device waited for launches.
+fn marks_summary(marks: &[(&str, f64, f64)]) -> String {
+    let at = |what: &str| marks.iter().find(|m| m.0 == what).copied();
+    let layers: Vec<(f64, f64)> = marks.iter().filter(|m| m.0 == "layer").map(|m| (m.1, m.2)).collect();
+    let mut spans: Vec<f64> = Vec::new();
+    let mut prev = at("embedding").map_or(0.0, |m| m.1);
+    for &(d, _) in &layers {
+        spans.push(d - prev);
+        prev = d;
+    }
+    spans.sort_by(f64::total_cmp);
+    let fmt = |m: Option<(f64, f64)>| m.map_or("-".to_string(), |(d, h)| format!("{d:.3}/{h:.3}"));
+    let caught = marks.iter().skip(1).filter(|m| m.1 - m.2 < 0.02).count();
+    format!(
+        "device/host ms: embedding {}, first layer {}, last layer {}, head {}; layer device ms median {:.3} max {:.3}          (sum {:.3} over {}); {caught} of {} marks with the device caught up with the host",
+        fmt(at("embedding").map(|m| (m.1, m.2))),
+        fmt(layers.first().copied()),
+        fmt(layers.last().copied()),
+        fmt(at("head").map(|m| (m.1, m.2))),
+        spans.get(spans.len() / 2).copied().unwrap_or(0.0),
+        spans.last().copied().unwrap_or(0.0),
+        spans.iter().sum::<f64>(),
+        spans.len(),
+        marks.len() - 1,
+    )
+}
+
 /// Eager steps of a Mistral-7B-shaped bf16 dummy model (`LORAX_PROFILE_LAYERS` layers, default 2),
 /// bracketed by `cuProfilerStart`/`Stop` so that a profiler started with `--profile-from-start off` sees
 /// only their kernels: `scripts/gpu/kernel_profile.sh` runs it under Nsight Compute and sums the time per
@@ -523,6 +553,10 @@ fn decode_step_kernels_for_a_profiler() {
             "STEP {scenario} {i}: {:.3} ms wall (synchronised), {host} us host time up to the launch",
             wall.as_secs_f64() * 1e3
         ));
+        let marks = e.backend.take_marks().unwrap();
+        if !marks.is_empty() {
+            say(&format!("MARKS {scenario} {i}: {}", marks_summary(&marks)));
+        }
     }
     e.backend.synchronize().unwrap();
     unsafe { cudarc::driver::sys::cuProfilerStop() };

@@ -423,6 +423,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn forward_scope(&self, begin: bool) {
         let _ = begin;
     }
+    /// A point of the forward pass (`"embedding"`, `"layer"` after each layer, `"head"`) that a backend may
+    /// time for profiles (the CUDA backend with `LORAX_CUDA_MARKS=1`). The default does nothing.
+    fn mark(&self, what: &'static str) {
+        let _ = what;
+    }
     /// Row counts whose decode steps are worth running once at start-up, largest first: a backend whose
     /// first step of a shape pays for it (the CUDA backend: a serving run's first eager step at a row count
     /// took 20-24 ms against a typical 8.8 on an H200 in session 27, most likely cuBLAS's choice and loading

@@ -701,6 +701,9 @@ pub struct CudaBackend {
     eager_staging: Mutex<Option<EagerStaging>>,
     /// What the layers of the forward pass in progress share ([`Backend::forward_scope`]).
     pass: Mutex<PassCache>,
+    /// Timed points of the eager passes ([`Backend::mark`]), when `LORAX_CUDA_MARKS=1`: each with its
+    /// event on the stream and the host's time when it was recorded; the first is the pass's start.
+    marks: Option<Mutex<Vec<(&'static str, cudarc::driver::CudaEvent, std::time::Instant)>>>,
 }
 
 /// What the layers of one forward pass share, made by the first layer and kept to the end of the pass:
@@ -1310,6 +1313,9 @@ impl CudaBackend {
             staging_back: std::sync::Condvar::new(),
             eager_staging: Mutex::new(None),
             pass: Mutex::new(PassCache::default()),
+            marks: std::env::var("LORAX_CUDA_MARKS")
+                .is_ok_and(|v| v == "1")
+                .then(|| Mutex::new(Vec::new())),
         };
         if std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1") {
             backend.set_skinny_gemm(true);
@@ -1406,6 +1412,55 @@ impl CudaBackend {
     /// `lora_expand_pf`) since start-up.
     pub fn lora_prompt_plans(&self) -> u64 {
         self.lora_prompt_plans.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The points [`Backend::mark`]ed in the last eager pass (with `LORAX_CUDA_MARKS=1`; else none), each
+    /// as (what, ms on the device since the pass's start, ms on the host since it), the start first;
+    /// waits for the device to reach them. Where the device's time is close to the host's, the device was
+    /// waiting for the host's launches.
+    pub fn take_marks(&self) -> Result<Vec<(&'static str, f64, f64)>> {
+        let Some(marks) = &self.marks else {
+            return Ok(Vec::new());
+        };
+        let marks = std::mem::take(&mut *marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let Some((_, start, host0)) = marks.first() else {
+            return Ok(Vec::new());
+        };
+        marks
+            .iter()
+            .map(|(what, e, host)| {
+                let device = start.elapsed_ms(e).map_err(|e| drv("timing a mark", e))?;
+                Ok((*what, f64::from(device), (*host - *host0).as_secs_f64() * 1e3))
+            })
+            .collect()
+    }
+
+    /// Records a timed point on the stream (with marks on, outside graph capture).
+    fn record_mark(&self, what: &'static str, first: bool) {
+        let Some(marks) = &self.marks else {
+            return;
+        };
+        let mut status = cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: a query of the backend's own live stream into a local.
+        let queried = unsafe { cudarc::driver::sys::cuStreamIsCapturing(self.stream.cu_stream(), &mut status) };
+        if queried != cudarc::driver::sys::CUresult::CUDA_SUCCESS
+            || status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        {
+            return;
+        }
+        let Ok(event) = self
+            .stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+        else {
+            return;
+        };
+        let mut marks = marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if first {
+            marks.clear();
+        }
+        if first || !marks.is_empty() {
+            marks.push((what, event, std::time::Instant::now()));
+        }
     }
 
     /// LoRA segments of more than 64 rows as cuBLAS GEMMs (default) or with the other segments on
@@ -2368,11 +2423,18 @@ impl Backend for CudaBackend {
     }
 
     fn forward_scope(&self, begin: bool) {
+        if begin {
+            self.record_mark("start", true);
+        }
         // Dropping the kept uploads frees them stream-ordered, after the kernels that read them.
         *self.pass.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = PassCache {
             owner: begin.then(|| std::thread::current().id()),
             ..PassCache::default()
         };
+    }
+
+    fn mark(&self, what: &'static str) {
+        self.record_mark(what, false);
     }
 
     fn lora_index(
