@@ -19,6 +19,6 @@ profile_step() {
     echo "== $x $l" >>"$R/steps32.txt"
     env "$@" LORAX_PROFILE_LAYERS=32 LORAX_PROFILE_STEPS=6 LORAX_PROFILE_SCENARIO="$x" timeout 150 \
         "$bin/cuda_graphs" --ignored --exact decode_step_kernels_for_a_profiler --nocapture 2>&1 |
-        grep -E "STEP|PROFILED|panick|rror" >>"$R/steps32.txt"
+        grep -E "STEP|MARKS|PROFILED|panick|rror" >>"$R/steps32.txt"
     echo "rc ${PIPESTATUS[0]}" >>"$R/steps32.txt"
 }

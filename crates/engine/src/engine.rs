@@ -15,9 +15,10 @@ use crate::comm::{Communicator, SingleRank};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
-use crate::lora::{DeviceAdapter, HostAdapter, PieceSink};
+use crate::lora::{AdapterLayout, DeviceAdapter, HostAdapter, PieceSink};
 use crate::model::{ForwardInput, Model, SeqInput, WeightSource};
 use crate::sampling::{SampleTask, Sampled};
+use crate::weights::DType;
 use crate::weights::Weights;
 
 /// A raw sequence for [`Engine::logits_with_adapters`]: (new tokens, tokens already cached, block
@@ -214,6 +215,90 @@ impl<B: Backend> AdapterUploader<B> {
         });
         Ok((host, uploaded))
     }
+
+    /// Loads the adapter in `dir` onto the device as its weights file is read, answering before the read:
+    /// once the file's header is read and checked, the adapter is placed on the device with a gate, and
+    /// the weights are read on a thread of their own, layer by layer in the order passes use them, each
+    /// piece sent to the device as it comes. A forward pass that uses the adapter meanwhile waits, before
+    /// each layer, for that layer's weights only ([`crate::model::Model::forward`]), so a prompt's pass runs
+    /// beside the read rather than after it; at its end it waits for the whole read and the checks of the
+    /// weights' values (NaN, infinities, and what `storage` cannot hold), and fails if they failed.
+    /// One rank only, on a backend that streams uploads ([`Backend::begin_file_upload`]) and tensors of the
+    /// backend's type; otherwise the adapter is loaded as [`AdapterUploader::load_and_upload`] loads it.
+    pub fn load_streamed(&self, dir: &Path, cfg: &ModelConfig, max_rank: usize, storage: DType) -> StreamStart<B> {
+        let layout = match AdapterLayout::read(dir, cfg, max_rank) {
+            Ok(layout) => Arc::new(layout),
+            Err(e) => return StreamStart::Loaded(Err(e)),
+        };
+        if self.world_size != 1 {
+            return StreamStart::Loaded(self.load_and_upload(dir, cfg, max_rank));
+        }
+        let (first_tx, first_rx) = std::sync::mpsc::channel::<StreamStart<B>>();
+        let (rest_tx, rest_rx) = std::sync::mpsc::channel();
+        let me = self.clone();
+        let (dir_owned, cfg_owned) = (dir.to_path_buf(), cfg.clone());
+        let spawned = std::thread::Builder::new()
+            .name("adapter-stream".into())
+            .spawn(move || {
+                let (dir, cfg) = (dir_owned.as_path(), &cfg_owned);
+                let backend = Arc::clone(&me.backend);
+                let upload = backend.begin_file_upload();
+                let device = upload.as_deref().map(|u| {
+                    u.start(layout.len);
+                    DeviceAdapter::from_layout(&*backend, cfg.num_layers, &layout, u)
+                });
+                let (upload, device) = match (upload, device) {
+                    (Some(upload), Some(Ok(device))) => (upload, device),
+                    (upload, device) => {
+                        if let Some(Err(e)) = device {
+                            tracing::debug!("the adapter is loaded without streaming: {e}");
+                        }
+                        drop(upload);
+                        let _ = first_tx.send(StreamStart::Loaded(me.load_and_upload(dir, cfg, max_rank)));
+                        return;
+                    }
+                };
+                let started = StreamStart::Streaming {
+                    device,
+                    rest: rest_rx,
+                    layout: Arc::clone(&layout),
+                };
+                if first_tx.send(started).is_err() {
+                    return; // Nobody took the adapter: the upload's drop ends its gate.
+                }
+                let host = layout
+                    .read_weights(dir, cfg, max_rank, &*upload as &dyn PieceSink)
+                    .and_then(|h| h.check_storage(storage).map(|()| h));
+                upload.end(
+                    host.as_ref()
+                        .map(|_| ())
+                        .map_err(|e| EngineError::Backend(e.to_string())),
+                );
+                let _ = rest_tx.send(host);
+            });
+        if let Err(e) = spawned {
+            return StreamStart::Loaded(Err(EngineError::Backend(format!("starting an adapter's read: {e}"))));
+        }
+        first_rx
+            .recv()
+            .unwrap_or_else(|_| StreamStart::Loaded(Err(EngineError::Backend("the adapter's read stopped".into()))))
+    }
+}
+
+/// The first answer of [`AdapterUploader::load_streamed`].
+pub enum StreamStart<B: Backend> {
+    /// The adapter on the device before its weights were read: they arrive behind its gate
+    /// ([`crate::lora::AdapterGate`]), and `rest` gives the adapter as parsed (or the read's or the checks'
+    /// error, which the gate then reports to the passes that use it) once the read has ended.
+    Streaming {
+        device: DeviceAdapter<B>,
+        rest: std::sync::mpsc::Receiver<Result<HostAdapter>>,
+        /// What its header says of it.
+        layout: Arc<AdapterLayout>,
+    },
+    /// Not streamed (the backend cannot stream, or cannot place this adapter's tensors in place): what
+    /// [`AdapterUploader::load_and_upload`] gave.
+    Loaded(Result<(HostAdapter, Result<Uploaded<B>>)>),
 }
 
 /// An adapter uploaded by [`AdapterUploader::load_and_upload`].

@@ -389,15 +389,140 @@ impl HostAdapter {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter_model.safetensors"),
             });
         }
-        let text = std::fs::read_to_string(&config_path).map_err(|source| EngineError::Io {
-            path: config_path.clone(),
-            source,
-        })?;
-        let raw: RawConfig = serde_json::from_str(&text)
-            .map_err(|e| invalid(dir, format!("adapter_config.json is not a PEFT LoRA config: {e}")))?;
-        check_features(dir, &raw)?;
-        let file = AdapterFile::read(&weights_path, max_adapter_file_bytes(cfg, max_rank), sink)?;
-        build(dir, cfg, &raw, &file, max_rank)
+        let raw = read_config(dir, &config_path)?;
+        let file = AdapterFile::read(&weights_path, max_adapter_file_bytes(cfg, max_rank), sink, None)?;
+        build(dir, cfg, &raw, &file, max_rank, true)
+    }
+}
+
+fn read_config(dir: &Path, config_path: &Path) -> Result<RawConfig> {
+    let text = std::fs::read_to_string(config_path).map_err(|source| EngineError::Io {
+        path: config_path.to_path_buf(),
+        source,
+    })?;
+    let raw: RawConfig = serde_json::from_str(&text)
+        .map_err(|e| invalid(dir, format!("adapter_config.json is not a PEFT LoRA config: {e}")))?;
+    check_features(dir, &raw)?;
+    Ok(raw)
+}
+
+/// Where an adapter's weights lie in its file, from the file's header alone ([`AdapterLayout::read`]): what
+/// a streamed load ([`crate::engine::AdapterUploader::load_streamed`]) places on the device before the
+/// weights are read, and the order it reads them in.
+#[derive(Debug)]
+pub struct AdapterLayout {
+    /// Each pair's (layer, target, scale), with the file ranges of its A and B.
+    pub pairs: Vec<(usize, Target, f32, [FileSpan; 2])>,
+    /// The weights file's length.
+    pub len: usize,
+    /// Where the file's data begins (after the safetensors header).
+    pub data_start: usize,
+    /// Bytes of weights.
+    pub bytes: usize,
+    raw: RawConfig,
+    header: BTreeMap<String, (Range<usize>, Vec<usize>)>,
+}
+
+/// One tensor's place in an adapter file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileSpan {
+    pub range: Range<usize>,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl AdapterLayout {
+    /// Reads `dir`'s config and the header of its weights file (not the weights) and checks them as
+    /// [`HostAdapter::load`] does, all but the weights' values.
+    pub fn read(dir: &Path, cfg: &ModelConfig, max_rank: usize) -> Result<Self> {
+        let raw = read_config(dir, &dir.join("adapter_config.json"))?;
+        let file = AdapterFile::read_header(
+            &dir.join("adapter_model.safetensors"),
+            max_adapter_file_bytes(cfg, max_rank),
+        )?;
+        let host = build(dir, cfg, &raw, &file, max_rank, false)?;
+        let span = |t: &AdapterTensor| FileSpan {
+            range: t.file_range().unwrap_or(0..0),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        };
+        let mut pairs = Vec::new();
+        for (l, layer) in host.layers.iter().enumerate() {
+            for target in Target::ALL {
+                if let Some(p) = &layer[target.index()] {
+                    pairs.push((l, target, p.scale, [span(&p.a), span(&p.b)]));
+                }
+            }
+        }
+        Ok(Self {
+            pairs,
+            len: file.len,
+            data_start: file.data_start,
+            bytes: host.bytes,
+            raw,
+            header: file.header(),
+        })
+    }
+
+    /// The largest rank of its pairs.
+    pub fn max_rank(&self) -> usize {
+        self.pairs.iter().map(|(_, _, _, [a, _])| a.shape[0]).max().unwrap_or(0)
+    }
+
+    /// Elements of its weights (both halves of every pair).
+    pub fn elements(&self) -> usize {
+        self.pairs
+            .iter()
+            .flat_map(|(_, _, _, s)| s.iter())
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// The base model the adapter was trained on, as its config says.
+    pub fn base_model(&self) -> Option<&str> {
+        self.raw.base_model_name_or_path.as_deref()
+    }
+
+    /// The weights file's byte ranges in the order its layers are used: the header, then layer by layer.
+    pub fn read_order(&self) -> Vec<Range<usize>> {
+        let mut order = Vec::with_capacity(1 + 2 * self.pairs.len());
+        order.push(0..self.data_start);
+        let mut spans: Vec<(usize, Range<usize>)> = self
+            .pairs
+            .iter()
+            .flat_map(|(l, _, _, s)| s.iter().map(move |s| (*l, s.range.clone())))
+            .collect();
+        spans.sort_by_key(|(l, r)| (*l, r.start));
+        order.extend(spans.into_iter().map(|(_, r)| r));
+        order
+    }
+
+    /// Reads the weights file of `dir` (laid out as `self`) in [`AdapterLayout::read_order`], giving `sink`
+    /// every piece as it comes, then checks the whole adapter as [`HostAdapter::load`] does. The file must
+    /// still have the header read before.
+    pub fn read_weights(
+        &self,
+        dir: &Path,
+        cfg: &ModelConfig,
+        max_rank: usize,
+        sink: &dyn PieceSink,
+    ) -> Result<HostAdapter> {
+        let path = dir.join("adapter_model.safetensors");
+        let order = self.read_order();
+        // The sink was started with the header's length: it gets the pieces only.
+        struct Started<'a>(&'a dyn PieceSink);
+        impl PieceSink for Started<'_> {
+            fn start(&self, _: usize) {}
+            fn piece(&self, offset: usize, bytes: &[u8]) {
+                self.0.piece(offset, bytes);
+            }
+        }
+        let sink = Started(sink);
+        let file = AdapterFile::read(&path, max_adapter_file_bytes(cfg, max_rank), Some(&sink), Some(&order))?;
+        if file.len != self.len || file.header() != self.header {
+            return Err(invalid(dir, "adapter_model.safetensors changed while it was read"));
+        }
+        build(dir, cfg, &self.raw, &file, max_rank, true)
     }
 }
 
@@ -434,6 +559,9 @@ struct AdapterFile {
     buf: Arc<Mmap>,
     index: BTreeMap<String, Entry>,
     read: ReadPath,
+    /// The file's length, and where its data begins (after the header).
+    len: usize,
+    data_start: usize,
 }
 
 impl AdapterFile {
@@ -445,15 +573,37 @@ impl AdapterFile {
     /// file, so a file rewritten later cannot fault a parsed adapter.
     /// Files of more than `limit` bytes are refused unread. `sink`, if any, gets the file's length and
     /// then every piece as it is read.
-    fn read(path: &Path, limit: usize, sink: Option<&dyn PieceSink>) -> Result<Self> {
-        let io = |source| EngineError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let corrupt = |reason: String| EngineError::CorruptWeights {
-            path: path.to_path_buf(),
-            reason,
-        };
+    /// `order`, if any: the file's byte ranges in the order wanted (a streamed load's layers, first used
+    /// first); pieces are then read in that order ([`read_whole`]).
+    fn read(path: &Path, limit: usize, sink: Option<&dyn PieceSink>, order: Option<&[Range<usize>]>) -> Result<Self> {
+        let io = io_error(path);
+        let (file, meta, len, mut buf) = Self::open(path, limit)?;
+        if let Some(sink) = sink {
+            sink.start(len);
+        }
+        let read = read_whole(path, &file, &meta, &mut buf, len, sink, order).map_err(io)?;
+        Self::index(path, buf, len, read)
+    }
+
+    /// The file's header alone, in a buffer of the file's length whose data is zeros: tensors of it have
+    /// the file's shapes, types and ranges, not its values.
+    fn read_header(path: &Path, limit: usize) -> Result<Self> {
+        let io = io_error(path);
+        let (file, _, len, mut buf) = Self::open(path, limit)?;
+        let mut n = [0u8; 8];
+        read_exact_at(&file, &mut n, 0).map_err(io)?;
+        let header = usize::try_from(u64::from_le_bytes(n))
+            .ok()
+            .and_then(|h| h.checked_add(8))
+            .filter(|&end| end <= len)
+            .ok_or_else(|| corrupt_error(path)("the header's length is past the file's end".into()))?;
+        read_exact_at(&file, &mut buf[..header], 0).map_err(io)?;
+        Self::index(path, buf, len, ReadPath::Direct)
+    }
+
+    /// Opens the file, refusing one of more than `limit` bytes, with a zeroed buffer for its `len` bytes.
+    fn open(path: &Path, limit: usize) -> Result<(std::fs::File, std::fs::Metadata, usize, MmapMut)> {
+        let (io, corrupt) = (io_error(path), corrupt_error(path));
         let file = std::fs::File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         let len = usize::try_from(meta.len()).map_err(|_| corrupt("the file does not fit in memory".into()))?;
@@ -462,14 +612,24 @@ impl AdapterFile {
                 "{len} bytes, more than the {limit} that an adapter within --max-lora-rank takes for this model"
             )));
         }
-        let mut buf = MmapMut::map_anon(len.max(1).next_multiple_of(READ_ALIGN)).map_err(io)?;
+        let buf = MmapMut::map_anon(len.max(1).next_multiple_of(READ_ALIGN)).map_err(io)?;
         // A hint: kernels without transparent huge pages refuse it, and 4 KiB pages work the same.
         #[cfg(target_os = "linux")]
         let _ = buf.advise(memmap2::Advice::HugePage);
-        if let Some(sink) = sink {
-            sink.start(len);
-        }
-        let read = read_whole(path, &file, &meta, &mut buf, len, sink).map_err(io)?;
+        Ok((file, meta, len, buf))
+    }
+
+    /// The header's (name → range, shape) (what a streamed load checks did not change under it).
+    fn header(&self) -> BTreeMap<String, (Range<usize>, Vec<usize>)> {
+        self.index
+            .iter()
+            .map(|(k, e)| (k.clone(), (e.range.clone(), e.shape.clone())))
+            .collect()
+    }
+
+    /// The file read into `buf` (its first `len` bytes), indexed by its header.
+    fn index(path: &Path, buf: MmapMut, len: usize, read: ReadPath) -> Result<Self> {
+        let (io, corrupt) = (io_error(path), corrupt_error(path));
         let buf = Arc::new(buf.make_read_only().map_err(io)?);
         // read_metadata validates the header and that the tensors tile the data exactly.
         let (header_len, meta) = SafeTensors::read_metadata(&buf[..len]).map_err(|e| corrupt(e.to_string()))?;
@@ -495,7 +655,13 @@ impl AdapterFile {
                 },
             );
         }
-        Ok(Self { buf, index, read })
+        Ok(Self {
+            buf,
+            index,
+            read,
+            len,
+            data_start: base,
+        })
     }
 
     /// The tensor `name`, sharing the buffer.
@@ -517,6 +683,22 @@ impl AdapterFile {
     }
 }
 
+/// An I/O error of the file at `path`.
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> EngineError + Copy + '_ {
+    move |source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The file at `path` is not a valid weights file, for `reason`.
+fn corrupt_error(path: &Path) -> impl Fn(String) -> EngineError + Copy + '_ {
+    move |reason| EngineError::CorruptWeights {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
 /// Bytes of one positioned read of an adapter file straight from the disk.
 const DIRECT_PIECE: usize = 1 << 20;
 /// The alignment of every read straight from the disk: its start, its length and its buffer (O_DIRECT
@@ -527,6 +709,10 @@ const READ_ALIGN: usize = 4096;
 const DIRECT_THREADS: usize = 16;
 /// Bytes of one read through the page cache (on the global pool: a copy, bound by cores).
 const CACHED_PIECE: usize = 4 << 20;
+/// Bytes of one read of a streamed load ([`AdapterLayout::read_weights`]): small, so that the first
+/// layers' pieces, read first, come long before the file's end (a rank-16 q/k/v/o layer of a 7B model is
+/// about 0.85 MB).
+const ORDERED_PIECE: usize = 256 << 10;
 
 /// How an adapter file was read (logged with the load's time).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -571,6 +757,10 @@ fn direct_pool() -> Option<&'static rayon::ThreadPool> {
 /// pieces in parallel, so that faulting in the fresh memory is spread over cores. Where O_DIRECT is
 /// refused (tmpfs, other systems), the read goes through the page cache. A file read straight from the
 /// disk is not left in the page cache: the shard's host tier is the cache of parsed adapters.
+///
+/// With `order` (a streamed load's: the file's ranges, first wanted first), pieces are read in the order of
+/// the first range each holds, [`ORDERED_PIECE`] bytes each, by [`DIRECT_THREADS`] readers taking the next
+/// piece as they finish one: the early ranges come first rather than all at about the end.
 fn read_whole(
     path: &Path,
     file: &std::fs::File,
@@ -578,11 +768,12 @@ fn read_whole(
     buf: &mut [u8],
     len: usize,
     sink: Option<&dyn PieceSink>,
+    order: Option<&[Range<usize>]>,
 ) -> std::io::Result<ReadPath> {
     #[cfg(target_os = "linux")]
     if resident_share(file, meta, len) < 0.5 {
         if let Some(direct) = open_direct(path, meta) {
-            match read_pieces(&direct, buf, len, true, sink) {
+            match read_pieces(&direct, buf, len, true, sink, order) {
                 Ok(()) => return Ok(ReadPath::Direct),
                 // Misaligned for this device or file system: read it again through the page cache.
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
@@ -592,7 +783,46 @@ fn read_whole(
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (path, meta);
-    read_pieces(file, buf, len, false, sink).map(|()| ReadPath::Cached)
+    read_pieces(file, buf, len, false, sink, order).map(|()| ReadPath::Cached)
+}
+
+/// Fills `buf` from `file` at `offset` (a short file is an error).
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek};
+        let mut file = file;
+        file.seek(std::io::SeekFrom::Start(offset))?;
+        file.read_exact(buf)
+    }
+}
+
+/// Pieces of `size` bytes covering `end` bytes, as (index, first wanted place), sorted by when `order`
+/// (ranges of the file, first wanted first) first wants a byte of each; pieces it never names come last,
+/// in file order.
+fn piece_order(end: usize, size: usize, order: &[Range<usize>]) -> Vec<usize> {
+    let n = end.div_ceil(size);
+    let mut first = vec![usize::MAX; n];
+    let mut at = 0usize;
+    for r in order {
+        if r.is_empty() {
+            continue;
+        }
+        for f in &mut first[(r.start / size).min(n)..r.end.div_ceil(size).min(n)] {
+            if *f == usize::MAX {
+                *f = at;
+                at += 1;
+            }
+        }
+    }
+    let mut pieces: Vec<usize> = (0..n).collect();
+    pieces.sort_by_key(|&p| (first[p], p));
+    pieces
 }
 
 /// Reads `buf[..len]` in pieces in parallel (see [`read_whole`]). `direct`: each piece's length is rounded
@@ -604,14 +834,17 @@ fn read_pieces(
     len: usize,
     direct: bool,
     sink: Option<&dyn PieceSink>,
+    order: Option<&[Range<usize>]>,
 ) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use rayon::prelude::*;
         use std::os::unix::fs::FileExt;
-        let (end, size) = match direct {
-            true => (len.next_multiple_of(READ_ALIGN), DIRECT_PIECE),
-            false => (len, CACHED_PIECE),
+        let (end, size) = match (direct, order) {
+            (true, None) => (len.next_multiple_of(READ_ALIGN), DIRECT_PIECE),
+            (true, Some(_)) => (len.next_multiple_of(READ_ALIGN), ORDERED_PIECE),
+            (false, None) => (len, CACHED_PIECE),
+            (false, Some(_)) => (len, ORDERED_PIECE),
         };
         let piece = |(i, chunk): (usize, &mut [u8])| -> std::io::Result<()> {
             let start = i * size;
@@ -630,6 +863,50 @@ fn read_pieces(
             }
             Ok(())
         };
+        if let Some(order) = order {
+            // A queue of the pieces in the wanted order, taken one at a time by each reader.
+            let mut chunks: Vec<Option<(usize, &mut [u8])>> =
+                buf[..end].chunks_mut(size).enumerate().map(Some).collect();
+            let queue: Vec<(usize, &mut [u8])> = piece_order(end, size, order)
+                .into_iter()
+                .filter_map(|p| chunks.get_mut(p).and_then(Option::take))
+                .collect();
+            let queue = std::sync::Mutex::new(queue.into_iter());
+            let failed: std::sync::Mutex<Option<std::io::Error>> = std::sync::Mutex::new(None);
+            let reader = || loop {
+                let next = queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).next();
+                let Some(p) = next else { return };
+                if let Err(e) = piece(p) {
+                    failed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get_or_insert(e);
+                    // The others stop at their next piece.
+                    queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .by_ref()
+                        .for_each(drop);
+                    return;
+                }
+            };
+            match direct_pool().filter(|_| direct) {
+                Some(pool) => pool.scope(|s| {
+                    for _ in 0..DIRECT_THREADS {
+                        s.spawn(|_| reader());
+                    }
+                }),
+                None => std::thread::scope(|s| {
+                    for _ in 0..DIRECT_THREADS.min(4) {
+                        s.spawn(reader);
+                    }
+                }),
+            }
+            return failed
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .map_or(Ok(()), Err);
+        }
         let mut run = move || buf[..end].par_chunks_mut(size).enumerate().try_for_each(piece);
         match direct_pool().filter(|_| direct) {
             Some(pool) => pool.install(run),
@@ -639,7 +916,7 @@ fn read_pieces(
     #[cfg(not(unix))]
     {
         use std::io::{Read, Seek};
-        let _ = direct;
+        let _ = (direct, order);
         let mut file = file;
         file.rewind()?;
         file.read_exact(&mut buf[..len])?;
@@ -772,7 +1049,16 @@ fn beyond(storage: DType) -> u8 {
     }
 }
 
-fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max_rank: usize) -> Result<HostAdapter> {
+/// The adapter of `file` checked against `cfg`; `check_values`: its weights' values too (not for a file
+/// of which only the header was read, [`AdapterFile::read_header`]).
+fn build(
+    dir: &Path,
+    cfg: &ModelConfig,
+    raw: &RawConfig,
+    file: &AdapterFile,
+    max_rank: usize,
+    check_values: bool,
+) -> Result<HostAdapter> {
     let ranks = Patterns::new(dir, &raw.rank_pattern)?;
     let alphas = Patterns::new(dir, &raw.alpha_pattern)?;
     let regex = match &raw.target_modules {
@@ -854,7 +1140,9 @@ fn build(dir: &Path, cfg: &ModelConfig, raw: &RawConfig, file: &AdapterFile, max
     // Each tensor's range flags, in one pass over the weights. A weight that is NaN or infinite (a training
     // run that diverged) would make every token of the adapter's requests NaN: refused here, naming the
     // first such tensor. What the narrower types cannot hold is kept for [`HostAdapter::check_storage`].
-    let range = {
+    let range = if !check_values {
+        0
+    } else {
         use rayon::prelude::*;
         let tensors: Vec<&AdapterTensor> = pairs.iter().flat_map(|p| [&p.a, &p.b]).collect();
         let flags: Vec<u8> = tensors.par_iter().map(|t| range_flags(t.dtype, t.data())).collect();
@@ -933,6 +1221,23 @@ pub struct DeviceAdapter<B: Backend> {
     pub bytes: usize,
     /// The backend's index of `layers` ([`Backend::lora_index`]), for its per-step LoRA plan.
     pub index: Option<B::LoraIndex>,
+    /// While its weights are still arriving (a streamed load): what a forward pass waits on before each
+    /// layer, and at its end for all of them ([`crate::model::Model::forward`]).
+    pub gate: Option<Arc<dyn AdapterGate>>,
+}
+
+/// The weights of an adapter placed on the device before they were all read (a streamed load,
+/// [`crate::engine::AdapterUploader::load_streamed`]).
+pub trait AdapterGate: Send + Sync + std::fmt::Debug {
+    /// Whether every weight has arrived and was checked (then nothing need wait).
+    fn done(&self) -> bool;
+    /// Makes device work queued next wait until layer `layer`'s weights are on the device: waits on the
+    /// host until they have been read and their copies queued, then orders the backend's stream after
+    /// them. An error when the read failed.
+    fn wait_layer(&self, layer: usize) -> Result<()>;
+    /// As [`AdapterGate::wait_layer`] for the whole adapter, once it was read and its values checked: the
+    /// error of the read or of the check, if either failed (the pass that used it must not return tokens).
+    fn wait_all(&self) -> Result<()>;
 }
 
 impl<B: Backend> DeviceAdapter<B> {
@@ -995,6 +1300,33 @@ impl<B: Backend> DeviceAdapter<B> {
         Self::assemble(backend, host.layers.len(), &placed, tensors, host.bytes)
     }
 
+    /// The adapter laid out as `layout` in `upload`'s device copy of its file, before the file is read
+    /// ([`FileUpload::early`]): its weights arrive behind `gate`. An error when the upload cannot place
+    /// them there (then load it as usual).
+    pub fn from_layout(
+        backend: &B,
+        num_layers: usize,
+        layout: &AdapterLayout,
+        upload: &dyn FileUpload<B::Tensor>,
+    ) -> Result<Self> {
+        let wanted: Vec<FileTensor<'_>> = layout
+            .pairs
+            .iter()
+            .flat_map(|(_, _, _, spans)| spans.iter())
+            .map(|s| FileTensor {
+                range: s.range.clone(),
+                dtype: s.dtype,
+                shape: &s.shape,
+            })
+            .collect();
+        let layer_of: Vec<usize> = layout.pairs.iter().flat_map(|(l, ..)| [*l, *l]).collect();
+        let (tensors, gate) = upload.early(layout.data_start, &wanted, &layer_of, num_layers)?;
+        let placed: Vec<(usize, Target, f32)> = layout.pairs.iter().map(|&(l, t, s, _)| (l, t, s)).collect();
+        let mut device = Self::assemble(backend, num_layers, &placed, tensors, layout.bytes)?;
+        device.gate = Some(gate);
+        Ok(device)
+    }
+
     /// The adapter from its uploaded tensors: A then B of each `placed` (layer, target, scale), in order.
     fn assemble(
         backend: &B,
@@ -1019,7 +1351,12 @@ impl<B: Backend> DeviceAdapter<B> {
             }
         }
         let index = backend.lora_index(&layers)?;
-        Ok(Self { layers, bytes, index })
+        Ok(Self {
+            layers,
+            bytes,
+            index,
+            gate: None,
+        })
     }
 }
 
@@ -1043,6 +1380,14 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn whole_reads_fill_every_piece_from_the_disk_and_from_the_page_cache() {
+        whole_reads(None);
+        // A streamed load's order: the end first, then the start (its pieces are smaller).
+        let len = 3 * CACHED_PIECE + 12_345;
+        whole_reads(Some(&[len - 5000..len, 0..100, 200_000..300_000]));
+    }
+
+    #[cfg(target_os = "linux")]
+    fn whole_reads(order: Option<&[Range<usize>]>) {
         // Three pieces and a ragged tail (not a multiple of the O_DIRECT alignment), each byte naming its
         // position.
         let len = 3 * CACHED_PIECE + 12_345;
@@ -1059,7 +1404,7 @@ mod tests {
         let read = |want: usize| {
             let file = std::fs::File::open(&path).unwrap();
             let mut buf = MmapMut::map_anon(want.next_multiple_of(READ_ALIGN)).unwrap();
-            read_whole(&path, &file, &file.metadata().unwrap(), &mut buf, want, None)
+            read_whole(&path, &file, &file.metadata().unwrap(), &mut buf, want, None, order)
                 .map(|how| (how, buf[..len] == data[..]))
         };
         // Not in the page cache: straight from the disk, where the file system takes O_DIRECT.
@@ -1091,6 +1436,16 @@ mod tests {
             read(len + 1).is_err(),
             "a read through the page cache past the end succeeded"
         );
+    }
+
+    #[test]
+    fn pieces_are_ordered_by_the_first_range_that_wants_them() {
+        // 10 pieces of 100 bytes: ranges in pieces 7, 2-3, 7 again (no change), 0.
+        let order = piece_order(1000, 100, &[750..760, 250..301, 700..705, 0..1]);
+        assert_eq!(order, vec![7, 2, 3, 0, 1, 4, 5, 6, 8, 9]);
+        // Empty ranges name nothing; a range past the end stops at the last piece.
+        assert_eq!(piece_order(250, 100, &[50..50, 150..400]), vec![1, 2, 0]);
+        assert_eq!(piece_order(0, 100, &[0..10, 20..30]), Vec::<usize>::new());
     }
 
     #[test]

@@ -417,10 +417,19 @@ impl<B: Backend> Model<B> {
                 }
                 Ok(y)
             };
+        // Adapters whose weights are still arriving (streamed loads): each layer waits for its own.
+        let gates: Vec<&dyn crate::lora::AdapterGate> = adapters
+            .iter()
+            .filter_map(|a| a.gate.as_deref())
+            .filter(|g| !g.done())
+            .collect();
         let mut residual = backend.embedding(&self.embed, &input.tokens)?;
         backend.mark("embedding");
         let mut pending: Option<B::Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
+            for g in &gates {
+                g.wait_layer(i)?;
+            }
             let h = match pending.take() {
                 None => backend.rms_norm(&residual, &layer.input_norm, eps)?,
                 Some(out) => backend.add_rms_norm(&mut residual, &out, &layer.input_norm, eps)?,
@@ -458,6 +467,10 @@ impl<B: Backend> Model<B> {
         }
         if let Some(out) = pending {
             backend.add_assign(&mut residual, &out)?;
+        }
+        // No tokens from weights that failed their read or their checks.
+        for g in &gates {
+            g.wait_all()?;
         }
         let last = backend.gather_rows(&residual, &input.logit_rows)?;
         let normed = backend.rms_norm(&last, &self.norm, eps)?;

@@ -7,7 +7,11 @@
 //! weights, the time of a 27 MB rank-16 q/k/v/o adapter's upload (and of the per-tensor uploads it
 //! replaces), and decode steps run while uploads run on another thread: their tokens equal those of
 //! the same steps without uploads, bit for bit (CUDA graphs captured meanwhile included), and their
-//! times are printed beside. Without a device each test prints `SKIPPED: ...`.
+//! times are printed beside; streamed loads (`AdapterUploader::load_streamed`: the adapter placed after its
+//! header, its weights read beside a pass that waits for each layer's) serve as whole loads, bit for bit,
+//! fail the pass that used weights failing their checks, and are timed against the whole load then the
+//! pass; and a streamed upload's gate waits for its own layer only. Without a device each test prints
+//! `SKIPPED: ...`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -177,6 +181,12 @@ fn file_uploads_equal_uploads_after_the_read() {
     }
 }
 
+/// The Mistral-7B-shaped bf16 model of `dir`'s config.json with dummy weights.
+fn mistral_engine(dir: &std::path::Path) -> Engine<CudaBackend> {
+    let b = CudaBackend::new(0, DType::BF16).unwrap();
+    Engine::load_with_format(b, dir, CACHE, Arc::new(SingleRank), LoadFormat::Dummy { seed: 3 }).unwrap()
+}
+
 const CACHE: CacheConfig = CacheConfig {
     num_blocks: 512,
     block_size: 16,
@@ -278,15 +288,7 @@ fn adapter_upload_time_and_decode_alongside_uploads() {
             host.bytes
         ),
     );
-    let b = CudaBackend::new(0, DType::BF16).unwrap();
-    let mut e = Engine::load_with_format(
-        b,
-        dir.path(),
-        CACHE,
-        Arc::new(SingleRank),
-        LoadFormat::Dummy { seed: 3 },
-    )
-    .unwrap();
+    let mut e = mistral_engine(dir.path());
     let uploader = e.adapter_uploader();
 
     // On an idle GPU: per-tensor `weight` uploads (the path before upload_many), then upload_many.
@@ -419,4 +421,221 @@ fn adapter_upload_time_and_decode_alongside_uploads() {
     assert_ne!(bits(&a.concat()), bits(&base.concat()), "the adapter changes nothing");
     // How much the uploads slowed decoding is reported above (BENCH lines), not asserted: a timing
     // assertion would fail on a shared or throttled GPU for reasons unrelated to this code.
+}
+
+/// Streamed loads ([`AdapterUploader::load_streamed`]) on a Mistral-7B-shaped bf16 model with dummy
+/// weights: a 512-token prompt's pass run at once with a cold bf16 adapter, and with a cold f16 one (its
+/// tensors converted layer by layer), gives the logits, bit for bit, of the same pass with the adapter
+/// loaded whole (and not the base model's); an adapter whose last layer holds a NaN is placed (its header
+/// is fine), then the pass that uses it fails with the NaN's error and so does its read. Timed (medians of
+/// 7, the file dropped from the page cache before each): the pass with a streamed load, from the call to
+/// the logits, against the whole load followed by the pass, and the base model's pass alone.
+///
+/// [`AdapterUploader::load_streamed`]: lorax_engine::engine::AdapterUploader::load_streamed
+#[test]
+fn streamed_loads_serve_as_whole_ones_and_run_beside_the_read() {
+    use lorax_engine::engine::StreamStart;
+    use lorax_engine::lora::AdapterLayout;
+    if backend(DType::BF16).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::mistral_7b(dir.path());
+    let mut e = mistral_engine(dir.path());
+    let uploader = e.adapter_uploader();
+    let ids: Vec<u32> = (0..512).map(|i| (i * 7919 + 13) % 32000).collect();
+    let table: Vec<u32> = (0..32).collect();
+    let run =
+        |e: &mut Engine<CudaBackend>, key: Option<&str>| e.logits_with_adapters(&[(&ids, 0, &table, key)], &[false]);
+    let stream = |e: &mut Engine<CudaBackend>, adapter: &std::path::Path, key: &str| match uploader.load_streamed(
+        adapter,
+        &cfg,
+        64,
+        DType::BF16,
+    ) {
+        StreamStart::Streaming { device, rest, .. } => {
+            assert!(device.gate.is_some());
+            e.insert_adapter(key, device);
+            (run(e, Some(key)), rest)
+        }
+        StreamStart::Loaded(r) => panic!("not streamed: {:?}", r.map(|_| ())),
+    };
+    let base = run(&mut e, None).unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        let adapter = dir.path().join(format!("adapter-{dtype:?}"));
+        common::write_qkvo_adapter(&adapter, &cfg, 16, dtype, 11);
+        common::drop_cached(&adapter.join("adapter_model.safetensors"));
+        let (streamed, rest) = stream(&mut e, &adapter, "streamed");
+        let streamed = streamed.unwrap();
+        let host = rest.recv().unwrap().unwrap();
+        e.load_adapter("whole", &host).unwrap();
+        let whole = run(&mut e, Some("whole")).unwrap();
+        let bits = |r: &Vec<Vec<f32>>| -> Vec<u32> { r.iter().flatten().map(|v| v.to_bits()).collect() };
+        assert_eq!(
+            bits(&streamed),
+            bits(&whole),
+            "{dtype:?}: the streamed adapter's pass differs"
+        );
+        assert_ne!(bits(&streamed), bits(&base), "{dtype:?}: the adapter changes nothing");
+        say(&format!(
+            "  {dtype:?} adapter streamed: the pass equals the whole load's, bit for bit"
+        ));
+    }
+    // A NaN in the last layer: the header passes, the pass and the read fail.
+    let bad = dir.path().join("adapter-nan");
+    common::write_qkvo_adapter(&bad, &cfg, 16, DType::BF16, 12);
+    let layout = AdapterLayout::read(&bad, &cfg, 64).unwrap();
+    let last = layout
+        .pairs
+        .iter()
+        .filter(|p| p.0 == cfg.num_layers - 1)
+        .map(|p| p.3[1].range.start)
+        .max()
+        .unwrap();
+    let path = bad.join("adapter_model.safetensors");
+    let mut file = std::fs::read(&path).unwrap();
+    file[last..last + 2].copy_from_slice(&0x7FC0u16.to_le_bytes());
+    std::fs::write(&path, &file).unwrap();
+    common::drop_cached(&path);
+    let (pass, rest) = stream(&mut e, &bad, "bad");
+    let err = pass.unwrap_err().to_string();
+    assert!(err.contains("NaN"), "the pass failed otherwise: {err}");
+    assert!(rest.recv().unwrap().is_err(), "the read of a NaN adapter succeeded");
+    say(&format!(
+        "  an adapter with a NaN in its last layer: the pass failed ({err})"
+    ));
+    assert!(run(&mut e, None).is_ok(), "the base model no longer runs");
+
+    // Times.
+    let adapter = dir.path().join("adapter-BF16");
+    let file = adapter.join("adapter_model.safetensors");
+    let (mut t_stream, mut t_whole, mut t_base) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..7 {
+        common::drop_cached(&file);
+        let t = Instant::now();
+        let (pass, rest) = stream(&mut e, &adapter, &format!("s{i}"));
+        pass.unwrap();
+        t_stream.push(t.elapsed().as_secs_f64() * 1e3);
+        rest.recv().unwrap().unwrap();
+        common::drop_cached(&file);
+        let t = Instant::now();
+        let (_, up) = uploader.load_and_upload(&adapter, &cfg, 64).unwrap();
+        e.insert_adapter(&format!("w{i}"), up.unwrap().device);
+        run(&mut e, Some(&format!("w{i}"))).unwrap();
+        t_whole.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        run(&mut e, None).unwrap();
+        t_base.push(t.elapsed().as_secs_f64() * 1e3);
+        for k in [format!("s{i}"), format!("w{i}")] {
+            e.offload_adapter(&k, &Batch::default()).unwrap();
+        }
+    }
+    let (s, w, b) = (median(t_stream), median(t_whole), median(t_base));
+    say(&format!(
+        "BENCH cold 27 MB adapter and a 512-token prompt's pass (median of 7, ms): streamed {s:.2}, whole load then \
+         the pass {w:.2}, the base model's pass alone {b:.2}; the adapter adds {:.2} streamed, {:.2} whole",
+        s - b,
+        w - b
+    ));
+}
+
+/// The gate of a streamed upload ([`FileUpload::early`]): pieces of a file of 6 layers (one 64 KiB bf16
+/// tensor each) come layer by layer, 40 ms apart, from another thread; each `wait_layer` returns once its
+/// own layer has come and before the layer after next has, `wait_all` once the upload ended, and the
+/// tensors then hold the file's values. An upload dropped before its end fails its waiters.
+///
+/// [`FileUpload::early`]: lorax_engine::backend::FileUpload::early
+#[test]
+fn a_streamed_upload_gate_waits_for_its_own_layer_only() {
+    use lorax_engine::backend::FileTensor;
+    let Some(g) = backend(DType::BF16) else { return };
+    let (layers, start, size) = (6usize, 256usize, 64usize << 10);
+    let len = start + layers * size;
+    let mut rng = Rng(5);
+    let file: Vec<u8> = (0..len).map(|_| (rng.next_u64() >> 56) as u8 & 0x3F).collect();
+    let shape = [size / 2];
+    let tensors: Vec<FileTensor<'_>> = (0..layers)
+        .map(|l| FileTensor {
+            range: start + l * size..start + (l + 1) * size,
+            dtype: DType::BF16,
+            shape: &shape,
+        })
+        .collect();
+    let layer_of: Vec<usize> = (0..layers).collect();
+    for finish in [true, false] {
+        let up = g.begin_file_upload().unwrap();
+        up.start(len);
+        let (out, gate) = up.early(start, &tensors, &layer_of, layers).unwrap();
+        let t0 = Instant::now();
+        let came: Vec<std::sync::Mutex<Option<f64>>> = (0..layers).map(|_| std::sync::Mutex::new(None)).collect();
+        let (file, tensors, came) = (&file, &tensors, &came);
+        let waited = std::thread::scope(|s| {
+            let deliver = s.spawn(move || {
+                up.piece(0, &file[..start]);
+                for l in 0..layers {
+                    std::thread::sleep(std::time::Duration::from_millis(40));
+                    if !finish && l == 3 {
+                        drop(up); // the read stops: the upload is dropped without its end
+                        return;
+                    }
+                    let r = tensors[l].range.clone();
+                    // Two pieces a layer, the second half first.
+                    let mid = r.start + size / 2;
+                    up.piece(mid, &file[mid..r.end]);
+                    up.piece(r.start, &file[r.start..mid]);
+                    *came[l].lock().unwrap() = Some(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                up.end(Ok(()));
+            });
+            let mut waited = Vec::new();
+            for l in 0..layers {
+                let r = gate.wait_layer(l);
+                waited.push((r.is_ok(), t0.elapsed().as_secs_f64() * 1e3));
+                if r.is_err() {
+                    break;
+                }
+            }
+            deliver.join().unwrap();
+            waited
+        });
+        if !finish {
+            assert!(gate.wait_all().is_err(), "a dropped upload's gate passed");
+            assert!(waited.iter().filter(|w| w.0).count() == 3, "{waited:?}");
+            say(&format!(
+                "  an upload dropped after 3 layers fails the 4th layer's wait: {waited:?}"
+            ));
+            continue;
+        }
+        let came: Vec<f64> = came.iter().map(|c| c.lock().unwrap().unwrap()).collect();
+        for l in 0..layers {
+            assert!(waited[l].0);
+            assert!(
+                waited[l].1 >= came[l],
+                "layer {l}: the wait ended at {:.1} ms, before its pieces ({:.1})",
+                waited[l].1,
+                came[l]
+            );
+            if l + 2 < layers {
+                assert!(
+                    waited[l].1 < came[l + 2],
+                    "layer {l}: the wait ended at {:.1} ms, after layer {} came ({:.1})",
+                    waited[l].1,
+                    l + 2,
+                    came[l + 2]
+                );
+            }
+        }
+        gate.wait_all().unwrap();
+        for (l, t) in out.iter().enumerate() {
+            let want: Vec<u32> = file[tensors[l].range.clone()]
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32().to_bits())
+                .collect();
+            assert_eq!(bits(&g.to_f32(t).unwrap()), want, "layer {l}'s tensor");
+        }
+        say(&format!(
+            "  gate: layers came at {came:.1?} ms, their waits ended at {:.1?} ms",
+            waited.iter().map(|w| w.1).collect::<Vec<_>>()
+        ));
+    }
 }

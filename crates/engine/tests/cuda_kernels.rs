@@ -1102,6 +1102,7 @@ fn lora_step_matches_cpu() {
                 layers: d,
                 bytes: 0,
                 index,
+                gate: None,
             });
         }
         let projections: [&[(Target, usize)]; 3] = [
@@ -1224,6 +1225,7 @@ fn lora_step_matches_cpu() {
             layers: wide,
             bytes: 0,
             index,
+            gate: None,
         };
         let rows = [LoraRows {
             start: 0,

@@ -135,6 +135,109 @@ fn a_read_hands_every_byte_of_the_file_to_its_sink_once() {
     }
 }
 
+/// A streamed load's layout, from the header alone, places every tensor where the whole parse finds it;
+/// its read order has the header, then each layer's tensors, layer after layer; the weights read in that
+/// order (cold and cached) hand every byte over once, the header's pieces first, and parse to the same
+/// adapter. A file rewritten between the header's read and the weights' is refused.
+#[test]
+fn a_streamed_read_follows_the_layers_and_parses_as_a_whole_one() {
+    use lorax_engine::lora::{AdapterLayout, Target};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = mistral_7b(dir.path());
+    let adapter = dir.path().join("adapter");
+    write_qkvo_adapter(&adapter, &cfg, 16, DType::BF16, 3);
+    let path = adapter.join("adapter_model.safetensors");
+    let file = std::fs::read(&path).unwrap();
+    let layout = AdapterLayout::read(&adapter, &cfg, 64).unwrap();
+    let whole = HostAdapter::load(&adapter, &cfg, 64).unwrap();
+    assert_eq!(layout.len, file.len());
+    assert_eq!(layout.bytes, whole.bytes);
+    assert_eq!(layout.max_rank(), 16);
+    assert_eq!(layout.elements(), whole.elements());
+    assert_eq!(layout.pairs.len(), 4 * cfg.num_layers);
+    for (l, target, scale, [a, b]) in &layout.pairs {
+        let pair = whole.layers[*l][target.index()].as_ref().unwrap();
+        assert_eq!(Some(a.range.clone()), pair.a.file_range(), "{l} {target:?} A");
+        assert_eq!(Some(b.range.clone()), pair.b.file_range(), "{l} {target:?} B");
+        assert_eq!((a.dtype, &a.shape), (pair.a.dtype, &pair.a.shape));
+        assert_eq!(*scale, pair.scale);
+        assert!(Target::ALL.contains(target));
+    }
+    let order = layout.read_order();
+    assert_eq!(order[0], 0..layout.data_start, "the header first");
+    let layer_at = |r: &std::ops::Range<usize>| {
+        layout
+            .pairs
+            .iter()
+            .find(|p| p.3.iter().any(|s| s.range == *r))
+            .map(|p| p.0)
+            .unwrap()
+    };
+    let layers: Vec<usize> = order[1..].iter().map(layer_at).collect();
+    assert!(
+        layers.windows(2).all(|w| w[0] <= w[1]),
+        "layers out of order: {layers:?}"
+    );
+    assert_eq!(order.len(), 1 + 2 * layout.pairs.len());
+    for cold in [true, false] {
+        if cold {
+            drop_cached(&path);
+        }
+        let sink = Pieces::default();
+        sink.start(file.len());
+        let host = layout.read_weights(&adapter, &cfg, 64, &sink).unwrap();
+        assert_eq!(host.bytes, whole.bytes);
+        for (l, layer) in host.layers.iter().enumerate() {
+            for t in Target::ALL {
+                let (x, y) = (&layer[t.index()], &whole.layers[l][t.index()]);
+                assert_eq!(x.is_some(), y.is_some());
+                if let (Some(x), Some(y)) = (x, y) {
+                    assert!(
+                        x.a.data() == y.a.data() && x.b.data() == y.b.data(),
+                        "{l} {t:?} differs"
+                    );
+                }
+            }
+        }
+        let mut pieces = sink.pieces.into_inner().unwrap();
+        // Pieces are taken in the order wanted (by the first range of `order` each holds) by at most 16
+        // readers at once: a piece that is r-th in that order was taken after r others, of which at most
+        // 15 were still in flight, so at least r - 15 pieces came before it.
+        let first_wanted = |(o, b): &(usize, Vec<u8>)| order.iter().position(|r| r.start < o + b.len() && *o < r.end);
+        let mut ranked: Vec<(Option<usize>, usize)> = pieces.iter().map(|p| (first_wanted(p), p.0)).collect();
+        ranked.sort_by_key(|&(w, o)| (w.unwrap_or(usize::MAX), o));
+        for (k, p) in pieces.iter().enumerate() {
+            let r = ranked.iter().position(|&(_, o)| o == p.0).unwrap();
+            assert!(
+                r <= k + 15,
+                "cold {cold}: the piece at {} ({r}th wanted) came {k}th",
+                p.0
+            );
+        }
+        assert!(
+            ranked.iter().all(|(w, _)| w.is_some()),
+            "cold {cold}: a piece holds nothing wanted"
+        );
+        pieces.sort_by_key(|(offset, _)| *offset);
+        let mut at = 0;
+        for (offset, bytes) in &pieces {
+            assert_eq!(*offset, at, "cold {cold}: a gap or an overlap at {at}");
+            assert!(
+                bytes[..] == file[at..at + bytes.len()],
+                "cold {cold}: piece at {at} differs"
+            );
+            at += bytes.len();
+        }
+        assert_eq!(at, file.len(), "cold {cold}: the pieces end early");
+    }
+    // Rewritten with other shapes after the header was read: refused.
+    write_qkvo_adapter(&adapter, &cfg, 8, DType::BF16, 3);
+    let sink = Pieces::default();
+    sink.start(layout.len);
+    let e = layout.read_weights(&adapter, &cfg, 64, &sink).unwrap_err();
+    assert!(e.to_string().contains("changed while it was read"), "{e}");
+}
+
 /// Median time of `HostAdapter::load` on a Mistral-7B-shaped rank-16 q/k/v/o bf16 adapter (27 MB,
 /// 256 tensors): each parse dropped before the next (its memory can be reused), all kept (as a host
 /// tier keeps them: each parse gets fresh memory), and kept with the file dropped from the page cache

@@ -256,19 +256,23 @@ impl ShardClients {
 
     /// Fetches an adapter into the shards' host cache. Only rank 0 is asked: the cache is shared. With
     /// `load` (one shard only: the others would not load it) the shard also loads it when it has a slot
-    /// free, and says so in `loaded`.
+    /// free, and says so in `loaded`; with `stream` too, it may answer before the weights are read
+    /// (`streaming`: see the shard proto's DownloadAdapterRequest).
     pub async fn download_adapter(
         &self,
         adapter: &AdapterKey,
         api_token: Option<String>,
         load: bool,
+        stream: bool,
     ) -> Result<DownloadAdapterResponse, ClientError> {
         let mut rank0 = self.clients.first().cloned().ok_or(ClientError::NoShards)?;
+        let load = load && self.clients.len() == 1;
         let request = DownloadAdapterRequest {
             adapter_id: adapter.id.clone(),
             adapter_source: adapter.source.as_str().to_string(),
             api_token,
-            load: load && self.clients.len() == 1,
+            load,
+            stream: stream && load,
         };
         Ok(rank0.download_adapter(request).await?.into_inner())
     }

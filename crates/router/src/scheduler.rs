@@ -22,7 +22,7 @@ use lorax_proto::shard::v1::{Generation, Request, Token};
 use tokio::sync::mpsc;
 
 use crate::adapters::catalog::AdapterCatalog;
-use crate::adapters::registry::{AdapterLease, Registry};
+use crate::adapters::registry::{AdapterLease, Registry, State};
 use crate::adapters::tasks::{self, log_download, AdapterEvent, AdapterTasks};
 use crate::adapters::{metric_label, AdapterError, AdapterFailure, AdapterKey};
 use crate::blocks::{BlockAllocation, BlockAllocator};
@@ -138,6 +138,8 @@ pub struct Scheduler {
     ahead: bool,
     /// Slow handlings of a step's results logged in the current second.
     slow_log: LogBudget,
+    /// Adapters whose streamed load's read has not ended (its `Streamed` event has not come).
+    streaming: std::collections::HashSet<AdapterKey>,
 }
 
 /// A step's results handled in at least this long, and in over half the shard call's time (while the shard
@@ -235,6 +237,7 @@ impl Scheduler {
             run_ahead: std::env::var("LORAX_RUN_AHEAD").map_or(true, |v| v != "0"),
             ahead: false,
             slow_log: LogBudget::default(),
+            streaming: std::collections::HashSet::new(),
         }
     }
 
@@ -304,10 +307,13 @@ impl Scheduler {
         if self.queues.push(adapter.as_ref(), entry, Instant::now()) {
             if let Some(adapter) = adapter {
                 // With one shard and a slot free, the download loads it too: one call, and the upload
-                // runs beside the read of its files.
+                // runs beside the read of its files. When no stream is decoding, the load streams: its
+                // prompt's pass then runs beside the read of the weights, layer by layer (the shard
+                // answers once the header is checked), and no stream's tokens wait for the disk.
                 let load = self.clients.len() == 1 && self.queues.claim_for_download(&adapter, Instant::now());
-                tracing::info!(adapter = %adapter, load, "downloading adapter");
-                self.adapter_tasks.download(adapter, api_token, load);
+                let stream = load && self.running.is_empty();
+                tracing::info!(adapter = %adapter, load, stream, "downloading adapter");
+                self.adapter_tasks.download(adapter, api_token, load, stream);
             }
         }
     }
@@ -335,6 +341,8 @@ impl Scheduler {
                         "it takes {bytes} bytes, and an adapter of {limit} bytes found no room on a device with no \
                          other adapter loaded"
                     )));
+                } else if response.loaded && response.streaming {
+                    self.on_streaming(&adapter);
                 } else if response.loaded {
                     self.on_loaded(&adapter);
                 } else if !response.load_refused {
@@ -350,6 +358,11 @@ impl Scheduler {
                 }
             }
             AdapterEvent::Loaded { adapter } => self.on_loaded(&adapter),
+            AdapterEvent::Streamed { adapter, result } => {
+                self.streaming.remove(&adapter);
+                self.on_streamed(&adapter, result);
+            }
+            // Its requests waited for the read (streams were decoding when its download answered).
             AdapterEvent::Offloaded { adapter, error } => {
                 match error {
                     None => tracing::info!(adapter = %adapter, "adapter offloaded"),
@@ -393,6 +406,29 @@ impl Scheduler {
             "the device has no room for the adapter; it waits for other adapters to be offloaded: {why}"
         );
         metrics::counter!(m::ADAPTER_LOAD_FAILURES, "err" => "no_room").increment(1);
+    }
+
+    /// The adapter is on the (one) shard, its weights still being read (a streamed download): its requests
+    /// may run now if no stream is decoding (their steps wait on the shard for the weights, layer by
+    /// layer); else they wait for the read's end, so that no decoding stream's step waits for the disk.
+    fn on_streaming(&mut self, adapter: &AdapterKey) {
+        self.adapter_tasks.await_stream(adapter.clone());
+        self.streaming.insert(adapter.clone());
+        if self.running.is_empty() {
+            self.on_loaded(adapter);
+        } else {
+            self.on_checked(adapter);
+        }
+    }
+
+    /// A streamed load's read ended: its requests run now if they waited for it; a failed read (the shard
+    /// unloaded the adapter, and the step that used it failed) fails its queue and forgets it.
+    fn on_streamed(&mut self, adapter: &AdapterKey, result: Result<(), AdapterError>) {
+        match result {
+            Ok(()) if self.queues.state(adapter) == Some(State::Loading) => self.on_loaded(adapter),
+            Ok(()) => tracing::info!(adapter = %adapter, "the streamed adapter's weights have all arrived"),
+            Err(error) => self.fail_adapter(&error),
+        }
     }
 
     /// The adapter is on every shard (by its LoadAdapter, or by its download).
@@ -895,7 +931,12 @@ impl Scheduler {
     }
 
     /// Fails every running request with the shard's message, frees their blocks and clears the shards.
+    /// Adapters whose streamed read has not ended take no new requests until it has: the failure may be
+    /// that read's (the shard then unloads the adapter, and its `Streamed` event fails its queue).
     async fn fail_all(&mut self, error: ClientError) {
+        for adapter in &self.streaming {
+            self.queues.suspend(adapter);
+        }
         let message = error.to_string();
         tracing::error!(requests = self.running.len(), "shard call failed: {message}");
         // Shards drop their batch before anyone hears of the failure or the blocks are reused.

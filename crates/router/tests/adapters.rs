@@ -678,3 +678,75 @@ async fn api_tokens_reach_the_hub_but_not_logs_or_errors() {
         assert!(!text.contains(secret), "{secret} was logged:\n{text}");
     }
 }
+
+/// With one shard and no stream decoding, an adapter's download streams: the shard places the adapter
+/// once its header is checked, and the request's Prefill comes while the weights are still being read
+/// (the shard's step waits for them); the request is answered by its adapter once they have arrived. A
+/// download asked while another stream decodes does not stream (its stream's steps must not wait for a
+/// disk). The fake shard counts a step with running sequences that names an adapter still being read as
+/// a violation.
+#[tokio::test]
+async fn idle_downloads_stream_and_their_prompt_runs_beside_the_read() {
+    let d = Deployment::start(Setup {
+        shards: 1,
+        ..Setup::default()
+    })
+    .await;
+    let shard = &d.shards[0];
+    shard.hold_stream("org/cold");
+    let ((status, body), ()) = tokio::join!(d.generate_with("org/cold", 4), async {
+        common::eventually("the prompt's step waits for the streamed read", DEADLINE, || async {
+            shard.prefills_while_streaming.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert!(shard.end_stream("org/cold", Ok(())), "no streamed read under way");
+    });
+    assert_eq!(status, 200, "{body}");
+    assert_generated_by(&body, "org/cold", 4);
+    assert_eq!(*shard.stream_asked.lock().expect("lock"), vec![true]);
+    assert_eq!(shard.streamed.load(Ordering::SeqCst), 1);
+
+    // A long base-model stream decodes while a new adapter is asked for: its download does not stream.
+    let long = d.spawn_generate("", 400);
+    common::eventually("the base stream decodes", DEADLINE, || async {
+        !shard.live().is_empty()
+    })
+    .await;
+    let (status, body) = d.generate_with("org/warm", 4).await;
+    assert_eq!(status, 200, "{body}");
+    assert_generated_by(&body, "org/warm", 4);
+    let (status, body) = long.await.expect("request task");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(*shard.stream_asked.lock().expect("lock"), vec![true, false]);
+    d.assert_no_violations();
+}
+
+/// A streamed read that fails (the weights' values, or the disk) fails the step waiting for it, so the
+/// request gets an error naming the cause; the shard unloads the adapter and the router forgets it: the
+/// next request for it downloads it again and is served.
+#[tokio::test]
+async fn a_failed_streamed_read_fails_its_request_and_the_adapter_is_fetched_again() {
+    let d = Deployment::start(Setup {
+        shards: 1,
+        ..Setup::default()
+    })
+    .await;
+    let shard = &d.shards[0];
+    shard.hold_stream("org/bad");
+    let ((status, body), ()) = tokio::join!(d.generate_with("org/bad", 4), async {
+        common::eventually("the prompt's step waits for the streamed read", DEADLINE, || async {
+            shard.prefills_while_streaming.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let ended = shard.end_stream("org/bad", Err("a weight holds values that are NaN or infinite".into()));
+        assert!(ended, "no streamed read under way");
+    });
+    assert_ne!(status, 200, "{body}");
+    assert!(body.to_string().contains("NaN"), "{body}");
+    assert!(shard.loaded().is_empty(), "the failed adapter stayed loaded");
+    let (status, body) = d.generate_with("org/bad", 4).await;
+    assert_eq!(status, 200, "{body}");
+    assert_generated_by(&body, "org/bad", 4);
+    assert_eq!(d.hub.downloads("org/bad"), 2, "the adapter was not fetched again");
+    d.assert_no_violations();
+}

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lorax_engine::engine::AdapterUploader;
-use lorax_engine::lora::DeviceAdapter;
+use lorax_engine::engine::{AdapterUploader, StreamStart};
+use lorax_engine::lora::{AdapterLayout, DeviceAdapter, HostAdapter};
 use lorax_engine::weights::DType;
 use lorax_engine::{
     Backend, Batch, CacheConfig, Engine, EngineError, Generation, ModelConfig, NewSequence, SamplingParams, StepOptions,
@@ -189,6 +189,29 @@ struct Parsed<B: Backend> {
 /// the read.
 type UploadDone<B> = (DeviceAdapter<B>, f64, bool);
 
+/// What [`ShardServer::parse_or_stream`] gives.
+enum Outcome<B: Backend> {
+    Parsed(Parsed<B>),
+    Streaming(StreamParts<B>),
+}
+
+/// A streamed load under way ([`AdapterUploader::load_streamed`]).
+struct StreamParts<B: Backend> {
+    /// On the device, its weights arriving behind its gate.
+    device: DeviceAdapter<B>,
+    /// The parse, or the read's or the checks' error, once the read ends.
+    rest: std::sync::mpsc::Receiver<lorax_engine::Result<HostAdapter>>,
+    layout: Arc<AdapterLayout>,
+    located: Located,
+    /// Milliseconds to the device adapter (the header read and checked, the device copy allocated).
+    header_ms: f64,
+    /// The parse's turn, held until the read ends, and the file's stamp for the host tier.
+    finish: Option<(tokio::sync::OwnedSemaphorePermit, Option<adapters::FileStamp>)>,
+}
+
+/// A streamed load's outcome for LoadAdapter's waiters: None while its weights are read.
+type StreamDone = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
+
 /// What the `adapter loaded` log line says of a load.
 struct LoadLog {
     started: Instant,
@@ -219,8 +242,10 @@ pub struct ShardServer<B: Backend> {
     /// One gate for each hub adapter being downloaded (see `locate`); unheld gates are dropped.
     downloads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Parses running at once ([`PARALLEL_PARSES`]): each holds a whole adapter file in memory.
-    parses: tokio::sync::Semaphore,
+    parses: Arc<tokio::sync::Semaphore>,
     host_tier: Arc<HostTier>,
+    /// Streamed loads whose weights are still being read, by key.
+    streams: Arc<Mutex<HashMap<String, StreamDone>>>,
 }
 
 /// Adapter parses that may run at once. A parse holds its whole file in memory (up to the largest adapter
@@ -291,7 +316,8 @@ impl<B: Backend> ShardServer<B> {
             settings: cfg.adapters,
             download_timeout: cfg.download_timeout,
             downloads: Mutex::new(HashMap::new()),
-            parses: tokio::sync::Semaphore::new(PARALLEL_PARSES),
+            parses: Arc::new(tokio::sync::Semaphore::new(PARALLEL_PARSES)),
+            streams: Arc::new(Mutex::new(HashMap::new())),
             deferred_keep: Arc::new(Mutex::new(None)),
             slots: Arc::new(Mutex::new(Slots::default())),
             state: Arc::new(Mutex::new(State {
@@ -374,15 +400,30 @@ impl<B: Backend> ShardServer<B> {
     /// milliseconds from the read's end to the upload's, and whether it went up beside the read. (None
     /// when the parse was taken from the tier: upload it apart.)
     async fn parse_into_host_tier(&self, key: &str, located: Located, upload: bool) -> Result<Parsed<B>, Status> {
+        match self.parse_or_stream(key, located, upload, false).await? {
+            Outcome::Parsed(parsed) => Ok(parsed),
+            Outcome::Streaming(_) => Err(Status::internal("a parse streamed unasked")),
+        }
+    }
+
+    /// [`Self::parse_into_host_tier`]; with `stream` (and `upload`), an adapter not in the host tier is
+    /// loaded as its file is read ([`AdapterUploader::load_streamed`]) where it can be: the answer then
+    /// comes once its header is checked, with the device adapter and what gives the parse later.
+    async fn parse_or_stream(
+        &self,
+        key: &str,
+        located: Located,
+        upload: bool,
+        stream: bool,
+    ) -> Result<Outcome<B>, Status> {
         let cfg = self.cfg.clone();
         let (max_rank, storage) = (self.settings.max_rank, self.storage);
-        let _turn = self
-            .parses
-            .acquire()
+        let turn = Arc::clone(&self.parses)
+            .acquire_owned()
             .await
             .map_err(|_| Status::unavailable("the shard is shutting down"))?;
         let uploader = upload.then(|| self.uploader.clone());
-        let (parsed, stamp) = tokio::task::spawn_blocking({
+        let outcome = tokio::task::spawn_blocking({
             let host_tier = Arc::clone(&self.host_tier);
             let key = key.to_string();
             move || {
@@ -391,17 +432,34 @@ impl<B: Backend> ShardServer<B> {
                 let stamp = adapters::stamp(&located);
                 if let Some(host) = stamp.as_ref().and_then(|s| host_tier.get_unchanged(&key, s)) {
                     return Ok::<_, Status>((
-                        Parsed {
+                        Outcome::Parsed(Parsed {
                             host,
                             parse_ms: None,
                             device: None,
-                        },
+                        }),
                         None,
                     ));
                 }
                 let t = Instant::now();
                 let (host, device) = match uploader {
                     None => (adapters::parse(&located, &cfg, max_rank)?, None),
+                    Some(uploader) if stream => match uploader.load_streamed(&located.dir, &cfg, max_rank, storage) {
+                        StreamStart::Streaming { device, rest, layout } => {
+                            let parts = StreamParts {
+                                device,
+                                rest,
+                                layout,
+                                located,
+                                header_ms: millis_f(t.elapsed()),
+                                finish: None,
+                            };
+                            return Ok((Outcome::Streaming(parts), Some(stamp)));
+                        }
+                        StreamStart::Loaded(loaded) => {
+                            let (host, device) = loaded.map_err(|e| adapters::parse_error(e, &located))?;
+                            (host, Some(device))
+                        }
+                    },
                     Some(uploader) => {
                         let (host, device) = uploader
                             .load_and_upload(&located.dir, &cfg, max_rank)
@@ -420,21 +478,151 @@ impl<B: Backend> ShardServer<B> {
                 let parse_ms = millis_of(t.elapsed().saturating_sub(after_read));
                 let device = device.map(|d| d.map(|u| (u.device, millis_f(u.after_read), u.beside_read)));
                 Ok((
-                    Parsed {
+                    Outcome::Parsed(Parsed {
                         host: Arc::new(host),
                         parse_ms: Some(parse_ms),
                         device,
-                    },
+                    }),
                     Some(stamp),
                 ))
             }
         })
         .await
         .map_err(|e| Status::internal(format!("parse task failed: {e}")))??;
-        if let Some(stamp) = stamp {
-            self.host_tier.insert(key, Arc::clone(&parsed.host), stamp);
+        match outcome {
+            (Outcome::Parsed(parsed), Some(stamp)) => {
+                self.host_tier.insert(key, Arc::clone(&parsed.host), stamp);
+                Ok(Outcome::Parsed(parsed))
+            }
+            (Outcome::Streaming(mut parts), stamp) => {
+                // The parse's turn is held until its read ends (the read holds the file in memory).
+                parts.finish = Some((turn, stamp.flatten()));
+                Ok(Outcome::Streaming(parts))
+            }
+            (outcome, None) => Ok(outcome),
         }
-        Ok(parsed)
+    }
+
+    /// Puts a streamed load's adapter in its slot and answers the download, leaving a task that waits for
+    /// the read's end: it keeps the parse in the host tier, or unloads the adapter when the read or the
+    /// checks failed (a step that used it failed with the same error), and tells LoadAdapter's waiters.
+    fn streamed(
+        &self,
+        key: String,
+        adapter_id: &str,
+        parts: StreamParts<B>,
+        claim: Pending<B>,
+        started: Instant,
+        tokenizer_config: Option<String>,
+    ) -> Result<pb::DownloadAdapterResponse, Status> {
+        let StreamParts {
+            device,
+            rest,
+            layout,
+            located,
+            header_ms,
+            finish,
+        } = parts;
+        let warnings = self.base_model_warning(adapter_id, layout.base_model());
+        let (done_tx, done_rx) = tokio::sync::watch::channel(None);
+        self.streams
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(key.clone(), done_rx);
+        let log = LoadLog {
+            started,
+            parse_ms: 0,
+            upload_ms: header_ms,
+            beside_read: true,
+            via: "stream",
+        };
+        let inserted = self.insert_loaded(claim, device, log);
+        let (host_tier, slots, state, deferred, streams) = (
+            Arc::clone(&self.host_tier),
+            Arc::clone(&self.slots),
+            Arc::clone(&self.state),
+            Arc::clone(&self.deferred_keep),
+            Arc::clone(&self.streams),
+        );
+        let task_key = key.clone();
+        tokio::spawn(async move {
+            let key = task_key;
+            let host = tokio::task::spawn_blocking(move || {
+                rest.recv()
+                    .unwrap_or_else(|_| Err(EngineError::Backend("the adapter's read stopped".into())))
+            })
+            .await
+            .unwrap_or_else(|e| Err(EngineError::Backend(format!("the adapter's read task failed: {e}"))));
+            let (turn, stamp) = finish.map_or((None, None), |(t, s)| (Some(t), s));
+            drop(turn);
+            let outcome = match host {
+                Ok(host) => {
+                    tracing::info!(
+                        adapter = %key,
+                        bytes = host.bytes,
+                        rank = host.max_rank,
+                        read = %host.read.as_str(),
+                        streamed = true,
+                        ms = millis(started),
+                        "adapter downloaded"
+                    );
+                    host_tier.insert(&key, Arc::new(host), stamp);
+                    Ok(())
+                }
+                Err(e) => {
+                    let message = adapters::parse_error(e, &located).message().to_string();
+                    tracing::warn!(adapter = %key, "the streamed adapter's read failed; unloading it: {message}");
+                    let unloaded = tokio::task::spawn_blocking({
+                        let key = key.clone();
+                        move || -> Result<(), Status> {
+                            let mut guard = lock_state(&state, &deferred, &slots)?;
+                            let s = &mut *guard;
+                            let mut slots = slots.lock().map_err(|_| poisoned())?;
+                            s.engine
+                                .offload_adapter(&key, &s.batch)
+                                .map_err(|e| Status::internal(e.to_string()))?;
+                            slots.loaded.remove(&key);
+                            Ok(())
+                        }
+                    })
+                    .await;
+                    if let Ok(Err(e)) | Err(e) = unloaded.map_err(|e| Status::internal(e.to_string())) {
+                        tracing::error!(adapter = %key, "unloading the failed streamed adapter: {e}");
+                    }
+                    Err(message)
+                }
+            };
+            if let Ok(mut streams) = streams.lock() {
+                streams.remove(&key);
+            }
+            let _ = done_tx.send(Some(outcome));
+        });
+        let device_bytes = inserted?;
+        Ok(pb::DownloadAdapterResponse {
+            size_bytes: layout.bytes as u64,
+            warnings,
+            rank: u32::try_from(layout.max_rank()).unwrap_or(u32::MAX),
+            tokenizer_config,
+            loaded: true,
+            device_bytes,
+            load_refused: false,
+            upload_bytes: (layout.elements() * self.storage.size()) as u64,
+            streaming: true,
+        })
+    }
+
+    /// The warning for an adapter trained on another base model than the one served.
+    fn base_model_warning(&self, adapter_id: &str, base: Option<&str>) -> Vec<String> {
+        base.filter(|b| *b != self.info.model_id)
+            .map(|base| {
+                format!(
+                    "adapter {adapter_id:?} was trained on {base:?}, not on the served model {:?}; its shapes fit, so it \
+                     is served",
+                    self.info.model_id
+                )
+            })
+            .into_iter()
+            .collect()
     }
 
     /// Claims a device slot for a load of `key`, before anything is read or uploaded: `None` when it is
@@ -844,8 +1032,17 @@ impl<B: Backend> ShardService for ShardServer<B> {
             },
         };
         let tokenizer_config = adapters::tokenizer_config(&located);
-        let parsed = match self.parse_into_host_tier(&key, located, claim.is_some()).await {
-            Ok(parsed) => parsed,
+        let stream = r.stream && claim.is_some();
+        let parsed = match self.parse_or_stream(&key, located, claim.is_some(), stream).await {
+            Ok(Outcome::Parsed(parsed)) => parsed,
+            Ok(Outcome::Streaming(parts)) => {
+                drop(turn);
+                let Some(claim) = claim else {
+                    return Err(Status::internal("a streamed load without its slot"));
+                };
+                let response = self.streamed(key, &r.adapter_id, parts, claim, started, tokenizer_config)?;
+                return Ok(Response::new(response));
+            }
             Err(status) => {
                 if r.adapter_source == "hub" {
                     // The next DownloadAdapter (the router's retry) then fetches the files again.
@@ -857,13 +1054,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
         };
         drop(turn);
         let host = Arc::clone(&parsed.host);
-        let mut warnings = Vec::new();
-        if let Some(base) = host.base_model.as_deref().filter(|b| *b != self.info.model_id) {
-            warnings.push(format!(
-                "adapter {:?} was trained on {base:?}, not on the served model {:?}; its shapes fit, so it is served",
-                r.adapter_id, self.info.model_id
-            ));
-        }
+        let warnings = self.base_model_warning(&r.adapter_id, host.base_model.as_deref());
         let (held, entries) = self.host_tier.usage();
         tracing::info!(
             adapter = %key,
@@ -917,6 +1108,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
             device_bytes: device_bytes.unwrap_or(0),
             load_refused,
             upload_bytes: (host.elements() * self.storage.size()) as u64,
+            streaming: false,
         }))
     }
 
@@ -927,6 +1119,19 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let r = req.into_inner();
         let key = adapters::key(&r.adapter_source, &r.adapter_id);
         let started = Instant::now();
+        // A streamed load under way: answer when its weights have all arrived.
+        let stream = self.streams.lock().map_err(|_| poisoned())?.get(&key).cloned();
+        if let Some(mut done) = stream {
+            let outcome = done
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| Status::internal("the streamed load's task ended without an outcome"))?
+                .clone();
+            return match outcome {
+                Some(Err(message)) => Err(Status::invalid_argument(message)),
+                _ => Ok(Response::new(pb::LoadAdapterResponse { device_bytes: 0 })),
+            };
+        }
         // Already loaded, or no slot: answer before reading or uploading anything.
         let Some(claim) = self.claim_slot(&key).await? else {
             return Ok(Response::new(pb::LoadAdapterResponse { device_bytes: 0 }));

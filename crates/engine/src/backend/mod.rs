@@ -186,6 +186,25 @@ pub trait FileUpload<T>: PieceSink + Send {
     /// has come. An error when a piece could not be copied, or a tensor cannot be used where it lies (its
     /// type is not the backend's, or its place is misaligned): the adapter is then uploaded after the read.
     fn finish(self: Box<Self>, tensors: &[FileTensor<'_>]) -> Result<Vec<T>>;
+    /// The tensors at these ranges of the file (`layer_of` each, of `num_layers`; the file's data from
+    /// `data_start`), placed now, after `start` and before the pieces come, with the gate that device
+    /// work reading them waits on ([`crate::lora::AdapterGate`]). An error when they cannot be used in
+    /// place (as [`FileUpload::finish`] says) or the upload cannot stream. The default cannot.
+    fn early(
+        &self,
+        data_start: usize,
+        tensors: &[FileTensor<'_>],
+        layer_of: &[usize],
+        num_layers: usize,
+    ) -> Result<(Vec<T>, std::sync::Arc<dyn crate::lora::AdapterGate>)> {
+        let _ = (data_start, tensors, layer_of, num_layers);
+        Err(crate::error::EngineError::Backend("this upload cannot stream".into()))
+    }
+    /// Ends an upload made [`FileUpload::early`]: the read and the checks' outcome, which the gate then
+    /// reports. Waits for the copies (as dropping the upload does).
+    fn end(self: Box<Self>, outcome: Result<()>) {
+        let _ = outcome;
+    }
 }
 
 /// How a backend's decode steps ran so far ([`Backend::step_counts`]): through a captured graph (`replays`,

@@ -539,6 +539,18 @@ impl<T> Registry<T> {
         Some(now.saturating_duration_since(began))
     }
 
+    /// Active → Loading, keeping its slot: its requests wait (a streamed load whose read may have failed,
+    /// until its outcome comes: [`Registry::loaded`] or [`Registry::fail`]). `false` if `key` was not active.
+    pub fn suspend(&mut self, key: &AdapterKey) -> bool {
+        match self.adapters.get_mut(key) {
+            Some(a) if matches!(a.state, State::Active { .. }) => {
+                a.state = State::Loading;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Offloading → Downloaded (its queued requests, if any, wait for a slot again). `false` if `key`
     /// was not offloading.
     pub fn offloaded(&mut self, key: &AdapterKey) -> bool {

@@ -27,6 +27,14 @@ pub enum AdapterEvent {
         /// The adapter.
         adapter: AdapterKey,
     },
+    /// A streamed load (`response.streaming` of its download) read all its weights (`Ok`), or failed: the
+    /// shard unloaded it, and the step that used it failed.
+    Streamed {
+        /// The adapter.
+        adapter: AdapterKey,
+        /// The read's outcome.
+        result: Result<(), AdapterError>,
+    },
     /// The offload finished (`error`: it failed; the adapter is treated as offloaded anyway).
     Offloaded {
         /// The adapter.
@@ -53,13 +61,22 @@ impl AdapterTasks {
     }
 
     /// Downloads `adapter` with the token of the request that asked for it first; with `load`, the shard
-    /// also loads it when it has a slot free (the registry holds one for it).
-    pub fn download(&self, adapter: AdapterKey, api_token: Option<Secret>, load: bool) {
+    /// also loads it when it has a slot free (the registry holds one for it), and with `stream` may answer
+    /// before its weights are read.
+    pub fn download(&self, adapter: AdapterKey, api_token: Option<Secret>, load: bool, stream: bool) {
         self.spawn(|clients| async move {
-            match download(&clients, &adapter, api_token.as_ref(), load).await {
+            match download(&clients, &adapter, api_token.as_ref(), load, stream).await {
                 Ok(response) => AdapterEvent::Downloaded { adapter, response },
                 Err(e) => AdapterEvent::Failed(e),
             }
+        });
+    }
+
+    /// Waits for a streamed load's read to end (the shard's LoadAdapter answers then).
+    pub fn await_stream(&self, adapter: AdapterKey) {
+        self.spawn(|clients| async move {
+            let result = load(&clients, &adapter).await;
+            AdapterEvent::Streamed { adapter, result }
         });
     }
 
@@ -99,9 +116,10 @@ pub async fn download(
     adapter: &AdapterKey,
     api_token: Option<&Secret>,
     load: bool,
+    stream: bool,
 ) -> Result<DownloadAdapterResponse, AdapterError> {
     clients
-        .download_adapter(adapter, api_token.map(|t| t.0.clone()), load)
+        .download_adapter(adapter, api_token.map(|t| t.0.clone()), load, stream)
         .await
         .map_err(|e| {
             // A download that also loads fails its load with the load's codes (a full device, an
@@ -128,7 +146,7 @@ pub async fn load(clients: &ShardClients, adapter: &AdapterKey) -> Result<(), Ad
 pub async fn preload(clients: &ShardClients, adapters: &[AdapterKey]) -> Result<Vec<(AdapterKey, u64)>, AdapterError> {
     let mut loaded = Vec::with_capacity(adapters.len());
     for adapter in adapters {
-        let response = download(clients, adapter, None, true).await?;
+        let response = download(clients, adapter, None, true, false).await?;
         log_download(adapter, &response);
         if !response.loaded {
             load(clients, adapter).await?;

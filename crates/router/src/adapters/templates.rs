@@ -59,7 +59,7 @@ impl AdapterTemplates {
     ) -> Result<Option<ChatTemplate>, AdapterError> {
         let (clients, key, token) = (clients.clone(), adapter.clone(), api_token.cloned());
         self.get_with(adapter, api_token, move || async move {
-            let response = download(&clients, &key, token.as_ref(), false).await?;
+            let response = download(&clients, &key, token.as_ref(), false, false).await?;
             parse(&key, response.tokenizer_config.as_deref())
         })
         .await

@@ -207,6 +207,9 @@ impl FakeHub {
     }
 }
 
+/// A fake streamed load's outcome: None while its weights are "read".
+type StreamOutcome = Option<Result<(), String>>;
+
 /// Observable state of one fake shard.
 #[derive(Debug, Default)]
 pub struct FakeState {
@@ -255,6 +258,18 @@ pub struct FakeState {
     pub offloads: AtomicUsize,
     /// Adapter contract violations by the router (see the module docs).
     pub adapter_errors: AtomicUsize,
+    /// Streamed loads (a download with `load` and `stream`, answered `streaming`) whose outcome LoadAdapter
+    /// has not yet collected: None while their weights are "read". As the real shard: a Prefill that names
+    /// one waits for its read and fails if it failed.
+    streams: Mutex<HashMap<AdapterKey, watch::Sender<StreamOutcome>>>,
+    /// Adapter ids whose streamed reads the test ends ([`FakeState::end_stream`]); others end at once.
+    held_streams: Mutex<HashSet<String>>,
+    /// Downloads answered `streaming`.
+    pub streamed: AtomicUsize,
+    /// Prefill calls that named an adapter whose streamed read had not ended.
+    pub prefills_while_streaming: AtomicUsize,
+    /// `stream` of each download with `load`, in call order.
+    pub stream_asked: Mutex<Vec<bool>>,
 }
 
 impl FakeState {
@@ -283,6 +298,26 @@ impl FakeState {
     /// Adapter ids of each Prefill call's requests ("" for the base model).
     pub fn prefill_adapters(&self) -> Vec<Vec<String>> {
         self.prefill_adapters.lock().expect("lock").clone()
+    }
+
+    /// Holds the streamed reads of `id` until [`FakeState::end_stream`].
+    pub fn hold_stream(&self, id: &str) {
+        self.held_streams.lock().expect("lock").insert(id.to_string());
+    }
+
+    /// Ends the held streamed read of `id` with `outcome` (an error fails the Prefill that waits for it and
+    /// LoadAdapter, and unloads the adapter); `false` if none was under way.
+    pub fn end_stream(&self, id: &str, outcome: Result<(), String>) -> bool {
+        self.held_streams.lock().expect("lock").remove(id);
+        let streams = self.streams.lock().expect("lock");
+        let Some((key, tx)) = streams.iter().find(|(k, _)| k.1 == id) else {
+            return false;
+        };
+        if outcome.is_err() {
+            self.loaded.lock().expect("lock").remove(key);
+        }
+        tx.send_replace(Some(outcome));
+        true
     }
 
     /// Makes LoadAdapter of `id` fail on this rank.
@@ -474,6 +509,33 @@ impl ShardService for FakeShard {
             .lock()
             .expect("lock")
             .push(requests.iter().map(|r| r.adapter_id.clone()).collect());
+        // Streamed adapters still being read: the step waits for their reads (and fails with them). A step
+        // that decodes running sequences must not wait for a disk.
+        let reading: Vec<watch::Receiver<StreamOutcome>> = {
+            let streams = self.state.streams.lock().expect("lock");
+            requests
+                .iter()
+                .filter_map(|r| streams.get(&(r.adapter_source.clone(), r.adapter_id.clone())))
+                .map(watch::Sender::subscribe)
+                .filter(|rx| rx.borrow().is_none())
+                .collect()
+        };
+        if !reading.is_empty() {
+            self.state.prefills_while_streaming.fetch_add(1, Ordering::SeqCst);
+            if decode_running && !self.state.batch.lock().expect("lock").is_empty() {
+                return Err(self.state.violation(Status::failed_precondition(
+                    "a step with running sequences names an adapter whose weights are still being read",
+                )));
+            }
+            for mut rx in reading {
+                let outcome = rx.wait_for(Option::is_some).await.map(|o| o.clone()).ok().flatten();
+                if let Some(Err(message)) = outcome {
+                    return Err(Status::internal(format!(
+                        "a streamed adapter's weights did not all arrive: {message}"
+                    )));
+                }
+            }
+        }
         {
             let loaded = self.state.loaded.lock().expect("lock");
             for r in requests.iter().filter(|r| !r.adapter_id.is_empty()) {
@@ -597,8 +659,9 @@ impl ShardService for FakeShard {
         request: Request<DownloadAdapterRequest>,
     ) -> Result<Response<DownloadAdapterResponse>, Status> {
         let request = request.into_inner();
-        let (load, key) = (
+        let (load, stream, key) = (
             request.load,
+            request.stream,
             (request.adapter_source.clone(), request.adapter_id.clone()),
         );
         let mut response = self.hub.download(self.rank, request).await?;
@@ -609,7 +672,18 @@ impl ShardService for FakeShard {
                     .state
                     .violation(Status::invalid_argument("a download with load on more than one shard")));
             }
-            match self.load_here(key) {
+            self.state.stream_asked.lock().expect("lock").push(stream);
+            match self.load_here(key.clone()) {
+                Ok(()) if stream => {
+                    response.loaded = true;
+                    response.streaming = true;
+                    response.device_bytes = 4096;
+                    self.state.download_loads.fetch_add(1, Ordering::SeqCst);
+                    self.state.streamed.fetch_add(1, Ordering::SeqCst);
+                    let held = self.state.held_streams.lock().expect("lock").contains(&key.1);
+                    let (tx, _) = watch::channel((!held).then_some(Ok(())));
+                    self.state.streams.lock().expect("lock").insert(key, tx);
+                }
                 Ok(()) => {
                     response.loaded = true;
                     response.device_bytes = 4096;
@@ -636,7 +710,24 @@ impl ShardService for FakeShard {
         request: Request<LoadAdapterRequest>,
     ) -> Result<Response<LoadAdapterResponse>, Status> {
         let r = request.into_inner();
-        self.load_here((r.adapter_source, r.adapter_id))?;
+        let key = (r.adapter_source, r.adapter_id);
+        let stream = self
+            .state
+            .streams
+            .lock()
+            .expect("lock")
+            .get(&key)
+            .map(watch::Sender::subscribe);
+        if let Some(mut done) = stream {
+            // A streamed load: answer when its read ends.
+            let outcome = done.wait_for(Option::is_some).await.map(|o| o.clone()).ok().flatten();
+            self.state.streams.lock().expect("lock").remove(&key);
+            return match outcome {
+                Some(Err(message)) => Err(Status::invalid_argument(message)),
+                _ => Ok(Response::new(LoadAdapterResponse { device_bytes: 0 })),
+            };
+        }
+        self.load_here(key)?;
         self.state.loads.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(LoadAdapterResponse { device_bytes: 4096 }))
     }

@@ -10,10 +10,12 @@
 //!
 //! [`Backend::begin_file_upload`]: crate::backend::Backend::begin_file_upload
 
+use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
-use cudarc::driver::{result as drv_result, CudaSlice, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{result as drv_result, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 
 use super::{drv, CudaBackend, CudaTensor, DevBuf};
 use crate::backend::{FileTensor, FileUpload};
@@ -30,6 +32,8 @@ pub(super) struct CudaFileUpload<'a> {
     /// taking `copy`'s lock.
     host: OnceLock<(usize, usize)>,
     copy: Mutex<Copy>,
+    /// With [`FileUpload::early`]: what the tensors' readers wait on; each piece sent is marked on it.
+    gate: OnceLock<Arc<CudaGate>>,
 }
 
 #[derive(Default)]
@@ -38,6 +42,10 @@ struct Copy {
     staging: Option<PinnedHostSlice<u8>>,
     /// The device copy: byte `i` of the file at `i - data_start`.
     dev: Option<CudaSlice<u8>>,
+    /// The device copy once [`FileUpload::early`] handed out tensors of it, and their conversions' buffer:
+    /// kept while pieces are still copied and converted into them, whoever drops the tensors.
+    owner: Option<Arc<CudaSlice<u8>>>,
+    converted: Option<Arc<CudaSlice<u8>>>,
     dev_base: u64,
     /// The file's length.
     len: usize,
@@ -55,6 +63,7 @@ impl<'a> CudaFileUpload<'a> {
             backend,
             host: OnceLock::new(),
             copy: Mutex::new(Copy::default()),
+            gate: OnceLock::new(),
         }
     }
 
@@ -102,7 +111,13 @@ impl<'a> CudaFileUpload<'a> {
         // SAFETY: the device copy holds `len - data_start` bytes and `range.end <= len` (checked in
         // `piece`); `src` is pinned and stays unchanged until the stream has been waited for.
         unsafe { drv_result::memcpy_htod_async(c.dev_base + (from - start) as u64, src, b.upload_stream.cu_stream()) }
-            .map_err(|e| drv("adapter upload", e))
+            .map_err(|e| drv("adapter upload", e))?;
+        if let Some(gate) = self.gate.get() {
+            gate.cover(from..range.end, |(out, raw, dtype, n)| {
+                b.convert_upload(out, raw, dtype, n)
+            })?;
+        }
+        Ok(())
     }
 
     /// Waits for every copy sent (an event recorded now on the upload stream, not the whole stream: other
@@ -115,6 +130,87 @@ impl<'a> CudaFileUpload<'a> {
             .and_then(|e| e.synchronize())
             .map_err(|e| drv("adapter upload", e))
     }
+}
+
+/// Where each tensor of the file (its data from `start`, `len` bytes in all) is used: None, in place (of the
+/// backend's type, at a 256-byte boundary as `upload_many` places it), or its offset in an allocation of
+/// the returned size that it is converted into (another type, from an element-aligned place). An error
+/// for a tensor outside the file or misplaced.
+fn placed(
+    b: &CudaBackend,
+    tensors: &[FileTensor<'_>],
+    start: usize,
+    len: usize,
+) -> Result<(Vec<Option<usize>>, usize)> {
+    let es = b.dtype.size();
+    let mut places = Vec::with_capacity(tensors.len());
+    let mut converted = 0usize;
+    for t in tensors {
+        let numel: usize = t.shape.iter().product();
+        let inside = t.range.start >= start && t.range.end <= len && t.range.len() == numel * t.dtype.size();
+        let at = t.range.start.saturating_sub(start);
+        let (fits, place) = if t.dtype == b.dtype {
+            (at.is_multiple_of(ALIGN), None)
+        } else {
+            let place = converted;
+            converted += (numel * es).max(1).next_multiple_of(ALIGN);
+            (at.is_multiple_of(t.dtype.size()), Some(place))
+        };
+        if !(inside && fits) {
+            return Err(EngineError::Backend(format!(
+                "a {:?} {:?} tensor at {:?} of the file (data from {start}) cannot be used where it lies",
+                t.dtype, t.shape, t.range
+            )));
+        }
+        places.push(place);
+    }
+    Ok((places, converted))
+}
+
+/// The allocation of `bytes` that converted tensors go to, and its address (None for none).
+fn conversion_buffer(b: &CudaBackend, bytes: usize) -> Result<Option<(Arc<CudaSlice<u8>>, u64)>> {
+    if bytes == 0 {
+        return Ok(None);
+    }
+    b.ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
+    // SAFETY: uninitialised; each converted tensor's elements are written by its conversion before any
+    // reader uses them (alignment padding is never read).
+    let out =
+        unsafe { b.upload_stream.alloc::<u8>(bytes) }.map_err(|e| drv(&format!("allocating {bytes} bytes"), e))?;
+    let base = {
+        let (p, _sync) = out.device_ptr(&b.upload_stream);
+        p
+    };
+    Ok(Some((Arc::new(out), base)))
+}
+
+/// The tensors as [`placed`] placed them: in the device copy `owner` (at `base`, the file's data from
+/// `start`) or in the conversion buffer `out`.
+fn tensors_at(
+    b: &CudaBackend,
+    tensors: &[FileTensor<'_>],
+    places: &[Option<usize>],
+    owner: &Arc<CudaSlice<u8>>,
+    base: u64,
+    start: usize,
+    out: Option<&(Arc<CudaSlice<u8>>, u64)>,
+) -> Vec<CudaTensor> {
+    let es = b.dtype.size();
+    tensors
+        .iter()
+        .zip(places)
+        .map(|(t, place)| {
+            let numel: usize = t.shape.iter().product();
+            let buf = match (place, out) {
+                (Some(place), Some((out, out_base))) => DevBuf::part(out, *out_base, *place, numel * es),
+                _ => DevBuf::part(owner, base, t.range.start - start, t.range.len()),
+            };
+            CudaTensor {
+                shape: t.shape.to_vec(),
+                buf,
+            }
+        })
+        .collect()
 }
 
 impl PieceSink for CudaFileUpload<'_> {
@@ -187,13 +283,31 @@ impl PieceSink for CudaFileUpload<'_> {
 }
 
 impl FileUpload<CudaTensor> for CudaFileUpload<'_> {
+    fn early(
+        &self,
+        data_start: usize,
+        tensors: &[FileTensor<'_>],
+        layer_of: &[usize],
+        num_layers: usize,
+    ) -> Result<(Vec<CudaTensor>, Arc<dyn crate::lora::AdapterGate>)> {
+        self.early_tensors(data_start, tensors, layer_of, num_layers)
+            .map(|(t, g)| (t, g as Arc<dyn crate::lora::AdapterGate>))
+    }
+
+    fn end(self: Box<Self>, outcome: Result<()>) {
+        let error = self.copy().error.take();
+        let outcome = match (outcome, error) {
+            (Err(e), _) | (Ok(()), Some(e)) => Err(e.to_string()),
+            (Ok(()), None) => Ok(()),
+        };
+        if let Some(gate) = self.gate.get() {
+            gate.end(outcome);
+        }
+    }
+
     fn finish(self: Box<Self>, tensors: &[FileTensor<'_>]) -> Result<Vec<CudaTensor>> {
         let b = self.backend;
-        let es = b.dtype.size();
-        // Per tensor: None (used where it lies) or its offset in the conversion's allocation.
-        let mut places = Vec::with_capacity(tensors.len());
-        let mut converted = 0usize;
-        let dev = {
+        let (places, converted, dev, base, start) = {
             let mut c = self.copy();
             if let Some(e) = c.error.take() {
                 return Err(e);
@@ -201,44 +315,15 @@ impl FileUpload<CudaTensor> for CudaFileUpload<'_> {
             let Some(start) = c.data_start else {
                 return Err(EngineError::Backend("the adapter file's header never came".into()));
             };
-            for t in tensors {
-                let numel: usize = t.shape.iter().product();
-                let inside = t.range.start >= start && t.range.end <= c.len && t.range.len() == numel * t.dtype.size();
-                let at = t.range.start.saturating_sub(start);
-                // Of the backend's type: used in place, at a 256-byte boundary as upload_many places it. Of
-                // another: converted into an allocation of its own, from an element-aligned place.
-                let (fits, place) = if t.dtype == b.dtype {
-                    (at.is_multiple_of(ALIGN), None)
-                } else {
-                    let place = converted;
-                    converted += (numel * es).max(1).next_multiple_of(ALIGN);
-                    (at.is_multiple_of(t.dtype.size()), Some(place))
-                };
-                if !(inside && fits) {
-                    return Err(EngineError::Backend(format!(
-                        "a {:?} {:?} tensor at {:?} of the file (data from {start}) cannot be used where it lies",
-                        t.dtype, t.shape, t.range
-                    )));
-                }
-                places.push(place);
-            }
-            let dev = c.dev.take();
-            dev.map(|d| (d, c.dev_base, start))
-        };
-        let Some((dev, base, start)) = dev else {
-            return Err(EngineError::Backend("the adapter file's device copy is missing".into()));
+            let (places, converted) = placed(b, tensors, start, c.len)?;
+            let Some(dev) = c.dev.take() else {
+                return Err(EngineError::Backend("the adapter file's device copy is missing".into()));
+            };
+            (places, converted, dev, c.dev_base, start)
         };
         // Conversions run on the upload stream after every piece's copy (all queued before the read ended).
-        let out = if converted > 0 {
-            b.ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
-            // SAFETY: uninitialised; each converted tensor's elements are written by its conversion below
-            // (alignment padding is never read).
-            let out = unsafe { b.upload_stream.alloc::<u8>(converted) }
-                .map_err(|e| drv(&format!("allocating {converted} bytes"), e))?;
-            let out_base = {
-                let (p, _sync) = out.device_ptr(&b.upload_stream);
-                p
-            };
+        let out = conversion_buffer(b, converted)?;
+        if let Some((_, out_base)) = &out {
             for (t, place) in tensors.iter().zip(&places) {
                 if let Some(place) = place {
                     let numel = t.shape.iter().product();
@@ -246,34 +331,265 @@ impl FileUpload<CudaTensor> for CudaFileUpload<'_> {
                     b.convert_upload(out_base + *place as u64, raw, t.dtype, numel)?;
                 }
             }
-            Some((Arc::new(out), out_base))
-        } else {
-            None
-        };
+        }
         // The tensors are handed out only once every copy (and conversion) into them has ended.
         self.wait()?;
-        let owner = Arc::new(dev);
-        Ok(tensors
-            .iter()
-            .zip(places)
-            .map(|(t, place)| {
+        Ok(tensors_at(
+            b,
+            tensors,
+            &places,
+            &Arc::new(dev),
+            base,
+            start,
+            out.as_ref(),
+        ))
+    }
+}
+
+impl CudaFileUpload<'_> {
+    fn early_tensors(
+        &self,
+        data_start: usize,
+        tensors: &[FileTensor<'_>],
+        layer_of: &[usize],
+        num_layers: usize,
+    ) -> Result<(Vec<CudaTensor>, Arc<CudaGate>)> {
+        let b = self.backend;
+        let mut c = self.copy();
+        if let Some(e) = &c.error {
+            return Err(EngineError::Backend(format!("the adapter file's upload failed: {e}")));
+        }
+        if self.gate.get().is_some() || c.data_start.is_some_and(|s| s != data_start) || c.dev.is_none() {
+            return Err(EngineError::Backend(
+                "the adapter file's upload cannot stream now".into(),
+            ));
+        }
+        if layer_of.len() != tensors.len() || layer_of.iter().any(|&l| l >= num_layers) {
+            return Err(EngineError::Backend(
+                "a streamed adapter's tensors and layers do not match".into(),
+            ));
+        }
+        let (places, converted) = placed(b, tensors, data_start, c.len)?;
+        let mut layers = vec![Vec::new(); num_layers];
+        for (t, &l) in tensors.iter().zip(layer_of) {
+            layers[l].push(t.range.clone());
+        }
+        let base = c.dev_base;
+        // Tensors of another type are converted on the upload stream once their layer's bytes are there.
+        let out = conversion_buffer(b, converted)?;
+        let mut conversions = vec![Vec::new(); num_layers];
+        for ((t, &l), place) in tensors.iter().zip(layer_of).zip(&places) {
+            if let (Some(place), Some((_, out_base))) = (place, &out) {
                 let numel: usize = t.shape.iter().product();
-                let buf = match (place, &out) {
-                    (Some(place), Some((out, out_base))) => DevBuf::part(out, *out_base, place, numel * es),
-                    _ => DevBuf::part(&owner, base, t.range.start - start, t.range.len()),
-                };
-                CudaTensor {
-                    shape: t.shape.to_vec(),
-                    buf,
-                }
-            })
-            .collect())
+                conversions[l].push((
+                    out_base + *place as u64,
+                    base + (t.range.start - data_start) as u64,
+                    t.dtype,
+                    numel,
+                ));
+            }
+        }
+        let gate = Arc::new(CudaGate {
+            state: Mutex::new(GateState {
+                ready: vec![false; num_layers],
+                ..GateState::default()
+            }),
+            layers,
+            conversions,
+            cv: Condvar::new(),
+            done: AtomicBool::new(false),
+            stream: Arc::clone(&b.stream),
+            upload: Arc::clone(&b.upload_stream),
+        });
+        let _ = self.gate.set(Arc::clone(&gate));
+        if c.data_start.is_none() {
+            c.data_start = Some(data_start);
+            let waiting = std::mem::take(&mut c.waiting);
+            for r in waiting {
+                self.send(&mut c, r)?;
+            }
+        }
+        let owner = match c.owner.clone() {
+            Some(o) => o,
+            None => {
+                let dev = c
+                    .dev
+                    .take()
+                    .ok_or_else(|| EngineError::Backend("no device copy".into()))?;
+                Arc::clone(c.owner.insert(Arc::new(dev)))
+            }
+        };
+        c.converted = out.as_ref().map(|(o, _)| Arc::clone(o));
+        let tensors = tensors_at(b, tensors, &places, &owner, base, data_start, out.as_ref());
+        Ok((tensors, gate))
+    }
+}
+
+/// What a streamed adapter's readers wait on ([`FileUpload::early`]): the file ranges sent to the device so
+/// far, and the read's outcome once it ended.
+pub(super) struct CudaGate {
+    /// Each layer's tensors' ranges of the file.
+    layers: Vec<Vec<Range<usize>>>,
+    /// Each layer's conversions (into the backend's type: destination, source, source type, elements),
+    /// queued once its ranges have all been sent.
+    conversions: Vec<Vec<(u64, u64, crate::weights::DType, usize)>>,
+    state: Mutex<GateState>,
+    cv: Condvar,
+    /// Every weight arrived and was checked, and a pass has ordered its work after the copies.
+    done: AtomicBool,
+    /// The backend's stream (the readers') and its upload stream (the copies').
+    stream: Arc<CudaStream>,
+    upload: Arc<CudaStream>,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Ranges of the file whose copies are queued: start → end, merged.
+    covered: BTreeMap<usize, usize>,
+    /// Layers whose copies (and conversions) are all queued.
+    ready: Vec<bool>,
+    /// The read's and the checks' outcome, once known.
+    end: Option<std::result::Result<(), String>>,
+}
+
+impl std::fmt::Debug for CudaGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaGate")
+            .field("layers", &self.layers.len())
+            .field("done", &self.done.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl GateState {
+    fn covers(&self, r: &Range<usize>) -> bool {
+        r.is_empty()
+            || self
+                .covered
+                .range(..=r.start)
+                .next_back()
+                .is_some_and(|(_, &e)| e >= r.end)
+    }
+}
+
+impl CudaGate {
+    fn state(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks `r` as sent; each layer whose ranges are then all sent has its conversions queued (`convert`)
+    /// and becomes ready.
+    fn cover(
+        &self,
+        r: Range<usize>,
+        mut convert: impl FnMut((u64, u64, crate::weights::DType, usize)) -> Result<()>,
+    ) -> Result<()> {
+        if r.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.state();
+        let (mut start, mut end) = (r.start, r.end);
+        if let Some((&s, &e)) = st.covered.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        let joined: Vec<usize> = st.covered.range(start..=end).map(|(&k, _)| k).collect();
+        for k in joined {
+            if let Some(e) = st.covered.remove(&k) {
+                end = end.max(e);
+            }
+        }
+        st.covered.insert(start, end);
+        let mut outcome = Ok(());
+        for l in 0..self.layers.len() {
+            if st.ready[l] || !self.layers[l].iter().all(|r| st.covers(r)) {
+                continue;
+            }
+            if let Err(e) = self.conversions[l].iter().try_for_each(|&job| convert(job)) {
+                outcome = Err(e);
+                break;
+            }
+            st.ready[l] = true;
+        }
+        drop(st);
+        self.cv.notify_all();
+        outcome
+    }
+
+    /// The read's outcome (the first one given counts).
+    fn end(&self, outcome: std::result::Result<(), String>) {
+        self.state().end.get_or_insert(outcome);
+        self.cv.notify_all();
+    }
+
+    /// Orders the stream's next work after every copy queued so far on the upload stream.
+    fn order_after_copies(&self) -> Result<()> {
+        let copies = self
+            .upload
+            .record_event(None)
+            .map_err(|e| drv("recording a streamed adapter's copies", e))?;
+        self.stream
+            .wait(&copies)
+            .map_err(|e| drv("waiting for a streamed adapter's copies", e))
+    }
+}
+
+fn failed(e: &str) -> EngineError {
+    EngineError::Backend(format!("a streamed adapter's weights did not all arrive: {e}"))
+}
+
+impl crate::lora::AdapterGate for CudaGate {
+    fn done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn wait_layer(&self, layer: usize) -> Result<()> {
+        if self.done() {
+            return Ok(());
+        }
+        if layer >= self.layers.len() {
+            return Ok(());
+        }
+        let mut st = self.state();
+        loop {
+            match &st.end {
+                Some(Err(e)) => return Err(failed(e)),
+                Some(Ok(())) => break,
+                None if st.ready[layer] => break,
+                None => st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner),
+            }
+        }
+        drop(st);
+        self.order_after_copies()
+    }
+
+    fn wait_all(&self) -> Result<()> {
+        if self.done() {
+            return Ok(());
+        }
+        let st = self
+            .cv
+            .wait_while(self.state(), |st| st.end.is_none())
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(Err(e)) = &st.end {
+            return Err(failed(e));
+        }
+        drop(st);
+        self.order_after_copies()?;
+        self.done.store(true, Ordering::Release);
+        Ok(())
     }
 }
 
 impl Drop for CudaFileUpload<'_> {
-    /// Waits for the copies still reading the staging buffer, then gives the buffer back to the backend.
+    /// Ends a streamed upload's gate if `end` did not (its readers must not wait for ever), waits for the
+    /// copies still reading the staging buffer, then gives the buffer back to the backend.
     fn drop(&mut self) {
+        if let Some(gate) = self.gate.get() {
+            gate.end(Err("the read stopped before its end".into()));
+        }
         let Some(staging) = self
             .copy
             .get_mut()

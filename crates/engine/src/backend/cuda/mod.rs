@@ -703,8 +703,11 @@ pub struct CudaBackend {
     pass: Mutex<PassCache>,
     /// Timed points of the eager passes ([`Backend::mark`]), when `LORAX_CUDA_MARKS=1`: each with its
     /// event on the stream and the host's time when it was recorded; the first is the pass's start.
-    marks: Option<Mutex<Vec<(&'static str, cudarc::driver::CudaEvent, std::time::Instant)>>>,
+    marks: Option<Mutex<Vec<Mark>>>,
 }
+
+/// A timed point of a pass ([`Backend::mark`]): what, its event, and the host's time when it was recorded.
+type Mark = (&'static str, cudarc::driver::CudaEvent, std::time::Instant);
 
 /// What the layers of one forward pass share, made by the first layer and kept to the end of the pass:
 /// the uploads of `rope_kv_write`'s positions, frequencies and slots, and the attention metadata, each
