@@ -269,11 +269,17 @@ impl<B: Backend> AdapterUploader<B> {
                 let host = layout
                     .read_weights(dir, cfg, max_rank, &*upload as &dyn PieceSink)
                     .and_then(|h| h.check_storage(storage).map(|()| h));
-                upload.end(
-                    host.as_ref()
-                        .map(|_| ())
-                        .map_err(|e| EngineError::Backend(e.to_string())),
-                );
+                // The gate's message reaches clients (the pass that used the adapter fails with it): without
+                // the server's paths.
+                let outcome = host
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| EngineError::Backend(crate::lora::strip_dir(&e.to_string(), dir)));
+                // A gate that failed first (a stall) fails the load, whatever the read gave later.
+                let host = match upload.end(outcome) {
+                    Err(e) if host.is_ok() => Err(e),
+                    _ => host,
+                };
                 let _ = rest_tx.send(host);
             });
         if let Err(e) = spawned {
@@ -424,6 +430,11 @@ impl<B: Backend> Engine<B> {
     /// Whether the adapter `key` is loaded.
     pub fn has_adapter(&self, key: &str) -> bool {
         self.adapters.contains_key(key)
+    }
+
+    /// The adapter loaded under `key`.
+    pub fn adapter(&self, key: &str) -> Option<&DeviceAdapter<B>> {
+        self.adapters.get(key)
     }
 
     /// Keys of the loaded adapters.

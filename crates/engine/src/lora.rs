@@ -135,6 +135,13 @@ struct RawConfig {
     base_model_name_or_path: Option<String>,
 }
 
+/// `message` with the adapter directory `dir` left out: the files it names relative to it, the directory
+/// itself as "the adapter" (messages that reach clients should not show the server's paths).
+pub fn strip_dir(message: &str, dir: &Path) -> String {
+    let d = dir.display().to_string();
+    message.replace(&format!("{d}/"), "").replace(&d, "the adapter")
+}
+
 fn invalid(dir: &Path, reason: impl std::fmt::Display) -> EngineError {
     EngineError::InvalidAdapter(format!("{}: {reason}", dir.display()))
 }
@@ -420,8 +427,11 @@ pub struct AdapterLayout {
     /// Bytes of weights.
     pub bytes: usize,
     raw: RawConfig,
-    header: BTreeMap<String, (Range<usize>, Vec<usize>)>,
+    header: BTreeMap<String, HeaderEntry>,
 }
+
+/// A tensor's place, shape and type in a safetensors header (the type's name when unsupported).
+type HeaderEntry = (Range<usize>, Vec<usize>, std::result::Result<DType, String>);
 
 /// One tensor's place in an adapter file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -619,11 +629,11 @@ impl AdapterFile {
         Ok((file, meta, len, buf))
     }
 
-    /// The header's (name → range, shape) (what a streamed load checks did not change under it).
-    fn header(&self) -> BTreeMap<String, (Range<usize>, Vec<usize>)> {
+    /// The header's (name → range, shape, type) (what a streamed load checks did not change under it).
+    fn header(&self) -> BTreeMap<String, HeaderEntry> {
         self.index
             .iter()
-            .map(|(k, e)| (k.clone(), (e.range.clone(), e.shape.clone())))
+            .map(|(k, e)| (k.clone(), (e.range.clone(), e.shape.clone(), e.dtype.clone())))
             .collect()
     }
 

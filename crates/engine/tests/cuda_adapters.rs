@@ -500,6 +500,10 @@ fn streamed_loads_serve_as_whole_ones_and_run_beside_the_read() {
     let (pass, rest) = stream(&mut e, &bad, "bad");
     let err = pass.unwrap_err().to_string();
     assert!(err.contains("NaN"), "the pass failed otherwise: {err}");
+    assert!(
+        !err.contains(&bad.display().to_string()),
+        "the error shows the server's path: {err}"
+    );
     assert!(rest.recv().unwrap().is_err(), "the read of a NaN adapter succeeded");
     say(&format!(
         "  an adapter with a NaN in its last layer: the pass failed ({err})"
@@ -585,7 +589,7 @@ fn a_streamed_upload_gate_waits_for_its_own_layer_only() {
                     up.piece(r.start, &file[r.start..mid]);
                     *came[l].lock().unwrap() = Some(t0.elapsed().as_secs_f64() * 1e3);
                 }
-                up.end(Ok(()));
+                up.end(Ok(())).unwrap();
             });
             let mut waited = Vec::new();
             for l in 0..layers {

@@ -326,13 +326,8 @@ pub fn parse_error(e: EngineError, located: &Located) -> Status {
             Status::not_found(format!("the adapter has no {file}"))
         }
         // Messages name files by their path on this machine; keep only the adapter-relative part.
-        other => Status::invalid_argument(strip_dir(&other.to_string(), &located.dir)),
+        other => Status::invalid_argument(lorax_engine::lora::strip_dir(&other.to_string(), &located.dir)),
     }
-}
-
-fn strip_dir(message: &str, dir: &Path) -> String {
-    let d = dir.display().to_string();
-    message.replace(&format!("{d}/"), "").replace(&d, "the adapter")
 }
 
 /// What identifies an adapter's two files as they are on disk: per file its device, inode, size and

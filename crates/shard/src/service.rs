@@ -209,8 +209,9 @@ struct StreamParts<B: Backend> {
     finish: Option<(tokio::sync::OwnedSemaphorePermit, Option<adapters::FileStamp>)>,
 }
 
-/// A streamed load's outcome for LoadAdapter's waiters: None while its weights are read.
-type StreamDone = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
+/// A streamed load's outcome for LoadAdapter's waiters (None while its weights are read), under the
+/// generation of its slot's claim.
+type StreamDone = (u64, tokio::sync::watch::Receiver<Option<Result<(), Status>>>);
 
 /// What the `adapter loaded` log line says of a load.
 struct LoadLog {
@@ -506,10 +507,12 @@ impl<B: Backend> ShardServer<B> {
     /// Puts a streamed load's adapter in its slot and answers the download, leaving a task that waits for
     /// the read's end: it keeps the parse in the host tier, or unloads the adapter when the read or the
     /// checks failed (a step that used it failed with the same error), and tells LoadAdapter's waiters.
+    #[allow(clippy::too_many_arguments)]
     fn streamed(
         &self,
         key: String,
         adapter_id: &str,
+        hub: bool,
         parts: StreamParts<B>,
         claim: Pending<B>,
         started: Instant,
@@ -525,10 +528,12 @@ impl<B: Backend> ShardServer<B> {
         } = parts;
         let warnings = self.base_model_warning(adapter_id, layout.base_model());
         let (done_tx, done_rx) = tokio::sync::watch::channel(None);
+        let generation = claim.generation;
         self.streams
             .lock()
             .map_err(|_| poisoned())?
-            .insert(key.clone(), done_rx);
+            .insert(key.clone(), (generation, done_rx));
+        let gate = device.gate.clone();
         let log = LoadLog {
             started,
             parse_ms: 0,
@@ -545,6 +550,7 @@ impl<B: Backend> ShardServer<B> {
             Arc::clone(&self.streams),
         );
         let task_key = key.clone();
+        let hub_id = hub.then(|| adapter_id.to_string());
         tokio::spawn(async move {
             let key = task_key;
             let host = tokio::task::spawn_blocking(move || {
@@ -570,14 +576,40 @@ impl<B: Backend> ShardServer<B> {
                     Ok(())
                 }
                 Err(e) => {
-                    let message = adapters::parse_error(e, &located).message().to_string();
-                    tracing::warn!(adapter = %key, "the streamed adapter's read failed; unloading it: {message}");
+                    let status = adapters::parse_error(e, &located);
+                    tracing::warn!(
+                        adapter = %key,
+                        "the streamed adapter's read failed; unloading it: {}",
+                        status.message()
+                    );
+                    if let Some(id) = hub_id {
+                        // The router's retry then fetches the files again.
+                        let _ = tokio::task::spawn_blocking(move || adapters::evict_hub(&id)).await;
+                    }
                     let unloaded = tokio::task::spawn_blocking({
                         let key = key.clone();
                         move || -> Result<(), Status> {
                             let mut guard = lock_state(&state, &deferred, &slots)?;
                             let s = &mut *guard;
                             let mut slots = slots.lock().map_err(|_| poisoned())?;
+                            // Only this load's adapter (not one loaded again under the key since).
+                            let ours = match (s.engine.adapter(&key).and_then(|a| a.gate.as_ref()), &gate) {
+                                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                                _ => false,
+                            };
+                            if !ours {
+                                return Ok(());
+                            }
+                            // Sequences of it still in the batch (a prompt admitted with no rows yet) cannot
+                            // run: they leave with it (the router fails the step that names them).
+                            let keep: Vec<u64> = s
+                                .batch
+                                .seqs
+                                .iter()
+                                .filter(|q| q.adapter.as_deref() != Some(key.as_str()))
+                                .map(|q| q.id)
+                                .collect();
+                            s.batch.filter(&keep);
                             s.engine
                                 .offload_adapter(&key, &s.batch)
                                 .map_err(|e| Status::internal(e.to_string()))?;
@@ -589,11 +621,13 @@ impl<B: Backend> ShardServer<B> {
                     if let Ok(Err(e)) | Err(e) = unloaded.map_err(|e| Status::internal(e.to_string())) {
                         tracing::error!(adapter = %key, "unloading the failed streamed adapter: {e}");
                     }
-                    Err(message)
+                    Err(status)
                 }
             };
             if let Ok(mut streams) = streams.lock() {
-                streams.remove(&key);
+                if streams.get(&key).is_some_and(|(g, _)| *g == generation) {
+                    streams.remove(&key);
+                }
             }
             let _ = done_tx.send(Some(outcome));
         });
@@ -1040,7 +1074,8 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 let Some(claim) = claim else {
                     return Err(Status::internal("a streamed load without its slot"));
                 };
-                let response = self.streamed(key, &r.adapter_id, parts, claim, started, tokenizer_config)?;
+                let hub = r.adapter_source == "hub";
+                let response = self.streamed(key, &r.adapter_id, hub, parts, claim, started, tokenizer_config)?;
                 return Ok(Response::new(response));
             }
             Err(status) => {
@@ -1121,14 +1156,14 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let started = Instant::now();
         // A streamed load under way: answer when its weights have all arrived.
         let stream = self.streams.lock().map_err(|_| poisoned())?.get(&key).cloned();
-        if let Some(mut done) = stream {
+        if let Some((_, mut done)) = stream {
             let outcome = done
                 .wait_for(Option::is_some)
                 .await
                 .map_err(|_| Status::internal("the streamed load's task ended without an outcome"))?
                 .clone();
             return match outcome {
-                Some(Err(message)) => Err(Status::invalid_argument(message)),
+                Some(Err(status)) => Err(status),
                 _ => Ok(Response::new(pb::LoadAdapterResponse { device_bytes: 0 })),
             };
         }

@@ -201,9 +201,10 @@ pub trait FileUpload<T>: PieceSink + Send {
         Err(crate::error::EngineError::Backend("this upload cannot stream".into()))
     }
     /// Ends an upload made [`FileUpload::early`]: the read and the checks' outcome, which the gate then
-    /// reports. Waits for the copies (as dropping the upload does).
-    fn end(self: Box<Self>, outcome: Result<()>) {
-        let _ = outcome;
+    /// reports; returns the gate's outcome (an earlier failure, a stall, counts over `outcome`). Waits for
+    /// the copies (as dropping the upload does).
+    fn end(self: Box<Self>, outcome: Result<()>) -> Result<()> {
+        outcome
     }
 }
 

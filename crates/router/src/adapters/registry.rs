@@ -525,7 +525,7 @@ impl<T> Registry<T> {
     }
 
     /// Loading → Active; returns the time since its download (or reload) began. `None` if `key` was not
-    /// loading.
+    /// loading, or came back from [`Registry::suspend`] (no load began: nothing to time).
     pub fn loaded(&mut self, key: &AdapterKey, now: Instant) -> Option<Duration> {
         let adapter = self.adapters.get_mut(key).filter(|a| a.state == State::Loading)?;
         adapter.loads_in_download = false;
@@ -535,7 +535,7 @@ impl<T> Registry<T> {
         };
         adapter.last_used = now;
         adapter.served = false;
-        let began = adapter.readying_since.take().unwrap_or(now);
+        let began = adapter.readying_since.take()?;
         Some(now.saturating_duration_since(began))
     }
 

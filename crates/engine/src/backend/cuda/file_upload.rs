@@ -294,15 +294,17 @@ impl FileUpload<CudaTensor> for CudaFileUpload<'_> {
             .map(|(t, g)| (t, g as Arc<dyn crate::lora::AdapterGate>))
     }
 
-    fn end(self: Box<Self>, outcome: Result<()>) {
+    fn end(self: Box<Self>, outcome: Result<()>) -> Result<()> {
         let error = self.copy().error.take();
         let outcome = match (outcome, error) {
             (Err(e), _) | (Ok(()), Some(e)) => Err(e.to_string()),
             (Ok(()), None) => Ok(()),
         };
-        if let Some(gate) = self.gate.get() {
-            gate.end(outcome);
-        }
+        let kept = match self.gate.get() {
+            Some(gate) => gate.end(outcome),
+            None => outcome,
+        };
+        kept.map_err(|e| failed(&e))
     }
 
     fn finish(self: Box<Self>, tensors: &[FileTensor<'_>]) -> Result<Vec<CudaTensor>> {
@@ -518,10 +520,27 @@ impl CudaGate {
         outcome
     }
 
-    /// The read's outcome (the first one given counts).
-    fn end(&self, outcome: std::result::Result<(), String>) {
-        self.state().end.get_or_insert(outcome);
+    /// The read's outcome (the first one given counts), which it returns.
+    fn end(&self, outcome: std::result::Result<(), String>) -> std::result::Result<(), String> {
+        let kept = self.state().end.get_or_insert(outcome).clone();
         self.cv.notify_all();
+        kept
+    }
+
+    /// Waits for a change of the state until `until`; past it, ends the gate with a stall's error.
+    fn wait_until<'a>(
+        &'a self,
+        st: MutexGuard<'a, GateState>,
+        until: std::time::Instant,
+    ) -> Result<MutexGuard<'a, GateState>> {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let (mut st, timeout) = self.cv.wait_timeout(st, left).unwrap_or_else(PoisonError::into_inner);
+        if timeout.timed_out() && st.end.is_none() {
+            let stalled = format!("its weights did not come in {} s", STREAM_STALL.as_secs());
+            st.end = Some(Err(stalled));
+            self.cv.notify_all();
+        }
+        Ok(st)
     }
 
     /// Orders the stream's next work after every copy queued so far on the upload stream.
@@ -537,8 +556,13 @@ impl CudaGate {
 }
 
 fn failed(e: &str) -> EngineError {
-    EngineError::Backend(format!("a streamed adapter's weights did not all arrive: {e}"))
+    EngineError::Backend(format!("the streamed adapter failed its read or its checks: {e}"))
 }
+
+/// Longest a pass waits on a streamed adapter's gate: then the gate fails (a stalled disk must not hold the
+/// shard's steps, which wait under its engine lock, for ever). A rank-16 q/k/v/o adapter of a 7B model
+/// reads in about 20 ms.
+const STREAM_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl crate::lora::AdapterGate for CudaGate {
     fn done(&self) -> bool {
@@ -552,13 +576,14 @@ impl crate::lora::AdapterGate for CudaGate {
         if layer >= self.layers.len() {
             return Ok(());
         }
+        let until = std::time::Instant::now() + STREAM_STALL;
         let mut st = self.state();
         loop {
             match &st.end {
                 Some(Err(e)) => return Err(failed(e)),
                 Some(Ok(())) => break,
                 None if st.ready[layer] => break,
-                None => st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner),
+                None => st = self.wait_until(st, until)?,
             }
         }
         drop(st);
@@ -569,10 +594,11 @@ impl crate::lora::AdapterGate for CudaGate {
         if self.done() {
             return Ok(());
         }
-        let st = self
-            .cv
-            .wait_while(self.state(), |st| st.end.is_none())
-            .unwrap_or_else(PoisonError::into_inner);
+        let until = std::time::Instant::now() + STREAM_STALL;
+        let mut st = self.state();
+        while st.end.is_none() {
+            st = self.wait_until(st, until)?;
+        }
         if let Some(Err(e)) = &st.end {
             return Err(failed(e));
         }
@@ -588,7 +614,7 @@ impl Drop for CudaFileUpload<'_> {
     /// copies still reading the staging buffer, then gives the buffer back to the backend.
     fn drop(&mut self) {
         if let Some(gate) = self.gate.get() {
-            gate.end(Err("the read stopped before its end".into()));
+            let _ = gate.end(Err("the read stopped before its end".into()));
         }
         let Some(staging) = self
             .copy
