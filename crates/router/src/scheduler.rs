@@ -637,6 +637,22 @@ impl Scheduler {
         if !self.drop_cancelled().await {
             return;
         }
+        // A prompt admitted under the prompt budget with none of its rows run yet, of an adapter whose streamed
+        // read has not ended, would make a step with decode rows wait for the disk: the streams decode alone
+        // until the read's outcome comes (once a step has run any of its rows, the read had ended).
+        let decoding = self.running.values().filter(|r| !r.prefilling).count();
+        let streaming = |r: &Running| {
+            r.prefilling
+                && r.entry
+                    .request
+                    .adapter
+                    .as_ref()
+                    .is_some_and(|a| self.streaming.contains(a))
+        };
+        if decoding > 0 && self.running.values().any(streaming) {
+            self.decode_step(self.run_ahead).await;
+            return;
+        }
         let admit = self.admit_ahead().await;
         let now = Instant::now();
         if admit == 0 && self.running.is_empty() {
