@@ -1248,6 +1248,9 @@ pub trait AdapterGate: Send + Sync + std::fmt::Debug {
     /// As [`AdapterGate::wait_layer`] for the whole adapter, once it was read and its values checked: the
     /// error of the read or of the check, if either failed (the pass that used it must not return tokens).
     fn wait_all(&self) -> Result<()>;
+    /// Waits on the host for the read's outcome, ordering no device work: the shard's answer to its loaders.
+    /// A read that stalls fails the gate here too (see the backend's gate).
+    fn wait_end(&self) -> Result<()>;
 }
 
 impl<B: Backend> DeviceAdapter<B> {

@@ -650,7 +650,8 @@ impl Scheduler {
                     .is_some_and(|a| self.streaming.contains(a))
         };
         if decoding > 0 && self.running.values().any(streaming) {
-            self.decode_step(self.run_ahead).await;
+            // Not run ahead: the prompt joins the first step after the read's outcome.
+            self.decode_step(false).await;
             return;
         }
         let admit = self.admit_ahead().await;

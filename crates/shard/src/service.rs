@@ -529,10 +529,6 @@ impl<B: Backend> ShardServer<B> {
         let warnings = self.base_model_warning(adapter_id, layout.base_model());
         let (done_tx, done_rx) = tokio::sync::watch::channel(None);
         let generation = claim.generation;
-        self.streams
-            .lock()
-            .map_err(|_| poisoned())?
-            .insert(key.clone(), (generation, done_rx));
         let gate = device.gate.clone();
         let log = LoadLog {
             started,
@@ -542,6 +538,15 @@ impl<B: Backend> ShardServer<B> {
             via: "stream",
         };
         let inserted = self.insert_loaded(claim, device, log);
+        // LoadAdapter's waiters find the load only once it is in its slot (an insertion refused leaves
+        // nothing to wait for; the read still ends below, for the host tier).
+        if inserted.is_ok() {
+            self.streams
+                .lock()
+                .map_err(|_| poisoned())?
+                .insert(key.clone(), (generation, done_rx));
+        }
+        let placed = inserted.is_ok();
         let (host_tier, slots, state, deferred, streams) = (
             Arc::clone(&self.host_tier),
             Arc::clone(&self.slots),
@@ -553,14 +558,38 @@ impl<B: Backend> ShardServer<B> {
         let hub_id = hub.then(|| adapter_id.to_string());
         tokio::spawn(async move {
             let key = task_key;
-            let host = tokio::task::spawn_blocking(move || {
+            // The gate's outcome first: it fails a read that stalls, which `rest` would wait out for ever.
+            let stalled = match gate.clone() {
+                Some(g) => tokio::task::spawn_blocking(move || g.wait_end())
+                    .await
+                    .unwrap_or_else(|e| Err(EngineError::Backend(format!("the adapter's gate task failed: {e}"))))
+                    .err(),
+                None => None,
+            };
+            let receive = move || {
                 rest.recv()
                     .unwrap_or_else(|_| Err(EngineError::Backend("the adapter's read stopped".into())))
-            })
-            .await
-            .unwrap_or_else(|e| Err(EngineError::Backend(format!("the adapter's read task failed: {e}"))));
+            };
             let (turn, stamp) = finish.map_or((None, None), |(t, s)| (Some(t), s));
-            drop(turn);
+            // The read's own outcome, when the gate did not fail first (the read then ends at once). After a
+            // gate failure the read may never end: its thread, and the parse's turn, are left to it.
+            let (host, from_file) = match stalled {
+                None => {
+                    let host = tokio::task::spawn_blocking(receive)
+                        .await
+                        .unwrap_or_else(|e| Err(EngineError::Backend(format!("the adapter's read task failed: {e}"))));
+                    drop(turn);
+                    let from_file = host.is_err();
+                    (host, from_file)
+                }
+                Some(e) => {
+                    tokio::task::spawn_blocking(move || {
+                        let _ = receive();
+                        drop(turn);
+                    });
+                    (Err(e), false)
+                }
+            };
             let outcome = match host {
                 Ok(host) => {
                     tracing::info!(
@@ -576,19 +605,19 @@ impl<B: Backend> ShardServer<B> {
                     Ok(())
                 }
                 Err(e) => {
-                    let status = adapters::parse_error(e, &located);
+                    let status = match e {
+                        // A stall, or the device's copies: not the adapter's fault; worth a retry.
+                        e @ EngineError::Backend(_) if !from_file => Status::unavailable(e.to_string()),
+                        e => adapters::parse_error(e, &located),
+                    };
                     tracing::warn!(
                         adapter = %key,
                         "the streamed adapter's read failed; unloading it: {}",
                         status.message()
                     );
-                    if let Some(id) = hub_id {
-                        // The router's retry then fetches the files again.
-                        let _ = tokio::task::spawn_blocking(move || adapters::evict_hub(&id)).await;
-                    }
                     let unloaded = tokio::task::spawn_blocking({
                         let key = key.clone();
-                        move || -> Result<(), Status> {
+                        move || -> Result<bool, Status> {
                             let mut guard = lock_state(&state, &deferred, &slots)?;
                             let s = &mut *guard;
                             let mut slots = slots.lock().map_err(|_| poisoned())?;
@@ -598,7 +627,7 @@ impl<B: Backend> ShardServer<B> {
                                 _ => false,
                             };
                             if !ours {
-                                return Ok(());
+                                return Ok(false);
                             }
                             // Sequences of it still in the batch (a prompt admitted with no rows yet) cannot
                             // run: they leave with it (the router fails the step that names them).
@@ -614,19 +643,30 @@ impl<B: Backend> ShardServer<B> {
                                 .offload_adapter(&key, &s.batch)
                                 .map_err(|e| Status::internal(e.to_string()))?;
                             slots.loaded.remove(&key);
-                            Ok(())
+                            Ok(true)
                         }
                     })
-                    .await;
-                    if let Ok(Err(e)) | Err(e) = unloaded.map_err(|e| Status::internal(e.to_string())) {
-                        tracing::error!(adapter = %key, "unloading the failed streamed adapter: {e}");
+                    .await
+                    .unwrap_or_else(|e| Err(Status::internal(e.to_string())));
+                    match unloaded {
+                        // The router's retry then fetches a hub adapter's files again (when they were the
+                        // cause).
+                        Ok(true) if from_file => {
+                            if let Some(id) = hub_id {
+                                let _ = tokio::task::spawn_blocking(move || adapters::evict_hub(&id)).await;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(adapter = %key, "unloading the failed streamed adapter: {e}"),
                     }
                     Err(status)
                 }
             };
-            if let Ok(mut streams) = streams.lock() {
-                if streams.get(&key).is_some_and(|(g, _)| *g == generation) {
-                    streams.remove(&key);
+            if placed {
+                if let Ok(mut streams) = streams.lock() {
+                    if streams.get(&key).is_some_and(|(g, _)| *g == generation) {
+                        streams.remove(&key);
+                    }
                 }
             }
             let _ = done_tx.send(Some(outcome));
@@ -1212,6 +1252,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
         let r = req.into_inner();
         let key = adapters::key(&r.adapter_source, &r.adapter_id);
         let slots = Arc::clone(&self.slots);
+        let streams = Arc::clone(&self.streams);
         // (Taking the state inserts the uploads handed over before this call.)
         self.with_state(move |s| {
             // The slots stay locked from here: a load that finishes meanwhile cannot hand over an upload
@@ -1225,6 +1266,11 @@ impl<B: Backend> ShardService for ShardServer<B> {
             slots.loaded.remove(&key);
             // Loads of it still in flight are cancelled (they answer ABORTED and release their slot).
             let cancelled = slots.pending.remove(&key).map_or(0, |(_, n)| n);
+            // A streamed load of it still reading is no longer this adapter's load: LoadAdapter must not
+            // answer from it (its task removes only an entry of its own generation).
+            if let Ok(mut streams) = streams.lock() {
+                streams.remove(&key);
+            }
             tracing::info!(adapter = %key, removed, cancelled, "adapter offloaded");
             Ok(())
         })

@@ -297,6 +297,7 @@ impl FileUpload<CudaTensor> for CudaFileUpload<'_> {
     fn end(self: Box<Self>, outcome: Result<()>) -> Result<()> {
         let error = self.copy().error.take();
         let outcome = match (outcome, error) {
+            (Err(EngineError::Backend(m)), _) => Err(m),
             (Err(e), _) | (Ok(()), Some(e)) => Err(e.to_string()),
             (Ok(()), None) => Ok(()),
         };
@@ -394,6 +395,7 @@ impl CudaFileUpload<'_> {
         let gate = Arc::new(CudaGate {
             state: Mutex::new(GateState {
                 ready: vec![false; num_layers],
+                progress: Some(std::time::Instant::now()),
                 ..GateState::default()
             }),
             layers,
@@ -450,6 +452,9 @@ struct GateState {
     covered: BTreeMap<usize, usize>,
     /// Layers whose copies (and conversions) are all queued.
     ready: Vec<bool>,
+    /// When the last piece was sent (or the gate made): a read that sends nothing for [`STREAM_STALL`]
+    /// fails the gate.
+    progress: Option<std::time::Instant>,
     /// The read's and the checks' outcome, once known.
     end: Option<std::result::Result<(), String>>,
 }
@@ -504,6 +509,7 @@ impl CudaGate {
             }
         }
         st.covered.insert(start, end);
+        st.progress = Some(std::time::Instant::now());
         let mut outcome = Ok(());
         for l in 0..self.layers.len() {
             if st.ready[l] || !self.layers[l].iter().all(|r| st.covers(r)) {
@@ -527,20 +533,31 @@ impl CudaGate {
         kept
     }
 
-    /// Waits for a change of the state until `until`; past it, ends the gate with a stall's error.
-    fn wait_until<'a>(
-        &'a self,
-        st: MutexGuard<'a, GateState>,
-        until: std::time::Instant,
-    ) -> Result<MutexGuard<'a, GateState>> {
-        let left = until.saturating_duration_since(std::time::Instant::now());
-        let (mut st, timeout) = self.cv.wait_timeout(st, left).unwrap_or_else(PoisonError::into_inner);
-        if timeout.timed_out() && st.end.is_none() {
-            let stalled = format!("its weights did not come in {} s", STREAM_STALL.as_secs());
-            st.end = Some(Err(stalled));
-            self.cv.notify_all();
+    /// Waits on the host until `ready` holds or the read has ended (its error, if it failed). A read that
+    /// sends nothing for [`STREAM_STALL`] while someone waits fails the gate for everyone.
+    fn wait_for(&self, ready: impl Fn(&GateState) -> bool) -> Result<()> {
+        let mut st = self.state();
+        loop {
+            match &st.end {
+                Some(Err(e)) => return Err(failed(e)),
+                Some(Ok(())) => return Ok(()),
+                None if ready(&st) => return Ok(()),
+                None => {}
+            }
+            let now = std::time::Instant::now();
+            let deadline = st.progress.unwrap_or(now) + STREAM_STALL;
+            if now >= deadline {
+                let stalled = format!("nothing of its weights came for {} s", STREAM_STALL.as_secs());
+                st.end = Some(Err(stalled));
+                self.cv.notify_all();
+                continue;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
-        Ok(st)
     }
 
     /// Orders the stream's next work after every copy queued so far on the upload stream.
@@ -559,14 +576,18 @@ fn failed(e: &str) -> EngineError {
     EngineError::Backend(format!("the streamed adapter failed its read or its checks: {e}"))
 }
 
-/// Longest a pass waits on a streamed adapter's gate: then the gate fails (a stalled disk must not hold the
-/// shard's steps, which wait under its engine lock, for ever). A rank-16 q/k/v/o adapter of a 7B model
-/// reads in about 20 ms.
+/// Longest a streamed read may send nothing while a pass (or the shard) waits on its gate: then the gate
+/// fails (a stalled disk must not hold the shard's steps, which wait under its engine lock, for ever). A
+/// rank-16 q/k/v/o adapter of a 7B model reads in about 20 ms, a 256 KiB piece in well under one.
 const STREAM_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl crate::lora::AdapterGate for CudaGate {
     fn done(&self) -> bool {
         self.done.load(Ordering::Acquire)
+    }
+
+    fn wait_end(&self) -> Result<()> {
+        self.wait_for(|_| false)
     }
 
     fn wait_layer(&self, layer: usize) -> Result<()> {
@@ -576,17 +597,7 @@ impl crate::lora::AdapterGate for CudaGate {
         if layer >= self.layers.len() {
             return Ok(());
         }
-        let until = std::time::Instant::now() + STREAM_STALL;
-        let mut st = self.state();
-        loop {
-            match &st.end {
-                Some(Err(e)) => return Err(failed(e)),
-                Some(Ok(())) => break,
-                None if st.ready[layer] => break,
-                None => st = self.wait_until(st, until)?,
-            }
-        }
-        drop(st);
+        self.wait_for(|st| st.ready[layer])?;
         self.order_after_copies()
     }
 
@@ -594,15 +605,7 @@ impl crate::lora::AdapterGate for CudaGate {
         if self.done() {
             return Ok(());
         }
-        let until = std::time::Instant::now() + STREAM_STALL;
-        let mut st = self.state();
-        while st.end.is_none() {
-            st = self.wait_until(st, until)?;
-        }
-        if let Some(Err(e)) = &st.end {
-            return Err(failed(e));
-        }
-        drop(st);
+        self.wait_end()?;
         self.order_after_copies()?;
         self.done.store(true, Ordering::Release);
         Ok(())
