@@ -275,11 +275,9 @@ impl<B: Backend> AdapterUploader<B> {
                     .as_ref()
                     .map(|_| ())
                     .map_err(|e| EngineError::Backend(crate::lora::strip_dir(&e.to_string(), dir)));
-                // A gate that failed first (a stall) fails the load, whatever the read gave later.
-                let host = match upload.end(outcome) {
-                    Err(e) if host.is_ok() => Err(e),
-                    _ => host,
-                };
+                // The gate keeps the first outcome (a stall may have failed it before the read ended): `rest`
+                // gives the read's own, and its user reads the gate's with `AdapterGate::wait_end`.
+                let _ = upload.end(outcome);
                 let _ = rest_tx.send(host);
             });
         if let Err(e) = spawned {
@@ -295,7 +293,8 @@ impl<B: Backend> AdapterUploader<B> {
 pub enum StreamStart<B: Backend> {
     /// The adapter on the device before its weights were read: they arrive behind its gate
     /// ([`crate::lora::AdapterGate`]), and `rest` gives the adapter as parsed (or the read's or the checks'
-    /// error, which the gate then reports to the passes that use it) once the read has ended.
+    /// error, which the gate then reports to the passes that use it) once the read has ended. The gate's
+    /// outcome is the load's: it may have failed before the read ended (a stall), whatever `rest` says.
     Streaming {
         device: DeviceAdapter<B>,
         rest: std::sync::mpsc::Receiver<Result<HostAdapter>>,

@@ -812,9 +812,8 @@ fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::
     }
 }
 
-/// Pieces of `size` bytes covering `end` bytes, as (index, first wanted place), sorted by when `order`
-/// (ranges of the file, first wanted first) first wants a byte of each; pieces it never names come last,
-/// in file order.
+/// The indices of the pieces of `size` bytes covering `end` bytes, sorted by when `order` (ranges of the
+/// file, first wanted first) first wants a byte of each; pieces it never names come last, in file order.
 fn piece_order(end: usize, size: usize, order: &[Range<usize>]) -> Vec<usize> {
     let n = end.div_ceil(size);
     let mut first = vec![usize::MAX; n];

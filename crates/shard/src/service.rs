@@ -273,6 +273,74 @@ fn status(e: EngineError) -> Status {
     }
 }
 
+/// How long a streamed read's outcome may lag its gate's failure: the reading thread ends the gate, then
+/// sends its outcome at once; a read that has not ended by then is stalled.
+const READ_AFTER_GATE: Duration = Duration::from_secs(1);
+
+/// What a streamed load's read came to ([`read_outcome`]).
+#[derive(Debug)]
+enum ReadOutcome<T> {
+    /// The read ended: the parse, or the read's or the checks' error (the file's).
+    Read(lorax_engine::Result<T>),
+    /// The gate failed (a read that sent nothing for too long) and the read has not ended.
+    Stalled(EngineError),
+}
+
+/// Waits for a streamed load's outcome: the gate's (which fails a read that stalls), then the read's own on
+/// `rest`, which the reading thread sends right after it ends the gate. A failed gate whose read does not
+/// answer within `grace` is a stall.
+fn read_outcome<T>(
+    gate: Option<&dyn lorax_engine::lora::AdapterGate>,
+    rest: &std::sync::mpsc::Receiver<lorax_engine::Result<T>>,
+    grace: Duration,
+) -> ReadOutcome<T> {
+    let stopped = || Err(EngineError::Backend("the adapter's read stopped".into()));
+    match gate.map(|g| g.wait_end()) {
+        Some(Err(e)) => match rest.recv_timeout(grace) {
+            // The file's own error names the cause better than the gate's copy of it.
+            Ok(Err(read)) => ReadOutcome::Read(Err(read)),
+            // The read ended after the gate had failed (a stall), or not at all.
+            Ok(Ok(_)) | Err(_) => ReadOutcome::Stalled(e),
+        },
+        _ => ReadOutcome::Read(rest.recv().unwrap_or_else(|_| stopped())),
+    }
+}
+
+/// Unloads the adapter of a failed streamed load if it is still that load's (its `gate`; not one loaded
+/// again under `key` since), dropping its sequences that are still in the batch (prompts admitted with no
+/// rows yet: they cannot run, and the router fails the step that names them). `true` when it unloaded it.
+fn unload_failed_stream<B: Backend>(
+    state: &Mutex<State<B>>,
+    deferred: &Mutex<Option<Vec<u64>>>,
+    slots: &Mutex<Slots<B>>,
+    key: &str,
+    gate: Option<&Arc<dyn lorax_engine::lora::AdapterGate>>,
+) -> Result<bool, Status> {
+    let mut guard = lock_state(state, deferred, slots)?;
+    let s = &mut *guard;
+    let mut slots = slots.lock().map_err(|_| poisoned())?;
+    let ours = match (s.engine.adapter(key).and_then(|a| a.gate.as_ref()), gate) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    };
+    if !ours {
+        return Ok(false);
+    }
+    let keep: Vec<u64> = s
+        .batch
+        .seqs
+        .iter()
+        .filter(|q| q.adapter.as_deref() != Some(key))
+        .map(|q| q.id)
+        .collect();
+    s.batch.filter(&keep);
+    s.engine
+        .offload_adapter(key, &s.batch)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    slots.loaded.remove(key);
+    Ok(true)
+}
+
 fn poisoned() -> Status {
     Status::internal("the shard's engine state was poisoned by an earlier panic")
 }
@@ -558,37 +626,32 @@ impl<B: Backend> ShardServer<B> {
         let hub_id = hub.then(|| adapter_id.to_string());
         tokio::spawn(async move {
             let key = task_key;
-            // The gate's outcome first: it fails a read that stalls, which `rest` would wait out for ever.
-            let stalled = match gate.clone() {
-                Some(g) => tokio::task::spawn_blocking(move || g.wait_end())
-                    .await
-                    .unwrap_or_else(|e| Err(EngineError::Backend(format!("the adapter's gate task failed: {e}"))))
-                    .err(),
-                None => None,
-            };
-            let receive = move || {
-                rest.recv()
-                    .unwrap_or_else(|_| Err(EngineError::Backend("the adapter's read stopped".into())))
-            };
             let (turn, stamp) = finish.map_or((None, None), |(t, s)| (Some(t), s));
-            // The read's own outcome, when the gate did not fail first (the read then ends at once). After a
-            // gate failure the read may never end: its thread, and the parse's turn, are left to it.
-            let (host, from_file) = match stalled {
-                None => {
-                    let host = tokio::task::spawn_blocking(receive)
-                        .await
-                        .unwrap_or_else(|e| Err(EngineError::Backend(format!("the adapter's read task failed: {e}"))));
+            let waited = gate.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let outcome = read_outcome(waited.as_deref(), &rest, READ_AFTER_GATE);
+                (outcome, rest)
+            })
+            .await;
+            // The read's own outcome, or the gate's failure where the read has not ended (a stall: its thread
+            // may never end; it keeps the parse's turn until it does).
+            let (host, from_file) = match outcome {
+                Ok((ReadOutcome::Read(host), _)) => {
                     drop(turn);
                     let from_file = host.is_err();
                     (host, from_file)
                 }
-                Some(e) => {
+                Ok((ReadOutcome::Stalled(e), rest)) => {
                     tokio::task::spawn_blocking(move || {
-                        let _ = receive();
+                        let _ = rest.recv();
                         drop(turn);
                     });
                     (Err(e), false)
                 }
+                Err(e) => (
+                    Err(EngineError::Backend(format!("the adapter's read task failed: {e}"))),
+                    false,
+                ),
             };
             let outcome = match host {
                 Ok(host) => {
@@ -617,34 +680,7 @@ impl<B: Backend> ShardServer<B> {
                     );
                     let unloaded = tokio::task::spawn_blocking({
                         let key = key.clone();
-                        move || -> Result<bool, Status> {
-                            let mut guard = lock_state(&state, &deferred, &slots)?;
-                            let s = &mut *guard;
-                            let mut slots = slots.lock().map_err(|_| poisoned())?;
-                            // Only this load's adapter (not one loaded again under the key since).
-                            let ours = match (s.engine.adapter(&key).and_then(|a| a.gate.as_ref()), &gate) {
-                                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                                _ => false,
-                            };
-                            if !ours {
-                                return Ok(false);
-                            }
-                            // Sequences of it still in the batch (a prompt admitted with no rows yet) cannot
-                            // run: they leave with it (the router fails the step that names them).
-                            let keep: Vec<u64> = s
-                                .batch
-                                .seqs
-                                .iter()
-                                .filter(|q| q.adapter.as_deref() != Some(key.as_str()))
-                                .map(|q| q.id)
-                                .collect();
-                            s.batch.filter(&keep);
-                            s.engine
-                                .offload_adapter(&key, &s.batch)
-                                .map_err(|e| Status::internal(e.to_string()))?;
-                            slots.loaded.remove(&key);
-                            Ok(true)
-                        }
+                        move || unload_failed_stream(&state, &deferred, &slots, &key, gate.as_ref())
                     })
                     .await
                     .unwrap_or_else(|e| Err(Status::internal(e.to_string())));

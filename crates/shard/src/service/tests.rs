@@ -737,3 +737,61 @@ fn device_memory_exhaustion_is_resource_exhausted() {
         tonic::Code::Internal
     );
 }
+
+/// A gate whose outcome the test sets (the read's gate of a streamed load).
+#[derive(Debug)]
+struct FixedGate(Result<(), String>);
+
+impl lorax_engine::lora::AdapterGate for FixedGate {
+    fn done(&self) -> bool {
+        self.0.is_ok()
+    }
+    fn wait_layer(&self, _: usize) -> lorax_engine::Result<()> {
+        self.wait_end()
+    }
+    fn wait_all(&self) -> lorax_engine::Result<()> {
+        self.wait_end()
+    }
+    fn wait_end(&self) -> lorax_engine::Result<()> {
+        self.0.clone().map_err(EngineError::Backend)
+    }
+}
+
+/// A streamed load's outcome: the read's own when it ended, its error kept as the file's (not the gate's
+/// copy); a failed gate whose read does not answer (or answers a success, after a stall) is a stall.
+#[test]
+fn streamed_read_outcomes_tell_the_file_from_a_stall() {
+    let grace = Duration::from_millis(50);
+    let failed = FixedGate(Err("nothing of its weights came for 30 s".into()));
+    // The gate passed: the read's parse.
+    let (tx, rx) = mpsc::channel::<lorax_engine::Result<u32>>();
+    tx.send(Ok(7)).unwrap();
+    assert!(matches!(
+        read_outcome(Some(&FixedGate(Ok(()))), &rx, grace),
+        ReadOutcome::Read(Ok(7))
+    ));
+    // The file's NaN failed both: the read's error, which names the tensor.
+    let (tx, rx) = mpsc::channel::<lorax_engine::Result<u32>>();
+    tx.send(Err(EngineError::InvalidAdapter("w holds values that are NaN".into())))
+        .unwrap();
+    match read_outcome(Some(&failed), &rx, grace) {
+        ReadOutcome::Read(Err(EngineError::InvalidAdapter(m))) => assert!(m.contains("NaN")),
+        other => panic!("the file's error was taken for {other:?}"),
+    }
+    // A stall: nothing on the read's channel (its thread still reads), or a success after the gate failed.
+    let (_tx, rx) = mpsc::channel::<lorax_engine::Result<u32>>();
+    assert!(matches!(
+        read_outcome(Some(&failed), &rx, grace),
+        ReadOutcome::Stalled(_)
+    ));
+    let (tx, rx) = mpsc::channel::<lorax_engine::Result<u32>>();
+    tx.send(Ok(7)).unwrap();
+    assert!(matches!(
+        read_outcome(Some(&failed), &rx, grace),
+        ReadOutcome::Stalled(_)
+    ));
+    // A read thread gone without an answer.
+    let (tx, rx) = mpsc::channel::<lorax_engine::Result<u32>>();
+    drop(tx);
+    assert!(matches!(read_outcome(None, &rx, grace), ReadOutcome::Read(Err(_))));
+}

@@ -394,9 +394,10 @@ impl CudaFileUpload<'_> {
         }
         let gate = Arc::new(CudaGate {
             state: Mutex::new(GateState {
+                covered: BTreeMap::new(),
                 ready: vec![false; num_layers],
-                progress: Some(std::time::Instant::now()),
-                ..GateState::default()
+                progress: std::time::Instant::now(),
+                end: None,
             }),
             layers,
             conversions,
@@ -446,7 +447,6 @@ pub(super) struct CudaGate {
     upload: Arc<CudaStream>,
 }
 
-#[derive(Default)]
 struct GateState {
     /// Ranges of the file whose copies are queued: start → end, merged.
     covered: BTreeMap<usize, usize>,
@@ -454,7 +454,7 @@ struct GateState {
     ready: Vec<bool>,
     /// When the last piece was sent (or the gate made): a read that sends nothing for [`STREAM_STALL`]
     /// fails the gate.
-    progress: Option<std::time::Instant>,
+    progress: std::time::Instant,
     /// The read's and the checks' outcome, once known.
     end: Option<std::result::Result<(), String>>,
 }
@@ -509,7 +509,7 @@ impl CudaGate {
             }
         }
         st.covered.insert(start, end);
-        st.progress = Some(std::time::Instant::now());
+        st.progress = std::time::Instant::now();
         let mut outcome = Ok(());
         for l in 0..self.layers.len() {
             if st.ready[l] || !self.layers[l].iter().all(|r| st.covers(r)) {
@@ -545,7 +545,7 @@ impl CudaGate {
                 None => {}
             }
             let now = std::time::Instant::now();
-            let deadline = st.progress.unwrap_or(now) + STREAM_STALL;
+            let deadline = st.progress + STREAM_STALL;
             if now >= deadline {
                 let stalled = format!("nothing of its weights came for {} s", STREAM_STALL.as_secs());
                 st.end = Some(Err(stalled));
