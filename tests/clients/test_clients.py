@@ -128,6 +128,38 @@ def test_openai_completions_base_and_adapter():
     assert tuned.choices[0].text == native.generated_text
 
 
+def test_openai_completions_echo_scores_prompts_as_lm_eval_does():
+    """Prompt scoring as lm-evaluation-harness's loglikelihood asks it: token ids, `echo`, `max_tokens: 0`,
+    `logprobs: 1`. Each continuation token that transformers + peft's greedy decoding chose must be the most
+    likely at its position (lm-eval's `is_greedy`) under the model it was decoded with, and the adapter's
+    continuation must not all be greedy under the base model."""
+    client = _openai()
+    prompt = MANIFEST["prompt_ids"][1]
+
+    def scored(model, continuation):
+        ids = prompt + continuation
+        r = client.completions.create(model=model, prompt=ids, max_tokens=0, echo=True, logprobs=1,
+                                      extra_body={"adapter_source": "local"})
+        lp = r.choices[0].logprobs
+        assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+        assert len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
+        greedy = [lp.token_logprobs[i] == max(lp.top_logprobs[i].values()) for i in range(len(prompt), len(ids))]
+        return sum(lp.token_logprobs[len(prompt):]), greedy
+
+    base_ll, base_greedy = scored("", BASE_GREEDY[:8])
+    assert all(base_greedy), base_greedy
+    tuned_ll, tuned_greedy = scored("lora-r8", R8_GREEDY[:8])
+    assert all(tuned_greedy), tuned_greedy
+    _, cross = scored("", R8_GREEDY[:8])
+    assert not all(cross), "the adapter's continuation should not be the base model's greedy one"
+    assert base_ll < 0 and tuned_ll < 0
+    # Batched: the same scores, in order.
+    r = client.completions.create(model="", prompt=[prompt + BASE_GREEDY[:8], prompt + R8_GREEDY[:8]], max_tokens=0,
+                                  echo=True, logprobs=1)
+    sums = [sum(c.logprobs.token_logprobs[len(prompt):]) for c in sorted(r.choices, key=lambda c: c.index)]
+    assert sums[0] == pytest.approx(base_ll, abs=1e-4) and sums[1] < sums[0]
+
+
 def test_openai_completions_stream_and_stop():
     client = _openai()
     full = client.completions.create(model="", prompt=PROMPT, max_tokens=N_NEW, temperature=0,

@@ -18,6 +18,8 @@ pub struct NewSequence {
     pub params: SamplingParams,
     /// Also return the log-probability of each prompt token.
     pub prefill_logprobs: bool,
+    /// With `prefill_logprobs`: alternatives to return with each prompt token (its most likely tokens).
+    pub prefill_top_n: u32,
     /// Key of a loaded adapter ([`crate::Engine::load_adapter`]) applied to this sequence; `None` for the base model.
     pub adapter: Option<String>,
 }
@@ -29,6 +31,9 @@ pub struct PromptToken {
     pub id: u32,
     /// log p(token | previous tokens).
     pub logprob: Option<f32>,
+    /// The most likely tokens at this position, `(token, logprob)` best first (ties: lower id first):
+    /// `prefill_top_n` of them (none for the first token).
+    pub top: Vec<(u32, f32)>,
 }
 
 /// One step's output for one sequence.
@@ -59,6 +64,8 @@ pub struct Sequence {
     /// The prompt tokens' logprobs computed so far (first token first), when asked; handed out with the
     /// first generated token.
     pub(crate) prompt_logprobs: Option<Vec<PromptToken>>,
+    /// Alternatives per prompt token (with `prompt_logprobs`).
+    pub(crate) prompt_top_n: u32,
     pub(crate) sampler: Sampler,
 }
 
@@ -69,7 +76,11 @@ impl Sequence {
         let prompt_logprobs = s.prefill_logprobs.then(|| {
             s.input_ids
                 .first()
-                .map(|&id| PromptToken { id, logprob: None })
+                .map(|&id| PromptToken {
+                    id,
+                    logprob: None,
+                    top: Vec::new(),
+                })
                 .into_iter()
                 .collect()
         });
@@ -81,6 +92,7 @@ impl Sequence {
             block_table: s.block_table,
             adapter: s.adapter,
             prompt_logprobs,
+            prompt_top_n: s.prefill_top_n,
             sampler,
         }
     }

@@ -686,7 +686,13 @@ impl<B: Backend> Engine<B> {
                 for j in 0..w.len {
                     let next = s.cached + j + 1;
                     if next < s.prompt_len {
-                        tasks.push((row + j, SampleTask::Logprob(s.tokens[next])));
+                        tasks.push((
+                            row + j,
+                            SampleTask::Logprob {
+                                token: s.tokens[next],
+                                top_n: s.prompt_top_n,
+                            },
+                        ));
                     }
                 }
                 row += w.len;
@@ -708,12 +714,13 @@ impl<B: Backend> Engine<B> {
             let ends_prompt = s.cached + w.len == s.prompt_len;
             if let (true, Some(logprobs)) = (w.prefill, s.prompt_logprobs.as_mut()) {
                 for next in s.cached + 1..(s.cached + w.len + 1).min(s.prompt_len) {
-                    let Some(Sampled::Logprob(lp)) = answers.next() else {
+                    let Some(Sampled::Logprob { logprob, top }) = answers.next() else {
                         return Err(missing());
                     };
                     logprobs.push(PromptToken {
                         id: s.tokens[next],
-                        logprob: Some(lp),
+                        logprob: Some(logprob),
+                        top,
                     });
                 }
             }

@@ -239,7 +239,7 @@ impl Sampler {
             Some(&v) if lse.is_finite() => (f64::from(v) - lse) as f32,
             _ => f32::NEG_INFINITY,
         };
-        let top = top_n(logits, self.params.top_n_tokens as usize)
+        let top = top_n_of(logits, self.params.top_n_tokens as usize)
             .into_iter()
             .map(|(t, v)| (t, (f64::from(v) - lse) as f32))
             .collect();
@@ -281,8 +281,14 @@ pub enum SampleTask<'a> {
     /// The next token, chosen by this sequence's sampler as [`Sampler::choose`] does (and recorded in
     /// its history).
     Choose(&'a mut Sampler),
-    /// The log-probability of this token under the raw logits (a prompt token's logprob).
-    Logprob(u32),
+    /// The log-probability of `token` under the raw logits (a prompt token's logprob), and the `top_n`
+    /// most likely tokens under them.
+    Logprob {
+        /// The token whose log-probability is asked.
+        token: u32,
+        /// Alternatives to return.
+        top_n: u32,
+    },
 }
 
 /// The answer to one [`SampleTask`].
@@ -290,14 +296,32 @@ pub enum SampleTask<'a> {
 pub enum Sampled {
     /// The chosen token, its logprob and alternatives.
     Choice(Choice),
-    /// The asked token's log-probability.
-    Logprob(f32),
+    /// The asked token's log-probability and the alternatives, as `Choice::top`.
+    Logprob {
+        /// log p(token).
+        logprob: f32,
+        /// Up to `top_n` `(token, logprob)` pairs, most likely first (ties: lower id first).
+        top: Vec<(u32, f32)>,
+    },
 }
 
 /// `log_softmax(row)[token]` as the prompt logprobs compute it: `row[token] - log_sum_exp(row)`.
 pub fn token_logprob(row: &[f32], token: u32) -> Option<f32> {
     row.get(token as usize)
         .map(|&v| (f64::from(v) - log_sum_exp(row)) as f32)
+}
+
+/// A [`SampleTask::Logprob`] on the host: `token`'s log-probability under the raw `row` and its `top_n`
+/// most likely tokens (`None` when `token` is outside the row).
+pub fn prompt_logprob(row: &[f32], token: u32, top_n: u32) -> Option<Sampled> {
+    let v = *row.get(token as usize)?;
+    let lse = log_sum_exp(row);
+    let logprob = (f64::from(v) - lse) as f32;
+    let top = top_n_of(row, top_n as usize)
+        .into_iter()
+        .map(|(t, v)| (t, (f64::from(v) - lse) as f32))
+        .collect();
+    Some(Sampled::Logprob { logprob, top })
 }
 
 /// The host path of [`crate::Backend::sample`]: runs each `(row, task)` on row `row` of `logits`
@@ -317,10 +341,8 @@ pub fn sample_host(
                 .ok_or_else(|| bad(format!("sampling row {row} of {rows}")))?;
             Ok(match task {
                 SampleTask::Choose(s) => Sampled::Choice(s.choose(r)),
-                SampleTask::Logprob(t) => Sampled::Logprob(
-                    token_logprob(r, *t)
-                        .ok_or_else(|| bad(format!("token {t} is outside the vocabulary ({vocab})")))?,
-                ),
+                SampleTask::Logprob { token, top_n } => prompt_logprob(r, *token, *top_n)
+                    .ok_or_else(|| bad(format!("token {token} is outside the vocabulary ({vocab})")))?,
             })
         })
         .collect()
@@ -404,7 +426,7 @@ fn draw(scores: &[f32], u: f64) -> u32 {
 
 /// The `n` largest finite entries of `logprobs` (or of the scores: the order is the same), largest
 /// first, ties by lower index.
-fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
+fn top_n_of(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
     if n == 0 {
         return Vec::new();
     }
@@ -765,9 +787,9 @@ mod tests {
     #[test]
     fn top_n_ordering() {
         let lp = [-1.0, -0.5, f32::NEG_INFINITY, -0.5, -3.0];
-        assert_eq!(top_n(&lp, 3), vec![(1, -0.5), (3, -0.5), (0, -1.0)]);
-        assert_eq!(top_n(&lp, 10).len(), 4);
-        assert!(top_n(&lp, 0).is_empty());
+        assert_eq!(top_n_of(&lp, 3), vec![(1, -0.5), (3, -0.5), (0, -1.0)]);
+        assert_eq!(top_n_of(&lp, 10).len(), 4);
+        assert!(top_n_of(&lp, 0).is_empty());
     }
 
     #[test]

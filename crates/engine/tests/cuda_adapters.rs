@@ -208,6 +208,7 @@ fn decode_run(e: &mut Engine<CudaBackend>, tables: &[Vec<u32>]) -> (Vec<(u64, u3
             block_table: t.clone(),
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            prefill_top_n: 0,
             adapter: None,
         })
         .collect();

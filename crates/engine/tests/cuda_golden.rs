@@ -207,6 +207,7 @@ fn greedy(dtype: DType) {
             block_table: scattered_blocks(alloc, prompts[p].len() + N_NEW),
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            prefill_top_n: 0,
             adapter: None,
         };
         let mut alone = Vec::new();
@@ -365,6 +366,7 @@ fn lora(dtype: DType, prompt_pair: bool) {
             block_table: scattered_blocks(&mut alloc, prompts[*p].len() + N_NEW),
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            prefill_top_n: 0,
             adapter: adapter.clone(),
         })
         .collect();

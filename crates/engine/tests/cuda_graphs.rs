@@ -80,6 +80,7 @@ fn prompt(id: usize, len: usize, alloc: &mut BlockAllocator, adapter: Option<Str
         block_table: alloc.allocate(len + 64).unwrap(),
         params: SamplingParams::default(),
         prefill_logprobs: false,
+        prefill_top_n: 0,
         adapter,
     }
 }
@@ -97,6 +98,7 @@ fn schedule(e: &mut Engine<CudaBackend>, adapters: &[String]) -> Trace {
         block_table: alloc.allocate(len + 200).unwrap(),
         params: SamplingParams::default(),
         prefill_logprobs: false,
+        prefill_top_n: 0,
         adapter: adapter.cloned(),
     };
     let record = |gens: Vec<lorax_engine::Generation>, trace: &mut Trace| {
@@ -244,6 +246,7 @@ fn a_single_stream_keeps_its_graph_as_its_context_grows() {
             block_table: alloc.allocate(30 + steps + 1).unwrap(),
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            prefill_top_n: 0,
             adapter: None,
         };
         let mut trace = Trace::new();

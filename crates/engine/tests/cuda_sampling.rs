@@ -101,17 +101,36 @@ fn engine_sampling_rows_and_errors() {
         .collect();
     let t = g.tensor_from_f32(&[3, v], &logits).unwrap();
     let mut a = Sampler::new(SamplingParams::default(), &[]);
-    let mut tasks = vec![(2, SampleTask::Choose(&mut a)), (0, SampleTask::Logprob(7))];
+    let mut tasks = vec![
+        (2, SampleTask::Choose(&mut a)),
+        (0, SampleTask::Logprob { token: 7, top_n: 2 }),
+    ];
     let got = g.sample(&t, &mut tasks).unwrap();
     let mut host = logits.clone();
     let mut b = Sampler::new(SamplingParams::default(), &[]);
-    let mut tasks = vec![(2, SampleTask::Choose(&mut b)), (0, SampleTask::Logprob(7))];
+    let mut tasks = vec![
+        (2, SampleTask::Choose(&mut b)),
+        (0, SampleTask::Logprob { token: 7, top_n: 2 }),
+    ];
     assert_eq!(got, sample_host(&mut host, v, &mut tasks).unwrap());
     // The chosen token is recorded in the sampler's history, as choose does.
     let Sampled::Choice(c) = &got[0] else { panic!() };
     assert_eq!(a.count(c.token), 1);
-    assert!(g.sample(&t, &mut [(3, SampleTask::Logprob(1))]).is_err());
-    assert!(g.sample(&t, &mut [(0, SampleTask::Logprob(v as u32))]).is_err());
+    assert!(g
+        .sample(&t, &mut [(3, SampleTask::Logprob { token: 1, top_n: 0 })])
+        .is_err());
+    assert!(g
+        .sample(
+            &t,
+            &mut [(
+                0,
+                SampleTask::Logprob {
+                    token: v as u32,
+                    top_n: 0
+                }
+            )]
+        )
+        .is_err());
     assert!(g.sample(&t, &mut []).unwrap().is_empty());
 }
 

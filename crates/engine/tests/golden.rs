@@ -88,6 +88,7 @@ fn greedy_alone_and_batched_match_transformers() {
             block_table: scattered_blocks(alloc, prompts[p].len() + N_NEW),
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            prefill_top_n: 0,
             adapter: None,
         };
 
@@ -192,6 +193,7 @@ fn prefill_logprobs_use_the_previous_position() {
                     ..SamplingParams::default()
                 },
                 prefill_logprobs: true,
+                prefill_top_n: 4,
                 adapter: None,
             }],
         )
@@ -199,15 +201,28 @@ fn prefill_logprobs_use_the_previous_position() {
     let prefill = gens[0].prefill.as_ref().unwrap();
     assert_eq!(prefill.len(), ids.len());
     assert_eq!(prefill[0].logprob, None);
+    assert!(prefill[0].top.is_empty(), "the first prompt token has no alternatives");
     let lse = |row: &[f32]| {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
     };
     for (i, t) in prefill.iter().enumerate().skip(1) {
         assert_eq!(t.id, ids[i]);
-        let want = rows[i - 1][ids[i] as usize] - lse(&rows[i - 1]);
+        let row = &rows[i - 1];
+        let want = row[ids[i] as usize] - lse(row);
         let got = t.logprob.unwrap();
         assert!((got - want).abs() < 1e-4, "prompt token {i}: {got} vs {want}");
+        // Its alternatives: the position's 4 most likely tokens, best first, with their logprobs.
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        assert_eq!(t.top.len(), 4, "prompt token {i}");
+        for (k, (id, lp)) in t.top.iter().enumerate() {
+            assert_eq!(*id as usize, order[k], "prompt token {i}, alternative {k}");
+            assert!(
+                (lp - (row[order[k]] - lse(row))).abs() < 1e-4,
+                "prompt token {i}, alternative {k}"
+            );
+        }
     }
     let last = &g.f("p2.last_logits").1;
     let tok = gens[0].choice.token as usize;
@@ -239,6 +254,7 @@ fn steps_count_their_host_time_by_kind() {
             input_ids,
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            prefill_top_n: 0,
             adapter: None,
         }
     };

@@ -125,6 +125,7 @@ fn mixed_batch_matches_peft_adapter_names() {
             block_table: scattered_blocks(&mut alloc, prompts[*p].len() + N_NEW),
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            prefill_top_n: 0,
             adapter: adapter.clone(),
         })
         .collect();
@@ -207,6 +208,7 @@ fn adapters_change_output_and_offload_rules_hold() {
             block_table: table.clone(),
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            prefill_top_n: 0,
             adapter: Some("lora-r8".into()),
         }],
     )

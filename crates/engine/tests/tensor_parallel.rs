@@ -123,6 +123,7 @@ fn sharded_mixed_adapter_batch_matches_peft() {
                 block_table: alloc.allocate(prompts[*p].len() + N_NEW).unwrap(),
                 params: SamplingParams::default(),
                 prefill_logprobs: false,
+                prefill_top_n: 0,
                 adapter: a.map(str::to_string),
             })
             .collect();

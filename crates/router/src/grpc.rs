@@ -196,7 +196,7 @@ fn generate_response(shape: &ResponseShape, response: InferResponse) -> pb::Gene
         prefill: response
             .prefill
             .into_iter()
-            .map(|t| pb::PrefillToken {
+            .map(|(t, _)| pb::PrefillToken {
                 id: t.id,
                 text: t.text,
                 logprob: (!t.logprob.is_nan()).then_some(t.logprob),

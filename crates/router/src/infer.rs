@@ -61,8 +61,9 @@ pub struct GeneratedText {
 /// One message of a request's response stream.
 #[derive(Debug, Clone)]
 pub enum InferStreamResponse {
-    /// Prompt tokens with log-probabilities (only with `decoder_input_details`), before any token.
-    Prefill(Vec<TokenInfo>),
+    /// Prompt tokens with log-probabilities and alternatives (only with `decoder_input_details`; alternatives
+    /// with `prefill_top_n`), before any token.
+    Prefill(Vec<(TokenInfo, Vec<TokenInfo>)>),
     /// A generated token that did not end the sequence.
     Intermediate {
         /// The token.
@@ -148,8 +149,8 @@ impl Pending {
 /// A whole generation, collected from the stream.
 #[derive(Debug, Clone)]
 pub struct InferResponse {
-    /// Prompt tokens (with `decoder_input_details`).
-    pub prefill: Vec<TokenInfo>,
+    /// Prompt tokens and their alternatives (with `decoder_input_details`; alternatives with `prefill_top_n`).
+    pub prefill: Vec<(TokenInfo, Vec<TokenInfo>)>,
     /// Generated tokens with their alternatives.
     pub tokens: Vec<(TokenInfo, Vec<TokenInfo>)>,
     /// The final text.

@@ -163,14 +163,49 @@ pub struct CommonParameters {
     pub ignore_eos_token: Option<bool>,
 }
 
+/// A completion's `prompt`: a string, token ids, or a list of either (a batch: the choices of every prompt,
+/// `n` a prompt, in order).
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// One text.
+    Text(String),
+    /// Several texts.
+    Texts(Vec<String>),
+    /// One prompt as token ids (no special tokens are added).
+    Ids(Vec<u32>),
+    /// Several prompts as token ids.
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// One prompt of a completion request.
+#[derive(Debug, Clone, PartialEq)]
+enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl Prompt {
+    fn into_inputs(self) -> Vec<PromptInput> {
+        match self {
+            Self::Text(t) => vec![PromptInput::Text(t)],
+            Self::Texts(v) => v.into_iter().map(PromptInput::Text).collect(),
+            Self::Ids(ids) => vec![PromptInput::Ids(ids)],
+            Self::IdLists(v) => v.into_iter().map(PromptInput::Ids).collect(),
+        }
+    }
+}
+
 /// Body of `POST /v1/completions`.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct CompletionRequest {
-    /// The prompt (one string; a list of one string is accepted too).
-    pub prompt: OneOrMany,
-    /// Alternatives per token to return (0..=5), with each token's log-probability.
+    /// The prompt: a string, a list of token ids, or a list of either (a batch of prompts).
+    #[schema(value_type = Object)]
+    pub prompt: Prompt,
+    /// Alternatives per token to return (0..=5), with each token's log-probability. With `echo`, the prompt's
+    /// tokens come first (the first one's log-probability and alternatives `null`).
     pub logprobs: Option<u32>,
-    /// Prepend the prompt to the text.
+    /// Prepend the prompt to the text (with `max_tokens: 0`, return the prompt alone: prompt scoring).
     #[serde(default)]
     pub echo: bool,
     /// Must be absent or equal to `n`.
@@ -236,7 +271,19 @@ struct Plan {
     include_usage: bool,
     alternatives: u32,
     logprobs: bool,
-    echo: Option<String>,
+    /// Each choice's prompt as token ids (`Some` for a prompt given as ids), one entry per request, or empty.
+    ids: Vec<Option<Vec<u32>>>,
+    /// Which prompt each request's choice is of (usage counts each prompt's tokens once).
+    prompt_of: Vec<usize>,
+    /// Prepend each choice's prompt to its text.
+    echo: bool,
+    /// `echo` with `logprobs`: the prompt's tokens, their log-probabilities and alternatives lead the
+    /// choice's `logprobs`.
+    prompt_logprobs: bool,
+    /// `echo` with `max_tokens: 0`: the one token generated (to run the prompt) is not returned.
+    drop_generated: bool,
+    /// The tokens that end a choice (the model's end-of-sequence tokens; none with `ignore_eos_token`).
+    eos: Vec<u32>,
     /// The tokens' raw bytes, for chat logprobs' `bytes`.
     bytes: crate::detokenize::TokenBytes,
 }
@@ -251,9 +298,20 @@ impl Plan {
             .unwrap_or_default()
     }
 
-    /// Characters of the echoed prompt (where the completion's text offsets start).
-    fn echo_chars(&self) -> usize {
-        self.echo.as_ref().map_or(0, |e| e.chars().count())
+    /// The text a choice of `valid` starts with: its prompt with `echo` (a prompt of token ids decoded).
+    fn echo_of<'a>(&self, valid: &'a ValidRequest) -> Option<&'a str> {
+        self.echo.then_some(valid.inputs.as_str())
+    }
+
+    /// Prompt tokens the request's choices read, each prompt counted once.
+    fn prompt_tokens(&self, started: &[(ValidRequest, ResponseReceiver, OwnedSemaphorePermit)]) -> u32 {
+        let mut seen = std::collections::HashSet::new();
+        started
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| seen.insert(self.prompt_of.get(*i).copied().unwrap_or(0)))
+            .map(|(_, (v, _, _))| v.input_length())
+            .sum()
     }
 }
 
@@ -445,10 +503,21 @@ fn check_alternatives(k: u32) -> Result<u32, ApiError> {
     Ok(k)
 }
 
-fn completion_plan(state: &AppState, req: CompletionRequest) -> Result<Plan, ApiError> {
-    let prompts = req.prompt.into_vec();
-    let [prompt] = <[String; 1]>::try_from(prompts)
-        .map_err(|p| invalid(format!("`prompt` must be one string (got a list of {})", p.len())))?;
+fn completion_plan(state: &AppState, mut req: CompletionRequest) -> Result<Plan, ApiError> {
+    let prompts = req.prompt.into_inputs();
+    if prompts.is_empty() {
+        return Err(invalid("`prompt` must not be an empty list"));
+    }
+    // `n` alone is checked with the other parameters (`native`).
+    let n = req.common.n.unwrap_or(1) as usize;
+    let places = state.info.max_concurrent_requests;
+    if prompts.len() > 1 && prompts.len().saturating_mul(n) > places {
+        return Err(invalid(format!(
+            "`prompt` holds {} prompts and `n` is {n}: at most {places} choices may be asked at once, the requests \
+             this server takes at once (each choice is one)",
+            prompts.len()
+        )));
+    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(invalid("`suffix` is not supported"));
     }
@@ -458,8 +527,27 @@ fn completion_plan(state: &AppState, req: CompletionRequest) -> Result<Plan, Api
     let alternatives = check_alternatives(req.logprobs.unwrap_or(0))?;
     let stream = req.common.stream;
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let echo = req.echo.then(|| prompt.clone());
-    let (model, requests) = native(state, req.common, prompt, alternatives)?;
+    // Prompt scoring: the prompt runs (one token is generated, and dropped) for its tokens' logprobs.
+    let drop_generated = req.echo && req.common.max_tokens == Some(0);
+    if drop_generated {
+        req.common.max_tokens = Some(1);
+    }
+    let prompt_logprobs = req.echo && req.logprobs.is_some();
+    let eos = eos_of(state, &req.common);
+    let (mut model, mut requests, mut ids, mut prompt_of) = (String::new(), Vec::new(), Vec::new(), Vec::new());
+    for (index, prompt) in prompts.into_iter().enumerate() {
+        let (text, prompt_ids) = match prompt {
+            PromptInput::Text(t) => (t, None),
+            PromptInput::Ids(v) => (String::new(), Some(v)),
+        };
+        let (name, mut choices) = native(state, req.common.clone(), text, alternatives)?;
+        for _ in &choices {
+            ids.push(prompt_ids.clone());
+            prompt_of.push(index);
+        }
+        model = name;
+        requests.append(&mut choices);
+    }
     Ok(Plan {
         id: request_id("cmpl"),
         created: now_secs(),
@@ -470,7 +558,12 @@ fn completion_plan(state: &AppState, req: CompletionRequest) -> Result<Plan, Api
         include_usage,
         alternatives,
         logprobs: req.logprobs.is_some(),
-        echo,
+        ids,
+        prompt_of,
+        echo: req.echo,
+        prompt_logprobs,
+        drop_generated,
+        eos,
         bytes: state.validation.token_bytes(),
     })
 }
@@ -632,6 +725,7 @@ async fn chat_plan(
     }
     let stream = req.common.stream;
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let eos = eos_of(state, &req.common);
     let (model, requests) = native(state, req.common, prompt, alternatives)?;
     Ok(Plan {
         id: request_id("chatcmpl"),
@@ -643,9 +737,38 @@ async fn chat_plan(
         include_usage,
         alternatives,
         logprobs: req.logprobs,
-        echo: None,
+        ids: Vec::new(),
+        prompt_of: Vec::new(),
+        echo: false,
+        prompt_logprobs: false,
+        drop_generated: false,
+        eos,
         bytes: state.validation.token_bytes(),
     })
+}
+
+/// The tokens that end a choice of a request with these fields.
+fn eos_of(state: &AppState, common: &CommonParameters) -> Vec<u32> {
+    if common.ignore_eos_token == Some(true) {
+        Vec::new()
+    } else {
+        state.info.eos_token_ids.clone()
+    }
+}
+
+impl Plan {
+    /// A choice's `finish_reason`: `stop` for an end-of-sequence token even when it is the last token allowed
+    /// (the native routes say `length` then, as TGI; OpenAI and vLLM say `stop`), `length` for a prompt scored
+    /// alone (`drop_generated`).
+    fn finish(&self, reason: FinishReason, last: u32) -> &'static str {
+        if self.drop_generated {
+            "length"
+        } else if reason == FinishReason::Length && self.eos.contains(&last) {
+            "stop"
+        } else {
+            finish_reason(reason)
+        }
+    }
 }
 
 fn finish_reason(f: FinishReason) -> &'static str {
@@ -664,15 +787,30 @@ async fn start(
     mut place: Option<OwnedSemaphorePermit>,
 ) -> Result<Vec<(ValidRequest, ResponseReceiver, OwnedSemaphorePermit)>, ApiError> {
     let mut queued = Vec::with_capacity(plan.requests.len());
-    for request in &plan.requests {
+    for (i, request) in plan.requests.iter().enumerate() {
         let permit = match place.take() {
             Some(permit) => permit,
             None => state.infer.acquire()?,
         };
-        let valid = state
-            .validation
-            .validate_prompt(request.clone(), plan.stream, plan.add_special_tokens)
-            .await?;
+        let mut valid = match plan.ids.get(i).and_then(Option::as_ref) {
+            Some(ids) => {
+                state
+                    .validation
+                    .validate_ids(request.clone(), ids.clone(), plan.stream)
+                    .await?
+            }
+            None => {
+                state
+                    .validation
+                    .validate_prompt(request.clone(), plan.stream, plan.add_special_tokens)
+                    .await?
+            }
+        };
+        // The prompt's logprobs, streamed too (the first chunk carries them).
+        if plan.prompt_logprobs {
+            valid.decoder_input_details = true;
+            valid.prefill_top_n = plan.alternatives;
+        }
         let pending = state.infer.queue_stream(valid.clone())?;
         queued.push((valid, pending, permit));
     }
@@ -773,12 +911,12 @@ async fn respond(
     if plan.stream {
         return stream_response(plan, started, kind, start_time).into_response();
     }
-    let prompt_tokens = started.first().map_or(0, |(v, _, _)| v.input_length());
+    let prompt_tokens = plan.prompt_tokens(&started);
     let mut choices = Vec::with_capacity(started.len());
     let (mut completion_tokens, mut longest) = (0, 0);
     // The request's queue and admission times: its first choice's (the choices are queued together).
     let mut times = None;
-    for (index, (_, receiver, permit)) in started.into_iter().enumerate() {
+    for (index, (valid, receiver, permit)) in started.into_iter().enumerate() {
         let response = match crate::infer::collect(receiver).await {
             Ok(r) => r,
             Err(e) => {
@@ -789,9 +927,14 @@ async fn respond(
         };
         drop(permit);
         times.get_or_insert((response.queued, response.start));
-        completion_tokens += response.generated_text.generated_tokens;
-        longest = longest.max(response.generated_text.generated_tokens);
-        choices.push(whole_choice(&plan, kind, index, response));
+        let generated = if plan.drop_generated {
+            0
+        } else {
+            response.generated_text.generated_tokens
+        };
+        completion_tokens += generated;
+        longest = longest.max(generated);
+        choices.push(whole_choice(&plan, kind, index, plan.echo_of(&valid), response));
     }
     if let Some((queued, admitted)) = times {
         Timings::finish_choices(start_time, queued, admitted, completion_tokens, longest);
@@ -816,18 +959,22 @@ fn usage(prompt: u32, completion: u32) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-fn whole_choice(plan: &Plan, kind: Kind, index: usize, r: InferResponse) -> Value {
-    let finish = finish_reason(r.generated_text.finish_reason);
-    let generated = final_text(&r.generated_text, plan.stops());
+fn whole_choice(plan: &Plan, kind: Kind, index: usize, echo: Option<&str>, r: InferResponse) -> Value {
+    let last = r.tokens.last().map_or(u32::MAX, |(t, _)| t.id);
+    let finish = plan.finish(r.generated_text.finish_reason, last);
+    let generated = if plan.drop_generated {
+        ""
+    } else {
+        final_text(&r.generated_text, plan.stops())
+    };
     match kind {
         Kind::Completion => {
-            let text = match &plan.echo {
-                Some(prompt) => format!("{prompt}{generated}"),
-                None => generated.to_string(),
-            };
-            let logprobs = plan
-                .logprobs
-                .then(|| completion_logprobs(&r.tokens, plan.alternatives, plan.echo_chars()));
+            let text = format!("{}{generated}", echo.unwrap_or_default());
+            let logprobs = plan.logprobs.then(|| {
+                let generated: &[_] = if plan.drop_generated { &[] } else { &r.tokens };
+                let prompt: &[_] = if plan.prompt_logprobs { &r.prefill } else { &[] };
+                completion_logprobs(prompt, generated, plan.alternatives, echo_chars(echo))
+            });
             json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
         }
         Kind::Chat => {
@@ -844,20 +991,43 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, r: InferResponse) -> Valu
     }
 }
 
-/// Completions' `logprobs` object for `tokens`, whose text starts at character `offset` of the returned
-/// text (after an echoed prompt). A special token's text is not in the returned text: it takes no room.
-fn completion_logprobs(tokens: &[(TokenInfo, Vec<TokenInfo>)], alternatives: u32, mut offset: usize) -> Value {
+/// Characters of an echoed prompt (where the generated tokens' text offsets start).
+fn echo_chars(echo: Option<&str>) -> usize {
+    echo.map_or(0, |e| e.chars().count())
+}
+
+/// Completions' `logprobs` object: the echoed prompt's tokens (`prompt`, from text offset 0; the first one has
+/// no log-probability, and its `token_logprobs` and `top_logprobs` entries are `null`), then the generated
+/// `tokens`, whose text starts at character `offset` of the returned text (after an echoed prompt). A special
+/// token's text is not in the returned text: it takes no room.
+fn completion_logprobs(
+    prompt: &[(TokenInfo, Vec<TokenInfo>)],
+    tokens: &[(TokenInfo, Vec<TokenInfo>)],
+    alternatives: u32,
+    offset: usize,
+) -> Value {
     let mut text = Vec::new();
     let mut lps = Vec::new();
     let mut tops = Vec::new();
     let mut offsets = Vec::new();
-    for (t, top) in tokens {
-        offsets.push(offset);
+    // Prompt tokens from offset 0, generated ones from `offset`.
+    let mut at = 0;
+    for (k, (t, top)) in prompt.iter().chain(tokens).enumerate() {
+        if k == prompt.len() {
+            at = offset;
+        }
+        offsets.push(at);
         if !t.special {
-            offset += t.text.chars().count();
+            at += t.text.chars().count();
         }
         text.push(t.text.clone());
-        lps.push(t.logprob);
+        // A prompt's first token has no log-probability (nothing precedes it).
+        if (k == 0 && !prompt.is_empty()) || t.logprob.is_nan() {
+            lps.push(Value::Null);
+            tops.push(Value::Null);
+            continue;
+        }
+        lps.push(json!(t.logprob));
         let map: serde_json::Map<String, Value> = top
             .iter()
             .take(alternatives as usize)
@@ -895,8 +1065,10 @@ struct ChoiceStream {
     _permit: OwnedSemaphorePermit,
     first: bool,
     text: ChoiceText,
-    /// Characters of the echoed prompt (where text offsets start).
-    echo_chars: usize,
+    /// The prompt the first chunk starts with (`echo`).
+    echo: Option<String>,
+    /// The prompt's tokens with their log-probabilities (`echo` with `logprobs`), for the first chunk.
+    prompt: Vec<(TokenInfo, Vec<TokenInfo>)>,
 }
 
 /// What a stream of several choices has seen so far.
@@ -976,25 +1148,29 @@ fn stream_response(
     kind: Kind,
     start_time: Instant,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let prompt_tokens = started.first().map_or(0, |(v, _, _)| v.input_length());
+    let prompt_tokens = plan.prompt_tokens(&started);
     let n = started.len();
     let plan = std::sync::Arc::new(plan);
-    let echo_chars = plan.echo_chars();
-    let choices = started.into_iter().enumerate().map(|(index, (_, receiver, permit))| {
-        let plan = std::sync::Arc::clone(&plan);
-        futures::stream::unfold(
-            Some(Step::Run(ChoiceStream {
-                index,
-                receiver,
-                _permit: permit,
-                first: true,
-                text: ChoiceText::default(),
-                echo_chars,
-            })),
-            move |s| next_piece(std::sync::Arc::clone(&plan), kind, s),
-        )
-        .boxed()
-    });
+    let choices = started
+        .into_iter()
+        .enumerate()
+        .map(|(index, (valid, receiver, permit))| {
+            let plan = std::sync::Arc::clone(&plan);
+            let echo = plan.echo_of(&valid).map(str::to_string);
+            futures::stream::unfold(
+                Some(Step::Run(ChoiceStream {
+                    index,
+                    receiver,
+                    _permit: permit,
+                    first: true,
+                    text: ChoiceText::default(),
+                    echo,
+                    prompt: Vec::new(),
+                })),
+                move |s| next_piece(std::sync::Arc::clone(&plan), kind, s),
+            )
+            .boxed()
+        });
     let merged = futures::stream::select_all(choices);
     let mut tally = Tally::default();
     let events = merged
@@ -1040,7 +1216,12 @@ async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) 
     };
     loop {
         let (token, top, end) = match s.receiver.recv().await {
-            Some(Ok(InferStreamResponse::Prefill(_))) => continue,
+            Some(Ok(InferStreamResponse::Prefill(prompt))) => {
+                if plan.prompt_logprobs {
+                    s.prompt = prompt;
+                }
+                continue;
+            }
             Some(Ok(InferStreamResponse::Intermediate { token, top_tokens })) => (token, top_tokens, None),
             Some(Ok(InferStreamResponse::End {
                 token,
@@ -1052,8 +1233,8 @@ async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) 
             Some(Err(e)) => return Some((Piece::Failed(e.into()), None)),
             None => return Some((Piece::Failed(InferError::IncompleteGeneration.into()), None)),
         };
-        let finish = end.as_ref().map(|(g, _, _)| finish_reason(g.finish_reason));
-        let offset = s.echo_chars + s.text.chars;
+        let finish = end.as_ref().map(|(g, _, _)| plan.finish(g.finish_reason, token.id));
+        let offset = echo_chars(s.echo.as_deref()) + s.text.chars;
         let text = match &end {
             None => s.text.push(&token, plan.stops()),
             Some((g, _, _)) => s.text.finish(&token, g, plan.stops()),
@@ -1061,14 +1242,15 @@ async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) 
         let pair = [(token, top)];
         let choice = match kind {
             Kind::Completion => {
-                let prefix = if s.first {
-                    plan.echo.clone().unwrap_or_default()
+                let (prefix, prompt) = if s.first {
+                    (s.echo.as_deref().unwrap_or_default(), std::mem::take(&mut s.prompt))
                 } else {
-                    String::new()
+                    ("", Vec::new())
                 };
+                let (text, generated): (&str, &[_]) = if plan.drop_generated { ("", &[]) } else { (&text, &pair) };
                 let logprobs = plan
                     .logprobs
-                    .then(|| completion_logprobs(&pair, plan.alternatives, offset));
+                    .then(|| completion_logprobs(&prompt, generated, plan.alternatives, offset));
                 json!({"index": s.index, "text": format!("{prefix}{text}"), "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Chat => {
@@ -1089,7 +1271,11 @@ async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) 
         });
         let next = match end {
             None => Step::Run(s),
-            Some((g, queued, admitted)) => Step::Ending(g.generated_tokens, queued, admitted),
+            Some((g, queued, admitted)) => Step::Ending(
+                if plan.drop_generated { 0 } else { g.generated_tokens },
+                queued,
+                admitted,
+            ),
         };
         return Some((Piece::Chunk(chunk), Some(next)));
     }
@@ -1237,7 +1423,7 @@ mod tests {
             (token("</s>", true), vec![]),
             (token("x", false), vec![]),
         ];
-        let v = completion_logprobs(&tokens, 0, 5);
+        let v = completion_logprobs(&[], &tokens, 0, 5);
         assert_eq!(v["text_offset"], json!([5, 6, 6]));
     }
 }

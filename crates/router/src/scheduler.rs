@@ -593,6 +593,11 @@ impl Scheduler {
                 blocks: blocks.blocks().to_vec(),
                 parameters: Some(request.sampling),
                 prefill_logprobs: request.decoder_input_details,
+                prefill_top_n: if request.decoder_input_details {
+                    request.prefill_top_n
+                } else {
+                    0
+                },
                 top_n_tokens: request.top_n_tokens,
                 adapter_id,
                 adapter_source,
@@ -861,10 +866,20 @@ impl Scheduler {
         };
         let first = std::mem::take(&mut running.prefilling);
         if first && running.entry.request.decoder_input_details {
+            // Each prompt token with its alternatives (when asked: one entry per token, else none).
+            let tops = &generation.prefill_top_tokens;
             let prompt = generation
                 .prefill_tokens
                 .iter()
-                .map(|t| token_info(decoder, t))
+                .enumerate()
+                .map(|(i, t)| {
+                    let top = tops
+                        .get(i)
+                        .filter(|_| tops.len() == generation.prefill_tokens.len())
+                        .map(|top| top.tokens.iter().map(|a| token_info(decoder, a)).collect())
+                        .unwrap_or_default();
+                    (token_info(decoder, t), top)
+                })
                 .collect();
             if tx.send(Ok(InferStreamResponse::Prefill(prompt))).is_err() {
                 return false;

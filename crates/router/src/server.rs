@@ -249,7 +249,7 @@ async fn generate_inner(
         prefill: response
             .prefill
             .into_iter()
-            .map(|t| PrefillToken {
+            .map(|(t, _)| PrefillToken {
                 id: t.id,
                 text: t.text,
                 logprob: (!t.logprob.is_nan()).then_some(t.logprob),

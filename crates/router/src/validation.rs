@@ -149,6 +149,9 @@ pub struct ValidRequest {
     pub top_n_tokens: u32,
     /// Return prompt tokens with log-probabilities.
     pub decoder_input_details: bool,
+    /// With `decoder_input_details`: alternatives per prompt token (the OpenAI completions' `echo` with
+    /// `logprobs`; 0 on the native routes).
+    pub prefill_top_n: u32,
     /// When to stop.
     pub stopping: StoppingParameters,
     /// Return details.
@@ -532,14 +535,61 @@ impl Validation {
         stream: bool,
         add_special_tokens: bool,
     ) -> Result<ValidRequest, ValidationError> {
-        let mut parameters = request.parameters.unwrap_or_default();
+        self.validate_input(request, None, stream, add_special_tokens).await
+    }
+
+    /// [`Validation::validate_prompt`] for a prompt given as token ids (the OpenAI completions' `prompt`):
+    /// the same checks, without tokenizing; no special tokens are added. `inputs` becomes the ids' text.
+    pub async fn validate_ids(
+        &self,
+        request: GenerateRequest,
+        ids: Vec<u32>,
+        stream: bool,
+    ) -> Result<ValidRequest, ValidationError> {
+        self.validate_input(request, Some(ids), stream, false).await
+    }
+
+    /// The prompt is `request.inputs`, tokenized (with special tokens if asked), or `ids` when given.
+    async fn validate_input(
+        &self,
+        mut request: GenerateRequest,
+        ids: Option<Vec<u32>>,
+        stream: bool,
+        add_special_tokens: bool,
+    ) -> Result<ValidRequest, ValidationError> {
+        let mut parameters = request.parameters.take().unwrap_or_default();
         let checked = check_parameters(&parameters, &self.limits, stream, random_seed)?;
         let api_token = checked.adapter.as_ref().and(parameters.api_token.take());
-        if request.inputs.is_empty() {
-            return Err(ValidationError::EmptyInput);
-        }
-        let encoding = self.encode(request.inputs.clone(), add_special_tokens, true).await?;
+        let given = ids.is_some();
+        let encoding = match ids {
+            None if request.inputs.is_empty() => return Err(ValidationError::EmptyInput),
+            None => self.encode(request.inputs.clone(), add_special_tokens, true).await?,
+            Some(ids) if ids.is_empty() => return Err(ValidationError::EmptyInput),
+            Some(ids) => {
+                let n = ids.len();
+                Encoding::new(
+                    ids,
+                    vec![0; n],
+                    vec![String::new(); n],
+                    vec![None; n],
+                    vec![(0, 0); n],
+                    vec![0; n],
+                    vec![1; n],
+                    Vec::new(),
+                    Default::default(),
+                )
+            }
+        };
+        // Truncation (`truncate`), the length limits and the vocabulary.
         let (input_ids, max_new_tokens) = check_lengths(encoding, &checked, &self.limits)?;
+        if given {
+            let tokenizer = Arc::clone(&self.tokenizer);
+            let text_ids = input_ids.clone();
+            request.inputs = tokio::task::spawn_blocking(move || tokenizer.decode(&text_ids, false))
+                .await
+                .map_err(|_| ValidationError::Tokenizer("the tokenizer panicked".into()))?
+                .map_err(|e| ValidationError::Tokenizer(e.to_string()))?;
+        }
         metrics::histogram!(m::REQUEST_INPUT_LENGTH).record(input_ids.len() as f64);
         metrics::histogram!(m::REQUEST_MAX_NEW_TOKENS).record(f64::from(max_new_tokens));
         Ok(ValidRequest {
@@ -548,6 +598,7 @@ impl Validation {
             sampling: checked.sampling,
             top_n_tokens: checked.top_n_tokens,
             decoder_input_details: checked.decoder_input_details,
+            prefill_top_n: 0,
             stopping: StoppingParameters {
                 max_new_tokens,
                 stop_sequences: checked.stop_sequences,

@@ -237,6 +237,27 @@ async fn special_tokens_are_not_content() {
     let joined = streamed_text(&chunks, "/choices/0/text");
     assert_eq!(joined, "", "streamed {chunks:?}");
 
+    // The end-of-sequence token as the last token allowed: `stop` here (as OpenAI, vLLM), `length` on the
+    // native route (as TGI); with `ignore_eos_token` it is a length.
+    let body = json!({"prompt": "<s>", "max_tokens": 1});
+    let whole = d.post_ok("/v1/completions", body.clone()).await;
+    assert_eq!(whole["choices"][0]["finish_reason"], "stop", "{whole}");
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let chunks = events(&d, "/v1/completions", streamed).await;
+    let last = &chunks[chunks.len() - 2];
+    assert_eq!(last["choices"][0]["finish_reason"], "stop", "{chunks:?}");
+    let body = json!({"prompt": "<s>", "max_tokens": 1, "ignore_eos_token": true});
+    let whole = d.post_ok("/v1/completions", body).await;
+    assert_eq!(whole["choices"][0]["finish_reason"], "length", "{whole}");
+    let native = d
+        .post_ok(
+            "/generate",
+            json!({"inputs": "<s>", "parameters": {"max_new_tokens": 1, "details": true}}),
+        )
+        .await;
+    assert_eq!(native["details"]["finish_reason"], "length", "{native}");
+
     // A stop sequence that is the special token's text (the token ignored as end of sequence).
     let body = json!({"prompt": "<s>", "max_tokens": 5, "ignore_eos_token": true, "stop": ["</s>"]});
     let whole = d.post_ok("/v1/completions", body.clone()).await;
@@ -264,12 +285,128 @@ async fn echoed_completion_offsets_index_the_returned_text() {
     let text: Vec<char> = c["text"].as_str().expect("text").chars().collect();
     let tokens = c["logprobs"]["tokens"].as_array().expect("tokens");
     let offsets = c["logprobs"]["text_offset"].as_array().expect("offsets");
-    assert_eq!(offsets[0], 5, "after the echoed \"Hello\": {v}");
-    for (t, o) in tokens.iter().zip(offsets) {
+    // The prompt's tokens (<s>, Hello) first, then the generated ones after the echoed "Hello".
+    assert_eq!(tokens.len(), 2 + 3, "{v}");
+    assert_eq!(offsets[2], 5, "after the echoed \"Hello\": {v}");
+    for (t, o) in tokens.iter().zip(offsets).filter(|(t, _)| *t != "<s>") {
         let o = usize::try_from(o.as_u64().expect("offset")).expect("offset");
         let t: Vec<char> = t.as_str().expect("token").chars().collect();
         assert_eq!(text[o..o + t.len()], t[..], "{v}");
     }
+}
+
+/// `echo` with `logprobs` returns the prompt's tokens first, with their log-probabilities and alternatives
+/// (the first one's `null`), as OpenAI's completions do; with `max_tokens: 0` the prompt alone (prompt
+/// scoring, as lm-evaluation-harness's loglikelihood asks), whole and streamed alike.
+#[tokio::test]
+async fn echo_with_logprobs_scores_the_prompt() {
+    let d = Deployment::start(Setup::default()).await;
+    let body = json!({"prompt": "Hello", "echo": true, "logprobs": 2, "max_tokens": 2, "temperature": 0});
+    let v = d.post_ok("/v1/completions", body.clone()).await;
+    let c = &v["choices"][0];
+    let lp = &c["logprobs"];
+    let generated = fake_tokens_for("", HELLO_LAST, 2);
+    assert_eq!(c["text"], format!("Hello{}", continuation(&HELLO, &generated)), "{v}");
+    assert_eq!(lp["tokens"].as_array().expect("tokens").len(), 4, "{v}");
+    assert_eq!(lp["tokens"][1], "Hello", "{v}");
+    // The fake shard: prompt tokens after the first have logprob -1; their first alternative is the token.
+    assert_eq!(lp["token_logprobs"][0], Value::Null, "{v}");
+    assert_eq!(lp["top_logprobs"][0], Value::Null, "{v}");
+    assert_eq!(lp["token_logprobs"][1], -1.0, "{v}");
+    let top = lp["top_logprobs"][1].as_object().expect("alternatives");
+    assert_eq!(top.len(), 2, "{v}");
+    assert_eq!(top["Hello"], -1.0, "{v}");
+    assert_eq!(lp["token_logprobs"][2], -0.25, "a generated token: {v}");
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+
+    // Streamed: the first chunk carries the echo and the prompt's logprobs; the whole is the same.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let chunks = events(&d, "/v1/completions", streamed).await;
+    assert_eq!(
+        streamed_text(&chunks, "/choices/0/text"),
+        c["text"].as_str().expect("text")
+    );
+    let tokens: Vec<Value> = chunks
+        .iter()
+        .filter_map(|e| e.pointer("/choices/0/logprobs/tokens")?.as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(tokens, lp["tokens"].as_array().expect("tokens").clone(), "{chunks:?}");
+
+    // Prompt scoring: the prompt alone, no completion tokens.
+    let mut score = body;
+    score["max_tokens"] = json!(0);
+    let v = d.post_ok("/v1/completions", score.clone()).await;
+    let c = &v["choices"][0];
+    assert_eq!(c["text"], "Hello", "{v}");
+    assert_eq!(c["finish_reason"], "length", "{v}");
+    assert_eq!(c["logprobs"]["tokens"], json!(["<s>", "Hello"]), "{v}");
+    assert_eq!(c["logprobs"]["token_logprobs"], json!([null, -1.0]), "{v}");
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 2, "completion_tokens": 0, "total_tokens": 2})
+    );
+    score["stream"] = json!(true);
+    score["stream_options"] = json!({"include_usage": true});
+    let chunks = events(&d, "/v1/completions", score).await;
+    assert_eq!(streamed_text(&chunks, "/choices/0/text"), "Hello", "{chunks:?}");
+    let usage = chunks.iter().find_map(|e| e.get("usage")).expect("usage chunk");
+    assert_eq!(usage["completion_tokens"], 0, "{chunks:?}");
+}
+
+/// `prompt` as a list (a batch: `n` choices of each prompt, in order, and each prompt's tokens counted
+/// once in `usage`) and as token ids (no special tokens added; echoed as their text).
+#[tokio::test]
+async fn batched_and_token_id_prompts() {
+    let d = Deployment::start(Setup::default()).await;
+    let one = d
+        .post_ok(
+            "/v1/completions",
+            json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0}),
+        )
+        .await;
+    let hello = one["choices"][0]["text"].clone();
+    let v = d
+        .post_ok(
+            "/v1/completions",
+            json!({"prompt": ["Hello", "Hello world"], "n": 2, "max_tokens": 3, "temperature": 0}),
+        )
+        .await;
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 4, "{v}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i, "{v}");
+    }
+    assert_eq!(choices[0]["text"], hello, "{v}");
+    assert_eq!(choices[1]["text"], hello, "{v}");
+    assert_ne!(choices[2]["text"], hello, "the second prompt's choices: {v}");
+    let t = tokenizer();
+    let world = t.encode("Hello world", true).expect("encode").get_ids().len();
+    assert_eq!(v["usage"]["prompt_tokens"], 2 + world, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 12, "{v}");
+
+    // Token ids: the same prompt as "Hello" (its ids include <s>), the same answer.
+    let v = d
+        .post_ok(
+            "/v1/completions",
+            json!({"prompt": HELLO, "max_tokens": 3, "temperature": 0, "echo": true}),
+        )
+        .await;
+    let echoed = t.decode(&HELLO, false).expect("decode");
+    assert_eq!(
+        v["choices"][0]["text"],
+        format!("{echoed}{}", hello.as_str().expect("text")),
+        "{v}"
+    );
+    assert_eq!(v["usage"]["prompt_tokens"], 2, "{v}");
+    let v = d
+        .post_ok(
+            "/v1/completions",
+            json!({"prompt": [HELLO, HELLO], "max_tokens": 3, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(v["choices"][1]["text"], hello, "{v}");
 }
 
 #[tokio::test]
@@ -348,7 +485,15 @@ async fn errors_have_openai_shape() {
             422,
             "temperature",
         ),
-        ("/v1/completions", json!({"prompt": ["a", "b"]}), 422, "one string"),
+        ("/v1/completions", json!({"prompt": []}), 422, "empty"),
+        ("/v1/completions", json!({"prompt": [[1, 99999999]]}), 422, "vocabulary"),
+        ("/v1/completions", json!({"prompt": [1, -2]}), 422, "prompt"),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hello", "max_tokens": 0}),
+            422,
+            "max_tokens",
+        ),
         ("/v1/completions", json!({"prompt": "Hello", "n": 9}), 422, "`n`"),
         (
             "/v1/completions",

@@ -869,27 +869,32 @@ fn no_slot(loaded: usize, slots: usize) -> Status {
 }
 
 fn to_pb(g: Generation) -> pb::Generation {
+    let prefill = g.prefill.unwrap_or_default();
+    let tokens = |top: &[(u32, f32)]| top.iter().map(|&(id, logprob)| pb::Token { id, logprob }).collect();
+    // One entry per prompt token when any has alternatives (prefill_top_n), else none.
+    let prefill_top_tokens = if prefill.iter().any(|t| !t.top.is_empty()) {
+        prefill
+            .iter()
+            .map(|t| pb::TopTokens { tokens: tokens(&t.top) })
+            .collect()
+    } else {
+        Vec::new()
+    };
     pb::Generation {
         request_id: g.id,
         token: Some(pb::Token {
             id: g.choice.token,
             logprob: g.choice.logprob,
         }),
-        top_tokens: g
-            .choice
-            .top
-            .into_iter()
-            .map(|(id, logprob)| pb::Token { id, logprob })
-            .collect(),
-        prefill_tokens: g
-            .prefill
-            .unwrap_or_default()
-            .into_iter()
+        top_tokens: tokens(&g.choice.top),
+        prefill_tokens: prefill
+            .iter()
             .map(|t| pb::Token {
                 id: t.id,
                 logprob: t.logprob.unwrap_or(f32::NAN),
             })
             .collect(),
+        prefill_top_tokens,
     }
 }
 
@@ -964,6 +969,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
                         block_table: p.blocks,
                         params: SamplingParams::default(),
                         prefill_logprobs: false,
+                        prefill_top_n: 0,
                         adapter: None,
                     })
                     .collect();
@@ -1015,6 +1021,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
                 block_table: r.blocks,
                 params: sampling(r.parameters, r.top_n_tokens),
                 prefill_logprobs: r.prefill_logprobs,
+                prefill_top_n: r.prefill_top_n,
                 adapter: (!r.adapter_id.is_empty()).then(|| adapters::key(&r.adapter_source, &r.adapter_id)),
             })
             .collect();
@@ -1350,6 +1357,7 @@ fn warm_decode_steps<B: Backend>(
                 .collect(),
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            prefill_top_n: 0,
             adapter: None,
         })
         .collect();

@@ -65,6 +65,7 @@ fn sequences(alloc: &mut BlockAllocator, fixtures: &Path) -> Vec<NewSequence> {
                     ..SamplingParams::default()
                 },
                 prefill_logprobs: i % 2 == 0,
+                prefill_top_n: 0,
                 adapter: adapter.map(str::to_string),
             }
         })

@@ -99,6 +99,7 @@ pub fn greedy_batch<B: lorax_engine::Backend>(
             block_table: alloc.allocate(ids.len() + n_new).unwrap(),
             params: SamplingParams::default(),
             prefill_logprobs: false,
+            prefill_top_n: 0,
             adapter: None,
         })
         .collect();

@@ -25,8 +25,8 @@ pub const LP_TOL: f64 = 1e-5;
 pub enum Spec {
     /// Choose a token with these parameters and history.
     Choose(SamplingParams, Vec<u32>),
-    /// The logprob of a token.
-    Logprob(u32),
+    /// The logprob of a token, and this many alternatives.
+    Logprob(u32, u32),
 }
 
 /// Logits `[rows, vocab]` and one task per row.
@@ -133,7 +133,7 @@ pub fn case(rng: &mut Rng, name: &str, vocab: usize, rows: usize, shapes: &[usiz
         let shape = shapes[rng.below(shapes.len())];
         logits.extend(row(rng, vocab, shape));
         specs.push(if rng.below(8) == 0 {
-            Spec::Logprob(rng.below(vocab) as u32)
+            Spec::Logprob(rng.below(vocab) as u32, [0, 1, 5, 32, 40][rng.below(5)])
         } else {
             let (p, h) = params(rng, vocab);
             Spec::Choose(p, h)
@@ -216,7 +216,7 @@ pub fn fixed_case(rng: &mut Rng, vocab: usize) -> Case {
             ));
         }
         logits.extend(row(rng, vocab, shape));
-        specs.push(Spec::Logprob(rng.below(vocab) as u32));
+        specs.push(Spec::Logprob(rng.below(vocab) as u32, [0, 5][shape % 2]));
     }
     Case {
         name: format!("fixed v{vocab}"),
@@ -232,7 +232,7 @@ pub fn samplers(c: &Case) -> Vec<Option<Sampler>> {
         .iter()
         .map(|s| match s {
             Spec::Choose(p, h) => Some(Sampler::new(p.clone(), h)),
-            Spec::Logprob(_) => None,
+            Spec::Logprob(..) => None,
         })
         .collect()
 }
@@ -252,7 +252,13 @@ pub fn run(
         .zip(samplers.iter_mut())
         .enumerate()
         .map(|(i, (spec, s))| match (spec, s) {
-            (Spec::Logprob(t), _) => (i, SampleTask::Logprob(*t)),
+            (Spec::Logprob(token, top_n), _) => (
+                i,
+                SampleTask::Logprob {
+                    token: *token,
+                    top_n: *top_n,
+                },
+            ),
             (Spec::Choose(..), Some(s)) => (i, SampleTask::Choose(s)),
             (Spec::Choose(..), None) => unreachable!(),
         })
@@ -307,7 +313,11 @@ pub fn compare(c: &Case, got: &[Sampled], want: &[Sampled]) -> Tally {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let row = &c.logits[i * c.vocab..(i + 1) * c.vocab];
         match (g, w, &c.specs[i]) {
-            (Sampled::Logprob(a), Sampled::Logprob(b), Spec::Logprob(tok)) => {
+            (
+                Sampled::Logprob { logprob: a, top: ta },
+                Sampled::Logprob { logprob: b, top: tb },
+                Spec::Logprob(tok, top_n),
+            ) => {
                 let e = lp_err(*a, *b);
                 assert!(
                     e <= LP_TOL,
@@ -316,6 +326,21 @@ pub fn compare(c: &Case, got: &[Sampled], want: &[Sampled]) -> Tally {
                 );
                 t.logprob_rows += 1;
                 t.max_lp_err = t.max_lp_err.max(e);
+                let toks = |x: &[(u32, f32)]| x.iter().map(|(t, _)| *t).collect::<Vec<u32>>();
+                assert_eq!(
+                    toks(ta),
+                    toks(tb),
+                    "{} row {i}: {top_n} alternatives (device, host)",
+                    c.name
+                );
+                for ((t_a, la), (_, lb)) in ta.iter().zip(tb) {
+                    let e = lp_err(*la, *lb);
+                    assert!(e <= LP_TOL, "{} row {i}: alternative {t_a}: {la} vs {lb}", c.name);
+                    t.max_lp_err = t.max_lp_err.max(e);
+                }
+                if !ta.is_empty() {
+                    t.alternatives += 1;
+                }
             }
             (Sampled::Choice(a), Sampled::Choice(b), Spec::Choose(p, h)) => {
                 let drawn = p.is_sampling();

@@ -25,8 +25,8 @@ use lorax_proto::shard::v1::{
     ClearCacheRequest, ClearCacheResponse, DecodeRequest, DecodeResponse, DownloadAdapterRequest,
     DownloadAdapterResponse, FilterBatchRequest, FilterBatchResponse, Generation, HealthRequest, HealthResponse,
     InfoRequest, InfoResponse, LoadAdapterRequest, LoadAdapterResponse, OffloadAdapterRequest, OffloadAdapterResponse,
-    PrefillRequest, PrefillResponse, ServiceDiscoveryRequest, ServiceDiscoveryResponse, Token, WarmupRequest,
-    WarmupResponse,
+    PrefillRequest, PrefillResponse, ServiceDiscoveryRequest, ServiceDiscoveryResponse, Token, TopTokens,
+    WarmupRequest, WarmupResponse,
 };
 use tokio::net::UnixListener;
 use tokio::sync::watch;
@@ -81,6 +81,7 @@ struct Seq {
     prompt: Vec<u32>,
     ran: usize,
     prefill_logprobs: bool,
+    prefill_top_n: u32,
     last: u32,
     blocks: Vec<u32>,
     top_n: u32,
@@ -414,6 +415,27 @@ impl FakeShard {
                         .collect()
                 })
                 .unwrap_or_default(),
+            // Alternatives of prompt token i > 0: the token itself first, then others less likely.
+            prefill_top_tokens: prefill
+                .filter(|_| seq.prefill_top_n > 0)
+                .map(|ids| {
+                    ids.iter()
+                        .enumerate()
+                        .map(|(i, &id)| TopTokens {
+                            tokens: if i == 0 {
+                                Vec::new()
+                            } else {
+                                (0..seq.prefill_top_n)
+                                    .map(|k| Token {
+                                        id: if k == 0 { id } else { next_token(id, k) },
+                                        logprob: -1.0 - k as f32,
+                                    })
+                                    .collect()
+                            },
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
@@ -565,6 +587,7 @@ impl ShardService for FakeShard {
                 prompt: r.input_ids.clone(),
                 ran: 0,
                 prefill_logprobs: r.prefill_logprobs,
+                prefill_top_n: r.prefill_top_n,
                 last: *r.input_ids.last().expect("non-empty prompt"),
                 blocks: r.blocks.clone(),
                 top_n: r.top_n_tokens,

@@ -309,6 +309,7 @@ async fn decode_completes_while_an_adapter_uploads() {
         block_table: r.blocks,
         params: sampling(None, 0),
         prefill_logprobs: false,
+        prefill_top_n: 0,
         adapter: Some("local:lora-r8".into()),
     };
     for g in e.prefill(&mut batch, vec![new]).unwrap() {

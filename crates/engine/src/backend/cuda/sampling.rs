@@ -112,8 +112,9 @@ impl SamplePack {
         Ok(())
     }
 
-    /// A row asking for `token`'s log-probability under the raw logits row `row`.
-    pub fn push_logprob(&mut self, row: u32, token: u32) {
+    /// A row asking for `token`'s log-probability under the raw logits row `row`, and its `top_n` most likely
+    /// tokens (at most [`MAX_DEVICE_TOP_N`]).
+    pub fn push_logprob(&mut self, row: u32, token: u32, top_n: u32) {
         let at = u32::try_from(self.pen_tok.len()).unwrap_or(u32::MAX);
         self.rows.extend_from_slice(&[
             row,
@@ -127,9 +128,10 @@ impl SamplePack {
             0,
             at,
             at,
-            0,
+            top_n.min(MAX_DEVICE_TOP_N),
         ]);
         self.uniforms.push(0.0);
+        self.max_top_n = self.max_top_n.max(top_n.min(MAX_DEVICE_TOP_N));
     }
 
     /// Row `k`'s answer from the kernel's output words.
@@ -301,14 +303,18 @@ pub fn split_tasks(
         }
         let r = u32::try_from(*row).map_err(|_| EngineError::Backend(format!("row {row} overflows u32")))?;
         match task {
-            SampleTask::Logprob(t) => {
-                if *t as usize >= vocab {
+            SampleTask::Logprob { token, top_n } => {
+                if *token as usize >= vocab {
                     return Err(EngineError::Backend(format!(
-                        "token {t} is outside the vocabulary ({vocab})"
+                        "token {token} is outside the vocabulary ({vocab})"
                     )));
                 }
-                pack.push_logprob(r, *t);
-                on_device.push(i);
+                if *top_n > MAX_DEVICE_TOP_N {
+                    on_host.push(i);
+                } else {
+                    pack.push_logprob(r, *token, *top_n);
+                    on_device.push(i);
+                }
             }
             SampleTask::Choose(s) => match s.device_row(vocab, MAX_DEVICE_TOP_N) {
                 Some(d) => {
@@ -329,7 +335,7 @@ pub fn split_tasks(
                     s.record(token);
                     Sampled::Choice(Choice { token, logprob, top })
                 }
-                SampleTask::Logprob(_) => Sampled::Logprob(logprob),
+                SampleTask::Logprob { .. } => Sampled::Logprob { logprob, top },
             });
         }
     }
@@ -337,12 +343,13 @@ pub fn split_tasks(
         let picked: Vec<usize> = on_host.iter().map(|&i| tasks[i].0).collect();
         let mut host = host_rows(&picked)?;
         for (k, &i) in on_host.iter().enumerate() {
-            if let SampleTask::Choose(s) = &mut tasks[i].1 {
-                let row = host
-                    .get_mut(k * vocab..(k + 1) * vocab)
-                    .ok_or_else(|| EngineError::Backend("gathered logits are short".into()))?;
-                results[i] = Some(Sampled::Choice(s.choose(row)));
-            }
+            let row = host
+                .get_mut(k * vocab..(k + 1) * vocab)
+                .ok_or_else(|| EngineError::Backend("gathered logits are short".into()))?;
+            results[i] = match &mut tasks[i].1 {
+                SampleTask::Choose(s) => Some(Sampled::Choice(s.choose(row))),
+                SampleTask::Logprob { token, top_n } => crate::sampling::prompt_logprob(row, *token, *top_n),
+            };
         }
     }
     results
@@ -375,7 +382,7 @@ mod tests {
         let d = s.device_row(100, MAX_DEVICE_TOP_N).unwrap();
         assert!(d.draw && d.uniform > 0.0 && d.uniform < 1.0);
         pack.push_choose(4, &d).unwrap();
-        pack.push_logprob(1, 42);
+        pack.push_logprob(1, 42, 1);
         assert_eq!(pack.len(), 2);
         assert!(pack.top_p);
         assert_eq!(pack.stride(), 7);
@@ -383,6 +390,7 @@ mod tests {
         assert_eq!(pack.pen_tok, vec![3, 9]);
         assert_eq!(pack.pen_cnt, vec![2, 1]);
         assert_eq!(&pack.rows[ROW_WORDS..ROW_WORDS + 3], &[1, FLAG_FORCED, 42]);
+        assert_eq!(pack.rows[2 * ROW_WORDS - 1], 1, "the forced row's alternatives");
         let out = [
             7,
             0.5f32.to_bits(),
@@ -392,15 +400,15 @@ mod tests {
             8,
             0.25f32.to_bits(),
             42,
-            1f32.to_bits(),
-            0,
-            0,
-            0,
+            (-0.5f32).to_bits(),
+            1,
+            42,
+            (-0.5f32).to_bits(),
             0,
             0,
         ];
         assert_eq!(pack.read(&out, 0).unwrap(), (7, 0.5, vec![(7, 0.5), (8, 0.25)]));
-        assert_eq!(pack.read(&out, 1).unwrap(), (42, 1.0, vec![]));
+        assert_eq!(pack.read(&out, 1).unwrap(), (42, -0.5, vec![(42, -0.5)]));
         assert!(pack.read(&out, 2).is_err());
     }
 
