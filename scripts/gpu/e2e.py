@@ -1,7 +1,10 @@
 """End-to-end on the CUDA backend: the real launcher (embedded llama fixture) spawns a CUDA shard and the
 router; greedy generations over HTTP, for the base model and a local LoRA adapter, are compared with the
 transformers/peft references in tests/fixtures. float32 storage must reproduce the reference tokens
-exactly; bfloat16 is reported (see docs/gpu.md).
+exactly; bfloat16 is reported (see docs/gpu.md). Then prompt scoring through /v1/completions (token ids,
+`echo`, `max_tokens: 0`, `logprobs: 1`, as lm-evaluation-harness asks): each reference continuation token
+must be the most likely at its position, and its logprob must equal the one the generation gave it (the
+prompt pass's sampling kernel against the decode steps'), in float32; reported in bfloat16.
 
     python3 scripts/gpu/e2e.py BIN_DIR LOG_DIR
 """
@@ -21,7 +24,8 @@ BIN, LOGS = sys.argv[1], sys.argv[2]
 FX = os.path.abspath("tests/fixtures")
 BASE = load_file(f"{FX}/models/llama/golden.safetensors")
 LORA = load_file(f"{FX}/adapters/golden_lora.safetensors")
-PROMPTS = json.load(open(f"{FX}/manifest.json"))["prompts"]
+MANIFEST = json.load(open(f"{FX}/manifest.json"))
+PROMPTS = MANIFEST["prompts"]
 N = 32
 
 
@@ -77,6 +81,23 @@ for shards, dtype in [(n, d) for n in SHARDS for d in ["float32", "bfloat16"]]:
                     vs_one = f", {agree}/{N} equal TP=1's"
                 print(f"E2E {dtype} TP={shards} {adapter or 'base'} p{p}: HTTP {status}, {same}/{N} greedy tokens "
                       f"equal the reference{vs_one}{'' if ok else '  FAIL'}", flush=True)
+                # Prompt scoring of the reference continuation's first 8 tokens.
+                cont = ref[:8]
+                body = {"model": f"{FX}/adapters/{adapter}" if adapter else "", "adapter_source": "local",
+                        "prompt": MANIFEST["prompt_ids"][p] + cont, "max_tokens": 0, "echo": True, "logprobs": 1}
+                status, scored = call(f"{base}/v1/completions", body)
+                lp = scored["choices"][0]["logprobs"]
+                at = len(MANIFEST["prompt_ids"][p])
+                greedy = sum(lp["token_logprobs"][i] == max(lp["top_logprobs"][i].values())
+                             for i in range(at, at + len(cont)))
+                gen = [t["logprob"] for t in out["details"]["tokens"][:len(cont)]]
+                diff = max(abs(a - b) for a, b in zip(lp["token_logprobs"][at:], gen))
+                ok = dtype != "float32" or (status == 200 and greedy == len(cont) and diff < 1e-3
+                                            and scored["usage"]["completion_tokens"] == 0)
+                failures += 0 if ok else 1
+                print(f"E2E {dtype} TP={shards} {adapter or 'base'} p{p} scoring: HTTP {status}, {greedy}/{len(cont)} "
+                      f"reference tokens most likely at their position, logprobs within {diff:.2e} of the "
+                      f"generation's{'' if ok else '  FAIL'}", flush=True)
     except Exception as e:
         failures += 1
         print(f"E2E {dtype} TP={shards}: FAIL {e}", flush=True)

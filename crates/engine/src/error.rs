@@ -71,7 +71,7 @@ pub enum EngineError {
     InvalidBatch(String),
     /// A LoRA adapter that cannot be served: unsupported format or feature, pickle-only weights, a rank
     /// above the maximum, tensors that do not belong to the base model.
-    #[error("invalid adapter {0}")]
+    #[error("invalid adapter: {0}")]
     InvalidAdapter(String),
     /// A sequence names an adapter that is not loaded on this device.
     #[error("adapter {0:?} is not loaded")]

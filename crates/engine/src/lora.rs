@@ -139,7 +139,11 @@ struct RawConfig {
 /// itself as "the adapter" (messages that reach clients should not show the server's paths).
 pub fn strip_dir(message: &str, dir: &Path) -> String {
     let d = dir.display().to_string();
-    message.replace(&format!("{d}/"), "").replace(&d, "the adapter")
+    // "<dir>: why" (an invalid adapter's message) is the adapter's own fault: the reason alone.
+    message
+        .replace(&format!("{d}/"), "")
+        .replace(&format!("{d}: "), "")
+        .replace(&d, "the adapter")
 }
 
 fn invalid(dir: &Path, reason: impl std::fmt::Display) -> EngineError {

@@ -33,8 +33,10 @@ use crate::validation::ValidRequest;
 
 /// Most choices (`n`) one request may ask for.
 pub const MAX_N: u32 = 8;
-/// Most alternatives per token (`logprobs` of completions, `top_logprobs` of chat).
+/// Most alternatives per token of completions (`logprobs`).
 pub const MAX_LOGPROBS: u32 = 5;
+/// Most chat `top_logprobs` (OpenAI's limit; the native routes' `return_k_alternatives` allows as many).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// An error in OpenAI's shape (same status and `type` = the native `error_type`).
 pub struct OpenAiError(pub ApiError);
@@ -62,8 +64,11 @@ fn openai_error_body(e: &ApiError) -> Value {
         .replace("`inputs` tokens", "prompt tokens")
         .replace("`inputs`", "the prompt");
     // The first request field the message names (not an adapter's id, which messages also quote).
-    const FIELDS: [&str; 14] = [
+    const FIELDS: [&str; 17] = [
         "max_tokens",
+        "max_completion_tokens",
+        "repetition_penalty",
+        "echo",
         "model",
         "temperature",
         "top_p",
@@ -494,10 +499,12 @@ fn native(
     Ok((model, requests))
 }
 
-fn check_alternatives(k: u32) -> Result<u32, ApiError> {
-    if k > MAX_LOGPROBS {
+/// Alternatives per token asked by `field`, at most `most` (OpenAI's limits: completions' `logprobs` 5,
+/// chat's `top_logprobs` 20).
+fn check_alternatives(field: &str, k: u32, most: u32) -> Result<u32, ApiError> {
+    if k > most {
         return Err(invalid(format!(
-            "at most {MAX_LOGPROBS} log-probabilities per token may be requested. Given: {k}"
+            "`{field}` must be at most {most} (log-probabilities per token). Given: {k}"
         )));
     }
     Ok(k)
@@ -524,7 +531,7 @@ fn completion_plan(state: &AppState, mut req: CompletionRequest) -> Result<Plan,
     if req.best_of.is_some_and(|b| b != req.common.n.unwrap_or(1)) {
         return Err(invalid("`best_of` other than `n` is not supported"));
     }
-    let alternatives = check_alternatives(req.logprobs.unwrap_or(0))?;
+    let alternatives = check_alternatives("logprobs", req.logprobs.unwrap_or(0), MAX_LOGPROBS)?;
     let stream = req.common.stream;
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     // Prompt scoring: the prompt runs (one token is generated, and dropped) for its tokens' logprobs.
@@ -718,9 +725,10 @@ async fn chat_plan(
     if req.top_logprobs.is_some_and(|k| k > 0) && !req.logprobs {
         return Err(invalid("`top_logprobs` needs `logprobs: true`"));
     }
-    let alternatives = check_alternatives(req.top_logprobs.unwrap_or(0))?;
+    let alternatives = check_alternatives("top_logprobs", req.top_logprobs.unwrap_or(0), MAX_TOP_LOGPROBS)?;
     let prompt = render(state, adapter_template.as_ref(), &req.messages).await?;
-    if req.common.max_tokens.is_none() {
+    // The newer name wins where both are given (as vLLM).
+    if req.max_completion_tokens.is_some() {
         req.common.max_tokens = req.max_completion_tokens;
     }
     let stream = req.common.stream;
@@ -778,21 +786,24 @@ fn finish_reason(f: FinishReason) -> &'static str {
     }
 }
 
-/// Validates and queues the plan's requests, each with its place among --max-concurrent-requests
-/// (`place`, taken earlier, is the first's), then waits for their adapter, so that an adapter failure
-/// is an HTTP error rather than an error chunk after a 200.
+/// Takes a place among --max-concurrent-requests for each of the plan's requests (`place`, taken earlier, is
+/// the first's; a request refused for want of places has validated nothing), validates and queues them, then
+/// waits for their adapter, so that an adapter failure is an HTTP error rather than an error chunk after a
+/// 200. The request's validation time (since `start_time`, to its choices' validation) is recorded once.
 async fn start(
     state: &AppState,
     plan: &Plan,
-    mut place: Option<OwnedSemaphorePermit>,
+    place: Option<OwnedSemaphorePermit>,
+    start_time: Instant,
 ) -> Result<Vec<(ValidRequest, ResponseReceiver, OwnedSemaphorePermit)>, ApiError> {
-    let mut queued = Vec::with_capacity(plan.requests.len());
+    let mut permits = Vec::with_capacity(plan.requests.len());
+    permits.extend(place);
+    while permits.len() < plan.requests.len() {
+        permits.push(state.infer.acquire()?);
+    }
+    let mut valid = Vec::with_capacity(plan.requests.len());
     for (i, request) in plan.requests.iter().enumerate() {
-        let permit = match place.take() {
-            Some(permit) => permit,
-            None => state.infer.acquire()?,
-        };
-        let mut valid = match plan.ids.get(i).and_then(Option::as_ref) {
+        let mut v = match plan.ids.get(i).and_then(Option::as_ref) {
             Some(ids) => {
                 state
                     .validation
@@ -808,16 +819,21 @@ async fn start(
         };
         // The prompt's logprobs, streamed too (the first chunk carries them).
         if plan.prompt_logprobs {
-            valid.decoder_input_details = true;
-            valid.prefill_top_n = plan.alternatives;
+            v.decoder_input_details = true;
+            v.prefill_top_n = plan.alternatives;
         }
-        let pending = state.infer.queue_stream(valid.clone())?;
-        queued.push((valid, pending, permit));
+        valid.push(v);
+    }
+    metrics::histogram!(m::REQUEST_VALIDATION_DURATION).record(start_time.elapsed().as_secs_f64());
+    let mut queued = Vec::with_capacity(valid.len());
+    for (v, permit) in valid.into_iter().zip(permits) {
+        let pending = state.infer.queue_stream(v.clone())?;
+        queued.push((v, pending, permit));
     }
     let mut out = Vec::with_capacity(queued.len());
-    for (valid, pending, permit) in queued {
+    for (v, pending, permit) in queued {
         // Without `stream` the answer waits for the whole generation anyway.
-        out.push((valid, pending.ready().await?, permit));
+        out.push((v, pending.ready().await?, permit));
     }
     Ok(out)
 }
@@ -897,7 +913,7 @@ async fn respond(
     metrics::counter!(m::REQUEST_COUNT).increment(1);
     let result = async {
         let plan = plan?;
-        let started = start(&state, &plan, place).await?;
+        let started = start(&state, &plan, place, start_time).await?;
         Ok::<_, ApiError>((plan, started))
     }
     .await;

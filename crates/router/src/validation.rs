@@ -15,7 +15,7 @@ use crate::schema::{GenerateParameters, GenerateRequest, Secret};
 use crate::stopping::StoppingParameters;
 
 /// Largest `return_k_alternatives`.
-pub const MAX_ALTERNATIVES: i64 = 10;
+pub const MAX_ALTERNATIVES: i64 = 20;
 
 /// Longest stop sequence, in bytes. Each is searched for in a request's text after every token, in the
 /// batching loop that every request waits on: four stops of 500 KB cost 6 ms a token and a sequence.
@@ -104,7 +104,7 @@ pub enum ValidationError {
     #[error("`inputs` cannot be empty")]
     EmptyInput,
     /// Prompt too long.
-    #[error("`inputs` must have less than {0} tokens. Given: {1}")]
+    #[error("`inputs` must have at most {0} tokens. Given: {1}")]
     InputLength(u32, usize),
     /// A prompt token the model has no embedding for (a tokenizer larger than the model's vocabulary).
     #[error("`inputs` holds token id {0}, outside the model's vocabulary of {1} tokens")]
@@ -724,8 +724,8 @@ mod tests {
             (json!({"top_k": 0}), E::TopK),
             (json!({"top_k": -3}), E::TopK),
             (json!({"return_k_alternatives": 0}), E::ReturnKAlternatives(0)),
-            (json!({"return_k_alternatives": 11}), E::ReturnKAlternatives(11)),
-            (json!({"top_n_tokens": 11}), E::ReturnKAlternatives(11)),
+            (json!({"return_k_alternatives": 21}), E::ReturnKAlternatives(21)),
+            (json!({"top_n_tokens": 21}), E::ReturnKAlternatives(21)),
             (json!({"max_new_tokens": 0}), E::NegativeMaxNewTokens),
             (json!({"max_new_tokens": -5}), E::NegativeMaxNewTokens),
             (json!({"stop": ["a", "b", "c"]}), E::StopSequence(2, 3)),

@@ -88,6 +88,7 @@ async fn one_download_and_adapter_metrics() {
     // An OpenAI request of three choices is one request received and one answered, whole or streamed.
     let count = d.metric("lorax_request_count").await.unwrap_or(0.0);
     let success = d.metric("lorax_request_success").await.unwrap_or(0.0);
+    let validated = d.metric("lorax_request_validation_duration_count").await.unwrap_or(0.0);
     for stream in [false, true] {
         let r = d
             .post(
@@ -101,5 +102,10 @@ async fn one_download_and_adapter_metrics() {
     }
     assert_eq!(d.metric("lorax_request_count").await, Some(count + 2.0));
     assert_eq!(d.metric("lorax_request_success").await, Some(success + 2.0));
+    // Its validation time is recorded once, as a native request's is.
+    assert_eq!(
+        d.metric("lorax_request_validation_duration_count").await,
+        Some(validated + 2.0)
+    );
     d.assert_no_violations();
 }

@@ -224,7 +224,7 @@ fn generate_cases() -> Vec<(&'static str, Vec<u8>, u16, &'static str)> {
         ),
         (
             "11 alternatives",
-            json!({"inputs": "Hi", "parameters": {"return_k_alternatives": 11}}),
+            json!({"inputs": "Hi", "parameters": {"return_k_alternatives": 21}}),
             422,
             "return_k_alternatives",
         ),
@@ -311,7 +311,7 @@ fn generate_cases() -> Vec<(&'static str, Vec<u8>, u16, &'static str)> {
             "long prompt",
             json!({"inputs": "hello ".repeat(5000)}),
             422,
-            "must have less than",
+            "must have at most",
         ),
         // Floats that overflow f32 become infinite: refused, never passed to the shards.
         (

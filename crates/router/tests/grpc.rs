@@ -158,7 +158,7 @@ async fn validation_errors_are_invalid_argument_with_the_rest_message() {
         (
             "Hello",
             Parameters {
-                return_k_alternatives: Some(11),
+                return_k_alternatives: Some(21),
                 ..greedy(3)
             },
         ),

@@ -359,7 +359,7 @@ async fn validation_and_body_errors() {
         (
             json!({"inputs": "one two three four five six seven eight nine"}),
             422,
-            "`inputs` must have less than 8 tokens",
+            "`inputs` must have at most 8 tokens",
         ),
         (
             json!({"inputs": "Hello", "parameters": {"max_new_tokens": 15}}),

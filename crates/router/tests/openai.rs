@@ -486,6 +486,12 @@ async fn errors_have_openai_shape() {
             "temperature",
         ),
         ("/v1/completions", json!({"prompt": []}), 422, "empty"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+            422,
+            "`top_logprobs` must be at most 20",
+        ),
         ("/v1/completions", json!({"prompt": [[1, 99999999]]}), 422, "vocabulary"),
         ("/v1/completions", json!({"prompt": [1, -2]}), 422, "prompt"),
         (
@@ -816,4 +822,34 @@ async fn a_chat_request_fetching_its_template_holds_its_place() {
     }
     d.post_ok("/v1/completions", json!({"prompt": "Hi", "max_tokens": 2, "n": 1}))
         .await;
+}
+
+/// Chat follows OpenAI's limits and names: `top_logprobs` up to 20 (the error names the field), and
+/// `max_completion_tokens` wins over `max_tokens` (as vLLM).
+#[tokio::test]
+async fn chat_top_logprobs_and_max_completion_tokens() {
+    let d = Deployment::start(Setup::default()).await;
+    let v = d
+        .post_ok(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "logprobs": true, "top_logprobs": 20,
+                   "max_tokens": 6, "max_completion_tokens": 3, "ignore_eos_token": true}),
+        )
+        .await;
+    let content = v["choices"][0]["logprobs"]["content"].as_array().expect("content");
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+    assert_eq!(content.len(), 3, "{v}");
+    for t in content {
+        assert_eq!(t["top_logprobs"].as_array().expect("alternatives").len(), 20, "{v}");
+    }
+    let (status, e) = error_of(
+        d.post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "logprobs": true, "top_logprobs": 21}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 422, "{e}");
+    assert_eq!(e["error"]["param"], "top_logprobs", "{e}");
 }
