@@ -84,6 +84,10 @@ pub struct IncrementalDecoder {
     text: String,
 }
 
+/// Tokens a stream holds back at most while their text ends in an incomplete character (a UTF-8 character
+/// has at most 4 bytes).
+const MAX_PENDING: usize = 4;
+
 impl IncrementalDecoder {
     /// A decoder whose output continues `prompt` (only its last [`CONTEXT_TOKENS`] ids are kept).
     pub fn new(prompt: &[u32]) -> Self {
@@ -135,8 +139,23 @@ impl IncrementalDecoder {
             }
         }
         self.ids.push(id);
-        let Some(chunk) = completed(decoder.decode(&self.ids[self.prefix_offset..], false)) else {
-            return (String::new(), others);
+        let chunk = match completed(decoder.decode(&self.ids[self.prefix_offset..], false)) {
+            Some(chunk) => chunk,
+            // A character has at most 4 bytes, and each pending token brings at least one: with
+            // MAX_PENDING tokens pending and still an incomplete end, the first pending token's bytes
+            // belong to no character that can still complete (invalid bytes). It goes out as it decodes
+            // (U+FFFD), rather than holding the stream back until its end.
+            None if self.ids.len() - self.read_offset >= MAX_PENDING => {
+                let first = decoder.decode(&self.ids[self.prefix_offset..=self.read_offset], false);
+                let chunk = suffix_after(&first, &prefix_text);
+                if !decoder.is_special(self.ids[self.read_offset]) {
+                    self.text.push_str(&chunk);
+                }
+                self.prefix_offset = self.read_offset;
+                self.read_offset += 1;
+                return (chunk, others);
+            }
+            None => return (String::new(), others),
         };
         if !decoder.is_special(id) {
             self.text.push_str(&chunk);
@@ -329,6 +348,36 @@ pub(crate) mod tests {
         assert_eq!(chunks.concat(), "ok ");
         let text = inc.text(&decoder);
         assert!(text.starts_with("ok ") && text.ends_with('\u{FFFD}'), "{text:?}");
+    }
+
+    /// Byte tokens that can never complete a character (0xFF is never valid in UTF-8) are streamed as U+FFFD
+    /// within MAX_PENDING tokens, not held to the end; a valid character after them still comes whole, and
+    /// the chunks add up to the whole text.
+    #[test]
+    fn bytes_that_never_complete_a_character_are_not_held() {
+        let decoder = TokenDecoder::new(fixture_tokenizer());
+        let byte = |b: &str| decoder.tokenizer().token_to_id(b).expect("byte token");
+        let crab = decoder
+            .tokenizer()
+            .encode("🦀", false)
+            .expect("encode")
+            .get_ids()
+            .to_vec();
+        let mut ids = vec![byte("<0xFF>"); 8];
+        ids.extend(&crab);
+        let (chunks, inc) = stream(&decoder, &[], &ids);
+        let out_by_5th: usize = chunks[..MAX_PENDING + 1]
+            .iter()
+            .map(|c| c.matches('\u{FFFD}').count())
+            .sum();
+        assert!(
+            out_by_5th >= 1,
+            "nothing streamed after {} invalid bytes: {chunks:?}",
+            MAX_PENDING + 1
+        );
+        assert_eq!(chunks.concat(), decoder.decode(&ids, false), "{chunks:?}");
+        assert!(chunks.concat().ends_with('🦀'), "{chunks:?}");
+        assert_eq!(inc.text(&decoder), decoder.decode(&ids, false));
     }
 
     #[test]
