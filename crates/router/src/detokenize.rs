@@ -20,6 +20,7 @@ pub const CONTEXT_TOKENS: usize = 5;
 pub struct TokenDecoder {
     tokenizer: Arc<Tokenizer>,
     special: Arc<HashSet<u32>>,
+    bytes: TokenBytes,
 }
 
 impl std::fmt::Debug for TokenDecoder {
@@ -40,9 +41,20 @@ impl TokenDecoder {
             .map(|(id, _)| id)
             .collect();
         Self {
+            bytes: TokenBytes::new(Arc::clone(&tokenizer)),
             tokenizer,
             special: Arc::new(special),
         }
+    }
+
+    /// The raw bytes token `id` stands for ([`TokenBytes::of`]).
+    pub fn bytes_of(&self, id: u32) -> Vec<u8> {
+        self.bytes.of(id, "")
+    }
+
+    /// The tokens' raw bytes.
+    pub fn token_bytes(&self) -> &TokenBytes {
+        &self.bytes
     }
 
     /// The tokenizer.
@@ -83,10 +95,6 @@ pub struct IncrementalDecoder {
     /// Emitted text of the non-special tokens: the generated text.
     text: String,
 }
-
-/// Tokens a stream holds back at most while their text ends in an incomplete character (a UTF-8 character
-/// has at most 4 bytes).
-const MAX_PENDING: usize = 4;
 
 impl IncrementalDecoder {
     /// A decoder whose output continues `prompt` (only its last [`CONTEXT_TOKENS`] ids are kept).
@@ -141,11 +149,11 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let chunk = match completed(decoder.decode(&self.ids[self.prefix_offset..], false)) {
             Some(chunk) => chunk,
-            // A character has at most 4 bytes, and each pending token brings at least one: with
-            // MAX_PENDING tokens pending and still an incomplete end, the first pending token's bytes
-            // belong to no character that can still complete (invalid bytes). It goes out as it decodes
-            // (U+FFFD), rather than holding the stream back until its end.
-            None if self.ids.len() - self.read_offset >= MAX_PENDING => {
+            // The pending tokens' text ends in an incomplete character. When the first one's bytes begin a
+            // sequence that is no character at all (invalid UTF-8, not merely unfinished), it goes out as it
+            // decodes (U+FFFD) rather than holding the stream back until its end. (A token that ends one
+            // character and begins the next, as byte-level BPE has, is no such case: it is held as before.)
+            None if self.first_pending_is_invalid(decoder) => {
                 let first = decoder.decode(&self.ids[self.prefix_offset..=self.read_offset], false);
                 let chunk = suffix_after(&first, &prefix_text);
                 if !decoder.is_special(self.ids[self.read_offset]) {
@@ -163,6 +171,22 @@ impl IncrementalDecoder {
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         (chunk, others)
+    }
+
+    /// Whether the pending tokens' bytes hold an invalid UTF-8 sequence that starts within the first one's.
+    fn first_pending_is_invalid(&self, decoder: &TokenDecoder) -> bool {
+        let Some(&first) = self.ids.get(self.read_offset) else {
+            return false;
+        };
+        let first_len = decoder.bytes_of(first).len();
+        let pending: Vec<u8> = self.ids[self.read_offset..]
+            .iter()
+            .flat_map(|&id| decoder.bytes_of(id))
+            .collect();
+        match std::str::from_utf8(&pending) {
+            Err(e) => e.error_len().is_some() && e.valid_up_to() < first_len,
+            Ok(_) => false,
+        }
     }
 
     /// Every emitted non-special chunk so far (what stop sequences are searched in).
@@ -350,9 +374,9 @@ pub(crate) mod tests {
         assert!(text.starts_with("ok ") && text.ends_with('\u{FFFD}'), "{text:?}");
     }
 
-    /// Byte tokens that can never complete a character (0xFF is never valid in UTF-8) are streamed as U+FFFD
-    /// within MAX_PENDING tokens, not held to the end; a valid character after them still comes whole, and
-    /// the chunks add up to the whole text.
+    /// Byte tokens that can never begin a character (0xFF is never valid in UTF-8) are streamed as U+FFFD as
+    /// they come, not held to the stream's end; a valid character after them still comes whole, and the
+    /// chunks add up to the whole text.
     #[test]
     fn bytes_that_never_complete_a_character_are_not_held() {
         let decoder = TokenDecoder::new(fixture_tokenizer());
@@ -366,18 +390,54 @@ pub(crate) mod tests {
         let mut ids = vec![byte("<0xFF>"); 8];
         ids.extend(&crab);
         let (chunks, inc) = stream(&decoder, &[], &ids);
-        let out_by_5th: usize = chunks[..MAX_PENDING + 1]
-            .iter()
-            .map(|c| c.matches('\u{FFFD}').count())
-            .sum();
-        assert!(
-            out_by_5th >= 1,
-            "nothing streamed after {} invalid bytes: {chunks:?}",
-            MAX_PENDING + 1
-        );
+        for (i, chunk) in chunks[..8].iter().enumerate() {
+            assert!(chunk.contains('\u{FFFD}'), "invalid byte {i} was held: {chunks:?}");
+        }
         assert_eq!(chunks.concat(), decoder.decode(&ids, false), "{chunks:?}");
         assert!(chunks.concat().ends_with('🦀'), "{chunks:?}");
         assert_eq!(inc.text(&decoder), decoder.decode(&ids, false));
+    }
+
+    /// A byte-level BPE tokenizer (Llama 3, Qwen) whose tokens each end one character and begin the next
+    /// ("日本語です" as [E6 97] [A5 E6] [9C AC E8] [AA 9E E3] [81 A7 E3] [81 99]): every window ends in an
+    /// unfinished character, but no byte is invalid, so nothing turns into U+FFFD.
+    #[test]
+    fn byte_level_tokens_across_characters_stay_whole() {
+        let pieces: [&[u8]; 6] = [
+            &[0xE6, 0x97],
+            &[0xA5, 0xE6],
+            &[0x9C, 0xAC, 0xE8],
+            &[0xAA, 0x9E, 0xE3],
+            &[0x81, 0xA7, 0xE3],
+            &[0x81, 0x99],
+        ];
+        let alphabet = |b: u8| {
+            (0u32..=0x3ff)
+                .filter_map(char::from_u32)
+                .find(|&c| byte_level_byte(c) == Some(b))
+                .expect("byte-level character")
+        };
+        let vocab: std::collections::HashMap<String, u32> = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.iter().map(|&b| alphabet(b)).collect::<String>(), i as u32))
+            .collect();
+        let bpe = tokenizers::models::bpe::BPE::builder()
+            .vocab_and_merges(
+                vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(),
+                Vec::new(),
+            )
+            .build()
+            .expect("bpe");
+        let mut tokenizer = Tokenizer::new(bpe);
+        tokenizer.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        let decoder = TokenDecoder::new(Arc::new(tokenizer));
+        let ids: Vec<u32> = (0..6).collect();
+        assert_eq!(decoder.decode(&ids, false), "日本語です");
+        let (chunks, inc) = stream(&decoder, &[], &ids);
+        assert!(chunks.iter().all(|c| !c.contains('\u{FFFD}')), "{chunks:?}");
+        assert_eq!(chunks.concat(), "日本語です");
+        assert_eq!(inc.text(&decoder), "日本語です");
     }
 
     #[test]

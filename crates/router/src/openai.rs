@@ -289,8 +289,8 @@ struct Plan {
     drop_generated: bool,
     /// The tokens that end a choice (the model's end-of-sequence tokens; none with `ignore_eos_token`).
     eos: Vec<u32>,
-    /// The tokens' raw bytes, for chat logprobs' `bytes`.
-    bytes: crate::detokenize::TokenBytes,
+    /// Ids to text (prompt tokens in context) and the tokens' raw bytes (chat logprobs' `bytes`).
+    decoder: crate::detokenize::TokenDecoder,
 }
 
 impl Plan {
@@ -571,7 +571,7 @@ fn completion_plan(state: &AppState, mut req: CompletionRequest) -> Result<Plan,
         prompt_logprobs,
         drop_generated,
         eos,
-        bytes: state.validation.token_bytes(),
+        decoder: state.validation.token_decoder(),
     })
 }
 
@@ -751,7 +751,7 @@ async fn chat_plan(
         prompt_logprobs: false,
         drop_generated: false,
         eos,
-        bytes: state.validation.token_bytes(),
+        decoder: state.validation.token_decoder(),
     })
 }
 
@@ -988,15 +988,19 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, echo: Option<&str>, r: In
             let text = format!("{}{generated}", echo.unwrap_or_default());
             let logprobs = plan.logprobs.then(|| {
                 let generated: &[_] = if plan.drop_generated { &[] } else { &r.tokens };
-                let prompt: &[_] = if plan.prompt_logprobs { &r.prefill } else { &[] };
-                completion_logprobs(prompt, generated, plan.alternatives, echo_chars(echo))
+                let prompt = if plan.prompt_logprobs {
+                    prompt_in_context(&plan.decoder, &r.prefill)
+                } else {
+                    Vec::new()
+                };
+                completion_logprobs(&prompt, generated, plan.alternatives, echo_chars(echo))
             });
             json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
         }
         Kind::Chat => {
             let logprobs = plan
                 .logprobs
-                .then(|| json!({"content": chat_logprobs(&r.tokens, plan.alternatives, &plan.bytes)}));
+                .then(|| json!({"content": chat_logprobs(&r.tokens, plan.alternatives, plan.decoder.token_bytes())}));
             json!({
                 "index": index,
                 "message": {"role": "assistant", "content": generated},
@@ -1005,6 +1009,33 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, echo: Option<&str>, r: In
             })
         }
     }
+}
+
+/// The prompt's tokens with their text as it reads in the prompt (decoded in context, so that the texts join
+/// into the prompt's text: a word's leading space kept, a character split over byte tokens with its last
+/// one), and their alternatives read in the same context. Special tokens keep their own text (they take no
+/// room in `text_offset`) and are left out of the context.
+fn prompt_in_context(
+    decoder: &crate::detokenize::TokenDecoder,
+    prompt: &[(TokenInfo, Vec<TokenInfo>)],
+) -> Vec<(TokenInfo, Vec<TokenInfo>)> {
+    let mut context = crate::detokenize::IncrementalDecoder::new(&[]);
+    prompt
+        .iter()
+        .map(|(t, top)| {
+            if t.special {
+                return (t.clone(), top.clone());
+            }
+            let alternatives: Vec<u32> = top.iter().map(|a| a.id).collect();
+            let (text, texts) = context.push_with_alternatives(decoder, t.id, &alternatives);
+            let top = top
+                .iter()
+                .zip(texts)
+                .map(|(a, text)| TokenInfo { text, ..a.clone() })
+                .collect();
+            (TokenInfo { text, ..t.clone() }, top)
+        })
+        .collect()
 }
 
 /// Characters of an echoed prompt (where the generated tokens' text offsets start).
@@ -1234,7 +1265,7 @@ async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) 
         let (token, top, end) = match s.receiver.recv().await {
             Some(Ok(InferStreamResponse::Prefill(prompt))) => {
                 if plan.prompt_logprobs {
-                    s.prompt = prompt;
+                    s.prompt = prompt_in_context(&plan.decoder, &prompt);
                 }
                 continue;
             }
@@ -1276,7 +1307,7 @@ async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) 
                 }
                 let logprobs = plan
                     .logprobs
-                    .then(|| json!({"content": chat_logprobs(&pair, plan.alternatives, &plan.bytes)}));
+                    .then(|| json!({"content": chat_logprobs(&pair, plan.alternatives, plan.decoder.token_bytes())}));
                 json!({"index": s.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
@@ -1307,7 +1338,9 @@ async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) 
         example = json!({"object": "list", "data": [{"id": "org/model", "object": "model", "created": 0, "owned_by": "lorax"}]})))
 )]
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
-    let created = now_secs();
+    // When this router first listed its models: the same on every call.
+    static CREATED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let created = *CREATED.get_or_init(now_secs);
     let mut data = vec![json!({"id": state.info.model_id, "object": "model", "created": created, "owned_by": "lorax"})];
     for adapter in state.known_adapters() {
         data.push(json!({"id": adapter, "object": "model", "created": created, "owned_by": "lorax", "parent": state.info.model_id}));

@@ -415,8 +415,8 @@ const LONG_INPUT_MIN_BYTES: usize = 64 << 10;
 #[derive(Clone)]
 pub struct Validation {
     tokenizer: Arc<Tokenizer>,
-    /// The tokens' raw bytes (OpenAI chat logprobs).
-    bytes: crate::detokenize::TokenBytes,
+    /// Ids to text (the OpenAI routes' prompt tokens) and the tokens' raw bytes (OpenAI chat logprobs).
+    decoder: crate::detokenize::TokenDecoder,
     /// Long prompts in pieces on a pool of its own, where the tokenizer allows it (crate::pieces).
     pieces: Option<Arc<PieceEncoder>>,
     workers: Arc<Semaphore>,
@@ -438,7 +438,7 @@ impl Validation {
     pub fn new(tokenizer: Arc<Tokenizer>, workers: usize, limits: ValidationLimits) -> Self {
         Self {
             pieces: PieceEncoder::for_tokenizer(Arc::clone(&tokenizer), pieces::default_threads()).map(Arc::new),
-            bytes: crate::detokenize::TokenBytes::new(Arc::clone(&tokenizer)),
+            decoder: crate::detokenize::TokenDecoder::new(Arc::clone(&tokenizer)),
             tokenizer,
             workers: Arc::new(Semaphore::new(workers)),
             long_lane: Arc::new(Semaphore::new(1)),
@@ -446,9 +446,9 @@ impl Validation {
         }
     }
 
-    /// The tokenizer's raw bytes of each token ([`crate::detokenize::TokenBytes`]).
-    pub fn token_bytes(&self) -> crate::detokenize::TokenBytes {
-        self.bytes.clone()
+    /// The tokenizer's ids to text, and raw bytes of each token ([`crate::detokenize::TokenDecoder`]).
+    pub fn token_decoder(&self) -> crate::detokenize::TokenDecoder {
+        self.decoder.clone()
     }
 
     /// Tokenizes `inputs` off the async workers: in place on the multi-threaded runtime
@@ -585,7 +585,8 @@ impl Validation {
         if given {
             let tokenizer = Arc::clone(&self.tokenizer);
             let text_ids = input_ids.clone();
-            request.inputs = tokio::task::spawn_blocking(move || tokenizer.decode(&text_ids, false))
+            // Special tokens take no room in the text (as in the OpenAI routes' `text_offset`).
+            request.inputs = tokio::task::spawn_blocking(move || tokenizer.decode(&text_ids, true))
                 .await
                 .map_err(|_| ValidationError::Tokenizer("the tokenizer panicked".into()))?
                 .map_err(|e| ValidationError::Tokenizer(e.to_string()))?;

@@ -275,23 +275,47 @@ async fn special_tokens_are_not_content() {
 #[tokio::test]
 async fn echoed_completion_offsets_index_the_returned_text() {
     let d = Deployment::start(Setup::default()).await;
-    let v = d
-        .post_ok(
-            "/v1/completions",
-            json!({"prompt": "Hello", "echo": true, "logprobs": 1, "max_tokens": 3}),
-        )
-        .await;
-    let c = &v["choices"][0];
-    let text: Vec<char> = c["text"].as_str().expect("text").chars().collect();
-    let tokens = c["logprobs"]["tokens"].as_array().expect("tokens");
-    let offsets = c["logprobs"]["text_offset"].as_array().expect("offsets");
-    // The prompt's tokens (<s>, Hello) first, then the generated ones after the echoed "Hello".
-    assert_eq!(tokens.len(), 2 + 3, "{v}");
-    assert_eq!(offsets[2], 5, "after the echoed \"Hello\": {v}");
-    for (t, o) in tokens.iter().zip(offsets).filter(|(t, _)| *t != "<s>") {
-        let o = usize::try_from(o.as_u64().expect("offset")).expect("offset");
-        let t: Vec<char> = t.as_str().expect("token").chars().collect();
-        assert_eq!(text[o..o + t.len()], t[..], "{v}");
+    // Words (their leading spaces), a character split over byte tokens, and a prompt of token ids.
+    let t = tokenizer();
+    let ids: Vec<u32> = t.encode("Hello world again", true).expect("encode").get_ids().to_vec();
+    for prompt in [json!("Hello world again"), json!("日本 and 🦀 too"), json!(ids)] {
+        let v = d
+            .post_ok(
+                "/v1/completions",
+                json!({"prompt": prompt, "echo": true, "logprobs": 1, "max_tokens": 3}),
+            )
+            .await;
+        let c = &v["choices"][0];
+        let text: Vec<char> = c["text"].as_str().expect("text").chars().collect();
+        let lp = &c["logprobs"];
+        let tokens = lp["tokens"].as_array().expect("tokens");
+        let offsets = lp["text_offset"].as_array().expect("offsets");
+        assert_eq!(tokens.len(), v["usage"]["total_tokens"], "{v}");
+        // Every token's text stands at its offset, and the prompt's tokens (but the special <s>) join into
+        // the echoed prompt.
+        let mut joined = String::new();
+        for (i, (tok, o)) in tokens.iter().zip(offsets).enumerate().filter(|(_, (t, _))| *t != "<s>") {
+            let o = usize::try_from(o.as_u64().expect("offset")).expect("offset");
+            let tok: Vec<char> = tok.as_str().expect("token").chars().collect();
+            assert_eq!(text[o..o + tok.len()], tok[..], "token {i}: {v}");
+            if i < usize::try_from(v["usage"]["prompt_tokens"].as_u64().expect("usage")).expect("count") {
+                joined.extend(tok);
+            }
+        }
+        let echoed: String = text.iter().collect();
+        assert!(
+            echoed.starts_with(&joined),
+            "prompt tokens {joined:?} do not join into {echoed:?}: {v}"
+        );
+        assert!(!joined.contains('\u{FFFD}'), "{v}");
+        if prompt.is_string() {
+            assert_eq!(joined, prompt.as_str().expect("prompt"), "{v}");
+        } else {
+            assert_eq!(
+                joined, "Hello world again",
+                "ids echo as their text, <s> taking no room: {v}"
+            );
+        }
     }
 }
 
@@ -393,7 +417,9 @@ async fn batched_and_token_id_prompts() {
             json!({"prompt": HELLO, "max_tokens": 3, "temperature": 0, "echo": true}),
         )
         .await;
-    let echoed = t.decode(&HELLO, false).expect("decode");
+    // Echoed as their text, special tokens left out.
+    let echoed = t.decode(&HELLO, true).expect("decode");
+    assert_eq!(echoed, "Hello");
     assert_eq!(
         v["choices"][0]["text"],
         format!("{echoed}{}", hello.as_str().expect("text")),
