@@ -283,10 +283,16 @@ impl CudaBackend {
     }
 }
 
+/// Most rows one sampling launch takes: its scratch is `rows × vocab` f32s, so a prompt scored whole (every
+/// prompt row's logprob: the OpenAI completions' `echo` with `logprobs`) runs in launches of this many rows
+/// rather than asking for one buffer of all of them (4096 rows of a 128256-token vocabulary: 2.1 GB). Decode
+/// batches up to this many rows take one launch, as before.
+pub const DEVICE_ROWS_A_LAUNCH: usize = 512;
+
 /// The device's share of [`crate::Backend::sample`], for logits `[rows, vocab]`: rows the kernel
-/// covers are packed and given to `device` (which returns the kernel's output words); the others'
-/// rows are fetched as f32 by `host_rows` (in the order asked) and sampled on the host. Answers come in
-/// task order; chosen tokens are recorded in their samplers.
+/// covers are packed, at most [`DEVICE_ROWS_A_LAUNCH`] a pack, and given to `device` (which returns the
+/// kernel's output words); the others' rows are fetched as f32 by `host_rows` (in the order asked) and
+/// sampled on the host. Answers come in task order; chosen tokens are recorded in their samplers.
 pub fn split_tasks(
     rows: usize,
     vocab: usize,
@@ -294,39 +300,46 @@ pub fn split_tasks(
     device: &mut dyn FnMut(&SamplePack) -> Result<Vec<u32>>,
     host_rows: &mut dyn FnMut(&[usize]) -> Result<Vec<f32>>,
 ) -> Result<Vec<Sampled>> {
-    let mut pack = SamplePack::default();
-    let mut on_device = Vec::new();
-    let mut on_host = Vec::new();
-    for (i, (row, task)) in tasks.iter_mut().enumerate() {
-        if *row >= rows {
-            return Err(EngineError::Backend(format!("sampling row {row} of {rows}")));
-        }
-        let r = u32::try_from(*row).map_err(|_| EngineError::Backend(format!("row {row} overflows u32")))?;
-        match task {
-            SampleTask::Logprob { token, top_n } => {
-                if *token as usize >= vocab {
-                    return Err(EngineError::Backend(format!(
-                        "token {token} is outside the vocabulary ({vocab})"
-                    )));
-                }
-                if *top_n > MAX_DEVICE_TOP_N {
-                    on_host.push(i);
-                } else {
-                    pack.push_logprob(r, *token, *top_n);
-                    on_device.push(i);
-                }
-            }
-            SampleTask::Choose(s) => match s.device_row(vocab, MAX_DEVICE_TOP_N) {
-                Some(d) => {
-                    pack.push_choose(r, &d)?;
-                    on_device.push(i);
-                }
-                None => on_host.push(i),
-            },
-        }
-    }
     let mut results: Vec<Option<Sampled>> = vec![None; tasks.len()];
-    if !on_device.is_empty() {
+    let mut on_host = Vec::new();
+    let mut next = 0;
+    while next < tasks.len() {
+        let mut pack = SamplePack::default();
+        let mut on_device = Vec::new();
+        while next < tasks.len() && on_device.len() < DEVICE_ROWS_A_LAUNCH {
+            let i = next;
+            next += 1;
+            let (row, task) = &mut tasks[i];
+            if *row >= rows {
+                return Err(EngineError::Backend(format!("sampling row {row} of {rows}")));
+            }
+            let r = u32::try_from(*row).map_err(|_| EngineError::Backend(format!("row {row} overflows u32")))?;
+            match task {
+                SampleTask::Logprob { token, top_n } => {
+                    if *token as usize >= vocab {
+                        return Err(EngineError::Backend(format!(
+                            "token {token} is outside the vocabulary ({vocab})"
+                        )));
+                    }
+                    if *top_n > MAX_DEVICE_TOP_N {
+                        on_host.push(i);
+                    } else {
+                        pack.push_logprob(r, *token, *top_n);
+                        on_device.push(i);
+                    }
+                }
+                SampleTask::Choose(s) => match s.device_row(vocab, MAX_DEVICE_TOP_N) {
+                    Some(d) => {
+                        pack.push_choose(r, &d)?;
+                        on_device.push(i);
+                    }
+                    None => on_host.push(i),
+                },
+            }
+        }
+        if on_device.is_empty() {
+            continue;
+        }
         let out = device(&pack)?;
         for (k, &i) in on_device.iter().enumerate() {
             let (token, logprob, top) = pack.read(&out, k)?;
@@ -410,6 +423,55 @@ mod tests {
         assert_eq!(pack.read(&out, 0).unwrap(), (7, 0.5, vec![(7, 0.5), (8, 0.25)]));
         assert_eq!(pack.read(&out, 1).unwrap(), (42, -0.5, vec![(42, -0.5)]));
         assert!(pack.read(&out, 2).is_err());
+    }
+
+    /// More device rows than one launch takes run in several launches of at most DEVICE_ROWS_A_LAUNCH rows,
+    /// each answer where its task asked (a fake device that answers each row's forced token back).
+    #[test]
+    fn device_rows_run_in_launches_of_bounded_size() {
+        let n = 2 * DEVICE_ROWS_A_LAUNCH + 7;
+        let mut tasks: Vec<(usize, SampleTask<'_>)> = (0..n)
+            .map(|i| {
+                (
+                    i,
+                    SampleTask::Logprob {
+                        token: (i % 50) as u32,
+                        top_n: 1,
+                    },
+                )
+            })
+            .collect();
+        let mut launches = Vec::new();
+        let out = split_tasks(
+            n,
+            50,
+            &mut tasks,
+            &mut |pack| {
+                launches.push(pack.len());
+                let s = pack.stride();
+                let mut words = vec![0u32; pack.len() * s];
+                for (k, r) in pack.rows.chunks_exact(ROW_WORDS).enumerate() {
+                    let lp = -(r[0] as f32);
+                    words[k * s..k * s + 5].copy_from_slice(&[r[2], lp.to_bits(), 1, r[2], lp.to_bits()]);
+                }
+                Ok(words)
+            },
+            &mut |_| unreachable!("no host rows"),
+        )
+        .unwrap();
+        assert_eq!(launches, vec![DEVICE_ROWS_A_LAUNCH, DEVICE_ROWS_A_LAUNCH, 7]);
+        for (i, answer) in out.iter().enumerate() {
+            let lp = -(i as f32);
+            let t = (i % 50) as u32;
+            assert_eq!(
+                answer,
+                &Sampled::Logprob {
+                    logprob: lp,
+                    top: vec![(t, lp)]
+                },
+                "task {i}"
+            );
+        }
     }
 
     #[test]
