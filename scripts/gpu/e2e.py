@@ -98,6 +98,21 @@ for shards, dtype in [(n, d) for n in SHARDS for d in ["float32", "bfloat16"]]:
                 print(f"E2E {dtype} TP={shards} {adapter or 'base'} p{p} scoring: HTTP {status}, {greedy}/{len(cont)} "
                       f"reference tokens most likely at their position, logprobs within {diff:.2e} of the "
                       f"generation's{'' if ok else '  FAIL'}", flush=True)
+                if p == 1:
+                    # A prompt of 700 tokens scored whole: its rows' sampling takes two launches (512 rows at
+                    # most); its first positions must score as the short prompt's did (causal attention).
+                    long_ids = (MANIFEST["prompt_ids"][p] + cont) * 50
+                    body["prompt"] = long_ids[:700]
+                    status, scored_long = call(f"{base}/v1/completions", body)
+                    lpl = scored_long["choices"][0]["logprobs"]["token_logprobs"]
+                    short = lp["token_logprobs"]
+                    drift = max(abs(a - b) for a, b in zip(lpl[1:len(short)], short[1:]))
+                    finite = sum(1 for v in lpl[1:] if v is not None and v == v and abs(v) < 1e30)
+                    ok = status == 200 and len(lpl) == 700 and finite == 699 and (dtype != "float32" or drift < 1e-3)
+                    failures += 0 if ok else 1
+                    print(f"E2E {dtype} TP={shards} {adapter or 'base'} p{p} scoring 700 tokens: HTTP {status}, "
+                          f"{len(lpl)} logprobs, {finite} finite after the first, the first {len(short)} within "
+                          f"{drift:.2e} of the short prompt's{'' if ok else '  FAIL'}", flush=True)
     except Exception as e:
         failures += 1
         print(f"E2E {dtype} TP={shards}: FAIL {e}", flush=True)
