@@ -147,23 +147,8 @@ impl IncrementalDecoder {
             }
         }
         self.ids.push(id);
-        let chunk = match completed(decoder.decode(&self.ids[self.prefix_offset..], false)) {
-            Some(chunk) => chunk,
-            // The pending tokens' text ends in an incomplete character. When the first one's bytes begin a
-            // sequence that is no character at all (invalid UTF-8, not merely unfinished), it goes out as it
-            // decodes (U+FFFD) rather than holding the stream back until its end. (A token that ends one
-            // character and begins the next, as byte-level BPE has, is no such case: it is held as before.)
-            None if self.first_pending_is_invalid(decoder) => {
-                let first = decoder.decode(&self.ids[self.prefix_offset..=self.read_offset], false);
-                let chunk = suffix_after(&first, &prefix_text);
-                if !decoder.is_special(self.ids[self.read_offset]) {
-                    self.text.push_str(&chunk);
-                }
-                self.prefix_offset = self.read_offset;
-                self.read_offset += 1;
-                return (chunk, others);
-            }
-            None => return (String::new(), others),
+        let Some(chunk) = completed(decoder.decode(&self.ids[self.prefix_offset..], false)) else {
+            return (String::new(), others);
         };
         if !decoder.is_special(id) {
             self.text.push_str(&chunk);
@@ -171,22 +156,6 @@ impl IncrementalDecoder {
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         (chunk, others)
-    }
-
-    /// Whether the pending tokens' bytes hold an invalid UTF-8 sequence that starts within the first one's.
-    fn first_pending_is_invalid(&self, decoder: &TokenDecoder) -> bool {
-        let Some(&first) = self.ids.get(self.read_offset) else {
-            return false;
-        };
-        let first_len = decoder.bytes_of(first).len();
-        let pending: Vec<u8> = self.ids[self.read_offset..]
-            .iter()
-            .flat_map(|&id| decoder.bytes_of(id))
-            .collect();
-        match std::str::from_utf8(&pending) {
-            Err(e) => e.error_len().is_some() && e.valid_up_to() < first_len,
-            Ok(_) => false,
-        }
     }
 
     /// Every emitted non-special chunk so far (what stop sequences are searched in).
@@ -374,33 +343,10 @@ pub(crate) mod tests {
         assert!(text.starts_with("ok ") && text.ends_with('\u{FFFD}'), "{text:?}");
     }
 
-    /// Byte tokens that can never begin a character (0xFF is never valid in UTF-8) are streamed as U+FFFD as
-    /// they come, not held to the stream's end; a valid character after them still comes whole, and the
-    /// chunks add up to the whole text.
-    #[test]
-    fn bytes_that_never_complete_a_character_are_not_held() {
-        let decoder = TokenDecoder::new(fixture_tokenizer());
-        let byte = |b: &str| decoder.tokenizer().token_to_id(b).expect("byte token");
-        let crab = decoder
-            .tokenizer()
-            .encode("🦀", false)
-            .expect("encode")
-            .get_ids()
-            .to_vec();
-        let mut ids = vec![byte("<0xFF>"); 8];
-        ids.extend(&crab);
-        let (chunks, inc) = stream(&decoder, &[], &ids);
-        for (i, chunk) in chunks[..8].iter().enumerate() {
-            assert!(chunk.contains('\u{FFFD}'), "invalid byte {i} was held: {chunks:?}");
-        }
-        assert_eq!(chunks.concat(), decoder.decode(&ids, false), "{chunks:?}");
-        assert!(chunks.concat().ends_with('🦀'), "{chunks:?}");
-        assert_eq!(inc.text(&decoder), decoder.decode(&ids, false));
-    }
-
     /// A byte-level BPE tokenizer (Llama 3, Qwen) whose tokens each end one character and begin the next
     /// ("日本語です" as [E6 97] [A5 E6] [9C AC E8] [AA 9E E3] [81 A7 E3] [81 99]): every window ends in an
-    /// unfinished character, but no byte is invalid, so nothing turns into U+FFFD.
+    /// unfinished character, but no byte is invalid, so nothing turns into U+FFFD (the text comes whole once
+    /// a token ends on a character's end).
     #[test]
     fn byte_level_tokens_across_characters_stay_whole() {
         let pieces: [&[u8]; 6] = [

@@ -989,7 +989,7 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, echo: Option<&str>, r: In
             let logprobs = plan.logprobs.then(|| {
                 let generated: &[_] = if plan.drop_generated { &[] } else { &r.tokens };
                 let prompt = if plan.prompt_logprobs {
-                    prompt_in_context(&plan.decoder, &r.prefill)
+                    prompt_in_context(&plan.decoder, echo.unwrap_or_default(), &r.prefill)
                 } else {
                     Vec::new()
                 };
@@ -1011,31 +1011,70 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, echo: Option<&str>, r: In
     }
 }
 
-/// The prompt's tokens with their text as it reads in the prompt (decoded in context, so that the texts join
-/// into the prompt's text: a word's leading space kept, a character split over byte tokens with its last
-/// one), and their alternatives read in the same context. Special tokens keep their own text (they take no
-/// room in `text_offset`) and are left out of the context.
+/// The prompt's tokens with their text as it reads in `echo` (the returned prompt), so that each stands at its
+/// `text_offset`: the characters its raw bytes complete (a character split over byte tokens comes with its last
+/// one; bytes that are no character at all as U+FFFD), SentencePiece's dummy-prefix space dropped where the
+/// echo has none, and a special token taking room where the echo holds its text (a prompt written with
+/// `<|im_start|>`), none where it does not (the BOS the tokenizer added). Linear in the prompt: raw bytes, no
+/// decoding. Where the texts do not line up with `echo` (a tokenizer that normalises the text), every token
+/// keeps its own text. Alternatives keep their own text.
 fn prompt_in_context(
     decoder: &crate::detokenize::TokenDecoder,
+    echo: &str,
     prompt: &[(TokenInfo, Vec<TokenInfo>)],
 ) -> Vec<(TokenInfo, Vec<TokenInfo>)> {
-    let mut context = crate::detokenize::IncrementalDecoder::new(&[]);
-    prompt
-        .iter()
-        .map(|(t, top)| {
-            if t.special {
-                return (t.clone(), top.clone());
+    let mut rest = echo;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut out = Vec::with_capacity(prompt.len());
+    for (t, top) in prompt {
+        if t.special {
+            // In the echo (written in the prompt's text): it takes room, as text.
+            let written = rest.strip_prefix(t.text.as_str()).filter(|_| !t.text.is_empty());
+            if let Some(after) = written {
+                rest = after;
             }
-            let alternatives: Vec<u32> = top.iter().map(|a| a.id).collect();
-            let (text, texts) = context.push_with_alternatives(decoder, t.id, &alternatives);
-            let top = top
-                .iter()
-                .zip(texts)
-                .map(|(a, text)| TokenInfo { text, ..a.clone() })
-                .collect();
-            (TokenInfo { text, ..t.clone() }, top)
-        })
-        .collect()
+            let special = written.is_none();
+            out.push((TokenInfo { special, ..t.clone() }, top.clone()));
+            continue;
+        }
+        pending.extend(decoder.bytes_of(t.id));
+        let mut text = String::new();
+        loop {
+            match std::str::from_utf8(&pending) {
+                Ok(done) => {
+                    text.push_str(done);
+                    pending.clear();
+                    break;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    text.push_str(&String::from_utf8_lossy(&pending[..valid]));
+                    match e.error_len() {
+                        Some(bad) => {
+                            text.push('\u{FFFD}');
+                            pending.drain(..valid + bad);
+                        }
+                        None => {
+                            pending.drain(..valid);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // SentencePiece's decoder drops the space its normaliser put before the first word.
+        if !rest.starts_with(text.as_str()) {
+            if let Some(stripped) = text.strip_prefix(' ').filter(|t| rest.starts_with(*t)) {
+                text = stripped.to_string();
+            }
+        }
+        let Some(after) = rest.strip_prefix(text.as_str()) else {
+            return prompt.to_vec();
+        };
+        rest = after;
+        out.push((TokenInfo { text, ..t.clone() }, top.clone()));
+    }
+    out
 }
 
 /// Characters of an echoed prompt (where the generated tokens' text offsets start).
@@ -1265,7 +1304,7 @@ async fn next_piece(plan: std::sync::Arc<Plan>, kind: Kind, step: Option<Step>) 
         let (token, top, end) = match s.receiver.recv().await {
             Some(Ok(InferStreamResponse::Prefill(prompt))) => {
                 if plan.prompt_logprobs {
-                    s.prompt = prompt_in_context(&plan.decoder, &prompt);
+                    s.prompt = prompt_in_context(&plan.decoder, s.echo.as_deref().unwrap_or_default(), &prompt);
                 }
                 continue;
             }

@@ -278,7 +278,12 @@ async fn echoed_completion_offsets_index_the_returned_text() {
     // Words (their leading spaces), a character split over byte tokens, and a prompt of token ids.
     let t = tokenizer();
     let ids: Vec<u32> = t.encode("Hello world again", true).expect("encode").get_ids().to_vec();
-    for prompt in [json!("Hello world again"), json!("日本 and 🦀 too"), json!(ids)] {
+    for prompt in [
+        json!("Hello world again"),
+        json!("日本 and 🦀 too"),
+        json!("Hello</s> world"),
+        json!(ids),
+    ] {
         let v = d
             .post_ok(
                 "/v1/completions",
