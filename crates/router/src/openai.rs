@@ -1016,25 +1016,32 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, echo: Option<&str>, r: In
 /// one; bytes that are no character at all as U+FFFD), SentencePiece's dummy-prefix space dropped where the
 /// echo has none, and a special token taking room where the echo holds its text (a prompt written with
 /// `<|im_start|>`), none where it does not (the BOS the tokenizer added). Linear in the prompt: raw bytes, no
-/// decoding. Where the texts do not line up with `echo` (a tokenizer that normalises the text), every token
-/// keeps its own text. Alternatives keep their own text.
+/// decoding but special tokens' and alternatives'. Where the texts do not line up with `echo` (a tokenizer
+/// that normalises the text), every token keeps its own text. Alternatives keep their own text. The batching
+/// loop sends these tokens without texts (`Scheduler::step`): they are read here, on the request's task.
 fn prompt_in_context(
     decoder: &crate::detokenize::TokenDecoder,
     echo: &str,
     prompt: &[(TokenInfo, Vec<TokenInfo>)],
 ) -> Vec<(TokenInfo, Vec<TokenInfo>)> {
+    let own = |t: &TokenInfo| TokenInfo {
+        text: decoder.token_text(t.id),
+        ..t.clone()
+    };
+    let alternatives = |top: &[TokenInfo]| top.iter().map(own).collect::<Vec<_>>();
     let mut rest = echo;
     let mut pending: Vec<u8> = Vec::new();
     let mut out = Vec::with_capacity(prompt.len());
     for (t, top) in prompt {
         if t.special {
             // In the echo (written in the prompt's text): it takes room, as text.
+            let t = own(t);
             let written = rest.strip_prefix(t.text.as_str()).filter(|_| !t.text.is_empty());
             if let Some(after) = written {
                 rest = after;
             }
             let special = written.is_none();
-            out.push((TokenInfo { special, ..t.clone() }, top.clone()));
+            out.push((TokenInfo { special, ..t }, alternatives(top)));
             continue;
         }
         pending.extend(decoder.bytes_of(t.id));
@@ -1069,10 +1076,10 @@ fn prompt_in_context(
             }
         }
         let Some(after) = rest.strip_prefix(text.as_str()) else {
-            return prompt.to_vec();
+            return prompt.iter().map(|(t, top)| (own(t), alternatives(top))).collect();
         };
         rest = after;
-        out.push((TokenInfo { text, ..t.clone() }, top.clone()));
+        out.push((TokenInfo { text, ..t.clone() }, alternatives(top)));
     }
     out
 }

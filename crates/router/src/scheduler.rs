@@ -593,11 +593,7 @@ impl Scheduler {
                 blocks: blocks.blocks().to_vec(),
                 parameters: Some(request.sampling),
                 prefill_logprobs: request.decoder_input_details,
-                prefill_top_n: if request.decoder_input_details {
-                    request.prefill_top_n
-                } else {
-                    0
-                },
+                prefill_top_n: request.prefill_top_n,
                 top_n_tokens: request.top_n_tokens,
                 adapter_id,
                 adapter_source,
@@ -866,19 +862,30 @@ impl Scheduler {
         };
         let first = std::mem::take(&mut running.prefilling);
         if first && running.entry.request.decoder_input_details {
-            // Each prompt token with its alternatives (when asked: one entry per token, else none).
+            // Each prompt token with its alternatives (when asked: one entry per token, else none). With
+            // alternatives (the OpenAI completions' echo) the route reads the texts, off this loop: here they
+            // would cost a decode per token and per alternative of a whole prompt.
+            let info = |t: &Token| {
+                if running.entry.request.prefill_top_n > 0 {
+                    TokenInfo {
+                        id: t.id,
+                        text: String::new(),
+                        logprob: t.logprob,
+                        special: decoder.is_special(t.id),
+                    }
+                } else {
+                    token_info(decoder, t)
+                }
+            };
             let tops = &generation.prefill_top_tokens;
+            let tops = (tops.len() == generation.prefill_tokens.len()).then_some(tops);
             let prompt = generation
                 .prefill_tokens
                 .iter()
                 .enumerate()
                 .map(|(i, t)| {
-                    let top = tops
-                        .get(i)
-                        .filter(|_| tops.len() == generation.prefill_tokens.len())
-                        .map(|top| top.tokens.iter().map(|a| token_info(decoder, a)).collect())
-                        .unwrap_or_default();
-                    (token_info(decoder, t), top)
+                    let top = tops.map(|tops| tops[i].tokens.iter().map(info).collect());
+                    (info(t), top.unwrap_or_default())
                 })
                 .collect();
             if tx.send(Ok(InferStreamResponse::Prefill(prompt))).is_err() {
