@@ -239,10 +239,7 @@ impl Sampler {
             Some(&v) if lse.is_finite() => (f64::from(v) - lse) as f32,
             _ => f32::NEG_INFINITY,
         };
-        let top = top_n_of(logits, self.params.top_n_tokens as usize)
-            .into_iter()
-            .map(|(t, v)| (t, (f64::from(v) - lse) as f32))
-            .collect();
+        let top = alternatives(logits, self.params.top_n_tokens as usize, lse);
         self.record(token);
         Choice { token, logprob, top }
     }
@@ -305,23 +302,22 @@ pub enum Sampled {
     },
 }
 
-/// `log_softmax(row)[token]` as the prompt logprobs compute it: `row[token] - log_sum_exp(row)`.
-pub fn token_logprob(row: &[f32], token: u32) -> Option<f32> {
-    row.get(token as usize)
-        .map(|&v| (f64::from(v) - log_sum_exp(row)) as f32)
-}
-
 /// A [`SampleTask::Logprob`] on the host: `token`'s log-probability under the raw `row` and its `top_n`
 /// most likely tokens (`None` when `token` is outside the row).
 pub fn prompt_logprob(row: &[f32], token: u32, top_n: u32) -> Option<Sampled> {
     let v = *row.get(token as usize)?;
     let lse = log_sum_exp(row);
     let logprob = (f64::from(v) - lse) as f32;
-    let top = top_n_of(row, top_n as usize)
+    let top = alternatives(row, top_n as usize, lse);
+    Some(Sampled::Logprob { logprob, top })
+}
+
+/// The `n` most likely entries of `row` as `(token, log_softmax)`, `lse` being the row's log-sum-exp.
+fn alternatives(row: &[f32], n: usize, lse: f64) -> Vec<(u32, f32)> {
+    top_n_of(row, n)
         .into_iter()
         .map(|(t, v)| (t, (f64::from(v) - lse) as f32))
-        .collect();
-    Some(Sampled::Logprob { logprob, top })
+        .collect()
 }
 
 /// The host path of [`crate::Backend::sample`]: runs each `(row, task)` on row `row` of `logits`

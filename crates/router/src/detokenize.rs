@@ -47,11 +47,6 @@ impl TokenDecoder {
         }
     }
 
-    /// The raw bytes token `id` stands for ([`TokenBytes::of`]).
-    pub fn bytes_of(&self, id: u32) -> Vec<u8> {
-        self.bytes.of(id, "")
-    }
-
     /// The tokens' raw bytes.
     pub fn token_bytes(&self) -> &TokenBytes {
         &self.bytes

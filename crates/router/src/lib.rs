@@ -52,7 +52,6 @@ use crate::adapters::{AdapterError, AdapterKey};
 use crate::args::AdapterArgs;
 use crate::blocks::blocks_for;
 use crate::client::{ClientError, ShardClients};
-use crate::detokenize::TokenDecoder;
 use crate::infer::Infer;
 use crate::policy::BatchingPolicy;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -354,9 +353,22 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
     if chat_template.is_none() {
         tracing::info!("the model has no chat template: /v1/chat/completions will answer 422");
     }
+    let validation = Validation::new(
+        tokenizer,
+        args.server.validation_workers,
+        ValidationLimits {
+            max_input_length: limits.max_input_length,
+            max_total_tokens: limits.max_total_tokens,
+            max_stop_sequences: limits.max_stop_sequences,
+            max_new_tokens_default: limits.max_new_tokens_default,
+            default_adapter_source: args.adapters.default_adapter_source,
+            adapters_supported: shard.supports_adapters,
+            vocab_size: shard.vocab_size,
+        },
+    );
     let scheduler = Scheduler::new(
         clients.clone(),
-        TokenDecoder::new(Arc::clone(&tokenizer)),
+        validation.token_decoder(),
         SchedulerConfig {
             policy,
             eos_token_ids: shard.eos_token_ids.clone(),
@@ -406,19 +418,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
         chat_template,
         renderer: args.renderer.clone(),
         infer: Infer::new(entries_tx, args.server.max_concurrent_requests),
-        validation: Validation::new(
-            tokenizer,
-            args.server.validation_workers,
-            ValidationLimits {
-                max_input_length: limits.max_input_length,
-                max_total_tokens: limits.max_total_tokens,
-                max_stop_sequences: limits.max_stop_sequences,
-                max_new_tokens_default: limits.max_new_tokens_default,
-                default_adapter_source: args.adapters.default_adapter_source,
-                adapters_supported: shard.supports_adapters,
-                vocab_size: shard.vocab_size,
-            },
-        ),
+        validation,
         clients,
         info: Arc::new(info),
         metrics,

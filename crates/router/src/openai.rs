@@ -1044,7 +1044,7 @@ fn prompt_in_context(
             out.push((TokenInfo { special, ..t }, alternatives(top)));
             continue;
         }
-        pending.extend(decoder.bytes_of(t.id));
+        pending.extend(decoder.token_bytes().of(t.id, &t.text));
         let mut text = String::new();
         loop {
             match std::str::from_utf8(&pending) {
