@@ -91,6 +91,18 @@ pub struct IncrementalDecoder {
     text: String,
 }
 
+/// What [`IncrementalDecoder::push_with_alternatives`] returns for a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// The newly completed text (empty while a character is incomplete).
+    pub text: String,
+    /// For a special token: the leading bytes of `text` that were held back before it and belong to
+    /// the generated text (see [`crate::infer::TokenInfo::held`]); 0 otherwise.
+    pub held: usize,
+    /// The text of each alternative, in the sequence's context.
+    pub alternatives: Vec<String>,
+}
+
 impl IncrementalDecoder {
     /// A decoder whose output continues `prompt` (only its last [`CONTEXT_TOKENS`] ids are kept).
     pub fn new(prompt: &[u32]) -> Self {
@@ -113,19 +125,17 @@ impl IncrementalDecoder {
     /// Appends `id` and returns the newly completed text (empty while a character is incomplete).
     /// Special tokens are rendered (`</s>`), as in TGI's per-token text, but left out of [`Self::text`].
     pub fn push(&mut self, decoder: &TokenDecoder, id: u32) -> String {
-        self.push_with_alternatives(decoder, id, &[]).0
+        self.push_with_alternatives(decoder, id, &[]).text
     }
 
     /// [`Self::push`] of `id`, and the text it would have returned for each of `alternatives` instead
     /// (decoded in the sequence's context, so that they read as a chosen token does, a leading space
     /// included; where that text would be an incomplete character, the token's text on its own). The
     /// window's prefix is decoded once for all of them.
-    pub fn push_with_alternatives(
-        &mut self,
-        decoder: &TokenDecoder,
-        id: u32,
-        alternatives: &[u32],
-    ) -> (String, Vec<String>) {
+    ///
+    /// A special token's text starts with whatever was held back before it (an incomplete character
+    /// turns into U+FFFD, as in a one-shot decode): those [`Pushed::held`] bytes join the generated text.
+    pub fn push_with_alternatives(&mut self, decoder: &TokenDecoder, id: u32, alternatives: &[u32]) -> Pushed {
         let prefix_text = decoder.decode(&self.ids[self.prefix_offset..self.read_offset], false);
         // The text a window ending in a new token completes, when it completes a character.
         let completed = |new_text: String| {
@@ -141,16 +151,37 @@ impl IncrementalDecoder {
                 window.pop();
             }
         }
+        let pending = self.read_offset < self.ids.len();
         self.ids.push(id);
-        let Some(chunk) = completed(decoder.decode(&self.ids[self.prefix_offset..], false)) else {
-            return (String::new(), others);
+        let Some(mut chunk) = completed(decoder.decode(&self.ids[self.prefix_offset..], false)) else {
+            return Pushed {
+                text: String::new(),
+                held: 0,
+                alternatives: others,
+            };
         };
+        let mut held = 0;
         if !decoder.is_special(id) {
             self.text.push_str(&chunk);
+        } else if pending {
+            let before = self.ids.len() - 1;
+            let text = suffix_after(
+                &decoder.decode(&self.ids[self.prefix_offset..before], false),
+                &prefix_text,
+            );
+            if !chunk.starts_with(&text) {
+                chunk = format!("{text}{}", decoder.token_text(id));
+            }
+            held = text.len();
+            self.text.push_str(&text);
         }
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
-        (chunk, others)
+        Pushed {
+            text: chunk,
+            held,
+            alternatives: others,
+        }
     }
 
     /// Every emitted non-special chunk so far (what stop sequences are searched in).
@@ -196,6 +227,15 @@ pub(crate) mod tests {
         Arc::new(Tokenizer::from_file(path).expect("fixture tokenizer"))
     }
 
+    fn encode(decoder: &TokenDecoder, text: &str) -> Vec<u32> {
+        decoder
+            .tokenizer()
+            .encode(text, false)
+            .expect("encode")
+            .get_ids()
+            .to_vec()
+    }
+
     fn stream(decoder: &TokenDecoder, prompt: &[u32], ids: &[u32]) -> (Vec<String>, IncrementalDecoder) {
         let mut inc = IncrementalDecoder::new(prompt);
         let chunks = ids.iter().map(|&id| inc.push(decoder, id)).collect();
@@ -206,12 +246,7 @@ pub(crate) mod tests {
     fn multibyte_stream_reassembles_exactly() {
         let decoder = TokenDecoder::new(fixture_tokenizer());
         let text = "こんにちは、世界！🦀🎉 日本語のテキストと絵文字 😀👍🏽 終わり";
-        let ids = decoder
-            .tokenizer()
-            .encode(text, false)
-            .expect("encode")
-            .get_ids()
-            .to_vec();
+        let ids = encode(&decoder, text);
         let byte_tokens = ids
             .iter()
             .filter(|&&id| {
@@ -244,22 +279,18 @@ pub(crate) mod tests {
     #[test]
     fn alternatives_read_as_the_chosen_token_would() {
         let decoder = TokenDecoder::new(fixture_tokenizer());
-        let encode = |text: &str| {
-            decoder
-                .tokenizer()
-                .encode(text, false)
-                .expect("encode")
-                .get_ids()
-                .to_vec()
-        };
-        let prompt = encode("The capital of France is");
-        let ids = encode("The capital of France is Paris, 東京 🦀 and Rome");
+        let prompt = encode(&decoder, "The capital of France is");
+        let ids = encode(&decoder, "The capital of France is Paris, 東京 🦀 and Rome");
         assert_eq!(ids[..prompt.len()], prompt[..], "the prompt's ids start the text's");
         let mut inc = IncrementalDecoder::new(&prompt);
         let mut spaced = 0;
         for &id in &ids[prompt.len()..] {
             // Each next token as an alternative, and chosen: the same text.
-            let (pushed, mut peeked) = inc.push_with_alternatives(&decoder, id, &[id]);
+            let Pushed {
+                text: pushed,
+                alternatives: mut peeked,
+                ..
+            } = inc.push_with_alternatives(&decoder, id, &[id]);
             let peeked = peeked.remove(0);
             if !pushed.is_empty() {
                 assert_eq!(peeked, pushed, "token {id}");
@@ -319,15 +350,40 @@ pub(crate) mod tests {
         assert_eq!(decoder.token_text(2), "</s>");
     }
 
+    /// Bytes of an unfinished character held back when a special token comes: they join the generated
+    /// text (as a one-shot decode that skips special tokens keeps them) and lead the special token's text.
+    #[test]
+    fn text_held_before_a_special_token_is_kept() {
+        let decoder = TokenDecoder::new(fixture_tokenizer());
+        let ids = encode(&decoder, "ok 🦀");
+        let mut cut = ids[..ids.len() - 1].to_vec();
+        cut.push(2);
+        let mut inc = IncrementalDecoder::new(&[]);
+        let pushed: Vec<Pushed> = cut
+            .iter()
+            .map(|&id| inc.push_with_alternatives(&decoder, id, &[]))
+            .collect();
+        let last = pushed.last().expect("pushed");
+        let one_shot = decoder.decode(&cut, true);
+        assert!(one_shot.ends_with('\u{FFFD}'), "{one_shot:?}");
+        assert_eq!(inc.text(&decoder), one_shot);
+        assert_eq!(
+            inc.emitted(),
+            one_shot,
+            "held bytes are searched for stop sequences too"
+        );
+        let held = &last.text[..last.held];
+        assert!(!held.is_empty() && held.chars().all(|c| c == '\u{FFFD}'), "{held:?}");
+        assert_eq!(&last.text[last.held..], "</s>");
+        let streamed: String = pushed[..pushed.len() - 1].iter().map(|p| p.text.as_str()).collect();
+        assert_eq!(format!("{streamed}{}", &last.text[..last.held]), one_shot);
+        assert!(pushed.iter().all(|p| p.held == 0 || p.text.ends_with("</s>")));
+    }
+
     #[test]
     fn incomplete_character_at_the_end_is_flushed() {
         let decoder = TokenDecoder::new(fixture_tokenizer());
-        let ids = decoder
-            .tokenizer()
-            .encode("ok 🦀", false)
-            .expect("encode")
-            .get_ids()
-            .to_vec();
+        let ids = encode(&decoder, "ok 🦀");
         assert!(ids.len() >= 3, "{ids:?}");
         // Stop one byte short of the crab: its bytes are pending, nothing of it was streamed.
         let cut = &ids[..ids.len() - 1];

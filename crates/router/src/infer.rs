@@ -43,6 +43,22 @@ pub struct TokenInfo {
     pub logprob: f32,
     /// Whether it is a special token.
     pub special: bool,
+    /// For a generated special token: the leading bytes of `text` that were held back before it (an
+    /// incomplete character) and belong to the generated text, as a one-shot decode that skips special
+    /// tokens keeps them; 0 otherwise.
+    pub held: usize,
+}
+
+impl TokenInfo {
+    /// The part of `text` that belongs to the generated text: all of it for a plain token, the held
+    /// bytes for a special one.
+    pub fn plain_text(&self) -> &str {
+        if self.special {
+            &self.text[..self.held]
+        } else {
+            &self.text
+        }
+    }
 }
 
 /// The final answer of a request.

@@ -336,10 +336,9 @@ struct ChoiceText {
 
 impl ChoiceText {
     fn add(&mut self, token: &TokenInfo) {
-        if !token.special {
-            self.text.push_str(&token.text);
-            self.chars += token.text.chars().count();
-        }
+        let text = token.plain_text();
+        self.text.push_str(text);
+        self.chars += text.chars().count();
     }
 
     /// Adds `token`'s text; returns what can be sent now.
@@ -1110,9 +1109,7 @@ fn completion_logprobs(
             at = offset;
         }
         offsets.push(at);
-        if !t.special {
-            at += t.text.chars().count();
-        }
+        at += t.plain_text().chars().count();
         text.push(t.text.clone());
         // A prompt's first token has no log-probability (nothing precedes it).
         if (k == 0 && !prompt.is_empty()) || t.logprob.is_nan() {
@@ -1443,6 +1440,7 @@ mod tests {
             text: text.to_string(),
             logprob: 0.0,
             special,
+            held: 0,
         }
     }
 
@@ -1509,6 +1507,24 @@ mod tests {
             streamed(&[("日本", false), ("語", false)], &["本当"], &end),
             ["日", "本語"]
         );
+    }
+
+    /// A special token that comes after an unfinished character carries the held bytes (U+FFFD) first:
+    /// they are streamed, counted in the offsets, and the token's own text is not.
+    #[test]
+    fn text_held_before_a_special_token_is_streamed() {
+        let held = TokenInfo {
+            held: "\u{FFFD}".len(),
+            ..token("\u{FFFD}</s>", true)
+        };
+        let mut c = ChoiceText::default();
+        assert_eq!(c.push(&token("a", false), &[]), "a");
+        assert_eq!(c.push(&held, &[]), "\u{FFFD}");
+        let end = generated("a\u{FFFD}b", FinishReason::Length);
+        assert_eq!(c.finish(&token("b", false), &end, &[]), "b");
+        let tokens = vec![(token("a", false), vec![]), (held, vec![]), (token("b", false), vec![])];
+        let v = completion_logprobs(&[], &tokens, 0, 0);
+        assert_eq!(v["text_offset"], json!([0, 1, 2]));
     }
 
     #[test]

@@ -872,6 +872,7 @@ impl Scheduler {
                         text: String::new(),
                         logprob: t.logprob,
                         special: decoder.is_special(t.id),
+                        held: 0,
                     }
                 } else {
                     token_info(decoder, t)
@@ -896,30 +897,33 @@ impl Scheduler {
         let before = running.decoder.emitted().len();
         // Alternatives read in the sequence's context, as the chosen token does.
         let alternatives: Vec<u32> = generation.top_tokens.iter().map(|t| t.id).collect();
-        let (text, texts) = running.decoder.push_with_alternatives(decoder, token.id, &alternatives);
+        let pushed = running.decoder.push_with_alternatives(decoder, token.id, &alternatives);
         let top_tokens = generation
             .top_tokens
             .iter()
-            .zip(texts)
+            .zip(pushed.alternatives)
             .map(|(t, text)| TokenInfo {
                 id: t.id,
                 text,
                 logprob: t.logprob,
                 special: decoder.is_special(t.id),
+                held: 0,
             })
             .collect();
         let special = decoder.is_special(token.id);
+        let (text, held) = (pushed.text, pushed.held);
         let finish = running.stopping.step(
             token.id,
             running.decoder.emitted(),
             before,
-            special.then_some(text.as_str()),
+            special.then_some(&text[held..]),
         );
         let generated = TokenInfo {
             id: token.id,
             text,
             logprob: token.logprob,
             special,
+            held,
         };
         let message = match finish {
             None => InferStreamResponse::Intermediate {
@@ -1001,6 +1005,7 @@ fn token_info(decoder: &TokenDecoder, t: &Token) -> TokenInfo {
         text: decoder.token_text(t.id),
         logprob: t.logprob,
         special: decoder.is_special(t.id),
+        held: 0,
     }
 }
 
