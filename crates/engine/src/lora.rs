@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::{Mmap, MmapMut};
@@ -378,32 +378,40 @@ impl HostAdapter {
     /// [`HostAdapter::load`], giving `sink` the weights file's bytes as they are read (a device upload that
     /// runs beside the read, [`crate::engine::AdapterUploader::load_and_upload`]).
     pub fn load_with(dir: &Path, cfg: &ModelConfig, max_rank: usize, sink: Option<&dyn PieceSink>) -> Result<Self> {
-        let config_path = dir.join("adapter_config.json");
-        let weights_path = dir.join("adapter_model.safetensors");
-        if !config_path.is_file() {
-            return Err(EngineError::Io {
-                path: config_path,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter_config.json"),
-            });
-        }
-        if !weights_path.is_file() {
-            if dir.join("adapter_model.bin").is_file() {
-                return Err(invalid(
-                    dir,
-                    "only pickle weights (adapter_model.bin) are present, and pickle files are never loaded; \
-                     convert them with peft: `PeftModel.from_pretrained(base, path).save_pretrained(out, \
-                     safe_serialization=True)` to get adapter_model.safetensors",
-                ));
-            }
-            return Err(EngineError::Io {
-                path: weights_path,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter_model.safetensors"),
-            });
-        }
-        let raw = read_config(dir, &config_path)?;
+        let (raw, weights_path) = read_config_and_find_weights(dir)?;
         let file = AdapterFile::read(&weights_path, max_adapter_file_bytes(cfg, max_rank), sink, None)?;
         build(dir, cfg, &raw, &file, max_rank, true)
     }
+}
+
+/// `dir`'s checked config and the path of its weights file, in the order that decides which failure a
+/// broken adapter reports, whichever way it is loaded: no config (not found), an invalid config
+/// (invalid), then no weights file (not found; invalid when only pickle weights are there).
+fn read_config_and_find_weights(dir: &Path) -> Result<(RawConfig, PathBuf)> {
+    let config_path = dir.join("adapter_config.json");
+    let weights_path = dir.join("adapter_model.safetensors");
+    if !config_path.is_file() {
+        return Err(EngineError::Io {
+            path: config_path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter_config.json"),
+        });
+    }
+    let raw = read_config(dir, &config_path)?;
+    if !weights_path.is_file() {
+        if dir.join("adapter_model.bin").is_file() {
+            return Err(invalid(
+                dir,
+                "only pickle weights (adapter_model.bin) are present, and pickle files are never loaded; \
+                 convert them with peft: `PeftModel.from_pretrained(base, path).save_pretrained(out, \
+                 safe_serialization=True)` to get adapter_model.safetensors",
+            ));
+        }
+        return Err(EngineError::Io {
+            path: weights_path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter_model.safetensors"),
+        });
+    }
+    Ok((raw, weights_path))
 }
 
 fn read_config(dir: &Path, config_path: &Path) -> Result<RawConfig> {
@@ -449,11 +457,8 @@ impl AdapterLayout {
     /// Reads `dir`'s config and the header of its weights file (not the weights) and checks them as
     /// [`HostAdapter::load`] does, all but the weights' values.
     pub fn read(dir: &Path, cfg: &ModelConfig, max_rank: usize) -> Result<Self> {
-        let raw = read_config(dir, &dir.join("adapter_config.json"))?;
-        let file = AdapterFile::read_header(
-            &dir.join("adapter_model.safetensors"),
-            max_adapter_file_bytes(cfg, max_rank),
-        )?;
+        let (raw, weights_path) = read_config_and_find_weights(dir)?;
+        let file = AdapterFile::read_header(&weights_path, max_adapter_file_bytes(cfg, max_rank))?;
         let host = build(dir, cfg, &raw, &file, max_rank, false)?;
         let span = |t: &AdapterTensor| FileSpan {
             range: t.file_range().unwrap_or(0..0),

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use common::{fixtures, rel_err, subset, Golden};
 use lorax_engine::engine::RawSeq;
 use lorax_engine::kv_cache::BlockAllocator;
-use lorax_engine::lora::HostAdapter;
+use lorax_engine::lora::{AdapterLayout, HostAdapter};
 use lorax_engine::weights::DType;
 use lorax_engine::{Batch, CacheConfig, CpuBackend, Engine, EngineError, NewSequence, SamplingParams};
 
@@ -233,12 +233,18 @@ fn copy_adapter(name: &str, dst: &Path) {
     }
 }
 
+/// The whole load's error; a streamed load's first step (the config and the weights' header) must fail
+/// the same way when it fails, so that a broken adapter gets one answer whichever way it is loaded.
 fn load_err(dir: &Path, max_rank: usize) -> EngineError {
     let cfg = lorax_engine::ModelConfig::from_file(&fixtures().join("models/llama/config.json")).unwrap();
-    match HostAdapter::load(dir, &cfg, max_rank) {
+    let e = match HostAdapter::load(dir, &cfg, max_rank) {
         Ok(_) => panic!("{} loaded but should not", dir.display()),
         Err(e) => e,
+    };
+    if let Err(layout) = AdapterLayout::read(dir, &cfg, max_rank) {
+        assert_eq!(layout.to_string(), e.to_string(), "{}", dir.display());
     }
+    e
 }
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
@@ -307,6 +313,16 @@ fn bad_adapters_are_refused_with_the_reason() {
     std::fs::write(d.join("adapter_model.bin"), b"not loaded").unwrap();
     let e = load_err(&d, MAX_RANK).to_string();
     assert!(e.contains("pickle") && e.contains("safe_serialization"), "{e}");
+
+    // An invalid config and no weights: the config decides (invalid, not "not found").
+    let d = case("config-only");
+    std::fs::remove_file(d.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(d.join("adapter_config.json"), b"{not json").unwrap();
+    let e = load_err(&d, MAX_RANK);
+    assert!(
+        matches!(e, EngineError::InvalidAdapter(_)) && e.to_string().contains("adapter_config.json"),
+        "{e}"
+    );
 
     // Corrupt safetensors.
     let d = case("corrupt");
