@@ -51,6 +51,8 @@ pub struct Engine<B: Backend> {
     prompt_times: StepTimes,
     /// The inputs of the decode step the backend prepared ahead ([`Backend::decode_prepare`]), if any.
     ahead: Option<AheadKey>,
+    /// Logit rows the LM head computes at once outside a decode graph ([`HEAD_ROWS_A_PASS`]).
+    head_rows: usize,
 }
 
 /// The loaded adapters of `keys`, in order.
@@ -65,6 +67,18 @@ fn adapters_of<'a, B: Backend>(
                 .ok_or_else(|| EngineError::AdapterNotLoaded((*k).to_string()))
         })
         .collect()
+}
+
+/// Logit rows the LM head computes at once outside a decode graph. A prompt scored whole (every row's
+/// log-probability) would otherwise hold `[rows, vocab]` logits at once: 4096 rows of a 128k vocabulary
+/// are 2.1 GB in f32, memory that sizing the KV cache did not leave.
+pub const HEAD_ROWS_A_PASS: usize = 512;
+
+/// What a forward pass leaves for sampling: the logits of its logit rows, or (past [`HEAD_ROWS_A_PASS`]
+/// rows) their final hidden rows and count, for the LM head to take a piece at a time.
+enum Pass<T> {
+    Logits(T),
+    Hidden(T, usize),
 }
 
 /// What a decode step prepared ahead was recorded with, token ids aside: the next step replays it only
@@ -373,6 +387,7 @@ impl<B: Backend> Engine<B> {
             decode_times: StepTimes::default(),
             prompt_times: StepTimes::default(),
             ahead: None,
+            head_rows: HEAD_ROWS_A_PASS,
         })
     }
 
@@ -456,19 +471,36 @@ impl<B: Backend> Engine<B> {
     /// [`Engine::logits`] with an adapter key (or `None`) per sequence.
     pub fn logits_with_adapters(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool]) -> Result<Vec<Vec<f32>>> {
         let v = self.model.cfg.vocab_size;
-        let logits = self.forward_logits(seqs, all_logits, false)?;
-        Ok(self
-            .backend
-            .to_f32(&logits)?
-            .chunks_exact(v)
-            .map(<[f32]>::to_vec)
-            .collect())
+        let mut host = Vec::new();
+        match self.forward_logits(seqs, all_logits, false)? {
+            Pass::Logits(logits) => host = self.backend.to_f32(&logits)?,
+            Pass::Hidden(normed, rows) => {
+                for lo in (0..rows).step_by(self.head_rows) {
+                    host.extend(self.backend.to_f32(&self.head_piece(&normed, lo, rows)?)?);
+                }
+            }
+        }
+        Ok(host.chunks_exact(v).map(<[f32]>::to_vec).collect())
     }
 
-    /// The logits of a forward pass over `seqs`, on the device: `[rows, vocab_size]`. A `decode` pass on
-    /// one rank goes through [`Backend::decode_step`] (CUDA graphs), or replays the step prepared ahead
-    /// when its inputs are these (see [`Engine::prepare_ahead`]).
-    fn forward_logits(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool], decode: bool) -> Result<B::Tensor> {
+    /// Sets the logit rows the LM head computes at once outside a decode graph (at least 1; the
+    /// default is [`HEAD_ROWS_A_PASS`]); tests use few rows to run the pieces on a small model.
+    pub fn set_head_rows_a_pass(&mut self, rows: usize) {
+        self.head_rows = rows.max(1);
+    }
+
+    /// The logits of rows `lo..` (at most `head_rows` of them, before `rows`) of final hidden rows.
+    fn head_piece(&self, normed: &B::Tensor, lo: usize, rows: usize) -> Result<B::Tensor> {
+        let part: Vec<usize> = (lo..(lo + self.head_rows).min(rows)).collect();
+        let part = self.backend.gather_rows(normed, &part)?;
+        self.model.head(&*self.backend, &part)
+    }
+
+    /// A forward pass over `seqs`, on the device: its logits `[rows, vocab_size]`, or past
+    /// [`HEAD_ROWS_A_PASS`] rows its final hidden rows. A `decode` pass on one rank goes through
+    /// [`Backend::decode_step`] (CUDA graphs), or replays the step prepared ahead when its inputs are these
+    /// (see [`Engine::prepare_ahead`]).
+    fn forward_logits(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool], decode: bool) -> Result<Pass<B::Tensor>> {
         // A step prepared ahead is used by this pass or never.
         let ahead = self.ahead.take();
         let graph = decode && self.comm.world_size() == 1;
@@ -479,18 +511,57 @@ impl<B: Backend> Engine<B> {
             let vocab = self.model.cfg.vocab_size;
             if ahead.is_some_and(|k| k.matches(&input, &keys)) && input.tokens.iter().all(|&t| (t as usize) < vocab) {
                 if let Some(logits) = self.backend.decode_prepared(&input.tokens)? {
-                    return Ok(logits);
+                    return Ok(Pass::Logits(logits));
                 }
             }
         }
         let (model, backend, cache, comm) = (&self.model, &*self.backend, &mut self.cache, &*self.comm);
         if graph {
-            backend.decode_step(input.tokens.len(), &mut || {
-                model.forward(backend, cache, &input, &adapters, comm)
-            })
+            backend
+                .decode_step(input.tokens.len(), &mut || {
+                    model
+                        .forward(backend, cache, &input, &adapters, comm)
+                        .and_then(|h| model.head(backend, &h))
+                })
+                .map(Pass::Logits)
         } else {
-            model.forward(backend, cache, &input, &adapters, comm)
+            let normed = model.forward(backend, cache, &input, &adapters, comm)?;
+            match input.logit_rows.len() {
+                rows if rows > self.head_rows => Ok(Pass::Hidden(normed, rows)),
+                _ => model.head(backend, &normed).map(Pass::Logits),
+            }
         }
+    }
+
+    /// `tasks` (rows in ascending order) on the logits of `normed`'s rows, computed and sampled
+    /// `head_rows` rows at a time.
+    fn sample_in_pieces(
+        &self,
+        normed: &B::Tensor,
+        rows: usize,
+        tasks: Vec<(usize, SampleTask<'_>)>,
+    ) -> Result<Vec<Sampled>> {
+        let mut answers = Vec::with_capacity(tasks.len());
+        let mut tasks = tasks.into_iter().peekable();
+        for lo in (0..rows).step_by(self.head_rows) {
+            let hi = (lo + self.head_rows).min(rows);
+            let mut piece = Vec::new();
+            while let Some((row, task)) = tasks.next_if(|(row, _)| *row < hi) {
+                let row = row
+                    .checked_sub(lo)
+                    .ok_or_else(|| EngineError::Backend("sampling rows out of order".into()))?;
+                piece.push((row, task));
+            }
+            if piece.is_empty() {
+                continue;
+            }
+            let logits = self.head_piece(normed, lo, rows)?;
+            answers.extend(self.backend.sample(&logits, &mut piece)?);
+        }
+        if tasks.next().is_some() {
+            return Err(EngineError::Backend("a sampling row past the pass's rows".into()));
+        }
+        Ok(answers)
     }
 
     /// Has the backend prepare the decode step after the one just launched ([`Backend::decode_prepare`])
@@ -510,7 +581,9 @@ impl<B: Backend> Engine<B> {
         };
         let (model, backend, cache, comm) = (&self.model, &*self.backend, &mut self.cache, &*self.comm);
         match backend.decode_prepare(input.tokens.len(), &mut || {
-            model.forward(backend, cache, &input, &adapters, comm)
+            model
+                .forward(backend, cache, &input, &adapters, comm)
+                .and_then(|h| model.head(backend, &h))
         }) {
             Ok(true) => self.ahead = Some(AheadKey::of(&input, &keys)),
             Ok(false) => {}
@@ -658,7 +731,7 @@ impl<B: Backend> Engine<B> {
         let pure_decode = plan.iter().all(|w| !w.prefill || w.len == 0);
         let rows: usize = plan.iter().map(|w| w.len).sum();
         let started = Instant::now();
-        let logits = self.forward_logits(&raw, &all, pure_decode)?;
+        let pass = self.forward_logits(&raw, &all, pure_decode)?;
         let launched = Instant::now();
         drop(raw);
         if pure_decode {
@@ -703,8 +776,10 @@ impl<B: Backend> Engine<B> {
                 tasks.push((row - 1, SampleTask::Choose(&mut s.sampler)));
             }
         }
-        let answers = self.backend.sample(&logits, &mut tasks)?;
-        drop(tasks);
+        let answers = match pass {
+            Pass::Logits(logits) => self.backend.sample(&logits, &mut tasks)?,
+            Pass::Hidden(normed, rows) => self.sample_in_pieces(&normed, rows, tasks)?,
+        };
         let (forward, sample) = (launched - started, launched.elapsed());
 
         let missing = || EngineError::Backend("missing sampling result".into());

@@ -322,8 +322,16 @@ impl<B: Backend> Model<B> {
         self.local_kv_heads
     }
 
+    /// The logits `[rows, vocab]` of final hidden rows `[rows, hidden]` (from [`Model::forward`]).
+    pub fn head(&self, backend: &B, normed: &B::Tensor) -> Result<B::Tensor> {
+        let logits = backend.linear(normed, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
+        backend.mark("head");
+        Ok(logits)
+    }
+
     /// Run the decoder over `input`, writing keys/values into `cache`, applying `adapters[s.adapter]` to
-    /// the rows of each segment; returns logits `[input.logit_rows.len(), vocab]`.
+    /// the rows of each segment; returns the final norm's rows `[input.logit_rows.len(), hidden]`, whose
+    /// logits [`Model::head`] computes.
     pub fn forward(
         &self,
         backend: &B,
@@ -473,10 +481,7 @@ impl<B: Backend> Model<B> {
             g.wait_all()?;
         }
         let last = backend.gather_rows(&residual, &input.logit_rows)?;
-        let normed = backend.rms_norm(&last, &self.norm, eps)?;
-        let logits = backend.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
-        backend.mark("head");
-        Ok(logits)
+        backend.rms_norm(&last, &self.norm, eps)
     }
 }
 

@@ -180,9 +180,9 @@ fn prefill_logprobs_use_the_previous_position() {
     let mut alloc = BlockAllocator::new(512, BLOCK);
     let table = alloc.allocate(ids.len()).unwrap();
     let rows = e.logits(&[(&ids, 0, &table)], &[true]).unwrap();
-    let mut batch = Batch::default();
-    let gens = e
-        .prefill(
+    let mut scored = |e: &mut lorax_engine::Engine<CpuBackend>| {
+        let mut batch = Batch::default();
+        e.prefill(
             &mut batch,
             vec![NewSequence {
                 id: 7,
@@ -197,7 +197,21 @@ fn prefill_logprobs_use_the_previous_position() {
                 adapter: None,
             }],
         )
-        .unwrap();
+        .unwrap()
+    };
+    let gens = scored(&mut e);
+    // The LM head a few rows at a time (as past HEAD_ROWS_A_PASS rows): the same logits and answers.
+    let piece = (ids.len() / 3).max(2) + 1;
+    assert!(
+        ids.len() > piece && !ids.len().is_multiple_of(piece),
+        "uneven pieces of {} rows",
+        ids.len()
+    );
+    e.set_head_rows_a_pass(piece);
+    assert_eq!(e.logits(&[(&ids, 0, &table)], &[true]).unwrap(), rows);
+    let in_pieces = scored(&mut e);
+    assert_eq!(in_pieces[0].prefill, gens[0].prefill);
+    assert_eq!(in_pieces[0].choice, gens[0].choice);
     let prefill = gens[0].prefill.as_ref().unwrap();
     assert_eq!(prefill.len(), ids.len());
     assert_eq!(prefill[0].logprob, None);
