@@ -297,6 +297,29 @@ fn decode_attention_benchmarks() {
     }
 }
 
+/// Decode attention at the serving shapes (86 to 256 streams of 512-1024 tokens, whose blocks fill a wave
+/// or more unsplit) with their contexts split into parts of at least 16 chunks (the default: none of these
+/// split), 4, 3 and 2, with the splits merged by `attn_reduce` and by each row's last block: whether
+/// filling the last wave pays for the splits' fixed work (bench/NOTES.md session 38).
+#[test]
+#[ignore = "GPU benchmark: run with --ignored --nocapture"]
+fn decode_attention_split_benchmarks() {
+    let Some(mut g) = backend(DType::BF16) else { return };
+    let copy = copy_bandwidth(&g);
+    for merge in [false, true] {
+        g.set_attention_merge(merge);
+        for min_chunks in [16, 4, 3, 2] {
+            g.set_attention_split_min_chunks(min_chunks);
+            say(&format!(
+                "splits of at least {min_chunks} chunks, merged by the last block: {merge}"
+            ));
+            for (batch, ctx) in [(86, 640), (128, 512), (128, 640), (128, 768), (256, 1024)] {
+                decode_attention(&g, batch, ctx, 32, 8, copy);
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "GPU benchmark: run by scripts/gpu/run.sh"]
 fn kernel_benchmarks() {

@@ -343,7 +343,8 @@ impl CudaBackend {
         let paged_end = rows.chunks(2).rposition(|r| r[0] != -2).map_or(0, |i| i + 1);
         let blocks = paged_end * meta.num_kv_heads * hchunks;
         let max_chunks = max_len.div_ceil(ATTN_CHUNK);
-        let (splits, chunks_per_split) = split_plan(blocks, max_chunks, self.attn_split_target * self.num_sms);
+        let slots = self.attn_split_target * self.num_sms;
+        let (splits, chunks_per_split) = split_plan(blocks, max_chunks, slots, self.attn_split_min_chunks);
         // The split rows' partial outputs: only the paged kernel's rows (the grid's x), not a mixed step's
         // prompt rows after them, whose thousands of rows times a wave's splits would not fit the device.
         let part_bytes = if splits > 1 {
@@ -518,12 +519,14 @@ impl CudaBackend {
 }
 
 /// Fewest chunks of [`ATTN_CHUNK`] tokens in a split of a row whose blocks already fill a wave (1024
-/// tokens: shorter splits cost more in each block's fixed work and the reduction than they win).
-const SPLIT_MIN_CHUNKS: usize = 16;
+/// tokens: shorter splits cost more in each block's fixed work and the reduction than they win), unless
+/// `LORAX_CUDA_ATTN_SPLIT_MIN_CHUNKS` says otherwise.
+pub(super) const SPLIT_MIN_CHUNKS: usize = 16;
 
 /// The launch's splits (its grid's z) and the chunks of [`ATTN_CHUNK`] tokens in each, for `blocks` blocks
 /// per split (rows × KV heads × head chunks), contexts of at most `max_chunks` chunks and `slots` resident
-/// blocks (one wave: the split target times the multiprocessors). Each row then runs the splits its own
+/// blocks (one wave: the split target times the multiprocessors); a split of a batch that fills a wave
+/// takes at least `min_chunks` chunks ([`SPLIT_MIN_CHUNKS`]). Each row then runs the splits its own
 /// context needs; its blocks of the splits past those return at once.
 ///
 /// - Fewer blocks than a wave: as many splits as one wave holds (rounding down), *whatever the contexts*,
@@ -539,14 +542,14 @@ const SPLIT_MIN_CHUNKS: usize = 16;
 ///   from its first decode step; its partials stay within a wave's worth, being sized by the paged rows.)
 /// - One split: a fixed chunk count (2^24 chunks, beyond any context), so the launch's arguments do not
 ///   change as contexts grow.
-pub(super) fn split_plan(blocks: usize, max_chunks: usize, slots: usize) -> (usize, usize) {
+pub(super) fn split_plan(blocks: usize, max_chunks: usize, slots: usize, min_chunks: usize) -> (usize, usize) {
     let (slots, max_chunks) = (slots.max(1), max_chunks.max(1));
     let splits = if blocks == 0 {
         1
     } else if blocks < slots {
         slots / blocks
     } else {
-        let wanted = wanted_splits(blocks, max_chunks, slots);
+        let wanted = wanted_splits(blocks, max_chunks, slots, min_chunks.max(1));
         max_chunks.div_ceil(max_chunks.div_ceil(wanted))
     };
     if splits == 1 {
@@ -562,15 +565,15 @@ pub(super) fn split_plan(blocks: usize, max_chunks: usize, slots: usize) -> (usi
 /// occupancy per step up (64 rows of 4096 tokens at 8 KV heads, 512 blocks against 396 on the H200: one
 /// split fills its two waves to 65% and ran at 75% of the copy bandwidth, two fill three waves to 86% and
 /// ran at 87%, three fill four to 97% and ran at 93%: `cuda_bench decode_attention_benchmarks`,
-/// bench/NOTES.md session 18 calls 5-6). The longest context's parts keep at least [`SPLIT_MIN_CHUNKS`]
-/// chunks (a row's last part may be shorter), so a batch whose longest context is under 32 chunks (1985
-/// tokens; the serving benchmark's are 512-768) never splits here. Such a split step's launch changes as
+/// bench/NOTES.md session 18 calls 5-6). The longest context's parts keep at least `min_chunks` chunks (a
+/// row's last part may be shorter), so at the default [`SPLIT_MIN_CHUNKS`] a batch whose longest context is
+/// under 32 chunks (1985 tokens; the serving benchmark's are 512-768) never splits here. Such a split step's launch changes as
 /// contexts grow, so its decode graph is captured again now and then.
-fn wanted_splits(blocks: usize, max_chunks: usize, slots: usize) -> usize {
+fn wanted_splits(blocks: usize, max_chunks: usize, slots: usize, min_chunks: usize) -> usize {
     #[allow(clippy::cast_precision_loss)]
     let filled = |s: usize| (blocks * s) as f64 / ((blocks * s).div_ceil(slots) * slots) as f64;
     let mut best = 1;
-    for s in 2..=(max_chunks / SPLIT_MIN_CHUNKS).min(64) {
+    for s in 2..=(max_chunks / min_chunks).min(64) {
         if filled(s) > filled(best) + 0.05 {
             best = s;
         }
@@ -580,7 +583,11 @@ fn wanted_splits(blocks: usize, max_chunks: usize, slots: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::split_plan;
+    use super::SPLIT_MIN_CHUNKS;
+
+    fn split_plan(blocks: usize, max_chunks: usize, slots: usize) -> (usize, usize) {
+        super::split_plan(blocks, max_chunks, slots, SPLIT_MIN_CHUNKS)
+    }
 
     /// The H200's one wave of the tensor-core kernel: 3 blocks on each of 132 multiprocessors.
     const WAVE: usize = 3 * 132;

@@ -629,6 +629,9 @@ pub struct CudaBackend {
     /// Blocks per multiprocessor that attention aims at when it splits contexts
     /// (`LORAX_CUDA_ATTN_SPLIT_TARGET`, default [`ATTN_SPLIT_TARGET`]).
     attn_split_target: usize,
+    /// Fewest chunks in a split of a batch whose attention blocks fill a wave
+    /// (`LORAX_CUDA_ATTN_SPLIT_MIN_CHUNKS`, default [`attention::SPLIT_MIN_CHUNKS`]).
+    attn_split_min_chunks: usize,
     /// Split attention rows merged by their last block rather than by `attn_reduce`
     /// (`LORAX_CUDA_ATTN_MERGE=1`; off by default: the one serving run with it on had a slower step at
     /// 1 stream, bench/NOTES.md session 10).
@@ -1281,6 +1284,11 @@ impl CudaBackend {
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
             attn_split_target: env_count("LORAX_CUDA_ATTN_SPLIT_TARGET", ATTN_SPLIT_TARGET, 1..=64)?,
+            attn_split_min_chunks: env_count(
+                "LORAX_CUDA_ATTN_SPLIT_MIN_CHUNKS",
+                attention::SPLIT_MIN_CHUNKS,
+                1..=1 << 20,
+            )?,
             attn_merge: std::env::var("LORAX_CUDA_ATTN_MERGE").is_ok_and(|v| v == "1"),
             attn_rope_rows: match std::env::var("LORAX_CUDA_ATTN_ROPE").as_deref() {
                 Err(_) | Ok("auto") => None,
@@ -1371,6 +1379,12 @@ impl CudaBackend {
     /// [`ATTN_SPLIT_TARGET`]; for benchmarks).
     pub fn set_attention_split_target(&mut self, blocks_per_sm: usize) {
         self.attn_split_target = blocks_per_sm.clamp(1, 64);
+    }
+
+    /// Fewest chunks of a split when a batch's attention blocks already fill a wave (default
+    /// [`attention::SPLIT_MIN_CHUNKS`]; for benchmarks).
+    pub fn set_attention_split_min_chunks(&mut self, chunks: usize) {
+        self.attn_split_min_chunks = chunks.max(1);
     }
 
     /// Split attention rows merged by their last block or by a separate `attn_reduce` launch (the default; for
