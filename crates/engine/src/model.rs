@@ -473,15 +473,23 @@ impl<B: Backend> Model<B> {
             pending = Some(down);
             backend.mark("layer");
         }
-        if let Some(out) = pending {
-            backend.add_assign(&mut residual, &out)?;
-        }
         // No tokens from weights that failed their read or their checks.
         for g in &gates {
             g.wait_all()?;
         }
-        let last = backend.gather_rows(&residual, &input.logit_rows)?;
-        backend.rms_norm(&last, &self.norm, eps)
+        // The last residual add and the final norm, for the logit rows only: in one kernel over the whole
+        // residual when every row is a logit row in order (a decode step), else over the gathered rows (a
+        // prompt's last row; not the prompt's thousand).
+        let every_row = input.logit_rows.iter().copied().eq(0..n);
+        match pending {
+            Some(out) if every_row => backend.add_rms_norm(&mut residual, &out, &self.norm, eps),
+            Some(out) => {
+                let mut last = backend.gather_rows(&residual, &input.logit_rows)?;
+                let out = backend.gather_rows(&out, &input.logit_rows)?;
+                backend.add_rms_norm(&mut last, &out, &self.norm, eps)
+            }
+            None => backend.rms_norm(&backend.gather_rows(&residual, &input.logit_rows)?, &self.norm, eps),
+        }
     }
 }
 
