@@ -130,8 +130,8 @@ impl IncrementalDecoder {
 
     /// [`Self::push`] of `id`, and the text it would have returned for each of `alternatives` instead
     /// (decoded in the sequence's context, so that they read as a chosen token does, a leading space
-    /// included; where that text would be an incomplete character, the token's text on its own). The
-    /// window's prefix is decoded once for all of them.
+    /// included; where that text would be an incomplete character, the token's text on its own; `id`
+    /// itself, when among them, with `id`'s text). The window's prefix is decoded once for all of them.
     ///
     /// A special token's text starts with whatever was held back before it (an incomplete character
     /// turns into U+FFFD, as in a one-shot decode): those [`Pushed::held`] bytes join the generated text.
@@ -153,7 +153,14 @@ impl IncrementalDecoder {
         }
         let pending = self.read_offset < self.ids.len();
         self.ids.push(id);
+        // The chosen token among its alternatives reads as it does.
+        let chosen = |others: &mut Vec<String>, text: &str| {
+            for (other, _) in others.iter_mut().zip(alternatives).filter(|(_, &a)| a == id) {
+                text.clone_into(other);
+            }
+        };
         let Some(mut chunk) = completed(decoder.decode(&self.ids[self.prefix_offset..], false)) else {
+            chosen(&mut others, "");
             return Pushed {
                 text: String::new(),
                 held: 0,
@@ -177,6 +184,7 @@ impl IncrementalDecoder {
         }
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
+        chosen(&mut others, &chunk);
         Pushed {
             text: chunk,
             held,
@@ -284,17 +292,24 @@ pub(crate) mod tests {
         assert_eq!(ids[..prompt.len()], prompt[..], "the prompt's ids start the text's");
         let mut inc = IncrementalDecoder::new(&prompt);
         let mut spaced = 0;
+        let other = prompt[1];
         for &id in &ids[prompt.len()..] {
-            // Each next token as an alternative, and chosen: the same text.
+            // Each next token as an alternative of another token, and chosen: the same text.
+            let mut peek = inc.clone();
+            let peeked = peek
+                .push_with_alternatives(&decoder, other, &[id])
+                .alternatives
+                .remove(0);
             let Pushed {
                 text: pushed,
-                alternatives: mut peeked,
+                alternatives: itself,
                 ..
-            } = inc.push_with_alternatives(&decoder, id, &[id]);
-            let peeked = peeked.remove(0);
+            } = inc.push_with_alternatives(&decoder, id, &[other, id]);
             if !pushed.is_empty() {
                 assert_eq!(peeked, pushed, "token {id}");
             }
+            // Among its own alternatives, the chosen token has its own text (empty inside a character).
+            assert_eq!(itself[1], pushed, "token {id}");
             if pushed.starts_with(' ') && !decoder.token_text(id).starts_with(' ') {
                 spaced += 1;
             }

@@ -1015,9 +1015,12 @@ fn whole_choice(plan: &Plan, kind: Kind, index: usize, echo: Option<&str>, r: In
 /// one; bytes that are no character at all as U+FFFD), SentencePiece's dummy-prefix space dropped where the
 /// echo has none, and a special token taking room where the echo holds its text (a prompt written with
 /// `<|im_start|>`), none where it does not (the BOS the tokenizer added). Linear in the prompt: raw bytes, no
-/// decoding but special tokens' and alternatives'. Where the texts do not line up with `echo` (a tokenizer
-/// that normalises the text), every token keeps its own text. Alternatives keep their own text. The batching
-/// loop sends these tokens without texts (`Scheduler::step`): they are read here, on the request's task.
+/// decoding but special tokens'. Where the texts do not line up with `echo` (a tokenizer that normalises the
+/// text), every token keeps its own text. An alternative reads as it would in the token's place (its raw
+/// bytes: a word's leading space kept, or dropped where the chosen token's was; the chosen token with its
+/// text), so that a client can tell whether the prompt's token was the most likely one by comparing texts,
+/// as lm-evaluation-harness does; where its bytes are no whole characters, its own text. The batching loop sends these tokens without
+/// texts (`Scheduler::step`): they are read here, on the request's task.
 fn prompt_in_context(
     decoder: &crate::detokenize::TokenDecoder,
     echo: &str,
@@ -1027,7 +1030,31 @@ fn prompt_in_context(
         text: decoder.token_text(t.id),
         ..t.clone()
     };
-    let alternatives = |top: &[TokenInfo]| top.iter().map(own).collect::<Vec<_>>();
+    // In a token's place, with its SentencePiece space dropped when the chosen token's was; the chosen token
+    // itself as it reads.
+    let alternatives = |top: &[TokenInfo], chosen: &TokenInfo, dropped_space: bool| {
+        top.iter()
+            .map(|a| {
+                if a.id == chosen.id {
+                    return TokenInfo {
+                        text: chosen.text.clone(),
+                        ..a.clone()
+                    };
+                }
+                let bytes = decoder.token_bytes().of(a.id, "");
+                match (a.special, String::from_utf8(bytes)) {
+                    (false, Ok(text)) if !text.is_empty() => TokenInfo {
+                        text: match text.strip_prefix(' ') {
+                            Some(rest) if dropped_space => rest.to_string(),
+                            _ => text,
+                        },
+                        ..a.clone()
+                    },
+                    _ => own(a),
+                }
+            })
+            .collect::<Vec<_>>()
+    };
     let mut rest = echo;
     let mut pending: Vec<u8> = Vec::new();
     let mut out = Vec::with_capacity(prompt.len());
@@ -1040,7 +1067,8 @@ fn prompt_in_context(
                 rest = after;
             }
             let special = written.is_none();
-            out.push((TokenInfo { special, ..t }, alternatives(top)));
+            let top = alternatives(top, &t, false);
+            out.push((TokenInfo { special, ..t }, top));
             continue;
         }
         pending.extend(decoder.token_bytes().of(t.id, &t.text));
@@ -1069,16 +1097,27 @@ fn prompt_in_context(
             }
         }
         // SentencePiece's decoder drops the space its normaliser put before the first word.
+        let mut dropped_space = false;
         if !rest.starts_with(text.as_str()) {
             if let Some(stripped) = text.strip_prefix(' ').filter(|t| rest.starts_with(*t)) {
                 text = stripped.to_string();
+                dropped_space = true;
             }
         }
         let Some(after) = rest.strip_prefix(text.as_str()) else {
-            return prompt.iter().map(|(t, top)| (own(t), alternatives(top))).collect();
+            return prompt
+                .iter()
+                .map(|(t, top)| {
+                    let t = own(t);
+                    let top = alternatives(top, &t, false);
+                    (t, top)
+                })
+                .collect();
         };
         rest = after;
-        out.push((TokenInfo { text, ..t.clone() }, alternatives(top)));
+        let t = TokenInfo { text, ..t.clone() };
+        let top = alternatives(top, &t, dropped_space);
+        out.push((t, top));
     }
     out
 }
@@ -1525,6 +1564,46 @@ mod tests {
         let tokens = vec![(token("a", false), vec![]), (held, vec![]), (token("b", false), vec![])];
         let v = completion_logprobs(&[], &tokens, 0, 0);
         assert_eq!(v["text_offset"], json!([0, 1, 2]));
+    }
+
+    /// A prompt position's alternatives read as they would in the token's place: a word's leading space
+    /// kept, or dropped with the first word's; the chosen token with the chosen token's text.
+    #[test]
+    fn prompt_alternatives_read_as_in_the_tokens_place() {
+        let decoder = crate::detokenize::TokenDecoder::new(crate::detokenize::tests::fixture_tokenizer());
+        let encode = |text: &str, special: bool| {
+            let ids = decoder.tokenizer().encode(text, special).expect("encode");
+            ids.get_ids().to_vec()
+        };
+        let ids = encode("Hello world", true);
+        let again = *encode("Hello again", false).last().expect("ids");
+        assert_eq!(
+            decoder.token_text(again),
+            "again",
+            "a standalone decode drops the space"
+        );
+        let info = |id: u32| TokenInfo {
+            id,
+            text: String::new(),
+            logprob: -1.0,
+            special: decoder.is_special(id),
+            held: 0,
+        };
+        let prompt: Vec<(TokenInfo, Vec<TokenInfo>)> =
+            ids.iter().map(|&id| (info(id), vec![info(id), info(again)])).collect();
+        let out = prompt_in_context(&decoder, "Hello world", &prompt);
+        let texts: Vec<(&str, &str, &str)> = out
+            .iter()
+            .map(|(t, top)| (t.text.as_str(), top[0].text.as_str(), top[1].text.as_str()))
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                ("<s>", "<s>", " again"),
+                ("Hello", "Hello", "again"),
+                (" world", " world", " again")
+            ]
+        );
     }
 
     #[test]

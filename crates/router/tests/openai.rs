@@ -307,6 +307,16 @@ async fn echoed_completion_offsets_index_the_returned_text() {
                 joined.extend(tok);
             }
         }
+        // The fake shard's first alternative of a prompt token is the token itself: it reads as the token
+        // does (a word's leading space included), so a client can tell the greedy token by its text.
+        let prompt_tokens = usize::try_from(v["usage"]["prompt_tokens"].as_u64().expect("usage")).expect("count");
+        for (i, tok) in tokens.iter().enumerate().take(prompt_tokens).skip(1) {
+            let top = lp["top_logprobs"][i].as_object().expect("alternatives");
+            assert!(
+                top.contains_key(tok.as_str().expect("token")),
+                "position {i}: {tok} not in {top:?}: {v}"
+            );
+        }
         let echoed: String = text.iter().collect();
         assert!(
             echoed.starts_with(&joined),
