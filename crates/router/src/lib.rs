@@ -364,6 +364,7 @@ pub async fn build(args: &Args) -> Result<App, RouterError> {
             default_adapter_source: args.adapters.default_adapter_source,
             adapters_supported: shard.supports_adapters,
             vocab_size: shard.vocab_size,
+            base_model_id: args.model.model_id.clone(),
         },
     );
     let scheduler = Scheduler::new(

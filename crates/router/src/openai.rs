@@ -1453,6 +1453,7 @@ mod tests {
             default_adapter_source: crate::adapters::AdapterSource::Hub,
             adapters_supported: true,
             vocab_size: 32000,
+            base_model_id: "org/base".into(),
         };
         check_parameters(&p, &limits, false, || 7)
             .expect("valid")

@@ -134,6 +134,9 @@ pub struct ValidationLimits {
     pub adapters_supported: bool,
     /// The model's vocabulary size: prompt token ids must be below it.
     pub vocab_size: u32,
+    /// The base model's id: an `adapter_id` naming it means the base model (as LoRAX, and as the OpenAI
+    /// routes' `model`).
+    pub base_model_id: String,
 }
 
 /// A request that passed validation.
@@ -323,7 +326,7 @@ pub fn check_parameters(
     })
 }
 
-/// The adapter a request names: `None` for the base model (`adapter_id` absent or empty).
+/// The adapter a request names: `None` for the base model (`adapter_id` absent, empty, or the base model's id).
 /// `adapter_source` is checked even without an adapter, so a typo is never silently ignored.
 fn check_adapter(p: &GenerateParameters, limits: &ValidationLimits) -> Result<Option<AdapterKey>, ValidationError> {
     if p.merged_adapters.is_some() {
@@ -334,7 +337,11 @@ fn check_adapter(p: &GenerateParameters, limits: &ValidationLimits) -> Result<Op
         Some(given) => AdapterSource::parse(given)
             .ok_or_else(|| ValidationError::AdapterSource(given.chars().take(ECHO_CHARS).collect()))?,
     };
-    let Some(id) = p.adapter_id.as_deref().filter(|id| !id.is_empty()) else {
+    let Some(id) = p
+        .adapter_id
+        .as_deref()
+        .filter(|id| !id.is_empty() && *id != limits.base_model_id)
+    else {
         return Ok(None);
     };
     if id.len() > MAX_ADAPTER_ID_BYTES {
@@ -632,6 +639,7 @@ mod tests {
             default_adapter_source: AdapterSource::Hub,
             adapters_supported: true,
             vocab_size: 32000,
+            base_model_id: "org/base".into(),
         }
     }
 
@@ -760,10 +768,20 @@ mod tests {
     }
 
     #[test]
-    fn empty_adapter_id_means_base_model() {
+    fn empty_adapter_id_or_the_base_models_means_base_model() {
         let c = check(serde_json::json!({"adapter_id": "", "adapter_source": "hub"})).expect("valid");
         assert_eq!(c.adapter, None);
         assert_eq!(check(serde_json::json!({})).expect("valid").adapter, None);
+        // The base model's own id (as LoRAX; the OpenAI routes' `model` is read the same way).
+        assert_eq!(limits().base_model_id, "org/base");
+        assert_eq!(
+            check(serde_json::json!({"adapter_id": "org/base"}))
+                .expect("valid")
+                .adapter,
+            None
+        );
+        let c = check(serde_json::json!({"adapter_id": "org/base2"})).expect("valid");
+        assert_eq!(c.adapter, Some(AdapterKey::new(AdapterSource::Hub, "org/base2")));
     }
 
     #[test]
@@ -860,6 +878,7 @@ mod tests {
                 default_adapter_source: AdapterSource::Hub,
                 adapters_supported: true,
                 vocab_size: 32000,
+                base_model_id: "org/base".into(),
             },
         )
     }
