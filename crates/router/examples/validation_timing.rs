@@ -72,6 +72,7 @@ fn main() -> Result<(), Error> {
         default_adapter_source: AdapterSource::Hub,
         adapters_supported: true,
         vocab_size: 32000,
+        base_model_id: "base".into(),
     };
     let validation = Validation::new(Arc::clone(&tok), 2, limits);
     let request: GenerateRequest =
