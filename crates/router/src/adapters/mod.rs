@@ -61,9 +61,28 @@ pub struct AdapterKey {
 }
 
 impl AdapterKey {
-    /// The adapter `id` from `source`.
+    /// The adapter `id` from `source`. A local path is spelled one way ([`local_spelling`]), so that one
+    /// directory named several ways is one adapter: one load, one slot, one metric label.
     pub fn new(source: AdapterSource, id: impl Into<String>) -> Self {
-        Self { source, id: id.into() }
+        let id = id.into();
+        let id = match source {
+            AdapterSource::Local => local_spelling(&id),
+            AdapterSource::Hub => id,
+        };
+        Self { source, id }
+    }
+}
+
+/// `path` without what never changes the directory it names: empty and `.` components, repeated and
+/// trailing slashes (`./a//b/` is `a/b`, `/x/./a` is `/x/a`). `..` stays: what it leads to depends on
+/// symbolic links, which only the shard resolves (and checks against its adapter roots).
+fn local_spelling(path: &str) -> String {
+    let absolute = path.starts_with('/');
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    match (absolute, parts.is_empty()) {
+        (true, _) => format!("/{}", parts.join("/")),
+        (false, true) => ".".to_string(),
+        (false, false) => parts.join("/"),
     }
 }
 
@@ -128,6 +147,27 @@ pub struct AdapterError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One local directory spelled several ways is one adapter; `..` and hub ids are left as they are.
+    #[test]
+    fn local_paths_have_one_spelling() {
+        let local = |id: &str| AdapterKey::new(AdapterSource::Local, id).id;
+        for same in [
+            "lora-r8",
+            "lora-r8/",
+            "lora-r8//",
+            "./lora-r8",
+            "./././lora-r8",
+            ".//lora-r8/.",
+        ] {
+            assert_eq!(local(same), "lora-r8", "{same:?}");
+        }
+        assert_eq!(local("/data//a/./b/"), "/data/a/b");
+        assert_eq!(local("/"), "/");
+        assert_eq!(local("./"), ".");
+        assert_eq!(local("x/../a"), "x/../a");
+        assert_eq!(AdapterKey::new(AdapterSource::Hub, "org/a/").id, "org/a/");
+    }
 
     #[test]
     fn sources_parse_exactly() {
