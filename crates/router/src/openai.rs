@@ -63,8 +63,9 @@ fn openai_error_body(e: &ApiError) -> Value {
         .replace("`adapter_id`", "`model`")
         .replace("`inputs` tokens", "prompt tokens")
         .replace("`inputs`", "the prompt");
-    // The first request field the message names (not an adapter's id, which messages also quote).
-    const FIELDS: [&str; 17] = [
+    // The first request field the message names (not an adapter's id, which messages also quote); of a
+    // path (`messages[0].content`), its first field.
+    const FIELDS: [&str; 29] = [
         "max_tokens",
         "max_completion_tokens",
         "repetition_penalty",
@@ -74,19 +75,32 @@ fn openai_error_body(e: &ApiError) -> Value {
         "top_p",
         "top_k",
         "n",
+        "best_of",
+        "suffix",
         "stop",
         "seed",
         "logprobs",
         "top_logprobs",
         "frequency_penalty",
         "presence_penalty",
+        "logit_bias",
         "messages",
         "prompt",
+        "stream",
+        "stream_options",
+        "user",
+        "adapter_source",
+        "api_token",
+        "ignore_eos_token",
+        "response_format",
+        "tools",
+        "tool_choice",
     ];
     let param = message
         .split('`')
         .skip(1)
         .step_by(2)
+        .map(|p| p.split(['.', '[']).next().unwrap_or_default())
         .find(|p| FIELDS.contains(p))
         .map(str::to_string);
     json!({"error": {"message": message, "type": e.error_type, "param": param, "code": e.status.as_u16().to_string()}})
@@ -96,14 +110,71 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, VALIDATION, message)
 }
 
-/// A string or a list of strings (`prompt`, `stop`).
+/// An OpenAI request body: [`ApiJson`]'s checks (a JSON object within the body limit, with its content type),
+/// then `T` read from it with the path of the field that failed in the message (so that `param` names it).
+/// Serde loses the path inside the shared fields, which each request flattens in: a failure there is read
+/// again from [`CommonParameters`] alone to find its field.
+pub struct OpenAiJson<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for OpenAiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let ApiJson(object) = ApiJson::<serde_json::Map<String, Value>>::from_request(req, state).await?;
+        let body = Value::Object(object);
+        serde_path_to_error::deserialize::<_, T>(&body)
+            .map(Self)
+            .map_err(|e| invalid(body_error(&body, &e)))
+    }
+}
+
+/// The message of a body that is JSON but not the request: "invalid request body: `field`: serde's reason".
+fn body_error(body: &Value, e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let (mut path, mut reason) = (e.path().to_string(), e.inner().to_string());
+    if path == "." {
+        if let Err(common) = serde_path_to_error::deserialize::<_, CommonParameters>(body) {
+            (path, reason) = (common.path().to_string(), common.inner().to_string());
+        }
+    }
+    match path.as_str() {
+        "." => format!("invalid request body: {reason}"),
+        field => format!("invalid request body: `{field}`: {reason}"),
+    }
+}
+
+/// A string or a list of strings (`stop`).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(untagged)]
+#[serde(try_from = "Value")]
 pub enum OneOrMany {
     /// One string.
     One(String),
     /// Several.
     Many(Vec<String>),
+}
+
+/// `value` as a list of `T` (`None` when it is no list, or an entry is no `T`).
+fn list_of<T: serde::de::DeserializeOwned>(value: &Value) -> Option<Vec<T>> {
+    value
+        .is_array()
+        .then(|| serde_json::from_value(value.clone()).ok())
+        .flatten()
+}
+
+impl TryFrom<Value> for OneOrMany {
+    type Error = &'static str;
+
+    fn try_from(value: Value) -> Result<Self, Self::Error> {
+        match value {
+            Value::String(s) => Ok(Self::One(s)),
+            v => list_of(&v)
+                .map(Self::Many)
+                .ok_or("expected a string or a list of strings"),
+        }
+    }
 }
 
 impl OneOrMany {
@@ -171,7 +242,7 @@ pub struct CommonParameters {
 /// A completion's `prompt`: a string, token ids, or a list of either (a batch: the choices of every prompt,
 /// `n` a prompt, in order).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(untagged)]
+#[serde(try_from = "Value")]
 pub enum Prompt {
     /// One text.
     Text(String),
@@ -188,6 +259,21 @@ pub enum Prompt {
 enum PromptInput {
     Text(String),
     Ids(Vec<u32>),
+}
+
+impl TryFrom<Value> for Prompt {
+    type Error = &'static str;
+
+    fn try_from(value: Value) -> Result<Self, Self::Error> {
+        if let Value::String(s) = value {
+            return Ok(Self::Text(s));
+        }
+        list_of(&value)
+            .map(Self::Texts)
+            .or_else(|| list_of(&value).map(Self::Ids))
+            .or_else(|| list_of(&value).map(Self::IdLists))
+            .ok_or("expected a string, a list of strings, a list of token ids or a list of lists of token ids")
+    }
 }
 
 impl Prompt {
@@ -224,12 +310,24 @@ pub struct CompletionRequest {
 
 /// Content of a chat message: a string or a list of text parts.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(untagged)]
+#[serde(try_from = "Value")]
 pub enum ChatContent {
     /// Plain text.
     Text(String),
     /// Parts; only `{"type": "text", "text": ...}` parts are supported.
     Parts(Vec<Value>),
+}
+
+impl TryFrom<Value> for ChatContent {
+    type Error = &'static str;
+
+    fn try_from(value: Value) -> Result<Self, Self::Error> {
+        match value {
+            Value::String(s) => Ok(Self::Text(s)),
+            Value::Array(parts) => Ok(Self::Parts(parts)),
+            _ => Err("expected a string or a list of content parts"),
+        }
+    }
 }
 
 /// A message of a chat request.
@@ -855,9 +953,9 @@ async fn start(
 #[tracing::instrument(skip_all)]
 pub async fn completions(
     State(state): State<AppState>,
-    payload: Result<ApiJson<CompletionRequest>, ApiError>,
+    payload: Result<OpenAiJson<CompletionRequest>, ApiError>,
 ) -> Response {
-    let plan = payload.and_then(|ApiJson(req)| completion_plan(&state, req));
+    let plan = payload.and_then(|OpenAiJson(req)| completion_plan(&state, req));
     respond(state, plan, Kind::Completion, None).await
 }
 
@@ -879,12 +977,12 @@ pub async fn completions(
 #[tracing::instrument(skip_all)]
 pub async fn chat_completions(
     State(state): State<AppState>,
-    payload: Result<ApiJson<ChatCompletionRequest>, ApiError>,
+    payload: Result<OpenAiJson<ChatCompletionRequest>, ApiError>,
 ) -> Response {
     // A request beyond --max-concurrent-requests gets its 429 at once, not after the fetch of its
     // adapter's template: the fetch holds the place its first choice then runs in.
     let (plan, place) = match payload.and_then(|r| Ok((r, state.infer.acquire()?))) {
-        Ok((ApiJson(req), place)) => {
+        Ok((OpenAiJson(req), place)) => {
             let plan = match adapter_template(&state, &req).await {
                 Ok(template) => chat_plan(&state, req, template).await,
                 Err(e) => Err(e),

@@ -610,6 +610,53 @@ async fn errors_have_openai_shape() {
     )
     .await;
     assert_eq!(v["error"]["param"], "temperature", "{v}");
+    // Fields of the wrong type, shared or not: the message and `param` name the field (the shared fields
+    // are flattened into each request, where serde alone loses the path).
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Hi"}]});
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        ("/v1/chat/completions", body)
+    };
+    for ((path, body), field, reason) in [
+        (
+            ("/v1/completions", json!({"prompt": "Hello", "temperature": "hot"})),
+            "temperature",
+            "expected f32",
+        ),
+        (
+            chat(json!({"stop": 5})),
+            "stop",
+            "expected a string or a list of strings",
+        ),
+        (chat(json!({"max_tokens": "many"})), "max_tokens", "expected i64"),
+        (
+            chat(json!({"messages": [{"role": "user", "content": 5}]})),
+            "messages",
+            "content parts",
+        ),
+        (
+            ("/v1/completions", json!({"prompt": {"text": "Hello"}})),
+            "prompt",
+            "a list of lists of token ids",
+        ),
+        (
+            ("/v1/completions", json!({"prompt": "Hello", "best_of": 2})),
+            "best_of",
+            "not supported",
+        ),
+    ] {
+        let (got, v) = error_of(d.post(path, body.clone()).await).await;
+        assert_eq!(got, 422, "{body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("`{field}")) && message.contains(reason),
+            "{body}: {v}"
+        );
+        assert!(!message.contains("enum"), "no type names of ours: {v}");
+        assert_eq!(v["error"]["param"], field, "{body}: {v}");
+    }
     // Malformed JSON is a 4xx in the same shape.
     let r = d
         .http
