@@ -1122,11 +1122,14 @@ fn build(
         let a = file.tensor(&a_name)?;
         let b = file.tensor(&b_name)?;
         if a.shape != [r, inp] || b.shape != [out, r] {
-            return Err(EngineError::ShapeMismatch {
-                name: format!("{module} (lora_A, lora_B) of adapter {}", dir.display()),
-                actual: [a.shape.as_slice(), b.shape.as_slice()].concat(),
-                expected: vec![r, inp, out, r],
-            });
+            return Err(invalid(
+                dir,
+                format!(
+                    "{module}: lora_A is {:?} and lora_B {:?}, where this model takes [{r}, {inp}] and [{out}, {r}] \
+                     (an adapter of another base model?)",
+                    a.shape, b.shape
+                ),
+            ));
         }
         #[allow(clippy::cast_precision_loss)]
         let scale = if raw.use_rslora {

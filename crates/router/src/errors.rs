@@ -178,25 +178,55 @@ mod tests {
     #[test]
     fn adapter_failures() {
         use crate::adapters::{AdapterError, AdapterKey, AdapterSource};
+        // Each kind's status and type, and a message that says what went wrong: an invalid adapter was found
+        // (and read) but cannot be used; a local one is read, not downloaded.
         let cases = [
-            (AdapterFailure::NotFound, 404, ADAPTER_NOT_FOUND),
-            (AdapterFailure::Forbidden, 403, ADAPTER_FORBIDDEN),
-            (AdapterFailure::Invalid, 422, ADAPTER_INVALID),
-            (AdapterFailure::Unavailable, 424, ADAPTER_UNAVAILABLE),
+            (
+                AdapterFailure::NotFound,
+                AdapterSource::Hub,
+                404,
+                ADAPTER_NOT_FOUND,
+                "(hub) was not found",
+            ),
+            (
+                AdapterFailure::Forbidden,
+                AdapterSource::Hub,
+                403,
+                ADAPTER_FORBIDDEN,
+                "(hub) could not be downloaded",
+            ),
+            (
+                AdapterFailure::Invalid,
+                AdapterSource::Local,
+                422,
+                ADAPTER_INVALID,
+                "(local) cannot be used",
+            ),
+            (
+                AdapterFailure::Unavailable,
+                AdapterSource::Hub,
+                424,
+                ADAPTER_UNAVAILABLE,
+                "(hub) could not be downloaded",
+            ),
+            (
+                AdapterFailure::Unavailable,
+                AdapterSource::Local,
+                424,
+                ADAPTER_UNAVAILABLE,
+                "(local) could not be read",
+            ),
         ];
-        for (kind, status, error_type) in cases {
+        for (kind, source, status, error_type, says) in cases {
             let api = ApiError::from(InferError::Adapter(AdapterError {
                 kind,
-                adapter: AdapterKey::new(AdapterSource::Hub, "org/a"),
+                adapter: AdapterKey::new(source, "org/a"),
                 stage: "downloaded",
                 no_room: false,
-                message: "repo org/a: 404 Not Found".into(),
+                message: "why".into(),
             }));
             assert_eq!((api.status.as_u16(), api.error_type), (status, error_type));
-            assert_eq!(
-                api.message,
-                "adapter `org/a` (hub) could not be downloaded: repo org/a: 404 Not Found"
-            );
+            assert_eq!(api.message, format!("adapter `org/a` {says}: why"));
         }
     }
 }

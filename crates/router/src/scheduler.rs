@@ -860,6 +860,12 @@ impl Scheduler {
             let _ = tx.send(Err(InferError::Generation("the shard returned no token".into())));
             return false;
         };
+        if token.logprob.is_nan() {
+            // The request's logits were not numbers (an adapter whose lora_alpha or weights overflow, an
+            // f16 activation past its range): its tokens would be meaningless, so it fails, alone.
+            let _ = tx.send(Err(not_a_number(running.entry.request.adapter.as_ref())));
+            return false;
+        }
         let first = std::mem::take(&mut running.prefilling);
         if first && running.entry.request.decoder_input_details {
             // Each prompt token with its alternatives (when asked: one entry per token, else none). With
@@ -994,6 +1000,22 @@ impl Scheduler {
         }
         self.steps_since_prefill = 0;
         self.publish();
+    }
+}
+
+/// The error of a request whose logits came back NaN: its adapter's fault (422 `adapter_invalid`) when it has
+/// one, else the model's (424 `generation`).
+fn not_a_number(adapter: Option<&AdapterKey>) -> InferError {
+    const WHY: &str = "the model's output for this request is not a number (NaN logits)";
+    match adapter {
+        Some(adapter) => InferError::Adapter(AdapterError {
+            kind: AdapterFailure::Invalid,
+            adapter: adapter.clone(),
+            stage: "used",
+            message: format!("{WHY}: its weights or its lora_alpha overflow the values the model can hold"),
+            no_room: false,
+        }),
+        None => InferError::Generation(WHY.to_string()),
     }
 }
 

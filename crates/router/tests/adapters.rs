@@ -177,10 +177,7 @@ async fn a_failing_adapter_fails_only_its_requests_and_is_retried() {
             assert_eq!(body["error_type"], "adapter_not_found");
             let message = body["error"].as_str().expect("message");
             assert!(message.contains("repository org/missing does not exist"), "{message}");
-            assert!(
-                message.contains("`org/missing` (hub) could not be downloaded"),
-                "{message}"
-            );
+            assert!(message.contains("`org/missing` (hub) was not found"), "{message}");
         } else {
             assert_eq!(status, 200, "{adapter:?}: {body}");
             assert_generated_by(&body, adapter, 5);
@@ -195,6 +192,36 @@ async fn a_failing_adapter_fails_only_its_requests_and_is_retried() {
     assert_eq!(status, 200, "{body}");
     assert_generated_by(&body, "org/missing", 3);
     assert_eq!(d.hub.downloads("org/missing"), before + 1);
+    d.assert_no_violations();
+}
+
+/// The message of a 422 `adapter_invalid` answer (asserting it is one).
+fn invalid_adapter_message(status: u16, body: &serde_json::Value) -> &str {
+    assert_eq!(
+        (status, body["error_type"].as_str()),
+        (422, Some("adapter_invalid")),
+        "{body}"
+    );
+    body["error"].as_str().expect("message")
+}
+
+/// An adapter whose logits come back NaN (its lora_alpha overflows: the fake shard's "overflow" adapters)
+/// fails its requests with 422 `adapter_invalid`, not a 200 of meaningless tokens; the base model's
+/// requests in the same batch go on.
+#[tokio::test]
+async fn an_adapter_with_nan_logits_fails_its_requests_alone() {
+    let d = Deployment::start(Setup::default()).await;
+    let bad = d.spawn_generate("org/overflow", 4);
+    let (status, body) = d.generate_with("", 4).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = bad.await.expect("request task");
+    let message = invalid_adapter_message(status, &body);
+    assert!(
+        message.contains("`org/overflow` (hub) cannot be used") && message.contains("NaN"),
+        "{message}"
+    );
+    let (status, body) = d.generate_with("org/fine", 4).await;
+    assert_eq!(status, 200, "{body}");
     d.assert_no_violations();
 }
 
@@ -236,14 +263,9 @@ async fn shard_codes_map_to_http_statuses() {
     // did load it releases it again.
     d.shards[1].fail_load("org/wide", Code::InvalidArgument, "rank 18 is above the maximum of 16");
     let (status, body) = d.generate_with("org/wide", 2).await;
-    assert_eq!(
-        (status, body["error_type"].as_str()),
-        (422, Some("adapter_invalid")),
-        "{body}"
-    );
-    let message = body["error"].as_str().expect("message");
+    let message = invalid_adapter_message(status, &body);
     assert!(
-        message.contains("could not be loaded: rank 18 is above the maximum"),
+        message.contains("cannot be used: rank 18 is above the maximum"),
         "{message}"
     );
     common::eventually("rank 0 released the half-loaded adapter", DEADLINE, || async {

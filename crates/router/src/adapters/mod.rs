@@ -129,7 +129,6 @@ impl AdapterFailure {
 
 /// An adapter that could not be made ready; fails the requests that were waiting for it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("adapter {adapter} could not be {stage}: {message}")]
 pub struct AdapterError {
     /// What kind of failure (decides the HTTP status).
     pub kind: AdapterFailure,
@@ -142,6 +141,20 @@ pub struct AdapterError {
     /// A load refused for want of room on the device (RESOURCE_EXHAUSTED): the adapter's requests may
     /// wait for an offload rather than fail ([`registry::Registry::load_refused`]).
     pub no_room: bool,
+}
+
+/// "adapter `id` (source) ...: the shard's message": an invalid adapter "cannot be used", a missing one "was not
+/// found", else it "could not be" downloaded (a local one: read) or loaded.
+impl fmt::Display for AdapterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (adapter, message) = (&self.adapter, &self.message);
+        match (self.kind, self.adapter.source, self.stage) {
+            (AdapterFailure::Invalid, ..) => write!(f, "adapter {adapter} cannot be used: {message}"),
+            (AdapterFailure::NotFound, ..) => write!(f, "adapter {adapter} was not found: {message}"),
+            (_, AdapterSource::Local, "downloaded") => write!(f, "adapter {adapter} could not be read: {message}"),
+            (.., stage) => write!(f, "adapter {adapter} could not be {stage}: {message}"),
+        }
+    }
 }
 
 #[cfg(test)]
