@@ -612,6 +612,13 @@ fn completion_plan(state: &AppState, mut req: CompletionRequest) -> Result<Plan,
     if prompts.is_empty() {
         return Err(invalid("`prompt` must not be an empty list"));
     }
+    let most = state.info.max_client_batch_size;
+    if prompts.len() > most {
+        return Err(invalid(format!(
+            "`prompt` holds {} prompts: at most {most} may be sent in one request (--max-client-batch-size)",
+            prompts.len()
+        )));
+    }
     // `n` alone is checked with the other parameters (`native`).
     let n = req.common.n.unwrap_or(1) as usize;
     let places = state.info.max_concurrent_requests;

@@ -76,9 +76,9 @@ pub enum ValidationError {
     /// `top_k` <= 0.
     #[error("`top_k` must be strictly positive")]
     TopK,
-    /// `return_k_alternatives` outside 1..=10.
-    #[error("`return_k_alternatives` must be > 0 and <= {MAX_ALTERNATIVES}. Given: {0}")]
-    ReturnKAlternatives(i64),
+    /// `return_k_alternatives` outside 1..=20, or TGI's `top_n_tokens` outside 0..=20 (0: none), named as sent.
+    #[error("`{0}` must be >= {1} and <= {MAX_ALTERNATIVES}. Given: {2}")]
+    ReturnKAlternatives(&'static str, i64, i64),
     /// `max_new_tokens` <= 0.
     #[error("`max_new_tokens` must be strictly positive")]
     NegativeMaxNewTokens,
@@ -261,10 +261,17 @@ pub fn check_parameters(
         Some(v) => u32::try_from(v).unwrap_or(u32::MAX),
         None => 0,
     };
-    let top_n_tokens = match p.return_k_alternatives.or(p.top_n_tokens) {
-        Some(v) if !(1..=MAX_ALTERNATIVES).contains(&v) => return Err(ValidationError::ReturnKAlternatives(v)),
-        Some(v) => u32::try_from(v).unwrap_or(0),
-        None => 0,
+    // LoRAX's `return_k_alternatives` from 1; TGI's `top_n_tokens` from 0 (none), as TGI takes it.
+    let top_n_tokens = match (p.return_k_alternatives, p.top_n_tokens) {
+        (Some(v), _) => ("return_k_alternatives", 1, v),
+        (None, Some(v)) => ("top_n_tokens", 0, v),
+        (None, None) => ("", 0, 0),
+    };
+    let top_n_tokens = match top_n_tokens {
+        (field, least, v) if !(least..=MAX_ALTERNATIVES).contains(&v) => {
+            return Err(ValidationError::ReturnKAlternatives(field, least, v))
+        }
+        (.., v) => u32::try_from(v).unwrap_or(0),
     };
     if let Some(v) = p.max_new_tokens {
         if v <= 0 {
@@ -662,6 +669,19 @@ mod tests {
         assert_eq!(c.sampling.top_k, 0);
         assert_eq!(c.sampling.repetition_penalty, 1.0);
         assert_eq!(c.top_n_tokens, 0);
+        // TGI's `top_n_tokens: 0` is none, as TGI takes it.
+        assert_eq!(
+            check(serde_json::json!({"top_n_tokens": 0}))
+                .expect("valid")
+                .top_n_tokens,
+            0
+        );
+        assert_eq!(
+            check(serde_json::json!({"top_n_tokens": 3}))
+                .expect("valid")
+                .top_n_tokens,
+            3
+        );
         assert!(!c.details && !c.decoder_input_details && !c.return_full_text && !c.ignore_eos_token);
     }
 
@@ -732,9 +752,22 @@ mod tests {
             (json!({"typical_p": -0.1}), E::TypicalP),
             (json!({"top_k": 0}), E::TopK),
             (json!({"top_k": -3}), E::TopK),
-            (json!({"return_k_alternatives": 0}), E::ReturnKAlternatives(0)),
-            (json!({"return_k_alternatives": 21}), E::ReturnKAlternatives(21)),
-            (json!({"top_n_tokens": 21}), E::ReturnKAlternatives(21)),
+            (
+                json!({"return_k_alternatives": 0}),
+                E::ReturnKAlternatives("return_k_alternatives", 1, 0),
+            ),
+            (
+                json!({"return_k_alternatives": 21}),
+                E::ReturnKAlternatives("return_k_alternatives", 1, 21),
+            ),
+            (
+                json!({"top_n_tokens": 21}),
+                E::ReturnKAlternatives("top_n_tokens", 0, 21),
+            ),
+            (
+                json!({"top_n_tokens": -1}),
+                E::ReturnKAlternatives("top_n_tokens", 0, -1),
+            ),
             (json!({"max_new_tokens": 0}), E::NegativeMaxNewTokens),
             (json!({"max_new_tokens": -5}), E::NegativeMaxNewTokens),
             (json!({"stop": ["a", "b", "c"]}), E::StopSequence(2, 3)),

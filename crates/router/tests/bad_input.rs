@@ -232,7 +232,7 @@ fn generate_cases() -> Vec<(&'static str, Vec<u8>, u16, &'static str)> {
             "negative alternatives",
             json!({"inputs": "Hi", "parameters": {"top_n_tokens": -1}}),
             422,
-            "return_k_alternatives",
+            "`top_n_tokens`",
         ),
         (
             "negative temperature",

@@ -448,6 +448,23 @@ async fn batched_and_token_id_prompts() {
         )
         .await;
     assert_eq!(v["choices"][1]["text"], hello, "{v}");
+
+    // At most --max-client-batch-size (4 here) prompts in one request.
+    let (status, v) = error_of(
+        d.post(
+            "/v1/completions",
+            json!({"prompt": ["a", "b", "c", "d", "e"], "max_tokens": 1}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(v["error"]["param"], "prompt", "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("5 prompts") && message.contains("--max-client-batch-size"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
