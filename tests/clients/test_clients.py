@@ -144,6 +144,10 @@ def test_openai_completions_echo_scores_prompts_as_lm_eval_does():
         assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
         assert len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
         greedy = [lp.token_logprobs[i] == max(lp.top_logprobs[i].values()) for i in range(len(prompt), len(ids))]
+        # lm-eval's own is_greedy compares texts: the top alternative's text with the token's.
+        by_text = [max(lp.top_logprobs[i], key=lp.top_logprobs[i].get) == lp.tokens[i]
+                   for i in range(len(prompt), len(ids))]
+        assert by_text == greedy, (lp.tokens[len(prompt):], lp.top_logprobs[len(prompt):])
         return sum(lp.token_logprobs[len(prompt):]), greedy
 
     base_ll, base_greedy = scored("", BASE_GREEDY[:8])
