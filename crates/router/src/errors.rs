@@ -150,8 +150,21 @@ fn rejection_detail(rejection: &JsonRejection) -> String {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let status = self.status;
+        closing_if_unread(status, (status, Json(self.body())).into_response())
     }
+}
+
+/// `response` with `Connection: close` when it answers a body too large to read (413): the server closes
+/// the connection after it, and says so, so that a client does not send its next request on it.
+pub fn closing_if_unread(status: StatusCode, mut response: Response) -> Response {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 #[cfg(test)]

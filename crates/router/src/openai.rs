@@ -49,7 +49,8 @@ impl From<ApiError> for OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        (self.0.status, Json(openai_error_body(&self.0))).into_response()
+        let status = self.0.status;
+        crate::errors::closing_if_unread(status, (status, Json(openai_error_body(&self.0))).into_response())
     }
 }
 

@@ -537,6 +537,22 @@ async fn hostile_requests_get_4xx_while_healthy_ones_are_served() {
     let over = json!({"inputs": "x".repeat(BODY_LIMIT)}).to_string();
     let got = send(&http, reqwest::Method::POST, &generate, json_type, over.clone()).await;
     assert_error("body over the limit", &got, 413, "validation");
+    // The server closes the connection after a body it did not read, and says so.
+    for path in ["/generate", "/v1/completions"] {
+        let r = http
+            .post(format!("{}{path}", d.base))
+            .header("content-type", "application/json")
+            .body(over.clone())
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(r.status(), 413, "{path}");
+        assert_eq!(
+            r.headers().get("connection").map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "{path}"
+        );
+    }
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = over.into_bytes().chunks(4096).map(|c| Ok(c.to_vec())).collect();
     let chunked = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
     let got = send(&http, reqwest::Method::POST, &generate, json_type, chunked).await;
