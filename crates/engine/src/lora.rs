@@ -1121,6 +1121,14 @@ fn build(
         }
         let a = file.tensor(&a_name)?;
         let b = file.tensor(&b_name)?;
+        if let ([ra, i], [o, rb]) = (a.shape.as_slice(), b.shape.as_slice()) {
+            if (*i, *o) == (inp, out) && ra == rb && *ra != r {
+                return Err(invalid(
+                    dir,
+                    format!("{module}: lora_A and lora_B have rank {ra} where adapter_config.json says {r}"),
+                ));
+            }
+        }
         if a.shape != [r, inp] || b.shape != [out, r] {
             return Err(invalid(
                 dir,

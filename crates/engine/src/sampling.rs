@@ -564,6 +564,31 @@ fn apply_typical(logits: &mut [f32], mass: f32) {
 mod tests {
     use super::*;
 
+    /// Logits that are not all numbers (an overflowing adapter) give the chosen token a logprob of -inf,
+    /// greedy or drawn, which a chosen token never has otherwise: the router fails such a request on it
+    /// (`scheduler::not_a_number`). The CUDA sampler does the same (`lse_finite`, kernels/sampling.cu).
+    #[test]
+    fn non_finite_logits_give_the_chosen_token_minus_infinity() {
+        for bad in [f32::NAN, f32::INFINITY] {
+            for params in [SamplingParams::default(), sampling(|_| {})] {
+                let mut row = vec![0.5, bad, -1.0, 2.0];
+                let mut sampler = Sampler::new(params, &[]);
+                let got = sample_host(&mut row, 4, &mut [(0, SampleTask::Choose(&mut sampler))]).expect("sampled");
+                let [Sampled::Choice(choice)] = got.as_slice() else {
+                    panic!("{got:?}")
+                };
+                assert_eq!(choice.logprob, f32::NEG_INFINITY, "{bad}: {choice:?}");
+            }
+        }
+        let mut row = vec![0.5, 1.0, -1.0, 2.0];
+        let mut sampler = Sampler::new(SamplingParams::default(), &[]);
+        let got = sample_host(&mut row, 4, &mut [(0, SampleTask::Choose(&mut sampler))]).expect("sampled");
+        let [Sampled::Choice(choice)] = got.as_slice() else {
+            panic!("{got:?}")
+        };
+        assert!(choice.logprob.is_finite(), "{choice:?}");
+    }
+
     fn sampling(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
         let mut p = SamplingParams {
             do_sample: true,

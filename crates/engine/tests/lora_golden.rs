@@ -338,6 +338,12 @@ fn bad_adapters_are_refused_with_the_reason() {
     let e = load_err(&case("rank"), 4).to_string();
     assert!(e.contains("rank 8") && e.contains("maximum LoRA rank 4"), "{e}");
 
+    // Weights of another rank than the config says: named as such.
+    let d = case("config-rank");
+    edit_config(&d, |c| c["r"] = serde_json::json!(4));
+    let e = load_err(&d, MAX_RANK).to_string();
+    assert!(e.contains("have rank 8 where adapter_config.json says 4"), "{e}");
+
     // Shapes that do not fit the base model (an adapter made for a wider model).
     let d = case("shape");
     edit_weights(&d, |ts| {

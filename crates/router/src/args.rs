@@ -61,9 +61,9 @@ pub struct ServerArgs {
     /// Requests in flight (queued or generating) beyond this many are refused at once with 429.
     #[arg(long, env, default_value_t = 128)]
     pub max_concurrent_requests: usize,
-    /// Largest number of inputs a client may send in one batched request. Reported by /info; no endpoint
-    /// takes batched inputs yet.
-    #[arg(long, env, default_value_t = 4)]
+    /// Largest number of prompts one /v1/completions request may hold (a list of prompts); at least 1.
+    /// Reported by /info.
+    #[arg(long, env, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_client_batch_size: usize,
     /// Largest accepted request body in bytes; larger bodies get 413.
     #[arg(long, env, default_value_t = 2 * 1024 * 1024)]

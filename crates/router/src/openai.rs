@@ -125,11 +125,20 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        let ApiJson(object) = ApiJson::<serde_json::Map<String, Value>>::from_request(req, state).await?;
-        let body = Value::Object(object);
-        serde_path_to_error::deserialize::<_, T>(&body)
+        // The bytes (within the body limit), then ApiJson's checks on them, then `T` from the bytes
+        // themselves: a map of them would take a repeated field's last value where `T` refuses it.
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::Bytes::from_request(axum::extract::Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(|e| match e.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(e.status(), VALIDATION, "request body is too large"),
+                status => ApiError::new(status, VALIDATION, e.body_text()),
+            })?;
+        let again = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
+        let ApiJson(object) = ApiJson::<serde_json::Map<String, Value>>::from_request(again, state).await?;
+        serde_path_to_error::deserialize::<_, T>(&mut serde_json::Deserializer::from_slice(&bytes))
             .map(Self)
-            .map_err(|e| invalid(body_error(&body, &e)))
+            .map_err(|e| invalid(body_error(&Value::Object(object), &e)))
     }
 }
 
@@ -157,12 +166,9 @@ pub enum OneOrMany {
     Many(Vec<String>),
 }
 
-/// `value` as a list of `T` (`None` when it is no list, or an entry is no `T`).
+/// `value` as a list of `T` (`None` when it is no list, or an entry is no `T`), read in place.
 fn list_of<T: serde::de::DeserializeOwned>(value: &Value) -> Option<Vec<T>> {
-    value
-        .is_array()
-        .then(|| serde_json::from_value(value.clone()).ok())
-        .flatten()
+    value.is_array().then(|| Vec::<T>::deserialize(value).ok()).flatten()
 }
 
 impl TryFrom<Value> for OneOrMany {

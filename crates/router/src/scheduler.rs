@@ -860,9 +860,11 @@ impl Scheduler {
             let _ = tx.send(Err(InferError::Generation("the shard returned no token".into())));
             return false;
         };
-        if token.logprob.is_nan() {
-            // The request's logits were not numbers (an adapter whose lora_alpha or weights overflow, an
-            // f16 activation past its range): its tokens would be meaningless, so it fails, alone.
+        if !token.logprob.is_finite() {
+            // The request's logits were not all numbers (an adapter whose lora_alpha or weights overflow, an
+            // f16 activation past its range): the samplers then give the chosen token a logprob of -inf (a
+            // log-sum-exp that is not finite), which a chosen token never has otherwise. Its tokens would be
+            // meaningless, so it fails, alone.
             let _ = tx.send(Err(not_a_number(running.entry.request.adapter.as_ref())));
             return false;
         }
@@ -1003,16 +1005,16 @@ impl Scheduler {
     }
 }
 
-/// The error of a request whose logits came back NaN: its adapter's fault (422 `adapter_invalid`) when it has
+/// The error of a request whose logits came back NaN or infinite: its adapter's fault (422 `adapter_invalid`) when it has
 /// one, else the model's (424 `generation`).
 fn not_a_number(adapter: Option<&AdapterKey>) -> InferError {
-    const WHY: &str = "the model's output for this request is not a number (NaN logits)";
+    const WHY: &str = "the model's output for this request is not a number (NaN or infinite logits)";
     match adapter {
         Some(adapter) => InferError::Adapter(AdapterError {
             kind: AdapterFailure::Invalid,
             adapter: adapter.clone(),
             stage: "used",
-            message: format!("{WHY}: its weights or its lora_alpha overflow the values the model can hold"),
+            message: format!("{WHY}: its weights or its lora_alpha may overflow the values the model can hold"),
             no_room: false,
         }),
         None => InferError::Generation(WHY.to_string()),

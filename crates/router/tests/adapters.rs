@@ -205,9 +205,9 @@ fn invalid_adapter_message(status: u16, body: &serde_json::Value) -> &str {
     body["error"].as_str().expect("message")
 }
 
-/// An adapter whose logits come back NaN (its lora_alpha overflows: the fake shard's "overflow" adapters)
-/// fails its requests with 422 `adapter_invalid`, not a 200 of meaningless tokens; the base model's
-/// requests in the same batch go on.
+/// An adapter whose logits come back NaN (its lora_alpha overflows: the fake shard's "overflow" adapters,
+/// whose chosen tokens' logprob is -inf, as the samplers give it) fails its requests with 422
+/// `adapter_invalid`, not a 200 of meaningless tokens; the base model's requests, sent beside it, are served.
 #[tokio::test]
 async fn an_adapter_with_nan_logits_fails_its_requests_alone() {
     let d = Deployment::start(Setup::default()).await;

@@ -537,6 +537,19 @@ async fn hostile_requests_get_4xx_while_healthy_ones_are_served() {
     let over = json!({"inputs": "x".repeat(BODY_LIMIT)}).to_string();
     let got = send(&http, reqwest::Method::POST, &generate, json_type, over.clone()).await;
     assert_error("body over the limit", &got, 413, "validation");
+    // A repeated field is refused on the OpenAI routes too, their own fields and the shared ones alike.
+    for body in [
+        r#"{"prompt": "a", "prompt": "b"}"#,
+        r#"{"prompt": "a", "model": "x", "model": ""}"#,
+    ] {
+        let url = format!("{}/v1/completions", d.base);
+        let (got, answer) = send(&http, reqwest::Method::POST, &url, json_type, body.as_bytes().to_vec()).await;
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            got == 422 && message.contains("duplicate field"),
+            "{body}: {got} {answer}"
+        );
+    }
     // The server closes the connection after a body it did not read, and says so.
     for path in ["/generate", "/v1/completions"] {
         let r = http

@@ -392,14 +392,15 @@ impl FakeShard {
 
     fn generation(id: u64, seq: &Seq, prefill: Option<&[u32]>) -> Generation {
         let token = next_token(seq.last, seq.offset);
-        // An adapter named "...overflow..." makes the model's output NaN, as an adapter whose scale
-        // overflows does: the chosen token's logprob is NaN.
+        // An adapter named "...overflow..." makes the model's logits NaN, as an adapter whose scale
+        // overflows does: the samplers then give the chosen token a logprob of -inf (the engine's
+        // `sampling::tests::non_finite_logits_give_the_chosen_token_minus_infinity`).
         let overflows = seq.adapter.as_ref().is_some_and(|a| a.1.contains("overflow"));
         Generation {
             request_id: id,
             token: Some(Token {
                 id: token,
-                logprob: if overflows { f32::NAN } else { -0.25 },
+                logprob: if overflows { f32::NEG_INFINITY } else { -0.25 },
             }),
             top_tokens: (0..seq.top_n)
                 .map(|i| Token {
