@@ -728,10 +728,12 @@ async fn idle_downloads_stream_and_their_prompt_runs_beside_the_read() {
     assert_eq!(*shard.stream_asked.lock().expect("lock"), vec![true]);
     assert_eq!(shard.streamed.load(Ordering::SeqCst), 1);
 
-    // A long base-model stream decodes while a new adapter is asked for: its download does not stream.
+    // A long base-model stream decodes while a new adapter is asked for: its download does not stream. (A
+    // decode step after it started, not only its prefill on the shard, says the router holds it as running.)
+    let decodes = shard.decodes.load(Ordering::SeqCst);
     let long = d.spawn_generate("", 400);
     common::eventually("the base stream decodes", DEADLINE, || async {
-        !shard.live().is_empty()
+        !shard.live().is_empty() && shard.decodes.load(Ordering::SeqCst) > decodes
     })
     .await;
     let (status, body) = d.generate_with("org/warm", 4).await;
