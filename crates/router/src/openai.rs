@@ -125,8 +125,9 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        // The bytes (within the body limit), then ApiJson's checks on them, then `T` from the bytes
-        // themselves: a map of them would take a repeated field's last value where `T` refuses it.
+        // The bytes (within the body limit), then ApiJson's checks on them (content type, syntax, an object;
+        // read into nothing), then `T` from the bytes themselves (a map of them would take a repeated field's
+        // last value where `T` refuses it). Only a failure reads them into a `Value`, for its message.
         let (parts, body) = req.into_parts();
         let bytes = axum::body::Bytes::from_request(axum::extract::Request::from_parts(parts.clone(), body), state)
             .await
@@ -135,18 +136,21 @@ where
                 status => ApiError::new(status, VALIDATION, e.body_text()),
             })?;
         let again = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
-        let ApiJson(object) = ApiJson::<serde_json::Map<String, Value>>::from_request(again, state).await?;
+        ApiJson::<serde::de::IgnoredAny>::from_request(again, state).await?;
         serde_path_to_error::deserialize::<_, T>(&mut serde_json::Deserializer::from_slice(&bytes))
             .map(Self)
-            .map_err(|e| invalid(body_error(&Value::Object(object), &e)))
+            .map_err(|e| invalid(body_error(&bytes, &e)))
     }
 }
 
-/// The message of a body that is JSON but not the request: "invalid request body: `field`: serde's reason".
-fn body_error(body: &Value, e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+/// The message of a body that is a JSON object but not the request: "invalid request body: `field`: serde's
+/// reason".
+fn body_error(body: &[u8], e: &serde_path_to_error::Error<serde_json::Error>) -> String {
     let (mut path, mut reason) = (e.path().to_string(), e.inner().to_string());
     if path == "." {
-        if let Err(common) = serde_path_to_error::deserialize::<_, CommonParameters>(body) {
+        let common = serde_json::from_slice::<Value>(body)
+            .map(|v| serde_path_to_error::deserialize::<_, CommonParameters>(&v).err());
+        if let Ok(Some(common)) = common {
             (path, reason) = (common.path().to_string(), common.inner().to_string());
         }
     }
