@@ -75,10 +75,10 @@ fn adapters_of<'a, B: Backend>(
 pub const HEAD_ROWS_A_PASS: usize = 512;
 
 /// What a forward pass leaves for sampling: the logits of its logit rows, or (past [`HEAD_ROWS_A_PASS`]
-/// rows) their final hidden rows and count, for the LM head to take a piece at a time.
+/// rows) their final hidden rows, for the LM head to take a piece at a time.
 enum Pass<T> {
     Logits(T),
-    Hidden(T, usize),
+    Hidden(T),
 }
 
 /// What a decode step prepared ahead was recorded with, token ids aside: the next step replays it only
@@ -474,9 +474,9 @@ impl<B: Backend> Engine<B> {
         let mut host = Vec::new();
         match self.forward_logits(seqs, all_logits, false)? {
             Pass::Logits(logits) => host = self.backend.to_f32(&logits)?,
-            Pass::Hidden(normed, rows) => {
-                for lo in (0..rows).step_by(self.head_rows) {
-                    host.extend(self.backend.to_f32(&self.head_piece(&normed, lo, rows)?)?);
+            Pass::Hidden(normed) => {
+                for lo in (0..self.backend.shape(&normed)[0]).step_by(self.head_rows) {
+                    host.extend(self.backend.to_f32(&self.head_piece(&normed, lo)?)?);
                 }
             }
         }
@@ -489,9 +489,9 @@ impl<B: Backend> Engine<B> {
         self.head_rows = rows.max(1);
     }
 
-    /// The logits of rows `lo..` (at most `head_rows` of them, before `rows`) of final hidden rows.
-    fn head_piece(&self, normed: &B::Tensor, lo: usize, rows: usize) -> Result<B::Tensor> {
-        let part: Vec<usize> = (lo..(lo + self.head_rows).min(rows)).collect();
+    /// The logits of rows `lo..` (at most `head_rows` of them) of final hidden rows.
+    fn head_piece(&self, normed: &B::Tensor, lo: usize) -> Result<B::Tensor> {
+        let part: Vec<usize> = (lo..(lo + self.head_rows).min(self.backend.shape(normed)[0])).collect();
         let part = self.backend.gather_rows(normed, &part)?;
         self.model.head(&*self.backend, &part)
     }
@@ -527,7 +527,7 @@ impl<B: Backend> Engine<B> {
         } else {
             let normed = model.forward(backend, cache, &input, &adapters, comm)?;
             match input.logit_rows.len() {
-                rows if rows > self.head_rows => Ok(Pass::Hidden(normed, rows)),
+                rows if rows > self.head_rows => Ok(Pass::Hidden(normed)),
                 _ => model.head(backend, &normed).map(Pass::Logits),
             }
         }
@@ -535,12 +535,8 @@ impl<B: Backend> Engine<B> {
 
     /// `tasks` (rows in ascending order) on the logits of `normed`'s rows, computed and sampled
     /// `head_rows` rows at a time.
-    fn sample_in_pieces(
-        &self,
-        normed: &B::Tensor,
-        rows: usize,
-        tasks: Vec<(usize, SampleTask<'_>)>,
-    ) -> Result<Vec<Sampled>> {
+    fn sample_in_pieces(&self, normed: &B::Tensor, tasks: Vec<(usize, SampleTask<'_>)>) -> Result<Vec<Sampled>> {
+        let rows = self.backend.shape(normed)[0];
         let mut answers = Vec::with_capacity(tasks.len());
         let mut tasks = tasks.into_iter().peekable();
         for lo in (0..rows).step_by(self.head_rows) {
@@ -555,7 +551,7 @@ impl<B: Backend> Engine<B> {
             if piece.is_empty() {
                 continue;
             }
-            let logits = self.head_piece(normed, lo, rows)?;
+            let logits = self.head_piece(normed, lo)?;
             answers.extend(self.backend.sample(&logits, &mut piece)?);
         }
         if tasks.next().is_some() {
@@ -778,7 +774,7 @@ impl<B: Backend> Engine<B> {
         }
         let answers = match pass {
             Pass::Logits(logits) => self.backend.sample(&logits, &mut tasks)?,
-            Pass::Hidden(normed, rows) => self.sample_in_pieces(&normed, rows, tasks)?,
+            Pass::Hidden(normed) => self.sample_in_pieces(&normed, tasks)?,
         };
         let (forward, sample) = (launched - started, launched.elapsed());
 
