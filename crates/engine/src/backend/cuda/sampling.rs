@@ -283,10 +283,11 @@ impl CudaBackend {
     }
 }
 
-/// Most rows one sampling launch takes: its scratch is `rows × vocab` f32s, so a prompt scored whole (every
-/// prompt row's logprob: the OpenAI completions' `echo` with `logprobs`) runs in launches of this many rows
-/// rather than asking for one buffer of all of them (4096 rows of a 128256-token vocabulary: 2.1 GB). Decode
-/// batches up to this many rows take one launch, as before.
+/// Most rows one sampling launch takes: its scratch is `rows × vocab` f32s, so logits of many rows run in
+/// launches of this many rather than asking for one buffer of all of them (4096 rows of a 128256-token
+/// vocabulary: 2.1 GB). The engine already hands a prompt scored whole over in pieces of
+/// `engine::HEAD_ROWS_A_PASS` rows (which bound its logits); this bound holds for any caller, such as a
+/// decode batch of more rows. Decode batches up to this many rows take one launch.
 pub const DEVICE_ROWS_A_LAUNCH: usize = 512;
 
 /// The device's share of [`crate::Backend::sample`], for logits `[rows, vocab]`: rows the kernel
