@@ -146,6 +146,11 @@ impl IncrementalDecoder {
         if !alternatives.is_empty() {
             let mut window = self.ids[self.prefix_offset..].to_vec();
             for &a in alternatives {
+                // The chosen token's own text is filled in below, from its own decode.
+                if a == id {
+                    others.push(String::new());
+                    continue;
+                }
                 window.push(a);
                 others.push(completed(decoder.decode(&window, false)).unwrap_or_else(|| decoder.token_text(a)));
                 window.pop();
