@@ -499,3 +499,32 @@ fn skinny_fixed_cost() {
     }
     g.set_skinny_gemm(false);
 }
+
+/// What a LoRA shrink costs inside the base projection's GEMM (`lora_A`'s rows appended to the weight, so
+/// one product gives the projection and the shrink): q/k/v (6144 features) and o (4096) at 64, 128 and 256
+/// rows, plain and with 16 (one rank-16 part), 48 (three), 64 and 128 rows more, two rounds interleaved.
+#[test]
+#[ignore = "GPU benchmark: run with --ignored --nocapture"]
+fn lora_in_gemm_shapes() {
+    let Some(g) = backend(DType::BF16) else { return };
+    let copy = copy_bandwidth(&g);
+    for round in 0..2 {
+        for m in [64usize, 128, 256] {
+            for (name, n, extra) in [
+                ("qkv", 6144usize, [0usize, 48, 64, 96, 128]),
+                ("o", 4096, [0, 16, 48, 64, 128]),
+            ] {
+                for e in extra {
+                    let ms = linear_ms(&g, m, n + e, 4096, 900 + e as u32);
+                    let gbs = ((n + e) * 4096 * 2) as f64 / (ms * 1e-3) / 1e9;
+                    bench(
+                        &format!("in_gemm_{name}_m{m}_plus{e}_r{round}"),
+                        ms * 1e3,
+                        "us",
+                        &format!("[{m}, 4096] x [{}, 4096]^T: {:.0}% of copy", n + e, 100.0 * gbs / copy),
+                    );
+                }
+            }
+        }
+    }
+}
