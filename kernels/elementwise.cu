@@ -151,18 +151,19 @@ extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ res
 // query and key heads (Hugging Face's rotate-half layout: element i of a head pairs with i + head_dim/2;
 // the angle is inv_freq[i] * position formed in f32, as transformers does; any rope scaling is already
 // folded into inv_freq), queries to q, keys and values to their cache slot (checked on the host; a padding
-// row's slot is 0xffffffff: no write).
+// row's slot is 0xffffffff: no write). Rows are `pitch` elements apart: at least q_dim + 2 * kv_dim (more where
+// the projection's GEMM appended a LoRA shrink's columns, lora.rs `LoraGemm`).
 extern "C" __global__ void rope_kv_write(T* __restrict__ q, T* __restrict__ k_cache, T* __restrict__ v_cache,
                                          const T* __restrict__ qkv, const u32* __restrict__ positions,
                                          const float* __restrict__ inv_freq, const u32* __restrict__ slots, int q_dim,
-                                         int kv_dim, int head_dim) {
+                                         int kv_dim, int head_dim, int pitch) {
     pdl_enter();
     const u64 r = blockIdx.x;
     const int half = head_dim / 2;
     const int heads = (q_dim + kv_dim) / head_dim;
     const float pos = (float)positions[r];
     const u64 s = slots[r];
-    const T* row = qkv + r * (u64)(q_dim + 2 * kv_dim);
+    const T* row = qkv + r * (u64)pitch;
     const bool nowhere = s == 0xffffffffull;
     T* kd = k_cache + (nowhere ? 0 : s * kv_dim);
     T* vd = v_cache + (nowhere ? 0 : s * kv_dim);

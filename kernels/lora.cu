@@ -758,6 +758,12 @@ __device__ __forceinline__ void lora_stage_t(float* t_s, const float* __restrict
     __syncthreads();
 }
 
+// As lora_stage_t, from 16-bit columns of y (`bgmv_expand_iy`): t[i, :r] = ty[i * out_dim ..], in f32.
+__device__ __forceinline__ void lora_stage_ty(float* t_s, const T* __restrict__ ty, int rows, int r, int out_dim) {
+    for (int f = threadIdx.x; f < rows * r; f += blockDim.x) t_s[f] = to_f(ty[(u64)(f / r) * out_dim + f % r]);
+    __syncthreads();
+}
+
 // The expand block's record (grid x), part p and column group within the part (grid y: the parts' groups
 // end to end, part 0's y < e1, part 1's e1 <= y < e2, part 2's the rest), and the part's pair in the
 // record's adapter (all zero for a padding or empty record). Reads only what no kernel writes, so it may run
@@ -779,10 +785,15 @@ __device__ __forceinline__ LoraRef lora_expand_block(const LoraRec* __restrict__
 // e1 <= y < e2, part 2's the rest), so no block has a part narrower than the widest to skip; a group is `ct`
 // tiles of 2 * BG_EXPAND_THREADS columns, walked in order, the next tile's B loaded before this one's stores,
 // so the record's lookups and its intermediate rows are paid once for ct tiles.
-extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
-    bgmv_expand_ix(T* __restrict__ y, const float* __restrict__ tmp, const LoraRec* __restrict__ recs, int layer,
-                   int t0, int t1, int t2, int c0, int c1, int c2, int e1, int e2, int ct, int n, int pstride,
-                   int out_dim, int rmax, int ks) {
+// TY (`bgmv_expand_iy`): the intermediate is not `tmp`'s partials but columns of y itself, written by the
+// projection's GEMM from lora_A rows appended to its weight (lora.rs `LoraGemm`): part p's t[row, :r] is
+// y[row, pstride + p * rmax ..] (pstride is then the first such column, rmax the columns each part has, ks
+// unused), never a column the expand writes.
+template <bool TY>
+__device__ __forceinline__ void bgmv_expand_body(T* __restrict__ y, const float* __restrict__ tmp,
+                                                 const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2,
+                                                 int c0, int c1, int c2, int e1, int e2, int ct, int n, int pstride,
+                                                 int out_dim, int rmax, int ks) {
     __shared__ f32x4 t_v[BG_ROWS * BG_RANK / 4];
     float* t_s = reinterpret_cast<float*>(t_v);  // rows of r floats: 16-byte aligned when r % VEC == 0
     LoraRec rc;
@@ -810,7 +821,10 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
     float yv[2][BG_ROWS];
     lora_ld_y(yv, yr, col, cols, rows, out_dim);
 #endif
-    lora_stage_t(t_s, tmp, p * n + rc.start, rows, r, rmax, pstride, ks);
+    if (TY)
+        lora_stage_ty(t_s, y + (u64)rc.start * out_dim + pstride + p * rmax, rows, r, out_dim);
+    else
+        lora_stage_t(t_s, tmp, p * n + rc.start, rows, r, rmax, pstride, ks);
 
     for (;;) {
         float acc[2][BG_ROWS];
@@ -837,6 +851,33 @@ extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
 #endif
         if (!more) break;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
+    bgmv_expand_ix(T* __restrict__ y, const float* __restrict__ tmp, const LoraRec* __restrict__ recs, int layer,
+                   int t0, int t1, int t2, int c0, int c1, int c2, int e1, int e2, int ct, int n, int pstride,
+                   int out_dim, int rmax, int ks) {
+    bgmv_expand_body<false>(y, tmp, recs, layer, t0, t1, t2, c0, c1, c2, e1, e2, ct, n, pstride, out_dim, rmax, ks);
+}
+
+extern "C" __global__ void __launch_bounds__(BG_EXPAND_THREADS, 3)
+    bgmv_expand_iy(T* __restrict__ y, const LoraRec* __restrict__ recs, int layer, int t0, int t1, int t2, int c0,
+                   int c1, int c2, int e1, int e2, int ct, int n, int tcol, int out_dim, int rslot) {
+    bgmv_expand_body<true>(y, nullptr, recs, layer, t0, t1, t2, c0, c1, c2, e1, e2, ct, n, tcol, out_dim, rslot, 1);
+}
+
+// lora_gemm_rows: an adapter's lora_A rows into the rows reserved past each layer's projection weight (lora.rs
+// `LoraGemm`), so that the projection's GEMM also computes the shrink. Grid (layer, part * rslot + j, 1): row
+// j of part p is row j of the layer's (target t_p) pair's A, or zeros past its rank and where the layer has no
+// such pair. dst[layer] is the layer's first reserved row; rows of k elements.
+extern "C" __global__ void lora_gemm_rows(const u64* __restrict__ dst, const LoraRef* __restrict__ index, int t0,
+                                          int t1, int t2, int rslot, int k) {
+    pdl_enter();
+    const int layer = blockIdx.x, row = blockIdx.y, p = row / rslot, j = row % rslot;
+    const LoraRef ref = index[layer * LORA_TARGETS + part_of(p, t0, t1, t2)];
+    T* d = reinterpret_cast<T*>(dst[layer]) + (u64)row * k;
+    const T* a = ref.a != 0 && j < ref.rank ? reinterpret_cast<const T*>(ref.a) + (u64)j * k : nullptr;
+    for (int c = threadIdx.x; c < k; c += blockDim.x) d[c] = a ? a[c] : from_f(0.f);
 }
 
 // bgmv_expand_vx: the decode expand with wider accesses and longer records (LORAX_CUDA_LORA_EXPAND; lora.rs

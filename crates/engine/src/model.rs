@@ -283,9 +283,13 @@ impl<B: Backend> Model<B> {
                 linear(&format!("{p}.mlp.gate_proj"), ffn, h, col, cfg.mlp_bias)?,
                 linear(&format!("{p}.mlp.up_proj"), ffn, h, col, cfg.mlp_bias)?,
             ];
+            let mut qkv = Linear::fused(backend, &qkv)?;
+            if qkv.b.is_none() {
+                qkv.w = backend.lora_gemm_weight(qkv.w, i, &[Target::Q, Target::K, Target::V])?;
+            }
             layers.push(Layer {
                 input_norm: tensor(&format!("{p}.input_layernorm.weight"), &[h], None)?,
-                qkv: Linear::fused(backend, &qkv)?,
+                qkv,
                 o: linear(&format!("{p}.self_attn.o_proj"), h, qd, row, cfg.o_bias)?,
                 post_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[h], None)?,
                 gate_up: Linear::fused(backend, &gate_up)?,
@@ -393,38 +397,42 @@ impl<B: Backend> Model<B> {
             backend.lora_step(n, &lora_rows)?
         };
         // Runs a (possibly fused) projection, then adds each segment's LoRA terms for its parts (target,
-        // first column of the output), all parts in one call.
-        let project =
-            |linear: &Linear<B>, x: &B::Tensor, layer: usize, parts: &[(Target, usize)]| -> Result<B::Tensor> {
-                let mut y = linear.forward(backend, x)?;
-                if let Some(step) = &lora_step {
-                    backend.lora_layer(&mut y, x, step, layer, parts)?;
-                    return Ok(y);
-                }
-                let mut segs: Vec<LoraSegment<'_, B::Tensor>> = Vec::new();
-                for &(target, col) in parts {
-                    for s in &input.segments {
-                        if let Some(w) = adapters[s.adapter]
-                            .layers
-                            .get(layer)
-                            .and_then(|l| l[target.index()].as_ref())
-                        {
-                            segs.push(LoraSegment {
-                                start: s.start,
-                                len: s.len,
-                                a: &w.a,
-                                b: &w.b,
-                                scale: w.scale,
-                                col,
-                            });
-                        }
+        // first column of the output), all parts in one call. `wide`: the output may have the backend's
+        // scratch columns past the product's (`Backend::lora_project`).
+        let project = |linear: &Linear<B>,
+                       x: &B::Tensor,
+                       layer: usize,
+                       parts: &[(Target, usize)],
+                       wide: bool|
+         -> Result<B::Tensor> {
+            if let Some(step) = &lora_step {
+                return backend.lora_project(x, &linear.w, linear.b.as_ref(), step, layer, parts, wide);
+            }
+            let mut y = linear.forward(backend, x)?;
+            let mut segs: Vec<LoraSegment<'_, B::Tensor>> = Vec::new();
+            for &(target, col) in parts {
+                for s in &input.segments {
+                    if let Some(w) = adapters[s.adapter]
+                        .layers
+                        .get(layer)
+                        .and_then(|l| l[target.index()].as_ref())
+                    {
+                        segs.push(LoraSegment {
+                            start: s.start,
+                            len: s.len,
+                            a: &w.a,
+                            b: &w.b,
+                            scale: w.scale,
+                            col,
+                        });
                     }
                 }
-                if !segs.is_empty() {
-                    backend.lora(&mut y, x, &segs)?;
-                }
-                Ok(y)
-            };
+            }
+            if !segs.is_empty() {
+                backend.lora(&mut y, x, &segs)?;
+            }
+            Ok(y)
+        };
         // Adapters whose weights are still arriving (streamed loads): each layer waits for its own.
         let gates: Vec<&dyn crate::lora::AdapterGate> = adapters
             .iter()
@@ -447,6 +455,7 @@ impl<B: Backend> Model<B> {
                 &h,
                 i,
                 &[(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)],
+                true,
             )?;
             let attn = backend.rope_attention(
                 &qkv,
@@ -458,7 +467,7 @@ impl<B: Backend> Model<B> {
                 &input.slots,
                 &meta,
             )?;
-            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
+            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)], false)?;
             backend.all_reduce_sum(&mut attn_out, comm)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
             let gate_up = project(
@@ -466,9 +475,10 @@ impl<B: Backend> Model<B> {
                 &h2,
                 i,
                 &[(Target::Gate, 0), (Target::Up, self.local_ffn)],
+                false,
             )?;
             let act = backend.silu_mul(&gate_up)?;
-            let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)])?;
+            let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)], false)?;
             backend.all_reduce_sum(&mut down, comm)?;
             pending = Some(down);
             backend.mark("layer");

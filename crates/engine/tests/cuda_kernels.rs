@@ -1238,3 +1238,158 @@ fn lora_step_matches_cpu() {
         );
     }
 }
+
+/// The q/k/v LoRA shrink inside the projection's GEMM (`lora_gemm_weight` at load, `lora_project` with
+/// `wide`): a step whose adapter rows all take one adapter of rank at most the slot (32) gets the product
+/// and each row's `x · Aᵀ` from one GEMM over the weight and that adapter's `lora_A` rows (copied when the
+/// adapter changes), then `bgmv_expand_iy`. Checked against the CPU's linear + per-layer `lora`: the LoRA
+/// terms (the wide output's first columns less the plain product) of adapter rows, base rows left alone
+/// (within the dtype's rounding of the product), for adapters of rank 16 (every pair) and 32 (no layer-0
+/// q); the copies counted as the adapter changes; an adapter without k pairs, one of rank 64 and a step of
+/// two adapters take the usual path (no step counted), as does `wide` off.
+#[test]
+fn lora_shrink_in_gemm_matches_cpu() {
+    use lorax_engine::backend::LoraRows;
+    use lorax_engine::lora::{DeviceAdapter, LoraWeights, Target, NUM_TARGETS};
+    let mut rng = Rng(seed("lora in gemm"));
+    let (h, qd, kvd, layers) = (2560, 1024, 256, 2);
+    let out = qd + 2 * kvd;
+    let width = |t: Target| if t == Target::Q { qd } else { kvd };
+    type Has = fn(usize, Target) -> bool;
+    type CpuLayer = [Option<(lorax_engine::CpuTensor, lorax_engine::CpuTensor)>; NUM_TARGETS];
+    // (rank, scale, pairs): in the GEMM, in the GEMM, no k pairs, rank above the slot.
+    let specs: [(usize, f32, Has); 4] = [
+        (16, 2.0, |_, t| t.index() < 3),
+        (32, 1.5, |l, t| t.index() < 3 && !(l == 0 && t == Target::Q)),
+        (8, 2.0, |_, t| matches!(t, Target::Q | Target::V)),
+        (64, 1.0, |_, t| t.index() < 3),
+    ];
+    let parts = [(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)];
+    // Adapter rows 0..5 and 8..40 (one segment each), base rows 5..8 and 40..46.
+    let (n, segs, base_rows) = (46, [(0usize, 5usize), (8, 32)], [5usize, 6, 7, 40, 41, 42, 43, 44, 45]);
+    for dt in DTYPES {
+        let Some(mut g) = gpu(dt) else { return };
+        g.set_lora_in_gemm(32);
+        say(&format!("{dt:?} lora shrink in the GEMM"));
+        // The layers' weights (small, so the LoRA terms stand well above the product's rounding).
+        let mut ws = Vec::new();
+        for l in 0..layers {
+            let w = pair(&g, &mut rng, &[out, h], -0.005, 0.005);
+            let kept = g
+                .lora_gemm_weight(w.gpu, l, &[Target::Q, Target::K, Target::V])
+                .unwrap();
+            ws.push((w.cpu, kept));
+        }
+        let mut cpu: Vec<Vec<CpuLayer>> = Vec::new();
+        let mut dev: Vec<DeviceAdapter<CudaBackend>> = Vec::new();
+        for &(rank, scale, has) in &specs {
+            let mut c: Vec<CpuLayer> = (0..layers).map(|_| Default::default()).collect();
+            let mut d: Vec<[Option<LoraWeights<CudaBackend>>; NUM_TARGETS]> =
+                (0..layers).map(|_| Default::default()).collect();
+            for l in 0..layers {
+                for t in Target::ALL.into_iter().filter(|&t| has(l, t)) {
+                    let (ra, rb) = (1.0 / (h as f32).sqrt(), 1.0 / (rank as f32).sqrt());
+                    let a = pair(&g, &mut rng, &[rank, h], -ra, ra);
+                    let b = pair(&g, &mut rng, &[width(t), rank], -rb, rb);
+                    c[l][t.index()] = Some((a.cpu, b.cpu));
+                    d[l][t.index()] = Some(LoraWeights {
+                        a: a.gpu,
+                        b: b.gpu,
+                        scale,
+                    });
+                }
+            }
+            let index = g.lora_index(&d).unwrap();
+            cpu.push(c);
+            dev.push(DeviceAdapter {
+                layers: d,
+                bytes: 0,
+                index,
+                gate: None,
+            });
+        }
+        // (adapters of the two segments, whether the GEMM takes the shrink, copies expected so far).
+        let cases: [([usize; 2], bool, u64); 7] = [
+            ([0, 0], true, 1),
+            ([0, 0], true, 1),
+            ([1, 1], true, 2),
+            ([0, 0], true, 3),
+            ([2, 2], false, 3),
+            ([3, 3], false, 3),
+            ([0, 1], false, 3),
+        ];
+        for (ads, in_gemm, copies) in cases {
+            let rows: Vec<LoraRows<'_, CudaBackend>> = segs
+                .iter()
+                .zip(ads)
+                .map(|(&(start, len), a)| LoraRows {
+                    start,
+                    len,
+                    adapter: &dev[a],
+                })
+                .collect();
+            let (steps0, _) = g.lora_in_gemm_counts();
+            let step = g.lora_step(n, &rows).unwrap().expect("a decode step gets a plan");
+            let (steps1, copied) = g.lora_in_gemm_counts();
+            let what = format!("{dt:?} adapters {ads:?}");
+            assert_eq!(
+                steps1 - steps0,
+                u64::from(in_gemm),
+                "{what}: steps with the shrink in the GEMM"
+            );
+            assert_eq!(copied, copies, "{what}: copies of lora_A rows");
+            for (l, (w_cpu, w_gpu)) in ws.iter().enumerate() {
+                let x = pair(&g, &mut rng, &[n, h], -1.0, 1.0);
+                let plain_cpu = CpuBackend.linear(&x.cpu, w_cpu, None).unwrap();
+                let mut want = CpuBackend.linear(&x.cpu, w_cpu, None).unwrap();
+                let mut cpu_segs = Vec::new();
+                for &(t, col) in &parts {
+                    for (&(start, len), a) in segs.iter().zip(ads) {
+                        if let Some((ca, cb)) = &cpu[a][l][t.index()] {
+                            cpu_segs.push(LoraSegment {
+                                start,
+                                len,
+                                a: ca,
+                                b: cb,
+                                scale: specs[a].1,
+                                col,
+                            });
+                        }
+                    }
+                }
+                CpuBackend.lora(&mut want, &x.cpu, &cpu_segs).unwrap();
+                let plain = g.to_f32(&g.linear(&x.gpu, w_gpu, None).unwrap()).unwrap();
+                for wide in [true, false] {
+                    let y = g.lora_project(&x.gpu, w_gpu, None, &step, l, &parts, wide).unwrap();
+                    let cols = g.shape(&y)[1];
+                    let expect_cols = if wide && in_gemm { out + 3 * 32 } else { out };
+                    assert_eq!(cols, expect_cols, "{what} layer {l} wide={wide}: output columns");
+                    let all = g.to_f32(&y).unwrap();
+                    let got: Vec<f32> = all.chunks(cols).flat_map(|r| r[..out].to_vec()).collect();
+                    let w = format!("{what} layer {l} wide={wide}");
+                    let d_got: Vec<f32> = got.iter().zip(&plain).map(|(a, b)| a - b).collect();
+                    let d_want: Vec<f32> = want.data.iter().zip(&plain_cpu.data).map(|(a, b)| a - b).collect();
+                    let adapter_rows = |v: &[f32]| -> Vec<f32> {
+                        (0..n)
+                            .filter(|r| !base_rows.contains(r))
+                            .flat_map(|r| v[r * out..(r + 1) * out].to_vec())
+                            .collect()
+                    };
+                    check(
+                        &format!("{w}: LoRA terms"),
+                        &adapter_rows(&d_got),
+                        &adapter_rows(&d_want),
+                        tol(dt),
+                    );
+                    let base = |v: &[f32]| -> Vec<f32> {
+                        base_rows
+                            .iter()
+                            .flat_map(|&r| v[r * out..(r + 1) * out].to_vec())
+                            .collect()
+                    };
+                    check(&format!("{w}: base rows"), &base(&got), &base(&plain_cpu.data), tol(dt));
+                }
+            }
+        }
+    }
+}

@@ -328,6 +328,7 @@ impl Backend for CpuBackend {
             &k_cache.shape,
             &v_cache.shape,
             head_dim,
+            None,
             (positions, inv_freq, slots),
         )?;
         let (width, half) = (q_dim + 2 * kv_dim, head_dim / 2);

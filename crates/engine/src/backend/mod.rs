@@ -34,12 +34,15 @@ pub fn concat_shape<'a>(mut parts: impl Iterator<Item = &'a [usize]>) -> Result<
 }
 
 /// Checks [`Backend::rope_kv_write`]'s arguments (shapes of the fused projection `qkv` and of the
-/// caches, lengths, slots in the cache or [`NO_SLOT`]); returns (rows, q_dim, kv_dim).
+/// caches, lengths, slots in the cache or [`NO_SLOT`]); returns (rows, q_dim, kv_dim). `q_dim`, where given,
+/// is the queries' width, and the rows may be wider than `q_dim + 2·kv_dim` (columns past them are not read);
+/// else it is what the row's width leaves.
 pub fn check_rope_kv_write(
     qkv: &[usize],
     k_cache: &[usize],
     v_cache: &[usize],
     head_dim: usize,
+    q_dim: Option<usize>,
     (positions, inv_freq, slots): (&[u32], &[f32], &[u32]),
 ) -> Result<(usize, usize, usize)> {
     let rows_cols = |s: &[usize]| match s {
@@ -48,11 +51,12 @@ pub fn check_rope_kv_write(
         [r @ .., c] => (r.iter().product::<usize>(), *c),
     };
     let ((n, width), (slots_total, kv_dim)) = (rows_cols(qkv), rows_cols(k_cache));
+    let q = q_dim.unwrap_or_else(|| width.saturating_sub(2 * kv_dim));
     if head_dim == 0
         || !head_dim.is_multiple_of(2)
         || kv_dim == 0
-        || width < 2 * kv_dim
-        || (width - 2 * kv_dim) % head_dim != 0
+        || width < q + 2 * kv_dim
+        || !q.is_multiple_of(head_dim)
         || kv_dim % head_dim != 0
         || n != positions.len()
         || n != slots.len()
@@ -70,7 +74,7 @@ pub fn check_rope_kv_write(
             "cache slot {s} is outside the cache ({slots_total})"
         )));
     }
-    Ok((n, width - 2 * kv_dim, kv_dim))
+    Ok((n, q, kv_dim))
 }
 
 /// One sequence's slice of a flattened batch, as attention sees it (borrowing the caller's block table).
@@ -377,6 +381,34 @@ pub trait Backend: Send + Sync + Sized + 'static {
         Err(crate::EngineError::Backend(
             "lora_layer without a step plan from lora_step".into(),
         ))
+    }
+    /// Room past a fused projection's weight `w` (layer `layer`, parts `targets` in order) for an adapter's
+    /// `lora_A` rows, so that [`Backend::lora_project`] may compute the product and the LoRA shrink in one
+    /// GEMM. Returns the weight to keep: the same product as `w` for [`Backend::linear`]. The default keeps
+    /// `w`.
+    fn lora_gemm_weight(&self, w: Self::Tensor, layer: usize, targets: &[Target]) -> Result<Self::Tensor> {
+        let _ = (layer, targets);
+        Ok(w)
+    }
+    /// `x·wᵀ (+ bias)`, then the planned step's LoRA terms of `parts` ([`Backend::linear`], then
+    /// [`Backend::lora_layer`]). Where `wide`, the result may have more columns than `w` has rows (the
+    /// backend's scratch, past the product's columns; see [`Backend::lora_gemm_weight`]): the caller then
+    /// reads it only by its first columns ([`Backend::rope_attention`] does, by its heads).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_project(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        step: &Self::LoraStep,
+        layer: usize,
+        parts: &[(Target, usize)],
+        wide: bool,
+    ) -> Result<Self::Tensor> {
+        let _ = wide;
+        let mut y = self.linear(x, w, bias)?;
+        self.lora_layer(&mut y, x, step, layer, parts)?;
+        Ok(y)
     }
     /// For each `(row, task)`, from row `row` of `logits` `[rows, vocab]`: the next token chosen by the
     /// task's sampler (exactly as [`crate::Sampler::choose`], recorded in its history), or a given

@@ -105,6 +105,10 @@ static void check(const char* what, const char* pair, int kc, const char* form, 
                   const std::vector<Adapter>& ads, const std::vector<Seg>& segs, const std::vector<T>& x,
                   const std::vector<T>& y0, const std::vector<T>& y);
 
+// Whether the run's intermediate was rounded to bf16 (the shrink inside the GEMM, run_iy): each t[row, j] then
+// carries up to 2^-9 of itself, so the bound takes 2^-8 of sum_j |t_j B[c, j]| more.
+static bool g_t_rounded = false;
+
 // Runs one case with the k-split pair at chunk kc (0: the old pair; `tc`: the shrink on the tensor cores,
 // bgmv_shrink_tc1/2/4 by the step's largest rank) and checks y. `vx` > 0: the expand is bgmv_expand_vx on
 // records merged to at most vx rows (ct unused).
@@ -196,6 +200,85 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
     check(what, tc ? "tc  " : "simt", kc, form, n, k, P, ads, segs, x, y0, y);
 }
 
+// The shrink inside the projection's GEMM (lora.rs `LoraGemm`): lora_gemm_rows copies the one adapter's A rows
+// (of layer LAYER) into P.count * S reserved rows (NaN before: every entry must be written, zeros past a pair's
+// rank and for a part without a pair), the GEMM is emulated (f32 sums rounded to bf16, every row, into the
+// columns past y's own), then bgmv_expand_iy reads them, its blocks walking ct column tiles. Checks y's own
+// columns as check() does, and that the GEMM's columns were left alone.
+static void run_iy(const char* what, int n, int k, const Parts& P, const std::vector<Adapter>& ads,
+                   const std::vector<Seg>& segs, int S, int ct, const std::vector<T>& x, const std::vector<T>& y0) {
+    int out = 0, col[3] = {0, 0, 0};
+    for (int p = 0; p < P.count; ++p) { col[p] = out; out += P.width[p]; }
+    const Adapter& ad = ads[segs[0].adapter];
+    std::vector<LoraRec> recs;
+    for (const Seg& s : segs)
+        for (int c = 0; c < s.len; c += BG_ROWS)
+            recs.push_back({(u64)(uintptr_t)ads[s.adapter].table.data(), s.start + c, std::min(BG_ROWS, s.len - c)});
+    size_t pad = 1;
+    while (pad < recs.size()) pad *= 2;
+    recs.resize(pad, LoraRec{0, 0, 0});
+    const int nrec = recs.size(), t0 = P.target[0], t1 = P.target[1], t2 = P.target[2];
+    const int reserved = P.count * S, W = out + reserved;
+    std::vector<T> rows_buf((size_t)reserved * k, from_f(NAN));
+    std::vector<u64> dst(LAYER + 1, 0);
+    dst[LAYER] = (u64)(uintptr_t)rows_buf.data();
+    for (int row = 0; row < reserved; ++row)
+        emu_launch(1, 256, [&] {
+            blockIdx.x = LAYER; blockIdx.y = row; blockIdx.z = 0;
+            lora_gemm_rows(dst.data(), ad.table.data(), t0, t1, t2, S, k);
+        });
+    int unwritten = 0;
+    for (const T& v : rows_buf) unwritten += std::isnan(to_f(v));
+    std::vector<T> yw((size_t)n * W);
+    for (int row = 0; row < n; ++row) {
+        std::copy(y0.begin() + (size_t)row * out, y0.begin() + (size_t)(row + 1) * out, yw.begin() + (size_t)row * W);
+        for (int j = 0; j < reserved; ++j) {
+            float acc = 0.f;
+            for (int kk = 0; kk < k; ++kk) acc += to_f(x[(size_t)row * k + kk]) * to_f(rows_buf[(size_t)j * k + kk]);
+            yw[(size_t)row * W + out + j] = from_f(acc);
+        }
+    }
+    const std::vector<T> before = yw;
+    int groups[3] = {0, 0, 0};
+    for (int p = 0; p < P.count; ++p) {
+        const int tiles = (P.width[p] + 2 * BG_EXPAND_THREADS - 1) / (2 * BG_EXPAND_THREADS);
+        groups[p] = (tiles + ct - 1) / ct;
+    }
+    const int e1 = groups[0], e2 = groups[0] + groups[1], total = e2 + groups[2];
+    for (int gy = 0; gy < total; ++gy)
+        emu_launch(nrec, BG_EXPAND_THREADS, [&] {
+            blockIdx.y = gy; blockIdx.z = 0;
+            bgmv_expand_iy(yw.data(), recs.data(), LAYER, t0, t1, t2, col[0], col[1], col[2], e1, e2, ct, n, out, W, S);
+        });
+    std::vector<T> y((size_t)n * out);
+    int gemm_cols_changed = 0;
+    for (int row = 0; row < n; ++row) {
+        std::copy(yw.begin() + (size_t)row * W, yw.begin() + (size_t)row * W + out, y.begin() + (size_t)row * out);
+        for (int j = out; j < W; ++j) gemm_cols_changed += yw[(size_t)row * W + j] != before[(size_t)row * W + j];
+    }
+    if (unwritten || gemm_cols_changed) {
+        printf("FAIL   %s: %d reserved entries unwritten, %d GEMM columns changed\n", what, unwritten, gemm_cols_changed);
+        bad++;
+    }
+    char form[32];
+    snprintf(form, sizeof form, "slot %d tiles %d", S, ct);
+    g_t_rounded = true;
+    check(what, "gemm", 0, form, n, k, P, ads, segs, x, y0, y);
+    g_t_rounded = false;
+}
+
+static void make_inputs(int n, int k, const Parts& P, std::vector<T>& x, std::vector<T>& y0);
+
+static void iy_all(const char* name, int n, int k, const Parts& P, const std::vector<std::pair<int, unsigned>>& specs,
+                   const std::vector<Seg>& segs, int S) {
+    const std::vector<Adapter> ads = make_adapters(k, specs);
+    std::vector<T> x, y0;
+    make_inputs(n, k, P, x, y0);
+    char what[160];
+    snprintf(what, sizeof what, "iy, %d rows, in_dim %d, %s", n, k, name);
+    for (int ct : {1, 3}) run_iy(what, n, k, P, ads, segs, S, ct, x, y0);
+}
+
 // Checks y after a run against the double reference: within bf16 rounding where a row's adapter has the
 // part's pair, every other entry's bits kept; prints the run's line and counts a failure.
 static void check(const char* what, const char* pair, int kc, const char* form, int n, int k, const Parts& P,
@@ -224,14 +307,18 @@ static void check(const char* what, const char* pair, int kc, const char* form, 
                     if (y[at] != y0[at]) untouched_bad++;
                     continue;
                 }
-                double acc = 0;
-                for (int j = 0; j < r; ++j) acc += xa[j] * to_f(ad->B[t][(size_t)c * r + j]);
+                double acc = 0, aabs = 0;
+                for (int j = 0; j < r; ++j) {
+                    acc += xa[j] * to_f(ad->B[t][(size_t)c * r + j]);
+                    aabs += std::fabs(xa[j] * to_f(ad->B[t][(size_t)c * r + j]));
+                }
                 const double d = (double)ad->scale * acc, ref = to_f(y0[at]) + d;
                 // bf16 rounds to 8 significant bits (half an ulp: at most 2^-8 of |ref|); the f32 sums add
                 // ~1e-6 (a rounding just across a tie), a bug far more. The expand of LORA_EXPAND_RED=1
                 // rounds the product d to bf16 before adding it (as PEFT adds its bf16 LoRA output): another
                 // 2^-8 of |d|, for that form only.
-                const double bound = std::fabs(ref) / 256.0 + (LORA_RED ? std::fabs(d) / 256.0 : 0.0) + 2e-4;
+                const double bound = std::fabs(ref) / 256.0 + (LORA_RED ? std::fabs(d) / 256.0 : 0.0) +
+                                     (g_t_rounded ? std::fabs(ad->scale) * aabs / 256.0 : 0.0) + 2e-4;
                 const double err = std::fabs(to_f(y[at]) - ref);
                 worst = std::isnan(err) ? INFINITY : std::max(worst, err / bound);
             }
@@ -374,6 +461,7 @@ int main() {
     printf("LORA_RED %d\n", LORA_RED);  // which expand form this build runs (lora_emulated.rs checks it)
     const unsigned ALL = 0x7f, NO_K = 0x7f & ~2u;
     const Parts QKV{"q/k/v", 3, {0, 1, 2}, {4096, 1024, 1024}}, O{"o", 1, {3, 0, 0}, {4096, 0, 0}};
+#ifndef LORA_EMU_IY_ONLY  // a quicker build for work on the shrink inside the GEMM: only its cases, at the end
     if (!LORA_RED) pf_cases(ALL, NO_K, QKV, O);
 #ifdef LORA_EMU_PF_ONLY
     printf(bad ? "FAIL %d\n" : "OK\n", bad);
@@ -404,6 +492,12 @@ int main() {
     run_all("q/k/v, one rank-16 adapter", 128, 4096, QKV, {{16, ALL}}, {{0, 128, 0}}, {shrink_chunk(4096)});
     run_all("o, four adapters, rows in none", 128, 4096, O, {{16, ALL}, {8, ALL}, {64, ALL}, {16, NO_K}},
             {{0, 40, 0}, {40, 1, 1}, {41, 7, 2}, {50, 77, 3}}, {shrink_chunk(4096)});
+#endif
+    // The shrink inside the GEMM: one rank-16 adapter for 128 rows at the default slot (32); rank 16 without
+    // k pairs at a slot of its rank, rows in none; o at rank 4 (B's scalar loads) and in_dim 4100.
+    iy_all("q/k/v, one rank-16 adapter", 128, 4096, QKV, {{16, ALL}}, {{0, 128, 0}}, 32);
+    iy_all("q/k/v, rank 16 (no k), rows in none", 9, 4096, QKV, {{16, NO_K}}, {{0, 5, 0}, {7, 2, 0}}, 16);
+    iy_all("o, rank 4, in_dim not whole vectors", 6, 4100, O, {{4, ALL}}, {{1, 5, 0}}, 32);
     printf(bad ? "FAIL %d\n" : "OK\n", bad);
     return bad != 0;
 }

@@ -84,6 +84,21 @@ pub(crate) fn mode() -> Mode {
     MODE.with(Cell::get)
 }
 
+/// Runs `f` with this thread's launches, allocations and uploads eager (done on the stream, not recorded),
+/// then gives the thread its mode back: device work a recorded step needs done before its replay rather than
+/// inside its graph. Not while capturing (the stream would capture it).
+pub(crate) fn eagerly<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(Mode);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            MODE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(mode());
+    MODE.with(|c| c.set(Mode::Eager));
+    f()
+}
+
 /// Sets this thread's mode until dropped (then back to eager, also on early returns).
 struct ModeGuard;
 

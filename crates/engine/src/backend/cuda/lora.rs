@@ -17,18 +17,21 @@
 //! Planning (checks, uploads, allocations) and running (a few launches a layer) are separate, so a
 //! run can be captured in a CUDA graph and replayed (the benchmarks time kernels that way).
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{result as drv_result, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{cfg, drv, int, shape_err, uint, CudaBackend, CudaTensor, DevBuf, LORA_ROWS, SMEM_LIMIT};
-use crate::backend::{LoraRows, LoraSegment};
+use super::{cfg, drv, graph, int, shape_err, uint, CudaBackend, CudaTensor, DevBuf, LORA_ROWS, SMEM_LIMIT};
+use crate::backend::{Backend, LoraRows, LoraSegment};
 use crate::error::{EngineError, Result};
 use crate::lora::{LoraWeights, Target, NUM_TARGETS};
 
 /// BGMV limits and block sizes (BG_ROWS, BG_RANK, BG_SHRINK_THREADS in kernels/lora.cu).
 const BG_ROWS: usize = 4;
-const BG_RANK: usize = 64;
+pub(super) const BG_RANK: usize = 64;
 /// Longest segment BGMV takes (in chunks of BG_ROWS rows); longer ones (prompts) go to SGMV's row tiles.
 const BG_SPLIT_MAX: usize = 64;
 const BG_SHRINK_THREADS: u32 = 128;
@@ -233,6 +236,8 @@ fn merge_records(recs: &[LoraRec], max_rows: usize) -> Vec<LoraRec> {
 /// ([`crate::Backend::lora_index`]), with what a step's plan checks without reading it back.
 pub struct CudaLoraIndex {
     table: DevBuf,
+    /// Unique to this index (never reused): whose `lora_A` rows a [`LoraGemm`] group's reserved rows hold.
+    id: u64,
     layers: usize,
     max_rank: usize,
     /// Per target: (in features, columns) of its pairs (the same in every layer that has one).
@@ -270,6 +275,9 @@ pub struct CudaLoraStep {
     /// The prompt pair's records of at most PF_ROWS rows (`lora_shrink_pf*` + `lora_expand_pf`), where the
     /// pass has prompt chunks; `records` is then 0 when no other segment has an adapter.
     prompt: Option<(DevBuf, usize)>,
+    /// The [`LoraGemm`] groups (bit g: group g) whose reserved rows hold this step's one adapter's `lora_A`
+    /// rows: their projections take the shrink in the GEMM ([`CudaBackend::lora_project_in_gemm`]).
+    pub(super) in_gemm: u32,
 }
 
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
@@ -331,6 +339,7 @@ impl CudaBackend {
             .map_err(|e| drv("uploading a LoRA index", e))?;
         Ok(Some(CudaLoraIndex {
             table: DevBuf::Own(table),
+            id: INDEX_IDS.fetch_add(1, Ordering::Relaxed),
             layers: layers.len(),
             max_rank,
             dims,
@@ -352,8 +361,14 @@ impl CudaBackend {
         let (mut rmax, mut layers) = (0, usize::MAX);
         let mut dims: [Option<(usize, usize)>; NUM_TARGETS] = [None; NUM_TARGETS];
         let mut recs: Vec<LoraRec> = Vec::with_capacity(rows.div_ceil(BG_ROWS) + segments.len());
+        // The one adapter of every segment, when there is one and its weights have all arrived (the shrink
+        // inside the GEMM copies every layer's rows at once).
+        let mut single: Option<&CudaLoraIndex> = None;
+        let mut one = true;
         for seg in segments.iter().filter(|s| s.len > 0) {
             let Some(ix) = &seg.adapter.index else { return Ok(None) };
+            one &= seg.adapter.gate.as_ref().is_none_or(|g| g.done()) && single.is_none_or(|s| s.id == ix.id);
+            single = Some(ix);
             if seg.start + seg.len > rows {
                 return Err(EngineError::Backend(format!(
                     "lora: segment rows {}..{} of {rows}",
@@ -413,6 +428,12 @@ impl CudaBackend {
             recs.extend_from_slice(expand);
             recs.resize(2 * records, LoraRec::default());
         }
+        let in_gemm = match single {
+            Some(ix) if one && prompt.is_none() && records > 0 && rmax <= self.lora_in_gemm => {
+                self.lora_gemm_ready(ix)?
+            }
+            _ => 0,
+        };
         Ok(Some(CudaLoraStep {
             table: self.upload(&recs)?,
             records,
@@ -423,6 +444,7 @@ impl CudaBackend {
             layers,
             dims,
             prompt,
+            in_gemm,
         }))
     }
 
@@ -916,6 +938,288 @@ impl CudaBackend {
         launch!(self, "sgmv_shrink", plan.shrink, tp, xp, sp, ki, ri, kci, rti, ksi);
         launch!(self, "sgmv_expand", plan.expand, yp, tp, sp, oi, ri, oti, rti);
         Ok(())
+    }
+}
+
+/// The rank slot of each part of the shrink inside the q/k/v GEMM (`LORAX_CUDA_LORA_IN_GEMM`'s default): 96
+/// rows past the q/k/v weight. Measured on an H100 (bench/NOTES.md session 39, call 1): [128, 4096] x
+/// [6240, 4096]ᵀ took 21.55 µs against 21.30-21.46 for the weight alone, where the shrink it replaces
+/// (`bgmv_shrink_tc1`) took 5.8 µs (session 31).
+pub(super) const IN_GEMM_RANK: usize = 32;
+
+/// Ids of [`CudaLoraIndex`]es (0 is no adapter's).
+static INDEX_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The LoRA shrink inside a projection's GEMM. At load, a fused projection's weight (q/k/v) gets
+/// `parts × slot` zeroed rows past its own, in one allocation ([`CudaBackend::lora_gemm_register`]). A
+/// planned decode step whose rows with an adapter all take one adapter of rank at most `slot` copies that
+/// adapter's `lora_A` rows of every layer into them (`lora_gemm_rows`, one launch, only when the adapter
+/// differs from the one they hold), so the projection's one GEMM over the longer weight gives the product
+/// and, in the columns past it, each row's `x · Aᵀ` (rows of the base model get columns nobody reads). The
+/// expand (`bgmv_expand_iy`) reads those columns in place of the shrink's partials. Each step's products
+/// then take one launch less a projection.
+#[derive(Default)]
+pub struct LoraGemm {
+    groups: Vec<GemmGroup>,
+    /// By the device address of a registered weight's first row: (group, layer).
+    by_weight: HashMap<u64, (usize, usize)>,
+    /// Passes planned with some group's rows ready, and copies of an adapter's rows.
+    pub(super) steps: u64,
+    pub(super) copies: u64,
+}
+
+/// The registered weights of one shape and list of parts, one per layer.
+struct GemmGroup {
+    targets: Vec<Target>,
+    /// Rows of the weight itself, and its input features.
+    out: usize,
+    k: usize,
+    slot: usize,
+    /// Per layer: the allocation (the weight's rows, then `targets.len() × slot` reserved ones).
+    layers: Vec<Option<Arc<CudaSlice<u8>>>>,
+    /// `u64[layers]` on the device: each layer's first reserved row (made at first use).
+    table: Option<DevBuf>,
+    /// Id of the index whose rows the reserved rows hold (0: zeros).
+    resident: u64,
+}
+
+impl CudaBackend {
+    /// [`crate::Backend::lora_gemm_weight`]: `w` `[out, k]` copied into an allocation with `targets.len() ×
+    /// lora_in_gemm` zeroed rows past its own; returns the weight as a range of it. `w` itself where the
+    /// shrink inside the GEMM is off or the parts are not 1-3.
+    pub(super) fn lora_gemm_register(&self, w: CudaTensor, layer: usize, targets: &[Target]) -> Result<CudaTensor> {
+        let slot = self.lora_in_gemm;
+        if slot == 0 || targets.is_empty() || targets.len() > 3 || w.shape.len() != 2 || w.numel() == 0 {
+            return Ok(w);
+        }
+        let (out, k) = w.rows_cols();
+        let size = self.dtype.size();
+        let (own, reserved) = (out * k * size, targets.len() * slot * k * size);
+        let full = self.alloc(&[out + targets.len() * slot, k])?;
+        let DevBuf::Own(slice) = full.buf else {
+            return Ok(w);
+        };
+        let base = self.slice_ptr(&slice);
+        // SAFETY: `slice` holds own + reserved bytes and `w` holds own bytes (its shape, checked above); both
+        // are device memory of this context, ordered on this stream.
+        unsafe { drv_result::memcpy_dtod_async(base, self.ptr(&w.buf), own, self.stream.cu_stream()) }
+            .map_err(|e| drv("copying a weight past which LoRA rows go", e))?;
+        self.memset_zero(base + own as u64, reserved)?;
+        let owner = Arc::new(slice);
+        let mut g = self.lora_gemm_lock()?;
+        let gi = match g
+            .groups
+            .iter()
+            .position(|x| x.targets == targets && (x.out, x.k, x.slot) == (out, k, slot))
+        {
+            Some(i) => i,
+            None => {
+                g.groups.push(GemmGroup {
+                    targets: targets.to_vec(),
+                    out,
+                    k,
+                    slot,
+                    layers: Vec::new(),
+                    table: None,
+                    resident: 0,
+                });
+                g.groups.len() - 1
+            }
+        };
+        let grp = &mut g.groups[gi];
+        if grp.layers.len() <= layer {
+            grp.layers.resize(layer + 1, None);
+        }
+        grp.layers[layer] = Some(owner.clone());
+        grp.table = None;
+        grp.resident = 0;
+        g.by_weight.insert(base, (gi, layer));
+        Ok(CudaTensor {
+            shape: w.shape.clone(),
+            buf: DevBuf::Part {
+                owner: Some(owner),
+                ptr: base,
+                len: own,
+            },
+        })
+    }
+
+    fn lora_gemm_lock(&self) -> Result<std::sync::MutexGuard<'_, LoraGemm>> {
+        self.lora_gemm_rows
+            .lock()
+            .map_err(|_| EngineError::Backend("the LoRA GEMM rows were poisoned by a panic".into()))
+    }
+
+    /// The groups (a bit each) whose reserved rows hold adapter `ix`'s `lora_A` rows, copied now where they
+    /// held another's: those whose every layer is registered, and whose every part the adapter has, with
+    /// the weight's input features. The copy is device work done before the step's own, also while a graph
+    /// step is being recorded; a capture always follows its step's recording, which made the rows ready.
+    fn lora_gemm_ready(&self, ix: &CudaLoraIndex) -> Result<u32> {
+        let mut g = self.lora_gemm_lock()?;
+        let mut mask = 0u32;
+        let mut copies = 0;
+        for (gi, grp) in g.groups.iter_mut().enumerate().take(32) {
+            let fits = grp
+                .targets
+                .iter()
+                .all(|t| ix.dims[t.index()].is_some_and(|(kin, _)| kin == grp.k));
+            let layers = grp.layers.len();
+            if !fits || ix.layers < layers || grp.layers.iter().any(Option::is_none) {
+                continue;
+            }
+            if grp.resident != ix.id {
+                if graph::mode() == graph::Mode::Capture {
+                    return Err(EngineError::Backend(
+                        "lora: a captured step's LoRA rows were not copied when it was recorded".into(),
+                    ));
+                }
+                let parts = grp.targets.len();
+                let mut t = [0i32; 3];
+                for (p, target) in grp.targets.iter().enumerate() {
+                    t[p] = int("target", target.index())?;
+                }
+                let [t0, t1, t2] = t;
+                let (si, ki) = (int("rank slot", grp.slot)?, int("in features", grp.k)?);
+                let own = (grp.out * grp.k * self.dtype.size()) as u64;
+                graph::eagerly(|| -> Result<()> {
+                    if grp.table.is_none() {
+                        let rows: Vec<u64> = grp.layers.iter().flatten().map(|a| self.slice_ptr(a) + own).collect();
+                        grp.table = Some(self.upload(&rows)?);
+                    }
+                    let dst = self.ptr(
+                        grp.table
+                            .as_ref()
+                            .ok_or_else(|| EngineError::Backend("no table".into()))?,
+                    );
+                    let index = self.ptr(&ix.table);
+                    let grid = cfg((uint("layers", layers)?, uint("rows", parts * grp.slot)?, 1), 256, 0);
+                    launch!(self, "lora_gemm_rows", grid, &dst, &index, &t0, &t1, &t2, &si, &ki);
+                    Ok(())
+                })?;
+                grp.resident = ix.id;
+                copies += 1;
+            }
+            mask |= 1 << gi;
+        }
+        g.copies += copies;
+        if mask != 0 {
+            g.steps += 1;
+        }
+        Ok(mask)
+    }
+
+    /// The projection `x · wᵀ` of a step whose shrink runs in the GEMM (`step.in_gemm` has `w`'s group):
+    /// the GEMM over `w`'s rows and the reserved ones, then `bgmv_expand_iy` from the columns past the
+    /// product. `None` where `w` is not such a weight or `parts` are not its group's, in order.
+    pub(super) fn lora_project_in_gemm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        step: &CudaLoraStep,
+        layer: usize,
+        parts: &[(Target, usize)],
+    ) -> Result<Option<CudaTensor>> {
+        let base = self.ptr(&w.buf);
+        let (owner, out, slot, used) = {
+            let g = self.lora_gemm_lock()?;
+            let Some(&(gi, l)) = g.by_weight.get(&base) else {
+                return Ok(None);
+            };
+            let grp = &g.groups[gi];
+            let same = parts.len() == grp.targets.len() && parts.iter().zip(&grp.targets).all(|(p, t)| p.0 == *t);
+            if l != layer || step.in_gemm >> gi & 1 == 0 || !same || w.shape != [grp.out, grp.k] {
+                return Ok(None);
+            }
+            let Some(owner) = grp.layers[l].clone() else {
+                return Ok(None);
+            };
+            (owner, grp.out, grp.slot, grp.targets.len())
+        };
+        let (n, k) = x.rows_cols();
+        let width = out + used * slot;
+        let full = CudaTensor {
+            shape: vec![width, k],
+            buf: DevBuf::Part {
+                owner: Some(owner),
+                ptr: base,
+                len: width * k * self.dtype.size(),
+            },
+        };
+        let y = self.linear(x, &full, None)?;
+        if n != step.rows || layer >= step.layers {
+            return Err(EngineError::Backend(format!(
+                "lora_project: x {:?}, layer {layer}, for a step of {} rows and {} layers",
+                x.shape, step.rows, step.layers
+            )));
+        }
+        if step.records == 0 || n == 0 {
+            return Ok(Some(y));
+        }
+        let planning = std::time::Instant::now();
+        let (mut targets, mut cols, mut part_cols) = ([0i32; 3], [0i32; 3], [0usize; 3]);
+        for (p, &(target, col)) in parts.iter().enumerate() {
+            let Some((_, c)) = step.dims[target.index()] else {
+                return Err(EngineError::Backend(format!(
+                    "lora_project: the step has no {target:?} pairs"
+                )));
+            };
+            if col + c > out {
+                return Err(EngineError::Backend(format!(
+                    "lora_project: {target:?} pairs of {c} columns at column {col} of {out}"
+                )));
+            }
+            targets[p] = int("target", target.index())?;
+            cols[p] = int("column", col)?;
+            part_cols[p] = c;
+        }
+        let [t0, t1, t2] = &targets;
+        let [c0, c1, c2] = &cols;
+        let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
+        let ct = self
+            .lora_expand_tiles
+            .unwrap_or_else(|| expand_tiles(tiles, step.adapter_rows, step.records, self.num_sms));
+        let [e1, e2, total] = expand_groups(&part_cols[..used], EXPAND_TILE, ct);
+        let (e1, e2, cti) = (
+            int("column groups", e1)?,
+            int("column groups", e2)?,
+            int("tiles per block", ct)?,
+        );
+        let (li, ni, ti, oi, si) = (
+            int("layer", layer)?,
+            int("rows", n)?,
+            int("first LoRA column", out)?,
+            int("out features", width)?,
+            int("rank slot", slot)?,
+        );
+        let (yp, sp) = (self.ptr(&y.buf), self.ptr(&step.table));
+        let expand = cfg(
+            (uint("records", step.records)?, uint("column groups", total)?, 1),
+            BG_EXPAND_THREADS,
+            0,
+        );
+        launch!(
+            self,
+            "bgmv_expand_iy",
+            expand,
+            &yp,
+            &sp,
+            &li,
+            t0,
+            t1,
+            t2,
+            c0,
+            c1,
+            c2,
+            &e1,
+            &e2,
+            &cti,
+            &ni,
+            &ti,
+            &oi,
+            &si
+        );
+        self.graphs.clock.plan(true, planning);
+        Ok(Some(y))
     }
 }
 

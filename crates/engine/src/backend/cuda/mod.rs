@@ -413,6 +413,8 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
             "bgmv_shrink_tc2",
             "bgmv_shrink_tc4",
             "bgmv_expand_ix",
+            "bgmv_expand_iy",
+            "lora_gemm_rows",
             "bgmv_expand_vx",
             "bgmv_shrink_ix0",
             "bgmv_expand_ix0",
@@ -671,6 +673,13 @@ pub struct CudaBackend {
     lora_expand_vx: bool,
     /// Rows of one record of `bgmv_expand_vx` (`LORAX_CUDA_LORA_EXPAND_ROWS`, 4-16, default 16).
     lora_expand_rows: usize,
+    /// A step whose adapter rows all take one adapter of at most this rank computes its q/k/v LoRA shrink in
+    /// the projection's GEMM, from that adapter's `lora_A` rows copied past the weight's
+    /// (`LORAX_CUDA_LORA_IN_GEMM`, the rank slot of each part: default 32, 0 turns it off; see
+    /// [`lora::LoraGemm`]).
+    lora_in_gemm: usize,
+    /// The weights with rows reserved for it, and whose rows they hold.
+    lora_gemm_rows: Mutex<lora::LoraGemm>,
     /// Linear layers of at most this many rows on the skinny-GEMM kernels (kernels/gemv.cu) rather than
     /// cuBLAS (`LORAX_CUDA_GEMV_ROWS`, default 2, at most 4; 0 turns them off).
     gemv_rows: usize,
@@ -1312,6 +1321,8 @@ impl CudaBackend {
                 lora::EXPAND_VX_ROWS,
                 4..=lora::EXPAND_VX_ROWS,
             )?,
+            lora_in_gemm: env_count("LORAX_CUDA_LORA_IN_GEMM", lora::IN_GEMM_RANK, 0..=lora::BG_RANK)?,
+            lora_gemm_rows: Mutex::new(lora::LoraGemm::default()),
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
             nccl: None,
@@ -1408,6 +1419,18 @@ impl CudaBackend {
 
     /// A step's LoRA expand on `bgmv_expand_vx` where it fits (as `LORAX_CUDA_LORA_EXPAND=vx`) or on
     /// `bgmv_expand_ix` (for tests and comparisons).
+    /// The rank slot of the LoRA shrink inside the q/k/v GEMM (`LORAX_CUDA_LORA_IN_GEMM`; 0: off). Weights
+    /// loaded before keep the rows they reserved (none while it was 0).
+    pub fn set_lora_in_gemm(&mut self, rank: usize) {
+        self.lora_in_gemm = rank;
+    }
+
+    /// Steps planned so far whose q/k/v LoRA shrink ran in the projection's GEMM, and copies of an adapter's
+    /// `lora_A` rows into the reserved rows (tests check both).
+    pub fn lora_in_gemm_counts(&self) -> (u64, u64) {
+        self.lora_gemm_rows.lock().map_or((0, 0), |g| (g.steps, g.copies))
+    }
+
     pub fn set_lora_expand_vx(&mut self, on: bool) {
         self.lora_expand_vx = on;
     }
@@ -1700,6 +1723,67 @@ impl CudaBackend {
             && self.attn_rope_heads(meta.head_dim, group).is_some()
             && meta.seqs.iter().all(|s| s.q_len <= 1)
             && meta.seqs.iter().any(|s| s.q_len == 1)
+    }
+
+    /// [`Backend::rope_kv_write`], the queries' width given (`q_dim`: rows may be wider; see
+    /// [`super::check_rope_kv_write`]) or what the rows leave (`None`).
+    fn rope_kv_write_q(
+        &self,
+        qkv: &CudaTensor,
+        [k_cache, v_cache]: [&mut CudaTensor; 2],
+        head_dim: usize,
+        q_dim: Option<usize>,
+        (positions, inv_freq, slots): (&[u32], &[f32], &[u32]),
+    ) -> Result<CudaTensor> {
+        let (n, q_dim, kv_dim) = super::check_rope_kv_write(
+            &qkv.shape,
+            &k_cache.shape,
+            &v_cache.shape,
+            head_dim,
+            q_dim,
+            (positions, inv_freq, slots),
+        )?;
+        let q = self.alloc(&[n, q_dim])?;
+
+        if n == 0 {
+            return Ok(q);
+        }
+        let meta = self.rope_uploads(positions, inv_freq, slots)?;
+        let [d_pos, d_freq, d_slots] = &*meta;
+        let (qp, kc, vc, xp) = (
+            self.ptr(&q.buf),
+            self.ptr(&k_cache.buf),
+            self.ptr(&v_cache.buf),
+            self.ptr(&qkv.buf),
+        );
+        let (pp, fp, sp) = (self.ptr(d_pos), self.ptr(d_freq), self.ptr(d_slots));
+        let (qi, ki, hi, pi) = (
+            int("q width", q_dim)?,
+            int("kv width", kv_dim)?,
+            int("head_dim", head_dim)?,
+            int("row pitch", qkv.rows_cols().1)?,
+        );
+        launch!(
+            self,
+            "rope_kv_write",
+            cfg(
+                (uint("rows", n)?, 1, 1),
+                self.row_threads_for(n, (q_dim + kv_dim) / 2),
+                0
+            ),
+            &qp,
+            &kc,
+            &vc,
+            &xp,
+            &pp,
+            &fp,
+            &sp,
+            &qi,
+            &ki,
+            &hi,
+            &pi
+        );
+        Ok(q)
     }
 
     fn bytes(&self, n: usize) -> Result<DevBuf> {
@@ -2325,51 +2409,7 @@ impl Backend for CudaBackend {
         inv_freq: &[f32],
         slots: &[u32],
     ) -> Result<CudaTensor> {
-        let (n, q_dim, kv_dim) = super::check_rope_kv_write(
-            &qkv.shape,
-            &k_cache.shape,
-            &v_cache.shape,
-            head_dim,
-            (positions, inv_freq, slots),
-        )?;
-        let q = self.alloc(&[n, q_dim])?;
-        if n == 0 {
-            return Ok(q);
-        }
-        let meta = self.rope_uploads(positions, inv_freq, slots)?;
-        let [d_pos, d_freq, d_slots] = &*meta;
-        let (qp, kc, vc, xp) = (
-            self.ptr(&q.buf),
-            self.ptr(&k_cache.buf),
-            self.ptr(&v_cache.buf),
-            self.ptr(&qkv.buf),
-        );
-        let (pp, fp, sp) = (self.ptr(d_pos), self.ptr(d_freq), self.ptr(d_slots));
-        let (qi, ki, hi) = (
-            int("q width", q_dim)?,
-            int("kv width", kv_dim)?,
-            int("head_dim", head_dim)?,
-        );
-        launch!(
-            self,
-            "rope_kv_write",
-            cfg(
-                (uint("rows", n)?, 1, 1),
-                self.row_threads_for(n, (q_dim + kv_dim) / 2),
-                0
-            ),
-            &qp,
-            &kc,
-            &vc,
-            &xp,
-            &pp,
-            &fp,
-            &sp,
-            &qi,
-            &ki,
-            &hi
-        );
-        Ok(q)
+        self.rope_kv_write_q(qkv, [k_cache, v_cache], head_dim, None, (positions, inv_freq, slots))
     }
 
     fn rope_attention(
@@ -2383,17 +2423,28 @@ impl Backend for CudaBackend {
         slots: &[u32],
         meta: &AttnMeta<'_>,
     ) -> Result<CudaTensor> {
-        if !self.rope_fused(meta, head_dim, inv_freq) {
-            let q = self.rope_kv_write(qkv, k_cache, v_cache, head_dim, positions, inv_freq, slots)?;
-            return self.attention(&q, k_cache, v_cache, meta);
-        }
-        let (_, q_dim, _) = super::check_rope_kv_write(
+        // The queries' width from the heads: the projection's rows may hold a LoRA shrink's columns past the
+        // values (`lora_project`), which only the unfused rotary kernel skips.
+        let q_width = meta.num_heads * head_dim;
+        let (_, q_dim, kv_dim) = super::check_rope_kv_write(
             &qkv.shape,
             &k_cache.shape,
             &v_cache.shape,
             head_dim,
+            Some(q_width),
             (positions, inv_freq, slots),
         )?;
+        let packed = qkv.rows_cols().1 == q_dim + 2 * kv_dim;
+        if !packed || !self.rope_fused(meta, head_dim, inv_freq) {
+            let q = self.rope_kv_write_q(
+                qkv,
+                [k_cache, v_cache],
+                head_dim,
+                Some(q_width),
+                (positions, inv_freq, slots),
+            )?;
+            return self.attention(&q, k_cache, v_cache, meta);
+        }
         let planning = std::time::Instant::now();
         let uploads = self.rope_uploads(positions, inv_freq, slots)?;
         let plan = self.attention_plan_rope(qkv, q_dim, k_cache, v_cache, meta, (positions, slots), &uploads)?;
@@ -2470,6 +2521,30 @@ impl Backend for CudaBackend {
         let step = self.make_lora_step(rows, segments);
         self.graphs.clock.plan(true, planning);
         step
+    }
+
+    fn lora_gemm_weight(&self, w: CudaTensor, layer: usize, targets: &[crate::lora::Target]) -> Result<CudaTensor> {
+        self.lora_gemm_register(w, layer, targets)
+    }
+
+    fn lora_project(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        step: &lora::CudaLoraStep,
+        layer: usize,
+        parts: &[(crate::lora::Target, usize)],
+        wide: bool,
+    ) -> Result<CudaTensor> {
+        if wide && bias.is_none() && step.in_gemm != 0 {
+            if let Some(y) = self.lora_project_in_gemm(x, w, step, layer, parts)? {
+                return Ok(y);
+            }
+        }
+        let mut y = self.linear(x, w, bias)?;
+        self.lora_layer(&mut y, x, step, layer, parts)?;
+        Ok(y)
     }
 
     fn lora_layer(
