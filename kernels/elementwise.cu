@@ -119,13 +119,14 @@ extern "C" __global__ void rms_norm(T* __restrict__ out, const T* __restrict__ x
 
 // residual += x (rounded to the storage type, as the residual stream is stored), then out = RMSNorm(residual).
 // Each thread re-reads only the residual elements it wrote itself, so no barrier is needed between the
-// passes besides the reduction's.
+// passes besides the reduction's. x's rows are `xpitch` elements apart (h, or more where the projection's GEMM
+// appended a LoRA shrink's columns, lora.rs `LoraGemm`).
 extern "C" __global__ void add_rms_norm(T* __restrict__ out, T* __restrict__ residual, const T* __restrict__ x,
-                                        const T* __restrict__ w, int h, float eps) {
+                                        const T* __restrict__ w, int h, float eps, int xpitch) {
     pdl_enter();
     const u64 r = blockIdx.x;
     T* res = residual + r * h;
-    const T* xr = x + r * h;
+    const T* xr = x + r * (u64)xpitch;
     if (row_vec_fits(h) && vec_ok(out + r * h, res, xr, w, h)) {
         float a[ROW_NV][VEC], b[ROW_NV][VEC];
         load_row_vec(a, res, h);

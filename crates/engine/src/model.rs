@@ -283,14 +283,19 @@ impl<B: Backend> Model<B> {
                 linear(&format!("{p}.mlp.gate_proj"), ffn, h, col, cfg.mlp_bias)?,
                 linear(&format!("{p}.mlp.up_proj"), ffn, h, col, cfg.mlp_bias)?,
             ];
+            // Room for a LoRA shrink inside the GEMMs whose outputs only rope_attention and add_rms_norm read.
             let mut qkv = Linear::fused(backend, &qkv)?;
             if qkv.b.is_none() {
                 qkv.w = backend.lora_gemm_weight(qkv.w, i, &[Target::Q, Target::K, Target::V])?;
             }
+            let mut o = linear(&format!("{p}.self_attn.o_proj"), h, qd, row, cfg.o_bias)?;
+            if o.b.is_none() {
+                o.w = backend.lora_gemm_weight(o.w, i, &[Target::O])?;
+            }
             layers.push(Layer {
                 input_norm: tensor(&format!("{p}.input_layernorm.weight"), &[h], None)?,
                 qkv,
-                o: linear(&format!("{p}.self_attn.o_proj"), h, qd, row, cfg.o_bias)?,
+                o,
                 post_norm: tensor(&format!("{p}.post_attention_layernorm.weight"), &[h], None)?,
                 gate_up: Linear::fused(backend, &gate_up)?,
                 down: linear(&format!("{p}.mlp.down_proj"), h, ffn, row, cfg.mlp_bias)?,
@@ -467,7 +472,7 @@ impl<B: Backend> Model<B> {
                 &input.slots,
                 &meta,
             )?;
-            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)], false)?;
+            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)], true)?;
             backend.all_reduce_sum(&mut attn_out, comm)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
             let gate_up = project(

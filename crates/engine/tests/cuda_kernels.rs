@@ -1239,32 +1239,39 @@ fn lora_step_matches_cpu() {
     }
 }
 
-/// The q/k/v LoRA shrink inside the projection's GEMM (`lora_gemm_weight` at load, `lora_project` with
+/// The q/k/v and o LoRA shrinks inside the projections' GEMMs (`lora_gemm_weight` at load, `lora_project` with
 /// `wide`): a step whose adapter rows all take one adapter of rank at most the slot (32) gets the product
 /// and each row's `x · Aᵀ` from one GEMM over the weight and that adapter's `lora_A` rows (copied when the
 /// adapter changes), then `bgmv_expand_iy`. Checked against the CPU's linear + per-layer `lora`: the LoRA
 /// terms (the wide output's first columns less the plain product) of adapter rows, base rows left alone
 /// (within the dtype's rounding of the product), for adapters of rank 16 (every pair) and 32 (no layer-0
-/// q); the copies counted as the adapter changes; an adapter without k pairs, one of rank 64 and a step of
-/// two adapters take the usual path (no step counted), as does `wide` off.
+/// q); the copies counted as the adapter changes (two groups, q/k/v and o); an adapter without k pairs (its
+/// o pairs in the GEMM alone), one of rank 64 and a step of two adapters take the usual path, as does `wide`
+/// off. The o projection's wide output then goes through `add_rms_norm`, which reads its first columns.
 #[test]
 fn lora_shrink_in_gemm_matches_cpu() {
     use lorax_engine::backend::LoraRows;
     use lorax_engine::lora::{DeviceAdapter, LoraWeights, Target, NUM_TARGETS};
     let mut rng = Rng(seed("lora in gemm"));
     let (h, qd, kvd, layers) = (2560, 1024, 256, 2);
-    let out = qd + 2 * kvd;
-    let width = |t: Target| if t == Target::Q { qd } else { kvd };
+    let width = |t: Target| match t {
+        Target::Q => qd,
+        Target::K | Target::V => kvd,
+        _ => h,
+    };
     type Has = fn(usize, Target) -> bool;
     type CpuLayer = [Option<(lorax_engine::CpuTensor, lorax_engine::CpuTensor)>; NUM_TARGETS];
     // (rank, scale, pairs): in the GEMM, in the GEMM, no k pairs, rank above the slot.
     let specs: [(usize, f32, Has); 4] = [
-        (16, 2.0, |_, t| t.index() < 3),
-        (32, 1.5, |l, t| t.index() < 3 && !(l == 0 && t == Target::Q)),
-        (8, 2.0, |_, t| matches!(t, Target::Q | Target::V)),
-        (64, 1.0, |_, t| t.index() < 3),
+        (16, 2.0, |_, t| t.index() < 4),
+        (32, 1.5, |l, t| t.index() < 4 && !(l == 0 && t == Target::Q)),
+        (8, 2.0, |_, t| matches!(t, Target::Q | Target::V | Target::O)),
+        (64, 1.0, |_, t| t.index() < 4),
     ];
-    let parts = [(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)];
+    // (parts, in features, out features, slots).
+    let qkv: &[(Target, usize)] = &[(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)];
+    let o: &[(Target, usize)] = &[(Target::O, 0)];
+    let projections = [(qkv, h, qd + 2 * kvd, 3), (o, qd, h, 1)];
     // Adapter rows 0..5 and 8..40 (one segment each), base rows 5..8 and 40..46.
     let (n, segs, base_rows) = (46, [(0usize, 5usize), (8, 32)], [5usize, 6, 7, 40, 41, 42, 43, 44, 45]);
     for dt in DTYPES {
@@ -1274,11 +1281,12 @@ fn lora_shrink_in_gemm_matches_cpu() {
         // The layers' weights (small, so the LoRA terms stand well above the product's rounding).
         let mut ws = Vec::new();
         for l in 0..layers {
-            let w = pair(&g, &mut rng, &[out, h], -0.005, 0.005);
-            let kept = g
-                .lora_gemm_weight(w.gpu, l, &[Target::Q, Target::K, Target::V])
-                .unwrap();
-            ws.push((w.cpu, kept));
+            for &(parts, k, out, _) in &projections {
+                let w = pair(&g, &mut rng, &[out, k], -0.005, 0.005);
+                let targets: Vec<Target> = parts.iter().map(|p| p.0).collect();
+                let kept = g.lora_gemm_weight(w.gpu, l, &targets).unwrap();
+                ws.push((l, w.cpu, kept));
+            }
         }
         let mut cpu: Vec<Vec<CpuLayer>> = Vec::new();
         let mut dev: Vec<DeviceAdapter<CudaBackend>> = Vec::new();
@@ -1289,7 +1297,9 @@ fn lora_shrink_in_gemm_matches_cpu() {
             for l in 0..layers {
                 for t in Target::ALL.into_iter().filter(|&t| has(l, t)) {
                     let (ra, rb) = (1.0 / (h as f32).sqrt(), 1.0 / (rank as f32).sqrt());
-                    let a = pair(&g, &mut rng, &[rank, h], -ra, ra);
+                    let k = if t == Target::O { qd } else { h };
+                    let ra = ra * (h as f32 / k as f32).sqrt();
+                    let a = pair(&g, &mut rng, &[rank, k], -ra, ra);
                     let b = pair(&g, &mut rng, &[width(t), rank], -rb, rb);
                     c[l][t.index()] = Some((a.cpu, b.cpu));
                     d[l][t.index()] = Some(LoraWeights {
@@ -1308,15 +1318,16 @@ fn lora_shrink_in_gemm_matches_cpu() {
                 gate: None,
             });
         }
-        // (adapters of the two segments, whether the GEMM takes the shrink, copies expected so far).
-        let cases: [([usize; 2], bool, u64); 7] = [
-            ([0, 0], true, 1),
-            ([0, 0], true, 1),
-            ([1, 1], true, 2),
-            ([0, 0], true, 3),
-            ([2, 2], false, 3),
-            ([3, 3], false, 3),
-            ([0, 1], false, 3),
+        // (adapters of the two segments, whether the GEMMs take the q/k/v and the o shrinks, copies expected
+        // so far: one a group whose rows change).
+        let cases: [([usize; 2], [bool; 2], u64); 7] = [
+            ([0, 0], [true, true], 2),
+            ([0, 0], [true, true], 2),
+            ([1, 1], [true, true], 4),
+            ([0, 0], [true, true], 6),
+            ([2, 2], [false, true], 7),
+            ([3, 3], [false, false], 7),
+            ([0, 1], [false, false], 7),
         ];
         for (ads, in_gemm, copies) in cases {
             let rows: Vec<LoraRows<'_, CudaBackend>> = segs
@@ -1332,18 +1343,21 @@ fn lora_shrink_in_gemm_matches_cpu() {
             let step = g.lora_step(n, &rows).unwrap().expect("a decode step gets a plan");
             let (steps1, copied) = g.lora_in_gemm_counts();
             let what = format!("{dt:?} adapters {ads:?}");
+            let any = in_gemm.contains(&true);
             assert_eq!(
                 steps1 - steps0,
-                u64::from(in_gemm),
-                "{what}: steps with the shrink in the GEMM"
+                u64::from(any),
+                "{what}: steps with a shrink in the GEMM"
             );
             assert_eq!(copied, copies, "{what}: copies of lora_A rows");
-            for (l, (w_cpu, w_gpu)) in ws.iter().enumerate() {
-                let x = pair(&g, &mut rng, &[n, h], -1.0, 1.0);
+            for (j, (l, w_cpu, w_gpu)) in ws.iter().enumerate() {
+                let (l, (parts, k, out, slots)) = (*l, projections[j % 2]);
+                let in_gemm = in_gemm[j % 2];
+                let x = pair(&g, &mut rng, &[n, k], -1.0, 1.0);
                 let plain_cpu = CpuBackend.linear(&x.cpu, w_cpu, None).unwrap();
                 let mut want = CpuBackend.linear(&x.cpu, w_cpu, None).unwrap();
                 let mut cpu_segs = Vec::new();
-                for &(t, col) in &parts {
+                for &(t, col) in parts {
                     for (&(start, len), a) in segs.iter().zip(ads) {
                         if let Some((ca, cb)) = &cpu[a][l][t.index()] {
                             cpu_segs.push(LoraSegment {
@@ -1360,9 +1374,9 @@ fn lora_shrink_in_gemm_matches_cpu() {
                 CpuBackend.lora(&mut want, &x.cpu, &cpu_segs).unwrap();
                 let plain = g.to_f32(&g.linear(&x.gpu, w_gpu, None).unwrap()).unwrap();
                 for wide in [true, false] {
-                    let y = g.lora_project(&x.gpu, w_gpu, None, &step, l, &parts, wide).unwrap();
+                    let y = g.lora_project(&x.gpu, w_gpu, None, &step, l, parts, wide).unwrap();
                     let cols = g.shape(&y)[1];
-                    let expect_cols = if wide && in_gemm { out + 3 * 32 } else { out };
+                    let expect_cols = if wide && in_gemm { out + slots * 32 } else { out };
                     assert_eq!(cols, expect_cols, "{what} layer {l} wide={wide}: output columns");
                     let all = g.to_f32(&y).unwrap();
                     let got: Vec<f32> = all.chunks(cols).flat_map(|r| r[..out].to_vec()).collect();
@@ -1388,6 +1402,29 @@ fn lora_shrink_in_gemm_matches_cpu() {
                             .collect()
                     };
                     check(&format!("{w}: base rows"), &base(&got), &base(&plain_cpu.data), tol(dt));
+                    if parts == o {
+                        // The residual add and norm after o read the wide output's first columns.
+                        let (res, nw) = (
+                            pair(&g, &mut rng, &[n, h], -1.0, 1.0),
+                            pair(&g, &mut rng, &[h], 0.5, 1.5),
+                        );
+                        let narrow = CpuBackend.tensor_from_f32(&[n, h], &got).unwrap();
+                        let (mut r_cpu, mut r_gpu) = (res.cpu, res.gpu);
+                        let want_n = CpuBackend.add_rms_norm(&mut r_cpu, &narrow, &nw.cpu, 1e-5).unwrap();
+                        let got_n = g.add_rms_norm(&mut r_gpu, &y, &nw.gpu, 1e-5).unwrap();
+                        check(
+                            &format!("{w}: add_rms_norm"),
+                            &g.to_f32(&got_n).unwrap(),
+                            &want_n.data,
+                            tol(dt),
+                        );
+                        check(
+                            &format!("{w}: residual"),
+                            &g.to_f32(&r_gpu).unwrap(),
+                            &r_cpu.data,
+                            tol(dt),
+                        );
+                    }
                 }
             }
         }

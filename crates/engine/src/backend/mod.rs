@@ -286,7 +286,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>) -> Result<Self::Tensor>;
     /// RMSNorm of each row, times `w`.
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
-    /// Fused residual add and RMSNorm: `residual += x`, returns `rms_norm(residual)`.
+    /// Fused residual add and RMSNorm: `residual += x`, returns `rms_norm(residual)`. A backend whose
+    /// [`Backend::lora_project`] gives wide outputs reads `x`'s first columns where it is wider.
     fn add_rms_norm(
         &self,
         residual: &mut Self::Tensor,

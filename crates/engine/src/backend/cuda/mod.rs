@@ -2339,7 +2339,10 @@ impl Backend for CudaBackend {
 
     fn add_rms_norm(&self, residual: &mut CudaTensor, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor> {
         let (m, h) = residual.rows_cols();
-        if x.shape != residual.shape || w.numel() != h {
+        // x may be wider: a projection's output with the LoRA shrink's columns past its own (`lora_project`).
+        let (xm, xw) = x.rows_cols();
+        let wider = residual.shape.len() == 2 && x.shape.len() == 2 && xm == m && xw > h;
+        if (x.shape != residual.shape && !wider) || w.numel() != h {
             return Err(shape_err("add_rms_norm", &residual.shape, &x.shape));
         }
         let out = self.alloc(&[m, h])?;
@@ -2353,6 +2356,7 @@ impl Backend for CudaBackend {
             self.ptr(&w.buf),
             int("hidden", h)?,
         );
+        let xpi = int("row pitch", if wider { xw } else { h })?;
         launch!(
             self,
             "add_rms_norm",
@@ -2362,7 +2366,8 @@ impl Backend for CudaBackend {
             &xp,
             &wp,
             &hi,
-            &eps
+            &eps,
+            &xpi
         );
         Ok(out)
     }
