@@ -656,6 +656,27 @@ fn rope_attention_matches_rope_kv_write_then_attention() {
                 tol(dt),
             );
             assert_eq!(g.to_f32(&v1).unwrap(), g.to_f32(&v2).unwrap(), "{what} values");
+            // Rows wider than q/k/v (a LoRA shrink's columns past them, `lora_project`): the same results.
+            let width = (c.heads + 2 * c.kv_heads) * hd;
+            let extra = round(dt, &rng.vec(n * 96, -9.0, 9.0));
+            let wide: Vec<f32> = (0..n)
+                .flat_map(|r| [&qkv.host[r * width..(r + 1) * width], &extra[r * 96..(r + 1) * 96]].concat())
+                .collect();
+            let wide = g.tensor_from_f32(&[n, width + 96], &wide).unwrap();
+            let (mut k3, mut v3) = (upload(&k), upload(&v));
+            let got_wide = g
+                .rope_attention(&wide, &mut k3, &mut v3, hd, &positions, &inv_freq, &slots, &meta)
+                .unwrap();
+            let same = |a: &lorax_engine::CudaTensor, b: &lorax_engine::CudaTensor, part: &str| {
+                assert_eq!(
+                    g.to_f32(a).unwrap(),
+                    g.to_f32(b).unwrap(),
+                    "{what}: {part} of rows 96 wider"
+                );
+            };
+            same(&got_wide, &got, "output");
+            same(&k3, &k1, "keys");
+            same(&v3, &v1, "values");
             // The padding row's slot is untouched.
             if n > 1 {
                 let pad = slot(&seqs[1]) as usize * kvw;

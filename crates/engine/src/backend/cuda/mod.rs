@@ -2429,9 +2429,9 @@ impl Backend for CudaBackend {
         meta: &AttnMeta<'_>,
     ) -> Result<CudaTensor> {
         // The queries' width from the heads: the projection's rows may hold a LoRA shrink's columns past the
-        // values (`lora_project`), which only the unfused rotary kernel skips.
+        // values (`lora_project`), which both kernels skip (each reads rows by their width).
         let q_width = meta.num_heads * head_dim;
-        let (_, q_dim, kv_dim) = super::check_rope_kv_write(
+        let (_, q_dim, _) = super::check_rope_kv_write(
             &qkv.shape,
             &k_cache.shape,
             &v_cache.shape,
@@ -2439,8 +2439,7 @@ impl Backend for CudaBackend {
             Some(q_width),
             (positions, inv_freq, slots),
         )?;
-        let packed = qkv.rows_cols().1 == q_dim + 2 * kv_dim;
-        if !packed || !self.rope_fused(meta, head_dim, inv_freq) {
+        if !self.rope_fused(meta, head_dim, inv_freq) {
             let q = self.rope_kv_write_q(
                 qkv,
                 [k_cache, v_cache],
