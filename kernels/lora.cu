@@ -758,7 +758,7 @@ __device__ __forceinline__ void lora_stage_t(float* t_s, const float* __restrict
     __syncthreads();
 }
 
-// As lora_stage_t, from 16-bit columns of y (`bgmv_expand_iy`): t[i, :r] = ty[i * out_dim ..], in f32.
+// As lora_stage_t, from columns of y in the storage type (`bgmv_expand_iy`): t[i, :r] = ty[i * out_dim ..], in f32.
 __device__ __forceinline__ void lora_stage_ty(float* t_s, const T* __restrict__ ty, int rows, int r, int out_dim) {
     for (int f = threadIdx.x; f < rows * r; f += blockDim.x) t_s[f] = to_f(ty[(u64)(f / r) * out_dim + f % r]);
     __syncthreads();

@@ -283,13 +283,15 @@ impl<B: Backend> Model<B> {
                 linear(&format!("{p}.mlp.gate_proj"), ffn, h, col, cfg.mlp_bias)?,
                 linear(&format!("{p}.mlp.up_proj"), ffn, h, col, cfg.mlp_bias)?,
             ];
-            // Room for a LoRA shrink inside the GEMMs whose outputs only rope_attention and add_rms_norm read.
+            // Room for a LoRA shrink inside the GEMMs whose outputs only rope_attention and add_rms_norm read,
+            // where the projection has no bias (decided from the config, so that every rank of a tensor-parallel
+            // model decides alike: only rank 0 keeps o's bias, and o's outputs are summed across ranks).
             let mut qkv = Linear::fused(backend, &qkv)?;
-            if qkv.b.is_none() {
+            if !cfg.qkv_bias {
                 qkv.w = backend.lora_gemm_weight(qkv.w, i, &[Target::Q, Target::K, Target::V])?;
             }
             let mut o = linear(&format!("{p}.self_attn.o_proj"), h, qd, row, cfg.o_bias)?;
-            if o.b.is_none() {
+            if !cfg.o_bias {
                 o.w = backend.lora_gemm_weight(o.w, i, &[Target::O])?;
             }
             layers.push(Layer {

@@ -319,7 +319,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// every layer. The default makes the two calls; a backend with a fused form for some batches (the CUDA
     /// backend's decode steps) runs those as one. The same effects and result either way, except the output
     /// of a row whose slot is [`NO_SLOT`] (a padding row, whose output is discarded): the fused form attends
-    /// over its new key and value, the two calls over whatever its unwritten slot holds.
+    /// over its new key and value, the two calls over whatever its unwritten slot holds. A backend whose
+    /// [`Backend::lora_project`] gives wide outputs takes `qkv` rows wider than `q_dim + 2·kv_dim` here (the
+    /// queries' width is `meta`'s heads times `head_dim`); the default passes `qkv` on as it is.
     #[allow(clippy::too_many_arguments)]
     fn rope_attention(
         &self,

@@ -105,7 +105,8 @@ impl CudaBackend {
         self.plan_with(q, n, qw, k_cache, v_cache, meta, None)
     }
 
-    /// The plan of a `_tcr` launch (see [`crate::Backend::rope_attention`]): `qkv` `[n, q_dim + 2·kv_dim]`,
+    /// The plan of a `_tcr` launch (see [`crate::Backend::rope_attention`]): `qkv` `[n, q_dim + 2·kv_dim]` or
+    /// wider (rows are read by their width; columns past the values are not read),
     /// the pass's positions and slots (checked against the block tables) and their uploads.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_plan_rope<'a>(

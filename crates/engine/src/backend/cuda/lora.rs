@@ -240,6 +240,8 @@ pub struct CudaLoraIndex {
     id: u64,
     layers: usize,
     max_rank: usize,
+    /// Per target: the largest rank of its pairs (0 where it has none).
+    ranks: [usize; NUM_TARGETS],
     /// Per target: (in features, columns) of its pairs (the same in every layer that has one).
     dims: [Option<(usize, usize)>; NUM_TARGETS],
 }
@@ -306,6 +308,7 @@ impl CudaBackend {
         let mut refs = vec![LoraRef::default(); layers.len() * NUM_TARGETS];
         let mut dims: [Option<(usize, usize)>; NUM_TARGETS] = [None; NUM_TARGETS];
         let mut max_rank = 0;
+        let mut ranks = [0usize; NUM_TARGETS];
         for (l, layer) in layers.iter().enumerate() {
             for (t, w) in layer.iter().enumerate() {
                 let Some(w) = w else { continue };
@@ -314,6 +317,7 @@ impl CudaBackend {
                     return Ok(None);
                 }
                 max_rank = max_rank.max(rank);
+                ranks[t] = ranks[t].max(rank);
                 refs[l * NUM_TARGETS + t] = LoraRef {
                     a: self.ptr(&w.a.buf),
                     b: self.ptr(&w.b.buf),
@@ -342,6 +346,7 @@ impl CudaBackend {
             id: INDEX_IDS.fetch_add(1, Ordering::Relaxed),
             layers: layers.len(),
             max_rank,
+            ranks,
             dims,
         }))
     }
@@ -429,9 +434,7 @@ impl CudaBackend {
             recs.resize(2 * records, LoraRec::default());
         }
         let in_gemm = match single {
-            Some(ix) if one && prompt.is_none() && records > 0 && rmax <= self.lora_in_gemm => {
-                self.lora_gemm_ready(ix)?
-            }
+            Some(ix) if one && prompt.is_none() && records > 0 => self.lora_gemm_ready(ix)?,
             _ => 0,
         };
         Ok(Some(CudaLoraStep {
@@ -941,19 +944,23 @@ impl CudaBackend {
     }
 }
 
-/// The rank slot of each part of the shrink inside the q/k/v GEMM (`LORAX_CUDA_LORA_IN_GEMM`'s default): 96
-/// rows past the q/k/v weight. Measured on an H100 (bench/NOTES.md session 39, call 1): [128, 4096] x
+/// The rank slot of each part of the shrinks inside the q/k/v and o GEMMs (`LORAX_CUDA_LORA_IN_GEMM`'s
+/// default): 96 rows past the q/k/v weight, 32 past o's. Measured on an H100 (bench/NOTES.md session 39, call 1): [128, 4096] x
 /// [6240, 4096]ᵀ took 21.55 µs against 21.30-21.46 for the weight alone, where the shrink it replaces
 /// (`bgmv_shrink_tc1`) took 5.8 µs (session 31).
 pub(super) const IN_GEMM_RANK: usize = 32;
 
+/// The rank slot is a multiple of this, so that the wide rows stay whole 16-byte vectors for the kernels
+/// that read them (the fused rotary attention loads them so without a check).
+pub(super) const IN_GEMM_ALIGN: usize = 8;
+
 /// Ids of [`CudaLoraIndex`]es (0 is no adapter's).
 static INDEX_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// The LoRA shrink inside a projection's GEMM. At load, a fused projection's weight (q/k/v) gets
+/// The LoRA shrink inside a projection's GEMM. At load, a projection's weight (q/k/v fused, and o) gets
 /// `parts × slot` zeroed rows past its own, in one allocation ([`CudaBackend::lora_gemm_register`]). A
-/// planned decode step whose rows with an adapter all take one adapter of rank at most `slot` copies that
-/// adapter's `lora_A` rows of every layer into them (`lora_gemm_rows`, one launch, only when the adapter
+/// planned decode step whose rows with an adapter all take one adapter, whose pairs of the projection's parts
+/// have ranks of at most `slot`, copies that adapter's `lora_A` rows of every layer into them (`lora_gemm_rows`, one launch, only when the adapter
 /// differs from the one they hold), so the projection's one GEMM over the longer weight gives the product
 /// and, in the columns past it, each row's `x · Aᵀ` (rows of the base model get columns nobody reads). The
 /// expand (`bgmv_expand_iy`) reads those columns in place of the shrink's partials. Each step's products
@@ -1051,18 +1058,21 @@ impl CudaBackend {
     }
 
     /// The groups (a bit each) whose reserved rows hold adapter `ix`'s `lora_A` rows, copied now where they
-    /// held another's: those whose every layer is registered, and whose every part the adapter has, with
-    /// the weight's input features. The copy is device work done before the step's own, also while a graph
-    /// step is being recorded; a capture always follows its step's recording, which made the rows ready.
+    /// held another's: those whose every layer is registered, where the adapter has pairs of some part (a
+    /// part without gets zero rows, and its expand blocks skip it), all of ranks within the group's slot and
+    /// with the weight's input features. The copy is device work done before the step's own, also while a
+    /// graph step is being recorded; a capture always follows its step's recording, which made the rows
+    /// ready.
     fn lora_gemm_ready(&self, ix: &CudaLoraIndex) -> Result<u32> {
         let mut g = self.lora_gemm_lock()?;
         let mut mask = 0u32;
         let mut copies = 0;
         for (gi, grp) in g.groups.iter_mut().enumerate().take(32) {
-            let fits = grp
-                .targets
-                .iter()
-                .all(|t| ix.dims[t.index()].is_some_and(|(kin, _)| kin == grp.k));
+            let fits = grp.targets.iter().any(|t| ix.dims[t.index()].is_some())
+                && grp
+                    .targets
+                    .iter()
+                    .all(|t| ix.ranks[t.index()] <= grp.slot && ix.dims[t.index()].is_none_or(|(kin, _)| kin == grp.k));
             let layers = grp.layers.len();
             if !fits || ix.layers < layers || grp.layers.iter().any(Option::is_none) {
                 continue;
@@ -1156,16 +1166,16 @@ impl CudaBackend {
             return Ok(Some(y));
         }
         let planning = std::time::Instant::now();
+        // Every part of the group keeps its slot, also one the adapter has no pairs for (its blocks skip it):
+        // its columns are the projection's up to the next part's first.
         let (mut targets, mut cols, mut part_cols) = ([0i32; 3], [0i32; 3], [0usize; 3]);
         for (p, &(target, col)) in parts.iter().enumerate() {
-            let Some((_, c)) = step.dims[target.index()] else {
+            let end = parts.get(p + 1).map_or(out, |next| next.1);
+            let c = end.saturating_sub(col);
+            if end > out || step.dims[target.index()].is_some_and(|(_, pc)| pc != c) {
                 return Err(EngineError::Backend(format!(
-                    "lora_project: the step has no {target:?} pairs"
-                )));
-            };
-            if col + c > out {
-                return Err(EngineError::Backend(format!(
-                    "lora_project: {target:?} pairs of {c} columns at column {col} of {out}"
+                    "lora_project: {target:?} pairs of {:?} at column {col} of {out} (the part's {c} columns)",
+                    step.dims[target.index()]
                 )));
             }
             targets[p] = int("target", target.index())?;

@@ -673,10 +673,10 @@ pub struct CudaBackend {
     lora_expand_vx: bool,
     /// Rows of one record of `bgmv_expand_vx` (`LORAX_CUDA_LORA_EXPAND_ROWS`, 4-16, default 16).
     lora_expand_rows: usize,
-    /// A step whose adapter rows all take one adapter of at most this rank computes its q/k/v LoRA shrink in
-    /// the projection's GEMM, from that adapter's `lora_A` rows copied past the weight's
-    /// (`LORAX_CUDA_LORA_IN_GEMM`, the rank slot of each part: default 32, 0 turns it off; see
-    /// [`lora::LoraGemm`]).
+    /// A step whose adapter rows all take one adapter whose q/k/v (o) pairs have at most this rank computes
+    /// their LoRA shrink in the projection's GEMM, from that adapter's `lora_A` rows copied past the weight's
+    /// (`LORAX_CUDA_LORA_IN_GEMM`, the rank slot of each part: default 32, a multiple of 8 up to 64, 0 turns
+    /// it off; see [`lora::LoraGemm`]).
     lora_in_gemm: usize,
     /// The weights with rows reserved for it, and whose rows they hold.
     lora_gemm_rows: Mutex<lora::LoraGemm>,
@@ -1321,7 +1321,15 @@ impl CudaBackend {
                 lora::EXPAND_VX_ROWS,
                 4..=lora::EXPAND_VX_ROWS,
             )?,
-            lora_in_gemm: env_count("LORAX_CUDA_LORA_IN_GEMM", lora::IN_GEMM_RANK, 0..=lora::BG_RANK)?,
+            lora_in_gemm: match env_count("LORAX_CUDA_LORA_IN_GEMM", lora::IN_GEMM_RANK, 0..=lora::BG_RANK)? {
+                n if n.is_multiple_of(lora::IN_GEMM_ALIGN) => n,
+                n => {
+                    return Err(EngineError::Backend(format!(
+                        "LORAX_CUDA_LORA_IN_GEMM={n}: the rank slot must be a multiple of {} (0 turns it off)",
+                        lora::IN_GEMM_ALIGN
+                    )))
+                }
+            },
             lora_gemm_rows: Mutex::new(lora::LoraGemm::default()),
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
@@ -1417,20 +1425,21 @@ impl CudaBackend {
         self.lora_bgmv = on;
     }
 
-    /// A step's LoRA expand on `bgmv_expand_vx` where it fits (as `LORAX_CUDA_LORA_EXPAND=vx`) or on
-    /// `bgmv_expand_ix` (for tests and comparisons).
-    /// The rank slot of the LoRA shrink inside the q/k/v GEMM (`LORAX_CUDA_LORA_IN_GEMM`; 0: off). Weights
-    /// loaded before keep the rows they reserved (none while it was 0).
+    /// The rank slot of the LoRA shrinks inside the q/k/v and o GEMMs (`LORAX_CUDA_LORA_IN_GEMM`; 0: off),
+    /// rounded up to a multiple of 8 (so that rows stay whole 16-byte vectors). It applies to weights loaded
+    /// after; those loaded before keep the rows they reserved, and their own slot.
     pub fn set_lora_in_gemm(&mut self, rank: usize) {
-        self.lora_in_gemm = rank;
+        self.lora_in_gemm = rank.next_multiple_of(lora::IN_GEMM_ALIGN);
     }
 
-    /// Steps planned so far whose q/k/v LoRA shrink ran in the projection's GEMM, and copies of an adapter's
-    /// `lora_A` rows into the reserved rows (tests check both).
+    /// Passes planned so far with a LoRA shrink in a projection's GEMM, and copies of an adapter's `lora_A`
+    /// rows into the reserved rows (tests check both).
     pub fn lora_in_gemm_counts(&self) -> (u64, u64) {
         self.lora_gemm_rows.lock().map_or((0, 0), |g| (g.steps, g.copies))
     }
 
+    /// A step's LoRA expand on `bgmv_expand_vx` where it fits (as `LORAX_CUDA_LORA_EXPAND=vx`) or on
+    /// `bgmv_expand_ix` (for tests and comparisons).
     pub fn set_lora_expand_vx(&mut self, on: bool) {
         self.lora_expand_vx = on;
     }
