@@ -945,9 +945,9 @@ impl CudaBackend {
 }
 
 /// The rank slot of each part of the shrinks inside the q/k/v and o GEMMs (`LORAX_CUDA_LORA_IN_GEMM`'s
-/// default): 96 rows past the q/k/v weight, 32 past o's. Measured on an H100 (bench/NOTES.md session 39, call 1): [128, 4096] x
-/// [6240, 4096]ᵀ took 21.55 µs against 21.30-21.46 for the weight alone, where the shrink it replaces
-/// (`bgmv_shrink_tc1`) took 5.8 µs (session 31).
+/// default): 96 rows past the q/k/v weight, 32 past o's. Measured on an H100 (bench/NOTES.md session 39,
+/// call 1): [128, 4096] x [6240, 4096]ᵀ took 21.55 µs against 21.30-21.46 for the weight alone, where the
+/// shrink it replaces (`bgmv_shrink_tc1`) took 5.8 µs (session 31).
 pub(super) const IN_GEMM_RANK: usize = 32;
 
 /// The rank slot is a multiple of this, so that the wide rows stay whole 16-byte vectors for the kernels
@@ -959,12 +959,12 @@ static INDEX_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// The LoRA shrink inside a projection's GEMM. At load, a projection's weight (q/k/v fused, and o) gets
 /// `parts × slot` zeroed rows past its own, in one allocation ([`CudaBackend::lora_gemm_register`]). A
-/// planned decode step whose rows with an adapter all take one adapter, whose pairs of the projection's parts
-/// have ranks of at most `slot`, copies that adapter's `lora_A` rows of every layer into them (`lora_gemm_rows`, one launch, only when the adapter
-/// differs from the one they hold), so the projection's one GEMM over the longer weight gives the product
-/// and, in the columns past it, each row's `x · Aᵀ` (rows of the base model get columns nobody reads). The
-/// expand (`bgmv_expand_iy`) reads those columns in place of the shrink's partials. Each step's products
-/// then take one launch less a projection.
+/// planned decode step whose rows with an adapter all take one adapter, with pairs of every part of the
+/// projection of ranks of at most `slot`, copies that adapter's `lora_A` rows of every layer into them
+/// (`lora_gemm_rows`, one launch, only when they hold another adapter's), so the projection's one GEMM over
+/// the longer weight gives the product and, in the columns past it, each row's `x · Aᵀ` (rows of the base
+/// model get columns nobody reads). The expand (`bgmv_expand_iy`) reads those columns in place of the
+/// shrink's partials. Each step's products then take one launch less a projection.
 #[derive(Default)]
 pub struct LoraGemm {
     groups: Vec<GemmGroup>,
@@ -1063,9 +1063,9 @@ impl CudaBackend {
     /// group's slot and with the weight's input features. (An adapter without some part, such as k in a q/v
     /// adapter, could take it too, with that part's rows zero; it is left out because the golden rsLoRA
     /// adapter, q alone among them at scales 4 and 16, then read 0.107 of relative logit error in bf16 against
-    /// the bound of 0.1, 0.086 on the usual path: bench/NOTES.md session 39.) The copy is device work done before the step's own, also while a
-    /// graph step is being recorded; a capture always follows its step's recording, which made the rows
-    /// ready.
+    /// the bound of 0.1, 0.086 on the usual path: bench/NOTES.md session 39.) The copy is device work done
+    /// before the step's own, also while a graph step is being recorded; a capture always follows its step's
+    /// recording, which made the rows ready.
     fn lora_gemm_ready(&self, ix: &CudaLoraIndex) -> Result<u32> {
         let mut g = self.lora_gemm_lock()?;
         let mut mask = 0u32;
