@@ -227,6 +227,74 @@ fn decode_steps_through_graphs_equal_eager_steps() {
     }
 }
 
+/// Steps whose rows all take one adapter, the adapter changing between phases (a0, a1, a0 again, three rows
+/// each): with the LoRA shrink inside the q/k/v and o GEMMs, each change copies the adapter's `lora_A` rows
+/// past the weights before the step, also when the step replays a graph captured for the other adapter (the
+/// same launches, so the same signature). Tokens equal eager steps', bit for bit, with graphs recorded ahead
+/// and not; the shrink ran in the GEMMs and the rows were copied at each change.
+#[test]
+fn one_adapter_steps_through_graphs_equal_eager_steps() {
+    let Some(dir) = small_model() else { return };
+    let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let keys: Vec<String> = (0..2).map(|i| format!("a{i}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        write_adapter(&dir.path().join(k), &cfg, [16, 8][i], i as u64 + 7);
+    }
+    for dtype in [DType::BF16, DType::F32] {
+        let mut traces = Vec::new();
+        for (graphs, ahead) in [(false, false), (true, false), (true, true)] {
+            let mut e = engine(dir.path(), dtype, graphs, true);
+            e.backend.set_graph_ahead(ahead);
+            for k in &keys {
+                let host = HostAdapter::load(&dir.path().join(k), &cfg, 64).unwrap();
+                e.load_adapter(k, &host).unwrap();
+            }
+            let mut alloc = BlockAllocator::new(CACHE.num_blocks as u32, CACHE.block_size);
+            let mut batch = Batch::default();
+            let mut trace = Trace::new();
+            for (phase, adapter) in [0usize, 1, 0].into_iter().enumerate() {
+                batch.filter(&[]);
+                // Prompts of 3 tokens of the small model's vocabulary (4096), blocks for 40 tokens.
+                let news = (0..3u64)
+                    .map(|i| NewSequence {
+                        id: 10 * phase as u64 + i,
+                        input_ids: (0..3u32)
+                            .map(|t| (t * 37 + i as u32 * 11 + phase as u32 * 5) % 4000 + 3)
+                            .collect(),
+                        block_table: alloc.allocate(40).unwrap(),
+                        params: SamplingParams::default(),
+                        prefill_logprobs: false,
+                        prefill_top_n: 0,
+                        adapter: Some(keys[adapter].clone()),
+                    })
+                    .collect();
+                let mut gens = e.prefill(&mut batch, news).unwrap();
+                for _ in 0..20 {
+                    gens.extend(e.decode(&mut batch).unwrap());
+                }
+                trace.extend(gens.iter().map(|g| (g.id, g.choice.token, g.choice.logprob.to_bits())));
+            }
+            let (steps, copies) = e.backend.lora_in_gemm_counts();
+            let (captures, replays) = e.backend.graph_counts();
+            say(&format!(
+                "{dtype:?} graphs {graphs} ahead {ahead}: {} tokens, {steps} passes with the shrink in the GEMMs, \
+                 {copies} copies of lora_A rows, {captures} graphs captured, {replays} replays",
+                trace.len()
+            ));
+            assert!(steps >= 63, "only {steps} of 63 passes took the shrink in the GEMMs");
+            // Two groups (q/k/v and o), rows copied at the first phase and at each change.
+            assert_eq!(copies, 6, "copies of lora_A rows");
+            if graphs {
+                assert!(replays >= 40, "only {replays} of 60 decode steps replayed a graph");
+            }
+            traces.push(trace);
+        }
+        for (i, t) in traces.iter().enumerate().skip(1) {
+            assert_eq!(&traces[0], t, "{dtype:?}: run {i} differs from eager steps");
+        }
+    }
+}
+
 /// One stream decoding far (220 tokens from a 30-token prompt, across three 64-token attention chunks) keeps
 /// one graph: a batch smaller than a wave launches its attention with the same splits whatever its context
 /// (`split_plan`), so the step's signature does not change at each chunk. Before, the grid had a split a
