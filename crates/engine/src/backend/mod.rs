@@ -385,7 +385,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
             "lora_layer without a step plan from lora_step".into(),
         ))
     }
-    /// Room past a fused projection's weight `w` (layer `layer`, parts `targets` in order) for an adapter's
+    /// Room past a projection's weight `w` (layer `layer`, parts `targets` in order: q/k/v fused, or o) for an
+    /// adapter's
     /// `lora_A` rows, so that [`Backend::lora_project`] may compute the product and the LoRA shrink in one
     /// GEMM. Returns the weight to keep: the same product as `w` for [`Backend::linear`]. The default keeps
     /// `w`.

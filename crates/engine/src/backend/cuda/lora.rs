@@ -959,7 +959,8 @@ static INDEX_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// The LoRA shrink inside a projection's GEMM. At load, a projection's weight (q/k/v fused, and o) gets
 /// `parts × slot` zeroed rows past its own, in one allocation ([`CudaBackend::lora_gemm_register`]). A
-/// planned decode step whose rows with an adapter all take one adapter, with pairs of every part of the
+/// planned pass (a decode step, or a pass of up to 256 rows without prompt chunks on the prompt pair) whose
+/// rows with an adapter all take one adapter, with pairs of every part of the
 /// projection of ranks of at most `slot`, copies that adapter's `lora_A` rows of every layer into them
 /// (`lora_gemm_rows`, one launch, only when they hold another adapter's), so the projection's one GEMM over
 /// the longer weight gives the product and, in the columns past it, each row's `x · Aᵀ` (rows of the base
@@ -1168,13 +1169,13 @@ impl CudaBackend {
             return Ok(Some(y));
         }
         let planning = std::time::Instant::now();
-        // Every part of the group keeps its slot, also one the adapter has no pairs for (its blocks skip it):
-        // its columns are the projection's up to the next part's first.
+        // Each part's columns are the projection's up to the next part's first; the step's adapter has pairs of
+        // every part (`lora_gemm_ready`), of those columns.
         let (mut targets, mut cols, mut part_cols) = ([0i32; 3], [0i32; 3], [0usize; 3]);
         for (p, &(target, col)) in parts.iter().enumerate() {
             let end = parts.get(p + 1).map_or(out, |next| next.1);
             let c = end.saturating_sub(col);
-            if end > out || step.dims[target.index()].is_some_and(|(_, pc)| pc != c) {
+            if end > out || step.dims[target.index()].is_none_or(|(_, pc)| pc != c) {
                 return Err(EngineError::Backend(format!(
                     "lora_project: {target:?} pairs of {:?} at column {col} of {out} (the part's {c} columns)",
                     step.dims[target.index()]

@@ -1429,7 +1429,7 @@ impl CudaBackend {
     /// rounded up to a multiple of 8 (so that rows stay whole 16-byte vectors). It applies to weights loaded
     /// after; those loaded before keep the rows they reserved, and their own slot.
     pub fn set_lora_in_gemm(&mut self, rank: usize) {
-        self.lora_in_gemm = rank.next_multiple_of(lora::IN_GEMM_ALIGN);
+        self.lora_in_gemm = rank.next_multiple_of(lora::IN_GEMM_ALIGN).min(lora::BG_RANK);
     }
 
     /// Passes planned so far with a LoRA shrink in a projection's GEMM, and copies of an adapter's `lora_A`
