@@ -404,42 +404,38 @@ impl<B: Backend> Model<B> {
             backend.lora_step(n, &lora_rows)?
         };
         // Runs a (possibly fused) projection, then adds each segment's LoRA terms for its parts (target,
-        // first column of the output), all parts in one call. `wide`: the output may have the backend's
-        // scratch columns past the product's (`Backend::lora_project`).
-        let project = |linear: &Linear<B>,
-                       x: &B::Tensor,
-                       layer: usize,
-                       parts: &[(Target, usize)],
-                       wide: bool|
-         -> Result<B::Tensor> {
-            if let Some(step) = &lora_step {
-                return backend.lora_project(x, &linear.w, linear.b.as_ref(), step, layer, parts, wide);
-            }
-            let mut y = linear.forward(backend, x)?;
-            let mut segs: Vec<LoraSegment<'_, B::Tensor>> = Vec::new();
-            for &(target, col) in parts {
-                for s in &input.segments {
-                    if let Some(w) = adapters[s.adapter]
-                        .layers
-                        .get(layer)
-                        .and_then(|l| l[target.index()].as_ref())
-                    {
-                        segs.push(LoraSegment {
-                            start: s.start,
-                            len: s.len,
-                            a: &w.a,
-                            b: &w.b,
-                            scale: w.scale,
-                            col,
-                        });
+        // first column of the output), all parts in one call. q/k/v's and o's outputs may have the backend's
+        // scratch columns past the product's (`Backend::lora_gemm_weight` at load).
+        let project =
+            |linear: &Linear<B>, x: &B::Tensor, layer: usize, parts: &[(Target, usize)]| -> Result<B::Tensor> {
+                if let Some(step) = &lora_step {
+                    return backend.lora_project(x, &linear.w, linear.b.as_ref(), step, layer, parts);
+                }
+                let mut y = linear.forward(backend, x)?;
+                let mut segs: Vec<LoraSegment<'_, B::Tensor>> = Vec::new();
+                for &(target, col) in parts {
+                    for s in &input.segments {
+                        if let Some(w) = adapters[s.adapter]
+                            .layers
+                            .get(layer)
+                            .and_then(|l| l[target.index()].as_ref())
+                        {
+                            segs.push(LoraSegment {
+                                start: s.start,
+                                len: s.len,
+                                a: &w.a,
+                                b: &w.b,
+                                scale: w.scale,
+                                col,
+                            });
+                        }
                     }
                 }
-            }
-            if !segs.is_empty() {
-                backend.lora(&mut y, x, &segs)?;
-            }
-            Ok(y)
-        };
+                if !segs.is_empty() {
+                    backend.lora(&mut y, x, &segs)?;
+                }
+                Ok(y)
+            };
         // Adapters whose weights are still arriving (streamed loads): each layer waits for its own.
         let gates: Vec<&dyn crate::lora::AdapterGate> = adapters
             .iter()
@@ -462,7 +458,6 @@ impl<B: Backend> Model<B> {
                 &h,
                 i,
                 &[(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)],
-                true,
             )?;
             let attn = backend.rope_attention(
                 &qkv,
@@ -474,7 +469,7 @@ impl<B: Backend> Model<B> {
                 &input.slots,
                 &meta,
             )?;
-            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)], true)?;
+            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
             backend.all_reduce_sum(&mut attn_out, comm)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
             let gate_up = project(
@@ -482,10 +477,9 @@ impl<B: Backend> Model<B> {
                 &h2,
                 i,
                 &[(Target::Gate, 0), (Target::Up, self.local_ffn)],
-                false,
             )?;
             let act = backend.silu_mul(&gate_up)?;
-            let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)], false)?;
+            let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)])?;
             backend.all_reduce_sum(&mut down, comm)?;
             pending = Some(down);
             backend.mark("layer");

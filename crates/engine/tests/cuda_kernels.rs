@@ -1043,6 +1043,54 @@ fn lora_sgmv_matches_cpu() {
     }
 }
 
+/// A random adapter's (rank, scale, whether it has a pair for (layer, target)).
+type AdapterSpec = (usize, f32, fn(usize, lorax_engine::lora::Target) -> bool);
+/// An adapter's pairs on the CPU, per layer and target.
+type CpuPairs = Vec<[Option<(lorax_engine::CpuTensor, lorax_engine::CpuTensor)>; lorax_engine::lora::NUM_TARGETS]>;
+
+/// Adapters of `specs` over `layers` layers, on both backends: each pair's A `[rank, k]` uniform in ±1/√k
+/// and B `[cols, rank]` in ±1/√rank, where `shape(target)` is (k, cols); each adapter has its device index.
+fn random_adapters(
+    g: &CudaBackend,
+    rng: &mut Rng,
+    specs: &[AdapterSpec],
+    layers: usize,
+    shape: &dyn Fn(lorax_engine::lora::Target) -> (usize, usize),
+) -> (Vec<CpuPairs>, Vec<lorax_engine::lora::DeviceAdapter<CudaBackend>>) {
+    use lorax_engine::lora::{DeviceAdapter, LoraWeights, Target, NUM_TARGETS};
+    let mut cpu = Vec::new();
+    let mut dev = Vec::new();
+    for &(rank, scale, has) in specs {
+        let mut c: CpuPairs = (0..layers).map(|_| Default::default()).collect();
+        let mut d: Vec<[Option<LoraWeights<CudaBackend>>; NUM_TARGETS]> =
+            (0..layers).map(|_| Default::default()).collect();
+        for l in 0..layers {
+            for t in Target::ALL.into_iter().filter(|&t| has(l, t)) {
+                let (k, cols) = shape(t);
+                let (ra, rb) = (1.0 / (k as f32).sqrt(), 1.0 / (rank as f32).sqrt());
+                let a = pair(g, rng, &[rank, k], -ra, ra);
+                let b = pair(g, rng, &[cols, rank], -rb, rb);
+                c[l][t.index()] = Some((a.cpu, b.cpu));
+                d[l][t.index()] = Some(LoraWeights {
+                    a: a.gpu,
+                    b: b.gpu,
+                    scale,
+                });
+            }
+        }
+        let index = g.lora_index(&d).unwrap();
+        assert!(index.is_some(), "adapter of rank {rank} has no index");
+        cpu.push(c);
+        dev.push(DeviceAdapter {
+            layers: d,
+            bytes: 0,
+            index,
+            gate: None,
+        });
+    }
+    (cpu, dev)
+}
+
 /// The per-step LoRA plan (`lora_step` once, then `lora_layer` per layer and projection, the `bgmv_*_ix`
 /// kernels, and in a 300-row pass the prompt pair `lora_shrink_pf*` + `lora_expand_pf` for its segments of
 /// more than 64 rows; each plan with either expand, `bgmv_expand_ix` and `bgmv_expand_vx`) against the CPU's
@@ -1066,9 +1114,7 @@ fn lora_step_matches_cpu() {
         _ => h,
     };
     // (rank, scale, does it have (layer, target)), and its rows.
-    type Has = fn(usize, Target) -> bool;
-    type CpuLayer = [Option<(lorax_engine::CpuTensor, lorax_engine::CpuTensor)>; NUM_TARGETS];
-    let specs: [(usize, f32, Has); 5] = [
+    let specs: [AdapterSpec; 5] = [
         (16, 2.0, |_, t| t.index() < 4),
         (8, 0.5, |_, t| matches!(t, Target::Q | Target::V | Target::O)),
         (64, 1.0, |l, t| t.index() < 4 && !(l == 0 && t == Target::Q)),
@@ -1097,35 +1143,7 @@ fn lora_step_matches_cpu() {
         let Some(mut g) = gpu(dt) else { return };
         say(&format!("{dt:?} lora step plan"));
         // The CPU copies of each adapter's pairs, and the adapters on the GPU.
-        let mut cpu: Vec<Vec<CpuLayer>> = Vec::new();
-        let mut dev: Vec<DeviceAdapter<CudaBackend>> = Vec::new();
-        for &(rank, scale, has) in &specs {
-            let mut c: Vec<CpuLayer> = (0..layers).map(|_| Default::default()).collect();
-            let mut d: Vec<[Option<LoraWeights<CudaBackend>>; NUM_TARGETS]> =
-                (0..layers).map(|_| Default::default()).collect();
-            for l in 0..layers {
-                for t in Target::ALL.into_iter().filter(|&t| has(l, t)) {
-                    let (ra, rb) = (1.0 / (h as f32).sqrt(), 1.0 / (rank as f32).sqrt());
-                    let a = pair(&g, &mut rng, &[rank, h], -ra, ra);
-                    let b = pair(&g, &mut rng, &[width(t), rank], -rb, rb);
-                    c[l][t.index()] = Some((a.cpu, b.cpu));
-                    d[l][t.index()] = Some(LoraWeights {
-                        a: a.gpu,
-                        b: b.gpu,
-                        scale,
-                    });
-                }
-            }
-            let index = g.lora_index(&d).unwrap();
-            assert!(index.is_some(), "adapter of rank {rank} has no index");
-            cpu.push(c);
-            dev.push(DeviceAdapter {
-                layers: d,
-                bytes: 0,
-                index,
-                gate: None,
-            });
-        }
+        let (cpu, dev) = random_adapters(&g, &mut rng, &specs, layers, &|t| (h, width(t)));
         let projections: [&[(Target, usize)]; 3] = [
             &[(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvd)],
             &[(Target::O, 0)],
@@ -1260,19 +1278,20 @@ fn lora_step_matches_cpu() {
     }
 }
 
-/// The q/k/v and o LoRA shrinks inside the projections' GEMMs (`lora_gemm_weight` at load, `lora_project` with
-/// `wide`): a step whose adapter rows all take one adapter of rank at most the slot (32) gets the product
+/// The q/k/v and o LoRA shrinks inside the projections' GEMMs (`lora_gemm_weight` at load, then
+/// `lora_project`): a step whose adapter rows all take one adapter of rank at most the slot (32) gets the product
 /// and each row's `x · Aᵀ` from one GEMM over the weight and that adapter's `lora_A` rows (copied when the
 /// adapter changes), then `bgmv_expand_iy`. Checked against the CPU's linear + per-layer `lora`: the LoRA
 /// terms (the wide output's first columns less the plain product) of adapter rows, base rows left alone
 /// (within the dtype's rounding of the product), for adapters of rank 16 (every pair) and 32 (no layer-0
 /// q); the copies counted as the adapter changes (two groups, q/k/v and o); an adapter without k pairs (its
-/// o pairs in the GEMM alone), one of rank 64 and a step of two adapters take the usual path, as does `wide`
-/// off. The o projection's wide output then goes through `add_rms_norm`, which reads its first columns.
+/// o pairs in the GEMM alone), one of rank 64 and a step of two adapters take the usual path; each output is
+/// also compared with the usual path's (the product, then `lora_layer`). The o projection's wide output then
+/// goes through `add_rms_norm`, which reads its first columns.
 #[test]
 fn lora_shrink_in_gemm_matches_cpu() {
     use lorax_engine::backend::LoraRows;
-    use lorax_engine::lora::{DeviceAdapter, LoraWeights, Target, NUM_TARGETS};
+    use lorax_engine::lora::Target;
     let mut rng = Rng(seed("lora in gemm"));
     let (h, qd, kvd, layers) = (2560, 1024, 256, 2);
     let width = |t: Target| match t {
@@ -1280,10 +1299,8 @@ fn lora_shrink_in_gemm_matches_cpu() {
         Target::K | Target::V => kvd,
         _ => h,
     };
-    type Has = fn(usize, Target) -> bool;
-    type CpuLayer = [Option<(lorax_engine::CpuTensor, lorax_engine::CpuTensor)>; NUM_TARGETS];
     // (rank, scale, pairs): in the GEMM, in the GEMM, no k pairs, rank above the slot.
-    let specs: [(usize, f32, Has); 4] = [
+    let specs: [AdapterSpec; 4] = [
         (16, 2.0, |_, t| t.index() < 4),
         (32, 1.5, |l, t| t.index() < 4 && !(l == 0 && t == Target::Q)),
         (8, 2.0, |_, t| matches!(t, Target::Q | Target::V | Target::O)),
@@ -1309,36 +1326,9 @@ fn lora_shrink_in_gemm_matches_cpu() {
                 ws.push((l, w.cpu, kept));
             }
         }
-        let mut cpu: Vec<Vec<CpuLayer>> = Vec::new();
-        let mut dev: Vec<DeviceAdapter<CudaBackend>> = Vec::new();
-        for &(rank, scale, has) in &specs {
-            let mut c: Vec<CpuLayer> = (0..layers).map(|_| Default::default()).collect();
-            let mut d: Vec<[Option<LoraWeights<CudaBackend>>; NUM_TARGETS]> =
-                (0..layers).map(|_| Default::default()).collect();
-            for l in 0..layers {
-                for t in Target::ALL.into_iter().filter(|&t| has(l, t)) {
-                    let (ra, rb) = (1.0 / (h as f32).sqrt(), 1.0 / (rank as f32).sqrt());
-                    let k = if t == Target::O { qd } else { h };
-                    let ra = ra * (h as f32 / k as f32).sqrt();
-                    let a = pair(&g, &mut rng, &[rank, k], -ra, ra);
-                    let b = pair(&g, &mut rng, &[width(t), rank], -rb, rb);
-                    c[l][t.index()] = Some((a.cpu, b.cpu));
-                    d[l][t.index()] = Some(LoraWeights {
-                        a: a.gpu,
-                        b: b.gpu,
-                        scale,
-                    });
-                }
-            }
-            let index = g.lora_index(&d).unwrap();
-            cpu.push(c);
-            dev.push(DeviceAdapter {
-                layers: d,
-                bytes: 0,
-                index,
-                gate: None,
-            });
-        }
+        let (cpu, dev) = random_adapters(&g, &mut rng, &specs, layers, &|t| {
+            (if t == Target::O { qd } else { h }, width(t))
+        });
         // (adapters of the two segments, whether the GEMMs take the q/k/v and the o shrinks, copies expected
         // so far: one a group whose rows change).
         let cases: [([usize; 2], [bool; 2], u64); 7] = [
@@ -1394,14 +1384,21 @@ fn lora_shrink_in_gemm_matches_cpu() {
                 }
                 CpuBackend.lora(&mut want, &x.cpu, &cpu_segs).unwrap();
                 let plain = g.to_f32(&g.linear(&x.gpu, w_gpu, None).unwrap()).unwrap();
-                for wide in [true, false] {
-                    let y = g.lora_project(&x.gpu, w_gpu, None, &step, l, parts, wide).unwrap();
+                // `lora_project`, then the usual path (the product, then `lora_layer`) for comparison.
+                for usual in [false, true] {
+                    let y = if usual {
+                        let mut y = g.linear(&x.gpu, w_gpu, None).unwrap();
+                        g.lora_layer(&mut y, &x.gpu, &step, l, parts).unwrap();
+                        y
+                    } else {
+                        g.lora_project(&x.gpu, w_gpu, None, &step, l, parts).unwrap()
+                    };
                     let cols = g.shape(&y)[1];
-                    let expect_cols = if wide && in_gemm { out + slots * 32 } else { out };
-                    assert_eq!(cols, expect_cols, "{what} layer {l} wide={wide}: output columns");
+                    let expect_cols = if in_gemm && !usual { out + slots * 32 } else { out };
+                    assert_eq!(cols, expect_cols, "{what} layer {l} usual={usual}: output columns");
                     let all = g.to_f32(&y).unwrap();
                     let got: Vec<f32> = all.chunks(cols).flat_map(|r| r[..out].to_vec()).collect();
-                    let w = format!("{what} layer {l} wide={wide}");
+                    let w = format!("{what} layer {l} usual={usual}");
                     let d_got: Vec<f32> = got.iter().zip(&plain).map(|(a, b)| a - b).collect();
                     let d_want: Vec<f32> = want.data.iter().zip(&plain_cpu.data).map(|(a, b)| a - b).collect();
                     let adapter_rows = |v: &[f32]| -> Vec<f32> {

@@ -395,10 +395,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
         Ok(w)
     }
     /// `x·wᵀ (+ bias)`, then the planned step's LoRA terms of `parts` ([`Backend::linear`], then
-    /// [`Backend::lora_layer`]). Where `wide`, the result may have more columns than `w` has rows (the
-    /// backend's scratch, past the product's columns; see [`Backend::lora_gemm_weight`]): the caller then
-    /// reads it only by its first columns ([`Backend::rope_attention`] does, by its heads).
-    #[allow(clippy::too_many_arguments)]
+    /// [`Backend::lora_layer`]). Where `w` is a weight [`Backend::lora_gemm_weight`] gave back, the result
+    /// may have more columns than `w` has rows (the backend's scratch, past the product's): the caller asked
+    /// for that room only for projections it reads by their first columns ([`Backend::rope_attention`] does,
+    /// by its heads, and [`Backend::add_rms_norm`]).
     fn lora_project(
         &self,
         x: &Self::Tensor,
@@ -407,9 +407,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
         step: &Self::LoraStep,
         layer: usize,
         parts: &[(Target, usize)],
-        wide: bool,
     ) -> Result<Self::Tensor> {
-        let _ = wide;
         let mut y = self.linear(x, w, bias)?;
         self.lora_layer(&mut y, x, step, layer, parts)?;
         Ok(y)

@@ -109,6 +109,33 @@ static void check(const char* what, const char* pair, int kc, const char* form, 
 // carries up to 2^-9 of itself, so the bound takes 2^-8 of sum_j |t_j B[c, j]| more.
 static bool g_t_rounded = false;
 
+// A step's records as make_lora_step cuts them: each segment in records of at most BG_ROWS rows, then (when
+// `empty_one`) a record with an index but no rows, padded with empty records (index 0) to a power of two.
+static std::vector<LoraRec> cut_records(const std::vector<Seg>& segs, const std::vector<Adapter>& ads, bool empty_one) {
+    std::vector<LoraRec> recs;
+    for (const Seg& s : segs)
+        for (int c = 0; c < s.len; c += BG_ROWS)
+            recs.push_back({(u64)(uintptr_t)ads[s.adapter].table.data(), s.start + c, std::min(BG_ROWS, s.len - c)});
+    if (empty_one) recs.push_back({(u64)(uintptr_t)ads[segs[0].adapter].table.data(), 0, 0});
+    size_t pad = 1;
+    while (pad < recs.size()) pad *= 2;
+    recs.resize(pad, LoraRec{0, 0, 0});
+    return recs;
+}
+
+// The parts' groups of ct column tiles of bgmv_expand_ix/_iy end to end along y, as lora.rs `expand_groups` lays
+// them out (its unit test walks them as the kernel does): part 1's start at e1, part 2's at e2, total in all.
+static void ix_groups(const Parts& P, int ct, int* e1, int* e2, int* total) {
+    int groups[3] = {0, 0, 0};
+    for (int p = 0; p < P.count; ++p) {
+        const int tiles = (P.width[p] + 2 * BG_EXPAND_THREADS - 1) / (2 * BG_EXPAND_THREADS);
+        groups[p] = (tiles + ct - 1) / ct;
+    }
+    *e1 = groups[0];
+    *e2 = groups[0] + groups[1];
+    *total = *e2 + groups[2];
+}
+
 // Runs one case with the k-split pair at chunk kc (0: the old pair; `tc`: the shrink on the tensor cores,
 // bgmv_shrink_tc1/2/4 by the step's largest rank) and checks y. `vx` > 0: the expand is bgmv_expand_vx on
 // records merged to at most vx rows (ct unused).
@@ -118,16 +145,8 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
     int out = 0, col[3] = {0, 0, 0}, rmax = 0, max_cols = 0;
     for (int p = 0; p < P.count; ++p) { col[p] = out; out += P.width[p]; max_cols = std::max(max_cols, P.width[p]); }
     // Records as make_lora_step cuts them, one with an index but no rows, padding to a power of two.
-    std::vector<LoraRec> recs;
-    for (const Seg& s : segs) {
-        rmax = std::max(rmax, ads[s.adapter].rank);
-        for (int c = 0; c < s.len; c += BG_ROWS)
-            recs.push_back({(u64)(uintptr_t)ads[s.adapter].table.data(), s.start + c, std::min(BG_ROWS, s.len - c)});
-    }
-    recs.push_back({(u64)(uintptr_t)ads[segs[0].adapter].table.data(), 0, 0});
-    size_t pad = 1;
-    while (pad < recs.size()) pad *= 2;
-    recs.resize(pad, LoraRec{0, 0, 0});
+    for (const Seg& s : segs) rmax = std::max(rmax, ads[s.adapter].rank);
+    const std::vector<LoraRec> recs = cut_records(segs, ads, true);
     const int nrec = recs.size();
     std::vector<T> y = y0;
     const int t0 = P.target[0], t1 = P.target[1], t2 = P.target[2];
@@ -163,12 +182,9 @@ static void run_case(const char* what, int n, int k, const Parts& P, const std::
         }
         // The parts' groups of ct column tiles end to end along y, as lora.rs `expand_groups` lays them out
         // (its unit test walks them as the kernel does).
-        int groups[3] = {0, 0, 0};
-        for (int p = 0; p < P.count; ++p) {
-            const int tiles = (P.width[p] + 2 * BG_EXPAND_THREADS - 1) / (2 * BG_EXPAND_THREADS);
-            groups[p] = (tiles + ct - 1) / ct;
-        }
-        const int e1 = groups[0], e2 = groups[0] + groups[1], total = vx > 0 ? 0 : e2 + groups[2];
+        int e1, e2, total;
+        ix_groups(P, ct, &e1, &e2, &total);
+        if (vx > 0) total = 0;
         for (int gy = 0; gy < total; ++gy)
             emu_launch(nrec, BG_EXPAND_THREADS, [&] {
                 blockIdx.y = gy; blockIdx.z = 0;
@@ -210,13 +226,7 @@ static void run_iy(const char* what, int n, int k, const Parts& P, const std::ve
     int out = 0, col[3] = {0, 0, 0};
     for (int p = 0; p < P.count; ++p) { col[p] = out; out += P.width[p]; }
     const Adapter& ad = ads[segs[0].adapter];
-    std::vector<LoraRec> recs;
-    for (const Seg& s : segs)
-        for (int c = 0; c < s.len; c += BG_ROWS)
-            recs.push_back({(u64)(uintptr_t)ads[s.adapter].table.data(), s.start + c, std::min(BG_ROWS, s.len - c)});
-    size_t pad = 1;
-    while (pad < recs.size()) pad *= 2;
-    recs.resize(pad, LoraRec{0, 0, 0});
+    const std::vector<LoraRec> recs = cut_records(segs, ads, false);
     const int nrec = recs.size(), t0 = P.target[0], t1 = P.target[1], t2 = P.target[2];
     const int reserved = P.count * S, W = out + reserved;
     std::vector<T> rows_buf((size_t)reserved * k, from_f(NAN));
@@ -239,12 +249,8 @@ static void run_iy(const char* what, int n, int k, const Parts& P, const std::ve
         }
     }
     const std::vector<T> before = yw;
-    int groups[3] = {0, 0, 0};
-    for (int p = 0; p < P.count; ++p) {
-        const int tiles = (P.width[p] + 2 * BG_EXPAND_THREADS - 1) / (2 * BG_EXPAND_THREADS);
-        groups[p] = (tiles + ct - 1) / ct;
-    }
-    const int e1 = groups[0], e2 = groups[0] + groups[1], total = e2 + groups[2];
+    int e1, e2, total;
+    ix_groups(P, ct, &e1, &e2, &total);
     for (int gy = 0; gy < total; ++gy)
         emu_launch(nrec, BG_EXPAND_THREADS, [&] {
             blockIdx.y = gy; blockIdx.z = 0;

@@ -17,12 +17,11 @@
 //! Planning (checks, uploads, allocations) and running (a few launches a layer) are separate, so a
 //! run can be captured in a CUDA graph and replayed (the benchmarks time kernels that way).
 
-use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use cudarc::driver::{result as drv_result, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result as drv_result, LaunchConfig, PushKernelArg};
 
 use super::{cfg, drv, graph, int, shape_err, uint, CudaBackend, CudaTensor, DevBuf, LORA_ROWS, SMEM_LIMIT};
 use crate::backend::{Backend, LoraRows, LoraSegment};
@@ -76,6 +75,25 @@ fn expand_vx_fits(size: usize, out: usize, y: u64, firsts: &[i32], widths: &[usi
 /// `bgmv_expand_ix`'s grid along y for parts of `part_cols` columns (at most 3) at `ct` tiles of `tile`
 /// columns a group (`bgmv_expand_vx`: 1): `[e1, e2, total]`, where part 0's groups are y < e1, part 1's
 /// e1 <= y < e2 and part 2's e2 <= y < total (the kernels' mapping; a missing part has no groups).
+/// The expand's grid for `records` records and parts of `part_cols` columns in groups of `ct` tiles of
+/// `tile` columns (lora.cu's `bgmv_expand_ix`/`_iy`/`_vx`), and its (e1, e2, tiles per block) arguments.
+fn expand_grid(records: usize, part_cols: &[usize], tile: usize, ct: usize) -> Result<(LaunchConfig, [i32; 3])> {
+    let [e1, e2, total] = expand_groups(part_cols, tile, ct);
+    let grid = cfg(
+        (uint("records", records)?, uint("column groups", total)?, 1),
+        BG_EXPAND_THREADS,
+        0,
+    );
+    Ok((
+        grid,
+        [
+            int("column groups", e1)?,
+            int("column groups", e2)?,
+            int("tiles per block", ct)?,
+        ],
+    ))
+}
+
 pub(super) fn expand_groups(part_cols: &[usize], tile: usize, ct: usize) -> [usize; 3] {
     let groups = |p: usize| part_cols.get(p).map_or(0, |c| c.div_ceil(tile).div_ceil(ct.max(1)));
     [groups(0), groups(0) + groups(1), groups(0) + groups(1) + groups(2)]
@@ -611,22 +629,15 @@ impl CudaBackend {
         let (tile, ct) = if vx {
             (expand_vx_cols(size) * BG_EXPAND_THREADS as usize, 1)
         } else {
-            let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
-            let ct = self
-                .lora_expand_tiles
-                .unwrap_or_else(|| expand_tiles(tiles, step.adapter_rows, step.records, self.num_sms));
-            (EXPAND_TILE, ct)
+            (EXPAND_TILE, self.ix_expand_tiles(step, &part_cols[..used]))
         };
-        let [e1, e2, total] = expand_groups(&part_cols[..used], tile, ct);
-        let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
-        let expand = cfg((recs, uint("column groups", total)?, 1), BG_EXPAND_THREADS, 0);
+        let (expand, [e1, e2, cti]) = expand_grid(step.records, &part_cols[..used], tile, ct)?;
         shrink_run(shrink_name, shrink, tp, sp, pstride, kci)?;
         if vx {
             // The expand records follow the shrink's in the table (16 bytes each).
             let ep = sp + 16 * step.records as u64;
             return expand_run("bgmv_expand_vx", expand, [tp, ep], [e1, e2], pstride, ksi);
         }
-        let cti = int("tiles per block", ct)?;
         launch!(
             self,
             "bgmv_expand_ix",
@@ -969,8 +980,6 @@ static INDEX_IDS: AtomicU64 = AtomicU64::new(1);
 #[derive(Default)]
 pub struct LoraGemm {
     groups: Vec<GemmGroup>,
-    /// By the device address of a registered weight's first row: (group, layer).
-    by_weight: HashMap<u64, (usize, usize)>,
     /// Passes planned with some group's rows ready, and copies of an adapter's rows.
     pub(super) steps: u64,
     pub(super) copies: u64,
@@ -983,8 +992,9 @@ struct GemmGroup {
     out: usize,
     k: usize,
     slot: usize,
-    /// Per layer: the allocation (the weight's rows, then `targets.len() × slot` reserved ones).
-    layers: Vec<Option<Arc<CudaSlice<u8>>>>,
+    /// Per layer: the whole allocation as the weight the GEMM takes, `[out + targets.len() × slot, k]` (the
+    /// weight's rows, then the reserved ones).
+    full: Vec<Option<CudaTensor>>,
     /// `u64[layers]` on the device: each layer's first reserved row (made at first use).
     table: Option<DevBuf>,
     /// Id of the index whose rows the reserved rows hold (0: zeros).
@@ -1014,6 +1024,14 @@ impl CudaBackend {
             .map_err(|e| drv("copying a weight past which LoRA rows go", e))?;
         self.memset_zero(base + own as u64, reserved)?;
         let owner = Arc::new(slice);
+        let full = CudaTensor {
+            shape: vec![out + targets.len() * slot, k],
+            buf: DevBuf::Part {
+                owner: Some(owner.clone()),
+                ptr: base,
+                len: own + reserved,
+            },
+        };
         let mut g = self.lora_gemm_lock()?;
         let gi = match g
             .groups
@@ -1027,7 +1045,7 @@ impl CudaBackend {
                     out,
                     k,
                     slot,
-                    layers: Vec::new(),
+                    full: Vec::new(),
                     table: None,
                     resident: 0,
                 });
@@ -1035,13 +1053,12 @@ impl CudaBackend {
             }
         };
         let grp = &mut g.groups[gi];
-        if grp.layers.len() <= layer {
-            grp.layers.resize(layer + 1, None);
+        if grp.full.len() <= layer {
+            grp.full.resize_with(layer + 1, || None);
         }
-        grp.layers[layer] = Some(owner.clone());
+        grp.full[layer] = Some(full);
         grp.table = None;
         grp.resident = 0;
-        g.by_weight.insert(base, (gi, layer));
         Ok(CudaTensor {
             shape: w.shape.clone(),
             buf: DevBuf::Part {
@@ -1050,6 +1067,14 @@ impl CudaBackend {
                 len: own,
             },
         })
+    }
+
+    /// Column tiles each block of `bgmv_expand_ix`/`_iy` walks for a step's parts of `part_cols` columns
+    /// (`LORAX_CUDA_LORA_EXPAND_TILES`, or as many as keep one wave of blocks).
+    fn ix_expand_tiles(&self, step: &CudaLoraStep, part_cols: &[usize]) -> usize {
+        let tiles: usize = part_cols.iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
+        self.lora_expand_tiles
+            .unwrap_or_else(|| expand_tiles(tiles, step.adapter_rows, step.records, self.num_sms))
     }
 
     fn lora_gemm_lock(&self) -> Result<std::sync::MutexGuard<'_, LoraGemm>> {
@@ -1076,8 +1101,8 @@ impl CudaBackend {
                 .targets
                 .iter()
                 .all(|t| ix.ranks[t.index()] <= grp.slot && ix.dims[t.index()].is_some_and(|(kin, _)| kin == grp.k));
-            let layers = grp.layers.len();
-            if !fits || ix.layers < layers || grp.layers.iter().any(Option::is_none) {
+            let layers = grp.full.len();
+            if !fits || ix.layers < layers || grp.full.iter().any(Option::is_none) {
                 continue;
             }
             if grp.resident != ix.id {
@@ -1096,7 +1121,7 @@ impl CudaBackend {
                 let own = (grp.out * grp.k * self.dtype.size()) as u64;
                 graph::eagerly(|| -> Result<()> {
                     if grp.table.is_none() {
-                        let rows: Vec<u64> = grp.layers.iter().flatten().map(|a| self.slice_ptr(a) + own).collect();
+                        let rows: Vec<u64> = grp.full.iter().flatten().map(|t| self.ptr(&t.buf) + own).collect();
                         grp.table = Some(self.upload(&rows)?);
                     }
                     let dst = self.ptr(
@@ -1121,9 +1146,9 @@ impl CudaBackend {
         Ok(mask)
     }
 
-    /// The projection `x · wᵀ` of a step whose shrink runs in the GEMM (`step.in_gemm` has `w`'s group):
-    /// the GEMM over `w`'s rows and the reserved ones, then `bgmv_expand_iy` from the columns past the
-    /// product. `None` where `w` is not such a weight or `parts` are not its group's, in order.
+    /// The projection `x · wᵀ` of a step whose shrink runs in the GEMM (`step.in_gemm` has the group of
+    /// `parts`' targets, and `w` is that group's weight of layer `layer`): the GEMM over `w`'s rows and the
+    /// reserved ones, then `bgmv_expand_iy` from the columns past the product. `None` otherwise.
     pub(super) fn lora_project_in_gemm(
         &self,
         x: &CudaTensor,
@@ -1132,33 +1157,26 @@ impl CudaBackend {
         layer: usize,
         parts: &[(Target, usize)],
     ) -> Result<Option<CudaTensor>> {
-        let base = self.ptr(&w.buf);
-        let (owner, out, slot, used) = {
+        let (y, out, slot, used) = {
             let g = self.lora_gemm_lock()?;
-            let Some(&(gi, l)) = g.by_weight.get(&base) else {
+            let found = g.groups.iter().enumerate().find(|(gi, grp)| {
+                step.in_gemm >> gi & 1 == 1
+                    && parts.len() == grp.targets.len()
+                    && parts.iter().zip(&grp.targets).all(|(p, t)| p.0 == *t)
+            });
+            let Some((_, grp)) = found else {
                 return Ok(None);
             };
-            let grp = &g.groups[gi];
-            let same = parts.len() == grp.targets.len() && parts.iter().zip(&grp.targets).all(|(p, t)| p.0 == *t);
-            if l != layer || step.in_gemm >> gi & 1 == 0 || !same || w.shape != [grp.out, grp.k] {
+            let Some(full) = grp.full.get(layer).and_then(Option::as_ref) else {
+                return Ok(None);
+            };
+            if self.ptr(&full.buf) != self.ptr(&w.buf) || w.shape != [grp.out, grp.k] {
                 return Ok(None);
             }
-            let Some(owner) = grp.layers[l].clone() else {
-                return Ok(None);
-            };
-            (owner, grp.out, grp.slot, grp.targets.len())
+            (self.linear(x, full, None)?, grp.out, grp.slot, grp.targets.len())
         };
-        let (n, k) = x.rows_cols();
+        let n = x.rows_cols().0;
         let width = out + used * slot;
-        let full = CudaTensor {
-            shape: vec![width, k],
-            buf: DevBuf::Part {
-                owner: Some(owner),
-                ptr: base,
-                len: width * k * self.dtype.size(),
-            },
-        };
-        let y = self.linear(x, &full, None)?;
         if n != step.rows || layer >= step.layers {
             return Err(EngineError::Backend(format!(
                 "lora_project: x {:?}, layer {layer}, for a step of {} rows and {} layers",
@@ -1187,16 +1205,8 @@ impl CudaBackend {
         }
         let [t0, t1, t2] = &targets;
         let [c0, c1, c2] = &cols;
-        let tiles: usize = part_cols[..used].iter().map(|c| c.div_ceil(EXPAND_TILE)).sum();
-        let ct = self
-            .lora_expand_tiles
-            .unwrap_or_else(|| expand_tiles(tiles, step.adapter_rows, step.records, self.num_sms));
-        let [e1, e2, total] = expand_groups(&part_cols[..used], EXPAND_TILE, ct);
-        let (e1, e2, cti) = (
-            int("column groups", e1)?,
-            int("column groups", e2)?,
-            int("tiles per block", ct)?,
-        );
+        let ct = self.ix_expand_tiles(step, &part_cols[..used]);
+        let (expand, [e1, e2, cti]) = expand_grid(step.records, &part_cols[..used], EXPAND_TILE, ct)?;
         let (li, ni, ti, oi, si) = (
             int("layer", layer)?,
             int("rows", n)?,
@@ -1205,11 +1215,6 @@ impl CudaBackend {
             int("rank slot", slot)?,
         );
         let (yp, sp) = (self.ptr(&y.buf), self.ptr(&step.table));
-        let expand = cfg(
-            (uint("records", step.records)?, uint("column groups", total)?, 1),
-            BG_EXPAND_THREADS,
-            0,
-        );
         launch!(
             self,
             "bgmv_expand_iy",

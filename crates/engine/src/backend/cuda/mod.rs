@@ -2548,9 +2548,8 @@ impl Backend for CudaBackend {
         step: &lora::CudaLoraStep,
         layer: usize,
         parts: &[(crate::lora::Target, usize)],
-        wide: bool,
     ) -> Result<CudaTensor> {
-        if wide && bias.is_none() && step.in_gemm != 0 {
+        if bias.is_none() && step.in_gemm != 0 {
             if let Some(y) = self.lora_project_in_gemm(x, w, step, layer, parts)? {
                 return Ok(y);
             }
