@@ -539,6 +539,9 @@ impl CudaTensor {
 /// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
+/// Pieces of a decode-sized GEMM, each on a stream of its own (`LORAX_CUDA_GEMM_PIECES`, 1-4; lanes.rs).
+pub const GEMM_PIECES: usize = 1;
+
 /// A choice between two kernels from the environment: `var` set to `on` (true) or `off` (false), `default`
 /// when unset; any other value is a start-up error naming the variable.
 fn env_switch(var: &str, [on, off]: [&str; 2], default: bool) -> Result<bool> {
@@ -692,6 +695,8 @@ pub struct CudaBackend {
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
     graphs: graph::Graphs,
+    /// Side streams that decode-sized GEMMs run pieces on (lanes.rs; `LORAX_CUDA_GEMM_PIECES` - 1 of them).
+    lanes: lanes::Lanes,
     /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
     _blas_workspace: CudaSlice<u8>,
     /// Zeroed counters with which a split attention row's last block merges the splits (kernels/attention.cu
@@ -1146,14 +1151,14 @@ macro_rules! launch {
             $( $crate::backend::cuda::graph::SigArg::sign_into($arg, &$self.graphs); )+
         }
         if mode != $crate::backend::cuda::graph::Mode::Record {
-            if $self.pdl {
+            if $self.pdl && $crate::backend::cuda::lanes::lane() == 0 {
                 let mut params = [$( ($arg as *const _ as *mut ::std::ffi::c_void), )+];
                 // SAFETY: as below; each parameter points at a live local of the kind the kernel takes, and
                 // every kernel waits in pdl_wait() before it touches what the kernels ahead of it write.
-                unsafe { $crate::backend::cuda::launch_pdl(&$self.stream, func, &$cfg, &mut params) }
+                unsafe { $crate::backend::cuda::launch_pdl($self.lane_stream(), func, &$cfg, &mut params) }
                     .map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
             } else {
-                let mut builder = $self.stream.launch_builder(func);
+                let mut builder = $self.lane_stream().launch_builder(func);
                 $( builder.arg($arg); )+
                 // SAFETY: every argument matches the kernel's parameter list in kernels/*.cu (device pointers
                 // as u64, ints as i32/u32/u64, floats as f32, TMA tensor maps as 128-byte `TmaMap`s whose
@@ -1171,6 +1176,7 @@ pub mod attention;
 pub mod compile;
 mod file_upload;
 pub mod graph;
+pub mod lanes;
 pub mod lora;
 pub mod nccl;
 pub mod sampling;
@@ -1272,7 +1278,10 @@ impl CudaBackend {
             DType::F16 => "f16",
             DType::F32 => "f32",
         };
+        let pieces = env_count("LORAX_CUDA_GEMM_PIECES", GEMM_PIECES, 1..=lanes::MAX_PIECES)?;
+        let lanes = lanes::Lanes::new(&ctx, pieces - 1)?;
         let mut backend = Self {
+            lanes,
             name: format!("cuda:{ordinal} {device_name} ({}, {dt})", compiler.arch),
             ctx,
             stream,
@@ -1646,7 +1655,7 @@ impl CudaBackend {
 
     fn after_launch(&self, name: &str) -> Result<()> {
         if self.sync_each {
-            self.stream
+            self.lane_stream()
                 .synchronize()
                 .map_err(|e| drv(&format!("kernel {name} (LORAX_CUDA_SYNC)"), e))?;
         }
@@ -1833,7 +1842,7 @@ impl CudaBackend {
             }
         }
         // SAFETY: the caller's buffer holds n bytes at p.
-        unsafe { drv_result::memset_d8_async(p, 0, n, self.stream.cu_stream()) }.map_err(|e| drv("memset", e))
+        unsafe { drv_result::memset_d8_async(p, 0, n, self.lane_stream().cu_stream()) }.map_err(|e| drv("memset", e))
     }
 
     /// Bytes to an allocation of their own (weights; never the graph arena).
@@ -2009,7 +2018,7 @@ impl CudaBackend {
         if mode != graph::Mode::Record {
             unsafe {
                 blas_result::gemm_ex(
-                    *self.blas.handle(),
+                    *self.lane_blas().handle(),
                     blas_sys::cublasOperation_t::CUBLAS_OP_T,
                     blas_sys::cublasOperation_t::CUBLAS_OP_N,
                     ni,
@@ -2068,7 +2077,7 @@ impl CudaBackend {
             // stream-ordered, or the graph's metadata arena).
             let status = unsafe {
                 blas_sys::cublasGemmBatchedEx(
-                    *self.blas.handle(),
+                    *self.lane_blas().handle(),
                     blas_sys::cublasOperation_t::CUBLAS_OP_T,
                     blas_sys::cublasOperation_t::CUBLAS_OP_N,
                     ni,
@@ -2302,7 +2311,7 @@ impl Backend for CudaBackend {
                 &ki
             );
         } else if !self.skinny_linear((m, n, k), (yp, xp, wp))? {
-            self.gemm_into((m, n, k), (yp, xp, wp), n, (1.0, 0.0))?;
+            self.gemm_pieces((m, n, k), (yp, xp, wp))?;
         }
         if let Some(b) = bias {
             let bp = self.ptr(&b.buf);
