@@ -42,15 +42,9 @@ fn write_adapter(dir: &Path, cfg: &ModelConfig, r: usize, seed: u64) {
 }
 
 fn engine(dir: &Path, dtype: DType, graphs: bool, pdl: bool) -> Engine<CudaBackend> {
-    engine_in_pieces(dir, dtype, graphs, pdl, 1)
-}
-
-/// [`engine`] with its decode-sized GEMMs in `pieces` pieces of at least 64 features (lanes.rs).
-fn engine_in_pieces(dir: &Path, dtype: DType, graphs: bool, pdl: bool, pieces: usize) -> Engine<CudaBackend> {
     let mut b = CudaBackend::new(0, dtype).unwrap();
     b.set_graphs(graphs);
     b.set_programmatic_launch(pdl);
-    b.set_gemm_pieces(pieces, 64).unwrap();
     Engine::load_with_format(b, dir, CACHE, Arc::new(SingleRank), LoadFormat::Dummy { seed: 5 }).unwrap()
 }
 
@@ -163,21 +157,21 @@ fn decode_steps_through_graphs_equal_eager_steps() {
     for dtype in [DType::BF16, DType::F32] {
         let mut traces = Vec::new();
         // Graph steps are recorded ahead (while the step before runs) unless `ahead` is off. The last two runs
-        // split the GEMMs into 3 pieces on side streams (lanes.rs; pieces of at least 64 features in this small
-        // model): compared with each other, eager against graphs (cuBLAS may sum a piece's products in
-        // another order than the whole's).
+        // launch the LoRA shrinks of steps with several adapters on the side stream beside the projections'
+        // GEMMs (lanes.rs, `LORAX_CUDA_LORA_OVERLAP`), eagerly and through graphs: the same bits again.
         let runs = [
-            (false, false, false, 1),
-            (true, false, true, 1),
-            (false, true, false, 1),
-            (true, true, true, 1),
-            (true, true, false, 1),
-            (false, true, false, 3),
-            (true, true, true, 3),
+            (false, false, false, false),
+            (true, false, true, false),
+            (false, true, false, false),
+            (true, true, true, false),
+            (true, true, false, false),
+            (false, true, false, true),
+            (true, true, true, true),
         ];
-        for (graphs, pdl, ahead, pieces) in runs {
-            let mut e = engine_in_pieces(dir.path(), dtype, graphs, pdl, pieces);
+        for (graphs, pdl, ahead, overlap) in runs {
+            let mut e = engine(dir.path(), dtype, graphs, pdl);
             e.backend.set_graph_ahead(ahead);
+            e.backend.set_lora_overlap(overlap).unwrap();
             if pdl && !e.backend.programmatic_launch() {
                 say(
                     "SKIPPED programmatic dependent launch: the device or driver lacks it (sm_90 and CUDA 12.3 needed)",
@@ -193,7 +187,7 @@ fn decode_steps_through_graphs_equal_eager_steps() {
             let ahead_replays = e.backend.graph_ahead_replays();
             let uncaptured = e.backend.graph_step_counts().uncaptured;
             say(&format!(
-                "{dtype:?} graphs {graphs} pdl {pdl} ahead {ahead} pieces {pieces}: {} tokens, {captures} graphs captured, {replays} replays, {ahead_replays} of them recorded ahead, {uncaptured} steps eager before their capture",
+                "{dtype:?} graphs {graphs} pdl {pdl} ahead {ahead} overlap {overlap}: {} tokens, {captures} graphs captured, {replays} replays, {ahead_replays} of them recorded ahead, {uncaptured} steps eager before their capture",
                 t.len()
             ));
             if graphs {
@@ -222,28 +216,19 @@ fn decode_steps_through_graphs_equal_eager_steps() {
             } else {
                 assert_eq!((captures, replays, ahead_replays, uncaptured), (0, 0, 0, 0));
             }
-            traces.push((pieces, t));
+            traces.push(t);
         }
-        for (i, (pieces, t)) in traces.iter().enumerate() {
-            // The first run of as many pieces: eager steps.
-            let Some((_, first)) = traces.iter().find(|(p, _)| p == pieces) else {
-                continue;
-            };
-            assert_eq!(first.len(), t.len());
-            let same = first.iter().zip(t).filter(|(a, b)| a == b).count();
+        for (i, t) in traces.iter().enumerate().skip(1) {
+            assert_eq!(traces[0].len(), t.len());
+            let same = traces[0].iter().zip(t).filter(|(a, b)| a == b).count();
             assert_eq!(
                 same,
-                first.len(),
-                "{dtype:?}: run {i} (graphs/pdl/pieces) differs from eager steps at {} of {} tokens",
-                first.len() - same,
-                first.len()
+                traces[0].len(),
+                "{dtype:?}: run {i} (graphs/pdl/overlap) differs from eager steps at {} of {} tokens",
+                traces[0].len() - same,
+                traces[0].len()
             );
         }
-        let pieced = traces.iter().filter(|(p, _)| *p > 1).count();
-        assert!(
-            pieced == 0 || pieced == 2,
-            "{pieced} runs in pieces (both or none must run)"
-        );
     }
 }
 

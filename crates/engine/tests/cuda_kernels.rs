@@ -79,63 +79,6 @@ fn linear_matches_cpu() {
     }
 }
 
-/// Decode-sized products as pieces of output features on side streams (lanes.rs, `LORAX_CUDA_GEMM_PIECES`):
-/// 2-4 pieces, uneven last pieces, rows past the limit (whole), against the CPU at shapes it computes quickly
-/// and against the whole product at the Mistral-7B shapes (both cuBLAS with f32 sums, each product's
-/// pieces its own call: equal up to roundings). Outputs are poisoned first, so a piece that never ran fails.
-#[test]
-fn linear_in_pieces_matches_cpu_and_whole() {
-    let mut rng = Rng(seed("pieces"));
-    for dt in DTYPES {
-        let Some(mut g) = gpu(dt) else { return };
-        g.set_gemv_rows(0);
-        for pieces in [2, 3, 4] {
-            for (m, k, n, bias) in [
-                (3, 256, 512, true),
-                (64, 512, 1000, false),
-                (128, 1024, 768, true),
-                (200, 320, 4160, false),
-                (257, 256, 512, false),
-            ] {
-                let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
-                let w = pair(&g, &mut rng, &[n, k], -0.05, 0.05);
-                let b = pair(&g, &mut rng, &[n], -1.0, 1.0);
-                let want = CpuBackend.linear(&x.cpu, &w.cpu, bias.then_some(&b.cpu)).unwrap();
-                g.set_gemm_pieces(pieces, 64).unwrap();
-                let got = g.linear(&x.gpu, &w.gpu, bias.then_some(&b.gpu)).unwrap();
-                check(
-                    &format!("{dt:?} linear {m}x{k}x{n} bias={bias} in {pieces} pieces"),
-                    &g.to_f32(&got).unwrap(),
-                    &want.data,
-                    tol(dt),
-                );
-            }
-        }
-        if dt != DType::BF16 {
-            continue;
-        }
-        for m in [16, 128, 256] {
-            for (n, k) in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (6240, 4096)] {
-                let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
-                let w = pair(&g, &mut rng, &[n, k], -0.05, 0.05);
-                g.set_gemm_pieces(1, 64).unwrap();
-                let whole = g.to_f32(&g.linear(&x.gpu, &w.gpu, None).unwrap()).unwrap();
-                for pieces in [2, 4] {
-                    g.set_gemm_pieces(pieces, lorax_engine::backend::cuda::lanes::PIECE_MIN_FEATURES)
-                        .unwrap();
-                    let got = g.to_f32(&g.linear(&x.gpu, &w.gpu, None).unwrap()).unwrap();
-                    check(
-                        &format!("bf16 {m}x{k}x{n} in {pieces} pieces vs whole"),
-                        &got,
-                        &whole,
-                        4e-3,
-                    );
-                }
-            }
-        }
-    }
-}
-
 /// The wgmma skinny GEMM (kernels/skinny.cu; Hopper, 16-bit storage) against the CPU and against cuBLAS,
 /// at every kernel size (8..256 rows), partial tiles (n not a multiple of 128, rows not a multiple of 8),
 /// and the stream-K cases: one tile split over 64 blocks, tiles split unevenly, many whole tiles per
@@ -1273,6 +1216,20 @@ fn lora_step_matches_cpu() {
                     let d_got: Vec<f32> = got.iter().zip(&before).map(|(a, b)| a - b).collect();
                     let d_want: Vec<f32> = y.cpu.data.iter().zip(&before).map(|(a, b)| a - b).collect();
                     check(&what, &d_got, &d_want, tol(dt));
+                    // The projection with its LoRA: the shrinks beside the GEMM on the side stream
+                    // (LORAX_CUDA_LORA_OVERLAP) give the same bits as after it.
+                    let w = pair(&g, &mut rng, &[out, h], -0.05, 0.05);
+                    let project = |overlap: bool| {
+                        g.set_lora_overlap(overlap).unwrap();
+                        let y = g.lora_project(&x.gpu, &w.gpu, None, &step, l, parts).unwrap();
+                        g.to_f32(&y).unwrap()
+                    };
+                    let (after, beside) = (project(false), project(true));
+                    assert!(
+                        after.iter().zip(&beside).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{what}: the projection with the shrinks beside its GEMM differs"
+                    );
+                    g.set_lora_overlap(false).unwrap();
                     for r in untouched.clone() {
                         assert_eq!(
                             &got[r * out..(r + 1) * out],

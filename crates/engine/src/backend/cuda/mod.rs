@@ -539,8 +539,9 @@ impl CudaTensor {
 /// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
-/// Pieces of a decode-sized GEMM, each on a stream of its own (`LORAX_CUDA_GEMM_PIECES`, 1-4; lanes.rs).
-pub const GEMM_PIECES: usize = 1;
+/// Steps with several adapters run their LoRA shrinks on a side stream beside the projections' GEMMs
+/// (`LORAX_CUDA_LORA_OVERLAP=1`, 0 off; lanes.rs).
+pub const LORA_OVERLAP: bool = false;
 
 /// A choice between two kernels from the environment: `var` set to `on` (true) or `off` (false), `default`
 /// when unset; any other value is a start-up error naming the variable.
@@ -695,8 +696,10 @@ pub struct CudaBackend {
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
     graphs: graph::Graphs,
-    /// Side streams that decode-sized GEMMs run pieces on (lanes.rs; `LORAX_CUDA_GEMM_PIECES` - 1 of them).
-    lanes: lanes::Lanes,
+    /// The side stream that steps with several adapters run their LoRA shrinks on, beside the projections'
+    /// GEMMs (lanes.rs), made when first turned on, and whether they do (`LORAX_CUDA_LORA_OVERLAP`).
+    lane: std::sync::OnceLock<lanes::Lane>,
+    lora_overlap_on: std::sync::atomic::AtomicBool,
     /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
     _blas_workspace: CudaSlice<u8>,
     /// Zeroed counters with which a split attention row's last block merges the splits (kernels/attention.cu
@@ -1151,7 +1154,7 @@ macro_rules! launch {
             $( $crate::backend::cuda::graph::SigArg::sign_into($arg, &$self.graphs); )+
         }
         if mode != $crate::backend::cuda::graph::Mode::Record {
-            if $self.pdl && $crate::backend::cuda::lanes::lane() == 0 {
+            if $self.pdl && !$crate::backend::cuda::lanes::on_lane() {
                 let mut params = [$( ($arg as *const _ as *mut ::std::ffi::c_void), )+];
                 // SAFETY: as below; each parameter points at a live local of the kind the kernel takes, and
                 // every kernel waits in pdl_wait() before it touches what the kernels ahead of it write.
@@ -1278,10 +1281,10 @@ impl CudaBackend {
             DType::F16 => "f16",
             DType::F32 => "f32",
         };
-        let pieces = env_count("LORAX_CUDA_GEMM_PIECES", GEMM_PIECES, 1..=lanes::MAX_PIECES)?;
-        let lanes = lanes::Lanes::new(&ctx, pieces - 1)?;
+        let overlap = env_count("LORAX_CUDA_LORA_OVERLAP", usize::from(LORA_OVERLAP), 0..=1)? == 1;
         let mut backend = Self {
-            lanes,
+            lane: std::sync::OnceLock::new(),
+            lora_overlap_on: std::sync::atomic::AtomicBool::new(false),
             name: format!("cuda:{ordinal} {device_name} ({}, {dt})", compiler.arch),
             ctx,
             stream,
@@ -1359,6 +1362,7 @@ impl CudaBackend {
         if std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1") {
             backend.set_skinny_gemm(true);
         }
+        backend.set_lora_overlap(overlap)?;
         Ok(backend)
     }
 
@@ -2311,7 +2315,7 @@ impl Backend for CudaBackend {
                 &ki
             );
         } else if !self.skinny_linear((m, n, k), (yp, xp, wp))? {
-            self.gemm_pieces((m, n, k), (yp, xp, wp))?;
+            self.gemm_into((m, n, k), (yp, xp, wp), n, (1.0, 0.0))?;
         }
         if let Some(b) = bias {
             let bp = self.ptr(&b.buf);
@@ -2560,6 +2564,21 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         if bias.is_none() && step.in_gemm != 0 {
             if let Some(y) = self.lora_project_in_gemm(x, w, step, layer, parts)? {
+                return Ok(y);
+            }
+        }
+        if self.lora_overlap() {
+            // The shrinks on the lane beside the GEMM (lanes.rs): planned (their intermediates allocated) before
+            // the fork, the expands after the join.
+            let planning = std::time::Instant::now();
+            let plan = self.lora_layer_plan(x, w.rows_cols().0, step, layer, parts)?;
+            self.graphs.clock.plan(true, planning);
+            if let Some(plan) = plan {
+                self.fork()?;
+                self.on_lane(|| self.lora_layer_shrink(x, step, &plan))?;
+                let mut y = self.linear(x, w, bias)?;
+                self.join()?;
+                self.lora_layer_expand(&mut y, step, &plan)?;
                 return Ok(y);
             }
         }
