@@ -1216,20 +1216,6 @@ fn lora_step_matches_cpu() {
                     let d_got: Vec<f32> = got.iter().zip(&before).map(|(a, b)| a - b).collect();
                     let d_want: Vec<f32> = y.cpu.data.iter().zip(&before).map(|(a, b)| a - b).collect();
                     check(&what, &d_got, &d_want, tol(dt));
-                    // The projection with its LoRA: the shrinks beside the GEMM on the side stream
-                    // (LORAX_CUDA_LORA_OVERLAP) give the same bits as after it.
-                    let w = pair(&g, &mut rng, &[out, h], -0.05, 0.05);
-                    let project = |overlap: bool| {
-                        g.set_lora_overlap(overlap).unwrap();
-                        let y = g.lora_project(&x.gpu, &w.gpu, None, &step, l, parts).unwrap();
-                        g.to_f32(&y).unwrap()
-                    };
-                    let (after, beside) = (project(false), project(true));
-                    assert!(
-                        after.iter().zip(&beside).all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{what}: the projection with the shrinks beside its GEMM differs"
-                    );
-                    g.set_lora_overlap(false).unwrap();
                     for r in untouched.clone() {
                         assert_eq!(
                             &got[r * out..(r + 1) * out],

@@ -300,36 +300,6 @@ pub struct CudaLoraStep {
     pub(super) in_gemm: u32,
 }
 
-/// One layer's LoRA launches of a planned step, intermediates allocated (`CudaBackend::lora_layer_plan`).
-pub(super) struct LayerPlan {
-    n: usize,
-    out: usize,
-    used: usize,
-    targets: [i32; 3],
-    cols: [i32; 3],
-    part_cols: [usize; 3],
-    max_cols: usize,
-    /// Layer, rows, in features, out features, rank (as the kernels take them).
-    ints: [i32; 5],
-    parts: u32,
-    /// The prompt pair's launches, where the step has prompt records.
-    prompt: Option<Pairs>,
-    /// The `_ix` (or `_ix0`: `chunks` 0) records' launches, where the step has any.
-    ix: Option<Pairs>,
-}
-
-/// A shrink and its expand of [`LayerPlan`]: the intermediate, the shrink's grid and kernel, the prompt pair's
-/// expand grid and column-group starts, and the partials' layout (row stride, k chunk, chunks; 0 for `_ix0`).
-struct Pairs {
-    tmp: DevBuf,
-    shrink: LaunchConfig,
-    shrink_kernel: &'static str,
-    expand: Option<(LaunchConfig, [i32; 2])>,
-    pstride: i32,
-    kc: i32,
-    chunks: i32,
-}
-
 /// A LoRA product ready to launch: segment table uploaded, intermediate allocated.
 pub struct LoraPlan<'a> {
     _table: DevBuf,
@@ -510,30 +480,12 @@ impl CudaBackend {
         layer: usize,
         parts: &[(Target, usize)],
     ) -> Result<()> {
-        let Some(plan) = self.lora_layer_plan(x, y.rows_cols().1, step, layer, parts)? else {
-            return Ok(());
-        };
-        self.lora_layer_shrink(x, step, &plan)?;
-        self.lora_layer_expand(y, step, &plan)
-    }
-
-    /// Checks one layer's LoRA products of a planned step for an output of `out` columns, works out their
-    /// launches and allocates their intermediates: `None` when there is nothing to do. The shrinks
-    /// ([`CudaBackend::lora_layer_shrink`]) read only x, so they may run before or beside the projection's
-    /// GEMM; the expands ([`CudaBackend::lora_layer_expand`]) add into its output.
-    pub(super) fn lora_layer_plan(
-        &self,
-        x: &CudaTensor,
-        out: usize,
-        step: &CudaLoraStep,
-        layer: usize,
-        parts: &[(Target, usize)],
-    ) -> Result<Option<LayerPlan>> {
         let (n, k) = x.rows_cols();
-        if n != step.rows || layer >= step.layers {
+        let (ny, out) = y.rows_cols();
+        if n != ny || n != step.rows || layer >= step.layers {
             return Err(EngineError::Backend(format!(
-                "lora_layer: x {:?} of {out} outputs, layer {layer}, for a step of {} rows and {} layers",
-                x.shape, step.rows, step.layers
+                "lora_layer: x {:?}, y {:?}, layer {layer}, for a step of {} rows and {} layers",
+                x.shape, y.shape, step.rows, step.layers
             )));
         }
         let mut targets = [0i32; 3];
@@ -546,8 +498,9 @@ impl CudaBackend {
             };
             if kin != k || col + c > out || used == 3 {
                 return Err(EngineError::Backend(format!(
-                    "lora_layer: {target:?} pairs of {kin} -> {c} at column {col} for x {:?} and {out} outputs ({} parts)",
+                    "lora_layer: {target:?} pairs of {kin} -> {c} at column {col} for x {:?}, y {:?} ({} parts)",
                     x.shape,
+                    y.shape,
                     parts.len()
                 )));
             }
@@ -558,190 +511,77 @@ impl CudaBackend {
             used += 1;
         }
         if used == 0 || k == 0 {
-            return Ok(None);
+            return Ok(());
         }
-        let mut plan = LayerPlan {
-            n,
-            out,
-            used,
-            targets,
-            cols,
-            part_cols,
-            max_cols,
-            ints: [
-                int("layer", layer)?,
-                int("rows", n)?,
-                int("in features", k)?,
-                int("out features", out)?,
-                int("rank", step.rmax)?,
-            ],
-            parts: uint("parts", used)?,
-            prompt: None,
-            ix: None,
+        let [t0, t1, t2] = &targets;
+        let [c0, c1, c2] = &cols;
+        let (li, ni, ki, oi, ri) = (
+            int("layer", layer)?,
+            int("rows", n)?,
+            int("in features", k)?,
+            int("out features", out)?,
+            int("rank", step.rmax)?,
+        );
+        let parts = uint("parts", used)?;
+        let (xp, yp, sp) = (self.ptr(&x.buf), self.ptr(&y.buf), self.ptr(&step.table));
+        // The launches the k-split shrinks (`_ix`, `_tc*`, `lora_shrink_pf*`) share, and those `bgmv_expand_vx` and
+        // `lora_expand_pf` share: the same parameters but for the intermediate, the records and the chunking.
+        let shrink_run = |name: &str, grid: LaunchConfig, tp: u64, table: u64, pstride: i32, kc: i32| -> Result<()> {
+            launch!(self, name, grid, &tp, &xp, &table, &li, t0, t1, t2, &ni, &pstride, &ki, &ri, &kc);
+            Ok(())
         };
-        if let Some((_, records)) = &step.prompt {
+        let expand_run =
+            |name: &str, grid: LaunchConfig, [tp, table]: [u64; 2], [e1, e2]: [i32; 2], pstride: i32, ks: i32| {
+                launch!(
+                    self, name, grid, &yp, &tp, &table, &li, t0, t1, t2, c0, c1, c2, &e1, &e2, &ni, &pstride, &oi, &ri,
+                    &ks
+                );
+                Ok::<(), EngineError>(())
+            };
+        if let Some((table, records)) = &step.prompt {
             // The prompt pair: partials laid out as the `_ix` pair's, in an intermediate of their own.
             let kc = prompt_chunk(k, records * used, self.num_sms);
             let chunks = k.div_ceil(kc);
             let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
             int("intermediate rows", chunks * used * n)?;
+            let (tp, pp) = (self.ptr(&tmp), self.ptr(table));
+            let (pstride, kci, ksi) = (
+                int("intermediate rows", used * n)?,
+                int("k chunk", kc)?,
+                int("k chunks", chunks)?,
+            );
             let recs = uint("records", *records)?;
+            let shrink = cfg((recs, uint("k chunks", chunks)?, parts), PF_WARPS * 32, 0);
             let [e1, e2, total] = expand_groups(&part_cols[..used], PF_COLS, 1);
-            plan.prompt = Some(Pairs {
-                tmp,
-                shrink: cfg((recs, uint("k chunks", chunks)?, plan.parts), PF_WARPS * 32, 0),
-                shrink_kernel: prompt_shrink_kernel(step.rmax),
-                expand: Some((
-                    cfg((recs, uint("column groups", total)?, 1), PF_WARPS * 32, 0),
-                    [int("column groups", e1)?, int("column groups", e2)?],
-                )),
-                pstride: int("intermediate rows", used * n)?,
-                kc: int("k chunk", kc)?,
-                chunks: int("k chunks", chunks)?,
-            });
+            let (e1, e2) = (int("column groups", e1)?, int("column groups", e2)?);
+            let expand = cfg((recs, uint("column groups", total)?, 1), PF_WARPS * 32, 0);
+            shrink_run(prompt_shrink_kernel(step.rmax), shrink, tp, pp, pstride, kci)?;
+            expand_run("lora_expand_pf", expand, [tp, pp], [e1, e2], pstride, ksi)?;
         }
         if step.records == 0 {
-            return Ok(Some(plan));
+            return Ok(());
         }
         let recs = uint("records", step.records)?;
-        plan.ix = Some(if !self.lora_ksplit {
-            Pairs {
-                tmp: self.bytes(used * n * step.rmax * 4)?,
-                shrink: cfg((recs, uint("rank", step.rmax)?, plan.parts), BG_SHRINK_THREADS, 0),
-                shrink_kernel: "bgmv_shrink_ix0",
-                expand: None,
-                pstride: 0,
-                kc: 0,
-                chunks: 0,
-            }
-        } else {
-            // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r
-            // of the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is
-            // written by the shrink of the same layer, so nothing is zeroed.
-            // The shrink on the tensor cores for 16-bit storage (LORAX_CUDA_LORA_SHRINK=simt: on the CUDA
-            // cores, as f32 always runs).
-            let (kc, shrink_kernel) = if self.lora_shrink_tc && self.dtype.size() == 2 {
-                (shrink_chunk_tc(k), shrink_tc_kernel(step.rmax))
-            } else {
-                (shrink_chunk(k, self.dtype.size()), "bgmv_shrink_ix")
-            };
-            let chunks = k.div_ceil(kc);
-            int("intermediate rows", chunks * used * n)?;
-            Pairs {
-                tmp: self.bytes(chunks * used * n * step.rmax * 4)?,
-                shrink: cfg((recs, uint("k chunks", chunks)?, plan.parts), BG_KWARPS * 32, 0),
-                shrink_kernel,
-                expand: None,
-                pstride: int("intermediate rows", used * n)?,
-                kc: int("k chunk", kc)?,
-                chunks: int("k chunks", chunks)?,
-            }
-        });
-        Ok(Some(plan))
-    }
-
-    /// The shrinks of a [`CudaBackend::lora_layer_plan`]: the prompt pair's, then the `_ix` records'. They
-    /// allocate nothing, so they may run on a lane (lanes.rs).
-    pub(super) fn lora_layer_shrink(&self, x: &CudaTensor, step: &CudaLoraStep, plan: &LayerPlan) -> Result<()> {
-        let [t0, t1, t2] = &plan.targets;
-        let [li, ni, ki, _, ri] = &plan.ints;
-        let (xp, sp) = (self.ptr(&x.buf), self.ptr(&step.table));
-        // The k-split shrinks (`_ix`, `_tc*`, `lora_shrink_pf*`) share their parameters but for the records.
-        let shrink_run = |p: &Pairs, table: u64| -> Result<()> {
-            let tp = self.ptr(&p.tmp);
+        if !self.lora_ksplit {
+            let tmp = self.bytes(used * n * step.rmax * 4)?;
+            let tp = self.ptr(&tmp);
+            let shrink = cfg((recs, uint("rank", step.rmax)?, parts), BG_SHRINK_THREADS, 0);
+            let tiles = uint("column tiles", max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
+            let expand = cfg((recs, tiles, parts), BG_EXPAND_THREADS, 0);
             launch!(
                 self,
-                p.shrink_kernel,
-                p.shrink,
+                "bgmv_shrink_ix0",
+                shrink,
                 &tp,
                 &xp,
-                &table,
-                li,
+                &sp,
+                &li,
                 t0,
                 t1,
                 t2,
-                ni,
-                &p.pstride,
-                ki,
-                ri,
-                &p.kc
-            );
-            Ok(())
-        };
-        if let (Some(p), Some((table, _))) = (&plan.prompt, &step.prompt) {
-            shrink_run(p, self.ptr(table))?;
-        }
-        match &plan.ix {
-            Some(p) if p.chunks == 0 => {
-                let tp = self.ptr(&p.tmp);
-                launch!(
-                    self,
-                    p.shrink_kernel,
-                    p.shrink,
-                    &tp,
-                    &xp,
-                    &sp,
-                    li,
-                    t0,
-                    t1,
-                    t2,
-                    ni,
-                    ki,
-                    ri
-                );
-                Ok(())
-            }
-            Some(p) => shrink_run(p, sp),
-            None => Ok(()),
-        }
-    }
-
-    /// The expands of a [`CudaBackend::lora_layer_plan`] into `y` (the projection's output, `plan.out`
-    /// columns), after its shrinks: the prompt pair's, then the `_ix` records'.
-    pub(super) fn lora_layer_expand(&self, y: &mut CudaTensor, step: &CudaLoraStep, plan: &LayerPlan) -> Result<()> {
-        let (ny, out) = y.rows_cols();
-        if (ny, out) != (plan.n, plan.out) {
-            return Err(EngineError::Backend(format!(
-                "lora_layer: y {:?} for a plan of {} x {}",
-                y.shape, plan.n, plan.out
-            )));
-        }
-        let used = plan.used;
-        let [t0, t1, t2] = &plan.targets;
-        let [c0, c1, c2] = &plan.cols;
-        let [li, ni, _, oi, ri] = &plan.ints;
-        let (yp, sp) = (self.ptr(&y.buf), self.ptr(&step.table));
-        // `bgmv_expand_vx` and `lora_expand_pf` share their parameters but for the intermediate, the records
-        // and the chunking.
-        let expand_run =
-            |name: &str, grid: LaunchConfig, [tp, table]: [u64; 2], [e1, e2]: [i32; 2], pstride: i32, ks: i32| {
-                launch!(
-                    self, name, grid, &yp, &tp, &table, li, t0, t1, t2, c0, c1, c2, &e1, &e2, ni, &pstride, oi, ri, &ks
-                );
-                Ok::<(), EngineError>(())
-            };
-        if let (Some(p), Some((table, _))) = (&plan.prompt, &step.prompt) {
-            if let Some((grid, e)) = p.expand {
-                expand_run(
-                    "lora_expand_pf",
-                    grid,
-                    [self.ptr(&p.tmp), self.ptr(table)],
-                    e,
-                    p.pstride,
-                    p.chunks,
-                )?;
-            }
-        }
-        let Some(p) = &plan.ix else {
-            return Ok(());
-        };
-        let tp = self.ptr(&p.tmp);
-        if p.chunks == 0 {
-            let tiles = uint("column tiles", plan.max_cols.div_ceil(BG_EXPAND_THREADS as usize))?;
-            let expand = cfg(
-                (uint("records", step.records)?, tiles, plan.parts),
-                BG_EXPAND_THREADS,
-                0,
+                &ni,
+                &ki,
+                &ri
             );
             launch!(
                 self,
@@ -750,33 +590,53 @@ impl CudaBackend {
                 &yp,
                 &tp,
                 &sp,
-                li,
+                &li,
                 t0,
                 t1,
                 t2,
                 c0,
                 c1,
                 c2,
-                ni,
-                oi,
-                ri
+                &ni,
+                &oi,
+                &ri
             );
             return Ok(());
         }
+        // One partial per k-chunk: chunk c's part p keeps row r of the pass in row (c · parts + p) · n + r of
+        // the intermediate (`pstride` = parts · n rows per chunk); every entry the expand reads is written by
+        // the shrink of the same layer, so nothing is zeroed.
+        // The shrink on the tensor cores for 16-bit storage (LORAX_CUDA_LORA_SHRINK=simt: on the CUDA cores,
+        // as f32 always runs).
+        let (kc, shrink_name) = if self.lora_shrink_tc && self.dtype.size() == 2 {
+            (shrink_chunk_tc(k), shrink_tc_kernel(step.rmax))
+        } else {
+            (shrink_chunk(k, self.dtype.size()), "bgmv_shrink_ix")
+        };
+        let chunks = k.div_ceil(kc);
+        let tmp = self.bytes(chunks * used * n * step.rmax * 4)?;
+        let tp = self.ptr(&tmp);
+        let (pstride, kci, ksi) = (
+            int("intermediate rows", used * n)?,
+            int("k chunk", kc)?,
+            int("k chunks", chunks)?,
+        );
+        int("intermediate rows", chunks * used * n)?;
+        let shrink = cfg((recs, uint("k chunks", chunks)?, parts), BG_KWARPS * 32, 0);
         // The parts' column groups end to end along the grid's y: part p's groups start at e_p.
         let size = self.dtype.size();
-        let part_cols = &plan.part_cols[..used];
-        let vx = step.expand_vx && expand_vx_fits(size, out, yp, &plan.cols[..used], part_cols);
+        let vx = step.expand_vx && expand_vx_fits(size, out, yp, &cols[..used], &part_cols[..used]);
         let (tile, ct) = if vx {
             (expand_vx_cols(size) * BG_EXPAND_THREADS as usize, 1)
         } else {
-            (EXPAND_TILE, self.ix_expand_tiles(step, part_cols))
+            (EXPAND_TILE, self.ix_expand_tiles(step, &part_cols[..used]))
         };
-        let (expand, [e1, e2, cti]) = expand_grid(step.records, part_cols, tile, ct)?;
+        let (expand, [e1, e2, cti]) = expand_grid(step.records, &part_cols[..used], tile, ct)?;
+        shrink_run(shrink_name, shrink, tp, sp, pstride, kci)?;
         if vx {
             // The expand records follow the shrink's in the table (16 bytes each).
             let ep = sp + 16 * step.records as u64;
-            return expand_run("bgmv_expand_vx", expand, [tp, ep], [e1, e2], p.pstride, p.chunks);
+            return expand_run("bgmv_expand_vx", expand, [tp, ep], [e1, e2], pstride, ksi);
         }
         launch!(
             self,
@@ -785,7 +645,7 @@ impl CudaBackend {
             &yp,
             &tp,
             &sp,
-            li,
+            &li,
             t0,
             t1,
             t2,
@@ -795,11 +655,11 @@ impl CudaBackend {
             &e1,
             &e2,
             &cti,
-            ni,
-            &p.pstride,
-            oi,
-            ri,
-            &p.chunks
+            &ni,
+            &pstride,
+            &oi,
+            &ri,
+            &ksi
         );
         Ok(())
     }

@@ -539,10 +539,6 @@ impl CudaTensor {
 /// rows unchanged).
 pub const ATTN_SPLIT_TARGET: usize = 3;
 
-/// Steps with several adapters run their LoRA shrinks on a side stream beside the projections' GEMMs
-/// (`LORAX_CUDA_LORA_OVERLAP=1`, 0 off; lanes.rs).
-pub const LORA_OVERLAP: bool = false;
-
 /// A choice between two kernels from the environment: `var` set to `on` (true) or `off` (false), `default`
 /// when unset; any other value is a start-up error naming the variable.
 fn env_switch(var: &str, [on, off]: [&str; 2], default: bool) -> Result<bool> {
@@ -696,10 +692,6 @@ pub struct CudaBackend {
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
     graphs: graph::Graphs,
-    /// The side stream that steps with several adapters run their LoRA shrinks on, beside the projections'
-    /// GEMMs (lanes.rs), made when first turned on, and whether they do (`LORAX_CUDA_LORA_OVERLAP`).
-    lane: std::sync::OnceLock<lanes::Lane>,
-    lora_overlap_on: std::sync::atomic::AtomicBool,
     /// cuBLAS's workspace, set explicitly so that GEMMs allocate nothing under stream capture.
     _blas_workspace: CudaSlice<u8>,
     /// Zeroed counters with which a split attention row's last block merges the splits (kernels/attention.cu
@@ -1154,14 +1146,14 @@ macro_rules! launch {
             $( $crate::backend::cuda::graph::SigArg::sign_into($arg, &$self.graphs); )+
         }
         if mode != $crate::backend::cuda::graph::Mode::Record {
-            if $self.pdl && !$crate::backend::cuda::lanes::on_lane() {
+            if $self.pdl {
                 let mut params = [$( ($arg as *const _ as *mut ::std::ffi::c_void), )+];
                 // SAFETY: as below; each parameter points at a live local of the kind the kernel takes, and
                 // every kernel waits in pdl_wait() before it touches what the kernels ahead of it write.
-                unsafe { $crate::backend::cuda::launch_pdl($self.lane_stream(), func, &$cfg, &mut params) }
+                unsafe { $crate::backend::cuda::launch_pdl(&$self.stream, func, &$cfg, &mut params) }
                     .map_err(|e| $crate::backend::cuda::drv(&format!("launch of {}", $name), e))?;
             } else {
-                let mut builder = $self.lane_stream().launch_builder(func);
+                let mut builder = $self.stream.launch_builder(func);
                 $( builder.arg($arg); )+
                 // SAFETY: every argument matches the kernel's parameter list in kernels/*.cu (device pointers
                 // as u64, ints as i32/u32/u64, floats as f32, TMA tensor maps as 128-byte `TmaMap`s whose
@@ -1179,7 +1171,6 @@ pub mod attention;
 pub mod compile;
 mod file_upload;
 pub mod graph;
-pub mod lanes;
 pub mod lora;
 pub mod nccl;
 pub mod sampling;
@@ -1281,10 +1272,7 @@ impl CudaBackend {
             DType::F16 => "f16",
             DType::F32 => "f32",
         };
-        let overlap = env_count("LORAX_CUDA_LORA_OVERLAP", usize::from(LORA_OVERLAP), 0..=1)? == 1;
         let mut backend = Self {
-            lane: std::sync::OnceLock::new(),
-            lora_overlap_on: std::sync::atomic::AtomicBool::new(false),
             name: format!("cuda:{ordinal} {device_name} ({}, {dt})", compiler.arch),
             ctx,
             stream,
@@ -1362,7 +1350,6 @@ impl CudaBackend {
         if std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1") {
             backend.set_skinny_gemm(true);
         }
-        backend.set_lora_overlap(overlap)?;
         Ok(backend)
     }
 
@@ -1659,7 +1646,7 @@ impl CudaBackend {
 
     fn after_launch(&self, name: &str) -> Result<()> {
         if self.sync_each {
-            self.lane_stream()
+            self.stream
                 .synchronize()
                 .map_err(|e| drv(&format!("kernel {name} (LORAX_CUDA_SYNC)"), e))?;
         }
@@ -1846,7 +1833,7 @@ impl CudaBackend {
             }
         }
         // SAFETY: the caller's buffer holds n bytes at p.
-        unsafe { drv_result::memset_d8_async(p, 0, n, self.lane_stream().cu_stream()) }.map_err(|e| drv("memset", e))
+        unsafe { drv_result::memset_d8_async(p, 0, n, self.stream.cu_stream()) }.map_err(|e| drv("memset", e))
     }
 
     /// Bytes to an allocation of their own (weights; never the graph arena).
@@ -2022,7 +2009,7 @@ impl CudaBackend {
         if mode != graph::Mode::Record {
             unsafe {
                 blas_result::gemm_ex(
-                    *self.lane_blas().handle(),
+                    *self.blas.handle(),
                     blas_sys::cublasOperation_t::CUBLAS_OP_T,
                     blas_sys::cublasOperation_t::CUBLAS_OP_N,
                     ni,
@@ -2081,7 +2068,7 @@ impl CudaBackend {
             // stream-ordered, or the graph's metadata arena).
             let status = unsafe {
                 blas_sys::cublasGemmBatchedEx(
-                    *self.lane_blas().handle(),
+                    *self.blas.handle(),
                     blas_sys::cublasOperation_t::CUBLAS_OP_T,
                     blas_sys::cublasOperation_t::CUBLAS_OP_N,
                     ni,
@@ -2564,21 +2551,6 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         if bias.is_none() && step.in_gemm != 0 {
             if let Some(y) = self.lora_project_in_gemm(x, w, step, layer, parts)? {
-                return Ok(y);
-            }
-        }
-        if self.lora_overlap() {
-            // The shrinks on the lane beside the GEMM (lanes.rs): planned (their intermediates allocated) before
-            // the fork, the expands after the join.
-            let planning = std::time::Instant::now();
-            let plan = self.lora_layer_plan(x, w.rows_cols().0, step, layer, parts)?;
-            self.graphs.clock.plan(true, planning);
-            if let Some(plan) = plan {
-                self.fork()?;
-                self.on_lane(|| self.lora_layer_shrink(x, step, &plan))?;
-                let mut y = self.linear(x, w, bias)?;
-                self.join()?;
-                self.lora_layer_expand(&mut y, step, &plan)?;
                 return Ok(y);
             }
         }
