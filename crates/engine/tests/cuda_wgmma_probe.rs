@@ -1,13 +1,15 @@
-//! The one layout a Hopper prefill attention (bench/NOTES.md session 40, "A Hopper prefill attention") needs
-//! that kernels/skinny.cu has not verified: `O = P · V` on warpgroup MMA with P (64 query rows x 16 keys a
-//! step) in registers and V's tile (64 keys x 128 head values, the head's values contiguous, as the cache
-//! stores them) in shared memory in the 128-byte swizzle, read as an MN-major B operand (`imm-trans-b` 1).
+//! Two probes for a Hopper prefill attention (bench/NOTES.md session 40, "A Hopper prefill attention"), one module
+//! compiled with NVRTC for sm_90a (`wgmma_probes_compile` wherever NVRTC is, CI too; the others run only on a GPU
+//! of compute capability 9.0 and skip visibly elsewhere):
 //!
-//! The probe kernel below computes P (64 x 64) · V (64 x 128) in four k-steps with two guesses of the
-//! descriptor's byte offsets (leading 8192 / stride 1024: the two 64-value halves of the head 8 KiB apart and
-//! groups of 8 keys 1 KiB apart; and the two swapped). The test says which one equals the CPU's product and
-//! fails when none does (then the fragment or swizzle guesses are wrong too). The kernel compiles wherever NVRTC
-//! is (`wgmma_probe_compiles`, also in CI); it runs only on a Hopper GPU, and skips visibly elsewhere.
+//! - **The layout kernels/skinny.cu has not verified** (`wgmma_pv_probe`): `O = P · V` on warpgroup MMA with P
+//!   (64 query rows x 16 keys a step) in registers and V's tile (64 keys x 128 head values, the head's values
+//!   contiguous, as the cache stores them) in shared memory in the 128-byte swizzle, read as an MN-major B operand
+//!   (`imm-trans-b` 1): P (64 x 64) · V (64 x 128) in four k-steps under two guesses of the descriptor's byte
+//!   offsets (leading 8192 / stride 1024: the head's two 64-value halves 8 KiB apart and groups of 8 keys 1 KiB
+//!   apart; and the two swapped). The test says which one equals the CPU's product and fails when none does (then
+//!   the fragment or swizzle guesses are wrong too).
+//! - **A first attention on it** (`wgmma_attention_probe`), against the CPU and timed at 1000 tokens.
 #![allow(clippy::unwrap_used)]
 
 mod cuda_common;
@@ -18,63 +20,115 @@ use cudarc::nvrtc::Ptx;
 use lorax_engine::backend::cuda::compile::{nvrtc_present, Compiler, Source};
 use lorax_engine::weights::DType;
 
-const PROBE: Source = Source {
-    name: "wgmma_probe",
+/// A first causal prefill attention on warpgroup MMA, for the shapes of the Mistral-7B prefill (head size 128,
+/// grouped queries), on contiguous q [T, H, 128], k and v [T, KVH, 128] (bf16 bits) and an f32 output: one
+/// warpgroup a block for 64 query rows of one head; keys 64 at a time in two shared-memory stages (`cp.async`
+/// into the 128-byte swizzle); S = Q·Kᵀ with both operands K-major in shared memory (kernels/skinny.cu's
+/// descriptor); the online softmax on S's fragment in registers; O += P·V with P in registers and V read as an
+/// MN-major operand (the descriptor offsets `lbo`, `sbo` are the P.V probe's question). Not yet in the engine
+/// (which reads keys through the paged cache): the probe says whether the layouts hold and what the kernel
+/// costs before it is built into kernels/.
+///
+/// The module also holds the P.V probe's kernel (`wgmma_pv_probe`), which shares the attention's helpers.
+const PROBES: Source = Source {
+    name: "wgmma_probes",
     text: r#"
-// out[64, 128] (f32) = p[64, 64] . v[64, 128] (bf16, row-major), one warpgroup; V through shared memory in the
-// 128-byte swizzle (two halves of 64 head values, `lbo` bytes apart; each half 64 rows of 128 bytes, 16-byte
-// piece c of row r at piece c ^ (r % 8)); the descriptor's leading and stride byte offsets are `lbo`, `sbo`.
 #if defined(LORAX_DTYPE_BF16) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define WA_TILE 16384  // one 64-row x 128-value tile: two halves of 64 rows x 128 bytes
+#define WA_NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ unsigned wa_smem(const void* p) {
+    unsigned d;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(p));
+    return d;
+}
+
+// Rows row0.. of a [rows, stride] bf16 matrix (128 values from `src`), into two halves of the 128-byte
+// swizzle at dst (16-byte piece c of row r at piece c ^ (r % 8)); rows past `rows` read as zeros.
+__device__ __forceinline__ void wa_load(unsigned dst, const unsigned short* src, int row0, int rows, int stride) {
+    for (int i = threadIdx.x; i < 64 * 16; i += 128) {
+        const int r = i / 16, h = (i % 16) / 8, c = i % 8;
+        const bool ok = row0 + r < rows;
+        const unsigned short* s = src + (size_t)(ok ? row0 + r : 0) * stride + h * 64 + c * 8;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst + h * 8192 + r * 128 + ((c ^ (r & 7)) << 4)),
+                     "l"(s), "r"(ok ? 16 : 0)
+                     : "memory");
+    }
+}
+
+__device__ __forceinline__ unsigned long long wa_desc(unsigned addr, int lbo, int sbo) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
+           ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+// s (64 x 64) = or += A (64 x 16) . B (16 x 64), both K-major in shared memory.
+__device__ __forceinline__ void wa_ss(float* d, unsigned long long da, unsigned long long db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(acc)
+        : "memory");
+}
+
+// o (64 x 128) += P (64 x 16, registers) . V (16 x 128, MN-major in shared memory).
+__device__ __forceinline__ void wa_rs(float* d, const unsigned* a, unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)
+        : "memory");
+}
+
+__device__ __forceinline__ unsigned wa_pack(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// out[64, 128] (f32) = p[64, 64] . v[64, 128] (bf16, row-major), one warpgroup; V through shared memory in the
+// 128-byte swizzle (two halves of 64 head values 8 KiB apart; each half 64 rows of 128 bytes, 16-byte piece c of
+// row r at piece c ^ (r % 8)); the descriptor's leading and stride byte offsets are `lbo`, `sbo`.
 extern "C" __global__ void __launch_bounds__(128) wgmma_pv_probe(float* out, const unsigned short* p,
                                                                const unsigned short* v, int lbo, int sbo) {
     __shared__ __align__(1024) unsigned char vs[2 * 8192];
-    const int tid = threadIdx.x;
-    const int half_bytes = lbo > sbo ? lbo : sbo;  // the halves' distance (8192 in the first guess)
-    // The halves at 0 and `lbo` (first guess) or at 0 and `sbo` (second): both guesses place half 1 8 KiB on.
-    for (int i = tid; i < 64 * 16; i += 128) {
-        const int r = i / 16, c16 = i % 16, h = c16 / 8, c = c16 % 8;
-        const uint4 val = *reinterpret_cast<const uint4*>(v + r * 128 + h * 64 + c * 8);
-        *reinterpret_cast<uint4*>(vs + h * half_bytes + r * 128 + ((c ^ (r & 7)) * 16)) = val;
-    }
+    wa_load(wa_smem(vs), v, 0, 64, 128);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
     __syncthreads();
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     float d[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) d[i] = 0.f;
-    unsigned base;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(base) : "l"(vs));
     const int r0 = 16 * warp + g, r1 = r0 + 8;
     for (int s = 0; s < 4; ++s) {
+        // Rows g and g + 8 of the warp's 16, keys 2t and 2t + 8 of the step (mma.sync's A fragment).
         const int k0 = 16 * s + 2 * t, k1 = k0 + 8;
-        unsigned a0 = p[r0 * 64 + k0] | ((unsigned)p[r0 * 64 + k0 + 1] << 16);
-        unsigned a1 = p[r1 * 64 + k0] | ((unsigned)p[r1 * 64 + k0 + 1] << 16);
-        unsigned a2 = p[r0 * 64 + k1] | ((unsigned)p[r0 * 64 + k1 + 1] << 16);
-        unsigned a3 = p[r1 * 64 + k1] | ((unsigned)p[r1 * 64 + k1 + 1] << 16);
-        const unsigned addr = base + s * 2048;  // 16 keys: two groups of 8 rows of 128 bytes
-        const unsigned long long desc = (unsigned long long)((addr & 0x3FFFF) >> 4) |
-                                        ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
-                                        ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+        const unsigned a[4] = {p[r0 * 64 + k0] | ((unsigned)p[r0 * 64 + k0 + 1] << 16),
+                               p[r1 * 64 + k0] | ((unsigned)p[r1 * 64 + k0 + 1] << 16),
+                               p[r0 * 64 + k1] | ((unsigned)p[r0 * 64 + k1 + 1] << 16),
+                               p[r1 * 64 + k1] | ((unsigned)p[r1 * 64 + k1 + 1] << 16)};
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-            "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n"
-            "}\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc)
-            : "memory");
+        wa_rs(d, a, wa_desc(wa_smem(vs) + s * 2048, lbo, sbo));  // 16 keys: two groups of 8 rows of 128 bytes
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     }
@@ -87,9 +141,118 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_pv_probe(float* out, con
 #pragma unroll
             for (int e = 0; e < 2; ++e) out[(16 * warp + g + 8 * h) * 128 + 8 * j + 2 * t + e] = d[4 * j + 2 * h + e];
 }
+
+// Grid (ceil(T / 64), H); 128 threads; 5 x WA_TILE bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(128) wgmma_attention_probe(float* out, const unsigned short* q,
+                                                                      const unsigned short* k, const unsigned short* v,
+                                                                      int t_len, int heads, int kv_heads, float scale,
+                                                                      int lbo, int sbo) {
+    extern __shared__ __align__(1024) unsigned char wa_s[];
+    const unsigned base = (wa_smem(wa_s) + 1023) & ~1023u;  // the swizzle wants 1024-byte alignment
+    const unsigned qs = base, ks = base + WA_TILE, vs = base + 3 * WA_TILE;
+    const int q0 = blockIdx.x * 64, h = blockIdx.y, kvh = h / (heads / kv_heads);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const float sl2 = scale * 1.4426950408889634f;
+    const int last = (min(t_len - 1, q0 + 63)) / 64;  // the last key tile any row of this block attends
+    wa_load(qs, q + h * 128, q0, t_len, heads * 128);
+    wa_load(ks, k + kvh * 128, 0, t_len, kv_heads * 128);
+    wa_load(vs, v + kvh * 128, 0, t_len, kv_heads * 128);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    float o[64], m[2] = {WA_NEG_INF, WA_NEG_INF}, l[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    for (int kt = 0; kt <= last; ++kt) {
+        const int st = kt & 1;
+        if (kt < last) {
+            wa_load(ks + (st ^ 1) * WA_TILE, k + kvh * 128, (kt + 1) * 64, t_len, kv_heads * 128);
+            wa_load(vs + (st ^ 1) * WA_TILE, v + kvh * 128, (kt + 1) * 64, t_len, kv_heads * 128);
+            asm volatile("cp.async.commit_group;" ::: "memory");
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;" ::: "memory");
+        }
+        __syncthreads();
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        float s[32];
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk)
+                wa_ss(s, wa_desc(qs + hf * 8192 + kk * 32, 16, 1024), wa_desc(ks + st * WA_TILE + hf * 8192 + kk * 32, 16, 1024),
+                      hf + kk);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        // s[4j + 2hh + e]: row 16 warp + g + 8 hh, key kt * 64 + 8j + 2t + e.
+        unsigned pa[16];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = q0 + 16 * warp + g + 8 * hh;
+            float mx = m[hh];
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = kt * 64 + 8 * j + 2 * t + e;
+                    float x = s[4 * j + 2 * hh + e] * sl2;
+                    if (key > row || key >= t_len) x = WA_NEG_INF;
+                    s[4 * j + 2 * hh + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mb = mx == WA_NEG_INF ? 0.f : mx;
+            const float corr = exp2f(m[hh] - mb);
+            m[hh] = mx;
+            l[hh] *= corr;
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) o[4 * j + 2 * hh + e] *= corr;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float pv = exp2f(s[4 * j + 2 * hh + e] - mb);
+                    s[4 * j + 2 * hh + e] = pv;
+                    l[hh] += pv;
+                }
+        }
+        // P's fragments for keys 16 ks..: rows g and g + 8, keys 2t and 2t + 8 of the step.
+#pragma unroll
+        for (int ks2 = 0; ks2 < 4; ++ks2) {
+            pa[4 * ks2 + 0] = wa_pack(s[8 * ks2 + 0], s[8 * ks2 + 1]);
+            pa[4 * ks2 + 1] = wa_pack(s[8 * ks2 + 2], s[8 * ks2 + 3]);
+            pa[4 * ks2 + 2] = wa_pack(s[8 * ks2 + 4], s[8 * ks2 + 5]);
+            pa[4 * ks2 + 3] = wa_pack(s[8 * ks2 + 6], s[8 * ks2 + 7]);
+        }
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int ks2 = 0; ks2 < 4; ++ks2) wa_rs(o, pa + 4 * ks2, wa_desc(vs + st * WA_TILE + ks2 * 2048, lbo, sbo));
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        __syncthreads();  // the stage is loaded again two tiles on
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+        const int row = q0 + 16 * warp + g + 8 * hh;
+        if (row >= t_len) continue;
+        const float inv = l[hh] > 0.f ? 1.f / l[hh] : 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                out[((size_t)row * heads + h) * 128 + 8 * j + 2 * t + e] = o[4 * j + 2 * hh + e] * inv;
+    }
+}
 #else
 extern "C" __global__ void wgmma_pv_probe(float* out, const unsigned short* p, const unsigned short* v, int lbo,
                                           int sbo) {}
+extern "C" __global__ void wgmma_attention_probe(float* out, const unsigned short* q, const unsigned short* k,
+                                                 const unsigned short* v, int t_len, int heads, int kv_heads,
+                                                 float scale, int lbo, int sbo) {}
 #endif
 "#,
 };
@@ -105,13 +268,22 @@ fn compiler() -> Compiler {
 }
 
 #[test]
-fn wgmma_probe_compiles() {
+fn wgmma_probes_compile() {
     if !nvrtc_present() {
-        say("SKIPPED: NVRTC (libnvrtc.so) is not on the library path; the probe not compiled");
+        say("SKIPPED: NVRTC (libnvrtc.so) is not on the library path; the probes not compiled");
         return;
     }
-    let out = compiler().compile(&PROBE).unwrap();
-    assert!(out.cubin.windows(14).any(|w| w == b"wgmma_pv_probe"));
+    let mut c = compiler();
+    c.verbose = true;
+    let out = c.compile(&PROBES).unwrap();
+    for name in ["wgmma_pv_probe", "wgmma_attention_probe"] {
+        assert!(
+            out.cubin.windows(name.len()).any(|w| w == name.as_bytes()),
+            "{name} missing"
+        );
+    }
+    // ptxas's resource report (registers, spills), for the record.
+    say(out.log.trim());
 }
 
 /// bf16 bits of `x` (round to nearest even) and their value.
@@ -137,7 +309,7 @@ fn wgmma_pv_with_v_in_the_128_byte_swizzle_matches_cpu() {
             want[r * 128 + c] = (0..64).map(|k| p_vals[r * 64 + k] * v_vals[k * 128 + c]).sum();
         }
     }
-    let cubin = compiler().compile(&PROBE).unwrap().cubin;
+    let cubin = compiler().compile(&PROBES).unwrap().cubin;
     let module = g.context().load_module(Ptx::from_binary(cubin)).unwrap();
     let f = module.load_function("wgmma_pv_probe").unwrap();
     let s = g.stream();
@@ -173,4 +345,126 @@ fn wgmma_pv_with_v_in_the_128_byte_swizzle_matches_cpu() {
         "no descriptor guess gives P.V: the fragment, swizzle or descriptor layout is wrong"
     );
     say(&format!("wgmma P.V probe: the layout that matches: {matched:?}"));
+}
+
+/// Causal attention with grouped queries on the CPU (f64 sums) from bf16 values: out [T, H, 128].
+fn attention_cpu(q: &[f32], k: &[f32], v: &[f32], t_len: usize, (heads, kv_heads): (usize, usize)) -> Vec<f32> {
+    let scale = 1.0 / (128f64).sqrt();
+    let mut out = vec![0f32; t_len * heads * 128];
+    for h in 0..heads {
+        let kvh = h / (heads / kv_heads);
+        for i in 0..t_len {
+            let qi = &q[(i * heads + h) * 128..][..128];
+            let scores: Vec<f64> = (0..=i)
+                .map(|j| {
+                    let kj = &k[(j * kv_heads + kvh) * 128..][..128];
+                    qi.iter()
+                        .zip(kj)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for c in 0..128 {
+                let acc: f64 = w
+                    .iter()
+                    .enumerate()
+                    .map(|(j, wj)| wj * f64::from(v[(j * kv_heads + kvh) * 128 + c]))
+                    .sum();
+                out[(i * heads + h) * 128 + c] = (acc / sum) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// The attention probe against the CPU at 130 tokens (two query tiles, partial tiles) under both descriptor
+/// guesses, then at 1000 tokens (the TTFT prompt) under the one that holds, and its time there (informational:
+/// compare with `cuda_bench prefill_benchmarks` and scripts/gpu/attn_probe.py in the same call).
+#[test]
+fn wgmma_attention_probe_matches_cpu() {
+    let Some(g) = backend(DType::BF16) else { return };
+    if g.context().compute_capability().unwrap() != (9, 0) {
+        say("SKIPPED: the wgmma attention probe needs compute capability 9.0 (Hopper)");
+        return;
+    }
+    let (heads, kv_heads) = (32usize, 8usize);
+    let cubin = compiler().compile(&PROBES).unwrap().cubin;
+    let module = g.context().load_module(Ptx::from_binary(cubin)).unwrap();
+    let f = module.load_function("wgmma_attention_probe").unwrap();
+    let smem = 5 * 16384 + 1024;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .unwrap();
+    let s = g.stream();
+    let mut rng = cuda_common::Rng(cuda_common::seed("wgmma attention probe"));
+    let mut run = |t_len: usize, (lbo, sbo): (i32, i32), reps: usize| -> (f64, f32) {
+        let (qb, qv): (Vec<u16>, Vec<f32>) = rng.vec(t_len * heads * 128, -1.0, 1.0).into_iter().map(bf16).unzip();
+        let (kb, kv): (Vec<u16>, Vec<f32>) = rng.vec(t_len * kv_heads * 128, -1.0, 1.0).into_iter().map(bf16).unzip();
+        let (vb, vv): (Vec<u16>, Vec<f32>) = rng.vec(t_len * kv_heads * 128, -1.0, 1.0).into_iter().map(bf16).unzip();
+        let (dq, dk, dv) = (
+            s.clone_htod(&qb).unwrap(),
+            s.clone_htod(&kb).unwrap(),
+            s.clone_htod(&vb).unwrap(),
+        );
+        let mut out = s.alloc_zeros::<f32>(t_len * heads * 128).unwrap();
+        let (tl, hs, kvs, scale) = (t_len as i32, heads as i32, kv_heads as i32, 1.0f32 / 128f32.sqrt());
+        let cfg = LaunchConfig {
+            grid_dim: (t_len.div_ceil(64) as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let (t0, t1) = (cuda_common::event(&g), cuda_common::event(&g));
+        for i in 0..=reps {
+            if i == 1 {
+                t0.record(s).unwrap();
+            }
+            let mut launch = s.launch_builder(&f);
+            launch
+                .arg(&mut out)
+                .arg(&dq)
+                .arg(&dk)
+                .arg(&dv)
+                .arg(&tl)
+                .arg(&hs)
+                .arg(&kvs)
+                .arg(&scale)
+                .arg(&lbo)
+                .arg(&sbo);
+            // SAFETY: the arguments match the kernel's parameters; the buffers hold what the shapes say.
+            unsafe { launch.launch(cfg) }.unwrap();
+        }
+        t1.record(s).unwrap();
+        let got = s.clone_dtoh(&out).unwrap();
+        let us = if reps > 0 {
+            f64::from(t0.elapsed_ms(&t1).unwrap()) * 1e3 / reps as f64
+        } else {
+            0.0
+        };
+        let want = attention_cpu(&qv, &kv, &vv, t_len, (heads, kv_heads));
+        (us, cuda_common::rel_err(&got, &want) as f32)
+    };
+    let mut found = None;
+    for guess in GUESSES {
+        let (_, err) = run(130, guess, 0);
+        say(&format!(
+            "wgmma attention probe, 130 tokens, offsets {guess:?}: rel err {err:.2e}"
+        ));
+        if err < 1e-2 {
+            found = Some(guess);
+        }
+    }
+    let guess = found.expect("no descriptor guess gives the attention: see the P.V probe's lines");
+    let (us, err) = run(1000, guess, 20);
+    let flops = 4.0 * 1000.0 * 1000.0 / 2.0 * 128.0 * heads as f64;
+    say(&format!(
+        "wgmma attention probe, 1000 tokens, offsets {guess:?}: rel err {err:.2e}, {us:.1} us a launch ({:.0} TFLOP/s over the causal triangle)",
+        flops / us / 1e6
+    ));
+    assert!(err < 1e-2, "1000 tokens: rel err {err:e}");
 }
