@@ -113,8 +113,9 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_pv_probe(float* out, con
     wa_load(wa_smem(vs), v, 0, 64, 128);
     asm volatile("cp.async.commit_group;" ::: "memory");
     asm volatile("cp.async.wait_group 0;" ::: "memory");
-    __syncthreads();
+    // Each thread's copies visible to the async proxy (wgmma's operand reads), then everyone's.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     float d[64];
 #pragma unroll
@@ -171,8 +172,9 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_attention_probe(float* o
         } else {
             asm volatile("cp.async.wait_group 0;" ::: "memory");
         }
-        __syncthreads();
+        // Each thread's copies visible to the async proxy (wgmma's operand reads), then everyone's.
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
         float s[32];
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
