@@ -109,8 +109,11 @@ __device__ __forceinline__ unsigned wa_pack(float lo, float hi) {
 // row r at piece c ^ (r % 8)); the descriptor's leading and stride byte offsets are `lbo`, `sbo`.
 extern "C" __global__ void __launch_bounds__(128) wgmma_pv_probe(float* out, const unsigned short* p,
                                                                const unsigned short* v, int lbo, int sbo) {
-    __shared__ __align__(1024) unsigned char vs[2 * 8192];
-    wa_load(wa_smem(vs), v, 0, 64, 128);
+    // Aligned up to 1024 bytes by hand (the swizzle's pattern starts there; the static array's alignment is a
+    // request the compiler need not keep).
+    __shared__ __align__(1024) unsigned char vs_raw[2 * 8192 + 1024];
+    const unsigned vs = (wa_smem(vs_raw) + 1023) & ~1023u;
+    wa_load(vs, v, 0, 64, 128);
     asm volatile("cp.async.commit_group;" ::: "memory");
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     // Each thread's copies visible to the async proxy (wgmma's operand reads), then everyone's.
@@ -129,7 +132,7 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_pv_probe(float* out, con
                                p[r0 * 64 + k1] | ((unsigned)p[r0 * 64 + k1 + 1] << 16),
                                p[r1 * 64 + k1] | ((unsigned)p[r1 * 64 + k1 + 1] << 16)};
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-        wa_rs(d, a, wa_desc(wa_smem(vs) + s * 2048, lbo, sbo));  // 16 keys: two groups of 8 rows of 128 bytes
+        wa_rs(d, a, wa_desc(vs + s * 2048, lbo, sbo));  // 16 keys: two groups of 8 rows of 128 bytes
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     }
