@@ -23,6 +23,9 @@
 #                                          # (VX_NCU=0: without the ncu kernel times, ~200 s)
 #   bash scripts/gpu/next_call.sh prompt   # ~300 s: the prompt LoRA pair on the tensor cores (session 35) checked
 #                                          # against the CPU and transformers + peft, then timed against cuBLAS
+#   bash scripts/gpu/next_call.sh wgmma    # ~60 s: the Hopper prefill attention's probes (session 40,
+#                                          # cuda_wgmma_probe: the P.V layout, then a first attention against
+#                                          # the CPU and timed), beside PyTorch's backends and our prefill kernel
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
 #   forms; the code and the round are at 9ee9c5d: `git show 9ee9c5d:scripts/gpu/next_call.sh`).
 #   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
@@ -266,6 +269,16 @@ mlp)
     done
     lap steps
     ;;
+wgmma)
+    timeout 120 "$bin/cuda_wgmma_probe" --test-threads=1 --nocapture >"$R/wgmma.txt" 2>&1
+    echo "rc $?" >>"$R/wgmma.txt"
+    lap probes
+    timeout 90 python3 scripts/gpu/attn_probe.py >"$R/attn.txt" 2>&1
+    echo "rc $?" >>"$R/attn.txt"
+    timeout 150 "$bin/cuda_bench" --ignored --exact prefill_benchmarks --nocapture >"$R/prefill.txt" 2>&1
+    echo "rc $?" >>"$R/prefill.txt"
+    lap attention
+    ;;
 graphs-bench | bench)
     if [ "$part" = graphs-bench ]; then
         RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
@@ -281,7 +294,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles or vx)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx or wgmma)" >&2
     exit 2
     ;;
 esac
