@@ -272,6 +272,32 @@ fn compiler() -> Compiler {
         .with_cache(None)
 }
 
+/// Where an attention output is off, for the next step's debugging: the (token, head) rows whose own relative
+/// error passes 2e-2, how many, the first, and how many fall in each 64-token query tile (all tiles alike
+/// points at a layout; the diagonal's last rows at the mask; one tile at the stages).
+fn diagnose(got: &[f32], want: &[f32], t_len: usize, heads: usize) -> String {
+    let mut bad = Vec::new();
+    for i in 0..t_len {
+        for h in 0..heads {
+            let r = (i * heads + h) * 128..(i * heads + h + 1) * 128;
+            let e = cuda_common::rel_err(&got[r.clone()], &want[r]);
+            if e.is_nan() || e > 2e-2 {
+                bad.push((i, h));
+            }
+        }
+    }
+    let mut per_tile = vec![0usize; t_len.div_ceil(64)];
+    for &(i, _) in &bad {
+        per_tile[i / 64] += 1;
+    }
+    format!(
+        "{} of {} (token, head) rows off by more than 2e-2; the first {:?}; per 64-token tile {per_tile:?}",
+        bad.len(),
+        t_len * heads,
+        bad.first()
+    )
+}
+
 #[test]
 fn wgmma_probes_compile() {
     if !nvrtc_present() {
@@ -452,7 +478,11 @@ fn wgmma_attention_probe_matches_cpu() {
             0.0
         };
         let want = attention_cpu(&qv, &kv, &vv, t_len, (heads, kv_heads));
-        (us, cuda_common::rel_err(&got, &want) as f32)
+        let err = cuda_common::rel_err(&got, &want) as f32;
+        if err.is_nan() || err >= 1e-2 {
+            say(&format!("  {}", diagnose(&got, &want, t_len, heads)));
+        }
+        (us, err)
     };
     let mut found = None;
     for guess in GUESSES {
