@@ -386,10 +386,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
         ))
     }
     /// Room past a projection's weight `w` (layer `layer`, parts `targets` in order: q/k/v fused, or o) for an
-    /// adapter's
-    /// `lora_A` rows, so that [`Backend::lora_project`] may compute the product and the LoRA shrink in one
-    /// GEMM. Returns the weight to keep: the same product as `w` for [`Backend::linear`]. The default keeps
-    /// `w`.
+    /// adapter's `lora_A` rows, so that [`Backend::lora_project`] may compute the product and the LoRA shrink
+    /// in one GEMM. Returns the weight to keep: the same product as `w` for [`Backend::linear`]. The default
+    /// keeps `w`.
     fn lora_gemm_weight(&self, w: Self::Tensor, layer: usize, targets: &[Target]) -> Result<Self::Tensor> {
         let _ = (layer, targets);
         Ok(w)

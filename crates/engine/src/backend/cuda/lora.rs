@@ -72,9 +72,6 @@ fn expand_vx_fits(size: usize, out: usize, y: u64, firsts: &[i32], widths: &[usi
         && widths.iter().all(|&c| whole(c))
 }
 
-/// `bgmv_expand_ix`'s grid along y for parts of `part_cols` columns (at most 3) at `ct` tiles of `tile`
-/// columns a group (`bgmv_expand_vx`: 1): `[e1, e2, total]`, where part 0's groups are y < e1, part 1's
-/// e1 <= y < e2 and part 2's e2 <= y < total (the kernels' mapping; a missing part has no groups).
 /// The expand's grid for `records` records and parts of `part_cols` columns in groups of `ct` tiles of
 /// `tile` columns (lora.cu's `bgmv_expand_ix`/`_iy`/`_vx`), and its (e1, e2, tiles per block) arguments.
 fn expand_grid(records: usize, part_cols: &[usize], tile: usize, ct: usize) -> Result<(LaunchConfig, [i32; 3])> {
@@ -94,6 +91,9 @@ fn expand_grid(records: usize, part_cols: &[usize], tile: usize, ct: usize) -> R
     ))
 }
 
+/// `bgmv_expand_ix`'s grid along y for parts of `part_cols` columns (at most 3) at `ct` tiles of `tile`
+/// columns a group (`bgmv_expand_vx`: 1): `[e1, e2, total]`, where part 0's groups are y < e1, part 1's
+/// e1 <= y < e2 and part 2's e2 <= y < total (the kernels' mapping; a missing part has no groups).
 pub(super) fn expand_groups(part_cols: &[usize], tile: usize, ct: usize) -> [usize; 3] {
     let groups = |p: usize| part_cols.get(p).map_or(0, |c| c.div_ceil(tile).div_ceil(ct.max(1)));
     [groups(0), groups(0) + groups(1), groups(0) + groups(1) + groups(2)]
