@@ -1,6 +1,6 @@
 //! Two probes for a Hopper prefill attention (bench/NOTES.md session 40, "A Hopper prefill attention"), one module
-//! compiled with NVRTC for sm_90a (`wgmma_probes_compile` wherever NVRTC is, CI too; the others run only on a GPU
-//! of compute capability 9.0 and skip visibly elsewhere):
+//! on kernels/skinny.cu's wgmma helpers compiled with NVRTC for sm_90a (`wgmma_probes_compile` wherever NVRTC is,
+//! CI too; the others run only on a GPU of compute capability 9.0 and skip visibly elsewhere):
 //!
 //! - **The layout kernels/skinny.cu has not verified** (`wgmma_pv_probe`): `O = P · V` on warpgroup MMA with P
 //!   (64 query rows x 16 keys a step) in registers and V's tile (64 keys x 128 head values, the head's values
@@ -17,7 +17,7 @@ mod cuda_common;
 use cuda_common::{backend, say};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
-use lorax_engine::backend::cuda::compile::{nvrtc_present, Compiler, Source};
+use lorax_engine::backend::cuda::compile::{nvrtc_present, Compiler, Source, HOPPER_SOURCES};
 use lorax_engine::weights::DType;
 
 /// A first causal prefill attention on warpgroup MMA, for the shapes of the Mistral-7B prefill (head size 128,
@@ -29,19 +29,13 @@ use lorax_engine::weights::DType;
 /// (which reads keys through the paged cache): the probe says whether the layouts hold and what the kernel
 /// costs before it is built into kernels/.
 ///
-/// The module also holds the P.V probe's kernel (`wgmma_pv_probe`), which shares the attention's helpers.
-const PROBES: Source = Source {
-    name: "wgmma_probes",
-    text: r#"
+/// The module also holds the P.V probe's kernel (`wgmma_pv_probe`), which shares the attention's helpers; both
+/// use kernels/skinny.cu's (`sk_smem`, `sk_desc`, `wgmma_n64`, the fence, commit and wait), which [`probes`]
+/// compiles before them.
+const PROBE_KERNELS: &str = r#"
 #if defined(LORAX_DTYPE_BF16) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define WA_TILE 16384  // one 64-row x 128-value tile: two halves of 64 rows x 128 bytes
 #define WA_NEG_INF __int_as_float(0xff800000)
-
-__device__ __forceinline__ unsigned wa_smem(const void* p) {
-    unsigned d;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(p));
-    return d;
-}
 
 // Rows row0.. of a [rows, stride] bf16 matrix (128 values from `src`), into two halves of the 128-byte
 // swizzle at dst (16-byte piece c of row r at piece c ^ (r % 8)); rows past `rows` read as zeros.
@@ -56,28 +50,15 @@ __device__ __forceinline__ void wa_load(unsigned dst, const unsigned short* src,
     }
 }
 
-__device__ __forceinline__ unsigned long long wa_desc(unsigned addr, int lbo, int sbo) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
-           ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
-}
-
-// s (64 x 64) = or += A (64 x 16) . B (16 x 64), both K-major in shared memory.
-__device__ __forceinline__ void wa_ss(float* d, unsigned long long da, unsigned long long db, int acc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(acc)
-        : "memory");
+// The descriptor of an MN-major operand in the 128-byte swizzle with leading and stride byte offsets `lbo` and
+// `sbo` (skinny.cu's `sk_desc` is the K-major one).
+__device__ __forceinline__ u64 wa_desc_mn(u32 addr, int lbo, int sbo) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32) |
+           (1ull << 62);
 }
 
 // o (64 x 128) += P (64 x 16, registers) . V (16 x 128, MN-major in shared memory).
-__device__ __forceinline__ void wa_rs(float* d, const unsigned* a, unsigned long long db) {
+__device__ __forceinline__ void wa_rs(float* d, const unsigned* a, u64 db) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
@@ -112,7 +93,7 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_pv_probe(float* out, con
     // Aligned up to 1024 bytes by hand (the swizzle's pattern starts there; the static array's alignment is a
     // request the compiler need not keep).
     __shared__ __align__(1024) unsigned char vs_raw[2 * 8192 + 1024];
-    const unsigned vs = (wa_smem(vs_raw) + 1023) & ~1023u;
+    const unsigned vs = (sk_smem(vs_raw) + 1023) & ~1023u;
     wa_load(vs, v, 0, 64, 128);
     asm volatile("cp.async.commit_group;" ::: "memory");
     asm volatile("cp.async.wait_group 0;" ::: "memory");
@@ -131,10 +112,10 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_pv_probe(float* out, con
                                p[r1 * 64 + k0] | ((unsigned)p[r1 * 64 + k0 + 1] << 16),
                                p[r0 * 64 + k1] | ((unsigned)p[r0 * 64 + k1 + 1] << 16),
                                p[r1 * 64 + k1] | ((unsigned)p[r1 * 64 + k1 + 1] << 16)};
-        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-        wa_rs(d, a, wa_desc(vs + s * 2048, lbo, sbo));  // 16 keys: two groups of 8 rows of 128 bytes
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        wgmma_fence();
+        wa_rs(d, a, wa_desc_mn(vs + s * 2048, lbo, sbo));  // 16 keys: two groups of 8 rows of 128 bytes
+        wgmma_commit();
+        wgmma_wait<0>();
     }
     // The accumulator fragment as mma.sync's, per 8 columns: d[4j + 2h + e] is row 16 warp + g + 8h, column
     // 8j + 2t + e.
@@ -152,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_attention_probe(float* o
                                                                       int t_len, int heads, int kv_heads, float scale,
                                                                       int lbo, int sbo) {
     extern __shared__ __align__(1024) unsigned char wa_s[];
-    const unsigned base = (wa_smem(wa_s) + 1023) & ~1023u;  // the swizzle wants 1024-byte alignment
+    const unsigned base = (sk_smem(wa_s) + 1023) & ~1023u;  // the swizzle wants 1024-byte alignment
     const unsigned qs = base, ks = base + WA_TILE, vs = base + 3 * WA_TILE;
     const int q0 = blockIdx.x * 64, h = blockIdx.y, kvh = h / (heads / kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -179,15 +160,14 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_attention_probe(float* o
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         __syncthreads();
         float s[32];
-        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        wgmma_fence();
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf)
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
-                wa_ss(s, wa_desc(qs + hf * 8192 + kk * 32, 16, 1024), wa_desc(ks + st * WA_TILE + hf * 8192 + kk * 32, 16, 1024),
-                      hf + kk);
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+                wgmma_n64(s, sk_desc(qs + hf * 8192 + kk * 32), sk_desc(ks + st * WA_TILE + hf * 8192 + kk * 32), hf + kk);
+        wgmma_commit();
+        wgmma_wait<0>();
         // s[4j + 2hh + e]: row 16 warp + g + 8 hh, key kt * 64 + 8j + 2t + e.
         unsigned pa[16];
 #pragma unroll
@@ -231,11 +211,11 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_attention_probe(float* o
             pa[4 * ks2 + 2] = wa_pack(s[8 * ks2 + 4], s[8 * ks2 + 5]);
             pa[4 * ks2 + 3] = wa_pack(s[8 * ks2 + 6], s[8 * ks2 + 7]);
         }
-        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        wgmma_fence();
 #pragma unroll
-        for (int ks2 = 0; ks2 < 4; ++ks2) wa_rs(o, pa + 4 * ks2, wa_desc(vs + st * WA_TILE + ks2 * 2048, lbo, sbo));
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        for (int ks2 = 0; ks2 < 4; ++ks2) wa_rs(o, pa + 4 * ks2, wa_desc_mn(vs + st * WA_TILE + ks2 * 2048, lbo, sbo));
+        wgmma_commit();
+        wgmma_wait<0>();
         __syncthreads();  // the stage is loaded again two tiles on
     }
 #pragma unroll
@@ -259,8 +239,20 @@ extern "C" __global__ void wgmma_attention_probe(float* out, const unsigned shor
                                                  const unsigned short* v, int t_len, int heads, int kv_heads,
                                                  float scale, int lbo, int sbo) {}
 #endif
-"#,
-};
+"#;
+
+/// The probes' module: kernels/skinny.cu (the engine's verified wgmma helpers), then [`PROBE_KERNELS`].
+fn probes() -> Source {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let skinny = HOPPER_SOURCES
+        .iter()
+        .find(|s| s.name == "skinny")
+        .expect("the skinny module");
+    Source {
+        name: "wgmma_probes",
+        text: TEXT.get_or_init(|| format!("{}\n{PROBE_KERNELS}", skinny.text)),
+    }
+}
 
 /// The two guesses of (leading, stride) byte offsets.
 const GUESSES: [(i32, i32); 2] = [(8192, 1024), (1024, 8192)];
@@ -306,7 +298,7 @@ fn wgmma_probes_compile() {
     }
     let mut c = compiler();
     c.verbose = true;
-    let out = c.compile(&PROBES).unwrap();
+    let out = c.compile(&probes()).unwrap();
     for name in ["wgmma_pv_probe", "wgmma_attention_probe"] {
         assert!(
             out.cubin.windows(name.len()).any(|w| w == name.as_bytes()),
@@ -340,7 +332,7 @@ fn wgmma_pv_with_v_in_the_128_byte_swizzle_matches_cpu() {
             want[r * 128 + c] = (0..64).map(|k| p_vals[r * 64 + k] * v_vals[k * 128 + c]).sum();
         }
     }
-    let cubin = compiler().compile(&PROBES).unwrap().cubin;
+    let cubin = compiler().compile(&probes()).unwrap().cubin;
     let module = g.context().load_module(Ptx::from_binary(cubin)).unwrap();
     let f = module.load_function("wgmma_pv_probe").unwrap();
     let s = g.stream();
@@ -423,7 +415,7 @@ fn wgmma_attention_probe_matches_cpu() {
         return;
     }
     let (heads, kv_heads) = (32usize, 8usize);
-    let cubin = compiler().compile(&PROBES).unwrap().cubin;
+    let cubin = compiler().compile(&probes()).unwrap().cubin;
     let module = g.context().load_module(Ptx::from_binary(cubin)).unwrap();
     let f = module.load_function("wgmma_attention_probe").unwrap();
     let smem = 5 * 16384 + 1024;
