@@ -323,3 +323,21 @@ __device__ __forceinline__ u32x4 to_vec(const float* v) {
     return {pack_f(v[0], v[1]), pack_f(v[2], v[3]), pack_f(v[4], v[5]), pack_f(v[6], v[7])};
 #endif
 }
+
+// The prefill attention kernels' launch contract (kernels/prefill.cu, kernels/prefill_sm90.cu).
+// A tile of query rows: first row in the flattened batch, rows (at most the kernel's tile), position of the
+// first row, offset of the sequence's block table.
+struct PrefillTile {
+    int row0;
+    int rows;
+    int pos0;
+    int table;
+};
+
+// The parameters of prefill_attention and its entry points.
+#define PREFILL_PARAMS                                                                                          \
+    T *__restrict__ out, const T *__restrict__ q, const T *__restrict__ k_cache, const T *__restrict__ v_cache, \
+        const PrefillTile *__restrict__ tiles, const u32 *__restrict__ tables, int num_heads, int num_kv_heads, \
+        int block_size, float scale
+// The same parameters as arguments, for the entry points that pass them on.
+#define PREFILL_ARGS out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads, block_size, scale

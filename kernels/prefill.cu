@@ -33,23 +33,6 @@
 #define PF_MINB2 4
 #endif
 
-// A tile of query rows: first row in the flattened batch, rows (<= 16 RG W), position of the first row,
-// offset of the sequence's block table.
-struct PrefillTile {
-    int row0;
-    int rows;
-    int pos0;
-    int table;
-};
-
-// The parameters of prefill_attention and its entry points.
-#define PREFILL_PARAMS                                                                                          \
-    T *__restrict__ out, const T *__restrict__ q, const T *__restrict__ k_cache, const T *__restrict__ v_cache, \
-        const PrefillTile *__restrict__ tiles, const u32 *__restrict__ tables, int num_heads, int num_kv_heads, \
-        int block_size, float scale
-// The same parameters as arguments, for the entry points that pass them on.
-#define PREFILL_ARGS out, q, k_cache, v_cache, tiles, tables, num_heads, num_kv_heads, block_size, scale
-
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
 
 template <int HD, int W, int BN, int RG>

@@ -1,8 +1,9 @@
-//! Two probes for a Hopper prefill attention (bench/NOTES.md session 40, "A Hopper prefill attention"), one module
-//! on kernels/skinny.cu's wgmma helpers compiled with NVRTC for sm_90a (`wgmma_probes_compile` wherever NVRTC is,
-//! CI too; the others run only on a GPU of compute capability 9.0 and skip visibly elsewhere):
+//! Two probes for a Hopper prefill attention (bench/NOTES.md sessions 40-41, "A Hopper prefill attention"), one
+//! module on kernels/wgmma.cuh's helpers compiled with NVRTC for sm_90a (`wgmma_probes_compile` wherever NVRTC is,
+//! CI too; the others run only on a GPU of compute capability 9.0 and skip visibly elsewhere). Both passed on an
+//! H100 in session 41 (leading 8192, stride 1024); the engine's kernel built on them is kernels/prefill_sm90.cu.
 //!
-//! - **The layout kernels/skinny.cu has not verified** (`wgmma_pv_probe`): `O = P · V` on warpgroup MMA with P
+//! - **The layout kernels/skinny.cu had not verified** (`wgmma_pv_probe`): `O = P · V` on warpgroup MMA with P
 //!   (64 query rows x 16 keys a step) in registers and V's tile (64 keys x 128 head values, the head's values
 //!   contiguous, as the cache stores them) in shared memory in the 128-byte swizzle, read as an MN-major B operand
 //!   (`imm-trans-b` 1): P (64 x 64) · V (64 x 128) in four k-steps under two guesses of the descriptor's byte
@@ -23,15 +24,14 @@ use lorax_engine::weights::DType;
 /// A first causal prefill attention on warpgroup MMA, for the shapes of the Mistral-7B prefill (head size 128,
 /// grouped queries), on contiguous q [T, H, 128], k and v [T, KVH, 128] (bf16 bits) and an f32 output: one
 /// warpgroup a block for 64 query rows of one head; keys 64 at a time in two shared-memory stages (`cp.async`
-/// into the 128-byte swizzle); S = Q·Kᵀ with both operands K-major in shared memory (kernels/skinny.cu's
-/// descriptor); the online softmax on S's fragment in registers; O += P·V with P in registers and V read as an
-/// MN-major operand (the descriptor offsets `lbo`, `sbo` are the P.V probe's question). Not yet in the engine
-/// (which reads keys through the paged cache): the probe says whether the layouts hold and what the kernel
-/// costs before it is built into kernels/.
+/// into the 128-byte swizzle); S = Q·Kᵀ with both operands K-major in shared memory (`sk_desc`); the online
+/// softmax on S's fragment in registers; O += P·V with P in registers and V read as an MN-major operand (the
+/// descriptor offsets `lbo`, `sbo` are the P.V probe's question). Nothing overlapped: 66 µs at 1000 tokens on
+/// an H100 (session 41), where kernels/prefill_sm90.cu (the engine's, through the paged cache) overlaps.
 ///
 /// The module also holds the P.V probe's kernel (`wgmma_pv_probe`), which shares the attention's helpers; both
-/// use kernels/skinny.cu's (`sk_smem`, `sk_desc`, `wgmma_n64`, the fence, commit and wait), which [`probes`]
-/// compiles before them.
+/// use kernels/wgmma.cuh's (`sk_smem`, `sk_desc`, `wgmma_desc_mn`, `wgmma_n64`, `wgmma_rs_n128_tb`, the fence,
+/// commit and wait), which [`probes`] compiles before them.
 const PROBE_KERNELS: &str = r#"
 #if defined(LORAX_DTYPE_BF16) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define WA_TILE 16384  // one 64-row x 128-value tile: two halves of 64 rows x 128 bytes
@@ -48,41 +48,6 @@ __device__ __forceinline__ void wa_load(unsigned dst, const unsigned short* src,
                      "l"(s), "r"(ok ? 16 : 0)
                      : "memory");
     }
-}
-
-// The descriptor of an MN-major operand in the 128-byte swizzle with leading and stride byte offsets `lbo` and
-// `sbo` (skinny.cu's `sk_desc` is the K-major one).
-__device__ __forceinline__ u64 wa_desc_mn(u32 addr, int lbo, int sbo) {
-    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32) |
-           (1ull << 62);
-}
-
-// o (64 x 128) += P (64 x 16, registers) . V (16 x 128, MN-major in shared memory).
-__device__ __forceinline__ void wa_rs(float* d, const unsigned* a, u64 db) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)
-        : "memory");
-}
-
-__device__ __forceinline__ unsigned wa_pack(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
 }
 
 // out[64, 128] (f32) = p[64, 64] . v[64, 128] (bf16, row-major), one warpgroup; V through shared memory in the
@@ -108,12 +73,12 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_pv_probe(float* out, con
     for (int s = 0; s < 4; ++s) {
         // Rows g and g + 8 of the warp's 16, keys 2t and 2t + 8 of the step (mma.sync's A fragment).
         const int k0 = 16 * s + 2 * t, k1 = k0 + 8;
-        const unsigned a[4] = {p[r0 * 64 + k0] | ((unsigned)p[r0 * 64 + k0 + 1] << 16),
+        const u32 a[4] = {p[r0 * 64 + k0] | ((unsigned)p[r0 * 64 + k0 + 1] << 16),
                                p[r1 * 64 + k0] | ((unsigned)p[r1 * 64 + k0 + 1] << 16),
                                p[r0 * 64 + k1] | ((unsigned)p[r0 * 64 + k1 + 1] << 16),
                                p[r1 * 64 + k1] | ((unsigned)p[r1 * 64 + k1 + 1] << 16)};
         wgmma_fence();
-        wa_rs(d, a, wa_desc_mn(vs + s * 2048, lbo, sbo));  // 16 keys: two groups of 8 rows of 128 bytes
+        wgmma_rs_n128_tb(d, a, wgmma_desc_mn(vs + s * 2048, lbo, sbo));  // 16 keys: two groups of 8 rows of 128 bytes
         wgmma_commit();
         wgmma_wait<0>();
     }
@@ -169,7 +134,7 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_attention_probe(float* o
         wgmma_commit();
         wgmma_wait<0>();
         // s[4j + 2hh + e]: row 16 warp + g + 8 hh, key kt * 64 + 8j + 2t + e.
-        unsigned pa[16];
+        u32 pa[16];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const int row = q0 + 16 * warp + g + 8 * hh;
@@ -206,14 +171,14 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_attention_probe(float* o
         // P's fragments for keys 16 ks..: rows g and g + 8, keys 2t and 2t + 8 of the step.
 #pragma unroll
         for (int ks2 = 0; ks2 < 4; ++ks2) {
-            pa[4 * ks2 + 0] = wa_pack(s[8 * ks2 + 0], s[8 * ks2 + 1]);
-            pa[4 * ks2 + 1] = wa_pack(s[8 * ks2 + 2], s[8 * ks2 + 3]);
-            pa[4 * ks2 + 2] = wa_pack(s[8 * ks2 + 4], s[8 * ks2 + 5]);
-            pa[4 * ks2 + 3] = wa_pack(s[8 * ks2 + 6], s[8 * ks2 + 7]);
+            pa[4 * ks2 + 0] = pack_f(s[8 * ks2 + 0], s[8 * ks2 + 1]);
+            pa[4 * ks2 + 1] = pack_f(s[8 * ks2 + 2], s[8 * ks2 + 3]);
+            pa[4 * ks2 + 2] = pack_f(s[8 * ks2 + 4], s[8 * ks2 + 5]);
+            pa[4 * ks2 + 3] = pack_f(s[8 * ks2 + 6], s[8 * ks2 + 7]);
         }
         wgmma_fence();
 #pragma unroll
-        for (int ks2 = 0; ks2 < 4; ++ks2) wa_rs(o, pa + 4 * ks2, wa_desc_mn(vs + st * WA_TILE + ks2 * 2048, lbo, sbo));
+        for (int ks2 = 0; ks2 < 4; ++ks2) wgmma_rs_n128_tb(o, pa + 4 * ks2, wgmma_desc_mn(vs + st * WA_TILE + ks2 * 2048, lbo, sbo));
         wgmma_commit();
         wgmma_wait<0>();
         __syncthreads();  // the stage is loaded again two tiles on
@@ -241,7 +206,8 @@ extern "C" __global__ void wgmma_attention_probe(float* out, const unsigned shor
 #endif
 "#;
 
-/// The probes' module: kernels/skinny.cu (the engine's verified wgmma helpers), then [`PROBE_KERNELS`].
+/// The probes' module: the skinny module (kernels/wgmma.cuh, the engine's wgmma helpers, then kernels/skinny.cu),
+/// then [`PROBE_KERNELS`].
 fn probes() -> Source {
     static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let skinny = HOPPER_SOURCES

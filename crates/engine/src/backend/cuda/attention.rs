@@ -283,10 +283,27 @@ impl CudaBackend {
             .sum();
         let shape = self.prefill_shape.unwrap_or_else(|| PrefillShape::auto(tiles128));
         let shape = if self.prefill_wide { shape } else { shape.narrow() };
+        // The prefill kernel (name, query rows a tile, threads, dynamic shared memory): the Hopper one at head
+        // size 128 when it is on, else the tensor-core kernel's shape.
+        let tc_kernel = (self.tc_prefill && self.dtype != DType::F32 && (hd == 64 || hd == 128)).then(|| {
+            if hd == 128 && self.prefill_sm90 == Some(true) {
+                (
+                    super::PREFILL_SM90_KERNEL.to_string(),
+                    super::PREFILL_SM90_ROWS,
+                    super::PREFILL_SM90_THREADS,
+                    super::PREFILL_SM90_SMEM,
+                )
+            } else {
+                (
+                    shape.kernel(hd),
+                    shape.rows(),
+                    32 * shape.warps() as u32,
+                    shape.smem_bytes(hd, self.dtype.size()),
+                )
+            }
+        });
         // Query rows per prefill tile.
-        let pf_bm = shape.rows();
-        let tc_kernel =
-            (self.tc_prefill && self.dtype != DType::F32 && (hd == 64 || hd == 128)).then(|| shape.kernel(hd));
+        let pf_bm = tc_kernel.as_ref().map_or(1, |k| k.1);
         // Validate the whole batch before computing anything (as the CPU backend does).
         let mut rows = vec![-1i32; 2 * n];
         let mut tables: Vec<u32> = Vec::new();
@@ -359,7 +376,7 @@ impl CudaBackend {
         let d_rows = self.upload(&rows)?;
         let d_tables = self.upload(&tables)?;
         let prefill = match tc_kernel {
-            Some(kernel) if !pf_tiles.is_empty() => {
+            Some((kernel, _, threads, smem)) if !pf_tiles.is_empty() => {
                 // Longest tiles (most keys: the last of each prompt) first, and every head's tile before
                 // any head's next one (kernels/prefill.cu), so the causal triangle's long blocks start in the first
                 // wave instead of trailing the launch.
@@ -369,8 +386,8 @@ impl CudaBackend {
                     kernel,
                     grid: cfg(
                         (uint("prefill blocks", pf_tiles.len() * meta.num_heads)?, 1, 1),
-                        uint("prefill threads", 32 * shape.warps())?,
-                        shape.smem_bytes(hd, self.dtype.size()),
+                        threads,
+                        smem,
                     ),
                     tiles_ptr: self.ptr(&d_tiles),
                     _tiles: d_tiles,

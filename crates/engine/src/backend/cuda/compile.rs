@@ -51,11 +51,28 @@ pub const SOURCES: [Source; 6] = [
 ];
 
 /// Modules for Hopper's arch-specific instructions (wgmma): compiled with [`Compiler::arch_specific`]
-/// (`sm_90a`) for 16-bit storage on compute capability 9.0 only.
-pub const HOPPER_SOURCES: [Source; 1] = [Source {
-    name: "skinny",
-    text: include_str!("../../../../../kernels/skinny.cu"),
-}];
+/// (`sm_90a`) for 16-bit storage on compute capability 9.0 only. Each is kernels/wgmma.cuh (the wgmma
+/// helpers) followed by its own file.
+pub const HOPPER_SOURCES: [Source; 2] = [
+    Source {
+        name: "skinny",
+        text: concat!(
+            "#line 1 \"wgmma.cuh\"\n",
+            include_str!("../../../../../kernels/wgmma.cuh"),
+            "#line 1 \"skinny.cu\"\n",
+            include_str!("../../../../../kernels/skinny.cu")
+        ),
+    },
+    Source {
+        name: "prefill_sm90",
+        text: concat!(
+            "#line 1 \"wgmma.cuh\"\n",
+            include_str!("../../../../../kernels/wgmma.cuh"),
+            "#line 1 \"prefill_sm90.cu\"\n",
+            include_str!("../../../../../kernels/prefill_sm90.cu")
+        ),
+    },
+];
 
 /// Whether the NVRTC library can be loaded (cudarc panics on first use when it cannot).
 pub fn nvrtc_present() -> bool {

@@ -347,7 +347,7 @@ struct Skinny {
 }
 
 /// Kernel names of each module, loaded once per backend.
-pub const KERNELS: [(&str, &[&str]); 7] = [
+pub const KERNELS: [(&str, &[&str]); 8] = [
     (
         "elementwise",
         &[
@@ -443,7 +443,16 @@ pub const KERNELS: [(&str, &[&str]); 7] = [
     ),
     ("sampling", &["sample_rows"]),
     ("skinny", &SKINNY_KERNELS),
+    ("prefill_sm90", &[PREFILL_SM90_KERNEL]),
 ];
+
+/// The Hopper prefill attention kernel (kernels/prefill_sm90.cu; head size 128, 16-bit storage), its block's
+/// query rows and threads, and its dynamic shared memory (two query tiles and three stages of keys and values
+/// of 16 KiB each, and 1 KiB of alignment slack).
+pub(crate) const PREFILL_SM90_KERNEL: &str = "prefill_attention_128_sm90";
+pub(crate) const PREFILL_SM90_ROWS: usize = 128;
+pub(crate) const PREFILL_SM90_THREADS: u32 = 256;
+pub(crate) const PREFILL_SM90_SMEM: usize = (2 + 3 * 2) * 16384 + 1024;
 
 /// Device memory: an allocation of its own, or a range of one shared with others (an adapter's weights
 /// live in one allocation; a captured decode step's tensors live in the graph arena).
@@ -623,6 +632,10 @@ pub struct CudaBackend {
     /// Whether the device gives the prefill shapes past 48 KiB of shared memory (the 64-key and two-row-group
     /// ones) theirs (else [`PrefillShape::narrow`] picks a 32-key shape of 16 rows a warp).
     prefill_wide: bool,
+    /// The Hopper prefill attention (kernels/prefill_sm90.cu) for head size 128: `None` until built (where it
+    /// cannot be, it stays `None`), then whether it runs in place of the tensor-core prefill kernel's shapes
+    /// (`LORAX_CUDA_PREFILL_SM90`, [`CudaBackend::set_prefill_sm90`]).
+    prefill_sm90: Option<bool>,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
@@ -1289,6 +1302,7 @@ impl CudaBackend {
             tc_prefill: std::env::var("LORAX_CUDA_PREFILL").map_or(true, |v| v != "simple"),
             prefill_shape: PrefillShape::from_env()?,
             prefill_wide,
+            prefill_sm90: None,
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
@@ -1350,6 +1364,9 @@ impl CudaBackend {
         if std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1") {
             backend.set_skinny_gemm(true);
         }
+        if std::env::var("LORAX_CUDA_PREFILL_SM90").is_ok_and(|v| v == "1") {
+            backend.set_prefill_sm90(true);
+        }
         Ok(backend)
     }
 
@@ -1380,6 +1397,65 @@ impl CudaBackend {
     /// [`PrefillShape::auto`] picks by the launch's prompt rows (`LORAX_CUDA_PREFILL_TILE`).
     pub fn set_prefill_shape(&mut self, shape: Option<PrefillShape>) {
         self.prefill_shape = shape;
+    }
+
+    /// Prefill sequences of head size 128 on the Hopper kernel (kernels/prefill_sm90.cu: warpgroup MMA) in
+    /// place of the tensor-core prefill kernel's shapes, or not (the default; `LORAX_CUDA_PREFILL_SM90=1`).
+    /// Turning it on builds it the first time. Returns whether it is on: false where it cannot be built (not
+    /// compute capability 9.0, f32 storage, or a build failure, logged).
+    pub fn set_prefill_sm90(&mut self, on: bool) -> bool {
+        if on && self.prefill_sm90.is_none() {
+            let built = self
+                .hopper_module(1, &[PREFILL_SM90_KERNEL], |_| PREFILL_SM90_SMEM)
+                .inspect_err(|e| tracing::warn!(error = %e, "the Hopper prefill attention is unavailable"));
+            if built.is_ok() {
+                self.prefill_sm90 = Some(false);
+            }
+        }
+        if let Some(state) = &mut self.prefill_sm90 {
+            *state = on;
+            return on;
+        }
+        false
+    }
+
+    /// Compiles [`HOPPER_SOURCES`]`[index]` for `sm_90a` (compute capability 9.0 and 16-bit storage only),
+    /// loads the kernels `names`, and grants each the dynamic shared memory `smem(i)` says (i: its index in
+    /// `names`).
+    fn hopper_module(
+        &mut self,
+        index: usize,
+        names: &[&'static str],
+        smem: impl Fn(usize) -> usize,
+    ) -> std::result::Result<(), String> {
+        if self.compute_capability != (9, 0) || self.dtype == DType::F32 {
+            return Err(format!(
+                "compute capability {:?} with {:?} storage (needs 9.0 and 16-bit storage)",
+                self.compute_capability, self.dtype
+            ));
+        }
+        let compiler = Compiler::new(self.compute_capability, self.dtype)
+            .map_err(|e| e.to_string())?
+            .arch_specific();
+        let src = &HOPPER_SOURCES[index];
+        let compiled = compiler.compile(src).map_err(|e| e.to_string())?;
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(compiled.cubin))
+            .map_err(|e| format!("loading module {}: {e:?}", src.name))?;
+        for (i, &name) in names.iter().enumerate() {
+            let f = module
+                .load_function(name)
+                .map_err(|e| format!("kernel {name}: {e:?}"))?;
+            #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+            f.set_attribute(
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem(i) as i32,
+            )
+            .map_err(|e| format!("{} bytes of shared memory for {name}: {e:?}", smem(i)))?;
+            self.funcs.insert(name, f);
+        }
+        Ok(())
     }
 
     /// At most this many query heads per attention block (1, 2, 4 or 8; default 8). Fewer heads per block
@@ -1542,31 +1618,8 @@ impl CudaBackend {
     /// kernels/skinny.cu for `sm_90a`, grants each kernel its shared memory, allocates the partial sums
     /// for one block per multiprocessor and the tile counters. `None`, with a warning, when any step fails.
     fn build_skinny(&mut self) -> Option<Skinny> {
-        if self.compute_capability != (9, 0) || self.dtype == DType::F32 {
-            return None;
-        }
         let built = (|| -> std::result::Result<Skinny, String> {
-            let compiler = Compiler::new(self.compute_capability, self.dtype)
-                .map_err(|e| e.to_string())?
-                .arch_specific();
-            let src = &HOPPER_SOURCES[0];
-            let compiled = compiler.compile(src).map_err(|e| e.to_string())?;
-            let module = self
-                .ctx
-                .load_module(Ptx::from_binary(compiled.cubin))
-                .map_err(|e| format!("loading module {}: {e:?}", src.name))?;
-            for (&name, &tn) in SKINNY_KERNELS.iter().zip(&SKINNY_ROWS) {
-                let f = module
-                    .load_function(name)
-                    .map_err(|e| format!("kernel {name}: {e:?}"))?;
-                #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
-                f.set_attribute(
-                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    skinny_smem(tn) as i32,
-                )
-                .map_err(|e| format!("{} bytes of shared memory for {name}: {e:?}", skinny_smem(tn)))?;
-                self.funcs.insert(name, f);
-            }
+            self.hopper_module(0, &SKINNY_KERNELS, |i| skinny_smem(SKINNY_ROWS[i]))?;
             let ws_bytes = self.num_sms * 2 * SKINNY_CONSUMERS * (SKINNY_ROWS[SKINNY_ROWS.len() - 1] / 2) * 4;
             let ws = self
                 .stream
