@@ -4,10 +4,10 @@
 // a cached prefix attended too):
 //   - a block is two warpgroups (256 threads) on one tile of up to 128 query rows of one head: warpgroup w takes
 //     the tile's rows 64w..64w+63, both share the key and value tiles;
-//   - keys 64 a step, in three shared-memory stages: every thread copies its part of step j + 1's keys and
+//   - keys 64 a step (`prefill_attention_128_sm90`) or 128 (`_n128`), in three shared-memory stages: every thread copies its part of step j + 1's keys and
 //     values (cp.async through the block table, into the 128-byte swizzle) while step j computes; a stage is
 //     written again only after the step that read its values (one block barrier a step);
-//   - S = Q.K^T on m64n64k16 (Q's rows and K's keys both K-major in shared memory); the online softmax on S's
+//   - S = Q.K^T on m64n64k16 or m64n128k16 (Q's rows and K's keys both K-major in shared memory); the online softmax on S's
 //     fragment in registers (base-2 exponentials, the scale folded in; masks only where a step reaches the
 //     warpgroup's diagonal); O += P.V on m64n128k16 with P in registers (rounded to the storage type, as
 //     FlashAttention does) and V an MN-major operand (wgmma.cuh's wgmma_desc_mn);
@@ -20,15 +20,15 @@
 // against prefill.cu's 50.
 
 #define PH_HD 128
-#define PH_BN 64
 #define PH_STAGES 3
-#define PH_TILE 16384  // 64 rows x 128 values x 2 bytes: two halves of 64 rows x 128 bytes, 8 KiB apart
+#define PH_QTILE 16384  // 64 query rows x 128 values x 2 bytes: two halves of 64 rows x 128 bytes, 8 KiB apart
 #define PH_THREADS 256
 
-// Where piece c (16 bytes, 0..15) of row r (0..63) of a 64 x 128 tile at `tile` lies in the 128-byte swizzle:
-// half c / 8, row r's 128 bytes, piece (c % 8) ^ (r % 8).
+// Where piece c (16 bytes, 0..15) of row r of a tile of ROWS rows x 128 values at `tile` lies in the 128-byte
+// swizzle: half c / 8 (ROWS x 128 bytes each), row r's 128 bytes, piece (c % 8) ^ (r % 8).
+template <int ROWS>
 __device__ __forceinline__ u32 ph_at(u32 tile, int r, int c) {
-    return tile + (c >> 3) * 8192 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+    return tile + (c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
 
 // 16 bytes from `src` to shared `dst`, or 16 zero bytes when !ok.
@@ -36,10 +36,13 @@ __device__ __forceinline__ void ph_copy(u32 dst, const void* src, bool ok) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
 }
 
-// Grid: one block per (tile, head), block b = tile b / num_heads of head b % num_heads; PH_THREADS threads;
-// 2 x PH_TILE (queries) + PH_STAGES x 2 x PH_TILE (keys, values) + 1024 bytes of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_128_sm90(PREFILL_PARAMS) {
-    pdl_enter();
+// BN keys a step (64 or 128). Grid: one block per (tile, head), block b = tile b / num_heads of head
+// b % num_heads; PH_THREADS threads; 2 x PH_QTILE (queries) + PH_STAGES x 2 x BN x 256 (keys, values) + 1024
+// bytes of dynamic shared memory.
+template <int BN>
+__device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
+    constexpr int KT = BN * PH_HD * 2;  // bytes of a step's keys (or values): two halves of BN rows x 128 bytes
+    constexpr int NS = BN / 8;          // n-tiles of 8 keys in S
     extern __shared__ __align__(1024) unsigned char ph_raw[];
     const u32 base = (sk_smem(ph_raw) + 1023u) & ~1023u;  // the swizzle's pattern repeats every 1024 bytes
     const PrefillTile tile = tiles[blockIdx.x / num_heads];
@@ -50,10 +53,10 @@ extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_12
     const u32* table = tables + tile.table;
     const float sl2 = scale * 1.4426950408889634f;  // scores to base-2 exponents
     const int bs_shift = pow2_log(block_size);       // -1: not a power of two
-    const u32 qs = base + wg * PH_TILE;
-    const u32 stages = base + 2 * PH_TILE;  // stage s: keys at stages + 2 s PH_TILE, its values PH_TILE on
+    const u32 qs = base + wg * PH_QTILE;
+    const u32 stages = base + 2 * PH_QTILE;  // stage s: keys at stages + 2 s KT, its values KT on
     const int kv_end = tile.pos0 + tile.rows;  // keys 0 .. the last row's position
-    const int nsteps = (kv_end + PH_BN - 1) / PH_BN;
+    const int nsteps = (kv_end + BN - 1) / BN;
     // This warpgroup's rows in the tile (none when the tile has 64 rows or fewer and wg = 1) and the first one's
     // position.
     const int wrows = min(64, tile.rows - 64 * wg);
@@ -65,24 +68,24 @@ extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_12
         for (int i = wt; i < 64 * 16; i += 128) {
             const int r = i / 16, c = i % 16;
             const bool ok = r < wrows;
-            ph_copy(ph_at(qs, r, c), qsrc + (ok ? (u64)r * qw : 0) + c * 8, ok);
+            ph_copy(ph_at<64>(qs, r, c), qsrc + (ok ? (u64)r * qw : 0) + c * 8, ok);
         }
     }
-    // A step's keys and values: this thread copies piece pc of keys key0 + 16 i (i < 4). Keys past the context
+    // A step's keys and values: this thread copies piece pc of keys key0 + 16 i (i < BN / 16). Keys past the context
     // read the last key instead: finite values the causal mask gives no weight.
     const int key0 = threadIdx.x / 16, pc = threadIdx.x % 16;
     const T* k_src = k_cache + kvh * PH_HD + pc * 8;
     const T* v_src = v_cache + kvh * PH_HD + pc * 8;
     auto issue = [&](int s) {
-        const u32 ks = stages + (s % PH_STAGES) * 2 * PH_TILE;
+        const u32 ks = stages + (s % PH_STAGES) * 2 * KT;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < BN / 16; ++i) {
             const int key = key0 + 16 * i;
-            const int p = min(s * PH_BN + key, kv_end - 1);
+            const int p = min(s * BN + key, kv_end - 1);
             const u64 slot = bs_shift >= 0 ? (((u64)table[p >> bs_shift] << bs_shift) | (u32)(p & (block_size - 1)))
                                            : (u64)table[p / block_size] * block_size + p % block_size;
-            ph_copy(ph_at(ks, key, pc), k_src + slot * kv_stride, true);
-            ph_copy(ph_at(ks + PH_TILE, key, pc), v_src + slot * kv_stride, true);
+            ph_copy(ph_at<BN>(ks, key, pc), k_src + slot * kv_stride, true);
+            ph_copy(ph_at<BN>(ks + KT, key, pc), v_src + slot * kv_stride, true);
         }
         copy_commit();
     };
@@ -90,12 +93,12 @@ extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_12
 
     // The accumulator fragments (mma.sync's layout per 8 columns): o[4j + 2hh + e] and s[4j + 2hh + e] are row
     // 16 warp + g + 8 hh of the warpgroup's, column 8j + 2t + e. pa: the previous step's P as A fragments.
-    float o[64], s[32];
-    u32 pa[16];
+    float o[64], s[4 * NS];
+    u32 pa[2 * NS];
 #pragma unroll
     for (int i = 0; i < 64; ++i) o[i] = 0.f;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) pa[i] = 0u;
+    for (int i = 0; i < 2 * NS; ++i) pa[i] = 0u;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
     const int pos_lo = wfirst + 16 * warp + g;  // this thread's rows' positions: pos_lo and pos_lo + 8
 
@@ -110,19 +113,25 @@ extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_12
     };
     // S = Q.K^T of step j (queued, committed as one group).
     auto qk = [&](int j) {
-        const u32 ks = stages + (j % PH_STAGES) * 2 * PH_TILE;
+        const u32 ks = stages + (j % PH_STAGES) * 2 * KT;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf)
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-                wgmma_n64(s, sk_desc(qs + hf * 8192 + kk * 32), sk_desc(ks + hf * 8192 + kk * 32), hf + kk);
+            for (int kk = 0; kk < 4; ++kk) {
+                const u64 da = sk_desc(qs + hf * 8192 + kk * 32), db = sk_desc(ks + hf * (BN * 128) + kk * 32);
+                if constexpr (BN == 64)
+                    wgmma_n64(s, da, db, hf + kk);
+                else
+                    wgmma_n128(s, da, db, hf + kk);
+            }
         wgmma_commit();
     };
     // O += P.V of step j, P from pa (queued, committed as one group).
     auto pv = [&](int j) {
-        const u32 vs = stages + (j % PH_STAGES) * 2 * PH_TILE + PH_TILE;
+        const u32 vs = stages + (j % PH_STAGES) * 2 * KT + KT;
 #pragma unroll
-        for (int k2 = 0; k2 < 4; ++k2) wgmma_rs_n128_tb(o, pa + 4 * k2, wgmma_desc_mn(vs + k2 * 2048, 8192, 1024));
+        for (int k2 = 0; k2 < BN / 16; ++k2)
+            wgmma_rs_n128_tb(o, pa + 4 * k2, wgmma_desc_mn(vs + k2 * 2048, BN * 128, 1024));
         wgmma_commit();
     };
     // The online softmax of step j's S (complete), in place: P's values in s, the running maxima and sums, each
@@ -131,15 +140,15 @@ extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_12
     float corr[2];
     auto softmax = [&](int j) {
 #pragma unroll
-        for (int i = 0; i < 32; ++i) wgmma_fence_operand(s[i]);
-        const int kb = j * PH_BN;
-        const bool mask = kb + PH_BN - 1 > wfirst;
+        for (int i = 0; i < 4 * NS; ++i) wgmma_fence_operand(s[i]);
+        const int kb = j * BN;
+        const bool mask = kb + BN - 1 > wfirst;
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const int pos = pos_lo + 8 * hh;
             float mx = m[hh];
 #pragma unroll
-            for (int jj = 0; jj < 8; ++jj)
+            for (int jj = 0; jj < NS; ++jj)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float x = s[4 * jj + 2 * hh + e] * sl2;
@@ -154,7 +163,7 @@ extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_12
             m[hh] = mx;
             float sum = 0.f;
 #pragma unroll
-            for (int jj = 0; jj < 8; ++jj)
+            for (int jj = 0; jj < NS; ++jj)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const float p = exp2_fast(s[4 * jj + 2 * hh + e] - mb);
@@ -168,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_12
     // would serialize the products): keys 16 k2..: rows g and g + 8, keys 2t and 2t + 8 of the 16.
     auto pack_p = [&]() {
 #pragma unroll
-        for (int k2 = 0; k2 < 4; ++k2) {
+        for (int k2 = 0; k2 < BN / 16; ++k2) {
             pa[4 * k2 + 0] = pack_f(s[8 * k2 + 0], s[8 * k2 + 1]);
             pa[4 * k2 + 1] = pack_f(s[8 * k2 + 2], s[8 * k2 + 3]);
             pa[4 * k2 + 2] = pack_f(s[8 * k2 + 4], s[8 * k2 + 5]);
@@ -182,9 +191,9 @@ extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_12
 #pragma unroll
         for (int i = 0; i < 64; ++i) wgmma_fence_operand(o[i]);
 #pragma unroll
-        for (int i = 0; i < 32; ++i) wgmma_fence_operand(s[i]);
+        for (int i = 0; i < 4 * NS; ++i) wgmma_fence_operand(s[i]);
 #pragma unroll
-        for (int i = 0; i < 16; ++i) wgmma_fence_operand(pa[i]);
+        for (int i = 0; i < 2 * NS; ++i) wgmma_fence_operand(pa[i]);
         wgmma_fence();
     };
 
@@ -235,4 +244,14 @@ extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_12
         for (int jj = 0; jj < 16; ++jj)
             *reinterpret_cast<u32*>(dst + 8 * jj) = pack_f(o[4 * jj + 2 * hh] * inv, o[4 * jj + 2 * hh + 1] * inv);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_128_sm90(PREFILL_PARAMS) {
+    pdl_enter();
+    prefill_sm90<64>(PREFILL_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_128_sm90_n128(PREFILL_PARAMS) {
+    pdl_enter();
+    prefill_sm90<128>(PREFILL_ARGS);
 }

@@ -261,16 +261,18 @@ fn prefill_benchmarks() {
         prefill_attention(&mut g, true, &[4096], 32, 8);
         prefill_attention(&mut g, true, &[16384], 32, 8);
     }
-    // The Hopper kernel (kernels/prefill_sm90.cu), where it builds.
-    if g.set_prefill_sm90(true) {
-        say("prefill on the Hopper kernel (sm90):");
+    // The Hopper kernel (kernels/prefill_sm90.cu), where it builds, at 64 and 128 keys a step.
+    for keys in [64, 128] {
+        if !g.set_prefill_sm90(Some(keys)) {
+            say("SKIPPED: the Hopper prefill kernel (it needs compute capability 9.0)");
+            break;
+        }
+        say(&format!("prefill on the Hopper kernel (sm90), {keys} keys a step:"));
         for lens in [&[1000][..], &[512; 4], &[512; 8], &[4096], &[16384]] {
             prefill_attention(&mut g, true, lens, 32, 8);
         }
-        g.set_prefill_sm90(false);
-    } else {
-        say("SKIPPED: the Hopper prefill kernel (it needs compute capability 9.0)");
     }
+    g.set_prefill_sm90(None);
 }
 
 /// Decode attention alone (the default kernel) at the serving shapes (1-128 streams of 640 tokens:

@@ -553,40 +553,42 @@ fn attention_matches_cpu() {
             g.set_prefill_shape(None);
             // The Hopper prefill kernel (kernels/prefill_sm90.cu; compute capability 9.0 only) on the head-128
             // cases, and on a block size that is not a power of two, groups of one head, and the TTFT prompt.
-            if g.set_prefill_sm90(true) {
-                say(&format!("{dt:?}: the Hopper prefill kernel"));
-                let more = [
-                    AttnCase {
-                        heads: 4,
-                        kv_heads: 4,
-                        hd: 128,
-                        bs: 12,
-                        window: None,
-                        seqs: vec![(200, 0), (70, 130), (16, 5), (1, 64)],
-                        q_range: 4.0,
-                    },
-                    AttnCase {
-                        heads: 32,
-                        kv_heads: 8,
-                        hd: 128,
-                        bs: 16,
-                        window: None,
-                        seqs: vec![(1000, 0)],
-                        q_range: 2.0,
-                    },
-                ];
-                for c in cases
-                    .iter()
-                    .filter(|c| c.hd == 128 && c.seqs.iter().any(|&(q, _)| q >= 16))
-                    .chain(&more)
-                {
-                    run_attention(&g, &mut rng, c);
-                }
-                g.set_prefill_sm90(false);
-            } else {
-                say(&format!(
-                    "{dt:?}: SKIPPED the Hopper prefill kernel (it needs compute capability 9.0)"
+            for keys in [64, 128] {
+                if g.set_prefill_sm90(Some(keys)) {
+                    say(&format!("{dt:?}: the Hopper prefill kernel, {keys} keys a step"));
+                    let more = [
+                        AttnCase {
+                            heads: 4,
+                            kv_heads: 4,
+                            hd: 128,
+                            bs: 12,
+                            window: None,
+                            seqs: vec![(200, 0), (70, 130), (16, 5), (1, 64)],
+                            q_range: 4.0,
+                        },
+                        AttnCase {
+                            heads: 32,
+                            kv_heads: 8,
+                            hd: 128,
+                            bs: 16,
+                            window: None,
+                            seqs: vec![(1000, 0)],
+                            q_range: 2.0,
+                        },
+                    ];
+                    for c in cases
+                        .iter()
+                        .filter(|c| c.hd == 128 && c.seqs.iter().any(|&(q, _)| q >= 16))
+                        .chain(&more)
+                    {
+                        run_attention(&g, &mut rng, c);
+                    }
+                    g.set_prefill_sm90(None);
+                } else {
+                    say(&format!(
+                    "{dt:?}: SKIPPED the Hopper prefill kernel of {keys} keys a step (it needs compute capability 9.0)"
                 ));
+                }
             }
         }
         // Every kernel family of GQA at head size 128.

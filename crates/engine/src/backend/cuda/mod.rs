@@ -443,16 +443,22 @@ pub const KERNELS: [(&str, &[&str]); 8] = [
     ),
     ("sampling", &["sample_rows"]),
     ("skinny", &SKINNY_KERNELS),
-    ("prefill_sm90", &[PREFILL_SM90_KERNEL]),
+    ("prefill_sm90", &PREFILL_SM90_KERNELS),
 ];
 
-/// The Hopper prefill attention kernel (kernels/prefill_sm90.cu; head size 128, 16-bit storage), its block's
-/// query rows and threads, and its dynamic shared memory (two query tiles and three stages of keys and values
-/// of 16 KiB each, and 1 KiB of alignment slack).
-pub(crate) const PREFILL_SM90_KERNEL: &str = "prefill_attention_128_sm90";
+/// The Hopper prefill attention kernels (kernels/prefill_sm90.cu; head size 128, 16-bit storage) by keys a
+/// step ([`PREFILL_SM90_KEYS`]), their blocks' query rows and threads.
+const PREFILL_SM90_KERNELS: [&str; 2] = ["prefill_attention_128_sm90", "prefill_attention_128_sm90_n128"];
+pub(crate) const PREFILL_SM90_KEYS: [usize; 2] = [64, 128];
 pub(crate) const PREFILL_SM90_ROWS: usize = 128;
 pub(crate) const PREFILL_SM90_THREADS: u32 = 256;
-pub(crate) const PREFILL_SM90_SMEM: usize = (2 + 3 * 2) * 16384 + 1024;
+
+/// The Hopper prefill kernel of `keys` keys a step and its dynamic shared memory: two query tiles of 16 KiB,
+/// three stages of keys and values (`keys` x 256 bytes each), and 1 KiB of alignment slack.
+pub(crate) fn prefill_sm90_kernel(keys: usize) -> Option<(&'static str, usize)> {
+    let i = PREFILL_SM90_KEYS.iter().position(|&k| k == keys)?;
+    Some((PREFILL_SM90_KERNELS[i], 2 * 16384 + 3 * 2 * keys * 256 + 1024))
+}
 
 /// Device memory: an allocation of its own, or a range of one shared with others (an adapter's weights
 /// live in one allocation; a captured decode step's tensors live in the graph arena).
@@ -633,9 +639,9 @@ pub struct CudaBackend {
     /// ones) theirs (else [`PrefillShape::narrow`] picks a 32-key shape of 16 rows a warp).
     prefill_wide: bool,
     /// The Hopper prefill attention (kernels/prefill_sm90.cu) for head size 128: `None` until built (where it
-    /// cannot be, it stays `None`), then whether it runs in place of the tensor-core prefill kernel's shapes
-    /// (`LORAX_CUDA_PREFILL_SM90`, [`CudaBackend::set_prefill_sm90`]).
-    prefill_sm90: Option<bool>,
+    /// cannot be, it stays `None`), then the keys a step of the kernel that runs in place of the tensor-core
+    /// prefill kernel's shapes, or `None` (`LORAX_CUDA_PREFILL_SM90`, [`CudaBackend::set_prefill_sm90`]).
+    prefill_sm90: Option<Option<usize>>,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
@@ -1364,8 +1370,15 @@ impl CudaBackend {
         if std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1") {
             backend.set_skinny_gemm(true);
         }
-        if std::env::var("LORAX_CUDA_PREFILL_SM90").is_ok_and(|v| v == "1") {
-            backend.set_prefill_sm90(true);
+        match std::env::var("LORAX_CUDA_PREFILL_SM90").as_deref() {
+            Err(_) | Ok("0") => {}
+            Ok("1" | "64") => _ = backend.set_prefill_sm90(Some(64)),
+            Ok("128") => _ = backend.set_prefill_sm90(Some(128)),
+            Ok(v) => {
+                return Err(EngineError::Backend(format!(
+                    "LORAX_CUDA_PREFILL_SM90={v:?}: expected 0, 1 (64 keys a step), 64 or 128"
+                )))
+            }
         }
         Ok(backend)
     }
@@ -1399,22 +1412,26 @@ impl CudaBackend {
         self.prefill_shape = shape;
     }
 
-    /// Prefill sequences of head size 128 on the Hopper kernel (kernels/prefill_sm90.cu: warpgroup MMA) in
-    /// place of the tensor-core prefill kernel's shapes, or not (the default; `LORAX_CUDA_PREFILL_SM90=1`).
-    /// Turning it on builds it the first time. Returns whether it is on: false where it cannot be built (not
-    /// compute capability 9.0, f32 storage, or a build failure, logged).
-    pub fn set_prefill_sm90(&mut self, on: bool) -> bool {
-        if on && self.prefill_sm90.is_none() {
+    /// Prefill sequences of head size 128 on the Hopper kernel (kernels/prefill_sm90.cu: warpgroup MMA) of
+    /// `keys` keys a step (64 or 128) in place of the tensor-core prefill kernel's shapes, or (`None`, the
+    /// default) not (`LORAX_CUDA_PREFILL_SM90=1|64|128`). Turning it on builds it the first time. Returns
+    /// whether it is on: false where it cannot be built (not compute capability 9.0, f32 storage, or a build
+    /// failure, logged) or `keys` names no kernel.
+    pub fn set_prefill_sm90(&mut self, keys: Option<usize>) -> bool {
+        let keys = keys.filter(|&k| prefill_sm90_kernel(k).is_some());
+        if keys.is_some() && self.prefill_sm90.is_none() {
             let built = self
-                .hopper_module(1, &[PREFILL_SM90_KERNEL], |_| PREFILL_SM90_SMEM)
+                .hopper_module(1, &PREFILL_SM90_KERNELS, |i| {
+                    prefill_sm90_kernel(PREFILL_SM90_KEYS[i]).map_or(0, |k| k.1)
+                })
                 .inspect_err(|e| tracing::warn!(error = %e, "the Hopper prefill attention is unavailable"));
             if built.is_ok() {
-                self.prefill_sm90 = Some(false);
+                self.prefill_sm90 = Some(None);
             }
         }
         if let Some(state) = &mut self.prefill_sm90 {
-            *state = on;
-            return on;
+            *state = keys;
+            return keys.is_some();
         }
         false
     }
