@@ -42,6 +42,15 @@ fn kernels_compile_for_hopper_in_every_dtype() {
             }
             // Captured by libtest (shown with --nocapture or on failure): CI logs stay short.
             eprintln!("== {dtype:?} {} {} ==\n{}", c.arch, src.name, out.log.trim());
+            // ptxas serializes every wgmma of a kernel (waits after each) when one sits in a branch or its input
+            // registers may be written while an earlier one runs (notes C7510-C7520): the products would then
+            // never overlap anything.
+            assert!(
+                !out.log.contains("instructions are serialized"),
+                "{dtype:?} {}: {}",
+                src.name,
+                out.log.lines().find(|l| l.contains("serialized")).unwrap_or_default()
+            );
             // A few bytes of spill are ptxas trading registers for occupancy; a register array demoted to
             // local memory (a run-time index) shows as hundreds.
             for line in out.log.lines().filter(|l| l.contains("bytes spill stores")) {
