@@ -4,13 +4,14 @@
 // a cached prefix attended too):
 //   - a block is two warpgroups (256 threads) on one tile of up to 128 query rows of one head: warpgroup w takes
 //     the tile's rows 64w..64w+63, both share the key and value tiles;
-//   - keys 64 a step (`prefill_attention_128_sm90`) or 128 (`_n128`), in three shared-memory stages: every thread copies its part of step j + 1's keys and
-//     values (cp.async through the block table, into the 128-byte swizzle) while step j computes; a stage is
-//     written again only after the step that read its values (one block barrier a step);
-//   - S = Q.K^T on m64n64k16 or m64n128k16 (Q's rows and K's keys both K-major in shared memory); the online softmax on S's
-//     fragment in registers (base-2 exponentials, the scale folded in; masks only where a step reaches the
-//     warpgroup's diagonal); O += P.V on m64n128k16 with P in registers (rounded to the storage type, as
-//     FlashAttention does) and V an MN-major operand (wgmma.cuh's wgmma_desc_mn);
+//   - keys 64 a step (`prefill_attention_128_sm90`, four shared-memory stages, copies two steps ahead) or 128
+//     (`_n128`, three stages, one step ahead): every thread copies its part of the keys and values (cp.async
+//     through the block table, into the 128-byte swizzle) while earlier steps compute; a stage is written again
+//     only after the step that read its values (one block barrier a step);
+//   - S = Q.K^T on m64n64k16 or m64n128k16 (Q's rows and K's keys both K-major in shared memory); the online
+//     softmax on S's fragment in registers (base-2 exponentials, the scale folded in; masks only where a step
+//     reaches the warpgroup's diagonal); O += P.V on m64n128k16 with P in registers (rounded to the storage
+//     type, as FlashAttention does) and V an MN-major operand (wgmma.cuh's wgmma_desc_mn);
 //   - within a warpgroup, step j's S product and step j - 1's P.V product are issued together and step j's
 //     softmax runs while P.V is still on the tensor cores (FlashAttention-3's intra-warpgroup overlap). Both
 //     warpgroups walk all the tile's steps (the first one's last step is all masked): wgmma in branches would
@@ -20,7 +21,6 @@
 // against prefill.cu's 50.
 
 #define PH_HD 128
-#define PH_STAGES 3
 #define PH_QTILE 16384  // 64 query rows x 128 values x 2 bytes: two halves of 64 rows x 128 bytes, 8 KiB apart
 #define PH_THREADS 256
 
@@ -36,11 +36,13 @@ __device__ __forceinline__ void ph_copy(u32 dst, const void* src, bool ok) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
 }
 
-// BN keys a step (64 or 128). Grid: one block per (tile, head), block b = tile b / num_heads of head
-// b % num_heads; PH_THREADS threads; 2 x PH_QTILE (queries) + PH_STAGES x 2 x BN x 256 (keys, values) + 1024
-// bytes of dynamic shared memory.
-template <int BN>
+// BN keys a step (64 or 128), in STAGES shared-memory stages (4 or 3), copied STAGES - 2 steps ahead (a stage
+// is free again only once the step after its own has read its values). Grid: one block per (tile, head), block
+// b = tile b / num_heads of head b % num_heads; PH_THREADS threads; 2 x PH_QTILE (queries) + STAGES x 2 x BN x
+// 256 (keys, values) + 1024 bytes of dynamic shared memory.
+template <int BN, int STAGES>
 __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
+    constexpr int AHEAD = STAGES - 2;
     constexpr int KT = BN * PH_HD * 2;  // bytes of a step's keys (or values): two halves of BN rows x 128 bytes
     constexpr int NS = BN / 8;          // n-tiles of 8 keys in S
     extern __shared__ __align__(1024) unsigned char ph_raw[];
@@ -71,15 +73,17 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
             ph_copy(ph_at<64>(qs, r, c), qsrc + (ok ? (u64)r * qw : 0) + c * 8, ok);
         }
     }
-    // A step's keys and values: this thread copies piece pc of keys key0 + 16 i (i < BN / 16). Keys past the context
-    // read the last key instead: finite values the causal mask gives no weight.
+    // A step's keys and values: this thread copies piece pc of keys key0 + 16 i (i < BN / 16), and commits a copy
+    // group (an empty one past the last step, so that every step has its group). Keys past the context read the
+    // last key instead: finite values the causal mask gives no weight.
     const int key0 = threadIdx.x / 16, pc = threadIdx.x % 16;
     const T* k_src = k_cache + kvh * PH_HD + pc * 8;
     const T* v_src = v_cache + kvh * PH_HD + pc * 8;
     auto issue = [&](int s) {
-        const u32 ks = stages + (s % PH_STAGES) * 2 * KT;
+        const u32 ks = stages + (s % STAGES) * 2 * KT;
 #pragma unroll
         for (int i = 0; i < BN / 16; ++i) {
+            if (s >= nsteps) break;
             const int key = key0 + 16 * i;
             const int p = min(s * BN + key, kv_end - 1);
             const u64 slot = bs_shift >= 0 ? (((u64)table[p >> bs_shift] << bs_shift) | (u32)(p & (block_size - 1)))
@@ -89,7 +93,8 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
         }
         copy_commit();
     };
-    issue(0);
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a) issue(a);  // the first with Q's copies
 
     // The accumulator fragments (mma.sync's layout per 8 columns): o[4j + 2hh + e] and s[4j + 2hh + e] are row
     // 16 warp + g + 8 hh of the warpgroup's, column 8j + 2t + e. pa: the previous step's P as A fragments.
@@ -103,17 +108,17 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
     const int pos_lo = wfirst + 16 * warp + g;  // this thread's rows' positions: pos_lo and pos_lo + 8
 
     // Waits for step j's copies (this thread's, made visible to the async proxy that wgmma reads through, then
-    // everyone's); every warpgroup is then done with step j - 1, which read the values of the stage that step
-    // j + 1's copies, queued next, overwrite.
+    // everyone's); every warpgroup is then done with step j - 1, which read the values of step j + AHEAD - STAGES
+    // + 1 = j - 1's stage, which step j + AHEAD's copies, queued next, overwrite.
     auto arrive = [&](int j) {
-        copy_wait<0>();
+        copy_wait<AHEAD - 1>();
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         __syncthreads();
-        if (j + 1 < nsteps) issue(j + 1);
+        issue(j + AHEAD);
     };
     // S = Q.K^T of step j (queued, committed as one group).
     auto qk = [&](int j) {
-        const u32 ks = stages + (j % PH_STAGES) * 2 * KT;
+        const u32 ks = stages + (j % STAGES) * 2 * KT;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf)
 #pragma unroll
@@ -128,7 +133,7 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
     };
     // O += P.V of step j, P from pa (queued, committed as one group).
     auto pv = [&](int j) {
-        const u32 vs = stages + (j % PH_STAGES) * 2 * KT + KT;
+        const u32 vs = stages + (j % STAGES) * 2 * KT + KT;
 #pragma unroll
         for (int k2 = 0; k2 < BN / 16; ++k2)
             wgmma_rs_n128_tb(o, pa + 4 * k2, wgmma_desc_mn(vs + k2 * 2048, BN * 128, 1024));
@@ -248,10 +253,10 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
 
 extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_128_sm90(PREFILL_PARAMS) {
     pdl_enter();
-    prefill_sm90<64>(PREFILL_ARGS);
+    prefill_sm90<64, 4>(PREFILL_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_128_sm90_n128(PREFILL_PARAMS) {
     pdl_enter();
-    prefill_sm90<128>(PREFILL_ARGS);
+    prefill_sm90<128, 3>(PREFILL_ARGS);
 }

@@ -454,10 +454,12 @@ pub(crate) const PREFILL_SM90_ROWS: usize = 128;
 pub(crate) const PREFILL_SM90_THREADS: u32 = 256;
 
 /// The Hopper prefill kernel of `keys` keys a step and its dynamic shared memory: two query tiles of 16 KiB,
-/// three stages of keys and values (`keys` x 256 bytes each), and 1 KiB of alignment slack.
+/// four (64 keys) or three (128) stages of keys and values (`keys` x 256 bytes each), and 1 KiB of alignment
+/// slack.
 pub(crate) fn prefill_sm90_kernel(keys: usize) -> Option<(&'static str, usize)> {
     let i = PREFILL_SM90_KEYS.iter().position(|&k| k == keys)?;
-    Some((PREFILL_SM90_KERNELS[i], 2 * 16384 + 3 * 2 * keys * 256 + 1024))
+    let stages = if keys == 64 { 4 } else { 3 };
+    Some((PREFILL_SM90_KERNELS[i], 2 * 16384 + stages * 2 * keys * 256 + 1024))
 }
 
 /// Device memory: an allocation of its own, or a range of one shared with others (an adapter's weights
@@ -2842,5 +2844,22 @@ mod prefill_shape_tests {
         assert_eq!(PrefillShape::auto(8), PrefillShape::W8N64);
         assert_eq!(PrefillShape::auto(15), PrefillShape::W8N64);
         assert_eq!(PrefillShape::auto(16), PrefillShape::W4R2N32);
+    }
+
+    /// The Hopper prefill kernels: each step size names its kernel (in the module's list), and the shared memory
+    /// asked for fits the 227 KiB a Hopper block may opt in to; other step sizes name none.
+    #[test]
+    fn hopper_prefill_kernels_fit_a_block() {
+        for keys in super::PREFILL_SM90_KEYS {
+            let (name, smem) = super::prefill_sm90_kernel(keys).unwrap_or_default();
+            assert!(
+                KERNELS.iter().any(|(_, names)| names.contains(&name)),
+                "{keys}: {name:?}"
+            );
+            assert!(smem > 0 && smem <= 227 * 1024, "{keys} keys: {smem} bytes");
+        }
+        assert_eq!(super::prefill_sm90_kernel(64).map(|k| k.1), Some(164_864));
+        assert_eq!(super::prefill_sm90_kernel(128).map(|k| k.1), Some(230_400));
+        assert!(super::prefill_sm90_kernel(32).is_none());
     }
 }
