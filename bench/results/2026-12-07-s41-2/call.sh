@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 41 call 2 (binaries of the commit after 99f0938): the Hopper prefill attention (kernels/prefill_sm90.cu, 64
+# Session 41 call 2 (binaries of 0c54a20): the Hopper prefill attention (kernels/prefill_sm90.cu, 64
 # and 128 keys a step) checked against the CPU (cuda_kernels attention_matches_cpu: every case, its Hopper passes
 # among them), timed beside the tensor-core kernel's shapes (cuda_bench prefill_benchmarks), then 32-layer eager
 # steps of a 1000-token prompt (p1000) with it off and at 64 and 128 keys (LORAX_CUDA_PREFILL_SM90=0|64|128), two
