@@ -26,6 +26,10 @@
 #   bash scripts/gpu/next_call.sh wgmma    # ~60 s: the Hopper prefill attention's probes (session 40,
 #                                          # cuda_wgmma_probe: the P.V layout, then a first attention against
 #                                          # the CPU and timed), beside PyTorch's backends and our prefill kernel
+#                                          # (session 41 call 1 ran it: both probes passed)
+#   bash scripts/gpu/next_call.sh sm90     # ~400 s: kernels/prefill_sm90.cu (session 41, never run on a GPU yet)
+#                                          # against the CPU, timed, p1000 steps with it off and on, then
+#                                          # bench.sh with its faster form on (needs the server binaries too)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
 #   forms; the code and the round are at 9ee9c5d: `git show 9ee9c5d:scripts/gpu/next_call.sh`).
 #   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
@@ -79,7 +83,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|wgmma|sm90}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -279,6 +283,34 @@ wgmma)
     echo "rc $?" >>"$R/prefill.txt"
     lap attention
     ;;
+sm90)
+    # The Hopper prefill attention (64 and 128 keys a step) against the CPU (attention_matches_cpu: every case,
+    # its Hopper passes among them), timed beside the tensor-core kernel's shapes, 32-layer eager p1000 steps off
+    # and at each form (two rounds in opposite orders); then, if a Hopper form took less than the default shape
+    # at 1000 tokens, bench.sh with it on (LORAX_CUDA_PREFILL_SM90 passes through the launcher to the shard).
+    timeout 240 "$bin/cuda_kernels" --exact attention_matches_cpu --nocapture >"$R/kernels.txt" 2>&1
+    echo "rc $?" >>"$R/kernels.txt"
+    lap kernels
+    timeout 150 "$bin/cuda_bench" --ignored --exact prefill_benchmarks --nocapture >"$R/prefill.txt" 2>&1
+    echo "rc $?" >>"$R/prefill.txt"
+    lap prefill
+    grep -q "test result: ok. 1 passed" "$R/kernels.txt" || { tar -C "$OUT" -czf "$OUT/all.tgz" r; exit 1; }
+    for on in 0 64 128; do profile_step p1000 "sm90=$on round 1" LORAX_CUDA_PREFILL_SM90=$on; done
+    for on in 128 64 0; do profile_step p1000 "sm90=$on round 2" LORAX_CUDA_PREFILL_SM90=$on; done
+    lap steps
+    best=$(awk '/^prefill tiles auto:/ {l = "auto"} /^prefill tiles w/ {l = ""} /sm90\), 64 keys/ {l = "64"}
+        /sm90\), 128 keys/ {l = "128"}
+        /^BENCH prefill_attention_tc_len1000_h32kv8/ && l != "" {split($0, a, "|"); v[l] = a[2] + 0}
+        END {b = 0; bv = v["auto"]; for (k in v) if (k != "auto" && v[k] < bv) {b = k; bv = v[k]} print b}' \
+        "$R/prefill.txt")
+    echo "prefill_benchmarks at 1000 tokens: the Hopper form to bench: $best (0: none faster)" | tee -a "$R/laps.txt"
+    if [ "$best" != 0 ]; then
+        LORAX_CUDA_PREFILL_SM90=$best BENCH_TIMEOUT=330 BENCH_PEFT_BUDGET=110 timeout 340 scripts/gpu/bench.sh \
+            "$R/bench" "$bin" >"$R/bench.txt" 2>&1
+        echo "rc $?" >>"$R/bench.txt"
+        lap bench
+    fi
+    ;;
 graphs-bench | bench)
     if [ "$part" = graphs-bench ]; then
         RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
@@ -294,7 +326,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx or wgmma)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, wgmma or sm90)" >&2
     exit 2
     ;;
 esac
