@@ -66,11 +66,11 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
 
     // Q: each warpgroup copies its 64 rows (rows past the tile zeroed), in step 0's copy group.
     {
-        const T* qsrc = q + (u64)(tile.row0 + 64 * wg) * qw + h * PH_HD;
+        const T* qsrc = q + (u64)tile.row0 * qw + h * PH_HD;  // rows past the tile are not even addressed
         for (int i = wt; i < 64 * 16; i += 128) {
             const int r = i / 16, c = i % 16;
             const bool ok = r < wrows;
-            ph_copy(ph_at<64>(qs, r, c), qsrc + (ok ? (u64)r * qw : 0) + c * 8, ok);
+            ph_copy(ph_at<64>(qs, r, c), qsrc + (ok ? (u64)(64 * wg + r) * qw : 0) + c * 8, ok);
         }
     }
     // A step's keys and values: this thread copies piece pc of keys key0 + 16 i (i < BN / 16), and commits a copy
@@ -108,8 +108,8 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
     const int pos_lo = wfirst + 16 * warp + g;  // this thread's rows' positions: pos_lo and pos_lo + 8
 
     // Waits for step j's copies (this thread's, made visible to the async proxy that wgmma reads through, then
-    // everyone's); every warpgroup is then done with step j - 1, which read the values of step j + AHEAD - STAGES
-    // + 1 = j - 1's stage, which step j + AHEAD's copies, queued next, overwrite.
+    // everyone's); every warpgroup is then done with step j - 1, whose P.V read the values of step j - 2 =
+    // j + AHEAD - STAGES, the stage step j + AHEAD's copies, queued next, overwrite.
     auto arrive = [&](int j) {
         copy_wait<AHEAD - 1>();
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -220,6 +220,8 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
         wgmma_wait<0>();  // P.V: O and pa free again
 #pragma unroll
         for (int i = 0; i < 64; ++i) wgmma_fence_operand(o[i]);
+#pragma unroll
+        for (int i = 0; i < 4 * NS; ++i) wgmma_fence_operand(s[i]);  // P packed after the wait, not before
 #pragma unroll
         for (int jj = 0; jj < 16; ++jj) {
             o[4 * jj + 0] *= corr[0];
