@@ -264,7 +264,7 @@ fn prefill_benchmarks() {
     // The Hopper kernel (kernels/prefill_sm90.cu), where it builds, at 64 and 128 keys a step.
     for keys in [64, 128] {
         if !g.set_prefill_sm90(Some(keys)) {
-            say("SKIPPED: the Hopper prefill kernel (it needs compute capability 9.0)");
+            say("SKIPPED: the Hopper prefill kernel (not compute capability 9.0, or its build failed: see the log)");
             break;
         }
         say(&format!("prefill on the Hopper kernel (sm90), {keys} keys a step:"));

@@ -50,29 +50,26 @@ pub const SOURCES: [Source; 6] = [
     },
 ];
 
+/// A Hopper module: kernels/wgmma.cuh (the wgmma helpers) followed by kernels/`name`.cu.
+macro_rules! hopper_source {
+    ($name:literal) => {
+        Source {
+            name: $name,
+            text: concat!(
+                "#line 1 \"wgmma.cuh\"\n",
+                include_str!("../../../../../kernels/wgmma.cuh"),
+                "#line 1 \"",
+                $name,
+                ".cu\"\n",
+                include_str!(concat!("../../../../../kernels/", $name, ".cu"))
+            ),
+        }
+    };
+}
+
 /// Modules for Hopper's arch-specific instructions (wgmma): compiled with [`Compiler::arch_specific`]
-/// (`sm_90a`) for 16-bit storage on compute capability 9.0 only. Each is kernels/wgmma.cuh (the wgmma
-/// helpers) followed by its own file.
-pub const HOPPER_SOURCES: [Source; 2] = [
-    Source {
-        name: "skinny",
-        text: concat!(
-            "#line 1 \"wgmma.cuh\"\n",
-            include_str!("../../../../../kernels/wgmma.cuh"),
-            "#line 1 \"skinny.cu\"\n",
-            include_str!("../../../../../kernels/skinny.cu")
-        ),
-    },
-    Source {
-        name: "prefill_sm90",
-        text: concat!(
-            "#line 1 \"wgmma.cuh\"\n",
-            include_str!("../../../../../kernels/wgmma.cuh"),
-            "#line 1 \"prefill_sm90.cu\"\n",
-            include_str!("../../../../../kernels/prefill_sm90.cu")
-        ),
-    },
-];
+/// (`sm_90a`) for 16-bit storage on compute capability 9.0 only.
+pub const HOPPER_SOURCES: [Source; 2] = [hopper_source!("skinny"), hopper_source!("prefill_sm90")];
 
 /// Whether the NVRTC library can be loaded (cudarc panics on first use when it cannot).
 pub fn nvrtc_present() -> bool {

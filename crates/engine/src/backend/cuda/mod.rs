@@ -34,7 +34,7 @@ use cudarc::nvrtc::Ptx;
 use super::{AttnMeta, Backend, LoraSegment};
 use crate::error::{EngineError, Result};
 use crate::weights::{DType, HostTensor};
-use compile::{Compiler, HOPPER_SOURCES, SOURCES};
+use compile::{Compiler, Source, HOPPER_SOURCES, SOURCES};
 
 /// Tokens per attention chunk, the unit contexts are split in (ATTN_CHUNK in kernels/attention.cu).
 const ATTN_CHUNK: usize = 64;
@@ -640,10 +640,10 @@ pub struct CudaBackend {
     /// Whether the device gives the prefill shapes past 48 KiB of shared memory (the 64-key and two-row-group
     /// ones) theirs (else [`PrefillShape::narrow`] picks a 32-key shape of 16 rows a warp).
     prefill_wide: bool,
-    /// The Hopper prefill attention (kernels/prefill_sm90.cu) for head size 128: `None` until built (where it
-    /// cannot be, it stays `None`), then the keys a step of the kernel that runs in place of the tensor-core
-    /// prefill kernel's shapes, or `None` (`LORAX_CUDA_PREFILL_SM90`, [`CudaBackend::set_prefill_sm90`]).
-    prefill_sm90: Option<Option<usize>>,
+    /// The keys a step of the Hopper prefill attention (kernels/prefill_sm90.cu) that runs in place of the
+    /// tensor-core prefill kernel's shapes at head size 128, or `None`: off (the default), or not built
+    /// (`LORAX_CUDA_PREFILL_SM90`, [`CudaBackend::set_prefill_sm90`]).
+    prefill_sm90: Option<usize>,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
@@ -1420,33 +1420,23 @@ impl CudaBackend {
     /// whether it is on: false where it cannot be built (not compute capability 9.0, f32 storage, or a build
     /// failure, logged) or `keys` names no kernel.
     pub fn set_prefill_sm90(&mut self, keys: Option<usize>) -> bool {
-        let keys = keys.filter(|&k| prefill_sm90_kernel(k).is_some());
-        if keys.is_some() && self.prefill_sm90.is_none() {
-            let built = self
-                .hopper_module(1, &PREFILL_SM90_KERNELS, |i| {
-                    prefill_sm90_kernel(PREFILL_SM90_KEYS[i]).map_or(0, |k| k.1)
-                })
-                .inspect_err(|e| tracing::warn!(error = %e, "the Hopper prefill attention is unavailable"));
-            if built.is_ok() {
-                self.prefill_sm90 = Some(None);
+        self.prefill_sm90 = keys.filter(|&k| prefill_sm90_kernel(k).is_some());
+        if self.prefill_sm90.is_some() && !self.funcs.contains_key(PREFILL_SM90_KERNELS[0]) {
+            let built = self.hopper_module("prefill_sm90", |i| {
+                prefill_sm90_kernel(PREFILL_SM90_KEYS[i]).map_or(0, |k| k.1)
+            });
+            if let Err(e) = built {
+                tracing::warn!(error = %e, "the Hopper prefill attention is unavailable");
+                self.prefill_sm90 = None;
             }
         }
-        if let Some(state) = &mut self.prefill_sm90 {
-            *state = keys;
-            return keys.is_some();
-        }
-        false
+        self.prefill_sm90.is_some()
     }
 
-    /// Compiles [`HOPPER_SOURCES`]`[index]` for `sm_90a` (compute capability 9.0 and 16-bit storage only),
-    /// loads the kernels `names`, and grants each the dynamic shared memory `smem(i)` says (i: its index in
-    /// `names`).
-    fn hopper_module(
-        &mut self,
-        index: usize,
-        names: &[&'static str],
-        smem: impl Fn(usize) -> usize,
-    ) -> std::result::Result<(), String> {
+    /// Compiles the Hopper module `name` ([`HOPPER_SOURCES`]) for `sm_90a` (compute capability 9.0 and 16-bit
+    /// storage only), loads its kernels ([`KERNELS`]), and grants each the dynamic shared memory `smem(i)`
+    /// says (i: its index in the module's list).
+    fn hopper_module(&mut self, name: &str, smem: impl Fn(usize) -> usize) -> std::result::Result<(), String> {
         if self.compute_capability != (9, 0) || self.dtype == DType::F32 {
             return Err(format!(
                 "compute capability {:?} with {:?} storage (needs 9.0 and 16-bit storage)",
@@ -1456,7 +1446,11 @@ impl CudaBackend {
         let compiler = Compiler::new(self.compute_capability, self.dtype)
             .map_err(|e| e.to_string())?
             .arch_specific();
-        let src = &HOPPER_SOURCES[index];
+        let find = || -> Option<(&Source, &[&'static str])> {
+            let src = HOPPER_SOURCES.iter().find(|s| s.name == name)?;
+            Some((src, KERNELS.iter().find(|(m, _)| *m == name)?.1))
+        };
+        let (src, names) = find().ok_or_else(|| format!("no Hopper module {name}"))?;
         let compiled = compiler.compile(src).map_err(|e| e.to_string())?;
         let module = self
             .ctx
@@ -1638,7 +1632,7 @@ impl CudaBackend {
     /// for one block per multiprocessor and the tile counters. `None`, with a warning, when any step fails.
     fn build_skinny(&mut self) -> Option<Skinny> {
         let built = (|| -> std::result::Result<Skinny, String> {
-            self.hopper_module(0, &SKINNY_KERNELS, |i| skinny_smem(SKINNY_ROWS[i]))?;
+            self.hopper_module("skinny", |i| skinny_smem(SKINNY_ROWS[i]))?;
             let ws_bytes = self.num_sms * 2 * SKINNY_CONSUMERS * (SKINNY_ROWS[SKINNY_ROWS.len() - 1] / 2) * 4;
             let ws = self
                 .stream
