@@ -294,15 +294,25 @@ sm90)
     timeout 150 "$bin/cuda_bench" --ignored --exact prefill_benchmarks --nocapture >"$R/prefill.txt" 2>&1
     echo "rc $?" >>"$R/prefill.txt"
     lap prefill
-    grep -q "test result: ok. 1 passed" "$R/kernels.txt" || { tar -C "$OUT" -czf "$OUT/all.tgz" r; exit 1; }
-    for on in 0 64 128; do profile_step p1000 "sm90=$on round 1" LORAX_CUDA_PREFILL_SM90=$on; done
-    for on in 128 64 0; do profile_step p1000 "sm90=$on round 2" LORAX_CUDA_PREFILL_SM90=$on; done
+    # Both forms passed, or the 64-key form passed and the test failed on the 128-key one (the test runs 64 first;
+    # its 128-key descriptor is the one not yet verified): go on with the forms that passed.
+    if grep -q "test result: ok. 1 passed" "$R/kernels.txt"; then
+        forms="64 128"
+    elif grep -q "Hopper prefill kernel, 128 keys a step" "$R/kernels.txt"; then
+        forms=64
+    else
+        tar -C "$OUT" -czf "$OUT/all.tgz" r
+        exit 1
+    fi
+    echo "forms that passed: $forms" | tee -a "$R/laps.txt"
+    for on in 0 $forms; do profile_step p1000 "sm90=$on round 1" LORAX_CUDA_PREFILL_SM90=$on; done
+    for on in $(echo $forms | tr ' ' '\n' | sort -rn) 0; do profile_step p1000 "sm90=$on round 2" LORAX_CUDA_PREFILL_SM90=$on; done
     lap steps
     best=$(awk '/^prefill tiles auto:/ {l = "auto"} /^prefill tiles w/ {l = ""} /sm90\), 64 keys/ {l = "64"}
         /sm90\), 128 keys/ {l = "128"}
         /^BENCH prefill_attention_tc_len1000_h32kv8/ && l != "" {split($0, a, "|"); v[l] = a[2] + 0}
-        END {b = 0; bv = v["auto"]; for (k in v) if (k != "auto" && v[k] < bv) {b = k; bv = v[k]} print b}' \
-        "$R/prefill.txt")
+        END {b = 0; bv = v["auto"]; for (k in v) if (k != "auto" && index(" " f " ", " " k " ") && v[k] < bv) {b = k; bv = v[k]}
+        print b}' f="$forms" "$R/prefill.txt")
     echo "prefill_benchmarks at 1000 tokens: the Hopper form to bench: $best (0: none faster)" | tee -a "$R/laps.txt"
     if [ "$best" != 0 ]; then
         LORAX_CUDA_PREFILL_SM90=$best BENCH_TIMEOUT=330 BENCH_PEFT_BUDGET=110 timeout 340 scripts/gpu/bench.sh \
