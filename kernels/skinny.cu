@@ -42,27 +42,7 @@ struct __align__(64) TmaMap {
     u64 v[16];
 };
 
-// mbarriers (shared::cta addresses) and TMA copies.
-__device__ __forceinline__ void mb_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-// Arrives and adds `bytes` to the transactions the current phase waits for.
-__device__ __forceinline__ void mb_expect(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mb_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-// Waits until the phase of parity `parity` has completed (a fresh barrier counts phase 1 as completed).
-// The loop is inside the asm (labels are local to its braces) so that the compiler sees no divergence.
-__device__ __forceinline__ void mb_wait(u32 bar, u32 parity) {
-    asm volatile(
-        "{\n.reg .pred p;\nWAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-        "@!p bra WAIT;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
+// TMA copies (wgmma.cuh has the mbarriers).
 // The box of `map` at (c0 along k, c1 along rows) into shared memory at dst; its bytes complete on bar.
 __device__ __forceinline__ void tma_load(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
     asm volatile(

@@ -1,6 +1,6 @@
 // Hopper's warpgroup MMA (wgmma) helpers shared by the sm_90a modules (kernels/skinny.cu, kernels/prefill_sm90.cu),
 // prepended to each after kernels/common.cuh (compile.rs HOPPER_SOURCES): the MMA's type name for the storage type,
-// shared-memory addresses, the K-major descriptor of the 128-byte swizzle, the fence, commit and wait, and the
+// shared-memory addresses, mbarriers, the K-major descriptor of the 128-byte swizzle, the fence, commit and wait, and the
 // m64nNk16 products with both operands in shared memory.
 
 #if defined(LORAX_DTYPE_BF16)
@@ -22,6 +22,27 @@ __device__ __forceinline__ u64 sk_desc(u32 addr) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
 }
 
+// mbarriers (shared::cta addresses).
+__device__ __forceinline__ void mb_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+// Arrives and adds `bytes` to the transactions the current phase waits for.
+__device__ __forceinline__ void mb_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mb_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` has completed (a fresh barrier counts phase 1 as completed).
+// The loop is inside the asm (labels are local to its braces) so that the compiler sees no divergence.
+__device__ __forceinline__ void mb_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>

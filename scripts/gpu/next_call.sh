@@ -27,9 +27,10 @@
 #                                          # cuda_wgmma_probe: the P.V layout, then a first attention against
 #                                          # the CPU and timed), beside PyTorch's backends and our prefill kernel
 #                                          # (session 41 call 1 ran it: both probes passed)
-#   bash scripts/gpu/next_call.sh sm90     # ~400 s: kernels/prefill_sm90.cu (session 41, never run on a GPU yet)
-#                                          # against the CPU, timed, p1000 steps with it off and on, then
-#                                          # bench.sh with its faster form on (needs the server binaries too)
+#   bash scripts/gpu/next_call.sh sm90     # ~300 s: kernels/prefill_sm90.cu's four forms (sessions 41-42, never run
+#                                          # on a GPU yet) against the CPU, timed, p1000 steps with each that passed
+#                                          # and off (needs the server binaries too)
+#   FORM=ws64 bash scripts/gpu/next_call.sh sm90-bench  # ~400 s: bench.sh with that Hopper prefill form on
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
 #   forms; the code and the round are at 9ee9c5d: `git show 9ee9c5d:scripts/gpu/next_call.sh`).
 #   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
@@ -83,7 +84,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|wgmma|sm90}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|wgmma|sm90|sm90-bench}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -284,42 +285,44 @@ wgmma)
     lap attention
     ;;
 sm90)
-    # The Hopper prefill attention (64 and 128 keys a step) against the CPU (attention_matches_cpu: every case,
-    # its Hopper passes among them), timed beside the tensor-core kernel's shapes, 32-layer eager p1000 steps off
-    # and at each form (two rounds in opposite orders); then, if a Hopper form took less than the default shape
-    # at 1000 tokens, bench.sh with it on (LORAX_CUDA_PREFILL_SM90 passes through the launcher to the shard).
-    timeout 240 "$bin/cuda_kernels" --exact attention_matches_cpu --nocapture >"$R/kernels.txt" 2>&1
+    # The Hopper prefill attention's forms (64 and 128 keys a step; ws64 and ws128 the same warp-specialized)
+    # against the CPU (attention_matches_cpu: every case, its Hopper passes among them), timed beside the
+    # tensor-core kernel's shapes, 32-layer eager p1000 steps off and in each form that passed (two rounds in
+    # opposite orders). Then `sm90-bench` with the fastest (printed last) runs bench.sh with it on.
+    timeout 200 "$bin/cuda_kernels" --exact attention_matches_cpu --nocapture >"$R/kernels.txt" 2>&1
     echo "rc $?" >>"$R/kernels.txt"
     lap kernels
     timeout 150 "$bin/cuda_bench" --ignored --exact prefill_benchmarks --nocapture >"$R/prefill.txt" 2>&1
     echo "rc $?" >>"$R/prefill.txt"
     lap prefill
-    # Both forms passed, or the 64-key form passed and the test failed on the 128-key one (the test runs 64 first;
-    # its 128-key descriptor is the one not yet verified): go on with the forms that passed.
+    # The test runs the forms in order and stops at the first that fails: every form before it passed.
+    seen=$(sed -n 's/.*the Hopper prefill kernel, form \([a-z0-9]*\)$/\1/p' "$R/kernels.txt")
     if grep -q "test result: ok. 1 passed" "$R/kernels.txt"; then
-        forms="64 128"
-    elif grep -q "Hopper prefill kernel, 128 keys a step" "$R/kernels.txt"; then
-        forms=64
+        forms=$(echo $seen | tr ' ' '\n' | awk '!s[$0]++' | xargs)
     else
-        tar -C "$OUT" -czf "$OUT/all.tgz" r
-        exit 1
+        last=$(echo "$seen" | tail -1)
+        forms=$(echo "$seen" | awk -v x="$last" '$0 != x && !s[$0]++' | xargs)
     fi
-    echo "forms that passed: $forms" | tee -a "$R/laps.txt"
-    for on in 0 $forms; do profile_step p1000 "sm90=$on round 1" LORAX_CUDA_PREFILL_SM90=$on; done
-    for on in $(echo $forms | tr ' ' '\n' | sort -rn) 0; do profile_step p1000 "sm90=$on round 2" LORAX_CUDA_PREFILL_SM90=$on; done
-    lap steps
-    best=$(awk '/^prefill tiles auto:/ {l = "auto"} /^prefill tiles w/ {l = ""} /sm90\), 64 keys/ {l = "64"}
-        /sm90\), 128 keys/ {l = "128"}
+    echo "forms that passed: ${forms:-none}" | tee -a "$R/laps.txt"
+    if [ -n "$forms" ]; then
+        for on in 0 $forms; do profile_step p1000 "sm90=$on round 1" LORAX_CUDA_PREFILL_SM90=$on; done
+        for on in $(echo $forms | tr ' ' '\n' | tac) 0; do profile_step p1000 "sm90=$on round 2" LORAX_CUDA_PREFILL_SM90=$on; done
+        lap steps
+    fi
+    best=$(awk '/^prefill tiles auto:/ {l = "auto"} /^prefill tiles w/ {l = ""}
+        /sm90\), form / {l = $NF; sub(":", "", l)}
         /^BENCH prefill_attention_tc_len1000_h32kv8/ && l != "" {split($0, a, "|"); v[l] = a[2] + 0}
         END {b = 0; bv = v["auto"]; for (k in v) if (k != "auto" && index(" " f " ", " " k " ") && v[k] < bv) {b = k; bv = v[k]}
         print b}' f="$forms" "$R/prefill.txt")
-    echo "prefill_benchmarks at 1000 tokens: the Hopper form to bench: $best (0: none faster)" | tee -a "$R/laps.txt"
-    if [ "$best" != 0 ]; then
-        LORAX_CUDA_PREFILL_SM90=$best BENCH_TIMEOUT=330 BENCH_PEFT_BUDGET=110 timeout 340 scripts/gpu/bench.sh \
-            "$R/bench" "$bin" >"$R/bench.txt" 2>&1
-        echo "rc $?" >>"$R/bench.txt"
-        lap bench
-    fi
+    echo "prefill_benchmarks at 1000 tokens: the fastest Hopper form that passed: $best (0: none faster)" | tee -a "$R/laps.txt"
+    ;;
+sm90-bench)
+    # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
+    # launcher to the shard).
+    LORAX_CUDA_PREFILL_SM90=${FORM:?FORM=64|128|ws64|ws128} BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 \
+        scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
+    echo "rc $?" >>"$R/bench.txt"
+    lap bench
     ;;
 graphs-bench | bench)
     if [ "$part" = graphs-bench ]; then
@@ -336,7 +339,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, wgmma or sm90)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, wgmma, sm90 or sm90-bench)" >&2
     exit 2
     ;;
 esac

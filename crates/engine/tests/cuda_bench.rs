@@ -11,7 +11,7 @@
 mod cuda_common;
 
 use cuda_common::{backend, bench, event, graph_ms, median, say, Rng};
-use lorax_engine::backend::cuda::{AttnKernel, PrefillShape};
+use lorax_engine::backend::cuda::{AttnKernel, PrefillShape, PREFILL_SM90_LABELS};
 use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
 use lorax_engine::weights::DType;
 use lorax_engine::{Backend, CudaBackend, CudaTensor, Result};
@@ -261,13 +261,13 @@ fn prefill_benchmarks() {
         prefill_attention(&mut g, true, &[4096], 32, 8);
         prefill_attention(&mut g, true, &[16384], 32, 8);
     }
-    // The Hopper kernel (kernels/prefill_sm90.cu), where it builds, at 64 and 128 keys a step.
-    for keys in [64, 128] {
-        if !g.set_prefill_sm90(Some(keys)) {
+    // The Hopper kernel (kernels/prefill_sm90.cu), where it builds, in each form.
+    for form in PREFILL_SM90_LABELS {
+        if !g.set_prefill_sm90(Some(form)) {
             say("SKIPPED: the Hopper prefill kernel (not compute capability 9.0, or its build failed: see the log)");
             break;
         }
-        say(&format!("prefill on the Hopper kernel (sm90), {keys} keys a step:"));
+        say(&format!("prefill on the Hopper kernel (sm90), form {form}:"));
         for lens in [&[1000][..], &[512; 4], &[512; 8], &[4096], &[16384]] {
             prefill_attention(&mut g, true, lens, 32, 8);
         }

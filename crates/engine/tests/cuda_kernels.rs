@@ -10,7 +10,7 @@
 mod cuda_common;
 
 use cuda_common::{backend, check, round, say, seed, tol, Rng};
-use lorax_engine::backend::cuda::{AttnKernel, PrefillShape};
+use lorax_engine::backend::cuda::{AttnKernel, PrefillShape, PREFILL_SM90_LABELS};
 use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
 use lorax_engine::weights::DType;
 use lorax_engine::{Backend, CpuBackend, CudaBackend, EngineError};
@@ -551,18 +551,18 @@ fn attention_matches_cpu() {
                 }
             }
             g.set_prefill_shape(None);
-            // The Hopper prefill kernel (kernels/prefill_sm90.cu; compute capability 9.0 only) on the head-128
-            // cases, and on a block size that is not a power of two, groups of one head, and the TTFT prompt.
-            // On compute capability 9.0 it must build; elsewhere it is skipped, visibly.
+            // The Hopper prefill kernel (kernels/prefill_sm90.cu; compute capability 9.0 only), each form, on
+            // the head-128 cases, and on a block size that is not a power of two, groups of one head, and the
+            // TTFT prompt. On compute capability 9.0 it must build; elsewhere it is skipped, visibly.
             let hopper = g.context().compute_capability().unwrap() == (9, 0);
-            for keys in [64, 128] {
-                let on = g.set_prefill_sm90(Some(keys));
+            for form in PREFILL_SM90_LABELS {
+                let on = g.set_prefill_sm90(Some(form));
                 assert_eq!(
                     on, hopper,
-                    "{dt:?}: the Hopper prefill kernel of {keys} keys a step built: {on}"
+                    "{dt:?}: the Hopper prefill kernel's form {form} built: {on}"
                 );
                 if on {
-                    say(&format!("{dt:?}: the Hopper prefill kernel, {keys} keys a step"));
+                    say(&format!("{dt:?}: the Hopper prefill kernel, form {form}"));
                     let more = [
                         AttnCase {
                             heads: 4,
@@ -593,7 +593,7 @@ fn attention_matches_cpu() {
                     g.set_prefill_sm90(None);
                 } else {
                     say(&format!(
-                        "{dt:?}: SKIPPED the Hopper prefill kernel of {keys} keys a step (it needs compute capability 9.0)"
+                        "{dt:?}: SKIPPED the Hopper prefill kernel's form {form} (it needs compute capability 9.0)"
                     ));
                 }
             }

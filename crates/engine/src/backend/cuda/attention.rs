@@ -285,14 +285,13 @@ impl CudaBackend {
         let shape = if self.prefill_wide { shape } else { shape.narrow() };
         // The prefill kernel (name, query rows a tile, threads, dynamic shared memory): the Hopper one at head
         // size 128 when it is on, else the tensor-core kernel's shape.
-        let sm90 = self.prefill_sm90.and_then(super::prefill_sm90_kernel);
         let tc_kernel = (self.tc_prefill && self.dtype != DType::F32 && (hd == 64 || hd == 128)).then(|| {
-            if let (128, Some((name, smem))) = (hd, sm90) {
+            if let (128, Some(form)) = (hd, self.prefill_sm90) {
                 (
-                    name.to_string(),
+                    form.kernel.to_string(),
                     super::PREFILL_SM90_ROWS,
-                    super::PREFILL_SM90_THREADS,
-                    smem,
+                    form.threads(),
+                    form.smem(),
                 )
             } else {
                 (

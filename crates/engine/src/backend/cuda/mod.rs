@@ -446,21 +446,86 @@ pub const KERNELS: [(&str, &[&str]); 8] = [
     ("prefill_sm90", &PREFILL_SM90_KERNELS),
 ];
 
-/// The Hopper prefill attention kernels (kernels/prefill_sm90.cu; head size 128, 16-bit storage) by keys a
-/// step ([`PREFILL_SM90_KEYS`]), their blocks' query rows and threads.
-const PREFILL_SM90_KERNELS: [&str; 2] = ["prefill_attention_128_sm90", "prefill_attention_128_sm90_n128"];
-pub(crate) const PREFILL_SM90_KEYS: [usize; 2] = [64, 128];
-pub(crate) const PREFILL_SM90_ROWS: usize = 128;
-pub(crate) const PREFILL_SM90_THREADS: u32 = 256;
-
-/// The Hopper prefill kernel of `keys` keys a step and its dynamic shared memory: two query tiles of 16 KiB,
-/// four (64 keys) or three (128) stages of keys and values (`keys` x 256 bytes each), and 1 KiB of alignment
-/// slack.
-pub(crate) fn prefill_sm90_kernel(keys: usize) -> Option<(&'static str, usize)> {
-    let i = PREFILL_SM90_KEYS.iter().position(|&k| k == keys)?;
-    let stages = if keys == 64 { 4 } else { 3 };
-    Some((PREFILL_SM90_KERNELS[i], 2 * 16384 + stages * 2 * keys * 256 + 1024))
+/// A form of the Hopper prefill attention (kernels/prefill_sm90.cu; head size 128, 16-bit storage, blocks of
+/// [`PREFILL_SM90_ROWS`] query rows): its label (`LORAX_CUDA_PREFILL_SM90`), kernel, keys a step, shared-memory
+/// stages, and whether a producer warpgroup copies the keys and values for the two consumer warpgroups
+/// (warp-specialized) or all threads copy them between block barriers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PrefillSm90 {
+    pub label: &'static str,
+    pub kernel: &'static str,
+    keys: usize,
+    stages: usize,
+    ws: bool,
 }
+
+impl PrefillSm90 {
+    /// Threads a block: two consumer warpgroups, and the producer's with `ws`.
+    pub fn threads(self) -> u32 {
+        if self.ws {
+            384
+        } else {
+            256
+        }
+    }
+
+    /// Dynamic shared memory: two query tiles of 16 KiB, the stages of keys and values (`keys` x 256 bytes
+    /// each), 1 KiB of alignment slack, and with `ws` two mbarriers a stage.
+    pub fn smem(self) -> usize {
+        2 * 16384 + self.stages * 2 * self.keys * 256 + 1024 + if self.ws { 16 * self.stages } else { 0 }
+    }
+
+    /// The form labelled `label`.
+    pub fn by_label(label: &str) -> Option<Self> {
+        PREFILL_SM90_FORMS.into_iter().find(|f| f.label == label)
+    }
+}
+
+/// The Hopper prefill attention's forms, in the module's kernel order ([`PREFILL_SM90_KERNELS`]).
+pub(crate) const PREFILL_SM90_FORMS: [PrefillSm90; 4] = [
+    PrefillSm90 {
+        label: "64",
+        kernel: "prefill_attention_128_sm90",
+        keys: 64,
+        stages: 4,
+        ws: false,
+    },
+    PrefillSm90 {
+        label: "128",
+        kernel: "prefill_attention_128_sm90_n128",
+        keys: 128,
+        stages: 3,
+        ws: false,
+    },
+    PrefillSm90 {
+        label: "ws64",
+        kernel: "prefill_attention_128_sm90_ws",
+        keys: 64,
+        stages: 4,
+        ws: true,
+    },
+    PrefillSm90 {
+        label: "ws128",
+        kernel: "prefill_attention_128_sm90_ws_n128",
+        keys: 128,
+        stages: 3,
+        ws: true,
+    },
+];
+const PREFILL_SM90_KERNELS: [&str; 4] = [
+    PREFILL_SM90_FORMS[0].kernel,
+    PREFILL_SM90_FORMS[1].kernel,
+    PREFILL_SM90_FORMS[2].kernel,
+    PREFILL_SM90_FORMS[3].kernel,
+];
+/// The labels of [`PREFILL_SM90_FORMS`], for tests and benchmarks.
+pub const PREFILL_SM90_LABELS: [&str; 4] = [
+    PREFILL_SM90_FORMS[0].label,
+    PREFILL_SM90_FORMS[1].label,
+    PREFILL_SM90_FORMS[2].label,
+    PREFILL_SM90_FORMS[3].label,
+];
+pub(crate) const PREFILL_SM90_ROWS: usize = 128;
 
 /// Device memory: an allocation of its own, or a range of one shared with others (an adapter's weights
 /// live in one allocation; a captured decode step's tensors live in the graph arena).
@@ -643,7 +708,7 @@ pub struct CudaBackend {
     /// The keys a step of the Hopper prefill attention (kernels/prefill_sm90.cu) that runs in place of the
     /// tensor-core prefill kernel's shapes at head size 128, or `None`: off (the default), or not built
     /// (`LORAX_CUDA_PREFILL_SM90`, [`CudaBackend::set_prefill_sm90`]).
-    prefill_sm90: Option<usize>,
+    prefill_sm90: Option<PrefillSm90>,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
@@ -1374,11 +1439,11 @@ impl CudaBackend {
         }
         match std::env::var("LORAX_CUDA_PREFILL_SM90").as_deref() {
             Err(_) | Ok("0") => {}
-            Ok("1" | "64") => _ = backend.set_prefill_sm90(Some(64)),
-            Ok("128") => _ = backend.set_prefill_sm90(Some(128)),
+            Ok("1") => _ = backend.set_prefill_sm90(Some("64")),
+            Ok(v) if PrefillSm90::by_label(v).is_some() => _ = backend.set_prefill_sm90(Some(v)),
             Ok(v) => {
                 return Err(EngineError::Backend(format!(
-                    "LORAX_CUDA_PREFILL_SM90={v:?}: expected 0, 1 (64 keys a step), 64 or 128"
+                    "LORAX_CUDA_PREFILL_SM90={v:?}: expected 0, 1 (the same as 64) or one of {PREFILL_SM90_LABELS:?}"
                 )))
             }
         }
@@ -1414,17 +1479,16 @@ impl CudaBackend {
         self.prefill_shape = shape;
     }
 
-    /// Prefill sequences of head size 128 on the Hopper kernel (kernels/prefill_sm90.cu: warpgroup MMA) of
-    /// `keys` keys a step (64 or 128) in place of the tensor-core prefill kernel's shapes, or (`None`, the
-    /// default) not (`LORAX_CUDA_PREFILL_SM90=1|64|128`). Turning it on builds it the first time. Returns
-    /// whether it is on: false where it cannot be built (not compute capability 9.0, f32 storage, or a build
-    /// failure, logged) or `keys` names no kernel.
-    pub fn set_prefill_sm90(&mut self, keys: Option<usize>) -> bool {
-        self.prefill_sm90 = keys.filter(|&k| prefill_sm90_kernel(k).is_some());
+    /// Prefill sequences of head size 128 on the Hopper kernel (kernels/prefill_sm90.cu: warpgroup MMA) in the
+    /// form labelled `form` ([`PREFILL_SM90_LABELS`]: "64" and "128" keys a step, "ws64" and "ws128" the same
+    /// warp-specialized) in place of the tensor-core prefill kernel's shapes, or (`None`, the default) not
+    /// (`LORAX_CUDA_PREFILL_SM90`). Turning it on builds it the first time. Returns whether it is on: false
+    /// where it cannot be built (not compute capability 9.0, f32 storage, or a build failure, logged) or `form`
+    /// names none.
+    pub fn set_prefill_sm90(&mut self, form: Option<&str>) -> bool {
+        self.prefill_sm90 = form.and_then(PrefillSm90::by_label);
         if self.prefill_sm90.is_some() && !self.funcs.contains_key(PREFILL_SM90_KERNELS[0]) {
-            let built = self.hopper_module("prefill_sm90", |i| {
-                prefill_sm90_kernel(PREFILL_SM90_KEYS[i]).map_or(0, |k| k.1)
-            });
+            let built = self.hopper_module("prefill_sm90", |i| PREFILL_SM90_FORMS[i].smem());
             if let Err(e) = built {
                 tracing::warn!(error = %e, "the Hopper prefill attention is unavailable");
                 self.prefill_sm90 = None;
@@ -2840,20 +2904,22 @@ mod prefill_shape_tests {
         assert_eq!(PrefillShape::auto(16), PrefillShape::W4R2N32);
     }
 
-    /// The Hopper prefill kernels: each step size names its kernel (in the module's list), and the shared memory
-    /// asked for fits the 227 KiB a Hopper block may opt in to; other step sizes name none.
+    /// The Hopper prefill kernels: each form names its kernel (in the module's list, in order), and the shared
+    /// memory asked for fits the 227 KiB a Hopper block may opt in to; other labels name none.
     #[test]
     fn hopper_prefill_kernels_fit_a_block() {
-        for keys in super::PREFILL_SM90_KEYS {
-            let (name, smem) = super::prefill_sm90_kernel(keys).unwrap_or_default();
-            assert!(
-                KERNELS.iter().any(|(_, names)| names.contains(&name)),
-                "{keys}: {name:?}"
-            );
-            assert!(smem > 0 && smem <= 227 * 1024, "{keys} keys: {smem} bytes");
+        let module = KERNELS.iter().find(|(m, _)| *m == "prefill_sm90").map(|k| k.1);
+        assert_eq!(module, Some(&super::PREFILL_SM90_KERNELS[..]));
+        for (i, label) in super::PREFILL_SM90_LABELS.into_iter().enumerate() {
+            let form = super::PrefillSm90::by_label(label).expect("every label names a form");
+            assert_eq!(form.kernel, super::PREFILL_SM90_KERNELS[i]);
+            let smem = form.smem();
+            assert!(smem > 0 && smem <= 227 * 1024, "{label}: {smem} bytes");
         }
-        assert_eq!(super::prefill_sm90_kernel(64).map(|k| k.1), Some(164_864));
-        assert_eq!(super::prefill_sm90_kernel(128).map(|k| k.1), Some(230_400));
-        assert!(super::prefill_sm90_kernel(32).is_none());
+        let smem = |l| super::PrefillSm90::by_label(l).map(super::PrefillSm90::smem);
+        assert_eq!(smem("64"), Some(164_864));
+        assert_eq!(smem("128"), Some(230_400));
+        assert_eq!(smem("ws128"), Some(230_448));
+        assert!(smem("32").is_none());
     }
 }
