@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 42 call 1 (binaries of ee4b4bf; next_call.sh as committed with this record): the Hopper prefill attention
-# (kernels/prefill_sm90.cu, session 41, never run on a GPU before) against the CPU, timed, 32-layer p1000 steps off
-# and with each form, then bench.sh with the faster form on.
+# Session 42 call 1 (binaries of fb11ddf; next_call.sh of fb11ddf): the Hopper prefill attention's four forms
+# (kernels/prefill_sm90.cu: 64 and 128 keys a step, session 41; ws64 and ws128 warp-specialized, session 42; none
+# run on a GPU before) against the CPU, timed beside the tensor-core kernel's shapes, and 32-layer p1000 steps off
+# and with each form that passed.
 bash scripts/gpu/next_call.sh sm90
