@@ -570,8 +570,19 @@ fn attention_matches_cpu() {
                             hd: 128,
                             bs: 12,
                             window: None,
-                            seqs: vec![(200, 0), (70, 130), (16, 5), (1, 64)],
+                            seqs: vec![(200, 0), (70, 130), (16, 5), (1, 64), (40, 700)],
                             q_range: 4.0,
+                        },
+                        // Tiles of 64 rows or fewer after a long context: the warp-specialized forms' second
+                        // warpgroup hands back, unread, stages the producer still refills.
+                        AttnCase {
+                            heads: 8,
+                            kv_heads: 2,
+                            hd: 128,
+                            bs: 16,
+                            window: None,
+                            seqs: vec![(20, 1300), (40, 700), (64, 517), (129, 640)],
+                            q_range: 2.0,
                         },
                         AttnCase {
                             heads: 32,
