@@ -3,4 +3,4 @@
 # (kernels/prefill_sm90.cu: 64 and 128 keys a step, session 41; ws64 and ws128 warp-specialized, session 42; none
 # run on a GPU before) against the CPU, timed beside the tensor-core kernel's shapes, and 32-layer p1000 steps off
 # and with each form that passed.
-bash scripts/gpu/next_call.sh sm90
+SM90_ROUNDS=${SM90_ROUNDS:-2} bash scripts/gpu/next_call.sh sm90
