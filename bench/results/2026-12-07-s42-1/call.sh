@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 42 call 1 (binaries of c99e87f; next_call.sh of fb11ddf): the Hopper prefill attention's four forms
+# Session 42 call 1 (binaries of c99e87f; next_call.sh as committed with this record): the Hopper prefill attention's four forms
 # (kernels/prefill_sm90.cu: 64 and 128 keys a step, session 41; ws64 and ws128 warp-specialized, session 42; none
 # run on a GPU before) against the CPU, timed beside the tensor-core kernel's shapes, and 32-layer p1000 steps off
 # and with each form that passed.
