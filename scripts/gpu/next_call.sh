@@ -288,7 +288,7 @@ sm90)
     # The Hopper prefill attention's forms (64 and 128 keys a step; ws64 and ws128 the same warp-specialized)
     # against the CPU (attention_matches_cpu: every case, its Hopper passes among them), timed beside the
     # tensor-core kernel's shapes, 32-layer eager p1000 steps off and in each form that passed (two rounds in
-    # opposite orders; SM90_ROUNDS=1: the first round only). Then `sm90-bench` with the fastest (printed last) runs
+    # opposite orders; SM90_ROUNDS=1: the first round only, 0: none). Then `sm90-bench` with the fastest (printed last) runs
     # bench.sh with it on.
     timeout 200 "$bin/cuda_kernels" --exact attention_matches_cpu --nocapture >"$R/kernels.txt" 2>&1
     echo "rc $?" >>"$R/kernels.txt"
@@ -305,7 +305,7 @@ sm90)
         forms=$(echo "$seen" | awk -v x="$last" '$0 != x && !s[$0]++' | xargs)
     fi
     echo "forms that passed: ${forms:-none}" | tee -a "$R/laps.txt"
-    if [ -n "$forms" ]; then
+    if [ -n "$forms" ] && [ "${SM90_ROUNDS:-2}" -ge 1 ]; then
         for on in 0 $forms; do profile_step p1000 "sm90=$on round 1" LORAX_CUDA_PREFILL_SM90=$on; done
         if [ "${SM90_ROUNDS:-2}" -ge 2 ]; then
             for on in $(echo $forms | tr ' ' '\n' | tac) 0; do profile_step p1000 "sm90=$on round 2" LORAX_CUDA_PREFILL_SM90=$on; done
