@@ -73,6 +73,11 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
     const int wrows = min(64, tile.rows - 64 * wg);
     const int wfirst = tile.pos0 + 64 * wg;
 
+    // The cache slot of key position p, through the block table.
+    auto slot_of = [&](int p) -> u64 {
+        return bs_shift >= 0 ? (((u64)table[p >> bs_shift] << bs_shift) | (u32)(p & (block_size - 1)))
+                             : (u64)table[p / block_size] * block_size + p % block_size;
+    };
     if constexpr (WS) {
         if (threadIdx.x == 0) {
             for (int st = 0; st < STAGES; ++st) {
@@ -98,10 +103,7 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
 #pragma unroll 4
                 for (int i = 0; i < BN / 8; ++i) {
                     const int key = pk + 8 * i;
-                    const int p = min(s * BN + key, kv_end - 1);
-                    const u64 slot = bs_shift >= 0
-                                         ? (((u64)table[p >> bs_shift] << bs_shift) | (u32)(p & (block_size - 1)))
-                                         : (u64)table[p / block_size] * block_size + p % block_size;
+                    const u64 slot = slot_of(min(s * BN + key, kv_end - 1));
                     ph_copy(ph_at<BN>(ks, key, ppc), k_p + slot * kv_stride, true);
                     ph_copy(ph_at<BN>(ks + KT, key, ppc), v_p + slot * kv_stride, true);
                 }
@@ -140,9 +142,7 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
         for (int i = 0; i < BN / 16; ++i) {
             if (s >= nsteps) break;
             const int key = key0 + 16 * i;
-            const int p = min(s * BN + key, kv_end - 1);
-            const u64 slot = bs_shift >= 0 ? (((u64)table[p >> bs_shift] << bs_shift) | (u32)(p & (block_size - 1)))
-                                           : (u64)table[p / block_size] * block_size + p % block_size;
+            const u64 slot = slot_of(min(s * BN + key, kv_end - 1));
             ph_copy(ph_at<BN>(ks, key, pc), k_src + slot * kv_stride, true);
             ph_copy(ph_at<BN>(ks + KT, key, pc), v_src + slot * kv_stride, true);
         }

@@ -707,9 +707,9 @@ pub struct CudaBackend {
     /// Whether the device gives the prefill shapes past 48 KiB of shared memory (the 64-key and two-row-group
     /// ones) theirs (else [`PrefillShape::narrow`] picks a 32-key shape of 16 rows a warp).
     prefill_wide: bool,
-    /// The keys a step of the Hopper prefill attention (kernels/prefill_sm90.cu) that runs in place of the
-    /// tensor-core prefill kernel's shapes at head size 128, or `None`: off (the default), or not built
-    /// (`LORAX_CUDA_PREFILL_SM90`, [`CudaBackend::set_prefill_sm90`]).
+    /// The form of the Hopper prefill attention (kernels/prefill_sm90.cu) that runs in place of the tensor-core
+    /// prefill kernel's shapes at head size 128 ([`PREFILL_SM90_DEFAULT`] on compute capability 9.0 with 16-bit
+    /// storage), or `None`: off, or not built (`LORAX_CUDA_PREFILL_SM90`, [`CudaBackend::set_prefill_sm90`]).
     prefill_sm90: Option<PrefillSm90>,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
