@@ -31,6 +31,8 @@
 #                                          # on a GPU yet) against the CPU, timed, p1000 steps with each that passed
 #                                          # and off (needs the server binaries too)
 #   FORM=ws64 bash scripts/gpu/next_call.sh sm90-bench  # ~400 s: bench.sh with that Hopper prefill form on
+#   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
+#                                               # bench.sh, with the defaults (session 43: ws64 on by default)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
 #   forms; the code and the round are at 9ee9c5d: `git show 9ee9c5d:scripts/gpu/next_call.sh`).
 #   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
@@ -84,7 +86,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|wgmma|sm90|sm90-bench}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|wgmma|sm90|sm90-bench|golden-bench}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -319,6 +321,17 @@ sm90)
         print b}' f="$forms" "$R/prefill.txt")
     echo "prefill_benchmarks at 1000 tokens: the fastest Hopper form that passed: $best (0: none faster)" | tee -a "$R/laps.txt"
     ;;
+golden-bench)
+    # Session 43: the first call with ws64 the default (48d9fe8): what the server computes, checked against
+    # transformers + peft (golden, graphs, e2e), then the whole bench; no disk read figures, to fit 600 s.
+    RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
+        >"$R/run.txt" 2>&1
+    echo "rc $?" >>"$R/run.txt"
+    lap run
+    BENCH_TIMEOUT=380 BENCH_PEFT_BUDGET=130 timeout 390 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
+    echo "rc $?" >>"$R/bench.txt"
+    lap bench
+    ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
     # launcher to the shard).
@@ -342,7 +355,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, wgmma, sm90 or sm90-bench)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, wgmma, sm90, sm90-bench or golden-bench)" >&2
     exit 2
     ;;
 esac
