@@ -2,32 +2,27 @@
 // launch contract of kernels/prefill.cu (PREFILL_PARAMS: tiles of up to 128 query rows of one sequence and one
 // head, blocks ordered by the host longest first, keys and values read through the paged cache's block tables,
 // a cached prefix attended too):
-//   - a block is two warpgroups (256 threads) on one tile of up to 128 query rows of one head: warpgroup w takes
-//     the tile's rows 64w..64w+63, both share the key and value tiles;
-//   - keys 64 a step (`prefill_attention_128_sm90`, four shared-memory stages, copies two steps ahead) or 128
-//     (`_n128`, three stages, one step ahead): every thread copies its part of the keys and values (cp.async
-//     through the block table, into the 128-byte swizzle) while earlier steps compute; a stage is written again
-//     only after the step that read its values (one block barrier a step);
+//   - a block is three warpgroups (384 threads) on one tile of up to 128 query rows of one head: warpgroup 0, the
+//     producer, copies the keys and values; consumer warpgroup w (1 or 2) takes the tile's rows 64(w-1).. of the
+//     64 after, both share the key and value tiles;
+//   - keys 64 a step (`prefill_attention_128_sm90_ws`, four shared-memory stages) or 128 (`_ws_n128`, three):
+//     the producer copies each step's keys and values by cp.async through the block table into the 128-byte
+//     swizzle and completes them on the stage's "full" mbarrier; it refills a stage once each consumer warp has
+//     arrived on the stage's "empty" one (after the P.V product that read its values), so that no block barrier
+//     ties the two consumer warpgroups together step by step, and each stops at its own last row's keys;
 //   - S = Q.K^T on m64n64k16 or m64n128k16 (Q's rows and K's keys both K-major in shared memory); the online
 //     softmax on S's fragment in registers (base-2 exponentials, the scale folded in; masks only where a step
 //     reaches the warpgroup's diagonal); O += P.V on m64n128k16 with P in registers (rounded to the storage
 //     type, as FlashAttention does) and V an MN-major operand (wgmma.cuh's wgmma_desc_mn);
 //   - within a warpgroup, step j's S product and step j - 1's P.V product are issued together and step j's
-//     softmax runs while P.V is still on the tensor cores (FlashAttention-3's intra-warpgroup overlap). Both
-//     warpgroups walk all the tile's steps (the first one's last step is all masked): wgmma in branches would
-//     be serialized by the compiler.
-// The warp-specialized forms (`_ws`, WS; session 42) add a third warpgroup, the producer, which alone copies the
-// keys and values (completed on a "full" mbarrier a stage; a stage is refilled once each consumer warp has
-// arrived on its "empty" one), so that no block barrier ties the two consumer warpgroups together step by step;
-// each then stops at its own last row's keys.
-// Rows are rounded to the storage type once, at the end. Session 41 (bench/NOTES.md): the first wgmma attention
-// (tests/cuda_wgmma_probe.rs: one warpgroup a block, nothing overlapped) took 66 us at 1000 tokens on an H100
-// against prefill.cu's 50.
+//     softmax runs while P.V is still on the tensor cores (FlashAttention-3's intra-warpgroup overlap).
+// Rows are rounded to the storage type once, at the end. bench/NOTES.md, sessions 41-43: session 41's forms, in
+// which every thread copied keys and values between block barriers, took 18-23% (64 keys) and 7-16% (128) longer
+// than these warp-specialized ones on an H100 and were removed in session 43.
 
 #define PH_HD 128
 #define PH_QTILE 16384  // 64 query rows x 128 values x 2 bytes: two halves of 64 rows x 128 bytes, 8 KiB apart
-#define PH_THREADS 256
-#define PH_THREADS_WS 384  // WS: a producer warpgroup before the two consumers
+#define PH_THREADS 384  // a producer warpgroup before the two consumers
 
 // Where piece c (16 bytes, 0..15) of row r of a tile of ROWS rows x 128 values at `tile` lies in the 128-byte
 // swizzle: half c / 8 (ROWS x 128 bytes each), row r's 128 bytes, piece (c % 8) ^ (r % 8).
@@ -41,21 +36,19 @@ __device__ __forceinline__ void ph_copy(u32 dst, const void* src, bool ok) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
 }
 
-// BN keys a step (64 or 128), in STAGES shared-memory stages (4 or 3), copied STAGES - 2 steps ahead (a stage
-// is free again only once the step after its own has read its values). Grid: one block per (tile, head), block
+// BN keys a step (64 or 128), in STAGES shared-memory stages (4 or 3). Grid: one block per (tile, head), block
 // b = tile b / num_heads of head b % num_heads; PH_THREADS threads; 2 x PH_QTILE (queries) + STAGES x 2 x BN x
-// 256 (keys, values) + 1024 bytes of dynamic shared memory.
-template <int BN, int STAGES, bool WS>
+// 256 (keys, values) + 1024 (alignment) + 16 x STAGES (mbarriers) bytes of dynamic shared memory.
+template <int BN, int STAGES>
 __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
-    constexpr int AHEAD = STAGES - 2;
     constexpr int KT = BN * PH_HD * 2;  // bytes of a step's keys (or values): two halves of BN rows x 128 bytes
     constexpr int NS = BN / 8;          // n-tiles of 8 keys in S
     extern __shared__ __align__(1024) unsigned char ph_raw[];
     const u32 base = (sk_smem(ph_raw) + 1023u) & ~1023u;  // the swizzle's pattern repeats every 1024 bytes
     const PrefillTile tile = tiles[blockIdx.x / num_heads];
     const int h = blockIdx.x % num_heads, kvh = h / (num_heads / num_kv_heads);
-    // wg: the consumer warpgroup (its 64 rows); with WS, warpgroup 0 is the producer (wg -1).
-    const int wg = (int)threadIdx.x / 128 - (WS ? 1 : 0), wt = threadIdx.x % 128;
+    // wg: the consumer warpgroup (its 64 rows); warpgroup 0 is the producer (wg -1).
+    const int wg = (int)threadIdx.x / 128 - 1, wt = threadIdx.x % 128;
     const int warp = wt / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const u64 qw = (u64)num_heads * PH_HD, kv_stride = (u64)num_kv_heads * PH_HD;
     const u32* table = tables + tile.table;
@@ -63,7 +56,7 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
     const int bs_shift = pow2_log(block_size);       // -1: not a power of two
     const u32 qs = base + wg * PH_QTILE;
     const u32 stages = base + 2 * PH_QTILE;  // stage s: keys at stages + 2 s KT, its values KT on
-    // WS: stage s's mbarriers, "full" (the producer's copies landed) and "empty" (every consumer warp is done
+    // Stage s's mbarriers, "full" (the producer's copies landed) and "empty" (every consumer warp is done
     // with it), after the stages.
     const u32 full = stages + STAGES * 2 * KT, empty = full + 8 * STAGES;
     const int kv_end = tile.pos0 + tile.rows;  // keys 0 .. the last row's position
@@ -78,44 +71,42 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
         return bs_shift >= 0 ? (((u64)table[p >> bs_shift] << bs_shift) | (u32)(p & (block_size - 1)))
                              : (u64)table[p / block_size] * block_size + p % block_size;
     };
-    if constexpr (WS) {
-        if (threadIdx.x == 0) {
-            for (int st = 0; st < STAGES; ++st) {
-                mb_init(full + 8 * st, 128);  // each producer thread's copies (cp.async.mbarrier.arrive.noinc)
-                mb_init(empty + 8 * st, 8);   // one arrival per consumer warp
-            }
-            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    if (threadIdx.x == 0) {
+        for (int st = 0; st < STAGES; ++st) {
+            mb_init(full + 8 * st, 128);  // each producer thread's copies (cp.async.mbarrier.arrive.noinc)
+            mb_init(empty + 8 * st, 8);   // one arrival per consumer warp
         }
-        __syncthreads();
-        if (wg < 0) {
-            // The producer warpgroup: step s's keys and values into stage s % STAGES once every consumer warp
-            // is done with its previous use (step s - STAGES; a fresh barrier counts as done), through the
-            // block table; thread wt copies piece wt % 16 of keys wt / 16 + 8 i. Its registers go to the
-            // consumers (40 + 2 x 232 = 3 x 168).
-            asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
-            const int pk = wt / 16, ppc = wt % 16;
-            const T* k_p = k_cache + kvh * PH_HD + ppc * 8;
-            const T* v_p = v_cache + kvh * PH_HD + ppc * 8;
-            for (int s = 0; s < nsteps; ++s) {
-                const int st = s % STAGES;
-                mb_wait(empty + 8 * st, ((s / STAGES) & 1) ^ 1);
-                const u32 ks = stages + st * 2 * KT;
-#pragma unroll 4
-                for (int i = 0; i < BN / 8; ++i) {
-                    const int key = pk + 8 * i;
-                    const u64 slot = slot_of(min(s * BN + key, kv_end - 1));
-                    ph_copy(ph_at<BN>(ks, key, ppc), k_p + slot * kv_stride, true);
-                    ph_copy(ph_at<BN>(ks + KT, key, ppc), v_p + slot * kv_stride, true);
-                }
-                asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(full + 8 * st) : "memory");
-            }
-            asm volatile("cp.async.wait_all;" ::: "memory");
-            return;
-        }
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
-    // Q: each warpgroup copies its 64 rows (rows past the tile zeroed), in step 0's copy group (WS: waited for
-    // here, then the warpgroup's named barrier).
+    __syncthreads();
+    if (wg < 0) {
+        // The producer warpgroup: step s's keys and values into stage s % STAGES once every consumer warp
+        // is done with its previous use (step s - STAGES; a fresh barrier counts as done), through the
+        // block table; thread wt copies piece wt % 16 of keys wt / 16 + 8 i. Its registers go to the
+        // consumers (40 + 2 x 232 = 3 x 168).
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
+        const int key0 = wt / 16, pc = wt % 16;
+        const T* k_src = k_cache + kvh * PH_HD + pc * 8;
+        const T* v_src = v_cache + kvh * PH_HD + pc * 8;
+        for (int s = 0; s < nsteps; ++s) {
+            const int st = s % STAGES;
+            mb_wait(empty + 8 * st, ((s / STAGES) & 1) ^ 1);
+            const u32 ks = stages + st * 2 * KT;
+#pragma unroll 4
+            for (int i = 0; i < BN / 8; ++i) {
+                const int key = key0 + 8 * i;
+                const u64 slot = slot_of(min(s * BN + key, kv_end - 1));
+                ph_copy(ph_at<BN>(ks, key, pc), k_src + slot * kv_stride, true);
+                ph_copy(ph_at<BN>(ks + KT, key, pc), v_src + slot * kv_stride, true);
+            }
+            asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(full + 8 * st) : "memory");
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
+    // Q: each warpgroup copies its 64 rows (rows past the tile zeroed), waited for here, then the warpgroup's
+    // named barrier.
     {
         const T* qsrc = q + (u64)tile.row0 * qw + h * PH_HD;  // rows past the tile are not even addressed
         for (int i = wt; i < 64 * 16; i += 128) {
@@ -123,36 +114,11 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
             const bool ok = r < wrows;
             ph_copy(ph_at<64>(qs, r, c), qsrc + (ok ? (u64)(64 * wg + r) * qw : 0) + c * 8, ok);
         }
-        if constexpr (WS) {
-            copy_commit();
-            copy_wait<0>();
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            asm volatile("bar.sync %0, 128;" ::"r"(1 + wg) : "memory");
-        }
-    }
-    // A step's keys and values: this thread copies piece pc of keys key0 + 16 i (i < BN / 16), and commits a copy
-    // group (an empty one past the last step, so that every step has its group). Keys past the context read the
-    // last key instead: finite values the causal mask gives no weight.
-    const int key0 = threadIdx.x / 16, pc = threadIdx.x % 16;
-    const T* k_src = k_cache + kvh * PH_HD + pc * 8;
-    const T* v_src = v_cache + kvh * PH_HD + pc * 8;
-    auto issue = [&](int s) {
-        const u32 ks = stages + (s % STAGES) * 2 * KT;
-#pragma unroll
-        for (int i = 0; i < BN / 16; ++i) {
-            if (s >= nsteps) break;
-            const int key = key0 + 16 * i;
-            const u64 slot = slot_of(min(s * BN + key, kv_end - 1));
-            ph_copy(ph_at<BN>(ks, key, pc), k_src + slot * kv_stride, true);
-            ph_copy(ph_at<BN>(ks + KT, key, pc), v_src + slot * kv_stride, true);
-        }
         copy_commit();
-    };
-    if constexpr (!WS) {
-#pragma unroll
-        for (int a = 0; a < AHEAD; ++a) issue(a);  // the first with Q's copies
+        copy_wait<0>();
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        asm volatile("bar.sync %0, 128;" ::"r"(1 + wg) : "memory");
     }
-
     // The accumulator fragments (mma.sync's layout per 8 columns): o[4j + 2hh + e] and s[4j + 2hh + e] are row
     // 16 warp + g + 8 hh of the warpgroup's, column 8j + 2t + e. pa: the previous step's P as A fragments.
     float o[64], s[4 * NS];
@@ -164,27 +130,15 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
     const int pos_lo = wfirst + 16 * warp + g;  // this thread's rows' positions: pos_lo and pos_lo + 8
 
-    // Waits for step j's copies (this thread's, made visible to the async proxy that wgmma reads through, then
-    // everyone's); every warpgroup is then done with step j - 1, whose P.V read the values of step j - 2 =
-    // j + AHEAD - STAGES, the stage step j + AHEAD's copies, queued next, overwrite.
-    // WS: waits for the producer's copies of step j instead, then makes them visible to the async proxy.
+    // Waits for the producer's copies of step j, then makes them visible to the async proxy.
     auto arrive = [&](int j) {
-        if constexpr (WS) {
-            mb_wait(full + 8 * (j % STAGES), (j / STAGES) & 1);
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        } else {
-            copy_wait<AHEAD - 1>();
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            __syncthreads();
-            issue(j + AHEAD);
-        }
+        mb_wait(full + 8 * (j % STAGES), (j / STAGES) & 1);
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     };
-    // WS: this warp is done with step j's stage (its P.V waited for).
+    // This warp is done with step j's stage (its P.V waited for).
     auto release = [&](int j) {
-        if constexpr (WS) {
-            __syncwarp();
-            if (lane == 0) mb_arrive(empty + 8 * (j % STAGES));
-        }
+        __syncwarp();
+        if (lane == 0) mb_arrive(empty + 8 * (j % STAGES));
     };
     // S = Q.K^T of step j (queued, committed as one group).
     auto qk = [&](int j) {
@@ -272,10 +226,8 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
         wgmma_fence();
     };
 
-    // Without WS both warpgroups walk every step of the tile (they share a block barrier a step; wgmma in
-    // branches would be serialized by the compiler): the first one's last step, past its rows, is all masked.
-    // With WS each walks the steps up to its last row (at least one), then hands the rest back unread.
-    const int own = WS && wrows > 0 ? min(nsteps, (wfirst + wrows + BN - 1) / BN) : WS ? 1 : nsteps;
+    // Each warpgroup walks the steps up to its last row (at least one), then hands the rest back unread.
+    const int own = wrows > 0 ? min(nsteps, (wfirst + wrows + BN - 1) / BN) : 1;
     arrive(0);
     fence();
     qk(0);
@@ -309,13 +261,11 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 64; ++i) wgmma_fence_operand(o[i]);
-    if constexpr (WS) {
-        // Stages the producer still fills: the last step read, and those past this warpgroup's rows.
-        release(own - 1);
-        for (int j = own; j + STAGES < nsteps; ++j) {
-            mb_wait(full + 8 * (j % STAGES), (j / STAGES) & 1);
-            release(j);
-        }
+    // Stages the producer still fills: the last step read, and those past this warpgroup's rows.
+    release(own - 1);
+    for (int j = own; j + STAGES < nsteps; ++j) {
+        mb_wait(full + 8 * (j % STAGES), (j / STAGES) & 1);
+        release(j);
     }
 
     // The row sums over the quad of threads that share a row; rows past the tile are not written.
@@ -334,24 +284,13 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_128_sm90(PREFILL_PARAMS) {
+// 64 keys a step in four stages (`ws64`, the default on Hopper) and 128 in three (`ws128`).
+extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_128_sm90_ws(PREFILL_PARAMS) {
     pdl_enter();
-    prefill_sm90<64, 4, false>(PREFILL_ARGS);
+    prefill_sm90<64, 4>(PREFILL_ARGS);
 }
 
-extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_128_sm90_n128(PREFILL_PARAMS) {
+extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_128_sm90_ws_n128(PREFILL_PARAMS) {
     pdl_enter();
-    prefill_sm90<128, 3, false>(PREFILL_ARGS);
-}
-
-// Warp-specialized (WS): a producer warpgroup copies keys and values (cp.async through the block table, completed
-// on mbarriers) while two consumer warpgroups compute, each at its own pace (no block barrier a step).
-extern "C" __global__ void __launch_bounds__(PH_THREADS_WS, 1) prefill_attention_128_sm90_ws(PREFILL_PARAMS) {
-    pdl_enter();
-    prefill_sm90<64, 4, true>(PREFILL_ARGS);
-}
-
-extern "C" __global__ void __launch_bounds__(PH_THREADS_WS, 1) prefill_attention_128_sm90_ws_n128(PREFILL_PARAMS) {
-    pdl_enter();
-    prefill_sm90<128, 3, true>(PREFILL_ARGS);
+    prefill_sm90<128, 3>(PREFILL_ARGS);
 }

@@ -23,13 +23,12 @@
 #                                          # (VX_NCU=0: without the ncu kernel times, ~200 s)
 #   bash scripts/gpu/next_call.sh prompt   # ~300 s: the prompt LoRA pair on the tensor cores (session 35) checked
 #                                          # against the CPU and transformers + peft, then timed against cuBLAS
-#   bash scripts/gpu/next_call.sh wgmma    # ~60 s: the Hopper prefill attention's probes (session 40,
-#                                          # cuda_wgmma_probe: the P.V layout, then a first attention against
-#                                          # the CPU and timed), beside PyTorch's backends and our prefill kernel
-#                                          # (session 41 call 1 ran it: both probes passed)
-#   bash scripts/gpu/next_call.sh sm90     # ~300 s: kernels/prefill_sm90.cu's four forms (sessions 41-42, never run
-#                                          # on a GPU yet) against the CPU, timed, p1000 steps with each that passed
-#                                          # and off (needs the server binaries too)
+#   bash scripts/gpu/next_call.sh attn     # ~60 s: PyTorch's prefill attention backends (cuDNN, FlashAttention-2)
+#                                          # beside ours (prefill_benchmarks), in one call (session 43; session
+#                                          # 41's `wgmma` ran the probes too, since removed: `git show
+#                                          # 1897750:scripts/gpu/next_call.sh`)
+#   bash scripts/gpu/next_call.sh sm90     # ~300 s: kernels/prefill_sm90.cu's forms (sessions 41-43) against the
+#                                          # CPU, timed, p1000 steps with each that passed and off
 #   FORM=ws64 bash scripts/gpu/next_call.sh sm90-bench  # ~400 s: bench.sh with that Hopper prefill form on
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (session 43: ws64 on by default)
@@ -86,7 +85,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|wgmma|sm90|sm90-bench|golden-bench}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -276,10 +275,7 @@ mlp)
     done
     lap steps
     ;;
-wgmma)
-    timeout 120 "$bin/cuda_wgmma_probe" --test-threads=1 --nocapture >"$R/wgmma.txt" 2>&1
-    echo "rc $?" >>"$R/wgmma.txt"
-    lap probes
+attn)
     timeout 90 python3 scripts/gpu/attn_probe.py >"$R/attn.txt" 2>&1
     echo "rc $?" >>"$R/attn.txt"
     timeout 150 "$bin/cuda_bench" --ignored --exact prefill_benchmarks --nocapture >"$R/prefill.txt" 2>&1
@@ -287,8 +283,7 @@ wgmma)
     lap attention
     ;;
 sm90)
-    # The Hopper prefill attention's forms (64 and 128 keys a step; ws64 and ws128 the same warp-specialized)
-    # against the CPU (attention_matches_cpu: every case, its Hopper passes among them), timed beside the
+    # The Hopper prefill attention's forms (ws64 and ws128: 64 and 128 keys a step) against the CPU (attention_matches_cpu: every case, its Hopper passes among them), timed beside the
     # tensor-core kernel's shapes, 32-layer eager p1000 steps off and in each form that passed (two rounds in
     # opposite orders; SM90_ROUNDS=1: the first round only, 0: none). Then `sm90-bench` with the fastest (printed last) runs
     # bench.sh with it on.
@@ -335,7 +330,7 @@ golden-bench)
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
     # launcher to the shard).
-    LORAX_CUDA_PREFILL_SM90=${FORM:?FORM=64|128|ws64|ws128} BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 \
+    LORAX_CUDA_PREFILL_SM90=${FORM:?FORM=ws64|ws128} BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 \
         scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
     echo "rc $?" >>"$R/bench.txt"
     lap bench
@@ -355,7 +350,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, wgmma, sm90, sm90-bench or golden-bench)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench or golden-bench)" >&2
     exit 2
     ;;
 esac

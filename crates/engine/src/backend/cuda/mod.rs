@@ -447,32 +447,26 @@ pub const KERNELS: [(&str, &[&str]); 8] = [
 ];
 
 /// A form of the Hopper prefill attention (kernels/prefill_sm90.cu; head size 128, 16-bit storage, blocks of
-/// [`PREFILL_SM90_ROWS`] query rows): its label (`LORAX_CUDA_PREFILL_SM90`), kernel, keys a step, shared-memory
-/// stages, and whether a producer warpgroup copies the keys and values for the two consumer warpgroups
-/// (warp-specialized) or all threads copy them between block barriers.
+/// [`PREFILL_SM90_ROWS`] query rows, a producer warpgroup that copies the keys and values for two consumer
+/// warpgroups): its label (`LORAX_CUDA_PREFILL_SM90`), kernel, keys a step and shared-memory stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PrefillSm90 {
     pub label: &'static str,
     pub kernel: &'static str,
     keys: usize,
     stages: usize,
-    ws: bool,
 }
 
 impl PrefillSm90 {
-    /// Threads a block: two consumer warpgroups, and the producer's with `ws`.
+    /// Threads a block: the producer warpgroup and two consumers.
     pub fn threads(self) -> u32 {
-        if self.ws {
-            384
-        } else {
-            256
-        }
+        384
     }
 
     /// Dynamic shared memory: two query tiles of 16 KiB, the stages of keys and values (`keys` x 256 bytes
-    /// each), 1 KiB of alignment slack, and with `ws` two mbarriers a stage.
+    /// each), 1 KiB of alignment slack, and two mbarriers a stage.
     pub fn smem(self) -> usize {
-        2 * 16384 + self.stages * 2 * self.keys * 256 + 1024 + if self.ws { 16 * self.stages } else { 0 }
+        2 * 16384 + self.stages * 2 * self.keys * 256 + 1024 + 16 * self.stages
     }
 
     /// The form labelled `label`.
@@ -481,50 +475,26 @@ impl PrefillSm90 {
     }
 }
 
-/// The Hopper prefill attention's forms, in the module's kernel order ([`PREFILL_SM90_KERNELS`]).
-pub(crate) const PREFILL_SM90_FORMS: [PrefillSm90; 4] = [
-    PrefillSm90 {
-        label: "64",
-        kernel: "prefill_attention_128_sm90",
-        keys: 64,
-        stages: 4,
-        ws: false,
-    },
-    PrefillSm90 {
-        label: "128",
-        kernel: "prefill_attention_128_sm90_n128",
-        keys: 128,
-        stages: 3,
-        ws: false,
-    },
+/// The Hopper prefill attention's forms, in the module's kernel order ([`PREFILL_SM90_KERNELS`]). Session 41's
+/// forms without a producer warpgroup (labels "64" and "128") were slower in every case and were removed in
+/// session 43 (bench/NOTES.md).
+pub(crate) const PREFILL_SM90_FORMS: [PrefillSm90; 2] = [
     PrefillSm90 {
         label: "ws64",
         kernel: "prefill_attention_128_sm90_ws",
         keys: 64,
         stages: 4,
-        ws: true,
     },
     PrefillSm90 {
         label: "ws128",
         kernel: "prefill_attention_128_sm90_ws_n128",
         keys: 128,
         stages: 3,
-        ws: true,
     },
 ];
-const PREFILL_SM90_KERNELS: [&str; 4] = [
-    PREFILL_SM90_FORMS[0].kernel,
-    PREFILL_SM90_FORMS[1].kernel,
-    PREFILL_SM90_FORMS[2].kernel,
-    PREFILL_SM90_FORMS[3].kernel,
-];
+const PREFILL_SM90_KERNELS: [&str; 2] = [PREFILL_SM90_FORMS[0].kernel, PREFILL_SM90_FORMS[1].kernel];
 /// The labels of [`PREFILL_SM90_FORMS`], for tests and benchmarks.
-pub const PREFILL_SM90_LABELS: [&str; 4] = [
-    PREFILL_SM90_FORMS[0].label,
-    PREFILL_SM90_FORMS[1].label,
-    PREFILL_SM90_FORMS[2].label,
-    PREFILL_SM90_FORMS[3].label,
-];
+pub const PREFILL_SM90_LABELS: [&str; 2] = [PREFILL_SM90_FORMS[0].label, PREFILL_SM90_FORMS[1].label];
 pub(crate) const PREFILL_SM90_ROWS: usize = 128;
 /// The form on by default on compute capability 9.0 with 16-bit storage.
 pub const PREFILL_SM90_DEFAULT: &str = "ws64";
@@ -1448,11 +1418,11 @@ impl CudaBackend {
                 }
             }
             Ok("0") => {}
-            Ok("1") => _ = backend.set_prefill_sm90(Some("64")),
+            Ok("1") => _ = backend.set_prefill_sm90(Some(PREFILL_SM90_DEFAULT)),
             Ok(v) if PrefillSm90::by_label(v).is_some() => _ = backend.set_prefill_sm90(Some(v)),
             Ok(v) => {
                 return Err(EngineError::Backend(format!(
-                    "LORAX_CUDA_PREFILL_SM90={v:?}: expected 0, 1 (the same as 64) or one of {PREFILL_SM90_LABELS:?}"
+                    "LORAX_CUDA_PREFILL_SM90={v:?}: expected 0, 1 (the default, {PREFILL_SM90_DEFAULT}) or one of {PREFILL_SM90_LABELS:?}"
                 )))
             }
         }
@@ -1489,8 +1459,7 @@ impl CudaBackend {
     }
 
     /// Prefill sequences of head size 128 on the Hopper kernel (kernels/prefill_sm90.cu: warpgroup MMA) in the
-    /// form labelled `form` ([`PREFILL_SM90_LABELS`]: "64" and "128" keys a step, "ws64" and "ws128" the same
-    /// warp-specialized) in place of the tensor-core prefill kernel's shapes, or (`None`) not
+    /// form labelled `form` ([`PREFILL_SM90_LABELS`]: "ws64" and "ws128", 64 and 128 keys a step) in place of the tensor-core prefill kernel's shapes, or (`None`) not
     /// (`LORAX_CUDA_PREFILL_SM90`; by default [`PREFILL_SM90_DEFAULT`] on compute capability 9.0 with 16-bit
     /// storage, where it builds). Turning it on builds it the first time. Returns whether it is on: false
     /// where it cannot be built (not compute capability 9.0, f32 storage, or a build failure, logged) or `form`
@@ -2927,10 +2896,9 @@ mod prefill_shape_tests {
             assert!(smem > 0 && smem <= 227 * 1024, "{label}: {smem} bytes");
         }
         let smem = |l| super::PrefillSm90::by_label(l).map(super::PrefillSm90::smem);
-        assert_eq!(smem("64"), Some(164_864));
-        assert_eq!(smem("128"), Some(230_400));
+        assert_eq!(smem("ws64"), Some(164_928));
         assert_eq!(smem("ws128"), Some(230_448));
-        assert!(smem("32").is_none());
+        assert!(smem("64").is_none() && smem("128").is_none());
         assert!(super::PrefillSm90::by_label(super::PREFILL_SM90_DEFAULT).is_some());
     }
 }
