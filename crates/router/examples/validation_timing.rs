@@ -1,6 +1,7 @@
 //! How long validating a 1000-token prompt takes on this machine, and its parts: the repo's Mistral
-//! tokenizer in one pass (`encode`, `encode_fast`), in pieces on a pool of 2 threads (`PieceEncoder`), and
-//! `Validation::validate` on a 2-worker runtime (bench/NOTES.md, session 23).
+//! tokenizer in one pass (`encode`, `encode_fast`), word by word in pieces on a pool of 2 threads
+//! (`PieceEncoder`, with and without the model's cache of words), and `Validation::validate` on a 2-worker
+//! runtime (bench/NOTES.md, sessions 23 and 43).
 //!
 //! `cargo run --release -p lorax-router --example validation_timing`
 
@@ -63,6 +64,17 @@ fn main() -> Result<(), Error> {
         PieceEncoder::for_tokenizer(Arc::clone(&tok), 2).ok_or("the tokenizer is not one PieceEncoder takes")?;
     let cut = mean_ms(|| drop(std::hint::black_box(pieces.encode(&text, true))));
     println!("PieceEncoder, 2 threads: {cut:.3} ms");
+    // The same with the BPE model's cache of words off: every word merged anew, as for text of words not seen
+    // before (the filler repeats eleven).
+    let mut uncached = (*tok).clone();
+    if let tokenizers::ModelWrapper::BPE(bpe) = uncached.get_model() {
+        let mut bpe = bpe.clone();
+        bpe.resize_cache(0);
+        uncached.with_model(bpe);
+    }
+    let uncached = PieceEncoder::for_tokenizer(Arc::new(uncached), 2).ok_or("uncached")?;
+    let cold = mean_ms(|| drop(std::hint::black_box(uncached.encode(&text, true))));
+    println!("PieceEncoder, 2 threads, no cache of words: {cold:.3} ms");
 
     let limits = ValidationLimits {
         max_input_length: 1100,

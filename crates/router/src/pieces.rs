@@ -1,40 +1,52 @@
-//! Long prompts tokenized in pieces on a pool of threads, for tokenizers where that gives the ids of one pass.
+//! Prompts tokenized word by word by the tokenizer's own BPE model, long ones in pieces on a pool of threads,
+//! for tokenizers where that gives the ids of the tokenizer's one pass.
 //!
 //! A SentencePiece-style BPE tokenizer with no pre-tokenizer (Llama 2, Mistral 7B v0.1: the normalizer
-//! prepends `▁` and turns each space into `▁`) runs its merges over a whole prompt as one word: about 1 ms
-//! for 1000 tokens on the GPU machine's CPU, all of it on the request's way to its first token. Where no
-//! token of the vocabulary has a `▁` after another character, no merge joins the symbols on the two sides of
-//! a space that follows a character other than a space or a `▁` (after normalizing: a `▁` after another
-//! character). So the text can be cut there and the pieces encoded apart, each piece but the first without
-//! its first space (the `▁` the normalizer prepends to a piece stands for it), then joined and
-//! post-processed (the BOS token): the same ids as one pass.
+//! prepends `▁` and turns each space into `▁`) runs its merges over a whole prompt as one word, and the
+//! tokenizers crate's pipeline around them (added tokens, the normalizer's alignments, tokens and offsets)
+//! adds as much again: about 1 ms for 1000 tokens on the GPU machine's CPU, all of it on the request's way to
+//! its first token. Where no token of the vocabulary has a `▁` after another character, no merge joins the
+//! symbols on the two sides of a `▁` that follows another character. So [`PieceEncoder`] does the pipeline's
+//! steps itself for such tokenizers:
+//! - the added tokens (`<s>`, `</s>`, ...) are found as the tokenizer finds them (leftmost-longest, on the
+//!   raw text; only tokenizers whose added tokens hold no white space and strip nothing are taken);
+//! - each stretch of text between them is normalized as the tokenizer's normalizer does (a `▁` prepended,
+//!   each space turned into `▁`) and cut into words before each `▁` that follows another character;
+//! - each word is merged by the tokenizer's BPE model, which keeps a cache of the words it has merged (per
+//!   thread: a repeated word is a lookup), then the tokenizer's post-processor runs (the BOS token).
 //!
-//! Added tokens (`<s>`, `</s>`, ...) are split out of the text before the normalizer runs, and each text
-//! segment between them gets its own prepended `▁`; so a cut is never placed right after or right before
-//! one, and only tokenizers whose added tokens hold no white space and strip nothing are taken.
+//! The ids and special-tokens mask are those of `tokenizer.encode` (tests: 1200 generated texts). On the
+//! development machine (`cargo run --release -p lorax-router --example validation_timing`) a 1000-token
+//! English-like prompt takes about a tenth of the pipeline's one pass with the words cached, a third without.
 
 use std::sync::Arc;
 
-use tokenizers::{Encoding, ModelWrapper, Tokenizer};
+use aho_corasick::{AhoCorasick, MatchKind};
+use rayon::prelude::*;
+use tokenizers::models::bpe::BPE;
+use tokenizers::{Encoding, Model, ModelWrapper, Tokenizer};
 
-/// Bytes of text a piece is cut at (a 1000-token English-like prompt is about 4 KB: eight pieces).
+/// Bytes of text a piece of work for the pool is (a 1000-token English-like prompt is about 4 KB: eight
+/// pieces); a text of less than two is encoded on the caller's thread.
 const PIECE_BYTES: usize = 512;
 
-/// Cuts long texts into pieces that encode to the same ids as the whole (see the module's documentation),
-/// and encodes them on a pool of its own (so that a long prompt's pieces neither wait for nor hold up other
-/// work on rayon's global pool).
+/// Encodes prompts word by word (see the module's documentation), long ones in pieces on a pool of its own
+/// (so that a long prompt's pieces neither wait for nor hold up other work on rayon's global pool).
 pub struct PieceEncoder {
-    /// The tokenizer `for_tokenizer` checked.
+    /// The tokenizer `for_tokenizer` checked (its post-processor runs on the ids).
     tokenizer: Arc<Tokenizer>,
-    /// The added tokens' texts: no cut right after or right before one.
-    added: Vec<String>,
+    /// Its BPE model (a copy, with a cache of its own).
+    bpe: BPE,
+    /// The added tokens' texts, found leftmost-longest as the tokenizer finds them, and their ids by pattern.
+    added: Option<AhoCorasick>,
+    added_ids: Vec<u32>,
     pool: rayon::ThreadPool,
 }
 
 impl std::fmt::Debug for PieceEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PieceEncoder")
-            .field("added", &self.added)
+            .field("added_ids", &self.added_ids)
             .field("threads", &self.pool.current_num_threads())
             .finish_non_exhaustive()
     }
@@ -46,13 +58,73 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
 }
 
+/// An encoding of `ids` alone (no token strings, offsets or special tokens; one sequence, all attended).
+pub fn encoding_of_ids(ids: Vec<u32>) -> Encoding {
+    let n = ids.len();
+    Encoding::new(
+        ids,
+        vec![0; n],
+        vec![String::new(); n],
+        vec![None; n],
+        vec![(0, 0); n],
+        vec![0; n],
+        vec![1; n],
+        Vec::new(),
+        Default::default(),
+    )
+}
+
+/// A step of a prompt's encoding: an added token's id, or a word of normalized text for the model.
+#[derive(Debug, PartialEq)]
+enum Item<'a> {
+    Added(u32),
+    Word(&'a str),
+}
+
+/// The normalizer's output for a stretch of text: `▁` prepended (to a stretch that is not empty), each space
+/// turned into `▁`.
+fn normalize(text: &str) -> String {
+    let mut s = String::with_capacity(text.len() + 3 * (text.bytes().filter(|&b| b == b' ').count() + 1));
+    if !text.is_empty() {
+        s.push('▁');
+    }
+    for c in text.chars() {
+        s.push(if c == ' ' { '▁' } else { c });
+    }
+    s
+}
+
+/// Normalized text cut into words: before each `▁` that follows another character.
+fn words(normalized: &str) -> impl Iterator<Item = &str> {
+    let mut start = 0;
+    let mut previous: Option<char> = None;
+    let mut cuts = normalized.char_indices().filter_map(move |(i, c)| {
+        let cut = c == '▁' && previous.is_some_and(|p| p != '▁');
+        previous = Some(c);
+        cut.then_some(i)
+    });
+    let mut done = normalized.is_empty();
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let end = cuts.next().unwrap_or_else(|| {
+            done = true;
+            normalized.len()
+        });
+        let word = &normalized[start..end];
+        start = end;
+        Some(word)
+    })
+}
+
 impl PieceEncoder {
     /// `Some` where `tokenizer` is a BPE tokenizer of the kind the module describes: the normalizer exactly
-    /// `Prepend("▁")` then `Replace(" ", "▁")`, no pre-tokenizer, no padding or truncation (each piece is
-    /// post-processed alone), a BPE model without dropout, affixes or whole-word lookups whose vocabulary
-    /// holds `▁` (else unknown characters could fuse across a cut) and has no `▁` after another character,
-    /// and added tokens without white space or `▁` that neither strip nor match whole words nor match
-    /// normalized text. `threads` (at least 2; [`default_threads`] for a server) is the size of its pool.
+    /// `Prepend("▁")` then `Replace(" ", "▁")`, no pre-tokenizer, no padding or truncation, a BPE model
+    /// without dropout, affixes or whole-word lookups whose vocabulary holds `▁` (else unknown characters
+    /// could fuse across a cut) and has no `▁` after another character, and added tokens without white space
+    /// or `▁` that neither strip nor match whole words nor match normalized text, split out of the text even
+    /// when special. `threads` (at least 2; [`default_threads`] for a server) is the size of its pool.
     pub fn for_tokenizer(tokenizer: Arc<Tokenizer>, threads: usize) -> Option<Self> {
         let expected = serde_json::json!({
             "type": "Sequence",
@@ -66,6 +138,7 @@ impl PieceEncoder {
             || tokenizer.get_pre_tokenizer().is_some()
             || tokenizer.get_padding().is_some()
             || tokenizer.get_truncation().is_some()
+            || tokenizer.get_encode_special_tokens()
             || threads < 2
         {
             return None;
@@ -92,8 +165,8 @@ impl PieceEncoder {
         if !vocab.contains_key("▁") || vocab.keys().any(|t| joins_across(t)) {
             return None;
         }
-        let mut added = Vec::new();
-        for token in tokenizer.get_added_tokens_decoder().into_values() {
+        let (mut texts, mut added_ids) = (Vec::new(), Vec::new());
+        for (id, token) in tokenizer.get_added_tokens_decoder() {
             let plain = !token.content.is_empty()
                 && !token.content.chars().any(|c| c.is_whitespace() || c == '▁')
                 && !token.lstrip
@@ -103,63 +176,93 @@ impl PieceEncoder {
             if !plain {
                 return None;
             }
-            added.push(token.content);
+            texts.push(token.content);
+            added_ids.push(id);
         }
+        let added = match texts.is_empty() {
+            true => None,
+            false => Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(&texts)
+                    .ok()?,
+            ),
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("tokenize-{i}"))
             .build()
             .ok()?;
-        Some(Self { tokenizer, added, pool })
+        let bpe = bpe.clone();
+        Some(Self {
+            tokenizer,
+            bpe,
+            added,
+            added_ids,
+            pool,
+        })
     }
 
-    /// The byte offsets where `text` is cut into about `pieces` pieces: spaces after a character other than
-    /// a space or a `▁` (which the normalizer's `▁` would join: the vocabulary has `▁▁`), not the text's
-    /// last character, neither right after nor right before an added token, at or past each
-    /// `len * j / pieces`.
-    fn cuts(&self, text: &str, pieces: usize) -> Vec<usize> {
-        let bytes = text.as_bytes();
-        let mut cuts: Vec<usize> = Vec::with_capacity(pieces.saturating_sub(1));
-        for j in 1..pieces {
-            let from = (bytes.len() * j / pieces).max(cuts.last().map_or(1, |&c| c + 1));
-            // A piece is never empty: the normalizer prepends nothing to an empty text.
-            let found = (from..bytes.len().saturating_sub(1)).find(|&i| {
-                bytes[i] == b' '
-                    && bytes[i - 1] != b' '
-                    && !text[..i].ends_with('▁')
-                    && !self.added.iter().any(|a| text[..i].ends_with(a.as_str()))
-                    && !self.added.iter().any(|a| text[i + 1..].starts_with(a.as_str()))
-            });
-            match found {
-                Some(i) => cuts.push(i),
-                None => break,
-            }
-        }
-        cuts
-    }
-
-    /// The tokenizer's encoding of `text`: a piece of [`PIECE_BYTES`] for each thread of the pool at most,
-    /// encoded on it (a short text in one pass). Its ids and special-tokens mask are those of
-    /// `tokenizer.encode`; nothing else is (no offsets or token strings: callers that need them encode in
-    /// one pass).
+    /// The tokenizer's encoding of `text`: in a piece of [`PIECE_BYTES`] for each thread of the pool at
+    /// most, each encoded on it (a short text on the caller's thread). Its ids and special-tokens mask are
+    /// those of `tokenizer.encode`; nothing else is (no offsets or token strings: callers that need them
+    /// encode with the tokenizer).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> tokenizers::Result<Encoding> {
         let pieces = (text.len() / PIECE_BYTES).min(self.pool.current_num_threads());
         self.encode_pieces(text, add_special_tokens, pieces)
     }
 
-    /// [`PieceEncoder::encode`] in about `pieces` pieces (one pass when none can be cut).
+    /// [`PieceEncoder::encode`] in `pieces` pieces of about as many words each (one on the caller's thread
+    /// for less than two).
     fn encode_pieces(&self, text: &str, add_special_tokens: bool, pieces: usize) -> tokenizers::Result<Encoding> {
-        let cuts = self.cuts(text, pieces);
-        if cuts.is_empty() {
-            return self.tokenizer.encode_fast(text, add_special_tokens);
+        // The added tokens, and the normalized text of each stretch between them.
+        let mut stretches: Vec<Result<u32, String>> = Vec::new();
+        let mut at = 0;
+        for m in self.added.iter().flat_map(|a| a.find_iter(text)) {
+            if m.start() > at {
+                stretches.push(Err(normalize(&text[at..m.start()])));
+            }
+            stretches.push(Ok(self.added_ids[m.pattern().as_usize()]));
+            at = m.end();
         }
-        let starts = std::iter::once(0).chain(cuts.iter().map(|&c| c + 1));
-        let ends = cuts.iter().copied().chain(std::iter::once(text.len()));
-        let parts: Vec<&str> = starts.zip(ends).map(|(a, b)| &text[a..b]).collect();
-        // The tokenizer's own batch encoding (its parallel iterator runs on the installed pool).
-        let encodings = self.pool.install(|| self.tokenizer.encode_batch_fast(parts, false))?;
+        if at < text.len() {
+            stretches.push(Err(normalize(&text[at..])));
+        }
+        let items: Vec<Item<'_>> = stretches
+            .iter()
+            .flat_map(|s| -> Box<dyn Iterator<Item = Item<'_>>> {
+                match s {
+                    Ok(id) => Box::new(std::iter::once(Item::Added(*id))),
+                    Err(normalized) => Box::new(words(normalized).map(Item::Word)),
+                }
+            })
+            .collect();
+        let ids = if pieces < 2 {
+            self.ids(&items)?
+        } else {
+            let chunk = items.len().div_ceil(pieces).max(1);
+            let parts = self.pool.install(|| {
+                items
+                    .par_chunks(chunk)
+                    .map(|c| self.ids(c))
+                    .collect::<Result<Vec<_>, _>>()
+            })?;
+            parts.concat()
+        };
         self.tokenizer
-            .post_process(Encoding::merge(encodings, false), None, add_special_tokens)
+            .post_process(encoding_of_ids(ids), None, add_special_tokens)
+    }
+
+    /// The ids of `items`: an added token's own, a word's from the model.
+    fn ids(&self, items: &[Item<'_>]) -> tokenizers::Result<Vec<u32>> {
+        let mut ids = Vec::with_capacity(items.len() * 2);
+        for item in items {
+            match item {
+                Item::Added(id) => ids.push(*id),
+                Item::Word(w) => ids.extend(self.bpe.tokenize(w)?.into_iter().map(|t| t.id)),
+            }
+        }
+        Ok(ids)
     }
 }
 
@@ -216,43 +319,49 @@ mod tests {
         s
     }
 
+    /// Word by word, in 1 to 16 pieces, with and without special tokens: the ids and special-tokens mask of
+    /// the tokenizer's one pass, for 200 generated texts (twice: the second time the model's cache of words
+    /// answers).
     #[test]
-    fn pieces_give_the_ids_of_one_pass() {
+    fn words_give_the_ids_of_one_pass() {
         let tokenizer = fixture_tokenizer();
         let pe =
             PieceEncoder::for_tokenizer(Arc::clone(&tokenizer), 4).expect("the fixture (Mistral) tokenizer qualifies");
-        let mut cut_texts = 0;
-        for seed in 0..200 {
-            let t = text(seed, 20 + (seed as usize * 7) % 300);
-            for pieces in [2, 3, 5, 8, 16] {
-                for special in [true, false] {
-                    let whole = tokenizer.encode(t.as_str(), special).expect("encode");
-                    let split = pe.encode_pieces(&t, special, pieces).expect("encode in pieces");
-                    assert_eq!(split.get_ids(), whole.get_ids(), "{pieces} pieces of {t:?}");
-                    assert_eq!(
-                        split.get_special_tokens_mask(),
-                        whole.get_special_tokens_mask(),
-                        "{pieces} pieces of {t:?}"
-                    );
+        for round in 0..2 {
+            for seed in 0..200 {
+                let t = text(seed, 20 + (seed as usize * 7) % 300);
+                for pieces in [1, 2, 3, 5, 8, 16] {
+                    for special in [true, false] {
+                        let whole = tokenizer.encode(t.as_str(), special).expect("encode");
+                        let ours = pe.encode_pieces(&t, special, pieces).expect("encode word by word");
+                        assert_eq!(
+                            ours.get_ids(),
+                            whole.get_ids(),
+                            "round {round}, {pieces} pieces of {t:?}"
+                        );
+                        assert_eq!(
+                            ours.get_special_tokens_mask(),
+                            whole.get_special_tokens_mask(),
+                            "round {round}, {pieces} pieces of {t:?}"
+                        );
+                    }
                 }
-                cut_texts += usize::from(!pe.cuts(&t, pieces).is_empty());
             }
         }
-        assert!(cut_texts > 900, "only {cut_texts} of 1000 texts were cut");
+        // The empty text and one of added tokens alone.
+        for t in ["", "<s></s>", " ", "<unk> "] {
+            let whole = tokenizer.encode(t, true).expect("encode");
+            assert_eq!(pe.encode(t, true).expect("encode").get_ids(), whole.get_ids(), "{t:?}");
+        }
     }
 
     #[test]
-    fn no_cut_next_to_an_added_token() {
-        let pe = PieceEncoder::for_tokenizer(fixture_tokenizer(), 2).expect("qualifies");
-        // The only spaces that begin a run are right after or right before `<s>`, or after a `▁`.
-        assert_eq!(pe.cuts("ab<s> cd <s>", 4), Vec::<usize>::new());
-        assert_eq!(pe.cuts("▁▁ ▁x", 2), Vec::<usize>::new());
-        assert_eq!(pe.cuts("ab cd", 2), vec![2]);
-        assert_eq!(
-            pe.cuts("ab   cd ef", 2),
-            vec![7],
-            "a run's first space, at or past the middle"
-        );
+    fn words_are_cut_before_a_space_after_another_character() {
+        let cut = |t: &str| words(&normalize(t)).map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(cut("ab cd"), ["▁ab", "▁cd"]);
+        assert_eq!(cut("ab   cd "), ["▁ab", "▁▁▁cd", "▁"]);
+        assert_eq!(cut(" x▁y\n z"), ["▁▁x", "▁y\n", "▁z"]);
+        assert_eq!(cut(""), Vec::<&str>::new());
     }
 
     #[test]

@@ -431,7 +431,8 @@ pub struct Validation {
     tokenizer: Arc<Tokenizer>,
     /// Ids to text (the OpenAI routes' prompt tokens) and the tokens' raw bytes (OpenAI chat logprobs).
     decoder: crate::detokenize::TokenDecoder,
-    /// Long prompts in pieces on a pool of its own, where the tokenizer allows it (crate::pieces).
+    /// Prompts word by word, long ones in pieces on a pool of its own, where the tokenizer allows it
+    /// (crate::pieces).
     pieces: Option<Arc<PieceEncoder>>,
     workers: Arc<Semaphore>,
     /// The lane of inputs longer than [`Validation::long_input_bytes`]: one permit.
@@ -483,9 +484,9 @@ impl Validation {
         Ok(encoding)
     }
 
-    /// [`Validation::tokenize`]; `prompt`: only the ids and special tokens are needed, so a long text may be
-    /// encoded in pieces on a thread pool where the tokenizer allows it (crate::pieces), its offsets then
-    /// not those of one pass.
+    /// [`Validation::tokenize`]; `prompt`: only the ids and special tokens are needed, so the text may be
+    /// encoded word by word (a long one in pieces on a thread pool) where the tokenizer allows it
+    /// (crate::pieces), its offsets then not those of one pass.
     async fn encode(
         &self,
         inputs: String,
@@ -579,20 +580,7 @@ impl Validation {
             None if request.inputs.is_empty() => return Err(ValidationError::EmptyInput),
             None => self.encode(request.inputs.clone(), add_special_tokens, true).await?,
             Some(ids) if ids.is_empty() => return Err(ValidationError::EmptyInput),
-            Some(ids) => {
-                let n = ids.len();
-                Encoding::new(
-                    ids,
-                    vec![0; n],
-                    vec![String::new(); n],
-                    vec![None; n],
-                    vec![(0, 0); n],
-                    vec![0; n],
-                    vec![1; n],
-                    Vec::new(),
-                    Default::default(),
-                )
-            }
+            Some(ids) => pieces::encoding_of_ids(ids),
         };
         // Truncation (`truncate`), the length limits and the vocabulary.
         let (input_ids, max_new_tokens) = check_lengths(encoding, &checked, &self.limits)?;
@@ -1013,12 +1001,12 @@ mod tests {
         assert_eq!(e, ValidationError::EmptyInput);
     }
 
-    /// A long prompt (encoded in pieces where the pool has two threads or more) has the ids of one pass,
+    /// A long prompt (encoded word by word, in pieces on the pool) has the ids of one pass,
     /// truncated too; `tokenize` (offsets for /tokenize) stays one pass.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn long_prompts_have_the_ids_of_one_pass() {
         let v = validation(8000, 8100);
-        assert!(v.pieces.is_some(), "the fixture tokenizer is encoded in pieces");
+        assert!(v.pieces.is_some(), "the fixture tokenizer is encoded word by word");
         let long: String = (0..1500)
             .map(|i| ["ka", "lorem </s>", "ipsum,", "sol\n", "  mar"][i % 5])
             .collect::<Vec<_>>()
