@@ -1,7 +1,10 @@
 //! How long validating a 1000-token prompt takes on this machine, and its parts: the repo's Mistral
 //! tokenizer in one pass (`encode`, `encode_fast`), word by word in pieces on a pool of 2 threads
 //! (`PieceEncoder`, with and without the model's cache of words), and `Validation::validate` on a 2-worker
-//! runtime (bench/NOTES.md, sessions 23 and 43).
+//! runtime (bench/NOTES.md, sessions 23 and 43). The prompts are lorax-bench's kind of filler (pseudo-words
+//! of one to three syllables, about 14,000 of them), a different one each run, as a server sees them: the
+//! cache of words warms over the runs (a first round of the same prompts, untimed, warms it as a server's
+//! earlier traffic would; the cold figure is the uncached one).
 //!
 //! `cargo run --release -p lorax-router --example validation_timing`
 
@@ -13,18 +16,47 @@ use lorax_router::pieces::PieceEncoder;
 use lorax_router::schema::GenerateRequest;
 use lorax_router::validation::{Validation, ValidationLimits};
 
-const REPS: u32 = 300;
-
-/// Mean milliseconds of `f` over [`REPS`] runs.
-fn mean_ms(mut f: impl FnMut()) -> f64 {
-    let t = Instant::now();
-    for _ in 0..REPS {
-        f();
-    }
-    t.elapsed().as_secs_f64() * 1e3 / f64::from(REPS)
-}
+/// Prompts, each timed once a method.
+const PROMPTS: usize = 300;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Mean milliseconds of `f` over the prompts.
+fn mean_ms(prompts: &[String], mut f: impl FnMut(&str)) -> f64 {
+    let t = Instant::now();
+    for p in prompts {
+        f(p);
+    }
+    t.elapsed().as_secs_f64() * 1e3 / prompts.len() as f64
+}
+
+/// lorax-bench's filler (crates/bench/src/run.rs): pseudo-words of 1-3 syllables, a comma after one in nine, a
+/// newline before one in twelve; about 420 words make 1000 tokens.
+fn filler(words: usize, state: &mut u64) -> String {
+    const SYLLABLES: [&str; 24] = [
+        "ka", "lo", "ren", "ti", "sol", "mar", "en", "vi", "do", "ra", "qui", "ne", "tor", "la", "mi", "sen", "pa",
+        "ro", "ve", "lin", "cor", "da", "ul", "fe",
+    ];
+    let mut below = |n: usize| {
+        *state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (*state >> 33) as usize % n
+    };
+    let mut s = String::new();
+    for w in 0..words {
+        if w > 0 {
+            s.push(if below(12) == 0 { '\n' } else { ' ' });
+        }
+        for _ in 0..1 + below(3) {
+            s.push_str(SYLLABLES[below(SYLLABLES.len())]);
+        }
+        if below(9) == 0 {
+            s.push(',');
+        }
+    }
+    s
+}
 
 fn main() -> Result<(), Error> {
     let path = concat!(
@@ -32,40 +64,29 @@ fn main() -> Result<(), Error> {
         "/../../tests/fixtures/tokenizer/tokenizer.json"
     );
     let tok = Arc::new(tokenizers::Tokenizer::from_file(path)?);
-    // English-like filler of at least 1000 tokens (lorax-bench's prompts are of this kind).
-    let words = [
-        "the",
-        "model",
-        "serves",
-        "adapters,",
-        "quickly",
-        "and",
-        "batches",
-        "requests",
-        "of",
-        "many",
-        "kinds.",
-    ];
-    let (mut text, mut state) = (String::new(), 1_u64);
-    while tok.encode(text.as_str(), true)?.len() < 1000 {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        text.push_str(words[usize::try_from(state >> 33)? % words.len()]);
-        text.push(' ');
-    }
-    let tokens = tok.encode(text.as_str(), true)?.len();
-    println!("prompt: {} bytes, {tokens} tokens; means of {REPS} runs", text.len());
-    let one = mean_ms(|| drop(std::hint::black_box(tok.encode(text.as_str(), true))));
+    let mut state = 1_u64;
+    let prompts: Vec<String> = (0..PROMPTS).map(|_| filler(440, &mut state)).collect();
+    let tokens: usize = prompts
+        .iter()
+        .map(|p| tok.encode(p.as_str(), true).map_or(0, |e| e.len()))
+        .sum();
+    let bytes: usize = prompts.iter().map(String::len).sum();
+    println!(
+        "{PROMPTS} prompts of {} bytes and {} tokens on average, each timed once a method",
+        bytes / PROMPTS,
+        tokens / PROMPTS
+    );
+    let one = mean_ms(&prompts, |p| drop(std::hint::black_box(tok.encode(p, true))));
     println!("encode, one pass: {one:.3} ms");
-    let fast = mean_ms(|| drop(std::hint::black_box(tok.encode_fast(text.as_str(), true))));
+    let fast = mean_ms(&prompts, |p| drop(std::hint::black_box(tok.encode_fast(p, true))));
     println!("encode_fast, one pass: {fast:.3} ms");
     let pieces =
         PieceEncoder::for_tokenizer(Arc::clone(&tok), 2).ok_or("the tokenizer is not one PieceEncoder takes")?;
-    let cut = mean_ms(|| drop(std::hint::black_box(pieces.encode(&text, true))));
-    println!("PieceEncoder, 2 threads: {cut:.3} ms");
-    // The same with the BPE model's cache of words off: every word merged anew, as for text of words not seen
-    // before (the filler repeats eleven).
+    let first = mean_ms(&prompts, |p| drop(std::hint::black_box(pieces.encode(p, true))));
+    println!("PieceEncoder, 2 threads, first round (the cache of words filling): {first:.3} ms");
+    let warm = mean_ms(&prompts, |p| drop(std::hint::black_box(pieces.encode(p, true))));
+    println!("PieceEncoder, 2 threads, second round: {warm:.3} ms");
+    // The same with the BPE model's cache of words off: every word merged anew.
     let mut uncached = (*tok).clone();
     if let tokenizers::ModelWrapper::BPE(bpe) = uncached.get_model() {
         let mut bpe = bpe.clone();
@@ -73,7 +94,7 @@ fn main() -> Result<(), Error> {
         uncached.with_model(bpe);
     }
     let uncached = PieceEncoder::for_tokenizer(Arc::new(uncached), 2).ok_or("uncached")?;
-    let cold = mean_ms(|| drop(std::hint::black_box(uncached.encode(&text, true))));
+    let cold = mean_ms(&prompts, |p| drop(std::hint::black_box(uncached.encode(p, true))));
     println!("PieceEncoder, 2 threads, no cache of words: {cold:.3} ms");
 
     let limits = ValidationLimits {
@@ -87,27 +108,27 @@ fn main() -> Result<(), Error> {
         base_model_id: "base".into(),
     };
     let validation = Validation::new(Arc::clone(&tok), 2, limits);
-    let request: GenerateRequest =
-        serde_json::from_value(serde_json::json!({"inputs": text, "parameters": {"max_new_tokens": 1}}))?;
+    let requests = prompts
+        .iter()
+        .map(|p| serde_json::from_value(serde_json::json!({"inputs": p, "parameters": {"max_new_tokens": 1}})))
+        .collect::<Result<Vec<GenerateRequest>, _>>()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        for _ in 0..20 {
-            validation.validate(request.clone(), false).await?;
+        for round in ["first round", "second round"] {
+            let mut total = 0.0;
+            for r in &requests {
+                let t = Instant::now();
+                std::hint::black_box(validation.validate(r.clone(), false).await?);
+                total += t.elapsed().as_secs_f64();
+            }
+            println!(
+                "Validation::validate, 2 workers, {round}: {:.3} ms",
+                total * 1e3 / requests.len() as f64
+            );
         }
-        let mut total = 0.0;
-        for _ in 0..REPS {
-            let r = request.clone();
-            let t = Instant::now();
-            std::hint::black_box(validation.validate(r, false).await?);
-            total += t.elapsed().as_secs_f64();
-        }
-        println!(
-            "Validation::validate, 2 workers: {:.3} ms",
-            total * 1e3 / f64::from(REPS)
-        );
         Ok::<_, Error>(())
     })
 }

@@ -286,7 +286,16 @@ impl CudaBackend {
         // The prefill kernel (name, query rows a tile, threads, dynamic shared memory): the Hopper one at head
         // size 128 when it is on, else the tensor-core kernel's shape.
         let tc_kernel = (self.tc_prefill && self.dtype != DType::F32 && (hd == 64 || hd == 128)).then(|| {
-            if let (128, Some(form)) = (hd, self.prefill_sm90) {
+            if let (128, Some(choice)) = (hd, self.prefill_sm90) {
+                // By the launch's longest prompt, keys cached before it included.
+                let keys = meta
+                    .seqs
+                    .iter()
+                    .filter(|s| s.q_len >= TC_PREFILL_MIN_ROWS)
+                    .map(|s| s.ctx_before + s.q_len)
+                    .max()
+                    .unwrap_or(0);
+                let form = choice.form(keys);
                 (
                     form.kernel.to_string(),
                     super::PREFILL_SM90_ROWS,

@@ -496,8 +496,42 @@ const PREFILL_SM90_KERNELS: [&str; 2] = [PREFILL_SM90_FORMS[0].kernel, PREFILL_S
 /// The labels of [`PREFILL_SM90_FORMS`], for tests and benchmarks.
 pub const PREFILL_SM90_LABELS: [&str; 2] = [PREFILL_SM90_FORMS[0].label, PREFILL_SM90_FORMS[1].label];
 pub(crate) const PREFILL_SM90_ROWS: usize = 128;
-/// The form on by default on compute capability 9.0 with 16-bit storage.
-pub const PREFILL_SM90_DEFAULT: &str = "ws64";
+/// The choice on by default on compute capability 9.0 with 16-bit storage: `ws64`, and `ws128` for launches whose
+/// longest prompt reaches [`PREFILL_SM90_LONG_KEYS`] keys.
+pub const PREFILL_SM90_DEFAULT: &str = "auto";
+/// Keys (cached and new) of a launch's longest prompt from which `auto` runs `ws128`. Session 43 call 2 (an H100,
+/// one prompt, µs ws64 / ws128): 1000 tokens 40 / 45, 4096 432 / 435, 8192 1606 / 1583, 16384 6360 / 5612.
+pub(crate) const PREFILL_SM90_LONG_KEYS: usize = 8192;
+
+/// The Hopper prefill attention's form for a launch: one form, or (`auto`) one below [`PREFILL_SM90_LONG_KEYS`]
+/// and another from there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PrefillSm90Choice {
+    short: PrefillSm90,
+    long: PrefillSm90,
+}
+
+impl PrefillSm90Choice {
+    /// The choice labelled `label`: a form's label ([`PREFILL_SM90_LABELS`]), or `auto`.
+    pub fn by_label(label: &str) -> Option<Self> {
+        match label {
+            "auto" => Some(Self {
+                short: PrefillSm90::by_label("ws64")?,
+                long: PrefillSm90::by_label("ws128")?,
+            }),
+            _ => PrefillSm90::by_label(label).map(|f| Self { short: f, long: f }),
+        }
+    }
+
+    /// The form for a launch whose longest prompt attends `keys` keys.
+    pub fn form(self, keys: usize) -> PrefillSm90 {
+        if keys >= PREFILL_SM90_LONG_KEYS {
+            self.long
+        } else {
+            self.short
+        }
+    }
+}
 
 /// Device memory: an allocation of its own, or a range of one shared with others (an adapter's weights
 /// live in one allocation; a captured decode step's tensors live in the graph arena).
@@ -677,10 +711,11 @@ pub struct CudaBackend {
     /// Whether the device gives the prefill shapes past 48 KiB of shared memory (the 64-key and two-row-group
     /// ones) theirs (else [`PrefillShape::narrow`] picks a 32-key shape of 16 rows a warp).
     prefill_wide: bool,
-    /// The form of the Hopper prefill attention (kernels/prefill_sm90.cu) that runs in place of the tensor-core
-    /// prefill kernel's shapes at head size 128 ([`PREFILL_SM90_DEFAULT`] on compute capability 9.0 with 16-bit
-    /// storage), or `None`: off, or not built (`LORAX_CUDA_PREFILL_SM90`, [`CudaBackend::set_prefill_sm90`]).
-    prefill_sm90: Option<PrefillSm90>,
+    /// The form of the Hopper prefill attention (kernels/prefill_sm90.cu), or its choice by a launch's longest
+    /// prompt, that runs in place of the tensor-core prefill kernel's shapes at head size 128
+    /// ([`PREFILL_SM90_DEFAULT`] on compute capability 9.0 with 16-bit storage), or `None`: off, or not built
+    /// (`LORAX_CUDA_PREFILL_SM90`, [`CudaBackend::set_prefill_sm90`]).
+    prefill_sm90: Option<PrefillSm90Choice>,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
     attn_max_heads: usize,
@@ -1410,8 +1445,9 @@ impl CudaBackend {
             backend.set_skinny_gemm(true);
         }
         match std::env::var("LORAX_CUDA_PREFILL_SM90").as_deref() {
-            // The default: the warp-specialized 64-key form on Hopper with 16-bit storage (session 42: 35 us
-            // against the tensor-core kernel's 50 at 1000 tokens on an H100, 86 against 112 at 8 x 512).
+            // The default on Hopper with 16-bit storage: ws64, ws128 for prompts of 8192 keys or more (session 42:
+            // ws64 35 us against the tensor-core kernel's 50 at 1000 tokens on an H100, 86 against 112 at 8 x
+            // 512; session 43: ws128 12% faster than ws64 at 16384).
             Err(_) => {
                 if backend.compute_capability == (9, 0) && backend.dtype != DType::F32 {
                     _ = backend.set_prefill_sm90(Some(PREFILL_SM90_DEFAULT));
@@ -1419,10 +1455,10 @@ impl CudaBackend {
             }
             Ok("0") => {}
             Ok("1") => _ = backend.set_prefill_sm90(Some(PREFILL_SM90_DEFAULT)),
-            Ok(v) if PrefillSm90::by_label(v).is_some() => _ = backend.set_prefill_sm90(Some(v)),
+            Ok(v) if PrefillSm90Choice::by_label(v).is_some() => _ = backend.set_prefill_sm90(Some(v)),
             Ok(v) => {
                 return Err(EngineError::Backend(format!(
-                    "LORAX_CUDA_PREFILL_SM90={v:?}: expected 0, 1 (the default, {PREFILL_SM90_DEFAULT}) or one of {PREFILL_SM90_LABELS:?}"
+                    "LORAX_CUDA_PREFILL_SM90={v:?}: expected 0, 1 or {PREFILL_SM90_DEFAULT} (the default), or one of {PREFILL_SM90_LABELS:?}"
                 )))
             }
         }
@@ -1459,13 +1495,15 @@ impl CudaBackend {
     }
 
     /// Prefill sequences of head size 128 on the Hopper kernel (kernels/prefill_sm90.cu: warpgroup MMA) in the
-    /// form labelled `form` ([`PREFILL_SM90_LABELS`]: "ws64" and "ws128", 64 and 128 keys a step) in place of the tensor-core prefill kernel's shapes, or (`None`) not
+    /// form labelled `form` ([`PREFILL_SM90_LABELS`]: "ws64" and "ws128", 64 and 128 keys a step; "auto" picks
+    /// one a launch by its longest prompt, [`PREFILL_SM90_LONG_KEYS`]) in place of the tensor-core prefill
+    /// kernel's shapes, or (`None`) not
     /// (`LORAX_CUDA_PREFILL_SM90`; by default [`PREFILL_SM90_DEFAULT`] on compute capability 9.0 with 16-bit
     /// storage, where it builds). Turning it on builds it the first time. Returns whether it is on: false
     /// where it cannot be built (not compute capability 9.0, f32 storage, or a build failure, logged) or `form`
     /// names none.
     pub fn set_prefill_sm90(&mut self, form: Option<&str>) -> bool {
-        self.prefill_sm90 = form.and_then(PrefillSm90::by_label);
+        self.prefill_sm90 = form.and_then(PrefillSm90Choice::by_label);
         if self.prefill_sm90.is_some() && !self.funcs.contains_key(PREFILL_SM90_KERNELS[0]) {
             let built = self.hopper_module("prefill_sm90", |i| PREFILL_SM90_FORMS[i].smem());
             if let Err(e) = built {
@@ -2899,6 +2937,20 @@ mod prefill_shape_tests {
         assert_eq!(smem("ws64"), Some(164_928));
         assert_eq!(smem("ws128"), Some(230_448));
         assert!(smem("64").is_none() && smem("128").is_none());
-        assert!(super::PrefillSm90::by_label(super::PREFILL_SM90_DEFAULT).is_some());
+        // The default picks by the launch's longest prompt; a form's label keeps that form.
+        let choice = |l| super::PrefillSm90Choice::by_label(l).expect("a choice");
+        let label = |l, keys| choice(l).form(keys).label;
+        assert_eq!(label(super::PREFILL_SM90_DEFAULT, 1000), "ws64");
+        assert_eq!(
+            label(super::PREFILL_SM90_DEFAULT, super::PREFILL_SM90_LONG_KEYS - 1),
+            "ws64"
+        );
+        assert_eq!(
+            label(super::PREFILL_SM90_DEFAULT, super::PREFILL_SM90_LONG_KEYS),
+            "ws128"
+        );
+        assert_eq!(label("ws64", 16384), "ws64");
+        assert_eq!(label("ws128", 1000), "ws128");
+        assert!(super::PrefillSm90Choice::by_label("64").is_none());
     }
 }
