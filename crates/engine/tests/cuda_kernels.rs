@@ -595,6 +595,17 @@ fn attention_matches_cpu() {
                             seqs: vec![(1000, 0)],
                             q_range: 2.0,
                         },
+                        // Past the 8192 keys from which the default (`auto`) runs ws128: a long prompt's last
+                        // chunk after its cached first part.
+                        AttnCase {
+                            heads: 2,
+                            kv_heads: 1,
+                            hd: 128,
+                            bs: 16,
+                            window: None,
+                            seqs: vec![(200, 8100), (30, 9000)],
+                            q_range: 2.0,
+                        },
                     ];
                     for c in cases
                         .iter()
