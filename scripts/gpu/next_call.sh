@@ -30,6 +30,8 @@
 #   bash scripts/gpu/next_call.sh sm90     # ~300 s: kernels/prefill_sm90.cu's forms (sessions 41-43) against the
 #                                          # CPU, timed, p1000 steps with each that passed and off
 #   FORM=ws64 bash scripts/gpu/next_call.sh sm90-bench  # ~400 s: bench.sh with that Hopper prefill form on
+#   bash scripts/gpu/next_call.sh long     # ~250 s: 32-layer p8192 and p16384 steps with the default (auto: ws128
+#                                          # from 8192 keys) and with ws64, two rounds (session 43)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (session 43: ws64 on by default)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -85,7 +87,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -316,6 +318,17 @@ sm90)
         print b}' f="$forms" "$R/prefill.txt")
     echo "prefill_benchmarks at 1000 tokens: the fastest Hopper form that passed: $best (0: none faster)" | tee -a "$R/laps.txt"
     ;;
+long)
+    # Session 43: what the default's choice by length (auto: ws128 from 8192 keys of the longest prompt) does to
+    # a long prompt's whole step, against ws64 throughout (call 2: ws128 12% faster alone at 16384 tokens).
+    for round in 1 2; do
+        for x in p8192 p16384; do
+            profile_step "$x" "auto-$round"
+            profile_step "$x" "ws64-$round" LORAX_CUDA_PREFILL_SM90=ws64
+        done
+    done
+    lap steps
+    ;;
 golden-bench)
     # Session 43: the first call with ws64 the default (48d9fe8): what the server computes, checked against
     # transformers + peft (golden, graphs, e2e), then the whole bench; no disk read figures, to fit 600 s.
@@ -350,7 +363,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench or golden-bench)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench or long)" >&2
     exit 2
     ;;
 esac

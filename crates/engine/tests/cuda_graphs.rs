@@ -25,12 +25,14 @@ const CACHE: CacheConfig = CacheConfig {
     block_size: 16,
 };
 
+/// A Llama-architecture config.json; 32768 positions (Mistral 7B's), so that the profiler's long prompts (`p16384`)
+/// fit.
 fn write_config(dir: &Path, hidden: usize, ffn: usize, layers: usize, heads: usize, kv_heads: usize, vocab: usize) {
     let cfg = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
-        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
     });
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
