@@ -284,7 +284,8 @@ __device__ __forceinline__ void prefill_sm90(PREFILL_PARAMS) {
     }
 }
 
-// 64 keys a step in four stages (`ws64`, the default on Hopper) and 128 in three (`ws128`).
+// 64 keys a step in four stages (`ws64`) and 128 in three (`ws128`); by default the host picks ws128 for launches
+// whose longest prompt reaches 8192 keys (PREFILL_SM90_LONG_KEYS), ws64 below.
 extern "C" __global__ void __launch_bounds__(PH_THREADS, 1) prefill_attention_128_sm90_ws(PREFILL_PARAMS) {
     pdl_enter();
     prefill_sm90<64, 4>(PREFILL_ARGS);

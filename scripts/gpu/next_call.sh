@@ -33,7 +33,7 @@
 #   bash scripts/gpu/next_call.sh long     # ~250 s: 32-layer p8192 and p16384 steps with the default (auto: ws128
 #                                          # from 8192 keys) and with ws64, two rounds (session 43)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
-#                                               # bench.sh, with the defaults (session 43: ws64 on by default)
+#                                               # bench.sh, with the defaults (`round` without golden)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
 #   forms; the code and the round are at 9ee9c5d: `git show 9ee9c5d:scripts/gpu/next_call.sh`).
 #   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
@@ -130,15 +130,17 @@ profile)
     done
     lap steps
     ;;
-round)
-    # One call for a session with little device time left (session 28): graphs and e2e (golden skipped),
-    # then the whole bench. (Session 28's call 2 also timed the o LoRA expand inside the norm, since
-    # removed: `git show e20fd8e:scripts/gpu/next_call.sh`.)
-    RUN_SKIP="nvrtc kernels golden adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
-        >"$R/run.txt" 2>&1
+round | golden-bench)
+    # One call for a session with little device time left (session 28): graphs and e2e, then the whole bench;
+    # `golden-bench` (session 43, the first call with the Hopper prefill attention the default) runs golden's
+    # checks against transformers + peft too. No disk read figures, to fit 600 s. (Session 28's call 2 also
+    # timed the o LoRA expand inside the norm, since removed: `git show e20fd8e:scripts/gpu/next_call.sh`.)
+    skip="nvrtc kernels adapters sampling bench chunked"
+    [ "$part" = round ] && skip="$skip golden"
+    RUN_SKIP="$skip" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" >"$R/run.txt" 2>&1
     echo "rc $?" >>"$R/run.txt"
     lap run
-    BENCH_TIMEOUT=330 BENCH_PEFT_BUDGET=120 timeout 340 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
+    BENCH_TIMEOUT=380 BENCH_PEFT_BUDGET=130 timeout 390 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
     echo "rc $?" >>"$R/bench.txt"
     lap bench
     ;;
@@ -328,17 +330,6 @@ long)
         done
     done
     lap steps
-    ;;
-golden-bench)
-    # Session 43: the first call with ws64 the default (48d9fe8): what the server computes, checked against
-    # transformers + peft (golden, graphs, e2e), then the whole bench; no disk read figures, to fit 600 s.
-    RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
-        >"$R/run.txt" 2>&1
-    echo "rc $?" >>"$R/run.txt"
-    lap run
-    BENCH_TIMEOUT=380 BENCH_PEFT_BUDGET=130 timeout 390 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
-    echo "rc $?" >>"$R/bench.txt"
-    lap bench
     ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the

@@ -3,8 +3,8 @@
 //! (`PieceEncoder`, with and without the model's cache of words), and `Validation::validate` on a 2-worker
 //! runtime (bench/NOTES.md, sessions 23 and 43). The prompts are lorax-bench's kind of filler (pseudo-words
 //! of one to three syllables, about 14,000 of them), a different one each run, as a server sees them: the
-//! cache of words warms over the runs (a first round of the same prompts, untimed, warms it as a server's
-//! earlier traffic would; the cold figure is the uncached one).
+//! model's cache of words fills over a first round of the prompts and answers more in a second (both timed;
+//! the figure with no cache at all is the uncached one).
 //!
 //! `cargo run --release -p lorax-router --example validation_timing`
 

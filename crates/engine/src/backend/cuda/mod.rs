@@ -516,8 +516,8 @@ impl PrefillSm90Choice {
     pub fn by_label(label: &str) -> Option<Self> {
         match label {
             "auto" => Some(Self {
-                short: PrefillSm90::by_label("ws64")?,
-                long: PrefillSm90::by_label("ws128")?,
+                short: PREFILL_SM90_FORMS[0],
+                long: PREFILL_SM90_FORMS[1],
             }),
             _ => PrefillSm90::by_label(label).map(|f| Self { short: f, long: f }),
         }
