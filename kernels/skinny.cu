@@ -37,23 +37,6 @@
 #define SK_CONSUMERS 256
 #define SK_THREADS (SK_CONSUMERS + 32)
 
-// A TMA tensor map (CUtensorMap), passed by value as a __grid_constant__ kernel parameter.
-struct __align__(64) TmaMap {
-    u64 v[16];
-};
-
-// TMA copies (wgmma.cuh has the mbarriers).
-// The box of `map` at (c0 along k, c1 along rows) into shared memory at dst; its bytes complete on bar.
-__device__ __forceinline__ void tma_load(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
-        "l"(map), "r"(c0), "r"(c1), "r"(bar)
-        : "memory");
-}
-__device__ __forceinline__ void tma_prefetch_l2(const TmaMap* map, int c0, int c1) {
-    asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(map), "r"(c0), "r"(c1) : "memory");
-}
-
 // Adds v to a split tile's counter (acquire-release at GPU scope: after the consumers' named barrier it publishes
 // the block's partial sums, and the last adder sees everyone's) and returns the old value.
 __device__ __forceinline__ u32 sk_arrive(u32* p, u32 v) {

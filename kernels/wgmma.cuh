@@ -1,7 +1,7 @@
-// Hopper's warpgroup MMA (wgmma) helpers shared by the sm_90a modules (kernels/skinny.cu, kernels/prefill_sm90.cu),
-// prepended to each after kernels/common.cuh (compile.rs HOPPER_SOURCES): the MMA's type name for the storage type,
-// shared-memory addresses, mbarriers, the K-major descriptor of the 128-byte swizzle, the fence, commit and wait, and the
-// m64nNk16 products with both operands in shared memory.
+// Hopper's warpgroup MMA (wgmma) helpers shared by the sm_90a modules (kernels/skinny.cu, kernels/prefill_sm90.cu,
+// kernels/gemm_sm90.cu), prepended to each after kernels/common.cuh (compile.rs HOPPER_SOURCES): the MMA's type name
+// for the storage type, shared-memory addresses, mbarriers, the K-major descriptor of the 128-byte swizzle, the fence,
+// commit and wait, the m64nNk16 products with both operands in shared memory, and TMA tensor maps and copies.
 
 #if defined(LORAX_DTYPE_BF16)
 #define SK_TYPE "bf16"
@@ -218,3 +218,20 @@ __device__ __forceinline__ void wgmma_rs_n128_tb(float* d, const u32* a, u64 db)
 // CUTLASS's warpgroup_fence_operand.
 __device__ __forceinline__ void wgmma_fence_operand(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 __device__ __forceinline__ void wgmma_fence_operand(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+// A TMA tensor map (CUtensorMap), passed by value as a __grid_constant__ kernel parameter.
+struct __align__(64) TmaMap {
+    u64 v[16];
+};
+
+// TMA copies.
+// The box of `map` at (c0 along k, c1 along rows) into shared memory at dst; its bytes complete on bar.
+__device__ __forceinline__ void tma_load(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_l2(const TmaMap* map, int c0, int c1) {
+    asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(map), "r"(c0), "r"(c1) : "memory");
+}

@@ -32,6 +32,9 @@
 #   FORM=ws64 bash scripts/gpu/next_call.sh sm90-bench  # ~400 s: bench.sh with that Hopper prefill form on
 #   bash scripts/gpu/next_call.sh long     # ~250 s: 32-layer p8192 and p16384 steps with the default (auto: ws128
 #                                          # from 8192 keys) and with ws64, two rounds (session 43)
+#   bash scripts/gpu/next_call.sh gemm     # ~400 s: the Hopper prompt GEMM (kernels/gemm_sm90.cu, session 44) against
+#                                          # the CPU and cuBLAS, timed against cuBLAS, golden with it on for every
+#                                          # product, 32-layer p1000 and m64x8 steps off / silu / all, two rounds
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -87,7 +90,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -331,6 +334,32 @@ long)
     done
     lap steps
     ;;
+gemm)
+    # Session 44: the Hopper prompt GEMM. Its tests (plain product against the CPU and cuBLAS, the silu-mul
+    # epilogue against cuBLAS + silu_mul), its times against cuBLAS per shape and row count, golden against
+    # transformers + peft with it running every product of any size (LORAX_CUDA_GEMM_SM90_ROWS=1: decode steps
+    # and graphs too), then 32-layer eager steps of a 1000-token prompt and of the peft workload's mixed step
+    # with it off, on the gate/up product only (silu) and on every linear (all), two rounds in opposite orders.
+    timeout 150 "$bin/cuda_kernels" --exact gemm_sm90_matches_cpu_and_cublas --nocapture >"$R/kernels.txt" 2>&1
+    echo "rc $?" >>"$R/kernels.txt"
+    lap kernels
+    timeout 200 "$bin/cuda_bench" --ignored --exact gemm_sm90_benchmarks --nocapture >"$R/gemm.txt" 2>&1
+    echo "rc $?" >>"$R/gemm.txt"
+    lap bench
+    if grep -q "test result: ok. 1 passed" "$R/kernels.txt"; then
+        LORAX_CUDA_GEMM_SM90=all LORAX_CUDA_GEMM_SM90_ROWS=1 timeout 150 "$bin/cuda_golden" --test-threads=2 \
+            >"$R/golden-all.txt" 2>&1
+        echo "rc $?" >>"$R/golden-all.txt"
+        lap golden
+        for v in 0 silu all; do
+            for x in p1000 m64x8; do profile_step "$x" "gemm=$v round 1" LORAX_CUDA_GEMM_SM90=$v; done
+        done
+        for v in all silu 0; do
+            for x in p1000 m64x8; do profile_step "$x" "gemm=$v round 2" LORAX_CUDA_GEMM_SM90=$v; done
+        done
+        lap steps
+    fi
+    ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
     # launcher to the shard).
@@ -354,7 +383,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench or long)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long or gemm)" >&2
     exit 2
     ;;
 esac

@@ -472,13 +472,32 @@ impl<B: Backend> Model<B> {
             let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
             backend.all_reduce_sum(&mut attn_out, comm)?;
             let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
-            let gate_up = project(
-                &layer.gate_up,
-                &h2,
-                i,
-                &[(Target::Gate, 0), (Target::Up, self.local_ffn)],
-            )?;
-            let act = backend.silu_mul(&gate_up)?;
+            // The gate/up product and silu-mul in one where the backend has it and no LoRA term or bias comes
+            // between them.
+            let plain_mlp = layer.gate_up.b.is_none()
+                && !input.segments.iter().any(|s| {
+                    adapters[s.adapter]
+                        .layers
+                        .get(i)
+                        .is_some_and(|l| l[Target::Gate.index()].is_some() || l[Target::Up.index()].is_some())
+                });
+            let fused = if plain_mlp {
+                backend.linear_silu_mul(&h2, &layer.gate_up.w, self.local_ffn)?
+            } else {
+                None
+            };
+            let act = match fused {
+                Some(act) => act,
+                None => {
+                    let gate_up = project(
+                        &layer.gate_up,
+                        &h2,
+                        i,
+                        &[(Target::Gate, 0), (Target::Up, self.local_ffn)],
+                    )?;
+                    backend.silu_mul(&gate_up)?
+                }
+            };
             let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)])?;
             backend.all_reduce_sum(&mut down, comm)?;
             pending = Some(down);

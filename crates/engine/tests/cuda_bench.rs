@@ -11,7 +11,7 @@
 mod cuda_common;
 
 use cuda_common::{backend, bench, event, graph_ms, median, say, Rng};
-use lorax_engine::backend::cuda::{AttnKernel, PrefillShape, PREFILL_SM90_LABELS};
+use lorax_engine::backend::cuda::{AttnKernel, GemmSm90, PrefillShape, PREFILL_SM90_LABELS};
 use lorax_engine::backend::{AttnMeta, AttnSeq, LoraSegment};
 use lorax_engine::weights::DType;
 use lorax_engine::{Backend, CudaBackend, CudaTensor, Result};
@@ -366,6 +366,73 @@ fn kernel_benchmarks() {
     prefill_attention(&mut g, true, &[4096], 32, 8);
     prefill_attention(&mut g, false, &[4096], 32, 8);
     prefill_attention(&mut g, true, &[16384], 32, 8);
+}
+
+/// The Hopper prompt GEMM (kernels/gemm_sm90.cu) against cuBLAS at the Mistral-7B shapes and prompt-sized row
+/// counts: each linear layer's plain product, and the gate/up product with silu-mul in its epilogue against
+/// cuBLAS's gate/up product and `silu_mul`. Two rounds, each pair back to back (the power cap moves the clock
+/// between rounds). Weights rotate through copies as in `linear_ms`.
+#[test]
+#[ignore = "GPU benchmark (Hopper): run with --ignored --nocapture"]
+fn gemm_sm90_benchmarks() {
+    let Some(mut g) = backend(DType::BF16) else { return };
+    if !g.set_gemm_sm90(GemmSm90::All, 1) {
+        say("SKIPPED: the Hopper prompt GEMM runs on compute capability 9.0 with 16-bit storage only");
+        return;
+    }
+    let linears = [
+        ("qkv", 6144usize, 4096usize),
+        ("o", 4096, 4096),
+        ("gate_up", 28672, 4096),
+        ("down", 4096, 14336),
+    ];
+    for round in 1..=2 {
+        for m in [128usize, 256, 512, 1000, 2048, 4160] {
+            for (i, &(name, n, k)) in linears.iter().enumerate() {
+                let flop = 2.0 * (m * n * k) as f64;
+                let mut line = Vec::new();
+                for (label, which) in [("cublas", GemmSm90::Off), ("sm90", GemmSm90::All)] {
+                    g.set_gemm_sm90(which, 1);
+                    let ms = linear_ms(&g, m, n, k, 600 + 10 * i as u32);
+                    line.push(format!(
+                        "{label} {:.1} us ({:.0} TFLOP/s)",
+                        ms * 1e3,
+                        flop / (ms * 1e-3) / 1e12
+                    ));
+                    bench(
+                        &format!("gemm_sm90_r{round}_{name}_m{m}_{label}"),
+                        ms * 1e3,
+                        "us",
+                        &format!("[{m}, {k}] x [{n}, {k}]^T"),
+                    );
+                }
+                say(&format!("  round {round} {name} m={m}: {}", line.join(", ")));
+            }
+            // gate/up then silu_mul, against the fused product.
+            let (f, k) = (14336usize, 4096usize);
+            let copies = 2;
+            let ws: Vec<CudaTensor> = (0..copies)
+                .map(|i| rand(&g, &[2 * f, k], 700 + i as u32, 0.02))
+                .collect();
+            let x = rand(&g, &[m, k], 777, 1.0);
+            g.set_gemm_sm90(GemmSm90::Off, 1);
+            let two = graph_ms(&g, copies, 20, &|i| {
+                g.silu_mul(&g.linear(&x, &ws[i], None)?).map(|_| ())
+            });
+            g.set_gemm_sm90(GemmSm90::Silu, 1);
+            let fused = graph_ms(&g, copies, 20, &|i| {
+                g.linear_silu_mul(&x, &ws[i], f)?.expect("the fused product runs");
+                Ok(())
+            });
+            bench(
+                &format!("gemm_sm90_r{round}_gate_up_silu_m{m}"),
+                fused * 1e3,
+                "us",
+                &format!("cuBLAS gate/up + silu_mul {:.1} us: {:.3}x", two * 1e3, fused / two),
+            );
+        }
+    }
+    g.set_gemm_sm90(GemmSm90::Off, 1);
 }
 
 /// Milliseconds of y = x·wᵀ for an [m, k] x and an [n, k] w, the median over graph replays; the weights

@@ -299,6 +299,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
     /// `silu(x[:, :f]) · x[:, f:]` of `x` `[n, 2f]` (the fused gate/up projection's output) → `[n, f]`.
     fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `silu(x · w[..f]ᵀ) · (x · w[f..2f]ᵀ)` in one product, as `silu_mul(linear(x, w[..2f]))` rounds it, where
+    /// the backend has such a product for this shape; `None` (the default) where it has not, and the caller
+    /// runs the two.
+    fn linear_silu_mul(&self, _x: &Self::Tensor, _w: &Self::Tensor, _f: usize) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
     /// The attention inputs from a fused projection `qkv` `[n, q_dim + 2·kv_dim]` (queries, keys, values):
     /// rotary embedding (Hugging Face's rotate-half layout; row `i` at position `positions[i]`) of the
     /// queries and keys, keys and values written to cache slots (`block * block_size + offset`) of `k_cache`,

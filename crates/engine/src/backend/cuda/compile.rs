@@ -69,7 +69,11 @@ macro_rules! hopper_source {
 
 /// Modules for Hopper's arch-specific instructions (wgmma): compiled with [`Compiler::arch_specific`]
 /// (`sm_90a`) for 16-bit storage on compute capability 9.0 only.
-pub const HOPPER_SOURCES: [Source; 2] = [hopper_source!("skinny"), hopper_source!("prefill_sm90")];
+pub const HOPPER_SOURCES: [Source; 3] = [
+    hopper_source!("skinny"),
+    hopper_source!("prefill_sm90"),
+    hopper_source!("gemm_sm90"),
+];
 
 /// Whether the NVRTC library can be loaded (cudarc panics on first use when it cannot).
 pub fn nvrtc_present() -> bool {

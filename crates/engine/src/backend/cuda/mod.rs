@@ -266,6 +266,31 @@ const SKINNY_THREADS: usize = SKINNY_CONSUMERS + 32;
 /// Output tiles one skinny product may have (its counters; a vocabulary of 262144 rows in one product).
 const SKINNY_MAX_TILES: usize = 2048;
 
+/// The Hopper prompt GEMMs (kernels/gemm_sm90.cu): a plain product and the gate/up product with silu-mul in its
+/// epilogue.
+const GEMM_SM90_KERNELS: [&str; 2] = ["gemm_sm90", "gemm_sm90_silu"];
+/// Its block (a producer warpgroup and two consumers) and dynamic shared memory (kernels/gemm_sm90.cu: four
+/// stages of 128 rows of x and 256 of w, 64 of k each, and 1 KiB of alignment slack).
+const GEMM_SM90_THREADS: u32 = 384;
+const GEMM_SM90_SMEM: usize = 4 * (128 + 256) * 64 * 2 + 1024;
+/// Products of fewer rows stay on cuBLAS (or the decode kernels) by default (`LORAX_CUDA_GEMM_SM90_ROWS`).
+const GEMM_SM90_MIN_ROWS: usize = 256;
+/// Rows of x a tile; output columns a tile of the plain product (the silu product's tiles take half as many).
+const GEMM_SM90_BM: usize = 128;
+const GEMM_SM90_TILE_COLS: usize = 256;
+
+/// Which products run on the Hopper prompt GEMM rather than cuBLAS (`LORAX_CUDA_GEMM_SM90`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmSm90 {
+    /// None (the default).
+    Off,
+    /// The gate/up product with silu-mul in its epilogue, for steps of at least `min_rows` rows whose
+    /// gate/up has no LoRA term and no bias.
+    Silu,
+    /// That and every other linear layer of at least `min_rows` rows (for comparisons with cuBLAS).
+    All,
+}
+
 /// Stages a skinny kernel of `tn` rows keeps in flight (kernels/skinny.cu `SK_STAGES`).
 fn skinny_stages(tn: usize) -> usize {
     (196_608 / (SKINNY_BM * SKINNY_BK * 2 + tn * SKINNY_BK * 2)).min(8)
@@ -347,7 +372,7 @@ struct Skinny {
 }
 
 /// Kernel names of each module, loaded once per backend.
-pub const KERNELS: [(&str, &[&str]); 8] = [
+pub const KERNELS: [(&str, &[&str]); 9] = [
     (
         "elementwise",
         &[
@@ -444,6 +469,7 @@ pub const KERNELS: [(&str, &[&str]); 8] = [
     ("sampling", &["sample_rows"]),
     ("skinny", &SKINNY_KERNELS),
     ("prefill_sm90", &PREFILL_SM90_KERNELS),
+    ("gemm_sm90", &GEMM_SM90_KERNELS),
 ];
 
 /// A form of the Hopper prefill attention (kernels/prefill_sm90.cu; head size 128, 16-bit storage, blocks of
@@ -781,6 +807,10 @@ pub struct CudaBackend {
     /// measured slower than cuBLAS at every size, bench/NOTES.md session 15); built when turned on
     /// (`LORAX_CUDA_SKINNY=1` or [`CudaBackend::set_skinny_gemm`]), `None` until then.
     skinny: Option<Skinny>,
+    /// Which products run on the Hopper prompt GEMM (kernels/gemm_sm90.cu), from how many rows, and whether
+    /// its module is built (`LORAX_CUDA_GEMM_SM90`, [`CudaBackend::set_gemm_sm90`]).
+    gemm_sm90: (GemmSm90, usize),
+    gemm_sm90_built: bool,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -1427,6 +1457,8 @@ impl CudaBackend {
             lora_gemm_rows: Mutex::new(lora::LoraGemm::default()),
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
+            gemm_sm90: (GemmSm90::Off, GEMM_SM90_MIN_ROWS),
+            gemm_sm90_built: false,
             nccl: None,
             graphs: graph::Graphs::from_env()?,
             _blas_workspace: workspace,
@@ -1443,6 +1475,20 @@ impl CudaBackend {
         };
         if std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1") {
             backend.set_skinny_gemm(true);
+        }
+        let gemm_sm90 = match std::env::var("LORAX_CUDA_GEMM_SM90").as_deref() {
+            Err(_) | Ok("0") => GemmSm90::Off,
+            Ok("silu") => GemmSm90::Silu,
+            Ok("all") => GemmSm90::All,
+            Ok(v) => {
+                return Err(EngineError::Backend(format!(
+                    "LORAX_CUDA_GEMM_SM90={v:?}: expected 0 (the default), silu or all"
+                )))
+            }
+        };
+        let min_rows = env_count("LORAX_CUDA_GEMM_SM90_ROWS", GEMM_SM90_MIN_ROWS, 1..=usize::MAX)?;
+        if gemm_sm90 != GemmSm90::Off {
+            backend.set_gemm_sm90(gemm_sm90, min_rows);
         }
         match std::env::var("LORAX_CUDA_PREFILL_SM90").as_deref() {
             // The default on Hopper with 16-bit storage: ws64, ws128 for prompts of 8192 keys or more (session 42:
@@ -1706,6 +1752,82 @@ impl CudaBackend {
             return on;
         }
         false
+    }
+
+    /// Which products run on the Hopper prompt GEMM (kernels/gemm_sm90.cu) rather than cuBLAS, for products of
+    /// at least `min_rows` rows (for tests and comparisons; `LORAX_CUDA_GEMM_SM90`). Turning it on builds it the
+    /// first time. Returns whether it is on: false for [`GemmSm90::Off`] and where it cannot be built (not
+    /// Hopper, f32 storage, or a build failure, logged).
+    pub fn set_gemm_sm90(&mut self, which: GemmSm90, min_rows: usize) -> bool {
+        if which != GemmSm90::Off && !self.gemm_sm90_built {
+            match self.hopper_module("gemm_sm90", |_| GEMM_SM90_SMEM) {
+                Ok(()) => self.gemm_sm90_built = true,
+                Err(e) => tracing::warn!(error = %e, "the Hopper prompt GEMM is unavailable; cuBLAS runs its products"),
+            }
+        }
+        let on = which != GemmSm90::Off && self.gemm_sm90_built;
+        self.gemm_sm90 = (if on { which } else { GemmSm90::Off }, min_rows.max(1));
+        on
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ` (rows of y `ldy` apart) on the Hopper prompt GEMM, or for `silu`
+    /// `y[m, n] = silu(x · w[..n]ᵀ) · (x · w[n..2n]ᵀ)` with w `[2n, k]`, when it is on for this many rows and the
+    /// shape suits it (k a multiple of 64, n of 8, 16-byte aligned x and w, an even ldy). Returns whether it ran.
+    fn gemm_sm90_product(
+        &self,
+        silu: bool,
+        (m, n, k): (usize, usize, usize),
+        (yp, xp, wp): (u64, u64, u64),
+        ldy: usize,
+    ) -> Result<bool> {
+        let (which, min_rows) = self.gemm_sm90;
+        let wanted = match which {
+            GemmSm90::Off => false,
+            GemmSm90::Silu => silu,
+            GemmSm90::All => true,
+        };
+        if !wanted
+            || m < min_rows
+            || m == 0
+            || n == 0
+            || !k.is_multiple_of(SKINNY_BK)
+            || !n.is_multiple_of(8)
+            || !ldy.is_multiple_of(2)
+            || !xp.is_multiple_of(16)
+            || !wp.is_multiple_of(16)
+            || !yp.is_multiple_of(4)
+        {
+            return Ok(false);
+        }
+        let cols = if silu {
+            GEMM_SM90_TILE_COLS / 2
+        } else {
+            GEMM_SM90_TILE_COLS
+        };
+        let tiles = m.div_ceil(GEMM_SM90_BM) * n.div_ceil(cols);
+        let blocks = uint("GEMM blocks", self.num_sms.min(tiles))?;
+        let w_rows = if silu { 2 * n } else { n };
+        let (mi, ni, ki, ldi) = (
+            int("rows", m)?,
+            int("out features", n)?,
+            int("in features", k)?,
+            int("row stride", ldy)?,
+        );
+        let xmap = tma_map_2d(self.dtype, xp, m, k, GEMM_SM90_BM)?;
+        let wmap = tma_map_2d(self.dtype, wp, w_rows, k, GEMM_SM90_TILE_COLS / 2)?;
+        launch!(
+            self,
+            GEMM_SM90_KERNELS[usize::from(silu)],
+            cfg((blocks, 1, 1), GEMM_SM90_THREADS, GEMM_SM90_SMEM),
+            &yp,
+            &xmap,
+            &wmap,
+            &mi,
+            &ni,
+            &ki,
+            &ldi
+        );
+        Ok(true)
     }
 
     /// Builds the wgmma skinny GEMM where it can run (compute capability 9.0, 16-bit storage): compiles
@@ -2448,7 +2570,9 @@ impl Backend for CudaBackend {
                 &ni,
                 &ki
             );
-        } else if !self.skinny_linear((m, n, k), (yp, xp, wp))? {
+        } else if !self.skinny_linear((m, n, k), (yp, xp, wp))?
+            && !self.gemm_sm90_product(false, (m, n, k), (yp, xp, wp), n)?
+        {
             self.gemm_into((m, n, k), (yp, xp, wp), n, (1.0, 0.0))?;
         }
         if let Some(b) = bias {
@@ -2558,6 +2682,20 @@ impl Backend for CudaBackend {
         let grid = (cols.min(65_535), uint("rows", n.min(65_535))?, 1);
         launch!(self, "silu_mul", cfg(grid, 256, 0), &o, &x, &nn, &ff);
         Ok(out)
+    }
+
+    fn linear_silu_mul(&self, x: &CudaTensor, w: &CudaTensor, f: usize) -> Result<Option<CudaTensor>> {
+        let (m, k) = x.rows_cols();
+        let (rows, k2) = w.rows_cols();
+        if k != k2 || rows < 2 * f {
+            return Err(shape_err("linear_silu_mul", &x.shape, &w.shape));
+        }
+        if self.gemm_sm90.0 == GemmSm90::Off || m < self.gemm_sm90.1 || f == 0 {
+            return Ok(None);
+        }
+        let y = self.alloc(&[m, f])?;
+        let (yp, xp, wp) = (self.ptr(&y.buf), self.ptr(&x.buf), self.ptr(&w.buf));
+        Ok(self.gemm_sm90_product(true, (m, f, k), (yp, xp, wp), f)?.then_some(y))
     }
 
     fn rope_kv_write(

@@ -1,0 +1,194 @@
+// Prompt-sized GEMMs on Hopper's warpgroup MMA (wgmma; sm_90a, 16-bit storage) whose epilogues do the work that
+// otherwise takes a kernel of its own after cuBLAS's product (bench/NOTES.md, session 44):
+//   - `gemm_sm90_silu`: out[m, f] = silu(x . Wg^T) * (x . Wu^T) for the fused gate/up weight w [2f, k] (gate rows
+//     0..f, up rows f..2f), rounded as the separate kernels round: each product to the storage type (cuBLAS's
+//     output), silu's result to it (elementwise.cu silu_mul), then the product. The [m, 2f] gate/up output is
+//     never written and silu_mul never runs;
+//   - `gemm_sm90`: y[m, n] = x . w^T, rows of y `ldy` apart (the same main loop, a plain store: to compare the
+//     main loop with cuBLAS's on any shape).
+// The shape of the kernel (CUTLASS's warp-specialized "cooperative" persistent kernel):
+//   - a block is three warpgroups (384 threads): warpgroup 0's first thread, the producer, copies stages of
+//     GM_BK = 64 of k by TMA (x: 128 rows; w: two boxes of 128 rows, the gate's and the up's for silu, two
+//     neighbours otherwise; rows past m or past w's rows read as zeros), up to GM_STAGES ahead, each stage
+//     guarded by a "full" mbarrier (the copies' bytes arrived) and an "empty" one (each consumer warp's
+//     products that read it retired);
+//   - consumer warpgroup w (1 or 2) takes the tile's rows 64 (w - 1).. of 64 by all 256 of w's rows, one
+//     m64n256k16 product per 16 of k, keeping one stage's products in flight while it issues the next;
+//   - persistent: one block per multiprocessor (at most), block b takes tiles b, b + gridDim.x, ...; tile t is
+//     row tile t % mt of column tile t / mt, so blocks running side by side share a column tile's weights
+//     (read from memory once, the rest from L2) while x stays in L2. The producer runs into the next tile's
+//     stages while the consumers store the last one's.
+// Sums are f32 in the MMA; the host checks k % 64 == 0, n % 8 == 0 (f for silu), 16-byte aligned x and w and
+// 4-byte aligned y with an even ldy, and builds the two tensor maps (x: k by m, box 64 by 128; w: k by its
+// rows, box 64 by 128; both 128-byte swizzled).
+
+#define GM_BM 128
+#define GM_BK 64
+#define GM_STAGES 4
+#define GM_THREADS 384
+#define GM_A_BYTES (GM_BM * GM_BK * 2)         // 16 KiB: 128 rows of x
+#define GM_B_BYTES (256 * GM_BK * 2)           // 32 KiB: 256 rows of w
+#define GM_STAGE (GM_A_BYTES + GM_B_BYTES)      // a multiple of 1024: swizzle atoms stay aligned
+#define GM_CONSUMERS 256
+
+// SILU: the silu-mul epilogue (tiles of 128 output columns: w's rows c0.. and f + c0..); else a plain store
+// (tiles of 256 output columns).
+template <bool SILU>
+__device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* xmap, const TmaMap* wmap, int m, int n,
+                                               int k, int ldy) {
+    constexpr int TW = SILU ? 128 : 256;  // output columns a tile
+    extern __shared__ unsigned char gm_raw[];
+    __shared__ __align__(8) u64 bars[2 * GM_STAGES];  // full[s], then empty[s]
+    const u32 base = (sk_smem(gm_raw) + 1023u) & ~1023u;
+    const u32 full0 = sk_smem(bars), empty0 = full0 + GM_STAGES * 8;
+    const int tid = threadIdx.x, lane = tid % 32, warp = (tid % 128) / 32;
+    // The warpgroup from a value the compiler knows is the same across the warp (a per-thread test would
+    // make every wgmma "divergent", and ptxas would serialise them).
+    const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+    const int kbs = k / GM_BK;
+    const int mt = (m + GM_BM - 1) / GM_BM, nt = (n + TW - 1) / TW;
+    const int tiles = mt * nt;
+
+    if (tid == 0) {
+        for (int s = 0; s < GM_STAGES; ++s) {
+            mb_init(full0 + s * 8, 1);                    // the producer's arrival, then the copies' bytes
+            mb_init(empty0 + s * 8, GM_CONSUMERS / 32);  // one arrival per consumer warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("prefetch.tensormap [%0];" ::"l"(wmap) : "memory");
+        asm volatile("prefetch.tensormap [%0];" ::"l"(xmap) : "memory");
+        // The first stages' weights into L2 before waiting for the kernel ahead (no kernel writes weights).
+        if (blockIdx.x < tiles) {
+            const int c0 = (blockIdx.x / mt) * TW;
+            for (int kb = 0; kb < GM_STAGES && kb < kbs; ++kb) {
+                tma_prefetch_l2(wmap, kb * GM_BK, c0);
+                tma_prefetch_l2(wmap, kb * GM_BK, SILU ? n + c0 : c0 + 128);
+            }
+        }
+    }
+    __syncthreads();
+    pdl_enter();
+
+    if (wg == 0) {
+        // The producer. Its warpgroup's registers go to the consumers (40 + 2 x 232 = 3 x 168).
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
+        if (tid == 0) {
+            int it = 0;
+            for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+                const int r0 = (t % mt) * GM_BM, c0 = (t / mt) * TW;
+                const int b0 = c0, b1 = SILU ? n + c0 : c0 + 128;  // w's first rows of the two boxes
+                for (int kb = 0; kb < kbs; ++kb, ++it) {
+                    const int s = it % GM_STAGES;
+                    mb_wait(empty0 + s * 8, ((it / GM_STAGES) & 1) ^ 1);
+                    const u32 full = full0 + s * 8, sa = base + s * GM_STAGE, sb = sa + GM_A_BYTES;
+                    mb_expect(full, GM_STAGE);
+                    tma_load(sa, xmap, kb * GM_BK, r0, full);
+                    tma_load(sb, wmap, kb * GM_BK, b0, full);
+                    tma_load(sb + GM_B_BYTES / 2, wmap, kb * GM_BK, b1, full);
+                }
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
+    const int cw = wg - 1;  // the consumer warpgroup: the tile's rows 64 cw..
+    // Accumulator r of this thread: row 16 warp + lane / 4 + 8 ((r / 2) % 2) of the warpgroup's 64, column
+    // 8 (r / 4) + 2 (lane % 4) + r % 2 of the tile's 256 (for silu: gate columns 0..127, up columns 128..255, so
+    // gate r pairs with up r + 64).
+    float acc[128];
+    auto pin = [&]() {
+#pragma unroll
+        for (int r = 0; r < 128; ++r) wgmma_fence_operand(acc[r]);
+    };
+    // Hands stage s back to the producer: this warp's products that read it have retired.
+    auto release = [&](int s) {
+        __syncwarp();
+        if (lane == 0) mb_arrive(empty0 + s * 8);
+    };
+    int it = 0;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const int r0 = (t % mt) * GM_BM, c0 = (t / mt) * TW;
+        for (int kb = 0; kb < kbs; ++kb, ++it) {
+            const int s = it % GM_STAGES;
+            mb_wait(full0 + s * 8, (it / GM_STAGES) & 1);
+            const u32 sa = base + s * GM_STAGE + cw * 64 * 128, sb = base + s * GM_STAGE + GM_A_BYTES;
+            pin();
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < GM_BK / 16; ++kk)
+                wgmma_n256(acc, sk_desc(sa + kk * 32), sk_desc(sb + kk * 32), (kb | kk) != 0);
+            wgmma_commit();
+            // The previous stage's products have retired once at most this stage's are in flight.
+            wgmma_wait<1>();
+            pin();
+            if (kb > 0) release((it - 1) % GM_STAGES);
+        }
+        wgmma_wait<0>();
+        pin();
+        release((it - 1) % GM_STAGES);
+
+        // The store; rows past m and columns past n are not written (n made opaque: otherwise the compiler
+        // keeps every column's test in registers through the main loop).
+        const int g = lane / 4, q = lane % 4;
+        if constexpr (SILU) {
+            // Gate and up rounded to the storage type first (as cuBLAS's output is), two a register: half the
+            // registers of the sums, which the silu's arithmetic then has room beside.
+            u32 gp[32], up[32];
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+                gp[i] = pack_f(acc[2 * i], acc[2 * i + 1]);
+                up[i] = pack_f(acc[64 + 2 * i], acc[64 + 2 * i + 1]);
+            }
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = r0 + cw * 64 + warp * 16 + g + 8 * hh;
+                if (row >= m) continue;
+                T* yr = y + (u64)row * ldy + c0 + 2 * q;
+#pragma unroll
+                for (int j = 0; j < 16; ++j) {
+                    int nn = n;
+                    asm volatile("" : "+r"(nn));
+                    if (c0 + 8 * j + 2 * q >= nn) continue;
+                    const int i = 2 * j + hh;
+                    float o[2];
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float gv = to_f((T)(gp[i] >> (16 * e))), uv = to_f((T)(up[i] >> (16 * e)));
+                        o[e] = to_f(from_f(gv / (1.0f + expf(-gv)))) * uv;
+                    }
+                    *reinterpret_cast<u32*>(yr + 8 * j) = pack_f(o[0], o[1]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = r0 + cw * 64 + warp * 16 + g + 8 * hh;
+                if (row >= m) continue;
+                T* yr = y + (u64)row * ldy + c0 + 2 * q;
+#pragma unroll
+                for (int j = 0; j < TW / 8; ++j) {
+                    int nn = n;
+                    asm volatile("" : "+r"(nn));
+                    if (c0 + 8 * j + 2 * q >= nn) continue;
+                    const int r = 4 * j + 2 * hh;
+                    *reinterpret_cast<u32*>(yr + 8 * j) = pack_f(acc[r], acc[r + 1]);
+                }
+            }
+        }
+    }
+}
+
+// The host asks for GM_STAGES * GM_STAGE + 1024 bytes (alignment slack) of dynamic shared memory and launches
+// min(tiles, multiprocessors) blocks of GM_THREADS.
+extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
+    gemm_sm90(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, int m, int n,
+              int k, int ldy) {
+    gemm_sm90_body<false>(y, &xmap, &wmap, m, n, k, ldy);
+}
+
+// n = f, the output's columns (w has 2f rows); ldy = f for a dense output.
+extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
+    gemm_sm90_silu(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, int m,
+                   int n, int k, int ldy) {
+    gemm_sm90_body<true>(y, &xmap, &wmap, m, n, k, ldy);
+}
