@@ -14,10 +14,12 @@
 //     products that read it retired);
 //   - consumer warpgroup w (1 or 2) takes the tile's rows 64 (w - 1).. of 64 by all 256 of w's rows, one
 //     m64n256k16 product per 16 of k, keeping one stage's products in flight while it issues the next;
-//   - persistent: one block per multiprocessor (at most), block b takes tiles b, b + gridDim.x, ...; tile t is
-//     row tile t % mt of column tile t / mt, so blocks running side by side share a column tile's weights
-//     (read from memory once, the rest from L2) while x stays in L2. The producer runs into the next tile's
-//     stages while the consumers store the last one's.
+//   - clusters of two blocks (see GM_CLUSTER): the two take two row tiles of one column tile, and w's boxes are
+//     multicast to both;
+//   - persistent: one block per multiprocessor (at most), cluster q takes pairs of row tiles q, q + clusters,
+//     ...; pair p is row tiles 2 (p % mp) and the next of column tile p / mp, so clusters running side by side
+//     share a column tile's weights (read from memory once, the rest from L2) while x stays in L2. The producer
+//     runs into the next tile's stages while the consumers store the last one's.
 // Sums are f32 in the MMA; the host checks k % 64 == 0, n % 8 == 0 (f for silu), 16-byte aligned x and w and
 // 4-byte aligned y with an even ldy, and builds the two tensor maps (x: k by m, box 64 by 128; w: k by its
 // rows, box 64 by 128; both 128-byte swizzled).
@@ -33,6 +35,41 @@
 
 // SILU: the silu-mul epilogue (tiles of 128 output columns: w's rows c0.. and f + c0..); else a plain store
 // (tiles of 256 output columns).
+// A cluster of GM_CLUSTER = 2 blocks takes two row tiles of one column tile at a time: each block copies its own
+// 128 rows of x and one of the two boxes of w, which TMA multicasts to both blocks (a third less L2 traffic a
+// stage). So a stage's buffers in both blocks are written by both producers: each block's "empty" barrier counts
+// the consumer warps of both blocks, and each block's "full" barrier the bytes of both.
+#define GM_CLUSTER 2
+
+__device__ __forceinline__ u32 gm_cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// The shared::cluster address of the variable at shared::cta address `a` in the cluster's block `rank`.
+__device__ __forceinline__ u32 gm_mapa(u32 a, u32 rank) {
+    u32 d;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+    return d;
+}
+__device__ __forceinline__ void gm_arrive_cluster(u32 bar) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void gm_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+// The box of `map` at (c0, c1) into shared memory at dst in every block of the cluster (mask 0b11), its bytes
+// completing on each block's barrier at `bar`.
+__device__ __forceinline__ void gm_tma_multicast(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"((unsigned short)((1 << GM_CLUSTER) - 1))
+        : "memory");
+}
+
+// SILU: the silu-mul epilogue (tiles of 128 output columns: w's rows c0.. and f + c0..); else a plain store
+// (tiles of 256 output columns).
 template <bool SILU>
 __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* xmap, const TmaMap* wmap, int m, int n,
                                                int k, int ldy) {
@@ -41,32 +78,36 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
     __shared__ __align__(8) u64 bars[2 * GM_STAGES];  // full[s], then empty[s]
     const u32 base = (sk_smem(gm_raw) + 1023u) & ~1023u;
     const u32 full0 = sk_smem(bars), empty0 = full0 + GM_STAGES * 8;
+    const u32 rank = gm_cluster_rank();
+    const u32 peer_empty0 = gm_mapa(empty0, rank ^ 1);
     const int tid = threadIdx.x, lane = tid % 32, warp = (tid % 128) / 32;
     // The warpgroup from a value the compiler knows is the same across the warp (a per-thread test would
     // make every wgmma "divergent", and ptxas would serialise them).
     const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
     const int kbs = k / GM_BK;
-    const int mt = (m + GM_BM - 1) / GM_BM, nt = (n + TW - 1) / TW;
-    const int tiles = mt * nt;
+    // Pairs of row tiles (the second of the last pair may lie past m: its block copies zeros of x, still
+    // multicasts its box of w, and stores nothing) by column tiles; cluster q of nq takes pairs q, q + nq, ...
+    const int mp = (m + 2 * GM_BM - 1) / (2 * GM_BM), nt = (n + TW - 1) / TW;
+    const int pairs = mp * nt;
+    const int q0 = blockIdx.x / GM_CLUSTER, nq = gridDim.x / GM_CLUSTER;
 
     if (tid == 0) {
         for (int s = 0; s < GM_STAGES; ++s) {
-            mb_init(full0 + s * 8, 1);                    // the producer's arrival, then the copies' bytes
-            mb_init(empty0 + s * 8, GM_CONSUMERS / 32);  // one arrival per consumer warp
+            mb_init(full0 + s * 8, 1);  // the producer's arrival, then both blocks' copies' bytes
+            mb_init(empty0 + s * 8, GM_CLUSTER * GM_CONSUMERS / 32);  // each consumer warp of both blocks
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         asm volatile("prefetch.tensormap [%0];" ::"l"(wmap) : "memory");
         asm volatile("prefetch.tensormap [%0];" ::"l"(xmap) : "memory");
-        // The first stages' weights into L2 before waiting for the kernel ahead (no kernel writes weights).
-        if (blockIdx.x < tiles) {
-            const int c0 = (blockIdx.x / mt) * TW;
-            for (int kb = 0; kb < GM_STAGES && kb < kbs; ++kb) {
-                tma_prefetch_l2(wmap, kb * GM_BK, c0);
-                tma_prefetch_l2(wmap, kb * GM_BK, SILU ? n + c0 : c0 + 128);
-            }
+        // This block's first stages of w into L2 before waiting for the kernel ahead (no kernel writes weights).
+        if (q0 < pairs) {
+            const int c0 = (q0 / mp) * TW;
+            for (int kb = 0; kb < GM_STAGES && kb < kbs; ++kb)
+                tma_prefetch_l2(wmap, kb * GM_BK, rank == 0 ? c0 : (SILU ? n + c0 : c0 + 128));
         }
     }
-    __syncthreads();
+    // Both blocks' barriers are initialised before either block's copies or arrivals reach them.
+    gm_cluster_sync();
     pdl_enter();
 
     if (wg == 0) {
@@ -74,120 +115,111 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
         if (tid == 0) {
             int it = 0;
-            for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-                const int r0 = (t % mt) * GM_BM, c0 = (t / mt) * TW;
-                const int b0 = c0, b1 = SILU ? n + c0 : c0 + 128;  // w's first rows of the two boxes
+            for (int p = q0; p < pairs; p += nq) {
+                const int r0 = (2 * (p % mp) + (int)rank) * GM_BM, c0 = (p / mp) * TW;
+                // This block's box of w: the gate's (or the first 128 rows) for rank 0, the up's (or the next
+                // 128) for rank 1, at the same place in both blocks' stage.
+                const int b = rank == 0 ? c0 : (SILU ? n + c0 : c0 + 128);
                 for (int kb = 0; kb < kbs; ++kb, ++it) {
                     const int s = it % GM_STAGES;
                     mb_wait(empty0 + s * 8, ((it / GM_STAGES) & 1) ^ 1);
                     const u32 full = full0 + s * 8, sa = base + s * GM_STAGE, sb = sa + GM_A_BYTES;
                     mb_expect(full, GM_STAGE);
                     tma_load(sa, xmap, kb * GM_BK, r0, full);
-                    tma_load(sb, wmap, kb * GM_BK, b0, full);
-                    tma_load(sb + GM_B_BYTES / 2, wmap, kb * GM_BK, b1, full);
+                    gm_tma_multicast(sb + rank * (GM_B_BYTES / 2), wmap, kb * GM_BK, b, full);
                 }
             }
         }
-        return;
-    }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
-    const int cw = wg - 1;  // the consumer warpgroup: the tile's rows 64 cw..
-    // Accumulator r of this thread: row 16 warp + lane / 4 + 8 ((r / 2) % 2) of the warpgroup's 64, column
-    // 8 (r / 4) + 2 (lane % 4) + r % 2 of the tile's 256 (for silu: gate columns 0..127, up columns 128..255, so
-    // gate r pairs with up r + 64).
-    float acc[128];
-    auto pin = [&]() {
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
+        const int cw = wg - 1;  // the consumer warpgroup: the tile's rows 64 cw..
+        // Accumulator r of this thread: row 16 warp + lane / 4 + 8 ((r / 2) % 2) of the warpgroup's 64, column
+        // 8 (r / 4) + 2 (lane % 4) + r % 2 of the tile's 256 (for silu: gate columns 0..127, up columns 128..255,
+        // so gate r pairs with up r + 64).
+        float acc[128];
+        auto pin = [&]() {
 #pragma unroll
-        for (int r = 0; r < 128; ++r) wgmma_fence_operand(acc[r]);
-    };
-    // Hands stage s back to the producer: this warp's products that read it have retired.
-    auto release = [&](int s) {
-        __syncwarp();
-        if (lane == 0) mb_arrive(empty0 + s * 8);
-    };
-    int it = 0;
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-        const int r0 = (t % mt) * GM_BM, c0 = (t / mt) * TW;
-        for (int kb = 0; kb < kbs; ++kb, ++it) {
-            const int s = it % GM_STAGES;
-            mb_wait(full0 + s * 8, (it / GM_STAGES) & 1);
-            const u32 sa = base + s * GM_STAGE + cw * 64 * 128, sb = base + s * GM_STAGE + GM_A_BYTES;
-            pin();
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < GM_BK / 16; ++kk)
-                wgmma_n256(acc, sk_desc(sa + kk * 32), sk_desc(sb + kk * 32), (kb | kk) != 0);
-            wgmma_commit();
-            // The previous stage's products have retired once at most this stage's are in flight.
-            wgmma_wait<1>();
-            pin();
-            if (kb > 0) release((it - 1) % GM_STAGES);
-        }
-        wgmma_wait<0>();
-        pin();
-        release((it - 1) % GM_STAGES);
-
-        // The store; rows past m and columns past n are not written (n made opaque: otherwise the compiler
-        // keeps every column's test in registers through the main loop).
-        const int g = lane / 4, q = lane % 4;
-        if constexpr (SILU) {
-            // Gate and up rounded to the storage type first (as cuBLAS's output is), two a register: half the
-            // registers of the sums, which the silu's arithmetic then has room beside.
-            u32 gp[32], up[32];
-#pragma unroll
-            for (int i = 0; i < 32; ++i) {
-                gp[i] = pack_f(acc[2 * i], acc[2 * i + 1]);
-                up[i] = pack_f(acc[64 + 2 * i], acc[64 + 2 * i + 1]);
+            for (int r = 0; r < 128; ++r) wgmma_fence_operand(acc[r]);
+        };
+        // Hands stage s back to both blocks' producers: this warp's products that read it have retired.
+        auto release = [&](int s) {
+            __syncwarp();
+            if (lane == 0) {
+                mb_arrive(empty0 + s * 8);
+                gm_arrive_cluster(peer_empty0 + s * 8);
             }
+        };
+        const int g = lane / 4, q = lane % 4;
+        int it = 0;
+        for (int p = q0; p < pairs; p += nq) {
+            const int r0 = (2 * (p % mp) + (int)rank) * GM_BM, c0 = (p / mp) * TW;
+            for (int kb = 0; kb < kbs; ++kb, ++it) {
+                const int s = it % GM_STAGES;
+                mb_wait(full0 + s * 8, (it / GM_STAGES) & 1);
+                const u32 sa = base + s * GM_STAGE + cw * 64 * 128, sb = base + s * GM_STAGE + GM_A_BYTES;
+                pin();
+                wgmma_fence();
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int row = r0 + cw * 64 + warp * 16 + g + 8 * hh;
-                if (row >= m) continue;
-                T* yr = y + (u64)row * ldy + c0 + 2 * q;
+                for (int kk = 0; kk < GM_BK / 16; ++kk)
+                    wgmma_n256(acc, sk_desc(sa + kk * 32), sk_desc(sb + kk * 32), (kb | kk) != 0);
+                wgmma_commit();
+                // The previous stage's products have retired once at most this stage's are in flight.
+                wgmma_wait<1>();
+                pin();
+                if (kb > 0) release((it - 1) % GM_STAGES);
+            }
+            wgmma_wait<0>();
+            pin();
+            release((it - 1) % GM_STAGES);
+
+            // The store: value pair j of row half hh (columns c0 + 8 j + 2 q and the next) as one 32-bit word;
+            // rows past m and columns past n are not written (n made opaque: otherwise the compiler keeps every
+            // column's test in registers through the main loop).
+            auto store = [&](int hh, int j, u32 v) {
+                const int row = r0 + cw * 64 + warp * 16 + g + 8 * hh, col = c0 + 8 * j + 2 * q;
+                int nn = n;
+                asm volatile("" : "+r"(nn));
+                if (row < m && col < nn) *reinterpret_cast<u32*>(y + (u64)row * ldy + col) = v;
+            };
+            if constexpr (SILU) {
+                // Gate and up rounded to the storage type first (as cuBLAS's output is), two a register: half
+                // the registers of the sums, which the silu's arithmetic then has room beside.
+                u32 gp[32], up[32];
 #pragma unroll
-                for (int j = 0; j < 16; ++j) {
-                    int nn = n;
-                    asm volatile("" : "+r"(nn));
-                    if (c0 + 8 * j + 2 * q >= nn) continue;
-                    const int i = 2 * j + hh;
+                for (int i = 0; i < 32; ++i) {
+                    gp[i] = pack_f(acc[2 * i], acc[2 * i + 1]);
+                    up[i] = pack_f(acc[64 + 2 * i], acc[64 + 2 * i + 1]);
+                }
+#pragma unroll
+                for (int i = 0; i < 32; ++i) {
                     float o[2];
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         const float gv = to_f((T)(gp[i] >> (16 * e))), uv = to_f((T)(up[i] >> (16 * e)));
                         o[e] = to_f(from_f(gv / (1.0f + expf(-gv)))) * uv;
                     }
-                    *reinterpret_cast<u32*>(yr + 8 * j) = pack_f(o[0], o[1]);
+                    store(i % 2, i / 2, pack_f(o[0], o[1]));
                 }
-            }
-        } else {
+            } else {
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int row = r0 + cw * 64 + warp * 16 + g + 8 * hh;
-                if (row >= m) continue;
-                T* yr = y + (u64)row * ldy + c0 + 2 * q;
-#pragma unroll
-                for (int j = 0; j < TW / 8; ++j) {
-                    int nn = n;
-                    asm volatile("" : "+r"(nn));
-                    if (c0 + 8 * j + 2 * q >= nn) continue;
-                    const int r = 4 * j + 2 * hh;
-                    *reinterpret_cast<u32*>(yr + 8 * j) = pack_f(acc[r], acc[r + 1]);
-                }
+                for (int i = 0; i < 64; ++i) store(i % 2, i / 2, pack_f(acc[2 * i], acc[2 * i + 1]));
             }
         }
     }
+    // Neither block leaves while the other may still arrive on its barriers.
+    gm_cluster_sync();
 }
 
 // The host asks for GM_STAGES * GM_STAGE + 1024 bytes (alignment slack) of dynamic shared memory and launches
-// min(tiles, multiprocessors) blocks of GM_THREADS.
-extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
+// GM_CLUSTER x min(pairs of row tiles x column tiles, multiprocessors / GM_CLUSTER) blocks of GM_THREADS.
+extern "C" __global__ void __cluster_dims__(GM_CLUSTER, 1, 1) __launch_bounds__(GM_THREADS, 1)
     gemm_sm90(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, int m, int n,
               int k, int ldy) {
     gemm_sm90_body<false>(y, &xmap, &wmap, m, n, k, ldy);
 }
 
 // n = f, the output's columns (w has 2f rows); ldy = f for a dense output.
-extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
+extern "C" __global__ void __cluster_dims__(GM_CLUSTER, 1, 1) __launch_bounds__(GM_THREADS, 1)
     gemm_sm90_silu(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, int m,
                    int n, int k, int ldy) {
     gemm_sm90_body<true>(y, &xmap, &wmap, m, n, k, ldy);

@@ -351,6 +351,16 @@ gemm)
             >"$R/golden-all.txt" 2>&1
         echo "rc $?" >>"$R/golden-all.txt"
         lap golden
+        # GEMM_NCU=1: ncu's detail of a 2-layer 1000-token prompt's kernels with every product on ours, and on
+        # cuBLAS (speed of light, memory and L2 throughput, stalls).
+        if [ "${GEMM_NCU:-0}" = 1 ]; then
+            for v in all 0; do
+                LORAX_PROFILE_LAYERS=2 LORAX_CUDA_GEMM_SM90=$v LORAX_PROFILE_DETAIL=p1000 timeout 150 \
+                    scripts/gpu/kernel_profile.sh "$R/ncu-$v" "$bin" p1000 >"$R/ncu-$v.txt" 2>&1
+                echo "rc $?" >>"$R/ncu-$v.txt"
+            done
+            lap ncu
+        fi
         for v in 0 silu all; do
             for x in p1000 m64x8; do profile_step "$x" "gemm=$v round 1" LORAX_CUDA_GEMM_SM90=$v; done
         done

@@ -380,6 +380,11 @@ fn gemm_sm90_benchmarks() {
         say("SKIPPED: the Hopper prompt GEMM runs on compute capability 9.0 with 16-bit storage only");
         return;
     }
+    say(&format!(
+        "the Hopper prompt GEMM's grid: {} clusters of two blocks ({} multiprocessors)",
+        g.gemm_sm90_clusters(),
+        g.num_sms()
+    ));
     let linears = [
         ("qkv", 6144usize, 4096usize),
         ("o", 4096, 4096),

@@ -20,7 +20,7 @@
 //! 128 (`tc`, default: on the tensor cores; `l8`; `l16`).
 
 use std::collections::HashMap;
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::ptr::null_mut;
 use std::sync::{Arc, Mutex};
 
@@ -810,7 +810,8 @@ pub struct CudaBackend {
     /// Which products run on the Hopper prompt GEMM (kernels/gemm_sm90.cu), from how many rows, and whether
     /// its module is built (`LORAX_CUDA_GEMM_SM90`, [`CudaBackend::set_gemm_sm90`]).
     gemm_sm90: (GemmSm90, usize),
-    gemm_sm90_built: bool,
+    /// Clusters of the Hopper prompt GEMM the device runs at once (its grid); 0 until its module is built.
+    gemm_sm90_clusters: usize,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -1458,7 +1459,7 @@ impl CudaBackend {
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
             gemm_sm90: (GemmSm90::Off, GEMM_SM90_MIN_ROWS),
-            gemm_sm90_built: false,
+            gemm_sm90_clusters: 0,
             nccl: None,
             graphs: graph::Graphs::from_env()?,
             _blas_workspace: workspace,
@@ -1759,15 +1760,54 @@ impl CudaBackend {
     /// first time. Returns whether it is on: false for [`GemmSm90::Off`] and where it cannot be built (not
     /// Hopper, f32 storage, or a build failure, logged).
     pub fn set_gemm_sm90(&mut self, which: GemmSm90, min_rows: usize) -> bool {
-        if which != GemmSm90::Off && !self.gemm_sm90_built {
-            match self.hopper_module("gemm_sm90", |_| GEMM_SM90_SMEM) {
-                Ok(()) => self.gemm_sm90_built = true,
+        if which != GemmSm90::Off && self.gemm_sm90_clusters == 0 {
+            match self
+                .hopper_module("gemm_sm90", |_| GEMM_SM90_SMEM)
+                .and_then(|()| self.gemm_sm90_max_clusters())
+            {
+                Ok(n) => self.gemm_sm90_clusters = n,
                 Err(e) => tracing::warn!(error = %e, "the Hopper prompt GEMM is unavailable; cuBLAS runs its products"),
             }
         }
-        let on = which != GemmSm90::Off && self.gemm_sm90_built;
+        let on = which != GemmSm90::Off && self.gemm_sm90_clusters > 0;
         self.gemm_sm90 = (if on { which } else { GemmSm90::Off }, min_rows.max(1));
         on
+    }
+
+    /// The Hopper prompt GEMM's grid in clusters of two blocks (0 until it is built).
+    pub fn gemm_sm90_clusters(&self) -> usize {
+        self.gemm_sm90_clusters
+    }
+
+    /// How many of the Hopper prompt GEMM's clusters (two blocks each) the device runs at once: its persistent
+    /// grid, since a cluster's blocks must share a GPC and a GPC with an odd count of free multiprocessors
+    /// leaves one idle (half the multiprocessors' count when every GPC pairs up).
+    fn gemm_sm90_max_clusters(&self) -> std::result::Result<usize, String> {
+        let func = self.func(GEMM_SM90_KERNELS[1]).map_err(|e| e.to_string())?;
+        #[allow(clippy::cast_possible_truncation)]
+        let config = drv_sys::CUlaunchConfig {
+            gridDimX: 2 * (self.num_sms as u32 / 2),
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: GEMM_SM90_THREADS,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: GEMM_SM90_SMEM as u32,
+            hStream: self.stream.cu_stream(),
+            attrs: null_mut(),
+            numAttrs: 0,
+        };
+        let mut n: c_int = 0;
+        // SAFETY: `config` lives across the call and names no attributes (the kernel's cluster size is
+        // compiled in); `n` is an out-parameter.
+        unsafe { drv_sys::cuOccupancyMaxActiveClusters(&raw mut n, func.cu_function(), &raw const config) }
+            .result()
+            .map_err(|e| format!("clusters the device runs at once: {e:?}"))?;
+        tracing::debug!(clusters = n, "the Hopper prompt GEMM's persistent grid");
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("the device runs {n} clusters of the Hopper prompt GEMM at once"))
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` (rows of y `ldy` apart) on the Hopper prompt GEMM, or for `silu`
@@ -1799,13 +1839,14 @@ impl CudaBackend {
         {
             return Ok(false);
         }
+        // Clusters of two blocks, each cluster on pairs of row tiles of one column tile at a time.
         let cols = if silu {
             GEMM_SM90_TILE_COLS / 2
         } else {
             GEMM_SM90_TILE_COLS
         };
-        let tiles = m.div_ceil(GEMM_SM90_BM) * n.div_ceil(cols);
-        let blocks = uint("GEMM blocks", self.num_sms.min(tiles))?;
+        let pairs = m.div_ceil(2 * GEMM_SM90_BM) * n.div_ceil(cols);
+        let blocks = uint("GEMM blocks", 2 * self.gemm_sm90_clusters.min(pairs))?;
         let w_rows = if silu { 2 * n } else { n };
         let (mi, ni, ki, ldi) = (
             int("rows", m)?,
