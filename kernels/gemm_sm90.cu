@@ -4,6 +4,8 @@
 //     0..f, up rows f..2f), rounded as the separate kernels round: each product to the storage type (cuBLAS's
 //     output), silu's result to it (elementwise.cu silu_mul), then the product. The [m, 2f] gate/up output is
 //     never written and silu_mul never runs;
+//   - `gemm_sm90_add`: y[m, n] += x . w^T, the product rounded to the storage type first, as add_rms_norm adds
+//     cuBLAS's output: the o and down products add into the residual stream, and the norm after runs alone;
 //   - `gemm_sm90`: y[m, n] = x . w^T, rows of y `ldy` apart (the same main loop, a plain store: to compare the
 //     main loop with cuBLAS's on any shape).
 // The shape of the kernel (CUTLASS's warp-specialized "cooperative" persistent kernel):
@@ -33,8 +35,6 @@
 #define GM_STAGE (GM_A_BYTES + GM_B_BYTES)      // a multiple of 1024: swizzle atoms stay aligned
 #define GM_CONSUMERS 256
 
-// SILU: the silu-mul epilogue (tiles of 128 output columns: w's rows c0.. and f + c0..); else a plain store
-// (tiles of 256 output columns).
 // A cluster of GM_CLUSTER = 2 blocks takes two row tiles of one column tile at a time: each block copies its own
 // 128 rows of x and one of the two boxes of w, which TMA multicasts to both blocks (a third less L2 traffic a
 // stage). So a stage's buffers in both blocks are written by both producers: each block's "empty" barrier counts
@@ -68,11 +68,17 @@ __device__ __forceinline__ void gm_tma_multicast(u32 dst, const TmaMap* map, int
         : "memory");
 }
 
-// SILU: the silu-mul epilogue (tiles of 128 output columns: w's rows c0.. and f + c0..); else a plain store
-// (tiles of 256 output columns).
-template <bool SILU>
+// The epilogues: GM_STORE (y = the product), GM_SILU (silu-mul: tiles of 128 output columns, w's rows c0.. and
+// f + c0..; the others take 256) and GM_ADD (y += the product rounded to the storage type, y rounded again: the
+// residual add of add_rms_norm, whose norm then runs alone).
+#define GM_STORE 0
+#define GM_SILU 1
+#define GM_ADD 2
+
+template <int EPI>
 __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* xmap, const TmaMap* wmap, int m, int n,
                                                int k, int ldy) {
+    constexpr bool SILU = EPI == GM_SILU;
     constexpr int TW = SILU ? 128 : 256;  // output columns a tile
     extern __shared__ unsigned char gm_raw[];
     __shared__ __align__(8) u64 bars[2 * GM_STAGES];  // full[s], then empty[s]
@@ -179,7 +185,13 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
                 const int row = r0 + cw * 64 + warp * 16 + g + 8 * hh, col = c0 + 8 * j + 2 * q;
                 int nn = n;
                 asm volatile("" : "+r"(nn));
-                if (row < m && col < nn) *reinterpret_cast<u32*>(y + (u64)row * ldy + col) = v;
+                if (row >= m || col >= nn) return;
+                u32* dst = reinterpret_cast<u32*>(y + (u64)row * ldy + col);
+                if constexpr (EPI == GM_ADD) {
+                    const u32 r = *dst;
+                    v = pack_f(to_f((T)r) + to_f((T)v), to_f((T)(r >> 16)) + to_f((T)(v >> 16)));
+                }
+                *dst = v;
             };
             if constexpr (SILU) {
                 // Gate and up rounded to the storage type first (as cuBLAS's output is), two a register: half
@@ -215,12 +227,19 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
 extern "C" __global__ void __cluster_dims__(GM_CLUSTER, 1, 1) __launch_bounds__(GM_THREADS, 1)
     gemm_sm90(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, int m, int n,
               int k, int ldy) {
-    gemm_sm90_body<false>(y, &xmap, &wmap, m, n, k, ldy);
+    gemm_sm90_body<GM_STORE>(y, &xmap, &wmap, m, n, k, ldy);
 }
 
 // n = f, the output's columns (w has 2f rows); ldy = f for a dense output.
 extern "C" __global__ void __cluster_dims__(GM_CLUSTER, 1, 1) __launch_bounds__(GM_THREADS, 1)
     gemm_sm90_silu(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, int m,
                    int n, int k, int ldy) {
-    gemm_sm90_body<true>(y, &xmap, &wmap, m, n, k, ldy);
+    gemm_sm90_body<GM_SILU>(y, &xmap, &wmap, m, n, k, ldy);
+}
+
+// y += x . w^T: y (the residual stream) read and written in place.
+extern "C" __global__ void __cluster_dims__(GM_CLUSTER, 1, 1) __launch_bounds__(GM_THREADS, 1)
+    gemm_sm90_add(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, int m,
+                  int n, int k, int ldy) {
+    gemm_sm90_body<GM_ADD>(y, &xmap, &wmap, m, n, k, ldy);
 }

@@ -34,7 +34,8 @@
 #                                          # from 8192 keys) and with ws64, two rounds (session 43)
 #   bash scripts/gpu/next_call.sh gemm     # ~400 s: the Hopper prompt GEMM (kernels/gemm_sm90.cu, session 44) against
 #                                          # the CPU and cuBLAS, timed against cuBLAS, golden with it on for every
-#                                          # product, 32-layer p1000 and m64x8 steps off / silu / all, two rounds
+#                                          # product, 32-layer p1000 and m64x8 steps off / silu / fused, two
+#                                          # rounds (GEMM_NCU=1: ncu's detail of p1000's kernels first)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -339,7 +340,8 @@ gemm)
     # epilogue against cuBLAS + silu_mul), its times against cuBLAS per shape and row count, golden against
     # transformers + peft with it running every product of any size (LORAX_CUDA_GEMM_SM90_ROWS=1: decode steps
     # and graphs too), then 32-layer eager steps of a 1000-token prompt and of the peft workload's mixed step
-    # with it off, on the gate/up product only (silu) and on every linear (all), two rounds in opposite orders.
+    # with it off, on the gate/up product only (silu) and on that and the o and down products with the residual
+    # add (fused), two rounds in opposite orders.
     timeout 150 "$bin/cuda_kernels" --exact gemm_sm90_matches_cpu_and_cublas --nocapture >"$R/kernels.txt" 2>&1
     echo "rc $?" >>"$R/kernels.txt"
     lap kernels
@@ -361,10 +363,10 @@ gemm)
             done
             lap ncu
         fi
-        for v in 0 silu all; do
+        for v in 0 silu fused; do
             for x in p1000 m64x8; do profile_step "$x" "gemm=$v round 1" LORAX_CUDA_GEMM_SM90=$v; done
         done
-        for v in all silu 0; do
+        for v in fused silu 0; do
             for x in p1000 m64x8; do profile_step "$x" "gemm=$v round 2" LORAX_CUDA_GEMM_SM90=$v; done
         done
         lap steps

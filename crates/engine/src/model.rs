@@ -469,19 +469,28 @@ impl<B: Backend> Model<B> {
                 &input.slots,
                 &meta,
             )?;
-            let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
-            backend.all_reduce_sum(&mut attn_out, comm)?;
-            let h2 = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?;
-            // The gate/up product and silu-mul in one where the backend has it and no LoRA term or bias comes
-            // between them.
-            let plain_mlp = layer.gate_up.b.is_none()
-                && !input.segments.iter().any(|s| {
-                    adapters[s.adapter]
-                        .layers
-                        .get(i)
-                        .is_some_and(|l| l[Target::Gate.index()].is_some() || l[Target::Up.index()].is_some())
-                });
-            let fused = if plain_mlp {
+            // Products whose epilogue may do the next step's work (Backend::linear_add, linear_silu_mul): no LoRA
+            // term of these targets in the step and no bias come between, and (for the residual add) no sum
+            // across devices.
+            let plain = |linear: &Linear<B>, targets: &[Target]| {
+                linear.b.is_none()
+                    && !input.segments.iter().any(|s| {
+                        adapters[s.adapter]
+                            .layers
+                            .get(i)
+                            .is_some_and(|l| targets.iter().any(|t| l[t.index()].is_some()))
+                    })
+            };
+            let single = comm.world_size() == 1;
+            let h2 =
+                if single && plain(&layer.o, &[Target::O]) && backend.linear_add(&attn, &layer.o.w, &mut residual)? {
+                    backend.rms_norm(&residual, &layer.post_norm, eps)?
+                } else {
+                    let mut attn_out = project(&layer.o, &attn, i, &[(Target::O, 0)])?;
+                    backend.all_reduce_sum(&mut attn_out, comm)?;
+                    backend.add_rms_norm(&mut residual, &attn_out, &layer.post_norm, eps)?
+                };
+            let fused = if plain(&layer.gate_up, &[Target::Gate, Target::Up]) {
                 backend.linear_silu_mul(&h2, &layer.gate_up.w, self.local_ffn)?
             } else {
                 None
@@ -498,9 +507,15 @@ impl<B: Backend> Model<B> {
                     backend.silu_mul(&gate_up)?
                 }
             };
-            let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)])?;
-            backend.all_reduce_sum(&mut down, comm)?;
-            pending = Some(down);
+            // The down product added into the residual stream here, or left for the next norm's add.
+            if !(single
+                && plain(&layer.down, &[Target::Down])
+                && backend.linear_add(&act, &layer.down.w, &mut residual)?)
+            {
+                let mut down = project(&layer.down, &act, i, &[(Target::Down, 0)])?;
+                backend.all_reduce_sum(&mut down, comm)?;
+                pending = Some(down);
+            }
             backend.mark("layer");
         }
         // No tokens from weights that failed their read or their checks.

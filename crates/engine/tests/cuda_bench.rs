@@ -413,6 +413,27 @@ fn gemm_sm90_benchmarks() {
                 }
                 say(&format!("  round {round} {name} m={m}: {}", line.join(", ")));
             }
+            // o and down added into the residual stream, against cuBLAS's product then add_assign.
+            for (name, n, k) in [("o", 4096usize, 4096usize), ("down", 4096, 14336)] {
+                let ws: Vec<CudaTensor> = (0..2).map(|i| rand(&g, &[n, k], 800 + i as u32, 0.02)).collect();
+                let x = rand(&g, &[m, k], 888, 1.0);
+                let y = std::cell::RefCell::new(rand(&g, &[m, n], 889, 1.0));
+                g.set_gemm_sm90(GemmSm90::Off, 1);
+                let two = graph_ms(&g, 2, 20, &|i| {
+                    g.add_assign(&mut y.borrow_mut(), &g.linear(&x, &ws[i], None)?)
+                });
+                g.set_gemm_sm90(GemmSm90::Fused, 1);
+                let fused = graph_ms(&g, 2, 20, &|i| {
+                    assert!(g.linear_add(&x, &ws[i], &mut y.borrow_mut())?, "the fused add runs");
+                    Ok(())
+                });
+                bench(
+                    &format!("gemm_sm90_r{round}_{name}_add_m{m}"),
+                    fused * 1e3,
+                    "us",
+                    &format!("cuBLAS {name} + add_assign {:.1} us: {:.3}x", two * 1e3, fused / two),
+                );
+            }
             // gate/up then silu_mul, against the fused product.
             let (f, k) = (14336usize, 4096usize);
             let copies = 2;

@@ -155,7 +155,8 @@ fn skinny_gemm_matches_cpu_and_cublas() {
 
 /// The Hopper prompt GEMM (kernels/gemm_sm90.cu; 16-bit storage): the plain product against the CPU and
 /// cuBLAS, and the gate/up product with silu-mul in its epilogue against cuBLAS's product then `silu_mul`,
-/// which round alike (the products differ by summation order only). Partial tiles (rows not a multiple of
+/// which round alike (the products differ by summation order only), and the product added into its output
+/// against cuBLAS's product then `add_assign`. Partial tiles (rows not a multiple of
 /// 128, columns not of 128 or 256), several tiles a block (more tiles than multiprocessors), one stage of k,
 /// and a gate/up weight with rows past 2f (a LoRA scratch block's place) that must not be read as up rows.
 /// Outputs are poisoned first, so a column or row the kernel skips fails. On compute capability 9.0 the
@@ -239,6 +240,37 @@ fn gemm_sm90_matches_cpu_and_cublas() {
             // Below the row threshold the caller's two kernels run.
             g.set_gemm_sm90(GemmSm90::Silu, m + 1);
             assert!(g.linear_silu_mul(&x.gpu, &w.gpu, f).unwrap().is_none());
+        }
+        // The residual add: y += x . w[..n]^T (w with rows past n, as a projection with LoRA scratch rows has),
+        // against cuBLAS's product then add_assign (which rounds alike).
+        for (m, k, n, extra) in [
+            (1, 64, 8, 0),
+            (300, 1024, 1000, 40),
+            (1000, 4096, 4096, 0),
+            (1000, 14336, 4096, 0),
+        ] {
+            let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
+            let w = pair(&g, &mut rng, &[n + extra, k], -0.02, 0.02);
+            let y0 = pair(&g, &mut rng, &[m, n], -2.0, 2.0);
+            g.set_gemm_sm90(GemmSm90::Silu, 1);
+            let mut y = g.tensor_from_f32(&[m, n], &y0.host).unwrap();
+            assert!(
+                !g.linear_add(&x.gpu, &w.gpu, &mut y).unwrap(),
+                "silu alone leaves the add to the caller"
+            );
+            let w2 = g.tensor_from_f32(&[n, k], &w.host[..n * k]).unwrap();
+            let mut want = g.tensor_from_f32(&[m, n], &y0.host).unwrap();
+            g.add_assign(&mut want, &g.linear(&x.gpu, &w2, None).unwrap()).unwrap();
+            let want = g.to_f32(&want).unwrap();
+            g.set_gemm_sm90(GemmSm90::Fused, 1);
+            assert!(g.linear_add(&x.gpu, &w.gpu, &mut y).unwrap(), "the fused add runs");
+            let got = g.to_f32(&y).unwrap();
+            check(
+                &format!("{dt:?} gemm_sm90_add {m}x{k}x{n} (+{extra} rows) vs cuBLAS + add_assign"),
+                &got,
+                &want,
+                close,
+            );
         }
         g.set_gemm_sm90(GemmSm90::Off, 1);
     }

@@ -305,6 +305,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn linear_silu_mul(&self, _x: &Self::Tensor, _w: &Self::Tensor, _f: usize) -> Result<Option<Self::Tensor>> {
         Ok(None)
     }
+    /// `y += x · w[..cols]ᵀ` (`cols` = y's columns), the product rounded to the storage type before the add (as
+    /// `add_rms_norm` adds `linear`'s output), where the backend has such a product for this shape: returns
+    /// whether it ran (false, the default: the caller runs `linear` and the add).
+    fn linear_add(&self, _x: &Self::Tensor, _w: &Self::Tensor, _y: &mut Self::Tensor) -> Result<bool> {
+        Ok(false)
+    }
     /// The attention inputs from a fused projection `qkv` `[n, q_dim + 2·kv_dim]` (queries, keys, values):
     /// rotary embedding (Hugging Face's rotate-half layout; row `i` at position `positions[i]`) of the
     /// queries and keys, keys and values written to cache slots (`block * block_size + offset`) of `k_cache`,

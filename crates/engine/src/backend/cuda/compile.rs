@@ -414,7 +414,10 @@ mod tests {
             for (at, _) in s.text.match_indices("extern \"C\" __global__") {
                 let mut rest = s.text[at + "extern \"C\" __global__".len()..].trim_start();
                 rest = rest.strip_prefix("void").unwrap_or(rest).trim_start();
-                if let Some(r) = rest.strip_prefix("__launch_bounds__(") {
+                while let Some(r) = ["__cluster_dims__(", "__launch_bounds__("]
+                    .iter()
+                    .find_map(|attr| rest.strip_prefix(attr))
+                {
                     rest = r.split_once(')').map_or(r, |(_, after)| after).trim_start();
                 }
                 rest = rest.trim_start_matches(['\\', ' ', '\n']);

@@ -266,9 +266,9 @@ const SKINNY_THREADS: usize = SKINNY_CONSUMERS + 32;
 /// Output tiles one skinny product may have (its counters; a vocabulary of 262144 rows in one product).
 const SKINNY_MAX_TILES: usize = 2048;
 
-/// The Hopper prompt GEMMs (kernels/gemm_sm90.cu): a plain product and the gate/up product with silu-mul in its
-/// epilogue.
-const GEMM_SM90_KERNELS: [&str; 2] = ["gemm_sm90", "gemm_sm90_silu"];
+/// The Hopper prompt GEMMs (kernels/gemm_sm90.cu), by [`GemmEpilogue`]: a plain product, the gate/up product with
+/// silu-mul in its epilogue, and a product added into its output (the residual stream).
+const GEMM_SM90_KERNELS: [&str; 3] = ["gemm_sm90", "gemm_sm90_silu", "gemm_sm90_add"];
 /// Its block (a producer warpgroup and two consumers) and dynamic shared memory (kernels/gemm_sm90.cu: four
 /// stages of 128 rows of x and 256 of w, 64 of k each, and 1 KiB of alignment slack).
 const GEMM_SM90_THREADS: u32 = 384;
@@ -279,16 +279,28 @@ const GEMM_SM90_MIN_ROWS: usize = 256;
 const GEMM_SM90_BM: usize = 128;
 const GEMM_SM90_TILE_COLS: usize = 256;
 
-/// Which products run on the Hopper prompt GEMM rather than cuBLAS (`LORAX_CUDA_GEMM_SM90`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which products run on the Hopper prompt GEMM rather than cuBLAS (`LORAX_CUDA_GEMM_SM90`), for steps of at least
+/// its row threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum GemmSm90 {
     /// None (the default).
     Off,
-    /// The gate/up product with silu-mul in its epilogue, for steps of at least `min_rows` rows whose
-    /// gate/up has no LoRA term and no bias.
+    /// The gate/up product with silu-mul in its epilogue, where the layer's gate/up has no LoRA term in the step
+    /// and no bias (`silu`).
     Silu,
-    /// That and every other linear layer of at least `min_rows` rows (for comparisons with cuBLAS).
+    /// That, and the o and down products added into the residual stream in their epilogue (then the norm runs
+    /// alone), where they have no LoRA term, no bias and one device (`fused`).
+    Fused,
+    /// Those, and every other linear layer (`all`; for comparisons with cuBLAS).
     All,
+}
+
+/// The Hopper prompt GEMM's epilogues, in [`GEMM_SM90_KERNELS`]' order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GemmEpilogue {
+    Store,
+    Silu,
+    Add,
 }
 
 /// Stages a skinny kernel of `tn` rows keeps in flight (kernels/skinny.cu `SK_STAGES`).
@@ -1480,10 +1492,11 @@ impl CudaBackend {
         let gemm_sm90 = match std::env::var("LORAX_CUDA_GEMM_SM90").as_deref() {
             Err(_) | Ok("0") => GemmSm90::Off,
             Ok("silu") => GemmSm90::Silu,
+            Ok("fused") => GemmSm90::Fused,
             Ok("all") => GemmSm90::All,
             Ok(v) => {
                 return Err(EngineError::Backend(format!(
-                    "LORAX_CUDA_GEMM_SM90={v:?}: expected 0 (the default), silu or all"
+                    "LORAX_CUDA_GEMM_SM90={v:?}: expected 0 (the default), silu, fused or all"
                 )))
             }
         };
@@ -1810,21 +1823,22 @@ impl CudaBackend {
             .ok_or_else(|| format!("the device runs {n} clusters of the Hopper prompt GEMM at once"))
     }
 
-    /// `y[m, n] = x[m, k] · w[n, k]ᵀ` (rows of y `ldy` apart) on the Hopper prompt GEMM, or for `silu`
-    /// `y[m, n] = silu(x · w[..n]ᵀ) · (x · w[n..2n]ᵀ)` with w `[2n, k]`, when it is on for this many rows and the
-    /// shape suits it (k a multiple of 64, n of 8, 16-byte aligned x and w, an even ldy). Returns whether it ran.
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ` (rows of y `ldy` apart) on the Hopper prompt GEMM, with epilogue `epi`
+    /// (`Silu`: `y[m, n] = silu(x · w[..n]ᵀ) · (x · w[n..2n]ᵀ)`, w `[2n, k]`; `Add`: `y += x · wᵀ`), when it is on
+    /// for this epilogue and this many rows and the shape suits it (k a multiple of 64, n of 8, 16-byte aligned x
+    /// and w, an even ldy). Returns whether it ran.
     fn gemm_sm90_product(
         &self,
-        silu: bool,
+        epi: GemmEpilogue,
         (m, n, k): (usize, usize, usize),
         (yp, xp, wp): (u64, u64, u64),
         ldy: usize,
     ) -> Result<bool> {
         let (which, min_rows) = self.gemm_sm90;
-        let wanted = match which {
-            GemmSm90::Off => false,
-            GemmSm90::Silu => silu,
-            GemmSm90::All => true,
+        let wanted = match epi {
+            GemmEpilogue::Silu => which >= GemmSm90::Silu,
+            GemmEpilogue::Add => which >= GemmSm90::Fused,
+            GemmEpilogue::Store => which == GemmSm90::All,
         };
         if !wanted
             || m < min_rows
@@ -1839,6 +1853,7 @@ impl CudaBackend {
         {
             return Ok(false);
         }
+        let silu = epi == GemmEpilogue::Silu;
         // Clusters of two blocks, each cluster on pairs of row tiles of one column tile at a time.
         let cols = if silu {
             GEMM_SM90_TILE_COLS / 2
@@ -1858,7 +1873,7 @@ impl CudaBackend {
         let wmap = tma_map_2d(self.dtype, wp, w_rows, k, GEMM_SM90_TILE_COLS / 2)?;
         launch!(
             self,
-            GEMM_SM90_KERNELS[usize::from(silu)],
+            GEMM_SM90_KERNELS[epi as usize],
             cfg((blocks, 1, 1), GEMM_SM90_THREADS, GEMM_SM90_SMEM),
             &yp,
             &xmap,
@@ -2612,7 +2627,7 @@ impl Backend for CudaBackend {
                 &ki
             );
         } else if !self.skinny_linear((m, n, k), (yp, xp, wp))?
-            && !self.gemm_sm90_product(false, (m, n, k), (yp, xp, wp), n)?
+            && !self.gemm_sm90_product(GemmEpilogue::Store, (m, n, k), (yp, xp, wp), n)?
         {
             self.gemm_into((m, n, k), (yp, xp, wp), n, (1.0, 0.0))?;
         }
@@ -2736,7 +2751,20 @@ impl Backend for CudaBackend {
         }
         let y = self.alloc(&[m, f])?;
         let (yp, xp, wp) = (self.ptr(&y.buf), self.ptr(&x.buf), self.ptr(&w.buf));
-        Ok(self.gemm_sm90_product(true, (m, f, k), (yp, xp, wp), f)?.then_some(y))
+        Ok(self
+            .gemm_sm90_product(GemmEpilogue::Silu, (m, f, k), (yp, xp, wp), f)?
+            .then_some(y))
+    }
+
+    fn linear_add(&self, x: &CudaTensor, w: &CudaTensor, y: &mut CudaTensor) -> Result<bool> {
+        let (m, k) = x.rows_cols();
+        let (n, k2) = w.rows_cols();
+        let (ym, yn) = y.rows_cols();
+        if k != k2 || ym != m || n < yn {
+            return Err(shape_err("linear_add", &x.shape, &w.shape));
+        }
+        let (yp, xp, wp) = (self.ptr(&y.buf), self.ptr(&x.buf), self.ptr(&w.buf));
+        self.gemm_sm90_product(GemmEpilogue::Add, (m, yn, k), (yp, xp, wp), yn)
     }
 
     fn rope_kv_write(
