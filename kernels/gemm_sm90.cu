@@ -38,8 +38,19 @@
 // A cluster of GM_CLUSTER = 2 blocks takes two row tiles of one column tile at a time: each block copies its own
 // 128 rows of x and one of the two boxes of w, which TMA multicasts to both blocks (a third less L2 traffic a
 // stage). So a stage's buffers in both blocks are written by both producers: each block's "empty" barrier counts
-// the consumer warps of both blocks, and each block's "full" barrier the bytes of both.
+// the consumer warps of both blocks, and each block's "full" barrier the bytes of both. GM_CLUSTER = 1 (a define
+// for comparisons: LORAX_CUDA_DEFINES=-DGM_CLUSTER=1) is one block a tile copying both boxes itself; the host
+// reads the size from the compiled kernel.
+#ifndef GM_CLUSTER
 #define GM_CLUSTER 2
+#endif
+#if GM_CLUSTER == 2
+#define GM_CLUSTER_DIMS __cluster_dims__(2, 1, 1)
+#elif GM_CLUSTER == 1
+#define GM_CLUSTER_DIMS
+#else
+#error "GM_CLUSTER is 1 or 2"
+#endif
 
 __device__ __forceinline__ u32 gm_cluster_rank() {
     u32 r;
@@ -52,11 +63,18 @@ __device__ __forceinline__ u32 gm_mapa(u32 a, u32 rank) {
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
     return d;
 }
+// An arrival on another block's mbarrier (its shared::cluster address), at the default (CTA) scope as CUTLASS's
+// ClusterBarrier::arrive: a cluster-scope release fenced each consumer warp's every stage (session 44 call 3:
+// 44% of the warps' cycles stalled on that memory barrier, the kernel 40% slower than with one block a tile).
 __device__ __forceinline__ void gm_arrive_cluster(u32 bar) {
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar) : "memory");
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void gm_cluster_sync() {
+#if GM_CLUSTER == 2
     asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+#else
+    __syncthreads();
+#endif
 }
 // The box of `map` at (c0, c1) into shared memory at dst in every block of the cluster (mask 0b11), its bytes
 // completing on each block's barrier at `bar`.
@@ -84,8 +102,8 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
     __shared__ __align__(8) u64 bars[2 * GM_STAGES];  // full[s], then empty[s]
     const u32 base = (sk_smem(gm_raw) + 1023u) & ~1023u;
     const u32 full0 = sk_smem(bars), empty0 = full0 + GM_STAGES * 8;
-    const u32 rank = gm_cluster_rank();
-    const u32 peer_empty0 = gm_mapa(empty0, rank ^ 1);
+    const u32 rank = GM_CLUSTER == 2 ? gm_cluster_rank() : 0;
+    const u32 peer_empty0 = GM_CLUSTER == 2 ? gm_mapa(empty0, rank ^ 1) : 0;
     const int tid = threadIdx.x, lane = tid % 32, warp = (tid % 128) / 32;
     // The warpgroup from a value the compiler knows is the same across the warp (a per-thread test would
     // make every wgmma "divergent", and ptxas would serialise them).
@@ -93,14 +111,14 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
     const int kbs = k / GM_BK;
     // Pairs of row tiles (the second of the last pair may lie past m: its block copies zeros of x, still
     // multicasts its box of w, and stores nothing) by column tiles; cluster q of nq takes pairs q, q + nq, ...
-    const int mp = (m + 2 * GM_BM - 1) / (2 * GM_BM), nt = (n + TW - 1) / TW;
+    const int mp = (m + GM_CLUSTER * GM_BM - 1) / (GM_CLUSTER * GM_BM), nt = (n + TW - 1) / TW;
     const int pairs = mp * nt;
     const int q0 = blockIdx.x / GM_CLUSTER, nq = gridDim.x / GM_CLUSTER;
 
     if (tid == 0) {
         for (int s = 0; s < GM_STAGES; ++s) {
             mb_init(full0 + s * 8, 1);  // the producer's arrival, then both blocks' copies' bytes
-            mb_init(empty0 + s * 8, GM_CLUSTER * GM_CONSUMERS / 32);  // each consumer warp of both blocks
+            mb_init(empty0 + s * 8, GM_CLUSTER * GM_CONSUMERS / 32);  // each consumer warp of the cluster
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         asm volatile("prefetch.tensormap [%0];" ::"l"(wmap) : "memory");
@@ -109,7 +127,8 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
         if (q0 < pairs) {
             const int c0 = (q0 / mp) * TW;
             for (int kb = 0; kb < GM_STAGES && kb < kbs; ++kb)
-                tma_prefetch_l2(wmap, kb * GM_BK, rank == 0 ? c0 : (SILU ? n + c0 : c0 + 128));
+                for (int h = 0; h < 2; ++h)
+                    if (GM_CLUSTER == 1 || h == (int)rank) tma_prefetch_l2(wmap, kb * GM_BK, h == 0 ? c0 : (SILU ? n + c0 : c0 + 128));
         }
     }
     // Both blocks' barriers are initialised before either block's copies or arrivals reach them.
@@ -122,17 +141,22 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
         if (tid == 0) {
             int it = 0;
             for (int p = q0; p < pairs; p += nq) {
-                const int r0 = (2 * (p % mp) + (int)rank) * GM_BM, c0 = (p / mp) * TW;
-                // This block's box of w: the gate's (or the first 128 rows) for rank 0, the up's (or the next
-                // 128) for rank 1, at the same place in both blocks' stage.
-                const int b = rank == 0 ? c0 : (SILU ? n + c0 : c0 + 128);
+                const int r0 = (GM_CLUSTER * (p % mp) + (int)rank) * GM_BM, c0 = (p / mp) * TW;
+                // w's boxes: the gate's (or the first 128 rows), then the up's (or the next 128). In a cluster of
+                // two, block `rank` copies box `rank` into the same place of both blocks' stage.
+                const int b0 = c0, b1 = SILU ? n + c0 : c0 + 128;
                 for (int kb = 0; kb < kbs; ++kb, ++it) {
                     const int s = it % GM_STAGES;
                     mb_wait(empty0 + s * 8, ((it / GM_STAGES) & 1) ^ 1);
                     const u32 full = full0 + s * 8, sa = base + s * GM_STAGE, sb = sa + GM_A_BYTES;
                     mb_expect(full, GM_STAGE);
                     tma_load(sa, xmap, kb * GM_BK, r0, full);
-                    gm_tma_multicast(sb + rank * (GM_B_BYTES / 2), wmap, kb * GM_BK, b, full);
+                    if constexpr (GM_CLUSTER == 2) {
+                        gm_tma_multicast(sb + rank * (GM_B_BYTES / 2), wmap, kb * GM_BK, rank == 0 ? b0 : b1, full);
+                    } else {
+                        tma_load(sb, wmap, kb * GM_BK, b0, full);
+                        tma_load(sb + GM_B_BYTES / 2, wmap, kb * GM_BK, b1, full);
+                    }
                 }
             }
         }
@@ -152,13 +176,13 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
             __syncwarp();
             if (lane == 0) {
                 mb_arrive(empty0 + s * 8);
-                gm_arrive_cluster(peer_empty0 + s * 8);
+                if (GM_CLUSTER == 2) gm_arrive_cluster(peer_empty0 + s * 8);
             }
         };
         const int g = lane / 4, q = lane % 4;
         int it = 0;
         for (int p = q0; p < pairs; p += nq) {
-            const int r0 = (2 * (p % mp) + (int)rank) * GM_BM, c0 = (p / mp) * TW;
+            const int r0 = (GM_CLUSTER * (p % mp) + (int)rank) * GM_BM, c0 = (p / mp) * TW;
             for (int kb = 0; kb < kbs; ++kb, ++it) {
                 const int s = it % GM_STAGES;
                 mb_wait(full0 + s * 8, (it / GM_STAGES) & 1);
@@ -223,22 +247,23 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
 }
 
 // The host asks for GM_STAGES * GM_STAGE + 1024 bytes (alignment slack) of dynamic shared memory and launches
-// GM_CLUSTER x min(pairs of row tiles x column tiles, multiprocessors / GM_CLUSTER) blocks of GM_THREADS.
-extern "C" __global__ void __cluster_dims__(GM_CLUSTER, 1, 1) __launch_bounds__(GM_THREADS, 1)
+// GM_CLUSTER x min(units of GM_CLUSTER row tiles x column tiles, clusters the device runs at once) blocks of
+// GM_THREADS.
+extern "C" __global__ void GM_CLUSTER_DIMS __launch_bounds__(GM_THREADS, 1)
     gemm_sm90(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, int m, int n,
               int k, int ldy) {
     gemm_sm90_body<GM_STORE>(y, &xmap, &wmap, m, n, k, ldy);
 }
 
 // n = f, the output's columns (w has 2f rows); ldy = f for a dense output.
-extern "C" __global__ void __cluster_dims__(GM_CLUSTER, 1, 1) __launch_bounds__(GM_THREADS, 1)
+extern "C" __global__ void GM_CLUSTER_DIMS __launch_bounds__(GM_THREADS, 1)
     gemm_sm90_silu(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, int m,
                    int n, int k, int ldy) {
     gemm_sm90_body<GM_SILU>(y, &xmap, &wmap, m, n, k, ldy);
 }
 
 // y += x . w^T: y (the residual stream) read and written in place.
-extern "C" __global__ void __cluster_dims__(GM_CLUSTER, 1, 1) __launch_bounds__(GM_THREADS, 1)
+extern "C" __global__ void GM_CLUSTER_DIMS __launch_bounds__(GM_THREADS, 1)
     gemm_sm90_add(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap, int m,
                   int n, int k, int ldy) {
     gemm_sm90_body<GM_ADD>(y, &xmap, &wmap, m, n, k, ldy);

@@ -36,6 +36,8 @@
 #                                          # the CPU and cuBLAS, timed against cuBLAS, golden with it on for every
 #                                          # product, 32-layer p1000 and m64x8 steps off / silu / fused, two
 #                                          # rounds (GEMM_NCU=1: ncu's detail of p1000's kernels first)
+#   bash scripts/gpu/next_call.sh gemm-ab  # ~150 s: its test, its times at 1000 and 4160 rows in clusters of two
+#                                          # blocks and of one
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -91,7 +93,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm}
+part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -372,6 +374,19 @@ gemm)
         lap steps
     fi
     ;;
+gemm-ab)
+    # Session 44: the Hopper prompt GEMM's test, then its times at 1000 and 4160 rows in clusters of two blocks
+    # (the default) and one block a tile (-DGM_CLUSTER=1), one round each.
+    timeout 150 "$bin/cuda_kernels" --exact gemm_sm90_matches_cpu_and_cublas --nocapture >"$R/kernels.txt" 2>&1
+    echo "rc $?" >>"$R/kernels.txt"
+    lap kernels
+    for c in 2 1; do
+        LORAX_CUDA_DEFINES="-DGM_CLUSTER=$c" GEMM_BENCH_ROWS="1000 4160" GEMM_BENCH_ROUNDS=1 timeout 120 \
+            "$bin/cuda_bench" --ignored --exact gemm_sm90_benchmarks --nocapture >"$R/gemm-c$c.txt" 2>&1
+        echo "rc $?" >>"$R/gemm-c$c.txt"
+    done
+    lap bench
+    ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
     # launcher to the shard).
@@ -395,7 +410,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long or gemm)" >&2
+    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
     exit 2
     ;;
 esac

@@ -380,9 +380,9 @@ fn gemm_sm90_benchmarks() {
         say("SKIPPED: the Hopper prompt GEMM runs on compute capability 9.0 with 16-bit storage only");
         return;
     }
+    let (width, clusters) = g.gemm_sm90_clusters();
     say(&format!(
-        "the Hopper prompt GEMM's grid: {} clusters of two blocks ({} multiprocessors)",
-        g.gemm_sm90_clusters(),
+        "the Hopper prompt GEMM's grid: {clusters} clusters of {width} block(s) ({} multiprocessors)",
         g.num_sms()
     ));
     let linears = [
@@ -391,8 +391,14 @@ fn gemm_sm90_benchmarks() {
         ("gate_up", 28672, 4096),
         ("down", 4096, 14336),
     ];
-    for round in 1..=2 {
-        for m in [128usize, 256, 512, 1000, 2048, 4160] {
+    // GEMM_BENCH_ROWS="1000 4160" and GEMM_BENCH_ROUNDS=1 narrow it for a short device call.
+    let rows: Vec<usize> = std::env::var("GEMM_BENCH_ROWS").map_or_else(
+        |_| vec![128, 256, 512, 1000, 2048, 4160],
+        |v| v.split_whitespace().map(|r| r.parse().unwrap()).collect(),
+    );
+    let rounds: usize = std::env::var("GEMM_BENCH_ROUNDS").map_or(2, |v| v.parse().unwrap());
+    for round in 1..=rounds {
+        for &m in &rows {
             for (i, &(name, n, k)) in linears.iter().enumerate() {
                 let flop = 2.0 * (m * n * k) as f64;
                 let mut line = Vec::new();

@@ -414,11 +414,23 @@ mod tests {
             for (at, _) in s.text.match_indices("extern \"C\" __global__") {
                 let mut rest = s.text[at + "extern \"C\" __global__".len()..].trim_start();
                 rest = rest.strip_prefix("void").unwrap_or(rest).trim_start();
-                while let Some(r) = ["__cluster_dims__(", "__launch_bounds__("]
-                    .iter()
-                    .find_map(|attr| rest.strip_prefix(attr))
-                {
-                    rest = r.split_once(')').map_or(r, |(_, after)| after).trim_start();
+                loop {
+                    if let Some(r) = ["__cluster_dims__(", "__launch_bounds__("]
+                        .iter()
+                        .find_map(|attr| rest.strip_prefix(attr))
+                    {
+                        rest = r.split_once(')').map_or(r, |(_, after)| after).trim_start();
+                        continue;
+                    }
+                    // A macro for attributes (an upper-case name and a space: `GM_CLUSTER_DIMS`).
+                    let word = rest
+                        .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                        .unwrap_or(rest.len());
+                    if word > 0 && rest[word..].starts_with(' ') {
+                        rest = rest[word..].trim_start();
+                        continue;
+                    }
+                    break;
                 }
                 rest = rest.trim_start_matches(['\\', ' ', '\n']);
                 let name: String = rest

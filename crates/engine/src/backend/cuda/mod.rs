@@ -822,8 +822,9 @@ pub struct CudaBackend {
     /// Which products run on the Hopper prompt GEMM (kernels/gemm_sm90.cu), from how many rows, and whether
     /// its module is built (`LORAX_CUDA_GEMM_SM90`, [`CudaBackend::set_gemm_sm90`]).
     gemm_sm90: (GemmSm90, usize),
-    /// Clusters of the Hopper prompt GEMM the device runs at once (its grid); 0 until its module is built.
-    gemm_sm90_clusters: usize,
+    /// The Hopper prompt GEMM's cluster size and how many clusters the device runs at once (its grid); 0 clusters
+    /// until its module is built.
+    gemm_sm90_clusters: (usize, usize),
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -1471,7 +1472,7 @@ impl CudaBackend {
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
             gemm_sm90: (GemmSm90::Off, GEMM_SM90_MIN_ROWS),
-            gemm_sm90_clusters: 0,
+            gemm_sm90_clusters: (1, 0),
             nccl: None,
             graphs: graph::Graphs::from_env()?,
             _blas_workspace: workspace,
@@ -1773,33 +1774,47 @@ impl CudaBackend {
     /// first time. Returns whether it is on: false for [`GemmSm90::Off`] and where it cannot be built (not
     /// Hopper, f32 storage, or a build failure, logged).
     pub fn set_gemm_sm90(&mut self, which: GemmSm90, min_rows: usize) -> bool {
-        if which != GemmSm90::Off && self.gemm_sm90_clusters == 0 {
+        if which != GemmSm90::Off && self.gemm_sm90_clusters.1 == 0 {
             match self
                 .hopper_module("gemm_sm90", |_| GEMM_SM90_SMEM)
                 .and_then(|()| self.gemm_sm90_max_clusters())
             {
-                Ok(n) => self.gemm_sm90_clusters = n,
+                Ok(grid) => self.gemm_sm90_clusters = grid,
                 Err(e) => tracing::warn!(error = %e, "the Hopper prompt GEMM is unavailable; cuBLAS runs its products"),
             }
         }
-        let on = which != GemmSm90::Off && self.gemm_sm90_clusters > 0;
+        let on = which != GemmSm90::Off && self.gemm_sm90_clusters.1 > 0;
         self.gemm_sm90 = (if on { which } else { GemmSm90::Off }, min_rows.max(1));
         on
     }
 
-    /// The Hopper prompt GEMM's grid in clusters of two blocks (0 until it is built).
-    pub fn gemm_sm90_clusters(&self) -> usize {
+    /// The Hopper prompt GEMM's cluster size and grid in clusters (0 until it is built).
+    pub fn gemm_sm90_clusters(&self) -> (usize, usize) {
         self.gemm_sm90_clusters
     }
 
-    /// How many of the Hopper prompt GEMM's clusters (two blocks each) the device runs at once: its persistent
-    /// grid, since a cluster's blocks must share a GPC and a GPC with an odd count of free multiprocessors
-    /// leaves one idle (half the multiprocessors' count when every GPC pairs up).
-    fn gemm_sm90_max_clusters(&self) -> std::result::Result<usize, String> {
+    /// The Hopper prompt GEMM's cluster size as compiled (kernels/gemm_sm90.cu `GM_CLUSTER`: 2, or 1 for
+    /// comparisons), and how many clusters the device runs at once: its persistent grid, since a cluster's blocks
+    /// must share a GPC and a GPC with an odd count of free multiprocessors leaves one idle.
+    fn gemm_sm90_max_clusters(&self) -> std::result::Result<(usize, usize), String> {
         let func = self.func(GEMM_SM90_KERNELS[1]).map_err(|e| e.to_string())?;
-        #[allow(clippy::cast_possible_truncation)]
+        let mut width: c_int = 0;
+        // SAFETY: `width` is an out-parameter; the function is loaded in this context.
+        unsafe {
+            drv_sys::cuFuncGetAttribute(
+                &raw mut width,
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH,
+                func.cu_function(),
+            )
+        }
+        .result()
+        .map_err(|e| format!("the kernel's cluster size: {e:?}"))?;
+        if width <= 1 {
+            return Ok((1, self.num_sms));
+        }
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let config = drv_sys::CUlaunchConfig {
-            gridDimX: 2 * (self.num_sms as u32 / 2),
+            gridDimX: width as u32 * (self.num_sms as u32 / width as u32),
             gridDimY: 1,
             gridDimZ: 1,
             blockDimX: GEMM_SM90_THREADS,
@@ -1816,11 +1831,13 @@ impl CudaBackend {
         unsafe { drv_sys::cuOccupancyMaxActiveClusters(&raw mut n, func.cu_function(), &raw const config) }
             .result()
             .map_err(|e| format!("clusters the device runs at once: {e:?}"))?;
-        tracing::debug!(clusters = n, "the Hopper prompt GEMM's persistent grid");
-        usize::try_from(n)
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| format!("the device runs {n} clusters of the Hopper prompt GEMM at once"))
+        tracing::debug!(clusters = n, width, "the Hopper prompt GEMM's persistent grid");
+        match (usize::try_from(width), usize::try_from(n)) {
+            (Ok(w), Ok(n)) if n > 0 => Ok((w, n)),
+            _ => Err(format!(
+                "the device runs {n} clusters of {width} of the Hopper prompt GEMM at once"
+            )),
+        }
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` (rows of y `ldy` apart) on the Hopper prompt GEMM, with epilogue `epi`
@@ -1854,14 +1871,15 @@ impl CudaBackend {
             return Ok(false);
         }
         let silu = epi == GemmEpilogue::Silu;
-        // Clusters of two blocks, each cluster on pairs of row tiles of one column tile at a time.
+        // Clusters of `width` blocks, each cluster on `width` row tiles of one column tile at a time.
         let cols = if silu {
             GEMM_SM90_TILE_COLS / 2
         } else {
             GEMM_SM90_TILE_COLS
         };
-        let pairs = m.div_ceil(2 * GEMM_SM90_BM) * n.div_ceil(cols);
-        let blocks = uint("GEMM blocks", 2 * self.gemm_sm90_clusters.min(pairs))?;
+        let (width, clusters) = self.gemm_sm90_clusters;
+        let units = m.div_ceil(width * GEMM_SM90_BM) * n.div_ceil(cols);
+        let blocks = uint("GEMM blocks", width * clusters.min(units))?;
         let w_rows = if silu { 2 * n } else { n };
         let (mi, ni, ki, ldi) = (
             int("rows", m)?,
