@@ -268,3 +268,132 @@ extern "C" __global__ void GM_CLUSTER_DIMS __launch_bounds__(GM_THREADS, 1)
                   int n, int k, int ldy) {
     gemm_sm90_body<GM_ADD>(y, &xmap, &wmap, m, n, k, ldy);
 }
+
+// The silu-mul product with the roles of x and w swapped, as cuBLAS's kernels take them (`gemm_sm90_silu_t`; session
+// 44): a tile is GT_TN = 144 tokens (the MMA's N side) by 128 features, whose gate and up rows of w (256) are the
+// MMA's M side. Consumer warpgroup c takes the features 64 c.. of the tile with two m64n144k16 products a 16 of k,
+// one on their gate rows and one on their up rows, so a thread holds a feature's gate and up sums for the same
+// tokens. 144 tokens a tile make 1000 tokens 7 tiles (1008 rows computed) where 128 make 8 (1024): with 112
+// feature tiles, 784 tiles on 132 multiprocessors in 6 rounds against 896 in 7. One block a tile, no cluster.
+// The host asks for GT_STAGES * GT_STAGE + 1024 bytes of dynamic shared memory; x's map has boxes of 144 rows.
+#define GT_TN 144
+#define GT_A_BYTES (256 * GM_BK * 2)          // 32 KiB: 128 gate rows, then 128 up rows of w
+#define GT_B_BYTES (GT_TN * GM_BK * 2)        // 18 KiB: 144 rows of x
+#define GT_STAGE (GT_A_BYTES + GT_B_BYTES)    // 50 KiB, a multiple of 1024
+#define GT_STAGES 4
+
+extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
+    gemm_sm90_silu_t(T* __restrict__ y, const __grid_constant__ TmaMap xmap, const __grid_constant__ TmaMap wmap,
+                     int m, int f, int k, int ldy) {
+    extern __shared__ unsigned char gt_raw[];
+    __shared__ __align__(8) u64 bars[2 * GT_STAGES];  // full[s], then empty[s]
+    const u32 base = (sk_smem(gt_raw) + 1023u) & ~1023u;
+    const u32 full0 = sk_smem(bars), empty0 = full0 + GT_STAGES * 8;
+    const int tid = threadIdx.x, lane = tid % 32, warp = (tid % 128) / 32;
+    const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+    const int kbs = k / GM_BK;
+    const int tt = (m + GT_TN - 1) / GT_TN, ft = (f + 127) / 128;
+    const int units = tt * ft;  // unit u: token tile u % tt of feature tile u / tt
+    if (tid == 0) {
+        for (int s = 0; s < GT_STAGES; ++s) {
+            mb_init(full0 + s * 8, 1);
+            mb_init(empty0 + s * 8, GM_CONSUMERS / 32);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("prefetch.tensormap [%0];" ::"l"(&wmap) : "memory");
+        asm volatile("prefetch.tensormap [%0];" ::"l"(&xmap) : "memory");
+        if (blockIdx.x < units) {
+            const int c0 = (blockIdx.x / tt) * 128;
+            for (int kb = 0; kb < GT_STAGES && kb < kbs; ++kb) {
+                tma_prefetch_l2(&wmap, kb * GM_BK, c0);
+                tma_prefetch_l2(&wmap, kb * GM_BK, f + c0);
+            }
+        }
+    }
+    __syncthreads();
+    pdl_enter();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
+        if (tid == 0) {
+            int it = 0;
+            for (int u = blockIdx.x; u < units; u += gridDim.x) {
+                const int t0 = (u % tt) * GT_TN, c0 = (u / tt) * 128;
+                for (int kb = 0; kb < kbs; ++kb, ++it) {
+                    const int s = it % GT_STAGES;
+                    mb_wait(empty0 + s * 8, ((it / GT_STAGES) & 1) ^ 1);
+                    const u32 full = full0 + s * 8, sa = base + s * GT_STAGE;
+                    mb_expect(full, GT_STAGE);
+                    tma_load(sa, &wmap, kb * GM_BK, c0, full);
+                    tma_load(sa + GT_A_BYTES / 2, &wmap, kb * GM_BK, f + c0, full);
+                    tma_load(sa + GT_A_BYTES, &xmap, kb * GM_BK, t0, full);
+                }
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
+    const int cw = wg - 1;
+    // Sums r of this thread: feature 16 warp + lane / 4 + 8 ((r / 2) % 2) of the warpgroup's 64, token
+    // 8 (r / 4) + 2 (lane % 4) + r % 2 of the tile's 144; ag the gate's, au the up's.
+    float ag[72], au[72];
+    auto pin = [&]() {
+#pragma unroll
+        for (int r = 0; r < 72; ++r) {
+            wgmma_fence_operand(ag[r]);
+            wgmma_fence_operand(au[r]);
+        }
+    };
+    auto release = [&](int s) {
+        __syncwarp();
+        if (lane == 0) mb_arrive(empty0 + s * 8);
+    };
+    const int g = lane / 4, q = lane % 4;
+    int it = 0;
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        const int t0 = (u % tt) * GT_TN, c0 = (u / tt) * 128;
+        for (int kb = 0; kb < kbs; ++kb, ++it) {
+            const int s = it % GT_STAGES;
+            mb_wait(full0 + s * 8, (it / GT_STAGES) & 1);
+            const u32 sg = base + s * GT_STAGE + cw * 64 * 128, su = sg + GT_A_BYTES / 2;
+            const u32 sb = base + s * GT_STAGE + GT_A_BYTES;
+            pin();
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < GM_BK / 16; ++kk) {
+                const u64 db = sk_desc(sb + kk * 32);
+                wgmma_n144(ag, sk_desc(sg + kk * 32), db, (kb | kk) != 0);
+                wgmma_n144(au, sk_desc(su + kk * 32), db, (kb | kk) != 0);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();
+            pin();
+            if (kb > 0) release((it - 1) % GT_STAGES);
+        }
+        wgmma_wait<0>();
+        pin();
+        release((it - 1) % GT_STAGES);
+
+        // out[token][feature]: a thread holds two tokens of one feature; the neighbouring feature's thread (lane ^ 4)
+        // swaps one, so that each stores two features of one token as one 32-bit word (even g: its token 2q, odd:
+        // 2q + 1).
+        const bool even = (g & 1) == 0;
+#pragma unroll
+        for (int r = 0; r < 72; r += 2) {
+            float o[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float gv = to_f(from_f(ag[r + e])), uv = to_f(from_f(au[r + e]));
+                o[e] = to_f(from_f(to_f(from_f(gv / (1.0f + expf(-gv)))) * uv));
+            }
+            const float other = __shfl_xor_sync(0xffffffffu, even ? o[1] : o[0], 4);
+            const int j = r / 4, hh = (r / 2) % 2;
+            const int feat = c0 + cw * 64 + warp * 16 + g + 8 * hh - (even ? 0 : 1);
+            const int tok = t0 + 8 * j + 2 * q + (even ? 0 : 1);
+            int mm = m;
+            asm volatile("" : "+r"(mm));
+            if (tok < mm && feat < f)
+                *reinterpret_cast<u32*>(y + (u64)tok * ldy + feat) = even ? pack_f(o[0], other) : pack_f(other, o[1]);
+        }
+    }
+}

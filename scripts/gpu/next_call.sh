@@ -36,8 +36,8 @@
 #                                          # the CPU and cuBLAS, timed against cuBLAS, golden with it on for every
 #                                          # product, 32-layer p1000 and m64x8 steps off / silu / fused, two
 #                                          # rounds (GEMM_NCU=1: ncu's detail of p1000's kernels first)
-#   bash scripts/gpu/next_call.sh gemm-ab  # ~150 s: its test, its times at 1000 and 4160 rows in clusters of two
-#                                          # blocks and of one
+#   bash scripts/gpu/next_call.sh gemm-ab  # ~150 s: its test, its times at 1000 and 4160 rows, p1000 steps off and
+#                                          # with the silu product on gemm_sm90_silu_t
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -375,17 +375,25 @@ gemm)
     fi
     ;;
 gemm-ab)
-    # Session 44: the Hopper prompt GEMM's test, then its times at 1000 and 4160 rows in clusters of two blocks
-    # (the default) and one block a tile (-DGM_CLUSTER=1), one round each.
+    # Session 44: the Hopper prompt GEMM's test (both silu forms), its times at 1000 and 4160 rows (GEMM_AB_C1=1:
+    # also in clusters of one block, -DGM_CLUSTER=1), then 32-layer eager p1000 steps off and with the silu
+    # product on gemm_sm90_silu_t (LORAX_CUDA_GEMM_SM90_SWAP=1), two rounds in opposite orders.
     timeout 150 "$bin/cuda_kernels" --exact gemm_sm90_matches_cpu_and_cublas --nocapture >"$R/kernels.txt" 2>&1
     echo "rc $?" >>"$R/kernels.txt"
     lap kernels
-    for c in 2 1; do
+    for c in 2 $([ "${GEMM_AB_C1:-0}" = 1 ] && echo 1); do
         LORAX_CUDA_DEFINES="-DGM_CLUSTER=$c" GEMM_BENCH_ROWS="1000 4160" GEMM_BENCH_ROUNDS=1 timeout 120 \
             "$bin/cuda_bench" --ignored --exact gemm_sm90_benchmarks --nocapture >"$R/gemm-c$c.txt" 2>&1
         echo "rc $?" >>"$R/gemm-c$c.txt"
     done
     lap bench
+    if grep -q "test result: ok. 1 passed" "$R/kernels.txt"; then
+        profile_step p1000 "off round 1" LORAX_CUDA_GEMM_SM90=0
+        profile_step p1000 "silu_t round 1" LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1
+        profile_step p1000 "silu_t round 2" LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1
+        profile_step p1000 "off round 2" LORAX_CUDA_GEMM_SM90=0
+        lap steps
+    fi
     ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the

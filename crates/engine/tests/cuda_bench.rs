@@ -452,16 +452,20 @@ fn gemm_sm90_benchmarks() {
                 g.silu_mul(&g.linear(&x, &ws[i], None)?).map(|_| ())
             });
             g.set_gemm_sm90(GemmSm90::Silu, 1);
-            let fused = graph_ms(&g, copies, 20, &|i| {
-                g.linear_silu_mul(&x, &ws[i], f)?.expect("the fused product runs");
-                Ok(())
-            });
-            bench(
-                &format!("gemm_sm90_r{round}_gate_up_silu_m{m}"),
-                fused * 1e3,
-                "us",
-                &format!("cuBLAS gate/up + silu_mul {:.1} us: {:.3}x", two * 1e3, fused / two),
-            );
+            for (label, swap) in [("", false), ("_t", true)] {
+                g.set_gemm_sm90_swap(swap);
+                let fused = graph_ms(&g, copies, 20, &|i| {
+                    g.linear_silu_mul(&x, &ws[i], f)?.expect("the fused product runs");
+                    Ok(())
+                });
+                bench(
+                    &format!("gemm_sm90_r{round}_gate_up_silu{label}_m{m}"),
+                    fused * 1e3,
+                    "us",
+                    &format!("cuBLAS gate/up + silu_mul {:.1} us: {:.3}x", two * 1e3, fused / two),
+                );
+            }
+            g.set_gemm_sm90_swap(false);
         }
     }
     g.set_gemm_sm90(GemmSm90::Off, 1);

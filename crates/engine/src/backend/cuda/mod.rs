@@ -268,7 +268,12 @@ const SKINNY_MAX_TILES: usize = 2048;
 
 /// The Hopper prompt GEMMs (kernels/gemm_sm90.cu), by [`GemmEpilogue`]: a plain product, the gate/up product with
 /// silu-mul in its epilogue, and a product added into its output (the residual stream).
-const GEMM_SM90_KERNELS: [&str; 3] = ["gemm_sm90", "gemm_sm90_silu", "gemm_sm90_add"];
+const GEMM_SM90_KERNELS: [&str; 4] = ["gemm_sm90", "gemm_sm90_silu", "gemm_sm90_add", "gemm_sm90_silu_t"];
+/// `gemm_sm90_silu_t`'s tile: tokens (x's rows) by features, and its dynamic shared memory (four stages of 256 rows
+/// of w and 144 of x, 64 of k each, and 1 KiB of alignment slack).
+const GEMM_SM90_T_TOKENS: usize = 144;
+const GEMM_SM90_T_FEATURES: usize = 128;
+const GEMM_SM90_T_SMEM: usize = 4 * (256 + 144) * 64 * 2 + 1024;
 /// Its block (a producer warpgroup and two consumers) and dynamic shared memory (kernels/gemm_sm90.cu: four
 /// stages of 128 rows of x and 256 of w, 64 of k each, and 1 KiB of alignment slack).
 const GEMM_SM90_THREADS: u32 = 384;
@@ -825,6 +830,9 @@ pub struct CudaBackend {
     /// The Hopper prompt GEMM's cluster size and how many clusters the device runs at once (its grid); 0 clusters
     /// until its module is built.
     gemm_sm90_clusters: (usize, usize),
+    /// The silu-mul product on `gemm_sm90_silu_t` (tokens on the MMA's N side, tiles of 144 tokens) rather than
+    /// `gemm_sm90_silu` (`LORAX_CUDA_GEMM_SM90_SWAP=1`, [`CudaBackend::set_gemm_sm90_swap`]).
+    gemm_sm90_swap: bool,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -1473,6 +1481,7 @@ impl CudaBackend {
             skinny: None,
             gemm_sm90: (GemmSm90::Off, GEMM_SM90_MIN_ROWS),
             gemm_sm90_clusters: (1, 0),
+            gemm_sm90_swap: env_switch("LORAX_CUDA_GEMM_SM90_SWAP", ["1", "0"], false)?,
             nccl: None,
             graphs: graph::Graphs::from_env()?,
             _blas_workspace: workspace,
@@ -1776,7 +1785,7 @@ impl CudaBackend {
     pub fn set_gemm_sm90(&mut self, which: GemmSm90, min_rows: usize) -> bool {
         if which != GemmSm90::Off && self.gemm_sm90_clusters.1 == 0 {
             match self
-                .hopper_module("gemm_sm90", |_| GEMM_SM90_SMEM)
+                .hopper_module("gemm_sm90", |i| if i == 3 { GEMM_SM90_T_SMEM } else { GEMM_SM90_SMEM })
                 .and_then(|()| self.gemm_sm90_max_clusters())
             {
                 Ok(grid) => self.gemm_sm90_clusters = grid,
@@ -1786,6 +1795,12 @@ impl CudaBackend {
         let on = which != GemmSm90::Off && self.gemm_sm90_clusters.1 > 0;
         self.gemm_sm90 = (if on { which } else { GemmSm90::Off }, min_rows.max(1));
         on
+    }
+
+    /// The silu-mul product on `gemm_sm90_silu_t` (tokens on the MMA's N side) or on `gemm_sm90_silu` (for tests
+    /// and comparisons; `LORAX_CUDA_GEMM_SM90_SWAP`).
+    pub fn set_gemm_sm90_swap(&mut self, on: bool) {
+        self.gemm_sm90_swap = on;
     }
 
     /// The Hopper prompt GEMM's cluster size and grid in clusters (0 until it is built).
@@ -1871,6 +1886,32 @@ impl CudaBackend {
             return Ok(false);
         }
         let silu = epi == GemmEpilogue::Silu;
+        if silu && self.gemm_sm90_swap {
+            // Tokens on the MMA's N side (kernels/gemm_sm90.cu `gemm_sm90_silu_t`), one block a tile.
+            let units = m.div_ceil(GEMM_SM90_T_TOKENS) * n.div_ceil(GEMM_SM90_T_FEATURES);
+            let blocks = uint("GEMM blocks", self.num_sms.min(units))?;
+            let (mi, ni, ki, ldi) = (
+                int("rows", m)?,
+                int("out features", n)?,
+                int("in features", k)?,
+                int("row stride", ldy)?,
+            );
+            let xmap = tma_map_2d(self.dtype, xp, m, k, GEMM_SM90_T_TOKENS)?;
+            let wmap = tma_map_2d(self.dtype, wp, 2 * n, k, GEMM_SM90_T_FEATURES)?;
+            launch!(
+                self,
+                GEMM_SM90_KERNELS[3],
+                cfg((blocks, 1, 1), GEMM_SM90_THREADS, GEMM_SM90_T_SMEM),
+                &yp,
+                &xmap,
+                &wmap,
+                &mi,
+                &ni,
+                &ki,
+                &ldi
+            );
+            return Ok(true);
+        }
         // Clusters of `width` blocks, each cluster on `width` row tiles of one column tile at a time.
         let cols = if silu {
             GEMM_SM90_TILE_COLS / 2
