@@ -382,17 +382,29 @@ gemm-ab)
     echo "rc $?" >>"$R/kernels.txt"
     lap kernels
     for c in 2 $([ "${GEMM_AB_C1:-0}" = 1 ] && echo 1); do
-        LORAX_CUDA_DEFINES="-DGM_CLUSTER=$c" GEMM_BENCH_ROWS="1000 4160" GEMM_BENCH_ROUNDS=1 timeout 120 \
+        LORAX_CUDA_DEFINES="-DGM_CLUSTER=$c" GEMM_BENCH_ROWS="512 1000 2048 4160" GEMM_BENCH_ROUNDS=1 timeout 120 \
             "$bin/cuda_bench" --ignored --exact gemm_sm90_benchmarks --nocapture >"$R/gemm-c$c.txt" 2>&1
         echo "rc $?" >>"$R/gemm-c$c.txt"
     done
     lap bench
     if grep -q "test result: ok. 1 passed" "$R/kernels.txt"; then
+        t=(LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1 LORAX_CUDA_GEMM_SM90_MAX_ROWS=${GEMM_MAX_ROWS:-2048})
         profile_step p1000 "off round 1" LORAX_CUDA_GEMM_SM90=0
-        profile_step p1000 "silu_t round 1" LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1
-        profile_step p1000 "silu_t round 2" LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1
+        profile_step p1000 "silu_t round 1" "${t[@]}"
+        profile_step p1000 "silu_t round 2" "${t[@]}"
         profile_step p1000 "off round 2" LORAX_CUDA_GEMM_SM90=0
         lap steps
+        # GEMM_AB_BENCH=1: bench.sh with it on (up to GEMM_MAX_ROWS rows: the 1000-token TTFT, not the mixed
+        # steps of the regimes) when its p1000 steps 1-5 averaged less than off's.
+        faster=$(awk '/^== p1000/ {l = $3} /^STEP p1000 [1-5]:/ {s[l] += $4; n[l]++}
+            END {print (n["silu_t"] && s["silu_t"] / n["silu_t"] < s["off"] / n["off"]) ? 1 : 0}' "$R/steps32.txt")
+        echo "silu_t steps faster than off: $faster" | tee -a "$R/laps.txt"
+        if [ "${GEMM_AB_BENCH:-0}" = 1 ] && [ "$faster" = 1 ]; then
+            env "${t[@]}" BENCH_TIMEOUT=380 BENCH_PEFT_BUDGET=130 timeout 390 scripts/gpu/bench.sh "$R/bench" "$bin" \
+                >"$R/bench.txt" 2>&1
+            echo "rc $?" >>"$R/bench.txt"
+            lap bench
+        fi
     fi
     ;;
 sm90-bench)

@@ -833,6 +833,8 @@ pub struct CudaBackend {
     /// The silu-mul product on `gemm_sm90_silu_t` (tokens on the MMA's N side, tiles of 144 tokens) rather than
     /// `gemm_sm90_silu` (`LORAX_CUDA_GEMM_SM90_SWAP=1`, [`CudaBackend::set_gemm_sm90_swap`]).
     gemm_sm90_swap: bool,
+    /// Products of more rows stay on cuBLAS (`LORAX_CUDA_GEMM_SM90_MAX_ROWS`, default no limit).
+    gemm_sm90_max_rows: usize,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -1482,6 +1484,7 @@ impl CudaBackend {
             gemm_sm90: (GemmSm90::Off, GEMM_SM90_MIN_ROWS),
             gemm_sm90_clusters: (1, 0),
             gemm_sm90_swap: env_switch("LORAX_CUDA_GEMM_SM90_SWAP", ["1", "0"], false)?,
+            gemm_sm90_max_rows: env_count("LORAX_CUDA_GEMM_SM90_MAX_ROWS", usize::MAX, 1..=usize::MAX)?,
             nccl: None,
             graphs: graph::Graphs::from_env()?,
             _blas_workspace: workspace,
@@ -1867,6 +1870,9 @@ impl CudaBackend {
         ldy: usize,
     ) -> Result<bool> {
         let (which, min_rows) = self.gemm_sm90;
+        if m > self.gemm_sm90_max_rows {
+            return Ok(false);
+        }
         let wanted = match epi {
             GemmEpilogue::Silu => which >= GemmSm90::Silu,
             GemmEpilogue::Add => which >= GemmSm90::Fused,
@@ -2805,7 +2811,7 @@ impl Backend for CudaBackend {
         if k != k2 || rows < 2 * f {
             return Err(shape_err("linear_silu_mul", &x.shape, &w.shape));
         }
-        if self.gemm_sm90.0 == GemmSm90::Off || m < self.gemm_sm90.1 || f == 0 {
+        if self.gemm_sm90.0 == GemmSm90::Off || m < self.gemm_sm90.1 || m > self.gemm_sm90_max_rows || f == 0 {
             return Ok(None);
         }
         let y = self.alloc(&[m, f])?;
