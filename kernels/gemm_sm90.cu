@@ -7,7 +7,8 @@
 //   - `gemm_sm90_add`: y[m, n] += x . w^T, the product rounded to the storage type first, as add_rms_norm adds
 //     cuBLAS's output: the o and down products add into the residual stream, and the norm after runs alone;
 //   - `gemm_sm90`: y[m, n] = x . w^T, rows of y `ldy` apart (the same main loop, a plain store: to compare the
-//     main loop with cuBLAS's on any shape).
+//     main loop with cuBLAS's on any shape);
+//   - `gemm_sm90_silu_t`: the silu-mul product with the tokens on the MMA's N side (at the end of this file).
 // The shape of the kernel (CUTLASS's warp-specialized "cooperative" persistent kernel):
 //   - a block is three warpgroups (384 threads): warpgroup 0's first thread, the producer, copies stages of
 //     GM_BK = 64 of k by TMA (x: 128 rows; w: two boxes of 128 rows, the gate's and the up's for silu, two
@@ -176,7 +177,7 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
             __syncwarp();
             if (lane == 0) {
                 mb_arrive(empty0 + s * 8);
-                if (GM_CLUSTER == 2) gm_arrive_cluster(peer_empty0 + s * 8);
+                if constexpr (GM_CLUSTER == 2) gm_arrive_cluster(peer_empty0 + s * 8);
             }
         };
         const int g = lane / 4, q = lane % 4;

@@ -175,9 +175,16 @@ fn gemm_sm90_matches_cpu_and_cublas() {
             say("SKIPPED: the Hopper prompt GEMM runs on compute capability 9.0 with 16-bit storage only");
             return;
         }
+        // The plain product through `linear`, which falls back to cuBLAS silently: the launch count tells.
         let linear = |g: &mut CudaBackend, on: bool, x: &Pair, w: &Pair| -> Vec<f32> {
             g.set_gemm_sm90(if on { GemmSm90::All } else { GemmSm90::Off }, 1);
+            let before = g.gemm_sm90_launches();
             let y = g.linear(&x.gpu, &w.gpu, None).unwrap();
+            assert_eq!(
+                g.gemm_sm90_launches() - before,
+                u64::from(on),
+                "the Hopper prompt GEMM ran (or not)"
+            );
             g.to_f32(&y).unwrap()
         };
         for (m, k, n) in [
@@ -212,6 +219,10 @@ fn gemm_sm90_matches_cpu_and_cublas() {
             (200, 512, 136, 0),
             (1000, 4096, 1408, 64),
             (2100, 1024, 2048, 0),
+            // Just past one tile of 144 tokens, f not a multiple of 128, rows past 2f; three stages of k a tile
+            // with several tiles a block (the stages' phases carried from tile to tile).
+            (145, 256, 120, 8),
+            (1000, 192, 8192, 0),
         ] {
             let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
             let w = pair(&g, &mut rng, &[2 * f + extra, k], -0.05, 0.05);
@@ -225,18 +236,23 @@ fn gemm_sm90_matches_cpu_and_cublas() {
             let want = g.silu_mul(&g.linear(&x.gpu, &w2, None).unwrap()).unwrap();
             let want = g.to_f32(&want).unwrap();
             g.set_gemm_sm90(GemmSm90::Silu, 1);
-            let got = g
-                .linear_silu_mul(&x.gpu, &w.gpu, f)
-                .unwrap()
-                .expect("the fused product runs");
-            assert_eq!(g.shape(&got), &[m, f][..]);
-            let got = g.to_f32(&got).unwrap();
-            check(
-                &format!("{dt:?} gemm_sm90_silu {m}x{k}x{f} (+{extra} rows) vs cuBLAS + silu_mul"),
-                &got,
-                &want,
-                close,
-            );
+            // Both forms: tokens on the MMA's M side (gemm_sm90_silu) and on its N side (gemm_sm90_silu_t).
+            for swap in [false, true] {
+                g.set_gemm_sm90_swap(swap);
+                let got = g
+                    .linear_silu_mul(&x.gpu, &w.gpu, f)
+                    .unwrap()
+                    .expect("the fused product runs");
+                assert_eq!(g.shape(&got), &[m, f][..]);
+                let got = g.to_f32(&got).unwrap();
+                check(
+                    &format!("{dt:?} gemm_sm90_silu swap={swap} {m}x{k}x{f} (+{extra} rows) vs cuBLAS + silu_mul"),
+                    &got,
+                    &want,
+                    close,
+                );
+            }
+            g.set_gemm_sm90_swap(false);
             // Below the row threshold the caller's two kernels run.
             g.set_gemm_sm90(GemmSm90::Silu, m + 1);
             assert!(g.linear_silu_mul(&x.gpu, &w.gpu, f).unwrap().is_none());
@@ -251,7 +267,8 @@ fn gemm_sm90_matches_cpu_and_cublas() {
         ] {
             let x = pair(&g, &mut rng, &[m, k], -1.0, 1.0);
             let w = pair(&g, &mut rng, &[n + extra, k], -0.02, 0.02);
-            let y0 = pair(&g, &mut rng, &[m, n], -2.0, 2.0);
+            // Small beside the product (|x . w| ~ 0.02 sqrt(k) / 2), so that the relative error measures the product.
+            let y0 = pair(&g, &mut rng, &[m, n], -0.05, 0.05);
             g.set_gemm_sm90(GemmSm90::Silu, 1);
             let mut y = g.tensor_from_f32(&[m, n], &y0.host).unwrap();
             assert!(

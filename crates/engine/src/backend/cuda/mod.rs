@@ -266,8 +266,9 @@ const SKINNY_THREADS: usize = SKINNY_CONSUMERS + 32;
 /// Output tiles one skinny product may have (its counters; a vocabulary of 262144 rows in one product).
 const SKINNY_MAX_TILES: usize = 2048;
 
-/// The Hopper prompt GEMMs (kernels/gemm_sm90.cu), by [`GemmEpilogue`]: a plain product, the gate/up product with
-/// silu-mul in its epilogue, and a product added into its output (the residual stream).
+/// The Hopper prompt GEMMs (kernels/gemm_sm90.cu): by [`GemmEpilogue`] a plain product, the gate/up product with
+/// silu-mul in its epilogue and a product added into its output (the residual stream), then the silu-mul product
+/// with the tokens on the MMA's N side.
 const GEMM_SM90_KERNELS: [&str; 4] = ["gemm_sm90", "gemm_sm90_silu", "gemm_sm90_add", "gemm_sm90_silu_t"];
 /// `gemm_sm90_silu_t`'s tile: tokens (x's rows) by features, and its dynamic shared memory (four stages of 256 rows
 /// of w and 144 of x, 64 of k each, and 1 KiB of alignment slack).
@@ -835,6 +836,8 @@ pub struct CudaBackend {
     gemm_sm90_swap: bool,
     /// Products of more rows stay on cuBLAS (`LORAX_CUDA_GEMM_SM90_MAX_ROWS`, default no limit).
     gemm_sm90_max_rows: usize,
+    /// Launches of the Hopper prompt GEMM so far (tests check that a product ran on it).
+    gemm_sm90_launches: std::sync::atomic::AtomicU64,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
     nccl: Option<nccl::NcclComm>,
     /// Decode-step CUDA graphs (graph.rs).
@@ -1485,6 +1488,7 @@ impl CudaBackend {
             gemm_sm90_clusters: (1, 0),
             gemm_sm90_swap: env_switch("LORAX_CUDA_GEMM_SM90_SWAP", ["1", "0"], false)?,
             gemm_sm90_max_rows: env_count("LORAX_CUDA_GEMM_SM90_MAX_ROWS", usize::MAX, 1..=usize::MAX)?,
+            gemm_sm90_launches: std::sync::atomic::AtomicU64::new(0),
             nccl: None,
             graphs: graph::Graphs::from_env()?,
             _blas_workspace: workspace,
@@ -1806,6 +1810,11 @@ impl CudaBackend {
         self.gemm_sm90_swap = on;
     }
 
+    /// Launches of the Hopper prompt GEMM so far.
+    pub fn gemm_sm90_launches(&self) -> u64 {
+        self.gemm_sm90_launches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The Hopper prompt GEMM's cluster size and grid in clusters (0 until it is built).
     pub fn gemm_sm90_clusters(&self) -> (usize, usize) {
         self.gemm_sm90_clusters
@@ -1882,6 +1891,7 @@ impl CudaBackend {
             || m < min_rows
             || m == 0
             || n == 0
+            || k == 0
             || !k.is_multiple_of(SKINNY_BK)
             || !n.is_multiple_of(8)
             || !ldy.is_multiple_of(2)
@@ -1916,6 +1926,8 @@ impl CudaBackend {
                 &ki,
                 &ldi
             );
+            self.gemm_sm90_launches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(true);
         }
         // Clusters of `width` blocks, each cluster on `width` row tiles of one column tile at a time.
@@ -1948,6 +1960,8 @@ impl CudaBackend {
             &ki,
             &ldi
         );
+        self.gemm_sm90_launches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
 
