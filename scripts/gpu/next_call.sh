@@ -382,7 +382,7 @@ gemm-ab)
     echo "rc $?" >>"$R/kernels.txt"
     lap kernels
     for c in 2 $([ "${GEMM_AB_C1:-0}" = 1 ] && echo 1); do
-        LORAX_CUDA_DEFINES="-DGM_CLUSTER=$c" GEMM_BENCH_ROWS="512 1000 2048 4160" GEMM_BENCH_ROUNDS=1 timeout 120 \
+        LORAX_CUDA_DEFINES="-DGM_CLUSTER=$c" GEMM_BENCH_ROWS="${GEMM_ROWS:-512 1000 2048 4160}" GEMM_BENCH_ROUNDS=1 timeout 120 \
             "$bin/cuda_bench" --ignored --exact gemm_sm90_benchmarks --nocapture >"$R/gemm-c$c.txt" 2>&1
         echo "rc $?" >>"$R/gemm-c$c.txt"
     done
@@ -391,8 +391,11 @@ gemm-ab)
         t=(LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1 LORAX_CUDA_GEMM_SM90_MAX_ROWS=${GEMM_MAX_ROWS:-2048})
         profile_step p1000 "off round 1" LORAX_CUDA_GEMM_SM90=0
         profile_step p1000 "silu_t round 1" "${t[@]}"
-        profile_step p1000 "silu_t round 2" "${t[@]}"
-        profile_step p1000 "off round 2" LORAX_CUDA_GEMM_SM90=0
+        # GEMM_ONE_ROUND=1: one round of steps (a short call).
+        if [ "${GEMM_ONE_ROUND:-0}" != 1 ]; then
+            profile_step p1000 "silu_t round 2" "${t[@]}"
+            profile_step p1000 "off round 2" LORAX_CUDA_GEMM_SM90=0
+        fi
         lap steps
         # GEMM_AB_BENCH=1: bench.sh with it on (up to GEMM_MAX_ROWS rows: the 1000-token TTFT, not the mixed
         # steps of the regimes) when its p1000 steps 1-5 averaged less than off's.
