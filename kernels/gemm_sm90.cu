@@ -124,7 +124,8 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         asm volatile("prefetch.tensormap [%0];" ::"l"(wmap) : "memory");
         asm volatile("prefetch.tensormap [%0];" ::"l"(xmap) : "memory");
-        // This block's first stages of w into L2 before waiting for the kernel ahead (no kernel writes weights).
+        // This block's first stages of w into L2 before waiting for the kernel ahead (no kernel writes the rows read
+        // here: a LoRA scratch block lies past them).
         if (q0 < pairs) {
             const int c0 = (q0 / mp) * TW;
             for (int kb = 0; kb < GM_STAGES && kb < kbs; ++kb)

@@ -1902,56 +1902,46 @@ impl CudaBackend {
             return Ok(false);
         }
         let silu = epi == GemmEpilogue::Silu;
-        if silu && self.gemm_sm90_swap {
+        let w_rows = if silu { 2 * n } else { n };
+        // The kernel, its shared memory, grid, and the tensor maps' rows a box (x's, w's).
+        let (kernel, smem, blocks, boxes) = if silu && self.gemm_sm90_swap {
             // Tokens on the MMA's N side (kernels/gemm_sm90.cu `gemm_sm90_silu_t`), one block a tile.
             let units = m.div_ceil(GEMM_SM90_T_TOKENS) * n.div_ceil(GEMM_SM90_T_FEATURES);
-            let blocks = uint("GEMM blocks", self.num_sms.min(units))?;
-            let (mi, ni, ki, ldi) = (
-                int("rows", m)?,
-                int("out features", n)?,
-                int("in features", k)?,
-                int("row stride", ldy)?,
-            );
-            let xmap = tma_map_2d(self.dtype, xp, m, k, GEMM_SM90_T_TOKENS)?;
-            let wmap = tma_map_2d(self.dtype, wp, 2 * n, k, GEMM_SM90_T_FEATURES)?;
-            launch!(
-                self,
+            (
                 GEMM_SM90_KERNELS[3],
-                cfg((blocks, 1, 1), GEMM_SM90_THREADS, GEMM_SM90_T_SMEM),
-                &yp,
-                &xmap,
-                &wmap,
-                &mi,
-                &ni,
-                &ki,
-                &ldi
-            );
-            self.gemm_sm90_launches
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(true);
-        }
-        // Clusters of `width` blocks, each cluster on `width` row tiles of one column tile at a time.
-        let cols = if silu {
-            GEMM_SM90_TILE_COLS / 2
+                GEMM_SM90_T_SMEM,
+                self.num_sms.min(units),
+                (GEMM_SM90_T_TOKENS, GEMM_SM90_T_FEATURES),
+            )
         } else {
-            GEMM_SM90_TILE_COLS
+            // Clusters of `width` blocks, each cluster on `width` row tiles of one column tile at a time.
+            let cols = if silu {
+                GEMM_SM90_TILE_COLS / 2
+            } else {
+                GEMM_SM90_TILE_COLS
+            };
+            let (width, clusters) = self.gemm_sm90_clusters;
+            let units = m.div_ceil(width * GEMM_SM90_BM) * n.div_ceil(cols);
+            (
+                GEMM_SM90_KERNELS[epi as usize],
+                GEMM_SM90_SMEM,
+                width * clusters.min(units),
+                (GEMM_SM90_BM, GEMM_SM90_TILE_COLS / 2),
+            )
         };
-        let (width, clusters) = self.gemm_sm90_clusters;
-        let units = m.div_ceil(width * GEMM_SM90_BM) * n.div_ceil(cols);
-        let blocks = uint("GEMM blocks", width * clusters.min(units))?;
-        let w_rows = if silu { 2 * n } else { n };
+        let blocks = uint("GEMM blocks", blocks)?;
         let (mi, ni, ki, ldi) = (
             int("rows", m)?,
             int("out features", n)?,
             int("in features", k)?,
             int("row stride", ldy)?,
         );
-        let xmap = tma_map_2d(self.dtype, xp, m, k, GEMM_SM90_BM)?;
-        let wmap = tma_map_2d(self.dtype, wp, w_rows, k, GEMM_SM90_TILE_COLS / 2)?;
+        let xmap = tma_map_2d(self.dtype, xp, m, k, boxes.0)?;
+        let wmap = tma_map_2d(self.dtype, wp, w_rows, k, boxes.1)?;
         launch!(
             self,
-            GEMM_SM90_KERNELS[epi as usize],
-            cfg((blocks, 1, 1), GEMM_SM90_THREADS, GEMM_SM90_SMEM),
+            kernel,
+            cfg((blocks, 1, 1), GEMM_SM90_THREADS, smem),
             &yp,
             &xmap,
             &wmap,
