@@ -533,6 +533,8 @@ impl<B: Backend> Model<B> {
                 let out = backend.gather_rows(&out, &input.logit_rows)?;
                 backend.add_rms_norm(&mut last, &out, &self.norm, eps)
             }
+            // The last down product already added (Backend::linear_add): no copy of rows when all are logit rows.
+            None if every_row => backend.rms_norm(&residual, &self.norm, eps),
             None => backend.rms_norm(&backend.gather_rows(&residual, &input.logit_rows)?, &self.norm, eps),
         }
     }

@@ -270,15 +270,15 @@ const SKINNY_MAX_TILES: usize = 2048;
 /// silu-mul in its epilogue and a product added into its output (the residual stream), then the silu-mul product
 /// with the tokens on the MMA's N side.
 const GEMM_SM90_KERNELS: [&str; 4] = ["gemm_sm90", "gemm_sm90_silu", "gemm_sm90_add", "gemm_sm90_silu_t"];
+/// Their block (a producer warpgroup and two consumers) and the first three's dynamic shared memory
+/// (kernels/gemm_sm90.cu: four stages of 128 rows of x and 256 of w, 64 of k each, and 1 KiB of alignment slack).
+const GEMM_SM90_THREADS: u32 = 384;
+const GEMM_SM90_SMEM: usize = 4 * (128 + 256) * 64 * 2 + 1024;
 /// `gemm_sm90_silu_t`'s tile: tokens (x's rows) by features, and its dynamic shared memory (four stages of 256 rows
 /// of w and 144 of x, 64 of k each, and 1 KiB of alignment slack).
 const GEMM_SM90_T_TOKENS: usize = 144;
 const GEMM_SM90_T_FEATURES: usize = 128;
 const GEMM_SM90_T_SMEM: usize = 4 * (256 + 144) * 64 * 2 + 1024;
-/// Its block (a producer warpgroup and two consumers) and dynamic shared memory (kernels/gemm_sm90.cu: four
-/// stages of 128 rows of x and 256 of w, 64 of k each, and 1 KiB of alignment slack).
-const GEMM_SM90_THREADS: u32 = 384;
-const GEMM_SM90_SMEM: usize = 4 * (128 + 256) * 64 * 2 + 1024;
 /// Products of fewer rows stay on cuBLAS (or the decode kernels) by default (`LORAX_CUDA_GEMM_SM90_ROWS`).
 const GEMM_SM90_MIN_ROWS: usize = 256;
 /// Rows of x a tile; output columns a tile of the plain product (the silu product's tiles take half as many).
@@ -825,17 +825,16 @@ pub struct CudaBackend {
     /// measured slower than cuBLAS at every size, bench/NOTES.md session 15); built when turned on
     /// (`LORAX_CUDA_SKINNY=1` or [`CudaBackend::set_skinny_gemm`]), `None` until then.
     skinny: Option<Skinny>,
-    /// Which products run on the Hopper prompt GEMM (kernels/gemm_sm90.cu), from how many rows, and whether
-    /// its module is built (`LORAX_CUDA_GEMM_SM90`, [`CudaBackend::set_gemm_sm90`]).
-    gemm_sm90: (GemmSm90, usize),
+    /// Which products run on the Hopper prompt GEMM (kernels/gemm_sm90.cu) (`LORAX_CUDA_GEMM_SM90`,
+    /// [`CudaBackend::set_gemm_sm90`]), and for products of how many rows (`LORAX_CUDA_GEMM_SM90_ROWS`, `_MAX_ROWS`).
+    gemm_sm90: GemmSm90,
+    gemm_sm90_rows: std::ops::RangeInclusive<usize>,
     /// The Hopper prompt GEMM's cluster size and how many clusters the device runs at once (its grid); 0 clusters
     /// until its module is built.
     gemm_sm90_clusters: (usize, usize),
     /// The silu-mul product on `gemm_sm90_silu_t` (tokens on the MMA's N side, tiles of 144 tokens) rather than
     /// `gemm_sm90_silu` (`LORAX_CUDA_GEMM_SM90_SWAP=1`, [`CudaBackend::set_gemm_sm90_swap`]).
     gemm_sm90_swap: bool,
-    /// Products of more rows stay on cuBLAS (`LORAX_CUDA_GEMM_SM90_MAX_ROWS`, default no limit).
-    gemm_sm90_max_rows: usize,
     /// Launches of the Hopper prompt GEMM so far (tests check that a product ran on it).
     gemm_sm90_launches: std::sync::atomic::AtomicU64,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
@@ -1484,10 +1483,11 @@ impl CudaBackend {
             lora_gemm_rows: Mutex::new(lora::LoraGemm::default()),
             gemv_rows: env_count("LORAX_CUDA_GEMV_ROWS", GEMV_DEFAULT_ROWS, 0..=GEMV_MAX_ROWS)?,
             skinny: None,
-            gemm_sm90: (GemmSm90::Off, GEMM_SM90_MIN_ROWS),
+            gemm_sm90: GemmSm90::Off,
+            gemm_sm90_rows: env_count("LORAX_CUDA_GEMM_SM90_ROWS", GEMM_SM90_MIN_ROWS, 1..=usize::MAX)?
+                ..=env_count("LORAX_CUDA_GEMM_SM90_MAX_ROWS", usize::MAX, 1..=usize::MAX)?,
             gemm_sm90_clusters: (1, 0),
             gemm_sm90_swap: env_switch("LORAX_CUDA_GEMM_SM90_SWAP", ["1", "0"], false)?,
-            gemm_sm90_max_rows: env_count("LORAX_CUDA_GEMM_SM90_MAX_ROWS", usize::MAX, 1..=usize::MAX)?,
             gemm_sm90_launches: std::sync::atomic::AtomicU64::new(0),
             nccl: None,
             graphs: graph::Graphs::from_env()?,
@@ -1517,8 +1517,8 @@ impl CudaBackend {
                 )))
             }
         };
-        let min_rows = env_count("LORAX_CUDA_GEMM_SM90_ROWS", GEMM_SM90_MIN_ROWS, 1..=usize::MAX)?;
         if gemm_sm90 != GemmSm90::Off {
+            let min_rows = *backend.gemm_sm90_rows.start();
             backend.set_gemm_sm90(gemm_sm90, min_rows);
         }
         match std::env::var("LORAX_CUDA_PREFILL_SM90").as_deref() {
@@ -1800,7 +1800,8 @@ impl CudaBackend {
             }
         }
         let on = which != GemmSm90::Off && self.gemm_sm90_clusters.1 > 0;
-        self.gemm_sm90 = (if on { which } else { GemmSm90::Off }, min_rows.max(1));
+        self.gemm_sm90 = if on { which } else { GemmSm90::Off };
+        self.gemm_sm90_rows = min_rows.max(1)..=*self.gemm_sm90_rows.end();
         on
     }
 
@@ -1867,6 +1868,16 @@ impl CudaBackend {
         }
     }
 
+    /// Whether the Hopper prompt GEMM is on for epilogue `epi` at `m` rows.
+    fn gemm_sm90_wants(&self, epi: GemmEpilogue, m: usize) -> bool {
+        let on = match epi {
+            GemmEpilogue::Silu => self.gemm_sm90 >= GemmSm90::Silu,
+            GemmEpilogue::Add => self.gemm_sm90 >= GemmSm90::Fused,
+            GemmEpilogue::Store => self.gemm_sm90 == GemmSm90::All,
+        };
+        on && self.gemm_sm90_rows.contains(&m)
+    }
+
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` (rows of y `ldy` apart) on the Hopper prompt GEMM, with epilogue `epi`
     /// (`Silu`: `y[m, n] = silu(x · w[..n]ᵀ) · (x · w[n..2n]ᵀ)`, w `[2n, k]`; `Add`: `y += x · wᵀ`), when it is on
     /// for this epilogue and this many rows and the shape suits it (k a multiple of 64, n of 8, 16-byte aligned x
@@ -1878,18 +1889,7 @@ impl CudaBackend {
         (yp, xp, wp): (u64, u64, u64),
         ldy: usize,
     ) -> Result<bool> {
-        let (which, min_rows) = self.gemm_sm90;
-        if m > self.gemm_sm90_max_rows {
-            return Ok(false);
-        }
-        let wanted = match epi {
-            GemmEpilogue::Silu => which >= GemmSm90::Silu,
-            GemmEpilogue::Add => which >= GemmSm90::Fused,
-            GemmEpilogue::Store => which == GemmSm90::All,
-        };
-        if !wanted
-            || m < min_rows
-            || m == 0
+        if !self.gemm_sm90_wants(epi, m)
             || n == 0
             || k == 0
             || !k.is_multiple_of(SKINNY_BK)
@@ -2815,7 +2815,8 @@ impl Backend for CudaBackend {
         if k != k2 || rows < 2 * f {
             return Err(shape_err("linear_silu_mul", &x.shape, &w.shape));
         }
-        if self.gemm_sm90.0 == GemmSm90::Off || m < self.gemm_sm90.1 || m > self.gemm_sm90_max_rows || f == 0 {
+        // Nothing allocated where the product will not run on it (the checks of the shape follow in the call).
+        if !self.gemm_sm90_wants(GemmEpilogue::Silu, m) {
             return Ok(None);
         }
         let y = self.alloc(&[m, f])?;
