@@ -199,6 +199,19 @@ __device__ __forceinline__ float exp2_fast(float x) {
 #endif
 }
 
+// silu(g) = g / (1 + e^-g) on the special-function unit (ex2.approx and a fast reciprocal, a few ulp of f32:
+// its bf16/f16 rounding differs from the IEEE form's about once in 10^4 values). silu_mul and the Hopper
+// GEMM's silu epilogues (gemm_sm90.cu) both take it, so that they stay bit for bit equal; the IEEE expf and
+// division were most of those epilogues' instructions while the tensor cores idle (bench/NOTES.md, session 45).
+// f32 storage (no such epilogue) keeps the IEEE form.
+__device__ __forceinline__ float silu_f(float g) {
+#if defined(LORAX_EMU) || defined(LORAX_DTYPE_F32)
+    return g / (1.0f + std::exp(-g));
+#else
+    return __fdividef(g, 1.0f + exp2_fast(-1.4426950408889634f * g));
+#endif
+}
+
 #if defined(LORAX_DTYPE_BF16) || defined(LORAX_DTYPE_F16)
 // Tensor cores (prefill.cu, the `_tc` decode attention of attention.cu): c += a.b for a 16x16 (row) by
 // 16x8 (col) tile pair of the storage type, f32 accumulators, as mma.sync m16n8k16 lays its fragments out:

@@ -234,7 +234,7 @@ extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x
                 load_n<VEC>(row + c, g);
                 load_n<VEC>(row + f + c, u);
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) g[e] = g[e] / (1.0f + expf(-g[e]));
+                for (int e = 0; e < VEC; ++e) g[e] = silu_f(g[e]);
                 round_vec(g);
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) g[e] *= u[e];
@@ -244,7 +244,7 @@ extern "C" __global__ void silu_mul(T* __restrict__ out, const T* __restrict__ x
         }
         for (u64 c = first; c < f; c += stride) {
             const float g = to_f(row[c]);
-            const float sg = to_f(from_f(g / (1.0f + expf(-g))));
+            const float sg = to_f(from_f(silu_f(g)));
             o[c] = from_f(sg * to_f(row[f + c]));
         }
     }

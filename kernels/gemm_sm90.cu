@@ -94,6 +94,13 @@ __device__ __forceinline__ void gm_tma_multicast(u32 dst, const TmaMap* map, int
 #define GM_SILU 1
 #define GM_ADD 2
 
+// silu(g) * u for two pairs of storage-type values packed low half first, rounded as silu_mul rounds them (silu's
+// result to the storage type, then the product): pairs by pack_f's one cvt, silu by silu_f (common.cuh).
+__device__ __forceinline__ u32 gm_silu_mul2(u32 g, u32 u) {
+    const u32 s = pack_f(silu_f(to_f((T)(g & 0xffffu))), silu_f(to_f((T)(g >> 16))));
+    return pack_f(to_f((T)(s & 0xffffu)) * to_f((T)(u & 0xffffu)), to_f((T)(s >> 16)) * to_f((T)(u >> 16)));
+}
+
 template <int EPI>
 __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* xmap, const TmaMap* wmap, int m, int n,
                                                int k, int ldy) {
@@ -229,15 +236,7 @@ __device__ __forceinline__ void gemm_sm90_body(T* __restrict__ y, const TmaMap* 
                     up[i] = pack_f(acc[64 + 2 * i], acc[64 + 2 * i + 1]);
                 }
 #pragma unroll
-                for (int i = 0; i < 32; ++i) {
-                    float o[2];
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float gv = to_f((T)(gp[i] >> (16 * e))), uv = to_f((T)(up[i] >> (16 * e)));
-                        o[e] = to_f(from_f(gv / (1.0f + expf(-gv)))) * uv;
-                    }
-                    store(i % 2, i / 2, pack_f(o[0], o[1]));
-                }
+                for (int i = 0; i < 32; ++i) store(i % 2, i / 2, gm_silu_mul2(gp[i], up[i]));
             } else {
 #pragma unroll
                 for (int i = 0; i < 64; ++i) store(i % 2, i / 2, pack_f(acc[2 * i], acc[2 * i + 1]));
@@ -379,23 +378,21 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
         // out[token][feature]: a thread holds two tokens of one feature; the neighbouring feature's thread (lane ^ 4)
         // swaps one, so that each stores two features of one token as one 32-bit word (even g: its token 2q, odd:
         // 2q + 1).
+        // o: this thread's two tokens' outputs, packed (the first in the low half); the even thread sends its second,
+        // the odd one its first.
         const bool even = (g & 1) == 0;
 #pragma unroll
         for (int r = 0; r < 72; r += 2) {
-            float o[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const float gv = to_f(from_f(ag[r + e])), uv = to_f(from_f(au[r + e]));
-                o[e] = to_f(from_f(to_f(from_f(gv / (1.0f + expf(-gv)))) * uv));
-            }
-            const float other = __shfl_xor_sync(0xffffffffu, even ? o[1] : o[0], 4);
+            const u32 o = gm_silu_mul2(pack_f(ag[r], ag[r + 1]), pack_f(au[r], au[r + 1]));
+            const u32 other = __shfl_xor_sync(0xffffffffu, even ? o >> 16 : o & 0xffffu, 4);
             const int j = r / 4, hh = (r / 2) % 2;
             const int feat = c0 + cw * 64 + warp * 16 + g + 8 * hh - (even ? 0 : 1);
             const int tok = t0 + 8 * j + 2 * q + (even ? 0 : 1);
             int mm = m;
             asm volatile("" : "+r"(mm));
             if (tok < mm && feat < f)
-                *reinterpret_cast<u32*>(y + (u64)tok * ldy + feat) = even ? pack_f(o[0], other) : pack_f(other, o[1]);
+                *reinterpret_cast<u32*>(y + (u64)tok * ldy + feat) =
+                    even ? (o & 0xffffu) | (other << 16) : other | (o & 0xffff0000u);
         }
     }
 }

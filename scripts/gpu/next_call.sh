@@ -37,7 +37,8 @@
 #                                          # product, 32-layer p1000 and m64x8 steps off / silu / fused, two
 #                                          # rounds (GEMM_NCU=1: ncu's detail of p1000's kernels first)
 #   bash scripts/gpu/next_call.sh gemm-ab  # ~150 s: its test, its times at 1000 and 4160 rows, p1000 steps off and
-#                                          # with the silu product on gemm_sm90_silu_t
+#                                          # with the silu product on gemm_sm90_silu_t (GEMM_AB_GOLDEN=1: golden
+#                                          # with it on every gate/up product, ~80 s more)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -389,6 +390,14 @@ gemm-ab)
     lap bench
     if grep -q "test result: ok. 1 passed" "$R/kernels.txt"; then
         t=(LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1 LORAX_CUDA_GEMM_SM90_MAX_ROWS=${GEMM_MAX_ROWS:-2048})
+        # GEMM_AB_GOLDEN=1: golden against transformers + peft with every gate/up product of any size on it (session
+        # 45: silu_f, the fast silu, in it and in silu_mul, which the kernel test holds bit for bit equal).
+        if [ "${GEMM_AB_GOLDEN:-0}" = 1 ]; then
+            LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1 LORAX_CUDA_GEMM_SM90_ROWS=1 timeout 150 \
+                "$bin/cuda_golden" --test-threads=2 >"$R/golden-silu-t.txt" 2>&1
+            echo "rc $?" >>"$R/golden-silu-t.txt"
+            lap golden
+        fi
         profile_step p1000 "off round 1" LORAX_CUDA_GEMM_SM90=0
         profile_step p1000 "silu_t round 1" "${t[@]}"
         # GEMM_ONE_ROUND=1: one round of steps (a short call).
