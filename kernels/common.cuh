@@ -205,8 +205,10 @@ __device__ __forceinline__ float exp2_fast(float x) {
 // division were most of those epilogues' instructions while the tensor cores idle (bench/NOTES.md, session 45).
 // f32 storage (no such epilogue) keeps the IEEE form.
 __device__ __forceinline__ float silu_f(float g) {
-#if defined(LORAX_EMU) || defined(LORAX_DTYPE_F32)
+#if defined(LORAX_EMU)
     return g / (1.0f + std::exp(-g));
+#elif defined(LORAX_DTYPE_F32)
+    return g / (1.0f + expf(-g));
 #else
     return __fdividef(g, 1.0f + exp2_fast(-1.4426950408889634f * g));
 #endif

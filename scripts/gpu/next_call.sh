@@ -144,6 +144,14 @@ round | golden-bench)
     # timed the o LoRA expand inside the norm, since removed: `git show e20fd8e:scripts/gpu/next_call.sh`.)
     skip="nvrtc kernels adapters sampling bench chunked"
     [ "$part" = round ] && skip="$skip golden"
+    # GOLDEN_SILU_T=1 (session 45): first golden with the silu product on gemm_sm90_silu_t for every gate/up product
+    # of any size (the default runs it only where its tiles fill their work, which golden's small models never do).
+    if [ "${GOLDEN_SILU_T:-0}" = 1 ]; then
+        LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1 LORAX_CUDA_GEMM_SM90_ROWS=1 timeout 150 \
+            "$bin/cuda_golden" --test-threads=2 >"$R/golden-silu-t.txt" 2>&1
+        echo "rc $?" >>"$R/golden-silu-t.txt"
+        lap golden-silu-t
+    fi
     RUN_SKIP="$skip" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" >"$R/run.txt" 2>&1
     echo "rc $?" >>"$R/run.txt"
     lap run

@@ -281,15 +281,34 @@ const GEMM_SM90_T_FEATURES: usize = 128;
 const GEMM_SM90_T_SMEM: usize = 4 * (256 + 144) * 64 * 2 + 1024;
 /// Products of fewer rows stay on cuBLAS (or the decode kernels) by default (`LORAX_CUDA_GEMM_SM90_ROWS`).
 const GEMM_SM90_MIN_ROWS: usize = 256;
+/// The default's test of a silu product's size: `gemm_sm90_silu_t` runs it only where its tiles fill at least this
+/// share of the work they are launched for ([`silu_t_fill`]). Session 45 (an H100, `bench/results/2026-12-07-s45-1`),
+/// against cuBLAS's gate/up product + `silu_mul` on Mistral-7B's shapes: 0.84x at 1000 rows (fill 0.98) and 0.86-0.91x
+/// at 4160 (0.98), but 1.02x at 2048 (0.93) and 1.19-1.27x at 512 (0.75).
+const GEMM_SM90_T_MIN_FILL: f64 = 0.95;
 /// Rows of x a tile; output columns a tile of the plain product (the silu product's tiles take half as many).
 const GEMM_SM90_BM: usize = 128;
 const GEMM_SM90_TILE_COLS: usize = 256;
+
+/// The share of `gemm_sm90_silu_t`'s work that is wanted for the silu product of m rows and f features on `sms`
+/// multiprocessors: tiles of 144 tokens by 128 features, one block a multiprocessor, so the rows and features past
+/// the last whole tile and the idle blocks of the last round are waste.
+#[allow(clippy::cast_precision_loss)]
+fn silu_t_fill(m: usize, f: usize, sms: usize) -> f64 {
+    let (tt, ft) = (m.div_ceil(GEMM_SM90_T_TOKENS), f.div_ceil(GEMM_SM90_T_FEATURES));
+    let units = tt * ft;
+    let rounds = units.div_ceil(sms.max(1));
+    if units == 0 {
+        return 0.0;
+    }
+    (m * f) as f64 / (tt * GEMM_SM90_T_TOKENS * ft * GEMM_SM90_T_FEATURES) as f64 * units as f64 / (rounds * sms) as f64
+}
 
 /// Which products run on the Hopper prompt GEMM rather than cuBLAS (`LORAX_CUDA_GEMM_SM90`), for steps of at least
 /// its row threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum GemmSm90 {
-    /// None (the default).
+    /// None (the default off Hopper and with f32 storage).
     Off,
     /// The gate/up product with silu-mul in its epilogue, where the layer's gate/up has no LoRA term in the step
     /// and no bias (`silu`).
@@ -835,6 +854,9 @@ pub struct CudaBackend {
     /// The silu-mul product on `gemm_sm90_silu_t` (tokens on the MMA's N side, tiles of 144 tokens) rather than
     /// `gemm_sm90_silu` (`LORAX_CUDA_GEMM_SM90_SWAP=1`, [`CudaBackend::set_gemm_sm90_swap`]).
     gemm_sm90_swap: bool,
+    /// The default's size test (`LORAX_CUDA_GEMM_SM90` unset or `auto`): the silu product runs on it only where
+    /// [`silu_t_fill`] reaches [`GEMM_SM90_T_MIN_FILL`]; [`CudaBackend::set_gemm_sm90`] turns it off.
+    gemm_sm90_auto: bool,
     /// Launches of the Hopper prompt GEMM so far (tests check that a product ran on it).
     gemm_sm90_launches: std::sync::atomic::AtomicU64,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
@@ -1488,6 +1510,7 @@ impl CudaBackend {
                 ..=env_count("LORAX_CUDA_GEMM_SM90_MAX_ROWS", usize::MAX, 1..=usize::MAX)?,
             gemm_sm90_clusters: (1, 0),
             gemm_sm90_swap: env_switch("LORAX_CUDA_GEMM_SM90_SWAP", ["1", "0"], false)?,
+            gemm_sm90_auto: false,
             gemm_sm90_launches: std::sync::atomic::AtomicU64::new(0),
             nccl: None,
             graphs: graph::Graphs::from_env()?,
@@ -1506,20 +1529,31 @@ impl CudaBackend {
         if std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1") {
             backend.set_skinny_gemm(true);
         }
-        let gemm_sm90 = match std::env::var("LORAX_CUDA_GEMM_SM90").as_deref() {
-            Err(_) | Ok("0") => GemmSm90::Off,
-            Ok("silu") => GemmSm90::Silu,
-            Ok("fused") => GemmSm90::Fused,
-            Ok("all") => GemmSm90::All,
-            Ok(v) => {
-                return Err(EngineError::Backend(format!(
-                    "LORAX_CUDA_GEMM_SM90={v:?}: expected 0 (the default), silu, fused or all"
-                )))
+        let min_rows = *backend.gemm_sm90_rows.start();
+        match std::env::var("LORAX_CUDA_GEMM_SM90").as_deref() {
+            // The default on Hopper with 16-bit storage (session 45): the gate/up product with silu-mul in its
+            // epilogue on `gemm_sm90_silu_t`, for the sizes its tiles fill.
+            Err(_) | Ok("auto") => {
+                if backend.compute_capability == (9, 0) && backend.dtype != DType::F32 {
+                    backend.set_gemm_sm90(GemmSm90::Silu, min_rows);
+                    backend.gemm_sm90_swap = env_switch("LORAX_CUDA_GEMM_SM90_SWAP", ["1", "0"], true)?;
+                    backend.gemm_sm90_auto = backend.gemm_sm90_swap;
+                }
             }
-        };
-        if gemm_sm90 != GemmSm90::Off {
-            let min_rows = *backend.gemm_sm90_rows.start();
-            backend.set_gemm_sm90(gemm_sm90, min_rows);
+            Ok("0") => {}
+            Ok(v) => {
+                let which = match v {
+                    "silu" => GemmSm90::Silu,
+                    "fused" => GemmSm90::Fused,
+                    "all" => GemmSm90::All,
+                    _ => {
+                        return Err(EngineError::Backend(format!(
+                            "LORAX_CUDA_GEMM_SM90={v:?}: expected auto (the default), 0, silu, fused or all"
+                        )))
+                    }
+                };
+                backend.set_gemm_sm90(which, min_rows);
+            }
         }
         match std::env::var("LORAX_CUDA_PREFILL_SM90").as_deref() {
             // The default on Hopper with 16-bit storage: ws64, ws128 for prompts of 8192 keys or more (session 42:
@@ -1786,10 +1820,11 @@ impl CudaBackend {
     }
 
     /// Which products run on the Hopper prompt GEMM (kernels/gemm_sm90.cu) rather than cuBLAS, for products of
-    /// at least `min_rows` rows (for tests and comparisons; `LORAX_CUDA_GEMM_SM90`). Turning it on builds it the
-    /// first time. Returns whether it is on: false for [`GemmSm90::Off`] and where it cannot be built (not
-    /// Hopper, f32 storage, or a build failure, logged).
+    /// at least `min_rows` rows whatever their tiles' fill (for tests and comparisons; `LORAX_CUDA_GEMM_SM90`).
+    /// Turning it on builds it the first time. Returns whether it is on: false for [`GemmSm90::Off`] and where it
+    /// cannot be built (not Hopper, f32 storage, or a build failure, logged).
     pub fn set_gemm_sm90(&mut self, which: GemmSm90, min_rows: usize) -> bool {
+        self.gemm_sm90_auto = false;
         if which != GemmSm90::Off && self.gemm_sm90_clusters.1 == 0 {
             match self
                 .hopper_module("gemm_sm90", |i| if i == 3 { GEMM_SM90_T_SMEM } else { GEMM_SM90_SMEM })
@@ -1868,14 +1903,16 @@ impl CudaBackend {
         }
     }
 
-    /// Whether the Hopper prompt GEMM is on for epilogue `epi` at `m` rows.
-    fn gemm_sm90_wants(&self, epi: GemmEpilogue, m: usize) -> bool {
+    /// Whether the Hopper prompt GEMM is on for epilogue `epi` at `m` rows of `n` output columns (by default, the
+    /// silu product where `gemm_sm90_silu_t`'s tiles fill their work: [`silu_t_fill`]).
+    fn gemm_sm90_wants(&self, epi: GemmEpilogue, m: usize, n: usize) -> bool {
         let on = match epi {
             GemmEpilogue::Silu => self.gemm_sm90 >= GemmSm90::Silu,
             GemmEpilogue::Add => self.gemm_sm90 >= GemmSm90::Fused,
             GemmEpilogue::Store => self.gemm_sm90 == GemmSm90::All,
         };
         on && self.gemm_sm90_rows.contains(&m)
+            && (!self.gemm_sm90_auto || silu_t_fill(m, n, self.num_sms) >= GEMM_SM90_T_MIN_FILL)
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` (rows of y `ldy` apart) on the Hopper prompt GEMM, with epilogue `epi`
@@ -1889,7 +1926,7 @@ impl CudaBackend {
         (yp, xp, wp): (u64, u64, u64),
         ldy: usize,
     ) -> Result<bool> {
-        if !self.gemm_sm90_wants(epi, m)
+        if !self.gemm_sm90_wants(epi, m, n)
             || n == 0
             || k == 0
             || !k.is_multiple_of(SKINNY_BK)
@@ -2816,7 +2853,7 @@ impl Backend for CudaBackend {
             return Err(shape_err("linear_silu_mul", &x.shape, &w.shape));
         }
         // Nothing allocated where the product will not run on it (the checks of the shape follow in the call).
-        if !self.gemm_sm90_wants(GemmEpilogue::Silu, m) {
+        if !self.gemm_sm90_wants(GemmEpilogue::Silu, m, f) {
             return Ok(None);
         }
         let y = self.alloc(&[m, f])?;
@@ -3157,6 +3194,32 @@ mod env_tests {
             assert!(err.contains(VAR) && err.contains("1 to 64"), "{bad:?}: {err:?}");
         }
         std::env::remove_var(VAR);
+    }
+}
+
+#[cfg(test)]
+mod gemm_sm90_tests {
+    use super::{silu_t_fill, GEMM_SM90_T_MIN_FILL, GEMM_SM90_T_SMEM};
+
+    /// The default's size test on Mistral-7B's gate/up (14336 features) and an H100's 132 multiprocessors picks the
+    /// silu product's kernel where session 45 measured it faster than cuBLAS + silu_mul (1000 and 4160 rows) and
+    /// not where it was slower (512 and 2048 rows); the tile's shared memory fits the 227 KiB a block may opt in to.
+    #[test]
+    fn silu_t_fill_picks_the_sizes_measured_faster() {
+        let fill = |m| silu_t_fill(m, 14336, 132);
+        // 1000 rows: 7 tiles of 144 tokens (1008), 784 tiles in 6 rounds of 132.
+        let want = 1000.0 / 1008.0 * 784.0 / 792.0;
+        assert!((fill(1000) - want).abs() < 1e-12, "{}", fill(1000));
+        for m in [1000, 4160] {
+            assert!(fill(m) >= GEMM_SM90_T_MIN_FILL, "{m}: {}", fill(m));
+        }
+        for m in [1, 144, 512, 2048] {
+            assert!(fill(m) < GEMM_SM90_T_MIN_FILL, "{m}: {}", fill(m));
+        }
+        assert!(silu_t_fill(0, 14336, 132) == 0.0 && silu_t_fill(1000, 0, 132) == 0.0);
+        // Features past the last whole tile count as waste: half a tile of features halves the fill.
+        assert!((silu_t_fill(1008, 64, 1) - 0.5).abs() < 1e-12);
+        const { assert!(GEMM_SM90_T_SMEM <= 227 * 1024) };
     }
 }
 
