@@ -39,6 +39,7 @@
 #   bash scripts/gpu/next_call.sh gemm-ab  # ~150 s: its test, its times at 1000 and 4160 rows, p1000 steps off and
 #                                          # with the silu product on gemm_sm90_silu_t (GEMM_AB_GOLDEN=1: golden
 #                                          # with it on every gate/up product, ~80 s more)
+#   bash scripts/gpu/next_call.sh bench-only   # ~300 s: bench.sh alone with the defaults
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -94,7 +95,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
+part=${1:?usage: next_call.sh uploads|bench|bench-only|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -427,6 +428,12 @@ gemm-ab)
         fi
     fi
     ;;
+bench-only)
+    # bench.sh alone with the defaults (session 45: a second run of the targets in one call).
+    BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
+    echo "rc $?" >>"$R/bench.txt"
+    lap bench
+    ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
     # launcher to the shard).
@@ -450,7 +457,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
+    echo "unknown part $part (uploads, bench, bench-only, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
     exit 2
     ;;
 esac
