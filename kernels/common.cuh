@@ -199,8 +199,9 @@ __device__ __forceinline__ float exp2_fast(float x) {
 #endif
 }
 
-// silu(g) = g / (1 + e^-g) on the special-function unit (ex2.approx and a fast reciprocal, a few ulp of f32:
-// its bf16/f16 rounding differs from the IEEE form's about once in 10^4 values). silu_mul and the Hopper
+// silu(g) = g / (1 + e^-g) on the special-function unit (ex2.approx and a fast reciprocal, a few ulp of f32: its
+// bf16/f16 rounding differs from the IEEE form's only where the value lies that close to a rounding boundary, rarely
+// against bf16's 2^-8 spacing; an estimate, not a measurement). silu_mul and the Hopper
 // GEMM's silu epilogues (gemm_sm90.cu) both take it, so that they stay bit for bit equal; the IEEE expf and
 // division were most of those epilogues' instructions while the tensor cores idle (bench/NOTES.md, session 45).
 // f32 storage (no such epilogue) keeps the IEEE form.

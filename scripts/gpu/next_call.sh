@@ -146,7 +146,8 @@ round | golden-bench)
     skip="nvrtc kernels adapters sampling bench chunked"
     [ "$part" = round ] && skip="$skip golden"
     # GOLDEN_SILU_T=1 (session 45): first golden with the silu product on gemm_sm90_silu_t for every gate/up product
-    # of any size (the default runs it only where its tiles fill their work, which golden's small models never do).
+    # of any size (the default runs it only where its tiles fill their work, which golden's small models never do);
+    # about 60 s more (session 45 call 2: 469 s in all), its timeouts past the device's 600 s if all ran long.
     if [ "${GOLDEN_SILU_T:-0}" = 1 ]; then
         LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1 LORAX_CUDA_GEMM_SM90_ROWS=1 timeout 150 \
             "$bin/cuda_golden" --test-threads=2 >"$R/golden-silu-t.txt" 2>&1

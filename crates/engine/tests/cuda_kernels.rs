@@ -293,6 +293,101 @@ fn gemm_sm90_matches_cpu_and_cublas() {
     }
 }
 
+/// The silu epilogues against `silu_mul` bit for bit, on products that are exact whatever the summation order (x
+/// one-hot: each output is one weight times 1), so that only silu's arithmetic and the roundings can differ: gates
+/// over -100..100 with the edges of e^-g's range (±87..±90, where the fast reciprocal and the IEEE division part),
+/// values near zero (f16 subnormals), both zeros; up values over -4..4. Both forms, bf16 and f16.
+#[test]
+fn gemm_sm90_silu_is_silu_mul_bit_for_bit() {
+    let mut rng = Rng(seed("gemm_sm90_silu_bits"));
+    for dt in [DType::BF16, DType::F16] {
+        let Some(mut g) = gpu(dt) else { return };
+        if !g.set_gemm_sm90(GemmSm90::Silu, 1) {
+            assert!(g.context().compute_capability().unwrap() != (9, 0), "must build on 9.0");
+            say("SKIPPED: the Hopper prompt GEMM runs on compute capability 9.0 with 16-bit storage only");
+            return;
+        }
+        let (m, k, f) = (300, 64, 136);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| if i % k == (i / k) % k { 1.0 } else { 0.0 })
+            .collect();
+        let edges = [87.0, 87.5, 88.0, 88.5, 89.0, 90.0, 1e-3, 3e-5, 1e-7, 0.0, 20.0, 60000.0];
+        let mut w = vec![0.0f32; 2 * f * k];
+        for (i, v) in w[..f * k].iter_mut().enumerate() {
+            *v = -100.0 + 200.0 * i as f32 / (f * k) as f32;
+        }
+        for (i, e) in edges.iter().enumerate() {
+            w[i] = *e;
+            w[edges.len() + i] = -*e;
+        }
+        for v in &mut w[f * k..] {
+            *v = rng.vec(1, -4.0, 4.0)[0];
+        }
+        let w = round(dt, &w);
+        let xg = g.tensor_from_f32(&[m, k], &x).unwrap();
+        let wg = g.tensor_from_f32(&[2 * f, k], &w).unwrap();
+        // The gate/up output the product would give: row r, column j is w[j][r % k].
+        let gate_up: Vec<f32> = (0..m * 2 * f)
+            .map(|i| w[(i % (2 * f)) * k + (i / (2 * f)) % k])
+            .collect();
+        let want = g.silu_mul(&g.tensor_from_f32(&[m, 2 * f], &gate_up).unwrap()).unwrap();
+        let want: Vec<u32> = g.to_f32(&want).unwrap().iter().map(|v| v.to_bits()).collect();
+        for swap in [false, true] {
+            g.set_gemm_sm90_swap(swap);
+            let got = g.linear_silu_mul(&xg, &wg, f).unwrap().expect("the fused product runs");
+            let got: Vec<u32> = g.to_f32(&got).unwrap().iter().map(|v| v.to_bits()).collect();
+            let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            say(&format!(
+                "  {dt:?} silu epilogue swap={swap}: {differ} of {} outputs differ from silu_mul",
+                want.len()
+            ));
+            assert_eq!(differ, 0, "{dt:?} swap={swap}: the silu epilogue differs from silu_mul");
+        }
+        g.set_gemm_sm90(GemmSm90::Off, 1);
+    }
+}
+
+/// The default (`LORAX_CUDA_GEMM_SM90` unset: `set_gemm_sm90_auto`) runs Mistral-7B's gate/up product of a
+/// 1000-token prompt on the Hopper GEMM and leaves 512 rows to cuBLAS + `silu_mul` (tile fill 0.98 and 0.75 on 132
+/// multiprocessors), counted by launches; `set_gemm_sm90_swap` then drops the fill test. Other multiprocessor counts
+/// are skipped, visibly.
+#[test]
+fn gemm_sm90_auto_runs_where_its_tiles_fill() {
+    let mut rng = Rng(seed("gemm_sm90_auto"));
+    let Some(mut g) = gpu(DType::BF16) else { return };
+    if !g.set_gemm_sm90_auto() {
+        assert!(g.context().compute_capability().unwrap() != (9, 0), "must build on 9.0");
+        say("SKIPPED: the Hopper prompt GEMM runs on compute capability 9.0 with 16-bit storage only");
+        return;
+    }
+    if g.num_sms() != 132 {
+        say(&format!(
+            "SKIPPED: the fill test's sizes are for 132 multiprocessors, this GPU has {}",
+            g.num_sms()
+        ));
+        return;
+    }
+    let (k, f) = (4096, 14336);
+    let w = pair(&g, &mut rng, &[2 * f, k], -0.02, 0.02);
+    let runs = |g: &CudaBackend, m: usize, x: &Pair| {
+        let before = g.gemm_sm90_launches();
+        let out = g.linear_silu_mul(&x.gpu, &w.gpu, f).unwrap();
+        assert_eq!(out.is_some(), g.gemm_sm90_launches() > before);
+        if let Some(y) = &out {
+            assert_eq!(g.shape(y), &[m, f][..]);
+        }
+        out.is_some()
+    };
+    let x1000 = pair(&g, &mut rng, &[1000, k], -1.0, 1.0);
+    let x512 = pair(&g, &mut rng, &[512, k], -1.0, 1.0);
+    assert!(runs(&g, 1000, &x1000), "1000 rows run on gemm_sm90_silu_t by default");
+    assert!(!runs(&g, 512, &x512), "512 rows stay on cuBLAS + silu_mul by default");
+    g.set_gemm_sm90_swap(true);
+    assert!(runs(&g, 512, &x512), "an explicit form runs every size");
+    say("  auto: 1000 rows on the Hopper GEMM, 512 on cuBLAS; explicit swap: 512 too");
+    g.set_gemm_sm90(GemmSm90::Off, 1);
+}
+
 #[test]
 fn norms_match_cpu() {
     let mut rng = Rng(seed("norms"));

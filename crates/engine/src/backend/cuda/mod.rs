@@ -296,11 +296,11 @@ const GEMM_SM90_TILE_COLS: usize = 256;
 #[allow(clippy::cast_precision_loss)]
 fn silu_t_fill(m: usize, f: usize, sms: usize) -> f64 {
     let (tt, ft) = (m.div_ceil(GEMM_SM90_T_TOKENS), f.div_ceil(GEMM_SM90_T_FEATURES));
-    let units = tt * ft;
-    let rounds = units.div_ceil(sms.max(1));
+    let (units, sms) = (tt * ft, sms.max(1));
     if units == 0 {
         return 0.0;
     }
+    let rounds = units.div_ceil(sms);
     (m * f) as f64 / (tt * GEMM_SM90_T_TOKENS * ft * GEMM_SM90_T_FEATURES) as f64 * units as f64 / (rounds * sms) as f64
 }
 
@@ -1534,10 +1534,15 @@ impl CudaBackend {
             // The default on Hopper with 16-bit storage (session 45): the gate/up product with silu-mul in its
             // epilogue on `gemm_sm90_silu_t`, for the sizes its tiles fill.
             Err(_) | Ok("auto") => {
+                if !backend.gemm_sm90_swap && std::env::var("LORAX_CUDA_GEMM_SM90_SWAP").is_ok() {
+                    return Err(EngineError::Backend(
+                        "LORAX_CUDA_GEMM_SM90_SWAP=0 applies to LORAX_CUDA_GEMM_SM90=silu, fused or all; the default \
+                         (auto) runs the silu product on gemm_sm90_silu_t only (LORAX_CUDA_GEMM_SM90=0 turns it off)"
+                            .into(),
+                    ));
+                }
                 if backend.compute_capability == (9, 0) && backend.dtype != DType::F32 {
-                    backend.set_gemm_sm90(GemmSm90::Silu, min_rows);
-                    backend.gemm_sm90_swap = env_switch("LORAX_CUDA_GEMM_SM90_SWAP", ["1", "0"], true)?;
-                    backend.gemm_sm90_auto = backend.gemm_sm90_swap;
+                    backend.set_gemm_sm90_auto();
                 }
             }
             Ok("0") => {}
@@ -1840,10 +1845,24 @@ impl CudaBackend {
         on
     }
 
+    /// The default on Hopper with 16-bit storage (`LORAX_CUDA_GEMM_SM90` unset or `auto`): the silu product on
+    /// `gemm_sm90_silu_t`, from `LORAX_CUDA_GEMM_SM90_ROWS` rows (default 256) and only where its tiles fill at least
+    /// [`GEMM_SM90_T_MIN_FILL`] of their work ([`silu_t_fill`]); the other products on cuBLAS. Returns whether it is
+    /// on (as [`CudaBackend::set_gemm_sm90`]).
+    pub fn set_gemm_sm90_auto(&mut self) -> bool {
+        let min_rows = *self.gemm_sm90_rows.start();
+        let on = self.set_gemm_sm90(GemmSm90::Silu, min_rows);
+        self.gemm_sm90_swap = true;
+        self.gemm_sm90_auto = on;
+        on
+    }
+
     /// The silu-mul product on `gemm_sm90_silu_t` (tokens on the MMA's N side) or on `gemm_sm90_silu` (for tests
-    /// and comparisons; `LORAX_CUDA_GEMM_SM90_SWAP`).
+    /// and comparisons; `LORAX_CUDA_GEMM_SM90_SWAP`); either way for every size from the row threshold (the
+    /// default's fill test is `gemm_sm90_silu_t`'s and goes with it).
     pub fn set_gemm_sm90_swap(&mut self, on: bool) {
         self.gemm_sm90_swap = on;
+        self.gemm_sm90_auto = false;
     }
 
     /// Launches of the Hopper prompt GEMM so far.
