@@ -40,6 +40,8 @@
 #                                          # with the silu product on gemm_sm90_silu_t (GEMM_AB_GOLDEN=1: golden
 #                                          # with it on every gate/up product, ~80 s more)
 #   bash scripts/gpu/next_call.sh bench-only   # ~300 s: bench.sh alone with the defaults
+#   bash scripts/gpu/next_call.sh gemm-sweep   # ~120 s: the silu epilogues bit for bit, the default's sizes,
+#                                              # silu_mul against the CPU, GEMM times at 768-4160 rows
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -95,7 +97,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|bench-only|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
+part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -429,6 +431,19 @@ gemm-ab)
         fi
     fi
     ;;
+gemm-sweep)
+    # Session 45: the silu epilogues against silu_mul bit for bit, the default's choice of sizes, silu_mul (silu_f)
+    # against the CPU, then the GEMM's times at a sweep of row counts (GEMM_ROWS) to check silu_t_fill's cut.
+    timeout 200 "$bin/cuda_kernels" gemm_sm90_silu_is_silu_mul_bit_for_bit gemm_sm90_auto_runs_where_its_tiles_fill \
+        elementwise_ops_match_cpu --nocapture >"$R/kernels.txt" 2>&1
+    echo "rc $?" >>"$R/kernels.txt"
+    lap kernels
+    GEMM_BENCH_ROWS="${GEMM_ROWS:-768 864 968 1000 1152 1296 1440 1728 2016 2048 2160 2592 3024 3600 4160}" \
+        GEMM_BENCH_ROUNDS=1 timeout 200 "$bin/cuda_bench" --ignored --exact gemm_sm90_benchmarks --nocapture \
+        >"$R/gemm-sweep.txt" 2>&1
+    echo "rc $?" >>"$R/gemm-sweep.txt"
+    lap bench
+    ;;
 bench-only)
     # bench.sh alone with the defaults (session 45: a second run of the targets in one call).
     BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
@@ -458,7 +473,7 @@ graphs-bench | bench)
     lap bench
     ;;
 *)
-    echo "unknown part $part (uploads, bench, bench-only, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
+    echo "unknown part $part (uploads, bench, bench-only, gemm-sweep, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
     exit 2
     ;;
 esac
