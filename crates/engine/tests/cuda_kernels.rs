@@ -296,7 +296,9 @@ fn gemm_sm90_matches_cpu_and_cublas() {
 /// The silu epilogues against `silu_mul` bit for bit, on products that are exact whatever the summation order (x
 /// one-hot: each output is one weight times 1), so that only silu's arithmetic and the roundings can differ: gates
 /// over -100..100 with the edges of e^-g's range (±87..±90, where the fast reciprocal and the IEEE division part),
-/// values near zero (f16 subnormals), both zeros; up values over -4..4. Both forms, bf16 and f16.
+/// values near zero (f16 subnormals); up values over -4..4. Both forms, bf16 and f16. No gate is -0: the product's
+/// sum of one -0 and the zero terms is +0 (session 45 call 4: the only 5 outputs of 40800 that differed, all -0
+/// against +0 of one gate of -0 in 5 rows).
 #[test]
 fn gemm_sm90_silu_is_silu_mul_bit_for_bit() {
     let mut rng = Rng(seed("gemm_sm90_silu_bits"));
@@ -311,7 +313,7 @@ fn gemm_sm90_silu_is_silu_mul_bit_for_bit() {
         let x: Vec<f32> = (0..m * k)
             .map(|i| if i % k == (i / k) % k { 1.0 } else { 0.0 })
             .collect();
-        let edges = [87.0, 87.5, 88.0, 88.5, 89.0, 90.0, 1e-3, 3e-5, 1e-7, 0.0, 20.0, 60000.0];
+        let edges = [87.0, 87.5, 88.0, 88.5, 89.0, 90.0, 1e-3, 3e-5, 1e-7, 0.5, 20.0, 60000.0];
         let mut w = vec![0.0f32; 2 * f * k];
         for (i, v) in w[..f * k].iter_mut().enumerate() {
             *v = -100.0 + 200.0 * i as f32 / (f * k) as f32;
