@@ -375,11 +375,9 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS, 1)
         pin();
         release((it - 1) % GT_STAGES);
 
-        // out[token][feature]: a thread holds two tokens of one feature; the neighbouring feature's thread (lane ^ 4)
-        // swaps one, so that each stores two features of one token as one 32-bit word (even g: its token 2q, odd:
-        // 2q + 1).
-        // o: this thread's two tokens' outputs, packed (the first in the low half); the even thread sends its second,
-        // the odd one its first.
+        // out[token][feature]: a thread holds two tokens of one feature (o, packed, the first in the low half); the
+        // neighbouring feature's thread (lane ^ 4) swaps one, so that each stores two features of one token as one
+        // 32-bit word (even g: its token 2q, sending its second; odd: 2q + 1, sending its first).
         const bool even = (g & 1) == 0;
 #pragma unroll
         for (int r = 0; r < 72; r += 2) {

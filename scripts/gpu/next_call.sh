@@ -101,6 +101,14 @@ part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|graphs-bench|e
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
+# Golden against transformers + peft with the silu product on gemm_sm90_silu_t for every gate/up product of any size
+# (session 45; the default runs it only where its tiles fill their work, which golden's small models never do).
+golden_silu_t() {
+    LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1 LORAX_CUDA_GEMM_SM90_ROWS=1 timeout 150 \
+        "$bin/cuda_golden" --test-threads=2 >"$R/golden-silu-t.txt" 2>&1
+    echo "rc $?" >>"$R/golden-silu-t.txt"
+    lap golden-silu-t
+}
 case $part in
 uploads)
     timeout 150 "$bin/cuda_adapters" --test-threads=1 --nocapture >"$R/adapters.txt" 2>&1
@@ -147,15 +155,9 @@ round | golden-bench)
     # timed the o LoRA expand inside the norm, since removed: `git show e20fd8e:scripts/gpu/next_call.sh`.)
     skip="nvrtc kernels adapters sampling bench chunked"
     [ "$part" = round ] && skip="$skip golden"
-    # GOLDEN_SILU_T=1 (session 45): first golden with the silu product on gemm_sm90_silu_t for every gate/up product
-    # of any size (the default runs it only where its tiles fill their work, which golden's small models never do);
-    # about 60 s more (session 45 call 2: 469 s in all), its timeouts past the device's 600 s if all ran long.
-    if [ "${GOLDEN_SILU_T:-0}" = 1 ]; then
-        LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1 LORAX_CUDA_GEMM_SM90_ROWS=1 timeout 150 \
-            "$bin/cuda_golden" --test-threads=2 >"$R/golden-silu-t.txt" 2>&1
-        echo "rc $?" >>"$R/golden-silu-t.txt"
-        lap golden-silu-t
-    fi
+    # GOLDEN_SILU_T=1: golden_silu_t first, about 60 s more (session 45 call 2: 469 s in all; its timeouts add up
+    # past the device's 600 s if all ran long).
+    [ "${GOLDEN_SILU_T:-0}" = 1 ] && golden_silu_t
     RUN_SKIP="$skip" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" >"$R/run.txt" 2>&1
     echo "rc $?" >>"$R/run.txt"
     lap run
@@ -401,15 +403,9 @@ gemm-ab)
     done
     lap bench
     if grep -q "test result: ok. 1 passed" "$R/kernels.txt"; then
-        t=(LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1 LORAX_CUDA_GEMM_SM90_MAX_ROWS=${GEMM_MAX_ROWS:-2048})
-        # GEMM_AB_GOLDEN=1: golden against transformers + peft with every gate/up product of any size on it (session
-        # 45: silu_f, the fast silu, in it and in silu_mul, which the kernel test holds bit for bit equal).
-        if [ "${GEMM_AB_GOLDEN:-0}" = 1 ]; then
-            LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1 LORAX_CUDA_GEMM_SM90_ROWS=1 timeout 150 \
-                "$bin/cuda_golden" --test-threads=2 >"$R/golden-silu-t.txt" 2>&1
-            echo "rc $?" >>"$R/golden-silu-t.txt"
-            lap golden
-        fi
+        t=(LORAX_CUDA_GEMM_SM90=silu LORAX_CUDA_GEMM_SM90_SWAP=1)
+        # GEMM_AB_GOLDEN=1: golden_silu_t (session 45 call 1).
+        [ "${GEMM_AB_GOLDEN:-0}" = 1 ] && golden_silu_t
         profile_step p1000 "off round 1" LORAX_CUDA_GEMM_SM90=0
         profile_step p1000 "silu_t round 1" "${t[@]}"
         # GEMM_ONE_ROUND=1: one round of steps (a short call).
@@ -418,17 +414,8 @@ gemm-ab)
             profile_step p1000 "off round 2" LORAX_CUDA_GEMM_SM90=0
         fi
         lap steps
-        # GEMM_AB_BENCH=1: bench.sh with it on (up to GEMM_MAX_ROWS rows: the 1000-token TTFT, not the mixed
-        # steps of the regimes) when its p1000 steps 1-5 averaged less than off's.
-        faster=$(awk '/^== p1000/ {l = $3} /^STEP p1000 [1-5]:/ {s[l] += $4; n[l]++}
-            END {print (n["silu_t"] && s["silu_t"] / n["silu_t"] < s["off"] / n["off"]) ? 1 : 0}' "$R/steps32.txt")
-        echo "silu_t steps faster than off: $faster" | tee -a "$R/laps.txt"
-        if [ "${GEMM_AB_BENCH:-0}" = 1 ] && [ "$faster" = 1 ]; then
-            env "${t[@]}" BENCH_TIMEOUT=380 BENCH_PEFT_BUDGET=130 timeout 390 scripts/gpu/bench.sh "$R/bench" "$bin" \
-                >"$R/bench.txt" 2>&1
-            echo "rc $?" >>"$R/bench.txt"
-            lap bench
-        fi
+        # (Session 44's GEMM_AB_BENCH, bench.sh with it on when its steps were faster, went with the default: run
+        # `bench-only`.)
     fi
     ;;
 gemm-sweep)
@@ -444,12 +431,6 @@ gemm-sweep)
     echo "rc $?" >>"$R/gemm-sweep.txt"
     lap bench
     ;;
-bench-only)
-    # bench.sh alone with the defaults (session 45: a second run of the targets in one call).
-    BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
-    echo "rc $?" >>"$R/bench.txt"
-    lap bench
-    ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
     # launcher to the shard).
@@ -458,16 +439,19 @@ sm90-bench)
     echo "rc $?" >>"$R/bench.txt"
     lap bench
     ;;
-graphs-bench | bench)
+graphs-bench | bench | bench-only)
     if [ "$part" = graphs-bench ]; then
         RUN_SKIP="nvrtc kernels adapters sampling bench chunked" timeout 150 scripts/gpu/run.sh "$R/run" "$bin" \
             >"$R/run.txt" 2>&1
         echo "rc $?" >>"$R/run.txt"
         lap run
     fi
-    timeout 90 python3 scripts/gpu/disk_read.py /tmp/lorax-disk-read 27 24 >"$R/disk.txt" 2>&1
-    echo "rc $?" >>"$R/disk.txt"
-    lap disk
+    # bench-only (session 45): bench.sh alone, with the defaults.
+    if [ "$part" != bench-only ]; then
+        timeout 90 python3 scripts/gpu/disk_read.py /tmp/lorax-disk-read 27 24 >"$R/disk.txt" 2>&1
+        echo "rc $?" >>"$R/disk.txt"
+        lap disk
+    fi
     BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
     echo "rc $?" >>"$R/bench.txt"
     lap bench

@@ -322,9 +322,7 @@ fn gemm_sm90_silu_is_silu_mul_bit_for_bit() {
             w[i] = *e;
             w[edges.len() + i] = -*e;
         }
-        for v in &mut w[f * k..] {
-            *v = rng.vec(1, -4.0, 4.0)[0];
-        }
+        w[f * k..].copy_from_slice(&rng.vec(f * k, -4.0, 4.0));
         let w = round(dt, &w);
         let xg = g.tensor_from_f32(&[m, k], &x).unwrap();
         let wg = g.tensor_from_f32(&[2 * f, k], &w).unwrap();
@@ -349,15 +347,15 @@ fn gemm_sm90_silu_is_silu_mul_bit_for_bit() {
     }
 }
 
-/// The default (`LORAX_CUDA_GEMM_SM90` unset: `set_gemm_sm90_auto`) runs Mistral-7B's gate/up product of a
+/// The default (`LORAX_CUDA_GEMM_SM90` unset: [`GemmSm90::Auto`]) runs Mistral-7B's gate/up product of a
 /// 1000-token prompt on the Hopper GEMM and leaves 512 rows to cuBLAS + `silu_mul` (tile fill 0.98 and 0.75 on 132
-/// multiprocessors), counted by launches; `set_gemm_sm90_swap` then drops the fill test. Other multiprocessor counts
+/// multiprocessors), counted by launches; the explicit `silu` form runs every size. Other multiprocessor counts
 /// are skipped, visibly.
 #[test]
 fn gemm_sm90_auto_runs_where_its_tiles_fill() {
     let mut rng = Rng(seed("gemm_sm90_auto"));
     let Some(mut g) = gpu(DType::BF16) else { return };
-    if !g.set_gemm_sm90_auto() {
+    if !g.set_gemm_sm90(GemmSm90::Auto, 256) {
         assert!(g.context().compute_capability().unwrap() != (9, 0), "must build on 9.0");
         say("SKIPPED: the Hopper prompt GEMM runs on compute capability 9.0 with 16-bit storage only");
         return;
@@ -384,9 +382,9 @@ fn gemm_sm90_auto_runs_where_its_tiles_fill() {
     let x512 = pair(&g, &mut rng, &[512, k], -1.0, 1.0);
     assert!(runs(&g, 1000, &x1000), "1000 rows run on gemm_sm90_silu_t by default");
     assert!(!runs(&g, 512, &x512), "512 rows stay on cuBLAS + silu_mul by default");
-    g.set_gemm_sm90_swap(true);
+    g.set_gemm_sm90(GemmSm90::Silu, 256);
     assert!(runs(&g, 512, &x512), "an explicit form runs every size");
-    say("  auto: 1000 rows on the Hopper GEMM, 512 on cuBLAS; explicit swap: 512 too");
+    say("  auto: 1000 rows on the Hopper GEMM, 512 on cuBLAS; explicit silu: 512 too");
     g.set_gemm_sm90(GemmSm90::Off, 1);
 }
 

@@ -313,8 +313,12 @@ fn silu_t_fill(m: usize, f: usize, sms: usize) -> f64 {
 pub enum GemmSm90 {
     /// None (the default off Hopper and with f32 storage).
     Off,
-    /// The gate/up product with silu-mul in its epilogue, where the layer's gate/up has no LoRA term in the step
-    /// and no bias (`silu`).
+    /// The default on Hopper with 16-bit storage (`auto`): the gate/up product with silu-mul in its epilogue on
+    /// `gemm_sm90_silu_t`, where the layer's gate/up has no LoRA term in the step and no bias, and only where the
+    /// kernel's tiles fill at least [`GEMM_SM90_T_MIN_FILL`] of their work ([`silu_t_fill`]).
+    Auto,
+    /// The gate/up product with silu-mul in its epilogue at every size from the row threshold, on
+    /// `gemm_sm90_silu` or, with [`CudaBackend::set_gemm_sm90_swap`], `gemm_sm90_silu_t` (`silu`).
     Silu,
     /// That, and the o and down products added into the residual stream in their epilogue (then the norm runs
     /// alone), where they have no LoRA term, no bias and one device (`fused`).
@@ -854,12 +858,10 @@ pub struct CudaBackend {
     /// The Hopper prompt GEMM's cluster size and how many clusters the device runs at once (its grid); 0 clusters
     /// until its module is built.
     gemm_sm90_clusters: (usize, usize),
-    /// The silu-mul product on `gemm_sm90_silu_t` (tokens on the MMA's N side, tiles of 144 tokens) rather than
-    /// `gemm_sm90_silu` (`LORAX_CUDA_GEMM_SM90_SWAP=1`, [`CudaBackend::set_gemm_sm90_swap`]).
+    /// In the explicit forms (`silu`, `fused`, `all`), the silu-mul product on `gemm_sm90_silu_t` (tokens on the
+    /// MMA's N side, tiles of 144 tokens) rather than `gemm_sm90_silu` (`LORAX_CUDA_GEMM_SM90_SWAP=1`,
+    /// [`CudaBackend::set_gemm_sm90_swap`]); [`GemmSm90::Auto`] always takes `gemm_sm90_silu_t`.
     gemm_sm90_swap: bool,
-    /// The default's size test (`LORAX_CUDA_GEMM_SM90` unset or `auto`): the silu product runs on it only where
-    /// [`silu_t_fill`] reaches [`GEMM_SM90_T_MIN_FILL`]; [`CudaBackend::set_gemm_sm90`] turns it off.
-    gemm_sm90_auto: bool,
     /// Launches of the Hopper prompt GEMM so far (tests check that a product ran on it).
     gemm_sm90_launches: std::sync::atomic::AtomicU64,
     /// The tensor-parallel group on the device, once [`CudaBackend::attach_nccl`] joined it.
@@ -1513,7 +1515,6 @@ impl CudaBackend {
                 ..=env_count("LORAX_CUDA_GEMM_SM90_MAX_ROWS", usize::MAX, 1..=usize::MAX)?,
             gemm_sm90_clusters: (1, 0),
             gemm_sm90_swap: env_switch("LORAX_CUDA_GEMM_SM90_SWAP", ["1", "0"], false)?,
-            gemm_sm90_auto: false,
             gemm_sm90_launches: std::sync::atomic::AtomicU64::new(0),
             nccl: None,
             graphs: graph::Graphs::from_env()?,
@@ -1532,36 +1533,31 @@ impl CudaBackend {
         if std::env::var("LORAX_CUDA_SKINNY").is_ok_and(|v| v == "1") {
             backend.set_skinny_gemm(true);
         }
-        let min_rows = *backend.gemm_sm90_rows.start();
-        match std::env::var("LORAX_CUDA_GEMM_SM90").as_deref() {
-            // The default on Hopper with 16-bit storage (session 45): the gate/up product with silu-mul in its
-            // epilogue on `gemm_sm90_silu_t`, for the sizes its tiles fill.
-            Err(_) | Ok("auto") => {
-                if !backend.gemm_sm90_swap && std::env::var("LORAX_CUDA_GEMM_SM90_SWAP").is_ok() {
-                    return Err(EngineError::Backend(
-                        "LORAX_CUDA_GEMM_SM90_SWAP=0 applies to LORAX_CUDA_GEMM_SM90=silu, fused or all; the default \
-                         (auto) runs the silu product on gemm_sm90_silu_t only (LORAX_CUDA_GEMM_SM90=0 turns it off)"
-                            .into(),
-                    ));
-                }
-                if backend.compute_capability == (9, 0) && backend.dtype != DType::F32 {
-                    backend.set_gemm_sm90_auto();
-                }
+        let which = match std::env::var("LORAX_CUDA_GEMM_SM90").as_deref() {
+            // The default on Hopper with 16-bit storage (session 45); elsewhere it would not build.
+            Err(_) | Ok("auto") if backend.compute_capability == (9, 0) && backend.dtype != DType::F32 => {
+                GemmSm90::Auto
             }
-            Ok("0") => {}
+            Err(_) | Ok("auto" | "0") => GemmSm90::Off,
+            Ok("silu") => GemmSm90::Silu,
+            Ok("fused") => GemmSm90::Fused,
+            Ok("all") => GemmSm90::All,
             Ok(v) => {
-                let which = match v {
-                    "silu" => GemmSm90::Silu,
-                    "fused" => GemmSm90::Fused,
-                    "all" => GemmSm90::All,
-                    _ => {
-                        return Err(EngineError::Backend(format!(
-                            "LORAX_CUDA_GEMM_SM90={v:?}: expected auto (the default), 0, silu, fused or all"
-                        )))
-                    }
-                };
-                backend.set_gemm_sm90(which, min_rows);
+                return Err(EngineError::Backend(format!(
+                    "LORAX_CUDA_GEMM_SM90={v:?}: expected auto (the default), 0, silu, fused or all"
+                )))
             }
+        };
+        // The swap chooses between two kernels of the explicit forms; the default has one (a typo or a stale setting
+        // would otherwise be ignored silently).
+        if which <= GemmSm90::Auto && std::env::var_os("LORAX_CUDA_GEMM_SM90_SWAP").is_some() {
+            return Err(EngineError::Backend(
+                "LORAX_CUDA_GEMM_SM90_SWAP applies to LORAX_CUDA_GEMM_SM90=silu, fused or all".into(),
+            ));
+        }
+        if which != GemmSm90::Off {
+            let min_rows = *backend.gemm_sm90_rows.start();
+            backend.set_gemm_sm90(which, min_rows);
         }
         match std::env::var("LORAX_CUDA_PREFILL_SM90").as_deref() {
             // The default on Hopper with 16-bit storage: ws64, ws128 for prompts of 8192 keys or more (session 42:
@@ -1828,11 +1824,10 @@ impl CudaBackend {
     }
 
     /// Which products run on the Hopper prompt GEMM (kernels/gemm_sm90.cu) rather than cuBLAS, for products of
-    /// at least `min_rows` rows whatever their tiles' fill (for tests and comparisons; `LORAX_CUDA_GEMM_SM90`).
-    /// Turning it on builds it the first time. Returns whether it is on: false for [`GemmSm90::Off`] and where it
-    /// cannot be built (not Hopper, f32 storage, or a build failure, logged).
+    /// at least `min_rows` rows (`LORAX_CUDA_GEMM_SM90`; tests and comparisons). Turning it on builds it the first
+    /// time. Returns whether it is on: false for [`GemmSm90::Off`] and where it cannot be built (not Hopper, f32
+    /// storage, or a build failure, logged).
     pub fn set_gemm_sm90(&mut self, which: GemmSm90, min_rows: usize) -> bool {
-        self.gemm_sm90_auto = false;
         if which != GemmSm90::Off && self.gemm_sm90_clusters.1 == 0 {
             match self
                 .hopper_module("gemm_sm90", |i| if i == 3 { GEMM_SM90_T_SMEM } else { GEMM_SM90_SMEM })
@@ -1848,24 +1843,10 @@ impl CudaBackend {
         on
     }
 
-    /// The default on Hopper with 16-bit storage (`LORAX_CUDA_GEMM_SM90` unset or `auto`): the silu product on
-    /// `gemm_sm90_silu_t`, from `LORAX_CUDA_GEMM_SM90_ROWS` rows (default 256) and only where its tiles fill at least
-    /// [`GEMM_SM90_T_MIN_FILL`] of their work ([`silu_t_fill`]); the other products on cuBLAS. Returns whether it is
-    /// on (as [`CudaBackend::set_gemm_sm90`]).
-    pub fn set_gemm_sm90_auto(&mut self) -> bool {
-        let min_rows = *self.gemm_sm90_rows.start();
-        let on = self.set_gemm_sm90(GemmSm90::Silu, min_rows);
-        self.gemm_sm90_swap = true;
-        self.gemm_sm90_auto = on;
-        on
-    }
-
-    /// The silu-mul product on `gemm_sm90_silu_t` (tokens on the MMA's N side) or on `gemm_sm90_silu` (for tests
-    /// and comparisons; `LORAX_CUDA_GEMM_SM90_SWAP`); either way for every size from the row threshold (the
-    /// default's fill test is `gemm_sm90_silu_t`'s and goes with it).
+    /// In the explicit forms, the silu-mul product on `gemm_sm90_silu_t` (tokens on the MMA's N side) or on
+    /// `gemm_sm90_silu` (for tests and comparisons; `LORAX_CUDA_GEMM_SM90_SWAP`).
     pub fn set_gemm_sm90_swap(&mut self, on: bool) {
         self.gemm_sm90_swap = on;
-        self.gemm_sm90_auto = false;
     }
 
     /// Launches of the Hopper prompt GEMM so far.
@@ -1925,16 +1906,17 @@ impl CudaBackend {
         }
     }
 
-    /// Whether the Hopper prompt GEMM is on for epilogue `epi` at `m` rows of `n` output columns (by default, the
-    /// silu product where `gemm_sm90_silu_t`'s tiles fill their work: [`silu_t_fill`]).
+    /// Whether the Hopper prompt GEMM is on for epilogue `epi` at `m` rows of `n` output columns.
     fn gemm_sm90_wants(&self, epi: GemmEpilogue, m: usize, n: usize) -> bool {
         let on = match epi {
+            GemmEpilogue::Silu if self.gemm_sm90 == GemmSm90::Auto => {
+                silu_t_fill(m, n, self.num_sms) >= GEMM_SM90_T_MIN_FILL
+            }
             GemmEpilogue::Silu => self.gemm_sm90 >= GemmSm90::Silu,
             GemmEpilogue::Add => self.gemm_sm90 >= GemmSm90::Fused,
             GemmEpilogue::Store => self.gemm_sm90 == GemmSm90::All,
         };
         on && self.gemm_sm90_rows.contains(&m)
-            && (!self.gemm_sm90_auto || silu_t_fill(m, n, self.num_sms) >= GEMM_SM90_T_MIN_FILL)
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` (rows of y `ldy` apart) on the Hopper prompt GEMM, with epilogue `epi`
@@ -1963,7 +1945,7 @@ impl CudaBackend {
         let silu = epi == GemmEpilogue::Silu;
         let w_rows = if silu { 2 * n } else { n };
         // The kernel, its shared memory, grid, and the tensor maps' rows a box (x's, w's).
-        let (kernel, smem, blocks, boxes) = if silu && self.gemm_sm90_swap {
+        let (kernel, smem, blocks, boxes) = if silu && (self.gemm_sm90 == GemmSm90::Auto || self.gemm_sm90_swap) {
             // Tokens on the MMA's N side (kernels/gemm_sm90.cu `gemm_sm90_silu_t`), one block a tile.
             let units = m.div_ceil(GEMM_SM90_T_TOKENS) * n.div_ceil(GEMM_SM90_T_FEATURES);
             (
