@@ -56,6 +56,10 @@ PEAK_HOW = "burst, measured" if GEMM_BURST_TFLOPS else "assumed"
 CFG = dict(MISTRAL_7B_SHAPE)
 PROMPT, OUT, STREAMS, N_ADAPTERS, RANK, MAX_ACTIVE = 512, 256, 128, 1000, 16, 128
 SWEEP = (1, 32, 128, 256)
+# The sections to run (BENCH_PARTS, comma-separated; all by default): ttft (TTFT and cold loads), cold (cold
+# loads under load), sweep (the base sweep), regimes (the popularity regimes). A part left out is "not
+# measured" in the summary; an A/B of the decode steps runs `sweep,regimes` with BENCH_SWEEP=128.
+PARTS = set(os.environ.get("BENCH_PARTS", "ttft,cold,sweep,regimes").split(","))
 LONG_PROMPT = 1000
 N_COLD = 8  # never-seen adapters: cold-0..7 alone, cold-8..15 under load
 # Cold loads under load: background streams, their prompt and output (long enough to outlast the probes).
@@ -67,6 +71,8 @@ if TINY:  # a dry run of the script on a CPU: tiny shape, small counts
     PROMPT, OUT, STREAMS, N_ADAPTERS = 64, 8, 8, 20
     SWEEP = (1, 4, 8, 16)
     LOAD_STREAMS, SETTLE_S, BASELINE_S, PROBE_GAP_S = 4, 0.5, 0.5, 0.05
+if os.environ.get("BENCH_SWEEP"):
+    SWEEP = tuple(int(c) for c in os.environ["BENCH_SWEEP"].split(","))
 DEADLINE = float(os.environ.get("BENCH_DEADLINE", time.time() + 540))
 RESERVE_S = 20  # left at the deadline to stop the server and write the tables
 T_START = time.time()
@@ -334,7 +340,9 @@ def say_host(before, what, kind="decode"):
     if m:
         say(f"BENCH shard {kind} host time ({what}, last {m.get('steps')} {kind} steps, {m.get('rows')} rows each): "
             f"{m.get('forward_us')} us up to the last launch, {m.get('sample_us')} us sampling, device and copy "
-            f"back, {m.get('total_us')} us the whole engine step")
+            f"back, {m.get('total_us')} us the whole engine step; of the first, {m.get('inputs_us')} us building "
+            f"and checking the inputs, {m.get('forward_cpu_us')} us on a core, longest {m.get('forward_max_us')} us, "
+            f"{m.get('forward_over_1ms')} over 1 ms, {m.get('preempted')} involuntary switches")
 
 
 def say_graph(before, what):
@@ -646,7 +654,7 @@ def sweep_and_regimes():
     # Each run's warm-up is a run of its own before the window of router metrics the decode steps are read
     # from, so its steps (at its few rows) are not counted; its requests are numbered after the measured ones
     # and have another seed (other adapters, other lengths' draws).
-    for c in SWEEP:
+    for c in SWEEP if "sweep" in PARTS else ():
         n, warm = (3, 1) if c == 1 else (2 * c, 8)
         name = f"base-c{c}"
         warm_up(name, warm, n, "--concurrency", str(c), *lens, need=15 + c // 8)
@@ -657,7 +665,7 @@ def sweep_and_regimes():
         say_steps(steps, after, name)
         say_host(reports, name)
         say_graph(graphs, name)
-    for regime in ("identical", "uniform", "zipf:1", "distinct"):
+    for regime in ("identical", "uniform", "zipf:1", "distinct") if "regimes" in PARTS else ():
         name = f"{regime.replace(':', '')}-c{STREAMS}"
         regime_args = ["--popularity", regime, "--num-adapters", str(N_ADAPTERS), *lens]
         warm_up(name, 16, 2 * STREAMS, "--concurrency", str(STREAMS), *regime_args, need=30)
@@ -858,10 +866,12 @@ def main():
             srv, BASE = start_launcher(BIN, dummy_server_args(model, f"{WORK}/adapters"), f"{LOGS}/bench-server.log")
             with open(f"{WORK}/launcher.pid", "w") as f:
                 f.write(str(srv.pid))
-        with Section("TTFT and cold loads"):
-            ttft_and_cold()
-        with Section("cold loads under load"):
-            cold_under_load()
+        if "ttft" in PARTS:
+            with Section("TTFT and cold loads"):
+                ttft_and_cold()
+        if "cold" in PARTS:
+            with Section("cold loads under load"):
+                cold_under_load()
         with Section("base sweep and popularity regimes"):
             sweep_and_regimes()
         m = load_metric()

@@ -88,7 +88,9 @@ section "bench.py" "$t"
 
 t=$(date +%s)
 peft_s=$((budget - $(elapsed) - 10))
-if [ "$peft_s" -gt 60 ]; then
+if [ "${BENCH_PEFT:-1}" = 0 ]; then
+    echo "peft_compare.py SKIPPED: BENCH_PEFT=0" | tee -a "$summary"
+elif [ "$peft_s" -gt 60 ]; then
     timeout -k 10 "$peft_s" python3 scripts/gpu/peft_compare.py "$bin" "$logs" 2>&1 | tee -a "$summary"
     echo "peft_compare.py exit status ${PIPESTATUS[0]}" | tee -a "$summary"
 else

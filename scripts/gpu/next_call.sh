@@ -42,6 +42,9 @@
 #   bash scripts/gpu/next_call.sh bench-only   # ~300 s: bench.sh alone with the defaults
 #   bash scripts/gpu/next_call.sh gemm-sweep   # ~120 s: the silu epilogues bit for bit, the default's sizes,
 #                                              # silu_mul against the CPU, GEMM times at 768-4160 rows
+#   bash scripts/gpu/next_call.sh sweep-bench  # ~450 s: gemm-sweep, then bench.sh with the defaults
+#   bash scripts/gpu/next_call.sh decode-ab    # ~400 s: the base step at 128 streams and the four regimes, with an
+#                                              # adapter load's work on cores on every core and on 4 threads
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -97,7 +100,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
+part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|sweep-bench|decode-ab|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -108,6 +111,12 @@ golden_silu_t() {
         "$bin/cuda_golden" --test-threads=2 >"$R/golden-silu-t.txt" 2>&1
     echo "rc $?" >>"$R/golden-silu-t.txt"
     lap golden-silu-t
+}
+# bench.sh with the defaults (`bench`, `bench-only`, `sweep-bench`).
+bench_defaults() {
+    BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
+    echo "rc $?" >>"$R/bench.txt"
+    lap bench
 }
 case $part in
 uploads)
@@ -418,9 +427,10 @@ gemm-ab)
         # `bench-only`.)
     fi
     ;;
-gemm-sweep)
+gemm-sweep | sweep-bench)
     # Session 45: the silu epilogues against silu_mul bit for bit, the default's choice of sizes, silu_mul (silu_f)
     # against the CPU, then the GEMM's times at a sweep of row counts (GEMM_ROWS) to check silu_t_fill's cut.
+    # sweep-bench (session 46): then bench.sh with the defaults, as `bench-only`.
     timeout 200 "$bin/cuda_kernels" gemm_sm90_silu_is_silu_mul_bit_for_bit gemm_sm90_auto_runs_where_its_tiles_fill \
         elementwise_ops_match_cpu --nocapture >"$R/kernels.txt" 2>&1
     echo "rc $?" >>"$R/kernels.txt"
@@ -429,7 +439,20 @@ gemm-sweep)
         GEMM_BENCH_ROUNDS=1 timeout 200 "$bin/cuda_bench" --ignored --exact gemm_sm90_benchmarks --nocapture \
         >"$R/gemm-sweep.txt" 2>&1
     echo "rc $?" >>"$R/gemm-sweep.txt"
-    lap bench
+    lap gemm-bench
+    [ "$part" = sweep-bench ] && bench_defaults
+    ;;
+decode-ab)
+    # Session 46: the base step at 128 streams and the four regimes (no TTFT, cold loads or peft), once with an
+    # adapter load's work on cores on every core (the default) and once on 4 threads (LORAX_ADAPTER_THREADS), for
+    # the uniform regime's 450-665 us before its steps' launch (sessions 43-45; the others 70-310).
+    for threads in all 4; do
+        envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=250 BENCH_PEFT_BUDGET=0)
+        [ "$threads" = all ] || envs+=(LORAX_ADAPTER_THREADS=$threads)
+        env "${envs[@]}" timeout 265 scripts/gpu/bench.sh "$R/ab-$threads" "$bin" >"$R/ab-$threads.txt" 2>&1
+        echo "rc $?" >>"$R/ab-$threads.txt"
+        lap "ab-$threads"
+    done
     ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
@@ -452,12 +475,10 @@ graphs-bench | bench | bench-only)
         echo "rc $?" >>"$R/disk.txt"
         lap disk
     fi
-    BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
-    echo "rc $?" >>"$R/bench.txt"
-    lap bench
+    bench_defaults
     ;;
 *)
-    echo "unknown part $part (uploads, bench, bench-only, gemm-sweep, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
+    echo "unknown part $part (uploads, bench, bench-only, gemm-sweep, sweep-bench, decode-ab, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
     exit 2
     ;;
 esac

@@ -53,6 +53,8 @@ pub struct Engine<B: Backend> {
     ahead: Option<AheadKey>,
     /// Logit rows the LM head computes at once outside a decode graph ([`HEAD_ROWS_A_PASS`]).
     head_rows: usize,
+    /// When the last forward pass had its inputs built and checked, before anything was launched.
+    inputs_ready: Option<Instant>,
 }
 
 /// The loaded adapters of `keys`, in order.
@@ -151,6 +153,47 @@ pub struct StepTimes {
     /// The whole step, from the engine's call to its return (the above, the batch bookkeeping before
     /// the forward pass and the generations after it).
     pub total: Duration,
+    /// The part of `forward` before anything is launched: the batch's inputs built and, for a step
+    /// prepared ahead, checked against it. The rest is the record pass (when it was not prepared ahead),
+    /// the metadata's copy and the launches.
+    pub inputs: Duration,
+    /// The longest `forward` among the steps.
+    pub forward_max: Duration,
+    /// Steps whose `forward` took over 1 ms.
+    pub forward_over_1ms: u32,
+    /// CPU time of the stepping thread during `forward` (Linux; zero elsewhere): far below `forward`
+    /// means the thread waited (for a lock, the driver, or a core).
+    pub forward_cpu: Duration,
+    /// Involuntary context switches of the stepping thread during `forward` (Linux): the thread was
+    /// ready to run and a core went to another.
+    pub forward_preempted: u64,
+}
+
+/// What one step's `forward` was made of ([`StepTimes`]' fields of the same names).
+struct ForwardDetail {
+    inputs: Duration,
+    cpu: Duration,
+    preempted: u64,
+}
+
+/// This thread's CPU time and involuntary context switches so far (Linux; `None` elsewhere).
+fn thread_usage() -> Option<(Duration, u64)> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: getrusage writes the struct it is given and reads nothing else.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &raw mut u) } != 0 {
+            return None;
+        }
+        let us =
+            |t: libc::timeval| u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_usec).unwrap_or(0);
+        Some((
+            Duration::from_micros(us(u.ru_utime) + us(u.ru_stime)),
+            u64::try_from(u.ru_nivcsw).unwrap_or(0),
+        ))
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 /// Where [`Engine::load_with_format`] takes the weights from (`--load-format`).
@@ -388,6 +431,7 @@ impl<B: Backend> Engine<B> {
             prompt_times: StepTimes::default(),
             ahead: None,
             head_rows: HEAD_ROWS_A_PASS,
+            inputs_ready: None,
         })
     }
 
@@ -507,9 +551,11 @@ impl<B: Backend> Engine<B> {
         let (inputs, keys) = self.seq_inputs(seqs, graph);
         let adapters = adapters_of(&self.adapters, &keys)?;
         let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
+        let prepared = graph && ahead.is_some_and(|k| k.matches(&input, &keys));
+        self.inputs_ready = Some(Instant::now());
         if graph {
             let vocab = self.model.cfg.vocab_size;
-            if ahead.is_some_and(|k| k.matches(&input, &keys)) && input.tokens.iter().all(|&t| (t as usize) < vocab) {
+            if prepared && input.tokens.iter().all(|&t| (t as usize) < vocab) {
                 if let Some(logits) = self.backend.decode_prepared(&input.tokens)? {
                     return Ok(Pass::Logits(logits));
                 }
@@ -726,9 +772,17 @@ impl<B: Backend> Engine<B> {
             .collect();
         let pure_decode = plan.iter().all(|w| !w.prefill || w.len == 0);
         let rows: usize = plan.iter().map(|w| w.len).sum();
+        let usage = thread_usage();
         let started = Instant::now();
+        self.inputs_ready = None;
         let pass = self.forward_logits(&raw, &all, pure_decode)?;
         let launched = Instant::now();
+        let inputs = self.inputs_ready.map_or(Duration::ZERO, |t| t - started);
+        let (cpu, preempted) = usage
+            .zip(thread_usage())
+            .map_or((Duration::ZERO, 0), |((c0, s0), (c1, s1))| {
+                (c1.saturating_sub(c0), s1.saturating_sub(s0))
+            });
         drop(raw);
         if pure_decode {
             // The next step as it will be if the batch stays as it is: prepared while this one runs.
@@ -810,7 +864,12 @@ impl<B: Backend> Engine<B> {
                 prefill: if w.prefill { s.prompt_logprobs.take() } else { None },
             });
         }
-        self.count_step(pure_decode, rows, [forward, sample, entered.elapsed()]);
+        self.count_step(
+            pure_decode,
+            rows,
+            [forward, sample, entered.elapsed()],
+            ForwardDetail { inputs, cpu, preempted },
+        );
         Ok(out)
     }
 }
@@ -828,7 +887,13 @@ impl<B: Backend> Engine<B> {
         self.prompt_times
     }
 
-    fn count_step(&mut self, decode: bool, rows: usize, [forward, sample, total]: [Duration; 3]) {
+    fn count_step(
+        &mut self,
+        decode: bool,
+        rows: usize,
+        [forward, sample, total]: [Duration; 3],
+        detail: ForwardDetail,
+    ) {
         let (t, every, what) = if decode {
             (&mut self.decode_times, DECODE_REPORT_STEPS, "decode")
         } else {
@@ -839,6 +904,11 @@ impl<B: Backend> Engine<B> {
         t.forward += forward;
         t.sample += sample;
         t.total += total;
+        t.inputs += detail.inputs;
+        t.forward_max = t.forward_max.max(forward);
+        t.forward_over_1ms += u32::from(forward > Duration::from_millis(1));
+        t.forward_cpu += detail.cpu;
+        t.forward_preempted += detail.preempted;
         if t.steps >= every {
             let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(t.steps);
             #[allow(clippy::cast_precision_loss)]
@@ -849,6 +919,11 @@ impl<B: Backend> Engine<B> {
                 forward_us = format!("{:.0}", per(t.forward)),
                 sample_us = format!("{:.0}", per(t.sample)),
                 total_us = format!("{:.0}", per(t.total)),
+                inputs_us = format!("{:.0}", per(t.inputs)),
+                forward_cpu_us = format!("{:.0}", per(t.forward_cpu)),
+                forward_max_us = format!("{:.0}", t.forward_max.as_secs_f64() * 1e6),
+                forward_over_1ms = t.forward_over_1ms,
+                preempted = t.forward_preempted,
                 "{what} steps: host time"
             );
             *t = StepTimes::default();

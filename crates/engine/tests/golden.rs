@@ -302,4 +302,13 @@ fn steps_count_their_host_time_by_kind() {
         "{t:?}"
     );
     assert!(t.total >= t.forward + t.sample, "the whole step holds its parts: {t:?}");
+    // The forward's parts: its inputs come before its launches, and its longest is at least its mean.
+    assert!(t.inputs > std::time::Duration::ZERO && t.inputs <= t.forward, "{t:?}");
+    assert!(t.forward_max * t.steps >= t.forward, "{t:?}");
+    if cfg!(target_os = "linux") {
+        assert!(
+            t.forward_cpu > std::time::Duration::ZERO,
+            "getrusage counts the thread's time: {t:?}"
+        );
+    }
 }

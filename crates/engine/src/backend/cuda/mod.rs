@@ -1041,8 +1041,10 @@ impl CudaBackend {
         }
         {
             use rayon::prelude::*;
-            jobs.into_par_iter()
-                .for_each(|(place, data)| place.copy_from_slice(data));
+            crate::lora::on_adapter_pool(|| {
+                jobs.into_par_iter()
+                    .for_each(|(place, data)| place.copy_from_slice(data));
+            });
         }
         // SAFETY: uninitialised; the copy below (or a conversion) writes every byte a tensor covers
         // (alignment padding is never read).
