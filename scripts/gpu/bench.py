@@ -352,7 +352,9 @@ def say_graph(before, what):
         say(f"BENCH shard graph host time ({what}, per graph step): record pass {m.get('record_us')} us (LoRA "
             f"plans {m.get('lora_plan_us')}, attention plans {m.get('attention_plan_us')}), replay "
             f"{m.get('replay_us')} us, metadata {m.get('metadata_kb')} KiB; {m.get('ahead')} of {m.get('steps')} "
-            f"steps recorded ahead, while the step before ran")
+            f"steps recorded ahead, while the step before ran; on the device {m.get('device_us')} us a graph "
+            f"({m.get('device_steps')} timed), {m.get('gap_us')} us between one graph's end and the next one's "
+            f"start ({m.get('gap_steps')} timed: the sampling, the copy back and the device idle)")
 
 
 def load_metric():

@@ -43,7 +43,7 @@
 #   bash scripts/gpu/next_call.sh gemm-sweep   # ~120 s: the silu epilogues bit for bit, the default's sizes,
 #                                              # silu_mul against the CPU, GEMM times at 768-4160 rows
 #   bash scripts/gpu/next_call.sh sweep-bench  # ~450 s: gemm-sweep, then bench.sh with the defaults
-#   bash scripts/gpu/next_call.sh decode-ab    # ~400 s: the base step at 128 streams and the four regimes, with an
+#   bash scripts/gpu/next_call.sh decode-ab    # ~450 s: the graphs test, then the base step at 128 streams and the four regimes, with an
 #                                              # adapter load's work on cores on every core and on 4 threads
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
@@ -445,7 +445,11 @@ gemm-sweep | sweep-bench)
 decode-ab)
     # Session 46: the base step at 128 streams and the four regimes (no TTFT, cold loads or peft), once with an
     # adapter load's work on cores on every core (the default) and once on 4 threads (LORAX_ADAPTER_THREADS), for
-    # the uniform regime's 450-665 us before its steps' launch (sessions 43-45; the others 70-310).
+    # the uniform regime's 450-665 us before its steps' launch (sessions 43-45; the others 70-310). First the
+    # graphs test, whose replays are now timed on the device (graph_device_time).
+    timeout 150 "$bin/cuda_graphs" decode_steps_through_graphs_equal_eager_steps --nocapture >"$R/graphs.txt" 2>&1
+    echo "rc $?" >>"$R/graphs.txt"
+    lap graphs
     for threads in all 4; do
         envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=250 BENCH_PEFT_BUDGET=0)
         [ "$threads" = all ] || envs+=(LORAX_ADAPTER_THREADS=$threads)

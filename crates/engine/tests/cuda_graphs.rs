@@ -179,8 +179,11 @@ fn decode_steps_through_graphs_equal_eager_steps() {
                 let host = HostAdapter::load(&dir.path().join(k), &cfg, 64).unwrap();
                 e.load_adapter(k, &host).unwrap();
             }
+            let started = Instant::now();
             let t = schedule(&mut e, &keys);
+            let wall_ms = started.elapsed().as_secs_f64() * 1e3;
             let (captures, replays) = e.backend.graph_counts();
+            let (timed, device_ms) = e.backend.graph_device_time();
             let ahead_replays = e.backend.graph_ahead_replays();
             let uncaptured = e.backend.graph_step_counts().uncaptured;
             say(&format!(
@@ -199,6 +202,16 @@ fn decode_steps_through_graphs_equal_eager_steps() {
                     "{captures} captures but only {uncaptured} eager steps before them"
                 );
                 assert!(replays >= 90, "only {replays} of 100 decode steps replayed a graph");
+                // Each replay's graph is timed on the device at the next replay: all but the last, each
+                // taking some device time and together less than the whole schedule's.
+                assert!(
+                    timed + 1 >= replays && timed < replays,
+                    "{timed} of {replays} replays timed"
+                );
+                assert!(
+                    device_ms > 0.0 && device_ms * timed as f64 <= wall_ms,
+                    "replays' device time {device_ms} ms x {timed} against {wall_ms} ms of steps"
+                );
                 assert_eq!(replays + uncaptured, 100, "every decode step replays or runs eagerly");
                 if ahead {
                     // Every decode step but the first after each prefill (3), those that capture and those

@@ -165,6 +165,21 @@ struct Inner {
     prepared: Option<Prepared>,
     /// Replays of steps recorded ahead.
     ahead_replays: u64,
+    /// Timing events around the last three replays (made at the first replay).
+    timing: Option<ReplayTiming>,
+}
+
+/// Timing events recorded on the stream around each replay, in a ring of three: at replay n, replay n - 1's
+/// graph has run (its step's tokens were waited for), so its device time is read, and with replay n - 2's
+/// end, the device's gap before it (the step before's sampling and copy back, then the device idle until
+/// the metadata copy and the launch), when the two were consecutive steps.
+struct ReplayTiming {
+    start: [CudaEvent; 3],
+    end: [CudaEvent; 3],
+    /// The replay clock of each slot's replay.
+    clock: [u64; 3],
+    /// Replays timed so far.
+    n: u64,
 }
 
 impl Inner {
@@ -186,6 +201,35 @@ impl Inner {
         self.seen.insert(sig, (count, now));
         self.uncaptured_steps += 1;
         false
+    }
+}
+
+impl ReplayTiming {
+    /// After replay n was recorded: replay n - 1's device time, and the device's gap between replay n - 2's
+    /// end and replay n - 1's start when they were consecutive steps (nanoseconds; `None` where not yet
+    /// known, or not complete).
+    fn last(&self) -> (Option<u64>, Option<u64>) {
+        let ns = |a: &CudaEvent, b: &CudaEvent| -> Option<u64> {
+            if !(a.is_complete() && b.is_complete()) {
+                return None;
+            }
+            let ms = a.elapsed_ms(b).ok()?;
+            (ms >= 0.0).then(|| (f64::from(ms) * 1e6) as u64)
+        };
+        if self.n < 2 {
+            return (None, None);
+        }
+        let j = ((self.n - 2) % 3) as usize;
+        let device = ns(&self.start[j], &self.end[j]);
+        let gap = if self.n >= 3 {
+            let k = ((self.n - 3) % 3) as usize;
+            (self.clock[j] == self.clock[k] + 1)
+                .then(|| ns(&self.end[k], &self.start[j]))
+                .flatten()
+        } else {
+            None
+        };
+        (device, gap)
     }
 }
 
@@ -211,6 +255,16 @@ pub(crate) struct StepClock {
     meta_bytes: AtomicU64,
     /// Steps whose record pass ran while the step before was on the device.
     ahead: AtomicU64,
+    /// Device time of replayed graphs (timing events around the launch), and how many were timed.
+    device_ns: AtomicU64,
+    device_steps: AtomicU64,
+    /// The device's gap before a replay that followed another at once (the step before's sampling and copy
+    /// back, then idle until the launch), and how many were timed.
+    gap_ns: AtomicU64,
+    gap_steps: AtomicU64,
+    /// The device times since the backend started (never reset by the reports).
+    device_all_ns: AtomicU64,
+    device_all_steps: AtomicU64,
 }
 
 /// Graph steps per host-time report.
@@ -229,6 +283,20 @@ impl StepClock {
         }
     }
 
+    /// Counts a replay's device time and the gap before it (nanoseconds), where they were timed.
+    fn device(&self, device: Option<u64>, gap: Option<u64>) {
+        if let Some(d) = device {
+            self.device_ns.fetch_add(d, Ordering::Relaxed);
+            self.device_steps.fetch_add(1, Ordering::Relaxed);
+            self.device_all_ns.fetch_add(d, Ordering::Relaxed);
+            self.device_all_steps.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(g) = gap {
+            self.gap_ns.fetch_add(g, Ordering::Relaxed);
+            self.gap_steps.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts one graph step (its record pass, made `ahead` of its turn or not, and its replay) and
     /// reports every CLOCK_REPORT_STEPS.
     fn step(&self, record_ns: u64, replay_ns: u64, meta: usize, ahead: bool) {
@@ -240,6 +308,12 @@ impl StepClock {
             return;
         }
         let per = |c: &AtomicU64| c.swap(0, Ordering::Relaxed) as f64 / CLOCK_REPORT_STEPS as f64;
+        let mean = |c: &AtomicU64, n: &AtomicU64| {
+            let n = n.swap(0, Ordering::Relaxed);
+            (c.swap(0, Ordering::Relaxed) as f64 / n.max(1) as f64 / 1e3, n)
+        };
+        let (device_us, device_steps) = mean(&self.device_ns, &self.device_steps);
+        let (gap_us, gap_steps) = mean(&self.gap_ns, &self.gap_steps);
         self.steps.store(0, Ordering::Relaxed);
         tracing::info!(
             steps = CLOCK_REPORT_STEPS,
@@ -249,6 +323,10 @@ impl StepClock {
             replay_us = format!("{:.0}", per(&self.replay_ns) / 1e3),
             metadata_kb = format!("{:.0}", per(&self.meta_bytes) / 1024.0),
             ahead = self.ahead.swap(0, Ordering::Relaxed),
+            device_us = format!("{device_us:.0}"),
+            device_steps,
+            gap_us = format!("{gap_us:.0}"),
+            gap_steps,
             "graph steps: host time"
         );
     }
@@ -330,6 +408,7 @@ impl Graphs {
                 token_uploads: 0,
                 prepared: None,
                 ahead_replays: 0,
+                timing: None,
             }),
             enabled: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPHS").map_or(true, |v| v != "0")),
             max_batch: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_MAX_BATCH", 256, 0..=1 << 16)?),
@@ -741,6 +820,22 @@ impl CudaBackend {
                     .map_err(|e| drv("recording the metadata copy", e))?;
             }
         }
+        if g.timing.is_none() {
+            let ev = || self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT));
+            let three = || -> std::result::Result<[CudaEvent; 3], _> { Ok([ev()?, ev()?, ev()?]) };
+            g.timing = Some(ReplayTiming {
+                start: three().map_err(|e| drv("creating timing events", e))?,
+                end: three().map_err(|e| drv("creating timing events", e))?,
+                clock: [0; 3],
+                n: 0,
+            });
+        }
+        let slot = g.timing.as_ref().map_or(0, |t| (t.n % 3) as usize);
+        if let Some(t) = &g.timing {
+            t.start[slot]
+                .record(&self.stream)
+                .map_err(|e| drv("recording a replay's start", e))?;
+        }
         let graph = &g
             .graphs
             .get(&sig)
@@ -750,6 +845,15 @@ impl CudaBackend {
         graph.launch().map_err(|e| drv("graph launch", e))?;
         g.copy_pending = true;
         g.replays += 1;
+        if let Some(t) = &mut g.timing {
+            t.end[slot]
+                .record(&self.stream)
+                .map_err(|e| drv("recording a replay's end", e))?;
+            t.clock[slot] = now;
+            t.n += 1;
+            let (device, gap) = t.last();
+            self.graphs.clock.device(device, gap);
+        }
         Ok(true)
     }
 
@@ -836,6 +940,17 @@ impl CudaBackend {
                 captures: g.captures,
                 uncaptured: g.uncaptured_steps,
             },
+        )
+    }
+
+    /// Replays timed on the device so far (each replay's graph, read at the next replay), and their mean
+    /// device time in milliseconds (0 before any).
+    pub fn graph_device_time(&self) -> (u64, f64) {
+        let c = &self.graphs.clock;
+        let n = c.device_all_steps.load(Ordering::Relaxed);
+        (
+            n,
+            c.device_all_ns.load(Ordering::Relaxed) as f64 / n.max(1) as f64 / 1e6,
         )
     }
 
