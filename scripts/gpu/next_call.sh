@@ -447,6 +447,13 @@ decode-ab)
     # adapter load's work on cores on every core (the default) and once on 4 threads (LORAX_ADAPTER_THREADS), for
     # the uniform regime's 450-665 us before its steps' launch (sessions 43-45; the others 70-310). First the
     # graphs test, whose replays are now timed on the device (graph_device_time).
+    # DECODE_AB_KERNELS=1: gemm-sweep's kernel tests first (not its GEMM times).
+    if [ "${DECODE_AB_KERNELS:-0}" = 1 ]; then
+        timeout 200 "$bin/cuda_kernels" gemm_sm90_silu_is_silu_mul_bit_for_bit gemm_sm90_auto_runs_where_its_tiles_fill \
+            elementwise_ops_match_cpu --nocapture >"$R/kernels.txt" 2>&1
+        echo "rc $?" >>"$R/kernels.txt"
+        lap kernels
+    fi
     timeout 150 "$bin/cuda_graphs" decode_steps_through_graphs_equal_eager_steps --nocapture >"$R/graphs.txt" 2>&1
     echo "rc $?" >>"$R/graphs.txt"
     lap graphs
