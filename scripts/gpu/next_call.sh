@@ -112,6 +112,14 @@ golden_silu_t() {
     echo "rc $?" >>"$R/golden-silu-t.txt"
     lap golden-silu-t
 }
+# The Hopper silu epilogues against silu_mul bit for bit, the default's choice of sizes, silu_mul against the CPU
+# (`gemm-sweep`, `sweep-bench`, `decode-ab` with DECODE_AB_KERNELS=1).
+gemm_kernel_tests() {
+    timeout 200 "$bin/cuda_kernels" gemm_sm90_silu_is_silu_mul_bit_for_bit gemm_sm90_auto_runs_where_its_tiles_fill \
+        elementwise_ops_match_cpu --nocapture >"$R/kernels.txt" 2>&1
+    echo "rc $?" >>"$R/kernels.txt"
+    lap kernels
+}
 # bench.sh with the defaults (`bench`, `bench-only`, `sweep-bench`).
 bench_defaults() {
     BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
@@ -431,10 +439,7 @@ gemm-sweep | sweep-bench)
     # Session 45: the silu epilogues against silu_mul bit for bit, the default's choice of sizes, silu_mul (silu_f)
     # against the CPU, then the GEMM's times at a sweep of row counts (GEMM_ROWS) to check silu_t_fill's cut.
     # sweep-bench (session 46): then bench.sh with the defaults, as `bench-only`.
-    timeout 200 "$bin/cuda_kernels" gemm_sm90_silu_is_silu_mul_bit_for_bit gemm_sm90_auto_runs_where_its_tiles_fill \
-        elementwise_ops_match_cpu --nocapture >"$R/kernels.txt" 2>&1
-    echo "rc $?" >>"$R/kernels.txt"
-    lap kernels
+    gemm_kernel_tests
     GEMM_BENCH_ROWS="${GEMM_ROWS:-768 864 968 1000 1152 1296 1440 1728 2016 2048 2160 2592 3024 3600 4160}" \
         GEMM_BENCH_ROUNDS=1 timeout 200 "$bin/cuda_bench" --ignored --exact gemm_sm90_benchmarks --nocapture \
         >"$R/gemm-sweep.txt" 2>&1
@@ -448,12 +453,7 @@ decode-ab)
     # the uniform regime's 450-665 us before its steps' launch (sessions 43-45; the others 70-310). First the
     # graphs test, whose replays are now timed on the device (graph_device_time).
     # DECODE_AB_KERNELS=1: gemm-sweep's kernel tests first (not its GEMM times).
-    if [ "${DECODE_AB_KERNELS:-0}" = 1 ]; then
-        timeout 200 "$bin/cuda_kernels" gemm_sm90_silu_is_silu_mul_bit_for_bit gemm_sm90_auto_runs_where_its_tiles_fill \
-            elementwise_ops_match_cpu --nocapture >"$R/kernels.txt" 2>&1
-        echo "rc $?" >>"$R/kernels.txt"
-        lap kernels
-    fi
+    [ "${DECODE_AB_KERNELS:-0}" = 1 ] && gemm_kernel_tests
     timeout 150 "$bin/cuda_graphs" decode_steps_through_graphs_equal_eager_steps --nocapture >"$R/graphs.txt" 2>&1
     echo "rc $?" >>"$R/graphs.txt"
     lap graphs
