@@ -637,10 +637,12 @@ impl<B: Backend> Engine<B> {
     /// the distinct adapter keys in first-use order (sequences refer to them by index).
     fn seq_inputs<'s>(&self, seqs: &[RawSeq<'s>], pad: bool) -> (Vec<SeqInput<'s>>, Vec<&'s str>) {
         let mut keys: Vec<&str> = Vec::new();
+        // Each key's index: a search of `keys` for each row would be quadratic in a step's adapters.
+        let mut index: HashMap<&str, usize> = HashMap::new();
         let mut inputs = Vec::with_capacity(seqs.len());
         for &(tokens, ctx_before, block_table, key) in seqs {
             let adapter = key.map(|k| {
-                keys.iter().position(|x| *x == k).unwrap_or_else(|| {
+                *index.entry(k).or_insert_with(|| {
                     keys.push(k);
                     keys.len() - 1
                 })
