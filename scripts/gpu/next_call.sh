@@ -457,11 +457,18 @@ decode-ab)
     timeout 150 "$bin/cuda_graphs" decode_steps_through_graphs_equal_eager_steps --nocapture >"$R/graphs.txt" 2>&1
     echo "rc $?" >>"$R/graphs.txt"
     lap graphs
-    for threads in all 4; do
+    # DECODE_AB_RUNS: the runs' adapter threads (default "all 4"); DECODE_AB_LOG=1: the graph module's debug lines
+    # (each capture and each step run eagerly for a new signature, with its rows and LoRA records) in the log.
+    for threads in ${DECODE_AB_RUNS:-all 4}; do
         envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=250 BENCH_PEFT_BUDGET=0)
         [ "$threads" = all ] || envs+=(LORAX_ADAPTER_THREADS=$threads)
+        [ "${DECODE_AB_LOG:-0}" = 1 ] && envs+=(RUST_LOG=info,lorax_engine::backend::cuda::graph=debug)
         env "${envs[@]}" timeout 265 scripts/gpu/bench.sh "$R/ab-$threads" "$bin" >"$R/ab-$threads.txt" 2>&1
         echo "rc $?" >>"$R/ab-$threads.txt"
+        if [ "${DECODE_AB_LOG:-0}" = 1 ]; then
+            sed 's/\x1b\[[0-9;]*m//g' "$R/ab-$threads/bench-server.log" |
+                grep "run eagerly\|CUDA graph capture\|graph steps: host\|decode steps: host\|BENCH" >"$R/graph-log-$threads.txt"
+        fi
         lap "ab-$threads"
     done
     ;;

@@ -172,12 +172,14 @@ struct Inner {
 /// Timing events recorded on the stream around each replay, in a ring of three: at replay n, replay n - 1's
 /// graph has run (its step's tokens were waited for), so its device time is read, and with replay n - 2's
 /// end, the device's gap before it (the step before's sampling and copy back, then the device idle until
-/// the metadata copy and the launch), when the two were consecutive steps.
+/// the metadata copy and the launch), when the two were consecutive steps: no step ran between them
+/// (counted by the sampling calls, [`Graphs::count_sample`]: every step samples, a step that ran
+/// eagerly or with prompt tokens too).
 struct ReplayTiming {
     start: [CudaEvent; 3],
     end: [CudaEvent; 3],
-    /// The replay clock of each slot's replay.
-    clock: [u64; 3],
+    /// The sampling calls before each slot's replay.
+    serial: [u64; 3],
     /// Replays timed so far.
     n: u64,
 }
@@ -223,7 +225,7 @@ impl ReplayTiming {
         let device = ns(&self.start[j], &self.end[j]);
         let gap = if self.n >= 3 {
             let k = ((self.n - 3) % 3) as usize;
-            (self.clock[j] == self.clock[k] + 1)
+            (self.serial[j] == self.serial[k] + 1)
                 .then(|| ns(&self.end[k], &self.start[j]))
                 .flatten()
         } else {
@@ -346,6 +348,8 @@ pub(crate) struct Graphs {
     step_rows: AtomicUsize,
     /// Whether the engine may record a step ahead ([`CudaBackend::graph_prepare`]).
     ahead: AtomicBool,
+    /// Sampling calls so far ([`Graphs::count_sample`]).
+    samples: AtomicU64,
     /// Host time of graph steps.
     pub(crate) clock: StepClock,
 }
@@ -416,6 +420,7 @@ impl Graphs {
             capture_after: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_CAPTURE_AFTER", 2, 1..=1 << 16)?),
             step_rows: AtomicUsize::new(0),
             ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
+            samples: AtomicU64::new(0),
             clock: StepClock::default(),
         })
     }
@@ -490,6 +495,12 @@ impl Graphs {
                 len: data.len(),
             }),
         }
+    }
+
+    /// Counts a sampling call: once a step at least, so that replays with none between them are
+    /// consecutive steps.
+    pub(crate) fn count_sample(&self) {
+        self.samples.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether a decode step of `rows` rows should go through a graph.
@@ -606,6 +617,16 @@ impl CudaBackend {
             drop(out);
             if !due && !self.capture_due(sig)? {
                 // New (or rare) so far: eagerly, as a step without graphs would run.
+                let plan = self.last_lora_plan.load(Ordering::Relaxed);
+                tracing::debug!(
+                    sig = format!("{sig:016x}"),
+                    rows = self.graphs.step_rows.load(Ordering::Relaxed),
+                    work,
+                    meta,
+                    lora_records = plan >> 32,
+                    lora_rows = plan & 0xffff_ffff,
+                    "graph step run eagerly: a signature not seen often enough"
+                );
                 return Ok(f());
             }
             let captured = self.capture(sig, f);
@@ -826,7 +847,7 @@ impl CudaBackend {
             g.timing = Some(ReplayTiming {
                 start: three().map_err(|e| drv("creating timing events", e))?,
                 end: three().map_err(|e| drv("creating timing events", e))?,
-                clock: [0; 3],
+                serial: [0; 3],
                 n: 0,
             });
         }
@@ -849,7 +870,7 @@ impl CudaBackend {
             t.end[slot]
                 .record(&self.stream)
                 .map_err(|e| drv("recording a replay's end", e))?;
-            t.clock[slot] = now;
+            t.serial[slot] = self.graphs.samples.load(Ordering::Relaxed);
             t.n += 1;
             let (device, gap) = t.last();
             self.graphs.clock.device(device, gap);
@@ -894,11 +915,14 @@ impl CudaBackend {
             g.captures += 1;
             g.capture_time += started.elapsed();
             // Each capture, with what makes its signature (for finding what changes between steps).
+            let plan = self.last_lora_plan.load(Ordering::Relaxed);
             tracing::debug!(
                 sig = format!("{sig:016x}"),
                 rows = self.graphs.step_rows.load(Ordering::Relaxed),
                 work = g.work_used,
                 meta = g.meta_used,
+                lora_records = plan >> 32,
+                lora_rows = plan & 0xffff_ffff,
                 ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
                 "CUDA graph capture"
             );

@@ -451,6 +451,10 @@ impl CudaBackend {
             recs.extend_from_slice(expand);
             recs.resize(2 * records, LoraRec::default());
         }
+        self.last_lora_plan.store(
+            ((records as u64) << 32) | adapter_rows as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let in_gemm = match single {
             Some(ix) if one && prompt.is_none() && records > 0 => self.lora_gemm_ready(ix)?,
             _ => 0,

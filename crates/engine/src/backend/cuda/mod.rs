@@ -821,6 +821,9 @@ pub struct CudaBackend {
     lora_prompt_segment: usize,
     /// Passes whose plan put prompt records on the prompt pair (tests check the pair did run).
     lora_prompt_plans: std::sync::atomic::AtomicU64,
+    /// The last decode-sized LoRA plan's padded records (high 32 bits) and rows with an adapter (low), for
+    /// the graph module's debug lines on new signatures.
+    pub(crate) last_lora_plan: std::sync::atomic::AtomicU64,
     /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
     /// `_ix0` pair, for comparisons).
     lora_ksplit: bool,
@@ -1488,6 +1491,7 @@ impl CudaBackend {
             lora_prompt_rows: lora::STEP_MAX_ROWS,
             lora_prompt_segment: lora::GEMM_MIN_ROWS,
             lora_prompt_plans: std::sync::atomic::AtomicU64::new(0),
+            last_lora_plan: std::sync::atomic::AtomicU64::new(0),
             lora_prompt_tc: env_switch("LORAX_CUDA_LORA_PROMPT", ["tc", "gemm"], true)?,
             lora_shrink_tc: env_switch("LORAX_CUDA_LORA_SHRINK", ["tc", "simt"], true)?,
             lora_expand_tiles: match std::env::var("LORAX_CUDA_LORA_EXPAND_TILES").as_deref() {
