@@ -383,6 +383,12 @@ impl CudaBackend {
             (0, 0)
         };
         let d_rows = self.upload(&rows)?;
+        // Decode-shaped (a row a sequence): the tables padded so that their upload's size does not move with
+        // the contexts (a graph step's signature includes each upload's size).
+        if meta.seqs.iter().all(|s| s.q_len <= 1) {
+            let longest = meta.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0);
+            tables.resize(decode_tables_len(meta.seqs.len(), longest, tables.len()), 0);
+        }
         let d_tables = self.upload(&tables)?;
         let prefill = match tc_kernel {
             Some((kernel, _, threads, smem)) if !pf_tiles.is_empty() => {
@@ -569,6 +575,22 @@ pub(super) const SPLIT_MIN_CHUNKS: usize = 16;
 ///   from its first decode step; its partials stay within a wave's worth, being sized by the paged rows.)
 /// - One split: a fixed chunk count (2^24 chunks, beyond any context), so the launch's arguments do not
 ///   change as contexts grow.
+/// The entries a decode step's block tables are uploaded with: `seqs` tables of at most `longest` blocks hold
+/// `total` entries, padded to `seqs` times `longest` rounded up to a power of two where that is at most four
+/// times `total` (else `total`). Uploads are placed in power-of-two slots and a graph step's signature holds
+/// each slot's size, so tables sized by their total alone changed a step's signature whenever the total
+/// crossed a power of two as contexts grew (a batch of 88 decode rows took two graphs, session 46); padded,
+/// the size moves only with the row count and the longest table's power of two. Padding a few long tables
+/// among many short ones would copy mostly zeros each step, hence the bound.
+pub(super) fn decode_tables_len(seqs: usize, longest: usize, total: usize) -> usize {
+    let padded = seqs * longest.next_power_of_two();
+    if padded <= 4 * total {
+        padded.max(total)
+    } else {
+        total
+    }
+}
+
 pub(super) fn split_plan(blocks: usize, max_chunks: usize, slots: usize, min_chunks: usize) -> (usize, usize) {
     let (slots, max_chunks) = (slots.max(1), max_chunks.max(1));
     let splits = if blocks == 0 {
@@ -610,10 +632,26 @@ fn wanted_splits(blocks: usize, max_chunks: usize, slots: usize, min_chunks: usi
 
 #[cfg(test)]
 mod tests {
-    use super::SPLIT_MIN_CHUNKS;
+    use super::{decode_tables_len, SPLIT_MIN_CHUNKS};
 
     fn split_plan(blocks: usize, max_chunks: usize, slots: usize) -> (usize, usize) {
         super::split_plan(blocks, max_chunks, slots, SPLIT_MIN_CHUNKS)
+    }
+
+    #[test]
+    fn decode_tables_keep_one_size_while_contexts_grow() {
+        // 96 sequences of 33 to 48 blocks (the benchmark's 512 to 768 tokens): one slot size throughout, where
+        // their totals alone (3168 to 4608 entries) would take slots of 4096 and 8192.
+        let slot =
+            |seqs: usize, longest: usize, total: usize| decode_tables_len(seqs, longest, total).next_power_of_two();
+        let sizes: std::collections::BTreeSet<usize> = (33..=48).map(|blocks| slot(96, blocks, 96 * blocks)).collect();
+        assert_eq!(sizes.len(), 1, "{sizes:?}");
+        // 88 rows whose totals fall either side of 4096 (session 46's two graphs): one size.
+        assert_eq!(slot(88, 48, 3960), slot(88, 48, 4200));
+        // Never fewer than the tables hold.
+        assert!(decode_tables_len(3, 5, 15) >= 15);
+        // One long table among short ones: no padding (128 x 2048 would be 43 times the entries).
+        assert_eq!(decode_tables_len(128, 2048, 127 * 33 + 2048), 127 * 33 + 2048);
     }
 
     /// The H200's one wave of the tensor-core kernel: 3 blocks on each of 132 multiprocessors.
