@@ -556,6 +556,22 @@ impl CudaBackend {
 /// `LORAX_CUDA_ATTN_SPLIT_MIN_CHUNKS` says otherwise.
 pub(super) const SPLIT_MIN_CHUNKS: usize = 16;
 
+/// The entries a decode step's block tables are uploaded with: `seqs` tables of at most `longest` blocks hold
+/// `total` entries, padded to `seqs` times `longest` rounded up to a power of two where that is at most four
+/// times `total` (else `total`). Uploads are placed in power-of-two slots and a graph step's signature holds
+/// each slot's size, so tables sized by their total alone changed a step's signature whenever the total
+/// crossed a power of two as contexts grew (a batch of 88 decode rows took two graphs, session 46); padded,
+/// the size moves only with the row count and the longest table's power of two. Padding a few long tables
+/// among many short ones would copy mostly zeros each step, hence the bound.
+pub(super) fn decode_tables_len(seqs: usize, longest: usize, total: usize) -> usize {
+    let padded = seqs * longest.next_power_of_two();
+    if padded <= 4 * total {
+        padded.max(total)
+    } else {
+        total
+    }
+}
+
 /// The launch's splits (its grid's z) and the chunks of [`ATTN_CHUNK`] tokens in each, for `blocks` blocks
 /// per split (rows × KV heads × head chunks), contexts of at most `max_chunks` chunks and `slots` resident
 /// blocks (one wave: the split target times the multiprocessors); a split of a batch that fills a wave
@@ -575,22 +591,6 @@ pub(super) const SPLIT_MIN_CHUNKS: usize = 16;
 ///   from its first decode step; its partials stay within a wave's worth, being sized by the paged rows.)
 /// - One split: a fixed chunk count (2^24 chunks, beyond any context), so the launch's arguments do not
 ///   change as contexts grow.
-/// The entries a decode step's block tables are uploaded with: `seqs` tables of at most `longest` blocks hold
-/// `total` entries, padded to `seqs` times `longest` rounded up to a power of two where that is at most four
-/// times `total` (else `total`). Uploads are placed in power-of-two slots and a graph step's signature holds
-/// each slot's size, so tables sized by their total alone changed a step's signature whenever the total
-/// crossed a power of two as contexts grew (a batch of 88 decode rows took two graphs, session 46); padded,
-/// the size moves only with the row count and the longest table's power of two. Padding a few long tables
-/// among many short ones would copy mostly zeros each step, hence the bound.
-pub(super) fn decode_tables_len(seqs: usize, longest: usize, total: usize) -> usize {
-    let padded = seqs * longest.next_power_of_two();
-    if padded <= 4 * total {
-        padded.max(total)
-    } else {
-        total
-    }
-}
-
 pub(super) fn split_plan(blocks: usize, max_chunks: usize, slots: usize, min_chunks: usize) -> (usize, usize) {
     let (slots, max_chunks) = (slots.max(1), max_chunks.max(1));
     let splits = if blocks == 0 {
