@@ -29,7 +29,9 @@
 //! Equal signatures mean the same kernels with the same grids, scalar arguments and pointers; what changes
 //! between replays is the metadata's content (tokens, positions, cache slots, block tables, LoRA segment
 //! tables), which the copy refreshes. Upload sizes are rounded up to powers of two, so that a block table
-//! growing by one block does not change the layout. The arena memory is never reused within a step, and
+//! growing by one block does not change the layout; a decode step's block tables and LoRA records are
+//! uploaded at sizes set by its rows (`attention::decode_tables_len`, `make_lora_step`), not by the
+//! contexts' total or the adapter mix. The arena memory is never reused within a step, and
 //! one step runs at a time, so all graphs share the two arenas.
 //!
 //! The mode is per thread: another thread using the backend meanwhile (say, uploading an adapter) is not
