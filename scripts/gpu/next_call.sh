@@ -43,9 +43,9 @@
 #   bash scripts/gpu/next_call.sh gemm-sweep   # ~120 s: the silu epilogues bit for bit, the default's sizes,
 #                                              # silu_mul against the CPU, GEMM times at 768-4160 rows
 #   bash scripts/gpu/next_call.sh sweep-bench  # ~450 s: gemm-sweep, then bench.sh with the defaults
-#   bash scripts/gpu/next_call.sh decode-ab    # ~450 s: the graphs test, then the base step at 128 streams and the four regimes, with an
+#   bash scripts/gpu/next_call.sh decode-ab    # ~280 s (at most 570): the graphs test, then the base step at 128 streams and the four regimes, with an
 #                                              # adapter load's work on cores on every core and on 4 threads
-#   bash scripts/gpu/next_call.sh stable-sigs  # ~330 s: graphs, the LoRA step and golden, then the regimes with the
+#   bash scripts/gpu/next_call.sh stable-sigs  # ~230 s (at most 540): graphs, the LoRA step and golden, then the regimes with the
 #                                              # graph module's debug lines (session 46's stable upload sizes)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
@@ -144,10 +144,10 @@ decode_ab() {
     # DECODE_AB_RUNS: the runs' adapter threads (default "all 4"); DECODE_AB_LOG=1: the graph module's debug lines
     # (each capture and each step run eagerly for a new signature, with its rows and LoRA records) in the log.
     for threads in ${DECODE_AB_RUNS:-all 4}; do
-        envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=250 BENCH_PEFT_BUDGET=0)
+        envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=200 BENCH_PEFT_BUDGET=0)
         [ "$threads" = all ] || envs+=(LORAX_ADAPTER_THREADS=$threads)
         [ "${DECODE_AB_LOG:-0}" = 1 ] && envs+=(RUST_LOG=info,lorax_engine::backend::cuda::graph=debug)
-        env "${envs[@]}" timeout 265 scripts/gpu/bench.sh "$R/ab-$threads" "$bin" >"$R/ab-$threads.txt" 2>&1
+        env "${envs[@]}" timeout 210 scripts/gpu/bench.sh "$R/ab-$threads" "$bin" >"$R/ab-$threads.txt" 2>&1
         echo "rc $?" >>"$R/ab-$threads.txt"
         if [ "${DECODE_AB_LOG:-0}" = 1 ]; then
             sed 's/\x1b\[[0-9;]*m//g' "$R/ab-$threads/bench-server.log" |

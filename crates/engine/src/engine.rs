@@ -161,8 +161,8 @@ pub struct StepTimes {
     pub forward_max: Duration,
     /// Steps whose `forward` took over 1 ms.
     pub forward_over_1ms: u32,
-    /// CPU time of the stepping thread during `forward` (Linux; zero elsewhere): far below `forward`
-    /// means the thread waited (for a lock, the driver, or a core).
+    /// CPU time of the stepping thread during `forward` (`CLOCK_THREAD_CPUTIME_ID`, Linux; zero elsewhere):
+    /// far below `forward` means the thread waited (for a lock, the driver, or a core).
     pub forward_cpu: Duration,
     /// Involuntary context switches of the stepping thread during `forward` (Linux): the thread was
     /// ready to run and a core went to another.
@@ -176,21 +176,25 @@ struct ForwardDetail {
     preempted: u64,
 }
 
-/// This thread's CPU time and involuntary context switches so far (Linux; `None` elsewhere).
+/// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`: to the nanosecond, where getrusage's times move in
+/// scheduler ticks) and involuntary context switches (getrusage) so far (Linux; `None` elsewhere).
 fn thread_usage() -> Option<(Duration, u64)> {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: getrusage writes the struct it is given and reads nothing else.
+        // SAFETY: both calls write only the structs they are given.
+        let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut t) } != 0 {
+            return None;
+        }
         let mut u: libc::rusage = unsafe { std::mem::zeroed() };
         if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &raw mut u) } != 0 {
             return None;
         }
-        let us =
-            |t: libc::timeval| u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_usec).unwrap_or(0);
-        Some((
-            Duration::from_micros(us(u.ru_utime) + us(u.ru_stime)),
-            u64::try_from(u.ru_nivcsw).unwrap_or(0),
-        ))
+        let cpu = Duration::new(
+            u64::try_from(t.tv_sec).unwrap_or(0),
+            u32::try_from(t.tv_nsec).unwrap_or(0),
+        );
+        Some((cpu, u64::try_from(u.ru_nivcsw).unwrap_or(0)))
     }
     #[cfg(not(target_os = "linux"))]
     None
@@ -738,6 +742,7 @@ impl<B: Backend> Engine<B> {
     /// [`Engine::step`] once the new sequences are in `batch`.
     fn run_step(&mut self, batch: &mut Batch, opts: StepOptions) -> Result<Vec<Generation>> {
         let entered = Instant::now();
+        self.backend.step_started();
         // What each sequence runs this step: how many new tokens (0 = nothing), and whether it prefills.
         let mut budget = opts.max_prompt_tokens.unwrap_or(usize::MAX);
         let plan: Vec<Work> = batch

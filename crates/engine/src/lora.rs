@@ -752,22 +752,23 @@ impl ReadPath {
     }
 }
 
-/// The pool of an adapter load's work on cores (the copy of a file read through the page cache, the
-/// weights' range check, the copy into the staging buffer): `LORAX_ADAPTER_THREADS` threads, by default as
-/// many as the global pool has (the cores). Fewer leave cores to the decode steps while adapters load (a
+/// The pool of an adapter load's work on cores (the copy of a whole file read through the page cache, the
+/// weights' range check, the copy into the staging buffer; a streamed load's ordered reads have threads of
+/// their own): `LORAX_ADAPTER_THREADS` threads, by default rayon's (the cores). Fewer leave cores to the decode steps while adapters load (a
 /// load's bursts take every core for a millisecond or two). None: it could not be built (the global pool
 /// then runs the work).
 pub fn adapter_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| {
-        let threads = std::env::var("LORAX_ADAPTER_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(rayon::current_num_threads);
-        named_pool(threads, "adapter-cpu")
-    })
-    .as_ref()
+    POOL.get_or_init(|| named_pool(adapter_threads().unwrap_or(0), "adapter-cpu"))
+        .as_ref()
+}
+
+/// `LORAX_ADAPTER_THREADS` when set to a whole number above 0 (else rayon's default, the cores, is used).
+fn adapter_threads() -> Option<usize> {
+    std::env::var("LORAX_ADAPTER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
 }
 
 /// Runs `f` on [`adapter_pool`] (or here, on the global pool, without one).
@@ -778,7 +779,7 @@ pub fn on_adapter_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// A pool of `threads` threads named `prefix-<i>` (None: it could not be built).
+/// A pool of `threads` threads (0: rayon's default) named `prefix-<i>` (None: it could not be built).
 fn named_pool(threads: usize, prefix: &'static str) -> Option<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -1447,12 +1448,8 @@ mod tests {
                 .collect()
         });
         assert!(names.iter().all(|n| n.starts_with("adapter-cpu-")), "{names:?}");
-        // As many threads as the variable says, else as the global pool has.
-        let want = std::env::var("LORAX_ADAPTER_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(rayon::current_num_threads);
+        // As many threads as the variable says, else as the global pool has (this test's thread is in no pool).
+        let want = adapter_threads().unwrap_or_else(rayon::current_num_threads);
         assert_eq!(adapter_pool().unwrap().current_num_threads(), want);
     }
 

@@ -183,7 +183,7 @@ fn decode_steps_through_graphs_equal_eager_steps() {
             let t = schedule(&mut e, &keys);
             let wall_ms = started.elapsed().as_secs_f64() * 1e3;
             let (captures, replays) = e.backend.graph_counts();
-            let (timed, device_ms) = e.backend.graph_device_time();
+            let (timed, device_ms, gaps) = e.backend.graph_device_time();
             let ahead_replays = e.backend.graph_ahead_replays();
             let uncaptured = e.backend.graph_step_counts().uncaptured;
             say(&format!(
@@ -212,6 +212,9 @@ fn decode_steps_through_graphs_equal_eager_steps() {
                     device_ms > 0.0 && device_ms * timed as f64 <= wall_ms,
                     "replays' device time {device_ms} ms x {timed} against {wall_ms} ms of steps"
                 );
+                // Gaps only between replays of consecutive steps: some decode steps follow one another, and
+                // the first replay after a prefill follows none.
+                assert!(gaps > 0 && gaps < timed, "{gaps} gaps timed of {timed} replays");
                 assert_eq!(replays + uncaptured, 100, "every decode step replays or runs eagerly");
                 if ahead {
                     // Every decode step but the first after each prefill (3), those that capture and those

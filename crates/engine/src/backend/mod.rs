@@ -506,6 +506,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn step_counts(&self) -> StepCounts {
         StepCounts::default()
     }
+    /// Called as the engine begins each step (of any kind), before its forward pass. The default does
+    /// nothing.
+    fn step_started(&self) {}
     /// The rows a decode step of `rows` rows should run with: the engine adds padding rows (writing no
     /// keys or values, their outputs discarded) up to it, so that a backend replaying captured steps
     /// needs few distinct sizes. The default pads nothing.

@@ -650,7 +650,7 @@ mod tests {
         assert_eq!(slot(88, 48, 3960), slot(88, 48, 4200));
         // Never fewer than the tables hold.
         assert!(decode_tables_len(3, 5, 15) >= 15);
-        // One long table among short ones: no padding (128 x 2048 would be 43 times the entries).
+        // One long table among short ones: no padding (128 x 2048 would be 42 times the entries).
         assert_eq!(decode_tables_len(128, 2048, 127 * 33 + 2048), 127 * 33 + 2048);
     }
 

@@ -29,9 +29,9 @@
 //! Equal signatures mean the same kernels with the same grids, scalar arguments and pointers; what changes
 //! between replays is the metadata's content (tokens, positions, cache slots, block tables, LoRA segment
 //! tables), which the copy refreshes. Upload sizes are rounded up to powers of two, so that a block table
-//! growing by one block does not change the layout; a decode step's block tables and LoRA records are
-//! uploaded at sizes set by its rows (`attention::decode_tables_len`, `make_lora_step`), not by the
-//! contexts' total or the adapter mix. The arena memory is never reused within a step, and
+//! growing by one block does not change the layout; a decode step's block tables are uploaded at a size
+//! set by its rows and its longest table (`attention::decode_tables_len`), not by the contexts' total. (The
+//! LoRA records' table has the size of its padded record count, which the grids also take.) The arena memory is never reused within a step, and
 //! one step runs at a time, so all graphs share the two arenas.
 //!
 //! The mode is per thread: another thread using the backend meanwhile (say, uploading an adapter) is not
@@ -174,13 +174,12 @@ struct Inner {
 /// Timing events recorded on the stream around each replay, in a ring of three: at replay n, replay n - 1's
 /// graph has run (its step's tokens were waited for), so its device time is read, and with replay n - 2's
 /// end, the device's gap before it (the step before's sampling and copy back, then the device idle until
-/// the metadata copy and the launch), when the two were consecutive steps: no step ran between them
-/// (counted by the sampling calls, [`Graphs::count_sample`]: every step samples, a step that ran
-/// eagerly or with prompt tokens too).
+/// the metadata copy and the launch), when the two were consecutive steps: no other engine step began
+/// between them ([`Graphs::count_step`]; eager steps and steps with prompt tokens are counted too).
 struct ReplayTiming {
     start: [CudaEvent; 3],
     end: [CudaEvent; 3],
-    /// The sampling calls before each slot's replay.
+    /// The engine steps begun before each slot's replay (its own included).
     serial: [u64; 3],
     /// Replays timed so far.
     n: u64,
@@ -266,9 +265,10 @@ pub(crate) struct StepClock {
     /// back, then idle until the launch), and how many were timed.
     gap_ns: AtomicU64,
     gap_steps: AtomicU64,
-    /// The device times since the backend started (never reset by the reports).
+    /// The device times and gaps counted since the backend started (never reset by the reports).
     device_all_ns: AtomicU64,
     device_all_steps: AtomicU64,
+    gap_all_steps: AtomicU64,
 }
 
 /// Graph steps per host-time report.
@@ -298,6 +298,7 @@ impl StepClock {
         if let Some(g) = gap {
             self.gap_ns.fetch_add(g, Ordering::Relaxed);
             self.gap_steps.fetch_add(1, Ordering::Relaxed);
+            self.gap_all_steps.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -350,8 +351,10 @@ pub(crate) struct Graphs {
     step_rows: AtomicUsize,
     /// Whether the engine may record a step ahead ([`CudaBackend::graph_prepare`]).
     ahead: AtomicBool,
-    /// Sampling calls so far ([`Graphs::count_sample`]).
+    /// Engine steps begun so far ([`Graphs::count_step`]).
     samples: AtomicU64,
+    /// Whether replays are timed with events (`LORAX_CUDA_GRAPH_TIMING=0` turns it off).
+    timing: bool,
     /// Host time of graph steps.
     pub(crate) clock: StepClock,
 }
@@ -423,6 +426,7 @@ impl Graphs {
             step_rows: AtomicUsize::new(0),
             ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
             samples: AtomicU64::new(0),
+            timing: std::env::var("LORAX_CUDA_GRAPH_TIMING").map_or(true, |v| v != "0"),
             clock: StepClock::default(),
         })
     }
@@ -499,9 +503,9 @@ impl Graphs {
         }
     }
 
-    /// Counts a sampling call: once a step at least, so that replays with none between them are
-    /// consecutive steps.
-    pub(crate) fn count_sample(&self) {
+    /// Counts an engine step begun ([`crate::Backend::step_started`]), so that two replays with one step
+    /// begun between them are consecutive steps.
+    pub(crate) fn count_step(&self) {
         self.samples.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -673,6 +677,8 @@ impl CudaBackend {
         g.tokens_at = None;
         g.token_uploads = 0;
         g.prepared = None;
+        drop(g);
+        self.last_lora_plan.store(0, Ordering::Relaxed);
         SIG.with(|c| c.set(FNV_OFFSET));
         Ok(())
     }
@@ -843,7 +849,7 @@ impl CudaBackend {
                     .map_err(|e| drv("recording the metadata copy", e))?;
             }
         }
-        if g.timing.is_none() {
+        if g.timing.is_none() && self.graphs.timing {
             let ev = || self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT));
             let three = || -> std::result::Result<[CudaEvent; 3], _> { Ok([ev()?, ev()?, ev()?]) };
             g.timing = Some(ReplayTiming {
@@ -969,14 +975,16 @@ impl CudaBackend {
         )
     }
 
-    /// Replays timed on the device so far (each replay's graph, read at the next replay), and their mean
-    /// device time in milliseconds (0 before any).
-    pub fn graph_device_time(&self) -> (u64, f64) {
+    /// Replays timed on the device so far (each replay's graph, read at the next replay), their mean
+    /// device time in milliseconds (0 before any), and the gaps timed (between replays of consecutive
+    /// steps).
+    pub fn graph_device_time(&self) -> (u64, f64, u64) {
         let c = &self.graphs.clock;
         let n = c.device_all_steps.load(Ordering::Relaxed);
         (
             n,
             c.device_all_ns.load(Ordering::Relaxed) as f64 / n.max(1) as f64 / 1e6,
+            c.gap_all_steps.load(Ordering::Relaxed),
         )
     }
 

@@ -451,13 +451,6 @@ impl CudaBackend {
             recs.extend_from_slice(expand);
             recs.resize(2 * records, LoraRec::default());
         }
-        if !large {
-            // The upload's size from the step's rows alone (records never outnumber rows): a graph step's
-            // signature holds each upload's size, which the power-of-two record count moved with the mix of
-            // adapters (session 46). The grids keep `records`; the entries past them are never read.
-            let lists = if expand.is_some() { 2 } else { 1 };
-            recs.resize(lists * rows.next_power_of_two().max(records), LoraRec::default());
-        }
         self.last_lora_plan.store(
             ((records as u64) << 32) | adapter_rows as u64,
             std::sync::atomic::Ordering::Relaxed,

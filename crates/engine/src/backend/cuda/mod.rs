@@ -821,8 +821,9 @@ pub struct CudaBackend {
     lora_prompt_segment: usize,
     /// Passes whose plan put prompt records on the prompt pair (tests check the pair did run).
     lora_prompt_plans: std::sync::atomic::AtomicU64,
-    /// The last decode-sized LoRA plan's padded records (high 32 bits) and rows with an adapter (low), for
-    /// the graph module's debug lines on new signatures.
+    /// The LoRA plan of the pass being recorded: its padded records (high 32 bits) and rows with an adapter
+    /// (low), 0 without one (reset when a record pass begins), for the graph module's debug lines on new
+    /// signatures.
     pub(crate) last_lora_plan: std::sync::atomic::AtomicU64,
     /// A step's LoRA layers on the k-split `bgmv_*_ix` pair (`LORAX_CUDA_LORA_KSPLIT=0`: the earlier
     /// `_ix0` pair, for comparisons).
@@ -3127,6 +3128,11 @@ impl Backend for CudaBackend {
 
     fn step_counts(&self) -> crate::backend::StepCounts {
         self.graph_step_counts()
+    }
+
+    /// Counted for the graph replays' timing (graph.rs: `ReplayTiming`).
+    fn step_started(&self) {
+        self.graphs.count_step();
     }
 
     /// Graph steps run with a few row counts (graph.rs: `graph_rows`).

@@ -262,7 +262,6 @@ impl CudaBackend {
     /// cover (see the module docs).
     pub fn sample_on_device(&self, logits: &CudaTensor, tasks: &mut [(usize, SampleTask<'_>)]) -> Result<Vec<Sampled>> {
         let (rows, vocab) = logits.rows_cols();
-        self.graphs.count_sample();
         if self.host_sampling {
             let mut host = crate::Backend::to_f32(self, logits)?;
             return sample_host(&mut host, vocab, tasks);
