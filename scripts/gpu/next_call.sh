@@ -43,10 +43,10 @@
 #   bash scripts/gpu/next_call.sh gemm-sweep   # ~120 s: the silu epilogues bit for bit, the default's sizes,
 #                                              # silu_mul against the CPU, GEMM times at 768-4160 rows
 #   bash scripts/gpu/next_call.sh sweep-bench  # ~450 s: gemm-sweep, then bench.sh with the defaults
-#   bash scripts/gpu/next_call.sh decode-ab    # ~280 s (at most 570): the graphs test, then the base step at 128 streams and the four regimes, with an
-#                                              # adapter load's work on cores on every core and on 4 threads
-#   bash scripts/gpu/next_call.sh stable-sigs  # ~230 s (at most 540): graphs, the LoRA step and golden, then the regimes with the
-#                                              # graph module's debug lines (session 46's stable upload sizes)
+#   bash scripts/gpu/next_call.sh decode-steps # ~150 s (at most 360): the graphs test, then the base step at 128
+#                                              # streams and the four regimes with the shard's timing reports
+#   bash scripts/gpu/next_call.sh stable-sigs  # ~230 s (at most 540): graphs, the LoRA step and golden, then the
+#                                              # regimes with the graph module's debug lines (session 46)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -102,7 +102,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|sweep-bench|decode-ab|stable-sigs|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
+part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|sweep-bench|decode-steps|stable-sigs|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -115,7 +115,7 @@ golden_silu_t() {
     lap golden-silu-t
 }
 # The Hopper silu epilogues against silu_mul bit for bit, the default's choice of sizes, silu_mul against the CPU
-# (`gemm-sweep`, `sweep-bench`, `decode-ab` with DECODE_AB_KERNELS=1).
+# (`gemm-sweep`, `sweep-bench`, `decode-steps` with DECODE_STEPS_KERNELS=1).
 gemm_kernel_tests() {
     timeout 200 "$bin/cuda_kernels" gemm_sm90_silu_is_silu_mul_bit_for_bit gemm_sm90_auto_runs_where_its_tiles_fill \
         elementwise_ops_match_cpu --nocapture >"$R/kernels.txt" 2>&1
@@ -128,33 +128,28 @@ bench_defaults() {
     echo "rc $?" >>"$R/bench.txt"
     lap bench
 }
-# `decode-ab` (and the end of `stable-sigs`).
-decode_ab() {
-    # Session 46: the base step at 128 streams and the four regimes (no TTFT, cold loads or peft), once with an
-    # adapter load's work on cores on every core (the default) and once on 4 threads (LORAX_ADAPTER_THREADS), for
-    # the uniform regime's 450-665 us before its steps' launch (sessions 43-45; the others 70-310). First the
-    # graphs test, whose replays are now timed on the device (graph_device_time).
-    # DECODE_AB_KERNELS=1: gemm-sweep's kernel tests first (not its GEMM times); DECODE_AB_GRAPHS=0: no graphs test.
-    [ "${DECODE_AB_KERNELS:-0}" = 1 ] && gemm_kernel_tests
-    if [ "${DECODE_AB_GRAPHS:-1}" = 1 ]; then
+# `decode-steps` (and the end of `stable-sigs`).
+decode_steps() {
+    # Session 46: the base step at 128 streams and the four regimes (no TTFT, cold loads or peft), with the shard's
+    # host-time and graph timing reports; first the graphs test, whose replays are timed on the device
+    # (graph_device_time). DECODE_STEPS_KERNELS=1: gemm-sweep's kernel tests first (not its GEMM times);
+    # DECODE_STEPS_GRAPHS=0: no graphs test; DECODE_STEPS_LOG=1: the graph module's debug lines (each capture and each step
+    # run eagerly for a new signature, with its rows and LoRA records) in the log and in graph-log.txt.
+    [ "${DECODE_STEPS_KERNELS:-0}" = 1 ] && gemm_kernel_tests
+    if [ "${DECODE_STEPS_GRAPHS:-1}" = 1 ]; then
         timeout 150 "$bin/cuda_graphs" decode_steps_through_graphs_equal_eager_steps --nocapture >"$R/graphs.txt" 2>&1
         echo "rc $?" >>"$R/graphs.txt"
         lap graphs
     fi
-    # DECODE_AB_RUNS: the runs' adapter threads (default "all 4"); DECODE_AB_LOG=1: the graph module's debug lines
-    # (each capture and each step run eagerly for a new signature, with its rows and LoRA records) in the log.
-    for threads in ${DECODE_AB_RUNS:-all 4}; do
-        envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=200 BENCH_PEFT_BUDGET=0)
-        [ "$threads" = all ] || envs+=(LORAX_ADAPTER_THREADS=$threads)
-        [ "${DECODE_AB_LOG:-0}" = 1 ] && envs+=(RUST_LOG=info,lorax_engine::backend::cuda::graph=debug)
-        env "${envs[@]}" timeout 210 scripts/gpu/bench.sh "$R/ab-$threads" "$bin" >"$R/ab-$threads.txt" 2>&1
-        echo "rc $?" >>"$R/ab-$threads.txt"
-        if [ "${DECODE_AB_LOG:-0}" = 1 ]; then
-            sed 's/\x1b\[[0-9;]*m//g' "$R/ab-$threads/bench-server.log" |
-                grep "run eagerly\|CUDA graph capture\|graph steps: host\|decode steps: host\|BENCH" >"$R/graph-log-$threads.txt"
-        fi
-        lap "ab-$threads"
-    done
+    envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=200 BENCH_PEFT_BUDGET=0)
+    [ "${DECODE_STEPS_LOG:-0}" = 1 ] && envs+=(RUST_LOG=info,lorax_engine::backend::cuda::graph=debug)
+    env "${envs[@]}" timeout 210 scripts/gpu/bench.sh "$R/regimes" "$bin" >"$R/regimes.txt" 2>&1
+    echo "rc $?" >>"$R/regimes.txt"
+    if [ "${DECODE_STEPS_LOG:-0}" = 1 ]; then
+        sed 's/\x1b\[[0-9;]*m//g' "$R/regimes/bench-server.log" |
+            grep "run eagerly\|CUDA graph capture\|graph steps: host\|decode steps: host" >"$R/graph-log.txt"
+    fi
+    lap regimes
 }
 case $part in
 uploads)
@@ -480,7 +475,7 @@ gemm-sweep | sweep-bench)
 stable-sigs)
     # Session 46: block tables and LoRA records uploaded at sizes set by the step's rows (stable graph
     # signatures). Graphs against eager steps, the LoRA step against the CPU, golden against transformers + peft,
-    # then the regimes once with the graph module's debug lines (as `DECODE_AB_RUNS=all DECODE_AB_LOG=1 decode-ab`).
+    # then the regimes once with the graph module's debug lines (as `DECODE_STEPS_LOG=1 decode-steps`).
     timeout 120 "$bin/cuda_graphs" steps_through_graphs_equal_eager_steps --nocapture >"$R/graphs.txt" 2>&1
     echo "rc $?" >>"$R/graphs.txt"
     lap graphs
@@ -490,10 +485,10 @@ stable-sigs)
     timeout 120 "$bin/cuda_golden" --test-threads=2 >"$R/golden.txt" 2>&1
     echo "rc $?" >>"$R/golden.txt"
     lap golden
-    DECODE_AB_RUNS=all DECODE_AB_LOG=1 DECODE_AB_GRAPHS=0 decode_ab
+    DECODE_STEPS_LOG=1 DECODE_STEPS_GRAPHS=0 decode_steps
     ;;
-decode-ab)
-    decode_ab
+decode-steps)
+    decode_steps
     ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
@@ -519,7 +514,7 @@ graphs-bench | bench | bench-only)
     bench_defaults
     ;;
 *)
-    echo "unknown part $part (uploads, bench, bench-only, gemm-sweep, sweep-bench, decode-ab, stable-sigs, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
+    echo "unknown part $part (uploads, bench, bench-only, gemm-sweep, sweep-bench, decode-steps, stable-sigs, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
     exit 2
     ;;
 esac

@@ -53,8 +53,6 @@ pub struct Engine<B: Backend> {
     ahead: Option<AheadKey>,
     /// Logit rows the LM head computes at once outside a decode graph ([`HEAD_ROWS_A_PASS`]).
     head_rows: usize,
-    /// When the last forward pass had its inputs built and checked, before anything was launched.
-    inputs_ready: Option<Instant>,
 }
 
 /// The loaded adapters of `keys`, in order.
@@ -435,7 +433,6 @@ impl<B: Backend> Engine<B> {
             prompt_times: StepTimes::default(),
             ahead: None,
             head_rows: HEAD_ROWS_A_PASS,
-            inputs_ready: None,
         })
     }
 
@@ -520,7 +517,7 @@ impl<B: Backend> Engine<B> {
     pub fn logits_with_adapters(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool]) -> Result<Vec<Vec<f32>>> {
         let v = self.model.cfg.vocab_size;
         let mut host = Vec::new();
-        match self.forward_logits(seqs, all_logits, false)? {
+        match self.forward_logits(seqs, all_logits, false)?.0 {
             Pass::Logits(logits) => host = self.backend.to_f32(&logits)?,
             Pass::Hidden(normed) => {
                 for lo in (0..self.backend.shape(&normed)[0]).step_by(self.head_rows) {
@@ -547,8 +544,14 @@ impl<B: Backend> Engine<B> {
     /// A forward pass over `seqs`, on the device: its logits `[rows, vocab_size]`, or past
     /// [`HEAD_ROWS_A_PASS`] rows its final hidden rows. A `decode` pass on one rank goes through
     /// [`Backend::decode_step`] (CUDA graphs), or replays the step prepared ahead when its inputs are these
-    /// (see [`Engine::prepare_ahead`]).
-    fn forward_logits(&mut self, seqs: &[RawSeq<'_>], all_logits: &[bool], decode: bool) -> Result<Pass<B::Tensor>> {
+    /// (see [`Engine::prepare_ahead`]). Also returns when its inputs were built and checked, before anything was
+    /// launched.
+    fn forward_logits(
+        &mut self,
+        seqs: &[RawSeq<'_>],
+        all_logits: &[bool],
+        decode: bool,
+    ) -> Result<(Pass<B::Tensor>, Instant)> {
         // A step prepared ahead is used by this pass or never.
         let ahead = self.ahead.take();
         let graph = decode && self.comm.world_size() == 1;
@@ -556,31 +559,27 @@ impl<B: Backend> Engine<B> {
         let adapters = adapters_of(&self.adapters, &keys)?;
         let input = ForwardInput::build(&self.cache, &inputs, all_logits)?;
         let prepared = graph && ahead.is_some_and(|k| k.matches(&input, &keys));
-        self.inputs_ready = Some(Instant::now());
-        if graph {
-            let vocab = self.model.cfg.vocab_size;
-            if prepared && input.tokens.iter().all(|&t| (t as usize) < vocab) {
-                if let Some(logits) = self.backend.decode_prepared(&input.tokens)? {
-                    return Ok(Pass::Logits(logits));
-                }
+        let ready = Instant::now();
+        if prepared && input.tokens.iter().all(|&t| (t as usize) < self.model.cfg.vocab_size) {
+            if let Some(logits) = self.backend.decode_prepared(&input.tokens)? {
+                return Ok((Pass::Logits(logits), ready));
             }
         }
         let (model, backend, cache, comm) = (&self.model, &*self.backend, &mut self.cache, &*self.comm);
-        if graph {
-            backend
-                .decode_step(input.tokens.len(), &mut || {
-                    model
-                        .forward(backend, cache, &input, &adapters, comm)
-                        .and_then(|h| model.head(backend, &h))
-                })
-                .map(Pass::Logits)
+        let pass = if graph {
+            Pass::Logits(backend.decode_step(input.tokens.len(), &mut || {
+                model
+                    .forward(backend, cache, &input, &adapters, comm)
+                    .and_then(|h| model.head(backend, &h))
+            })?)
         } else {
             let normed = model.forward(backend, cache, &input, &adapters, comm)?;
             match input.logit_rows.len() {
-                rows if rows > self.head_rows => Ok(Pass::Hidden(normed)),
-                _ => model.head(backend, &normed).map(Pass::Logits),
+                rows if rows > self.head_rows => Pass::Hidden(normed),
+                _ => Pass::Logits(model.head(backend, &normed)?),
             }
-        }
+        };
+        Ok((pass, ready))
     }
 
     /// `tasks` (rows in ascending order) on the logits of `normed`'s rows, computed and sampled
@@ -781,10 +780,9 @@ impl<B: Backend> Engine<B> {
         let rows: usize = plan.iter().map(|w| w.len).sum();
         let usage = thread_usage();
         let started = Instant::now();
-        self.inputs_ready = None;
-        let pass = self.forward_logits(&raw, &all, pure_decode)?;
+        let (pass, ready) = self.forward_logits(&raw, &all, pure_decode)?;
         let launched = Instant::now();
-        let inputs = self.inputs_ready.map_or(Duration::ZERO, |t| t - started);
+        let inputs = ready - started;
         let (cpu, preempted) = usage
             .zip(thread_usage())
             .map_or((Duration::ZERO, 0), |((c0, s0), (c1, s1))| {

@@ -726,7 +726,7 @@ const READ_ALIGN: usize = 4096;
 /// Reads straight from the disk in flight at once, over all files: their own pool, as they wait on the
 /// disk, not on cores, and a disk serves more of them at once than a small machine has cores.
 const DIRECT_THREADS: usize = 16;
-/// Bytes of one read through the page cache (on [`adapter_pool`]: a copy, bound by cores).
+/// Bytes of one read through the page cache (on the global pool: a copy, bound by cores).
 const CACHED_PIECE: usize = 4 << 20;
 /// Bytes of one read of a streamed load ([`AdapterLayout::read_weights`]): small, so that the first
 /// layers' pieces, read first, come long before the file's end (a rank-16 q/k/v/o layer of a 7B model is
@@ -752,47 +752,18 @@ impl ReadPath {
     }
 }
 
-/// The pool of an adapter load's work on cores (the copy of a whole file read through the page cache, the
-/// weights' range check, the copy into the staging buffer; a streamed load's ordered reads have threads of
-/// their own): `LORAX_ADAPTER_THREADS` threads, by default rayon's (the cores). Fewer leave cores to the decode steps while adapters load (a
-/// load's bursts take every core for a millisecond or two). None: it could not be built (the global pool
-/// then runs the work).
-pub fn adapter_pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| named_pool(adapter_threads().unwrap_or(0), "adapter-cpu"))
-        .as_ref()
-}
-
-/// `LORAX_ADAPTER_THREADS` when set to a whole number above 0 (else rayon's default, the cores, is used).
-fn adapter_threads() -> Option<usize> {
-    std::env::var("LORAX_ADAPTER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-}
-
-/// Runs `f` on [`adapter_pool`] (or here, on the global pool, without one).
-pub fn on_adapter_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    match adapter_pool() {
-        Some(pool) => pool.install(f),
-        None => f(),
-    }
-}
-
-/// A pool of `threads` threads (0: rayon's default) named `prefix-<i>` (None: it could not be built).
-fn named_pool(threads: usize, prefix: &'static str) -> Option<rayon::ThreadPool> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(move |i| format!("{prefix}-{i}"))
-        .build()
-        .ok()
-}
-
 /// The pool that adapter files are read on straight from the disk (None: it could not be built; the
 /// reads then run on the global pool).
 fn direct_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| named_pool(DIRECT_THREADS, "adapter-read")).as_ref()
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(DIRECT_THREADS)
+            .thread_name(|i| format!("adapter-read-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
 }
 
 /// Fills `buf[..len]` from the start of the file at `path` (opened as `file`, of metadata `meta`); `buf` is
@@ -954,10 +925,10 @@ fn read_pieces(
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .map_or(Ok(()), Err);
         }
-        let run = move || buf[..end].par_chunks_mut(size).enumerate().try_for_each(piece);
+        let mut run = move || buf[..end].par_chunks_mut(size).enumerate().try_for_each(piece);
         match direct_pool().filter(|_| direct) {
             Some(pool) => pool.install(run),
-            None => on_adapter_pool(run),
+            None => run(),
         }
     }
     #[cfg(not(unix))]
@@ -1203,7 +1174,7 @@ fn build(
     } else {
         use rayon::prelude::*;
         let tensors: Vec<&AdapterTensor> = pairs.iter().flat_map(|p| [&p.a, &p.b]).collect();
-        let flags: Vec<u8> = on_adapter_pool(|| tensors.par_iter().map(|t| range_flags(t.dtype, t.data())).collect());
+        let flags: Vec<u8> = tensors.par_iter().map(|t| range_flags(t.dtype, t.data())).collect();
         if let Some(i) = flags.iter().position(|f| f & NOT_FINITE != 0) {
             return Err(invalid(
                 dir,
@@ -1436,21 +1407,6 @@ mod tests {
             unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) },
             0
         );
-    }
-
-    #[test]
-    fn an_adapters_work_on_cores_runs_on_its_own_pool() {
-        use rayon::prelude::*;
-        let names: Vec<String> = on_adapter_pool(|| {
-            (0..64)
-                .into_par_iter()
-                .map(|_| std::thread::current().name().unwrap_or("").to_string())
-                .collect()
-        });
-        assert!(names.iter().all(|n| n.starts_with("adapter-cpu-")), "{names:?}");
-        // As many threads as the variable says, else as the global pool has (this test's thread is in no pool).
-        let want = adapter_threads().unwrap_or_else(rayon::current_num_threads);
-        assert_eq!(adapter_pool().unwrap().current_num_threads(), want);
     }
 
     #[cfg(target_os = "linux")]

@@ -202,7 +202,7 @@ fn decode_steps_through_graphs_equal_eager_steps() {
                     "{captures} captures but only {uncaptured} eager steps before them"
                 );
                 assert!(replays >= 90, "only {replays} of 100 decode steps replayed a graph");
-                // Each replay's graph is timed on the device at the next replay: all but the last, each
+                // Each replay's graph is timed on the device once the next is launched: all but the last, each
                 // taking some device time and together less than the whole schedule's.
                 assert!(
                     timed + 1 >= replays && timed < replays,

@@ -1045,10 +1045,8 @@ impl CudaBackend {
         }
         {
             use rayon::prelude::*;
-            crate::lora::on_adapter_pool(|| {
-                jobs.into_par_iter()
-                    .for_each(|(place, data)| place.copy_from_slice(data));
-            });
+            jobs.into_par_iter()
+                .for_each(|(place, data)| place.copy_from_slice(data));
         }
         // SAFETY: uninitialised; the copy below (or a conversion) writes every byte a tensor covers
         // (alignment padding is never read).
