@@ -889,9 +889,10 @@ impl CudaBackend {
     }
 
     /// Reads the replay timing events once for each replay ([`ReplayTiming::last`]) into the graph report. Called
-    /// from the record ahead ([`CudaBackend::graph_prepare`]), while the step just launched runs: a dozen driver
-    /// calls (event queries and elapsed times) kept off the launch's path, where they added about 50 us a step to
-    /// the replay's host time (bench/NOTES.md session 46).
+    /// from the record ahead ([`CudaBackend::graph_prepare`]), while the step just launched runs, so that its dozen
+    /// driver calls (event queries and elapsed times) are not counted in the replay's host time or the engine's
+    /// `forward_us`. (Their cost there was not measured apart: session 46's replays read 56-120 µs with them in the
+    /// replay, session 45's 46-67 without, on other machines.)
     fn read_replay_timing(&self) -> Result<()> {
         let mut g = self.graphs.lock()?;
         let Some(t) = &mut g.timing else { return Ok(()) };
