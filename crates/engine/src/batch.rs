@@ -3,7 +3,12 @@
 //! cached: it is *prefilling* until [`crate::Engine::step`] has run its whole prompt (in one step or in
 //! chunks over several), and only then gets its first token and joins the decode rows.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::sampling::{Choice, Sampler, SamplingParams};
+
+/// The next [`Sequence::uid`].
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
 /// A sequence to add to a batch.
 #[derive(Clone, Debug)]
@@ -67,6 +72,9 @@ pub struct Sequence {
     /// Alternatives per prompt token (with `prompt_logprobs`).
     pub(crate) prompt_top_n: u32,
     pub(crate) sampler: Sampler,
+    /// Unique in the process (caller ids may be reused): a decode step launched ahead knows its rows' sequences
+    /// by it.
+    pub(crate) uid: u64,
 }
 
 impl Sequence {
@@ -94,6 +102,7 @@ impl Sequence {
             prompt_logprobs,
             prompt_top_n: s.prefill_top_n,
             sampler,
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
         }
     }
 

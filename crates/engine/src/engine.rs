@@ -53,6 +53,47 @@ pub struct Engine<B: Backend> {
     ahead: Option<AheadKey>,
     /// Logit rows the LM head computes at once outside a decode graph ([`HEAD_ROWS_A_PASS`]).
     head_rows: usize,
+    /// The decode step the last step's sampling launched with the tokens it chose ([`Backend::sample_feeding`]),
+    /// whose rows serve the next step's decode rows.
+    inflight: Option<InFlight<B::Tensor>>,
+    /// Whether a decode step whose backend launched nothing ahead computes the next one right after its
+    /// sampling, on the host's schedule ([`Engine::set_feed_on_host`]).
+    feed_on_host: bool,
+    /// Steps launched ahead so far, by how they were used.
+    fed_total: FeedCounts,
+}
+
+/// A decode step launched before its turn with the tokens the step before chose: its logits, and for each
+/// sequence it ran (by [`Sequence::uid`]) its row and what the row was computed from.
+struct InFlight<T> {
+    logits: T,
+    rows: HashMap<u64, FedRow>,
+}
+
+/// One sequence's row of an [`InFlight`] step.
+struct FedRow {
+    row: usize,
+    token: u32,
+    /// Tokens cached before it.
+    ctx: usize,
+    block_table: Vec<u32>,
+    adapter: Option<String>,
+}
+
+impl<T> InFlight<T> {
+    /// The row that computed `s`'s decode row of this step (work `w`): the same sequence, token, context and
+    /// adapter, and a block table that starts with the one the row read.
+    fn row_of(&self, s: &Sequence, w: &Work) -> Option<usize> {
+        if w.prefill || w.len != 1 || s.cached + 1 != s.tokens.len() {
+            return None;
+        }
+        let r = self.rows.get(&s.uid)?;
+        (r.token == s.tokens[s.cached]
+            && r.ctx == s.cached
+            && s.block_table.starts_with(&r.block_table)
+            && r.adapter == s.adapter)
+            .then_some(r.row)
+    }
 }
 
 /// The loaded adapters of `keys`, in order.
@@ -165,6 +206,14 @@ pub struct StepTimes {
     /// Involuntary context switches of the stepping thread during `forward` (Linux): the thread was
     /// ready to run and a core went to another.
     pub forward_preempted: u64,
+    /// Steps that launched the next decode step with the tokens they chose ([`Backend::sample_feeding`]).
+    pub fed_launched: u32,
+    /// Steps whose rows all came from the step launched ahead of them (no pass of their own).
+    pub fed_whole: u32,
+    /// Steps that took some rows from the step launched ahead (the batch had changed) and ran the rest.
+    pub fed_part: u32,
+    /// Steps launched ahead and not used at all (their device time lost).
+    pub fed_dropped: u32,
 }
 
 /// What one step's `forward` was made of ([`StepTimes`]' fields of the same names).
@@ -172,6 +221,7 @@ struct ForwardDetail {
     inputs: Duration,
     cpu: Duration,
     preempted: u64,
+    feeding: FeedCounts,
 }
 
 /// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`: to the nanosecond, where getrusage's times move in
@@ -433,6 +483,9 @@ impl<B: Backend> Engine<B> {
             prompt_times: StepTimes::default(),
             ahead: None,
             head_rows: HEAD_ROWS_A_PASS,
+            inflight: None,
+            feed_on_host: false,
+            fed_total: FeedCounts::default(),
         })
     }
 
@@ -459,8 +512,9 @@ impl<B: Backend> Engine<B> {
     pub fn insert_adapter(&mut self, key: &str, device: DeviceAdapter<B>) -> usize {
         let bytes = device.bytes;
         if let Some(old) = self.adapters.insert(key.to_string(), device) {
-            // A step prepared ahead may point at the replaced weights.
+            // A step prepared ahead may point at the replaced weights, and one launched ahead used them.
             self.ahead = None;
+            self.inflight = None;
             // As in `offload_adapter`: the replaced weights go once nothing queued can read them.
             if let Err(e) = self.backend.wait_idle() {
                 tracing::warn!("waiting for the device before releasing a replaced adapter: {e}");
@@ -480,6 +534,8 @@ impl<B: Backend> Engine<B> {
         // Work a failed step left queued may still read the adapter: its memory is freed (stream-ordered, on
         // another stream) only once the device is idle.
         if self.adapters.contains_key(key) {
+            // No sequence left uses it, so no row of a step launched ahead that is still served does; that step
+            // may still read it on the device, and is waited for here with the rest.
             self.ahead = None;
             self.backend.wait_idle()?;
         }
@@ -762,7 +818,31 @@ impl<B: Backend> Engine<B> {
         if active().next().is_none() {
             return Ok(vec![]);
         }
-        let raw: Vec<RawSeq<'_>> = active()
+        // The step the last one's sampling launched serves the decode rows it computed (all of them, unless the
+        // batch changed); a step without decode rows leaves it for the next.
+        let inflight = if active().any(|(_, w)| !w.prefill) {
+            self.inflight.take()
+        } else {
+            None
+        };
+        let fed: Vec<Option<usize>> = active()
+            .map(|(s, w)| inflight.as_ref().and_then(|f| f.row_of(s, w)))
+            .collect();
+        let fed_rows = fed.iter().flatten().count();
+        let mut feeding = FeedCounts::default();
+        if let Some(f) = &inflight {
+            if fed_rows == f.rows.len() && fed_rows == fed.len() {
+                feeding.whole = 1;
+            } else if fed_rows > 0 {
+                feeding.part = 1;
+            } else {
+                feeding.dropped = 1;
+            }
+        }
+        let inflight = inflight.filter(|_| fed_rows > 0);
+        // The rest run in this step's pass.
+        let in_pass = || active().zip(&fed).filter(|(_, f)| f.is_none()).map(|(sw, _)| sw);
+        let raw: Vec<RawSeq<'_>> = in_pass()
             .map(|(s, w)| {
                 (
                     &s.tokens[s.cached..s.cached + w.len],
@@ -773,14 +853,21 @@ impl<B: Backend> Engine<B> {
             })
             .collect();
         // Every row of a prompt chunk when its tokens' logprobs are asked for, else the last row only.
-        let all: Vec<bool> = active()
+        let all: Vec<bool> = in_pass()
             .map(|(s, w)| w.prefill && s.prompt_logprobs.is_some())
             .collect();
         let pure_decode = plan.iter().all(|w| !w.prefill || w.len == 0);
         let rows: usize = plan.iter().map(|w| w.len).sum();
         let usage = thread_usage();
         let started = Instant::now();
-        let (pass, ready) = self.forward_logits(&raw, &all, pure_decode)?;
+        let (pass, ready) = if raw.is_empty() {
+            (None, started)
+        } else {
+            // Beside rows of the step launched ahead the pass runs eagerly: a graph's replay would overwrite the
+            // memory their logits are in before they are sampled.
+            let (pass, ready) = self.forward_logits(&raw, &all, pure_decode && inflight.is_none())?;
+            (Some(pass), ready)
+        };
         let launched = Instant::now();
         let inputs = ready - started;
         let (cpu, preempted) = usage
@@ -804,9 +891,15 @@ impl<B: Backend> Engine<B> {
             self.prepare_ahead(&next);
         }
 
+        // Tasks on this step's pass, and on the step launched ahead (its rows' numbers).
         let mut tasks: Vec<(usize, SampleTask<'_>)> = Vec::new();
+        let mut fed_tasks: Vec<(usize, SampleTask<'_>)> = Vec::new();
         let mut row = 0;
-        for (s, w) in batch.seqs.iter_mut().zip(&plan).filter(|(_, w)| w.len > 0) {
+        for ((s, w), f) in batch.seqs.iter_mut().zip(&plan).filter(|(_, w)| w.len > 0).zip(&fed) {
+            if let Some(r) = f {
+                fed_tasks.push((*r, SampleTask::Choose(&mut s.sampler)));
+                continue;
+            }
             let ends_prompt = s.cached + w.len == s.prompt_len;
             if w.prefill && s.prompt_logprobs.is_some() {
                 // Row j predicts token cached + j + 1: a prompt token's logprob, or past the prompt's end
@@ -831,16 +924,40 @@ impl<B: Backend> Engine<B> {
                 tasks.push((row - 1, SampleTask::Choose(&mut s.sampler)));
             }
         }
-        let answers = match pass {
-            Pass::Logits(logits) => self.backend.sample(&logits, &mut tasks)?,
-            Pass::Hidden(normed) => self.sample_in_pieces(&normed, tasks)?,
+        // The step prepared ahead is launched by the sampling that chooses all of its tokens: in a pure decode
+        // step, one task per sequence in the batch's order, all on one of the two logits.
+        let feed = pure_decode && self.ahead.is_some();
+        let (feed_fed, feed_pass) = (feed && tasks.is_empty(), feed && fed_tasks.is_empty());
+        let mut next_step = None;
+        let fed_answers = match &inflight {
+            Some(f) if !fed_tasks.is_empty() => {
+                let (answers, next) = self.backend.sample_feeding(&f.logits, &mut fed_tasks, feed_fed)?;
+                next_step = next;
+                answers
+            }
+            _ => Vec::new(),
         };
+        drop(fed_tasks);
+        let answers = match pass {
+            Some(Pass::Logits(logits)) => {
+                let (answers, next) = self.backend.sample_feeding(&logits, &mut tasks, feed_pass)?;
+                next_step = next_step.or(next);
+                answers
+            }
+            Some(Pass::Hidden(normed)) => self.sample_in_pieces(&normed, tasks)?,
+            None => Vec::new(),
+        };
+        drop(inflight);
+        if next_step.is_some() {
+            // Launched: its inputs are what `ahead` was recorded with, its tokens those just chosen.
+            self.ahead = None;
+        }
         let (forward, sample) = (launched - started, launched.elapsed());
 
         let missing = || EngineError::Backend("missing sampling result".into());
-        let mut answers = answers.into_iter();
+        let (mut answers, mut fed_answers) = (answers.into_iter(), fed_answers.into_iter());
         let mut out = Vec::new();
-        for (s, w) in batch.seqs.iter_mut().zip(&plan).filter(|(_, w)| w.len > 0) {
+        for ((s, w), f) in batch.seqs.iter_mut().zip(&plan).filter(|(_, w)| w.len > 0).zip(&fed) {
             let ends_prompt = s.cached + w.len == s.prompt_len;
             if let (true, Some(logprobs)) = (w.prefill, s.prompt_logprobs.as_mut()) {
                 for next in s.cached + 1..(s.cached + w.len + 1).min(s.prompt_len) {
@@ -858,7 +975,12 @@ impl<B: Backend> Engine<B> {
                 s.cached += w.len;
                 continue;
             }
-            let Some(Sampled::Choice(choice)) = answers.next() else {
+            let answer = if f.is_some() {
+                fed_answers.next()
+            } else {
+                answers.next()
+            };
+            let Some(Sampled::Choice(choice)) = answer else {
                 return Err(missing());
             };
             s.cached += w.len;
@@ -869,13 +991,106 @@ impl<B: Backend> Engine<B> {
                 prefill: if w.prefill { s.prompt_logprobs.take() } else { None },
             });
         }
+        if pure_decode {
+            let logits = match next_step {
+                Some(l) => Some(l),
+                // Computed now, as a backend would have launched it (tests of the bookkeeping on the CPU).
+                None if self.feed_on_host => self.next_on_host(batch, &plan),
+                None => None,
+            };
+            if let Some(logits) = logits {
+                feeding.launched = 1;
+                let rows = active_after(batch, &plan)
+                    .enumerate()
+                    .map(|(row, s)| {
+                        let fed = FedRow {
+                            row,
+                            token: s.tokens[s.tokens.len() - 1],
+                            ctx: s.cached,
+                            block_table: s.block_table.clone(),
+                            adapter: s.adapter.clone(),
+                        };
+                        (s.uid, fed)
+                    })
+                    .collect();
+                self.inflight = Some(InFlight { logits, rows });
+            }
+        }
         self.count_step(
             pure_decode,
             rows,
             [forward, sample, entered.elapsed()],
-            ForwardDetail { inputs, cpu, preempted },
+            ForwardDetail {
+                inputs,
+                cpu,
+                preempted,
+                feeding,
+            },
         );
         Ok(out)
+    }
+
+    /// The next decode step's logits, computed now from the tokens just chosen (the host's stand-in for a
+    /// backend's launch ahead, [`Engine::set_feed_on_host`]); `None` where the step could not run (it then runs in
+    /// its turn and reports why).
+    fn next_on_host(&mut self, batch: &Batch, plan: &[Work]) -> Option<B::Tensor> {
+        let block = self.cache.block_size;
+        let next: Vec<RawSeq<'_>> = active_after(batch, plan)
+            .map(|s| {
+                (
+                    &s.tokens[s.tokens.len() - 1..],
+                    s.cached,
+                    s.block_table.as_slice(),
+                    s.adapter.as_deref(),
+                )
+            })
+            .collect();
+        if !active_after(batch, plan).all(|s| s.tokens.len() <= s.block_table.len() * block) {
+            return None;
+        }
+        match self.forward_logits(&next, &[], true) {
+            Ok((Pass::Logits(logits), _)) => Some(logits),
+            _ => None,
+        }
+    }
+
+    /// Whether a pure decode step whose backend launched nothing ahead computes the next step right after its
+    /// sampling, from the tokens it chose (default off): what a backend that launches it on the device does
+    /// ([`Backend::sample_feeding`]), on the host's schedule, so that the CPU backend's tests cover the
+    /// bookkeeping of a step launched ahead (which rows serve the next step, which run again).
+    pub fn set_feed_on_host(&mut self, on: bool) {
+        self.feed_on_host = on;
+        if !on {
+            self.inflight = None;
+        }
+    }
+}
+
+/// The sequences of `batch` that `plan` gave work, as they are after the step.
+fn active_after<'b>(batch: &'b Batch, plan: &'b [Work]) -> impl Iterator<Item = &'b Sequence> + 'b {
+    batch.seqs.iter().zip(plan).filter(|(_, w)| w.len > 0).map(|(s, _)| s)
+}
+
+/// Steps launched ahead ([`Backend::sample_feeding`], [`Engine::set_feed_on_host`]), counted by how they were used
+/// ([`Engine::feed_counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FeedCounts {
+    /// Steps launched by the sampling of the step before them.
+    pub launched: u64,
+    /// ... that served every row of their step (which then ran no pass of its own).
+    pub whole: u64,
+    /// ... that served some rows (the batch had changed: sequences left or joined); the step ran the rest.
+    pub part: u64,
+    /// ... that served none (their device time was lost).
+    pub dropped: u64,
+}
+
+impl FeedCounts {
+    fn add(&mut self, o: FeedCounts) {
+        self.launched += o.launched;
+        self.whole += o.whole;
+        self.part += o.part;
+        self.dropped += o.dropped;
     }
 }
 
@@ -884,6 +1099,11 @@ impl<B: Backend> Engine<B> {
     /// "decode steps: host time").
     pub fn decode_times(&self) -> StepTimes {
         self.decode_times
+    }
+
+    /// Steps launched ahead of their turn so far, by how they were used.
+    pub fn feed_counts(&self) -> FeedCounts {
+        self.fed_total
     }
 
     /// Host time of the steps with prompt tokens since the last report (every 8 steps: "prompt steps: host
@@ -914,6 +1134,13 @@ impl<B: Backend> Engine<B> {
         t.forward_over_1ms += u32::from(forward > Duration::from_millis(1));
         t.forward_cpu += detail.cpu;
         t.forward_preempted += detail.preempted;
+        self.fed_total.add(detail.feeding);
+        let f = detail.feeding;
+        let one = |n: u64| u32::from(n > 0);
+        t.fed_launched += one(f.launched);
+        t.fed_whole += one(f.whole);
+        t.fed_part += one(f.part);
+        t.fed_dropped += one(f.dropped);
         if t.steps >= every {
             let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(t.steps);
             #[allow(clippy::cast_precision_loss)]
@@ -929,6 +1156,10 @@ impl<B: Backend> Engine<B> {
                 forward_max_us = format!("{:.0}", t.forward_max.as_secs_f64() * 1e6),
                 forward_over_1ms = t.forward_over_1ms,
                 preempted = t.forward_preempted,
+                fed_launched = t.fed_launched,
+                fed_whole = t.fed_whole,
+                fed_part = t.fed_part,
+                fed_dropped = t.fed_dropped,
                 "{what} steps: host time"
             );
             *t = StepTimes::default();

@@ -22,6 +22,8 @@ pub use backend::cpu::{CpuBackend, CpuTensor};
 pub use backend::cuda::{CudaBackend, CudaTensor};
 pub use backend::{Backend, StepCounts};
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use engine::{Batch, CacheConfig, Engine, Generation, LoadFormat, NewSequence, PromptToken, StepOptions};
+pub use engine::{
+    Batch, CacheConfig, Engine, FeedCounts, Generation, LoadFormat, NewSequence, PromptToken, StepOptions,
+};
 pub use error::{EngineError, Result};
 pub use sampling::{Choice, Sampler, SamplingParams};

@@ -29,6 +29,11 @@ fn chunked_mixed_steps_match_prefill_then_decode() {
 }
 
 #[test]
+fn steps_launched_ahead_match_prefill_then_decode() {
+    chunked_cases::steps_launched_ahead_match_prefill_then_decode(&setup(), &setup(), true);
+}
+
+#[test]
 fn decode_skips_prefilling_sequences() {
     chunked_cases::decode_skips_prefilling_sequences(&setup());
 }

@@ -18,6 +18,13 @@ fn cuda() -> Engine<CudaBackend> {
     chunked_cases::engine(backend(DType::F32).unwrap(), &cuda_common::fixtures())
 }
 
+/// An engine whose decode steps are not launched by the step before's sampling.
+fn cuda_unfed() -> Engine<CudaBackend> {
+    let e = cuda();
+    e.backend.set_graph_feed(false);
+    e
+}
+
 /// The cases on CUDA, or `None` (after saying so) without a device.
 fn setup() -> Option<Setup<'static, CudaBackend>> {
     backend(DType::F32)?;
@@ -31,6 +38,19 @@ fn setup() -> Option<Setup<'static, CudaBackend>> {
 fn chunked_mixed_steps_match_prefill_then_decode() {
     if let Some(s) = setup() {
         chunked_cases::mixed_steps_match_prefill_then_decode(&s);
+    }
+}
+
+/// Decode steps launched on the device by the step before's sampling, their token ids gathered there, serve the
+/// next steps' decode rows (all, or some as sequences leave and join) with the generations of steps that are not.
+#[test]
+fn steps_launched_ahead_match_prefill_then_decode() {
+    if let Some(s) = setup() {
+        let plain = Setup {
+            engine: &cuda_unfed,
+            fixtures: cuda_common::fixtures(),
+        };
+        chunked_cases::steps_launched_ahead_match_prefill_then_decode(&plain, &s, false);
     }
 }
 

@@ -169,6 +169,9 @@ fn decode_steps_through_graphs_equal_eager_steps() {
         for (graphs, pdl, ahead) in runs {
             let mut e = engine(dir.path(), dtype, graphs, pdl);
             e.backend.set_graph_ahead(ahead);
+            // Steps launched by the step before's sampling serve rows of a changed batch from a batch of other
+            // rows (`fed_steps_equal_steps_launched_by_the_host` and cuda_chunked test them).
+            e.backend.set_graph_feed(false);
             if pdl && !e.backend.programmatic_launch() {
                 say(
                     "SKIPPED programmatic dependent launch: the device or driver lacks it (sm_90 and CUDA 12.3 needed)",
@@ -242,6 +245,81 @@ fn decode_steps_through_graphs_equal_eager_steps() {
                 traces[0].len()
             );
         }
+    }
+}
+
+/// Decode steps launched on the device by the step before's sampling, their token ids gathered there from its
+/// output, give the bits of steps launched by the host once it has the tokens: while the batch stays (each step
+/// served whole by the one launched ahead) and after it shrinks within its row bucket (the rows of the step
+/// launched for eight sequences serve six).
+#[test]
+fn fed_steps_equal_steps_launched_by_the_host() {
+    let Some(dir) = small_model() else { return };
+    for dtype in [DType::BF16, DType::F32] {
+        let mut traces = Vec::new();
+        for feed in [false, true] {
+            let mut e = engine(dir.path(), dtype, true, false);
+            e.backend.set_graph_feed(feed);
+            let mut alloc = BlockAllocator::new(CACHE.num_blocks as u32, CACHE.block_size);
+            let mut batch = Batch::default();
+            let seqs = (0..8u64)
+                .map(|id| NewSequence {
+                    id,
+                    input_ids: (0..20 + 7 * id as u32)
+                        .map(|i| (i * 37 + id as u32 * 11) % 4000 + 3)
+                        .collect(),
+                    block_table: alloc.allocate(20 + 7 * id as usize + 64).unwrap(),
+                    params: SamplingParams::default(),
+                    prefill_logprobs: false,
+                    prefill_top_n: 0,
+                    adapter: None,
+                })
+                .collect();
+            let mut trace = Trace::new();
+            let mut record = |gens: Vec<lorax_engine::Generation>| {
+                for g in gens {
+                    trace.push((g.id, g.choice.token, g.choice.logprob.to_bits()));
+                }
+            };
+            record(e.prefill(&mut batch, seqs).unwrap());
+            for _ in 0..30 {
+                record(e.decode(&mut batch).unwrap());
+            }
+            batch.filter(&[0, 2, 3, 5, 6, 7]);
+            for _ in 0..20 {
+                record(e.decode(&mut batch).unwrap());
+            }
+            let c = e.feed_counts();
+            let fed = e.backend.graph_fed_replays();
+            let (_, device_ms, gaps) = e.backend.graph_device_time();
+            say(&format!(
+                "{dtype:?} feed {feed}: {} tokens, {fed} replays launched by the step before, {c:?}, graphs {device_ms:.3} ms on the device, {gaps} gaps timed",
+                trace.len()
+            ));
+            if feed {
+                // Steps 1-2 run eagerly and capture; from the third each step launches the next. Right after the
+                // shrink, one step takes six rows of eight; its own launch ahead is recorded for a new shape.
+                assert_eq!(fed, c.launched, "launches counted by the engine and by the graphs");
+                assert!(
+                    c.whole >= 40,
+                    "only {} of 50 steps served whole by the step before: {c:?}",
+                    c.whole
+                );
+                assert_eq!((c.part, c.dropped), (1, 0), "{c:?}");
+                assert!(gaps > 0, "no gap between fed replays timed");
+            } else {
+                assert_eq!((fed, c), (0, lorax_engine::FeedCounts::default()));
+            }
+            traces.push(trace);
+        }
+        assert_eq!(traces[0].len(), traces[1].len());
+        let differ = traces[0].iter().zip(&traces[1]).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differ,
+            0,
+            "{dtype:?}: fed steps differ from steps launched by the host at {differ} of {} tokens",
+            traces[0].len()
+        );
     }
 }
 
@@ -367,7 +445,14 @@ fn a_single_stream_keeps_its_graph_as_its_context_grows() {
                 (1, 1),
                 "the stream's graph was captured again as its context grew"
             );
-            assert_eq!(c.replays, steps as u64 - 1);
+            // From the second step on each step launches the next (`LORAX_CUDA_GRAPH_FEED`), the last one a step
+            // past the schedule's end.
+            assert!(
+                c.fed_replays + 2 >= steps as u64,
+                "only {} steps launched by the step before",
+                c.fed_replays
+            );
+            assert_eq!(c.replays, steps as u64 - 1 + u64::from(c.fed_replays > 0));
         }
         traces.push(trace);
     }

@@ -105,6 +105,7 @@ mod tests {
         let before = StepCounts {
             replays: 10,
             ahead_replays: 8,
+            fed_replays: 5,
             captures: 2,
             uncaptured: 2,
         };
@@ -119,6 +120,11 @@ mod tests {
         assert_eq!(
             with(|c| (c.ahead_replays, c.replays) = (9, 11)),
             "replayed, recorded ahead"
+        );
+        // A fed replay is launched during the step before its own (which is served by the one it launched).
+        assert_eq!(
+            with(|c| (c.fed_replays, c.replays) = (6, 11)),
+            "launched the next step with its tokens"
         );
         assert_eq!(with(|c| c.replays = 11), "replayed");
         assert_eq!(with(|_| ()), "eager");

@@ -213,13 +213,17 @@ pub trait FileUpload<T>: PieceSink + Send {
 }
 
 /// How a backend's decode steps ran so far ([`Backend::step_counts`]): through a captured graph (`replays`,
-/// of which `ahead_replays` were recorded while the step before ran), with a graph captured for them
+/// of which `ahead_replays` were recorded while the step before ran and `fed_replays` launched by the step before),
+/// with a graph captured for them
 /// (`captures`), or eagerly because their shape was new (`uncaptured`); steps counted in none ran eagerly
 /// as usual.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StepCounts {
     pub replays: u64,
     pub ahead_replays: u64,
+    /// Replays launched by the step before's sampling, with its tokens gathered on the device
+    /// ([`Backend::sample_feeding`]).
+    pub fed_replays: u64,
     pub captures: u64,
     pub uncaptured: u64,
 }
@@ -231,6 +235,8 @@ impl StepCounts {
             "captured a graph"
         } else if self.uncaptured > before.uncaptured {
             "eager, a new shape"
+        } else if self.fed_replays > before.fed_replays {
+            "launched the next step with its tokens"
         } else if self.ahead_replays > before.ahead_replays {
             "replayed, recorded ahead"
         } else if self.replays > before.replays {
@@ -436,6 +442,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let vocab = self.shape(logits).last().copied().unwrap_or(0);
         let mut host = self.to_f32(logits)?;
         crate::sampling::sample_host(&mut host, vocab, tasks)
+    }
+    /// [`Backend::sample`]; with `feed`, a backend that can also launches the decode step kept by the last
+    /// [`Backend::decode_prepare`] with the tokens chosen here as its token ids, on the device, before it waits for
+    /// them, so that the next step runs while the host hands these tokens out. The engine asks it only when the
+    /// tasks are one [`crate::sampling::SampleTask::Choose`] per sequence of the prepared step, in its order
+    /// (the step's row `k` takes task `k`'s token). Returns the launched step's logits (as
+    /// [`Backend::decode_prepared`] would give them for these tokens), or `None` when it launched nothing. The
+    /// default launches nothing.
+    fn sample_feeding(
+        &self,
+        logits: &Self::Tensor,
+        tasks: &mut [(usize, crate::sampling::SampleTask<'_>)],
+        feed: bool,
+    ) -> Result<(Vec<crate::sampling::Sampled>, Option<Self::Tensor>)> {
+        let _ = feed;
+        Ok((self.sample(logits, tasks)?, None))
     }
     /// Sum of `t` across the tensor-parallel ranks of `comm`, in place. The default copies through the
     /// host; a backend with a device collective (NCCL) overrides it.

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use crate::common::Golden;
 use lorax_engine::kv_cache::BlockAllocator;
 use lorax_engine::lora::HostAdapter;
-use lorax_engine::{Backend, Batch, CacheConfig, Engine, Generation, NewSequence, SamplingParams, StepOptions};
+use lorax_engine::{
+    Backend, Batch, CacheConfig, Engine, FeedCounts, Generation, NewSequence, SamplingParams, StepOptions,
+};
 
 const N_NEW: usize = 12;
 const BLOCK: usize = 4;
@@ -150,7 +152,14 @@ fn reference<B: Backend>(s: &Setup<'_, B>) -> Trace {
 /// Mixed steps with a prompt budget of `chunk` tokens: sequences 0 and 1 start, the others join a
 /// running batch two by two; every step decodes the running sequences.
 fn mixed<B: Backend>(s: &Setup<'_, B>, chunk: usize) -> Trace {
+    mixed_with(s, chunk, false).0
+}
+
+/// [`mixed`], with pure decode steps computing the next step right after their sampling when `feed_on_host`
+/// ([`Engine::set_feed_on_host`]); also how the steps launched ahead were used.
+fn mixed_with<B: Backend>(s: &Setup<'_, B>, chunk: usize, feed_on_host: bool) -> (Trace, FeedCounts) {
     let mut e = (s.engine)();
+    e.set_feed_on_host(feed_on_host);
     let mut alloc = BlockAllocator::new(1024, BLOCK);
     let mut joining = sequences(&mut alloc, &s.fixtures).into_iter();
     let mut batch = Batch::default();
@@ -179,7 +188,7 @@ fn mixed<B: Backend>(s: &Setup<'_, B>, chunk: usize) -> Trace {
         }
         assert!(step < 1000, "chunk {chunk}: the batch never drained");
     }
-    trace
+    (trace, e.feed_counts())
 }
 
 /// Decode steps padded with rows that write no keys or values ([`Backend::decode_rows`], as CUDA graph
@@ -216,6 +225,43 @@ pub fn mixed_steps_match_prefill_then_decode<B: Backend>(s: &Setup<'_, B>) {
             }
         }
     }
+}
+
+/// Mixed steps where each pure decode step computes the next one right after its sampling, from the tokens it
+/// chose (what the CUDA backend launches on the device before the host has the tokens; here on the host's
+/// schedule): later steps take their decode rows from it, all of them or, as sequences leave and join, some, and
+/// every budget gives the plain path's generations (`plain`'s engines launch nothing ahead). `on_host`: the engine
+/// computes the next step itself ([`Engine::set_feed_on_host`], for a backend that launches nothing ahead).
+pub fn steps_launched_ahead_match_prefill_then_decode<B: Backend>(
+    plain: &Setup<'_, B>,
+    s: &Setup<'_, B>,
+    on_host: bool,
+) {
+    let expect = reference(plain);
+    let mut total = FeedCounts::default();
+    for chunk in [1, 5, 64] {
+        let (got, counts) = mixed_with(s, chunk, on_host);
+        for (id, want) in &expect {
+            let got = &got[id];
+            assert_eq!(got.len(), want.len(), "launched ahead, chunk {chunk}: sequence {id}");
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert_same(
+                    g,
+                    w,
+                    &format!("launched ahead, chunk {chunk}: sequence {id}, token {i}"),
+                );
+            }
+        }
+        assert!(counts.launched > 0, "chunk {chunk}: no step launched ahead: {counts:?}");
+        assert!(
+            counts.whole + counts.part + counts.dropped <= counts.launched,
+            "chunk {chunk}: more steps used than launched: {counts:?}"
+        );
+        total.whole += counts.whole;
+        total.part += counts.part;
+    }
+    // Steps served whole (the batch unchanged) and in part (sequences left, or joined beside them).
+    assert!(total.whole > 0 && total.part > 0, "{total:?}");
 }
 
 /// `decode` skips sequences still prefilling (no row, no generation) and a later step finishes their

@@ -52,9 +52,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cudarc::driver::{result as drv_result, sys as drv_sys, CudaGraph, CudaSlice, PinnedHostSlice};
+use cudarc::driver::{result as drv_result, sys as drv_sys, CudaGraph, CudaSlice, PinnedHostSlice, PushKernelArg};
 
-use super::{drv, plain_bytes, CudaBackend, CudaTensor, DevBuf};
+use super::{cfg, drv, int, plain_bytes, uint, CudaBackend, CudaTensor, DevBuf};
 use crate::error::{EngineError, Result};
 use cudarc::driver::CudaEvent;
 
@@ -167,6 +167,8 @@ struct Inner {
     prepared: Option<Prepared>,
     /// Replays of steps recorded ahead.
     ahead_replays: u64,
+    /// Replays of steps recorded ahead launched by the step before's sampling ([`CudaBackend::graph_feed`]).
+    fed_replays: u64,
     /// Timing events around the last three replays (made at the first replay).
     timing: Option<ReplayTiming>,
 }
@@ -236,6 +238,15 @@ impl ReplayTiming {
         };
         (device, gap)
     }
+}
+
+/// Token ids a replay takes from the device ([`CudaBackend::graph_feed`]): `n` words `stride` apart from `src`,
+/// written to `dst` (the metadata arena's token slot).
+struct Feed {
+    dst: u64,
+    src: u64,
+    n: usize,
+    stride: usize,
 }
 
 /// A step recorded ahead of its turn.
@@ -353,6 +364,9 @@ pub(crate) struct Graphs {
     step_rows: AtomicUsize,
     /// Whether the engine may record a step ahead ([`CudaBackend::graph_prepare`]).
     ahead: AtomicBool,
+    /// Whether a step recorded ahead may be launched by the sampling of the step before, its tokens gathered
+    /// on the device ([`CudaBackend::graph_feed`]; `LORAX_CUDA_GRAPH_FEED=0` turns it off).
+    feed: AtomicBool,
     /// Engine steps begun so far ([`Graphs::count_step`]).
     steps_begun: AtomicU64,
     /// Whether replays are timed with events (`LORAX_CUDA_GRAPH_TIMING=0` turns it off).
@@ -419,6 +433,7 @@ impl Graphs {
                 token_uploads: 0,
                 prepared: None,
                 ahead_replays: 0,
+                fed_replays: 0,
                 timing: None,
             }),
             enabled: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPHS").map_or(true, |v| v != "0")),
@@ -427,6 +442,7 @@ impl Graphs {
             capture_after: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_CAPTURE_AFTER", 2, 1..=1 << 16)?),
             step_rows: AtomicUsize::new(0),
             ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
+            feed: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_FEED").map_or(true, |v| v != "0")),
             steps_begun: AtomicU64::new(0),
             timing: std::env::var("LORAX_CUDA_GRAPH_TIMING").map_or(true, |v| v != "0"),
             clock: StepClock::default(),
@@ -779,6 +795,50 @@ impl CudaBackend {
         }
     }
 
+    /// Launches the step recorded ahead by [`CudaBackend::graph_prepare`] with token ids that are still on the
+    /// device: row `k < n` takes the word at `src + 4 k stride` (a sampling launch's output, which is queued
+    /// before this), padding rows their placeholders. The metadata is copied from the mirror, then a small kernel
+    /// writes the ids over the placeholders, then the graph is launched; nothing waits. Its logits, or `None`
+    /// (nothing kept, feeding off, or `n` past its rows; a failed replay turns graphs off as in
+    /// [`CudaBackend::graph_step`]). The caller vouches that the step's inputs besides the ids are those recorded
+    /// and that its first `n` rows are the sequences whose ids are at `src`, in order.
+    pub fn graph_feed(&self, src: u64, n: usize, stride: usize) -> Result<Option<CudaTensor>> {
+        if !self.graphs.feed.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let replaying = Instant::now();
+        let Some(p) = self.graphs.lock()?.prepared.take() else {
+            return Ok(None);
+        };
+        if !self.graphs.enabled.load(Ordering::Relaxed) || !self.graphs.ahead.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let dst = {
+            let g = self.graphs.lock()?;
+            let (off, len) = p.tokens_at;
+            let Some(meta) = g.meta.as_ref() else {
+                return Ok(None);
+            };
+            if n == 0 || n * 4 > len || g.meta_used != p.meta_used || off + len > meta.cap || g.host.is_none() {
+                return Ok(None);
+            }
+            meta.base + off as u64
+        };
+        let feed = Feed { dst, src, n, stride };
+        match self.replay_with(p.sig, Some(&feed)) {
+            Ok(true) => {
+                self.graphs.lock()?.fed_replays += 1;
+                self.graphs.clock.step(p.record_ns, nanos(replaying), p.meta_used, true);
+                Ok(Some(p.out))
+            }
+            Ok(false) => Ok(None),
+            Err(e) => {
+                self.graphs_off(&e);
+                Ok(None)
+            }
+        }
+    }
+
     fn arenas_fit(&self, work: usize, meta: usize) -> Result<bool> {
         let g = self.graphs.lock()?;
         Ok(g.work.as_ref().is_some_and(|a| work <= a.cap) && g.meta.as_ref().is_some_and(|a| meta <= a.cap))
@@ -826,6 +886,12 @@ impl CudaBackend {
 
     /// Copies the metadata mirror to the device and launches the graph of `sig`, if there is one.
     fn replay(&self, sig: u64) -> Result<bool> {
+        self.replay_with(sig, None)
+    }
+
+    /// [`CudaBackend::replay`], with the token ids of `feed` written over the copied metadata before the launch. A
+    /// fed replay is launched before the engine begins its step, so its step is counted as the next one.
+    fn replay_with(&self, sig: u64, feed: Option<&Feed>) -> Result<bool> {
         let mut g = self.graphs.lock()?;
         g.clock += 1;
         let now = g.clock;
@@ -851,6 +917,19 @@ impl CudaBackend {
                 ev.record(&self.stream)
                     .map_err(|e| drv("recording the metadata copy", e))?;
             }
+        }
+        if let Some(f) = feed {
+            let (dst, src) = (&f.dst, &f.src);
+            let (n, stride) = (int("fed rows", f.n)?, int("sampling stride", f.stride)?);
+            launch!(
+                self,
+                "feed_tokens",
+                cfg((uint("fed rows", f.n.div_ceil(256))?, 1, 1), 256, 0),
+                dst,
+                src,
+                &n,
+                &stride
+            );
         }
         if g.timing.is_none() && self.graphs.timing {
             let ev = || self.ctx.new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT));
@@ -882,7 +961,7 @@ impl CudaBackend {
             t.end[slot]
                 .record(&self.stream)
                 .map_err(|e| drv("recording a replay's end", e))?;
-            t.serial[slot] = self.graphs.steps_begun.load(Ordering::Relaxed);
+            t.serial[slot] = self.graphs.steps_begun.load(Ordering::Relaxed) + u64::from(feed.is_some());
             t.n += 1;
         }
         Ok(true)
@@ -988,6 +1067,7 @@ impl CudaBackend {
             |g| crate::backend::StepCounts {
                 replays: g.replays,
                 ahead_replays: g.ahead_replays,
+                fed_replays: g.fed_replays,
                 captures: g.captures,
                 uncaptured: g.uncaptured_steps,
             },
@@ -1028,6 +1108,17 @@ impl CudaBackend {
     /// default 2); the steps before run eagerly.
     pub fn set_graph_capture_after(&self, n: usize) {
         self.graphs.capture_after.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Lets the sampling of a decode step launch the step recorded ahead with the tokens it chose, on the device
+    /// (on by default unless `LORAX_CUDA_GRAPH_FEED=0`; it needs steps recorded ahead).
+    pub fn set_graph_feed(&self, on: bool) {
+        self.graphs.feed.store(on, Ordering::Relaxed);
+    }
+
+    /// Replays launched by the step before's sampling ([`CudaBackend::graph_feed`]) so far.
+    pub fn graph_fed_replays(&self) -> u64 {
+        self.graphs.lock().map_or(0, |g| g.fed_replays)
     }
 
     /// Lets the engine record decode steps ahead (on by default unless `LORAX_CUDA_GRAPH_AHEAD=0`).

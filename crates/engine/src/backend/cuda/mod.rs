@@ -510,7 +510,7 @@ pub const KERNELS: [(&str, &[&str]); 9] = [
             "prefill_attention_128_w2r2n32",
         ],
     ),
-    ("sampling", &["sample_rows"]),
+    ("sampling", &["sample_rows", "feed_tokens"]),
     ("skinny", &SKINNY_KERNELS),
     ("prefill_sm90", &PREFILL_SM90_KERNELS),
     ("gemm_sm90", &GEMM_SM90_KERNELS),
@@ -788,6 +788,9 @@ pub struct CudaBackend {
     prefill_sm90: Option<PrefillSm90Choice>,
     /// `LORAX_CUDA_SAMPLING=host`: every row sampled on the host (read once, at construction).
     host_sampling: bool,
+    /// Pinned host memory a feeding sampling launch's output words come back to, and the event after their copy
+    /// ([`CudaBackend::sample_feeding_on_device`]).
+    fetch: Mutex<Option<sampling::Fetch>>,
     attn_max_heads: usize,
     /// The paged-attention kernel family for GQA at head size 128 (`LORAX_CUDA_ATTN`).
     attn_kernel: AttnKernel,
@@ -1471,6 +1474,7 @@ impl CudaBackend {
             prefill_wide,
             prefill_sm90: None,
             host_sampling: std::env::var_os("LORAX_CUDA_SAMPLING").is_some_and(|v| v == "host"),
+            fetch: Mutex::new(None),
             attn_max_heads: 8,
             attn_kernel: AttnKernel::from_env()?,
             attn_split_target: env_count("LORAX_CUDA_ATTN_SPLIT_TARGET", ATTN_SPLIT_TARGET, 1..=64)?,
@@ -3067,6 +3071,16 @@ impl Backend for CudaBackend {
         tasks: &mut [(usize, crate::sampling::SampleTask<'_>)],
     ) -> Result<Vec<crate::sampling::Sampled>> {
         self.sample_on_device(logits, tasks)
+    }
+
+    /// On the device, launching the step recorded ahead with the chosen tokens where it can (sampling.rs).
+    fn sample_feeding(
+        &self,
+        logits: &CudaTensor,
+        tasks: &mut [(usize, crate::sampling::SampleTask<'_>)],
+        feed: bool,
+    ) -> Result<(Vec<crate::sampling::Sampled>, Option<CudaTensor>)> {
+        self.sample_feeding_on_device(logits, tasks, feed)
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {

@@ -10,7 +10,7 @@
 
 use std::marker::PhantomData;
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{CudaEvent, PinnedHostSlice, PushKernelArg};
 
 use super::{cfg, drv, int, uint, CudaBackend, CudaTensor, DevBuf};
 use crate::error::{EngineError, Result};
@@ -280,6 +280,100 @@ impl CudaBackend {
                 crate::Backend::to_f32(self, &gathered)
             },
         )
+    }
+}
+
+/// Pinned host memory for a sampling launch's output words, so that their copy back is queued without waiting
+/// and the launch after it (a fed decode step) is queued before the host waits for the words.
+pub struct Fetch {
+    host: PinnedHostSlice<u8>,
+    ptr: usize,
+    cap: usize,
+    copied: CudaEvent,
+}
+
+impl CudaBackend {
+    /// [`CudaBackend::sample_on_device`]; with `feed`, when every task runs in one device launch, the step
+    /// recorded ahead is launched right after it with the chosen tokens ([`CudaBackend::graph_feed`]), before the
+    /// host waits for them: its logits, or `None`.
+    pub fn sample_feeding_on_device(
+        &self,
+        logits: &CudaTensor,
+        tasks: &mut [(usize, SampleTask<'_>)],
+        feed: bool,
+    ) -> Result<(Vec<Sampled>, Option<CudaTensor>)> {
+        if !feed || self.host_sampling {
+            return Ok((self.sample_on_device(logits, tasks)?, None));
+        }
+        let (rows, vocab) = logits.rows_cols();
+        let n = tasks.len();
+        let mut fed = None;
+        let answers = split_tasks(
+            rows,
+            vocab,
+            tasks,
+            &mut |pack| {
+                let plan = self.sample_plan(logits, pack)?;
+                self.sample_run(&plan)?;
+                if pack.len() == n && fed.is_none() {
+                    self.sample_fetch_feeding(&plan, pack.stride(), &mut fed)
+                } else {
+                    self.sample_fetch(&plan)
+                }
+            },
+            &mut |picked| {
+                let gathered = crate::Backend::gather_rows(self, logits, picked)?;
+                crate::Backend::to_f32(self, &gathered)
+            },
+        )?;
+        Ok((answers, fed))
+    }
+
+    /// [`CudaBackend::sample_fetch`], with the step recorded ahead launched between the words' copy back and the
+    /// wait for it, its token ids taken from the words (`stride` a row): its logits go to `fed`.
+    fn sample_fetch_feeding(
+        &self,
+        plan: &SamplePlan<'_>,
+        stride: usize,
+        fed: &mut Option<CudaTensor>,
+    ) -> Result<Vec<u32>> {
+        let bytes = plan.words * 4;
+        let mut slot = self
+            .fetch
+            .lock()
+            .map_err(|_| EngineError::Backend("sampling fetch state poisoned".into()))?;
+        if slot.as_ref().is_none_or(|f| f.cap < bytes) {
+            let cap = bytes.next_power_of_two().max(1 << 16);
+            // SAFETY: plain bytes, written by the copy before they are read.
+            let mut host = unsafe { self.ctx.alloc_pinned::<u8>(cap) }.map_err(|e| drv("pinned sampling output", e))?;
+            let ptr = host.as_mut_ptr().map_err(|e| drv("pinned sampling output", e))? as usize;
+            let copied = self.ctx.new_event(None).map_err(|e| drv("creating an event", e))?;
+            *slot = Some(Fetch { host, ptr, cap, copied });
+        }
+        let f = slot
+            .as_ref()
+            .ok_or_else(|| EngineError::Backend("no sampling fetch buffer".into()))?;
+        let src = self.ptr(&plan.out);
+        // SAFETY: the pinned buffer holds `cap >= bytes` bytes at `ptr`, and nothing else uses it (under the lock;
+        // the copy is waited for below before the lock goes).
+        let dst = unsafe { std::slice::from_raw_parts_mut(f.ptr as *mut u8, bytes) };
+        // SAFETY: `out` holds `words` u32 words (allocated so by the plan).
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| drv("download", e))?;
+        f.copied
+            .record(&self.stream)
+            .map_err(|e| drv("recording the sampling copy", e))?;
+        let launched = self.graph_feed(src, plan.rows as usize, stride);
+        // Waited for also when the launch failed: the buffer is read next.
+        f.copied
+            .synchronize()
+            .map_err(|e| drv("waiting for the sampling copy", e))?;
+        *fed = launched?;
+        let _ = &f.host;
+        Ok(dst
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
     }
 }
 
