@@ -45,6 +45,8 @@
 #   bash scripts/gpu/next_call.sh sweep-bench  # ~450 s: gemm-sweep, then bench.sh with the defaults
 #   bash scripts/gpu/next_call.sh decode-steps # ~150 s (at most 360): the graphs test, then the base step at 128
 #                                              # streams and the four regimes with the shard's timing reports
+#   bash scripts/gpu/next_call.sh feed         # ~450 s (at most 575): golden, graphs, chunked and e2e, then the base
+#                                              # step at 128 streams and the regimes fed, not fed, fed (session 47)
 #   bash scripts/gpu/next_call.sh stable-sigs  # ~230 s (at most 540): graphs, the LoRA step and golden, then the
 #                                              # regimes with the graph module's debug lines (session 46)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
@@ -102,7 +104,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|sweep-bench|decode-steps|stable-sigs|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
+part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|sweep-bench|decode-steps|feed|stable-sigs|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -489,6 +491,22 @@ stable-sigs)
     ;;
 decode-steps)
     decode_steps
+    ;;
+feed)
+    # Session 47: decode steps launched by the step before's sampling, their tokens gathered on the device
+    # (LORAX_CUDA_GRAPH_FEED, on by default). golden, graphs (fed_steps_equal_steps_launched_by_the_host), chunked
+    # (steps_launched_ahead_match_prefill_then_decode) and e2e against transformers + peft; then the base step at 128
+    # streams and the four regimes fed, not fed, and fed again, on this one machine.
+    RUN_SKIP="nvrtc kernels adapters sampling bench" timeout 170 scripts/gpu/run.sh "$R/run" "$bin" >"$R/run.txt" 2>&1
+    echo "rc $?" >>"$R/run.txt"
+    lap run
+    for run in fed nofeed fed2; do
+        envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=130 BENCH_PEFT_BUDGET=0)
+        [ "$run" = nofeed ] && envs+=(LORAX_CUDA_GRAPH_FEED=0)
+        env "${envs[@]}" timeout 135 scripts/gpu/bench.sh "$R/$run" "$bin" >"$R/$run.txt" 2>&1
+        echo "rc $?" >>"$R/$run.txt"
+        lap "$run"
+    done
     ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
