@@ -45,8 +45,8 @@
 #   bash scripts/gpu/next_call.sh sweep-bench  # ~450 s: gemm-sweep, then bench.sh with the defaults
 #   bash scripts/gpu/next_call.sh decode-steps # ~150 s (at most 360): the graphs test, then the base step at 128
 #                                              # streams and the four regimes with the shard's timing reports
-#   bash scripts/gpu/next_call.sh feed         # ~450 s (at most 575): golden, graphs, chunked and e2e, then the base
-#                                              # step at 128 streams and the regimes fed, not fed, fed (session 47)
+#   bash scripts/gpu/next_call.sh feed         # ~450 s: graphs, chunked, golden and e2e, then the base step at 128
+#                                              # streams and the regimes fed, not fed, fed (session 47)
 #   bash scripts/gpu/next_call.sh stable-sigs  # ~230 s (at most 540): graphs, the LoRA step and golden, then the
 #                                              # regimes with the graph module's debug lines (session 46)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
@@ -494,13 +494,24 @@ decode-steps)
     ;;
 feed)
     # Session 47: decode steps launched by the step before's sampling, their tokens gathered on the device
-    # (LORAX_CUDA_GRAPH_FEED, on by default). golden, graphs (fed_steps_equal_steps_launched_by_the_host), chunked
-    # (steps_launched_ahead_match_prefill_then_decode) and e2e against transformers + peft; then the base step at 128
-    # streams and the four regimes fed, not fed, and fed again, on this one machine.
-    RUN_SKIP="nvrtc kernels adapters sampling bench" timeout 170 scripts/gpu/run.sh "$R/run" "$bin" >"$R/run.txt" 2>&1
-    echo "rc $?" >>"$R/run.txt"
-    lap run
+    # (LORAX_CUDA_GRAPH_FEED, on by default). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
+    # (steps_launched_ahead_match_prefill_then_decode), golden and e2e against transformers + peft; then the base step
+    # at 128 streams and the four regimes fed and not fed on this one machine, and fed again where time is left.
+    timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
+    echo "rc $?" >>"$R/graphs.txt"
+    lap graphs
+    timeout 100 "$bin/cuda_chunked" --test-threads=1 --nocapture >"$R/chunked.txt" 2>&1
+    echo "rc $?" >>"$R/chunked.txt"
+    lap chunked
+    timeout 100 "$bin/cuda_golden" --test-threads=2 >"$R/golden.txt" 2>&1
+    echo "rc $?" >>"$R/golden.txt"
+    lap golden
+    mkdir -p "$R/e2e"
+    timeout 100 python3 scripts/gpu/e2e.py "$bin" "$R/e2e" >"$R/e2e.txt" 2>&1
+    echo "rc $?" >>"$R/e2e.txt"
+    lap e2e
     for run in fed nofeed fed2; do
+        [ "$run" = fed2 ] && [ "$SECONDS" -gt 430 ] && break
         envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=130 BENCH_PEFT_BUDGET=0)
         [ "$run" = nofeed ] && envs+=(LORAX_CUDA_GRAPH_FEED=0)
         env "${envs[@]}" timeout 135 scripts/gpu/bench.sh "$R/$run" "$bin" >"$R/$run.txt" 2>&1
