@@ -825,9 +825,16 @@ impl<B: Backend> Engine<B> {
         } else {
             None
         };
-        let fed: Vec<Option<usize>> = active()
+        let mut fed: Vec<Option<usize>> = active()
             .map(|(s, w)| inflight.as_ref().and_then(|f| f.row_of(s, w)))
             .collect();
+        let pure_decode = plan.iter().all(|w| !w.prefill || w.len == 0);
+        if pure_decode && fed.iter().any(Option::is_none) {
+            // Decode rows it lacks (sequences that joined through a step without decode rows) would run eagerly and
+            // unpadded beside it, and launch nothing ahead: the whole step runs as usual instead (one pass over the
+            // weights either way; a graph, the same rows as a step without feeding, and the next launched ahead).
+            fed.iter_mut().for_each(|f| *f = None);
+        }
         let fed_rows = fed.iter().flatten().count();
         let mut feeding = FeedCounts::default();
         if let Some(f) = &inflight {
@@ -856,7 +863,6 @@ impl<B: Backend> Engine<B> {
         let all: Vec<bool> = in_pass()
             .map(|(s, w)| w.prefill && s.prompt_logprobs.is_some())
             .collect();
-        let pure_decode = plan.iter().all(|w| !w.prefill || w.len == 0);
         let rows: usize = plan.iter().map(|w| w.len).sum();
         let usage = thread_usage();
         let started = Instant::now();
@@ -1052,6 +1058,12 @@ impl<B: Backend> Engine<B> {
             Ok((Pass::Logits(logits), _)) => Some(logits),
             _ => None,
         }
+    }
+
+    /// Forgets the step launched ahead and the one recorded ahead (their batch is gone: the shard's ClearCache).
+    pub fn forget_steps_ahead(&mut self) {
+        self.inflight = None;
+        self.ahead = None;
     }
 
     /// Whether a pure decode step whose backend launched nothing ahead computes the next step right after its

@@ -941,6 +941,7 @@ impl<B: Backend> ShardService for ShardServer<B> {
         self.with_state(|s| {
             s.batch = Batch::default();
             s.ahead = None;
+            s.engine.forget_steps_ahead();
             Ok(())
         })
         .await?;

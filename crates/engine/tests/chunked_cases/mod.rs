@@ -262,6 +262,36 @@ pub fn steps_launched_ahead_match_prefill_then_decode<B: Backend>(
     }
     // Steps served whole (the batch unchanged) and in part (sequences left, or joined beside them).
     assert!(total.whole > 0 && total.part > 0, "{total:?}");
+    // Sequences that join through a prefill without decode rows: the decode step after it runs whole, its rows
+    // not taken from the step launched before the prefill.
+    let mut e = (s.engine)();
+    e.set_feed_on_host(on_host);
+    let mut alloc = BlockAllocator::new(1024, BLOCK);
+    let mut seqs = sequences(&mut alloc, &s.fixtures);
+    let later = seqs.split_off(2);
+    let mut batch = Batch::default();
+    let mut got = Trace::new();
+    let gens = e.prefill(&mut batch, seqs).unwrap();
+    record(&mut got, &mut batch, gens);
+    for _ in 0..4 {
+        let gens = e.decode(&mut batch).unwrap();
+        record(&mut got, &mut batch, gens);
+    }
+    let gens = e.prefill(&mut batch, later).unwrap();
+    record(&mut got, &mut batch, gens);
+    while !batch.is_empty() {
+        let gens = e.decode(&mut batch).unwrap();
+        record(&mut got, &mut batch, gens);
+    }
+    let counts = e.feed_counts();
+    assert!(counts.dropped >= 1, "the step launched before the prefill was used: {counts:?}");
+    for (id, want) in &expect {
+        let got = &got[id];
+        assert_eq!(got.len(), want.len(), "joined by prefill: sequence {id}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_same(g, w, &format!("joined by prefill: sequence {id}, token {i}"));
+        }
+    }
 }
 
 /// `decode` skips sequences still prefilling (no row, no generation) and a later step finishes their

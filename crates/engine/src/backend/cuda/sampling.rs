@@ -360,9 +360,11 @@ impl CudaBackend {
         // SAFETY: `out` holds `words` u32 words (allocated so by the plan).
         unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
             .map_err(|e| drv("download", e))?;
-        f.copied
-            .record(&self.stream)
-            .map_err(|e| drv("recording the sampling copy", e))?;
+        if let Err(e) = f.copied.record(&self.stream) {
+            // The copy into the buffer is queued: let it finish before the buffer is used again.
+            let _ = self.stream.synchronize();
+            return Err(drv("recording the sampling copy", e));
+        }
         let launched = self.graph_feed(src, plan.rows as usize, stride);
         // Waited for also when the launch failed: the buffer is read next.
         f.copied
