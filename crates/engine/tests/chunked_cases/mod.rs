@@ -284,7 +284,10 @@ pub fn steps_launched_ahead_match_prefill_then_decode<B: Backend>(
         record(&mut got, &mut batch, gens);
     }
     let counts = e.feed_counts();
-    assert!(counts.dropped >= 1, "the step launched before the prefill was used: {counts:?}");
+    assert!(
+        counts.dropped >= 1,
+        "the step launched before the prefill was used: {counts:?}"
+    );
     for (id, want) in &expect {
         let got = &got[id];
         assert_eq!(got.len(), want.len(), "joined by prefill: sequence {id}");
