@@ -679,11 +679,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     }
 }
 
-// dst[i] = src[i * stride] for i < n: the tokens one sampling launch chose (its output rows, `stride` words
-// each, the token first), written over the token ids of the decode step launched right after it, so that
-// the step needs no round trip through the host (crates/engine/src/backend/cuda/graph.rs: graph_feed).
-extern "C" __global__ void feed_tokens(u32* __restrict__ dst, const u32* __restrict__ src, int n, int stride) {
+// dst[slots[i]] = src[i * stride] for i < n: the tokens one sampling launch chose (its output rows, `stride`
+// words each, the token first), written over the token ids of the decode step launched right after it (its
+// rows grouped by adapter: sequence i's row is slots[i]), so that the step needs no round trip through the
+// host (crates/engine/src/backend/cuda/graph.rs: graph_feed).
+extern "C" __global__ void feed_tokens(u32* __restrict__ dst, const u32* __restrict__ src,
+                                       const u32* __restrict__ slots, int n, int stride) {
     pdl_enter();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = src[(u64)i * stride];
+    if (i < n) dst[slots[i]] = src[(u64)i * stride];
 }

@@ -510,7 +510,8 @@ feed)
     timeout 100 python3 scripts/gpu/e2e.py "$bin" "$R/e2e" >"$R/e2e.txt" 2>&1
     echo "rc $?" >>"$R/e2e.txt"
     lap e2e
-    for run in fed nofeed fed2; do
+    # FEED_RUNS: the bench runs, in order (default "fed nofeed fed2").
+    for run in ${FEED_RUNS:-fed nofeed fed2}; do
         [ "$run" = fed2 ] && [ "$SECONDS" -gt 430 ] && break
         envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=130 BENCH_PEFT_BUDGET=0)
         [ "$run" = nofeed ] && envs+=(LORAX_CUDA_GRAPH_FEED=0)

@@ -931,9 +931,18 @@ impl<B: Backend> Engine<B> {
             }
         }
         // The step prepared ahead is launched by the sampling that chooses all of its tokens: in a pure decode
-        // step, one task per sequence in the batch's order, all on one of the two logits.
-        let feed = pure_decode && self.ahead.is_some();
-        let (feed_fed, feed_pass) = (feed && tasks.is_empty(), feed && fed_tasks.is_empty());
+        // step, one task per sequence in the batch's order, all on one of the two logits. Its sequence k's token
+        // row: its logit row (a one-token row each; rows are grouped by adapter, logit rows follow the sequences).
+        let slots: Option<Vec<u32>> = match &self.ahead {
+            Some(a) if pure_decode && a.logit_rows.len() >= tasks.len() + fed_tasks.len() => a.logit_rows
+                [..tasks.len() + fed_tasks.len()]
+                .iter()
+                .map(|&r| u32::try_from(r).ok())
+                .collect(),
+            _ => None,
+        };
+        let feed_fed = slots.as_deref().filter(|_| tasks.is_empty());
+        let feed_pass = slots.as_deref().filter(|_| fed_tasks.is_empty());
         let mut next_step = None;
         let fed_answers = match &inflight {
             Some(f) if !fed_tasks.is_empty() => {

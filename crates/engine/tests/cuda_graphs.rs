@@ -251,28 +251,40 @@ fn decode_steps_through_graphs_equal_eager_steps() {
 /// Decode steps launched on the device by the step before's sampling, their token ids gathered there from its
 /// output, give the bits of steps launched by the host once it has the tokens: while the batch stays (each step
 /// served whole by the one launched ahead) and after it shrinks within its row bucket (the rows of the step
-/// launched for eight sequences serve six).
+/// launched for eight sequences serve six). Two sequences take an adapter, so that a step's rows are not in the
+/// sequences' order (base rows first): each token must go to its own sequence's row.
 #[test]
 fn fed_steps_equal_steps_launched_by_the_host() {
     let Some(dir) = small_model() else { return };
+    let cfg = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    write_adapter(&dir.path().join("a0"), &cfg, 8, 3);
     for dtype in [DType::BF16, DType::F32] {
         let mut traces = Vec::new();
         for feed in [false, true] {
             let mut e = engine(dir.path(), dtype, true, false);
             e.backend.set_graph_feed(feed);
+            let host = HostAdapter::load(&dir.path().join("a0"), &cfg, 64).unwrap();
+            e.load_adapter("a0", &host).unwrap();
             let mut alloc = BlockAllocator::new(CACHE.num_blocks as u32, CACHE.block_size);
             let mut batch = Batch::default();
+            // Sequences 1 and 4 on the adapter, with prompts of 3 tokens (their prefill LoRA on BGMV, a fixed
+            // summation order, as the decode steps').
             let seqs = (0..8u64)
-                .map(|id| NewSequence {
-                    id,
-                    input_ids: (0..20 + 7 * id as u32)
-                        .map(|i| (i * 37 + id as u32 * 11) % 4000 + 3)
-                        .collect(),
-                    block_table: alloc.allocate(20 + 7 * id as usize + 64).unwrap(),
-                    params: SamplingParams::default(),
-                    prefill_logprobs: false,
-                    prefill_top_n: 0,
-                    adapter: None,
+                .map(|id| {
+                    let (len, adapter) = if id == 1 || id == 4 {
+                        (3, Some("a0".to_string()))
+                    } else {
+                        (20 + 7 * id as u32, None)
+                    };
+                    NewSequence {
+                        id,
+                        input_ids: (0..len).map(|i| (i * 37 + id as u32 * 11) % 4000 + 3).collect(),
+                        block_table: alloc.allocate(len as usize + 64).unwrap(),
+                        params: SamplingParams::default(),
+                        prefill_logprobs: false,
+                        prefill_top_n: 0,
+                        adapter,
+                    }
                 })
                 .collect();
             let mut trace = Trace::new();
@@ -285,7 +297,7 @@ fn fed_steps_equal_steps_launched_by_the_host() {
             for _ in 0..30 {
                 record(e.decode(&mut batch).unwrap());
             }
-            batch.filter(&[0, 2, 3, 5, 6, 7]);
+            batch.filter(&[0, 1, 3, 5, 6, 7]);
             for _ in 0..20 {
                 record(e.decode(&mut batch).unwrap());
             }

@@ -445,16 +445,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     }
     /// [`Backend::sample`]; with `feed`, a backend that can also launches the decode step kept by the last
     /// [`Backend::decode_prepare`] with the tokens chosen here as its token ids, on the device, before it waits for
-    /// them, so that the next step runs while the host hands these tokens out. The engine asks it only when the
-    /// tasks are one [`crate::sampling::SampleTask::Choose`] per sequence of the prepared step, in its order
-    /// (the step's row `k` takes task `k`'s token). Returns the launched step's logits (as
-    /// [`Backend::decode_prepared`] would give them for these tokens), or `None` when it launched nothing. The
-    /// default launches nothing.
+    /// them, so that the next step runs while the host hands these tokens out. The engine gives `feed` only when
+    /// the tasks are one [`crate::sampling::SampleTask::Choose`] per sequence of the prepared step, in its order:
+    /// `feed[k]` is the prepared step's token row that takes task `k`'s token (rows are grouped by adapter, so not
+    /// `k` itself). Returns the launched step's logits (as [`Backend::decode_prepared`] would give them for these
+    /// tokens), or `None` when it launched nothing. The default launches nothing.
     fn sample_feeding(
         &self,
         logits: &Self::Tensor,
         tasks: &mut [(usize, crate::sampling::SampleTask<'_>)],
-        feed: bool,
+        feed: Option<&[u32]>,
     ) -> Result<(Vec<crate::sampling::Sampled>, Option<Self::Tensor>)> {
         let _ = feed;
         Ok((self.sample(logits, tasks)?, None))

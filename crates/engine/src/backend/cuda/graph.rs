@@ -241,10 +241,11 @@ impl ReplayTiming {
 }
 
 /// Token ids a replay takes from the device ([`CudaBackend::graph_feed`]): `n` words `stride` apart from `src`,
-/// written to `dst` (the metadata arena's token slot).
+/// written to the rows `slots` (a device array of `n`) of `dst` (the metadata arena's token slot).
 struct Feed {
     dst: u64,
     src: u64,
+    slots: u64,
     n: usize,
     stride: usize,
 }
@@ -796,13 +797,13 @@ impl CudaBackend {
     }
 
     /// Launches the step recorded ahead by [`CudaBackend::graph_prepare`] with token ids that are still on the
-    /// device: row `k < n` takes the word at `src + 4 k stride` (a sampling launch's output, which is queued
-    /// before this), padding rows their placeholders. The metadata is copied from the mirror, then a small kernel
-    /// writes the ids over the placeholders, then the graph is launched; nothing waits. Its logits, or `None`
-    /// (nothing kept, feeding off, or `n` past its rows; a failed replay turns graphs off as in
+    /// device: token row `slots[k]` takes the word at `src + 4 k stride` (a sampling launch's output, which is
+    /// queued before this), other rows (padding) their placeholders. The metadata is copied from the mirror, then
+    /// a small kernel writes the ids over the placeholders, then the graph is launched; nothing waits. Its logits,
+    /// or `None` (nothing kept, feeding off, or a slot past its rows; a failed replay turns graphs off as in
     /// [`CudaBackend::graph_step`]). The caller vouches that the step's inputs besides the ids are those recorded
-    /// and that its first `n` rows are the sequences whose ids are at `src`, in order.
-    pub fn graph_feed(&self, src: u64, n: usize, stride: usize) -> Result<Option<CudaTensor>> {
+    /// and that row `slots[k]` is the sequence whose id is the k-th at `src`.
+    pub fn graph_feed(&self, src: u64, slots: &[u32], stride: usize) -> Result<Option<CudaTensor>> {
         if !self.graphs.feed.load(Ordering::Relaxed) {
             return Ok(None);
         }
@@ -819,12 +820,26 @@ impl CudaBackend {
             let Some(meta) = g.meta.as_ref() else {
                 return Ok(None);
             };
-            if n == 0 || n * 4 > len || g.meta_used != p.meta_used || off + len > meta.cap || g.host.is_none() {
+            let rows = len / 4;
+            if slots.is_empty()
+                || slots.iter().any(|&r| r as usize >= rows)
+                || g.meta_used != p.meta_used
+                || off + len > meta.cap
+                || g.host.is_none()
+            {
                 return Ok(None);
             }
             meta.base + off as u64
         };
-        let feed = Feed { dst, src, n, stride };
+        // Eager (stream-ordered, staged) upload: before the feed kernel that reads it.
+        let index = self.upload(slots)?;
+        let feed = Feed {
+            dst,
+            src,
+            slots: self.ptr(&index),
+            n: slots.len(),
+            stride,
+        };
         match self.replay_with(p.sig, Some(&feed)) {
             Ok(true) => {
                 self.graphs.lock()?.fed_replays += 1;
@@ -919,7 +934,7 @@ impl CudaBackend {
             }
         }
         if let Some(f) = feed {
-            let (dst, src) = (&f.dst, &f.src);
+            let (dst, src, slots) = (&f.dst, &f.src, &f.slots);
             let (n, stride) = (int("fed rows", f.n)?, int("sampling stride", f.stride)?);
             launch!(
                 self,
@@ -927,6 +942,7 @@ impl CudaBackend {
                 cfg((uint("fed rows", f.n.div_ceil(256))?, 1, 1), 256, 0),
                 dst,
                 src,
+                slots,
                 &n,
                 &stride
             );

@@ -3078,7 +3078,7 @@ impl Backend for CudaBackend {
         &self,
         logits: &CudaTensor,
         tasks: &mut [(usize, crate::sampling::SampleTask<'_>)],
-        feed: bool,
+        feed: Option<&[u32]>,
     ) -> Result<(Vec<crate::sampling::Sampled>, Option<CudaTensor>)> {
         self.sample_feeding_on_device(logits, tasks, feed)
     }

@@ -293,18 +293,18 @@ pub struct Fetch {
 }
 
 impl CudaBackend {
-    /// [`CudaBackend::sample_on_device`]; with `feed`, when every task runs in one device launch, the step
-    /// recorded ahead is launched right after it with the chosen tokens ([`CudaBackend::graph_feed`]), before the
-    /// host waits for them: its logits, or `None`.
+    /// [`CudaBackend::sample_on_device`]; with `feed` (task k's token row in the step recorded ahead), when every
+    /// task runs in one device launch, the step recorded ahead is launched right after it with the chosen tokens
+    /// ([`CudaBackend::graph_feed`]), before the host waits for them: its logits, or `None`.
     pub fn sample_feeding_on_device(
         &self,
         logits: &CudaTensor,
         tasks: &mut [(usize, SampleTask<'_>)],
-        feed: bool,
+        feed: Option<&[u32]>,
     ) -> Result<(Vec<Sampled>, Option<CudaTensor>)> {
-        if !feed || self.host_sampling {
+        let Some(slots) = feed.filter(|s| s.len() == tasks.len() && !self.host_sampling) else {
             return Ok((self.sample_on_device(logits, tasks)?, None));
-        }
+        };
         let (rows, vocab) = logits.rows_cols();
         let n = tasks.len();
         let mut fed = None;
@@ -316,7 +316,7 @@ impl CudaBackend {
                 let plan = self.sample_plan(logits, pack)?;
                 self.sample_run(&plan)?;
                 if pack.len() == n && fed.is_none() {
-                    self.sample_fetch_feeding(&plan, pack.stride(), &mut fed)
+                    self.sample_fetch_feeding(&plan, pack.stride(), slots, &mut fed)
                 } else {
                     self.sample_fetch(&plan)
                 }
@@ -330,11 +330,13 @@ impl CudaBackend {
     }
 
     /// [`CudaBackend::sample_fetch`], with the step recorded ahead launched between the words' copy back and the
-    /// wait for it, its token ids taken from the words (`stride` a row): its logits go to `fed`.
+    /// wait for it, its token ids taken from the words (`stride` a row; row k's to token row `slots[k]`): its
+    /// logits go to `fed`.
     fn sample_fetch_feeding(
         &self,
         plan: &SamplePlan<'_>,
         stride: usize,
+        slots: &[u32],
         fed: &mut Option<CudaTensor>,
     ) -> Result<Vec<u32>> {
         let bytes = plan.words * 4;
@@ -365,7 +367,7 @@ impl CudaBackend {
             let _ = self.stream.synchronize();
             return Err(drv("recording the sampling copy", e));
         }
-        let launched = self.graph_feed(src, plan.rows as usize, stride);
+        let launched = self.graph_feed(src, slots, stride);
         // Waited for also when the launch failed: the buffer is read next.
         f.copied
             .synchronize()
