@@ -494,7 +494,7 @@ decode-steps)
     ;;
 feed)
     # Session 47: decode steps launched by the step before's sampling, their tokens gathered on the device
-    # (LORAX_CUDA_GRAPH_FEED, on by default). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
+    # (LORAX_CUDA_GRAPH_FEED=1; off by default until this round passes). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
     # (steps_launched_ahead_match_prefill_then_decode), golden and e2e against transformers + peft; then the base step
     # at 128 streams and the four regimes fed and not fed on this one machine, and fed again where time is left.
     timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
@@ -514,7 +514,7 @@ feed)
     for run in ${FEED_RUNS:-fed nofeed fed2}; do
         [ "$run" = fed2 ] && [ "$SECONDS" -gt 430 ] && break
         envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=130 BENCH_PEFT_BUDGET=0)
-        [ "$run" = nofeed ] && envs+=(LORAX_CUDA_GRAPH_FEED=0)
+        if [ "$run" = nofeed ]; then envs+=(LORAX_CUDA_GRAPH_FEED=0); else envs+=(LORAX_CUDA_GRAPH_FEED=1); fi
         env "${envs[@]}" timeout 135 scripts/gpu/bench.sh "$R/$run" "$bin" >"$R/$run.txt" 2>&1
         echo "rc $?" >>"$R/$run.txt"
         lap "$run"

@@ -25,6 +25,13 @@ fn cuda_unfed() -> Engine<CudaBackend> {
     e
 }
 
+/// An engine whose decode steps are launched by the step before's sampling (`LORAX_CUDA_GRAPH_FEED=1`).
+fn cuda_fed() -> Engine<CudaBackend> {
+    let e = cuda();
+    e.backend.set_graph_feed(true);
+    e
+}
+
 /// The cases on CUDA, or `None` (after saying so) without a device.
 fn setup() -> Option<Setup<'static, CudaBackend>> {
     backend(DType::F32)?;
@@ -45,12 +52,18 @@ fn chunked_mixed_steps_match_prefill_then_decode() {
 /// next steps' decode rows (all, or some as sequences leave and join) with the generations of steps that are not.
 #[test]
 fn steps_launched_ahead_match_prefill_then_decode() {
-    if let Some(s) = setup() {
-        let plain = Setup {
-            engine: &cuda_unfed,
-            fixtures: cuda_common::fixtures(),
-        };
-        chunked_cases::steps_launched_ahead_match_prefill_then_decode(&plain, &s, false);
+    if setup().is_some() {
+        let (plain, fed) = (
+            Setup {
+                engine: &cuda_unfed,
+                fixtures: cuda_common::fixtures(),
+            },
+            Setup {
+                engine: &cuda_fed,
+                fixtures: cuda_common::fixtures(),
+            },
+        );
+        chunked_cases::steps_launched_ahead_match_prefill_then_decode(&plain, &fed, false);
     }
 }
 

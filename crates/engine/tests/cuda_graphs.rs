@@ -425,6 +425,7 @@ fn a_single_stream_keeps_its_graph_as_its_context_grows() {
     let mut traces = Vec::new();
     for graphs in [false, true] {
         let mut e = engine(dir.path(), DType::BF16, graphs, true);
+        e.backend.set_graph_feed(true);
         let mut alloc = BlockAllocator::new(CACHE.num_blocks as u32, CACHE.block_size);
         let mut batch = Batch::default();
         let seq = NewSequence {
@@ -457,7 +458,7 @@ fn a_single_stream_keeps_its_graph_as_its_context_grows() {
                 (1, 1),
                 "the stream's graph was captured again as its context grew"
             );
-            // From the second step on each step launches the next (`LORAX_CUDA_GRAPH_FEED`), the last one a step
+            // From the second step on each step launches the next (`set_graph_feed`), the last one a step
             // past the schedule's end.
             assert!(
                 c.fed_replays + 2 >= steps as u64,

@@ -366,7 +366,8 @@ pub(crate) struct Graphs {
     /// Whether the engine may record a step ahead ([`CudaBackend::graph_prepare`]).
     ahead: AtomicBool,
     /// Whether a step recorded ahead may be launched by the sampling of the step before, its tokens gathered
-    /// on the device ([`CudaBackend::graph_feed`]; `LORAX_CUDA_GRAPH_FEED=0` turns it off).
+    /// on the device ([`CudaBackend::graph_feed`]; off unless `LORAX_CUDA_GRAPH_FEED=1`: its fix for adapter batches,
+    /// whose rows are not in the sequences' order, has not run on a GPU yet, bench/NOTES.md session 47).
     feed: AtomicBool,
     /// Engine steps begun so far ([`Graphs::count_step`]).
     steps_begun: AtomicU64,
@@ -443,7 +444,7 @@ impl Graphs {
             capture_after: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_CAPTURE_AFTER", 2, 1..=1 << 16)?),
             step_rows: AtomicUsize::new(0),
             ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
-            feed: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_FEED").map_or(true, |v| v != "0")),
+            feed: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_FEED").is_ok_and(|v| v == "1")),
             steps_begun: AtomicU64::new(0),
             timing: std::env::var("LORAX_CUDA_GRAPH_TIMING").map_or(true, |v| v != "0"),
             clock: StepClock::default(),
@@ -1127,7 +1128,7 @@ impl CudaBackend {
     }
 
     /// Lets the sampling of a decode step launch the step recorded ahead with the tokens it chose, on the device
-    /// (on by default unless `LORAX_CUDA_GRAPH_FEED=0`; it needs steps recorded ahead).
+    /// (off by default; `LORAX_CUDA_GRAPH_FEED=1` turns it on; it needs steps recorded ahead).
     pub fn set_graph_feed(&self, on: bool) {
         self.graphs.feed.store(on, Ordering::Relaxed);
     }
