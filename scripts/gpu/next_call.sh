@@ -495,7 +495,7 @@ decode-steps)
 feed)
     # Session 47: decode steps launched by the step before's sampling, their tokens gathered on the device
     # (LORAX_CUDA_GRAPH_FEED=1; off by default until this round passes). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
-    # (steps_launched_ahead_match_prefill_then_decode), golden and e2e against transformers + peft; then the base step
+    # (steps_launched_ahead_match_prefill_then_decode), golden and e2e against transformers + peft (fed); then the base step
     # at 128 streams and the four regimes fed and not fed on this one machine, and fed again where time is left.
     timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
     echo "rc $?" >>"$R/graphs.txt"
@@ -503,11 +503,11 @@ feed)
     timeout 100 "$bin/cuda_chunked" --test-threads=1 --nocapture >"$R/chunked.txt" 2>&1
     echo "rc $?" >>"$R/chunked.txt"
     lap chunked
-    timeout 100 "$bin/cuda_golden" --test-threads=2 >"$R/golden.txt" 2>&1
+    LORAX_CUDA_GRAPH_FEED=1 timeout 100 "$bin/cuda_golden" --test-threads=2 >"$R/golden.txt" 2>&1
     echo "rc $?" >>"$R/golden.txt"
     lap golden
     mkdir -p "$R/e2e"
-    timeout 100 python3 scripts/gpu/e2e.py "$bin" "$R/e2e" >"$R/e2e.txt" 2>&1
+    LORAX_CUDA_GRAPH_FEED=1 timeout 100 python3 scripts/gpu/e2e.py "$bin" "$R/e2e" >"$R/e2e.txt" 2>&1
     echo "rc $?" >>"$R/e2e.txt"
     lap e2e
     # FEED_RUNS: the bench runs, in order (default "fed nofeed fed2").

@@ -805,7 +805,8 @@ impl CudaBackend {
     /// [`CudaBackend::graph_step`]). The caller vouches that the step's inputs besides the ids are those recorded
     /// and that row `slots[k]` is the sequence whose id is the k-th at `src`.
     pub fn graph_feed(&self, src: u64, slots: &[u32], stride: usize) -> Result<Option<CudaTensor>> {
-        if !self.graphs.feed.load(Ordering::Relaxed) {
+        // Launched (and its ids uploaded) on the stream now: never inside a record pass or a capture.
+        if !self.graph_feed_on() || mode() != Mode::Eager {
             return Ok(None);
         }
         let replaying = Instant::now();
@@ -1131,6 +1132,11 @@ impl CudaBackend {
     /// (off by default; `LORAX_CUDA_GRAPH_FEED=1` turns it on; it needs steps recorded ahead).
     pub fn set_graph_feed(&self, on: bool) {
         self.graphs.feed.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether a decode step's sampling may launch the step recorded ahead ([`CudaBackend::set_graph_feed`]).
+    pub fn graph_feed_on(&self) -> bool {
+        self.graphs.feed.load(Ordering::Relaxed)
     }
 
     /// Replays launched by the step before's sampling ([`CudaBackend::graph_feed`]) so far.

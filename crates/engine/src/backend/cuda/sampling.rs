@@ -302,7 +302,8 @@ impl CudaBackend {
         tasks: &mut [(usize, SampleTask<'_>)],
         feed: Option<&[u32]>,
     ) -> Result<(Vec<Sampled>, Option<CudaTensor>)> {
-        let Some(slots) = feed.filter(|s| s.len() == tasks.len() && !self.host_sampling) else {
+        let on = self.graph_feed_on();
+        let Some(slots) = feed.filter(|s| on && s.len() == tasks.len() && !self.host_sampling) else {
             return Ok((self.sample_on_device(logits, tasks)?, None));
         };
         let (rows, vocab) = logits.rows_cols();
