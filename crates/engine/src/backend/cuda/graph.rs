@@ -783,9 +783,21 @@ impl CudaBackend {
                 std::ptr::copy_nonoverlapping(bytes.as_ptr(), (g.host_ptr as *mut u8).add(off), len);
             }
         }
-        match self.replay(p.sig) {
+        self.replay_prepared(p, None, replaying)
+    }
+
+    /// Replays the step recorded ahead `p` (fed its ids by `feed`, else with the mirror's) and counts it: its
+    /// logits, or `None` without its graph; a failed replay turns graphs off, as in [`CudaBackend::graph_step`].
+    fn replay_prepared(&self, p: Prepared, feed: Option<&Feed>, replaying: Instant) -> Result<Option<CudaTensor>> {
+        match self.replay_with(p.sig, feed) {
             Ok(true) => {
-                self.graphs.lock()?.ahead_replays += 1;
+                let mut g = self.graphs.lock()?;
+                if feed.is_some() {
+                    g.fed_replays += 1;
+                } else {
+                    g.ahead_replays += 1;
+                }
+                drop(g);
                 self.graphs.clock.step(p.record_ns, nanos(replaying), p.meta_used, true);
                 Ok(Some(p.out))
             }
@@ -842,18 +854,7 @@ impl CudaBackend {
             n: slots.len(),
             stride,
         };
-        match self.replay_with(p.sig, Some(&feed)) {
-            Ok(true) => {
-                self.graphs.lock()?.fed_replays += 1;
-                self.graphs.clock.step(p.record_ns, nanos(replaying), p.meta_used, true);
-                Ok(Some(p.out))
-            }
-            Ok(false) => Ok(None),
-            Err(e) => {
-                self.graphs_off(&e);
-                Ok(None)
-            }
-        }
+        self.replay_prepared(p, Some(&feed), replaying)
     }
 
     fn arenas_fit(&self, work: usize, meta: usize) -> Result<bool> {

@@ -261,32 +261,15 @@ impl CudaBackend {
     /// [`crate::Backend::sample`] on the device, with the host path for the rows the kernel does not
     /// cover (see the module docs).
     pub fn sample_on_device(&self, logits: &CudaTensor, tasks: &mut [(usize, SampleTask<'_>)]) -> Result<Vec<Sampled>> {
-        let (rows, vocab) = logits.rows_cols();
-        if self.host_sampling {
-            let mut host = crate::Backend::to_f32(self, logits)?;
-            return sample_host(&mut host, vocab, tasks);
-        }
-        split_tasks(
-            rows,
-            vocab,
-            tasks,
-            &mut |pack| {
-                let plan = self.sample_plan(logits, pack)?;
-                self.sample_run(&plan)?;
-                self.sample_fetch(&plan)
-            },
-            &mut |picked| {
-                let gathered = crate::Backend::gather_rows(self, logits, picked)?;
-                crate::Backend::to_f32(self, &gathered)
-            },
-        )
+        Ok(self.sample_feeding_on_device(logits, tasks, None)?.0)
     }
 }
 
 /// Pinned host memory for a sampling launch's output words, so that their copy back is queued without waiting
 /// and the launch after it (a fed decode step) is queued before the host waits for the words.
 pub struct Fetch {
-    host: PinnedHostSlice<u8>,
+    /// Owns the memory at `ptr`.
+    _host: PinnedHostSlice<u8>,
     ptr: usize,
     cap: usize,
     copied: CudaEvent,
@@ -302,12 +285,13 @@ impl CudaBackend {
         tasks: &mut [(usize, SampleTask<'_>)],
         feed: Option<&[u32]>,
     ) -> Result<(Vec<Sampled>, Option<CudaTensor>)> {
-        let on = self.graph_feed_on();
-        let Some(slots) = feed.filter(|s| on && s.len() == tasks.len() && !self.host_sampling) else {
-            return Ok((self.sample_on_device(logits, tasks)?, None));
-        };
         let (rows, vocab) = logits.rows_cols();
+        if self.host_sampling {
+            let mut host = crate::Backend::to_f32(self, logits)?;
+            return Ok((sample_host(&mut host, vocab, tasks)?, None));
+        }
         let n = tasks.len();
+        let slots = feed.filter(|s| s.len() == n && self.graph_feed_on());
         let mut fed = None;
         let answers = split_tasks(
             rows,
@@ -316,10 +300,11 @@ impl CudaBackend {
             &mut |pack| {
                 let plan = self.sample_plan(logits, pack)?;
                 self.sample_run(&plan)?;
-                if pack.len() == n && fed.is_none() {
-                    self.sample_fetch_feeding(&plan, pack.stride(), slots, &mut fed)
-                } else {
-                    self.sample_fetch(&plan)
+                match slots {
+                    Some(slots) if pack.len() == n && fed.is_none() => {
+                        self.sample_fetch_feeding(&plan, pack.stride(), slots, &mut fed)
+                    }
+                    _ => self.sample_fetch(&plan),
                 }
             },
             &mut |picked| {
@@ -351,7 +336,12 @@ impl CudaBackend {
             let mut host = unsafe { self.ctx.alloc_pinned::<u8>(cap) }.map_err(|e| drv("pinned sampling output", e))?;
             let ptr = host.as_mut_ptr().map_err(|e| drv("pinned sampling output", e))? as usize;
             let copied = self.ctx.new_event(None).map_err(|e| drv("creating an event", e))?;
-            *slot = Some(Fetch { host, ptr, cap, copied });
+            *slot = Some(Fetch {
+                _host: host,
+                ptr,
+                cap,
+                copied,
+            });
         }
         let f = slot
             .as_ref()
@@ -374,7 +364,6 @@ impl CudaBackend {
             .synchronize()
             .map_err(|e| drv("waiting for the sampling copy", e))?;
         *fed = launched?;
-        let _ = &f.host;
         Ok(dst
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
