@@ -47,6 +47,9 @@
 #                                              # streams and the four regimes with the shard's timing reports
 #   bash scripts/gpu/next_call.sh feed         # ~450 s: graphs, chunked, golden and e2e, then the base step at 128
 #                                              # streams and the regimes fed, not fed, fed (session 47)
+#   bash scripts/gpu/next_call.sh buckets      # ~510 s: graphs, chunked, golden and e2e (fed by default), then
+#                                              # the base step at 128 streams and the regimes with power-of-two row
+#                                              # buckets and without, fed, and not fed (session 48)
 #   bash scripts/gpu/next_call.sh stable-sigs  # ~230 s (at most 540): graphs, the LoRA step and golden, then the
 #                                              # regimes with the graph module's debug lines (session 46)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
@@ -494,7 +497,7 @@ decode-steps)
     ;;
 feed)
     # Session 47: decode steps launched by the step before's sampling, their tokens gathered on the device
-    # (LORAX_CUDA_GRAPH_FEED=1; off by default until this round passes). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
+    # (on by default from session 48; LORAX_CUDA_GRAPH_FEED=0 turns it off). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
     # (steps_launched_ahead_match_prefill_then_decode), golden and e2e against transformers + peft (fed); then the base step
     # at 128 streams and the four regimes fed and not fed on this one machine, and fed again where time is left.
     timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
@@ -515,6 +518,40 @@ feed)
         [ "$run" = fed2 ] && [ "$SECONDS" -gt 430 ] && break
         envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=130 BENCH_PEFT_BUDGET=0)
         if [ "$run" = nofeed ]; then envs+=(LORAX_CUDA_GRAPH_FEED=0); else envs+=(LORAX_CUDA_GRAPH_FEED=1); fi
+        env "${envs[@]}" timeout 135 scripts/gpu/bench.sh "$R/$run" "$bin" >"$R/$run.txt" 2>&1
+        echo "rc $?" >>"$R/$run.txt"
+        lap "$run"
+    done
+    ;;
+buckets)
+    # Session 48: decode steps' row buckets as powers of two up to 128 rows (LORAX_CUDA_GRAPH_POW2_ROWS=128)
+    # against multiples of 8 (0, the default): fewer new graph signatures where a batch ramps or drains; and
+    # session 47's fed steps (on by default from 48) checked where adapters reorder rows. graphs (with powers
+    # of two: fed_steps_equal_steps_launched_by_the_host's batch stays in its bucket of 8 either way), chunked,
+    # golden and e2e (with powers of two); then the base step at 128 streams and the four regimes: fed with
+    # each bucket rule, not fed, then each rule again (BUCKET_RUNS, default "p0 p128 nofeed p0b p128b"; a run
+    # starting past 420 s is skipped, so that the call ends within 560 s).
+    LORAX_CUDA_GRAPH_POW2_ROWS=128 timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
+    echo "rc $?" >>"$R/graphs.txt"
+    lap graphs
+    timeout 100 "$bin/cuda_chunked" --test-threads=1 --nocapture >"$R/chunked.txt" 2>&1
+    echo "rc $?" >>"$R/chunked.txt"
+    lap chunked
+    timeout 100 "$bin/cuda_golden" --test-threads=2 >"$R/golden.txt" 2>&1
+    echo "rc $?" >>"$R/golden.txt"
+    lap golden
+    mkdir -p "$R/e2e"
+    LORAX_CUDA_GRAPH_POW2_ROWS=128 timeout 100 python3 scripts/gpu/e2e.py "$bin" "$R/e2e" >"$R/e2e.txt" 2>&1
+    echo "rc $?" >>"$R/e2e.txt"
+    lap e2e
+    for run in ${BUCKET_RUNS:-p0 p128 nofeed p0b p128b}; do
+        [ "$SECONDS" -gt 420 ] && break
+        envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=130 BENCH_PEFT_BUDGET=0)
+        case $run in
+        nofeed) envs+=(LORAX_CUDA_GRAPH_FEED=0 LORAX_CUDA_GRAPH_POW2_ROWS=0) ;;
+        p128*) envs+=(LORAX_CUDA_GRAPH_FEED=1 LORAX_CUDA_GRAPH_POW2_ROWS=128) ;;
+        *) envs+=(LORAX_CUDA_GRAPH_FEED=1 LORAX_CUDA_GRAPH_POW2_ROWS=0) ;;
+        esac
         env "${envs[@]}" timeout 135 scripts/gpu/bench.sh "$R/$run" "$bin" >"$R/$run.txt" 2>&1
         echo "rc $?" >>"$R/$run.txt"
         lap "$run"
@@ -544,7 +581,7 @@ graphs-bench | bench | bench-only)
     bench_defaults
     ;;
 *)
-    echo "unknown part $part (uploads, bench, bench-only, gemm-sweep, sweep-bench, decode-steps, stable-sigs, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
+    echo "unknown part $part (uploads, bench, buckets, feed, bench-only, gemm-sweep, sweep-bench, decode-steps, stable-sigs, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
     exit 2
     ;;
 esac

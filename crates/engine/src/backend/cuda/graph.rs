@@ -25,6 +25,11 @@
 //!    writes its token ids into the recorded metadata and replays, so the record pass's host time is
 //!    spent while the device is busy instead of between steps. Any other record pass forgets the
 //!    recorded one (it overwrites the mirror).
+//! 5. **Fed.** A pure decode step whose next step was recorded ahead samples on the device and launches
+//!    that step at once ([`CudaBackend::graph_feed`]): after the sampling kernel come the copy of its
+//!    tokens to pinned memory, the metadata copy, `feed_tokens` (each chosen token written into its
+//!    sequence's token row) and the graph, so the device runs the next step while the host hands the
+//!    tokens out. The engine uses it for each row whose inputs are those it was launched with.
 //!
 //! Equal signatures mean the same kernels with the same grids, scalar arguments and pointers; what changes
 //! between replays is the metadata's content (tokens, positions, cache slots, block tables, LoRA segment
@@ -41,7 +46,9 @@
 //! values and whose outputs are dropped), so a batch whose size wanders as requests finish and join
 //! replays a few graphs rather than capturing one per size.
 //!
-//! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_AHEAD=0` records no step ahead; `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
+//! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_AHEAD=0` records no step ahead;
+//! `LORAX_CUDA_GRAPH_FEED=0` launches no step from the sampling before it; `LORAX_CUDA_GRAPH_POW2_ROWS` pads
+//! batches up to that many rows to a power of two ([`bucket`]); `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
 //! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept;
 //! `LORAX_CUDA_GRAPH_CAPTURE_AFTER` (default 2) the step with a signature at which its graph is captured
 //! (the steps before run eagerly; 1: at once). A limit that is not a whole number in its range is a start-up error.
@@ -358,6 +365,8 @@ pub(crate) struct Graphs {
     /// Largest batch that uses graphs; lowered when an arena for a larger one cannot be allocated.
     max_batch: AtomicUsize,
     max_graphs: usize,
+    /// Batches up to this many rows are padded to a power of two ([`bucket`]; `LORAX_CUDA_GRAPH_POW2_ROWS`).
+    pow2_rows: usize,
     /// The step with a signature at which its graph is captured (1: the first; the steps before run
     /// eagerly).
     capture_after: AtomicUsize,
@@ -366,8 +375,7 @@ pub(crate) struct Graphs {
     /// Whether the engine may record a step ahead ([`CudaBackend::graph_prepare`]).
     ahead: AtomicBool,
     /// Whether a step recorded ahead may be launched by the sampling of the step before, its tokens gathered
-    /// on the device ([`CudaBackend::graph_feed`]; off unless `LORAX_CUDA_GRAPH_FEED=1`: its fix for adapter batches,
-    /// whose rows are not in the sequences' order, has not run on a GPU yet, bench/NOTES.md session 47).
+    /// on the device ([`CudaBackend::graph_feed`]; on unless `LORAX_CUDA_GRAPH_FEED=0`).
     feed: AtomicBool,
     /// Engine steps begun so far ([`Graphs::count_step`]).
     steps_begun: AtomicU64,
@@ -441,10 +449,11 @@ impl Graphs {
             enabled: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPHS").map_or(true, |v| v != "0")),
             max_batch: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_MAX_BATCH", 256, 0..=1 << 16)?),
             max_graphs: super::env_count("LORAX_CUDA_GRAPH_CACHE", 64, 1..=1 << 16)?,
+            pow2_rows: super::env_count("LORAX_CUDA_GRAPH_POW2_ROWS", 0, 0..=1 << 16)?,
             capture_after: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_CAPTURE_AFTER", 2, 1..=1 << 16)?),
             step_rows: AtomicUsize::new(0),
             ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
-            feed: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_FEED").is_ok_and(|v| v == "1")),
+            feed: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_FEED").map_or(true, |v| v != "0")),
             steps_begun: AtomicU64::new(0),
             timing: std::env::var("LORAX_CUDA_GRAPH_TIMING").map_or(true, |v| v != "0"),
             clock: StepClock::default(),
@@ -536,18 +545,23 @@ impl Graphs {
 }
 
 /// A graph step's row count for a batch of `rows`: exact up to 4 (the skinny-GEMM kernels' sizes), then
-/// rounded up to a multiple of 8: at most 7 padding rows, and 36 sizes up to 256 rows.
-fn bucket(rows: usize) -> usize {
+/// the next power of two where that is at most `pow2` (`LORAX_CUDA_GRAPH_POW2_ROWS`, 0 by default: none),
+/// else rounded up to a multiple of 8: at most 7 padding rows, and 36 sizes up to 256 rows. Powers of two
+/// up to 128 leave 9 sizes below 128 rather than 19, so a batch that drains or ramps meets fewer new
+/// signatures, at the price of up to twice its rows in the step's GEMMs.
+fn bucket(rows: usize, pow2: usize) -> usize {
     if rows <= 4 {
         rows
+    } else if rows.next_power_of_two() <= pow2 {
+        rows.next_power_of_two()
     } else {
         rows.next_multiple_of(8)
     }
 }
 
 /// The distinct [`bucket`]s of 1 to `max` rows, largest first.
-fn warmup_rows(max: usize) -> Vec<usize> {
-    let mut rows: Vec<usize> = (1..=max).map(bucket).filter(|&b| b <= max).collect();
+fn warmup_rows(max: usize, pow2: usize) -> Vec<usize> {
+    let mut rows: Vec<usize> = (1..=max).map(|r| bucket(r, pow2)).filter(|&b| b <= max).collect();
     rows.dedup();
     rows.reverse();
     rows
@@ -557,7 +571,7 @@ impl CudaBackend {
     /// The rows a decode step of `rows` rows runs with: [`bucket`]'s up to the largest graph batch, also
     /// when graphs are off (`LORAX_CUDA_GRAPHS=0` then changes no result, only how steps launch).
     pub fn graph_rows(&self, rows: usize) -> usize {
-        let padded = bucket(rows);
+        let padded = bucket(rows, self.graphs.pow2_rows);
         if padded <= self.graphs.max_batch.load(Ordering::Relaxed) {
             padded
         } else {
@@ -1076,7 +1090,7 @@ impl CudaBackend {
     /// The padded row counts of decode steps up to the largest graph batch, largest first
     /// ([`crate::backend::Backend::decode_warmup_rows`]).
     pub fn graph_warmup_rows(&self) -> Vec<usize> {
-        warmup_rows(self.graphs.max_batch.load(Ordering::Relaxed))
+        warmup_rows(self.graphs.max_batch.load(Ordering::Relaxed), self.graphs.pow2_rows)
     }
 
     /// How graph steps ran so far ([`crate::backend::Backend::step_counts`]).
@@ -1130,7 +1144,7 @@ impl CudaBackend {
     }
 
     /// Lets the sampling of a decode step launch the step recorded ahead with the tokens it chose, on the device
-    /// (off by default; `LORAX_CUDA_GRAPH_FEED=1` turns it on; it needs steps recorded ahead).
+    /// (on by default; `LORAX_CUDA_GRAPH_FEED=0` turns it off; it needs steps recorded ahead).
     pub fn set_graph_feed(&self, on: bool) {
         self.graphs.feed.store(on, Ordering::Relaxed);
     }
@@ -1162,14 +1176,20 @@ mod tests {
 
     #[test]
     fn the_warm_up_names_each_bucket_once_largest_first() {
-        let rows = warmup_rows(256);
+        let rows = warmup_rows(256, 0);
         assert_eq!(rows.len(), 4 + 32);
         assert_eq!(&rows[..3], &[256, 248, 240]);
         assert_eq!(&rows[rows.len() - 5..], &[8, 4, 3, 2, 1]);
-        assert!(rows.iter().all(|&r| bucket(r) == r));
+        assert!(rows.iter().all(|&r| bucket(r, 0) == r));
         // A largest batch that is not a bucket leaves out the bucket above it.
-        assert_eq!(warmup_rows(13), [8, 4, 3, 2, 1]);
-        assert!(warmup_rows(0).is_empty());
+        assert_eq!(warmup_rows(13, 0), [8, 4, 3, 2, 1]);
+        assert!(warmup_rows(0, 0).is_empty());
+        // Powers of two up to 128, then multiples of 8.
+        let rows = warmup_rows(256, 128);
+        assert_eq!(rows.len(), 16 + 4 + 5, "{rows:?}");
+        assert_eq!(&rows[15..], &[136, 128, 64, 32, 16, 8, 4, 3, 2, 1]);
+        assert!(rows.iter().all(|&r| bucket(r, 128) == r));
+        assert_eq!(warmup_rows(100, 128), [64, 32, 16, 8, 4, 3, 2, 1]);
     }
 
     #[test]
@@ -1209,18 +1229,23 @@ mod tests {
 
     #[test]
     fn buckets_cover_every_batch_with_bounded_padding() {
-        let mut sizes = std::collections::BTreeSet::new();
-        for rows in 1..=256 {
-            let b = bucket(rows);
-            assert!(b >= rows && b - rows < 8, "{rows} rows in a bucket of {b}");
-            if rows <= 4 {
-                assert_eq!(b, rows, "small batches run exactly");
-            } else {
-                assert_eq!(b % 8, 0, "{rows} rows in a bucket of {b}");
+        // (powers of two up to: sizes of 1 to 256 rows): 1-4, the powers of two, the multiples of 8 above.
+        for (pow2, count) in [(0, 4 + 32), (64, 4 + 4 + 24), (100, 4 + 4 + 24), (128, 4 + 5 + 16)] {
+            let mut sizes = std::collections::BTreeSet::new();
+            for rows in 1..=256 {
+                let b = bucket(rows, pow2);
+                assert!(b >= rows, "{rows} rows in a bucket of {b}");
+                if rows <= 4 {
+                    assert_eq!(b, rows, "small batches run exactly");
+                } else if rows.next_power_of_two() <= pow2 {
+                    assert!(b.is_power_of_two() && b < 2 * rows, "{rows} rows in a bucket of {b}");
+                } else {
+                    assert!(b.is_multiple_of(8) && b - rows < 8, "{rows} rows in a bucket of {b}");
+                }
+                assert_eq!(bucket(b, pow2), b, "a bucket is its own bucket");
+                sizes.insert(b);
             }
-            assert_eq!(bucket(b), b, "a bucket is its own bucket");
-            sizes.insert(b);
+            assert_eq!(sizes.len(), count, "pow2 {pow2}: {sizes:?}");
         }
-        assert_eq!(sizes.len(), 4 + 32, "{sizes:?}");
     }
 }
