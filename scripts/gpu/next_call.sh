@@ -497,7 +497,7 @@ decode-steps)
     ;;
 feed)
     # Session 47: decode steps launched by the step before's sampling, their tokens gathered on the device
-    # (on by default from session 48; LORAX_CUDA_GRAPH_FEED=0 turns it off). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
+    # (LORAX_CUDA_GRAPH_FEED=1; off by default). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
     # (steps_launched_ahead_match_prefill_then_decode), golden and e2e against transformers + peft (fed); then the base step
     # at 128 streams and the four regimes fed and not fed on this one machine, and fed again where time is left.
     timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
@@ -526,7 +526,8 @@ feed)
 buckets)
     # Session 48: decode steps' row buckets as powers of two up to 128 rows (LORAX_CUDA_GRAPH_POW2_ROWS=128)
     # against multiples of 8 (0, the default): fewer new graph signatures where a batch ramps or drains; and
-    # session 47's fed steps (on by default from 48) checked where adapters reorder rows. graphs (with powers
+    # session 47's fed steps checked where adapters reorder rows (the tests set feeding themselves; the
+    # binaries of call 1 had it on by default, e2e ran with it). graphs (with powers
     # of two: fed_steps_equal_steps_launched_by_the_host's batch stays in its bucket of 8 either way), chunked,
     # golden and e2e (with powers of two); then the base step at 128 streams and the four regimes: fed with
     # each bucket rule, not fed, then each rule again (BUCKET_RUNS, default "p0 p128 nofeed p0b p128b"; a run

@@ -214,6 +214,8 @@ pub struct StepTimes {
     pub fed_part: u32,
     /// Steps launched ahead and not used at all (their device time lost).
     pub fed_dropped: u32,
+    /// Steps whose prompt tokens waited for the next step, their decode rows all served by the step launched ahead.
+    pub fed_deferred: u32,
 }
 
 /// What one step's `forward` was made of ([`StepTimes`]' fields of the same names).
@@ -768,8 +770,10 @@ impl<B: Backend> Engine<B> {
     /// still prefilling, oldest first, at most `opts.max_prompt_tokens` of them in all (the last sequence
     /// given any may get only part of its prompt: a chunk). A sequence whose prompt is now fully cached
     /// gets its first token as in a whole-prompt prefill; one that is not is not sampled and continues in
-    /// a later step. Returns a generation per sequence that got a token, in batch order. A step that fails
-    /// adds none of `new` to `batch`.
+    /// a later step. Where the step launched ahead by the last one's sampling ([`Backend::sample_feeding`])
+    /// computed every decode row, the step runs no prompt token: they wait for the next step, which runs them in
+    /// the decode rows' pass. Returns a generation per sequence that got a token, in batch order. A step that
+    /// fails adds none of `new` to `batch`.
     pub fn step(&mut self, batch: &mut Batch, new: Vec<NewSequence>, opts: StepOptions) -> Result<Vec<Generation>> {
         for (i, s) in new.iter().enumerate() {
             if s.input_ids.is_empty() {
@@ -800,7 +804,7 @@ impl<B: Backend> Engine<B> {
         self.backend.step_started();
         // What each sequence runs this step: how many new tokens (0 = nothing), and whether it prefills.
         let mut budget = opts.max_prompt_tokens.unwrap_or(usize::MAX);
-        let plan: Vec<Work> = batch
+        let mut plan: Vec<Work> = batch
             .seqs
             .iter()
             .map(|s| {
@@ -814,17 +818,34 @@ impl<B: Backend> Engine<B> {
                 }
             })
             .collect();
-        let active = || batch.seqs.iter().zip(&plan).filter(|(_, w)| w.len > 0);
-        if active().next().is_none() {
+        if plan.iter().all(|w| w.len == 0) {
             return Ok(vec![]);
         }
         // The step the last one's sampling launched serves the decode rows it computed (all of them, unless the
         // batch changed); a step without decode rows leaves it for the next.
-        let inflight = if active().any(|(_, w)| !w.prefill) {
+        let inflight = if plan.iter().any(|w| !w.prefill && w.len > 0) {
             self.inflight.take()
         } else {
             None
         };
+        // Where it serves every decode row, prompt tokens wait for the next step: beside it they would run in a
+        // pass of their own, reading the weights a second time while the running streams wait for it (bench/NOTES.md
+        // session 48: 13.4 ms gaps where a short prompt joined 32 streams, against 8.6-10.6 ms for a mixed step
+        // without steps launched ahead). The next step launches nothing ahead of it, so it runs them in the
+        // decode rows' pass.
+        let deferred = inflight.as_ref().is_some_and(|f| {
+            plan.iter().any(|w| w.prefill && w.len > 0)
+                && batch
+                    .seqs
+                    .iter()
+                    .zip(&plan)
+                    .filter(|(_, w)| !w.prefill && w.len > 0)
+                    .all(|(s, w)| f.row_of(s, w).is_some())
+        });
+        if deferred {
+            plan.iter_mut().filter(|w| w.prefill).for_each(|w| w.len = 0);
+        }
+        let active = || batch.seqs.iter().zip(&plan).filter(|(_, w)| w.len > 0);
         let mut fed: Vec<Option<usize>> = active()
             .map(|(s, w)| inflight.as_ref().and_then(|f| f.row_of(s, w)))
             .collect();
@@ -836,7 +857,10 @@ impl<B: Backend> Engine<B> {
             fed.iter_mut().for_each(|f| *f = None);
         }
         let fed_rows = fed.iter().flatten().count();
-        let mut feeding = FeedCounts::default();
+        let mut feeding = FeedCounts {
+            deferred: u64::from(deferred),
+            ..FeedCounts::default()
+        };
         if let Some(f) = &inflight {
             if fed_rows == f.rows.len() && fed_rows == fed.len() {
                 feeding.whole = 1;
@@ -882,7 +906,7 @@ impl<B: Backend> Engine<B> {
                 (c1.saturating_sub(c0), s1.saturating_sub(s0))
             });
         drop(raw);
-        if pure_decode {
+        if pure_decode && !deferred {
             // The next step as it will be if the batch stays as it is: prepared while this one runs.
             let next: Vec<RawSeq<'_>> = active()
                 .map(|(s, w)| {
@@ -934,7 +958,7 @@ impl<B: Backend> Engine<B> {
         // step, one task per sequence in the batch's order, all on one of the two logits. Its sequence k's token
         // row: its logit row (a one-token row each; rows are grouped by adapter, logit rows follow the sequences).
         let slots: Option<Vec<u32>> = match &self.ahead {
-            Some(a) if pure_decode && a.logit_rows.len() >= tasks.len() + fed_tasks.len() => a.logit_rows
+            Some(a) if pure_decode && !deferred && a.logit_rows.len() >= tasks.len() + fed_tasks.len() => a.logit_rows
                 [..tasks.len() + fed_tasks.len()]
                 .iter()
                 .map(|&r| u32::try_from(r).ok())
@@ -1006,7 +1030,7 @@ impl<B: Backend> Engine<B> {
                 prefill: if w.prefill { s.prompt_logprobs.take() } else { None },
             });
         }
-        if pure_decode {
+        if pure_decode && !deferred {
             let logits = match next_step {
                 Some(l) => Some(l),
                 // Computed now, as a backend would have launched it (tests of the bookkeeping on the CPU).
@@ -1104,6 +1128,9 @@ pub struct FeedCounts {
     pub part: u64,
     /// ... that served none (their device time was lost).
     pub dropped: u64,
+    /// Steps whose prompt tokens waited for the next step because a step launched ahead served all their decode
+    /// rows (see [`Engine::step`]).
+    pub deferred: u64,
 }
 
 impl FeedCounts {
@@ -1112,6 +1139,7 @@ impl FeedCounts {
         self.whole += o.whole;
         self.part += o.part;
         self.dropped += o.dropped;
+        self.deferred += o.deferred;
     }
 }
 
@@ -1162,6 +1190,7 @@ impl<B: Backend> Engine<B> {
         t.fed_whole += one(f.whole);
         t.fed_part += one(f.part);
         t.fed_dropped += one(f.dropped);
+        t.fed_deferred += one(f.deferred);
         if t.steps >= every {
             let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(t.steps);
             #[allow(clippy::cast_precision_loss)]
@@ -1181,6 +1210,7 @@ impl<B: Backend> Engine<B> {
                 fed_whole = t.fed_whole,
                 fed_part = t.fed_part,
                 fed_dropped = t.fed_dropped,
+                fed_deferred = t.fed_deferred,
                 "{what} steps: host time"
             );
             *t = StepTimes::default();

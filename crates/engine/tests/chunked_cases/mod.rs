@@ -168,12 +168,41 @@ fn mixed_with<B: Backend>(s: &Setup<'_, B>, chunk: usize, feed_on_host: bool) ->
         decode: true,
         max_prompt_tokens: Some(chunk),
     };
+    let mut deferred_before = false;
     for step in 0.. {
         let new: Vec<NewSequence> = match step {
             0 | 4 | 9 => joining.by_ref().take(2).collect(),
             _ => Vec::new(),
         };
+        let new_ids: Vec<u64> = new.iter().map(|n| n.id).collect();
+        let counts = e.feed_counts();
         let gens = e.step(&mut batch, new, opts).unwrap();
+        // A step whose decode rows all came from the step launched ahead runs no prompt token: its new sequences
+        // wait, untouched, and the next step (nothing launched ahead of it) runs them.
+        let deferred = e.feed_counts().deferred > counts.deferred;
+        if deferred {
+            assert!(
+                counts.launched > 0,
+                "chunk {chunk}, step {step}: prompts deferred with no step launched ahead"
+            );
+            assert!(
+                !deferred_before,
+                "chunk {chunk}, step {step}: prompts deferred twice in a row"
+            );
+            assert_eq!(
+                e.feed_counts().launched,
+                counts.launched,
+                "chunk {chunk}, step {step}: launched ahead"
+            );
+            for s in batch.seqs.iter().filter(|s| new_ids.contains(&s.id)) {
+                assert_eq!(
+                    s.cached, 0,
+                    "chunk {chunk}, step {step}: sequence {} ran prompt tokens",
+                    s.id
+                );
+            }
+        }
+        deferred_before = deferred;
         // A sequence mid-prefill produces nothing.
         for g in &gens {
             assert!(
@@ -259,9 +288,11 @@ pub fn steps_launched_ahead_match_prefill_then_decode<B: Backend>(
         );
         total.whole += counts.whole;
         total.part += counts.part;
+        total.deferred += counts.deferred;
     }
-    // Steps served whole (the batch unchanged) and in part (sequences left, or joined beside them).
-    assert!(total.whole > 0 && total.part > 0, "{total:?}");
+    // Steps served whole (the batch unchanged) and in part (sequences left), and prompts that waited for the step
+    // after one launched ahead.
+    assert!(total.whole > 0 && total.part > 0 && total.deferred > 0, "{total:?}");
     // Sequences that join through a prefill without decode rows: the decode step after it runs whole, its rows
     // not taken from the step launched before the prefill.
     let mut e = (s.engine)();

@@ -29,7 +29,8 @@
 //!    that step at once ([`CudaBackend::graph_feed`]): after the sampling kernel come the copy of its
 //!    tokens to pinned memory, the metadata copy, `feed_tokens` (each chosen token written into its
 //!    sequence's token row) and the graph, so the device runs the next step while the host hands the
-//!    tokens out. The engine uses it for each row whose inputs are those it was launched with.
+//!    tokens out. The engine uses it for each row whose inputs are those it was launched with; prompt
+//!    tokens of that step wait for the next one (`Engine::step`). Off by default.
 //!
 //! Equal signatures mean the same kernels with the same grids, scalar arguments and pointers; what changes
 //! between replays is the metadata's content (tokens, positions, cache slots, block tables, LoRA segment
@@ -47,7 +48,7 @@
 //! replays a few graphs rather than capturing one per size.
 //!
 //! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_AHEAD=0` records no step ahead;
-//! `LORAX_CUDA_GRAPH_FEED=0` launches no step from the sampling before it; `LORAX_CUDA_GRAPH_POW2_ROWS` pads
+//! `LORAX_CUDA_GRAPH_FEED=1` launches decode steps from the sampling before them (5); `LORAX_CUDA_GRAPH_POW2_ROWS` pads
 //! batches up to that many rows to a power of two ([`bucket`]); `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
 //! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept;
 //! `LORAX_CUDA_GRAPH_CAPTURE_AFTER` (default 2) the step with a signature at which its graph is captured
@@ -375,7 +376,9 @@ pub(crate) struct Graphs {
     /// Whether the engine may record a step ahead ([`CudaBackend::graph_prepare`]).
     ahead: AtomicBool,
     /// Whether a step recorded ahead may be launched by the sampling of the step before, its tokens gathered
-    /// on the device ([`CudaBackend::graph_feed`]; on unless `LORAX_CUDA_GRAPH_FEED=0`).
+    /// on the device ([`CudaBackend::graph_feed`]; off unless `LORAX_CUDA_GRAPH_FEED=1`: with it on, session 48 measured
+    /// the running streams' gap where a prompt joined them at 13.4 ms against 8.6-10.6 without; prompts now wait
+    /// for the step after, not yet run on a GPU, bench/NOTES.md session 48).
     feed: AtomicBool,
     /// Engine steps begun so far ([`Graphs::count_step`]).
     steps_begun: AtomicU64,
@@ -453,7 +456,7 @@ impl Graphs {
             capture_after: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_CAPTURE_AFTER", 2, 1..=1 << 16)?),
             step_rows: AtomicUsize::new(0),
             ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
-            feed: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_FEED").map_or(true, |v| v != "0")),
+            feed: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_FEED").is_ok_and(|v| v == "1")),
             steps_begun: AtomicU64::new(0),
             timing: std::env::var("LORAX_CUDA_GRAPH_TIMING").map_or(true, |v| v != "0"),
             clock: StepClock::default(),
@@ -1144,7 +1147,7 @@ impl CudaBackend {
     }
 
     /// Lets the sampling of a decode step launch the step recorded ahead with the tokens it chose, on the device
-    /// (on by default; `LORAX_CUDA_GRAPH_FEED=0` turns it off; it needs steps recorded ahead).
+    /// (off by default; `LORAX_CUDA_GRAPH_FEED=1` turns it on; it needs steps recorded ahead).
     pub fn set_graph_feed(&self, on: bool) {
         self.graphs.feed.store(on, Ordering::Relaxed);
     }
