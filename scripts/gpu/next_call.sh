@@ -50,6 +50,7 @@
 #   bash scripts/gpu/next_call.sh buckets      # ~510 s: graphs, chunked, golden and e2e (fed by default), then
 #                                              # the base step at 128 streams and the regimes with power-of-two row
 #                                              # buckets and without, fed, and not fed (session 48)
+#   bash scripts/gpu/next_call.sh feed-bench   # ~370 s: chunked and graphs, then bench.sh with fed steps (session 48)
 #   bash scripts/gpu/next_call.sh stable-sigs  # ~230 s (at most 540): graphs, the LoRA step and golden, then the
 #                                              # regimes with the graph module's debug lines (session 46)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
@@ -558,6 +559,21 @@ buckets)
         lap "$run"
     done
     ;;
+feed-bench)
+    # Session 48: fed steps with prompts waiting for the step after one launched ahead (0fcdcb1). cuda_chunked (its
+    # case now asserts that prompts waited, and that the tokens still equal prefill then decode), cuda_graphs, then
+    # bench.sh with LORAX_CUDA_GRAPH_FEED=1: the cold-load ITL row (13.4 ms gaps at joins in 2026-12-07-s48-2) should
+    # be back near the 8.6-10.8 ms of runs without feeding, with the regimes at call s48-1's fed steps. If both hold,
+    # make feeding the default (graph.rs `Graphs::from_env`, docs/gpu.md).
+    timeout 100 "$bin/cuda_chunked" --test-threads=1 --nocapture >"$R/chunked.txt" 2>&1
+    echo "rc $?" >>"$R/chunked.txt"
+    lap chunked
+    timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
+    echo "rc $?" >>"$R/graphs.txt"
+    lap graphs
+    export LORAX_CUDA_GRAPH_FEED=1
+    bench_defaults
+    ;;
 sm90-bench)
     # bench.sh with the Hopper prefill attention's form FORM on (LORAX_CUDA_PREFILL_SM90 passes through the
     # launcher to the shard).
@@ -582,7 +598,7 @@ graphs-bench | bench | bench-only)
     bench_defaults
     ;;
 *)
-    echo "unknown part $part (uploads, bench, buckets, feed, bench-only, gemm-sweep, sweep-bench, decode-steps, stable-sigs, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
+    echo "unknown part $part (uploads, bench, buckets, feed, feed-bench, bench-only, gemm-sweep, sweep-bench, decode-steps, stable-sigs, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
     exit 2
     ;;
 esac

@@ -830,7 +830,7 @@ impl<B: Backend> Engine<B> {
         };
         // Where it serves every decode row, prompt tokens wait for the next step: beside it they would run in a
         // pass of their own, reading the weights a second time while the running streams wait for it (bench/NOTES.md
-        // session 48: 13.4 ms gaps where a short prompt joined 32 streams, against 8.6-10.6 ms for a mixed step
+        // session 48: 13.4 ms gaps where a short prompt joined 32 streams, against 8.6-10.8 ms for a mixed step
         // without steps launched ahead). The next step launches nothing ahead of it, so it runs them in the
         // decode rows' pass.
         let deferred = inflight.as_ref().is_some_and(|f| {

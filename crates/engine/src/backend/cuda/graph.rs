@@ -377,7 +377,7 @@ pub(crate) struct Graphs {
     ahead: AtomicBool,
     /// Whether a step recorded ahead may be launched by the sampling of the step before, its tokens gathered
     /// on the device ([`CudaBackend::graph_feed`]; off unless `LORAX_CUDA_GRAPH_FEED=1`: with it on, session 48 measured
-    /// the running streams' gap where a prompt joined them at 13.4 ms against 8.6-10.6 without; prompts now wait
+    /// the running streams' gap where a prompt joined them at 13.4 ms against 8.6-10.8 without; prompts now wait
     /// for the step after, not yet run on a GPU, bench/NOTES.md session 48).
     feed: AtomicBool,
     /// Engine steps begun so far ([`Graphs::count_step`]).
