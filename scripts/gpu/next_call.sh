@@ -47,7 +47,7 @@
 #                                              # streams and the four regimes with the shard's timing reports
 #   bash scripts/gpu/next_call.sh feed         # ~450 s: graphs, chunked, golden and e2e, then the base step at 128
 #                                              # streams and the regimes fed, not fed, fed (session 47)
-#   bash scripts/gpu/next_call.sh buckets      # ~510 s: graphs, chunked, golden and e2e (fed by default), then
+#   bash scripts/gpu/next_call.sh buckets      # ~510 s: graphs, chunked, golden and e2e (fed), then
 #                                              # the base step at 128 streams and the regimes with power-of-two row
 #                                              # buckets and without, fed, and not fed (session 48)
 #   bash scripts/gpu/next_call.sh feed-bench   # ~370 s: chunked and graphs, then bench.sh with fed steps (session 48)
@@ -539,11 +539,12 @@ buckets)
     timeout 100 "$bin/cuda_chunked" --test-threads=1 --nocapture >"$R/chunked.txt" 2>&1
     echo "rc $?" >>"$R/chunked.txt"
     lap chunked
-    timeout 100 "$bin/cuda_golden" --test-threads=2 >"$R/golden.txt" 2>&1
+    LORAX_CUDA_GRAPH_FEED=1 timeout 100 "$bin/cuda_golden" --test-threads=2 >"$R/golden.txt" 2>&1
     echo "rc $?" >>"$R/golden.txt"
     lap golden
     mkdir -p "$R/e2e"
-    LORAX_CUDA_GRAPH_POW2_ROWS=128 timeout 100 python3 scripts/gpu/e2e.py "$bin" "$R/e2e" >"$R/e2e.txt" 2>&1
+    LORAX_CUDA_GRAPH_POW2_ROWS=128 LORAX_CUDA_GRAPH_FEED=1 timeout 100 python3 scripts/gpu/e2e.py "$bin" "$R/e2e" \
+        >"$R/e2e.txt" 2>&1
     echo "rc $?" >>"$R/e2e.txt"
     lap e2e
     for run in ${BUCKET_RUNS:-p0 p128 nofeed p0b p128b}; do

@@ -34,6 +34,11 @@ fn steps_launched_ahead_match_prefill_then_decode() {
 }
 
 #[test]
+fn prompts_mid_prefill_wait_for_the_step_after_one_launched_ahead() {
+    chunked_cases::prompts_mid_prefill_wait_for_the_step_after_one_launched_ahead(&setup(), &setup());
+}
+
+#[test]
 fn decode_skips_prefilling_sequences() {
     chunked_cases::decode_skips_prefilling_sequences(&setup());
 }

@@ -29,6 +29,9 @@ fn cuda_unfed() -> Engine<CudaBackend> {
 fn cuda_fed() -> Engine<CudaBackend> {
     let e = cuda();
     e.backend.set_graph_feed(true);
+    // Graphs captured at their second step (the default, pinned): steps are launched ahead by the joins at steps 4
+    // and 9 of the case, whose prompts then wait (`FeedCounts::deferred`).
+    e.backend.set_graph_capture_after(2);
     e
 }
 

@@ -328,6 +328,78 @@ pub fn steps_launched_ahead_match_prefill_then_decode<B: Backend>(
     }
 }
 
+/// A prompt part-way through its chunks also waits for the step after one launched ahead, with what it has cached
+/// and the prompt logprobs computed so far kept: a sequence that joins (chunks of 10 tokens) behind plain decode
+/// steps that launch the next ahead, then gets the plain path's tokens and prompt logprobs.
+pub fn prompts_mid_prefill_wait_for_the_step_after_one_launched_ahead<B: Backend>(
+    plain: &Setup<'_, B>,
+    s: &Setup<'_, B>,
+) {
+    let expect = reference(plain);
+    let mut e = (s.engine)();
+    e.set_feed_on_host(true);
+    let mut alloc = BlockAllocator::new(1024, BLOCK);
+    let mut seqs = sequences(&mut alloc, &s.fixtures);
+    // Sequence 0 (36 tokens, prompt logprobs) joins 1 and 3 (2 and 6 tokens) once they decode.
+    let (third, first) = (seqs.remove(3), seqs.remove(1));
+    let joining = seqs.remove(0);
+    let mut batch = Batch::default();
+    let mut got = Trace::new();
+    let gens = e.prefill(&mut batch, vec![first, third]).unwrap();
+    record(&mut got, &mut batch, gens);
+    for _ in 0..3 {
+        let gens = e.decode(&mut batch).unwrap();
+        record(&mut got, &mut batch, gens);
+    }
+    let chunk = StepOptions {
+        decode: true,
+        max_prompt_tokens: Some(10),
+    };
+    let cached = |batch: &Batch| batch.seqs.iter().find(|s| s.id == 0).map(|s| s.cached);
+    // Waits, new; then a chunk in the next step's pass.
+    let before = e.feed_counts().deferred;
+    let gens = e.step(&mut batch, vec![joining], chunk).unwrap();
+    assert_eq!(
+        e.feed_counts().deferred,
+        before + 1,
+        "a new prompt behind a step launched ahead"
+    );
+    assert_eq!((gens.len(), cached(&batch)), (2, Some(0)));
+    record(&mut got, &mut batch, gens);
+    let gens = e.step(&mut batch, vec![], chunk).unwrap();
+    assert_eq!((gens.len(), cached(&batch)), (2, Some(10)));
+    record(&mut got, &mut batch, gens);
+    // Plain decode steps (the prompt skipped) launch the next ahead again; then it waits part-way.
+    for _ in 0..2 {
+        let gens = e.decode(&mut batch).unwrap();
+        record(&mut got, &mut batch, gens);
+    }
+    let gens = e.step(&mut batch, vec![], chunk).unwrap();
+    assert_eq!(
+        e.feed_counts().deferred,
+        before + 2,
+        "a prompt part-way behind a step launched ahead"
+    );
+    assert_eq!((gens.len(), cached(&batch)), (2, Some(10)));
+    record(&mut got, &mut batch, gens);
+    while batch.prefilling_ids().contains(&0) {
+        let gens = e.step(&mut batch, vec![], chunk).unwrap();
+        record(&mut got, &mut batch, gens);
+    }
+    while !batch.is_empty() {
+        let gens = e.decode(&mut batch).unwrap();
+        record(&mut got, &mut batch, gens);
+    }
+    assert_eq!(got.len(), 3);
+    for (id, got) in &got {
+        let want = &expect[id];
+        assert_eq!(got.len(), want.len(), "waited part-way: sequence {id}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_same(g, w, &format!("waited part-way: sequence {id}, token {i}"));
+        }
+    }
+}
+
 /// `decode` skips sequences still prefilling (no row, no generation) and a later step finishes their
 /// prompt with the same first token and prompt logprobs as a whole-prompt prefill.
 pub fn decode_skips_prefilling_sequences<B: Backend>(s: &Setup<'_, B>) {

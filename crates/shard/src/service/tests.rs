@@ -796,3 +796,39 @@ fn streamed_read_outcomes_tell_the_file_from_a_stall() {
     drop(tx);
     assert!(matches!(read_outcome(None, &rx, grace), ReadOutcome::Read(Err(_))));
 }
+
+/// A Prefill call with decode rows, behind a decode step launched ahead (the engine's host stand-in for fed
+/// steps), serves the decode rows from it and runs no prompt token: the new sequence comes back in `prefilling_ids`
+/// with no generation, and the next mixed call gives it the first token a plain prefill gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_behind_a_step_launched_ahead_waits_for_the_next_call() {
+    let want = {
+        let (backend, _gate) = gated();
+        let svc = server(backend, 4).await;
+        generate(&svc, sequence(2, 16, ""), 0).await[0]
+    };
+    let (backend, _gate) = gated();
+    let svc = server(backend, 4).await;
+    lock_state(&svc.state, &svc.deferred_keep, &svc.slots)
+        .unwrap()
+        .engine
+        .set_feed_on_host(true);
+    generate(&svc, sequence(1, 0, ""), 3).await;
+    let mixed = |requests| pb::PrefillRequest {
+        requests,
+        decode_running: true,
+        max_prompt_tokens: 64,
+    };
+    let r = svc
+        .prefill(Request::new(mixed(vec![sequence(2, 16, "")])))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids = |r: &pb::PrefillResponse| r.generations.iter().map(|g| g.request_id).collect::<Vec<_>>();
+    assert_eq!((ids(&r), r.prefilling_ids.clone()), (vec![1], vec![2]));
+    let r = svc.prefill(Request::new(mixed(vec![]))).await.unwrap().into_inner();
+    assert_eq!((ids(&r), r.prefilling_ids.clone()), (vec![1, 2], vec![]));
+    let first = r.generations[1].token.unwrap();
+    assert_eq!(first.id, want.0, "the first token of the prompt that waited");
+    assert!((first.logprob - f32::from_bits(want.1)).abs() <= 1e-4);
+}

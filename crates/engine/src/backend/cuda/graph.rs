@@ -29,8 +29,9 @@
 //!    that step at once ([`CudaBackend::graph_feed`]): after the sampling kernel come the copy of its
 //!    tokens to pinned memory, the metadata copy, `feed_tokens` (each chosen token written into its
 //!    sequence's token row) and the graph, so the device runs the next step while the host hands the
-//!    tokens out. The engine uses it for each row whose inputs are those it was launched with; prompt
-//!    tokens of that step wait for the next one (`Engine::step`). Off by default.
+//!    tokens out. The engine uses it for each row whose inputs are those it was launched with; where it
+//!    serves every decode row of a step with prompt tokens, those wait for the next step (`Engine::step`).
+//!    Off by default.
 //!
 //! Equal signatures mean the same kernels with the same grids, scalar arguments and pointers; what changes
 //! between replays is the metadata's content (tokens, positions, cache slots, block tables, LoRA segment
@@ -48,8 +49,8 @@
 //! replays a few graphs rather than capturing one per size.
 //!
 //! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_AHEAD=0` records no step ahead;
-//! `LORAX_CUDA_GRAPH_FEED=1` launches decode steps from the sampling before them (5); `LORAX_CUDA_GRAPH_POW2_ROWS` pads
-//! batches up to that many rows to a power of two ([`bucket`]); `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
+//! `LORAX_CUDA_GRAPH_FEED=1` launches decode steps from the sampling before them (5); `LORAX_CUDA_GRAPH_POW2_ROWS` pads a
+//! batch to the next power of two where that is at most its value ([`bucket`]); `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
 //! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept;
 //! `LORAX_CUDA_GRAPH_CAPTURE_AFTER` (default 2) the step with a signature at which its graph is captured
 //! (the steps before run eagerly; 1: at once). A limit that is not a whole number in its range is a start-up error.
@@ -550,8 +551,10 @@ impl Graphs {
 /// A graph step's row count for a batch of `rows`: exact up to 4 (the skinny-GEMM kernels' sizes), then
 /// the next power of two where that is at most `pow2` (`LORAX_CUDA_GRAPH_POW2_ROWS`, 0 by default: none),
 /// else rounded up to a multiple of 8: at most 7 padding rows, and 36 sizes up to 256 rows. Powers of two
-/// up to 128 leave 9 sizes below 128 rather than 19, so a batch that drains or ramps meets fewer new
-/// signatures, at the price of up to twice its rows in the step's GEMMs.
+/// up to 128 leave 8 sizes below 128 rather than 19, so a batch that drains or ramps meets fewer new
+/// signatures, at the price of up to twice its rows in the step's GEMMs (session 48 measured no gain).
+/// Callers pass `pow2` at most the largest graph batch, so that no power of two above it leaves the sizes
+/// below it unpadded.
 fn bucket(rows: usize, pow2: usize) -> usize {
     if rows <= 4 {
         rows
@@ -574,8 +577,9 @@ impl CudaBackend {
     /// The rows a decode step of `rows` rows runs with: [`bucket`]'s up to the largest graph batch, also
     /// when graphs are off (`LORAX_CUDA_GRAPHS=0` then changes no result, only how steps launch).
     pub fn graph_rows(&self, rows: usize) -> usize {
-        let padded = bucket(rows, self.graphs.pow2_rows);
-        if padded <= self.graphs.max_batch.load(Ordering::Relaxed) {
+        let max = self.graphs.max_batch.load(Ordering::Relaxed);
+        let padded = bucket(rows, self.graphs.pow2_rows.min(max));
+        if padded <= max {
             padded
         } else {
             rows
@@ -1093,7 +1097,8 @@ impl CudaBackend {
     /// The padded row counts of decode steps up to the largest graph batch, largest first
     /// ([`crate::backend::Backend::decode_warmup_rows`]).
     pub fn graph_warmup_rows(&self) -> Vec<usize> {
-        warmup_rows(self.graphs.max_batch.load(Ordering::Relaxed), self.graphs.pow2_rows)
+        let max = self.graphs.max_batch.load(Ordering::Relaxed);
+        warmup_rows(max, self.graphs.pow2_rows.min(max))
     }
 
     /// How graph steps ran so far ([`crate::backend::Backend::step_counts`]).
@@ -1192,7 +1197,8 @@ mod tests {
         assert_eq!(rows.len(), 16 + 4 + 5, "{rows:?}");
         assert_eq!(&rows[15..], &[136, 128, 64, 32, 16, 8, 4, 3, 2, 1]);
         assert!(rows.iter().all(|&r| bucket(r, 128) == r));
-        assert_eq!(warmup_rows(100, 128), [64, 32, 16, 8, 4, 3, 2, 1]);
+        // Powers of two only up to the largest batch (callers pass the smaller of the two).
+        assert_eq!(warmup_rows(100, 100), [96, 88, 80, 72, 64, 32, 16, 8, 4, 3, 2, 1]);
     }
 
     #[test]
