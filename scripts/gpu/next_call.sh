@@ -47,14 +47,13 @@
 #                                              # streams and the four regimes with the shard's timing reports
 #   bash scripts/gpu/next_call.sh feed         # ~450 s: graphs, chunked, golden and e2e, then the base step at 128
 #                                              # streams and the regimes fed, not fed, fed (session 47)
-#   bash scripts/gpu/next_call.sh buckets      # ~510 s: graphs, chunked, golden and e2e (fed), then
-#                                              # the base step at 128 streams and the regimes with power-of-two row
-#                                              # buckets and without, fed, and not fed (session 48)
-#   bash scripts/gpu/next_call.sh feed-bench   # ~370 s: chunked and graphs, then bench.sh with fed steps (session 48)
+#   bash scripts/gpu/next_call.sh feed-bench   # ~370 s: graphs and chunked, then bench.sh with fed steps (session 48)
 #   bash scripts/gpu/next_call.sh stable-sigs  # ~230 s (at most 540): graphs, the LoRA step and golden, then the
 #                                              # regimes with the graph module's debug lines (session 46)
 #   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
 #                                               # bench.sh, with the defaults (`round` without golden)
+#   Session 48 removed `buckets` (power-of-two row buckets, measured no faster, with the switch itself; the round
+#   is at 288a7c9: `git show 288a7c9:scripts/gpu/next_call.sh`).
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
 #   forms; the code and the round are at 9ee9c5d: `git show 9ee9c5d:scripts/gpu/next_call.sh`).
 #   Session 31 removed `rope` and `rope-ncu` (prompt queries rotated inside the prefill kernel, measured no
@@ -108,7 +107,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|sweep-bench|decode-steps|feed|stable-sigs|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
+part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|sweep-bench|decode-steps|feed|feed-bench|stable-sigs|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -133,6 +132,16 @@ bench_defaults() {
     BENCH_TIMEOUT=390 BENCH_PEFT_BUDGET=135 timeout 400 scripts/gpu/bench.sh "$R/bench" "$bin" >"$R/bench.txt" 2>&1
     echo "rc $?" >>"$R/bench.txt"
     lap bench
+}
+# The fed steps' GPU tests (`feed`, `feed-bench`): cuda_graphs (fed_steps_equal_steps_launched_by_the_host) and
+# cuda_chunked (steps_launched_ahead_match_prefill_then_decode), which set feeding themselves.
+feed_tests() {
+    timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
+    echo "rc $?" >>"$R/graphs.txt"
+    lap graphs
+    timeout 100 "$bin/cuda_chunked" --test-threads=1 --nocapture >"$R/chunked.txt" 2>&1
+    echo "rc $?" >>"$R/chunked.txt"
+    lap chunked
 }
 # `decode-steps` (and the end of `stable-sigs`).
 decode_steps() {
@@ -501,12 +510,7 @@ feed)
     # (LORAX_CUDA_GRAPH_FEED=1; off by default). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
     # (steps_launched_ahead_match_prefill_then_decode), golden and e2e against transformers + peft (fed); then the base step
     # at 128 streams and the four regimes fed and not fed on this one machine, and fed again where time is left.
-    timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
-    echo "rc $?" >>"$R/graphs.txt"
-    lap graphs
-    timeout 100 "$bin/cuda_chunked" --test-threads=1 --nocapture >"$R/chunked.txt" 2>&1
-    echo "rc $?" >>"$R/chunked.txt"
-    lap chunked
+    feed_tests
     LORAX_CUDA_GRAPH_FEED=1 timeout 100 "$bin/cuda_golden" --test-threads=2 >"$R/golden.txt" 2>&1
     echo "rc $?" >>"$R/golden.txt"
     lap golden
@@ -524,54 +528,13 @@ feed)
         lap "$run"
     done
     ;;
-buckets)
-    # Session 48: decode steps' row buckets as powers of two up to 128 rows (LORAX_CUDA_GRAPH_POW2_ROWS=128)
-    # against multiples of 8 (0, the default): fewer new graph signatures where a batch ramps or drains; and
-    # session 47's fed steps checked where adapters reorder rows (the tests set feeding themselves; the
-    # binaries of call 1 had it on by default, e2e ran with it). graphs (with powers
-    # of two: fed_steps_equal_steps_launched_by_the_host's batch stays in its bucket of 8 either way), chunked,
-    # golden and e2e (with powers of two); then the base step at 128 streams and the four regimes: fed with
-    # each bucket rule, not fed, then each rule again (BUCKET_RUNS, default "p0 p128 nofeed p0b p128b"; a run
-    # starting past 420 s is skipped, so that the call ends within 560 s).
-    LORAX_CUDA_GRAPH_POW2_ROWS=128 timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
-    echo "rc $?" >>"$R/graphs.txt"
-    lap graphs
-    timeout 100 "$bin/cuda_chunked" --test-threads=1 --nocapture >"$R/chunked.txt" 2>&1
-    echo "rc $?" >>"$R/chunked.txt"
-    lap chunked
-    LORAX_CUDA_GRAPH_FEED=1 timeout 100 "$bin/cuda_golden" --test-threads=2 >"$R/golden.txt" 2>&1
-    echo "rc $?" >>"$R/golden.txt"
-    lap golden
-    mkdir -p "$R/e2e"
-    LORAX_CUDA_GRAPH_POW2_ROWS=128 LORAX_CUDA_GRAPH_FEED=1 timeout 100 python3 scripts/gpu/e2e.py "$bin" "$R/e2e" \
-        >"$R/e2e.txt" 2>&1
-    echo "rc $?" >>"$R/e2e.txt"
-    lap e2e
-    for run in ${BUCKET_RUNS:-p0 p128 nofeed p0b p128b}; do
-        [ "$SECONDS" -gt 420 ] && break
-        envs=(BENCH_PARTS=sweep,regimes BENCH_SWEEP=128 BENCH_PEFT=0 BENCH_TIMEOUT=130 BENCH_PEFT_BUDGET=0)
-        case $run in
-        nofeed) envs+=(LORAX_CUDA_GRAPH_FEED=0 LORAX_CUDA_GRAPH_POW2_ROWS=0) ;;
-        p128*) envs+=(LORAX_CUDA_GRAPH_FEED=1 LORAX_CUDA_GRAPH_POW2_ROWS=128) ;;
-        *) envs+=(LORAX_CUDA_GRAPH_FEED=1 LORAX_CUDA_GRAPH_POW2_ROWS=0) ;;
-        esac
-        env "${envs[@]}" timeout 135 scripts/gpu/bench.sh "$R/$run" "$bin" >"$R/$run.txt" 2>&1
-        echo "rc $?" >>"$R/$run.txt"
-        lap "$run"
-    done
-    ;;
 feed-bench)
-    # Session 48: fed steps with prompts waiting for the step after one launched ahead (0fcdcb1). cuda_chunked (its
-    # case now asserts that prompts waited, and that the tokens still equal prefill then decode), cuda_graphs, then
+    # Session 48: fed steps with prompts waiting for the step after one launched ahead (0fcdcb1). feed_tests
+    # (cuda_chunked's case now asserts that prompts waited, and that the tokens still equal prefill then decode), then
     # bench.sh with LORAX_CUDA_GRAPH_FEED=1: the cold-load ITL row (13.4 ms gaps at joins in 2026-12-07-s48-2) should
     # be back near the 8.6-10.8 ms of runs without feeding, with the regimes at call s48-1's fed steps. If both hold,
     # make feeding the default (graph.rs `Graphs::from_env`, docs/gpu.md).
-    timeout 100 "$bin/cuda_chunked" --test-threads=1 --nocapture >"$R/chunked.txt" 2>&1
-    echo "rc $?" >>"$R/chunked.txt"
-    lap chunked
-    timeout 150 "$bin/cuda_graphs" --test-threads=1 --nocapture >"$R/graphs.txt" 2>&1
-    echo "rc $?" >>"$R/graphs.txt"
-    lap graphs
+    feed_tests
     export LORAX_CUDA_GRAPH_FEED=1
     bench_defaults
     ;;
@@ -599,7 +562,7 @@ graphs-bench | bench | bench-only)
     bench_defaults
     ;;
 *)
-    echo "unknown part $part (uploads, bench, buckets, feed, feed-bench, bench-only, gemm-sweep, sweep-bench, decode-steps, stable-sigs, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
+    echo "unknown part $part (uploads, bench, feed, feed-bench, bench-only, gemm-sweep, sweep-bench, decode-steps, stable-sigs, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
     exit 2
     ;;
 esac

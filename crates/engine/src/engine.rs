@@ -850,6 +850,9 @@ impl<B: Backend> Engine<B> {
             .map(|(s, w)| inflight.as_ref().and_then(|f| f.row_of(s, w)))
             .collect();
         let pure_decode = plan.iter().all(|w| !w.prefill || w.len == 0);
+        // A pure decode step prepares the next and launches it from its sampling; one whose prompts wait does not, so
+        // that the next step runs them.
+        let launch_next = pure_decode && !deferred;
         if pure_decode && fed.iter().any(Option::is_none) {
             // Decode rows it lacks (sequences that joined through a step without decode rows) would run eagerly and
             // unpadded beside it, and launch nothing ahead: the whole step runs as usual instead (one pass over the
@@ -906,7 +909,7 @@ impl<B: Backend> Engine<B> {
                 (c1.saturating_sub(c0), s1.saturating_sub(s0))
             });
         drop(raw);
-        if pure_decode && !deferred {
+        if launch_next {
             // The next step as it will be if the batch stays as it is: prepared while this one runs.
             let next: Vec<RawSeq<'_>> = active()
                 .map(|(s, w)| {
@@ -958,7 +961,7 @@ impl<B: Backend> Engine<B> {
         // step, one task per sequence in the batch's order, all on one of the two logits. Its sequence k's token
         // row: its logit row (a one-token row each; rows are grouped by adapter, logit rows follow the sequences).
         let slots: Option<Vec<u32>> = match &self.ahead {
-            Some(a) if pure_decode && !deferred && a.logit_rows.len() >= tasks.len() + fed_tasks.len() => a.logit_rows
+            Some(a) if launch_next && a.logit_rows.len() >= tasks.len() + fed_tasks.len() => a.logit_rows
                 [..tasks.len() + fed_tasks.len()]
                 .iter()
                 .map(|&r| u32::try_from(r).ok())
@@ -1030,7 +1033,7 @@ impl<B: Backend> Engine<B> {
                 prefill: if w.prefill { s.prompt_logprobs.take() } else { None },
             });
         }
-        if pure_decode && !deferred {
+        if launch_next {
             let logits = match next_step {
                 Some(l) => Some(l),
                 // Computed now, as a backend would have launched it (tests of the bookkeeping on the CPU).

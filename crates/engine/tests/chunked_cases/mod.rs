@@ -351,40 +351,35 @@ pub fn prompts_mid_prefill_wait_for_the_step_after_one_launched_ahead<B: Backend
         let gens = e.decode(&mut batch).unwrap();
         record(&mut got, &mut batch, gens);
     }
-    let chunk = StepOptions {
-        decode: true,
-        max_prompt_tokens: Some(10),
+    // One step with a 10-token prompt budget: the decode rows' tokens, whether the prompt waited (the steps whose
+    // prompts waited counted once more), and what sequence 0 has cached after it.
+    let chunk = |e: &mut Engine<B>, batch: &mut Batch, got: &mut Trace, new, waits: bool, cached: usize| {
+        let before = e.feed_counts().deferred;
+        let opts = StepOptions {
+            decode: true,
+            max_prompt_tokens: Some(10),
+        };
+        let gens = e.step(batch, new, opts).unwrap();
+        assert_eq!(e.feed_counts().deferred, before + u64::from(waits), "waited: {waits}");
+        let now = batch.seqs.iter().find(|s| s.id == 0).map(|s| s.cached);
+        // Sequence 0's first token once its 36 prompt tokens are cached.
+        let tokens = 2 + usize::from(cached == 36);
+        assert_eq!((gens.len(), now), (tokens, Some(cached)), "waited: {waits}");
+        record(got, batch, gens);
     };
-    let cached = |batch: &Batch| batch.seqs.iter().find(|s| s.id == 0).map(|s| s.cached);
     // Waits, new; then a chunk in the next step's pass.
-    let before = e.feed_counts().deferred;
-    let gens = e.step(&mut batch, vec![joining], chunk).unwrap();
-    assert_eq!(
-        e.feed_counts().deferred,
-        before + 1,
-        "a new prompt behind a step launched ahead"
-    );
-    assert_eq!((gens.len(), cached(&batch)), (2, Some(0)));
-    record(&mut got, &mut batch, gens);
-    let gens = e.step(&mut batch, vec![], chunk).unwrap();
-    assert_eq!((gens.len(), cached(&batch)), (2, Some(10)));
-    record(&mut got, &mut batch, gens);
+    chunk(&mut e, &mut batch, &mut got, vec![joining], true, 0);
+    chunk(&mut e, &mut batch, &mut got, vec![], false, 10);
     // Plain decode steps (the prompt skipped) launch the next ahead again; then it waits part-way.
     for _ in 0..2 {
         let gens = e.decode(&mut batch).unwrap();
         record(&mut got, &mut batch, gens);
     }
-    let gens = e.step(&mut batch, vec![], chunk).unwrap();
-    assert_eq!(
-        e.feed_counts().deferred,
-        before + 2,
-        "a prompt part-way behind a step launched ahead"
-    );
-    assert_eq!((gens.len(), cached(&batch)), (2, Some(10)));
-    record(&mut got, &mut batch, gens);
+    chunk(&mut e, &mut batch, &mut got, vec![], true, 10);
+    chunk(&mut e, &mut batch, &mut got, vec![], false, 20);
     while batch.prefilling_ids().contains(&0) {
-        let gens = e.step(&mut batch, vec![], chunk).unwrap();
-        record(&mut got, &mut batch, gens);
+        let cached = batch.seqs.iter().find(|s| s.id == 0).map_or(0, |s| s.cached);
+        chunk(&mut e, &mut batch, &mut got, vec![], false, (cached + 10).min(36));
     }
     while !batch.is_empty() {
         let gens = e.decode(&mut batch).unwrap();

@@ -49,8 +49,8 @@
 //! replays a few graphs rather than capturing one per size.
 //!
 //! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_AHEAD=0` records no step ahead;
-//! `LORAX_CUDA_GRAPH_FEED=1` launches decode steps from the sampling before them (5); `LORAX_CUDA_GRAPH_POW2_ROWS` pads a
-//! batch to the next power of two where that is at most its value ([`bucket`]); `LORAX_CUDA_GRAPH_MAX_BATCH` (default 256) is the
+//! `LORAX_CUDA_GRAPH_FEED=1` launches decode steps from the sampling before them (5); `LORAX_CUDA_GRAPH_MAX_BATCH`
+//! (default 256) is the
 //! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept;
 //! `LORAX_CUDA_GRAPH_CAPTURE_AFTER` (default 2) the step with a signature at which its graph is captured
 //! (the steps before run eagerly; 1: at once). A limit that is not a whole number in its range is a start-up error.
@@ -367,8 +367,6 @@ pub(crate) struct Graphs {
     /// Largest batch that uses graphs; lowered when an arena for a larger one cannot be allocated.
     max_batch: AtomicUsize,
     max_graphs: usize,
-    /// Batches up to this many rows are padded to a power of two ([`bucket`]; `LORAX_CUDA_GRAPH_POW2_ROWS`).
-    pow2_rows: usize,
     /// The step with a signature at which its graph is captured (1: the first; the steps before run
     /// eagerly).
     capture_after: AtomicUsize,
@@ -453,7 +451,6 @@ impl Graphs {
             enabled: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPHS").map_or(true, |v| v != "0")),
             max_batch: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_MAX_BATCH", 256, 0..=1 << 16)?),
             max_graphs: super::env_count("LORAX_CUDA_GRAPH_CACHE", 64, 1..=1 << 16)?,
-            pow2_rows: super::env_count("LORAX_CUDA_GRAPH_POW2_ROWS", 0, 0..=1 << 16)?,
             capture_after: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_CAPTURE_AFTER", 2, 1..=1 << 16)?),
             step_rows: AtomicUsize::new(0),
             ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
@@ -549,25 +546,20 @@ impl Graphs {
 }
 
 /// A graph step's row count for a batch of `rows`: exact up to 4 (the skinny-GEMM kernels' sizes), then
-/// the next power of two where that is at most `pow2` (`LORAX_CUDA_GRAPH_POW2_ROWS`, 0 by default: none),
-/// else rounded up to a multiple of 8: at most 7 padding rows, and 36 sizes up to 256 rows. Powers of two
-/// up to 128 leave 8 sizes below 128 rather than 19, so a batch that drains or ramps meets fewer new
-/// signatures, at the price of up to twice its rows in the step's GEMMs (session 48 measured no gain).
-/// Callers pass `pow2` at most the largest graph batch, so that no power of two above it leaves the sizes
-/// below it unpadded.
-fn bucket(rows: usize, pow2: usize) -> usize {
+/// rounded up to a multiple of 8: at most 7 padding rows, and 36 sizes up to 256 rows. (Powers of two up to
+/// 128 rows, for fewer new signatures where a batch ramps or drains, were measured no faster in session 48
+/// and removed: `git show 288a7c9:crates/engine/src/backend/cuda/graph.rs`.)
+fn bucket(rows: usize) -> usize {
     if rows <= 4 {
         rows
-    } else if rows.next_power_of_two() <= pow2 {
-        rows.next_power_of_two()
     } else {
         rows.next_multiple_of(8)
     }
 }
 
 /// The distinct [`bucket`]s of 1 to `max` rows, largest first.
-fn warmup_rows(max: usize, pow2: usize) -> Vec<usize> {
-    let mut rows: Vec<usize> = (1..=max).map(|r| bucket(r, pow2)).filter(|&b| b <= max).collect();
+fn warmup_rows(max: usize) -> Vec<usize> {
+    let mut rows: Vec<usize> = (1..=max).map(bucket).filter(|&b| b <= max).collect();
     rows.dedup();
     rows.reverse();
     rows
@@ -577,9 +569,8 @@ impl CudaBackend {
     /// The rows a decode step of `rows` rows runs with: [`bucket`]'s up to the largest graph batch, also
     /// when graphs are off (`LORAX_CUDA_GRAPHS=0` then changes no result, only how steps launch).
     pub fn graph_rows(&self, rows: usize) -> usize {
-        let max = self.graphs.max_batch.load(Ordering::Relaxed);
-        let padded = bucket(rows, self.graphs.pow2_rows.min(max));
-        if padded <= max {
+        let padded = bucket(rows);
+        if padded <= self.graphs.max_batch.load(Ordering::Relaxed) {
             padded
         } else {
             rows
@@ -1097,8 +1088,7 @@ impl CudaBackend {
     /// The padded row counts of decode steps up to the largest graph batch, largest first
     /// ([`crate::backend::Backend::decode_warmup_rows`]).
     pub fn graph_warmup_rows(&self) -> Vec<usize> {
-        let max = self.graphs.max_batch.load(Ordering::Relaxed);
-        warmup_rows(max, self.graphs.pow2_rows.min(max))
+        warmup_rows(self.graphs.max_batch.load(Ordering::Relaxed))
     }
 
     /// How graph steps ran so far ([`crate::backend::Backend::step_counts`]).
@@ -1184,21 +1174,14 @@ mod tests {
 
     #[test]
     fn the_warm_up_names_each_bucket_once_largest_first() {
-        let rows = warmup_rows(256, 0);
+        let rows = warmup_rows(256);
         assert_eq!(rows.len(), 4 + 32);
         assert_eq!(&rows[..3], &[256, 248, 240]);
         assert_eq!(&rows[rows.len() - 5..], &[8, 4, 3, 2, 1]);
-        assert!(rows.iter().all(|&r| bucket(r, 0) == r));
+        assert!(rows.iter().all(|&r| bucket(r) == r));
         // A largest batch that is not a bucket leaves out the bucket above it.
-        assert_eq!(warmup_rows(13, 0), [8, 4, 3, 2, 1]);
-        assert!(warmup_rows(0, 0).is_empty());
-        // Powers of two up to 128, then multiples of 8.
-        let rows = warmup_rows(256, 128);
-        assert_eq!(rows.len(), 16 + 4 + 5, "{rows:?}");
-        assert_eq!(&rows[15..], &[136, 128, 64, 32, 16, 8, 4, 3, 2, 1]);
-        assert!(rows.iter().all(|&r| bucket(r, 128) == r));
-        // Powers of two only up to the largest batch (callers pass the smaller of the two).
-        assert_eq!(warmup_rows(100, 100), [96, 88, 80, 72, 64, 32, 16, 8, 4, 3, 2, 1]);
+        assert_eq!(warmup_rows(13), [8, 4, 3, 2, 1]);
+        assert!(warmup_rows(0).is_empty());
     }
 
     #[test]
@@ -1238,23 +1221,18 @@ mod tests {
 
     #[test]
     fn buckets_cover_every_batch_with_bounded_padding() {
-        // (powers of two up to: sizes of 1 to 256 rows): 1-4, the powers of two, the multiples of 8 above.
-        for (pow2, count) in [(0, 4 + 32), (64, 4 + 4 + 24), (100, 4 + 4 + 24), (128, 4 + 5 + 16)] {
-            let mut sizes = std::collections::BTreeSet::new();
-            for rows in 1..=256 {
-                let b = bucket(rows, pow2);
-                assert!(b >= rows, "{rows} rows in a bucket of {b}");
-                if rows <= 4 {
-                    assert_eq!(b, rows, "small batches run exactly");
-                } else if rows.next_power_of_two() <= pow2 {
-                    assert!(b.is_power_of_two() && b < 2 * rows, "{rows} rows in a bucket of {b}");
-                } else {
-                    assert!(b.is_multiple_of(8) && b - rows < 8, "{rows} rows in a bucket of {b}");
-                }
-                assert_eq!(bucket(b, pow2), b, "a bucket is its own bucket");
-                sizes.insert(b);
+        let mut sizes = std::collections::BTreeSet::new();
+        for rows in 1..=256 {
+            let b = bucket(rows);
+            assert!(b >= rows && b - rows < 8, "{rows} rows in a bucket of {b}");
+            if rows <= 4 {
+                assert_eq!(b, rows, "small batches run exactly");
+            } else {
+                assert_eq!(b % 8, 0, "{rows} rows in a bucket of {b}");
             }
-            assert_eq!(sizes.len(), count, "pow2 {pow2}: {sizes:?}");
+            assert_eq!(bucket(b), b, "a bucket is its own bucket");
+            sizes.insert(b);
         }
+        assert_eq!(sizes.len(), 4 + 32, "{sizes:?}");
     }
 }
