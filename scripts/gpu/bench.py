@@ -343,7 +343,7 @@ def say_host(before, what, kind="decode"):
             f"back, {m.get('total_us')} us the whole engine step; of the first, {m.get('inputs_us')} us building "
             f"and checking the inputs, {m.get('forward_cpu_us')} us on a core, longest {m.get('forward_max_us')} us, "
             f"{m.get('forward_over_1ms')} over 1 ms, {m.get('preempted')} involuntary switches; steps launched by the "
-            f"sampling before (LORAX_CUDA_GRAPH_FEED=1): {m.get('fed_launched')} launched, used by {m.get('fed_whole')} "
+            f"sampling before (LORAX_CUDA_GRAPH_FEED): {m.get('fed_launched')} launched, used by {m.get('fed_whole')} "
             f"whole, {m.get('fed_part')} in part, {m.get('fed_dropped')} dropped; {m.get('fed_deferred')} steps' "
             f"prompts waited for the step after one")
 

@@ -507,7 +507,7 @@ decode-steps)
     ;;
 feed)
     # Session 47: decode steps launched by the step before's sampling, their tokens gathered on the device
-    # (LORAX_CUDA_GRAPH_FEED=1; off by default). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
+    # (LORAX_CUDA_GRAPH_FEED=1; the default on one GPU since session 49). graphs (fed_steps_equal_steps_launched_by_the_host), chunked
     # (steps_launched_ahead_match_prefill_then_decode), golden and e2e against transformers + peft (fed); then the base step
     # at 128 streams and the four regimes fed and not fed on this one machine, and fed again where time is left.
     feed_tests
@@ -532,8 +532,8 @@ feed-bench)
     # Session 48: fed steps with prompts waiting for the step after one launched ahead (0fcdcb1). feed_tests
     # (cuda_chunked's case now asserts that prompts waited, and that the tokens still equal prefill then decode), then
     # bench.sh with LORAX_CUDA_GRAPH_FEED=1: the cold-load ITL row (13.4 ms gaps at joins in 2026-12-07-s48-2) should
-    # be back near the 8.6-10.8 ms of runs without feeding, with the regimes at call s48-1's fed steps. If both hold,
-    # make feeding the default (graph.rs `Graphs::from_env`, docs/gpu.md).
+    # be back near the 8.6-10.8 ms of runs without feeding, with the regimes at call s48-1's fed steps. Both held in
+    # session 49 (2026-12-07-s49-1: 9.05 ms, +0.44 steps; regimes 79%), and feeding became the default on one GPU.
     feed_tests
     export LORAX_CUDA_GRAPH_FEED=1
     bench_defaults

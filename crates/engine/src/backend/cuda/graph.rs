@@ -31,7 +31,8 @@
 //!    sequence's token row) and the graph, so the device runs the next step while the host hands the
 //!    tokens out. The engine uses it for each row whose inputs are those it was launched with; where it
 //!    serves every decode row of a step with prompt tokens, those wait for the next step (`Engine::step`).
-//!    Off by default.
+//!    On by default on one GPU (`LORAX_CUDA_GRAPH_FEED=0` turns it off); in a tensor-parallel group only with
+//!    `LORAX_CUDA_GRAPH_FEED=1` (not yet run across GPUs).
 //!
 //! Equal signatures mean the same kernels with the same grids, scalar arguments and pointers; what changes
 //! between replays is the metadata's content (tokens, positions, cache slots, block tables, LoRA segment
@@ -49,7 +50,7 @@
 //! replays a few graphs rather than capturing one per size.
 //!
 //! Switches: `LORAX_CUDA_GRAPHS=0` turns graphs off; `LORAX_CUDA_GRAPH_AHEAD=0` records no step ahead;
-//! `LORAX_CUDA_GRAPH_FEED=1` launches decode steps from the sampling before them (5); `LORAX_CUDA_GRAPH_MAX_BATCH`
+//! `LORAX_CUDA_GRAPH_FEED=0` launches no decode step from the sampling before it (5); `LORAX_CUDA_GRAPH_MAX_BATCH`
 //! (default 256) is the
 //! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept;
 //! `LORAX_CUDA_GRAPH_CAPTURE_AFTER` (default 2) the step with a signature at which its graph is captured
@@ -375,9 +376,9 @@ pub(crate) struct Graphs {
     /// Whether the engine may record a step ahead ([`CudaBackend::graph_prepare`]).
     ahead: AtomicBool,
     /// Whether a step recorded ahead may be launched by the sampling of the step before, its tokens gathered
-    /// on the device ([`CudaBackend::graph_feed`]; off unless `LORAX_CUDA_GRAPH_FEED=1`: with it on, session 48 measured
-    /// the running streams' gap where a prompt joined them at 13.4 ms against 8.6-10.8 without; prompts now wait
-    /// for the step after, not yet run on a GPU, bench/NOTES.md session 48).
+    /// on the device ([`CudaBackend::graph_feed`]; on unless `LORAX_CUDA_GRAPH_FEED=0`: session 49 measured every
+    /// bench.sh target but peft met with it on, with prompts waiting for the step after one launched ahead;
+    /// bench/NOTES.md sessions 48-49).
     feed: AtomicBool,
     /// Engine steps begun so far ([`Graphs::count_step`]).
     steps_begun: AtomicU64,
@@ -454,7 +455,7 @@ impl Graphs {
             capture_after: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_CAPTURE_AFTER", 2, 1..=1 << 16)?),
             step_rows: AtomicUsize::new(0),
             ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
-            feed: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_FEED").is_ok_and(|v| v == "1")),
+            feed: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_FEED").map_or(true, |v| v != "0")),
             steps_begun: AtomicU64::new(0),
             timing: std::env::var("LORAX_CUDA_GRAPH_TIMING").map_or(true, |v| v != "0"),
             clock: StepClock::default(),
@@ -1142,7 +1143,8 @@ impl CudaBackend {
     }
 
     /// Lets the sampling of a decode step launch the step recorded ahead with the tokens it chose, on the device
-    /// (off by default; `LORAX_CUDA_GRAPH_FEED=1` turns it on; it needs steps recorded ahead).
+    /// (on by default on one GPU, off in a tensor-parallel group: see the module docs; it needs steps recorded
+    /// ahead).
     pub fn set_graph_feed(&self, on: bool) {
         self.graphs.feed.store(on, Ordering::Relaxed);
     }
