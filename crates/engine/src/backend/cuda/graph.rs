@@ -31,8 +31,8 @@
 //!    sequence's token row) and the graph, so the device runs the next step while the host hands the
 //!    tokens out. The engine uses it for each row whose inputs are those it was launched with; where it
 //!    serves every decode row of a step with prompt tokens, those wait for the next step (`Engine::step`).
-//!    On by default on one GPU (`LORAX_CUDA_GRAPH_FEED=0` turns it off); in a tensor-parallel group only with
-//!    `LORAX_CUDA_GRAPH_FEED=1` (not yet run across GPUs).
+//!    On by default (`LORAX_CUDA_GRAPH_FEED=0` turns it off). Like graphs and steps recorded ahead, only on
+//!    one rank: a tensor-parallel engine runs its decode steps eagerly.
 //!
 //! Equal signatures mean the same kernels with the same grids, scalar arguments and pointers; what changes
 //! between replays is the metadata's content (tokens, positions, cache slots, block tables, LoRA segment
@@ -1143,8 +1143,7 @@ impl CudaBackend {
     }
 
     /// Lets the sampling of a decode step launch the step recorded ahead with the tokens it chose, on the device
-    /// (on by default on one GPU, off in a tensor-parallel group: see the module docs; it needs steps recorded
-    /// ahead).
+    /// (on by default; `LORAX_CUDA_GRAPH_FEED=0` turns it off; it needs steps recorded ahead, so one rank).
     pub fn set_graph_feed(&self, on: bool) {
         self.graphs.feed.store(on, Ordering::Relaxed);
     }

@@ -107,9 +107,6 @@ impl CudaBackend {
         unsafe { nccl_result::comm_init_rank(&raw mut comm, to_i32(world)?, uid, to_i32(rank)?) }
             .map_err(|e| nccl_err(&format!("init of rank {rank} of {world}"), &e))?;
         self.nccl = Some(NcclComm { comm, rank, world });
-        // Decode steps launched by the step before's sampling have not run across GPUs yet: in a group they
-        // are on only where asked for (`LORAX_CUDA_GRAPH_FEED=1`).
-        self.set_graph_feed(std::env::var("LORAX_CUDA_GRAPH_FEED").is_ok_and(|v| v == "1"));
         tracing::info!(rank, world, version = version().unwrap_or(0), "NCCL group joined");
         Ok(())
     }
