@@ -25,7 +25,7 @@ fn cuda_unfed() -> Engine<CudaBackend> {
     e
 }
 
-/// An engine whose decode steps are launched by the step before's sampling (`LORAX_CUDA_GRAPH_FEED=1`).
+/// An engine whose decode steps are launched by the step before's sampling (`LORAX_CUDA_GRAPH_FEED`, on by default).
 fn cuda_fed() -> Engine<CudaBackend> {
     let e = cuda();
     e.backend.set_graph_feed(true);

@@ -376,8 +376,8 @@ pub(crate) struct Graphs {
     /// Whether the engine may record a step ahead ([`CudaBackend::graph_prepare`]).
     ahead: AtomicBool,
     /// Whether a step recorded ahead may be launched by the sampling of the step before, its tokens gathered
-    /// on the device ([`CudaBackend::graph_feed`]; on unless `LORAX_CUDA_GRAPH_FEED=0`: session 49 measured every
-    /// bench.sh target but peft met with it on, with prompts waiting for the step after one launched ahead;
+    /// on the device ([`CudaBackend::graph_feed`]; on unless `LORAX_CUDA_GRAPH_FEED=0`: with it on, and prompts waiting
+    /// for the step after one launched ahead, session 49 met every bench.sh target except the peft ratio;
     /// bench/NOTES.md sessions 48-49).
     feed: AtomicBool,
     /// Engine steps begun so far ([`Graphs::count_step`]).
