@@ -4,7 +4,10 @@
 //! runtime (bench/NOTES.md, sessions 23 and 43). The prompts are lorax-bench's kind of filler (pseudo-words
 //! of one to three syllables, about 14,000 of them), a different one each run, as a server sees them: the
 //! model's cache of words fills over a first round of the prompts and answers more in a second (both timed;
-//! the figure with no cache at all is the uncached one).
+//! the figure with no cache at all is the uncached one). Then the one pass, `PieceEncoder` and
+//! `Validation::validate` again with 20 ms of rest before each prompt, as the TTFT test sends them one at a time
+//! (session 49: on the 2-core development machine each took two to four times its back-to-back figure, the one
+//! pass on a single thread too, so the difference is the CPU's state after rest, not the pool's threads waking).
 //!
 //! `cargo run --release -p lorax-router --example validation_timing`
 
@@ -97,6 +100,25 @@ fn main() -> Result<(), Error> {
     let cold = mean_ms(&prompts, |p| drop(std::hint::black_box(uncached.encode(p, true))));
     println!("PieceEncoder, 2 threads, no cache of words: {cold:.3} ms");
 
+    // The one pass and the pieces with 20 ms of rest before each prompt (a mean over 100).
+    let apart_ms = |f: &dyn Fn(&str)| {
+        let mut total = 0.0;
+        for p in &prompts[..100] {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let t = Instant::now();
+            f(p);
+            total += t.elapsed().as_secs_f64();
+        }
+        total * 1e3 / 100.0
+    };
+    println!(
+        "encode, one pass, 20 ms apart: {:.3} ms",
+        apart_ms(&|p| drop(std::hint::black_box(tok.encode(p, true))))
+    );
+    println!(
+        "PieceEncoder, 2 threads, 20 ms apart: {:.3} ms",
+        apart_ms(&|p| drop(std::hint::black_box(pieces.encode(p, true))))
+    );
     let limits = ValidationLimits {
         max_input_length: 1100,
         max_total_tokens: 1400,
@@ -129,6 +151,20 @@ fn main() -> Result<(), Error> {
                 total * 1e3 / requests.len() as f64
             );
         }
+        // As the TTFT test sends them: one request at a time, 20 ms apart, so that the pool's threads and the
+        // runtime's workers have gone to sleep before each (the rounds above run back to back).
+        let apart = &requests[..100];
+        let mut total = 0.0;
+        for r in apart {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let t = Instant::now();
+            std::hint::black_box(validation.validate(r.clone(), false).await?);
+            total += t.elapsed().as_secs_f64();
+        }
+        println!(
+            "Validation::validate, 2 workers, 20 ms apart: {:.3} ms",
+            total * 1e3 / apart.len() as f64
+        );
         Ok::<_, Error>(())
     })
 }
