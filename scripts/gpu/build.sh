@@ -35,9 +35,11 @@ for line in open(src):
         print("test binary", name)
 PY
 rm -f "$json"
-(cd "$wt" && cargo build --release -p lorax-launcher -p lorax-shard -p lorax-router -p lorax-bench)
+(cd "$wt" && cargo build --release -p lorax-launcher -p lorax-shard -p lorax-router -p lorax-bench &&
+    cargo build --release -p lorax-router --example validation_timing)
 cp "$CARGO_TARGET_DIR"/release/lorax-launcher "$CARGO_TARGET_DIR"/release/lorax-shard \
-    "$CARGO_TARGET_DIR"/release/lorax-router "$CARGO_TARGET_DIR"/release/lorax-bench "$out/"
+    "$CARGO_TARGET_DIR"/release/lorax-router "$CARGO_TARGET_DIR"/release/lorax-bench \
+    "$CARGO_TARGET_DIR"/release/examples/validation_timing "$out/"
 strip "$out"/*
 ls -la "$out"
 # One gzip archive: the working tree and carried files travel within 64 MiB together.

@@ -50,8 +50,10 @@
 #   bash scripts/gpu/next_call.sh feed-bench   # ~370 s: graphs and chunked, then bench.sh with fed steps (session 48)
 #   bash scripts/gpu/next_call.sh stable-sigs  # ~230 s (at most 540): graphs, the LoRA step and golden, then the
 #                                              # regimes with the graph module's debug lines (session 46)
-#   bash scripts/gpu/next_call.sh golden-bench  # ~520 s: graphs, golden and e2e against transformers + peft, then
-#                                               # bench.sh, with the defaults (`round` without golden)
+#   bash scripts/gpu/next_call.sh golden-bench  # ~530 s: `validation`, graphs, golden and e2e against transformers +
+#                                               # peft, then bench.sh, with the defaults (`round` without golden)
+#   bash scripts/gpu/next_call.sh validation    # ~15 s: validation_timing (a 1000-token prompt's validation back to
+#                                               # back and after 20 ms of rest, session 49) on this host's CPU
 #   Session 48 removed `buckets` (power-of-two row buckets, measured no faster, with the switch itself; the round
 #   is at 288a7c9: `git show 288a7c9:scripts/gpu/next_call.sh`).
 #   Session 34 removed `lora-rope` (the q/k/v LoRA expand inside the rotary kernel, measured slower in both
@@ -107,7 +109,7 @@
 # the baseline of the cold adapter load), then bench.sh's whole benchmark; its summary prints the measured
 # GEMM rates and both TTFT ratios.
 set -u
-part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|sweep-bench|decode-steps|feed|feed-bench|stable-sigs|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|long|gemm|gemm-ab}
+part=${1:?usage: next_call.sh uploads|bench|bench-only|gemm-sweep|sweep-bench|decode-steps|feed|feed-bench|stable-sigs|graphs-bench|expand|profile|round|detail-bench|tc|prompt|mlp|expand-tiles|vx|attn|sm90|sm90-bench|golden-bench|validation|long|gemm|gemm-ab}
 bin=.gpu-bin-serve
 . scripts/gpu/call_prelude.sh
 red=-DLORA_EXPAND_RED=1
@@ -142,6 +144,14 @@ feed_tests() {
     timeout 100 "$bin/cuda_chunked" --test-threads=1 --nocapture >"$R/chunked.txt" 2>&1
     echo "rc $?" >>"$R/chunked.txt"
     lap chunked
+}
+# `validation` (and the start of `golden-bench`): router/examples/validation_timing on this host (session 49: on
+# the 2-core development machine a 1000-token prompt's validation took 0.20-0.22 ms back to back and 0.84-1.08 ms
+# after 20 ms of rest; the server's TTFT test read 0.40-0.67 ms on GPU hosts).
+validation_timing() {
+    timeout 60 "$bin/validation_timing" tests/fixtures/tokenizer/tokenizer.json >"$R/validation.txt" 2>&1
+    echo "rc $?" >>"$R/validation.txt"
+    lap validation
 }
 # `decode-steps` (and the end of `stable-sigs`).
 decode_steps() {
@@ -205,7 +215,11 @@ profile)
     done
     lap steps
     ;;
+validation)
+    validation_timing
+    ;;
 round | golden-bench)
+    [ "$part" = golden-bench ] && validation_timing
     # One call for a session with little device time left (session 28): graphs and e2e, then the whole bench;
     # `golden-bench` (session 43, the first call with the Hopper prefill attention the default) runs golden's
     # checks against transformers + peft too. No disk read figures, to fit 600 s. (Session 28's call 2 also
@@ -562,7 +576,7 @@ graphs-bench | bench | bench-only)
     bench_defaults
     ;;
 *)
-    echo "unknown part $part (uploads, bench, feed, feed-bench, bench-only, gemm-sweep, sweep-bench, decode-steps, stable-sigs, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, long, gemm or gemm-ab)" >&2
+    echo "unknown part $part (uploads, bench, feed, feed-bench, bench-only, gemm-sweep, sweep-bench, decode-steps, stable-sigs, graphs-bench, expand, profile, round, detail-bench, tc, prompt, mlp, expand-tiles, vx, attn, sm90, sm90-bench, golden-bench, validation, long, gemm or gemm-ab)" >&2
     exit 2
     ;;
 esac

@@ -9,7 +9,9 @@
 //! (session 49: on the 2-core development machine each took two to four times its back-to-back figure, the one
 //! pass on a single thread too, so the difference is the CPU's state after rest, not the pool's threads waking).
 //!
-//! `cargo run --release -p lorax-router --example validation_timing`
+//! `cargo run --release -p lorax-router --example validation_timing [TOKENIZER_JSON]` (default: the repo's
+//! tests/fixtures/tokenizer/tokenizer.json; scripts/gpu/build.sh packs the binary, whose built-in path is gone
+//! on the GPU machine, so runs there name it: next_call.sh `validation`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -62,11 +64,14 @@ fn filler(words: usize, state: &mut u64) -> String {
 }
 
 fn main() -> Result<(), Error> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/tokenizer/tokenizer.json"
-    );
-    let tok = Arc::new(tokenizers::Tokenizer::from_file(path)?);
+    let path = std::env::args().nth(1).unwrap_or_else(|| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/tokenizer/tokenizer.json"
+        )
+        .to_string()
+    });
+    let tok = Arc::new(tokenizers::Tokenizer::from_file(&path)?);
     let mut state = 1_u64;
     let prompts: Vec<String> = (0..PROMPTS).map(|_| filler(440, &mut state)).collect();
     let tokens: usize = prompts
