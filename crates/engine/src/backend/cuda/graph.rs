@@ -54,7 +54,8 @@
 //! (default 256) is the
 //! largest batch that uses them; `LORAX_CUDA_GRAPH_CACHE` (default 64) the graphs kept;
 //! `LORAX_CUDA_GRAPH_CAPTURE_AFTER` (default 2) the step with a signature at which its graph is captured
-//! (the steps before run eagerly; 1: at once). A limit that is not a whole number in its range is a start-up error.
+//! (the steps before run eagerly; 1: at once). A limit that is not a whole number in its range, or a switch set to
+//! anything but `1` or `0`, is a start-up error.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -449,15 +450,15 @@ impl Graphs {
                 fed_replays: 0,
                 timing: None,
             }),
-            enabled: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPHS").map_or(true, |v| v != "0")),
+            enabled: AtomicBool::new(super::env_switch("LORAX_CUDA_GRAPHS", ["1", "0"], true)?),
             max_batch: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_MAX_BATCH", 256, 0..=1 << 16)?),
             max_graphs: super::env_count("LORAX_CUDA_GRAPH_CACHE", 64, 1..=1 << 16)?,
             capture_after: AtomicUsize::new(super::env_count("LORAX_CUDA_GRAPH_CAPTURE_AFTER", 2, 1..=1 << 16)?),
             step_rows: AtomicUsize::new(0),
-            ahead: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_AHEAD").map_or(true, |v| v != "0")),
-            feed: AtomicBool::new(std::env::var("LORAX_CUDA_GRAPH_FEED").map_or(true, |v| v != "0")),
+            ahead: AtomicBool::new(super::env_switch("LORAX_CUDA_GRAPH_AHEAD", ["1", "0"], true)?),
+            feed: AtomicBool::new(super::env_switch("LORAX_CUDA_GRAPH_FEED", ["1", "0"], true)?),
             steps_begun: AtomicU64::new(0),
-            timing: std::env::var("LORAX_CUDA_GRAPH_TIMING").map_or(true, |v| v != "0"),
+            timing: super::env_switch("LORAX_CUDA_GRAPH_TIMING", ["1", "0"], true)?,
             clock: StepClock::default(),
         })
     }

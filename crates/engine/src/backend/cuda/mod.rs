@@ -3203,7 +3203,7 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod env_tests {
-    use super::env_count;
+    use super::{env_count, env_switch};
 
     #[test]
     fn env_count_takes_a_number_in_range_and_reports_anything_else() {
@@ -3220,6 +3220,29 @@ mod env_tests {
                 .map(|e| e.to_string())
                 .unwrap_or_default();
             assert!(err.contains(VAR) && err.contains("1 to 64"), "{bad:?}: {err:?}");
+        }
+        std::env::remove_var(VAR);
+    }
+
+    /// The graph switches (`LORAX_CUDA_GRAPHS`, `_AHEAD`, `_FEED`, `_TIMING`) are on unless `0`; a value that is
+    /// neither `1` nor `0` (say `false`, which would otherwise leave a switch on) stops the start.
+    #[test]
+    fn env_switch_takes_its_two_values_and_reports_anything_else() {
+        const VAR: &str = "LORAX_TEST_ENV_SWITCH_ONLY_HERE";
+        std::env::remove_var(VAR);
+        assert_eq!(env_switch(VAR, ["1", "0"], true).ok(), Some(true));
+        assert_eq!(env_switch(VAR, ["1", "0"], false).ok(), Some(false));
+        for (v, want) in [("1", true), ("0", false)] {
+            std::env::set_var(VAR, v);
+            assert_eq!(env_switch(VAR, ["1", "0"], !want).ok(), Some(want), "{v}");
+        }
+        for bad in ["false", "off", "", "2"] {
+            std::env::set_var(VAR, bad);
+            let err = env_switch(VAR, ["1", "0"], true)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(VAR) && err.contains("expected 1 or 0"), "{bad:?}: {err:?}");
         }
         std::env::remove_var(VAR);
     }
