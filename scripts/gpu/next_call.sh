@@ -146,7 +146,7 @@ feed_tests() {
     lap chunked
 }
 # `validation` (and the start of `golden-bench`): router/examples/validation_timing on this host (session 49: on
-# the 2-core development machine a 1000-token prompt's validation took 0.20-0.22 ms back to back and 0.84-1.08 ms
+# the 2-core development machine a 1000-token prompt's validation took 0.18-0.24 ms back to back and 0.62-1.08 ms
 # after 20 ms of rest; the server's TTFT test read 0.40-0.67 ms on GPU hosts).
 validation_timing() {
     timeout 60 "$bin/validation_timing" tests/fixtures/tokenizer/tokenizer.json >"$R/validation.txt" 2>&1

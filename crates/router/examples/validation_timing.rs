@@ -4,17 +4,17 @@
 //! runtime (bench/NOTES.md, sessions 23 and 43). The prompts are lorax-bench's kind of filler (pseudo-words
 //! of one to three syllables, about 14,000 of them), a different one each run, as a server sees them: the
 //! model's cache of words fills over a first round of the prompts and answers more in a second (both timed;
-//! the figure with no cache at all is the uncached one). Then the one pass, `PieceEncoder` and
-//! `Validation::validate` again with 20 ms of rest before each prompt, as the TTFT test sends them one at a time
-//! (session 49: on the 2-core development machine each took two to four times its back-to-back figure, the one
-//! pass on a single thread too, so the difference is the CPU's state after rest, not the pool's threads waking).
+//! the figure with no cache at all is the uncached one). Then the one pass and `PieceEncoder` after 20 ms of sleep
+//! and after 20 ms of spinning before each prompt, and `Validation::validate` after 20 ms of sleep, as the TTFT test
+//! sends them one at a time (session 49, the 2-core development machine: 1.6 to 5 times the back-to-back
+//! figures after sleep, the one pass on a single thread too, so not the pool's threads waking; bench/NOTES.md).
 //!
 //! `cargo run --release -p lorax-router --example validation_timing [TOKENIZER_JSON]` (default: the repo's
 //! tests/fixtures/tokenizer/tokenizer.json; scripts/gpu/build.sh packs the binary, whose built-in path is gone
 //! on the GPU machine, so runs there name it: next_call.sh `validation`).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lorax_router::adapters::AdapterSource;
 use lorax_router::pieces::PieceEncoder;
@@ -26,13 +26,55 @@ const PROMPTS: usize = 300;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// Mean milliseconds of `f` over the prompts.
-fn mean_ms(prompts: &[String], mut f: impl FnMut(&str)) -> f64 {
-    let t = Instant::now();
-    for p in prompts {
-        f(p);
+/// What the thread does before each timed call.
+#[derive(Clone, Copy)]
+enum Rest {
+    /// Nothing: the calls run back to back.
+    None,
+    /// Sleeps for [`REST`] (as the TTFT test's requests come, one at a time).
+    Sleep,
+    /// Spins for [`REST`]: the core kept busy, nothing else touching its caches.
+    Spin,
+}
+
+/// The rest before each call of the rounds that take one, and the prompts they time.
+const REST: Duration = Duration::from_millis(20);
+const RESTED: usize = 100;
+
+impl Rest {
+    fn take(self) {
+        match self {
+            Rest::None => {}
+            Rest::Sleep => std::thread::sleep(REST),
+            Rest::Spin => {
+                let t = Instant::now();
+                while t.elapsed() < REST {
+                    std::hint::spin_loop();
+                }
+            }
+        }
     }
-    t.elapsed().as_secs_f64() * 1e3 / prompts.len() as f64
+
+    /// The prompts a round with this rest times (all of them back to back, [`RESTED`] otherwise).
+    fn of<T>(self, all: &[T]) -> &[T] {
+        match self {
+            Rest::None => all,
+            _ => &all[..RESTED],
+        }
+    }
+}
+
+/// Mean milliseconds of `f` over the prompts, with `rest` before each call (not timed).
+fn mean_ms(prompts: &[String], rest: Rest, mut f: impl FnMut(&str)) -> f64 {
+    let prompts = rest.of(prompts);
+    let mut total = Duration::ZERO;
+    for p in prompts {
+        rest.take();
+        let t = Instant::now();
+        f(p);
+        total += t.elapsed();
+    }
+    total.as_secs_f64() * 1e3 / prompts.len() as f64
 }
 
 /// lorax-bench's filler (crates/bench/src/run.rs): pseudo-words of 1-3 syllables, a comma after one in nine, a
@@ -84,15 +126,23 @@ fn main() -> Result<(), Error> {
         bytes / PROMPTS,
         tokens / PROMPTS
     );
-    let one = mean_ms(&prompts, |p| drop(std::hint::black_box(tok.encode(p, true))));
+    let one = mean_ms(&prompts, Rest::None, |p| {
+        drop(std::hint::black_box(tok.encode(p, true)))
+    });
     println!("encode, one pass: {one:.3} ms");
-    let fast = mean_ms(&prompts, |p| drop(std::hint::black_box(tok.encode_fast(p, true))));
+    let fast = mean_ms(&prompts, Rest::None, |p| {
+        drop(std::hint::black_box(tok.encode_fast(p, true)))
+    });
     println!("encode_fast, one pass: {fast:.3} ms");
     let pieces =
         PieceEncoder::for_tokenizer(Arc::clone(&tok), 2).ok_or("the tokenizer is not one PieceEncoder takes")?;
-    let first = mean_ms(&prompts, |p| drop(std::hint::black_box(pieces.encode(p, true))));
+    let first = mean_ms(&prompts, Rest::None, |p| {
+        drop(std::hint::black_box(pieces.encode(p, true)))
+    });
     println!("PieceEncoder, 2 threads, first round (the cache of words filling): {first:.3} ms");
-    let warm = mean_ms(&prompts, |p| drop(std::hint::black_box(pieces.encode(p, true))));
+    let warm = mean_ms(&prompts, Rest::None, |p| {
+        drop(std::hint::black_box(pieces.encode(p, true)))
+    });
     println!("PieceEncoder, 2 threads, second round: {warm:.3} ms");
     // The same with the BPE model's cache of words off: every word merged anew.
     let mut uncached = (*tok).clone();
@@ -102,28 +152,18 @@ fn main() -> Result<(), Error> {
         uncached.with_model(bpe);
     }
     let uncached = PieceEncoder::for_tokenizer(Arc::new(uncached), 2).ok_or("uncached")?;
-    let cold = mean_ms(&prompts, |p| drop(std::hint::black_box(uncached.encode(p, true))));
+    let cold = mean_ms(&prompts, Rest::None, |p| {
+        drop(std::hint::black_box(uncached.encode(p, true)))
+    });
     println!("PieceEncoder, 2 threads, no cache of words: {cold:.3} ms");
 
-    // The one pass and the pieces with 20 ms of rest before each prompt (a mean over 100).
-    let apart_ms = |f: &dyn Fn(&str)| {
-        let mut total = 0.0;
-        for p in &prompts[..100] {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            let t = Instant::now();
-            f(p);
-            total += t.elapsed().as_secs_f64();
-        }
-        total * 1e3 / 100.0
-    };
-    println!(
-        "encode, one pass, 20 ms apart: {:.3} ms",
-        apart_ms(&|p| drop(std::hint::black_box(tok.encode(p, true))))
-    );
-    println!(
-        "PieceEncoder, 2 threads, 20 ms apart: {:.3} ms",
-        apart_ms(&|p| drop(std::hint::black_box(pieces.encode(p, true))))
-    );
+    // The one pass and the pieces with 20 ms of rest before each prompt, slept and spun.
+    for (rest, how) in [(Rest::Sleep, "20 ms of sleep"), (Rest::Spin, "20 ms of spinning")] {
+        let one = mean_ms(&prompts, rest, |p| drop(std::hint::black_box(tok.encode(p, true))));
+        println!("encode, one pass, after {how}: {one:.3} ms");
+        let piece = mean_ms(&prompts, rest, |p| drop(std::hint::black_box(pieces.encode(p, true))));
+        println!("PieceEncoder, 2 threads, after {how}: {piece:.3} ms");
+    }
     let limits = ValidationLimits {
         max_input_length: 1100,
         max_total_tokens: 1400,
@@ -144,32 +184,28 @@ fn main() -> Result<(), Error> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        for round in ["first round", "second round"] {
-            let mut total = 0.0;
-            for r in &requests {
+        // Two rounds back to back, then one as the TTFT test sends them: one request at a time, after 20 ms of rest
+        // on the runtime's timer.
+        for (round, rest) in [
+            ("first round", Rest::None),
+            ("second round", Rest::None),
+            ("after 20 ms of sleep", Rest::Sleep),
+        ] {
+            let rounds = rest.of(&requests);
+            let mut total = Duration::ZERO;
+            for r in rounds {
+                if !matches!(rest, Rest::None) {
+                    tokio::time::sleep(REST).await;
+                }
                 let t = Instant::now();
                 std::hint::black_box(validation.validate(r.clone(), false).await?);
-                total += t.elapsed().as_secs_f64();
+                total += t.elapsed();
             }
             println!(
                 "Validation::validate, 2 workers, {round}: {:.3} ms",
-                total * 1e3 / requests.len() as f64
+                total.as_secs_f64() * 1e3 / rounds.len() as f64
             );
         }
-        // As the TTFT test sends them: one request at a time, 20 ms apart, so that the pool's threads and the
-        // runtime's workers have gone to sleep before each (the rounds above run back to back).
-        let apart = &requests[..100];
-        let mut total = 0.0;
-        for r in apart {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            let t = Instant::now();
-            std::hint::black_box(validation.validate(r.clone(), false).await?);
-            total += t.elapsed().as_secs_f64();
-        }
-        println!(
-            "Validation::validate, 2 workers, 20 ms apart: {:.3} ms",
-            total * 1e3 / apart.len() as f64
-        );
         Ok::<_, Error>(())
     })
 }
